@@ -1,0 +1,47 @@
+# wsgistack: the two commands an operator needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+CONFIG ?= stack.yaml
+
+.PHONY: serve test check bench fuzz soak clean install install-dev
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
+	$(PIP) install -q -e '.[dev,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+serve: $(VENV)/.installed
+	$(PY) serve.py -c $(CONFIG) serve
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed-bench
+	$(PY) -m bench
+
+fuzz: $(VENV)/.installed-dev
+	WSGISTACK_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
+
+soak: $(VENV)/.installed-bench
+	$(PY) -m bench.soak
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

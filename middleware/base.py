@@ -1,0 +1,250 @@
+"""The contract every wsgistack layer follows, and the helpers they share.
+
+A layer is a class ``XxxMiddleware(app, options, context)`` whose ``Options``
+pydantic model (a :class:`LayerOptions` subclass) sits beside it in the same
+module.  ``__init__`` normalises everything; ``__call__`` only does
+per-request work.  Refusals raise :func:`refuse` (a werkzeug
+``HTTPException``) and the ``errors`` layer renders them.
+
+Request-scoped facts live in environ under ``wsgistack.*`` keys.  The
+helpers below parse a fact once, store it in environ and hand back the stored
+value to every later caller, so no layer builds a ``Request`` object or parses
+the same header twice on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+from werkzeug.exceptions import HTTPException, default_exceptions
+from werkzeug.http import parse_cookie
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from stores.base import Store
+
+__all__ = [
+    "API_VERSION",
+    "CLIENT_IP",
+    "COOKIES",
+    "IDENTITY",
+    "PATH",
+    "RENDER_ERROR",
+    "REQUEST_ID",
+    "SESSION",
+    "Context",
+    "Identity",
+    "LayerOptions",
+    "TIMINGS",
+    "TRACE",
+    "add_vary",
+    "client_ip",
+    "cookies",
+    "decorate_error",
+    "decoded_path",
+    "header_list",
+    "note",
+    "refuse",
+    "set_cookie_header",
+    "wrap_start_response",
+]
+
+# Request-scoped environ keys.  Later layers and the Flask core read these.
+REQUEST_ID = "wsgistack.request_id"
+CLIENT_IP = "wsgistack.client_ip"
+SESSION = "wsgistack.session"
+IDENTITY = "wsgistack.identity"
+API_VERSION = "wsgistack.api_version"
+RENDER_ERROR = "wsgistack.render_error"
+COOKIES = "wsgistack.cookies"
+PATH = "wsgistack.path"
+TIMINGS = "wsgistack.timings"
+TRACE = "wsgistack.trace"
+
+Headers = list[tuple[str, str]]
+
+
+class LayerOptions(BaseModel):
+    """Base for every layer's ``Options``: unknown keys are refused, values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Context:
+    """What a layer gets at build time: named stores, a logger and stack settings.
+
+    ``loopback_only`` is true when the server listens only on loopback
+    addresses; layers use it to allow development-only settings (``debug``,
+    insecure cookies).  ``services`` lets a layer publish an object that the
+    Flask core reads at request time (the auth layer publishes its token
+    service as ``services["tokens"]``).
+    """
+
+    stores: dict[str, Store] = field(default_factory=dict)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("wsgistack"))
+    loopback_only: bool = True
+    workers: int = 1
+    services: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Tell every listener (metrics, logs) that ``event`` happened.
+
+        Event names are dotted: ``cache.hit``, ``ratelimit.reject``,
+        ``auth.failure`` (``reason=``), ``store.error`` (``store=``) …
+        With no listener this costs one attribute read.
+        """
+        if self.listeners:
+            for listener in self.listeners:
+                listener(event, fields)
+
+    def store(self, name: str) -> Store:
+        """Return the named store, or raise ``LookupError`` naming the known ones."""
+        try:
+            return self.stores[name]
+        except KeyError:
+            known = ", ".join(sorted(self.stores)) or "none"
+            raise LookupError(f"unknown store {name!r} (known: {known})") from None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the request acts for, set by the auth (or session) layer in ``wsgistack.identity``."""
+
+    subject: str
+    roles: frozenset[str] = frozenset()
+    source: str = "jwt"
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+def note(environ: WSGIEnvironment, layer: str, decision: str) -> None:
+    """Record what a layer decided, for ``serve.py explain`` (free when not tracing)."""
+    trace: list[tuple[str, str]] | None = environ.get(TRACE)
+    if trace is not None:
+        trace.append((layer, decision))
+
+
+def refuse(
+    code: int,
+    description: str | None = None,
+    *,
+    headers: Iterable[tuple[str, str]] = (),
+    details: Any = None,
+) -> HTTPException:
+    """Build the werkzeug ``HTTPException`` for ``code`` with extra headers and details.
+
+    The ``errors`` layer renders it; ``headers`` (``Retry-After``,
+    ``WWW-Authenticate``, ``Allow`` …) are added to the rendered response and
+    ``details`` goes into the body.
+    """
+    cls = default_exceptions.get(code)
+    if cls is None:
+        exc = HTTPException(description)
+        exc.code = code
+    else:
+        exc = cls(description)
+    exc.wsgistack_headers = list(headers)  # type: ignore[attr-defined]
+    exc.wsgistack_details = details  # type: ignore[attr-defined]
+    return exc
+
+
+def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> None:
+    """Attach response headers to an exception on its way out to the ``errors`` layer.
+
+    A layer whose headers must also appear on error responses (security
+    headers, CORS, rate-limit headers) catches the exception in ``__call__``,
+    calls this, and re-raises.  Headers already attached win over later ones.
+    """
+    extra: list[tuple[str, str]] | None = getattr(exc, "wsgistack_headers", None)
+    if extra is None:
+        extra = []
+        try:
+            exc.wsgistack_headers = extra  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - exceptions with __slots__
+            return
+    present = {name.lower() for name, _ in extra}
+    extra.extend((n, v) for n, v in headers if n.lower() not in present)
+
+
+def decoded_path(environ: WSGIEnvironment) -> str:
+    """The percent-decoded request path as text (PEP 3333 gives it as latin-1)."""
+    path: str | None = environ.get(PATH)
+    if path is None:
+        raw = environ.get("PATH_INFO", "") or "/"
+        try:
+            path = raw.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            path = raw
+        environ[PATH] = path
+    return path
+
+
+def cookies(environ: WSGIEnvironment) -> Mapping[str, str]:
+    """The request's cookies, parsed once per request and kept in environ."""
+    jar: Mapping[str, str] | None = environ.get(COOKIES)
+    if jar is None:
+        header = environ.get("HTTP_COOKIE")
+        jar = parse_cookie(header) if header else {}
+        environ[COOKIES] = jar
+    return jar
+
+
+def client_ip(environ: WSGIEnvironment) -> str:
+    """The client address a trusted party established (proxy layer or Waitress)."""
+    ip: str | None = environ.get(CLIENT_IP)
+    if ip is None:
+        ip = environ.get("REMOTE_ADDR") or ""
+        environ[CLIENT_IP] = ip
+    return ip
+
+
+def header_list(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers:
+    """Normalise headers given as a mapping or pairs into a list of pairs."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k), str(v)) for k, v in items]
+
+
+def add_vary(headers: Headers, *fields: str) -> None:
+    """Merge ``fields`` into the ``Vary`` header in place, without duplicates."""
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == "vary":
+            present = {v.strip().lower() for v in value.split(",") if v.strip()}
+            if "*" in present:
+                return
+            extra = [f for f in fields if f.lower() not in present]
+            if extra:
+                headers[i] = (name, ", ".join([value, *extra]) if value.strip() else ", ".join(extra))
+            return
+    headers.append(("Vary", ", ".join(fields)))
+
+
+def wrap_start_response(
+    start_response: StartResponse,
+    edit: Callable[[str, Headers], None],
+) -> StartResponse:
+    """Return a ``start_response`` that lets ``edit(status, headers)`` change headers in place.
+
+    This is how layers add response headers without buffering the body.
+    """
+
+    def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
+        headers = list(headers)
+        edit(status, headers)
+        return start_response(status, headers, exc_info)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def set_cookie_header(name: str, value: str, **attrs: Any) -> str:
+    """Render one ``Set-Cookie`` value; ``attrs`` use werkzeug's ``dump_cookie`` names."""
+    from werkzeug.http import dump_cookie
+
+    return dump_cookie(name, value, **attrs)
+

@@ -1,0 +1,46 @@
+"""Shared state for the stateful layers: pick a backend with a URL.
+
+``store_from_url("memory://")`` gives the embedded store;
+``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` give the
+Redis backend (one connection pool per URL).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from .base import Store, StoreError
+from .memory import MemoryStore
+
+__all__ = ["SCHEMES", "MemoryStore", "Store", "StoreError", "store_from_url"]
+
+#: URL scheme -> "module:factory".  A factory takes ``(url, **options)``.
+SCHEMES: dict[str, str] = {
+    "memory": "stores.memory:MemoryStore",
+    "redis": "stores.redis:RedisStore",
+    "rediss": "stores.redis:RedisStore",
+    "unix": "stores.redis:RedisStore",
+    "redis+sentinel": "stores.redis:RedisStore",
+}
+
+
+def store_from_url(url: str, **options: Any) -> Store:
+    """Create the store for ``url``; raise ``ValueError`` for an unknown scheme."""
+    scheme = urlsplit(url).scheme
+    target = SCHEMES.get(scheme)
+    if target is None:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ValueError(f"unknown store scheme {scheme + '://' if scheme else url!r} (known: {known})")
+    if scheme == "memory":
+        query = dict(parse_qsl(urlsplit(url).query))
+        max_entries = int(query.pop("max_entries", options.pop("max_entries", 10_000)))
+        if query:
+            raise ValueError(f"unknown memory:// option(s): {', '.join(sorted(query))} (known: max_entries)")
+        return MemoryStore(max_entries=max_entries, url=url)
+    import importlib
+
+    module, _, attr = target.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    store: Store = factory(url, **options)
+    return store

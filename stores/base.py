@@ -1,0 +1,75 @@
+"""The store interface every stateful layer uses, and the one error type it raises.
+
+Values are ``bytes``; layers encode JSON themselves.  Nothing is ever pickled.
+A backend wraps its own exceptions in :class:`StoreError` at the boundary, so
+a layer only has to decide what ``on_store_error: open | closed`` means for it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+
+class StoreError(Exception):
+    """A store could not answer (connection refused, timeout, circuit open…)."""
+
+
+class Store(abc.ABC):
+    """A small key/value interface with TTLs, counters and prefix deletion."""
+
+    #: The URL this store was made from, with any password masked.
+    url: str = ""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """Return the value, or ``None`` when it is missing or expired."""
+
+    def getex(self, key: str, ttl: float) -> bytes | None:
+        """Return the value and reset its TTL in one round trip (Redis ``GETEX``)."""
+        value = self.get(key)
+        if value is not None:
+            self.expire(key, ttl)
+        return value
+
+    @abc.abstractmethod
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        """Store ``value``; ``ttl`` in seconds (``None``: no expiry)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete ``key``; return whether it existed."""
+
+    @abc.abstractmethod
+    def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
+        """Add ``amount`` to an integer counter and return the new value.
+
+        ``ttl`` is set when the counter is created and left alone afterwards.
+        """
+
+    @abc.abstractmethod
+    def expire(self, key: str, ttl: float) -> bool:
+        """Reset the time to live of an existing key; return whether it existed."""
+
+    @abc.abstractmethod
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        """Set ``key`` only if it does not exist (a lock primitive); return success."""
+
+    @abc.abstractmethod
+    def scan(self, prefix: str) -> Iterator[str]:
+        """Yield the keys that start with ``prefix``."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key that starts with ``prefix``; return how many."""
+        return sum(1 for key in list(self.scan(prefix)) if self.delete(key))
+
+    @abc.abstractmethod
+    def ping(self) -> bool:
+        """Return ``True`` when the backend answers; never raises."""
+
+    def health(self) -> dict[str, object]:
+        """Readiness facts for ``/readyz``: at least ``ok`` and ``backend``."""
+        return {"ok": self.ping(), "backend": type(self).__name__, "url": self.url}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (called at shutdown and on reload)."""

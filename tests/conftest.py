@@ -1,0 +1,142 @@
+"""Shared fixtures: a private redis-server, store URLs for the contract suites, stacks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+REQUIRE_REDIS = os.environ.get("WSGISTACK_REQUIRE_REDIS") == "1"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Block until something accepts connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+class RedisServer:
+    """A private redis-server on a free port that tests may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or restart) the server on the same port and wait until it answers."""
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        """Kill the server (as a crash would) and wait for it to go away."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
+    """A private redis-server for the session, or None when REDIS_URL is given."""
+    if os.environ.get("REDIS_URL"):
+        yield None
+        return
+    if shutil.which("redis-server") is None:
+        if REQUIRE_REDIS:
+            pytest.fail("WSGISTACK_REQUIRE_REDIS=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer | None) -> Iterator[str]:
+    """URL of a real, empty Redis database (the private server, or REDIS_URL)."""
+    url = os.environ.get("REDIS_URL") or (redis_server.url if redis_server else "")
+    if redis_server is not None and not redis_server.running:
+        redis_server.start()
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:  # pragma: no cover - environment problem
+        if REQUIRE_REDIS:
+            pytest.fail(f"Redis at {url} does not answer: {exc}")
+        pytest.skip(f"Redis at {url} does not answer: {exc}")
+    finally:
+        client.close()
+    yield url
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each store backend in turn: ``memory://`` and a real Redis."""
+    if request.param == "memory":
+        return "memory://"
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Callable[..., Any]:
+    """Build a WebTest ``TestApp`` over a pipeline given as a stack.yaml dict or text."""
+    from webtest import TestApp
+
+    from config import build_from_dict, build_from_text
+
+    def make(data: dict[str, Any] | str, **extra: Any) -> TestApp:
+        if isinstance(data, str):
+            built = build_from_text(data, base_dir=tmp_path)
+        else:
+            data = {"app": {"options": {"var_dir": str(tmp_path / "var")}}, **data}
+            built = build_from_dict(data, base_dir=tmp_path)
+        test_app = TestApp(built.app, **extra)
+        test_app.built = built
+        return test_app
+
+    return make
