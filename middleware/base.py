@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException, default_exceptions
 from werkzeug.http import parse_cookie
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
     from stores.base import Store
 
@@ -37,16 +37,16 @@ __all__ = [
     "RENDER_ERROR",
     "REQUEST_ID",
     "SESSION",
+    "TIMINGS",
+    "TRACE",
     "Context",
     "Identity",
     "LayerOptions",
-    "TIMINGS",
-    "TRACE",
     "add_vary",
     "client_ip",
     "cookies",
-    "decorate_error",
     "decoded_path",
+    "decorate_error",
     "header_list",
     "note",
     "refuse",
@@ -72,7 +72,7 @@ Headers = list[tuple[str, str]]
 class LayerOptions(BaseModel):
     """Base for every layer's ``Options``: unknown keys are refused, values frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 @dataclass
@@ -239,7 +239,7 @@ def wrap_start_response(
         edit(status, headers)
         return start_response(status, headers, exc_info)
 
-    return wrapped  # type: ignore[return-value]
+    return wrapped
 
 
 def set_cookie_header(name: str, value: str, **attrs: Any) -> str:

@@ -1,0 +1,104 @@
+"""Turn stack.yaml into a validated, linted, built WSGI pipeline.
+
+The stages can be entered separately (tests start from a dict or text)::
+
+    read_file(path) -> Document      # YAML composed with marks, ${VAR} interpolated
+    parse(document) -> StackConfig   # pydantic validation, every problem located
+    lint(config)    -> [Problem]     # order checks: errors and warnings
+    build(config)   -> BuiltStack    # stores, app, layers folded (first entry outermost)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path as FsPath
+from typing import Any
+
+from .build import BuiltStack, LayerSpec, StackConfig, build, parse
+from .errors import ConfigError, Problem
+from .lint import lint
+from .loader import Document, read_file, read_text
+from .registry import LAYERS, resolve
+
+__all__ = [
+    "LAYERS",
+    "BuiltStack",
+    "ConfigError",
+    "Document",
+    "LayerSpec",
+    "Problem",
+    "StackConfig",
+    "build",
+    "build_from_dict",
+    "build_from_file",
+    "build_from_text",
+    "check",
+    "lint",
+    "load",
+    "parse",
+    "read_file",
+    "read_text",
+    "resolve",
+]
+
+
+def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) -> Document:
+    """Resolve the app's relative ``var_dir`` against the config file's folder."""
+    if base_dir is None:
+        return document
+    data = document.data
+    if isinstance(data, dict):
+        app = data.get("app")
+        options = app.get("options") if isinstance(app, dict) else None
+        if isinstance(options, dict):
+            var_dir = options.get("var_dir", "var")
+            if isinstance(var_dir, str) and not os.path.isabs(var_dir):
+                options["var_dir"] = str(FsPath(base_dir) / var_dir)
+    return document
+
+
+def load(document: Document, *, strict: bool = True) -> tuple[StackConfig, list[Problem]]:
+    """Validate and lint; raise ConfigError on any error, return the config and its warnings."""
+    config = parse(document)
+    problems = lint(config)
+    if strict and any(p.severity == "error" for p in problems):
+        raise ConfigError(problems)
+    return config, problems
+
+
+def check(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> list[Problem]:
+    """Every problem of a stack.yaml (errors and warnings), without building anything."""
+    try:
+        _, problems = load(read_file(path, env=env), strict=False)
+    except ConfigError as exc:
+        return exc.problems
+    return problems
+
+
+def _build(document: Document, base_dir: Any, strict: bool, **kw: Any) -> BuiltStack:
+    config, warnings = load(_relative_to(document, base_dir), strict=strict)
+    built = build(config, **kw)
+    built.warnings = warnings
+    return built
+
+
+def build_from_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
+                    strict: bool = True, **kw: Any) -> BuiltStack:
+    """Read, validate, lint and build a stack.yaml file."""
+    base = FsPath(path).resolve().parent
+    return _build(read_file(path, env=env), base, strict, **kw)
+
+
+def build_from_text(text: str, *, base_dir: str | os.PathLike[str] | None = None, file: str = "<config>",
+                    env: Mapping[str, str] | None = None, strict: bool = True, **kw: Any) -> BuiltStack:
+    """Build from YAML text (tests and tools)."""
+    return _build(read_text(text, file=file, env=env), base_dir, strict, **kw)
+
+
+def build_from_dict(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None,
+                    strict: bool = True, **kw: Any) -> BuiltStack:
+    """Build from an already-parsed mapping (no line numbers in errors)."""
+    import copy
+
+    return _build(Document(copy.deepcopy(dict(data)), file="<dict>"), base_dir, strict, **kw)

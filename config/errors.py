@@ -1,0 +1,53 @@
+"""The config failure family: every problem names file:line:col and a dotted key path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Path = tuple[str | int, ...]
+
+
+def dotted(path: Path) -> str:
+    """Render ``("pipeline", 3, "cors", "max_age")`` as ``pipeline[3].cors.max_age``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One error or warning, printable like a compiler message."""
+
+    message: str
+    path: Path = ()
+    file: str = "<config>"
+    line: int = 0
+    column: int = 0
+    severity: Literal["error", "warning"] = "error"
+    value: Any = None
+    has_value: bool = False
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        text = f"{where} {dotted(self.path)}: {self.message}"
+        if self.has_value:
+            shown = repr(self.value)
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            text += f" (got {shown})"
+        if self.severity == "warning":
+            text = f"{where} warning: {dotted(self.path)}: {self.message}"
+        return text
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))

@@ -1,0 +1,218 @@
+"""Stage 4: check the pipeline's order and combination, with reasons.
+
+Errors are orders that are unsafe (the stack would leak or mis-key);
+warnings are orders that are odd.  Each rule is a small function that reads
+the list of :class:`LayerSpec` and yields problems; ``RULES`` runs them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .build import LayerSpec, StackConfig
+from .errors import Problem
+from .registry import LAYERS
+
+Rule = Callable[[StackConfig, list[LayerSpec]], Iterator[Problem]]
+STATEFUL_SHARED = ("session", "ratelimit", "auth")
+
+
+def kind(spec: LayerSpec) -> str | None:
+    """The built-in name of a spec (also when written as its module:attr path)."""
+    if spec.name in LAYERS:
+        return spec.name
+    for name, target in LAYERS.items():
+        if spec.name == target:
+            return name
+    return None
+
+
+def _first(specs: list[LayerSpec], name: str) -> LayerSpec | None:
+    return next((s for s in specs if kind(s) == name), None)
+
+
+def _all(specs: list[LayerSpec], name: str) -> list[LayerSpec]:
+    return [s for s in specs if kind(s) == name]
+
+
+def _pos(specs: list[LayerSpec], spec: LayerSpec) -> int:
+    return specs.index(spec)
+
+
+def _problem(cfg: StackConfig, spec: LayerSpec, message: str, severity: str = "error") -> Problem:
+    doc = cfg.document
+    line, col = doc.locate(spec.path, key=True) if spec.path else (0, 0)
+    return Problem(message, spec.path or ("pipeline",), doc.file, line, col, severity)  # type: ignore[arg-type]
+
+
+def _before(specs: list[LayerSpec], outer: str, inner: str) -> Iterator[tuple[LayerSpec, LayerSpec]]:
+    """Pairs where a layer of kind ``outer`` sits outside one of kind ``inner``."""
+    for a in _all(specs, outer):
+        for b in _all(specs, inner):
+            if _pos(specs, a) < _pos(specs, b):
+                yield a, b
+
+
+def _where(spec: LayerSpec) -> str:
+    return "the default errors layer" if spec.implicit else f"pipeline[{spec.index}]"
+
+
+def errors_outermost(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for spec in _all(specs, "errors"):
+        if _pos(specs, spec) != 0:
+            yield _problem(cfg, spec, "errors must be the outermost layer (first in the pipeline), "
+                                      "or refusals from the layers outside it are not rendered")
+        if spec.scope:
+            yield _problem(cfg, spec, "errors may not be scoped with paths, exclude_paths or methods; "
+                                      "every request needs the renderer")
+
+
+def cache_outside_private(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for inner in ("auth", "session"):
+        for cache, other in _before(specs, "cache", inner):
+            yield _problem(cfg, cache, f"cache at {_where(cache)} is outside {inner} at {_where(other)}: a cached "
+                                       f"response would be served before {inner} runs; move cache inside {inner}")
+
+
+def _keys(spec: LayerSpec) -> set[str]:
+    keys: set[str] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, str):
+            keys.add(value)
+        elif isinstance(value, list | tuple):
+            keys.update(str(v) for v in value)
+
+    add(spec.option("key", "client_ip"))
+    for rule in spec.option("rules", None) or []:
+        add(rule.get("key") if isinstance(rule, dict) else getattr(rule, "key", None))
+    return keys
+
+
+def ratelimit_keys(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for rl, proxy in _before(specs, "ratelimit", "proxy"):
+        if "client_ip" in _keys(rl):
+            yield _problem(cfg, rl, f"ratelimit at {_where(rl)} is outside the proxy layer at {_where(proxy)}: it "
+                                    "would key on the proxy's address, so every client shares one limit")
+    for rl in _all(specs, "ratelimit"):
+        if "user" in _keys(rl):
+            auth = _first(specs, "auth")
+            if auth is None or _pos(specs, auth) > _pos(specs, rl):
+                yield _problem(cfg, rl, f"ratelimit at {_where(rl)} keys on user but is not inside auth: the "
+                                        "identity is not known yet; move it inside auth")
+
+
+def duplicates(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    seen: list[LayerSpec] = []
+    for spec in specs:
+        name = kind(spec)
+        for other in seen:
+            if name is None or kind(other) != name or not spec.scope.overlaps(other.scope):
+                continue
+            if name == "ratelimit" and _keys(spec) != _keys(other):
+                continue
+            yield _problem(cfg, spec, f"{name} appears twice with overlapping scope ({_where(other)} and "
+                                      f"{_where(spec)}); requests in both scopes pass it twice", "warning")
+        seen.append(spec)
+
+
+def cors_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for inner in ("auth", "ratelimit", "csrf"):
+        for other, cors in _before(specs, inner, "cors"):
+            yield _problem(cfg, cors, f"cors at {_where(cors)} is inside {inner} at {_where(other)}: preflights "
+                                      f"would meet {inner} first and its refusals would lack CORS headers",
+                           "warning")
+
+
+def cors_patterns(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for spec in _all(specs, "cors"):
+        lint = getattr(spec.target, "lint", None)
+        if callable(lint):
+            for message in lint(spec.options):
+                yield _problem(cfg, spec, message, "warning")
+
+
+def csrf_needs_session(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for spec in _all(specs, "csrf"):
+        if _first(specs, "session") is None:
+            yield _problem(cfg, spec, "csrf protects cookie sessions, but the pipeline has no session layer",
+                           "warning")
+
+
+def versioning_before_cache(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for cache, ver in _before(specs, "cache", "versioning"):
+        yield _problem(cfg, ver, f"versioning at {_where(ver)} is inside cache at {_where(cache)}: the cache "
+                                 "keys on the API version, so versioning must run first", "warning")
+
+
+def probes_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for name in ("health", "metrics"):
+        for inner in ("auth", "ratelimit", "session"):
+            for other, spec in _before(specs, inner, name):
+                yield _problem(cfg, spec, f"{name} at {_where(spec)} is inside {inner} at {_where(other)}: "
+                                          f"probes and scrapes would meet {inner} first", "warning")
+
+
+def shared_state(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    if cfg.server.workers <= 1:
+        return
+    for spec in specs:
+        name = kind(spec)
+        store = spec.option("store", "shared")
+        url = cfg.stores.get(str(store))
+        if name is None or url is None or not url.url.startswith("memory:"):
+            continue
+        if name in STATEFUL_SHARED:
+            yield _problem(cfg, spec, f"{name} keeps state in store {store!r} (memory://) but server.workers is "
+                                      f"{cfg.server.workers}: each process would have its own copy; use redis://")
+        elif name == "cache":
+            yield _problem(cfg, spec, f"cache on a memory:// store with {cfg.server.workers} workers keeps one "
+                                      "cache per process (more misses, uneven purges)", "warning")
+
+
+def unknown_stores(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for spec in specs:
+        if not spec.is_layer_class or "store" not in type(spec.options).model_fields:
+            continue
+        store = spec.option("store")
+        if store not in cfg.stores:
+            known = ", ".join(sorted(cfg.stores)) or "none"
+            yield _problem(cfg, spec, f"{spec.name} names store {store!r}, which the stores section does not "
+                                      f"define (known: {known})")
+
+
+def proxy_twice(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    proxy = _first(specs, "proxy")
+    if proxy is not None and cfg.server.trusted_proxy:
+        yield _problem(cfg, proxy, "both server.trusted_proxy (Waitress) and the proxy layer trust forwarding "
+                                   "headers; under Waitress keep only server.trusted_proxy", "warning")
+    if cfg.server.trusted_proxy == "*":
+        line, col = cfg.document.locate(("server", "trusted_proxy"))
+        yield Problem("trusted_proxy '*' trusts every peer, so any client can forge X-Forwarded-For",
+                      ("server", "trusted_proxy"), cfg.document.file, line, col, "warning")
+
+
+RULES: list[Rule] = [
+    errors_outermost,
+    cache_outside_private,
+    ratelimit_keys,
+    duplicates,
+    cors_position,
+    cors_patterns,
+    csrf_needs_session,
+    versioning_before_cache,
+    probes_first,
+    shared_state,
+    unknown_stores,
+    proxy_twice,
+]
+
+
+def lint(cfg: StackConfig) -> list[Problem]:
+    """Run every rule; errors first, then warnings, each in pipeline order."""
+    from .build import with_default_errors
+
+    specs = with_default_errors(cfg.pipeline)
+    found = [p for rule in RULES for p in rule(cfg, specs)]
+    return sorted(found, key=lambda p: (p.severity != "error", p.line, p.column))

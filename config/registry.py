@@ -1,0 +1,53 @@
+"""The built-in layers: a plain dict from name to ``module:Class``.
+
+Adding a built-in layer takes one module in ``middleware/`` and one line here.
+Anything else is named in stack.yaml by its ``module:attr`` path and loaded
+the same way (a class taking ``(app, options, context)``, or a plain
+``factory(app, **kwargs)`` such as werkzeug's ``ProxyFix``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+LAYERS: dict[str, str] = {
+    "errors": "middleware.errors:ErrorsMiddleware",
+    "request_id": "middleware.request_id:RequestIdMiddleware",
+    "access_log": "middleware.access_log:AccessLogMiddleware",
+    "metrics": "middleware.metrics:MetricsMiddleware",
+    "health": "middleware.health:HealthMiddleware",
+    "proxy": "middleware.proxy:ProxyMiddleware",
+    "validation": "middleware.validation:ValidationMiddleware",
+    "headers": "middleware.headers:SecurityHeadersMiddleware",
+    "cors": "middleware.cors:CORSMiddleware",
+    "csrf": "middleware.csrf:CSRFMiddleware",
+    "ratelimit": "middleware.ratelimit:RateLimitMiddleware",
+    "session": "middleware.session:SessionMiddleware",
+    "auth": "middleware.auth:AuthMiddleware",
+    "versioning": "middleware.versioning:VersioningMiddleware",
+    "cache": "middleware.cache:CacheMiddleware",
+}
+
+
+def import_string(target: str) -> Any:
+    """Import ``module:attr`` (or ``module.attr``) and return the attribute."""
+    module, sep, attr = target.partition(":")
+    if not sep:
+        module, _, attr = target.rpartition(".")
+    if not module or not attr:
+        raise ImportError(f"{target!r} is not a module:attr path")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve(name: str) -> Any:
+    """Return the layer class or factory for a built-in name or a ``module:attr`` path."""
+    return import_string(LAYERS.get(name, name))
+
+
+def is_path(name: str) -> bool:
+    """Whether ``name`` is written as an import path rather than a built-in name."""
+    return ":" in name

@@ -1,0 +1,93 @@
+"""Scoping any layer by ``paths``, ``exclude_paths`` (globs) and ``methods``, applied once by the builder."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from middleware.base import decoded_path, note
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+def compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex for a list of path globs (``*`` spans segments; matched case-sensitively)."""
+    parts = [fnmatch.translate(p) for p in patterns]
+    if not parts:
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in parts))
+
+
+class Scope:
+    """Which requests a layer applies to."""
+
+    def __init__(
+        self,
+        paths: Iterable[str] | None = None,
+        exclude_paths: Iterable[str] | None = None,
+        methods: Iterable[str] | None = None,
+    ) -> None:
+        self.paths = tuple(paths or ())
+        self.exclude_paths = tuple(exclude_paths or ())
+        self.methods = tuple(m.upper() for m in methods or ())
+        self._include = compile_globs(self.paths)
+        self._exclude = compile_globs(self.exclude_paths)
+        self._methods = frozenset(self.methods) or None
+
+    def matches(self, environ: WSGIEnvironment) -> bool:
+        if self._methods is not None and environ.get("REQUEST_METHOD", "GET") not in self._methods:
+            return False
+        if self._include is None and self._exclude is None:
+            return True
+        path = decoded_path(environ)
+        if self._include is not None and self._include.match(path) is None:
+            return False
+        return self._exclude is None or self._exclude.match(path) is None
+
+    def overlaps(self, other: Scope) -> bool:
+        """A conservative guess whether two scopes can both match one request."""
+        if self._methods and other._methods and not (self._methods & other._methods):
+            return False
+        if not self.paths or not other.paths:
+            return True
+        return any(
+            fnmatch.fnmatchcase(a, b) or fnmatch.fnmatchcase(b, a) or a.split("*")[0].startswith(b.split("*")[0])
+            or b.split("*")[0].startswith(a.split("*")[0])
+            for a in self.paths
+            for b in other.paths
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.paths or self.exclude_paths or self.methods)
+
+    def __repr__(self) -> str:
+        bits = []
+        if self.paths:
+            bits.append(f"paths={list(self.paths)}")
+        if self.exclude_paths:
+            bits.append(f"exclude_paths={list(self.exclude_paths)}")
+        if self.methods:
+            bits.append(f"methods={list(self.methods)}")
+        return f"Scope({', '.join(bits)})"
+
+
+class Scoped:
+    """Send a request through ``layer`` when in scope, else straight to ``next_app``."""
+
+    def __init__(self, layer: WSGIApplication, next_app: WSGIApplication, scope: Scope, label: str) -> None:
+        self.layer = layer
+        self.next_app = next_app
+        self.scope = scope
+        self.label = label
+        self.matches = scope.matches
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.matches(environ):
+            return self.layer(environ, start_response)
+        note(environ, self.label, "skipped: request outside the layer's scope")
+        return self.next_app(environ, start_response)

@@ -1,0 +1,191 @@
+"""The one renderer for every refusal and every unhandled exception.
+
+Layers refuse by raising a werkzeug ``HTTPException`` (see
+:func:`middleware.base.refuse`); this layer, always the outermost, turns it
+into a response in the configured format.  It also puts its renderer in
+``environ["wsgistack.render_error"]`` so the Flask core renders its own
+errors (404, 405, 500…) the same way.
+
+Do not use it when an outer server or gateway already owns the error format:
+then place nothing, and the builder still adds a default one, because a stack
+without a renderer would send werkzeug's HTML pages to API clients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import model_validator
+from werkzeug.exceptions import HTTPException
+
+from .base import RENDER_ERROR, REQUEST_ID, Context, LayerOptions, decoded_path, note
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger("wsgistack.errors")
+
+_CONTENT_TYPES = {
+    "envelope": "application/json",
+    "problem": "application/problem+json",
+}
+# Headers an exception's own response would carry that we replace.
+_DROP = frozenset({"content-type", "content-length"})
+
+
+class ErrorsOptions(LayerOptions):
+    """Options of the ``errors`` layer."""
+
+    #: ``envelope`` gives ``{"error": {...}}``; ``problem`` gives RFC 9457 problem details.
+    format: Literal["envelope", "problem"] = "envelope"
+    #: Include the exception text and traceback in 500 bodies (loopback-only servers).
+    debug: bool = False
+    #: Base URI for the problem ``type`` member; ``about:blank`` when empty.
+    type_base: str = ""
+
+    @model_validator(mode="after")
+    def _type_base_is_absolute(self) -> ErrorsOptions:
+        if self.type_base and "://" not in self.type_base:
+            raise ValueError("type_base must be an absolute URI such as https://errors.example.org/")
+        return self
+
+
+class ErrorsMiddleware:
+    """Render every ``HTTPException`` and unhandled exception in one format.
+
+    Options:
+      ``format``: ``envelope`` (default) or ``problem`` (``application/problem+json``).
+      ``debug``: show exception text and traceback in 500 bodies; refused
+      unless the server listens only on loopback.
+      ``type_base``: base URI for problem ``type`` (``{type_base}{status}``).
+
+    The envelope is ``{"error": {"code", "message", "details", "timestamp",
+    "path", "method", "request_id"}}``.  405 responses carry ``Allow``,
+    headers that inner layers attached to the exception (``Retry-After``,
+    ``WWW-Authenticate``, CORS and security headers) are kept, and HEAD
+    responses have no body.
+
+    Usage::
+
+        app = ErrorsMiddleware(app, ErrorsMiddleware.Options(format="problem"), Context())
+    """
+
+    Options = ErrorsOptions
+
+    def __init__(self, app: WSGIApplication, options: ErrorsOptions, context: Context) -> None:
+        if options.debug and not context.loopback_only:
+            raise ValueError("debug may be true only when the server listens on loopback only")
+        self.app = app
+        self.options = options
+        self.format = options.format
+        self.content_type = _CONTENT_TYPES[options.format]
+        self.debug = options.debug
+        self.logger = context.logger.getChild("errors") if context.logger else log
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ[RENDER_ERROR] = self.render
+        try:
+            return self.app(environ, start_response)
+        except HTTPException as exc:
+            return self._respond(environ, start_response, exc, None)
+        except Exception as exc:
+            return self._respond(environ, start_response, exc, sys.exc_info())
+
+    def _respond(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        exc: BaseException,
+        exc_info: Any,
+    ) -> Iterable[bytes]:
+        status, headers, body = self.render(environ, exc)
+        note(environ, "errors", f"rendered {status}")
+        phrase = _phrase(status)
+        # exc_info lets a server replace headers if the app had already started a response.
+        start_response(f"{status} {phrase}", headers, exc_info)
+        return [body]
+
+    def render(self, environ: WSGIEnvironment, exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Return ``(status, headers, body)`` for ``exc``; also used by the Flask core."""
+        if isinstance(exc, HTTPException) and exc.code is not None:
+            code = exc.code
+            message = exc.description or _phrase(code)
+            details = getattr(exc, "wsgistack_details", None)
+            headers = [(k, v) for k, v in exc.get_headers(environ) if k.lower() not in _DROP]
+        else:
+            code = 500
+            message = "An unexpected error occurred; the request id identifies it in the logs."
+            details = None
+            headers = []
+            self.logger.error(
+                "unhandled exception in %s %s (request id %s)",
+                environ.get("REQUEST_METHOD", "?"),
+                _escape(decoded_path(environ)),
+                environ.get(REQUEST_ID, "-"),
+                exc_info=exc,
+            )
+            if self.debug:
+                details = {
+                    "exception": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exception(exc),
+                }
+        extra = getattr(exc, "wsgistack_headers", None)
+        if extra:
+            present = {k.lower() for k, _ in headers}
+            headers.extend((k, v) for k, v in extra if k.lower() not in present)
+        body = self._body(environ, code, message, details)
+        headers.append(("Content-Type", self.content_type))
+        headers.append(("Content-Length", str(len(body))))
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            body = b""
+        return code, headers, body
+
+    def _body(self, environ: WSGIEnvironment, code: int, message: str, details: Any) -> bytes:
+        path = decoded_path(environ)
+        method = environ.get("REQUEST_METHOD", "GET")
+        request_id = environ.get(REQUEST_ID)
+        if self.format == "problem":
+            doc: dict[str, Any] = {
+                "type": f"{self.options.type_base}{code}" if self.options.type_base else "about:blank",
+                "title": _phrase(code),
+                "status": code,
+                "detail": message,
+                "instance": path,
+            }
+            if details is not None:
+                doc["details"] = details
+            if request_id:
+                doc["request_id"] = request_id
+        else:
+            doc = {
+                "error": {
+                    "code": code,
+                    "message": message,
+                    "details": details,
+                    "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                    "path": path,
+                    "method": method,
+                    "request_id": request_id,
+                }
+            }
+        return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
+def _escape(text: str) -> str:
+    """Escape control characters so a path can't forge log lines."""
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text

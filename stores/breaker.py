@@ -1,0 +1,182 @@
+"""A thread-safe circuit breaker, so that threads never queue on a dead backend.
+
+After ``failure_threshold`` consecutive failures the circuit *opens*: every
+call fails at once with :class:`~stores.base.StoreError` ("circuit open …")
+instead of waiting for a socket timeout.  Once ``reset_timeout`` seconds have
+passed, exactly one call is let through as a probe (*half-open*); its success
+closes the circuit, its failure opens it again for another ``reset_timeout``.
+There is no background thread: the next call after the pause is the probe,
+so a store recovers by itself as soon as traffic (or a ``/readyz`` ping) flows.
+
+State changes are logged once each on the ``wsgistack.stores`` logger, never
+per request.
+
+When not to use it: around calls that fail for reasons of their own (bad
+input, a missing key).  Only backend-health errors (``failure_types``) should
+count; anything else the callable raises counts as "the backend answered".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+from .base import StoreError
+
+__all__ = ["CircuitBreaker", "CircuitOpenError"]
+
+log = logging.getLogger("wsgistack.stores")
+
+T = TypeVar("T")
+State = Literal["closed", "open", "half-open"]
+
+CLOSED: State = "closed"
+OPEN: State = "open"
+HALF_OPEN: State = "half-open"
+
+
+class CircuitOpenError(StoreError):
+    """Raised without calling the backend while the circuit is open."""
+
+
+class CircuitBreaker:
+    """Fail fast while a backend is down, probe it once per pause, recover by itself.
+
+    Options:
+
+    - ``failure_threshold`` (3): consecutive failures that open the circuit.
+    - ``reset_timeout`` (2.0 s): how long it stays open before one probe is let through.
+    - ``name`` ("store"): what the log lines and errors call the guarded backend.
+    - ``failure_types`` (``(OSError,)``): exceptions that count as failures; any other
+      exception raised by the callable means the backend answered, and passes through.
+
+    ``breaker = CircuitBreaker(failure_threshold=3, reset_timeout=2.0, name="redis store")``
+    ``value = breaker.call(lambda: client.get("k"))``
+    """
+
+    def __init__(
+        self,
+        failure_threshold: int = 3,
+        reset_timeout: float = 2.0,
+        *,
+        name: str = "store",
+        failure_types: tuple[type[BaseException], ...] = (OSError,),
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be at least 1, got {failure_threshold}")
+        if reset_timeout <= 0:
+            raise ValueError(f"reset_timeout must be a positive number of seconds, got {reset_timeout}")
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = float(reset_timeout)
+        self.name = name
+        self.failure_types = failure_types
+        self._lock = threading.Lock()
+        self._state: State = CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._last_error = ""
+
+    @property
+    def state(self) -> State:
+        """``"closed"``, ``"open"`` or ``"half-open"`` (a probe is in flight)."""
+        return self._state
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures counted so far."""
+        return self._failures
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` unless the circuit is open; record how it went."""
+        probe = False
+        if self._state is not CLOSED:
+            probe = self._admit()
+        try:
+            result = fn()
+        except self.failure_types as exc:
+            self._failed(exc, probe)
+            raise
+        except Exception:
+            # The backend answered (with an error of the caller's making).
+            self._succeeded(probe)
+            raise
+        except BaseException:
+            if probe:
+                self._release_probe()
+            raise
+        if probe or self._failures:
+            self._succeeded(probe)
+        return result
+
+    def reset(self) -> None:
+        """Close the circuit and forget past failures."""
+        with self._lock:
+            self._state, self._failures = CLOSED, 0
+
+    def _admit(self) -> bool:
+        """Decide for a call made while not closed: return True for the probe, else raise."""
+        with self._lock:
+            if self._state is CLOSED:
+                return False
+            wait = self._opened_at + self.reset_timeout - time.monotonic()
+            if self._state is OPEN and wait <= 0:
+                self._state = HALF_OPEN
+                log.info("circuit half-open for %s: probing with one call", self.name)
+                return True
+            failures = self._failures
+        if wait > 0:
+            hint = f"next probe in {wait:.2f} s"
+        else:
+            hint = "a probe is in flight"
+        raise CircuitOpenError(
+            f"circuit open for {self.name} after {failures} consecutive failures "
+            f"({self._last_error}); {hint}"
+        )
+
+    def _failed(self, exc: BaseException, probe: bool) -> None:
+        with self._lock:
+            self._last_error = _describe(exc)
+            if probe:
+                self._state, self._opened_at = OPEN, time.monotonic()
+                self._failures += 1
+                log.debug("probe failed for %s; circuit open again: %s", self.name, self._last_error)
+                return
+            if self._state is not CLOSED:
+                return  # a call that started before the circuit opened
+            self._failures += 1
+            if self._failures >= self.failure_threshold:
+                self._state, self._opened_at = OPEN, time.monotonic()
+                log.warning(
+                    "circuit opened for %s after %d consecutive failures: %s; "
+                    "failing fast for %.1f s before probing",
+                    self.name, self._failures, self._last_error, self.reset_timeout,
+                )
+
+    def _succeeded(self, probe: bool) -> None:
+        with self._lock:
+            if probe:
+                self._state, self._failures = CLOSED, 0
+                log.info("circuit closed for %s: the backend answers again", self.name)
+            elif self._state is CLOSED:
+                self._failures = 0
+
+    def _release_probe(self) -> None:
+        """The probe was interrupted without a verdict: let the next call probe."""
+        with self._lock:
+            if self._state is HALF_OPEN:
+                self._state = OPEN
+                self._opened_at = time.monotonic() - self.reset_timeout
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker(name={self.name!r}, state={self._state!r}, failures={self._failures}, "
+            f"failure_threshold={self.failure_threshold}, reset_timeout={self.reset_timeout})"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,45 @@
+"""Small WSGI apps and layers that tests name in stack.yaml (``stack_support:echo_app``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+
+def echo_app(options: dict[str, Any] | None = None) -> Any:
+    """An app that answers JSON describing what the stack gave it."""
+    options = options or {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/boom":
+            raise RuntimeError("secret database password in exception text")
+        identity = environ.get("wsgistack.identity")
+        body = json.dumps({
+            "path": environ.get("PATH_INFO"),
+            "method": environ.get("REQUEST_METHOD"),
+            "remote_addr": environ.get("REMOTE_ADDR"),
+            "client_ip": environ.get("wsgistack.client_ip"),
+            "scheme": environ.get("wsgi.url_scheme"),
+            "request_id": environ.get("wsgistack.request_id"),
+            "api_version": environ.get("wsgistack.api_version"),
+            "identity": getattr(identity, "subject", None),
+            "layers": environ.get("stack_support.layers", []),
+            "option": options.get("greeting"),
+        }).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+class Tag:
+    """A plain ``factory(app, **kwargs)`` middleware that records its name in environ."""
+
+    def __init__(self, app: Any, name: str = "tag") -> None:
+        self.app = app
+        self.name = name
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        environ.setdefault("stack_support.layers", []).append(self.name)
+        return self.app(environ, start_response)
