@@ -247,8 +247,13 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
     environ = builder.get_environ()
     trace: list[tuple[str, str]] = []
     environ[TRACE] = trace
-    app = _waitress_view(built, built.app)
-    app_iter, status, response_headers = run_wsgi_app(app, environ, buffered=True)
+    seen: list[Any] = []
+
+    def capture(env: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        seen.append(env)
+        return built.app(env, start_response)
+
+    app_iter, status, response_headers = run_wsgi_app(_waitress_view(built, capture), environ, buffered=True)
     body_out = b"".join(app_iter)
     lines = [f"{method.upper()} {target} from {peer}"]
     decisions: dict[str, list[str]] = {}
@@ -261,8 +266,9 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
         extra = [d for d in said if d != "entered"]
         where = "default" if spec.implicit else f"[{spec.index}]"
         lines.append(f"  {where:>8} {label:<12} {state}{': ' + '; '.join(extra) if extra else ''}")
-    lines.append(f"  client address: {environ.get(CLIENT_IP) or environ.get('REMOTE_ADDR')}")
-    lines.append(f"  scheme: {environ.get('wsgi.url_scheme')}, host: {environ.get('HTTP_HOST')}")
+    inner = seen[0] if seen else environ
+    lines.append(f"  client address: {inner.get(CLIENT_IP) or inner.get('REMOTE_ADDR')}")
+    lines.append(f"  scheme: {inner.get('wsgi.url_scheme')}, host: {inner.get('HTTP_HOST')}")
     lines.append(f"status: {status}")
     lines.extend(f"  {k}: {v}" for k, v in response_headers.items())
     preview = body_out[:400].decode("utf-8", "replace")

@@ -89,5 +89,5 @@ class Scoped:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.matches(environ):
             return self.layer(environ, start_response)
-        note(environ, self.label, "skipped: request outside the layer's scope")
+        note(environ, self.label, "request outside the layer's scope")
         return self.next_app(environ, start_response)
