@@ -1,0 +1,403 @@
+"""Cross-origin resource sharing: answer preflights, label responses for allowed origins.
+
+The layer answers an allowed preflight (``OPTIONS`` with ``Origin`` and
+``Access-Control-Request-Method``) itself with ``204``, so layers inside it
+(auth, rate limits) and the app never see preflights; it refuses a disallowed
+one with ``403`` and no CORS headers.  Other requests pass through; when their
+origin is allowed the response (errors included) carries
+``Access-Control-Allow-Origin``.  Every response of a path in its scope gets
+``Vary: Origin``.
+
+Origins are compared after lowercasing scheme and host and dropping the
+default port (``:80`` for http, ``:443`` for https), so ``HTTPS://App.Example.org:443``
+is ``https://app.example.org``; nothing else is rewritten.
+
+Do not use it for same-origin apps (browsers need no CORS there), and do not
+use it as access control: CORS only tells browsers which pages may *read*
+responses; a script outside a browser ignores it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, model_validator
+from werkzeug.http import parse_list_header
+
+from .base import Context, LayerOptions, add_vary, decoded_path, decorate_error, note, refuse
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+SAFELISTED_HEADERS = ("accept", "accept-language", "content-language", "content-type")
+_ORIGIN = re.compile(
+    r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ACRM = "HTTP_ACCESS_CONTROL_REQUEST_METHOD"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_POLICY_KEYS = ("origins", "origin_regex", "allow_methods", "allow_headers", "expose_headers",
+                "allow_credentials", "max_age", "allow_private_network")
+
+
+def parse_origin(origin: str) -> tuple[str, str, int | None] | None:
+    """``(scheme, host, port)`` of a serialised origin, lowercased, default port as None."""
+    match = _ORIGIN.fullmatch(origin.lower())
+    if match is None:
+        return None
+    scheme, host, port_text = match.groups()
+    port = int(port_text) if port_text else None
+    if port is not None and port > 65535:
+        return None
+    return scheme, host, None if port == _DEFAULT_PORTS.get(scheme) else port
+
+
+def _serialise(scheme: str, host: str, port: int | None) -> str:
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def _escape(text: str) -> str:
+    """Escape control characters so request data cannot forge log lines."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
+class CORSRule(LayerOptions):
+    """One entry of ``rules``: ``paths`` plus the policy keys that differ from the top level."""
+
+    paths: tuple[str, ...] = Field(min_length=1)
+    origins: tuple[str, ...] | None = None
+    origin_regex: tuple[str, ...] | None = None
+    allow_methods: tuple[str, ...] | None = None
+    allow_headers: tuple[str, ...] | None = None
+    expose_headers: tuple[str, ...] | None = None
+    allow_credentials: bool | None = None
+    max_age: int | None = Field(default=None, ge=0)
+    allow_private_network: bool | None = None
+
+
+class CORSOptions(LayerOptions):
+    """Options of the ``cors`` layer (see :class:`CORSMiddleware`)."""
+
+    origins: tuple[str, ...] = ()
+    origin_regex: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST")
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age: int = Field(default=600, ge=0)
+    allow_private_network: bool = False
+    rules: tuple[CORSRule, ...] = ()
+
+    def policy(self, rule: CORSRule | None = None) -> dict[str, Any]:
+        """The effective policy keys: the top level, overridden by ``rule``'s set keys."""
+        data = {key: getattr(self, key) for key in _POLICY_KEYS}
+        if rule is not None:
+            data.update({k: v for k in _POLICY_KEYS if (v := getattr(rule, k)) is not None})
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_regex_is_a_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("origin_regex"), str):
+            data = {**data, "origin_regex": [data["origin_regex"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _policies_can_be_right(self) -> CORSOptions:
+        places = [("", self.policy())]
+        places += [(f"rules[{i}].", self.policy(rule)) for i, rule in enumerate(self.rules)]
+        for where, policy in places:
+            for origin in policy["origins"]:
+                if origin not in ("*", "null") and _origin_entry(origin) is None:
+                    raise ValueError(
+                        f"{where}origins entry {origin!r} is not an origin: write "
+                        "scheme://host[:port] with no path, or https://*.example.org")
+            for pattern in policy["origin_regex"]:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"{where}origin_regex {pattern!r} is not a valid "
+                                     f"regular expression: {exc}") from None
+            for method in policy["allow_methods"]:
+                if not _TOKEN.fullmatch(method):
+                    raise ValueError(f"{where}allow_methods entry {method!r} is not a method name")
+            if policy["allow_credentials"] and "*" in policy["origins"]:
+                raise ValueError(f"{where}allow_credentials may not be true when "
+                                 f"{where}origins contains '*'; list the origins instead")
+            if policy["allow_credentials"] and "null" in policy["origins"]:
+                raise ValueError(
+                    f"{where}origins may not contain 'null' when {where}allow_credentials is "
+                    "true: sandboxed iframes, file: pages and redirects all send Origin: null")
+        return self
+
+
+def _origin_entry(entry: str) -> tuple[str, str, int | None] | None:
+    """Parse a configured origin; a wildcard entry gives a host starting with ``*.``."""
+    wildcard = entry.lower().replace("://*.", "://x.", 1)
+    parsed = parse_origin(wildcard)
+    if parsed is None or "*" in wildcard:
+        return None
+    scheme, host, port = parsed
+    if wildcard != entry.lower():
+        if "." not in host[2:]:
+            return None  # https://*.org would trust a whole top-level domain
+        host = "*" + host[1:]
+    return scheme, host, port
+
+
+class _Policy:
+    """One normalised policy: the top level or a rule merged over it."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        origins = data["origins"]
+        self.allow_all = "*" in origins
+        self.exact: frozenset[str] = frozenset()
+        self.wildcards: list[tuple[str, str, int | None]] = []
+        for entry in origins:
+            parsed = _origin_entry(entry) if entry not in ("*", "null") else None
+            if entry == "null":
+                self.exact |= {"null"}
+            elif parsed and parsed[1].startswith("*."):
+                self.wildcards.append((parsed[0], parsed[1][1:], parsed[2]))
+            elif parsed:
+                self.exact |= {_serialise(*parsed)}
+        self.regexes = [re.compile(p) for p in data["origin_regex"]]
+        self.seen: dict[str, bool] = {}
+        self.active = bool(self.allow_all or self.exact or self.wildcards or self.regexes)
+        methods = [m.upper() for m in data["allow_methods"]]
+        self.all_methods = "*" in methods
+        self.methods = frozenset(methods)
+        self.methods_value = ", ".join(m for m in methods if m != "*")
+        headers = [h.lower() for h in data["allow_headers"]]
+        self.all_headers = "*" in headers
+        self.headers = frozenset(headers) | frozenset(SAFELISTED_HEADERS)
+        self.headers_value = ", ".join(sorted(self.headers - {"*"}))
+        self.credentials: bool = data["allow_credentials"]
+        self.private_network: bool = data["allow_private_network"]
+        self.max_age = str(data["max_age"])
+        self.star = self.allow_all and not self.credentials
+        self.extra: list[tuple[str, str]] = []
+        if self.credentials:
+            self.extra.append(("Access-Control-Allow-Credentials", "true"))
+        if data["expose_headers"]:
+            self.extra.append(("Access-Control-Expose-Headers", ", ".join(data["expose_headers"])))
+        self.names = frozenset(("access-control-allow-origin", *(n.lower() for n, _ in self.extra)))
+
+    def allows(self, origin: str) -> bool:
+        if self.allow_all or origin in self.exact:
+            return True
+        known = self.seen.get(origin)
+        if known is None:
+            if len(self.seen) >= 1024:
+                self.seen.clear()  # bounded: random origins only cost a fresh match
+            known = self.seen[origin] = self._matches(origin)
+        return known
+
+    def _matches(self, origin: str) -> bool:
+        parsed = parse_origin(origin)
+        if parsed is None:
+            return False
+        scheme, host, port = parsed
+        normal = _serialise(scheme, host, port)
+        if normal in self.exact:
+            return True
+        for w_scheme, suffix, w_port in self.wildcards:
+            if scheme == w_scheme and port == w_port and host.endswith(suffix):
+                return True  # suffix starts with ".", so example.org itself never matches
+        return any(rx.fullmatch(normal) for rx in self.regexes)
+
+    def allow_origin(self, origin: str) -> list[tuple[str, str]]:
+        return [("Access-Control-Allow-Origin", "*" if self.star else origin), *self.extra]
+
+
+class CORSMiddleware:
+    """Answer CORS preflights and label responses for allowed origins.
+
+    Options:
+      ``origins``: exact origins (``https://app.example.org``), wildcard
+      subdomains (``https://*.example.org``: any depth, never the bare
+      domain), ``"null"`` or ``"*"``.  ``origin_regex``: patterns that must
+      match the whole normalised origin (``https://pr-[0-9]+\\.example\\.org``).
+      ``allow_methods`` (default GET, HEAD, POST; ``*`` for any),
+      ``allow_headers`` (the CORS-safelisted ones are always allowed; ``*``
+      echoes what was asked), ``expose_headers``, ``allow_credentials``
+      (refused with ``*`` or ``null``), ``max_age`` (seconds, default 600),
+      ``allow_private_network`` (default off; when on, answers
+      ``Access-Control-Allow-Private-Network: true`` to allowed origins).
+      ``rules``: ``[{paths: [...], <any key above>}]``; the *first* rule whose
+      ``paths`` (shell patterns, ``*`` crosses ``/``, case-sensitive, on the
+      percent-decoded path) match wins; its unset keys come from the top
+      level.  A path whose policy allows no origin is outside the layer.
+
+    Usage::
+
+        opts = CORSMiddleware.Options(origins=("https://app.example.org",), allow_credentials=True)
+        app = CORSMiddleware(app, opts, Context())
+    """
+
+    Options = CORSOptions
+
+    def __init__(self, app: WSGIApplication, options: CORSOptions, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.logger = context.logger.getChild("cors")
+        self.default = _Policy(options.policy())
+        self.rules = [
+            (re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in rule.paths)),
+             _Policy(options.policy(rule)))
+            for rule in options.rules
+        ]
+
+    @staticmethod
+    def lint(options: CORSOptions) -> list[str]:
+        """Warnings about settings that are allowed but probably wrong, as sentences."""
+        warnings: list[str] = []
+        places = [("", options.policy())]
+        places += [(f"rules[{i}].", options.policy(r)) for i, r in enumerate(options.rules)]
+        for where, policy in places:
+            for pattern in policy["origin_regex"]:
+                if _has_lone_dot(pattern):
+                    warnings.append(
+                        f"{where}origin_regex {pattern!r} has an unescaped '.', which matches "
+                        "any character (https://appXexample.org too); write '\\.' for a dot")
+            if policy["allow_credentials"]:
+                warnings += [
+                    f"{where}origins entry {o!r} is plain http while allow_credentials is "
+                    "true; cookies then reach pages anyone on the network can alter"
+                    for o in policy["origins"]
+                    if o.lower().startswith("http://") and not _is_loopback(o)]
+        seen: list[tuple[int, str]] = []
+        for i, rule in enumerate(options.rules):
+            for path in rule.paths:
+                for j, earlier in seen:
+                    if not any(c in earlier for c in "?[") and fnmatch.fnmatchcase(path, earlier):
+                        warnings.append(
+                            f"rules[{i}].paths {path!r} is already matched by rules[{j}] "
+                            f"({earlier!r}); the first matching rule wins, so it never applies")
+                        break
+            seen += [(i, p) for p in rule.paths]
+        return warnings
+
+    def _policy(self, environ: WSGIEnvironment) -> _Policy:
+        if self.rules:
+            path = decoded_path(environ)
+            for pattern, policy in self.rules:
+                if pattern.match(path):
+                    return policy
+        return self.default
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        policy = self._policy(environ)
+        if not policy.active:
+            return self.app(environ, start_response)
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is None:
+            return self.app(environ, _labelled(start_response, (), frozenset()))
+        if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ:
+            return self._preflight(environ, start_response, policy, origin)
+        allowed = policy.allows(origin)
+        added = policy.allow_origin(origin) if allowed else ()
+        try:
+            return self.app(environ, _labelled(start_response, added, policy.names if allowed
+                                               else frozenset()))
+        except Exception as exc:
+            decorate_error(exc, added)
+            add_vary(getattr(exc, "wsgistack_headers", []), "Origin")
+            raise
+
+    def _preflight(
+        self, environ: WSGIEnvironment, start_response: StartResponse, policy: _Policy, origin: str,
+    ) -> Iterable[bytes]:
+        method = environ[_ACRM]
+        asked = [h.strip().lower() for h in
+                 parse_list_header(environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", ""))]
+        asked = [h for h in asked if h]
+        wants_private = environ.get("HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK") == "true"
+        reason = None
+        if not policy.allows(origin):
+            reason = "the origin is not allowed"
+        elif not (method in policy.methods or (policy.all_methods and _TOKEN.fullmatch(method))):
+            reason = f"the requested method is not allowed (allowed: {policy.methods_value})"
+        elif bad := [h for h in asked if not _TOKEN.fullmatch(h)
+                     or (h not in policy.headers and not policy.all_headers)]:
+            shown = ", ".join(h for h in bad if _TOKEN.fullmatch(h)) or "(not a token)"
+            reason = f"the requested header {shown} is not allowed " \
+                     f"(allowed: {policy.headers_value})"
+        elif wants_private and not policy.private_network:
+            reason = "private network access is not allowed (allow_private_network is false)"
+        if reason is not None:
+            self.logger.info("cors preflight refused: %s; origin %s, path %s", reason,
+                             _escape(origin), _escape(decoded_path(environ)))
+            note(environ, "cors", f"preflight refused: {reason}")
+            exc = refuse(403, f"CORS preflight refused: {reason}.")
+            add_vary(exc.wsgistack_headers, "Origin")  # type: ignore[attr-defined]
+            raise exc
+        headers = policy.allow_origin(origin)
+        allow = method if policy.all_methods else policy.methods_value
+        headers.append(("Access-Control-Allow-Methods", allow))
+        if asked:
+            allowed = ", ".join(asked) if policy.all_headers else policy.headers_value
+            headers.append(("Access-Control-Allow-Headers", allowed))
+        headers.append(("Access-Control-Max-Age", policy.max_age))
+        if wants_private:
+            headers.append(("Access-Control-Allow-Private-Network", "true"))
+        headers.append(("Vary", "Origin, Access-Control-Request-Method, "
+                                "Access-Control-Request-Headers"))
+        note(environ, "cors", "preflight answered 204")
+        start_response("204 No Content", headers)
+        return []
+
+
+def _labelled(
+    start_response: StartResponse, added: Sequence[tuple[str, str]], names: frozenset[str],
+) -> StartResponse:
+    """A ``start_response`` that replaces the ``names`` headers with ``added`` and merges Vary."""
+
+    def labelled(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        out: list[tuple[str, str]] = []
+        vary = -1
+        for header in headers:
+            name = header[0].lower()
+            if name == "vary":
+                vary = len(out)
+            elif name in names:
+                continue
+            out.append(header)
+        if vary < 0:
+            out.append(("Vary", "Origin"))
+        else:
+            add_vary(out, "Origin")
+        out.extend(added)
+        return start_response(status, out, exc_info)
+
+    return labelled
+
+
+def _is_loopback(origin: str) -> bool:
+    parsed = parse_origin(origin)
+    return parsed is not None and parsed[1] in ("localhost", "127.0.0.1", "[::1]")
+
+
+def _has_lone_dot(pattern: str) -> bool:
+    """Whether ``pattern`` has a ``.`` outside a class, unescaped and not before a quantifier."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            i += 2 if pattern[i + 1 : i + 2] == "]" else 1  # "[]" starts a class holding "]"
+            continue
+        elif char == "." and pattern[i + 1 : i + 2] not in ("*", "+", "?", "{"):
+            return True
+        i += 1
+    return False

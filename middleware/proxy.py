@@ -1,0 +1,226 @@
+"""Trust forwarding headers from known proxies: client address, scheme, host, prefix.
+
+Behind a reverse proxy the peer address is the proxy's, not the client's.
+This layer reads ``X-Forwarded-For/-Proto/-Host/-Port/-Prefix`` (each with its
+own hop count, like werkzeug's ``ProxyFix``) or RFC 7239 ``Forwarded`` — never
+both — but only when the peer (``REMOTE_ADDR``) is in ``trusted_proxies``.
+From any other peer the headers are ignored, so a client cannot pick its own
+address.  It sets ``environ["wsgistack.client_ip"]`` for every later layer,
+rewrites ``REMOTE_ADDR``, ``wsgi.url_scheme``, ``HTTP_HOST``, ``SERVER_PORT``
+and ``SCRIPT_NAME``, and keeps the originals in ``environ["wsgistack.proxy.orig"]``.
+With ``allowed_hosts`` it refuses requests for other hosts with 400.
+
+Do not use it under Waitress when Waitress's own ``trusted_proxy``,
+``trusted_proxy_count`` and ``trusted_proxy_headers`` settings can do the job:
+those are applied before any layer runs.  Use it for gunicorn, uWSGI and other
+servers, or when you need ``allowed_hosts``.  It must be the outermost layer
+after ``errors``, so every other layer sees the real client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, field_validator, model_validator
+from werkzeug.http import parse_list_header
+
+from .base import CLIENT_IP, TRACE, Context, LayerOptions, note, refuse
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+ORIG = "wsgistack.proxy.orig"
+_PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*?)\s*(?:;|$)')
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?)(?::([0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ProxyOptions(LayerOptions):
+    """Options of the ``proxy`` layer (see :class:`ProxyMiddleware`)."""
+
+    x_for: int = Field(default=0, ge=0)
+    x_proto: int = Field(default=0, ge=0)
+    x_host: int = Field(default=0, ge=0)
+    x_port: int = Field(default=0, ge=0)
+    x_prefix: int = Field(default=0, ge=0)
+    forwarded: int = Field(default=0, ge=0)
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    allowed_hosts: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies entry {entry!r} is not an address or "
+                                 f"CIDR network ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> ProxyOptions:
+        if self.forwarded and any((self.x_for, self.x_proto, self.x_host, self.x_port, self.x_prefix)):
+            raise ValueError(
+                "forwarded may not be combined with x_for, x_proto, x_host, x_port or x_prefix: "
+                "trust the one header scheme your proxy sets (a client can forge the other)")
+        return self
+
+
+class ProxyMiddleware:
+    """Apply forwarding headers from trusted proxies and check the host.
+
+    Options:
+      ``x_for``, ``x_proto``, ``x_host``, ``x_port``, ``x_prefix``: how many
+      proxies set that ``X-Forwarded-*`` header; the value is taken that many
+      entries from the right (0, the default, ignores the header).
+      ``forwarded``: the same for RFC 7239 ``Forwarded`` (``for``, ``proto``,
+      ``host``); refused together with any ``x_*``.
+      ``trusted_proxies``: CIDRs of the peers whose headers count (default
+      loopback only).  ``allowed_hosts``: host names (``api.example.org``,
+      ``*.example.org`` for subdomains, ``*`` for any) the request's host,
+      port aside, must be one of; empty allows any.  Invalid values are
+      ignored, as if the header were absent.
+
+    Usage::
+
+        opts = ProxyMiddleware.Options(x_for=1, x_proto=1, trusted_proxies=("10.0.0.0/8",))
+        app = ProxyMiddleware(app, opts, Context())
+    """
+
+    Options = ProxyOptions
+
+    def __init__(self, app: WSGIApplication, options: ProxyOptions, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.networks: tuple[_Network, ...] = tuple(
+            ipaddress.ip_network(n) for n in options.trusted_proxies)
+        self.trusted = lru_cache(maxsize=4096)(self._trusted)
+        self.x_headers = [(hops, key) for hops, key in (
+            (options.x_for, "HTTP_X_FORWARDED_FOR"), (options.x_proto, "HTTP_X_FORWARDED_PROTO"),
+            (options.x_host, "HTTP_X_FORWARDED_HOST"), (options.x_port, "HTTP_X_FORWARDED_PORT"),
+            (options.x_prefix, "HTTP_X_FORWARDED_PREFIX")) if hops]
+        hosts = [h.lower().rstrip(".") for h in options.allowed_hosts]
+        self.any_host = not hosts or "*" in hosts
+        self.exact_hosts = frozenset(h for h in hosts if not h.startswith("*."))
+        self.host_suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+
+    def _trusted(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+    def derive(self, environ: WSGIEnvironment) -> dict[str, str]:
+        """What the trusted headers say: ``{"for", "proto", "host", "port", "prefix"}`` (valid ones)."""
+        found: dict[str, str] = {}
+        if self.options.forwarded:
+            element = _nth_from_right(environ.get("HTTP_FORWARDED"), self.options.forwarded)
+            pairs = dict((k.lower(), v) for k, v in _PAIR.findall(element or ""))
+            for key in ("for", "proto", "host"):
+                if key in pairs:
+                    value = pairs[key]
+                    found[key] = value[1:-1].replace('\\"', '"') if value[:1] == '"' else value
+        else:
+            for hops, key in self.x_headers:
+                value = _nth_from_right(environ.get(key), hops)
+                if value:
+                    found[key[17:].lower()] = value
+        checked = {}
+        if "for" in found and (ip := _address(found["for"])) is not None:
+            checked["for"] = ip
+        if (proto := found.get("proto", "").lower()) in _DEFAULT_PORTS:
+            checked["proto"] = proto
+        if "host" in found and _HOST.fullmatch(found["host"]):
+            checked["host"] = found["host"]
+        if found.get("port", "").isdigit() and 0 < int(found["port"]) < 65536:
+            checked["port"] = str(int(found["port"]))
+        if (prefix := found.get("prefix", "")).startswith("/") and "\\" not in prefix:
+            checked["prefix"] = prefix.rstrip("/")
+        return checked
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        get = environ.get
+        peer = get("REMOTE_ADDR") or ""
+        environ[ORIG] = {key: get(key) for key in
+                         ("REMOTE_ADDR", "wsgi.url_scheme", "HTTP_HOST", "SERVER_PORT", "SCRIPT_NAME")}
+        if self.trusted(peer):
+            found = self.derive(environ)
+            if "for" in found:
+                environ["REMOTE_ADDR"] = found["for"]
+            if "proto" in found:
+                environ["wsgi.url_scheme"] = found["proto"]
+            host = found.get("host")
+            port = found.get("port")
+            if host is not None or port is not None:
+                host = host or get("HTTP_HOST") or get("SERVER_NAME", "")
+                name, _, own_port = _split_host(host)
+                port = port or own_port or _DEFAULT_PORTS.get(environ["wsgi.url_scheme"], "80")
+                environ["SERVER_PORT"] = port
+                default = port == _DEFAULT_PORTS.get(environ["wsgi.url_scheme"])
+                environ["HTTP_HOST"] = name if default else f"{name}:{port}"
+            if "prefix" in found:
+                environ["SCRIPT_NAME"] = found["prefix"]
+            if TRACE in environ:
+                note(environ, "proxy", f"peer {peer} is trusted; applied {', '.join(found) or 'nothing'}")
+        elif TRACE in environ:
+            note(environ, "proxy", f"peer {peer} is not in trusted_proxies; headers ignored")
+        environ[CLIENT_IP] = environ.get("REMOTE_ADDR") or ""
+        if not self.any_host:
+            name = _split_host(get("HTTP_HOST") or get("SERVER_NAME", ""))[0].lower().rstrip(".")
+            if name not in self.exact_hosts and not (
+                    name.endswith(self.host_suffixes) and not name.startswith(".")):
+                note(environ, "proxy", "host is not in allowed_hosts")
+                raise refuse(400, "The request's host is not one this server answers for "
+                                  "(allowed_hosts).")
+        return self.app(environ, start_response)
+
+
+def derive_client(environ: WSGIEnvironment) -> dict[str, Any]:
+    """Summarise who the request is from after the proxy layer ran (for ``serve.py explain``)."""
+    orig = environ.get(ORIG) or {}
+    return {
+        "client_ip": environ.get(CLIENT_IP) or environ.get("REMOTE_ADDR") or "",
+        "peer": orig.get("REMOTE_ADDR", environ.get("REMOTE_ADDR")),
+        "scheme": environ.get("wsgi.url_scheme"),
+        "host": environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
+        "port": environ.get("SERVER_PORT"),
+        "script_name": environ.get("SCRIPT_NAME", ""),
+        "rewritten": sorted(k for k, v in orig.items() if environ.get(k) != v),
+    }
+
+
+def _nth_from_right(value: str | None, hops: int) -> str | None:
+    if not value:
+        return None
+    items = parse_list_header(value) if '"' in value else value.split(",")
+    return items[-hops].strip() if len(items) >= hops else None
+
+
+@lru_cache(maxsize=4096)
+def _address(value: str) -> str | None:
+    """A valid IP address from ``1.2.3.4``, ``1.2.3.4:80``, ``[::1]`` or ``[::1]:80``."""
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _split_host(host: str) -> tuple[str, str, str]:
+    """``(name, ":", port)`` of ``host[:port]``; IPv6 literals keep their brackets."""
+    if host.endswith("]") or ":" not in host:
+        return host, "", ""
+    return host.rpartition(":")

@@ -1,0 +1,496 @@
+"""The cors layer: origin matching, preflights, error responses, per-path rules, lint."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import Context, refuse
+from middleware.cors import CORSMiddleware, CORSOptions, parse_origin
+from middleware.errors import ErrorsMiddleware
+
+APP = "https://app.example.org"
+OTHER = "https://other.example.net"
+
+
+class Recorder:
+    """A tiny inner app that records what reached it and answers by path."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        self.seen.append((environ["REQUEST_METHOD"], path))
+        if path == "/unauthorized":
+            raise refuse(401, "Sign in first.", headers=[("WWW-Authenticate", "Bearer")])
+        if path == "/limited":
+            raise refuse(429, "Slow down.", headers=[("Retry-After", "7")])
+        if path == "/crash":
+            raise RuntimeError("inner failure")
+        headers = [("Content-Type", "text/plain"), ("X-Total", "3")]
+        if path == "/vary":
+            headers.append(("Vary", "Accept-Encoding"))
+        if path == "/vary-star":
+            headers.append(("Vary", "*"))
+        if path == "/own-cors":
+            headers.append(("Access-Control-Allow-Origin", "*"))
+        status = "404 Not Found" if path == "/missing" else "200 OK"
+        start_response(status, headers)
+        return [b"body"]
+
+
+@pytest.fixture
+def inner() -> Recorder:
+    """The recording inner app."""
+    return Recorder()
+
+
+@pytest.fixture
+def make(inner: Recorder) -> Callable[..., TestApp]:
+    """Build errors -> cors -> recorder from keyword options."""
+
+    def build(**options: Any) -> TestApp:
+        cors = CORSMiddleware(inner, CORSOptions(**options), Context())
+        errors = ErrorsMiddleware(cors, ErrorsMiddleware.Options(format="envelope"), Context())
+        return TestApp(errors)
+
+    return build
+
+
+def cors_headers(response: Any) -> dict[str, str]:
+    """The Access-Control-* headers of a response, by lowercase name."""
+    return {k.lower(): v for k, v in response.headerlist if k.lower().startswith("access-control-")}
+
+
+def preflight(origin: str, method: str = "PUT", headers: str | None = None, **extra: str) -> dict[str, str]:
+    """Request headers of a browser preflight."""
+    out = {"Origin": origin, "Access-Control-Request-Method": method, **extra}
+    if headers is not None:
+        out["Access-Control-Request-Headers"] = headers
+    return out
+
+
+# --- configuration refused ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({"origins": ["*"], "allow_credentials": True},
+                 "allow_credentials may not be true when origins contains '*'", id="credentials with *"),
+    pytest.param({"origins": ["null", APP], "allow_credentials": True},
+                 "origins may not contain 'null' when allow_credentials is true", id="credentials with null"),
+    pytest.param({"origins": [APP], "rules": [{"paths": ["/p/*"], "origins": ["*"]}],
+                  "allow_credentials": True},
+                 "rules[0].allow_credentials may not be true when rules[0].origins contains '*'",
+                 id="inherited credentials with * in a rule"),
+    pytest.param({"origins": ["https://app.example.org/"]},
+                 "origins entry 'https://app.example.org/' is not an origin", id="trailing slash"),
+    pytest.param({"origins": ["app.example.org"]},
+                 "origins entry 'app.example.org' is not an origin", id="no scheme"),
+    pytest.param({"origins": ["https://*example.org"]},
+                 "origins entry 'https://*example.org' is not an origin", id="star without dot"),
+    pytest.param({"origins": ["https://a.*.example.org"]},
+                 "origins entry 'https://a.*.example.org' is not an origin", id="star inside"),
+    pytest.param({"origins": ["https://*.org"]},
+                 "origins entry 'https://*.org' is not an origin", id="star on a top-level domain"),
+    pytest.param({"origins": ["https://app.example.org:99999"]},
+                 "is not an origin", id="port out of range"),
+    pytest.param({"origin_regex": ["https://(unclosed"]},
+                 "origin_regex 'https://(unclosed' is not a valid regular expression", id="bad regex"),
+    pytest.param({"allow_methods": ["GET POST"]},
+                 "allow_methods entry 'GET POST' is not a method name", id="bad method"),
+    pytest.param({"origins": [APP], "allow_origin": [APP]},
+                 "Extra inputs are not permitted", id="unknown key"),
+    pytest.param({"origins": [APP], "max_age": -1},
+                 "greater than or equal to 0", id="negative max_age"),
+    pytest.param({"rules": [{"paths": []}]}, "at least 1 item", id="rule without paths"),
+])
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        CORSOptions(**options)
+    assert message in str(info.value)
+
+
+def test_one_regex_may_be_a_string() -> None:
+    assert CORSOptions(origin_regex=r"https://x\.org").origin_regex == (r"https://x\.org",)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("origin", "expected"), [
+    pytest.param("https://App.Example.ORG", ("https", "app.example.org", None), id="lowercased"),
+    pytest.param("https://app.example.org:443", ("https", "app.example.org", None), id="default port"),
+    pytest.param("http://app.example.org:80", ("http", "app.example.org", None), id="http default"),
+    pytest.param("http://app.example.org:443", ("http", "app.example.org", 443), id="other port kept"),
+    pytest.param("http://[::1]:8080", ("http", "[::1]", 8080), id="ipv6"),
+    pytest.param("https://app.example.org/", None, id="path"),
+    pytest.param("https://app.example.org.", None, id="trailing dot"),
+    pytest.param("https://user@app.example.org", None, id="userinfo"),
+    pytest.param("null", None, id="null"),
+])
+def test_parse_origin(origin: str, expected: Any) -> None:
+    assert parse_origin(origin) == expected
+
+
+# --- which origins are allowed -----------------------------------------------------------
+
+EXACT = {"origins": [APP]}
+WILD = {"origins": ["https://*.example.org"]}
+WILD_PORT = {"origins": ["https://*.example.org:8443"]}
+REGEX = {"origin_regex": [r"https://pr-[0-9]+\.preview\.example\.org"]}
+
+
+@pytest.mark.parametrize(("options", "origin", "allowed"), [
+    pytest.param(EXACT, APP, True, id="exact"),
+    pytest.param(EXACT, "https://APP.example.org", True, id="exact, host case"),
+    pytest.param(EXACT, "HTTPS://app.example.org:443", True, id="exact, scheme case and default port"),
+    pytest.param(EXACT, "https://app.example.org:8443", False, id="exact, other port"),
+    pytest.param(EXACT, "http://app.example.org", False, id="exact, other scheme"),
+    pytest.param(EXACT, "https://app.example.org.evil.net", False, id="exact, suffix trick"),
+    pytest.param(EXACT, "https://evilapp.example.org", False, id="exact, prefix trick"),
+    pytest.param(EXACT, "https://app.example.org/", False, id="exact, with path"),
+    pytest.param(EXACT, "https://app.example.org.", False, id="exact, trailing dot"),
+    pytest.param(EXACT, "null", False, id="exact, null not listed"),
+    pytest.param(WILD, "https://a.example.org", True, id="wildcard, subdomain"),
+    pytest.param(WILD, "https://a.b.example.org", True, id="wildcard, deeper subdomain"),
+    pytest.param(WILD, "https://example.org", False, id="wildcard, bare domain"),
+    pytest.param(WILD, "https://evilexample.org", False, id="wildcard, glued prefix"),
+    pytest.param(WILD, "https://example.org.evil.net", False, id="wildcard, suffix trick"),
+    pytest.param(WILD, "https://a.example.org.evil.net", False, id="wildcard, subdomain suffix trick"),
+    pytest.param(WILD, "http://a.example.org", False, id="wildcard, other scheme"),
+    pytest.param(WILD, "https://a.example.org:8443", False, id="wildcard, other port"),
+    pytest.param(WILD, "https://.example.org", False, id="wildcard, empty label"),
+    pytest.param(WILD_PORT, "https://a.example.org:8443", True, id="wildcard with port"),
+    pytest.param(WILD_PORT, "https://a.example.org", False, id="wildcard with port, default port"),
+    pytest.param({"origins": ["https://*.example.org", "https://example.org"]},
+                 "https://example.org", True, id="wildcard plus bare domain listed"),
+    pytest.param(REGEX, "https://pr-12.preview.example.org", True, id="regex"),
+    pytest.param(REGEX, "https://pr-12.preview.example.org.evil.net", False, id="regex is a full match"),
+    pytest.param(REGEX, "https://xpr-12.preview.example.org", False, id="regex, prefix"),
+    pytest.param(REGEX, "https://PR-12.preview.example.org:443", True, id="regex sees the normalised origin"),
+    pytest.param({"origin_regex": [".*"]}, "null", False, id="regex never matches null"),
+    pytest.param({"origins": ["null"]}, "null", True, id="null listed"),
+])
+def test_origin_matching(make: Callable[..., TestApp], options: dict[str, Any], origin: str,
+                         allowed: bool) -> None:
+    response = make(**options).get("/", headers={"Origin": origin})
+    assert response.status_int == 200
+    expected = {"access-control-allow-origin": origin} if allowed else {}
+    assert cors_headers(response) == expected
+    assert response.headers["Vary"] == "Origin"
+
+
+# --- simple and actual requests ----------------------------------------------------------
+
+FULL = {"origins": [APP], "allow_credentials": True, "expose_headers": ["X-Total", "ETag"]}
+
+
+@pytest.mark.parametrize(("options", "request_headers", "expected"), [
+    pytest.param(FULL, {"Origin": APP}, {
+        "access-control-allow-origin": APP, "access-control-allow-credentials": "true",
+        "access-control-expose-headers": "X-Total, ETag"}, id="allowed, credentials, expose"),
+    pytest.param(FULL, {"Origin": OTHER}, {}, id="disallowed origin gets nothing"),
+    pytest.param(FULL, {}, {}, id="no Origin"),
+    pytest.param({"origins": ["*"]}, {"Origin": OTHER}, {"access-control-allow-origin": "*"},
+                 id="any origin"),
+    pytest.param({"origins": ["*"], "expose_headers": ["X-Total"]}, {"Origin": OTHER, "Cookie": "a=1"},
+                 {"access-control-allow-origin": "*", "access-control-expose-headers": "X-Total"},
+                 id="any origin with a cookie stays *"),
+])
+def test_actual_request(make: Callable[..., TestApp], inner: Recorder, options: dict[str, Any],
+                        request_headers: dict[str, str], expected: dict[str, str]) -> None:
+    response = make(**options).post("/", headers=request_headers)
+    assert response.status_int == 200
+    assert response.body == b"body"
+    assert cors_headers(response) == expected
+    assert response.headers["Vary"] == "Origin"
+    assert inner.seen == [("POST", "/")]
+
+
+@pytest.mark.parametrize(("path", "vary"), [
+    pytest.param("/vary", "Accept-Encoding, Origin", id="merged with the app's Vary"),
+    pytest.param("/vary-star", "*", id="Vary * kept"),
+    pytest.param("/", "Origin", id="added"),
+])
+def test_vary_merging(make: Callable[..., TestApp], path: str, vary: str) -> None:
+    app = make(**EXACT)
+    for headers in ({"Origin": APP}, {"Origin": OTHER}, {}):
+        response = app.get(path, headers=headers)
+        assert response.headers.getall("Vary") == [vary]
+
+
+def test_layer_replaces_app_cors_headers_for_allowed_origins(make: Callable[..., TestApp]) -> None:
+    response = make(**EXACT).get("/own-cors", headers={"Origin": APP})
+    assert response.headers.getall("Access-Control-Allow-Origin") == [APP]
+
+
+def test_app_rendered_error_carries_cors(make: Callable[..., TestApp]) -> None:
+    response = make(**FULL).get("/missing", headers={"Origin": APP}, status=404)
+    assert cors_headers(response)["access-control-allow-origin"] == APP
+
+
+# --- error responses ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("path", "status", "kept"), [
+    pytest.param("/unauthorized", 401, ("WWW-Authenticate", "Bearer"), id="401 from an inner layer"),
+    pytest.param("/limited", 429, ("Retry-After", "7"), id="429 keeps Retry-After"),
+    pytest.param("/crash", 500, None, id="500 from an unhandled exception"),
+])
+def test_error_responses_carry_cors(make: Callable[..., TestApp], path: str, status: int,
+                                    kept: tuple[str, str] | None) -> None:
+    app = make(**FULL)
+    response = app.get(path, headers={"Origin": APP}, status=status)
+    assert cors_headers(response) == {
+        "access-control-allow-origin": APP, "access-control-allow-credentials": "true",
+        "access-control-expose-headers": "X-Total, ETag"}
+    assert response.headers["Vary"] == "Origin"
+    assert response.json["error"]["code"] == status
+    if kept:
+        assert response.headers[kept[0]] == kept[1]
+    refused = app.get(path, headers={"Origin": OTHER}, status=status)
+    assert cors_headers(refused) == {}
+    assert refused.headers["Vary"] == "Origin"
+
+
+# --- preflight ---------------------------------------------------------------------------
+
+PUT_JSON = {"origins": [APP], "allow_methods": ["GET", "PUT"], "allow_headers": ["X-Custom"],
+            "max_age": 120}
+
+
+@pytest.mark.parametrize(("options", "request_headers", "expected"), [
+    pytest.param(PUT_JSON, preflight(APP, "PUT", "x-custom, content-type"), {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "GET, PUT",
+        "access-control-allow-headers": "accept, accept-language, content-language, content-type, x-custom",
+        "access-control-max-age": "120"}, id="allowed, listed header"),
+    pytest.param(PUT_JSON, preflight(APP, "GET"), {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "GET, PUT",
+        "access-control-max-age": "120"}, id="allowed, no headers asked"),
+    pytest.param({**PUT_JSON, "allow_credentials": True}, preflight(APP, "PUT", "X-Custom"), {
+        "access-control-allow-origin": APP, "access-control-allow-credentials": "true",
+        "access-control-allow-methods": "GET, PUT",
+        "access-control-allow-headers": "accept, accept-language, content-language, content-type, x-custom",
+        "access-control-max-age": "120"}, id="credentials"),
+    pytest.param({"origins": ["*"], "allow_methods": ["*"], "allow_headers": ["*"]},
+                 preflight(OTHER, "PURGE", "X-One,X-Two"), {
+        "access-control-allow-origin": "*", "access-control-allow-methods": "PURGE",
+        "access-control-allow-headers": "x-one, x-two", "access-control-max-age": "600"},
+                 id="any origin, method and header are echoed"),
+    pytest.param({"origins": [APP], "allow_methods": ["*"], "allow_credentials": True},
+                 preflight(APP, "DELETE"), {
+        "access-control-allow-origin": APP, "access-control-allow-credentials": "true",
+        "access-control-allow-methods": "DELETE", "access-control-max-age": "600"},
+                 id="any method with credentials is echoed, never *"),
+    pytest.param({"origins": [APP]}, preflight(APP, "POST", "Content-Type"), {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "GET, HEAD, POST",
+        "access-control-allow-headers": "accept, accept-language, content-language, content-type",
+        "access-control-max-age": "600"}, id="safelisted header needs no listing"),
+])
+def test_preflight_allowed(make: Callable[..., TestApp], inner: Recorder, options: dict[str, Any],
+                           request_headers: dict[str, str], expected: dict[str, str]) -> None:
+    response = make(**options).options("/api/thing", headers=request_headers)
+    assert response.status_int == 204
+    assert response.body == b""
+    assert cors_headers(response) == expected
+    assert response.headers["Vary"] == "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+    assert inner.seen == [], "an allowed preflight must not reach inner layers or the app"
+
+
+@pytest.mark.parametrize(("options", "request_headers", "message"), [
+    pytest.param(PUT_JSON, preflight(OTHER, "PUT"),
+                 "CORS preflight refused: the origin is not allowed.", id="disallowed origin"),
+    pytest.param(PUT_JSON, preflight("https://app.example.org.evil.net", "PUT"),
+                 "CORS preflight refused: the origin is not allowed.", id="origin suffix trick"),
+    pytest.param(PUT_JSON, preflight(APP, "DELETE"),
+                 "CORS preflight refused: the requested method is not allowed (allowed: GET, PUT).",
+                 id="disallowed method"),
+    pytest.param(PUT_JSON, preflight(APP, "put"),
+                 "CORS preflight refused: the requested method is not allowed (allowed: GET, PUT).",
+                 id="method names are case-sensitive"),
+    pytest.param(PUT_JSON, preflight(APP, "PUT", "X-Custom, X-Secret"),
+                 "CORS preflight refused: the requested header x-secret is not allowed "
+                 "(allowed: accept, accept-language, content-language, content-type, x-custom).",
+                 id="disallowed header"),
+    pytest.param({"origins": [APP], "allow_headers": ["*"]}, preflight(APP, "POST", "x a"),
+                 "CORS preflight refused: the requested header (not a token) is not allowed",
+                 id="header that is not a token"),
+    pytest.param({"origins": [APP]},
+                 preflight(APP, "GET", **{"Access-Control-Request-Private-Network": "true"}),
+                 "CORS preflight refused: private network access is not allowed "
+                 "(allow_private_network is false).", id="private network off by default"),
+    pytest.param({"origins": [APP], "allow_private_network": True},
+                 preflight(OTHER, "GET", **{"Access-Control-Request-Private-Network": "true"}),
+                 "CORS preflight refused: the origin is not allowed.",
+                 id="private network on, disallowed origin"),
+])
+def test_preflight_refused(make: Callable[..., TestApp], inner: Recorder, options: dict[str, Any],
+                           request_headers: dict[str, str], message: str) -> None:
+    response = make(**options).options("/api/thing", headers=request_headers, status=403)
+    assert cors_headers(response) == {}
+    assert response.headers["Vary"] == "Origin"
+    assert response.json["error"]["code"] == 403
+    assert response.json["error"]["message"].startswith(message)
+    assert inner.seen == []
+
+
+def test_private_network_allowed_only_when_asked(make: Callable[..., TestApp]) -> None:
+    app = make(origins=[APP], allow_private_network=True)
+    asked = app.options("/", headers=preflight(APP, "GET", **{
+        "Access-Control-Request-Private-Network": "true"}))
+    assert asked.status_int == 204
+    assert asked.headers["Access-Control-Allow-Private-Network"] == "true"
+    plain = app.options("/", headers=preflight(APP, "GET"))
+    assert "Access-Control-Allow-Private-Network" not in plain.headers
+
+
+def test_options_without_request_method_reaches_the_app(make: Callable[..., TestApp],
+                                                        inner: Recorder) -> None:
+    response = make(**EXACT).options("/", headers={"Origin": APP})
+    assert response.status_int == 200
+    assert cors_headers(response) == {"access-control-allow-origin": APP}
+    assert inner.seen == [("OPTIONS", "/")]
+
+
+# --- per-path rules ----------------------------------------------------------------------
+
+ADMIN = "https://admin.example.org"
+
+
+@pytest.mark.parametrize(("options", "path", "origin", "allowed"), [
+    pytest.param({"rules": [{"paths": ["/api/*"], "origins": [APP]},
+                            {"paths": ["/api/admin/*"], "origins": [ADMIN]}]},
+                 "/api/admin/users", ADMIN, False, id="first rule wins, not the longest pattern"),
+    pytest.param({"rules": [{"paths": ["/api/*"], "origins": [APP]},
+                            {"paths": ["/api/admin/*"], "origins": [ADMIN]}]},
+                 "/api/admin/users", APP, True, id="first rule applies"),
+    pytest.param({"rules": [{"paths": ["/api/admin/*"], "origins": [ADMIN]},
+                            {"paths": ["/api/*"], "origins": [APP]}]},
+                 "/api/admin/users", ADMIN, True, id="more specific rule first"),
+    pytest.param({"origins": [APP], "rules": [{"paths": ["/public/*"], "origins": ["*"]}]},
+                 "/other", OTHER, False, id="no rule matches, top level applies"),
+    pytest.param({"origins": [APP], "rules": [{"paths": ["/public/*"], "origins": ["*"]}]},
+                 "/public/x", OTHER, True, id="rule replaces origins"),
+    pytest.param({"rules": [{"paths": ["/api/*"], "origins": [APP]}]},
+                 "/API/x", APP, False, id="paths are case-sensitive"),
+    pytest.param({"rules": [{"paths": ["/files/a b"], "origins": [APP]}]},
+                 "/files/a%20b", APP, True, id="percent-decoded path"),
+    pytest.param({"rules": [{"paths": ["/files/a b"], "origins": [APP]}]},
+                 "/files/a+b", APP, False, id="plus is not a space"),
+    pytest.param({"rules": [{"paths": ["/files/a+b"], "origins": [APP]}]},
+                 "/files/a+b", APP, True, id="plus matches plus"),
+    pytest.param({"rules": [{"paths": ["/café/*"], "origins": [APP]}]},
+                 "/caf%C3%A9/menu", APP, True, id="utf-8 path"),
+])
+def test_rules(make: Callable[..., TestApp], options: dict[str, Any], path: str, origin: str,
+               allowed: bool) -> None:
+    response = make(**options).get(path, headers={"Origin": origin})
+    assert ("access-control-allow-origin" in cors_headers(response)) is allowed
+
+
+def test_rule_inherits_unset_keys(make: Callable[..., TestApp]) -> None:
+    app = make(origins=[APP], allow_credentials=True, expose_headers=["X-Total"],
+               rules=[{"paths": ["/partner/*"], "origins": [ADMIN]}])
+    response = app.get("/partner/x", headers={"Origin": ADMIN})
+    assert cors_headers(response) == {
+        "access-control-allow-origin": ADMIN, "access-control-allow-credentials": "true",
+        "access-control-expose-headers": "X-Total"}
+
+
+def test_rule_without_origins_leaves_the_path_alone(make: Callable[..., TestApp],
+                                                    inner: Recorder) -> None:
+    app = make(origins=[APP], rules=[{"paths": ["/internal/*"], "origins": []}])
+    response = app.options("/internal/x", headers=preflight(APP, "PUT"))
+    assert response.status_int == 200
+    assert cors_headers(response) == {}
+    assert "Vary" not in response.headers
+    assert inner.seen == [("OPTIONS", "/internal/x")]
+
+
+# --- logging -----------------------------------------------------------------------------
+
+def test_refusal_log_cannot_be_forged(make: Callable[..., TestApp],
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    app = make(**EXACT)
+    with caplog.at_level(logging.INFO, logger="wsgistack.cors"):
+        app.options("/x%0d%0a2024-01-01 INFO forged%1b[31m", headers=preflight(OTHER, "PUT"), status=403)
+    (record,) = [r for r in caplog.records if r.name == "wsgistack.cors"]
+    text = record.getMessage()
+    assert "\n" not in text and "\r" not in text and "\x1b" not in text
+    assert "path /x\\x0d\\x0a2024-01-01 INFO forged\\x1b[31m" in text
+    assert f"origin {OTHER}" in text
+
+
+# --- lint --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "warnings"), [
+    pytest.param({"origin_regex": ["https://app.example.org"]},
+                 ["origin_regex 'https://app.example.org' has an unescaped '.', which matches any "
+                  "character (https://appXexample.org too); write '\\.' for a dot"], id="unescaped dot"),
+    pytest.param({"origin_regex": [r"https://.*\.example\.org", r"https://[a-z.]+\.example\.org"]}, [],
+                 id="escaped dots, quantified dot and dot in a class"),
+    pytest.param({"origin_regex": [r"https://app\\.example\.org"]},
+                 [r"origin_regex 'https://app\\\\.example\\.org' has an unescaped '.'"],
+                 id="escaped backslash then dot"),
+    pytest.param({"rules": [{"paths": ["/a/*"], "origin_regex": ["https://x.y"]}]},
+                 ["rules[0].origin_regex 'https://x.y' has an unescaped '.'"], id="regex in a rule"),
+    pytest.param({"origins": ["http://app.example.org", "http://localhost:3000"],
+                  "allow_credentials": True},
+                 ["origins entry 'http://app.example.org' is plain http while allow_credentials is true"],
+                 id="cleartext origin with credentials"),
+    pytest.param({"rules": [{"paths": ["/api/*"], "origins": [APP]},
+                            {"paths": ["/api/admin/*"], "origins": [ADMIN]}]},
+                 ["rules[1].paths '/api/admin/*' is already matched by rules[0] ('/api/*'); "
+                  "the first matching rule wins, so it never applies"], id="shadowed rule"),
+    pytest.param({"origins": [APP], "allow_credentials": True}, [], id="clean"),
+])
+def test_lint(options: dict[str, Any], warnings: list[str]) -> None:
+    found = CORSMiddleware.lint(CORSOptions(**options))
+    assert len(found) == len(warnings)
+    for text, start in zip(found, warnings, strict=True):
+        assert text.startswith(start)
+
+
+# --- through stack.yaml ------------------------------------------------------------------
+
+def _config_ready() -> bool:
+    try:
+        from app import create_app  # noqa: F401
+        from config import build_from_text  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_config = pytest.mark.skipif(not _config_ready(),
+                                  reason="config.build_from_text or app.create_app is not available yet")
+
+
+@needs_config
+def test_yaml_stack(make_stack: Callable[..., Any]) -> None:
+    stack = make_stack(
+        "pipeline:\n"
+        "  - errors: {format: envelope}\n"
+        "  - cors:\n"
+        "      origins: [https://app.example.org, 'https://*.example.org']\n"
+        "      allow_credentials: true\n"
+        "      allow_methods: [GET, PUT]\n"
+        "      rules:\n"
+        "        - paths: ['/public/*']\n"
+        "          origins: ['*']\n"
+        "          allow_credentials: false\n"
+    )
+    answered = stack.options("/api/v1/search", headers=preflight("https://a.example.org", "PUT"))
+    assert answered.status_int == 204
+    assert answered.headers["Access-Control-Allow-Origin"] == "https://a.example.org"
+    stack.options("/api/v1/search", headers=preflight("https://example.org.evil.net", "PUT"), status=403)
+
+
+@needs_config
+def test_yaml_refuses_credentials_with_star(make_stack: Callable[..., Any]) -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make_stack("pipeline:\n  - cors: {origins: ['*'], allow_credentials: true}\n")
+    assert "allow_credentials may not be true when origins contains '*'" in str(info.value)

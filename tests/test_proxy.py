@@ -1,0 +1,243 @@
+"""The proxy layer: trusted peers, hop counts, RFC 7239 Forwarded, allowed_hosts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import CLIENT_IP, TRACE, Context, client_ip
+from middleware.errors import ErrorsMiddleware
+from middleware.proxy import ORIG, ProxyMiddleware, ProxyOptions, derive_client
+
+KEYS = ("REMOTE_ADDR", "wsgi.url_scheme", "HTTP_HOST", "SERVER_PORT", "SCRIPT_NAME")
+
+
+def echo(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """Answer with what the layer left in environ."""
+    body = {key: environ.get(key) for key in KEYS}
+    body["client_ip"] = client_ip(environ)
+    body["stored_client_ip"] = environ.get(CLIENT_IP)
+    body["orig"] = environ.get(ORIG)
+    body["derived"] = derive_client(environ)
+    data = json.dumps(body).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def make(**options: Any) -> TestApp:
+    """errors -> proxy -> echo, built from keyword options."""
+    proxy = ProxyMiddleware(echo, ProxyOptions(**options), Context())
+    return TestApp(ErrorsMiddleware(proxy, ErrorsMiddleware.Options(), Context()))
+
+
+def call(app: TestApp, headers: dict[str, str], peer: str = "127.0.0.1", status: int = 200,
+         **environ: Any) -> Any:
+    """One GET from ``peer`` with ``headers``."""
+    extra = {"REMOTE_ADDR": peer, "HTTP_HOST": "internal:8080", "SERVER_NAME": "internal",
+             "SERVER_PORT": "8080", **environ}
+    return app.get("/", headers=headers, extra_environ=extra, status=status)
+
+
+ORIGINAL = {"REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http", "HTTP_HOST": "internal:8080",
+            "SERVER_PORT": "8080", "SCRIPT_NAME": ""}
+XFF = {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
+
+
+@pytest.mark.parametrize(("options", "request_headers", "peer", "expected"), [
+    pytest.param({}, XFF, "127.0.0.1", {}, id="hop counts default to 0: nothing trusted"),
+    pytest.param({"x_for": 1}, XFF, "127.0.0.1", {"REMOTE_ADDR": "203.0.113.9"}, id="x_for 1, rightmost"),
+    pytest.param({"x_for": 2}, XFF, "127.0.0.1", {"REMOTE_ADDR": "198.51.100.7"}, id="x_for 2"),
+    pytest.param({"x_for": 3}, XFF, "127.0.0.1", {}, id="fewer values than hops: ignored"),
+    pytest.param({"x_for": 1}, XFF, "192.0.2.1", {"REMOTE_ADDR": "192.0.2.1"},
+                 id="untrusted peer: headers ignored"),
+    pytest.param({"x_for": 1}, XFF, "::1", {"REMOTE_ADDR": "203.0.113.9"}, id="ipv6 loopback peer"),
+    pytest.param({"x_for": 1}, XFF, "::ffff:127.0.0.1", {"REMOTE_ADDR": "203.0.113.9"},
+                 id="ipv4-mapped peer"),
+    pytest.param({"x_for": 1}, {"X-Forwarded-For": "not-an-ip"}, "127.0.0.1", {}, id="invalid address"),
+    pytest.param({"x_for": 1}, {"X-Forwarded-For": "203.0.113.9:4711"}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9"}, id="address with port"),
+    pytest.param({"x_for": 1}, {"X-Forwarded-For": "[2001:db8::1]:4711"}, "127.0.0.1",
+                 {"REMOTE_ADDR": "2001:db8::1"}, id="bracketed ipv6 with port"),
+    pytest.param({"x_for": 1, "trusted_proxies": ["10.0.0.0/8"]}, XFF, "10.1.2.3",
+                 {"REMOTE_ADDR": "203.0.113.9"}, id="custom network"),
+    pytest.param({"x_for": 1, "trusted_proxies": ["10.0.0.0/8"]}, XFF, "127.0.0.1", {},
+                 id="custom network replaces the loopback default"),
+    pytest.param({"x_proto": 1}, {"X-Forwarded-Proto": "https"}, "127.0.0.1",
+                 {"wsgi.url_scheme": "https"}, id="proto"),
+    pytest.param({"x_proto": 1}, {"X-Forwarded-Proto": "javascript"}, "127.0.0.1", {},
+                 id="proto other than http(s) ignored"),
+    pytest.param({"x_host": 1}, {"X-Forwarded-Host": "api.example.org"}, "127.0.0.1",
+                 {"HTTP_HOST": "api.example.org", "SERVER_PORT": "80"}, id="host"),
+    pytest.param({"x_host": 1, "x_proto": 1},
+                 {"X-Forwarded-Host": "api.example.org", "X-Forwarded-Proto": "https"}, "127.0.0.1",
+                 {"HTTP_HOST": "api.example.org", "SERVER_PORT": "443", "wsgi.url_scheme": "https"},
+                 id="host and proto"),
+    pytest.param({"x_host": 1}, {"X-Forwarded-Host": "api.example.org:8443"}, "127.0.0.1",
+                 {"HTTP_HOST": "api.example.org:8443", "SERVER_PORT": "8443"}, id="host with port"),
+    pytest.param({"x_host": 1}, {"X-Forwarded-Host": "evil.example/path"}, "127.0.0.1", {},
+                 id="host that is not a host ignored"),
+    pytest.param({"x_port": 1}, {"X-Forwarded-Port": "9443"}, "127.0.0.1",
+                 {"HTTP_HOST": "internal:9443", "SERVER_PORT": "9443"}, id="port"),
+    pytest.param({"x_port": 1}, {"X-Forwarded-Port": "99999"}, "127.0.0.1", {}, id="port out of range"),
+    pytest.param({"x_prefix": 1}, {"X-Forwarded-Prefix": "/app/"}, "127.0.0.1",
+                 {"SCRIPT_NAME": "/app"}, id="prefix"),
+    pytest.param({"x_prefix": 1}, {"X-Forwarded-Prefix": "app"}, "127.0.0.1", {},
+                 id="relative prefix ignored"),
+    pytest.param(ALL_X, {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https",
+                         "X-Forwarded-Host": "api.example.org", "X-Forwarded-Port": "443",
+                         "X-Forwarded-Prefix": "/v"}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9", "wsgi.url_scheme": "https", "HTTP_HOST": "api.example.org",
+                  "SERVER_PORT": "443", "SCRIPT_NAME": "/v"}, id="every X-Forwarded header"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=203.0.113.9;proto=https;host=api.example.org"},
+                 "127.0.0.1", {"REMOTE_ADDR": "203.0.113.9", "wsgi.url_scheme": "https",
+                               "HTTP_HOST": "api.example.org", "SERVER_PORT": "443"}, id="Forwarded"),
+    pytest.param({"forwarded": 1}, {"Forwarded": 'For="[2001:db8:cafe::17]:4711"'}, "127.0.0.1",
+                 {"REMOTE_ADDR": "2001:db8:cafe::17"}, id="Forwarded, quoted ipv6 with port"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=198.51.100.7, for=203.0.113.9;proto=https"},
+                 "127.0.0.1", {"REMOTE_ADDR": "203.0.113.9", "wsgi.url_scheme": "https"},
+                 id="Forwarded 1, rightmost element"),
+    pytest.param({"forwarded": 2}, {"Forwarded": "for=198.51.100.7, for=203.0.113.9;proto=https"},
+                 "127.0.0.1", {"REMOTE_ADDR": "198.51.100.7"}, id="Forwarded 2"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=unknown"}, "127.0.0.1", {},
+                 id="Forwarded unknown ignored"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=_hidden;proto=https"}, "127.0.0.1",
+                 {"wsgi.url_scheme": "https"}, id="Forwarded obfuscated for ignored"),
+    pytest.param({"forwarded": 1}, {"X-Forwarded-For": "203.0.113.9"}, "127.0.0.1", {},
+                 id="Forwarded trusted: X-Forwarded-For ignored"),
+    pytest.param({"x_for": 1}, {"Forwarded": "for=203.0.113.9"}, "127.0.0.1", {},
+                 id="X-Forwarded trusted: Forwarded ignored"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=203.0.113.9"}, "192.0.2.1",
+                 {"REMOTE_ADDR": "192.0.2.1"}, id="Forwarded from untrusted peer"),
+])
+def test_forwarding(options: dict[str, Any], request_headers: dict[str, str], peer: str,
+                    expected: dict[str, str]) -> None:
+    body = call(make(**options), request_headers, peer=peer).json
+    want = {**ORIGINAL, "REMOTE_ADDR": peer, **expected}
+    assert {key: body[key] for key in KEYS} == want
+    assert body["client_ip"] == body["stored_client_ip"] == want["REMOTE_ADDR"]
+    assert body["orig"] == {**ORIGINAL, "REMOTE_ADDR": peer}
+
+
+def test_derive_client_summarises_the_rewrite() -> None:
+    body = call(make(x_for=1, x_proto=1), {"X-Forwarded-For": "203.0.113.9",
+                                           "X-Forwarded-Proto": "https"}).json
+    assert body["derived"] == {
+        "client_ip": "203.0.113.9", "peer": "127.0.0.1", "scheme": "https",
+        "host": "internal:8080", "port": "8080", "script_name": "",
+        "rewritten": ["REMOTE_ADDR", "wsgi.url_scheme"]}
+
+
+def test_derive_client_without_the_layer() -> None:
+    environ = {"REMOTE_ADDR": "192.0.2.1", "wsgi.url_scheme": "http", "HTTP_HOST": "h"}
+    assert derive_client(environ)["client_ip"] == "192.0.2.1"
+    assert derive_client(environ)["rewritten"] == []
+
+
+def test_trace_notes() -> None:
+    app = make(x_for=1)
+    trace: list[tuple[str, str]] = []
+    call(app, XFF, **{TRACE: trace})
+    call(app, XFF, peer="192.0.2.1", **{TRACE: trace})
+    assert trace == [("proxy", "peer 127.0.0.1 is trusted; applied for"),
+                     ("proxy", "peer 192.0.2.1 is not in trusted_proxies; headers ignored")]
+
+
+# --- allowed_hosts -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "request_headers", "peer", "status"), [
+    pytest.param({"allowed_hosts": ["api.example.org"]}, {"Host": "api.example.org"}, "127.0.0.1", 200,
+                 id="listed"),
+    pytest.param({"allowed_hosts": ["api.example.org"]}, {"Host": "API.Example.org:8080"}, "127.0.0.1",
+                 200, id="case and port ignored"),
+    pytest.param({"allowed_hosts": ["api.example.org"]}, {"Host": "api.example.org."}, "127.0.0.1",
+                 200, id="trailing dot"),
+    pytest.param({"allowed_hosts": ["api.example.org"]}, {"Host": "evil.example"}, "127.0.0.1", 400,
+                 id="other host"),
+    pytest.param({"allowed_hosts": ["api.example.org"]}, {"Host": "api.example.org.evil.example"},
+                 "127.0.0.1", 400, id="suffix trick"),
+    pytest.param({"allowed_hosts": ["*.example.org"]}, {"Host": "a.example.org"}, "127.0.0.1", 200,
+                 id="wildcard subdomain"),
+    pytest.param({"allowed_hosts": ["*.example.org"]}, {"Host": "example.org"}, "127.0.0.1", 400,
+                 id="wildcard, bare domain"),
+    pytest.param({"allowed_hosts": ["*.example.org"]}, {"Host": "evilexample.org"}, "127.0.0.1", 400,
+                 id="wildcard, glued prefix"),
+    pytest.param({"allowed_hosts": ["*.example.org"]}, {"Host": ".example.org"}, "127.0.0.1", 400,
+                 id="wildcard, empty label"),
+    pytest.param({"allowed_hosts": ["*"]}, {"Host": "anything.example"}, "127.0.0.1", 200, id="star"),
+    pytest.param({"allowed_hosts": ["api.example.org"], "x_host": 1},
+                 {"Host": "api.example.org", "X-Forwarded-Host": "evil.example"}, "127.0.0.1", 400,
+                 id="trusted X-Forwarded-Host is checked"),
+    pytest.param({"allowed_hosts": ["api.example.org"], "x_host": 1},
+                 {"Host": "api.example.org", "X-Forwarded-Host": "evil.example"}, "192.0.2.1", 200,
+                 id="untrusted X-Forwarded-Host is ignored"),
+    pytest.param({"allowed_hosts": ["api.example.org"], "x_host": 1},
+                 {"Host": "internal", "X-Forwarded-Host": "api.example.org"}, "127.0.0.1", 200,
+                 id="trusted X-Forwarded-Host replaces Host"),
+])
+def test_allowed_hosts(options: dict[str, Any], request_headers: dict[str, str], peer: str,
+                       status: int) -> None:
+    response = call(make(**options), request_headers, peer=peer, status=status)
+    if status == 400:
+        assert response.json["error"]["message"] == (
+            "The request's host is not one this server answers for (allowed_hosts).")
+        assert response.headers["Content-Type"] == "application/json"
+
+
+def test_allowed_hosts_without_host_header_uses_server_name() -> None:
+    app = make(allowed_hosts=["internal"])
+    app.get("/", extra_environ={"REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": "internal",
+                                "HTTP_HOST": ""}, status=200)
+
+
+# --- options refused ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({"forwarded": 1, "x_for": 1},
+                 "forwarded may not be combined with x_for, x_proto, x_host, x_port or x_prefix",
+                 id="two header schemes"),
+    pytest.param({"forwarded": 1, "x_prefix": 1}, "forwarded may not be combined", id="forwarded and prefix"),
+    pytest.param({"trusted_proxies": ["10.0.0.1/8"]},
+                 "trusted_proxies entry '10.0.0.1/8' is not an address or CIDR network "
+                 "(10.0.0.1/8 has host bits set)", id="host bits"),
+    pytest.param({"trusted_proxies": ["proxy.internal"]},
+                 "trusted_proxies entry 'proxy.internal' is not an address or CIDR network",
+                 id="host name"),
+    pytest.param({"x_for": -1}, "greater than or equal to 0", id="negative hops"),
+    pytest.param({"x_forwarded_for": 1}, "Extra inputs are not permitted", id="unknown key"),
+])
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ProxyOptions(**options)
+    assert message in str(info.value)
+
+
+def test_single_address_is_a_network() -> None:
+    app = make(x_for=1, trusted_proxies=["192.0.2.10"])
+    assert call(app, XFF, peer="192.0.2.10").json["REMOTE_ADDR"] == "203.0.113.9"
+    assert call(app, XFF, peer="192.0.2.11").json["REMOTE_ADDR"] == "192.0.2.11"
+
+
+# --- through stack.yaml ------------------------------------------------------------------
+
+def _config_ready() -> bool:
+    try:
+        from app import create_app  # noqa: F401
+        from config import build_from_text  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _config_ready(), reason="config.build_from_text or app.create_app is not available yet")
+def test_yaml_refuses_two_schemes(make_stack: Callable[..., Any]) -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make_stack("pipeline:\n  - proxy: {forwarded: 1, x_for: 1}\n")
+    assert "forwarded may not be combined with x_for" in str(info.value)
