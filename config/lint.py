@@ -118,11 +118,34 @@ def duplicates(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
 
 
 def cors_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
-    for inner in ("auth", "ratelimit", "csrf"):
+    for inner in ("auth", "ratelimit", "csrf", "session"):
         for other, cors in _before(specs, inner, "cors"):
             yield _problem(cfg, cors, f"cors at {_where(cors)} is inside {inner} at {_where(other)}: preflights "
                                       f"would meet {inner} first and its refusals would lack CORS headers",
                            "warning")
+
+
+def cache_inside_cors(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for cache, cors in _before(specs, "cache", "cors"):
+        yield _problem(cfg, cache, f"cache at {_where(cache)} is outside cors at {_where(cors)}: it would replay one "
+                                   "origin's Access-Control-Allow-Origin to other origins; move cache inside cors")
+
+
+_SEES_CLIENT = ("request_id", "access_log", "ratelimit", "session", "csrf", "auth", "metrics")
+
+
+def proxy_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for proxy in _all(specs, "proxy"):
+        if proxy.scope:
+            yield _problem(cfg, proxy, "proxy should not be scoped with paths, exclude_paths or methods: the client "
+                                       "address would then depend on the path", "warning")
+        for name in _SEES_CLIENT:
+            if name == "ratelimit":
+                continue  # an error of its own in ratelimit_keys
+            for other, _ in _before(specs, name, "proxy"):
+                yield _problem(cfg, proxy, f"proxy at {_where(proxy)} is inside {name} at {_where(other)}: {name} "
+                                           "sees the proxy's address, not the client's; put proxy right after errors",
+                               "warning")
 
 
 def cors_patterns(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
@@ -171,6 +194,15 @@ def shared_state(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
                                       "cache per process (more misses, uneven purges)", "warning")
 
 
+def fail_open_security(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for name in ("session", "auth"):
+        for spec in _all(specs, name):
+            if spec.option("on_store_error") == "open":
+                yield _problem(cfg, spec, f"{name} has on_store_error: open: during a store outage it would skip "
+                                          f"{'token revocation checks' if name == 'auth' else 'session checks'}",
+                               "warning")
+
+
 def unknown_stores(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for spec in specs:
         if not spec.is_layer_class or "store" not in type(spec.options).model_fields:
@@ -199,11 +231,14 @@ RULES: list[Rule] = [
     ratelimit_keys,
     duplicates,
     cors_position,
+    cache_inside_cors,
+    proxy_position,
     cors_patterns,
     csrf_needs_session,
     versioning_before_cache,
     probes_first,
     shared_state,
+    fail_open_security,
     unknown_stores,
     proxy_twice,
 ]

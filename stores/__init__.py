@@ -27,6 +27,9 @@ SCHEMES: dict[str, str] = {
 
 def store_from_url(url: str, **options: Any) -> Store:
     """Create the store for ``url``; raise ``ValueError`` for an unknown scheme."""
+    if "://" not in url:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ValueError(f"store URL {url!r} has no scheme (known: {known})")
     scheme = urlsplit(url).scheme
     target = SCHEMES.get(scheme)
     if target is None:
@@ -34,9 +37,13 @@ def store_from_url(url: str, **options: Any) -> Store:
         raise ValueError(f"unknown store scheme {scheme + '://' if scheme else url!r} (known: {known})")
     if scheme == "memory":
         query = dict(parse_qsl(urlsplit(url).query))
-        max_entries = int(query.pop("max_entries", options.pop("max_entries", 10_000)))
+        raw = query.pop("max_entries", options.pop("max_entries", 10_000))
         if query:
             raise ValueError(f"unknown memory:// option(s): {', '.join(sorted(query))} (known: max_entries)")
+        try:
+            max_entries = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"memory:// max_entries must be a whole number, got {raw!r}") from None
         return MemoryStore(max_entries=max_entries, url=url)
     import importlib
 

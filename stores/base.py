@@ -8,6 +8,7 @@ a layer only has to decide what ``on_store_error: open | closed`` means for it.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterator
 
 
@@ -68,8 +69,17 @@ class Store(abc.ABC):
         """Return ``True`` when the backend answers; never raises."""
 
     def health(self) -> dict[str, object]:
-        """Readiness facts for ``/readyz``: at least ``ok`` and ``backend``."""
-        return {"ok": self.ping(), "backend": type(self).__name__, "url": self.url}
+        """Readiness facts for ``/readyz``.
+
+        Every backend answers with the same keys: ``ok``, ``backend``, ``url``
+        (password masked), ``breaker`` (its state, or ``None`` without one) and
+        ``latency_ms`` (how long the ping took).
+        """
+        started = time.perf_counter()
+        ok = self.ping()
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        return {"ok": ok, "backend": type(self).__name__, "url": self.url, "breaker": None,
+                "latency_ms": latency_ms}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (called at shutdown and on reload)."""

@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 
 from .base import StoreError
 
-__all__ = ["CircuitBreaker", "CircuitOpenError"]
+__all__ = ["CircuitBreaker", "CircuitOpenError", "StoreUnavailable"]
 
 log = logging.getLogger("wsgistack.stores")
 
@@ -38,7 +38,18 @@ OPEN: State = "open"
 HALF_OPEN: State = "half-open"
 
 
-class CircuitOpenError(StoreError):
+class StoreUnavailable(StoreError):
+    """The backend did not answer (refused, reset, timed out): counts against the breaker.
+
+    ``detail`` is the backend's own short reason, safe to log (no secrets).
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+class CircuitOpenError(StoreUnavailable):
     """Raised without calling the backend while the circuit is open."""
 
 
@@ -50,8 +61,9 @@ class CircuitBreaker:
     - ``failure_threshold`` (3): consecutive failures that open the circuit.
     - ``reset_timeout`` (2.0 s): how long it stays open before one probe is let through.
     - ``name`` ("store"): what the log lines and errors call the guarded backend.
-    - ``failure_types`` (``(OSError,)``): exceptions that count as failures; any other
-      exception raised by the callable means the backend answered, and passes through.
+    - ``failure_types`` (``(StoreUnavailable, OSError)``): exceptions that count as
+      failures; any other exception the callable raises means the backend answered
+      (it passes through and counts as a success).
 
     ``breaker = CircuitBreaker(failure_threshold=3, reset_timeout=2.0, name="redis store")``
     ``value = breaker.call(lambda: client.get("k"))``
@@ -63,7 +75,7 @@ class CircuitBreaker:
         reset_timeout: float = 2.0,
         *,
         name: str = "store",
-        failure_types: tuple[type[BaseException], ...] = (OSError,),
+        failure_types: tuple[type[BaseException], ...] = (StoreUnavailable, OSError),
     ) -> None:
         if failure_threshold < 1:
             raise ValueError(f"failure_threshold must be at least 1, got {failure_threshold}")
@@ -127,13 +139,10 @@ class CircuitBreaker:
                 log.info("circuit half-open for %s: probing with one call", self.name)
                 return True
             failures = self._failures
-        if wait > 0:
-            hint = f"next probe in {wait:.2f} s"
-        else:
-            hint = "a probe is in flight"
+        hint = f"next probe in {wait:.2f} s" if wait > 0 else "a probe is in flight"
         raise CircuitOpenError(
             f"circuit open for {self.name} after {failures} consecutive failures "
-            f"({self._last_error}); {hint}"
+            f"(last: {self._last_error}); {hint}"
         )
 
     def _failed(self, exc: BaseException, probe: bool) -> None:
@@ -178,5 +187,5 @@ class CircuitBreaker:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = getattr(exc, "detail", None) or str(exc).strip() or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."

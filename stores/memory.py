@@ -17,6 +17,11 @@ from .base import Store, StoreError
 _monotonic = time.monotonic
 
 
+def _check_value(value: bytes) -> None:
+    if not isinstance(value, bytes | bytearray):
+        raise TypeError("store values are bytes; encode JSON in the layer")
+
+
 class MemoryStore(Store):
     """An in-process store.  ``MemoryStore(max_entries=10_000)``."""
 
@@ -68,13 +73,13 @@ class MemoryStore(Store):
         return str(value).encode() if isinstance(value, int) else value
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        if not isinstance(value, bytes | bytearray):
-            raise TypeError("store values are bytes; encode JSON in the layer")
+        _check_value(value)
         now = _monotonic()
         with self._lock:
             self._put(key, bytes(value), self._deadline(ttl, now))
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        _check_value(value)
         now = _monotonic()
         with self._lock:
             if self._live(key, now) is not None:

@@ -1,0 +1,382 @@
+"""The Redis store: one connection pool per URL, short timeouts and a circuit breaker.
+
+URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://…`` (TLS),
+``unix:///path/to.sock?db=0`` and
+``redis+sentinel://[[user]:password@]host:port[,host2:port2]/service_name[/db]``.
+Every store made for the same URL (and the same timeouts and options) in one
+process shares one connection pool and one circuit breaker, so the layers that
+name one store hold one set of connections, and one layer noticing that Redis
+is down protects the others.  ``.client`` and ``.pool`` let a library that
+talks to Redis itself (``limits``) reuse that pool.
+
+Every backend exception becomes :class:`~stores.base.StoreError` with a
+sentence naming the store URL, password masked.  Keys get ``key_prefix``;
+values are bytes, never pickle.
+
+When not to use it: for one process with no state to share, ``memory://`` is
+faster and has nothing to fail.  Do not point it at a Redis Cluster (keys are
+not hash-tagged) or at a replica (writes fail).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from .base import Store, StoreError
+from .breaker import CircuitBreaker, StoreUnavailable
+
+__all__ = ["RedisStore", "mask_url"]
+
+T = TypeVar("T")
+
+#: Errors that mean "Redis is not answering" (they count against the breaker).
+_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+_SCAN_COUNT = 500
+_SENTINEL_PORT = 26379
+
+# Counter creation and its TTL in one atomic round trip; the TTL is set only when
+# INCRBY creates the key, exactly like the memory store.
+_INCR_TTL = """
+local created = redis.call('EXISTS', KEYS[1]) == 0
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if created then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return value
+"""
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password (in the userinfo or the query) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    if "password" in query.lower():
+        pairs = (p.partition("=") for p in query.split("&"))
+        query = "&".join(f"{k}{eq}{'***' if 'password' in k.lower() else v}" for k, eq, v in pairs)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    # Rebuilt by hand: urlunsplit() drops the "//" of "unix:///path".
+    tail = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{'?' if query else ''}{query}{tail}"
+
+
+def _ms(ttl: float) -> int:
+    """Seconds to whole milliseconds for ``PX``, at least 1 (Redis refuses 0)."""
+    return max(1, math.ceil(ttl * 1000))
+
+
+def _check_value(value: bytes) -> None:
+    if not isinstance(value, bytes | bytearray):
+        raise TypeError("store values are bytes; encode JSON in the layer")
+
+
+@dataclass
+class _Shared:
+    """What every RedisStore for one URL shares: the client, its pool and breakers."""
+
+    client: redis.Redis
+    sentinel: Sentinel | None
+    breakers: dict[tuple[int, float], CircuitBreaker] = field(default_factory=dict)
+    users: int = 0
+
+
+_SHARED: dict[tuple[object, ...], _Shared] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
+    """Split a ``redis+sentinel://`` URL into (sentinels, service_name, db, auth)."""
+    parts = urlsplit(url)
+    masked = mask_url(url)
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"redis+sentinel:// URLs take no query options ({masked}); "
+            "pass socket and sentinel options as store options instead"
+        )
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    auth: dict[str, str] = {}
+    user, colon, password = userinfo.partition(":")
+    if user:
+        auth["username"] = unquote(user)
+    if colon and password:
+        auth["password"] = unquote(password)
+    sentinels: list[tuple[str, int]] = []
+    for item in filter(None, hostlist.split(",")):
+        host, port = item, str(_SENTINEL_PORT)
+        if item.startswith("["):  # [::1]:26379
+            host, _, rest = item[1:].partition("]")
+            port = rest.lstrip(":") or port
+        elif ":" in item:
+            host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad sentinel address {item!r} in {masked}; write host:port")
+        sentinels.append((host.lower(), int(port)))
+    segments = [s for s in parts.path.split("/") if s]
+    if not sentinels or not segments or len(segments) > 2:
+        raise ValueError(
+            f"a sentinel URL names its sentinels and the service: "
+            f"redis+sentinel://host:26379[,host2:26379]/service_name[/db], got {masked}"
+        )
+    if len(segments) == 2 and not segments[1].isdigit():
+        raise ValueError(f"the database in {masked} must be a number, got {segments[1]!r}")
+    return sentinels, unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0, auth
+
+
+def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
+    """The identity of a pool: the normalised URL plus the options that shape it."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "redis+sentinel":
+        sentinels, service, db, auth = _sentinel_parts(url)
+        parsed: dict[str, Any] = {"sentinels": sentinels, "service": service, "db": db,
+                                  "auth": sorted(auth.items())}
+    else:
+        try:
+            parsed = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(f"bad Redis store URL {mask_url(url)}: {exc}") from None
+        parsed.setdefault("db", 0)
+        if "host" in parsed:
+            parsed["host"] = str(parsed["host"]).lower()
+            parsed.setdefault("port", 6379)
+    facts = sorted((k, repr(v)) for k, v in {**parsed, **options}.items())
+    return (scheme, *facts)
+
+
+def _make_client(url: str, options: dict[str, Any]) -> tuple[redis.Redis, Sentinel | None]:
+    """Build a client and its pool (no connection is made yet)."""
+    if urlsplit(url).scheme.lower() != "redis+sentinel":
+        pool = redis.ConnectionPool.from_url(url, **options)
+        client = redis.Redis(connection_pool=pool)
+        sentinel = None
+    else:
+        sentinels, service, db, auth = _sentinel_parts(url)
+        sentinel_kwargs = {
+            **{k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"},
+            **auth,
+            **options.pop("sentinel_kwargs", {}),
+        }
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            sentinels, sentinel_kwargs=sentinel_kwargs, **auth, **options
+        )
+        client = cast(redis.Redis, sentinel.master_for(service, db=db))  # type: ignore[no-untyped-call]
+    pool = client.connection_pool
+    try:  # unknown options fail now, not on the first request
+        pool.connection_class(**pool.connection_kwargs).disconnect()
+    except TypeError as exc:
+        raise TypeError(f"bad option for Redis store {mask_url(url)}: {exc}") from None
+    return client, sentinel
+
+
+class RedisStore(Store):
+    """A :class:`~stores.base.Store` on Redis, shared per URL, guarded by a circuit breaker.
+
+    Options:
+
+    - ``url``: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` (see module).
+    - ``client``: a ready ``redis.Redis`` instead of a URL (its pool and timeouts are
+      the caller's; ``close()`` leaves it open).
+    - ``socket_timeout`` / ``socket_connect_timeout`` (0.25 s each): how long one
+      command or connect may take before it counts as a failure.
+    - ``key_prefix`` ("wsgistack:"): prepended to every key; ``scan`` strips it again.
+    - ``breaker``: a :class:`~stores.breaker.CircuitBreaker` of your own; by default
+      the stores of one URL share one built from ``failure_threshold`` (3) and
+      ``reset_timeout`` (2.0 s).
+    - ``**pool_options``: passed to ``redis.ConnectionPool`` (``max_connections``,
+      ``health_check_interval`` (30 s), ``retry`` (none), ``ssl_*``…); for sentinel
+      URLs also ``sentinel_kwargs`` for the connections to the sentinels.
+
+    ``store = RedisStore("redis://:secret@127.0.0.1:6379/0")``
+    ``store.set("k", b"v", ttl=30); store.get("k")``
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: redis.Redis | None = None,
+        socket_timeout: float = 0.25,
+        socket_connect_timeout: float = 0.25,
+        key_prefix: str = "wsgistack:",
+        breaker: CircuitBreaker | None = None,
+        failure_threshold: int = 3,
+        reset_timeout: float = 2.0,
+        **pool_options: Any,
+    ) -> None:
+        self.key_prefix = key_prefix
+        self._shared: _Shared | None = None
+        self._pool_key: tuple[object, ...] = ()
+        if client is not None:
+            kw = client.connection_pool.connection_kwargs
+            db = kw.get("db", 0)
+            where = (
+                f"unix://{kw['path']}?db={db}" if kw.get("path")
+                else f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{db}"
+            )
+            self.url = mask_url(url) if url else where
+            self.client = client
+            self.breaker = breaker or CircuitBreaker(
+                failure_threshold, reset_timeout, name=f"redis store {self.url}"
+            )
+        elif url is None:
+            raise ValueError("RedisStore needs a url or a client")
+        else:
+            self.url = mask_url(url)
+            options = {
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": socket_connect_timeout,
+                **pool_options,
+            }
+            key = _pool_key(url, options)
+            options.setdefault("health_check_interval", 30)
+            options.setdefault("retry", Retry(NoBackoff(), 0))
+            # Maintenance notifications cost a round trip on every new connection and
+            # relax timeouts to 10 s during server maintenance: the budget is 250 ms.
+            options.setdefault("maint_notifications_config", MaintNotificationsConfig(enabled=False))
+            with _SHARED_LOCK:
+                shared = _SHARED.get(key)
+                if shared is None:
+                    shared = _SHARED[key] = _Shared(*_make_client(url, options))
+                if breaker is None:
+                    breaker = shared.breakers.get((failure_threshold, reset_timeout))
+                    if breaker is None:
+                        breaker = CircuitBreaker(
+                            failure_threshold, reset_timeout, name=f"redis store {self.url}"
+                        )
+                        shared.breakers[(failure_threshold, reset_timeout)] = breaker
+                shared.users += 1
+            self._shared, self._pool_key = shared, key
+            self.client, self.breaker = shared.client, breaker
+        self.pool = self.client.connection_pool
+        password = self.pool.connection_kwargs.get("password")
+        self._secret = password if isinstance(password, str) and len(password) >= 3 else None
+        self._incr_ttl = self.client.register_script(_INCR_TTL)
+
+    # -- the boundary -------------------------------------------------------------
+
+    def _run(self, op: str, fn: Callable[[], T]) -> T:
+        """Call Redis through the breaker; wrap whatever it raises in StoreError."""
+
+        def attempt() -> T:
+            try:
+                return fn()
+            except redis.exceptions.MaxConnectionsError as exc:
+                # The pool is exhausted (too many concurrent callers), Redis is not down.
+                raise StoreError(self._say(op, self._detail(exc))) from exc
+            except _DOWN as exc:
+                detail = self._detail(exc)
+                raise StoreUnavailable(self._say(op, detail), detail) from exc
+            except redis.RedisError as exc:
+                raise StoreError(self._say(op, self._detail(exc))) from exc
+
+        return self.breaker.call(attempt)
+
+    def _detail(self, exc: BaseException) -> str:
+        detail = str(exc).strip() or type(exc).__name__
+        return detail.replace(self._secret, "***") if self._secret else detail
+
+    def _say(self, op: str, detail: str) -> str:
+        return f"redis store {self.url} could not run {op}: {detail}"
+
+    # -- the Store interface ----------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        return cast("bytes | None", self._run("GET", partial(self.client.get, self.key_prefix + key)))
+
+    def getex(self, key: str, ttl: float) -> bytes | None:
+        fn = partial(self.client.getex, self.key_prefix + key, px=_ms(ttl))
+        return cast("bytes | None", self._run("GETEX", fn))
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        _check_value(value)
+        px = None if ttl is None else _ms(ttl)
+        self._run("SET", partial(self.client.set, self.key_prefix + key, value, px=px))
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        _check_value(value)
+        px = None if ttl is None else _ms(ttl)
+        fn = partial(self.client.set, self.key_prefix + key, value, px=px, nx=True)
+        return bool(self._run("SET NX", fn))
+
+    def delete(self, key: str) -> bool:
+        return bool(self._run("DEL", partial(self.client.delete, self.key_prefix + key)))
+
+    def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
+        name = self.key_prefix + key
+        if ttl is None:
+            return int(self._run("INCRBY", partial(self.client.incrby, name, amount)))
+        fn = partial(self._incr_ttl, keys=[name], args=[amount, _ms(ttl)])
+        return int(cast(int, self._run("INCRBY", fn)))
+
+    def expire(self, key: str, ttl: float) -> bool:
+        return bool(self._run("PEXPIRE", partial(self.client.pexpire, self.key_prefix + key, _ms(ttl))))
+
+    def _pattern(self, prefix: str) -> str:
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.key_prefix + prefix)
+        return escaped + "*"
+
+    def _pages(self, prefix: str) -> Iterator[list[bytes]]:
+        pattern, cursor = self._pattern(prefix), 0
+        while True:
+            page = partial(self.client.scan, cursor, match=pattern, count=_SCAN_COUNT)
+            cursor, keys = cast("tuple[int, list[bytes]]", self._run("SCAN", page))
+            yield keys
+            if cursor == 0:
+                return
+
+    def scan(self, prefix: str) -> Iterator[str]:
+        cut, seen = len(self.key_prefix.encode()), set()
+        for keys in self._pages(prefix):
+            for raw in keys:
+                if raw not in seen:  # SCAN may return a key twice
+                    seen.add(raw)
+                    yield raw[cut:].decode("utf-8", "replace")
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete page by page: each SCAN page (about 500 keys) goes in one UNLINK."""
+        deleted = 0
+        for keys in self._pages(prefix):
+            if keys:
+                deleted += int(self._run("UNLINK", partial(self.client.unlink, *keys)))
+        return deleted
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._run("PING", self.client.ping))
+        except Exception:
+            return False
+
+    def health(self) -> dict[str, object]:
+        facts = super().health()
+        facts["breaker"] = self.breaker.state
+        return facts
+
+    def close(self) -> None:
+        """Release this store's share of the pool; the last user disconnects it."""
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        with _SHARED_LOCK:
+            shared.users -= 1
+            if shared.users > 0 or _SHARED.get(self._pool_key) is not shared:
+                return
+            del _SHARED[self._pool_key]
+        shared.client.connection_pool.disconnect()
+        if shared.sentinel is not None:
+            for node in shared.sentinel.sentinels:
+                node.connection_pool.disconnect()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, key_prefix={self.key_prefix!r}, breaker={self.breaker.state!r})"

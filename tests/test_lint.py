@@ -1,0 +1,130 @@
+"""Pipeline order checks: unsafe orders are errors, odd ones warnings, each with its reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import lint, parse, read_text
+
+HEAD = """app: {factory: "stack_support:echo_app"}
+stores: {shared: "memory://", redis: "redis://127.0.0.1:1/0"}
+"""
+SECRET = "s" * 40
+
+
+def problems(text: str) -> list[str]:
+    """Lint a pipeline given as YAML and return the problem lines."""
+    return [str(p) for p in lint(parse(read_text(HEAD + text, file="stack.yaml", env={})))]
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "expected"),
+    [
+        pytest.param(
+            "pipeline:\n  - request_id: {}\n  - errors: {}\n",
+            "stack.yaml:5:5 pipeline[1]: errors must be the outermost layer",
+            id="errors not outermost",
+        ),
+        pytest.param(
+            "pipeline:\n  - errors: {paths: ['/api/*']}\n",
+            "stack.yaml:4:5 pipeline[0]: errors may not be scoped",
+            id="errors scoped",
+        ),
+        pytest.param(
+            f"pipeline:\n  - cache: {{}}\n  - auth: {{secret: {SECRET}}}\n",
+            "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] is outside auth at pipeline[1]",
+            id="cache outside auth",
+        ),
+        pytest.param(
+            f"pipeline:\n  - cache: {{}}\n  - session: {{secret_key: {SECRET}}}\n",
+            "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] is outside session at pipeline[1]",
+            id="cache outside session",
+        ),
+        pytest.param(
+            "pipeline:\n  - ratelimit: {limits: ['10/second']}\n  - proxy: {x_for: 1}\n",
+            "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] is outside the proxy layer at pipeline[1]: "
+            "it would key on the proxy's address",
+            id="ratelimit before proxy",
+        ),
+        pytest.param(
+            f"pipeline:\n  - ratelimit: {{limits: ['10/second'], key: user}}\n  - auth: {{secret: {SECRET}}}\n",
+            "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] keys on user but is not inside auth",
+            id="user key outside auth",
+        ),
+        pytest.param(
+            "pipeline:\n  - request_id: {}\n  - request_id: {paths: ['/api/*']}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: request_id appears twice with overlapping scope",
+            id="same layer twice, overlapping",
+        ),
+        pytest.param(
+            f"pipeline:\n  - auth: {{secret: {SECRET}}}\n  - cors: {{origins: ['https://a.example']}}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: cors at pipeline[1] is inside auth at pipeline[0]",
+            id="cors inside auth",
+        ),
+        pytest.param(
+            "pipeline:\n  - cache: {}\n  - cors: {origins: ['https://a.example']}\n",
+            "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] is outside cors at pipeline[1]",
+            id="cache outside cors",
+        ),
+        pytest.param(
+            "pipeline:\n  - request_id: {}\n  - proxy: {x_for: 1}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: proxy at pipeline[1] is inside request_id at pipeline[0]",
+            id="proxy inside request_id",
+        ),
+        pytest.param(
+            "pipeline:\n  - proxy: {x_for: 1, paths: ['/api/*']}\n",
+            "stack.yaml:4:5 warning: pipeline[0]: proxy should not be scoped",
+            id="proxy scoped",
+        ),
+        pytest.param(
+            "pipeline:\n  - cors: {origin_regex: ['https://app.example.org']}\n",
+            "stack.yaml:4:5 warning: pipeline[0]:",
+            id="unescaped dot in an origin regex",
+        ),
+        pytest.param(
+            "pipeline:\n  - cache: {}\n  - versioning: {supported: [v1]}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: versioning at pipeline[1] is inside cache",
+            id="versioning inside cache",
+        ),
+        pytest.param(
+            f"pipeline:\n  - auth: {{secret: {SECRET}}}\n  - health: {{}}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: health at pipeline[1] is inside auth at pipeline[0]",
+            id="health behind auth",
+        ),
+        pytest.param(
+            "server: {workers: 2}\npipeline:\n  - ratelimit: {limits: ['10/second']}\n",
+            "stack.yaml:5:5 pipeline[0]: ratelimit keeps state in store 'shared' (memory://) but server.workers is 2",
+            id="workers with memory state",
+        ),
+        pytest.param(
+            "server: {workers: 2}\npipeline:\n  - cache: {}\n",
+            "stack.yaml:5:5 warning: pipeline[0]: cache on a memory:// store with 2 workers",
+            id="workers with memory cache",
+        ),
+        pytest.param(
+            "pipeline:\n  - cache: {store: sharde}\n",
+            "stack.yaml:4:5 pipeline[0]: cache names store 'sharde', which the stores section does not define",
+            id="unknown store",
+        ),
+    ],
+)
+def test_lint(pipeline: str, expected: str) -> None:
+    found = problems(pipeline)
+    assert any(line.startswith(expected) for line in found), found
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        pytest.param("pipeline:\n  - errors: {}\n  - request_id: {}\n", id="minimal"),
+        pytest.param(
+            f"pipeline:\n  - errors: {{}}\n  - cors: {{origins: ['https://a.example']}}\n"
+            f"  - ratelimit: {{limits: ['10/second']}}\n  - auth: {{secret: {SECRET}}}\n"
+            "  - ratelimit: {limits: ['100/minute'], key: user}\n  - versioning: {supported: [v1]}\n"
+            "  - cache: {}\n",
+            id="recommended order, two ratelimits with different keys",
+        ),
+    ],
+)
+def test_clean_orders_pass(pipeline: str) -> None:
+    assert problems(pipeline) == []

@@ -1,0 +1,350 @@
+"""Store failure as a first-class state: the circuit breaker, a dead Redis, a hung Redis.
+
+The breaker's own rules are tested with plain callables.  The Redis cases kill
+the private redis-server (``redis_server.stop()``), check that calls fail fast
+and that the same store object recovers by itself after ``start()``; the
+``down_redis`` fixture always leaves the server running for later tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from stores import StoreError
+from stores.breaker import CircuitBreaker, CircuitOpenError, StoreUnavailable
+from stores.redis import RedisStore
+
+LOGGER = "wsgistack.stores"
+
+
+class Boom(StoreUnavailable):
+    """A stand-in backend failure."""
+
+
+def fail() -> None:
+    raise Boom("backend gone", "connection refused")
+
+
+def trip(breaker: CircuitBreaker) -> None:
+    """Fail ``failure_threshold`` calls so the circuit opens."""
+    for _ in range(breaker.failure_threshold):
+        with pytest.raises(Boom):
+            breaker.call(fail)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, BaseException | None]:
+    """Run ``fn``; return (seconds, the exception it raised or None)."""
+    started = time.perf_counter()
+    try:
+        fn()
+    except BaseException as exc:
+        return time.perf_counter() - started, exc
+    return time.perf_counter() - started, None
+
+
+# -- the breaker on its own ------------------------------------------------------------
+
+
+def test_breaker_opens_after_the_threshold_and_fails_fast() -> None:
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=5, name="test store")
+    calls: list[int] = []
+    for _ in range(2):
+        with pytest.raises(Boom):
+            breaker.call(fail)
+    assert breaker.state == "closed"
+    with pytest.raises(Boom):
+        breaker.call(fail)
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(lambda: calls.append(1))
+    assert calls == []  # the backend is not touched while open
+    assert isinstance(info.value, StoreError)
+    assert str(info.value).startswith(
+        "circuit open for test store after 3 consecutive failures (last: connection refused); next probe in "
+    )
+
+
+def test_breaker_counts_consecutive_failures_only() -> None:
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=5)
+    for _ in range(4):
+        for _ in range(2):
+            with pytest.raises(Boom):
+                breaker.call(fail)
+        assert breaker.call(lambda: "ok") == "ok"
+    assert (breaker.state, breaker.failures) == ("closed", 0)
+
+
+def test_errors_that_are_not_outages_pass_through_and_do_not_count() -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5)
+
+    def bad_input() -> None:
+        raise ValueError("not an integer")
+
+    for _ in range(3):
+        with pytest.raises(ValueError, match="not an integer"):
+            breaker.call(bad_input)
+    assert breaker.state == "closed"
+    with pytest.raises(ConnectionRefusedError):  # OSError counts by default
+        breaker.call(lambda: (_ for _ in ()).throw(ConnectionRefusedError("refused")))
+    assert breaker.state == "open"
+
+
+def test_half_open_lets_exactly_one_probe_through() -> None:
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=0.1)
+    trip(breaker)
+    time.sleep(0.15)
+    calls: list[int] = []
+    refused: list[str] = []
+    all_refused = threading.Event()
+    lock = threading.Lock()
+    barrier = threading.Barrier(12)
+
+    def probe() -> str:
+        calls.append(1)
+        all_refused.wait(10)  # hold the probe until every other caller was turned away
+        return "ok"
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            breaker.call(probe)
+        except CircuitOpenError as exc:
+            with lock:
+                refused.append(str(exc))
+                if len(refused) == 11:
+                    all_refused.set()
+
+    threads = [threading.Thread(target=worker) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+    assert len(calls) == 1
+    assert len(refused) == 11
+    assert all(message.endswith("; a probe is in flight") for message in refused)
+    assert breaker.state == "closed"
+
+
+def test_a_failed_probe_opens_the_circuit_for_another_pause() -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.1)
+    trip(breaker)
+    time.sleep(0.15)
+    with pytest.raises(Boom):
+        breaker.call(fail)  # the probe
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpenError, match=r"next probe in 0\.\d\d s$"):
+        breaker.call(lambda: "ok")
+    time.sleep(0.15)
+    assert breaker.call(lambda: "ok") == "ok"
+    assert breaker.state == "closed"
+
+
+def test_an_interrupted_probe_lets_the_next_call_probe() -> None:
+    class Interrupted(BaseException):
+        pass
+
+    def interrupted() -> None:
+        raise Interrupted
+
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.1)
+    trip(breaker)
+    time.sleep(0.15)
+    with pytest.raises(Interrupted):
+        breaker.call(interrupted)
+    assert breaker.state == "open"
+    assert breaker.call(lambda: "ok") == "ok"  # no second pause needed
+    assert breaker.state == "closed"
+
+
+def test_state_changes_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=0.1, name="test store")
+    for _ in range(50):
+        with pytest.raises(StoreError):
+            breaker.call(fail)
+    time.sleep(0.15)
+    for _ in range(20):
+        breaker.call(lambda: None)
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == LOGGER]
+    assert records == [
+        ("WARNING", "circuit opened for test store after 3 consecutive failures: connection refused; "
+                    "failing fast for 0.1 s before probing"),
+        ("INFO", "circuit half-open for test store: probing with one call"),
+        ("INFO", "circuit closed for test store: the backend answers again"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        pytest.param({"failure_threshold": 0}, "failure_threshold must be at least 1, got 0", id="threshold"),
+        pytest.param(
+            {"reset_timeout": 0}, "reset_timeout must be a positive number of seconds, got 0", id="timeout"
+        ),
+    ],
+)
+def test_breaker_refuses_settings_that_cannot_work(kwargs: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        CircuitBreaker(**kwargs)
+    assert str(info.value) == error
+
+
+# -- a hung Redis (accepts connections, never answers) ------------------------------------------
+
+
+@pytest.fixture
+def hung_port() -> Iterator[int]:
+    """A loopback port whose listener never accepts or answers, like a frozen Redis."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        listener.close()
+
+
+def test_threads_do_not_queue_on_a_hung_redis(hung_port: int) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{hung_port}/0", failure_threshold=3, reset_timeout=30)
+    try:
+        for _ in range(3):
+            seconds, exc = timed(lambda: store.get("k"))
+            assert isinstance(exc, StoreUnavailable), exc
+            assert "could not run GET: Timeout" in str(exc)
+            assert 0.2 <= seconds < 0.75  # one socket timeout (0.25 s), never a retry loop
+        assert store.breaker.state == "open"
+        results: list[tuple[float, BaseException | None]] = []
+        barrier = threading.Barrier(20)
+
+        def worker() -> None:
+            barrier.wait()
+            results.append(timed(lambda: store.incr("n", ttl=5)))
+
+        threads = [threading.Thread(target=worker) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert len(results) == 20
+        assert all(isinstance(exc, CircuitOpenError) for _, exc in results)
+        assert max(seconds for seconds, _ in results) < 0.25
+        seconds, _ = timed(store.ping)
+        assert store.ping() is False and seconds < 0.25
+    finally:
+        store.close()
+
+
+# -- a dead Redis that comes back -------------------------------------------------------------
+
+
+@pytest.fixture
+def down_redis(redis_url: str, redis_server: Any) -> Iterator[Any]:
+    """The private redis-server, for tests that stop it; running again afterwards."""
+    if redis_server is None:
+        pytest.skip("fault tests stop the private redis-server; REDIS_URL is set instead")
+    try:
+        yield redis_server
+    finally:
+        if not redis_server.running:
+            redis_server.start()
+
+
+@pytest.mark.redis
+def test_dead_redis_fails_fast_then_recovers_by_itself(
+    down_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    store = RedisStore(down_redis.url)  # default breaker: 3 failures, 2 s pause
+    sibling = RedisStore(down_redis.url)  # another layer naming the same store URL
+    try:
+        store.set("k", b"v")
+        down_redis.stop()
+        for _ in range(3):
+            seconds, exc = timed(lambda: store.get("k"))
+            assert isinstance(exc, StoreUnavailable)
+            assert str(exc).startswith(f"redis store {down_redis.url} could not run GET: ")
+            assert seconds < 0.5
+        assert store.breaker.state == "open"
+        for call in (lambda: store.get("k"), lambda: store.set("k", b"v"),
+                     lambda: store.incr("n", ttl=5), lambda: sibling.add("lock", b"1", ttl=5),
+                     lambda: list(sibling.scan("")), lambda: sibling.delete_prefix("")):
+            seconds, exc = timed(call)
+            assert isinstance(exc, CircuitOpenError), exc
+            assert str(exc).startswith(f"circuit open for redis store {down_redis.url} after 3 ")
+            assert seconds < 0.25
+        assert store.ping() is False
+        health = store.health()
+        assert (health["ok"], health["breaker"]) == (False, "open")
+
+        down_redis.start()
+        started = time.monotonic()
+        while time.monotonic() - started < 5:
+            try:
+                store.set("k", b"back")
+                break
+            except StoreError:
+                time.sleep(0.05)
+        recovered_in = time.monotonic() - started
+        assert recovered_in < 5, "the store did not recover within 5 s of Redis returning"
+        assert store.get("k") == b"back"
+        assert sibling.get("k") == b"back"
+        assert store.health()["breaker"] == "closed"
+        opened = [r for r in caplog.records if r.name == LOGGER and "circuit opened" in r.getMessage()]
+        closed = [r for r in caplog.records if r.name == LOGGER and "circuit closed" in r.getMessage()]
+        assert (len(opened), len(closed)) == (1, 1)
+    finally:
+        store.breaker.reset()
+        store.close()
+        sibling.close()
+
+
+@pytest.mark.redis
+def test_readyz_ping_is_the_probe_that_closes_the_circuit(down_redis: Any) -> None:
+    store = RedisStore(down_redis.url, failure_threshold=1, reset_timeout=0.2)
+    try:
+        down_redis.stop()
+        assert store.ping() is False
+        assert store.breaker.state == "open"
+        down_redis.start()
+        time.sleep(0.25)
+        assert store.health()["ok"] is True  # no request needed to recover
+        assert store.breaker.state == "closed"
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
+def test_an_exhausted_pool_is_not_an_outage(redis_url: str) -> None:
+    store = RedisStore(redis_url, max_connections=1, failure_threshold=1)
+    try:
+        held = store.pool.get_connection()
+        with pytest.raises(StoreError) as info:
+            store.get("k")
+        store.pool.release(held)
+        assert not isinstance(info.value, StoreUnavailable)
+        assert str(info.value) == f"redis store {redis_url} could not run GET: Too many connections"
+        assert store.breaker.state == "closed"
+        assert store.get("k") is None  # served again once a connection is free
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
+def test_pooled_connections_survive_a_restart(down_redis: Any) -> None:
+    store = RedisStore(down_redis.url, failure_threshold=1)
+    try:
+        store.set("k", b"v")  # leaves one connection in the pool
+        down_redis.stop()
+        down_redis.start()
+        # The dead pooled connection is replaced on checkout: no error, no breaker trip.
+        assert store.get("k") is None
+        assert store.breaker.state == "closed"
+    finally:
+        store.close()

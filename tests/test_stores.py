@@ -1,0 +1,594 @@
+"""The store contract, run against every backend, plus the facts of each backend.
+
+The contract tests take the ``store`` fixture, built from ``store_url`` (``memory://``
+and a real redis-server), so a behaviour holds for both or the suite says which
+one broke it.  TTLs are short (0.1-0.4 s) with margins of at least 0.1 s.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from stores import MemoryStore, Store, StoreError, store_from_url
+from stores.breaker import CircuitBreaker
+from stores.redis import RedisStore, mask_url
+
+HEALTH_KEYS = {"ok", "backend", "url", "breaker", "latency_ms"}
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A fresh, empty store of each backend, closed afterwards."""
+    made = store_from_url(store_url)
+    yield made
+    made.close()
+
+
+def run_threads(count: int, target: Callable[[], object]) -> list[object]:
+    """Start ``count`` threads together on ``target``; return what each returned."""
+    barrier = threading.Barrier(count)
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        barrier.wait()
+        value = target()
+        with lock:
+            results.append(value)
+
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == count, "a worker thread failed"
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the contract ----------------------------------------------------------------------
+
+
+def test_missing_key_reads_as_none(store: Store) -> None:
+    assert store.get("nope") is None
+    assert store.getex("nope", 1) is None
+    assert store.delete("nope") is False
+    assert store.expire("nope", 1) is False
+
+
+def test_values_round_trip_as_bytes(store: Store) -> None:
+    store.set("k", b"\x00\xffjson")
+    store.set("ba", bytearray(b"abc"))
+    assert store.get("k") == b"\x00\xffjson"
+    assert store.get("ba") == b"abc"
+    assert type(store.get("ba")) is bytes
+
+
+@pytest.mark.parametrize("value", ["text", 42, {"a": 1}], ids=["str", "int", "dict"])
+@pytest.mark.parametrize("method", ["set", "add"])
+def test_values_must_be_bytes(store: Store, method: str, value: object) -> None:
+    with pytest.raises(TypeError, match=r"^store values are bytes; encode JSON in the layer$"):
+        getattr(store, method)("k", value)
+    assert store.get("k") is None
+
+
+def test_set_expires_after_ttl(store: Store) -> None:
+    store.set("k", b"v", ttl=0.1)
+    assert store.get("k") == b"v"
+    time.sleep(0.2)
+    assert store.get("k") is None
+    assert store.delete("k") is False
+    assert list(store.scan("k")) == []
+
+
+def test_set_without_ttl_replaces_an_earlier_ttl(store: Store) -> None:
+    store.set("k", b"old", ttl=0.1)
+    store.set("k", b"new")
+    time.sleep(0.2)
+    assert store.get("k") == b"new"
+
+
+def test_getex_refreshes_the_ttl(store: Store) -> None:
+    store.set("k", b"v", ttl=0.3)
+    time.sleep(0.15)
+    assert store.getex("k", 0.4) == b"v"  # now expires at ~0.55 s instead of 0.3 s
+    time.sleep(0.25)
+    assert store.get("k") == b"v"
+    time.sleep(0.3)
+    assert store.get("k") is None
+
+
+def test_add_is_a_lock(store: Store) -> None:
+    assert store.add("lock", b"a", ttl=0.15) is True
+    assert store.add("lock", b"b", ttl=0.15) is False
+    assert store.get("lock") == b"a"
+    time.sleep(0.25)
+    assert store.add("lock", b"c") is True
+    assert store.get("lock") == b"c"
+    assert store.delete("lock") is True
+    assert store.add("lock", b"d") is True
+
+
+def test_add_lets_exactly_one_thread_win(store: Store) -> None:
+    results = run_threads(16, lambda: store.add("lock", b"x", ttl=5))
+    assert sorted(results, key=bool) == [False] * 15 + [True]
+
+
+def test_incr_creates_the_counter_with_its_ttl_and_never_resets_it(store: Store) -> None:
+    assert store.incr("n", ttl=0.4) == 1
+    time.sleep(0.2)
+    assert store.incr("n", ttl=0.4) == 2  # must not push the expiry to 0.6 s
+    time.sleep(0.3)
+    assert store.get("n") is None
+    assert store.incr("n", ttl=0.4) == 1  # a new window starts from scratch
+
+
+def test_incr_amounts_and_counters_written_as_bytes(store: Store) -> None:
+    store.set("n", b"5")
+    assert store.incr("n") == 6
+    assert store.incr("n", amount=10) == 16
+    assert store.incr("n", amount=-20) == -4
+    assert store.get("n") == b"-4"
+    assert store.incr("fresh", amount=3) == 3
+
+
+def test_incr_refuses_a_value_that_is_not_an_integer(store: Store) -> None:
+    store.set("n", b"abc")
+    with pytest.raises(StoreError, match="not an integer"):
+        store.incr("n", ttl=5)
+    assert store.get("n") == b"abc"
+    assert store.ping() is True  # a bad value is not an outage
+
+
+def test_incr_is_exact_under_many_threads(store: Store) -> None:
+    def work() -> int:
+        for _ in range(50):
+            store.incr("hits", ttl=30)
+        return 0
+
+    run_threads(16, work)
+    assert store.get("hits") == b"800"
+
+
+def test_expire_sets_a_ttl_on_an_existing_key(store: Store) -> None:
+    store.set("k", b"v")
+    assert store.expire("k", 0.1) is True
+    assert store.get("k") == b"v"
+    time.sleep(0.2)
+    assert store.get("k") is None
+    assert store.expire("k", 1) is False
+
+
+def test_delete_says_whether_the_key_existed(store: Store) -> None:
+    store.set("k", b"v")
+    assert store.delete("k") is True
+    assert store.delete("k") is False
+    assert store.get("k") is None
+
+
+GLOB_KEYS = ["a*b:1", "a*b:2", "axb:1", "a?b:1", "a[b]:1", "ab:1", "a\\b:1", "other"]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        pytest.param("a*b", {"a*b:1", "a*b:2"}, id="star is literal"),
+        pytest.param("a?b", {"a?b:1"}, id="question mark is literal"),
+        pytest.param("a[b]", {"a[b]:1"}, id="brackets are literal"),
+        pytest.param("a\\b", {"a\\b:1"}, id="backslash is literal"),
+        pytest.param("axb:", {"axb:1"}, id="plain prefix"),
+        pytest.param("a", set(GLOB_KEYS) - {"other"}, id="short prefix"),
+        pytest.param("", set(GLOB_KEYS), id="empty prefix is everything"),
+        pytest.param("zzz", set(), id="no match"),
+    ],
+)
+def test_scan_and_delete_prefix_treat_the_prefix_literally(
+    store: Store, prefix: str, expected: set[str]
+) -> None:
+    for key in GLOB_KEYS:
+        store.set(key, b"v")
+    assert set(store.scan(prefix)) == expected
+    assert store.delete_prefix(prefix) == len(expected)
+    assert set(store.scan("")) == set(GLOB_KEYS) - expected
+
+
+def test_scan_skips_expired_keys(store: Store) -> None:
+    store.set("p:short", b"v", ttl=0.1)
+    store.set("p:long", b"v", ttl=30)
+    time.sleep(0.2)
+    assert list(store.scan("p:")) == ["p:long"]
+
+
+def test_delete_prefix_handles_more_keys_than_one_batch(store: Store) -> None:
+    for i in range(1200):
+        store.set(f"cache:{i}", b"v", ttl=30)
+    store.set("cachex", b"keep")
+    assert store.delete_prefix("cache:") == 1200
+    assert list(store.scan("cache")) == ["cachex"]
+
+
+def test_ping_and_health(store: Store) -> None:
+    assert store.ping() is True
+    health = store.health()
+    assert set(health) == HEALTH_KEYS
+    assert health["ok"] is True
+    assert health["backend"] == type(store).__name__
+    assert isinstance(health["latency_ms"], float)
+    assert health["breaker"] == (None if isinstance(store, MemoryStore) else "closed")
+
+
+# -- memory:// -------------------------------------------------------------------------
+
+
+def test_memory_store_evicts_the_least_recently_used() -> None:
+    store = MemoryStore(max_entries=3)
+    for key in "abc":
+        store.set(key, b"v")
+    assert store.get("a") == b"v"  # "b" is now the least recently used
+    store.set("d", b"v")
+    assert len(store) == 3
+    assert store.get("b") is None
+    assert [store.get(k) for k in "acd"] == [b"v", b"v", b"v"]
+    store.incr("e")  # counters count against the bound too
+    assert store.get("a") is None
+    assert len(store) == 3
+
+
+def test_memory_url_sets_the_bound() -> None:
+    store = store_from_url("memory://?max_entries=2")
+    assert isinstance(store, MemoryStore)
+    assert store.max_entries == 2
+    assert store.url == "memory://?max_entries=2"
+    for key in "abc":
+        store.set(key, b"v")
+    assert sorted(store.scan("")) == ["b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        pytest.param(
+            "memory://?size=3", "unknown memory:// option(s): size (known: max_entries)", id="unknown option"
+        ),
+        pytest.param(
+            "memory://?max_entries=1&ttl=2&a=1",
+            "unknown memory:// option(s): a, ttl (known: max_entries)",
+            id="several unknown options",
+        ),
+        pytest.param("memory://?max_entries=0", "max_entries must be at least 1", id="zero bound"),
+        pytest.param("memory://?max_entries=lots", "memory:// max_entries must be a whole number, got 'lots'",
+                     id="not a number"),
+    ],
+)
+def test_memory_url_errors(url: str, error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        store_from_url(url)
+    assert str(info.value) == error
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        pytest.param(
+            "mongodb://db:27017",
+            "unknown store scheme 'mongodb://' (known: memory://, redis://, rediss://, unix://, "
+            "redis+sentinel://)",
+        ),
+        pytest.param(
+            "localhost:6379",
+            "store URL 'localhost:6379' has no scheme (known: memory://, redis://, rediss://, unix://, "
+            "redis+sentinel://)",
+            id="no scheme",
+            id="unknown scheme",
+        ),
+    ],
+)
+def test_unknown_scheme_error_text(url: str, error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        store_from_url(url)
+    assert str(info.value) == error
+
+
+# -- URLs and their masking (no server needed) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        pytest.param("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", id="no password"),
+        pytest.param("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0", id="password only"),
+        pytest.param("rediss://app:s3cret@host/1", "rediss://app:***@host/1", id="user and password"),
+        pytest.param("redis://app@host/1", "redis://app@host/1", id="user only"),
+        pytest.param("redis://:p%40ss@host/0", "redis://:***@host/0", id="quoted password"),
+        pytest.param("unix://:s3cret@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2", id="unix"),
+        pytest.param(
+            "unix:///run/redis.sock?db=2&password=s3cret", "unix:///run/redis.sock?db=2&password=***",
+            id="password in the query",
+        ),
+        pytest.param(
+            "redis+sentinel://:s3cret@h1:26379,h2:26380/mymaster/0",
+            "redis+sentinel://:***@h1:26379,h2:26380/mymaster/0",
+            id="sentinel",
+        ),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        pytest.param(
+            "redis+sentinel://127.0.0.1:26379",
+            "a sentinel URL names its sentinels and the service: "
+            "redis+sentinel://host:26379[,host2:26379]/service_name[/db], got redis+sentinel://127.0.0.1:26379",
+            id="sentinel without service",
+        ),
+        pytest.param(
+            "redis+sentinel://:pw@h:port/m",
+            "bad sentinel address 'h:port' in redis+sentinel://:***@h:port/m; write host:port",
+            id="sentinel bad port",
+        ),
+        pytest.param(
+            "redis+sentinel://h/m/x",
+            "the database in redis+sentinel://h/m/x must be a number, got 'x'",
+            id="sentinel bad db",
+        ),
+        pytest.param(
+            "redis+sentinel://h/m?socket_timeout=1",
+            "redis+sentinel:// URLs take no query options (redis+sentinel://h/m?socket_timeout=1); "
+            "pass socket and sentinel options as store options instead",
+            id="sentinel query",
+        ),
+        pytest.param(
+            "redis://:pw@h:abc/0",
+            "bad Redis store URL redis://:***@h:abc/0: Port could not be cast to integer value as 'abc'",
+            id="bad port",
+        ),
+        pytest.param(
+            "redis://h/0?db=x",
+            "bad Redis store URL redis://h/0?db=x: Invalid value for 'db' in connection URL.",
+            id="bad db",
+        ),
+    ],
+)
+def test_bad_redis_urls_are_refused_at_construction(url: str, error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        RedisStore(url)
+    assert str(info.value) == error
+
+
+def test_unknown_pool_option_is_refused_at_construction() -> None:
+    with pytest.raises(TypeError, match=r"^bad option for Redis store redis://:\*\*\*@127\.0\.0\.1:1/0: "
+                                        r".*unexpected keyword argument 'bogus'"):
+        store_from_url("redis://:pw@127.0.0.1:1/0", bogus=1)
+
+
+def test_redis_store_needs_a_url_or_a_client() -> None:
+    with pytest.raises(ValueError, match=r"^RedisStore needs a url or a client$"):
+        RedisStore()
+
+
+def test_rediss_url_builds_a_tls_pool_without_connecting() -> None:
+    store = RedisStore("rediss://:pw@127.0.0.1:1/3")
+    try:
+        assert isinstance(store.pool, redis.ConnectionPool)
+        assert store.pool.connection_class is redis.SSLConnection
+        assert store.pool.connection_kwargs["db"] == 3
+        assert store.url == "rediss://:***@127.0.0.1:1/3"
+    finally:
+        store.close()
+
+
+def test_password_is_masked_in_errors_and_health() -> None:
+    url = f"redis://:hunter2pw@127.0.0.1:{free_port()}/0"  # nothing listens there
+    store = RedisStore(url)
+    try:
+        with pytest.raises(StoreError) as info:
+            store.get("k")
+        message = str(info.value)
+        assert message.startswith(f"redis store {mask_url(url)} could not run GET: ")
+        assert "Connection refused" in message
+        assert "hunter2pw" not in message
+        health = store.health()
+        assert health["ok"] is False
+        assert health["url"] == mask_url(url)
+        assert "hunter2pw" not in repr(health) + repr(store)
+    finally:
+        store.close()
+
+
+# -- Redis specifics -------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+class TestRedis:
+    """Pool sharing, key prefixes, ready clients, the other URL forms and ``limits``."""
+
+    def test_stores_of_one_url_share_one_pool_and_breaker(self, redis_url: str) -> None:
+        port = redis_url.split(":")[-1].split("/")[0]
+        a = store_from_url(redis_url)
+        b = RedisStore(f"redis://127.0.0.1:{port}")  # same server, default db spelled out
+        c = RedisStore(redis_url, socket_timeout=0.5)  # other timeouts: another pool
+        try:
+            assert isinstance(a, RedisStore)
+            assert a.pool is b.pool
+            assert a.client is b.client
+            assert a.breaker is b.breaker
+            assert c.pool is not a.pool
+            a.set("shared", b"1")
+            assert b.get("shared") == b"1"
+            a.close()
+            assert b.get("shared") == b"1"  # closing one store leaves the pool to the others
+        finally:
+            a.close()
+            b.close()
+            c.close()
+        d = RedisStore(redis_url)
+        try:
+            assert d.pool is not a.pool  # the last close released it
+        finally:
+            d.close()
+
+    def test_own_breaker_settings_get_their_own_breaker(self, redis_url: str) -> None:
+        a = RedisStore(redis_url)
+        b = RedisStore(redis_url, failure_threshold=5, reset_timeout=1.0)
+        mine = CircuitBreaker(2, 0.5)
+        c = RedisStore(redis_url, breaker=mine)
+        try:
+            assert a.pool is b.pool is c.pool
+            assert b.breaker is not a.breaker
+            assert (b.breaker.failure_threshold, b.breaker.reset_timeout) == (5, 1.0)
+            assert c.breaker is mine
+        finally:
+            for store in (a, b, c):
+                store.close()
+
+    def test_keys_carry_the_prefix_and_ttls_use_milliseconds(self, redis_url: str) -> None:
+        raw = redis.Redis.from_url(redis_url)
+        app = RedisStore(redis_url, key_prefix="app:")
+        other = RedisStore(redis_url, key_prefix="other:")
+        try:
+            app.set("k", b"v", ttl=1.5)
+            assert raw.get("app:k") == b"v"
+            assert 1000 < raw.pttl("app:k") <= 1500
+            assert other.get("k") is None
+            assert list(app.scan("")) == ["k"]
+            assert app.getex("k", 0.25) == b"v"
+            assert 0 < raw.pttl("app:k") <= 250
+            assert app.incr("n", ttl=0.75) == 1
+            assert 500 < raw.pttl("app:n") <= 750
+            assert app.incr("n") == 2
+            assert 0 < raw.pttl("app:n") <= 750
+            assert app.add("lock", b"1", ttl=2) is True
+            assert 1500 < raw.pttl("app:lock") <= 2000
+        finally:
+            app.close()
+            other.close()
+            raw.close()
+
+    def test_a_ready_client_is_used_as_is(self, redis_url: str) -> None:
+        client = redis.Redis.from_url(redis_url)
+        store = RedisStore(client=client)
+        try:
+            assert store.client is client
+            assert store.pool is client.connection_pool
+            assert store.url == redis_url
+            store.set("k", b"v")
+            assert client.get("wsgistack:k") == b"v"
+            store.close()
+            assert client.ping() is True  # the caller's client stays open
+        finally:
+            client.close()
+
+    def test_limits_storage_shares_the_pool(self, redis_url: str) -> None:
+        from limits import parse
+        from limits.storage import RedisStorage
+        from limits.strategies import FixedWindowRateLimiter
+
+        store = RedisStore(redis_url)
+        try:
+            storage = RedisStorage("redis://", connection_pool=store.pool)
+            assert storage.storage.connection_pool is store.pool
+            limiter = FixedWindowRateLimiter(storage)
+            item = parse("2/minute")
+            assert [limiter.hit(item, "client") for _ in range(3)] == [True, True, False]
+        finally:
+            store.close()
+
+    def test_unix_socket_url(self, tmp_path: Path) -> None:
+        binary = shutil.which("redis-server")
+        assert binary
+        sock = tmp_path / "redis.sock"
+        proc = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            store = RedisStore(f"unix://{sock}?db=1")
+            try:
+                assert store.url == f"unix://{sock}?db=1"
+                store.set("k", b"v", ttl=5)
+                assert store.get("k") == b"v"
+                raw = redis.Redis(unix_socket_path=str(sock), db=1)
+                assert raw.get("wsgistack:k") == b"v"
+                raw.close()
+            finally:
+                store.close()
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def sentinel_port(redis_url: str, redis_server: object, tmp_path: Path) -> Iterator[int]:
+    """A redis-server --sentinel on loopback monitoring the private server as ``mymaster``."""
+    binary = shutil.which("redis-server")
+    if redis_server is None or binary is None:
+        reason = "sentinel test needs the private redis-server (REDIS_URL is set or no binary)"
+        print(reason)
+        pytest.skip(reason)
+    master_port = redis_url.split(":")[-1].split("/")[0]
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
+        "sentinel down-after-milliseconds mymaster 60000\n"
+    )
+    proc = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        probe = redis.Redis(port=port, socket_timeout=0.5)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                if probe.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"):
+                    break
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    reason = f"redis-server --sentinel did not start: {exc}"
+                    print(reason)
+                    pytest.skip(reason)
+            time.sleep(0.05)
+        probe.close()
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.redis
+def test_sentinel_url_finds_the_master(sentinel_port: int, redis_url: str) -> None:
+    store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/2")
+    raw = redis.Redis(port=int(redis_url.split(":")[-1].split("/")[0]), db=2)
+    try:
+        assert isinstance(store.pool, redis.sentinel.SentinelConnectionPool)
+        store.set("k", b"v", ttl=5)
+        assert store.get("k") == b"v"
+        assert raw.get("wsgistack:k") == b"v"  # db 2 of the monitored master
+        assert store.health()["ok"] is True
+        assert store.incr("n", ttl=5) == 1
+    finally:
+        raw.flushdb()
+        raw.close()
+        store.close()
