@@ -287,13 +287,13 @@ def test_memory_url_errors(url: str, error: str) -> None:
             "mongodb://db:27017",
             "unknown store scheme 'mongodb://' (known: memory://, redis://, rediss://, unix://, "
             "redis+sentinel://)",
+            id="unknown scheme",
         ),
         pytest.param(
             "localhost:6379",
             "store URL 'localhost:6379' has no scheme (known: memory://, redis://, rediss://, unix://, "
             "redis+sentinel://)",
             id="no scheme",
-            id="unknown scheme",
         ),
     ],
 )
