@@ -125,6 +125,28 @@ def cors_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]
                            "warning")
 
 
+def cache_identity(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    auth = _first(specs, "auth")
+    for cache in _all(specs, "cache"):
+        outside_auth = auth is None or _pos(specs, auth) > _pos(specs, cache)
+        if spec_true(cache, "per_user") and outside_auth:
+            yield _problem(cfg, cache, f"cache at {_where(cache)} has per_user: true but no auth layer runs before "
+                                       "it: there is no identity to key on")
+        if cache.option("purge_path") and outside_auth:
+            yield _problem(cfg, cache, f"cache at {_where(cache)} sets purge_path but no auth layer runs before it: "
+                                       "the purge endpoint would always answer 401", "warning")
+        for session in _all(specs, "session"):
+            name = session.option("cookie_name")
+            if name and name not in (cache.option("cookie_names") or ()):
+                yield _problem(cfg, cache, f"cache at {_where(cache)} does not list the session cookie {name!r} in "
+                                           "cookie_names: requests carrying a session would not be treated as "
+                                           "private", "warning")
+
+
+def spec_true(spec: LayerSpec, name: str) -> bool:
+    return bool(spec.option(name, False))
+
+
 def cache_inside_cors(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for cache, cors in _before(specs, "cache", "cors"):
         yield _problem(cfg, cache, f"cache at {_where(cache)} is outside cors at {_where(cors)}: it would replay one "
@@ -232,6 +254,7 @@ RULES: list[Rule] = [
     duplicates,
     cors_position,
     cache_inside_cors,
+    cache_identity,
     proxy_position,
     cors_patterns,
     csrf_needs_session,

@@ -149,7 +149,7 @@ def refuse(
         exc = HTTPException(description)
         exc.code = code
     else:
-        exc = cls(description)
+        exc = cls(description=description)
     exc.wsgistack_headers = list(headers)  # type: ignore[attr-defined]
     exc.wsgistack_details = details  # type: ignore[attr-defined]
     return exc

@@ -1,0 +1,489 @@
+"""The response cache: repeated GETs are answered from a store without entering the app.
+
+A hit costs one store read, one small JSON decode and ``start_response``.  The
+key covers the method class, the decoded path, the query (pairs sorted by
+name), the API version, the scheme, host and proxy headers an app might echo
+(``key_headers``), every request header the response names in ``Vary``, and,
+with ``per_user``, the identity's subject.  A miss calls the app once per key
+(single-flight, across threads and, through a store lock, across processes)
+and tees the body into the store while it streams to the client.
+
+Never stored: ``Set-Cookie`` responses, ``Cache-Control: private/no-store/
+no-cache``, ``Vary: *``, bodies without ``Content-Length`` or larger than
+``max_body_bytes``, ``text/event-stream``.  Requests with ``Authorization``
+or a session cookie bypass the cache unless ``per_user`` is on.
+
+Do not use it outside ``auth``/``session`` or outside ``versioning``: it must
+see the identity and the API version.  Do not use it for endpoints whose
+answer changes with state the key cannot see (writes, time-critical data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl
+
+from pydantic import Field, model_validator
+from werkzeug.datastructures import RequestCacheControl, ResponseCacheControl
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.http import parse_cache_control_header
+
+from stores.base import Store, StoreError
+
+from .base import API_VERSION, IDENTITY, Context, LayerOptions, cookies, decoded_path, note, refuse
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["DEFAULT_PREFIX", "CacheMiddleware", "purge"]
+
+DEFAULT_PREFIX = "wsgistack:cache:"
+# Entry keys are f"{prefix}e:{path}#{32 hex digits}", so a path glob maps to a scan prefix.
+_DIGEST = 32
+_clock = time.time  # wall clock: entries carry it across processes (tests replace it)
+_GLOB = re.compile(r"[*?\[]")
+# Never stored with an entry: hop-by-hop headers and the ones this layer writes.
+_UNSTORED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                       "trailer", "transfer-encoding", "upgrade", "age", "x-cache"})
+Headers = list[tuple[str, str]]
+
+
+def _environ_name(header: str) -> str:
+    name = header.strip().upper().replace("-", "_")
+    return name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{name}"
+
+
+def _digest(parts: object) -> str:
+    return hashlib.blake2b(repr(parts).encode(), digest_size=_DIGEST // 2).hexdigest()
+
+
+def purge(store: Store, pattern: str, prefix: str = DEFAULT_PREFIX) -> int:
+    """Delete the cached entries whose path matches the glob ``pattern``; return how many.
+
+    ``pattern`` is matched (``fnmatch``, case-sensitive) against the path as the
+    app saw it, after versioning rewrote it: ``purge(store, "/api/v1/search*")``.
+    """
+    start = len(prefix) + 2
+    scan_prefix = f"{prefix}e:{_GLOB.split(pattern, maxsplit=1)[0]}"
+    return sum(1 for key in list(store.scan(scan_prefix))
+               if fnmatch.fnmatchcase(key[start:-_DIGEST - 1], pattern) and store.delete(key))
+
+
+class CacheOptions(LayerOptions):
+    """Options of the ``cache`` layer (see :class:`CacheMiddleware`)."""
+
+    store: str = "shared"
+    ttl: int = Field(300, gt=0)
+    statuses: tuple[int, ...] = (200,)
+    stale_if_error: int = Field(0, ge=0)
+    lock_timeout: float = Field(5.0, gt=0)
+    max_body_bytes: int = Field(1_048_576, ge=0)
+    cookie_names: tuple[str, ...] = ("__Host-session",)
+    per_user: bool = False
+    honor_request_no_cache: bool = True
+    purge_path: str | None = None
+    purge_roles: tuple[str, ...] = ("admin",)
+    key_prefix: str = DEFAULT_PREFIX
+    key_headers: tuple[str, ...] = ("Host", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port",
+                                    "X-Forwarded-Prefix", "Forwarded", "X-Original-URL", "X-Rewrite-URL",
+                                    "X-HTTP-Method-Override")
+    on_store_error: Literal["open", "closed"] = "open"
+
+    @model_validator(mode="after")
+    def _can_be_right(self) -> CacheOptions:
+        bad = [s for s in self.statuses if not 200 <= s <= 499]
+        if bad:
+            raise ValueError(f"statuses may list only codes from 200 to 499 (got {bad[0]}); "
+                             "error responses are never cached")
+        if self.purge_path is not None and not self.purge_path.startswith("/"):
+            raise ValueError(f"purge_path must start with '/' (got {self.purge_path!r})")
+        if self.purge_path is not None and not self.purge_roles:
+            raise ValueError("purge_roles may not be empty when purge_path is set")
+        return self
+
+
+class _Plan:
+    """What the start_response of a miss decided: store for ``ttl`` (+ ``window`` stale)."""
+
+    __slots__ = ("headers", "length", "status", "ttl", "vary", "window")
+
+    def __init__(self, status: str, headers: Headers, length: int, ttl: int, window: int, vary: list[str]) -> None:
+        self.status, self.headers, self.length = status, headers, length
+        self.ttl, self.window, self.vary = ttl, window, vary
+
+
+class _Fill:
+    """One miss on its way through the app: the flight it leads and what it will store."""
+
+    def __init__(self, layer: CacheMiddleware, environ: WSGIEnvironment, base: str, subject: str | None,
+                 flight: threading.Event | None, lock_key: str | None, stale: dict[str, Any] | None) -> None:
+        self.layer, self.environ, self.base, self.subject = layer, environ, base, subject
+        self.flight, self.lock_key, self.stale = flight, lock_key, stale
+        self.plan: _Plan | None = None
+        self.started = self.returned = self.swap = False
+
+    def start_response(self, start_response: StartResponse) -> StartResponse:
+        def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
+            if self.stale is not None and not self.returned and status[:1] == "5":
+                self.swap = True  # answered with the stale entry once the app returns
+                return lambda data: None
+            self.started = True
+            self.plan = self.layer._plan(status, headers, self.subject)
+            if self.plan is None:
+                self.release()
+            return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
+
+        return wrapped
+
+    def finish(self, body: bytes) -> None:
+        plan = self.plan
+        if plan is not None and len(body) == plan.length:
+            try:
+                self.layer._save(self.environ, self.base, plan, body)
+            except StoreError as exc:
+                self.layer._store_error(exc)
+        self.release()
+
+    def release(self) -> None:
+        layer, flight, self.flight = self.layer, self.flight, None
+        if flight is None:
+            return
+        with layer._lock:
+            if layer._inflight.get(self.base) is flight:
+                del layer._inflight[self.base]
+        flight.set()
+        if self.lock_key is not None:
+            with contextlib.suppress(StoreError):  # else the lock expires after lock_timeout
+                layer.store.delete(self.lock_key)
+
+
+class _Tee:
+    """Pass the app's body through chunk by chunk, keeping a copy when it will be stored."""
+
+    def __init__(self, result: Iterable[bytes], fill: _Fill) -> None:
+        self.result, self.fill = result, fill
+
+    def __iter__(self) -> Iterator[bytes]:
+        kept: list[bytes] | None = []
+        size = 0
+        for chunk in self.result:
+            if kept is not None:
+                plan = self.fill.plan
+                size += len(chunk)
+                if (self.fill.started and plan is None) or (plan is not None and size > plan.length):
+                    kept = None  # not storable, or longer than its Content-Length: stop copying
+                else:
+                    kept.append(chunk)
+            yield chunk
+        if kept is not None:
+            self.fill.finish(b"".join(kept))
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.fill.release()
+
+
+class CacheMiddleware:
+    """Serve cacheable GET (and HEAD) responses from a store.
+
+    Options:
+      ``store``: name of the context store (``shared``).
+      ``ttl``: seconds an entry is fresh when the app sends no ``s-maxage``/``max-age`` (300).
+      ``statuses``: cacheable status codes (``[200]``; 200 to 499 only).
+      ``stale_if_error``: seconds a stale entry may answer when the app raises or sends 5xx (0: off).
+      ``lock_timeout``: seconds concurrent misses wait for the one filling the key (5).
+      ``max_body_bytes``: larger bodies are passed through uncached (1 MiB).
+      ``cookie_names``: session cookies that make a request private (``["__Host-session"]``).
+      ``per_user``: cache requests with credentials too, keyed on the identity's subject
+      (``Cache-Control: private`` answers are then stored for that subject only).
+      ``honor_request_no_cache``: a request ``Cache-Control: no-cache``/``no-store`` bypasses (true).
+      ``purge_path``: admin endpoint (POST/DELETE ``?pattern=/api/v1/*``); off when ``None``.
+      ``purge_roles``: roles allowed to purge (``["admin"]``).
+      ``key_prefix``: store key prefix (``wsgistack:cache:``).
+      ``key_headers``: request headers always in the key (Host and proxy headers an app may echo).
+      ``on_store_error``: ``open`` bypasses the cache when the store fails; ``closed`` answers 503.
+
+    Usage::
+
+        opts = CacheMiddleware.Options(ttl=60, stale_if_error=600)
+        app = CacheMiddleware(app, opts, Context(stores={"shared": MemoryStore()}))
+    """
+
+    Options = CacheOptions
+
+    def __init__(self, app: WSGIApplication, options: CacheOptions, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.context = context
+        self.store = context.store(options.store)
+        self.prefix = options.key_prefix
+        self.statuses = frozenset(str(s) for s in options.statuses)
+        self.key_environ = tuple(_environ_name(h) for h in options.key_headers)
+        self.cookie_names = options.cookie_names
+        self.purge_path = options.purge_path
+        self.purge_roles = frozenset(options.purge_roles)
+        self._inflight: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD")
+        if self.purge_path is not None and decoded_path(environ) == self.purge_path:
+            return self._purge(environ, start_response)
+        if method != "GET" and method != "HEAD":
+            return self.app(environ, start_response)
+        subject, reason = self._who(environ)
+        if reason is not None:
+            return self._bypass(environ, start_response, reason)
+        base = self._base_key(environ, subject)
+        try:
+            entry = self._lookup(environ, base)
+        except StoreError as exc:
+            return self._store_failed(environ, start_response, exc)
+        now = _clock()
+        if entry is not None and entry["f"] > now:
+            self.context.emit("cache.hit")
+            note(environ, "cache", "HIT")
+            return self._serve(entry, "HIT", method, start_response, now)
+        self.context.emit("cache.miss")
+        note(environ, "cache", "MISS")
+        if method == "HEAD":  # no body to store: ask the app, keep nothing
+            return self.app(environ, _with(start_response, ("X-Cache", "MISS")))
+        stale = entry if entry is not None and entry["x"] > now else None
+        return self._fill(environ, start_response, base, subject, stale)
+
+    # -- request side -----------------------------------------------------------------
+    def _who(self, environ: WSGIEnvironment) -> tuple[str | None, str | None]:
+        """``(subject or None, bypass reason or None)`` for this request."""
+        if self.options.honor_request_no_cache:
+            header = environ.get("HTTP_CACHE_CONTROL")
+            if header:
+                cc = parse_cache_control_header(header, cls=RequestCacheControl)
+                if cc.no_cache or cc.no_store:
+                    return None, "request Cache-Control"
+            elif "no-cache" in environ.get("HTTP_PRAGMA", ""):
+                return None, "request Pragma"
+        private = "HTTP_AUTHORIZATION" in environ or (
+            "HTTP_COOKIE" in environ and any(n in cookies(environ) for n in self.cookie_names))
+        identity = environ.get(IDENTITY)
+        if not self.options.per_user:
+            return None, ("credentials" if private or identity is not None else None)
+        if identity is None:
+            return None, ("credentials without identity" if private else None)
+        return str(identity.subject), None
+
+    def _base_key(self, environ: WSGIEnvironment, subject: str | None) -> str:
+        path = decoded_path(environ)
+        qs: str = environ.get("QUERY_STRING", "")
+        if not qs:
+            query: list[tuple[str, str]] = []
+        elif "%" in qs or "+" in qs:
+            query = sorted(parse_qsl(qs, keep_blank_values=True), key=itemgetter(0))
+        else:  # what parse_qsl gives when there is nothing to decode, without its cost
+            query = sorted([(n, v) for n, _, v in (f.partition("=") for f in qs.split("&") if f)],
+                           key=itemgetter(0))
+        # A flat list has fixed positions, so its repr is unambiguous and cheap to hash.
+        parts = ["GET", environ.get("wsgi.url_scheme"), environ.get("SCRIPT_NAME", ""), path,
+                 environ.get(API_VERSION), subject, *[environ.get(n) for n in self.key_environ]]
+        for pair in query:
+            parts += pair
+        return f"{self.prefix}e:{path}#{_digest(parts)}"
+
+    @staticmethod
+    def _variant(base: str, vary: list[str], environ: WSGIEnvironment) -> str:
+        return base[:-_DIGEST] + _digest((base, [environ.get(_environ_name(h)) for h in vary]))
+
+    def _lookup(self, environ: WSGIEnvironment, base: str) -> dict[str, Any] | None:
+        """The entry for this request (fresh or stale): one read, two when the path has a Vary."""
+        raw = self.store.get(base)
+        try:
+            if raw is not None and raw[:5] == b'{"v":':
+                raw = self.store.get(self._variant(base, json.loads(raw)["v"], environ))
+            if raw is None:
+                return None
+            head, _, body = raw.partition(b"\n")
+            entry: dict[str, Any] = json.loads(head.decode())
+            entry["b"] = body
+            return entry if "x" in entry else None
+        except (ValueError, KeyError, TypeError):  # not written by this layer: a miss
+            return None
+
+    # -- answers ----------------------------------------------------------------------
+    @staticmethod
+    def _serve(entry: dict[str, Any], label: str, method: str, start_response: StartResponse,
+               now: float) -> list[bytes]:
+        headers = [(n, v) for n, v in entry["h"]]
+        headers.append(("Age", str(max(0, int(now - entry["t"])))))
+        headers.append(("X-Cache", label))
+        start_response(entry["s"], headers)
+        return [] if method == "HEAD" else [entry["b"]]
+
+    def _bypass(self, environ: WSGIEnvironment, start_response: StartResponse, reason: str) -> Iterable[bytes]:
+        self.context.emit("cache.bypass", reason=reason)
+        note(environ, "cache", f"BYPASS ({reason})")
+        return self.app(environ, _with(start_response, ("X-Cache", "BYPASS")))
+
+    def _store_error(self, exc: StoreError) -> None:
+        self.context.emit("store.error", store=self.options.store, layer="cache", error=str(exc))
+
+    def _store_failed(self, environ: WSGIEnvironment, start_response: StartResponse,
+                      exc: StoreError) -> Iterable[bytes]:
+        self._store_error(exc)
+        if self.options.on_store_error == "closed":
+            raise refuse(503, "The response cache is unavailable.", headers=[("Retry-After", "5")])
+        return self._bypass(environ, start_response, "store error")
+
+    # -- misses -----------------------------------------------------------------------
+    def _fill(self, environ: WSGIEnvironment, start_response: StartResponse, base: str,
+              subject: str | None, stale: dict[str, Any] | None) -> Iterable[bytes]:
+        with self._lock:
+            flight = self._inflight.get(base)
+            leader = flight is None
+            if flight is None:
+                flight = self._inflight[base] = threading.Event()
+        fill = _Fill(self, environ, base, subject, flight if leader else None, None, stale)
+        if not leader:
+            flight.wait(self.options.lock_timeout)
+            hit = self._fresh(environ, base)
+            if hit is not None:
+                return self._serve(hit, "HIT", "GET", start_response, _clock())
+        else:
+            lock_key = f"{self.prefix}l:{base[-_DIGEST:]}"
+            try:
+                if self.store.add(lock_key, b"1", ttl=self.options.lock_timeout):
+                    fill.lock_key = lock_key
+                else:
+                    hit = self._await_peer(environ, base, lock_key)
+                    if hit is not None:
+                        fill.release()
+                        return self._serve(hit, "HIT", "GET", start_response, _clock())
+            except StoreError as exc:
+                self._store_error(exc)
+        try:
+            result = self.app(environ, fill.start_response(start_response))
+        except Exception as exc:
+            fill.release()
+            if stale is None or (isinstance(exc, HTTPException) and (exc.code or 500) < 500):
+                raise
+            return self._serve_stale(environ, stale, start_response)
+        fill.returned = True
+        if fill.swap:
+            _Tee(result, fill).close()
+            return self._serve_stale(environ, stale or {}, start_response)
+        if fill.started and fill.plan is None:
+            return result  # not cacheable: hand the iterable over untouched (streams stay streams)
+        return _Tee(result, fill)
+
+    def _serve_stale(self, environ: WSGIEnvironment, stale: dict[str, Any],
+                     start_response: StartResponse) -> list[bytes]:
+        self.context.emit("cache.stale")
+        note(environ, "cache", "STALE")
+        return self._serve(stale, "STALE", "GET", start_response, _clock())
+
+    def _fresh(self, environ: WSGIEnvironment, base: str) -> dict[str, Any] | None:
+        try:
+            entry = self._lookup(environ, base)
+        except StoreError:
+            return None
+        return entry if entry is not None and entry["f"] > _clock() else None
+
+    def _await_peer(self, environ: WSGIEnvironment, base: str, lock_key: str) -> dict[str, Any] | None:
+        """Another process fills this key: poll for its entry until its lock goes or times out."""
+        deadline = time.monotonic() + self.options.lock_timeout
+        delay = 0.005
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            hit = self._fresh(environ, base)
+            if hit is not None or self.store.get(lock_key) is None:
+                return hit
+        return None
+
+    def _plan(self, status: str, headers: Headers, subject: str | None) -> _Plan | None:
+        """Whether (and how long) a response may be stored, decided from its status and headers."""
+        if status[:3] not in self.statuses:
+            return None
+        length = cache_control = None
+        vary: list[str] = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname == "set-cookie":
+                return None
+            if lname == "cache-control":
+                cache_control = value if cache_control is None else f"{cache_control}, {value}"
+            elif lname == "vary":
+                vary += (v.strip().lower() for v in value.split(",") if v.strip())
+            elif lname == "content-length":
+                length = value.strip()
+            elif lname == "content-type" and value.lower().startswith("text/event-stream"):
+                return None
+        if length is None or not length.isdigit() or int(length) > self.options.max_body_bytes or "*" in vary:
+            return None
+        ttl, window = self.options.ttl, self.options.stale_if_error
+        if cache_control:
+            cc = parse_cache_control_header(cache_control, cls=ResponseCacheControl)
+            if cc.no_store or cc.no_cache or (cc.private and subject is None):
+                return None
+            age = cc.s_maxage if cc.s_maxage is not None else cc.max_age
+            ttl = ttl if age is None else age
+            if cc.must_revalidate or cc.proxy_revalidate:
+                window = 0
+        if ttl <= 0:
+            return None
+        kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
+        return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)))
+
+    def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes) -> None:
+        now = _clock()
+        life = plan.ttl + plan.window
+        head = {"s": plan.status, "h": plan.headers, "t": now, "f": now + plan.ttl, "x": now + life}
+        raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
+        if plan.vary:
+            self.store.set(self._variant(base, plan.vary, environ), raw, ttl=life)
+            raw = json.dumps({"v": plan.vary}, separators=(",", ":")).encode()
+        self.store.set(base, raw, ttl=life)
+
+    # -- admin ------------------------------------------------------------------------
+    def _purge(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        if environ.get("REQUEST_METHOD") not in ("POST", "DELETE"):
+            raise MethodNotAllowed(["DELETE", "POST"], "The cache purge endpoint accepts POST or DELETE.")
+        identity = environ.get(IDENTITY)
+        if identity is None:
+            raise refuse(401, "Purging the cache needs an authenticated identity.",
+                         headers=[("WWW-Authenticate", "Bearer")])
+        if not self.purge_roles & set(identity.roles):
+            roles = ", ".join(sorted(self.purge_roles))
+            raise refuse(403, f"Purging the cache needs one of the roles: {roles}.")
+        pattern = dict(parse_qsl(environ.get("QUERY_STRING", ""))).get("pattern", "")
+        if not pattern.startswith(("/", "*")):
+            raise refuse(400, "The purge endpoint needs a pattern query parameter that starts with '/' "
+                              "or '*', such as ?pattern=/api/v1/search*.")
+        try:
+            count = purge(self.store, pattern, self.prefix)
+        except StoreError as exc:
+            self._store_error(exc)
+            raise refuse(503, "The response cache is unavailable.", headers=[("Retry-After", "5")]) from None
+        note(environ, "cache", f"purged {count} entries matching {pattern}")
+        body = json.dumps({"purged": count, "pattern": pattern}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "no-store")])
+        return [body]
+
+
+def _with(start_response: StartResponse, header: tuple[str, str]) -> StartResponse:
+    def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
+        return start_response(status, [*headers, header], exc_info)
+
+    return wrapped

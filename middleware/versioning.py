@@ -1,0 +1,275 @@
+"""API versioning: find the version a request asks for, route it, and flag deprecated ones.
+
+Under ``prefix`` (``/api``) the version comes from the URL (``/api/v2/search``),
+from a header (``X-API-Version: v2``) or from the ``Accept`` media type
+(``application/vnd.wsgistack.v2+json``).  An unversioned path is rewritten to
+the chosen version (``/api/search`` becomes ``/api/v2/search``, the original
+kept in ``environ["wsgistack.versioning.orig_path"]``), so the router only
+knows versioned routes.  The version goes into ``environ["wsgistack.api_version"]``,
+on which the response cache keys.  Deprecated versions get ``Deprecation``
+(RFC 9745), ``Sunset`` (RFC 8594) and ``Link`` headers, and their use is
+counted per client.
+
+Rules: a URL and a header that disagree give 400, never a silent choice.
+``Accept`` is negotiation, so a supported vendor type that disagrees with the
+URL or the header yields to whichever source ``precedence`` names first (when
+``accept`` comes first, the path is rewritten to its version).  Unsupported
+versions give 404 in the URL (this layer answers, with the supported list,
+instead of rewriting ``/api/v9/x`` to ``/api/v1/v9/x``), 400 in the header
+and 406 in ``Accept`` (only when no vendor type it lists is supported).
+
+Do not use it when the app negotiates versions itself, or for paths outside
+one prefix (scope a second entry with ``paths``).
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import threading
+import time
+from collections import OrderedDict
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+from werkzeug.exceptions import HTTPException
+from werkzeug.http import http_date, parse_accept_header
+
+from .base import (
+    API_VERSION,
+    IDENTITY,
+    PATH,
+    Context,
+    Headers,
+    LayerOptions,
+    add_vary,
+    client_ip,
+    decorate_error,
+    note,
+    refuse,
+    wrap_start_response,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ORIG_PATH", "SOURCE", "VersioningMiddleware"]
+
+ORIG_PATH = "wsgistack.versioning.orig_path"
+SOURCE = "wsgistack.versioning.source"
+# A URL segment shaped like a version is never treated as a resource name.
+_SHAPE = re.compile(r"[vV]\d+(?:\.\d+)*")
+Source = Literal["url", "header", "accept"]
+
+
+def _unix(moment: date | datetime) -> int:
+    """Seconds since the epoch; dates are midnight UTC, naive datetimes are UTC."""
+    if not isinstance(moment, datetime):
+        moment = datetime(moment.year, moment.month, moment.day)
+    if moment.tzinfo is not None:
+        return int(moment.timestamp())
+    return calendar.timegm(moment.timetuple())
+
+
+def _normal(value: str) -> str:
+    value = value.strip().lower()
+    return f"v{value}" if value.isdigit() else value
+
+
+class Deprecated(LayerOptions):
+    """When a version was deprecated, when it goes away, and where to read about it."""
+
+    deprecation: datetime | date
+    sunset: datetime | date | None = None
+    link: str | None = None
+    successor: str | None = None
+
+    @model_validator(mode="after")
+    def _sunset_after(self) -> Deprecated:
+        if self.sunset is not None and _unix(self.sunset) < _unix(self.deprecation):
+            raise ValueError("sunset must not be earlier than deprecation")
+        return self
+
+    def headers(self) -> Headers:
+        """The response headers that announce this deprecation."""
+        out = [("Deprecation", f"@{_unix(self.deprecation)}")]
+        if self.sunset is not None:
+            out.append(("Sunset", http_date(_unix(self.sunset))))
+        if self.link:
+            out.append(("Link", f'<{self.link}>; rel="deprecation"'))
+        if self.successor:
+            out.append(("Link", f'<{self.successor}>; rel="successor-version"'))
+        return out
+
+
+class VersioningOptions(LayerOptions):
+    """Options of the ``versioning`` layer (see :class:`VersioningMiddleware`)."""
+
+    supported: tuple[str, ...] = ("v1",)
+    default: str | None = None
+    precedence: tuple[Source, ...] = ("url", "header", "accept")
+    header: str = "X-API-Version"
+    media_type_prefix: str = "application/vnd.wsgistack."
+    prefix: str = "/api"
+    deprecated: dict[str, Deprecated] = Field(default_factory=dict)
+    report_interval: float = Field(3600.0, ge=0)
+    max_clients: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _can_be_right(self) -> VersioningOptions:
+        if not self.supported:
+            raise ValueError("supported must name at least one version, such as [v1, v2]")
+        for version in self.supported:
+            if not version or "/" in version or version != version.strip():
+                raise ValueError(f"supported versions must be single path segments (got {version!r})")
+        known = ", ".join(self.supported)
+        if self.default is not None and self.default not in self.supported:
+            raise ValueError(f"default {self.default!r} is not in supported ({known})")
+        for version in self.deprecated:
+            if version not in self.supported:
+                raise ValueError(f"deprecated names {version!r}, which is not in supported ({known})")
+        if "url" not in self.precedence or len(set(self.precedence)) != len(self.precedence):
+            raise ValueError("precedence must name url once, and header and accept at most once each")
+        if not self.prefix.startswith("/") or self.prefix.endswith("/"):
+            raise ValueError(f"prefix must start with '/' and not end with one (got {self.prefix!r})")
+        return self
+
+
+class VersioningMiddleware:
+    """Choose the API version of each request under ``prefix`` and route it there.
+
+    Options:
+      ``supported``: the versions served (``[v1]``); the first is the default default.
+      ``default``: the version of a request that names none (``None``: the first supported).
+      ``precedence``: order of sources (``[url, header, accept]``); leave out header or accept to
+      ignore it.  URL and header must agree whatever the order.
+      ``header``: the version request header (``X-API-Version``; ``v2`` and ``2`` both mean v2).
+      ``media_type_prefix``: vendor media type before the version (``application/vnd.wsgistack.``).
+      ``prefix``: the versioned path prefix (``/api``).
+      ``deprecated``: ``{v1: {deprecation: 2025-01-01, sunset: 2025-12-31, link: URL,
+      successor: URL}}``; ``link`` gives ``rel="deprecation"``, ``successor`` ``rel="successor-version"``.
+      ``report_interval``: seconds between log lines about one client's deprecated use (3600).
+      ``max_clients``: how many clients the deprecated-use counter remembers (10000).
+
+    Usage::
+
+        opts = VersioningMiddleware.Options(supported=["v1", "v2"], default="v2")
+        app = VersioningMiddleware(app, opts, Context())
+    """
+
+    Options = VersioningOptions
+
+    def __init__(self, app: WSGIApplication, options: VersioningOptions, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.context = context
+        self.logger = context.logger.getChild("versioning")
+        self.supported = frozenset(options.supported)
+        self.listed = list(options.supported)
+        self.default = options.default or options.supported[0]
+        self.prefix = options.prefix
+        self.prefix_slash = options.prefix + "/"
+        self.header_env = "HTTP_" + options.header.upper().replace("-", "_")
+        self.media_prefix = options.media_type_prefix.lower()
+        self.use_header = "header" in options.precedence
+        self.use_accept = "accept" in options.precedence
+        self.vary = [options.header] * self.use_header + ["Accept"] * self.use_accept
+        self.notices = {v: d.headers() for v, d in options.deprecated.items()}
+        self._counts: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("PATH_INFO", "")
+        if path != self.prefix and not path.startswith(self.prefix_slash):
+            return self.app(environ, start_response)
+        rest = path[len(self.prefix_slash):]
+        segment = rest.partition("/")[0]
+        found: dict[str, str | None] = {"url": None, "header": None, "accept": None, "default": None}
+        if segment in self.supported:
+            found["url"] = segment
+        elif _SHAPE.fullmatch(segment):
+            raise self._unsupported(404, f"API version {segment!r} in the URL", segment, "url")
+        if self.use_header and environ.get(self.header_env):
+            found["header"] = self._from_header(environ[self.header_env])
+        if self.use_accept and self.media_prefix in environ.get("HTTP_ACCEPT", "").lower():
+            found["accept"] = self._from_accept(environ["HTTP_ACCEPT"])
+        url, header = found["url"], found["header"]
+        if url is not None and header is not None and url != header:
+            raise refuse(400, f"The URL asks for API version {url} but the {self.options.header} header asks "
+                              f"for {header}; send one, or make them agree.",
+                         details={"url": url, "header": header, "supported": self.listed})
+        source = next((s for s in self.options.precedence if found[s] is not None), "default")
+        version = found[source] or self.default
+        environ[API_VERSION] = version
+        environ[SOURCE] = source
+        if version != url:  # no version in the path, or Accept outranks the URL's
+            tail = rest[len(segment):] if url else ("/" + rest if path != self.prefix else "")
+            environ[ORIG_PATH] = path
+            environ["PATH_INFO"] = f"{self.prefix_slash}{version}{tail}"
+            environ.pop(PATH, None)
+        note(environ, "versioning", f"{version} from {source}")
+        notice = self.notices.get(version)
+        if notice is not None:
+            self._count(environ, version)
+        elif source == "url":
+            return self.app(environ, start_response)
+        extra = list(notice or ())
+        vary = self.vary if source != "url" else []
+
+        def edit(status: str, headers: Headers) -> None:
+            headers.extend(extra)
+            if vary:
+                add_vary(headers, *vary)
+
+        try:
+            return self.app(environ, wrap_start_response(start_response, edit))
+        except HTTPException as exc:
+            decorate_error(exc, extra)
+            raise
+
+    def _unsupported(self, code: int, what: str, asked: str, source: str) -> HTTPException:
+        return refuse(code, f"{what} is not supported (supported: {', '.join(self.listed)}).",
+                      details={"version": asked, "source": source, "supported": self.listed})
+
+    def _from_header(self, value: str) -> str:
+        version = _normal(value)
+        if version not in self.supported:
+            raise self._unsupported(400, f"API version {value.strip()[:40]!r} from the {self.options.header} "
+                                         "header", value.strip()[:40], "header")
+        return version
+
+    def _from_accept(self, value: str) -> str | None:
+        asked: list[str] = []
+        for media_type, quality in parse_accept_header(value):
+            media_type = media_type.partition(";")[0].strip().lower()
+            if quality <= 0 or not media_type.startswith(self.media_prefix):
+                continue
+            version = _normal(media_type[len(self.media_prefix):].partition("+")[0])
+            if version in self.supported:
+                return version
+            asked.append(version)
+        if not asked:
+            return None
+        raise self._unsupported(406, f"API version {', '.join(asked)[:60]!r} in the Accept header",
+                                ", ".join(asked)[:60], "accept")
+
+    def _count(self, environ: WSGIEnvironment, version: str) -> None:
+        identity = environ.get(IDENTITY)
+        client = str(identity.subject) if identity is not None else client_ip(environ)
+        self.context.emit("version.deprecated", version=version, client=client)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._counts.pop((client, version), None) or [0, -1e18]
+            entry[0] += 1
+            self._counts[(client, version)] = entry
+            if len(self._counts) > self.options.max_clients:
+                self._counts.popitem(last=False)
+            due = now - entry[1] >= self.options.report_interval
+            if due:
+                count, entry[0], entry[1] = entry[0], 0, now
+        if due:
+            self.logger.warning("client %s used deprecated API version %s (%d requests since the last report)",
+                                client, version, int(count))

@@ -1,0 +1,764 @@
+"""The cache layer: what is stored, what is keyed, single-flight, streams, stale, purge, store failure."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+from werkzeug.test import Client
+
+import middleware.cache as cache_module
+from middleware.base import API_VERSION, IDENTITY, Context, Identity, refuse
+from middleware.cache import CacheMiddleware, purge
+from middleware.errors import ErrorsMiddleware
+from stores import Store, store_from_url
+from stores.memory import MemoryStore
+
+T0 = 1_700_000_000.0
+
+
+class Origin:
+    """A counting inner app that echoes what it saw; each test sets its answer."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.status = "200 OK"
+        self.headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
+        self.length = True
+        self.delay = 0.0
+        self.fail: BaseException | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        identity = environ.get(IDENTITY)
+        body = json.dumps({
+            "n": n, "path": environ["PATH_INFO"], "query": environ.get("QUERY_STRING", ""),
+            "user": identity.subject if identity else None, "version": environ.get(API_VERSION),
+            "host": environ.get("HTTP_HOST"), "xfh": environ.get("HTTP_X_FORWARDED_HOST"),
+            "proto": environ.get("HTTP_X_FORWARDED_PROTO"), "lang": environ.get("HTTP_ACCEPT_LANGUAGE"),
+        }).encode()
+        headers = list(self.headers)
+        if self.length:
+            headers.append(("Content-Length", str(len(body))))
+        start_response(self.status, headers)
+        return [body]
+
+
+def fake_auth(app: Any) -> Any:
+    """Stand-in for the auth layer: ``X-Test-User: alice:admin,ops`` becomes the identity."""
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        user = environ.get("HTTP_X_TEST_USER")
+        if user:
+            name, _, roles = user.partition(":")
+            environ[IDENTITY] = Identity(name, frozenset(r for r in roles.split(",") if r))
+        if "HTTP_X_TEST_VERSION" in environ:
+            environ[API_VERSION] = environ["HTTP_X_TEST_VERSION"]
+        return app(environ, start_response)
+
+    return wrapped
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Stack:
+    """errors -> fake auth -> cache -> origin, with the events the layer emitted."""
+
+    def __init__(self, store: Store, origin: Origin, **options: Any) -> None:
+        self.store, self.origin, self.events = store, origin, []
+        self.context = Context(stores={"shared": store})
+        self.context.listeners.append(lambda event, fields: self.events.append((event, fields)))
+        self.layer = CacheMiddleware(origin, CacheMiddleware.Options(**options), self.context)
+        self.wsgi = ErrorsMiddleware(fake_auth(self.layer), ErrorsMiddleware.Options(), self.context)
+        self.web = TestApp(self.wsgi)
+
+    def get(self, url: str = "/api/v1/search?q=x", **kw: Any) -> Any:
+        return self.web.get(url, **kw)
+
+    def names(self) -> list[str]:
+        return [e for e, _ in self.events]
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A fresh store of each backend."""
+    s = store_from_url(store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def origin() -> Origin:
+    """The counting inner app."""
+    return Origin()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The cache's wall clock, frozen at T0 until the test moves it."""
+    c = Clock()
+    monkeypatch.setattr(cache_module, "_clock", c)
+    return c
+
+
+@pytest.fixture
+def make(store: Store, origin: Origin, clock: Clock) -> Callable[..., Stack]:
+    """Build a Stack over the test's store and origin from keyword options."""
+    return lambda **options: Stack(store, origin, **options)
+
+
+# -- what is stored ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "response_headers", "request_headers", "expected"), [
+    pytest.param({}, [], {}, ("MISS", "HIT", 1), id="plain GET is stored"),
+    pytest.param({}, [("Set-Cookie", "a=b")], {}, ("MISS", "MISS", 2), id="Set-Cookie never stored"),
+    pytest.param({}, [("Cache-Control", "private")], {}, ("MISS", "MISS", 2), id="private never stored"),
+    pytest.param({}, [("Cache-Control", "no-store")], {}, ("MISS", "MISS", 2), id="no-store never stored"),
+    pytest.param({}, [("Cache-Control", "no-cache")], {}, ("MISS", "MISS", 2), id="no-cache never stored"),
+    pytest.param({}, [("Cache-Control", "max-age=0")], {}, ("MISS", "MISS", 2), id="max-age=0 never stored"),
+    pytest.param({}, [("Cache-Control", "public, s-maxage=0, max-age=60")], {}, ("MISS", "MISS", 2),
+                 id="s-maxage=0 wins over max-age"),
+    pytest.param({}, [("Vary", "*")], {}, ("MISS", "MISS", 2), id="Vary star never stored"),
+    pytest.param({}, [("Cache-Control", "public, max-age=60")], {}, ("MISS", "HIT", 1), id="public max-age"),
+    pytest.param({"max_body_bytes": 10}, [], {}, ("MISS", "MISS", 2), id="body over max_body_bytes"),
+    pytest.param({}, [], {"Authorization": "Bearer t"}, ("BYPASS", "BYPASS", 2), id="Authorization bypasses"),
+    pytest.param({}, [], {"Cookie": "__Host-session=abc"}, ("BYPASS", "BYPASS", 2),
+                 id="session cookie bypasses"),
+    pytest.param({"cookie_names": ["sid"]}, [], {"Cookie": "sid=abc"}, ("BYPASS", "BYPASS", 2),
+                 id="configured cookie name bypasses"),
+    pytest.param({}, [], {"Cookie": "theme=dark"}, ("MISS", "HIT", 1), id="other cookies are not private"),
+    pytest.param({}, [], {"X-Test-User": "alice"}, ("BYPASS", "BYPASS", 2),
+                 id="identity without per_user bypasses"),
+    pytest.param({}, [], {"Cache-Control": "no-cache"}, ("BYPASS", "BYPASS", 2), id="request no-cache"),
+    pytest.param({}, [], {"Cache-Control": "no-store"}, ("BYPASS", "BYPASS", 2), id="request no-store"),
+    pytest.param({}, [], {"Pragma": "no-cache"}, ("BYPASS", "BYPASS", 2), id="request Pragma no-cache"),
+    pytest.param({"honor_request_no_cache": False}, [], {"Cache-Control": "no-cache"}, ("MISS", "HIT", 1),
+                 id="request no-cache ignored when told"),
+    pytest.param({"per_user": True}, [], {"Authorization": "Bearer t"}, ("BYPASS", "BYPASS", 2),
+                 id="per_user, credentials without identity bypass"),
+    pytest.param({"per_user": True}, [("Cache-Control", "private")], {}, ("MISS", "MISS", 2),
+                 id="per_user, anonymous private answer not stored"),
+    pytest.param({"per_user": True}, [("Cache-Control", "private")],
+                 {"Authorization": "Bearer t", "X-Test-User": "alice"}, ("MISS", "HIT", 1),
+                 id="per_user, private answer stored for its subject"),
+])
+def test_what_is_stored(make: Callable[..., Stack], origin: Origin, options: dict[str, Any],
+                        response_headers: list[tuple[str, str]], request_headers: dict[str, str],
+                        expected: tuple[str, str, int]) -> None:
+    origin.headers += response_headers
+    stack = make(**options)
+    first = stack.get(headers=request_headers)
+    second = stack.get(headers=request_headers)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"], origin.calls) == expected
+    assert second.json["n"] == (1 if expected[1] == "HIT" else 2)
+
+
+@pytest.mark.parametrize(("status", "statuses", "expected"), [
+    pytest.param("404 Not Found", [200], "MISS", id="404 not cacheable by default"),
+    pytest.param("404 Not Found", [200, 404], "HIT", id="404 cacheable when listed"),
+    pytest.param("203 Non-Authoritative Information", [200], "MISS", id="203 not listed"),
+])
+def test_statuses(make: Callable[..., Stack], origin: Origin, status: str, statuses: list[int],
+                  expected: str) -> None:
+    origin.status = status
+    stack = make(statuses=statuses)
+    stack.get(status="*")
+    assert stack.get(status="*").headers["X-Cache"] == expected
+
+
+def test_no_content_length_is_not_stored(make: Callable[..., Stack], origin: Origin) -> None:
+    origin.length = False
+    stack = make()
+    stack.get()
+    assert stack.get().headers["X-Cache"] == "MISS"
+    assert origin.calls == 2
+
+
+def test_hit_never_enters_the_app_and_replays_the_answer(make: Callable[..., Stack], origin: Origin) -> None:
+    origin.headers.append(("X-Custom", "kept"))
+    stack = make()
+    first = stack.get()
+    second = stack.get()
+    assert origin.calls == 1
+    assert second.body == first.body
+    assert second.headers["X-Custom"] == "kept"
+    assert second.headers["Content-Type"] == "application/json"
+    assert second.headers["Age"] == "0"
+    assert "Age" not in first.headers
+    assert stack.names() == ["cache.miss", "cache.hit"]
+
+
+def test_hit_is_one_store_read(make: Callable[..., Stack], store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = make()
+    stack.get()
+    reads: list[str] = []
+    real = store.get
+    monkeypatch.setattr(store, "get", lambda key: reads.append(key) or real(key))
+    assert stack.get().headers["X-Cache"] == "HIT"
+    assert len(reads) == 1
+
+
+def test_other_methods_pass_through(make: Callable[..., Stack], origin: Origin) -> None:
+    stack = make()
+    for _ in range(2):
+        response = stack.web.post("/api/v1/search?q=x")
+        assert "X-Cache" not in response.headers
+    assert origin.calls == 2
+    assert stack.events == []
+
+
+# -- HEAD ------------------------------------------------------------------------------
+
+def test_head_is_served_from_the_get_entry(make: Callable[..., Stack], origin: Origin) -> None:
+    stack = make()
+    get = stack.get()
+    head = stack.web.head("/api/v1/search?q=x")
+    assert head.headers["X-Cache"] == "HIT"
+    assert head.body == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+    assert origin.calls == 1
+
+
+def test_head_miss_asks_the_app_and_stores_nothing(make: Callable[..., Stack], origin: Origin) -> None:
+    stack = make()
+    assert stack.web.head("/api/v1/search?q=x").headers["X-Cache"] == "MISS"
+    assert stack.get().headers["X-Cache"] == "MISS"
+    assert origin.calls == 2
+
+
+# -- the key -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("first", "second", "shared"), [
+    pytest.param("/s?a=1&b=2", "/s?b=2&a=1", True, id="query order of names ignored"),
+    pytest.param("/s?a=1&a=2", "/s?a=2&a=1", False, id="order of repeated values kept"),
+    pytest.param("/s?q=a+b", "/s?q=a%20b", True, id="query decoded before keying"),
+    pytest.param("/s?q=", "/s?q", True, id="blank values kept"),
+    pytest.param("/s?q=1", "/s?q=2", False, id="query values keyed"),
+    pytest.param("/s/%7Euser", "/s/~user", True, id="path percent-decoded"),
+    pytest.param("/s//x", "/s/x", False, id="slashes not collapsed"),
+    pytest.param("/s/x/", "/s/x", False, id="trailing slash keyed"),
+    pytest.param("/S", "/s", False, id="path case keyed"),
+])
+def test_key_normalisation(make: Callable[..., Stack], origin: Origin, first: str, second: str,
+                           shared: bool) -> None:
+    stack = make()
+    stack.get(first)
+    assert stack.get(second).headers["X-Cache"] == ("HIT" if shared else "MISS")
+
+
+def test_api_version_is_keyed(make: Callable[..., Stack], origin: Origin) -> None:
+    stack = make()
+    v1 = stack.get("/api/search", headers={"X-Test-Version": "v1"})
+    v2 = stack.get("/api/search", headers={"X-Test-Version": "v2"})
+    again = stack.get("/api/search", headers={"X-Test-Version": "v1"})
+    assert (v1.json["version"], v2.json["version"]) == ("v1", "v2")
+    assert v2.headers["X-Cache"] == "MISS"
+    assert again.headers["X-Cache"] == "HIT"
+    assert again.json["version"] == "v1"
+
+
+@pytest.mark.parametrize(("header", "value", "field"), [
+    pytest.param("X-Forwarded-Host", "evil.example", "xfh", id="X-Forwarded-Host"),
+    pytest.param("X-Forwarded-Proto", "http", "proto", id="X-Forwarded-Proto"),
+    pytest.param("Host", "evil.example", "host", id="Host"),
+])
+def test_unkeyed_headers_cannot_poison(make: Callable[..., Stack], origin: Origin, header: str, value: str,
+                                       field: str) -> None:
+    stack = make()
+    poisoned = stack.get(headers={header: value})
+    assert poisoned.json[field] == value
+    clean = stack.get()
+    assert clean.headers["X-Cache"] == "MISS"
+    assert clean.json[field] != value
+    assert stack.get(headers={header: value}).headers["X-Cache"] == "HIT"
+
+
+@pytest.mark.parametrize("header", ["X-Original-URL", "X-Rewrite-URL", "X-HTTP-Method-Override", "Forwarded"])
+def test_routing_override_headers_are_keyed(make: Callable[..., Stack], header: str) -> None:
+    stack = make()
+    stack.get(headers={header: "/admin"})
+    assert stack.get().headers["X-Cache"] == "MISS"
+
+
+def test_vary_keys_on_the_named_request_headers(make: Callable[..., Stack], origin: Origin,
+                                                 store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    origin.headers.append(("Vary", "Accept-Language"))
+    stack = make()
+    en = stack.get(headers={"Accept-Language": "en"})
+    fr = stack.get(headers={"Accept-Language": "fr"})
+    assert (en.headers["X-Cache"], fr.headers["X-Cache"]) == ("MISS", "MISS")
+    reads: list[str] = []
+    real = store.get
+    monkeypatch.setattr(store, "get", lambda key: reads.append(key) or real(key))
+    en2 = stack.get(headers={"Accept-Language": "en"})
+    fr2 = stack.get(headers={"Accept-Language": "fr"})
+    none = stack.get()
+    assert (en2.headers["X-Cache"], en2.json["lang"]) == ("HIT", "en")
+    assert (fr2.headers["X-Cache"], fr2.json["lang"]) == ("HIT", "fr")
+    assert (none.headers["X-Cache"], none.json["lang"]) == ("MISS", None)
+    assert en2.headers["Vary"] == "Accept-Language"
+    assert len(reads) == 6  # a Vary path costs two reads per lookup
+    assert origin.calls == 3
+
+
+def test_private_answers_never_reach_another_user(make: Callable[..., Stack], origin: Origin) -> None:
+    origin.headers.append(("Cache-Control", "private, max-age=60"))
+    stack = make(per_user=True)
+    alice = {"Authorization": "Bearer a", "X-Test-User": "alice"}
+    bob = {"Authorization": "Bearer b", "X-Test-User": "bob"}
+    assert stack.get(headers=alice).json["user"] == "alice"
+    assert stack.get(headers=alice).headers["X-Cache"] == "HIT"
+    as_bob = stack.get(headers=bob)
+    assert (as_bob.headers["X-Cache"], as_bob.json["user"]) == ("MISS", "bob")
+    anonymous = stack.get()
+    assert (anonymous.headers["X-Cache"], anonymous.json["user"]) == ("MISS", None)
+
+
+def test_private_answers_not_shared_without_per_user(make: Callable[..., Stack], origin: Origin) -> None:
+    stack = make()
+    alice = stack.get(headers={"Authorization": "Bearer a", "X-Test-User": "alice"})
+    assert (alice.headers["X-Cache"], alice.json["user"]) == ("BYPASS", "alice")
+    anonymous = stack.get()
+    assert (anonymous.headers["X-Cache"], anonymous.json["user"]) == ("MISS", None)
+
+
+# -- freshness and Age -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "cache_control", "later", "expected"), [
+    pytest.param({"ttl": 30}, None, 29, "HIT", id="ttl fallback, fresh"),
+    pytest.param({"ttl": 30}, None, 31, "MISS", id="ttl fallback, expired"),
+    pytest.param({"ttl": 300}, "max-age=10", 9, "HIT", id="max-age, fresh"),
+    pytest.param({"ttl": 300}, "max-age=10", 11, "MISS", id="max-age beats ttl"),
+    pytest.param({"ttl": 300}, "max-age=100, s-maxage=5", 6, "MISS", id="s-maxage beats max-age"),
+    pytest.param({"ttl": 5}, "s-maxage=100", 50, "HIT", id="s-maxage beats ttl"),
+])
+def test_freshness(make: Callable[..., Stack], origin: Origin, clock: Clock, options: dict[str, Any],
+                   cache_control: str | None, later: int, expected: str) -> None:
+    if cache_control:
+        origin.headers.append(("Cache-Control", cache_control))
+    stack = make(**options)
+    stack.get()
+    clock.now += later
+    response = stack.get()
+    assert response.headers["X-Cache"] == expected
+    if expected == "HIT":
+        assert response.headers["Age"] == str(later)
+
+
+def test_age_counts_whole_seconds_since_stored(make: Callable[..., Stack], clock: Clock) -> None:
+    stack = make()
+    stack.get()
+    clock.now += 7.9
+    assert stack.get().headers["Age"] == "7"
+
+
+# -- stale-if-error ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("failure", "window", "expected_status", "expected_cache"), [
+    pytest.param(RuntimeError("db down"), 600, 200, "STALE", id="exception, stale served"),
+    pytest.param(refuse(503, "Upstream down."), 600, 200, "STALE", id="503 raised, stale served"),
+    pytest.param("502 Bad Gateway", 600, 200, "STALE", id="502 answered, stale served"),
+    pytest.param(refuse(404, "Gone."), 600, 404, None, id="404 raised, passes"),
+    pytest.param(RuntimeError("db down"), 0, 500, None, id="exception, stale off"),
+    pytest.param("502 Bad Gateway", 0, 502, "MISS", id="502 answered, stale off"),
+])
+def test_stale_if_error(make: Callable[..., Stack], origin: Origin, clock: Clock, failure: Any, window: int,
+                        expected_status: int, expected_cache: str | None) -> None:
+    stack = make(ttl=10, stale_if_error=window)
+    fresh = stack.get()
+    clock.now += 20
+    if isinstance(failure, str):
+        origin.status = failure
+    else:
+        origin.fail = failure
+    response = stack.get(status="*")
+    assert response.status_int == expected_status
+    assert response.headers.get("X-Cache") == expected_cache
+    if expected_cache == "STALE":
+        assert response.body == fresh.body
+        assert response.headers["Age"] == "20"
+        assert "cache.stale" in stack.names()
+
+
+def test_must_revalidate_turns_stale_off(make: Callable[..., Stack], origin: Origin, clock: Clock) -> None:
+    origin.headers.append(("Cache-Control", "max-age=10, must-revalidate"))
+    stack = make(stale_if_error=600)
+    stack.get()
+    clock.now += 20
+    origin.fail = RuntimeError("db down")
+    assert stack.get(status=500).json["error"]["code"] == 500
+
+
+# -- single-flight ---------------------------------------------------------------------------
+
+def _concurrently(apps: list[Any], n: int, path: str = "/api/v1/search?q=x") -> list[tuple[str, bytes]]:
+    barrier = threading.Barrier(n)
+    results: list[tuple[str, bytes]] = []
+
+    def one(i: int) -> None:
+        client = Client(apps[i % len(apps)])
+        barrier.wait()
+        response = client.get(path)
+        results.append((response.headers.get("X-Cache", ""), response.get_data()))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_single_flight_calls_the_app_once(make: Callable[..., Stack], origin: Origin) -> None:
+    origin.delay = 0.3
+    stack = make()
+    results = _concurrently([stack.wsgi], 8)
+    assert origin.calls == 1
+    assert sorted(label for label, _ in results) == ["HIT"] * 7 + ["MISS"]
+    assert len({body for _, body in results}) == 1
+
+
+def test_single_flight_across_processes(store: Store, origin: Origin, clock: Clock) -> None:
+    origin.delay = 0.3
+    # Two layers over one store stand for two worker processes.
+    stacks = [Stack(store, origin), Stack(store, origin)]
+    results = _concurrently([s.wsgi for s in stacks], 6)
+    assert origin.calls == 1
+    assert sorted(label for label, _ in results) == ["HIT"] * 5 + ["MISS"]
+
+
+def test_waiters_give_up_after_lock_timeout(make: Callable[..., Stack], origin: Origin) -> None:
+    origin.delay = 0.4
+    stack = make(lock_timeout=0.05)
+    results = _concurrently([stack.wsgi], 3)
+    assert origin.calls == 3
+    assert [label for label, _ in results] == ["MISS"] * 3
+
+
+def test_uncacheable_leader_releases_waiters_at_once(make: Callable[..., Stack], origin: Origin) -> None:
+    origin.headers.append(("Cache-Control", "no-store"))
+    origin.delay = 0.2
+    stack = make(lock_timeout=5)
+    started = time.monotonic()
+    _concurrently([stack.wsgi], 3)
+    assert origin.calls == 3
+    assert time.monotonic() - started < 2
+
+
+# -- streams and the tee -------------------------------------------------------------------------
+
+class Stream:
+    """An app iterable that records how far it was pulled and whether it was closed."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.pulled, self.closed = chunks, 0, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.pulled += 1
+            yield chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _streaming_app(stream: Stream, headers: list[tuple[str, str]]) -> Any:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Stream:
+        start_response("200 OK", headers)
+        return stream
+
+    return app
+
+
+def _call(layer: Any, path: str = "/events") -> tuple[list[Any], Iterable[bytes]]:
+    seen: list[Any] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "wsgi.url_scheme": "http",
+               "HTTP_HOST": "localhost"}
+    result = layer(environ, lambda status, headers, exc_info=None: seen.append((status, headers)))
+    return seen, result
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param([("Content-Type", "text/event-stream")], id="event stream"),
+    pytest.param([("Content-Type", "text/event-stream"), ("Content-Length", "12")], id="event stream with length"),
+    pytest.param([("Content-Type", "application/octet-stream")], id="no Content-Length"),
+])
+def test_streams_pass_through_unbuffered_and_uncached(store: Store, headers: list[tuple[str, str]]) -> None:
+    stream = Stream([b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"])
+    layer = CacheMiddleware(_streaming_app(stream, headers), CacheMiddleware.Options(),
+                            Context(stores={"shared": store}))
+    seen, result = _call(layer)
+    assert result is stream  # handed over untouched: no buffering, no tee
+    assert dict(seen[0][1])["X-Cache"] == "MISS"
+    assert list(store.scan("wsgistack:cache:e:")) == []
+
+
+def test_cacheable_body_is_teed_chunk_by_chunk(store: Store) -> None:
+    stream = Stream([b"ab", b"cd", b"ef"])
+    app = _streaming_app(stream, [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    layer = CacheMiddleware(app, CacheMiddleware.Options(), Context(stores={"shared": store}))
+    seen, result = _call(layer)
+    chunks = iter(result)
+    assert next(chunks) == b"ab"
+    assert stream.pulled == 1  # the client has the first chunk before the app made the second
+    assert list(chunks) == [b"cd", b"ef"]
+    result.close()  # type: ignore[attr-defined]
+    assert stream.closed
+    seen, again = _call(layer)
+    assert dict(seen[0][1])["X-Cache"] == "HIT"
+    assert b"".join(again) == b"abcdef"
+
+
+def test_closed_early_stores_nothing_and_releases(store: Store) -> None:
+    stream = Stream([b"ab", b"cd", b"ef"])
+    app = _streaming_app(stream, [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    layer = CacheMiddleware(app, CacheMiddleware.Options(), Context(stores={"shared": store}))
+    _, result = _call(layer)
+    next(iter(result))
+    result.close()  # type: ignore[attr-defined]
+    assert stream.closed
+    assert layer._inflight == {}
+    seen, _ = _call(layer)
+    assert dict(seen[0][1])["X-Cache"] == "MISS"
+
+
+def test_short_body_is_not_stored(store: Store) -> None:
+    app = _streaming_app(Stream([b"abc"]), [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    layer = CacheMiddleware(app, CacheMiddleware.Options(), Context(stores={"shared": store}))
+    _, result = _call(layer)
+    list(result)
+    assert list(store.scan("wsgistack:cache:e:")) == []
+
+
+# -- purge -----------------------------------------------------------------------------------------
+
+def _fill(stack: Stack, urls: list[str]) -> None:
+    for url in urls:
+        assert stack.get(url).headers["X-Cache"] == "MISS"
+
+
+URLS = ["/api/v1/search?q=a", "/api/v1/search?q=b", "/api/v1/searches", "/api/v1/other", "/api/v2/search?q=a"]
+
+
+@pytest.mark.parametrize(("pattern", "purged"), [
+    pytest.param("/api/v1/search*", ["/api/v1/search?q=a", "/api/v1/search?q=b", "/api/v1/searches"],
+                 id="prefix glob"),
+    pytest.param("/api/v1/search", ["/api/v1/search?q=a", "/api/v1/search?q=b"], id="exact path"),
+    pytest.param("/api/*/search", ["/api/v1/search?q=a", "/api/v1/search?q=b", "/api/v2/search?q=a"],
+                 id="glob in the middle"),
+    pytest.param("*", URLS, id="everything"),
+    pytest.param("/nothing*", [], id="no match"),
+])
+def test_purge_by_pattern(make: Callable[..., Stack], store: Store, pattern: str, purged: list[str]) -> None:
+    stack = make()
+    _fill(stack, URLS)
+    assert purge(store, pattern) == len(purged)
+    for url in URLS:
+        assert stack.get(url).headers["X-Cache"] == ("MISS" if url in purged else "HIT"), url
+
+
+def test_purge_reaches_vary_variants_and_respects_key_prefix(make: Callable[..., Stack], origin: Origin,
+                                                             store: Store) -> None:
+    origin.headers.append(("Vary", "Accept-Language"))
+    stack = make(key_prefix="other:")
+    stack.get(headers={"Accept-Language": "en"})
+    assert purge(store, "/api/*") == 0  # default prefix: not this layer's entries
+    assert purge(store, "/api/*", prefix="other:") == 2  # the Vary index and the variant
+    assert stack.get(headers={"Accept-Language": "en"}).headers["X-Cache"] == "MISS"
+
+
+@pytest.mark.parametrize(("method", "user", "query", "status", "message"), [
+    pytest.param("GET", "root:admin", "pattern=/api/*", 405, "The cache purge endpoint accepts POST or DELETE.",
+                 id="GET refused"),
+    pytest.param("POST", None, "pattern=/api/*", 401, "Purging the cache needs an authenticated identity.",
+                 id="no identity"),
+    pytest.param("POST", "alice:reader", "pattern=/api/*", 403, "Purging the cache needs one of the roles: admin.",
+                 id="wrong role"),
+    pytest.param("DELETE", "root:admin", "", 400, "The purge endpoint needs a pattern query parameter that "
+                 "starts with '/' or '*', such as ?pattern=/api/v1/search*.", id="no pattern"),
+])
+def test_purge_endpoint_refusals(make: Callable[..., Stack], method: str, user: str | None, query: str,
+                                 status: int, message: str) -> None:
+    stack = make(purge_path="/_stack/cache/purge")
+    headers = {"X-Test-User": user} if user else {}
+    response = stack.web.request(f"/_stack/cache/purge?{query}", method=method, headers=headers, status=status)
+    assert response.json["error"]["message"] == message
+    if status == 405:
+        assert response.headers["Allow"] == "DELETE, POST"
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+def test_purge_endpoint_purges(make: Callable[..., Stack], method: str) -> None:
+    stack = make(purge_path="/_stack/cache/purge", purge_roles=["admin", "ops"])
+    _fill(stack, URLS)
+    response = stack.web.request("/_stack/cache/purge?pattern=/api/v1/search*", method=method,
+                                 headers={"X-Test-User": "carol:ops"})
+    assert response.json == {"purged": 3, "pattern": "/api/v1/search*"}
+    assert response.headers["Cache-Control"] == "no-store"
+    assert stack.get("/api/v1/search?q=a").headers["X-Cache"] == "MISS"
+    assert stack.get("/api/v1/other").headers["X-Cache"] == "HIT"
+
+
+# -- store failure ----------------------------------------------------------------------------------
+
+@pytest.mark.redis
+def test_store_down_bypasses_and_recovers(redis_server: Any, redis_url: str, origin: Origin,
+                                          clock: Clock) -> None:
+    if redis_server is None:
+        pytest.skip("needs the private redis-server to stop and start it")
+    from stores.redis import RedisStore
+
+    store = RedisStore(redis_url, reset_timeout=0.2)
+    stack = Stack(store, origin)
+    assert stack.get().headers["X-Cache"] == "MISS"
+    redis_server.stop()
+    try:
+        for _ in range(4):  # also once the circuit is open
+            response = stack.get()
+            assert (response.status_int, response.headers["X-Cache"]) == (200, "BYPASS")
+        errors = [f for e, f in stack.events if e == "store.error"]
+        assert errors and all(f["layer"] == "cache" and f["store"] == "shared" for f in errors)
+    finally:
+        redis_server.start()
+    time.sleep(0.3)
+    assert [stack.get().headers["X-Cache"] for _ in range(3)] == ["MISS", "HIT", "HIT"]
+    store.close()
+
+
+@pytest.mark.redis
+def test_store_down_closed_answers_503(redis_server: Any, redis_url: str, origin: Origin) -> None:
+    if redis_server is None:
+        pytest.skip("needs the private redis-server to stop and start it")
+    from stores.redis import RedisStore
+
+    store = RedisStore(redis_url, reset_timeout=0.2, failure_threshold=50)
+    stack = Stack(store, origin, on_store_error="closed")
+    redis_server.stop()
+    try:
+        response = stack.get(status=503)
+        assert response.json["error"]["message"] == "The response cache is unavailable."
+        assert response.headers["Retry-After"] == "5"
+        assert origin.calls == 0
+    finally:
+        redis_server.start()
+    store.close()
+
+
+class BrokenStore(MemoryStore):
+    """A memory store whose writes fail."""
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        from stores import StoreError
+
+        raise StoreError("disk full")
+
+
+def test_failed_write_still_answers(origin: Origin) -> None:
+    stack = Stack(BrokenStore(), origin)
+    assert stack.get().headers["X-Cache"] == "MISS"
+    assert stack.get().headers["X-Cache"] == "MISS"
+    assert ("store.error", {"store": "shared", "layer": "cache", "error": "disk full"}) in stack.events
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({"statuses": [200, 500]}, "statuses may list only codes from 200 to 499 (got 500); "
+                 "error responses are never cached", id="5xx status"),
+    pytest.param({"purge_path": "purge"}, "purge_path must start with '/' (got 'purge')", id="relative purge path"),
+    pytest.param({"purge_path": "/p", "purge_roles": []}, "purge_roles may not be empty when purge_path is set",
+                 id="no purge roles"),
+    pytest.param({"ttl": 0}, "greater than 0", id="zero ttl"),
+    pytest.param({"shelf": 1}, "Extra inputs are not permitted", id="unknown option"),
+])
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("?", r"\?").replace("(", r"\(").replace(")", r"\)")):
+        CacheMiddleware.Options(**options)
+
+
+def test_unknown_store_is_named() -> None:
+    with pytest.raises(LookupError, match=r"unknown store 'shared' \(known: cache\)"):
+        CacheMiddleware(Origin(), CacheMiddleware.Options(), Context(stores={"cache": MemoryStore()}))
+
+
+# -- from stack.yaml ----------------------------------------------------------------------------------
+
+def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack({
+        "stores": {"shared": "memory://"},
+        "app": {"factory": "stack_support:echo_app"},
+        "pipeline": [
+            {"versioning": {"supported": ["v1", "v2"]}},
+            {"cache": {"store": "shared", "ttl": 60, "paths": ["/api/*"]}},
+        ],
+    })
+    first = stack.get("/api/search?q=x", headers={"X-API-Version": "v2"})
+    second = stack.get("/api/search?q=x", headers={"X-API-Version": "v2"})
+    assert first.json["path"] == "/api/v2/search"
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert "X-Cache" not in stack.get("/other").headers  # outside the cache's paths
+
+
+def test_yaml_option_errors_name_the_key(make_stack: Callable[..., TestApp]) -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make_stack("pipeline:\n  - cache: {statuses: [200, 503]}\n")
+    assert "statuses may list only codes from 200 to 499 (got 503)" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [b"garbage", b'{"v": 3}', b'{"s": "200 OK"}\nbody', b"\xff\xfe\n"])
+def test_foreign_values_are_misses(make: Callable[..., Stack], store: Store, value: bytes) -> None:
+    stack = make()
+    stack.get()
+    keys = list(store.scan("wsgistack:cache:e:"))
+    assert len(keys) == 1
+    store.set(keys[0], value, ttl=60)
+    assert stack.get().headers["X-Cache"] == "MISS"
+    assert stack.get().headers["X-Cache"] == "HIT"
+
+
+def test_with_the_flask_core(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack({
+        "pipeline": [
+            {"versioning": {"supported": ["v1", "v2"]}},
+            {"cache": {"ttl": 60}},
+        ],
+    })
+    first = stack.get("/api/health", headers={"X-API-Version": "v2"})
+    second = stack.get("/api/health", headers={"X-API-Version": "v2"})
+    other = stack.get("/api/health")
+    assert (first.json["version"], other.json["version"]) == ("v2", "v1")
+    assert (first.headers["X-Cache"], second.headers["X-Cache"], other.headers["X-Cache"]) == ("MISS", "HIT", "MISS")
+    assert second.body == first.body
+
+
+def test_long_body_is_not_stored(store: Store) -> None:
+    app = _streaming_app(Stream([b"abc", b"def", b"ghi"]), [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    layer = CacheMiddleware(app, CacheMiddleware.Options(), Context(stores={"shared": store}))
+    _, result = _call(layer)
+    assert list(result) == [b"abc", b"def", b"ghi"]
+    assert list(store.scan("wsgistack:cache:e:")) == []

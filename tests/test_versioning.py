@@ -1,0 +1,337 @@
+"""The versioning layer: sources, precedence, conflicts, refusals, default rewriting, deprecation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import API_VERSION, IDENTITY, Context, Identity, decoded_path, refuse
+from middleware.cache import CacheMiddleware
+from middleware.errors import ErrorsMiddleware
+from middleware.versioning import ORIG_PATH, SOURCE, VersioningMiddleware
+from stores.memory import MemoryStore
+
+V1_V2 = {"supported": ["v1", "v2"]}
+VND = "application/vnd.wsgistack."
+
+
+class Seen:
+    """An inner app that records the environ facts versioning sets, and answers 200."""
+
+    def __init__(self) -> None:
+        self.environ: dict[str, Any] = {}
+        self.calls = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self.calls += 1
+        self.environ = dict(environ)
+        if environ["PATH_INFO"].endswith("/forbidden"):
+            raise refuse(403, "Not yours.")
+        body = f"{environ['PATH_INFO']} {environ.get(API_VERSION)}".encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+@pytest.fixture
+def seen() -> Seen:
+    """The recording inner app."""
+    return Seen()
+
+
+@pytest.fixture
+def make(seen: Seen) -> Callable[..., tuple[TestApp, Context]]:
+    """Build errors -> versioning -> seen from keyword options."""
+
+    def build(**options: Any) -> tuple[TestApp, Context]:
+        context = Context()
+        layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**options), context)
+        return TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), context)), context
+
+    return build
+
+
+@pytest.mark.parametrize(("options", "path", "request_headers", "expected"), [
+    pytest.param(V1_V2, "/api/v1/search", {}, ("/api/v1/search", "v1", "url"), id="url v1"),
+    pytest.param(V1_V2, "/api/v2/search", {}, ("/api/v2/search", "v2", "url"), id="url v2"),
+    pytest.param(V1_V2, "/api/search", {"X-API-Version": "v2"}, ("/api/v2/search", "v2", "header"),
+                 id="header rewrites the path"),
+    pytest.param(V1_V2, "/api/search", {"X-API-Version": " V2 "}, ("/api/v2/search", "v2", "header"),
+                 id="header trimmed and lowercased"),
+    pytest.param(V1_V2, "/api/search", {"X-API-Version": "2"}, ("/api/v2/search", "v2", "header"),
+                 id="header bare number"),
+    pytest.param({**V1_V2, "header": "Api-Version"}, "/api/search", {"Api-Version": "v2"},
+                 ("/api/v2/search", "v2", "header"), id="custom header name"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v2+json"}, ("/api/v2/search", "v2", "accept"),
+                 id="accept vendor type"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v2"}, ("/api/v2/search", "v2", "accept"),
+                 id="accept vendor type without suffix"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v1+json;q=0.5, {VND}v2+json"},
+                 ("/api/v2/search", "v2", "accept"), id="accept highest quality wins"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v9+json, {VND}v1+json;q=0.1"},
+                 ("/api/v1/search", "v1", "accept"), id="accept skips unsupported for a supported one"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v2+json;q=0, application/json"},
+                 ("/api/v1/search", "v1", "default"), id="accept q=0 ignored"),
+    pytest.param(V1_V2, "/api/search", {"Accept": "application/json"}, ("/api/v1/search", "v1", "default"),
+                 id="plain json accept falls back"),
+    pytest.param({**V1_V2, "media_type_prefix": "application/vnd.acme."}, "/api/search",
+                 {"Accept": "application/vnd.acme.v2+json"}, ("/api/v2/search", "v2", "accept"),
+                 id="custom media type prefix"),
+    pytest.param(V1_V2, "/api/search", {}, ("/api/v1/search", "v1", "default"), id="default is first supported"),
+    pytest.param({**V1_V2, "default": "v2"}, "/api/search", {}, ("/api/v2/search", "v2", "default"),
+                 id="default option"),
+    pytest.param(V1_V2, "/api", {}, ("/api/v1", "v1", "default"), id="bare prefix"),
+    pytest.param(V1_V2, "/api/", {}, ("/api/v1/", "v1", "default"), id="prefix with slash"),
+    pytest.param(V1_V2, "/api/v1", {}, ("/api/v1", "v1", "url"), id="url version only"),
+    pytest.param({**V1_V2, "prefix": "/service/api"}, "/service/api/x", {"X-API-Version": "v2"},
+                 ("/service/api/v2/x", "v2", "header"), id="custom prefix"),
+    pytest.param(V1_V2, "/api/v1/search", {"X-API-Version": "v1"}, ("/api/v1/search", "v1", "url"),
+                 id="url and header agree"),
+    pytest.param(V1_V2, "/api/v1/search", {"Accept": f"{VND}v2+json"}, ("/api/v1/search", "v1", "url"),
+                 id="url outranks accept by default"),
+    pytest.param({**V1_V2, "precedence": ["accept", "url", "header"]}, "/api/v1/search",
+                 {"Accept": f"{VND}v2+json"}, ("/api/v2/search", "v2", "accept"), id="accept first rewrites url"),
+    pytest.param(V1_V2, "/api/search", {"X-API-Version": "v1", "Accept": f"{VND}v2+json"},
+                 ("/api/v1/search", "v1", "header"), id="header outranks accept by default"),
+    pytest.param({**V1_V2, "precedence": ["url", "accept", "header"]}, "/api/search",
+                 {"X-API-Version": "v1", "Accept": f"{VND}v2+json"}, ("/api/v2/search", "v2", "accept"),
+                 id="accept outranks header when first"),
+    pytest.param({**V1_V2, "precedence": ["url"]}, "/api/search",
+                 {"X-API-Version": "v9", "Accept": f"{VND}v9+json"}, ("/api/v1/search", "v1", "default"),
+                 id="sources left out are ignored"),
+])
+def test_version_sources(make: Callable[..., tuple[TestApp, Context]], seen: Seen, options: dict[str, Any],
+                         path: str, request_headers: dict[str, str], expected: tuple[str, str, str]) -> None:
+    web, _ = make(**options)
+    web.get(path, headers=request_headers)
+    assert (seen.environ["PATH_INFO"], seen.environ[API_VERSION], seen.environ[SOURCE]) == expected
+    if expected[0] != path:
+        assert seen.environ[ORIG_PATH] == path
+    else:
+        assert ORIG_PATH not in seen.environ
+
+
+@pytest.mark.parametrize("path", ["/health", "/apis/v1", "/", "/static/api/v1"])
+def test_outside_the_prefix_nothing_happens(make: Callable[..., tuple[TestApp, Context]], seen: Seen,
+                                            path: str) -> None:
+    web, _ = make(**V1_V2)
+    response = web.get(path, headers={"X-API-Version": "v9"})
+    assert seen.environ["PATH_INFO"] == path
+    assert API_VERSION not in seen.environ
+    assert "Vary" not in response.headers
+
+
+SUPPORTED = ["v1", "v2"]
+
+
+@pytest.mark.parametrize(("options", "path", "request_headers", "status", "message", "details"), [
+    pytest.param(V1_V2, "/api/v1/search", {"X-API-Version": "v2"}, 400,
+                 "The URL asks for API version v1 but the X-API-Version header asks for v2; "
+                 "send one, or make them agree.", {"url": "v1", "header": "v2", "supported": SUPPORTED},
+                 id="url and header disagree"),
+    pytest.param({**V1_V2, "precedence": ["header", "url", "accept"]}, "/api/v2/search",
+                 {"X-API-Version": "v1"}, 400,
+                 "The URL asks for API version v2 but the X-API-Version header asks for v1; "
+                 "send one, or make them agree.", {"url": "v2", "header": "v1", "supported": SUPPORTED},
+                 id="url and header disagree whatever the precedence"),
+    pytest.param(V1_V2, "/api/search", {"X-API-Version": "v9"}, 400,
+                 "API version 'v9' from the X-API-Version header is not supported (supported: v1, v2).",
+                 {"version": "v9", "source": "header", "supported": SUPPORTED}, id="unsupported header"),
+    pytest.param(V1_V2, "/api/v1/search", {"X-API-Version": "banana"}, 400,
+                 "API version 'banana' from the X-API-Version header is not supported (supported: v1, v2).",
+                 {"version": "banana", "source": "header", "supported": SUPPORTED},
+                 id="garbage header even with url"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v9+json"}, 406,
+                 "API version 'v9' in the Accept header is not supported (supported: v1, v2).",
+                 {"version": "v9", "source": "accept", "supported": SUPPORTED}, id="unsupported accept"),
+    pytest.param(V1_V2, "/api/v1/search", {"Accept": f"{VND}v3+json, {VND}v4+json;q=0.5"}, 406,
+                 "API version 'v3, v4' in the Accept header is not supported (supported: v1, v2).",
+                 {"version": "v3, v4", "source": "accept", "supported": SUPPORTED},
+                 id="only unsupported vendor types, even with url"),
+    pytest.param(V1_V2, "/api/v9/search", {}, 404,
+                 "API version 'v9' in the URL is not supported (supported: v1, v2).",
+                 {"version": "v9", "source": "url", "supported": SUPPORTED}, id="unsupported url"),
+    pytest.param(V1_V2, "/api/V1/search", {}, 404,
+                 "API version 'V1' in the URL is not supported (supported: v1, v2).",
+                 {"version": "V1", "source": "url", "supported": SUPPORTED}, id="url versions are case-sensitive"),
+])
+def test_refusals(make: Callable[..., tuple[TestApp, Context]], seen: Seen, options: dict[str, Any], path: str,
+                  request_headers: dict[str, str], status: int, message: str, details: dict[str, Any]) -> None:
+    web, _ = make(**options)
+    response = web.get(path, headers=request_headers, status=status)
+    assert response.json["error"]["message"] == message
+    assert response.json["error"]["details"] == details
+    assert seen.calls == 0
+
+
+DEPRECATED = {
+    "supported": ["v1", "v2"],
+    "deprecated": {"v1": {"deprecation": "2024-01-01", "sunset": "2025-06-30",
+                          "link": "https://docs.example.org/api/v1-deprecation",
+                          "successor": "https://api.example.org/api/v2/"}},
+}
+V1_HEADERS = [
+    ("Deprecation", "@1704067200"),
+    ("Sunset", "Mon, 30 Jun 2025 00:00:00 GMT"),
+    ("Link", '<https://docs.example.org/api/v1-deprecation>; rel="deprecation"'),
+    ("Link", '<https://api.example.org/api/v2/>; rel="successor-version"'),
+]
+
+
+def _notice(response: Any) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in response.headerlist if k in ("Deprecation", "Sunset", "Link")]
+
+
+@pytest.mark.parametrize(("options", "path", "request_headers", "expected"), [
+    pytest.param(DEPRECATED, "/api/v1/search", {}, V1_HEADERS, id="deprecated version, all headers"),
+    pytest.param(DEPRECATED, "/api/search", {}, V1_HEADERS, id="deprecated default"),
+    pytest.param(DEPRECATED, "/api/v2/search", {}, [], id="current version, none"),
+    pytest.param(DEPRECATED, "/health", {}, [], id="outside the prefix, none"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2024-01-01T12:00:00Z"}}},
+                 "/api/v1/x", {}, [("Deprecation", "@1704110400")], id="datetime, no sunset, no links"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2024-01-01",
+                                                             "link": "https://d.example/v1"}}},
+                 "/api/v1/x", {},
+                 [("Deprecation", "@1704067200"), ("Link", '<https://d.example/v1>; rel="deprecation"')],
+                 id="deprecation link only"),
+])
+def test_deprecation_headers(make: Callable[..., tuple[TestApp, Context]], options: dict[str, Any], path: str,
+                             request_headers: dict[str, str], expected: list[tuple[str, str]]) -> None:
+    web, _ = make(**options)
+    assert _notice(web.get(path, headers=request_headers)) == expected
+
+
+def test_deprecation_headers_on_error_responses(make: Callable[..., tuple[TestApp, Context]]) -> None:
+    web, _ = make(**DEPRECATED)
+    response = web.get("/api/v1/forbidden", status=403)
+    assert response.json["error"]["message"] == "Not yours."
+    assert _notice(response) == V1_HEADERS
+
+
+@pytest.mark.parametrize(("path", "request_headers", "vary"), [
+    pytest.param("/api/search", {}, "X-API-Version, Accept", id="default: varies on both sources"),
+    pytest.param("/api/search", {"X-API-Version": "v2"}, "X-API-Version, Accept", id="header"),
+    pytest.param("/api/v1/search", {}, None, id="url: no Vary"),
+])
+def test_vary_on_negotiated_versions(make: Callable[..., tuple[TestApp, Context]], path: str,
+                                     request_headers: dict[str, str], vary: str | None) -> None:
+    web, _ = make(**V1_V2)
+    assert web.get(path, headers=request_headers).headers.get("Vary") == vary
+
+
+def test_deprecated_use_is_counted_and_logged_once_per_interval(
+        make: Callable[..., tuple[TestApp, Context]], caplog: pytest.LogCaptureFixture) -> None:
+    web, context = make(**DEPRECATED)
+    events: list[tuple[str, dict[str, Any]]] = []
+    context.listeners.append(lambda event, fields: events.append((event, fields)))
+    with caplog.at_level(logging.WARNING, logger="wsgistack.versioning"):
+        for _ in range(3):
+            web.get("/api/v1/search", extra_environ={"REMOTE_ADDR": "192.0.2.1"})
+        web.get("/api/v1/search", extra_environ={"REMOTE_ADDR": "192.0.2.2"})
+        web.get("/api/v2/search", extra_environ={"REMOTE_ADDR": "192.0.2.3"})
+    assert events == [("version.deprecated", {"version": "v1", "client": "192.0.2.1"})] * 3 + [
+        ("version.deprecated", {"version": "v1", "client": "192.0.2.2"})]
+    assert [r.getMessage() for r in caplog.records] == [
+        "client 192.0.2.1 used deprecated API version v1 (1 requests since the last report)",
+        "client 192.0.2.2 used deprecated API version v1 (1 requests since the last report)",
+    ]
+
+
+def test_next_report_carries_the_count(seen: Seen, caplog: pytest.LogCaptureFixture) -> None:
+    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**DEPRECATED, report_interval=0), Context())
+    web = TestApp(layer)
+    with caplog.at_level(logging.WARNING, logger="wsgistack.versioning"):
+        web.get("/api/v1/a", extra_environ={"wsgistack.identity": Identity("alice")})
+        web.get("/api/v1/a", extra_environ={"wsgistack.identity": Identity("alice")})
+    assert [r.getMessage() for r in caplog.records] == [
+        "client alice used deprecated API version v1 (1 requests since the last report)"] * 2
+
+
+def test_client_counter_is_bounded(seen: Seen) -> None:
+    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**DEPRECATED, max_clients=2), Context())
+    web = TestApp(layer)
+    for i in range(5):
+        web.get("/api/v1/a", extra_environ={"REMOTE_ADDR": f"192.0.2.{i}"})
+    assert list(layer._counts) == [("192.0.2.3", "v1"), ("192.0.2.4", "v1")]
+
+
+def test_rewrite_refreshes_the_decoded_path(seen: Seen) -> None:
+    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**V1_V2), Context())
+
+    def outer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        assert decoded_path(environ) == "/api/caf\u00e9"  # an outer layer parsed the path first
+        return layer(environ, start_response)
+
+    TestApp(outer).get("/api/caf%C3%A9", headers={"X-API-Version": "v2"})
+    assert decoded_path(seen.environ) == "/api/v2/caf\u00e9"
+
+
+def test_cache_inside_versioning_keys_on_the_version(seen: Seen) -> None:
+    context = Context(stores={"shared": MemoryStore()})
+    cache = CacheMiddleware(seen, CacheMiddleware.Options(), context)
+    web = TestApp(VersioningMiddleware(cache, VersioningMiddleware.Options(**V1_V2), context))
+    v2 = web.get("/api/search", headers={"X-API-Version": "v2"})
+    v1 = web.get("/api/search")
+    again = web.get("/api/search", headers={"X-API-Version": "2"})
+    assert (v2.text, v1.text) == ("/api/v2/search v2", "/api/v1/search v1")
+    assert (v1.headers["X-Cache"], again.headers["X-Cache"], again.text) == ("MISS", "HIT", "/api/v2/search v2")
+    assert again.headers["Vary"] == "X-API-Version, Accept"
+    assert seen.calls == 2
+
+
+def test_identity_names_the_client(seen: Seen) -> None:
+    context = Context()
+    events: list[dict[str, Any]] = []
+    context.listeners.append(lambda event, fields: events.append(fields))
+    web = TestApp(VersioningMiddleware(seen, VersioningMiddleware.Options(**DEPRECATED), context))
+    web.get("/api/v1/a", extra_environ={IDENTITY: Identity("alice")})
+    assert events == [{"version": "v1", "client": "alice"}]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({"supported": []}, "supported must name at least one version, such as [v1, v2]", id="empty"),
+    pytest.param({"supported": ["v1", "a/b"]}, "supported versions must be single path segments (got 'a/b')",
+                 id="slash in version"),
+    pytest.param({"supported": ["v1"], "default": "v2"}, "default 'v2' is not in supported (v1)",
+                 id="default not supported"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v0": {"deprecation": "2024-01-01"}}},
+                 "deprecated names 'v0', which is not in supported (v1)", id="deprecated unknown"),
+    pytest.param({"precedence": ["header", "accept"]},
+                 "precedence must name url once, and header and accept at most once each", id="no url"),
+    pytest.param({"precedence": ["url", "header", "header"]},
+                 "precedence must name url once, and header and accept at most once each", id="twice"),
+    pytest.param({"precedence": ["url", "cookie"]}, "Input should be 'url', 'header' or 'accept'",
+                 id="unknown source"),
+    pytest.param({"prefix": "/api/"}, "prefix must start with '/' and not end with one (got '/api/')",
+                 id="trailing slash prefix"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2025-01-01", "sunset": "2024-01-01"}}},
+                 "sunset must not be earlier than deprecation", id="sunset before deprecation"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v1": {"sunset": "2024-01-01"}}}, "Field required",
+                 id="deprecation date required"),
+])
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        VersioningMiddleware.Options(**options)
+    assert message in str(info.value)
+
+
+def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack(
+        "app: {factory: 'stack_support:echo_app'}\n"
+        "pipeline:\n"
+        "  - versioning:\n"
+        "      supported: [v1, v2]\n"
+        "      default: v2\n"
+        "      deprecated:\n"
+        "        v1: {deprecation: 2024-01-01, sunset: 2025-06-30}\n"
+    )
+    assert stack.get("/api/search").json == {**stack.get("/api/search").json, "path": "/api/v2/search",
+                                             "api_version": "v2"}
+    old = stack.get("/api/v1/search")
+    assert (old.headers["Deprecation"], old.headers["Sunset"]) == ("@1704067200", "Mon, 30 Jun 2025 00:00:00 GMT")
+    refused = stack.get("/api/search", headers={"X-API-Version": "v3"}, status=400)
+    assert refused.json["error"]["details"]["supported"] == ["v1", "v2"]
