@@ -45,7 +45,12 @@ def _print_problems(problems: Iterable[Problem], stream: Any = None) -> None:
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from middleware.request_id import RequestIdLogFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdLogFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 # ---------------------------------------------------------------- serve

@@ -247,6 +247,60 @@ def proxy_twice(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
                       ("server", "trusted_proxy"), cfg.document.file, line, col, "warning")
 
 
+def request_id_early(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    rid = _first(specs, "request_id")
+    if rid is None:
+        return
+    for spec in specs[:_pos(specs, rid)]:
+        if kind(spec) not in ("errors", "proxy", "health", "metrics"):
+            yield _problem(cfg, rid, f"request_id at {_where(rid)} is inside {spec.name} at {_where(spec)}: its "
+                                     "refusals and log lines carry no request id; put request_id right after errors",
+                           "warning")
+
+
+def validation_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for val in _all(specs, "validation"):
+        for spec in specs[:_pos(specs, val)]:
+            name = kind(spec)
+            if name in ("session", "auth", "cache", "csrf"):
+                yield _problem(cfg, spec, f"{name} at {_where(spec)} is outside validation at {_where(val)}: it "
+                                          "would do store work for requests validation refuses; move validation "
+                                          "before it", "warning")
+
+
+def headers_cover_refusals(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for inner in ("validation", "ratelimit", "auth", "csrf", "session", "versioning", "cache"):
+        for other, hdr in _before(specs, inner, "headers"):
+            yield _problem(cfg, hdr, f"headers at {_where(hdr)} is inside {inner} at {_where(other)}: {inner}'s "
+                                     "refusals would lack the security headers; move headers before it", "warning")
+
+
+def hsts_reachable(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    proxied = {"x-forwarded-proto", "forwarded"} & {str(h).lower() for h in cfg.server.trusted_proxy_headers}
+    if cfg.server.url_scheme == "https" or proxied or _first(specs, "proxy") is not None or cfg.server.loopback_only:
+        return
+    for hdr in _all(specs, "headers"):
+        if hdr.option("hsts", True):
+            yield _problem(cfg, hdr, f"headers at {_where(hdr)} sends Strict-Transport-Security only on https "
+                                     "requests, but nothing makes wsgi.url_scheme https (server.url_scheme is http, "
+                                     "server.trusted_proxy_headers lacks x-forwarded-proto, no proxy layer)",
+                           "warning")
+
+
+def validation_vs_waitress(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for val in _all(specs, "validation"):
+        body = val.option("max_body_bytes", 1048576)
+        if body > cfg.server.max_request_body_size:
+            yield _problem(cfg, val, f"validation.max_body_bytes ({body}) is above server.max_request_body_size "
+                                     f"({cfg.server.max_request_body_size}): Waitress refuses larger bodies first, "
+                                     "with its own plain-text 413", "warning")
+        total = val.option("max_total_header_bytes", 32768)
+        if total is not None and total > cfg.server.max_request_header_size:
+            yield _problem(cfg, val, f"validation.max_total_header_bytes ({total}) is above "
+                                     f"server.max_request_header_size ({cfg.server.max_request_header_size}): "
+                                     "Waitress refuses larger header blocks first", "warning")
+
+
 RULES: list[Rule] = [
     errors_outermost,
     cache_outside_private,
@@ -264,6 +318,11 @@ RULES: list[Rule] = [
     fail_open_security,
     unknown_stores,
     proxy_twice,
+    request_id_early,
+    validation_first,
+    headers_cover_refusals,
+    hsts_reachable,
+    validation_vs_waitress,
 ]
 
 

@@ -1,0 +1,200 @@
+"""Add browser security headers to every response, error responses included.
+
+Headers (each can be switched off): ``Strict-Transport-Security`` (HTTPS
+requests only: ``wsgi.url_scheme`` must be ``https``, so put the ``proxy``
+layer or Waitress's ``trusted_proxy_headers`` in charge of that first),
+``X-Content-Type-Options: nosniff``, ``Referrer-Policy``, ``X-Frame-Options``,
+``Content-Security-Policy`` (or its ``-Report-Only`` form),
+``Permissions-Policy``, ``Cross-Origin-Opener-Policy`` and
+``Cross-Origin-Resource-Policy``.
+
+The header list is built once, at start-up.  A header the app already set
+is left alone, so a view can loosen or tighten one for itself.  Headers also
+reach responses the ``errors`` layer renders for refusals raised further in.
+
+When not to use it: when a reverse proxy (nginx, a CDN) already adds these
+headers to every response; two sources of truth drift apart.  HSTS in
+particular is hard to take back: start with a short ``hsts_max_age`` and
+turn on ``hsts_include_subdomains``/``hsts_preload`` only when every
+subdomain serves HTTPS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from middleware.base import Context, Headers, LayerOptions, decorate_error, wrap_start_response
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["SecurityHeadersMiddleware"]
+
+ONE_YEAR = 31536000
+# What each frame_options value means as a CSP frame-ancestors source list.
+_FRAME_ANCESTORS = {"deny": "'none'", "sameorigin": "'self'"}
+
+ReferrerPolicy = Literal[
+    "no-referrer", "no-referrer-when-downgrade", "origin", "origin-when-cross-origin",
+    "same-origin", "strict-origin", "strict-origin-when-cross-origin", "unsafe-url",
+]
+
+
+def _frame_ancestors(policy: str) -> list[str] | None:
+    """The source list of the ``frame-ancestors`` directive in ``policy``, if any."""
+    for directive in policy.split(";"):
+        words = directive.split()
+        if words and words[0].lower() == "frame-ancestors":
+            return [w.lower() for w in words[1:]]
+    return None
+
+
+class SecurityHeadersMiddleware:
+    """Add security headers, prebuilt at start-up, to every response.
+
+    Options:
+
+    ``hsts`` (True), ``hsts_max_age`` (31536000), ``hsts_include_subdomains``
+    (False), ``hsts_preload`` (False)
+        ``Strict-Transport-Security`` on HTTPS requests.  ``hsts_preload``
+        needs ``hsts_include_subdomains`` and a max-age of at least a year.
+    ``content_type_options`` (True)
+        ``X-Content-Type-Options: nosniff``.
+    ``referrer_policy`` (``"strict-origin-when-cross-origin"``; null: none)
+    ``frame_options`` (``"deny"``, ``"sameorigin"`` or ``"none"``)
+        ``X-Frame-Options``.  When ``content_security_policy`` is set without
+        a ``frame-ancestors`` directive, the matching one is appended to it;
+        when it has one, the two must agree.
+    ``content_security_policy`` (null) and ``csp_report_only`` (False)
+        The policy text, sent as ``Content-Security-Policy`` or
+        ``Content-Security-Policy-Report-Only``.
+    ``permissions_policy`` (``"geolocation=(), camera=(), microphone=()"``; null: none)
+    ``cross_origin_opener_policy`` and ``cross_origin_resource_policy`` (null)
+
+    Example::
+
+        opts = SecurityHeadersMiddleware.Options(content_security_policy="default-src 'self'")
+        app = SecurityHeadersMiddleware(app, opts, Context())
+    """
+
+    class Options(LayerOptions):
+        hsts: bool = True
+        hsts_max_age: int = Field(default=ONE_YEAR, ge=0)
+        hsts_include_subdomains: bool = False
+        hsts_preload: bool = False
+        content_type_options: bool = True
+        referrer_policy: ReferrerPolicy | None = "strict-origin-when-cross-origin"
+        frame_options: Literal["deny", "sameorigin", "none"] = "deny"
+        content_security_policy: str | None = None
+        csp_report_only: bool = False
+        permissions_policy: str | None = "geolocation=(), camera=(), microphone=()"
+        cross_origin_opener_policy: (
+            Literal["same-origin", "same-origin-allow-popups", "noopener-allow-popups",
+                    "unsafe-none"] | None
+        ) = None
+        cross_origin_resource_policy: Literal["same-site", "same-origin", "cross-origin"] | None = (
+            None
+        )
+
+        @field_validator("content_security_policy", "permissions_policy")
+        @classmethod
+        def _printable(cls, value: str | None) -> str | None:
+            if value is not None and not (value.isascii() and value.isprintable() and value.strip()):
+                raise ValueError(
+                    "must be non-empty printable ASCII on one line (no control characters)"
+                )
+            return value.strip().rstrip(";").strip() if value is not None else None
+
+        @model_validator(mode="after")
+        def _coherent(self) -> SecurityHeadersMiddleware.Options:
+            if self.hsts_preload and not (
+                self.hsts and self.hsts_include_subdomains and self.hsts_max_age >= ONE_YEAR
+            ):
+                raise ValueError(
+                    "hsts_preload requires hsts: true, hsts_include_subdomains: true and "
+                    f"hsts_max_age of at least {ONE_YEAR} (one year); got hsts: "
+                    f"{str(self.hsts).lower()}, hsts_include_subdomains: "
+                    f"{str(self.hsts_include_subdomains).lower()}, "
+                    f"hsts_max_age: {self.hsts_max_age}"
+                )
+            if self.csp_report_only and self.content_security_policy is None:
+                raise ValueError("csp_report_only needs a content_security_policy to report on")
+            policy = self.content_security_policy
+            sources = _frame_ancestors(policy) if policy else None
+            if sources is not None and not self.csp_report_only and (
+                (self.frame_options == "deny" and sources != ["'none'"])
+                or (self.frame_options == "sameorigin" and "'self'" not in sources)
+            ):
+                raise ValueError(
+                    f"frame_options {self.frame_options!r} contradicts 'frame-ancestors "
+                    f"{' '.join(sources)}' in content_security_policy; make them agree or set "
+                    "frame_options to 'none'"
+                )
+            return self
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.context = context
+        o = options
+        common: Headers = []
+        if o.content_type_options:
+            common.append(("X-Content-Type-Options", "nosniff"))
+        if o.referrer_policy is not None:
+            common.append(("Referrer-Policy", o.referrer_policy))
+        if o.frame_options != "none":
+            common.append(("X-Frame-Options", o.frame_options.upper()))
+        if o.content_security_policy is not None:
+            policy = o.content_security_policy
+            if o.frame_options != "none" and not o.csp_report_only and (
+                _frame_ancestors(policy) is None
+            ):
+                policy = f"{policy}; frame-ancestors {_FRAME_ANCESTORS[o.frame_options]}"
+            name = "Content-Security-Policy" + ("-Report-Only" if o.csp_report_only else "")
+            common.append((name, policy))
+        if o.permissions_policy is not None:
+            common.append(("Permissions-Policy", o.permissions_policy))
+        if o.cross_origin_opener_policy is not None:
+            common.append(("Cross-Origin-Opener-Policy", o.cross_origin_opener_policy))
+        if o.cross_origin_resource_policy is not None:
+            common.append(("Cross-Origin-Resource-Policy", o.cross_origin_resource_policy))
+        secure = list(common)
+        if o.hsts:
+            hsts = f"max-age={o.hsts_max_age}"
+            hsts += "; includeSubDomains" if o.hsts_include_subdomains else ""
+            hsts += "; preload" if o.hsts_preload else ""
+            secure.insert(0, ("Strict-Transport-Security", hsts))
+        self.headers_http: Headers = common
+        self.headers_https: Headers = secure
+        self._add_http = self._adder(common)
+        self._add_https = self._adder(secure)
+
+    @staticmethod
+    def _adder(extra: Headers) -> Callable[[str, Headers], None]:
+        pairs = [(name.lower(), (name, value)) for name, value in extra]
+
+        def add(status: str, headers: Headers) -> None:
+            present = {name.lower() for name, _ in headers}
+            headers.extend(pair for lower, pair in pairs if lower not in present)
+
+        return add
+
+    def _headers_for(self, environ: WSGIEnvironment) -> Headers:
+        """The headers this request's response gets (HSTS only over HTTPS)."""
+        if environ.get("wsgi.url_scheme") == "https":
+            return self.headers_https
+        return self.headers_http
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        https = environ.get("wsgi.url_scheme") == "https"
+        add = self._add_https if https else self._add_http
+        try:
+            return self.app(environ, wrap_start_response(start_response, add))
+        except Exception as exc:
+            decorate_error(exc, self._headers_for(environ))
+            raise

@@ -1,0 +1,454 @@
+"""Refuse requests that are too large or malformed before the app sees them.
+
+Checks, in order, each refusal a sentence naming the limit and the value:
+
+- URL longer than ``max_url_length`` (414), query string longer than
+  ``max_query_length`` (414);
+- path or query that is not UTF-8 once percent-decoded, or a query with a
+  broken ``%`` escape (400);
+- more than ``max_headers`` header fields, one field (name plus value) over
+  ``max_header_bytes``, or all of them over ``max_total_header_bytes`` (431);
+- a body announced longer than ``max_body_bytes`` (413, before the app
+  reads a byte); a chunked body is cut off with a 413 when a read crosses the
+  limit;
+- a body whose ``Content-Type`` is not in ``allowed_content_types`` (415);
+- a JSON body that is not UTF-8, not well-formed, nested deeper than
+  ``json_max_depth``, longer than ``json_max_bytes`` or repeating a key in one
+  object (400 / 413).  The body is parsed once: the value is stored in
+  ``environ["wsgistack.json"]`` and ``wsgi.input`` is replaced by the same
+  bytes, so the app can still read it;
+- a parameter value matching one of the operator's ``deny_patterns`` (400).
+
+``deny_patterns`` are a blunt operator tool for known-bad values (a
+parameter that must never contain ``..``, say).  They are no substitute for
+parameterized SQL queries and output encoding, which are what actually stop
+injection and XSS; this layer deliberately ships no "attack detection" regexes.
+
+A GET without a body costs a few dictionary look-ups plus one pass over the
+``HTTP_*`` keys (skipped when all three header limits are null).
+
+When not to use it: in front of an app that streams large uploads of types
+you cannot list, unless you raise ``max_body_bytes`` and set
+``allowed_content_types`` to null.  Put it outside every layer that reads the
+request body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+from pydantic import Field, field_validator, model_validator
+from werkzeug.http import parse_options_header
+
+from middleware.base import Context, LayerOptions, note, refuse
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from werkzeug.exceptions import HTTPException
+
+__all__ = ["JSON", "ValidationMiddleware"]
+
+JSON = "wsgistack.json"
+DEFAULT_CONTENT_TYPES = (
+    "application/json",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data",
+    "text/plain",
+)
+_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/(\*|[a-z0-9!#$&^_.+-]+)")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
+_ACCEPT_HEADER = {"POST": "Accept-Post", "PATCH": "Accept-Patch"}
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _deeper_than(body: bytes, limit: int) -> bool:
+    """Whether valid JSON ``body`` nests more than ``limit`` arrays/objects."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    skeleton = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    for _ in range(limit):  # each pass peels the innermost level
+        skeleton = _EMPTY_PAIR.sub(b"", skeleton)
+        if not skeleton:
+            return False
+    return bool(skeleton)
+
+
+class _LimitedInput:
+    """``wsgi.input`` for a body of unknown length: a read past ``limit`` raises 413."""
+
+    def __init__(self, stream: Any, limit: int, option: str) -> None:
+        self._stream = stream
+        self._left = limit
+        self._limit = limit
+        self._option = option
+
+    def _cap(self, size: int | None) -> int:
+        room = max(self._left + 1, 0)  # one byte past the limit tells "too long"
+        return room if size is None or size < 0 else min(size, room)
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            self._left = -1
+            raise refuse(
+                413,
+                f"The request body is longer than {self._option} ({self._limit} bytes).",
+                details={"limit": self._option, "max": self._limit},
+            )
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size >= 0:
+            return self._take(self._stream.read(self._cap(size)))
+        chunks = []
+        while chunk := self._take(self._stream.read(self._cap(None))):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._take(self._stream.readline(self._cap(size)))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        return list(self)
+
+    def __iter__(self) -> Any:
+        return iter(self.readline, b"")
+
+
+class ValidationMiddleware:
+    """Size, encoding, content-type and JSON checks at the edge of the stack.
+
+    Options (sizes in bytes; a null header limit switches that check off):
+
+    ``max_body_bytes`` (1048576)
+        Largest body: ``Content-Length`` is checked before the app reads;
+        chunked bodies are cut off when a read crosses it.
+    ``max_query_length`` (2048), ``max_url_length`` (8192)
+        The raw query string; the request target (``REQUEST_URI``/``RAW_URI``
+        when the server gives it, else script name + path + query).
+    ``max_headers`` (100), ``max_header_bytes`` (8192), ``max_total_header_bytes`` (32768)
+        Count of ``HTTP_*`` fields; one field's name plus value; all of them.
+    ``allowed_content_types`` (JSON, urlencoded and multipart forms, plain text)
+        Media types a body may have; ``type/*`` entries allowed; null allows any.
+    ``check_json`` (True), ``json_max_depth`` (32), ``json_max_bytes`` (null:
+    ``max_body_bytes``), ``reject_duplicate_keys`` (True)
+        The JSON checks, for ``application/json`` and ``*/*+json`` bodies.
+    ``deny_patterns`` (``{}``)
+        ``{parameter: [regex, ...]}`` (``"*"``: every parameter), searched in
+        query parameters, urlencoded form fields and top-level string members
+        of a JSON object.  Not an injection defence (see the module docstring).
+
+    Example::
+
+        opts = ValidationMiddleware.Options(max_body_bytes=65536, max_query_length=1000)
+        app = ValidationMiddleware(app, opts, Context())
+    """
+
+    class Options(LayerOptions):
+        max_body_bytes: int = Field(default=1048576, ge=0)
+        max_query_length: int = Field(default=2048, ge=0)
+        max_url_length: int = Field(default=8192, ge=1)
+        max_headers: int | None = Field(default=100, ge=1)
+        max_header_bytes: int | None = Field(default=8192, ge=1)
+        max_total_header_bytes: int | None = Field(default=32768, ge=1)
+        allowed_content_types: tuple[str, ...] | None = DEFAULT_CONTENT_TYPES
+        check_json: bool = True
+        json_max_depth: int = Field(default=32, ge=1, le=256)
+        json_max_bytes: int | None = Field(default=None, ge=0)
+        reject_duplicate_keys: bool = True
+        deny_patterns: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+        @field_validator("allowed_content_types")
+        @classmethod
+        def _media_types(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+            if value is None:
+                return None
+            if not value:
+                raise ValueError("allowed_content_types may not be empty; use null to allow any")
+            normal = tuple(v.strip().lower() for v in value)
+            for item in normal:
+                if item != "*/*" and not _MEDIA_TYPE.fullmatch(item):
+                    raise ValueError(f"allowed_content_types entry {item!r} is not a media type")
+            return normal
+
+        @field_validator("deny_patterns")
+        @classmethod
+        def _patterns_compile(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+            for name, patterns in value.items():
+                for i, pattern in enumerate(patterns):
+                    try:
+                        re.compile(pattern)
+                    except re.error as exc:
+                        raise ValueError(
+                            f"deny_patterns[{name!r}][{i}] {pattern!r} is not a valid "
+                            f"regular expression: {exc}"
+                        ) from exc
+            return value
+
+        @model_validator(mode="after")
+        def _json_within_body(self) -> ValidationMiddleware.Options:
+            if self.json_max_bytes is not None and self.json_max_bytes > self.max_body_bytes:
+                raise ValueError(
+                    f"json_max_bytes ({self.json_max_bytes}) may not exceed "
+                    f"max_body_bytes ({self.max_body_bytes})"
+                )
+            return self
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.context = context
+        o = options
+        self._max_body = o.max_body_bytes
+        self._max_query = o.max_query_length
+        self._max_url = o.max_url_length
+        self._max_headers = o.max_headers
+        self._max_header = o.max_header_bytes
+        self._max_total = o.max_total_header_bytes
+        self._check_headers = any(
+            v is not None for v in (o.max_headers, o.max_header_bytes, o.max_total_header_bytes)
+        )
+        types = o.allowed_content_types
+        self._any_type = types is None or "*/*" in types
+        self._types = frozenset(t for t in types or () if not t.endswith("/*"))
+        self._majors = frozenset(t[:-2] for t in types or () if t.endswith("/*"))
+        self._types_text = ", ".join(types or ())
+        self._check_json = o.check_json
+        self._json_max = o.max_body_bytes if o.json_max_bytes is None else o.json_max_bytes
+        self._json_option = "max_body_bytes" if o.json_max_bytes is None else "json_max_bytes"
+        self._json_depth = o.json_max_depth
+        self._decode_json = json.JSONDecoder(
+            object_pairs_hook=_no_duplicates if o.reject_duplicate_keys else None,
+            parse_constant=_no_constants,
+        ).decode
+        wild = [(f"deny_patterns['*'][{i}]", re.compile(p))
+                for i, p in enumerate(o.deny_patterns.get("*", ()))]
+        self._deny_any = tuple(wild)
+        self._deny = {
+            name: tuple([(f"deny_patterns[{name!r}][{i}]", re.compile(p))
+                         for i, p in enumerate(patterns)] + wild)
+            for name, patterns in o.deny_patterns.items() if name != "*"
+        }
+        self._deny_on = bool(o.deny_patterns)
+
+    def _refuse(self, environ: WSGIEnvironment, code: int, message: str, limit: str,
+                headers: Iterable[tuple[str, str]] = (), **details: Any) -> HTTPException:
+        note(environ, "validation", f"{code}: {message}")
+        return refuse(code, message, headers=headers, details={"limit": limit, **details})
+
+    def _over(self, environ: WSGIEnvironment, code: int, subject: str, actual: int,
+              option: str, limit: int) -> HTTPException:
+        return self._refuse(
+            environ, code, f"{subject} is {actual} bytes long, more than {option} ({limit}).",
+            option, max=limit, actual=actual,
+        )
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        query: str = environ.get("QUERY_STRING", "")
+        path: str = environ.get("PATH_INFO", "")
+        uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+        if uri:
+            url_length = len(uri)
+        else:
+            url_length = len(environ.get("SCRIPT_NAME", "")) + len(path)
+            url_length += len(query) + 1 if query else 0
+        if url_length > self._max_url:
+            raise self._over(environ, 414, "The URL", url_length, "max_url_length", self._max_url)
+        if len(query) > self._max_query:
+            raise self._over(environ, 414, "The query string", len(query), "max_query_length",
+                             self._max_query)
+        if not path.isascii():
+            self._utf8(environ, path.encode("latin-1", "replace"), "path")
+        if query and ("%" in query or not query.isascii()):
+            self._check_query(environ, query)
+        if self._check_headers:
+            self._check_header_fields(environ)
+        if self._deny_on and query:
+            self._check_params(environ, parse_qsl(query, keep_blank_values=True), "query")
+        length = environ.get("CONTENT_LENGTH")
+        chunked = "HTTP_TRANSFER_ENCODING" in environ
+        if chunked or (length and length != "0"):
+            self._check_body(environ, length, chunked)
+        return self.app(environ, start_response)
+
+    def _utf8(self, environ: WSGIEnvironment, data: bytes, what: str) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._refuse(environ, 400, f"The {what} is not valid UTF-8 once "
+                               f"percent-decoded (byte {exc.start}).", "utf-8") from None
+
+    def _check_query(self, environ: WSGIEnvironment, query: str) -> None:
+        bad = _BAD_PERCENT.search(query)
+        if bad is not None:
+            at = bad.start()
+            raise self._refuse(environ, 400, f"The query string has an invalid percent-escape "
+                               f"{query[at:at + 3]!r} at offset {at}.", "percent-encoding")
+        self._utf8(environ, unquote_to_bytes(query.encode("latin-1", "replace")), "query string")
+
+    def _check_header_fields(self, environ: WSGIEnvironment) -> None:
+        count = total = biggest = 0
+        biggest_key = ""
+        for key, value in environ.items():
+            if key[:5] == "HTTP_":
+                count += 1
+                size = len(key) + len(value)
+                total += size
+                if size > biggest:
+                    biggest, biggest_key = size, key
+        total -= 5 * count  # the sizes count header names without the HTTP_ prefix
+        biggest -= 5
+        if self._max_headers is not None and count > self._max_headers:
+            raise self._refuse(environ, 431, f"The request has {count} header fields, more "
+                               f"than max_headers ({self._max_headers}).", "max_headers",
+                               max=self._max_headers, actual=count)
+        if self._max_header is not None and biggest > self._max_header:
+            name = biggest_key[5:].replace("_", "-").title()
+            raise self._over(environ, 431, f"The {name} header", biggest, "max_header_bytes",
+                             self._max_header)
+        if self._max_total is not None and total > self._max_total:
+            raise self._refuse(environ, 431, f"The header fields total {total} bytes, more "
+                               f"than max_total_header_bytes ({self._max_total}).",
+                               "max_total_header_bytes", max=self._max_total, actual=total)
+
+    def _check_params(self, environ: WSGIEnvironment, pairs: Iterable[tuple[str, Any]],
+                      where: str) -> None:
+        for name, value in pairs:
+            values = value if isinstance(value, list) else [value]
+            for label, pattern in self._deny.get(name, self._deny_any):
+                for item in values:
+                    if isinstance(item, str) and pattern.search(item):
+                        raise self._refuse(environ, 400, f"The value of {where} parameter "
+                                           f"{name!r} matches {label}.", "deny_patterns")
+
+    def _type_allowed(self, mimetype: str) -> bool:
+        if self._any_type or mimetype in self._types:
+            return True
+        major, slash, _ = mimetype.partition("/")
+        return bool(slash) and major in self._majors
+
+    def _check_body(self, environ: WSGIEnvironment, length_text: str | None,
+                    chunked: bool) -> None:
+        length = None
+        if length_text:
+            if not (length_text.isascii() and length_text.isdigit()):
+                raise self._refuse(environ, 400, f"The Content-Length {length_text!r} is not a "
+                                   "whole number of bytes.", "content-length")
+            length = int(length_text)
+            if length > self._max_body:
+                raise self._over(environ, 413, "The request body", length, "max_body_bytes",
+                                 self._max_body)
+            if length == 0 and not chunked:
+                return
+        mimetype, params = parse_options_header(environ.get("CONTENT_TYPE", ""))
+        mimetype = mimetype.lower()
+        if not self._type_allowed(mimetype):
+            accept = _ACCEPT_HEADER.get(environ.get("REQUEST_METHOD", ""))
+            shown = f"Content-Type {mimetype!r} is" if mimetype else "A body without Content-Type is"
+            raise self._refuse(environ, 415, f"{shown} not accepted; allowed_content_types are "
+                               f"{self._types_text}.", "allowed_content_types",
+                               headers=[(accept, self._types_text)] if accept else ())
+        is_json = self._check_json and (mimetype == "application/json"
+                                        or mimetype.endswith("+json"))
+        is_form = self._deny_on and mimetype == "application/x-www-form-urlencoded"
+        if not (is_json or is_form):
+            if chunked:
+                environ["wsgi.input"] = _LimitedInput(environ["wsgi.input"], self._max_body,
+                                                      "max_body_bytes")
+            return
+        self._read_and_check(environ, mimetype, params, length, chunked, is_json)
+
+    def _read_and_check(self, environ: WSGIEnvironment, mimetype: str, params: dict[str, str],
+                        length: int | None, chunked: bool, is_json: bool) -> None:
+        """Read a JSON or form body once, check it, and hand the same bytes to the app."""
+        coding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
+        if coding != "identity":
+            raise self._refuse(environ, 415, f"Content-Encoding {coding!r} is not accepted on "
+                               f"{mimetype} bodies.", "content-encoding",
+                               headers=[("Accept-Encoding", "identity")])
+        charset = params.get("charset", "utf-8").lower()
+        if is_json and charset not in ("utf-8", "utf8"):
+            raise self._refuse(environ, 415, f"JSON bodies must be UTF-8, not {charset!r}.",
+                               "charset")
+        if is_json:
+            limit, option = self._json_max, self._json_option
+        else:
+            limit, option = self._max_body, "max_body_bytes"
+        if length is not None and length > limit:  # only json_max_bytes can be lower
+            raise self._over(environ, 413, "The JSON body", length, option, limit)
+        stream = environ["wsgi.input"]
+        if length is None or chunked:
+            body = _LimitedInput(stream, limit, option).read()
+        else:
+            body = stream.read(length)
+            if len(body) < length:
+                raise self._refuse(environ, 400, f"The request body ended after {len(body)} of "
+                                   f"the {length} bytes its Content-Length announced.",
+                                   "content-length", max=length, actual=len(body))
+        environ["wsgi.input"] = BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ["wsgi.input_terminated"] = True
+        if not body:
+            return
+        if is_json:
+            value = self._parse_json(environ, body)
+            environ[JSON] = value
+            if self._deny_on and isinstance(value, dict):
+                self._check_params(environ, value.items(), "JSON")
+        else:
+            try:
+                pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict")
+            except UnicodeDecodeError:
+                raise self._refuse(environ, 400, "The form body is not valid UTF-8 once "
+                                   "percent-decoded.", "utf-8") from None
+            self._check_params(environ, pairs, "form")
+
+    def _parse_json(self, environ: WSGIEnvironment, body: bytes) -> Any:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._refuse(environ, 400, f"The JSON body is not valid UTF-8 (byte "
+                               f"{exc.start}).", "utf-8") from None
+        too_deep = f"The JSON body nests deeper than json_max_depth ({self._json_depth})."
+        try:
+            value = self._decode_json(text)
+        except _DuplicateKey as exc:
+            raise self._refuse(environ, 400, f"The JSON body repeats the key {exc.args[0]!r} "
+                               "in one object (reject_duplicate_keys).",
+                               "reject_duplicate_keys") from None
+        except RecursionError:
+            raise self._refuse(environ, 400, too_deep, "json_max_depth",
+                               max=self._json_depth) from None
+        except ValueError as exc:
+            raise self._refuse(environ, 400, f"The request body is not well-formed JSON: "
+                               f"{exc}.", "json") from None
+        if _deeper_than(body, self._json_depth):
+            raise self._refuse(environ, 400, too_deep, "json_max_depth", max=self._json_depth)
+        return value

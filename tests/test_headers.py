@@ -1,0 +1,272 @@
+"""The headers layer: which security headers, never duplicated, on errors too, bad configs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import Context, refuse
+from middleware.errors import ErrorsMiddleware
+from middleware.headers import SecurityHeadersMiddleware
+from middleware.request_id import RequestIdMiddleware
+from middleware.validation import ValidationMiddleware
+
+SECURITY = (
+    "Strict-Transport-Security",
+    "X-Content-Type-Options",
+    "Referrer-Policy",
+    "X-Frame-Options",
+    "Content-Security-Policy",
+    "Content-Security-Policy-Report-Only",
+    "Permissions-Policy",
+    "Cross-Origin-Opener-Policy",
+    "Cross-Origin-Resource-Policy",
+)
+DEFAULTS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+    "X-Frame-Options": "DENY",
+    "Permissions-Policy": "geolocation=(), camera=(), microphone=()",
+}
+HSTS = {"Strict-Transport-Security": "max-age=31536000"}
+HTTPS = {"wsgi.url_scheme": "https"}
+
+
+def inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """Answer by path: plain, with its own security headers, a refusal, a crash, a stream."""
+    path = environ["PATH_INFO"]
+    if path == "/limited":
+        raise refuse(429, "Slow down.", headers=[("Retry-After", "7")])
+    if path == "/crash":
+        raise RuntimeError("inner failure")
+    headers = [("Content-Type", "text/plain")]
+    if path == "/own":
+        headers += [("x-frame-options", "SAMEORIGIN"),
+                    ("Content-Security-Policy", "default-src 'none'")]
+    start_response("200 OK", headers)
+    if path == "/stream":
+        return stream()
+    return [b"ok"]
+
+
+def stream() -> Iterator[bytes]:
+    """A streamed body."""
+    yield b"a"
+    yield b"b"
+
+
+def security(response: Any) -> dict[str, str]:
+    """The security headers of a response (each must appear at most once)."""
+    found: dict[str, str] = {}
+    for name, value in response.headerlist:
+        canonical = next((s for s in SECURITY if s.lower() == name.lower()), None)
+        if canonical is not None:
+            assert canonical not in found, f"{canonical} appears twice"
+            found[canonical] = value
+    return found
+
+
+def make(**options: Any) -> TestApp:
+    """errors -> headers -> inner."""
+    layer = SecurityHeadersMiddleware(inner, SecurityHeadersMiddleware.Options(**options), Context())
+    return TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(format="envelope"), Context()))
+
+
+@pytest.mark.parametrize(
+    ("options", "request_environ", "expected"),
+    [
+        pytest.param({}, {}, DEFAULTS, id="defaults over http: no HSTS"),
+        pytest.param({}, HTTPS, {**HSTS, **DEFAULTS}, id="defaults over https"),
+        pytest.param(
+            {"hsts_max_age": 63072000, "hsts_include_subdomains": True, "hsts_preload": True},
+            HTTPS,
+            {"Strict-Transport-Security": "max-age=63072000; includeSubDomains; preload",
+             **DEFAULTS},
+            id="hsts preload",
+        ),
+        pytest.param({"hsts_include_subdomains": True, "hsts_max_age": 300}, HTTPS,
+                     {"Strict-Transport-Security": "max-age=300; includeSubDomains", **DEFAULTS},
+                     id="hsts include subdomains"),
+        pytest.param({"hsts": False}, HTTPS, DEFAULTS, id="hsts off"),
+        pytest.param({"hsts_max_age": 0}, HTTPS,
+                     {"Strict-Transport-Security": "max-age=0", **DEFAULTS},
+                     id="hsts max-age 0 withdraws the policy"),
+        pytest.param({"frame_options": "sameorigin"}, {},
+                     {**DEFAULTS, "X-Frame-Options": "SAMEORIGIN"}, id="sameorigin"),
+        pytest.param({"frame_options": "none"}, {},
+                     {k: v for k, v in DEFAULTS.items() if k != "X-Frame-Options"},
+                     id="no frame options"),
+        pytest.param({"content_security_policy": "default-src 'self'"}, {},
+                     {**DEFAULTS,
+                      "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'"},
+                     id="csp gains frame-ancestors matching deny"),
+        pytest.param({"content_security_policy": "default-src 'self';", "frame_options":
+                      "sameorigin"}, {},
+                     {**DEFAULTS, "X-Frame-Options": "SAMEORIGIN",
+                      "Content-Security-Policy": "default-src 'self'; frame-ancestors 'self'"},
+                     id="csp gains frame-ancestors matching sameorigin"),
+        pytest.param({"content_security_policy": "default-src 'self'; frame-ancestors 'none'"},
+                     {},
+                     {**DEFAULTS,
+                      "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'"},
+                     id="csp frame-ancestors agrees with deny"),
+        pytest.param({"content_security_policy": "frame-ancestors https://a.example",
+                      "frame_options": "none"}, {},
+                     {**{k: v for k, v in DEFAULTS.items() if k != "X-Frame-Options"},
+                      "Content-Security-Policy": "frame-ancestors https://a.example"},
+                     id="csp frame-ancestors alone"),
+        pytest.param({"content_security_policy": "default-src 'self'", "frame_options": "none"},
+                     {},
+                     {**{k: v for k, v in DEFAULTS.items() if k != "X-Frame-Options"},
+                      "Content-Security-Policy": "default-src 'self'"},
+                     id="csp untouched without frame options"),
+        pytest.param({"content_security_policy": "default-src 'self'", "csp_report_only": True},
+                     {},
+                     {**DEFAULTS, "Content-Security-Policy-Report-Only": "default-src 'self'"},
+                     id="report-only csp is not given frame-ancestors"),
+        pytest.param({"referrer_policy": None, "permissions_policy": None,
+                      "content_type_options": False, "frame_options": "none", "hsts": False},
+                     HTTPS, {}, id="everything off"),
+        pytest.param({"referrer_policy": "no-referrer", "permissions_policy": "camera=(self)"},
+                     {},
+                     {**DEFAULTS, "Referrer-Policy": "no-referrer",
+                      "Permissions-Policy": "camera=(self)"}, id="custom policies"),
+        pytest.param({"cross_origin_opener_policy": "same-origin",
+                      "cross_origin_resource_policy": "same-site"}, {},
+                     {**DEFAULTS, "Cross-Origin-Opener-Policy": "same-origin",
+                      "Cross-Origin-Resource-Policy": "same-site"}, id="cross-origin policies"),
+    ],
+)
+def test_headers(options: dict[str, Any], request_environ: dict[str, str],
+                 expected: dict[str, str]) -> None:
+    app = make(**options)
+    assert security(app.get("/", extra_environ=request_environ)) == expected
+    refused = app.get("/limited", extra_environ=request_environ, status=429)
+    assert security(refused) == expected
+    assert refused.headers["Retry-After"] == "7"
+
+
+def test_app_headers_win() -> None:
+    response = make(content_security_policy="default-src 'self'").get("/own")
+    assert security(response) == {
+        **DEFAULTS,
+        "X-Frame-Options": "SAMEORIGIN",
+        "Content-Security-Policy": "default-src 'none'",
+    }
+
+
+def test_crash_gets_headers() -> None:
+    response = make().get("/crash", extra_environ=HTTPS, status=500)
+    assert security(response) == {**HSTS, **DEFAULTS}
+    assert response.json["error"]["code"] == 500
+
+
+def test_stream_passes_unbuffered() -> None:
+    layer = SecurityHeadersMiddleware(inner, SecurityHeadersMiddleware.Options(), Context())
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started.append((status, headers))
+        return lambda data: None
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream", "wsgi.url_scheme": "http"}
+    body = layer(environ, start_response)
+    assert not isinstance(body, list)  # the app's generator itself, not a buffered copy
+    assert list(body) == [b"a", b"b"]
+    assert ("X-Frame-Options", "DENY") in started[0][1]
+
+
+def test_refusal_from_inner_layer_gets_headers() -> None:
+    """errors -> request_id -> headers -> validation: a 413 from validation carries them."""
+    validation = ValidationMiddleware(inner, ValidationMiddleware.Options(max_body_bytes=10),
+                                      Context())
+    headers = SecurityHeadersMiddleware(validation, SecurityHeadersMiddleware.Options(),
+                                        Context())
+    rid = RequestIdMiddleware(headers, RequestIdMiddleware.Options(), Context())
+    app = TestApp(ErrorsMiddleware(rid, ErrorsMiddleware.Options(format="problem"), Context()))
+    response = app.post("/", b"x" * 11, content_type="text/plain", extra_environ=HTTPS,
+                        status=413)
+    assert security(response) == {**HSTS, **DEFAULTS}
+    assert response.headers["X-Request-ID"] == response.json["request_id"]
+    assert response.json["detail"] == (
+        "The request body is 11 bytes long, more than max_body_bytes (10)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"hsts_preload": True},
+                     "hsts_preload requires hsts: true, hsts_include_subdomains: true and "
+                     "hsts_max_age of at least 31536000 (one year); got hsts: true, "
+                     "hsts_include_subdomains: false, hsts_max_age: 31536000",
+                     id="preload without subdomains"),
+        pytest.param({"hsts_preload": True, "hsts_include_subdomains": True,
+                      "hsts_max_age": 86400},
+                     "got hsts: true, hsts_include_subdomains: true, hsts_max_age: 86400",
+                     id="preload with a short max-age"),
+        pytest.param({"hsts_preload": True, "hsts_include_subdomains": True, "hsts": False},
+                     "got hsts: false", id="preload with hsts off"),
+        pytest.param({"hsts_max_age": -1}, "greater than or equal to 0", id="negative max-age"),
+        pytest.param({"csp_report_only": True},
+                     "csp_report_only needs a content_security_policy to report on",
+                     id="report-only without policy"),
+        pytest.param({"content_security_policy": "frame-ancestors 'self'"},
+                     "frame_options 'deny' contradicts 'frame-ancestors 'self'' in "
+                     "content_security_policy; make them agree or set frame_options to 'none'",
+                     id="deny against frame-ancestors self"),
+        pytest.param({"content_security_policy": "default-src 'self'; frame-ancestors 'none'",
+                      "frame_options": "sameorigin"},
+                     "frame_options 'sameorigin' contradicts 'frame-ancestors 'none''",
+                     id="sameorigin against frame-ancestors none"),
+        pytest.param({"content_security_policy": "default-src 'self'\r\nX-Evil: 1"},
+                     "must be non-empty printable ASCII on one line", id="csp with newline"),
+        pytest.param({"content_security_policy": "  "},
+                     "must be non-empty printable ASCII on one line", id="blank csp"),
+        pytest.param({"permissions_policy": "camera=()\x00"},
+                     "must be non-empty printable ASCII on one line",
+                     id="permissions policy with control character"),
+        pytest.param({"referrer_policy": "always"}, "Input should be 'no-referrer'",
+                     id="unknown referrer policy"),
+        pytest.param({"frame_options": "allow-from"}, "Input should be 'deny', 'sameorigin'",
+                     id="unknown frame option"),
+        pytest.param({"x_xss_protection": True}, "Extra inputs are not permitted",
+                     id="unknown option"),
+    ],
+)
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        SecurityHeadersMiddleware.Options(**options)
+    assert message in str(info.value)
+
+
+def test_report_only_may_differ_from_frame_options() -> None:
+    options = SecurityHeadersMiddleware.Options(
+        content_security_policy="frame-ancestors 'self'", csp_report_only=True)
+    assert options.frame_options == "deny"
+
+
+def test_yaml_stack(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack({
+        "app": {"factory": "stack_support:echo_app"},
+        "pipeline": [{"errors": {}},
+                     {"headers": {"content_security_policy": "default-src 'self'",
+                                  "frame_options": "sameorigin"}}],
+    })
+    response = stack.get("/", extra_environ=HTTPS)
+    assert security(response) == {
+        **HSTS, **DEFAULTS, "X-Frame-Options": "SAMEORIGIN",
+        "Content-Security-Policy": "default-src 'self'; frame-ancestors 'self'",
+    }
+
+
+def test_yaml_refuses_preload_without_subdomains(make_stack: Callable[..., TestApp]) -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make_stack({"pipeline": [{"headers": {"hsts_preload": True}}]})
+    assert "hsts_preload requires hsts: true, hsts_include_subdomains: true" in str(info.value)
