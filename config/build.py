@@ -425,4 +425,15 @@ def build(
         for store in context.stores.values():
             store.close()
         raise ConfigError(problems)
+    context.settings["pipeline"] = [describe(spec) for spec in pipeline]
     return BuiltStack(wrapped, config, context, core=core)
+
+
+def describe(spec: LayerSpec) -> dict[str, Any]:
+    """A JSON-ready description of a layer for the operator page and tools (secrets are not masked here)."""
+    if isinstance(spec.options, BaseModel):
+        options = spec.options.model_dump(mode="json")
+    else:
+        options = {k: v if isinstance(v, str | int | float | bool | None) else repr(v) for k, v in spec.options.items()}
+    return {"name": spec.name, "index": spec.index, "implicit": spec.implicit,
+            "scope": repr(spec.scope) if spec.scope else "", "options": options}

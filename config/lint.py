@@ -180,9 +180,33 @@ def cors_patterns(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]
 
 def csrf_needs_session(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for spec in _all(specs, "csrf"):
-        if _first(specs, "session") is None:
+        session = _first(specs, "session")
+        if spec_true(spec, "double_submit") and (session is None or _pos(specs, session) > _pos(specs, spec)):
+            yield _problem(cfg, spec, f"csrf at {_where(spec)} uses double_submit but is not inside a session layer: "
+                                      "the token is bound to the session id; place session before csrf")
+        elif session is None:
             yield _problem(cfg, spec, "csrf protects cookie sessions, but the pipeline has no session layer",
                            "warning")
+        if session is not None and spec.option("cookie_name") != session.option("cookie_name"):
+            yield _problem(cfg, spec, f"csrf cookie_name {spec.option('cookie_name')!r} differs from the session "
+                                      f"layer's cookie_name {session.option('cookie_name')!r}: csrf would never see "
+                                      "a cookie-authenticated request")
+        for auth, _ in _before(specs, "auth", "csrf"):
+            if _pos(specs, auth) < _pos(specs, spec):
+                yield _problem(cfg, spec, f"csrf at {_where(spec)} is inside auth at {_where(auth)}: forged requests "
+                                          "reach token parsing first; place csrf before auth", "warning")
+
+
+def auth_inside_session(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for auth, session in _before(specs, "auth", "session"):
+        if spec_true(auth, "accept_session"):
+            yield _problem(cfg, auth, f"auth at {_where(auth)} has accept_session: true but is outside session at "
+                                      f"{_where(session)}: session['user'] is not available yet; move auth inside "
+                                      "session")
+    for session in _all(specs, "session"):
+        if session.scope:
+            yield _problem(cfg, session, "session is scoped: requests outside the scope have no session, and logins "
+                                         "made there do not persist", "warning")
 
 
 def versioning_before_cache(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
@@ -312,6 +336,7 @@ RULES: list[Rule] = [
     proxy_position,
     cors_patterns,
     csrf_needs_session,
+    auth_inside_session,
     versioning_before_cache,
     probes_first,
     shared_state,

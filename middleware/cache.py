@@ -39,7 +39,7 @@ from werkzeug.http import parse_cache_control_header
 
 from stores.base import Store, StoreError
 
-from .base import API_VERSION, IDENTITY, Context, LayerOptions, cookies, decoded_path, note, refuse
+from .base import API_VERSION, IDENTITY, SESSION, Context, LayerOptions, cookies, decoded_path, note, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -137,7 +137,11 @@ class _Fill:
                 self.swap = True  # answered with the stale entry once the app returns
                 return lambda data: None
             self.started = True
-            self.plan = self.layer._plan(status, headers, self.subject)
+            session = self.environ.get(SESSION)
+            # A response built from session data is private even when an outer layer marks it so later.
+            touched = (self.subject is None and session is not None and getattr(session, "accessed", False)
+                       and not session.new)
+            self.plan = None if touched else self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()
             return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)

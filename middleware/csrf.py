@@ -1,0 +1,210 @@
+"""Cross-origin request protection for cookie sessions, without tokens in forms.
+
+Browsers label every request with ``Sec-Fetch-Site`` (and, for unsafe methods,
+``Origin``).  For an unsafe method (anything but GET, HEAD and OPTIONS) that
+carries the session cookie, this layer:
+
+1. allows ``Sec-Fetch-Site: same-origin`` or ``none`` (typed URL, bookmark);
+2. refuses ``cross-site`` and ``same-site`` unless ``Origin`` is in
+   ``trusted_origins`` (exact origins and ``https://*.example.org``);
+3. without ``Sec-Fetch-Site`` (older browsers), compares ``Origin`` with the
+   request's own origin (scheme + Host) and the trusted list;
+4. allows a request with neither header: it does not come from a browser, so
+   no browser can be tricked into sending it.
+
+Requests without the session cookie (for example those authenticated by a
+bearer token only) carry no ambient credential and pass.  With
+``double_submit: true`` the ``X-CSRF-Token`` header must also carry an HMAC of
+the session id, which the app reads from ``environ["wsgistack.csrf_token"]``.
+
+Do not use it for APIs that never use cookies (there is nothing to forge), and
+do not rely on it for safe methods: GET handlers must not change state.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr, model_validator
+
+from .base import SESSION, Context, LayerOptions, cookies, note, refuse
+from .cors import parse_origin
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["CSRF_TOKEN", "CSRFMiddleware"]
+
+CSRF_TOKEN = "wsgistack.csrf_token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _trusted_entry(entry: str) -> tuple[str, str, int | None] | None:
+    """``(scheme, host or .suffix, port)`` of a configured origin; None when malformed."""
+    wildcard = entry.startswith(("http://*.", "https://*."))
+    parsed = parse_origin(entry.replace("://*.", "://x.", 1) if wildcard else entry)
+    if parsed is None or parsed[0] not in _DEFAULT_PORTS:
+        return None
+    scheme, host, port = parsed
+    if wildcard:
+        host = host[1:]  # ".example.org": example.org itself and example.org.evil.net never match
+        if "." not in host[1:]:
+            return None  # https://*.org would trust a whole top-level domain
+    return scheme, host, port
+
+
+class CSRFMiddleware:
+    """Refuse cross-origin unsafe requests that carry the session cookie (403).
+
+    Options: ``trusted_origins`` (origins allowed to send cross-origin writes:
+    ``https://app.example.org`` or ``https://*.example.org``); ``cookie_name``
+    (``"__Host-session"``, the session layer's cookie); ``check_without_cookie``
+    (false; true also checks requests without the cookie, which covers login
+    forms); ``double_submit`` (false; true also requires the ``header`` to equal
+    ``environ["wsgistack.csrf_token"]()``, an HMAC of the session id with
+    ``secret_key``); ``header`` (``"X-CSRF-Token"``).
+
+        opts = CSRFMiddleware.Options(trusted_origins=["https://*.example.org"])
+        app = CSRFMiddleware(app, opts, Context())
+    """
+
+    class Options(LayerOptions):
+        trusted_origins: tuple[str, ...] = ()
+        cookie_name: str = "__Host-session"
+        check_without_cookie: bool = False
+        double_submit: bool = False
+        secret_key: SecretStr | None = None
+        header: str = "X-CSRF-Token"
+
+        @model_validator(mode="after")
+        def _check(self) -> CSRFMiddleware.Options:
+            for origin in self.trusted_origins:
+                if origin in ("*", "null"):
+                    raise ValueError(f"trusted_origins may not contain {origin!r}: that would "
+                                     "let any page send writes with the user's cookie")
+                if _trusted_entry(origin) is None:
+                    raise ValueError(f"trusted_origins entry {origin!r} is not an origin: write "
+                                     "http(s)://host[:port] with no path, or https://*.example.org")
+            key = self.secret_key.get_secret_value() if self.secret_key else ""
+            if self.double_submit and len(key) < 32:
+                raise ValueError("double_submit needs a secret_key of at least 32 characters; "
+                                 "generate one with: python -c 'import secrets; "
+                                 "print(secrets.token_urlsafe(32))'")
+            if not self.header or not all(c.isalnum() or c == "-" for c in self.header):
+                raise ValueError(f"header {self.header!r} is not a header name "
+                                 "(letters, digits and '-')")
+            return self
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.cookie_name = options.cookie_name
+        self.check_all = options.check_without_cookie
+        self.exact: frozenset[str] = frozenset()
+        self.wildcards: list[tuple[str, str, int | None]] = []
+        for entry in options.trusted_origins:
+            scheme, host, port = _trusted_entry(entry) or ("", "", None)
+            if host.startswith("."):
+                self.wildcards.append((scheme, host, port))
+            else:
+                self.exact |= {_serialise(scheme, host, port)}
+        self.double_submit = options.double_submit
+        self.key = options.secret_key.get_secret_value().encode() if options.secret_key else b""
+        self.header_key = "HTTP_" + options.header.upper().replace("-", "_")
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        if self.double_submit:
+            environ[CSRF_TOKEN] = lambda: self.token(environ)
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method in SAFE_METHODS:
+            return self.app(environ, start_response)
+        if self.cookie_name not in cookies(environ) and (
+            not self.check_all or environ.get("HTTP_AUTHORIZATION", "")[:7].lower() == "bearer "
+        ):
+            return self.app(environ, start_response)
+        self._check_origin(environ, method)
+        if self.double_submit:
+            self._check_token(environ)
+        return self.app(environ, start_response)
+
+    def _check_origin(self, environ: WSGIEnvironment, method: str) -> None:
+        site = environ.get("HTTP_SEC_FETCH_SITE")
+        origin = environ.get("HTTP_ORIGIN")
+        if site is not None:
+            site = site.strip().lower()
+            if site in ("same-origin", "none"):
+                return
+            if origin is not None and self.trusted(origin):
+                note(environ, "csrf", f"Sec-Fetch-Site {site}, trusted Origin {origin}")
+                return
+            label = site if site in ("cross-site", "same-site") else "cross-origin"
+            why = (f"Origin {_shown(origin)} is not trusted" if origin is not None
+                   else "the request has no Origin header")
+            raise refuse(403, f"{label} {method} refused: Sec-Fetch-Site is {_shown(site)} "
+                              f"and {why}")
+        if origin is None:
+            note(environ, "csrf", "neither Sec-Fetch-Site nor Origin: not a browser request")
+            return
+        own = _own_origin(environ)
+        if _normalise(origin) == own or self.trusted(origin):
+            return
+        raise refuse(403, f"cross-origin {method} refused: Origin {_shown(origin)} is not this "
+                          f"site's origin ({own}) and is not trusted")
+
+    def trusted(self, origin: str) -> bool:
+        """Whether ``origin`` is in ``trusted_origins`` (exactly or by wildcard)."""
+        parsed = parse_origin(origin)
+        if parsed is None:
+            return False
+        scheme, host, port = parsed
+        if _serialise(scheme, host, port) in self.exact:
+            return True
+        return any(scheme == w_scheme and port == w_port and host.endswith(suffix)
+                   for w_scheme, suffix, w_port in self.wildcards)
+
+    def token(self, environ: WSGIEnvironment) -> str:
+        """The double-submit token for this request's session (creating the session if new)."""
+        session = environ.get(SESSION)
+        if session is None:
+            raise RuntimeError("csrf double_submit needs a session layer outside the csrf layer")
+        if session.new and not session.modified:
+            session.modified = True  # the token is bound to the id, so the session must persist
+        digest = hmac.new(self.key, b"wsgistack.csrf:" + session.id.encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
+
+    def _check_token(self, environ: WSGIEnvironment) -> None:
+        sent = environ.get(self.header_key)
+        header = self.options.header
+        if not sent:
+            raise refuse(403, f"CSRF token missing: send the {header} header with the token "
+                              "the page got from wsgistack.csrf_token")
+        if not hmac.compare_digest(sent.encode("latin-1"), self.token(environ).encode("ascii")):
+            raise refuse(403, f"CSRF token in {header} does not match this session; "
+                              "reload the page to get a fresh token")
+
+
+def _serialise(scheme: str, host: str, port: int | None) -> str:
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def _normalise(origin: str) -> str | None:
+    parsed = parse_origin(origin)
+    return None if parsed is None else _serialise(*parsed)
+
+
+def _own_origin(environ: WSGIEnvironment) -> str:
+    """The request's own origin: ``wsgi.url_scheme`` and the Host header (or server name)."""
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:" \
+                                       f"{environ.get('SERVER_PORT', '')}"
+    return _normalise(f"{scheme}://{host}") or f"{scheme}://{host}"
+
+
+def _shown(text: str | None) -> str:
+    """Request text safe to quote in a message: printable ASCII, at most 100 characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in (text or ""))
+    return text if len(text) <= 100 else text[:97] + "..."

@@ -1,0 +1,388 @@
+"""Server-side sessions: JSON in a store, a random id in a signed ``__Host-`` cookie.
+
+The layer puts a lazy :class:`Session` (a ``MutableMapping``) in
+``environ["wsgistack.session"]``.  Nothing is read from the store until the
+session is first used, and a request without the cookie never touches the
+store.  A used session costs one ``GETEX`` (read and idle-TTL refresh in one
+round trip) and, when it changed, one ``SET`` made just before the response
+headers go out, so a new session's ``Set-Cookie`` can still be added.
+
+The id is 256 random bits; the cookie carries it signed with ``secret_key``
+(``itsdangerous``), so a forged, tampered, unknown or expired id is never
+adopted: the request gets an empty session with a fresh id instead (session
+fixation).  Responses that used the session get ``Vary: Cookie``, and
+``Cache-Control: private`` when they depend on a stored session or set a cookie.
+
+Do not use it for stateless APIs authenticated by bearer tokens only (the
+``auth`` layer alone is enough), or to store large or non-JSON values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from itsdangerous import BadSignature, Signer
+from pydantic import Field, SecretStr, model_validator
+from werkzeug.http import dump_cookie
+
+from stores.base import StoreError
+
+from .base import SESSION, Context, LayerOptions, add_vary, cookies, note, refuse
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["Session", "SessionMiddleware"]
+
+KEY_PREFIX = "session:"
+RETRY_AFTER = "5"
+VERIFIED_CACHE_SIZE = 4096
+_clock = time.time  # wall clock: created_at is shared by every process (tests may replace it)
+
+
+class Session(MutableMapping[str, Any]):
+    """The request's session: a lazy mapping of JSON values, loaded on first use.
+
+    ``id`` (created on demand for a new session), ``new`` (not from the store),
+    ``modified`` (set by writes; set it yourself after changing a nested value),
+    ``accessed`` (the session was used: the response varies by cookie),
+    ``rotate()`` (new id, same data, old key deleted: call it at login and on
+    privilege change) and ``destroy()`` (logout: key deleted, cookie expired).
+
+        session = environ["wsgistack.session"]
+        session["cart"] = [*session.get("cart", []), item_id]
+    """
+
+    __slots__ = ("_created", "_data", "_environ", "_expire_cookie", "_id", "_issue", "_layer",
+                 "_new", "_persist", "_sealed", "_stale", "_stored_id", "accessed", "modified")
+    permanent = True  # for Flask's SessionMixin duck typing: lifetime is the layer's timeouts
+
+    def __init__(self, layer: SessionMiddleware, environ: WSGIEnvironment) -> None:
+        self._layer = layer
+        self._environ = environ
+        self._data: dict[str, Any] | None = None
+        self._id: str | None = None
+        self._stored_id: str | None = None
+        self._created = 0.0
+        self._new = True
+        self._issue = True
+        self._persist = True
+        self._expire_cookie = False
+        self._sealed = False  # the response has started: later changes cannot be saved
+        self._stale: list[str] = []
+        self.accessed = False
+        self.modified = False
+
+    def _load(self) -> dict[str, Any]:
+        data = self._data
+        if data is None:
+            self.accessed = True
+            self._data = data = {}
+            self._created = _clock()
+            cookie_id = self._layer._cookie_id(self._environ)
+            if cookie_id is not None:
+                loaded = self._layer._read(self, cookie_id)
+                if loaded is not None:
+                    data.update(loaded)
+                    self._id = self._stored_id = cookie_id
+                    self._new = self._issue = False
+        return data
+
+    @property
+    def id(self) -> str:
+        """The session id (a secret: never log it); a new session gets a fresh one."""
+        self._load()
+        if self._id is None:
+            self._id = secrets.token_urlsafe(32)
+        return self._id
+
+    @property
+    def new(self) -> bool:
+        """True when the session did not come from the store."""
+        self._load()
+        return self._new
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"session keys must be strings, not {type(key).__name__}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"session values must be JSON-serialisable: session[{key!r}] got a "
+                f"{type(value).__name__} ({exc})"
+            ) from None
+        self._load()[key] = value
+        self._changed()
+
+    def __delitem__(self, key: str) -> None:
+        del self._load()[key]
+        self._changed()
+
+    def _changed(self) -> None:
+        self.modified = True
+        if self._sealed:
+            self._sealed = False  # warn once
+            self._layer.context.logger.warning(
+                "session layer: the session was changed after the response started, so the "
+                "change is not saved; change the session before calling start_response")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._load()
+
+    def rotate(self) -> None:
+        """Give the session a new id and keep its data; the old key is deleted on save."""
+        self._load()
+        if self._stored_id is not None:
+            self._stale.append(self._stored_id)
+            self._stored_id = None
+        self._id = secrets.token_urlsafe(32)
+        self._created = _clock()
+        self._issue = True
+        self._changed()
+
+    def destroy(self) -> None:
+        """End the session: delete its key and expire the cookie (logout)."""
+        self._changed()  # only warns when too late; destroy() leaves modified false
+        stored = self._layer._cookie_id(self._environ) if self._data is None else self._stored_id
+        if stored is not None:
+            self._stale.append(stored)
+        self.accessed = True
+        self._data, self._id, self._stored_id, self._created = {}, None, None, _clock()
+        self._new = self._issue = self._expire_cookie = True
+        self.modified = False
+
+    def __repr__(self) -> str:
+        state = "unloaded" if self._data is None else f"keys={sorted(self._data)}"
+        return f"<Session {state} new={self._new} modified={self.modified}>"
+
+
+class SessionMiddleware:
+    """Put a server-side :class:`Session` in ``environ["wsgistack.session"]``.
+
+    Options: ``store`` (default ``"shared"``); ``secret_key`` (required, at least
+    32 characters) and ``secret_key_fallbacks`` (older keys still accepted while
+    rotating); ``cookie_name`` (``"__Host-session"``), ``cookie_secure`` (true;
+    false only on a loopback-only server), ``cookie_httponly`` (true),
+    ``cookie_samesite`` (``"Lax"``, ``"Strict"`` or ``"None"``), ``cookie_path``
+    (``"/"``), ``cookie_domain`` (none); ``idle_timeout`` (1800 s, refreshed on
+    every use) and ``absolute_timeout`` (12 h since creation or last rotate());
+    ``on_store_error``: ``"closed"`` answers 503 with ``Retry-After``, ``"open"``
+    goes on with an empty session that is not saved.
+
+        opts = SessionMiddleware.Options(secret_key=os.environ["SECRET_KEY"])
+        app = SessionMiddleware(app, opts, Context(stores={"shared": MemoryStore()}))
+    """
+
+    class Options(LayerOptions):
+        store: str = "shared"
+        secret_key: SecretStr = SecretStr("")
+        secret_key_fallbacks: tuple[SecretStr, ...] = ()
+        cookie_name: str = "__Host-session"
+        cookie_secure: bool = True
+        cookie_httponly: bool = True
+        cookie_samesite: Literal["Lax", "Strict", "None"] = "Lax"
+        cookie_path: str = "/"
+        cookie_domain: str | None = None
+        idle_timeout: float = Field(1800.0, gt=0)
+        absolute_timeout: float = Field(12 * 3600.0, gt=0)
+        on_store_error: Literal["open", "closed"] = "closed"
+
+        @model_validator(mode="after")
+        def _check(self) -> SessionMiddleware.Options:
+            hint = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            key = self.secret_key.get_secret_value()
+            if not key:
+                raise ValueError(f"secret_key is required for the session layer; {hint}")
+            for name, value in [("secret_key", key)] + [
+                (f"secret_key_fallbacks[{i}]", k.get_secret_value())
+                for i, k in enumerate(self.secret_key_fallbacks)
+            ]:
+                if len(value) < 32:
+                    raise ValueError(f"{name} must be at least 32 characters long "
+                                     f"(it has {len(value)}); {hint}")
+            name = self.cookie_name
+            if not name or any(c in name for c in ' \t";,=\\()<>@:/[]?{}') or not name.isascii():
+                raise ValueError(f"cookie_name {name!r} is not a valid cookie name")
+            if not self.cookie_path.startswith("/"):
+                raise ValueError(f"cookie_path must start with '/' (got {self.cookie_path!r})")
+            if name.startswith("__Host-"):
+                if not self.cookie_secure:
+                    raise ValueError(f"cookie_name {name!r} needs cookie_secure: true (browsers "
+                                     "drop __Host- cookies without Secure); a loopback-only "
+                                     "development server must also pick another cookie_name")
+                if self.cookie_domain is not None:
+                    raise ValueError(f"cookie_name {name!r} may not be combined with "
+                                     "cookie_domain (browsers drop __Host- cookies with a Domain)")
+                if self.cookie_path != "/":
+                    raise ValueError(f"cookie_name {name!r} needs cookie_path '/' "
+                                     f"(got {self.cookie_path!r})")
+            if name.startswith("__Secure-") and not self.cookie_secure:
+                raise ValueError(f"cookie_name {name!r} needs cookie_secure: true")
+            if self.cookie_samesite == "None" and not self.cookie_secure:
+                raise ValueError("cookie_samesite 'None' needs cookie_secure: true")
+            if self.idle_timeout > self.absolute_timeout:
+                raise ValueError(f"idle_timeout ({self.idle_timeout:g} s) may not exceed "
+                                 f"absolute_timeout ({self.absolute_timeout:g} s)")
+            return self
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        if not options.cookie_secure and not context.loopback_only:
+            raise ValueError("cookie_secure: false is only allowed when the server listens only "
+                             "on loopback; on any other address the session cookie would travel "
+                             "over plain HTTP")
+        self.app = app
+        self.options = options
+        self.context = context
+        self.store = context.store(options.store)
+        self.closed = options.on_store_error == "closed"
+        keys = [k.get_secret_value() for k in (*options.secret_key_fallbacks, options.secret_key)]
+        self.signer = Signer(keys, salt="wsgistack.session", digest_method=hashlib.sha256)
+        self.cookie_name = options.cookie_name
+        # Cookie values whose signature already checked out (verification costs ~9 µs).
+        self._verified: dict[str, str] = {}
+        self._attrs: dict[str, Any] = {
+            "path": options.cookie_path, "domain": options.cookie_domain,
+            "secure": options.cookie_secure, "httponly": options.cookie_httponly,
+            "samesite": options.cookie_samesite,
+        }
+        self._expired_cookie = dump_cookie(self.cookie_name, "", max_age=0, expires=0,
+                                           **self._attrs)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        session = Session(self, environ)
+        environ[SESSION] = session
+        added: list[tuple[str, str]] | None = None
+
+        def session_start_response(status: str, headers: list[tuple[str, str]],
+                                   exc_info: Any = None) -> Any:
+            nonlocal added
+            session._sealed = True
+            if session.accessed:
+                headers = list(headers)
+                if added is None:  # save once, even if start_response is called again
+                    added = self._save(session)
+                headers.extend(added)
+                add_vary(headers, "Cookie")
+                if added or not session._new:  # personal data, or a cookie is set or expired
+                    _make_private(headers)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, session_start_response)
+
+    def _cookie_id(self, environ: WSGIEnvironment) -> str | None:
+        raw = cookies(environ).get(self.cookie_name)
+        if not raw:
+            return None
+        sid = self._verified.get(raw)
+        if sid is None:
+            try:
+                sid = self.signer.unsign(raw).decode("ascii")
+            except (BadSignature, UnicodeError):
+                note(environ, "session", "cookie signature is invalid; starting a new session")
+                return None
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[raw] = sid
+        return sid
+
+    def _read(self, session: Session, sid: str) -> dict[str, Any] | None:
+        """Load ``sid`` (refreshing its idle TTL); None when missing, expired or corrupt."""
+        key = KEY_PREFIX + sid
+        try:
+            raw = self.store.getex(key, self.options.idle_timeout)
+            if raw is None:
+                return None
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                doc, problem = None, "it is not valid JSON"
+            else:
+                problem = "it does not have the shape {created_at: number, data: object}"
+            if isinstance(doc, dict):
+                created, data = doc.get("created_at"), doc.get("data")
+                if isinstance(created, int | float) and not isinstance(created, bool) \
+                        and isinstance(data, dict):
+                    if _clock() - created < self.options.absolute_timeout:
+                        session._created = float(created)
+                        return data
+                    problem = ""  # absolutely expired: not a fault
+            if problem:
+                self.context.logger.warning(
+                    "session layer: the stored session %s was ignored because %s",
+                    _fingerprint(sid), problem)
+            self.store.delete(key)  # absolutely expired or corrupt: never adopt it again
+            return None
+        except StoreError as exc:
+            self._store_failed(session, exc, "loaded")
+            return None
+
+    def _save(self, session: Session) -> list[tuple[str, str]]:
+        """Write what changed; return the headers to add (``Set-Cookie``)."""
+        headers: list[tuple[str, str]] = []
+        if not session._persist:
+            return headers
+        if session._expire_cookie:
+            headers.append(("Set-Cookie", self._expired_cookie))
+        try:
+            for sid in session._stale:
+                self.store.delete(KEY_PREFIX + sid)
+            if session.modified and session._data is not None:
+                sid = session.id
+                payload = json.dumps({"created_at": session._created, "data": session._data},
+                                     separators=(",", ":"), allow_nan=False).encode()
+                remaining = session._created + self.options.absolute_timeout - _clock()
+                ttl = max(min(self.options.idle_timeout, remaining), 0.001)
+                self.store.set(KEY_PREFIX + sid, payload, ttl)
+                if session._issue:
+                    headers[:] = [("Set-Cookie", dump_cookie(
+                        self.cookie_name, self.signer.sign(sid).decode("ascii"), **self._attrs))]
+                    if session._new:
+                        self.context.emit("session.created")
+        except StoreError as exc:
+            self._store_failed(session, exc, "saved")
+            headers = [h for h in headers if h[1] == self._expired_cookie]
+        return headers
+
+    def _store_failed(self, session: Session, exc: StoreError, action: str) -> None:
+        session._persist = False
+        self.context.emit("store.error", store=self.options.store, layer="session")
+        self.context.logger.warning("session layer: the session could not be %s: %s", action, exc)
+        if self.closed:
+            raise refuse(503, f"the session could not be {action} because the session store "
+                              "is unavailable; try again shortly",
+                         headers=[("Retry-After", RETRY_AFTER)]) from exc
+
+
+def _make_private(headers: list[tuple[str, str]]) -> None:
+    """Mark the response private, keeping a stricter ``no-store`` and dropping ``public``."""
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == "cache-control":
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            names = {p.split("=", 1)[0].strip().lower() for p in parts}
+            if "no-store" in names or "private" in names:
+                return
+            kept = [p for p in parts if p.split("=", 1)[0].strip().lower()
+                    not in ("public", "s-maxage")]
+            headers[i] = (name, ", ".join(["private", *kept]))
+            return
+    headers.append(("Cache-Control", "private"))
+
+
+def _fingerprint(sid: str) -> str:
+    """A short, non-reversible name for a session id, safe to put in logs."""
+    return "#" + hashlib.sha256(sid.encode()).hexdigest()[:12]

@@ -1,0 +1,333 @@
+"""The csrf layer: Sec-Fetch-Site / Origin checks, bearer exemption, double-submit tokens."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import Context
+from middleware.csrf import CSRF_TOKEN, CSRFMiddleware
+from middleware.errors import ErrorsMiddleware
+from middleware.session import SessionMiddleware
+from stores import Store, store_from_url
+
+SECRET = "c" * 40
+SESSION_SECRET = "s" * 40
+COOKIE = {"Cookie": "__Host-session=abc.def"}
+TRUSTED = ("https://partner.example.com", "https://*.example.org")
+
+
+def ok(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """Answer 200 with the double-submit token when the layer offers one."""
+    getter = environ.get(CSRF_TOKEN)
+    body = getter().encode() if getter else b"ok"  # before start_response: the session is saved there
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body]
+
+
+def make(options: dict[str, Any], store: Store | None = None) -> TestApp:
+    """errors -> [session ->] csrf -> ok; the session layer only with a store."""
+    context = Context(stores={"shared": store or store_from_url("memory://")})
+    app: Any = CSRFMiddleware(ok, CSRFMiddleware.Options(**options), context)
+    if store is not None:
+        app = SessionMiddleware(app, SessionMiddleware.Options(secret_key=SESSION_SECRET), context)
+    return TestApp(ErrorsMiddleware(app, ErrorsMiddleware.Options(), context))
+
+
+def send(app: TestApp, request_headers: dict[str, str]) -> Any:
+    """Send a request described by headers; ``:method`` and ``:scheme`` are pseudo-headers."""
+    headers = dict(request_headers)
+    method = headers.pop(":method", "POST")
+    environ = {"wsgi.url_scheme": headers.pop(":scheme")} if ":scheme" in headers else {}
+    return app.request("/things", method=method, headers=headers, environ=environ,
+                       expect_errors=True)
+
+
+def refused(message: str) -> tuple[int, str]:
+    return 403, message
+
+
+ALLOWED = (200, None)
+
+
+@pytest.mark.parametrize(("options", "request_headers", "expected"), [
+    # Sec-Fetch-Site present
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "same-origin"}, ALLOWED, id="same-origin"),
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "none"}, ALLOWED, id="user-initiated (none)"),
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://evil.example is not trusted"), id="cross-site"),
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "same-site", "Origin": "https://a.example.org"},
+                 refused("same-site POST refused: Sec-Fetch-Site is same-site and Origin "
+                         "https://a.example.org is not trusted"), id="same-site (sibling)"),
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "cross-site"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and the request "
+                         "has no Origin header"), id="cross-site without Origin"),
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "sideways", "Origin": "https://evil.example"},
+                 refused("cross-origin POST refused: Sec-Fetch-Site is sideways and Origin "
+                         "https://evil.example is not trusted"), id="unknown Sec-Fetch-Site"),
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "Same-Origin"}, ALLOWED, id="case-insensitive"),
+    # trusted origins
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "https://partner.example.com"},
+                 ALLOWED, id="trusted exact origin"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site",
+                  "Origin": "HTTPS://Partner.Example.com:443"},
+                 ALLOWED, id="trusted origin, other spelling"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "same-site", "Origin": "https://app.example.org"},
+                 ALLOWED, id="wildcard subdomain"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "same-site", "Origin": "https://a.b.example.org"},
+                 ALLOWED, id="wildcard, deeper subdomain"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "https://example.org"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://example.org is not trusted"), id="wildcard excludes the apex"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "https://example.org.evil.net"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://example.org.evil.net is not trusted"),
+                 id="wildcard is not a prefix match"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "https://evilexample.org"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://evilexample.org is not trusted"), id="wildcard needs the dot"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "http://app.example.org"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "http://app.example.org is not trusted"), id="wildcard, other scheme"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "https://app.example.org:8443"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://app.example.org:8443 is not trusted"), id="wildcard, other port"),
+    pytest.param({"trusted_origins": TRUSTED},
+                 {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "null"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin null "
+                         "is not trusted"), id="opaque origin"),
+    # no Sec-Fetch-Site: compare Origin with the request's own origin
+    pytest.param({}, {**COOKIE, "Origin": "http://localhost"}, ALLOWED, id="old browser, same origin"),
+    pytest.param({}, {**COOKIE, "Origin": "http://LOCALHOST:80"}, ALLOWED,
+                 id="old browser, same origin with default port"),
+    pytest.param({}, {**COOKIE, "Origin": "https://shop.test", "Host": "shop.test",
+                      ":scheme": "https"}, ALLOWED, id="old browser, https own origin"),
+    pytest.param({}, {**COOKIE, "Origin": "https://localhost"},
+                 refused("cross-origin POST refused: Origin https://localhost is not this site's "
+                         "origin (http://localhost) and is not trusted"),
+                 id="old browser, other scheme"),
+    pytest.param({}, {**COOKIE, "Origin": "https://evil.example"},
+                 refused("cross-origin POST refused: Origin https://evil.example is not this site's "
+                         "origin (http://localhost) and is not trusted"), id="old browser, cross-site"),
+    pytest.param({"trusted_origins": TRUSTED}, {**COOKIE, "Origin": "https://app.example.org"},
+                 ALLOWED, id="old browser, trusted origin"),
+    pytest.param({}, {**COOKIE, "Origin": "null"},
+                 refused("cross-origin POST refused: Origin null is not this site's origin "
+                         "(http://localhost) and is not trusted"), id="old browser, opaque origin"),
+    pytest.param({}, {**COOKIE, "Origin": "https://evil.example\x01" + "x" * 200},
+                 refused("cross-origin POST refused: Origin " +
+                         ("https://evil.example?" + "x" * 200)[:97] +
+                         "... is not this site's origin (http://localhost) and is not trusted"),
+                 id="hostile Origin is cut and cleaned"),
+    pytest.param({}, dict(COOKIE), ALLOWED, id="neither header: not a browser"),
+    # methods
+    pytest.param({}, {**COOKIE, ":method": "GET", "Sec-Fetch-Site": "cross-site"}, ALLOWED,
+                 id="GET is safe"),
+    pytest.param({}, {**COOKIE, ":method": "HEAD", "Sec-Fetch-Site": "cross-site"}, ALLOWED,
+                 id="HEAD is safe"),
+    pytest.param({}, {**COOKIE, ":method": "OPTIONS", "Sec-Fetch-Site": "cross-site"}, ALLOWED,
+                 id="OPTIONS is safe"),
+    pytest.param({}, {**COOKIE, ":method": "DELETE", "Sec-Fetch-Site": "cross-site",
+                      "Origin": "https://evil.example"},
+                 refused("cross-site DELETE refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://evil.example is not trusted"), id="DELETE"),
+    pytest.param({}, {**COOKIE, ":method": "PATCH", "Origin": "https://evil.example"},
+                 refused("cross-origin PATCH refused: Origin https://evil.example is not this "
+                         "site's origin (http://localhost) and is not trusted"), id="PATCH"),
+    # who is protected
+    pytest.param({}, {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}, ALLOWED,
+                 id="no session cookie"),
+    pytest.param({}, {"Cookie": "theme=dark", "Sec-Fetch-Site": "cross-site"}, ALLOWED,
+                 id="other cookies only"),
+    pytest.param({}, {"Authorization": "Bearer abc", "Sec-Fetch-Site": "cross-site",
+                      "Origin": "https://evil.example"}, ALLOWED, id="bearer token only"),
+    pytest.param({}, {**COOKIE, "Authorization": "Bearer abc", "Sec-Fetch-Site": "cross-site",
+                      "Origin": "https://evil.example"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://evil.example is not trusted"), id="bearer token and cookie"),
+    pytest.param({"cookie_name": "sid"}, {"Cookie": "sid=1", "Sec-Fetch-Site": "cross-site"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and the request "
+                         "has no Origin header"), id="custom cookie name"),
+    pytest.param({"check_without_cookie": True},
+                 {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://evil.example is not trusted"), id="login form (no cookie) checked"),
+    pytest.param({"check_without_cookie": True},
+                 {"Authorization": "bearer abc", "Sec-Fetch-Site": "cross-site"}, ALLOWED,
+                 id="check_without_cookie still exempts bearer"),
+])
+def test_origin_checks(options: dict[str, Any], request_headers: dict[str, str],
+                       expected: tuple[int, str | None]) -> None:
+    resp = send(make(options), request_headers)
+    status, message = expected
+    assert resp.status_int == status
+    if message is None:
+        assert resp.text == "ok"
+    else:
+        assert resp.content_type == "application/json"
+        assert resp.json["error"]["message"] == message
+        assert "Set-Cookie" not in resp.headers
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({"trusted_origins": ["*"]}, "trusted_origins may not contain '*': that would let "
+                 "any page send writes with the user's cookie", id="star"),
+    pytest.param({"trusted_origins": ["null"]}, "trusted_origins may not contain 'null'", id="null"),
+    pytest.param({"trusted_origins": ["https://example.org/app"]},
+                 "trusted_origins entry 'https://example.org/app' is not an origin: write "
+                 "http(s)://host[:port] with no path, or https://*.example.org", id="with a path"),
+    pytest.param({"trusted_origins": ["https://*.org"]},
+                 "trusted_origins entry 'https://*.org' is not an origin", id="wildcard TLD"),
+    pytest.param({"trusted_origins": ["https://app.*.org"]},
+                 "trusted_origins entry 'https://app.*.org' is not an origin", id="inner wildcard"),
+    pytest.param({"trusted_origins": ["ftp://example.org"]},
+                 "trusted_origins entry 'ftp://example.org' is not an origin", id="other scheme"),
+    pytest.param({"double_submit": True},
+                 "double_submit needs a secret_key of at least 32 characters", id="no secret_key"),
+    pytest.param({"double_submit": True, "secret_key": "short"},
+                 "double_submit needs a secret_key of at least 32 characters", id="short key"),
+    pytest.param({"header": "X CSRF"}, "header 'X CSRF' is not a header name (letters, digits "
+                 "and '-')", id="bad header name"),
+    pytest.param({"trusted": []}, "Extra inputs are not permitted", id="unknown option"),
+])
+def test_refused_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        CSRFMiddleware.Options(**options)
+
+
+def test_secret_key_is_hidden_in_repr() -> None:
+    assert SECRET not in repr(CSRFMiddleware.Options(double_submit=True, secret_key=SECRET))
+
+
+# ----------------------------------------------------------- double submit
+
+
+def _session_and_token(app: TestApp) -> tuple[dict[str, str], str]:
+    """GET a page that asks for the token; return the session cookie header and the token."""
+    resp = app.get("/page")
+    cookie = resp.headers["Set-Cookie"].split(";")[0]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", resp.text)
+    return {"Cookie": cookie}, resp.text
+
+
+DS = {"double_submit": True, "secret_key": SECRET}
+
+
+@pytest.mark.parametrize(("options", "request_headers", "expected"), [
+    pytest.param(DS, {"X-CSRF-Token": "<token>"}, ALLOWED, id="matching token"),
+    pytest.param(DS, {"X-CSRF-Token": "<token>", "Sec-Fetch-Site": "same-origin"}, ALLOWED,
+                 id="matching token, same-origin"),
+    pytest.param(DS, {}, refused("CSRF token missing: send the X-CSRF-Token header with the token "
+                                 "the page got from wsgistack.csrf_token"), id="missing token"),
+    pytest.param(DS, {"X-CSRF-Token": "A" * 43},
+                 refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
+                         "to get a fresh token"), id="wrong token"),
+    pytest.param(DS, {"X-CSRF-Token": "<other>"},
+                 refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
+                         "to get a fresh token"), id="token of another session"),
+    pytest.param(DS, {"X-CSRF-Token": "\u00e9"},
+                 refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
+                         "to get a fresh token"), id="non-ASCII token"),
+    pytest.param(DS, {"X-CSRF-Token": "<token>", "Sec-Fetch-Site": "cross-site",
+                      "Origin": "https://evil.example"},
+                 refused("cross-site POST refused: Sec-Fetch-Site is cross-site and Origin "
+                         "https://evil.example is not trusted"), id="token does not excuse origin"),
+    pytest.param({**DS, "header": "X-XSRF"}, {"X-XSRF": "<token>"}, ALLOWED, id="custom header"),
+    pytest.param({**DS, "header": "X-XSRF"}, {"X-CSRF-Token": "<token>"},
+                 refused("CSRF token missing: send the X-XSRF header with the token the page got "
+                         "from wsgistack.csrf_token"), id="custom header, default one sent"),
+])
+def test_double_submit(store_url: str, options: dict[str, Any], request_headers: dict[str, str],
+                       expected: tuple[int, str | None]) -> None:
+    store = store_from_url(store_url)
+    app = make(options, store)
+    cookie, token = _session_and_token(app)
+    _, other = _session_and_token(app)
+    assert other != token
+    headers = {k: v.replace("<token>", token).replace("<other>", other)
+               for k, v in request_headers.items()}
+    resp = send(app, {**cookie, **headers})
+    status, message = expected
+    assert resp.status_int == status
+    if message is None:
+        assert resp.text == token  # the token stays stable for the session
+    else:
+        assert resp.json["error"]["message"] == message
+    store.close()
+
+
+def test_double_submit_token_changes_at_rotate(store_url: str) -> None:
+    store = store_from_url(store_url)
+    context = Context(stores={"shared": store})
+
+    def login(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/login":
+            environ["wsgistack.session"].rotate()
+        return ok(environ, start_response)
+
+    csrf = CSRFMiddleware(login, CSRFMiddleware.Options(**DS), context)
+    session = SessionMiddleware(csrf, SessionMiddleware.Options(secret_key=SESSION_SECRET), context)
+    app = TestApp(ErrorsMiddleware(session, ErrorsMiddleware.Options(), context))
+    cookie, token = _session_and_token(app)
+    resp = app.post("/login", headers={**cookie, "X-CSRF-Token": token})
+    new_cookie = {"Cookie": resp.headers["Set-Cookie"].split(";")[0]}
+    assert resp.text != token
+    assert send(app, {**new_cookie, "X-CSRF-Token": resp.text}).status_int == 200
+    stale = send(app, {**new_cookie, "X-CSRF-Token": token})
+    assert stale.status_int == 403
+    assert stale.json["error"]["message"].startswith("CSRF token in X-CSRF-Token does not match")
+    store.close()
+
+
+def test_bearer_requests_need_no_token() -> None:
+    resp = send(make(DS, store_from_url("memory://")), {"Authorization": "Bearer abc"})
+    assert resp.status_int == 200
+
+
+def test_token_without_session_layer_says_what_is_missing() -> None:
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
+    CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(**DS), Context())(environ, print)
+    with pytest.raises(RuntimeError, match="csrf double_submit needs a session layer outside the "
+                                           "csrf layer"):
+        environ[CSRF_TOKEN]()
+
+
+def test_no_token_getter_without_double_submit() -> None:
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
+    CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(), Context())(environ, print)
+    assert CSRF_TOKEN not in environ
+
+
+def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
+    app = make_stack({
+        "app": {"factory": "test_csrf:ok_factory"},
+        "pipeline": [
+            {"session": {"secret_key": SESSION_SECRET}},
+            {"csrf": {"trusted_origins": ["https://*.example.org"]}},
+        ],
+    })
+    headers = {**COOKIE, "Sec-Fetch-Site": "cross-site"}
+    assert app.post("/", headers={**headers, "Origin": "https://a.example.org"}).text == "ok"
+    resp = app.post("/", headers={**headers, "Origin": "https://evil.example"}, status=403)
+    assert resp.json["error"]["message"] == ("cross-site POST refused: Sec-Fetch-Site is cross-site "
+                                             "and Origin https://evil.example is not trusted")
+
+
+def ok_factory(options: dict[str, Any]) -> Any:
+    """App factory for the YAML test."""
+    return ok

@@ -1,0 +1,603 @@
+"""The session layer: lazy server-side sessions, signed ids, timeouts, store failures.
+
+Everything that touches the store runs against both backends (``store_url``:
+memory:// and a real redis-server).  ``CountingStore`` is a thin pass-through
+around the real store that records which operations a request made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pytest
+from itsdangerous import Signer
+from pydantic import ValidationError
+from webtest import TestApp
+
+import middleware.session as session_module
+from middleware.base import SESSION, Context
+from middleware.errors import ErrorsMiddleware
+from middleware.session import KEY_PREFIX, Session, SessionMiddleware
+from stores import Store, store_from_url
+
+SECRET = "k" * 40
+OLD_SECRET = "o" * 40
+COOKIE_RE = re.compile(r"__Host-session=([A-Za-z0-9_-]{43})\.[A-Za-z0-9_-]+; "
+                       r"Secure; HttpOnly; Path=/; SameSite=Lax")
+EXPIRED = ("__Host-session=; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; "
+           "Secure; HttpOnly; Path=/; SameSite=Lax")
+
+
+class CountingStore(Store):
+    """Pass every call to a real store and record the operation names."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def get(self, key: str) -> bytes | None:
+        self.calls.append("get")
+        return self.inner.get(key)
+
+    def getex(self, key: str, ttl: float) -> bytes | None:
+        self.calls.append("getex")
+        return self.inner.getex(key, ttl)
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        self.calls.append("set")
+        self.inner.set(key, value, ttl)
+
+    def delete(self, key: str) -> bool:
+        self.calls.append("delete")
+        return self.inner.delete(key)
+
+    def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
+        self.calls.append("incr")
+        return self.inner.incr(key, ttl, amount)
+
+    def expire(self, key: str, ttl: float) -> bool:
+        self.calls.append("expire")
+        return self.inner.expire(key, ttl)
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        self.calls.append("add")
+        return self.inner.add(key, value, ttl)
+
+    def scan(self, prefix: str) -> Iterator[str]:
+        self.calls.append("scan")
+        return self.inner.scan(prefix)
+
+    def ping(self) -> bool:
+        return self.inner.ping()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def probe(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """A tiny app driven by the path: /get, /set?k=v, /rotate, /destroy, /login, /id, /."""
+    session: Session = environ[SESSION]
+    query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
+    headers = [("Content-Type", "application/json")]
+    for name in ("Cache-Control", "Vary"):
+        if name in query:
+            headers.append((name, query.pop(name)))
+    path = environ["PATH_INFO"]
+    body: Any = None
+    if path == "/get":
+        body = dict(session)
+    elif path == "/set":
+        session.update(query)
+        body = dict(session)
+    elif path == "/rotate":
+        session.rotate()
+    elif path == "/login":
+        session.rotate()
+        session["user"] = {"sub": "ada", "roles": ["admin"]}
+    elif path == "/destroy":
+        session.destroy()
+        if query:
+            session.update(query)
+    elif path == "/id":
+        body = {"id": session.id, "new": session.new}
+    start_response("200 OK", headers)
+    return [json.dumps(body).encode()]
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[CountingStore]:
+    """A real store (memory:// or Redis) behind a call counter."""
+    real = store_from_url(store_url)
+    yield CountingStore(real)
+    real.close()
+
+
+def make(store: Store, *, loopback_only: bool = True, app: Any = probe,
+         context: Context | None = None, **options: Any) -> TestApp:
+    """A TestApp over errors -> session -> ``app``; ``.layer`` is the session layer."""
+    options.setdefault("secret_key", SECRET)
+    context = context or Context(stores={"shared": store}, loopback_only=loopback_only)
+    layer = SessionMiddleware(app, SessionMiddleware.Options(**options), context)
+    test_app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), context))
+    test_app.layer = layer
+    return test_app
+
+
+def new_cookie(resp: Any) -> tuple[str, str]:
+    """The (cookie value, session id) of the one Set-Cookie the response issued."""
+    issued = resp.headers.getall("Set-Cookie")
+    assert len(issued) == 1, issued
+    match = COOKIE_RE.fullmatch(issued[0])
+    assert match, issued[0]
+    return issued[0].split(";")[0].split("=", 1)[1], match.group(1)
+
+
+def jar(value: str) -> dict[str, str]:
+    return {"Cookie": f"__Host-session={value}"}
+
+
+def stored(store: CountingStore, sid: str) -> Any:
+    raw = store.inner.get(KEY_PREFIX + sid)
+    return None if raw is None else json.loads(raw)
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(("options", "loopback_only", "message"), [
+    pytest.param({"secret_key": ""}, True,
+                 "secret_key is required for the session layer; generate one with: "
+                 "python -c 'import secrets; print(secrets.token_urlsafe(32))'", id="no secret_key"),
+    pytest.param({"secret_key": "short"}, True,
+                 "secret_key must be at least 32 characters long (it has 5)", id="short secret_key"),
+    pytest.param({"secret_key_fallbacks": ["x" * 31]}, True,
+                 "secret_key_fallbacks[0] must be at least 32 characters long (it has 31)",
+                 id="short fallback"),
+    pytest.param({"cookie_secure": False}, True,
+                 "cookie_name '__Host-session' needs cookie_secure: true (browsers drop __Host- "
+                 "cookies without Secure); a loopback-only development server must also pick "
+                 "another cookie_name", id="__Host- without Secure"),
+    pytest.param({"cookie_domain": "example.org"}, True,
+                 "cookie_name '__Host-session' may not be combined with cookie_domain (browsers "
+                 "drop __Host- cookies with a Domain)", id="__Host- with Domain"),
+    pytest.param({"cookie_path": "/app"}, True,
+                 "cookie_name '__Host-session' needs cookie_path '/' (got '/app')",
+                 id="__Host- with a Path"),
+    pytest.param({"cookie_name": "__Secure-sid", "cookie_secure": False}, True,
+                 "cookie_name '__Secure-sid' needs cookie_secure: true", id="__Secure- insecure"),
+    pytest.param({"cookie_name": "sid", "cookie_secure": False, "cookie_samesite": "None"}, True,
+                 "cookie_samesite 'None' needs cookie_secure: true", id="SameSite=None insecure"),
+    pytest.param({"cookie_name": "sid", "cookie_secure": False}, False,
+                 "cookie_secure: false is only allowed when the server listens only on loopback; "
+                 "on any other address the session cookie would travel over plain HTTP",
+                 id="insecure cookie on a public listener"),
+    pytest.param({"cookie_name": "a b"}, True, "cookie_name 'a b' is not a valid cookie name",
+                 id="bad cookie name"),
+    pytest.param({"cookie_name": "sid", "cookie_path": "app"}, True,
+                 "cookie_path must start with '/' (got 'app')", id="relative path"),
+    pytest.param({"idle_timeout": 7200, "absolute_timeout": 3600}, True,
+                 "idle_timeout (7200 s) may not exceed absolute_timeout (3600 s)",
+                 id="idle longer than absolute"),
+    pytest.param({"cookie_samesite": "lax"}, True, "Input should be 'Lax', 'Strict' or 'None'",
+                 id="samesite spelling"),
+    pytest.param({"store": "nowhere"}, True, "unknown store 'nowhere' (known: shared)",
+                 id="unknown store"),
+])
+def test_refused_options(options: dict[str, Any], loopback_only: bool, message: str) -> None:
+    options = {"secret_key": SECRET, **options}
+    context = Context(stores={"shared": store_from_url("memory://")}, loopback_only=loopback_only)
+    with pytest.raises((ValidationError, ValueError, LookupError), match=re.escape(message)):
+        SessionMiddleware(probe, SessionMiddleware.Options(**options), context)
+
+
+def test_secret_key_is_hidden_in_repr() -> None:
+    opts = SessionMiddleware.Options(secret_key=SECRET, secret_key_fallbacks=[OLD_SECRET])
+    assert SECRET not in repr(opts) and OLD_SECRET not in repr(opts)
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    pytest.param({}, "__Host-session=V; Secure; HttpOnly; Path=/; SameSite=Lax", id="defaults"),
+    pytest.param({"cookie_samesite": "Strict"},
+                 "__Host-session=V; Secure; HttpOnly; Path=/; SameSite=Strict", id="strict"),
+    pytest.param({"cookie_samesite": "None"},
+                 "__Host-session=V; Secure; HttpOnly; Path=/; SameSite=None", id="samesite none"),
+    pytest.param({"cookie_name": "sid", "cookie_domain": "example.org", "cookie_path": "/app"},
+                 "sid=V; Domain=example.org; Secure; HttpOnly; Path=/app; SameSite=Lax",
+                 id="domain and path"),
+    pytest.param({"cookie_httponly": False},
+                 "__Host-session=V; Secure; Path=/; SameSite=Lax", id="readable by scripts"),
+    pytest.param({"cookie_name": "dev", "cookie_secure": False},
+                 "dev=V; HttpOnly; Path=/; SameSite=Lax", id="insecure on loopback"),
+])
+def test_cookie_flags(options: dict[str, Any], expected: str) -> None:
+    app = make(store_from_url("memory://"), **options)
+    issued = app.get("/set?a=1").headers.getall("Set-Cookie")
+    assert len(issued) == 1
+    name, rest = issued[0].split("=", 1)
+    value, attrs = rest.split(";", 1)
+    assert f"{name}=V;{attrs}" == expected
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{43}", value)
+
+
+# ------------------------------------------------------------- laziness, I/O
+
+
+@pytest.mark.parametrize(("path", "with_cookie", "calls", "cookie_issued"), [
+    pytest.param("/", False, [], False, id="untouched, no cookie"),
+    pytest.param("/", True, [], False, id="untouched, with cookie"),
+    pytest.param("/get", False, [], False, id="read, no cookie: no store access"),
+    pytest.param("/id", False, [], False, id="new id that is never written"),
+    pytest.param("/set?a=1", False, ["set"], True, id="first write"),
+    pytest.param("/get", True, ["getex"], False, id="read refreshes the idle TTL"),
+    pytest.param("/set?a=2", True, ["getex", "set"], False, id="change: one read, one write"),
+    pytest.param("/rotate", True, ["getex", "delete", "set"], True, id="rotate"),
+    pytest.param("/destroy", True, ["delete"], False, id="destroy without reading"),
+])
+def test_store_calls(store: CountingStore, path: str, with_cookie: bool, calls: list[str],
+                     cookie_issued: bool) -> None:
+    app = make(store)
+    value, _ = new_cookie(app.get("/set?a=1"))
+    store.calls.clear()
+    resp = app.get(path, headers=jar(value) if with_cookie else {})
+    assert store.calls == calls
+    issued = [c for c in resp.headers.getall("Set-Cookie") if c != EXPIRED]
+    assert bool(issued) is cookie_issued
+
+
+def test_session_is_lazy_and_mapping_like(store: CountingStore) -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session: Session = environ[SESSION]
+        seen["before"] = (session.accessed, repr(session), list(store.calls))
+        session["a"] = 1
+        session["b"] = [1, {"c": None}]
+        del session["a"]
+        seen["after"] = (dict(session), len(session), "b" in session, "a" in session,
+                         session.modified, session.new, session.accessed)
+        assert session.id not in repr(session)
+        start_response("204 No Content", [])
+        return []
+
+    make(store, app=app).get("/", status=204)
+    assert seen["before"] == (False, "<Session unloaded new=True modified=False>", [])
+    assert seen["after"] == ({"b": [1, {"c": None}]}, 1, True, False, True, True, True)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    pytest.param("when", object(), "session values must be JSON-serialisable: session['when'] "
+                                   "got a object", id="object"),
+    pytest.param("ids", {1, 2}, "session values must be JSON-serialisable: session['ids'] got a set",
+                 id="set"),
+    pytest.param("x", float("nan"), "session values must be JSON-serialisable: session['x'] got a "
+                                    "float (Out of range float values are not JSON compliant",
+                 id="nan"),
+    pytest.param(1, "v", "session keys must be strings, not int", id="int key"),
+])
+def test_values_must_be_json(key: Any, value: Any, message: str) -> None:
+    session = Session(make(store_from_url("memory://")).layer, {})
+    with pytest.raises(TypeError, match=re.escape(message)):
+        session[key] = value
+    assert not session.modified
+
+
+# --------------------------------------------------------- ids and fixation
+
+
+def test_new_session_is_stored_with_created_at(store: CountingStore,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "_clock", lambda: 1_000_000.0)
+    events: list[str] = []
+    context = Context(stores={"shared": store}, listeners=[lambda e, f: events.append(e)])
+    resp = make(store, context=context).get("/set?a=1")
+    _, sid = new_cookie(resp)
+    assert stored(store, sid) == {"created_at": 1_000_000.0, "data": {"a": "1"}}
+    assert events == ["session.created"]
+    assert resp.headers["Vary"] == "Cookie"
+    assert resp.headers["Cache-Control"] == "private"
+
+
+def _signed(sid: str, key: str = SECRET) -> str:
+    signer = Signer(key, salt="wsgistack.session", digest_method=hashlib.sha256)
+    return signer.sign(sid).decode()
+
+
+@pytest.mark.parametrize(("cookie", "reads_store"), [
+    pytest.param(_signed("A" * 43), True, id="validly signed but unknown id"),
+    pytest.param(_signed("attacker-chosen"), True, id="attacker-chosen id"),
+    pytest.param("A" * 43, False, id="unsigned id"),
+    pytest.param(_signed("A" * 43)[:-2] + "xx", False, id="tampered signature"),
+    pytest.param(_signed("A" * 43, key="z" * 40), False, id="signed with another key"),
+    pytest.param("%%%", False, id="garbage"),
+])
+def test_client_ids_are_never_adopted(store: CountingStore, cookie: str, reads_store: bool) -> None:
+    app = make(store)
+    resp = app.get("/set?a=1", headers=jar(cookie))
+    _, sid = new_cookie(resp)
+    assert sid != cookie.split(".")[0]
+    assert store.calls == (["getex", "set"] if reads_store else ["set"])
+    assert stored(store, sid)["data"] == {"a": "1"}
+    assert stored(store, cookie.split(".")[0]) is None
+    assert resp.json == {"a": "1"}
+
+
+def test_tampered_cookie_of_a_real_session_is_refused(store: CountingStore) -> None:
+    app = make(store)
+    value, sid = new_cookie(app.get("/set?secret=1"))
+    for i in (0, 50):  # one character of the id, one of the signature (not the last: padding bits)
+        tampered = value[:i] + ("A" if value[i] != "A" else "B") + value[i + 1:]
+        assert app.get("/get", headers=jar(tampered)).json == {}
+    assert stored(store, sid)["data"] == {"secret": "1"}
+
+
+def test_fallback_key_is_accepted_and_new_cookies_use_the_new_key(store: CountingStore) -> None:
+    old = make(store, secret_key=OLD_SECRET)
+    value, sid = new_cookie(old.get("/set?a=1"))
+    rotated = make(store, secret_key=SECRET, secret_key_fallbacks=[OLD_SECRET])
+    assert rotated.get("/get", headers=jar(value)).json == {"a": "1"}
+    assert make(store).get("/get", headers=jar(value)).json == {}  # fallback removed
+    fresh, _ = new_cookie(rotated.get("/rotate", headers=jar(value)))
+    assert fresh.split(".")[1] == _signed(fresh.split(".")[0]).split(".")[1]
+    assert stored(store, sid) is None
+
+
+# ------------------------------------------------------------ rotate, destroy
+
+
+def test_rotate_keeps_data_and_deletes_the_old_key(store: CountingStore) -> None:
+    app = make(store)
+    value, old_sid = new_cookie(app.get("/set?cart=3"))
+    resp = app.get("/login", headers=jar(value))
+    new_value, new_sid = new_cookie(resp)
+    assert new_sid != old_sid
+    assert stored(store, old_sid) is None
+    assert stored(store, new_sid)["data"] == {"cart": "3", "user": {"sub": "ada", "roles": ["admin"]}}
+    assert app.get("/get", headers=jar(value)).json == {}
+    assert app.get("/get", headers=jar(new_value)).json["cart"] == "3"
+
+
+@pytest.mark.parametrize(("path", "expected_cookie"), [
+    pytest.param("/destroy", EXPIRED, id="logout expires the cookie"),
+    pytest.param("/destroy?flash=bye", "new", id="write after destroy issues a new id"),
+])
+def test_destroy(store: CountingStore, path: str, expected_cookie: str) -> None:
+    app = make(store)
+    value, sid = new_cookie(app.get("/set?a=1"))
+    resp = app.get(path, headers=jar(value))
+    assert stored(store, sid) is None
+    if expected_cookie == "new":
+        _, new_sid = new_cookie(resp)
+        assert new_sid != sid and stored(store, new_sid)["data"] == {"flash": "bye"}
+    else:
+        assert resp.headers.getall("Set-Cookie") == [expected_cookie]
+    assert resp.headers["Vary"] == "Cookie"
+    assert app.get("/get", headers=jar(value)).json == {}
+
+
+# ----------------------------------------------------------------- timeouts
+
+
+def test_idle_timeout_expires_and_use_refreshes_it(store: CountingStore) -> None:
+    app = make(store, idle_timeout=0.9, absolute_timeout=60)
+    value, _ = new_cookie(app.get("/set?a=1"))
+    time.sleep(0.5)
+    assert app.get("/get", headers=jar(value)).json == {"a": "1"}  # refreshes the TTL
+    time.sleep(0.5)  # 1.0 s after creation, 0.5 s after last use
+    assert app.get("/get", headers=jar(value)).json == {"a": "1"}
+    time.sleep(1.0)
+    assert app.get("/get", headers=jar(value)).json == {}
+
+
+def test_absolute_timeout_is_checked_server_side(store: CountingStore,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_000_000.0]
+    monkeypatch.setattr(session_module, "_clock", lambda: now[0])
+    app = make(store, idle_timeout=60, absolute_timeout=100)
+    value, sid = new_cookie(app.get("/set?a=1"))
+    now[0] += 99
+    assert app.get("/get", headers=jar(value)).json == {"a": "1"}
+    now[0] += 1
+    store.calls.clear()
+    resp = app.get("/set?b=2", headers=jar(value))
+    assert resp.json == {"b": "2"}
+    assert store.calls == ["getex", "delete", "set"]
+    assert stored(store, sid) is None
+    _, new_sid = new_cookie(resp)
+    assert stored(store, new_sid) == {"created_at": now[0], "data": {"b": "2"}}
+
+
+def test_rotate_restarts_the_absolute_timeout(store: CountingStore,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_000_000.0]
+    monkeypatch.setattr(session_module, "_clock", lambda: now[0])
+    app = make(store, idle_timeout=60, absolute_timeout=100)
+    value, _ = new_cookie(app.get("/set?a=1"))
+    now[0] += 50
+    _, sid = new_cookie(app.get("/login", headers=jar(value)))
+    assert stored(store, sid)["created_at"] == now[0]
+
+
+# -------------------------------------------------------- corrupt values
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    pytest.param(b"\x80not json", "it is not valid JSON", id="not JSON"),
+    pytest.param(b"[1, 2]", "it does not have the shape", id="a list"),
+    pytest.param(b'{"data": {}}', "it does not have the shape", id="no created_at"),
+    pytest.param(b'{"created_at": "now", "data": {}}', "it does not have the shape",
+                 id="created_at is text"),
+    pytest.param(b'{"created_at": true, "data": {}}', "it does not have the shape",
+                 id="created_at is a boolean"),
+    pytest.param(b'{"created_at": 1e12, "data": [1]}', "it does not have the shape",
+                 id="data is a list"),
+])
+def test_corrupt_stored_value_gives_an_empty_session(store: CountingStore, raw: bytes, reason: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    app = make(store)
+    value, sid = new_cookie(app.get("/set?a=1"))
+    store.inner.set(KEY_PREFIX + sid, raw, 60)
+    with caplog.at_level(logging.WARNING, logger="wsgistack"):
+        resp = app.get("/get", headers=jar(value))
+    assert resp.status_int == 200 and resp.json == {}
+    assert f"the stored session #{hashlib.sha256(sid.encode()).hexdigest()[:12]} was ignored " \
+           f"because {reason}" in caplog.text
+    assert sid not in caplog.text
+    assert stored(store, sid) is None
+
+
+# ------------------------------------------------------ caching headers
+
+
+@pytest.mark.parametrize(("path", "request_headers", "expected"), [
+    pytest.param("/", "cookie", {"Vary": None, "Cache-Control": None}, id="untouched: no headers"),
+    pytest.param("/get", "cookie", {"Vary": "Cookie", "Cache-Control": "private"},
+                 id="read a stored session"),
+    pytest.param("/get", "none", {"Vary": "Cookie", "Cache-Control": None},
+                 id="read without cookie: anonymous, shareable"),
+    pytest.param("/get", "stale", {"Vary": "Cookie", "Cache-Control": None},
+                 id="read with an unknown id: anonymous, shareable"),
+    pytest.param("/set?a=2", "none", {"Vary": "Cookie", "Cache-Control": "private"},
+                 id="new session: Set-Cookie is never shared"),
+    pytest.param("/destroy", "cookie", {"Vary": "Cookie", "Cache-Control": "private"},
+                 id="logout: the expiring cookie is never shared"),
+    pytest.param("/get?Vary=Accept-Encoding", "cookie", {"Vary": "Accept-Encoding, Cookie",
+                                                         "Cache-Control": "private"},
+                 id="vary merged"),
+    pytest.param("/get?Vary=cookie", "cookie", {"Vary": "cookie", "Cache-Control": "private"},
+                 id="vary already there"),
+    pytest.param("/get?Cache-Control=no-store", "cookie", {"Cache-Control": "no-store"},
+                 id="no-store kept"),
+    pytest.param("/get?Cache-Control=private,+max-age%3D5", "cookie",
+                 {"Cache-Control": "private, max-age=5"}, id="private kept"),
+    pytest.param("/get?Cache-Control=public,+max-age%3D60,+s-maxage%3D600", "cookie",
+                 {"Cache-Control": "private, max-age=60"}, id="public made private"),
+    pytest.param("/get?Cache-Control=max-age%3D60", "cookie",
+                 {"Cache-Control": "private, max-age=60"}, id="max-age made private"),
+    pytest.param("/get?Cache-Control=public,+max-age%3D60", "none",
+                 {"Vary": "Cookie", "Cache-Control": "public, max-age=60"},
+                 id="anonymous read keeps public"),
+])
+def test_caching_headers(path: str, request_headers: str, expected: dict[str, str | None]) -> None:
+    app = make(store_from_url("memory://"))
+    value, _ = new_cookie(app.get("/set?a=1"))
+    cookie = {"cookie": jar(value), "stale": jar(_signed("B" * 43)), "none": {}}[request_headers]
+    resp = app.get(path, headers=cookie)
+    for name, want in expected.items():
+        assert resp.headers.get(name) == want
+
+
+def test_saved_once_when_start_response_is_called_again(store: CountingStore) -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environ[SESSION]["a"] = 1
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise RuntimeError("late failure")
+        except RuntimeError:
+            import sys
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
+                           sys.exc_info())
+        return [b"oops"]
+
+    calls: list[list[tuple[str, str]]] = []
+    layer = make(store, app=app).layer
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    layer(environ, lambda status, headers, exc_info=None: calls.append(headers))
+    assert store.calls == ["set"]
+    assert [sum(n == "Set-Cookie" for n, _ in h) for h in calls] == [1, 1]
+
+
+def test_change_after_the_response_started_is_not_saved_and_logged(
+        store: CountingStore, caplog: pytest.LogCaptureFixture) -> None:
+    def streaming(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        session: Session = environ[SESSION]
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        yield b"data: 1\n\n"
+        session["late"] = 1
+        session["later"] = 2
+        yield b"data: 2\n\n"
+
+    with caplog.at_level(logging.WARNING, logger="wsgistack"):
+        resp = make(store, app=streaming).get("/")
+    assert resp.body == b"data: 1\n\ndata: 2\n\n"
+    assert "Set-Cookie" not in resp.headers and store.calls == []
+    assert caplog.text.count("the session was changed after the response started, so the change "
+                             "is not saved") == 1
+
+
+# ---------------------------------------------------------- store failures
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("mode", "path", "expected"), [
+    pytest.param("closed", "/get", (503, "the session could not be loaded because the session "
+                                         "store is unavailable; try again shortly"), id="closed, load"),
+    pytest.param("closed", "/set?a=1", (503, "the session could not be saved because the session "
+                                              "store is unavailable; try again shortly"),
+                 id="closed, save"),
+    pytest.param("closed", "/", (200, None), id="closed, untouched"),
+    pytest.param("open", "/get", (200, {}), id="open, load"),
+    pytest.param("open", "/set?a=1", (200, {"a": "1"}), id="open, save"),
+])
+def test_store_down(redis_server: Any, redis_url: str, mode: str, path: str,
+                    expected: tuple[int, Any]) -> None:
+    if redis_server is None:
+        pytest.skip("needs the private redis-server (REDIS_URL is set)")
+    store = store_from_url(redis_url)
+    events: list[tuple[str, dict[str, Any]]] = []
+    context = Context(stores={"shared": store}, listeners=[lambda e, f: events.append((e, f))])
+    app = make(store, context=context, on_store_error=mode)
+    value, _ = new_cookie(app.get("/set?a=0"))
+    events.clear()
+    redis_server.stop()
+    try:
+        headers = jar(value) if path == "/get" else {}
+        resp = app.get(path, headers=headers, expect_errors=True)
+    finally:
+        redis_server.start()
+        store.close()
+    status, body = expected
+    assert resp.status_int == status
+    assert "Set-Cookie" not in resp.headers
+    if status == 503:
+        assert resp.headers["Retry-After"] == "5"
+        assert resp.json["error"]["message"] == body
+    elif path != "/":
+        assert resp.json == body
+    touched = path != "/"
+    assert events == ([("store.error", {"store": "shared", "layer": "session"})] if touched else [])
+
+
+# ------------------------------------------------------------- YAML level
+
+
+def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
+    app = make_stack({
+        "app": {"factory": "test_session:probe_factory"},
+        "pipeline": [{"session": {"secret_key": SECRET, "idle_timeout": 600}}],
+    })
+    value, _ = new_cookie(app.get("/set?a=1"))
+    assert app.get("/get", headers=jar(value)).json == {"a": "1"}
+
+
+def test_yaml_refuses_insecure_cookie_on_public_listener(make_stack: Callable[..., TestApp]) -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("cookie_secure: false is only allowed when")):
+        make_stack({
+            "server": {"listen": "0.0.0.0:8080"},
+            "app": {"factory": "test_session:probe_factory"},
+            "pipeline": [{"session": {"secret_key": SECRET, "cookie_name": "dev",
+                                      "cookie_secure": False}}],
+        })
+
+
+def probe_factory(options: dict[str, Any]) -> Any:
+    """App factory for the YAML tests."""
+    return probe
