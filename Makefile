@@ -24,7 +24,12 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-serve: $(VENV)/.installed
+# Per-machine secrets for the default stack, made once, never committed (.env is git-ignored).
+.env:
+	@umask 077 && $(PYTHON) -c "import secrets; print('SESSION_SECRET=' + secrets.token_urlsafe(32)); print('JWT_SECRET=' + secrets.token_urlsafe(32))" > $@
+	@echo "created .env with random SESSION_SECRET and JWT_SECRET"
+
+serve: $(VENV)/.installed .env
 	$(PY) serve.py -c $(CONFIG) serve
 
 test: $(VENV)/.installed-dev

@@ -378,8 +378,24 @@ COMMANDS = {
 }
 
 
+def load_dotenv(path: str) -> None:
+    """Read ``NAME=value`` lines from ``path`` into the environment, never overriding what is set."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        os.environ.setdefault(name.strip().removeprefix("export "), value.strip().strip("'\""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(args.config)), ".env"))
     _setup_logging(os.environ.get("WSGISTACK_LOG_LEVEL", "INFO"))
     return COMMANDS[args.command or "serve"](args)
 
@@ -396,7 +412,9 @@ class _LazyStack:
         if live is None:
             with self._lock:
                 if self._live is None:
-                    self._live = LiveStack(os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG))
+                    path = os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
+                    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
+                    self._live = LiveStack(path)
                 live = self._live
         return live(environ, start_response)
 

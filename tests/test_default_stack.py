@@ -1,0 +1,133 @@
+"""The shipped stack.yaml, built as `make serve` builds it: the API users expect from it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from webtest import TestApp
+
+from config import build_from_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRETS = {"SESSION_SECRET": "s" * 43, "JWT_SECRET": "j" * 43}
+
+
+@pytest.fixture(scope="module")
+def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One var/ (users, search index) for this module: the index is built once."""
+    return tmp_path_factory.mktemp("var")
+
+
+@pytest.fixture
+def default_stack(var_dir: Path) -> Callable[..., TestApp]:
+    """A TestApp over stack.yaml with the given environment overrides."""
+
+    def make(**env: str) -> TestApp:
+        environ = {**SECRETS, "WSGISTACK_VAR_DIR": str(var_dir), **env}
+        built = build_from_file(ROOT / "stack.yaml", env=environ)
+        app = TestApp(built.app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        app.built = built
+        return app
+
+    return make
+
+
+def test_the_default_stack_checks_clean(default_stack: Callable[..., TestApp]) -> None:
+    assert default_stack().built.warnings == []
+
+
+def test_missing_secret_names_the_variable_and_line() -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_from_file(ROOT / "stack.yaml", env={})
+    text = str(info.value)
+    assert "stack.yaml:" in text
+    assert "session.secret_key: environment variable SESSION_SECRET is not set and has no default" in text
+
+
+def test_search_returns_real_results(default_stack: Callable[..., TestApp]) -> None:
+    response = default_stack().get("/api/v1/search?q=json")
+    body = response.json
+    assert body["query"] == "json"
+    assert body["meta"]["query"] == "json" and body["meta"]["page"] == 1
+    assert body["meta"]["total"] >= len(body["results"]) > 0
+    assert set(body["results"][0]) == {"title", "url", "content", "engine"}
+    assert response.headers["X-Cache"] == "MISS"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert len(response.headers["X-Request-ID"]) == 32
+
+
+def test_v2_shape_and_cache_hit(default_stack: Callable[..., TestApp]) -> None:
+    stack = default_stack()
+    first = stack.get("/api/v2/search?q=decoder")
+    again = stack.get("/api/v2/search?q=decoder")
+    assert set(first.json) >= {"query", "data", "pagination"}
+    assert again.headers["X-Cache"] == "HIT"
+    assert again.body == first.body
+    header_version = stack.get("/api/search?q=decoder", headers={"X-API-Version": "v2"})
+    assert header_version.json == first.json
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "message"),
+    [
+        pytest.param("", 400, "q", id="empty q"),
+        pytest.param("a" * 1001, 400, "1000", id="q over 1000 characters"),
+        pytest.param("json&page=0", 400, "page", id="page zero"),
+    ],
+)
+def test_search_validation_errors_use_the_envelope(default_stack: Callable[..., TestApp], query: str, status: int,
+                                                   message: str) -> None:
+    response = default_stack().get(f"/api/v1/search?q={query}", status=status)
+    error = response.json["error"]
+    assert error["code"] == status
+    assert message in error["message"]
+    assert error["path"] == "/api/v1/search"
+    assert error["request_id"] == response.headers["X-Request-ID"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_rate_limit_after_five(default_stack: Callable[..., TestApp]) -> None:
+    stack = default_stack(WSGISTACK_RATE_LIMIT="5/minute")
+    statuses = [stack.get("/api/v1/health", expect_errors=True).status_int for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2
+    refused = stack.get("/api/v1/health", status=429, headers={"Origin": "http://localhost:3000"})
+    assert int(refused.headers["Retry-After"]) > 0
+    assert refused.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert refused.headers["RateLimit-Remaining"] == "0"
+
+
+def test_unknown_route_and_method(default_stack: Callable[..., TestApp]) -> None:
+    stack = default_stack()
+    assert stack.get("/api/v1/nope", status=404).json["error"]["code"] == 404
+    refused = stack.post("/api/v1/health", status=405)
+    assert "GET" in refused.headers["Allow"]
+    assert stack.head("/api/v1/nope", status=404).body == b""
+
+
+def test_stream_events(default_stack: Callable[..., TestApp]) -> None:
+    response = default_stack().get("/api/v1/search/stream?q=json")
+    assert response.content_type == "text/event-stream"
+    events = [line.split(": ", 1)[1] for line in response.text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "search_started" and events[-1] == "search_complete"
+    assert "search_progress" in events
+    assert "X-Cache" not in response.headers
+
+
+def test_login_refresh_logout(default_stack: Callable[..., TestApp], var_dir: Path) -> None:
+    from app.users import UserStore
+
+    UserStore(str(var_dir / "users.sqlite3")).add("alice", "correct horse battery", roles=["user"])
+    stack = default_stack()
+    tokens = stack.post_json("/auth/login", {"username": "alice", "password": "correct horse battery"}).json
+    bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert stack.get("/api/v1/search?q=json", headers=bearer).status_int == 200
+    stack.post_json("/auth/logout", {"refresh_token": tokens["refresh_token"]}, headers=bearer)
+    refused = stack.get("/api/v1/search?q=json", headers=bearer, status=401)
+    assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
+    wrong = stack.post_json("/auth/login", {"username": "alice", "password": "nope"}, status=401)
+    assert json.loads(wrong.body)["error"]["code"] == 401
