@@ -51,6 +51,11 @@ def _setup_logging(level: str = "INFO") -> None:
     handler.addFilter(RequestIdLogFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    access = logging.getLogger("wsgistack.access")  # already one JSON line per request: print it as is
+    plain = logging.StreamHandler(sys.stdout)
+    plain.setFormatter(logging.Formatter("%(message)s"))
+    access.handlers[:] = [plain]
+    access.propagate = False
 
 
 # ---------------------------------------------------------------- serve

@@ -88,12 +88,18 @@ class BuiltStack:
     context: Context
     warnings: list[Problem] = field(default_factory=list)
     core: Any = None
+    instances: list[Any] = field(default_factory=list)
 
     @property
     def layers(self) -> list[LayerSpec]:
         return self.config.pipeline
 
     def close(self) -> None:
+        """Close layers that hold resources (log files), then the stores."""
+        for layer in self.instances:
+            close = getattr(layer, "close", None)
+            if callable(close):
+                close()
         for store in self.context.stores.values():
             store.close()
 
@@ -407,13 +413,15 @@ def build(
         for spec in pipeline
     )
     problems = []
-    wrapped: WSGIApplication = core
+    instances: list[Any] = []
+    wrapped: WSGIApplication = _Timed("app", core) if timing else core
     for spec in reversed(pipeline):
         try:
             layer = instantiate(spec, wrapped, context)
         except (ValueError, TypeError, LookupError, OSError) as exc:
             problems.append(doc.problem(spec.path or ("pipeline",), f"{spec.name}: {exc}", key=True))
             continue
+        instances.append(layer)
         if timing:
             layer = _Timed(spec.label, layer)
         if trace:
@@ -426,7 +434,7 @@ def build(
             store.close()
         raise ConfigError(problems)
     context.settings["pipeline"] = [describe(spec) for spec in pipeline]
-    return BuiltStack(wrapped, config, context, core=core)
+    return BuiltStack(wrapped, config, context, core=core, instances=instances)
 
 
 def describe(spec: LayerSpec) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def cache_inside_cors(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Prob
                                    "origin's Access-Control-Allow-Origin to other origins; move cache inside cors")
 
 
-_SEES_CLIENT = ("request_id", "access_log", "ratelimit", "session", "csrf", "auth", "metrics")
+_SEES_CLIENT = ("request_id", "ratelimit", "session", "csrf", "auth", "metrics")
 
 
 def proxy_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
@@ -216,11 +216,21 @@ def versioning_before_cache(cfg: StackConfig, specs: list[LayerSpec]) -> Iterato
 
 
 def probes_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
-    for name in ("health", "metrics"):
-        for inner in ("auth", "ratelimit", "session"):
+    for name in ("health", "metrics", "access_log"):
+        for inner in ("validation", "cors", "csrf", "auth", "ratelimit", "session", "versioning", "cache"):
             for other, spec in _before(specs, inner, name):
+                what = "its refusals and cache hits would not be logged" if name == "access_log" else \
+                    "probes and scrapes would meet it first"
                 yield _problem(cfg, spec, f"{name} at {_where(spec)} is inside {inner} at {_where(other)}: "
-                                          f"probes and scrapes would meet {inner} first", "warning")
+                                          f"{what}", "warning")
+        for spec in _all(specs, name):
+            if name != "access_log" and spec.scope:
+                yield _problem(cfg, spec, f"{name} may not be scoped with paths, exclude_paths or methods: it must "
+                                          "see every request", "warning")
+    metrics = _all(specs, "metrics")
+    if len(metrics) > 1:
+        yield _problem(cfg, metrics[1], "metrics may appear only once: an inner one would reset the per-layer "
+                                        "timings of the layers it wraps")
 
 
 def shared_state(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
@@ -276,7 +286,7 @@ def request_id_early(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Probl
     if rid is None:
         return
     for spec in specs[:_pos(specs, rid)]:
-        if kind(spec) not in ("errors", "proxy", "health", "metrics"):
+        if kind(spec) not in ("errors", "proxy", "health", "metrics", "access_log"):
             yield _problem(cfg, rid, f"request_id at {_where(rid)} is inside {spec.name} at {_where(spec)}: its "
                                      "refusals and log lines carry no request id; put request_id right after errors",
                            "warning")

@@ -1,0 +1,296 @@
+"""One JSON line per request: who asked for what, what they got, how long it took.
+
+The line goes to the ``wsgistack.access`` logger (or a file or stream of its
+own) when the server closes the response, so it carries the bytes really
+sent and the full duration, also of a streamed body; the body is counted as
+it passes, never buffered.  Every text field goes through the escaper of
+``json.dumps(ensure_ascii=True)``, so a request cannot forge or split a log
+line with newlines, escape sequences or other control characters.
+
+It sits inside ``errors`` (the builder keeps ``errors`` outermost), so it sees
+exceptions before they are rendered: it logs them with the status the
+``errors`` layer will send (the ``HTTPException`` code, else 500) and
+re-raises.  Environ is shared, so the request id and identity that inner
+layers set are in the line even when access_log sits outside them.
+
+Do not use it when the front proxy already writes the access log you need;
+two logs of every request only cost I/O.  Keep ``query`` off (the default)
+when query strings may carry secrets such as tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from json.encoder import encode_basestring_ascii
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import model_validator
+from werkzeug.exceptions import HTTPException
+
+from .base import CLIENT_IP, IDENTITY, REQUEST_ID, Context, LayerOptions
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["AccessLogMiddleware"]
+
+_INFO = logging.INFO
+#: How often (seconds) the file's identity is compared with the path, to follow logrotate.
+ROTATION_CHECK_SECONDS = 1.0
+_quote = encode_basestring_ascii  # what json.dumps(ensure_ascii=True) uses for every string
+
+
+class AccessLogMiddleware:
+    """Write one JSON line per request when its response is closed.
+
+    Fields: ``time`` (request start, ISO 8601 UTC), ``request_id``,
+    ``client_ip``, ``method``, ``path``, ``query`` (when on), ``status``,
+    ``bytes`` (body bytes sent), ``duration_ms``, ``user`` (the identity's
+    subject or null), ``user_agent`` (when on), and ``error`` (the exception
+    type, only when the app failed).
+
+    Options:
+        ``logger`` ("wsgistack.access"): the logger that receives the lines (level INFO).
+        ``file`` (none): append the lines to this file instead; a move by logrotate is
+        noticed within a second (``reopen()`` forces it).
+        ``stream`` (none): ``stdout`` or ``stderr`` instead of the logger.
+        ``query`` (false): include the raw query string.
+        ``user_agent`` (true): include the ``User-Agent`` header.
+
+    Example::
+
+        app = AccessLogMiddleware(app, AccessLogMiddleware.Options(stream="stdout"), Context())
+        # {"time":"2025-01-01T12:00:00.000Z","request_id":"...","method":"GET",...}
+    """
+
+    class Options(LayerOptions):
+        logger: str = "wsgistack.access"
+        file: str | None = None
+        stream: Literal["stdout", "stderr"] | None = None
+        query: bool = False
+        user_agent: bool = True
+
+        @model_validator(mode="after")
+        def _one_destination(self) -> AccessLogMiddleware.Options:
+            if self.file and self.stream:
+                raise ValueError("file and stream may not both be set; choose one destination")
+            if self.file == "":
+                raise ValueError("file must be a path, or left out to use the logger")
+            return self
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app, self.options = app, options
+        self.query, self.user_agent = options.query, options.user_agent
+        self.sink: _AppendFile | _Stream | None = None
+        self.logger: logging.Logger | None = None
+        if options.file:
+            self.sink = _AppendFile(options.file, context.logger)
+        elif options.stream:
+            self.sink = _Stream(getattr(sys, options.stream))
+        else:
+            self.logger = logging.getLogger(options.logger)
+        self._emit = self.sink.write if self.sink is not None else self._to_logger
+        self._second = (0, "")  # (whole second, its ISO 8601 text): formatted once a second
+
+    def close(self) -> None:
+        """Close the file this layer appends to (at shutdown or reload)."""
+        if isinstance(self.sink, _AppendFile):
+            self.sink.close()
+
+    def reopen(self) -> None:
+        """Reopen the file now (say on SIGHUP); moves are also noticed within a second."""
+        if isinstance(self.sink, _AppendFile):
+            self.sink.reopen()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.logger is not None and not self.logger.isEnabledFor(_INFO):
+            return self.app(environ, start_response)
+        exchange = _Exchange(self, environ, start_response)
+        try:
+            exchange.result = self.app(environ, exchange.start_response)
+        except Exception as exc:
+            if isinstance(exc, HTTPException):
+                exchange.status = exc.code or 500
+            else:
+                exchange.status, exchange.error = 500, type(exc).__name__
+            exchange.close()
+            raise
+        return exchange
+
+    def write(self, exchange: _Exchange) -> None:
+        """Build the JSON line for a finished exchange and send it to the destination."""
+        environ = exchange.environ
+        started = exchange.started
+        second = int(started)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        # Every text value goes through json's own escaper (quotes, backslashes, control and
+        # non-ASCII characters become escapes), so the line is one line of ASCII JSON.
+        line = [f'{{"time":"{cached[1]}.{int((started - second) * 1000):03d}Z"'
+                f',"request_id":{_json(environ.get(REQUEST_ID))}'
+                f',"client_ip":{_json(environ.get(CLIENT_IP) or environ.get("REMOTE_ADDR") or "")}'
+                f',"method":{_quote(exchange.method)},"path":{_quote(_text(exchange.path))}']
+        if self.query:
+            line.append(f',"query":{_quote(_text(exchange.query))}')
+        line.append(f',"status":{exchange.status:d},"bytes":{exchange.sent:d}'
+                    f',"duration_ms":{(time.perf_counter() - exchange.clock) * 1000:.3f}'
+                    f',"user":{_json(getattr(environ.get(IDENTITY), "subject", None))}')
+        if self.user_agent:
+            line.append(f',"user_agent":{_quote(_text(environ.get("HTTP_USER_AGENT", "")))}')
+        if exchange.error:
+            line.append(f',"error":{_quote(exchange.error)}')
+        line.append("}")
+        self._emit("".join(line))
+
+    def _to_logger(self, line: str) -> None:
+        assert self.logger is not None
+        self.logger.info(line)
+
+
+class _Exchange:
+    """One request: the ``start_response`` and body wrappers that count what is sent."""
+
+    __slots__ = ("clock", "done", "environ", "error", "layer", "method", "path", "query", "real_start",
+                 "real_write", "result", "sent", "started", "status")
+
+    def __init__(self, layer: AccessLogMiddleware, environ: WSGIEnvironment,
+                 start_response: StartResponse) -> None:
+        self.layer, self.environ, self.real_start = layer, environ, start_response
+        self.started, self.clock = time.time(), time.perf_counter()
+        # Inner layers may rewrite these; the log shows what the client asked for.
+        self.method: str = environ.get("REQUEST_METHOD", "")
+        self.path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        self.query: str = environ.get("QUERY_STRING", "")
+        self.status = 500
+        self.sent = 0
+        self.error: str | None = None
+        self.result: Iterable[bytes] | None = None
+        self.real_write: Any = None
+        self.done = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        self.real_write = self.real_start(status, headers, exc_info)
+        try:
+            self.status = int(status[:3])
+        except ValueError:
+            self.status = 500
+        return self.write
+
+    def write(self, data: bytes) -> object:
+        self.sent += len(data)
+        return self.real_write(data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.result is None:
+            return
+        try:
+            for chunk in self.result:
+                self.sent += len(chunk)
+                yield chunk
+        except Exception as exc:
+            self.error = type(exc).__name__
+            raise
+
+    def close(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.layer.write(self)
+
+
+def _json(value: object) -> str:
+    """A JSON string for ``value``, or ``null`` when it is None."""
+    return "null" if value is None else _quote(str(value))
+
+
+def _text(raw: str) -> str:
+    """PEP 3333 strings carry bytes as latin-1: show them as UTF-8 when they are."""
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return raw
+
+
+class _AppendFile:
+    """Appends each line with one ``write()`` to an ``O_APPEND`` file; follows rotation."""
+
+    def __init__(self, path: str, logger: logging.Logger) -> None:
+        self.path, self.logger = path, logger
+        self.lock = threading.Lock()
+        self.fd = [self._open()]  # a list, so the finalizer closes the current descriptor
+        self.checked = time.monotonic()
+        self.failed_at = -60.0
+        self._closer = weakref.finalize(self, _close_fd, self.fd)
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write(self, line: str) -> None:
+        data = line.encode("ascii") + b"\n"
+        now = time.monotonic()
+        with self.lock:  # also keeps a reopen from closing the descriptor under a write
+            try:
+                if now - self.checked >= ROTATION_CHECK_SECONDS:
+                    self.checked = now
+                    self._follow()
+                os.write(self.fd[0], data)
+            except OSError as exc:  # disk full, file gone: say so once a minute, never fail
+                if now - self.failed_at >= 60:
+                    self.failed_at = now
+                    self.logger.error("access log: cannot write to %s: %s", self.path, exc)
+
+    def _follow(self) -> None:
+        try:
+            on_disk = os.stat(self.path)
+            mine = os.fstat(self.fd[0])
+            if (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        self._swap()
+
+    def _swap(self) -> None:
+        if not self._closer.alive:
+            return  # closed for good
+        fresh = self._open()
+        os.close(self.fd[0])
+        self.fd[0] = fresh
+
+    def reopen(self) -> None:
+        with self.lock:
+            self._swap()
+
+    def close(self) -> None:
+        with self.lock:
+            self._closer()
+
+
+class _Stream:
+    """Writes each line to a text stream and flushes it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def _close_fd(holder: list[int]) -> None:
+    fd, holder[0] = holder[0], -1  # later writes fail with EBADF instead of hitting a reused number
+    if fd >= 0:
+        os.close(fd)

@@ -1,0 +1,147 @@
+"""Liveness and readiness probes, answered before the rest of the stack runs.
+
+``/healthz`` (liveness) answers 200 ``{"status": "ok"}`` whenever the process
+serves requests at all.  ``/readyz`` (readiness) asks each store for its
+``health()`` (a ping, and for Redis the circuit-breaker state) and answers
+200 when all are ok, else ``degraded_status`` with the per-store detail.  While
+``drain_file`` exists, ``/readyz`` answers 503 ``{"status": "draining"}`` so a
+load balancer stops sending traffic before a restart (``touch`` it, wait,
+restart, ``rm`` it).  Neither probe enters the inner layers or the app.
+
+Place it near the top of the pipeline, so probes skip auth, sessions and rate
+limits.  Do not use it when an orchestrator probes something else (a
+sidecar, a TCP check); and do not point liveness at stores: a Redis outage
+must not make an orchestrator restart every healthy process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from pydantic import field_validator, model_validator
+
+from .base import Context, LayerOptions, refuse
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from stores.base import Store
+
+__all__ = ["HealthMiddleware"]
+
+_ALLOW = [("Allow", "GET, HEAD")]
+
+
+class HealthMiddleware:
+    """Answer liveness and readiness probes from the stores' health and a drain file.
+
+    Options:
+        ``liveness_path`` ("/healthz"): always 200 ``{"status": "ok"}``.
+        ``readiness_path`` ("/readyz"): 200 ``{"status": "ok", "stores": {...}}`` when every
+        checked store is ok, else ``degraded_status`` with ``"status": "degraded"``.
+        ``degraded_status`` (503): the status of a degraded readiness answer.
+        ``drain_file`` (none): while this file exists, readiness answers 503 "draining".
+        ``stores`` (all): names of the stores readiness checks.
+
+    The store detail is what ``store.health()`` reports (``ok``, ``backend``,
+    ``breaker`` …) without the store URL, which is not a probe's business.
+
+    Example::
+
+        app = HealthMiddleware(app, HealthMiddleware.Options(drain_file="/run/app.drain"),
+                               Context(stores={"shared": MemoryStore()}))
+    """
+
+    class Options(LayerOptions):
+        liveness_path: str = "/healthz"
+        readiness_path: str = "/readyz"
+        degraded_status: int = 503
+        drain_file: str | None = None
+        stores: tuple[str, ...] | None = None
+
+        @field_validator("liveness_path", "readiness_path")
+        @classmethod
+        def _path(cls, value: str) -> str:
+            if not value.startswith("/"):
+                raise ValueError(f"probe paths must start with '/', got {value!r}")
+            return value
+
+        @field_validator("degraded_status")
+        @classmethod
+        def _status(cls, value: int) -> int:
+            try:
+                known = 200 <= HTTPStatus(value) <= 599
+            except ValueError:
+                known = False
+            if not known:
+                raise ValueError(f"degraded_status must be an HTTP status from 200 to 599, got {value}")
+            return value
+
+        @model_validator(mode="after")
+        def _distinct(self) -> HealthMiddleware.Options:
+            if self.liveness_path == self.readiness_path:
+                raise ValueError("liveness_path and readiness_path must differ")
+            if self.drain_file == "":
+                raise ValueError("drain_file must be a path, or left out")
+            return self
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app, self.options = app, options
+        self.liveness, self.readiness = options.liveness_path, options.readiness_path
+        self.drain_file = options.drain_file
+        names = options.stores if options.stores is not None else sorted(context.stores)
+        self.stores: list[tuple[str, Store]] = [(name, context.store(name)) for name in names]
+        self.degraded = _status_line(options.degraded_status)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO")
+        if path != self.liveness and path != self.readiness:
+            return self.app(environ, start_response)
+        method = environ.get("REQUEST_METHOD")
+        if method != "GET" and method != "HEAD":
+            exc = refuse(405, headers=_ALLOW)
+            exc.description = f"{path} answers GET and HEAD only."  # 405's first argument is not text
+            raise exc
+        body: dict[str, object]
+        if path == self.liveness:
+            status, body = "200 OK", {"status": "ok"}
+        else:
+            status, body = self.ready()
+        data = json.dumps(body, separators=(",", ":"), default=str).encode()
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Cache-Control", "no-store"), ("Content-Length", str(len(data)))])
+        return [] if method == "HEAD" else [data]
+
+    def ready(self) -> tuple[str, dict[str, object]]:
+        """The readiness status line and body: draining, degraded or ok."""
+        if self.drain_file is not None and _exists(self.drain_file):
+            return "503 Service Unavailable", {"status": "draining"}
+        detail: dict[str, object] = {}
+        ok = True
+        for name, store in self.stores:
+            facts: dict[str, object]
+            try:
+                facts = {k: v for k, v in store.health().items() if k != "url"}
+            except Exception as exc:  # a health check that raises is a failed one
+                facts = {"ok": False, "backend": type(store).__name__, "error": type(exc).__name__}
+            ok = ok and bool(facts.get("ok"))
+            detail[name] = facts
+        if ok:
+            return "200 OK", {"status": "ok", "stores": detail}
+        return self.degraded, {"status": "degraded", "stores": detail}
+
+
+def _exists(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
+
+
+def _status_line(code: int) -> str:
+    return f"{code} {HTTPStatus(code).phrase}"

@@ -1,0 +1,404 @@
+"""Prometheus metrics for the stack: requests, latency, per-layer time, layer events, stores.
+
+The layer counts every request that passes it by method, route template and
+status, observes its latency, and serves the Prometheus exposition at
+``path`` to the networks in ``allow_from`` (answered here, never by the app).
+Layer events (``cache.hit``, ``ratelimit.reject``, ``auth.failure`` …) arrive
+through ``context.listeners``; store health and circuit state are read from
+``context.stores`` at scrape time.  Each instance owns its registry, so two
+stacks (tests, reloads) never collide in the global default registry.
+
+Latency is the time until the app hands back its response (headers ready);
+a streamed body is not included, so a long ``text/event-stream`` does not
+distort the histogram.
+
+Do not use it when several worker *processes* serve one port and you need
+exact totals from one scrape: each process counts for itself.  Keep
+``server_timing`` off on public listeners: it tells every client how long
+each layer took.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from pydantic import field_validator
+from werkzeug.exceptions import HTTPException
+
+from .base import TIMINGS, Context, LayerOptions, client_ip, decorate_error, refuse
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ROUTE", "MetricsMiddleware"]
+
+#: environ key where the Flask core puts the matched route template (``/api/v1/items/<id>``).
+ROUTE = "wsgistack.route"
+Headers = list[tuple[str, str]]
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+_HEX = "[0-9a-fA-F]"
+_ID_SEGMENT = re.compile(
+    rf"/(?:\d+|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}|{_HEX}{{16,}})(?=/|$)"
+)
+_NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+_LAYER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+# Counters fed by context events: metric name -> (help, label names).
+_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "wsgistack_cache_events": ("Cache decisions by result.", ("result",)),
+    "wsgistack_ratelimit_events": ("Rate-limit decisions by result and rule.", ("result", "rule")),
+    "wsgistack_auth_failures": ("Authentication failures by reason.", ("reason",)),
+    "wsgistack_store_errors": ("Store errors by store and layer.", ("store", "layer")),
+    "wsgistack_deprecated_version_requests": ("Requests for a deprecated version.", ("version",)),
+    "wsgistack_sessions_created": ("Sessions created.", ()),
+    "wsgistack_events": ("Other layer events by name.", ("event",)),
+}
+# event -> (metric, fixed label values, the event's fields that give the other label values)
+_EVENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    **{f"cache.{r}": ("wsgistack_cache_events", (r,), ()) for r in ("hit", "miss", "stale", "bypass")},
+    **{f"ratelimit.{r}": ("wsgistack_ratelimit_events", (r,), ("rule",))
+       for r in ("pass", "reject", "shadow_reject")},
+    "auth.failure": ("wsgistack_auth_failures", (), ("reason",)),
+    "store.error": ("wsgistack_store_errors", (), ("store", "layer")),
+    "version.deprecated": ("wsgistack_deprecated_version_requests", (), ("version",)),
+    "session.created": ("wsgistack_sessions_created", (), ()),
+}
+
+
+class MetricsMiddleware:
+    """Count requests, time them and the layers, count layer events, serve ``/metrics``.
+
+    Options:
+        ``path`` ("/metrics"): where the exposition is served (GET and HEAD).
+        ``allow_from`` (loopback): CIDRs allowed to scrape; other clients get 403.
+        ``max_routes`` (100): distinct route labels kept before new ones count as "other".
+        ``buckets``: upper bounds, in seconds, of the request latency histogram.
+        ``layer_timing`` (false): observe each layer's own time in a histogram.
+        ``server_timing`` (false): send each layer's own time in a ``Server-Timing`` header.
+        ``process_metrics`` (true): also export process, platform and GC metrics.
+
+    Example::
+
+        app = MetricsMiddleware(app, MetricsMiddleware.Options(server_timing=True), Context())
+        text = generate_latest(app.registry)   # what a scrape from 127.0.0.1 gets
+    """
+
+    class Options(LayerOptions):
+        path: str = "/metrics"
+        allow_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+        max_routes: int = 100
+        buckets: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                      1.0, 2.5, 5.0, 10.0)
+        layer_timing: bool = False
+        server_timing: bool = False
+        process_metrics: bool = True
+
+        @field_validator("path")
+        @classmethod
+        def _path(cls, value: str) -> str:
+            if not value.startswith("/"):
+                raise ValueError(f"path must start with '/', got {value!r}")
+            return value
+
+        @field_validator("allow_from")
+        @classmethod
+        def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+            for item in value:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"allow_from entry {item!r} is not an IP network "
+                                     "(write 10.0.0.0/8 or 127.0.0.1)") from None
+            return value
+
+        @field_validator("max_routes")
+        @classmethod
+        def _max_routes(cls, value: int) -> int:
+            if value < 1:
+                raise ValueError(f"max_routes must be at least 1, got {value}")
+            return value
+
+    @staticmethod
+    def wants_layer_timing(options: MetricsMiddleware.Options | Mapping[str, Any]) -> bool:
+        """Whether the builder should time every layer (``layer_timing`` or ``server_timing``)."""
+        if isinstance(options, Mapping):
+            return bool(options.get("layer_timing") or options.get("server_timing"))
+        return options.layer_timing or options.server_timing
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app, self.options, self.context = app, options, context
+        self.path = options.path
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in options.allow_from]
+        self.timing = self.wants_layer_timing(options)
+        self.registry = registry = CollectorRegistry()
+        if options.process_metrics:
+            from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        registry.register(_StoreCollector(context))
+        self.requests = Counter("wsgistack_http_requests", "Requests by method, route and status.",
+                                ["method", "route", "status"], registry=registry)
+        self.latency = Histogram("wsgistack_http_request_duration_seconds",
+                                 "Time until the response headers were ready.",
+                                 ["method", "route"], buckets=options.buckets, registry=registry)
+        self.layer_time = Histogram("wsgistack_layer_duration_seconds",
+                                    "Time spent in each layer itself (inner layers excluded).",
+                                    ["layer"], buckets=_LAYER_BUCKETS, registry=registry)
+        self._routes = _Capped(options.max_routes)
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._layers: dict[str, tuple[Any, str]] = {}
+        counters = {name: Counter(name, doc, labels, registry=registry)
+                    for name, (doc, labels) in _COUNTERS.items()}
+        self._events = {event: (counters[name], fixed, fields, _Capped(64))
+                        for event, (name, fixed, fields) in _EVENTS.items()}
+        self._other_events = (counters["wsgistack_events"], _Capped(64))
+        self._event_children: dict[tuple[str, ...], Any] = {}
+        context.listeners.append(self._on_event)
+
+    def _on_event(self, event: str, fields: dict[str, Any]) -> None:
+        try:
+            spec = self._events.get(event)
+            if spec is None:
+                counter, cap = self._other_events
+                values: tuple[str, ...] = (cap(event),)
+            else:
+                counter, fixed, names, cap = spec
+                values = (*fixed, *(cap(fields.get(n, "unknown")) for n in names))
+            key = (event, *values)
+            child = self._event_children.get(key)
+            if child is None:
+                child = counter.labels(*values) if values else counter
+                if len(self._event_children) < 10_000:
+                    self._event_children[key] = child
+            child.inc()
+        except Exception:  # counting must never fail the request that emitted the event
+            self.context.logger.exception("metrics could not count event %r", event)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == self.path:
+            return self._expose(environ, start_response)
+        if self.timing:
+            return self._timed(environ, start_response)
+        statuses: list[str] = []
+
+        def capture(status: str, headers: Headers, exc_info: Any = None) -> Any:
+            statuses.append(status)
+            return start_response(status, headers, exc_info)
+
+        start = time.perf_counter()
+        try:
+            result = self.app(environ, capture)
+        except Exception as exc:
+            self._record(environ, _exc_status(exc), time.perf_counter() - start)
+            raise
+        elapsed = time.perf_counter() - start
+        if statuses:
+            self._record(environ, statuses[-1][:3], elapsed)
+            return result
+        # The app calls start_response only once iterated: count when it has.
+        return _OnFirstChunk(result, lambda: self._record(environ, statuses[-1][:3], elapsed),
+                             lambda: self._record(environ, "500", elapsed))
+
+    def _timed(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Like ``__call__``, but holds the real ``start_response`` until inner times are known.
+
+        PEP 3333 lets a middleware call ``start_response`` any time before it
+        yields the first body chunk; the body itself is never buffered.
+        """
+        environ[TIMINGS] = []
+        start = time.perf_counter()
+        held = _Held(start_response, lambda status: self._finish(environ, status, start))
+        try:
+            result = self.app(environ, held)
+        except Exception as exc:
+            decorate_error(exc, self._finish(environ, _exc_status(exc), start))
+            raise
+        if held.status is not None:
+            held.flush()
+            return result
+        return _OnFirstChunk(result, held.flush, lambda: self._finish(environ, "500", start))
+
+    def _finish(self, environ: WSGIEnvironment, status: str, start: float) -> Headers:
+        """Count the request, observe layer times, return the ``Server-Timing`` header if on."""
+        total = time.perf_counter() - start
+        self._record(environ, status, total)
+        parts = []
+        inner = 0.0
+        for name, inclusive in environ.get(TIMINGS) or ():  # innermost first
+            child, token = self._layer(name)
+            own, inner = max(inclusive - inner, 0.0), inclusive
+            if self.options.layer_timing:
+                child.observe(own)
+            parts.append(f"{token};dur={own * 1000:.3f}")
+        if not self.options.server_timing:
+            return []
+        parts.reverse()
+        parts.append(f"total;dur={total * 1000:.3f}")
+        return [("Server-Timing", ", ".join(parts))]
+
+    def _layer(self, name: str) -> tuple[Any, str]:
+        found = self._layers.get(name)
+        if found is None:
+            found = (self.layer_time.labels(name), _NOT_TOKEN.sub("_", name) or "layer")
+            self._layers[name] = found
+        return found
+
+    def _record(self, environ: WSGIEnvironment, status: str, elapsed: float) -> None:
+        method = environ.get("REQUEST_METHOD", "")
+        route = environ.get(ROUTE)
+        if route is None:  # refused before the app, or answered by a layer: a bounded path label
+            path = environ.get("PATH_INFO") or "/"
+            route = "other" if status == "404" else _ID_SEGMENT.sub("/{id}", path)
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            label = self._routes(route)
+            verb = method if method in _METHODS else "other"
+            children = (self.requests.labels(verb, label, status), self.latency.labels(verb, label))
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+
+    def _expose(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
+            exc = refuse(405, headers=[("Allow", "GET, HEAD")])
+            exc.description = f"{self.path} answers GET and HEAD only."  # not 405's first argument
+            raise exc
+        try:
+            address = ipaddress.ip_address(client_ip(environ))
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if address is None or not any(address in net for net in self.networks):
+            raise refuse(403, "Metrics are not available to this client.")
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        body = encoder(self.registry)
+        start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-store"),
+                                  ("Content-Length", str(len(body)))])
+        return [] if method == "HEAD" else [body]
+
+
+class _Capped:
+    """Hands back a label value unchanged until ``limit`` distinct ones were seen, then "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.seen = limit, set[str]()
+
+    def __call__(self, value: object) -> str:
+        text = str(value)
+        if text in self.seen:
+            return text
+        if len(self.seen) >= self.limit:
+            return "other"
+        self.seen.add(text)
+        return text
+
+
+class _StoreCollector:
+    """Reads ``store.health()`` at scrape time: up/down and circuit-breaker state per store."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("wsgistack_store_up", "1 when the store answers its health check.",
+                               labels=["store", "backend"])
+        state = GaugeMetricFamily("wsgistack_store_circuit_state",
+                                  "1 for the current circuit-breaker state of the store.",
+                                  labels=["store", "state"])
+        for name, store in sorted(self.context.stores.items()):
+            try:
+                health = store.health()
+            except Exception:
+                health = {"ok": False, "backend": type(store).__name__}
+            up.add_metric([name, str(health.get("backend", ""))], 1.0 if health.get("ok") else 0.0)
+            breaker = health.get("breaker")
+            if isinstance(breaker, Mapping):
+                breaker = breaker.get("state")
+            if breaker:
+                state.add_metric([name, str(breaker)], 1.0)
+        yield up
+        yield state
+
+
+class _Held:
+    """A ``start_response`` that keeps status and headers until :meth:`flush` sends them."""
+
+    __slots__ = ("exc_info", "extra", "headers", "start_response", "status", "write")
+
+    def __init__(self, start_response: StartResponse, extra: Callable[[str], Headers]) -> None:
+        self.start_response, self.extra = start_response, extra
+        self.status: str | None = None
+        self.headers: Headers = []
+        self.exc_info: Any = None
+        self.write: Callable[[bytes], object] | None = None
+
+    def __call__(self, status: str, headers: Headers, exc_info: Any = None) -> Any:
+        if self.write is not None:  # already sent: the server re-raises exc_info itself
+            return self.start_response(status, headers, exc_info)
+        self.status, self.headers, self.exc_info = status, headers, exc_info
+        return self._write
+
+    def _write(self, data: bytes) -> object:
+        """The legacy ``write()`` callable: the headers go out first."""
+        self.flush()
+        assert self.write is not None
+        return self.write(data)
+
+    def flush(self) -> None:
+        if self.write is None:
+            if self.status is None:
+                raise AssertionError("the application sent a body before calling start_response")
+            headers = [*self.headers, *self.extra(self.status[:3])]
+            self.write = self.start_response(self.status, headers, self.exc_info)
+            self.exc_info = None
+
+
+class _OnFirstChunk:
+    """The body of an app that calls ``start_response`` lazily: run ``started`` once it has."""
+
+    def __init__(self, result: Iterable[bytes], started: Callable[[], object],
+                 failed: Callable[[], object]) -> None:
+        self.result, self.started, self.failed = result, started, failed
+
+    def __iter__(self) -> Iterator[bytes]:
+        pending = True
+        try:
+            for chunk in self.result:
+                if pending:
+                    pending = False
+                    self.started()
+                yield chunk
+        except Exception:
+            if pending:
+                pending = False
+                self.failed()
+            raise
+        if pending:
+            self.started()
+
+    def close(self) -> None:
+        close = getattr(self.result, "close", None)
+        if close is not None:
+            close()
+
+
+def _exc_status(exc: BaseException) -> str:
+    """The status the errors layer will render an exception with."""
+    if isinstance(exc, HTTPException) and exc.code:
+        return str(exc.code)
+    return "500"

@@ -1,0 +1,297 @@
+"""The access_log layer: one JSON line per request, counted bytes, no log injection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.access_log import AccessLogMiddleware
+from middleware.base import IDENTITY, REQUEST_ID, Context, Identity, refuse
+from middleware.errors import ErrorsMiddleware
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+class Body:
+    """A streamed response body that records whether the server closed it."""
+
+    def __init__(self, chunks: list[bytes], fail_after: int | None = None) -> None:
+        self.chunks, self.fail_after, self.closed = chunks, fail_after, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i, chunk in enumerate(self.chunks):
+            if i == self.fail_after:
+                raise OSError("upstream went away")
+            yield chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Inner:
+    """An inner app that answers by path, like the layers and the Flask core would."""
+
+    def __init__(self) -> None:
+        self.body: Body | None = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        environ[REQUEST_ID] = "req-1"
+        if path == "/crash":
+            raise RuntimeError("secret text that must not reach the log")
+        if path == "/limited":
+            raise refuse(429, "Slow down.", headers=[("Retry-After", "3")])
+        if path == "/me":
+            environ[IDENTITY] = Identity("alice", frozenset({"admin"}))
+        if path == "/stream":
+            self.body = Body([b"data: 1\n\n", b"data: 22\n\n", b"data: 333\n\n"])
+            start_response("200 OK", [("Content-Type", "text/event-stream")])
+            return self.body
+        if path == "/broken-stream":
+            self.body = Body([b"first", b"second"], fail_after=1)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return self.body
+        if path == "/write":
+            write = start_response("200 OK", [("Content-Type", "text/plain")])
+            write(b"legacy ")
+            return [b"write"]
+        status = "404 Not Found" if path == "/missing" else "200 OK"
+        start_response(status, [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return [b"hello"]
+
+
+@pytest.fixture
+def inner() -> Inner:
+    """The inner app."""
+    return Inner()
+
+
+@pytest.fixture
+def make(inner: Inner, tmp_path: Path) -> Iterator[Callable[..., tuple[TestApp, Callable[[], list[dict[str, Any]]]]]]:
+    """Build errors -> access_log (to a file) -> inner; return the app and a reader of the lines."""
+    layers: list[AccessLogMiddleware] = []
+    log_file = tmp_path / "access.log"
+
+    def build(**options: Any) -> tuple[TestApp, Callable[[], list[dict[str, Any]]]]:
+        layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(file=str(log_file), **options), Context())
+        layers.append(layer)
+        app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context()))
+
+        def lines() -> list[dict[str, Any]]:
+            text = log_file.read_text(encoding="utf-8") if log_file.exists() else ""
+            assert text == "" or text.endswith("\n")
+            return [json.loads(line) for line in text.splitlines()]
+
+        return app, lines
+
+    yield build
+    for layer in layers:
+        layer.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "request_path", "expected"),
+    [
+        pytest.param({}, "/hello", {"method": "GET", "path": "/hello", "status": 200, "bytes": 5,
+                                    "user": None, "request_id": "req-1"}, id="plain request"),
+        pytest.param({}, "/missing", {"status": 404, "bytes": 5}, id="app's own 404"),
+        pytest.param({}, "/me", {"user": "alice"}, id="identity set by an inner layer"),
+        pytest.param({}, "/stream", {"status": 200, "bytes": 9 + 10 + 11}, id="streamed body counted"),
+        pytest.param({}, "/write", {"bytes": 12}, id="legacy write() counted"),
+        pytest.param({}, "/limited", {"status": 429, "bytes": 0}, id="refusal logged with its code"),
+        pytest.param({}, "/crash", {"status": 500, "bytes": 0, "error": "RuntimeError"},
+                     id="exception logged as 500"),
+        pytest.param({}, "/caf%C3%A9?token=secret", {"path": "/caf\u00e9"}, id="utf-8 path, no query"),
+        pytest.param({"query": True}, "/q?token=secret&x=1", {"query": "token=secret&x=1"}, id="query on"),
+        pytest.param({}, "/hello", {"user_agent": "probe/1.0"}, id="user agent"),
+    ],
+)
+def test_fields(make: Callable[..., Any], options: dict[str, Any], request_path: str,
+                expected: dict[str, Any]) -> None:
+    app, lines = make(**options)
+    app.get(request_path, headers={"User-Agent": "probe/1.0"}, extra_environ={"REMOTE_ADDR": "192.0.2.7"},
+            expect_errors=True)
+    [line] = lines()
+    assert {k: line[k] for k in expected} == expected
+    assert ISO_UTC.match(line["time"]), line["time"]
+    assert line["client_ip"] == "192.0.2.7"
+    assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    assert ("query" in line) is bool(options.get("query"))
+    assert ("error" in line) is ("error" in expected)
+    assert "secret text" not in json.dumps(line)
+
+
+def test_user_agent_can_be_left_out(make: Callable[..., Any]) -> None:
+    app, lines = make(user_agent=False)
+    app.get("/hello", headers={"User-Agent": "probe/1.0"})
+    assert "user_agent" not in lines()[0]
+
+
+def test_one_line_per_request_in_order(make: Callable[..., Any]) -> None:
+    app, lines = make()
+    for path in ("/a", "/b", "/c"):
+        app.get(path)
+    assert [line["path"] for line in lines()] == ["/a", "/b", "/c"]
+
+
+def test_close_is_forwarded_and_the_line_written_on_close(make: Callable[..., Any], inner: Inner) -> None:
+    app, lines = make()
+    layer = app.app.app  # errors -> access_log
+    result = layer(_environ("/stream"), ignore_start)
+    assert lines() == []  # nothing yet: the body has not been sent
+    chunks = list(result)
+    assert lines() == []
+    result.close()
+    assert inner.body is not None and inner.body.closed
+    [line] = lines()
+    assert line["bytes"] == sum(map(len, chunks)) == 30
+    result.close()  # a second close writes nothing more
+    assert len(lines()) == 1
+
+
+def test_failure_while_streaming_is_logged(make: Callable[..., Any], inner: Inner) -> None:
+    app, lines = make()
+    with pytest.raises(OSError, match="upstream went away"):
+        app.get("/broken-stream")
+    [line] = lines()
+    assert line["status"] == 200
+    assert line["bytes"] == len(b"first")
+    assert line["error"] == "OSError"
+    assert inner.body is not None and inner.body.closed
+
+
+@pytest.mark.parametrize(
+    ("field", "environ_key", "hostile"),
+    [
+        pytest.param("path", "PATH_INFO", "/x\n{\"status\":200}\x1b[31m\r", id="path"),
+        pytest.param("user_agent", "HTTP_USER_AGENT", "ua\n{\"forged\":true}\x1b]0;title\x07", id="user agent"),
+        pytest.param("query", "QUERY_STRING", "a=1\n\x00\x7f\u2028", id="query"),
+        pytest.param("request_id", REQUEST_ID, "id\r\nforged", id="request id from a layer"),
+    ],
+)
+def test_no_log_injection(make: Callable[..., Any], tmp_path: Path, field: str, environ_key: str,
+                          hostile: str) -> None:
+    app, lines = make(query=True)
+    layer = app.app.app  # errors -> access_log
+    passthrough = layer.app
+
+    def hostile_layer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        result: Iterable[bytes] = passthrough(environ, start_response)
+        if environ_key == REQUEST_ID:  # as if an inner layer had set it
+            environ[REQUEST_ID] = hostile
+        return result
+
+    layer.app = hostile_layer
+    environ = _environ("/x")
+    environ[environ_key] = hostile
+    result = layer(environ, ignore_start)
+    list(result)
+    result.close()
+    raw = (tmp_path / "access.log").read_bytes()
+    assert raw.count(b"\n") == 1 and raw.endswith(b"\n")
+    assert all(32 <= byte < 127 for byte in raw[:-1]), raw  # printable ASCII only
+    [line] = lines()
+    assert line[field] == hostile  # escaped in the file, intact once parsed
+
+
+def test_logger_mode(inner: Inner, caplog: pytest.LogCaptureFixture) -> None:
+    app = TestApp(AccessLogMiddleware(inner, AccessLogMiddleware.Options(logger="test.access"), Context()))
+    with caplog.at_level(logging.INFO, logger="test.access"):
+        app.get("/hello")
+    [record] = [r for r in caplog.records if r.name == "test.access"]
+    assert record.levelno == logging.INFO
+    assert json.loads(record.getMessage())["path"] == "/hello"
+
+
+def test_disabled_logger_steps_aside(inner: Inner) -> None:
+    logging.getLogger("test.quiet").setLevel(logging.WARNING)
+    layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(logger="test.quiet"), Context())
+    result = layer(_environ("/hello"), ignore_start)
+    assert result == [b"hello"]  # the inner body itself: nothing wrapped, nothing counted
+
+
+def test_stream_mode(inner: Inner, capsys: pytest.CaptureFixture[str]) -> None:
+    layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(stream="stdout"), Context())
+    try:
+        TestApp(layer).get("/hello")
+    finally:
+        layer.close()
+    out = capsys.readouterr().out
+    assert json.loads(out)["path"] == "/hello"
+    assert out.count("\n") == 1
+
+
+def test_file_is_reopened_after_rotation(make: Callable[..., Any], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("middleware.access_log.ROTATION_CHECK_SECONDS", 0.0)
+    app, lines = make()
+    app.get("/before")
+    (tmp_path / "access.log").rename(tmp_path / "access.log.1")
+    app.get("/after")
+    assert [line["path"] for line in lines()] == ["/after"]
+    rotated = [json.loads(x) for x in (tmp_path / "access.log.1").read_text().splitlines()]
+    assert [line["path"] for line in rotated] == ["/before"]
+
+
+def test_reopen_on_demand(make: Callable[..., Any], tmp_path: Path) -> None:
+    app, lines = make()
+    app.get("/before")
+    (tmp_path / "access.log").rename(tmp_path / "access.log.1")
+    app.app.app.reopen()  # errors -> access_log
+    app.get("/after")
+    assert [line["path"] for line in lines()] == ["/after"]
+
+
+def test_write_failures_are_reported_once_and_never_fail_requests(
+    inner: Inner, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(file=str(tmp_path / "a.log")), Context())
+    layer.close()  # every later write fails (EBADF)
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        for _ in range(3):
+            assert TestApp(layer).get("/hello").text == "hello"
+    assert [r.getMessage()[:40] for r in caplog.records] == [f"access log: cannot write to {tmp_path}"[:40]]
+
+
+def test_options_refused() -> None:
+    with pytest.raises(ValidationError, match="file and stream may not both be set; choose one destination"):
+        AccessLogMiddleware.Options(file="/tmp/x.log", stream="stdout")
+    with pytest.raises(ValidationError, match="file must be a path, or left out to use the logger"):
+        AccessLogMiddleware.Options(file="")
+    with pytest.raises(ValidationError, match="Input should be 'stdout' or 'stderr'"):
+        AccessLogMiddleware.Options(stream="syslog")
+
+
+def test_from_yaml(make_stack: Callable[..., TestApp], tmp_path: Path) -> None:
+    log_file = tmp_path / "yaml-access.log"
+    app = make_stack({
+        "app": {"factory": "stack_support:echo_app"},
+        "pipeline": [{"access_log": {"file": str(log_file), "exclude_paths": ["/healthz"]}},
+                     {"request_id": {}}],
+    })
+    app.get("/healthz")
+    body = app.get("/api/x").json
+    [line] = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert line["path"] == "/api/x"
+    assert line["request_id"] == body["request_id"]
+    assert line["status"] == 200
+
+
+def ignore_start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+    """A start_response for direct calls: the test reads the log, not the response."""
+    return lambda data: None
+
+
+def _environ(path: str) -> dict[str, Any]:
+    environ: dict[str, Any] = {"PATH_INFO": path, "REMOTE_ADDR": "192.0.2.7"}
+    setup_testing_defaults(environ)
+    return environ

@@ -1,0 +1,241 @@
+"""The health layer: liveness, readiness from store health, the drain file, refusals."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RedisServer, free_port
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import Context
+from middleware.errors import ErrorsMiddleware
+from middleware.health import HealthMiddleware
+from stores import MemoryStore, Store, store_from_url
+
+MEMORY = {"ok": True, "backend": "MemoryStore", "breaker": None}
+
+
+def facts(body: dict[str, Any]) -> dict[str, Any]:
+    """The readiness body without the measured ping latencies."""
+    stores = {name: {k: v for k, v in detail.items() if k != "latency_ms"}
+              for name, detail in body.get("stores", {}).items()}
+    return {**body, "stores": stores} if "stores" in body else body
+
+
+class Recorder:
+    """An inner app that records the paths that reached it."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self.seen.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"app"]
+
+
+class RaisingStore(MemoryStore):
+    """A store whose health check itself raises (a backend bug, not an outage)."""
+
+    def health(self) -> dict[str, object]:
+        raise RuntimeError("health check exploded")
+
+
+@pytest.fixture
+def inner() -> Recorder:
+    """The recording inner app."""
+    return Recorder()
+
+
+@pytest.fixture
+def dead_store() -> Iterator[Store]:
+    """A Redis store whose server is not running: connections are refused."""
+    store = store_from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2,
+                           socket_connect_timeout=0.2)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def make(inner: Recorder) -> Callable[..., TestApp]:
+    """Build errors -> health -> recorder from options and stores."""
+
+    def build(options: dict[str, Any] | None = None, stores: dict[str, Store] | None = None) -> TestApp:
+        context = Context(stores=stores if stores is not None else {"shared": MemoryStore()})
+        health = HealthMiddleware(inner, HealthMiddleware.Options(**(options or {})), context)
+        return TestApp(ErrorsMiddleware(health, ErrorsMiddleware.Options(), Context()))
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("options", "request_path", "expected"),
+    [
+        pytest.param({}, "/healthz", (200, {"status": "ok"}), id="liveness"),
+        pytest.param({}, "/readyz", (200, {"status": "ok", "stores": {"shared": MEMORY}}),
+                     id="readiness, memory store, no url"),
+        pytest.param({"liveness_path": "/live"}, "/live", (200, {"status": "ok"}), id="custom liveness"),
+        pytest.param({"readiness_path": "/ready"}, "/ready",
+                     (200, {"status": "ok", "stores": {"shared": MEMORY}}), id="custom readiness"),
+        pytest.param({"liveness_path": "/live"}, "/healthz", (200, "app"), id="old path goes to the app"),
+        pytest.param({}, "/healthz/", (200, "app"), id="exact match only"),
+        pytest.param({}, "/api/x", (200, "app"), id="other paths go to the app"),
+        pytest.param({"stores": []}, "/readyz", (200, {"status": "ok", "stores": {}}), id="no stores checked"),
+    ],
+)
+def test_probe_table(make: Callable[..., TestApp], inner: Recorder, options: dict[str, Any],
+                     request_path: str, expected: tuple[int, Any]) -> None:
+    status, body = expected
+    response = make(options).get(request_path, status=status)
+    if body == "app":
+        assert response.text == "app"
+        assert inner.seen == [request_path]
+    else:
+        assert facts(response.json) == body
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert inner.seen == []
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_head_has_headers_and_no_body(make: Callable[..., TestApp], path: str) -> None:
+    app = make()
+    get = app.get(path)
+    head = app.head(path)
+    assert head.status_int == 200
+    assert head.body == b""
+    assert get.headers["Content-Length"] == str(len(get.body))
+    if path == "/healthz":
+        assert head.headers["Content-Length"] == get.headers["Content-Length"]
+    else:  # the readiness body carries measured ping latencies: its length varies a little
+        assert int(head.headers["Content-Length"]) > len('{"status":"ok"}')
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_other_methods_are_refused_with_allow(make: Callable[..., TestApp], inner: Recorder,
+                                               method: str) -> None:
+    response = make().request("/readyz", method=method, status=405)
+    assert response.headers["Allow"] == "GET, HEAD"
+    assert response.json["error"]["message"] == "/readyz answers GET and HEAD only."
+    assert inner.seen == []
+
+
+def test_degraded_store_gives_503_with_detail(make: Callable[..., TestApp], dead_store: Store) -> None:
+    response = make(stores={"shared": MemoryStore(), "redis": dead_store}).get("/readyz", status=503)
+    assert response.json["status"] == "degraded"
+    assert facts(response.json)["stores"]["shared"] == MEMORY
+    assert response.json["stores"]["redis"]["ok"] is False
+    assert response.json["stores"]["redis"]["backend"] == "RedisStore"
+    assert response.json["stores"]["redis"]["breaker"] in ("closed", "open")
+    assert "url" not in response.json["stores"]["redis"]
+
+
+def test_degraded_status_is_configurable(make: Callable[..., TestApp], dead_store: Store) -> None:
+    response = make({"degraded_status": 200}, stores={"redis": dead_store}).get("/readyz", status=200)
+    assert response.json["status"] == "degraded"
+
+
+def test_liveness_ignores_stores(make: Callable[..., TestApp], dead_store: Store) -> None:
+    assert make(stores={"redis": dead_store}).get("/healthz").json == {"status": "ok"}
+
+
+def test_stores_option_limits_the_check(make: Callable[..., TestApp], dead_store: Store) -> None:
+    app = make({"stores": ["shared"]}, stores={"shared": MemoryStore(), "redis": dead_store})
+    assert facts(app.get("/readyz").json) == {"status": "ok", "stores": {"shared": MEMORY}}
+
+
+def test_a_raising_health_check_counts_as_failed(make: Callable[..., TestApp]) -> None:
+    response = make(stores={"odd": RaisingStore()}).get("/readyz", status=503)
+    assert response.json["stores"]["odd"] == {"ok": False, "backend": "RaisingStore", "error": "RuntimeError"}
+
+
+def test_drain_file(make: Callable[..., TestApp], tmp_path: Path) -> None:
+    drain = tmp_path / "drain"
+    app = make({"drain_file": str(drain)})
+    assert app.get("/readyz").json["status"] == "ok"
+    drain.touch()
+    assert app.get("/readyz", status=503).json == {"status": "draining"}
+    assert app.get("/healthz").json == {"status": "ok"}  # alive while draining
+    drain.unlink()
+    assert app.get("/readyz").json["status"] == "ok"
+
+
+def test_drain_wins_over_a_degraded_store(make: Callable[..., TestApp], dead_store: Store,
+                                          tmp_path: Path) -> None:
+    drain = tmp_path / "drain"
+    drain.touch()
+    app = make({"drain_file": str(drain), "degraded_status": 500}, stores={"redis": dead_store})
+    assert app.get("/readyz", status=503).json == {"status": "draining"}
+
+
+@pytest.mark.redis
+def test_readiness_follows_a_real_redis_going_away_and_back(
+    make: Callable[..., TestApp], redis_server: RedisServer | None, redis_url: str
+) -> None:
+    if redis_server is None:
+        pytest.skip("needs the private redis-server that the test may stop")
+    store = store_from_url(redis_url, reset_timeout=0.2, socket_timeout=0.2, socket_connect_timeout=0.2)
+    app = make(stores={"shared": store})
+    try:
+        assert facts(app.get("/readyz").json)["stores"]["shared"] == {
+            "ok": True, "backend": "RedisStore", "breaker": "closed"}
+        redis_server.stop()
+        body = app.get("/readyz", status=503).json
+        assert body["status"] == "degraded"
+        assert body["stores"]["shared"]["ok"] is False
+        for _ in range(3):  # enough failed pings open the circuit, and readiness says so
+            body = app.get("/readyz", status=503).json
+        assert body["stores"]["shared"]["breaker"] == "open"
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 5
+    while (response := app.get("/readyz", expect_errors=True)).status_int != 200:
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.05)
+    assert facts(response.json) == {"status": "ok", "stores": {"shared": {
+        "ok": True, "backend": "RedisStore", "breaker": "closed"}}}
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"degraded_status": 99}, "degraded_status must be an HTTP status from 200 to 599, got 99",
+                     id="status too small"),
+        pytest.param({"degraded_status": 299}, "degraded_status must be an HTTP status from 200 to 599, got 299",
+                     id="not a status"),
+        pytest.param({"liveness_path": "healthz"}, "probe paths must start with '/', got 'healthz'",
+                     id="relative path"),
+        pytest.param({"readiness_path": "/healthz"}, "liveness_path and readiness_path must differ",
+                     id="same paths"),
+        pytest.param({"drain_file": ""}, "drain_file must be a path, or left out", id="empty drain file"),
+        pytest.param({"store": ["x"]}, "Extra inputs are not permitted", id="unknown key"),
+    ],
+)
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        HealthMiddleware.Options(**options)
+
+
+def test_unknown_store_name_is_refused(inner: Recorder) -> None:
+    with pytest.raises(LookupError, match=r"unknown store 'cache' \(known: shared\)"):
+        HealthMiddleware(inner, HealthMiddleware.Options(stores=["cache"]),
+                         Context(stores={"shared": MemoryStore()}))
+
+
+def test_from_yaml(make_stack: Callable[..., TestApp], tmp_path: Path) -> None:
+    app = make_stack({
+        "app": {"factory": "stack_support:echo_app"},
+        "stores": {"shared": "memory://"},
+        "pipeline": [{"health": {"readiness_path": "/ready", "drain_file": str(tmp_path / "drain")}},
+                     {"stack_support:Tag": {"name": "after"}}],
+    })
+    assert facts(app.get("/ready").json) == {"status": "ok", "stores": {"shared": MEMORY}}
+    assert app.get("/anything").json["layers"] == ["after"]
+    (tmp_path / "drain").touch()
+    assert app.get("/ready", status=503).json == {"status": "draining"}

@@ -1,0 +1,473 @@
+"""The metrics layer: exposition, who may scrape, labels, Server-Timing, events, store health."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+from conftest import free_port
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import CLIENT_IP, TIMINGS, Context, refuse
+from middleware.errors import ErrorsMiddleware
+from middleware.metrics import ROUTE, MetricsMiddleware
+from stores import MemoryStore, Store, store_from_url
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+SERVER_TIMING = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+;dur=\d+\.\d{3}$")
+
+
+def samples(text: str) -> Samples:
+    """Every sample of an exposition, keyed by name and labels."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(found: Samples, name: str, **labels: str) -> float | None:
+    """One sample's value, or None when it is absent."""
+    return found.get((name, frozenset(labels.items())))
+
+
+def inner_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """Answers by path; ``/items/<id>`` sets a route template like the Flask core does."""
+    path = environ["PATH_INFO"]
+    if path == "/limited":
+        raise refuse(429, "Slow down.", headers=[("Retry-After", "3")])
+    if path == "/crash":
+        raise RuntimeError("inner failure")
+    if path.startswith("/items/"):
+        environ[ROUTE] = "/items/<int:item_id>"
+    if path == "/lazy":
+        return lazy_body(start_response)
+    if path == "/write":
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"legacy ")
+        return [b"write"]
+    if path == "/replaced":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise ValueError("failed after starting the response")
+        except ValueError:
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+        return [b"replaced"]
+    if path == "/missing":
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"missing"]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+def lazy_body(start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app body that calls start_response only once iterated."""
+    start_response("201 Created", [("Content-Type", "text/plain")])
+    yield b"lazy"
+
+
+class Timed:
+    """What the builder wraps every layer in when a layer wants layer timing."""
+
+    def __init__(self, label: str, app: Any, delay: float = 0.0) -> None:
+        self.label, self.app, self.delay = label, app, delay
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start = time.perf_counter()
+        try:
+            time.sleep(self.delay)
+            result: Iterable[bytes] = self.app(environ, start_response)
+            return result
+        finally:
+            environ[TIMINGS].append((self.label, time.perf_counter() - start))
+
+
+@pytest.fixture
+def context() -> Context:
+    """A context with one memory store."""
+    return Context(stores={"shared": MemoryStore()})
+
+
+@pytest.fixture
+def make(context: Context) -> Callable[..., tuple[TestApp, MetricsMiddleware]]:
+    """Build errors -> metrics -> (inner), returning the app and the metrics layer."""
+
+    def build(inner: Any = inner_app, **options: Any) -> tuple[TestApp, MetricsMiddleware]:
+        options.setdefault("process_metrics", False)
+        metrics = MetricsMiddleware(inner, MetricsMiddleware.Options(**options), context)
+        return TestApp(ErrorsMiddleware(metrics, ErrorsMiddleware.Options(), Context())), metrics
+
+    return build
+
+
+def scrape(app: TestApp, **kwargs: Any) -> Samples:
+    """GET /metrics from loopback and parse it."""
+    response = app.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}, **kwargs)
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    assert response.headers["Cache-Control"] == "no-store"
+    return samples(response.text)
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "requests", "expected"),
+    [
+        pytest.param({}, [("GET", "/items/1"), ("GET", "/items/2"), ("POST", "/items/3")],
+                     {("GET", "/items/<int:item_id>", "200"): 2, ("POST", "/items/<int:item_id>", "200"): 1},
+                     id="route template from the app"),
+        pytest.param({}, [("GET", "/users/42/orders/7"), ("GET", "/users/43/orders/8")],
+                     {("GET", "/users/{id}/orders/{id}", "200"): 2}, id="numeric segments collapsed"),
+        pytest.param({}, [("GET", "/t/3f2b8c1e-1d2a-4b5c-9e8f-0a1b2c3d4e5f"), ("GET", "/t/deadbeefdeadbeef00")],
+                     {("GET", "/t/{id}", "200"): 2}, id="uuid and long hex collapsed"),
+        pytest.param({}, [("GET", "/missing"), ("GET", "/missing")], {("GET", "other", "404"): 2},
+                     id="unmatched 404 is one label"),
+        pytest.param({}, [("GET", "/limited")], {("GET", "/limited", "429"): 1}, id="refusal counted with its code"),
+        pytest.param({}, [("GET", "/crash")], {("GET", "/crash", "500"): 1}, id="exception counted as 500"),
+        pytest.param({}, [("GET", "/lazy")], {("GET", "/lazy", "201"): 1}, id="lazy start_response"),
+        pytest.param({}, [("GET", "/replaced")], {("GET", "/replaced", "500"): 1}, id="exc_info replaces status"),
+        pytest.param({}, [("TRACE", "/pot")], {("other", "/pot", "200"): 1}, id="rare method bounded"),
+        pytest.param({"max_routes": 2}, [("GET", "/a"), ("GET", "/b"), ("GET", "/c"), ("GET", "/a")],
+                     {("GET", "/a", "200"): 2, ("GET", "/b", "200"): 1, ("GET", "other", "200"): 1},
+                     id="route labels capped"),
+        pytest.param({"server_timing": True}, [("GET", "/items/1"), ("GET", "/lazy"), ("GET", "/limited")],
+                     {("GET", "/items/<int:item_id>", "200"): 1, ("GET", "/lazy", "201"): 1,
+                      ("GET", "/limited", "429"): 1}, id="the same when timing"),
+    ],
+)
+def test_requests_counted(make: Callable[..., Any], options: dict[str, Any], requests: list[tuple[str, str]],
+                          expected: dict[tuple[str, str, str], int]) -> None:
+    app, _ = make(**options)
+    for method, path in requests:
+        app.request(path, method=method, expect_errors=True)
+    found = scrape(app)
+    counted = {
+        (dict(labels)["method"], dict(labels)["route"], dict(labels)["status"]): value
+        for (name, labels), value in found.items() if name == "wsgistack_http_requests_total"
+    }
+    assert counted == expected
+    for (method, route, _), _value in expected.items():
+        total = sum(v for (m, r, _s), v in expected.items() if (m, r) == (method, route))
+        assert sample(found, "wsgistack_http_request_duration_seconds_count", method=method, route=route) == total
+
+
+def test_latency_lands_in_buckets(make: Callable[..., Any]) -> None:
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        time.sleep(0.02)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"slow"]
+
+    app, _ = make(slow, buckets=[0.01, 1.0])
+    app.get("/slow")
+    found = scrape(app)
+    labels = {"method": "GET", "route": "/slow"}
+    assert sample(found, "wsgistack_http_request_duration_seconds_bucket", **labels, le="0.01") == 0
+    assert sample(found, "wsgistack_http_request_duration_seconds_bucket", **labels, le="1.0") == 1
+    assert (sample(found, "wsgistack_http_request_duration_seconds_sum", **labels) or 0) >= 0.02
+
+
+def test_body_streams_and_close_is_forwarded(make: Callable[..., Any]) -> None:
+    closed: list[bool] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"a"
+            yield b"b"
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def streaming(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        return Body()
+
+    for timing in (False, True):
+        closed.clear()
+        app, _ = make(streaming, server_timing=timing)
+        assert app.get("/events").body == b"ab"
+        assert closed == [True]
+
+
+# --- the exposition endpoint ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "environ", "status"),
+    [
+        pytest.param({}, {"REMOTE_ADDR": "127.0.0.1"}, 200, id="loopback v4"),
+        pytest.param({}, {"REMOTE_ADDR": "::1"}, 200, id="loopback v6"),
+        pytest.param({}, {"REMOTE_ADDR": "::ffff:127.0.0.1"}, 200, id="v4-mapped loopback"),
+        pytest.param({}, {"REMOTE_ADDR": "203.0.113.5"}, 403, id="public address refused"),
+        pytest.param({}, {"REMOTE_ADDR": ""}, 403, id="no address refused"),
+        pytest.param({}, {"REMOTE_ADDR": "fe80::1%eth0"}, 403, id="unparsable address refused"),
+        pytest.param({}, {"REMOTE_ADDR": "127.0.0.1", CLIENT_IP: "203.0.113.5"}, 403,
+                     id="client ip from the proxy layer wins"),
+        pytest.param({"allow_from": ["10.0.0.0/8"]}, {"REMOTE_ADDR": "10.1.2.3"}, 200, id="allowed network"),
+        pytest.param({"allow_from": ["10.0.0.0/8"]}, {"REMOTE_ADDR": "127.0.0.1"}, 403,
+                     id="loopback not implied"),
+        pytest.param({"allow_from": []}, {"REMOTE_ADDR": "127.0.0.1"}, 403, id="nobody"),
+    ],
+)
+def test_who_may_scrape(make: Callable[..., Any], options: dict[str, Any], environ: dict[str, str],
+                        status: int) -> None:
+    app, _ = make(**options)
+    response = app.get("/metrics", extra_environ=environ, status=status)
+    if status == 403:
+        assert response.json["error"]["message"] == "Metrics are not available to this client."
+    else:
+        assert "wsgistack_http_requests" in response.text
+
+
+def test_exposition_never_enters_the_app(make: Callable[..., Any]) -> None:
+    def app_that_must_not_run(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        raise AssertionError("the app was entered")
+
+    app, _ = make(app_that_must_not_run, path="/internal/metrics")
+    assert app.get("/internal/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}).status_int == 200
+    assert app.get("/internal/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.5"}, status=403)
+
+
+def test_exposition_methods_and_formats(make: Callable[..., Any]) -> None:
+    app, _ = make()
+    loopback = {"REMOTE_ADDR": "127.0.0.1"}
+    response = app.post("/metrics", extra_environ=loopback, status=405)
+    assert response.headers["Allow"] == "GET, HEAD"
+    assert response.json["error"]["message"] == "/metrics answers GET and HEAD only."
+    head = app.head("/metrics", extra_environ=loopback)
+    assert head.body == b"" and int(head.headers["Content-Length"]) > 0
+    open_metrics = app.get("/metrics", extra_environ=loopback,
+                           headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert open_metrics.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert open_metrics.text.endswith("# EOF\n")
+
+
+def test_scrapes_are_not_counted_as_requests(make: Callable[..., Any]) -> None:
+    app, _ = make()
+    scrape(app)
+    assert not [k for k in scrape(app) if k[0] == "wsgistack_http_requests_total"]
+
+
+def test_each_instance_has_its_own_registry(context: Context) -> None:
+    first = MetricsMiddleware(inner_app, MetricsMiddleware.Options(), context)
+    second = MetricsMiddleware(inner_app, MetricsMiddleware.Options(), context)
+    assert first.registry is not second.registry
+    assert REGISTRY.get_sample_value("wsgistack_http_requests_total") is None
+    TestApp(first).get("/x")
+    assert first.registry.get_sample_value(
+        "wsgistack_http_requests_total", {"method": "GET", "route": "/x", "status": "200"}) == 1
+    assert second.registry.get_sample_value(
+        "wsgistack_http_requests_total", {"method": "GET", "route": "/x", "status": "200"}) is None
+
+
+@pytest.mark.parametrize("process_metrics", [True, False])
+def test_process_metrics_option(make: Callable[..., Any], process_metrics: bool) -> None:
+    app, _ = make(process_metrics=process_metrics)
+    names = {name for name, _ in scrape(app)}
+    assert ("python_info" in names) is process_metrics
+    assert ("python_gc_collections_total" in names) is process_metrics
+
+
+# --- per-layer timing and Server-Timing ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        pytest.param({}, False, id="off by default"),
+        pytest.param({"layer_timing": True}, True, id="layer histogram"),
+        pytest.param({"server_timing": True}, True, id="server timing"),
+    ],
+)
+def test_wants_layer_timing(options: dict[str, Any], expected: bool) -> None:
+    assert MetricsMiddleware.wants_layer_timing(MetricsMiddleware.Options(**options)) is expected
+    assert MetricsMiddleware.wants_layer_timing(options) is expected
+
+
+def timed_stack(inner: Any = inner_app) -> Any:
+    """Two timed layers around the app, as the builder would fold them: outer, then inner."""
+    return Timed("outer", Timed("inner", inner, delay=0.002), delay=0.001)
+
+
+def timing_entries(header: str) -> dict[str, float]:
+    entries = [part.strip() for part in header.split(",")]
+    assert all(SERVER_TIMING.match(e) for e in entries), header
+    return {e.split(";")[0]: float(e.split("=")[1]) for e in entries}
+
+
+@pytest.mark.parametrize("path", ["/ok", "/lazy", "/replaced", "/items/9"])
+def test_server_timing_header(make: Callable[..., Any], path: str) -> None:
+    app, _ = make(timed_stack(), server_timing=True)
+    response = app.get(path, expect_errors=True)
+    entries = timing_entries(response.headers["Server-Timing"])
+    assert list(entries) == ["outer", "inner", "total"]
+    assert entries["inner"] >= 2.0 and entries["outer"] >= 1.0
+    assert entries["total"] >= entries["inner"] + entries["outer"] - 0.01
+
+
+def test_server_timing_with_legacy_write(make: Callable[..., Any]) -> None:
+    # write() sends the headers while the layers are still running: only the total is known.
+    app, _ = make(timed_stack(), server_timing=True)
+    response = app.get("/write")
+    assert response.body == b"legacy write"
+    assert list(timing_entries(response.headers["Server-Timing"])) == ["total"]
+
+
+def test_server_timing_on_refusals(make: Callable[..., Any]) -> None:
+    app, _ = make(timed_stack(), server_timing=True)
+    for path, status in (("/limited", 429), ("/crash", 500)):
+        response = app.get(path, status=status)
+        assert list(timing_entries(response.headers["Server-Timing"])) == ["outer", "inner", "total"]
+    assert app.get("/limited", status=429).headers["Retry-After"] == "3"
+
+
+@pytest.mark.parametrize("options", [{}, {"layer_timing": True}])
+def test_no_server_timing_unless_enabled(make: Callable[..., Any], options: dict[str, Any]) -> None:
+    app, _ = make(timed_stack() if options else inner_app, **options)
+    assert "Server-Timing" not in app.get("/ok").headers
+    assert "Server-Timing" not in app.get("/limited", status=429).headers
+
+
+def test_layer_timing_histogram(make: Callable[..., Any]) -> None:
+    app, _ = make(timed_stack(), layer_timing=True)
+    app.get("/ok")
+    app.get("/ok")
+    found = scrape(app)
+    assert sample(found, "wsgistack_layer_duration_seconds_count", layer="inner") == 2
+    assert sample(found, "wsgistack_layer_duration_seconds_count", layer="outer") == 2
+    inner_sum = sample(found, "wsgistack_layer_duration_seconds_sum", layer="inner") or 0
+    outer_sum = sample(found, "wsgistack_layer_duration_seconds_sum", layer="outer") or 0
+    assert inner_sum >= 0.004 and 0.002 <= outer_sum < inner_sum  # exclusive, not inclusive, times
+
+
+def test_server_timing_from_yaml(make_stack: Callable[..., TestApp]) -> None:
+    app = make_stack({
+        "app": {"factory": "stack_support:echo_app"},
+        "pipeline": [{"errors": {}}, {"metrics": {"server_timing": True, "process_metrics": False}},
+                     {"request_id": {}}, {"stack_support:Tag": {"name": "t"}}],
+    })
+    response = app.get("/api/x")
+    entries = timing_entries(response.headers["Server-Timing"])
+    assert list(entries) == ["request_id", "stack_support_Tag", "app", "total"]
+    assert response.json["request_id"]
+    found = samples(app.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text)
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="/api/x", status="200") == 1
+
+
+# --- events from the other layers ----------------------------------------------------------
+
+
+def test_events_are_counted(make: Callable[..., Any], context: Context) -> None:
+    app, _ = make()
+    for event in ("cache.hit", "cache.hit", "cache.miss", "cache.stale", "cache.bypass", "session.created"):
+        context.emit(event)
+    for event in ("ratelimit.pass", "ratelimit.pass", "ratelimit.reject", "ratelimit.shadow_reject"):
+        context.emit(event, rule="100/minute", limit=100)
+    context.emit("ratelimit.reject")
+    context.emit("auth.failure", reason="expired")
+    context.emit("auth.failure", reason="expired")
+    context.emit("auth.failure")
+    context.emit("store.error", store="shared", layer="ratelimit")
+    context.emit("version.deprecated", version="v1", client="203.0.113.5")
+    context.emit("csrf.reject")
+    found = scrape(app)
+    expected = {
+        ("wsgistack_cache_events_total", "result", "hit"): 2,
+        ("wsgistack_cache_events_total", "result", "miss"): 1,
+        ("wsgistack_cache_events_total", "result", "stale"): 1,
+        ("wsgistack_cache_events_total", "result", "bypass"): 1,
+        ("wsgistack_auth_failures_total", "reason", "expired"): 2,
+        ("wsgistack_auth_failures_total", "reason", "unknown"): 1,
+        ("wsgistack_deprecated_version_requests_total", "version", "v1"): 1,
+        ("wsgistack_events_total", "event", "csrf.reject"): 1,
+    }
+    for (name, label, value), count in expected.items():
+        assert sample(found, name, **{label: value}) == count, (name, value)
+    for result, count in (("pass", 2), ("reject", 1), ("shadow_reject", 1)):
+        assert sample(found, "wsgistack_ratelimit_events_total", result=result, rule="100/minute") == count
+    assert sample(found, "wsgistack_ratelimit_events_total", result="reject", rule="unknown") == 1
+    assert sample(found, "wsgistack_store_errors_total", store="shared", layer="ratelimit") == 1
+    assert sample(found, "wsgistack_sessions_created_total") == 1
+
+
+def test_event_label_values_are_capped(make: Callable[..., Any], context: Context) -> None:
+    app, _ = make()
+    for i in range(70):
+        context.emit("auth.failure", reason=f"reason-{i}")
+    reasons = {dict(labels)["reason"] for name, labels in scrape(app) if name == "wsgistack_auth_failures_total"}
+    assert len(reasons) == 65 and "other" in reasons
+
+
+def test_a_failing_count_never_fails_the_emitter(make: Callable[..., Any], context: Context,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("cannot print")
+
+    make()
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        context.emit("auth.failure", reason=Unprintable())
+    assert "metrics could not count event 'auth.failure'" in caplog.text
+
+
+# --- store health at scrape time -----------------------------------------------------------
+
+
+@pytest.fixture
+def dead_store() -> Iterator[Store]:
+    """A Redis store with nothing listening on its port."""
+    store = store_from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2, socket_connect_timeout=0.2)
+    yield store
+    store.close()
+
+
+def test_store_health_at_scrape_time(make: Callable[..., Any], context: Context, dead_store: Store) -> None:
+    context.stores["down"] = dead_store
+    app, _ = make()
+    found = scrape(app)
+    assert sample(found, "wsgistack_store_up", store="shared", backend="MemoryStore") == 1
+    assert sample(found, "wsgistack_store_up", store="down", backend="RedisStore") == 0
+    assert sample(found, "wsgistack_store_circuit_state", store="down", state="closed") == 1
+    for _ in range(3):  # each scrape pings; enough failures open the circuit
+        found = scrape(app)
+    assert sample(found, "wsgistack_store_circuit_state", store="down", state="open") == 1
+    assert sample(found, "wsgistack_store_circuit_state", store="down", state="closed") is None
+
+
+@pytest.mark.redis
+def test_store_health_with_a_real_redis(make: Callable[..., Any], context: Context, redis_url: str) -> None:
+    store = store_from_url(redis_url)
+    context.stores["redis"] = store
+    try:
+        found = scrape(make()[0])
+    finally:
+        store.close()
+    assert sample(found, "wsgistack_store_up", store="redis", backend="RedisStore") == 1
+    assert sample(found, "wsgistack_store_circuit_state", store="redis", state="closed") == 1
+
+
+# --- options -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"allow_from": ["10.0.0.0/33"]},
+                     "allow_from entry '10.0.0.0/33' is not an IP network (write 10.0.0.0/8 or 127.0.0.1)",
+                     id="bad network"),
+        pytest.param({"max_routes": 0}, "max_routes must be at least 1, got 0", id="no routes"),
+        pytest.param({"path": "metrics"}, "path must start with '/', got 'metrics'", id="relative path"),
+        pytest.param({"server_timings": True}, "Extra inputs are not permitted", id="unknown key"),
+    ],
+)
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        MetricsMiddleware.Options(**options)
