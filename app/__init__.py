@@ -1,0 +1,75 @@
+"""The thin Flask core of wsgistack: search, search stream, health, config and login.
+
+``create_app(options, context)`` validates ``options`` with :class:`AppOptions`,
+sets Flask's defaults, lets the options override them and registers the
+blueprints last.  Everything the middleware stack provides is read from
+environ (``wsgistack.session``, ``wsgistack.render_error``, ``wsgistack.json``)
+or from ``context.services`` at request time, so the app also runs alone::
+
+    from app import create_app
+    app = create_app({"search": {"engine": "local", "index_sources": ["json"]}})
+
+Do not put cross-cutting concerns (CORS, rate limits, sessions, auth checks,
+caching) here: they are layers of the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, request
+from flask.json.provider import DefaultJSONProvider
+
+from app.api import api_blueprint
+from app.auth import auth_blueprint
+from app.errors import install_error_handlers
+from app.options import AppOptions, SearchOptions
+from app.search import make_engine
+from app.session_adapter import StackSessionInterface
+from app.state import SUPPORTED_VERSIONS, AppState
+from app.users import UserStore
+from middleware.base import Context
+
+__all__ = ["AppOptions", "AppState", "SearchOptions", "create_app"]
+
+#: Where the matched route template goes for the metrics layer (``middleware.metrics.ROUTE``).
+ROUTE = "wsgistack.route"
+#: Flask settings the options may override (none of them holds a secret).
+DEFAULTS: dict[str, Any] = {
+    "MAX_CONTENT_LENGTH": 1024 * 1024,
+}
+
+
+def create_app(options: Mapping[str, Any] | None = None, context: Context | None = None) -> Flask:
+    """Build the Flask core; ``options`` follow :class:`AppOptions`, ``context`` comes from the stack."""
+    opts = AppOptions.model_validate(dict(options or {}))
+    ctx = context if context is not None else Context()
+
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_mapping(WSGISTACK_OPTIONS=opts)
+    if isinstance(app.json, DefaultJSONProvider):
+        app.json.sort_keys = False
+    app.session_interface = StackSessionInterface()
+
+    state = AppState(opts, ctx, make_engine(opts.search), UserStore(opts.users_path))
+    app.extensions["wsgistack"] = state
+    install_error_handlers(app, debug=opts.debug, logger=ctx.logger.getChild("app"))
+    app.before_request(_note_route)
+
+    for version in SUPPORTED_VERSIONS:
+        app.register_blueprint(api_blueprint(version, state))
+    app.register_blueprint(auth_blueprint(state))
+    return app
+
+
+def _note_route() -> None:
+    """Tell the metrics layer which route matched (a template, so labels stay few)."""
+    rule = request.url_rule
+    if rule is not None:
+        request.environ[ROUTE] = rule.rule
+
+
+# config/ validates ``app.options`` against the factory's ``Options`` before building.
+create_app.Options = AppOptions  # type: ignore[attr-defined]

@@ -1,0 +1,90 @@
+"""The ``api_v1`` and ``api_v2`` blueprints: search, search stream, health and config.
+
+Both versions serve the same data; only the search body differs:
+
+- v1: ``{"query", "results": [...], "meta": {"total", "page", "per_page", "query"}}``
+- v2: ``{"query", "data": [...], "pagination": {"page", "per_page", "total", "pages"}}``
+
+Each result is ``{"title", "url", "content", "engine"}``.  A missing or empty
+``q``, a ``q`` over 1000 characters or a ``page`` that is not a whole number
+from 1 to 1000 gives 400.  Health answers without touching the index or any
+store, so it stays cheap enough for load balancers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response, request
+
+from app.search import SearchPage
+from app.state import SUPPORTED_VERSIONS, AppState
+from app.stream import search_events, sse_response
+from middleware.base import refuse
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from werkzeug.datastructures import MultiDict
+
+__all__ = ["MAX_PAGE", "MAX_QUERY_LENGTH", "api_blueprint", "search_args"]
+
+MAX_QUERY_LENGTH = 1000
+MAX_PAGE = 1000
+
+
+def search_args(args: MultiDict[str, str]) -> tuple[str, int]:
+    """The validated ``q`` and ``page`` of a search request, or a 400 naming the parameter."""
+    query = (args.get("q") or "").strip()
+    if not query:
+        raise refuse(400, "The query parameter 'q' is required and may not be empty.",
+                     details={"parameter": "q"})
+    if len(query) > MAX_QUERY_LENGTH:
+        raise refuse(400, f"The query parameter 'q' may be at most {MAX_QUERY_LENGTH} characters "
+                     f"long (it has {len(query)}).", details={"parameter": "q", "max": MAX_QUERY_LENGTH})
+    text = args.get("page")
+    if text is None:
+        return query, 1
+    page = int(text) if text.isascii() and text.isdigit() and len(text) <= 4 else 0
+    if not 1 <= page <= MAX_PAGE:
+        raise refuse(400, f"The query parameter 'page' must be a whole number from 1 to {MAX_PAGE}.",
+                     details={"parameter": "page", "max": MAX_PAGE})
+    return query, page
+
+
+def api_blueprint(version: str, state: AppState) -> Blueprint:
+    """Build the blueprint of one API version (``v1`` or ``v2``) over the shared state."""
+    bp = Blueprint(f"api_{version}", __name__, url_prefix=f"/api/{version}")
+    shape: Callable[[SearchPage], dict[str, Any]] = SearchPage.v1 if version == "v1" else SearchPage.v2
+    search_options = state.options.search
+    logger = state.context.logger.getChild("app.stream")
+
+    @bp.get("/search")
+    def search() -> dict[str, Any]:
+        query, page = search_args(request.args)
+        return shape(state.engine.search(query, page))
+
+    @bp.get("/search/stream")
+    def search_stream() -> Response:
+        query, page = search_args(request.args)
+        events = search_events(state.engine, query, page, shape, search_options.stream_interval, logger)
+        return sse_response(events)
+
+    @bp.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": version, "engine": state.engine.name}
+
+    @bp.get("/config")
+    def config() -> dict[str, Any]:
+        return {
+            "version": version,
+            "api_versions": list(SUPPORTED_VERSIONS),
+            "engine": state.engine.name,
+            "per_page": search_options.per_page,
+            "max_query_length": MAX_QUERY_LENGTH,
+            "max_page": MAX_PAGE,
+            "stream": {"path": f"/api/{version}/search/stream", "interval": search_options.stream_interval},
+            "login": state.service("tokens") is not None,
+        }
+
+    return bp

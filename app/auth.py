@@ -1,0 +1,121 @@
+"""The ``auth`` blueprint: log in, refresh and log out with the auth layer's tokens.
+
+``POST /auth/login`` checks ``{"username", "password"}`` against the users
+database and answers the token service's ``issue()`` dict; when the stack has
+a session layer it also rotates the session id and stores
+``session["user"] = {"sub", "roles"}``.  Unknown users and wrong passwords
+get the same 401 after the same amount of hashing.  ``POST /auth/refresh``
+exchanges ``{"refresh_token"}``; ``POST /auth/logout`` destroys the session and
+revokes the bearer token and the ``refresh_token`` of the body, answering 204.
+Token responses carry ``Cache-Control: no-store``.
+
+The token service is the auth layer's ``context.services["tokens"]``, looked
+up per request because layers are built after the app; without it these
+endpoints answer 503.  Bodies are read from ``environ["wsgistack.json"]``
+when the validation layer parsed them already.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from werkzeug.datastructures import Authorization
+
+from app.state import AppState
+from middleware.base import SESSION, refuse
+
+__all__ = ["auth_blueprint"]
+
+JSON_BODY = "wsgistack.json"
+_FAILED = "The user name or password is wrong."
+
+
+def _json_object(required: bool) -> dict[str, Any]:
+    """The request's JSON object body; ``{}`` for an empty optional body; 400 otherwise."""
+    environ = request.environ
+    if JSON_BODY in environ:
+        value = environ[JSON_BODY]
+    else:
+        data = request.get_data(cache=True)
+        if not data.strip():
+            value = None
+        else:
+            try:
+                value = json.loads(data)
+            except ValueError:
+                raise refuse(400, "The request body is not valid JSON.") from None
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise refuse(400, "The request body must be a JSON object.")
+    return value
+
+
+def _string_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise refuse(400, f"The JSON body needs a non-empty string field {name!r}.",
+                     details={"field": name})
+    return value
+
+
+def _token_response(issued: dict[str, Any]) -> Response:
+    """Tokens must never be stored by a cache (RFC 6749 section 5.1)."""
+    response = jsonify(issued)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def auth_blueprint(state: AppState) -> Blueprint:
+    """Build the ``/auth`` blueprint over the shared state."""
+    bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+    def tokens(action: str) -> Any:
+        service = state.service("tokens")
+        if service is None:
+            raise refuse(503, f"{action} needs the auth layer in the pipeline.")
+        return service
+
+    @bp.post("/login")
+    def login() -> Response:
+        service = tokens("Login")
+        body = _json_object(required=True)
+        user = state.users.verify_password(_string_field(body, "username"), _string_field(body, "password"))
+        if user is None:
+            state.context.emit("auth.failure", reason="login")
+            realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
+            raise refuse(401, _FAILED, headers=[("WWW-Authenticate", f'Bearer realm="{realm}"')])
+        issued = service.issue(user.name, list(user.roles))
+        session = request.environ.get(SESSION)
+        if session is not None:
+            session.rotate()
+            session["user"] = {"sub": user.name, "roles": list(user.roles)}
+        return _token_response(issued)
+
+    @bp.post("/refresh")
+    def refresh() -> Response:
+        service = tokens("Token refresh")
+        token = _string_field(_json_object(required=True), "refresh_token")
+        return _token_response(service.refresh(token))
+
+    @bp.post("/logout")
+    def logout() -> Response:
+        body = _json_object(required=False)
+        refresh_token = _string_field(body, "refresh_token") if body.get("refresh_token") is not None else None
+        auth = Authorization.from_header(request.headers.get("Authorization"))
+        bearer = auth.token if auth is not None and auth.type == "bearer" else None
+        session = request.environ.get(SESSION)
+        if session is not None:
+            session.destroy()
+        if bearer or refresh_token:
+            service = tokens("Logout")
+            for token in (bearer, refresh_token):
+                if token:
+                    service.revoke(token)
+        response = Response(status=204)
+        del response.headers["Content-Type"]  # a 204 has no body, so no type
+        return response
+
+    return bp

@@ -1,0 +1,94 @@
+"""The options of the Flask core (``app.options`` in stack.yaml), validated by pydantic.
+
+``config/`` validates ``app.options`` with :class:`AppOptions` so that a
+mistake is reported with its YAML line; :func:`app.create_app` validates the
+same mapping again when it is called from plain Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["AppOptions", "SearchOptions"]
+
+
+class SearchOptions(BaseModel):
+    """How ``/api/*/search`` finds results.
+
+    ``engine``: ``local`` (an embedded SQLite FTS5 index of Python docstrings,
+    no network) or ``searxng`` (the JSON API of a SearXNG instance).
+    ``upstream``: the SearXNG base URL; required for ``searxng``.
+    ``timeout`` / ``connect_timeout``: seconds for the whole upstream answer and
+    for the TCP connect.  ``per_page``: results per page.  ``index_path``: the
+    local index file (default ``<var_dir>/search-index.sqlite3``).
+    ``index_sources``: module names or directories to index (``None``: the
+    standard library and the project's dependencies).  ``stream_interval``:
+    seconds to pause between Server-Sent Events of the stream endpoint.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["local", "searxng"] = "local"
+    upstream: AnyHttpUrl | None = None
+    timeout: float = Field(default=5.0, gt=0, le=300)
+    connect_timeout: float = Field(default=2.0, gt=0, le=300)
+    per_page: int = Field(default=10, ge=1, le=100)
+    index_path: str | None = None
+    index_sources: list[str] | None = None
+    stream_interval: float = Field(default=0.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _upstream_for_searxng(self) -> SearchOptions:
+        if self.engine == "searxng" and self.upstream is None:
+            raise ValueError(
+                "upstream is required when engine is 'searxng' (the SearXNG base URL, "
+                "e.g. http://127.0.0.1:8888)"
+            )
+        if self.index_sources is not None and not all(s.strip() for s in self.index_sources):
+            raise ValueError("index_sources may not contain empty names")
+        return self
+
+
+class AppOptions(BaseModel):
+    """Everything ``create_app`` accepts; unknown keys are refused.
+
+    ``var_dir``: where the SQLite files live (default ``var``, relative to the
+    working directory).  ``users_db``: the users database (default
+    ``<var_dir>/users.sqlite3``).  ``search``: see :class:`SearchOptions`.
+    ``debug``: put the exception text in 500 bodies when the app is used
+    without the stack's ``errors`` layer.
+
+        opts = AppOptions.model_validate({"search": {"engine": "local", "per_page": 5}})
+        assert opts.search.index_path == "var/search-index.sqlite3"
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    var_dir: str = "var"
+    users_db: str | None = None
+    search: SearchOptions = Field(default_factory=SearchOptions)
+    debug: bool = False
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> AppOptions:
+        if not self.var_dir.strip():
+            raise ValueError("var_dir may not be empty")
+        var = Path(self.var_dir)
+        if self.users_db is None:
+            self.users_db = str(var / "users.sqlite3")
+        if self.search.index_path is None:
+            self.search.index_path = str(var / "search-index.sqlite3")
+        return self
+
+    @property
+    def users_path(self) -> str:
+        """The users database path (always set after validation)."""
+        return self.users_db or str(Path(self.var_dir) / "users.sqlite3")
+
+    @property
+    def index_file(self) -> str:
+        """The local search index path (always set after validation)."""
+        return self.search.index_path or str(Path(self.var_dir) / "search-index.sqlite3")

@@ -1,0 +1,192 @@
+"""The ``local`` search engine: an embedded SQLite FTS5 index of Python docstrings.
+
+It needs no network, so the default configuration serves real results
+offline.  The index is built on first use (or by :meth:`LocalEngine.ensure_index`)
+from the docstrings :mod:`app.search.docstrings` reads, into a temporary file
+that replaces ``index_path`` atomically; a thread lock and, where the
+platform has one, a file lock make sure only one builder runs.  The index
+remembers which sources it holds and is rebuilt when they change.
+
+User text never becomes FTS5 syntax: each whitespace-separated term is
+quoted as a phrase and passed as a parameter, so ``"`` or ``AND(`` are
+searched for, not parsed.  Results are ranked by ``bm25``: a match in the
+object's own name weighs 20 times one in its docstring, a match elsewhere in
+its qualified name 5 times.
+
+Do not use it as a general document store: it indexes what the sources
+name and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import sys
+import threading
+import warnings
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.search import Progress, SearchEngine, SearchPage, SearchResult
+from app.search.docstrings import iter_entries
+
+if TYPE_CHECKING:
+    from app.options import SearchOptions
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LocalEngine", "fts_query"]
+
+SCHEMA_VERSION = 2
+MAX_TERMS = 32
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE VIRTUAL TABLE docs USING fts5(
+    name, title, body, url UNINDEXED, kind UNINDEXED,
+    tokenize = 'porter unicode61 remove_diacritics 2'
+);
+"""
+_COUNT = "SELECT count(*) FROM docs WHERE docs MATCH ?"
+_PAGE = (
+    "SELECT title, url, snippet(docs, 2, '', '', '…', 32) FROM docs WHERE docs MATCH ? "
+    "ORDER BY bm25(docs, 20.0, 5.0, 1.0) LIMIT ? OFFSET ?"
+)
+
+
+def fts_query(text: str) -> str | None:
+    """Turn user text into an FTS5 query of quoted terms (all must match); None if no term."""
+    # Control characters (a NUL ends the query string inside SQLite) separate terms.
+    text = "".join(c if c.isprintable() else " " for c in text)
+    terms = [t for t in text.split() if any(c.isalnum() for c in t)][:MAX_TERMS]
+    if not terms:
+        return None
+    return " ".join('"' + t.replace('"', '""') + '"' for t in terms)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (across processes) where the OS offers one."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class LocalEngine(SearchEngine):
+    """Search the FTS5 index at ``options.index_path``, building it on first use.
+
+    Options used: ``index_path``, ``index_sources`` (``None``: the standard
+    library and the project's dependencies) and ``per_page``.
+
+        engine = LocalEngine(SearchOptions(index_path="/tmp/i.sqlite3", index_sources=["json"]))
+        engine.search("decode").results[0].title   # 'json.decoder.JSONDecoder.decode' or similar
+    """
+
+    name = "local"
+
+    def __init__(self, options: SearchOptions) -> None:
+        self.path = Path(options.index_path or "var/search-index.sqlite3")
+        self.sources = list(options.index_sources) if options.index_sources is not None else None
+        self.per_page = options.per_page
+        self.signature = json.dumps(
+            {"schema": SCHEMA_VERSION, "sources": self.sources, "python": sys.version_info[:2]},
+            sort_keys=True,
+        )
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._ready = False
+
+    # ------------------------------------------------------------ index
+
+    def ensure_index(self) -> None:
+        """Build the index unless an up-to-date one exists; safe from many threads."""
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(self.path.with_name(self.path.name + ".lock")):
+                if self._stored_signature() != self.signature:
+                    self._build()
+            self._ready = True
+
+    def _stored_signature(self) -> str | None:
+        if not self.path.is_file():
+            return None
+        try:
+            with contextlib.closing(sqlite3.connect(self._uri(), uri=True)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'signature'").fetchone()
+        except sqlite3.Error:
+            return None
+        return str(row[0]) if row else None
+
+    def _build(self) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            with contextlib.closing(sqlite3.connect(tmp)) as db, warnings.catch_warnings():
+                # Old files in site-packages may warn about escapes while parsing.
+                warnings.simplefilter("ignore")
+                db.execute("PRAGMA journal_mode = OFF")
+                db.execute("PRAGMA synchronous = OFF")
+                db.executescript(_SCHEMA)
+                db.executemany(
+                    "INSERT INTO docs(name, title, body, url, kind) VALUES (?, ?, ?, ?, ?)",
+                    ((e.title.rpartition(".")[2], e.title, e.body, e.url, e.kind)
+                     for e in iter_entries(self.sources)),
+                )
+                db.execute("INSERT INTO docs(docs) VALUES ('optimize')")
+                db.execute("INSERT INTO meta(key, value) VALUES ('signature', ?)", (self.signature,))
+                db.commit()
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _uri(self) -> str:
+        return self.path.resolve().as_uri() + "?mode=ro"
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._ready and not self.path.is_file():
+                self._ready = False  # deleted while we ran (a cleaned var/): build it again
+            self.ensure_index()
+            conn = sqlite3.connect(self._uri(), uri=True, check_same_thread=False)
+            with self._lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    # ----------------------------------------------------------- search
+
+    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
+        conn = self._connection()
+        yield 33, "index_ready"
+        match = fts_query(query)
+        total = int(conn.execute(_COUNT, (match,)).fetchone()[0]) if match else 0
+        yield 67, "matched"
+        offset = (page - 1) * self.per_page
+        rows = conn.execute(_PAGE, (match, self.per_page, offset)).fetchall() if match and offset < total else []
+        results = tuple(SearchResult(title, url, " ".join(snippet.split()), self.name) for title, url, snippet in rows)
+        yield 100, "ranked"
+        return SearchPage(query, results, total, page, self.per_page)
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()

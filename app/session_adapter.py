@@ -1,0 +1,83 @@
+"""Make ``flask.session`` the stack's session (``environ["wsgistack.session"]``).
+
+The session layer owns the cookie, the store and saving; Flask only gets a
+view of the same mapping, so ``flask.session["x"] = 1`` and the layer see one
+object.  The view is created without touching the session, so a request that
+never reads it costs no store round trip.  Without a session layer, Flask gets
+a plain dict that lives for one request.  Flask itself never sets a cookie.
+
+Do not pair it with Flask's own cookie sessions or Flask-Session: the stack's
+session layer replaces them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from flask.sessions import SessionInterface, SessionMixin
+
+from middleware.base import SESSION
+
+if TYPE_CHECKING:
+    from flask import Flask, Request, Response
+
+__all__ = ["EphemeralSession", "StackSession", "StackSessionInterface"]
+
+
+class StackSession(SessionMixin):
+    """A Flask session that reads and writes the stack's session object."""
+
+    def __init__(self, inner: MutableMapping[str, Any]) -> None:
+        self.inner = inner
+
+    def __getitem__(self, key: str) -> Any:
+        return self.inner[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.inner[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.inner[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def rotate(self) -> None:
+        """Give the session a new id, keeping its data (do this at login)."""
+        self.inner.rotate()  # type: ignore[attr-defined]
+
+    def destroy(self) -> None:
+        """Delete the session from the store and expire its cookie (do this at logout)."""
+        self.inner.destroy()  # type: ignore[attr-defined]
+
+
+class EphemeralSession(dict[str, Any], SessionMixin):
+    """The session when the stack has no session layer: forgotten after the request."""
+
+    def rotate(self) -> None:
+        """Nothing to rotate: the data never leaves the request."""
+
+    def destroy(self) -> None:
+        """Forget everything."""
+        self.clear()
+
+
+class StackSessionInterface(SessionInterface):
+    """Hand Flask the stack's session; never save or set a cookie from Flask.
+
+        app.session_interface = StackSessionInterface()
+        # in a view: flask.session["user"] is environ["wsgistack.session"]["user"]
+    """
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin:
+        inner = request.environ.get(SESSION)
+        if inner is None:
+            return EphemeralSession()
+        return StackSession(inner)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        """The session layer saves; Flask has nothing to do."""

@@ -1,0 +1,34 @@
+"""What the blueprints share: the validated options, the stack's context, the engine, the users."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.options import AppOptions
+from app.search import SearchEngine
+from app.users import UserStore
+from middleware.base import Context
+
+__all__ = ["SUPPORTED_VERSIONS", "AppState"]
+
+SUPPORTED_VERSIONS = ("v1", "v2")
+
+
+@dataclass
+class AppState:
+    """Built once by ``create_app``; kept in ``app.extensions["wsgistack"]``."""
+
+    options: AppOptions
+    context: Context
+    engine: SearchEngine
+    users: UserStore
+
+    def service(self, name: str) -> Any:
+        """A service a layer published (looked up per request: layers are built after the app)."""
+        return self.context.services.get(name)
+
+    def close(self) -> None:
+        """Close the index connections and the users database."""
+        self.engine.close()
+        self.users.close()

@@ -1,0 +1,244 @@
+"""The users who may log in: a small SQLite table, and the ``users`` command.
+
+Passwords are stored as ``werkzeug.security`` hashes.  :meth:`UserStore.verify_password`
+hashes a dummy password for unknown names so that both failures take the
+same time.  The store is thread-safe (one connection behind a lock) and
+creates its file and table on first use.
+
+``python serve.py users add NAME --role admin`` is :func:`users_cli`.
+Do not use this store for many thousands of users or for self-service
+sign-up: it is meant for an operator-managed list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import getpass
+import json
+import re
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from werkzeug.security import check_password_hash, generate_password_hash
+
+__all__ = ["User", "UserError", "UserStore", "users_cli"]
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    roles TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL
+)
+"""
+
+
+class UserError(ValueError):
+    """A user operation that cannot be done (bad name, duplicate, unknown user)."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user as the store keeps it (never the password hash)."""
+
+    name: str
+    roles: tuple[str, ...]
+    created_at: float
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not NAME.match(value):
+        raise UserError(
+            f"{kind} {value!r} is not valid: use 1 to 64 letters, digits, '_', '.', '@' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _roles(roles: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_check_name("role", r) for r in roles))
+
+
+class UserStore:
+    """Users in the SQLite file at ``path``.
+
+        users = UserStore("var/users.sqlite3")
+        users.add("alice", "s3cret", roles=["admin"]); users.verify_password("alice", "s3cret")
+    """
+
+    def __init__(self, path: str | Path, *, hash_method: str = "scrypt") -> None:
+        self.path = Path(path)
+        self.hash_method = hash_method
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._dummy_hash: str | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+            db.execute(_SCHEMA)
+            self._db = db
+        return self._db
+
+    def _hash(self, password: str) -> str:
+        return generate_password_hash(password, method=self.hash_method)
+
+    def add(self, name: str, password: str, roles: Iterable[str] = ()) -> User:
+        """Create a user; :class:`UserError` if the name is taken or invalid."""
+        _check_name("user name", name)
+        if not password:
+            raise UserError("the password may not be empty")
+        user = User(name, _roles(roles), time.time())
+        password_hash = self._hash(password)
+        with self._lock:
+            try:
+                self._conn().execute(
+                    "INSERT INTO users(name, password_hash, roles, created_at) VALUES (?, ?, ?, ?)",
+                    (name, password_hash, json.dumps(list(user.roles)), user.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise UserError(f"user {name!r} already exists") from None
+        return user
+
+    def get(self, name: str) -> User | None:
+        """The user called ``name``, or ``None``."""
+        row = self._row(name)
+        return None if row is None else User(row[0], tuple(json.loads(row[2])), row[3])
+
+    def _row(self, name: str) -> tuple[str, str, str, float] | None:
+        with self._lock:
+            row = self._conn().execute(
+                "SELECT name, password_hash, roles, created_at FROM users WHERE name = ?", (name,)
+            ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]), float(row[3]))
+
+    def list(self) -> builtins.list[User]:
+        """Every user, by name."""
+        with self._lock:
+            rows = self._conn().execute("SELECT name, roles, created_at FROM users ORDER BY name").fetchall()
+        return [User(str(n), tuple(json.loads(r)), float(c)) for n, r, c in rows]
+
+    def remove(self, name: str) -> bool:
+        """Delete a user; return whether it existed."""
+        with self._lock:
+            return self._conn().execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+
+    def set_roles(self, name: str, roles: Iterable[str]) -> User:
+        """Replace the roles of a user; :class:`UserError` if there is no such user."""
+        clean = _roles(roles)
+        with self._lock:
+            changed = self._conn().execute(
+                "UPDATE users SET roles = ? WHERE name = ?", (json.dumps(list(clean)), name)
+            ).rowcount
+        if not changed:
+            raise UserError(f"no user called {name!r}")
+        user = self.get(name)
+        assert user is not None
+        return user
+
+    def set_role(self, name: str, role: str) -> User:
+        """Make ``role`` the user's only role."""
+        return self.set_roles(name, [role])
+
+    def verify_password(self, name: str, password: str) -> User | None:
+        """The user when ``password`` is right, else ``None`` (same cost for unknown names)."""
+        row = self._row(name)
+        if row is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = self._hash("not a real password")
+            check_password_hash(self._dummy_hash, password)
+            return None
+        if not check_password_hash(row[1], password):
+            return None
+        return User(row[0], tuple(json.loads(row[2])), row[3])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serve.py users", description="Manage the users who may log in.",
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser("add", help="add a user (asks for the password twice)", allow_abbrev=False)
+    add.add_argument("name")
+    add.add_argument("--role", action="append", default=[], dest="roles", metavar="ROLE",
+                     help="give the user this role (repeatable)")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    sub.add_parser("list", help="list users and their roles")
+    remove = sub.add_parser("remove", help="remove a user")
+    remove.add_argument("name")
+    set_role = sub.add_parser("set-role", help="replace a user's roles")
+    set_role.add_argument("name")
+    set_role.add_argument("roles", nargs="+", metavar="ROLE")
+    return parser
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise UserError("the passwords do not match")
+    return first
+
+
+def users_cli(argv: list[str], db_path: str) -> int:
+    """Run ``users add|list|remove|set-role``; return 0 (done), 1 (refused) or 2 (usage)."""
+    if argv[:1] == ["users"]:
+        argv = argv[1:]
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed usage or help
+        return stop.code if isinstance(stop.code, int) else 2
+    store = UserStore(db_path)
+    try:
+        if args.command == "add":
+            _check_name("user name", args.name)
+            _roles(args.roles)
+            if store.get(args.name) is not None:
+                raise UserError(f"user {args.name!r} already exists")
+            user = store.add(args.name, _read_password(args.password_stdin), args.roles)
+            print(f"added user {user.name!r} with roles: {', '.join(user.roles) or '(none)'}")
+        elif args.command == "list":
+            users = store.list()
+            if not users:
+                print(f"no users in {db_path}")
+            width = max((len(u.name) for u in users), default=4)
+            for u in users:
+                created = time.strftime("%Y-%m-%d %H:%M", time.localtime(u.created_at))
+                print(f"{u.name:<{width}}  {created}  {', '.join(u.roles) or '-'}")
+        elif args.command == "remove":
+            if not store.remove(args.name):
+                raise UserError(f"no user called {args.name!r}")
+            print(f"removed user {args.name!r}")
+        else:
+            user = store.set_roles(args.name, args.roles)
+            print(f"user {user.name!r} now has roles: {', '.join(user.roles)}")
+    except UserError as exc:
+        print(f"serve.py users {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except EOFError:
+        print(f"serve.py users {args.command}: no password was given", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as exc:
+        print(f"serve.py users {args.command}: cannot use {db_path}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0

@@ -1,0 +1,348 @@
+"""The Flask core: v1/v2 shapes, validation, health/config, error rendering, session adapter."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flask
+import pytest
+from pydantic import ValidationError
+from webtest import TestApp
+
+from app import AppOptions, create_app
+from middleware.base import Context
+from middleware.errors import ErrorsMiddleware
+from middleware.session import SessionMiddleware
+from stores.memory import MemoryStore
+
+SOURCES = ["json"]
+
+
+def options(tmp_path: Path, **search: Any) -> dict[str, Any]:
+    """App options with a tiny index under ``tmp_path``."""
+    return {"var_dir": str(tmp_path / "var"), "search": {"index_sources": SOURCES, **search}}
+
+
+@pytest.fixture
+def flask_app(tmp_path: Path) -> Iterator[flask.Flask]:
+    """The Flask core alone, indexing only the json package."""
+    app = create_app(options(tmp_path))
+    yield app
+    app.extensions["wsgistack"].close()
+
+
+@pytest.fixture
+def client(flask_app: flask.Flask) -> TestApp:
+    """WebTest over the bare Flask core (errors rendered by its fallback)."""
+    return TestApp(flask_app)
+
+
+# --------------------------------------------------------------- search shapes
+
+
+def test_v1_search_shape(client: TestApp) -> None:
+    body = client.get("/api/v1/search", {"q": "decode"}).json
+    assert set(body) == {"query", "results", "meta"}
+    assert body["query"] == "decode"
+    assert body["meta"] == {"total": body["meta"]["total"], "page": 1, "per_page": 10, "query": "decode"}
+    assert body["meta"]["total"] >= 3
+    assert body["results"], body
+    for result in body["results"]:
+        assert set(result) == {"title", "url", "content", "engine"}
+        assert result["engine"] == "local"
+        assert result["url"].startswith("https://docs.python.org/3/library/json.html#json")
+    titles = [r["title"] for r in body["results"]]
+    assert "json.decoder.JSONDecoder.decode" in titles
+
+
+def test_v2_search_shape_matches_v1_data(client: TestApp) -> None:
+    v1 = client.get("/api/v1/search", {"q": "json", "page": "2"}).json
+    v2 = client.get("/api/v2/search", {"q": "json", "page": "2"}).json
+    assert set(v2) == {"query", "data", "pagination"}
+    assert v2["data"] == v1["results"]
+    total = v1["meta"]["total"]
+    assert v2["pagination"] == {"page": 2, "per_page": 10, "total": total, "pages": math.ceil(total / 10)}
+
+
+def test_per_page_option(tmp_path: Path) -> None:
+    client = TestApp(create_app(options(tmp_path, per_page=3)))
+    body = client.get("/api/v2/search", {"q": "json"}).json
+    assert len(body["data"]) == 3
+    assert body["pagination"]["per_page"] == 3
+    assert body["pagination"]["pages"] == math.ceil(body["pagination"]["total"] / 3)
+
+
+def test_page_past_the_end_is_empty_not_an_error(client: TestApp) -> None:
+    body = client.get("/api/v1/search", {"q": "decode", "page": "1000"}).json
+    assert body["results"] == []
+    assert body["meta"]["page"] == 1000
+    assert body["meta"]["total"] > 0
+
+
+def test_query_of_exactly_1000_characters_is_accepted(client: TestApp) -> None:
+    assert client.get("/api/v1/search", {"q": "a" * 1000}).json["meta"]["total"] == 0
+
+
+def test_query_is_trimmed(client: TestApp) -> None:
+    assert client.get("/api/v1/search", {"q": "  decode  "}).json["query"] == "decode"
+
+
+Q_REQUIRED = "The query parameter 'q' is required and may not be empty."
+Q_TOO_LONG = "The query parameter 'q' may be at most 1000 characters long (it has 1001)."
+BAD_PAGE = "The query parameter 'page' must be a whole number from 1 to 1000."
+PAGE = {"parameter": "page", "max": 1000}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        pytest.param({}, (400, Q_REQUIRED, {"parameter": "q"}), id="q missing"),
+        pytest.param({"q": ""}, (400, Q_REQUIRED, {"parameter": "q"}), id="q empty"),
+        pytest.param({"q": "   "}, (400, Q_REQUIRED, {"parameter": "q"}), id="q only spaces"),
+        pytest.param({"q": "a" * 1001}, (400, Q_TOO_LONG, {"parameter": "q", "max": 1000}), id="q too long"),
+        pytest.param({"q": "x", "page": "0"}, (400, BAD_PAGE, PAGE), id="page 0"),
+        pytest.param({"q": "x", "page": "-1"}, (400, BAD_PAGE, PAGE), id="page negative"),
+        pytest.param({"q": "x", "page": "abc"}, (400, BAD_PAGE, PAGE), id="page text"),
+        pytest.param({"q": "x", "page": "1.5"}, (400, BAD_PAGE, PAGE), id="page fraction"),
+        pytest.param({"q": "x", "page": ""}, (400, BAD_PAGE, PAGE), id="page empty"),
+        pytest.param({"q": "x", "page": "1001"}, (400, BAD_PAGE, PAGE), id="page too big"),
+        pytest.param({"q": "x", "page": "٣"}, (400, BAD_PAGE, PAGE), id="page non-ascii digit"),
+    ],
+)
+def test_search_rejections(client: TestApp, version: str, params: dict[str, str],
+                           expected: tuple[int, str, dict[str, Any]]) -> None:
+    status, message, details = expected
+    for path in (f"/api/{version}/search", f"/api/{version}/search/stream"):
+        response = client.get(path, params, status=status)
+        assert response.content_type == "application/json"
+        error = response.json["error"]
+        assert error["code"] == status
+        assert error["message"] == message
+        assert error["details"] == details
+        assert error["path"] == path
+
+
+# ---------------------------------------------------------------- health, config
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_health_is_cheap(client: TestApp, flask_app: flask.Flask, version: str) -> None:
+    assert client.get(f"/api/{version}/health").json == {"status": "ok", "version": version, "engine": "local"}
+    index = Path(flask_app.extensions["wsgistack"].options.index_file)
+    assert not index.exists(), "health must not build or open the search index"
+
+
+def test_config_is_public_and_secret_free(tmp_path: Path) -> None:
+    opts = {"var_dir": str(tmp_path), "search": {"engine": "searxng", "upstream": "http://user:pw@10.0.0.9:8888"}}
+    body = TestApp(create_app(opts)).get("/api/v1/config").json
+    assert body == {
+        "version": "v1",
+        "api_versions": ["v1", "v2"],
+        "engine": "searxng",
+        "per_page": 10,
+        "max_query_length": 1000,
+        "max_page": 1000,
+        "stream": {"path": "/api/v1/search/stream", "interval": 0.0},
+        "login": False,
+    }
+    assert "10.0.0.9" not in str(body) and "pw" not in str(body)
+
+
+def test_config_reports_login_when_the_auth_layer_published_tokens(tmp_path: Path) -> None:
+    context = Context()
+    client = TestApp(create_app(options(tmp_path), context))
+    assert client.get("/api/v2/config").json["login"] is False
+    context.services["tokens"] = object()  # layers are built after the app: looked up per request
+    assert client.get("/api/v2/config").json["login"] is True
+
+
+# ------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param({"search": {"engine": "searxng"}},
+                     "upstream is required when engine is 'searxng'", id="searxng without upstream"),
+        pytest.param({"serach": {}}, "Extra inputs are not permitted", id="unknown key"),
+        pytest.param({"search": {"engine": "bing"}}, "Input should be 'local' or 'searxng'", id="unknown engine"),
+        pytest.param({"search": {"per_page": 0}}, "greater than or equal to 1", id="per_page 0"),
+        pytest.param({"search": {"timeout": 0}}, "greater than 0", id="timeout 0"),
+        pytest.param({"search": {"engine": "searxng", "upstream": "ftp://x"}}, "URL scheme should be 'http' or 'https'",
+                     id="upstream not http"),
+        pytest.param({"var_dir": " "}, "var_dir may not be empty", id="empty var_dir"),
+    ],
+)
+def test_invalid_options_are_refused(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match="(?s)" + message.replace("(", r"\(").replace(")", r"\)")):
+        create_app(data)
+
+
+def test_paths_default_under_var_dir() -> None:
+    opts = AppOptions.model_validate({"var_dir": "/srv/data"})
+    assert opts.users_db == "/srv/data/users.sqlite3"
+    assert opts.search.index_path == "/srv/data/search-index.sqlite3"
+    explicit = AppOptions.model_validate({"users_db": "/x/u.db", "search": {"index_path": "/y/i.db"}})
+    assert (explicit.users_db, explicit.search.index_path) == ("/x/u.db", "/y/i.db")
+
+
+def test_factory_exposes_its_options_model_for_config() -> None:
+    assert create_app.Options is AppOptions  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------- error rendering
+
+
+def _boom_app(tmp_path: Path, **extra: Any) -> flask.Flask:
+    app = create_app({**options(tmp_path), **extra})
+
+    def boom() -> str:
+        raise RuntimeError("secret database password in exception text")
+
+    app.add_url_rule("/boom", "boom", boom)
+    return app
+
+
+def test_unhandled_exception_is_a_500_without_its_text(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    client = TestApp(_boom_app(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        response = client.get("/boom", status=500)
+    assert response.json["error"]["code"] == 500
+    assert response.json["error"]["message"] == (
+        "The server encountered an internal error and was unable to complete your request. "
+        "Either the server is overloaded or there is an error in the application."
+    )
+    assert "secret" not in response.text
+    assert "secret database password" in caplog.text  # logged for the operator, not sent
+
+
+def test_debug_option_shows_the_exception_text(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    client = TestApp(_boom_app(tmp_path, debug=True))
+    with caplog.at_level(logging.CRITICAL, logger="wsgistack"):
+        response = client.get("/boom", status=500)
+    assert response.json["error"]["details"] == {
+        "exception": "RuntimeError: secret database password in exception text"}
+
+
+def test_unhandled_exception_goes_through_the_errors_layer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stack = TestApp(ErrorsMiddleware(_boom_app(tmp_path), ErrorsMiddleware.Options(format="problem"), Context()))
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        response = stack.get("/boom", status=500)
+    assert response.content_type == "application/problem+json"
+    assert response.json["status"] == 500
+    assert "secret" not in response.text
+    logged = [r for r in caplog.records if r.exc_info]
+    assert [r.name for r in logged] == ["wsgistack.errors"]  # logged once, by the errors layer
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        pytest.param("GET", "/nope", (404, None, "The requested URL was not found on the server."), id="404"),
+        pytest.param("POST", "/api/v1/search", (405, {"GET", "HEAD", "OPTIONS"},
+                                                "The method is not allowed for the requested URL."), id="405"),
+        pytest.param("DELETE", "/auth/login", (405, {"POST", "OPTIONS"},
+                                               "The method is not allowed for the requested URL."), id="405 login"),
+        pytest.param("GET", "/api/v1/search", (400, None, Q_REQUIRED), id="400"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["fallback", "envelope", "problem"])
+def test_app_errors_use_the_stack_renderer(flask_app: flask.Flask, method: str, path: str,
+                                           expected: tuple[int, set[str] | None, str], fmt: str) -> None:
+    status, allow, message = expected
+    wsgi: Any = flask_app
+    if fmt != "fallback":
+        wsgi = ErrorsMiddleware(flask_app, ErrorsMiddleware.Options(format=fmt), Context())
+    response = TestApp(wsgi).request(path, method=method, status=status)
+    if fmt == "problem":
+        assert response.content_type == "application/problem+json"
+        assert (response.json["status"], response.json["instance"]) == (status, path)
+        assert response.json["detail"].startswith(message)
+    else:
+        assert response.content_type == "application/json"
+        error = response.json["error"]
+        assert (error["code"], error["path"], error["method"]) == (status, path, method)
+        assert error["message"].startswith(message)
+        assert set(error) == {"code", "message", "details", "timestamp", "path", "method", "request_id"}
+    if allow is None:
+        assert "Allow" not in response.headers
+    else:
+        assert {m.strip() for m in response.headers["Allow"].split(",")} == allow
+
+
+@pytest.mark.parametrize("layered", [False, True], ids=["fallback", "errors layer"])
+def test_head_error_has_no_body(flask_app: flask.Flask, layered: bool) -> None:
+    wsgi = ErrorsMiddleware(flask_app, ErrorsMiddleware.Options(), Context()) if layered else flask_app
+    response = TestApp(wsgi).head("/nope", status=404)
+    assert response.body == b""
+    assert response.content_type == "application/json"
+
+
+def test_request_id_from_the_stack_is_in_the_envelope(client: TestApp) -> None:
+    error = client.get("/nope", status=404, extra_environ={"wsgistack.request_id": "req-42"}).json["error"]
+    assert error["request_id"] == "req-42"
+
+
+def test_matched_route_template_is_noted_for_metrics(flask_app: flask.Flask) -> None:
+    seen: dict[str, Any] = {}
+
+    def spy(environ: dict[str, Any], start_response: Any) -> Any:
+        result = flask_app(environ, start_response)
+        seen["route"] = environ.get("wsgistack.route")
+        return result
+
+    TestApp(spy).get("/api/v2/health")
+    assert seen["route"] == "/api/v2/health"
+    TestApp(spy).get("/missing", status=404)
+    assert seen["route"] is None
+
+
+# ------------------------------------------------------------ session adapter
+
+
+def _session_app(tmp_path: Path, context: Context | None = None) -> flask.Flask:
+    app = create_app(options(tmp_path), context)
+
+    def count() -> dict[str, Any]:
+        flask.session["n"] = flask.session.get("n", 0) + 1
+        return {"n": flask.session["n"], "keys": sorted(flask.session)}
+
+    def quiet() -> dict[str, Any]:
+        return {"ok": True}
+
+    app.add_url_rule("/count", "count", count)
+    app.add_url_rule("/quiet", "quiet", quiet)
+    return app
+
+
+def test_without_a_session_layer_the_session_lives_one_request(tmp_path: Path) -> None:
+    client = TestApp(_session_app(tmp_path))
+    first = client.get("/count")
+    assert first.json == {"n": 1, "keys": ["n"]}
+    assert "Set-Cookie" not in first.headers
+    assert client.get("/count").json["n"] == 1
+
+
+def test_flask_session_is_the_stack_session(tmp_path: Path) -> None:
+    store = MemoryStore()
+    context = Context(stores={"shared": store})
+    layer = SessionMiddleware(
+        _session_app(tmp_path, context),
+        SessionMiddleware.Options(secret_key="k" * 40, cookie_name="sid", cookie_secure=False),
+        context,
+    )
+    client = TestApp(layer)
+    first = client.get("/count")
+    assert first.json["n"] == 1
+    assert first.headers["Set-Cookie"].startswith("sid=")
+    assert client.get("/count").json["n"] == 2
+    assert client.get("/count").json["n"] == 3
+    assert len(list(store.scan("session:"))) == 1
+    quiet = client.get("/quiet")
+    assert "Set-Cookie" not in quiet.headers
+    assert "Cookie" not in quiet.headers.get("Vary", ""), "an unread session must not be loaded"

@@ -1,0 +1,245 @@
+"""Login, refresh and logout against the real auth, session and errors layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from webtest import TestApp
+
+from app import create_app
+from app.users import UserStore
+from middleware.auth import AuthMiddleware, TokenService
+from middleware.base import Context
+from middleware.errors import ErrorsMiddleware
+from middleware.session import SessionMiddleware
+from middleware.validation import ValidationMiddleware
+from stores.memory import MemoryStore
+
+SECRET = "s" * 48
+COOKIE = "sid"
+WRONG = "The user name or password is wrong."
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Iterator[UserStore]:
+    """The users database the app will read, with alice (admin) and bob (no role)."""
+    store = UserStore(tmp_path / "users.sqlite3", hash_method="pbkdf2:sha256:1000")
+    store.add("alice", "wonderland", ["admin", "user"])
+    store.add("bob", "builder")
+    yield store
+    store.close()
+
+
+class Stack:
+    """errors → session → auth → Flask core, over one memory store."""
+
+    def __init__(self, tmp_path: Path, users: UserStore, *, validation: bool = False) -> None:
+        self.store = MemoryStore()
+        self.context = Context(stores={"shared": self.store})
+        self.flask = create_app({"var_dir": str(tmp_path), "users_db": str(users.path),
+                                 "search": {"index_sources": ["json"]}}, self.context)
+        auth = AuthMiddleware(self.flask, AuthMiddleware.Options(
+            secret=SECRET, rules=[{"paths": ["/auth/*", "/api/*/health"], "auth": "none"}]), self.context)
+        session = SessionMiddleware(auth, SessionMiddleware.Options(
+            secret_key="k" * 40, cookie_name=COOKIE, cookie_secure=False), self.context)
+        inner: Any = ValidationMiddleware(session, ValidationMiddleware.Options(), self.context) \
+            if validation else session
+        self.app = TestApp(ErrorsMiddleware(inner, ErrorsMiddleware.Options(), self.context))
+
+    @property
+    def tokens(self) -> TokenService:
+        service: TokenService = self.context.services["tokens"]
+        return service
+
+    def login(self, username: str = "alice", password: str = "wonderland", **kw: Any) -> Any:
+        return self.app.post_json("/auth/login", {"username": username, "password": password}, **kw)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, users: UserStore) -> Stack:
+    """The app inside the errors, session and auth layers."""
+    return Stack(tmp_path, users)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ------------------------------------------------------------------- login
+
+
+def test_login_issues_tokens_from_the_auth_layer(stack: Stack) -> None:
+    response = stack.login()
+    body = response.json
+    assert set(body) == {"access_token", "refresh_token", "token_type", "expires_in", "refresh_expires_in"}
+    assert body["token_type"] == "Bearer"
+    assert response.headers["Cache-Control"] == "no-store"
+    claims = stack.tokens.verify(body["access_token"])
+    assert (claims["sub"], claims["roles"]) == ("alice", ["admin", "user"])
+    found = stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(body["access_token"])).json
+    assert found["meta"]["total"] > 0
+
+
+def test_login_stores_the_user_in_a_rotated_session(stack: Stack) -> None:
+    stack.app.get("/api/v1/search", {"q": "json"}, status=401)  # no credentials yet
+    response = stack.login(headers={"Cookie": f"{COOKIE}=planted-by-an-attacker"})
+    assert response.headers["Set-Cookie"].startswith(f"{COOKIE}=")
+    assert stack.app.cookies[COOKIE] != "planted-by-an-attacker"
+    stored = list(stack.store.scan("session:"))
+    assert len(stored) == 1
+    assert b'"user":{"sub":"alice","roles":["admin","user"]}' in (stack.store.get(stored[0]) or b"")
+    # The session alone now authenticates (accept_session), without a bearer token.
+    assert stack.app.get("/api/v1/search", {"q": "json"}).status_int == 200
+
+
+def test_login_rotates_an_existing_session_id(stack: Stack) -> None:
+    stack.login("bob", "builder")
+    before = stack.app.cookies[COOKIE]
+    stack.login()
+    after = stack.app.cookies[COOKIE]
+    assert before != after
+    fresh = TestApp(stack.app.app)  # a client that only has the old cookie
+    fresh.get("/api/v1/search", {"q": "json"}, headers={"Cookie": f"{COOKIE}={before}"}, status=401)
+    fresh.get("/api/v1/search", {"q": "json"}, headers={"Cookie": f"{COOKIE}={after}"}, status=200)
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [
+        pytest.param("alice", "wrong", id="wrong password"),
+        pytest.param("mallory", "wonderland", id="unknown user"),
+        pytest.param("ALICE", "wonderland", id="name is case-sensitive"),
+    ],
+)
+def test_wrong_credentials_get_one_401(stack: Stack, username: str, password: str) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    stack.context.listeners.append(lambda event, fields: events.append((event, fields)))
+    response = stack.login(username, password, status=401)
+    assert response.json["error"]["message"] == WRONG
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="wsgistack"'
+    assert "Set-Cookie" not in response.headers
+    assert ("auth.failure", {"reason": "login"}) in events
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type", "message"),
+    [
+        pytest.param("/auth/login", b"{not json", "application/json", "The request body is not valid JSON.",
+                     id="login malformed"),
+        pytest.param("/auth/login", b"", "application/json", "The request body must be a JSON object.",
+                     id="login empty"),
+        pytest.param("/auth/login", b"[1, 2]", "application/json", "The request body must be a JSON object.",
+                     id="login array"),
+        pytest.param("/auth/login", b'{"username": "alice"}', "application/json",
+                     "The JSON body needs a non-empty string field 'password'.", id="login no password"),
+        pytest.param("/auth/login", b'{"username": 7, "password": "x"}', "application/json",
+                     "The JSON body needs a non-empty string field 'username'.", id="login number"),
+        pytest.param("/auth/login", b'{"username": "", "password": "x"}', "application/json",
+                     "The JSON body needs a non-empty string field 'username'.", id="login empty name"),
+        pytest.param("/auth/refresh", b"{}", "application/json",
+                     "The JSON body needs a non-empty string field 'refresh_token'.", id="refresh missing"),
+        pytest.param("/auth/refresh", b"\xff\xfe", "application/json", "The request body is not valid JSON.",
+                     id="refresh not utf-8"),
+        pytest.param("/auth/logout", b"nope", "text/plain", "The request body is not valid JSON.",
+                     id="logout malformed"),
+        pytest.param("/auth/logout", b'{"refresh_token": 5}', "application/json",
+                     "The JSON body needs a non-empty string field 'refresh_token'.", id="logout number"),
+    ],
+)
+def test_bad_bodies_are_400(stack: Stack, path: str, body: bytes, content_type: str, message: str) -> None:
+    response = stack.app.post(path, body, content_type=content_type, status=400)
+    assert response.json["error"]["message"] == message
+
+
+def test_body_parsed_by_the_validation_layer_is_used(tmp_path: Path, users: UserStore) -> None:
+    stack = Stack(tmp_path, users, validation=True)
+    assert "access_token" in stack.login().json
+    stack.login("alice", "nope", status=401)
+    stack.app.post("/auth/login", b'{"username": "a", "username": "b"}', content_type="application/json",
+                   status=400)  # the layer refuses duplicate keys before the app sees them
+
+
+def test_login_prefers_the_already_parsed_body(tmp_path: Path, users: UserStore) -> None:
+    stack = Stack(tmp_path, users)
+    parsed = {"username": "alice", "password": "wonderland"}
+    response = stack.app.post("/auth/login", b"unparseable", content_type="application/json",
+                              extra_environ={"wsgistack.json": parsed})
+    assert "access_token" in response.json
+
+
+# ----------------------------------------------------------------- refresh
+
+
+def test_refresh_rotates_and_reuse_is_refused(stack: Stack) -> None:
+    first = stack.login().json
+    refreshed = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]})
+    second = refreshed.json
+    assert refreshed.headers["Cache-Control"] == "no-store"
+    assert second["refresh_token"] != first["refresh_token"]
+    assert stack.tokens.verify(second["access_token"])["sub"] == "alice"
+    reused = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}, status=401)
+    assert reused.json["error"]["message"] == (
+        "Unauthorized: the refresh token was already used; its family is revoked.")
+    # Reuse revoked the whole family, including the pair issued by the refresh.
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(second["access_token"]), status=401)
+
+
+def test_an_access_token_cannot_be_refreshed(stack: Stack) -> None:
+    access = stack.login().json["access_token"]
+    response = stack.app.post_json("/auth/refresh", {"refresh_token": access}, status=401)
+    assert response.json["error"]["message"] == "Unauthorized: only a refresh token can be refreshed."
+
+
+# ------------------------------------------------------------------ logout
+
+
+def test_logout_revokes_both_tokens_and_destroys_the_session(stack: Stack) -> None:
+    pair = stack.login().json
+    response = stack.app.post_json("/auth/logout", {"refresh_token": pair["refresh_token"]},
+                                   headers=bearer(pair["access_token"]), status=204)
+    assert response.body == b""
+    assert "Max-Age=0" in response.headers["Set-Cookie"]
+    assert list(stack.store.scan("session:")) == []
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=401)
+    refused = stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}, status=401)
+    assert refused.json["error"]["message"] == "Unauthorized: the token has been revoked."
+    stack.app.get("/api/v1/search", {"q": "json"}, status=401)  # the session no longer authenticates
+
+
+def test_logout_with_nothing_to_revoke_is_fine(stack: Stack) -> None:
+    assert stack.app.post("/auth/logout", status=204).body == b""
+
+
+def test_logout_with_a_forged_token_is_refused(stack: Stack) -> None:
+    response = stack.app.post("/auth/logout", headers=bearer("not.a.jwt"), status=401)
+    assert response.json["error"]["message"] == "Unauthorized: the token is malformed."
+
+
+# ---------------------------------------------------- without the auth layer
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "message"),
+    [
+        pytest.param("/auth/login", {"username": "alice", "password": "wonderland"}, {},
+                     "Login needs the auth layer in the pipeline.", id="login"),
+        pytest.param("/auth/refresh", {"refresh_token": "x"}, {},
+                     "Token refresh needs the auth layer in the pipeline.", id="refresh"),
+        pytest.param("/auth/logout", {}, {"Authorization": "Bearer x"},
+                     "Logout needs the auth layer in the pipeline.", id="logout with a token"),
+    ],
+)
+def test_without_the_auth_layer_token_endpoints_are_503(tmp_path: Path, users: UserStore, path: str,
+                                                        body: dict[str, str], headers: dict[str, str],
+                                                        message: str) -> None:
+    client = TestApp(create_app({"var_dir": str(tmp_path), "users_db": str(users.path)}))
+    response = client.post_json(path, body, headers=headers, status=503)
+    assert response.json["error"]["message"] == message
+
+
+def test_without_the_auth_layer_plain_logout_still_works(tmp_path: Path) -> None:
+    client = TestApp(create_app({"var_dir": str(tmp_path)}))
+    assert client.post("/auth/logout", status=204).body == b""

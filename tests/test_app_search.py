@@ -1,0 +1,281 @@
+"""The local engine: docstrings read with ast, the FTS5 index, ranking, injection safety."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from webtest import TestApp
+
+from app import create_app
+from app.options import SearchOptions
+from app.search.docstrings import default_sources, iter_entries
+from app.search.local import LocalEngine, fts_query
+
+
+def engine_for(tmp_path: Path, sources: list[str] | None, **extra: Any) -> LocalEngine:
+    return LocalEngine(SearchOptions(index_path=str(tmp_path / "index.sqlite3"), index_sources=sources, **extra))
+
+
+@pytest.fixture
+def json_engine(tmp_path: Path) -> Iterator[LocalEngine]:
+    """A local engine over the json package only."""
+    engine = engine_for(tmp_path, ["json"])
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestApp:
+    """WebTest over the Flask core indexing the json package."""
+    return TestApp(create_app({"var_dir": str(tmp_path), "search": {"index_sources": ["json"]}}))
+
+
+# ------------------------------------------------------------------ results
+
+
+def test_known_term_finds_the_json_decoder(json_engine: LocalEngine) -> None:
+    page = json_engine.search("decode")
+    by_title = {r.title: r for r in page.results}
+    hit = by_title["json.decoder.JSONDecoder.decode"]
+    assert hit.url == "https://docs.python.org/3/library/json.html#json.decoder.JSONDecoder.decode"
+    assert hit.engine == "local"
+    assert "Python representation" in hit.content
+    assert "\n" not in hit.content
+    assert page.total == len(page.results) or len(page.results) == 10
+
+
+def test_qualified_name_outranks_a_passing_mention(json_engine: LocalEngine) -> None:
+    assert json_engine.search("JSONDecoder").results[0].title.endswith("JSONDecoder")
+    assert json_engine.search("dumps").results[0].title == "json.dumps"
+
+
+def test_stemming_matches_word_forms(json_engine: LocalEngine) -> None:
+    titles = {r.title for r in json_engine.search("decoding").results}
+    assert "json.decoder.JSONDecoder.decode" in titles
+
+
+def test_all_terms_must_match(json_engine: LocalEngine) -> None:
+    both = json_engine.search("decode document")
+    only = json_engine.search("decode")
+    assert 0 < both.total < only.total
+
+
+def test_snippet_is_plain_text_around_the_match(json_engine: LocalEngine) -> None:
+    content = next(r.content for r in json_engine.search("indent").results if r.title == "json.dumps")
+    assert "indent" in content
+    assert "<b>" not in content
+
+
+def test_pagination_is_stable(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, ["json"], per_page=2)
+    first, second = engine.search("json", 1), engine.search("json", 2)
+    assert first.total == second.total > 4
+    assert len(first.results) == len(second.results) == 2
+    assert not {r.title for r in first.results} & {r.title for r in second.results}
+    assert engine.search("json", 1000).results == ()
+    engine.close()
+
+
+FTS_SYNTAX = [
+    '"', '""', "AND(", "OR", "NOT", "NEAR(a b", "*", "json*", "title:json", "body:decode", "^json", "-json",
+    "(", ")", '"decode', "decode AND", "a OR b", "{title body}: json", "'; DROP TABLE docs; --",
+    "\\", "%", "_", "json\x00decode", "ünïcödé", "数据", "😀", "NEAR(json decode, 2)", "decode + -",
+]
+
+
+@pytest.mark.parametrize("query", FTS_SYNTAX)
+def test_fts_syntax_in_the_query_is_searched_for_not_parsed(client: TestApp, query: str) -> None:
+    body = client.get("/api/v1/search", {"q": query}).json
+    assert body["query"] == query.strip()
+    assert isinstance(body["meta"]["total"], int)
+    # Still intact and searchable afterwards.
+    assert client.get("/api/v1/search", {"q": "decode"}).json["meta"]["total"] > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("decode", '"decode"', id="one term"),
+        pytest.param("json  decode", '"json" "decode"', id="two terms"),
+        pytest.param('say "hi"', '"say" """hi"""', id="quotes doubled"),
+        pytest.param("AND( OR", '"AND(" "OR"', id="operators quoted"),
+        pytest.param('" * ( )', None, id="no searchable term"),
+        pytest.param("", None, id="empty"),
+        pytest.param("json\x00decode\x1b", '"json" "decode"', id="control characters separate"),
+    ],
+)
+def test_fts_query_quotes_every_term(text: str, expected: str | None) -> None:
+    assert fts_query(text) == expected
+
+
+def test_quoted_query_finds_what_the_plain_one_finds(json_engine: LocalEngine) -> None:
+    assert json_engine.search('"decode"').total == json_engine.search("decode").total > 0
+
+
+def test_no_searchable_term_gives_no_results(json_engine: LocalEngine) -> None:
+    page = json_engine.search('" * (')
+    assert (page.total, page.results) == (0, ())
+
+
+# ----------------------------------------------------------------- building
+
+
+def test_index_is_built_on_first_use_and_reused(tmp_path: Path) -> None:
+    index = tmp_path / "index.sqlite3"
+    engine = engine_for(tmp_path, ["json"])
+    assert not index.exists()
+    engine.search("json")
+    stamp = index.stat().st_mtime_ns
+    engine.close()
+    again = engine_for(tmp_path, ["json"])
+    assert again.search("json").total > 0
+    assert index.stat().st_mtime_ns == stamp, "an up-to-date index must not be rebuilt"
+    again.close()
+    assert not list(tmp_path.glob("*.tmp")), "no temporary files are left behind"
+
+
+def test_index_is_rebuilt_when_the_sources_change(tmp_path: Path) -> None:
+    first = engine_for(tmp_path, ["json"])
+    assert first.search("base64").total == 0
+    first.close()
+    second = engine_for(tmp_path, ["base64"])
+    titles = {r.title for r in second.search("b64encode").results}
+    assert "base64.b64encode" in titles
+    assert second.search("JSONDecoder").total == 0
+    second.close()
+
+
+def test_a_deleted_index_is_built_again(json_engine: LocalEngine, tmp_path: Path) -> None:
+    assert json_engine.search("decode").total > 0
+    (tmp_path / "index.sqlite3").unlink()
+    totals: list[int] = []
+    thread = threading.Thread(target=lambda: totals.append(json_engine.search("decode").total))
+    thread.start()
+    thread.join()
+    assert totals and totals[0] > 0
+    assert (tmp_path / "index.sqlite3").is_file()
+
+
+def test_many_threads_on_first_use_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = engine_for(tmp_path, ["json"])
+    builds = []
+    real_build = LocalEngine._build
+
+    def counting_build(self: LocalEngine) -> None:
+        builds.append(threading.get_ident())
+        time.sleep(0.05)  # widen the window in which other threads arrive
+        real_build(self)
+
+    monkeypatch.setattr(LocalEngine, "_build", counting_build)
+    barrier = threading.Barrier(8)
+    totals: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            totals.append(engine.search("decode").total)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert errors == []
+    assert len(builds) == 1
+    assert len(set(totals)) == 1 and totals[0] > 0
+
+
+# ----------------------------------------------------------------- docstrings
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    """A package on disk whose import would leave a marker file."""
+    root = tmp_path / "src" / "sidepkg"
+    (root / "tests").mkdir(parents=True)
+    marker = tmp_path / "imported.txt"
+    (root / "__init__.py").write_text(
+        f'"""Sidepkg frobnicates widgets."""\nimport pathlib\npathlib.Path({str(marker)!r}).write_text("x")\n'
+    )
+    (root / "engine.py").write_text(
+        '"""Engine module docstring."""\n'
+        "class Gearbox:\n"
+        '    """A gearbox that frobnicates."""\n'
+        "    def shift(self):\n"
+        '        """Shift the gearbox up."""\n'
+        "    def _clutch(self):\n"
+        '        """Private clutch frobnicates."""\n'
+        "def _hidden():\n"
+        '    """Hidden frobnicates."""\n'
+        "if True:\n"
+        "    def conditional():\n"
+        '        """Conditional frobnicates."""\n'
+    )
+    (root / "_private.py").write_text('"""Private module frobnicates."""\n')
+    (root / "legacy.py").write_text('"""Legacy frobnicates."""\nprint "python 2"\n')
+    (root / "tests" / "test_engine.py").write_text('"""Tests frobnicate."""\n')
+    return root
+
+
+def test_directory_source_reads_public_docstrings_without_importing(package: Path, tmp_path: Path) -> None:
+    entries = {e.title: e for e in iter_entries([str(package)])}
+    assert set(entries) == {
+        "sidepkg", "sidepkg.engine", "sidepkg.engine.Gearbox", "sidepkg.engine.Gearbox.shift",
+        "sidepkg.engine.conditional",
+    }
+    assert entries["sidepkg.engine.Gearbox"].kind == "class"
+    assert entries["sidepkg.engine.Gearbox.shift"].body == "Shift the gearbox up."
+    assert entries["sidepkg"].url == "https://pypi.org/search/?q=sidepkg"
+    assert not (tmp_path / "imported.txt").exists()
+
+
+def test_module_name_source_is_found_without_importing(package: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(package.parent))
+    titles = {e.title for e in iter_entries(["sidepkg.engine"])}
+    assert titles == {"sidepkg.engine", "sidepkg.engine.Gearbox", "sidepkg.engine.Gearbox.shift",
+                      "sidepkg.engine.conditional"}
+    assert {e.title for e in iter_entries(["sidepkg"])} >= {"sidepkg", "sidepkg.engine.Gearbox"}
+    assert not (tmp_path / "imported.txt").exists()
+    assert "sidepkg" not in sys.modules
+    assert list(iter_entries(["sidepkg.nothing", "no_such_module_anywhere"])) == []
+
+
+def test_urls_for_stdlib_and_installed_distributions() -> None:
+    stdlib = {e.title: e.url for e in iter_entries(["json"])}
+    assert stdlib["json"] == "https://docs.python.org/3/library/json.html#json"
+    assert stdlib["json.dumps"] == "https://docs.python.org/3/library/json.html#json.dumps"
+    third_party = {e.url for e in iter_entries(["itsdangerous"])}
+    assert third_party == {"https://pypi.org/project/itsdangerous/"}
+
+
+def test_default_sources_are_stdlib_and_project_dependencies() -> None:
+    names = default_sources()
+    assert {"json", "sqlite3", "flask", "werkzeug", "pydantic", "yaml", "redis", "jwt"} <= set(names)
+    assert not {n for n in names if n.startswith("_")}
+    assert not {"test", "idlelib", "tkinter", "pytest", "webtest"} & set(names)
+
+
+@pytest.mark.slow
+def test_default_index_builds_in_a_few_seconds(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, None)
+    started = time.perf_counter()
+    engine.ensure_index()
+    elapsed = time.perf_counter() - started
+    assert elapsed < 15, f"building the default index took {elapsed:.1f} s"
+    titles = {r.title for r in engine.search("flask blueprint", 1).results}
+    assert any(t.startswith("flask.") for t in titles)
+    assert engine.search("sqlite3 connect").total > 0
+    assert os.path.getsize(tmp_path / "index.sqlite3") > 1_000_000
+    engine.close()

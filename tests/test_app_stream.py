@@ -1,0 +1,119 @@
+"""Search progress as Server-Sent Events: order, headers, and no buffering."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flask
+import pytest
+from webtest import TestApp
+from werkzeug.test import EnvironBuilder
+
+from app import create_app
+from middleware.base import Context
+from middleware.errors import ErrorsMiddleware
+from middleware.request_id import RequestIdMiddleware
+
+
+def make_app(tmp_path: Path, **search: Any) -> flask.Flask:
+    return create_app({"var_dir": str(tmp_path), "search": {"index_sources": ["json"], **search}})
+
+
+def parse(chunks: Iterable[bytes]) -> list[tuple[str, Any]]:
+    """Split an event-stream body into (event, data) pairs."""
+    events = []
+    for block in b"".join(chunks).decode().strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def start(wsgi: Any, path: str) -> tuple[dict[str, Any], Iterator[bytes], Iterable[bytes]]:
+    """Call the WSGI app directly so nothing collects the body for us."""
+    environ = EnvironBuilder(path=path).get_environ()
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        seen["status"], seen["headers"] = status, headers
+        return lambda data: None
+
+    body = wsgi(environ, start_response)
+    return seen, iter(body), body
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_events_in_order_and_complete_equals_search(tmp_path: Path, version: str) -> None:
+    client = TestApp(make_app(tmp_path))
+    response = client.get(f"/api/{version}/search/stream", {"q": "decode"})
+    events = parse([response.body])
+    assert events == [
+        ("search_started", {"query": "decode"}),
+        ("search_progress", {"progress": 33, "stage": "index_ready"}),
+        ("search_progress", {"progress": 67, "stage": "matched"}),
+        ("search_progress", {"progress": 100, "stage": "ranked"}),
+        ("search_complete", client.get(f"/api/{version}/search", {"q": "decode"}).json),
+    ]
+
+
+def test_stream_headers(tmp_path: Path) -> None:
+    seen, chunks, body = start(make_app(tmp_path), "/api/v1/search/stream?q=json")
+    headers = dict(seen["headers"])
+    assert seen["status"] == "200 OK"
+    assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert headers["Cache-Control"] == "no-cache"
+    assert headers["X-Accel-Buffering"] == "no"
+    assert "Content-Length" not in headers
+    list(chunks)
+    body.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("layered", [False, True], ids=["bare app", "errors + request_id layers"])
+def test_first_event_is_sent_before_the_search_runs(tmp_path: Path, layered: bool) -> None:
+    app = make_app(tmp_path)
+    wsgi: Any = app
+    if layered:
+        context = Context()
+        wsgi = ErrorsMiddleware(RequestIdMiddleware(app, RequestIdMiddleware.Options(), context),
+                                ErrorsMiddleware.Options(), context)
+    index = Path(app.extensions["wsgistack"].options.index_file)
+    _, chunks, body = start(wsgi, "/api/v1/search/stream?q=decode")
+    assert not isinstance(body, list | tuple | bytes), "the body must be a generator, not a buffer"
+    first = next(chunks)
+    assert first == b'event: search_started\ndata: {"query":"decode"}\n\n'
+    assert not index.exists(), "the index is built only after search_started was sent"
+    second = next(chunks)
+    assert b'"stage":"index_ready"' in second
+    assert index.exists()
+    rest = list(chunks)
+    assert rest[-1].startswith(b"event: search_complete\n")
+    body.close()  # type: ignore[attr-defined]
+
+
+def test_stream_interval_paces_the_events(tmp_path: Path) -> None:
+    _, chunks, body = start(make_app(tmp_path, stream_interval=0.05), "/api/v1/search/stream?q=json")
+    next(chunks)
+    stamps = [time.perf_counter()]
+    for _ in chunks:
+        stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert len(gaps) == 4
+    assert min(gaps) >= 0.045
+    body.close()  # type: ignore[attr-defined]
+
+
+def test_closing_the_stream_early_stops_the_search(tmp_path: Path) -> None:
+    _, chunks, body = start(make_app(tmp_path), "/api/v1/search/stream?q=json")
+    next(chunks)
+    body.close()  # type: ignore[attr-defined]  # the client went away
+    assert list(chunks) == []
+
+
+def test_head_on_the_stream_sends_no_body(tmp_path: Path) -> None:
+    response = TestApp(make_app(tmp_path)).head("/api/v1/search/stream", {"q": "json"})
+    assert response.body == b""
+    assert response.content_type == "text/event-stream"

@@ -1,0 +1,246 @@
+"""The users database and the ``serve.py users`` command."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import app.users as users_module
+from app.users import User, UserError, UserStore, users_cli
+
+FAST = "pbkdf2:sha256:1000"  # tests only: real stores use werkzeug's scrypt default
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[UserStore]:
+    """An empty user store with a cheap hash."""
+    users = UserStore(tmp_path / "var" / "users.sqlite3", hash_method=FAST)
+    yield users
+    users.close()
+
+
+def test_add_get_list_remove(store: UserStore) -> None:
+    alice = store.add("alice", "pw-a", roles=["admin", "user", "admin"])
+    store.add("bob", "pw-b")
+    assert alice.roles == ("admin", "user")
+    assert store.get("alice") == alice
+    assert store.get("carol") is None
+    assert [u.name for u in store.list()] == ["alice", "bob"]
+    assert store.remove("bob") is True
+    assert store.remove("bob") is False
+    assert [u.name for u in store.list()] == ["alice"]
+
+
+def test_passwords_are_hashed(store: UserStore) -> None:
+    store.add("alice", "correct horse")
+    raw = store.path.read_bytes()
+    assert b"correct horse" not in raw
+    assert b"pbkdf2:sha256:1000$" in raw
+
+
+def test_verify_password(store: UserStore) -> None:
+    store.add("alice", "s3cret", roles=["admin"])
+    assert store.verify_password("alice", "s3cret") == store.get("alice")
+    assert store.verify_password("alice", "S3cret") is None
+    assert store.verify_password("nobody", "s3cret") is None
+
+
+def test_unknown_user_costs_a_hash_check_too(store: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.add("alice", "s3cret")
+    calls: list[str] = []
+    real = users_module.check_password_hash  # type: ignore[attr-defined]
+
+    def counting(pwhash: str, password: str) -> bool:
+        calls.append(pwhash.split("$", 1)[0])
+        return real(pwhash, password)
+
+    monkeypatch.setattr(users_module, "check_password_hash", counting)
+    store.verify_password("alice", "wrong")
+    store.verify_password("nobody", "wrong")
+    assert calls == [FAST, FAST]
+
+
+def test_set_roles(store: UserStore) -> None:
+    store.add("alice", "pw")
+    assert store.set_roles("alice", ["editor", "viewer"]).roles == ("editor", "viewer")
+    assert store.set_role("alice", "admin").roles == ("admin",)
+    assert store.set_roles("alice", []).roles == ()
+    with pytest.raises(UserError, match=r"^no user called 'bob'$"):
+        store.set_roles("bob", ["admin"])
+
+
+@pytest.mark.parametrize(
+    ("name", "password", "roles", "message"),
+    [
+        pytest.param("alice", "pw", (), "user 'alice' already exists", id="duplicate"),
+        pytest.param("bad name", "pw", (), "user name 'bad name' is not valid", id="space in name"),
+        pytest.param("", "pw", (), "user name '' is not valid", id="empty name"),
+        pytest.param("x" * 65, "pw", (), "is not valid: use 1 to 64 letters", id="long name"),
+        pytest.param("bob", "", (), "the password may not be empty", id="empty password"),
+        pytest.param("bob", "pw", ("ad min",), "role 'ad min' is not valid", id="bad role"),
+    ],
+)
+def test_add_refusals(store: UserStore, name: str, password: str, roles: tuple[str, ...], message: str) -> None:
+    store.add("alice", "pw")
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        store.add(name, password, roles)
+    assert [u.name for u in store.list()] == ["alice"]
+
+
+def test_store_is_thread_safe(store: UserStore) -> None:
+    errors: list[BaseException] = []
+
+    def add(i: int) -> None:
+        try:
+            store.add(f"user{i}", "pw", [f"r{i}"])
+            assert store.verify_password(f"user{i}", "pw") is not None
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.list()) == 16
+
+
+def test_store_file_is_shared_between_instances(tmp_path: Path) -> None:
+    path = tmp_path / "users.sqlite3"
+    first = UserStore(path, hash_method=FAST)
+    first.add("alice", "pw", ["admin"])
+    second = UserStore(path, hash_method=FAST)
+    alice = first.get("alice")
+    assert alice is not None
+    assert second.verify_password("alice", "pw") == User("alice", ("admin",), alice.created_at)
+    first.close()
+    second.close()
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """Path of a users database that does not exist yet."""
+    return str(tmp_path / "var" / "users.sqlite3")
+
+
+def run(argv: list[str], db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        stdin: str = "") -> tuple[int, str, str]:
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = users_cli(argv, db)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_add_list_set_role_remove(db: str, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(["add", "alice", "--role", "admin", "--role", "ops", "--password-stdin"], db, capsys, monkeypatch,
+               stdin="hunter2\n") == (0, "added user 'alice' with roles: admin, ops\n", "")
+    assert run(["users", "add", "bob", "--password-stdin"], db, capsys, monkeypatch,
+               stdin="pw\n") == (0, "added user 'bob' with roles: (none)\n", "")
+    code, out, err = run(["list"], db, capsys, monkeypatch)
+    lines = out.splitlines()
+    assert (code, err, len(lines)) == (0, "", 2)
+    assert lines[0].startswith("alice  ") and lines[0].endswith("  admin, ops")
+    assert lines[1].startswith("bob    ") and lines[1].endswith("  -")
+    assert run(["set-role", "bob", "editor", "viewer"], db, capsys, monkeypatch) == (
+        0, "user 'bob' now has roles: editor, viewer\n", "")
+    assert run(["remove", "alice"], db, capsys, monkeypatch) == (0, "removed user 'alice'\n", "")
+    store = UserStore(db)
+    assert [(u.name, u.roles) for u in store.list()] == [("bob", ("editor", "viewer"))]
+    assert store.verify_password("bob", "pw") is not None
+    store.close()
+
+
+def test_cli_password_prompt(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter(["s3cret", "s3cret"])
+    prompts: list[str] = []
+
+    def fake_getpass(prompt: str = "") -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr("getpass.getpass", fake_getpass)
+    assert run(["add", "carol"], db, capsys, monkeypatch)[0] == 0
+    assert prompts == ["Password: ", "Repeat password: "]
+    store = UserStore(db)
+    assert store.verify_password("carol", "s3cret") is not None
+    store.close()
+
+
+def test_cli_list_empty(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(["list"], db, capsys, monkeypatch) == (0, f"no users in {db}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin", "getpass_answers", "expected"),
+    [
+        pytest.param(["add", "alice", "--password-stdin"], "x\n", None,
+                     (1, "serve.py users add: user 'alice' already exists\n"), id="duplicate"),
+        pytest.param(["add", "bad name", "--password-stdin"], "x\n", None,
+                     (1, "serve.py users add: user name 'bad name' is not valid: use 1 to 64 letters, digits, "
+                         "'_', '.', '@' or '-', starting with a letter or digit\n"), id="bad name"),
+        pytest.param(["add", "dave", "--password-stdin"], "", None,
+                     (1, "serve.py users add: the password may not be empty\n"), id="empty password"),
+        pytest.param(["add", "dave"], "", ["one", "two"],
+                     (1, "serve.py users add: the passwords do not match\n"), id="passwords differ"),
+        pytest.param(["add", "dave"], "", [],
+                     (1, "serve.py users add: no password was given\n"), id="no terminal"),
+        pytest.param(["remove", "zed"], "", None,
+                     (1, "serve.py users remove: no user called 'zed'\n"), id="remove unknown"),
+        pytest.param(["set-role", "zed", "admin"], "", None,
+                     (1, "serve.py users set-role: no user called 'zed'\n"), id="set-role unknown"),
+    ],
+)
+def test_cli_refusals(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                      argv: list[str], stdin: str, getpass_answers: list[str] | None,
+                      expected: tuple[int, str]) -> None:
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw\n")[0] == 0
+    if getpass_answers is not None:
+        answers = iter(getpass_answers)
+
+        def fake_getpass(prompt: str = "") -> str:
+            try:
+                return next(answers)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("getpass.getpass", fake_getpass)
+    code, out, err = run(argv, db, capsys, monkeypatch, stdin=stdin)
+    assert (code, err) == expected
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param([], "the following arguments are required: COMMAND", id="no command"),
+        pytest.param(["bogus"], "invalid choice: 'bogus'", id="unknown command"),
+        pytest.param(["add"], "the following arguments are required: name", id="add without name"),
+        pytest.param(["remove"], "the following arguments are required: name", id="remove without name"),
+        pytest.param(["set-role", "alice"], "the following arguments are required: ROLE", id="set-role without role"),
+        pytest.param(["add", "x", "--bogus"], "unrecognized arguments: --bogus", id="unknown flag"),
+        pytest.param(["add", "x", "--rol", "admin"], "unrecognized arguments: --rol", id="no abbreviations"),
+        pytest.param(["list", "extra"], "unrecognized arguments: extra", id="list with argument"),
+    ],
+)
+def test_cli_usage_errors_exit_2(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                 argv: list[str], message: str) -> None:
+    code, _, err = run(argv, db, capsys, monkeypatch)
+    assert code == 2
+    assert err.startswith("usage: serve.py users")
+    assert message in err
+    assert not Path(db).exists(), "a usage error must not create the database"
+
+
+def test_cli_help_exits_0(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(["--help"], db, capsys, monkeypatch)
+    assert code == 0
+    assert "add" in out and "set-role" in out
