@@ -103,6 +103,21 @@ def ratelimit_keys(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
                                         "identity is not known yet; move it inside auth")
 
 
+def ratelimit_escapes(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for rl in _all(specs, "ratelimit"):
+        keys = _keys(rl)
+        if keys and all(k.startswith("header:") for k in keys):
+            yield _problem(cfg, rl, f"ratelimit at {_where(rl)} keys only on request headers: a client escapes its "
+                                    "limit by sending new values; combine it with client_ip", "warning")
+    for auth, rl in _before(specs, "auth", "ratelimit"):
+        if _keys(rl) == {"client_ip"} and not any(
+            _keys(o) == {"client_ip"} and _pos(specs, o) < _pos(specs, auth) for o in _all(specs, "ratelimit")
+        ):
+            yield _problem(cfg, rl, f"ratelimit at {_where(rl)} keys on client_ip but is inside auth at "
+                                    f"{_where(auth)}: requests auth refuses are never counted, so token guessing is "
+                                    "unlimited; put a client_ip ratelimit before auth", "warning")
+
+
 def duplicates(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     seen: list[LayerSpec] = []
     for spec in specs:
@@ -340,6 +355,7 @@ RULES: list[Rule] = [
     cache_outside_private,
     ratelimit_keys,
     duplicates,
+    ratelimit_escapes,
     cors_position,
     cache_inside_cors,
     cache_identity,

@@ -1,0 +1,575 @@
+"""Bearer-token (JWT) authentication with per-path rules, and the token service behind it.
+
+The layer verifies ``Authorization: Bearer`` tokens with PyJWT against keys
+pinned to one algorithm each (an HMAC ``secret``, or RSA/EC ``public_keys`` /
+``jwks_file``; never both), checks the token's ``jti`` against a blocklist in
+the store (one read), and puts a :class:`~middleware.base.Identity` in
+``environ["wsgistack.identity"]``.  Without a bearer token it accepts the
+session's ``user`` (the session layer sits outside this one).  Rules per path
+say whether authentication is ``required``, ``optional`` or ``none`` and which
+roles may pass.  :class:`TokenService` issues, rotates, revokes and verifies the
+tokens; the layer publishes it as ``context.services["tokens"]``.
+
+When not to use it: when a gateway in front of the server already verifies
+tokens and forwards identities (trust its header with a small layer of your
+own instead), or for browser-only apps that never send bearer tokens (the
+session layer alone serves them).  Keys are read once at build time: rotate
+them by reloading the stack.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import secrets
+import threading
+import time
+from base64 import urlsafe_b64encode
+from collections.abc import Iterable
+from hashlib import sha256
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+from cryptography.x509 import load_pem_x509_certificate
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from werkzeug.datastructures import Authorization
+from werkzeug.exceptions import HTTPException
+
+from middleware.base import IDENTITY, SESSION, TRACE, Context, Identity, LayerOptions, decoded_path, note, refuse
+from stores.base import Store, StoreError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["AuthMiddleware", "TokenService"]
+
+Level = Literal["required", "optional", "none"]
+_HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum secret bytes (RFC 7518 §3.2)
+_ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
+_CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+_STORE_RETRY_AFTER = "5"
+_VERIFIED_MAX = 4096  # access tokens remembered as verified, per process
+_JWT_ERRORS: list[tuple[type[Exception], str, str]] = [
+    (jwt.ExpiredSignatureError, "expired", "the token has expired"),
+    (jwt.InvalidSignatureError, "invalid_signature", "the token's signature is invalid"),
+    (jwt.InvalidAlgorithmError, "invalid_algorithm", "the token's algorithm is not accepted"),
+    (jwt.InvalidIssuerError, "invalid_issuer", "the token's issuer is not accepted"),
+    (jwt.InvalidAudienceError, "invalid_audience", "the token's audience is not accepted"),
+    (jwt.ImmatureSignatureError, "not_yet_valid", "the token is not valid yet"),
+    (jwt.DecodeError, "malformed", "the token is malformed"),
+    (jwt.InvalidTokenError, "invalid", "the token is invalid"),
+]
+
+
+class _Invalid(Exception):
+    """A token was refused: ``reason`` for events, ``description`` for the client."""
+
+    def __init__(self, reason: str, description: str) -> None:
+        super().__init__(description)
+        self.reason, self.description = reason, description
+
+
+class _Key(NamedTuple):
+    kid: str | None
+    alg: str
+    key: Any  # bytes (HMAC) or a cryptography public key
+
+
+class _AuthRule(BaseModel):
+    """One entry of ``rules``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    paths: list[str] = Field(default_factory=lambda: ["*"])
+    methods: list[str] = Field(default_factory=list)
+    auth: Level = "required"
+    roles: list[str] = Field(default_factory=list)
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_are_globs(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not (pattern.startswith("/") or pattern == "*"):
+                raise ValueError(f"path pattern {pattern!r} must start with '/' (or be '*')")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_are_known(cls, value: list[str]) -> list[str]:
+        for method in value:
+            if method.upper() not in _METHODS:
+                raise ValueError(f"unknown HTTP method {method!r} (known: {', '.join(sorted(_METHODS))})")
+        return [m.upper() for m in value]
+
+
+def _ignore(event: str, **fields: Any) -> None:
+    """The event sink of a token service built without a context."""
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _thumbprint(key: Any) -> str:
+    """RFC 7638 JWK thumbprint: the kid of a key configured without one."""
+    jwk = json.loads(_to_jwk(key))
+    members = {k: jwk[k] for k in ("crv", "e", "kty", "n", "x", "y") if k in jwk}
+    digest = sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode()).digest()
+    return urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _to_jwk(key: Any) -> str:
+    algorithms = jwt.algorithms
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return algorithms.ECAlgorithm.to_jwk(key)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return algorithms.OKPAlgorithm.to_jwk(key)
+    return algorithms.RSAAlgorithm.to_jwk(key)
+
+
+def _alg_for(key: Any, wanted: str | None, where: str) -> str:
+    """The one algorithm a public key is pinned to, or a sentence saying why not."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ValueError(f"{where} is a {key.key_size}-bit RSA key; use at least 2048 bits")
+        alg = wanted or "RS256"
+        ok = alg[:2] in ("RS", "PS")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        alg = _CURVES.get(key.curve.name, "")
+        ok = bool(alg) and wanted in (None, alg)
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        alg, ok = "EdDSA", wanted in (None, "EdDSA")
+    else:
+        raise ValueError(f"{where} is not an RSA, EC or Ed25519 key")
+    if not ok:
+        raise ValueError(f"{where} cannot be used with algorithm {wanted or alg}")
+    return alg
+
+
+class _Options(LayerOptions):
+    store: str = "shared"
+    secret: str = ""
+    algorithm: str | None = None
+    public_keys: dict[str, str] | list[str] = Field(default_factory=list)
+    private_key: str = ""
+    jwks_file: str = ""
+    issuer: str | None = None
+    audience: str | None = None
+    leeway: float = Field(default=0, ge=0, le=300)
+    access_ttl: int = Field(default=900, ge=1)
+    refresh_ttl: int = Field(default=30 * 86400, ge=1)
+    rules: list[_AuthRule] = Field(default_factory=list)
+    default: Level = "required"
+    accept_session: bool = True
+    realm: str = "wsgistack"
+    max_token_bytes: int = Field(default=8192, ge=256)
+    on_store_error: Literal["open", "closed"] = "closed"
+
+    @model_validator(mode="after")
+    def _one_kind_of_key(self) -> _Options:
+        asymmetric = bool(self.public_keys or self.private_key or self.jwks_file)
+        alg = self.algorithm
+        if alg is not None and alg not in _HMAC and alg not in _ASYMMETRIC:
+            known = ", ".join([*_HMAC, *sorted(_ASYMMETRIC)])
+            raise ValueError(f"algorithm {alg!r} is not accepted (known: {known}); 'none' never is")
+        if self.secret and asymmetric:
+            raise ValueError("secret (HMAC) may not be mixed with public_keys, private_key or jwks_file "
+                             "(RSA/EC); configure one kind of key")
+        if self.secret:
+            alg = alg or "HS256"
+            if alg not in _HMAC:
+                raise ValueError(f"algorithm {alg} needs public_keys, jwks_file or private_key; "
+                                 "with secret use HS256, HS384 or HS512")
+            size = len(self.secret.encode())
+            if size < _HMAC[alg]:
+                raise ValueError(f"secret must be at least {_HMAC[alg]} bytes for {alg} (it has {size}); "
+                                 "make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'")
+        elif asymmetric:
+            if alg in _HMAC:
+                raise ValueError(f"algorithm {alg} needs secret; public_keys, jwks_file and private_key "
+                                 "take RS256, PS256, ES256 or EdDSA")
+        else:
+            raise ValueError("auth needs secret (HS256) or public_keys, jwks_file or private_key (RS256/ES256)")
+        if self.refresh_ttl < self.access_ttl:
+            raise ValueError("refresh_ttl must not be shorter than access_ttl")
+        return self
+
+
+class TokenService:
+    """Issue, rotate, revoke and verify the stack's JWTs (``context.services["tokens"]``).
+
+    Built from the ``auth`` layer's options and store.  Access tokens live
+    ``access_ttl`` seconds, refresh tokens ``refresh_ttl``; both carry
+    ``sub``, ``roles``, ``iat``, ``exp``, ``jti``, ``typ`` and ``fam`` (the
+    login's family), plus ``iss``/``aud`` when configured.  ``refresh()``
+    rotates: a refresh token works once, and presenting it again revokes its
+    whole family (refresh and access tokens alike).  Errors are ``refuse()``
+    exceptions (401, or 503 when the store cannot answer).
+
+    Usage::
+
+        tokens = TokenService(AuthMiddleware.Options(secret=SECRET), MemoryStore())
+        pair = tokens.issue("alice", ["admin"]); claims = tokens.verify(pair["access_token"])
+    """
+
+    def __init__(
+        self,
+        options: _Options,
+        store: Store,
+        *,
+        base_dir: Path | None = None,
+        emit: Callable[..., None] | None = None,
+        logger: Any = None,
+    ) -> None:
+        self.options, self.store = options, store
+        self.emit: Callable[..., None] = emit or _ignore
+        self.log = logger
+        self.base = base_dir or Path.cwd()
+        self.keys: dict[str | None, _Key] = {}
+        self.signer: _Key | None = None
+        self._load_keys(options)
+        self.only = next(iter(self.keys.values())) if len(self.keys) == 1 else None
+        self.closed = options.on_store_error == "closed"
+        self.realm = options.realm
+        self.require = ["exp", "iat", "jti", "sub"]
+        self._last_log = 0.0
+        self._verified: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- keys ------------------------------------------------------------
+    def _read(self, value: str, what: str) -> bytes:
+        if value.lstrip().startswith("-----BEGIN"):
+            return value.encode()
+        path = (self.base / value).expanduser()
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot read {str(path)!r} ({exc.strerror or exc})") from None
+
+    def _load_keys(self, o: _Options) -> None:
+        if o.secret:
+            self.signer = _Key(None, o.algorithm or "HS256", o.secret.encode())
+            self.keys[None] = self.signer
+            return
+        named = o.public_keys.items() if isinstance(o.public_keys, dict) else [(None, v) for v in o.public_keys]
+        for kid, value in named:
+            where = f"public_keys[{kid!r}]" if kid else "a public_keys entry"
+            data = self._read(value, where)
+            try:
+                key = (load_pem_x509_certificate(data).public_key() if b"CERTIFICATE" in data
+                       else load_pem_public_key(data))
+            except ValueError:
+                raise ValueError(f"{where} is not a PEM public key or certificate") from None
+            self._add(kid, _alg_for(key, o.algorithm, where), key)
+        if o.jwks_file:
+            self._load_jwks(o)
+        if o.private_key:
+            try:
+                private = load_pem_private_key(self._read(o.private_key, "private_key"), password=None)
+            except (ValueError, TypeError):
+                raise ValueError("private_key is not an unencrypted PEM private key") from None
+            public = private.public_key()
+            alg = _alg_for(public, o.algorithm, "private_key")
+            kid = next((k.kid for k in self.keys.values() if _thumbprint(k.key) == _thumbprint(public)), None)
+            if kid is None:
+                kid = self._add(None, alg, public)
+            elif self.keys[kid].alg != alg:
+                raise ValueError(f"private_key signs {alg} but its public key {kid!r} is pinned to "
+                                 f"{self.keys[kid].alg}")
+            self.signer = _Key(kid, alg, private)
+
+    def _load_jwks(self, o: _Options) -> None:
+        try:
+            entries = json.loads(self._read(o.jwks_file, "jwks_file"))["keys"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"jwks_file {o.jwks_file!r} is not a JSON object with a 'keys' list") from None
+        for i, entry in enumerate(entries):
+            where = f"jwks_file key {entry.get('kid') or i}"
+            if entry.get("kty") == "oct":
+                raise ValueError(f"{where} is a symmetric (oct) key; HMAC keys go in secret, and may not be "
+                                 "mixed with RSA/EC keys")
+            if entry.get("use", "sig") != "sig":
+                continue
+            try:
+                jwk = jwt.PyJWK.from_dict(entry, entry.get("alg") or o.algorithm)
+            except jwt.PyJWTError as exc:
+                raise ValueError(f"{where} cannot be used: {exc}") from None
+            if entry.get("alg") and o.algorithm and entry["alg"] != o.algorithm:
+                raise ValueError(f"{where} is pinned to {entry['alg']} but algorithm is {o.algorithm}")
+            key = jwk.key.public_key() if hasattr(jwk.key, "private_bytes") else jwk.key
+            self._add(entry.get("kid"), _alg_for(key, jwk.algorithm_name, where), key)
+
+    def _add(self, kid: str | None, alg: str, key: Any) -> str:
+        kid = kid or _thumbprint(key)
+        if kid in self.keys:
+            raise ValueError(f"key id {kid!r} is configured twice")
+        self.keys[kid] = _Key(kid, alg, key)
+        return kid
+
+    # -- verification ----------------------------------------------------
+    def _store(self, fn: Callable[[], Any], strict: bool = False) -> Any:
+        """Run a store call; a failure is a 503 (closed or ``strict``) or logged and ignored (open)."""
+        try:
+            return fn()
+        except StoreError as exc:
+            self.emit("store.error", store=self.options.store, layer="auth")
+            now = time.monotonic()
+            if self.log is not None and now - self._last_log > 10:
+                self._last_log = now
+                self.log.warning("auth store %r failed (%s)", self.options.store, exc)
+            if self.closed or strict:
+                raise refuse(503, "The token store is unavailable; retry shortly.",
+                             headers=[("Retry-After", _STORE_RETRY_AFTER)]) from None
+            return None
+
+    def _decode(self, token: str, kind: str | None, verify_exp: bool = True) -> dict[str, Any]:
+        """Verify signature and claims; raise :class:`_Invalid`.  No store access."""
+        o, key = self.options, self.only
+        try:
+            if key is None:  # several keys: the header's kid picks one
+                kid = jwt.get_unverified_header(token).get("kid")
+                key = self.keys.get(kid) if isinstance(kid, str) else None
+                if key is None:
+                    raise _Invalid("unknown_kid", "the token's key id is unknown" if kid is not None
+                                   else "the token names no key id and several keys are configured")
+            decoded = jwt.decode_complete(
+                token, key.key, algorithms=[key.alg], issuer=o.issuer, audience=o.audience, leeway=o.leeway,
+                options={"require": self.require, "verify_exp": verify_exp})
+            kid = decoded["header"].get("kid")
+            if kid is not None and kid != key.kid:  # one key: a token naming another is not ours
+                raise _Invalid("unknown_kid", "the token's key id is unknown")
+            claims: dict[str, Any] = decoded["payload"]
+        except jwt.MissingRequiredClaimError as exc:
+            raise _Invalid("missing_claim", f"the token has no {exc.claim} claim") from None
+        except jwt.InvalidTokenError as exc:
+            reason, text = next((r, t) for cls, r, t in _JWT_ERRORS if isinstance(exc, cls))
+            raise _Invalid(reason, text) from None
+        typ = claims.get("typ", claims.get("token_use", "access"))
+        if kind == "access" and typ != "access":
+            raise _Invalid("wrong_token_type", "a refresh token cannot be used as an access token"
+                           if typ == "refresh" else "the token is not an access token")
+        if kind == "refresh" and typ != "refresh":
+            raise _Invalid("wrong_token_type", "only a refresh token can be refreshed")
+        roles = claims.get("roles", [])
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise _Invalid("invalid", "the token's roles claim is not a list of strings")
+        return claims
+
+    def check(self, token: str, kind: str = "access") -> dict[str, Any]:
+        """Verify a token and its revocation (one store read); raise ``_Invalid`` or a 503.
+
+        Access tokens that verified once are remembered (bounded, per process),
+        so a token sent again costs an expiry check instead of a signature check;
+        the revocation read happens every time.
+        """
+        claims = self._verified.get(token) if kind == "access" else None
+        if claims is None:
+            claims = self._decode(token, kind)
+            if kind == "access":
+                with self._lock:
+                    if len(self._verified) >= _VERIFIED_MAX:
+                        self._verified.pop(next(iter(self._verified)), None)
+                    self._verified[token] = claims
+        elif claims["exp"] <= time.time() - self.options.leeway:
+            raise _Invalid("expired", "the token has expired")
+        jti = "revoked:" + str(claims["jti"])
+        if self._store(lambda: self.store.get(jti), strict=kind != "access") is not None:
+            raise _Invalid("revoked", "the token has been revoked")
+        return claims
+
+    def _refuse(self, exc: _Invalid) -> HTTPException:
+        self.emit("auth.failure", reason=exc.reason)
+        challenge = f'Bearer realm={_quote(self.realm)}, error="invalid_token", ' \
+                    f"error_description={_quote(exc.description)}"
+        return refuse(401, f"Unauthorized: {exc.description}.", headers=[("WWW-Authenticate", challenge)])
+
+    def verify(self, token: str, kind: str = "access") -> dict[str, Any]:
+        """Return the claims of a valid, unrevoked token of ``kind``; otherwise refuse with 401."""
+        try:
+            return dict(self.check(token, kind))
+        except _Invalid as exc:
+            raise self._refuse(exc) from None
+
+    # -- issuing ---------------------------------------------------------
+    def _sign(self, claims: dict[str, Any]) -> str:
+        assert self.signer is not None
+        headers = {"kid": self.signer.kid} if self.signer.kid else None
+        return jwt.encode(claims, self.signer.key, algorithm=self.signer.alg, headers=headers)
+
+    def _pair(self, subject: str, roles: list[str], fam: str) -> dict[str, Any]:
+        if self.signer is None:
+            raise RuntimeError("this auth layer only verifies tokens; set private_key to issue them")
+        o, now = self.options, int(time.time())
+        base = {"sub": subject, "roles": roles, "iat": now, "fam": fam}
+        if o.issuer:
+            base["iss"] = o.issuer
+        if o.audience:
+            base["aud"] = o.audience
+        access_jti = secrets.token_urlsafe(16)
+        # Recorded so that revoking the family can blocklist this access token too.
+        ttl = o.access_ttl + o.leeway + 1
+        self._store(lambda: self.store.set(f"family-access:{fam}:{access_jti}", b"1", ttl))
+        access = self._sign({**base, "exp": now + o.access_ttl, "jti": access_jti, "typ": "access"})
+        refresh = self._sign({**base, "exp": now + o.refresh_ttl, "jti": secrets.token_urlsafe(16),
+                              "typ": "refresh"})
+        return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
+                "expires_in": o.access_ttl, "refresh_expires_in": o.refresh_ttl}
+
+    def issue(self, subject: str, roles: Iterable[str] = ()) -> dict[str, Any]:
+        """Start a new family: an access token and a refresh token for ``subject``."""
+        return self._pair(subject, sorted(set(roles)), secrets.token_urlsafe(12))
+
+    def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """Trade a refresh token for a new pair; a reused one revokes its family (401)."""
+        try:
+            claims = self.check(refresh_token, "refresh")
+            fam = str(claims.get("fam", ""))
+            if not fam:
+                raise _Invalid("invalid", "the refresh token has no fam claim")
+            if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
+                raise _Invalid("revoked", "the token has been revoked")
+            ttl = max(1.0, claims["exp"] - time.time() + self.options.leeway)
+            jti = str(claims["jti"])
+            if not self._store(lambda: self.store.add("refresh-used:" + jti, b"1", ttl), strict=True):
+                self._revoke_family(fam)
+                raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
+            pair = self._pair(str(claims["sub"]), list(claims.get("roles", [])), fam)
+            # A reuse detected while this pair was being made revoked the family: refuse it too.
+            if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
+                raise _Invalid("revoked", "the token has been revoked")
+            return pair
+        except _Invalid as exc:
+            raise self._refuse(exc) from None
+
+    def _revoke_family(self, fam: str) -> None:
+        """Mark the family revoked and blocklist the access tokens issued in it."""
+        o, prefix = self.options, f"family-access:{fam}:"
+
+        def run() -> None:
+            self.store.set("family-revoked:" + fam, b"1", o.refresh_ttl + o.leeway + 1)
+            for key in list(self.store.scan(prefix)):
+                self.store.set("revoked:" + key[len(prefix):], b"1", o.access_ttl + o.leeway + 1)
+
+        self._store(run, strict=True)
+
+    def revoke(self, token: str) -> None:
+        """Blocklist an access or refresh token's ``jti`` until it expires (401 if it is not ours)."""
+        try:
+            claims = self._decode(token, None, verify_exp=False)
+        except _Invalid as exc:
+            raise self._refuse(exc) from None
+        ttl = claims["exp"] - time.time() + self.options.leeway
+        if ttl > 0:
+            self._store(lambda: self.store.set("revoked:" + str(claims["jti"]), b"1", ttl + 1), strict=True)
+
+
+class AuthMiddleware:
+    """Require, accept or ignore bearer tokens per path; enforce roles.
+
+    Options: ``secret`` (HS256/384/512, at least 32/48/64 bytes; from the
+    environment via ``${JWT_SECRET}``) or ``public_keys`` (kid → PEM or file,
+    or a list), ``jwks_file`` and ``private_key`` (RS*/PS*/ES*/EdDSA);
+    ``algorithm`` (pins every key; default derived from each key);
+    ``issuer``, ``audience`` (checked when set); ``leeway`` (0 s);
+    ``access_ttl`` (900 s), ``refresh_ttl`` (30 days); ``store``
+    (``"shared"``: blocklist and refresh rotation); ``rules``
+    (``{paths, methods?, auth: required|optional|none, roles: [...]}``, first
+    match wins, any listed role passes) and ``default`` (``required``);
+    ``accept_session`` (true: the session's ``user`` counts when no bearer
+    token is sent); ``realm`` (``"wsgistack"``); ``max_token_bytes`` (8192:
+    longer Authorization headers get 431); ``on_store_error`` (``closed``:
+    a token that cannot be checked against the blocklist gets 503).
+
+    OPTIONS requests are never refused.  Usage::
+
+        opts = AuthMiddleware.Options(secret=os.environ["JWT_SECRET"], rules=[{"paths": ["/public/*"], "auth": "none"}])
+        app = AuthMiddleware(app, opts, Context(stores={"shared": MemoryStore()}))
+    """
+
+    Options = _Options
+
+    def __init__(self, app: WSGIApplication, options: _Options, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.context = context
+        config_file = context.settings.get("config_file")
+        base = Path(config_file).parent if config_file else None
+        self.tokens = TokenService(options, context.store(options.store), base_dir=base, emit=context.emit,
+                                   logger=context.logger.getChild("auth"))
+        context.services["tokens"] = self.tokens
+        self.rules = [
+            (None if "*" in r.paths else re.compile("|".join(fnmatch.translate(p) for p in r.paths)),
+             frozenset(r.methods) | ({"HEAD"} if "GET" in r.methods else set()) or None,
+             r.auth, frozenset(r.roles))
+            for r in options.rules
+        ]
+        self.default = options.default
+        self.accept_session = options.accept_session
+        self.max_bytes = options.max_token_bytes
+        self.challenge = f"Bearer realm={_quote(options.realm)}"
+
+    def _session_identity(self, environ: WSGIEnvironment) -> Identity | None:
+        session = environ.get(SESSION)
+        user: Mapping[str, Any] | None = session.get("user") if session is not None else None
+        if not isinstance(user, dict) or not isinstance(user.get("sub"), str):
+            return None
+        roles = user.get("roles")
+        return Identity(user["sub"], frozenset(roles if isinstance(roles, list | tuple) else ()), "session", user)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method == "OPTIONS":
+            return self.app(environ, start_response)
+        level, roles = self.default, frozenset[str]()
+        if self.rules:
+            path = decoded_path(environ)
+            for paths, methods, rule_level, rule_roles in self.rules:
+                if (methods is None or method in methods) and (paths is None or paths.match(path)):
+                    level, roles = rule_level, rule_roles
+                    break
+        if level == "none":
+            return self.app(environ, start_response)
+        header = environ.get("HTTP_AUTHORIZATION")
+        token = None
+        if header:
+            if len(header) > self.max_bytes:
+                self.context.emit("auth.failure", reason="too_large")
+                raise refuse(431, f"The Authorization header is longer than {self.max_bytes} bytes.")
+            parsed = Authorization.from_header(header)
+            if parsed is not None and parsed.type == "bearer":
+                token = parsed.token or ""
+        identity: Identity | None = None
+        if token is not None:
+            try:
+                claims = self.tokens.check(token, "access")
+            except _Invalid as exc:
+                note(environ, "auth", f"refused: {exc.reason}")
+                raise self.tokens._refuse(exc) from None
+            identity = Identity(claims["sub"], frozenset(claims.get("roles", ())), "jwt", MappingProxyType(claims))
+        elif self.accept_session:
+            identity = self._session_identity(environ)
+        if identity is None:
+            if level == "required":
+                self.context.emit("auth.failure", reason="missing")
+                note(environ, "auth", "refused: no credentials")
+                raise refuse(401, "Unauthorized: this resource needs a bearer token.",
+                             headers=[("WWW-Authenticate", self.challenge)])
+            return self.app(environ, start_response)
+        if roles and not roles & identity.roles:
+            self.context.emit("auth.failure", reason="insufficient_role")
+            note(environ, "auth", f"refused {identity.subject}: needs one of {sorted(roles)}")
+            headers = [("WWW-Authenticate", f'{self.challenge}, error="insufficient_scope", '
+                        f'error_description="a role is missing"')] if identity.source == "jwt" else []
+            raise refuse(403, f"Forbidden: this resource needs one of the roles {', '.join(sorted(roles))}.",
+                         headers=headers)
+        environ[IDENTITY] = identity
+        if TRACE in environ:
+            note(environ, "auth", f"{identity.subject} via {identity.source}")
+        return self.app(environ, start_response)

@@ -1,0 +1,460 @@
+"""Rate limiting per client address, user or header, on the ``limits`` library.
+
+Each request is matched against ``rules`` (path globs and methods, first match
+wins, then the top-level default rule), keyed (client address, user, a header
+or a combination) and counted against every limit of its rule.  Passes carry
+``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset``; refusals
+are a 429 with the same headers and ``Retry-After``, rendered by ``errors``.
+
+On Redis one request costs one round trip: the hit and the window statistics
+of every limit of the rule go out as one pipeline of ``limits``' own Lua
+scripts (the keys are the ones ``limits``' ``RedisStorage`` uses).
+
+When not to use it: when a gateway in front of the server already limits, or
+with a ``memory://`` store while several processes serve (each process counts
+on its own, so clients get N per process).  ``key: user`` only sees users
+when the layer sits inside ``auth``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import ipaddress
+import re
+import threading
+import time
+from functools import lru_cache
+from math import ceil, floor, inf
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import redis
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage, RedisStorage
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from redis.exceptions import NoScriptError, RedisError
+
+from middleware.base import (
+    IDENTITY,
+    Context,
+    Headers,
+    LayerOptions,
+    client_ip,
+    decoded_path,
+    decorate_error,
+    note,
+    refuse,
+    wrap_start_response,
+)
+from stores.base import StoreError
+from stores.breaker import CircuitBreaker, StoreUnavailable
+from stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["RateLimitMiddleware"]
+
+Strategy = Literal["fixed-window", "moving-window", "sliding-window-counter"]
+Result = tuple[bool, int, float]  # (allowed, remaining, reset time in epoch seconds)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_STORE_ERRORS = (StoreError, RedisError, OSError)
+_STORE_RETRY_AFTER = "5"
+
+
+def _limit_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _check_limits(value: list[str]) -> list[str]:
+    for text in value:
+        try:
+            parse_many(text)
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is not a rate limit; write it like '10/second' or '100 per minute' "
+                "(units: second, minute, hour, day, month, year)"
+            ) from None
+    return value
+
+
+def _check_key(value: str | list[str] | None) -> str | list[str] | None:
+    for part in [value] if isinstance(value, str) else value or ():
+        name = part[7:] if part.startswith("header:") else None
+        if part not in ("client_ip", "user") and not (name and _HEADER_NAME.fullmatch(name)):
+            raise ValueError(f"unknown key {part!r} (known: client_ip, user, header:NAME)")
+    if isinstance(value, list) and not value:
+        raise ValueError("key must name at least one of client_ip, user, header:NAME")
+    return value
+
+
+class _Rule(BaseModel):
+    """One entry of ``rules``: which requests, which limits, keyed how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    paths: list[str] = Field(default_factory=lambda: ["*"])
+    methods: list[str] = Field(default_factory=list)
+    limits: list[str] = Field(default_factory=list)
+    key: str | list[str] | None = None
+    strategy: Strategy | None = None
+
+    _split = field_validator("limits", mode="before")(_limit_list)
+    _limits = field_validator("limits")(_check_limits)
+    _key = field_validator("key")(_check_key)
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_are_globs(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not (pattern.startswith("/") or pattern == "*"):
+                raise ValueError(f"path pattern {pattern!r} must start with '/' (or be '*')")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_are_known(cls, value: list[str]) -> list[str]:
+        for method in value:
+            if method.upper() not in _METHODS:
+                raise ValueError(f"unknown HTTP method {method!r} (known: {', '.join(sorted(_METHODS))})")
+        return [m.upper() for m in value]
+
+
+@lru_cache(maxsize=8192)
+def _group_ipv6(ip: str, prefix: int) -> str:
+    """The /prefix network of an IPv6 address (IPv4-mapped ones count as IPv4)."""
+    try:
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> (128 - prefix) << (128 - prefix), prefix)))
+
+
+def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl: float,
+             now: float) -> tuple[int, float]:
+    """Remaining and reset of a sliding window counter, computed the way ``limits`` does."""
+    expiry = item.get_expiry()
+    remaining = max(0, item.amount - floor(prev * prev_ttl / expiry + cur))
+    if not (prev or cur):
+        return remaining, now
+    prev_reset = prev_ttl % (expiry / prev) if prev else inf
+    cur_reset = (cur_ttl % expiry or expiry) if cur else inf
+    return remaining, now + min(prev_reset, cur_reset)
+
+
+class _Compiled(NamedTuple):
+    """A rule ready for the request path; ``keys`` are the ``limits`` keys around the client key."""
+
+    id: str
+    paths: re.Pattern[str] | None
+    methods: frozenset[str] | None
+    items: list[RateLimitItem]
+    keys: list[tuple[str, str]]
+    key: tuple[str, ...]
+    strategy: str
+
+
+class _MemoryStorage(MemoryStorage):
+    """``limits``' MemoryStorage with its expiry sweep started at most once a second.
+
+    The stock storage starts a new timer thread every 10 ms while requests
+    flow; starting a thread stalls the request that does it.  Expired
+    counters are also dropped when next read, so sweeping less often only
+    delays freeing memory.
+    """
+
+    _next_sweep = 0.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            getattr(MemoryStorage, "_MemoryStorage__schedule_expiry")(self)  # noqa: B009
+
+
+class _MemoryCounter:
+    """``limits``' MemoryStorage behind one lock, so concurrent threads count exactly."""
+
+    def __init__(self) -> None:
+        self.storage = _MemoryStorage()
+        self.lock = threading.Lock()
+
+    def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
+        s, out = self.storage, []
+        with self.lock:
+            for item, key in zip(items, keys, strict=True):
+                expiry, amount = item.get_expiry(), item.amount
+                if strategy == "fixed-window":
+                    count = s.incr(key, expiry)
+                    out.append((count <= amount, max(0, amount - count), s.get_expiry(key)))
+                elif strategy == "moving-window":
+                    allowed = s.acquire_entry(key, amount, expiry)
+                    start, count = s.get_moving_window(key, amount, expiry)
+                    out.append((allowed, max(0, amount - count), start + expiry))
+                else:
+                    allowed = s.acquire_sliding_window_entry(key, amount, expiry)
+                    remaining, reset = _sliding(item, *s.get_sliding_window(key, expiry), now)
+                    out.append((allowed, remaining, reset))
+        return out
+
+
+class _RedisCounter:
+    """``limits``' RedisStorage on the store's pool; every limit's hit and stats in one pipeline."""
+
+    def __init__(self, store: Any) -> None:
+        prefix = getattr(store, "key_prefix", "") + "ratelimit"
+        self.storage = RedisStorage("redis://", connection_pool=store.pool, key_prefix=prefix)
+        self.client: redis.Redis = getattr(store, "client", None) or redis.Redis(connection_pool=store.pool)
+        self.breaker: CircuitBreaker | None = getattr(store, "breaker", None)
+        self.url = getattr(store, "url", "")
+        s = self.storage
+        self.scripts = [s.lua_incr_expire, s.lua_acquire_moving_window, s.lua_moving_window,
+                        s.lua_acquire_sliding_window, s.lua_sliding_window]
+
+    def _commands(self, strategy: str, item: RateLimitItem, key: str, now: float) -> list[tuple[Any, ...]]:
+        s, expiry, amount = self.storage, item.get_expiry(), item.amount
+        if strategy == "fixed-window":
+            k = s.prefixed_key(key)
+            return [("EVALSHA", s.lua_incr_expire.sha, 1, k, expiry, 1), ("PTTL", k)]
+        if strategy == "moving-window":
+            k = s.prefixed_key(key)
+            return [("EVALSHA", s.lua_acquire_moving_window.sha, 1, k, now, amount, expiry, 1),
+                    ("EVALSHA", s.lua_moving_window.sha, 1, k, now - expiry, amount)]
+        prev, cur = s.prefixed_key(s._previous_window_key(key)), s.prefixed_key(s._current_window_key(key))
+        return [("EVALSHA", s.lua_acquire_sliding_window.sha, 2, prev, cur, amount, expiry, 1),
+                ("EVALSHA", s.lua_sliding_window.sha, 2, prev, cur, expiry)]
+
+    def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline through the store's circuit breaker; Redis errors become StoreErrors."""
+
+        def attempt() -> list[Any]:
+            try:
+                return self._pipeline(commands)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                raise StoreUnavailable(f"redis store {self.url} could not count: {exc}", str(exc)) from exc
+            except RedisError as exc:
+                raise StoreError(f"redis store {self.url} could not count: {exc}") from exc
+
+        return self.breaker.call(attempt) if self.breaker is not None else attempt()
+
+    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:  # a restarted or flushed server: load the scripts, run what did not run
+            for script in self.scripts:
+                script.sha = self.client.script_load(script.script)
+            pipe = self.client.pipeline(transaction=False)
+            for i in missing:
+                pipe.execute_command(*commands[i])  # type: ignore[no-untyped-call]
+            for i, result in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
+        commands = [c for item, key in zip(items, keys, strict=True) for c in self._commands(strategy, item, key, now)]
+        results = self._run(commands)
+        out: list[Result] = []
+        for i, item in enumerate(items):
+            first, second, expiry = results[2 * i], results[2 * i + 1], item.get_expiry()
+            if strategy == "fixed-window":
+                count, pttl = int(first), int(second)
+                reset = now + (pttl / 1000 if pttl > 0 else expiry)
+                out.append((count <= item.amount, max(0, item.amount - count), reset))
+            elif strategy == "moving-window":
+                start, count = (float(second[0]), int(second[1])) if second else (now, 0)
+                out.append((bool(first), max(0, item.amount - count), start + expiry))
+            else:
+                prev, prev_ms, cur, cur_ms = (float(v or 0) for v in second)
+                remaining, reset = _sliding(item, int(prev), max(0.0, prev_ms) / 1000, int(cur),
+                                            max(0.0, cur_ms) / 1000, now)
+                out.append((bool(first), remaining, reset))
+        return out
+
+
+class RateLimitMiddleware:
+    """Count requests per key and refuse with 429 past the limits.
+
+    Options:
+
+    ``store`` (``"shared"``): the stack store holding the counters; a
+        ``memory://`` store maps to ``limits``' MemoryStorage, a Redis store
+        to ``limits``' RedisStorage on the same connection pool.
+    ``limits`` (``[]``), ``key`` (``"client_ip"``), ``strategy``
+        (``"fixed-window"``): the default rule, used when no rule matches.
+        Limits are ``limits`` strings (``["10/second", "100/minute"]``);
+        a key is ``client_ip``, ``user``, ``header:NAME`` or a list of them.
+    ``rules`` (``[]``): ``{paths, methods, limits, key?, strategy?}``; the
+        first matching rule wins; ``limits: []`` exempts the requests it matches.
+    ``mode`` (``"enforce"``): ``shadow`` counts and reports would-be refusals
+        (``ratelimit.shadow_reject``) but lets every request through, headerless.
+    ``on_store_error`` (``"open"``): ``open`` lets requests through (logged,
+        ``store.error`` emitted); ``closed`` answers 503 with ``Retry-After``.
+    ``ipv6_prefix`` (``64``): IPv6 clients are counted per network of this size.
+
+    Usage::
+
+        opts = RateLimitMiddleware.Options(limits=["10/second", "100/minute"], key="client_ip")
+        app = RateLimitMiddleware(app, opts, Context(stores={"shared": MemoryStore()}))
+    """
+
+    class Options(LayerOptions):
+        store: str = "shared"
+        limits: list[str] = Field(default_factory=list)
+        key: str | list[str] = "client_ip"
+        strategy: Strategy = "fixed-window"
+        rules: list[_Rule] = Field(default_factory=list)
+        mode: Literal["enforce", "shadow"] = "enforce"
+        on_store_error: Literal["open", "closed"] = "open"
+        ipv6_prefix: int = Field(default=64, ge=1, le=128)
+
+        _split = field_validator("limits", mode="before")(_limit_list)
+        _limits = field_validator("limits")(_check_limits)
+        _key = field_validator("key")(_check_key)
+
+        @model_validator(mode="after")
+        def _something_to_limit(self) -> RateLimitMiddleware.Options:
+            if not self.limits and not any(rule.limits for rule in self.rules):
+                raise ValueError("ratelimit needs limits (e.g. ['100/minute']) or rules with limits")
+            return self
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app = app
+        self.options = options
+        self.context = context
+        self.log = context.logger.getChild("ratelimit")
+        self.store_name = options.store
+        store = context.store(options.store)
+        pool = getattr(store, "pool", None)
+        self.counter: _MemoryCounter | _RedisCounter
+        if isinstance(store, MemoryStore):
+            self.counter = _MemoryCounter()
+        elif pool is not None:
+            self.counter = _RedisCounter(store)
+        else:
+            raise ValueError(f"store {options.store!r} is a {type(store).__name__}; "
+                             "the ratelimit layer counts in memory:// or Redis stores only")
+        default = _Rule(limits=options.limits, key=options.key, strategy=options.strategy)
+        self.rules = [self._compile(f"r{i}", r, options) for i, r in enumerate(options.rules)]
+        self.default = self._compile("default", default, options) if options.limits else None
+        self.enforce = options.mode == "enforce"
+        self.closed = options.on_store_error == "closed"
+        self.prefix = options.ipv6_prefix
+        self._last_log = 0.0
+
+    @staticmethod
+    def _compile(rid: str, rule: _Rule, options: Options) -> _Compiled:
+        paths = None if "*" in rule.paths else re.compile("|".join(fnmatch.translate(p) for p in rule.paths))
+        methods = frozenset(rule.methods) | ({"HEAD"} if "GET" in rule.methods else set())
+        key = rule.key if rule.key is not None else options.key
+        parts = tuple([key] if isinstance(key, str) else key)
+        items = [item for text in rule.limits for item in parse_many(text)]
+        strategy = rule.strategy or options.strategy
+        # The strategy is part of the key: its counters have different Redis types.
+        keys = []
+        for item in items:
+            before, after = item.key_for(rid, strategy, "\0").split("\0")
+            keys.append((before, after))
+        return _Compiled(rid, paths, methods or None, items, keys, parts, strategy)
+
+    def _key(self, environ: WSGIEnvironment, parts: tuple[str, ...]) -> str:
+        out = []
+        for part in parts:
+            if part == "user":
+                identity = environ.get(IDENTITY)
+                if identity is not None:
+                    out.append("u:" + identity.subject)
+                    continue
+            elif part != "client_ip":
+                value = environ.get("HTTP_" + part[7:].upper().replace("-", "_"))
+                if value:
+                    out.append("h:" + hashlib.blake2b(value.encode("latin-1"), digest_size=12).hexdigest())
+                    continue
+            ip = client_ip(environ) or "unknown"
+            out.append("ip:" + (_group_ipv6(ip, self.prefix) if ":" in ip else ip))
+        return out[0] if len(out) == 1 else "|".join(dict.fromkeys(out))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        rule = self.default
+        if self.rules:
+            method = environ.get("REQUEST_METHOD", "GET")
+            path = decoded_path(environ)
+            for candidate in self.rules:
+                if (candidate.methods is None or method in candidate.methods) and (
+                        candidate.paths is None or candidate.paths.match(path)):
+                    rule = candidate
+                    break
+        if rule is None or not rule.items:
+            return self.app(environ, start_response)
+        key = self._key(environ, rule.key)
+        try:
+            results = self.counter.hit(rule.strategy, rule.items, [a + key + b for a, b in rule.keys], time.time())
+        except _STORE_ERRORS as exc:
+            return self._store_failed(environ, start_response, exc)
+        now = time.time()
+        if len(results) == 1:
+            pick, allowed = 0, results[0][0]
+        else:  # report the refusing limit that resets last, else the one closest to running out
+            refused = [i for i, r in enumerate(results) if not r[0]]
+            allowed = not refused
+            pick = (max(refused, key=lambda i: results[i][2]) if refused
+                    else min(range(len(results)), key=lambda i: results[i][1]))
+        _, remaining, reset = results[pick]
+        item = rule.items[pick]
+        if not allowed:
+            return self._over(environ, start_response, rule.id, key, item, reset, now)
+        self.context.emit("ratelimit.pass", rule=rule.id)
+        if not self.enforce:
+            return self.app(environ, start_response)
+        headers = [("RateLimit-Limit", str(item.amount)), ("RateLimit-Remaining", str(remaining)),
+                   ("RateLimit-Reset", str(max(0, ceil(reset - now))))]
+
+        def add(status: str, response_headers: Headers) -> None:
+            response_headers.extend(headers)
+
+        try:
+            return self.app(environ, wrap_start_response(start_response, add))
+        except Exception as exc:
+            decorate_error(exc, headers)
+            raise
+
+    def _over(self, environ: WSGIEnvironment, start_response: StartResponse, rid: str, key: str,
+              item: RateLimitItem, reset: float, now: float) -> Iterable[bytes]:
+        """Refuse with 429 (enforce), or report and let through (shadow)."""
+        limit = str(item)
+        if not self.enforce:
+            self.context.emit("ratelimit.shadow_reject", rule=rid, limit=limit)
+            self.log.info("shadow mode: would have limited %s on %s %s (%s, rule %s)", key,
+                          environ.get("REQUEST_METHOD"), decoded_path(environ), limit, rid)
+            note(environ, "ratelimit", f"shadow: would have refused {key} under {limit}")
+            return self.app(environ, start_response)
+        self.context.emit("ratelimit.reject", rule=rid, limit=limit)
+        note(environ, "ratelimit", f"refused {key} under {limit} (rule {rid})")
+        wait = max(1, ceil(reset - now))
+        headers = [("Retry-After", str(wait)), ("RateLimit-Limit", str(item.amount)),
+                   ("RateLimit-Remaining", "0"), ("RateLimit-Reset", str(max(0, ceil(reset - now))))]
+        raise refuse(429, f"Too many requests: the limit is {limit}; retry in {wait} seconds.", headers=headers)
+
+    def _store_failed(self, environ: WSGIEnvironment, start_response: StartResponse,
+                      exc: BaseException) -> Iterable[bytes]:
+        self.context.emit("store.error", store=self.store_name, layer="ratelimit")
+        now = time.monotonic()
+        if now - self._last_log > 10:  # one line per 10 s while the store is down
+            self._last_log = now
+            self.log.warning("rate-limit store %r failed (%s); failing %s", self.store_name, exc,
+                             "closed" if self.closed else "open")
+        if self.closed:
+            note(environ, "ratelimit", "store down: refused (on_store_error closed)")
+            raise refuse(503, "The rate-limit store is unavailable; retry shortly.",
+                         headers=[("Retry-After", _STORE_RETRY_AFTER)])
+        note(environ, "ratelimit", "store down: let through (on_store_error open)")
+        return self.app(environ, start_response)

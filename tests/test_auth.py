@@ -1,0 +1,715 @@
+"""The auth layer and its TokenService: verification tables, rules, revocation, rotation, store failure.
+
+Tokens that the service would never issue are forged here with PyJWT (or by
+hand, where PyJWT refuses to make them).  Revocation and rotation run against
+both backends (``store_url``: memory:// and a real redis-server).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
+from webtest import TestApp
+from werkzeug.exceptions import HTTPException
+
+from middleware.auth import AuthMiddleware, TokenService
+from middleware.base import IDENTITY, SESSION, Context
+from middleware.errors import ErrorsMiddleware
+from stores import Store, store_from_url
+from stores.breaker import CircuitBreaker
+from stores.memory import MemoryStore
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "s3cr3t-" * 10  # 70 bytes: long enough to forge HS512 tokens too
+OTHER_SECRET = "other-" * 11
+MISSING = 'Bearer realm="wsgistack"'
+
+
+def challenge(description: str, realm: str = "wsgistack") -> str:
+    return f'Bearer realm="{realm}", error="invalid_token", error_description="{description}"'
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def pem(key: Any) -> str:
+    return str(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode())
+
+
+def private_pem(key: Any) -> str:
+    return str(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()).decode())
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    """A 2048-bit RSA key pair for the module."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def rsa_other() -> rsa.RSAPrivateKey:
+    """An attacker's RSA key."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    """A P-256 key pair."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    """Valid access-token claims for ann, changed by ``overrides`` (None removes a claim)."""
+    now = int(time.time())
+    base: dict[str, Any] = {"sub": "ann", "roles": ["user"], "iat": now, "exp": now + 300,
+                            "jti": f"j-{time.monotonic_ns()}", "typ": "access"}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def hs(payload: dict[str, Any], secret: str = SECRET, alg: str = "HS256", **headers: Any) -> str:
+    return jwt.encode(payload, secret, algorithm=alg, headers=headers or None)
+
+
+def hand_signed(header: dict[str, Any], payload: dict[str, Any], key: bytes, digest: Any = hashlib.sha256) -> str:
+    """A token signed by hand, for the ones PyJWT refuses to make."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    signature = hmac.new(key, signing_input.encode(), digest).digest() if key else b""
+    return f"{signing_input}.{b64(signature)}"
+
+
+def echo(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """The app under the layer: tells who it saw."""
+    identity = environ.get(IDENTITY)
+    body = json.dumps(None if identity is None else {
+        "sub": identity.subject, "roles": sorted(identity.roles), "source": identity.source,
+    }).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class Stack:
+    """errors → auth → echo, with the events the layer emitted."""
+
+    def __init__(self, backend: Store | None = None, **options: Any) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.context = Context(stores={"shared": backend if backend is not None else MemoryStore()},
+                               listeners=[lambda e, f: self.events.append((e, f))])
+        if not any(k in options for k in ("public_keys", "jwks_file", "private_key")):
+            options.setdefault("secret", SECRET)
+        self.layer = AuthMiddleware(echo, AuthMiddleware.Options(**options), self.context)
+        self.tokens: TokenService = self.context.services["tokens"]
+        self.app = TestApp(ErrorsMiddleware(self.layer, ErrorsMiddleware.Options(), self.context))
+
+    def call(self, path: str = "/", token: str | None = None, method: str = "GET",
+             headers: dict[str, str] | None = None, **environ: Any) -> Any:
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return self.app.request(path, method=method, headers=headers, environ=environ, expect_errors=True)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f["reason"] for e, f in self.events if e == "auth.failure"]
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A store of each backend, closed afterwards."""
+    made = store_from_url(store_url)
+    yield made
+    made.close()
+
+
+def expect(response: Any, status: int, www: str | None, reasons: list[str], stack: Stack) -> None:
+    assert response.status_int == status, response.text
+    assert response.headers.get("WWW-Authenticate") == www
+    assert stack.reasons == reasons
+
+
+# ------------------------------------------------------------------ the verification table
+
+
+def _header(value: str) -> Callable[[Any], dict[str, str]]:
+    return lambda keys: {"Authorization": value}
+
+
+def _token(make: Callable[[Any], str]) -> Callable[[Any], dict[str, str]]:
+    return lambda keys: {"Authorization": "Bearer " + make(keys)}
+
+
+@pytest.mark.parametrize(("options", "request_headers", "expected"), [
+    pytest.param({}, lambda k: {}, (401, MISSING, "missing"), id="missing token"),
+    pytest.param({}, _header("Basic YW5uOnB3"), (401, MISSING, "missing"), id="basic credentials are no token"),
+    pytest.param({}, _header("Bearer not-a-jwt"), (401, challenge("the token is malformed"), "malformed"),
+                 id="malformed"),
+    pytest.param({}, _header("Bearer "), (401, challenge("the token is malformed"), "malformed"), id="empty"),
+    pytest.param({}, _header("Bearer a.b.c"), (401, challenge("the token is malformed"), "malformed"),
+                 id="three junk segments"),
+    pytest.param({}, _token(lambda k: hand_signed({"alg": "none", "typ": "JWT"}, claims(), b"")),
+                 (401, challenge("the token's algorithm is not accepted"), "invalid_algorithm"), id="alg none"),
+    pytest.param({}, _token(lambda k: hand_signed({"alg": "NONE"}, claims(), b"")),
+                 (401, challenge("the token's algorithm is not accepted"), "invalid_algorithm"), id="alg NONE"),
+    pytest.param({}, _token(lambda k: hs(claims(), alg="HS512")),
+                 (401, challenge("the token's algorithm is not accepted"), "invalid_algorithm"),
+                 id="HS512 token, key pinned to HS256"),
+    pytest.param({}, _token(lambda k: hs(claims(), OTHER_SECRET)),
+                 (401, challenge("the token's signature is invalid"), "invalid_signature"), id="other secret"),
+    pytest.param({}, _token(lambda k: hs(claims(exp=int(time.time()) - 5))),
+                 (401, challenge("the token has expired"), "expired"), id="expired"),
+    pytest.param({"leeway": 30}, _token(lambda k: hs(claims(exp=int(time.time()) - 5))),
+                 (200, None, None), id="expired within leeway"),
+    pytest.param({}, _token(lambda k: hs(claims(iat=int(time.time()) + 120))),
+                 (401, challenge("the token is not valid yet"), "not_yet_valid"), id="issued in the future"),
+    pytest.param({}, _token(lambda k: hs(claims(exp=None))),
+                 (401, challenge("the token has no exp claim"), "missing_claim"), id="no exp"),
+    pytest.param({}, _token(lambda k: hs(claims(iat=None))),
+                 (401, challenge("the token has no iat claim"), "missing_claim"), id="no iat"),
+    pytest.param({}, _token(lambda k: hs(claims(jti=None))),
+                 (401, challenge("the token has no jti claim"), "missing_claim"), id="no jti"),
+    pytest.param({}, _token(lambda k: hs(claims(sub=None))),
+                 (401, challenge("the token has no sub claim"), "missing_claim"), id="no sub"),
+    pytest.param({"issuer": "https://id.example.org"}, _token(lambda k: hs(claims(iss="https://evil.example"))),
+                 (401, challenge("the token's issuer is not accepted"), "invalid_issuer"), id="wrong iss"),
+    pytest.param({"issuer": "https://id.example.org"}, _token(lambda k: hs(claims())),
+                 (401, challenge("the token has no iss claim"), "missing_claim"), id="no iss"),
+    pytest.param({"issuer": "https://id.example.org"}, _token(lambda k: hs(claims(iss="https://id.example.org"))),
+                 (200, None, None), id="right iss"),
+    pytest.param({"audience": "api"}, _token(lambda k: hs(claims(aud="other"))),
+                 (401, challenge("the token's audience is not accepted"), "invalid_audience"), id="wrong aud"),
+    pytest.param({"audience": "api"}, _token(lambda k: hs(claims(aud=["other", "api"]))),
+                 (200, None, None), id="aud list holding ours"),
+    pytest.param({}, _token(lambda k: hs(claims(aud="api"))),
+                 (401, challenge("the token's audience is not accepted"), "invalid_audience"),
+                 id="aud present but none configured"),
+    pytest.param({}, _token(lambda k: hs(claims(typ="refresh"))),
+                 (401, challenge("a refresh token cannot be used as an access token"), "wrong_token_type"),
+                 id="refresh token as access token"),
+    pytest.param({}, _token(lambda k: hs(claims(typ=None, token_use="refresh"))),
+                 (401, challenge("a refresh token cannot be used as an access token"), "wrong_token_type"),
+                 id="token_use refresh"),
+    pytest.param({}, _token(lambda k: hs(claims(typ="id"))),
+                 (401, challenge("the token is not an access token"), "wrong_token_type"), id="id token"),
+    pytest.param({}, _token(lambda k: hs(claims(typ=None))), (200, None, None), id="no typ counts as access"),
+    pytest.param({}, _token(lambda k: hs(claims(roles="admin"))),
+                 (401, challenge("the token's roles claim is not a list of strings"), "invalid"),
+                 id="roles not a list"),
+    pytest.param({}, _token(lambda k: hs(claims(), kid="k1")),
+                 (401, challenge("the token's key id is unknown"), "unknown_kid"), id="kid with a secret"),
+    pytest.param({"realm": 'api "v2"'}, _token(lambda k: hs(claims(), OTHER_SECRET)),
+                 (401, challenge("the token's signature is invalid", 'api \\"v2\\"'), "invalid_signature"),
+                 id="realm is quoted"),
+    pytest.param({"max_token_bytes": 300}, _header("Bearer " + "a" * 300), (431, None, "too_large"),
+                 id="header too large"),
+    pytest.param({}, _token(lambda k: hs(claims())), (200, None, None), id="valid"),
+    # RSA configuration
+    pytest.param("rsa", _token(lambda k: jwt.encode(claims(), k["rsa"], algorithm="RS256")),
+                 (200, None, None), id="rsa: valid without kid (one key)"),
+    pytest.param("rsa", _token(lambda k: hand_signed({"alg": "HS256", "typ": "JWT"}, claims(), k["rsa_pem"])),
+                 (401, challenge("the token's algorithm is not accepted"), "invalid_algorithm"),
+                 id="rsa: HS256 signed with the public key as secret"),
+    pytest.param("rsa", _token(lambda k: jwt.encode(claims(), k["rsa"], algorithm="RS512")),
+                 (401, challenge("the token's algorithm is not accepted"), "invalid_algorithm"),
+                 id="rsa: RS512 token, key pinned to RS256"),
+    pytest.param("rsa", _token(lambda k: jwt.encode(claims(), k["other"], algorithm="RS256")),
+                 (401, challenge("the token's signature is invalid"), "invalid_signature"),
+                 id="rsa: signed by another key"),
+    pytest.param("rsa2", _token(lambda k: jwt.encode(claims(), k["rsa"], algorithm="RS256", headers={"kid": "nope"})),
+                 (401, challenge("the token's key id is unknown"), "unknown_kid"), id="rsa: unknown kid"),
+    pytest.param("rsa2", _token(lambda k: jwt.encode(claims(), k["rsa"], algorithm="RS256")),
+                 (401, challenge("the token names no key id and several keys are configured"), "unknown_kid"),
+                 id="rsa: no kid, several keys"),
+    pytest.param("rsa2", _token(lambda k: jwt.encode(claims(), k["rsa"], algorithm="RS256", headers={"kid": "main"})),
+                 (200, None, None), id="rsa: kid picks the key"),
+    pytest.param("rsa2", _token(lambda k: jwt.encode(claims(), k["rsa"], algorithm="RS256", headers={"kid": "old"})),
+                 (401, challenge("the token's signature is invalid"), "invalid_signature"),
+                 id="rsa: kid of another configured key"),
+    pytest.param("rsa2", _token(lambda k: jwt.encode(
+        claims(), k["other"], algorithm="RS256",
+        headers={"kid": "attacker", "jku": "https://evil.example/jwks.json", "x5u": "https://evil.example/c"})),
+                 (401, challenge("the token's key id is unknown"), "unknown_kid"), id="rsa: jku/x5u never fetched"),
+    pytest.param("rsa2", _token(lambda k: jwt.encode(
+        claims(), k["rsa"], algorithm="RS256", headers={"kid": "main", "jku": "https://evil.example/jwks.json"})),
+                 (200, None, None), id="rsa: jku ignored on our own token"),
+])
+def test_verification(options: Any, request_headers: Callable[[Any], dict[str, str]],
+                      expected: tuple[int, str | None, str | None], rsa_key: Any, rsa_other: Any) -> None:
+    keys = {"rsa": rsa_key, "other": rsa_other, "rsa_pem": pem(rsa_key).encode()}
+    if options == "rsa":
+        options = {"public_keys": [pem(rsa_key)]}
+    elif options == "rsa2":
+        options = {"public_keys": {"main": pem(rsa_key), "old": pem(rsa_other)}}
+    stack = Stack(**options)
+    response = stack.call(headers=request_headers(keys))
+    status, www, reason = expected
+    expect(response, status, www, [reason] if reason else [], stack)
+    if status == 401 and www is not None and www != MISSING:
+        assert response.json["error"]["message"] == f"Unauthorized: {www.split('error_description=')[1][1:-1]}."
+    if status == 200:
+        assert response.json["sub"] == "ann"
+
+
+def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = Stack()
+    token = hs(claims(exp=int(time.time()) + 60))
+    assert stack.call(token=token).status_int == 200  # verified once, then remembered
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    expect(stack.call(token=token), 401, challenge("the token has expired"), ["expired"], stack)
+
+
+def test_missing_token_message() -> None:
+    stack = Stack()
+    response = stack.call()
+    assert response.json["error"]["message"] == "Unauthorized: this resource needs a bearer token."
+
+
+def test_too_large_message() -> None:
+    response = Stack(max_token_bytes=300).call(token="a" * 400)
+    assert response.json["error"]["message"] == "The Authorization header is longer than 300 bytes."
+
+
+# ------------------------------------------------------------------ rules
+
+
+RULES = [
+    {"paths": ["/public/*"], "auth": "none"},
+    {"paths": ["/maybe/*"], "auth": "optional"},
+    {"paths": ["/admin/*"], "methods": ["POST", "DELETE"], "roles": ["admin", "owner"]},
+    {"paths": ["/admin/*"], "roles": ["admin", "owner", "viewer"]},
+]
+
+
+@pytest.mark.parametrize(("method", "path", "who", "expected"), [
+    pytest.param("GET", "/public/x", None, (200, None, None), id="none: no token"),
+    pytest.param("GET", "/public/x", "garbage", (200, None, None), id="none: a bad token is not even read"),
+    pytest.param("GET", "/maybe/x", None, (200, None, None), id="optional: anonymous"),
+    pytest.param("GET", "/maybe/x", "user", (200, "ann", None), id="optional: identified"),
+    pytest.param("GET", "/maybe/x", "garbage", (401, None, "malformed"), id="optional: a bad token is refused"),
+    pytest.param("GET", "/admin/x", "viewer", (200, "ann", None), id="roles: any listed role passes"),
+    pytest.param("POST", "/admin/x", "viewer", (403, None, "insufficient_role"), id="roles: per method"),
+    pytest.param("POST", "/admin/x", "owner", (200, "ann", None), id="roles: owner may post"),
+    pytest.param("GET", "/admin/x", "user", (403, None, "insufficient_role"), id="roles: missing role"),
+    pytest.param("GET", "/other", None, (401, None, "missing"), id="default: required"),
+    pytest.param("OPTIONS", "/admin/x", None, (200, None, None), id="OPTIONS never refused"),
+    pytest.param("OPTIONS", "/other", "garbage", (200, None, None), id="OPTIONS with a bad token"),
+])
+def test_rules(method: str, path: str, who: str | None, expected: tuple[int, str | None, str | None]) -> None:
+    stack = Stack(rules=RULES)
+    token = None if who is None else "garbage" if who == "garbage" else hs(claims(roles=[who]))
+    response = stack.call(path, token=token, method=method,
+                          headers={"Access-Control-Request-Method": "POST"} if method == "OPTIONS" else None)
+    status, sub, reason = expected
+    assert response.status_int == status
+    assert stack.reasons == ([reason] if reason else [])
+    if status == 200:
+        assert (response.json or {}).get("sub") == sub
+    if status == 403:
+        assert response.headers["WWW-Authenticate"] == (
+            'Bearer realm="wsgistack", error="insufficient_scope", error_description="a role is missing"')
+        needs = "admin, owner" if method == "POST" else "admin, owner, viewer"
+        assert response.json["error"]["message"] == f"Forbidden: this resource needs one of the roles {needs}."
+
+
+def test_default_optional_and_rules_first_match() -> None:
+    stack = Stack(default="optional", rules=[{"paths": ["/a/*"], "auth": "required"},
+                                             {"paths": ["/a/b"], "auth": "none"}])
+    assert stack.call("/a/b").status_int == 401  # the first matching rule wins
+    assert stack.call("/x").json is None
+
+
+# ------------------------------------------------------------------ session identity
+
+
+class FakeSession(dict):  # type: ignore[type-arg]
+    """What the session layer puts in environ, as far as auth reads it."""
+
+
+@pytest.mark.parametrize(("options", "session", "token", "expected"), [
+    pytest.param({}, {"user": {"sub": "bob", "roles": ["admin"]}}, None,
+                 (200, {"sub": "bob", "roles": ["admin"], "source": "session"}), id="session user accepted"),
+    pytest.param({"accept_session": False}, {"user": {"sub": "bob"}}, None, (401, None), id="session not accepted"),
+    pytest.param({}, {}, None, (401, None), id="session without user"),
+    pytest.param({}, {"user": {"name": "bob"}}, None, (401, None), id="session user without sub"),
+    pytest.param({}, {"user": {"sub": "bob", "roles": ["admin"]}}, "ann",
+                 (200, {"sub": "ann", "roles": ["user"], "source": "jwt"}), id="bearer token wins"),
+    pytest.param({"rules": [{"paths": ["*"], "roles": ["admin"]}]}, {"user": {"sub": "bob", "roles": ["user"]}},
+                 None, (403, None), id="session roles checked"),
+])
+def test_session_identity(options: dict[str, Any], session: dict[str, Any], token: str | None,
+                          expected: tuple[int, Any]) -> None:
+    stack = Stack(**options)
+    environ: dict[str, Any] = {SESSION: FakeSession(session)}
+    response = stack.call(token=hs(claims()) if token else None, **environ)
+    assert response.status_int == expected[0]
+    if expected[1] is not None:
+        assert response.json == expected[1]
+    if expected[0] == 403:
+        assert "WWW-Authenticate" not in response.headers  # a session user is not challenged for a token
+
+
+# ------------------------------------------------------------------ the token service
+
+
+def test_issue_shape_and_claims(store: Store) -> None:
+    stack = Stack(store, issuer="https://id.example.org", audience="api", access_ttl=600, refresh_ttl=7200)
+    pair = stack.tokens.issue("ann", ["user", "admin", "user"])
+    assert set(pair) == {"access_token", "refresh_token", "token_type", "expires_in", "refresh_expires_in"}
+    assert (pair["token_type"], pair["expires_in"], pair["refresh_expires_in"]) == ("Bearer", 600, 7200)
+    access = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"], audience="api")
+    refresh = jwt.decode(pair["refresh_token"], SECRET, algorithms=["HS256"], audience="api")
+    assert set(access) == {"sub", "roles", "iat", "exp", "jti", "typ", "fam", "iss", "aud"}
+    assert (access["sub"], access["roles"], access["typ"], access["iss"], access["aud"]) == (
+        "ann", ["admin", "user"], "access", "https://id.example.org", "api")
+    assert access["exp"] - access["iat"] == 600
+    assert (refresh["typ"], refresh["exp"] - refresh["iat"], refresh["fam"]) == ("refresh", 7200, access["fam"])
+    assert access["jti"] != refresh["jti"]
+    assert jwt.get_unverified_header(pair["access_token"]) == {"alg": "HS256", "typ": "JWT"}
+    assert stack.call(token=pair["access_token"]).json == {"sub": "ann", "roles": ["admin", "user"], "source": "jwt"}
+
+
+def test_defaults_and_published_service() -> None:
+    stack = Stack()
+    assert stack.context.services["tokens"] is stack.tokens
+    pair = stack.tokens.issue("ann")
+    assert (pair["expires_in"], pair["refresh_expires_in"]) == (900, 30 * 86400)
+    assert stack.tokens.verify(pair["refresh_token"], kind="refresh")["typ"] == "refresh"
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.verify(pair["refresh_token"])
+    assert info.value.code == 401
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.verify(pair["access_token"], kind="refresh")
+    assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
+        ("WWW-Authenticate", challenge("only a refresh token can be refreshed"))]
+
+
+def test_revoked_access_token_is_refused(store: Store) -> None:
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann", ["user"])
+    assert stack.call(token=pair["access_token"]).status_int == 200
+    stack.tokens.revoke(pair["access_token"])
+    expect(stack.call(token=pair["access_token"]), 401, challenge("the token has been revoked"), ["revoked"], stack)
+    jti = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"])["jti"]
+    assert store.get(f"revoked:{jti}") == b"1"
+
+
+def test_revoked_refresh_token_cannot_refresh(store: Store) -> None:
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann")
+    stack.tokens.revoke(pair["refresh_token"])
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.refresh(pair["refresh_token"])
+    assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
+        ("WWW-Authenticate", challenge("the token has been revoked"))]
+
+
+def test_revoking_an_expired_token_stores_nothing(store: Store) -> None:
+    stack = Stack(store)
+    old = hs(claims(exp=int(time.time()) - 10, jti="gone"))
+    stack.tokens.revoke(old)
+    assert store.get("revoked:gone") is None
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.revoke(hs(claims(), OTHER_SECRET))
+    assert info.value.code == 401
+
+
+def test_refresh_rotates_and_reuse_revokes_the_family(store: Store) -> None:
+    stack = Stack(store)
+    first = stack.tokens.issue("ann", ["user"])
+    second = stack.tokens.refresh(first["refresh_token"])
+    first_claims = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])
+    second_claims = jwt.decode(second["refresh_token"], SECRET, algorithms=["HS256"])
+    assert second_claims["fam"] == first_claims["fam"] and second_claims["jti"] != first_claims["jti"]
+    assert jwt.decode(second["access_token"], SECRET, algorithms=["HS256"])["roles"] == ["user"]
+    assert stack.call(token=second["access_token"]).status_int == 200
+    third = stack.tokens.refresh(second["refresh_token"])
+
+    with pytest.raises(HTTPException) as info:  # the first refresh token, used again
+        stack.tokens.refresh(first["refresh_token"])
+    assert info.value.code == 401
+    assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
+        ("WWW-Authenticate", challenge("the refresh token was already used; its family is revoked"))]
+    assert store.get(f"family-revoked:{first_claims['fam']}") == b"1"
+    with pytest.raises(HTTPException):  # the newest refresh token of the family is dead too
+        stack.tokens.refresh(third["refresh_token"])
+    for pair in (first, second, third):  # and so is every access token issued in it
+        assert stack.call(token=pair["access_token"]).status_int == 401
+    assert stack.reasons[:2] == ["refresh_reuse", "revoked"]
+    other = stack.tokens.issue("ann", ["user"])  # a new login is a new family
+    assert stack.call(token=other["access_token"]).status_int == 200
+    assert stack.tokens.refresh(other["refresh_token"])["token_type"] == "Bearer"
+
+
+def test_refresh_refuses_access_tokens_and_forgeries(store: Store) -> None:
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann")
+    for token in (pair["access_token"], hs(claims(typ="refresh", fam="f"), OTHER_SECRET),
+                  hs(claims(typ="refresh"))):
+        with pytest.raises(HTTPException) as info:
+            stack.tokens.refresh(token)
+        assert info.value.code == 401
+    assert stack.reasons == ["wrong_token_type", "invalid_signature", "invalid"]
+
+
+REVOKER = textwrap.dedent("""
+    import sys
+    from middleware.auth import AuthMiddleware, TokenService
+    from stores import store_from_url
+    url, secret, token = sys.argv[1:4]
+    store = store_from_url(url)
+    TokenService(AuthMiddleware.Options(secret=secret), store).revoke(token)
+    store.close()
+""")
+
+
+@pytest.mark.redis
+def test_revocation_reaches_another_process_within_a_second(redis_url: str) -> None:
+    store = store_from_url(redis_url)
+    try:
+        stack = Stack(store)
+        pair = stack.tokens.issue("ann")
+        assert stack.call(token=pair["access_token"]).status_int == 200  # verified and remembered
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        subprocess.run([sys.executable, "-c", REVOKER, redis_url, SECRET, pair["access_token"]],
+                       cwd=ROOT, env=env, check=True, timeout=30)
+        revoked_at = time.monotonic()
+        statuses = []
+        while time.monotonic() - revoked_at < 1.0:
+            statuses.append(stack.call(token=pair["access_token"]).status_int)
+            if statuses[-1] == 401:
+                break
+        assert statuses == [401]  # the very next request already sees it
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
+def test_revocation_seen_by_a_second_service_on_the_same_redis(redis_url: str) -> None:
+    from stores.redis import RedisStore
+
+    first, second = RedisStore(redis_url, key_prefix="app:"), RedisStore(redis_url, key_prefix="app:")
+    try:
+        a, b = Stack(first), Stack(second)
+        pair = a.tokens.issue("ann")
+        assert b.call(token=pair["access_token"]).status_int == 200
+        a.tokens.revoke(pair["access_token"])
+        assert b.call(token=pair["access_token"]).status_int == 401
+        refreshed = b.tokens.refresh(pair["refresh_token"])
+        with pytest.raises(HTTPException):
+            a.tokens.refresh(pair["refresh_token"])  # reuse seen across instances
+        assert b.call(token=refreshed["access_token"]).status_int == 401
+    finally:
+        first.close()
+        second.close()
+
+
+# ------------------------------------------------------------------ asymmetric keys
+
+
+def test_rsa_private_key_issues_with_a_kid(rsa_key: Any, tmp_path: Path) -> None:
+    key_file = tmp_path / "signing.pem"
+    key_file.write_text(private_pem(rsa_key))
+    stack = Stack(private_key=str(key_file), issuer="https://id.example.org")
+    pair = stack.tokens.issue("ann", ["user"])
+    header = jwt.get_unverified_header(pair["access_token"])
+    assert header["alg"] == "RS256" and len(header["kid"]) == 43  # RFC 7638 thumbprint
+    assert stack.call(token=pair["access_token"]).status_int == 200
+    verifier = Stack(public_keys={header["kid"]: pem(rsa_key)}, issuer="https://id.example.org")
+    assert verifier.call(token=pair["access_token"]).status_int == 200
+    with pytest.raises(RuntimeError, match="this auth layer only verifies tokens; set private_key to issue them"):
+        verifier.tokens.issue("ann")
+
+
+def test_private_key_reuses_the_kid_of_its_public_key(rsa_key: Any) -> None:
+    stack = Stack(public_keys={"2024-06": pem(rsa_key)}, private_key=private_pem(rsa_key))
+    pair = stack.tokens.issue("ann")
+    assert jwt.get_unverified_header(pair["access_token"])["kid"] == "2024-06"
+    assert stack.call(token=pair["access_token"]).status_int == 200
+
+
+def test_ec_keys(ec_key: Any, rsa_key: Any) -> None:
+    stack = Stack(private_key=private_pem(ec_key))
+    pair = stack.tokens.issue("ann")
+    assert jwt.get_unverified_header(pair["access_token"])["alg"] == "ES256"
+    assert stack.call(token=pair["access_token"]).status_int == 200
+    mixed = Stack(public_keys={"ec": pem(ec_key), "rsa": pem(rsa_key)})
+    token = jwt.encode(claims(), ec_key, algorithm="ES256", headers={"kid": "rsa"})
+    expect(mixed.call(token=token), 401, challenge("the token's algorithm is not accepted"),
+           ["invalid_algorithm"], mixed)
+
+
+def test_jwks_file(rsa_key: Any, ec_key: Any, tmp_path: Path) -> None:
+    rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    enc_jwk = {**rsa_jwk, "kid": "enc", "use": "enc"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [
+        {**rsa_jwk, "kid": "r1", "alg": "RS256"}, {**ec_jwk, "kid": "e1"}, enc_jwk]}))
+    stack = Stack(jwks_file=str(tmp_path / "jwks.json"))
+    assert sorted(k for k in stack.tokens.keys if k) == ["e1", "r1"]
+    good_rsa = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "r1"})
+    good_ec = jwt.encode(claims(), ec_key, algorithm="ES256", headers={"kid": "e1"})
+    assert [stack.call(token=t).status_int for t in (good_rsa, good_ec)] == [200, 200]
+    encryption_key = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "enc"})
+    assert stack.call(token=encryption_key).status_int == 401
+
+
+def test_relative_key_paths_resolve_beside_the_config_file(rsa_key: Any, tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "pub.pem").write_text(pem(rsa_key))
+    context = Context(stores={"shared": MemoryStore()}, settings={"config_file": str(tmp_path / "stack.yaml")})
+    layer = AuthMiddleware(echo, AuthMiddleware.Options(public_keys=["keys/pub.pem"]), context)
+    assert [k.alg for k in layer.tokens.keys.values()] == ["RS256"]
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({}, "auth needs secret (HS256) or public_keys, jwks_file or private_key (RS256/ES256)",
+                 id="no key"),
+    pytest.param({"secret": "short"}, "secret must be at least 32 bytes for HS256 (it has 5); make one with: "
+                 "python -c 'import secrets; print(secrets.token_urlsafe(48))'", id="short secret"),
+    pytest.param({"secret": "x" * 40, "algorithm": "HS512"}, "secret must be at least 64 bytes for HS512 (it has 40)",
+                 id="short for HS512"),
+    pytest.param({"secret": SECRET, "public_keys": ["k.pem"]},
+                 "secret (HMAC) may not be mixed with public_keys, private_key or jwks_file (RSA/EC); "
+                 "configure one kind of key", id="mixed key kinds"),
+    pytest.param({"secret": SECRET, "algorithm": "none"}, "algorithm 'none' is not accepted (known: HS256, HS384, "
+                 "HS512, ES256, ES384, ES512, EdDSA, PS256, PS384, PS512, RS256, RS384, RS512); 'none' never is",
+                 id="alg none"),
+    pytest.param({"secret": SECRET, "algorithm": "RS256"},
+                 "algorithm RS256 needs public_keys, jwks_file or private_key; with secret use HS256, HS384 or HS512",
+                 id="asymmetric algorithm with a secret"),
+    pytest.param({"public_keys": ["k.pem"], "algorithm": "HS256"},
+                 "algorithm HS256 needs secret; public_keys, jwks_file and private_key take RS256, PS256, ES256 or "
+                 "EdDSA", id="HMAC algorithm with public keys"),
+    pytest.param({"secret": SECRET, "access_ttl": 600, "refresh_ttl": 60},
+                 "refresh_ttl must not be shorter than access_ttl", id="ttls"),
+    pytest.param({"secret": SECRET, "default": "maybe"}, "Input should be 'required', 'optional' or 'none'",
+                 id="default level"),
+    pytest.param({"secret": SECRET, "rules": [{"paths": ["admin"], "roles": ["a"]}]},
+                 "path pattern 'admin' must start with '/' (or be '*')", id="rule path"),
+    pytest.param({"secret": SECRET, "on_store_error": "ignore"}, "Input should be 'open' or 'closed'",
+                 id="on_store_error"),
+])
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        AuthMiddleware.Options(**options)
+    assert message in str(info.value)
+
+
+def test_key_material_refused(rsa_key: Any, tmp_path: Path) -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"public_keys": [pem(weak)]}, "a public_keys entry is a 1024-bit RSA key; use at least 2048 bits"),
+        ({"public_keys": {"k": "missing.pem"}}, f"public_keys['k']: cannot read {str(tmp_path / 'missing.pem')!r} "
+                                               "(No such file or directory)"),
+        ({"public_keys": {"k": "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"}},
+         "public_keys['k'] is not a PEM public key or certificate"),
+        ({"public_keys": [pem(rsa_key)], "algorithm": "ES256"},
+         "a public_keys entry cannot be used with algorithm ES256"),
+        ({"private_key": pem(rsa_key)}, "private_key is not an unencrypted PEM private key"),
+        ({"public_keys": {"a": pem(rsa_key), "b": pem(rsa_key)}, "private_key": private_pem(rsa_key)}, ""),
+    ]
+    (tmp_path / "oct.json").write_text(json.dumps({"keys": [{"kty": "oct", "k": b64(b"x" * 32), "kid": "h"}]}))
+    cases.append(({"jwks_file": "oct.json"}, "jwks_file key h is a symmetric (oct) key; HMAC keys go in secret, "
+                                            "and may not be mixed with RSA/EC keys"))
+    (tmp_path / "bad.json").write_text("[]")
+    cases.append(({"jwks_file": "bad.json"}, "jwks_file 'bad.json' is not a JSON object with a 'keys' list"))
+    for options, message in cases:
+        context = Context(stores={"shared": MemoryStore()}, settings={"config_file": str(tmp_path / "stack.yaml")})
+        if not message:  # two kids for one key: allowed, the private key takes the first
+            layer = AuthMiddleware(echo, AuthMiddleware.Options(**options), context)
+            assert layer.tokens.signer is not None and layer.tokens.signer.kid == "a"
+            continue
+        with pytest.raises(ValueError) as info:
+            AuthMiddleware(echo, AuthMiddleware.Options(**options), context)
+        assert str(info.value) == message
+
+
+# ------------------------------------------------------------------ store failure
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("mode", "status"), [("closed", 503), ("open", 200)])
+def test_store_down(redis_server: Any, redis_url: str, mode: str, status: int) -> None:
+    if redis_server is None:
+        pytest.skip("needs the private redis-server to stop and start it")
+    from stores.redis import RedisStore
+
+    store = RedisStore(redis_url, breaker=CircuitBreaker(50, 0.2, name="test"))
+    stack = Stack(store, on_store_error=mode)
+    pair = stack.tokens.issue("ann")
+    stack.events.clear()
+    redis_server.stop()
+    try:
+        response = stack.call(token=pair["access_token"])
+        with pytest.raises(HTTPException) as refresh:  # rotation cannot be checked: always 503
+            stack.tokens.refresh(pair["refresh_token"])
+        with pytest.raises(HTTPException) as revoke:  # nor can a revocation be stored
+            stack.tokens.revoke(pair["access_token"])
+        missing = stack.call()  # no token: the store is not needed to say 401
+    finally:
+        redis_server.start()
+    assert response.status_int == status
+    if status == 503:
+        assert response.headers["Retry-After"] == "5"
+        assert response.json["error"]["message"] == "The token store is unavailable; retry shortly."
+        assert "WWW-Authenticate" not in response.headers
+    else:
+        assert response.json["sub"] == "ann"
+    for exc in (refresh.value, revoke.value):
+        assert exc.code == 503
+        assert exc.wsgistack_headers == [("Retry-After", "5")]  # type: ignore[attr-defined]
+    assert missing.status_int == 401
+    errors = [f for e, f in stack.events if e == "store.error"]
+    assert errors == [{"store": "shared", "layer": "auth"}] * 3
+    # Back up: the blocklist answers again.
+    stack.tokens.revoke(pair["access_token"])
+    assert stack.call(token=pair["access_token"]).status_int == 401
+    store.close()
+
+
+# ------------------------------------------------------------------ YAML
+
+
+def test_built_from_yaml(make_stack: Callable[..., TestApp], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    app = make_stack(textwrap.dedent("""
+        app: {factory: "stack_support:echo_app"}
+        pipeline:
+          - auth:
+              secret: ${JWT_SECRET}
+              rules: [{paths: ["/public/*"], auth: none}]
+    """))
+    tokens = app.built.context.services["tokens"]
+    pair = tokens.issue("ann", ["user"])
+    assert app.get("/x", headers={"Authorization": f"Bearer {pair['access_token']}"}).json["identity"] == "ann"
+    assert app.get("/x", expect_errors=True).status_int == 401
+    assert app.get("/public/x").json["identity"] is None
+
+
+def test_yaml_error_for_a_short_secret(make_stack: Callable[..., TestApp]) -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="secret must be at least 32 bytes for HS256"):
+        make_stack({"pipeline": [{"auth": {"secret": "too-short"}}]})

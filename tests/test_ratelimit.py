@@ -1,0 +1,546 @@
+"""The ratelimit layer: headers, rules, keys, shadow mode, exactness across threads and processes, store failure.
+
+Stateful behaviour runs against both backends (``store_url``: memory:// and a
+real redis-server).  Windows are a minute long unless a test needs one to
+roll, so nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydantic import ValidationError
+from webtest import TestApp
+
+from middleware.base import CLIENT_IP, IDENTITY, Context, Identity, refuse
+from middleware.errors import ErrorsMiddleware
+from middleware.ratelimit import RateLimitMiddleware
+from stores import Store, store_from_url
+from stores.breaker import CircuitBreaker
+
+ROOT = Path(__file__).resolve().parent.parent
+STRATEGIES = ["fixed-window", "moving-window", "sliding-window-counter"]
+RATE_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After")
+
+
+def inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """The app under the layer: 404 for /missing, otherwise 200 ok."""
+    if environ["PATH_INFO"] == "/missing":
+        raise refuse(404, "No such thing.")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+class Stack:
+    """errors → ratelimit → inner, with the events the layer emitted."""
+
+    def __init__(self, backend: Store, **options: Any) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.context = Context(stores={"shared": backend}, listeners=[lambda e, f: self.events.append((e, f))])
+        self.layer = RateLimitMiddleware(inner, RateLimitMiddleware.Options(**options), self.context)
+        self.wsgi = ErrorsMiddleware(self.layer, ErrorsMiddleware.Options(), self.context)
+        self.app = TestApp(self.wsgi)
+
+    def get(self, path: str = "/", ip: str = "10.0.0.1", method: str = "GET",
+            headers: dict[str, str] | None = None, **environ: Any) -> Any:
+        return self.app.request(path, method=method, headers=headers or {}, expect_errors=True,
+                                environ={"REMOTE_ADDR": ip, **environ})
+
+
+def rate(response: Any) -> dict[str, str]:
+    return {k: response.headers[k] for k in RATE_HEADERS if k in response.headers}
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A store of each backend, closed afterwards (so no pool or breaker outlives the test)."""
+    made = store_from_url(store_url)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def redis_store(redis_url: str) -> Iterator[Store]:
+    """A Redis store with a breaker of its own."""
+    from stores.redis import RedisStore
+
+    made = RedisStore(redis_url, breaker=CircuitBreaker(50, 0.2, name="test"))
+    yield made
+    made.close()
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({"limits": ["10 per fortnight"]},
+                 "'10 per fortnight' is not a rate limit; write it like '10/second' or '100 per minute' "
+                 "(units: second, minute, hour, day, month, year)", id="bad limit string"),
+    pytest.param({"limits": ["1/second"], "key": "cookie"},
+                 "unknown key 'cookie' (known: client_ip, user, header:NAME)", id="unknown key"),
+    pytest.param({"limits": ["1/second"], "key": ["client_ip", "header:"]},
+                 "unknown key 'header:' (known: client_ip, user, header:NAME)", id="empty header name"),
+    pytest.param({"limits": ["1/second"], "key": []},
+                 "key must name at least one of client_ip, user, header:NAME", id="empty key list"),
+    pytest.param({}, "ratelimit needs limits (e.g. ['100/minute']) or rules with limits", id="nothing to limit"),
+    pytest.param({"rules": [{"paths": ["/health"], "limits": []}]},
+                 "ratelimit needs limits (e.g. ['100/minute']) or rules with limits", id="only exemptions"),
+    pytest.param({"rules": [{"paths": ["api/*"], "limits": ["1/second"]}]},
+                 "path pattern 'api/*' must start with '/' (or be '*')", id="relative path"),
+    pytest.param({"rules": [{"methods": ["FETCH"], "limits": ["1/second"]}]},
+                 "unknown HTTP method 'FETCH' (known: CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, "
+                 "TRACE)", id="unknown method"),
+    pytest.param({"rules": [{"limits": ["1/second"], "burst": 3}]}, "Extra inputs are not permitted",
+                 id="unknown rule key"),
+    pytest.param({"limits": ["1/second"], "strategy": "token-bucket"},
+                 "Input should be 'fixed-window', 'moving-window' or 'sliding-window-counter'",
+                 id="unknown strategy"),
+    pytest.param({"limits": ["1/second"], "ipv6_prefix": 0}, "greater than or equal to 1", id="ipv6 prefix"),
+])
+def test_options_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        RateLimitMiddleware.Options(**options)
+    assert message in str(info.value)
+
+
+def test_limits_may_be_one_string() -> None:
+    assert RateLimitMiddleware.Options(limits="10/second; 100/minute").limits == ["10/second; 100/minute"]
+
+
+def test_unknown_store_name_is_a_lookup_error() -> None:
+    with pytest.raises(LookupError, match=r"unknown store 'limits' \(known: shared\)"):
+        Stack(store_from_url("memory://"), store="limits", limits=["1/second"])
+
+
+def test_store_without_counters_is_refused() -> None:
+    class Plain(Store):
+        def get(self, key: str) -> bytes | None: return None
+        def set(self, key: str, value: bytes, ttl: float | None = None) -> None: pass
+        def delete(self, key: str) -> bool: return False
+        def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int: return 0
+        def expire(self, key: str, ttl: float) -> bool: return False
+        def add(self, key: str, value: bytes, ttl: float | None = None) -> bool: return False
+        def scan(self, prefix: str) -> Iterator[str]: return iter(())
+        def ping(self) -> bool: return True
+
+    with pytest.raises(ValueError, match="store 'shared' is a Plain; the ratelimit layer counts in "
+                                         r"memory:// or Redis stores only"):
+        Stack(Plain(), limits=["1/second"])
+
+
+# ------------------------------------------------------------------ headers
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_exact_headers_on_passes_and_429(store: Store, strategy: str) -> None:
+    stack = Stack(store, limits=["3/minute"], strategy=strategy)
+    seen = [stack.get() for _ in range(4)]
+    assert [r.status_int for r in seen] == [200, 200, 200, 429]
+    assert [r.headers["RateLimit-Remaining"] for r in seen] == ["2", "1", "0", "0"]
+    assert all(r.headers["RateLimit-Limit"] == "3" for r in seen)
+    refused = seen[-1]
+    reset = refused.headers["RateLimit-Reset"]
+    if strategy == "sliding-window-counter" and store.url.startswith("memory"):
+        # limits' in-memory sliding windows are aligned to the clock: reset is what is left of it.
+        assert 1 <= int(reset) <= 60
+        assert all(1 <= int(r.headers["RateLimit-Reset"]) <= 60 for r in seen)
+    else:
+        assert reset == "60"
+        assert [r.headers["RateLimit-Reset"] for r in seen] == ["60"] * 4
+    assert rate(refused) == {"RateLimit-Limit": "3", "RateLimit-Remaining": "0",
+                             "RateLimit-Reset": reset, "Retry-After": reset}
+    assert list(refused.headers.keys())[:4] == ["Retry-After", "RateLimit-Limit", "RateLimit-Remaining",
+                                                "RateLimit-Reset"]
+    assert refused.json["error"]["message"] == (
+        f"Too many requests: the limit is 3 per 1 minute; retry in {reset} seconds.")
+    assert stack.get(ip="10.0.0.2").status_int == 200  # another client has its own count
+
+
+def test_several_limits_report_the_tightest(store: Store) -> None:
+    stack = Stack(store, limits=["2/second", "5/minute"])
+    first, second, third = (stack.get() for _ in range(3))
+    assert rate(first) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "1", "RateLimit-Reset": "1"}
+    assert rate(second) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "0", "RateLimit-Reset": "1"}
+    assert third.status_int == 429
+    assert rate(third) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "0", "RateLimit-Reset": "1",
+                           "Retry-After": "1"}
+    assert third.json["error"]["message"] == "Too many requests: the limit is 2 per 1 second; retry in 1 seconds."
+
+
+def test_minute_limit_reported_when_it_is_closer_to_running_out(store: Store) -> None:
+    stack = Stack(store, limits=["10/second", "2/minute"])
+    assert rate(stack.get()) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "1", "RateLimit-Reset": "60"}
+    stack.get()
+    refused = stack.get()
+    assert (refused.status_int, refused.headers["Retry-After"], refused.headers["RateLimit-Limit"]) == (429, "60", "2")
+
+
+def test_inner_errors_carry_the_headers(store: Store) -> None:
+    stack = Stack(store, limits=["5/minute"])
+    response = stack.get("/missing")
+    assert response.status_int == 404
+    assert rate(response) == {"RateLimit-Limit": "5", "RateLimit-Remaining": "4", "RateLimit-Reset": "60"}
+
+
+def test_429_passes_through_cors_with_its_headers(store: Store) -> None:
+    from middleware.cors import CORSMiddleware
+
+    context = Context(stores={"shared": store})
+    layer = RateLimitMiddleware(inner, RateLimitMiddleware.Options(limits=["1/minute"]), context)
+    cors = CORSMiddleware(layer, CORSMiddleware.Options(origins=("https://app.example.org",)), context)
+    app = TestApp(ErrorsMiddleware(cors, ErrorsMiddleware.Options(), context))
+    headers = {"Origin": "https://app.example.org"}
+    app.get("/", headers=headers)
+    refused = app.get("/", headers=headers, status=429)
+    assert refused.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+    assert rate(refused) == {"RateLimit-Limit": "1", "RateLimit-Remaining": "0", "RateLimit-Reset": "60",
+                             "Retry-After": "60"}
+
+
+def test_events(store: Store) -> None:
+    stack = Stack(store, limits=["1/minute"])
+    stack.get()
+    stack.get()
+    assert stack.events == [("ratelimit.pass", {"rule": "default"}),
+                            ("ratelimit.reject", {"rule": "default", "limit": "1 per 1 minute"})]
+
+
+# ------------------------------------------------------------------ rules
+
+
+RULES = [
+    {"paths": ["/api/*"], "methods": ["POST"], "limits": ["1/minute"]},
+    {"paths": ["/api/*"], "limits": ["5/minute"], "key": "header:X-Api-Key"},
+    {"paths": ["/health", "/static/*"], "limits": []},
+    {"paths": ["/search"], "methods": ["GET"], "limits": ["7/minute"], "strategy": "moving-window"},
+]
+
+
+@pytest.mark.parametrize(("method", "path", "expected"), [
+    pytest.param("POST", "/api/items", "1", id="first rule: POST under /api"),
+    pytest.param("GET", "/api/items", "5", id="second rule: any other method under /api"),
+    pytest.param("DELETE", "/api/a/b", "5", id="globs span segments"),
+    pytest.param("GET", "/health", None, id="exempt: limits []"),
+    pytest.param("GET", "/static/app.js", None, id="exempt by glob"),
+    pytest.param("GET", "/search", "7", id="rule with its own strategy"),
+    pytest.param("HEAD", "/search", "7", id="HEAD counts as GET"),
+    pytest.param("POST", "/search", "100", id="method not listed: default rule"),
+    pytest.param("GET", "/elsewhere", "100", id="no rule: default rule"),
+    pytest.param("GET", "/API/items", "100", id="paths are case-sensitive"),
+])
+def test_first_matching_rule_wins(store: Store, method: str, path: str, expected: str | None) -> None:
+    stack = Stack(store, limits=["100/minute"], rules=RULES)
+    response = stack.get(path, method=method)
+    assert response.status_int == 200
+    assert response.headers.get("RateLimit-Limit") == expected
+
+
+def test_rule_order_matters(store: Store) -> None:
+    broad_first = Stack(store, rules=[{"paths": ["/api/*"], "limits": ["9/minute"]},
+                                      {"paths": ["/api/login"], "limits": ["2/minute"]}])
+    assert broad_first.get("/api/login").headers["RateLimit-Limit"] == "9"
+
+
+def test_without_a_default_rule_unmatched_requests_pass_untouched(store: Store) -> None:
+    stack = Stack(store, rules=[{"paths": ["/api/*"], "limits": ["1/minute"]}])
+    for _ in range(3):
+        response = stack.get("/other")
+        assert (response.status_int, rate(response)) == (200, {})
+
+
+def test_rules_count_separately(store: Store) -> None:
+    stack = Stack(store, limits=["1/minute"], rules=[{"paths": ["/a"], "limits": ["1/minute"]}])
+    assert [stack.get("/a").status_int, stack.get("/b").status_int] == [200, 200]
+    assert [stack.get("/a").status_int, stack.get("/b").status_int] == [429, 429]
+
+
+# ------------------------------------------------------------------ keys
+
+
+@pytest.mark.parametrize(("options", "first", "second", "shared"), [
+    pytest.param({}, {"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}, False, id="client_ip: two addresses"),
+    pytest.param({}, {"ip": "10.0.0.1", "headers": {"X-Forwarded-For": "1.1.1.1"}},
+                 {"ip": "10.0.0.1", "headers": {"X-Forwarded-For": "2.2.2.2"}}, True,
+                 id="client_ip: X-Forwarded-For is never read"),
+    pytest.param({}, {"ip": "10.0.0.9", CLIENT_IP: "192.0.2.1"}, {"ip": "10.0.0.9", CLIENT_IP: "192.0.2.2"},
+                 False, id="client_ip: the address the proxy layer established"),
+    pytest.param({}, {"ip": "2001:db8:1:2::1"}, {"ip": "2001:db8:1:2:ffff:ffff:ffff:ffff"}, True,
+                 id="ipv6: one /64 is one client"),
+    pytest.param({}, {"ip": "2001:db8:1:2::1"}, {"ip": "2001:db8:1:3::1"}, False,
+                 id="ipv6: another /64 is another client"),
+    pytest.param({"ipv6_prefix": 48}, {"ip": "2001:db8:1:2::1"}, {"ip": "2001:db8:1:3::1"}, True,
+                 id="ipv6: prefix 48 groups wider"),
+    pytest.param({"ipv6_prefix": 128}, {"ip": "2001:db8::1"}, {"ip": "2001:db8::2"}, False,
+                 id="ipv6: prefix 128 is per address"),
+    pytest.param({}, {"ip": "::ffff:192.0.2.7"}, {"ip": "192.0.2.7"}, True,
+                 id="ipv4-mapped ipv6 is the ipv4 address"),
+    pytest.param({"key": "header:X-Api-Key"}, {"headers": {"X-Api-Key": "a"}}, {"headers": {"X-Api-Key": "b"}},
+                 False, id="header: two keys"),
+    pytest.param({"key": "header:X-Api-Key"}, {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}},
+                 {"ip": "10.0.0.2", "headers": {"X-Api-Key": "a"}}, True, id="header: one key, two addresses"),
+    pytest.param({"key": "header:X-Api-Key"}, {"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}, False,
+                 id="header missing: falls back to client_ip"),
+    pytest.param({"key": ["client_ip", "header:X-Api-Key"]}, {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}},
+                 {"ip": "10.0.0.2", "headers": {"X-Api-Key": "a"}}, False, id="combo: same key, two addresses"),
+    pytest.param({"key": ["client_ip", "header:X-Api-Key"]}, {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}},
+                 {"ip": "10.0.0.1", "headers": {"X-Api-Key": "b"}}, False, id="combo: same address, two keys"),
+    pytest.param({"key": ["client_ip", "header:X-Api-Key"]}, {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}},
+                 {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}}, True, id="combo: same pair"),
+    pytest.param({"key": "user"}, {"ip": "10.0.0.1", IDENTITY: Identity("ann")},
+                 {"ip": "10.0.0.2", IDENTITY: Identity("ann")}, True, id="user: one user, two addresses"),
+    pytest.param({"key": "user"}, {"ip": "10.0.0.1", IDENTITY: Identity("ann")},
+                 {"ip": "10.0.0.1", IDENTITY: Identity("bob")}, False, id="user: two users, one address"),
+    pytest.param({"key": "user"}, {"ip": "10.0.0.1"}, {"ip": "10.0.0.1", IDENTITY: Identity("ann")}, False,
+                 id="user unknown: falls back to client_ip"),
+    pytest.param({"key": "user"}, {"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}, False,
+                 id="user unknown: two addresses"),
+])
+def test_keys(store: Store, options: dict[str, Any], first: dict[str, Any], second: dict[str, Any],
+              shared: bool) -> None:
+    stack = Stack(store, limits=["1/minute"], **options)
+    assert stack.get(**first).status_int == 200
+    assert stack.get(**second).status_int == (429 if shared else 200)
+
+
+# ------------------------------------------------------------------ shadow mode
+
+
+def test_shadow_mode_counts_reports_and_lets_through(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    stack = Stack(store, limits=["2/minute"], mode="shadow")
+    with caplog.at_level(logging.INFO, logger="wsgistack.ratelimit"):
+        responses = [stack.get("/shadowed") for _ in range(4)]
+    assert [r.status_int for r in responses] == [200] * 4
+    assert all(rate(r) == {} for r in responses)  # clients see no difference
+    assert [e for e, _ in stack.events] == ["ratelimit.pass", "ratelimit.pass",
+                                            "ratelimit.shadow_reject", "ratelimit.shadow_reject"]
+    assert stack.events[-1][1] == {"rule": "default", "limit": "2 per 1 minute"}
+    lines = [r.getMessage() for r in caplog.records if r.name == "wsgistack.ratelimit"]
+    assert lines == ["shadow mode: would have limited ip:10.0.0.1 on GET /shadowed (2 per 1 minute, rule default)"] * 2
+
+
+# ------------------------------------------------------------------ exactness
+
+
+def _hammer(wsgi: Any, requests: int, ip: str = "10.9.9.9") -> list[int]:
+    """Send ``requests`` concurrent requests from as many threads; return the statuses."""
+    barrier = threading.Barrier(requests)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "REMOTE_ADDR": ip, "SERVER_NAME": "x",
+                   "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+        seen: list[str] = []
+        barrier.wait()
+        body = wsgi(environ, lambda status, headers, exc_info=None: seen.append(status))
+        b"".join(body)
+        with lock:
+            statuses.append(int(seen[0].split()[0]))
+
+    threads = [threading.Thread(target=one) for _ in range(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return statuses
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_concurrent_threads_get_exactly_n(store: Store, strategy: str) -> None:
+    stack = Stack(store, limits=["20/minute"], strategy=strategy)
+    statuses = _hammer(stack.wsgi, 32)
+    assert sorted(statuses) == [200] * 20 + [429] * 12
+
+
+def test_two_layers_on_one_redis_share_the_count(redis_url: str) -> None:
+    first, second = store_from_url(redis_url), store_from_url(redis_url)
+    try:
+        a, b = Stack(first, limits=["3/minute"]), Stack(second, limits=["3/minute"])
+        assert [a.get().status_int, b.get().status_int, a.get().status_int, b.get().status_int] == [200, 200, 200, 429]
+    finally:
+        first.close()
+        second.close()
+
+
+PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys, threading
+    from middleware.base import Context
+    from middleware.ratelimit import RateLimitMiddleware
+    from stores import store_from_url
+
+    url, strategy, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    store = store_from_url(url)
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [b"ok"]
+    layer = RateLimitMiddleware(app, RateLimitMiddleware.Options(limits=["25/minute"], strategy=strategy),
+                                Context(stores={"shared": store}))
+    passed, refused, lock = [0], [0], threading.Lock()
+    def one():
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "REMOTE_ADDR": "10.7.7.7"}
+        try:
+            layer(environ, lambda *a: None)
+            with lock: passed[0] += 1
+        except Exception as exc:
+            assert getattr(exc, "code", None) == 429, exc
+            with lock: refused[0] += 1
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    print("ready", flush=True)
+    sys.stdin.readline()  # both processes start together
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(json.dumps({"passed": passed[0], "refused": refused[0]}))
+""")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_processes_on_one_redis_get_exactly_n(redis_url: str, strategy: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT, redis_url, strategy, "20"], cwd=ROOT, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+    results = []
+    for proc in procs:
+        out, err = proc.communicate("go\n", timeout=30)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out))
+    assert sum(r["passed"] for r in results) == 25
+    assert sum(r["refused"] for r in results) == 15
+
+
+# ------------------------------------------------------------------ Redis costs
+
+
+class CountingConnection(redis.Connection):
+    """A real connection that counts how often it writes to the socket (one write per round trip)."""
+
+    writes = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).writes += 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+def _commandstats(client: redis.Redis) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("strategy", "limits", "commands"), [
+    pytest.param("fixed-window", ["100/minute"], {"evalsha": 1, "pttl": 1}, id="fixed, one limit"),
+    pytest.param("fixed-window", ["100/second", "1000/minute"], {"evalsha": 2, "pttl": 2}, id="fixed, two limits"),
+    pytest.param("moving-window", ["100/minute"], {"evalsha": 2}, id="moving, one limit"),
+    pytest.param("sliding-window-counter", ["100/minute"], {"evalsha": 2}, id="sliding, one limit"),
+])
+def test_one_round_trip_per_request(redis_url: str, strategy: str, limits: list[str],
+                                    commands: dict[str, int]) -> None:
+    from stores.redis import RedisStore
+
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    store = RedisStore(client=redis.Redis(connection_pool=pool), breaker=CircuitBreaker(50, 0.2, name="t"))
+    stack = Stack(store, limits=limits, strategy=strategy)
+    counter: Any = stack.layer.counter
+    assert counter.storage.storage.connection_pool is store.pool  # limits uses the store's pool
+    assert counter.client is store.client
+    stack.get()  # loads the scripts once
+    probe = redis.Redis.from_url(redis_url)
+    before, writes = _commandstats(probe), CountingConnection.writes
+    for _ in range(10):
+        assert stack.get().status_int == 200
+    after = _commandstats(probe)
+    assert CountingConnection.writes - writes == 10  # one pipeline, one round trip, per request
+    sent = {name: (after.get(name, 0) - before.get(name, 0)) // 10 for name in ("evalsha", "pttl", "get")
+            if name in commands}
+    assert sent == commands
+    assert len(pool._available_connections) + len(pool._in_use_connections) == 1
+    probe.close()
+    pool.disconnect()
+
+
+@pytest.mark.redis
+def test_keys_live_under_the_store_prefix(redis_store: Store, redis_url: str) -> None:
+    Stack(redis_store, limits=["5/minute"]).get(ip="10.1.1.1")
+    keys = redis.Redis.from_url(redis_url, decode_responses=True).keys("*")
+    assert keys == ["wsgistack:ratelimit:LIMITER/default/fixed-window/ip:10.1.1.1/5/1/minute"]
+
+
+@pytest.mark.redis
+def test_changing_the_strategy_starts_new_counters(redis_store: Store) -> None:
+    fixed = Stack(redis_store, limits=["1/minute"])
+    assert [fixed.get().status_int, fixed.get().status_int] == [200, 429]
+    moving = Stack(redis_store, limits=["1/minute"], strategy="moving-window")
+    assert [moving.get().status_int, moving.get().status_int] == [200, 429]
+    assert moving.events[0] == ("ratelimit.pass", {"rule": "default"})  # no WRONGTYPE store error
+
+
+@pytest.mark.redis
+def test_scripts_reload_after_a_flush(redis_store: Store, redis_url: str) -> None:
+    stack = Stack(redis_store, limits=["2/minute"], strategy="moving-window")
+    assert stack.get().status_int == 200
+    redis.Redis.from_url(redis_url).script_flush()
+    assert [stack.get().status_int, stack.get().status_int] == [200, 429]
+
+
+# ------------------------------------------------------------------ store failure
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("mode", "status"), [("open", 200), ("closed", 503)])
+def test_store_down(redis_server: Any, redis_store: Store, mode: str, status: int,
+                    caplog: pytest.LogCaptureFixture) -> None:
+    if redis_server is None:
+        pytest.skip("needs the private redis-server to stop and start it")
+    stack = Stack(redis_store, limits=["2/minute"], on_store_error=mode)
+    assert stack.get().status_int == 200
+    stack.events.clear()
+    redis_server.stop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="wsgistack.ratelimit"):
+            down = [stack.get() for _ in range(3)]
+    finally:
+        redis_server.start()
+    assert [r.status_int for r in down] == [status] * 3
+    assert all(rate(r) == ({} if mode == "open" else {"Retry-After": "5"}) for r in down)
+    if mode == "closed":
+        assert down[0].json["error"]["message"] == "The rate-limit store is unavailable; retry shortly."
+    assert stack.events == [("store.error", {"store": "shared", "layer": "ratelimit"})] * 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "wsgistack.ratelimit"]
+    assert len(warnings) == 1  # logged once, counted every time
+    assert warnings[0].startswith(f"rate-limit store 'shared' failed (redis store {redis_store.url} could not count")
+    assert warnings[0].endswith(f"; failing {mode}")
+    # The restarted server is empty and has no scripts: counting starts again.
+    assert [stack.get().status_int for _ in range(3)] == [200, 200, 429]
+
+
+# ------------------------------------------------------------------ YAML
+
+
+def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
+    app = make_stack({
+        "app": {"factory": "stack_support:echo_app"},
+        "pipeline": [{"ratelimit": {"limits": ["2/minute"], "rules": [{"paths": ["/free"], "limits": []}]}}],
+    })
+    assert [app.get("/", expect_errors=True).status_int for _ in range(3)] == [200, 200, 429]
+    assert app.get("/free").status_int == 200
+
+
+def test_yaml_error_names_the_limit(make_stack: Callable[..., TestApp]) -> None:
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="'5 per fortnight' is not a rate limit"):
+        make_stack({"pipeline": [{"ratelimit": {"limits": ["5 per fortnight"]}}]})
