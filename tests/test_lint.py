@@ -102,6 +102,63 @@ def problems(text: str) -> list[str]:
             id="workers with memory cache",
         ),
         pytest.param(
+            "pipeline:\n  - cache: {per_user: true}\n",
+            "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] has per_user: true but no auth layer runs before it",
+            id="per_user cache without auth",
+        ),
+        pytest.param(
+            f"pipeline:\n  - session: {{secret_key: {SECRET}}}\n  - csrf: {{cookie_name: other}}\n",
+            "stack.yaml:5:5 pipeline[1]: csrf cookie_name 'other' differs from the session layer's cookie_name",
+            id="csrf cookie name mismatch",
+        ),
+        pytest.param(
+            f"pipeline:\n  - csrf: {{double_submit: true, secret_key: {SECRET}}}\n"
+            f"  - session: {{secret_key: {SECRET}}}\n",
+            "stack.yaml:4:5 pipeline[0]: csrf at pipeline[0] uses double_submit but is not inside a session layer",
+            id="double submit outside session",
+        ),
+        pytest.param(
+            f"pipeline:\n  - auth: {{secret: {SECRET}}}\n  - session: {{secret_key: {SECRET}}}\n",
+            "stack.yaml:4:5 pipeline[0]: auth at pipeline[0] has accept_session: true but is outside session",
+            id="auth outside session",
+        ),
+        pytest.param(
+            "pipeline:\n  - ratelimit: {limits: ['10/second'], key: 'header:X-Api-Key'}\n",
+            "stack.yaml:4:5 warning: pipeline[0]: ratelimit at pipeline[0] keys only on request headers",
+            id="header-only ratelimit key",
+        ),
+        pytest.param(
+            f"pipeline:\n  - auth: {{secret: {SECRET}}}\n  - ratelimit: {{limits: ['10/second']}}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: ratelimit at pipeline[1] keys on client_ip but is inside auth",
+            id="client_ip ratelimit only inside auth",
+        ),
+        pytest.param(
+            "pipeline:\n  - cors: {origins: ['https://a.example']}\n  - request_id: {}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: request_id at pipeline[1] is inside cors",
+            id="request_id late",
+        ),
+        pytest.param(
+            "pipeline:\n  - validation: {}\n  - headers: {}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: headers at pipeline[1] is inside validation",
+            id="headers inside validation",
+        ),
+        pytest.param(
+            "server: {max_request_body_size: 1000}\npipeline:\n  - validation: {max_body_bytes: 5000}\n",
+            "stack.yaml:5:5 warning: pipeline[0]: validation.max_body_bytes (5000) is above "
+            "server.max_request_body_size (1000)",
+            id="validation above waitress",
+        ),
+        pytest.param(
+            "pipeline:\n  - metrics: {}\n  - metrics: {path: /m2}\n",
+            "stack.yaml:5:5 pipeline[1]: metrics may appear only once",
+            id="metrics twice",
+        ),
+        pytest.param(
+            f"pipeline:\n  - session: {{secret_key: {SECRET}, on_store_error: open}}\n",
+            "stack.yaml:4:5 warning: pipeline[0]: session has on_store_error: open",
+            id="session fails open",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:5 pipeline[0]: cache names store 'sharde', which the stores section does not define",
             id="unknown store",
