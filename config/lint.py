@@ -274,6 +274,25 @@ def fail_open_security(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Pro
                                "warning")
 
 
+def operator_page_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for page in _all(specs, "operator_page"):
+        if page.option("roles"):
+            auth = _first(specs, "auth")
+            if auth is None or _pos(specs, auth) > _pos(specs, page):
+                yield _problem(cfg, page, f"operator_page at {_where(page)} requires roles but no auth layer runs "
+                                          "before it: no identity is ever set, so every request would get 401")
+        for page_, proxy in _before(specs, "operator_page", "proxy"):
+            if page_ is page:
+                yield _problem(cfg, page, f"operator_page at {_where(page)} is outside proxy at {_where(proxy)}: "
+                                          "allow_from would be checked against the proxy's address")
+        for name in ("cache", "ratelimit"):
+            for other, page_ in _before(specs, name, "operator_page"):
+                if page_ is page:
+                    yield _problem(cfg, page, f"operator_page at {_where(page)} is inside {name} at "
+                                              f"{_where(other)}: the page's polling would count against it",
+                                   "warning")
+
+
 def unknown_stores(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for spec in specs:
         if not spec.is_layer_class or "store" not in type(spec.options).model_fields:
@@ -367,6 +386,7 @@ RULES: list[Rule] = [
     probes_first,
     shared_state,
     fail_open_security,
+    operator_page_position,
     unknown_stores,
     proxy_twice,
     request_id_early,

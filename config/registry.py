@@ -27,6 +27,7 @@ LAYERS: dict[str, str] = {
     "auth": "middleware.auth:AuthMiddleware",
     "versioning": "middleware.versioning:VersioningMiddleware",
     "cache": "middleware.cache:CacheMiddleware",
+    "operator_page": "middleware.operator_page:OperatorPageMiddleware",
 }
 
 

@@ -159,6 +159,16 @@ def problems(text: str) -> list[str]:
             id="session fails open",
         ),
         pytest.param(
+            "pipeline:\n  - operator_page: {roles: [admin]}\n",
+            "stack.yaml:4:5 pipeline[0]: operator_page at pipeline[0] requires roles but no auth layer runs before it",
+            id="operator page roles without auth",
+        ),
+        pytest.param(
+            "pipeline:\n  - operator_page: {}\n  - proxy: {x_for: 1}\n",
+            "stack.yaml:4:5 pipeline[0]: operator_page at pipeline[0] is outside proxy at pipeline[1]",
+            id="operator page outside proxy",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:5 pipeline[0]: cache names store 'sharde', which the stores section does not define",
             id="unknown store",

@@ -1,0 +1,485 @@
+"""An operator page at ``/_stack``: the live pipeline, its numbers and its stores.
+
+The page draws the pipeline the builder folded (outermost first, the app
+last) with each layer's options, secrets masked, and beside each layer how
+many requests entered it and how long they spent in the layer itself.  It
+shows the cache hit ratio, rate-limit rejects, auth failures, store errors
+and deprecated-version requests (from ``context.listeners``), each store's
+health, the config generation and the last reload.  A small script polls
+``<path>/data.json`` and updates the numbers in place, without reloading.
+
+Everything is answered here; the inner layers and the app are never
+entered.  The page needs no external asset: its script and style are served
+from ``<path>/app.js`` and ``<path>/app.css`` so that the page's own
+``Content-Security-Policy`` can stay at ``'self'``.
+
+Numbers are per process and start at zero when the pipeline is (re)built.
+Per-layer times cover the layers inside this one (those an outer layer times
+too when it starts the timing list, such as ``metrics`` with
+``layer_timing``); the innermost layer's time includes the app unless the
+builder times the app as ``app``.  Do not use it as a public status page:
+it shows the configuration; keep it on loopback (the default) or behind
+``roles``, and prefer ``metrics`` for alerting and history.
+"""
+
+from __future__ import annotations
+
+import ast
+import html
+import ipaddress
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
+
+from pydantic import Field, field_validator, model_validator
+from werkzeug.exceptions import HTTPException
+
+from .base import IDENTITY, TIMINGS, Context, Identity, LayerOptions, client_ip, refuse
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["OperatorPageMiddleware"]
+
+MASK = "•••"
+#: an option (or nested key, or URL query parameter) whose name contains one of these is masked
+SECRET_WORDS = ("secret", "key", "password", "passwd", "token", "credential", "authorization")
+_EVENTS = ("cache.hit", "cache.miss", "cache.stale", "cache.bypass", "ratelimit.pass", "ratelimit.reject",
+           "ratelimit.shadow_reject", "auth.failure", "store.error", "version.deprecated")
+_DETAIL = {"auth.failure": "reason", "store.error": "store", "version.deprecated": "version"}
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_COMMON = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+           ("Referrer-Policy", "no-referrer"), ("Content-Security-Policy", _CSP)]
+_NAMES = ("operator_page", "middleware.operator_page:OperatorPageMiddleware")
+_LIMIT = 256  # distinct layer names and event details kept; more are folded into "other"
+
+
+class OperatorPageMiddleware:
+    """Serve the operator page, its JSON and assets at ``path``; time and count everything else.
+
+    Options:
+        ``path`` ("/_stack"): where the page lives; ``<path>/data.json`` is its data,
+        ``<path>/app.js`` and ``<path>/app.css`` its script and style.
+        ``allow_from`` (loopback): CIDRs that may see the page (403 for others); ``[]``
+        allows every address and then needs ``roles``.
+        ``roles`` (none): when set, ``wsgistack.identity`` must hold one of them (an
+        ``auth`` layer outside this one sets it): no identity gives 401, other roles 403.
+        ``refresh_seconds`` (2): how often the page polls its data.
+        ``title`` ("wsgistack"): the page heading.
+
+    Example::
+
+        app = OperatorPageMiddleware(app, OperatorPageMiddleware.Options(roles=("admin",)),
+                                     Context(stores={"shared": MemoryStore()}))
+    """
+
+    class Options(LayerOptions):
+        path: str = "/_stack"
+        allow_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+        roles: tuple[str, ...] = ()
+        refresh_seconds: float = Field(default=2.0, ge=0.25, le=3600)
+        title: str = Field(default="wsgistack", min_length=1, max_length=200)
+
+        @field_validator("path")
+        @classmethod
+        def _path(cls, value: str) -> str:
+            if not value.startswith("/"):
+                raise ValueError(f"path must start with '/', got {value!r}")
+            value = value.rstrip("/")
+            if not value:
+                raise ValueError("path may not be '/': the page would hide the whole app")
+            return value
+
+        @field_validator("allow_from")
+        @classmethod
+        def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+            for item in value:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"allow_from entry {item!r} is not an IP network "
+                                     "(write 10.0.0.0/8 or 127.0.0.1)") from None
+            return value
+
+        @model_validator(mode="after")
+        def _guarded(self) -> OperatorPageMiddleware.Options:
+            if not self.allow_from and not self.roles:
+                raise ValueError("allow_from may be empty only when roles is set; "
+                                 "otherwise every client could read the configuration")
+            if any(not role for role in self.roles):
+                raise ValueError("roles may not contain an empty string")
+            return self
+
+    @staticmethod
+    def wants_layer_timing(options: Any) -> bool:
+        """Always: the page shows each layer's own time, so the builder times every layer."""
+        return True
+
+    def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self.app, self.options, self.context = app, options, context
+        self.path, self.plen = options.path, len(options.path)
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in options.allow_from]
+        self.roles = frozenset(options.roles)
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._layers: dict[str, list[float]] = {}  # name -> [count, own seconds]
+        self._statuses: dict[str, int] = {}  # "2xx" -> count
+        self._events: dict[str, int] = dict.fromkeys(_EVENTS, 0)
+        self._details: dict[tuple[str, str], int] = {}
+        self._masked: tuple[object, list[dict[str, Any]]] | None = None
+        context.listeners.append(self._on_event)
+
+    # -- the hot path ------------------------------------------------------
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("PATH_INFO") or ""
+        if path.startswith(self.path) and (len(path) == self.plen or path[self.plen] == "/"):
+            return self._answer(environ, start_response, path[self.plen:])
+        timings = environ.get(TIMINGS)
+        if timings is None:
+            timings = environ[TIMINGS] = []
+        mark, counted = len(timings), [False]
+
+        def counting(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if not counted[0]:
+                counted[0] = True
+                self._count(status[:1] + "xx")
+            return start_response(status, headers, exc_info)
+
+        try:
+            return self.app(environ, counting)
+        except Exception as exc:
+            if not counted[0]:
+                code = getattr(exc, "code", None) if isinstance(exc, HTTPException) else None
+                self._count(f"{str(code or 500)[:1]}xx")
+            raise
+        finally:
+            self._fold(timings, mark, environ.get(TIMINGS))
+
+    def _count(self, status_class: str) -> None:
+        with self._lock:
+            self._statuses[status_class] = self._statuses.get(status_class, 0) + 1
+
+    def _fold(self, timings: list[tuple[str, float]], mark: int, current: object) -> None:
+        """Add each layer's own time: its inclusive time minus the next inner layer's."""
+        entries = timings[mark:]
+        if current is not timings and isinstance(current, list):  # an inner layer started its own list
+            entries = current + entries
+        if not entries:
+            return
+        inner = 0.0
+        with self._lock:
+            for name, inclusive in entries:
+                own, inner = max(inclusive - inner, 0.0), inclusive
+                stat = self._layers.get(name)
+                if stat is None:
+                    stat = self._layers.setdefault(name if len(self._layers) < _LIMIT else "other", [0, 0.0])
+                stat[0] += 1
+                stat[1] += own
+
+    def _on_event(self, event: str, fields: dict[str, Any]) -> None:
+        field = _DETAIL.get(event)
+        detail = None if field is None else str(fields.get(field, "unknown"))
+        with self._lock:
+            if event in self._events or len(self._events) < _LIMIT:
+                self._events[event] = self._events.get(event, 0) + 1
+            if detail is not None:
+                key = (event, detail) if (event, detail) in self._details or len(self._details) < _LIMIT \
+                    else (event, "other")
+                self._details[key] = self._details.get(key, 0) + 1
+
+    # -- the page ------------------------------------------------------------
+    def _answer(self, environ: WSGIEnvironment, start_response: StartResponse, rest: str) -> Iterable[bytes]:
+        self._check_access(environ)
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
+            exc = refuse(405, headers=[("Allow", "GET, HEAD")])
+            exc.description = f"{self.path} answers GET and HEAD only."  # 405's first argument is not text
+            raise exc
+        base = environ.get("SCRIPT_NAME", "") + self.path
+        if rest in ("", "/"):
+            body, kind = self.render(self.snapshot(), base).encode(), "text/html; charset=utf-8"
+        elif rest == "/data.json":
+            body, kind = json.dumps(self.snapshot(), separators=(",", ":")).encode(), "application/json"
+        elif rest == "/app.js":
+            body, kind = _JS.encode(), "text/javascript; charset=utf-8"
+        elif rest == "/app.css":
+            body, kind = _CSS.encode(), "text/css; charset=utf-8"
+        else:
+            raise refuse(404, f"The operator page has no {rest[1:]!r}; see {self.path}.")
+        start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))), *_COMMON])
+        return [] if method == "HEAD" else [body]
+
+    def _check_access(self, environ: WSGIEnvironment) -> None:
+        if self.networks:
+            try:
+                address = ipaddress.ip_address(client_ip(environ))
+            except ValueError:
+                address = None
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            if address is None or not any(address in net for net in self.networks):
+                raise refuse(403, "The operator page is not available to this client address.")
+        if self.roles:
+            identity = environ.get(IDENTITY)
+            if not isinstance(identity, Identity):
+                raise refuse(401, "The operator page needs a signed-in user.",
+                             headers=[("WWW-Authenticate", 'Bearer realm="wsgistack"')])
+            if not self.roles & identity.roles:
+                raise refuse(403, f"The operator page needs one of the roles {', '.join(sorted(self.roles))}.")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the page shows, as JSON-ready data (secrets already masked)."""
+        settings = self.context.settings
+        with self._lock:
+            layers = {name: (int(c), t) for name, (c, t) in self._layers.items()}
+            statuses, events, details = dict(self._statuses), dict(self._events), dict(self._details)
+        described = settings.get("pipeline")
+        if not isinstance(described, list):  # used without the builder: what the timings saw
+            described = [{"name": name, "index": i, "options": {}}
+                         for i, name in enumerate(n for n in reversed(layers) if n != "app")]
+        pipeline = [{**spec, **_stat(layers.get(str(spec.get("name"))))} for spec in self._mask_pipeline(described)]
+        core = str(settings.get("app") or "app")
+        hit, stale, miss = events["cache.hit"], events["cache.stale"], events["cache.miss"]
+        looked = hit + stale + miss
+        return {
+            "title": self.options.title, "pid": os.getpid(), "started_at": round(self.started, 3),
+            "generation": settings.get("generation"), "last_reload": _reload(settings.get("last_reload")),
+            "signature": "|".join(str(spec.get("name")) for spec in pipeline),
+            "requests": {"total": sum(statuses.values()), "by_status": dict(sorted(statuses.items()))},
+            "pipeline": pipeline, "app": {"name": core, **_stat(layers.get("app"))},
+            "cache": {"hit": hit, "stale": stale, "miss": miss, "bypass": events["cache.bypass"],
+                      "hit_ratio": round((hit + stale) / looked, 4) if looked else None},
+            "ratelimit": {"pass": events["ratelimit.pass"], "reject": events["ratelimit.reject"],
+                          "shadow_reject": events["ratelimit.shadow_reject"]},
+            "auth": {"failures": events["auth.failure"], "by_reason": _by(details, "auth.failure")},
+            "store_errors": {"total": events["store.error"], "by_store": _by(details, "store.error")},
+            "deprecated": {"total": events["version.deprecated"], "by_version": _by(details, "version.deprecated")},
+            "events": events,
+            "stores": [self._health(name, store) for name, store in sorted(self.context.stores.items())],
+        }
+
+    def _mask_pipeline(self, described: list[Any]) -> list[dict[str, Any]]:
+        cached = self._masked
+        if cached is not None and cached[0] is described:
+            return cached[1]
+        specs = [s for s in described if isinstance(s, Mapping)]
+        mine = self.options.model_dump(mode="json")
+        me = next((i for i, s in enumerate(specs) if s.get("name") in _NAMES and s.get("options") == mine), -1)
+        masked = [{"name": str(s.get("name")), "index": s.get("index"), "implicit": bool(s.get("implicit")),
+                   "scope": str(s.get("scope") or ""), "inside": i > me, "this": i == me,
+                   "options": mask(s.get("options") or {})}
+                  for i, s in enumerate(specs)]
+        self._masked = (described, masked)
+        return masked
+
+    @staticmethod
+    def _health(name: str, store: Any) -> dict[str, Any]:
+        try:
+            facts = dict(store.health())
+        except Exception as exc:  # a health check that raises is a failed one
+            facts = {"ok": False, "backend": type(store).__name__, "error": type(exc).__name__}
+        breaker = facts.get("breaker")
+        return {"name": name, "ok": bool(facts.get("ok")), "backend": str(facts.get("backend", "")),
+                "url": mask(str(facts.get("url") or getattr(store, "url", ""))),
+                "breaker": breaker if breaker is None or isinstance(breaker, str | int | float) else str(breaker),
+                "latency_ms": facts.get("latency_ms"), "error": facts.get("error")}
+
+    def render(self, data: dict[str, Any], base: str) -> str:
+        """The HTML page for ``data`` (from :meth:`snapshot`); ``base`` is the page's URL path."""
+        e = html.escape
+        boxes = ['<li class="edge">client</li>']
+        for i, layer in enumerate(data["pipeline"]):
+            opts = "".join(f"<dt>{e(str(k))}</dt><dd>{e(_short(v))}</dd>" for k, v in layer["options"].items())
+            tags = "".join(f' <span class="tag">{e(tag)}</span>' for tag in (
+                "implicit" if layer["implicit"] else "", layer["scope"],
+                "this page" if layer["this"] else "",
+                "" if layer["inside"] or layer["count"] else "not timed") if tag)
+            boxes.append(f'<li class="layer"><h3>{e(layer["name"])}{tags}</h3>{_stats(f"layer-{i}", layer)}'
+                         f'<dl>{opts or "<dt>options</dt><dd>defaults</dd>"}</dl></li>')
+        boxes.append(f'<li class="layer core"><h3>{e(data["app"]["name"])}</h3>{_stats("app", data["app"])}</li>')
+        stores = "".join(
+            f'<tr><td>{e(s["name"])}</td><td id="store-{i}-ok" class="{"ok" if s["ok"] else "bad"}">'
+            f'{"ok" if s["ok"] else "down"}</td><td>{e(s["backend"])}</td><td>{e(s["url"])}</td>'
+            f'<td id="store-{i}-breaker">{e(str(s["breaker"] or "—"))}</td>'
+            f'<td id="store-{i}-latency">{e(str(s["latency_ms"]))}</td></tr>'
+            for i, s in enumerate(data["stores"]))
+        cards = "".join(f'<div class="card"><span>{e(label)}</span><b id="{key}">{e(value)}</b></div>'
+                        for key, label, value in _cards(data))
+        return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(data["title"])}</title>'
+                '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
+                f'<link rel="stylesheet" href="{e(base)}/app.css"><script src="{e(base)}/app.js" defer></script>'
+                f'</head><body data-source="{e(base)}/data.json" data-refresh="{self.options.refresh_seconds}" '
+                f'data-signature="{e(data["signature"])}"><header><h1>{e(data["title"])}</h1>'
+                f'<p>process {data["pid"]} · updated <span id="updated">at load</span> · every '
+                f'{self.options.refresh_seconds:g} s <span id="status"></span></p>'
+                '<p id="changed" hidden>The pipeline changed: reload the page to see the new one.</p></header>'
+                f'<main><section><h2>Pipeline</h2><ol class="flow" id="pipeline">{"".join(boxes)}</ol></section>'
+                f'<section><h2>Numbers</h2><div class="cards">{cards}</div><h2>Stores</h2><table><thead><tr>'
+                '<th>name</th><th>state</th><th>backend</th><th>url</th><th>breaker</th><th>ping ms</th></tr>'
+                f'</thead><tbody>{stores}</tbody></table></section></main></body></html>')
+
+
+# -- masking -----------------------------------------------------------------
+def _secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def mask(value: Any, name: str = "") -> Any:
+    """``value`` with secrets replaced by ``•••``: by option name, URL password or query parameter."""
+    if name and _secret_name(name) and value not in (None, True, False, "", [], {}):
+        return MASK
+    if isinstance(value, Mapping):
+        return {str(k): mask(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask(v) for v in value]
+    if isinstance(value, str):
+        if value and value[0] in "{[(":  # a repr() of a structure (options of a plain factory layer)
+            try:
+                return mask(ast.literal_eval(value))
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                return MASK if _secret_name(value) else value
+        if "://" in value or "@" in value:
+            return _mask_url(value)
+    return value
+
+
+def _mask_url(text: str) -> str:
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:
+        return MASK
+    netloc, query = parts.netloc, parts.query
+    if password is not None:
+        netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
+    if query:
+        pairs = [part.partition("=") for part in query.split("&")]
+        query = "&".join(f"{k}={MASK}" if _secret_name(unquote_plus(k)) else k + eq + v for k, eq, v in pairs)
+    return urlunsplit(parts._replace(netloc=netloc, query=query)) if (netloc, query) != (parts.netloc, parts.query) \
+        else text
+
+
+# -- small helpers -----------------------------------------------------------
+def _stat(found: tuple[int, float] | None) -> dict[str, Any]:
+    count, total = found or (0, 0.0)
+    return {"count": count, "total_ms": round(total * 1000, 3),
+            "avg_ms": round(total * 1000 / count, 4) if count else None}
+
+
+def _by(details: dict[tuple[str, str], int], event: str) -> dict[str, int]:
+    return dict(sorted((detail, n) for (name, detail), n in details.items() if name == event))
+
+
+def _reload(result: Any) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    try:
+        return {"ok": bool(result.ok), "generation": result.generation, "at": result.at, "summary": result.summary()}
+    except Exception as exc:  # an odd object must not break the page
+        return {"ok": None, "generation": None, "at": None, "summary": f"unreadable ({type(exc).__name__})"}
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = value if isinstance(value, str) and value else json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _stats(prefix: str, stat: Mapping[str, Any]) -> str:
+    return (f'<p class="stats"><b id="{prefix}-count">{stat["count"]}</b> requests · '
+            f'<b id="{prefix}-avg">{_ms(stat["avg_ms"])}</b> ms avg · '
+            f'<b id="{prefix}-total">{_ms(stat["total_ms"])}</b> ms total</p>')
+
+
+def _statuses(by_status: Mapping[str, int]) -> str:
+    return " · ".join(f"{k} {n}" for k, n in by_status.items()) or "—"
+
+
+def _cards(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    ratio = d["cache"]["hit_ratio"]
+    last = d["last_reload"]
+    return [("requests", "requests", str(d["requests"]["total"])),
+            ("statuses", "by status", _statuses(d["requests"]["by_status"])),
+            ("cache-ratio", "cache hit ratio", "—" if ratio is None else f"{ratio * 100:.1f}%"),
+            ("ratelimit-reject", "rate-limit rejects", str(d["ratelimit"]["reject"])),
+            ("ratelimit-shadow", "shadow rejects", str(d["ratelimit"]["shadow_reject"])),
+            ("auth-failures", "auth failures", str(d["auth"]["failures"])),
+            ("store-errors", "store errors", str(d["store_errors"]["total"])),
+            ("deprecated", "deprecated-version requests", str(d["deprecated"]["total"])),
+            ("generation", "config generation", "—" if d["generation"] is None else str(d["generation"])),
+            ("reload", "last reload", "—" if last is None else str(last["summary"]))]
+
+
+_CSS = """\
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1b1f24;background:#f5f6f8}
+header{padding:12px 20px;background:#1b1f24;color:#fff}header h1{margin:0;font-size:20px}header p{margin:4px 0 0}
+#changed{color:#ffd166}#status{color:#ff8a80}main{display:flex;flex-wrap:wrap;gap:24px;padding:16px 20px}
+section{flex:1 1 420px}h2{font-size:16px;margin:8px 0}
+.flow{list-style:none;margin:0;padding:0}.flow li{margin:0 0 22px;position:relative}
+.flow li:not(:last-child)::after{content:"\\2193";position:absolute;left:50%;bottom:-20px;color:#6b7280}
+.edge{text-align:center;font-weight:600;color:#6b7280}
+.layer{background:#fff;border:1px solid #d0d5dd;border-left:4px solid #3b82f6;border-radius:6px;padding:8px 12px}
+.core{border-left-color:#10b981}.layer h3{margin:0;font-size:15px}
+.tag{white-space:nowrap;font-size:11px;font-weight:400;background:#eef2ff;border-radius:3px;padding:1px 5px}
+.stats{margin:4px 0;color:#374151}dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 10px;margin:4px 0 0}
+dt{color:#6b7280}dd{margin:0;font-family:ui-monospace,monospace;word-break:break-all}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
+.card{background:#fff;border:1px solid #d0d5dd;border-radius:6px;padding:8px}.card span{display:block;color:#6b7280}
+.card b{font-size:18px;word-break:break-word}table{border-collapse:collapse;width:100%;background:#fff}
+td,th{border:1px solid #d0d5dd;padding:4px 6px;text-align:left}.ok{color:#047857}.bad{color:#b91c1c;font-weight:600}
+"""
+
+_JS = """\
+"use strict";
+(() => {
+  const body = document.body, source = body.dataset.source;
+  const every = Math.max(250, parseFloat(body.dataset.refresh) * 1000 || 2000);
+  const set = (id, value) => {
+    const el = document.getElementById(id), text = String(value);
+    if (el && el.textContent !== text) el.textContent = text;
+  };
+  const ms = (v) => (v === null || v === undefined ? "\\u2014" : Number(v).toFixed(3));
+  const stat = (prefix, s) => { set(prefix + "-count", s.count); set(prefix + "-avg", ms(s.avg_ms));
+                                set(prefix + "-total", ms(s.total_ms)); };
+  const render = (d) => {
+    set("requests", d.requests.total);
+    set("statuses", Object.entries(d.requests.by_status).map(([k, n]) => k + " " + n).join(" \u00b7 ") || "\u2014");
+    const r = d.cache.hit_ratio;
+    set("cache-ratio", r === null ? "\\u2014" : (r * 100).toFixed(1) + "%");
+    set("ratelimit-reject", d.ratelimit.reject); set("ratelimit-shadow", d.ratelimit.shadow_reject);
+    set("auth-failures", d.auth.failures); set("store-errors", d.store_errors.total);
+    set("deprecated", d.deprecated.total);
+    set("generation", d.generation === null ? "\\u2014" : d.generation);
+    set("reload", d.last_reload === null ? "\\u2014" : d.last_reload.summary);
+    d.pipeline.forEach((layer, i) => stat("layer-" + i, layer));
+    stat("app", d.app);
+    d.stores.forEach((s, i) => {
+      set("store-" + i + "-ok", s.ok ? "ok" : "down");
+      const el = document.getElementById("store-" + i + "-ok");
+      if (el) el.className = s.ok ? "ok" : "bad";
+      set("store-" + i + "-breaker", s.breaker === null ? "\\u2014" : s.breaker);
+      set("store-" + i + "-latency", s.latency_ms);
+    });
+    document.getElementById("changed").hidden = d.signature === body.dataset.signature;
+    set("updated", new Date().toLocaleTimeString());
+    set("status", "");
+  };
+  const poll = () => {
+    fetch(source, {cache: "no-store", credentials: "same-origin", headers: {Accept: "application/json"}})
+      .then((r) => { if (!r.ok) throw new Error("HTTP " + r.status); return r.json(); })
+      .then(render)
+      .catch((e) => set("status", "\\u00b7 update failed: " + e.message))
+      .finally(() => setTimeout(poll, every));
+  };
+  setTimeout(poll, every);
+})();
+"""

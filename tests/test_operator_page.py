@@ -1,0 +1,585 @@
+"""The operator page: who may see it, what it answers, masking, counting, and a real browser."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import chromium, screenshot, serve
+from conftest import free_port
+from pydantic import ValidationError
+from webtest import TestApp
+
+from config import build_from_dict
+from config.errors import Problem
+from config.live import ReloadResult
+from middleware.base import CLIENT_IP, IDENTITY, TIMINGS, Context, Identity, refuse
+from middleware.errors import ErrorsMiddleware
+from middleware.operator_page import MASK, OperatorPageMiddleware, mask
+from stores import MemoryStore, Store, store_from_url
+
+LAYER = "middleware.operator_page:OperatorPageMiddleware"
+CHALLENGE = ("WWW-Authenticate", 'Bearer realm="wsgistack"')
+SESSION_SECRET = "session-secret-value-" + "s" * 24
+JWT_SECRET = "jwt-signing-secret-value-" + "j" * 24
+SECRETS = (SESSION_SECRET, JWT_SECRET, "hunter2", "tok-abc123", "k-123", "pw-999", "pem-body")
+
+
+class Recorder:
+    """An inner app that records the paths that reached it and answers 200."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self.seen.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"app"]
+
+
+class RaisingStore(MemoryStore):
+    """A store whose health check itself raises."""
+
+    def health(self) -> dict[str, object]:
+        raise RuntimeError("health check exploded")
+
+
+def message(response: Any) -> str:
+    return str(response.json["error"]["message"])
+
+
+@pytest.fixture
+def inner() -> Recorder:
+    """The recording inner app."""
+    return Recorder()
+
+
+@pytest.fixture
+def make(inner: Recorder) -> Callable[..., tuple[TestApp, OperatorPageMiddleware]]:
+    """Build errors -> operator_page -> recorder from options (and optionally an inner app, stores)."""
+
+    def build(options: dict[str, Any] | None = None, app: Any = None,
+              stores: dict[str, Store] | None = None) -> tuple[TestApp, OperatorPageMiddleware]:
+        context = Context(stores=stores if stores is not None else {"shared": MemoryStore()})
+        page = OperatorPageMiddleware(app or inner, OperatorPageMiddleware.Options(**(options or {})), context)
+        test_app = TestApp(ErrorsMiddleware(page, ErrorsMiddleware.Options(), context),
+                           extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        return test_app, page
+
+    return build
+
+
+# ---------------------------------------------------------------- who may see it
+
+ADMIN = Identity("alice", frozenset({"admin"}))
+VIEWER = Identity("bob", frozenset({"viewer"}))
+DENIED_ADDRESS = "The operator page is not available to this client address."
+
+
+@pytest.mark.parametrize(
+    ("options", "request_environ", "expected"),
+    [
+        pytest.param({}, {"REMOTE_ADDR": "127.0.0.1"}, (200, [], None), id="loopback v4"),
+        pytest.param({}, {"REMOTE_ADDR": "127.9.9.9"}, (200, [], None), id="loopback v4 range"),
+        pytest.param({}, {"REMOTE_ADDR": "::1"}, (200, [], None), id="loopback v6"),
+        pytest.param({}, {"REMOTE_ADDR": "::ffff:127.0.0.1"}, (200, [], None), id="v4-mapped loopback"),
+        pytest.param({}, {"REMOTE_ADDR": "10.0.0.5"}, (403, [], DENIED_ADDRESS), id="private address"),
+        pytest.param({}, {"REMOTE_ADDR": "203.0.113.9"}, (403, [], DENIED_ADDRESS), id="public address"),
+        pytest.param({}, {"REMOTE_ADDR": ""}, (403, [], DENIED_ADDRESS), id="no address (unix socket)"),
+        pytest.param({}, {"REMOTE_ADDR": "127.0.0.1", CLIENT_IP: "10.0.0.5"}, (403, [], DENIED_ADDRESS),
+                     id="the proxy layer's client address wins over REMOTE_ADDR"),
+        pytest.param({"allow_from": ["10.0.0.0/8"]}, {"REMOTE_ADDR": "10.1.2.3"}, (200, [], None),
+                     id="allowed network"),
+        pytest.param({"allow_from": ["10.0.0.0/8"]}, {"REMOTE_ADDR": "127.0.0.1"}, (403, [], DENIED_ADDRESS),
+                     id="loopback not listed"),
+        pytest.param({"roles": ["admin"]}, {"REMOTE_ADDR": "127.0.0.1"},
+                     (401, [CHALLENGE], "The operator page needs a signed-in user."), id="role, no identity"),
+        pytest.param({"roles": ["admin"]}, {"REMOTE_ADDR": "127.0.0.1", IDENTITY: VIEWER},
+                     (403, [], "The operator page needs one of the roles admin."), id="role missing"),
+        pytest.param({"roles": ["ops", "admin"]}, {"REMOTE_ADDR": "127.0.0.1", IDENTITY: VIEWER},
+                     (403, [], "The operator page needs one of the roles admin, ops."), id="none of two roles"),
+        pytest.param({"roles": ["admin"]}, {"REMOTE_ADDR": "127.0.0.1", IDENTITY: ADMIN}, (200, [], None),
+                     id="role present"),
+        pytest.param({"roles": ["ops", "admin"]}, {"REMOTE_ADDR": "127.0.0.1", IDENTITY: ADMIN}, (200, [], None),
+                     id="one of the roles is enough"),
+        pytest.param({"roles": ["admin"]}, {"REMOTE_ADDR": "10.0.0.5", IDENTITY: ADMIN},
+                     (403, [], DENIED_ADDRESS), id="role present but address refused"),
+        pytest.param({"roles": ["admin"], "allow_from": []}, {"REMOTE_ADDR": "203.0.113.9", IDENTITY: ADMIN},
+                     (200, [], None), id="any address with the role"),
+        pytest.param({"roles": ["admin"], "allow_from": []}, {"REMOTE_ADDR": "203.0.113.9"},
+                     (401, [CHALLENGE], "The operator page needs a signed-in user."), id="any address, no identity"),
+    ],
+)
+def test_access(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]], inner: Recorder,
+                options: dict[str, Any], request_environ: dict[str, Any],
+                expected: tuple[int, list[tuple[str, str]], str | None]) -> None:
+    status, headers, text = expected
+    app, _ = make(options)
+    for path in ("/_stack", "/_stack/data.json"):
+        response = app.get(path, extra_environ=request_environ, status=status)
+        for name, value in headers:
+            assert response.headers[name] == value
+        if text is not None:
+            assert message(response) == text
+    assert inner.seen == []
+
+
+# ---------------------------------------------------------------- what it answers
+
+@pytest.mark.parametrize(
+    ("method", "request_path", "expected"),
+    [
+        pytest.param("GET", "/_stack", (200, "text/html; charset=utf-8", b"<!doctype html>"), id="page"),
+        pytest.param("GET", "/_stack/", (200, "text/html; charset=utf-8", b"<!doctype html>"), id="page, slash"),
+        pytest.param("GET", "/_stack/data.json", (200, "application/json", b'{"title":'), id="data"),
+        pytest.param("GET", "/_stack/app.js", (200, "text/javascript; charset=utf-8", b'"use strict";'), id="js"),
+        pytest.param("GET", "/_stack/app.css", (200, "text/css; charset=utf-8", b"body{"), id="css"),
+        pytest.param("HEAD", "/_stack", (200, "text/html; charset=utf-8", b""), id="head"),
+        pytest.param("GET", "/_stack/secrets", (404, "application/json", b""), id="unknown resource"),
+        pytest.param("POST", "/_stack", (405, "application/json", b""), id="post"),
+        pytest.param("DELETE", "/_stack/data.json", (405, "application/json", b""), id="delete"),
+    ],
+)
+def test_routes(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]], inner: Recorder,
+                method: str, request_path: str, expected: tuple[int, str, bytes]) -> None:
+    status, content_type, start = expected
+    app, _ = make()
+    response = app.request(request_path, method=method, status=status)
+    assert response.headers["Content-Type"] == content_type
+    assert response.body.startswith(start)
+    if method == "HEAD":
+        assert response.body == b""
+    if status == 200:
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    elif status == 405:
+        assert response.headers["Allow"] == "GET, HEAD"
+        assert message(response) == "/_stack answers GET and HEAD only."
+    else:
+        assert message(response) == "The operator page has no 'secrets'; see /_stack."
+    assert inner.seen == []
+
+
+@pytest.mark.parametrize(
+    ("options", "request_path", "reaches_app"),
+    [
+        pytest.param({}, "/", True, id="root"),
+        pytest.param({}, "/_stackish", True, id="longer name is not the page"),
+        pytest.param({}, "/api/_stack", True, id="not a prefix"),
+        pytest.param({"path": "/ops/"}, "/ops", False, id="custom path, slash trimmed"),
+        pytest.param({"path": "/ops"}, "/_stack", True, id="default path free when moved"),
+    ],
+)
+def test_steps_aside(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]], inner: Recorder,
+                     options: dict[str, Any], request_path: str, reaches_app: bool) -> None:
+    app, _ = make(options)
+    response = app.get(request_path)
+    assert (response.body == b"app") is reaches_app
+    assert inner.seen == ([request_path] if reaches_app else [])
+
+
+def test_page_under_script_name_links_its_assets(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    app, _ = make()
+    page = app.get("/_stack", extra_environ={"SCRIPT_NAME": "/prefix"}).text
+    for url in ("/prefix/_stack/app.css", "/prefix/_stack/app.js", "/prefix/_stack/data.json"):
+        assert f'"{url}"' in page
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        pytest.param({"path": "ops"}, "path must start with '/', got 'ops'", id="relative path"),
+        pytest.param({"path": "/"}, "path may not be '/': the page would hide the whole app", id="root path"),
+        pytest.param({"allow_from": ["localhost"]}, "allow_from entry 'localhost' is not an IP network",
+                     id="host name"),
+        pytest.param({"allow_from": []}, "allow_from may be empty only when roles is set", id="open to all"),
+        pytest.param({"roles": [""]}, "roles may not contain an empty string", id="empty role"),
+        pytest.param({"refresh_seconds": 0}, "greater than or equal to 0.25", id="refresh too fast"),
+        pytest.param({"title": ""}, "at least 1 character", id="empty title"),
+        pytest.param({"colour": "red"}, "Extra inputs are not permitted", id="unknown option"),
+    ],
+)
+def test_options_refused(options: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        OperatorPageMiddleware.Options(**options)
+    assert expected in str(info.value)
+
+
+def test_wants_layer_timing() -> None:
+    assert OperatorPageMiddleware.wants_layer_timing(OperatorPageMiddleware.Options()) is True
+    assert OperatorPageMiddleware.wants_layer_timing({}) is True
+
+
+def test_everything_rendered_is_escaped(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    app, page = make({"title": "<script>alert('t')</script>"})
+    page.context.settings["pipeline"] = [
+        {"name": "<img src=x onerror=alert(1)>", "index": 0, "implicit": False, "scope": "paths=['/<b>']",
+         "options": {"<i>k</i>": "<svg onload=alert(2)>"}},
+    ]
+    page.context.stores["<s>"] = MemoryStore(url="memory://<u>")
+    html = app.get("/_stack").text
+    for raw in ("<script>alert", "<img src=x", "<svg onload", "<i>k</i>", "<b>", "<s>", "<u>"):
+        assert raw not in html
+    for escaped in ("&lt;script&gt;alert(&#x27;t&#x27;)", "&lt;img src=x onerror=alert(1)&gt;",
+                    "&lt;svg onload=alert(2)&gt;", "&lt;i&gt;k&lt;/i&gt;", "memory://&lt;u&gt;"):
+        assert escaped in html
+
+
+# ---------------------------------------------------------------- masking
+
+@pytest.mark.parametrize(
+    ("value", "name", "expected"),
+    [
+        pytest.param("abc", "secret_key", MASK, id="secret_key"),
+        pytest.param("abc", "secret", MASK, id="secret"),
+        pytest.param("abc", "db_password", MASK, id="password"),
+        pytest.param("abc", "API_TOKEN", MASK, id="token, upper case"),
+        pytest.param("abc", "apikey", MASK, id="key inside a word"),
+        pytest.param(1234, "pin_password", MASK, id="a number under a secret name"),
+        pytest.param(["a", "b"], "secret_key_fallbacks", MASK, id="a list under a secret name"),
+        pytest.param("", "secret", "", id="empty secret shows as unset"),
+        pytest.param(None, "private_key", None, id="null shows as unset"),
+        pytest.param(True, "tokens_enabled", True, id="booleans are not secrets"),
+        pytest.param("shared", "store", "shared", id="plain option"),
+        pytest.param({"X-Api-Key": "k-1", "Accept": "json"}, "headers", {"X-Api-Key": MASK, "Accept": "json"},
+                     id="nested key names"),
+        pytest.param([{"password": "p"}, "x"], "users", [{"password": MASK}, "x"], id="inside lists"),
+        pytest.param("redis://:hunter2@redis:6379/0", "url", f"redis://:{MASK}@redis:6379/0", id="url password"),
+        pytest.param("redis://bob:hunter2@redis/0", "url", f"redis://bob:{MASK}@redis/0", id="url user and password"),
+        pytest.param("redis://redis:6379/0", "url", "redis://redis:6379/0", id="url without password"),
+        pytest.param("https://h.example/hook?token=abc&x=1", "hook", f"https://h.example/hook?token={MASK}&x=1",
+                     id="secret query parameter"),
+        pytest.param("{'password': 'pw', 'n': 1}", "creds_repr", {"password": MASK, "n": 1},
+                     id="repr of a dict from a factory layer"),
+        pytest.param("{broken: password=pw", "odd", MASK, id="unparsable repr naming a secret"),
+        pytest.param("[not, python", "odd", "[not, python", id="unparsable repr without secrets"),
+    ],
+)
+def test_mask(value: Any, name: str, expected: Any) -> None:
+    assert mask({name: value}) == {name: expected}
+
+
+def pipeline_with_secrets() -> list[dict[str, Any]]:
+    """A pipeline description as the builder gives it, with secrets in many shapes."""
+    return [
+        {"name": "errors", "index": -1, "implicit": True, "scope": "", "options": {"format": "envelope"}},
+        {"name": "session", "index": 0, "implicit": False, "scope": "",
+         "options": {"store": "shared", "secret_key": SESSION_SECRET, "secret_key_fallbacks": ["pw-999"]}},
+        {"name": "auth", "index": 1, "implicit": False, "scope": "paths=['/api/*']",
+         "options": {"secret": JWT_SECRET, "public_keys": {"a": "-----BEGIN pem-body"}, "realm": "wsgistack"}},
+        {"name": "mycompany.layers:Forward", "index": 2, "implicit": False, "scope": "",
+         "options": {"upstream": "redis://:hunter2@cache.internal:6379/0",
+                     "hook": "https://hooks.example/x?token=tok-abc123",
+                     "headers": "{'X-Api-Key': 'k-123'}"}},
+    ]
+
+
+def test_secrets_never_leave(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    app, page = make()
+    page.context.settings["pipeline"] = pipeline_with_secrets()
+    html = app.get("/_stack").text
+    data = app.get("/_stack/data.json")
+    for secret in SECRETS:
+        assert secret not in html
+        assert secret not in data.text
+    options = {layer["name"]: layer["options"] for layer in data.json["pipeline"]}
+    assert options["session"] == {"store": "shared", "secret_key": MASK, "secret_key_fallbacks": MASK}
+    assert options["auth"] == {"secret": MASK, "public_keys": MASK, "realm": "wsgistack"}
+    assert options["mycompany.layers:Forward"] == {
+        "upstream": f"redis://:{MASK}@cache.internal:6379/0",
+        "hook": f"https://hooks.example/x?token={MASK}",
+        "headers": {"X-Api-Key": MASK},
+    }
+    assert html.count(MASK) >= 7
+
+
+def test_secrets_masked_in_a_built_stack(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack({
+        "app": {"factory": "stack_support:echo_app"},
+        "stores": {"shared": "memory://"},
+        "pipeline": [
+            {LAYER: {}},
+            {"session": {"store": "shared", "secret_key": SESSION_SECRET, "cookie_name": "sid",
+                         "cookie_secure": False}},
+            {"auth": {"secret": JWT_SECRET, "default": "optional"}},
+        ],
+    }, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    html = stack.get("/_stack").text
+    data = stack.get("/_stack/data.json").text
+    for secret in (SESSION_SECRET, JWT_SECRET):
+        assert secret not in html and secret not in data
+    names = [layer["name"] for layer in json.loads(data)["pipeline"]]
+    assert names == ["errors", LAYER, "session", "auth"]
+
+
+# ---------------------------------------------------------------- the numbers
+
+def test_json_shape(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    app, page = make()
+    page.context.settings["pipeline"] = pipeline_with_secrets()[:2]
+    data = app.get("/_stack/data.json").json
+    assert set(data) == {"title", "pid", "started_at", "generation", "last_reload", "signature", "requests",
+                         "pipeline", "app", "cache", "ratelimit", "auth", "store_errors", "deprecated", "events",
+                         "stores"}
+    assert data["signature"] == "errors|session"
+    assert data["requests"] == {"total": 0, "by_status": {}}
+    assert data["pipeline"][0] == {"name": "errors", "index": -1, "implicit": True, "scope": "", "inside": True,
+                                   "this": False, "options": {"format": "envelope"},
+                                   "count": 0, "total_ms": 0.0, "avg_ms": None}
+    assert data["app"] == {"name": "app", "count": 0, "total_ms": 0.0, "avg_ms": None}
+    assert data["cache"] == {"hit": 0, "stale": 0, "miss": 0, "bypass": 0, "hit_ratio": None}
+    assert data["ratelimit"] == {"pass": 0, "reject": 0, "shadow_reject": 0}
+    assert data["auth"] == {"failures": 0, "by_reason": {}}
+    assert data["store_errors"] == {"total": 0, "by_store": {}}
+    assert data["deprecated"] == {"total": 0, "by_version": {}}
+    assert (data["generation"], data["last_reload"]) == (None, None)
+    store = data["stores"][0]
+    assert {k: v for k, v in store.items() if k != "latency_ms"} == {
+        "name": "shared", "ok": True, "backend": "MemoryStore", "url": "memory://", "breaker": None, "error": None}
+
+
+def test_events_are_counted(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    app, page = make()
+    emit = page.context.emit
+    for event in ("cache.hit", "cache.hit", "cache.stale", "cache.miss", "cache.bypass"):
+        emit(event)
+    for event in ("ratelimit.pass", "ratelimit.reject", "ratelimit.reject", "ratelimit.shadow_reject"):
+        emit(event, rule="100/minute")
+    emit("auth.failure", reason="expired")
+    emit("auth.failure", reason="expired")
+    emit("auth.failure", reason="missing")
+    emit("store.error", store="shared", layer="cache")
+    emit("version.deprecated", version="v1", client="1.2.3.4")
+    emit("session.created")
+    data = app.get("/_stack/data.json").json
+    assert data["cache"] == {"hit": 2, "stale": 1, "miss": 1, "bypass": 1, "hit_ratio": 0.75}
+    assert data["ratelimit"] == {"pass": 1, "reject": 2, "shadow_reject": 1}
+    assert data["auth"] == {"failures": 3, "by_reason": {"expired": 2, "missing": 1}}
+    assert data["store_errors"] == {"total": 1, "by_store": {"shared": 1}}
+    assert data["deprecated"] == {"total": 1, "by_version": {"v1": 1}}
+    assert data["events"]["session.created"] == 1
+    html = app.get("/_stack").text
+    assert '<b id="cache-ratio">75.0%</b>' in html
+    assert '<b id="ratelimit-reject">2</b>' in html
+    assert '<b id="auth-failures">3</b>' in html
+
+
+def test_layer_times_are_exclusive(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    def timed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # what the builder's shims leave behind, innermost first: app 1 ms, cache 3 ms, auth 10 ms
+        environ[TIMINGS].extend([("app", 0.001), ("cache", 0.003), ("auth", 0.010)])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    app, _ = make(app=timed)
+    app.get("/a")
+    app.get("/b")
+    data = app.get("/_stack/data.json").json
+    layers = {layer["name"]: (layer["count"], layer["total_ms"], layer["avg_ms"]) for layer in data["pipeline"]}
+    assert layers == {"auth": (2, 14.0, 7.0), "cache": (2, 4.0, 2.0)}  # no builder: names from the timings
+    assert (data["app"]["count"], data["app"]["total_ms"], data["app"]["avg_ms"]) == (2, 2.0, 1.0)
+
+
+def test_an_inner_timing_list_is_merged(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    def replacing(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # an inner layer (metrics) starts its own list; the shims outside it still append to ours
+        ours = environ[TIMINGS]
+        environ[TIMINGS] = [("app", 0.002)]
+        ours.append(("metrics", 0.005))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    app, _ = make(app=replacing)
+    app.get("/")
+    data = app.get("/_stack/data.json").json
+    assert [(layer["name"], layer["total_ms"]) for layer in data["pipeline"]] == [("metrics", 3.0)]
+    assert data["app"]["total_ms"] == 2.0
+
+
+def test_statuses_are_counted(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    def varied(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        if path == "/limited":
+            raise refuse(429, "Slow down.")
+        if path == "/crash":
+            raise RuntimeError("boom")
+        if path == "/lazy":
+            def body() -> Iterator[bytes]:
+                start_response("304 Not Modified", [])
+                yield b""
+            return body()
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"no"]
+
+    app, _ = make(app=varied)
+    app.get("/limited", status=429)
+    app.get("/crash", status=500)
+    app.get("/lazy", status=304)
+    app.get("/missing", status=404)
+    app.get("/missing", status=404)
+    data = app.get("/_stack/data.json").json
+    assert data["requests"] == {"total": 5, "by_status": {"3xx": 1, "4xx": 3, "5xx": 1}}
+
+
+def test_store_health(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    dead = store_from_url(f"redis://:hunter2@127.0.0.1:{free_port()}/0", socket_timeout=0.2,
+                          socket_connect_timeout=0.2)
+    try:
+        app, _ = make(stores={"a-broken": RaisingStore(), "b-dead": dead, "c-fine": MemoryStore()})
+        response = app.get("/_stack/data.json")
+        html = app.get("/_stack").text
+    finally:
+        dead.close()
+    stores = {s["name"]: s for s in response.json["stores"]}
+    assert list(stores) == ["a-broken", "b-dead", "c-fine"]
+    assert (stores["a-broken"]["ok"], stores["a-broken"]["error"]) == (False, "RuntimeError")
+    assert (stores["b-dead"]["ok"], stores["b-dead"]["backend"]) == (False, "RedisStore")
+    assert stores["c-fine"]["ok"] is True
+    assert "hunter2" not in response.text and "hunter2" not in html
+    assert '<td id="store-1-ok" class="bad">down</td>' in html
+    assert '<td id="store-2-ok" class="ok">ok</td>' in html
+
+
+def test_store_health_on_each_backend(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                      store_url: str) -> None:
+    store = store_from_url(store_url)
+    try:
+        app, _ = make(stores={"shared": store})
+        [facts] = app.get("/_stack/data.json").json["stores"]
+    finally:
+        store.close()
+    assert facts["ok"] is True
+    assert facts["backend"] == ("MemoryStore" if store_url == "memory://" else "RedisStore")
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        pytest.param(ReloadResult(True, 3, at=1700000000.0), (3, True, "generation 3 serving"), id="ok"),
+        pytest.param(ReloadResult(False, 2, at=1700000000.0, problems=[Problem("pipeline[0]: bad")]),
+                     (2, False, "reload failed, generation 2 keeps serving: <config> (top level): pipeline[0]: bad"),
+                     id="failed"),
+    ],
+)
+def test_generation_and_last_reload(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                    result: ReloadResult, expected: tuple[int, bool, str]) -> None:
+    generation, ok, summary = expected
+    app, page = make()
+    page.context.settings.update(generation=generation, last_reload=result)
+    data = app.get("/_stack/data.json").json
+    assert data["generation"] == generation
+    assert data["last_reload"] == {"ok": ok, "generation": generation, "at": 1700000000.0, "summary": summary}
+    html = app.get("/_stack").text
+    assert f'<b id="generation">{generation}</b>' in html
+    assert summary.split(":")[0] in html
+
+
+def stack_data(extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A stack.yaml dict: operator_page, cache on the shared store, the echo app."""
+    return {
+        "app": {"factory": "stack_support:echo_app"},
+        "stores": {"shared": "memory://"},
+        "pipeline": [{LAYER: {"refresh_seconds": 0.25}}, *(extra or []),
+                     {"cache": {"store": "shared", "ttl": 60}}],
+    }
+
+
+def test_counts_grow_in_a_built_stack(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack(stack_data(), extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    before = stack.get("/_stack/data.json").json
+    assert [(layer["name"], layer["implicit"], layer["this"], layer["inside"]) for layer in before["pipeline"]] == [
+        ("errors", True, False, False), (LAYER, False, True, False), ("cache", False, False, True)]
+    assert before["requests"]["total"] == 0
+    for path in ("/a", "/a", "/a", "/b"):
+        stack.get(path)
+    after = stack.get("/_stack/data.json").json
+    cache = after["pipeline"][2]
+    assert after["requests"] == {"total": 4, "by_status": {"2xx": 4}}  # the page's own requests do not count
+    assert after["cache"]["hit"] == 2 and after["cache"]["miss"] == 2 and after["cache"]["hit_ratio"] == 0.5
+    assert cache["count"] == 4 and cache["total_ms"] > 0
+    assert after["app"]["count"] == 2  # the two misses reached the app
+    assert after["pipeline"][0]["count"] == 0  # errors is outside the page: not timed
+    html = stack.get("/_stack").text
+    assert '<b id="layer-2-count">4</b>' in html and '<b id="requests">4</b>' in html
+
+
+def test_roles_with_the_auth_layer(make_stack: Callable[..., TestApp]) -> None:
+    data = stack_data([{"auth": {"secret": JWT_SECRET, "default": "optional", "accept_session": False}}])
+    data["pipeline"].insert(0, data["pipeline"].pop(1))  # auth outside the page, which reads its identity
+    data["pipeline"][1] = {LAYER: {"roles": ["admin"]}}
+    stack = make_stack(data, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    tokens = stack.built.context.services["tokens"]
+    admin = tokens.issue("alice", ["admin"])["access_token"]
+    viewer = tokens.issue("bob", ["viewer"])["access_token"]
+    response = stack.get("/_stack", status=401)
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="wsgistack"'
+    assert message(response) == "The operator page needs a signed-in user."
+    response = stack.get("/_stack", headers={"Authorization": f"Bearer {viewer}"}, status=403)
+    assert message(response) == "The operator page needs one of the roles admin."
+    page = stack.get("/_stack", headers={"Authorization": f"Bearer {admin}"}, status=200)
+    assert JWT_SECRET not in page.text
+
+
+# ---------------------------------------------------------------- a real browser
+
+def text_of(driver: Any, element_id: str) -> str:
+    return str(driver.execute_script("return document.getElementById(arguments[0]).textContent;", element_id))
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.browser
+def test_page_updates_in_a_real_browser(tmp_path: Path) -> None:
+    built = build_from_dict({**stack_data(), "app": {"factory": "stack_support:echo_app",
+                                                      "options": {"greeting": "hi"}}}, base_dir=tmp_path)
+    with chromium() as driver, serve(built.app) as server:
+        page = f"{server.url}/_stack"
+        driver.get(page)
+        names = "return [...document.querySelectorAll('#pipeline h3')].map(h => h.firstChild.textContent.trim());"
+        wait_for(lambda: driver.execute_script(names) == ["errors", LAYER, "cache", "app"], "the diagram")
+        # the stylesheet loaded under the page's own CSP
+        colour = "return getComputedStyle(document.querySelector('.layer')).borderLeftColor;"
+        assert driver.execute_script(colour) == "rgb(59, 130, 246)"
+        assert text_of(driver, "requests") == "0"
+        driver.execute_script("window.__kept = 'no reload happened';")
+
+        for path in ("/x", "/x", "/x", "/y", "/x"):
+            with urllib.request.urlopen(server.url + path, timeout=5) as response:
+                assert response.status == 200
+
+        wait_for(lambda: text_of(driver, "requests") == "5", "the request counter to update")
+        wait_for(lambda: text_of(driver, "layer-2-count") == "5", "the cache layer's counter")
+        assert text_of(driver, "cache-ratio") == "60.0%"
+        assert text_of(driver, "app-count") == "2"
+        assert text_of(driver, "updated") != "at load"
+        assert driver.execute_script("return window.__kept;") == "no reload happened"
+        assert text_of(driver, "statuses") == "2xx 5"
+        assert driver.execute_script("return document.getElementById('changed').hidden;") is True
+
+        shot = screenshot(driver, page, tmp_path / "operator-page.png")  # loads the page again
+        assert text_of(driver, "requests") == "5"  # rendered on the server this time
+
+        # a new pipeline description (as after a config reload) is noticed without reloading
+        driver.execute_script("window.__kept = 'no reload happened';")
+        built.context.settings["pipeline"] = built.context.settings["pipeline"][:2]
+        wait_for(lambda: driver.execute_script("return document.getElementById('changed').hidden;") is False,
+                 "the pipeline-changed notice")
+        assert driver.execute_script("return window.__kept;") == "no reload happened"
+    built.close()
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 20_000
