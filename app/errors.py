@@ -11,23 +11,25 @@ of HEAD responses.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 from werkzeug.datastructures import Headers
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 
-from middleware.base import RENDER_ERROR, REQUEST_ID, decoded_path
+from middleware.base import RENDER_ERROR, Context
+from middleware.errors import ErrorsMiddleware
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
 __all__ = ["Rendered", "fallback_render", "install_error_handlers"]
+
+
+def _no_app(environ: WSGIEnvironment, start_response: Any) -> list[bytes]:  # pragma: no cover - never called
+    raise RuntimeError("the fallback renderer has no application")
 
 Rendered = tuple[int, list[tuple[str, str]], bytes]
 Renderer = Callable[["WSGIEnvironment", BaseException], Rendered]
@@ -35,36 +37,18 @@ _DROP = frozenset({"content-type", "content-length"})
 
 
 def fallback_render(environ: WSGIEnvironment, exc: BaseException, debug: bool = False) -> Rendered:
-    """Render ``exc`` as the ``{"error": {...}}`` envelope when no ``errors`` layer is present."""
-    if isinstance(exc, HTTPException) and exc.code is not None:
-        code = exc.code
-        message = exc.description or _phrase(code)
-        details: Any = getattr(exc, "wsgistack_details", None)
-        headers = [(k, v) for k, v in exc.get_headers(environ) if k.lower() not in _DROP]
-    else:
-        code = 500
-        message = InternalServerError.description or "Internal Server Error"
-        details = {"exception": f"{type(exc).__name__}: {exc}"} if debug else None
-        headers = []
-    extra = getattr(exc, "wsgistack_headers", None)
-    if extra:
-        present = {k.lower() for k, _ in headers}
-        headers.extend((k, v) for k, v in extra if k.lower() not in present)
-    doc = {
-        "error": {
-            "code": code,
-            "message": message,
-            "details": details,
-            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "path": decoded_path(environ),
-            "method": environ.get("REQUEST_METHOD", "GET"),
-            "request_id": environ.get(REQUEST_ID),
-        }
-    }
-    body = json.dumps(doc, separators=(",", ":"), default=str).encode()
-    headers.append(("Content-Type", "application/json"))
-    headers.append(("Content-Length", str(len(body))))
-    return code, headers, body
+    """Render ``exc`` as the ``{"error": {...}}`` envelope when no ``errors`` layer is present.
+
+    This is the errors layer's own renderer with its default options, so the
+    app alone answers exactly as the stack would.
+    """
+    return _fallback[debug].render(environ, exc)
+
+
+_fallback = {
+    flag: ErrorsMiddleware(_no_app, ErrorsMiddleware.Options(debug=flag), Context(logger=logging.getLogger("app")))
+    for flag in (False, True)
+}
 
 
 def install_error_handlers(app: Flask, *, debug: bool, logger: logging.Logger) -> None:
@@ -76,9 +60,6 @@ def install_error_handlers(app: Flask, *, debug: bool, logger: logging.Logger) -
         if renderer is not None:
             status, headers, body = renderer(environ, exc)
         else:
-            if not isinstance(exc, HTTPException):
-                # %r escapes control characters, so a path cannot forge log lines.
-                logger.error("unhandled exception in %s %r", request.method, request.path, exc_info=exc)
             status, headers, body = fallback_render(environ, exc, debug)
         response = Response(body, status=status)
         response.headers = Headers(headers)
@@ -93,9 +74,3 @@ def install_error_handlers(app: Flask, *, debug: bool, logger: logging.Logger) -
     app.register_error_handler(HTTPException, on_http_error)
     app.register_error_handler(Exception, on_exception)
 
-
-def _phrase(code: int) -> str:
-    try:
-        return HTTPStatus(code).phrase
-    except ValueError:
-        return "Error"

@@ -14,12 +14,13 @@ the same header twice on the hot path.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 from werkzeug.exceptions import HTTPException, default_exceptions
 from werkzeug.http import parse_cookie
 
@@ -32,6 +33,7 @@ __all__ = [
     "API_VERSION",
     "CLIENT_IP",
     "COOKIES",
+    "HTTP_METHODS",
     "IDENTITY",
     "PATH",
     "RENDER_ERROR",
@@ -42,12 +44,17 @@ __all__ = [
     "Context",
     "Identity",
     "LayerOptions",
+    "Methods",
+    "Networks",
+    "PathGlobs",
     "add_vary",
+    "address_in",
     "client_ip",
     "cookies",
     "decoded_path",
     "decorate_error",
     "header_list",
+    "networks",
     "note",
     "refuse",
     "set_cookie_header",
@@ -67,6 +74,55 @@ TIMINGS = "wsgistack.timings"
 TRACE = "wsgistack.trace"
 
 Headers = list[tuple[str, str]]
+
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _check_globs(value: list[str]) -> list[str]:
+    for pattern in value:
+        if not (pattern.startswith("/") or pattern == "*"):
+            raise ValueError(f"path pattern {pattern!r} must start with '/' (or be '*')")
+    return value
+
+
+def _check_methods(value: list[str]) -> list[str]:
+    for method in value:
+        if method.upper() not in HTTP_METHODS:
+            raise ValueError(f"unknown HTTP method {method!r} (known: {', '.join(sorted(HTTP_METHODS))})")
+    return [m.upper() for m in value]
+
+
+def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"entry {item!r} is not an IP network (write 10.0.0.0/8 or 127.0.0.1)") from None
+    return value
+
+
+#: Option types shared by layers that take rules: path globs, HTTP methods, IP networks.
+PathGlobs = Annotated[list[str], AfterValidator(_check_globs)]
+Methods = Annotated[list[str], AfterValidator(_check_methods)]
+Networks = Annotated[tuple[str, ...], AfterValidator(_check_networks)]
+
+
+def networks(values: Iterable[str]) -> list[Network]:
+    """Parse validated ``Networks`` once, in ``__init__``."""
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+def address_in(environ: WSGIEnvironment, nets: Iterable[Network]) -> bool:
+    """Whether the trusted client address is in one of ``nets`` (IPv4-mapped IPv6 counts as IPv4)."""
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(client_ip(environ))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in nets)
 
 
 class LayerOptions(BaseModel):

@@ -20,7 +20,6 @@ each layer took.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,7 +31,7 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import field_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import TIMINGS, Context, LayerOptions, client_ip, decorate_error, refuse
+from .base import TIMINGS, Context, LayerOptions, Networks, address_in, decorate_error, networks, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -91,7 +90,7 @@ class MetricsMiddleware:
 
     class Options(LayerOptions):
         path: str = "/metrics"
-        allow_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+        allow_from: Networks = ("127.0.0.0/8", "::1/128")
         max_routes: int = 100
         buckets: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                       1.0, 2.5, 5.0, 10.0)
@@ -106,16 +105,6 @@ class MetricsMiddleware:
                 raise ValueError(f"path must start with '/', got {value!r}")
             return value
 
-        @field_validator("allow_from")
-        @classmethod
-        def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-            for item in value:
-                try:
-                    ipaddress.ip_network(item, strict=False)
-                except ValueError:
-                    raise ValueError(f"allow_from entry {item!r} is not an IP network "
-                                     "(write 10.0.0.0/8 or 127.0.0.1)") from None
-            return value
 
         @field_validator("max_routes")
         @classmethod
@@ -134,7 +123,7 @@ class MetricsMiddleware:
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
         self.app, self.options, self.context = app, options, context
         self.path = options.path
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in options.allow_from]
+        self.networks = networks(options.allow_from)
         self.timing = self.wants_layer_timing(options)
         self.registry = registry = CollectorRegistry()
         if options.process_metrics:
@@ -274,13 +263,7 @@ class MetricsMiddleware:
             exc = refuse(405, headers=[("Allow", "GET, HEAD")])
             exc.description = f"{self.path} answers GET and HEAD only."  # not 405's first argument
             raise exc
-        try:
-            address = ipaddress.ip_address(client_ip(environ))
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if address is None or not any(address in net for net in self.networks):
+        if not address_in(environ, self.networks):
             raise refuse(403, "Metrics are not available to this client.")
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         body = encoder(self.registry)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ast
 import html
-import ipaddress
 import json
 import os
 import threading
@@ -38,7 +37,7 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import IDENTITY, TIMINGS, Context, Identity, LayerOptions, client_ip, refuse
+from .base import IDENTITY, TIMINGS, Context, Identity, LayerOptions, Networks, address_in, networks, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -80,7 +79,7 @@ class OperatorPageMiddleware:
 
     class Options(LayerOptions):
         path: str = "/_stack"
-        allow_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+        allow_from: Networks = ("127.0.0.0/8", "::1/128")
         roles: tuple[str, ...] = ()
         refresh_seconds: float = Field(default=2.0, ge=0.25, le=3600)
         title: str = Field(default="wsgistack", min_length=1, max_length=200)
@@ -95,16 +94,6 @@ class OperatorPageMiddleware:
                 raise ValueError("path may not be '/': the page would hide the whole app")
             return value
 
-        @field_validator("allow_from")
-        @classmethod
-        def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-            for item in value:
-                try:
-                    ipaddress.ip_network(item, strict=False)
-                except ValueError:
-                    raise ValueError(f"allow_from entry {item!r} is not an IP network "
-                                     "(write 10.0.0.0/8 or 127.0.0.1)") from None
-            return value
 
         @model_validator(mode="after")
         def _guarded(self) -> OperatorPageMiddleware.Options:
@@ -123,7 +112,7 @@ class OperatorPageMiddleware:
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
         self.app, self.options, self.context = app, options, context
         self.path, self.plen = options.path, len(options.path)
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in options.allow_from]
+        self.networks = networks(options.allow_from)
         self.roles = frozenset(options.roles)
         self.started = time.time()
         self._lock = threading.Lock()
@@ -215,15 +204,8 @@ class OperatorPageMiddleware:
         return [] if method == "HEAD" else [body]
 
     def _check_access(self, environ: WSGIEnvironment) -> None:
-        if self.networks:
-            try:
-                address = ipaddress.ip_address(client_ip(environ))
-            except ValueError:
-                address = None
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            if address is None or not any(address in net for net in self.networks):
-                raise refuse(403, "The operator page is not available to this client address.")
+        if self.networks and not address_in(environ, self.networks):
+            raise refuse(403, "The operator page is not available to this client address.")
         if self.roles:
             identity = environ.get(IDENTITY)
             if not isinstance(identity, Identity):

@@ -39,6 +39,8 @@ from middleware.base import (
     Context,
     Headers,
     LayerOptions,
+    Methods,
+    PathGlobs,
     client_ip,
     decoded_path,
     decorate_error,
@@ -59,7 +61,6 @@ __all__ = ["RateLimitMiddleware"]
 
 Strategy = Literal["fixed-window", "moving-window", "sliding-window-counter"]
 Result = tuple[bool, int, float]  # (allowed, remaining, reset time in epoch seconds)
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STORE_ERRORS = (StoreError, RedisError, OSError)
 _STORE_RETRY_AFTER = "5"
@@ -95,8 +96,8 @@ class _Rule(BaseModel):
     """One entry of ``rules``: which requests, which limits, keyed how."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    paths: list[str] = Field(default_factory=lambda: ["*"])
-    methods: list[str] = Field(default_factory=list)
+    paths: PathGlobs = Field(default_factory=lambda: ["*"])
+    methods: Methods = Field(default_factory=list)
     limits: list[str] = Field(default_factory=list)
     key: str | list[str] | None = None
     strategy: Strategy | None = None
@@ -105,21 +106,7 @@ class _Rule(BaseModel):
     _limits = field_validator("limits")(_check_limits)
     _key = field_validator("key")(_check_key)
 
-    @field_validator("paths")
-    @classmethod
-    def _paths_are_globs(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if not (pattern.startswith("/") or pattern == "*"):
-                raise ValueError(f"path pattern {pattern!r} must start with '/' (or be '*')")
-        return value
 
-    @field_validator("methods")
-    @classmethod
-    def _methods_are_known(cls, value: list[str]) -> list[str]:
-        for method in value:
-            if method.upper() not in _METHODS:
-                raise ValueError(f"unknown HTTP method {method!r} (known: {', '.join(sorted(_METHODS))})")
-        return [m.upper() for m in value]
 
 
 @lru_cache(maxsize=8192)

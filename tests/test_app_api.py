@@ -210,12 +210,11 @@ def _boom_app(tmp_path: Path, **extra: Any) -> flask.Flask:
 
 def test_unhandled_exception_is_a_500_without_its_text(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     client = TestApp(_boom_app(tmp_path))
-    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+    with caplog.at_level(logging.ERROR, logger="app"):
         response = client.get("/boom", status=500)
     assert response.json["error"]["code"] == 500
     assert response.json["error"]["message"] == (
-        "The server encountered an internal error and was unable to complete your request. "
-        "Either the server is overloaded or there is an error in the application."
+        "An unexpected error occurred; the request id identifies it in the logs."
     )
     assert "secret" not in response.text
     assert "secret database password" in caplog.text  # logged for the operator, not sent
@@ -225,8 +224,9 @@ def test_debug_option_shows_the_exception_text(tmp_path: Path, caplog: pytest.Lo
     client = TestApp(_boom_app(tmp_path, debug=True))
     with caplog.at_level(logging.CRITICAL, logger="wsgistack"):
         response = client.get("/boom", status=500)
-    assert response.json["error"]["details"] == {
-        "exception": "RuntimeError: secret database password in exception text"}
+    details = response.json["error"]["details"]
+    assert details["exception"] == "RuntimeError: secret database password in exception text"
+    assert details["traceback"][-1] == "RuntimeError: secret database password in exception text\n"
 
 
 def test_unhandled_exception_goes_through_the_errors_layer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

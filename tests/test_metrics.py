@@ -461,7 +461,7 @@ def test_store_health_with_a_real_redis(make: Callable[..., Any], context: Conte
     ("options", "message"),
     [
         pytest.param({"allow_from": ["10.0.0.0/33"]},
-                     "allow_from entry '10.0.0.0/33' is not an IP network (write 10.0.0.0/8 or 127.0.0.1)",
+                     "entry '10.0.0.0/33' is not an IP network (write 10.0.0.0/8 or 127.0.0.1)",
                      id="bad network"),
         pytest.param({"max_routes": 0}, "max_routes must be at least 1, got 0", id="no routes"),
         pytest.param({"path": "metrics"}, "path must start with '/', got 'metrics'", id="relative path"),

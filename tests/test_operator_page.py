@@ -198,7 +198,7 @@ def test_page_under_script_name_links_its_assets(make: Callable[..., tuple[TestA
     [
         pytest.param({"path": "ops"}, "path must start with '/', got 'ops'", id="relative path"),
         pytest.param({"path": "/"}, "path may not be '/': the page would hide the whole app", id="root path"),
-        pytest.param({"allow_from": ["localhost"]}, "allow_from entry 'localhost' is not an IP network",
+        pytest.param({"allow_from": ["localhost"]}, "entry 'localhost' is not an IP network",
                      id="host name"),
         pytest.param({"allow_from": []}, "allow_from may be empty only when roles is set", id="open to all"),
         pytest.param({"roles": [""]}, "roles may not contain an empty string", id="empty role"),
