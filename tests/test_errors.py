@@ -1,0 +1,133 @@
+"""The errors layer: one renderer for every refusal and every unhandled exception."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+from webtest import TestApp
+
+from middleware.base import Context, refuse
+from middleware.errors import ErrorsMiddleware
+from middleware.request_id import RequestIdMiddleware
+
+CODES = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 429, 431, 500, 502, 503, 504]
+
+
+def raising(exc: BaseException) -> Callable[..., Iterable[bytes]]:
+    """An app that raises ``exc`` before starting the response."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        raise exc
+
+    return app
+
+
+def stack(app: Any, **options: Any) -> TestApp:
+    """The errors layer (and request_id inside it) around ``app``."""
+    inner = RequestIdMiddleware(app, RequestIdMiddleware.Options(), Context())
+    return TestApp(ErrorsMiddleware(inner, ErrorsMiddleware.Options(**options), Context()))
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_every_code_renders_the_envelope(code: int) -> None:
+    response = stack(raising(refuse(code, f"Refused with {code}.", details={"why": "test"}))).get(
+        "/api/x?q=1", status=code)
+    error = response.json["error"]
+    assert response.content_type == "application/json"
+    assert error["code"] == code
+    assert error["message"] == f"Refused with {code}."
+    assert error["details"] == {"why": "test"}
+    assert error["path"] == "/api/x" and error["method"] == "GET"
+    assert error["request_id"] == response.headers["X-Request-ID"]
+    assert error["timestamp"].endswith("Z")
+    assert int(response.headers["Content-Length"]) == len(response.body)
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_every_code_renders_problem_details(code: int) -> None:
+    response = stack(raising(refuse(code, "Nope.")), format="problem").get("/p", status=code)
+    assert response.content_type == "application/problem+json"
+    doc = response.json
+    assert doc["type"] == "about:blank" and doc["status"] == code
+    assert doc["detail"] == "Nope." and doc["instance"] == "/p"
+    assert doc["title"] and doc["request_id"] == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize(
+    ("exc", "header", "value"),
+    [
+        pytest.param(refuse(429, "Slow down.", headers=[("Retry-After", "7")]), "Retry-After", "7", id="429"),
+        pytest.param(refuse(401, "Who?", headers=[("WWW-Authenticate", 'Bearer realm="x"')]),
+                     "WWW-Authenticate", 'Bearer realm="x"', id="401"),
+        pytest.param(refuse(405, "No.", headers=[("Allow", "GET, HEAD")]), "Allow", "GET, HEAD", id="405 from refuse"),
+        pytest.param(refuse(503, "Later.", headers=[("Retry-After", "5")]), "Retry-After", "5", id="503"),
+    ],
+)
+def test_headers_attached_by_inner_layers_are_kept(exc: BaseException, header: str, value: str) -> None:
+    code = int(getattr(exc, "code", 500))
+    response = stack(raising(exc)).get("/", status=code)
+    assert response.headers[header] == value
+
+
+def test_werkzeug_method_not_allowed_carries_allow() -> None:
+    from werkzeug.exceptions import MethodNotAllowed
+
+    response = stack(raising(MethodNotAllowed(["GET", "POST"]))).delete("/", status=405)
+    assert response.headers["Allow"] == "GET, POST"
+
+
+def test_head_has_no_body_but_the_length_of_get() -> None:
+    app = stack(raising(refuse(404, "Missing.")))
+    get = app.get("/x", status=404)
+    head = app.head("/x", status=404)
+    assert head.body == b""
+    assert head.content_type == "application/json"
+    assert abs(int(head.headers["Content-Length"]) - len(get.body)) < 5  # the timestamp may differ by a digit
+
+
+def test_unhandled_exception_is_a_500_without_its_text(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        response = stack(raising(RuntimeError("password=hunter2"))).get("/boom", status=500)
+    assert "hunter2" not in response.text
+    assert response.json["error"]["message"] == "An unexpected error occurred; the request id identifies it in the logs."
+    assert "hunter2" in caplog.text  # the operator still sees it in the log
+    assert response.headers["X-Request-ID"] in caplog.text
+
+
+def test_debug_shows_the_traceback_on_loopback_only() -> None:
+    response = stack(raising(RuntimeError("details please")), debug=True).get("/", status=500)
+    assert response.json["error"]["details"]["exception"] == "RuntimeError: details please"
+    with pytest.raises(ValueError, match="debug may be true only when the server listens on loopback only"):
+        ErrorsMiddleware(raising(RuntimeError()), ErrorsMiddleware.Options(debug=True), Context(loopback_only=False))
+
+
+def test_control_characters_in_the_path_are_escaped_in_logs(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        stack(raising(RuntimeError("x"))).get("/a%0Aforged%20line", status=500)
+    assert "/a\\nforged line" in caplog.text
+    assert "\nforged" not in caplog.text
+
+
+def test_renderer_is_published_for_the_core() -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        status, headers, body = environ["wsgistack.render_error"](environ, refuse(409, "Conflict here."))
+        seen["status"] = status
+        start_response(f"{status} Conflict", headers)
+        return [body]
+
+    response = stack(app).get("/", status=409)
+    assert seen["status"] == 409
+    assert response.json["error"]["message"] == "Conflict here."
+
+
+def test_type_base_must_be_absolute() -> None:
+    with pytest.raises(ValueError, match="type_base must be an absolute URI"):
+        ErrorsMiddleware.Options(type_base="errors/")
+    response = stack(raising(refuse(404)), format="problem", type_base="https://errors.example.org/").get(
+        "/", status=404)
+    assert response.json["type"] == "https://errors.example.org/404"
