@@ -251,3 +251,20 @@ def test_cache_purge_command_on_redis(config_file, redis_url: str) -> None:  # t
     assert client.get("/api/v1/search?q=a").headers["X-Cache"] == "MISS"
     assert client.get("/api/v2/search?q=a").headers["X-Cache"] == "HIT"
     built.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        pytest.param("10.0.0.2", "203.0.113.9", "203.0.113.9", id="trusted proxy peer"),
+        pytest.param("198.51.100.3", "203.0.113.9", "198.51.100.3", id="spoofed from an untrusted peer"),
+        pytest.param("10.0.0.2", "198.51.100.1, 203.0.113.9", "203.0.113.9", id="one hop from the right"),
+    ],
+)
+def test_explain_with_the_proxy_layer(config_file, peer: str, forwarded: str,  # type: ignore[no-untyped-def]
+                                      client: str) -> None:
+    path = config_file(ECHO + "pipeline:\n  - errors: {}\n  - proxy: {x_for: 1, trusted_proxies: [10.0.0.0/8]}\n")
+    result = run_cli("-c", str(path), "explain", "GET", "/x", "-H", f"X-Forwarded-For: {forwarded}", "--peer", peer)
+    assert result.returncode == 0, result.stderr
+    assert f"client address: {client}" in result.stdout
+    assert "proxy        applied" in result.stdout
