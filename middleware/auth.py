@@ -348,6 +348,8 @@ class TokenService:
         except jwt.InvalidTokenError as exc:
             reason, text = next((r, t) for cls, r, t in _JWT_ERRORS if isinstance(exc, cls))
             raise _Invalid(reason, text) from None
+        except UnicodeError:  # e.g. a lone surrogate in a token that came from JSON
+            raise _Invalid("malformed", "the token is malformed") from None
         typ = claims.get("typ", claims.get("token_use", "access"))
         if kind == "access" and typ != "access":
             raise _Invalid("wrong_token_type", "a refresh token cannot be used as an access token"
