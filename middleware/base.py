@@ -250,7 +250,7 @@ def cookies(environ: WSGIEnvironment) -> Mapping[str, str]:
         try:
             jar = parse_cookie(header) if header else {}
         except UnicodeError:  # not UTF-8: keep what decodes, replace the rest
-            fixed = header.encode("latin-1", "replace").decode("utf-8", "replace").encode().decode("latin-1")
+            fixed = str(header).encode("latin-1", "replace").decode("utf-8", "replace").encode().decode("latin-1")
             jar = parse_cookie(fixed)
         environ[COOKIES] = jar
     return jar

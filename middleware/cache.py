@@ -152,7 +152,8 @@ class _Fill:
         plan = self.plan
         if plan is not None and len(body) == plan.length:
             try:
-                self.layer._save(self.environ, self.base, plan, body)
+                self.layer._save(self.environ, self.base, plan, body, unlock=self.lock_key)
+                self.lock_key = None  # deleted in the same round trip as the write
             except StoreError as exc:
                 self.layer._store_error(exc)
         self.release()
@@ -252,8 +253,9 @@ class CacheMiddleware:
         if reason is not None:
             return self._bypass(environ, start_response, reason)
         base = self._base_key(environ, subject)
+        lock_key = f"{self.prefix}l:{base[-_DIGEST:]}" if method == "GET" else None
         try:
-            entry = self._lookup(environ, base)
+            entry, locked = self._lookup(environ, base, lock_key)
         except StoreError as exc:
             return self._store_failed(environ, start_response, exc)
         now = _clock()
@@ -266,7 +268,7 @@ class CacheMiddleware:
         if method == "HEAD":  # no body to store: ask the app, keep nothing
             return self.app(environ, _with(start_response, ("X-Cache", "MISS")))
         stale = entry if entry is not None and entry["x"] > now else None
-        return self._fill(environ, start_response, base, subject, stale)
+        return self._fill(environ, start_response, base, subject, stale, locked)
 
     # -- request side -----------------------------------------------------------------
     def _who(self, environ: WSGIEnvironment) -> tuple[str | None, str | None]:
@@ -309,20 +311,31 @@ class CacheMiddleware:
     def _variant(base: str, vary: list[str], environ: WSGIEnvironment) -> str:
         return base[:-_DIGEST] + _digest((base, [environ.get(_environ_name(h)) for h in vary]))
 
-    def _lookup(self, environ: WSGIEnvironment, base: str) -> dict[str, Any] | None:
-        """The entry for this request (fresh or stale): one read, two when the path has a Vary."""
-        raw = self.store.get(base)
+    def _lookup(self, environ: WSGIEnvironment, base: str,
+                lock_key: str | None = None) -> tuple[dict[str, Any] | None, bool | None]:
+        """The entry for this request (fresh or stale), and whether the fill lock was taken.
+
+        One read, two when the path has a Vary.  With ``lock_key``, a missing
+        entry also takes the single-flight lock in the same round trip
+        (``True``/``False``); ``None`` means no lock was tried.
+        """
+        locked: bool | None = None
+        if lock_key is None:
+            raw = self.store.get(base)
+        else:
+            raw, locked = self.store.get_or_lock(base, lock_key, self.options.lock_timeout)
+            locked = locked if raw is None else None
         try:
             if raw is not None and raw[:5] == b'{"v":':
                 raw = self.store.get(self._variant(base, json.loads(raw)["v"], environ))
             if raw is None:
-                return None
+                return None, locked
             head, _, body = raw.partition(b"\n")
             entry: dict[str, Any] = json.loads(head.decode())
             entry["b"] = body
-            return entry if "x" in entry else None
+            return (entry if "x" in entry else None), locked
         except (ValueError, KeyError, TypeError):  # not written by this layer: a miss
-            return None
+            return None, locked
 
     # -- answers ----------------------------------------------------------------------
     @staticmethod
@@ -351,22 +364,27 @@ class CacheMiddleware:
 
     # -- misses -----------------------------------------------------------------------
     def _fill(self, environ: WSGIEnvironment, start_response: StartResponse, base: str,
-              subject: str | None, stale: dict[str, Any] | None) -> Iterable[bytes]:
+              subject: str | None, stale: dict[str, Any] | None, locked: bool | None = None) -> Iterable[bytes]:
         with self._lock:
             flight = self._inflight.get(base)
             leader = flight is None
             if flight is None:
                 flight = self._inflight[base] = threading.Event()
+        lock_key = f"{self.prefix}l:{base[-_DIGEST:]}"
         fill = _Fill(self, environ, base, subject, flight if leader else None, None, stale)
         if not leader:
+            if locked:  # taken while a thread of this process fills the key: give it back
+                with contextlib.suppress(StoreError):
+                    self.store.delete(lock_key)
             flight.wait(self.options.lock_timeout)
             hit = self._fresh(environ, base)
             if hit is not None:
                 return self._serve(hit, "HIT", "GET", start_response, _clock())
         else:
-            lock_key = f"{self.prefix}l:{base[-_DIGEST:]}"
             try:
-                if self.store.add(lock_key, b"1", ttl=self.options.lock_timeout):
+                if locked is None:
+                    locked = self.store.add(lock_key, b"1", ttl=self.options.lock_timeout)
+                if locked:
                     fill.lock_key = lock_key
                 else:
                     hit = self._await_peer(environ, base, lock_key)
@@ -398,7 +416,7 @@ class CacheMiddleware:
 
     def _fresh(self, environ: WSGIEnvironment, base: str) -> dict[str, Any] | None:
         try:
-            entry = self._lookup(environ, base)
+            entry = self._lookup(environ, base)[0]
         except StoreError:
             return None
         return entry if entry is not None and entry["f"] > _clock() else None
@@ -449,15 +467,19 @@ class CacheMiddleware:
         kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
         return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)))
 
-    def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes) -> None:
+    def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
+              unlock: str | None = None) -> None:
+        """Store the entry (and its Vary index) and drop the fill lock: one round trip."""
         now = _clock()
         life = plan.ttl + plan.window
         head = {"s": plan.status, "h": plan.headers, "t": now, "f": now + plan.ttl, "x": now + life}
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
+        sets: list[tuple[str, bytes, float | None]] = []
         if plan.vary:
-            self.store.set(self._variant(base, plan.vary, environ), raw, ttl=life)
+            sets.append((self._variant(base, plan.vary, environ), raw, life))
             raw = json.dumps({"v": plan.vary}, separators=(",", ":")).encode()
-        self.store.set(base, raw, ttl=life)
+        sets.append((base, raw, life))
+        self.store.write(sets, [unlock] if unlock else ())
 
     # -- admin ------------------------------------------------------------------------
     def _purge(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 class StoreError(Exception):
@@ -36,6 +36,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """Store ``value``; ``ttl`` in seconds (``None``: no expiry)."""
+
+    def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
+        """Read ``key``; when it is missing, also try to take ``lock_key`` for ``ttl`` seconds.
+
+        Returns ``(value, locked)``.  One round trip on Redis, so a cache miss
+        that leads a single flight costs no extra read.
+        """
+        value = self.get(key)
+        if value is not None:
+            return value, False
+        return None, self.add(lock_key, b"1", ttl)
+
+    def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
+        """Several ``set`` and ``delete`` calls in one round trip (a Redis pipeline)."""
+        for key, value, ttl in sets:
+            self.set(key, value, ttl)
+        for key in deletes:
+            self.delete(key)
 
     @abc.abstractmethod
     def delete(self, key: str) -> bool:

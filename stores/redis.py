@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -53,6 +53,13 @@ local created = redis.call('EXISTS', KEYS[1]) == 0
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
 if created then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return value
+"""
+
+_GET_OR_LOCK = """
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0, 1} end
+return {0, 0}
 """
 
 
@@ -263,6 +270,7 @@ class RedisStore(Store):
         password = self.pool.connection_kwargs.get("password")
         self._secret = password if isinstance(password, str) and len(password) >= 3 else None
         self._incr_ttl = self.client.register_script(_INCR_TTL)
+        self._get_or_lock = self.client.register_script(_GET_OR_LOCK)
 
     # -- the boundary -------------------------------------------------------------
 
@@ -309,6 +317,25 @@ class RedisStore(Store):
         px = None if ttl is None else _ms(ttl)
         fn = partial(self.client.set, self.key_prefix + key, value, px=px, nx=True)
         return bool(self._run("SET NX", fn))
+
+    def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
+        fn = partial(self._get_or_lock, keys=[self.key_prefix + key, self.key_prefix + lock_key], args=[_ms(ttl)])
+        found, value = cast("list[Any]", self._run("GET or SET NX", fn))
+        return (value, False) if found == 1 else (None, value == 1)
+
+    def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
+        for _, value, _ in sets:
+            _check_value(value)
+
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value, ttl in sets:
+                pipe.set(self.key_prefix + key, value, px=None if ttl is None else _ms(ttl))
+            if deletes:
+                pipe.delete(*(self.key_prefix + key for key in deletes))
+            pipe.execute()
+
+        self._run("SET/DEL pipeline", run)
 
     def delete(self, key: str) -> bool:
         return bool(self._run("DEL", partial(self.client.delete, self.key_prefix + key)))

@@ -209,12 +209,34 @@ def test_hit_never_enters_the_app_and_replays_the_answer(make: Callable[..., Sta
     assert stack.names() == ["cache.miss", "cache.hit"]
 
 
+def count_reads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the key of every store read (``get`` or ``get_or_lock``), one entry per call from the layer."""
+    reads: list[str] = []
+    depth = [0]
+
+    def counting(name: str) -> Callable[..., Any]:
+        real = getattr(store, name)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if depth[0] == 0:
+                reads.append(args[0])
+            depth[0] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapped
+
+    monkeypatch.setattr(store, "get", counting("get"))
+    monkeypatch.setattr(store, "get_or_lock", counting("get_or_lock"))
+    return reads
+
+
 def test_hit_is_one_store_read(make: Callable[..., Stack], store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     stack = make()
     stack.get()
-    reads: list[str] = []
-    real = store.get
-    monkeypatch.setattr(store, "get", lambda key: reads.append(key) or real(key))
+    reads = count_reads(store, monkeypatch)
     assert stack.get().headers["X-Cache"] == "HIT"
     assert len(reads) == 1
 
@@ -308,9 +330,7 @@ def test_vary_keys_on_the_named_request_headers(make: Callable[..., Stack], orig
     en = stack.get(headers={"Accept-Language": "en"})
     fr = stack.get(headers={"Accept-Language": "fr"})
     assert (en.headers["X-Cache"], fr.headers["X-Cache"]) == ("MISS", "MISS")
-    reads: list[str] = []
-    real = store.get
-    monkeypatch.setattr(store, "get", lambda key: reads.append(key) or real(key))
+    reads = count_reads(store, monkeypatch)
     en2 = stack.get(headers={"Accept-Language": "en"})
     fr2 = stack.get(headers={"Accept-Language": "fr"})
     none = stack.get()

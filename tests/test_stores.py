@@ -592,3 +592,45 @@ def test_sentinel_url_finds_the_master(sentinel_port: int, redis_url: str) -> No
         raw.flushdb()
         raw.close()
         store.close()
+
+
+# -- combined operations: one round trip on Redis ------------------------------------------
+
+
+def test_get_or_lock_reads_or_takes_the_lock(store: Store) -> None:
+    assert store.get_or_lock("entry", "lock", 5) == (None, True)
+    assert store.get_or_lock("entry", "lock", 5) == (None, False)  # someone holds it
+    store.set("entry", b"value", 5)
+    assert store.get_or_lock("entry", "lock2", 5) == (b"value", False)
+    assert store.get("lock2") is None  # a hit takes no lock
+
+
+def test_get_or_lock_lock_expires(store: Store) -> None:
+    assert store.get_or_lock("entry", "lock", 0.1) == (None, True)
+    time.sleep(0.25)
+    assert store.get_or_lock("entry", "lock", 0.1) == (None, True)
+
+
+def test_write_sets_and_deletes_together(store: Store) -> None:
+    store.set("old", b"1")
+    store.write([("a", b"A", 5), ("b", b"B", None)], ["old"])
+    assert (store.get("a"), store.get("b"), store.get("old")) == (b"A", b"B", None)
+    with pytest.raises(TypeError):
+        store.write([("c", "text", None)])  # type: ignore[list-item]
+
+
+@pytest.mark.redis
+def test_combined_operations_are_one_round_trip_each(redis_url: str) -> None:
+    import redis as redis_py
+
+    store = store_from_url(redis_url)
+    client = redis_py.Redis.from_url(redis_url)
+    client.config_resetstat()
+    store.get_or_lock("e", "l", 5)
+    store.write([("e", b"x", 5)], ["l"])
+    stats = client.info("commandstats")
+    calls = {name: stat["calls"] for name, stat in stats.items() if name != "cmdstat_config"}
+    assert calls.get("cmdstat_evalsha", 0) + calls.get("cmdstat_eval", 0) == 1
+    assert calls.get("cmdstat_set") == 2 and calls.get("cmdstat_del") == 1  # SET NX inside the script + pipeline
+    client.close()
+    store.close()
