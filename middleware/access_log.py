@@ -7,6 +7,11 @@ it passes, never buffered.  Every text field goes through the escaper of
 ``json.dumps(ensure_ascii=True)``, so a request cannot forge or split a log
 line with newlines, escape sequences or other control characters.
 
+Building and formatting a ``LogRecord`` costs more than the rest of the layer
+together.  When the logger's only handler is a :class:`LineHandler` (a
+stream handler that writes messages as they are), the layer hands it the
+line directly, with the same output.
+
 It sits inside ``errors`` (the builder keeps ``errors`` outermost), so it sees
 exceptions before they are rendered: it logs them with the status the
 ``errors`` layer will send (the ``HTTPException`` code, else 500) and
@@ -38,7 +43,7 @@ from .base import CLIENT_IP, IDENTITY, REQUEST_ID, Context, LayerOptions
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["AccessLogMiddleware"]
+__all__ = ["AccessLogMiddleware", "LineHandler"]
 
 _INFO = logging.INFO
 #: How often (seconds) the file's identity is compared with the path, to follow logrotate.
@@ -133,25 +138,72 @@ class AccessLogMiddleware:
             cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
         # Every text value goes through json's own escaper (quotes, backslashes, control and
         # non-ASCII characters become escapes), so the line is one line of ASCII JSON.
+        # (``_text`` only for non-ASCII values: this runs for every request.)
+        path = exchange.path
+        request_id = environ.get(REQUEST_ID)
+        identity = environ.get(IDENTITY)
         line = [f'{{"time":"{cached[1]}.{int((started - second) * 1000):03d}Z"'
-                f',"request_id":{_json(environ.get(REQUEST_ID))}'
-                f',"client_ip":{_json(environ.get(CLIENT_IP) or environ.get("REMOTE_ADDR") or "")}'
-                f',"method":{_quote(exchange.method)},"path":{_quote(_text(exchange.path))}']
+                f',"request_id":{"null" if request_id is None else _quote(str(request_id))}'
+                f',"client_ip":{_quote(environ.get(CLIENT_IP) or environ.get("REMOTE_ADDR") or "")}'
+                f',"method":{_quote(exchange.method)}'
+                f',"path":{_quote(path if path.isascii() else _text(path))}']
         if self.query:
             line.append(f',"query":{_quote(_text(exchange.query))}')
         line.append(f',"status":{exchange.status:d},"bytes":{exchange.sent:d}'
                     f',"duration_ms":{(time.perf_counter() - exchange.clock) * 1000:.3f}'
-                    f',"user":{_json(getattr(environ.get(IDENTITY), "subject", None))}')
+                    f',"user":{"null" if identity is None else _json(getattr(identity, "subject", None))}')
         if self.user_agent:
-            line.append(f',"user_agent":{_quote(_text(environ.get("HTTP_USER_AGENT", "")))}')
+            agent = environ.get("HTTP_USER_AGENT", "")
+            line.append(f',"user_agent":{_quote(agent if agent.isascii() else _text(agent))}')
         if exchange.error:
             line.append(f',"error":{_quote(exchange.error)}')
         line.append("}")
         self._emit("".join(line))
 
     def _to_logger(self, line: str) -> None:
-        assert self.logger is not None
-        self.logger.info(line)
+        logger = self.logger
+        assert logger is not None
+        handlers = logger.handlers
+        if len(handlers) == 1 and not logger.propagate and not logger.filters and not logger.disabled:
+            handler = handlers[0]
+            if type(handler) is LineHandler and not handler.filters and handler.level <= _INFO:
+                handler.write_line(line)  # what the record would come to, without making one
+                return
+        # What logger.info(line) does, without looking up the caller's frame: the record names
+        # this module, as findCaller would.
+        logger.handle(logger.makeRecord(logger.name, _INFO, __file__, 0, line, (), None, "write"))
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes each record's message as it is, one line per record.
+
+    Give the access logger one: when it is the only handler of
+    a logger that does not propagate, the layer hands it each line directly,
+    without building and formatting a ``LogRecord`` (most of what logging
+    costs per request); the output is the same.  Any other configuration of
+    the logger gets ordinary records.
+
+        logging.getLogger("wsgistack.access").handlers[:] = [LineHandler(sys.stdout)]
+        logging.getLogger("wsgistack.access").propagate = False
+    """
+
+    terminator = "\n"
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The message alone: an access line is already complete (a formatter set here is ignored)."""
+        return record.getMessage()
+
+    def write_line(self, line: str) -> None:
+        """Write ``line`` as emitting a record with that message would."""
+        self.acquire()
+        try:
+            stream = self.stream
+            stream.write(line + self.terminator)
+            stream.flush()
+        except Exception:  # as emit() does: report on stderr, never fail the request
+            self.handleError(logging.makeLogRecord({"msg": line, "levelno": _INFO, "levelname": "INFO"}))
+        finally:
+            self.release()
 
 
 class _Exchange:

@@ -187,6 +187,7 @@ class _Policy:
         if data["expose_headers"]:
             self.extra.append(("Access-Control-Expose-Headers", ", ".join(data["expose_headers"])))
         self.names = frozenset(("access-control-allow-origin", *(n.lower() for n, _ in self.extra)))
+        self.sizes = frozenset(len(n) for n in (*self.names, "vary"))
 
     def allows(self, origin: str) -> bool:
         if self.allow_all or origin in self.exact:
@@ -297,14 +298,14 @@ class CORSMiddleware:
             return self.app(environ, start_response)
         origin = environ.get("HTTP_ORIGIN")
         if origin is None:
-            return self.app(environ, _labelled(start_response, (), frozenset()))
+            return self.app(environ, _labelled(start_response, (), _NO_NAMES, _VARY_SIZE))
         if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ:
             return self._preflight(environ, start_response, policy, origin)
         allowed = policy.allows(origin)
         added = policy.allow_origin(origin) if allowed else ()
         try:
-            return self.app(environ, _labelled(start_response, added, policy.names if allowed
-                                               else frozenset()))
+            return self.app(environ, _labelled(start_response, added, policy.names if allowed else _NO_NAMES,
+                                               policy.sizes if allowed else _VARY_SIZE))
         except Exception as exc:
             decorate_error(exc, added)
             add_vary(getattr(exc, "wsgistack_headers", []), "Origin")
@@ -353,25 +354,38 @@ class CORSMiddleware:
         return []
 
 
+_NO_NAMES: frozenset[str] = frozenset()
+_VARY_SIZE = frozenset((4,))
+
+
 def _labelled(
     start_response: StartResponse, added: Sequence[tuple[str, str]], names: frozenset[str],
+    sizes: frozenset[int],
 ) -> StartResponse:
-    """A ``start_response`` that replaces the ``names`` headers with ``added`` and merges Vary."""
+    """A ``start_response`` that replaces the ``names`` headers with ``added`` and merges Vary.
+
+    ``sizes`` holds the lengths of ``names`` and of "vary": a header name of another
+    length is neither, so it is kept without being lowercased.
+    """
 
     def labelled(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         out: list[tuple[str, str]] = []
         vary = -1
         for header in headers:
-            name = header[0].lower()
-            if name == "vary":
-                vary = len(out)
-            elif name in names:
-                continue
+            if len(header[0]) in sizes:
+                name = header[0].lower()
+                if name == "vary":
+                    if vary < 0:
+                        vary = len(out)
+                elif name in names:
+                    continue
             out.append(header)
         if vary < 0:
             out.append(("Vary", "Origin"))
-        else:
-            add_vary(out, "Origin")
+        else:  # merge into the Vary header found above, without looking for it again
+            found = [out[vary]]
+            add_vary(found, "Origin")
+            out[vary] = found[0]
         out.extend(added)
         return start_response(status, out, exc_info)
 

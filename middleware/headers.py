@@ -177,10 +177,15 @@ class SecurityHeadersMiddleware:
     @staticmethod
     def _adder(extra: Headers) -> Callable[[str, Headers], None]:
         pairs = [(name.lower(), (name, value)) for name, value in extra]
+        sizes = frozenset(len(name) for name, _ in extra)
 
         def add(status: str, headers: Headers) -> None:
-            present = {name.lower() for name, _ in headers}
-            headers.extend(pair for lower, pair in pairs if lower not in present)
+            # Only names as long as one of ours can be one of ours: most are never lowercased.
+            present = {name.lower() for name, _ in headers if len(name) in sizes}
+            if present:
+                headers.extend([pair for lower, pair in pairs if lower not in present])
+            else:
+                headers.extend(extra)
 
         return add
 

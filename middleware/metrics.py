@@ -20,14 +20,19 @@ each layer took.
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 from pydantic import field_validator
 from werkzeug.exceptions import HTTPException
 
@@ -46,6 +51,7 @@ _HEX = "[0-9a-fA-F]"
 _ID_SEGMENT = re.compile(
     rf"/(?:\d+|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}|{_HEX}{{16,}})(?=/|$)"
 )
+_go_float: Callable[[float], str] = floatToGoString  # how prometheus writes bucket bounds ("0.005", "1.0")
 _NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 _LAYER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 # Counters fed by context events: metric name -> (help, label names).
@@ -105,6 +111,13 @@ class MetricsMiddleware:
                 raise ValueError(f"path must start with '/', got {value!r}")
             return value
 
+        @field_validator("buckets")
+        @classmethod
+        def _buckets(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+            bounds = [b for b in value if b != math.inf]
+            if not bounds or any(a >= b for a, b in itertools.pairwise(bounds)):
+                raise ValueError("buckets must be increasing upper bounds in seconds, e.g. [0.01, 0.1, 1.0]")
+            return value
 
         @field_validator("max_routes")
         @classmethod
@@ -133,41 +146,33 @@ class MetricsMiddleware:
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
         registry.register(_StoreCollector(context))
-        self.requests = Counter("wsgistack_http_requests", "Requests by method, route and status.",
-                                ["method", "route", "status"], registry=registry)
-        self.latency = Histogram("wsgistack_http_request_duration_seconds",
-                                 "Time until the response headers were ready.",
-                                 ["method", "route"], buckets=options.buckets, registry=registry)
+        self.counts = _Counts(options.buckets)
+        registry.register(self.counts)
         self.layer_time = Histogram("wsgistack_layer_duration_seconds",
                                     "Time spent in each layer itself (inner layers excluded).",
                                     ["layer"], buckets=_LAYER_BUCKETS, registry=registry)
         self._routes = _Capped(options.max_routes)
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._series: dict[tuple[str, str, str], _Series] = {}
         self._layers: dict[str, tuple[Any, str]] = {}
-        counters = {name: Counter(name, doc, labels, registry=registry)
-                    for name, (doc, labels) in _COUNTERS.items()}
-        self._events = {event: (counters[name], fixed, fields, _Capped(64))
-                        for event, (name, fixed, fields) in _EVENTS.items()}
-        self._other_events = (counters["wsgistack_events"], _Capped(64))
-        self._event_children: dict[tuple[str, ...], Any] = {}
+        self._events = {event: (name, fixed, fields, _Capped(64)) for event, (name, fixed, fields) in _EVENTS.items()}
+        self._other_events = _Capped(64)
+        self._event_keys: dict[tuple[str, ...], tuple[str, tuple[str, ...]]] = {}
         context.listeners.append(self._on_event)
 
     def _on_event(self, event: str, fields: dict[str, Any]) -> None:
         try:
             spec = self._events.get(event)
-            if spec is None:
-                counter, cap = self._other_events
-                values: tuple[str, ...] = (cap(event),)
-            else:
-                counter, fixed, names, cap = spec
-                values = (*fixed, *(cap(fields.get(n, "unknown")) for n in names))
-            key = (event, *values)
-            child = self._event_children.get(key)
-            if child is None:
-                child = counter.labels(*values) if values else counter
-                if len(self._event_children) < 10_000:
-                    self._event_children[key] = child
-            child.inc()
+            raw = (event,) if spec is None else (event, *[str(fields.get(n, "unknown")) for n in spec[2]])
+            key = self._event_keys.get(raw)
+            if key is None:
+                if spec is None:
+                    key = ("wsgistack_events", (self._other_events(event),))
+                else:
+                    name, fixed, _, cap = spec
+                    key = (name, (*fixed, *[cap(value) for value in raw[1:]]))
+                if len(self._event_keys) < 10_000:
+                    self._event_keys[raw] = key
+            self.counts.event(key)
         except Exception:  # counting must never fail the request that emitted the event
             self.context.logger.exception("metrics could not count event %r", event)
 
@@ -247,15 +252,12 @@ class MetricsMiddleware:
             path = environ.get("PATH_INFO") or "/"
             route = "other" if status == "404" else _ID_SEGMENT.sub("/{id}", path)
         key = (method, route, status)
-        children = self._children.get(key)
-        if children is None:
-            label = self._routes(route)
-            verb = method if method in _METHODS else "other"
-            children = (self.requests.labels(verb, label, status), self.latency.labels(verb, label))
-            if len(self._children) < 10_000:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        series = self._series.get(key)
+        if series is None:
+            series = self.counts.series(method if method in _METHODS else "other", self._routes(route), status)
+            if len(self._series) < 10_000:
+                self._series[key] = series
+        self.counts.observe(series, elapsed)
 
     def _expose(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
@@ -270,6 +272,91 @@ class MetricsMiddleware:
         start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-store"),
                                   ("Content-Length", str(len(body)))])
         return [] if method == "HEAD" else [body]
+
+
+class _Series:
+    """The count of one (method, route, status) and the latency histogram of its (method, route)."""
+
+    __slots__ = ("count", "created", "histogram", "labels")
+
+    def __init__(self, labels: tuple[str, str, str], histogram: list[float]) -> None:
+        self.labels, self.histogram = labels, histogram
+        self.count = 0
+        self.created = time.time()
+
+
+class _Counts:
+    """Request counts, latency histograms and event counts, exported when scraped.
+
+    The same series a prometheus ``Counter`` and ``Histogram`` give, kept in
+    plain lists under one lock: counting a request takes one lock instead of
+    the three (about 4 µs) that ``inc()`` and ``observe()`` take.
+    """
+
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.bounds = tuple(float(b) for b in buckets if b != math.inf)
+        self.lock = threading.Lock()
+        self.by_labels: dict[tuple[str, str, str], _Series] = {}
+        self.histograms: dict[tuple[str, str], list[float]] = {}  # bucket counts, +Inf, then the sum
+        self.events: dict[tuple[str, tuple[str, ...]], list[float]] = {}  # [count, created]
+
+    def series(self, method: str, route: str, status: str) -> _Series:
+        with self.lock:
+            found = self.by_labels.get((method, route, status))
+            if found is None:
+                histogram = self.histograms.get((method, route))
+                if histogram is None:
+                    histogram = self.histograms[(method, route)] = [0.0] * (len(self.bounds) + 2)
+                found = self.by_labels[(method, route, status)] = _Series((method, route, status), histogram)
+            return found
+
+    def observe(self, series: _Series, seconds: float) -> None:
+        slot = bisect_left(self.bounds, seconds)  # the first bound >= seconds, as prometheus counts
+        with self.lock:
+            series.count += 1
+            histogram = series.histogram
+            histogram[slot] += 1
+            histogram[-1] += seconds
+
+    def event(self, key: tuple[str, tuple[str, ...]]) -> None:
+        with self.lock:
+            entry = self.events.get(key)
+            if entry is None:
+                self.events[key] = [1, time.time()]
+            else:
+                entry[0] += 1
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            series = [(s.labels, s.count, s.created) for s in self.by_labels.values()]
+            histograms = [(pair, list(h)) for pair, h in self.histograms.items()]
+            events = [(name, values, count, created) for (name, values), (count, created) in self.events.items()]
+        requests = CounterMetricFamily("wsgistack_http_requests", "Requests by method, route and status.",
+                                       labels=["method", "route", "status"])
+        for labels, total, created in series:
+            requests.add_metric(labels, total, created=created)
+        yield requests
+        latency = HistogramMetricFamily("wsgistack_http_request_duration_seconds",
+                                        "Time until the response headers were ready.", labels=["method", "route"])
+        edges = [_go_float(b) for b in self.bounds] + ["+Inf"]
+        for pair, histogram in histograms:
+            running, buckets = 0.0, []
+            for edge, in_bucket in zip(edges, histogram, strict=False):
+                running += in_bucket
+                buckets.append((edge, running))
+            latency.add_metric(list(pair), buckets, histogram[-1])
+        yield latency
+        for name, (doc, label_names) in _COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=list(label_names))
+            found = [(values, count, created) for n, values, count, created in events if n == name]
+            if not label_names and not found:
+                found = [((), 0, time.time())]  # a counter without labels is always there, as in prometheus
+            for values, count, created in found:
+                family.add_metric(list(values), count, created=created)
+            yield family
 
 
 class _Capped:

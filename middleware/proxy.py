@@ -135,24 +135,27 @@ class ProxyMiddleware:
                 value = _nth_from_right(environ.get(key), hops)
                 if value:
                     found[key[17:].lower()] = value
-        checked = {}
+        checked: dict[str, str] = {}
+        if not found:
+            return checked
         if "for" in found and (ip := _address(found["for"])) is not None:
             checked["for"] = ip
-        if (proto := found.get("proto", "").lower()) in _DEFAULT_PORTS:
+        if "proto" in found and (proto := found["proto"].lower()) in _DEFAULT_PORTS:
             checked["proto"] = proto
         if "host" in found and _HOST.fullmatch(found["host"]):
             checked["host"] = found["host"]
-        if found.get("port", "").isdigit() and 0 < int(found["port"]) < 65536:
+        if "port" in found and found["port"].isdigit() and 0 < int(found["port"]) < 65536:
             checked["port"] = str(int(found["port"]))
-        if (prefix := found.get("prefix", "")).startswith("/") and "\\" not in prefix:
+        if "prefix" in found and (prefix := found["prefix"]).startswith("/") and "\\" not in prefix:
             checked["prefix"] = prefix.rstrip("/")
         return checked
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         get = environ.get
         peer = get("REMOTE_ADDR") or ""
-        environ[ORIG] = {key: get(key) for key in
-                         ("REMOTE_ADDR", "wsgi.url_scheme", "HTTP_HOST", "SERVER_PORT", "SCRIPT_NAME")}
+        environ[ORIG] = {"REMOTE_ADDR": get("REMOTE_ADDR"), "wsgi.url_scheme": get("wsgi.url_scheme"),
+                         "HTTP_HOST": get("HTTP_HOST"), "SERVER_PORT": get("SERVER_PORT"),
+                         "SCRIPT_NAME": get("SCRIPT_NAME")}
         if self.trusted(peer):
             found = self.derive(environ)
             if "for" in found:

@@ -158,10 +158,11 @@ class RequestIdMiddleware:
         environ[REQUEST_ID] = rid
         header = self._header
         lower = self._header_lower
+        size = len(lower)
 
         def add_id(status: str, headers: Headers) -> None:
             for name, _ in headers:
-                if name.lower() == lower:
+                if len(name) == size and name.lower() == lower:  # len() first: most names differ in length
                     return
             headers.append((header, rid))
 

@@ -32,7 +32,7 @@ from werkzeug.http import dump_cookie
 
 from stores.base import StoreError
 
-from .base import SESSION, Context, LayerOptions, add_vary, cookies, note, refuse
+from .base import COOKIES, SESSION, Context, LayerOptions, add_vary, cookies, note, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["Session", "SessionMiddleware"]
 
 KEY_PREFIX = "session:"
+_NO_ENVIRON: dict[str, Any] = {}  # what a loaded session keeps of the request's environ: nothing
+_COOKIE_KEYS = ("HTTP_COOKIE", COOKIES)  # what an unused session keeps of it once the response started
 RETRY_AFTER = "5"
 VERIFIED_CACHE_SIZE = 4096
 _clock = time.time  # wall clock: created_at is shared by every process (tests may replace it)
@@ -85,6 +87,7 @@ class Session(MutableMapping[str, Any]):
             self._data = data = {}
             self._created = _clock()
             cookie_id = self._layer._cookie_id(self._environ)
+            self._environ = _NO_ENVIRON  # not needed any more: no Session <-> environ cycle to collect
             if cookie_id is not None:
                 loaded = self._layer._read(self, cookie_id)
                 if loaded is not None:
@@ -92,6 +95,10 @@ class Session(MutableMapping[str, Any]):
                     self._id = self._stored_id = cookie_id
                     self._new = self._issue = False
         return data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``session.get(key, default)`` without the KeyError round of ``Mapping.get``."""
+        return self._load().get(key, default)
 
     @property
     def id(self) -> str:
@@ -159,6 +166,7 @@ class Session(MutableMapping[str, Any]):
         """End the session: delete its key and expire the cookie (logout)."""
         self._changed()  # only warns when too late; destroy() leaves modified false
         stored = self._layer._cookie_id(self._environ) if self._data is None else self._stored_id
+        self._environ = _NO_ENVIRON
         if stored is not None:
             self._stale.append(stored)
         self.accessed = True
@@ -272,6 +280,8 @@ class SessionMiddleware:
                                    exc_info: Any = None) -> Any:
             nonlocal added
             session._sealed = True
+            if session._data is None:  # never used: keep only the cookie, to break the environ cycle
+                session._environ = {k: environ[k] for k in _COOKIE_KEYS if k in environ}
             if session.accessed:
                 headers = list(headers)
                 if added is None:  # save once, even if start_response is called again

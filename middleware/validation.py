@@ -315,14 +315,14 @@ class ValidationMiddleware:
 
     def _check_header_fields(self, environ: WSGIEnvironment) -> None:
         count = total = biggest = 0
-        biggest_key = ""
         for key, value in environ.items():
-            if key[:5] == "HTTP_":
+            # key[0] rejects most non-header keys without building the slice (this loop runs per request)
+            if key and key[0] == "H" and key[:5] == "HTTP_":
                 count += 1
                 size = len(key) + len(value)
                 total += size
                 if size > biggest:
-                    biggest, biggest_key = size, key
+                    biggest = size
         total -= 5 * count  # the sizes count header names without the HTTP_ prefix
         biggest -= 5
         if self._max_headers is not None and count > self._max_headers:
@@ -330,6 +330,7 @@ class ValidationMiddleware:
                                f"than max_headers ({self._max_headers}).", "max_headers",
                                max=self._max_headers, actual=count)
         if self._max_header is not None and biggest > self._max_header:
+            biggest_key = max((k for k in environ if k[:5] == "HTTP_"), key=lambda k: len(k) + len(environ[k]))
             name = biggest_key[5:].replace("_", "-").title()
             raise self._over(environ, 431, f"The {name} header", biggest, "max_header_bytes",
                              self._max_header)

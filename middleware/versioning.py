@@ -174,6 +174,7 @@ class VersioningMiddleware:
         self.prefix_slash = options.prefix + "/"
         self.header_env = "HTTP_" + options.header.upper().replace("-", "_")
         self.media_prefix = options.media_type_prefix.lower()
+        self.precedence = options.precedence
         self.use_header = "header" in options.precedence
         self.use_accept = "accept" in options.precedence
         self.vary = [options.header] * self.use_header + ["Accept"] * self.use_accept
@@ -187,22 +188,30 @@ class VersioningMiddleware:
             return self.app(environ, start_response)
         rest = path[len(self.prefix_slash):]
         segment = rest.partition("/")[0]
-        found: dict[str, str | None] = {"url": None, "header": None, "accept": None, "default": None}
+        url = header = accept = None
         if segment in self.supported:
-            found["url"] = segment
+            url = segment
         elif _SHAPE.fullmatch(segment):
             raise self._unsupported(404, f"API version {segment!r} in the URL", segment, "url")
-        if self.use_header and environ.get(self.header_env):
-            found["header"] = self._from_header(environ[self.header_env])
-        if self.use_accept and self.media_prefix in environ.get("HTTP_ACCEPT", "").lower():
-            found["accept"] = self._from_accept(environ["HTTP_ACCEPT"])
-        url, header = found["url"], found["header"]
+        if self.use_header:
+            asked = environ.get(self.header_env)
+            if asked:
+                header = self._from_header(asked)
+        if self.use_accept:
+            asked = environ.get("HTTP_ACCEPT")
+            if asked and self.media_prefix in asked.lower():
+                accept = self._from_accept(asked)
         if url is not None and header is not None and url != header:
             raise refuse(400, f"The URL asks for API version {url} but the {self.options.header} header asks "
                               f"for {header}; send one, or make them agree.",
                          details={"url": url, "header": header, "supported": self.listed})
-        source = next((s for s in self.options.precedence if found[s] is not None), "default")
-        version = found[source] or self.default
+        if header is None and accept is None:  # the usual case: the URL's version, or none at all
+            source = "url" if url is not None else "default"
+            version = url or self.default
+        else:
+            found = {"url": url, "header": header, "accept": accept}
+            source = next((s for s in self.precedence if found[s] is not None), "default")
+            version = found.get(source) or self.default
         environ[API_VERSION] = version
         environ[SOURCE] = source
         if version != url:  # no version in the path, or Accept outranks the URL's
