@@ -1,0 +1,125 @@
+"""The peer stack: the Flask extensions a user would otherwise pick, on the same Flask core.
+
+``create_peer_app`` takes the very ``app.create_app`` core the wsgistack stacks
+wrap and adds, configured to do the same work as the stack's layers:
+
+- Flask-CORS for the app's origin (credentials, the same methods and headers);
+- Flask-Session, a server-side session that every request reads (a
+  ``before_request`` hook looks up ``session["user"]``, as the auth layer does
+  with ``accept_session``); permanent with a 30-minute lifetime, so a request
+  with a session cookie also slides its expiry, as the session layer's idle
+  timeout does;
+- Flask-Limiter keyed on the client IP, the limit from the bench (counted on
+  every request, never refusing), with its rate-limit headers on;
+- Flask-Caching around both search views, keyed on the query string, with the
+  stack's TTL;
+- werkzeug's ProxyFix for one proxy hop (X-Forwarded-For and -Proto).
+
+Backends are in-process memory (cachelib ``SimpleCache``, ``memory://``) or
+one Redis URL for all three stateful extensions.  ``GET /peer/login`` puts a
+user in the session, the peer's stand-in for ``POST /auth/login``.
+
+Run it (or bare Flask) under Waitress with the shipped stack's server settings::
+
+    python -m bench.peer --listen 127.0.0.1:8891 [--redis-url redis://...] [--bare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from bench.common import CACHE_TTL, ORIGIN, RATE_LIMIT, SESSION_SECRET
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+#: Waitress settings of the shipped stack.yaml (``server:``), used for bare Flask and the peer; like
+#: bench/full.yaml, Waitress keeps the X-Forwarded-* headers for ProxyFix to apply.
+WAITRESS: dict[str, Any] = {"threads": 8, "connection_limit": 200, "channel_timeout": 60,
+                            "max_request_body_size": 1048576, "ident": "wsgistack",
+                            "clear_untrusted_proxy_headers": False}
+
+
+def create_bare_app(var_dir: str) -> Flask:
+    """Bare Flask: the core alone, as ``create_app`` builds it."""
+    from app import create_app
+
+    return create_app({"var_dir": var_dir, "search": {"engine": "local"}})
+
+
+def create_peer_app(var_dir: str, redis_url: str | None = None, rate_limit: str = RATE_LIMIT,
+                    ttl: int = CACHE_TTL) -> Flask:
+    """The core plus Flask-CORS, Flask-Session, Flask-Limiter, Flask-Caching and ProxyFix."""
+    from flask import session
+    from flask_caching import Cache
+    from flask_cors import CORS
+    from flask_limiter import Limiter
+    from flask_limiter.util import get_remote_address
+    from flask_session import Session  # type: ignore[import-untyped]
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    app = create_bare_app(var_dir)
+    app.config.update(
+        SECRET_KEY=SESSION_SECRET,
+        SESSION_COOKIE_NAME="peer_session",
+        SESSION_COOKIE_SECURE=False,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_USE_SIGNER=True,
+        SESSION_PERMANENT=True,
+        PERMANENT_SESSION_LIFETIME=1800,
+    )
+    if redis_url:
+        import redis
+
+        app.config.update(SESSION_TYPE="redis", SESSION_REDIS=redis.Redis.from_url(redis_url))
+        cache_config: dict[str, Any] = {"CACHE_TYPE": "RedisCache", "CACHE_REDIS_URL": redis_url}
+    else:
+        from cachelib import SimpleCache
+
+        app.config.update(SESSION_TYPE="cachelib", SESSION_CACHELIB=SimpleCache(threshold=10000))
+        cache_config = {"CACHE_TYPE": "SimpleCache", "CACHE_THRESHOLD": 10000}
+    Session(app)  # replaces the core's session interface with Flask-Session's
+    CORS(app, origins=[ORIGIN, "http://127.0.0.1:3000"], methods=["GET", "POST", "PUT", "DELETE"],
+         allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-API-Version"],
+         expose_headers=["X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                         "Retry-After"],
+         supports_credentials=True)
+    Limiter(get_remote_address, app=app, default_limits=[rate_limit], headers_enabled=True,
+            strategy="fixed-window", storage_uri=redis_url or "memory://")
+    cache = Cache(app, config={**cache_config, "CACHE_DEFAULT_TIMEOUT": ttl})
+    for endpoint in ("api_v1.search", "api_v2.search"):
+        cached: Any = cache.cached(timeout=ttl, query_string=True)(app.view_functions[endpoint])
+        app.view_functions[endpoint] = cached
+
+    @app.before_request
+    def read_user() -> None:
+        """Read the logged-in user, as an app (or the stack's auth layer) does on every request."""
+        session.get("user")
+
+    @app.get("/peer/login")
+    def login() -> dict[str, Any]:
+        session["user"] = {"sub": "bench", "roles": ["user"]}
+        return {"ok": True}
+
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve bare Flask or the peer stack under Waitress.")
+    parser.add_argument("--listen", required=True, help="HOST:PORT")
+    parser.add_argument("--var-dir", required=True)
+    parser.add_argument("--redis-url", default=None, help="Redis for the peer's extensions (default: memory)")
+    parser.add_argument("--bare", action="store_true", help="serve the Flask core alone")
+    args = parser.parse_args(argv)
+    from waitress import serve
+
+    app = create_bare_app(args.var_dir) if args.bare else create_peer_app(args.var_dir, args.redis_url)
+    serve(app, listen=args.listen, **WAITRESS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
