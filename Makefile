@@ -45,8 +45,8 @@ bench: $(VENV)/.installed-bench
 fuzz: $(VENV)/.installed-dev
 	WSGISTACK_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
 
-soak: $(VENV)/.installed-bench
-	$(PY) -m bench.soak
+soak: $(VENV)/.installed-dev
+	$(PY) tests/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -45,6 +46,7 @@ def _print_problems(problems: Iterable[Problem], stream: Any = None) -> None:
 
 
 def _setup_logging(level: str = "INFO") -> None:
+    from middleware.access_log import LineHandler
     from middleware.request_id import RequestIdLogFilter
 
     handler = logging.StreamHandler()
@@ -52,9 +54,7 @@ def _setup_logging(level: str = "INFO") -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     access = logging.getLogger("wsgistack.access")  # already one JSON line per request: print it as is
-    plain = logging.StreamHandler(sys.stdout)
-    plain.setFormatter(logging.Formatter("%(message)s"))
-    access.handlers[:] = [plain]
+    access.handlers[:] = [LineHandler(sys.stdout)]
     access.propagate = False
 
 
@@ -79,8 +79,78 @@ def _bind(listen: Sequence[str], backlog: int) -> list[socket.socket]:
     return sockets
 
 
-def _run_waitress(live: LiveStack, sockets: list[socket.socket]) -> None:
-    """Serve ``live`` on pre-bound sockets until SIGTERM/SIGINT; SIGHUP reloads."""
+#: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: How long a stopping server lets requests in flight finish ($WSGISTACK_DRAIN_SECONDS).
+DRAIN_SECONDS = 10.0
+#: How often the serving loop looks up from the sockets to see whether it should stop.
+_TICK = 0.2
+
+
+def _drain_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get("WSGISTACK_DRAIN_SECONDS", DRAIN_SECONDS)))
+    except ValueError:
+        return DRAIN_SECONDS
+
+
+def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event) -> bool:
+    """Run Waitress's loop until ``stop``; then stop accepting and let requests in flight finish.
+
+    A connection is in flight while the server holds any part of a request it
+    has not answered in full.  Idle keep-alive connections are closed at once;
+    the rest get up to ``$WSGISTACK_DRAIN_SECONDS`` (or until ``hurry``).
+    Return whether every request in flight was answered.
+    """
+    from waitress import wasyncore
+    from waitress.channel import HTTPChannel
+    from waitress.server import MultiSocketServer
+
+    smap: Any = server.map if isinstance(server, MultiSocketServer) else server._map
+    use_poll = server.adj.asyncore_use_poll
+    drained = False
+    try:
+        while not stop.is_set():
+            wasyncore.loop(timeout=_TICK, map=smap, use_poll=use_poll, count=1)
+        for dispatcher in list(smap.values()):
+            if getattr(dispatcher, "accepting", False):  # a listening socket: close only the socket
+                dispatcher.accepting = False
+                wasyncore.dispatcher.close(dispatcher)
+        deadline = time.monotonic() + _drain_seconds()
+        while not hurry.is_set():
+            busy = 0
+            for channel in list(smap.values()):
+                if not isinstance(channel, HTTPChannel):
+                    continue
+                with channel.requests_lock:  # type: ignore[attr-defined]
+                    if channel.requests or channel.request is not None or channel.total_outbufs_len:
+                        busy += 1
+                    else:
+                        channel.will_close = True  # idle keep-alive: closed on the next pass
+            if not busy and not any(isinstance(c, HTTPChannel) for c in smap.values()):
+                drained = True
+                break
+            if time.monotonic() > deadline:
+                log.warning("%d connection(s) still busy after %.0f s; closing them", busy, _drain_seconds())
+                break
+            wasyncore.loop(timeout=0.05, map=smap, use_poll=use_poll, count=1)
+    finally:
+        server.task_dispatcher.shutdown(timeout=1)
+        wasyncore.close_all(smap)
+    return drained
+
+
+def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | None = None) -> int:
+    """Serve ``live`` on pre-bound sockets until SIGTERM/SIGINT; SIGHUP reloads; return the exit code.
+
+    The first SIGTERM/SIGINT stops accepting and drains requests in flight; a
+    second one exits without waiting.  ``parent`` is the supervisor's pid: a
+    worker whose supervisor is gone stops by itself instead of living on as an
+    orphan, and a worker ignores a second signal (systemd and a terminal signal
+    the whole process group, and the supervisor passes the signal on as well);
+    the supervisor decides when a worker must hurry.  The exit code is 0 when
+    every request in flight was answered, else 1.
+    """
     from waitress.server import create_server
 
     server_opts = live.current.config.server
@@ -88,67 +158,169 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket]) -> None:
     kwargs.pop("listen")
     kwargs.pop("backlog")
     server = create_server(live, sockets=sockets, **kwargs)
+    stop, hurry = threading.Event(), threading.Event()
 
     def reload(signum: int, frame: Any) -> None:
         threading.Thread(target=live.reload, name="wsgistack-reload", daemon=True).start()
 
-    def stop(signum: int, frame: Any) -> None:
-        server.close()
-        raise SystemExit(0)
+    def shutdown(signum: int, frame: Any) -> None:
+        if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
+            hurry.set()
+        stop.set()
 
     signal.signal(signal.SIGHUP, reload)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if server_opts.reload.watch:
-        live.watch(server_opts.reload.interval)
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a worker starts with them blocked
+    live.follow_watch()
+    if parent is not None:
+
+        def orphan_watch() -> None:
+            while not stop.wait(1.0):
+                if os.getppid() != parent:
+                    log.warning("%sthe supervisor (pid %d) is gone; stopping", live.label, parent)
+                    stop.set()
+
+        threading.Thread(target=orphan_watch, name="wsgistack-parent", daemon=True).start()
     try:
-        server.run()
-    except SystemExit:
-        pass
+        drained = _serve_until(server, stop, hurry)
     finally:
+        live.stop_watch()
         live.current.close()
+    return 0 if drained else 1
+
+
+def _exit_text(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
 def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> int:
-    """Fork ``workers`` Waitress processes on shared sockets; restart the ones that die."""
-    children: dict[int, int] = {}
-    stopping = False
+    """Fork ``workers`` Waitress processes on shared sockets; restart the ones that die.
+
+    SIGHUP reloads the supervisor's own copy of the configuration (so a worker
+    started later serves the current one) and is passed on to every worker;
+    SIGTERM and SIGINT stop the workers (which drain) and then the supervisor; a
+    second one kills the workers at once.  A worker still running
+    ``$WSGISTACK_DRAIN_SECONDS`` + 5 s after SIGTERM is killed.
+    A worker that dies within a second of starting is restarted after a growing pause (up to 5 s).
+    """
+    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
+    due: dict[int, float] = {}  # slot -> when to start it again
+    pause: dict[int, float] = {}  # slot -> the last restart pause
+    pending: list[int] = []
+    supervisor = os.getpid()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
 
     def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _run_waitress(live, sockets)
-            finally:
-                os._exit(0)
-        children[pid] = slot
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 0
+                try:
+                    signal.set_wakeup_fd(-1)
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    for sig in (*HANDLED, signal.SIGCHLD):
+                        signal.signal(sig, signal.SIG_DFL)
+                    live.after_fork(f"worker {os.getpid()}: ")
+                    code = _run_waitress(live, sockets, parent=supervisor)
+                except BaseException:
+                    log.exception("worker %d failed", os.getpid())
+                    code = 1
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        children[pid] = (slot, time.monotonic())
 
-    def forward(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+    def note_signal(signum: int, frame: Any) -> None:
+        pending.append(signum)  # acted on in the loop below; set_wakeup_fd wakes select()
 
+    live.label = "supervisor: "
     for slot in range(workers):
         spawn(slot)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    for sig in (*HANDLED, signal.SIGCHLD):
+        signal.signal(sig, note_signal)
     log.info("supervising %d workers: %s", workers, ", ".join(map(str, children)))
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-            continue
-        slot = children.pop(pid, -1)
-        if slot >= 0 and not stopping:
-            log.warning("worker %d exited with status %d; starting a new one", pid, status)
-            time.sleep(0.1)
-            spawn(slot)
-    return 0
+    stopping_since: float | None = None
+    incomplete = False
+    grace = _drain_seconds() + 5.0
+    try:
+        while children or (stopping_since is None and due):
+            now = time.monotonic()
+            waits = [when - now for when in due.values()]
+            if stopping_since is not None:
+                waits.append(stopping_since + grace - now)
+            reload_options = live.current.config.server.reload
+            if reload_options.watch:
+                waits.append(reload_options.interval)
+            select.select([wake_r], [], [], max(0.0, min(waits, default=5.0)))
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 512):
+                    pass
+            while True:  # reap every worker that exited
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                slot, started = children.pop(pid, (-1, 0.0))
+                if stopping_since is not None and status != 0:
+                    incomplete = True  # it could not answer everything it held
+                if slot < 0 or stopping_since is not None:
+                    continue
+                lived = time.monotonic() - started
+                pause[slot] = 0.1 if lived > 1.0 else min(5.0, pause.get(slot, 0.1) * 2)
+                due[slot] = time.monotonic() + pause[slot]
+                log.warning("worker %d %s after %.1f s; starting a new one in %.1f s", pid, _exit_text(status),
+                            lived, pause[slot])
+            signals = []
+            while pending:  # one pop at a time: a handler may append between two bytecodes
+                signals.append(pending.pop(0))
+            if signal.SIGHUP in signals or (reload_options.watch and live.changed()):
+                live.reload()  # workers started from now on get the new configuration
+            for signum in signals:
+                if signum == signal.SIGCHLD:
+                    continue
+                forward = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    if stopping_since is None:
+                        log.info("stopping %d worker(s)", len(children))
+                        for sock in sockets:  # the kernel would queue new connections nobody accepts
+                            sock.close()
+                        stopping_since = time.monotonic()
+                    else:  # asked twice: stop waiting for requests in flight
+                        log.warning("stopping %d worker(s) now", len(children))
+                        forward, incomplete = signal.SIGKILL, True
+                    due.clear()
+                for pid in list(children):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, forward)
+            if stopping_since is None:
+                for slot, when in list(due.items()):
+                    if when <= time.monotonic():
+                        del due[slot]
+                        spawn(slot)
+            elif children and time.monotonic() > stopping_since + grace:
+                log.warning("workers %s did not stop in %.0f s; killing them", ", ".join(map(str, children)), grace)
+                incomplete = True
+                for pid in list(children):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                stopping_since = time.monotonic()  # wait for them to be reaped
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+    live.current.close()
+    return 1 if incomplete else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -171,8 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  f"[{host}]" if ":" in host else host, port, live.generation, server.workers)
     if server.workers > 1:
         return _supervise(live, sockets, server.workers)
-    _run_waitress(live, sockets)
-    return 0
+    return _run_waitress(live, sockets)
 
 
 # ---------------------------------------------------------------- check, layers
@@ -304,8 +475,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- users, cache
 
 
+class _Lenient(dict[str, str]):
+    """An environment in which every variable is set (to "" when missing), for reading one section."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
 def _app_option(config_path: str, name: str, default: str) -> str:
-    data = read_file(config_path).data or {}
+    """One of the app's options, without needing the secrets the rest of the file interpolates."""
+    data = read_file(config_path, env=_Lenient(os.environ)).data or {}
     options = (data.get("app") or {}).get("options") or {}
     base = os.path.dirname(os.path.abspath(config_path))
     var_dir = os.path.join(base, options.get("var_dir", "var"))
@@ -325,9 +507,8 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from middleware.cache import CacheMiddleware, purge
-
     from config.build import make_stores
+    from middleware.cache import CacheMiddleware, purge
 
     try:
         config = parse(read_file(args.config))
@@ -400,6 +581,10 @@ def load_dotenv(path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("layers", "check", "explain"):
+        # Printing commands: `serve.py layers | head` ends quietly. Never for `serve`, where a
+        # client closing its socket must raise EPIPE in that one thread, not end the process.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     load_dotenv(os.path.join(os.path.dirname(os.path.abspath(args.config)), ".env"))
     _setup_logging(os.environ.get("WSGISTACK_LOG_LEVEL", "INFO"))
     return COMMANDS[args.command or "serve"](args)

@@ -35,6 +35,12 @@ _FAILED = "The user name or password is wrong."
 def _json_object(required: bool) -> dict[str, Any]:
     """The request's JSON object body; ``{}`` for an empty optional body; 400 otherwise."""
     environ = request.environ
+    data_present = bool(request.content_length) or "HTTP_TRANSFER_ENCODING" in environ
+    if data_present and request.mimetype != "application/json":
+        # A cross-site HTML form can send text/plain or urlencoded bodies without a preflight;
+        # insisting on JSON keeps login and logout out of reach of such forms (login CSRF).
+        raise refuse(415, "The request body must be application/json.",
+                     headers=[("Accept-Post", "application/json")])
     if JSON_BODY in environ:
         value = environ[JSON_BODY]
     else:

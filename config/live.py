@@ -5,6 +5,12 @@ validates, lints and builds the file again; only a complete new pipeline
 replaces the old one (a single attribute assignment, atomic under the GIL).
 In-flight requests keep the pipeline they started with; an invalid file is
 logged with its errors and the old pipeline keeps serving.
+
+``memory://`` stores whose URL and options did not change are carried over
+into the new pipeline, so a reload keeps sessions, rate-limit counters and the
+token blocklist of a single-process server (a revoked token stays revoked).
+Polling (``server.reload.watch``) follows the configuration: a reload that
+turns it on starts the poller, one that turns it off stops it.
 """
 
 from __future__ import annotations
@@ -15,22 +21,28 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import build_from_file
-from .build import BuiltStack
+from stores import store_from_url
+
+from . import _relative_to, build_from_file, load
+from .build import BuiltStack, StackConfig, build
 from .errors import ConfigError, Problem
+from .loader import read_file
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from stores.base import Store
 
 log = logging.getLogger("wsgistack.reload")
 
 #: server settings that only a restart can change
 RESTART_ONLY = ("listen", "threads", "workers", "connection_limit", "backlog", "trusted_proxy",
                 "trusted_proxy_count", "trusted_proxy_headers", "clear_untrusted_proxy_headers",
-                "url_scheme", "url_prefix", "ident", "channel_timeout", "max_request_body_size",
-                "max_request_header_size", "cleanup_interval")
+                "log_untrusted_proxy_headers", "url_scheme", "url_prefix", "ident", "channel_timeout",
+                "max_request_body_size", "max_request_header_size", "cleanup_interval")
 
 
 @dataclass
@@ -59,11 +71,16 @@ class LiveStack:
                  built: BuiltStack | None = None) -> None:
         self.path = os.fspath(path)
         self.env = env
+        #: prefixed to reload log lines ("worker 1234: "), so a supervisor's workers can be told apart
+        self.label = ""
         self._lock = threading.Lock()
         self.current = built or build_from_file(self.path, env=env)
         self.generation = 1
         self.last = ReloadResult(True, 1)
         self._mtime = self._stat()
+        self._follow = False
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
         self._publish()
 
     def _stat(self) -> float:
@@ -94,16 +111,16 @@ class LiveStack:
         with self._lock:
             self._mtime = self._stat()
             try:
-                new = build_from_file(self.path, env=self.env)
+                new = self._build()
             except ConfigError as exc:
                 self.last = ReloadResult(False, self.generation, problems=exc.problems)
                 self.current.context.settings["last_reload"] = self.last
-                log.error("%s", self.last.summary())
+                log.error("%s%s", self.label, self.last.summary())
                 return self.last
             except Exception as exc:  # a layer or the app failed to build
                 self.last = ReloadResult(False, self.generation, problems=[Problem(f"build failed: {exc}")])
                 self.current.context.settings["last_reload"] = self.last
-                log.exception("reload failed; the old pipeline keeps serving")
+                log.exception("%sreload failed; the old pipeline keeps serving", self.label)
                 return self.last
             old_server = self.current.config.server
             needs = [name for name in RESTART_ONLY if getattr(old_server, name) != getattr(new.config.server, name)]
@@ -112,23 +129,101 @@ class LiveStack:
             self.generation += 1
             self.last = ReloadResult(True, self.generation, needs_restart=needs, problems=new.warnings)
             self._publish()
-            log.info("%s", self.last.summary())
+            log.info("%s%s", self.label, self.last.summary())
             for warning in new.warnings:
-                log.warning("%s", warning)
+                log.warning("%s%s", self.label, warning)
+            if self._follow:
+                self._sync_watch()
         # Stores of the old pipeline are closed later by the garbage collector once in-flight
         # requests drop their references; closing them now could cut those requests off.
         del old
         return self.last
 
+    def _build(self) -> BuiltStack:
+        """Read, validate, lint and build the file, carrying unchanged memory:// stores over."""
+        base = Path(self.path).resolve().parent
+        config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
+        new = build(config, stores=self._stores(config))
+        new.warnings = warnings
+        return new
+
+    def _stores(self, config: StackConfig) -> dict[str, Store]:
+        """The new config's stores: unchanged memory:// ones are the old instances (their data stays)."""
+        old_specs, old_stores = self.current.config.stores, self.current.context.stores
+        stores: dict[str, Store] = {}
+        problems = []
+        for name, spec in config.stores.items():
+            previous = old_stores.get(name)
+            if previous is not None and spec.url.startswith("memory:") and old_specs.get(name) == spec:
+                # A failed build closes its stores: MemoryStore.close() keeps the data, so the
+                # old pipeline is not harmed by sharing it.
+                stores[name] = previous
+                continue
+            try:
+                stores[name] = store_from_url(spec.url, **spec.options)
+            except (ValueError, TypeError, ImportError) as exc:
+                problems.append(config.document.problem(("stores", name), str(exc), value=spec.url,
+                                                        has_value=True))
+        if problems:
+            raise ConfigError(problems)
+        return stores
+
+    def changed(self) -> bool:
+        """Whether the file's mtime differs from the one the last (re)load read."""
+        return self._stat() != self._mtime
+
     def watch(self, interval: float = 1.0, stop: threading.Event | None = None) -> threading.Thread:
-        """Poll the file's mtime and reload on change, in a daemon thread."""
+        """Poll the file's mtime every ``interval`` seconds and reload on change, in a daemon thread."""
         stop = stop or threading.Event()
 
         def run() -> None:
             while not stop.wait(interval):
-                if self._stat() != self._mtime:
+                if self.changed():
                     self.reload()
 
         thread = threading.Thread(target=run, name="wsgistack-watch", daemon=True)
         thread.start()
         return thread
+
+    def follow_watch(self) -> None:
+        """Poll while ``server.reload.watch`` is on, at its ``interval``, now and after every reload."""
+        with self._lock:
+            self._follow = True
+            self._sync_watch()
+
+    def stop_watch(self) -> None:
+        """Stop the poller started by :meth:`follow_watch`."""
+        with self._lock:
+            self._follow = False
+            self._watch_stop.set()
+            self._watcher = None
+
+    def _sync_watch(self) -> None:
+        """Start the poller if the config wants one and none runs (call with ``_lock`` held)."""
+        if not self.current.config.server.reload.watch or self._watcher is not None:
+            return
+        stop = self._watch_stop = threading.Event()
+
+        def run() -> None:
+            while True:
+                options = self.current.config.server.reload
+                if not options.watch or stop.wait(options.interval):
+                    break
+                if self.changed():
+                    self.reload()  # may turn watching off: the next round sees it
+            with self._lock:
+                if self._watcher is threading.current_thread():
+                    self._watcher = None
+                    if self._follow and self.current.config.server.reload.watch and not stop.is_set():
+                        self._sync_watch()  # turned off and on again while this thread was leaving
+
+        self._watcher = threading.Thread(target=run, name="wsgistack-watch", daemon=True)
+        self._watcher.start()
+
+    def after_fork(self, label: str = "") -> None:
+        """Make the copy a forked worker inherited usable: fresh lock, no poller, its own label."""
+        self._lock = threading.Lock()
+        self._watcher = None
+        self._watch_stop = threading.Event()
+        self._follow = False
+        self.label = label

@@ -140,11 +140,10 @@ def _convert(node: yaml.Node, path: Path, doc: Document, env: Mapping[str, str],
     return value
 
 
-_constructor = yaml.constructor.SafeConstructor()
-
-
 def _scalar(node: yaml.Node) -> Any:
-    return _constructor.construct_object(node, deep=True)
+    # A fresh constructor per scalar: SafeConstructor caches every node it built, which would leak
+    # a little memory on every reload and check.
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
 def _interpolate(

@@ -249,6 +249,7 @@ class SessionMiddleware:
             return self
 
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
+        self._last_log = 0.0
         if not options.cookie_secure and not context.loopback_only:
             raise ValueError("cookie_secure: false is only allowed when the server listens only "
                              "on loopback; on any other address the session cookie would travel "
@@ -371,7 +372,10 @@ class SessionMiddleware:
     def _store_failed(self, session: Session, exc: StoreError, action: str) -> None:
         session._persist = False
         self.context.emit("store.error", store=self.options.store, layer="session")
-        self.context.logger.warning("session layer: the session could not be %s: %s", action, exc)
+        now = time.monotonic()
+        if now - self._last_log > 10:  # one line per 10 s while the store is down, as ratelimit and auth do
+            self._last_log = now
+            self.context.logger.warning("session layer: the session could not be %s: %s", action, exc)
         if self.closed:
             raise refuse(503, f"the session could not be {action} because the session store "
                               "is unavailable; try again shortly",

@@ -143,7 +143,7 @@ def test_wrong_credentials_get_one_401(stack: Stack, username: str, password: st
                      "The JSON body needs a non-empty string field 'refresh_token'.", id="refresh missing"),
         pytest.param("/auth/refresh", b"\xff\xfe", "application/json", "The request body is not valid JSON.",
                      id="refresh not utf-8"),
-        pytest.param("/auth/logout", b"nope", "text/plain", "The request body is not valid JSON.",
+        pytest.param("/auth/logout", b"nope", "application/json", "The request body is not valid JSON.",
                      id="logout malformed"),
         pytest.param("/auth/logout", b'{"refresh_token": 5}', "application/json",
                      "The JSON body needs a non-empty string field 'refresh_token'.", id="logout number"),
@@ -152,6 +152,21 @@ def test_wrong_credentials_get_one_401(stack: Stack, username: str, password: st
 def test_bad_bodies_are_400(stack: Stack, path: str, body: bytes, content_type: str, message: str) -> None:
     response = stack.app.post(path, body, content_type=content_type, status=400)
     assert response.json["error"]["message"] == message
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        pytest.param("/auth/login", "text/plain", id="login from a cross-site text/plain form"),
+        pytest.param("/auth/login", "application/x-www-form-urlencoded", id="login from a cross-site form"),
+        pytest.param("/auth/logout", "text/plain", id="logout from a cross-site form"),
+    ],
+)
+def test_bodies_that_are_not_json_are_415(stack: Stack, path: str, content_type: str) -> None:
+    body = b'{"username": "alice", "password": "correct horse battery staple"}'
+    response = stack.app.post(path, body, content_type=content_type, status=415)
+    assert response.json["error"]["message"] == "The request body must be application/json."
+    assert response.headers["Accept-Post"] == "application/json"
 
 
 def test_body_parsed_by_the_validation_layer_is_used(tmp_path: Path, users: UserStore) -> None:

@@ -1,0 +1,208 @@
+"""Hot reload under steady load: SIGHUP and polling, valid and invalid files, no failed request.
+
+A real serve.py serves the full stack while three keep-alive clients send
+requests without pause.  stack.yaml is rewritten 20 times, valid and invalid
+in turn.  Every valid write must raise ``X-Stack-Generation`` by one, every
+invalid one must leave it alone, and no request may fail.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Callable
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from loadgen import SECRETS, Load, Req, ServeProcess, full_stack, request
+from webtest import TestApp
+
+from app.users import UserStore
+from config.live import LiveStack
+
+PLAN = [
+    Req("GET", "/api/v1/health"),
+    Req("GET", "/api/v1/search?q=json"),
+    Req("GET", "/api/v2/search?q=decode", (("Origin", "http://localhost:3000"),)),
+    Req("GET", "/healthz"),
+    Req("GET", "/api/v1/nope"),
+    Req("POST", "/auth/refresh", (("Content-Type", "application/json"),), b'{"refresh_token": "x"}'),
+]
+
+#: Invalid rewrites: each must be refused with the old pipeline still serving.
+BROKEN: list[tuple[str, Callable[[str], str], str]] = [
+    ("yaml syntax", lambda text: text + "\n  - cors: {origins: [\n", "invalid YAML"),
+    ("unknown layer", lambda text: text + "  - corz: {}\n", "unknown layer 'corz'; did you mean 'cors'?"),
+    ("schema", lambda text: re.sub(r"threads: \d+", "threads: lots", text), "server.threads: Input should be"),
+    ("lint", lambda text: text.replace("pipeline:\n", "pipeline:\n  - stack_support:Tag: {}\n"),
+     "errors must be the outermost layer"),
+    ("missing variable", lambda text: text.replace(SECRETS["JWT_SECRET"], "${NO_SUCH_JWT_SECRET_HERE}"),
+     "environment variable NO_SUCH_JWT_SECRET_HERE is not set"),
+]
+
+
+def generation(port: int) -> int:
+    status, headers, _ = request(port, "GET", "/healthz")
+    assert status == 200
+    return int(headers["x-stack-generation"])
+
+
+def wait_generation(port: int, expected: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := generation(port)) != expected:
+        assert seen < expected, f"generation jumped to {seen}, expected {expected}"
+        assert time.monotonic() < deadline, f"generation stayed {seen}, expected {expected}"
+        time.sleep(0.02)
+
+
+def test_twenty_rewrites_under_load_fail_no_request(tmp_path: Path) -> None:
+    port, other_port = free_port(), free_port()
+    path = tmp_path / "stack.yaml"
+    var = tmp_path / "var"
+
+    def valid(i: int, *, listen: int = port, threads: int = 8, watch: str = "") -> str:
+        text = full_stack(listen, var, errors_format=("envelope", "problem")[i % 2],
+                          origin=f"https://app{i}.example", server=watch)
+        return text.replace("threads: 8", f"threads: {threads}")
+
+    path.write_text(valid(0))
+    server = ServeProcess(path).start()
+    try:
+        wait_for_port(port)
+        request(port, "GET", "/api/v1/search?q=json")  # build the search index before the load starts
+        gen, failed, listen, threads = 1, 0, port, 8
+        with Load(port, PLAN, threads=3, max_seconds=60) as load:
+            load.wait_for(100)
+            for step in range(20):
+                if step % 2 == 1:  # invalid
+                    name, breaks, message = BROKEN[(step // 2) % len(BROKEN)]
+                    path.write_text(breaks(valid(step, listen=listen, threads=threads)))
+                    if step != 13:  # at step 13 the poller is on: it reads the broken file by itself
+                        server.signal(signal.SIGHUP)
+                    failed += 1
+                    server.wait_output("reload failed", count=failed)
+                    line = [x for x in server.output().splitlines() if "reload failed" in x][-1]
+                    assert f"reload failed, generation {gen} keeps serving" in line
+                    assert message in line, name
+                    assert generation(port) == gen, name
+                    continue
+                needs = []
+                if step == 4:  # a new thread count needs a restart
+                    threads, needs = 12, ["threads"]
+                elif step == 8:  # so does a new address: the old one keeps serving meanwhile
+                    listen, needs = other_port, ["listen"]
+                elif step == 10:  # back to the first address
+                    listen, needs = port, ["listen"]
+                watch = ""
+                if step == 12:
+                    watch = "  reload: {watch: true, interval: 0.1}"
+                path.write_text(valid(step, listen=listen, threads=threads, watch=watch))
+                if step == 14:  # the poller notices without a signal; the new file turns polling off
+                    pass
+                elif step == 16:  # watch is off again: nothing happens until SIGHUP
+                    time.sleep(0.5)
+                    assert generation(port) == gen
+                    server.signal(signal.SIGHUP)
+                else:
+                    server.signal(signal.SIGHUP)
+                gen += 1
+                wait_generation(port, gen)
+                summary = f"generation {gen} serving"
+                server.wait_output(summary)
+                line = next(x for x in server.output().splitlines() if summary in x)
+                if needs:
+                    assert f"needs restart to apply: {', '.join(needs)}" in line
+                else:
+                    assert "needs restart" not in line
+                load.wait_for(30)
+            load.wait_for(100)
+    finally:
+        code = server.stop()
+    output = server.output()
+    assert code == 0
+    assert gen == 11
+    results = load.snapshot()
+    assert len(results) > 1000
+    assert load.failures() == []
+    assert {r.status for r in results} <= {200, 400, 401, 404}
+    for thread in range(3):  # each connection saw the generation rise one step at a time, never fall
+        seen = [int(r.headers["x-stack-generation"]) for r in results if r.thread == thread]
+        assert seen == sorted(seen)
+    assert set(range(1, 12)) <= {int(r.headers["x-stack-generation"]) for r in results}
+    starts = sorted(r.started for r in results)
+    assert max(b - a for a, b in pairwise(starts)) < 1.0, "the load stalled"
+    assert "Traceback" not in output
+    assert output.count("reload failed") == 10
+
+
+# ---------------------------------------------------------------- in-process: state carried over
+
+
+def test_a_reload_keeps_memory_state_revoked_tokens_and_sessions(tmp_path: Path) -> None:
+    path = tmp_path / "stack.yaml"
+    path.write_text(full_stack(free_port(), tmp_path / "var"))
+    UserStore(str(tmp_path / "var" / "users.sqlite3")).add("alice", "correct horse battery", ["admin"])
+    live = LiveStack(path)
+    client = TestApp(live, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    credentials = {"username": "alice", "password": "correct horse battery"}
+    revoked = client.post_json("/auth/login", credentials).json["access_token"]
+    client.post("/auth/logout", headers={"Authorization": f"Bearer {revoked}"}, status=204)
+    client.get("/api/v1/health", headers={"Authorization": f"Bearer {revoked}"}, status=401)
+    kept = client.post_json("/auth/login", credentials).json["access_token"]  # and a session cookie
+    assert "wsgistack_session" in client.cookies
+
+    path.write_text(full_stack(free_port(), tmp_path / "var", errors_format="problem"))
+    assert live.reload().ok and live.generation == 2
+    refused = client.get("/api/v1/health", headers={"Authorization": f"Bearer {revoked}"}, status=401)
+    assert refused.content_type == "application/problem+json"  # the new pipeline answered
+    client.get("/api/v1/health", headers={"Authorization": f"Bearer {kept}"}, status=200)
+    # Logging out needs a user: the cookie's session, stored before the reload, still has one.
+    client.post("/auth/logout", headers={"Origin": "http://localhost:3000"}, status=204)
+    client.post("/auth/logout", headers={"Origin": "http://localhost:3000"}, status=401)
+
+    # A changed store URL starts from scratch, as the operator asked.
+    path.write_text(full_stack(free_port(), tmp_path / "var", store="memory://?max_entries=5000"))
+    assert live.reload().ok
+    client.get("/api/v1/health", headers={"Authorization": f"Bearer {revoked}"}, status=200)
+
+
+def test_watch_follows_the_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "stack.yaml"
+    base = 'app: {factory: "stack_support:echo_app"}\npipeline: [errors: {}]\n'
+    path.write_text(base)
+    live = LiveStack(path)
+    live.follow_watch()
+    try:
+        time.sleep(0.2)
+        path.write_text(base + "server: {reload: {watch: true, interval: 0.05}}\n")
+        assert live.generation == 1  # not watching yet: only a signal reloads
+        assert live.reload().ok and live.generation == 2
+        path.write_text(base + "server: {reload: {watch: true, interval: 0.05}, ident: x}\n")
+        _wait(lambda: live.generation == 3)
+        path.write_text(base)  # the poller reads this and stops
+        _wait(lambda: live.generation == 4)
+        time.sleep(0.2)
+        path.write_text(base + "server: {ident: y}\n")
+        time.sleep(0.3)
+        assert live.generation == 4
+    finally:
+        live.stop_watch()
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("the poller did not reload in time")
+        time.sleep(0.01)
+
+
+def test_every_server_setting_is_applied_by_a_reload_or_reported() -> None:
+    """A new server setting must be added to RESTART_ONLY unless a reload really applies it."""
+    from config.live import RESTART_ONLY
+    from config.schema import ServerOptions
+
+    assert set(ServerOptions.model_fields) - set(RESTART_ONLY) == {"generation_header", "reload"}

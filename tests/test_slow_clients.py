@@ -1,0 +1,144 @@
+"""Slow clients (slow headers, slow bodies) next to normal traffic on a real serve.py.
+
+Waitress reads requests in its event loop and hands a worker thread only a
+complete request, so clients that dribble their headers or body one byte at a
+time hold a connection but no thread.  The test measures the p99 of normal
+requests without and with 200 such clients; the p99 with them must stay within
+2x the baseline plus 20 ms.  The second test shows the limit of that: slow
+clients that fill ``connection_limit`` stop Waitress accepting anyone, which is
+why docs/operations.md puts header and body timeouts at the reverse proxy.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from loadgen import Load, Req, ServeProcess, full_stack, percentile, request
+
+NORMAL = [Req("GET", "/api/v1/health"), Req("GET", "/api/v1/search?q=json"), Req("GET", "/healthz")]
+SLOW_HEADERS = b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+SLOW_BODY = (b"POST /auth/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 100000\r\n\r\n")
+
+
+class SlowClients:
+    """``count`` sockets that send a request head, then one more byte each every ``interval`` s."""
+
+    def __init__(self, port: int, count: int, interval: float = 0.2, body_every: int = 10) -> None:
+        self.port, self.count, self.interval, self.body_every = port, count, interval, body_every
+        self.socks: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slow-clients", daemon=True)
+        self.sent = 0
+
+    def __enter__(self) -> SlowClients:
+        for i in range(self.count):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            sock.sendall(SLOW_BODY if i % self.body_every == 0 else SLOW_HEADERS)
+            sock.setblocking(False)
+            self.socks.append(sock)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            for sock in self.socks:
+                try:
+                    sock.send(b"a")
+                    self.sent += 1
+                except (BlockingIOError, OSError):
+                    pass
+                if self._stop.is_set():
+                    return
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def still_open(self) -> int:
+        """How many sockets the server has neither closed nor answered."""
+        count = 0
+        for sock in self.socks:
+            try:
+                if sock.recv(1):
+                    continue  # an answer: the request was completed after all
+            except BlockingIOError:
+                count += 1
+            except OSError:
+                pass
+        return count
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.socks:
+            sock.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[ServeProcess, int]]:
+    """serve.py on the full stack, 8 threads, connection_limit 500; search index warmed."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(full_stack(port, tmp_path / "var"))
+    process = ServeProcess(path).start()
+    try:
+        wait_for_port(port)
+        assert request(port, "GET", "/api/v1/search?q=json")[0] == 200
+        yield process, port
+    finally:
+        process.stop()
+
+
+def measure(port: int, seconds: float = 1.5) -> list[float]:
+    """Latencies of normal requests from 2 keep-alive clients for ``seconds``; every one must succeed."""
+    with Load(port, NORMAL, threads=2, max_seconds=seconds) as load:
+        while load.running:
+            time.sleep(0.02)
+    results = load.snapshot()
+    assert len(results) >= 200 * seconds
+    assert load.failures() == []
+    return [r.elapsed for r in results]
+
+
+def test_slow_clients_do_not_slow_normal_requests(server: tuple[ServeProcess, int]) -> None:
+    process, port = server
+    measure(port, 0.5)  # warm up
+    baseline = percentile(measure(port), 99)
+    with SlowClients(port, 200, interval=0.1) as slow:
+        time.sleep(0.3)
+        sent = slow.sent
+        during = percentile(measure(port), 99)
+        assert slow.sent - sent >= 5 * 200  # the slow clients kept sending all through the measurement
+        assert slow.still_open() >= 190  # the server held them all the while, with no thread each
+    assert during <= 2 * baseline + 0.020, f"p99 {during * 1000:.1f} ms with slow clients, " \
+                                           f"{baseline * 1000:.1f} ms without"
+    assert "Traceback" not in process.output()
+
+
+def test_slow_clients_beyond_connection_limit_hold_everyone_off(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(full_stack(port, tmp_path / "var").replace("connection_limit: 500", "connection_limit: 20"))
+    process = ServeProcess(path).start()
+    try:
+        wait_for_port(port)
+        assert request(port, "GET", "/healthz")[0] == 200
+        with SlowClients(port, 25, interval=0.1):
+            time.sleep(0.3)
+            with pytest.raises(TimeoutError):  # accepted by the kernel, never read by Waitress
+                request(port, "GET", "/healthz", timeout=1.0)
+        # Once the slow clients leave, Waitress accepts again.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert request(port, "GET", "/healthz", timeout=1.0)[0] == 200
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "Waitress never accepted again"
+    finally:
+        process.stop()

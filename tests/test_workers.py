@@ -1,0 +1,336 @@
+"""serve.py with server.workers > 1: shared sockets, restarts, reload in every worker, clean stop.
+
+Which worker answered a connection is read from the kernel, not from the app:
+the server side of our connection is a socket inode in /proc/net/tcp, and
+exactly one worker holds that inode among its file descriptors.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from loadgen import Load, Req, ServeProcess, request
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (from /proc/*/stat)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _server_inode(server_port: int, client_port: int) -> str | None:
+    local, remote = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    with open("/proc/net/tcp") as handle:
+        for line in handle.readlines()[1:]:
+            parts = line.split()
+            if parts[1] == local and parts[2] == remote:
+                return parts[9]
+    return None
+
+
+def owner(conn: http.client.HTTPConnection, server_port: int, candidates: set[int]) -> int | None:
+    """The pid among ``candidates`` that holds the server side of the open connection ``conn``."""
+    assert conn.sock is not None
+    inode = _server_inode(server_port, conn.sock.getsockname()[1])
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in candidates:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def accepted(port: int, workers: set[int]) -> int:
+    """How many connections to ``port`` the workers have accepted (server-side sockets they hold)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as handle:
+        inodes = {f"socket:[{parts[9]}]" for line in handle.readlines()[1:]
+                  if (parts := line.split())[1] == local and parts[3] == "01"}
+    held = 0
+    for pid in workers:
+        try:
+            held += sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes)
+        except OSError:
+            continue
+    return held
+
+
+def sample(port: int, workers: set[int], count: int = 40) -> dict[int, set[str]]:
+    """Open ``count`` connections from 4 threads; map each serving worker to the generations it sent."""
+    seen: dict[int, set[str]] = {}
+    lock = threading.Lock()
+
+    def one() -> None:
+        for _ in range(count // 4):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/x")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            pid = owner(conn, port, workers)
+            conn.close()
+            if pid is not None:
+                with lock:
+                    seen.setdefault(pid, set()).add(response.getheader("X-Stack-Generation") or "")
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return seen
+
+
+def replaced(server_pid: int, victim: int) -> Callable[[], bool]:
+    """A condition: the supervisor has two workers again and ``victim`` is not one of them."""
+
+    def check() -> bool:
+        now = children(server_pid)
+        return len(now) == 2 and victim not in now
+
+    return check
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.02)
+
+
+def config_text(port: int, greeting: str = "one", factory: str = "stack_support:echo_app") -> str:
+    return f"""
+server:
+  listen: 127.0.0.1:{port}
+  workers: 2
+  threads: 4
+  generation_header: true
+app:
+  factory: "{factory}"
+  options: {{greeting: {greeting}}}
+pipeline:
+  - errors: {{}}
+"""
+
+
+@pytest.fixture
+def supervised(tmp_path: Path) -> Iterator[tuple[ServeProcess, int, Path]]:
+    """serve.py with two workers of the echo app; yields (process, port, config path)."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port))
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "3"}).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        yield server, port, path
+    finally:
+        server.stop()
+        assert "Traceback" not in server.output(), server.output()
+
+
+def test_both_workers_serve(supervised: tuple[ServeProcess, int, Path]) -> None:
+    server, port, _ = supervised
+    workers = children(server.pid)
+    assert len(workers) == 2
+    seen = sample(port, workers)
+    assert set(seen) == workers, f"only {sorted(seen)} of {sorted(workers)} answered"
+    assert all(gens == {"1"} for gens in seen.values())
+
+
+def test_a_killed_worker_is_replaced_while_requests_keep_succeeding(
+        supervised: tuple[ServeProcess, int, Path]) -> None:
+    server, port, _ = supervised
+    before = children(server.pid)
+    victim = min(before)
+    with Load(port, [Req("GET", "/x")], threads=4, max_seconds=20, fresh_connections=True) as load:
+        load.wait_for(50)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(replaced(server.pid, victim), what="a new worker")
+        restarted_at = time.monotonic()
+        load.wait_for(200)
+    replacement = children(server.pid) - before
+    assert len(replacement) == 1
+    assert restarted_at - killed_at < 3
+    # Only requests the dead worker held at the moment of the kill may fail (at most one per load thread).
+    lost = load.failures()
+    assert len(lost) <= 4, lost
+    assert all(r.error and r.started <= killed_at + 0.5 and r.started + r.elapsed >= killed_at for r in lost), \
+        (killed_at, lost)
+    assert len(load.between(restarted_at)) >= 100
+    assert "was killed by signal 9" in server.output()
+    seen = sample(port, children(server.pid))
+    assert set(seen) == children(server.pid)
+
+
+def test_sighup_reloads_every_worker_and_the_ones_started_later(
+        supervised: tuple[ServeProcess, int, Path]) -> None:
+    server, port, path = supervised
+    workers = children(server.pid)
+    path.write_text(config_text(port, greeting="two"))
+    server.signal(signal.SIGHUP)
+    for pid in workers:
+        server.wait_output(f"worker {pid}: generation 2 serving")
+    server.wait_output("supervisor: generation 2 serving")
+    seen = sample(port, workers)
+    assert seen == {pid: {"2"} for pid in workers}
+    status, _, body = request(port, "GET", "/x")
+    assert status == 200 and b'"option": "two"' in body
+
+    # A worker started after the reload serves the reloaded configuration too.
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(replaced(server.pid, victim), what="a new worker")
+    now = children(server.pid)
+    seen = sample(port, now)
+    assert set(seen) == now
+    assert all(gens == {"2"} for gens in seen.values()), seen
+
+    # An invalid file reloads nowhere: every worker keeps generation 2.
+    path.write_text(config_text(port) + "  - corz: {}\n")
+    server.signal(signal.SIGHUP)
+    server.wait_output("reload failed, generation 2 keeps serving", count=3)
+    assert all(gens == {"2"} for gens in sample(port, now).values())
+
+
+@pytest.mark.parametrize("everyone", [
+    pytest.param(False, id="SIGTERM to the supervisor"),
+    pytest.param(True, id="SIGTERM to every process, as systemd and a terminal's Ctrl-C do"),
+])
+def test_sigterm_drains_requests_in_flight_and_leaves_no_process(tmp_path: Path, everyone: bool) -> None:
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port, factory="loadgen:slow_app"))
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "5"}).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        workers = children(server.pid)
+        results: list[tuple[int, bytes]] = []
+
+        def slow() -> None:
+            results.append(request(port, "GET", "/?sleep=1.0", timeout=10)[::2])
+
+        threads = [threading.Thread(target=slow) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: accepted(port, workers) == 4, what="four requests in flight")
+        server.signal(signal.SIGTERM)
+        if everyone:
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(OSError):  # nothing accepts new connections any more
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        for t in threads:
+            t.join(10)
+        assert server.proc is not None
+        code = server.proc.wait(timeout=10)
+    finally:
+        server.stop()
+    assert code == 0, server.output()
+    assert results == [(200, b'{"slept": 1.0}')] * 4
+    assert not any(alive(pid) for pid in workers)
+    assert "Traceback" not in server.output()
+
+
+def test_sigterm_in_one_process_mode_drains_too(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port, factory="loadgen:slow_app").replace("workers: 2", "workers: 1"))
+    server = ServeProcess(path).start()
+    try:
+        wait_for_port(port)
+        results: list[int] = []
+        thread = threading.Thread(target=lambda: results.append(request(port, "GET", "/?sleep=0.8")[0]))
+        thread.start()
+        wait_until(lambda: accepted(port, {server.pid}) == 1, what="the request in flight")
+        server.signal(signal.SIGTERM)
+        thread.join(10)
+        assert server.proc is not None
+        code = server.proc.wait(timeout=10)
+    finally:
+        server.stop()
+    assert (code, results) == (0, [200])
+
+
+def test_a_supervisor_killed_outright_leaves_no_orphans(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port))
+    server = ServeProcess(path).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        workers = children(server.pid)
+        server.signal(signal.SIGKILL)
+        wait_until(lambda: not any(alive(pid) for pid in workers), timeout=5, what="the orphans stopping")
+    finally:
+        server.stop()
+    assert "the supervisor (pid" in server.output()
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        pytest.param("session: {secret_key: '" + "s" * 32 + "'}",
+                     "session keeps state in store 'shared' (memory://) but server.workers is 2: each process "
+                     "would have its own copy; use redis://", id="session"),
+        pytest.param("ratelimit: {limits: ['10/minute']}",
+                     "ratelimit keeps state in store 'shared' (memory://) but server.workers is 2", id="ratelimit"),
+        pytest.param("auth: {secret: '" + "j" * 32 + "'}",
+                     "auth keeps state in store 'shared' (memory://) but server.workers is 2", id="auth"),
+    ],
+)
+def test_check_refuses_per_process_state_with_workers(tmp_path: Path, layer: str, message: str) -> None:
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(free_port()) + f"  - {layer}\nstores: {{shared: 'memory://'}}\n")
+    check = ServeProcess(path, command="check").start()
+    assert check.proc is not None
+    code = check.proc.wait(timeout=60)
+    check.stop()
+    assert code == 2, check.output()
+    assert message in check.output()
+    assert "error" in check.output().splitlines()[0] or "stack.yaml:" in check.output().splitlines()[0]
