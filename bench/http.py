@@ -238,6 +238,36 @@ def ratio(a: Load, b: Load) -> float:
     return statistics.median(x.rps / y.rps for x, y in zip(a.rounds, b.rounds, strict=True))
 
 
+def cpu_ticks(pids: list[int]) -> int:
+    """User plus system clock ticks used so far by ``pids`` (from /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def settle(servers: list[Server], limit: float = 10.0) -> None:
+    """Wait until every server has finished the backlog a load left behind (idle CPU), at most ``limit`` s.
+
+    A server still answering the queue of a 64-connection run would otherwise
+    take the CPU from whichever case is measured next.
+    """
+    pids = [pid for server in servers for pid in server.pids()]
+    deadline = time.monotonic() + limit
+    before = cpu_ticks(pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = cpu_ticks(pids)
+        if now - before <= 2:  # at most 20 ms of CPU in 200 ms: idle
+            return
+        before = now
+
+
 def measure(plan: list[tuple[Server, list[Load]]], rounds: int, warmup: float, order: list[Load] | None = None,
             progress: Callable[[str], None] = lambda text: None) -> None:
     """Start every server, warm each load up, run the loads in interleaved rounds, stop the servers.
@@ -257,12 +287,14 @@ def measure(plan: list[tuple[Server, list[Load]]], rounds: int, warmup: float, o
                     if status != 200:
                         raise RuntimeError(f"{server.name} {load.path}: {status} {body[:200]!r}")
                 runner(Load(load.label, load.server, load.path, load.connections, warmup), server.port)
+                settle(started)
         server_of = {id(load): server for server, loads in plan for load in loads}
         sequence = order or [load for _, loads in plan for load in loads]
         for i in range(rounds):
             for load in sequence:
                 server = server_of[id(load)]
                 sample = Load(load.label, load.server, load.path, load.connections, load.seconds)
+                settle(started)
                 runner(sample, server.port)
                 load.rounds.append(sample)
                 server.record_rss()
