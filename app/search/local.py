@@ -55,7 +55,10 @@ CREATE VIRTUAL TABLE docs USING fts5(
 _COUNT = "SELECT count(*) FROM docs WHERE docs MATCH ?"
 _PAGE = (
     "SELECT title, url, snippet(docs, 2, '', '', '…', 32) FROM docs WHERE docs MATCH ? "
-    "ORDER BY bm25(docs, 20.0, 5.0, 1.0) LIMIT ? OFFSET ?"
+    # bm25 (lower is better), then a nudge towards shallow names and the standard library, so
+    # `json` finds the json module before pydantic.json.
+    "ORDER BY bm25(docs, 20.0, 5.0, 1.0) + 0.3 * (length(title) - length(replace(title, '.', ''))) "
+    "+ (CASE WHEN url LIKE 'https://docs.python.org/%' THEN 0.0 ELSE 1.0 END) LIMIT ? OFFSET ?"
 )
 
 
