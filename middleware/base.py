@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
@@ -53,9 +54,11 @@ __all__ = [
     "cookies",
     "decoded_path",
     "decorate_error",
+    "escape_control",
     "header_list",
     "networks",
     "note",
+    "parse_origin",
     "refuse",
     "set_cookie_header",
     "wrap_start_response",
@@ -123,6 +126,33 @@ def address_in(environ: WSGIEnvironment, nets: Iterable[Network]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return any(address in net for net in nets)
+
+
+_ORIGIN = re.compile(
+    r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def parse_origin(origin: str) -> tuple[str, str, int | None] | None:
+    """``(scheme, host, port)`` of a serialised origin, lowercased, default port as None.
+
+    Shared by ``cors`` and ``csrf`` so both read origin lists the same way.
+    """
+    match = _ORIGIN.fullmatch(origin.lower())
+    if match is None:
+        return None
+    scheme, host, port_text = match.groups()
+    port = int(port_text) if port_text else None
+    if port is not None and port > 65535:
+        return None
+    return scheme, host, None if port == _DEFAULT_PORTS.get(scheme) else port
+
+
+def escape_control(text: str) -> str:
+    """Escape control characters so request data cannot forge log lines."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                        else f"\\u{ord(m.group()):04x}", text)
 
 
 class LayerOptions(BaseModel):

@@ -26,7 +26,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 from werkzeug.http import parse_list_header
 
-from .base import Context, LayerOptions, add_vary, decoded_path, decorate_error, note, refuse
+from .base import (
+    Context,
+    LayerOptions,
+    add_vary,
+    decoded_path,
+    decorate_error,
+    escape_control,
+    note,
+    parse_origin,
+    refuse,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -34,36 +44,14 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 SAFELISTED_HEADERS = ("accept", "accept-language", "content-language", "content-type")
-_ORIGIN = re.compile(
-    r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([0-9]{1,5}))?")
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ACRM = "HTTP_ACCESS_CONTROL_REQUEST_METHOD"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _POLICY_KEYS = ("origins", "origin_regex", "allow_methods", "allow_headers", "expose_headers",
                 "allow_credentials", "max_age", "allow_private_network")
 
 
-def parse_origin(origin: str) -> tuple[str, str, int | None] | None:
-    """``(scheme, host, port)`` of a serialised origin, lowercased, default port as None."""
-    match = _ORIGIN.fullmatch(origin.lower())
-    if match is None:
-        return None
-    scheme, host, port_text = match.groups()
-    port = int(port_text) if port_text else None
-    if port is not None and port > 65535:
-        return None
-    return scheme, host, None if port == _DEFAULT_PORTS.get(scheme) else port
-
-
 def _serialise(scheme: str, host: str, port: int | None) -> str:
     return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
-
-
-def _escape(text: str) -> str:
-    """Escape control characters so request data cannot forge log lines."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
-                        else f"\\u{ord(m.group()):04x}", text)
 
 
 class CORSRule(LayerOptions):
@@ -333,7 +321,7 @@ class CORSMiddleware:
             reason = "private network access is not allowed (allow_private_network is false)"
         if reason is not None:
             self.logger.info("cors preflight refused: %s; origin %s, path %s", reason,
-                             _escape(origin), _escape(decoded_path(environ)))
+                             escape_control(origin), escape_control(decoded_path(environ)))
             note(environ, "cors", f"preflight refused: {reason}")
             exc = refuse(403, f"CORS preflight refused: {reason}.")
             add_vary(exc.wsgistack_headers, "Origin")  # type: ignore[attr-defined]

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, model_validator
 
-from .base import SESSION, Context, LayerOptions, cookies, note, refuse
-from .cors import parse_origin
+from .base import SESSION, Context, LayerOptions, cookies, note, parse_origin, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

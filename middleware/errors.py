@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import RENDER_ERROR, REQUEST_ID, Context, LayerOptions, decoded_path, note
+from .base import RENDER_ERROR, REQUEST_ID, Context, LayerOptions, decoded_path, escape_control, note
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -128,7 +128,7 @@ class ErrorsMiddleware:
             self.logger.error(
                 "unhandled exception in %s %s (request id %s)",
                 environ.get("REQUEST_METHOD", "?"),
-                _escape(decoded_path(environ)),
+                escape_control(decoded_path(environ)),
                 environ.get(REQUEST_ID, "-"),
                 exc_info=exc,
             )
@@ -185,7 +185,3 @@ def _phrase(code: int) -> str:
     except ValueError:
         return "Error"
 
-
-def _escape(text: str) -> str:
-    """Escape control characters so a path can't forge log lines."""
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text

@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 from webtest import TestApp
 
-from middleware.base import Context, refuse
-from middleware.cors import CORSMiddleware, CORSOptions, parse_origin
+from middleware.base import Context, parse_origin, refuse
+from middleware.cors import CORSMiddleware, CORSOptions
 from middleware.errors import ErrorsMiddleware
 
 APP = "https://app.example.org"
