@@ -263,9 +263,8 @@ class CacheMiddleware:
             self.context.emit("cache.hit")
             note(environ, "cache", "HIT")
             return self._serve(entry, "HIT", method, start_response, now)
-        self.context.emit("cache.miss")
-        note(environ, "cache", "MISS")
         if method == "HEAD":  # no body to store: ask the app, keep nothing
+            self._missed(environ)
             return self.app(environ, _with(start_response, ("X-Cache", "MISS")))
         stale = entry if entry is not None and entry["x"] > now else None
         return self._fill(environ, start_response, base, subject, stale, locked)
@@ -379,7 +378,7 @@ class CacheMiddleware:
             flight.wait(self.options.lock_timeout)
             hit = self._fresh(environ, base)
             if hit is not None:
-                return self._serve(hit, "HIT", "GET", start_response, _clock())
+                return self._waited(environ, hit, start_response)
         else:
             try:
                 if locked is None:
@@ -390,10 +389,11 @@ class CacheMiddleware:
                     hit = self._await_peer(environ, base, lock_key)
                     if hit is not None:
                         fill.release()
-                        return self._serve(hit, "HIT", "GET", start_response, _clock())
+                        return self._waited(environ, hit, start_response)
             except StoreError as exc:
                 self._store_error(exc)
         try:
+            self._missed(environ)
             result = self.app(environ, fill.start_response(start_response))
         except Exception as exc:
             fill.release()
@@ -407,6 +407,16 @@ class CacheMiddleware:
         if fill.started and fill.plan is None:
             return result  # not cacheable: hand the iterable over untouched (streams stay streams)
         return _Tee(result, fill)
+
+    def _missed(self, environ: WSGIEnvironment) -> None:
+        self.context.emit("cache.miss")
+        note(environ, "cache", "MISS")
+
+    def _waited(self, environ: WSGIEnvironment, hit: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        """A request that waited for another one's fill and is answered from it: a hit."""
+        self.context.emit("cache.hit")
+        note(environ, "cache", "HIT (after waiting for the fill)")
+        return self._serve(hit, "HIT", "GET", start_response, _clock())
 
     def _serve_stale(self, environ: WSGIEnvironment, stale: dict[str, Any],
                      start_response: StartResponse) -> list[bytes]:
