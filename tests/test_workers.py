@@ -260,7 +260,7 @@ def test_sigterm_drains_requests_in_flight_and_leaves_no_process(tmp_path: Path,
         results: list[tuple[int, bytes]] = []
 
         def slow() -> None:
-            results.append(request(port, "GET", "/?sleep=1.0", timeout=10)[::2])
+            results.append(request(port, "GET", "/?sleep=2.0", timeout=15)[::2])
 
         threads = [threading.Thread(target=slow) for _ in range(4)]
         for t in threads:
@@ -270,16 +270,16 @@ def test_sigterm_drains_requests_in_flight_and_leaves_no_process(tmp_path: Path,
         if everyone:
             for pid in workers:
                 os.kill(pid, signal.SIGTERM)
-        # Nothing accepts new connections any more, well before the requests in flight (1 s) end.
-        wait_until(lambda: refuses(port), timeout=0.9, what="the listening socket to close")
+        # Nothing accepts new connections any more, well before the requests in flight (2 s) end.
+        wait_until(lambda: refuses(port), timeout=1.8, what="the listening socket to close")
         for t in threads:
-            t.join(10)
+            t.join(15)
         assert server.proc is not None
         code = server.proc.wait(timeout=10)
     finally:
         server.stop()
     assert code == 0, server.output()
-    assert results == [(200, b'{"slept": 1.0}')] * 4
+    assert results == [(200, b'{"slept": 2.0}')] * 4
     assert not any(alive(pid) for pid in workers)
     assert "Traceback" not in server.output()
 
