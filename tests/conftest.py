@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,3 +142,39 @@ def make_stack(tmp_path: Path) -> Callable[..., Any]:
         return test_app
 
     return make
+
+
+class Served:
+    """``serve.py -c CONFIG serve`` in a subprocess, listening on ``port`` once constructed.
+
+    Its stdout (the access log) and stderr go to files beside the config,
+    named after ``name``.  ``stop()`` sends SIGTERM and waits.
+    """
+
+    def __init__(self, config: Path, env: dict[str, str], port: int, name: str = "serve") -> None:
+        root = Path(__file__).resolve().parent.parent
+        self.name, self.port = name, port
+        self.out = config.parent / f"{name}.out"
+        self.err = config.parent / f"{name}.err"
+        path = os.pathsep.join([str(root), str(root / "tests")])
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, str(root / "serve.py"), "-c", str(config), "serve"],
+                                         cwd=config.parent, env={**os.environ, **env, "PYTHONPATH": path},
+                                         stdout=out, stderr=err)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {self.proc.returncode}: {self.err.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"{name} does not listen on {port}: {self.err.read_text()}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import RedisServer, free_port
+from conftest import Served as ServedBase
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "production.yaml"
@@ -122,35 +123,11 @@ class Reply:
         return self.headers.get_all("Set-Cookie") or []
 
 
-class Served:
-    """One ``serve.py serve`` process; its stdout and stderr go to files next to the config."""
+class Served(ServedBase):
+    """One ``serve.py serve`` process of the pair, called as nginx would call it."""
 
     def __init__(self, name: str, config: Path, env: dict[str, str], port: int) -> None:
-        self.name = name
-        self.port = port
-        self.out = config.parent / f"{name}.out"
-        self.err = config.parent / f"{name}.err"
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "serve.py"), "-c", str(config), "serve"], cwd=config.parent,
-                env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=err)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {self.proc.returncode}: {self.err.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"{name} does not listen on {port}: {self.err.read_text()}") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
+        super().__init__(config, env, port, name)
 
     def call(self, method: str, path: str, *, client: str, token: str | None = None, cookie: str | None = None,
              body: Any = None, https: bool = True) -> Reply:

@@ -11,10 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, free_port
+from conftest import Served as ServedBase
 
 from config import read_text
 from config.build import parse
@@ -160,35 +158,12 @@ class Buffering:
                 body.close()
 
 
-class Served:
+class Served(ServedBase):
     """serve.py in a subprocess, with its stdout (the access log) kept in a file."""
 
     def __init__(self, config: Path, env: dict[str, str], port: int) -> None:
-        self.port = port
-        self.log = config.with_suffix(".out")
-        self.err = config.with_suffix(".err")
-        path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-        with open(self.log, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "-c", str(config), "serve"],
-                                         cwd=config.parent, env={**os.environ, **env, "PYTHONPATH": path},
-                                         stdout=out, stderr=err)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve.py exited with {self.proc.returncode}: {self.err.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"serve.py did not listen on {port}: {self.err.read_text()}") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
+        super().__init__(config, env, port, config.stem)
+        self.log = self.out
 
     def access_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
