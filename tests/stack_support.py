@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from stores.memory import MemoryStore
 
 
 def echo_app(options: dict[str, Any] | None = None) -> Any:
@@ -43,3 +45,22 @@ class Tag:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         environ.setdefault("stack_support.layers", []).append(self.name)
         return self.app(environ, start_response)
+
+
+class Recorder:
+    """An inner app that records the paths that reached it and answers 200."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self.seen.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"app"]
+
+
+class RaisingStore(MemoryStore):
+    """A store whose health check itself raises (a backend bug, not an outage)."""
+
+    def health(self) -> dict[str, object]:
+        raise RuntimeError("health check exploded")

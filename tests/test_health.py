@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import RedisServer, free_port
 from pydantic import ValidationError
+from stack_support import RaisingStore, Recorder
 from webtest import TestApp
 
 from middleware.base import Context
@@ -27,23 +28,6 @@ def facts(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "stores": stores} if "stores" in body else body
 
 
-class Recorder:
-    """An inner app that records the paths that reached it."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        self.seen.append(environ["PATH_INFO"])
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"app"]
-
-
-class RaisingStore(MemoryStore):
-    """A store whose health check itself raises (a backend bug, not an outage)."""
-
-    def health(self) -> dict[str, object]:
-        raise RuntimeError("health check exploded")
 
 
 @pytest.fixture

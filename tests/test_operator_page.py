@@ -13,6 +13,7 @@ import pytest
 from browser import chromium, screenshot, serve
 from conftest import free_port
 from pydantic import ValidationError
+from stack_support import RaisingStore, Recorder
 from webtest import TestApp
 
 from config import build_from_dict
@@ -30,23 +31,6 @@ JWT_SECRET = "jwt-signing-secret-value-" + "j" * 24
 SECRETS = (SESSION_SECRET, JWT_SECRET, "hunter2", "tok-abc123", "k-123", "pw-999", "pem-body")
 
 
-class Recorder:
-    """An inner app that records the paths that reached it and answers 200."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        self.seen.append(environ["PATH_INFO"])
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"app"]
-
-
-class RaisingStore(MemoryStore):
-    """A store whose health check itself raises."""
-
-    def health(self) -> dict[str, object]:
-        raise RuntimeError("health check exploded")
 
 
 def message(response: Any) -> str:
