@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ _INFO = logging.INFO
 #: How often (seconds) the file's identity is compared with the path, to follow logrotate.
 ROTATION_CHECK_SECONDS = 1.0
 _quote = encode_basestring_ascii  # what json.dumps(ensure_ascii=True) uses for every string
+#: Lines up to this size go out with one unlocked write() (POSIX PIPE_BUF: atomic on a pipe).
+_ATOMIC_BYTES = select.PIPE_BUF
 
 
 class AccessLogMiddleware:
@@ -185,16 +188,34 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
         logging.getLogger("wsgistack.access").handlers[:] = [LineHandler(sys.stdout)]
         logging.getLogger("wsgistack.access").propagate = False
+
+    A line goes out as one ``write()`` on the stream's file descriptor,
+    without taking the handler's lock: see :func:`write_atomic`.
     """
 
     terminator = "\n"
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._fd_of: tuple[Any, int | None] = (None, None)  # (stream, its descriptor or None)
 
     def format(self, record: logging.LogRecord) -> str:
         """The message alone: an access line is already complete (a formatter set here is ignored)."""
         return record.getMessage()
 
+    def _fd(self) -> int | None:
+        stream = self.stream
+        known, fd = self._fd_of
+        if known is not stream:
+            fd = _descriptor(stream)
+            self._fd_of = (stream, fd)
+        return fd
+
     def write_line(self, line: str) -> None:
         """Write ``line`` as emitting a record with that message would."""
+        fd = self._fd()
+        if fd is not None and write_atomic(fd, (line + "\n").encode("utf-8", "backslashreplace")):
+            return
         self.acquire()
         try:
             stream = self.stream
@@ -204,6 +225,44 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(logging.makeLogRecord({"msg": line, "levelno": _INFO, "levelname": "INFO"}))
         finally:
             self.release()
+
+
+def _descriptor(stream: Any) -> int | None:
+    """The file descriptor under ``stream``, its buffered text flushed first; None when it has none."""
+    try:
+        fd = stream.fileno()
+        stream.flush()  # what was written through the stream so far goes out before our lines
+    except (AttributeError, OSError, ValueError):  # StringIO and other in-memory streams
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+def write_atomic(fd: int, data: bytes) -> bool:
+    """Write ``data`` with one ``write()``, holding no lock; False when the caller must write it.
+
+    The access log writes from every server thread.  Holding a lock around
+    the write (what ``logging`` handlers do) makes threads queue on it while
+    the holder waits for the kernel without the GIL; each hand-over then
+    waits for the GIL too, and under 64 connections a Waitress process
+    served a fifth of its requests.  One ``write()`` needs no lock: POSIX
+    makes writes of up to ``PIPE_BUF`` (4096) bytes to a pipe atomic, and an
+    ``O_APPEND`` file, a terminal or a socket takes a short line whole.
+    Longer lines, non-blocking descriptors and errors return False, and the
+    caller writes under its lock as before (on a pipe such a line may then
+    interleave with short ones; on a regular file Linux keeps writes whole).
+    """
+    if len(data) > _ATOMIC_BYTES:
+        return False
+    try:
+        written = os.write(fd, data)
+    except OSError:
+        return False
+    while written < len(data):  # a socket or terminal took part of it: send the rest (rare)
+        try:
+            written += os.write(fd, data[written:])
+        except OSError:
+            break  # the line is cut short; writing it again would duplicate its start
+    return True
 
 
 class _Exchange:
@@ -276,11 +335,16 @@ def _text(raw: str) -> str:
 
 
 class _AppendFile:
-    """Appends each line with one ``write()`` to an ``O_APPEND`` file; follows rotation."""
+    """Appends each line with one ``write()`` to an ``O_APPEND`` file; follows rotation.
+
+    Writes take no lock (see :func:`write_atomic`).  A reopen puts the new
+    file under the same descriptor number with ``dup2``, so a write racing
+    with it lands in the old file or the new one, never elsewhere.
+    """
 
     def __init__(self, path: str, logger: logging.Logger) -> None:
         self.path, self.logger = path, logger
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one reopen or close at a time; writes never take it
         self.fd = [self._open()]  # a list, so the finalizer closes the current descriptor
         self.checked = time.monotonic()
         self.failed_at = -60.0
@@ -292,16 +356,27 @@ class _AppendFile:
     def write(self, line: str) -> None:
         data = line.encode("ascii") + b"\n"
         now = time.monotonic()
-        with self.lock:  # also keeps a reopen from closing the descriptor under a write
+        if now - self.checked >= ROTATION_CHECK_SECONDS and self.lock.acquire(blocking=False):
+            try:  # one thread looks; the others write on meanwhile
+                self.checked = now
+                self._follow()
+            except OSError as exc:
+                self._failed(now, exc)
+            finally:
+                self.lock.release()
+        fd = self.fd[0]
+        if fd >= 0 and write_atomic(fd, data):
+            return
+        with self.lock:  # a line longer than PIPE_BUF, or the write failed: try once more, in one piece
             try:
-                if now - self.checked >= ROTATION_CHECK_SECONDS:
-                    self.checked = now
-                    self._follow()
                 os.write(self.fd[0], data)
             except OSError as exc:  # disk full, file gone: say so once a minute, never fail
-                if now - self.failed_at >= 60:
-                    self.failed_at = now
-                    self.logger.error("access log: cannot write to %s: %s", self.path, exc)
+                self._failed(now, exc)
+
+    def _failed(self, now: float, exc: OSError) -> None:
+        if now - self.failed_at >= 60:
+            self.failed_at = now
+            self.logger.error("access log: cannot write to %s: %s", self.path, exc)
 
     def _follow(self) -> None:
         try:
@@ -317,8 +392,10 @@ class _AppendFile:
         if not self._closer.alive:
             return  # closed for good
         fresh = self._open()
-        os.close(self.fd[0])
-        self.fd[0] = fresh
+        try:
+            os.dup2(fresh, self.fd[0], inheritable=False)
+        finally:
+            os.close(fresh)
 
     def reopen(self) -> None:
         with self.lock:
@@ -329,17 +406,11 @@ class _AppendFile:
             self._closer()
 
 
-class _Stream:
-    """Writes each line to a text stream and flushes it."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.lock = threading.Lock()
+class _Stream(LineHandler):
+    """Writes each line to a text stream (``stdout``, ``stderr``) as a :class:`LineHandler` does."""
 
     def write(self, line: str) -> None:
-        with self.lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        self.write_line(line)
 
 
 def _close_fd(holder: list[int]) -> None:
