@@ -363,6 +363,36 @@ def test_concurrent_threads_get_exactly_n(store: Store, strategy: str) -> None:
     assert sorted(statuses) == [200] * 20 + [429] * 12
 
 
+def test_a_rebuilt_layer_on_the_same_store_keeps_counting(store: Store) -> None:
+    """A reload that keeps the store (memory:// carried over, or Redis) keeps every client's count."""
+    Stack(store, limits=["3/minute"]).get()
+    Stack(store, limits=["3/minute"]).get()
+    again = Stack(store, limits=["3/minute"])
+    assert [again.get().status_int for _ in range(2)] == [200, 429]
+
+
+def test_memory_windows_roll_over_and_ended_ones_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_000_000.0]
+    monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
+    store = store_from_url("memory://")
+    stack = Stack(store, limits=["2/second", "5/minute"])
+    assert [stack.get().status_int for _ in range(3)] == [200, 200, 429]
+    assert rate(stack.get()) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "0", "RateLimit-Reset": "1",
+                                 "Retry-After": "1"}
+    clock[0] += 1.0  # the second has ended; the minute has not
+    assert rate(stack.get()) == {"RateLimit-Limit": "5", "RateLimit-Remaining": "0", "RateLimit-Reset": "59"}
+    for n in range(50):  # other clients open windows of their own
+        stack.get(ip=f"10.1.0.{n}")
+    windows = stack.layer.counter.windows  # type: ignore[union-attr]
+    assert (len(windows[1]), len(windows[60])) == (51, 51)
+    clock[0] += 2.0
+    stack.get(ip="10.2.0.1")  # opening a window drops the ones that ended before it
+    assert len(windows[1]) == 1
+    clock[0] += 60.0
+    stack.get(ip="10.2.0.2")
+    assert (len(windows[1]), len(windows[60])) == (1, 1)
+
+
 def test_two_layers_on_one_redis_share_the_count(redis_url: str) -> None:
     first, second = store_from_url(redis_url), store_from_url(redis_url)
     try:
