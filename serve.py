@@ -20,12 +20,14 @@ import inspect
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from config import ConfigError, LayerSpec, Problem, build_from_file, check, read_file
@@ -342,8 +344,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("serving on http://%s:%s (generation %d, %d worker(s))",
                  f"[{host}]" if ":" in host else host, port, live.generation, server.workers)
     if server.workers > 1:
-        return _supervise(live, sockets, server.workers)
+        with _metrics_dir():
+            return _supervise(live, sockets, server.workers)
     return _run_waitress(live, sockets)
+
+
+@contextlib.contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """A fresh directory where the workers share their metrics, removed at the end (unless the operator set one)."""
+    from middleware.metrics import METRICS_DIR
+
+    if os.environ.get(METRICS_DIR):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="wsgistack-metrics-")
+    os.environ[METRICS_DIR] = directory
+    log.info("workers share their metrics in %s", directory)
+    try:
+        yield
+    finally:
+        del os.environ[METRICS_DIR]
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- check, layers

@@ -12,19 +12,27 @@ Latency is the time until the app hands back its response (headers ready);
 a streamed body is not included, so a long ``text/event-stream`` does not
 distort the histogram.
 
-Do not use it when several worker *processes* serve one port and you need
-exact totals from one scrape: each process counts for itself.  Keep
-``server_timing`` off on public listeners: it tells every client how long
-each layer took.
+Several worker processes on one port (``server.workers``, or gunicorn with
+``$WSGISTACK_METRICS_DIR`` set) each count their own requests; every process
+writes its counts to a file in that directory once a second, and a scrape,
+whichever worker answers it, adds its own live counts to the other files, so
+the totals cover every worker (see :class:`_Merged`).  Process, GC and store
+metrics are those of the worker that answered.  Keep ``server_timing`` off on
+public listeners: it tells every client how long each layer took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
+import logging
 import math
+import os
 import re
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -32,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from pydantic import field_validator
 from werkzeug.exceptions import HTTPException
@@ -41,7 +50,13 @@ from .base import TIMINGS, Context, LayerOptions, Networks, address_in, decorate
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["ROUTE", "MetricsMiddleware"]
+__all__ = ["METRICS_DIR", "ROUTE", "MetricsMiddleware"]
+
+#: The environment variable naming the directory where worker processes share their counts.
+METRICS_DIR = "WSGISTACK_METRICS_DIR"
+#: How often (seconds) a worker writes its counts for the others' scrapes.
+SHARE_INTERVAL = 1.0
+_log = logging.getLogger("wsgistack.metrics")
 
 #: environ key where the Flask core puts the matched route template (``/api/v1/items/<id>``).
 ROUTE = "wsgistack.route"
@@ -146,11 +161,16 @@ class MetricsMiddleware:
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
         registry.register(_StoreCollector(context))
+        # What this process counts lives in a registry of its own; the exposition reads it
+        # through _Merged, which adds the counts of the other worker processes, if any.
+        counted = CollectorRegistry(auto_describe=False)
         self.counts = _Counts(options.buckets)
-        registry.register(self.counts)
+        counted.register(self.counts)
         self.layer_time = Histogram("wsgistack_layer_duration_seconds",
                                     "Time spent in each layer itself (inner layers excluded).",
-                                    ["layer"], buckets=_LAYER_BUCKETS, registry=registry)
+                                    ["layer"], buckets=_LAYER_BUCKETS, registry=counted)
+        self.shared = _Merged(counted)
+        registry.register(self.shared)
         self._routes = _Capped(options.max_routes)
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._layers: dict[str, tuple[Any, str]] = {}
@@ -177,6 +197,8 @@ class MetricsMiddleware:
             self.context.logger.exception("metrics could not count event %r", event)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.shared.pending:
+            self.shared.start()
         if environ.get("PATH_INFO") == self.path:
             return self._expose(environ, start_response)
         if self.timing:
@@ -258,6 +280,10 @@ class MetricsMiddleware:
             if len(self._series) < 10_000:
                 self._series[key] = series
         self.counts.observe(series, elapsed)
+
+    def close(self) -> None:
+        """Share the counts a last time (with ``$WSGISTACK_METRICS_DIR``); called when the server stops."""
+        self.shared.close()
 
     def _expose(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
@@ -357,6 +383,136 @@ class _Counts:
             for values, count, created in found:
                 family.add_metric(list(values), count, created=created)
             yield family
+
+
+_SEQUENCE = itertools.count()
+
+
+class _Merged:
+    """What this process counted, plus what the other worker processes shared.
+
+    With ``$WSGISTACK_METRICS_DIR`` set, :meth:`start` runs on the first
+    request a process serves (a pipeline built before the server forks its
+    workers thus starts sharing in every worker, never in the supervisor):
+    a daemon thread writes this process's samples to
+    ``<dir>/<pid>-<n>.json`` every ``SHARE_INTERVAL`` seconds (a temporary
+    file, then a rename, so a reader never sees half a file), and once more
+    when the layer is closed or dropped.  A scrape adds this process's live
+    samples to those of every other file: counters and histograms sum (their
+    ``_created`` takes the earliest), so the totals cover every worker,
+    at most ``SHARE_INTERVAL`` behind for the others.  Files of workers that
+    exited, and of pipelines a reload replaced, stay: totals never go
+    backwards.  The directory belongs to one server run: ``serve.py`` makes a
+    fresh one for its workers and removes it when it stops; when you set it
+    yourself (say for gunicorn workers), empty it before each start.
+    """
+
+    def __init__(self, counted: CollectorRegistry) -> None:
+        self.counted = counted
+        self.pending = True  # start() has not run in this process yet
+        self.directory: str | None = None
+        self.path: str | None = None
+        self._lock = threading.Lock()
+        self._final: weakref.finalize[Any, Any] | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if not self.pending:
+                return
+            self.pending = False
+            directory = os.environ.get(METRICS_DIR)
+            if not directory:
+                return
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                _log.error("metrics: cannot share counts in %s ($%s): %s", directory, METRICS_DIR, exc)
+                return
+            self.directory = directory
+            self.path = os.path.join(directory, f"{os.getpid()}-{next(_SEQUENCE)}.json")
+            self._final = weakref.finalize(self, _write_samples, self.counted, self.path)
+        _write_samples(self.counted, self.path)
+        threading.Thread(target=_share, args=(weakref.ref(self),), daemon=True,
+                         name="wsgistack-metrics-share").start()
+
+    def close(self) -> None:
+        """Write the counts a last time and stop sharing (the files stay for the others)."""
+        if self._final is not None:
+            self._final()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        own = list(self.counted.collect())
+        if self.directory is None:
+            yield from own
+            return
+        merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+        for family in itertools.chain(own, self._others()):
+            found = merged.get(family.name)
+            if found is None:
+                found = merged[family.name] = (Metric(family.name, family.documentation, family.type,
+                                                      family.unit), {})
+            values = found[1]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                before = values.get(key)
+                if before is None:
+                    values[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    values[key] = min(before, sample.value)
+                else:
+                    values[key] = before + sample.value
+        for metric, values in merged.values():
+            metric.samples = [Sample(name, dict(labels), value) for (name, labels), value in values.items()]
+            yield metric
+
+    def _others(self) -> Iterator[Metric]:
+        """The families in every other process's file (unreadable files are skipped)."""
+        assert self.directory is not None
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return
+        own = os.path.basename(self.path or "")
+        for name in names:
+            if not name.endswith(".json") or name == own:
+                continue
+            try:
+                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
+                    families = json.load(handle)
+                for fname, ftype, doc, unit, samples in families:
+                    metric = Metric(fname, doc, ftype, unit)
+                    metric.samples = [Sample(sname, labels, float(value)) for sname, labels, value in samples]
+                    yield metric
+            except (OSError, ValueError, TypeError) as exc:  # gone meanwhile, or not ours
+                _log.debug("metrics: skipped %s: %s", name, exc)
+
+
+def _write_samples(counted: CollectorRegistry, path: str) -> None:
+    families = [[m.name, m.type, m.documentation, m.unit, [[s.name, s.labels, s.value] for s in m.samples]]
+                for m in counted.collect()]
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(families, handle, separators=(",", ":"))
+        os.replace(temporary, path)
+    except OSError as exc:  # the directory went away (the server is stopping)
+        _log.debug("metrics: cannot write %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
+def _share(ref: weakref.ReferenceType[_Merged]) -> None:
+    """Write the counts of ``ref`` every SHARE_INTERVAL while the layer lives."""
+    while True:
+        time.sleep(SHARE_INTERVAL)
+        merged = ref()
+        if merged is None or merged._final is None or not merged._final.alive:
+            return
+        _write_samples(merged.counted, merged.path or "")
+        del merged
 
 
 class _Capped:

@@ -429,6 +429,67 @@ def dead_store() -> Iterator[Store]:
     store.close()
 
 
+# --- several worker processes ---------------------------------------------------------------
+
+
+def test_workers_share_their_counts(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Two layers stand for two worker processes: each scrape reports what both counted."""
+    monkeypatch.setattr("middleware.metrics.SHARE_INTERVAL", 0.05)
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path / "shared"))
+    workers = []
+    for _ in range(2):
+        context = Context(stores={"shared": MemoryStore()})
+        layer = MetricsMiddleware(timed_stack(), MetricsMiddleware.Options(process_metrics=False,
+                                                                          layer_timing=True), context)
+        workers.append((TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context())), layer, context))
+    (one, layer_one, context_one), (two, _, context_two) = workers
+    for _ in range(3):
+        one.get("/ok")
+    two.get("/ok")
+    two.get("/missing", status=404)
+    context_one.emit("cache.hit")
+    context_two.emit("cache.hit")
+    context_two.emit("ratelimit.reject", rule="default")
+    time.sleep(0.3)  # both have written their counts since
+    for app in (one, two):
+        found = scrape(app)
+        assert sample(found, "wsgistack_http_requests_total", method="GET", route="/ok", status="200") == 4
+        assert sample(found, "wsgistack_http_requests_total", method="GET", route="other", status="404") == 1
+        assert sample(found, "wsgistack_http_request_duration_seconds_count", method="GET", route="/ok") == 4
+        assert sample(found, "wsgistack_layer_duration_seconds_count", layer="inner") == 5
+        assert sample(found, "wsgistack_cache_events_total", result="hit") == 2
+        assert sample(found, "wsgistack_ratelimit_events_total", result="reject", rule="default") == 1
+        created = sample(found, "wsgistack_http_requests_created", method="GET", route="/ok", status="200")
+        assert created is not None and created <= time.time()
+    # A closed layer (a worker that stopped, a pipeline a reload replaced) leaves its last counts.
+    one.get("/ok")
+    layer_one.close()
+    assert sorted(p.suffix for p in (tmp_path / "shared").iterdir()) == [".json", ".json"]
+    found = scrape(two)
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="/ok", status="200") == 5
+
+
+def test_without_the_directory_nothing_is_written(make: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Any) -> None:
+    monkeypatch.delenv("WSGISTACK_METRICS_DIR", raising=False)
+    app, layer = make()
+    app.get("/ok")
+    assert layer.shared.directory is None and not layer.shared.pending
+    assert sample(scrape(app), "wsgistack_http_requests_total", method="GET", route="/ok", status="200") == 1
+
+
+def test_an_unusable_directory_is_logged_and_counting_goes_on(
+        make: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path / "file"))
+    app, _ = make()
+    with caplog.at_level(logging.ERROR, logger="wsgistack.metrics"):
+        app.get("/ok")
+    assert [r.getMessage()[:31] for r in caplog.records] == ["metrics: cannot share counts in"]
+    assert sample(scrape(app), "wsgistack_http_requests_total", method="GET", route="/ok", status="200") == 1
+
+
 def test_store_health_at_scrape_time(make: Callable[..., Any], context: Context, dead_store: Store) -> None:
     context.stores["down"] = dead_store
     app, _ = make()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import sys
@@ -186,6 +187,56 @@ def test_both_workers_serve(supervised: tuple[ServeProcess, int, Path]) -> None:
     seen = sample(port, workers)
     assert set(seen) == workers, f"only {sorted(seen)} of {sorted(workers)} answered"
     assert all(gens == {"1"} for gens in seen.values())
+
+
+def _scrape(port: int) -> tuple[int | None, float]:
+    """GET /metrics on a new connection: (the worker that answered, its count of GET /x 200)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    pid = owner(conn, port, children_of_port[port])
+    conn.close()
+    assert response.status == 200
+    total = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "wsgistack_http_requests_total" and s.labels == {"method": "GET", "route": "/x",
+                                                                              "status": "200"})
+    return pid, total
+
+
+children_of_port: dict[int, set[int]] = {}
+
+
+def test_every_worker_reports_the_requests_of_all(tmp_path: Path) -> None:
+    """Whichever worker answers the scrape, the counts cover both; the shared files go at the end."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port) + "  - metrics: {process_metrics: false}\n")
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "3"}).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        workers = children_of_port[port] = children(server.pid)
+        found = re.search(r"workers share their metrics in (\S+)", server.output())
+        assert found is not None, server.output()
+        directory = Path(found.group(1))
+        seen = sample(port, workers, count=40)
+        assert set(seen) == workers  # both served some of the 40
+        time.sleep(1.5)  # each has shared its counts since
+        answered = {}
+        for _ in range(12):
+            pid, total = _scrape(port)
+            answered[pid] = total
+        assert set(answered) == workers, f"only {sorted(map(str, answered))} answered the scrapes"
+        assert set(answered.values()) == {40.0}
+        assert directory.is_dir() and len(list(directory.glob("*.json"))) == 2
+    finally:
+        server.stop()
+        children_of_port.pop(port, None)
+        assert "Traceback" not in server.output(), server.output()
+    assert not directory.exists()
 
 
 def test_a_killed_worker_is_replaced_while_requests_keep_succeeding(
