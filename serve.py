@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from config import ConfigError, LayerSpec, Problem, build_from_file, check, read_file
@@ -83,25 +83,32 @@ def _bind(listen: Sequence[str], backlog: int) -> list[socket.socket]:
 
 #: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-#: How long a stopping server lets requests in flight finish ($WSGISTACK_DRAIN_SECONDS).
-DRAIN_SECONDS = 10.0
+#: The environment variable that overrides ``server.drain_timeout``.
+DRAIN_ENV = "WSGISTACK_DRAIN_SECONDS"
 #: How often the serving loop looks up from the sockets to see whether it should stop.
 _TICK = 0.2
 
 
-def _drain_seconds() -> float:
+def _drain_seconds(live: LiveStack) -> float:
+    """How long a stopping server lets requests in flight finish: $WSGISTACK_DRAIN_SECONDS, else the config's."""
+    configured = live.current.config.server.drain_timeout
+    text = os.environ.get(DRAIN_ENV)
+    if not text:
+        return configured
     try:
-        return max(0.0, float(os.environ.get("WSGISTACK_DRAIN_SECONDS", DRAIN_SECONDS)))
+        return max(0.0, float(text))
     except ValueError:
-        return DRAIN_SECONDS
+        log.warning("$%s=%r is not a number of seconds; using server.drain_timeout (%g)", DRAIN_ENV, text,
+                    configured)
+        return configured
 
 
-def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event) -> bool:
+def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, drain: Callable[[], float]) -> bool:
     """Run Waitress's loop until ``stop``; then stop accepting and let requests in flight finish.
 
     A connection is in flight while the server holds any part of a request it
     has not answered in full.  Idle keep-alive connections are closed at once;
-    the rest get up to ``$WSGISTACK_DRAIN_SECONDS`` (or until ``hurry``).
+    the rest get up to ``drain()`` seconds, read when the stop comes (or until ``hurry``).
     Return whether every request in flight was answered.
     """
     from waitress import wasyncore
@@ -118,7 +125,8 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event) -> 
             if getattr(dispatcher, "accepting", False):  # a listening socket: close only the socket
                 dispatcher.accepting = False
                 wasyncore.dispatcher.close(dispatcher)
-        deadline = time.monotonic() + _drain_seconds()
+        seconds = drain()
+        deadline = time.monotonic() + seconds
         while not hurry.is_set():
             busy = 0
             for channel in list(smap.values()):
@@ -133,7 +141,7 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event) -> 
                 drained = True
                 break
             if time.monotonic() > deadline:
-                log.warning("%d connection(s) still busy after %.0f s; closing them", busy, _drain_seconds())
+                log.warning("%d connection(s) still busy after %g s; closing them", busy, seconds)
                 break
             wasyncore.loop(timeout=0.05, map=smap, use_poll=use_poll, count=1)
     finally:
@@ -185,7 +193,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
 
         threading.Thread(target=orphan_watch, name="wsgistack-parent", daemon=True).start()
     try:
-        drained = _serve_until(server, stop, hurry)
+        drained = _serve_until(server, stop, hurry, lambda: _drain_seconds(live))
     finally:
         live.stop_watch()
         live.current.close()
@@ -204,7 +212,7 @@ def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> i
     started later serves the current one) and is passed on to every worker;
     SIGTERM and SIGINT stop the workers (which drain) and then the supervisor; a
     second one kills the workers at once.  A worker still running
-    ``$WSGISTACK_DRAIN_SECONDS`` + 5 s after SIGTERM is killed.
+    ``server.drain_timeout`` (or ``$WSGISTACK_DRAIN_SECONDS``) + 5 s after SIGTERM is killed.
     A worker that dies within a second of starting is restarted after a growing pause (up to 5 s).
     """
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
@@ -252,7 +260,7 @@ def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> i
     log.info("supervising %d workers: %s", workers, ", ".join(map(str, children)))
     stopping_since: float | None = None
     incomplete = False
-    grace = _drain_seconds() + 5.0
+    grace = _drain_seconds(live) + 5.0
     try:
         while children or (stopping_since is None and due):
             now = time.monotonic()
@@ -298,6 +306,7 @@ def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> i
                         for sock in sockets:  # the kernel would queue new connections nobody accepts
                             sock.close()
                         stopping_since = time.monotonic()
+                        grace = _drain_seconds(live) + 5.0  # the configuration in force now
                     else:  # asked twice: stop waiting for requests in flight
                         log.warning("stopping %d worker(s) now", len(children))
                         forward, incomplete = signal.SIGKILL, True

@@ -51,6 +51,9 @@ class ServerOptions(Strict):
     workers: int = Field(default=1, ge=1, le=64)
     #: Add ``X-Stack-Generation`` to every response (the config generation).
     generation_header: bool = False
+    #: Seconds a stopping server (SIGTERM, SIGINT) gives requests in flight before closing them;
+    #: ``$WSGISTACK_DRAIN_SECONDS`` overrides it.
+    drain_timeout: float = Field(default=10.0, ge=0, le=3600)
     reload: ReloadOptions = Field(default_factory=ReloadOptions)
 
     @field_validator("listen", mode="before")

@@ -40,6 +40,11 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="bad type names the value",
         ),
         pytest.param(
+            ECHO + "server:\n  drain_timeout: -1\n",
+            "stack.yaml:3:18 server.drain_timeout: Input should be greater than or equal to 0 (got -1)",
+            id="negative drain timeout",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - errors: {format: html}\n",
             "stack.yaml:3:22 pipeline[0].errors.format: Input should be 'envelope' or 'problem' (got 'html')",
             id="layer option literal",

@@ -205,4 +205,5 @@ def test_every_server_setting_is_applied_by_a_reload_or_reported() -> None:
     from config.live import RESTART_ONLY
     from config.schema import ServerOptions
 
-    assert set(ServerOptions.model_fields) - set(RESTART_ONLY) == {"generation_header", "reload"}
+    # drain_timeout is read when the server stops, so the configuration in force then applies.
+    assert set(ServerOptions.model_fields) - set(RESTART_ONLY) == {"generation_header", "reload", "drain_timeout"}

@@ -355,6 +355,44 @@ def test_sigterm_in_one_process_mode_drains_too(tmp_path: Path) -> None:
     assert (code, results) == (0, [200])
 
 
+@pytest.mark.parametrize(("env", "outcome"), [
+    pytest.param({}, (1, "connection closed"), id="server.drain_timeout: 0.5 cuts a 3 s request short"),
+    pytest.param({"WSGISTACK_DRAIN_SECONDS": "6"}, (0, 200), id="the environment overrides it"),
+])
+def test_drain_timeout_from_the_configuration(tmp_path: Path, env: dict[str, str],
+                                              outcome: tuple[int, int | str]) -> None:
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    text = config_text(port, factory="loadgen:slow_app").replace("workers: 2", "workers: 1\n  drain_timeout: 0.5")
+    path.write_text(text)
+    server = ServeProcess(path, env=env).start()
+    results: list[int | str] = []
+
+    def slow() -> None:
+        try:
+            results.append(request(port, "GET", "/?sleep=3.0", timeout=15)[0])
+        except (OSError, http.client.HTTPException):
+            results.append("connection closed")
+
+    try:
+        wait_for_port(port)
+        thread = threading.Thread(target=slow)
+        thread.start()
+        wait_until(lambda: accepted(port, {server.pid}) == 1, what="the request in flight")
+        stopping = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc is not None
+        code = server.proc.wait(timeout=15)
+        stopped = time.monotonic() - stopping
+        thread.join(15)
+    finally:
+        server.stop()
+    assert (code, *results) == outcome, server.output()
+    if code == 1:
+        assert stopped < 2.5
+        assert "1 connection(s) still busy after 0.5 s; closing them" in server.output()
+
+
 def test_a_supervisor_killed_outright_leaves_no_orphans(tmp_path: Path) -> None:
     port = free_port()
     path = tmp_path / "stack.yaml"
