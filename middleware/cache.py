@@ -383,13 +383,20 @@ class CacheMiddleware:
             try:
                 if locked is None:
                     locked = self.store.add(lock_key, b"1", ttl=self.options.lock_timeout)
-                if locked:
-                    fill.lock_key = lock_key
-                else:
-                    hit = self._await_peer(environ, base, lock_key)
+                deadline = time.monotonic() + self.options.lock_timeout
+                # Another process fills the key: wait for its entry. When its lock goes without an
+                # entry (it failed, or it was a thread of ours giving the lock back), take the lock
+                # before filling, so that at most one process fills at a time.
+                while not locked:
+                    hit = self._await_peer(environ, base, lock_key, deadline)
                     if hit is not None:
                         fill.release()
                         return self._waited(environ, hit, start_response)
+                    if time.monotonic() >= deadline:
+                        break  # waited long enough: fill without the lock
+                    locked = self.store.add(lock_key, b"1", ttl=self.options.lock_timeout)
+                if locked:
+                    fill.lock_key = lock_key
             except StoreError as exc:
                 self._store_error(exc)
         try:
@@ -431,9 +438,9 @@ class CacheMiddleware:
             return None
         return entry if entry is not None and entry["f"] > _clock() else None
 
-    def _await_peer(self, environ: WSGIEnvironment, base: str, lock_key: str) -> dict[str, Any] | None:
-        """Another process fills this key: poll for its entry until its lock goes or times out."""
-        deadline = time.monotonic() + self.options.lock_timeout
+    def _await_peer(self, environ: WSGIEnvironment, base: str, lock_key: str,
+                    deadline: float) -> dict[str, Any] | None:
+        """Another process fills this key: poll for its entry until its lock goes or ``deadline``."""
         delay = 0.005
         while time.monotonic() < deadline:
             time.sleep(delay)

@@ -468,6 +468,44 @@ def test_single_flight_across_processes(store: Store, origin: Origin, clock: Clo
     assert sorted(label for label, _ in results) == ["HIT"] * 5 + ["MISS"]
 
 
+class FirstFillFails(Origin):
+    """The first call fails after 0.2 s; the others answer as Origin does."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with self.lock:
+            first = self.calls == 0
+            if first:
+                self.calls += 1
+        if first:
+            time.sleep(0.2)
+            raise RuntimeError("the first fill fails")
+        return super().__call__(environ, start_response)
+
+
+def test_a_lock_given_up_without_an_entry_is_taken_before_filling(store: Store) -> None:
+    """B fails its fill; A, waiting for B, takes the lock before filling, so B's retry waits for A."""
+    origin = FirstFillFails()
+    origin.delay = 0.3
+    a, b = Stack(store, origin), Stack(store, origin)  # two processes
+    results: dict[str, tuple[int, str, bytes]] = {}
+
+    def run(name: str, stack: Stack, start: float) -> None:
+        time.sleep(start)
+        response = TestApp(stack.wsgi).get("/api/v1/search?q=x", expect_errors=True)
+        results[name] = (response.status_int, response.headers.get("X-Cache", ""), response.body)
+
+    threads = [threading.Thread(target=run, args=args) for args in (("b", b, 0.0), ("a", a, 0.05),
+                                                                     ("b again", b, 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert origin.calls == 2  # the failed fill and one more, not one per process
+    assert results["b"][0] == 500
+    assert (results["a"][:2], results["b again"][:2]) == ((200, "MISS"), (200, "HIT"))
+    assert results["a"][2] == results["b again"][2]
+
+
 def test_waiters_give_up_after_lock_timeout(make: Callable[..., Stack], origin: Origin) -> None:
     origin.delay = 0.4
     stack = make(lock_timeout=0.05)
