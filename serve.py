@@ -63,22 +63,59 @@ def _setup_logging(level: str = "INFO") -> None:
 # ---------------------------------------------------------------- serve
 
 
-def _bind(listen: Sequence[str], backlog: int) -> list[socket.socket]:
-    """Bind the listening sockets once, so forked workers can share them."""
+def _bind(listen: Sequence[str], backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Bind the listening sockets in the parent, so forked workers inherit them.
+
+    With ``reuse_port`` every socket gets ``SO_REUSEPORT``, so several sets
+    can be bound to the same addresses (one per worker, see :func:`_slots`).
+    """
     sockets = []
-    for item in listen:
-        host, _, port = item.rpartition(":")
-        host = host.strip("[]")
-        for family, kind, proto, _, addr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(backlog)
-            sockets.append(sock)
-            break
+    try:
+        for item in listen:
+            host, _, port = item.rpartition(":")
+            host = host.strip("[]")
+            for family, kind, proto, _, addr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(backlog)
+                break
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     return sockets
+
+
+def _slots(listen: Sequence[str], backlog: int, workers: int) -> list[list[socket.socket]]:
+    """The listening sockets of each worker slot.
+
+    On Linux every worker gets sockets of its own, bound to the same
+    addresses with ``SO_REUSEPORT``: the kernel spreads new connections
+    evenly across them.  Workers that share one socket take connections as
+    fast as each wakes up first, and keep-alive clients then stay unevenly
+    spread: with 16 connections one worker often held all 16 while the other
+    idled, and two workers served no more than one.  A worker restarted in a
+    slot inherits that slot's sockets from the supervisor, with the
+    connections waiting in their backlog.  Elsewhere (no ``SO_REUSEPORT``
+    balancing) the workers share one set.
+    """
+    if workers > 1 and sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"):
+        slots: list[list[socket.socket]] = []
+        try:
+            for _ in range(workers):
+                slots.append(_bind(listen, backlog, reuse_port=True))
+        except BaseException:
+            for sock in (s for slot in slots for s in slot):
+                sock.close()
+            raise
+        return slots
+    return [_bind(listen, backlog)] * workers
 
 
 #: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
@@ -205,8 +242,8 @@ def _exit_text(status: int) -> str:
     return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
-def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> int:
-    """Fork ``workers`` Waitress processes on shared sockets; restart the ones that die.
+def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
+    """Fork a Waitress process for each slot's sockets; restart the ones that die.
 
     SIGHUP reloads the supervisor's own copy of the configuration (so a worker
     started later serves the current one) and is passed on to every worker;
@@ -234,10 +271,12 @@ def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> i
                     signal.set_wakeup_fd(-1)
                     os.close(wake_r)
                     os.close(wake_w)
+                    for sock in {s for other in slots for s in other} - set(slots[slot]):
+                        sock.close()  # other slots' sockets: held here, they would outlive their worker's stop
                     for sig in (*HANDLED, signal.SIGCHLD):
                         signal.signal(sig, signal.SIG_DFL)
                     live.after_fork(f"worker {os.getpid()}: ")
-                    code = _run_waitress(live, sockets, parent=supervisor)
+                    code = _run_waitress(live, slots[slot], parent=supervisor)
                 except BaseException:
                     log.exception("worker %d failed", os.getpid())
                     code = 1
@@ -252,12 +291,12 @@ def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> i
         pending.append(signum)  # acted on in the loop below; set_wakeup_fd wakes select()
 
     live.label = "supervisor: "
-    for slot in range(workers):
+    for slot in range(len(slots)):
         spawn(slot)
     old_wakeup = signal.set_wakeup_fd(wake_w)
     for sig in (*HANDLED, signal.SIGCHLD):
         signal.signal(sig, note_signal)
-    log.info("supervising %d workers: %s", workers, ", ".join(map(str, children)))
+    log.info("supervising %d workers: %s", len(slots), ", ".join(map(str, children)))
     stopping_since: float | None = None
     incomplete = False
     grace = _drain_seconds(live) + 5.0
@@ -303,8 +342,8 @@ def _supervise(live: LiveStack, sockets: list[socket.socket], workers: int) -> i
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     if stopping_since is None:
                         log.info("stopping %d worker(s)", len(children))
-                        for sock in sockets:  # the kernel would queue new connections nobody accepts
-                            sock.close()
+                        for sock in {s for slot_sockets in slots for s in slot_sockets}:
+                            sock.close()  # the kernel would queue new connections nobody accepts
                         stopping_since = time.monotonic()
                         grace = _drain_seconds(live) + 5.0  # the configuration in force now
                     else:  # asked twice: stop waiting for requests in flight
@@ -344,17 +383,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _print_problems(live.current.warnings)
     server = live.current.config.server
     try:
-        sockets = _bind(server.listen, server.backlog)
+        slots = _slots(server.listen, server.backlog, server.workers)
     except OSError as exc:
         print(f"cannot listen on {' '.join(server.listen)}: {exc}", file=sys.stderr)
         return 2
+    sockets = slots[0]
     for sock in sockets:
         host, port = sock.getsockname()[:2]
         log.info("serving on http://%s:%s (generation %d, %d worker(s))",
                  f"[{host}]" if ":" in host else host, port, live.generation, server.workers)
     if server.workers > 1:
         with _metrics_dir():
-            return _supervise(live, sockets, server.workers)
+            return _supervise(live, slots)
     return _run_waitress(live, sockets)
 
 

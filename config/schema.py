@@ -47,7 +47,7 @@ class ServerOptions(Strict):
     url_scheme: Literal["http", "https"] = "http"
     url_prefix: str = ""
     ident: str = "wsgistack"
-    #: Number of Waitress processes sharing the listening socket (1 = no fork).
+    #: Number of Waitress processes serving the listen addresses (1 = no fork).
     workers: int = Field(default=1, ge=1, le=64)
     #: Add ``X-Stack-Generation`` to every response (the config generation).
     generation_header: bool = False

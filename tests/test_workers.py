@@ -7,6 +7,7 @@ exactly one worker holds that inode among its file descriptors.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -187,6 +188,48 @@ def test_both_workers_serve(supervised: tuple[ServeProcess, int, Path]) -> None:
     seen = sample(port, workers)
     assert set(seen) == workers, f"only {sorted(seen)} of {sorted(workers)} answered"
     assert all(gens == {"1"} for gens in seen.values())
+
+
+def listening(port: int, pid: int) -> set[str]:
+    """The listening sockets on 127.0.0.1:``port`` that process ``pid`` holds (socket inodes)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as handle:
+        inodes = {f"socket:[{parts[9]}]" for line in handle.readlines()[1:]
+                  if (parts := line.split())[1] == local and parts[3] == "0A"}
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(f"/proc/{pid}/fd/{fd}")) in inodes:
+                held.add(target)
+    return held
+
+
+def test_each_worker_listens_on_a_socket_of_its_own(supervised: tuple[ServeProcess, int, Path]) -> None:
+    """SO_REUSEPORT sockets, one per worker, so the kernel spreads connections over the workers.
+
+    On one shared socket whichever worker woke first took the connections: under load
+    one worker often held all 16 keep-alive connections of a client while the other idled.
+    """
+    server, port, _ = supervised
+    workers = children(server.pid)
+    own = [listening(port, pid) for pid in workers]
+    assert [len(held) for held in own] == [1, 1]
+    assert own[0] != own[1]
+    assert listening(port, server.pid) == own[0] | own[1]  # the supervisor keeps them for restarts
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=5) for _ in range(16)]
+    try:
+        holders: dict[int | None, int] = {}
+        for conn in connections:
+            conn.request("GET", "/x")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            pid = owner(conn, port, workers)
+            holders[pid] = holders.get(pid, 0) + 1
+    finally:
+        for conn in connections:
+            conn.close()
+    assert set(holders) == workers, holders  # by hash: all 16 on one worker is 1 in 30,000
 
 
 def _scrape(port: int) -> tuple[int | None, float]:
