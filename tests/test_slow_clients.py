@@ -4,7 +4,8 @@ Waitress reads requests in its event loop and hands a worker thread only a
 complete request, so clients that dribble their headers or body one byte at a
 time hold a connection but no thread.  The test measures the p99 of normal
 requests without and with 200 such clients; the p99 with them must stay within
-2x the baseline plus 20 ms.  The second test shows the limit of that: slow
+2x the baseline (measured here: 1.6-1.8 ms with them against 2.0-3.6 ms without,
+and 4.6-4.9 against 5.3-5.7 ms with a busy process on the other core).  The second test shows the limit of that: slow
 clients that fill ``connection_limit`` stop Waitress accepting anyone, which is
 why docs/operations.md puts header and body timeouts at the reverse proxy.
 """
@@ -115,7 +116,7 @@ def test_slow_clients_do_not_slow_normal_requests(server: tuple[ServeProcess, in
         during = percentile(measure(port), 99)
         assert slow.sent - sent >= 5 * 200  # the slow clients kept sending all through the measurement
         assert slow.still_open() >= 190  # the server held them all the while, with no thread each
-    assert during <= 2 * baseline + 0.020, f"p99 {during * 1000:.1f} ms with slow clients, " \
+    assert during <= 2 * baseline, f"p99 {during * 1000:.1f} ms with slow clients, " \
                                            f"{baseline * 1000:.1f} ms without"
     assert "Traceback" not in process.output()
 
