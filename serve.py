@@ -103,9 +103,14 @@ def _slots(listen: Sequence[str], backlog: int, workers: int) -> list[list[socke
     idled, and two workers served no more than one.  A worker restarted in a
     slot inherits that slot's sockets from the supervisor, with the
     connections waiting in their backlog.  Elsewhere (no ``SO_REUSEPORT``
-    balancing) the workers share one set.
+    balancing) the workers share one set.  A port another process listens on
+    is refused, as without ``SO_REUSEPORT``.
     """
     if workers > 1 and sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"):
+        # SO_REUSEPORT would also let this server join another one already on the port (same
+        # user) and split its traffic: bind plainly first, which fails if anything listens there.
+        for sock in _bind(listen, backlog):
+            sock.close()
         slots: list[list[socket.socket]] = []
         try:
             for _ in range(workers):

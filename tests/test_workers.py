@@ -232,6 +232,21 @@ def test_each_worker_listens_on_a_socket_of_its_own(supervised: tuple[ServeProce
     assert set(holders) == workers, holders  # by hash: all 16 on one worker is 1 in 30,000
 
 
+def test_a_second_server_on_the_same_port_is_refused(supervised: tuple[ServeProcess, int, Path],
+                                                      tmp_path: Path) -> None:
+    """SO_REUSEPORT must not let a second serve.py join the first one's port and split its traffic."""
+    _, port, _ = supervised
+    second = tmp_path / "second.yaml"
+    second.write_text(config_text(port, greeting="two"))
+    other = ServeProcess(second).start()
+    try:
+        assert other.proc is not None
+        assert other.proc.wait(timeout=30) == 2
+    finally:
+        other.stop()
+    assert f"cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in other.output()
+
+
 def _scrape(port: int) -> tuple[int | None, float]:
     """GET /metrics on a new connection: (the worker that answered, its count of GET /x 200)."""
     from prometheus_client.parser import text_string_to_metric_families
