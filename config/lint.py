@@ -132,6 +132,48 @@ def duplicates(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
         seen.append(spec)
 
 
+def _counters(spec: LayerSpec) -> set[tuple[str, str, str, str]]:
+    """The counters a ratelimit layer keeps per client: (rule id, strategy, limit, key), as its keys name them."""
+    from limits import parse_many
+
+    def key_of(value: Any) -> str:
+        return "|".join(value) if isinstance(value, list | tuple) else str(value)
+
+    strategy, key = spec.option("strategy", "fixed-window"), spec.option("key", "client_ip")
+    rules = [("default", spec.option("limits", None) or [], None, None)]
+    for i, rule in enumerate(spec.option("rules", None) or []):
+        get = rule.get if isinstance(rule, dict) else lambda name, r=rule: getattr(r, name, None)
+        rules.append((f"r{i}", get("limits") or [], get("strategy"), get("key")))
+    found = set()
+    for rid, limits, rule_strategy, rule_key in rules:
+        for text in [limits] if isinstance(limits, str) else limits:
+            try:
+                items = parse_many(str(text))
+            except ValueError:
+                continue
+            for item in items:
+                limit = f"{item.amount}/{item.multiples}/{item.GRANULARITY.name}"
+                found.add((rid, str(rule_strategy or strategy), limit,
+                           key_of(rule_key if rule_key is not None else key)))
+    return found
+
+
+def ratelimit_namespaces(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    seen: list[LayerSpec] = []
+    for spec in _all(specs, "ratelimit"):
+        where = (spec.option("store", "shared"), spec.option("namespace", "") or "")
+        for other in seen:
+            if (other.option("store", "shared"), other.option("namespace", "") or "") != where:
+                continue
+            if _counters(spec) & _counters(other):
+                yield _problem(cfg, spec, f"ratelimit at {_where(spec)} and the one at {_where(other)} count in "
+                                          f"store {where[0]!r} under the same namespace with an equal limit: they "
+                                          "share one counter per client, so requests to one use up the other's "
+                                          "budget; give each a namespace", "warning")
+                break
+        seen.append(spec)
+
+
 def cors_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for inner in ("auth", "ratelimit", "csrf", "session"):
         for other, cors in _before(specs, inner, "cors"):
@@ -374,6 +416,7 @@ RULES: list[Rule] = [
     cache_outside_private,
     ratelimit_keys,
     duplicates,
+    ratelimit_namespaces,
     ratelimit_escapes,
     cors_position,
     cache_inside_cors,

@@ -348,6 +348,10 @@ class RateLimitMiddleware:
     ``on_store_error`` (``"open"``): ``open`` lets requests through (logged,
         ``store.error`` emitted); ``closed`` answers 503 with ``Retry-After``.
     ``ipv6_prefix`` (``64``): IPv6 clients are counted per network of this size.
+    ``namespace`` (``""``): keeps this layer's counters apart from those of other
+        ratelimit layers on the same store (rule ids become ``NAMESPACE:default``,
+        ``NAMESPACE:r0`` … in keys, events and notes).  Without it two layers whose
+        rules have equal limits count in one counter per client.
 
     Usage::
 
@@ -364,6 +368,7 @@ class RateLimitMiddleware:
         mode: Literal["enforce", "shadow"] = "enforce"
         on_store_error: Literal["open", "closed"] = "open"
         ipv6_prefix: int = Field(default=64, ge=1, le=128)
+        namespace: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
 
         _split = field_validator("limits", mode="before")(_limit_list)
         _limits = field_validator("limits")(_check_limits)
@@ -392,8 +397,9 @@ class RateLimitMiddleware:
             raise ValueError(f"store {options.store!r} is a {type(store).__name__}; "
                              "the ratelimit layer counts in memory:// or Redis stores only")
         default = _Rule(limits=options.limits, key=options.key, strategy=options.strategy)
-        self.rules = [self._compile(f"r{i}", r, options) for i, r in enumerate(options.rules)]
-        self.default = self._compile("default", default, options) if options.limits else None
+        ns = f"{options.namespace}:" if options.namespace else ""
+        self.rules = [self._compile(f"{ns}r{i}", r, options) for i, r in enumerate(options.rules)]
+        self.default = self._compile(f"{ns}default", default, options) if options.limits else None
         self.enforce = options.mode == "enforce"
         self.closed = options.on_store_error == "closed"
         self.prefix = options.ipv6_prefix

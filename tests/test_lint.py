@@ -149,6 +149,13 @@ def problems(text: str) -> list[str]:
             id="validation above waitress",
         ),
         pytest.param(
+            "pipeline:\n  - ratelimit: {limits: ['100/minute'], paths: ['/api/*']}\n"
+            "  - ratelimit: {limits: ['100 per minute'], paths: ['/auth/*']}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: ratelimit at pipeline[1] and the one at pipeline[0] count in "
+            "store 'shared' under the same namespace with an equal limit: they share one counter per client",
+            id="two ratelimits sharing counters",
+        ),
+        pytest.param(
             "pipeline:\n  - metrics: {}\n  - metrics: {path: /m2}\n",
             "stack.yaml:5:5 pipeline[1]: metrics may appear only once",
             id="metrics twice",
@@ -190,6 +197,12 @@ def test_lint(pipeline: str, expected: str) -> None:
             "  - ratelimit: {limits: ['100/minute'], key: user}\n  - versioning: {supported: [v1]}\n"
             "  - cache: {}\n",
             id="recommended order, two ratelimits with different keys",
+        ),
+        pytest.param(
+            "pipeline:\n  - errors: {}\n"
+            "  - ratelimit: {limits: ['100/minute'], paths: ['/api/*'], namespace: api}\n"
+            "  - ratelimit: {limits: ['100/minute'], paths: ['/auth/*'], namespace: auth}\n",
+            id="two ratelimits, each in its namespace",
         ),
     ],
 )

@@ -107,6 +107,7 @@ def redis_store(redis_url: str) -> Iterator[Store]:
                  "Input should be 'fixed-window', 'moving-window' or 'sliding-window-counter'",
                  id="unknown strategy"),
     pytest.param({"limits": ["1/second"], "ipv6_prefix": 0}, "greater than or equal to 1", id="ipv6 prefix"),
+    pytest.param({"limits": ["1/second"], "namespace": "a/b"}, "String should match pattern", id="namespace"),
 ])
 def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -391,6 +392,19 @@ def test_memory_windows_roll_over_and_ended_ones_are_dropped(monkeypatch: pytest
     clock[0] += 60.0
     stack.get(ip="10.2.0.2")
     assert (len(windows[1]), len(windows[60])) == (1, 1)
+
+
+@pytest.mark.parametrize(("namespaces", "expected"), [
+    pytest.param(("", ""), [200, 200, 429, 429], id="no namespace: one counter per client"),
+    pytest.param(("api", "auth"), [200, 200, 200, 200], id="a namespace each: apart"),
+])
+def test_namespaces_keep_two_layers_apart(store: Store, namespaces: tuple[str, str],
+                                          expected: list[int]) -> None:
+    api = Stack(store, limits=["2/minute"], namespace=namespaces[0])
+    auth = Stack(store, limits=["2/minute"], namespace=namespaces[1])
+    assert [api.get().status_int, auth.get().status_int, api.get().status_int, auth.get().status_int] == expected
+    if namespaces[0]:
+        assert ("ratelimit.pass", {"rule": "api:default"}) in api.events
 
 
 def test_two_layers_on_one_redis_share_the_count(redis_url: str) -> None:
