@@ -35,6 +35,68 @@ def stacks(ws: Workspace) -> list[Stack]:
     return out
 
 
+class Passthrough:
+    """A middleware that does nothing: stands in for one layer in the in-place table."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+SCOPE_KEYS = ("paths", "exclude_paths", "methods")
+
+
+def in_place_stacks(ws: Workspace) -> list[Stack]:
+    """bench/full.yaml on the Flask core, then once more per layer with that layer a pass-through."""
+    from config import build_from_text
+    from config.loader import read_file
+
+    data: dict[str, Any] = copy.deepcopy(read_file(FULL_YAML, env=ws.env()).data)
+    pipeline = data["pipeline"]
+    out = []
+    for k in range(len(pipeline)):
+        if k and next(iter(pipeline[k])) == "health":
+            continue  # it answers only its own paths: nothing to take away on this request
+        variant = copy.deepcopy(pipeline)
+        name = "whole stack"
+        if k:
+            name, options = next(iter(pipeline[k].items()))
+            scope = {key: options[key] for key in SCOPE_KEYS if key in (options or {})}
+            variant[k] = {"bench.layer_cost:Passthrough": scope}  # the scope shim stays
+        data["pipeline"] = variant
+        built = build_from_text(yaml.safe_dump(data), base_dir=FULL_YAML.parent, strict=False)
+        out.append(Stack(name, built.app, close=built.close))
+    return out
+
+
+def measure_in_place(ws: Workspace, rounds: int, sample_seconds: float) -> inproc.Result:
+    built = in_place_stacks(ws)
+    try:
+        cases = inproc.prepare(built, [inproc.Profile("health", HEALTH)])
+        return inproc.measure(cases, rounds, sample_seconds)
+    finally:
+        for stack in built:
+            stack.close()
+
+
+def in_place_table(result: inproc.Result, alone: inproc.Result) -> str:
+    """Each layer's own cost in the full stack on Flask, next to its cost added around the raw callable."""
+    whole = result.cases[0].micros
+    added = {}
+    before = 0.0
+    for case in alone.cases:
+        added[case.stack.name.removeprefix("+ ")] = case.micros - before
+        before = case.micros
+    lines = [f"| layer | in the full stack on Flask ({whole:.1f} µs): saved by a pass-through | "
+             "added around the raw callable (table above) |", "|---|---:|---:|"]
+    for case in result.cases[1:]:
+        name = case.stack.name
+        lines.append(f"| {name} | {whole - case.micros:.1f} | {added.get(name, float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
 def measure(ws: Workspace, rounds: int, sample_seconds: float) -> inproc.Result:
     built = stacks(ws)
     try:
