@@ -115,11 +115,14 @@ def _slots(listen: Sequence[str], backlog: int, workers: int) -> list[list[socke
         try:
             for _ in range(workers):
                 slots.append(_bind(listen, backlog, reuse_port=True))
-        except BaseException:
+        except BaseException as exc:
             for sock in (s for slot in slots for s in slot):
                 sock.close()
-            raise
-        return slots
+            if not isinstance(exc, OSError):
+                raise
+            log.warning("cannot bind a socket per worker (%s); the workers share one", exc)
+        else:
+            return slots
     return [_bind(listen, backlog)] * workers
 
 

@@ -248,6 +248,43 @@ def test_a_second_server_on_the_same_port_is_refused(supervised: tuple[ServeProc
     assert f"cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in other.output()
 
 
+def test_slots_fall_back_to_one_shared_socket(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Where SO_REUSEPORT cannot be set, the workers share one socket (and say so) instead of not starting."""
+    import serve
+
+    real = serve._bind
+
+    def bind(listen: list[str], backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+        if reuse_port:
+            raise OSError(92, "Protocol not available")
+        return real(listen, backlog)
+
+    monkeypatch.setattr(serve, "_bind", bind)
+    with caplog.at_level("WARNING", logger="wsgistack"):
+        slots = serve._slots([f"127.0.0.1:{free_port()}"], 16, 2)
+    try:
+        assert len(slots) == 2 and slots[0] is slots[1]
+        assert "cannot bind a socket per worker ([Errno 92] Protocol not available); the workers share one" \
+            in caplog.text
+    finally:
+        for sock in slots[0]:
+            sock.close()
+
+
+def test_slots_are_sockets_of_their_own() -> None:
+    import serve
+
+    slots = serve._slots([f"127.0.0.1:{free_port()}"], 16, 3)
+    try:
+        assert len({id(sock) for slot in slots for sock in slot}) == 3
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1 for slot in slots for sock in slot)
+    finally:
+        for slot in slots:
+            for sock in slot:
+                sock.close()
+
+
 def _scrape(port: int) -> tuple[int | None, float]:
     """GET /metrics on a new connection: (the worker that answered, its count of GET /x 200)."""
     from prometheus_client.parser import text_string_to_metric_families
