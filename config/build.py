@@ -416,11 +416,14 @@ def build(
     instances: list[Any] = []
     wrapped: WSGIApplication = _Timed("app", core) if timing else core
     for spec in reversed(pipeline):
+        registered = len(context.read_ahead)
         try:
             layer = instantiate(spec, wrapped, context)
         except (ValueError, TypeError, LookupError, OSError) as exc:
             problems.append(doc.problem(spec.path or ("pipeline",), f"{spec.name}: {exc}", key=True))
             continue
+        for ahead in context.read_ahead[registered:]:  # read ahead only for requests the layer sees
+            ahead.scope = spec.scope if spec.scope else None
         instances.append(layer)
         if timing:
             layer = _Timed(spec.label, layer)

@@ -49,8 +49,10 @@ from middleware.base import (
     LayerOptions,
     Methods,
     PathGlobs,
+    ReadAhead,
     decoded_path,
     note,
+    read_ahead,
     refuse,
 )
 from stores.base import Store, StoreError
@@ -361,12 +363,18 @@ class TokenService:
             raise _Invalid("invalid", "the token's roles claim is not a list of strings")
         return claims
 
-    def check(self, token: str, kind: str = "access") -> dict[str, Any]:
+    def revocation_key(self, token: str) -> str | None:
+        """The blocklist key :meth:`check` will read for an access token it verified before, else None."""
+        claims = self._verified.get(token)
+        return None if claims is None else "revoked:" + str(claims["jti"])
+
+    def check(self, token: str, kind: str = "access", environ: WSGIEnvironment | None = None) -> dict[str, Any]:
         """Verify a token and its revocation (one store read); raise ``_Invalid`` or a 503.
 
         Access tokens that verified once are remembered (bounded, per process),
         so a token sent again costs an expiry check instead of a signature check;
-        the revocation read happens every time.
+        the revocation read happens every time (with ``environ``, it may have been
+        read ahead in the rate limiter's round trip: see ``ReadAhead``).
         """
         claims = self._verified.get(token) if kind == "access" else None
         if claims is None:
@@ -379,7 +387,10 @@ class TokenService:
         elif claims["exp"] <= time.time() - self.options.leeway:
             raise _Invalid("expired", "the token has expired")
         jti = "revoked:" + str(claims["jti"])
-        if self._store(lambda: self.store.get(jti), strict=kind != "access") is not None:
+        found, revoked = read_ahead(environ, self.store, "get", jti) if environ else (False, None)
+        if not found:
+            revoked = self._store(lambda: self.store.get(jti), strict=kind != "access")
+        if revoked is not None:
             raise _Invalid("revoked", "the token has been revoked")
         return claims
 
@@ -503,6 +514,8 @@ class AuthMiddleware:
         self.tokens = TokenService(options, context.store(options.store), base_dir=base, emit=context.emit,
                                    logger=context.logger.getChild("auth"))
         context.services["tokens"] = self.tokens
+        if callable(getattr(self.tokens.store, "read_command", None)):  # Redis: a rate limiter outside may read
+            context.read_ahead.append(ReadAhead(self.tokens.store, "get", self._ahead))
         self.rules = [
             (None if "*" in r.paths else re.compile("|".join(fnmatch.translate(p) for p in r.paths)),
              frozenset(r.methods) | ({"HEAD"} if "GET" in r.methods else set()) or None,
@@ -513,6 +526,14 @@ class AuthMiddleware:
         self.accept_session = options.accept_session
         self.max_bytes = options.max_token_bytes
         self.challenge = f"Bearer realm={_quote(options.realm)}"
+
+    def _ahead(self, environ: WSGIEnvironment) -> tuple[str, float | None] | None:
+        """The blocklist read :meth:`TokenService.check` will make for this request's token, if known."""
+        header = environ.get("HTTP_AUTHORIZATION")
+        if not header or len(header) > self.max_bytes or header[:7].lower() != "bearer ":
+            return None
+        key = self.tokens.revocation_key(header[7:].strip())
+        return None if key is None else (key, None)
 
     def _session_identity(self, environ: WSGIEnvironment) -> Identity | None:
         session = environ.get(SESSION)
@@ -547,7 +568,7 @@ class AuthMiddleware:
         identity: Identity | None = None
         if token is not None:
             try:
-                claims = self.tokens.check(token, "access")
+                claims = self.tokens.check(token, "access", environ)
             except _Invalid as exc:
                 note(environ, "auth", f"refused: {exc.reason}")
                 raise self.tokens._refuse(exc) from None

@@ -37,6 +37,7 @@ __all__ = [
     "HTTP_METHODS",
     "IDENTITY",
     "PATH",
+    "READ_AHEAD",
     "RENDER_ERROR",
     "REQUEST_ID",
     "SESSION",
@@ -48,6 +49,7 @@ __all__ = [
     "Methods",
     "Networks",
     "PathGlobs",
+    "ReadAhead",
     "add_vary",
     "address_in",
     "client_ip",
@@ -59,6 +61,7 @@ __all__ = [
     "networks",
     "note",
     "parse_origin",
+    "read_ahead",
     "refuse",
     "set_cookie_header",
     "wrap_start_response",
@@ -75,6 +78,8 @@ COOKIES = "wsgistack.cookies"
 PATH = "wsgistack.path"
 TIMINGS = "wsgistack.timings"
 TRACE = "wsgistack.trace"
+#: Store reads an outer layer made for inner ones in its own round trip (see ReadAhead).
+READ_AHEAD = "wsgistack.read_ahead"
 
 Headers = list[tuple[str, str]]
 
@@ -162,6 +167,41 @@ class LayerOptions(BaseModel):
 
 
 @dataclass
+class ReadAhead:
+    """A store read a layer makes per request, which an outer layer's round trip can carry.
+
+    A layer registers one at build time (``context.read_ahead.append(...)``)
+    when its store is Redis: ``key(environ)`` names what this request will
+    read (``(key, ttl)``; ``ttl`` for ``getex``), or ``None``.  The builder
+    sets ``scope`` to the layer's scope.  The rate limiter, which sends one
+    pipeline per request anyway, adds the reads of the layers inside it that
+    share its Redis, and leaves the answers in ``environ[READ_AHEAD]``; the
+    layer then takes its answer with :func:`read_ahead` instead of a round
+    trip of its own, and reads as before when there is none (no rate limiter,
+    another store, a failed pipeline).
+    """
+
+    store: Store
+    op: str  # "get" or "getex"
+    key: Callable[[WSGIEnvironment], tuple[str, float | None] | None]
+    scope: Any = None
+
+
+_NOT_READ = object()
+
+
+def read_ahead(environ: WSGIEnvironment, store: Store, op: str, key: str) -> tuple[bool, bytes | None]:
+    """``(True, value)`` when an outer layer read ``key`` from ``store`` for this request, else ``(False, None)``."""
+    found: dict[tuple[int, str, str], bytes | None] | None = environ.get(READ_AHEAD)
+    if found is None:
+        return False, None
+    value = found.pop((id(store), op, key), _NOT_READ)
+    if value is _NOT_READ:
+        return False, None
+    return True, value  # type: ignore[return-value]
+
+
+@dataclass
 class Context:
     """What a layer gets at build time: named stores, a logger and stack settings.
 
@@ -179,6 +219,8 @@ class Context:
     services: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
+    #: Reads that layers will make per request, for an outer layer's round trip to carry.
+    read_ahead: list[ReadAhead] = field(default_factory=list)
 
     def emit(self, event: str, **fields: Any) -> None:
         """Tell every listener (metrics, logs) that ``event`` happened.

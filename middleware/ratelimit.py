@@ -37,6 +37,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from middleware.base import (
     IDENTITY,
+    READ_AHEAD,
     Context,
     Headers,
     LayerOptions,
@@ -276,12 +277,12 @@ class _RedisCounter:
         return [("EVALSHA", s.lua_acquire_sliding_window.sha, 2, prev, cur, amount, expiry, 1),
                 ("EVALSHA", s.lua_sliding_window.sha, 2, prev, cur, expiry)]
 
-    def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _run(self, commands: list[tuple[Any, ...]], own: int | None = None) -> list[Any]:
         """One pipeline through the store's circuit breaker; Redis errors become StoreErrors."""
 
         def attempt() -> list[Any]:
             try:
-                return self._pipeline(commands)
+                return self._pipeline(commands, own)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 raise StoreUnavailable(f"redis store {self.url} could not count: {exc}", str(exc)) from exc
             except RedisError as exc:
@@ -289,7 +290,8 @@ class _RedisCounter:
 
         return self.breaker.call(attempt) if self.breaker is not None else attempt()
 
-    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _pipeline(self, commands: list[tuple[Any, ...]], own: int | None = None) -> list[Any]:
+        """Send ``commands`` as one pipeline; the first ``own`` (default all) must succeed, the rest may fail."""
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
@@ -303,14 +305,30 @@ class _RedisCounter:
                 pipe.execute_command(*commands[i])  # type: ignore[no-untyped-call]
             for i, result in zip(missing, pipe.execute(raise_on_error=False), strict=True):
                 results[i] = result
-        for result in results:
+        for result in results[:own]:
             if isinstance(result, Exception):
                 raise result
         return results
 
     def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
+        return self.hit_with(strategy, items, keys, now)[0]
+
+    def hit_with(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float,
+                 extra: list[tuple[Any, ...]] | None = None) -> tuple[list[Result], list[Any]]:
+        """Count a hit on every limit and send ``extra`` commands in the same round trip.
+
+        Returns the limits' results and the extra commands' answers (an exception where one failed).
+        """
         commands = [c for item, key in zip(items, keys, strict=True) for c in self._commands(strategy, item, key, now)]
-        results = self._run(commands)
+        own = len(commands)
+        if extra:
+            commands.extend(extra)
+            results = self._run(commands, own)
+        else:
+            results = self._run(commands)
+        return self._results(strategy, items, results, now), results[own:]
+
+    def _results(self, strategy: str, items: list[RateLimitItem], results: list[Any], now: float) -> list[Result]:
         out: list[Result] = []
         for i, item in enumerate(items):
             first, second, expiry = results[2 * i], results[2 * i + 1], item.get_expiry()
@@ -404,6 +422,10 @@ class RateLimitMiddleware:
         self.closed = options.on_store_error == "closed"
         self.prefix = options.ipv6_prefix
         self._last_log = 0.0
+        # The reads of the layers inside this one (built before it) on the same Redis ride in its pipeline.
+        self.read_aheads = [ahead for ahead in context.read_ahead
+                            if pool is not None and getattr(ahead.store, "pool", None) is pool
+                            and callable(getattr(ahead.store, "read_command", None))]
 
     @staticmethod
     def _compile(rid: str, rule: _Rule, options: Options) -> _Compiled:
@@ -451,8 +473,12 @@ class RateLimitMiddleware:
             return self.app(environ, start_response)
         key = self._key(environ, rule.key)
         now = time.time()
+        keys = [a + key + b for a, b in rule.keys]
         try:
-            results = self.counter.hit(rule.strategy, rule.items, [a + key + b for a, b in rule.keys], now)
+            if self.read_aheads and isinstance(self.counter, _RedisCounter):
+                results = self._hit_and_read(environ, rule, keys, now)
+            else:
+                results = self.counter.hit(rule.strategy, rule.items, keys, now)
         except _STORE_ERRORS as exc:
             return self._store_failed(environ, start_response, exc)
         if len(results) == 1:
@@ -480,6 +506,24 @@ class RateLimitMiddleware:
         except Exception as exc:
             decorate_error(exc, headers)
             raise
+
+    def _hit_and_read(self, environ: WSGIEnvironment, rule: _Compiled, keys: list[str], now: float) -> list[Result]:
+        """Count the hit and, in the same pipeline, read what the inner layers will read for this request."""
+        assert isinstance(self.counter, _RedisCounter)
+        wanted: list[tuple[tuple[int, str, str], tuple[Any, ...]]] = []
+        for ahead in self.read_aheads:
+            if ahead.scope is not None and not ahead.scope.matches(environ):
+                continue
+            found = ahead.key(environ)
+            if found is not None:
+                wanted.append(((id(ahead.store), ahead.op, found[0]),
+                               ahead.store.read_command(ahead.op, found[0], found[1])))  # type: ignore[attr-defined]
+        if not wanted:
+            return self.counter.hit(rule.strategy, rule.items, keys, now)
+        results, answers = self.counter.hit_with(rule.strategy, rule.items, keys, now, [c for _, c in wanted])
+        environ[READ_AHEAD] = {name: answer for (name, _), answer in zip(wanted, answers, strict=True)
+                               if not isinstance(answer, Exception)}  # a failed read: the layer reads itself
+        return results
 
     def _over(self, environ: WSGIEnvironment, start_response: StartResponse, rid: str, key: str,
               item: RateLimitItem, reset: float, now: float) -> Iterable[bytes]:

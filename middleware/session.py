@@ -32,7 +32,7 @@ from werkzeug.http import dump_cookie
 
 from stores.base import StoreError
 
-from .base import COOKIES, SESSION, Context, LayerOptions, add_vary, cookies, note, refuse
+from .base import COOKIES, SESSION, Context, LayerOptions, ReadAhead, add_vary, cookies, note, read_ahead, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -86,10 +86,11 @@ class Session(MutableMapping[str, Any]):
             self.accessed = True
             self._data = data = {}
             self._created = _clock()
-            cookie_id = self._layer._cookie_id(self._environ)
+            environ = self._environ
+            cookie_id = self._layer._cookie_id(environ)
             self._environ = _NO_ENVIRON  # not needed any more: no Session <-> environ cycle to collect
             if cookie_id is not None:
-                loaded = self._layer._read(self, cookie_id)
+                loaded = self._layer._read(self, cookie_id, environ)
                 if loaded is not None:
                     data.update(loaded)
                     self._id = self._stored_id = cookie_id
@@ -258,6 +259,8 @@ class SessionMiddleware:
         self.options = options
         self.context = context
         self.store = context.store(options.store)
+        if callable(getattr(self.store, "read_command", None)):  # Redis: a rate limiter outside may read for us
+            context.read_ahead.append(ReadAhead(self.store, "getex", self._ahead))
         self.closed = options.on_store_error == "closed"
         keys = [k.get_secret_value() for k in (*options.secret_key_fallbacks, options.secret_key)]
         self.signer = Signer(keys, salt="wsgistack.session", digest_method=hashlib.sha256)
@@ -311,11 +314,20 @@ class SessionMiddleware:
             self._verified[raw] = sid
         return sid
 
-    def _read(self, session: Session, sid: str) -> dict[str, Any] | None:
+    def _ahead(self, environ: WSGIEnvironment) -> tuple[str, float | None] | None:
+        """What :meth:`_read` will read for this request, for the rate limiter's round trip (see ReadAhead)."""
+        if self.cookie_name not in cookies(environ):
+            return None
+        sid = self._cookie_id(environ)
+        return None if sid is None else (KEY_PREFIX + sid, self.options.idle_timeout)
+
+    def _read(self, session: Session, sid: str, environ: WSGIEnvironment | None = None) -> dict[str, Any] | None:
         """Load ``sid`` (refreshing its idle TTL); None when missing, expired or corrupt."""
         key = KEY_PREFIX + sid
         try:
-            raw = self.store.getex(key, self.options.idle_timeout)
+            found, raw = read_ahead(environ, self.store, "getex", key) if environ else (False, None)
+            if not found:
+                raw = self.store.getex(key, self.options.idle_timeout)
             if raw is None:
                 return None
             try:

@@ -300,6 +300,14 @@ class RedisStore(Store):
 
     # -- the Store interface ----------------------------------------------------------
 
+    def read_command(self, op: str, key: str, ttl: float | None = None) -> tuple[Any, ...]:
+        """The Redis command :meth:`get` (``op="get"``) or :meth:`getex` sends, for another layer's pipeline."""
+        if op == "getex" and ttl is not None:
+            return ("GETEX", self.key_prefix + key, "PX", _ms(ttl))
+        if op == "get":
+            return ("GET", self.key_prefix + key)
+        raise ValueError(f"no read command for {op!r}")
+
     def get(self, key: str) -> bytes | None:
         return cast("bytes | None", self._run("GET", partial(self.client.get, self.key_prefix + key)))
 

@@ -1,0 +1,154 @@
+"""Reads ahead: the session's and the blocklist's Redis reads ride in the rate limiter's round trip.
+
+Every stack here is built from YAML by the builder (which scopes the reads)
+on a real redis-server, with a connection class that counts round trips
+(one socket write per pipeline or command).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from webtest import TestApp
+
+from config import build, parse, read_text
+from middleware.base import IDENTITY, SESSION
+from stores.breaker import CircuitBreaker
+from stores.redis import RedisStore
+
+pytestmark = pytest.mark.redis
+
+SECRET = "s" * 40
+JWT = "j" * 40
+
+
+class Counting(redis.Connection):
+    """A real connection that counts its socket writes: one per round trip."""
+
+    writes = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).writes += 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+def app_factory(options: dict[str, Any] | None = None) -> Callable[..., Iterable[bytes]]:
+    """``/login`` puts a user in the session; every other path echoes the session user and the identity."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        session = environ[SESSION]
+        if environ["PATH_INFO"] == "/login":
+            session["user"] = {"sub": "alice", "roles": ["user"]}
+        identity = environ.get(IDENTITY)
+        body = json.dumps({"session_user": (session.get("user") or {}).get("sub"),
+                           "identity": identity.subject if identity else None}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+PIPELINE = f"""
+app: {{factory: "test_read_ahead:app_factory"}}
+pipeline:
+  - errors: {{}}
+  - ratelimit: {{store: shared, limits: ["1000/minute"]}}
+  - session: {{store: shared, secret_key: "{SECRET}", cookie_name: sid, cookie_secure: false{{session_scope}}}}
+  - auth: {{store: shared, secret: "{JWT}", default: optional}}
+"""
+
+
+@pytest.fixture
+def stack(redis_url: str) -> Iterator[Callable[..., tuple[TestApp, RedisStore]]]:
+    made: list[Any] = []
+
+    def make(session_scope: str = "") -> tuple[TestApp, RedisStore]:
+        pool = redis.ConnectionPool.from_url(redis_url, connection_class=Counting)
+        store = RedisStore(client=redis.Redis(connection_pool=pool), breaker=CircuitBreaker(50, 0.2, name="t"))
+        built = build(parse(read_text(PIPELINE.replace("{session_scope}", session_scope))),
+                      stores={"shared": store})
+        made.append((built, pool))
+        return TestApp(built.app, extra_environ={"REMOTE_ADDR": "192.0.2.9"}), store
+
+    yield make
+    for built, pool in made:
+        built.close()
+        pool.disconnect()
+
+
+def _round_trips(app: TestApp, path: str, **kwargs: Any) -> tuple[int, Any]:
+    before = Counting.writes
+    response = app.get(path, **kwargs)
+    return Counting.writes - before, response
+
+
+def test_the_session_read_rides_in_the_rate_limiters_round_trip(stack: Callable[..., tuple[TestApp, RedisStore]],
+                                                                 redis_url: str) -> None:
+    app, store = stack()
+    app.get("/login")
+    assert "sid" in app.cookies
+    trips, response = _round_trips(app, "/me")
+    assert (trips, response.json) == (1, {"session_user": "alice", "identity": "alice"})
+    # The read still slides the idle timeout, as GETEX does when the session layer sends it.
+    probe = redis.Redis.from_url(redis_url)
+    [key] = probe.keys(store.key_prefix + "session:*")
+    assert 1790_000 < probe.pttl(key) <= 1800_000
+    probe.close()
+
+
+def test_the_blocklist_read_rides_along_for_a_known_token(stack: Callable[..., tuple[TestApp, RedisStore]]) -> None:
+    from middleware.auth import AuthMiddleware
+
+    app, _ = stack()
+
+    service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+    token = service.issue("bob", ["user"])["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    first, response = _round_trips(app, "/me", headers=headers)
+    assert (first, response.json["identity"]) == (2, "bob")  # a token seen first: verified, then read
+    again, response = _round_trips(app, "/me", headers=headers)
+    assert (again, response.json["identity"]) == (1, "bob")  # known: its blocklist read rides along
+    service.revoke(token)
+    refused = app.get("/me", headers=headers, status=401)
+    assert "revoked" in refused.json["error"]["message"]
+
+
+def test_a_request_outside_the_session_layers_scope_reads_nothing_ahead(
+        stack: Callable[..., tuple[TestApp, RedisStore]], redis_url: str) -> None:
+    app, _ = stack(session_scope=", paths: ['/login', '/me']")
+    app.get("/login")
+    probe = redis.Redis.from_url(redis_url)
+    probe.config_resetstat()
+    trips, _ = _round_trips(app, "/elsewhere", expect_errors=True)
+    stats = {k.removeprefix("cmdstat_"): v["calls"] for k, v in probe.info("commandstats").items()}
+    probe.close()
+    assert trips == 1 and "getex" not in stats
+
+
+def test_a_failed_read_ahead_leaves_the_layer_to_read_and_to_apply_its_policy(
+        stack: Callable[..., tuple[TestApp, RedisStore]]) -> None:
+    """The key holds a list: the read ahead fails (WRONGTYPE) without failing the rate limiter; the
+    session layer then reads itself, fails the same way and answers as its on_store_error says."""
+    app, store = stack()
+    app.get("/login")
+    sid_key = next(iter(store.client.keys(store.key_prefix + "session:*")))
+    store.client.delete(sid_key)
+    store.client.rpush(sid_key, b"not a string")
+    before = Counting.writes
+    refused = app.get("/me", status=503)
+    assert Counting.writes - before == 2  # the rate limiter's pipeline, then the session layer's own GETEX
+    assert refused.json["error"]["message"].startswith("the session could not be loaded")
+    assert "RateLimit-Remaining" in refused.headers  # the limiter counted the request all the same
+
+
+def _layers(app: TestApp) -> list[Any]:
+    """The layer instances of a built stack, outermost first (through the scope shims)."""
+    found, current = [], app.app
+    while current is not None:
+        found.append(current)
+        current = getattr(current, "layer", None) or getattr(current, "app", None)
+    return found
