@@ -272,10 +272,12 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "",
         "bench/full.yaml with Redis stores, stateful layers added one at a time; each layer's row is what it adds. "
         "Requests of a logged-in client: the bearer token from `POST /auth/login` and its session cookie "
-        "(the auth layer takes the token, so nothing reads the lazy session), or the session cookie alone. "
-        "Commands from `INFO commandstats` after `CONFIG RESETSTAT` (commands a Lua script runs are counted "
-        "too: the rate limiter's `INCRBY` runs inside its `EVALSHA`); round trips are redis-py sends "
-        "(a pipeline is one).",
+        "(the auth layer takes the token; the session is read ahead all the same, see below), or the "
+        "session cookie alone. Commands from `INFO commandstats` after `CONFIG RESETSTAT` (commands a Lua "
+        "script runs are counted too: the rate limiter's `INCRBY` runs inside its `EVALSHA`); round trips "
+        "are redis-py sends (a pipeline is one). The session's `GETEX` and the blocklist's `GET` ride in the "
+        "rate limiter's pipeline (reads ahead, docs/architecture.md): their rows show the commands and no "
+        "round trip.",
         "",
         redis_count.table(counts, deltas) if counts is not None else "Not run (no redis-server).",
         "",
