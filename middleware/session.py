@@ -298,7 +298,7 @@ class SessionMiddleware:
 
         return self.app(environ, session_start_response)
 
-    def _cookie_id(self, environ: WSGIEnvironment) -> str | None:
+    def _cookie_id(self, environ: WSGIEnvironment, quiet: bool = False) -> str | None:
         raw = cookies(environ).get(self.cookie_name)
         if not raw:
             return None
@@ -307,7 +307,8 @@ class SessionMiddleware:
             try:
                 sid = self.signer.unsign(raw).decode("ascii")
             except (BadSignature, UnicodeError):
-                note(environ, "session", "cookie signature is invalid; starting a new session")
+                if not quiet:
+                    note(environ, "session", "cookie signature is invalid; starting a new session")
                 return None
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
                 self._verified.clear()
@@ -318,7 +319,7 @@ class SessionMiddleware:
         """What :meth:`_read` will read for this request, for the rate limiter's round trip (see ReadAhead)."""
         if self.cookie_name not in cookies(environ):
             return None
-        sid = self._cookie_id(environ)
+        sid = self._cookie_id(environ, quiet=True)  # the layer notes a bad cookie when it reads it
         return None if sid is None else (KEY_PREFIX + sid, self.options.idle_timeout)
 
     def _read(self, session: Session, sid: str, environ: WSGIEnvironment | None = None) -> dict[str, Any] | None:
