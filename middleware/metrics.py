@@ -320,6 +320,7 @@ class _Counts:
     """
 
     def __init__(self, buckets: Iterable[float]) -> None:
+        self.created = time.time()  # of the counters that exist before their first count
         self.bounds = tuple(float(b) for b in buckets if b != math.inf)
         self.lock = threading.Lock()
         self.by_labels: dict[tuple[str, str, str], _Series] = {}
@@ -379,7 +380,7 @@ class _Counts:
             family = CounterMetricFamily(name, doc, labels=list(label_names))
             found = [(values, count, created) for n, values, count, created in events if n == name]
             if not label_names and not found:
-                found = [((), 0, time.time())]  # a counter without labels is always there, as in prometheus
+                found = [((), 0, self.created)]  # a counter without labels is always there, as in prometheus
             for values, count, created in found:
                 family.add_metric(list(values), count, created=created)
             yield family
@@ -490,28 +491,34 @@ class _Merged:
                 _log.debug("metrics: skipped %s: %s", name, exc)
 
 
-def _write_samples(counted: CollectorRegistry, path: str) -> None:
+def _write_samples(counted: CollectorRegistry, path: str, unless: str | None = None) -> str:
+    """Write the samples of ``counted`` to ``path``, unless they serialise to ``unless``; return the text."""
     families = [[m.name, m.type, m.documentation, m.unit, [[s.name, s.labels, s.value] for s in m.samples]]
                 for m in counted.collect()]
+    text = json.dumps(families, separators=(",", ":"))
+    if text == unless:
+        return text  # nothing counted since the last write: an idle worker leaves its file alone
     temporary = f"{path}.tmp"
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(families, handle, separators=(",", ":"))
+            handle.write(text)
         os.replace(temporary, path)
     except OSError as exc:  # the directory went away (the server is stopping)
         _log.debug("metrics: cannot write %s: %s", path, exc)
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+    return text
 
 
 def _share(ref: weakref.ReferenceType[_Merged]) -> None:
     """Write the counts of ``ref`` every SHARE_INTERVAL while the layer lives."""
+    written: str | None = None
     while True:
         time.sleep(SHARE_INTERVAL)
         merged = ref()
         if merged is None or merged._final is None or not merged._final.alive:
             return
-        _write_samples(merged.counted, merged.path or "")
+        written = _write_samples(merged.counted, merged.path or "", unless=written)
         del merged
 
 

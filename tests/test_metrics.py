@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -467,6 +468,26 @@ def test_workers_share_their_counts(monkeypatch: pytest.MonkeyPatch, tmp_path: A
     assert sorted(p.suffix for p in (tmp_path / "shared").iterdir()) == [".json", ".json"]
     found = scrape(two)
     assert sample(found, "wsgistack_http_requests_total", method="GET", route="/ok", status="200") == 5
+
+
+def test_an_idle_worker_leaves_its_file_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setattr("middleware.metrics.SHARE_INTERVAL", 0.05)
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    layer = MetricsMiddleware(inner_app, MetricsMiddleware.Options(process_metrics=False), Context())
+    app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context()))
+    app.get("/ok")
+    time.sleep(0.3)  # written since, with the request counted
+    [path] = list(tmp_path.glob("*.json"))
+    written = path.stat().st_mtime_ns
+    time.sleep(0.3)  # idle: six more ticks
+    assert path.stat().st_mtime_ns == written
+    app.get("/ok")
+    time.sleep(0.3)
+    assert path.stat().st_mtime_ns > written
+    shared = {(name, tuple(sorted(labels.items()))): value for family in json.loads(path.read_text())
+              for name, labels, value in family[4]}
+    assert shared[("wsgistack_http_requests_total", (("method", "GET"), ("route", "/ok"), ("status", "200")))] == 2
+    layer.close()
 
 
 def test_without_the_directory_nothing_is_written(make: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
