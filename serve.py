@@ -148,12 +148,14 @@ def _drain_seconds(live: LiveStack) -> float:
         return configured
 
 
-def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, drain: Callable[[], float]) -> bool:
+def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, drain: Callable[[], float],
+                 tick: Callable[[], None] = lambda: None) -> bool:
     """Run Waitress's loop until ``stop``; then stop accepting and let requests in flight finish.
 
     A connection is in flight while the server holds any part of a request it
     has not answered in full.  Idle keep-alive connections are closed at once;
     the rest get up to ``drain()`` seconds, read when the stop comes (or until ``hurry``).
+    ``tick()`` runs on every pass of the loop (it acts on the signals that arrived).
     Return whether every request in flight was answered.
     """
     from waitress import wasyncore
@@ -166,6 +168,7 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
     try:
         while not stop.is_set():
             wasyncore.loop(timeout=_TICK, map=smap, use_poll=use_poll, count=1)
+            tick()
         for dispatcher in list(smap.values()):
             if getattr(dispatcher, "accepting", False):  # a listening socket: close only the socket
                 dispatcher.accepting = False
@@ -173,6 +176,7 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
         seconds = drain()
         deadline = time.monotonic() + seconds
         while not hurry.is_set():
+            tick()
             busy = 0
             for channel in list(smap.values()):
                 if not isinstance(channel, HTTPChannel):
@@ -215,17 +219,26 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     server = create_server(live, sockets=sockets, **kwargs)
     stop, hurry = threading.Event(), threading.Event()
 
-    def reload(signum: int, frame: Any) -> None:
-        threading.Thread(target=live.reload, name="wsgistack-reload", daemon=True).start()
+    # A handler only notes the signal; the serving loop acts on it within a tick.  A handler that
+    # set an Event (or started a thread) took a lock, and a second signal arriving while the
+    # first handler held that lock (systemd and the supervisor both signal a worker) deadlocked it.
+    arrived: list[int] = []
 
-    def shutdown(signum: int, frame: Any) -> None:
-        if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
-            hurry.set()
-        stop.set()
+    def note_signal(signum: int, frame: Any) -> None:
+        arrived.append(signum)
 
-    signal.signal(signal.SIGHUP, reload)
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    def act() -> None:
+        while arrived:
+            signum = arrived.pop(0)
+            if signum == signal.SIGHUP:
+                threading.Thread(target=live.reload, name="wsgistack-reload", daemon=True).start()
+                continue
+            if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
+                hurry.set()
+            stop.set()
+
+    for signum in HANDLED:
+        signal.signal(signum, note_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a worker starts with them blocked
     live.follow_watch()
     if parent is not None:
@@ -238,7 +251,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
 
         threading.Thread(target=orphan_watch, name="wsgistack-parent", daemon=True).start()
     try:
-        drained = _serve_until(server, stop, hurry, lambda: _drain_seconds(live))
+        drained = _serve_until(server, stop, hurry, lambda: _drain_seconds(live), act)
     finally:
         live.stop_watch()
         live.current.close()
