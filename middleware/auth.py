@@ -49,7 +49,6 @@ from middleware.base import (
     LayerOptions,
     Methods,
     PathGlobs,
-    ReadAhead,
     decoded_path,
     note,
     read_ahead,
@@ -70,6 +69,8 @@ _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 _CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _STORE_RETRY_AFTER = "5"
 _VERIFIED_MAX = 4096  # access tokens remembered as verified, per process
+_BEARER = "wsgistack.auth.bearer"  # environ: the request's bearer token, parsed once
+_UNPARSED: Any = object()
 _JWT_ERRORS: list[tuple[type[Exception], str, str]] = [
     (jwt.ExpiredSignatureError, "expired", "the token has expired"),
     (jwt.InvalidSignatureError, "invalid_signature", "the token's signature is invalid"),
@@ -514,8 +515,7 @@ class AuthMiddleware:
         self.tokens = TokenService(options, context.store(options.store), base_dir=base, emit=context.emit,
                                    logger=context.logger.getChild("auth"))
         context.services["tokens"] = self.tokens
-        if callable(getattr(self.tokens.store, "read_command", None)):  # Redis: a rate limiter outside may read
-            context.read_ahead.append(ReadAhead(self.tokens.store, "get", self._ahead))
+        context.offer_read(self.tokens.store, "get", self._ahead)  # a rate limiter outside may read it for us
         self.rules = [
             (None if "*" in r.paths else re.compile("|".join(fnmatch.translate(p) for p in r.paths)),
              frozenset(r.methods) | ({"HEAD"} if "GET" in r.methods else set()) or None,
@@ -527,12 +527,20 @@ class AuthMiddleware:
         self.max_bytes = options.max_token_bytes
         self.challenge = f"Bearer realm={_quote(options.realm)}"
 
+    def _bearer(self, environ: WSGIEnvironment) -> str | None:
+        """The bearer token of the request (parsed once per request), or None; over ``max_token_bytes`` too."""
+        token: str | None = environ.get(_BEARER, _UNPARSED)
+        if token is _UNPARSED:
+            header = environ.get("HTTP_AUTHORIZATION")
+            parsed = Authorization.from_header(header) if header and len(header) <= self.max_bytes else None
+            token = (parsed.token or "") if parsed is not None and parsed.type == "bearer" else None
+            environ[_BEARER] = token
+        return token
+
     def _ahead(self, environ: WSGIEnvironment) -> tuple[str, float | None] | None:
         """The blocklist read :meth:`TokenService.check` will make for this request's token, if known."""
-        header = environ.get("HTTP_AUTHORIZATION")
-        if not header or len(header) > self.max_bytes or header[:7].lower() != "bearer ":
-            return None
-        key = self.tokens.revocation_key(header[7:].strip())
+        token = self._bearer(environ)
+        key = self.tokens.revocation_key(token) if token else None
         return None if key is None else (key, None)
 
     def _session_identity(self, environ: WSGIEnvironment) -> Identity | None:
@@ -557,14 +565,10 @@ class AuthMiddleware:
         if level == "none":
             return self.app(environ, start_response)
         header = environ.get("HTTP_AUTHORIZATION")
-        token = None
-        if header:
-            if len(header) > self.max_bytes:
-                self.context.emit("auth.failure", reason="too_large")
-                raise refuse(431, f"The Authorization header is longer than {self.max_bytes} bytes.")
-            parsed = Authorization.from_header(header)
-            if parsed is not None and parsed.type == "bearer":
-                token = parsed.token or ""
+        if header and len(header) > self.max_bytes:
+            self.context.emit("auth.failure", reason="too_large")
+            raise refuse(431, f"The Authorization header is longer than {self.max_bytes} bytes.")
+        token = self._bearer(environ)
         identity: Identity | None = None
         if token is not None:
             try:

@@ -170,8 +170,8 @@ class LayerOptions(BaseModel):
 class ReadAhead:
     """A store read a layer makes per request, which an outer layer's round trip can carry.
 
-    A layer registers one at build time (``context.read_ahead.append(...)``)
-    when its store is Redis: ``key(environ)`` names what this request will
+    A layer registers one at build time (``context.offer_read(...)``, which
+    keeps it when the store is Redis): ``key(environ)`` names what this request will
     read (``(key, ttl)``; ``ttl`` for ``getex``), or ``None``.  The builder
     sets ``scope`` to the layer's scope.  The rate limiter, which sends one
     pipeline per request anyway, adds the reads of the layers inside it that
@@ -221,6 +221,12 @@ class Context:
     listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
     #: Reads that layers will make per request, for an outer layer's round trip to carry.
     read_ahead: list[ReadAhead] = field(default_factory=list)
+
+    def offer_read(self, store: Store, op: str,
+                   key: Callable[[WSGIEnvironment], tuple[str, float | None] | None]) -> None:
+        """Register a per-request read (see :class:`ReadAhead`) when ``store`` can be read ahead (Redis)."""
+        if callable(getattr(store, "read_command", None)):
+            self.read_ahead.append(ReadAhead(store, op, key))
 
     def emit(self, event: str, **fields: Any) -> None:
         """Tell every listener (metrics, logs) that ``event`` happened.

@@ -424,8 +424,7 @@ class RateLimitMiddleware:
         self._last_log = 0.0
         # The reads of the layers inside this one (built before it) on the same Redis ride in its pipeline.
         self.read_aheads = [ahead for ahead in context.read_ahead
-                            if pool is not None and getattr(ahead.store, "pool", None) is pool
-                            and callable(getattr(ahead.store, "read_command", None))]
+                            if pool is not None and getattr(ahead.store, "pool", None) is pool]
 
     @staticmethod
     def _compile(rid: str, rule: _Rule, options: Options) -> _Compiled:
@@ -475,7 +474,7 @@ class RateLimitMiddleware:
         now = time.time()
         keys = [a + key + b for a, b in rule.keys]
         try:
-            if self.read_aheads and isinstance(self.counter, _RedisCounter):
+            if self.read_aheads:  # only ever set for a Redis counter
                 results = self._hit_and_read(environ, rule, keys, now)
             else:
                 results = self.counter.hit(rule.strategy, rule.items, keys, now)

@@ -32,7 +32,7 @@ from werkzeug.http import dump_cookie
 
 from stores.base import StoreError
 
-from .base import COOKIES, SESSION, Context, LayerOptions, ReadAhead, add_vary, cookies, note, read_ahead, refuse
+from .base import COOKIES, SESSION, Context, LayerOptions, add_vary, cookies, note, read_ahead, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -259,8 +259,7 @@ class SessionMiddleware:
         self.options = options
         self.context = context
         self.store = context.store(options.store)
-        if callable(getattr(self.store, "read_command", None)):  # Redis: a rate limiter outside may read for us
-            context.read_ahead.append(ReadAhead(self.store, "getex", self._ahead))
+        context.offer_read(self.store, "getex", self._ahead)  # a rate limiter outside may read it for us
         self.closed = options.on_store_error == "closed"
         keys = [k.get_secret_value() for k in (*options.secret_key_fallbacks, options.secret_key)]
         self.signer = Signer(keys, salt="wsgistack.session", digest_method=hashlib.sha256)
@@ -317,8 +316,6 @@ class SessionMiddleware:
 
     def _ahead(self, environ: WSGIEnvironment) -> tuple[str, float | None] | None:
         """What :meth:`_read` will read for this request, for the rate limiter's round trip (see ReadAhead)."""
-        if self.cookie_name not in cookies(environ):
-            return None
         sid = self._cookie_id(environ, quiet=True)  # the layer notes a bad cookie when it reads it
         return None if sid is None else (KEY_PREFIX + sid, self.options.idle_timeout)
 
