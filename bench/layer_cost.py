@@ -72,23 +72,13 @@ def in_place_stacks(ws: Workspace) -> list[Stack]:
 
 
 def measure_in_place(ws: Workspace, rounds: int, sample_seconds: float) -> inproc.Result:
-    built = in_place_stacks(ws)
-    try:
-        cases = inproc.prepare(built, [inproc.Profile("health", HEALTH)])
-        return inproc.measure(cases, rounds, sample_seconds)
-    finally:
-        for stack in built:
-            stack.close()
+    return _time_health(in_place_stacks(ws), rounds, sample_seconds)
 
 
 def in_place_table(result: inproc.Result, alone: inproc.Result) -> str:
     """Each layer's own cost in the full stack on Flask, next to its cost added around the raw callable."""
     whole = result.cases[0].micros
-    added = {}
-    before = 0.0
-    for case in alone.cases:
-        added[case.stack.name.removeprefix("+ ")] = case.micros - before
-        before = case.micros
+    added = {case.stack.name.removeprefix("+ "): cost for case, cost in _added(alone)}
     lines = [f"| layer | in the full stack on Flask ({whole:.1f} µs): saved by a pass-through | "
              "added around the raw callable (table above) |", "|---|---:|---:|"]
     for case in result.cases[1:]:
@@ -98,7 +88,11 @@ def in_place_table(result: inproc.Result, alone: inproc.Result) -> str:
 
 
 def measure(ws: Workspace, rounds: int, sample_seconds: float) -> inproc.Result:
-    built = stacks(ws)
+    return _time_health(stacks(ws), rounds, sample_seconds)
+
+
+def _time_health(built: list[Stack], rounds: int, sample_seconds: float) -> inproc.Result:
+    """Time the health request on every stack in interleaved rounds; close the stacks."""
     try:
         cases = inproc.prepare(built, [inproc.Profile("health", HEALTH)])
         return inproc.measure(cases, rounds, sample_seconds)
@@ -107,10 +101,17 @@ def measure(ws: Workspace, rounds: int, sample_seconds: float) -> inproc.Result:
             stack.close()
 
 
+def _added(result: inproc.Result) -> list[tuple[inproc.Case, float]]:
+    """Each row of the build-up with what adding its layer cost."""
+    out, before = [], 0.0
+    for case in result.cases:
+        out.append((case, case.micros - before))
+        before = case.micros
+    return out
+
+
 def table(result: inproc.Result) -> str:
     lines = ["| pipeline down to | µs/request (median) | added by this layer |", "|---|---:|---:|"]
-    before = 0.0
-    for case in result.cases:
-        lines.append(f"| {case.stack.name} | {case.micros:.1f} | {case.micros - before:+.1f} |")
-        before = case.micros
+    for case, added in _added(result):
+        lines.append(f"| {case.stack.name} | {case.micros:.1f} | {added:+.1f} |")
     return "\n".join(lines)
