@@ -83,19 +83,29 @@ def owner(conn: http.client.HTTPConnection, server_port: int, candidates: set[in
     return None
 
 
-def accepted(port: int, workers: set[int]) -> int:
-    """How many connections to ``port`` the workers have accepted (server-side sockets they hold)."""
+def _sockets(port: int, state: str) -> set[str]:
+    """The sockets on 127.0.0.1:``port`` in TCP ``state`` (``01`` established, ``0A`` listening), as fd links."""
     local = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as handle:
-        inodes = {f"socket:[{parts[9]}]" for line in handle.readlines()[1:]
-                  if (parts := line.split())[1] == local and parts[3] == "01"}
-    held = 0
-    for pid in workers:
-        try:
-            held += sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes)
-        except OSError:
-            continue
+        return {f"socket:[{parts[9]}]" for line in handle.readlines()[1:]
+                if (parts := line.split())[1] == local and parts[3] == state}
+
+
+def _held(pid: int, sockets: set[str]) -> set[str]:
+    """Which of ``sockets`` process ``pid`` holds among its file descriptors."""
+    held = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(f"/proc/{pid}/fd/{fd}")) in sockets:
+                    held.add(target)
     return held
+
+
+def accepted(port: int, workers: set[int]) -> int:
+    """How many connections to ``port`` the workers have accepted (server-side sockets they hold)."""
+    established = _sockets(port, "01")
+    return sum(len(_held(pid, established)) for pid in workers)
 
 
 def sample(port: int, workers: set[int], count: int = 40) -> dict[int, set[str]]:
@@ -193,16 +203,7 @@ def test_both_workers_serve(supervised: tuple[ServeProcess, int, Path]) -> None:
 
 def listening(port: int, pid: int) -> set[str]:
     """The listening sockets on 127.0.0.1:``port`` that process ``pid`` holds (socket inodes)."""
-    local = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as handle:
-        inodes = {f"socket:[{parts[9]}]" for line in handle.readlines()[1:]
-                  if (parts := line.split())[1] == local and parts[3] == "0A"}
-    held = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if (target := os.readlink(f"/proc/{pid}/fd/{fd}")) in inodes:
-                held.add(target)
-    return held
+    return _held(pid, _sockets(port, "0A"))
 
 
 def test_each_worker_listens_on_a_socket_of_its_own(supervised: tuple[ServeProcess, int, Path]) -> None:
@@ -285,7 +286,7 @@ def test_slots_are_sockets_of_their_own() -> None:
                 sock.close()
 
 
-def _scrape(port: int) -> tuple[int | None, float]:
+def _scrape(port: int, workers: set[int]) -> tuple[int | None, float]:
     """GET /metrics on a new connection: (the worker that answered, its count of GET /x 200)."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -293,7 +294,7 @@ def _scrape(port: int) -> tuple[int | None, float]:
     conn.request("GET", "/metrics")
     response = conn.getresponse()
     text = response.read().decode()
-    pid = owner(conn, port, children_of_port[port])
+    pid = owner(conn, port, workers)
     conn.close()
     assert response.status == 200
     total = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
@@ -301,8 +302,6 @@ def _scrape(port: int) -> tuple[int | None, float]:
                                                                               "status": "200"})
     return pid, total
 
-
-children_of_port: dict[int, set[int]] = {}
 
 
 def test_every_worker_reports_the_requests_of_all(tmp_path: Path) -> None:
@@ -314,7 +313,7 @@ def test_every_worker_reports_the_requests_of_all(tmp_path: Path) -> None:
     try:
         wait_for_port(port)
         wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
-        workers = children_of_port[port] = children(server.pid)
+        workers = children(server.pid)
         found = re.search(r"workers share their metrics in (\S+)", server.output())
         assert found is not None, server.output()
         directory = Path(found.group(1))
@@ -323,14 +322,13 @@ def test_every_worker_reports_the_requests_of_all(tmp_path: Path) -> None:
         time.sleep(1.5)  # each has shared its counts since
         answered = {}
         for _ in range(12):
-            pid, total = _scrape(port)
+            pid, total = _scrape(port, workers)
             answered[pid] = total
         assert set(answered) == workers, f"only {sorted(map(str, answered))} answered the scrapes"
         assert set(answered.values()) == {40.0}
         assert directory.is_dir() and len(list(directory.glob("*.json"))) == 2
     finally:
         server.stop()
-        children_of_port.pop(port, None)
         assert "Traceback" not in server.output(), server.output()
     assert not directory.exists()
 
