@@ -86,8 +86,13 @@ def _keys(spec: LayerSpec) -> set[str]:
 
     add(spec.option("key", "client_ip"))
     for rule in spec.option("rules", None) or []:
-        add(rule.get("key") if isinstance(rule, dict) else getattr(rule, "key", None))
+        add(_field(rule, "key"))
     return keys
+
+
+def _field(rule: Any, name: str) -> Any:
+    """A field of a ratelimit rule, validated (a model) or not (a dict)."""
+    return rule.get(name) if isinstance(rule, dict) else getattr(rule, name, None)
 
 
 def ratelimit_keys(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
@@ -142,8 +147,7 @@ def _counters(spec: LayerSpec) -> set[tuple[str, str, str, str]]:
     strategy, key = spec.option("strategy", "fixed-window"), spec.option("key", "client_ip")
     rules = [("default", spec.option("limits", None) or [], None, None)]
     for i, rule in enumerate(spec.option("rules", None) or []):
-        get = rule.get if isinstance(rule, dict) else lambda name, r=rule: getattr(r, name, None)
-        rules.append((f"r{i}", get("limits") or [], get("strategy"), get("key")))
+        rules.append((f"r{i}", _field(rule, "limits") or [], _field(rule, "strategy"), _field(rule, "key")))
     found = set()
     for rid, limits, rule_strategy, rule_key in rules:
         for text in [limits] if isinstance(limits, str) else limits:
