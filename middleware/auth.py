@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AuthMiddleware", "TokenService"]
 
+_NO_ROLES: frozenset[str] = frozenset()
+
 Level = Literal["required", "optional", "none"]
 _HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum secret bytes (RFC 7518 §3.2)
 _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
@@ -555,7 +557,7 @@ class AuthMiddleware:
         method = environ.get("REQUEST_METHOD", "GET")
         if method == "OPTIONS":
             return self.app(environ, start_response)
-        level, roles = self.default, frozenset[str]()
+        level, roles = self.default, _NO_ROLES
         if self.rules:
             path = decoded_path(environ)
             for paths, methods, rule_level, rule_roles in self.rules:

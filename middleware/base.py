@@ -352,8 +352,8 @@ def header_list(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Heade
 def add_vary(headers: Headers, *fields: str) -> None:
     """Merge ``fields`` into the ``Vary`` header in place, without duplicates."""
     for i, (name, value) in enumerate(headers):
-        if name.lower() == "vary":
-            present = {v.strip().lower() for v in value.split(",") if v.strip()}
+        if len(name) == 4 and name.lower() == "vary":
+            present = {v.strip() for v in value.lower().split(",")}
             if "*" in present:
                 return
             extra = [f for f in fields if f.lower() not in present]

@@ -135,8 +135,8 @@ def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl:
 
 
 def _seconds(delta: float) -> int:
-    """Whole seconds until a reset, rounded up (to the millisecond first: ``now + 60 - now`` may be 60.000001)."""
-    return max(0, ceil(round(delta, 3)))
+    """Whole seconds until a reset, rounded up, ignoring the last millisecond (``now + 60 - now`` may be 60.000001)."""
+    return max(0, ceil(delta - 0.001))
 
 
 class _Compiled(NamedTuple):

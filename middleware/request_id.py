@@ -54,6 +54,36 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 _current: ContextVar[str | None] = ContextVar("wsgistack_request_id", default=None)
 
+_BATCH = 256
+
+
+class _RandomIds:
+    """Random 128-bit ids as 32 hex digits, drawn from ``os.urandom`` 256 at a time.
+
+    One ``getrandom()`` call per request cost a system call on the hot path;
+    a batch costs one per 256 requests.  ``list.pop`` is atomic, so threads
+    never share an id (two threads refilling at once only draw two batches),
+    and a forked worker drops the batch it inherited from its parent.
+    """
+
+    def __init__(self) -> None:
+        self._ready: list[str] = []
+        os.register_at_fork(after_in_child=self.forget)
+
+    def __call__(self) -> str:
+        try:
+            return self._ready.pop()
+        except IndexError:
+            data = os.urandom(16 * _BATCH)
+            ready = self._ready = [data[i : i + 16].hex() for i in range(0, len(data), 16)]
+            return ready.pop()
+
+    def forget(self) -> None:
+        self._ready = []
+
+
+_new_id = _RandomIds()
+
 
 def current_request_id() -> str | None:
     """The id of the request being handled in this context, or None outside one."""
@@ -152,7 +182,7 @@ class RequestIdMiddleware:
             rid: str = incoming
             note(environ, "request_id", self._kept)
         else:
-            rid = os.urandom(16).hex()
+            rid = _new_id()
             if incoming:
                 note(environ, "request_id", self._replaced)
         environ[REQUEST_ID] = rid
