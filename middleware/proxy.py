@@ -25,7 +25,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
-from werkzeug.http import parse_list_header
 
 from .base import CLIENT_IP, TRACE, Context, LayerOptions, note, refuse
 
@@ -179,9 +178,10 @@ class ProxyMiddleware:
             note(environ, "proxy", f"peer {peer} is not in trusted_proxies; headers ignored")
         environ[CLIENT_IP] = environ.get("REMOTE_ADDR") or ""
         if not self.any_host:
-            name = _split_host(get("HTTP_HOST") or get("SERVER_NAME", ""))[0].lower().rstrip(".")
-            if name not in self.exact_hosts and not (
-                    name.endswith(self.host_suffixes) and not name.startswith(".")):
+            host = get("HTTP_HOST") or get("SERVER_NAME", "")
+            name = _split_host(host)[0].lower().rstrip(".")
+            if not _HOST.fullmatch(host) or (name not in self.exact_hosts and not (
+                    name.endswith(self.host_suffixes) and not name.startswith("."))):
                 note(environ, "proxy", "host is not in allowed_hosts")
                 raise refuse(400, "The request's host is not one this server answers for "
                                   "(allowed_hosts).")
@@ -203,10 +203,34 @@ def derive_client(environ: WSGIEnvironment) -> dict[str, Any]:
 
 
 def _nth_from_right(value: str | None, hops: int) -> str | None:
+    """The ``hops``-th element of a comma-separated header, counted from the right (1 = last).
+
+    Elements are read from the right, where the trusted proxies appended
+    theirs, so nothing a client wrote further left (an unclosed quote, say)
+    can swallow them.  A comma inside a quoted string does not split.
+    """
     if not value:
         return None
-    items = parse_list_header(value) if '"' in value else value.split(",")
-    return items[-hops].strip() if len(items) >= hops else None
+    if '"' not in value:
+        items = value.split(",")
+        return items[-hops].strip() if len(items) >= hops else None
+    pieces = value.split(",")
+    found = 0
+    while pieces:
+        element = pieces.pop()
+        while _quotes(element) % 2 and pieces:  # a comma inside quotes: join the piece before it
+            element = pieces.pop() + "," + element
+        if _quotes(element) % 2:
+            return None  # an unbalanced quote left of the elements asked for
+        found += 1
+        if found == hops:
+            return element.strip()
+    return None
+
+
+def _quotes(text: str) -> int:
+    """How many double quotes in ``text`` open or close a quoted string (``\\"`` does neither)."""
+    return text.count('"') - text.count('\\"')
 
 
 @lru_cache(maxsize=4096)
