@@ -94,9 +94,7 @@ class ErrorsMiddleware:
         environ[RENDER_ERROR] = self.render
         try:
             return self.app(environ, start_response)
-        except HTTPException as exc:
-            return self._respond(environ, start_response, exc, None)
-        except Exception as exc:
+        except Exception as exc:  # an HTTPException too: the app may have called start_response already
             return self._respond(environ, start_response, exc, sys.exc_info())
 
     def _respond(

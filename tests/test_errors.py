@@ -132,3 +132,24 @@ def test_type_base_must_be_absolute() -> None:
     response = stack(raising(refuse(404)), format="problem", type_base="https://errors.example.org/").get(
         "/", status=404)
     assert response.json["type"] == "https://errors.example.org/404"
+
+
+def test_error_after_start_response_passes_exc_info() -> None:
+    """PEP 3333: a second start_response call needs exc_info, or servers (Waitress) refuse it."""
+
+    def starts_then_refuses(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        raise refuse(400, "late")
+
+    calls: list[tuple[str, Any]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        if calls and exc_info is None:
+            raise AssertionError("start_response called a second time without providing exc_info")
+        calls.append((status, exc_info))
+
+    app = ErrorsMiddleware(starts_then_refuses, ErrorsMiddleware.Options(), Context())
+    body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, start_response))
+    assert [status for status, _ in calls] == ["200 OK", "400 Bad Request"]
+    assert calls[1][1][0] is not None and calls[1][1][1].code == 400
+    assert b"late" in body
