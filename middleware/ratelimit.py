@@ -46,6 +46,7 @@ from middleware.base import (
     client_ip,
     decoded_path,
     decorate_error,
+    escape_control,
     note,
     refuse,
 )
@@ -530,8 +531,9 @@ class RateLimitMiddleware:
         limit = str(item)
         if not self.enforce:
             self.context.emit("ratelimit.shadow_reject", rule=rid, limit=limit)
-            self.log.info("shadow mode: would have limited %s on %s %s (%s, rule %s)", key,
-                          environ.get("REQUEST_METHOD"), decoded_path(environ), limit, rid)
+            self.log.info("shadow mode: would have limited %s on %s %s (%s, rule %s)", escape_control(key),
+                          escape_control(environ.get("REQUEST_METHOD", "")), escape_control(decoded_path(environ)),
+                          limit, rid)
             note(environ, "ratelimit", f"shadow: would have refused {key} under {limit}")
             return self.app(environ, start_response)
         self.context.emit("ratelimit.reject", rule=rid, limit=limit)

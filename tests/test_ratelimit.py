@@ -26,7 +26,7 @@ from webtest import TestApp
 from middleware.base import CLIENT_IP, IDENTITY, Context, Identity, refuse
 from middleware.errors import ErrorsMiddleware
 from middleware.ratelimit import RateLimitMiddleware
-from stores import Store, store_from_url
+from stores import MemoryStore, Store, store_from_url
 from stores.breaker import CircuitBreaker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,6 +328,18 @@ def test_shadow_mode_counts_reports_and_lets_through(store: Store, caplog: pytes
     assert stack.events[-1][1] == {"rule": "default", "limit": "2 per 1 minute"}
     lines = [r.getMessage() for r in caplog.records if r.name == "wsgistack.ratelimit"]
     assert lines == ["shadow mode: would have limited ip:10.0.0.1 on GET /shadowed (2 per 1 minute, rule default)"] * 2
+
+
+def test_shadow_mode_log_line_cannot_be_forged(caplog: pytest.LogCaptureFixture) -> None:
+    """Control characters in the path and the key are escaped: a request cannot write a log line of its own."""
+    stack = Stack(MemoryStore(), limits=["1/minute"], mode="shadow", key="user")
+    forged = "/x\r\n2026-01-01 00:00:00,000 CRITICAL wsgistack.auth: forged"
+    with caplog.at_level(logging.INFO, logger="wsgistack.ratelimit"):
+        for _ in range(2):
+            stack.get(forged, **{IDENTITY: Identity("eve\nCRITICAL")})
+    lines = [r.getMessage() for r in caplog.records if r.name == "wsgistack.ratelimit"]
+    assert lines == ["shadow mode: would have limited u:eve\\x0aCRITICAL on GET /x\\x0d\\x0a2026-01-01 "
+                     "00:00:00,000 CRITICAL wsgistack.auth: forged (1 per 1 minute, rule default)"]
 
 
 # ------------------------------------------------------------------ exactness
