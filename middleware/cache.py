@@ -235,6 +235,9 @@ class CacheMiddleware:
         self.context = context
         self.store = context.store(options.store)
         self.prefix = options.key_prefix
+        allow_eviction = getattr(self.store, "allow_eviction", None)
+        if allow_eviction is not None:  # a bounded memory store may drop entries to make room, never other state
+            allow_eviction(self.prefix)
         self.statuses = frozenset(str(s) for s in options.statuses)
         self.key_environ = tuple(_environ_name(h) for h in options.key_headers)
         self.cookie_names = options.cookie_names

@@ -1,8 +1,17 @@
-"""The embedded ``memory://`` store: thread-safe, TTL-aware, bounded with LRU eviction.
+"""The embedded ``memory://`` store: thread-safe, TTL-aware and bounded.
 
 Use it for a single process (the default ``make serve``).  Do not use it when
 several processes or hosts must share state: each process gets its own copy.
 ``memory://?max_entries=10000`` sets the bound.
+
+Only the keys of layers that declare them disposable (the response cache,
+through :meth:`MemoryStore.allow_eviction`) are evicted, least recently used
+first, to make room.  Everything else (sessions, revoked and used tokens) is
+state whose loss changes what a request may do: a client that can add cache
+entries at will must not be able to push a token revocation out.  When the
+bound is reached and nothing may be evicted, writing a new key of that kind
+fails with :class:`StoreError` (the layer's ``on_store_error`` applies) rather
+than forgetting something.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from collections.abc import Iterator
 from .base import Store, StoreError
 
 _monotonic = time.monotonic
+Entry = tuple[bytes | int, float | None]  # (value, expires_at or None)
 
 
 def _check_value(value: bytes) -> None:
@@ -30,25 +40,55 @@ class MemoryStore(Store):
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
         self.url = url
-        # key -> (value, expires_at or None); order is recency of use.
-        self._data: OrderedDict[str, tuple[bytes | int, float | None]] = OrderedDict()
+        # Two tables, each ordered by recency of use: keys that must be kept, and keys under a
+        # prefix given to allow_eviction(), which make room for new keys.
+        self._data: OrderedDict[str, Entry] = OrderedDict()
+        self._disposable: OrderedDict[str, Entry] = OrderedDict()
+        self._evictable: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
-    def _live(self, key: str, now: float) -> tuple[bytes | int, float | None] | None:
-        item = self._data.get(key)
+    def allow_eviction(self, prefix: str) -> None:
+        """Let keys starting with ``prefix`` be evicted (least recently used first) to make room."""
+        with self._lock:
+            if prefix in self._evictable:
+                return
+            self._evictable = (*self._evictable, prefix)
+            for key in [k for k in self._data if k.startswith(prefix)]:
+                self._disposable[key] = self._data.pop(key)
+
+    def _table(self, key: str) -> OrderedDict[str, Entry]:
+        return self._disposable if key.startswith(self._evictable) else self._data
+
+    def _live(self, key: str, now: float) -> Entry | None:
+        table = self._table(key)
+        item = table.get(key)
         if item is None:
             return None
         if item[1] is not None and item[1] <= now:
-            del self._data[key]
+            del table[key]
             return None
-        self._data.move_to_end(key)
+        table.move_to_end(key)
         return item
 
     def _put(self, key: str, value: bytes | int, expires: float | None) -> None:
-        self._data[key] = (value, expires)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        table = self._table(key)
+        if key not in table and len(self._data) + len(self._disposable) >= self.max_entries:
+            self._make_room(key)
+        table[key] = (value, expires)
+        table.move_to_end(key)
+
+    def _make_room(self, key: str) -> None:
+        if self._disposable:
+            self._disposable.popitem(last=False)
+            return
+        now = _monotonic()
+        for stale in [k for k, (_, exp) in self._data.items() if exp is not None and exp <= now]:
+            del self._data[stale]
+        if len(self._data) >= self.max_entries:
+            raise StoreError(
+                f"the memory store is full: its {len(self._data)} entries (sessions, token records) may not "
+                "be evicted, so a new key was not written; raise max_entries in its URL "
+                "(memory://?max_entries=N) or use Redis")
 
     @staticmethod
     def _deadline(ttl: float | None, now: float) -> float | None:
@@ -68,7 +108,7 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return None
-            self._data[key] = (item[0], now + ttl)
+            self._table(key)[key] = (item[0], now + ttl)
         value = item[0]
         return str(value).encode() if isinstance(value, int) else value
 
@@ -91,7 +131,7 @@ class MemoryStore(Store):
         now = _monotonic()
         with self._lock:
             existed = self._live(key, now) is not None
-            self._data.pop(key, None)
+            self._table(key).pop(key, None)
             return existed
 
     def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
@@ -115,20 +155,21 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return False
-            self._data[key] = (item[0], now + ttl)
+            self._table(key)[key] = (item[0], now + ttl)
             return True
 
     def scan(self, prefix: str) -> Iterator[str]:
         now = _monotonic()
         with self._lock:
-            keys = [k for k, (_, exp) in self._data.items() if k.startswith(prefix) and (exp is None or exp > now)]
+            keys = [k for table in (self._data, self._disposable) for k, (_, exp) in table.items()
+                    if k.startswith(prefix) and (exp is None or exp > now)]
         yield from keys
 
     def ping(self) -> bool:
         return True
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) + len(self._disposable)
 
     def __repr__(self) -> str:
         return f"MemoryStore(max_entries={self.max_entries})"

@@ -234,18 +234,61 @@ def test_ping_and_health(store: Store) -> None:
 # -- memory:// -------------------------------------------------------------------------
 
 
-def test_memory_store_evicts_the_least_recently_used() -> None:
-    store = MemoryStore(max_entries=3)
-    for key in "abc":
+def test_memory_store_evicts_disposable_keys_least_recently_used_first() -> None:
+    store = MemoryStore(max_entries=4)
+    store.allow_eviction("c:")
+    store.set("session:1", b"s")
+    for key in ("c:a", "c:b", "c:c"):
         store.set(key, b"v")
-    assert store.get("a") == b"v"  # "b" is now the least recently used
-    store.set("d", b"v")
+    assert store.get("c:a") == b"v"  # "c:b" is now the least recently used
+    store.set("c:d", b"v")
+    assert len(store) == 4
+    assert store.get("c:b") is None
+    assert [store.get(k) for k in ("c:a", "c:c", "c:d")] == [b"v", b"v", b"v"]
+    store.incr("hits")  # a kept key makes room by evicting a disposable one
+    assert store.get("c:a") is None
+    assert len(store) == 4
+    assert store.get("session:1") == b"s"
+
+
+def test_memory_store_never_evicts_other_keys() -> None:
+    """A client who can add cache entries at will cannot push a revocation out."""
+    store = MemoryStore(max_entries=3)
+    store.allow_eviction("c:")
+    store.set("revoked:jti", b"1", ttl=60)
+    for i in range(100):
+        store.set(f"c:{i}", b"v")
+    assert store.get("revoked:jti") == b"1"
     assert len(store) == 3
-    assert store.get("b") is None
-    assert [store.get(k) for k in "acd"] == [b"v", b"v", b"v"]
-    store.incr("e")  # counters count against the bound too
-    assert store.get("a") is None
-    assert len(store) == 3
+    store.set("session:a", b"s")
+    store.set("session:b", b"s")
+    assert store.get("revoked:jti") == b"1"
+    assert sorted(store.scan("")) == ["revoked:jti", "session:a", "session:b"]
+    with pytest.raises(StoreError, match=r"the memory store is full: its 3 entries .* raise max_entries"):
+        store.set("session:c", b"s")
+    assert store.get("session:c") is None
+    store.set("session:a", b"again")  # rewriting a key needs no room
+    assert store.get("session:a") == b"again"
+
+
+def test_memory_store_full_of_kept_keys_drops_the_expired_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
+    store = MemoryStore(max_entries=2)
+    store.set("a", b"1", ttl=5)
+    store.set("b", b"1")
+    now[0] += 6
+    store.set("c", b"1")
+    assert sorted(store.scan("")) == ["b", "c"]
+
+
+def test_allow_eviction_moves_keys_already_written() -> None:
+    store = MemoryStore(max_entries=2)
+    store.set("c:old", b"v")
+    store.set("kept", b"v")
+    store.allow_eviction("c:")
+    store.set("new", b"v")
+    assert sorted(store.scan("")) == ["kept", "new"]
 
 
 def test_memory_url_sets_the_bound() -> None:
@@ -253,6 +296,7 @@ def test_memory_url_sets_the_bound() -> None:
     assert isinstance(store, MemoryStore)
     assert store.max_entries == 2
     assert store.url == "memory://?max_entries=2"
+    store.allow_eviction("")
     for key in "abc":
         store.set(key, b"v")
     assert sorted(store.scan("")) == ["b", "c"]
