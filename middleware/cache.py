@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl
 from pydantic import Field, model_validator
 from werkzeug.datastructures import RequestCacheControl, ResponseCacheControl
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
-from werkzeug.http import parse_cache_control_header
+from werkzeug.http import parse_cache_control_header, parse_date
 
 from stores.base import Store, StoreError
 
@@ -104,6 +104,10 @@ class CacheOptions(LayerOptions):
         if bad:
             raise ValueError(f"statuses may list only codes from 200 to 499 (got {bad[0]}); "
                              "error responses are never cached")
+        partial = [s for s in self.statuses if s in (206, 304)]
+        if partial:
+            raise ValueError(f"statuses may not list {partial[0]}: a {partial[0]} answers one request's "
+                             "Range or condition and would be replayed to requests without it")
         if self.purge_path is not None and not self.purge_path.startswith("/"):
             raise ValueError(f"purge_path must start with '/' (got {self.purge_path!r})")
         if self.purge_path is not None and not self.purge_roles:
@@ -277,11 +281,11 @@ class CacheMiddleware:
         """``(subject or None, bypass reason or None)`` for this request."""
         if self.options.honor_request_no_cache:
             header = environ.get("HTTP_CACHE_CONTROL")
-            if header:
-                cc = parse_cache_control_header(header, cls=RequestCacheControl)
+            if header:  # directive names are case-insensitive (RFC 9111 §5.2)
+                cc = parse_cache_control_header(header.lower(), cls=RequestCacheControl)
                 if cc.no_cache or cc.no_store:
                     return None, "request Cache-Control"
-            elif "no-cache" in environ.get("HTTP_PRAGMA", ""):
+            elif "no-cache" in environ.get("HTTP_PRAGMA", "").lower():
                 return None, "request Pragma"
         private = "HTTP_AUTHORIZATION" in environ or (
             "HTTP_COOKIE" in environ and any(n in cookies(environ) for n in self.cookie_names))
@@ -298,7 +302,9 @@ class CacheMiddleware:
         if not qs:
             query: list[tuple[str, str]] = []
         elif "%" in qs or "+" in qs:
-            query = sorted(parse_qsl(qs, keep_blank_values=True), key=itemgetter(0))
+            # Decoded byte for byte (latin-1): two queries that differ in bytes never share a key,
+            # whatever the app later makes of invalid UTF-8.
+            query = sorted(parse_qsl(qs, keep_blank_values=True, encoding="latin-1"), key=itemgetter(0))
         else:  # what parse_qsl gives when there is nothing to decode, without its cost
             query = sorted([(n, v) for n, _, v in (f.partition("=") for f in qs.split("&") if f)],
                            key=itemgetter(0))
@@ -457,7 +463,7 @@ class CacheMiddleware:
         """Whether (and how long) a response may be stored, decided from its status and headers."""
         if status[:3] not in self.statuses:
             return None
-        length = cache_control = None
+        length = cache_control = expires = date = None
         vary: list[str] = []
         for name, value in headers:
             lname = name.lower()
@@ -465,6 +471,10 @@ class CacheMiddleware:
                 return None
             if lname == "cache-control":
                 cache_control = value if cache_control is None else f"{cache_control}, {value}"
+            elif lname == "expires":
+                expires = value
+            elif lname == "date":
+                date = value
             elif lname == "vary":
                 vary += (v.strip().lower() for v in value.split(",") if v.strip())
             elif lname == "content-length":
@@ -474,14 +484,17 @@ class CacheMiddleware:
         if length is None or not length.isdigit() or int(length) > self.options.max_body_bytes or "*" in vary:
             return None
         ttl, window = self.options.ttl, self.options.stale_if_error
-        if cache_control:
-            cc = parse_cache_control_header(cache_control, cls=ResponseCacheControl)
+        age = None
+        if cache_control:  # directive names are case-insensitive (RFC 9111 §5.2)
+            cc = parse_cache_control_header(cache_control.lower(), cls=ResponseCacheControl)
             if cc.no_store or cc.no_cache or (cc.private and subject is None):
                 return None
             age = cc.s_maxage if cc.s_maxage is not None else cc.max_age
-            ttl = ttl if age is None else age
             if cc.must_revalidate or cc.proxy_revalidate:
                 window = 0
+        if age is None and expires is not None:
+            age = _expires_in(expires, date)
+        ttl = ttl if age is None else age
         if ttl <= 0:
             return None
         kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
@@ -526,6 +539,16 @@ class CacheMiddleware:
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-store")])
         return [body]
+
+
+def _expires_in(expires: str, date: str | None) -> int:
+    """Seconds of freshness an ``Expires`` header gives (RFC 9111 §4.2.1); an invalid date, ``0`` say, is past."""
+    at = parse_date(expires)
+    if at is None:
+        return 0
+    origin = parse_date(date) if date else None
+    now = origin.timestamp() if origin is not None else _clock()
+    return int(at.timestamp() - now)
 
 
 def _with(start_response: StartResponse, header: tuple[str, str]) -> StartResponse:

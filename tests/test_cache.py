@@ -139,6 +139,16 @@ def make(store: Store, origin: Origin, clock: Clock) -> Callable[..., Stack]:
     pytest.param({}, [("Cache-Control", "max-age=0")], {}, ("MISS", "MISS", 2), id="max-age=0 never stored"),
     pytest.param({}, [("Cache-Control", "public, s-maxage=0, max-age=60")], {}, ("MISS", "MISS", 2),
                  id="s-maxage=0 wins over max-age"),
+    pytest.param({}, [("Cache-Control", "Private")], {}, ("MISS", "MISS", 2), id="directive names ignore case"),
+    pytest.param({}, [("Cache-Control", "No-Store")], {}, ("MISS", "MISS", 2), id="No-Store never stored"),
+    pytest.param({}, [("Cache-Control", "Max-Age=0")], {}, ("MISS", "MISS", 2), id="Max-Age=0 never stored"),
+    pytest.param({}, [("Expires", "0")], {}, ("MISS", "MISS", 2), id="Expires 0 is in the past"),
+    pytest.param({}, [("Expires", "Thu, 01 Jan 1970 00:00:00 GMT")], {}, ("MISS", "MISS", 2),
+                 id="past Expires never stored"),
+    pytest.param({}, [("Expires", "Tue, 14 Nov 2023 22:14:20 GMT")], {}, ("MISS", "HIT", 1),
+                 id="future Expires stored"),
+    pytest.param({}, [("Expires", "Thu, 01 Jan 1970 00:00:00 GMT"), ("Cache-Control", "max-age=60")], {},
+                 ("MISS", "HIT", 1), id="max-age wins over Expires"),
     pytest.param({}, [("Vary", "*")], {}, ("MISS", "MISS", 2), id="Vary star never stored"),
     pytest.param({}, [("Cache-Control", "public, max-age=60")], {}, ("MISS", "HIT", 1), id="public max-age"),
     pytest.param({"max_body_bytes": 10}, [], {}, ("MISS", "MISS", 2), id="body over max_body_bytes"),
@@ -152,6 +162,8 @@ def make(store: Store, origin: Origin, clock: Clock) -> Callable[..., Stack]:
                  id="identity without per_user bypasses"),
     pytest.param({}, [], {"Cache-Control": "no-cache"}, ("BYPASS", "BYPASS", 2), id="request no-cache"),
     pytest.param({}, [], {"Cache-Control": "no-store"}, ("BYPASS", "BYPASS", 2), id="request no-store"),
+    pytest.param({}, [], {"Cache-Control": "No-Cache"}, ("BYPASS", "BYPASS", 2), id="request No-Cache"),
+    pytest.param({}, [], {"Pragma": "No-Cache"}, ("BYPASS", "BYPASS", 2), id="request Pragma, any case"),
     pytest.param({}, [], {"Pragma": "no-cache"}, ("BYPASS", "BYPASS", 2), id="request Pragma no-cache"),
     pytest.param({"honor_request_no_cache": False}, [], {"Cache-Control": "no-cache"}, ("MISS", "HIT", 1),
                  id="request no-cache ignored when told"),
@@ -275,6 +287,8 @@ def test_head_miss_asks_the_app_and_stores_nothing(make: Callable[..., Stack], o
     pytest.param("/s?a=1&b=2", "/s?b=2&a=1", True, id="query order of names ignored"),
     pytest.param("/s?a=1&a=2", "/s?a=2&a=1", False, id="order of repeated values kept"),
     pytest.param("/s?q=a+b", "/s?q=a%20b", True, id="query decoded before keying"),
+    pytest.param("/s?q=caf%E9", "/s?q=caf%EA", False, id="invalid UTF-8 escapes keyed byte for byte"),
+    pytest.param("/s?q=caf%C3%A9", "/s?q=caf%c3%a9", True, id="escape case ignored"),
     pytest.param("/s?q=", "/s?q", True, id="blank values kept"),
     pytest.param("/s?q=1", "/s?q=2", False, id="query values keyed"),
     pytest.param("/s/%7Euser", "/s/~user", True, id="path percent-decoded"),
@@ -746,6 +760,9 @@ def test_failed_write_still_answers(origin: Origin) -> None:
 @pytest.mark.parametrize(("options", "message"), [
     pytest.param({"statuses": [200, 500]}, "statuses may list only codes from 200 to 499 (got 500); "
                  "error responses are never cached", id="5xx status"),
+    pytest.param({"statuses": [200, 304]}, "statuses may not list 304: a 304 answers one request's Range or "
+                 "condition and would be replayed to requests without it", id="304"),
+    pytest.param({"statuses": [206]}, "statuses may not list 206", id="206"),
     pytest.param({"purge_path": "purge"}, "purge_path must start with '/' (got 'purge')", id="relative purge path"),
     pytest.param({"purge_path": "/p", "purge_roles": []}, "purge_roles may not be empty when purge_path is set",
                  id="no purge roles"),
@@ -820,3 +837,15 @@ def test_long_body_is_not_stored(store: Store) -> None:
     _, result = _call(layer)
     assert list(result) == [b"abc", b"def", b"ghi"]
     assert list(store.scan("wsgistack:cache:e:")) == []
+
+
+def test_a_full_memory_store_evicts_cache_entries_only(origin: Origin, clock: Clock) -> None:
+    """Clients choose cache keys at will; filling the store must not push out other layers' state."""
+    store = MemoryStore(max_entries=8)
+    store.set("revoked:jti-1", b"1", ttl=900)
+    stack = Stack(store, origin)
+    for i in range(50):
+        assert stack.get(f"/api/v1/search?q={i}").headers["X-Cache"] == "MISS"
+    assert store.get("revoked:jti-1") == b"1"
+    assert len(store) <= 8
+    assert stack.get("/api/v1/search?q=49").headers["X-Cache"] == "HIT"  # the newest entries stay
