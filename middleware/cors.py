@@ -6,7 +6,14 @@ The layer answers an allowed preflight (``OPTIONS`` with ``Origin`` and
 one with ``403`` and no CORS headers.  Other requests pass through; when their
 origin is allowed the response (errors included) carries
 ``Access-Control-Allow-Origin``.  Every response of a path in its scope gets
-``Vary: Origin``.
+``Vary: Origin``, error responses to requests without ``Origin`` included.
+
+A preflight may always ask for the CORS-safelisted methods (GET, HEAD, POST):
+the Fetch standard's CORS check accepts them whatever
+``Access-Control-Allow-Methods`` says.  Methods are compared case-sensitively,
+as browsers compare them, against ``allow_methods`` upper-cased: Waitress
+refuses a request whose method is not upper case, so ``patch`` could never
+reach the app, and ``[patch]`` in the config means ``PATCH``.
 
 Origins are compared after lowercasing scheme and host and dropping the
 default port (``:80`` for http, ``:443`` for https), so ``HTTPS://App.Example.org:443``
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 SAFELISTED_HEADERS = ("accept", "accept-language", "content-language", "content-type")
+SAFELISTED_METHODS = ("GET", "HEAD", "POST")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ACRM = "HTTP_ACCESS_CONTROL_REQUEST_METHOD"
 _POLICY_KEYS = ("origins", "origin_regex", "allow_methods", "allow_headers", "expose_headers",
@@ -159,8 +167,12 @@ class _Policy:
         self.active = bool(self.allow_all or self.exact or self.wildcards or self.regexes)
         methods = [m.upper() for m in data["allow_methods"]]
         self.all_methods = "*" in methods
-        self.methods = frozenset(methods)
-        self.methods_value = ", ".join(m for m in methods if m != "*")
+        listed = [m for m in dict.fromkeys(methods) if m != "*"]
+        # Browsers never preflight-check a safelisted method, so it passes without being listed.
+        self.methods = frozenset(listed) | frozenset(SAFELISTED_METHODS)
+        self.methods_value = ", ".join(listed)
+        self.methods_shown = ", ".join(
+            [*SAFELISTED_METHODS, *(m for m in listed if m not in SAFELISTED_METHODS)])
         headers = [h.lower() for h in data["allow_headers"]]
         self.all_headers = "*" in headers
         self.headers = frozenset(headers) | frozenset(SAFELISTED_HEADERS)
@@ -212,7 +224,8 @@ class CORSMiddleware:
       subdomains (``https://*.example.org``: any depth, never the bare
       domain), ``"null"`` or ``"*"``.  ``origin_regex``: patterns that must
       match the whole normalised origin (``https://pr-[0-9]+\\.example\\.org``).
-      ``allow_methods`` (default GET, HEAD, POST; ``*`` for any),
+      ``allow_methods`` (default GET, HEAD, POST; ``*`` for any; upper-cased,
+      then compared case-sensitively; GET, HEAD and POST are always allowed),
       ``allow_headers`` (the CORS-safelisted ones are always allowed; ``*``
       echoes what was asked), ``expose_headers``, ``allow_credentials``
       (refused with ``*`` or ``null``), ``max_age`` (seconds, default 600),
@@ -286,7 +299,13 @@ class CORSMiddleware:
             return self.app(environ, start_response)
         origin = environ.get("HTTP_ORIGIN")
         if origin is None:
-            return self.app(environ, _labelled(start_response, (), _NO_NAMES, _VARY_SIZE))
+            # A shared cache may keep this answer (a 404 too) for the next request to
+            # the URL, one with an allowed Origin among them: so it varies on Origin.
+            try:
+                return self.app(environ, _labelled(start_response, (), _NO_NAMES, _VARY_SIZE))
+            except Exception as exc:
+                _decorate(exc, ())
+                raise
         if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ:
             return self._preflight(environ, start_response, policy, origin)
         allowed = policy.allows(origin)
@@ -295,8 +314,7 @@ class CORSMiddleware:
             return self.app(environ, _labelled(start_response, added, policy.names if allowed else _NO_NAMES,
                                                policy.sizes if allowed else _VARY_SIZE))
         except Exception as exc:
-            decorate_error(exc, added)
-            add_vary(getattr(exc, "wsgistack_headers", []), "Origin")
+            _decorate(exc, added)
             raise
 
     def _preflight(
@@ -311,7 +329,9 @@ class CORSMiddleware:
         if not policy.allows(origin):
             reason = "the origin is not allowed"
         elif not (method in policy.methods or (policy.all_methods and _TOKEN.fullmatch(method))):
-            reason = f"the requested method is not allowed (allowed: {policy.methods_value})"
+            reason = f"the requested method is not allowed (allowed: {policy.methods_shown})"
+            if method.upper() in policy.methods:
+                reason += f"; method names are case-sensitive, so the page must send {method.upper()!r}"
         elif bad := [h for h in asked if not _TOKEN.fullmatch(h)
                      or (h not in policy.headers and not policy.all_headers)]:
             shown = ", ".join(h for h in bad if _TOKEN.fullmatch(h)) or "(not a token)"
@@ -328,7 +348,8 @@ class CORSMiddleware:
             raise exc
         headers = policy.allow_origin(origin)
         allow = method if policy.all_methods else policy.methods_value
-        headers.append(("Access-Control-Allow-Methods", allow))
+        if allow:  # empty when only safelisted methods are allowed: browsers need none listed
+            headers.append(("Access-Control-Allow-Methods", allow))
         if asked:
             allowed = ", ".join(asked) if policy.all_headers else policy.headers_value
             headers.append(("Access-Control-Allow-Headers", allowed))
@@ -344,6 +365,12 @@ class CORSMiddleware:
 
 _NO_NAMES: frozenset[str] = frozenset()
 _VARY_SIZE = frozenset((4,))
+
+
+def _decorate(exc: BaseException, added: Sequence[tuple[str, str]]) -> None:
+    """Give an exception on its way to ``errors`` the CORS headers ``added`` and ``Vary: Origin``."""
+    decorate_error(exc, added)
+    add_vary(getattr(exc, "wsgistack_headers", []), "Origin")
 
 
 def _labelled(

@@ -116,7 +116,7 @@ def test_options_refused(options: dict[str, Any], message: str) -> None:
 
 
 def test_one_regex_may_be_a_string() -> None:
-    assert CORSOptions(origin_regex=r"https://x\.org").origin_regex == (r"https://x\.org",)  # type: ignore[arg-type]
+    assert CORSOptions(origin_regex=r"https://x\.org").origin_regex == (r"https://x\.org",)
 
 
 @pytest.mark.parametrize(("origin", "expected"), [
@@ -252,12 +252,16 @@ def test_error_responses_carry_cors(make: Callable[..., TestApp], path: str, sta
     refused = app.get(path, headers={"Origin": OTHER}, status=status)
     assert cors_headers(refused) == {}
     assert refused.headers["Vary"] == "Origin"
+    plain = app.get(path, status=status)
+    assert cors_headers(plain) == {}
+    assert plain.headers.getall("Vary") == ["Origin"], "a cached error must not be served to an allowed origin"
 
 
 # --- preflight ---------------------------------------------------------------------------
 
 PUT_JSON = {"origins": [APP], "allow_methods": ["GET", "PUT"], "allow_headers": ["X-Custom"],
             "max_age": 120}
+PUT_DELETE = {"origins": [APP], "allow_methods": ["PUT", "DELETE"], "allow_headers": ["X-Custom"]}
 
 
 @pytest.mark.parametrize(("options", "request_headers", "expected"), [
@@ -287,6 +291,18 @@ PUT_JSON = {"origins": [APP], "allow_methods": ["GET", "PUT"], "allow_headers": 
         "access-control-allow-origin": APP, "access-control-allow-methods": "GET, HEAD, POST",
         "access-control-allow-headers": "accept, accept-language, content-language, content-type",
         "access-control-max-age": "600"}, id="safelisted header needs no listing"),
+    *[pytest.param(PUT_DELETE, preflight(APP, method, "X-Custom"), {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "PUT, DELETE",
+        "access-control-allow-headers": "accept, accept-language, content-language, content-type, x-custom",
+        "access-control-max-age": "600"}, id=f"safelisted method {method} needs no listing")
+      for method in ("GET", "HEAD", "POST")],
+    pytest.param({"origins": [APP], "allow_methods": []}, preflight(APP, "GET", "Accept"), {
+        "access-control-allow-origin": APP,
+        "access-control-allow-headers": "accept, accept-language, content-language, content-type",
+        "access-control-max-age": "600"}, id="no methods listed, no Allow-Methods"),
+    pytest.param({"origins": [APP], "allow_methods": ["patch", "Delete", "PATCH"]}, preflight(APP, "PATCH"), {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "PATCH, DELETE",
+        "access-control-max-age": "600"}, id="configured methods are upper-cased, once each"),
 ])
 def test_preflight_allowed(make: Callable[..., TestApp], inner: Recorder, options: dict[str, Any],
                            request_headers: dict[str, str], expected: dict[str, str]) -> None:
@@ -304,11 +320,23 @@ def test_preflight_allowed(make: Callable[..., TestApp], inner: Recorder, option
     pytest.param(PUT_JSON, preflight("https://app.example.org.evil.net", "PUT"),
                  "CORS preflight refused: the origin is not allowed.", id="origin suffix trick"),
     pytest.param(PUT_JSON, preflight(APP, "DELETE"),
-                 "CORS preflight refused: the requested method is not allowed (allowed: GET, PUT).",
+                 "CORS preflight refused: the requested method is not allowed (allowed: GET, HEAD, POST, PUT).",
                  id="disallowed method"),
     pytest.param(PUT_JSON, preflight(APP, "put"),
-                 "CORS preflight refused: the requested method is not allowed (allowed: GET, PUT).",
+                 "CORS preflight refused: the requested method is not allowed (allowed: GET, HEAD, POST, PUT); "
+                 "method names are case-sensitive, so the page must send 'PUT'.",
                  id="method names are case-sensitive"),
+    pytest.param(PUT_DELETE, preflight(APP, "PATCH", "X-Custom"),
+                 "CORS preflight refused: the requested method is not allowed "
+                 "(allowed: GET, HEAD, POST, PUT, DELETE).", id="disallowed method, safelisted ones named"),
+    pytest.param({"origins": [APP], "allow_methods": ["patch"]}, preflight(APP, "patch"),
+                 "CORS preflight refused: the requested method is not allowed (allowed: GET, HEAD, POST, PATCH); "
+                 "method names are case-sensitive, so the page must send 'PATCH'.",
+                 id="a page's lower-case patch is not PATCH"),
+    pytest.param(PUT_DELETE, preflight(APP, "get"),
+                 "CORS preflight refused: the requested method is not allowed (allowed: GET, HEAD, POST, PUT, "
+                 "DELETE); method names are case-sensitive, so the page must send 'GET'.",
+                 id="safelisted methods are case-sensitive too"),
     pytest.param(PUT_JSON, preflight(APP, "PUT", "X-Custom, X-Secret"),
                  "CORS preflight refused: the requested header x-secret is not allowed "
                  "(allowed: accept, accept-language, content-language, content-type, x-custom).",
@@ -485,6 +513,26 @@ def test_yaml_stack(make_stack: Callable[..., Any]) -> None:
     assert answered.status_int == 204
     assert answered.headers["Access-Control-Allow-Origin"] == "https://a.example.org"
     stack.options("/api/v1/search", headers=preflight("https://example.org.evil.net", "PUT"), status=403)
+
+
+@needs_config
+@pytest.mark.parametrize(("layer", "path", "spend", "status"), [
+    pytest.param({"versioning": {"supported": ["v1", "v2"]}}, "/api/v9/x", 0, 404, id="versioning 404"),
+    pytest.param({"ratelimit": {"limits": ["1/minute"]}}, "/x", 1, 429, id="ratelimit 429"),
+    pytest.param({"auth": {"secret": "s" * 40}}, "/x", 0, 401, id="auth 401"),
+])
+def test_inner_layer_refusals_vary_on_origin(make_stack: Callable[..., Any], layer: dict[str, Any], path: str,
+                                             spend: int, status: int) -> None:
+    stack = make_stack({"app": {"factory": "stack_support:echo_app"},
+                        "pipeline": [{"errors": {"format": "envelope"}}, {"cors": {"origins": [APP]}}, layer]})
+    for _ in range(spend):
+        stack.get(path)
+    plain = stack.get(path, status=status)
+    assert cors_headers(plain) == {}
+    assert plain.headers.getall("Vary") == ["Origin"]
+    allowed = stack.get(path, headers={"Origin": APP}, status=status)
+    assert cors_headers(allowed) == {"access-control-allow-origin": APP}
+    assert allowed.headers.getall("Vary") == ["Origin"]
 
 
 @needs_config
