@@ -10,6 +10,15 @@ on which the response cache keys.  Deprecated versions get ``Deprecation``
 (RFC 9745), ``Sunset`` (RFC 8594) and ``Link`` headers, and their use is
 counted per client.
 
+Versions are compared in one normal form, in the config as in requests: lower
+case, no surrounding spaces, and a bare number N is vN (``supported: [1, V2]``
+means ``[v1, v2]``).  In the URL only case is ignored: ``/api/V2/x`` is v2 and
+is rewritten to ``/api/v2/x``, while ``/api/2/x`` names no version.
+
+Responses vary (``Vary``) on the request headers the choice depended on: the
+sources ranked above the one that decided, which named no version, and that
+source itself when it is a header.
+
 Rules: a URL and a header that disagree give 400, never a silent choice.
 ``Accept`` is negotiation, so a supported vendor type that disagrees with the
 URL or the header yields to whichever source ``precedence`` names first (when
@@ -32,7 +41,7 @@ from collections import OrderedDict
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import http_date, parse_accept_header
 
@@ -79,6 +88,13 @@ def _normal(value: str) -> str:
     return f"v{value}" if value.isdigit() else value
 
 
+def _normal_option(value: object) -> object:
+    """A version named in the config, in the form requests are compared in (YAML gives 2 as a number)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"v{value}"
+    return _normal(value) if isinstance(value, str) else value
+
+
 class Deprecated(LayerOptions):
     """When a version was deprecated, when it goes away, and where to read about it."""
 
@@ -118,12 +134,42 @@ class VersioningOptions(LayerOptions):
     report_interval: float = Field(3600.0, ge=0)
     max_clients: int = Field(10_000, ge=1)
 
+    @field_validator("supported", mode="before")
+    @classmethod
+    def _normal_supported(cls, value: object) -> object:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str | int) for v in value):
+            return value  # the field's own validation names what is wrong
+        seen: dict[object, object] = {}
+        for written in value:
+            version = _normal_option(written)
+            if version in seen:
+                raise ValueError(f"supported names {version!r} twice ({seen[version]!r} and {written!r}); case, "
+                                 "surrounding spaces and a bare number (2 for v2) do not make versions differ")
+            seen[version] = written
+        return list(seen)
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _normal_default(cls, value: object) -> object:
+        return _normal_option(value)
+
+    @field_validator("deprecated", mode="before")
+    @classmethod
+    def _normal_deprecated(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        normal = {_normal_option(k): v for k, v in value.items()}
+        if len(normal) != len(value):
+            raise ValueError(f"deprecated names a version twice ({', '.join(repr(k) for k in value)}); case, "
+                             "surrounding spaces and a bare number (2 for v2) do not make versions differ")
+        return normal
+
     @model_validator(mode="after")
     def _can_be_right(self) -> VersioningOptions:
         if not self.supported:
             raise ValueError("supported must name at least one version, such as [v1, v2]")
         for version in self.supported:
-            if not version or "/" in version or version != version.strip():
+            if not version or "/" in version:
                 raise ValueError(f"supported versions must be single path segments (got {version!r})")
         known = ", ".join(self.supported)
         if self.default is not None and self.default not in self.supported:
@@ -142,7 +188,9 @@ class VersioningMiddleware:
     """Choose the API version of each request under ``prefix`` and route it there.
 
     Options:
-      ``supported``: the versions served (``[v1]``); the first is the default default.
+      ``supported``: the versions served (``[v1]``); the first is the default default.  Versions
+      here, in ``default`` and in ``deprecated`` are normalised as request values are (``V2``, ``2``
+      and `` v2 `` are ``v2``).
       ``default``: the version of a request that names none (``None``: the first supported).
       ``precedence``: order of sources (``[url, header, accept]``); leave out header or accept to
       ignore it.  URL and header must agree whatever the order.
@@ -177,7 +225,15 @@ class VersioningMiddleware:
         self.precedence = options.precedence
         self.use_header = "header" in options.precedence
         self.use_accept = "accept" in options.precedence
-        self.vary = [options.header] * self.use_header + ["Accept"] * self.use_accept
+        # The request headers a choice depended on: those of the sources ranked above the
+        # deciding one (each named no version, or the deciding one would not have decided)
+        # and its own.  A caller that stored a response without them could serve it to a
+        # request that would have been answered with another version.
+        names = {"url": None, "header": options.header, "accept": "Accept"}
+        ranked = [names[s] for s in options.precedence]
+        self.vary: dict[str, list[str]] = {
+            source: [n for n in ranked[: i + 1] if n is not None] for i, source in enumerate(options.precedence)}
+        self.vary["default"] = [n for n in ranked if n is not None]
         self.notices = {v: d.headers() for v, d in options.deprecated.items()}
         self._counts: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
@@ -191,6 +247,8 @@ class VersioningMiddleware:
         url = header = accept = None
         if segment in self.supported:
             url = segment
+        elif (folded := segment.lower()) in self.supported:  # /api/V2/x: rewritten to /api/v2/x
+            url = folded
         elif _SHAPE.fullmatch(segment):
             raise self._unsupported(404, f"API version {segment!r} in the URL", segment, "url")
         if self.use_header:
@@ -214,19 +272,19 @@ class VersioningMiddleware:
             version = found.get(source) or self.default
         environ[API_VERSION] = version
         environ[SOURCE] = source
-        if version != url:  # no version in the path, or Accept outranks the URL's
+        if version != segment:  # no version in the path, Accept outranks the URL's, or its case differs
             tail = rest[len(segment):] if url else ("/" + rest if path != self.prefix else "")
             environ[ORIG_PATH] = path
             environ["PATH_INFO"] = f"{self.prefix_slash}{version}{tail}"
             environ.pop(PATH, None)
         note(environ, "versioning", f"{version} from {source}")
         notice = self.notices.get(version)
+        vary = self.vary[source]
         if notice is not None:
             self._count(environ, version)
-        elif source == "url":
+        elif not vary:  # no request header could have changed the choice
             return self.app(environ, start_response)
         extra = list(notice or ())
-        vary = self.vary if source != "url" else []
 
         def edit(status: str, headers: Headers) -> None:
             headers.extend(extra)
@@ -237,6 +295,8 @@ class VersioningMiddleware:
             return self.app(environ, wrap_start_response(start_response, edit))
         except HTTPException as exc:
             decorate_error(exc, extra)
+            if vary:
+                add_vary(getattr(exc, "wsgistack_headers", []), *vary)
             raise
 
     def _unsupported(self, code: int, what: str, asked: str, source: str) -> HTTPException:

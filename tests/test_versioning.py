@@ -17,6 +17,8 @@ from middleware.versioning import ORIG_PATH, SOURCE, VersioningMiddleware
 from stores.memory import MemoryStore
 
 V1_V2 = {"supported": ["v1", "v2"]}
+WRITTEN_LOOSELY = {"supported": ["1", " V2 "]}
+ACCEPT_FIRST = {**V1_V2, "precedence": ["accept", "url", "header"]}
 VND = "application/vnd.wsgistack."
 
 
@@ -103,6 +105,20 @@ def make(seen: Seen) -> Callable[..., tuple[TestApp, Context]]:
     pytest.param({**V1_V2, "precedence": ["url"]}, "/api/search",
                  {"X-API-Version": "v9", "Accept": f"{VND}v9+json"}, ("/api/v1/search", "v1", "default"),
                  id="sources left out are ignored"),
+    pytest.param(V1_V2, "/api/V2/search", {}, ("/api/v2/search", "v2", "url"),
+                 id="url version case ignored, path rewritten"),
+    pytest.param(V1_V2, "/api/V1", {"X-API-Version": "v1"}, ("/api/v1", "v1", "url"),
+                 id="url version case ignored, agrees with the header"),
+    pytest.param(WRITTEN_LOOSELY, "/api/search", {"X-API-Version": "1"}, ("/api/v1/search", "v1", "header"),
+                 id="supported written as a number, header as a number"),
+    pytest.param(WRITTEN_LOOSELY, "/api/search", {"X-API-Version": "v2"}, ("/api/v2/search", "v2", "header"),
+                 id="supported written in upper case, header in lower case"),
+    pytest.param(WRITTEN_LOOSELY, "/api/search", {"Accept": f"{VND}2+json"}, ("/api/v2/search", "v2", "accept"),
+                 id="supported written loosely, accept as a number"),
+    pytest.param(WRITTEN_LOOSELY, "/api/v2/search", {}, ("/api/v2/search", "v2", "url"),
+                 id="supported written loosely, url"),
+    pytest.param(WRITTEN_LOOSELY, "/api/V2/search", {}, ("/api/v2/search", "v2", "url"),
+                 id="supported written loosely, url in upper case"),
 ])
 def test_version_sources(make: Callable[..., tuple[TestApp, Context]], seen: Seen, options: dict[str, Any],
                          path: str, request_headers: dict[str, str], expected: tuple[str, str, str]) -> None:
@@ -155,9 +171,17 @@ SUPPORTED = ["v1", "v2"]
     pytest.param(V1_V2, "/api/v9/search", {}, 404,
                  "API version 'v9' in the URL is not supported (supported: v1, v2).",
                  {"version": "v9", "source": "url", "supported": SUPPORTED}, id="unsupported url"),
-    pytest.param(V1_V2, "/api/V1/search", {}, 404,
-                 "API version 'V1' in the URL is not supported (supported: v1, v2).",
-                 {"version": "V1", "source": "url", "supported": SUPPORTED}, id="url versions are case-sensitive"),
+    pytest.param(V1_V2, "/api/V9/search", {}, 404,
+                 "API version 'V9' in the URL is not supported (supported: v1, v2).",
+                 {"version": "V9", "source": "url", "supported": SUPPORTED}, id="unsupported url in upper case"),
+    pytest.param(V1_V2, "/api/V1/search", {"X-API-Version": "v2"}, 400,
+                 "The URL asks for API version v1 but the X-API-Version header asks for v2; "
+                 "send one, or make them agree.", {"url": "v1", "header": "v2", "supported": SUPPORTED},
+                 id="url in upper case and header disagree"),
+    pytest.param(WRITTEN_LOOSELY, "/api/search", {"X-API-Version": "v3"}, 400,
+                 "API version 'v3' from the X-API-Version header is not supported (supported: v1, v2).",
+                 {"version": "v3", "source": "header", "supported": SUPPORTED},
+                 id="supported written loosely is listed normalised"),
 ])
 def test_refusals(make: Callable[..., tuple[TestApp, Context]], seen: Seen, options: dict[str, Any], path: str,
                   request_headers: dict[str, str], status: int, message: str, details: dict[str, Any]) -> None:
@@ -212,15 +236,36 @@ def test_deprecation_headers_on_error_responses(make: Callable[..., tuple[TestAp
     assert _notice(response) == V1_HEADERS
 
 
-@pytest.mark.parametrize(("path", "request_headers", "vary"), [
-    pytest.param("/api/search", {}, "X-API-Version, Accept", id="default: varies on both sources"),
-    pytest.param("/api/search", {"X-API-Version": "v2"}, "X-API-Version, Accept", id="header"),
-    pytest.param("/api/v1/search", {}, None, id="url: no Vary"),
+@pytest.mark.parametrize(("options", "path", "request_headers", "vary"), [
+    pytest.param(V1_V2, "/api/search", {}, "X-API-Version, Accept", id="default: varies on both sources"),
+    pytest.param(V1_V2, "/api/search", {"X-API-Version": "v2"}, "X-API-Version",
+                 id="header: Accept ranks below it"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v2+json"}, "X-API-Version, Accept",
+                 id="accept: the header ranks above it"),
+    pytest.param(V1_V2, "/api/v1/search", {}, None, id="url first: no Vary"),
+    pytest.param(V1_V2, "/api/V1/search", {}, None, id="url first, case rewritten: no Vary"),
+    pytest.param(ACCEPT_FIRST, "/api/v1/search", {}, "Accept", id="url under accept, no Accept"),
+    pytest.param(ACCEPT_FIRST, "/api/v1/search", {"Accept": "application/json"}, "Accept",
+                 id="url under accept, no vendor type"),
+    pytest.param(ACCEPT_FIRST, "/api/v1/search", {"Accept": f"{VND}v2+json"}, "Accept",
+                 id="accept first decides"),
+    pytest.param({**V1_V2, "precedence": ["header", "url", "accept"]}, "/api/v1/search", {}, "X-API-Version",
+                 id="url under header"),
+    pytest.param({**V1_V2, "precedence": ["url", "accept", "header"]}, "/api/search", {"X-API-Version": "v1"},
+                 "Accept, X-API-Version", id="header under accept"),
+    pytest.param({**V1_V2, "precedence": ["url"]}, "/api/search", {}, None, id="url the only source"),
+    pytest.param({**DEPRECATED, "precedence": ["accept", "url"]}, "/api/v1/search", {}, "Accept",
+                 id="deprecated version from the url under accept"),
+    pytest.param(V1_V2, "/api/forbidden", {"X-API-Version": "v2"}, "X-API-Version",
+                 id="error response, header"),
+    pytest.param(ACCEPT_FIRST, "/api/v1/forbidden", {}, "Accept", id="error response, url under accept"),
+    pytest.param(V1_V2, "/api/v1/forbidden", {}, None, id="error response, url first"),
 ])
-def test_vary_on_negotiated_versions(make: Callable[..., tuple[TestApp, Context]], path: str,
-                                     request_headers: dict[str, str], vary: str | None) -> None:
-    web, _ = make(**V1_V2)
-    assert web.get(path, headers=request_headers).headers.get("Vary") == vary
+def test_vary_on_negotiated_versions(make: Callable[..., tuple[TestApp, Context]], options: dict[str, Any],
+                                     path: str, request_headers: dict[str, str], vary: str | None) -> None:
+    web, _ = make(**options)
+    response = web.get(path, headers=request_headers, status=403 if path.endswith("/forbidden") else 200)
+    assert response.headers.getall("Vary") == ([vary] if vary else [])
 
 
 def test_deprecated_use_is_counted_and_logged_once_per_interval(
@@ -279,7 +324,7 @@ def test_cache_inside_versioning_keys_on_the_version(seen: Seen) -> None:
     again = web.get("/api/search", headers={"X-API-Version": "2"})
     assert (v2.text, v1.text) == ("/api/v2/search v2", "/api/v1/search v1")
     assert (v1.headers["X-Cache"], again.headers["X-Cache"], again.text) == ("MISS", "HIT", "/api/v2/search v2")
-    assert again.headers["Vary"] == "X-API-Version, Accept"
+    assert again.headers["Vary"] == "X-API-Version"
     assert seen.calls == 2
 
 
@@ -296,6 +341,19 @@ def test_identity_names_the_client(seen: Seen) -> None:
     pytest.param({"supported": []}, "supported must name at least one version, such as [v1, v2]", id="empty"),
     pytest.param({"supported": ["v1", "a/b"]}, "supported versions must be single path segments (got 'a/b')",
                  id="slash in version"),
+    pytest.param({"supported": ["v1", " "]}, "supported versions must be single path segments (got '')",
+                 id="blank version"),
+    pytest.param({"supported": ["v1", "V1"]},
+                 "supported names 'v1' twice ('v1' and 'V1'); case, surrounding spaces and a bare number "
+                 "(2 for v2) do not make versions differ", id="same version twice"),
+    pytest.param({"supported": [2, "v2"]}, "supported names 'v2' twice (2 and 'v2')",
+                 id="same version as a number and as text"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2024-01-01"},
+                                                      "V1": {"deprecation": "2024-01-01"}}},
+                 "deprecated names a version twice ('v1', 'V1'); case, surrounding spaces and a bare "
+                 "number (2 for v2) do not make versions differ", id="deprecated twice"),
+    pytest.param({"supported": ["v1"], "default": "V3"}, "default 'v3' is not in supported (v1)",
+                 id="default normalised, not supported"),
     pytest.param({"supported": ["v1"], "default": "v2"}, "default 'v2' is not in supported (v1)",
                  id="default not supported"),
     pytest.param({"supported": ["v1"], "deprecated": {"v0": {"deprecation": "2024-01-01"}}},
@@ -319,6 +377,13 @@ def test_options_refused(options: dict[str, Any], message: str) -> None:
     assert message in str(info.value)
 
 
+def test_versions_in_options_are_normalised() -> None:
+    options = VersioningMiddleware.Options(
+        supported=["1", " V2 ", "Beta"], default="2",
+        deprecated={"V1": {"deprecation": "2024-01-01"}})
+    assert (options.supported, options.default, list(options.deprecated)) == (("v1", "v2", "beta"), "v2", ["v1"])
+
+
 def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
     stack = make_stack(
         "app: {factory: 'stack_support:echo_app'}\n"
@@ -335,3 +400,18 @@ def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
     assert (old.headers["Deprecation"], old.headers["Sunset"]) == ("@1704067200", "Mon, 30 Jun 2025 00:00:00 GMT")
     refused = stack.get("/api/search", headers={"X-API-Version": "v3"}, status=400)
     assert refused.json["error"]["details"]["supported"] == ["v1", "v2"]
+
+
+def test_yaml_numbers_are_versions(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack(
+        "app: {factory: 'stack_support:echo_app'}\n"
+        "pipeline:\n"
+        "  - versioning:\n"
+        "      supported: [1, V2]\n"
+        "      default: 2\n"
+        "      deprecated:\n"
+        "        1: {deprecation: 2024-01-01}\n"
+    )
+    assert stack.get("/api/search").json["path"] == "/api/v2/search"
+    old = stack.get("/api/search", headers={"X-API-Version": "1"})
+    assert (old.json["path"], old.headers["Deprecation"]) == ("/api/v1/search", "@1704067200")
