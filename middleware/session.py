@@ -90,11 +90,16 @@ class Session(MutableMapping[str, Any]):
             cookie_id = self._layer._cookie_id(environ)
             self._environ = _NO_ENVIRON  # not needed any more: no Session <-> environ cycle to collect
             if cookie_id is not None:
+                # Until the store answers, the cookie's session may be stored: if the read fails,
+                # rotate() and destroy() must still delete it.
+                self._stored_id = cookie_id
                 loaded = self._layer._read(self, cookie_id, environ)
                 if loaded is not None:
                     data.update(loaded)
-                    self._id = self._stored_id = cookie_id
+                    self._id = cookie_id
                     self._new = self._issue = False
+                elif self._persist:  # the store answered: no such session (or it was just deleted)
+                    self._stored_id = None
         return data
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -191,7 +196,9 @@ class SessionMiddleware:
     (``"/"``), ``cookie_domain`` (none); ``idle_timeout`` (1800 s, refreshed on
     every use) and ``absolute_timeout`` (12 h since creation or last rotate());
     ``on_store_error``: ``"closed"`` answers 503 with ``Retry-After``, ``"open"``
-    goes on with an empty session that is not saved.
+    goes on with an empty session that is not saved.  Either way, when the key of
+    a session that ``rotate()`` or ``destroy()`` retired cannot be deleted, the
+    answer is 503: a logout or login that cannot be recorded is not reported as done.
 
         opts = SessionMiddleware.Options(secret_key=os.environ["SECRET_KEY"])
         app = SessionMiddleware(app, opts, Context(stores={"shared": MemoryStore()}))
@@ -353,15 +360,26 @@ class SessionMiddleware:
             return None
 
     def _save(self, session: Session) -> list[tuple[str, str]]:
-        """Write what changed; return the headers to add (``Set-Cookie``)."""
+        """Write what changed; return the headers to add (``Set-Cookie``).
+
+        Ids that ``rotate()`` or ``destroy()`` retired are deleted first, and a
+        failed delete is a 503 in both ``on_store_error`` modes: the old id would
+        stay valid (a stolen cookie would outlive the logout, a planted one the
+        login), so the request must not be reported as done.  The new session is
+        not saved and no cookie is set or expired, so the client can retry.
+        """
         headers: list[tuple[str, str]] = []
-        if not session._persist:
-            return headers
+        if session._stale:
+            try:
+                for sid in session._stale:
+                    self.store.delete(KEY_PREFIX + sid)
+            except StoreError as exc:
+                self._store_failed(session, exc, "ended" if session._expire_cookie else "rotated", always=True)
         if session._expire_cookie:
             headers.append(("Set-Cookie", self._expired_cookie))
+        if not session._persist:
+            return headers
         try:
-            for sid in session._stale:
-                self.store.delete(KEY_PREFIX + sid)
             if session.modified and session._data is not None:
                 sid = session.id
                 payload = json.dumps({"created_at": session._created, "data": session._data},
@@ -379,14 +397,15 @@ class SessionMiddleware:
             headers = [h for h in headers if h[1] == self._expired_cookie]
         return headers
 
-    def _store_failed(self, session: Session, exc: StoreError, action: str) -> None:
+    def _store_failed(self, session: Session, exc: StoreError, action: str, *, always: bool = False) -> None:
+        """Record a store failure; refuse with 503 when ``closed`` (or ``always``), else carry on unsaved."""
         session._persist = False
         self.context.emit("store.error", store=self.options.store, layer="session")
         now = time.monotonic()
         if now - self._last_log > 10:  # one line per 10 s while the store is down, as ratelimit and auth do
             self._last_log = now
             self.context.logger.warning("session layer: the session could not be %s: %s", action, exc)
-        if self.closed:
+        if self.closed or always:
             raise refuse(503, f"the session could not be {action} because the session store "
                               "is unavailable; try again shortly",
                          headers=[("Retry-After", RETRY_AFTER)]) from exc

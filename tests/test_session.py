@@ -25,7 +25,7 @@ import middleware.session as session_module
 from middleware.base import SESSION, Context
 from middleware.errors import ErrorsMiddleware
 from middleware.session import KEY_PREFIX, Session, SessionMiddleware
-from stores import Store, store_from_url
+from stores import Store, StoreError, store_from_url
 
 SECRET = "k" * 40
 OLD_SECRET = "o" * 40
@@ -36,26 +36,32 @@ EXPIRED = ("__Host-session=; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; "
 
 
 class CountingStore(Store):
-    """Pass every call to a real store and record the operation names."""
+    """Pass every call to a real store and record the operation names; ``failing`` ones raise StoreError."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.calls: list[str] = []
+        self.failing: set[str] = set()
+
+    def _call(self, op: str) -> None:
+        self.calls.append(op)
+        if op in self.failing:
+            raise StoreError(f"{op} failed: connection refused")
 
     def get(self, key: str) -> bytes | None:
         self.calls.append("get")
         return self.inner.get(key)
 
     def getex(self, key: str, ttl: float) -> bytes | None:
-        self.calls.append("getex")
+        self._call("getex")
         return self.inner.getex(key, ttl)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
-        self.calls.append("set")
+        self._call("set")
         self.inner.set(key, value, ttl)
 
     def delete(self, key: str) -> bool:
-        self.calls.append("delete")
+        self._call("delete")
         return self.inner.delete(key)
 
     def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
@@ -82,7 +88,7 @@ class CountingStore(Store):
 
 
 def probe(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    """A tiny app driven by the path: /get, /set?k=v, /rotate, /destroy, /login, /id, /."""
+    """A tiny app driven by the path: /get, /set?k=v, /rotate, /destroy, /login, /logout, /id, /."""
     session: Session = environ[SESSION]
     query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
     headers = [("Content-Type", "application/json")]
@@ -105,6 +111,9 @@ def probe(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[b
         session.destroy()
         if query:
             session.update(query)
+    elif path == "/logout":  # read first (as the auth layer does), then end the session
+        session.get("user")
+        session.destroy()
     elif path == "/id":
         body = {"id": session.id, "new": session.new}
     start_response("200 OK", headers)
@@ -572,6 +581,62 @@ def test_store_down(redis_server: Any, redis_url: str, mode: str, path: str,
         assert resp.json == body
     touched = path != "/"
     assert events == ([("store.error", {"store": "shared", "layer": "session"})] if touched else [])
+
+
+ENDED = ("the session could not be ended because the session store is unavailable; "
+         "try again shortly")
+ROTATED = ("the session could not be rotated because the session store is unavailable; "
+           "try again shortly")
+
+
+@pytest.mark.parametrize(("mode", "path", "failing", "expected"), [
+    pytest.param("open", "/destroy", {"delete"}, (503, ENDED, True), id="open, logout"),
+    pytest.param("closed", "/destroy", {"delete"}, (503, ENDED, True), id="closed, logout"),
+    pytest.param("open", "/logout", {"getex", "delete"}, (503, ENDED, True),
+                 id="open, logout after a failed read"),
+    pytest.param("open", "/logout", {"getex"}, (200, [EXPIRED], False),
+                 id="open, logout after a failed read, delete works"),
+    pytest.param("open", "/login", {"delete"}, (503, ROTATED, True), id="open, login"),
+    pytest.param("closed", "/login", {"delete"}, (503, ROTATED, True), id="closed, login"),
+    pytest.param("open", "/login", {"getex", "delete"}, (503, ROTATED, True),
+                 id="open, login after a failed read"),
+    pytest.param("open", "/login", {"getex"}, (200, [], False),
+                 id="open, login after a failed read, delete works: nothing saved"),
+])
+def test_a_retired_id_that_cannot_be_deleted_is_a_503(store: CountingStore, mode: str, path: str,
+                                                      failing: set[str], expected: tuple[int, Any, bool]) -> None:
+    """An end of session that cannot be recorded is never reported as done, whatever on_store_error says."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    context = Context(stores={"shared": store}, listeners=[lambda e, f: events.append((e, f))])
+    app = make(store, context=context, on_store_error=mode)
+    value, sid = new_cookie(app.get("/set?a=1"))
+    events.clear()
+    store.failing = failing
+    resp = app.get(path, headers=jar(value), expect_errors=True)
+    status, outcome, old_id_valid = expected
+    assert resp.status_int == status
+    if status == 503:
+        assert resp.headers["Retry-After"] == "5"
+        assert resp.json["error"]["message"] == outcome
+        assert "Set-Cookie" not in resp.headers  # the client keeps its cookie to try again
+    else:
+        assert resp.headers.getall("Set-Cookie") == outcome
+    assert [e for e, _ in events] == ["store.error"] * len(failing)
+    store.failing = set()
+    assert list(store.inner.scan(KEY_PREFIX)) == ([KEY_PREFIX + sid] if old_id_valid else [])
+    assert (app.get("/get", headers=jar(value)).json == {"a": "1"}) is old_id_valid
+
+
+def test_a_logout_refused_with_503_can_be_retried(store: CountingStore) -> None:
+    app = make(store, on_store_error="open")
+    value, sid = new_cookie(app.get("/set?a=1"))
+    store.failing = {"delete"}
+    app.get("/destroy", headers=jar(value), status=503)
+    store.failing = set()
+    resp = app.get("/destroy", headers=jar(value), status=200)
+    assert resp.headers.getall("Set-Cookie") == [EXPIRED]
+    assert stored(store, sid) is None
+    assert app.get("/get", headers=jar(value)).json == {}
 
 
 # ------------------------------------------------------------- YAML level
