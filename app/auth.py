@@ -5,9 +5,12 @@ database and answers the token service's ``issue()`` dict; when the stack has
 a session layer it also rotates the session id and stores
 ``session["user"] = {"sub", "roles"}``.  Unknown users and wrong passwords
 get the same 401 after the same amount of hashing.  ``POST /auth/refresh``
-exchanges ``{"refresh_token"}``; ``POST /auth/logout`` destroys the session and
-revokes the bearer token and the ``refresh_token`` of the body, answering 204.
-Token responses carry ``Cache-Control: no-store``.
+exchanges ``{"refresh_token"}`` for a pair carrying the user's roles as the
+users database has them now; a user who was removed gets the 401 of a revoked
+token, and the token's family is revoked.  ``POST /auth/logout`` revokes the
+bearer token and the ``refresh_token`` of the body and destroys the session,
+answering 204; every credential is checked first, so a refused logout changes
+nothing.  Token responses carry ``Cache-Control: no-store``.
 
 The token service is the auth layer's ``context.services["tokens"]``, looked
 up per request because layers are built after the app; without it these
@@ -100,26 +103,31 @@ def auth_blueprint(state: AppState) -> Blueprint:
             session["user"] = {"sub": user.name, "roles": list(user.roles)}
         return _token_response(issued)
 
+    def current_roles(name: str) -> tuple[str, ...] | None:
+        """The roles ``name`` has now, or None when the user was removed (refresh re-checks the user)."""
+        user = state.users.get(name)
+        return None if user is None else user.roles
+
     @bp.post("/refresh")
     def refresh() -> Response:
         service = tokens("Token refresh")
         token = _string_field(_json_object(required=True), "refresh_token")
-        return _token_response(service.refresh(token))
+        return _token_response(service.refresh(token, current_roles=current_roles))
 
     @bp.post("/logout")
     def logout() -> Response:
+        # Everything that can refuse runs before anything changes: a logout answered with
+        # 4xx or 503 leaves the session and every token as they were, so it can be retried.
         body = _json_object(required=False)
         refresh_token = _string_field(body, "refresh_token") if body.get("refresh_token") is not None else None
         auth = Authorization.from_header(request.headers.get("Authorization"))
         bearer = auth.token if auth is not None and auth.type == "bearer" else None
+        revoked = [token for token in (bearer, refresh_token) if token]
+        if revoked:
+            tokens("Logout").revoke(*revoked)  # verifies every token before it blocklists any
         session = request.environ.get(SESSION)
         if session is not None:
-            session.destroy()
-        if bearer or refresh_token:
-            service = tokens("Logout")
-            for token in (bearer, refresh_token):
-                if token:
-                    service.revoke(token)
+            session.destroy()  # deleted when the response starts; a store failure there is a 503
         response = Response(status=204)
         del response.headers["Content-Type"]  # a 204 has no body, so no type
         return response

@@ -108,7 +108,16 @@ class _AuthRule(BaseModel):
     auth: Level = "required"
     roles: list[str] = Field(default_factory=list)
 
-
+    @model_validator(mode="after")
+    def _roles_need_required(self) -> _AuthRule:
+        # Roles are checked against an identity; with optional or none, a request that
+        # sends no credentials has none and would pass where a user without the role
+        # gets 403.  Refusing the combination keeps that hole out of every config.
+        if self.roles and self.auth != "required":
+            raise ValueError(f"roles need auth: required (this rule has auth: {self.auth}): a request without "
+                             "credentials has no roles to check, so it would pass where a user without the "
+                             "role gets 403; give anonymous requests a rule of their own, without roles")
+        return self
 
 
 def _ignore(event: str, **fields: Any) -> None:
@@ -427,8 +436,9 @@ class TokenService:
             base["aud"] = o.audience
         access_jti = secrets.token_urlsafe(16)
         # Recorded so that revoking the family can blocklist this access token too.
+        # Strict in both modes: a token the store does not know of would outlive its family's revocation.
         ttl = o.access_ttl + o.leeway + 1
-        self._store(lambda: self.store.set(f"family-access:{fam}:{access_jti}", b"1", ttl))
+        self._store(lambda: self.store.set(f"family-access:{fam}:{access_jti}", b"1", ttl), strict=True)
         access = self._sign({**base, "exp": now + o.access_ttl, "jti": access_jti, "typ": "access"})
         refresh = self._sign({**base, "exp": now + o.refresh_ttl, "jti": secrets.token_urlsafe(16),
                               "typ": "refresh"})
@@ -436,11 +446,28 @@ class TokenService:
                 "expires_in": o.access_ttl, "refresh_expires_in": o.refresh_ttl}
 
     def issue(self, subject: str, roles: Iterable[str] = ()) -> dict[str, Any]:
-        """Start a new family: an access token and a refresh token for ``subject``."""
+        """Start a new family: an access token and a refresh token for ``subject``.
+
+        The access token is recorded in its family before it is handed out (503
+        when the store cannot take it, in both ``on_store_error`` modes), so that
+        revoking the family always reaches it.
+        """
         return self._pair(subject, sorted(set(roles)), secrets.token_urlsafe(12))
 
-    def refresh(self, refresh_token: str) -> dict[str, Any]:
-        """Trade a refresh token for a new pair; a reused one revokes its family (401)."""
+    def refresh(
+        self,
+        refresh_token: str,
+        *,
+        current_roles: Callable[[str], Iterable[str] | None] | None = None,
+    ) -> dict[str, Any]:
+        """Trade a refresh token for a new pair; a reused one revokes its family (401).
+
+        ``current_roles(sub)`` lets the caller say who the subject is *now*: it
+        returns the subject's current roles, which the new pair carries, or
+        ``None`` when the subject no longer exists, which revokes the family and
+        refuses the refresh like a revoked token.  Without it, the new pair keeps
+        the roles of the refresh token (for apps that have no user store).
+        """
         try:
             claims = self.check(refresh_token, "refresh")
             fam = str(claims.get("fam", ""))
@@ -448,12 +475,23 @@ class TokenService:
                 raise _Invalid("invalid", "the refresh token has no fam claim")
             if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
                 raise _Invalid("revoked", "the token has been revoked")
+            subject = str(claims["sub"])
+            roles: Iterable[str] = claims.get("roles", [])
+            if current_roles is not None:
+                # Asked before the token is marked used, so a failing lookup does not burn it.
+                found = current_roles(subject)
+                if found is None:
+                    self._revoke_family(fam)
+                    raise _Invalid("unknown_subject", "the token has been revoked")
+                roles = found
+            # The new pair is made (its access token recorded) before the refresh token is marked
+            # used: a store failure while recording is a 503 the client can retry with the same token.
+            pair = self._pair(subject, sorted(set(roles)), fam)
             ttl = max(1.0, claims["exp"] - time.time() + self.options.leeway)
             jti = str(claims["jti"])
             if not self._store(lambda: self.store.add("refresh-used:" + jti, b"1", ttl), strict=True):
                 self._revoke_family(fam)
                 raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
-            pair = self._pair(str(claims["sub"]), list(claims.get("roles", [])), fam)
             # A reuse detected while this pair was being made revoked the family: refuse it too.
             if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
                 raise _Invalid("revoked", "the token has been revoked")
@@ -472,15 +510,22 @@ class TokenService:
 
         self._store(run, strict=True)
 
-    def revoke(self, token: str) -> None:
-        """Blocklist an access or refresh token's ``jti`` until it expires (401 if it is not ours)."""
+    def revoke(self, token: str, *more: str) -> None:
+        """Blocklist access or refresh tokens' ``jti`` until they expire (401 if one is not ours).
+
+        Every token is verified before any is blocklisted, so a refusal revokes
+        none of them; the blocklist entries then go to the store in one write.
+        Revoking a token again is harmless, so a 503 can simply be retried.
+        """
         try:
-            claims = self._decode(token, None, verify_exp=False)
+            every = [self._decode(t, None, verify_exp=False) for t in (token, *more)]
         except _Invalid as exc:
             raise self._refuse(exc) from None
-        ttl = claims["exp"] - time.time() + self.options.leeway
-        if ttl > 0:
-            self._store(lambda: self.store.set("revoked:" + str(claims["jti"]), b"1", ttl + 1), strict=True)
+        now, leeway = time.time(), self.options.leeway
+        sets = [("revoked:" + str(c["jti"]), b"1", c["exp"] - now + leeway + 1)
+                for c in every if c["exp"] - now + leeway > 0]
+        if sets:
+            self._store(lambda: self.store.write(sets), strict=True)
 
 
 class AuthMiddleware:
@@ -494,7 +539,8 @@ class AuthMiddleware:
     ``access_ttl`` (900 s), ``refresh_ttl`` (30 days); ``store``
     (``"shared"``: blocklist and refresh rotation); ``rules``
     (``{paths, methods?, auth: required|optional|none, roles: [...]}``, first
-    match wins, any listed role passes) and ``default`` (``required``);
+    match wins, any listed role passes, roles only with ``auth: required``)
+    and ``default`` (``required``);
     ``accept_session`` (true: the session's ``user`` counts when no bearer
     token is sent); ``realm`` (``"wsgistack"``); ``max_token_bytes`` (8192:
     longer Authorization headers get 431); ``on_store_error`` (``closed``:
@@ -518,10 +564,12 @@ class AuthMiddleware:
                                    logger=context.logger.getChild("auth"))
         context.services["tokens"] = self.tokens
         context.offer_read(self.tokens.store, "get", self._ahead)  # a rate limiter outside may read it for us
+        # A rule with roles always requires credentials: _AuthRule refuses anything else, and a
+        # rule that reached the layer without validation must not let anonymous requests skip them.
         self.rules = [
             (None if "*" in r.paths else re.compile("|".join(fnmatch.translate(p) for p in r.paths)),
              frozenset(r.methods) | ({"HEAD"} if "GET" in r.methods else set()) or None,
-             r.auth, frozenset(r.roles))
+             "required" if r.roles else r.auth, frozenset(r.roles))
             for r in options.rules
         ]
         self.default = options.default

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from middleware.base import Context
 from middleware.errors import ErrorsMiddleware
 from middleware.session import SessionMiddleware
 from middleware.validation import ValidationMiddleware
+from stores import StoreError
 from stores.memory import MemoryStore
 
 SECRET = "s" * 48
@@ -36,15 +37,18 @@ def users(tmp_path: Path) -> Iterator[UserStore]:
 class Stack:
     """errors → session → auth → Flask core, over one memory store."""
 
-    def __init__(self, tmp_path: Path, users: UserStore, *, validation: bool = False) -> None:
-        self.store = MemoryStore()
+    def __init__(self, tmp_path: Path, users: UserStore, *, validation: bool = False,
+                 store: MemoryStore | None = None, on_store_error: str = "closed") -> None:
+        self.store = store if store is not None else MemoryStore()
         self.context = Context(stores={"shared": self.store})
         self.flask = create_app({"var_dir": str(tmp_path), "users_db": str(users.path),
                                  "search": {"index_sources": ["json"]}}, self.context)
         auth = AuthMiddleware(self.flask, AuthMiddleware.Options(
-            secret=SECRET, rules=[{"paths": ["/auth/*", "/api/*/health"], "auth": "none"}]), self.context)
+            secret=SECRET, rules=[{"paths": ["/auth/*", "/api/*/health"], "auth": "none"}],
+            on_store_error=on_store_error), self.context)
         session = SessionMiddleware(auth, SessionMiddleware.Options(
-            secret_key="k" * 40, cookie_name=COOKIE, cookie_secure=False), self.context)
+            secret_key="k" * 40, cookie_name=COOKIE, cookie_secure=False, on_store_error=on_store_error),
+            self.context)
         inner: Any = ValidationMiddleware(session, ValidationMiddleware.Options(), self.context) \
             if validation else session
         self.app = TestApp(ErrorsMiddleware(inner, ErrorsMiddleware.Options(), self.context))
@@ -208,6 +212,38 @@ def test_an_access_token_cannot_be_refreshed(stack: Stack) -> None:
     assert response.json["error"]["message"] == "Unauthorized: only a refresh token can be refreshed."
 
 
+@pytest.mark.parametrize(
+    ("change", "roles"),
+    [
+        pytest.param(lambda users: users.set_roles("alice", ["user"]), ["user"], id="set-role takes admin away"),
+        pytest.param(lambda users: users.set_roles("alice", []), [], id="every role taken away"),
+        pytest.param(lambda users: users.set_roles("alice", ["admin", "ops", "user"]), ["admin", "ops", "user"],
+                     id="a role added"),
+    ],
+)
+def test_refresh_carries_the_roles_the_user_has_now(stack: Stack, users: UserStore,
+                                                    change: Callable[[UserStore], Any], roles: list[str]) -> None:
+    first = stack.login().json
+    change(users)
+    second = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}, status=200).json
+    assert stack.tokens.verify(second["access_token"])["roles"] == roles
+    assert stack.tokens.verify(second["refresh_token"], kind="refresh")["roles"] == roles
+
+
+def test_refresh_of_a_removed_user_is_refused_and_revokes_the_family(stack: Stack, users: UserStore) -> None:
+    first = stack.login().json
+    second = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}).json
+    users.remove("alice")
+    refused = stack.app.post_json("/auth/refresh", {"refresh_token": second["refresh_token"]}, status=401)
+    assert refused.json["error"]["message"] == "Unauthorized: the token has been revoked."
+    assert refused.headers["WWW-Authenticate"] == (
+        'Bearer realm="wsgistack", error="invalid_token", error_description="the token has been revoked"')
+    for pair in (first, second):  # the access tokens of the family are refused at once, not in 15 minutes
+        stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=401)
+    users.add("alice", "wonderland", ["admin"])  # a new user of the same name does not revive the family
+    stack.app.post_json("/auth/refresh", {"refresh_token": second["refresh_token"]}, status=401)
+
+
 # ------------------------------------------------------------------ logout
 
 
@@ -231,6 +267,83 @@ def test_logout_with_nothing_to_revoke_is_fine(stack: Stack) -> None:
 def test_logout_with_a_forged_token_is_refused(stack: Stack) -> None:
     response = stack.app.post("/auth/logout", headers=bearer("not.a.jwt"), status=401)
     assert response.json["error"]["message"] == "Unauthorized: the token is malformed."
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        pytest.param("refresh_token", "Unauthorized: the token is malformed.", id="malformed refresh_token"),
+        pytest.param("bearer", "Unauthorized: the token is malformed.", id="malformed bearer token"),
+        pytest.param("forged refresh_token", "Unauthorized: the token's signature is invalid.",
+                     id="refresh_token signed with another key"),
+    ],
+)
+def test_a_refused_logout_changes_nothing(stack: Stack, bad: str, message: str) -> None:
+    pair = stack.login().json
+    token = pair["refresh_token"]
+    forged = token[:-10] + ("A" if token[-10] != "A" else "B") + token[-9:]  # one character of the signature
+    body = {"refresh_token": {"refresh_token": "not.a.jwt", "forged refresh_token": forged}.get(
+        bad, pair["refresh_token"])}
+    headers = bearer("not.a.jwt" if bad == "bearer" else pair["access_token"])
+    response = stack.app.post_json("/auth/logout", body, headers=headers, status=401)
+    assert response.json["error"]["message"] == message
+    assert "Set-Cookie" not in response.headers
+    assert len(list(stack.store.scan("session:"))) == 1
+    assert list(stack.store.scan("revoked:")) == []
+    stack.app.get("/api/v1/search", {"q": "json"}, status=200)  # the session still authenticates
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
+    stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}, status=200)
+
+
+class SessionDeletesFail(MemoryStore):
+    """A memory store that cannot delete sessions while ``failing`` is true."""
+
+    failing = False
+
+    def delete(self, key: str) -> bool:
+        if self.failing and key.startswith("session:"):
+            raise StoreError("connection refused")
+        return super().delete(key)
+
+
+def test_a_logout_whose_session_cannot_be_deleted_is_a_503_that_can_be_retried(tmp_path: Path,
+                                                                               users: UserStore) -> None:
+    store = SessionDeletesFail()
+    stack = Stack(tmp_path, users, store=store, on_store_error="open")
+    pair = stack.login().json
+    store.failing = True
+    response = stack.app.post_json("/auth/logout", {"refresh_token": pair["refresh_token"]},
+                                   headers=bearer(pair["access_token"]), status=503)
+    assert response.json["error"]["message"] == (
+        "the session could not be ended because the session store is unavailable; try again shortly")
+    assert response.headers["Retry-After"] == "5"
+    assert "Set-Cookie" not in response.headers
+    assert len(list(store.scan("session:"))) == 1
+    store.failing = False
+    retried = stack.app.post_json("/auth/logout", {"refresh_token": pair["refresh_token"]},
+                                  headers=bearer(pair["access_token"]), status=204)
+    assert "Max-Age=0" in retried.headers["Set-Cookie"]
+    assert list(store.scan("session:")) == []
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=401)
+
+
+class FamilyWritesFail(MemoryStore):
+    """A memory store that cannot record access tokens in their family."""
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        if key.startswith("family-access:"):
+            raise StoreError("connection refused")
+        super().set(key, value, ttl)
+
+
+def test_login_answers_503_when_its_access_token_cannot_be_recorded(tmp_path: Path, users: UserStore) -> None:
+    store = FamilyWritesFail()
+    stack = Stack(tmp_path, users, store=store, on_store_error="open")
+    response = stack.login(status=503)
+    assert response.json["error"]["message"] == "The token store is unavailable; retry shortly."
+    assert response.headers["Retry-After"] == "5"
+    assert "Set-Cookie" not in response.headers
+    assert list(store.scan("session:")) == []
 
 
 # ---------------------------------------------------- without the auth layer

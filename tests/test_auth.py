@@ -28,10 +28,10 @@ from pydantic import ValidationError
 from webtest import TestApp
 from werkzeug.exceptions import HTTPException
 
-from middleware.auth import AuthMiddleware, TokenService
+from middleware.auth import AuthMiddleware, TokenService, _AuthRule
 from middleware.base import IDENTITY, SESSION, Context
 from middleware.errors import ErrorsMiddleware
-from stores import Store, store_from_url
+from stores import Store, StoreError, store_from_url
 from stores.breaker import CircuitBreaker
 from stores.memory import MemoryStore
 
@@ -110,13 +110,13 @@ def echo(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterabl
 class Stack:
     """errors → auth → echo, with the events the layer emitted."""
 
-    def __init__(self, backend: Store | None = None, **options: Any) -> None:
+    def __init__(self, backend: Store | None = None, *, built: Any = None, **options: Any) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.context = Context(stores={"shared": backend if backend is not None else MemoryStore()},
                                listeners=[lambda e, f: self.events.append((e, f))])
         if not any(k in options for k in ("public_keys", "jwks_file", "private_key")):
             options.setdefault("secret", SECRET)
-        self.layer = AuthMiddleware(echo, AuthMiddleware.Options(**options), self.context)
+        self.layer = AuthMiddleware(echo, built or AuthMiddleware.Options(**options), self.context)
         self.tokens: TokenService = self.context.services["tokens"]
         self.app = TestApp(ErrorsMiddleware(self.layer, ErrorsMiddleware.Options(), self.context))
 
@@ -337,6 +337,61 @@ def test_default_optional_and_rules_first_match() -> None:
     assert stack.call("/x").json is None
 
 
+ROLES_NEED_REQUIRED = ("roles need auth: required (this rule has auth: {}): a request without credentials has no "
+                       "roles to check, so it would pass where a user without the role gets 403; give anonymous "
+                       "requests a rule of their own, without roles")
+
+
+@pytest.mark.parametrize(("options", "who", "expected"), [
+    pytest.param({"default": "optional"}, None, (401, "missing"),
+                 id="default optional: a rule with roles still requires credentials"),
+    pytest.param({"default": "none"}, None, (401, "missing"),
+                 id="default none: a rule with roles still requires credentials"),
+    pytest.param({"default": "optional"}, "user", (403, "insufficient_role"),
+                 id="default optional: a user without the role"),
+    pytest.param({"default": "optional"}, "admin", (200, None), id="default optional: an admin"),
+    pytest.param({"rules": [_AuthRule.model_construct(paths=["/api/*/config"], methods=[], auth="optional",
+                                                      roles=["admin"])]}, None, (401, "missing"),
+                 id="a rule built past validation: anonymous still refused"),
+    pytest.param({"rules": [_AuthRule.model_construct(paths=["/api/*/config"], methods=[], auth="none",
+                                                      roles=["admin"])]}, "user", (403, "insufficient_role"),
+                 id="a rule built past validation: the role is still checked"),
+])
+def test_anonymous_requests_never_skip_roles(options: dict[str, Any], who: str | None,
+                                             expected: tuple[int, str | None]) -> None:
+    """The rule's own level (``required`` unless it says otherwise) goes with its roles, whatever ``default`` is."""
+    rules = options.pop("rules", [_AuthRule(paths=["/api/*/config"], roles=["admin"])])
+    # model_copy does not validate: it can hand the layer rules that _AuthRule would refuse.
+    stack = Stack(built=AuthMiddleware.Options(secret=SECRET, **options).model_copy(update={"rules": rules}))
+    response = stack.call("/api/v1/config", token=None if who is None else hs(claims(roles=[who])))
+    status, reason = expected
+    assert response.status_int == status
+    assert stack.reasons == ([reason] if reason else [])
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == MISSING
+
+
+def test_roles_without_auth_required_are_refused_by_check(tmp_path: Path) -> None:
+    config = tmp_path / "stack.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        app: {{factory: "stack_support:echo_app"}}
+        pipeline:
+          - auth:
+              secret: {SECRET}
+              default: optional
+              rules:
+                - {{paths: ["/api/*/config"], auth: optional, roles: [admin]}}
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(config), "check"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"{config}:7:"), first  # the rule's line
+    assert " pipeline[0].auth.rules[0]" in first, first
+    assert ROLES_NEED_REQUIRED.format("optional") in first, first
+
+
 # ------------------------------------------------------------------ session identity
 
 
@@ -470,9 +525,115 @@ def test_refresh_refuses_access_tokens_and_forgeries(store: Store) -> None:
     assert stack.reasons == ["wrong_token_type", "invalid_signature", "invalid"]
 
 
+@pytest.mark.parametrize(("current", "expected_roles"), [
+    pytest.param(["user", "admin", "user"], ["admin", "user"], id="a role was added"),
+    pytest.param(("user",), ["user"], id="a role was taken away"),
+    pytest.param((), [], id="every role was taken away"),
+])
+def test_refresh_carries_the_current_roles(store: Store, current: Iterable[str], expected_roles: list[str]) -> None:
+    stack = Stack(store)
+    first = stack.tokens.issue("ann", ["user", "auditor"])
+    asked: list[str] = []
+
+    def lookup(subject: str) -> Iterable[str]:
+        asked.append(subject)
+        return current
+
+    second = stack.tokens.refresh(first["refresh_token"], current_roles=lookup)
+    assert asked == ["ann"]
+    for kind in ("access_token", "refresh_token"):
+        assert jwt.decode(second[kind], SECRET, algorithms=["HS256"])["roles"] == expected_roles
+    assert stack.call(token=second["access_token"]).json == {"sub": "ann", "roles": expected_roles, "source": "jwt"}
+    third = stack.tokens.refresh(second["refresh_token"])  # without a lookup, the token's roles are kept
+    assert jwt.decode(third["access_token"], SECRET, algorithms=["HS256"])["roles"] == expected_roles
+
+
+def test_refresh_of_a_subject_that_no_longer_exists_revokes_the_family(store: Store) -> None:
+    stack = Stack(store)
+    first = stack.tokens.issue("ann", ["admin"])
+    second = stack.tokens.refresh(first["refresh_token"])
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.refresh(second["refresh_token"], current_roles=lambda sub: None)
+    assert info.value.code == 401
+    assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
+        ("WWW-Authenticate", challenge("the token has been revoked"))]
+    fam = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["fam"]
+    assert store.get(f"family-revoked:{fam}") == b"1"
+    for pair in (first, second):
+        assert stack.call(token=pair["access_token"]).status_int == 401
+    with pytest.raises(HTTPException) as again:  # and the refresh token stays refused, lookup or not
+        stack.tokens.refresh(second["refresh_token"])
+    assert again.value.code == 401
+    assert stack.reasons == ["unknown_subject", "revoked", "revoked", "revoked"]
+
+
+def test_a_failing_lookup_does_not_use_up_the_refresh_token(store: Store) -> None:
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann", ["user"])
+
+    def locked(subject: str) -> None:
+        raise RuntimeError("the users database is locked")
+
+    with pytest.raises(RuntimeError, match="the users database is locked"):
+        stack.tokens.refresh(pair["refresh_token"], current_roles=locked)
+    assert stack.tokens.refresh(pair["refresh_token"])["token_type"] == "Bearer"
+
+
+def test_revoke_checks_every_token_before_revoking_any(store: Store) -> None:
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann", ["user"])
+    jtis = [jwt.decode(pair[k], SECRET, algorithms=["HS256"])["jti"] for k in ("access_token", "refresh_token")]
+    for bad in ("not.a.jwt", hs(claims(), OTHER_SECRET)):
+        with pytest.raises(HTTPException) as info:
+            stack.tokens.revoke(pair["access_token"], pair["refresh_token"], bad)
+        assert info.value.code == 401
+    assert [store.get(f"revoked:{jti}") for jti in jtis] == [None, None]
+    assert stack.call(token=pair["access_token"]).status_int == 200
+    stack.tokens.revoke(pair["access_token"], pair["refresh_token"])
+    assert [store.get(f"revoked:{jti}") for jti in jtis] == [b"1", b"1"]
+    stack.tokens.revoke(pair["access_token"])  # again: harmless, so a logout can be retried
+    assert stack.call(token=pair["access_token"]).status_int == 401
+
+
+class FailingStore(MemoryStore):
+    """A memory store whose writes of keys starting with one of ``failing`` raise StoreError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: tuple[str, ...] = ()
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        if key.startswith(self.failing):
+            raise StoreError("connection refused")
+        super().set(key, value, ttl)
+
+
+@pytest.mark.parametrize(("mode", "call"), [
+    pytest.param("closed", "issue", id="closed: login"),
+    pytest.param("open", "issue", id="open: login"),
+    pytest.param("closed", "refresh", id="closed: refresh"),
+    pytest.param("open", "refresh", id="open: refresh"),
+])
+def test_a_token_that_cannot_be_recorded_in_its_family_is_not_issued(mode: str, call: str) -> None:
+    store = FailingStore()
+    stack = Stack(store, on_store_error=mode)
+    pair = stack.tokens.issue("ann", ["user"])
+    store.failing = ("family-access:",)
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.issue("ann") if call == "issue" else stack.tokens.refresh(pair["refresh_token"])
+    assert info.value.code == 503
+    assert info.value.description == "The token store is unavailable; retry shortly."
+    assert info.value.wsgistack_headers == [("Retry-After", "5")]  # type: ignore[attr-defined]
+    assert [f for e, f in stack.events if e == "store.error"] == [{"store": "shared", "layer": "auth"}]
+    assert len(list(store.scan("family-access:"))) == 1  # only the first login's access token
+    store.failing = ()
+    if call == "refresh":  # nothing was used up: the same refresh token works once the store answers
+        assert stack.tokens.refresh(pair["refresh_token"])["token_type"] == "Bearer"
+
+
 REVOKER = textwrap.dedent("""
     import sys
-    from middleware.auth import AuthMiddleware, TokenService
+    from middleware.auth import AuthMiddleware, TokenService, _AuthRule
     from stores import store_from_url
     url, secret, token = sys.argv[1:4]
     store = store_from_url(url)
@@ -610,6 +771,10 @@ def test_relative_key_paths_resolve_beside_the_config_file(rsa_key: Any, tmp_pat
                  "path pattern 'admin' must start with '/' (or be '*')", id="rule path"),
     pytest.param({"secret": SECRET, "on_store_error": "ignore"}, "Input should be 'open' or 'closed'",
                  id="on_store_error"),
+    pytest.param({"secret": SECRET, "rules": [{"paths": ["/api/*/config"], "auth": "optional", "roles": ["admin"]}]},
+                 ROLES_NEED_REQUIRED.format("optional"), id="roles with auth optional"),
+    pytest.param({"secret": SECRET, "rules": [{"paths": ["/api/*/config"], "auth": "none", "roles": ["admin"]}]},
+                 ROLES_NEED_REQUIRED.format("none"), id="roles with auth none"),
 ])
 def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
