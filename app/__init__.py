@@ -29,6 +29,7 @@ from app.search import make_engine
 from app.session_adapter import StackSessionInterface
 from app.state import SUPPORTED_VERSIONS, AppState
 from app.users import UserStore
+from middleware.auth import USER_ROLES
 from middleware.base import Context
 
 __all__ = ["AppOptions", "AppState", "SearchOptions", "create_app"]
@@ -55,6 +56,9 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
 
     state = AppState(opts, ctx, make_engine(opts.search), UserStore(opts.users_path))
     app.extensions["wsgistack"] = state
+    # The auth layer gives a session identity the roles the user has now (a removed user's session
+    # identifies no one), so `serve.py users remove/set-role` takes effect within a second.
+    ctx.services[USER_ROLES] = state.user_roles
     install_error_handlers(app, debug=opts.debug, logger=ctx.logger.getChild("app"))
     app.before_request(_note_route)
 

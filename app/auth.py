@@ -103,16 +103,11 @@ def auth_blueprint(state: AppState) -> Blueprint:
             session["user"] = {"sub": user.name, "roles": list(user.roles)}
         return _token_response(issued)
 
-    def current_roles(name: str) -> tuple[str, ...] | None:
-        """The roles ``name`` has now, or None when the user was removed (refresh re-checks the user)."""
-        user = state.users.get(name)
-        return None if user is None else user.roles
-
     @bp.post("/refresh")
     def refresh() -> Response:
         service = tokens("Token refresh")
         token = _string_field(_json_object(required=True), "refresh_token")
-        return _token_response(service.refresh(token, current_roles=current_roles))
+        return _token_response(service.refresh(token, current_roles=state.user_roles))
 
     @bp.post("/logout")
     def logout() -> Response:

@@ -28,6 +28,11 @@ class AppState:
         """A service a layer published (looked up per request: layers are built after the app)."""
         return self.context.services.get(name)
 
+    def user_roles(self, name: str) -> tuple[str, ...] | None:
+        """The roles ``name`` has now, or None when there is no such user (published as ``user_roles``)."""
+        user = self.users.get(name)
+        return None if user is None else user.roles
+
     def close(self) -> None:
         """Close the index connections and the users database."""
         self.engine.close()

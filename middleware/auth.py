@@ -50,6 +50,7 @@ from middleware.base import (
     Methods,
     PathGlobs,
     decoded_path,
+    escape_control,
     note,
     read_ahead,
     refuse,
@@ -61,9 +62,14 @@ if TYPE_CHECKING:
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["AuthMiddleware", "TokenService"]
+__all__ = ["ROLES_FRESH", "USER_ROLES", "AuthMiddleware", "TokenService"]
 
 _NO_ROLES: frozenset[str] = frozenset()
+#: ``context.services`` name of ``roles(subject) -> roles | None`` (None: no such user), which the
+#: app publishes so that a session identity carries the user's roles of now (the Flask core does).
+USER_ROLES = "user_roles"
+#: Seconds a looked-up user's roles are reused (per process) before the lookup runs again.
+ROLES_FRESH = 1.0
 
 Level = Literal["required", "optional", "none"]
 _HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum secret bytes (RFC 7518 §3.2)
@@ -576,6 +582,7 @@ class AuthMiddleware:
         self.accept_session = options.accept_session
         self.max_bytes = options.max_token_bytes
         self.challenge = f"Bearer realm={_quote(options.realm)}"
+        self._roles_now: dict[str, tuple[float, frozenset[str] | None]] = {}  # subject -> (until, roles)
 
     def _bearer(self, environ: WSGIEnvironment) -> str | None:
         """The bearer token of the request (parsed once per request), or None; over ``max_token_bytes`` too."""
@@ -598,8 +605,35 @@ class AuthMiddleware:
         user: Mapping[str, Any] | None = session.get("user") if session is not None else None
         if not isinstance(user, dict) or not isinstance(user.get("sub"), str):
             return None
+        subject: str = user["sub"]
         roles = user.get("roles")
-        return Identity(user["sub"], frozenset(roles if isinstance(roles, list | tuple) else ()), "session", user)
+        held = frozenset(roles if isinstance(roles, list | tuple) else ())
+        lookup = self.context.services.get(USER_ROLES)
+        if lookup is not None:  # the roles the user has now, not those copied into the session at login
+            current = self._current_roles(lookup, subject)
+            if current is None:
+                note(environ, "auth", f"session user {subject!r} no longer exists: no identity")
+                return None
+            held = current
+        return Identity(subject, held, "session", user)
+
+    def _current_roles(self, lookup: Any, subject: str) -> frozenset[str] | None:
+        """``lookup(subject)`` as a frozenset (None: no such user), reused for ``ROLES_FRESH`` seconds."""
+        now = time.monotonic()
+        cached = self._roles_now.get(subject)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            found = lookup(subject)
+        except Exception:  # a user store that cannot answer identifies no one (fail closed)
+            self.context.logger.getChild("auth").exception("could not look up the roles of session user %r",
+                                                            escape_control(subject))
+            return None
+        roles = None if found is None else frozenset(found)
+        if len(self._roles_now) >= 10_000:
+            self._roles_now.clear()
+        self._roles_now[subject] = (now + ROLES_FRESH, roles)
+        return roles
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")

@@ -38,13 +38,14 @@ class Stack:
     """errors → session → auth → Flask core, over one memory store."""
 
     def __init__(self, tmp_path: Path, users: UserStore, *, validation: bool = False,
-                 store: MemoryStore | None = None, on_store_error: str = "closed") -> None:
+                 store: MemoryStore | None = None, on_store_error: str = "closed",
+                 rules: list[dict[str, Any]] | None = None) -> None:
         self.store = store if store is not None else MemoryStore()
         self.context = Context(stores={"shared": self.store})
         self.flask = create_app({"var_dir": str(tmp_path), "users_db": str(users.path),
                                  "search": {"index_sources": ["json"]}}, self.context)
         auth = AuthMiddleware(self.flask, AuthMiddleware.Options(
-            secret=SECRET, rules=[{"paths": ["/auth/*", "/api/*/health"], "auth": "none"}],
+            secret=SECRET, rules=[{"paths": ["/auth/*", "/api/*/health"], "auth": "none"}, *(rules or [])],
             on_store_error=on_store_error), self.context)
         session = SessionMiddleware(auth, SessionMiddleware.Options(
             secret_key="k" * 40, cookie_name=COOKIE, cookie_secure=False, on_store_error=on_store_error),
@@ -242,6 +243,40 @@ def test_refresh_of_a_removed_user_is_refused_and_revokes_the_family(stack: Stac
         stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=401)
     users.add("alice", "wonderland", ["admin"])  # a new user of the same name does not revive the family
     stack.app.post_json("/auth/refresh", {"refresh_token": second["refresh_token"]}, status=401)
+
+
+@pytest.mark.parametrize(
+    ("user", "change", "before", "after"),
+    [
+        pytest.param("alice", lambda users: users.set_roles("alice", ["user"]), 200, 403, id="admin taken away"),
+        pytest.param("bob", lambda users: users.set_roles("bob", ["admin"]), 403, 200, id="admin given"),
+        pytest.param("alice", lambda users: users.remove("alice"), 200, 401, id="user removed"),
+    ],
+)
+def test_a_session_carries_the_roles_the_user_has_now(tmp_path: Path, users: UserStore,
+                                                      monkeypatch: pytest.MonkeyPatch, user: str,
+                                                      change: Callable[[UserStore], Any], before: int,
+                                                      after: int) -> None:
+    """`serve.py users set-role/remove` reaches logged-in sessions, not only the next refresh."""
+    monkeypatch.setattr("middleware.auth.ROLES_FRESH", 0.0)
+    stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "roles": ["admin"]}])
+    stack.login(user, {"alice": "wonderland", "bob": "builder"}[user])
+    stack.app.get("/api/v1/config", status=before)  # the session cookie is the only credential
+    change(users)
+    response = stack.app.get("/api/v1/config", status=after)
+    if after == 401:
+        assert response.json["error"]["message"] == "Unauthorized: this resource needs a bearer token."
+
+
+def test_session_roles_are_looked_up_at_most_once_a_second(tmp_path: Path, users: UserStore) -> None:
+    stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "roles": ["admin"]}])
+    stack.login()
+    calls: list[str] = []
+    lookup = stack.context.services["user_roles"]
+    stack.context.services["user_roles"] = lambda name: calls.append(name) or lookup(name)
+    for _ in range(5):
+        stack.app.get("/api/v1/config", status=200)
+    assert calls == ["alice"]
 
 
 # ------------------------------------------------------------------ logout
