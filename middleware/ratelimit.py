@@ -27,12 +27,12 @@ import time
 import weakref
 from functools import lru_cache
 from math import ceil, floor, inf
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import redis
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, RedisStorage
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.exceptions import NoScriptError, RedisError
 
 from middleware.base import (
@@ -72,16 +72,19 @@ def _limit_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-def _check_limits(value: list[str]) -> list[str]:
-    for text in value:
-        try:
-            parse_many(text)
-        except ValueError:
-            raise ValueError(
-                f"{text!r} is not a rate limit; write it like '10/second' or '100 per minute' "
-                "(units: second, minute, hour, day, month, year)"
-            ) from None
-    return value
+def _check_limit(text: str) -> str:
+    try:
+        parse_many(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a rate limit; write it like '10/second' or '100 per minute' "
+            "(units: second, minute, hour, day, month, year)"
+        ) from None
+    return text
+
+
+#: One ``limits`` string, checked on its own so an error names its index (``limits[1]``).
+Limit = Annotated[str, AfterValidator(_check_limit)]
 
 
 def _check_key(value: str | list[str] | None) -> str | list[str] | None:
@@ -100,12 +103,11 @@ class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     paths: PathGlobs = Field(default_factory=lambda: ["*"])
     methods: Methods = Field(default_factory=list)
-    limits: list[str] = Field(default_factory=list)
+    limits: list[Limit] = Field(default_factory=list)
     key: str | list[str] | None = None
     strategy: Strategy | None = None
 
     _split = field_validator("limits", mode="before")(_limit_list)
-    _limits = field_validator("limits")(_check_limits)
     _key = field_validator("key")(_check_key)
 
 
@@ -380,7 +382,7 @@ class RateLimitMiddleware:
 
     class Options(LayerOptions):
         store: str = "shared"
-        limits: list[str] = Field(default_factory=list)
+        limits: list[Limit] = Field(default_factory=list)
         key: str | list[str] = "client_ip"
         strategy: Strategy = "fixed-window"
         rules: list[_Rule] = Field(default_factory=list)
@@ -390,7 +392,6 @@ class RateLimitMiddleware:
         namespace: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
 
         _split = field_validator("limits", mode="before")(_limit_list)
-        _limits = field_validator("limits")(_check_limits)
         _key = field_validator("key")(_check_key)
 
         @model_validator(mode="after")
