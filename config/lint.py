@@ -178,8 +178,12 @@ def ratelimit_namespaces(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[P
         seen.append(spec)
 
 
+#: Layers that refuse requests: outside cors, their refusals would reach a page without CORS headers.
+REFUSING = ("validation", "ratelimit", "session", "csrf", "auth", "versioning")
+
+
 def cors_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
-    for inner in ("auth", "ratelimit", "csrf", "session"):
+    for inner in REFUSING:
         for other, cors in _before(specs, inner, "cors"):
             yield _problem(cfg, cors, f"cors at {_where(cors)} is inside {inner} at {_where(other)}: preflights "
                                       f"would meet {inner} first and its refusals would lack CORS headers",
@@ -361,6 +365,18 @@ def proxy_twice(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
                       ("server", "trusted_proxy"), cfg.document.file, line, col, "warning")
 
 
+def proxy_headers_kept(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    layer = cfg.forwarding_layer
+    if layer is None or cfg.server.trusted_proxy or cfg.server.clear_untrusted_proxy_headers is not True:
+        return
+    line, col = cfg.document.locate(("server", "clear_untrusted_proxy_headers"))
+    yield Problem(f"clear_untrusted_proxy_headers is true and trusted_proxy is unset: Waitress would remove every "
+                  f"X-Forwarded-* and Forwarded header before {layer.name} at {_where(layer)} reads them, so every "
+                  "request would seem to come from the proxy itself; remove the setting (it is then off while a "
+                  "layer reads the headers) or set it to false",
+                  ("server", "clear_untrusted_proxy_headers"), cfg.document.file, line, col)
+
+
 def request_id_early(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     rid = _first(specs, "request_id")
     if rid is None:
@@ -436,6 +452,7 @@ RULES: list[Rule] = [
     operator_page_position,
     unknown_stores,
     proxy_twice,
+    proxy_headers_kept,
     request_id_early,
     validation_first,
     headers_cover_refusals,

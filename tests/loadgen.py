@@ -78,12 +78,12 @@ pipeline:
   - metrics: {{}}
   - access_log: {{file: "{var_dir}/access.log"}}
   - headers: {{}}
-  - validation: {{max_body_bytes: 1048576, max_query_length: 2048}}
   - cors:
       origins: ["{origin}"]
       allow_methods: [GET, POST, PUT, DELETE]
       allow_headers: [Authorization, Content-Type, X-Request-ID, X-API-Version]
       allow_credentials: true
+  - validation: {{max_body_bytes: 1048576, max_query_length: 2048}}
   - ratelimit:
       store: shared
       key: client_ip

@@ -176,6 +176,33 @@ def problems(text: str) -> list[str]:
             id="operator page outside proxy",
         ),
         pytest.param(
+            "server: {clear_untrusted_proxy_headers: true}\npipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
+            "stack.yaml:3:41 server.clear_untrusted_proxy_headers: clear_untrusted_proxy_headers is true and "
+            "trusted_proxy is unset: Waitress would remove every X-Forwarded-* and Forwarded header before proxy at "
+            "pipeline[1] reads them, so every request would seem to come from the proxy itself; remove the setting "
+            "(it is then off while a layer reads the headers) or set it to false",
+            id="Waitress told to strip the headers the proxy layer reads",
+        ),
+        pytest.param(
+            "server: {clear_untrusted_proxy_headers: true}\npipeline:\n  - errors: {}\n"
+            "  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n",
+            "stack.yaml:3:41 server.clear_untrusted_proxy_headers: clear_untrusted_proxy_headers is true and "
+            "trusted_proxy is unset: Waitress would remove every X-Forwarded-* and Forwarded header before "
+            "werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] reads them",
+            id="Waitress told to strip the headers ProxyFix reads",
+        ),
+        pytest.param(
+            "pipeline:\n  - validation: {}\n  - cors: {origins: ['https://a.example']}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: cors at pipeline[1] is inside validation at pipeline[0]: "
+            "preflights would meet validation first and its refusals would lack CORS headers",
+            id="cors inside validation",
+        ),
+        pytest.param(
+            "pipeline:\n  - versioning: {supported: [v1]}\n  - cors: {origins: ['https://a.example']}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: cors at pipeline[1] is inside versioning at pipeline[0]",
+            id="cors inside versioning",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:5 pipeline[0]: cache names store 'sharde', which the stores section does not define",
             id="unknown store",
@@ -204,6 +231,12 @@ def test_lint(pipeline: str, expected: str) -> None:
             "  - ratelimit: {limits: ['100/minute'], paths: ['/auth/*'], namespace: auth}\n",
             id="two ratelimits, each in its namespace",
         ),
+        pytest.param("pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
+                     id="proxy layer; Waitress leaves the headers to it"),
+        pytest.param("server: {clear_untrusted_proxy_headers: false}\npipeline:\n  - errors: {}\n"
+                     "  - proxy: {x_for: 1}\n", id="proxy layer, headers kept explicitly"),
+        pytest.param("pipeline:\n  - errors: {}\n  - cors: {origins: ['https://a.example']}\n  - validation: {}\n"
+                     "  - versioning: {supported: [v1]}\n", id="cors outside the layers that refuse"),
     ],
 )
 def test_clean_orders_pass(pipeline: str) -> None:

@@ -56,11 +56,11 @@ pipeline:
   - access_log: {{stream: stdout}}
   - operator_page: {{path: /_stack}}
   - headers: {{}}
-  - validation: {{max_query_length: 2048}}
   - cors:
       origins: ["{origin}"]
       allow_credentials: true
       expose_headers: [X-Request-ID, Server-Timing]
+  - validation: {{max_query_length: 2048}}
   - ratelimit: {{store: shared, limits: ["100/minute"]}}
   - session: {{store: shared, secret_key: "${{SESSION_SECRET}}", cookie_name: sid, cookie_secure: false}}
   - csrf: {{cookie_name: sid, trusted_origins: ["{origin}"]}}
