@@ -8,8 +8,9 @@
     python serve.py [-c stack.yaml] cache purge '/api/v1/search*'
 
 The module-level ``app`` lets any WSGI server host the same stack
-(``gunicorn serve:app``); it reads ``$WSGISTACK_CONFIG`` (default
-``stack.yaml``) on the first request.
+(``gunicorn serve:app``): taking the attribute builds ``$WSGISTACK_CONFIG``
+(default ``stack.yaml``), so an invalid file stops the server at startup with
+its located errors.  Importing the module builds nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import json
 import logging
 import os
 import select
@@ -31,9 +33,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from config import ConfigError, LayerSpec, Problem, build_from_file, check, read_file
-from config.build import parse
+from config.build import BuiltStack, StackConfig, parse
 from config.live import LiveStack
 from config.registry import LAYERS, resolve
+from config.schema import LoggingOptions
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -47,17 +50,58 @@ def _print_problems(problems: Iterable[Problem], stream: Any = None) -> None:
         print(problem, file=stream or sys.stderr)
 
 
-def _setup_logging(level: str = "INFO") -> None:
+#: The environment variable that overrides ``logging.level``.
+LOG_LEVEL_ENV = "WSGISTACK_LOG_LEVEL"
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+#: The handler serve.py gives the root logger (None until :func:`_setup_logging` adds it).
+_handler: logging.Handler | None = None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``request_id``, ``message`` (and ``exception``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", None),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line)  # ASCII, control characters escaped: one line whatever the message holds
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT)
+
+
+def _setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    global _handler
     from middleware.access_log import LineHandler
     from middleware.request_id import RequestIdLogFilter
 
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdLogFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    handler.setFormatter(_formatter(fmt))
+    if not logging.getLogger().handlers:
+        _handler = handler
     logging.basicConfig(level=level, handlers=[handler])
     access = logging.getLogger("wsgistack.access")  # already one JSON line per request: print it as is
     access.handlers[:] = [LineHandler(sys.stdout)]
     access.propagate = False
+
+
+def _apply_logging(options: LoggingOptions) -> None:
+    """Apply stack.yaml's ``logging:`` (at start and on every reload); ``$WSGISTACK_LOG_LEVEL`` overrides the level."""
+    level = os.environ.get(LOG_LEVEL_ENV) or options.level
+    logging.getLogger().setLevel(level)
+    if _handler is not None:
+        _handler.setFormatter(_formatter(options.format))
 
 
 # ---------------------------------------------------------------- serve
@@ -212,8 +256,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     """
     from waitress.server import create_server
 
-    server_opts = live.current.config.server
-    kwargs = server_opts.waitress_kwargs()
+    kwargs = dict(live.waitress_kwargs)  # the settings the process started with, also after a reload
     kwargs.pop("listen")
     kwargs.pop("backlog")
     server = create_server(live, sockets=sockets, **kwargs)
@@ -317,6 +360,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     old_wakeup = signal.set_wakeup_fd(wake_w)
     for sig in (*HANDLED, signal.SIGCHLD):
         signal.signal(sig, note_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # blocked since the sockets were bound (cmd_serve)
     log.info("supervising %d workers: %s", len(slots), ", ".join(map(str, children)))
     stopping_since: float | None = None
     incomplete = False
@@ -401,11 +445,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print_problems(exc.problems)
         print(f"{args.config}: refusing to start with an invalid configuration", file=sys.stderr)
         return 2
+    _apply_logging(live.current.config.logging)
+    live.on_reload.append(lambda built: _apply_logging(built.config.logging))
     _print_problems(live.current.warnings)
     server = live.current.config.server
+    # From the moment the port is open, a SIGHUP or SIGTERM waits for the server's handlers (it would
+    # otherwise end the process with the default action); _run_waitress and _supervise unblock them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
         slots = _slots(server.listen, server.backlog, server.workers)
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         print(f"cannot listen on {' '.join(server.listen)}: {exc}", file=sys.stderr)
         return 2
     sockets = slots[0]
@@ -456,25 +506,47 @@ def _type_name(annotation: Any) -> str:
     return text or str(annotation).replace("typing.", "")
 
 
+def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
+    """The layer's page in docs/layers/ and the first sentence of each option's row in its table."""
+    page = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "layers", f"{name}.md")
+    try:
+        with open(page, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None, {}
+    docs: dict[str, str] = {}
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`") and cells[0].endswith("`"):
+            text = cells[-1]
+            end = text.find(". ")
+            docs.setdefault(cells[0].strip("`"), text if end < 0 else text[:end + 1])
+    return os.path.relpath(page, os.path.dirname(os.path.abspath(__file__))), docs
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     from pydantic_core import PydanticUndefined
 
     for name in LAYERS:
         try:
             target = resolve(name)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:
             print(f"{name}: cannot import ({exc})\n")
             continue
         doc = (inspect.getdoc(inspect.getmodule(target)) or "").split("\n\n")[0].replace("\n", " ")
+        page, option_docs = _option_docs(name)
         print(f"{name}  ({LAYERS[name]})\n    {doc}")
+        if page:
+            print(f"    docs: {page}")
         model = getattr(target, "Options", None)
         for field_name, info in (model.model_fields.items() if model else ()):
             default: Any = info.default
             if default is PydanticUndefined:
                 default = info.default_factory() if info.default_factory else "(required)"
             line = f"    {field_name}: {_type_name(info.annotation)} = {default!r}"
-            if info.description:
-                line += f"\n        {info.description.strip().splitlines()[0]}"
+            text = info.description.strip().splitlines()[0] if info.description else option_docs.get(field_name)
+            if text:
+                line += f"\n        {text}"
             print(line)
         print("    paths, exclude_paths, methods: scope (any layer)\n")
     return 0
@@ -483,19 +555,19 @@ def cmd_layers(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- explain
 
 
-def _waitress_view(built: Any, app: Any) -> Any:
-    """Apply Waitress's own proxy-header handling, as the real server would."""
-    server = built.config.server
-    if not server.trusted_proxy:
+def _waitress_view(built: BuiltStack, app: Any) -> Any:
+    """Apply Waitress's own proxy-header handling exactly as the real server will (waitress/server.py)."""
+    kw = built.config.waitress_kwargs()
+    if not kw.get("trusted_proxy") and not kw["clear_untrusted_proxy_headers"]:
         return app
     from waitress.proxy_headers import proxy_headers_middleware
 
     return proxy_headers_middleware(
         app,
-        trusted_proxy=server.trusted_proxy,
-        trusted_proxy_count=server.trusted_proxy_count or 1,
-        trusted_proxy_headers=set(server.trusted_proxy_headers),
-        clear_untrusted=server.clear_untrusted_proxy_headers,
+        trusted_proxy=kw.get("trusted_proxy"),
+        trusted_proxy_count=kw.get("trusted_proxy_count", 1),
+        trusted_proxy_headers=kw.get("trusted_proxy_headers", set()),
+        clear_untrusted=kw["clear_untrusted_proxy_headers"],
     )
 
 
@@ -607,16 +679,40 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if not specs:
             print(f"{args.config}: the pipeline has no cache layer", file=sys.stderr)
             return 2
+        local = [s for s in specs if config.stores[s.options.store].url.startswith("memory:")]
+        if local:
+            _print_problems(_purge_in_process(config, spec, args.pattern) for spec in local)
+            return 2
         stores = make_stores(config)
     except ConfigError as exc:
         _print_problems(exc.problems)
         return 2
     total = 0
-    for spec in specs:
-        store = stores[spec.options.store]
-        total += purge(store, args.pattern, prefix=spec.options.key_prefix)
+    try:
+        for spec in specs:
+            store = stores[spec.options.store]
+            total += purge(store, args.pattern, prefix=spec.options.key_prefix)
+    finally:
+        for store in stores.values():
+            store.close()
     print(f"purged {total} cached response(s) matching {args.pattern!r}")
     return 0
+
+
+def _purge_in_process(config: StackConfig, spec: LayerSpec, pattern: str) -> Problem:
+    """Why ``cache purge`` cannot reach a cache on a memory:// store, and what to do instead."""
+    store = spec.options.store
+    if spec.options.purge_path:
+        how = (f"send POST {spec.options.purge_path}?pattern={pattern} to the running server with the token of "
+               "a user with a role in purge_roles")
+    else:
+        how = (f"set the cache layer's purge_path (e.g. /_stack/cache/purge) and send POST "
+               f"<purge_path>?pattern={pattern} to the running server with an admin's token")
+    return config.document.problem(
+        ("stores", store),
+        f"the cache at pipeline[{spec.index}] keeps its responses in store {store!r} (memory://), inside the "
+        f"running server's process: this command would purge an empty copy of its own; {how}",
+    )
 
 
 # ---------------------------------------------------------------- entry points
@@ -677,30 +773,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         # client closing its socket must raise EPIPE in that one thread, not end the process.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     load_dotenv(os.path.join(os.path.dirname(os.path.abspath(args.config)), ".env"))
-    _setup_logging(os.environ.get("WSGISTACK_LOG_LEVEL", "INFO"))
+    _setup_logging(os.environ.get(LOG_LEVEL_ENV) or "INFO")
     return COMMANDS[args.command or "serve"](args)
 
 
-class _LazyStack:
-    """The module-level ``app``: builds ``$WSGISTACK_CONFIG`` on the first request."""
+_app_lock = threading.Lock()
 
-    def __init__(self) -> None:
-        self._live: LiveStack | None = None
-        self._lock = threading.Lock()
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        live = self._live
+def __getattr__(name: str) -> Any:
+    """``serve:app`` (PEP 562): the first time any WSGI server takes it, build ``$WSGISTACK_CONFIG``.
+
+    An invalid file prints its located errors and raises :class:`ConfigError`,
+    so the server stops at startup instead of answering 500 to every request.
+    """
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _app_lock:
+        live = globals().get("app")
         if live is None:
-            with self._lock:
-                if self._live is None:
-                    path = os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
-                    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
-                    self._live = LiveStack(path)
-                live = self._live
-        return live(environ, start_response)
+            live = globals()["app"] = _hosted_stack()
+    return live
 
 
-app = _LazyStack()
+def _hosted_stack() -> LiveStack:
+    """The stack for another WSGI server: the host owns logging; ``logging.level`` sets the wsgistack loggers'."""
+    path = os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
+    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
+    try:
+        live = LiveStack(path)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        print(f"{path}: refusing to start with an invalid configuration", file=sys.stderr)
+        raise
+    _print_problems(live.current.warnings)
+    logging.getLogger("wsgistack").setLevel(os.environ.get(LOG_LEVEL_ENV) or live.current.config.logging.level)
+    return live
+
 
 if __name__ == "__main__":
     sys.exit(main())

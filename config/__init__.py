@@ -76,11 +76,25 @@ def load(document: Document, *, strict: bool = True) -> tuple[StackConfig, list[
 
 
 def check(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> list[Problem]:
-    """Every problem of a stack.yaml (errors and warnings), without building anything."""
+    """Every problem of a stack.yaml (errors and warnings), as ``serve`` would find them.
+
+    A file that validates and lints without errors is also built, as ``serve``
+    builds it, and closed again: store URLs are parsed (no connection is
+    made), listen host names resolved (nothing is bound), the app and every
+    layer constructed, so a factory's keyword arguments and the files layers
+    open are tried too (the access log file is created when it is missing).
+    """
+    base = FsPath(path).resolve().parent
     try:
-        _, problems = load(read_file(path, env=env), strict=False)
+        config, problems = load(_relative_to(read_file(path, env=env), base), strict=False)
     except ConfigError as exc:
         return exc.problems
+    if any(p.severity == "error" for p in problems):
+        return problems
+    try:
+        build(config).close()
+    except ConfigError as exc:
+        return [*exc.problems, *problems]
     return problems
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import ipaddress
 import logging
+import re
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,12 +23,13 @@ from pydantic import BaseModel, ValidationError
 
 from middleware.base import TIMINGS, Context, LayerOptions, note
 from middleware.errors import ErrorsMiddleware
+from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
 
 from .errors import ConfigError, Path, Problem
 from .loader import Document
 from .registry import LAYERS, import_string, is_path, resolve
-from .schema import TOP_LEVEL, AppSection, LoggingOptions, ServerOptions, StoreSpec
+from .schema import TOP_LEVEL, AppSection, LoggingOptions, ServerOptions, StoreSpec, split_listen
 from .scope import HTTP_METHODS, Scope, Scoped
 
 if TYPE_CHECKING:
@@ -77,6 +81,27 @@ class StackConfig:
     pipeline: list[LayerSpec]
     logging: LoggingOptions
     document: Document
+
+    @property
+    def forwarding_layer(self) -> LayerSpec | None:
+        """The first layer that reads X-Forwarded-* / Forwarded itself (``proxy``, werkzeug's ``ProxyFix``)."""
+        return next((spec for spec in self.pipeline if reads_forwarding_headers(spec)), None)
+
+    @property
+    def clears_proxy_headers(self) -> bool:
+        """Whether Waitress will remove the untrusted forwarding headers before any layer runs."""
+        return self.server.clears_proxy_headers(proxy_layer=self.forwarding_layer is not None)
+
+    def waitress_kwargs(self) -> dict[str, Any]:
+        """The Waitress adjustments this stack is served with."""
+        return self.server.waitress_kwargs(proxy_layer=self.forwarding_layer is not None)
+
+
+def reads_forwarding_headers(spec: LayerSpec) -> bool:
+    """Whether a layer reads the forwarding headers itself, which Waitress must then leave in place."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    return inspect.isclass(spec.target) and issubclass(spec.target, ProxyMiddleware | ProxyFix)
 
 
 @dataclass
@@ -142,6 +167,70 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+#: Option names whose values are never repeated in a message.
+_SECRET = re.compile(r"secret|password|passwd|private_key|token", re.IGNORECASE)
+_LEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MISSING = object()
+
+
+def data_at(doc: Document, path: Path) -> Any:
+    """The composed value at ``path``, or ``_MISSING``."""
+    value: Any = doc.data
+    for part in path:
+        found = part in value if isinstance(value, dict) else (
+            isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value))
+        if not found:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def relocate(doc: Document, path: Path, message: str, fields: Iterable[str] = ()) -> Path:
+    """The key path a message about ``path`` (a mapping, a list or a value) is really about.
+
+    Rules between fields are checked on the whole mapping, so their errors
+    arrive located at the mapping; the value they name is more useful:
+
+    - a message that starts with a key path, below ``path`` or beside it
+      (``secret must be…``, ``listen[1] repeats…``) points at that path;
+    - one about a mapping with ``fields`` points at the first of them it names
+      that the YAML sets (``…may not be true when origins contains…``);
+    - one about a list that quotes its items points at the item quoted first.
+    """
+    lead = _LEAD.match(message)
+    if lead is not None:
+        name, index = lead.group(1), tuple(int(i) for i in re.findall(r"\d+", lead.group(2)))
+        candidates = [(*path, name, *index)]
+        if path and path[-1] == name:
+            candidates.append((*path[:-1], name, *index))
+        for candidate in candidates:
+            if candidate in doc.marks:
+                return candidate
+    known = set(fields)
+    for word in _WORD.findall(message):
+        if word in known and (*path, word) in doc.marks:
+            return (*path, word)
+    value = data_at(doc, path)
+    if isinstance(value, list):
+        hits = sorted((message.find(repr(item)), i) for i, item in enumerate(value)
+                      if isinstance(item, str | int | float) and not isinstance(item, bool) and repr(item) in message)
+        if hits:  # the item quoted first: '10/fortnight' is not a rate limit; write it like '10/second'
+            return (*path, hits[0][1])
+    return path
+
+
+def _located(doc: Document, path: Path, message: str, fields: Iterable[str] = (), **kw: Any) -> Problem:
+    """A problem at :func:`relocate`'s answer, showing the value found there (never a secret's)."""
+    where = relocate(doc, path, message, fields)
+    if where != path:
+        value = data_at(doc, where)
+        secret = any(isinstance(part, str) and _SECRET.search(part) for part in where[len(path):])
+        shown = value is not _MISSING and not isinstance(value, dict | list) and not secret
+        kw = {**kw, "value": value if shown else None, "has_value": shown}
+    return doc.problem(where, message, **kw)
+
+
 def validation_problems(
     doc: Document, base: Path, exc: ValidationError, model: type[BaseModel] | None
 ) -> list[Problem]:
@@ -155,15 +244,20 @@ def validation_problems(
         if kind == "extra_forbidden":
             key = str(loc[-1])
             known = _model_fields_at(model, loc[:-1])
-            text = f"unknown key {key!r}{suggest(key, known)}"
-            if known:
-                text += f" (known: {', '.join(known)})"
+            name, colon, rest = key.partition(":")
+            if colon and rest and not rest.startswith(" ") and name in known:
+                text = f"unknown key {key!r}; YAML needs a space after the colon: write {name}: {rest}"
+            else:
+                text = f"unknown key {key!r}{suggest(key, known)}"
+                if known:
+                    text += f" (known: {', '.join(known)})"
             problems.append(doc.problem(path, text, key=True))
         elif kind == "missing":
             problems.append(doc.problem(path, f"{loc[-1]} is required" if loc else msg))
         else:
             has_value = loc != () and "input" in err
-            problems.append(doc.problem(path, msg, value=err.get("input"), has_value=has_value))
+            fields = _model_fields_at(model, loc) if model is not None else []
+            problems.append(_located(doc, path, msg, fields, value=err.get("input"), has_value=has_value))
     return problems
 
 
@@ -218,8 +312,8 @@ def _validate(doc: Document, path: Path, model: type[BaseModel], value: Any, pro
 def _check_app_options(doc: Document, section: AppSection, problems: list[Problem]) -> None:
     try:
         factory = import_string(section.factory)
-    except (ImportError, AttributeError) as exc:
-        problems.append(doc.problem(("app", "factory"), f"cannot import the app factory: {exc}",
+    except Exception as exc:  # a SyntaxError or any error the module raises while it is imported
+        problems.append(doc.problem(("app", "factory"), f"cannot import the app factory: {_why(exc)}",
                                     value=section.factory, has_value=True))
         return
     model = getattr(factory, "Options", None)
@@ -240,6 +334,11 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
     for index, entry in enumerate(raw):
         path: Path = ("pipeline", index)
         if isinstance(entry, str):
+            glued = re.fullmatch(r"([A-Za-z_][\w.]*):(\S.*)", entry)
+            if glued is not None and (glued.group(1) in LAYERS or glued.group(2)[0] in "{[\"'"):
+                problems.append(doc.problem(path, f"{entry!r} is read as one name: YAML needs a space after the "
+                                                  f"colon; write - {glued.group(1)}: {glued.group(2)}"))
+                continue
             entry = {entry: {}}
         if not isinstance(entry, dict) or len(entry) != 1:
             problems.append(doc.problem(path, "each pipeline entry is a one-key mapping: layer name -> options",
@@ -261,8 +360,8 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
             continue
         try:
             target = resolve(name)
-        except (ImportError, AttributeError) as exc:
-            problems.append(doc.problem(path, f"cannot import layer {name!r}: {exc}", key=True))
+        except Exception as exc:  # a SyntaxError or any error the module raises while it is imported
+            problems.append(doc.problem(path, f"cannot import layer {name!r}: {_why(exc)}", key=True))
             continue
         scope_raw = {k: options.pop(k) for k in SCOPE_KEYS if k in options}
         scope = _parse_scope(doc, opath, scope_raw, problems)
@@ -275,11 +374,47 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                 continue
         elif callable(target):
             validated = options
+            unknown = _unknown_keywords(target, options)
+            if unknown is not None:
+                for key in unknown[0]:
+                    known = unknown[1]
+                    text = f"unknown option {key!r} for {name}{suggest(key, known)} " \
+                           f"(known: {', '.join(known) or 'none'})"
+                    problems.append(doc.problem((*opath, key), text, key=True))
+                if unknown[0]:
+                    continue
         else:
             problems.append(doc.problem(path, f"{name!r} is not a WSGI middleware class or factory", key=True))
             continue
         specs.append(LayerSpec(index, name, target, validated, scope or Scope(), path=path))
     return specs
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one line: the message, and its type when the message alone says little."""
+    text = str(exc)
+    if isinstance(exc, ImportError | AttributeError | ValueError | TypeError | OSError) and text:
+        return text
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"SyntaxError in {exc.filename}, line {exc.lineno}: {exc.msg}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unknown_keywords(target: Any, options: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
+    """For a plain ``factory(app, **options)``: the option names it does not take, and those it does.
+
+    ``None`` when it cannot be known (no signature, or the factory takes ``**kwargs``).
+    """
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    if params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        params = params[1:]  # the app, passed first
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [str(key) for key in options if key not in known], known
 
 
 def _parse_scope(doc: Document, path: Path, raw: dict[str, Any], problems: list[Problem]) -> Scope | None:
@@ -346,17 +481,51 @@ class _Traced:
 
 
 def make_stores(config: StackConfig) -> dict[str, Store]:
-    """Create every named store; one ConfigError lists the ones that cannot be made."""
+    """Create every named store (no connection is made); one ConfigError lists the ones that cannot be made."""
     stores: dict[str, Store] = {}
     problems = []
     for name, spec in config.stores.items():
         try:
             stores[name] = store_from_url(spec.url, **spec.options)
-        except (ValueError, TypeError, ImportError) as exc:
-            problems.append(config.document.problem(("stores", name), str(exc), value=spec.url, has_value=True))
+        except Exception as exc:  # a malformed URL or option, whatever the backend raises for it
+            problems.append(config.document.problem(("stores", name), _why(exc), value=spec.url, has_value=True))
     if problems:
+        for store in stores.values():
+            store.close()
         raise ConfigError(problems)
     return stores
+
+
+def listen_problems(config: StackConfig) -> list[Problem]:
+    """Resolve every ``listen`` host name as the server will bind it (no socket is made).
+
+    The first address a name resolves to is the one bound, so two entries
+    that resolve to the same address and port are refused as well.
+    """
+    doc = config.document
+    problems: list[Problem] = []
+    seen: dict[tuple[str, int], int] = {}
+    for i, item in enumerate(config.server.listen):
+        host, port = split_listen(item)
+        path: Path = ("server", "listen", i)
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                problems.append(doc.problem(path, f"cannot resolve the host {host!r}: {detail}",
+                                            value=item, has_value=True))
+                continue
+            address = str(infos[0][4][0])
+        if (address, port) in seen:
+            first = seen[(address, port)]
+            problems.append(doc.problem(path, f"listen[{i}] ({item}) is the same address as listen[{first}] "
+                                              f"({config.server.listen[first]}): {address} port {port}; remove one",
+                                        value=item, has_value=True))
+        seen[(address, port)] = i
+    return problems
 
 
 def make_app(section: AppSection, context: Context) -> Any:
@@ -389,22 +558,47 @@ def build(
     trace: bool = False,
     stores: dict[str, Store] | None = None,
     logger: logging.Logger | None = None,
+    server: ServerOptions | None = None,
 ) -> BuiltStack:
-    """Fold the pipeline around the app; layer construction errors become ConfigErrors."""
+    """Fold the pipeline around the app; any failure to build becomes a located ConfigError.
+
+    ``server`` is the server settings in force, when they are not the file's
+    (a reload: the sockets stay those the process started with); a layer's
+    loopback-only allowances (``debug``) then need both to listen on loopback only.
+    """
     doc = config.document
+    problems = listen_problems(config)
+    try:
+        made = stores if stores is not None else make_stores(config)
+    except ConfigError as exc:
+        raise ConfigError([*problems, *exc.problems]) from None
+    in_force = server or config.server
     context = Context(
-        stores=stores if stores is not None else make_stores(config),
+        stores=made,
         logger=logger or logging.getLogger("wsgistack"),
-        loopback_only=config.server.loopback_only,
-        workers=config.server.workers,
+        loopback_only=in_force.loopback_only and config.server.loopback_only,
+        workers=in_force.workers,
         settings={"server": config.server, "config_file": doc.file},
     )
+    instances: list[Any] = []
+
+    def fail(found: list[Problem]) -> ConfigError:
+        for layer in instances:
+            close = getattr(layer, "close", None)
+            if callable(close):
+                close()
+        for store in context.stores.values():
+            store.close()
+        return ConfigError(found)
+
+    if problems:
+        raise fail(problems)
     try:
         core = make_app(config.app, context)
     except ValidationError as exc:
-        raise ConfigError(validation_problems(doc, ("app", "options"), exc, None)) from None
-    except (ValueError, TypeError, LookupError, OSError) as exc:
-        raise ConfigError([doc.problem(("app",), f"the app factory failed: {exc}")]) from None
+        raise fail(validation_problems(doc, ("app", "options"), exc, None)) from None
+    except Exception as exc:
+        raise fail([doc.problem(("app",), f"the app factory failed: {_why(exc)}")]) from None
 
     pipeline = with_default_errors(config.pipeline)
     config.pipeline = pipeline
@@ -412,15 +606,13 @@ def build(
         callable(getattr(spec.target, "wants_layer_timing", None)) and spec.target.wants_layer_timing(spec.options)
         for spec in pipeline
     )
-    problems = []
-    instances: list[Any] = []
     wrapped: WSGIApplication = _Timed("app", core) if timing else core
     for spec in reversed(pipeline):
         registered = len(context.read_ahead)
         try:
             layer = instantiate(spec, wrapped, context)
-        except (ValueError, TypeError, LookupError, OSError) as exc:
-            problems.append(doc.problem(spec.path or ("pipeline",), f"{spec.name}: {exc}", key=True))
+        except Exception as exc:  # a file it cannot open, a setting only the server can refute…
+            problems.append(_build_problem(doc, spec, exc))
             continue
         for ahead in context.read_ahead[registered:]:  # read ahead only for requests the layer sees
             ahead.scope = spec.scope if spec.scope else None
@@ -433,11 +625,28 @@ def build(
             layer = Scoped(layer, wrapped, spec.scope, spec.label)
         wrapped = layer
     if problems:
-        for store in context.stores.values():
-            store.close()
-        raise ConfigError(problems)
+        raise fail(problems)
     context.settings["pipeline"] = [describe(spec) for spec in pipeline]
     return BuiltStack(wrapped, config, context, core=core, instances=instances)
+
+
+def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
+    """Where a layer's construction failed: the option it names or the file it could not open."""
+    path = spec.path or ("pipeline",)
+    message = _why(exc)
+    filename = getattr(exc, "filename", None)
+    options = data_at(doc, (*path, spec.name)) if spec.path else None
+    if isinstance(options, dict):
+        fields = list(options)
+        opath = (*path, spec.name)
+        for key, value in options.items():
+            if filename is not None and value == filename:
+                return doc.problem((*opath, key), f"{spec.name} cannot open it: {exc.strerror or message}"
+                                   if isinstance(exc, OSError) else message, value=value, has_value=True)
+        where = relocate(doc, opath, message, fields)
+        if where != opath:
+            return _located(doc, opath, message, fields)
+    return doc.problem(path, f"{spec.name}: {message}", key=True)
 
 
 def describe(spec: LayerSpec) -> dict[str, Any]:

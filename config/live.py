@@ -11,6 +11,12 @@ into the new pipeline, so a reload keeps sessions, rate-limit counters and the
 token blocklist of a single-process server (a revoked token stays revoked).
 Polling (``server.reload.watch``) follows the configuration: a reload that
 turns it on starts the poller, one that turns it off stops it.
+
+Settings only a restart can change (``RESTART_ONLY``: the sockets and
+Waitress's adjustments) stay those the process started with, in
+:attr:`LiveStack.in_force`; every reload compares the file with them, so a
+pending change is reported until the process restarts, and a worker started
+after a reload is served with them like its siblings.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +36,7 @@ from . import _relative_to, build_from_file, load
 from .build import BuiltStack, StackConfig, build
 from .errors import ConfigError, Problem
 from .loader import read_file
+from .schema import ServerOptions
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -43,6 +50,13 @@ RESTART_ONLY = ("listen", "threads", "workers", "connection_limit", "backlog", "
                 "trusted_proxy_count", "trusted_proxy_headers", "clear_untrusted_proxy_headers",
                 "log_untrusted_proxy_headers", "url_scheme", "url_prefix", "ident", "channel_timeout",
                 "max_request_body_size", "max_request_header_size", "cleanup_interval")
+
+
+def restart_settings(config: StackConfig) -> dict[str, Any]:
+    """The values of the ``RESTART_ONLY`` settings a server of ``config`` runs with."""
+    values = {name: getattr(config.server, name) for name in RESTART_ONLY}
+    values["clear_untrusted_proxy_headers"] = config.clears_proxy_headers  # "auto" follows the pipeline
+    return values
 
 
 @dataclass
@@ -75,6 +89,13 @@ class LiveStack:
         self.label = ""
         self._lock = threading.Lock()
         self.current = built or build_from_file(self.path, env=env)
+        #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
+        self.in_force: ServerOptions = self.current.config.server
+        #: The Waitress adjustments in force (what a server, or a restarted worker, is created with).
+        self.waitress_kwargs: dict[str, Any] = self.current.config.waitress_kwargs()
+        self._started = restart_settings(self.current.config)
+        #: Called with the new pipeline after every successful reload (serve.py applies ``logging:``).
+        self.on_reload: list[Callable[[BuiltStack], None]] = []
         self.generation = 1
         self.last = ReloadResult(True, 1)
         self._mtime = self._stat()
@@ -122,13 +143,18 @@ class LiveStack:
                 self.current.context.settings["last_reload"] = self.last
                 log.exception("%sreload failed; the old pipeline keeps serving", self.label)
                 return self.last
-            old_server = self.current.config.server
-            needs = [name for name in RESTART_ONLY if getattr(old_server, name) != getattr(new.config.server, name)]
+            wanted = restart_settings(new.config)
+            needs = [name for name in RESTART_ONLY if wanted[name] != self._started[name]]
             old = self.current
             self.current = new
             self.generation += 1
             self.last = ReloadResult(True, self.generation, needs_restart=needs, problems=new.warnings)
             self._publish()
+            for callback in self.on_reload:  # first, so that the lines below already follow a new logging:
+                try:
+                    callback(new)
+                except Exception:
+                    log.exception("%sa reload hook failed", self.label)
             log.info("%s%s", self.label, self.last.summary())
             for warning in new.warnings:
                 log.warning("%s%s", self.label, warning)
@@ -143,7 +169,7 @@ class LiveStack:
         """Read, validate, lint and build the file, carrying unchanged memory:// stores over."""
         base = Path(self.path).resolve().parent
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
-        new = build(config, stores=self._stores(config))
+        new = build(config, stores=self._stores(config), server=self.in_force)
         new.warnings = warnings
         return new
 

@@ -8,7 +8,10 @@ dicts, lists and scalars by hand, so that:
   tag are refused with an error, never constructed;
 - duplicate keys are an error, not a silent overwrite;
 - ``${VAR}`` and ``${VAR:-default}`` are interpolated in string scalars
-  (``$${`` writes a literal ``${``), and a missing variable names its line.
+  (``$${`` writes a literal ``${``), and a missing variable names its line;
+  any other ``${`` (``${VAR-default}``, ``${VAR:default}``, an unclosed one)
+  is an error, never left in the value as text;
+- an alias that contains itself, and a file with no settings at all, are errors.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ _SAFE_TAGS = {
     "tag:yaml.org,2002:seq",
     "tag:yaml.org,2002:timestamp",
 }
-_VAR = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: ``$${`` (a literal ``${``), ``${NAME}``, ``${NAME:-default}``, or any other ``${`` (an error).
+_TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+#: What an unsupported ``${...}`` looks like, to suggest the supported spelling.
+_NEAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-=?+]|:)([^}]*)\}")
+#: More values than any stack.yaml has: aliases expanding beyond this are refused.
+MAX_VALUES = 100_000
 
 
 @dataclass
@@ -76,10 +84,20 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(f"invalid YAML: {exc}", (), file)]) from None
     doc = Document(data={}, file=file)
-    if node is None:
-        return doc
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"):
+        raise ConfigError([Problem(
+            "the file has no settings (it is empty or only comments); a stack needs at least a pipeline, "
+            "e.g. pipeline: [errors: {}] (the shipped stack.yaml is a commented example)", (), file, 1, 1,
+        )])
     problems: list[Problem] = []
-    doc.data = _convert(node, (), doc, env, problems)
+    converter = _Converter(doc, env, problems)
+    try:
+        doc.data = converter.convert(node, ())
+    except _TooMany:
+        raise ConfigError([Problem(
+            f"the file expands to more than {MAX_VALUES} values (YAML aliases repeating large parts?)",
+            (), file, 1, 1,
+        )]) from None
     if problems:
         raise ConfigError(problems)
     return doc
@@ -101,43 +119,75 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _convert(node: yaml.Node, path: Path, doc: Document, env: Mapping[str, str], problems: list[Problem]) -> Any:
-    doc.marks[path] = _mark(node)
-    if node.tag not in _SAFE_TAGS:
+class _TooMany(Exception):
+    """The composed YAML expands to more than MAX_VALUES values."""
+
+
+class _Converter:
+    """Turn composed nodes into plain data, recording marks and collecting problems."""
+
+    def __init__(self, doc: Document, env: Mapping[str, str], problems: list[Problem]) -> None:
+        self.doc, self.env, self.problems = doc, env, problems
+        self.active: set[int] = set()  # the nodes being converted: an alias to one of them is a cycle
+        self.count = 0
+
+    def problem(self, node: yaml.Node, path: Path, message: str) -> None:
         line, col = _mark(node)
-        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-        problems.append(Problem(
-            f"the YAML tag {tag!r} is not allowed; stack.yaml takes plain values only",
-            path, doc.file, line, col,
-        ))
-        return None
-    if isinstance(node, yaml.MappingNode):
+        self.problems.append(Problem(message, path, self.doc.file, line, col))
+
+    def convert(self, node: yaml.Node, path: Path) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise _TooMany
+        doc = self.doc
+        doc.marks[path] = _mark(node)
+        if node.tag not in _SAFE_TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.problem(node, path, f"the YAML tag {tag!r} is not allowed; stack.yaml takes plain values only")
+            return None
+        if id(node) in self.active:  # the alias's own place is lost in composing: point at its key
+            line, col = doc.key_marks.get(path) or _mark(node)
+            self.problems.append(Problem("this alias refers to a value that contains it (a YAML alias loop); "
+                                         "repeat the settings instead", path, doc.file, line, col))
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, path)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
+            return self.mapping(node, path)
+        finally:
+            self.active.discard(id(node))
+
+    def mapping(self, node: yaml.Node, path: Path) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                line, col = _mark(key_node)
-                problems.append(Problem("mapping keys must be plain scalars", path, doc.file, line, col))
+                self.problem(key_node, path, "mapping keys must be plain scalars")
                 continue
-            key = _scalar(key_node)
+            key = self.scalar(key_node, path, interpolate=False)
             if key == "<<":
-                line, col = _mark(key_node)
-                problems.append(Problem("YAML merge keys (<<) are not supported", path, doc.file, line, col))
+                self.problem(key_node, path, "YAML merge keys (<<) are not supported")
                 continue
             key = key if isinstance(key, str | int) else str(key)
             child = (*path, key)
-            doc.key_marks[child] = _mark(key_node)
+            self.doc.key_marks[child] = _mark(key_node)
             if key in out:
-                line, col = _mark(key_node)
-                problems.append(Problem(f"duplicate key {key!r}", child, doc.file, line, col))
+                self.problem(key_node, child, f"duplicate key {key!r}")
                 continue
-            out[key] = _convert(value_node, child, doc, env, problems)
+            out[key] = self.convert(value_node, child)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, (*path, i), doc, env, problems) for i, item in enumerate(node.value)]
-    value = _scalar(node)
-    if isinstance(value, str) and "$" in value:
-        value = _interpolate(value, path, node, doc, env, problems)
-    return value
+
+    def scalar(self, node: yaml.ScalarNode, path: Path, *, interpolate: bool = True) -> Any:
+        try:
+            value = _scalar(node)
+        except (ValueError, OverflowError, yaml.YAMLError) as exc:  # a date like 2024-13-45
+            self.problem(node, path, f"cannot read the value {node.value!r}: {exc}; quote it to keep it as text")
+            return None
+        if interpolate and isinstance(value, str) and "$" in value:
+            value = _interpolate(value, path, node, self.doc, self.env, self.problems)
+        return value
 
 
 def _scalar(node: yaml.Node) -> Any:
@@ -149,19 +199,42 @@ def _scalar(node: yaml.Node) -> Any:
 def _interpolate(
     value: str, path: Path, node: yaml.Node, doc: Document, env: Mapping[str, str], problems: list[Problem]
 ) -> str:
+    def refuse(message: str) -> str:
+        line, col = _mark(node)
+        problems.append(Problem(message, path, doc.file, line, col))
+        return ""
+
     def replace(match: re.Match[str]) -> str:
-        escaped, name, default = match.groups()
-        if escaped:
-            return match.group(0)[1:]
+        text = match.group(0)
+        if text == "$${":
+            return "${"
+        name, default = match.groups()
+        if name is None:
+            return refuse(_unsupported(value, match.start()))
+        if default is not None and "${" in default:
+            return refuse(f"{text!r}: a default may not contain another ${{...}}; "
+                          "write the default as plain text")
         if name in env and (env[name] != "" or default is None):
             return env[name]
         if default is not None:
             return default
-        line, col = _mark(node)
-        problems.append(Problem(
-            f"environment variable {name} is not set and has no default (write ${{{name}:-default}})",
-            path, doc.file, line, col,
-        ))
-        return ""
+        return refuse(f"environment variable {name} is not set and has no default (write ${{{name}:-default}})")
 
-    return _VAR.sub(replace, value)
+    return _TOKEN.sub(replace, value)
+
+
+def _unsupported(value: str, start: int) -> str:
+    """The message for a ``${`` that is neither ``${NAME}`` nor ``${NAME:-default}``."""
+    rest = value[start:]
+    forms = "the forms are ${NAME} and ${NAME:-default}; $${ writes a literal ${"
+    near = _NEAR.match(rest)
+    if near is not None and "+" not in near.group(2):
+        name, operator, default = near.groups()
+        # ${NAME:?message} asks for an error when NAME is missing: ${NAME} already is one.
+        better = f"${{{name}}}" if "?" in operator else f"${{{name}:-{default}}}"
+        return f"{near.group(0)!r} is not an interpolation stack.yaml understands; write {better} ({forms})"
+    close = rest.find("}")
+    if close < 0:
+        shown = rest if len(rest) <= 40 else rest[:37] + "..."
+        return f"{shown!r} opens ${{ but never closes it ({forms})"
+    return f"{rest[:close + 1]!r} is not an interpolation stack.yaml understands ({forms})"

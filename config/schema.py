@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ProxyHeader = Literal[
     "x-forwarded-for",
@@ -15,6 +16,89 @@ ProxyHeader = Literal[
     "x-forwarded-by",
     "forwarded",
 ]
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_LISTEN_FORMS = "HOST:PORT, e.g. 127.0.0.1:8889, [::1]:8889 or localhost:8889"
+
+
+def split_listen(item: str) -> tuple[str, int]:
+    """``(host, port)`` of one ``listen`` entry; IPv6 hosts without their brackets.
+
+    The host is an IPv4 address, a bracketed IPv6 address or a host name;
+    anything else raises ``ValueError`` with the reason and the spelling to use.
+    """
+    if not isinstance(item, str):
+        raise ValueError(f"listen entries are {_LISTEN_FORMS}")
+    if item.startswith("["):
+        close = item.find("]")
+        if close < 0:
+            raise ValueError("the address opens '[' but never closes it; write it like [::1]:8889")
+        host, rest = item[1:close], item[close + 1:]
+        if not rest.startswith(":"):
+            raise ValueError(f"no :PORT follows the bracketed address; write it like [{host}]:8889")
+        port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"the brackets hold an IPv6 address, and {host!r} is not one") from None
+    else:
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            raise ValueError(f"listen entries are {_LISTEN_FORMS}; this one has no port")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets; write [{host}]:{port}")
+        if host == "*":
+            raise ValueError(f"'*' is not a host here; write 0.0.0.0:{port} for every IPv4 interface, "
+                             f"[::]:{port} for every IPv6 one, or list both")
+        if not host:
+            raise ValueError(f"no host is named; write 127.0.0.1:{port} for this machine only or "
+                             f"0.0.0.0:{port} for every interface")
+        _check_host(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+def _check_host(host: str) -> None:
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+        return
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError(f"{host!r} is neither an IP address nor a host name")
+
+
+def _listen_entry(item: str) -> str:
+    split_listen(item)
+    return item
+
+
+def _same_socket(item: str) -> tuple[str, int]:
+    """What two entries must not share: the address (in one spelling) and the port."""
+    host, port = split_listen(item)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        return host.lower().removesuffix("."), port
+
+
+def _trusted_proxy(value: str | None) -> str | None:
+    if value is None or value == "*":
+        return value
+    try:
+        return str(ipaddress.ip_address(value))  # as Waitress will see the peer: ::1, not 0:0:0:0:0:0:0:1
+    except ValueError:
+        pass
+    what = "not a network" if "/" in value else f"and {value!r} is not one"
+    raise ValueError(
+        f"trusted_proxy is one IP address (or '*'), {what}: Waitress compares it as text with the peer's "
+        f"address, so {value!r} would never match; for several proxies or a network, leave trusted_proxy unset "
+        "and add the proxy layer right after errors, e.g. proxy: {x_for: 1, trusted_proxies: [10.0.0.0/8]}"
+    )
 
 
 class Strict(BaseModel):
@@ -31,7 +115,7 @@ class ReloadOptions(Strict):
 class ServerOptions(Strict):
     """Waitress adjustments (validated; unknown keys refused) plus process settings."""
 
-    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8889"])
+    listen: list[Annotated[str, AfterValidator(_listen_entry)]] = Field(default_factory=lambda: ["127.0.0.1:8889"])
     threads: int = Field(default=8, ge=1, le=512)
     connection_limit: int = Field(default=100, ge=1)
     channel_timeout: int = Field(default=120, ge=1)
@@ -39,10 +123,14 @@ class ServerOptions(Strict):
     backlog: int = Field(default=1024, ge=1)
     max_request_body_size: int = Field(default=1_073_741_824, ge=0)
     max_request_header_size: int = Field(default=262_144, ge=1024)
-    trusted_proxy: str | None = None
+    #: One IP address (or ``*``) whose forwarding headers Waitress believes.
+    trusted_proxy: Annotated[str | None, AfterValidator(_trusted_proxy)] = None
     trusted_proxy_count: int | None = Field(default=None, ge=1)
     trusted_proxy_headers: list[ProxyHeader] = Field(default_factory=list)
-    clear_untrusted_proxy_headers: bool = True
+    #: Whether Waitress removes the forwarding headers it does not trust before any layer runs.
+    #: ``None`` (auto): false when a layer reads them itself (the ``proxy`` layer, werkzeug's
+    #: ``ProxyFix``) and ``trusted_proxy`` is unset, true otherwise.
+    clear_untrusted_proxy_headers: bool | None = None
     log_untrusted_proxy_headers: bool = False
     url_scheme: Literal["http", "https"] = "http"
     url_prefix: str = ""
@@ -59,17 +147,35 @@ class ServerOptions(Strict):
     @field_validator("listen", mode="before")
     @classmethod
     def _listen_list(cls, value: Any) -> Any:
-        return value.split() if isinstance(value, str) else value
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"listen takes {_LISTEN_FORMS}, not a bare port: write 127.0.0.1:{value} for this "
+                             f"machine only or 0.0.0.0:{value} for every interface")
+        if not isinstance(value, list):
+            raise ValueError(f"listen takes one {_LISTEN_FORMS}, or a list of them")
+        return value
 
     @field_validator("listen")
     @classmethod
-    def _listen_form(cls, value: list[str]) -> list[str]:
+    def _listen_once(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("listen needs at least one HOST:PORT")
-        for item in value:
-            _, sep, port = item.rpartition(":")
-            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"listen entries are HOST:PORT, e.g. 127.0.0.1:8889 or [::1]:8889; {item!r} is not")
+            raise ValueError(f"listen needs at least one {_LISTEN_FORMS}")
+        seen: dict[tuple[str, int], int] = {}
+        for i, item in enumerate(value):
+            key = _same_socket(item)
+            if key in seen:
+                raise ValueError(f"listen[{i}] repeats listen[{seen[key]}] ({item}): a server cannot listen on "
+                                 "one address twice; remove one")
+            seen[key] = i
+        for i, item in enumerate(value):
+            host, port = _same_socket(item)
+            wildcard = "::" if ":" in host else "0.0.0.0"
+            if host != wildcard and (wildcard, port) in seen:
+                where = seen[(wildcard, port)]
+                raise ValueError(f"listen[{i}] ({item}) is already covered by listen[{where}] ({value[where]}), "
+                                 "which listens on every interface: the second socket could not be bound; "
+                                 "remove one")
         return value
 
     @model_validator(mode="after")
@@ -104,8 +210,14 @@ class ServerOptions(Strict):
                 return False
         return True
 
-    def waitress_kwargs(self) -> dict[str, Any]:
-        """The adjustments as Waitress takes them."""
+    def clears_proxy_headers(self, *, proxy_layer: bool = False) -> bool:
+        """Whether Waitress removes untrusted forwarding headers (``proxy_layer``: a layer reads them itself)."""
+        if self.clear_untrusted_proxy_headers is not None:
+            return self.clear_untrusted_proxy_headers
+        return bool(self.trusted_proxy) or not proxy_layer
+
+    def waitress_kwargs(self, *, proxy_layer: bool = False) -> dict[str, Any]:
+        """The adjustments as Waitress takes them (``proxy_layer``: see :meth:`clears_proxy_headers`)."""
         kw: dict[str, Any] = {
             "listen": " ".join(self.listen),
             "threads": self.threads,
@@ -115,7 +227,7 @@ class ServerOptions(Strict):
             "backlog": self.backlog,
             "max_request_body_size": self.max_request_body_size,
             "max_request_header_size": self.max_request_header_size,
-            "clear_untrusted_proxy_headers": self.clear_untrusted_proxy_headers,
+            "clear_untrusted_proxy_headers": self.clears_proxy_headers(proxy_layer=proxy_layer),
             "log_untrusted_proxy_headers": self.log_untrusted_proxy_headers,
             "url_scheme": self.url_scheme,
             "url_prefix": self.url_prefix,
@@ -143,6 +255,8 @@ class AppSection(Strict):
 
 
 class LoggingOptions(Strict):
+    """How ``serve.py`` logs: the level of every logger, and ``text`` lines or one JSON object per line."""
+
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
 

@@ -10,10 +10,13 @@ rewrites ``REMOTE_ADDR``, ``wsgi.url_scheme``, ``HTTP_HOST``, ``SERVER_PORT``
 and ``SCRIPT_NAME``, and keeps the originals in ``environ["wsgistack.proxy.orig"]``.
 With ``allowed_hosts`` it refuses requests for other hosts with 400.
 
-Do not use it under Waitress when Waitress's own ``trusted_proxy``,
-``trusted_proxy_count`` and ``trusted_proxy_headers`` settings can do the job:
-those are applied before any layer runs.  Use it for gunicorn, uWSGI and other
-servers, or when you need ``allowed_hosts``.  It must be the outermost layer
+Under Waitress with one proxy at a known address, Waitress's own
+``trusted_proxy``, ``trusted_proxy_count`` and ``trusted_proxy_headers``
+settings do the job before any layer runs.  Use this layer for several proxies
+or a network of them, per-header hop counts, ``allowed_hosts``, or another
+server (gunicorn, uWSGI); ``serve.py`` then leaves the forwarding headers to it
+(``server.clear_untrusted_proxy_headers`` is off by default when the pipeline
+has this layer and no ``trusted_proxy``).  It must be the outermost layer
 after ``errors``, so every other layer sees the real client.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -74,6 +75,10 @@ def test_layers_lists_options_with_types_and_defaults() -> None:
     assert result.returncode == 0, result.stderr
     assert "errors  (middleware.errors:ErrorsMiddleware)" in result.stdout
     assert "    format: Literal['envelope', 'problem'] = 'envelope'" in result.stdout
+    # With the first sentence of the option's row in the layer's page.
+    assert "    docs: docs/layers/access_log.md\n" in result.stdout
+    assert "    file: str | None = None\n        Append the lines to this file instead (created with mode `0640`).\n" \
+        in result.stdout
 
 
 def test_explain_shows_each_layer_and_the_client_address(config_file) -> None:  # type: ignore[no-untyped-def]
@@ -221,9 +226,7 @@ def test_cache_purge_deletes_matching_entries(config_file) -> None:  # type: ign
     client.get("/api/v1/search?q=a")
     client.get("/api/v1/other")
     assert client.get("/api/v1/search?q=a").headers["X-Cache"] == "HIT"
-    # serve.py cache purge builds its own stores; memory:// is per process, so drive the same code in-process.
-    import argparse
-
+    # memory:// is per process: `serve.py cache purge` refuses it (below); the purge itself, in-process.
     from middleware import cache as cache_module
 
     store = built.context.stores["shared"]
@@ -231,7 +234,29 @@ def test_cache_purge_deletes_matching_entries(config_file) -> None:  # type: ign
     assert cache_module.purge(store, "/api/v1/search*", prefix=spec.options.key_prefix) == 1
     assert client.get("/api/v1/search?q=a").headers["X-Cache"] == "MISS"
     assert client.get("/api/v1/other").headers["X-Cache"] == "HIT"
-    assert serve.cmd_cache(argparse.Namespace(config=str(path), pattern="/api/*")) == 0
+    built.close()
+
+
+@pytest.mark.parametrize(
+    ("cache", "how"),
+    [
+        pytest.param("cache: {ttl: 60}", "set the cache layer's purge_path (e.g. /_stack/cache/purge) and send POST "
+                     "<purge_path>?pattern=/api/* to the running server with an admin's token", id="no purge_path"),
+        pytest.param("cache: {ttl: 60, purge_path: /_stack/cache/purge}", "send POST "
+                     "/_stack/cache/purge?pattern=/api/* to the running server with the token of a user with a role "
+                     "in purge_roles", id="with purge_path"),
+    ],
+)
+def test_cache_purge_refuses_a_memory_store(config_file, cache: str, how: str) -> None:  # type: ignore[no-untyped-def]
+    """memory:// lives in the server's process: the command cannot reach it, and says how to purge instead."""
+    path = config_file(ECHO + "stores: {shared: 'memory://'}\npipeline:\n  - errors: {}\n"
+                       f"  - auth: {{secret: '{'j' * 32}'}}\n  - {cache}\n")
+    result = run_cli("-c", str(path), "cache", "purge", "/api/*")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"{path}:2:18 stores.shared: the cache at pipeline[2] keeps its responses in store 'shared' (memory://), "
+        f"inside the running server's process: this command would purge an empty copy of its own; {how}\n")
 
 
 @pytest.mark.redis
@@ -268,3 +293,129 @@ def test_explain_with_the_proxy_layer(config_file, peer: str, forwarded: str,  #
     assert result.returncode == 0, result.stderr
     assert f"client address: {client}" in result.stdout
     assert "proxy        applied" in result.stdout
+
+
+# ---------------------------------------------------------------- serve:app for other WSGI servers
+
+
+def python(code: str, config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code`` with ``$WSGISTACK_CONFIG`` set, as a WSGI server importing serve would."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "WSGISTACK_CONFIG": str(config)}
+    return subprocess.run([sys.executable, "-c", code], cwd=config.parent, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_importing_serve_builds_nothing(config_file) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + "pipeline:\n  - corz: {}\n")
+    result = python("import serve; print(serve.DEFAULT_CONFIG, 'app' in vars(serve))", path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "stack.yaml False\n", "")
+
+
+def test_serve_app_refuses_an_invalid_config_when_taken(config_file) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + "pipeline:\n  - corz: {}\n")
+    result = python("import serve\ntry:\n    serve.app\nexcept Exception as exc:\n    print(type(exc).__name__)\n",
+                    path)
+    assert result.stdout == "ConfigError\n"
+    assert result.stderr.splitlines() == [
+        f"{path}:3:5 pipeline[0]: unknown layer 'corz'; did you mean 'cors'? (known: access_log, auth, cache, cors, "
+        "csrf, errors, headers, health, metrics, operator_page, proxy, ratelimit, request_id, session, validation, "
+        "versioning; or write module:attr for your own)",
+        f"{path}: refusing to start with an invalid configuration",
+    ]
+
+
+def test_waitress_serve_stops_at_startup_on_an_invalid_config(config_file) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + "pipeline:\n  - corz: {}\n")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "WSGISTACK_CONFIG": str(path)}
+    waitress = Path(sys.executable).with_name("waitress-serve")
+    result = subprocess.run([str(waitress), f"--listen=127.0.0.1:{port}", "serve:app"], cwd=path.parent, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"{path}:3:5 pipeline[0]: unknown layer 'corz'; did you mean 'cors'?")
+    assert f"{path}: refusing to start with an invalid configuration" in result.stderr
+
+
+def test_serve_app_is_built_once_when_taken(config_file, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from webtest import TestApp
+
+    from config.live import LiveStack
+
+    path = config_file(ECHO + "logging: {level: WARNING}\npipeline: [errors: {}]\n")
+    monkeypatch.setenv("WSGISTACK_CONFIG", str(path))
+    monkeypatch.delitem(vars(serve), "app", raising=False)
+    level = logging.getLogger("wsgistack").level
+    try:
+        app = serve.app
+        assert isinstance(app, LiveStack) and serve.app is app
+        assert TestApp(app).get("/x").json["path"] == "/x"
+        assert logging.getLogger("wsgistack").level == logging.WARNING  # the host server owns the handlers
+        app.current.close()
+    finally:
+        monkeypatch.delitem(vars(serve), "app", raising=False)
+        logging.getLogger("wsgistack").setLevel(level)
+
+
+# ---------------------------------------------------------------- logging: in stack.yaml
+
+
+def test_json_log_lines() -> None:
+    record = logging.LogRecord("wsgistack.reload", logging.ERROR, __file__, 1, "two\nlines %s", ("here",), None)
+    record.created, record.msecs, record.request_id = 1_700_000_000.25, 250, "abc"
+    line = serve.JsonFormatter().format(record)
+    assert "\n" not in line
+    assert json.loads(line) == {"time": "2023-11-14T22:13:20.250Z", "level": "ERROR", "logger": "wsgistack.reload",
+                                "request_id": "abc", "message": "two\nlines here"}
+
+
+def generation(port: int) -> str:
+    """The X-Stack-Generation of a fresh response."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/x")
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.getheader("X-Stack-Generation") or ""
+
+
+def test_the_logging_section_is_applied_and_reloaded(config_file) -> None:  # type: ignore[no-untyped-def]
+    from loadgen import ServeProcess
+
+    port = free_port()
+    head = ECHO + f"server:\n  listen: 127.0.0.1:{port}\n  generation_header: true\npipeline: [errors: {{}}]\n"
+    path = config_file(head + "logging: {level: INFO, format: json}\n")
+    server = ServeProcess(path)
+    server.env.pop("WSGISTACK_LOG_LEVEL", None)  # it would override logging.level
+    server.start()
+
+    def lines() -> list[dict[str, object]]:
+        return [json.loads(x) for x in server.output().splitlines() if x.startswith('{"time"')]
+
+    try:
+        wait_for_port(port)
+        server.wait_output(f'"message": "serving on http://127.0.0.1:{port} (generation 1, 1 worker(s))"')
+        first = lines()[0]
+        assert set(first) == {"time", "level", "logger", "request_id", "message"}
+        assert (first["level"], first["logger"], first["request_id"]) == ("INFO", "wsgistack", "-")
+        assert generation(port) == "1"
+        path.write_text(head + "logging: {level: WARNING, format: json}\n")
+        server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while generation(port) != "2":
+            assert time.monotonic() < deadline, "the reload did not happen"
+            time.sleep(0.05)
+        path.write_text(head.replace("errors: {}", "corz: {}") + "logging: {level: WARNING, format: json}\n")
+        server.signal(signal.SIGHUP)
+        server.wait_output('"logger": "wsgistack.reload"')
+        path.write_text(head + "logging: {level: INFO}\n")  # back to text lines
+        server.signal(signal.SIGHUP)
+        server.wait_output("INFO wsgistack.reload [-]: generation 3 serving")
+    finally:
+        server.stop()
+    logged = lines()
+    assert not any("generation 2 serving" in str(x["message"]) for x in logged)  # INFO, below WARNING
+    failed = [x for x in logged if x["logger"] == "wsgistack.reload"]
+    assert failed and failed[0]["level"] == "ERROR"
+    assert str(failed[0]["message"]).startswith("reload failed, generation 2 keeps serving: ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,7 +78,8 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
         ),
         pytest.param(
             ECHO + "server:\n  trusted_proxy_headers: [x-forwarded-for, forwarded]\n  trusted_proxy: 10.0.0.1\n",
-            "stack.yaml:3:3 server: trusted_proxy_headers may not trust both 'forwarded' and X-Forwarded-*",
+            "stack.yaml:3:26 server.trusted_proxy_headers: trusted_proxy_headers may not trust both 'forwarded' and "
+            "X-Forwarded-*",
             id="two proxy-header schemes refused",
         ),
         pytest.param(
@@ -106,7 +109,8 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
         ),
         pytest.param(
             ECHO + "server: {listen: '0.0.0.0:8080'}\npipeline:\n  - errors: {debug: true}\n",
-            "stack.yaml:4:5 pipeline[0]: errors: debug may be true only when the server listens on loopback only",
+            "stack.yaml:4:21 pipeline[0].errors.debug: debug may be true only when the server listens on loopback "
+            "only (got True)",
             id="debug refused on a public listener",
         ),
         pytest.param(
@@ -201,3 +205,209 @@ def test_layer_spec_repr_names_position_and_scope() -> None:
 def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -> None:
     built = build_from_text(ECHO.replace("}", ", options: {var_dir: data}}"), base_dir=tmp_path)
     assert built.config.app.options["var_dir"] == str(tmp_path / "data")
+
+
+# ---------------------------------------------------------------- refused, with the place and the fix
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            ECHO + "pipeline:\n  - auth:\n      secret: ${JWT_SECRET-fallback}\n",
+            "stack.yaml:4:15 pipeline[0].auth.secret: '${JWT_SECRET-fallback}' is not an interpolation stack.yaml "
+            "understands; write ${JWT_SECRET:-fallback} (the forms are ${NAME} and ${NAME:-default}; $${ writes a "
+            "literal ${)",
+            id="${VAR-default}",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - auth: {secret: '${JWT_SECRET:fallback}'}\n",
+            "stack.yaml:3:20 pipeline[0].auth.secret: '${JWT_SECRET:fallback}' is not an interpolation stack.yaml "
+            "understands; write ${JWT_SECRET:-fallback} (the forms are ${NAME} and ${NAME:-default}; $${ writes a "
+            "literal ${)",
+            id="${VAR:default}",
+        ),
+        pytest.param(
+            ECHO + "server: {ident: 'x-${NAME'}\n",
+            "stack.yaml:2:17 server.ident: '${NAME' opens ${ but never closes it (the forms are ${NAME} and "
+            "${NAME:-default}; $${ writes a literal ${)",
+            id="unclosed ${",
+        ),
+        pytest.param(
+            ECHO + "server: {ident: '${A:-${B}}'}\n",
+            "stack.yaml:2:17 server.ident: '${A:-${B}': a default may not contain another ${...}; write the default "
+            "as plain text",
+            id="nested default",
+        ),
+        pytest.param(
+            "",
+            "stack.yaml:1:1 (top level): the file has no settings (it is empty or only comments); a stack needs at "
+            "least a pipeline, e.g. pipeline: [errors: {}] (the shipped stack.yaml is a commented example)",
+            id="empty file",
+        ),
+        pytest.param(
+            "# nothing but a comment\n\n",
+            "stack.yaml:1:1 (top level): the file has no settings (it is empty or only comments)",
+            id="comments only",
+        ),
+        pytest.param(
+            ECHO + "server: &s {listen: '127.0.0.1:8889', reload: *s}\n",
+            "stack.yaml:2:39 server.reload: this alias refers to a value that contains it (a YAML alias loop); "
+            "repeat the settings instead",
+            id="self-referencing alias",
+        ),
+        pytest.param(
+            ECHO + "app_note: 2024-13-45\n",
+            "stack.yaml:2:11 app_note: cannot read the value '2024-13-45': month must be in 1..12; quote it to keep "
+            "it as text",
+            id="impossible date",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: '*:18005'}\n",
+            "stack.yaml:2:18 server.listen[0]: '*' is not a host here; write 0.0.0.0:18005 for every IPv4 "
+            "interface, [::]:18005 for every IPv6 one, or list both (got '*:18005')",
+            id="listen on *",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: '[::1:18005'}\n",
+            "stack.yaml:2:18 server.listen[0]: the address opens '[' but never closes it; write it like "
+            "[::1]:8889 (got '[::1:18005')",
+            id="listen, unclosed bracket",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: '::1:18005'}\n",
+            "stack.yaml:2:18 server.listen[0]: an IPv6 address needs brackets; write [::1]:18005 (got '::1:18005')",
+            id="listen, IPv6 without brackets",
+        ),
+        pytest.param(
+            ECHO + "server:\n  listen: ['127.0.0.1:18005', '127.0.0.1:18005']\n",
+            "stack.yaml:3:31 server.listen[1]: listen[1] repeats listen[0] (127.0.0.1:18005): a server cannot "
+            "listen on one address twice; remove one (got '127.0.0.1:18005')",
+            id="listen twice",
+        ),
+        pytest.param(
+            ECHO + "server:\n  listen: ['0.0.0.0:18005', '127.0.0.1:18005']\n",
+            "stack.yaml:3:29 server.listen[1]: listen[1] (127.0.0.1:18005) is already covered by listen[0] "
+            "(0.0.0.0:18005), which listens on every interface",
+            id="listen inside a wildcard",
+        ),
+        pytest.param(
+            ECHO + "server:\n  listen: ['127.0.0.1:18005', 'localhost:18005']\n",
+            "stack.yaml:3:31 server.listen[1]: listen[1] (localhost:18005) is the same address as listen[0] "
+            "(127.0.0.1:18005): 127.0.0.1 port 18005; remove one (got 'localhost:18005')",
+            id="listen twice, once by name",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: 8889}\n",
+            "stack.yaml:2:18 server.listen: listen takes HOST:PORT, e.g. 127.0.0.1:8889, [::1]:8889 or "
+            "localhost:8889, not a bare port: write 127.0.0.1:8889 for this machine only or 0.0.0.0:8889 for every "
+            "interface (got 8889)",
+            id="listen, a bare port",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: '999.1.1.1:80'}\n",
+            "stack.yaml:2:18 server.listen[0]: '999.1.1.1' is not an IPv4 address (got '999.1.1.1:80')",
+            id="listen, impossible address",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: 'no-such-host.invalid:80'}\n",
+            "stack.yaml:2:18 server.listen[0]: cannot resolve the host 'no-such-host.invalid': ",
+            id="listen, unknown host",
+        ),
+        pytest.param(
+            ECHO + "server:\n  trusted_proxy: 10.0.0.0/8\n  trusted_proxy_headers: [x-forwarded-for]\n",
+            "stack.yaml:3:18 server.trusted_proxy: trusted_proxy is one IP address (or '*'), not a network: "
+            "Waitress compares it as text with the peer's address, so '10.0.0.0/8' would never match; for several "
+            "proxies or a network, leave trusted_proxy unset and add the proxy layer right after errors, e.g. "
+            "proxy: {x_for: 1, trusted_proxies: [10.0.0.0/8]} (got '10.0.0.0/8')",
+            id="trusted_proxy, a network",
+        ),
+        pytest.param(
+            ECHO + "server:\n  trusted_proxy: proxy.internal\n  trusted_proxy_headers: [x-forwarded-for]\n",
+            "stack.yaml:3:18 server.trusted_proxy: trusted_proxy is one IP address (or '*'), and 'proxy.internal' "
+            "is not one: Waitress compares it as text with the peer's address",
+            id="trusted_proxy, a host name",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - errors: {}\n  - auth: {secret: short}\n",
+            "stack.yaml:4:20 pipeline[1].auth.secret: secret must be at least 32 bytes for HS256 (it has 5); make "
+            "one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
+            id="a rule between fields, at the field it names (a secret is never shown)",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - versioning:\n      supported: [v1, v2]\n      default: v3\n",
+            "stack.yaml:5:16 pipeline[0].versioning.default: default 'v3' is not in supported (v1, v2) (got 'v3')",
+            id="versioning default, at default",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - cors: {origins: ['*'], allow_credentials: true}\n",
+            "stack.yaml:3:47 pipeline[0].cors.allow_credentials: allow_credentials may not be true when origins "
+            "contains '*'; list the origins instead (got True)",
+            id="cors credentials with *, at allow_credentials",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - ratelimit:\n      limits: ['10/second', '10/fortnight']\n",
+            "stack.yaml:4:29 pipeline[0].ratelimit.limits[1]: '10/fortnight' is not a rate limit; write it like "
+            "'10/second' or '100 per minute' (units: second, minute, hour, day, month, year) (got '10/fortnight')",
+            id="the bad item of a list",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - errors:{}\n",
+            "stack.yaml:3:5 pipeline[0]: 'errors:{}' is read as one name: YAML needs a space after the colon; "
+            "write - errors: {}",
+            id="no space after the layer's colon",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - errors: {format:problem}\n",
+            "stack.yaml:3:14 pipeline[0].errors.format:problem: unknown key 'format:problem'; YAML needs a space "
+            "after the colon: write format: problem",
+            id="no space after an option's colon",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_fr: 1}\n",
+            "stack.yaml:3:46 pipeline[0].werkzeug.middleware.proxy_fix:ProxyFix.x_fr: unknown option 'x_fr' for "
+            "werkzeug.middleware.proxy_fix:ProxyFix; did you mean 'x_for'? (known: x_for, x_proto, x_host, x_port, "
+            "x_prefix)",
+            id="a factory's keyword arguments",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - access_log: {file: /nonexistent/dir/access.log}\n",
+            "stack.yaml:3:24 pipeline[0].access_log.file: access_log cannot open it: No such file or directory "
+            "(got '/nonexistent/dir/access.log')",
+            id="a file a layer opens",
+        ),
+        pytest.param(
+            ECHO + "stores: {shared: 'redis://localhost:notaport/0'}\n",
+            "stack.yaml:2:18 stores.shared: bad Redis store URL redis://localhost:notaport/0: Port could not be "
+            "cast to integer value as 'notaport' (got 'redis://localhost:notaport/0')",
+            id="store URL",
+        ),
+    ],
+)
+def test_refused_with_the_place_and_the_fix(text: str, expected: str) -> None:
+    lines = errors_of(text)
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        pytest.param("def broken(:\n", "SyntaxError in {path}, line 1: ", id="syntax error"),
+        pytest.param("import os\nSETTING = os.environ['WSGISTACK_NO_SUCH_VARIABLE']\n",
+                     "KeyError: 'WSGISTACK_NO_SUCH_VARIABLE'", id="KeyError while importing"),
+        pytest.param("raise RuntimeError('not today')\n", "RuntimeError: not today", id="RuntimeError while importing"),
+    ],
+)
+def test_a_layer_module_that_fails_to_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
+                                             expected: str) -> None:
+    module = tmp_path / "wsgistack_broken_layer.py"
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "wsgistack_broken_layer", raising=False)
+    lines = errors_of(ECHO + "pipeline:\n  - errors: {}\n  - wsgistack_broken_layer:Layer: {}\n")
+    prefix = "stack.yaml:4:5 pipeline[1]: cannot import layer 'wsgistack_broken_layer:Layer': "
+    assert lines[0].startswith(prefix + expected.format(path=module)), lines
+    monkeypatch.delitem(sys.modules, "wsgistack_broken_layer", raising=False)
+    app_lines = errors_of("app: {factory: 'wsgistack_broken_layer:create'}\npipeline: [errors: {}]\n")
+    assert app_lines[0].startswith("stack.yaml:1:16 app.factory: cannot import the app factory: "
+                                   + expected.format(path=module)), app_lines

@@ -74,8 +74,8 @@ def check_example(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedPr
             "and has no default (write ${JWT_SECRET:-default})",
         ], id="no variables"),
         pytest.param({**CHECK_ENV, "JWT_SECRET": "short"}, 2, [
-            "examples/production.yaml:85:7 pipeline[11].auth: secret must be at least 32 bytes for HS256 (it has "
-            "5); make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
+            "examples/production.yaml:86:15 pipeline[11].auth.secret: secret must be at least 32 bytes for HS256 "
+            "(it has 5); make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
         ], id="short JWT secret"),
         pytest.param({**CHECK_ENV, "REDIS_URL": "memory://"}, 2, [
             "examples/production.yaml:67:5 pipeline[8]: ratelimit keeps state in store 'shared' (memory://) but "

@@ -1,0 +1,102 @@
+"""`serve.py check` refuses what `serve` refuses (short of binding and connecting), located, with exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = 'app: {factory: "stack_support:echo_app"}\n'
+ERRORS = "pipeline: [errors: {}]\n"
+
+
+def run(command: str, text: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``serve.py -c stack.yaml COMMAND`` on ``text``, from the config's folder (``tmp_path`` on the path)."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(text)
+    paths = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(tmp_path)])
+    return subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", "stack.yaml", command], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": paths, **(env or {})}, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("text", "first_line"),
+    [
+        pytest.param(ECHO + "stores: {shared: 'redis://localhost:notaport/0'}\n" + ERRORS,
+                     "stack.yaml:2:18 stores.shared: bad Redis store URL redis://localhost:notaport/0: Port could "
+                     "not be cast to integer value as 'notaport' (got 'redis://localhost:notaport/0')",
+                     id="redis URL with a bad port"),
+        pytest.param(ECHO + "stores: {shared: 'mongodb://localhost'}\n" + ERRORS,
+                     "stack.yaml:2:18 stores.shared: unknown store scheme 'mongodb://' (known: memory://, redis://, "
+                     "rediss://, unix://, redis+sentinel://) (got 'mongodb://localhost')",
+                     id="unknown scheme"),
+        pytest.param(ECHO + "stores: {shared: 'redis//localhost:6379'}\n" + ERRORS,
+                     "stack.yaml:2:18 stores.shared: store URL 'redis//localhost:6379' has no scheme",
+                     id="no scheme"),
+        pytest.param(ECHO + "stores: {shared: 'memory://?max_entries=abc'}\n" + ERRORS,
+                     "stack.yaml:2:18 stores.shared: memory:// max_entries must be a whole number, got 'abc' "
+                     "(got 'memory://?max_entries=abc')",
+                     id="memory store option"),
+        pytest.param(ECHO + "stores: {shared: ''}\n" + ERRORS,
+                     "stack.yaml:2:18 stores.shared: store URL '' has no scheme", id="empty URL"),
+        pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_fr: 1}\n",
+                     "stack.yaml:4:46 pipeline[1].werkzeug.middleware.proxy_fix:ProxyFix.x_fr: unknown option "
+                     "'x_fr' for werkzeug.middleware.proxy_fix:ProxyFix; did you mean 'x_for'?",
+                     id="factory keyword argument"),
+        pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - access_log: {file: /nonexistent/dir/access.log}\n",
+                     "stack.yaml:4:24 pipeline[1].access_log.file: access_log cannot open it: No such file or "
+                     "directory (got '/nonexistent/dir/access.log')",
+                     id="a file the access log cannot open"),
+        pytest.param(ECHO + "server: {listen: '999.1.1.1:80'}\n" + ERRORS,
+                     "stack.yaml:2:18 server.listen[0]: '999.1.1.1' is not an IPv4 address (got '999.1.1.1:80')",
+                     id="listen address"),
+        pytest.param(ECHO + "server: {listen: 'no-such-host.invalid:80'}\n" + ERRORS,
+                     "stack.yaml:2:18 server.listen[0]: cannot resolve the host 'no-such-host.invalid': ",
+                     id="listen host that does not resolve"),
+        pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - broken_syntax:Layer: {}\n",
+                     "stack.yaml:4:5 pipeline[1]: cannot import layer 'broken_syntax:Layer': SyntaxError in ",
+                     id="a layer module with a syntax error"),
+        pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - broken_import:Layer: {}\n",
+                     "stack.yaml:4:5 pipeline[1]: cannot import layer 'broken_import:Layer': KeyError: "
+                     "'WSGISTACK_NOT_SET'",
+                     id="a layer module raising KeyError while imported"),
+        pytest.param(ECHO + "server: &s {listen: '127.0.0.1:8889', reload: *s}\n" + ERRORS,
+                     "stack.yaml:2:39 server.reload: this alias refers to a value that contains it",
+                     id="a self-referencing alias"),
+        pytest.param("", "stack.yaml:1:1 (top level): the file has no settings (it is empty or only comments)",
+                     id="an empty file"),
+        pytest.param("# server:\n#   listen: 127.0.0.1:8889\n",
+                     "stack.yaml:1:1 (top level): the file has no settings", id="a file of comments"),
+        pytest.param(ECHO + "server: {ident: '${NAME-wsgistack}'}\n" + ERRORS,
+                     "stack.yaml:2:17 server.ident: '${NAME-wsgistack}' is not an interpolation stack.yaml "
+                     "understands; write ${NAME:-wsgistack}",
+                     id="an interpolation form that is not supported"),
+    ],
+)
+def test_check_refuses_what_serve_refuses(tmp_path: Path, text: str, first_line: str) -> None:
+    (tmp_path / "broken_syntax.py").write_text("def layer(:\n")
+    (tmp_path / "broken_import.py").write_text("import os\nNAME = os.environ['WSGISTACK_NOT_SET']\n")
+    checked = run("check", text, tmp_path)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert checked.stdout.splitlines()[0].startswith(first_line), checked.stdout
+    assert "Traceback" not in checked.stdout + checked.stderr
+    served = run("serve", text, tmp_path)
+    assert served.returncode == 2, served.stdout + served.stderr
+    assert served.stderr.splitlines()[0].startswith(first_line), served.stderr
+    assert served.stderr.splitlines()[-1] == "stack.yaml: refusing to start with an invalid configuration"
+
+
+def test_check_builds_without_connecting(tmp_path: Path) -> None:
+    """A Redis store nobody listens on is fine for check: URLs are parsed, no connection is made."""
+    started = time.monotonic()
+    checked = run("check", ECHO + "stores: {shared: 'redis://127.0.0.1:1/0'}\npipeline:\n  - errors: {}\n"
+                  "  - access_log: {file: access.log}\n  - cache: {}\n", tmp_path)
+    assert (checked.returncode, checked.stdout) == (0, "stack.yaml: ok\n"), checked.stderr
+    assert time.monotonic() - started < 20
+    assert (tmp_path / "access.log").read_text() == ""  # built, like serve, and closed; nothing logged

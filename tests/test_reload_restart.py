@@ -1,0 +1,154 @@
+"""Settings only a restart applies: reported until the restart, and the ones in force stay in force.
+
+A reload compares the file with the settings the process started with, not
+with the file it read last, so a second reload does not forget a pending
+``listen`` change; and a worker the supervisor starts after a reload serves
+with the settings its siblings run with.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port, wait_for_port
+from loadgen import ServeProcess
+
+from config.live import LiveStack
+
+ECHO = 'app: {factory: "stack_support:echo_app"}\n'
+
+
+def stack(port: int, threads: int = 4, extra: str = "", pipeline: str = "  - errors: {}\n") -> str:
+    return ECHO + f"server:\n  listen: 127.0.0.1:{port}\n  threads: {threads}\n{extra}pipeline:\n{pipeline}"
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> LiveStack:
+    """A LiveStack on a stack.yaml listening on port 18101 with 4 threads."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(stack(18101))
+    return LiveStack(path)
+
+
+def reload_with(live: LiveStack, text: str) -> list[str]:
+    Path(live.path).write_text(text)
+    result = live.reload()
+    assert result.ok, result.problems
+    return result.needs_restart
+
+
+def test_a_pending_restart_is_reported_until_the_restart(live: LiveStack) -> None:
+    assert reload_with(live, stack(18102)) == ["listen"]
+    # Another reload that leaves listen as the file has it: the server still listens on 18101.
+    assert reload_with(live, stack(18102, extra="  generation_header: true\n")) == ["listen"]
+    assert live.last.summary() == "generation 3 serving; needs restart to apply: listen"
+    assert reload_with(live, stack(18102, threads=12)) == ["listen", "threads"]
+    assert reload_with(live, stack(18101, threads=12)) == ["threads"]
+    assert reload_with(live, stack(18101)) == []  # back to what is in force: nothing to restart for
+    assert live.current.context.settings["last_reload"].needs_restart == []
+    assert live.in_force.listen == ["127.0.0.1:18101"] and live.waitress_kwargs["threads"] == 4
+
+
+def test_a_new_proxy_layer_needs_waitress_to_keep_the_headers(live: LiveStack) -> None:
+    """Waitress clears forwarding headers (in force) until a restart lets the new proxy layer read them."""
+    proxy = "  - errors: {}\n  - proxy: {x_for: 1}\n"
+    assert reload_with(live, stack(18101, pipeline=proxy)) == ["clear_untrusted_proxy_headers"]
+    assert live.waitress_kwargs["clear_untrusted_proxy_headers"] is True
+
+
+def test_a_reload_never_widens_debug_to_a_public_listener(tmp_path: Path) -> None:
+    """debug needs loopback only: judged on the sockets in force as well as on the file."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(ECHO + "server: {listen: '0.0.0.0:18103'}\npipeline: [errors: {}]\n")
+    live = LiveStack(path)
+    path.write_text(ECHO + "server: {listen: '127.0.0.1:18103'}\npipeline: [errors: {debug: true}]\n")
+    result = live.reload()
+    assert not result.ok
+    assert [p.message for p in result.problems] == ["debug may be true only when the server listens on loopback only"]
+
+
+def test_the_server_is_created_with_the_settings_in_force(live: LiveStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What serve.py hands Waitress (also in a worker started after a reload): the settings in force."""
+    import waitress.server
+
+    import serve
+
+    assert reload_with(live, stack(18101, threads=12)) == ["threads"]
+    created: list[dict[str, Any]] = []
+
+    def create_server(app: Any, **kw: Any) -> object:
+        created.append(kw)
+        return object()
+
+    monkeypatch.setattr(waitress.server, "create_server", create_server)
+    monkeypatch.setattr(serve, "_serve_until", lambda *args, **kw: True)
+    handlers = {signum: signal.getsignal(signum) for signum in serve.HANDLED}
+    try:
+        assert serve._run_waitress(live, []) == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert created[0]["threads"] == 4
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_restarted_after_a_reload_runs_with_its_siblings_settings(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(stack(port, threads=2, extra="  workers: 2\n"))
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "2"}).start()
+    try:
+        wait_for_port(port)
+        _wait(lambda: len(_children(server.pid)) == 2, "two workers")
+        workers = _children(server.pid)
+        path.write_text(stack(port, threads=24, extra="  workers: 2\n"))
+        server.signal(signal.SIGHUP)
+        server.wait_output("supervisor: generation 2 serving; needs restart to apply: threads")
+        for pid in workers:
+            server.wait_output(f"worker {pid}: generation 2 serving; needs restart to apply: threads")
+        victim, sibling = sorted(workers)
+        os.kill(victim, signal.SIGKILL)
+        server.wait_output(f"worker {victim} was killed by signal 9")
+        _wait(lambda: len(_children(server.pid) - workers) == 1, "a new worker")
+        (fresh,) = _children(server.pid) - workers
+        _wait(lambda: _threads(fresh) >= 3, "the new worker's server threads")
+        time.sleep(0.5)  # all of them
+        assert _children(server.pid) == {sibling, fresh}, server.output()
+        # Two Waitress threads each, not 24 in one and 2 in the other (give or take a helper thread).
+        assert abs(_threads(fresh) - _threads(sibling)) <= 2, (_threads(fresh), _threads(sibling))
+        assert _threads(fresh) < 12
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
