@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from webtest import TestApp
@@ -77,6 +78,8 @@ def test_v2_shape_and_cache_hit(default_stack: Callable[..., TestApp]) -> None:
     [
         pytest.param("", 400, "q", id="empty q"),
         pytest.param("a" * 1001, 400, "1000", id="q over 1000 characters"),
+        pytest.param(quote("\N{GRINNING FACE}" * 1001), 400, "1000",
+                     id="q over 1000 four-byte characters: the app's 400, not 414"),
         pytest.param("json&page=0", 400, "page", id="page zero"),
     ],
 )
@@ -89,6 +92,13 @@ def test_search_validation_errors_use_the_envelope(default_stack: Callable[..., 
     assert error["path"] == "/api/v1/search"
     assert error["request_id"] == response.headers["X-Request-ID"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_a_query_of_1000_four_byte_characters_is_answered(default_stack: Callable[..., TestApp]) -> None:
+    """The API takes 1000 characters of q; percent-encoded, a 4-byte character is 12 bytes of query string."""
+    query = quote("\N{GRINNING FACE}" * 1000)
+    assert len(query) == 12000
+    default_stack().get(f"/api/v1/search?q={query}&page=1", status=200)
 
 
 def test_rate_limit_after_five(default_stack: Callable[..., TestApp]) -> None:
