@@ -40,6 +40,8 @@ __all__ = [
     "READ_AHEAD",
     "RENDER_ERROR",
     "REQUEST_ID",
+    "ROUTE",
+    "ROUTE_TEMPLATE",
     "SESSION",
     "TIMINGS",
     "TRACE",
@@ -80,6 +82,11 @@ TIMINGS = "wsgistack.timings"
 TRACE = "wsgistack.trace"
 #: Store reads an outer layer made for inner ones in its own round trip (see ReadAhead).
 READ_AHEAD = "wsgistack.read_ahead"
+#: The route template that answered (the Flask core's rule, or a layer's own path), for metrics labels.
+ROUTE = "wsgistack.route"
+#: ``context.services`` name of ``route_template(path, method) -> template | None``, which the app
+#: publishes so that requests refused before routing are labelled with the route they were for.
+ROUTE_TEMPLATE = "route_template"
 
 Headers = list[tuple[str, str]]
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import field_validator, model_validator
 
-from .base import Context, LayerOptions, refuse
+from .base import ROUTE, Context, LayerOptions, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -101,6 +101,7 @@ class HealthMiddleware:
         path = environ.get("PATH_INFO")
         if path != self.liveness and path != self.readiness:
             return self.app(environ, start_response)
+        environ[ROUTE] = path  # a fixed label for metrics
         method = environ.get("REQUEST_METHOD")
         if method != "GET" and method != "HEAD":
             exc = refuse(405, headers=_ALLOW)

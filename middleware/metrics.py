@@ -45,7 +45,18 @@ from prometheus_client.utils import floatToGoString
 from pydantic import field_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import TIMINGS, Context, LayerOptions, Networks, address_in, decorate_error, networks, refuse
+from .base import (
+    ROUTE,
+    ROUTE_TEMPLATE,
+    TIMINGS,
+    Context,
+    LayerOptions,
+    Networks,
+    address_in,
+    decorate_error,
+    networks,
+    refuse,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -58,8 +69,6 @@ METRICS_DIR = "WSGISTACK_METRICS_DIR"
 SHARE_INTERVAL = 1.0
 _log = logging.getLogger("wsgistack.metrics")
 
-#: environ key where the Flask core puts the matched route template (``/api/v1/items/<id>``).
-ROUTE = "wsgistack.route"
 Headers = list[tuple[str, str]]
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 _HEX = "[0-9a-fA-F]"
@@ -172,6 +181,7 @@ class MetricsMiddleware:
         self.shared = _Merged(counted)
         registry.register(self.shared)
         self._routes = _Capped(options.max_routes)
+        self._templates: dict[tuple[str, str], str] = {}  # (method, path) -> route template the app matched
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._layers: dict[str, tuple[Any, str]] = {}
         self._events = {event: (name, fixed, fields, _Capped(64)) for event, (name, fixed, fields) in _EVENTS.items()}
@@ -267,12 +277,39 @@ class MetricsMiddleware:
             self._layers[name] = found
         return found
 
+    def _route(self, environ: WSGIEnvironment, method: str, status: str) -> str:
+        """The ``route`` label of a request no route template was set for (refused before the app, a cache hit).
+
+        The app's routes name it when the app publishes ``route_template``
+        (the Flask core does); a path they do not match is ``other``, so a
+        client sending random paths that some layer refuses (401, 429…)
+        cannot take the label values real routes need.  Without that
+        service, refusals (4xx) are ``other`` and other answers the path with
+        its ids as ``{id}``.
+        """
+        path = environ.get("PATH_INFO") or "/"
+        key = (method, path)
+        known = self._templates.get(key)
+        if known is not None:
+            return known
+        lookup = self.context.services.get(ROUTE_TEMPLATE)
+        if lookup is not None:
+            try:
+                template = lookup(path, method)
+            except Exception:  # a label is not worth failing the request
+                template = None
+            if template is None:
+                return "other"
+            if len(self._templates) < 1000:
+                self._templates[key] = template
+            return str(template)
+        return "other" if status[:1] == "4" else _ID_SEGMENT.sub("/{id}", path)
+
     def _record(self, environ: WSGIEnvironment, status: str, elapsed: float) -> None:
         method = environ.get("REQUEST_METHOD", "")
         route = environ.get(ROUTE)
-        if route is None:  # refused before the app, or answered by a layer: a bounded path label
-            path = environ.get("PATH_INFO") or "/"
-            route = "other" if status == "404" else _ID_SEGMENT.sub("/{id}", path)
+        if route is None:
+            route = self._route(environ, method, status)
         key = (method, route, status)
         series = self._series.get(key)
         if series is None:

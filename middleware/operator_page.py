@@ -37,7 +37,18 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import IDENTITY, TIMINGS, Context, Identity, LayerOptions, Networks, address_in, networks, refuse
+from .base import (
+    IDENTITY,
+    ROUTE,
+    TIMINGS,
+    Context,
+    Identity,
+    LayerOptions,
+    Networks,
+    address_in,
+    networks,
+    refuse,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -50,6 +61,7 @@ SECRET_WORDS = ("secret", "key", "password", "passwd", "token", "credential", "a
 _EVENTS = ("cache.hit", "cache.miss", "cache.stale", "cache.bypass", "ratelimit.pass", "ratelimit.reject",
            "ratelimit.shadow_reject", "auth.failure", "store.error", "version.deprecated")
 _DETAIL = {"auth.failure": "reason", "store.error": "store", "version.deprecated": "version"}
+_PAGES = ("/data.json", "/app.js", "/app.css")  # below the page's path
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _COMMON = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
@@ -183,6 +195,7 @@ class OperatorPageMiddleware:
 
     # -- the page ------------------------------------------------------------
     def _answer(self, environ: WSGIEnvironment, start_response: StartResponse, rest: str) -> Iterable[bytes]:
+        environ[ROUTE] = self.path + (rest if rest in _PAGES else "")  # a fixed label for metrics
         self._check_access(environ)
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
@@ -224,7 +237,7 @@ class OperatorPageMiddleware:
         if not isinstance(described, list):  # used without the builder: what the timings saw
             described = [{"name": name, "index": i, "options": {}}
                          for i, name in enumerate(n for n in reversed(layers) if n != "app")]
-        pipeline = [{**spec, **_stat(layers.get(str(spec.get("name"))))} for spec in self._mask_pipeline(described)]
+        pipeline = [{**spec, **_stat(layers.get(spec["label"]))} for spec in self._mask_pipeline(described)]
         core = str(settings.get("app") or "app")
         hit, stale, miss = events["cache.hit"], events["cache.stale"], events["cache.miss"]
         looked = hit + stale + miss
@@ -252,7 +265,8 @@ class OperatorPageMiddleware:
         specs = [s for s in described if isinstance(s, Mapping)]
         mine = self.options.model_dump(mode="json")
         me = next((i for i, s in enumerate(specs) if s.get("name") in _NAMES and s.get("options") == mine), -1)
-        masked = [{"name": str(s.get("name")), "index": s.get("index"), "implicit": bool(s.get("implicit")),
+        masked = [{"name": str(s.get("name")), "label": str(s.get("label") or s.get("name")),
+                   "index": s.get("index"), "implicit": bool(s.get("implicit")),
                    "scope": str(s.get("scope") or ""), "inside": i > me, "this": i == me,
                    "options": mask(s.get("options") or {})}
                   for i, s in enumerate(specs)]

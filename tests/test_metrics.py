@@ -45,6 +45,8 @@ def inner_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> It
     path = environ["PATH_INFO"]
     if path == "/limited":
         raise refuse(429, "Slow down.", headers=[("Retry-After", "3")])
+    if "HTTP_X_REFUSE" in environ:  # what an auth layer does with a bad token, before any route
+        raise refuse(int(environ["HTTP_X_REFUSE"]))
     if path == "/crash":
         raise RuntimeError("inner failure")
     if path.startswith("/items/"):
@@ -132,7 +134,8 @@ def scrape(app: TestApp, **kwargs: Any) -> Samples:
                      {("GET", "/t/{id}", "200"): 2}, id="uuid and long hex collapsed"),
         pytest.param({}, [("GET", "/missing"), ("GET", "/missing")], {("GET", "other", "404"): 2},
                      id="unmatched 404 is one label"),
-        pytest.param({}, [("GET", "/limited")], {("GET", "/limited", "429"): 1}, id="refusal counted with its code"),
+        pytest.param({}, [("GET", "/limited")], {("GET", "other", "429"): 1},
+                     id="refusal counted with its code, without the app's routes under other"),
         pytest.param({}, [("GET", "/crash")], {("GET", "/crash", "500"): 1}, id="exception counted as 500"),
         pytest.param({}, [("GET", "/lazy")], {("GET", "/lazy", "201"): 1}, id="lazy start_response"),
         pytest.param({}, [("GET", "/replaced")], {("GET", "/replaced", "500"): 1}, id="exc_info replaces status"),
@@ -142,7 +145,7 @@ def scrape(app: TestApp, **kwargs: Any) -> Samples:
                      id="route labels capped"),
         pytest.param({"server_timing": True}, [("GET", "/items/1"), ("GET", "/lazy"), ("GET", "/limited")],
                      {("GET", "/items/<int:item_id>", "200"): 1, ("GET", "/lazy", "201"): 1,
-                      ("GET", "/limited", "429"): 1}, id="the same when timing"),
+                      ("GET", "other", "429"): 1}, id="the same when timing"),
     ],
 )
 def test_requests_counted(make: Callable[..., Any], options: dict[str, Any], requests: list[tuple[str, str]],
@@ -159,6 +162,20 @@ def test_requests_counted(make: Callable[..., Any], options: dict[str, Any], req
     for (method, route, _), _value in expected.items():
         total = sum(v for (m, r, _s), v in expected.items() if (m, r) == (method, route))
         assert sample(found, "wsgistack_http_request_duration_seconds_count", method=method, route=route) == total
+
+
+def test_unrouted_requests_take_the_app_route_or_other(make: Callable[..., Any], context: Context) -> None:
+    """A client sending random paths that a layer refuses cannot fill the route label space."""
+    context.services["route_template"] = lambda path, method: "/limited" if path == "/limited" else None
+    app, _ = make(max_routes=3)
+    for i in range(20):
+        app.get(f"/limited-{i}", headers={"X-Refuse": "401"}, expect_errors=True)
+    app.get("/limited", expect_errors=True)
+    app.get("/items/1")
+    counted = {(dict(labels)["route"], dict(labels)["status"]): value
+               for (name, labels), value in scrape(app).items() if name == "wsgistack_http_requests_total"}
+    assert counted == {("other", "401"): 20, ("/limited", "429"): 1, ("/items/<int:item_id>", "200"): 1}
+
 
 
 def test_latency_lands_in_buckets(make: Callable[..., Any]) -> None:
