@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args, get_origin
@@ -50,10 +51,12 @@ class LayerSpec:
     scope: Scope
     implicit: bool = False
     path: Path = ()
+    #: ``name#2`` for the second layer of a name (set by :func:`build`); timings and counts use it.
+    tag: str = ""
 
     @property
     def label(self) -> str:
-        return self.name
+        return self.tag or self.name
 
     @property
     def is_layer_class(self) -> bool:
@@ -602,6 +605,7 @@ def build(
 
     pipeline = with_default_errors(config.pipeline)
     config.pipeline = pipeline
+    _tag_repeated_names(pipeline)
     timing = any(
         callable(getattr(spec.target, "wants_layer_timing", None)) and spec.target.wants_layer_timing(spec.options)
         for spec in pipeline
@@ -649,11 +653,22 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
     return doc.problem(path, f"{spec.name}: {message}", key=True)
 
 
+def _tag_repeated_names(pipeline: list[LayerSpec]) -> None:
+    """Give layers that share a name distinct labels (``ratelimit#1``, ``ratelimit#2``), so their
+    timings, ``Server-Timing`` tokens and operator-page counts are their own."""
+    total = Counter(spec.name for spec in pipeline)
+    seen: Counter[str] = Counter()
+    for spec in pipeline:
+        if total[spec.name] > 1:
+            seen[spec.name] += 1
+            spec.tag = f"{spec.name}#{seen[spec.name]}"
+
+
 def describe(spec: LayerSpec) -> dict[str, Any]:
     """A JSON-ready description of a layer for the operator page and tools (secrets are not masked here)."""
     if isinstance(spec.options, BaseModel):
         options = spec.options.model_dump(mode="json")
     else:
         options = {k: v if isinstance(v, str | int | float | bool | None) else repr(v) for k, v in spec.options.items()}
-    return {"name": spec.name, "index": spec.index, "implicit": spec.implicit,
+    return {"name": spec.name, "label": spec.label, "index": spec.index, "implicit": spec.implicit,
             "scope": repr(spec.scope) if spec.scope else "", "options": options}

@@ -315,7 +315,8 @@ def test_json_shape(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]])
                          "stores"}
     assert data["signature"] == "errors|session"
     assert data["requests"] == {"total": 0, "by_status": {}}
-    assert data["pipeline"][0] == {"name": "errors", "index": -1, "implicit": True, "scope": "", "inside": True,
+    assert data["pipeline"][0] == {"name": "errors", "label": "errors", "index": -1, "implicit": True, "scope": "",
+                                   "inside": True,
                                    "this": False, "options": {"format": "envelope"},
                                    "count": 0, "total_ms": 0.0, "avg_ms": None}
     assert data["app"] == {"name": "app", "count": 0, "total_ms": 0.0, "avg_ms": None}
@@ -493,6 +494,20 @@ def test_counts_grow_in_a_built_stack(make_stack: Callable[..., TestApp]) -> Non
     assert after["pipeline"][0]["count"] == 0  # errors is outside the page: not timed
     html = stack.get("/_stack").text
     assert '<b id="layer-2-count">4</b>' in html and '<b id="requests">4</b>' in html
+
+
+def test_layers_of_one_name_are_counted_apart(make_stack: Callable[..., TestApp]) -> None:
+    """Two ratelimit layers, one scoped: each box shows its own requests, and Server-Timing names both."""
+    data = stack_data([{"metrics": {"server_timing": True, "layer_timing": True}},
+                       {"ratelimit": {"store": "shared", "limits": ["1000/minute"], "namespace": "all"}},
+                       {"ratelimit": {"store": "shared", "limits": ["1000/minute"], "namespace": "api",
+                                      "paths": ["/api/*"]}}])
+    stack = make_stack(data, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    for path in ("/a", "/b", "/c", "/api/x", "/api/y"):
+        timing = stack.get(path).headers["Server-Timing"]
+    assert "ratelimit#1;dur=" in timing and "ratelimit#2;dur=" in timing
+    counts = {layer["label"]: layer["count"] for layer in stack.get("/_stack/data.json").json["pipeline"]}
+    assert (counts["ratelimit#1"], counts["ratelimit#2"]) == (5, 2)
 
 
 def test_roles_with_the_auth_layer(make_stack: Callable[..., TestApp]) -> None:
