@@ -15,11 +15,12 @@ caching) here: they are layers of the stack.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, request
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException
 
 from app.api import api_blueprint
 from app.auth import auth_blueprint
@@ -30,7 +31,7 @@ from app.session_adapter import StackSessionInterface
 from app.state import SUPPORTED_VERSIONS, AppState
 from app.users import UserStore
 from middleware.auth import USER_ROLES
-from middleware.base import Context
+from middleware.base import ROUTE_TEMPLATE, Context
 
 __all__ = ["AppOptions", "AppState", "SearchOptions", "create_app"]
 
@@ -59,6 +60,9 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
     # The auth layer gives a session identity the roles the user has now (a removed user's session
     # identifies no one), so `serve.py users remove/set-role` takes effect within a second.
     ctx.services[USER_ROLES] = state.user_roles
+    # The metrics layer labels a request refused before routing (or a cache hit) with the route it
+    # was for, and anything the routes do not match as "other".
+    ctx.services[ROUTE_TEMPLATE] = _route_template(app)
     install_error_handlers(app, debug=opts.debug, logger=ctx.logger.getChild("app"))
     app.before_request(_note_route)
 
@@ -66,6 +70,20 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
         app.register_blueprint(api_blueprint(version, state))
     app.register_blueprint(auth_blueprint(state))
     return app
+
+
+def _route_template(app: Flask) -> Callable[[str, str], str | None]:
+    """``route_template(path, method)``: the rule of the app's routes that matches, or None."""
+    urls = app.url_map.bind("localhost")
+
+    def route_template(path: str, method: str) -> str | None:
+        try:
+            rule, _ = urls.match(path, method=method, return_rule=True)
+        except HTTPException:  # not found, another method, a redirect
+            return None
+        return str(rule.rule)
+
+    return route_template
 
 
 def _note_route() -> None:
