@@ -27,7 +27,7 @@ from middleware.errors import ErrorsMiddleware
 from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
 
-from .errors import ConfigError, Path, Problem
+from .errors import SECRET_KEY, ConfigError, Path, Problem
 from .loader import Document
 from .registry import LAYERS, import_string, is_path, resolve
 from .schema import TOP_LEVEL, AppSection, LoggingOptions, ServerOptions, StoreSpec, split_listen
@@ -170,8 +170,6 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-#: Option names whose values are never repeated in a message.
-_SECRET = re.compile(r"secret|password|passwd|private_key|token", re.IGNORECASE)
 _LEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MISSING = object()
@@ -228,7 +226,7 @@ def _located(doc: Document, path: Path, message: str, fields: Iterable[str] = ()
     where = relocate(doc, path, message, fields)
     if where != path:
         value = data_at(doc, where)
-        secret = any(isinstance(part, str) and _SECRET.search(part) for part in where[len(path):])
+        secret = any(isinstance(part, str) and SECRET_KEY.search(part) for part in where[len(path):])
         shown = value is not _MISSING and not isinstance(value, dict | list) and not secret
         kw = {**kw, "value": value if shown else None, "has_value": shown}
     return doc.problem(where, message, **kw)
@@ -664,11 +662,22 @@ def _tag_repeated_names(pipeline: list[LayerSpec]) -> None:
             spec.tag = f"{spec.name}#{seen[spec.name]}"
 
 
+def _plain(value: Any) -> Any:
+    """A factory layer's option as JSON-ready data (mappings and lists kept, so secrets in them can be masked)."""
+    if isinstance(value, str | int | float | bool | None):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    return str(value)  # a date, say
+
+
 def describe(spec: LayerSpec) -> dict[str, Any]:
     """A JSON-ready description of a layer for the operator page and tools (secrets are not masked here)."""
     if isinstance(spec.options, BaseModel):
         options = spec.options.model_dump(mode="json")
     else:
-        options = {k: v if isinstance(v, str | int | float | bool | None) else repr(v) for k, v in spec.options.items()}
+        options = {k: _plain(v) for k, v in spec.options.items()}
     return {"name": spec.name, "label": spec.label, "index": spec.index, "implicit": spec.implicit,
             "scope": repr(spec.scope) if spec.scope else "", "options": options}

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Path = tuple[str | int, ...]
+
+#: A key whose value a message never repeats (``secret``, ``password``, ``private_key``, ``token``…).
+SECRET_KEY = re.compile(r"secret|passw(?:or)?d|private_key|tokens?$", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|secret|token)=)[^&\s]*", re.IGNORECASE)
+MASK = "***"
+
+
+def masked(path: Path, value: Any) -> Any:
+    """``value`` fit to print: a secret-named key's value hidden, passwords in URLs replaced by ``***``."""
+    if any(isinstance(part, str) and SECRET_KEY.search(part) for part in path):
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return _QUERY_PASSWORD.sub(rf"\1{MASK}", _URL_PASSWORD.sub(rf"\1{MASK}@", value))
+    if isinstance(value, list | tuple):
+        return type(value)(masked((), item) for item in value)
+    if isinstance(value, dict):
+        return {k: masked((k,) if isinstance(k, str) else (), v) for k, v in value.items()}
+    return value
 
 
 def dotted(path: Path) -> str:
@@ -31,6 +51,11 @@ class Problem:
     severity: Literal["error", "warning"] = "error"
     value: Any = None
     has_value: bool = False
+
+    def __post_init__(self) -> None:
+        # Problems are printed, logged and shown on the operator page: a secret never travels in one.
+        if self.has_value:
+            object.__setattr__(self, "value", masked(self.path, self.value))
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file

@@ -28,6 +28,7 @@ import ast
 import html
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -339,10 +340,13 @@ def mask(value: Any, name: str = "") -> Any:
             try:
                 return mask(ast.literal_eval(value))
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                return MASK if _secret_name(value) else value
+                return MASK if _secret_name(value) else _URL_PASSWORD.sub(rf"\1{MASK}@", value)
         if "://" in value or "@" in value:
             return _mask_url(value)
     return value
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)[^/@\s'\"]*@")  # user:password@ inside any text
 
 
 def _mask_url(text: str) -> str:

@@ -411,3 +411,23 @@ def test_a_layer_module_that_fails_to_import(tmp_path: Path, monkeypatch: pytest
     app_lines = errors_of("app: {factory: 'wsgistack_broken_layer:create'}\npipeline: [errors: {}]\n")
     assert app_lines[0].startswith("stack.yaml:1:16 app.factory: cannot import the app factory: "
                                    + expected.format(path=module)), app_lines
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "secret"),
+    [
+        pytest.param("stores:\n  shared: redis://:Hunter2Secret@redis.internal:63x79/0\npipeline:\n  - errors: {}\n",
+                     "Hunter2Secret", id="store URL password"),
+        pytest.param("pipeline:\n  - errors: {}\n  - auth: {secret: [Hunter2Secret]}\n", "Hunter2Secret",
+                     id="secret of the wrong type"),
+        pytest.param("stores:\n  shared: redis://redis.internal:63x79/0?password=Hunter2Secret\npipeline:\n"
+                     "  - errors: {}\n", "Hunter2Secret", id="password in the query"),
+    ],
+)
+def test_problems_never_repeat_a_secret(yaml_text: str, secret: str) -> None:
+    """Problems are printed, logged and shown on the operator page after a failed reload."""
+    with pytest.raises(ConfigError) as info:
+        build_from_text(yaml_text, base_dir=".")
+    text = "\n".join(str(problem) for problem in info.value.problems)
+    assert info.value.problems and secret not in text
+    assert secret not in repr([p.value for p in info.value.problems])

@@ -6,6 +6,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from stack_support import RaisingStore, Recorder
 from webtest import TestApp
 
 from config import build_from_dict
+from config.build import describe
 from config.errors import Problem
 from config.live import ReloadResult
 from middleware.base import CLIENT_IP, IDENTITY, TIMINGS, Context, Identity, refuse
@@ -245,6 +247,9 @@ def test_everything_rendered_is_escaped(make: Callable[..., tuple[TestApp, Opera
                      id="repr of a dict from a factory layer"),
         pytest.param("{broken: password=pw", "odd", MASK, id="unparsable repr naming a secret"),
         pytest.param("[not, python", "odd", "[not, python", id="unparsable repr without secrets"),
+        pytest.param("{'url': 'https://svc:Pw99@api.example.org/v1', 'since': datetime.date(2024, 1, 1)}", "upstream",
+                     f"{{'url': 'https://svc:{MASK}@api.example.org/v1', 'since': datetime.date(2024, 1, 1)}}",
+                     id="unparsable repr with a URL password"),
     ],
 )
 def test_mask(value: Any, name: str, expected: Any) -> None:
@@ -582,3 +587,15 @@ def test_page_updates_in_a_real_browser(tmp_path: Path) -> None:
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 20_000
+
+
+def test_factory_layer_options_are_described_as_data() -> None:
+    """A date beside a URL in a plain factory's options must not stop the URL's password from being masked."""
+    data = stack_data([{"werkzeug.middleware.proxy_fix:ProxyFix": {"x_for": 1}}])
+    built = build_from_dict(data, base_dir=".")
+    spec = next(s for s in built.config.pipeline if s.name.endswith("ProxyFix"))
+    spec.options = {"upstream": {"url": "https://svc:Pw99@api.example.org/v1", "since": date(2024, 1, 1)}}
+    assert describe(spec)["options"] == {"upstream": {"url": "https://svc:Pw99@api.example.org/v1",
+                                                      "since": "2024-01-01"}}
+    assert mask(describe(spec)["options"]) == {"upstream": {"url": f"https://svc:{MASK}@api.example.org/v1",
+                                                            "since": "2024-01-01"}}
