@@ -286,6 +286,8 @@ class _RedisCounter:
         def attempt() -> list[Any]:
             try:
                 return self._pipeline(commands, own)
+            except redis.exceptions.MaxConnectionsError as exc:  # busy, not down: the breaker stays closed
+                raise StoreError(f"redis store {self.url} could not count: {exc}") from exc
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 raise StoreUnavailable(f"redis store {self.url} could not count: {exc}", str(exc)) from exc
             except RedisError as exc:

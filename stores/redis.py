@@ -142,6 +142,27 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
     return sentinels, unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0, auth
 
 
+def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
+    """``value`` as a number: stack.yaml's ``${VAR:-0.5}`` interpolates to the string ``"0.5"``."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"store option {name} must be a number, got {value!r}") from None
+
+
+def _parsed(name: str, value: Any) -> Any:
+    """A string option parsed as redis-py parses the same option in a URL query (``max_connections=10``)."""
+    parser = cast("Callable[[str], Any] | None", redis.connection.URL_QUERY_ARGUMENT_PARSERS.get(name))
+    if parser is None or parser is list or not isinstance(value, str):
+        return value
+    try:
+        return parser(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"store option {name} cannot be {value!r}") from None
+
+
 def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
     """The identity of a pool: the normalised URL plus the options that shape it."""
     scheme = urlsplit(url).scheme.lower()
@@ -150,6 +171,10 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
         parsed: dict[str, Any] = {"sentinels": sentinels, "service": service, "db": db,
                                   "auth": sorted(auth.items())}
     else:
+        path = urlsplit(url).path
+        if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
+            raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
+                             f"such as /0, got {path!r}")
         try:
             parsed = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError as exc:
@@ -222,6 +247,11 @@ class RedisStore(Store):
         reset_timeout: float = 2.0,
         **pool_options: Any,
     ) -> None:
+        socket_timeout = _number("socket_timeout", socket_timeout, float)
+        socket_connect_timeout = _number("socket_connect_timeout", socket_connect_timeout, float)
+        failure_threshold = _number("failure_threshold", failure_threshold, int)
+        reset_timeout = _number("reset_timeout", reset_timeout, float)
+        pool_options = {name: _parsed(name, value) for name, value in pool_options.items()}
         self.key_prefix = key_prefix
         self._shared: _Shared | None = None
         self._pool_key: tuple[object, ...] = ()
@@ -287,6 +317,8 @@ class RedisStore(Store):
                 detail = self._detail(exc)
                 raise StoreUnavailable(self._say(op, detail), detail) from exc
             except redis.RedisError as exc:
+                raise StoreError(self._say(op, self._detail(exc))) from exc
+            except (TypeError, ValueError) as exc:  # an option redis-py only checks when it connects
                 raise StoreError(self._say(op, self._detail(exc))) from exc
 
         return self.breaker.call(attempt)

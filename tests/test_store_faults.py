@@ -337,6 +337,31 @@ def test_an_exhausted_pool_is_not_an_outage(redis_url: str) -> None:
 
 
 @pytest.mark.redis
+def test_an_exhausted_pool_does_not_open_the_breaker_through_the_rate_limiter(redis_url: str) -> None:
+    """The rate limiter's pipeline meets a busy pool as the store does: a plain StoreError, breaker closed."""
+    from webtest import TestApp
+
+    from middleware.base import Context
+    from middleware.ratelimit import RateLimitMiddleware
+
+    def ok(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    store = RedisStore(redis_url, max_connections=1, failure_threshold=1)
+    try:
+        app = TestApp(RateLimitMiddleware(ok, RateLimitMiddleware.Options(limits=["100/minute"]),
+                                          Context(stores={"shared": store})))
+        held = store.pool.get_connection()
+        assert app.get("/", extra_environ={"REMOTE_ADDR": "10.0.0.1"}).status_int == 200  # fails open
+        store.pool.release(held)
+        assert store.breaker.state == "closed"
+        assert "RateLimit-Limit" in app.get("/", extra_environ={"REMOTE_ADDR": "10.0.0.1"}).headers
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
 def test_pooled_connections_survive_a_restart(down_redis: Any) -> None:
     store = RedisStore(down_redis.url, failure_threshold=1)
     try:

@@ -409,11 +409,39 @@ def test_mask_url(url: str, masked: str) -> None:
             "bad Redis store URL redis://h/0?db=x: Invalid value for 'db' in connection URL.",
             id="bad db",
         ),
+        pytest.param("redis://h/x", "bad Redis store URL redis://h/x: the path names the database, a number such "
+                     "as /0, got '/x'", id="db not a number (redis-py would use 0)"),
+        pytest.param("redis://h/1/5", "bad Redis store URL redis://h/1/5: the path names the database, a number "
+                     "such as /0, got '/1/5'", id="two path segments (redis-py would use 15)"),
     ],
 )
 def test_bad_redis_urls_are_refused_at_construction(url: str, error: str) -> None:
     with pytest.raises(ValueError) as info:
         RedisStore(url)
+    assert str(info.value) == error
+
+
+def test_numeric_options_given_as_text_are_parsed() -> None:
+    """``socket_timeout: ${REDIS_SOCKET_TIMEOUT:-0.5}`` interpolates to the string "0.5"."""
+    store = store_from_url("redis://127.0.0.1:1/3", socket_timeout="0.5", max_connections="4",
+                           failure_threshold="2", retry_on_timeout="true")
+    try:
+        assert isinstance(store, RedisStore)
+        kwargs = store.pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["retry_on_timeout"]) == (0.5, True)
+        assert store.pool.max_connections == 4
+        assert store.breaker.failure_threshold == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("option", "value", "error"), [
+    pytest.param("socket_timeout", "soon", "store option socket_timeout must be a number, got 'soon'", id="timeout"),
+    pytest.param("max_connections", "many", "store option max_connections cannot be 'many'", id="pool size"),
+])
+def test_options_that_are_not_numbers_are_refused_at_construction(option: str, value: str, error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        store_from_url("redis://127.0.0.1:1/0", **{option: value})
     assert str(info.value) == error
 
 
