@@ -672,6 +672,7 @@ def cmd_users(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from config.build import make_stores
     from middleware.cache import CacheMiddleware, purge
+    from stores import StoreError
 
     try:
         config = parse(read_file(args.config))
@@ -692,6 +693,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for spec in specs:
             store = stores[spec.options.store]
             total += purge(store, args.pattern, prefix=spec.options.key_prefix)
+    except StoreError as exc:  # Redis down or refusing: say so, no traceback
+        print(f"{args.config}: cannot purge {args.pattern!r} (purged {total} before): {exc}", file=sys.stderr)
+        return 1
     finally:
         for store in stores.values():
             store.close()

@@ -278,6 +278,18 @@ def test_cache_purge_command_on_redis(config_file, redis_url: str) -> None:  # t
     built.close()
 
 
+def test_cache_purge_with_redis_down_says_so(config_file) -> None:  # type: ignore[no-untyped-def]
+    from conftest import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    path = config_file(ECHO + f"stores: {{shared: '{url}'}}\npipeline:\n  - errors: {{}}\n  - cache: {{}}\n")
+    result = run_cli("-c", str(path), "cache", "purge", "/api/*")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"{path}: cannot purge '/api/*' (purged 0 before): redis store {url} could not ")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("peer", "forwarded", "client"),
     [
