@@ -178,7 +178,10 @@ class MetricsMiddleware:
         self.layer_time = Histogram("wsgistack_layer_duration_seconds",
                                     "Time spent in each layer itself (inner layers excluded).",
                                     ["layer"], buckets=_LAYER_BUCKETS, registry=counted)
-        self.shared = _Merged(counted)
+        self.shared = _Merged(counted, {
+            "wsgistack_http_request_duration_seconds": _edges(self.counts.bounds),
+            "wsgistack_layer_duration_seconds": _edges(_LAYER_BUCKETS),
+        })
         registry.register(self.shared)
         self._routes = _Capped(options.max_routes)
         self._templates: dict[tuple[str, str], str] = {}  # (method, path) -> route template the app matched
@@ -426,6 +429,11 @@ class _Counts:
 _SEQUENCE = itertools.count()
 
 
+def _edges(bounds: Iterable[float]) -> frozenset[str]:
+    """The ``le`` label values of a histogram with these upper bounds."""
+    return frozenset([*(_go_float(float(b)) for b in bounds if b != math.inf), "+Inf"])
+
+
 class _Merged:
     """What this process counted, plus what the other worker processes shared.
 
@@ -445,8 +453,11 @@ class _Merged:
     yourself (say for gunicorn workers), empty it before each start.
     """
 
-    def __init__(self, counted: CollectorRegistry) -> None:
+    def __init__(self, counted: CollectorRegistry, edges: dict[str, frozenset[str]] | None = None) -> None:
         self.counted = counted
+        #: histogram name -> its bucket bounds (``le``) in this pipeline: a file written with
+        #: other bounds (before a reload changed ``buckets``) cannot be added bucket by bucket.
+        self.edges = edges or {}
         self.pending = True  # start() has not run in this process yet
         self.directory: str | None = None
         self.path: str | None = None
@@ -488,6 +499,9 @@ class _Merged:
             return
         merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
         for family in itertools.chain(own, self._others()):
+            edges = self.edges.get(family.name) if family.type == "histogram" else None
+            if edges is not None and any(s.labels.get("le", "+Inf") not in edges for s in family.samples):
+                continue  # another pipeline's buckets: leaving them out keeps the histogram cumulative
             found = merged.get(family.name)
             if found is None:
                 found = merged[family.name] = (Metric(family.name, family.documentation, family.type,

@@ -487,6 +487,35 @@ def test_workers_share_their_counts(monkeypatch: pytest.MonkeyPatch, tmp_path: A
     assert sample(found, "wsgistack_http_requests_total", method="GET", route="/ok", status="200") == 5
 
 
+def test_a_pipeline_with_other_buckets_is_left_out_of_the_histogram(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Any) -> None:
+    """A reload that changed ``buckets`` leaves files whose bounds cannot be added bucket by bucket."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    monkeypatch.setattr("middleware.metrics.SHARE_INTERVAL", 0.05)
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    apps = []
+    for buckets in ([0.001, 0.01, 0.1], [0.0001, 0.5, 3.0]):  # before and after the reload
+        layer = MetricsMiddleware(inner_app, MetricsMiddleware.Options(process_metrics=False, buckets=buckets),
+                                  Context(stores={"shared": MemoryStore()}))
+        apps.append(TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context())))
+    old, new = apps
+    for _ in range(3):
+        old.get("/items/1")
+    new.get("/items/1")
+    time.sleep(0.3)
+    found = scrape(new)
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="/items/<int:item_id>",
+                  status="200") == 4  # counters still add up
+    assert sample(found, "wsgistack_http_request_duration_seconds_count", method="GET",
+                  route="/items/<int:item_id>") == 1  # only the bounds in force
+    assert {dict(labels).get("le") for (name, labels) in found if name.endswith("_bucket")} == {
+        "0.0001", "0.5", "3.0", "+Inf"}
+    text = new.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+                   extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text
+    assert list(text_string_to_metric_families(text))  # parses: buckets cumulative and in order
+
+
 def test_an_idle_worker_leaves_its_file_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.setattr("middleware.metrics.SHARE_INTERVAL", 0.05)
     monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
