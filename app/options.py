@@ -21,8 +21,10 @@ class SearchOptions(BaseModel):
     ``engine``: ``local`` (an embedded SQLite FTS5 index of Python docstrings,
     no network) or ``searxng`` (the JSON API of a SearXNG instance).
     ``upstream``: the SearXNG base URL; required for ``searxng``.
-    ``timeout`` / ``connect_timeout``: seconds for the whole upstream answer and
-    for the TCP connect.  ``per_page``: results per page.  ``index_path``: the
+    ``timeout``: seconds for the whole upstream exchange (connect, request,
+    status line, headers and body; pauses of the stream endpoint do not count).
+    ``connect_timeout``: seconds for each TCP connect attempt, within ``timeout``.
+    ``per_page``: results per page.  ``index_path``: the
     local index file (default ``<var_dir>/search-index.sqlite3``).
     ``index_sources``: module names or directories to index (``None``: the
     standard library and the project's dependencies).  ``stream_interval``:

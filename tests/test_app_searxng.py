@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +30,8 @@ class FakeSearxng(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
         self.release = threading.Event()
+        #: query -> the body of a 200 answer, for bodies the tests write themselves
+        self.canned: dict[str, bytes] = {}
 
     @property
     def url(self) -> str:
@@ -47,13 +51,32 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _trickle(self, data: bytes, size: int) -> None:
+        """Send ``data`` ``size`` bytes at a time, 20 ms apart, until done or the client goes away."""
+        with contextlib.suppress(OSError):
+            for start in range(0, len(data), size):
+                self.wfile.write(data[start:start + size])
+                time.sleep(0.02)
+
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         params = parse_qs(parts.query)
         self.server.requests.append((parts.path, params))
         query = params.get("q", [""])[0]
+        body = b'{"results": []}'
         if not parts.path.endswith("/search"):
             self._send(404, b"not found", "text/plain")
+        elif query in self.server.canned:
+            self._send(200, self.server.canned[query])
+        elif query == "trickle body":  # 100 bytes, one every 20 ms: 2 seconds
+            body = body.ljust(100)
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body))
+            self._trickle(body, 1)
+        elif query == "trickle headers":  # 1000 bytes of headers, 10 every 20 ms: 2 seconds
+            head = (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"p" * 900
+                    + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+            self._trickle(head + body, 10)
         elif query == "boom":
             self._send(500, b"<h1>Internal Server Error</h1>", "text/html")
         elif query == "garbage":
@@ -142,6 +165,39 @@ def test_upstream_failures(tmp_path: Path, upstream: FakeSearxng, version: str, 
     assert (error["code"], error["message"]) == (status, message)
 
 
+@pytest.mark.parametrize("query", ["trickle body", "trickle headers"])
+def test_timeout_bounds_an_upstream_that_trickles(tmp_path: Path, upstream: FakeSearxng, query: str) -> None:
+    client = searxng_app(tmp_path, upstream.url, timeout=0.25)
+    started = time.monotonic()
+    error = client.get("/api/v1/search", {"q": query}, status=504).json["error"]
+    elapsed = time.monotonic() - started
+    assert error["message"] == "The search upstream did not answer within 0.25 seconds."
+    assert elapsed < 1.0, f"the answer took {elapsed:.2f} s, not about 0.25 s"
+
+
+@pytest.fixture
+def stalled_address() -> Iterator[tuple[str, int]]:
+    """A loopback address whose listen queue is full, so a connect to it hangs."""
+    with socket.socket() as listener, socket.socket() as queued:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        queued.connect(listener.getsockname())  # fills the queue; nobody accepts
+        yield listener.getsockname()
+
+
+def test_connect_attempts_share_the_timeout(tmp_path: Path, stalled_address: tuple[str, int],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # A name with four addresses: each one tried gets the rest of the deadline, not connect_timeout afresh.
+    entry = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", stalled_address)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [entry] * 4)
+    client = searxng_app(tmp_path, "http://searxng.invalid:8888", timeout=0.3, connect_timeout=0.25)
+    started = time.monotonic()
+    error = client.get("/api/v1/search", {"q": "x"}, status=504).json["error"]
+    elapsed = time.monotonic() - started
+    assert error["message"] == "The search upstream did not answer within 0.3 seconds."
+    assert elapsed < 0.7, f"the answer took {elapsed:.2f} s, not about 0.3 s"
+
+
 def test_unreachable_upstream_is_a_502(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -169,3 +225,90 @@ def test_stream_reports_the_upstream_stages(tmp_path: Path, upstream: FakeSearxn
         {"progress": 75, "stage": "upstream_received"},
         {"progress": 100, "stage": "parsed"},
     ]
+
+
+def test_stream_interval_does_not_count_against_the_timeout(tmp_path: Path, upstream: FakeSearxng) -> None:
+    # Two pauses of 0.15 s fall inside the upstream exchange; only the exchange itself is timed.
+    client = searxng_app(tmp_path, upstream.url, timeout=0.2, stream_interval=0.15)
+    text = client.get("/api/v2/search/stream", {"q": "ok"}).text
+    events = [(block.split("\n")[0][len("event: "):], json.loads(block.split("\n")[1][len("data: "):]))
+              for block in text.strip().split("\n\n")]
+    assert [name for name, _ in events] == ["search_started"] + ["search_progress"] * 4 + ["search_complete"]
+    assert events[-1][1] == client.get("/api/v2/search", {"q": "ok"}).json
+
+
+def results_body(number_of_results: str, results: str = "[]") -> bytes:
+    return f'{{"results": {results}, "number_of_results": {number_of_results}}}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("reported", "expected"),
+    [
+        pytest.param("42", 42, id="a count"),
+        pytest.param("42.0", 42, id="a whole float"),
+        pytest.param(str(2**53 - 1), 2**53 - 1, id="the largest count believed"),
+        pytest.param(str(2**53), 0, id="one more"),
+        pytest.param("1" + "0" * 400, 0, id="400 digits"),
+        pytest.param("Infinity", 0, id="Infinity"),
+        pytest.param("-Infinity", 0, id="-Infinity"),
+        pytest.param("NaN", 0, id="NaN"),
+        pytest.param("1e999", 0, id="a float that overflows"),
+        pytest.param("42.5", 0, id="not whole"),
+        pytest.param("-5", 0, id="negative"),
+        pytest.param("true", 0, id="a boolean"),
+        pytest.param('"42"', 0, id="a string"),
+        pytest.param("null", 0, id="null"),
+    ],
+)
+def test_implausible_totals_are_ignored(tmp_path: Path, upstream: FakeSearxng, reported: str,
+                                        expected: int) -> None:
+    upstream.canned["x"] = results_body(reported)
+    client = searxng_app(tmp_path, upstream.url)
+    assert client.get("/api/v1/search", {"q": "x"}).json["meta"]["total"] == expected
+    assert client.get("/api/v2/search", {"q": "x"}).json["pagination"] == {
+        "page": 1, "per_page": 10, "total": expected, "pages": -(-expected // 10)}
+
+
+def test_an_ignored_total_is_the_number_of_results_seen(tmp_path: Path, upstream: FakeSearxng) -> None:
+    results = json.dumps([{"title": "t", "url": f"https://example.org/{i}", "content": "c"} for i in range(3)])
+    upstream.canned["x"] = results_body("1e999", results)
+    client = searxng_app(tmp_path, upstream.url)
+    assert client.get("/api/v2/search", {"q": "x"}).json["pagination"] == {
+        "page": 1, "per_page": 10, "total": 3, "pages": 1}
+
+
+def test_an_implausible_total_in_a_v2_stream_completes_it(tmp_path: Path, upstream: FakeSearxng) -> None:
+    upstream.canned["x"] = results_body("1" + "0" * 400)
+    text = searxng_app(tmp_path, upstream.url).get("/api/v2/search/stream", {"q": "x"}).text
+    name, data = text.strip().split("\n\n")[-1].split("\n")
+    assert name == "event: search_complete"
+    assert json.loads(data[len("data: "):])["pagination"] == {"page": 1, "per_page": 10, "total": 0, "pages": 0}
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b"[" * 100_000 + b"]" * 100_000], ids=["open", "closed"])
+def test_json_nested_too_deeply_is_a_502(tmp_path: Path, upstream: FakeSearxng, body: bytes) -> None:
+    upstream.canned["x"] = body
+    client = searxng_app(tmp_path, upstream.url)
+    error = client.get("/api/v1/search", {"q": "x"}, status=502).json["error"]
+    assert error["message"] == "The search upstream sent JSON nested too deeply to read."
+
+
+def test_results_with_fields_of_the_wrong_type_are_dropped(tmp_path: Path, upstream: FakeSearxng) -> None:
+    results = [
+        {"url": {"a": 1}, "title": "a URL that is an object", "content": "c"},
+        {"url": 7, "title": "a URL that is a number", "content": "c"},
+        {"url": "", "title": "an empty URL", "content": "c"},
+        {"url": "https://example.org/1", "title": ["a", "list"], "content": "c"},
+        {"url": "https://example.org/2", "title": "t", "content": {"a": 1}},
+        {"url": "https://example.org/3", "title": True, "content": "c"},
+        {"url": "https://example.org/4", "title": None, "content": None, "engine": 7},
+        {"url": "https://example.org/5", "title": "kept", "content": "c", "engine": "bing"},
+        "not an object",
+    ]
+    upstream.canned["x"] = json.dumps({"results": results, "number_of_results": 0}).encode()
+    body = searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": "x"}).json
+    assert body["results"] == [
+        {"title": "", "url": "https://example.org/4", "content": "", "engine": "searxng"},
+        {"title": "kept", "url": "https://example.org/5", "content": "c", "engine": "bing"},
+    ]
+    assert body["meta"]["total"] == 2

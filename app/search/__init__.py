@@ -13,7 +13,7 @@ Engines raise werkzeug ``HTTPException`` for failures the client should see
 from __future__ import annotations
 
 import abc
-import math
+import logging
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,7 +53,7 @@ class SearchPage:
     @property
     def pages(self) -> int:
         """How many pages ``total`` results fill (0 when there are none)."""
-        return math.ceil(self.total / self.per_page) if self.per_page else 0
+        return -(-self.total // self.per_page) if self.per_page else 0  # whole numbers: no float overflow
 
     def v1(self) -> dict[str, Any]:
         """The ``/api/v1`` body: ``results`` plus ``meta``."""
@@ -101,12 +101,12 @@ class SearchEngine(abc.ABC):
         """Release files or connections."""
 
 
-def make_engine(options: SearchOptions) -> SearchEngine:
-    """Build the engine that ``options.engine`` names."""
+def make_engine(options: SearchOptions, logger: logging.Logger | None = None) -> SearchEngine:
+    """Build the engine that ``options.engine`` names; ``logger`` gets what the engine reports."""
     if options.engine == "searxng":
         from app.search.searxng import SearxngEngine
 
         return SearxngEngine(options)
     from app.search.local import LocalEngine
 
-    return LocalEngine(options)
+    return LocalEngine(options, logger)

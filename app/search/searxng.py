@@ -1,10 +1,20 @@
 """The ``searxng`` search engine: the JSON API of a SearXNG instance.
 
-It sends ``GET {upstream}/search?q=…&format=json&pageno=N`` with a connect
-timeout and an overall deadline for the whole answer, and maps SearXNG's
-``results`` and ``number_of_results`` to the API's shape.  An HTTP error,
-a refused connection or a body that is not the expected JSON becomes
-``502 Bad Gateway``; running out of time becomes ``504 Gateway Timeout``.
+It sends ``GET {upstream}/search?q=…&format=json&pageno=N`` and maps
+SearXNG's ``results`` and ``number_of_results`` to the API's shape.
+``timeout`` bounds the whole exchange: connecting (each address tried at most
+``connect_timeout``), sending the request, and every read of the status line,
+the headers and the body, so an upstream that trickles bytes is cut off at
+``timeout`` like one that sends nothing.  Time spent paused at a stage, while
+the stream endpoint paces or sends its events, does not count.  Name
+resolution is the one step outside the deadline: the resolver has its own.
+
+An HTTP error, a refused connection or a body that is not the expected JSON
+becomes ``502 Bad Gateway``; running out of time becomes ``504 Gateway
+Timeout``.  A result whose ``url`` is not a non-empty string, or whose
+``title`` or ``content`` is neither a string nor null, is dropped.  A
+``number_of_results`` that is not a whole number from the results seen so far
+up to 2**53 - 1 is ignored (the total is then the results seen so far).
 SearXNG only answers JSON when ``search.formats`` in its settings lists
 ``json``; otherwise it answers 403, which shows up here as a 502.
 
@@ -15,12 +25,15 @@ for a public SearXNG instance you do not run: they rate-limit API clients.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
+import socket
 import ssl
 import time
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlencode, urlsplit
 
 from werkzeug.exceptions import BadGateway, GatewayTimeout
@@ -28,11 +41,15 @@ from werkzeug.exceptions import BadGateway, GatewayTimeout
 from app.search import Progress, SearchEngine, SearchPage, SearchResult
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
     from app.options import SearchOptions
 
-__all__ = ["SearxngEngine"]
+__all__ = ["MAX_TOTAL", "SearxngEngine"]
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
+#: The largest ``number_of_results`` believed: beyond it JavaScript clients lose integer precision.
+MAX_TOTAL = 2**53 - 1
 _CHUNK = 64 * 1024
 
 
@@ -40,7 +57,8 @@ class SearxngEngine(SearchEngine):
     """Ask a SearXNG instance and map its JSON answer.
 
     Options used: ``upstream`` (base URL, may include a path prefix),
-    ``timeout`` (seconds for the whole answer), ``connect_timeout`` and ``per_page``.
+    ``timeout`` (seconds for the whole exchange), ``connect_timeout`` (seconds
+    for each TCP connect, within ``timeout``) and ``per_page``.
 
         engine = SearxngEngine(SearchOptions(engine="searxng", upstream="http://127.0.0.1:8888"))
         engine.search("python", page=2).total
@@ -62,20 +80,26 @@ class SearxngEngine(SearchEngine):
         self.context = ssl.create_default_context() if self.https else None
 
     def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
-        deadline = time.monotonic() + self.timeout
+        deadline = _Deadline(self.timeout)
         target = f"{self.prefix}/search?" + urlencode({"q": query, "format": "json", "pageno": page})
-        conn = self._connection()
+        conn: http.client.HTTPConnection | None = None
+        response: http.client.HTTPResponse | None = None
         try:
             try:
-                conn.connect()
+                conn = self._connect(deadline)
+                conn.sock.settimeout(deadline.remaining())
                 conn.request("GET", target, headers={"Accept": "application/json"})
-                yield 25, "upstream_connected"
-                _set_timeout(conn, deadline)
-                response = conn.getresponse()
-                yield 50, "upstream_responded"
+                with deadline.paused():
+                    yield 25, "upstream_connected"
+                # HTTPResponse reads through sock.makefile(): the wrapper's file waits only until the deadline.
+                response = http.client.HTTPResponse(cast("socket.socket", _DeadlineSocket(conn.sock, deadline)),
+                                                    method="GET")
+                response.begin()
+                with deadline.paused():
+                    yield 50, "upstream_responded"
                 if response.status != 200:
                     raise BadGateway(f"The search upstream answered with HTTP {response.status}.")
-                body = _read(response, conn, deadline)
+                body = _read(response)
             except TimeoutError:
                 raise GatewayTimeout(
                     f"The search upstream did not answer within {self.timeout:g} seconds."
@@ -83,58 +107,152 @@ class SearxngEngine(SearchEngine):
             except (OSError, http.client.HTTPException) as exc:
                 raise BadGateway(f"The search upstream could not be reached ({type(exc).__name__}).") from None
         finally:
-            conn.close()
+            if response is not None:
+                response.close()
+            if conn is not None:
+                conn.close()
         yield 75, "upstream_received"
         result = self._page(query, page, body)
         yield 100, "parsed"
         return result
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self.https:
-            return http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.connect_timeout, context=self.context
-            )
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+    def _connect(self, deadline: _Deadline) -> http.client.HTTPConnection:
+        """A connection over a socket connected (and for https, handshaken) within the deadline."""
+        sock = self._open_socket(deadline)
+        try:
+            if self.context is not None:
+                sock.settimeout(min(self.connect_timeout, deadline.remaining()))
+                sock = self.context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        conn = (http.client.HTTPSConnection(self.host, self.port, context=self.context) if self.https
+                else http.client.HTTPConnection(self.host, self.port))
+        conn.sock = sock
+        return conn
+
+    def _open_socket(self, deadline: _Deadline) -> socket.socket:
+        """Connect to the first address that accepts; unlike ``socket.create_connection``,
+        the attempts share the deadline instead of each getting the whole timeout."""
+        error: OSError = OSError(f"no address found for {self.host}")
+        for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
+            timeout = min(self.connect_timeout, deadline.remaining())
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(address)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                sock.close()
+                error = exc
+            else:
+                return sock
+        raise error
 
     def _page(self, query: str, page: int, body: bytes) -> SearchPage:
         try:
             doc = json.loads(body)
         except ValueError:
             raise BadGateway("The search upstream sent a response that is not valid JSON.") from None
+        except RecursionError:
+            raise BadGateway("The search upstream sent JSON nested too deeply to read.") from None
         items = doc.get("results") if isinstance(doc, dict) else None
         if not isinstance(items, list):
             raise BadGateway("The search upstream sent JSON without a 'results' list.")
-        results = tuple(
-            SearchResult(_text(item.get("title")), _text(item.get("url")),
-                         _text(item.get("content")), _text(item.get("engine")) or self.name)
-            for item in items
-            if isinstance(item, dict) and item.get("url")
-        )
+        results = tuple(result for result in map(self._result, items) if result is not None)
         per_page = max(self.per_page, len(results))
         seen = (page - 1) * per_page + len(results)
-        reported = doc.get("number_of_results")
-        total = int(reported) if isinstance(reported, int | float) and reported >= seen else seen
+        reported = _count(doc.get("number_of_results"))
+        total = reported if reported is not None and reported >= seen else seen
         return SearchPage(query, results, total, page, per_page)
 
+    def _result(self, item: Any) -> SearchResult | None:
+        """One upstream result, or None when it has no URL or a field of the wrong type."""
+        if not isinstance(item, dict):
+            return None
+        url, title, content = item.get("url"), item.get("title"), item.get("content")
+        if not isinstance(url, str) or not url:
+            return None
+        if not isinstance(title, str | None) or not isinstance(content, str | None):
+            return None
+        engine = item.get("engine")
+        if not isinstance(engine, str) or not engine:
+            engine = self.name
+        return SearchResult(title or "", url, content or "", engine)
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else "" if value is None else str(value)
+
+class _Deadline:
+    """The time left for one upstream exchange; time spent in :meth:`paused` does not count."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; ``TimeoutError`` when there are none."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Move the deadline on by the time the block takes (a generator suspended at ``yield``)."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.at += time.monotonic() - started
 
 
-def _set_timeout(conn: http.client.HTTPConnection, deadline: float) -> None:
-    """Let the next socket read wait only until the overall deadline."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    if conn.sock is not None:
-        conn.sock.settimeout(remaining)
+class _DeadlineReader(io.RawIOBase):
+    """Reads from a socket, each waiting only until the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until this reader is closed
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int | None:
+        self._sock.settimeout(self._deadline.remaining())
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
-def _read(response: http.client.HTTPResponse, conn: http.client.HTTPConnection, deadline: float) -> bytes:
+class _DeadlineSocket:
+    """What ``HTTPResponse`` takes from a socket: a file to read the response from."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+def _count(value: Any) -> int | None:
+    """``number_of_results`` as a count, or None when it is not a plausible one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():  # also NaN and ±Infinity
+        return None
+    if not 0 <= value <= MAX_TOTAL:
+        return None
+    return int(value)
+
+
+def _read(response: http.client.HTTPResponse) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        _set_timeout(conn, deadline)
         chunk = response.read(_CHUNK)
         if not chunk:
             return b"".join(chunks)
