@@ -4,10 +4,12 @@ The body is a generator: ``search_started`` goes out before the search
 begins, one ``search_progress`` (``{"progress": percent, "stage": name}``)
 follows each real stage the engine reports, and ``search_complete`` carries
 the same body as the plain search endpoint.  A failure after the stream has
-started cannot change the status any more, so it becomes a ``search_error``
-event (``{"code", "message"}``) that ends the stream.  ``interval`` seconds
-pass between events.  Nothing here buffers; layers must pass
-``text/event-stream`` through unbuffered.
+started (in the search or in shaping its result) cannot change the status any
+more, so it becomes a ``search_error`` event (``{"code", "message"}``) that
+ends the stream.  ``interval`` seconds pass between events; the engine's
+generator is paused meanwhile, and that pause (like the time it takes to send
+an event) does not count against the upstream ``timeout``.  Nothing here
+buffers; layers must pass ``text/event-stream`` through unbuffered.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def search_events(
                 progress, stage = next(steps)
             except StopIteration as done:
                 result: SearchPage = done.value
+                complete = sse_event("search_complete", shape(result))
                 break
             if interval:
                 time.sleep(interval)
@@ -65,7 +68,7 @@ def search_events(
         steps.close()
     if interval:
         time.sleep(interval)
-    yield sse_event("search_complete", shape(result))
+    yield complete
 
 
 def sse_response(events: Iterator[bytes]) -> Response:

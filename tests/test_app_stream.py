@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import flask
 import pytest
 from webtest import TestApp
+from werkzeug.exceptions import InternalServerError
 from werkzeug.test import EnvironBuilder
 
 from app import create_app
+from app.search import Progress, SearchEngine, SearchPage
+from app.stream import search_events
 from middleware.base import Context
 from middleware.errors import ErrorsMiddleware
 from middleware.request_id import RequestIdMiddleware
@@ -117,3 +121,27 @@ def test_head_on_the_stream_sends_no_body(tmp_path: Path) -> None:
     response = TestApp(make_app(tmp_path)).head("/api/v1/search/stream", {"q": "json"})
     assert response.body == b""
     assert response.content_type == "text/event-stream"
+
+
+class OneStage(SearchEngine):
+    """An engine that finds nothing in one stage."""
+
+    name = "one-stage"
+
+    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
+        yield 100, "done"
+        return SearchPage(query, (), 0, page, 10)
+
+
+def test_a_failure_while_shaping_the_result_ends_the_stream_with_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    def shape(page: SearchPage) -> dict[str, Any]:
+        raise OverflowError("integer division result too large for a float")
+
+    with caplog.at_level(logging.ERROR, logger="test.stream"):
+        events = parse(search_events(OneStage(), "json", 1, shape, 0.0, logging.getLogger("test.stream")))
+    assert events == [
+        ("search_started", {"query": "json"}),
+        ("search_progress", {"progress": 100, "stage": "done"}),
+        ("search_error", {"code": 500, "message": InternalServerError.description}),
+    ]
+    assert caplog.messages == ["search stream failed for a query of 4 characters"]
