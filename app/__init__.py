@@ -55,7 +55,7 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
         app.json.sort_keys = False
     app.session_interface = StackSessionInterface()
 
-    state = AppState(opts, ctx, make_engine(opts.search), UserStore(opts.users_path))
+    state = AppState(opts, ctx, make_engine(opts.search, ctx.logger.getChild("app.search")), UserStore(opts.users_path))
     app.extensions["wsgistack"] = state
     # The auth layer gives a session identity the roles the user has now (a removed user's session
     # identifies no one), so `serve.py users remove/set-role` takes effect within a second.

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import random
 import sys
 import threading
 import time
@@ -15,6 +19,8 @@ from webtest import TestApp
 
 from app import create_app
 from app.options import SearchOptions
+from app.search import SearchPage
+from app.search import local as local_module
 from app.search.docstrings import default_sources, iter_entries
 from app.search.local import LocalEngine, fts_query
 
@@ -194,6 +200,193 @@ def test_many_threads_on_first_use_build_once(tmp_path: Path, monkeypatch: pytes
     assert errors == []
     assert len(builds) == 1
     assert len(set(totals)) == 1 and totals[0] > 0
+
+
+# ------------------------------------------------- damaged index, read-only directory
+
+
+def corrupt(path: Path) -> None:
+    """Overwrite the middle third of ``path`` with random bytes (the same bytes every run)."""
+    data = path.read_bytes()
+    third = len(data) // 3
+    path.write_bytes(data[:third] + random.Random(0).randbytes(third) + data[2 * third:])
+
+
+def count_builds(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[int]:
+    """Record the thread of every index build from now on (``delay`` widens the window for races)."""
+    builds: list[int] = []
+    real_build = LocalEngine._build
+
+    def counting_build(self: LocalEngine) -> None:
+        builds.append(threading.get_ident())
+        time.sleep(delay)
+        real_build(self)
+
+    monkeypatch.setattr(LocalEngine, "_build", counting_build)
+    return builds
+
+
+def index_options(tmp_path: Path) -> dict[str, Any]:
+    """App options with the index in its own directory, ``tmp_path / "index"``."""
+    index = tmp_path / "index" / "search-index.sqlite3"
+    return {"var_dir": str(tmp_path), "search": {"index_sources": ["json"], "index_path": str(index)}}
+
+
+def build_index(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """Build the index of ``index_options`` and return its path and the v1 answer for 'decode'."""
+    app = create_app(index_options(tmp_path))
+    expected = TestApp(app).get("/api/v1/search", {"q": "decode"}).json
+    app.extensions["wsgistack"].close()
+    return tmp_path / "index" / "search-index.sqlite3", expected
+
+
+class ReadOnly:
+    """Directories that refuse writes, as on a read-only container filesystem.
+
+    Permission bits do not stop root, so the engine's ``open()`` also refuses
+    to write in them, with the error a read-only mount gives (EROFS).
+    """
+
+    def __init__(self) -> None:
+        self.directories: set[Path] = set()
+
+    def add(self, directory: Path) -> None:
+        directory.chmod(0o555)
+        self.directories.add(directory.resolve())
+
+    def remove(self, directory: Path) -> None:
+        directory.chmod(0o755)
+        self.directories.discard(directory.resolve())
+
+    def open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if set(mode) & set("wax+") and Path(file).resolve().parent in self.directories:
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return open(file, mode, *args, **kwargs)
+
+
+@pytest.fixture
+def read_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[ReadOnly]:
+    """Make directories read-only with ``read_only.add(path)``; writable again afterwards."""
+    dirs = ReadOnly()
+    monkeypatch.setattr(local_module, "open", dirs.open, raising=False)
+    yield dirs
+    for directory in list(dirs.directories):
+        dirs.remove(directory)
+
+
+def test_a_damaged_index_is_rebuilt_and_the_query_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    index, expected = build_index(tmp_path)
+    corrupt(index)
+    builds = count_builds(monkeypatch)
+    client = TestApp(create_app(index_options(tmp_path)))
+    with caplog.at_level(logging.WARNING, logger="wsgistack.app.search"):
+        assert client.get("/api/v1/search", {"q": "decode"}).json == expected
+        assert client.get("/api/v1/search", {"q": "decode"}).json == expected
+    assert len(builds) == 1
+    [message] = caplog.messages  # the SQLite error in the parentheses depends on the bytes it met
+    assert message.startswith(f"the search index {index} is damaged (")
+    assert message.endswith("); rebuilding it")
+
+
+def test_a_damaged_index_found_by_the_stream_is_rebuilt(tmp_path: Path) -> None:
+    index, expected = build_index(tmp_path)
+    corrupt(index)
+    text = TestApp(create_app(index_options(tmp_path))).get("/api/v1/search/stream", {"q": "decode"}).text
+    assert text.endswith(f"event: search_complete\ndata: {json.dumps(expected, separators=(',', ':'))}\n\n")
+
+
+def test_many_threads_finding_the_index_damaged_rebuild_it_once(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    engine_for(tmp_path, ["json"]).ensure_index()
+    corrupt(tmp_path / "index.sqlite3")
+    engine = engine_for(tmp_path, ["json"])
+    builds = count_builds(monkeypatch, delay=0.05)
+    barrier = threading.Barrier(8)
+    totals: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            totals.append(engine.search("decode").total)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert errors == []
+    assert len(builds) == 1
+    assert len(totals) == 8 and len(set(totals)) == 1 and totals[0] > 0
+
+
+def test_an_index_another_process_replaced_is_not_rebuilt_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two engines stand in for two worker processes: each has its own thread lock and connections.
+    engine_for(tmp_path, ["json"]).ensure_index()
+    corrupt(tmp_path / "index.sqlite3")
+    first, second = engine_for(tmp_path, ["json"]), engine_for(tmp_path, ["json"])
+    steps = second.stages("decode", 1)
+    assert next(steps) == (33, "index_ready")  # connected to the damaged file
+    builds = count_builds(monkeypatch)
+    total = first.search("decode").total  # notices the damage first and replaces the file
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(steps)
+    assert done.value.value.total == total > 0
+    assert len(builds) == 1
+    first.close()
+    second.close()
+
+
+def test_an_up_to_date_index_in_a_read_only_directory_is_used(tmp_path: Path, read_only: ReadOnly,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    index, expected = build_index(tmp_path)
+    index.with_name(index.name + ".lock").unlink()  # a shipped index comes without one
+    read_only.add(index.parent)
+    builds = count_builds(monkeypatch)
+    assert TestApp(create_app(index_options(tmp_path))).get("/api/v1/search", {"q": "decode"}).json == expected
+    assert builds == []
+    assert [p.name for p in index.parent.iterdir()] == [index.name]
+
+
+def test_an_index_that_cannot_be_built_is_a_503_logged_once(tmp_path: Path, read_only: ReadOnly,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    index = tmp_path / "index" / "search-index.sqlite3"
+    index.parent.mkdir()
+    read_only.add(index.parent)
+    client = TestApp(create_app(index_options(tmp_path)))
+    message = "The search index is missing or out of date and cannot be built: its directory is not writable."
+    with caplog.at_level(logging.ERROR, logger="wsgistack.app.search"):
+        for _ in range(2):
+            error = client.get("/api/v2/search", {"q": "decode"}, status=503).json["error"]
+            assert (error["code"], error["message"]) == (503, message)
+        last = client.get("/api/v1/search/stream", {"q": "decode"}).text.strip().split("\n\n")[-1]
+    assert last == "event: search_error\ndata: " + json.dumps({"code": 503, "message": message}, separators=(",", ":"))
+    assert caplog.messages == [f"the search index {index} is missing or out of date and cannot be built: "
+                               f"[Errno 30] Read-only file system: '{index}.lock'"]
+
+
+def test_a_damaged_index_in_a_read_only_directory_is_a_503_until_it_is_writable(
+        tmp_path: Path, read_only: ReadOnly) -> None:
+    index, expected = build_index(tmp_path)
+    corrupt(index)
+    read_only.add(index.parent)
+    client = TestApp(create_app(index_options(tmp_path)))
+    error = client.get("/api/v1/search", {"q": "decode"}, status=503).json["error"]
+    assert error["message"] == "The search index is damaged and cannot be rebuilt: its directory is not writable."
+    read_only.remove(index.parent)
+    assert client.get("/api/v1/search", {"q": "decode"}).json == expected
+
+
+def test_pages_of_a_huge_total_are_counted_exactly() -> None:
+    assert SearchPage("q", (), 10**400, 1, 10).pages == 10**399
+    assert SearchPage("q", (), 21, 1, 10).pages == 3
+    assert SearchPage("q", (), 0, 1, 10).pages == 0
 
 
 # ----------------------------------------------------------------- docstrings

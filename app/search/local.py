@@ -7,6 +7,12 @@ that replaces ``index_path`` atomically; a thread lock and, where the
 platform has one, a file lock make sure only one builder runs.  The index
 remembers which sources it holds and is rebuilt when they change.
 
+An up-to-date index is only ever read, so a prebuilt one works in a
+read-only directory.  An index that must be built in a directory that is not
+writable gives ``503 Service Unavailable`` (logged once).  A query that finds
+the file damaged (SQLite reports corruption) rebuilds it, once however many
+threads or processes notice, and is answered from the new index.
+
 User text never becomes FTS5 syntax: each whitespace-separated term is
 quoted as a phrase and passed as a parameter, so ``"`` or ``AND(`` are
 searched for, not parsed.  Results are ranked by ``bm25``: a match in the
@@ -20,15 +26,19 @@ name and nothing else.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import sqlite3
 import sys
 import threading
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import ServiceUnavailable
 
 from app.search import Progress, SearchEngine, SearchPage, SearchResult
 from app.search.docstrings import iter_entries
@@ -72,6 +82,15 @@ def fts_query(text: str) -> str | None:
     return " ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names right now (None if none): it changes when a build replaces it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (across processes) where the OS offers one."""
@@ -90,7 +109,8 @@ class LocalEngine(SearchEngine):
     """Search the FTS5 index at ``options.index_path``, building it on first use.
 
     Options used: ``index_path``, ``index_sources`` (``None``: the standard
-    library and the project's dependencies) and ``per_page``.
+    library and the project's dependencies) and ``per_page``.  ``logger``
+    gets the index's rebuilds and build failures.
 
         engine = LocalEngine(SearchOptions(index_path="/tmp/i.sqlite3", index_sources=["json"]))
         engine.search("decode").results[0].title   # 'json.decoder.JSONDecoder.decode' or similar
@@ -98,8 +118,9 @@ class LocalEngine(SearchEngine):
 
     name = "local"
 
-    def __init__(self, options: SearchOptions) -> None:
+    def __init__(self, options: SearchOptions, logger: logging.Logger | None = None) -> None:
         self.path = Path(options.index_path or "var/search-index.sqlite3")
+        self.logger = logger if logger is not None else logging.getLogger("wsgistack.app.search")
         self.sources = list(options.index_sources) if options.index_sources is not None else None
         self.per_page = options.per_page
         self.signature = json.dumps(
@@ -110,21 +131,53 @@ class LocalEngine(SearchEngine):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._ready = False
+        #: Bumped each time a damaged index is replaced; connections opened before are reopened.
+        self._generation = 0
+        self._build_failure_logged = False
 
     # ------------------------------------------------------------ index
 
     def ensure_index(self) -> None:
-        """Build the index unless an up-to-date one exists; safe from many threads."""
+        """Build the index unless an up-to-date one exists; safe from many threads and processes.
+
+        Reading the signature needs no lock and no write access; only a build takes the lock.
+        Raises ``ServiceUnavailable`` when the index must be built and its directory is not writable.
+        """
         if self._ready:
             return
         with self._lock:
             if self._ready:
                 return
+            if self._stored_signature() != self.signature:
+                self._build_locked("is missing or out of date and cannot be built",
+                                   lambda: self._stored_signature() != self.signature)
+            self._ready = True
+
+    def _build_locked(self, problem: str, still_needed: Callable[[], bool]) -> None:
+        """Build under the file lock if ``still_needed()`` (another process may have built it meanwhile).
+
+        Call with ``self._lock`` held.  ``problem`` completes "The search index …" in the log line
+        and the 503.
+        """
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _file_lock(self.path.with_name(self.path.name + ".lock")):
-                if self._stored_signature() != self.signature:
+                if still_needed():
                     self._build()
-            self._ready = True
+        except (OSError, sqlite3.Error) as exc:
+            if not self._not_writable(exc):
+                raise
+            if not self._build_failure_logged:
+                self._build_failure_logged = True
+                self.logger.error("the search index %s %s: %s", self.path, problem, exc)
+            raise ServiceUnavailable(f"The search index {problem}: its directory is not writable.") from None
+        self._build_failure_logged = False
+
+    def _not_writable(self, exc: BaseException) -> bool:
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return True
+        directory = self.path.parent
+        return directory.is_dir() and not os.access(directory, os.W_OK)
 
     def _stored_signature(self) -> str | None:
         if not self.path.is_file():
@@ -163,26 +216,63 @@ class LocalEngine(SearchEngine):
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and self._local.generation != self._generation:
+            self._drop_connection()  # it reads a damaged file that has been replaced since
+            conn = None
         if conn is None:
             if self._ready and not self.path.is_file():
                 self._ready = False  # deleted while we ran (a cleaned var/): build it again
             self.ensure_index()
+            generation, identity = self._generation, _identity(self.path)
             conn = sqlite3.connect(self._uri(), uri=True, check_same_thread=False)
             with self._lock:
                 self._connections.append(conn)
-            self._local.conn = conn
+            self._local.conn, self._local.generation, self._local.identity = conn, generation, identity
         return conn
+
+    def _drop_connection(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        conn.close()
+
+    def _fetch(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        """Run a query; when it finds the index damaged, rebuild the index and run it again."""
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.ProgrammingError:
+            raise  # a misuse (such as a closed connection), not a damaged file
+        except sqlite3.DatabaseError as exc:
+            self._recover(exc)
+        return self._connection().execute(sql, params).fetchall()
+
+    def _recover(self, exc: sqlite3.DatabaseError) -> None:
+        """Replace the damaged file this thread's connection reads, unless someone already has."""
+        generation, identity = self._local.generation, self._local.identity
+        self._drop_connection()
+        with self._lock:
+            if generation != self._generation:
+                return  # another thread rebuilt it after this connection was opened
+            self.logger.warning("the search index %s is damaged (%s); rebuilding it", self.path, exc)
+            # Another process that noticed first has replaced the file: then there is nothing to do.
+            self._build_locked("is damaged and cannot be rebuilt", lambda: _identity(self.path) == identity)
+            self._generation += 1
 
     # ----------------------------------------------------------- search
 
     def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
-        conn = self._connection()
+        self._connection()
         yield 33, "index_ready"
         match = fts_query(query)
-        total = int(conn.execute(_COUNT, (match,)).fetchone()[0]) if match else 0
+        total = int(self._fetch(_COUNT, (match,))[0][0]) if match else 0
         yield 67, "matched"
         offset = (page - 1) * self.per_page
-        rows = conn.execute(_PAGE, (match, self.per_page, offset)).fetchall() if match and offset < total else []
+        rows = self._fetch(_PAGE, (match, self.per_page, offset)) if match and offset < total else []
         results = tuple(SearchResult(title, url, " ".join(snippet.split()), self.name) for title, url, snippet in rows)
         yield 100, "ranked"
         return SearchPage(query, results, total, page, self.per_page)
