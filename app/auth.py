@@ -53,7 +53,7 @@ def _json_object(required: bool) -> dict[str, Any]:
         else:
             try:
                 value = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise refuse(400, "The request body is not valid JSON.") from None
     if value is None and not required:
         return {}

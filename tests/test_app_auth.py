@@ -152,6 +152,12 @@ def test_wrong_credentials_get_one_401(stack: Stack, username: str, password: st
                      id="logout malformed"),
         pytest.param("/auth/logout", b'{"refresh_token": 5}', "application/json",
                      "The JSON body needs a non-empty string field 'refresh_token'.", id="logout number"),
+        pytest.param("/auth/login", b"[" * 100_000, "application/json", "The request body is not valid JSON.",
+                     id="login nested too deeply"),
+        pytest.param("/auth/refresh", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "application/json",
+                     "The request body is not valid JSON.", id="refresh nested too deeply"),
+        pytest.param("/auth/logout", b"[" * 100_000 + b"]" * 100_000, "application/json",
+                     "The request body is not valid JSON.", id="logout nested too deeply"),
     ],
 )
 def test_bad_bodies_are_400(stack: Stack, path: str, body: bytes, content_type: str, message: str) -> None:
@@ -273,7 +279,13 @@ def test_session_roles_are_looked_up_at_most_once_a_second(tmp_path: Path, users
     stack.login()
     calls: list[str] = []
     lookup = stack.context.services["user_roles"]
-    stack.context.services["user_roles"] = lambda name: calls.append(name) or lookup(name)
+
+    def counting_lookup(name: str) -> tuple[str, ...] | None:
+        calls.append(name)
+        roles: tuple[str, ...] | None = lookup(name)
+        return roles
+
+    stack.context.services["user_roles"] = counting_lookup
     for _ in range(5):
         stack.app.get("/api/v1/config", status=200)
     assert calls == ["alice"]
