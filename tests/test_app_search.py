@@ -171,35 +171,34 @@ def test_a_deleted_index_is_built_again(json_engine: LocalEngine, tmp_path: Path
 
 def test_many_threads_on_first_use_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = engine_for(tmp_path, ["json"])
-    builds = []
-    real_build = LocalEngine._build
+    builds = count_builds(monkeypatch, delay=0.05)  # widen the window in which other threads arrive
+    totals = search_together(engine, "decode", 8)
+    assert len(builds) == 1
+    assert len(set(totals)) == 1 and totals[0] > 0
 
-    def counting_build(self: LocalEngine) -> None:
-        builds.append(threading.get_ident())
-        time.sleep(0.05)  # widen the window in which other threads arrive
-        real_build(self)
 
-    monkeypatch.setattr(LocalEngine, "_build", counting_build)
-    barrier = threading.Barrier(8)
+def search_together(engine: LocalEngine, query: str, threads: int) -> list[int]:
+    """Run ``threads`` searches at once (released together by a barrier); their totals, none failing."""
+    barrier = threading.Barrier(threads)
     totals: list[int] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
             barrier.wait()
-            totals.append(engine.search("decode").total)
+            totals.append(engine.search(query).total)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
+    started = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in started:
         t.start()
-    for t in threads:
+    for t in started:
         t.join()
     engine.close()
     assert errors == []
-    assert len(builds) == 1
-    assert len(set(totals)) == 1 and totals[0] > 0
+    assert len(totals) == threads
+    return totals
 
 
 # ------------------------------------------------- damaged index, read-only directory
@@ -302,26 +301,9 @@ def test_many_threads_finding_the_index_damaged_rebuild_it_once(tmp_path: Path,
     corrupt(tmp_path / "index.sqlite3")
     engine = engine_for(tmp_path, ["json"])
     builds = count_builds(monkeypatch, delay=0.05)
-    barrier = threading.Barrier(8)
-    totals: list[int] = []
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            barrier.wait()
-            totals.append(engine.search("decode").total)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    engine.close()
-    assert errors == []
+    totals = search_together(engine, "decode", 8)
     assert len(builds) == 1
-    assert len(totals) == 8 and len(set(totals)) == 1 and totals[0] > 0
+    assert len(set(totals)) == 1 and totals[0] > 0
 
 
 def test_an_index_another_process_replaced_is_not_rebuilt_again(tmp_path: Path,

@@ -7,10 +7,16 @@ but same-site: a ``SameSite=Lax`` session cookie is sent on credentialed
 requests.  The same page loaded as ``http://localhost:P1`` is an origin the
 API does not allow.  Each test asserts what the page's JavaScript could read,
 and what reached the server and the app.
+
+A second API on ``http://127.0.0.1:P3`` (errors -> cors -> an app that answers
+its method) lists only ``PUT``, ``DELETE`` and ``patch`` in ``allow_methods``,
+and a custom request header makes every call preflighted: Chromium accepts the
+layer's answers for the safelisted methods and for method case.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -189,3 +195,70 @@ def test_disallowed_origin(driver: Any, page: Server, api: tuple[Server, Wire, A
     assert put == {"ok": False, "error": "TypeError: Failed to fetch"}
     assert ("OPTIONS", "/items/8", 403) in wire.seen
     assert app.seen == [], "a refused preflight stops the PUT before it is sent"
+
+
+# ---------------------------------------------------------------- preflight methods
+
+FAILED = {"ok": False, "error": "TypeError: Failed to fetch"}
+
+
+def method_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """Answers with the method it was called with."""
+    body = json.dumps({"method": environ["REQUEST_METHOD"]}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+@pytest.fixture(scope="module")
+def methods_parts(page: Server) -> Iterator[tuple[Server, Wire]]:
+    """errors -> cors (``allow_methods: [PUT, DELETE, patch]``) -> method_app, allowing the page's origin."""
+    context = Context()
+    cors = CORSMiddleware(method_app, CORSMiddleware.Options(
+        origins=(page.url,), allow_methods=("PUT", "DELETE", "patch"), allow_headers=("X-Custom",), max_age=0),
+        context)
+    wire = Wire(ErrorsMiddleware(cors, ErrorsMiddleware.Options(), context))
+    with serve(wire) as server:
+        yield server, wire
+
+
+@pytest.fixture
+def methods_api(methods_parts: tuple[Server, Wire]) -> tuple[Server, Wire]:
+    """That API with an empty record."""
+    methods_parts[1].seen.clear()
+    return methods_parts
+
+
+@pytest.mark.parametrize(("method", "sent"), [
+    pytest.param("GET", "GET", id="GET, not listed"),
+    pytest.param("POST", "POST", id="POST, not listed"),
+    pytest.param("DELETE", "DELETE", id="DELETE, listed"),
+    pytest.param("put", "PUT", id="put, upper-cased by the browser"),
+    pytest.param("PATCH", "PATCH", id="PATCH, listed as patch"),
+])
+def test_preflighted_method_allowed(driver: Any, page: Server, methods_api: tuple[Server, Wire], method: str,
+                                    sent: str) -> None:
+    server, wire = methods_api
+    result = run_fetch(driver, page.url, f"{server.url}/items/1", {"method": method, "headers": {"X-Custom": "1"}})
+    assert result["ok"], result
+    assert (result["status"], json.loads(result["body"])) == (200, {"method": sent})
+    assert wire.seen == [("OPTIONS", "/items/1", 204), (sent, "/items/1", 200)]
+
+
+def test_lower_case_patch_is_refused_at_the_preflight(driver: Any, page: Server,
+                                                      methods_api: tuple[Server, Wire]) -> None:
+    server, wire = methods_api
+    result = run_fetch(driver, page.url, f"{server.url}/items/1", {"method": "patch", "headers": {"X-Custom": "1"}})
+    assert result == FAILED
+    assert wire.seen == [("OPTIONS", "/items/1", 403)], "the browser sends 'patch' as written, never the request"
+
+
+def test_waitress_refuses_lower_case_methods(methods_api: tuple[Server, Wire]) -> None:
+    """Why ``allow_methods`` is upper-cased: a ``patch`` request could never reach the app."""
+    server, wire = methods_api
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("patch", "/items/1")
+        assert conn.getresponse().status == 400
+    finally:
+        conn.close()
+    assert wire.seen == []
