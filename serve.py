@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -516,7 +517,8 @@ def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
         return None, {}
     docs: dict[str, str] = {}
     for line in lines:
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        # Markdown escapes a | inside a cell as \|: split on the others only.
+        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if len(cells) >= 3 and cells[0].startswith("`") and cells[0].endswith("`"):
             text = cells[-1]
             end = text.find(". ")
