@@ -373,22 +373,31 @@ class CacheMiddleware:
     # -- misses -----------------------------------------------------------------------
     def _fill(self, environ: WSGIEnvironment, start_response: StartResponse, base: str,
               subject: str | None, stale: dict[str, Any] | None, locked: bool | None = None) -> Iterable[bytes]:
-        with self._lock:
-            flight = self._inflight.get(base)
-            leader = flight is None
-            if flight is None:
-                flight = self._inflight[base] = threading.Event()
         lock_key = f"{self.prefix}l:{base[-_DIGEST:]}"
-        fill = _Fill(self, environ, base, subject, flight if leader else None, None, stale)
-        if not leader:
+        waited_until = time.monotonic() + self.options.lock_timeout
+        while True:
+            with self._lock:
+                flight = self._inflight.get(base)
+                leader = flight is None
+                if flight is None:
+                    flight = self._inflight[base] = threading.Event()
+            if leader:
+                break
             if locked:  # taken while a thread of this process fills the key: give it back
                 with contextlib.suppress(StoreError):
                     self.store.delete(lock_key)
-            flight.wait(self.options.lock_timeout)
+            locked = None
+            flight.wait(max(0.0, waited_until - time.monotonic()))
             hit = self._fresh(environ, base)
             if hit is not None:
                 return self._waited(environ, hit, start_response)
-        else:
+            # The fill we waited for stored another Vary variant: lead the fill of ours (one
+            # request per variant calls the app). When it stored nothing (not cacheable, or it
+            # failed), or we have waited long enough, ask the app at once, as the others do.
+            if time.monotonic() >= waited_until or not self._varies(base):
+                break
+        fill = _Fill(self, environ, base, subject, flight if leader else None, None, stale)
+        if leader:
             try:
                 if locked is None:
                     locked = self.store.add(lock_key, b"1", ttl=self.options.lock_timeout)
@@ -423,6 +432,14 @@ class CacheMiddleware:
         if fill.started and fill.plan is None:
             return result  # not cacheable: hand the iterable over untouched (streams stay streams)
         return _Tee(result, fill)
+
+    def _varies(self, base: str) -> bool:
+        """Whether the key holds a Vary index (its entries are stored per variant)."""
+        try:
+            raw = self.store.get(base)
+        except StoreError:
+            return False
+        return raw is not None and raw[:5] == b'{"v":'
 
     def _missed(self, environ: WSGIEnvironment) -> None:
         self.context.emit("cache.miss")

@@ -473,6 +473,45 @@ def test_single_flight_calls_the_app_once(make: Callable[..., Stack], origin: Or
     assert len({body for _, body in results}) == 1
 
 
+def _languages(app: Any, languages: list[str]) -> list[tuple[str, str]]:
+    """One concurrent request per language; (X-Cache, language the body was made for) of each."""
+    barrier = threading.Barrier(len(languages))
+    results: list[tuple[str, str]] = []
+
+    def one(lang: str) -> None:
+        barrier.wait()
+        response = Client(app).get("/api/v1/search?q=x", headers={"Accept-Language": lang})
+        results.append((response.headers.get("X-Cache", ""), json.loads(response.get_data())["lang"]))
+
+    threads = [threading.Thread(target=one, args=(lang,)) for lang in languages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_single_flight_per_vary_variant_on_a_cold_cache(make: Callable[..., Stack], origin: Origin) -> None:
+    """Waiters for another variant than the leader's lead its fill in turn: one app call per variant."""
+    origin.delay = 0.2
+    origin.headers.append(("Vary", "Accept-Language"))
+    stack = make()
+    results = _languages(stack.wsgi, ["en"] * 4 + ["fr"] * 4)
+    assert origin.calls == 2
+    assert sorted(results) == sorted([("MISS", "en"), ("MISS", "fr")] + [("HIT", "en")] * 3 + [("HIT", "fr")] * 3)
+
+
+def test_uncacheable_answers_are_not_queued(make: Callable[..., Stack], origin: Origin) -> None:
+    """When the fill stores nothing, the waiters ask the app at once, together, not one after another."""
+    origin.delay = 0.3
+    origin.headers.append(("Cache-Control", "no-store"))
+    stack = make()
+    started = time.monotonic()
+    results = _concurrently([stack.wsgi], 6)
+    assert origin.calls == 6 and [label for label, _ in results] == ["MISS"] * 6
+    assert time.monotonic() - started < 1.2  # the leader's 0.3 s, then the rest in parallel
+
+
 def test_single_flight_across_processes(store: Store, origin: Origin, clock: Clock) -> None:
     origin.delay = 0.3
     # Two layers over one store stand for two worker processes.
