@@ -36,6 +36,7 @@ request body.
 from __future__ import annotations
 
 import json
+import math
 import re
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one out of range (``1e999``) would be infinity, which JSON cannot hold."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+# A \uD800-\uDFFF escape: only a pair of them makes a character, a lone one no UTF-8 text holds.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _deeper_than(body: bytes, limit: int) -> bool:
@@ -247,6 +260,7 @@ class ValidationMiddleware:
         self._decode_json = json.JSONDecoder(
             object_pairs_hook=_no_duplicates if o.reject_duplicate_keys else None,
             parse_constant=_no_constants,
+            parse_float=_finite,
         ).decode
         wild = [(f"deny_patterns['*'][{i}]", re.compile(p))
                 for i, p in enumerate(o.deny_patterns.get("*", ()))]
@@ -291,7 +305,9 @@ class ValidationMiddleware:
         if self._check_headers:
             self._check_header_fields(environ)
         if self._deny_on and query:
-            self._check_params(environ, parse_qsl(query, keep_blank_values=True), "query")
+            # Raw bytes come as latin-1 (PEP 3333); _check_query found them UTF-8, as the app reads them.
+            text = query if query.isascii() else query.encode("latin-1").decode("utf-8", "replace")
+            self._check_params(environ, parse_qsl(text, keep_blank_values=True), "query")
         length = environ.get("CONTENT_LENGTH")
         chunked = "HTTP_TRANSFER_ENCODING" in environ
         if chunked or (length and length != "0"):
@@ -452,4 +468,10 @@ class ValidationMiddleware:
                                f"{exc}.", "json") from None
         if _deeper_than(body, self._json_depth):
             raise self._refuse(environ, 400, too_deep, "json_max_depth", max=self._json_depth)
+        if _SURROGATE_ESCAPE.search(body) is not None:  # rare: then check every string of the value
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise self._refuse(environ, 400, "The JSON body is not valid UTF-8: it escapes half of a "
+                                   "surrogate pair (\\ud800-\\udfff) on its own.", "utf-8") from None
         return value
