@@ -67,6 +67,12 @@ def _string_field(body: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise refuse(400, f"The JSON body needs a non-empty string field {name!r}.",
                      details={"field": name})
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone \ud800 escape: no text, and no user name or password
+            raise refuse(400, f"The field {name!r} is not valid text (it holds half of a surrogate pair).",
+                         details={"field": name}) from None
     return value
 
 
