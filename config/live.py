@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +105,13 @@ class LiveStack:
         self._watch_stop = threading.Event()
         self._publish()
 
-    def _stat(self) -> float:
+    def _stat(self) -> tuple[int, int, int]:
+        """The file's (mtime ns, size, inode): a write or a rename changes it."""
         try:
-            return os.stat(self.path).st_mtime_ns / 1e9
+            st = os.stat(self.path)
         except OSError:
-            return 0.0
+            return (0, 0, 0)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _publish(self) -> None:
         ctx = self.current.context
@@ -156,6 +159,9 @@ class LiveStack:
                 except Exception:
                     log.exception("%sa reload hook failed", self.label)
             log.info("%s%s", self.label, self.last.summary())
+            gone = _removed_layers(old, new)
+            if gone:  # a file read half-written can be a valid, shorter config: say what went
+                log.warning("%sthe new pipeline has no %s any more (layers it removed)", self.label, ", ".join(gone))
             for warning in new.warnings:
                 log.warning("%s%s", self.label, warning)
             if self._follow:
@@ -195,16 +201,29 @@ class LiveStack:
         return stores
 
     def changed(self) -> bool:
-        """Whether the file's mtime differs from the one the last (re)load read."""
+        """Whether the file's mtime, size or inode differs from the one the last (re)load read."""
         return self._stat() != self._mtime
+
+    def _settled_change(self, seen: list[tuple[int, int, int]]) -> bool:
+        """For polling: the file changed since the last load *and* stayed the same since the last poll.
+
+        A file still being written in place (a slow copy) keeps changing between
+        polls; waiting for one quiet interval keeps a reload from reading it
+        half-written.  ``seen`` holds the previous poll's reading.
+        """
+        now = self._stat()
+        quiet = now == seen[0]
+        seen[0] = now
+        return quiet and now != self._mtime
 
     def watch(self, interval: float = 1.0, stop: threading.Event | None = None) -> threading.Thread:
         """Poll the file's mtime every ``interval`` seconds and reload on change, in a daemon thread."""
         stop = stop or threading.Event()
 
         def run() -> None:
+            seen = [self._stat()]
             while not stop.wait(interval):
-                if self.changed():
+                if self._settled_change(seen):
                     self.reload()
 
         thread = threading.Thread(target=run, name="wsgistack-watch", daemon=True)
@@ -231,11 +250,12 @@ class LiveStack:
         stop = self._watch_stop = threading.Event()
 
         def run() -> None:
+            seen = [self._stat()]
             while True:
                 options = self.current.config.server.reload
                 if not options.watch or stop.wait(options.interval):
                     break
-                if self.changed():
+                if self._settled_change(seen):
                     self.reload()  # may turn watching off: the next round sees it
             with self._lock:
                 if self._watcher is threading.current_thread():
@@ -253,3 +273,15 @@ class LiveStack:
         self._watch_stop = threading.Event()
         self._follow = False
         self.label = label
+
+
+def _removed_layers(old: BuiltStack, new: BuiltStack) -> list[str]:
+    """Names of the layers the old pipeline had and the new one lacks (one per missing instance)."""
+    remaining = Counter(spec.name for spec in new.config.pipeline)
+    gone = []
+    for spec in old.config.pipeline:
+        if remaining[spec.name] > 0:
+            remaining[spec.name] -= 1
+        else:
+            gone.append(spec.name)
+    return gone

@@ -193,6 +193,30 @@ def test_watch_follows_the_configuration(tmp_path: Path) -> None:
         live.stop_watch()
 
 
+def test_watch_waits_until_the_file_stops_changing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file written in place in several pieces is read once it has stayed the same for an interval."""
+    path = tmp_path / "stack.yaml"
+    head = 'app: {factory: "stack_support:echo_app"}\nserver: {reload: {watch: true, interval: 0.2}}\n'
+    full = head + "pipeline:\n  - errors: {}\n  - request_id: {}\n  - headers: {}\n"
+    path.write_text(full)
+    live = LiveStack(path)
+    live.follow_watch()
+    try:
+        with path.open("w") as out:  # a slow copy: a shorter, valid prefix, then the rest
+            for piece in (head + "pipeline:\n  - errors: {}\n", "  - request_id: {}\n", "  - headers: {}\n"):
+                out.write(piece)
+                out.flush()
+                time.sleep(0.12)  # less than an interval between pieces
+        _wait(lambda: live.generation == 2)
+        assert [spec.name for spec in live.current.config.pipeline] == ["errors", "request_id", "headers"]
+        with caplog.at_level("WARNING", logger="wsgistack"):
+            path.write_text(head + "pipeline:\n  - errors: {}\n")
+            _wait(lambda: live.generation == 3)
+        assert "the new pipeline has no request_id, headers any more (layers it removed)" in caplog.text
+    finally:
+        live.stop_watch()
+
+
 def _wait(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
