@@ -26,6 +26,7 @@ when query strings may carry secrets such as tokens.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import sys
@@ -198,6 +199,7 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
         self._fd_of: tuple[Any, int | None] = (None, None)  # (stream, its descriptor or None)
+        self._reported = -math.inf  # when a failed write was last reported (at most once a minute)
 
     def format(self, record: logging.LogRecord) -> str:
         """The message alone: an access line is already complete (a formatter set here is ignored)."""
@@ -222,7 +224,11 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             stream.write(line + self.terminator)
             stream.flush()
         except Exception:  # as emit() does: report on stderr, never fail the request
-            self.handleError(logging.makeLogRecord({"msg": line, "levelno": _INFO, "levelname": "INFO"}))
+            # A broken pipe or a full disk fails every line: one report a minute, not one per request.
+            now = time.monotonic()
+            if now - self._reported >= 60:
+                self._reported = now
+                self.handleError(logging.makeLogRecord({"msg": line, "levelno": _INFO, "levelname": "INFO"}))
         finally:
             self.release()
 
@@ -251,6 +257,8 @@ def write_atomic(fd: int, data: bytes) -> bool:
     caller writes under its lock as before (on a pipe such a line may then
     interleave with short ones; on a regular file Linux keeps writes whole).
     """
+    if fd in _CUT_SHORT:  # the last line here was cut short (a full disk): end it before this one
+        data = b"\n" + data
     if len(data) > _ATOMIC_BYTES:
         return False
     try:
@@ -261,8 +269,14 @@ def write_atomic(fd: int, data: bytes) -> bool:
         try:
             written += os.write(fd, data[written:])
         except OSError:
-            break  # the line is cut short; writing it again would duplicate its start
+            _CUT_SHORT.add(fd)  # writing it again would duplicate its start; the next line ends it
+            return True
+    _CUT_SHORT.discard(fd)
     return True
+
+
+#: Descriptors whose last line was cut short: the next line written there starts on a new line.
+_CUT_SHORT: set[int] = set()
 
 
 class _Exchange:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -17,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 from webtest import TestApp
 
-from middleware.access_log import AccessLogMiddleware, LineHandler
+from middleware.access_log import AccessLogMiddleware, LineHandler, write_atomic
 from middleware.base import IDENTITY, REQUEST_ID, Context, Identity, refuse
 from middleware.errors import ErrorsMiddleware
 
@@ -389,3 +390,45 @@ def _environ(path: str) -> dict[str, Any]:
     environ: dict[str, Any] = {"PATH_INFO": path, "REMOTE_ADDR": "192.0.2.7"}
     setup_testing_defaults(environ)
     return environ
+
+
+def test_a_broken_stream_is_reported_once_a_minute(capsys: pytest.CaptureFixture[str]) -> None:
+    """A log shipper that went away fails every line: one report on stderr, not one per request."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    stream = os.fdopen(write_end, "w")
+    handler = LineHandler(stream)
+    try:
+        for i in range(50):
+            handler.write_line(f'{{"n":{i}}}')
+    finally:
+        with contextlib.suppress(OSError):
+            stream.close()
+    assert capsys.readouterr().err.count("--- Logging error ---") == 1
+
+
+def test_a_line_cut_short_is_ended_before_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A full disk cuts a line: the next line still starts on a line of its own."""
+    import middleware.access_log as module
+
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    real_write = os.write
+    calls: list[int] = []
+
+    def disk_full_once(descriptor: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(descriptor, data[:5])  # part of the line goes out
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(module.os, "write", disk_full_once)
+    try:
+        assert write_atomic(fd, b'{"n":1}\n') is True
+        assert write_atomic(fd, b'{"n":2}\n') is True
+        assert write_atomic(fd, b'{"n":3}\n') is True
+    finally:
+        os.close(fd)
+    assert path.read_bytes().splitlines() == [b'{"n":', b'{"n":2}', b'{"n":3}']
