@@ -193,6 +193,24 @@ def _drain_seconds(live: LiveStack) -> float:
         return configured
 
 
+def _idle(channel: Any) -> bool:
+    """Whether a connection holds no part of a request: none parsed, none answering, none unread.
+
+    A request the client sent just before the stop may still sit unread in the
+    socket; closing the connection then would reset it (the kernel answers
+    unread data with RST) although it counts as sent.  So a socket with bytes
+    waiting is busy: the loop reads and answers them first.
+    """
+    if channel.requests or channel.request is not None or channel.total_outbufs_len:
+        return False
+    try:
+        return not channel.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return True  # nothing waiting
+    except OSError:
+        return True  # the connection is already gone
+
+
 def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, drain: Callable[[], float],
                  tick: Callable[[], None] = lambda: None) -> bool:
     """Run Waitress's loop until ``stop``; then stop accepting and let requests in flight finish.
@@ -227,10 +245,10 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
                 if not isinstance(channel, HTTPChannel):
                     continue
                 with channel.requests_lock:  # type: ignore[attr-defined]
-                    if channel.requests or channel.request is not None or channel.total_outbufs_len:
-                        busy += 1
-                    else:
+                    if _idle(channel):
                         channel.will_close = True  # idle keep-alive: closed on the next pass
+                    else:
+                        busy += 1
             if not busy and not any(isinstance(c, HTTPChannel) for c in smap.values()):
                 drained = True
                 break
@@ -440,9 +458,14 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # From the start, a SIGHUP or SIGTERM waits for the server's handlers (it would otherwise end the
+    # process with the default action: `systemctl reload` right after a start killed it);
+    # _run_waitress and _supervise unblock them once the handlers are in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
         live = LiveStack(args.config)
     except ConfigError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         _print_problems(exc.problems)
         print(f"{args.config}: refusing to start with an invalid configuration", file=sys.stderr)
         return 2
@@ -450,9 +473,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     live.on_reload.append(lambda built: _apply_logging(built.config.logging))
     _print_problems(live.current.warnings)
     server = live.current.config.server
-    # From the moment the port is open, a SIGHUP or SIGTERM waits for the server's handlers (it would
-    # otherwise end the process with the default action); _run_waitress and _supervise unblock them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
         slots = _slots(server.listen, server.backlog, server.workers)
     except OSError as exc:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import serve
+from config import ConfigError
+from config.live import LiveStack
 
 ECHO = 'app: {factory: "stack_support:echo_app"}\n'
 
@@ -32,5 +34,21 @@ def test_signals_wait_while_the_sockets_are_bound(tmp_path: Path, monkeypatch: p
         assert serve.cmd_serve(argparse.Namespace(config=str(path))) == 2
     finally:
         logging.getLogger().setLevel(level)
+    assert set(serve.HANDLED) <= masks[0]
+    assert not set(serve.HANDLED) & set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_signals_wait_while_the_stack_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`systemctl reload` right after a start: a SIGHUP while the stack is built must not end the process."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(ECHO + "pipeline: [errors: {}]\n")
+    masks: list[set[int]] = []
+
+    def building(config: str) -> LiveStack:
+        masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        raise ConfigError([])
+
+    monkeypatch.setattr(serve, "LiveStack", building)
+    assert serve.cmd_serve(argparse.Namespace(config=str(path))) == 2
     assert set(serve.HANDLED) <= masks[0]
     assert not set(serve.HANDLED) & set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
