@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import inspect
 import json
 import logging
@@ -297,6 +298,8 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
                 continue
             if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
                 hurry.set()
+            if parent is not None and not stop.is_set() and os.getppid() != parent:
+                log.warning("%sthe supervisor (pid %d) is gone; stopping", live.label, parent)
             stop.set()
 
     for signum in HANDLED:
@@ -318,6 +321,26 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         live.stop_watch()
         live.current.close()
     return 0 if drained else 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Linux: have the kernel send this worker SIGTERM the moment the supervisor dies.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its
+    workers; they would keep the port until their once-a-second orphan check,
+    so a restart right away found it taken.  With ``PR_SET_PDEATHSIG`` they
+    stop (and close their listening sockets) at once.  Elsewhere the orphan
+    check alone applies.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the call: the kernel will not tell us
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _exit_text(status: int) -> str:
@@ -358,6 +381,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                         sock.close()  # other slots' sockets: held here, they would outlive their worker's stop
                     for sig in (*HANDLED, signal.SIGCHLD):
                         signal.signal(sig, signal.SIG_DFL)
+                    _stop_with_parent(supervisor)
                     live.after_fork(f"worker {os.getpid()}: ")
                     code = _run_waitress(live, slots[slot], parent=supervisor)
                 except BaseException:
@@ -490,15 +514,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run_waitress(live, sockets)
 
 
+_METRICS_PREFIX = "wsgistack-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove metrics directories whose supervisor (the pid in the name) is no longer running."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(_METRICS_PREFIX):].split("-", 1)[0] if name.startswith(_METRICS_PREFIX) else ""
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except OSError:
+            continue  # alive, as another user
+
+
 @contextlib.contextmanager
 def _metrics_dir() -> Iterator[None]:
-    """A fresh directory where the workers share their metrics, removed at the end (unless the operator set one)."""
+    """A fresh directory where the workers share their metrics, removed at the end (unless the operator set one).
+
+    Its name carries the supervisor's pid: directories left by supervisors
+    that were killed outright (and are not running any more) are removed first.
+    """
     from middleware.metrics import METRICS_DIR
 
     if os.environ.get(METRICS_DIR):
         yield
         return
-    directory = tempfile.mkdtemp(prefix="wsgistack-metrics-")
+    _remove_stale_metrics_dirs()
+    directory = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
     os.environ[METRICS_DIR] = directory
     log.info("workers share their metrics in %s", directory)
     try:
