@@ -27,6 +27,7 @@ import threading
 import time
 from base64 import urlsafe_b64encode
 from collections.abc import Iterable
+from functools import partial
 from hashlib import sha256
 from pathlib import Path
 from types import MappingProxyType
@@ -124,6 +125,10 @@ class _AuthRule(BaseModel):
                              "credentials has no roles to check, so it would pass where a user without the "
                              "role gets 403; give anonymous requests a rule of their own, without roles")
         return self
+
+
+def _raise(exc: BaseException) -> Any:
+    raise exc
 
 
 def _ignore(event: str, **fields: Any) -> None:
@@ -405,7 +410,10 @@ class TokenService:
         elif claims["exp"] <= time.time() - self.options.leeway:
             raise _Invalid("expired", "the token has expired")
         jti = "revoked:" + str(claims["jti"])
-        found, revoked = read_ahead(environ, self.store, "get", jti) if environ else (False, None)
+        try:
+            found, revoked = read_ahead(environ, self.store, "get", jti) if environ else (False, None)
+        except StoreError as exc:  # the outer round trip found the store down: the same policy, no wait
+            found, revoked = True, self._store(partial(_raise, exc), strict=kind != "access")
         if not found:
             revoked = self._store(lambda: self.store.get(jti), strict=kind != "access")
         if revoked is not None:

@@ -198,14 +198,21 @@ _NOT_READ = object()
 
 
 def read_ahead(environ: WSGIEnvironment, store: Store, op: str, key: str) -> tuple[bool, bytes | None]:
-    """``(True, value)`` when an outer layer read ``key`` from ``store`` for this request, else ``(False, None)``."""
-    found: dict[tuple[int, str, str], bytes | None] | None = environ.get(READ_AHEAD)
+    """``(True, value)`` when an outer layer read ``key`` from ``store`` for this request, else ``(False, None)``.
+
+    When the outer layer's round trip found the store unavailable, this raises
+    that error (a ``StoreError``): the layer applies its ``on_store_error`` at
+    once instead of waiting for the same store again.
+    """
+    found: dict[tuple[int, str, str], Any] | None = environ.get(READ_AHEAD)
     if found is None:
         return False, None
     value = found.pop((id(store), op, key), _NOT_READ)
     if value is _NOT_READ:
         return False, None
-    return True, value  # type: ignore[return-value]
+    if isinstance(value, Exception):
+        raise value
+    return True, value
 
 
 @dataclass

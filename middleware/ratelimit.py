@@ -523,7 +523,13 @@ class RateLimitMiddleware:
                                ahead.store.read_command(ahead.op, found[0], found[1])))  # type: ignore[attr-defined]
         if not wanted:
             return self.counter.hit(rule.strategy, rule.items, keys, now)
-        results, answers = self.counter.hit_with(rule.strategy, rule.items, keys, now, [c for _, c in wanted])
+        try:
+            results, answers = self.counter.hit_with(rule.strategy, rule.items, keys, now, [c for _, c in wanted])
+        except StoreUnavailable as exc:
+            # Redis did not answer: the inner layers meet the same failure at once, instead of each
+            # waiting socket_timeout for their own read (read_ahead raises it for them).
+            environ[READ_AHEAD] = {name: exc for name, _ in wanted}
+            raise
         environ[READ_AHEAD] = {name: answer for (name, _), answer in zip(wanted, answers, strict=True)
                                if not isinstance(answer, Exception)}  # a failed read: the layer reads itself
         return results

@@ -16,6 +16,7 @@ import redis
 from webtest import TestApp
 
 from config import build, parse, read_text
+from middleware.auth import AuthMiddleware
 from middleware.base import IDENTITY, SESSION
 from stores.breaker import CircuitBreaker
 from stores.redis import RedisStore
@@ -152,3 +153,32 @@ def _layers(app: TestApp) -> list[Any]:
         found.append(current)
         current = getattr(current, "layer", None) or getattr(current, "app", None)
     return found
+
+
+def test_a_store_that_does_not_answer_is_waited_for_once(stack: Callable[..., tuple[TestApp, RedisStore]]) -> None:
+    """When the rate limiter's round trip times out, the layers read for meet the same failure at once
+    and apply their on_store_error, instead of each waiting socket_timeout for the same store again."""
+    app, _ = stack()
+    app.get("/login")
+    service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+    token = service.issue("bob", ["user"])["access_token"]
+    app.get("/me", headers={"Authorization": f"Bearer {token}"})  # known now: its blocklist read rides along
+    sent: list[bytes] = []
+    real = Counting.send_packed_command
+
+    def silent(self: Counting, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list) else command)
+        raise redis.TimeoutError("Timeout reading from socket")  # what a store that does not answer gives
+
+    Counting.send_packed_command = silent  # type: ignore[method-assign]
+    try:
+        by_token = app.get("/me", headers={"Authorization": f"Bearer {token}"}, status=503)
+        token_sends = len(sent)
+        by_cookie = app.get("/me", status=503)
+    finally:
+        Counting.send_packed_command = real  # type: ignore[method-assign]
+    # Each request: the rate limiter's pipeline only, no GET (auth) or GETEX (session) of their own.
+    assert (token_sends, len(sent)) == (1, 2)
+    assert by_token.json["error"]["message"] == "The token store is unavailable; retry shortly."
+    assert by_cookie.json["error"]["message"].startswith("the session could not be loaded")
+    assert by_token.headers["Retry-After"] == by_cookie.headers["Retry-After"] == "5"
