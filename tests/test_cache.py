@@ -446,14 +446,16 @@ def test_must_revalidate_turns_stale_off(make: Callable[..., Stack], origin: Ori
 
 # -- single-flight ---------------------------------------------------------------------------
 
-def _concurrently(apps: list[Any], n: int, path: str = "/api/v1/search?q=x") -> list[tuple[str, bytes]]:
+def _concurrently(apps: list[Any], n: int, path: str = "/api/v1/search?q=x",
+                  headers: list[dict[str, str]] | None = None) -> list[tuple[str, bytes]]:
+    """``n`` requests at once (released by a barrier), the i-th to ``apps[i % len]`` with ``headers[i]``."""
     barrier = threading.Barrier(n)
     results: list[tuple[str, bytes]] = []
 
     def one(i: int) -> None:
         client = Client(apps[i % len(apps)])
         barrier.wait()
-        response = client.get(path)
+        response = client.get(path, headers=headers[i] if headers else None)
         results.append((response.headers.get("X-Cache", ""), response.get_data()))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -475,20 +477,8 @@ def test_single_flight_calls_the_app_once(make: Callable[..., Stack], origin: Or
 
 def _languages(app: Any, languages: list[str]) -> list[tuple[str, str]]:
     """One concurrent request per language; (X-Cache, language the body was made for) of each."""
-    barrier = threading.Barrier(len(languages))
-    results: list[tuple[str, str]] = []
-
-    def one(lang: str) -> None:
-        barrier.wait()
-        response = Client(app).get("/api/v1/search?q=x", headers={"Accept-Language": lang})
-        results.append((response.headers.get("X-Cache", ""), json.loads(response.get_data())["lang"]))
-
-    threads = [threading.Thread(target=one, args=(lang,)) for lang in languages]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    return results
+    results = _concurrently([app], len(languages), headers=[{"Accept-Language": lang} for lang in languages])
+    return [(label, json.loads(body)["lang"]) for label, body in results]
 
 
 def test_single_flight_per_vary_variant_on_a_cold_cache(make: Callable[..., Stack], origin: Origin) -> None:

@@ -167,27 +167,19 @@ def test_sighup_reloads_and_keeps_serving_on_a_bad_config(config_file) -> None: 
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def generation() -> str:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/x")
-        response = conn.getresponse()
-        response.read()
-        conn.close()
-        return response.getheader("X-Stack-Generation") or ""
-
     def wait_generation(expected: str) -> None:
         deadline = time.monotonic() + 10
-        while generation() != expected:
+        while generation(port) != expected:
             assert time.monotonic() < deadline, f"generation never became {expected}"
             time.sleep(0.05)
 
     try:
         wait_for_port(port)
-        assert generation() == "1"
+        assert generation(port) == "1"
         path.write_text(ECHO + head + "pipeline:\n  - stack_support:Tag: {}\n  - errors: {}\n")  # lint error
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
-        assert generation() == "1"
+        assert generation(port) == "1"
         path.write_text(ECHO + head + "pipeline:\n  - errors: {format: problem}\n")
         proc.send_signal(signal.SIGHUP)
         wait_generation("2")
