@@ -31,12 +31,10 @@ from app.session_adapter import StackSessionInterface
 from app.state import SUPPORTED_VERSIONS, AppState
 from app.users import UserStore
 from middleware.auth import USER_ROLES
-from middleware.base import ROUTE_TEMPLATE, Context
+from middleware.base import ROUTE, ROUTE_TEMPLATE, Context
 
 __all__ = ["AppOptions", "AppState", "SearchOptions", "create_app"]
 
-#: Where the matched route template goes for the metrics layer (``middleware.metrics.ROUTE``).
-ROUTE = "wsgistack.route"
 #: Flask settings the options may override (none of them holds a secret).
 DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,

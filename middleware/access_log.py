@@ -271,7 +271,8 @@ def write_atomic(fd: int, data: bytes) -> bool:
         except OSError:
             _CUT_SHORT.add(fd)  # writing it again would duplicate its start; the next line ends it
             return True
-    _CUT_SHORT.discard(fd)
+    if _CUT_SHORT:  # (the common case skips the call)
+        _CUT_SHORT.discard(fd)
     return True
 
 

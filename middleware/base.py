@@ -60,6 +60,7 @@ __all__ = [
     "decorate_error",
     "escape_control",
     "header_list",
+    "mask_url_passwords",
     "networks",
     "note",
     "parse_origin",
@@ -122,6 +123,17 @@ def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
 PathGlobs = Annotated[list[str], AfterValidator(_check_globs)]
 Methods = Annotated[list[str], AfterValidator(_check_methods)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_check_networks)]
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)[^/@\s'\"]*@")
+
+
+def mask_url_passwords(text: str, mask: str = "***") -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``mask``.
+
+    For text that is not one URL (a repr, a message); one URL parses better with ``urlsplit``.
+    """
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text) if "://" in text else text
 
 
 def networks(values: Iterable[str]) -> list[Network]:

@@ -28,7 +28,6 @@ import ast
 import html
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -47,6 +46,7 @@ from .base import (
     LayerOptions,
     Networks,
     address_in,
+    mask_url_passwords,
     networks,
     refuse,
 )
@@ -340,13 +340,12 @@ def mask(value: Any, name: str = "") -> Any:
             try:
                 return mask(ast.literal_eval(value))
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                return MASK if _secret_name(value) else _URL_PASSWORD.sub(rf"\1{MASK}@", value)
+                return MASK if _secret_name(value) else mask_url_passwords(value, MASK)
         if "://" in value or "@" in value:
             return _mask_url(value)
     return value
 
 
-_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)[^/@\s'\"]*@")  # user:password@ inside any text
 
 
 def _mask_url(text: str) -> str:
