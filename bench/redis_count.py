@@ -121,6 +121,8 @@ def count(ws: Workspace, requests: int = 20) -> tuple[list[Count], list[dict[str
                 ("token and cookie, search, uncached", with_token,
                  [f"/api/v1/search?q=json&page={100 + i * requests + n}" for n in range(requests)]),
                 ("session cookie only, search, cache hit", cookie_only, ["/api/v1/search?q=json"] * requests),
+                ("session cookie only, search, uncached", cookie_only,
+                 [f"/api/v1/search?q=http&page={100 + i * requests + n}" for n in range(requests)]),
             ):
                 if label.endswith("cache hit"):
                     call(stack.app, make_environ(targets[0], headers))  # fills the cache

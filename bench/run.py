@@ -275,9 +275,11 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "(the auth layer takes the token; the session is read ahead all the same, see below), or the "
         "session cookie alone. Commands from `INFO commandstats` after `CONFIG RESETSTAT` (commands a Lua "
         "script runs are counted too: the rate limiter's `INCRBY` runs inside its `EVALSHA`); round trips "
-        "are redis-py sends (a pipeline is one). The session's `GETEX` and the blocklist's `GET` ride in the "
-        "rate limiter's pipeline (reads ahead, docs/architecture.md): their rows show the commands and no "
-        "round trip.",
+        "are redis-py sends (a pipeline is one). The session's `GETEX`, the blocklist's `GET` and the cache's "
+        "read-or-lock ride in the rate limiter's pipeline (reads ahead, docs/architecture.md): their rows "
+        "show the commands and no round trip. The cache keys per user (`per_user: true`): with the token "
+        "its key is known ahead; with the session cookie alone the user is known only once the session "
+        "was read, so the cache reads for itself.",
         "",
         redis_count.table(counts, deltas) if counts is not None else "Not run (no redis-server).",
         "",

@@ -617,7 +617,11 @@ def build(
             problems.append(_build_problem(doc, spec, exc))
             continue
         for ahead in context.read_ahead[registered:]:  # read ahead only for requests the layer sees
-            ahead.scope = spec.scope if spec.scope else None
+            ahead.within(spec.scope)
+        preview = getattr(layer, "preview", None)
+        if callable(preview):  # the reads of the layers inside see the request as this one will change it
+            for ahead in context.read_ahead[:registered]:
+                ahead.through(preview, spec.scope)
         instances.append(layer)
         if timing:
             layer = _Timed(spec.label, layer)

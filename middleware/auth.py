@@ -391,6 +391,11 @@ class TokenService:
         claims = self._verified.get(token)
         return None if claims is None else "revoked:" + str(claims["jti"])
 
+    def known(self, token: str) -> dict[str, Any] | None:
+        """The claims of an access token that verified before and has not expired, else None (no store read)."""
+        claims = self._verified.get(token)
+        return claims if claims is not None and claims["exp"] > time.time() - self.options.leeway else None
+
     def check(self, token: str, kind: str = "access", environ: WSGIEnvironment | None = None) -> dict[str, Any]:
         """Verify a token and its revocation (one store read); raise ``_Invalid`` or a 503.
 
@@ -607,6 +612,20 @@ class AuthMiddleware:
         token = self._bearer(environ)
         key = self.tokens.revocation_key(token) if token else None
         return None if key is None else (key, None)
+
+    def preview(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
+        """The identity a known bearer token will give (for reads ahead, see ``ReadAhead``).
+
+        ``{}`` without a token (a session identity needs the session's own read);
+        None for a token not verified before, which this layer may refuse.
+        """
+        token = self._bearer(environ)
+        if token is None:
+            return {}
+        claims = self.tokens.known(token)
+        if claims is None:
+            return None
+        return {IDENTITY: Identity(claims["sub"], frozenset(claims.get("roles", ())), "jwt", claims)}
 
     def _session_identity(self, environ: WSGIEnvironment) -> Identity | None:
         session = environ.get(SESSION)

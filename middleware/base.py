@@ -52,6 +52,7 @@ __all__ = [
     "Networks",
     "PathGlobs",
     "ReadAhead",
+    "ReadKey",
     "add_vary",
     "address_in",
     "client_ip",
@@ -185,31 +186,71 @@ class LayerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+#: What a read ahead reads: ``(key, ttl)`` or, for ``get_or_lock``, ``(key, ttl, lock_key)``.
+ReadKey = tuple[str, float | None] | tuple[str, float | None, str]
+
+
 @dataclass
 class ReadAhead:
     """A store read a layer makes per request, which an outer layer's round trip can carry.
 
     A layer registers one at build time (``context.offer_read(...)``, which
     keeps it when the store is Redis): ``key(environ)`` names what this request will
-    read (``(key, ttl)``; ``ttl`` for ``getex``), or ``None``.  The builder
-    sets ``scope`` to the layer's scope.  The rate limiter, which sends one
-    pipeline per request anyway, adds the reads of the layers inside it that
-    share its Redis, and leaves the answers in ``environ[READ_AHEAD]``; the
-    layer then takes its answer with :func:`read_ahead` instead of a round
-    trip of its own, and reads as before when there is none (no rate limiter,
-    another store, a failed pipeline).
+    read (``(key, ttl)``, ``ttl`` for ``getex``; ``(key, ttl, lock_key)`` for
+    ``get_or_lock``), or ``None``.  The rate limiter,
+    which sends one pipeline per request anyway, adds the reads of the layers
+    inside it that share its Redis, and leaves the answers in
+    ``environ[READ_AHEAD]``; the layer then takes its answer with
+    :func:`read_ahead` instead of a round trip of its own, and reads as before
+    when there is none (no rate limiter, another store, a failed pipeline, or a
+    key that differs from the one read ahead).
+
+    The rate limiter asks ``key`` before the layers between it and the reader
+    ran.  The builder makes ``key`` see the request as the reader will
+    (:meth:`within`, :meth:`through`): outside the reader's scope it names
+    nothing, and a layer in between that changes what the key depends on (the
+    versioning layer rewrites the path and sets the API version) shows its
+    change with a ``preview(environ)`` method.  A read ahead only ever reads, so
+    a wrong guess costs a wasted read, never a wrong answer.  ``get_or_lock``
+    also takes a lock when the key is missing: the rate limiter deletes a lock
+    whose answer no layer took (a request refused in between, a wrong guess).
     """
 
     store: Store
-    op: str  # "get" or "getex"
-    key: Callable[[WSGIEnvironment], tuple[str, float | None] | None]
-    scope: Any = None
+    op: str  # "get", "getex" or "get_or_lock"
+    key: Callable[[WSGIEnvironment], ReadKey | None]
+
+    def within(self, scope: Any) -> None:
+        """Name nothing for requests outside ``scope`` (the reader's own scope, when it has one)."""
+        if not scope:
+            return
+        key = self.key
+        self.key = lambda environ: key(environ) if scope.matches(environ) else None
+
+    def through(self, preview: Callable[[WSGIEnvironment], dict[str, Any] | None], scope: Any = None) -> None:
+        """Let ``key`` see the request as changed by an outer layer's ``preview`` (within its ``scope``).
+
+        ``preview(environ)`` returns the environ entries that layer will set
+        (``{}``: none), or ``None`` when it will refuse the request or cannot tell:
+        then nothing is read ahead.
+        """
+        key = self.key
+
+        def seen(environ: WSGIEnvironment) -> ReadKey | None:
+            if scope and not scope.matches(environ):
+                return key(environ)
+            changes = preview(environ)
+            if changes is None:
+                return None
+            return key({**environ, **changes} if changes else environ)
+
+        self.key = seen
 
 
 _NOT_READ = object()
 
 
-def read_ahead(environ: WSGIEnvironment, store: Store, op: str, key: str) -> tuple[bool, bytes | None]:
+def read_ahead(environ: WSGIEnvironment, store: Store, op: str, key: str) -> tuple[bool, Any]:
     """``(True, value)`` when an outer layer read ``key`` from ``store`` for this request, else ``(False, None)``.
 
     When the outer layer's round trip found the store unavailable, this raises
@@ -248,8 +289,7 @@ class Context:
     #: Reads that layers will make per request, for an outer layer's round trip to carry.
     read_ahead: list[ReadAhead] = field(default_factory=list)
 
-    def offer_read(self, store: Store, op: str,
-                   key: Callable[[WSGIEnvironment], tuple[str, float | None] | None]) -> None:
+    def offer_read(self, store: Store, op: str, key: Callable[[WSGIEnvironment], ReadKey | None]) -> None:
         """Register a per-request read (see :class:`ReadAhead`) when ``store`` can be read ahead (Redis)."""
         if callable(getattr(store, "read_command", None)):
             self.read_ahead.append(ReadAhead(store, op, key))

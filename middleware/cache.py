@@ -39,7 +39,19 @@ from werkzeug.http import parse_cache_control_header, parse_date
 
 from stores.base import Store, StoreError
 
-from .base import API_VERSION, IDENTITY, SESSION, Context, LayerOptions, cookies, decoded_path, note, refuse
+from .base import (
+    API_VERSION,
+    IDENTITY,
+    SESSION,
+    Context,
+    LayerOptions,
+    ReadKey,
+    cookies,
+    decoded_path,
+    note,
+    read_ahead,
+    refuse,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -249,6 +261,7 @@ class CacheMiddleware:
         self.purge_roles = frozenset(options.purge_roles)
         self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        context.offer_read(self.store, "get_or_lock", self._ahead)  # a rate limiter outside may read the entry for us
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
@@ -315,6 +328,18 @@ class CacheMiddleware:
             parts += pair
         return f"{self.prefix}e:{path}#{_digest(parts)}"
 
+    def _ahead(self, environ: WSGIEnvironment) -> ReadKey | None:
+        """The read-or-lock :meth:`_lookup` will make for this GET (see ``ReadAhead``), if any."""
+        method = environ.get("REQUEST_METHOD")
+        if method != "GET" or (
+                self.purge_path is not None and decoded_path(environ) == self.purge_path):
+            return None
+        subject, reason = self._who(environ)
+        if reason is not None:
+            return None
+        base = self._base_key(environ, subject)
+        return base, self.options.lock_timeout, f"{self.prefix}l:{base[-_DIGEST:]}"
+
     @staticmethod
     def _variant(base: str, vary: list[str], environ: WSGIEnvironment) -> str:
         return base[:-_DIGEST] + _digest((base, [environ.get(_environ_name(h)) for h in vary]))
@@ -325,13 +350,15 @@ class CacheMiddleware:
 
         One read, two when the path has a Vary.  With ``lock_key``, a missing
         entry also takes the single-flight lock in the same round trip
-        (``True``/``False``); ``None`` means no lock was tried.
+        (``True``/``False``); ``None`` means no lock was tried.  A rate limiter
+        outside may have made this read in its round trip (``ReadAhead``).
         """
         locked: bool | None = None
         if lock_key is None:
             raw = self.store.get(base)
         else:
-            raw, locked = self.store.get_or_lock(base, lock_key, self.options.lock_timeout)
+            ahead, answer = read_ahead(environ, self.store, "get_or_lock", base)
+            raw, locked = answer if ahead else self.store.get_or_lock(base, lock_key, self.options.lock_timeout)
             locked = locked if raw is None else None
         try:
             if raw is not None and raw[:5] == b'{"v":':

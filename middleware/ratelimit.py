@@ -18,6 +18,7 @@ when the layer sits inside ``auth``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import ipaddress
@@ -43,6 +44,7 @@ from middleware.base import (
     LayerOptions,
     Methods,
     PathGlobs,
+    ReadAhead,
     client_ip,
     decoded_path,
     decorate_error,
@@ -66,6 +68,7 @@ Result = tuple[bool, int, float]  # (allowed, remaining, reset time in epoch sec
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STORE_ERRORS = (StoreError, RedisError, OSError)
 _STORE_RETRY_AFTER = "5"
+_UNTAKEN = object()
 
 
 def _limit_list(value: Any) -> Any:
@@ -477,13 +480,24 @@ class RateLimitMiddleware:
         key = self._key(environ, rule.key)
         now = time.time()
         keys = [a + key + b for a, b in rule.keys]
+        locks = None
         try:
             if self.read_aheads:  # only ever set for a Redis counter
-                results = self._hit_and_read(environ, rule, keys, now)
+                results, locks = self._hit_and_read(environ, rule, keys, now)
             else:
                 results = self.counter.hit(rule.strategy, rule.items, keys, now)
         except _STORE_ERRORS as exc:
             return self._store_failed(environ, start_response, exc)
+        if not locks:
+            return self._answer(environ, start_response, rule, key, results, now)
+        try:
+            return self._answer(environ, start_response, rule, key, results, now)
+        finally:  # a lock read ahead for a layer that never took it (refused in between) goes now
+            self._unlock_untaken(environ, locks)
+
+    def _answer(self, environ: WSGIEnvironment, start_response: StartResponse, rule: _Compiled, key: str,
+                results: list[Result], now: float) -> Iterable[bytes]:
+        """Refuse past a limit, else call the app with the RateLimit headers."""
         if len(results) == 1:
             pick, allowed = 0, results[0][0]
         else:  # report the refusing limit that resets last, else the one closest to running out
@@ -510,29 +524,48 @@ class RateLimitMiddleware:
             decorate_error(exc, headers)
             raise
 
-    def _hit_and_read(self, environ: WSGIEnvironment, rule: _Compiled, keys: list[str], now: float) -> list[Result]:
-        """Count the hit and, in the same pipeline, read what the inner layers will read for this request."""
+    def _hit_and_read(self, environ: WSGIEnvironment, rule: _Compiled, keys: list[str],
+                      now: float) -> tuple[list[Result], list[tuple[Any, tuple[int, str, str], str]]]:
+        """Count the hit and, in the same pipeline, read what the inner layers will read for this request.
+
+        Also returns the locks the reads took (``get_or_lock``): ``(store, answer name, lock key)``.
+        """
         assert isinstance(self.counter, _RedisCounter)
-        wanted: list[tuple[tuple[int, str, str], tuple[Any, ...]]] = []
+        wanted: list[tuple[ReadAhead, tuple[int, str, str], tuple[Any, ...]]] = []
         for ahead in self.read_aheads:
-            if ahead.scope is not None and not ahead.scope.matches(environ):
-                continue
-            found = ahead.key(environ)
+            found: tuple[Any, ...] | None = ahead.key(environ)
             if found is not None:
-                wanted.append(((id(ahead.store), ahead.op, found[0]),
-                               ahead.store.read_command(ahead.op, found[0], found[1])))  # type: ignore[attr-defined]
+                wanted.append((ahead, (id(ahead.store), ahead.op, found[0]), found))
         if not wanted:
-            return self.counter.hit(rule.strategy, rule.items, keys, now)
+            return self.counter.hit(rule.strategy, rule.items, keys, now), []
+        commands = [ahead.store.read_command(ahead.op, *found)  # type: ignore[attr-defined]
+                    for ahead, _, found in wanted]
         try:
-            results, answers = self.counter.hit_with(rule.strategy, rule.items, keys, now, [c for _, c in wanted])
+            results, replies = self.counter.hit_with(rule.strategy, rule.items, keys, now, commands)
         except StoreUnavailable as exc:
             # Redis did not answer: the inner layers meet the same failure at once, instead of each
             # waiting socket_timeout for their own read (read_ahead raises it for them).
-            environ[READ_AHEAD] = {name: exc for name, _ in wanted}
+            environ[READ_AHEAD] = {name: exc for _, name, _ in wanted}
             raise
-        environ[READ_AHEAD] = {name: answer for (name, _), answer in zip(wanted, answers, strict=True)
-                               if not isinstance(answer, Exception)}  # a failed read: the layer reads itself
-        return results
+        answers: dict[tuple[int, str, str], Any] = {}
+        locks: list[tuple[Any, tuple[int, str, str], str]] = []
+        for (ahead, name, found), reply in zip(wanted, replies, strict=True):
+            if isinstance(reply, Exception):
+                continue  # a failed read: the layer reads itself
+            answer = answers[name] = ahead.store.read_answer(ahead.op, reply)  # type: ignore[attr-defined]
+            if ahead.op == "get_or_lock" and answer[1]:
+                locks.append((ahead.store, name, found[2]))
+        environ[READ_AHEAD] = answers
+        return results, locks
+
+    @staticmethod
+    def _unlock_untaken(environ: WSGIEnvironment, locks: list[tuple[Any, tuple[int, str, str], str]]) -> None:
+        """Delete the locks taken ahead for layers that did not take their answer (best effort)."""
+        answers = environ.get(READ_AHEAD) or {}
+        for store, name, lock_key in locks:
+            if answers.pop(name, _UNTAKEN) is not _UNTAKEN:
+                with contextlib.suppress(StoreError):  # else it expires after the reader's lock timeout
+                    store.delete(lock_key)
 
     def _over(self, environ: WSGIEnvironment, start_response: StartResponse, rid: str, key: str,
               item: RateLimitItem, reset: float, now: float) -> Iterable[bytes]:

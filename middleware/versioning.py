@@ -39,7 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
@@ -238,10 +238,14 @@ class VersioningMiddleware:
         self._counts: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    def _choose(self, environ: WSGIEnvironment) -> tuple[str, str, str | None] | None:
+        """``(version, source, rewritten path or None)`` for a request under the prefix, else None.
+
+        Refuses (raises) a version that is not supported or sources that disagree.
+        """
         path: str = environ.get("PATH_INFO", "")
         if path != self.prefix and not path.startswith(self.prefix_slash):
-            return self.app(environ, start_response)
+            return None
         rest = path[len(self.prefix_slash):]
         segment = rest.partition("/")[0]
         url = header = accept = None
@@ -270,12 +274,35 @@ class VersioningMiddleware:
             found = {"url": url, "header": header, "accept": accept}
             source = next((s for s in self.precedence if found[s] is not None), "default")
             version = found.get(source) or self.default
+        if version == segment:
+            return version, source, None
+        # No version in the path, Accept outranks the URL's, or its case differs.
+        tail = rest[len(segment):] if url else ("/" + rest if path != self.prefix else "")
+        return version, source, f"{self.prefix_slash}{version}{tail}"
+
+    def preview(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
+        """What this layer will set in ``environ`` (for reads ahead, see ``ReadAhead``); None when it refuses."""
+        try:
+            chosen = self._choose(environ)
+        except HTTPException:
+            return None
+        if chosen is None:
+            return {}
+        version, _, rewritten = chosen
+        if rewritten is None:
+            return {API_VERSION: version}
+        return {API_VERSION: version, "PATH_INFO": rewritten, PATH: None}
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        chosen = self._choose(environ)
+        if chosen is None:
+            return self.app(environ, start_response)
+        version, source, rewritten = chosen
         environ[API_VERSION] = version
         environ[SOURCE] = source
-        if version != segment:  # no version in the path, Accept outranks the URL's, or its case differs
-            tail = rest[len(segment):] if url else ("/" + rest if path != self.prefix else "")
-            environ[ORIG_PATH] = path
-            environ["PATH_INFO"] = f"{self.prefix_slash}{version}{tail}"
+        if rewritten is not None:
+            environ[ORIG_PATH] = environ.get("PATH_INFO", "")
+            environ["PATH_INFO"] = rewritten
             environ.pop(PATH, None)
         note(environ, "versioning", f"{version} from {source}")
         notice = self.notices.get(version)

@@ -332,13 +332,26 @@ class RedisStore(Store):
 
     # -- the Store interface ----------------------------------------------------------
 
-    def read_command(self, op: str, key: str, ttl: float | None = None) -> tuple[Any, ...]:
-        """The Redis command :meth:`get` (``op="get"``) or :meth:`getex` sends, for another layer's pipeline."""
+    def read_command(self, op: str, key: str, ttl: float | None = None, lock_key: str | None = None) -> tuple[Any, ...]:
+        """The Redis command :meth:`get`, :meth:`getex` or :meth:`get_or_lock` sends, for another layer's pipeline.
+
+        ``op`` names the method; :meth:`read_answer` turns the reply into what the method returns.
+        """
         if op == "getex" and ttl is not None:
             return ("GETEX", self.key_prefix + key, "PX", _ms(ttl))
         if op == "get":
             return ("GET", self.key_prefix + key)
+        if op == "get_or_lock" and ttl is not None and lock_key is not None:
+            return ("EVALSHA", self._get_or_lock.sha, 2, self.key_prefix + key, self.key_prefix + lock_key, _ms(ttl))
         raise ValueError(f"no read command for {op!r}")
+
+    @staticmethod
+    def read_answer(op: str, reply: Any) -> Any:
+        """What the method ``op`` returns, from the reply to its :meth:`read_command`."""
+        if op == "get_or_lock":
+            found, value = reply
+            return (value, False) if found == 1 else (None, value == 1)
+        return reply
 
     def get(self, key: str) -> bytes | None:
         return cast("bytes | None", self._run("GET", partial(self.client.get, self.key_prefix + key)))
@@ -360,8 +373,7 @@ class RedisStore(Store):
 
     def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
         fn = partial(self._get_or_lock, keys=[self.key_prefix + key, self.key_prefix + lock_key], args=[_ms(ttl)])
-        found, value = cast("list[Any]", self._run("GET or SET NX", fn))
-        return (value, False) if found == 1 else (None, value == 1)
+        return cast("tuple[bytes | None, bool]", self.read_answer("get_or_lock", self._run("GET or SET NX", fn)))
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         for _, value, _ in sets:

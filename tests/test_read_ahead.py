@@ -8,6 +8,7 @@ on a real redis-server, with a connection class that counts round trips
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -182,3 +183,123 @@ def test_a_store_that_does_not_answer_is_waited_for_once(stack: Callable[..., tu
     assert by_token.json["error"]["message"] == "The token store is unavailable; retry shortly."
     assert by_cookie.json["error"]["message"].startswith("the session could not be loaded")
     assert by_token.headers["Retry-After"] == by_cookie.headers["Retry-After"] == "5"
+
+
+# -- the cache's read-or-lock ---------------------------------------------------------------
+
+class Rewrite:
+    """A plain factory layer that rewrites one path, with no ``preview``: reads ahead cannot foresee it."""
+
+    def __init__(self, app: Any, source: str = "/a", target: str = "/b") -> None:
+        self.app, self.source, self.target = app, source, target
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == self.source:
+            environ["PATH_INFO"] = self.target
+            environ.pop("wsgistack.path", None)
+        return self.app(environ, start_response)
+
+
+CACHED = f"""
+app: {{factory: "stack_support:echo_app"}}
+pipeline:
+  - errors: {{}}
+  - ratelimit: {{store: shared, limits: ["{{limit}}"]}}
+  - test_read_ahead:Rewrite: {{}}
+  - auth: {{store: shared, secret: "{JWT}", default: optional, rules: [{{paths: ["/private/*"], auth: required}}]}}
+  - versioning: {{supported: [v1, v2], default: v1}}
+  - cache: {{store: shared, ttl: 60, per_user: true}}
+"""
+
+
+@pytest.fixture
+def cached(redis_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[TestApp, redis.Redis]]:
+    limit = getattr(request, "param", "1000/minute")
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=Counting)
+    store = RedisStore(client=redis.Redis(connection_pool=pool), breaker=CircuitBreaker(50, 0.2, name="t"))
+    built = build(parse(read_text(CACHED.replace("{limit}", limit))), stores={"shared": store})
+    probe = redis.Redis.from_url(redis_url)
+    app = TestApp(built.app, extra_environ={"REMOTE_ADDR": "192.0.2.9"})
+    app.get("/warm-up")  # connects and loads the scripts (a fresh server answers NOSCRIPT once)
+    yield app, probe
+    probe.close()
+    built.close()
+    pool.disconnect()
+
+
+def _locks(probe: redis.Redis) -> list[bytes]:
+    return [k for k in probe.keys("*") if b"cache:l:" in k]
+
+
+@pytest.mark.parametrize(("path", "seen_as"), [
+    ("/api/v2/search?q=a", "/api/v2/search"),
+    ("/api/search?q=a", "/api/v1/search"),  # rewritten by the versioning layer: its preview shows how
+    ("/other?q=a", "/other"),
+])
+def test_a_cached_get_reads_and_locks_in_the_rate_limiters_round_trip(
+        cached: tuple[TestApp, redis.Redis], path: str, seen_as: str) -> None:
+    app, probe = cached
+    trips, miss = _round_trips(app, path)
+    # The limiter's pipeline read the entry and took the fill lock; the cache's one round trip stores the
+    # entry and drops the lock.
+    assert (trips, miss.headers["X-Cache"], miss.json["path"]) == (2, "MISS", seen_as)
+    assert _locks(probe) == []
+    trips, hit = _round_trips(app, path)
+    assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
+
+
+def test_a_known_bearer_token_gives_the_per_user_key_ahead(cached: tuple[TestApp, redis.Redis]) -> None:
+    app, _ = cached
+    service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+    token = service.issue("bob", ["user"])["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    first, response = _round_trips(app, "/api/v1/search?q=b", headers=headers)
+    # Not verified before: no identity to key on ahead; the blocklist read and the cache read their own.
+    assert (first, response.headers["X-Cache"], response.json["identity"]) == (4, "MISS", "bob")
+    again, response = _round_trips(app, "/api/v1/search?q=b", headers=headers)
+    assert (again, response.headers["X-Cache"]) == (1, "HIT")
+    anonymous = app.get("/api/v1/search?q=b")
+    assert (anonymous.headers["X-Cache"], anonymous.json["identity"]) == ("MISS", None)
+
+
+@pytest.mark.parametrize(("path", "status", "trips"), [
+    ("/private/x", 401, 2),  # the auth layer refused after the lock was taken: the limiter deletes it
+    # Rewritten to /b by a layer the read could not foresee: the cache reads /b itself and stores it,
+    # and the limiter deletes the lock it took for /a.
+    ("/a", 200, 4),
+    ("/api/v9/search", 404, 1),  # the versioning layer will refuse: nothing read ahead
+])
+def test_a_lock_taken_ahead_for_nothing_is_given_back(cached: tuple[TestApp, redis.Redis], path: str,
+                                                      status: int, trips: int) -> None:
+    app, probe = cached
+    taken, response = _round_trips(app, path, status=status)
+    assert taken == trips
+    assert _locks(probe) == []
+    if status == 200:
+        assert (response.json["path"], response.headers["X-Cache"]) == ("/b", "MISS")
+        assert app.get("/b").headers["X-Cache"] == "HIT"
+
+
+def test_a_revoked_token_does_not_hold_up_the_next_fill(cached: tuple[TestApp, redis.Redis]) -> None:
+    """A known token names its user's key ahead and takes the lock; when the auth layer then refuses
+    the token as revoked, the lock goes at once, and the user's next request fills without waiting."""
+    app, probe = cached
+    service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+    old = service.issue("carol", ["user"])["access_token"]
+    app.get("/api/v1/other", headers={"Authorization": f"Bearer {old}"})  # verified once: known
+    service.revoke(old)
+    taken, _ = _round_trips(app, "/api/v1/search?q=c", headers={"Authorization": f"Bearer {old}"}, status=401)
+    assert (taken, _locks(probe)) == (2, [])  # the limiter's pipeline (read, lock), then the lock's DEL
+    new = service.issue("carol", ["user"])["access_token"]
+    started = time.monotonic()
+    response = app.get("/api/v1/search?q=c", headers={"Authorization": f"Bearer {new}"})
+    assert (response.headers["X-Cache"], response.json["identity"]) == ("MISS", "carol")
+    assert time.monotonic() - started < 1.0  # a lock left behind would hold it up to lock_timeout (5 s)
+
+
+@pytest.mark.parametrize("cached", ["2/minute"], indirect=True)
+def test_a_request_over_the_limit_gives_its_lock_back(cached: tuple[TestApp, redis.Redis]) -> None:
+    app, probe = cached  # the warm-up request used one of the two
+    app.get("/api/v1/search?q=first")
+    taken, refused = _round_trips(app, "/api/v1/search?q=second", status=429)
+    assert (taken, refused.headers["RateLimit-Remaining"], _locks(probe)) == (2, "0", [])
