@@ -618,7 +618,7 @@ def build(
             continue
         for ahead in context.read_ahead[registered:]:  # read ahead only for requests the layer sees
             ahead.within(spec.scope)
-        preview = getattr(layer, "preview", None)
+        preview = getattr(layer, "preview_environ", None)
         if callable(preview):  # the reads of the layers inside see the request as this one will change it
             for ahead in context.read_ahead[:registered]:
                 ahead.through(preview, spec.scope)

@@ -613,7 +613,7 @@ class AuthMiddleware:
         key = self.tokens.revocation_key(token) if token else None
         return None if key is None else (key, None)
 
-    def preview(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
+    def preview_environ(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
         """The identity a known bearer token will give (for reads ahead, see ``ReadAhead``).
 
         ``{}`` without a token (a session identity needs the session's own read);

@@ -210,7 +210,7 @@ class ReadAhead:
     (:meth:`within`, :meth:`through`): outside the reader's scope it names
     nothing, and a layer in between that changes what the key depends on (the
     versioning layer rewrites the path and sets the API version) shows its
-    change with a ``preview(environ)`` method.  A read ahead only ever reads, so
+    change with a ``preview_environ(environ)`` method.  A read ahead only ever reads, so
     a wrong guess costs a wasted read, never a wrong answer.  ``get_or_lock``
     also takes a lock when the key is missing: the rate limiter deletes a lock
     whose answer no layer took (a request refused in between, a wrong guess).

@@ -280,7 +280,7 @@ class VersioningMiddleware:
         tail = rest[len(segment):] if url else ("/" + rest if path != self.prefix else "")
         return version, source, f"{self.prefix_slash}{version}{tail}"
 
-    def preview(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
+    def preview_environ(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
         """What this layer will set in ``environ`` (for reads ahead, see ``ReadAhead``); None when it refuses."""
         try:
             chosen = self._choose(environ)

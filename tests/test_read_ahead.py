@@ -188,7 +188,7 @@ def test_a_store_that_does_not_answer_is_waited_for_once(stack: Callable[..., tu
 # -- the cache's read-or-lock ---------------------------------------------------------------
 
 class Rewrite:
-    """A plain factory layer that rewrites one path, with no ``preview``: reads ahead cannot foresee it."""
+    """A plain factory layer that rewrites one path, with no ``preview_environ``: reads ahead cannot foresee it."""
 
     def __init__(self, app: Any, source: str = "/a", target: str = "/b") -> None:
         self.app, self.source, self.target = app, source, target
@@ -200,12 +200,20 @@ class Rewrite:
         return self.app(environ, start_response)
 
 
+class ForeseenRewrite(Rewrite):
+    """The same rewrite, with the ``preview_environ`` any layer may give: the reads ahead see it."""
+
+    def preview_environ(self, environ: dict[str, Any]) -> dict[str, Any]:
+        return {"PATH_INFO": self.target, "wsgistack.path": None} if environ["PATH_INFO"] == self.source else {}
+
+
 CACHED = f"""
 app: {{factory: "stack_support:echo_app"}}
 pipeline:
   - errors: {{}}
   - ratelimit: {{store: shared, limits: ["{{limit}}"]}}
   - test_read_ahead:Rewrite: {{}}
+  - test_read_ahead:ForeseenRewrite: {{source: /c, target: /d}}
   - auth: {{store: shared, secret: "{JWT}", default: optional, rules: [{{paths: ["/private/*"], auth: required}}]}}
   - versioning: {{supported: [v1, v2], default: v1}}
   - cache: {{store: shared, ttl: 60, per_user: true}}
@@ -235,6 +243,7 @@ def _locks(probe: redis.Redis) -> list[bytes]:
     ("/api/v2/search?q=a", "/api/v2/search"),
     ("/api/search?q=a", "/api/v1/search"),  # rewritten by the versioning layer: its preview shows how
     ("/other?q=a", "/other"),
+    ("/c?q=a", "/d"),  # a factory layer's preview_environ
 ])
 def test_a_cached_get_reads_and_locks_in_the_rate_limiters_round_trip(
         cached: tuple[TestApp, redis.Redis], path: str, seen_as: str) -> None:
