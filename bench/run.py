@@ -277,9 +277,8 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "script runs are counted too: the rate limiter's `INCRBY` runs inside its `EVALSHA`); round trips "
         "are redis-py sends (a pipeline is one). The session's `GETEX`, the blocklist's `GET` and the cache's "
         "read-or-lock ride in the rate limiter's pipeline (reads ahead, docs/architecture.md): their rows "
-        "show the commands and no round trip. The cache keys per user (`per_user: true`): with the token "
-        "its key is known ahead; with the session cookie alone the user is known only once the session "
-        "was read, so the cache reads for itself.",
+        "show the commands and no round trip. The cache keys per user (`per_user: true`): the auth layer "
+        "foresees the user of a token it verified before, or of a session the session layer read before.",
         "",
         redis_count.table(counts, deltas) if counts is not None else "Not run (no redis-server).",
         "",

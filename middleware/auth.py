@@ -44,6 +44,7 @@ from werkzeug.exceptions import HTTPException
 from middleware.base import (
     IDENTITY,
     SESSION,
+    SESSION_USER_HINT,
     TRACE,
     Context,
     Identity,
@@ -616,12 +617,14 @@ class AuthMiddleware:
     def preview_environ(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
         """The identity a known bearer token will give (for reads ahead, see ``ReadAhead``).
 
-        ``{}`` without a token (a session identity needs the session's own read);
-        None for a token not verified before, which this layer may refuse.
+        Without a token, the session user the session layer's preview hinted at
+        (its roles are not needed ahead), else ``{}``; None for a token not
+        verified before, which this layer may refuse.
         """
         token = self._bearer(environ)
         if token is None:
-            return {}
+            hint = environ.get(SESSION_USER_HINT) if self.accept_session else None
+            return {IDENTITY: Identity(hint, _NO_ROLES, "session")} if hint is not None else {}
         claims = self.tokens.known(token)
         if claims is None:
             return None

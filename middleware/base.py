@@ -43,6 +43,7 @@ __all__ = [
     "ROUTE",
     "ROUTE_TEMPLATE",
     "SESSION",
+    "SESSION_USER_HINT",
     "TIMINGS",
     "TRACE",
     "Context",
@@ -84,6 +85,9 @@ TIMINGS = "wsgistack.timings"
 TRACE = "wsgistack.trace"
 #: Store reads an outer layer made for inner ones in its own round trip (see ReadAhead).
 READ_AHEAD = "wsgistack.read_ahead"
+#: In a previewed environ only (see ReadAhead): the subject of the user the session cookie's
+#: session held when this process last read or saved it.
+SESSION_USER_HINT = "wsgistack.session_user_hint"
 #: The route template that answered (the Flask core's rule, or a layer's own path), for metrics labels.
 ROUTE = "wsgistack.route"
 #: ``context.services`` name of ``route_template(path, method) -> template | None``, which the app

@@ -32,7 +32,18 @@ from werkzeug.http import dump_cookie
 
 from stores.base import StoreError
 
-from .base import COOKIES, SESSION, Context, LayerOptions, add_vary, cookies, note, read_ahead, refuse
+from .base import (
+    COOKIES,
+    SESSION,
+    SESSION_USER_HINT,
+    Context,
+    LayerOptions,
+    add_vary,
+    cookies,
+    note,
+    read_ahead,
+    refuse,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -273,6 +284,8 @@ class SessionMiddleware:
         self.cookie_name = options.cookie_name
         # Cookie values whose signature already checked out (verification costs ~9 µs).
         self._verified: dict[str, str] = {}
+        # The user subject each session held when last read or saved here (for preview_environ).
+        self._users: dict[str, str] = {}
         self._attrs: dict[str, Any] = {
             "path": options.cookie_path, "domain": options.cookie_domain,
             "secure": options.cookie_secure, "httponly": options.cookie_httponly,
@@ -326,6 +339,26 @@ class SessionMiddleware:
         sid = self._cookie_id(environ, quiet=True)  # the layer notes a bad cookie when it reads it
         return None if sid is None else (KEY_PREFIX + sid, self.options.idle_timeout)
 
+    def preview_environ(self, environ: WSGIEnvironment) -> dict[str, Any]:
+        """The user this cookie's session held when last seen here, as a hint (see ``ReadAhead``).
+
+        The auth layer's preview turns it into the identity the cache keys on;
+        a hint gone stale (the user logged out elsewhere) costs a wasted read.
+        """
+        sid = self._cookie_id(environ, quiet=True) if self._users else None
+        user = self._users.get(sid) if sid is not None else None
+        return {SESSION_USER_HINT: user} if user is not None else {}
+
+    def _remember_user(self, sid: str, data: dict[str, Any]) -> None:
+        user = data.get("user")
+        subject = user.get("sub") if isinstance(user, dict) else None
+        if isinstance(subject, str):
+            if len(self._users) >= VERIFIED_CACHE_SIZE:
+                self._users.clear()
+            self._users[sid] = subject
+        else:
+            self._users.pop(sid, None)
+
     def _read(self, session: Session, sid: str, environ: WSGIEnvironment | None = None) -> dict[str, Any] | None:
         """Load ``sid`` (refreshing its idle TTL); None when missing, expired or corrupt."""
         key = KEY_PREFIX + sid
@@ -347,6 +380,7 @@ class SessionMiddleware:
                         and isinstance(data, dict):
                     if _clock() - created < self.options.absolute_timeout:
                         session._created = float(created)
+                        self._remember_user(sid, data)
                         return data
                     problem = ""  # absolutely expired: not a fault
             if problem:
@@ -372,6 +406,7 @@ class SessionMiddleware:
         if session._stale:
             try:
                 for sid in session._stale:
+                    self._users.pop(sid, None)
                     self.store.delete(KEY_PREFIX + sid)
             except StoreError as exc:
                 self._store_failed(session, exc, "ended" if session._expire_cookie else "rotated", always=True)
@@ -387,6 +422,7 @@ class SessionMiddleware:
                 remaining = session._created + self.options.absolute_timeout - _clock()
                 ttl = max(min(self.options.idle_timeout, remaining), 0.001)
                 self.store.set(KEY_PREFIX + sid, payload, ttl)
+                self._remember_user(sid, session._data)
                 if session._issue:
                     headers[:] = [("Set-Cookie", dump_cookie(
                         self.cookie_name, self.signer.sign(sid).decode("ascii"), **self._attrs))]

@@ -47,7 +47,8 @@ def app_factory(options: dict[str, Any] | None = None) -> Callable[..., Iterable
             session["user"] = {"sub": "alice", "roles": ["user"]}
         identity = environ.get(IDENTITY)
         body = json.dumps({"session_user": (session.get("user") or {}).get("sub"),
-                           "identity": identity.subject if identity else None}).encode()
+                           "identity": identity.subject if identity else None,
+                           "path": environ["PATH_INFO"]}).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
@@ -94,7 +95,7 @@ def test_the_session_read_rides_in_the_rate_limiters_round_trip(stack: Callable[
     app.get("/login")
     assert "sid" in app.cookies
     trips, response = _round_trips(app, "/me")
-    assert (trips, response.json) == (1, {"session_user": "alice", "identity": "alice"})
+    assert (trips, response.json) == (1, {"session_user": "alice", "identity": "alice", "path": "/me"})
     # The read still slides the idle timeout, as GETEX does when the session layer sends it.
     probe = redis.Redis.from_url(redis_url)
     [key] = probe.keys(store.key_prefix + "session:*")
@@ -208,15 +209,16 @@ class ForeseenRewrite(Rewrite):
 
 
 CACHED = f"""
-app: {{factory: "stack_support:echo_app"}}
+app: {{factory: "test_read_ahead:app_factory"}}
 pipeline:
   - errors: {{}}
   - ratelimit: {{store: shared, limits: ["{{limit}}"]}}
   - test_read_ahead:Rewrite: {{}}
   - test_read_ahead:ForeseenRewrite: {{source: /c, target: /d}}
+  - session: {{store: shared, secret_key: "{SECRET}", cookie_name: sid, cookie_secure: false}}
   - auth: {{store: shared, secret: "{JWT}", default: optional, rules: [{{paths: ["/private/*"], auth: required}}]}}
   - versioning: {{supported: [v1, v2], default: v1}}
-  - cache: {{store: shared, ttl: 60, per_user: true}}
+  - cache: {{store: shared, ttl: 60, per_user: true, cookie_names: [sid]}}
 """
 
 
@@ -312,3 +314,22 @@ def test_a_request_over_the_limit_gives_its_lock_back(cached: tuple[TestApp, red
     app.get("/api/v1/search?q=first")
     taken, refused = _round_trips(app, "/api/v1/search?q=second", status=429)
     assert (taken, refused.headers["RateLimit-Remaining"], _locks(probe)) == (2, "0", [])
+
+
+def test_a_session_user_seen_before_gives_the_per_user_key_ahead(cached: tuple[TestApp, redis.Redis]) -> None:
+    """The session layer remembers which user a session held; the auth layer's preview makes that the
+    identity the cache keys on, so a logged-in browser's cached search is one round trip too."""
+    app, probe = cached
+    app.get("/login")
+    trips, miss = _round_trips(app, "/api/v1/search?q=s")
+    assert (trips, miss.headers["X-Cache"], miss.json["identity"]) == (2, "MISS", "alice")
+    trips, hit = _round_trips(app, "/api/v1/search?q=s")
+    assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
+    # The user leaves the session behind this process's back: the hint is stale, the guess wrong.
+    [key] = probe.keys("*session:*")
+    probe.set(key, json.dumps({"created_at": time.time(), "data": {}}), px=probe.pttl(key))
+    trips, response = _round_trips(app, "/api/v1/search?q=s")
+    # Read ahead under alice's key (and its lock, the entry being there: none), then the cache bypassed
+    # the request, which carries a session cookie but no identity now.
+    assert (response.headers["X-Cache"], response.json["identity"], _locks(probe)) == ("BYPASS", None, [])
+    assert trips == 1
