@@ -149,6 +149,8 @@ class ErrorsMiddleware:
     def _body(self, environ: WSGIEnvironment, code: int, message: str, details: Any) -> bytes:
         path = decoded_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
+        if method == "HEAD":  # its Content-Length must be that of the GET's body (RFC 9110 §9.3.2)
+            method = "GET"
         request_id = environ.get(REQUEST_ID)
         if self.format == "problem":
             doc: dict[str, Any] = {
