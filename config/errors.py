@@ -12,7 +12,6 @@ Path = tuple[str | int, ...]
 
 #: A key whose value a message never repeats (``secret``, ``password``, ``private_key``, ``token``…).
 SECRET_KEY = re.compile(r"secret|passw(?:or)?d|private_key|tokens?$", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|secret|token)=)[^&\s]*", re.IGNORECASE)
 MASK = "***"
 
 
@@ -21,7 +20,7 @@ def masked(path: Path, value: Any) -> Any:
     if any(isinstance(part, str) and SECRET_KEY.search(part) for part in path):
         return MASK
     if isinstance(value, str) and "://" in value:
-        return _QUERY_PASSWORD.sub(rf"\1{MASK}", mask_url_passwords(value, MASK))
+        return mask_url_passwords(value, MASK)
     if isinstance(value, list | tuple):
         return type(value)(masked((), item) for item in value)
     if isinstance(value, dict):

@@ -130,15 +130,21 @@ Methods = Annotated[list[str], AfterValidator(_check_methods)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_check_networks)]
 
 
-_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)[^/@\s'\"]*@")
+# The password runs to the last "@" before a space or quote: one with an unencoded "/" is masked too.
+_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)[^\s'\"]*@")
+# ?password=, ?sentinel_password=, ?passwd=, ?secret=, ?token=
+_QUERY_PASSWORD = re.compile(r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token)=)[^&#\s'\"]*", re.IGNORECASE)
 
 
 def mask_url_passwords(text: str, mask: str = "***") -> str:
-    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``mask``.
+    """``text`` with the password of every ``scheme://user:password@`` (and ``?password=``) in it masked.
 
     For text that is not one URL (a repr, a message); one URL parses better with ``urlsplit``.
     """
-    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text) if "://" in text else text
+    if "://" not in text:
+        return text
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text) if "=" in text else text
 
 
 def networks(values: Iterable[str]) -> list[Network]:

@@ -64,16 +64,21 @@ return {0, 0}
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password (in the userinfo or the query) replaced by ``***``."""
+    """Return ``url`` with any password (in the userinfo or the query) replaced by ``***``.
+
+    The userinfo runs to the last ``@``: a password with an unencoded ``/``,
+    ``?`` or ``#`` (which would end the host part for ``urlsplit``) is masked too.
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{after}"
     parts = urlsplit(url)
     netloc, query = parts.netloc, parts.query
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
     if "password" in query.lower():
         pairs = (p.partition("=") for p in query.split("&"))
         query = "&".join(f"{k}{eq}{'***' if 'password' in k.lower() else v}" for k, eq, v in pairs)
-    if (netloc, query) == (parts.netloc, parts.query):
+    if query == parts.query:
         return url
     # Rebuilt by hand: urlunsplit() drops the "//" of "unix:///path".
     tail = f"#{parts.fragment}" if parts.fragment else ""
@@ -173,6 +178,10 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
     else:
         path = urlsplit(url).path
         if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
+            if "@" in path:  # urlsplit ended the host part at a "/" of the password
+                raise ValueError(f"bad Redis store URL {mask_url(url)}: percent-encode the characters / ? # @ % "
+                                 "in its user name and password (/ as %2F, ? as %3F, # as %23, @ as %40, "
+                                 "% as %25)")
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")
         try:

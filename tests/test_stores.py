@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from middleware.base import mask_url_passwords
 from stores import MemoryStore, Store, StoreError, store_from_url
 from stores.breaker import CircuitBreaker
 from stores.redis import RedisStore, mask_url
@@ -368,10 +369,23 @@ def test_unknown_scheme_error_text(url: str, error: str) -> None:
             "redis+sentinel://:***@h1:26379,h2:26380/mymaster/0",
             id="sentinel",
         ),
+        # Unencoded, as `openssl rand -base64` makes them: urlsplit would end the host part early.
+        pytest.param("redis://:Xy7/Q+9z=@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0", id="a / in it"),
+        pytest.param("redis://:Xy7#Q9z@h:1/0", "redis://:***@h:1/0", id="a # in it"),
+        pytest.param("redis://u:p?x@h/0", "redis://u:***@h/0", id="a ? in it"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+    assert "s3cret" not in mask_url_passwords(f"see '{url}' here") and "Xy7" not in mask_url_passwords(url)
+
+
+def test_an_unencoded_slash_in_the_password_is_named_and_masked() -> None:
+    with pytest.raises(ValueError) as info:
+        RedisStore("redis://:Xy7/Q+9z=@127.0.0.1:6379/0")
+    assert str(info.value) == ("bad Redis store URL redis://:***@127.0.0.1:6379/0: percent-encode the characters "
+                               "/ ? # @ % in its user name and password (/ as %2F, ? as %3F, # as %23, @ as %40, "
+                               "% as %25)")
 
 
 @pytest.mark.parametrize(
