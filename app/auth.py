@@ -100,6 +100,9 @@ def auth_blueprint(state: AppState) -> Blueprint:
         user = state.users.verify_password(_string_field(body, "username"), _string_field(body, "password"))
         if user is None:
             state.context.emit("auth.failure", reason="login")
+            busy = service.unavailable()
+            if busy is not None:  # a right password would get this 503 too: answer alike
+                raise busy
             realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
             raise refuse(401, _FAILED, headers=[("WWW-Authenticate", f'Bearer realm="{realm}"')])
         issued = service.issue(user.name, list(user.roles))

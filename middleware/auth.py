@@ -58,6 +58,7 @@ from middleware.base import (
     refuse,
 )
 from stores.base import Store, StoreError
+from stores.breaker import CLOSED
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -351,6 +352,19 @@ class TokenService:
                 raise refuse(503, "The token store is unavailable; retry shortly.",
                              headers=[("Retry-After", _STORE_RETRY_AFTER)]) from None
             return None
+
+    def unavailable(self) -> HTTPException | None:
+        """The 503 issuing would meet now (the store's circuit breaker is not closed), else None.
+
+        The login view asks before it answers a wrong password: during a store
+        outage every login then gets the same 503, so the answer does not tell
+        a right password (whose tokens cannot be stored) from a wrong one.
+        """
+        breaker = getattr(self.store, "breaker", None)
+        if breaker is None or breaker.state is CLOSED:
+            return None
+        return refuse(503, "The token store is unavailable; retry shortly.",
+                      headers=[("Retry-After", _STORE_RETRY_AFTER)])
 
     def _decode(self, token: str, kind: str | None, verify_exp: bool = True) -> dict[str, Any]:
         """Verify signature and claims; raise :class:`_Invalid`.  No store access."""

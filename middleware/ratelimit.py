@@ -109,6 +109,7 @@ class _Rule(BaseModel):
     limits: list[Limit] = Field(default_factory=list)
     key: str | list[str] | None = None
     strategy: Strategy | None = None
+    on_store_error: Literal["open", "closed"] | None = None
 
     _split = field_validator("limits", mode="before")(_limit_list)
     _key = field_validator("key")(_check_key)
@@ -156,6 +157,7 @@ class _Compiled(NamedTuple):
     keys: list[tuple[str, str]]
     key: tuple[str, ...]
     strategy: str
+    closed: bool  # on_store_error: closed
 
 
 class _MemoryStorage(MemoryStorage):
@@ -367,8 +369,8 @@ class RateLimitMiddleware:
         (``"fixed-window"``): the default rule, used when no rule matches.
         Limits are ``limits`` strings (``["10/second", "100/minute"]``);
         a key is ``client_ip``, ``user``, ``header:NAME`` or a list of them.
-    ``rules`` (``[]``): ``{paths, methods, limits, key?, strategy?}``; the
-        first matching rule wins; ``limits: []`` exempts the requests it matches.
+    ``rules`` (``[]``): ``{paths, methods, limits, key?, strategy?, on_store_error?}``;
+        the first matching rule wins; ``limits: []`` exempts the requests it matches.
     ``mode`` (``"enforce"``): ``shadow`` counts and reports would-be refusals
         (``ratelimit.shadow_reject``) but lets every request through, headerless.
     ``on_store_error`` (``"open"``): ``open`` lets requests through (logged,
@@ -421,12 +423,16 @@ class RateLimitMiddleware:
         else:
             raise ValueError(f"store {options.store!r} is a {type(store).__name__}; "
                              "the ratelimit layer counts in memory:// or Redis stores only")
-        default = _Rule(limits=options.limits, key=options.key, strategy=options.strategy)
+        default = _Rule(limits=options.limits, key=options.key, strategy=options.strategy,
+                        on_store_error=options.on_store_error)
         ns = f"{options.namespace}:" if options.namespace else ""
         self.rules = [self._compile(f"{ns}r{i}", r, options) for i, r in enumerate(options.rules)]
         self.default = self._compile(f"{ns}default", default, options) if options.limits else None
         self.enforce = options.mode == "enforce"
         self.closed = options.on_store_error == "closed"
+        others = [r.id for r in self.rules if r.closed != self.closed]
+        self.policy = ("closed" if self.closed else "open") + (
+            f" ({'open' if self.closed else 'closed'} for rule {', '.join(others)})" if others else "")
         self.prefix = options.ipv6_prefix
         self._last_log = 0.0
         # The reads of the layers inside this one (built before it) on the same Redis ride in its pipeline.
@@ -446,7 +452,9 @@ class RateLimitMiddleware:
         for item in items:
             before, after = item.key_for(rid, strategy, "\0").split("\0")
             keys.append((before, after))
-        return _Compiled(rid, paths, methods or None, items, [str(i.amount) for i in items], keys, parts, strategy)
+        closed = (rule.on_store_error or options.on_store_error) == "closed"
+        return _Compiled(rid, paths, methods or None, items, [str(i.amount) for i in items], keys, parts, strategy,
+                         closed)
 
     def _key(self, environ: WSGIEnvironment, parts: tuple[str, ...]) -> str:
         out = []
@@ -487,7 +495,7 @@ class RateLimitMiddleware:
             else:
                 results = self.counter.hit(rule.strategy, rule.items, keys, now)
         except _STORE_ERRORS as exc:
-            return self._store_failed(environ, start_response, exc)
+            return self._store_failed(environ, start_response, exc, rule.closed)
         if not locks:
             return self._answer(environ, start_response, rule, key, results, now)
         try:
@@ -586,14 +594,13 @@ class RateLimitMiddleware:
         raise refuse(429, f"Too many requests: the limit is {limit}; retry in {wait} seconds.", headers=headers)
 
     def _store_failed(self, environ: WSGIEnvironment, start_response: StartResponse,
-                      exc: BaseException) -> Iterable[bytes]:
+                      exc: BaseException, closed: bool) -> Iterable[bytes]:
         self.context.emit("store.error", store=self.store_name, layer="ratelimit")
         now = time.monotonic()
         if now - self._last_log > 10:  # one line per 10 s while the store is down
             self._last_log = now
-            self.log.warning("rate-limit store %r failed (%s); failing %s", self.store_name, exc,
-                             "closed" if self.closed else "open")
-        if self.closed:
+            self.log.warning("rate-limit store %r failed (%s); failing %s", self.store_name, exc, self.policy)
+        if closed:
             note(environ, "ratelimit", "store down: refused (on_store_error closed)")
             raise refuse(503, "The rate-limit store is unavailable; retry shortly.",
                          headers=[("Retry-After", _STORE_RETRY_AFTER)])

@@ -424,3 +424,24 @@ def test_without_the_auth_layer_token_endpoints_are_503(tmp_path: Path, users: U
 def test_without_the_auth_layer_plain_logout_still_works(tmp_path: Path) -> None:
     client = TestApp(create_app({"var_dir": str(tmp_path)}))
     assert client.post("/auth/logout", status=204).body == b""
+
+
+def test_a_store_outage_does_not_tell_a_right_password_from_a_wrong_one(tmp_path: Path, users: UserStore) -> None:
+    """A right password meets the store (its tokens cannot be recorded: 503); once the store's breaker
+    has opened, a wrong one gets the same 503 rather than 401, so the outage is no password oracle."""
+    from conftest import free_port
+
+    from stores.redis import RedisStore
+
+    dead = RedisStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.05, socket_connect_timeout=0.05)
+    try:
+        stack = Stack(tmp_path, users, store=dead)  # type: ignore[arg-type]
+        assert stack.login(password="nope", status=401).json["error"]["message"] == WRONG  # no store call failed yet
+        for _ in range(3):  # failure_threshold: the breaker opens
+            stack.login(status=503)
+        wrong, right = stack.login(password="nope", status=503), stack.login(status=503)
+    finally:
+        dead.close()
+    assert wrong.json["error"]["message"] == right.json["error"]["message"] == (
+        "The token store is unavailable; retry shortly.")
+    assert wrong.headers["Retry-After"] == right.headers["Retry-After"] == "5"

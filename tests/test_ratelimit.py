@@ -583,6 +583,32 @@ def test_store_down(redis_server: Any, redis_store: Store, mode: str, status: in
     assert [stack.get().status_int for _ in range(3)] == [200, 200, 429]
 
 
+@pytest.mark.parametrize(("layer", "rule", "statuses"), [
+    ("open", "closed", {"/": 200, "/login": 503}),  # login attempts stay limited when nothing can count them
+    ("closed", "open", {"/": 503, "/login": 200}),
+    ("closed", None, {"/": 503, "/login": 503}),  # a rule without its own policy takes the layer's
+])
+def test_a_rule_may_fail_otherwise_than_the_layer(layer: str, rule: str | None, statuses: dict[str, int],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import free_port
+
+    from stores.redis import RedisStore
+
+    dead = RedisStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.05, socket_connect_timeout=0.05)
+    policy = {} if rule is None else {"on_store_error": rule}
+    stack = Stack(dead, limits=["100/minute"], on_store_error=layer,
+                  rules=[{"paths": ["/login"], "limits": ["5/minute"], **policy}])
+    try:
+        with caplog.at_level(logging.WARNING, logger="wsgistack.ratelimit"):
+            got = {path: stack.get(path).status_int for path in statuses}
+    finally:
+        dead.close()
+    assert got == statuses
+    described = {("open", "closed"): "open (closed for rule r0)", ("closed", "open"): "closed (open for rule r0)",
+                 ("closed", None): "closed"}[(layer, rule)]
+    assert caplog.records[0].getMessage().endswith(f"; failing {described}")
+
+
 # ------------------------------------------------------------------ YAML
 
 
