@@ -47,6 +47,8 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
     ctx = context if context is not None else Context()
 
     app = Flask(__name__)
+    # An API answers "//" in a path with its 404, not werkzeug's HTML page redirecting to "/".
+    app.url_map.merge_slashes = False
     app.config.from_mapping(DEFAULTS)
     app.config.from_mapping(WSGISTACK_OPTIONS=opts)
     if isinstance(app.json, DefaultJSONProvider):

@@ -300,6 +300,12 @@ class ValidationMiddleware:
                              self._max_query)
         if not path.isascii():
             self._utf8(environ, path.encode("latin-1", "replace"), "path")
+        host = environ.get("HTTP_HOST")
+        if host is None:
+            if environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+                raise self._refuse(environ, 400, "An HTTP/1.1 request must have a Host header.", "host")
+        elif "," in host:  # Waitress joins repeated fields with ", "; no host name holds a comma
+            raise self._refuse(environ, 400, "The request has more than one Host header.", "host")
         if query and ("%" in query or not query.isascii()):
             self._check_query(environ, query)
         if self._check_headers:

@@ -102,8 +102,8 @@ pipeline:
       secret: "{SECRETS['JWT_SECRET']}"
       default: optional
       rules:
-        - paths: ["/auth/logout"]
-          auth: required
+        - paths: ["/auth/login", "/auth/refresh", "/auth/logout"]
+          auth: none
   - versioning: {{supported: [v1, v2], default: v1}}
   - cache:
       store: shared

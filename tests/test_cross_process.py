@@ -68,23 +68,23 @@ def check_example(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedPr
         pytest.param({}, 2, [
             "examples/production.yaml:34:11 stores.shared: environment variable REDIS_URL is not set and has no "
             "default (write ${REDIS_URL:-default})",
-            "examples/production.yaml:77:19 pipeline[9].session.secret_key: environment variable SESSION_SECRET is "
+            "examples/production.yaml:78:19 pipeline[9].session.secret_key: environment variable SESSION_SECRET is "
             "not set and has no default (write ${SESSION_SECRET:-default})",
-            "examples/production.yaml:86:15 pipeline[11].auth.secret: environment variable JWT_SECRET is not set "
+            "examples/production.yaml:87:15 pipeline[11].auth.secret: environment variable JWT_SECRET is not set "
             "and has no default (write ${JWT_SECRET:-default})",
         ], id="no variables"),
         pytest.param({**CHECK_ENV, "JWT_SECRET": "short"}, 2, [
-            "examples/production.yaml:86:15 pipeline[11].auth.secret: secret must be at least 32 bytes for HS256 "
+            "examples/production.yaml:87:15 pipeline[11].auth.secret: secret must be at least 32 bytes for HS256 "
             "(it has 5); make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
         ], id="short JWT secret"),
         pytest.param({**CHECK_ENV, "REDIS_URL": "memory://"}, 2, [
             "examples/production.yaml:67:5 pipeline[8]: ratelimit keeps state in store 'shared' (memory://) but "
             "server.workers is 2: each process would have its own copy; use redis://",
-            "examples/production.yaml:75:5 pipeline[9]: session keeps state in store 'shared' (memory://) but "
+            "examples/production.yaml:76:5 pipeline[9]: session keeps state in store 'shared' (memory://) but "
             "server.workers is 2: each process would have its own copy; use redis://",
-            "examples/production.yaml:84:5 pipeline[11]: auth keeps state in store 'shared' (memory://) but "
+            "examples/production.yaml:85:5 pipeline[11]: auth keeps state in store 'shared' (memory://) but "
             "server.workers is 2: each process would have its own copy; use redis://",
-            "examples/production.yaml:102:5 warning: pipeline[13]: cache on a memory:// store with 2 workers keeps "
+            "examples/production.yaml:104:5 warning: pipeline[13]: cache on a memory:// store with 2 workers keeps "
             "one cache per process (more misses, uneven purges)",
         ], id="memory store with two workers"),
         pytest.param({**CHECK_ENV, "REDIS_URL": "memory://", "WSGISTACK_WORKERS": "1"}, 0,

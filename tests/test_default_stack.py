@@ -141,3 +141,81 @@ def test_login_refresh_logout(default_stack: Callable[..., TestApp], var_dir: Pa
     assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
     wrong = stack.post_json("/auth/login", {"username": "alice", "password": "nope"}, status=401)
     assert json.loads(wrong.body)["error"]["code"] == 401
+
+
+def test_a_stale_bearer_token_does_not_stop_login_refresh_or_logout(default_stack: Callable[..., TestApp],
+                                                                   var_dir: Path) -> None:
+    """Clients keep sending the Authorization header of a token that expired or was revoked; the token
+    endpoints check the credentials they are given themselves, so that header refuses nothing there."""
+    from app.users import UserStore
+
+    UserStore(str(var_dir / "users.sqlite3")).add("dora", "correct horse battery", roles=["user"])
+    stack = default_stack()
+    login = {"username": "dora", "password": "correct horse battery"}
+    first = stack.post_json("/auth/login", login).json
+    stale = {"Authorization": f"Bearer {first['access_token']}"}
+    assert stack.post_json("/auth/logout", {"refresh_token": first["refresh_token"]}, headers=stale).status_int == 204
+    assert stack.get("/api/v1/search?q=json", headers=stale, status=401)
+    again = stack.post_json("/auth/login", login, headers=stale).json
+    renewed = stack.post_json("/auth/refresh", {"refresh_token": again["refresh_token"]}, headers=stale).json
+    # A retried logout (its first attempt revoked the bearer already) finishes.
+    assert stack.post_json("/auth/logout", {"refresh_token": renewed["refresh_token"]}, headers=stale).status_int == 204
+    refused = stack.post_json("/auth/refresh", {"refresh_token": renewed["refresh_token"]}, status=401)
+    assert "revoked" in refused.json["error"]["message"]
+
+
+def test_logout_with_only_a_refresh_token_revokes_it(default_stack: Callable[..., TestApp], var_dir: Path) -> None:
+    from app.users import UserStore
+
+    UserStore(str(var_dir / "users.sqlite3")).add("erin", "correct horse battery", roles=["user"])
+    stack = default_stack()
+    tokens = stack.post_json("/auth/login", {"username": "erin", "password": "correct horse battery"}).json
+    stack.reset()  # a client without a cookie jar
+    assert stack.post_json("/auth/logout", {"refresh_token": tokens["refresh_token"]}).status_int == 204
+    stack.post_json("/auth/refresh", {"refresh_token": tokens["refresh_token"]}, status=401)
+
+
+@pytest.mark.parametrize(("size", "readable"), [
+    (2_000_000, True),  # over validation's 1 MiB, under Waitress's 4 MiB: the stack's own 413
+    (5_000_000, False),  # over Waitress's cap: its plain-text 413, before any layer runs (documented)
+])
+def test_a_body_too_large_under_waitress(tmp_path: Path, size: int, readable: bool) -> None:
+    import http.client
+    import shutil
+
+    from conftest import Served, free_port
+
+    config = tmp_path / "stack.yaml"
+    shutil.copy(ROOT / "stack.yaml", config)
+    port = free_port()
+    server = Served(config, {**SECRETS, "WSGISTACK_LISTEN": f"127.0.0.1:{port}",
+                             "WSGISTACK_VAR_DIR": str(tmp_path / "var")}, port)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("POST", "/auth/login")
+        for name, value in (("Content-Type", "application/json"), ("Origin", "http://localhost:3000"),
+                            ("Content-Length", str(size))):
+            conn.putheader(name, value)
+        conn.endheaders()
+        if readable:  # Waitress reads the whole body before the stack runs
+            conn.send(b"{" + b" " * (size - 2) + b"}")
+        response = conn.getresponse()  # over its cap, Waitress answers without reading the body
+        body = response.read()
+        conn.close()
+    finally:
+        server.stop()
+    assert response.status == 413
+    if readable:
+        assert response.getheader("Access-Control-Allow-Origin") == "http://localhost:3000"
+        assert response.getheader("X-Request-ID")
+        assert json.loads(body)["error"]["message"] == (
+            f"The request body is {size} bytes long, more than max_body_bytes (1048576).")
+    else:
+        assert response.getheader("Content-Type", "").startswith("text/plain")
+        assert response.getheader("Access-Control-Allow-Origin") is None
+
+
+def test_a_doubled_slash_is_a_json_404_not_an_html_redirect(default_stack: Callable[..., TestApp]) -> None:
+    response = default_stack().get("/api/v1//search?q=json", status=404)
+    assert response.content_type == "application/json"
+    assert response.json["error"]["path"] == "/api/v1//search"

@@ -85,8 +85,8 @@ pipeline:
       secret: "{JWT_SECRET}"
       default: optional
       rules:
-        - paths: ["/auth/logout"]
-          auth: required
+        - paths: ["/auth/login", "/auth/refresh", "/auth/logout"]
+          auth: none
   - versioning: {{supported: [v1, v2], default: v1}}
   - cache:
       store: shared
@@ -334,6 +334,7 @@ def environ_for(method: str, path: bytes, query: bytes, headers: list[tuple[str,
     environ: dict[str, Any] = {
         "REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path_info, "QUERY_STRING": query.decode("latin-1"),
         "REQUEST_URI": uri, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8889", "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "127.0.0.1:8889",
         "SERVER_SOFTWARE": "wsgistack", "REMOTE_ADDR": "127.0.0.1", "REMOTE_HOST": "127.0.0.1", "REMOTE_PORT": "50000",
         "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(data),
         "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,

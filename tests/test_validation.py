@@ -60,6 +60,8 @@ def send(options: dict[str, Any], req: dict[str, Any], status: int | str = "*") 
         kwargs["content_type"] = req["content_type"]
     blank = TestRequest.blank(req.get("url", "/"), **kwargs)
     blank.environ.update(req.get("environ", {}))
+    for name in [k for k, v in blank.environ.items() if v is None]:  # None removes a key
+        del blank.environ[name]
     return TestApp(stack(**options)).do_request(blank, status=status,
                                                 expect_errors=status != 200)
 
@@ -151,6 +153,11 @@ REFUSALS = [
                  {"Accept-Encoding": "identity"}, id="compressed json"),
     pytest.param({}, {"body": b"{}", "content_type": "application/json; charset=latin-1"}, 415,
                  "JSON bodies must be UTF-8, not 'latin-1'.", {}, id="json in another charset"),
+    # Host (RFC 9112 §3.2)
+    pytest.param({}, {"environ": {"HTTP_HOST": None, "SERVER_PROTOCOL": "HTTP/1.1"}}, 400,
+                 "An HTTP/1.1 request must have a Host header.", {}, id="no host"),
+    pytest.param({}, {"environ": {"HTTP_HOST": "a.example, b.example"}}, 400,
+                 "The request has more than one Host header.", {}, id="two hosts"),
     # JSON
     pytest.param({}, {"body": b'{"a": }', "content_type": "application/json"}, 400,
                  "The request body is not well-formed JSON: Expecting value: line 1 column 7 "
@@ -250,6 +257,8 @@ def test_refusal_details() -> None:
 
 PASSES = [
     pytest.param({}, {}, {"body": "", "json": ABSENT}, id="plain GET"),
+    pytest.param({}, {"environ": {"HTTP_HOST": None, "SERVER_PROTOCOL": "HTTP/1.0"}}, {"json": ABSENT},
+                 id="HTTP/1.0 without Host"),
     pytest.param({}, {"url": "/?q=" + "a" * 2046}, {"json": ABSENT}, id="query at the limit"),
     pytest.param({}, {"url": "/caf%C3%A9?q=caf%C3%A9+cr%C3%A8me&x=%2B"}, {"json": ABSENT},
                  id="utf-8 path and query"),
@@ -370,7 +379,7 @@ def call(app: Any, body: bytes, content_type: str = "text/plain",
     stream = CountingInput(body)
     env = {
         "REQUEST_METHOD": "POST", "SCRIPT_NAME": "", "PATH_INFO": "/upload", "QUERY_STRING": "",
-        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "localhost",
         "CONTENT_TYPE": content_type, "HTTP_TRANSFER_ENCODING": "chunked",
         "wsgi.input": stream, "wsgi.input_terminated": True, "wsgi.url_scheme": "http",
         "wsgi.errors": io.StringIO(), "wsgi.version": (1, 0), "wsgi.multithread": False,
