@@ -15,6 +15,15 @@ its located errors.  Importing the module builds nothing.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Before the slow imports below: a SIGHUP (`systemctl reload`) or SIGTERM sent while `serve` starts
+    # waits for the server's handlers instead of ending the process; main() unblocks them at once for
+    # every other command.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+
 import argparse
 import contextlib
 import ctypes
@@ -25,9 +34,7 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -845,6 +852,8 @@ def load_dotenv(path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if (args.command or "serve") != "serve":  # blocked at startup for `serve` (see the imports)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     if args.command in ("layers", "check", "explain"):
         # Printing commands: `serve.py layers | head` ends quietly. Never for `serve`, where a
         # client closing its socket must raise EPIPE in that one thread, not end the process.

@@ -52,3 +52,56 @@ def test_signals_wait_while_the_stack_is_built(tmp_path: Path, monkeypatch: pyte
     assert serve.cmd_serve(argparse.Namespace(config=str(path))) == 2
     assert set(serve.HANDLED) <= masks[0]
     assert not set(serve.HANDLED) & set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+@pytest.mark.parametrize(("sent", "expected"), [
+    (signal.SIGHUP, None),  # a reload while it imports: it keeps starting and serves
+    (signal.SIGTERM, 0),  # a stop while it imports: a clean stop, as documented
+])
+def test_a_signal_while_serve_imports_waits_for_the_handlers(tmp_path: Path, sent: int,
+                                                             expected: int | None) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(ECHO + f"server: {{listen: '127.0.0.1:{port}'}}\npipeline: [errors: {{}}]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.Popen([sys.executable, str(root / "serve.py"), "-c", str(path), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Once serve.py's first lines have blocked the signal (the interpreter's own start, before them,
+        # cannot be covered), and long before the imports are done and the handlers exist.
+        status = Path(f"/proc/{proc.pid}/status")
+        while not int(next(line for line in status.read_text().splitlines()
+                           if line.startswith("SigBlk:")).split()[1], 16) & (1 << (sent - 1)):
+            assert proc.poll() is None
+            time.sleep(0.001)
+        assert "pydantic_core" not in Path(f"/proc/{proc.pid}/maps").read_text()  # still importing
+        proc.send_signal(sent)
+        if expected is not None:
+            assert proc.wait(timeout=30) == expected
+            return
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as response:
+                    body = response.read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert b'"path": "/"' in body
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
