@@ -53,6 +53,38 @@ RESTART_ONLY = ("listen", "threads", "workers", "connection_limit", "backlog", "
                 "max_request_body_size", "max_request_header_size", "cleanup_interval")
 
 
+def refused_stores(built: BuiltStack) -> list[Problem]:
+    """Ask every store that can tell (Redis) once; the configurations it refuses, as problems.
+
+    A wrong password, a database the server does not have or a failed TLS
+    handshake never heal, so no pipeline may start with them.  A store that does
+    not answer at all may be in an outage, or start after this process: that is
+    logged, and its layers follow their ``on_store_error`` until it answers.
+    """
+    problems: list[Problem] = []
+    for name, store in built.context.stores.items():
+        probe = getattr(store, "probe", None)
+        found = probe() if callable(probe) else None
+        if found is None:
+            continue
+        what, refuses = found
+        if refuses:
+            problems.append(built.config.document.problem(("stores", name), f"store {name!r} ({store.url}): {what}"))
+        else:
+            log.warning("store %r (%s) does not answer yet: %s; its layers follow their on_store_error and "
+                        "/readyz reports it until it answers", name, store.url, what)
+    return problems
+
+
+def _probed(built: BuiltStack) -> BuiltStack:
+    """``built``, unless a store refuses its configuration: then closed, and a ConfigError."""
+    problems = refused_stores(built)
+    if problems:
+        built.close()  # memory:// stores shared with a running pipeline keep their data (MemoryStore.close)
+        raise ConfigError(problems)
+    return built
+
+
 def restart_settings(config: StackConfig) -> dict[str, Any]:
     """The values of the ``RESTART_ONLY`` settings a server of ``config`` runs with."""
     values = {name: getattr(config.server, name) for name in RESTART_ONLY}
@@ -89,7 +121,7 @@ class LiveStack:
         #: prefixed to reload log lines ("worker 1234: "), so a supervisor's workers can be told apart
         self.label = ""
         self._lock = threading.Lock()
-        self.current = built or build_from_file(self.path, env=env)
+        self.current = built or _probed(build_from_file(self.path, env=env))
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
         self.in_force: ServerOptions = self.current.config.server
         #: The Waitress adjustments in force (what a server, or a restarted worker, is created with).
@@ -177,7 +209,7 @@ class LiveStack:
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
         new = build(config, stores=self._stores(config), server=self.in_force)
         new.warnings = warnings
-        return new
+        return _probed(new)
 
     def _stores(self, config: StackConfig) -> dict[str, Store]:
         """The new config's stores: unchanged memory:// ones are the old instances (their data stays)."""

@@ -21,6 +21,7 @@ not hash-tagged) or at a replica (writes fail).
 from __future__ import annotations
 
 import math
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +36,9 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from .base import Store, StoreError
-from .breaker import CircuitBreaker, StoreUnavailable
+from .breaker import CircuitBreaker, CircuitOpenError, StoreUnavailable
 
-__all__ = ["RedisStore", "mask_url"]
+__all__ = ["RedisStore", "mask_url", "refusal"]
 
 T = TypeVar("T")
 
@@ -145,6 +146,31 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
     if len(segments) == 2 and not segments[1].isdigit():
         raise ValueError(f"the database in {masked} must be a number, got {segments[1]!r}")
     return sentinels, unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0, auth
+
+
+def refusal(exc: BaseException) -> tuple[str, bool]:
+    """What a failed call says, in a few words, and whether Redis refused the configuration.
+
+    A wrong or missing password, a database number the server does not have and
+    a TLS handshake that fails are configuration errors; anything else (refused,
+    timed out, reset) may be an outage that ends by itself.
+    """
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain).lower()
+    if any(isinstance(e, redis.AuthenticationError) for e in chain) or any(
+            word in text for word in ("noauth", "wrongpass", "invalid password", "invalid username-password")):
+        return "authentication failed (a wrong or missing user name or password)", True
+    if "db index is out of range" in text:
+        return "no database of that number on the server", True
+    if any(isinstance(e, ssl.SSLError) for e in chain) or "ssl" in text:
+        return "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)", True
+    if any(isinstance(e, redis.TimeoutError | TimeoutError) for e in chain):
+        return "no answer in time", False
+    return "not reachable", False
 
 
 def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
@@ -308,6 +334,7 @@ class RedisStore(Store):
         self.pool = self.client.connection_pool
         password = self.pool.connection_kwargs.get("password")
         self._secret = password if isinstance(password, str) and len(password) >= 3 else None
+        self._failure: str | None = None  # why the last ping failed, for health()
         self._incr_ttl = self.client.register_script(_INCR_TTL)
         self._get_or_lock = self.client.register_script(_GET_OR_LOCK)
 
@@ -442,14 +469,29 @@ class RedisStore(Store):
 
     def ping(self) -> bool:
         try:
-            return bool(self._run("PING", self.client.ping))
-        except Exception:
+            answered = bool(self._run("PING", self.client.ping))
+        except CircuitOpenError:  # not tried: the last real failure still says why
             return False
+        except Exception as exc:
+            self._failure = refusal(exc)[0]
+            return False
+        self._failure = None
+        return answered
 
     def health(self) -> dict[str, object]:
         facts = super().health()
         facts["breaker"] = self.breaker.state
+        if not facts["ok"] and self._failure:
+            facts["error"] = self._failure
         return facts
+
+    def probe(self) -> tuple[str, bool] | None:
+        """One PING, outside the breaker: None when Redis answers, else :func:`refusal` of the failure."""
+        try:
+            self.client.ping()
+        except Exception as exc:
+            return refusal(exc)
+        return None
 
     def close(self) -> None:
         """Release this store's share of the pool; the last user disconnects it."""

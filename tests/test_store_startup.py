@@ -1,0 +1,115 @@
+"""A Redis that refuses the configuration stops the start (and a reload); one that does not answer does not.
+
+A wrong password, a database number the server does not have and a TLS
+handshake with a plain port never heal by themselves: the server refuses to
+start with them, located at the store's line, and a reload to them keeps the
+old pipeline.  A Redis that does not answer may come up later: the server
+starts, says so, and /readyz reports why the store is not ready.  Against a
+real redis-server (an ACL user gives a password to get wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from conftest import free_port
+from webtest import TestApp
+
+from config import ConfigError
+from config.live import LiveStack
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = """app: {{factory: "stack_support:echo_app"}}
+stores:
+  shared: "{url}"
+pipeline:
+  - errors: {{}}
+  - health: {{}}
+  - ratelimit: {{store: shared, limits: ["100/minute"]}}
+"""
+
+
+@pytest.fixture
+def server(redis_url: str) -> Iterator[str]:
+    """``host:port`` of the test Redis, with an ACL user ``app`` whose password is ``right``."""
+    client = redis.Redis.from_url(redis_url)
+    client.execute_command("ACL", "SETUSER", "app", "on", ">right", "~*", "+@all")
+    yield urlsplit(redis_url).netloc
+    client.execute_command("ACL", "DELUSER", "app")
+    client.close()
+
+
+def _write(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "stack.yaml"
+    path.write_text(STACK.format(url=url))
+    return path
+
+
+REFUSED = [
+    pytest.param("redis://app:notthis@{server}/0", "redis://app:***@{server}/0",
+                 "authentication failed (a wrong or missing user name or password)", id="wrong password"),
+    pytest.param("redis://{server}/99", "redis://{server}/99", "no database of that number on the server",
+                 id="no such database"),
+    pytest.param("rediss://{server}/0", "rediss://{server}/0",
+                 "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)",
+                 id="TLS to a plain port"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown", "why"), REFUSED)
+def test_a_store_that_refuses_the_configuration_stops_the_start(tmp_path: Path, server: str, url: str,
+                                                                 shown: str, why: str) -> None:
+    path = _write(tmp_path, url.format(server=server))
+    with pytest.raises(ConfigError) as info:
+        LiveStack(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:3:11 stores.shared: store 'shared' ({shown.format(server=server)}): {why}"]
+
+
+@pytest.mark.parametrize(("url", "shown", "why"), REFUSED[:1])
+def test_serve_exits_2_and_says_why(tmp_path: Path, server: str, url: str, shown: str, why: str) -> None:
+    path = _write(tmp_path, url.format(server=server))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "serve"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"stores.shared: store 'shared' ({shown.format(server=server)}): {why}" in done.stderr
+    assert "notthis" not in done.stderr  # the password never appears
+
+
+def test_a_reload_to_a_refused_store_keeps_the_old_pipeline(tmp_path: Path, server: str) -> None:
+    path = _write(tmp_path, f"redis://app:right@{server}/0")
+    live = LiveStack(path)
+    client = TestApp(live)
+    assert client.get("/readyz").json["status"] == "ok"
+    path.write_text(STACK.format(url=f"redis://app:notthis@{server}/0"))
+    result = live.reload()
+    assert not result.ok and live.generation == 1
+    assert [p.message for p in result.problems] == [
+        f"store 'shared' (redis://app:***@{server}/0): authentication failed (a wrong or missing user name or "
+        "password)"]
+    assert client.get("/readyz").json["status"] == "ok"  # the old pipeline, on the right password
+    assert client.get("/x").status_int == 200
+    live.current.close()
+
+
+def test_a_store_that_does_not_answer_is_waited_for(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with caplog.at_level(logging.WARNING, logger="wsgistack.reload"):
+        live = LiveStack(_write(tmp_path, url))
+    assert f"store 'shared' ({url}) does not answer yet: not reachable;" in caplog.text
+    client = TestApp(live)
+    ready = client.get("/readyz", status=503).json
+    assert (ready["status"], ready["stores"]["shared"]["error"]) == ("degraded", "not reachable")
+    assert client.get("/x").status_int == 200  # the rate limiter fails open, as configured
+    live.current.close()
