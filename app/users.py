@@ -16,6 +16,7 @@ import argparse
 import builtins
 import getpass
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -206,6 +207,10 @@ def users_cli(argv: list[str], db_path: str) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as stop:  # argparse has printed usage or help
         return stop.code if isinstance(stop.code, int) else 2
+    if args.command != "add" and not os.path.exists(db_path):  # only `add` creates the database
+        print(f"serve.py users {args.command}: there is no users database at {db_path} (`users add` creates "
+              "it; is app.options.var_dir, or WSGISTACK_VAR_DIR, the one the server uses?)", file=sys.stderr)
+        return 1
     store = UserStore(db_path)
     try:
         if args.command == "add":

@@ -176,7 +176,19 @@ def test_cli_password_prompt(db: str, capsys: pytest.CaptureFixture[str], monkey
 
 
 def test_cli_list_empty(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw\n")[0] == 0
+    assert run(["remove", "alice"], db, capsys, monkeypatch)[0] == 0
     assert run(["list"], db, capsys, monkeypatch) == (0, f"no users in {db}\n", "")
+
+
+@pytest.mark.parametrize("argv", [["list"], ["remove", "alice"], ["set-role", "alice", "admin"]])
+def test_cli_without_a_database_says_so_and_creates_nothing(db: str, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    """A wrong var_dir must not look like an empty users database (nor leave one, owned by root, behind)."""
+    assert run(argv, db, capsys, monkeypatch) == (1, "", (
+        f"serve.py users {argv[0]}: there is no users database at {db} (`users add` creates it; is "
+        "app.options.var_dir, or WSGISTACK_VAR_DIR, the one the server uses?)\n"))
+    assert not Path(db).parent.exists()
 
 
 @pytest.mark.parametrize(
