@@ -25,6 +25,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from werkzeug.exceptions import HTTPException, default_exceptions
 from werkzeug.http import parse_cookie
 
+from stores.base import mask_url_passwords
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
@@ -128,23 +130,6 @@ def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
 PathGlobs = Annotated[list[str], AfterValidator(_check_globs)]
 Methods = Annotated[list[str], AfterValidator(_check_methods)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_check_networks)]
-
-
-# The password runs to the last "@" before a space or quote: one with an unencoded "/" is masked too.
-_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)[^\s'\"]*@")
-# ?password=, ?sentinel_password=, ?passwd=, ?secret=, ?token=
-_QUERY_PASSWORD = re.compile(r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token)=)[^&#\s'\"]*", re.IGNORECASE)
-
-
-def mask_url_passwords(text: str, mask: str = "***") -> str:
-    """``text`` with the password of every ``scheme://user:password@`` (and ``?password=``) in it masked.
-
-    For text that is not one URL (a repr, a message); one URL parses better with ``urlsplit``.
-    """
-    if "://" not in text:
-        return text
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text)
-    return _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text) if "=" in text else text
 
 
 def networks(values: Iterable[str]) -> list[Network]:

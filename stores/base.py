@@ -8,8 +8,28 @@ a layer only has to decide what ``on_store_error: open | closed`` means for it.
 from __future__ import annotations
 
 import abc
+import re
 import time
 from collections.abc import Iterator, Sequence
+
+# A query value first (it may hold an "@"): ?password=, ?sentinel_password=, ?passwd=, ?secret=, ?token=
+_QUERY_PASSWORD = re.compile(r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token)=)[^&#\s]*", re.IGNORECASE)
+# Then the userinfo, up to the last "@" before a space: a password with an unencoded / ? # or quote is masked too.
+_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)\S*@")
+
+
+def mask_url_passwords(text: str, mask: str = "***") -> str:
+    """``text`` with every URL password in it (``scheme://user:password@``, ``?password=``) masked.
+
+    For one URL or for text holding some (a repr, a message).  It masks too
+    much rather than too little: an ``@`` later in the same word ends the
+    password there.
+    """
+    if "://" not in text:
+        return text
+    if "=" in text:
+        text = _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text)
 
 
 class StoreError(Exception):

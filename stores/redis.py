@@ -21,6 +21,7 @@ not hash-tagged) or at a replica (writes fail).
 from __future__ import annotations
 
 import math
+import re
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -35,8 +36,8 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .base import Store, StoreError
-from .breaker import CircuitBreaker, CircuitOpenError, StoreUnavailable
+from .base import Store, StoreError, mask_url_passwords
+from .breaker import CircuitBreaker, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "refusal"]
 
@@ -65,25 +66,8 @@ return {0, 0}
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password (in the userinfo or the query) replaced by ``***``.
-
-    The userinfo runs to the last ``@``: a password with an unencoded ``/``,
-    ``?`` or ``#`` (which would end the host part for ``urlsplit``) is masked too.
-    """
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, after = rest.rpartition("@")
-    if sep and at and ":" in userinfo:
-        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{after}"
-    parts = urlsplit(url)
-    netloc, query = parts.netloc, parts.query
-    if "password" in query.lower():
-        pairs = (p.partition("=") for p in query.split("&"))
-        query = "&".join(f"{k}{eq}{'***' if 'password' in k.lower() else v}" for k, eq, v in pairs)
-    if query == parts.query:
-        return url
-    # Rebuilt by hand: urlunsplit() drops the "//" of "unix:///path".
-    tail = f"#{parts.fragment}" if parts.fragment else ""
-    return f"{parts.scheme}://{netloc}{parts.path}{'?' if query else ''}{query}{tail}"
+    """Return ``url`` with any password (in the userinfo or the query) replaced by ``***``."""
+    return mask_url_passwords(url)
 
 
 def _ms(ttl: float) -> int:
@@ -148,6 +132,10 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
     return sentinels, unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0, auth
 
 
+# What OpenSSL says when a handshake fails (the text also holds host names: match its own words only).
+_TLS_FAILURE = re.compile(r"_ssl\.c:|\[ssl[:\]]|certificate verify failed|wrong version number|tlsv1 alert")
+
+
 def refusal(exc: BaseException) -> tuple[str, bool]:
     """What a failed call says, in a few words, and whether Redis refused the configuration.
 
@@ -166,7 +154,7 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
         return "authentication failed (a wrong or missing user name or password)", True
     if "db index is out of range" in text:
         return "no database of that number on the server", True
-    if any(isinstance(e, ssl.SSLError) for e in chain) or "ssl" in text:
+    if any(isinstance(e, ssl.SSLError) for e in chain) or _TLS_FAILURE.search(text):
         return "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)", True
     if any(isinstance(e, redis.TimeoutError | TimeoutError) for e in chain):
         return "no answer in time", False
@@ -350,9 +338,11 @@ class RedisStore(Store):
                 # The pool is exhausted (too many concurrent callers), Redis is not down.
                 raise StoreError(self._say(op, self._detail(exc))) from exc
             except _DOWN as exc:
+                self._failure = refusal(exc)[0]  # /readyz says why, also once the breaker has opened
                 detail = self._detail(exc)
                 raise StoreUnavailable(self._say(op, detail), detail) from exc
             except redis.RedisError as exc:
+                self._failure = refusal(exc)[0]
                 raise StoreError(self._say(op, self._detail(exc))) from exc
             except (TypeError, ValueError) as exc:  # an option redis-py only checks when it connects
                 raise StoreError(self._say(op, self._detail(exc))) from exc
@@ -469,11 +459,8 @@ class RedisStore(Store):
 
     def ping(self) -> bool:
         try:
-            answered = bool(self._run("PING", self.client.ping))
-        except CircuitOpenError:  # not tried: the last real failure still says why
-            return False
-        except Exception as exc:
-            self._failure = refusal(exc)[0]
+            answered = bool(self._run("PING", self.client.ping))  # a failure records why (_run)
+        except Exception:
             return False
         self._failure = None
         return answered
@@ -490,7 +477,19 @@ class RedisStore(Store):
         try:
             self.client.ping()
         except Exception as exc:
-            return refusal(exc)
+            found = refusal(exc)
+            sentinel = self._shared.sentinel if self._shared is not None else None
+            if found[1] or sentinel is None:
+                return found
+            # redis-py reports a sentinel that refuses the password as "master not found": ask them.
+            for node in sentinel.sentinels:
+                try:
+                    node.ping()
+                except Exception as inner:
+                    said, refuses = refusal(inner)
+                    if refuses:
+                        return f"a sentinel refuses it: {said}", True
+            return found
         return None
 
     def close(self) -> None:

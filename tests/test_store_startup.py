@@ -111,5 +111,65 @@ def test_a_store_that_does_not_answer_is_waited_for(tmp_path: Path, caplog: pyte
     client = TestApp(live)
     ready = client.get("/readyz", status=503).json
     assert (ready["status"], ready["stores"]["shared"]["error"]) == ("degraded", "not reachable")
-    assert client.get("/x").status_int == 200  # the rate limiter fails open, as configured
+    for _ in range(4):  # traffic opens the store's breaker: the pings are not even tried then
+        assert client.get("/x").status_int == 200  # the rate limiter fails open, as configured
+    shared = client.get("/readyz", status=503).json["stores"]["shared"]
+    assert (shared["breaker"], shared["error"]) == ("open", "not reachable")
     live.current.close()
+
+
+@pytest.fixture
+def sentinel(redis_url: str, tmp_path: Path) -> Iterator[int]:
+    """A real redis-sentinel watching the test Redis, with the password ``rightpw``; its port."""
+    import shutil
+    import time
+
+    port = free_port()
+    master = urlsplit(redis_url)
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster {master.hostname} {master.port} 1\n"
+                    "requirepass rightpw\n")
+    binary = shutil.which("redis-server")
+    assert binary
+    proc = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, password="rightpw", socket_timeout=0.5)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.RedisError:
+            assert time.monotonic() < deadline, "redis-sentinel did not start"
+            time.sleep(0.05)
+    client.close()
+    yield port
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("password", "why"), [
+    ("rightpw", None),
+    ("notthis", ("a sentinel refuses it: authentication failed (a wrong or missing user name or password)", True)),
+])
+def test_a_sentinel_that_refuses_the_password_is_a_refusal(sentinel: int, password: str,
+                                                           why: tuple[str, bool] | None) -> None:
+    """redis-py reports it as "master not found", which would read as an outage."""
+    from stores.redis import RedisStore
+
+    store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel}/mymaster/0", sentinel_kwargs={"password": password})
+    try:
+        assert store.probe() == why
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("url", ["unix:///tmp/no-such-dir/redis-ssl.sock", "redis://sslcache.invalid:6379/0"])
+def test_an_outage_named_like_tls_is_still_an_outage(url: str) -> None:
+    """Only OpenSSL's own words mean a TLS failure: host names and socket paths are not read."""
+    from stores.redis import RedisStore
+
+    store = RedisStore(url, socket_connect_timeout=0.5)
+    try:
+        assert store.probe() == ("not reachable", False)
+    finally:
+        store.close()

@@ -373,11 +373,15 @@ def test_unknown_scheme_error_text(url: str, error: str) -> None:
         pytest.param("redis://:Xy7/Q+9z=@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0", id="a / in it"),
         pytest.param("redis://:Xy7#Q9z@h:1/0", "redis://:***@h:1/0", id="a # in it"),
         pytest.param("redis://u:p?x@h/0", "redis://u:***@h/0", id="a ? in it"),
+        pytest.param('redis://u:pa"ss@h/0', "redis://u:***@h/0", id="a quote in it"),
+        pytest.param("redis://127.0.0.1:6379/0?password=hunter2@Tail99", "redis://127.0.0.1:6379/0?password=***",
+                     id="an @ in a query password"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
-    assert "s3cret" not in mask_url_passwords(f"see '{url}' here") and "Xy7" not in mask_url_passwords(url)
+    for secret in ("s3cret", "Xy7", "hunter2", "Tail99", 'pa"ss'):
+        assert secret not in mask_url_passwords(f"see '{url}' here")
 
 
 def test_an_unencoded_slash_in_the_password_is_named_and_masked() -> None:
