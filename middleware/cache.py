@@ -42,6 +42,7 @@ from stores.base import Store, StoreError
 from .base import (
     API_VERSION,
     IDENTITY,
+    READ_AHEAD,
     SESSION,
     Context,
     LayerOptions,
@@ -271,6 +272,7 @@ class CacheMiddleware:
             return self.app(environ, start_response)
         subject, reason = self._who(environ)
         if reason is not None:
+            self._give_back(environ)
             return self._bypass(environ, start_response, reason)
         base = self._base_key(environ, subject)
         lock_key = f"{self.prefix}l:{base[-_DIGEST:]}" if method == "GET" else None
@@ -278,6 +280,8 @@ class CacheMiddleware:
             entry, locked = self._lookup(environ, base, lock_key)
         except StoreError as exc:
             return self._store_failed(environ, start_response, exc)
+        finally:
+            self._give_back(environ)
         now = _clock()
         if entry is not None and entry["f"] > now:
             self.context.emit("cache.hit")
@@ -371,6 +375,23 @@ class CacheMiddleware:
             return (entry if "x" in entry else None), locked
         except (ValueError, KeyError, TypeError):  # not written by this layer: a miss
             return None, locked
+
+    def _give_back(self, environ: WSGIEnvironment) -> None:
+        """Delete the fill locks read ahead for this layer that it will not use, at once.
+
+        A guess made before the inner layers ran can be wrong (a session whose user
+        left, a token that turns out revoked): the lock it took must not hold up that
+        key's real requests while this one runs.
+        """
+        found = environ.get(READ_AHEAD)
+        if not found:
+            return
+        store, entries = id(self.store), f"{self.prefix}e:"
+        for name in [n for n in found if n[0] == store and n[1] == "get_or_lock" and n[2].startswith(entries)]:
+            answer = found.pop(name)
+            if isinstance(answer, tuple) and answer[1]:
+                with contextlib.suppress(StoreError):  # else it expires after lock_timeout
+                    self.store.delete(f"{self.prefix}l:{name[2][-_DIGEST:]}")
 
     # -- answers ----------------------------------------------------------------------
     @staticmethod

@@ -438,6 +438,7 @@ class RateLimitMiddleware:
         # The reads of the layers inside this one (built before it) on the same Redis ride in its pipeline.
         self.read_aheads = [ahead for ahead in context.read_ahead
                             if pool is not None and getattr(ahead.store, "pool", None) is pool]
+        self._failed_keys: list[ReadAhead] = []
 
     @staticmethod
     def _compile(rid: str, rule: _Rule, options: Options) -> _Compiled:
@@ -541,7 +542,11 @@ class RateLimitMiddleware:
         assert isinstance(self.counter, _RedisCounter)
         wanted: list[tuple[ReadAhead, tuple[int, str, str], tuple[Any, ...]]] = []
         for ahead in self.read_aheads:
-            found: tuple[Any, ...] | None = ahead.key(environ)
+            try:
+                found: tuple[Any, ...] | None = ahead.key(environ)
+            except Exception:  # a layer's preview_environ that fails: its reader reads for itself
+                self._key_failed(ahead)
+                continue
             if found is not None:
                 wanted.append((ahead, (id(ahead.store), ahead.op, found[0]), found))
         if not wanted:
@@ -565,6 +570,13 @@ class RateLimitMiddleware:
                 locks.append((ahead.store, name, found[2]))
         environ[READ_AHEAD] = answers
         return results, locks
+
+    def _key_failed(self, ahead: ReadAhead) -> None:
+        """Log, once per read, that working out its key raised (a layer's ``preview_environ``, say)."""
+        if ahead not in self._failed_keys:
+            self._failed_keys.append(ahead)
+            self.log.warning("a read ahead (%s on %r) could not work out its key; that layer reads for itself",
+                             ahead.op, getattr(ahead.store, "url", ahead.store), exc_info=True)
 
     @staticmethod
     def _unlock_untaken(environ: WSGIEnvironment, locks: list[tuple[Any, tuple[int, str, str], str]]) -> None:

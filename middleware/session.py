@@ -367,6 +367,7 @@ class SessionMiddleware:
             if not found:
                 raw = self.store.getex(key, self.options.idle_timeout)
             if raw is None:
+                self._users.pop(sid, None)  # gone (expired, or ended by another process): no more hints
                 return None
             try:
                 doc = json.loads(raw)
@@ -387,6 +388,7 @@ class SessionMiddleware:
                 self.context.logger.warning(
                     "session layer: the stored session %s was ignored because %s",
                     _fingerprint(sid), problem)
+            self._users.pop(sid, None)
             self.store.delete(key)  # absolutely expired or corrupt: never adopt it again
             return None
         except StoreError as exc:

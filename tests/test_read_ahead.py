@@ -38,10 +38,16 @@ class Counting(redis.Connection):
         super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
 
+#: Called with the environ of every request that reaches the app (a test's look at the store meanwhile).
+ON_CALL: list[Callable[[dict[str, Any]], None]] = []
+
+
 def app_factory(options: dict[str, Any] | None = None) -> Callable[..., Iterable[bytes]]:
     """``/login`` puts a user in the session; every other path echoes the session user and the identity."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        for hook in ON_CALL:
+            hook(environ)
         session = environ[SESSION]
         if environ["PATH_INFO"] == "/login":
             session["user"] = {"sub": "alice", "roles": ["user"]}
@@ -333,3 +339,52 @@ def test_a_session_user_seen_before_gives_the_per_user_key_ahead(cached: tuple[T
     # the request, which carries a session cookie but no identity now.
     assert (response.headers["X-Cache"], response.json["identity"], _locks(probe)) == ("BYPASS", None, [])
     assert trips == 1
+
+
+def test_a_wrong_guess_gives_the_lock_back_before_the_app_runs(cached: tuple[TestApp, redis.Redis]) -> None:
+    """The session's user left it behind this process's back (a logout handled by another process): the
+    guess locks alice's key, the cache bypasses the request and gives the lock back at once, so alice's
+    own requests for that key do not wait while this one runs; and the stale hint is dropped."""
+    app, probe = cached
+    app.get("/login")
+    [key] = probe.keys("*session:*")
+    probe.delete(key)  # ended elsewhere
+    seen: list[list[bytes]] = []
+    ON_CALL.append(lambda environ: seen.append(_locks(probe)))
+    try:
+        trips, response = _round_trips(app, "/api/v1/search?q=z")
+    finally:
+        ON_CALL.clear()
+    assert (response.headers["X-Cache"], response.json["identity"]) == ("BYPASS", None)
+    assert seen == [[]]  # no lock while the app ran
+    assert trips == 2  # the limiter's pipeline (which guessed alice's key and locked it), the lock's DEL
+    trips, _ = _round_trips(app, "/api/v1/search?q=z")
+    assert trips == 1  # no hint any more: nothing guessed, nothing locked
+
+
+class BrokenPreview:
+    """A factory layer whose ``preview_environ`` fails for requests without X-Tenant (the layer does not)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def preview_environ(self, environ: dict[str, Any]) -> dict[str, Any]:
+        return {"tenant": environ["HTTP_X_TENANT"]}
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return self.app(environ, start_response)
+
+
+def test_a_preview_that_fails_reads_nothing_ahead(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    text = CACHED.replace("{limit}", "3/minute").replace(
+        "  - test_read_ahead:Rewrite: {}\n", "  - test_read_ahead:Rewrite: {}\n  - test_read_ahead:BrokenPreview: {}\n")
+    built = build(parse(read_text(text)), stores={"shared": RedisStore(redis_url)})
+    app = TestApp(built.app, extra_environ={"REMOTE_ADDR": "192.0.2.9"})
+    try:
+        with caplog.at_level("WARNING", logger="wsgistack.ratelimit"):
+            statuses = [app.get("/api/v1/search?q=p", expect_errors=True).status_int for _ in range(4)]
+    finally:
+        built.close()
+    assert statuses == [200, 200, 200, 429]  # served, and counted
+    warnings = [r for r in caplog.records if "could not work out its key" in r.getMessage()]
+    assert len(warnings) == 3  # once per read it spoils (the session's, the blocklist's, the cache's), not per request
