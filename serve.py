@@ -582,7 +582,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if inspect.isclass(annotation) else None
-    return text or str(annotation).replace("typing.", "")
+    text = text or str(annotation).replace("typing.", "")
+    # Annotated[str, AfterValidator(func=<function _check at 0x…>)] reads as str: the checks are the layer's.
+    return _ANNOTATED.sub(r"\1", text)
+
+
+_ANNOTATED = re.compile(r"Annotated\[([^,\[\]]+(?:\[[^\[\]]*\])?), [^\[\]]*?\)\]")
 
 
 def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
@@ -651,10 +656,34 @@ def _waitress_view(built: BuiltStack, app: Any) -> Any:
     )
 
 
+def _run(app: Any, environ: WSGIEnvironment) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Call ``app`` as a server that buffers the whole answer would: ``(status, headers, body)``.
+
+    ``start_response`` may be called again with ``exc_info`` (the errors layer replacing an
+    answer with its error response): nothing was sent yet, so the last call wins (PEP 3333).
+    """
+    started: list[Any] = []
+    written: list[bytes] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], Any]:
+        started[:] = [status, list(headers)]
+        return written.append
+
+    result = app(environ, start_response)
+    try:
+        for chunk in result:
+            written.append(chunk)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return started[0], started[1], b"".join(written)
+
+
 def explain(config_path: str, method: str, target: str, headers: Sequence[str] = (), peer: str = "127.0.0.1",
             body: bytes = b"") -> tuple[list[str], int]:
     """Run one request in-process with tracing; return printable lines and the status."""
-    from werkzeug.test import EnvironBuilder, run_wsgi_app
+    from werkzeug.test import EnvironBuilder
 
     from middleware.base import CLIENT_IP, TRACE
 
@@ -677,8 +706,7 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
         seen.append(env)
         return built.app(env, start_response)
 
-    app_iter, status, response_headers = run_wsgi_app(_waitress_view(built, capture), environ, buffered=True)
-    body_out = b"".join(app_iter)
+    status, response_headers, body_out = _run(_waitress_view(built, capture), environ)
     lines = [f"{method.upper()} {target} from {peer}"]
     decisions: dict[str, list[str]] = {}
     for layer, decision in trace:
@@ -694,7 +722,7 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
     lines.append(f"  client address: {inner.get(CLIENT_IP) or inner.get('REMOTE_ADDR')}")
     lines.append(f"  scheme: {inner.get('wsgi.url_scheme')}, host: {inner.get('HTTP_HOST')}")
     lines.append(f"status: {status}")
-    lines.extend(f"  {k}: {v}" for k, v in response_headers.items())
+    lines.extend(f"  {k}: {v}" for k, v in response_headers)
     preview = body_out[:400].decode("utf-8", "replace")
     lines.append(f"body ({len(body_out)} bytes): {preview}")
     built.close()

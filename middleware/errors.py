@@ -44,12 +44,12 @@ _DROP = frozenset({"content-type", "content-length"})
 class ErrorsOptions(LayerOptions):
     """Options of the ``errors`` layer."""
 
-    #: ``envelope`` gives ``{"error": {...}}``; ``problem`` gives RFC 9457 problem details.
     format: Literal["envelope", "problem"] = "envelope"
-    #: Include the exception text and traceback in 500 bodies (loopback-only servers).
+    """``envelope`` gives ``{"error": {...}}``; ``problem`` gives RFC 9457 problem details."""
     debug: bool = False
-    #: Base URI for the problem ``type`` member; ``about:blank`` when empty.
+    """Include the exception text and traceback in 500 bodies (servers listening on loopback only)."""
     type_base: str = ""
+    """Base URI for the problem ``type`` member (``{type_base}{status}``); ``about:blank`` when empty."""
 
     @model_validator(mode="after")
     def _type_base_is_absolute(self) -> ErrorsOptions:

@@ -81,6 +81,27 @@ def test_layers_lists_options_with_types_and_defaults() -> None:
         in result.stdout
 
 
+@pytest.mark.parametrize(("target", "headers", "status", "message"), [
+    ("/x?q=%ZZ", [], 400, "The query string has an invalid percent-escape '%ZZ' at offset 2."),
+    ("/x", ["Authorization: Bearer bad"], 401, "Unauthorized: the token is malformed."),
+])
+def test_explain_shows_a_refusal(config_file, target: str, headers: list[str], status: int,  # type: ignore[no-untyped-def]
+                                 message: str) -> None:
+    """A layer's refusal is what explain is most often run for: the error response, not a traceback."""
+    path = config_file(ECHO + """
+pipeline:
+  - errors: {}
+  - validation: {}
+  - auth: {secret: "%s", default: optional}
+""" % ("j" * 40))
+    lines, got = serve.explain(str(path), "GET", target, headers)
+    text = "\n".join(lines)
+    assert got == status
+    assert f"status: {status} " in text
+    assert "  Content-Type: application/json" in text
+    assert message in text
+
+
 def test_explain_shows_each_layer_and_the_client_address(config_file) -> None:  # type: ignore[no-untyped-def]
     path = config_file(ECHO + """
 server:
