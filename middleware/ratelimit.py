@@ -516,6 +516,9 @@ class RateLimitMiddleware:
                     else min(range(len(results)), key=lambda i: results[i][1]))
         _, remaining, reset = results[pick]
         item = rule.items[pick]
+        # No window resets later than its length from now (limits' memory windows stamp entries with
+        # their own clock reading, a moment after ``now``: 60.2 s would read as 61).
+        reset = min(reset, now + item.get_expiry())
         if not allowed:
             return self._over(environ, start_response, rule.id, key, item, reset, now)
         self.context.emit("ratelimit.pass", rule=rule.id)
