@@ -519,8 +519,11 @@ class CacheMiddleware:
         while time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+            # The lock first: once it is gone, an entry the peer stored (in the same round trip as
+            # the lock's DEL, before it) is there to read; the other order can miss both.
+            locked = self.store.get(lock_key) is not None
             hit = self._fresh(environ, base)
-            if hit is not None or self.store.get(lock_key) is None:
+            if hit is not None or not locked:
                 return hit
         return None
 

@@ -511,6 +511,36 @@ def test_single_flight_across_processes(store: Store, origin: Origin, clock: Clo
     assert sorted(label for label, _ in results) == ["HIT"] * 5 + ["MISS"]
 
 
+class PeerFillsOnLockRead(MemoryStore):
+    """A store on which the peer's fill (its entry and the lock's DEL) lands just as the lock is read."""
+
+    armed: tuple[str, str, bytes] | None = None  # (lock key, entry key, entry)
+
+    def get(self, key: str) -> bytes | None:
+        if self.armed is not None and key == self.armed[0]:
+            lock_key, entry_key, raw = self.armed
+            self.armed = None
+            self.write([(entry_key, raw, 60)], [lock_key])
+        return super().get(key)
+
+
+def test_a_waiter_sees_the_entry_of_a_peer_that_just_finished(origin: Origin, clock: Clock) -> None:
+    """Waiting for another process's fill, B reads the lock before the entry: once the lock is gone,
+    the entry stored in the same round trip is there, and B answers from it instead of filling again."""
+    store = PeerFillsOnLockRead()
+    a, b = Stack(store, origin), Stack(store, origin)  # two processes
+    assert a.get().headers["X-Cache"] == "MISS"
+    [entry_key] = list(store.scan("wsgistack:cache:e:"))
+    raw = store.get(entry_key)
+    assert raw is not None
+    store.delete(entry_key)  # a cold key again, which process A is filling:
+    lock_key = f"wsgistack:cache:l:{entry_key[-32:]}"
+    assert store.add(lock_key, b"1", ttl=5)
+    store.armed = (lock_key, entry_key, raw)
+    response = b.get()
+    assert (response.headers["X-Cache"], origin.calls) == ("HIT", 1)
+
+
 class FirstFillFails(Origin):
     """The first call fails after 0.2 s; the others answer as Origin does."""
 
