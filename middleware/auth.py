@@ -633,12 +633,19 @@ class AuthMiddleware:
 
         Without a token, the session user the session layer's preview hinted at
         (its roles are not needed ahead), else ``{}``; None for a token not
-        verified before, which this layer may refuse.
+        verified before, which this layer may refuse, and for a request without
+        credentials where they are required (a 401 to come: nothing to read).
         """
+        method = environ.get("REQUEST_METHOD", "GET")
+        level = "none" if method == "OPTIONS" else self._level(environ, method)[0]
+        if level == "none":
+            return {}
         token = self._bearer(environ)
         if token is None:
             hint = environ.get(SESSION_USER_HINT) if self.accept_session else None
-            return {IDENTITY: Identity(hint, _NO_ROLES, "session")} if hint is not None else {}
+            if hint is not None:
+                return {IDENTITY: Identity(hint, _NO_ROLES, "session")}
+            return None if level == "required" and "HTTP_COOKIE" not in environ else {}  # None: a 401 to come
         claims = self.tokens.known(token)
         if claims is None:
             return None
@@ -679,17 +686,20 @@ class AuthMiddleware:
         self._roles_now[subject] = (now + ROLES_FRESH, roles)
         return roles
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
-        if method == "OPTIONS":
-            return self.app(environ, start_response)
-        level, roles = self.default, _NO_ROLES
+    def _level(self, environ: WSGIEnvironment, method: str) -> tuple[str, frozenset[str]]:
+        """The auth level and roles of the first rule that matches (else the default)."""
         if self.rules:
             path = decoded_path(environ)
             for paths, methods, rule_level, rule_roles in self.rules:
                 if (methods is None or method in methods) and (paths is None or paths.match(path)):
-                    level, roles = rule_level, rule_roles
-                    break
+                    return rule_level, rule_roles
+        return self.default, _NO_ROLES
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method == "OPTIONS":
+            return self.app(environ, start_response)
+        level, roles = self._level(environ, method)
         if level == "none":
             return self.app(environ, start_response)
         header = environ.get("HTTP_AUTHORIZATION")
