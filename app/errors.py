@@ -20,7 +20,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from middleware.base import RENDER_ERROR, Context
-from middleware.errors import ErrorsMiddleware
+from middleware.errors import ErrorsMiddleware, status_line
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -61,7 +61,7 @@ def install_error_handlers(app: Flask, *, debug: bool, logger: logging.Logger) -
             status, headers, body = renderer(environ, exc)
         else:
             status, headers, body = fallback_render(environ, exc, debug)
-        response = Response(body, status=status)
+        response = Response(body, status=status_line(status))  # werkzeug would say "404 NOT FOUND"
         response.headers = Headers(headers)
         return response
 

@@ -106,9 +106,8 @@ class ErrorsMiddleware:
     ) -> Iterable[bytes]:
         status, headers, body = self.render(environ, exc)
         note(environ, "errors", f"rendered {status}")
-        phrase = _phrase(status)
         # exc_info lets a server replace headers if the app had already started a response.
-        start_response(f"{status} {phrase}", headers, exc_info)
+        start_response(status_line(status), headers, exc_info)
         return [body]
 
     def render(self, environ: WSGIEnvironment, exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -177,6 +176,11 @@ class ErrorsMiddleware:
                 }
             }
         return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+
+def status_line(code: int) -> str:
+    """``"404 Not Found"``: the code and its RFC 9110 reason phrase, for every error, whoever raised it."""
+    return f"{code} {_phrase(code)}"
 
 
 def _phrase(code: int) -> str:

@@ -219,3 +219,13 @@ def test_a_doubled_slash_is_a_json_404_not_an_html_redirect(default_stack: Calla
     response = default_stack().get("/api/v1//search?q=json", status=404)
     assert response.content_type == "application/json"
     assert response.json["error"]["path"] == "/api/v1//search"
+
+
+@pytest.mark.parametrize(("target", "status"), [
+    ("/api/v1/search?q=", "400 Bad Request"),  # refused by the Flask core
+    ("/api/v1/search?q=%ZZ", "400 Bad Request"),  # refused by the validation layer
+    ("/nope", "404 Not Found"),
+])
+def test_every_refusal_has_one_status_line(default_stack: Callable[..., TestApp], target: str, status: str) -> None:
+    """The reason phrase a page reads as statusText does not depend on who refused."""
+    assert default_stack().get(target, expect_errors=True).status == status
