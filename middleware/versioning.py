@@ -235,6 +235,7 @@ class VersioningMiddleware:
             source: [n for n in ranked[: i + 1] if n is not None] for i, source in enumerate(options.precedence)}
         self.vary["default"] = [n for n in ranked if n is not None]
         self.notices = {v: d.headers() for v, d in options.deprecated.items()}
+        self._refusal_vary = [("Vary", ", ".join(self.vary["default"]))] if self.vary["default"] else []
         self._counts: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -266,7 +267,8 @@ class VersioningMiddleware:
         if url is not None and header is not None and url != header:
             raise refuse(400, f"The URL asks for API version {url} but the {self.options.header} header asks "
                               f"for {header}; send one, or make them agree.",
-                         details={"url": url, "header": header, "supported": self.listed})
+                         details={"url": url, "header": header, "supported": self.listed},
+                         headers=self._refusal_vary)
         if header is None and accept is None:  # the usual case: the URL's version, or none at all
             source = "url" if url is not None else "default"
             version = url or self.default
@@ -327,8 +329,10 @@ class VersioningMiddleware:
             raise
 
     def _unsupported(self, code: int, what: str, asked: str, source: str) -> HTTPException:
+        # A refusal decided by a request header varies on the headers this layer reads, as its answers do.
         return refuse(code, f"{what} is not supported (supported: {', '.join(self.listed)}).",
-                      details={"version": asked, "source": source, "supported": self.listed})
+                      details={"version": asked, "source": source, "supported": self.listed},
+                      headers=self._refusal_vary if source != "url" else ())
 
     def _from_header(self, value: str) -> str:
         version = _normal(value)

@@ -190,6 +190,8 @@ def test_refusals(make: Callable[..., tuple[TestApp, Context]], seen: Seen, opti
     assert response.json["error"]["message"] == message
     assert response.json["error"]["details"] == details
     assert seen.calls == 0
+    # A refusal a request header decided varies on the headers the layer reads; a URL's does not.
+    assert response.headers.get("Vary") == (None if details.get("source") == "url" else "X-API-Version, Accept")
 
 
 DEPRECATED = {
