@@ -12,21 +12,43 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 
-# A query value first (it may hold an "@"): ?password=, ?sentinel_password=, ?passwd=, ?secret=, ?token=
-_QUERY_PASSWORD = re.compile(r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token)=)[^&#\s]*", re.IGNORECASE)
-# Then the userinfo, up to the last "@" before a space: a password with an unencoded / ? # or quote is masked too.
-_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)\S*@")
+# ?password=, ?sentinel_password=, ?passwd=, ?secret=, ?token=
+_SECRET_PARAM = r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token)=)"
+_QUERY_PASSWORD = re.compile(_SECRET_PARAM + r"[^&\s'\"]*(?:&[^=&\s'\"]*(?=[&\s'\"]|\Z))*", re.IGNORECASE)
+# In one URL: the value, and any "&segment" without "=" after it (an unencoded "&" in the password).
+_QUERY_PASSWORD_TO_AMPERSAND = re.compile(_SECRET_PARAM + r"[^&]*(?:&[^=&]*(?=&|\Z))*", re.IGNORECASE)
+# In free text: the userinfo up to the last "@" of the line before another URL (a password with / ? #
+# spaces or quotes too).
+_URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)(?:(?!://)[^\n])*@")
+_ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
+
+
+def mask_url(url: str, mask: str = "***") -> str:
+    """One URL with its password (userinfo, and ``?password=``-like query values) replaced by ``mask``.
+
+    Read as a whole, not parsed: a password with characters that should have
+    been percent-encoded (``/ ? # @ &``, spaces) is masked all the same, up to
+    the last ``@`` and, in the query, up to the next ``&``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest = _QUERY_PASSWORD_TO_AMPERSAND.sub(lambda m: f"{m.group(1)}{mask}", rest)
+    userinfo, at, after = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:{mask}@{after}"
+    return f"{scheme}://{rest}"
 
 
 def mask_url_passwords(text: str, mask: str = "***") -> str:
-    """``text`` with every URL password in it (``scheme://user:password@``, ``?password=``) masked.
+    """``text`` with every URL password in it masked: one URL as :func:`mask_url` does, else each URL in it.
 
-    For one URL or for text holding some (a repr, a message).  It masks too
-    much rather than too little: an ``@`` later in the same word ends the
-    password there.
+    In free text it masks too much rather than too little: up to the line's last ``@``.
     """
     if "://" not in text:
         return text
+    if _ONE_URL.match(text):
+        return mask_url(text, mask)
     if "=" in text:
         text = _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
     return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text)

@@ -36,7 +36,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .base import Store, StoreError, mask_url_passwords
+from .base import Store, StoreError, mask_url
 from .breaker import CircuitBreaker, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "refusal"]
@@ -63,11 +63,6 @@ if value then return {1, value} end
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0, 1} end
 return {0, 0}
 """
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with any password (in the userinfo or the query) replaced by ``***``."""
-    return mask_url_passwords(url)
 
 
 def _ms(ttl: float) -> int:
@@ -182,6 +177,20 @@ def _parsed(name: str, value: Any) -> Any:
         raise ValueError(f"store option {name} cannot be {value!r}") from None
 
 
+def _check_encoded(url: str) -> None:
+    """Refuse a URL whose user name or password holds characters that had to be percent-encoded.
+
+    A ``/``, ``?`` or ``#`` there ends the host part early (``urlsplit`` then sees
+    the rest of the password as the path or the query), and a space is never
+    valid: the store would connect somewhere else, or fail with a misleading error.
+    """
+    parts = urlsplit(url)
+    if "@" in parts.path or "@" in parts.query or parts.fragment or any(c.isspace() for c in url):
+        raise ValueError(f"bad Redis store URL {mask_url(url)}: percent-encode the characters / ? # @ % & "
+                         "and spaces in its user name and password (/ as %2F, ? as %3F, # as %23, "
+                         "@ as %40, % as %25, & as %26, a space as %20)")
+
+
 def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
     """The identity of a pool: the normalised URL plus the options that shape it."""
     scheme = urlsplit(url).scheme.lower()
@@ -192,10 +201,6 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
     else:
         path = urlsplit(url).path
         if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
-            if "@" in path:  # urlsplit ended the host part at a "/" of the password
-                raise ValueError(f"bad Redis store URL {mask_url(url)}: percent-encode the characters / ? # @ % "
-                                 "in its user name and password (/ as %2F, ? as %3F, # as %23, @ as %40, "
-                                 "% as %25)")
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")
         try:
@@ -294,6 +299,7 @@ class RedisStore(Store):
             raise ValueError("RedisStore needs a url or a client")
         else:
             self.url = mask_url(url)
+            _check_encoded(url)
             options = {
                 "socket_timeout": socket_timeout,
                 "socket_connect_timeout": socket_connect_timeout,
@@ -471,6 +477,10 @@ class RedisStore(Store):
         if not facts["ok"] and self._failure:
             facts["error"] = self._failure
         return facts
+
+    def note_failure(self, exc: BaseException) -> None:
+        """Remember why a call failed, for :meth:`health` (another component's round trip on this pool)."""
+        self._failure = refusal(exc)[0]
 
     def probe(self) -> tuple[str, bool] | None:
         """One PING, outside the breaker: None when Redis answers, else :func:`refusal` of the failure."""

@@ -376,20 +376,38 @@ def test_unknown_scheme_error_text(url: str, error: str) -> None:
         pytest.param('redis://u:pa"ss@h/0', "redis://u:***@h/0", id="a quote in it"),
         pytest.param("redis://127.0.0.1:6379/0?password=hunter2@Tail99", "redis://127.0.0.1:6379/0?password=***",
                      id="an @ in a query password"),
+        pytest.param("redis://:my secret@h/0", "redis://:***@h/0", id="a space in it"),
+        pytest.param("redis://h/0?password=ab#cd@ef", "redis://h/0?password=***", id="a # and an @ in a query one"),
+        pytest.param("redis://h/0?password=ab&cdsecret&db=1", "redis://h/0?password=***&db=1",
+                     id="an & in a query one"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
-    for secret in ("s3cret", "Xy7", "hunter2", "Tail99", 'pa"ss'):
-        assert secret not in mask_url_passwords(f"see '{url}' here")
+    for secret in ("s3cret", "Xy7", "hunter2", "Tail99", 'pa"ss', "secret", "cd@ef"):
+        assert secret not in mask_url_passwords(f"see '{url}' here") and secret not in mask_url_passwords(url)
+
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("redis://:my secret@h/0", "my secret"),
+    ("redis://h/0?password=ab#cdef", "cdef"),
+    ("redis://u:pq?xy@h/0", "pq?xy"),
+    ("unix://:hunter/2secret@/tmp/r.sock?db=0", "2secret"),
+    ("redis+sentinel://:hunter/2secret@127.0.0.1:26379/mymaster", "2secret"),
+])
+def test_a_password_that_needed_percent_encoding_is_refused(url: str, secret: str) -> None:
+    """The store would connect elsewhere (a unix socket under another path) or fail misleadingly."""
+    with pytest.raises(ValueError, match="percent-encode the characters") as info:
+        RedisStore(url)
+    assert secret not in str(info.value)
 
 
 def test_an_unencoded_slash_in_the_password_is_named_and_masked() -> None:
     with pytest.raises(ValueError) as info:
         RedisStore("redis://:Xy7/Q+9z=@127.0.0.1:6379/0")
     assert str(info.value) == ("bad Redis store URL redis://:***@127.0.0.1:6379/0: percent-encode the characters "
-                               "/ ? # @ % in its user name and password (/ as %2F, ? as %3F, # as %23, @ as %40, "
-                               "% as %25)")
+                               "/ ? # @ % & and spaces in its user name and password (/ as %2F, ? as %3F, "
+                               "# as %23, @ as %40, % as %25, & as %26, a space as %20)")
 
 
 @pytest.mark.parametrize(
