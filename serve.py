@@ -38,12 +38,13 @@ import socket
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from config import ConfigError, LayerSpec, Problem, build_from_file, check, read_file
 from config.build import BuiltStack, StackConfig, parse
-from config.live import LiveStack
+from config.live import LiveStack, refused_stores
 from config.registry import LAYERS, resolve
 from config.schema import LoggingOptions
 
@@ -581,8 +582,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _type_name(annotation: Any) -> str:
+    from pydantic import BaseModel, SecretStr
+
+    if annotation is SecretStr:
+        return "secret"
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):  # a rule: its keys
+        return "{" + ", ".join(annotation.model_fields) + "}"
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (list, tuple) and args and inspect.isclass(args[0]) \
+            and issubclass(args[0], BaseModel):
+        return f"list[{_type_name(args[0])}]"
     text = getattr(annotation, "__name__", None) if inspect.isclass(annotation) else None
-    text = text or str(annotation).replace("typing.", "")
+    text = text or str(annotation).replace("typing.", "").replace("pydantic.types.SecretStr", "secret")
     # Annotated[str, AfterValidator(func=<function _check at 0x…>)] reads as str: the checks are the layer's.
     return _ANNOTATED.sub(r"\1", text)
 
@@ -603,7 +614,7 @@ def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
         # Markdown escapes a | inside a cell as \|: split on the others only.
         cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if len(cells) >= 3 and cells[0].startswith("`") and cells[0].endswith("`"):
-            text = cells[-1]
+            text = re.sub(r"[;,]? \(?see (?:below|above)\)?", "", cells[-1])  # the page's own pointers
             end = text.find(". ")
             docs.setdefault(cells[0].strip("`"), text if end < 0 else text[:end + 1])
     return os.path.relpath(page, os.path.dirname(os.path.abspath(__file__))), docs
@@ -688,6 +699,10 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
     from middleware.base import CLIENT_IP, TRACE
 
     built = build_from_file(config_path, trace=True)
+    refused = refused_stores(built)  # what serve would refuse to start with, explain refuses to run
+    if refused:
+        built.close()
+        raise ConfigError(refused)
     path, _, query = target.partition("?")
     header_pairs = []
     for raw in headers:

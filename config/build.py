@@ -621,7 +621,7 @@ def build(
         preview = getattr(layer, "preview_environ", None)
         if callable(preview):  # the reads of the layers inside see the request as this one will change it
             for ahead in context.read_ahead[:registered]:
-                ahead.through(preview, spec.scope)
+                ahead.through(preview, spec.scope, spec.label)
         instances.append(layer)
         if timing:
             layer = _Timed(spec.label, layer)

@@ -71,8 +71,9 @@ def refused_stores(built: BuiltStack) -> list[Problem]:
         if refuses:
             problems.append(built.config.document.problem(("stores", name), f"store {name!r} ({store.url}): {what}"))
         else:
-            log.warning("store %r (%s) does not answer yet: %s; its layers follow their on_store_error and "
-                        "/readyz reports it until it answers", name, store.url, what)
+            logging.getLogger("wsgistack.stores").warning(
+                "store %r (%s) does not answer yet: %s; its layers follow their on_store_error and /readyz "
+                "reports it until it answers", name, store.url, what)
     return problems
 
 

@@ -222,7 +222,8 @@ class ReadAhead:
         key = self.key
         self.key = lambda environ: key(environ) if scope.matches(environ) else None
 
-    def through(self, preview: Callable[[WSGIEnvironment], dict[str, Any] | None], scope: Any = None) -> None:
+    def through(self, preview: Callable[[WSGIEnvironment], dict[str, Any] | None], scope: Any = None,
+                label: str = "a layer") -> None:
         """Let ``key`` see the request as changed by an outer layer's ``preview`` (within its ``scope``).
 
         ``preview(environ)`` returns the environ entries that layer will set
@@ -237,6 +238,9 @@ class ReadAhead:
             changes = preview(environ)
             if changes is None:
                 return None
+            if not isinstance(changes, dict):
+                raise TypeError(f"{label}.preview_environ returned {type(changes).__name__}; "
+                                "return a dict of environ entries, or None")
             return key({**environ, **changes} if changes else environ)
 
         self.key = seen

@@ -268,6 +268,7 @@ class _RedisCounter:
         self.client: redis.Redis = getattr(store, "client", None) or redis.Redis(connection_pool=store.pool)
         self.breaker: CircuitBreaker | None = getattr(store, "breaker", None)
         self.url = getattr(store, "url", "")
+        self.note_failure = getattr(store, "note_failure", None)  # /readyz says why the store failed
         s = self.storage
         self.scripts = [s.lua_incr_expire, s.lua_acquire_moving_window, s.lua_moving_window,
                         s.lua_acquire_sliding_window, s.lua_sliding_window]
@@ -294,8 +295,12 @@ class _RedisCounter:
             except redis.exceptions.MaxConnectionsError as exc:  # busy, not down: the breaker stays closed
                 raise StoreError(f"redis store {self.url} could not count: {exc}") from exc
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if self.note_failure is not None:
+                    self.note_failure(exc)
                 raise StoreUnavailable(f"redis store {self.url} could not count: {exc}", str(exc)) from exc
             except RedisError as exc:
+                if self.note_failure is not None:
+                    self.note_failure(exc)
                 raise StoreError(f"redis store {self.url} could not count: {exc}") from exc
 
         return self.breaker.call(attempt) if self.breaker is not None else attempt()

@@ -105,7 +105,7 @@ def test_a_reload_to_a_refused_store_keeps_the_old_pipeline(tmp_path: Path, serv
 
 def test_a_store_that_does_not_answer_is_waited_for(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    with caplog.at_level(logging.WARNING, logger="wsgistack.reload"):
+    with caplog.at_level(logging.WARNING, logger="wsgistack.stores"):
         live = LiveStack(_write(tmp_path, url))
     assert f"store 'shared' ({url}) does not answer yet: not reachable;" in caplog.text
     client = TestApp(live)
@@ -173,3 +173,52 @@ def test_an_outage_named_like_tls_is_still_an_outage(url: str) -> None:
         assert store.probe() == ("not reachable", False)
     finally:
         store.close()
+
+
+def test_readyz_says_why_after_traffic_opened_the_breaker(tmp_path: Path) -> None:
+    """The rate limiter's round trips fail first and open the breaker: the first /readyz, which then
+    does not even ping, still says why."""
+    live = LiveStack(_write(tmp_path, f"redis://127.0.0.1:{free_port()}/0"))
+    client = TestApp(live)
+    for _ in range(4):
+        assert client.get("/x").status_int == 200
+    shared = client.get("/readyz", status=503).json["stores"]["shared"]
+    assert (shared["breaker"], shared["error"]) == ("open", "not reachable")
+    live.current.close()
+
+
+class ListPreview:
+    """A custom layer whose preview_environ returns a list (a bug): named in the log, never a 500."""
+
+    def __init__(self, app: object) -> None:
+        self.app = app
+
+    def preview_environ(self, environ: dict[str, object]) -> list[str]:
+        return ["oops"]
+
+    def __call__(self, environ: dict[str, object], start_response: object) -> object:
+        return self.app(environ, start_response)  # type: ignore[operator]
+
+
+def test_a_preview_that_returns_no_dict_is_named(tmp_path: Path, server: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "stack.yaml"
+    path.write_text(STACK.format(url=f"redis://app:right@{server}/0")
+                    + "  - test_store_startup:ListPreview: {}\n  - cache: {store: shared}\n")
+    live = LiveStack(path)
+    with caplog.at_level(logging.WARNING, logger="wsgistack.ratelimit"):
+        assert TestApp(live).get("/x").status_int == 200
+    assert "test_store_startup:ListPreview.preview_environ returned list; return a dict of environ entries, " \
+           "or None" in caplog.text
+    live.current.close()
+
+
+def test_explain_refuses_what_serve_refuses(tmp_path: Path, server: str) -> None:
+    import serve
+
+    path = _write(tmp_path, f"redis://app:notthis@{server}/0")
+    with pytest.raises(ConfigError) as info:
+        serve.explain(str(path), "GET", "/x")
+    assert [p.message for p in info.value.problems] == [
+        f"store 'shared' (redis://app:***@{server}/0): authentication failed (a wrong or missing user name or "
+        "password)"]
