@@ -64,6 +64,8 @@ DEFAULT_CONTENT_TYPES = (
 )
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/(\*|[a-z0-9!#$&^_.+-]+)")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: an IP literal or a reg-name (empty allowed), then an optional port.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 _ACCEPT_HEADER = {"POST": "Accept-Post", "PATCH": "Accept-Patch"}
@@ -306,6 +308,9 @@ class ValidationMiddleware:
                 raise self._refuse(environ, 400, "An HTTP/1.1 request must have a Host header.", "host")
         elif "," in host:  # Waitress joins repeated fields with ", "; no host name holds a comma
             raise self._refuse(environ, 400, "The request has more than one Host header.", "host")
+        elif _HOST.fullmatch(host) is None:
+            raise self._refuse(environ, 400, f"The Host header {host[:100]!r} is not a host name with an "
+                                             "optional port.", "host")
         if query and ("%" in query or not query.isascii()):
             self._check_query(environ, query)
         if self._check_headers:

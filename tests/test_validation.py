@@ -158,6 +158,13 @@ REFUSALS = [
                  "An HTTP/1.1 request must have a Host header.", {}, id="no host"),
     pytest.param({}, {"environ": {"HTTP_HOST": "a.example, b.example"}}, 400,
                  "The request has more than one Host header.", {}, id="two hosts"),
+    pytest.param({}, {"environ": {"HTTP_HOST": "user@evil.example"}}, 400,
+                 "The Host header 'user@evil.example' is not a host name with an optional port.", {},
+                 id="userinfo in host"),
+    pytest.param({}, {"environ": {"HTTP_HOST": "a.example:xx"}}, 400,
+                 "The Host header 'a.example:xx' is not a host name with an optional port.", {}, id="bad port"),
+    pytest.param({}, {"environ": {"HTTP_HOST": "a b"}}, 400,
+                 "The Host header 'a b' is not a host name with an optional port.", {}, id="space in host"),
     # JSON
     pytest.param({}, {"body": b'{"a": }', "content_type": "application/json"}, 400,
                  "The request body is not well-formed JSON: Expecting value: line 1 column 7 "
@@ -259,6 +266,9 @@ PASSES = [
     pytest.param({}, {}, {"body": "", "json": ABSENT}, id="plain GET"),
     pytest.param({}, {"environ": {"HTTP_HOST": None, "SERVER_PROTOCOL": "HTTP/1.0"}}, {"json": ABSENT},
                  id="HTTP/1.0 without Host"),
+    pytest.param({}, {"environ": {"HTTP_HOST": ""}}, {"json": ABSENT}, id="empty Host (RFC 9112 allows it)"),
+    pytest.param({}, {"environ": {"HTTP_HOST": "[2001:db8::1]:8889"}}, {"json": ABSENT}, id="IPv6 Host"),
+    pytest.param({}, {"environ": {"HTTP_HOST": "xn--bcher-kva.example:443"}}, {"json": ABSENT}, id="IDN Host"),
     pytest.param({}, {"url": "/?q=" + "a" * 2046}, {"json": ABSENT}, id="query at the limit"),
     pytest.param({}, {"url": "/caf%C3%A9?q=caf%C3%A9+cr%C3%A8me&x=%2B"}, {"json": ABSENT},
                  id="utf-8 path and query"),
