@@ -303,7 +303,8 @@ class OperatorPageMiddleware:
             f'<tr><td>{e(s["name"])}</td><td id="store-{i}-ok" class="{"ok" if s["ok"] else "bad"}">'
             f'{"ok" if s["ok"] else "down"}</td><td>{e(s["backend"])}</td><td>{e(s["url"])}</td>'
             f'<td id="store-{i}-breaker">{e(str(s["breaker"] or "—"))}</td>'
-            f'<td id="store-{i}-latency">{e(str(s["latency_ms"]))}</td></tr>'
+            f'<td id="store-{i}-latency">{e(str(s["latency_ms"]))}</td>'
+            f'<td id="store-{i}-error">{e(str(s["error"] or "—"))}</td></tr>'
             for i, s in enumerate(data["stores"]))
         cards = "".join(f'<div class="card"><span>{e(label)}</span><b id="{key}">{e(value)}</b></div>'
                         for key, label, value in _cards(data))
@@ -317,7 +318,8 @@ class OperatorPageMiddleware:
                 '<p id="changed" hidden>The pipeline changed: reload the page to see the new one.</p></header>'
                 f'<main><section><h2>Pipeline</h2><ol class="flow" id="pipeline">{"".join(boxes)}</ol></section>'
                 f'<section><h2>Numbers</h2><div class="cards">{cards}</div><h2>Stores</h2><table><thead><tr>'
-                '<th>name</th><th>state</th><th>backend</th><th>url</th><th>breaker</th><th>ping ms</th></tr>'
+                '<th>name</th><th>state</th><th>backend</th><th>url</th><th>breaker</th><th>ping ms</th>'
+                '<th>why not ok</th></tr>'
                 f'</thead><tbody>{stores}</tbody></table></section></main></body></html>')
 
 
@@ -467,6 +469,7 @@ _JS = """\
       if (el) el.className = s.ok ? "ok" : "bad";
       set("store-" + i + "-breaker", s.breaker === null ? "\\u2014" : s.breaker);
       set("store-" + i + "-latency", s.latency_ms);
+      set("store-" + i + "-error", s.error === null || s.error === undefined ? "\\u2014" : s.error);
     });
     document.getElementById("changed").hidden = d.signature === body.dataset.signature;
     set("updated", new Date().toLocaleTimeString());

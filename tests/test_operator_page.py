@@ -436,6 +436,8 @@ def test_store_health(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]
     assert "hunter2" not in response.text and "hunter2" not in html
     assert '<td id="store-1-ok" class="bad">down</td>' in html
     assert '<td id="store-2-ok" class="ok">ok</td>' in html
+    assert stores["b-dead"]["error"] == "not reachable"  # why, as /readyz says it
+    assert '<td id="store-1-error">not reachable</td>' in html and '<td id="store-2-error">—</td>' in html
 
 
 def test_store_health_on_each_backend(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
