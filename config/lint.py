@@ -123,6 +123,15 @@ def ratelimit_escapes(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Prob
                                     "unlimited; put a client_ip ratelimit before auth", "warning")
 
 
+def ratelimit_policies(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    # (A policy on a memory:// store is not flagged: ${REDIS_URL:-memory://} makes it apply in production.)
+    for rl in _all(specs, "ratelimit"):
+        for i, rule in enumerate(rl.option("rules") or ()):
+            if _field(rule, "on_store_error") is not None and not _field(rule, "limits"):
+                yield _problem(cfg, rl, f"ratelimit rules[{i}] sets on_store_error, but it has no limits (it "
+                                        "exempts the requests it matches): it never applies", "warning")
+
+
 def duplicates(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     seen: list[LayerSpec] = []
     for spec in specs:
@@ -438,6 +447,7 @@ RULES: list[Rule] = [
     duplicates,
     ratelimit_namespaces,
     ratelimit_escapes,
+    ratelimit_policies,
     cors_position,
     cache_inside_cors,
     cache_identity,

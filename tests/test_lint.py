@@ -203,6 +203,12 @@ def problems(text: str) -> list[str]:
             id="cors inside versioning",
         ),
         pytest.param(
+            "pipeline:\n  - ratelimit: {store: redis, limits: ['9/minute'], rules: [{paths: [/l], limits: [], "
+            "on_store_error: closed}]}\n",
+            "stack.yaml:4:5 warning: pipeline[0]: ratelimit rules[0] sets on_store_error, but it has no limits",
+            id="a rule's store policy on an exempt rule",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:5 pipeline[0]: cache names store 'sharde', which the stores section does not define",
             id="unknown store",
