@@ -62,6 +62,7 @@ __all__ = ["DEFAULT_PREFIX", "CacheMiddleware", "purge"]
 DEFAULT_PREFIX = "wsgistack:cache:"
 # Entry keys are f"{prefix}e:{path}#{32 hex digits}", so a path glob maps to a scan prefix.
 _DIGEST = 32
+_VARY_INDEX = b'{"v":'  # how an entry that lists a path's Vary headers starts (its variants are stored apart)
 _clock = time.time  # wall clock: entries carry it across processes (tests replace it)
 _GLOB = re.compile(r"[*?\[]")
 # Never stored with an entry: hop-by-hop headers and the ones this layer writes.
@@ -275,7 +276,7 @@ class CacheMiddleware:
             self._give_back(environ)
             return self._bypass(environ, start_response, reason)
         base = self._base_key(environ, subject)
-        lock_key = f"{self.prefix}l:{base[-_DIGEST:]}" if method == "GET" else None
+        lock_key = self._lock_key(base) if method == "GET" else None
         try:
             entry, locked = self._lookup(environ, base, lock_key)
         except StoreError as exc:
@@ -342,7 +343,11 @@ class CacheMiddleware:
         if reason is not None:
             return None
         base = self._base_key(environ, subject)
-        return base, self.options.lock_timeout, f"{self.prefix}l:{base[-_DIGEST:]}"
+        return base, self.options.lock_timeout, self._lock_key(base)
+
+    def _lock_key(self, base: str) -> str:
+        """The single-flight lock of the entry ``base``."""
+        return f"{self.prefix}l:{base[-_DIGEST:]}"
 
     @staticmethod
     def _variant(base: str, vary: list[str], environ: WSGIEnvironment) -> str:
@@ -365,7 +370,7 @@ class CacheMiddleware:
             raw, locked = answer if ahead else self.store.get_or_lock(base, lock_key, self.options.lock_timeout)
             locked = locked if raw is None else None
         try:
-            if raw is not None and raw[:5] == b'{"v":':
+            if raw is not None and raw[:5] == _VARY_INDEX:
                 raw = self.store.get(self._variant(base, json.loads(raw)["v"], environ))
             if raw is None:
                 return None, locked
@@ -391,7 +396,7 @@ class CacheMiddleware:
             answer = found.pop(name)
             if isinstance(answer, tuple) and answer[1]:
                 with contextlib.suppress(StoreError):  # else it expires after lock_timeout
-                    self.store.delete(f"{self.prefix}l:{name[2][-_DIGEST:]}")
+                    self.store.delete(self._lock_key(name[2]))
 
     # -- answers ----------------------------------------------------------------------
     @staticmethod
@@ -421,7 +426,7 @@ class CacheMiddleware:
     # -- misses -----------------------------------------------------------------------
     def _fill(self, environ: WSGIEnvironment, start_response: StartResponse, base: str,
               subject: str | None, stale: dict[str, Any] | None, locked: bool | None = None) -> Iterable[bytes]:
-        lock_key = f"{self.prefix}l:{base[-_DIGEST:]}"
+        lock_key = self._lock_key(base)
         waited_until = time.monotonic() + self.options.lock_timeout
         while True:
             with self._lock:
@@ -487,7 +492,7 @@ class CacheMiddleware:
             raw = self.store.get(base)
         except StoreError:
             return False
-        return raw is not None and raw[:5] == b'{"v":'
+        return raw is not None and raw[:5] == _VARY_INDEX
 
     def _missed(self, environ: WSGIEnvironment) -> None:
         self.context.emit("cache.miss")

@@ -28,7 +28,7 @@ import time
 import weakref
 from functools import lru_cache
 from math import ceil, floor, inf
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, cast
 
 import redis
 from limits import RateLimitItem, parse_many
@@ -53,7 +53,7 @@ from middleware.base import (
     refuse,
 )
 from stores.base import StoreError
-from stores.breaker import CircuitBreaker, StoreUnavailable
+from stores.breaker import StoreUnavailable
 from stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -265,10 +265,8 @@ class _RedisCounter:
     def __init__(self, store: Any) -> None:
         prefix = getattr(store, "key_prefix", "") + "ratelimit"
         self.storage = RedisStorage("redis://", connection_pool=store.pool, key_prefix=prefix)
-        self.client: redis.Redis = getattr(store, "client", None) or redis.Redis(connection_pool=store.pool)
-        self.breaker: CircuitBreaker | None = getattr(store, "breaker", None)
-        self.url = getattr(store, "url", "")
-        self.note_failure = getattr(store, "note_failure", None)  # /readyz says why the store failed
+        self.store = store
+        self.client: redis.Redis = store.client
         s = self.storage
         self.scripts = [s.lua_incr_expire, s.lua_acquire_moving_window, s.lua_moving_window,
                         s.lua_acquire_sliding_window, s.lua_sliding_window]
@@ -287,23 +285,8 @@ class _RedisCounter:
                 ("EVALSHA", s.lua_sliding_window.sha, 2, prev, cur, expiry)]
 
     def _run(self, commands: list[tuple[Any, ...]], own: int | None = None) -> list[Any]:
-        """One pipeline through the store's circuit breaker; Redis errors become StoreErrors."""
-
-        def attempt() -> list[Any]:
-            try:
-                return self._pipeline(commands, own)
-            except redis.exceptions.MaxConnectionsError as exc:  # busy, not down: the breaker stays closed
-                raise StoreError(f"redis store {self.url} could not count: {exc}") from exc
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                if self.note_failure is not None:
-                    self.note_failure(exc)
-                raise StoreUnavailable(f"redis store {self.url} could not count: {exc}", str(exc)) from exc
-            except RedisError as exc:
-                if self.note_failure is not None:
-                    self.note_failure(exc)
-                raise StoreError(f"redis store {self.url} could not count: {exc}") from exc
-
-        return self.breaker.call(attempt) if self.breaker is not None else attempt()
+        """One pipeline through the store's boundary (its breaker and error mapping): StoreErrors only."""
+        return cast("list[Any]", self.store.call("pipeline", lambda: self._pipeline(commands, own), doing="count"))
 
     def _pipeline(self, commands: list[tuple[Any, ...]], own: int | None = None) -> list[Any]:
         """Send ``commands`` as one pipeline; the first ``own`` (default all) must succeed, the rest may fail."""
@@ -502,12 +485,11 @@ class RateLimitMiddleware:
                 results = self.counter.hit(rule.strategy, rule.items, keys, now)
         except _STORE_ERRORS as exc:
             return self._store_failed(environ, start_response, exc, rule.closed)
-        if not locks:
-            return self._answer(environ, start_response, rule, key, results, now)
         try:
             return self._answer(environ, start_response, rule, key, results, now)
-        finally:  # a lock read ahead for a layer that never took it (refused in between) goes now
-            self._unlock_untaken(environ, locks)
+        finally:
+            if locks:  # a lock read ahead for a layer that never took it (refused in between) goes now
+                self._unlock_untaken(environ, locks)
 
     def _answer(self, environ: WSGIEnvironment, start_response: StartResponse, rule: _Compiled, key: str,
                 results: list[Result], now: float) -> Iterable[bytes]:

@@ -334,24 +334,31 @@ class RedisStore(Store):
 
     # -- the boundary -------------------------------------------------------------
 
-    def _run(self, op: str, fn: Callable[[], T]) -> T:
-        """Call Redis through the breaker; wrap whatever it raises in StoreError."""
+    def call(self, op: str, fn: Callable[[], T], *, doing: str | None = None) -> T:
+        """Call Redis through the breaker; wrap whatever it raises in StoreError.
+
+        The store's own operations go through here, and so may another
+        component's round trip on this pool (the rate limiter's pipeline, with
+        ``doing="count"``): the same breaker, the same errors, and /readyz
+        learns why it failed.
+        """
+        what = doing or f"run {op}"
 
         def attempt() -> T:
             try:
                 return fn()
             except redis.exceptions.MaxConnectionsError as exc:
                 # The pool is exhausted (too many concurrent callers), Redis is not down.
-                raise StoreError(self._say(op, self._detail(exc))) from exc
+                raise StoreError(self._say(what, self._detail(exc))) from exc
             except _DOWN as exc:
                 self._failure = refusal(exc)[0]  # /readyz says why, also once the breaker has opened
                 detail = self._detail(exc)
-                raise StoreUnavailable(self._say(op, detail), detail) from exc
+                raise StoreUnavailable(self._say(what, detail), detail) from exc
             except redis.RedisError as exc:
                 self._failure = refusal(exc)[0]
-                raise StoreError(self._say(op, self._detail(exc))) from exc
+                raise StoreError(self._say(what, self._detail(exc))) from exc
             except (TypeError, ValueError) as exc:  # an option redis-py only checks when it connects
-                raise StoreError(self._say(op, self._detail(exc))) from exc
+                raise StoreError(self._say(what, self._detail(exc))) from exc
 
         return self.breaker.call(attempt)
 
@@ -359,8 +366,8 @@ class RedisStore(Store):
         detail = str(exc).strip() or type(exc).__name__
         return detail.replace(self._secret, "***") if self._secret else detail
 
-    def _say(self, op: str, detail: str) -> str:
-        return f"redis store {self.url} could not run {op}: {detail}"
+    def _say(self, what: str, detail: str) -> str:
+        return f"redis store {self.url} could not {what}: {detail}"
 
     # -- the Store interface ----------------------------------------------------------
 
@@ -386,26 +393,26 @@ class RedisStore(Store):
         return reply
 
     def get(self, key: str) -> bytes | None:
-        return cast("bytes | None", self._run("GET", partial(self.client.get, self.key_prefix + key)))
+        return cast("bytes | None", self.call("GET", partial(self.client.get, self.key_prefix + key)))
 
     def getex(self, key: str, ttl: float) -> bytes | None:
         fn = partial(self.client.getex, self.key_prefix + key, px=_ms(ttl))
-        return cast("bytes | None", self._run("GETEX", fn))
+        return cast("bytes | None", self.call("GETEX", fn))
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         _check_value(value)
         px = None if ttl is None else _ms(ttl)
-        self._run("SET", partial(self.client.set, self.key_prefix + key, value, px=px))
+        self.call("SET", partial(self.client.set, self.key_prefix + key, value, px=px))
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)
         px = None if ttl is None else _ms(ttl)
         fn = partial(self.client.set, self.key_prefix + key, value, px=px, nx=True)
-        return bool(self._run("SET NX", fn))
+        return bool(self.call("SET NX", fn))
 
     def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
         fn = partial(self._get_or_lock, keys=[self.key_prefix + key, self.key_prefix + lock_key], args=[_ms(ttl)])
-        return cast("tuple[bytes | None, bool]", self.read_answer("get_or_lock", self._run("GET or SET NX", fn)))
+        return cast("tuple[bytes | None, bool]", self.read_answer("get_or_lock", self.call("GET or SET NX", fn)))
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         for _, value, _ in sets:
@@ -419,20 +426,20 @@ class RedisStore(Store):
                 pipe.delete(*(self.key_prefix + key for key in deletes))
             pipe.execute()
 
-        self._run("SET/DEL pipeline", run)
+        self.call("SET/DEL pipeline", run)
 
     def delete(self, key: str) -> bool:
-        return bool(self._run("DEL", partial(self.client.delete, self.key_prefix + key)))
+        return bool(self.call("DEL", partial(self.client.delete, self.key_prefix + key)))
 
     def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
         name = self.key_prefix + key
         if ttl is None:
-            return int(self._run("INCRBY", partial(self.client.incrby, name, amount)))
+            return int(self.call("INCRBY", partial(self.client.incrby, name, amount)))
         fn = partial(self._incr_ttl, keys=[name], args=[amount, _ms(ttl)])
-        return int(cast(int, self._run("INCRBY", fn)))
+        return int(cast(int, self.call("INCRBY", fn)))
 
     def expire(self, key: str, ttl: float) -> bool:
-        return bool(self._run("PEXPIRE", partial(self.client.pexpire, self.key_prefix + key, _ms(ttl))))
+        return bool(self.call("PEXPIRE", partial(self.client.pexpire, self.key_prefix + key, _ms(ttl))))
 
     def _pattern(self, prefix: str) -> str:
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.key_prefix + prefix)
@@ -442,7 +449,7 @@ class RedisStore(Store):
         pattern, cursor = self._pattern(prefix), 0
         while True:
             page = partial(self.client.scan, cursor, match=pattern, count=_SCAN_COUNT)
-            cursor, keys = cast("tuple[int, list[bytes]]", self._run("SCAN", page))
+            cursor, keys = cast("tuple[int, list[bytes]]", self.call("SCAN", page))
             yield keys
             if cursor == 0:
                 return
@@ -460,12 +467,12 @@ class RedisStore(Store):
         deleted = 0
         for keys in self._pages(prefix):
             if keys:
-                deleted += int(self._run("UNLINK", partial(self.client.unlink, *keys)))
+                deleted += int(self.call("UNLINK", partial(self.client.unlink, *keys)))
         return deleted
 
     def ping(self) -> bool:
         try:
-            answered = bool(self._run("PING", self.client.ping))  # a failure records why (_run)
+            answered = bool(self.call("PING", self.client.ping))  # a failure records why (call)
         except Exception:
             return False
         self._failure = None
@@ -477,10 +484,6 @@ class RedisStore(Store):
         if not facts["ok"] and self._failure:
             facts["error"] = self._failure
         return facts
-
-    def note_failure(self, exc: BaseException) -> None:
-        """Remember why a call failed, for :meth:`health` (another component's round trip on this pool)."""
-        self._failure = refusal(exc)[0]
 
     def probe(self) -> tuple[str, bool] | None:
         """One PING, outside the breaker: None when Redis answers, else :func:`refusal` of the failure."""
