@@ -18,11 +18,14 @@ from __future__ import annotations
 import signal
 import sys
 
+#: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 if __name__ == "__main__":
     # Before the slow imports below: a SIGHUP (`systemctl reload`) or SIGTERM sent while `serve` starts
     # waits for the server's handlers instead of ending the process; main() unblocks them at once for
     # every other command.
-    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
 
 import argparse
 import contextlib
@@ -180,8 +183,6 @@ def _slots(listen: Sequence[str], backlog: int, workers: int) -> list[list[socke
     return [_bind(listen, backlog)] * workers
 
 
-#: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: The environment variable that overrides ``server.drain_timeout``.
 DRAIN_ENV = "WSGISTACK_DRAIN_SECONDS"
 #: How often the serving loop looks up from the sockets to see whether it should stop.
