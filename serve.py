@@ -517,10 +517,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host, port = sock.getsockname()[:2]
         log.info("serving on http://%s:%s (generation %d, %d worker(s))",
                  f"[{host}]" if ":" in host else host, port, live.generation, server.workers)
-    if server.workers > 1:
-        with _metrics_dir():
+    # Metrics are kept in files of a directory for this run: the workers' counts add up, and so do
+    # those of pipelines a reload replaced, one worker or several.
+    with _metrics_dir():
+        if server.workers > 1:
             return _supervise(live, slots)
-    return _run_waitress(live, sockets)
+        return _run_waitress(live, sockets)
 
 
 _METRICS_PREFIX = "wsgistack-metrics-"
@@ -547,7 +549,7 @@ def _remove_stale_metrics_dirs() -> None:
 
 @contextlib.contextmanager
 def _metrics_dir() -> Iterator[None]:
-    """A fresh directory where the workers share their metrics, removed at the end (unless the operator set one).
+    """A fresh directory where workers and reloaded pipelines share their metrics, removed at the end (unless set).
 
     Its name carries the supervisor's pid: directories left by supervisors
     that were killed outright (and are not running any more) are removed first.

@@ -427,6 +427,9 @@ class _Counts:
 
 
 _SEQUENCE = itertools.count()
+#: The sharing pipelines of this process: one that starts (the first request after a reload) has
+#: the others write their counts at once, so a scrape right after a reload never goes backwards.
+_SHARING: weakref.WeakSet[_Merged] = weakref.WeakSet()
 
 
 def _edges(bounds: Iterable[float]) -> frozenset[str]:
@@ -462,6 +465,7 @@ class _Merged:
         self.directory: str | None = None
         self.path: str | None = None
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # the share thread and a newer pipeline's start() both write
         self._final: weakref.finalize[Any, Any] | None = None
 
     def start(self) -> None:
@@ -480,14 +484,25 @@ class _Merged:
             self.directory = directory
             self.path = os.path.join(directory, f"{os.getpid()}-{next(_SEQUENCE)}.json")
             self._final = weakref.finalize(self, _write_samples, self.counted, self.path)
-        _write_samples(self.counted, self.path)
+        for older in list(_SHARING):
+            older.write()
+        _SHARING.add(self)
+        self.write()
         threading.Thread(target=_share, args=(weakref.ref(self),), daemon=True,
                          name="wsgistack-metrics-share").start()
 
+    def write(self, unless: str | None = None) -> str | None:
+        """Write this pipeline's counts to its file now (unless they serialise to ``unless``)."""
+        with self._writing:
+            if self.path is None or self._final is None or not self._final.alive:
+                return None
+            return _write_samples(self.counted, self.path, unless=unless)
+
     def close(self) -> None:
         """Write the counts a last time and stop sharing (the files stay for the others)."""
-        if self._final is not None:
-            self._final()
+        with self._writing:
+            if self._final is not None:
+                self._final()
 
     def describe(self) -> list[Metric]:
         return []
@@ -567,10 +582,12 @@ def _share(ref: weakref.ReferenceType[_Merged]) -> None:
     while True:
         time.sleep(SHARE_INTERVAL)
         merged = ref()
-        if merged is None or merged._final is None or not merged._final.alive:
+        if merged is None:
             return
-        written = _write_samples(merged.counted, merged.path or "", unless=written)
+        written = merged.write(unless=written)
         del merged
+        if written is None:  # closed
+            return
 
 
 class _Capped:

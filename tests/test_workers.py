@@ -333,6 +333,28 @@ def test_every_worker_reports_the_requests_of_all(tmp_path: Path) -> None:
     assert not directory.exists()
 
 
+def test_one_process_keeps_its_counts_across_reloads(tmp_path: Path) -> None:
+    """With one worker too, a reload's new pipeline adds the counts of the one it replaced."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    text = config_text(port).replace("workers: 2", "workers: 1") + "  - metrics: {process_metrics: false}\n"
+    path.write_text(text)
+    server = ServeProcess(path).start()
+    try:
+        wait_for_port(port)
+        for generation, expected in ((1, 10.0), (2, 20.0), (3, 30.0)):
+            if generation > 1:
+                path.write_text(text.replace("greeting: one", f"greeting: g{generation}"))
+                server.signal(signal.SIGHUP)
+                server.wait_output(f"generation {generation} serving")
+            for _ in range(10):
+                assert request(port, "GET", "/x")[0] == 200
+            assert _scrape(port, {server.pid})[1] == expected
+    finally:
+        server.stop()
+        assert "Traceback" not in server.output(), server.output()
+
+
 def test_a_killed_worker_is_replaced_while_requests_keep_succeeding(
         supervised: tuple[ServeProcess, int, Path]) -> None:
     server, port, _ = supervised
