@@ -4,6 +4,7 @@
 - ``bare Flask``: ``app.create_app`` alone;
 - ``default stack``: the shipped stack.yaml (memory stores);
 - ``full stack``: bench/full.yaml, every built-in layer on, memory or Redis stores;
+- ``peer's work``: bench/full.yaml with only the layers that do what the peer's extensions do;
 - ``peer stack``: bench.peer, Flask extensions on the same core, memory or Redis.
 
 Each wsgistack stack is built with ``config.build_from_file(path, env=...)``,
@@ -151,6 +152,28 @@ def build_index(ws: Workspace) -> float:
     return time.perf_counter() - start
 
 
+#: The layers of bench/full.yaml that do the peer stack's work: ProxyFix, Flask-CORS, Flask-Limiter,
+#: Flask-Session read on every request (auth reads the session's user, as the peer's hook does) and
+#: Flask-Caching; errors renders their refusals, as the core's error handlers do the peer's.
+PEER_WORK = ("errors", "proxy", "cors", "ratelimit", "session", "auth", "cache")
+
+
+def pipeline_subset(ws: Workspace, name: str, keep: Callable[[str], bool], comment: str) -> Path:
+    """bench/full.yaml with only the layers ``keep`` accepts, written to the workspace as ``name``."""
+    import yaml
+
+    data = yaml.safe_load(FULL_YAML.read_text(encoding="utf-8"))
+    data["pipeline"] = [entry for entry in data["pipeline"] if keep(next(iter(entry)))]
+    path = ws.path / name
+    path.write_text(f"# {comment}\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def peer_work_yaml(ws: Workspace) -> Path:
+    return pipeline_subset(ws, "peer-work.yaml", lambda layer: layer in PEER_WORK,
+                           f"bench/full.yaml with only {', '.join(PEER_WORK)}: the peer stack's work")
+
+
 def inproc_stacks(ws: Workspace, redis: bool) -> list[Stack]:
     """Every stack of the in-process table, in table order."""
     stacks = [
@@ -158,9 +181,11 @@ def inproc_stacks(ws: Workspace, redis: bool) -> list[Stack]:
         Stack("bare Flask", create_bare_app(str(ws.var_dir))),
         wsgistack(ws, "default stack (memory)", DEFAULT_YAML),
         wsgistack(ws, "full stack (memory)", FULL_YAML),
+        wsgistack(ws, "peer's work (memory)", peer_work_yaml(ws)),
     ]
     if redis:
         stacks.append(wsgistack(ws, "full stack (Redis)", FULL_YAML, redis=True))
+        stacks.append(wsgistack(ws, "peer's work (Redis)", peer_work_yaml(ws), redis=True))
     stacks.append(peer(ws, "peer stack (memory)"))
     if redis:
         stacks.append(peer(ws, "peer stack (Redis)", redis=True))
