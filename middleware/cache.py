@@ -155,11 +155,8 @@ class _Fill:
                 self.swap = True  # answered with the stale entry once the app returns
                 return lambda data: None
             self.started = True
-            session = self.environ.get(SESSION)
-            # A response built from session data is private even when an outer layer marks it so later.
-            touched = (self.subject is None and session is not None and getattr(session, "accessed", False)
-                       and not session.new)
-            self.plan = None if touched else self.layer._plan(status, headers, self.subject)
+            self.plan = None if _personal(self.environ.get(SESSION), self.subject) else \
+                self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()
             return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
@@ -187,6 +184,17 @@ class _Fill:
         if self.lock_key is not None:
             with contextlib.suppress(StoreError):  # else the lock expires after lock_timeout
                 layer.store.delete(self.lock_key)
+
+
+def _personal(session: Any, subject: str | None) -> bool:
+    """Whether the session makes this response one client's, though the session layer outside marks it so later.
+
+    A response that sets or expires the session cookie is never stored; one built
+    from a stored session is stored only per user (keyed by ``subject``).
+    """
+    if session is None or not getattr(session, "accessed", False):
+        return False
+    return bool(getattr(session, "sets_cookie", True)) or (subject is None and not session.new)
 
 
 class _Tee:

@@ -131,6 +131,16 @@ class Session(MutableMapping[str, Any]):
         self._load()
         return self._new
 
+    @property
+    def sets_cookie(self) -> bool:
+        """Whether saving this session will set or expire its cookie (written, rotated or destroyed).
+
+        A response that does must never be stored in a shared cache: the cookie
+        belongs to one client, and so does what the app put in the body next to it
+        (a CSRF token, the data it just wrote).
+        """
+        return self.modified or self._expire_cookie or bool(self._stale)
+
     def __getitem__(self, key: str) -> Any:
         return self._load()[key]
 

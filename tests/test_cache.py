@@ -262,6 +262,63 @@ def test_other_methods_pass_through(make: Callable[..., Stack], origin: Origin) 
     assert stack.events == []
 
 
+# -- the session layer outside ------------------------------------------------------------
+
+def _session_app(action: str) -> Callable[..., Iterable[bytes]]:
+    """An app that uses the session as ``action`` says and puts what it holds in the body."""
+    from middleware.base import SESSION
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        session = environ[SESSION]
+        if action == "write":  # say a CSRF token, or the data of a form the client sent
+            session["token"] = environ.get("HTTP_X_SECRET", "")
+        elif action == "login":
+            session["user"] = "alice"
+        elif action == "destroy":
+            session.destroy()
+        body = json.dumps({"held": dict(session)}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+@pytest.mark.parametrize(("action", "options", "cookie", "first", "second"), [
+    pytest.param("read", {}, False, "MISS", "HIT", id="reading an empty new session is not personal"),
+    pytest.param("write", {}, False, "MISS", "MISS", id="a new session the app wrote is never stored"),
+    pytest.param("write", {"per_user": True}, False, "MISS", "MISS",
+                 id="per user too: the cookie and the body belong to one client"),
+    pytest.param("destroy", {"per_user": True}, True, "MISS", "MISS", id="a logout is never stored"),
+    pytest.param("read", {"cookie_names": []}, True, "MISS", "MISS",
+                 id="a stored session read without per_user is never stored"),
+    pytest.param("read", {"cookie_names": [], "per_user": True}, True, "MISS", "HIT",
+                 id="a stored session read is stored for its user"),
+])
+def test_what_the_session_makes_personal_is_not_shared(
+        store: Store, clock: Clock, action: str, options: dict[str, Any], cookie: bool, first: str,
+        second: str) -> None:
+    """The session layer outside marks a response private only after the cache decided: the cache asks it."""
+    from middleware.session import SessionMiddleware
+
+    context = Context(stores={"shared": store})
+    web = TestApp(ErrorsMiddleware(SessionMiddleware(fake_auth(CacheMiddleware(
+        _session_app(action), CacheMiddleware.Options(**options), context)),
+        SessionMiddleware.Options(secret_key="k" * 40, cookie_name="sid", cookie_secure=False), context),
+        ErrorsMiddleware.Options(), context))
+    headers = {"X-Test-User": "alice"} if options.get("per_user") else {}
+    if cookie:
+        login = TestApp(SessionMiddleware(_session_app("login"), SessionMiddleware.Options(
+            secret_key="k" * 40, cookie_name="sid", cookie_secure=False), context)).get("/")
+        headers["Cookie"] = login.headers["Set-Cookie"].split(";", 1)[0]
+    one = web.get("/api/v1/search?q=x", headers={**headers, "X-Secret": "alice's"})
+    web.reset()  # another client: no cookie from the first answer
+    two = web.get("/api/v1/search?q=x", headers={**headers, "X-Secret": "bob's"})
+    assert (one.headers["X-Cache"], two.headers["X-Cache"]) == (first, second)
+    if action == "write":
+        assert two.json == {"held": {"token": "bob's"}}  # never the first client's
+        assert "Set-Cookie" in two.headers
+
+
 # -- HEAD ------------------------------------------------------------------------------
 
 def test_head_is_served_from_the_get_entry(make: Callable[..., Stack], origin: Origin) -> None:
