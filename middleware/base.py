@@ -373,10 +373,17 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
 
 
 def decoded_path(environ: WSGIEnvironment) -> str:
-    """The percent-decoded request path as text (PEP 3333 gives it as latin-1)."""
+    """The percent-decoded request path as text (PEP 3333 gives it as latin-1), as the router sees it.
+
+    Leading slashes count as one, as werkzeug's router counts them (``//auth/login``
+    routes to ``/auth/login``): Waitress merges them itself, other servers
+    (gunicorn) pass them on, and a rule written for ``/auth/*`` must match there too.
+    """
     path: str | None = environ.get(PATH)
     if path is None:
         raw = environ.get("PATH_INFO", "") or "/"
+        if raw[:2] == "//":
+            raw = "/" + raw.lstrip("/")
         try:
             path = raw.encode("latin-1").decode("utf-8")
         except UnicodeError:

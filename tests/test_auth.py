@@ -312,6 +312,9 @@ RULES = [
     pytest.param("GET", "/other", None, (401, None, "missing"), id="default: required"),
     pytest.param("OPTIONS", "/admin/x", None, (200, None, None), id="OPTIONS never refused"),
     pytest.param("OPTIONS", "/other", "garbage", (200, None, None), id="OPTIONS with a bad token"),
+    # werkzeug routes //admin/x as /admin/x (Waitress merges the slashes itself, gunicorn does not)
+    pytest.param("GET", "//admin/x", "user", (403, None, "insufficient_role"), id="leading slashes count as one"),
+    pytest.param("GET", "///public/x", None, (200, None, None), id="leading slashes: a none rule still matches"),
 ])
 def test_rules(method: str, path: str, who: str | None, expected: tuple[int, str | None, str | None]) -> None:
     stack = Stack(rules=RULES)
