@@ -16,13 +16,13 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from middleware.base import TIMINGS, Context, LayerOptions, note
+from middleware.base import TIMINGS, Context, LayerOptions, note, rewrites_inside
 from middleware.errors import ErrorsMiddleware
 from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
@@ -611,6 +611,8 @@ def build(
     wrapped: WSGIApplication = _Timed("app", core) if timing else core
     for spec in reversed(pipeline):
         registered = len(context.read_ahead)
+        if spec.scope:
+            spec.scope.rewrites = rewrites_inside(context)
         try:
             layer = instantiate(spec, wrapped, context)
         except Exception as exc:  # a file it cannot open, a setting only the server can refute…
@@ -622,6 +624,8 @@ def build(
         if callable(preview):  # the reads of the layers inside see the request as this one will change it
             for ahead in context.read_ahead[:registered]:
                 ahead.through(preview, spec.scope, spec.label)
+            if getattr(layer, "rewrites_path", False):  # the path rules of the layers outside see its rewrite
+                context.path_rewrites.append(_within(preview, spec.scope))
         instances.append(layer)
         if timing:
             layer = _Timed(spec.label, layer)
@@ -634,6 +638,14 @@ def build(
         raise fail(problems)
     context.settings["pipeline"] = [describe(spec) for spec in pipeline]
     return BuiltStack(wrapped, config, context, core=core, instances=instances)
+
+
+def _within(preview: Callable[[WSGIEnvironment], dict[str, Any] | None],
+            scope: Any) -> Callable[[WSGIEnvironment], dict[str, Any] | None]:
+    """``preview``, changing nothing for requests outside the layer's ``scope``."""
+    if not scope:
+        return preview
+    return lambda environ: preview(environ) if scope.matches(environ) else {}
 
 
 def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from middleware.base import decoded_path, note
+from middleware.base import PathRewrites, decoded_path, note, routed_path
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -38,6 +38,9 @@ class Scope:
         self._include = compile_globs(self.paths)
         self._exclude = compile_globs(self.exclude_paths)
         self._methods = frozenset(self.methods) or None
+        #: The path rewrites of the layers inside this one (set by the builder): a request is in scope
+        #: when its path is, or the path it is routed to (``/api/search`` → ``/api/v1/search``) is.
+        self.rewrites: PathRewrites = ()
 
     def matches(self, environ: WSGIEnvironment) -> bool:
         if self._methods is not None and environ.get("REQUEST_METHOD", "GET") not in self._methods:
@@ -45,6 +48,14 @@ class Scope:
         if self._include is None and self._exclude is None:
             return True
         path = decoded_path(environ)
+        if self._covers(path):
+            return True
+        if not self.rewrites:
+            return False
+        routed = routed_path(environ, self.rewrites)
+        return routed != path and self._covers(routed)
+
+    def _covers(self, path: str) -> bool:
         if self._include is not None and self._include.match(path) is None:
             return False
         return self._exclude is None or self._exclude.match(path) is None

@@ -56,6 +56,8 @@ from middleware.base import (
     note,
     read_ahead,
     refuse,
+    rewrites_inside,
+    routed_path,
 )
 from stores.base import Store, StoreError
 from stores.breaker import CLOSED
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = ["ROLES_FRESH", "USER_ROLES", "AuthMiddleware", "TokenService"]
 
 _NO_ROLES: frozenset[str] = frozenset()
+_RANK = {"none": 0, "optional": 1, "required": 2}
 #: ``context.services`` name of ``roles(subject) -> roles | None`` (None: no such user), which the
 #: app publishes so that a session identity carries the user's roles of now (the Flask core does).
 USER_ROLES = "user_roles"
@@ -607,6 +610,7 @@ class AuthMiddleware:
             for r in options.rules
         ]
         self.default = options.default
+        self.rewrites = rewrites_inside(context)  # versioning inside: rules hold for the path it routes to
         self.accept_session = options.accept_session
         self.max_bytes = options.max_token_bytes
         self.challenge = f"Bearer realm={_quote(options.realm)}"
@@ -686,14 +690,32 @@ class AuthMiddleware:
         self._roles_now[subject] = (now + ROLES_FRESH, roles)
         return roles
 
-    def _level(self, environ: WSGIEnvironment, method: str) -> tuple[str, frozenset[str]]:
-        """The auth level and roles of the first rule that matches (else the default)."""
-        if self.rules:
-            path = decoded_path(environ)
-            for paths, methods, rule_level, rule_roles in self.rules:
-                if (methods is None or method in methods) and (paths is None or paths.match(path)):
-                    return rule_level, rule_roles
-        return self.default, _NO_ROLES
+    def _level(self, environ: WSGIEnvironment, method: str) -> tuple[str, tuple[frozenset[str], ...]]:
+        """The auth level and the role sets (one role of each needed) of the rules that apply.
+
+        The first rule that matches the path (else the default); when a layer
+        inside rewrites the path (versioning routes ``/api/config`` to
+        ``/api/v2/config``), the first rule that matches the routed path applies
+        too, and the stricter level and both rules' roles hold.
+        """
+        if not self.rules:
+            return self.default, ()
+        path = decoded_path(environ)
+        level, roles = self._first(path, method)
+        if self.rewrites:
+            routed = routed_path(environ, self.rewrites)
+            if routed != path:
+                other, other_roles = self._first(routed, method)
+                if _RANK[other] > _RANK[level]:
+                    level = other
+                roles = tuple(dict.fromkeys((*roles, *other_roles)))
+        return level, roles
+
+    def _first(self, path: str, method: str) -> tuple[str, tuple[frozenset[str], ...]]:
+        for paths, methods, rule_level, rule_roles in self.rules:
+            if (methods is None or method in methods) and (paths is None or paths.match(path)):
+                return rule_level, (rule_roles,) if rule_roles else ()
+        return self.default, ()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -724,12 +746,14 @@ class AuthMiddleware:
                 raise refuse(401, "Unauthorized: this resource needs a bearer token.",
                              headers=[("WWW-Authenticate", self.challenge)])
             return self.app(environ, start_response)
-        if roles and not roles & identity.roles:
+        for needed in roles:
+            if needed & identity.roles:
+                continue
             self.context.emit("auth.failure", reason="insufficient_role")
-            note(environ, "auth", f"refused {identity.subject}: needs one of {sorted(roles)}")
+            note(environ, "auth", f"refused {identity.subject}: needs one of {sorted(needed)}")
             headers = [("WWW-Authenticate", f'{self.challenge}, error="insufficient_scope", '
                         f'error_description="a role is missing"')] if identity.source == "jwt" else []
-            raise refuse(403, f"Forbidden: this resource needs one of the roles {', '.join(sorted(roles))}.",
+            raise refuse(403, f"Forbidden: this resource needs one of the roles {', '.join(sorted(needed))}.",
                          headers=headers)
         environ[IDENTITY] = identity
         if TRACE in environ:

@@ -287,6 +287,9 @@ class Context:
     listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
     #: Reads that layers will make per request, for an outer layer's round trip to carry.
     read_ahead: list[ReadAhead] = field(default_factory=list)
+    #: The path rewrites of the layers built so far (the ones inside the layer being built), innermost
+    #: first: see :func:`routed_path`.  The builder adds a layer whose ``rewrites_path`` is true.
+    path_rewrites: list[Callable[[WSGIEnvironment], dict[str, Any] | None]] = field(default_factory=list)
 
     def offer_read(self, store: Store, op: str, key: Callable[[WSGIEnvironment], ReadKey | None]) -> None:
         """Register a per-request read (see :class:`ReadAhead`) when ``store`` can be read ahead (Redis)."""
@@ -390,6 +393,34 @@ def decoded_path(environ: WSGIEnvironment) -> str:
             path = raw
         environ[PATH] = path
     return path
+
+
+PathRewrites = tuple[Callable[["WSGIEnvironment"], "dict[str, Any] | None"], ...]
+
+
+def rewrites_inside(context: Context) -> PathRewrites:
+    """The path rewrites of the layers inside the one being built, outermost first (see :func:`routed_path`)."""
+    return tuple(reversed(context.path_rewrites))
+
+
+def routed_path(environ: WSGIEnvironment, rewrites: PathRewrites) -> str:
+    """The decoded path the app will route, after the ``rewrites`` of the layers inside (versioning's).
+
+    A layer that matches rules on paths (auth, ratelimit) and sits outside a
+    layer that rewrites them (``/api/search`` to ``/api/v1/search``) sees the
+    request path; this is the path the rewritten request reaches, found with
+    those layers' ``preview_environ``.  Rules must hold for both spellings, or
+    a rule written for the one the app routes is stepped around with the other.
+    """
+    path = decoded_path(environ)
+    view: WSGIEnvironment | None = None
+    for preview in rewrites:
+        changes = preview(view or environ)
+        if changes is None:  # that layer refuses the request: it never reaches a rewritten path
+            break
+        if "PATH_INFO" in changes:
+            view = {**(view or environ), **changes}
+    return path if view is None else decoded_path(view)
 
 
 def cookies(environ: WSGIEnvironment) -> Mapping[str, str]:

@@ -51,6 +51,8 @@ from middleware.base import (
     escape_control,
     note,
     refuse,
+    rewrites_inside,
+    routed_path,
 )
 from stores.base import StoreError
 from stores.breaker import StoreUnavailable
@@ -416,6 +418,7 @@ class RateLimitMiddleware:
         ns = f"{options.namespace}:" if options.namespace else ""
         self.rules = [self._compile(f"{ns}r{i}", r, options) for i, r in enumerate(options.rules)]
         self.default = self._compile(f"{ns}default", default, options) if options.limits else None
+        self.rewrites = rewrites_inside(context)  # versioning inside: rules hold for the path it routes to
         self.enforce = options.mode == "enforce"
         self.closed = options.on_store_error == "closed"
         others = [r.id for r in self.rules if r.closed != self.closed]
@@ -467,9 +470,12 @@ class RateLimitMiddleware:
         if self.rules:
             method = environ.get("REQUEST_METHOD", "GET")
             path = decoded_path(environ)
+            # With versioning inside, the first rule that matches the path or the path it is routed to.
+            routed = routed_path(environ, self.rewrites) if self.rewrites else path
             for candidate in self.rules:
                 if (candidate.methods is None or method in candidate.methods) and (
-                        candidate.paths is None or candidate.paths.match(path)):
+                        candidate.paths is None or candidate.paths.match(path)
+                        or (routed is not path and candidate.paths.match(routed))):
                     rule = candidate
                     break
         if rule is None or not rule.items:

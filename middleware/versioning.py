@@ -208,6 +208,8 @@ class VersioningMiddleware:
         app = VersioningMiddleware(app, opts, Context())
     """
 
+    #: Its ``preview_environ`` shows the path it routes to: auth and rate-limit rules outside match it too.
+    rewrites_path = True
     Options = VersioningOptions
 
     def __init__(self, app: WSGIApplication, options: VersioningOptions, context: Context) -> None:

@@ -1,0 +1,107 @@
+"""Rules and scopes outside versioning hold for the path the request is routed to, in every spelling.
+
+versioning routes ``/api/config`` (no version: the default), ``/api/V2/config``
+and ``/api/config`` with ``X-API-Version: v1`` to ``/api/v2/config`` and
+``/api/v1/config``.  The auth and rate-limit layers and every layer's scope sit
+outside it in the documented order, so they see the request path: a rule
+written for the routed path must not be stepped around with another spelling.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+from webtest import TestApp
+
+from config import build_from_text
+
+SECRET = "routed-paths-secret-" * 3
+HEAD = 'app: {factory: "stack_support:echo_app"}\nstores: {shared: "memory://"}\npipeline:\n  - errors: {}\n'
+VERSIONING = "  - versioning: {supported: [v1, v2], default: v2}\n"
+
+
+def token(*roles: str) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": "bob", "roles": list(roles), "iat": now, "exp": now + 300, "jti": f"j{time.time_ns()}",
+                       "typ": "access"}, SECRET, algorithm="HS256")
+
+
+def stack(layers: str) -> TestApp:
+    return TestApp(build_from_text(HEAD + layers + VERSIONING).app)
+
+
+AUTH = f"""  - auth:
+      secret: {SECRET}
+      default: optional
+      rules:
+        - {{paths: [/api/*/config], methods: [PUT, DELETE], roles: [admin]}}
+        - {{paths: ["/api/v1/*"], roles: [auditor]}}
+        - {{paths: [/api/status], roles: [ops]}}
+"""
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "who", "status"), [
+    pytest.param("PUT", "/api/v2/config", {}, "user", 403, id="the rule's own spelling"),
+    pytest.param("PUT", "/api/config", {}, "user", 403, id="no version: routed to the default"),
+    pytest.param("PUT", "/api/V2/config", {}, "user", 403, id="upper-case version"),
+    pytest.param("PUT", "/api/config", {"X-API-Version": "v2"}, "user", 403, id="version in a header"),
+    pytest.param("PUT", "/api/config", {}, "admin", 200, id="the role passes in any spelling"),
+    pytest.param("GET", "/api/config", {}, None, 200, id="what no rule covers stays optional"),
+    pytest.param("GET", "/api/V1/config", {}, None, 401, id="a rule on the v1 prefix: upper case"),
+    pytest.param("GET", "/api/config", {"X-API-Version": "v1"}, None, 401, id="a rule on the v1 prefix: header"),
+    pytest.param("GET", "/api/config", {"Accept": "application/vnd.wsgistack.v1+json"}, "user", 403,
+                 id="a rule on the v1 prefix: media type"),
+    pytest.param("PUT", "/api/config", {"X-API-Version": "v1"}, "auditor", 403,
+                 id="the first rule for the routed path wins, as ever"),
+    pytest.param("GET", "/api/status", {"X-API-Version": "v1"}, "ops", 403,
+                 id="a rule for each spelling: both hold (ops is not auditor)"),
+    pytest.param("GET", "/api/status", {"X-API-Version": "v1"}, "auditor", 403,
+                 id="a rule for each spelling: both hold (auditor is not ops)"),
+])
+def test_auth_rules_hold_for_the_routed_path(method: str, path: str, headers: dict[str, str], who: str | None,
+                                             status: int) -> None:
+    if who is not None:
+        headers = {**headers, "Authorization": f"Bearer {token(who)}"}
+    response = stack(AUTH).request(path, method=method, headers=headers, expect_errors=True)
+    assert response.status_int == status, response.body
+
+
+def test_both_roles_pass_both_rules() -> None:
+    headers = {"X-API-Version": "v1", "Authorization": f"Bearer {token('ops', 'auditor')}"}
+    assert stack(AUTH).get("/api/status", headers=headers).json["path"] == "/api/v1/status"
+
+
+RATELIMIT = """  - ratelimit:
+      store: shared
+      limits: ["100/minute"]
+      rules:
+        - {paths: ["/api/v2/search"], limits: ["2/minute"]}
+"""
+
+
+@pytest.mark.parametrize("spellings", [
+    pytest.param(["/api/v2/search"] * 3, id="the rule's own spelling"),
+    pytest.param(["/api/v2/search", "/api/search", "/api/V2/search"], id="every spelling counts against it"),
+])
+def test_rate_limit_rules_hold_for_the_routed_path(spellings: list[str]) -> None:
+    app = stack(RATELIMIT)
+    statuses = [app.get(path, expect_errors=True).status_int for path in spellings]
+    assert statuses == [200, 200, 429]
+    assert app.get("/api/v1/search").headers["RateLimit-Limit"] == "100"  # another resource, the default limit
+
+
+@pytest.mark.parametrize(("scope", "path", "applies"), [
+    pytest.param({"paths": ["/api/v2/*"]}, "/api/v2/x", True, id="the scope's own spelling"),
+    pytest.param({"paths": ["/api/v2/*"]}, "/api/x", True, id="routed into the scope"),
+    pytest.param({"paths": ["/api/v2/*"]}, "/api/v1/x", False, id="another version stays out"),
+    pytest.param({"paths": ["/api/v2/*"]}, "/other", False, id="outside the prefix"),
+    pytest.param({"paths": ["/api/*"], "exclude_paths": ["/api/v2/health"]}, "/api/v2/health", False,
+                 id="excluded"),
+])
+def test_scopes_hold_for_the_routed_path(scope: dict[str, Any], path: str, applies: bool) -> None:
+    options = ", ".join(f"{k}: [{', '.join(v)}]" for k, v in scope.items())
+    app = stack(f"  - stack_support:Tag: {{name: scoped, {options}}}\n")
+    assert app.get(path).json["layers"] == (["scoped"] if applies else [])
