@@ -3,8 +3,10 @@
 ``LiveStack`` is the WSGI callable the server hosts.  ``reload()`` reads,
 validates, lints and builds the file again; only a complete new pipeline
 replaces the old one (a single attribute assignment, atomic under the GIL).
-In-flight requests keep the pipeline they started with; an invalid file is
-logged with its errors and the old pipeline keeps serving.
+In-flight requests keep the pipeline they started with, and the old pipeline is
+closed (its layers' ``close()``, its stores' connections) once the last of them
+has finished; an invalid file is logged with its errors and the old pipeline
+keeps serving.
 
 ``memory://`` stores whose URL and options did not change are carried over
 into the new pipeline, so a reload keeps sessions, rate-limit counters and the
@@ -112,6 +114,90 @@ class ReloadResult:
         return text
 
 
+class _Flight:
+    """The requests in flight on one pipeline: once it is retired, the last of them closes it."""
+
+    __slots__ = ("built", "closed", "count", "lock", "retired")
+
+    def __init__(self, built: BuiltStack) -> None:
+        self.built = built
+        self.lock = threading.Lock()
+        self.count = 0
+        self.retired = self.closed = False
+
+    def enter(self) -> bool:
+        """Count a request in; False once the pipeline is retired (take the current one instead)."""
+        with self.lock:
+            if self.retired:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.count -= 1
+            last = self.retired and self.count == 0
+        if last:
+            self._close()
+
+    def retire(self) -> None:
+        """No new requests; close the pipeline now, or when the last request in flight finishes."""
+        with self.lock:
+            self.retired = True
+            idle = self.count == 0
+        if idle:
+            self._close()
+
+    def _close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        try:
+            self.built.close()  # memory:// stores carried over keep their data: their close() is a no-op
+        except Exception:
+            log.exception("closing the pipeline a reload replaced failed")
+
+    def finished(self, result: Iterable[bytes], environ: WSGIEnvironment) -> Iterable[bytes]:
+        """``result``, which counts the request out when the server closes it."""
+        wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(wrapper, type) and isinstance(result, wrapper):
+            self.leave()  # the server sends the file itself (and closes it): the pipeline is done with it
+            return result
+        return _SizedFinish(result, self) if hasattr(result, "__len__") else _Finish(result, self)
+
+
+class _Finish:
+    """A response body that tells its pipeline's :class:`_Flight` when the server closes it."""
+
+    __slots__ = ("flight", "result")
+
+    def __init__(self, result: Iterable[bytes], flight: _Flight | None) -> None:
+        self.result, self.flight = result, flight
+
+    def __iter__(self) -> Any:
+        return iter(self.result)
+
+    def close(self) -> None:
+        flight, self.flight = self.flight, None
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if flight is not None:
+                flight.leave()
+
+
+class _SizedFinish(_Finish):
+    """The same for a body with a length (Waitress sets Content-Length for a one-chunk list)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self.result)  # type: ignore[arg-type]
+
+
 class LiveStack:
     """Host the pipeline built from ``path``; ``reload()`` swaps in a new one."""
 
@@ -123,6 +209,7 @@ class LiveStack:
         self.label = ""
         self._lock = threading.Lock()
         self.current = built or _probed(build_from_file(self.path, env=env))
+        self._flight = _Flight(self.current)
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
         self.in_force: ServerOptions = self.current.config.server
         #: The Waitress adjustments in force (what a server, or a restarted worker, is created with).
@@ -154,14 +241,20 @@ class LiveStack:
         self._generation_header = [("X-Stack-Generation", str(self.generation))] if server.generation_header else None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        flight = self._flight
+        while not flight.enter():  # a reload retired it just now: the new one is in place
+            flight = self._flight
         header = self._generation_header
-        if header is None:
-            return self.current.app(environ, start_response)
-
-        def with_generation(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            return start_response(status, [*headers, *header], exc_info)
-
-        return self.current.app(environ, with_generation)
+        respond = start_response
+        if header is not None:
+            def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                return start_response(status, [*headers, *header], exc_info)
+        try:
+            result = flight.built.app(environ, respond)
+        except BaseException:
+            flight.leave()
+            raise
+        return flight.finished(result, environ)
 
     def reload(self) -> ReloadResult:
         """Rebuild from the file; swap on success, keep the old pipeline on failure."""
@@ -181,8 +274,9 @@ class LiveStack:
                 return self.last
             wanted = restart_settings(new.config)
             needs = [name for name in RESTART_ONLY if wanted[name] != self._started[name]]
-            old = self.current
+            old, retired = self.current, self._flight
             self.current = new
+            self._flight = _Flight(new)
             self.generation += 1
             self.last = ReloadResult(True, self.generation, needs_restart=needs, problems=new.warnings)
             self._publish()
@@ -199,8 +293,9 @@ class LiveStack:
                 log.warning("%s%s", self.label, warning)
             if self._follow:
                 self._sync_watch()
-        # Stores of the old pipeline are closed later by the garbage collector once in-flight
-        # requests drop their references; closing them now could cut those requests off.
+        # The old pipeline's layers and stores are closed once its last request in flight has
+        # finished (closing them now could cut those requests off).
+        retired.retire()
         del old
         return self.last
 

@@ -64,3 +64,21 @@ class RaisingStore(MemoryStore):
 
     def health(self) -> dict[str, object]:
         raise RuntimeError("health check exploded")
+
+
+#: What :class:`Closing` layers did, in order: ("open", name) and ("close", name).
+CLOSING_LOG: list[tuple[str, str]] = []
+
+
+class Closing:
+    """A plain middleware that holds a resource: it logs when it is built and when it is closed."""
+
+    def __init__(self, app: Any, name: str = "closing") -> None:
+        self.app, self.name = app, name
+        CLOSING_LOG.append(("open", name))
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return self.app(environ, start_response)
+
+    def close(self) -> None:
+        CLOSING_LOG.append(("close", self.name))

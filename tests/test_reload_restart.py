@@ -152,3 +152,89 @@ def test_a_worker_restarted_after_a_reload_runs_with_its_siblings_settings(tmp_p
     finally:
         server.stop()
     assert "Traceback" not in server.output()
+
+
+# ---------------------------------------------------------------- the replaced pipeline is closed
+
+
+def _closing_stack(port: int, name: str, stores: str = "") -> str:
+    return stack(port, extra="", pipeline=f"  - errors: {{}}\n  - stack_support:Closing: {{name: {name}}}\n") + stores
+
+
+def _environ() -> dict[str, Any]:
+    from werkzeug.test import EnvironBuilder
+
+    return EnvironBuilder(path="/x").get_environ()
+
+
+def test_a_reload_closes_the_pipeline_it_replaced(tmp_path: Path) -> None:
+    """Layers that hold resources (threads, files, connections) are closed, not left to the collector."""
+    from stack_support import CLOSING_LOG
+
+    CLOSING_LOG.clear()
+    path = tmp_path / "stack.yaml"
+    path.write_text(_closing_stack(18104, "one"))
+    live = LiveStack(path)
+    for name in ("two", "three"):
+        reload_with(live, _closing_stack(18104, name))
+    assert CLOSING_LOG == [("open", "one"), ("open", "two"), ("close", "one"), ("open", "three"), ("close", "two")]
+
+
+def test_a_request_in_flight_keeps_its_pipeline_open_until_it_finishes(tmp_path: Path) -> None:
+    from stack_support import CLOSING_LOG
+
+    CLOSING_LOG.clear()
+    path = tmp_path / "stack.yaml"
+    path.write_text(_closing_stack(18105, "old"))
+    live = LiveStack(path)
+    body = live(_environ(), lambda status, headers, exc_info=None: None)
+    reload_with(live, _closing_stack(18105, "new"))
+    assert ("close", "old") not in CLOSING_LOG  # the response is still being sent
+    assert b"".join(body)
+    body.close()  # type: ignore[attr-defined]
+    assert CLOSING_LOG[-1] == ("close", "old")
+    live(_environ(), lambda status, headers, exc_info=None: None).close()  # type: ignore[attr-defined]
+    assert ("close", "new") not in CLOSING_LOG
+
+
+def test_a_failing_request_counts_out_too(tmp_path: Path) -> None:
+    from stack_support import CLOSING_LOG
+
+    CLOSING_LOG.clear()
+    path = tmp_path / "stack.yaml"
+    path.write_text(_closing_stack(18106, "old"))
+    live = LiveStack(path)
+
+    def broken(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        raise OSError("the client went away")
+
+    with pytest.raises(OSError):
+        live(_environ(), broken)
+    reload_with(live, _closing_stack(18106, "new"))
+    assert CLOSING_LOG[-1] == ("close", "old")
+
+
+@pytest.mark.redis
+def test_a_reload_releases_the_redis_connections_of_the_old_pipeline(tmp_path: Path, redis_url: str) -> None:
+    import redis
+
+    base = redis_url.rsplit("/", 1)[0]
+    client = redis.Redis.from_url(redis_url)
+
+    def connected(db: int) -> int:
+        return sum(1 for c in client.client_list() if c["db"] == str(db) and c["cmd"] != "client|list")
+
+    path = tmp_path / "stack.yaml"
+    pipeline = ("  - errors: {}\n  - ratelimit: {store: shared, limits: ['100/minute']}\n")
+    for db in (3, 4, 5):
+        text = stack(18107, pipeline=pipeline) + f"stores: {{shared: '{base}/{db}'}}\n"
+        if db == 3:
+            path.write_text(text)
+            live = LiveStack(path)
+        else:
+            reload_with(live, text)
+        live(_environ(), lambda status, headers, exc_info=None: None).close()  # type: ignore[attr-defined]
+        assert connected(db) >= 1
+    assert connected(3) == connected(4) == 0  # only the pipeline serving now holds connections
+    live.current.close()
+    client.close()
