@@ -27,7 +27,7 @@ from middleware.errors import ErrorsMiddleware
 from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
 
-from .errors import SECRET_KEY, ConfigError, Path, Problem
+from .errors import MASK, ConfigError, Path, Problem, is_secret
 from .loader import Document
 from .registry import LAYERS, import_string, is_path, resolve
 from .schema import TOP_LEVEL, AppSection, LoggingOptions, ServerOptions, StoreSpec, split_listen
@@ -226,7 +226,7 @@ def _located(doc: Document, path: Path, message: str, fields: Iterable[str] = ()
     where = relocate(doc, path, message, fields)
     if where != path:
         value = data_at(doc, where)
-        secret = any(isinstance(part, str) and SECRET_KEY.search(part) for part in where[len(path):])
+        secret = is_secret(where[len(path):], value)
         shown = value is not _MISSING and not isinstance(value, dict | list) and not secret
         kw = {**kw, "value": value if shown else None, "has_value": shown}
     return doc.problem(where, message, **kw)
@@ -375,6 +375,14 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                 continue
         elif callable(target):
             validated = options
+            taken = [k for k in scope_raw if k in _parameter_names(target)]
+            for key in taken:
+                problems.append(doc.problem((*opath, key), (
+                    f"{key!r} here scopes the layer (paths, exclude_paths and methods are the builder's), but "
+                    f"{name} also takes a {key!r} argument, which stack.yaml cannot set: wrap the factory in one of "
+                    "your own that names it differently"), key=True))
+            if taken:
+                continue
             unknown = _unknown_keywords(target, options)
             if unknown is not None:
                 for key in unknown[0]:
@@ -399,6 +407,14 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"SyntaxError in {exc.filename}, line {exc.lineno}: {exc.msg}"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _parameter_names(target: Any) -> frozenset[str]:
+    """The keyword parameters of a plain factory (none when it has no signature)."""
+    try:
+        return frozenset(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def _unknown_keywords(target: Any, options: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
@@ -550,7 +566,30 @@ def instantiate(spec: LayerSpec, app: WSGIApplication, context: Context) -> WSGI
         layer: WSGIApplication = spec.target(app, spec.options, context)
     else:
         layer = spec.target(app, **spec.options)
+    _check_wsgi(layer)
     return layer
+
+
+def _check_wsgi(layer: object) -> None:
+    """Refuse what a factory made when it cannot be called as ``layer(environ, start_response)``.
+
+    A Paste Deploy ``filter_factory(global_conf, **local_conf)`` returns a filter
+    that wants the app, not a request: it would answer every request with a 500.
+    """
+    if not callable(layer):
+        raise TypeError(f"the factory returned {type(layer).__name__} {layer!r:.60}, not a WSGI application "
+                        "(a callable taking environ and start_response)")
+    try:
+        signature = inspect.signature(layer)
+    except (TypeError, ValueError):  # a builtin, or a callable that hides its signature: trust it
+        return
+    try:
+        signature.bind({}, lambda *args: None)
+    except TypeError:
+        raise TypeError(f"the factory returned {getattr(layer, '__qualname__', type(layer).__name__)}"
+                        f"{signature}, which cannot be called as layer(environ, start_response); a Paste Deploy "
+                        "filter_factory(global_conf, **local_conf) is not a middleware factory: name its filter "
+                        "function instead") from None
 
 
 def build(
@@ -657,6 +696,9 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
     if isinstance(options, dict):
         fields = list(options)
         opath = (*path, spec.name)
+        for key, value in options.items():  # the layer's own message may quote a secret it was given
+            if isinstance(value, str) and len(value) >= 4 and is_secret((key,), value):
+                message = message.replace(value, MASK)
         for key, value in options.items():
             if filename is not None and value == filename:
                 return doc.problem((*opath, key), f"{spec.name} cannot open it: {exc.strerror or message}"

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from middleware.base import mask_url_passwords
+from stores.base import SECRET_NAME
 
 Path = tuple[str | int, ...]
 
-#: A key whose value a message never repeats (``secret``, ``password``, ``private_key``, ``token``…).
-SECRET_KEY = re.compile(r"secret|passw(?:or)?d|private_key|tokens?$", re.IGNORECASE)
+#: A key whose value a message never repeats: the one rule of stores.base (and the operator page).
+SECRET_KEY = SECRET_NAME
 MASK = "***"
+
+
+def is_secret(path: Path, value: Any) -> bool:
+    """Whether ``value`` at ``path`` is a secret's: a secret-named key's text (a flag or a number is not)."""
+    if value is None or isinstance(value, bool | int | float):
+        return False
+    return any(isinstance(part, str) and SECRET_KEY.search(part) for part in path)
 
 
 def masked(path: Path, value: Any) -> Any:
     """``value`` fit to print: a secret-named key's value hidden, passwords in URLs replaced by ``***``."""
-    if any(isinstance(part, str) and SECRET_KEY.search(part) for part in path):
+    if is_secret(path, value):
         return MASK
     if isinstance(value, str) and "://" in value:
         return mask_url_passwords(value, MASK)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .build import LayerSpec, StackConfig
+from .build import LayerSpec, StackConfig, reads_forwarding_headers
 from .errors import Problem
 from .registry import LAYERS
 
@@ -19,13 +19,17 @@ STATEFUL_SHARED = ("session", "ratelimit", "auth")
 
 
 def kind(spec: LayerSpec) -> str | None:
-    """The built-in name of a spec (also when written as its module:attr path)."""
+    """The built-in name of a spec (also when written as its module:attr path).
+
+    werkzeug's ``ProxyFix`` (or a subclass) counts as ``proxy``: it sets the
+    client address from the forwarding headers, so the same order rules hold.
+    """
     if spec.name in LAYERS:
         return spec.name
     for name, target in LAYERS.items():
         if spec.name == target:
             return name
-    return None
+    return "proxy" if reads_forwarding_headers(spec) else None
 
 
 def _first(specs: list[LayerSpec], name: str) -> LayerSpec | None:

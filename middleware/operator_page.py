@@ -37,6 +37,8 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 
+from stores.base import secret_name
+
 from .base import (
     IDENTITY,
     ROUTE,
@@ -58,7 +60,7 @@ __all__ = ["OperatorPageMiddleware"]
 
 MASK = "•••"
 #: an option (or nested key, or URL query parameter) whose name contains one of these is masked
-SECRET_WORDS = ("secret", "key", "password", "passwd", "token", "credential", "authorization")
+SECRET_WORDS = ("secret", "key", "password", "passwd", "token", "credential", "authorization")  # in free text
 _EVENTS = ("cache.hit", "cache.miss", "cache.stale", "cache.bypass", "ratelimit.pass", "ratelimit.reject",
            "ratelimit.shadow_reject", "auth.failure", "store.error", "version.deprecated")
 _DETAIL = {"auth.failure": "reason", "store.error": "store", "version.deprecated": "version"}
@@ -324,14 +326,14 @@ class OperatorPageMiddleware:
 
 
 # -- masking -----------------------------------------------------------------
-def _secret_name(name: str) -> bool:
-    lowered = name.lower()
+def _secret_text(text: str) -> bool:
+    lowered = text.lower()
     return any(word in lowered for word in SECRET_WORDS)
 
 
 def mask(value: Any, name: str = "") -> Any:
     """``value`` with secrets replaced by ``•••``: by option name, URL password or query parameter."""
-    if name and _secret_name(name) and value not in (None, True, False, "", [], {}):
+    if name and secret_name(name) and value not in (None, True, False, "", [], {}):
         return MASK
     if isinstance(value, Mapping):
         return {str(k): mask(v, str(k)) for k, v in value.items()}
@@ -342,7 +344,7 @@ def mask(value: Any, name: str = "") -> Any:
             try:
                 return mask(ast.literal_eval(value))
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                return MASK if _secret_name(value) else mask_url_passwords(value, MASK)
+                return MASK if _secret_text(value) else mask_url_passwords(value, MASK)
         if "://" in value or "@" in value:
             return _mask_url(value)
     return value
@@ -361,7 +363,7 @@ def _mask_url(text: str) -> str:
         netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
     if query:
         pairs = [part.partition("=") for part in query.split("&")]
-        query = "&".join(f"{k}={MASK}" if _secret_name(unquote_plus(k)) else k + eq + v for k, eq, v in pairs)
+        query = "&".join(f"{k}={MASK}" if secret_name(unquote_plus(k)) else k + eq + v for k, eq, v in pairs)
     return urlunsplit(parts._replace(netloc=netloc, query=query)) if (netloc, query) != (parts.netloc, parts.query) \
         else text
 

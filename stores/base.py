@@ -23,6 +23,16 @@ _URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)(?:(?!://)[^\n])*@")
 _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
 
 
+#: A name (an option, a nested key, a query parameter) whose value is never shown: in config
+#: errors, logs and the operator page alike (``secret_key``, ``password``, ``api_key``, ``token``…).
+SECRET_NAME = re.compile(r"secret|passw(?:or)?d|tokens?$|credential|authorization|apikey|[_-]keys?$", re.IGNORECASE)
+
+
+def secret_name(name: str) -> bool:
+    """Whether a value named ``name`` is a secret (see :data:`SECRET_NAME`)."""
+    return SECRET_NAME.search(name) is not None
+
+
 def mask_url(url: str, mask: str = "***") -> str:
     """One URL with its password (userinfo, and ``?password=``-like query values) replaced by ``mask``.
 

@@ -82,3 +82,37 @@ class Closing:
 
     def close(self) -> None:
         CLOSING_LOG.append(("close", self.name))
+
+
+def returns_none(app: Any) -> None:
+    """A factory that forgot its return statement."""
+
+
+def filter_factory(global_conf: Any, **local_conf: Any) -> Callable[[Any], Any]:
+    """A Paste Deploy filter factory: its filter wants the app, not a request."""
+    def filt(app: Any) -> Any:
+        return app
+
+    return filt
+
+
+class KeyedLayer:
+    """A layer with an options model whose ``api_key`` must be long."""
+
+    def __init__(self, app: Any, api_key: str = "") -> None:
+        if len(api_key) < 40:
+            raise ValueError(f"api_key is too short: {api_key!r}")
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return self.app(environ, start_response)
+
+
+class MethodsLayer:
+    """A third-party middleware with an option named like the builder's scope key ``methods``."""
+
+    def __init__(self, app: Any, methods: tuple[str, ...] = ("GET",)) -> None:
+        self.app, self.methods = app, methods
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return self.app(environ, start_response)

@@ -371,6 +371,26 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory's keyword arguments",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - stack_support:returns_none: {}\n",
+            "stack.yaml:3:5 pipeline[0]: stack_support:returns_none: the factory returned NoneType None, not a WSGI "
+            "application (a callable taking environ and start_response)",
+            id="a factory that returns nothing",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - stack_support:filter_factory: {}\n",
+            "stack.yaml:3:5 pipeline[0]: stack_support:filter_factory: the factory returned "
+            "filter_factory.<locals>.filt(app: 'Any') -> 'Any', which cannot be called as layer(environ, "
+            "start_response); a Paste Deploy filter_factory(global_conf, **local_conf) is not a middleware factory",
+            id="a Paste Deploy filter factory",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - stack_support:MethodsLayer: {methods: [GET, POST]}\n",
+            "stack.yaml:3:34 pipeline[0].stack_support:MethodsLayer.methods: 'methods' here scopes the layer (paths, "
+            "exclude_paths and methods are the builder's), but stack_support:MethodsLayer also takes a 'methods' "
+            "argument, which stack.yaml cannot set",
+            id="a factory argument named like a scope key",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - access_log: {file: /nonexistent/dir/access.log}\n",
             "stack.yaml:3:24 pipeline[0].access_log.file: access_log cannot open it: No such file or directory "
             "(got '/nonexistent/dir/access.log')",
@@ -422,6 +442,8 @@ def test_a_layer_module_that_fails_to_import(tmp_path: Path, monkeypatch: pytest
                      id="secret of the wrong type"),
         pytest.param("stores:\n  shared: redis://redis.internal:63x79/0?password=Hunter2Secret\npipeline:\n"
                      "  - errors: {}\n", "Hunter2Secret", id="password in the query"),
+        pytest.param("pipeline:\n  - errors: {}\n  - stack_support:KeyedLayer: {api_key: sk-live-Hunter2Secret}\n",
+                     "Hunter2Secret", id="a third-party layer's api_key"),
     ],
 )
 def test_problems_never_repeat_a_secret(yaml_text: str, secret: str) -> None:

@@ -47,6 +47,13 @@ def problems(text: str) -> list[str]:
             id="ratelimit before proxy",
         ),
         pytest.param(
+            "pipeline:\n  - ratelimit: {limits: ['10/second']}\n"
+            "  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n",
+            "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] is outside the proxy layer at pipeline[1]: "
+            "it would key on the proxy's address",
+            id="ratelimit before werkzeug's ProxyFix, which is a proxy layer too",
+        ),
+        pytest.param(
             f"pipeline:\n  - ratelimit: {{limits: ['10/second'], key: user}}\n  - auth: {{secret: {SECRET}}}\n",
             "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] keys on user but is not inside auth",
             id="user key outside auth",

@@ -594,6 +594,8 @@ def test_page_updates_in_a_real_browser(tmp_path: Path) -> None:
 def test_factory_layer_options_are_described_as_data() -> None:
     """A date beside a URL in a plain factory's options must not stop the URL's password from being masked."""
     data = stack_data([{"werkzeug.middleware.proxy_fix:ProxyFix": {"x_for": 1}}])
+    page, proxy, cache = data["pipeline"]
+    data["pipeline"] = [proxy, page, cache]  # ProxyFix sets the client address the page's allow_from checks
     built = build_from_dict(data, base_dir=".")
     spec = next(s for s in built.config.pipeline if s.name.endswith("ProxyFix"))
     spec.options = {"upstream": {"url": "https://svc:Pw99@api.example.org/v1", "since": date(2024, 1, 1)}}
