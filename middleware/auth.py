@@ -636,7 +636,7 @@ class AuthMiddleware:
         """The identity a known bearer token will give (for reads ahead, see ``ReadAhead``).
 
         Without a token, the session user the session layer's preview hinted at
-        (its roles are not needed ahead), else ``{}``; None for a token not
+        (with the roles this process last looked up for it), else ``{}``; None for a token not
         verified before, which this layer may refuse, and for a request without
         credentials where they are required (a 401 to come: nothing to read).
         """
@@ -648,7 +648,11 @@ class AuthMiddleware:
         if token is None:
             hint = environ.get(SESSION_USER_HINT) if self.accept_session else None
             if hint is not None:
-                return {IDENTITY: Identity(hint, _NO_ROLES, "session")}
+                subject, roles = hint
+                if self.context.services.get(USER_ROLES) is not None:  # the roles it has now, as last looked up
+                    known = self._roles_now.get(subject)
+                    roles = known[1] if known is not None and known[0] > time.monotonic() else None
+                return {IDENTITY: Identity(subject, roles or _NO_ROLES, "session")}
             return None if level == "required" and "HTTP_COOKIE" not in environ else {}  # None: a 401 to come
         claims = self.tokens.known(token)
         if claims is None:

@@ -87,8 +87,8 @@ TIMINGS = "wsgistack.timings"
 TRACE = "wsgistack.trace"
 #: Store reads an outer layer made for inner ones in its own round trip (see ReadAhead).
 READ_AHEAD = "wsgistack.read_ahead"
-#: In a previewed environ only (see ReadAhead): the subject of the user the session cookie's
-#: session held when this process last read or saved it.
+#: In a previewed environ only (see ReadAhead): ``(subject, roles)`` of the user the session
+#: cookie's session held when this process last read or saved it.
 SESSION_USER_HINT = "wsgistack.session_user_hint"
 #: The route template that answered (the Flask core's rule, or a layer's own path), for metrics labels.
 ROUTE = "wsgistack.route"

@@ -4,7 +4,7 @@ A hit costs one store read, one small JSON decode and ``start_response``.  The
 key covers the method class, the decoded path, the query (pairs sorted by
 name), the API version, the scheme, host and proxy headers an app might echo
 (``key_headers``), every request header the response names in ``Vary``, and,
-with ``per_user``, the identity's subject.  A miss calls the app once per key
+with ``per_user``, the identity's subject and roles.  A miss calls the app once per key
 (single-flight, across threads and, through a store lock, across processes)
 and tees the body into the store while it streams to the client.
 
@@ -320,7 +320,10 @@ class CacheMiddleware:
             return None, ("credentials" if private or identity is not None else None)
         if identity is None:
             return None, ("credentials without identity" if private else None)
-        return str(identity.subject), None
+        # The roles too: a token with fewer roles (or a user whose roles were taken away) must not
+        # be answered with what a token with more roles was given.
+        roles = identity.roles
+        return (f"{identity.subject}\n{','.join(sorted(roles))}" if roles else str(identity.subject)), None
 
     def _base_key(self, environ: WSGIEnvironment, subject: str | None) -> str:
         path = decoded_path(environ)

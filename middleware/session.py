@@ -294,8 +294,8 @@ class SessionMiddleware:
         self.cookie_name = options.cookie_name
         # Cookie values whose signature already checked out (verification costs ~9 µs).
         self._verified: dict[str, str] = {}
-        # The user subject each session held when last read or saved here (for preview_environ).
-        self._users: dict[str, str] = {}
+        # The user (subject, roles) each session held when last read or saved here (for preview_environ).
+        self._users: dict[str, tuple[str, frozenset[str]]] = {}
         self._attrs: dict[str, Any] = {
             "path": options.cookie_path, "domain": options.cookie_domain,
             "secure": options.cookie_secure, "httponly": options.cookie_httponly,
@@ -365,7 +365,9 @@ class SessionMiddleware:
         if isinstance(subject, str):
             if len(self._users) >= VERIFIED_CACHE_SIZE:
                 self._users.clear()
-            self._users[sid] = subject
+            roles = user.get("roles") if isinstance(user, dict) else None
+            held = frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else frozenset()
+            self._users[sid] = (subject, held)
         else:
             self._users.pop(sid, None)
 

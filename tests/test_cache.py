@@ -426,6 +426,17 @@ def test_private_answers_never_reach_another_user(make: Callable[..., Stack], or
     assert (anonymous.headers["X-Cache"], anonymous.json["user"]) == ("MISS", None)
 
 
+def test_per_user_entries_are_per_role_set_too(make: Callable[..., Stack], origin: Origin) -> None:
+    """A down-scoped token (or a user whose admin role was taken away) never gets what admin got."""
+    stack = make(per_user=True)
+    admin = {"Authorization": "Bearer a", "X-Test-User": "alice:admin,user"}
+    assert stack.get(headers=admin).headers["X-Cache"] == "MISS"
+    assert stack.get(headers={**admin, "X-Test-User": "alice:user,admin"}).headers["X-Cache"] == "HIT"
+    assert stack.get(headers={**admin, "X-Test-User": "alice:user"}).headers["X-Cache"] == "MISS"
+    assert stack.get(headers={**admin, "X-Test-User": "alice"}).headers["X-Cache"] == "MISS"
+    assert origin.calls == 3
+
+
 def test_private_answers_not_shared_without_per_user(make: Callable[..., Stack], origin: Origin) -> None:
     stack = make()
     alice = stack.get(headers={"Authorization": "Bearer a", "X-Test-User": "alice"})
