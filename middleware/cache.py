@@ -64,6 +64,7 @@ DEFAULT_PREFIX = "wsgistack:cache:"
 _DIGEST = 32
 _VARY_INDEX = b'{"v":'  # how an entry that lists a path's Vary headers starts (its variants are stored apart)
 _clock = time.time  # wall clock: entries carry it across processes (tests replace it)
+_MAX_DELTA = 2**31  # the largest delta-seconds a cache needs to honour (RFC 9111 §1.2.2)
 _GLOB = re.compile(r"[*?\[]")
 # Never stored with an entry: hop-by-hop headers and the ones this layer writes.
 _UNSTORED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -130,13 +131,14 @@ class CacheOptions(LayerOptions):
 
 
 class _Plan:
-    """What the start_response of a miss decided: store for ``ttl`` (+ ``window`` stale)."""
+    """What the start_response of a miss decided: fresh for ``ttl`` from an age of ``age`` (+ ``window`` stale)."""
 
-    __slots__ = ("headers", "length", "status", "ttl", "vary", "window")
+    __slots__ = ("age", "headers", "length", "status", "ttl", "vary", "window")
 
-    def __init__(self, status: str, headers: Headers, length: int, ttl: int, window: int, vary: list[str]) -> None:
+    def __init__(self, status: str, headers: Headers, length: int, ttl: int, window: int, vary: list[str],
+                 age: int = 0) -> None:
         self.status, self.headers, self.length = status, headers, length
-        self.ttl, self.window, self.vary = ttl, window, vary
+        self.ttl, self.window, self.vary, self.age = ttl, window, vary, age
 
 
 class _Fill:
@@ -362,7 +364,8 @@ class CacheMiddleware:
 
     @staticmethod
     def _variant(base: str, vary: list[str], environ: WSGIEnvironment) -> str:
-        return base[:-_DIGEST] + _digest((base, [environ.get(_environ_name(h)) for h in vary]))
+        """The key of this request's variant: the header names as well as their values (RFC 9111 §4.1)."""
+        return base[:-_DIGEST] + _digest((base, vary, [environ.get(_environ_name(h)) for h in vary]))
 
     def _lookup(self, environ: WSGIEnvironment, base: str,
                 lock_key: str | None = None) -> tuple[dict[str, Any] | None, bool | None]:
@@ -547,7 +550,7 @@ class CacheMiddleware:
         """Whether (and how long) a response may be stored, decided from its status and headers."""
         if status[:3] not in self.statuses:
             return None
-        length = cache_control = expires = date = None
+        length = cache_control = expires = date = age_header = None
         vary: list[str] = []
         for name, value in headers:
             lname = name.lower()
@@ -559,6 +562,8 @@ class CacheMiddleware:
                 expires = value
             elif lname == "date":
                 date = value
+            elif lname == "age":
+                age_header = value
             elif lname == "vary":
                 vary += (v.strip().lower() for v in value.split(",") if v.strip())
             elif lname == "content-length":
@@ -568,28 +573,32 @@ class CacheMiddleware:
         if length is None or not length.isdigit() or int(length) > self.options.max_body_bytes or "*" in vary:
             return None
         ttl, window = self.options.ttl, self.options.stale_if_error
-        age = None
+        lifetime = None
         if cache_control:  # directive names are case-insensitive (RFC 9111 §5.2)
             cc = parse_cache_control_header(cache_control.lower(), cls=ResponseCacheControl)
             if cc.no_store or cc.no_cache or (cc.private and subject is None):
                 return None
-            age = cc.s_maxage if cc.s_maxage is not None else cc.max_age
-            if cc.must_revalidate or cc.proxy_revalidate:
+            lifetime = cc.s_maxage if cc.s_maxage is not None else cc.max_age
+            # s-maxage implies proxy-revalidate for a shared cache (RFC 9111 §5.2.2.10): never served stale
+            if cc.must_revalidate or cc.proxy_revalidate or cc.s_maxage is not None:
                 window = 0
-        if age is None and expires is not None:
-            age = _expires_in(expires, date)
-        ttl = ttl if age is None else age
-        if ttl <= 0:
+        if lifetime is None and expires is not None:
+            lifetime = _expires_in(expires, date)
+        ttl = min(ttl if lifetime is None else lifetime, _MAX_DELTA)  # RFC 9111 §1.2.2: at most 2^31 seconds
+        # An Age the app sent (it is a cache or a proxy itself) has used part of that already (§4.2.3).
+        age = min(int(age_header), _MAX_DELTA) if age_header is not None and age_header.strip().isdigit() else 0
+        if ttl - age <= 0:
             return None
         kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
-        return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)))
+        return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)), age)
 
     def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
               unlock: str | None = None) -> None:
         """Store the entry (and its Vary index) and drop the fill lock: one round trip."""
         now = _clock()
-        life = plan.ttl + plan.window
-        head = {"s": plan.status, "h": plan.headers, "t": now, "f": now + plan.ttl, "x": now + life}
+        life = plan.ttl - plan.age + plan.window
+        born = now - plan.age  # so that Age counts from when the app's own source made it
+        head = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
         sets: list[tuple[str, bytes, float | None]] = []
         if plan.vary:

@@ -413,6 +413,24 @@ def test_vary_keys_on_the_named_request_headers(make: Callable[..., Stack], orig
     assert origin.calls == 3
 
 
+def test_a_variant_matches_on_the_headers_its_own_response_named(store: Store, clock: Clock) -> None:
+    """Vary names which request headers select a response; another Vary list is another variant (RFC 9111 §4.1)."""
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        tenant = environ.get("HTTP_X_TENANT")
+        body = json.dumps({"lang": environ.get("HTTP_ACCEPT_LANGUAGE"), "tenant": tenant}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Vary", "X-Tenant" if tenant else "Accept-Language"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    web = TestApp(CacheMiddleware(app, CacheMiddleware.Options(), Context(stores={"shared": store})))
+    web.get("/s", headers={"Accept-Language": "fr"})
+    web.get("/s", headers={"X-Tenant": "acme"})  # the index now names X-Tenant
+    other = web.get("/s", headers={"X-Tenant": "fr", "Accept-Language": "de"})
+    # The value "fr" of X-Tenant is not the value "fr" of Accept-Language.
+    assert (other.headers["X-Cache"], other.json) == ("MISS", {"lang": "de", "tenant": "fr"})
+
+
 def test_private_answers_never_reach_another_user(make: Callable[..., Stack], origin: Origin) -> None:
     origin.headers.append(("Cache-Control", "private, max-age=60"))
     stack = make(per_user=True)
@@ -447,25 +465,32 @@ def test_private_answers_not_shared_without_per_user(make: Callable[..., Stack],
 
 # -- freshness and Age -----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("options", "cache_control", "later", "expected"), [
-    pytest.param({"ttl": 30}, None, 29, "HIT", id="ttl fallback, fresh"),
-    pytest.param({"ttl": 30}, None, 31, "MISS", id="ttl fallback, expired"),
-    pytest.param({"ttl": 300}, "max-age=10", 9, "HIT", id="max-age, fresh"),
-    pytest.param({"ttl": 300}, "max-age=10", 11, "MISS", id="max-age beats ttl"),
-    pytest.param({"ttl": 300}, "max-age=100, s-maxage=5", 6, "MISS", id="s-maxage beats max-age"),
-    pytest.param({"ttl": 5}, "s-maxage=100", 50, "HIT", id="s-maxage beats ttl"),
+@pytest.mark.parametrize(("options", "cache_control", "age", "later", "expected"), [
+    pytest.param({"ttl": 30}, None, 0, 29, "HIT", id="ttl fallback, fresh"),
+    pytest.param({"ttl": 30}, None, 0, 31, "MISS", id="ttl fallback, expired"),
+    pytest.param({"ttl": 300}, "max-age=10", 0, 9, "HIT", id="max-age, fresh"),
+    pytest.param({"ttl": 300}, "max-age=10", 0, 11, "MISS", id="max-age beats ttl"),
+    pytest.param({"ttl": 300}, "max-age=100, s-maxage=5", 0, 6, "MISS", id="s-maxage beats max-age"),
+    pytest.param({"ttl": 5}, "s-maxage=100", 0, 50, "HIT", id="s-maxage beats ttl"),
+    pytest.param({}, "max-age=99999999999999999999", 0, 10**9, "HIT", id="a huge max-age is 2^31 seconds"),
+    pytest.param({}, "max-age=60", 50, 0, "HIT", id="the app's Age counts: fresh"),
+    pytest.param({}, "max-age=60", 50, 11, "MISS", id="the app's Age counts: stale"),
+    pytest.param({}, "max-age=60", 60, 0, "MISS", id="older than its lifetime: not stored"),
 ])
 def test_freshness(make: Callable[..., Stack], origin: Origin, clock: Clock, options: dict[str, Any],
-                   cache_control: str | None, later: int, expected: str) -> None:
+                   cache_control: str | None, age: int, later: int, expected: str) -> None:
+    """Freshness from the response's headers, and Age counted from the app's own (RFC 9111 §4.2)."""
     if cache_control:
         origin.headers.append(("Cache-Control", cache_control))
+    if age:
+        origin.headers.append(("Age", str(age)))
     stack = make(**options)
     stack.get()
     clock.now += later
     response = stack.get()
     assert response.headers["X-Cache"] == expected
     if expected == "HIT":
-        assert response.headers["Age"] == str(later)
+        assert response.headers["Age"] == str(later + age)
 
 
 def test_age_counts_whole_seconds_since_stored(make: Callable[..., Stack], clock: Clock) -> None:
@@ -503,8 +528,11 @@ def test_stale_if_error(make: Callable[..., Stack], origin: Origin, clock: Clock
         assert "cache.stale" in stack.names()
 
 
-def test_must_revalidate_turns_stale_off(make: Callable[..., Stack], origin: Origin, clock: Clock) -> None:
-    origin.headers.append(("Cache-Control", "max-age=10, must-revalidate"))
+@pytest.mark.parametrize("cache_control", ["max-age=10, must-revalidate", "s-maxage=10"])
+def test_must_revalidate_turns_stale_off(make: Callable[..., Stack], origin: Origin, clock: Clock,
+                                         cache_control: str) -> None:
+    """s-maxage implies proxy-revalidate for a shared cache (RFC 9111 §5.2.2.10)."""
+    origin.headers.append(("Cache-Control", cache_control))
     stack = make(stale_if_error=600)
     stack.get()
     clock.now += 20
