@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl
 from pydantic import Field, model_validator
 from werkzeug.datastructures import RequestCacheControl, ResponseCacheControl
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
-from werkzeug.http import parse_cache_control_header, parse_date
+from werkzeug.http import parse_cache_control_header, parse_date, parse_etags, unquote_etag
 
 from stores.base import Store, StoreError
 
@@ -70,6 +70,9 @@ _GLOB = re.compile(r"[*?\[]")
 _UNSTORED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                        "trailer", "transfer-encoding", "upgrade", "age", "x-cache"})
 Headers = list[tuple[str, str]]
+# What a 304 carries of the stored response (RFC 9110 §15.4.5): no body, and nothing that describes one.
+_SENT_WITH_304 = frozenset({"cache-control", "content-location", "date", "etag", "expires", "last-modified",
+                            "vary"})
 
 
 def _environ_name(header: str) -> str:
@@ -297,7 +300,7 @@ class CacheMiddleware:
         if entry is not None and entry["f"] > now:
             self.context.emit("cache.hit")
             note(environ, "cache", "HIT")
-            return self._serve(entry, "HIT", method, start_response, now)
+            return self._serve(entry, "HIT", method, start_response, now, environ)
         if method == "HEAD":  # no body to store: ask the app, keep nothing
             self._missed(environ)
             return self.app(environ, _with(start_response, ("X-Cache", "MISS")))
@@ -415,9 +418,15 @@ class CacheMiddleware:
     # -- answers ----------------------------------------------------------------------
     @staticmethod
     def _serve(entry: dict[str, Any], label: str, method: str, start_response: StartResponse,
-               now: float) -> list[bytes]:
+               now: float, environ: WSGIEnvironment | None = None) -> list[bytes]:
+        age = ("Age", str(max(0, int(now - entry["t"]))))
+        if environ is not None and ("HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MODIFIED_SINCE" in environ) \
+                and _not_modified(environ, entry):
+            kept = [(n, v) for n, v in entry["h"] if n.lower() in _SENT_WITH_304]
+            start_response("304 Not Modified", [*kept, age, ("X-Cache", label)])
+            return []
         headers = [(n, v) for n, v in entry["h"]]
-        headers.append(("Age", str(max(0, int(now - entry["t"])))))
+        headers.append(age)
         headers.append(("X-Cache", label))
         start_response(entry["s"], headers)
         return [] if method == "HEAD" else [entry["b"]]
@@ -516,7 +525,7 @@ class CacheMiddleware:
         """A request that waited for another one's fill and is answered from it: a hit."""
         self.context.emit("cache.hit")
         note(environ, "cache", "HIT (after waiting for the fill)")
-        return self._serve(hit, "HIT", "GET", start_response, _clock())
+        return self._serve(hit, "HIT", "GET", start_response, _clock(), environ)
 
     def _serve_stale(self, environ: WSGIEnvironment, stale: dict[str, Any],
                      start_response: StartResponse) -> list[bytes]:
@@ -632,6 +641,26 @@ class CacheMiddleware:
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-store")])
         return [body]
+
+
+def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
+    """Whether the request's If-None-Match / If-Modified-Since hold for the stored 200 (RFC 9110 §13.1)."""
+    if entry["s"][:3] != "200":
+        return False
+    etag = last_modified = None
+    for name, value in entry["h"]:
+        lname = name.lower()
+        if lname == "etag":
+            etag = unquote_etag(value)[0]
+        elif lname == "last-modified":
+            last_modified = value
+    if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+    if if_none_match is not None:  # it decides alone when present (§13.2.2), compared weakly (§13.1.2)
+        tags = parse_etags(if_none_match)
+        return tags.star_tag or (etag is not None and tags.contains_weak(etag))
+    since = parse_date(environ.get("HTTP_IF_MODIFIED_SINCE"))
+    modified = parse_date(last_modified) if last_modified is not None else None
+    return since is not None and modified is not None and modified <= since
 
 
 def _expires_in(expires: str, date: str | None) -> int:

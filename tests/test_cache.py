@@ -493,6 +493,45 @@ def test_freshness(make: Callable[..., Stack], origin: Origin, clock: Clock, opt
         assert response.headers["Age"] == str(later + age)
 
 
+LAST_MODIFIED = "Tue, 14 Nov 2023 22:00:00 GMT"
+
+
+@pytest.mark.parametrize(("validators", "conditions", "status"), [
+    pytest.param([("ETag", '"abc"')], {"If-None-Match": '"abc"'}, 304, id="matching ETag"),
+    pytest.param([("ETag", '"abc"')], {"If-None-Match": 'W/"abc"'}, 304, id="weak comparison"),
+    pytest.param([("ETag", 'W/"abc"')], {"If-None-Match": '"x", "abc"'}, 304, id="a weak stored tag, in a list"),
+    pytest.param([("ETag", '"abc"')], {"If-None-Match": '"other"'}, 200, id="another ETag"),
+    pytest.param([("ETag", '"abc"')], {"If-None-Match": "*"}, 304, id="star: any current representation"),
+    pytest.param([("Last-Modified", LAST_MODIFIED)], {"If-Modified-Since": LAST_MODIFIED}, 304,
+                 id="not modified since"),
+    pytest.param([("Last-Modified", LAST_MODIFIED)], {"If-Modified-Since": "Tue, 14 Nov 2023 21:59:59 GMT"}, 200,
+                 id="modified since"),
+    pytest.param([("Last-Modified", LAST_MODIFIED)], {"If-Modified-Since": "yesterday"}, 200,
+                 id="an invalid date is ignored"),
+    pytest.param([("ETag", '"abc"'), ("Last-Modified", LAST_MODIFIED)],
+                 {"If-None-Match": '"other"', "If-Modified-Since": LAST_MODIFIED}, 200,
+                 id="If-None-Match decides alone"),
+    pytest.param([], {"If-None-Match": '"abc"', "If-Modified-Since": LAST_MODIFIED}, 200,
+                 id="no validators: the full answer"),
+])
+def test_conditional_requests_on_hits(make: Callable[..., Stack], origin: Origin, validators: list[tuple[str, str]],
+                                      conditions: dict[str, str], status: int) -> None:
+    """A hit answers If-None-Match / If-Modified-Since from the stored validators (RFC 9110 §13.1-13.2)."""
+    origin.headers += [*validators, ("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")]
+    stack = make()
+    full = stack.get()
+    response = stack.get(headers=conditions, status=status)
+    assert response.headers["X-Cache"] == "HIT"
+    if status == 304:
+        assert response.body == b""
+        assert "Content-Type" not in response.headers and "Content-Length" not in response.headers
+        assert [response.headers.get(n) for n in ("ETag", "Last-Modified", "Cache-Control", "Vary")] == \
+            [full.headers.get(n) for n in ("ETag", "Last-Modified", "Cache-Control", "Vary")]
+    else:
+        assert response.body == full.body
+    assert origin.calls == 1
+
+
 def test_age_counts_whole_seconds_since_stored(make: Callable[..., Stack], clock: Clock) -> None:
     stack = make()
     stack.get()
