@@ -64,6 +64,7 @@ DEFAULT_PREFIX = "wsgistack:cache:"
 _DIGEST = 32
 _VARY_INDEX = b'{"v":'  # how an entry that lists a path's Vary headers starts (its variants are stored apart)
 _clock = time.time  # wall clock: entries carry it across processes (tests replace it)
+_SAFE = frozenset({"OPTIONS", "TRACE"})  # besides GET and HEAD: methods that never invalidate (RFC 9110 §9.2.1)
 _MAX_DELTA = 2**31  # the largest delta-seconds a cache needs to honour (RFC 9111 §1.2.2)
 _GLOB = re.compile(r"[*?\[]")
 # Never stored with an entry: hop-by-hop headers and the ones this layer writes.
@@ -191,6 +192,16 @@ class _Fill:
                 layer.store.delete(self.lock_key)
 
 
+def _subject_key(identity: Any) -> str:
+    """The part of a ``per_user`` key that names the identity: its subject and its roles.
+
+    The roles too: a token with fewer roles (or a user whose role was taken away)
+    must not be answered with what a token with more roles was given.
+    """
+    roles = identity.roles
+    return f"{identity.subject}\n{','.join(sorted(roles))}" if roles else str(identity.subject)
+
+
 def _personal(session: Any, subject: str | None) -> bool:
     """Whether the session makes this response one client's, though the session layer outside marks it so later.
 
@@ -283,7 +294,9 @@ class CacheMiddleware:
         if self.purge_path is not None and decoded_path(environ) == self.purge_path:
             return self._purge(environ, start_response)
         if method != "GET" and method != "HEAD":
-            return self.app(environ, start_response)
+            if method in _SAFE:
+                return self.app(environ, start_response)
+            return self.app(environ, self._invalidating(environ, start_response))
         subject, reason = self._who(environ)
         if reason is not None:
             self._give_back(environ)
@@ -325,10 +338,7 @@ class CacheMiddleware:
             return None, ("credentials" if private or identity is not None else None)
         if identity is None:
             return None, ("credentials without identity" if private else None)
-        # The roles too: a token with fewer roles (or a user whose roles were taken away) must not
-        # be answered with what a token with more roles was given.
-        roles = identity.roles
-        return (f"{identity.subject}\n{','.join(sorted(roles))}" if roles else str(identity.subject)), None
+        return _subject_key(identity), None
 
     def _base_key(self, environ: WSGIEnvironment, subject: str | None) -> str:
         path = decoded_path(environ)
@@ -414,6 +424,28 @@ class CacheMiddleware:
             if isinstance(answer, tuple) and answer[1]:
                 with contextlib.suppress(StoreError):  # else it expires after lock_timeout
                     self.store.delete(self._lock_key(name[2]))
+
+    def _invalidating(self, environ: WSGIEnvironment, start_response: StartResponse) -> StartResponse:
+        """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
+
+        The entry anonymous requests get and, with ``per_user``, the writer's own;
+        other users' entries of the URI age out with their TTL.
+        """
+        def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
+            if status[:1] in "23":
+                identity = environ.get(IDENTITY)
+                keys = [self._base_key(environ, None)]
+                if self.options.per_user and identity is not None:
+                    keys.append(self._base_key(environ, _subject_key(identity)))
+                try:
+                    for key in keys:
+                        self.store.delete(key)  # a Vary index goes too: its variants are then never read
+                except StoreError as exc:
+                    self._store_error(exc)
+                note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
+            return start_response(status, headers, exc_info)
+
+        return wrapped
 
     # -- answers ----------------------------------------------------------------------
     @staticmethod

@@ -532,6 +532,30 @@ def test_conditional_requests_on_hits(make: Callable[..., Stack], origin: Origin
     assert origin.calls == 1
 
 
+@pytest.mark.parametrize(("method", "status", "user", "dropped"), [
+    pytest.param("POST", "200 OK", None, True, id="a POST that succeeds"),
+    pytest.param("PUT", "204 No Content", None, True, id="a PUT that succeeds"),
+    pytest.param("DELETE", "303 See Other", None, True, id="a DELETE that redirects"),
+    pytest.param("PATCH", "200 OK", None, True, id="a PATCH"),
+    pytest.param("POST", "409 Conflict", None, False, id="an error changes nothing"),
+    pytest.param("POST", "500 Internal Server Error", None, False, id="a failure changes nothing"),
+    pytest.param("OPTIONS", "200 OK", None, False, id="OPTIONS is safe"),
+    pytest.param("POST", "200 OK", "alice:admin", True, id="the writer's own per-user entry"),
+])
+def test_a_write_drops_the_entries_of_its_uri(make: Callable[..., Stack], origin: Origin, method: str, status: str,
+                                              user: str | None, dropped: bool) -> None:
+    """A cache MUST invalidate the target URI on a non-error answer to an unsafe method (RFC 9111 §4.4)."""
+    stack = make(per_user=True)
+    headers = {"X-Test-User": user} if user else {}
+    stack.get(headers=headers)
+    other = stack.get("/api/v1/search?q=other", headers=headers)
+    origin.status = status
+    stack.web.request("/api/v1/search?q=x", method=method, headers=headers, expect_errors=True)
+    origin.status = "200 OK"
+    assert stack.get(headers=headers).headers["X-Cache"] == ("MISS" if dropped else "HIT")
+    assert stack.get("/api/v1/search?q=other", headers=headers).body == other.body  # another URI stays
+
+
 def test_age_counts_whole_seconds_since_stored(make: Callable[..., Stack], clock: Clock) -> None:
     stack = make()
     stack.get()
