@@ -192,6 +192,25 @@ class _Fill:
                 layer.store.delete(self.lock_key)
 
 
+class _Asks:
+    """A request's Cache-Control on a stored response (RFC 9111 §5.2.1).
+
+    ``max-age``: no older one (``no-cache`` and ``Pragma: no-cache``: none at all); ``min-fresh``: fresh for that long still; ``only-if-cached``: a
+    504 rather than the app.  A response that does not do is fetched afresh and
+    stored for the next requests.
+    """
+
+    __slots__ = ("max_age", "min_fresh", "only_if_cached")
+
+    def __init__(self, max_age: int | None, min_fresh: int | None, only_if_cached: bool) -> None:
+        self.max_age, self.min_fresh, self.only_if_cached = max_age, min_fresh, only_if_cached
+
+    def accepts(self, entry: dict[str, Any], now: float) -> bool:
+        if self.max_age is not None and now - entry["t"] > self.max_age:
+            return False
+        return self.min_fresh is None or entry["f"] - now >= self.min_fresh
+
+
 def _subject_key(identity: Any) -> str:
     """The part of a ``per_user`` key that names the identity: its subject and its roles.
 
@@ -310,10 +329,14 @@ class CacheMiddleware:
         finally:
             self._give_back(environ)
         now = _clock()
-        if entry is not None and entry["f"] > now:
+        asks = self._asks(environ) if "HTTP_CACHE_CONTROL" in environ or "HTTP_PRAGMA" in environ else None
+        if entry is not None and entry["f"] > now and (asks is None or asks.accepts(entry, now)):
             self.context.emit("cache.hit")
             note(environ, "cache", "HIT")
             return self._serve(entry, "HIT", method, start_response, now, environ)
+        if asks is not None and asks.only_if_cached:
+            self._give_lock(locked, lock_key)
+            raise refuse(504, "Gateway Timeout: only-if-cached, and no stored response fits the request.")
         if method == "HEAD":  # no body to store: ask the app, keep nothing
             self._missed(environ)
             return self.app(environ, _with(start_response, ("X-Cache", "MISS")))
@@ -321,16 +344,32 @@ class CacheMiddleware:
         return self._fill(environ, start_response, base, subject, stale, locked)
 
     # -- request side -----------------------------------------------------------------
+    def _asks(self, environ: WSGIEnvironment) -> _Asks | None:
+        """What the request's Cache-Control (or, without one, Pragma) asks of a stored response."""
+        if not self.options.honor_request_no_cache:
+            return None
+        header = environ.get("HTTP_CACHE_CONTROL")
+        if header:  # directive names are case-insensitive (RFC 9111 §5.2)
+            cc = parse_cache_control_header(header.lower(), cls=RequestCacheControl)
+            max_age = -1 if cc.no_cache else cc.max_age  # no-cache: no stored response, however young
+            return _Asks(max_age, cc.min_fresh, bool(cc.only_if_cached))
+        if "no-cache" in environ.get("HTTP_PRAGMA", "").lower():
+            return _Asks(-1, None, False)
+        return None
+
+    def _give_lock(self, locked: bool | None, lock_key: str | None) -> None:
+        if locked and lock_key is not None:
+            with contextlib.suppress(StoreError):  # else it expires after lock_timeout
+                self.store.delete(lock_key)
+
     def _who(self, environ: WSGIEnvironment) -> tuple[str | None, str | None]:
         """``(subject or None, bypass reason or None)`` for this request."""
         if self.options.honor_request_no_cache:
             header = environ.get("HTTP_CACHE_CONTROL")
-            if header:  # directive names are case-insensitive (RFC 9111 §5.2)
-                cc = parse_cache_control_header(header.lower(), cls=RequestCacheControl)
-                if cc.no_cache or cc.no_store:
-                    return None, "request Cache-Control"
-            elif "no-cache" in environ.get("HTTP_PRAGMA", "").lower():
-                return None, "request Pragma"
+            # no-store: nothing of this exchange may be stored (RFC 9111 §5.2.1.5)
+            if header and "no-store" in header.lower() and parse_cache_control_header(
+                    header.lower(), cls=RequestCacheControl).no_store:
+                return None, "request Cache-Control"
         private = "HTTP_AUTHORIZATION" in environ or (
             "HTTP_COOKIE" in environ and any(n in cookies(environ) for n in self.cookie_names))
         identity = environ.get(IDENTITY)

@@ -160,11 +160,11 @@ def make(store: Store, origin: Origin, clock: Clock) -> Callable[..., Stack]:
     pytest.param({}, [], {"Cookie": "theme=dark"}, ("MISS", "HIT", 1), id="other cookies are not private"),
     pytest.param({}, [], {"X-Test-User": "alice"}, ("BYPASS", "BYPASS", 2),
                  id="identity without per_user bypasses"),
-    pytest.param({}, [], {"Cache-Control": "no-cache"}, ("BYPASS", "BYPASS", 2), id="request no-cache"),
+    pytest.param({}, [], {"Cache-Control": "no-cache"}, ("MISS", "MISS", 2), id="request no-cache refreshes"),
     pytest.param({}, [], {"Cache-Control": "no-store"}, ("BYPASS", "BYPASS", 2), id="request no-store"),
-    pytest.param({}, [], {"Cache-Control": "No-Cache"}, ("BYPASS", "BYPASS", 2), id="request No-Cache"),
-    pytest.param({}, [], {"Pragma": "No-Cache"}, ("BYPASS", "BYPASS", 2), id="request Pragma, any case"),
-    pytest.param({}, [], {"Pragma": "no-cache"}, ("BYPASS", "BYPASS", 2), id="request Pragma no-cache"),
+    pytest.param({}, [], {"Cache-Control": "No-Cache"}, ("MISS", "MISS", 2), id="request No-Cache"),
+    pytest.param({}, [], {"Pragma": "No-Cache"}, ("MISS", "MISS", 2), id="request Pragma, any case"),
+    pytest.param({}, [], {"Pragma": "no-cache"}, ("MISS", "MISS", 2), id="request Pragma no-cache"),
     pytest.param({"honor_request_no_cache": False}, [], {"Cache-Control": "no-cache"}, ("MISS", "HIT", 1),
                  id="request no-cache ignored when told"),
     pytest.param({"per_user": True}, [], {"Authorization": "Bearer t"}, ("BYPASS", "BYPASS", 2),
@@ -184,6 +184,34 @@ def test_what_is_stored(make: Callable[..., Stack], origin: Origin, options: dic
     second = stack.get(headers=request_headers)
     assert (first.headers["X-Cache"], second.headers["X-Cache"], origin.calls) == expected
     assert second.json["n"] == (1 if expected[1] == "HIT" else 2)
+
+
+@pytest.mark.parametrize(("directives", "later", "expected", "after"), [
+    pytest.param("no-cache", 5, "MISS", "HIT 0", id="no-cache fetches afresh and stores it"),
+    pytest.param("max-age=0", 5, "MISS", "HIT 0", id="max-age=0, a browser's reload"),
+    pytest.param("max-age=10", 5, "HIT", "HIT 5", id="max-age: young enough"),
+    pytest.param("max-age=3", 5, "MISS", "HIT 0", id="max-age: too old"),
+    pytest.param("min-fresh=50", 5, "HIT", "HIT 5", id="min-fresh: fresh long enough"),
+    pytest.param("min-fresh=58", 5, "MISS", "HIT 0", id="min-fresh: not fresh long enough"),
+    pytest.param("only-if-cached", 5, "HIT", "HIT 5", id="only-if-cached with an entry"),
+    pytest.param("only-if-cached, max-age=3", 5, "504", "HIT 5", id="only-if-cached without one: 504"),
+    pytest.param("no-store", 5, "BYPASS", "HIT 5", id="no-store: never read, never written"),
+])
+def test_request_directives(make: Callable[..., Stack], origin: Origin, clock: Clock, directives: str, later: int,
+                            expected: str, after: str) -> None:
+    """A request's Cache-Control on what it accepts (RFC 9111 §5.2.1); the entry it refreshes serves the next."""
+    origin.headers.append(("Cache-Control", "max-age=60"))
+    stack = make()
+    stack.get()
+    clock.now += later
+    response = stack.get(headers={"Cache-Control": directives}, status="*")
+    if expected == "504":
+        assert response.status_int == 504 and origin.calls == 1
+    else:
+        assert response.headers["X-Cache"] == expected
+        assert origin.calls == (1 if expected == "HIT" else 2)
+    again = stack.get()
+    assert f"{again.headers['X-Cache']} {again.headers['Age']}" == after
 
 
 @pytest.mark.parametrize(("status", "statuses", "expected"), [
