@@ -30,7 +30,7 @@ from app.search import make_engine
 from app.session_adapter import StackSessionInterface
 from app.state import SUPPORTED_VERSIONS, AppState
 from app.users import UserStore
-from middleware.auth import USER_ROLES
+from middleware.auth import USER_ROLES, USER_SINCE
 from middleware.base import ROUTE, ROUTE_TEMPLATE, Context
 
 __all__ = ["AppOptions", "AppState", "SearchOptions", "create_app"]
@@ -60,6 +60,8 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
     # The auth layer gives a session identity the roles the user has now (a removed user's session
     # identifies no one), so `serve.py users remove/set-role` takes effect within a second.
     ctx.services[USER_ROLES] = state.user_roles
+    # … and voids sessions and refresh tokens from before the user's password was last set.
+    ctx.services[USER_SINCE] = state.user_since
     # The metrics layer labels a request refused before routing (or a cache hit) with the route it
     # was for, and anything the routes do not match as "other".
     ctx.services[ROUTE_TEMPLATE] = _route_template(app)

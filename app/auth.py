@@ -21,6 +21,7 @@ when the validation layer parsed them already.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -109,14 +110,15 @@ def auth_blueprint(state: AppState) -> Blueprint:
         session = request.environ.get(SESSION)
         if session is not None:
             session.rotate()
-            session["user"] = {"sub": user.name, "roles": list(user.roles)}
+            session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": time.time()}
         return _token_response(issued)
 
     @bp.post("/refresh")
     def refresh() -> Response:
         service = tokens("Token refresh")
         token = _string_field(_json_object(required=True), "refresh_token")
-        return _token_response(service.refresh(token, current_roles=state.user_roles))
+        return _token_response(service.refresh(token, current_roles=state.user_roles,
+                                               credentials_since=state.user_since))
 
     @bp.post("/logout")
     def logout() -> Response:

@@ -33,6 +33,11 @@ class AppState:
         user = self.users.get(name)
         return None if user is None else user.roles
 
+    def user_since(self, name: str) -> float | None:
+        """When ``name``'s credentials last changed, or None when there is no such user (``user_since``)."""
+        user = self.users.get(name)
+        return None if user is None else user.credentials_at
+
     def close(self) -> None:
         """Close the index connections and the users database."""
         self.engine.close()

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
     roles TEXT NOT NULL DEFAULT '[]',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    credentials_at REAL NOT NULL DEFAULT 0
 )
 """
 
@@ -52,6 +53,9 @@ class User:
     name: str
     roles: tuple[str, ...]
     created_at: float
+    #: When the credentials last changed (the account was made, or its password set): sessions and
+    #: refresh tokens from before then are void.
+    credentials_at: float = 0.0
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -86,6 +90,10 @@ class UserStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
             db.execute(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+            if "credentials_at" not in columns:  # a database made before the column existed
+                db.execute("ALTER TABLE users ADD COLUMN credentials_at REAL NOT NULL DEFAULT 0")
+                db.execute("UPDATE users SET credentials_at = created_at")
             self._db = db
         return self._db
 
@@ -97,13 +105,14 @@ class UserStore:
         _check_name("user name", name)
         if not password:
             raise UserError("the password may not be empty")
-        user = User(name, _roles(roles), time.time())
+        now = time.time()
+        user = User(name, _roles(roles), now, now)
         password_hash = self._hash(password)
         with self._lock:
             try:
                 self._conn().execute(
-                    "INSERT INTO users(name, password_hash, roles, created_at) VALUES (?, ?, ?, ?)",
-                    (name, password_hash, json.dumps(list(user.roles)), user.created_at),
+                    "INSERT INTO users(name, password_hash, roles, created_at, credentials_at) VALUES (?, ?, ?, ?, ?)",
+                    (name, password_hash, json.dumps(list(user.roles)), now, now),
                 )
             except sqlite3.IntegrityError:
                 raise UserError(f"user {name!r} already exists") from None
@@ -112,14 +121,14 @@ class UserStore:
     def get(self, name: str) -> User | None:
         """The user called ``name``, or ``None``."""
         row = self._row(name)
-        return None if row is None else User(row[0], tuple(json.loads(row[2])), row[3])
+        return None if row is None else User(row[0], tuple(json.loads(row[2])), row[3], row[4])
 
-    def _row(self, name: str) -> tuple[str, str, str, float] | None:
+    def _row(self, name: str) -> tuple[str, str, str, float, float] | None:
         with self._lock:
             row = self._conn().execute(
-                "SELECT name, password_hash, roles, created_at FROM users WHERE name = ?", (name,)
+                "SELECT name, password_hash, roles, created_at, credentials_at FROM users WHERE name = ?", (name,)
             ).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]), str(row[2]), float(row[3]))
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]), float(row[3]), float(row[4]))
 
     def list(self) -> builtins.list[User]:
         """Every user, by name."""
@@ -145,6 +154,22 @@ class UserStore:
         assert user is not None
         return user
 
+    def set_password(self, name: str, password: str) -> User:
+        """Give a user a new password; every session and refresh token from before it is void."""
+        if not password:
+            raise UserError("the password may not be empty")
+        password_hash = self._hash(password)
+        with self._lock:
+            changed = self._conn().execute(
+                "UPDATE users SET password_hash = ?, credentials_at = ? WHERE name = ?",
+                (password_hash, time.time(), name),
+            ).rowcount
+        if not changed:
+            raise UserError(f"no user called {name!r}")
+        user = self.get(name)
+        assert user is not None
+        return user
+
     def set_role(self, name: str, role: str) -> User:
         """Make ``role`` the user's only role."""
         return self.set_roles(name, [role])
@@ -159,7 +184,7 @@ class UserStore:
             return None
         if not check_password_hash(row[1], password):
             return None
-        return User(row[0], tuple(json.loads(row[2])), row[3])
+        return User(row[0], tuple(json.loads(row[2])), row[3], row[4])
 
     def close(self) -> None:
         with self._lock:
@@ -181,6 +206,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="give the user this role (repeatable)")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
+    passwd = sub.add_parser("passwd", help="set a user's password (ends the user's sessions and refresh tokens)",
+                            allow_abbrev=False)
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
     sub.add_parser("list", help="list users and their roles")
     remove = sub.add_parser("remove", help="remove a user")
     remove.add_argument("name")
@@ -200,7 +230,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def users_cli(argv: list[str], db_path: str) -> int:
-    """Run ``users add|list|remove|set-role``; return 0 (done), 1 (refused) or 2 (usage)."""
+    """Run ``users add|passwd|list|remove|set-role``; return 0 (done), 1 (refused) or 2 (usage)."""
     if argv[:1] == ["users"]:
         argv = argv[1:]
     try:
@@ -228,6 +258,12 @@ def users_cli(argv: list[str], db_path: str) -> int:
             for u in users:
                 created = time.strftime("%Y-%m-%d %H:%M", time.localtime(u.created_at))
                 print(f"{u.name:<{width}}  {created}  {', '.join(u.roles) or '-'}")
+        elif args.command == "passwd":
+            if store.get(args.name) is None:
+                raise UserError(f"no user called {args.name!r}")
+            user = store.set_password(args.name, _read_password(args.password_stdin))
+            print(f"new password for {user.name!r}: their sessions and refresh tokens from before now are void "
+                  "(access tokens run out within their lifetime)")
         elif args.command == "remove":
             if not store.remove(args.name):
                 raise UserError(f"no user called {args.name!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import secrets
 import threading
@@ -67,13 +68,17 @@ if TYPE_CHECKING:
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["ROLES_FRESH", "USER_ROLES", "AuthMiddleware", "TokenService"]
+__all__ = ["ROLES_FRESH", "USER_ROLES", "USER_SINCE", "AuthMiddleware", "TokenService"]
 
 _NO_ROLES: frozenset[str] = frozenset()
 _RANK = {"none": 0, "optional": 1, "required": 2}
 #: ``context.services`` name of ``roles(subject) -> roles | None`` (None: no such user), which the
 #: app publishes so that a session identity carries the user's roles of now (the Flask core does).
 USER_ROLES = "user_roles"
+#: ``context.services`` name of ``since(subject) -> timestamp | None``: when the user's credentials
+#: last changed (the account was made, or its password reset). A refresh token or a session login
+#: from before then is void: a password reset, or a name given to someone new, ends them all.
+USER_SINCE = "user_since"
 #: Seconds a looked-up user's roles are reused (per process) before the lookup runs again.
 ROLES_FRESH = 1.0
 
@@ -138,6 +143,20 @@ def _raise(exc: BaseException) -> Any:
 
 def _ignore(event: str, **fields: Any) -> None:
     """The event sink of a token service built without a context."""
+
+
+def _before(issued: Any, since: float | None) -> bool:
+    """Whether a credential issued at ``issued`` predates ``since``.
+
+    A token's ``iat`` is whole seconds: one issued in the very second of the
+    change counts as after it.  A session's login time is exact.  A session
+    written before logins recorded the time (no ``iat``) is let be.
+    """
+    if since is None or not isinstance(issued, int | float) or isinstance(issued, bool):
+        return False
+    if since == math.inf:
+        return True
+    return issued < (since if isinstance(issued, float) else math.floor(since))
 
 
 def _quote(value: str) -> str:
@@ -496,6 +515,7 @@ class TokenService:
         refresh_token: str,
         *,
         current_roles: Callable[[str], Iterable[str] | None] | None = None,
+        credentials_since: Callable[[str], float | None] | None = None,
     ) -> dict[str, Any]:
         """Trade a refresh token for a new pair; a reused one revokes its family (401).
 
@@ -521,6 +541,9 @@ class TokenService:
                     self._revoke_family(fam)
                     raise _Invalid("unknown_subject", "the token has been revoked")
                 roles = found
+            if credentials_since is not None and _before(claims.get("iat"), credentials_since(subject)):
+                self._revoke_family(fam)  # issued before a password reset, or to an earlier holder of the name
+                raise _Invalid("credentials_changed", "the token has been revoked")
             # The new pair is made (its access token recorded) before the refresh token is marked
             # used: a store failure while recording is a 503 the client can retry with the same token.
             pair = self._pair(subject, sorted(set(roles)), fam)
@@ -615,6 +638,7 @@ class AuthMiddleware:
         self.max_bytes = options.max_token_bytes
         self.challenge = f"Bearer realm={_quote(options.realm)}"
         self._roles_now: dict[str, tuple[float, frozenset[str] | None]] = {}  # subject -> (until, roles)
+        self._since_now: dict[str, tuple[float, float | None]] = {}  # subject -> (until, credentials since)
 
     def _bearer(self, environ: WSGIEnvironment) -> str | None:
         """The bearer token of the request (parsed once per request), or None; over ``max_token_bytes`` too."""
@@ -674,7 +698,29 @@ class AuthMiddleware:
                 note(environ, "auth", f"session user {subject!r} no longer exists: no identity")
                 return None
             held = current
+        since = self.context.services.get(USER_SINCE)
+        if since is not None and _before(user.get("iat"), self._current_since(since, subject)):
+            note(environ, "auth", f"session user {subject!r} logged in before the credentials changed: no identity")
+            return None
         return Identity(subject, held, "session", user)
+
+    def _current_since(self, lookup: Any, subject: str) -> float | None:
+        """``lookup(subject)`` (see ``USER_SINCE``), reused for ``ROLES_FRESH`` seconds; a failure voids all."""
+        now = time.monotonic()
+        cached = self._since_now.get(subject)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            answer = lookup(subject)
+            found = None if answer is None else float(answer)
+        except Exception:  # a user store that cannot answer identifies no one (fail closed)
+            self.context.logger.getChild("auth").exception("could not look up the credentials of %r",
+                                                            escape_control(subject))
+            return math.inf
+        if len(self._since_now) >= 10_000:
+            self._since_now.clear()
+        self._since_now[subject] = (now + ROLES_FRESH, found)
+        return found
 
     def _current_roles(self, lookup: Any, subject: str) -> frozenset[str] | None:
         """``lookup(subject)`` as a frozenset (None: no such user), reused for ``ROLES_FRESH`` seconds."""

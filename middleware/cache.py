@@ -195,8 +195,9 @@ class _Fill:
 class _Asks:
     """A request's Cache-Control on a stored response (RFC 9111 §5.2.1).
 
-    ``max-age``: no older one (``no-cache`` and ``Pragma: no-cache``: none at all); ``min-fresh``: fresh for that long still; ``only-if-cached``: a
-    504 rather than the app.  A response that does not do is fetched afresh and
+    ``max-age``: no older one (``no-cache`` and ``Pragma: no-cache``: none at
+    all); ``min-fresh``: fresh for that long still; ``only-if-cached``: a 504
+    rather than the app.  A response that does not do is fetched afresh and
     stored for the next requests.
     """
 

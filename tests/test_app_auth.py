@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def test_login_stores_the_user_in_a_rotated_session(stack: Stack) -> None:
     assert stack.app.cookies[COOKIE] != "planted-by-an-attacker"
     stored = list(stack.store.scan("session:"))
     assert len(stored) == 1
-    assert b'"user":{"sub":"alice","roles":["admin","user"]}' in (stack.store.get(stored[0]) or b"")
+    assert b'"user":{"sub":"alice","roles":["admin","user"],"iat":' in (stack.store.get(stored[0]) or b"")
     # The session alone now authenticates (accept_session), without a bearer token.
     assert stack.app.get("/api/v1/search", {"q": "json"}).status_int == 200
 
@@ -263,6 +264,10 @@ def test_refresh_of_a_removed_user_is_refused_and_revokes_the_family(stack: Stac
         pytest.param("alice", lambda users: users.set_roles("alice", ["user"]), 200, 403, id="admin taken away"),
         pytest.param("bob", lambda users: users.set_roles("bob", ["admin"]), 403, 200, id="admin given"),
         pytest.param("alice", lambda users: users.remove("alice"), 200, 401, id="user removed"),
+        pytest.param("alice", lambda users: users.set_password("alice", "new password"), 200, 401,
+                     id="password reset"),
+        pytest.param("alice", lambda users: (users.remove("alice"), users.add("alice", "other", ["admin"])), 200,
+                     401, id="the name given to someone new"),
     ],
 )
 def test_a_session_carries_the_roles_the_user_has_now(tmp_path: Path, users: UserStore,
@@ -278,6 +283,25 @@ def test_a_session_carries_the_roles_the_user_has_now(tmp_path: Path, users: Use
     response = stack.app.get("/api/v1/config", status=after)
     if after == 401:
         assert response.json["error"]["message"] == "Unauthorized: this resource needs a bearer token."
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda users: users.set_password("alice", "new password"), id="password reset"),
+    pytest.param(lambda users: (users.remove("alice"), users.add("alice", "other", ["admin"])),
+                 id="the name given to someone new"),
+])
+def test_refresh_tokens_from_before_the_credentials_changed_are_void(stack: Stack, users: UserStore,
+                                                                     change: Callable[[UserStore], Any]) -> None:
+    """A leaked password's holder keeps nothing once the operator resets it (OWASP: renew on credential change)."""
+    stolen = stack.login().json
+    time.sleep(1.01)  # a token's iat is whole seconds: one issued in the second of the change counts as after it
+    change(users)
+    refused = stack.app.post_json("/auth/refresh", {"refresh_token": stolen["refresh_token"]}, status=401)
+    assert refused.json["error"]["message"] == "Unauthorized: the token has been revoked."
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(stolen["access_token"]), status=401)  # family
+    password = "new password" if users.verify_password("alice", "new password") else "other"
+    fresh = stack.login(password=password).json
+    assert stack.app.post_json("/auth/refresh", {"refresh_token": fresh["refresh_token"]}).status_int == 200
 
 
 def test_session_roles_are_looked_up_at_most_once_a_second(tmp_path: Path, users: UserStore) -> None:

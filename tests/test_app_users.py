@@ -117,7 +117,7 @@ def test_store_file_is_shared_between_instances(tmp_path: Path) -> None:
     second = UserStore(path, hash_method=FAST)
     alice = first.get("alice")
     assert alice is not None
-    assert second.verify_password("alice", "pw") == User("alice", ("admin",), alice.created_at)
+    assert second.verify_password("alice", "pw") == User("alice", ("admin",), alice.created_at, alice.created_at)
     first.close()
     second.close()
 
@@ -156,6 +156,41 @@ def test_cli_add_list_set_role_remove(db: str, capsys: pytest.CaptureFixture[str
     store = UserStore(db)
     assert [(u.name, u.roles) for u in store.list()] == [("bob", ("editor", "viewer"))]
     assert store.verify_password("bob", "pw") is not None
+    store.close()
+
+
+def test_cli_passwd_sets_a_new_password_and_voids_what_came_before(
+        db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="leaked\n")[0] == 0
+    before = UserStore(db).get("alice")
+    assert before is not None and before.credentials_at == before.created_at
+    assert run(["passwd", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="fresh one\n") == (
+        0, "new password for 'alice': their sessions and refresh tokens from before now are void (access tokens "
+           "run out within their lifetime)\n", "")
+    store = UserStore(db)
+    after = store.get("alice")
+    assert after is not None and after.credentials_at > before.credentials_at
+    assert after.created_at == before.created_at
+    assert store.verify_password("alice", "leaked") is None and store.verify_password("alice", "fresh one")
+    store.close()
+    assert run(["passwd", "nobody", "--password-stdin"], db, capsys, monkeypatch, stdin="x\n") == (
+        1, "", "serve.py users passwd: no user called 'nobody'\n")
+    assert run(["passwd", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="\n") == (
+        1, "", "serve.py users passwd: the password may not be empty\n")
+
+
+def test_a_database_from_before_credentials_at_is_brought_up_to_date(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "users.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, "
+                "roles TEXT NOT NULL DEFAULT '[]', created_at REAL NOT NULL)")
+    old.execute("INSERT INTO users VALUES ('alice', 'x', '[\"admin\"]', 1700000000.5)")
+    old.commit()
+    old.close()
+    store = UserStore(path)
+    assert store.get("alice") == User("alice", ("admin",), 1700000000.5, 1700000000.5)
     store.close()
 
 
