@@ -88,10 +88,13 @@ def auth_blueprint(state: AppState) -> Blueprint:
     """Build the ``/auth`` blueprint over the shared state."""
     bp = Blueprint("auth", __name__, url_prefix="/auth")
 
-    def tokens(action: str) -> Any:
+    def tokens(action: str, signs: bool = True) -> Any:
         service = state.service("tokens")
         if service is None:
             raise refuse(503, f"{action} needs the auth layer in the pipeline.")
+        if signs and getattr(service, "signer", True) is None:  # asked before any password is checked
+            raise refuse(503, f"{action} needs an auth layer that signs tokens (secret or private_key); this one "
+                              "only verifies them.")
         return service
 
     @bp.post("/login")
@@ -130,7 +133,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
         bearer = auth.token if auth is not None and auth.type == "bearer" else None
         revoked = [token for token in (bearer, refresh_token) if token]
         if revoked:
-            tokens("Logout").revoke(*revoked)  # verifies every token before it blocklists any
+            tokens("Logout", signs=False).revoke(*revoked)  # verifies every token before it blocklists any
         session = request.environ.get(SESSION)
         if session is not None:
             session.destroy()  # deleted when the response starts; a store failure there is a 503

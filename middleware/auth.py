@@ -421,6 +421,10 @@ class TokenService:
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise _Invalid("invalid", "the token's roles claim is not a list of strings")
+        for name in ("exp", "iat", "nbf"):  # PyJWT takes "1790000000" (a string) too; NumericDate is a number
+            value = claims.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _Invalid("invalid", f"the token's {name} claim is not a number")
         return claims
 
     def revocation_key(self, token: str) -> str | None:

@@ -445,6 +445,32 @@ def test_without_the_auth_layer_token_endpoints_are_503(tmp_path: Path, users: U
     assert response.json["error"]["message"] == message
 
 
+@pytest.mark.parametrize(("password", "path"), [
+    pytest.param("wonderland", "/auth/login", id="right password"),
+    pytest.param("wrong", "/auth/login", id="wrong password: the same answer"),
+    pytest.param(None, "/auth/refresh", id="refresh"),
+])
+def test_an_auth_layer_that_only_verifies_cannot_log_in(tmp_path: Path, users: UserStore, password: str | None,
+                                                       path: str) -> None:
+    """Tokens issued by another service (public_keys only): login and refresh are refused before any check."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    context = Context(stores={"shared": MemoryStore()})
+    core = create_app({"var_dir": str(tmp_path), "users_db": str(users.path)}, context)
+    app = TestApp(ErrorsMiddleware(AuthMiddleware(core, AuthMiddleware.Options(
+        public_keys=[pem], algorithm="RS256", rules=[{"paths": ["/auth/*"], "auth": "none"}]), context),
+        ErrorsMiddleware.Options(), context))
+    body = {"username": "alice", "password": password} if password else {"refresh_token": "x"}
+    response = app.post_json(path, body, status=503)
+    action = "Login" if path == "/auth/login" else "Token refresh"
+    assert response.json["error"]["message"] == (
+        f"{action} needs an auth layer that signs tokens (secret or private_key); this one only verifies them.")
+    assert app.post("/auth/logout", status=204).body == b""  # nothing to sign: logout still works
+
+
 def test_without_the_auth_layer_plain_logout_still_works(tmp_path: Path) -> None:
     client = TestApp(create_app({"var_dir": str(tmp_path)}))
     assert client.post("/auth/logout", status=204).body == b""
