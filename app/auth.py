@@ -133,7 +133,8 @@ def auth_blueprint(state: AppState) -> Blueprint:
         bearer = auth.token if auth is not None and auth.type == "bearer" else None
         revoked = [token for token in (bearer, refresh_token) if token]
         if revoked:
-            tokens("Logout", signs=False).revoke(*revoked)  # verifies every token before it blocklists any
+            # Verifies every token before it blocklists any; then every token of their logins goes.
+            tokens("Logout", signs=False).revoke(*revoked, family=True)
         session = request.environ.get(SESSION)
         if session is not None:
             session.destroy()  # deleted when the response starts; a store failure there is a 503

@@ -574,12 +574,14 @@ class TokenService:
 
         self._store(run, strict=True)
 
-    def revoke(self, token: str, *more: str) -> None:
+    def revoke(self, token: str, *more: str, family: bool = False) -> None:
         """Blocklist access or refresh tokens' ``jti`` until they expire (401 if one is not ours).
 
         Every token is verified before any is blocklisted, so a refusal revokes
         none of them; the blocklist entries then go to the store in one write.
         Revoking a token again is harmless, so a 503 can simply be retried.
+        With ``family`` (a logout), the families of the tokens go too: every
+        token issued since that login, older access tokens included.
         """
         try:
             every = [self._decode(t, None, verify_exp=False) for t in (token, *more)]
@@ -590,6 +592,9 @@ class TokenService:
                 for c in every if c["exp"] - now + leeway > 0]
         if sets:
             self._store(lambda: self.store.write(sets), strict=True)
+        if family:
+            for fam in sorted({str(c["fam"]) for c in every if c.get("fam")}):
+                self._revoke_family(fam)
 
 
 class AuthMiddleware:

@@ -337,6 +337,23 @@ def test_logout_revokes_both_tokens_and_destroys_the_session(stack: Stack) -> No
     stack.app.get("/api/v1/search", {"q": "json"}, status=401)  # the session no longer authenticates
 
 
+@pytest.mark.parametrize("sent", ["refresh", "access"])
+def test_logout_ends_every_token_of_the_login(stack: Stack, sent: str) -> None:
+    """An access token from before a refresh, or the pair of a logout that sent only one token, goes too."""
+    first = stack.login().json
+    second = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}).json
+    other_login = stack.login().json
+    if sent == "refresh":
+        stack.app.post_json("/auth/logout", {"refresh_token": second["refresh_token"]}, status=204)
+    else:
+        stack.app.post("/auth/logout", headers=bearer(second["access_token"]), status=204)
+    for token in (first["access_token"], second["access_token"]):
+        stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(token), status=401)
+    stack.app.post_json("/auth/refresh", {"refresh_token": second["refresh_token"]}, status=401)
+    stack.app.reset()  # the session cookie went with the logout; the other login's token did not
+    assert stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(other_login["access_token"])).status_int == 200
+
+
 def test_logout_with_nothing_to_revoke_is_fine(stack: Stack) -> None:
     assert stack.app.post("/auth/logout", status=204).body == b""
 
