@@ -220,13 +220,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The shortest password the CLI sets (NIST SP 800-63B §5.1.1.2: at least 8 characters).
+MIN_PASSWORD = 8
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    first = getpass.getpass("Password: ")
-    if getpass.getpass("Repeat password: ") != first:
-        raise UserError("the passwords do not match")
-    return first
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise UserError("the passwords do not match")
+    if 0 < len(password) < MIN_PASSWORD:
+        raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
+    return password
 
 
 def users_cli(argv: list[str], db_path: str) -> int:

@@ -142,9 +142,9 @@ def run(argv: list[str], db: str, capsys: pytest.CaptureFixture[str], monkeypatc
 def test_cli_add_list_set_role_remove(db: str, capsys: pytest.CaptureFixture[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     assert run(["add", "alice", "--role", "admin", "--role", "ops", "--password-stdin"], db, capsys, monkeypatch,
-               stdin="hunter2\n") == (0, "added user 'alice' with roles: admin, ops\n", "")
+               stdin="hunter2-hunter2\n") == (0, "added user 'alice' with roles: admin, ops\n", "")
     assert run(["users", "add", "bob", "--password-stdin"], db, capsys, monkeypatch,
-               stdin="pw\n") == (0, "added user 'bob' with roles: (none)\n", "")
+               stdin="pw-123456\n") == (0, "added user 'bob' with roles: (none)\n", "")
     code, out, err = run(["list"], db, capsys, monkeypatch)
     lines = out.splitlines()
     assert (code, err, len(lines)) == (0, "", 2)
@@ -155,13 +155,13 @@ def test_cli_add_list_set_role_remove(db: str, capsys: pytest.CaptureFixture[str
     assert run(["remove", "alice"], db, capsys, monkeypatch) == (0, "removed user 'alice'\n", "")
     store = UserStore(db)
     assert [(u.name, u.roles) for u in store.list()] == [("bob", ("editor", "viewer"))]
-    assert store.verify_password("bob", "pw") is not None
+    assert store.verify_password("bob", "pw-123456") is not None
     store.close()
 
 
 def test_cli_passwd_sets_a_new_password_and_voids_what_came_before(
         db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="leaked\n")[0] == 0
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="leaked-password\n")[0] == 0
     before = UserStore(db).get("alice")
     assert before is not None and before.credentials_at == before.created_at
     assert run(["passwd", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="fresh one\n") == (
@@ -171,7 +171,7 @@ def test_cli_passwd_sets_a_new_password_and_voids_what_came_before(
     after = store.get("alice")
     assert after is not None and after.credentials_at > before.credentials_at
     assert after.created_at == before.created_at
-    assert store.verify_password("alice", "leaked") is None and store.verify_password("alice", "fresh one")
+    assert store.verify_password("alice", "leaked-password") is None and store.verify_password("alice", "fresh one")
     store.close()
     assert run(["passwd", "nobody", "--password-stdin"], db, capsys, monkeypatch, stdin="x\n") == (
         1, "", "serve.py users passwd: no user called 'nobody'\n")
@@ -195,7 +195,7 @@ def test_a_database_from_before_credentials_at_is_brought_up_to_date(tmp_path: P
 
 
 def test_cli_password_prompt(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    answers = iter(["s3cret", "s3cret"])
+    answers = iter(["s3cret-s3cret", "s3cret-s3cret"])
     prompts: list[str] = []
 
     def fake_getpass(prompt: str = "") -> str:
@@ -206,12 +206,12 @@ def test_cli_password_prompt(db: str, capsys: pytest.CaptureFixture[str], monkey
     assert run(["add", "carol"], db, capsys, monkeypatch)[0] == 0
     assert prompts == ["Password: ", "Repeat password: "]
     store = UserStore(db)
-    assert store.verify_password("carol", "s3cret") is not None
+    assert store.verify_password("carol", "s3cret-s3cret") is not None
     store.close()
 
 
 def test_cli_list_empty(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw\n")[0] == 0
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw-123456\n")[0] == 0
     assert run(["remove", "alice"], db, capsys, monkeypatch)[0] == 0
     assert run(["list"], db, capsys, monkeypatch) == (0, f"no users in {db}\n", "")
 
@@ -236,6 +236,11 @@ def test_cli_without_a_database_says_so_and_creates_nothing(db: str, capsys: pyt
                          "'_', '.', '@' or '-', starting with a letter or digit\n"), id="bad name"),
         pytest.param(["add", "dave", "--password-stdin"], "", None,
                      (1, "serve.py users add: the password may not be empty\n"), id="empty password"),
+        pytest.param(["add", "dave", "--password-stdin"], "seven77\n", None,
+                     (1, "serve.py users add: the password must have at least 8 characters\n"), id="short password"),
+        pytest.param(["passwd", "alice"], "", ["seven77", "seven77"],
+                     (1, "serve.py users passwd: the password must have at least 8 characters\n"),
+                     id="short password, typed"),
         pytest.param(["add", "dave"], "", ["one", "two"],
                      (1, "serve.py users add: the passwords do not match\n"), id="passwords differ"),
         pytest.param(["add", "dave"], "", [],
@@ -249,7 +254,7 @@ def test_cli_without_a_database_says_so_and_creates_nothing(db: str, capsys: pyt
 def test_cli_refusals(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                       argv: list[str], stdin: str, getpass_answers: list[str] | None,
                       expected: tuple[int, str]) -> None:
-    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw\n")[0] == 0
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw-123456\n")[0] == 0
     if getpass_answers is not None:
         answers = iter(getpass_answers)
 
