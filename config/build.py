@@ -392,6 +392,12 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                     problems.append(doc.problem((*opath, key), text, key=True))
                 if unknown[0]:
                     continue
+            wrong = _against_hints(target, options)
+            for key, message in wrong:
+                problems.append(doc.problem((*opath, key), f"{name} takes {key}: {message}",
+                                            value=options[key], has_value=True))
+            if wrong:
+                continue
         else:
             problems.append(doc.problem(path, f"{name!r} is not a WSGI middleware class or factory", key=True))
             continue
@@ -407,6 +413,41 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"SyntaxError in {exc.filename}, line {exc.lineno}: {exc.msg}"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(option, why)`` for each option whose value the plain factory's type hint refuses.
+
+    Checked with pydantic in lax mode: ``"1"`` for an ``int`` is handed over as
+    ``1`` (``options`` is updated).  A hint that cannot be resolved here (a name
+    imported only for type checking) or that pydantic cannot check is skipped.
+    """
+    from pydantic import TypeAdapter
+
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return []
+    owner = target.__init__ if inspect.isclass(target) else target
+    scope = getattr(inspect.unwrap(owner), "__globals__", {})
+    wrong = []
+    for key, value in options.items():
+        param = params.get(key)
+        if param is None or param.annotation is inspect.Parameter.empty:
+            continue
+        hint = param.annotation
+        try:
+            if isinstance(hint, str):
+                hint = eval(hint, dict(scope), {})  # the factory's own annotation text, as typing does
+            adapter: TypeAdapter[Any] = TypeAdapter(hint)
+        except Exception:
+            continue
+        try:
+            options[key] = adapter.validate_python(value)
+        except ValidationError as exc:
+            shown = param.annotation if isinstance(param.annotation, str) else getattr(hint, "__name__", hint)
+            wrong.append((key, f"{shown} ({str(exc.errors()[0]['msg']).lower()})"))
+    return wrong
 
 
 def _parameter_names(target: Any) -> frozenset[str]:

@@ -391,6 +391,13 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory argument named like a scope key",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: many}\n",
+            "stack.yaml:3:53 pipeline[0].werkzeug.middleware.proxy_fix:ProxyFix.x_for: "
+            "werkzeug.middleware.proxy_fix:ProxyFix takes x_for: int (input should be a valid integer, unable to "
+            "parse string as an integer) (got 'many')",
+            id="a factory's type hints",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - access_log: {file: /nonexistent/dir/access.log}\n",
             "stack.yaml:3:24 pipeline[0].access_log.file: access_log cannot open it: No such file or directory "
             "(got '/nonexistent/dir/access.log')",
@@ -431,6 +438,14 @@ def test_a_layer_module_that_fails_to_import(tmp_path: Path, monkeypatch: pytest
     app_lines = errors_of("app: {factory: 'wsgistack_broken_layer:create'}\npipeline: [errors: {}]\n")
     assert app_lines[0].startswith("stack.yaml:1:16 app.factory: cannot import the app factory: "
                                    + expected.format(path=module)), app_lines
+
+
+def test_a_factory_gets_its_options_as_its_hints_say() -> None:
+    """"2" for an int is handed over as 2: ProxyFix compares it with a number on every request."""
+    built = build_from_text(ECHO + "pipeline:\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: '1'}\n")
+    app = TestApp(built.app)
+    seen = app.get("/x", headers={"X-Forwarded-For": "203.0.113.9"}, extra_environ={"REMOTE_ADDR": "10.0.0.1"})
+    assert seen.json["remote_addr"] == "203.0.113.9"
 
 
 @pytest.mark.parametrize(
