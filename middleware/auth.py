@@ -211,6 +211,8 @@ class _Options(LayerOptions):
     leeway: float = Field(default=0, ge=0, le=300)
     access_ttl: int = Field(default=900, ge=1)
     refresh_ttl: int = Field(default=30 * 86400, ge=1)
+    login_max_age: int = Field(default=90 * 86400, ge=1)
+    """Seconds after a login when its tokens stop, however often they were refreshed (then log in again)."""
     rules: list[_AuthRule] = Field(default_factory=list)
     default: Level = "required"
     accept_session: bool = True
@@ -245,6 +247,8 @@ class _Options(LayerOptions):
             raise ValueError("auth needs secret (HS256) or public_keys, jwks_file or private_key (RS256/ES256)")
         if self.refresh_ttl < self.access_ttl:
             raise ValueError("refresh_ttl must not be shorter than access_ttl")
+        if self.login_max_age < self.access_ttl:
+            raise ValueError("login_max_age must not be shorter than access_ttl")
         return self
 
 
@@ -485,11 +489,15 @@ class TokenService:
         headers = {"kid": self.signer.kid} if self.signer.kid else None
         return jwt.encode(claims, self.signer.key, algorithm=self.signer.alg, headers=headers)
 
-    def _pair(self, subject: str, roles: list[str], fam: str) -> dict[str, Any]:
+    def _pair(self, subject: str, roles: list[str], fam: str, auth_time: int | None = None) -> dict[str, Any]:
         if self.signer is None:
             raise RuntimeError("this auth layer only verifies tokens; set private_key to issue them")
         o, now = self.options, int(time.time())
-        base = {"sub": subject, "roles": roles, "iat": now, "fam": fam}
+        # auth_time (OpenID Connect's name): the login this family started with, carried by every
+        # refresh; no token of the family lives past auth_time + login_max_age.
+        auth_time = now if auth_time is None else auth_time
+        end = auth_time + o.login_max_age
+        base = {"sub": subject, "roles": roles, "iat": now, "fam": fam, "auth_time": auth_time}
         if o.issuer:
             base["iss"] = o.issuer
         if o.audience:
@@ -499,11 +507,11 @@ class TokenService:
         # Strict in both modes: a token the store does not know of would outlive its family's revocation.
         ttl = o.access_ttl + o.leeway + 1
         self._store(lambda: self.store.set(f"family-access:{fam}:{access_jti}", b"1", ttl), strict=True)
-        access = self._sign({**base, "exp": now + o.access_ttl, "jti": access_jti, "typ": "access"})
-        refresh = self._sign({**base, "exp": now + o.refresh_ttl, "jti": secrets.token_urlsafe(16),
-                              "typ": "refresh"})
+        access_exp, refresh_exp = min(now + o.access_ttl, end), min(now + o.refresh_ttl, end)
+        access = self._sign({**base, "exp": access_exp, "jti": access_jti, "typ": "access"})
+        refresh = self._sign({**base, "exp": refresh_exp, "jti": secrets.token_urlsafe(16), "typ": "refresh"})
         return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
-                "expires_in": o.access_ttl, "refresh_expires_in": o.refresh_ttl}
+                "expires_in": access_exp - now, "refresh_expires_in": refresh_exp - now}
 
     def issue(self, subject: str, roles: Iterable[str] = ()) -> dict[str, Any]:
         """Start a new family: an access token and a refresh token for ``subject``.
@@ -550,7 +558,9 @@ class TokenService:
                 raise _Invalid("credentials_changed", "the token has been revoked")
             # The new pair is made (its access token recorded) before the refresh token is marked
             # used: a store failure while recording is a 503 the client can retry with the same token.
-            pair = self._pair(subject, sorted(set(roles)), fam)
+            auth_time = claims.get("auth_time", claims["iat"])  # tokens from before auth_time: their own iat
+            pair = self._pair(subject, sorted(set(roles)), fam,
+                              int(auth_time) if isinstance(auth_time, int | float) else int(claims["iat"]))
             ttl = max(1.0, claims["exp"] - time.time() + self.options.leeway)
             jti = str(claims["jti"])
             if not self._store(lambda: self.store.add("refresh-used:" + jti, b"1", ttl), strict=True):

@@ -440,7 +440,8 @@ def test_issue_shape_and_claims(store: Store) -> None:
     assert (pair["token_type"], pair["expires_in"], pair["refresh_expires_in"]) == ("Bearer", 600, 7200)
     access = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"], audience="api")
     refresh = jwt.decode(pair["refresh_token"], SECRET, algorithms=["HS256"], audience="api")
-    assert set(access) == {"sub", "roles", "iat", "exp", "jti", "typ", "fam", "iss", "aud"}
+    assert set(access) == {"sub", "roles", "iat", "exp", "jti", "typ", "fam", "auth_time", "iss", "aud"}
+    assert access["auth_time"] == access["iat"] == refresh["auth_time"]
     assert (access["sub"], access["roles"], access["typ"], access["iss"], access["aud"]) == (
         "ann", ["admin", "user"], "access", "https://id.example.org", "api")
     assert access["exp"] - access["iat"] == 600
@@ -520,6 +521,23 @@ def test_refresh_rotates_and_reuse_revokes_the_family(store: Store) -> None:
     other = stack.tokens.issue("ann", ["user"])  # a new login is a new family
     assert stack.call(token=other["access_token"]).status_int == 200
     assert stack.tokens.refresh(other["refresh_token"])["token_type"] == "Bearer"
+
+
+def test_no_token_of_a_login_outlives_login_max_age(store: Store) -> None:
+    """Refreshing keeps a login going, but not forever: then the user logs in again."""
+    stack = Stack(store, access_ttl=600, refresh_ttl=3600, login_max_age=5000)
+    first = stack.tokens.issue("ann")
+    assert (first["expires_in"], first["refresh_expires_in"]) == (600, 3600)
+    again = stack.tokens.refresh(first["refresh_token"])
+
+    def claims_of(token: str) -> dict[str, Any]:
+        return dict(jwt.decode(token, SECRET, algorithms=["HS256"]))
+
+    assert claims_of(again["refresh_token"])["auth_time"] == claims_of(first["refresh_token"])["auth_time"]
+    # A login 4,900 seconds old: its new tokens end with it, 100 seconds from now.
+    late = stack.tokens._pair("ann", [], claims_of(again["refresh_token"])["fam"], int(time.time()) - 4900)
+    assert (late["expires_in"], late["refresh_expires_in"]) == (100, 100)
+    assert claims_of(late["access_token"])["exp"] - claims_of(late["access_token"])["auth_time"] == 5000
 
 
 def test_refresh_refuses_access_tokens_and_forgeries(store: Store) -> None:
