@@ -143,27 +143,18 @@ class UserStore:
 
     def set_roles(self, name: str, roles: Iterable[str]) -> User:
         """Replace the roles of a user; :class:`UserError` if there is no such user."""
-        clean = _roles(roles)
-        with self._lock:
-            changed = self._conn().execute(
-                "UPDATE users SET roles = ? WHERE name = ?", (json.dumps(list(clean)), name)
-            ).rowcount
-        if not changed:
-            raise UserError(f"no user called {name!r}")
-        user = self.get(name)
-        assert user is not None
-        return user
+        return self._update(name, "roles = ?", json.dumps(list(_roles(roles))))
 
     def set_password(self, name: str, password: str) -> User:
         """Give a user a new password; every session and refresh token from before it is void."""
         if not password:
             raise UserError("the password may not be empty")
-        password_hash = self._hash(password)
-        with self._lock:
-            changed = self._conn().execute(
-                "UPDATE users SET password_hash = ?, credentials_at = ? WHERE name = ?",
-                (password_hash, time.time(), name),
-            ).rowcount
+        return self._update(name, "password_hash = ?, credentials_at = ?", self._hash(password), time.time())
+
+    def _update(self, name: str, assignments: str, *values: object) -> User:
+        """``UPDATE users SET <assignments>`` for ``name``; the user as it is now, or :class:`UserError`."""
+        with self._lock:  # assignments are this module's own text; values are bound
+            changed = self._conn().execute(f"UPDATE users SET {assignments} WHERE name = ?", (*values, name)).rowcount
         if not changed:
             raise UserError(f"no user called {name!r}")
         user = self.get(name)

@@ -656,8 +656,8 @@ class AuthMiddleware:
         self.accept_session = options.accept_session
         self.max_bytes = options.max_token_bytes
         self.challenge = f"Bearer realm={_quote(options.realm)}"
-        self._roles_now: dict[str, tuple[float, frozenset[str] | None]] = {}  # subject -> (until, roles)
-        self._since_now: dict[str, tuple[float, float | None]] = {}  # subject -> (until, credentials since)
+        self._roles_now: dict[str, tuple[float, Any]] = {}  # subject -> (until, roles or None)
+        self._since_now: dict[str, tuple[float, Any]] = {}  # subject -> (until, credentials since or None)
 
     def _bearer(self, environ: WSGIEnvironment) -> str | None:
         """The bearer token of the request (parsed once per request), or None; over ``max_token_bytes`` too."""
@@ -725,39 +725,37 @@ class AuthMiddleware:
 
     def _current_since(self, lookup: Any, subject: str) -> float | None:
         """``lookup(subject)`` (see ``USER_SINCE``), reused for ``ROLES_FRESH`` seconds; a failure voids all."""
-        now = time.monotonic()
-        cached = self._since_now.get(subject)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            answer = lookup(subject)
-            found = None if answer is None else float(answer)
-        except Exception:  # a user store that cannot answer identifies no one (fail closed)
-            self.context.logger.getChild("auth").exception("could not look up the credentials of %r",
-                                                            escape_control(subject))
-            return math.inf
-        if len(self._since_now) >= 10_000:
-            self._since_now.clear()
-        self._since_now[subject] = (now + ROLES_FRESH, found)
-        return found
+        since: float | None = self._looked_up(self._since_now, lookup, subject,
+                                              lambda found: None if found is None else float(found), math.inf,
+                                              "the credentials of")
+        return since
 
     def _current_roles(self, lookup: Any, subject: str) -> frozenset[str] | None:
         """``lookup(subject)`` as a frozenset (None: no such user), reused for ``ROLES_FRESH`` seconds."""
+        roles: frozenset[str] | None = self._looked_up(self._roles_now, lookup, subject,
+                                                       lambda found: None if found is None else frozenset(found),
+                                                       None, "the roles of session user")
+        return roles
+
+    def _looked_up(self, cache: dict[str, tuple[float, Any]], lookup: Any, subject: str,
+                   convert: Callable[[Any], Any], failed: Any, what: str) -> Any:
+        """``convert(lookup(subject))``, kept in ``cache`` for ``ROLES_FRESH`` seconds; ``failed`` when it raises.
+
+        A user store that cannot answer identifies no one (fail closed); the failure is logged.
+        """
         now = time.monotonic()
-        cached = self._roles_now.get(subject)
+        cached = cache.get(subject)
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
-            found = lookup(subject)
-        except Exception:  # a user store that cannot answer identifies no one (fail closed)
-            self.context.logger.getChild("auth").exception("could not look up the roles of session user %r",
-                                                            escape_control(subject))
-            return None
-        roles = None if found is None else frozenset(found)
-        if len(self._roles_now) >= 10_000:
-            self._roles_now.clear()
-        self._roles_now[subject] = (now + ROLES_FRESH, roles)
-        return roles
+            found = convert(lookup(subject))
+        except Exception:
+            self.context.logger.getChild("auth").exception("could not look up %s %r", what, escape_control(subject))
+            return failed
+        if len(cache) >= 10_000:
+            cache.clear()
+        cache[subject] = (now + ROLES_FRESH, found)
+        return found
 
     def _level(self, environ: WSGIEnvironment, method: str) -> tuple[str, tuple[frozenset[str], ...]]:
         """The auth level and the role sets (one role of each needed) of the rules that apply.
