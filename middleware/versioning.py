@@ -239,6 +239,7 @@ class VersioningMiddleware:
         self.notices = {v: d.headers() for v, d in options.deprecated.items()}
         self._refusal_vary = [("Vary", ", ".join(self.vary["default"]))] if self.vary["default"] else []
         self._counts: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._previewed = f"wsgistack.versioning.previewed.{id(self)}"  # see preview_environ
         self._lock = threading.Lock()
 
     def _choose(self, environ: WSGIEnvironment) -> tuple[str, str, str | None] | None:
@@ -285,17 +286,30 @@ class VersioningMiddleware:
         return version, source, f"{self.prefix_slash}{version}{tail}"
 
     def preview_environ(self, environ: WSGIEnvironment) -> dict[str, Any] | None:
-        """What this layer will set in ``environ`` (for reads ahead, see ``ReadAhead``); None when it refuses."""
+        """What this layer will set in ``environ`` (for reads ahead, see ``ReadAhead``); None when it refuses.
+
+        The layers outside ask more than once per request (the rate limiter's read
+        ahead, the auth and rate-limit rules): the answer is kept in ``environ``
+        for as long as the path and the version headers are the very same.
+        """
+        path, header, accept = environ.get("PATH_INFO"), environ.get(self.header_env), environ.get("HTTP_ACCEPT")
+        seen = environ.get(self._previewed)
+        if seen is not None and seen[0] is path and seen[1] is header and seen[2] is accept:
+            answer: dict[str, Any] | None = seen[3]
+            return answer
         try:
             chosen = self._choose(environ)
         except HTTPException:
-            return None
-        if chosen is None:
-            return {}
-        version, _, rewritten = chosen
-        if rewritten is None:
-            return {API_VERSION: version}
-        return {API_VERSION: version, "PATH_INFO": rewritten, PATH: None}
+            answer = None
+        else:
+            if chosen is None:
+                answer = {}
+            elif chosen[2] is None:
+                answer = {API_VERSION: chosen[0]}
+            else:
+                answer = {API_VERSION: chosen[0], "PATH_INFO": chosen[2], PATH: None}
+        environ[self._previewed] = (path, header, accept, answer)
+        return answer
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         chosen = self._choose(environ)
