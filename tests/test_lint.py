@@ -74,6 +74,12 @@ def problems(text: str) -> list[str]:
             id="cache outside cors",
         ),
         pytest.param(
+            f"pipeline:\n  - session: {{secret_key: {SECRET}}}\n  - auth: {{secret: {SECRET}}}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: auth at pipeline[1] accepts the session cookie as credentials "
+            "(accept_session) but the pipeline has no csrf layer",
+            id="session credentials without csrf",
+        ),
+        pytest.param(
             "pipeline:\n  - request_id: {}\n  - proxy: {x_for: 1}\n",
             "stack.yaml:5:5 warning: pipeline[1]: proxy at pipeline[1] is inside request_id at pipeline[0]",
             id="proxy inside request_id",
