@@ -285,10 +285,10 @@ def auth_inside_session(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Pr
         if session.scope:
             yield _problem(cfg, session, "session is scoped: requests outside the scope have no session, and logins "
                                          "made there do not persist", "warning")
-    session = _first(specs, "session")
-    if session is not None and not _all(specs, "csrf"):
+    first_session = _first(specs, "session")
+    if first_session is not None and not _all(specs, "csrf"):
         for auth in _all(specs, "auth"):
-            if _pos(specs, session) < _pos(specs, auth) and spec_true(auth, "accept_session"):
+            if _pos(specs, first_session) < _pos(specs, auth) and spec_true(auth, "accept_session"):
                 yield _problem(cfg, auth, f"auth at {_where(auth)} accepts the session cookie as credentials "
                                           "(accept_session) but the pipeline has no csrf layer: another site's page "
                                           "can send a logged-in browser's POST; add csrf before auth, or set "

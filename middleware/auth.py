@@ -72,6 +72,8 @@ __all__ = ["ROLES_FRESH", "USER_ROLES", "USER_SINCE", "AuthMiddleware", "TokenSe
 
 _NO_ROLES: frozenset[str] = frozenset()
 _RANK = {"none": 0, "optional": 1, "required": 2}
+#: RFC 6750 §2.1: the credentials of a Bearer Authorization header (anything else is invalid_request, 400).
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 #: ``context.services`` name of ``roles(subject) -> roles | None`` (None: no such user), which the
 #: app publishes so that a session identity carries the user's roles of now (the Flask core does).
 USER_ROLES = "user_roles"
@@ -797,6 +799,13 @@ class AuthMiddleware:
             raise refuse(431, f"The Authorization header is longer than {self.max_bytes} bytes.")
         token = self._bearer(environ)
         identity: Identity | None = None
+        if token is not None and not _B64TOKEN.fullmatch(token):
+            self.context.emit("auth.failure", reason="invalid_request")
+            note(environ, "auth", "refused: the Authorization header is malformed")
+            raise refuse(400, "Bad Request: the Authorization header must be 'Bearer <token>', the token one "
+                              "b64token (RFC 6750 §2.1).",
+                         headers=[("WWW-Authenticate", f'{self.challenge}, error="invalid_request", '
+                                                       'error_description="the Authorization header is malformed"')])
         if token is not None:
             try:
                 claims = self.tokens.check(token, "access", environ)

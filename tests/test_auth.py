@@ -162,7 +162,12 @@ def _token(make: Callable[[Any], str]) -> Callable[[Any], dict[str, str]]:
     pytest.param({}, _header("Basic YW5uOnB3"), (401, MISSING, "missing"), id="basic credentials are no token"),
     pytest.param({}, _header("Bearer not-a-jwt"), (401, challenge("the token is malformed"), "malformed"),
                  id="malformed"),
-    pytest.param({}, _header("Bearer "), (401, challenge("the token is malformed"), "malformed"), id="empty"),
+    pytest.param({}, _header("Bearer "), (400, 'Bearer realm="wsgistack", error="invalid_request", '
+                 'error_description="the Authorization header is malformed"', "invalid_request"),
+                 id="no token: invalid_request (RFC 6750 §3.1)"),
+    pytest.param({}, _header("Bearer a b"), (400, 'Bearer realm="wsgistack", error="invalid_request", '
+                 'error_description="the Authorization header is malformed"', "invalid_request"),
+                 id="two tokens: invalid_request"),
     pytest.param({}, _header("Bearer a.b.c"), (401, challenge("the token is malformed"), "malformed"),
                  id="three junk segments"),
     pytest.param({}, _token(lambda k: hand_signed({"alg": "none", "typ": "JWT"}, claims(), b"")),
