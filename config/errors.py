@@ -6,20 +6,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from middleware.base import mask_url_passwords
-from stores.base import SECRET_NAME
+from stores.base import secret_name
 
 Path = tuple[str | int, ...]
 
-#: A key whose value a message never repeats: the one rule of stores.base (and the operator page).
-SECRET_KEY = SECRET_NAME
 MASK = "***"
 
 
 def is_secret(path: Path, value: Any) -> bool:
-    """Whether ``value`` at ``path`` is a secret's: a secret-named key's text (a flag or a number is not)."""
-    if value is None or isinstance(value, bool | int | float):
+    """Whether ``value`` at ``path`` is a secret's: any value but a flag under a secret-named key."""
+    if value is None or isinstance(value, bool):
         return False
-    return any(isinstance(part, str) and SECRET_KEY.search(part) for part in path)
+    return any(isinstance(part, str) and secret_name(part) for part in path)
 
 
 def masked(path: Path, value: Any) -> Any:

@@ -24,13 +24,15 @@ _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
 
 
 #: A name (an option, a nested key, a query parameter) whose value is never shown: in config
-#: errors, logs and the operator page alike (``secret_key``, ``password``, ``api_key``, ``token``…).
-SECRET_NAME = re.compile(r"secret|passw(?:or)?d|tokens?$|credential|authorization|apikey|[_-]keys?$", re.IGNORECASE)
+#: errors, logs and the operator page alike (``secret_key``, ``password``, ``api_key``, ``signingKey``…).
+SECRET_NAME = re.compile(r"secret|passw(?:or)?d|token|credential|authorization|key", re.IGNORECASE)
+#: The stack's own options that the words above catch but that hold no secret (ratelimit's ``key``).
+NOT_SECRET = frozenset({"key", "key_prefix", "key_headers", "max_token_bytes", "allow_credentials"})
 
 
 def secret_name(name: str) -> bool:
-    """Whether a value named ``name`` is a secret (see :data:`SECRET_NAME`)."""
-    return SECRET_NAME.search(name) is not None
+    """Whether a value named ``name`` is a secret (see :data:`SECRET_NAME`, :data:`NOT_SECRET`)."""
+    return name not in NOT_SECRET and SECRET_NAME.search(name) is not None
 
 
 def mask_url(url: str, mask: str = "***") -> str:

@@ -459,6 +459,8 @@ def test_a_factory_gets_its_options_as_its_hints_say() -> None:
                      "  - errors: {}\n", "Hunter2Secret", id="password in the query"),
         pytest.param("pipeline:\n  - errors: {}\n  - stack_support:KeyedLayer: {api_key: sk-live-Hunter2Secret}\n",
                      "Hunter2Secret", id="a third-party layer's api_key"),
+        pytest.param("pipeline:\n  - errors: {}\n  - session: {secret_key: 918273645546372819}\n",
+                     "918273645546372819", id="a secret written as a number"),
     ],
 )
 def test_problems_never_repeat_a_secret(yaml_text: str, secret: str) -> None:
