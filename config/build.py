@@ -18,7 +18,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, get_args, get_origin
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -415,12 +416,18 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(option, why)`` for each option whose value the plain factory's type hint refuses.
+_UNIONS = (Union, UnionType)
 
-    Checked with pydantic in lax mode: ``"1"`` for an ``int`` is handed over as
-    ``1`` (``options`` is updated).  A hint that cannot be resolved here (a name
-    imported only for type checking) or that pydantic cannot check is skipped.
+
+def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(option, why)`` for each option whose value the plain factory's scalar type hint refuses.
+
+    Only ``int``, ``float``, ``bool`` and ``str`` (or one of them or None) are
+    checked, with pydantic in lax mode: ``"1"`` for an ``int`` is handed over as
+    ``1`` (``options`` is updated).  Other hints are left alone: third-party
+    hints are often looser or stricter than what the code takes (werkzeug's
+    ``SharedDataMiddleware(disallow: None)`` takes a pattern), and checking an
+    ``Iterable`` would hand over a one-shot iterator.
     """
     from pydantic import TypeAdapter
 
@@ -439,9 +446,12 @@ def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]
         try:
             if isinstance(hint, str):
                 hint = eval(hint, dict(scope), {})  # the factory's own annotation text, as typing does
-            adapter: TypeAdapter[Any] = TypeAdapter(hint)
         except Exception:
             continue
+        concrete = [h for h in get_args(hint) if h is not type(None)] if get_origin(hint) in _UNIONS else [hint]
+        if len(concrete) != 1 or concrete[0] not in (int, float, bool, str):
+            continue
+        adapter: TypeAdapter[Any] = TypeAdapter(hint)
         try:
             options[key] = adapter.validate_python(value)
         except ValidationError as exc:

@@ -116,3 +116,16 @@ class MethodsLayer:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         return self.app(environ, start_response)
+
+
+class AllowList:
+    """A third-party middleware whose option is hinted loosely (any iterable of paths)."""
+
+    def __init__(self, app: Any, allowed: Iterable[str] = ()) -> None:
+        self.app, self.allowed = app, allowed
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ["PATH_INFO"] not in self.allowed:
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"no"]
+        return self.app(environ, start_response)

@@ -448,6 +448,17 @@ def test_a_factory_gets_its_options_as_its_hints_say() -> None:
     assert seen.json["remote_addr"] == "203.0.113.9"
 
 
+@pytest.mark.parametrize("layer", [
+    pytest.param("stack_support:AllowList: {allowed: [/a]}", id="an Iterable hint: the list itself, not an iterator"),
+    pytest.param("werkzeug.middleware.shared_data:SharedDataMiddleware: {exports: {}, disallow: '*.py'}",
+                 id="a hint stricter than the code (disallow: None takes a pattern)"),
+])
+def test_hints_other_than_scalars_are_left_to_the_factory(layer: str) -> None:
+    app = TestApp(build_from_text(ECHO + f"pipeline:\n  - {layer}\n").app)
+    for _ in range(3):  # the same answer every time
+        assert app.get("/a").status_int == 200
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "secret"),
     [
