@@ -150,8 +150,9 @@ def _ignore(event: str, **fields: Any) -> None:
 def _before(issued: Any, since: float | None) -> bool:
     """Whether a credential issued at ``issued`` predates ``since``.
 
-    A token's ``iat`` is whole seconds: one issued in the very second of the
-    change counts as after it.  A session's login time is exact.  A session
+    Tokens and sessions record the time to the millisecond or better and are
+    compared exactly; a token with a whole-second ``iat`` (another issuer's, or
+    ours from before) counts as after a change in that very second.  A session
     written before logins recorded the time (no ``iat``) is let be.
     """
     if since is None or not isinstance(issued, int | float) or isinstance(issued, bool):
@@ -494,12 +495,16 @@ class TokenService:
     def _pair(self, subject: str, roles: list[str], fam: str, auth_time: int | None = None) -> dict[str, Any]:
         if self.signer is None:
             raise RuntimeError("this auth layer only verifies tokens; set private_key to issue them")
-        o, now = self.options, int(time.time())
+        o, clock = self.options, time.time()
+        now = int(clock)
         # auth_time (OpenID Connect's name): the login this family started with, carried by every
         # refresh; no token of the family lives past auth_time + login_max_age.
         auth_time = now if auth_time is None else auth_time
         end = auth_time + o.login_max_age
-        base = {"sub": subject, "roles": roles, "iat": now, "fam": fam, "auth_time": auth_time}
+        # iat to the millisecond (a NumericDate may have a fraction, RFC 7519 §2): a password reset
+        # voids a token issued a moment before it, however close (see USER_SINCE).
+        issued = math.floor(clock * 1000) / 1000
+        base = {"sub": subject, "roles": roles, "iat": issued, "fam": fam, "auth_time": auth_time}
         if o.issuer:
             base["iss"] = o.issuer
         if o.audience:
@@ -561,8 +566,10 @@ class TokenService:
             # The new pair is made (its access token recorded) before the refresh token is marked
             # used: a store failure while recording is a 503 the client can retry with the same token.
             auth_time = claims.get("auth_time", claims["iat"])  # tokens from before auth_time: their own iat
-            pair = self._pair(subject, sorted(set(roles)), fam,
-                              int(auth_time) if isinstance(auth_time, int | float) else int(claims["iat"]))
+            auth_time = int(auth_time) if isinstance(auth_time, int | float) else int(claims["iat"])
+            if auth_time + self.options.login_max_age <= time.time():  # however much leeway exp had
+                raise _Invalid("expired", "the token has expired")
+            pair = self._pair(subject, sorted(set(roles)), fam, auth_time)
             ttl = max(1.0, claims["exp"] - time.time() + self.options.leeway)
             jti = str(claims["jti"])
             if not self._store(lambda: self.store.add("refresh-used:" + jti, b"1", ttl), strict=True):

@@ -446,11 +446,11 @@ def test_issue_shape_and_claims(store: Store) -> None:
     access = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"], audience="api")
     refresh = jwt.decode(pair["refresh_token"], SECRET, algorithms=["HS256"], audience="api")
     assert set(access) == {"sub", "roles", "iat", "exp", "jti", "typ", "fam", "auth_time", "iss", "aud"}
-    assert access["auth_time"] == access["iat"] == refresh["auth_time"]
+    assert access["auth_time"] == int(access["iat"]) == refresh["auth_time"]
     assert (access["sub"], access["roles"], access["typ"], access["iss"], access["aud"]) == (
         "ann", ["admin", "user"], "access", "https://id.example.org", "api")
-    assert access["exp"] - access["iat"] == 600
-    assert (refresh["typ"], refresh["exp"] - refresh["iat"], refresh["fam"]) == ("refresh", 7200, access["fam"])
+    assert access["exp"] - int(access["iat"]) == 600 and access["iat"] - int(access["iat"]) < 1
+    assert (refresh["typ"], refresh["exp"] - int(refresh["iat"]), refresh["fam"]) == ("refresh", 7200, access["fam"])
     assert access["jti"] != refresh["jti"]
     assert jwt.get_unverified_header(pair["access_token"]) == {"alg": "HS256", "typ": "JWT"}
     assert stack.call(token=pair["access_token"]).json == {"sub": "ann", "roles": ["admin", "user"], "source": "jwt"}
@@ -543,6 +543,12 @@ def test_no_token_of_a_login_outlives_login_max_age(store: Store) -> None:
     late = stack.tokens._pair("ann", [], claims_of(again["refresh_token"])["fam"], int(time.time()) - 4900)
     assert (late["expires_in"], late["refresh_expires_in"]) == (100, 100)
     assert claims_of(late["access_token"])["exp"] - claims_of(late["access_token"])["auth_time"] == 5000
+    # Past its end, however much leeway: log in again.
+    over = Stack(store, access_ttl=600, refresh_ttl=3600, login_max_age=5000, leeway=60)
+    ended = over.tokens._pair("ann", [], "fam-x", int(time.time()) - 5010)  # exp 10 s ago, within the leeway
+    with pytest.raises(HTTPException) as refused:
+        over.tokens.refresh(ended["refresh_token"])
+    assert refused.value.code == 401
 
 
 def test_refresh_refuses_access_tokens_and_forgeries(store: Store) -> None:
