@@ -587,9 +587,14 @@ class TokenService:
         o, prefix = self.options, f"family-access:{fam}:"
 
         def run() -> None:
+            # Once swept, never again: the scan walks the store's keys, and an old token pair sent to
+            # logout over and over must not make it walk them every time.
+            if self.store.get("family-swept:" + fam) is not None:
+                return
             self.store.set("family-revoked:" + fam, b"1", o.refresh_ttl + o.leeway + 1)
             for key in list(self.store.scan(prefix)):
                 self.store.set("revoked:" + key[len(prefix):], b"1", o.access_ttl + o.leeway + 1)
+            self.store.set("family-swept:" + fam, b"1", o.refresh_ttl + o.leeway + 1)
 
         self._store(run, strict=True)
 

@@ -551,6 +551,19 @@ def test_no_token_of_a_login_outlives_login_max_age(store: Store) -> None:
     assert refused.value.code == 401
 
 
+def test_a_family_is_swept_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sending the same logout again must not walk the store's keys again."""
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann")
+    scans: list[str] = []
+    real_scan = store.scan
+    monkeypatch.setattr(store, "scan", lambda prefix: scans.append(prefix) or real_scan(prefix))
+    for _ in range(3):
+        stack.tokens.revoke(pair["access_token"], pair["refresh_token"], family=True)
+    assert len(scans) == 1
+    assert stack.call(token=pair["access_token"]).status_int == 401
+
+
 def test_refresh_refuses_access_tokens_and_forgeries(store: Store) -> None:
     stack = Stack(store)
     pair = stack.tokens.issue("ann")
