@@ -216,10 +216,11 @@ def _subject_key(identity: Any) -> str:
     """The part of a ``per_user`` key that names the identity: its subject and its roles.
 
     The roles too: a token with fewer roles (or a user whose role was taken away)
-    must not be answered with what a token with more roles was given.
+    must not be answered with what a token with more roles was given.  Both as
+    ``repr``: quoted, so no subject (another issuer's may hold any character)
+    can spell another subject's key with its roles.
     """
-    roles = identity.roles
-    return f"{identity.subject}\n{','.join(sorted(roles))}" if roles else str(identity.subject)
+    return f"{str(identity.subject)!r}{sorted(identity.roles)!r}"
 
 
 def _personal(session: Any, subject: str | None) -> bool:

@@ -481,6 +481,9 @@ def test_per_user_entries_are_per_role_set_too(make: Callable[..., Stack], origi
     assert stack.get(headers={**admin, "X-Test-User": "alice:user"}).headers["X-Cache"] == "MISS"
     assert stack.get(headers={**admin, "X-Test-User": "alice"}).headers["X-Cache"] == "MISS"
     assert origin.calls == 3
+    # A subject that spells another's subject and roles (another issuer's may hold any character).
+    spelled = stack.get(headers={**admin, "X-Test-User": "alice\nadmin,user"})
+    assert (spelled.headers["X-Cache"], origin.calls) == ("MISS", 4)
 
 
 def test_private_answers_not_shared_without_per_user(make: Callable[..., Stack], origin: Origin) -> None:
