@@ -25,6 +25,7 @@ import fnmatch
 import hashlib
 import json
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -307,6 +308,7 @@ class CacheMiddleware:
         self.purge_path = options.purge_path
         self.purge_roles = frozenset(options.purge_roles)
         self._inflight: dict[str, threading.Event] = {}
+        self._index_key = f"wsgistack.cache.index.{id(self)}"  # the Vary index this request found
         self._lock = threading.Lock()
         context.offer_read(self.store, "get_or_lock", self._ahead)  # a rate limiter outside may read the entry for us
 
@@ -417,9 +419,13 @@ class CacheMiddleware:
         return f"{self.prefix}l:{base[-_DIGEST:]}"
 
     @staticmethod
-    def _variant(base: str, vary: list[str], environ: WSGIEnvironment) -> str:
-        """The key of this request's variant: the header names as well as their values (RFC 9111 §4.1)."""
-        return base[:-_DIGEST] + _digest((base, vary, [environ.get(_environ_name(h)) for h in vary]))
+    def _variant(base: str, vary: list[str], environ: WSGIEnvironment, generation: str) -> str:
+        """The key of this request's variant: the header names as well as their values (RFC 9111 §4.1).
+
+        ``generation`` is the index's: a write that drops the index (RFC 9111 §4.4)
+        leaves the variants stored before it out of reach of the next index.
+        """
+        return base[:-_DIGEST] + _digest((base, generation, vary, [environ.get(_environ_name(h)) for h in vary]))
 
     def _lookup(self, environ: WSGIEnvironment, base: str,
                 lock_key: str | None = None) -> tuple[dict[str, Any] | None, bool | None]:
@@ -439,7 +445,10 @@ class CacheMiddleware:
             locked = locked if raw is None else None
         try:
             if raw is not None and raw[:5] == _VARY_INDEX:
-                raw = self.store.get(self._variant(base, json.loads(raw)["v"], environ))
+                index = json.loads(raw)
+                vary, generation = index["v"], str(index.get("g", ""))
+                environ[self._index_key] = (base, vary, generation)  # a fill of another variant keeps it
+                raw = self.store.get(self._variant(base, vary, environ, generation))
             if raw is None:
                 return None, locked
             head, _, body = raw.partition(b"\n")
@@ -684,8 +693,11 @@ class CacheMiddleware:
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
         sets: list[tuple[str, bytes, float | None]] = []
         if plan.vary:
-            sets.append((self._variant(base, plan.vary, environ), raw, life))
-            raw = json.dumps({"v": plan.vary}, separators=(",", ":")).encode()
+            found = environ.get(self._index_key)
+            generation = found[2] if found is not None and found[0] == base and found[1] == plan.vary \
+                else secrets.token_hex(4)
+            sets.append((self._variant(base, plan.vary, environ, generation), raw, life))
+            raw = json.dumps({"v": plan.vary, "g": generation}, separators=(",", ":")).encode()
         sets.append((base, raw, life))
         self.store.write(sets, [unlock] if unlock else ())
 

@@ -587,6 +587,20 @@ def test_a_write_drops_the_entries_of_its_uri(make: Callable[..., Stack], origin
     assert stack.get("/api/v1/search?q=other", headers=headers).body == other.body  # another URI stays
 
 
+def test_a_write_drops_every_variant_of_its_uri(make: Callable[..., Stack], origin: Origin) -> None:
+    """Variants stored before the write stay out of reach once another variant is filled again."""
+    origin.headers.append(("Vary", "Accept-Language"))
+    stack = make()
+    de = stack.get(headers={"Accept-Language": "de"})
+    stack.get(headers={"Accept-Language": "fr"})
+    assert stack.get(headers={"Accept-Language": "de"}).headers["X-Cache"] == "HIT"
+    stack.web.post("/api/v1/search?q=x")
+    assert stack.get(headers={"Accept-Language": "fr"}).headers["X-Cache"] == "MISS"
+    again = stack.get(headers={"Accept-Language": "de"})
+    assert (again.headers["X-Cache"], again.json["n"] > de.json["n"]) == ("MISS", True)
+    assert stack.get(headers={"Accept-Language": "de"}).headers["X-Cache"] == "HIT"  # and stored again
+
+
 def test_age_counts_whole_seconds_since_stored(make: Callable[..., Stack], clock: Clock) -> None:
     stack = make()
     stack.get()
