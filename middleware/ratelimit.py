@@ -143,6 +143,31 @@ def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl:
     return remaining, now + min(prev_reset, cur_reset)
 
 
+def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
+    """The response's headers with one set of RateLimit fields: ours, or a layer's inside us if tighter.
+
+    The fields are single-valued: with two limiters (by address outside auth,
+    by user inside it), the one with fewer requests left (or, as many, the later
+    reset) speaks for both.
+    """
+    inner = None
+    for name, value in response_headers:
+        if len(name) == 19 and name.lower() == "ratelimit-remaining":
+            inner = value
+            break
+    if inner is None:
+        return [*response_headers, *ours]
+    reset = next((v for n, v in response_headers if n.lower() == "ratelimit-reset"), "0")
+    try:
+        theirs = (int(inner), -int(reset))
+    except ValueError:
+        theirs = (1 << 62, 0)
+    if (int(ours[1][1]), -int(ours[2][1])) >= theirs:
+        return response_headers
+    names = {"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"}
+    return [*(h for h in response_headers if h[0].lower() not in names), *ours]
+
+
 def _seconds(delta: float) -> int:
     """Whole seconds until a reset, rounded up, ignoring the last millisecond (``now + 60 - now`` may be 60.000001)."""
     return max(0, ceil(delta - 0.001))
@@ -502,11 +527,14 @@ class RateLimitMiddleware:
         """Refuse past a limit, else call the app with the RateLimit headers."""
         if len(results) == 1:
             pick, allowed = 0, results[0][0]
-        else:  # report the refusing limit that resets last, else the one closest to running out
+        else:
             refused = [i for i, r in enumerate(results) if not r[0]]
             allowed = not refused
-            pick = (max(refused, key=lambda i: results[i][2]) if refused
-                    else min(range(len(results)), key=lambda i: results[i][1]))
+            if refused:  # Retry-After: until every limit that refused, or that is used up now, has room again
+                blocking = refused + [i for i, r in enumerate(results) if r[0] and r[1] <= 0]
+                pick = max(blocking, key=lambda i: results[i][2])
+            else:  # the limit closest to running out; of two as close, the one that resets later
+                pick = min(range(len(results)), key=lambda i: (results[i][1], -results[i][2]))
         _, remaining, reset = results[pick]
         item = rule.items[pick]
         # No window resets later than its length from now (limits' memory windows stamp entries with
@@ -521,7 +549,7 @@ class RateLimitMiddleware:
                    ("RateLimit-Reset", str(_seconds(reset - now)))]
 
         def start(status: str, response_headers: Headers, exc_info: Any = None) -> Any:
-            return start_response(status, [*response_headers, *headers], exc_info)
+            return start_response(status, _most_restrictive(response_headers, headers), exc_info)
 
         try:
             return self.app(environ, start)

@@ -187,6 +187,38 @@ def test_minute_limit_reported_when_it_is_closer_to_running_out(store: Store) ->
     assert (refused.status_int, refused.headers["Retry-After"], refused.headers["RateLimit-Limit"]) == (429, "60", "2")
 
 
+@pytest.mark.parametrize(("limits", "requests", "last"), [
+    pytest.param(["1/second", "2/minute"], 2, {"status": 429, "Retry-After": "60"},
+                 id="the refusal used up the minute too: wait for the minute"),
+    pytest.param(["3/minute", "3/hour"], 3, {"status": 200, "RateLimit-Remaining": "0", "RateLimit-Reset": "3600"},
+                 id="both used up: the later reset"),
+    pytest.param(["3/minute", "3/hour"], 4, {"status": 429, "Retry-After": "3600"}, id="then the hour's wait"),
+])
+def test_a_client_that_waits_as_told_is_not_refused_again(store: Store, limits: list[str], requests: int,
+                                                          last: dict[str, Any]) -> None:
+    """Retry-After (RFC 9110 §10.2.3) and RateLimit-Reset name the wait until every limit has room."""
+    stack = Stack(store, limits=limits)
+    for _ in range(requests - 1):
+        stack.get()
+    response = stack.get()
+    assert {"status": response.status_int, **{k: response.headers[k] for k in last if k != "status"}} == last
+
+
+def test_two_limiters_send_one_set_of_headers(store: Store) -> None:
+    """By address outside, by user inside: the fields are single-valued, so the tighter set speaks."""
+    context = Context(stores={"shared": store})
+    by_user = RateLimitMiddleware(inner, RateLimitMiddleware.Options(limits=["2/minute"], namespace="u"), context)
+    by_address = RateLimitMiddleware(by_user, RateLimitMiddleware.Options(limits=["5/minute"]), context)
+    app = TestApp(by_address)
+    first = app.get("/", extra_environ={"REMOTE_ADDR": "10.0.0.1"})
+    assert first.headers.getall("RateLimit-Remaining") == ["1"]  # the inner limiter's: tighter
+    assert first.headers.getall("RateLimit-Limit") == ["2"]
+    wide = TestApp(RateLimitMiddleware(RateLimitMiddleware(inner, RateLimitMiddleware.Options(
+        limits=["50/minute"], namespace="w"), context), RateLimitMiddleware.Options(limits=["3/minute"],
+                                                                                      namespace="n"), context))
+    assert wide.get("/").headers.getall("RateLimit-Limit") == ["3"]  # the outer one's: tighter
+
+
 def test_inner_errors_carry_the_headers(store: Store) -> None:
     stack = Stack(store, limits=["5/minute"])
     response = stack.get("/missing")
