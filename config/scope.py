@@ -43,7 +43,7 @@ class Scope:
         self.rewrites: PathRewrites = ()
 
     def matches(self, environ: WSGIEnvironment) -> bool:
-        if self._methods is not None and environ.get("REQUEST_METHOD", "GET") not in self._methods:
+        if self._methods is not None and environ.get("REQUEST_METHOD", "GET").upper() not in self._methods:
             return False
         if self._include is None and self._exclude is None:
             return True

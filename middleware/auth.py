@@ -697,7 +697,7 @@ class AuthMiddleware:
         verified before, which this layer may refuse, and for a request without
         credentials where they are required (a 401 to come: nothing to read).
         """
-        method = environ.get("REQUEST_METHOD", "GET")
+        method = environ.get("REQUEST_METHOD", "GET").upper()
         level = "none" if method == "OPTIONS" else self._level(environ, method)[0]
         if level == "none":
             return {}
@@ -799,7 +799,7 @@ class AuthMiddleware:
         return self.default, ()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
+        method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
         if method == "OPTIONS":
             return self.app(environ, start_response)
         level, roles = self._level(environ, method)

@@ -493,7 +493,7 @@ class RateLimitMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rule = self.default
         if self.rules:
-            method = environ.get("REQUEST_METHOD", "GET")
+            method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
             path = decoded_path(environ)
             # With versioning inside, the first rule that matches the path or the path it is routed to.
             routed = routed_path(environ, self.rewrites) if self.rewrites else path
@@ -515,7 +515,8 @@ class RateLimitMiddleware:
             else:
                 results = self.counter.hit(rule.strategy, rule.items, keys, now)
         except _STORE_ERRORS as exc:
-            return self._store_failed(environ, start_response, exc, rule.closed)
+            # shadow mode never refuses, not even a closed rule in an outage
+            return self._store_failed(environ, start_response, exc, rule.closed and self.enforce)
         try:
             return self._answer(environ, start_response, rule, key, results, now)
         finally:

@@ -262,6 +262,7 @@ RULES = [
 
 @pytest.mark.parametrize(("method", "path", "expected"), [
     pytest.param("POST", "/api/items", "1", id="first rule: POST under /api"),
+    pytest.param("post", "/api/items", "1", id="a method as werkzeug routes it (servers other than Waitress)"),
     pytest.param("GET", "/api/items", "5", id="second rule: any other method under /api"),
     pytest.param("DELETE", "/api/a/b", "5", id="globs span segments"),
     pytest.param("GET", "/health", None, id="exempt: limits []"),
@@ -613,6 +614,21 @@ def test_store_down(redis_server: Any, redis_store: Store, mode: str, status: in
     assert warnings[0].endswith(f"; failing {mode}")
     # The restarted server is empty and has no scripts: counting starts again.
     assert [stack.get().status_int for _ in range(3)] == [200, 200, 429]
+
+
+def test_shadow_mode_never_refuses_not_even_in_an_outage() -> None:
+    """A closed rule in shadow mode: counting is what is tried out, so an outage lets requests through."""
+    from conftest import free_port
+
+    from stores.redis import RedisStore
+
+    dead = RedisStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.05, socket_connect_timeout=0.05)
+    stack = Stack(dead, limits=["100/minute"], mode="shadow", on_store_error="closed",
+                  rules=[{"paths": ["/login"], "limits": ["5/minute"], "on_store_error": "closed"}])
+    try:
+        assert [stack.get(path).status_int for path in ("/", "/login")] == [200, 200]
+    finally:
+        dead.close()
 
 
 @pytest.mark.parametrize(("layer", "rule", "statuses"), [
