@@ -442,6 +442,9 @@ def client_ip(environ: WSGIEnvironment) -> str:
     ip: str | None = environ.get(CLIENT_IP)
     if ip is None:
         ip = environ.get("REMOTE_ADDR") or ""
+        if ip[:1] == "[":  # Waitress's trusted_proxy passes "[2001:db8::1]:40001" on as it came
+            end = ip.find("]")
+            ip = ip[1:end] if end > 0 else ip
         environ[CLIENT_IP] = ip
     return ip
 

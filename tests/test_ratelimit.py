@@ -279,6 +279,15 @@ def test_first_matching_rule_wins(store: Store, method: str, path: str, expected
     assert response.headers.get("RateLimit-Limit") == expected
 
 
+@pytest.mark.parametrize("remote_addr", ["[2001:db8::1]:40001", "[2001:db8::1]:40002", "2001:db8::2"])
+def test_a_bracketed_address_with_a_port_is_its_address(store: Store, remote_addr: str) -> None:
+    """Waitress's trusted_proxy hands "[v6]:port" over as REMOTE_ADDR: each new port must not be a new bucket."""
+    stack = Stack(store, limits=["2/minute"])
+    stack.get(ip="2001:db8::7")  # the same /64
+    response = stack.get(ip=remote_addr)
+    assert response.headers["RateLimit-Remaining"] == "0"
+
+
 def test_a_lower_case_method_meets_its_rule(store: Store) -> None:
     """werkzeug routes `post` as POST (servers other than Waitress pass it on): the POST rule counts it."""
     from werkzeug.test import Client
