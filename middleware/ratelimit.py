@@ -92,6 +92,19 @@ def _check_limit(text: str) -> str:
 Limit = Annotated[str, AfterValidator(_check_limit)]
 
 
+def _distinct_limits(value: list[str]) -> list[str]:
+    """Refuse one limit written twice (``4/minute`` and ``4 per 1 minute``): it would count each request twice."""
+    seen: dict[tuple[int, int], str] = {}
+    for text in value:
+        for item in parse_many(text):
+            key = (item.amount, item.get_expiry())
+            if key in seen:
+                raise ValueError(f"{text!r} repeats the limit {seen[key]!r}: the same limit twice counts each "
+                                 "request twice (halving it); write it once")
+            seen[key] = text
+    return value
+
+
 def _check_key(value: str | list[str] | None) -> str | list[str] | None:
     for part in [value] if isinstance(value, str) else value or ():
         name = part[7:] if part.startswith("header:") else None
@@ -114,6 +127,7 @@ class _Rule(BaseModel):
     on_store_error: Literal["open", "closed"] | None = None
 
     _split = field_validator("limits", mode="before")(_limit_list)
+    _distinct = field_validator("limits")(_distinct_limits)
     _key = field_validator("key")(_check_key)
 
 
@@ -414,6 +428,7 @@ class RateLimitMiddleware:
         namespace: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
 
         _split = field_validator("limits", mode="before")(_limit_list)
+        _distinct = field_validator("limits")(_distinct_limits)
         _key = field_validator("key")(_check_key)
 
         @model_validator(mode="after")

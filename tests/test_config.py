@@ -371,6 +371,12 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory's keyword arguments",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - ratelimit: {limits: ['4/minute', '4 per 1 minute']}\n",
+            "stack.yaml:3:38 pipeline[0].ratelimit.limits[1]: '4 per 1 minute' repeats the limit '4/minute': the "
+            "same limit twice counts each request twice (halving it); write it once",
+            id="one limit written twice",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - stack_support:returns_none: {}\n",
             "stack.yaml:3:5 pipeline[0]: stack_support:returns_none: the factory returned NoneType None, not a WSGI "
             "application (a callable taking environ and start_response)",
