@@ -398,6 +398,20 @@ def proxy_headers_kept(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Pro
                   ("server", "clear_untrusted_proxy_headers"), cfg.document.file, line, col)
 
 
+def proxyfix_trusts_every_peer(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """werkzeug's ProxyFix has no list of trusted peers: off loopback, any client would set its own address."""
+    from middleware.proxy import ProxyMiddleware
+
+    if cfg.server.loopback_only or cfg.clears_proxy_headers:
+        return
+    for spec in specs:
+        if reads_forwarding_headers(spec) and not issubclass(spec.target, ProxyMiddleware):
+            yield _problem(cfg, spec, f"{spec.name} at {_where(spec)} believes X-Forwarded-* from every peer, and "
+                                      f"the server listens on {', '.join(cfg.server.listen)}: any client could set "
+                                      "its own address (its rate-limit key, allow_from); use the proxy layer with "
+                                      "trusted_proxies, or server.trusted_proxy")
+
+
 def request_id_early(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     rid = _first(specs, "request_id")
     if rid is None:
@@ -468,6 +482,7 @@ RULES: list[Rule] = [
     csrf_needs_session,
     auth_inside_session,
     versioning_before_cache,
+    proxyfix_trusts_every_peer,
     probes_first,
     shared_state,
     fail_open_security,

@@ -54,6 +54,14 @@ def problems(text: str) -> list[str]:
             id="ratelimit before werkzeug's ProxyFix, which is a proxy layer too",
         ),
         pytest.param(
+            "server: {listen: '0.0.0.0:8000'}\npipeline:\n  - errors: {}\n"
+            "  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n",
+            "stack.yaml:5:5 pipeline[1]: werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] believes "
+            "X-Forwarded-* from every peer, and the server listens on 0.0.0.0:8000: any client could set its own "
+            "address",
+            id="ProxyFix off loopback: every peer is believed",
+        ),
+        pytest.param(
             f"pipeline:\n  - ratelimit: {{limits: ['10/second'], key: user}}\n  - auth: {{secret: {SECRET}}}\n",
             "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] keys on user but is not inside auth",
             id="user key outside auth",
