@@ -56,7 +56,7 @@ def problems(text: str) -> list[str]:
         pytest.param(
             "server: {listen: '0.0.0.0:8000'}\npipeline:\n  - errors: {}\n"
             "  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n",
-            "stack.yaml:5:5 pipeline[1]: werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] believes "
+            "stack.yaml:6:5 pipeline[1]: werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] believes "
             "X-Forwarded-* from every peer, and the server listens on 0.0.0.0:8000: any client could set its own "
             "address",
             id="ProxyFix off loopback: every peer is believed",
