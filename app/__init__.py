@@ -57,6 +57,9 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
 
     state = AppState(opts, ctx, make_engine(opts.search, ctx.logger.getChild("app.search")), UserStore(opts.users_path))
     app.extensions["wsgistack"] = state
+    # The stack closes the app with its pipeline (at shutdown, and after a reload replaced it):
+    # the users database and the search index's connections go then, not at garbage collection.
+    setattr(app, "close", state.close)  # noqa: B010 - Flask has no close() of its own
     # The auth layer gives a session identity the roles the user has now (a removed user's session
     # identifies no one), so `serve.py users remove/set-role` takes effect within a second.
     ctx.services[USER_ROLES] = state.user_roles

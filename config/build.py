@@ -124,8 +124,8 @@ class BuiltStack:
         return self.config.pipeline
 
     def close(self) -> None:
-        """Close layers that hold resources (log files), then the stores."""
-        for layer in self.instances:
+        """Close layers that hold resources (log files), then the app (its ``close()``, if any), then the stores."""
+        for layer in (*self.instances, self.core):
             close = getattr(layer, "close", None)
             if callable(close):
                 close()

@@ -129,3 +129,10 @@ class AllowList:
             start_response("403 Forbidden", [("Content-Type", "text/plain")])
             return [b"no"]
         return self.app(environ, start_response)
+
+
+def closing_app(options: dict[str, Any] | None = None) -> Any:
+    """``echo_app`` with a ``close()`` that logs ("close", "app") in CLOSING_LOG."""
+    app = echo_app(options)
+    app.close = lambda: CLOSING_LOG.append(("close", "app"))
+    return app

@@ -180,6 +180,18 @@ def test_a_reload_closes_the_pipeline_it_replaced(tmp_path: Path) -> None:
     assert CLOSING_LOG == [("open", "one"), ("open", "two"), ("close", "one"), ("open", "three"), ("close", "two")]
 
 
+def test_a_reload_closes_the_app_it_replaced(tmp_path: Path) -> None:
+    """The app's close() (the Flask core's users database and search index) runs with its pipeline's."""
+    from stack_support import CLOSING_LOG
+
+    CLOSING_LOG.clear()
+    path = tmp_path / "stack.yaml"
+    path.write_text(stack(18108).replace("stack_support:echo_app", "stack_support:closing_app"))
+    live = LiveStack(path)
+    reload_with(live, stack(18108, threads=5).replace("stack_support:echo_app", "stack_support:closing_app"))
+    assert CLOSING_LOG == [("close", "app")]
+
+
 def test_a_request_in_flight_keeps_its_pipeline_open_until_it_finishes(tmp_path: Path) -> None:
     from stack_support import CLOSING_LOG
 
