@@ -184,6 +184,9 @@ class VersioningOptions(LayerOptions):
         return self
 
 
+_REFUSED = object()  # a preview's memo: _choose refused the request
+
+
 class VersioningMiddleware:
     """Choose the API version of each request under ``prefix`` and route it there.
 
@@ -297,10 +300,11 @@ class VersioningMiddleware:
         if seen is not None and seen[0] is path and seen[1] is header and seen[2] is accept:
             answer: dict[str, Any] | None = seen[3]
             return answer
+        chosen: object
         try:
             chosen = self._choose(environ)
         except HTTPException:
-            answer = None
+            chosen, answer = _REFUSED, None
         else:
             if chosen is None:
                 answer = {}
@@ -308,11 +312,20 @@ class VersioningMiddleware:
                 answer = {API_VERSION: chosen[0]}
             else:
                 answer = {API_VERSION: chosen[0], "PATH_INFO": chosen[2], PATH: None}
-        environ[self._previewed] = (path, header, accept, answer)
+        environ[self._previewed] = (path, header, accept, answer, chosen)
         return answer
 
+    def _chosen(self, environ: WSGIEnvironment) -> tuple[str, str, str | None] | None:
+        """:meth:`_choose`, or what a preview of this very request worked out already."""
+        seen = environ.get(self._previewed)
+        if seen is not None and seen[4] is not _REFUSED and seen[0] is environ.get("PATH_INFO") \
+                and seen[1] is environ.get(self.header_env) and seen[2] is environ.get("HTTP_ACCEPT"):
+            chosen: tuple[str, str, str | None] | None = seen[4]
+            return chosen
+        return self._choose(environ)  # a refusal is raised afresh
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        chosen = self._choose(environ)
+        chosen = self._chosen(environ)
         if chosen is None:
             return self.app(environ, start_response)
         version, source, rewritten = chosen
