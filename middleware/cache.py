@@ -692,14 +692,34 @@ class CacheMiddleware:
         head = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
         sets: list[tuple[str, bytes, float | None]] = []
+        index_life: float = life
         if plan.vary:
-            found = environ.get(self._index_key)
-            generation = found[2] if found is not None and found[0] == base and found[1] == plan.vary \
-                else secrets.token_hex(4)
+            generation, until = self._generation(environ, base, plan.vary, now)
             sets.append((self._variant(base, plan.vary, environ, generation), raw, life))
-            raw = json.dumps({"v": plan.vary, "g": generation}, separators=(",", ":")).encode()
-        sets.append((base, raw, life))
+            index_life = max(life, until - now)  # as long as the longest-lived variant
+            raw = json.dumps({"v": plan.vary, "g": generation, "x": now + index_life},
+                             separators=(",", ":")).encode()
+        sets.append((base, raw, index_life))
         self.store.write(sets, [unlock] if unlock else ())
+
+    def _generation(self, environ: WSGIEnvironment, base: str, vary: list[str], now: float) -> tuple[str, float]:
+        """The generation a fill of a Vary variant stores under, and until when the index must live.
+
+        The index this request found, if it is still there as found: read again
+        now, because a write that succeeded meanwhile dropped it (RFC 9111 §4.4),
+        and writing it back would bring back every variant stored before the
+        write.  Otherwise a new generation (one extra read per Vary fill).
+        """
+        found = environ.get(self._index_key)
+        if found is not None and found[0] == base and found[1] == vary:
+            try:
+                raw = self.store.get(base)
+                index = json.loads(raw) if raw is not None and raw[:5] == _VARY_INDEX else None
+            except (StoreError, ValueError):
+                index = None
+            if index is not None and index.get("v") == vary and str(index.get("g", "")) == found[2]:
+                return found[2], float(index.get("x", now))
+        return secrets.token_hex(4), now
 
     # -- admin ------------------------------------------------------------------------
     def _purge(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:

@@ -437,7 +437,9 @@ def test_vary_keys_on_the_named_request_headers(make: Callable[..., Stack], orig
     assert (fr2.headers["X-Cache"], fr2.json["lang"]) == ("HIT", "fr")
     assert (none.headers["X-Cache"], none.json["lang"]) == ("MISS", None)
     assert en2.headers["Vary"] == "Accept-Language"
-    assert len(reads) == 6  # a Vary path costs two reads per lookup
+    # A Vary path costs two reads per lookup, and its fill reads the index once more before it writes
+    # (the miss of the variant without Accept-Language).
+    assert len(reads) == 7
     assert origin.calls == 3
 
 
@@ -599,6 +601,37 @@ def test_a_write_drops_every_variant_of_its_uri(make: Callable[..., Stack], orig
     again = stack.get(headers={"Accept-Language": "de"})
     assert (again.headers["X-Cache"], again.json["n"] > de.json["n"]) == ("MISS", True)
     assert stack.get(headers={"Accept-Language": "de"}).headers["X-Cache"] == "HIT"  # and stored again
+
+
+def test_a_fill_that_began_before_a_write_does_not_bring_back_the_variants(
+        make: Callable[..., Stack], origin: Origin) -> None:
+    """The fill found the index; a write dropped it meanwhile: it stores under a new generation."""
+    origin.headers.append(("Vary", "Accept-Language"))
+    stack = make()
+    stack.get(headers={"Accept-Language": "de"})
+    calls: list[int] = []
+
+    def write_meanwhile(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] == "GET" and not calls:  # the fr fill, after its lookup found the index
+            calls.append(1)
+            stack.web.post("/api/v1/search?q=x")
+        return Origin.__call__(origin, environ, start_response)
+
+    stack.layer.app = write_meanwhile
+    stack.get(headers={"Accept-Language": "fr"})
+    assert stack.get(headers={"Accept-Language": "de"}).headers["X-Cache"] == "MISS"  # not the pre-write de
+
+
+def test_the_index_lives_as_long_as_its_longest_variant(make: Callable[..., Stack], origin: Origin,
+                                                         store: Store) -> None:
+    """A short-lived variant stored last must not take the index (and so the long-lived ones) with it."""
+    stack = make()
+    origin.headers += [("Vary", "Accept-Language"), ("Cache-Control", "max-age=60")]
+    stack.get(headers={"Accept-Language": "de"})
+    origin.headers[-1] = ("Cache-Control", "max-age=1")
+    stack.get(headers={"Accept-Language": "fr"})
+    [index] = [raw for key in store.scan("wsgistack:cache:e:") if (raw := store.get(key)) and raw[:5] == b'{"v":']
+    assert json.loads(index)["x"] - T0 == 60
 
 
 def test_age_counts_whole_seconds_since_stored(make: Callable[..., Stack], clock: Clock) -> None:
