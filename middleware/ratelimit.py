@@ -157,29 +157,51 @@ def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl:
     return remaining, now + min(prev_reset, cur_reset)
 
 
+_FIELDS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+
+
 def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
     """The response's headers with one set of RateLimit fields: ours, or a layer's inside us if tighter.
 
     The fields are single-valued: with two limiters (by address outside auth,
     by user inside it), the one with fewer requests left (or, as many, the later
-    reset) speaks for both.
+    reset) speaks for both.  A set that is incomplete or not whole numbers (an
+    app's own) is replaced by ours.  When ours has nothing left, a ``Retry-After``
+    from inside waits at least until our reset.
     """
-    inner = None
+    found: dict[str, str] = {}
     for name, value in response_headers:
-        if len(name) == 19 and name.lower() == "ratelimit-remaining":
-            inner = value
-            break
-    if inner is None:
+        if len(name) in (15, 19) and (lowered := name.lower()) in _FIELDS:
+            found[lowered] = value
+    if not found:
         return [*response_headers, *ours]
-    reset = next((v for n, v in response_headers if n.lower() == "ratelimit-reset"), "0")
     try:
-        theirs = (int(inner), -int(reset))
-    except ValueError:
-        theirs = (1 << 62, 0)
-    if (int(ours[1][1]), -int(ours[2][1])) >= theirs:
-        return response_headers
-    names = {"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"}
-    return [*(h for h in response_headers if h[0].lower() not in names), *ours]
+        theirs = (int(found["ratelimit-remaining"]), -int(found["ratelimit-reset"]))
+        int(found["ratelimit-limit"])
+        valid = theirs[0] >= 0 and theirs[1] <= 0
+    except (KeyError, ValueError):
+        valid = False
+    remaining, reset = int(ours[1][1]), int(ours[2][1])
+    kept = response_headers
+    if not valid or (remaining, -reset) < theirs:
+        kept = [*(h for h in response_headers if h[0].lower() not in _FIELDS), *ours]
+    if remaining > 0:
+        return kept
+    out = []
+    for name, value in kept:
+        if len(name) == 11 and name.lower() == "retry-after" and value.isdigit() and int(value) < reset:
+            value = str(reset)
+        out.append((name, value))
+    return out
+
+
+def _decorate_tighter(exc: BaseException, ours: Headers) -> None:
+    """:func:`decorate_error` for our RateLimit fields: the tighter set of ours and an inner limiter's."""
+    extra: Headers | None = getattr(exc, "wsgistack_headers", None)
+    if extra is None:
+        decorate_error(exc, ours)
+        return
+    extra[:] = _most_restrictive(extra, ours)
 
 
 def _seconds(delta: float) -> int:
@@ -570,7 +592,7 @@ class RateLimitMiddleware:
         try:
             return self.app(environ, start)
         except Exception as exc:
-            decorate_error(exc, headers)
+            _decorate_tighter(exc, headers)
             raise
 
     def _hit_and_read(self, environ: WSGIEnvironment, rule: _Compiled, keys: list[str],

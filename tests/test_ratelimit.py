@@ -219,6 +219,44 @@ def test_two_limiters_send_one_set_of_headers(store: Store) -> None:
     assert wide.get("/").headers.getall("RateLimit-Limit") == ["3"]  # the outer one's: tighter
 
 
+def _two(store: Store, outer: str, inner_limit: str, app: Any = inner) -> TestApp:
+    context = Context(stores={"shared": store})
+    by_user = RateLimitMiddleware(app, RateLimitMiddleware.Options(limits=[inner_limit], namespace="i"), context)
+    return TestApp(ErrorsMiddleware(RateLimitMiddleware(by_user, RateLimitMiddleware.Options(
+        limits=[outer], namespace="o"), context), ErrorsMiddleware.Options(), context))
+
+
+def test_an_inner_refusal_waits_for_the_outer_limit_too(store: Store) -> None:
+    app = _two(store, "2/minute", "1/second")
+    app.get("/")
+    refused = app.get("/", status=429)
+    assert (refused.headers["Retry-After"], refused.headers["RateLimit-Limit"]) == ("60", "2")
+    assert refused.headers.getall("RateLimit-Remaining") == ["0"]
+
+
+def test_an_inner_error_carries_the_tighter_fields(store: Store) -> None:
+    missing = _two(store, "3/minute", "50/minute").get("/missing", status=404)
+    assert (missing.headers.getall("RateLimit-Limit"), missing.headers["RateLimit-Remaining"]) == (["3"], "2")
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param([("ratelimit-limit", "5000")], id="an incomplete set"),
+    pytest.param([("RateLimit-Limit", "9"), ("RateLimit-Remaining", "-1"), ("RateLimit-Reset", "5")], id="negative"),
+    pytest.param([("RateLimit-Limit", "9"), ("RateLimit-Remaining", "0"),
+                  ("RateLimit-Reset", "Thu, 26 Nov 2026 22:00:00 GMT")], id="a date"),
+])
+def test_an_apps_own_fields_that_do_not_parse_give_way(store: Store, fields: list[tuple[str, str]]) -> None:
+    """Ours replace a set that is not three whole numbers: one set, and one that parses."""
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), *fields])
+        return [b"ok"]
+
+    response = TestApp(RateLimitMiddleware(app, RateLimitMiddleware.Options(limits=["10/minute"]),
+                                           Context(stores={"shared": store}))).get("/")
+    assert [(k, response.headers.getall(k)) for k in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")] \
+        == [("RateLimit-Limit", ["10"]), ("RateLimit-Remaining", ["9"]), ("RateLimit-Reset", ["60"])]
+
+
 def test_inner_errors_carry_the_headers(store: Store) -> None:
     stack = Stack(store, limits=["5/minute"])
     response = stack.get("/missing")
