@@ -748,8 +748,9 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
         fields = list(options)
         opath = (*path, spec.name)
         for key, value in options.items():  # the layer's own message may quote a secret it was given
-            if isinstance(value, str) and len(value) >= 4 and is_secret((key,), value):
-                message = message.replace(value, MASK)
+            shown = str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
+            if len(shown) >= 4 and is_secret((key,), value):
+                message = message.replace(shown, MASK)
         for key, value in options.items():
             if filename is not None and value == filename:
                 return doc.problem((*opath, key), f"{spec.name} cannot open it: {exc.strerror or message}"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from middleware.base import mask_url_passwords
-from stores.base import secret_name
+from stores.base import secret_value
 
 Path = tuple[str | int, ...]
 
@@ -17,7 +17,7 @@ def is_secret(path: Path, value: Any) -> bool:
     """Whether ``value`` at ``path`` is a secret's: any value but a flag under a secret-named key."""
     if value is None or isinstance(value, bool):
         return False
-    return any(isinstance(part, str) and secret_name(part) for part in path)
+    return any(isinstance(part, str) and secret_value(part, value) for part in path)
 
 
 def masked(path: Path, value: Any) -> Any:

@@ -37,7 +37,7 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 
-from stores.base import secret_name
+from stores.base import secret_name, secret_value
 
 from .base import (
     IDENTITY,
@@ -333,7 +333,7 @@ def _secret_text(text: str) -> bool:
 
 def mask(value: Any, name: str = "") -> Any:
     """``value`` with secrets replaced by ``•••``: by option name, URL password or query parameter."""
-    if name and secret_name(name) and value not in (None, True, False, "", [], {}):
+    if name and secret_value(name, value) and value not in (None, True, False, "", [], {}):
         return MASK
     if isinstance(value, Mapping):
         return {str(k): mask(v, str(k)) for k, v in value.items()}

@@ -26,13 +26,23 @@ _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
 #: A name (an option, a nested key, a query parameter) whose value is never shown: in config
 #: errors, logs and the operator page alike (``secret_key``, ``password``, ``api_key``, ``signingKey``…).
 SECRET_NAME = re.compile(r"secret|passw(?:or)?d|token|credential|authorization|key", re.IGNORECASE)
-#: The stack's own options that the words above catch but that hold no secret (ratelimit's ``key``).
-NOT_SECRET = frozenset({"key", "key_prefix", "key_headers", "max_token_bytes", "allow_credentials"})
+#: The stack's own options that the words above catch but that hold no secret.
+NOT_SECRET = frozenset({"key_prefix", "key_headers", "max_token_bytes", "allow_credentials"})
+#: What the rate limiter's ``key`` option holds: shown; any other ``key`` is a secret.
+_KEY_FUNCTION = re.compile(r"client_ip|user|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def secret_name(name: str) -> bool:
     """Whether a value named ``name`` is a secret (see :data:`SECRET_NAME`, :data:`NOT_SECRET`)."""
     return name not in NOT_SECRET and SECRET_NAME.search(name) is not None
+
+
+def secret_value(name: str, value: object) -> bool:
+    """Whether ``value``, named ``name``, is a secret: by its name, but a rate-limit ``key`` is not."""
+    if name == "key":
+        parts = value if isinstance(value, list | tuple) else [value]
+        return not all(isinstance(part, str) and _KEY_FUNCTION.fullmatch(part) for part in parts)
+    return secret_name(name)
 
 
 def mask_url(url: str, mask: str = "***") -> str:

@@ -99,9 +99,9 @@ def filter_factory(global_conf: Any, **local_conf: Any) -> Callable[[Any], Any]:
 class KeyedLayer:
     """A layer with an options model whose ``api_key`` must be long."""
 
-    def __init__(self, app: Any, api_key: str = "") -> None:
-        if len(api_key) < 40:
-            raise ValueError(f"api_key is too short: {api_key!r}")
+    def __init__(self, app: Any, api_key: str | int = "") -> None:
+        if len(str(api_key)) < 40:
+            raise ValueError(f"api_key {api_key!r} was rejected: too short")
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

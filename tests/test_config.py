@@ -478,6 +478,8 @@ def test_hints_other_than_scalars_are_left_to_the_factory(layer: str) -> None:
                      "Hunter2Secret", id="a third-party layer's api_key"),
         pytest.param("pipeline:\n  - errors: {}\n  - session: {secret_key: 918273645546372819}\n",
                      "918273645546372819", id="a secret written as a number"),
+        pytest.param("pipeline:\n  - errors: {}\n  - stack_support:KeyedLayer: {api_key: 918273645546372819}\n",
+                     "918273645546372819", id="a number in a layer's own error text"),
     ],
 )
 def test_problems_never_repeat_a_secret(yaml_text: str, secret: str) -> None:

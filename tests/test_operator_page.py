@@ -232,6 +232,8 @@ def test_everything_rendered_is_escaped(make: Callable[..., tuple[TestApp, Opera
         pytest.param("abc", "signingKey", MASK, id="key, camel case"),
         pytest.param("abc", "jwt_key_file", MASK, id="key in the middle"),
         pytest.param("client_ip", "key", "client_ip", id="ratelimit's key is not a secret"),
+        pytest.param(["user", "header:X-Api-Key"], "key", ["user", "header:X-Api-Key"], id="nor a list of key parts"),
+        pytest.param("hunter2-signing-secret", "key", MASK, id="any other key is"),
         pytest.param(1234, "pin_password", MASK, id="a number under a secret name"),
         pytest.param(["a", "b"], "secret_key_fallbacks", MASK, id="a list under a secret name"),
         pytest.param("", "secret", "", id="empty secret shows as unset"),
