@@ -124,13 +124,17 @@ class BuiltStack:
         return self.config.pipeline
 
     def close(self) -> None:
-        """Close layers that hold resources (log files), then the app (its ``close()``, if any), then the stores."""
-        for layer in (*self.instances, self.core):
-            close = getattr(layer, "close", None)
+        """Close layers that hold resources (log files), then the app (its ``close()``, if any), then the stores.
+
+        One that fails to close is logged, and the others are closed all the same.
+        """
+        for part in (*self.instances, self.core, *self.context.stores.values()):
+            close = getattr(part, "close", None)
             if callable(close):
-                close()
-        for store in self.context.stores.values():
-            store.close()
+                try:
+                    close()
+                except Exception:
+                    self.context.logger.exception("closing %r failed", part)
 
 
 # ---------------------------------------------------------------- validation

@@ -313,7 +313,7 @@ class CacheMiddleware:
         context.offer_read(self.store, "get_or_lock", self._ahead)  # a rate limiter outside may read the entry for us
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        method = environ.get("REQUEST_METHOD")
+        method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
         if self.purge_path is not None and decoded_path(environ) == self.purge_path:
             return self._purge(environ, start_response)
         if method != "GET" and method != "HEAD":

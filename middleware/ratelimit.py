@@ -94,10 +94,10 @@ Limit = Annotated[str, AfterValidator(_check_limit)]
 
 def _distinct_limits(value: list[str]) -> list[str]:
     """Refuse one limit written twice (``4/minute`` and ``4 per 1 minute``): it would count each request twice."""
-    seen: dict[tuple[int, int], str] = {}
+    seen: dict[tuple[int, str, int], str] = {}
     for text in value:
         for item in parse_many(text):
-            key = (item.amount, item.get_expiry())
+            key = (item.amount, item.GRANULARITY.name, item.multiples)  # the same counter in the store
             if key in seen:
                 raise ValueError(f"{text!r} repeats the limit {seen[key]!r}: the same limit twice counts each "
                                  "request twice (halving it); write it once")
