@@ -862,7 +862,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("-H", "--header", action="append", default=[], help="'Name: value' (repeatable)")
     ex.add_argument("--peer", default="127.0.0.1", help="the connecting address (default 127.0.0.1)")
     ex.add_argument("-d", "--data", help="request body")
-    us = sub.add_parser("users", help="manage login users: add, list, remove, set-role")
+    us = sub.add_parser("users", help="manage login users: add, passwd, list, remove, set-role")
     us.add_argument("rest", nargs=argparse.REMAINDER)
     ca = sub.add_parser("cache", help="cache maintenance")
     ca_sub = ca.add_subparsers(dest="cache_command", required=True)
