@@ -44,6 +44,7 @@ from .base import (
     API_VERSION,
     IDENTITY,
     READ_AHEAD,
+    ROUTE,
     SESSION,
     Context,
     LayerOptions,
@@ -723,6 +724,7 @@ class CacheMiddleware:
 
     # -- admin ------------------------------------------------------------------------
     def _purge(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        environ[ROUTE] = self.purge_path  # a fixed label for metrics, as the other layers' own paths
         if environ.get("REQUEST_METHOD") not in ("POST", "DELETE"):
             raise MethodNotAllowed(["DELETE", "POST"], "The cache purge endpoint accepts POST or DELETE.")
         identity = environ.get(IDENTITY)

@@ -178,6 +178,16 @@ def test_unrouted_requests_take_the_app_route_or_other(make: Callable[..., Any],
 
 
 
+def test_the_cache_purge_endpoint_has_its_own_route_label(make: Callable[..., Any], context: Context) -> None:
+    from middleware.cache import CacheMiddleware
+
+    purger = CacheMiddleware(inner_app, CacheMiddleware.Options(purge_path="/_cache/purge"), context)
+    app, _ = make(purger)
+    app.post("/_cache/purge?pattern=/x", status=401)  # no identity: refused, but labelled
+    assert sample(scrape(app), "wsgistack_http_requests_total", method="POST", route="/_cache/purge",
+                  status="401") == 1.0
+
+
 def test_latency_lands_in_buckets(make: Callable[..., Any]) -> None:
     def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         time.sleep(0.02)
