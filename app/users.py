@@ -16,6 +16,7 @@ import argparse
 import builtins
 import getpass
 import json
+import math
 import os
 import re
 import sqlite3
@@ -149,7 +150,9 @@ class UserStore:
         """Give a user a new password; every session and refresh token from before it is void."""
         if not password:
             raise UserError("the password may not be empty")
-        return self._update(name, "password_hash = ?, credentials_at = ?", self._hash(password), time.time())
+        # Rounded up: a token's iat is whole seconds, so one issued in this very second is void too.
+        return self._update(name, "password_hash = ?, credentials_at = ?", self._hash(password),
+                            float(math.ceil(time.time())))
 
     def _update(self, name: str, assignments: str, *values: object) -> User:
         """``UPDATE users SET <assignments>`` for ``name``; the user as it is now, or :class:`UserError`."""

@@ -150,10 +150,13 @@ def _ignore(event: str, **fields: Any) -> None:
 def _before(issued: Any, since: float | None) -> bool:
     """Whether a credential issued at ``issued`` predates ``since``.
 
-    Tokens and sessions record the time to the millisecond or better and are
-    compared exactly; a token with a whole-second ``iat`` (another issuer's, or
-    ours from before) counts as after a change in that very second.  A session
-    written before logins recorded the time (no ``iat``) is let be.
+    A token's ``iat`` is whole seconds (sub-second values would make every
+    host whose clock is a millisecond behind refuse a fresh token as "not valid
+    yet"): it predates ``since`` when its second is before ``since``'s.  That is
+    why a password reset's ``since`` is rounded up to the next whole second (see
+    ``UserStore.set_password``): a token issued in that very second is void too.
+    A session's login time is exact.  A session written before logins recorded
+    the time (no ``iat``) is let be.
     """
     if since is None or not isinstance(issued, int | float) or isinstance(issued, bool):
         return False
@@ -495,16 +498,12 @@ class TokenService:
     def _pair(self, subject: str, roles: list[str], fam: str, auth_time: int | None = None) -> dict[str, Any]:
         if self.signer is None:
             raise RuntimeError("this auth layer only verifies tokens; set private_key to issue them")
-        o, clock = self.options, time.time()
-        now = int(clock)
+        o, now = self.options, int(time.time())
         # auth_time (OpenID Connect's name): the login this family started with, carried by every
         # refresh; no token of the family lives past auth_time + login_max_age.
         auth_time = now if auth_time is None else auth_time
         end = auth_time + o.login_max_age
-        # iat to the millisecond (a NumericDate may have a fraction, RFC 7519 §2): a password reset
-        # voids a token issued a moment before it, however close (see USER_SINCE).
-        issued = math.floor(clock * 1000) / 1000
-        base = {"sub": subject, "roles": roles, "iat": issued, "fam": fam, "auth_time": auth_time}
+        base = {"sub": subject, "roles": roles, "iat": now, "fam": fam, "auth_time": auth_time}
         if o.issuer:
             base["iss"] = o.issuer
         if o.audience:

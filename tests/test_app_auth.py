@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -284,16 +285,22 @@ def test_a_session_carries_the_roles_the_user_has_now(tmp_path: Path, users: Use
         assert response.json["error"]["message"] == "Unauthorized: this resource needs a bearer token."
 
 
-@pytest.mark.parametrize("change", [
-    pytest.param(lambda users: users.set_password("alice", "new password"), id="password reset"),
-    pytest.param(lambda users: (users.remove("alice"), users.add("alice", "other", ["admin"])),
+@pytest.mark.parametrize(("change", "apart"), [
+    # A reset counts from the next whole second: a token of the very second of the reset is void too.
+    pytest.param(lambda users: users.set_password("alice", "new password"), 0.0, id="password reset"),
+    # A new account counts from its creation (a token's iat is whole seconds: one second apart).
+    pytest.param(lambda users: (users.remove("alice"), users.add("alice", "other", ["admin"])), 1.01,
                  id="the name given to someone new"),
 ])
 def test_refresh_tokens_from_before_the_credentials_changed_are_void(stack: Stack, users: UserStore,
-                                                                     change: Callable[[UserStore], Any]) -> None:
+                                                                     change: Callable[[UserStore], Any],
+                                                                     apart: float) -> None:
     """A leaked password's holder keeps nothing once the operator resets it (OWASP: renew on credential change)."""
     stolen = stack.login().json
-    change(users)  # in the same second, most likely: the token's iat has milliseconds
+    time.sleep(apart)
+    change(users)
+    since = users.get("alice").credentials_at  # type: ignore[union-attr]
+    time.sleep(max(0.0, since - time.time()))  # a login in the second of a reset is void as well
     refused = stack.app.post_json("/auth/refresh", {"refresh_token": stolen["refresh_token"]}, status=401)
     assert refused.json["error"]["message"] == "Unauthorized: the token has been revoked."
     stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(stolen["access_token"]), status=401)  # family
