@@ -3,8 +3,9 @@
 ``POST /auth/login`` checks ``{"username", "password"}`` against the users
 database and answers the token service's ``issue()`` dict; when the stack has
 a session layer it also rotates the session id and stores
-``session["user"] = {"sub", "roles"}``.  Unknown users and wrong passwords
-get the same 401 after the same amount of hashing.  ``POST /auth/refresh``
+``session["user"] = {"sub", "roles", "iat"}``.  Unknown users and wrong passwords
+get the same 401 after the same amount of hashing; ``max_failed_logins`` wrong
+passwords for one name within ``failed_login_window`` get 429 until it ends.  ``POST /auth/refresh``
 exchanges ``{"refresh_token"}`` for a pair carrying the user's roles as the
 users database has them now; a user who was removed gets the 401 of a revoked
 token, and the token's family is revoked.  ``POST /auth/logout`` revokes the
@@ -20,6 +21,8 @@ when the validation layer parsed them already.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
 from typing import Any
@@ -29,11 +32,53 @@ from werkzeug.datastructures import Authorization
 
 from app.state import AppState
 from middleware.base import SESSION, refuse
+from stores.base import StoreError
 
 __all__ = ["auth_blueprint"]
 
 JSON_BODY = "wsgistack.json"
 _FAILED = "The user name or password is wrong."
+
+
+class _Failures:
+    """The wrong passwords of one user name, counted in the auth layer's store (``max_failed_logins``).
+
+    The per-address rate limit cannot see a password spray from many
+    addresses at one account (OWASP Authentication Cheat Sheet: throttle per
+    account too).  Known and unknown names are counted alike, so the 429 tells
+    nothing about which names exist.  The key holds a digest of the name, never
+    the name itself.
+    """
+
+    def __init__(self, state: AppState, service: Any, username: str) -> None:
+        self.limit, self.window = state.options.max_failed_logins, state.options.failed_login_window
+        self.store = getattr(service, "store", None)
+        digest = hashlib.blake2b(username.casefold().encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        self.key = f"login-failures:{digest}"
+
+    def check(self) -> None:
+        if not self.limit or self.store is None:
+            return
+        try:
+            raw = self.store.get(self.key)
+        except StoreError:
+            # what the token service answers when it cannot record a login: a right and a wrong
+            # password get the same 503, so an outage is no password oracle
+            raise refuse(503, "The token store is unavailable; retry shortly.",
+                         headers=[("Retry-After", "5")]) from None
+        if raw is not None and int(raw) >= self.limit:
+            raise refuse(429, f"Too many wrong passwords for this user name; retry in {self.window} seconds "
+                              "or less.", headers=[("Retry-After", str(self.window))])
+
+    def count(self) -> None:
+        if self.limit and self.store is not None:
+            with contextlib.suppress(StoreError):  # the 401 stands; the count is lost
+                self.store.incr(self.key, ttl=self.window)
+
+    def forget(self) -> None:
+        if self.limit and self.store is not None:
+            with contextlib.suppress(StoreError):
+                self.store.delete(self.key)
 
 
 def _json_object(required: bool) -> dict[str, Any]:
@@ -101,15 +146,20 @@ def auth_blueprint(state: AppState) -> Blueprint:
     def login() -> Response:
         service = tokens("Login")
         body = _json_object(required=True)
-        user = state.users.verify_password(_string_field(body, "username"), _string_field(body, "password"))
+        username = _string_field(body, "username")
+        failures = _Failures(state, service, username)
+        failures.check()
+        user = state.users.verify_password(username, _string_field(body, "password"))
         if user is None:
             state.context.emit("auth.failure", reason="login")
             busy = service.unavailable()
             if busy is not None:  # a right password would get this 503 too: answer alike
                 raise busy
+            failures.count()
             realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
             raise refuse(401, _FAILED, headers=[("WWW-Authenticate", f'Bearer realm="{realm}"')])
         issued = service.issue(user.name, list(user.roles))
+        failures.forget()
         session = request.environ.get(SESSION)
         if session is not None:
             session.rotate()

@@ -61,7 +61,8 @@ class AppOptions(BaseModel):
     working directory).  ``users_db``: the users database (default
     ``<var_dir>/users.sqlite3``).  ``search``: see :class:`SearchOptions`.
     ``debug``: put the exception text in 500 bodies when the app is used
-    without the stack's ``errors`` layer.
+    without the stack's ``errors`` layer.  ``max_failed_logins`` /
+    ``failed_login_window``: per-account throttling of wrong passwords.
 
         opts = AppOptions.model_validate({"search": {"engine": "local", "per_page": 5}})
         assert opts.search.index_path == "var/search-index.sqlite3"
@@ -73,6 +74,13 @@ class AppOptions(BaseModel):
     users_db: str | None = None
     search: SearchOptions = Field(default_factory=SearchOptions)
     debug: bool = False
+    max_failed_logins: int = Field(10, ge=0)
+    """Wrong passwords one user name may get within ``failed_login_window`` before its logins are
+    refused with 429 until the window ends (0: no limit). Counted per name in the auth layer's store,
+    for known and unknown names alike, so it neither tells them apart nor stops counting from
+    other addresses."""
+    failed_login_window: int = Field(900, ge=1)
+    """Seconds the failed logins of a user name are counted for (fixed window)."""
 
     @model_validator(mode="after")
     def _fill_paths(self) -> AppOptions:

@@ -40,11 +40,11 @@ class Stack:
 
     def __init__(self, tmp_path: Path, users: UserStore, *, validation: bool = False,
                  store: MemoryStore | None = None, on_store_error: str = "closed",
-                 rules: list[dict[str, Any]] | None = None) -> None:
+                 rules: list[dict[str, Any]] | None = None, **app_options: Any) -> None:
         self.store = store if store is not None else MemoryStore()
         self.context = Context(stores={"shared": self.store})
         self.flask = create_app({"var_dir": str(tmp_path), "users_db": str(users.path),
-                                 "search": {"index_sources": ["json"]}}, self.context)
+                                 "search": {"index_sources": ["json"]}, **app_options}, self.context)
         auth = AuthMiddleware(self.flask, AuthMiddleware.Options(
             secret=SECRET, rules=[{"paths": ["/auth/*", "/api/*/health"], "auth": "none"}, *(rules or [])],
             on_store_error=on_store_error), self.context)
@@ -128,6 +128,30 @@ def test_wrong_credentials_get_one_401(stack: Stack, username: str, password: st
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="wsgistack"'
     assert "Set-Cookie" not in response.headers
     assert ("auth.failure", {"reason": "login"}) in events
+
+
+def test_wrong_passwords_are_throttled_per_user_name(tmp_path: Path, users: UserStore) -> None:
+    """A password spray from many addresses at one account meets a limit the per-address one cannot see."""
+    stack = Stack(tmp_path, users, max_failed_logins=3, failed_login_window=600)
+    assert [stack.login(password="guess", status="*").status_int for _ in range(3)] == [401, 401, 401]
+    refused = stack.login(status=429)  # the right password too, until the window ends
+    assert refused.headers["Retry-After"] == "600"
+    assert refused.json["error"]["message"] == (
+        "Too many wrong passwords for this user name; retry in 600 seconds or less.")
+    assert stack.login("ALICE", "guess", status=429)  # names are counted case-blind
+    assert stack.login("bob", "builder").status_int == 200  # another account is not touched
+    for _ in range(3):
+        stack.login("nobody", "guess", status=401)
+    assert stack.login("nobody", "guess", status=429)  # unknown names alike: nothing tells them apart
+    assert not any("alice" in key for key in stack.store.scan("login-failures:"))  # a digest, not the name
+
+
+def test_a_right_password_forgets_the_wrong_ones(tmp_path: Path, users: UserStore) -> None:
+    stack = Stack(tmp_path, users, max_failed_logins=3)
+    for _ in range(2):
+        stack.login(password="guess", status=401)
+    stack.login()
+    assert [stack.login(password="guess", status="*").status_int for _ in range(3)] == [401, 401, 401]
 
 
 @pytest.mark.parametrize(
@@ -499,8 +523,8 @@ def test_without_the_auth_layer_plain_logout_still_works(tmp_path: Path) -> None
 
 
 def test_a_store_outage_does_not_tell_a_right_password_from_a_wrong_one(tmp_path: Path, users: UserStore) -> None:
-    """A right password meets the store (its tokens cannot be recorded: 503); once the store's breaker
-    has opened, a wrong one gets the same 503 rather than 401, so the outage is no password oracle."""
+    """Every login reads the user name's failure count first: during an outage a right and a wrong
+    password get the same 503, from the first request on, so the outage is no password oracle."""
     from conftest import free_port
 
     from stores.redis import RedisStore
@@ -508,12 +532,12 @@ def test_a_store_outage_does_not_tell_a_right_password_from_a_wrong_one(tmp_path
     dead = RedisStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.05, socket_connect_timeout=0.05)
     try:
         stack = Stack(tmp_path, users, store=dead)  # type: ignore[arg-type]
-        assert stack.login(password="nope", status=401).json["error"]["message"] == WRONG  # no store call failed yet
+        wrong, right = stack.login(password="nope", status=503), stack.login(status=503)
         for _ in range(3):  # failure_threshold: the breaker opens
             stack.login(status=503)
-        wrong, right = stack.login(password="nope", status=503), stack.login(status=503)
+        after = stack.login(password="nope", status=503), stack.login(status=503)  # the breaker open
     finally:
         dead.close()
-    assert wrong.json["error"]["message"] == right.json["error"]["message"] == (
-        "The token store is unavailable; retry shortly.")
+    assert {r.json["error"]["message"] for r in (wrong, right, *after)} == {
+        "The token store is unavailable; retry shortly."}
     assert wrong.headers["Retry-After"] == right.headers["Retry-After"] == "5"
