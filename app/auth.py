@@ -31,6 +31,7 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import Authorization
 
 from app.state import AppState
+from app.users import NAME
 from middleware.base import SESSION, refuse
 from stores.base import StoreError
 
@@ -45,40 +46,48 @@ class _Failures:
 
     The per-address rate limit cannot see a password spray from many
     addresses at one account (OWASP Authentication Cheat Sheet: throttle per
-    account too).  Known and unknown names are counted alike, so the 429 tells
-    nothing about which names exist.  The key holds a digest of the name, never
-    the name itself.
+    account too).  Every attempt is counted *before* the password is checked,
+    with one atomic increment, so concurrent guesses cannot all slip under the
+    limit; a right password clears the count.  Known and unknown names are
+    counted alike, so the 429 tells nothing about which names exist; a name no
+    account can have (see ``app.users.NAME``) is not counted, nor stored.  The
+    key holds a digest of the exact name (names are case-sensitive, as the
+    lookup is), never the name itself; on a ``memory://`` store these keys may
+    be evicted to make room, so a flood of made-up names cannot fill it.
     """
 
     def __init__(self, state: AppState, service: Any, username: str) -> None:
         self.limit, self.window = state.options.max_failed_logins, state.options.failed_login_window
-        self.store = getattr(service, "store", None)
-        digest = hashlib.blake2b(username.casefold().encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-        self.key = f"login-failures:{digest}"
+        store = getattr(service, "store", None)
+        self.store = store if self.limit and NAME.match(username) else None
+        digest = hashlib.blake2b(username.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        self.key = f"{_PREFIX}{digest}"
+        allow_eviction = getattr(self.store, "allow_eviction", None)
+        if allow_eviction is not None:
+            allow_eviction(_PREFIX)
 
-    def check(self) -> None:
-        if not self.limit or self.store is None:
+    def attempt(self) -> None:
+        """Count this attempt; 429 past the limit, and 503 when the store cannot count it."""
+        if self.store is None:
             return
         try:
-            raw = self.store.get(self.key)
+            count = self.store.incr(self.key, ttl=self.window)
         except StoreError:
-            # what the token service answers when it cannot record a login: a right and a wrong
-            # password get the same 503, so an outage is no password oracle
+            # What the token service answers when it cannot record a login: a right and a wrong
+            # password get the same 503, so an outage is no password oracle.
             raise refuse(503, "The token store is unavailable; retry shortly.",
                          headers=[("Retry-After", "5")]) from None
-        if raw is not None and int(raw) >= self.limit:
+        if count > self.limit:
             raise refuse(429, f"Too many wrong passwords for this user name; retry in {self.window} seconds "
                               "or less.", headers=[("Retry-After", str(self.window))])
 
-    def count(self) -> None:
-        if self.limit and self.store is not None:
-            with contextlib.suppress(StoreError):  # the 401 stands; the count is lost
-                self.store.incr(self.key, ttl=self.window)
-
     def forget(self) -> None:
-        if self.limit and self.store is not None:
-            with contextlib.suppress(StoreError):
+        if self.store is not None:
+            with contextlib.suppress(StoreError):  # the count then runs out with its window
                 self.store.delete(self.key)
+
+
+_PREFIX = "login-failures:"
 
 
 def _json_object(required: bool) -> dict[str, Any]:
@@ -147,15 +156,15 @@ def auth_blueprint(state: AppState) -> Blueprint:
         service = tokens("Login")
         body = _json_object(required=True)
         username = _string_field(body, "username")
+        password = _string_field(body, "password")
         failures = _Failures(state, service, username)
-        failures.check()
-        user = state.users.verify_password(username, _string_field(body, "password"))
+        failures.attempt()
+        user = state.users.verify_password(username, password)
         if user is None:
             state.context.emit("auth.failure", reason="login")
             busy = service.unavailable()
             if busy is not None:  # a right password would get this 503 too: answer alike
                 raise busy
-            failures.count()
             realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
             raise refuse(401, _FAILED, headers=[("WWW-Authenticate", f'Bearer realm="{realm}"')])
         issued = service.issue(user.name, list(user.roles))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,12 +139,49 @@ def test_wrong_passwords_are_throttled_per_user_name(tmp_path: Path, users: User
     assert refused.headers["Retry-After"] == "600"
     assert refused.json["error"]["message"] == (
         "Too many wrong passwords for this user name; retry in 600 seconds or less.")
-    assert stack.login("ALICE", "guess", status=429)  # names are counted case-blind
+    assert stack.login("ALICE", "guess", status=401)  # another name (names are case-sensitive), counted apart
     assert stack.login("bob", "builder").status_int == 200  # another account is not touched
     for _ in range(3):
         stack.login("nobody", "guess", status=401)
     assert stack.login("nobody", "guess", status=429)  # unknown names alike: nothing tells them apart
     assert not any("alice" in key for key in stack.store.scan("login-failures:"))  # a digest, not the name
+
+
+def test_concurrent_guesses_do_not_slip_under_the_limit(tmp_path: Path, users: UserStore) -> None:
+    """Each attempt is counted before its password is checked, with one atomic increment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from werkzeug.test import Client
+
+    stack = Stack(tmp_path, users, max_failed_logins=3)
+    body = json.dumps({"username": "alice", "password": "guess"})
+
+    def guess(_: int) -> int:
+        return Client(stack.app.app).post("/auth/login", data=body, content_type="application/json").status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(guess, range(24)))
+    assert statuses == [401] * 3 + [429] * 21
+
+
+def test_names_no_account_can_have_are_not_stored(tmp_path: Path, users: UserStore) -> None:
+    stack = Stack(tmp_path, users, max_failed_logins=3)
+    for name in ("x" * 500, "\uff41\uff4c\uff49\uff43\uff45", "a b"):
+        stack.login(name, "guess", status=401)
+    assert list(stack.store.scan("login-failures:")) == []
+
+
+def test_a_store_that_cannot_count_answers_every_login_alike(tmp_path: Path, users: UserStore) -> None:
+    """A store that reads but refuses writes (full, or Redis at maxmemory): no uncounted guesses, no oracle."""
+    from stores import StoreError as Refused
+
+    class Full(MemoryStore):
+        def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
+            raise Refused("the store is full")
+
+    stack = Stack(tmp_path, users, store=Full(), max_failed_logins=3)
+    wrong, right = stack.login(password="guess", status=503), stack.login(status=503)
+    assert wrong.json["error"]["message"] == right.json["error"]["message"]
 
 
 def test_a_right_password_forgets_the_wrong_ones(tmp_path: Path, users: UserStore) -> None:
