@@ -43,6 +43,11 @@ CREATE TABLE IF NOT EXISTS users (
 """
 
 
+# Names removed since: one given to someone new counts its credentials from the next whole second
+# (a token's iat is whole seconds), so no token of the old holder's lasts into the new account.
+_RETIRED = "CREATE TABLE IF NOT EXISTS retired_names (name TEXT PRIMARY KEY, at REAL NOT NULL)"
+
+
 class UserError(ValueError):
     """A user operation that cannot be done (bad name, duplicate, unknown user)."""
 
@@ -91,6 +96,7 @@ class UserStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
             db.execute(_SCHEMA)
+            db.execute(_RETIRED)
             columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
             if "credentials_at" not in columns:  # a database made before the column existed
                 db.execute("ALTER TABLE users ADD COLUMN credentials_at REAL NOT NULL DEFAULT 0")
@@ -107,13 +113,16 @@ class UserStore:
         if not password:
             raise UserError("the password may not be empty")
         now = time.time()
-        user = User(name, _roles(roles), now, now)
         password_hash = self._hash(password)
         with self._lock:
+            db = self._conn()
+            reused = db.execute("DELETE FROM retired_names WHERE name = ?", (name,)).rowcount > 0
+            since = float(math.ceil(now)) if reused else now
+            user = User(name, _roles(roles), now, since)
             try:
-                self._conn().execute(
+                db.execute(
                     "INSERT INTO users(name, password_hash, roles, created_at, credentials_at) VALUES (?, ?, ?, ?, ?)",
-                    (name, password_hash, json.dumps(list(user.roles)), now, now),
+                    (name, password_hash, json.dumps(list(user.roles)), now, since),
                 )
             except sqlite3.IntegrityError:
                 raise UserError(f"user {name!r} already exists") from None
@@ -140,7 +149,11 @@ class UserStore:
     def remove(self, name: str) -> bool:
         """Delete a user; return whether it existed."""
         with self._lock:
-            return self._conn().execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+            db = self._conn()
+            removed = db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+            if removed:
+                db.execute("INSERT OR REPLACE INTO retired_names(name, at) VALUES (?, ?)", (name, time.time()))
+            return removed
 
     def set_roles(self, name: str, roles: Iterable[str]) -> User:
         """Replace the roles of a user; :class:`UserError` if there is no such user."""

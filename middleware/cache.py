@@ -709,7 +709,9 @@ class CacheMiddleware:
         The index this request found, if it is still there as found: read again
         now, because a write that succeeded meanwhile dropped it (RFC 9111 §4.4),
         and writing it back would bring back every variant stored before the
-        write.  Otherwise a new generation (one extra read per Vary fill).
+        write.  Otherwise a new generation (one extra read per Vary fill).  The
+        read and the write are two calls, so a write landing between them can
+        still bring the variants back: this narrows the race to that moment.
         """
         found = environ.get(self._index_key)
         if found is not None and found[0] == base and found[1] == vary:
