@@ -303,12 +303,18 @@ class _MemoryCounter:
                             break
                         del windows[first]
                     entry = windows[key] = [0, now + expiry]
+                    if len(windows) > MAX_MEMORY_KEYS:  # a flood of new keys: the oldest window goes first
+                        del windows[next(iter(windows))]
                 entry[0] += 1
                 count, amount = int(entry[0]), item.amount
                 out.append((count <= amount, max(0, amount - count), entry[1]))
         return out
 
 
+#: Fixed-window counters a ``memory://`` store keeps per window length: past it, the counter whose
+#: window started first is dropped (that client starts a new window), so a flood of made-up keys
+#: (IPv6 networks, header values) cannot grow the process without bound (about 0.5 KiB a key).
+MAX_MEMORY_KEYS = 100_000
 _COUNTERS: weakref.WeakKeyDictionary[MemoryStore, _MemoryCounter] = weakref.WeakKeyDictionary()
 _COUNTERS_LOCK = threading.Lock()
 

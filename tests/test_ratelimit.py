@@ -326,6 +326,22 @@ def test_a_bracketed_address_with_a_port_is_its_address(store: Store, remote_add
     assert response.headers["RateLimit-Remaining"] == "0"
 
 
+def test_a_flood_of_new_keys_does_not_grow_the_memory_counters_without_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import middleware.ratelimit as ratelimit
+
+    monkeypatch.setattr(ratelimit, "MAX_MEMORY_KEYS", 50)
+    store = MemoryStore()
+    stack = Stack(store, limits=["1/minute"])
+    assert stack.get(ip="10.9.9.9").status_int == 200
+    assert stack.get(ip="10.9.9.9").status_int == 429
+    for n in range(200):
+        stack.get(ip=f"10.0.{n // 250}.{n % 250}")
+    windows = ratelimit._memory_counter(store).windows
+    assert max(len(keys) for keys in windows.values()) == 50
+    assert stack.get(ip="10.9.9.9").status_int == 200  # its window was the oldest: it starts anew
+
+
 def test_a_lower_case_method_meets_its_rule(store: Store) -> None:
     """werkzeug routes `post` as POST (servers other than Waitress pass it on): the POST rule counts it."""
     from werkzeug.test import Client
