@@ -183,10 +183,10 @@ class UserStore:
 
     def verify_password(self, name: str, password: str) -> User | None:
         """The user when ``password`` is right, else ``None`` (same cost for unknown names)."""
+        if self._dummy_hash is None:  # made on the first login of either kind: it costs both the same
+            self._dummy_hash = self._hash("not a real password")
         row = self._row(name)
         if row is None:
-            if self._dummy_hash is None:
-                self._dummy_hash = self._hash("not a real password")
             check_password_hash(self._dummy_hash, password)
             return None
         if not check_password_hash(row[1], password):
