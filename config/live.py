@@ -303,6 +303,13 @@ class LiveStack:
         """Read, validate, lint and build the file, carrying unchanged memory:// stores over."""
         base = Path(self.path).resolve().parent
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
+        if self.in_force.workers > config.server.workers:  # the workers running now are those of the start
+            from .lint import shared_state
+
+            found = list(shared_state(config, config.pipeline, workers=self.in_force.workers))
+            if any(p.severity == "error" for p in found):
+                raise ConfigError(found)
+            warnings = [*warnings, *found]
         new = build(config, stores=self._stores(config), server=self.in_force)
         new.warnings = warnings
         return _probed(new)

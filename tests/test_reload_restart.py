@@ -250,3 +250,20 @@ def test_a_reload_releases_the_redis_connections_of_the_old_pipeline(tmp_path: P
     assert connected(3) == connected(4) == 0  # only the pipeline serving now holds connections
     live.current.close()
     client.close()
+
+
+@pytest.mark.redis
+def test_a_reload_cannot_put_per_process_state_under_the_workers_in_force(tmp_path: Path, redis_url: str) -> None:
+    """workers: 1 in the file applies at the next restart: the two workers running now would each
+    keep their own sessions (a logout on one would not reach the other)."""
+    session = "  - errors: {}\n  - session: {store: shared, secret_key: '" + "s" * 40 + "'}\n"
+    path = tmp_path / "stack.yaml"
+    path.write_text(stack(18109, extra="  workers: 2\n", pipeline=session) + f"stores: {{shared: '{redis_url}'}}\n")
+    live = LiveStack(path)
+    path.write_text(stack(18109, pipeline=session) + "stores: {shared: 'memory://'}\n")
+    result = live.reload()
+    assert not result.ok
+    assert [p.message for p in result.problems] == [
+        "session keeps state in store 'shared' (memory://) but the server runs (until a restart) with 2 workers: "
+        "each process would have its own copy; use redis://"]
+    live.current.close()
