@@ -469,25 +469,31 @@ class _Merged:
         self._final: weakref.finalize[Any, Any] | None = None
 
     def start(self) -> None:
+        """Start sharing; ``pending`` turns false only once a scrape can see every count (no early zero)."""
         with self._lock:
             if not self.pending:
                 return
-            self.pending = False
-            directory = os.environ.get(METRICS_DIR)
-            if not directory:
-                return
             try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as exc:
-                _log.error("metrics: cannot share counts in %s ($%s): %s", directory, METRICS_DIR, exc)
-                return
-            self.directory = directory
-            self.path = os.path.join(directory, f"{os.getpid()}-{next(_SEQUENCE)}.json")
-            self._final = weakref.finalize(self, _write_samples, self.counted, self.path)
+                self._start()
+            finally:
+                self.pending = False
+
+    def _start(self) -> None:
+        directory = os.environ.get(METRICS_DIR)
+        if not directory:
+            return
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            _log.error("metrics: cannot share counts in %s ($%s): %s", directory, METRICS_DIR, exc)
+            return
+        self.path = os.path.join(directory, f"{os.getpid()}-{next(_SEQUENCE)}.json")
+        self._final = weakref.finalize(self, _write_samples, self.counted, self.path)
         for older in list(_SHARING):
             older.write()
         _SHARING.add(self)
         self.write()
+        self.directory = directory  # last: a scrape now adds the files, the older pipelines' written
         threading.Thread(target=_share, args=(weakref.ref(self),), daemon=True,
                          name="wsgistack-metrics-share").start()
 

@@ -526,6 +526,33 @@ def test_a_pipeline_with_other_buckets_is_left_out_of_the_histogram(monkeypatch:
     assert list(text_string_to_metric_families(text))  # parses: buckets cumulative and in order
 
 
+def test_a_scrape_during_a_new_pipelines_first_request_sees_every_count(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Any) -> None:
+    """The first request of a reload's pipeline starts its sharing; a scrape meanwhile waits for it."""
+    import os
+    import threading
+
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    old, new = (TestApp(MetricsMiddleware(inner_app, MetricsMiddleware.Options(process_metrics=False),
+                                          Context(stores={"shared": MemoryStore()}))) for _ in range(2))
+    for _ in range(5):
+        old.get("/items/1")
+    real_makedirs = os.makedirs
+
+    def slow_makedirs(*args: Any, **kwargs: Any) -> None:  # widens the moment start() takes
+        time.sleep(0.3)
+        real_makedirs(*args, **kwargs)
+
+    monkeypatch.setattr("middleware.metrics.os.makedirs", slow_makedirs)
+    first = threading.Thread(target=lambda: new.get("/items/1"))
+    first.start()
+    time.sleep(0.1)
+    total = sample(scrape(new), "wsgistack_http_requests_total", method="GET", route="/items/<int:item_id>",
+                   status="200")
+    first.join()
+    assert total is not None and total >= 5  # never the new pipeline's own zero
+
+
 def test_an_idle_worker_leaves_its_file_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.setattr("middleware.metrics.SHARE_INTERVAL", 0.05)
     monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
