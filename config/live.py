@@ -117,10 +117,11 @@ class ReloadResult:
 class _Flight:
     """The requests in flight on one pipeline: once it is retired, the last of them closes it."""
 
-    __slots__ = ("built", "closed", "count", "lock", "retired")
+    __slots__ = ("built", "closed", "count", "header", "lock", "retired")
 
-    def __init__(self, built: BuiltStack) -> None:
+    def __init__(self, built: BuiltStack, header: list[tuple[str, str]] | None = None) -> None:
         self.built = built
+        self.header = header  # X-Stack-Generation of this pipeline (None: not sent)
         self.lock = threading.Lock()
         self.count = 0
         self.retired = self.closed = False
@@ -209,7 +210,6 @@ class LiveStack:
         self.label = ""
         self._lock = threading.Lock()
         self.current = built or _probed(build_from_file(self.path, env=env))
-        self._flight = _Flight(self.current)
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
         self.in_force: ServerOptions = self.current.config.server
         #: The Waitress adjustments in force (what a server, or a restarted worker, is created with).
@@ -224,6 +224,7 @@ class LiveStack:
         self._watcher: threading.Thread | None = None
         self._watch_stop = threading.Event()
         self._publish()
+        self._flight = _Flight(self.current, self._generation_header)
 
     def _stat(self) -> tuple[int, int, int]:
         """The file's (mtime ns, size, inode): a write or a rename changes it."""
@@ -244,7 +245,7 @@ class LiveStack:
         flight = self._flight
         while not flight.enter():  # a reload retired it just now: the new one is in place
             flight = self._flight
-        header = self._generation_header
+        header = flight.header
         respond = start_response
         if header is not None:
             def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -276,10 +277,10 @@ class LiveStack:
             needs = [name for name in RESTART_ONLY if wanted[name] != self._started[name]]
             old, retired = self.current, self._flight
             self.current = new
-            self._flight = _Flight(new)
             self.generation += 1
             self.last = ReloadResult(True, self.generation, needs_restart=needs, problems=new.warnings)
             self._publish()
+            self._flight = _Flight(new, self._generation_header)  # the pipeline and its generation, as one
             for callback in self.on_reload:  # first, so that the lines below already follow a new logging:
                 try:
                     callback(new)
