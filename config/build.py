@@ -8,6 +8,7 @@ in reverse and wrap, so the first entry in the YAML is the outermost layer.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import ipaddress
@@ -676,20 +677,21 @@ def build(
         settings={"server": config.server, "config_file": doc.file},
     )
     instances: list[Any] = []
+    made_app: list[Any] = []
 
     def fail(found: list[Problem]) -> ConfigError:
-        for layer in instances:
-            close = getattr(layer, "close", None)
+        for part in (*instances, *made_app, *context.stores.values()):  # the app too, once it was made
+            close = getattr(part, "close", None)
             if callable(close):
-                close()
-        for store in context.stores.values():
-            store.close()
+                with contextlib.suppress(Exception):
+                    close()
         return ConfigError(found)
 
     if problems:
         raise fail(problems)
     try:
         core = make_app(config.app, context)
+        made_app.append(core)
     except ValidationError as exc:
         raise fail(validation_problems(doc, ("app", "options"), exc, None)) from None
     except Exception as exc:

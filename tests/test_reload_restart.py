@@ -267,3 +267,16 @@ def test_a_reload_cannot_put_per_process_state_under_the_workers_in_force(tmp_pa
         "session keeps state in store 'shared' (memory://) but the server runs (until a restart) with 2 workers: "
         "each process would have its own copy; use redis://"]
     live.current.close()
+
+
+def test_a_failed_build_closes_the_app_it_made(tmp_path: Path) -> None:
+    """A layer that cannot be built: the app made before it is closed, not left open until collected."""
+    from stack_support import CLOSING_LOG
+
+    from config import ConfigError, build_from_text
+
+    CLOSING_LOG.clear()
+    with pytest.raises(ConfigError):
+        build_from_text('app: {factory: "stack_support:closing_app"}\npipeline:\n  - errors: {}\n'
+                        "  - access_log: {file: /nonexistent/dir/access.log}\n")
+    assert CLOSING_LOG == [("close", "app")]
