@@ -20,6 +20,8 @@ import sys
 
 #: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Seconds within which a worker takes a second SIGHUP for the same one, the file unchanged.
+HUP_TWICE = 2.0
 
 if __name__ == "__main__":
     # Before the slow imports below: a SIGHUP (`systemctl reload`) or SIGTERM sent while `serve` starts
@@ -33,6 +35,7 @@ import ctypes
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -295,6 +298,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     # set an Event (or started a thread) took a lock, and a second signal arriving while the
     # first handler held that lock (systemd and the supervisor both signal a worker) deadlocked it.
     arrived: list[int] = []
+    reloaded: list[Any] = [-math.inf, None]  # when this worker last started a reload, and the file then
 
     def note_signal(signum: int, frame: Any) -> None:
         arrived.append(signum)
@@ -303,6 +307,14 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         while arrived:
             signum = arrived.pop(0)
             if signum == signal.SIGHUP:
+                now, file = time.monotonic(), live.fingerprint()
+                if parent is not None and now - reloaded[0] < HUP_TWICE and file == reloaded[1]:
+                    # A SIGHUP to the whole process group (a terminal, `kill -HUP -PGID`) reaches a
+                    # worker twice: directly, and passed on by the supervisor. One reload it is.
+                    log.info("%sa second SIGHUP within %g s, the file unchanged: one reload is enough",
+                             live.label, HUP_TWICE)
+                    continue
+                reloaded[:] = [now, file]
                 threading.Thread(target=live.reload, name="wsgistack-reload", daemon=True).start()
                 continue
             if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on

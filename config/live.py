@@ -336,6 +336,10 @@ class LiveStack:
             raise ConfigError(problems)
         return stores
 
+    def fingerprint(self) -> tuple[int, int, int]:
+        """The file's (mtime ns, size, inode) now: two readings differ when it was written or replaced."""
+        return self._stat()
+
     def changed(self) -> bool:
         """Whether the file's mtime, size or inode differs from the one the last (re)load read."""
         return self._stat() != self._mtime

@@ -411,6 +411,23 @@ def test_sighup_reloads_every_worker_and_the_ones_started_later(
     assert all(gens == {"2"} for gens in sample(port, now).values())
 
 
+def test_a_sighup_to_the_whole_group_reloads_each_worker_once(
+        supervised: tuple[ServeProcess, int, Path]) -> None:
+    """A terminal's hangup or `kill -HUP -PGID` reaches a worker directly and through the supervisor."""
+    server, port, path = supervised
+    workers = children(server.pid)
+    path.write_text(config_text(port, greeting="two"))
+    for pid in (server.pid, *workers):
+        os.kill(pid, signal.SIGHUP)
+    server.wait_output("supervisor: generation 2 serving")
+    for pid in workers:
+        server.wait_output(f"worker {pid}: generation 2 serving")
+    server.wait_output("one reload is enough", count=len(workers))
+    time.sleep(0.5)
+    assert "generation 3" not in server.output()
+    assert sample(port, workers) == {pid: {"2"} for pid in workers}
+
+
 @pytest.mark.parametrize("everyone", [
     pytest.param(False, id="SIGTERM to the supervisor"),
     pytest.param(True, id="SIGTERM to every process, as systemd and a terminal's Ctrl-C do"),
