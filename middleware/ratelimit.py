@@ -158,6 +158,7 @@ def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl:
 
 
 _FIELDS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+_RETRY_IN = re.compile(r"retry in \d+ seconds")
 
 
 def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
@@ -202,6 +203,10 @@ def _decorate_tighter(exc: BaseException, ours: Headers) -> None:
         decorate_error(exc, ours)
         return
     extra[:] = _most_restrictive(extra, ours)
+    wait = next((v for n, v in extra if n.lower() == "retry-after"), None)
+    text = getattr(exc, "description", None)
+    if wait is not None and isinstance(text, str):  # an inner 429's message says the wait its header now says
+        exc.description = _RETRY_IN.sub(f"retry in {wait} seconds", text)  # type: ignore[attr-defined]
 
 
 def _seconds(delta: float) -> int:

@@ -231,6 +231,7 @@ def test_an_inner_refusal_waits_for_the_outer_limit_too(store: Store) -> None:
     app.get("/")
     refused = app.get("/", status=429)
     assert (refused.headers["Retry-After"], refused.headers["RateLimit-Limit"]) == ("60", "2")
+    assert refused.json["error"]["message"].endswith("; retry in 60 seconds.")  # as the header says
     assert refused.headers.getall("RateLimit-Remaining") == ["0"]
 
 
