@@ -190,8 +190,7 @@ class _Fill:
                 del layer._inflight[self.base]
         flight.set()
         if self.lock_key is not None:
-            with contextlib.suppress(StoreError):  # else the lock expires after lock_timeout
-                layer.store.delete(self.lock_key)
+            layer._drop_lock(self.lock_key)
 
 
 class _Asks:
@@ -340,7 +339,8 @@ class CacheMiddleware:
             note(environ, "cache", "HIT")
             return self._serve(entry, "HIT", method, start_response, now, environ)
         if asks is not None and asks.only_if_cached:
-            self._give_lock(locked, lock_key)
+            if locked and lock_key is not None:
+                self._drop_lock(lock_key)
             raise refuse(504, "Gateway Timeout: only-if-cached, and no stored response fits the request.")
         if method == "HEAD":  # no body to store: ask the app, keep nothing
             self._missed(environ)
@@ -362,10 +362,10 @@ class CacheMiddleware:
             return _Asks(-1, None, False)
         return None
 
-    def _give_lock(self, locked: bool | None, lock_key: str | None) -> None:
-        if locked and lock_key is not None:
-            with contextlib.suppress(StoreError):  # else it expires after lock_timeout
-                self.store.delete(lock_key)
+    def _drop_lock(self, lock_key: str) -> None:
+        """Give a fill lock back at once (when the store cannot, it expires after ``lock_timeout``)."""
+        with contextlib.suppress(StoreError):
+            self.store.delete(lock_key)
 
     def _who(self, environ: WSGIEnvironment) -> tuple[str | None, str | None]:
         """``(subject or None, bypass reason or None)`` for this request."""
@@ -473,8 +473,7 @@ class CacheMiddleware:
         for name in [n for n in found if n[0] == store and n[1] == "get_or_lock" and n[2].startswith(entries)]:
             answer = found.pop(name)
             if isinstance(answer, tuple) and answer[1]:
-                with contextlib.suppress(StoreError):  # else it expires after lock_timeout
-                    self.store.delete(self._lock_key(name[2]))
+                self._drop_lock(self._lock_key(name[2]))
 
     def _invalidating(self, environ: WSGIEnvironment, start_response: StartResponse) -> StartResponse:
         """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
@@ -543,8 +542,7 @@ class CacheMiddleware:
             if leader:
                 break
             if locked:  # taken while a thread of this process fills the key: give it back
-                with contextlib.suppress(StoreError):
-                    self.store.delete(lock_key)
+                self._drop_lock(lock_key)
             locked = None
             flight.wait(max(0.0, waited_until - time.monotonic()))
             hit = self._fresh(environ, base)
