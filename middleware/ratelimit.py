@@ -543,12 +543,17 @@ class RateLimitMiddleware:
         if self.rules:
             method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
             path = decoded_path(environ)
-            # With versioning inside, the first rule that matches the path or the path it is routed to.
-            routed = routed_path(environ, self.rewrites) if self.rewrites else path
+            routed: str | None = None  # worked out when a rule's method fits but the request path does not
             for candidate in self.rules:
-                if (candidate.methods is None or method in candidate.methods) and (
-                        candidate.paths is None or candidate.paths.match(path)
-                        or (routed is not path and candidate.paths.match(routed))):
+                if candidate.methods is not None and method not in candidate.methods:
+                    continue
+                if candidate.paths is None or candidate.paths.match(path):
+                    rule = candidate
+                    break
+                # With versioning inside, the first rule that matches the path or the path it is routed to.
+                if routed is None:
+                    routed = routed_path(environ, self.rewrites) if self.rewrites else path
+                if routed is not path and candidate.paths.match(routed):
                     rule = candidate
                     break
         if rule is None or not rule.items:
