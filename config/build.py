@@ -8,7 +8,6 @@ in reverse and wrap, so the first entry in the YAML is the outermost layer.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import ipaddress
@@ -129,13 +128,7 @@ class BuiltStack:
 
         One that fails to close is logged, and the others are closed all the same.
         """
-        for part in (*self.instances, self.core, *self.context.stores.values()):
-            close = getattr(part, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception:
-                    self.context.logger.exception("closing %r failed", part)
+        _close_all((*self.instances, self.core, *self.context.stores.values()), self.context.logger)
 
 
 # ---------------------------------------------------------------- validation
@@ -381,7 +374,7 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                 continue
         elif callable(target):
             validated = options
-            taken = [k for k in scope_raw if k in _parameter_names(target)]
+            taken = [k for k in scope_raw if k in _parameters(target)]
             for key in taken:
                 problems.append(doc.problem((*opath, key), (
                     f"{key!r} here scopes the layer (paths, exclude_paths and methods are the builder's), but "
@@ -436,10 +429,7 @@ def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]
     """
     from pydantic import TypeAdapter
 
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return []
+    params = _parameters(target)
     owner = target.__init__ if inspect.isclass(target) else target
     scope = getattr(inspect.unwrap(owner), "__globals__", {})
     wrong = []
@@ -465,12 +455,12 @@ def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]
     return wrong
 
 
-def _parameter_names(target: Any) -> frozenset[str]:
-    """The keyword parameters of a plain factory (none when it has no signature)."""
+def _parameters(target: Any) -> Mapping[str, inspect.Parameter]:
+    """The parameters of a callable, by name; none when it has no signature to read (a builtin)."""
     try:
-        return frozenset(inspect.signature(target).parameters)
+        return inspect.signature(target).parameters
     except (TypeError, ValueError):
-        return frozenset()
+        return {}
 
 
 def _unknown_keywords(target: Any, options: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
@@ -478,11 +468,8 @@ def _unknown_keywords(target: Any, options: Mapping[str, Any]) -> tuple[list[str
 
     ``None`` when it cannot be known (no signature, or the factory takes ``**kwargs``).
     """
-    try:
-        params = list(inspect.signature(target).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
+    params = list(_parameters(target).values())
+    if not params or any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     if params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
         params = params[1:]  # the app, passed first
@@ -604,10 +591,7 @@ def listen_problems(config: StackConfig) -> list[Problem]:
 def make_app(section: AppSection, context: Context) -> Any:
     """Call the app factory with its options (and the context when it takes one)."""
     factory = import_string(section.factory)
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}  # type: ignore[assignment]
+    params = _parameters(factory)
     positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) >= 2:
         return factory(dict(section.options), context)
@@ -680,11 +664,7 @@ def build(
     made_app: list[Any] = []
 
     def fail(found: list[Problem]) -> ConfigError:
-        for part in (*instances, *made_app, *context.stores.values()):  # the app too, once it was made
-            close = getattr(part, "close", None)
-            if callable(close):
-                with contextlib.suppress(Exception):
-                    close()
+        _close_all((*instances, *made_app, *context.stores.values()), context.logger)  # the app too, once made
         return ConfigError(found)
 
     if problems:
@@ -734,6 +714,17 @@ def build(
         raise fail(problems)
     context.settings["pipeline"] = [describe(spec) for spec in pipeline]
     return BuiltStack(wrapped, config, context, core=core, instances=instances)
+
+
+def _close_all(parts: Iterable[Any], logger: logging.Logger) -> None:
+    """Call the ``close()`` of each part that has one; one that fails is logged, the others closed all the same."""
+    for part in parts:
+        close = getattr(part, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                logger.exception("closing %r failed", part)
 
 
 def _within(preview: Callable[[WSGIEnvironment], dict[str, Any] | None],
