@@ -58,6 +58,7 @@ class _Failures:
 
     def __init__(self, state: AppState, service: Any, username: str) -> None:
         self.limit, self.window = state.options.max_failed_logins, state.options.failed_login_window
+        self.service = service
         store = getattr(service, "store", None)
         self.store = store if self.limit and NAME.match(username) else None
         digest = hashlib.blake2b(username.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
@@ -70,13 +71,10 @@ class _Failures:
         """Count this attempt; 429 past the limit, and 503 when the store cannot count it."""
         if self.store is None:
             return
-        try:
-            count = self.store.incr(self.key, ttl=self.window)
-        except StoreError:
-            # What the token service answers when it cannot record a login: a right and a wrong
-            # password get the same 503, so an outage is no password oracle.
-            raise refuse(503, "The token store is unavailable; retry shortly.",
-                         headers=[("Retry-After", "5")]) from None
+        store, key, window = self.store, self.key, self.window
+        # As the token service answers when it cannot record a login: a right and a wrong password
+        # get the same 503, so an outage is no password oracle.
+        count = self.service.call_store(lambda: store.incr(key, ttl=window))
         if count > self.limit:
             raise refuse(429, f"Too many wrong passwords for this user name; retry in {self.window} seconds "
                               "or less.", headers=[("Retry-After", str(self.window))])

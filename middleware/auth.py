@@ -147,6 +147,10 @@ def _ignore(event: str, **fields: Any) -> None:
     """The event sink of a token service built without a context."""
 
 
+def _store_down() -> HTTPException:
+    return refuse(503, "The token store is unavailable; retry shortly.", headers=[("Retry-After", _STORE_RETRY_AFTER)])
+
+
 def _before(issued: Any, since: float | None) -> bool:
     """Whether a credential issued at ``issued`` predates ``since``.
 
@@ -381,8 +385,7 @@ class TokenService:
                 self._last_log = now
                 self.log.warning("auth store %r failed (%s)", self.options.store, exc)
             if self.closed or strict:
-                raise refuse(503, "The token store is unavailable; retry shortly.",
-                             headers=[("Retry-After", _STORE_RETRY_AFTER)]) from None
+                raise _store_down() from None
             return None
 
     def unavailable(self) -> HTTPException | None:
@@ -395,8 +398,15 @@ class TokenService:
         breaker = getattr(self.store, "breaker", None)
         if breaker is None or breaker.state is CLOSED:
             return None
-        return refuse(503, "The token store is unavailable; retry shortly.",
-                      headers=[("Retry-After", _STORE_RETRY_AFTER)])
+        return _store_down()
+
+    def call_store(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` against the token store as issuing does: a failure is logged, counted and a 503.
+
+        For the app's own records in this store (the login view's failure counts):
+        one outage, one answer, whatever the request was.
+        """
+        return self._store(fn, strict=True)
 
     def _decode(self, token: str, kind: str | None, verify_exp: bool = True) -> dict[str, Any]:
         """Verify signature and claims; raise :class:`_Invalid`.  No store access."""
