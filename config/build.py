@@ -674,8 +674,13 @@ def build(
         made_app.append(core)
     except ValidationError as exc:
         raise fail(validation_problems(doc, ("app", "options"), exc, None)) from None
-    except Exception as exc:
-        raise fail([doc.problem(("app",), f"the app factory failed: {_why(exc)}")]) from None
+    except Exception as exc:  # its message may quote a secret it was given, as a layer's may
+        message = _masked(_why(exc), dict(config.app.options))
+        raise fail([doc.problem(("app",), f"the app factory failed: {message}")]) from None
+    try:
+        _check_wsgi(core)
+    except TypeError as exc:  # served, it would answer every request with a 500
+        raise fail([doc.problem(("app", "factory"), str(exc), value=config.app.factory, has_value=True)]) from None
 
     pipeline = with_default_errors(config.pipeline)
     config.pipeline = pipeline
@@ -744,10 +749,7 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
     if isinstance(options, dict):
         fields = list(options)
         opath = (*path, spec.name)
-        for key, value in options.items():  # the layer's own message may quote a secret it was given
-            shown = str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
-            if len(shown) >= 4 and is_secret((key,), value):
-                message = message.replace(shown, MASK)
+        message = _masked(message, options)  # the layer's own message may quote a secret it was given
         for key, value in options.items():
             if filename is not None and value == filename:
                 return doc.problem((*opath, key), f"{spec.name} cannot open it: {exc.strerror or message}"
@@ -756,6 +758,16 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
         if where != opath:
             return _located(doc, opath, message, fields)
     return doc.problem(path, f"{spec.name}: {message}", key=True)
+
+
+def _masked(message: str, options: object) -> str:
+    """``message`` with the values of the secret-named ``options`` (a factory's) replaced by the mask."""
+    if isinstance(options, dict):
+        for key, value in options.items():
+            shown = str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
+            if len(shown) >= 4 and is_secret((key,), value):
+                message = message.replace(shown, MASK)
+    return message
 
 
 def _tag_repeated_names(pipeline: list[LayerSpec]) -> None:

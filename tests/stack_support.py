@@ -136,3 +136,13 @@ def closing_app(options: dict[str, Any] | None = None) -> Any:
     app = echo_app(options)
     app.close = lambda: CLOSING_LOG.append(("close", "app"))
     return app
+
+
+def app_returning_text(options: dict[str, Any] | None = None) -> str:
+    """An app factory that returns something other than a WSGI app (a path, here)."""
+    return "/srv/app"
+
+
+def app_refusing_its_token(options: dict[str, Any]) -> Any:
+    """An app factory whose error quotes the secret it was given."""
+    raise ValueError(f"upstream refused token {options['api_token']}")

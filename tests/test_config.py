@@ -397,6 +397,12 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory argument named like a scope key",
         ),
         pytest.param(
+            "app: {factory: 'stack_support:app_returning_text'}\npipeline:\n  - errors: {}\n",
+            "stack.yaml:1:16 app.factory: the factory returned str '/srv/app', not a WSGI application (a callable "
+            "taking environ and start_response) (got 'stack_support:app_returning_text')",
+            id="an app factory that returns no WSGI app",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: many}\n",
             "stack.yaml:3:53 pipeline[0].werkzeug.middleware.proxy_fix:ProxyFix.x_for: "
             "werkzeug.middleware.proxy_fix:ProxyFix takes x_for: int (input should be a valid integer, unable to "
@@ -480,6 +486,8 @@ def test_hints_other_than_scalars_are_left_to_the_factory(layer: str) -> None:
                      "918273645546372819", id="a secret written as a number"),
         pytest.param("pipeline:\n  - errors: {}\n  - stack_support:KeyedLayer: {api_key: 918273645546372819}\n",
                      "918273645546372819", id="a number in a layer's own error text"),
+        pytest.param("app:\n  factory: stack_support:app_refusing_its_token\n  options: {api_token: sk-Hunter2Secret}\n"
+                     "pipeline:\n  - errors: {}\n", "Hunter2Secret", id="the app factory's own error text"),
     ],
 )
 def test_problems_never_repeat_a_secret(yaml_text: str, secret: str) -> None:
