@@ -42,6 +42,8 @@ _TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 #: What an unsupported ``${...}`` looks like, to suggest the supported spelling.
 _NEAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-=?+]|:)([^}]*)\}")
 #: More values than any stack.yaml has: aliases expanding beyond this are refused.
+#: Levels of nesting a file may have (the composer and the converter recurse once per level).
+MAX_DEPTH = 64
 MAX_VALUES = 100_000
 
 
@@ -83,6 +85,9 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
         raise ConfigError([Problem(message, (), file, line, col)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(f"invalid YAML: {exc}", (), file)]) from None
+    except RecursionError:  # the composer recurses once per level of nesting
+        raise ConfigError([Problem(f"invalid YAML: nested too deeply (a stack.yaml needs a few levels; "
+                                   f"more than {MAX_DEPTH} are refused)", (), file)]) from None
     doc = Document(data={}, file=file)
     if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"):
         raise ConfigError([Problem(
@@ -139,6 +144,10 @@ class _Converter:
         self.count += 1
         if self.count > MAX_VALUES:
             raise _TooMany
+        if len(path) > MAX_DEPTH:
+            self.problem(node, path[:4], f"holds values nested more than {MAX_DEPTH} levels deep; a stack.yaml "
+                         "needs a few levels")
+            return None
         doc = self.doc
         doc.marks[path] = _mark(node)
         if node.tag not in _SAFE_TAGS:
@@ -166,10 +175,11 @@ class _Converter:
             if not isinstance(key_node, yaml.ScalarNode):
                 self.problem(key_node, path, "mapping keys must be plain scalars")
                 continue
-            key = self.scalar(key_node, path, interpolate=False)
-            if key == "<<":
-                self.problem(key_node, path, "YAML merge keys (<<) are not supported")
+            if key_node.tag == "tag:yaml.org,2002:merge":  # before constructing it: SafeConstructor cannot
+                self.problem(key_node, path, "YAML merge keys (<<) are not supported; repeat the settings, "
+                             "or quote '<<' if it is meant as a key")
                 continue
+            key = self.scalar(key_node, path, interpolate=False)
             key = key if isinstance(key, str | int) else str(key)
             child = (*path, key)
             self.doc.key_marks[child] = _mark(key_node)
@@ -183,7 +193,8 @@ class _Converter:
         try:
             value = _scalar(node)
         except (ValueError, OverflowError, yaml.YAMLError) as exc:  # a date like 2024-13-45
-            self.problem(node, path, f"cannot read the value {node.value!r}: {exc}; quote it to keep it as text")
+            why = (exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None) or " ".join(str(exc).split())
+            self.problem(node, path, f"cannot read the value {node.value!r}: {why}; quote it to keep it as text")
             return None
         if interpolate and isinstance(value, str) and "$" in value:
             value = _interpolate(value, path, node, self.doc, self.env, self.problems)

@@ -118,6 +118,28 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             "stack.yaml:3:1 (top level): invalid YAML",
             id="yaml syntax error",
         ),
+        pytest.param(
+            ECHO + "base: &b {threads: 4}\nserver:\n  <<: *b\n",
+            "stack.yaml:4:3 server: YAML merge keys (<<) are not supported; repeat the settings, or quote '<<' if "
+            "it is meant as a key",
+            id="a merge key",
+        ),
+        pytest.param(
+            ECHO + "server: {threads: 2024-13-45}\n",
+            "stack.yaml:2:19 server.threads: cannot read the value '2024-13-45': month must be in 1..12; quote it to "
+            "keep it as text",
+            id="a value YAML cannot read",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - errors: {}\nx: " + "[" * 100 + "]" * 100 + "\n",
+            "stack.yaml:4:68 x[0][0][0]: holds values nested more than 64 levels deep; a stack.yaml needs a few levels",
+            id="nested deeper than anything a stack needs",
+        ),
+        pytest.param(
+            ECHO + "x: " + "[" * 5000 + "]" * 5000 + "\n",
+            "stack.yaml (top level): invalid YAML: nested too deeply",
+            id="nested deeper than the YAML reader can follow",
+        ),
     ],
 )
 def test_error_messages(text: str, expected: str) -> None:
