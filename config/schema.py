@@ -225,7 +225,8 @@ class ServerOptions(Strict):
             "channel_timeout": self.channel_timeout,
             "cleanup_interval": self.cleanup_interval,
             "backlog": self.backlog,
-            "max_request_body_size": self.max_request_body_size,
+            # Waitress refuses a body of max_request_body_size bytes or more: ours is the largest accepted
+            "max_request_body_size": self.max_request_body_size + 1,
             "max_request_header_size": self.max_request_header_size,
             "clear_untrusted_proxy_headers": self.clears_proxy_headers(proxy_layer=proxy_layer),
             "log_untrusted_proxy_headers": self.log_untrusted_proxy_headers,

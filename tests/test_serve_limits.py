@@ -1,0 +1,45 @@
+"""Waitress's own request limits, as serve.py hands them over: the numbers in stack.yaml are the largest accepted.
+
+Waitress refuses a body of ``max_request_body_size`` bytes *or more*; docs/operations.md
+tells operators to set it, the proxy's ``client_max_body_size`` and
+``validation.max_body_bytes`` to one number, so a body of exactly that size
+must pass all three.
+"""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+
+import pytest
+from conftest import Served, free_port
+
+LIMIT = 1000
+ECHO = 'app: {factory: "stack_support:echo_app"}\n'
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port = free_port()
+    config = tmp_path_factory.mktemp("limits") / "stack.yaml"
+    config.write_text(ECHO + f"server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body_size: {LIMIT}\n"
+                      f"pipeline:\n  - errors: {{}}\n  - validation: {{max_body_bytes: {LIMIT}}}\n")
+    server = Served(config, {}, port)
+    try:
+        yield port
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("size", "status", "content_type"), [
+    pytest.param(LIMIT - 1, 200, "application/json", id="below the limit"),
+    pytest.param(LIMIT, 200, "application/json", id="exactly the limit"),
+    pytest.param(LIMIT + 1, 413, "text/plain", id="one byte over: Waitress refuses it before any layer"),
+])
+def test_a_body_of_the_limit_is_accepted(served: int, size: int, status: int, content_type: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", served, timeout=5)
+    conn.request("POST", "/upload", body=b'"' + b"x" * (size - 2) + b'"', headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    assert (response.status, response.getheader("Content-Type", "").split(";")[0]) == (status, content_type), body
