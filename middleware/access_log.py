@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import CLIENT_IP, IDENTITY, REQUEST_ID, Context, LayerOptions
+from .base import IDENTITY, REQUEST_ID, Context, LayerOptions, client_ip
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -148,7 +148,7 @@ class AccessLogMiddleware:
         identity = environ.get(IDENTITY)
         line = [f'{{"time":"{cached[1]}.{int((started - second) * 1000):03d}Z"'
                 f',"request_id":{"null" if request_id is None else _quote(str(request_id))}'
-                f',"client_ip":{_quote(environ.get(CLIENT_IP) or environ.get("REMOTE_ADDR") or "")}'
+                f',"client_ip":{_quote(client_ip(environ))}'
                 f',"method":{_quote(exchange.method)}'
                 f',"path":{_quote(path if path.isascii() else _text(path))}']
         if self.query:

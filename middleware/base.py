@@ -445,8 +445,24 @@ def client_ip(environ: WSGIEnvironment) -> str:
         if ip[:1] == "[":  # Waitress's trusted_proxy passes "[2001:db8::1]:40001" on as it came
             end = ip.find("]")
             ip = ip[1:end] if end > 0 else ip
+        else:
+            port = environ.get("REMOTE_PORT")
+            if port and not port.isdigit():
+                ip = _rejoined(ip, port)
         environ[CLIENT_IP] = ip
     return ip
+
+
+def _rejoined(ip: str, port: str) -> str:
+    """The address Waitress's trusted_proxy split as if it ended in a port: ``::ffff:192.0.2.7`` came as
+    REMOTE_ADDR ``::ffff`` and REMOTE_PORT ``192.0.2.7`` (every IPv4-mapped client one address, one
+    rate-limit bucket).  A real port is digits only."""
+    joined = f"{ip}:{port}"
+    try:
+        ipaddress.IPv6Address(joined)
+    except ValueError:
+        return ip
+    return joined
 
 
 def header_list(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers:

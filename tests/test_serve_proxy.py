@@ -47,6 +47,9 @@ CONFIGS = {
                                   "  trusted_proxy_headers: [x-forwarded-for, x-forwarded-proto]\n",
                                   "pipeline:\n  - errors: {}\n"),
     "a layer serve.py does not know": ("", "pipeline:\n  - errors: {}\n  - forwarded_layer:ReadsForwardedFor: {}\n"),
+    "Waitress trusts the proxy, one request a minute": (
+        "  trusted_proxy: 127.0.0.1\n  trusted_proxy_headers: [x-forwarded-for]\n",
+        "pipeline:\n  - errors: {}\n  - ratelimit: {limits: [1/minute]}\n"),
 }
 FORWARDED = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
 
@@ -149,3 +152,22 @@ def test_clear_untrusted_proxy_headers_auto(server: dict[str, object], pipeline:
         assert built.config.waitress_kwargs()["clear_untrusted_proxy_headers"] is clears
     finally:
         built.close()
+
+
+@pytest.mark.parametrize("served", ["Waitress trusts the proxy, one request a minute"], indirect=True)
+def test_ipv4_mapped_clients_of_a_dual_stack_proxy_are_each_their_own(served: tuple[int, Path]) -> None:
+    """nginx on a dual-stack socket forwards IPv4 clients as ::ffff:a.b.c.d; Waitress splits that as if it
+    ended in a port (REMOTE_ADDR "::ffff"), which made every such client one rate-limit bucket."""
+    port, _ = served
+
+    def status(client: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/x", headers={"X-Forwarded-For": client})
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        return response.status, json.loads(body)["client_ip"] if response.status == 200 else ""
+
+    assert status("::ffff:192.0.2.2") == (200, "::ffff:192.0.2.2")
+    assert status("::ffff:192.0.2.2")[0] == 429
+    assert status("::ffff:198.51.100.7") == (200, "::ffff:198.51.100.7")  # another client, its own bucket
