@@ -319,12 +319,11 @@ def probes_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
                                         "timings of the layers it wraps")
 
 
-def shared_state(cfg: StackConfig, specs: list[LayerSpec], workers: int | None = None) -> Iterator[Problem]:
-    """Per-process state (memory://) under several workers; ``workers``: the number in force, on a reload."""
-    count = cfg.server.workers if workers is None else workers
+def shared_state(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """Per-process state (memory://) under several workers."""
+    count = cfg.server.workers
     if count <= 1:
         return
-    said = "server.workers is" if workers is None else "the server runs (until a restart) with"
     for spec in specs:
         name = kind(spec)
         store = spec.option("store", "shared")
@@ -332,9 +331,8 @@ def shared_state(cfg: StackConfig, specs: list[LayerSpec], workers: int | None =
         if name is None or url is None or not url.url.startswith("memory:"):
             continue
         if name in STATEFUL_SHARED:
-            yield _problem(cfg, spec, f"{name} keeps state in store {store!r} (memory://) but {said} "
-                                      f"{count}{' workers' if workers is not None else ''}: each process would "
-                                      "have its own copy; use redis://")
+            yield _problem(cfg, spec, f"{name} keeps state in store {store!r} (memory://) but server.workers is "
+                                      f"{count}: each process would have its own copy; use redis://")
         elif name == "cache":
             yield _problem(cfg, spec, f"cache on a memory:// store with {count} workers keeps one "
                                       "cache per process (more misses, uneven purges)", "warning")

@@ -23,6 +23,7 @@ after a reload is served with them like its siblings.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -304,16 +305,38 @@ class LiveStack:
         """Read, validate, lint and build the file, carrying unchanged memory:// stores over."""
         base = Path(self.path).resolve().parent
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
-        if self.in_force.workers > config.server.workers:  # the workers running now are those of the start
-            from .lint import shared_state
-
-            found = list(shared_state(config, config.pipeline, workers=self.in_force.workers))
-            if any(p.severity == "error" for p in found):
-                raise ConfigError(found)
-            warnings = [*warnings, *found]
+        warnings = [*warnings, *self._lint_as_served(config, warnings)]
         new = build(config, stores=self._stores(config), server=self.in_force)
         new.warnings = warnings
         return _probed(new)
+
+    def _lint_as_served(self, config: StackConfig, known: list[Problem]) -> list[Problem]:
+        """Lint the new pipeline against the server settings in force; raise on errors, return new warnings.
+
+        The file's own settings are linted by ``load``, but the workers, the sockets and
+        Waitress's proxy trust are the start's until a restart: a pipeline can be safe
+        with the file's and unsafe with the ones serving.  Two rules judge that: state
+        per process under the workers running, and a ProxyFix believing every client's
+        X-Forwarded-For, which Waitress keeps when the start's pipeline read them itself.
+        (A proxy layer added while Waitress clears the headers sees the proxy as every
+        client, as the old pipeline did: a restart applies it, and the reload says so.)
+        """
+        from .build import with_default_errors
+        from .lint import proxyfix_trusts_every_peer, shared_state
+
+        restart_only = {name: getattr(self.in_force, name) for name in RESTART_ONLY}
+        restart_only["clear_untrusted_proxy_headers"] = self.waitress_kwargs["clear_untrusted_proxy_headers"]
+        served = dataclasses.replace(config, server=config.server.model_copy(update=restart_only))
+        if all(getattr(served.server, name) == getattr(config.server, name) for name in restart_only):
+            return []
+        seen = {(p.message, p.path) for p in known}
+        found = [dataclasses.replace(p, message=f"{p.message} (with the server settings in force: a restart "
+                                                f"applies the file's)")
+                 for rule in (shared_state, proxyfix_trusts_every_peer)
+                 for p in rule(served, with_default_errors(served.pipeline)) if (p.message, p.path) not in seen]
+        if any(p.severity == "error" for p in found):
+            raise ConfigError(found)
+        return found
 
     def _stores(self, config: StackConfig) -> dict[str, Store]:
         """The new config's stores: unchanged memory:// ones are the old instances (their data stays)."""

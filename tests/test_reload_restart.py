@@ -264,8 +264,8 @@ def test_a_reload_cannot_put_per_process_state_under_the_workers_in_force(tmp_pa
     result = live.reload()
     assert not result.ok
     assert [p.message for p in result.problems] == [
-        "session keeps state in store 'shared' (memory://) but the server runs (until a restart) with 2 workers: "
-        "each process would have its own copy; use redis://"]
+        "session keeps state in store 'shared' (memory://) but server.workers is 2: each process would have its "
+        "own copy; use redis:// (with the server settings in force: a restart applies the file's)"]
     live.current.close()
 
 
@@ -280,3 +280,25 @@ def test_a_failed_build_closes_the_app_it_made(tmp_path: Path) -> None:
         build_from_text('app: {factory: "stack_support:closing_app"}\npipeline:\n  - errors: {}\n'
                         "  - access_log: {file: /nonexistent/dir/access.log}\n")
     assert CLOSING_LOG == [("close", "app")]
+
+
+def test_a_reload_is_linted_against_the_proxy_trust_in_force(tmp_path: Path) -> None:
+    """A ProxyFix behind server.trusted_proxy is safe as a fresh start; reloaded into a server started with
+    the proxy layer on a public listener, Waitress keeps every client's X-Forwarded-For for ProxyFix to believe."""
+    proxy_layer = "  - errors: {}\n  - proxy: {x_for: 1, trusted_proxies: [127.0.0.1/32]}\n"
+    proxyfix = "  - errors: {}\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n"
+    path = tmp_path / "stack.yaml"
+    path.write_text(ECHO + "server: {listen: '0.0.0.0:18110'}\npipeline:\n" + proxy_layer)
+    live = LiveStack(path)
+    assert live.waitress_kwargs["clear_untrusted_proxy_headers"] is False  # the proxy layer reads them
+    path.write_text(ECHO + "server:\n  listen: '0.0.0.0:18110'\n  trusted_proxy: 127.0.0.1\n"
+                    "  trusted_proxy_headers: [x-forwarded-for]\npipeline:\n" + proxyfix)
+    result = live.reload()
+    assert not result.ok
+    assert [p.message for p in result.problems] == [
+        "werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] believes X-Forwarded-* from every peer, and the "
+        "server listens on 0.0.0.0:18110: any client could set its own address (its rate-limit key, allow_from); "
+        "use the proxy layer with trusted_proxies, or server.trusted_proxy (with the server settings in force: a "
+        "restart applies the file's)"]
+    assert live.generation == 1
+    live.current.close()
