@@ -7,29 +7,37 @@ the list of :class:`LayerSpec` and yields problems; ``RULES`` runs them all.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .build import LayerSpec, StackConfig, reads_forwarding_headers
 from .errors import Problem
-from .registry import LAYERS
+from .registry import LAYERS, import_string
 
 Rule = Callable[[StackConfig, list[LayerSpec]], Iterator[Problem]]
 STATEFUL_SHARED = ("session", "ratelimit", "auth")
 
 
 def kind(spec: LayerSpec) -> str | None:
-    """The built-in name of a spec (also when written as its module:attr path).
+    """The built-in name of a spec: also when written as a module:attr path, re-exported or subclassed.
 
     werkzeug's ``ProxyFix`` (or a subclass) counts as ``proxy``: it sets the
     client address from the forwarding headers, so the same order rules hold.
     """
     if spec.name in LAYERS:
         return spec.name
-    for name, target in LAYERS.items():
-        if spec.name == target:
-            return name
+    if inspect.isclass(spec.target):
+        for name, cls in _built_in_classes():
+            if issubclass(spec.target, cls):
+                return name
     return "proxy" if reads_forwarding_headers(spec) else None
+
+
+@functools.cache
+def _built_in_classes() -> tuple[tuple[str, type], ...]:
+    return tuple((name, import_string(target)) for name, target in LAYERS.items())
 
 
 def _first(specs: list[LayerSpec], name: str) -> LayerSpec | None:

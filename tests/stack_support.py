@@ -146,3 +146,16 @@ def app_returning_text(options: dict[str, Any] | None = None) -> str:
 def app_refusing_its_token(options: dict[str, Any]) -> Any:
     """An app factory whose error quotes the secret it was given."""
     raise ValueError(f"upstream refused token {options['api_token']}")
+
+
+from middleware.auth import AuthMiddleware as AuthMiddleware  # noqa: E402 - a built-in re-exported
+from middleware.cache import CacheMiddleware  # noqa: E402
+from middleware.session import SessionMiddleware  # noqa: E402
+
+
+class MyCache(CacheMiddleware):
+    """A built-in layer subclassed: the order rules of ``cache`` hold for it."""
+
+
+class MySession(SessionMiddleware):
+    """A built-in layer subclassed: ``session``'s per-process state rule holds for it."""

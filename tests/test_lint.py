@@ -36,6 +36,16 @@ def problems(text: str) -> list[str]:
             id="cache outside auth",
         ),
         pytest.param(
+            f"pipeline:\n  - stack_support:MyCache: {{}}\n  - stack_support:AuthMiddleware: {{secret: {SECRET}}}\n",
+            "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] is outside auth at pipeline[1]",
+            id="a subclassed cache outside a re-exported auth",
+        ),
+        pytest.param(
+            f"server: {{workers: 2}}\npipeline:\n  - stack_support:MySession: {{secret_key: {SECRET}}}\n",
+            "stack.yaml:5:5 pipeline[0]: session keeps state in store 'shared' (memory://) but server.workers is 2",
+            id="a subclassed session on memory:// under workers",
+        ),
+        pytest.param(
             f"pipeline:\n  - cache: {{}}\n  - session: {{secret_key: {SECRET}}}\n",
             "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] is outside session at pipeline[1]",
             id="cache outside session",
