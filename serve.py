@@ -788,10 +788,21 @@ class _Lenient(dict[str, str]):
 
 def _app_option(config_path: str, name: str, default: str) -> str:
     """One of the app's options, without needing the secrets the rest of the file interpolates."""
-    data = read_file(config_path, env=_Lenient(os.environ)).data or {}
-    options = (data.get("app") or {}).get("options") or {}
+    doc = read_file(config_path, env=_Lenient(os.environ))
+    found: Any = doc.data or {}
+    for key in ((), ("app",), ("app", "options")):  # the sections on the way must be mappings
+        if key:
+            found = found.get(key[-1]) or {}
+        if not isinstance(found, dict):
+            what = "the top level" if not key else ".".join(key)
+            raise ConfigError([doc.problem(key, f"{what} must be a mapping (got {type(found).__name__})")])
+    options: dict[str, Any] = found
+    for key in ("var_dir", name):
+        if options.get(key) is not None and not isinstance(options[key], str):
+            raise ConfigError([doc.problem(("app", "options", key), f"{key} must be a path (got "
+                                           f"{type(options[key]).__name__} {options[key]!r})")])
     base = os.path.dirname(os.path.abspath(config_path))
-    var_dir = os.path.join(base, options.get("var_dir", "var"))
+    var_dir = os.path.join(base, options.get("var_dir") or "var")
     value = options.get(name) or os.path.join(var_dir, default)
     return str(value if os.path.isabs(value) else os.path.join(base, value))
 
@@ -809,12 +820,16 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from config.build import make_stores
-    from middleware.cache import CacheMiddleware, purge
+    from config.lint import kind, unknown_stores
+    from middleware.cache import purge
     from stores import StoreError
 
     try:
         config = parse(read_file(args.config))
-        specs: list[LayerSpec] = [s for s in config.pipeline if s.target is CacheMiddleware]
+        missing = list(unknown_stores(config, config.pipeline))
+        if missing:
+            raise ConfigError(missing)
+        specs: list[LayerSpec] = [s for s in config.pipeline if kind(s) == "cache"]
         if not specs:
             print(f"{args.config}: the pipeline has no cache layer", file=sys.stderr)
             return 2

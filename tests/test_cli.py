@@ -272,6 +272,29 @@ def test_cache_purge_refuses_a_memory_store(config_file, cache: str, how: str) -
         f"inside the running server's process: this command would purge an empty copy of its own; {how}\n")
 
 
+@pytest.mark.parametrize(
+    ("text", "command", "expected"),
+    [
+        pytest.param("- a\n- b\n", ["users", "list"],
+                     "stack.yaml:1:1 (top level): the top level must be a mapping (got list)", id="a list"),
+        pytest.param("app: [x]\npipeline: [errors: {}]\n", ["users", "list"],
+                     "stack.yaml:1:6 app: app must be a mapping (got list)", id="app a list"),
+        pytest.param("app: {options: {var_dir: 5}}\npipeline: [errors: {}]\n", ["users", "list"],
+                     "stack.yaml:1:26 app.options.var_dir: var_dir must be a path (got int 5)", id="var_dir a number"),
+        pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - cache: {store: nosuch}\n", ["cache", "purge", "/x*"],
+                     "stack.yaml:4:5 pipeline[1]: cache names store 'nosuch', which the stores section does not "
+                     "define (known: shared)", id="cache on a store not defined"),
+    ],
+)
+def test_users_and_cache_commands_report_a_broken_file(config_file, text: str, command: list[str],  # type: ignore[no-untyped-def]
+                                                        expected: str) -> None:
+    """Located problems and exit 2, as check gives them, never a traceback."""
+    path = config_file(text)
+    result = run_cli("-c", str(path), *command, cwd=path.parent)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.replace(str(path), "stack.yaml").splitlines() == [expected]
+
+
 @pytest.mark.redis
 def test_cache_purge_command_on_redis(config_file, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     from webtest import TestApp
