@@ -790,12 +790,13 @@ def _app_option(config_path: str, name: str, default: str) -> str:
     """One of the app's options, without needing the secrets the rest of the file interpolates."""
     doc = read_file(config_path, env=_Lenient(os.environ))
     found: Any = doc.data or {}
-    for key in ((), ("app",), ("app", "options")):  # the sections on the way must be mappings
-        if key:
-            found = found.get(key[-1]) or {}
+    section: tuple[str, ...]
+    for section in ((), ("app",), ("app", "options")):  # the sections on the way must be mappings
+        if section:
+            found = found.get(section[-1]) or {}
         if not isinstance(found, dict):
-            what = "the top level" if not key else ".".join(key)
-            raise ConfigError([doc.problem(key, f"{what} must be a mapping (got {type(found).__name__})")])
+            what = ".".join(section) or "the top level"
+            raise ConfigError([doc.problem(section, f"{what} must be a mapping (got {type(found).__name__})")])
     options: dict[str, Any] = found
     for key in ("var_dir", name):
         if options.get(key) is not None and not isinstance(options[key], str):
