@@ -114,6 +114,11 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="debug refused on a public listener",
         ),
         pytest.param(
+            ECHO + "server:\n  reload: {watch: true, interval: .inf}\n",
+            "stack.yaml:3:35 server.reload.interval: Input should be less than or equal to 3600 (got inf)",
+            id="a poll interval the watcher cannot sleep",
+        ),
+        pytest.param(
             ECHO + "pipeline: [\n",
             "stack.yaml:3:1 (top level): invalid YAML",
             id="yaml syntax error",
