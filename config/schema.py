@@ -109,8 +109,8 @@ class ReloadOptions(Strict):
     """Hot reload: SIGHUP always re-reads stack.yaml; ``watch`` also polls its mtime."""
 
     watch: bool = False
-    #: Seconds between two looks at the file (0.1 to 3600).
-    interval: float = Field(default=1.0, ge=0.1, le=3600)
+    #: Seconds between two looks at the file (0.01 to 3600).
+    interval: float = Field(default=1.0, ge=0.01, le=3600)
 
 
 class ServerOptions(Strict):
