@@ -548,7 +548,12 @@ def make_stores(config: StackConfig) -> dict[str, Store]:
         try:
             stores[name] = store_from_url(spec.url, **spec.options)
         except Exception as exc:  # a malformed URL or option, whatever the backend raises for it
-            problems.append(config.document.problem(("stores", name), _why(exc), value=spec.url, has_value=True))
+            message = _why(exc)
+            option = next((key for key in spec.options if message.startswith(f"store option {key} ")), None)
+            if option is not None:  # at the option (the message shows its value)
+                problems.append(config.document.problem(("stores", name, "options", option), message))
+            else:
+                problems.append(config.document.problem(("stores", name), message, value=spec.url, has_value=True))
     if problems:
         for store in stores.values():
             store.close()

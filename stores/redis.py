@@ -21,6 +21,7 @@ not hash-tagged) or at a replica (writes fail).
 from __future__ import annotations
 
 import math
+import os
 import re
 import ssl
 import threading
@@ -157,13 +158,21 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
 
 
 def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
-    """``value`` as a number: stack.yaml's ``${VAR:-0.5}`` interpolates to the string ``"0.5"``."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"store option {name} must be a number, got {value!r}") from None
+    """``value`` as a positive number: stack.yaml's ``${VAR:-0.5}`` interpolates to the string ``"0.5"``."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not 0 < number < math.inf:
+        what = "a whole number" if kind is int else "a number of seconds"
+        raise ValueError(f"store option {name} must be {what} above 0, got {value!r}")
+    return kind(number)
+
+
+#: Options naming files the TLS context reads when the first connection is made.
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 
 
 def _parsed(name: str, value: Any) -> Any:
@@ -200,6 +209,9 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
                                   "auth": sorted(auth.items())}
     else:
         path = urlsplit(url).path
+        if scheme == "unix" and not path:
+            raise ValueError(f"bad Redis store URL {mask_url(url)}: a unix:// URL names the socket's path, "
+                             "e.g. unix:///run/redis/redis.sock?db=0")
         if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")
@@ -237,6 +249,10 @@ def _make_client(url: str, options: dict[str, Any]) -> tuple[redis.Redis, Sentin
         pool.connection_class(**pool.connection_kwargs).disconnect()
     except TypeError as exc:
         raise TypeError(f"bad option for Redis store {mask_url(url)}: {exc}") from None
+    for name in _TLS_FILES:  # a file that is not there would look like an outage that never ends
+        file = pool.connection_kwargs.get(name)
+        if isinstance(file, str) and file and not os.path.exists(file):
+            raise ValueError(f"Redis store {mask_url(url)}: {name} {file!r} does not exist")
     return client, sentinel
 
 

@@ -448,6 +448,12 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             "cast to integer value as 'notaport' (got 'redis://localhost:notaport/0')",
             id="store URL",
         ),
+        pytest.param(
+            ECHO + "stores:\n  shared: {url: 'redis://127.0.0.1:1/0', options: {socket_timeout: [1]}}\n",
+            "stack.yaml:3:68 stores.shared.options.socket_timeout: store option socket_timeout must be a number of "
+            "seconds above 0, got [1]",
+            id="a store option, at the option",
+        ),
     ],
 )
 def test_refused_with_the_place_and_the_fix(text: str, expected: str) -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -472,12 +473,37 @@ def test_numeric_options_given_as_text_are_parsed() -> None:
 
 
 @pytest.mark.parametrize(("option", "value", "error"), [
-    pytest.param("socket_timeout", "soon", "store option socket_timeout must be a number, got 'soon'", id="timeout"),
+    pytest.param("socket_timeout", "soon", "store option socket_timeout must be a number of seconds above 0, "
+                 "got 'soon'", id="timeout"),
+    pytest.param("socket_timeout", [1], "store option socket_timeout must be a number of seconds above 0, got [1]",
+                 id="a list for a timeout"),
+    pytest.param("socket_connect_timeout", 0, "store option socket_connect_timeout must be a number of seconds "
+                 "above 0, got 0", id="no time to connect"),
+    pytest.param("reset_timeout", float("inf"), "store option reset_timeout must be a number of seconds above 0, "
+                 "got inf", id="a breaker that never closes"),
+    pytest.param("failure_threshold", "2.5", "store option failure_threshold must be a whole number above 0, "
+                 "got '2.5'", id="a threshold that is not whole"),
+    pytest.param("failure_threshold", True, "store option failure_threshold must be a whole number above 0, "
+                 "got True", id="a yes for a threshold"),
     pytest.param("max_connections", "many", "store option max_connections cannot be 'many'", id="pool size"),
 ])
-def test_options_that_are_not_numbers_are_refused_at_construction(option: str, value: str, error: str) -> None:
+def test_options_that_are_not_numbers_are_refused_at_construction(option: str, value: Any, error: str) -> None:
     with pytest.raises(ValueError) as info:
         store_from_url("redis://127.0.0.1:1/0", **{option: value})
+    assert str(info.value) == error
+
+
+@pytest.mark.parametrize(("url", "error"), [
+    pytest.param("unix://", "bad Redis store URL unix://: a unix:// URL names the socket's path, e.g. "
+                 "unix:///run/redis/redis.sock?db=0", id="a unix socket without a path"),
+    pytest.param("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem", "Redis store "
+                 "rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem: ssl_ca_certs '/nonexistent/ca.pem' does "
+                 "not exist", id="a CA file that is not there"),
+])
+def test_urls_that_could_never_connect_are_refused_at_construction(url: str, error: str) -> None:
+    """Else the store would seem to be in an outage that never ends (/readyz 503, every layer's on_store_error)."""
+    with pytest.raises(ValueError) as info:
+        store_from_url(url)
     assert str(info.value) == error
 
 
