@@ -180,6 +180,10 @@ class _Converter:
                              "or quote '<<' if it is meant as a key")
                 continue
             key = self.scalar(key_node, path, interpolate=False)
+            if isinstance(key, bool):  # YAML 1.1 reads on/off/yes/no as booleans; no key of a stack is one
+                self.problem(key_node, (*path, key_node.value), f"the key {key_node.value!r} is read by YAML as the "
+                             f"boolean {str(key).lower()}; write it in quotes, \"{key_node.value}\", to mean the word")
+                continue
             key = key if isinstance(key, str | int) else str(key)
             child = (*path, key)
             self.doc.key_marks[child] = _mark(key_node)

@@ -130,6 +130,12 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="a merge key",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - errors: {}\n  - cors: {origins: ['http://a.example'], on: 1}\n",
+            "stack.yaml:4:43 pipeline[1].cors.on: the key 'on' is read by YAML as the boolean true; write it in "
+            "quotes, \"on\", to mean the word",
+            id="a key YAML reads as a boolean",
+        ),
+        pytest.param(
             ECHO + "server: {threads: 2024-13-45}\n",
             "stack.yaml:2:19 server.threads: cannot read the value '2024-13-45': month must be in 1..12; quote it to "
             "keep it as text",
