@@ -7,12 +7,13 @@ the list of :class:`LayerSpec` and yields problems; ``RULES`` runs them all.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .build import LayerSpec, StackConfig, reads_forwarding_headers
+from .build import LayerSpec, StackConfig, reads_forwarding_headers, suggest
 from .errors import Problem
 from .registry import LAYERS, import_string
 
@@ -381,8 +382,11 @@ def unknown_stores(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
         store = spec.option("store")
         if store not in cfg.stores:
             known = ", ".join(sorted(cfg.stores)) or "none"
-            yield _problem(cfg, spec, f"{spec.name} names store {store!r}, which the stores section does not "
-                                      f"define (known: {known})")
+            where = (*spec.path, spec.name, "store")
+            line, col = cfg.document.locate(where) if spec.path and cfg.document.marks.get(where) else (0, 0)
+            problem = _problem(cfg, spec, f"{spec.name} names store {store!r}, which the stores section does not "
+                                          f"define{suggest(str(store), cfg.stores)} (known: {known})")
+            yield dataclasses.replace(problem, path=where, line=line, column=col) if line else problem
 
 
 def proxy_twice(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:

@@ -282,8 +282,8 @@ def test_cache_purge_refuses_a_memory_store(config_file, cache: str, how: str) -
         pytest.param("app: {options: {var_dir: 5}}\npipeline: [errors: {}]\n", ["users", "list"],
                      "stack.yaml:1:26 app.options.var_dir: var_dir must be a path (got int 5)", id="var_dir a number"),
         pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - cache: {store: nosuch}\n", ["cache", "purge", "/x*"],
-                     "stack.yaml:4:5 pipeline[1]: cache names store 'nosuch', which the stores section does not "
-                     "define (known: shared)", id="cache on a store not defined"),
+                     "stack.yaml:4:20 pipeline[1].cache.store: cache names store 'nosuch', which the stores section "
+                     "does not define (known: shared)", id="cache on a store not defined"),
     ],
 )
 def test_users_and_cache_commands_report_a_broken_file(config_file, text: str, command: list[str],  # type: ignore[no-untyped-def]

@@ -241,7 +241,8 @@ def problems(text: str) -> list[str]:
         ),
         pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
-            "stack.yaml:4:5 pipeline[0]: cache names store 'sharde', which the stores section does not define",
+            "stack.yaml:4:20 pipeline[0].cache.store: cache names store 'sharde', which the stores section does not "
+            "define; did you mean 'shared'? (known: redis, shared)",
             id="unknown store",
         ),
     ],
