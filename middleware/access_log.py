@@ -284,7 +284,7 @@ class _Exchange:
     """One request: the ``start_response`` and body wrappers that count what is sent."""
 
     __slots__ = ("clock", "done", "environ", "error", "layer", "method", "path", "query", "real_start",
-                 "real_write", "result", "sent", "started", "status")
+                 "real_write", "result", "sent", "started", "status", "streaming")
 
     def __init__(self, layer: AccessLogMiddleware, environ: WSGIEnvironment,
                  start_response: StartResponse) -> None:
@@ -300,6 +300,7 @@ class _Exchange:
         self.result: Iterable[bytes] | None = None
         self.real_write: Any = None
         self.done = False
+        self.streaming = False  # the body is being iterated and has not ended
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         self.real_write = self.real_start(status, headers, exc_info)
@@ -310,24 +311,35 @@ class _Exchange:
         return self.write
 
     def write(self, data: bytes) -> object:
-        self.sent += len(data)
-        return self.real_write(data)
+        written = self.real_write(data)
+        self.sent += len(data)  # counted once the server took it (a client gone raises instead)
+        return written
 
     def __iter__(self) -> Iterator[bytes]:
         if self.result is None:
             return
+        # A chunk counts as sent when the server comes back for the next one: one whose write
+        # failed (the client went away) ends the iteration, and close() marks the line aborted.
+        self.streaming = True
+        taken = 0
         try:
             for chunk in self.result:
-                self.sent += len(chunk)
+                self.sent += taken
+                taken = len(chunk)
                 yield chunk
-        except Exception as exc:
+        except Exception as exc:  # the server asked for more: it took the last chunk
+            self.sent += taken
             self.error = type(exc).__name__
             raise
+        self.sent += taken
+        self.streaming = False
 
     def close(self) -> None:
         if self.done:
             return
         self.done = True
+        if self.streaming and self.error is None:  # the server stopped taking the body before its end
+            self.error = "aborted"
         try:
             close = getattr(self.result, "close", None)
             if close is not None:

@@ -282,6 +282,29 @@ def test_search_stream_passes_every_layer_unbuffered(server: Served, credentials
     assert last["user"] == ("ann" if credentials == "bearer" else None)
 
 
+def test_a_client_that_leaves_mid_stream_is_logged_as_aborted(server: Served) -> None:
+    """The line counts the chunks the server took, not the ones the app made after the client left."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /api/v1/search/stream?q=json&left=1 HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Accept: text/event-stream\r\n\r\n")
+        received = b""
+        while b"search_started" not in received:
+            received += sock.recv(65536)
+    deadline = time.monotonic() + 5 * INTERVAL + 5
+    while True:
+        lines = [line for line in server.access_lines() if line.get("query") == "q=json&left=1"
+                 or (line["path"] == "/api/v1/search/stream" and line.get("error") == "aborted")]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    [line] = lines
+    assert (line["status"], line["error"]) == (200, "aborted")
+    whole = stream(server.port, "/api/v1/search/stream?q=json", {"Accept": "text/event-stream"})
+    assert 0 < line["bytes"] < sum(len(data) for _, data in whole.chunks)
+
+
 def test_a_buffering_layer_is_caught(var_dir: Path, tmp_path: Path) -> None:
     """The checks above can fail: one layer that joins the body makes the stream arrive at once."""
     port = free_port()
