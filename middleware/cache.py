@@ -265,6 +265,21 @@ class _Tee:
             self.fill.release()
 
 
+_NUMBER = (int, float)
+
+
+def _well_formed(entry: object) -> bool:
+    """Whether a stored head has the shape this layer writes (anything else, another writer's, is a miss)."""
+    if type(entry) is not dict:
+        return False
+    status, headers = entry.get("s"), entry.get("h")
+    if not (type(entry.get("x")) in _NUMBER and type(entry.get("f")) in _NUMBER and type(entry.get("t")) in _NUMBER
+            and type(status) is str and status[:3].isdigit() and type(headers) is list):
+        return False
+    return all(type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str
+               for pair in headers)
+
+
 class CacheMiddleware:
     """Serve cacheable GET (and HEAD) responses from a store.
 
@@ -454,8 +469,10 @@ class CacheMiddleware:
                 return None, locked
             head, _, body = raw.partition(b"\n")
             entry: dict[str, Any] = json.loads(head.decode())
+            if not _well_formed(entry):
+                return None, locked
             entry["b"] = body
-            return (entry if "x" in entry else None), locked
+            return entry, locked
         except (ValueError, KeyError, TypeError):  # not written by this layer: a miss
             return None, locked
 

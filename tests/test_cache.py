@@ -1101,7 +1101,18 @@ def test_yaml_option_errors_name_the_key(make_stack: Callable[..., TestApp]) -> 
     assert "statuses may list only codes from 200 to 499 (got 503)" in str(info.value)
 
 
-@pytest.mark.parametrize("value", [b"garbage", b'{"v": 3}', b'{"s": "200 OK"}\nbody', b"\xff\xfe\n"])
+@pytest.mark.parametrize("value", [
+    pytest.param(b"garbage", id="not JSON"),
+    pytest.param(b'{"v": 3}', id="a Vary index of another shape"),
+    pytest.param(b'{"s": "200 OK"}\nbody', id="no expiry"),
+    pytest.param(b"\xff\xfe\n", id="not UTF-8"),
+    pytest.param(b'{"x": 1}\nbody', id="an expiry and nothing else"),
+    pytest.param(b'{"x": 9e99, "f": 9e99, "t": 0, "s": "200 OK", "h": 5}\nbody', id="headers not a list"),
+    pytest.param(b'{"x": 9e99, "f": 9e99, "t": 0, "s": "200 OK", "h": [["A"]]}\nbody', id="a header not a pair"),
+    pytest.param(b'{"x": 9e99, "f": 9e99, "t": 0, "s": 200, "h": []}\nbody', id="a status not text"),
+    pytest.param(b'{"x": 9e99, "f": "soon", "t": 0, "s": "200 OK", "h": []}\nbody', id="freshness not a number"),
+    pytest.param(b'[1, 2]\nbody', id="a list"),
+])
 def test_foreign_values_are_misses(make: Callable[..., Stack], store: Store, value: bytes) -> None:
     stack = make()
     stack.get()
