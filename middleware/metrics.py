@@ -450,8 +450,9 @@ class _Merged:
     samples to those of every other file: counters and histograms sum (their
     ``_created`` takes the earliest), so the totals cover every worker,
     at most ``SHARE_INTERVAL`` behind for the others.  Files of workers that
-    exited, and of pipelines a reload replaced, stay: totals never go
-    backwards.  The directory belongs to one server run: ``serve.py`` makes a
+    exited, and the counts of pipelines a reload replaced, stay: totals never go
+    backwards (a process merges its replaced pipelines' files into one, see
+    :func:`_compact`).  The directory belongs to one server run: ``serve.py`` makes a
     fresh one for its workers and removes it when it stops; when you set it
     yourself (say for gunicorn workers), empty it before each start.
     """
@@ -505,10 +506,18 @@ class _Merged:
             return _write_samples(self.counted, self.path, unless=unless)
 
     def close(self) -> None:
-        """Write the counts a last time and stop sharing (the files stay for the others)."""
+        """Write the counts a last time and stop sharing (the counts stay for the others).
+
+        The files of this process's closed pipelines are then merged into one, so
+        that a server reloaded many times keeps one file of past counts, not one per
+        reload for every scrape to read.
+        """
         with self._writing:
-            if self._final is not None:
-                self._final()
+            if self._final is None or not self._final.alive:
+                return
+            self._final()
+        if self.directory is not None:
+            _compact(self.directory)
 
     def describe(self) -> list[Metric]:
         return []
@@ -542,25 +551,108 @@ class _Merged:
             yield metric
 
     def _others(self) -> Iterator[Metric]:
-        """The families in every other process's file (unreadable files are skipped)."""
+        """The families in every other file of the directory (unreadable files are skipped)."""
         assert self.directory is not None
-        try:
-            names = sorted(os.listdir(self.directory))
-        except OSError:
-            return
         own = os.path.basename(self.path or "")
+        for families in _read_shared(self.directory, skip=own)[0].values():
+            for fname, ftype, doc, unit, samples in families:
+                metric = Metric(fname, doc, ftype, unit)
+                metric.samples = [Sample(sname, labels, float(value)) for sname, labels, value in samples]
+                yield metric
+
+
+#: A file's families as written: ``[name, type, documentation, unit, [[sample, labels, value], ...]]``.
+Families = list[list[Any]]
+
+
+def _read_shared(directory: str, skip: str = "", prefix: str = "") -> tuple[dict[str, Families], set[str]]:
+    """The families of every ``.json`` file (``prefix``: only those whose name starts so), by file name,
+    and the names of the files that merged files supersede.
+
+    A merged file (see :func:`_compact`) names the files it ``supersedes``; they
+    are left out even while they still exist.  It is written before they are
+    removed, so a listing that holds a name that is gone by the time it is read
+    was made before the merge: the directory is listed again.
+    """
+    found: dict[str, Families] = {}
+    superseded: set[str] = set()
+    for _ in range(5):
+        try:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and n.startswith(prefix))
+        except OSError:
+            return {}, set()
+        found, superseded, vanished = {}, set(), False
         for name in names:
-            if not name.endswith(".json") or name == own:
+            if name == skip:
                 continue
             try:
-                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
-                    families = json.load(handle)
-                for fname, ftype, doc, unit, samples in families:
-                    metric = Metric(fname, doc, ftype, unit)
-                    metric.samples = [Sample(sname, labels, float(value)) for sname, labels, value in samples]
-                    yield metric
-            except (OSError, ValueError, TypeError) as exc:  # gone meanwhile, or not ours
+                with open(os.path.join(directory, name), encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except FileNotFoundError:
+                vanished = True
+                break
+            except (OSError, ValueError) as exc:  # not ours
                 _log.debug("metrics: skipped %s: %s", name, exc)
+                continue
+            if isinstance(data, dict):  # a merged file
+                superseded.update(data.get("supersedes") or ())
+                data = data.get("families")
+            if isinstance(data, list):
+                found[name] = data
+        if not vanished:
+            break
+    return {name: families for name, families in found.items() if name not in superseded}, superseded
+
+
+_COMPACTING = threading.Lock()
+
+
+def _compact(directory: str) -> None:
+    """Merge the files of this process's closed pipelines into one that supersedes them, then remove them.
+
+    Counters and histograms add up (``_created`` keeps the earliest); a histogram
+    written with other bucket bounds stays a family of its own, as the scrape
+    leaves such families out.  Readers never see a count twice or miss one: the
+    merged file names the files it replaces and is in place before they go.
+    """
+    with _COMPACTING:
+        live = {os.path.basename(m.path) for m in list(_SHARING)
+                if m.path and m._final is not None and m._final.alive}
+        prefix = f"{os.getpid()}-"
+        found, superseded = _read_shared(directory, prefix=prefix)
+        closed = {name: families for name, families in found.items() if name not in live}
+        # What was read, and what a merged file superseded but could not remove (a file that
+        # appeared since the reading, a pipeline started meanwhile, is left alone).
+        replaced = sorted({*closed, *(n for n in superseded if os.path.exists(os.path.join(directory, n)))})
+        if len(closed) < 2:
+            return
+        merged: dict[tuple[str, str, frozenset[str]], tuple[list[Any], dict[tuple[str, str], float]]] = {}
+        for families in closed.values():
+            for fname, ftype, doc, unit, samples in families:
+                edges = frozenset(str(labels.get("le")) for _, labels, _ in samples if "le" in labels)
+                entry = merged.setdefault((fname, ftype, edges), ([fname, ftype, doc, unit], {}))
+                values = entry[1]
+                for sname, labels, value in samples:
+                    key = (sname, json.dumps(labels, sort_keys=True))
+                    before = values.get(key)
+                    values[key] = float(value) if before is None else (
+                        min(before, float(value)) if sname.endswith("_created") else before + float(value))
+        out = [[*head, [[sname, json.loads(labels), value] for (sname, labels), value in values.items()]]
+               for head, values in merged.values()]
+        path = os.path.join(directory, f"{prefix}{next(_SEQUENCE)}.json")
+        temporary = f"{path}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump({"supersedes": replaced, "families": out}, handle, separators=(",", ":"))
+            os.replace(temporary, path)
+        except OSError as exc:
+            _log.debug("metrics: cannot merge into %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            return
+        for name in replaced:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 def _write_samples(counted: CollectorRegistry, path: str, unless: str | None = None) -> str:

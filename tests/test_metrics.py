@@ -526,6 +526,70 @@ def test_a_pipeline_with_other_buckets_is_left_out_of_the_histogram(monkeypatch:
     assert list(text_string_to_metric_families(text))  # parses: buckets cumulative and in order
 
 
+def _pipeline(buckets: list[float] | None = None) -> tuple[TestApp, MetricsMiddleware]:
+    options = MetricsMiddleware.Options(process_metrics=False, **({"buckets": buckets} if buckets else {}))
+    layer = MetricsMiddleware(inner_app, options, Context(stores={"shared": MemoryStore()}))
+    return TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context())), layer
+
+
+ITEMS = {"method": "GET", "route": "/items/<int:item_id>", "status": "200"}
+
+
+def test_reloads_leave_one_file_of_past_counts(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Each replaced pipeline's file is merged into one when it closes: scrapes read two files, not one per reload."""
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    total = 0
+    for generation in range(1, 31):  # 30 reloads, each pipeline answering a few requests
+        app, layer = _pipeline([0.001, 0.01, 0.1] if generation % 2 else [0.0001, 0.5, 3.0])
+        for _ in range(generation % 4 + 1):
+            app.get("/items/1")
+            total += 1
+        found = scrape(app)
+        assert sample(found, "wsgistack_http_requests_total", **ITEMS) == total
+        assert sample(found, "wsgistack_http_requests_created", **ITEMS) is not None
+        layer.close()
+        assert len(list(tmp_path.glob("*.json"))) <= 2
+    app, layer = _pipeline([0.001, 0.01, 0.1])
+    found = scrape(app)
+    assert sample(found, "wsgistack_http_requests_total", **ITEMS) == total
+    # Histograms with the bounds in force add up; the others stay apart, as they did in their own files.
+    odd = sum(generation % 4 + 1 for generation in range(1, 31, 2))
+    assert sample(found, "wsgistack_http_request_duration_seconds_count", method="GET",
+                  route="/items/<int:item_id>") == odd
+    layer.close()
+
+
+def test_a_scrape_never_sees_the_totals_go_back_while_files_are_merged(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Any) -> None:
+    import itertools
+    import threading
+
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    watcher, watched = _pipeline()
+    watcher.get("/ok")  # starts sharing: its scrapes read the others' files
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def scrape_all_along() -> None:
+        while not stop.is_set():
+            seen.append(sample(scrape(watcher), "wsgistack_http_requests_total", **ITEMS) or 0.0)
+
+    thread = threading.Thread(target=scrape_all_along)
+    thread.start()
+    try:
+        for _ in range(40):
+            app, layer = _pipeline()
+            app.get("/items/1")
+            layer.close()
+    finally:
+        stop.set()
+        thread.join()
+    assert len(seen) > 10
+    assert all(a <= b for a, b in itertools.pairwise(seen)), seen
+    assert sample(scrape(watcher), "wsgistack_http_requests_total", **ITEMS) == 40
+    watched.close()
+
+
 def test_a_scrape_during_a_new_pipelines_first_request_sees_every_count(monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Any) -> None:
     """The first request of a reload's pipeline starts its sharing; a scrape meanwhile waits for it."""
