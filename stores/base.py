@@ -80,8 +80,18 @@ class StoreError(Exception):
     """A store could not answer (connection refused, timeout, circuit open…)."""
 
 
+#: The longest TTL a store keeps (2^31 s, 68 years): a longer one, ``inf`` included, counts as this.
+#: Redis takes expiries in milliseconds up to 2^63; memory:// and Redis must agree.
+MAX_TTL = 2.0**31
+
+
+def clamp_ttl(ttl: float) -> float:
+    """``ttl`` no longer than :data:`MAX_TTL`."""
+    return ttl if ttl < MAX_TTL else MAX_TTL
+
+
 class Store(abc.ABC):
-    """A small key/value interface with TTLs, counters and prefix deletion."""
+    """A small key/value interface with TTLs (seconds, at most :data:`MAX_TTL`), counters and prefix deletion."""
 
     #: The URL this store was made from, with any password masked.
     url: str = ""

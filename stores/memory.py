@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from .base import Store, StoreError
+from .base import Store, StoreError, clamp_ttl
 
 _monotonic = time.monotonic
 Entry = tuple[bytes | int, float | None]  # (value, expires_at or None)
@@ -92,7 +92,7 @@ class MemoryStore(Store):
 
     @staticmethod
     def _deadline(ttl: float | None, now: float) -> float | None:
-        return None if ttl is None else now + ttl
+        return None if ttl is None else now + clamp_ttl(ttl)
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -108,7 +108,7 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return None
-            self._table(key)[key] = (item[0], now + ttl)
+            self._table(key)[key] = (item[0], now + clamp_ttl(ttl))
         value = item[0]
         return str(value).encode() if isinstance(value, int) else value
 
@@ -155,7 +155,7 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return False
-            self._table(key)[key] = (item[0], now + ttl)
+            self._table(key)[key] = (item[0], now + clamp_ttl(ttl))
             return True
 
     def scan(self, prefix: str) -> Iterator[str]:

@@ -37,7 +37,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .base import Store, StoreError, mask_url
+from .base import Store, StoreError, clamp_ttl, mask_url
 from .breaker import CircuitBreaker, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "refusal"]
@@ -67,8 +67,8 @@ return {0, 0}
 
 
 def _ms(ttl: float) -> int:
-    """Seconds to whole milliseconds for ``PX``, at least 1 (Redis refuses 0)."""
-    return max(1, math.ceil(ttl * 1000))
+    """Seconds to whole milliseconds for ``PX``, at least 1 (Redis refuses 0), at most MAX_TTL's."""
+    return max(1, math.ceil(clamp_ttl(ttl) * 1000))
 
 
 def _check_value(value: bytes) -> None:

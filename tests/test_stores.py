@@ -72,6 +72,19 @@ def test_missing_key_reads_as_none(store: Store) -> None:
     assert store.expire("nope", 1) is False
 
 
+@pytest.mark.parametrize("ttl", [float("inf"), 1e17, 2.0**31 + 1])
+def test_a_ttl_beyond_the_longest_is_the_longest(store: Store, ttl: float) -> None:
+    """A layer's timeout of .inf (or years in ms past Redis's 2^63) keeps the value on both backends alike."""
+    store.set("set", b"1", ttl=ttl)
+    assert store.add("add", b"1", ttl=ttl) is True
+    assert store.getex("set", ttl) == b"1"
+    assert store.expire("add", ttl) is True
+    assert store.incr("counter", ttl=ttl) == 1
+    assert store.get_or_lock("missing", "lock", ttl) == (None, True)
+    store.write(sets=[("written", b"1", ttl)])
+    assert [store.get(k) for k in ("set", "add", "counter", "lock", "written")] == [b"1", b"1", b"1", b"1", b"1"]
+
+
 def test_values_round_trip_as_bytes(store: Store) -> None:
     store.set("k", b"\x00\xffjson")
     store.set("ba", bytearray(b"abc"))
