@@ -262,6 +262,8 @@ class _MemoryCounter:
     def __init__(self) -> None:
         self._storage: _MemoryStorage | None = None
         self.windows: dict[float, dict[str, list[float]]] = {}  # expiry -> key -> [count, window end]
+        #: (strategy, expiry) -> key -> when its entries end, for the moving and sliding windows (see _track)
+        self.tracked: dict[tuple[str, int], dict[str, float]] = {}
         self.lock = threading.Lock()
 
     @property
@@ -280,6 +282,7 @@ class _MemoryCounter:
         with self.lock:
             for item, key in zip(items, keys, strict=True):
                 expiry, amount = item.get_expiry(), item.amount
+                self._track(strategy, expiry, key, now)
                 if strategy == "moving-window":
                     allowed = s.acquire_entry(key, amount, expiry)
                     start, count = s.get_moving_window(key, amount, expiry)
@@ -289,6 +292,34 @@ class _MemoryCounter:
                     remaining, reset = _sliding(item, *s.get_sliding_window(key, expiry), now)
                     out.append((allowed, remaining, reset))
         return out
+
+    def _track(self, strategy: str, expiry: int, key: str, now: float) -> None:
+        """Keep at most MAX_MEMORY_KEYS keys in ``limits``' storage per strategy and window length.
+
+        ``tracked`` holds each key's last hit plus how long its entries live after it
+        (a moving window: one window; a sliding window's counter: two), ordered by
+        last hit: the front ends first.  Keys that ended are forgotten (``limits``'
+        own timer drops their entries); past the cap, the key hit least recently is
+        cleared from the storage, and that client starts anew.  Call with the lock held.
+        """
+        tracked = self.tracked.get((strategy, expiry))
+        if tracked is None:
+            tracked = self.tracked[(strategy, expiry)] = {}
+        if key in tracked:
+            del tracked[key]  # inserted again at the end
+        tracked[key] = now + (expiry if strategy == "moving-window" else 2 * expiry)
+        while tracked:
+            first = next(iter(tracked))
+            if tracked[first] > now:
+                break
+            del tracked[first]
+        if len(tracked) > MAX_MEMORY_KEYS:
+            oldest = next(iter(tracked))
+            del tracked[oldest]
+            if strategy == "moving-window":
+                self.storage.clear(oldest)
+            else:
+                self.storage.clear_sliding_window(oldest, expiry)
 
     def _fixed(self, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
         out: list[Result] = []
@@ -316,9 +347,10 @@ class _MemoryCounter:
         return out
 
 
-#: Fixed-window counters a ``memory://`` store keeps per window length: past it, the counter whose
-#: window started first is dropped (that client starts a new window), so a flood of made-up keys
-#: (IPv6 networks, header values) cannot grow the process without bound (about 0.5 KiB a key).
+#: Keys a ``memory://`` store counts per strategy and window length: past it, the key whose window
+#: started first (fixed windows) or that was hit least recently (moving, sliding) is dropped and that
+#: client starts anew, so a flood of made-up keys (IPv6 networks, header values) cannot grow the
+#: process without bound (about 0.5 KiB a key).
 MAX_MEMORY_KEYS = 100_000
 _COUNTERS: weakref.WeakKeyDictionary[MemoryStore, _MemoryCounter] = weakref.WeakKeyDictionary()
 _COUNTERS_LOCK = threading.Lock()

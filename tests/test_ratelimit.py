@@ -327,6 +327,23 @@ def test_a_bracketed_address_with_a_port_is_its_address(store: Store, remote_add
     assert response.headers["RateLimit-Remaining"] == "0"
 
 
+@pytest.mark.parametrize("strategy", ["moving-window", "sliding-window-counter"])
+def test_a_flood_of_new_keys_is_bounded_in_every_strategy(monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+    import middleware.ratelimit as ratelimit
+
+    monkeypatch.setattr(ratelimit, "MAX_MEMORY_KEYS", 50)
+    store = MemoryStore()
+    stack = Stack(store, limits=["1/hour"], strategy=strategy)
+    assert stack.get(ip="10.9.9.9").status_int == 200
+    assert stack.get(ip="10.9.9.9").status_int == 429
+    for n in range(200):
+        stack.get(ip=f"10.0.{n // 250}.{n % 250}")
+    storage = ratelimit._memory_counter(store).storage
+    held = len(storage.events) if strategy == "moving-window" else len(storage.storage)
+    assert held == 50
+    assert stack.get(ip="10.9.9.9").status_int == 200  # hit least recently: it starts anew
+
+
 def test_a_flood_of_new_keys_does_not_grow_the_memory_counters_without_bound(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import middleware.ratelimit as ratelimit
