@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, request
 
-from app.search import SearchPage
+from app.search import MAX_PAGE, SearchPage
 from app.state import SUPPORTED_VERSIONS, AppState
 from app.stream import search_events, sse_response
 from middleware.base import refuse
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["MAX_PAGE", "MAX_QUERY_LENGTH", "api_blueprint", "search_args"]
 
 MAX_QUERY_LENGTH = 1000
-MAX_PAGE = 1000
 
 
 def search_args(args: MultiDict[str, str]) -> tuple[str, int]:

@@ -365,10 +365,15 @@ def test_a_damaged_index_in_a_read_only_directory_is_a_503_until_it_is_writable(
     assert client.get("/api/v1/search", {"q": "decode"}).json == expected
 
 
-def test_pages_of_a_huge_total_are_counted_exactly() -> None:
-    assert SearchPage("q", (), 10**400, 1, 10).pages == 10**399
-    assert SearchPage("q", (), 21, 1, 10).pages == 3
-    assert SearchPage("q", (), 0, 1, 10).pages == 0
+@pytest.mark.parametrize(("total", "pages"), [
+    pytest.param(0, 0, id="none"),
+    pytest.param(21, 3, id="a last page part full"),
+    pytest.param(10_000, 1000, id="exactly the pages a client may ask for"),
+    pytest.param(10_001, 1000, id="more than a client may ask for: the last it may"),
+    pytest.param(10**400, 1000, id="a huge total, without a float overflow"),
+])
+def test_pages_are_those_a_client_can_ask_for(total: int, pages: int) -> None:
+    assert SearchPage("q", (), total, 1, 10).pages == pages
 
 
 # ----------------------------------------------------------------- docstrings

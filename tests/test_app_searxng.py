@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import socket
@@ -29,6 +30,7 @@ class FakeSearxng(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
         self.release = threading.Event()
         #: query -> the body of a 200 answer, for bodies the tests write themselves
         self.canned: dict[str, bytes] = {}
@@ -62,6 +64,7 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         params = parse_qs(parts.query)
         self.server.requests.append((parts.path, params))
+        self.server.authorizations.append(self.headers.get("Authorization"))
         query = params.get("q", [""])[0]
         body = b'{"results": []}'
         if not parts.path.endswith("/search"):
@@ -77,6 +80,13 @@ class Handler(BaseHTTPRequestHandler):
             head = (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"p" * 900
                     + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
             self._trickle(head + body, 10)
+        elif query in ("busy", "busy for long"):  # SearXNG's limiter
+            self.send_response(429)
+            self.send_header("Retry-After", "60" if query == "busy" else "86400")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif query == "down for maintenance":
+            self._send(503, b"maintenance", "text/plain")
         elif query == "boom":
             self._send(500, b"<h1>Internal Server Error</h1>", "text/html")
         elif query == "garbage":
@@ -241,32 +251,37 @@ def results_body(number_of_results: str, results: str = "[]") -> bytes:
     return f'{{"results": {results}, "number_of_results": {number_of_results}}}'.encode()
 
 
+#: One valid result, so that a page is not past the end (which caps the total).
+ONE_RESULT = json.dumps([{"title": "t", "url": "https://example.org/1", "content": "c"}])
+
+
 @pytest.mark.parametrize(
     ("reported", "expected"),
     [
         pytest.param("42", 42, id="a count"),
         pytest.param("42.0", 42, id="a whole float"),
         pytest.param(str(2**53 - 1), 2**53 - 1, id="the largest count believed"),
-        pytest.param(str(2**53), 0, id="one more"),
-        pytest.param("1" + "0" * 400, 0, id="400 digits"),
-        pytest.param("Infinity", 0, id="Infinity"),
-        pytest.param("-Infinity", 0, id="-Infinity"),
-        pytest.param("NaN", 0, id="NaN"),
-        pytest.param("1e999", 0, id="a float that overflows"),
-        pytest.param("42.5", 0, id="not whole"),
-        pytest.param("-5", 0, id="negative"),
-        pytest.param("true", 0, id="a boolean"),
-        pytest.param('"42"', 0, id="a string"),
-        pytest.param("null", 0, id="null"),
+        pytest.param(str(2**53), 1, id="one more"),
+        pytest.param("1" + "0" * 400, 1, id="400 digits"),
+        pytest.param("1" + "0" * 5000, 1, id="more digits than Python reads as an int"),
+        pytest.param("Infinity", 1, id="Infinity"),
+        pytest.param("-Infinity", 1, id="-Infinity"),
+        pytest.param("NaN", 1, id="NaN"),
+        pytest.param("1e999", 1, id="a float that overflows"),
+        pytest.param("42.5", 1, id="not whole"),
+        pytest.param("-5", 1, id="negative"),
+        pytest.param("true", 1, id="a boolean"),
+        pytest.param('"42"', 1, id="a string"),
+        pytest.param("null", 1, id="null"),
     ],
 )
 def test_implausible_totals_are_ignored(tmp_path: Path, upstream: FakeSearxng, reported: str,
                                         expected: int) -> None:
-    upstream.canned["x"] = results_body(reported)
+    upstream.canned["x"] = results_body(reported, ONE_RESULT)
     client = searxng_app(tmp_path, upstream.url)
     assert client.get("/api/v1/search", {"q": "x"}).json["meta"]["total"] == expected
     assert client.get("/api/v2/search", {"q": "x"}).json["pagination"] == {
-        "page": 1, "per_page": 10, "total": expected, "pages": -(-expected // 10)}
+        "page": 1, "per_page": 10, "total": expected, "pages": min(-(-expected // 10), 1000)}
 
 
 def test_an_ignored_total_is_the_number_of_results_seen(tmp_path: Path, upstream: FakeSearxng) -> None:
@@ -312,3 +327,60 @@ def test_results_with_fields_of_the_wrong_type_are_dropped(tmp_path: Path, upstr
         {"title": "kept", "url": "https://example.org/5", "content": "c", "engine": "bing"},
     ]
     assert body["meta"]["total"] == 2
+
+
+@pytest.mark.parametrize(("page", "reported", "total"), [
+    pytest.param(2, 0, 0, id="SearXNG's own zero, past the end"),
+    pytest.param(50, 0, 0, id="far past the end"),
+    pytest.param(50, 1230, 490, id="an estimate larger than the pages before can hold"),
+    pytest.param(50, 300, 300, id="an estimate the pages before can hold"),
+    pytest.param(1, 42, 0, id="an empty first page: nothing at all"),
+])
+def test_a_page_past_the_end_makes_up_no_total(tmp_path: Path, upstream: FakeSearxng, page: int, reported: int,
+                                               total: int) -> None:
+    """An empty page proves nothing about the pages before it: the total is at most what they hold."""
+    upstream.canned["x"] = results_body(str(reported))
+    client = searxng_app(tmp_path, upstream.url)
+    assert client.get("/api/v1/search", {"q": "x", "page": str(page)}).json["meta"]["total"] == total
+    assert client.get("/api/v2/search", {"q": "x", "page": str(page)}).json["pagination"]["total"] == total
+
+
+def test_an_upstream_behind_basic_auth_and_with_its_own_query(tmp_path: Path, upstream: FakeSearxng) -> None:
+    port = upstream.server_address[1]
+    client = searxng_app(tmp_path, f"http://searx:s%3Acret@127.0.0.1:{port}/?token=abc")
+    assert client.get("/api/v1/search", {"q": "python"}).status_int == 200
+    assert upstream.authorizations[-1] == "Basic " + base64.b64encode(b"searx:s:cret").decode()
+    path, params = upstream.requests[-1]
+    assert (path, params["token"], params["q"], params["format"]) == ("/search", ["abc"], ["python"], ["json"])
+    searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": "python"})
+    assert upstream.authorizations[-1] is None
+
+
+@pytest.mark.parametrize(("query", "retry_after"), [
+    pytest.param("busy", "60", id="429 with its Retry-After"),
+    pytest.param("busy for long", "3600", id="a day: an hour at most"),
+    pytest.param("down for maintenance", "30", id="503 without one: 30 s"),
+])
+def test_a_busy_upstream_asks_the_client_to_wait(tmp_path: Path, upstream: FakeSearxng, query: str,
+                                                 retry_after: str) -> None:
+    response = searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": query}, status=503)
+    assert response.headers["Retry-After"] == retry_after
+    assert response.json["error"]["message"] == (
+        f"The search upstream is busy (HTTP {429 if 'busy' in query else 503}); retry in {retry_after} seconds.")
+
+
+def test_results_a_link_would_not_open_as_a_web_page_are_dropped(tmp_path: Path, upstream: FakeSearxng) -> None:
+    urls = ["javascript:alert(1)", "JAVASCRIPT:alert(1)", "data:text/html,<script>", "ftp://example.org/x",
+            "https://example.org/ok", "HTTP://example.org/upper"]
+    upstream.canned["x"] = results_body("6", json.dumps([{"title": "t", "url": url} for url in urls]))
+    body = searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": "x"}).json
+    assert [r["url"] for r in body["results"]] == ["https://example.org/ok", "HTTP://example.org/upper"]
+
+
+def test_a_page_passes_on_at_most_max_results(tmp_path: Path, upstream: FakeSearxng) -> None:
+    from app.search.searxng import MAX_RESULTS
+
+    many = [{"title": "t", "url": f"https://example.org/{i}"} for i in range(MAX_RESULTS * 50)]
+    upstream.canned["x"] = results_body("5000", json.dumps(many))
+    body = searxng_app(tmp_path, upstream.url).get("/api/v2/search", {"q": "x"}).json
+    assert len(body["data"]) == body["pagination"]["per_page"] == MAX_RESULTS

@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from app.options import SearchOptions
 
-__all__ = ["Progress", "SearchEngine", "SearchPage", "SearchResult", "make_engine"]
+__all__ = ["MAX_PAGE", "Progress", "SearchEngine", "SearchPage", "SearchResult", "make_engine"]
+
+#: The last page a client may ask for (``page``); ``pages`` in an answer never names a later one.
+MAX_PAGE = 1000
 
 #: One finished stage of a search: (percent done, stage name).
 Progress = tuple[int, str]
@@ -52,8 +55,8 @@ class SearchPage:
 
     @property
     def pages(self) -> int:
-        """How many pages ``total`` results fill (0 when there are none)."""
-        return -(-self.total // self.per_page) if self.per_page else 0  # whole numbers: no float overflow
+        """How many pages ``total`` results fill (0 when there are none), at most the MAX_PAGE a client may ask for."""
+        return min(-(-self.total // self.per_page), MAX_PAGE) if self.per_page else 0  # whole numbers: no overflow
 
     def v1(self) -> dict[str, Any]:
         """The ``/api/v1`` body: ``results`` plus ``meta``."""

@@ -9,12 +9,19 @@ the headers and the body, so an upstream that trickles bytes is cut off at
 the stream endpoint paces or sends its events, does not count.  Name
 resolution is the one step outside the deadline: the resolver has its own.
 
+The upstream URL may carry a user and password (sent as HTTP basic auth) and
+a query string of its own (``?token=…``, kept ahead of the search's parameters).
+
 An HTTP error, a refused connection or a body that is not the expected JSON
 becomes ``502 Bad Gateway``; running out of time becomes ``504 Gateway
-Timeout``.  A result whose ``url`` is not a non-empty string, or whose
-``title`` or ``content`` is neither a string nor null, is dropped.  A
-``number_of_results`` that is not a whole number from the results seen so far
-up to 2**53 - 1 is ignored (the total is then the results seen so far).
+Timeout``; a 429 (SearXNG's limiter) or 503 becomes ``503`` with the
+upstream's ``Retry-After`` (at most an hour; 30 s when it gives none).  A
+result whose ``url`` is not a non-empty ``http``/``https`` URL, or whose
+``title`` or ``content`` is neither a string nor null, is dropped, and a page
+passes on at most ``MAX_RESULTS``.  A ``number_of_results`` that is not a
+whole number from the results seen so far up to 2**53 - 1 is ignored (the
+total is then the results seen so far); on an empty page (past the end) the
+total is at most what the pages before it hold.
 SearXNG only answers JSON when ``search.formats`` in its settings lists
 ``json``; otherwise it answers 403, which shows up here as a 502.
 
@@ -25,6 +32,7 @@ for a public SearXNG instance you do not run: they rate-limit API clients.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import io
@@ -34,11 +42,12 @@ import ssl
 import time
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
-from werkzeug.exceptions import BadGateway, GatewayTimeout
+from werkzeug.exceptions import BadGateway, GatewayTimeout, HTTPException
 
 from app.search import Progress, SearchEngine, SearchPage, SearchResult
+from middleware.base import refuse
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -48,6 +57,11 @@ if TYPE_CHECKING:
 __all__ = ["MAX_TOTAL", "SearxngEngine"]
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
+#: The most results one page passes on: SearXNG sends a few dozen; more would make one answer huge.
+MAX_RESULTS = 100
+_WEB_SCHEMES = ("http://", "https://")
+#: Seconds a client is asked to wait when a busy upstream gave no Retry-After of its own.
+BUSY_RETRY_AFTER = 30
 #: The largest ``number_of_results`` believed: beyond it JavaScript clients lose integer precision.
 MAX_TOTAL = 2**53 - 1
 _CHUNK = 64 * 1024
@@ -74,6 +88,12 @@ class SearxngEngine(SearchEngine):
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
         self.prefix = parts.path.rstrip("/")
+        #: The upstream URL's own query (``?token=…``), kept ahead of the search's parameters.
+        self.query = parts.query
+        self.headers = {"Accept": "application/json"}
+        if parts.username is not None or parts.password is not None:  # a SearXNG behind HTTP basic auth
+            user, password = unquote(parts.username or ""), unquote(parts.password or "")
+            self.headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.timeout = options.timeout
         self.connect_timeout = min(options.connect_timeout, options.timeout)
         self.per_page = options.per_page
@@ -81,14 +101,15 @@ class SearxngEngine(SearchEngine):
 
     def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
         deadline = _Deadline(self.timeout)
-        target = f"{self.prefix}/search?" + urlencode({"q": query, "format": "json", "pageno": page})
+        target = f"{self.prefix}/search?" + (f"{self.query}&" if self.query else "") + urlencode(
+            {"q": query, "format": "json", "pageno": page})
         conn: http.client.HTTPConnection | None = None
         response: http.client.HTTPResponse | None = None
         try:
             try:
                 conn = self._connect(deadline)
                 conn.sock.settimeout(deadline.remaining())
-                conn.request("GET", target, headers={"Accept": "application/json"})
+                conn.request("GET", target, headers=self.headers)
                 with deadline.paused():
                     yield 25, "upstream_connected"
                 # HTTPResponse reads through sock.makefile(): the wrapper's file waits only until the deadline.
@@ -97,6 +118,8 @@ class SearxngEngine(SearchEngine):
                 response.begin()
                 with deadline.paused():
                     yield 50, "upstream_responded"
+                if response.status in (429, 503):  # SearXNG's limiter, or an upstream in maintenance
+                    raise _busy(response.status, response.getheader("Retry-After"))
                 if response.status != 200:
                     raise BadGateway(f"The search upstream answered with HTTP {response.status}.")
                 body = _read(response)
@@ -151,8 +174,8 @@ class SearxngEngine(SearchEngine):
         raise error
 
     def _page(self, query: str, page: int, body: bytes) -> SearchPage:
-        try:
-            doc = json.loads(body)
+        try:  # a number of more digits than any count is no count (int() of 5000 digits would refuse it all)
+            doc = json.loads(body, parse_int=_int_or_none)
         except ValueError:
             raise BadGateway("The search upstream sent a response that is not valid JSON.") from None
         except RecursionError:
@@ -160,11 +183,14 @@ class SearxngEngine(SearchEngine):
         items = doc.get("results") if isinstance(doc, dict) else None
         if not isinstance(items, list):
             raise BadGateway("The search upstream sent JSON without a 'results' list.")
-        results = tuple(result for result in map(self._result, items) if result is not None)
+        results = tuple(result for result in map(self._result, items) if result is not None)[:MAX_RESULTS]
         per_page = max(self.per_page, len(results))
-        seen = (page - 1) * per_page + len(results)
         reported = _count(doc.get("number_of_results"))
-        total = reported if reported is not None and reported >= seen else seen
+        if results:  # at least the results of the pages before and of this one
+            seen = (page - 1) * per_page + len(results)
+            total = reported if reported is not None and reported >= seen else seen
+        else:  # past the end: the pages before hold everything there is, at most
+            total = min(reported or 0, (page - 1) * per_page)
         return SearchPage(query, results, total, page, per_page)
 
     def _result(self, item: Any) -> SearchResult | None:
@@ -172,8 +198,8 @@ class SearxngEngine(SearchEngine):
         if not isinstance(item, dict):
             return None
         url, title, content = item.get("url"), item.get("title"), item.get("content")
-        if not isinstance(url, str) or not url:
-            return None
+        if not isinstance(url, str) or not url or not url[:8].lower().startswith(_WEB_SCHEMES):
+            return None  # no URL, or one a link to would not open a web page (javascript:, data:)
         if not isinstance(title, str | None) or not isinstance(content, str | None):
             return None
         engine = item.get("engine")
@@ -236,6 +262,19 @@ class _DeadlineSocket:
 
     def makefile(self, mode: str = "rb") -> io.BufferedReader:
         return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+def _int_or_none(text: str) -> int | None:
+    """A JSON integer, or None when it has more digits than a count can (Python refuses 4300+)."""
+    return int(text) if len(text) <= 20 else None
+
+
+def _busy(status: int, retry_after: str | None) -> HTTPException:
+    """503 for an upstream that asks to be left alone, passing on its ``Retry-After`` (seconds, at most an hour)."""
+    wait = retry_after.strip() if retry_after else ""
+    seconds = min(int(wait), 3600) if wait.isascii() and wait.isdigit() else BUSY_RETRY_AFTER
+    return refuse(503, f"The search upstream is busy (HTTP {status}); retry in {seconds} seconds.",
+                  headers=[("Retry-After", str(seconds))])
 
 
 def _count(value: Any) -> int | None:
