@@ -447,7 +447,7 @@ def client_ip(environ: WSGIEnvironment) -> str:
             ip = ip[1:end] if end > 0 else ip
         else:
             port = environ.get("REMOTE_PORT")
-            if port and not port.isdigit():
+            if type(port) is str and port and not port.isdigit():  # (werkzeug's own server gives an int)
                 ip = _rejoined(ip, port)
         environ[CLIENT_IP] = ip
     return ip

@@ -318,6 +318,30 @@ def test_first_matching_rule_wins(store: Store, method: str, path: str, expected
     assert response.headers.get("RateLimit-Limit") == expected
 
 
+@pytest.mark.parametrize(("remote_addr", "remote_port", "counted_with"), [
+    pytest.param("10.0.0.9", 50000, "10.0.0.9", id="an int port, as werkzeug's own server gives it"),
+    pytest.param("10.0.0.9", "50000", "10.0.0.9", id="digits, as Waitress gives it"),
+    pytest.param("::ffff", "192.0.2.7", "192.0.2.7", id="an IPv4-mapped address Waitress split as host:port"),
+])
+def test_the_client_address_with_every_kind_of_remote_port(store: Store, remote_addr: str, remote_port: Any,
+                                                           counted_with: str) -> None:
+    """One bucket per client: the same client by its plain address is refused once its one request is used."""
+    from werkzeug.test import EnvironBuilder
+
+    stack = Stack(store, limits=["1/minute"])
+
+    def status(address: str, port: Any) -> int:  # not WebTest: its lint refuses the int werkzeug's server gives
+        environ = EnvironBuilder("/").get_environ()
+        environ.update(REMOTE_ADDR=address, REMOTE_PORT=port)
+        seen: list[str] = []
+        b"".join(stack.wsgi(environ, lambda status, headers, exc_info=None: seen.append(status)))
+        return int(seen[0][:3])
+
+    assert status(remote_addr, remote_port) == 200
+    assert status(counted_with, "40000") == 429
+    assert status("10.0.0.77", remote_port) == 200  # another client
+
+
 @pytest.mark.parametrize("remote_addr", ["[2001:db8::1]:40001", "[2001:db8::1]:40002", "2001:db8::2"])
 def test_a_bracketed_address_with_a_port_is_its_address(store: Store, remote_addr: str) -> None:
     """Waitress's trusted_proxy hands "[v6]:port" over as REMOTE_ADDR: each new port must not be a new bucket."""
