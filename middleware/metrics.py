@@ -427,9 +427,23 @@ class _Counts:
 
 
 _SEQUENCE = itertools.count()
+_TAG: tuple[int, str] = (0, "")
+
+
+def _process_tag() -> str:
+    """``<pid>-<random>``, new in each process: a later process given the same pid names its files apart."""
+    global _TAG
+    pid = os.getpid()
+    if _TAG[0] != pid:
+        _TAG = (pid, os.urandom(4).hex())
+    return f"{pid}-{_TAG[1]}"
 #: The sharing pipelines of this process: one that starts (the first request after a reload) has
 #: the others write their counts at once, so a scrape right after a reload never goes backwards.
 _SHARING: weakref.WeakSet[_Merged] = weakref.WeakSet()
+_SHARING_LOCK = threading.Lock()
+#: The files of this process whose pipeline closed (its last counts written), and merged files:
+#: only these are merged (a pipeline starting meanwhile keeps its file to itself).
+_CLOSED: set[str] = set()
 
 
 def _edges(bounds: Iterable[float]) -> frozenset[str]:
@@ -444,7 +458,7 @@ class _Merged:
     request a process serves (a pipeline built before the server forks its
     workers thus starts sharing in every worker, never in the supervisor):
     a daemon thread writes this process's samples to
-    ``<dir>/<pid>-<n>.json`` every ``SHARE_INTERVAL`` seconds (a temporary
+    ``<dir>/<pid>-<random>-<n>.json`` every ``SHARE_INTERVAL`` seconds (a temporary
     file, then a rename, so a reader never sees half a file), and once more
     when the layer is closed or dropped.  A scrape adds this process's live
     samples to those of every other file: counters and histograms sum (their
@@ -488,11 +502,13 @@ class _Merged:
         except OSError as exc:
             _log.error("metrics: cannot share counts in %s ($%s): %s", directory, METRICS_DIR, exc)
             return
-        self.path = os.path.join(directory, f"{os.getpid()}-{next(_SEQUENCE)}.json")
-        self._final = weakref.finalize(self, _write_samples, self.counted, self.path)
-        for older in list(_SHARING):
-            older.write()
-        _SHARING.add(self)
+        self.path = os.path.join(directory, f"{_process_tag()}-{next(_SEQUENCE)}.json")
+        self._final = weakref.finalize(self, _last_write, self.counted, self.path)
+        with _SHARING_LOCK:
+            older = list(_SHARING)
+            _SHARING.add(self)
+        for pipeline in older:
+            pipeline.write()
         self.write()
         self.directory = directory  # last: a scrape now adds the files, the older pipelines' written
         threading.Thread(target=_share, args=(weakref.ref(self),), daemon=True,
@@ -616,16 +632,15 @@ def _compact(directory: str) -> None:
     merged file names the files it replaces and is in place before they go.
     """
     with _COMPACTING:
-        live = {os.path.basename(m.path) for m in list(_SHARING)
-                if m.path and m._final is not None and m._final.alive}
-        prefix = f"{os.getpid()}-"
-        found, superseded = _read_shared(directory, prefix=prefix)
-        closed = {name: families for name, families in found.items() if name not in live}
-        # What was read, and what a merged file superseded but could not remove (a file that
-        # appeared since the reading, a pipeline started meanwhile, is left alone).
-        replaced = sorted({*closed, *(n for n in superseded if os.path.exists(os.path.join(directory, n)))})
+        done = frozenset(_CLOSED)
+        if len(done) < 2:
+            return
+        found, superseded = _read_shared(directory, prefix=f"{_process_tag()}-")
+        closed = {name: families for name, families in found.items() if name in done}
         if len(closed) < 2:
             return
+        # What was read, and what a merged file superseded but could not remove.
+        replaced = sorted({*closed, *(n for n in superseded & done if os.path.exists(os.path.join(directory, n)))})
         merged: dict[tuple[str, str, frozenset[str]], tuple[list[Any], dict[tuple[str, str], float]]] = {}
         for families in closed.values():
             for fname, ftype, doc, unit, samples in families:
@@ -639,7 +654,7 @@ def _compact(directory: str) -> None:
                         min(before, float(value)) if sname.endswith("_created") else before + float(value))
         out = [[*head, [[sname, json.loads(labels), value] for (sname, labels), value in values.items()]]
                for head, values in merged.values()]
-        path = os.path.join(directory, f"{prefix}{next(_SEQUENCE)}.json")
+        path = os.path.join(directory, f"{_process_tag()}-{next(_SEQUENCE)}.json")
         temporary = f"{path}.tmp"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
@@ -650,9 +665,21 @@ def _compact(directory: str) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             return
+        _CLOSED.add(os.path.basename(path))
         for name in replaced:
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+            except OSError:  # superseded all the same; the next merge tries again
+                continue
+            _CLOSED.discard(name)
+
+
+def _last_write(counted: CollectorRegistry, path: str) -> None:
+    """A pipeline's final counts (at close, or when it is dropped); its file may be merged from now on."""
+    _write_samples(counted, path)
+    _CLOSED.add(os.path.basename(path))
 
 
 def _write_samples(counted: CollectorRegistry, path: str, unless: str | None = None) -> str:

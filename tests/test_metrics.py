@@ -590,6 +590,64 @@ def test_a_scrape_never_sees_the_totals_go_back_while_files_are_merged(monkeypat
     watched.close()
 
 
+def test_a_pipeline_that_starts_while_files_are_merged_keeps_its_file(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Any) -> None:
+    """A reload's new pipeline can start while the old one's close merges files: only closed ones are merged."""
+    import middleware.metrics as metrics
+
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    for _ in range(2):
+        app, layer = _pipeline()
+        app.get("/items/1")
+        layer.close()
+    real, started = metrics._read_shared, []
+
+    def a_pipeline_starts_meanwhile(directory: str, skip: str = "", prefix: str = "") -> Any:
+        if prefix and not started:  # the merge is about to read its files
+            new = _pipeline()
+            new[0].get("/items/1")
+            started.append(new)
+        return real(directory, skip=skip, prefix=prefix)
+
+    monkeypatch.setattr(metrics, "_read_shared", a_pipeline_starts_meanwhile)
+    app, layer = _pipeline()
+    app.get("/items/1")
+    layer.close()
+    [(new_app, new_layer)] = started
+    new_app.get("/items/1")
+    new_layer.shared.write()
+    observer, _ = _pipeline()
+    observer.get("/ok")
+    assert sample(scrape(observer), "wsgistack_http_requests_total", **ITEMS) == 5
+    assert sample(scrape(new_app), "wsgistack_http_requests_total", **ITEMS) == 5
+    new_layer.close()
+    assert sample(scrape(observer), "wsgistack_http_requests_total", **ITEMS) == 5
+
+
+def test_a_later_process_with_the_same_pid_is_counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """A merged file names the files it replaced; a later worker given the same pid must not share their names."""
+    import itertools
+
+    import middleware.metrics as metrics
+
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    monkeypatch.setattr(metrics.os, "getpid", lambda: 4242)
+    for _ in range(3):  # a worker that reloaded twice, then died
+        app, layer = _pipeline()
+        app.get("/items/1")
+        layer.close()
+    monkeypatch.setattr(metrics, "_TAG", (0, ""))  # a new process: its own sequence, the same pid
+    monkeypatch.setattr(metrics, "_SEQUENCE", itertools.count())
+    app, layer = _pipeline()
+    for _ in range(10):
+        app.get("/items/1")
+    layer.shared.write()
+    observer, _ = _pipeline()
+    observer.get("/ok")
+    assert sample(scrape(observer), "wsgistack_http_requests_total", **ITEMS) == 13
+    layer.close()
+
+
 def test_a_scrape_during_a_new_pipelines_first_request_sees_every_count(monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Any) -> None:
     """The first request of a reload's pipeline starts its sharing; a scrape meanwhile waits for it."""
