@@ -24,6 +24,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import math
 import re
 import secrets
 import threading
@@ -273,8 +274,9 @@ def _well_formed(entry: object) -> bool:
     if type(entry) is not dict:
         return False
     status, headers = entry.get("s"), entry.get("h")
-    if not (type(entry.get("x")) in _NUMBER and type(entry.get("f")) in _NUMBER and type(entry.get("t")) in _NUMBER
-            and type(status) is str and status[:3].isdigit() and type(headers) is list):
+    born: Any = entry.get("t")
+    if not (type(entry.get("x")) in _NUMBER and type(entry.get("f")) in _NUMBER and type(born) in _NUMBER
+            and math.isfinite(born) and type(status) is str and status[:3].isdigit() and type(headers) is list):
         return False
     return all(type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str
                for pair in headers)
@@ -463,6 +465,8 @@ class CacheMiddleware:
             if raw is not None and raw[:5] == _VARY_INDEX:
                 index = json.loads(raw)
                 vary, generation = index["v"], str(index.get("g", ""))
+                if type(vary) is not list or not all(type(name) is str for name in vary):
+                    return None, locked  # not written by this layer
                 environ[self._index_key] = (base, vary, generation)  # a fill of another variant keeps it
                 raw = self.store.get(self._variant(base, vary, environ, generation))
             if raw is None:

@@ -1112,6 +1112,10 @@ def test_yaml_option_errors_name_the_key(make_stack: Callable[..., TestApp]) -> 
     pytest.param(b'{"x": 9e99, "f": 9e99, "t": 0, "s": 200, "h": []}\nbody', id="a status not text"),
     pytest.param(b'{"x": 9e99, "f": "soon", "t": 0, "s": "200 OK", "h": []}\nbody', id="freshness not a number"),
     pytest.param(b'[1, 2]\nbody', id="a list"),
+    pytest.param(b'{"x": 9e99, "f": 9e99, "t": 1e400, "s": "200 OK", "h": []}\nbody', id="born at infinity"),
+    pytest.param(b'{"x": 9e99, "f": 9e99, "t": NaN, "s": "200 OK", "h": []}\nbody', id="born at NaN"),
+    pytest.param(b'{"v": [1], "g": "1", "x": 9e99}', id="a Vary index naming a number"),
+    pytest.param(b'{"v": [["a"]], "g": "1", "x": 9e99}', id="a Vary index naming a list"),
 ])
 def test_foreign_values_are_misses(make: Callable[..., Stack], store: Store, value: bytes) -> None:
     stack = make()
