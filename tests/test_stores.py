@@ -498,6 +498,10 @@ def test_numeric_options_given_as_text_are_parsed() -> None:
                  "got '2.5'", id="a threshold that is not whole"),
     pytest.param("failure_threshold", True, "store option failure_threshold must be a whole number above 0, "
                  "got True", id="a yes for a threshold"),
+    pytest.param("failure_threshold", 2.9, "store option failure_threshold must be a whole number above 0, "
+                 "got 2.9", id="a threshold written as a fraction"),
+    pytest.param("failure_threshold", 0.5, "store option failure_threshold must be a whole number above 0, "
+                 "got 0.5", id="a fraction that would round to 0"),
     pytest.param("max_connections", "many", "store option max_connections cannot be 'many'", id="pool size"),
 ])
 def test_options_that_are_not_numbers_are_refused_at_construction(option: str, value: Any, error: str) -> None:
