@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from itsdangerous import BadSignature, Signer
 from pydantic import Field, SecretStr, model_validator
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import dump_cookie
 
 from stores.base import StoreError
@@ -40,6 +41,7 @@ from .base import (
     LayerOptions,
     add_vary,
     cookies,
+    decorate_error,
     note,
     read_ahead,
     refuse,
@@ -71,7 +73,7 @@ class Session(MutableMapping[str, Any]):
         session["cart"] = [*session.get("cart", []), item_id]
     """
 
-    __slots__ = ("_created", "_data", "_environ", "_expire_cookie", "_id", "_issue", "_layer",
+    __slots__ = ("_carried", "_created", "_data", "_environ", "_expire_cookie", "_id", "_issue", "_layer",
                  "_new", "_persist", "_sealed", "_stale", "_stored_id", "accessed", "modified")
     permanent = True  # for Flask's SessionMixin duck typing: lifetime is the layer's timeouts
 
@@ -86,6 +88,7 @@ class Session(MutableMapping[str, Any]):
         self._issue = True
         self._persist = True
         self._expire_cookie = False
+        self._carried = False  # the request carried a cookie this layer signed
         self._sealed = False  # the response has started: later changes cannot be saved
         self._stale: list[str] = []
         self.accessed = False
@@ -103,6 +106,7 @@ class Session(MutableMapping[str, Any]):
             if cookie_id is not None:
                 # Until the store answers, the cookie's session may be stored: if the read fails,
                 # rotate() and destroy() must still delete it.
+                self._carried = True
                 self._stored_id = cookie_id
                 loaded = self._layer._read(self, cookie_id, environ)
                 if loaded is not None:
@@ -190,15 +194,25 @@ class Session(MutableMapping[str, Any]):
         self._changed()
 
     def destroy(self) -> None:
-        """End the session: delete its key and expire the cookie (logout)."""
+        """End the session: delete its key and expire the cookie (logout).
+
+        A request without this layer's cookie has no session to end, and its response
+        expires no cookie: else a page on another site, whose cross-site POST a
+        ``SameSite=Lax`` cookie stays off, could still sign the browser out (logout CSRF).
+        """
         self._changed()  # only warns when too late; destroy() leaves modified false
-        stored = self._layer._cookie_id(self._environ) if self._data is None else self._stored_id
+        if self._data is None:
+            stored = self._layer._cookie_id(self._environ)
+            carried = stored is not None
+        else:
+            stored, carried = self._stored_id, self._carried
         self._environ = _NO_ENVIRON
         if stored is not None:
             self._stale.append(stored)
         self.accessed = True
         self._data, self._id, self._stored_id, self._created = {}, None, None, _clock()
-        self._new = self._issue = self._expire_cookie = True
+        self._new = self._issue = True
+        self._expire_cookie = carried
         self.modified = False
 
     def __repr__(self) -> str:
@@ -325,7 +339,17 @@ class SessionMiddleware:
                     _make_private(headers)
             return start_response(status, headers, exc_info)
 
-        return self.app(environ, session_start_response)
+        try:
+            return self.app(environ, session_start_response)
+        except HTTPException as exc:  # a refusal from inside, which the session may have shaped too
+            if session.accessed and added is None:  # (its changes are not saved: the request failed)
+                decorate_error(exc, ())
+                extra = getattr(exc, "wsgistack_headers", None)
+                if extra is not None:
+                    add_vary(extra, "Cookie")
+                    if not session._new:
+                        _make_private(extra)
+            raise
 
     def _cookie_id(self, environ: WSGIEnvironment, quiet: bool = False) -> str | None:
         raw = cookies(environ).get(self.cookie_name)

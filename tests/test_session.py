@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from webtest import TestApp
 
 import middleware.session as session_module
-from middleware.base import SESSION, Context
+from middleware.base import SESSION, Context, refuse
 from middleware.errors import ErrorsMiddleware
 from middleware.session import KEY_PREFIX, Session, SessionMiddleware
 from stores import Store, StoreError, store_from_url
@@ -388,6 +388,41 @@ def test_destroy(store: CountingStore, path: str, expected_cookie: str) -> None:
         assert resp.headers.getall("Set-Cookie") == [expected_cookie]
     assert resp.headers["Vary"] == "Cookie"
     assert app.get("/get", headers=jar(value)).json == {}
+
+
+@pytest.mark.parametrize(("path", "cookie"), [
+    pytest.param("/destroy", None, id="no cookie (a cross-site form POST a SameSite=Lax cookie stays off)"),
+    pytest.param("/logout", None, id="no cookie, the session read first"),
+    pytest.param("/destroy", "forged.signature", id="a cookie this layer did not sign"),
+])
+def test_destroy_without_a_session_expires_no_cookie(store: CountingStore, path: str, cookie: str | None) -> None:
+    """Else any page could sign a browser out with a form POST to the logout URL (logout CSRF)."""
+    app = make(store)
+    resp = app.get(path, headers=jar(cookie) if cookie else {})
+    assert resp.headers.getall("Set-Cookie") == []
+    assert resp.headers["Vary"] == "Cookie"
+
+
+def refusing(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """An inner layer that reads the session, then refuses (a role rule, an unknown API version)."""
+    environ[SESSION].get("user")
+    raise refuse(404, "No such version.")
+
+
+@pytest.mark.parametrize(("logged_in", "cache_control"), [
+    pytest.param(False, None, id="a new session: varies on the cookie"),
+    pytest.param(True, "private", id="a stored session: private as well"),
+])
+def test_a_refusal_after_the_session_was_read_varies_on_the_cookie(store: CountingStore, logged_in: bool,
+                                                                    cache_control: str | None) -> None:
+    headers = {}
+    if logged_in:
+        value, _ = new_cookie(make(store).get("/set?a=1"))
+        headers = jar(value)
+    resp = make(store, app=refusing).get("/api/v3/x", headers=headers, status=404)
+    assert resp.headers["Vary"] == "Cookie"
+    assert resp.headers.get("Cache-Control") == cache_control
+    assert resp.headers.getall("Set-Cookie") == []
 
 
 # ----------------------------------------------------------------- timeouts
