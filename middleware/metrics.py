@@ -463,7 +463,8 @@ class _Merged:
     when the layer is closed or dropped.  A scrape adds this process's live
     samples to those of every other file: counters and histograms sum (their
     ``_created`` takes the earliest), so the totals cover every worker,
-    at most ``SHARE_INTERVAL`` behind for the others.  Files of workers that
+    at most ``SHARE_INTERVAL`` behind for the others (a scrape first writes what it
+    reports, so the next one, whichever worker answers it, reports no less).  Files of workers that
     exited, and the counts of pipelines a reload replaced, stay: totals never go
     backwards (a process merges its replaced pipelines' files into one, see
     :func:`_compact`).  The directory belongs to one server run: ``serve.py`` makes a
@@ -539,15 +540,22 @@ class _Merged:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        own = list(self.counted.collect())
         if self.directory is None:
-            yield from own
+            yield from self.counted.collect()
             return
+        # What this process reports is what its file says from now on: a scrape that another worker
+        # answers next adds at least these counts, so totals never go back between two scrapes.
+        with self._writing:
+            own = list(self.counted.collect())
+            if self.path is not None and self._final is not None and self._final.alive:
+                _write_samples(own, self.path)
         merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
         for family in itertools.chain(own, self._others()):
             edges = self.edges.get(family.name) if family.type == "histogram" else None
-            if edges is not None and any(s.labels.get("le", "+Inf") not in edges for s in family.samples):
-                continue  # another pipeline's buckets: leaving them out keeps the histogram cumulative
+            if edges is not None:
+                bounds = {sample.labels["le"] for sample in family.samples if "le" in sample.labels}
+                if bounds and bounds != edges:
+                    continue  # another pipeline's buckets (more, fewer, others): added, they break the histogram
             found = merged.get(family.name)
             if found is None:
                 found = merged[family.name] = (Metric(family.name, family.documentation, family.type,
@@ -682,10 +690,12 @@ def _last_write(counted: CollectorRegistry, path: str) -> None:
     _CLOSED.add(os.path.basename(path))
 
 
-def _write_samples(counted: CollectorRegistry, path: str, unless: str | None = None) -> str:
-    """Write the samples of ``counted`` to ``path``, unless they serialise to ``unless``; return the text."""
+def _write_samples(counted: CollectorRegistry | list[Metric], path: str, unless: str | None = None) -> str:
+    """Write the samples of ``counted`` (or of families it collected) to ``path``, unless they serialise
+    to ``unless``; return the text."""
+    found = counted.collect() if isinstance(counted, CollectorRegistry) else counted
     families = [[m.name, m.type, m.documentation, m.unit, [[s.name, s.labels, s.value] for s in m.samples]]
-                for m in counted.collect()]
+                for m in found]
     text = json.dumps(families, separators=(",", ":"))
     if text == unless:
         return text  # nothing counted since the last write: an idle worker leaves its file alone

@@ -497,15 +497,39 @@ def test_workers_share_their_counts(monkeypatch: pytest.MonkeyPatch, tmp_path: A
     assert sample(found, "wsgistack_http_requests_total", method="GET", route="/ok", status="200") == 5
 
 
+def test_scrapes_answered_by_either_worker_never_go_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """A worker writes what it reports: the next scrape, whichever worker answers, counts at least that."""
+    monkeypatch.setattr("middleware.metrics.SHARE_INTERVAL", 3600)  # no periodic writes during the test
+    monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
+    (one, one_layer), (two, two_layer) = _pipeline(), _pipeline()
+    one.get("/items/1")
+    two.get("/items/1")  # both share from now on
+    totals = []
+    for worker in (one, one, two, one, two, two):
+        for _ in range(3):
+            worker.get("/items/1")
+        totals.append(sample(scrape(worker), "wsgistack_http_requests_total", **ITEMS))
+        totals.append(sample(scrape(two if worker is one else one), "wsgistack_http_requests_total", **ITEMS))
+    assert totals == sorted(totals) and totals[-1] == 20
+    one_layer.close()
+    two_layer.close()
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    pytest.param([0.001, 0.01, 0.1], [0.0001, 0.5, 3.0], id="other bounds"),
+    pytest.param([0.1, 1.0], [0.1, 1.0, 5.0], id="a bound added"),
+    pytest.param([0.1, 1.0, 5.0], [0.1, 1.0], id="a bound removed"),
+])
 def test_a_pipeline_with_other_buckets_is_left_out_of_the_histogram(monkeypatch: pytest.MonkeyPatch,
-                                                                     tmp_path: Any) -> None:
+                                                                     tmp_path: Any, before: list[float],
+                                                                     after: list[float]) -> None:
     """A reload that changed ``buckets`` leaves files whose bounds cannot be added bucket by bucket."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     monkeypatch.setattr("middleware.metrics.SHARE_INTERVAL", 0.05)
     monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
     apps = []
-    for buckets in ([0.001, 0.01, 0.1], [0.0001, 0.5, 3.0]):  # before and after the reload
+    for buckets in (before, after):  # before and after the reload
         layer = MetricsMiddleware(inner_app, MetricsMiddleware.Options(process_metrics=False, buckets=buckets),
                                   Context(stores={"shared": MemoryStore()}))
         apps.append(TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context())))
@@ -520,7 +544,7 @@ def test_a_pipeline_with_other_buckets_is_left_out_of_the_histogram(monkeypatch:
     assert sample(found, "wsgistack_http_request_duration_seconds_count", method="GET",
                   route="/items/<int:item_id>") == 1  # only the bounds in force
     assert {dict(labels).get("le") for (name, labels) in found if name.endswith("_bucket")} == {
-        "0.0001", "0.5", "3.0", "+Inf"}
+        *(str(bound) for bound in after), "+Inf"}
     text = new.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"},
                    extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text
     assert list(text_string_to_metric_families(text))  # parses: buckets cumulative and in order
