@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -134,6 +134,13 @@ class AccessLogMiddleware:
 
     def write(self, exchange: _Exchange) -> None:
         """Build the JSON line for a finished exchange and send it to the destination."""
+        duration = (time.perf_counter() - exchange.clock) * 1000
+        text = self._line(exchange, duration, _quote)
+        if len(text) >= _ATOMIC_BYTES:  # long fields a client sent (a path, a User-Agent): cut them,
+            text = self._line(exchange, duration, _cut)  # so that the line still goes out in one write()
+        self._emit(text)
+
+    def _line(self, exchange: _Exchange, duration: float, quote: Callable[[str], str]) -> str:
         environ = exchange.environ
         started = exchange.started
         second = int(started)
@@ -146,23 +153,23 @@ class AccessLogMiddleware:
         path = exchange.path
         request_id = environ.get(REQUEST_ID)
         identity = environ.get(IDENTITY)
+        subject = None if identity is None else getattr(identity, "subject", None)
         line = [f'{{"time":"{cached[1]}.{int((started - second) * 1000):03d}Z"'
-                f',"request_id":{"null" if request_id is None else _quote(str(request_id))}'
-                f',"client_ip":{_quote(client_ip(environ))}'
-                f',"method":{_quote(exchange.method)}'
-                f',"path":{_quote(path if path.isascii() else _text(path))}']
+                f',"request_id":{"null" if request_id is None else quote(str(request_id))}'
+                f',"client_ip":{quote(client_ip(environ))}'
+                f',"method":{quote(exchange.method)}'
+                f',"path":{quote(path if path.isascii() else _text(path))}']
         if self.query:
-            line.append(f',"query":{_quote(_text(exchange.query))}')
-        line.append(f',"status":{exchange.status:d},"bytes":{exchange.sent:d}'
-                    f',"duration_ms":{(time.perf_counter() - exchange.clock) * 1000:.3f}'
-                    f',"user":{"null" if identity is None else _json(getattr(identity, "subject", None))}')
+            line.append(f',"query":{quote(_text(exchange.query))}')
+        line.append(f',"status":{exchange.status:d},"bytes":{exchange.sent:d},"duration_ms":{duration:.3f}'
+                    f',"user":{"null" if subject is None else quote(str(subject))}')
         if self.user_agent:
             agent = environ.get("HTTP_USER_AGENT", "")
-            line.append(f',"user_agent":{_quote(agent if agent.isascii() else _text(agent))}')
+            line.append(f',"user_agent":{quote(agent if agent.isascii() else _text(agent))}')
         if exchange.error:
-            line.append(f',"error":{_quote(exchange.error)}')
-        line.append("}")
-        self._emit("".join(line))
+            line.append(f',"error":{quote(exchange.error)}')
+        line.append(',"truncated":true}' if quote is _cut else "}")
+        return "".join(line)
 
     def _to_logger(self, line: str) -> None:
         logger = self.logger
@@ -348,9 +355,19 @@ class _Exchange:
             self.layer.write(self)
 
 
-def _json(value: object) -> str:
-    """A JSON string for ``value``, or ``null`` when it is None."""
-    return "null" if value is None else _quote(str(value))
+#: The most one text field takes in a line that would be longer than _ATOMIC_BYTES: nine such
+#: fields and the rest of the line stay under PIPE_BUF (4096), so the line is written whole.
+FIELD_BYTES = 400
+
+
+def _cut(text: str) -> str:
+    """``text`` as a JSON string of at most FIELD_BYTES bytes, ending in "..." when it was cut."""
+    quoted = _quote(text)
+    keep = len(text)
+    while len(quoted) > FIELD_BYTES:
+        keep = max(0, min(keep - 1, keep * (FIELD_BYTES - 8) // len(quoted)))
+        quoted = _quote(text[:keep] + "...")
+    return quoted
 
 
 def _text(raw: str) -> str:

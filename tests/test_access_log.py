@@ -381,6 +381,34 @@ def test_file_is_swapped_under_the_same_descriptor(make: Callable[..., Any], tmp
     assert [line["path"] for line in lines()] == ["/after"]
 
 
+@pytest.mark.parametrize(("environ_key", "value", "field"), [
+    pytest.param("HTTP_USER_AGENT", "A" * 9000, "user_agent", id="a long User-Agent"),
+    pytest.param("PATH_INFO", "/" + "p" * 9000, "path", id="a long path"),
+    pytest.param("PATH_INFO", "/" + "\u00e9".encode().decode("latin-1") * 3000, "path",
+                 id="a long non-ASCII path (6 bytes a character once escaped)"),
+    pytest.param("QUERY_STRING", "q=" + "\x01" * 3000, "query", id="a long query of control characters"),
+])
+def test_a_line_with_long_fields_is_cut_to_go_out_whole(make: Callable[..., Any], tmp_path: Path, environ_key: str,
+                                                        value: str, field: str) -> None:
+    """A line up to PIPE_BUF goes out in one write(), never interleaved with another request's line on a pipe:
+    a client must not be able to push its line past that (and break other requests' lines too)."""
+    import select
+
+    app, lines = make(query=True)
+    layer = app.app.app  # errors -> access_log
+    environ = _environ("/x")
+    environ[environ_key] = value
+    result = layer(environ, ignore_start)
+    list(result)
+    result.close()
+    raw = (tmp_path / "access.log").read_bytes()
+    assert len(raw) <= select.PIPE_BUF
+    [line] = lines()
+    assert line["truncated"] is True
+    assert line[field].endswith("...") and 10 < len(line[field]) < len(value)
+    assert line["status"] == 200 and line["client_ip"] == "192.0.2.7"
+
+
 def ignore_start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
     """A start_response for direct calls: the test reads the log, not the response."""
     return lambda data: None
