@@ -25,6 +25,7 @@ it shows the configuration; keep it on loopback (the default) or behind
 from __future__ import annotations
 
 import ast
+import hashlib
 import html
 import json
 import os
@@ -240,14 +241,18 @@ class OperatorPageMiddleware:
         if not isinstance(described, list):  # used without the builder: what the timings saw
             described = [{"name": name, "index": i, "options": {}}
                          for i, name in enumerate(n for n in reversed(layers) if n != "app")]
-        pipeline = [{**spec, **_stat(layers.get(spec["label"]))} for spec in self._mask_pipeline(described)]
+        masked = self._mask_pipeline(described)
+        pipeline = [{**spec, **_stat(layers.get(spec["label"]))} for spec in masked]
+        # The layers, their options and scopes as shown: a reload that changes any of them changes it.
+        shown = json.dumps(masked, sort_keys=True, default=str).encode()
         core = str(settings.get("app") or "app")
         hit, stale, miss = events["cache.hit"], events["cache.stale"], events["cache.miss"]
         looked = hit + stale + miss
         return {
             "title": self.options.title, "pid": os.getpid(), "started_at": round(self.started, 3),
             "generation": settings.get("generation"), "last_reload": _reload(settings.get("last_reload")),
-            "signature": "|".join(str(spec.get("name")) for spec in pipeline),
+            "signature": "|".join(str(spec.get("name")) for spec in pipeline)
+                         + "#" + hashlib.sha256(shown).hexdigest()[:12],
             "requests": {"total": sum(statuses.values()), "by_status": dict(sorted(statuses.items()))},
             "pipeline": pipeline, "app": {"name": core, **_stat(layers.get("app"))},
             "cache": {"hit": hit, "stale": stale, "miss": miss, "bypass": events["cache.bypass"],

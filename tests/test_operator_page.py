@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import urllib.request
@@ -323,7 +324,7 @@ def test_json_shape(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]])
     assert set(data) == {"title", "pid", "started_at", "generation", "last_reload", "signature", "requests",
                          "pipeline", "app", "cache", "ratelimit", "auth", "store_errors", "deprecated", "events",
                          "stores"}
-    assert data["signature"] == "errors|session"
+    assert data["signature"].startswith("errors|session#")
     assert data["requests"] == {"total": 0, "by_status": {}}
     assert data["pipeline"][0] == {"name": "errors", "label": "errors", "index": -1, "implicit": True, "scope": "",
                                    "inside": True,
@@ -455,6 +456,24 @@ def test_store_health_on_each_backend(make: Callable[..., tuple[TestApp, Operato
         store.close()
     assert facts["ok"] is True
     assert facts["backend"] == ("MemoryStore" if store_url == "memory://" else "RedisStore")
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda spec: spec["options"].update(cookie_name="other"), id="an option"),
+    pytest.param(lambda spec: spec.update(scope="paths: /api/*"), id="the scope"),
+    pytest.param(lambda spec: spec.update(name="cache"), id="a layer"),
+])
+def test_the_signature_changes_with_what_the_page_shows(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                                        change: Callable[[dict[str, Any]], None]) -> None:
+    """The page offers a reload when the signature differs: a reload that changed only an option counts."""
+    app, page = make()
+    page.context.settings["pipeline"] = pipeline_with_secrets()[:2]
+    before = app.get("/_stack/data.json").json["signature"]
+    assert app.get("/_stack/data.json").json["signature"] == before
+    changed = copy.deepcopy(pipeline_with_secrets()[:2])
+    change(changed[1])
+    page.context.settings["pipeline"] = changed
+    assert app.get("/_stack/data.json").json["signature"] != before
 
 
 @pytest.mark.parametrize(
