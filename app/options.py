@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from middleware.base import no_boolean_numbers
 
 __all__ = ["AppOptions", "SearchOptions"]
 
@@ -32,6 +34,7 @@ class SearchOptions(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    _numbers = field_validator("*", mode="before")(classmethod(no_boolean_numbers))
 
     engine: Literal["local", "searxng"] = "local"
     upstream: AnyHttpUrl | None = None
@@ -69,6 +72,7 @@ class AppOptions(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    _numbers = field_validator("*", mode="before")(classmethod(no_boolean_numbers))
 
     var_dir: str = "var"
     users_db: str | None = None

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from middleware.base import no_boolean_numbers
+
 ProxyHeader = Literal[
     "x-forwarded-for",
     "x-forwarded-host",
@@ -103,6 +105,8 @@ def _trusted_proxy(value: str | None) -> str | None:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _numbers = field_validator("*", mode="before")(classmethod(no_boolean_numbers))
 
 
 class ReloadOptions(Strict):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 from werkzeug.exceptions import HTTPException, default_exceptions
 from werkzeug.http import parse_cookie
 
@@ -66,6 +66,7 @@ __all__ = [
     "header_list",
     "mask_url_passwords",
     "networks",
+    "no_boolean_numbers",
     "note",
     "parse_origin",
     "read_ahead",
@@ -175,10 +176,26 @@ def escape_control(text: str) -> str:
                         else f"\\u{ord(m.group()):04x}", text)
 
 
+def no_boolean_numbers(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Refuse a boolean where a number goes: YAML reads yes/no/on/off/true/false as booleans,
+    and pydantic would take ``threads: yes`` as 1 without a word."""
+    if isinstance(value, bool) and info.field_name is not None:
+        field = cls.model_fields.get(info.field_name)
+        if field is not None and field.annotation in _NUMBER_HINTS:
+            raise ValueError("a number is needed, not a boolean (YAML reads yes, no, on, off, true and false "
+                             "as booleans)")
+    return value
+
+
+_NUMBER_HINTS: tuple[Any, ...] = (int, float, int | None, float | None)
+
+
 class LayerOptions(BaseModel):
     """Base for every layer's ``Options``: unknown keys are refused, values frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    _numbers = field_validator("*", mode="before")(classmethod(no_boolean_numbers))
 
 
 #: What a read ahead reads: ``(key, ttl)`` or, for ``get_or_lock``, ``(key, ttl, lock_key)``.

@@ -130,6 +130,18 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="a merge key",
         ),
         pytest.param(
+            ECHO + "server: {threads: yes}\n",
+            "stack.yaml:2:19 server.threads: a number is needed, not a boolean (YAML reads yes, no, on, off, true "
+            "and false as booleans) (got True)",
+            id="a boolean where the server wants a number",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - errors: {}\n  - cors: {origins: ['http://a.example'], max_age: on}\n",
+            "stack.yaml:4:52 pipeline[1].cors.max_age: a number is needed, not a boolean (YAML reads yes, no, on, "
+            "off, true and false as booleans) (got True)",
+            id="a boolean where a layer wants a number",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - errors: {}\n  - cors: {origins: ['http://a.example'], on: 1}\n",
             "stack.yaml:4:43 pipeline[1].cors.on: the key 'on' is read by YAML as the boolean true; write it in "
             "quotes, \"on\", to mean the word",
