@@ -88,7 +88,7 @@ class Session(MutableMapping[str, Any]):
         self._issue = True
         self._persist = True
         self._expire_cookie = False
-        self._carried = False  # the request carried a cookie this layer signed
+        self._carried = False  # the request carried this layer's cookie (signed or not): it is ours to expire
         self._sealed = False  # the response has started: later changes cannot be saved
         self._stale: list[str] = []
         self.accessed = False
@@ -102,11 +102,11 @@ class Session(MutableMapping[str, Any]):
             self._created = _clock()
             environ = self._environ
             cookie_id = self._layer._cookie_id(environ)
+            self._carried = self._layer.cookie_name in cookies(environ)
             self._environ = _NO_ENVIRON  # not needed any more: no Session <-> environ cycle to collect
             if cookie_id is not None:
                 # Until the store answers, the cookie's session may be stored: if the read fails,
                 # rotate() and destroy() must still delete it.
-                self._carried = True
                 self._stored_id = cookie_id
                 loaded = self._layer._read(self, cookie_id, environ)
                 if loaded is not None:
@@ -199,13 +199,15 @@ class Session(MutableMapping[str, Any]):
         A request without this layer's cookie has no session to end, and its response
         expires no cookie: else a page on another site, whose cross-site POST a
         ``SameSite=Lax`` cookie stays off, could still sign the browser out (logout CSRF).
+        A cookie that was sent is expired even when its signature no longer verifies.
         """
         self._changed()  # only warns when too late; destroy() leaves modified false
         if self._data is None:
             stored = self._layer._cookie_id(self._environ)
-            carried = stored is not None
+            self._carried = self._layer.cookie_name in cookies(self._environ)
         else:
-            stored, carried = self._stored_id, self._carried
+            stored = self._stored_id
+        carried = self._carried
         self._environ = _NO_ENVIRON
         if stored is not None:
             self._stale.append(stored)

@@ -111,6 +111,9 @@ def probe(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[b
         session.destroy()
         if query:
             session.update(query)
+    elif path == "/destroy-twice":  # two parts of an app that each end the session
+        session.destroy()
+        session.destroy()
     elif path == "/logout":  # read first (as the auth layer does), then end the session
         session.get("user")
         session.destroy()
@@ -393,7 +396,6 @@ def test_destroy(store: CountingStore, path: str, expected_cookie: str) -> None:
 @pytest.mark.parametrize(("path", "cookie"), [
     pytest.param("/destroy", None, id="no cookie (a cross-site form POST a SameSite=Lax cookie stays off)"),
     pytest.param("/logout", None, id="no cookie, the session read first"),
-    pytest.param("/destroy", "forged.signature", id="a cookie this layer did not sign"),
 ])
 def test_destroy_without_a_session_expires_no_cookie(store: CountingStore, path: str, cookie: str | None) -> None:
     """Else any page could sign a browser out with a form POST to the logout URL (logout CSRF)."""
@@ -401,6 +403,19 @@ def test_destroy_without_a_session_expires_no_cookie(store: CountingStore, path:
     resp = app.get(path, headers=jar(cookie) if cookie else {})
     assert resp.headers.getall("Set-Cookie") == []
     assert resp.headers["Vary"] == "Cookie"
+
+
+@pytest.mark.parametrize(("path", "cookie"), [
+    pytest.param("/destroy", "forged.signature", id="a cookie whose signature does not verify (a retired key)"),
+    pytest.param("/destroy-twice", None, id="destroy called twice before any read"),
+    pytest.param("/destroy-twice", "signed", id="destroy called twice, with a session"),
+])
+def test_a_cookie_that_was_sent_is_expired_by_destroy(store: CountingStore, path: str, cookie: str | None) -> None:
+    app = make(store)
+    value, _ = new_cookie(app.get("/set?a=1"))
+    sent = value if cookie == "signed" else cookie or value
+    resp = app.get(path, headers=jar(sent))
+    assert resp.headers.getall("Set-Cookie") == [EXPIRED]
 
 
 def refusing(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
