@@ -266,7 +266,14 @@ class _Tee:
             self.fill.release()
 
 
-_NUMBER = (int, float)
+def _time(value: object) -> bool:
+    """Whether ``value`` is a finite number of seconds a float holds (not NaN, inf, nor 10**400)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -_LARGEST_TIME < value < _LARGEST_TIME
+
+
+_LARGEST_TIME = 2**53
 
 
 def _well_formed(entry: object) -> bool:
@@ -274,9 +281,8 @@ def _well_formed(entry: object) -> bool:
     if type(entry) is not dict:
         return False
     status, headers = entry.get("s"), entry.get("h")
-    born: Any = entry.get("t")
-    if not (type(entry.get("x")) in _NUMBER and type(entry.get("f")) in _NUMBER and type(born) in _NUMBER
-            and math.isfinite(born) and type(status) is str and status[:3].isdigit() and type(headers) is list):
+    if not (_time(entry.get("x")) and _time(entry.get("f")) and _time(entry.get("t"))
+            and type(status) is str and status[:3].isdigit() and type(headers) is list):
         return False
     return all(type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str
                for pair in headers)

@@ -166,7 +166,7 @@ def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
         except ValueError:
             number = None
     if (isinstance(number, bool) or not isinstance(number, int | float) or not 0 < number < math.inf
-            or (kind is int and not float(number).is_integer())):
+            or (kind is int and isinstance(number, float) and not number.is_integer())):
         what = "a whole number" if kind is int else "a number of seconds"
         raise ValueError(f"store option {name} must be {what} above 0, got {value!r}")
     return kind(number)

@@ -80,9 +80,9 @@ class Handler(BaseHTTPRequestHandler):
             head = (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"p" * 900
                     + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
             self._trickle(head + body, 10)
-        elif query in ("busy", "busy for long"):  # SearXNG's limiter
+        elif query in ("busy", "busy for long", "busy for ever"):  # SearXNG's limiter
             self.send_response(429)
-            self.send_header("Retry-After", "60" if query == "busy" else "86400")
+            self.send_header("Retry-After", {"busy": "60", "busy for long": "86400"}.get(query, "9" * 5000))
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif query == "down for maintenance":
@@ -359,6 +359,7 @@ def test_an_upstream_behind_basic_auth_and_with_its_own_query(tmp_path: Path, up
 @pytest.mark.parametrize(("query", "retry_after"), [
     pytest.param("busy", "60", id="429 with its Retry-After"),
     pytest.param("busy for long", "3600", id="a day: an hour at most"),
+    pytest.param("busy for ever", "30", id="more digits than a wait has: 30 s"),
     pytest.param("down for maintenance", "30", id="503 without one: 30 s"),
 ])
 def test_a_busy_upstream_asks_the_client_to_wait(tmp_path: Path, upstream: FakeSearxng, query: str,

@@ -1114,6 +1114,9 @@ def test_yaml_option_errors_name_the_key(make_stack: Callable[..., TestApp]) -> 
     pytest.param(b'[1, 2]\nbody', id="a list"),
     pytest.param(b'{"x": 9e99, "f": 9e99, "t": 1e400, "s": "200 OK", "h": []}\nbody', id="born at infinity"),
     pytest.param(b'{"x": 9e99, "f": 9e99, "t": NaN, "s": "200 OK", "h": []}\nbody', id="born at NaN"),
+    pytest.param(b'{"x": 9e99, "f": 9e99, "t": 1' + b"0" * 400 + b', "s": "200 OK", "h": []}\nbody',
+                 id="born at a number no float holds"),
+    pytest.param(b'{"x": NaN, "f": 9e99, "t": 0, "s": "200 OK", "h": []}\nbody', id="an expiry of NaN"),
     pytest.param(b'{"v": [1], "g": "1", "x": 9e99}', id="a Vary index naming a number"),
     pytest.param(b'{"v": [["a"]], "g": "1", "x": 9e99}', id="a Vary index naming a list"),
 ])

@@ -510,6 +510,14 @@ def test_options_that_are_not_numbers_are_refused_at_construction(option: str, v
     assert str(info.value) == error
 
 
+def test_a_whole_number_of_any_size_is_a_threshold() -> None:
+    store = store_from_url("redis://127.0.0.1:1/0", failure_threshold=10**400, socket_timeout="0.5")
+    try:
+        assert store.breaker.failure_threshold == 10**400
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(("url", "error"), [
     pytest.param("unix://", "bad Redis store URL unix://: a unix:// URL names the socket's path, e.g. "
                  "unix:///run/redis/redis.sock?db=0", id="a unix socket without a path"),

@@ -272,7 +272,7 @@ def _int_or_none(text: str) -> int | None:
 def _busy(status: int, retry_after: str | None) -> HTTPException:
     """503 for an upstream that asks to be left alone, passing on its ``Retry-After`` (seconds, at most an hour)."""
     wait = retry_after.strip() if retry_after else ""
-    seconds = min(int(wait), 3600) if wait.isascii() and wait.isdigit() else BUSY_RETRY_AFTER
+    seconds = min(int(wait), 3600) if wait.isascii() and wait.isdigit() and len(wait) <= 9 else BUSY_RETRY_AFTER
     return refuse(503, f"The search upstream is busy (HTTP {status}); retry in {seconds} seconds.",
                   headers=[("Retry-After", str(seconds))])
 
