@@ -384,6 +384,11 @@ class ValidationMiddleware:
 
     def _check_body(self, environ: WSGIEnvironment, length_text: str | None,
                     chunked: bool) -> None:
+        if chunked and not environ.get("wsgi.input_terminated"):
+            # A server that passes the chunked stream on as it came (wsgiref) leaves no end to read
+            # to: reading the body would wait for the client until it gave up.
+            raise self._refuse(environ, 411, "A chunked request body needs a server that decodes it; "
+                               "send a Content-Length.", "content-length")
         length = None
         if length_text:
             if not (length_text.isascii() and length_text.isdigit()):

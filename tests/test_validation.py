@@ -438,6 +438,15 @@ def test_chunked_body_of_a_refused_type_is_not_read() -> None:
     assert stream.taken == 0
 
 
+@pytest.mark.parametrize("terminated", [None, False])
+def test_a_chunked_body_the_server_did_not_decode_is_refused_unread(terminated: Any) -> None:
+    """wsgiref passes the chunked stream on as it came: reading it to its end would wait for the client."""
+    status, _, doc, stream = call(stack(), b'{"a": 1}', "application/json", **{"wsgi.input_terminated": terminated})
+    assert status == "411 Length Required"
+    assert doc["error"]["message"] == "A chunked request body needs a server that decodes it; send a Content-Length."
+    assert stream.taken == 0
+
+
 def test_chunked_json_parsed_and_readable() -> None:
     status, _, doc, _ = call(stack(), b'{"a": [1, 2]}', "application/json")
     assert status == "200 OK"
