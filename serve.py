@@ -960,13 +960,19 @@ def _hosted_stack() -> LiveStack:
     path = os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
     load_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
     try:
-        live = LiveStack(path)
+        live = LiveStack(path, hosted=True)
     except ConfigError as exc:
         _print_problems(exc.problems)
         print(f"{path}: refusing to start with an invalid configuration", file=sys.stderr)
         raise
     _print_problems(live.current.warnings)
     logging.getLogger("wsgistack").setLevel(os.environ.get(LOG_LEVEL_ENV) or live.current.config.logging.level)
+    access = logging.getLogger("wsgistack.access")
+    if not access.hasHandlers():  # the host configured no logging: the lines would be dropped unseen
+        from middleware.access_log import LineHandler
+
+        access.handlers[:] = [LineHandler(sys.stdout)]
+        access.propagate = False
     return live
 
 

@@ -49,6 +49,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsgistack.reload")
 
+#: The server settings a stack hosted by another WSGI server (``serve:app`` under gunicorn) is judged
+#: with: that server's listener and proxy handling are its own and unseen here, so the least safe ones
+#: (a public listener that keeps every client's forwarding headers).
+HOSTED: dict[str, Any] = {"listen": ["0.0.0.0:0"], "clear_untrusted_proxy_headers": False}
+HOSTED_NOTE = "under another WSGI server, whose listener and proxy handling wsgistack cannot see"
+_HOST_OWNS = {
+    "trusted_proxy": "establish the client address with the proxy layer's trusted_proxies, or the server's own "
+                     "settings",
+    "clear_untrusted_proxy_headers": "the server keeps or clears forwarding headers itself",
+    "workers": "the server runs its own processes (per-process memory:// state is refused at the first "
+               "request when it runs several)",
+    "reload": "the server's own reload applies",
+}
+
 #: server settings that only a restart can change
 RESTART_ONLY = ("listen", "threads", "workers", "connection_limit", "backlog", "trusted_proxy",
                 "trusted_proxy_count", "trusted_proxy_headers", "clear_untrusted_proxy_headers",
@@ -204,17 +218,26 @@ class LiveStack:
     """Host the pipeline built from ``path``; ``reload()`` swaps in a new one."""
 
     def __init__(self, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
-                 built: BuiltStack | None = None) -> None:
+                 built: BuiltStack | None = None, hosted: bool = False) -> None:
         self.path = os.fspath(path)
         self.env = env
         #: prefixed to reload log lines ("worker 1234: "), so a supervisor's workers can be told apart
         self.label = ""
         self._lock = threading.Lock()
-        self.current = built or _probed(build_from_file(self.path, env=env))
+        #: Served by another WSGI server (``serve:app``): its listener, workers and proxy handling are
+        #: not the file's ``server:`` section, and wsgistack cannot see them (see HOSTED).
+        self.hosted = hosted
+        self.current = built or _probed(self._build_hosted() if hosted else build_from_file(self.path, env=env))
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
-        self.in_force: ServerOptions = self.current.config.server
+        self.in_force: ServerOptions = self.current.config.server.model_copy(update=HOSTED) if hosted \
+            else self.current.config.server
         #: The Waitress adjustments in force (what a server, or a restarted worker, is created with).
         self.waitress_kwargs: dict[str, Any] = self.current.config.waitress_kwargs()
+        if hosted:
+            self.waitress_kwargs["clear_untrusted_proxy_headers"] = False
+        #: Hosted: the first request tells whether the host runs several processes (``wsgi.multiprocess``).
+        self._host_check = hosted
+        self._host_problems: list[Problem] | None = None
         self._started = restart_settings(self.current.config)
         #: Called with the new pipeline after every successful reload (serve.py applies ``logging:``).
         self.on_reload: list[Callable[[BuiltStack], None]] = []
@@ -243,6 +266,10 @@ class LiveStack:
         self._generation_header = [("X-Stack-Generation", str(self.generation))] if server.generation_header else None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self._host_check:
+            refused = self._check_host(environ, start_response)
+            if refused is not None:
+                return refused
         flight = self._flight
         while not flight.enter():  # a reload retired it just now: the new one is in place
             flight = self._flight
@@ -309,6 +336,56 @@ class LiveStack:
         new = build(config, stores=self._stores(config), server=self.in_force)
         new.warnings = warnings
         return _probed(new)
+
+    def _build_hosted(self) -> BuiltStack:
+        """Build for another WSGI server, judged with the least safe server settings (see HOSTED)."""
+        from .build import with_default_errors
+        from .lint import proxyfix_trusts_every_peer
+
+        base = Path(self.path).resolve().parent
+        config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
+        served = config.server.model_copy(update=HOSTED)
+        found = [dataclasses.replace(p, message=f"{p.message} ({HOSTED_NOTE})") for p in
+                 proxyfix_trusts_every_peer(dataclasses.replace(config, server=served),
+                                            with_default_errors(config.pipeline))]
+        if found:
+            raise ConfigError(found)
+        doc = config.document
+        for name in ("trusted_proxy", "clear_untrusted_proxy_headers", "workers", "reload"):
+            if name in config.server.model_fields_set:
+                found.append(doc.problem(("server", name), f"server.{name} is serve.py's (Waitress's) setting and "
+                                         f"has no effect under another WSGI server: {_HOST_OWNS[name]}",
+                                         severity="warning"))
+        new = build(config, server=served)
+        new.warnings = [*warnings, *found]
+        return new
+
+    def _check_host(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes] | None:
+        """Refuse every request when a host with several processes would split per-process state."""
+        problems = self._host_problems
+        if problems is None:
+            problems = []
+            if environ.get("wsgi.multiprocess"):
+                from .build import with_default_errors
+                from .lint import shared_state
+
+                config = self.current.config
+                several = dataclasses.replace(config, server=config.server.model_copy(update={"workers": 2}))
+                problems = [p for p in shared_state(several, with_default_errors(config.pipeline))
+                            if p.severity == "error"]
+                for problem in problems:
+                    log.error("%s (the WSGI server runs several processes: wsgi.multiprocess is true)", problem)
+            self._host_problems = problems
+            if not problems:
+                self._host_check = False
+                return None
+        if not problems:
+            return None
+        body = (b"wsgistack keeps per-process state (memory://) under a WSGI server with several processes; "
+                b"the log says which layers; use redis://\n")
+        start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8"),
+                                                     ("Content-Length", str(len(body)))])
+        return [body]
 
     def _lint_as_served(self, config: StackConfig, known: list[Problem]) -> list[Problem]:
         """Lint the new pipeline against the server settings in force; raise on errors, return new warnings.

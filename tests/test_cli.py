@@ -406,6 +406,71 @@ def test_serve_app_is_built_once_when_taken(config_file, monkeypatch: pytest.Mon
         logging.getLogger("wsgistack").setLevel(level)
 
 
+HOSTED_CALL = """
+import serve
+from wsgiref.util import setup_testing_defaults
+try:
+    app = serve.app
+except Exception as exc:
+    print(type(exc).__name__)
+    raise SystemExit(0)
+for multiprocess in {multiprocess}:
+    environ = {{"PATH_INFO": "/x", "REMOTE_ADDR": "192.0.2.7"}}
+    setup_testing_defaults(environ)
+    environ["wsgi.multiprocess"] = multiprocess
+    seen = []
+    result = app(environ, lambda status, headers, exc_info=None: seen.append(status))
+    body = b"".join(result)
+    getattr(result, "close", lambda: None)()
+    print(seen[0], body.decode()[:60], flush=True)
+"""
+
+
+@pytest.mark.parametrize(("pipeline", "multiprocess", "stdout", "stderr"), [
+    pytest.param("  - errors: {debug: true}\n", [False], ["ConfigError"],
+                 "pipeline[0].errors.debug: debug may be true only when the server listens on loopback only",
+                 id="debug: the host's listener is unknown"),
+    pytest.param("  - errors: {}\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n", [False],
+                 ["ConfigError"], "believes X-Forwarded-* from every peer, and the server listens on 0.0.0.0:0: any "
+                 "client could set its own address (its rate-limit key, allow_from); use the proxy layer with "
+                 "trusted_proxies, or server.trusted_proxy (under another WSGI server, whose listener and proxy "
+                 "handling wsgistack cannot see)", id="ProxyFix: the host may keep every client's headers"),
+    pytest.param("  - errors: {}\n  - session: {secret_key: '" + "s" * 40 + "'}\n", [True, False],
+                 ["500 Internal Server Error wsgistack keeps per-process state (memory://) under a WSGI s"] * 2,
+                 "session keeps state in store 'shared' (memory://) but server.workers is 2",
+                 id="memory:// state under a host with several processes: refused at the first request"),
+    pytest.param("  - errors: {}\n  - session: {secret_key: '" + "s" * 40 + "'}\n", [False],
+                 ['200 OK {"path": "/x", "method": "GET", "remote_addr": "192.0.2.7", '], "",
+                 id="memory:// state under a host with one process"),
+])
+def test_serve_app_judges_the_host_by_what_it_cannot_see(config_file, pipeline: str,  # type: ignore[no-untyped-def]
+                                                         multiprocess: list[bool], stdout: list[str],
+                                                         stderr: str) -> None:
+    """gunicorn's listener, workers and proxy handling are its own: the file's server section says nothing."""
+    path = config_file(ECHO + "server: {listen: 127.0.0.1:18120}\npipeline:\n" + pipeline)
+    result = python(HOSTED_CALL.format(multiprocess=multiprocess), path)
+    assert result.stdout.splitlines() == stdout, result.stderr
+    assert stderr in result.stderr
+
+
+def test_serve_app_warns_of_server_settings_the_host_owns(config_file) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + "server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
+                       "pipeline: [errors: {}]\n")
+    result = python(HOSTED_CALL.format(multiprocess=[False]), path)
+    assert result.stdout.startswith("200 OK")
+    assert f"{path}:2:25 warning: server.trusted_proxy: server.trusted_proxy is serve.py's (Waitress's) setting " \
+           "and has no effect under another WSGI server: establish the client address with the proxy layer's " \
+           "trusted_proxies, or the server's own settings" in result.stderr.splitlines()
+
+
+def test_serve_app_prints_the_access_log_when_the_host_configured_no_logging(config_file) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + "pipeline:\n  - errors: {}\n  - access_log: {}\n")
+    result = python(HOSTED_CALL.format(multiprocess=[False]), path)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith('{"time":') and '"path":"/x"' in lines[0] and '"status":200' in lines[0], lines
+    assert lines[1].startswith("200 OK")
+
+
 # ---------------------------------------------------------------- logging: in stack.yaml
 
 
