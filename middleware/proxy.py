@@ -59,11 +59,13 @@ class ProxyOptions(LayerOptions):
     @classmethod
     def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for entry in value:
+            if entry == UNIX:
+                continue
             try:
                 ipaddress.ip_network(entry)
             except ValueError as exc:
                 raise ValueError(f"trusted_proxies entry {entry!r} is not an address or "
-                                 f"CIDR network ({exc})") from None
+                                 f"CIDR network, nor 'unix' ({exc})") from None
         return value
 
     @model_validator(mode="after")
@@ -73,6 +75,10 @@ class ProxyOptions(LayerOptions):
                 "forwarded may not be combined with x_for, x_proto, x_host, x_port or x_prefix: "
                 "trust the one header scheme your proxy sets (a client can forge the other)")
         return self
+
+
+#: The ``trusted_proxies`` entry for a proxy that connects over a Unix socket.
+UNIX = "unix"
 
 
 class ProxyMiddleware:
@@ -85,7 +91,8 @@ class ProxyMiddleware:
       ``forwarded``: the same for RFC 7239 ``Forwarded`` (``for``, ``proto``,
       ``host``); refused together with any ``x_*``.
       ``trusted_proxies``: CIDRs of the peers whose headers count (default
-      loopback only).  ``allowed_hosts``: host names (``api.example.org``,
+      loopback only); ``unix`` trusts a peer on a Unix socket (no address).
+      ``allowed_hosts``: host names (``api.example.org``,
       ``*.example.org`` for subdomains, ``*`` for any) the request's host,
       port aside, must be one of; empty allows any.  Invalid values are
       ignored, as if the header were absent.
@@ -102,7 +109,10 @@ class ProxyMiddleware:
         self.app = app
         self.options = options
         self.networks: tuple[_Network, ...] = tuple(
-            ipaddress.ip_network(n) for n in options.trusted_proxies)
+            ipaddress.ip_network(n) for n in options.trusted_proxies if n != UNIX)
+        #: A proxy on a Unix socket: the peer has no address (gunicorn gives "", Waitress "localhost"
+        #: with no port), so it can only be trusted by name.
+        self.unix = UNIX in options.trusted_proxies
         self.trusted = lru_cache(maxsize=4096)(self._trusted)
         self.x_headers = [(hops, key) for hops, key in (
             (options.x_for, "HTTP_X_FORWARDED_FOR"), (options.x_proto, "HTTP_X_FORWARDED_PROTO"),
@@ -158,7 +168,8 @@ class ProxyMiddleware:
         environ[ORIG] = {"REMOTE_ADDR": get("REMOTE_ADDR"), "wsgi.url_scheme": get("wsgi.url_scheme"),
                          "HTTP_HOST": get("HTTP_HOST"), "SERVER_PORT": get("SERVER_PORT"),
                          "SCRIPT_NAME": get("SCRIPT_NAME")}
-        if self.trusted(peer):
+        if self.trusted(peer) or (self.unix and peer in ("", "localhost")
+                                  and not str(get("REMOTE_PORT") or "").isdigit()):
             found = self.derive(environ)
             if "for" in found:
                 environ["REMOTE_ADDR"] = found["for"]

@@ -132,6 +132,20 @@ def test_forwarding(options: dict[str, Any], request_headers: dict[str, str], pe
     assert body["orig"] == {**ORIGINAL, "REMOTE_ADDR": peer}
 
 
+@pytest.mark.parametrize(("trusted", "peer", "port", "client"), [
+    pytest.param(("unix",), "", "", "203.0.113.9", id="gunicorn on a Unix socket: no address"),
+    pytest.param(("unix",), "localhost", "None", "203.0.113.9", id="Waitress on a Unix socket"),
+    pytest.param(("127.0.0.1/32",), "", "", "", id="a Unix socket not trusted"),
+    pytest.param(("unix",), "localhost", "40000", "localhost", id="a TCP peer named localhost is not a socket"),
+    pytest.param(("unix",), "192.0.2.1", "40000", "192.0.2.1", id="unix trusts no address"),
+])
+def test_a_proxy_on_a_unix_socket(trusted: tuple[str, ...], peer: str, port: str, client: str) -> None:
+    """nginx -> gunicorn over a Unix socket: the peer has no address for a network to hold."""
+    body = call(make(x_for=1, trusted_proxies=trusted), {"X-Forwarded-For": "203.0.113.9"}, peer=peer,
+                REMOTE_PORT=port).json
+    assert body["client_ip"] == client
+
+
 def test_derive_client_summarises_the_rewrite() -> None:
     body = call(make(x_for=1, x_proto=1), {"X-Forwarded-For": "203.0.113.9",
                                            "X-Forwarded-Proto": "https"}).json
@@ -215,7 +229,7 @@ def test_allowed_hosts_without_host_header_uses_server_name() -> None:
                  id="two header schemes"),
     pytest.param({"forwarded": 1, "x_prefix": 1}, "forwarded may not be combined", id="forwarded and prefix"),
     pytest.param({"trusted_proxies": ["10.0.0.1/8"]},
-                 "trusted_proxies entry '10.0.0.1/8' is not an address or CIDR network "
+                 "trusted_proxies entry '10.0.0.1/8' is not an address or CIDR network, nor 'unix' "
                  "(10.0.0.1/8 has host bits set)", id="host bits"),
     pytest.param({"trusted_proxies": ["proxy.internal"]},
                  "trusted_proxies entry 'proxy.internal' is not an address or CIDR network",
