@@ -24,6 +24,7 @@ public listeners: it tells every client how long each layer took.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -512,6 +513,7 @@ class _Merged:
             pipeline.write()
         self.write()
         self.directory = directory  # last: a scrape now adds the files, the older pipelines' written
+        _merge_exited(directory)  # workers that exited before this one started (gunicorn recycles them)
         threading.Thread(target=_share, args=(weakref.ref(self),), daemon=True,
                          name="wsgistack-metrics-share").start()
 
@@ -648,40 +650,97 @@ def _compact(directory: str) -> None:
         if len(closed) < 2:
             return
         # What was read, and what a merged file superseded but could not remove.
-        replaced = sorted({*closed, *(n for n in superseded & done if os.path.exists(os.path.join(directory, n)))})
-        merged: dict[tuple[str, str, frozenset[str]], tuple[list[Any], dict[tuple[str, str], float]]] = {}
-        for families in closed.values():
-            for fname, ftype, doc, unit, samples in families:
-                edges = frozenset(str(labels.get("le")) for _, labels, _ in samples if "le" in labels)
-                entry = merged.setdefault((fname, ftype, edges), ([fname, ftype, doc, unit], {}))
-                values = entry[1]
-                for sname, labels, value in samples:
-                    key = (sname, json.dumps(labels, sort_keys=True))
-                    before = values.get(key)
-                    values[key] = float(value) if before is None else (
-                        min(before, float(value)) if sname.endswith("_created") else before + float(value))
-        out = [[*head, [[sname, json.loads(labels), value] for (sname, labels), value in values.items()]]
-               for head, values in merged.values()]
-        path = os.path.join(directory, f"{_process_tag()}-{next(_SEQUENCE)}.json")
-        temporary = f"{path}.tmp"
+        _merge(directory, closed, {n for n in superseded & done if os.path.exists(os.path.join(directory, n))})
+
+
+def _merge_exited(directory: str) -> None:
+    """Merge the files of worker processes that have exited into one file of this process's.
+
+    Under gunicorn's ``--max-requests`` every worker leaves its files behind;
+    without this, every scrape would read all of them.  One process merges at a
+    time (an exclusive ``flock`` on ``.merge.lock``; a process, or a thread, that
+    does not get it at once leaves the merge to the one that has it), so no
+    exited file is merged twice and no request waits.  A file whose pid runs
+    again (reused) is left alone.
+    """
+    if not _COMPACTING.acquire(blocking=False):  # a merge runs here now: a request does not wait for it
+        return
+    try:
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump({"supersedes": replaced, "families": out}, handle, separators=(",", ":"))
-            os.replace(temporary, path)
-        except OSError as exc:
-            _log.debug("metrics: cannot merge into %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            lock = open(os.path.join(directory, ".merge.lock"), "a")  # noqa: SIM115 - closed below
+        except OSError:
             return
-        _CLOSED.add(os.path.basename(path))
-        for name in replaced:
-            try:
-                os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
-            except OSError:  # superseded all the same; the next merge tries again
-                continue
-            _CLOSED.discard(name)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return
+        try:
+            found, superseded = _read_shared(directory)
+            own = f"{_process_tag()}-"  # (this process runs; a file of its own is never another's)
+
+            def exited(name: str) -> bool:
+                return not name.startswith(own) and not _running(name)
+
+            files = {name: families for name, families in found.items() if exited(name)}
+            if len(files) >= 2:
+                _merge(directory, files, {n for n in superseded if exited(n)
+                                          and os.path.exists(os.path.join(directory, n))})
+        finally:
+            lock.close()  # (releases the lock)
+    finally:
+        _COMPACTING.release()
+
+
+def _running(name: str) -> bool:
+    """Whether the process whose pid starts file ``name`` runs (or might: its pid cannot be read)."""
+    try:
+        pid = int(name.split("-", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, PermissionError):
+        return True
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _merge(directory: str, files: dict[str, Families], leftovers: set[str]) -> None:
+    """Write one file of this process's with the summed families of ``files``, naming them (and
+    ``leftovers``, superseded before but not removed) as superseded; then remove them."""
+    replaced = sorted({*files, *leftovers})
+    merged: dict[tuple[str, str, frozenset[str]], tuple[list[Any], dict[tuple[str, str], float]]] = {}
+    for families in files.values():
+        for fname, ftype, doc, unit, samples in families:
+            edges = frozenset(str(labels.get("le")) for _, labels, _ in samples if "le" in labels)
+            entry = merged.setdefault((fname, ftype, edges), ([fname, ftype, doc, unit], {}))
+            values = entry[1]
+            for sname, labels, value in samples:
+                key = (sname, json.dumps(labels, sort_keys=True))
+                before = values.get(key)
+                values[key] = float(value) if before is None else (
+                    min(before, float(value)) if sname.endswith("_created") else before + float(value))
+    out = [[*head, [[sname, json.loads(labels), value] for (sname, labels), value in values.items()]]
+           for head, values in merged.values()]
+    path = os.path.join(directory, f"{_process_tag()}-{next(_SEQUENCE)}.json")
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump({"supersedes": replaced, "families": out}, handle, separators=(",", ":"))
+        os.replace(temporary, path)
+    except OSError as exc:
+        _log.debug("metrics: cannot merge into %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return
+    _CLOSED.add(os.path.basename(path))
+    for name in replaced:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+        except OSError:  # superseded all the same; the next merge tries again
+            continue
+        _CLOSED.discard(name)
 
 
 def _last_write(counted: CollectorRegistry, path: str) -> None:
