@@ -197,10 +197,7 @@ def test_no_log_injection(make: Callable[..., Any], tmp_path: Path, field: str, 
     layer.app = hostile_layer
     environ = _environ("/x")
     environ[environ_key] = hostile
-    result = layer(environ, ignore_start)
-    list(result)
-    result.close()
-    raw = (tmp_path / "access.log").read_bytes()
+    raw = logged(layer, environ, tmp_path)
     assert raw.count(b"\n") == 1 and raw.endswith(b"\n")
     assert all(32 <= byte < 127 for byte in raw[:-1]), raw  # printable ASCII only
     [line] = lines()
@@ -398,15 +395,20 @@ def test_a_line_with_long_fields_is_cut_to_go_out_whole(make: Callable[..., Any]
     layer = app.app.app  # errors -> access_log
     environ = _environ("/x")
     environ[environ_key] = value
-    result = layer(environ, ignore_start)
-    list(result)
-    result.close()
-    raw = (tmp_path / "access.log").read_bytes()
+    raw = logged(layer, environ, tmp_path)
     assert len(raw) <= select.PIPE_BUF
     [line] = lines()
     assert line["truncated"] is True
     assert line[field].endswith("...") and 10 < len(line[field]) < len(value)
     assert line["status"] == 200 and line["client_ip"] == "192.0.2.7"
+
+
+def logged(layer: Any, environ: dict[str, Any], tmp_path: Path) -> bytes:
+    """Send ``environ`` straight through the access_log ``layer``; what its log file holds then."""
+    result = layer(environ, ignore_start)
+    list(result)
+    result.close()
+    return (tmp_path / "access.log").read_bytes()
 
 
 def ignore_start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
