@@ -54,6 +54,15 @@ log = logging.getLogger("wsgistack.reload")
 #: (a public listener that keeps every client's forwarding headers).
 HOSTED: dict[str, Any] = {"listen": ["0.0.0.0:0"], "clear_untrusted_proxy_headers": False}
 HOSTED_NOTE = "under another WSGI server, whose listener and proxy handling wsgistack cannot see"
+#: Where the hosting server binds, when its operator says so (``127.0.0.1:8000``, several separated by
+#: spaces): loopback-only allowances (``debug``, ``cookie_secure: false``) are judged on it.
+HOST_LISTEN_ENV = "WSGISTACK_HOST_LISTEN"
+
+
+def hosted_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """HOSTED, with the listen addresses ``$WSGISTACK_HOST_LISTEN`` names instead of a public one."""
+    listen = (env.get(HOST_LISTEN_ENV) or "").split()
+    return {**HOSTED, "listen": listen} if listen else dict(HOSTED)
 _HOST_OWNS = {
     "trusted_proxy": "establish the client address with the proxy layer's trusted_proxies, or the server's own "
                      "settings",
@@ -229,8 +238,8 @@ class LiveStack:
         self.hosted = hosted
         self.current = built or _probed(self._build_hosted() if hosted else build_from_file(self.path, env=env))
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
-        self.in_force: ServerOptions = self.current.config.server.model_copy(update=HOSTED) if hosted \
-            else self.current.config.server
+        self.in_force: ServerOptions = self.current.config.server.model_copy(
+            update=hosted_settings(os.environ if env is None else env)) if hosted else self.current.config.server
         #: The Waitress adjustments in force (what a server, or a restarted worker, is created with).
         self.waitress_kwargs: dict[str, Any] = self.current.config.waitress_kwargs()
         if hosted:
@@ -344,7 +353,7 @@ class LiveStack:
 
         base = Path(self.path).resolve().parent
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
-        served = config.server.model_copy(update=HOSTED)
+        served = config.server.model_copy(update=hosted_settings(os.environ if self.env is None else self.env))
         found = [dataclasses.replace(p, message=f"{p.message} ({HOSTED_NOTE})") for p in
                  proxyfix_trusts_every_peer(dataclasses.replace(config, server=served),
                                             with_default_errors(config.pipeline))]
@@ -356,7 +365,17 @@ class LiveStack:
                 found.append(doc.problem(("server", name), f"server.{name} is serve.py's (Waitress's) setting and "
                                          f"has no effect under another WSGI server: {_HOST_OWNS[name]}",
                                          severity="warning"))
-        new = build(config, server=served)
+        others = sorted(config.server.model_fields_set - set(_HOST_OWNS) - {"generation_header"})
+        if others:
+            found.append(doc.problem(("server",), f"{', '.join(others)}: serve.py's (Waitress's) settings, which "
+                                     "another WSGI server does not read: its own settings apply", key=True,
+                                     severity="warning"))
+        try:
+            new = build(config, server=served)
+        except ConfigError as exc:  # a loopback-only allowance (debug, cookie_secure: false), judged as hosted
+            raise ConfigError([dataclasses.replace(p, message=f"{p.message} ({HOSTED_NOTE}; set "
+                                                              f"{HOST_LISTEN_ENV} to the address it binds)")
+                               if "loopback" in p.message else p for p in exc.problems]) from None
         new.warnings = [*warnings, *found]
         return new
 
@@ -371,10 +390,12 @@ class LiveStack:
 
                 config = self.current.config
                 several = dataclasses.replace(config, server=config.server.model_copy(update={"workers": 2}))
-                problems = [p for p in shared_state(several, with_default_errors(config.pipeline))
+                problems = [dataclasses.replace(p, message=p.message.replace(
+                                "server.workers is 2", "the WSGI server runs several processes (wsgi.multiprocess)"))
+                            for p in shared_state(several, with_default_errors(config.pipeline))
                             if p.severity == "error"]
                 for problem in problems:
-                    log.error("%s (the WSGI server runs several processes: wsgi.multiprocess is true)", problem)
+                    log.error("%s", problem)
             self._host_problems = problems
             if not problems:
                 self._host_check = False

@@ -179,15 +179,21 @@ def escape_control(text: str) -> str:
 def no_boolean_numbers(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     """Refuse a boolean where a number goes: YAML reads yes/no/on/off/true/false as booleans,
     and pydantic would take ``threads: yes`` as 1 without a word."""
-    if isinstance(value, bool) and info.field_name is not None:
-        field = cls.model_fields.get(info.field_name)
-        if field is not None and field.annotation in _NUMBER_HINTS:
-            raise ValueError("a number is needed, not a boolean (YAML reads yes, no, on, off, true and false "
-                             "as booleans)")
+    field = cls.model_fields.get(info.field_name) if info.field_name is not None else None
+    if field is None:
+        return value
+    if isinstance(value, bool) and field.annotation in _NUMBER_HINTS:
+        raise ValueError("a number is needed, not a boolean (YAML reads yes, no, on, off, true and false "
+                         "as booleans)")
+    if isinstance(value, list | tuple) and field.annotation in _NUMBERS_HINTS \
+            and any(isinstance(item, bool) for item in value):
+        raise ValueError("numbers are needed, not booleans (YAML reads yes, no, on, off, true and false "
+                         "as booleans)")
     return value
 
 
 _NUMBER_HINTS: tuple[Any, ...] = (int, float, int | None, float | None)
+_NUMBERS_HINTS: tuple[Any, ...] = (tuple[int, ...], tuple[float, ...], list[int], list[float])
 
 
 class LayerOptions(BaseModel):

@@ -346,10 +346,10 @@ def test_explain_with_the_proxy_layer(config_file, peer: str, forwarded: str,  #
 # ---------------------------------------------------------------- serve:app for other WSGI servers
 
 
-def python(code: str, config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``python -c code`` with ``$WSGISTACK_CONFIG`` set, as a WSGI server importing serve would."""
+def python(code: str, config: Path, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code`` with ``$WSGISTACK_CONFIG`` (and ``extra``) set, as a WSGI server importing serve would."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-           "WSGISTACK_CONFIG": str(config)}
+           "WSGISTACK_CONFIG": str(config), **extra}
     return subprocess.run([sys.executable, "-c", code], cwd=config.parent, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -437,7 +437,8 @@ for multiprocess in {multiprocess}:
                  "handling wsgistack cannot see)", id="ProxyFix: the host may keep every client's headers"),
     pytest.param("  - errors: {}\n  - session: {secret_key: '" + "s" * 40 + "'}\n", [True, False],
                  ["500 Internal Server Error wsgistack keeps per-process state (memory://) under a WSGI s"] * 2,
-                 "session keeps state in store 'shared' (memory://) but server.workers is 2",
+                 "session keeps state in store 'shared' (memory://) but the WSGI server runs several processes "
+                 "(wsgi.multiprocess): each process would have its own copy; use redis://",
                  id="memory:// state under a host with several processes: refused at the first request"),
     pytest.param("  - errors: {}\n  - session: {secret_key: '" + "s" * 40 + "'}\n", [False],
                  ['200 OK {"path": "/x", "method": "GET", "remote_addr": "192.0.2.7", '], "",
@@ -453,6 +454,20 @@ def test_serve_app_judges_the_host_by_what_it_cannot_see(config_file, pipeline: 
     assert stderr in result.stderr
 
 
+def test_serve_app_judges_loopback_allowances_on_the_listen_its_operator_names(config_file) -> None:  # type: ignore[no-untyped-def]
+    """The shipped stack.yaml (cookie_secure: false, for local development) under gunicorn -b 127.0.0.1:8000."""
+    path = config_file(ECHO + "pipeline:\n  - errors: {}\n  - session: {secret_key: '" + "s" * 40 + "', "
+                       "cookie_secure: false, cookie_name: dev_session}\n")
+    refused = python(HOSTED_CALL.format(multiprocess=[False]), path)
+    assert refused.stdout == "ConfigError\n"
+    assert "(under another WSGI server, whose listener and proxy handling wsgistack cannot see; set " \
+           "WSGISTACK_HOST_LISTEN to the address it binds)" in refused.stderr
+    named = python(HOSTED_CALL.format(multiprocess=[False]), path, WSGISTACK_HOST_LISTEN="127.0.0.1:8000")
+    assert named.stdout.startswith("200 OK"), named.stderr
+    public = python(HOSTED_CALL.format(multiprocess=[False]), path, WSGISTACK_HOST_LISTEN="0.0.0.0:8000")
+    assert public.stdout == "ConfigError\n"
+
+
 def test_serve_app_warns_of_server_settings_the_host_owns(config_file) -> None:  # type: ignore[no-untyped-def]
     path = config_file(ECHO + "server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
                        "pipeline: [errors: {}]\n")
@@ -461,6 +476,8 @@ def test_serve_app_warns_of_server_settings_the_host_owns(config_file) -> None: 
     assert f"{path}:2:25 warning: server.trusted_proxy: server.trusted_proxy is serve.py's (Waitress's) setting " \
            "and has no effect under another WSGI server: establish the client address with the proxy layer's " \
            "trusted_proxies, or the server's own settings" in result.stderr.splitlines()
+    assert f"{path}:2:1 warning: server: trusted_proxy_headers: serve.py's (Waitress's) settings, which another " \
+           "WSGI server does not read: its own settings apply" in result.stderr.splitlines()
 
 
 def test_serve_app_prints_the_access_log_when_the_host_configured_no_logging(config_file) -> None:  # type: ignore[no-untyped-def]

@@ -142,6 +142,12 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="a boolean where a layer wants a number",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - errors: {}\n  - metrics: {buckets: [yes, 2]}\n",
+            "stack.yaml:4:24 pipeline[1].metrics.buckets: numbers are needed, not booleans (YAML reads yes, no, on, "
+            "off, true and false as booleans)",
+            id="booleans among numbers",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - errors: {}\n  - cors: {origins: ['http://a.example'], on: 1}\n",
             "stack.yaml:4:43 pipeline[1].cors.on: the key 'on' is read by YAML as the boolean true; write it in "
             "quotes, \"on\", to mean the word",
