@@ -328,11 +328,17 @@ def probes_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
                                         "timings of the layers it wraps")
 
 
-def shared_state(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
-    """Per-process state (memory://) under several workers."""
+def shared_state(cfg: StackConfig, specs: list[LayerSpec], several: str | None = None) -> Iterator[Problem]:
+    """Per-process state (memory://) under several workers.
+
+    ``several`` says why there are several processes when ``server.workers`` does not
+    (a WSGI server hosting ``serve:app`` that runs its own).
+    """
     count = cfg.server.workers
-    if count <= 1:
-        return
+    if several is None:
+        if count <= 1:
+            return
+        several = f"server.workers is {count}"
     for spec in specs:
         name = kind(spec)
         store = spec.option("store", "shared")
@@ -340,8 +346,8 @@ def shared_state(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
         if name is None or url is None or not url.url.startswith("memory:"):
             continue
         if name in STATEFUL_SHARED:
-            yield _problem(cfg, spec, f"{name} keeps state in store {store!r} (memory://) but server.workers is "
-                                      f"{count}: each process would have its own copy; use redis://")
+            yield _problem(cfg, spec, f"{name} keeps state in store {store!r} (memory://) but {several}: each "
+                                      "process would have its own copy; use redis://")
         elif name == "cache":
             yield _problem(cfg, spec, f"cache on a memory:// store with {count} workers keeps one "
                                       "cache per process (more misses, uneven purges)", "warning")

@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,8 @@ def hosted_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """HOSTED, with the listen addresses ``$WSGISTACK_HOST_LISTEN`` names instead of a public one."""
     listen = (env.get(HOST_LISTEN_ENV) or "").split()
     return {**HOSTED, "listen": listen} if listen else dict(HOSTED)
+
+
 _HOST_OWNS = {
     "trusted_proxy": "establish the client address with the proxy layer's trusted_proxies, or the server's own "
                      "settings",
@@ -77,6 +80,19 @@ RESTART_ONLY = ("listen", "threads", "workers", "connection_limit", "backlog", "
                 "trusted_proxy_count", "trusted_proxy_headers", "clear_untrusted_proxy_headers",
                 "log_untrusted_proxy_headers", "url_scheme", "url_prefix", "ident", "channel_timeout",
                 "max_request_body_size", "max_request_header_size", "cleanup_interval")
+
+
+def _judged(config: StackConfig, server: ServerOptions, *rules: Callable[..., Iterable[Problem]]) -> list[Problem]:
+    """What lint ``rules`` find in ``config`` served with ``server`` instead of its own ``server:`` section."""
+    from .build import with_default_errors
+
+    served, specs = dataclasses.replace(config, server=server), with_default_errors(config.pipeline)
+    return [problem for rule in rules for problem in rule(served, specs)]
+
+
+def _noted(problem: Problem, note: str) -> Problem:
+    """``problem`` with ``note`` (in parentheses) after its message."""
+    return dataclasses.replace(problem, message=f"{problem.message} ({note})")
 
 
 def refused_stores(built: BuiltStack) -> list[Problem]:
@@ -239,7 +255,7 @@ class LiveStack:
         self.current = built or _probed(self._build_hosted() if hosted else build_from_file(self.path, env=env))
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
         self.in_force: ServerOptions = self.current.config.server.model_copy(
-            update=hosted_settings(os.environ if env is None else env)) if hosted else self.current.config.server
+            update=hosted_settings(self._env)) if hosted else self.current.config.server
         #: The Waitress adjustments in force (what a server, or a restarted worker, is created with).
         self.waitress_kwargs: dict[str, Any] = self.current.config.waitress_kwargs()
         if hosted:
@@ -346,17 +362,18 @@ class LiveStack:
         new.warnings = warnings
         return _probed(new)
 
+    @property
+    def _env(self) -> Mapping[str, str]:
+        return os.environ if self.env is None else self.env
+
     def _build_hosted(self) -> BuiltStack:
         """Build for another WSGI server, judged with the least safe server settings (see HOSTED)."""
-        from .build import with_default_errors
         from .lint import proxyfix_trusts_every_peer
 
         base = Path(self.path).resolve().parent
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
-        served = config.server.model_copy(update=hosted_settings(os.environ if self.env is None else self.env))
-        found = [dataclasses.replace(p, message=f"{p.message} ({HOSTED_NOTE})") for p in
-                 proxyfix_trusts_every_peer(dataclasses.replace(config, server=served),
-                                            with_default_errors(config.pipeline))]
+        served = config.server.model_copy(update=hosted_settings(self._env))
+        found = [_noted(p, HOSTED_NOTE) for p in _judged(config, served, proxyfix_trusts_every_peer)]
         if found:
             raise ConfigError(found)
         doc = config.document
@@ -373,9 +390,8 @@ class LiveStack:
         try:
             new = build(config, server=served)
         except ConfigError as exc:  # a loopback-only allowance (debug, cookie_secure: false), judged as hosted
-            raise ConfigError([dataclasses.replace(p, message=f"{p.message} ({HOSTED_NOTE}; set "
-                                                              f"{HOST_LISTEN_ENV} to the address it binds)")
-                               if "loopback" in p.message else p for p in exc.problems]) from None
+            note = f"{HOSTED_NOTE}; set {HOST_LISTEN_ENV} to the address it binds"
+            raise ConfigError([_noted(p, note) if "loopback" in p.message else p for p in exc.problems]) from None
         new.warnings = [*warnings, *found]
         return new
 
@@ -385,15 +401,11 @@ class LiveStack:
         if problems is None:
             problems = []
             if environ.get("wsgi.multiprocess"):
-                from .build import with_default_errors
                 from .lint import shared_state
 
                 config = self.current.config
-                several = dataclasses.replace(config, server=config.server.model_copy(update={"workers": 2}))
-                problems = [dataclasses.replace(p, message=p.message.replace(
-                                "server.workers is 2", "the WSGI server runs several processes (wsgi.multiprocess)"))
-                            for p in shared_state(several, with_default_errors(config.pipeline))
-                            if p.severity == "error"]
+                several = partial(shared_state, several="the WSGI server runs several processes (wsgi.multiprocess)")
+                problems = [p for p in _judged(config, config.server, several) if p.severity == "error"]
                 for problem in problems:
                     log.error("%s", problem)
             self._host_problems = problems
@@ -419,19 +431,17 @@ class LiveStack:
         (A proxy layer added while Waitress clears the headers sees the proxy as every
         client, as the old pipeline did: a restart applies it, and the reload says so.)
         """
-        from .build import with_default_errors
         from .lint import proxyfix_trusts_every_peer, shared_state
 
         restart_only = {name: getattr(self.in_force, name) for name in RESTART_ONLY}
         restart_only["clear_untrusted_proxy_headers"] = self.waitress_kwargs["clear_untrusted_proxy_headers"]
-        served = dataclasses.replace(config, server=config.server.model_copy(update=restart_only))
-        if all(getattr(served.server, name) == getattr(config.server, name) for name in restart_only):
+        served = config.server.model_copy(update=restart_only)
+        if all(getattr(served, name) == getattr(config.server, name) for name in restart_only):
             return []
         seen = {(p.message, p.path) for p in known}
-        found = [dataclasses.replace(p, message=f"{p.message} (with the server settings in force: a restart "
-                                                f"applies the file's)")
-                 for rule in (shared_state, proxyfix_trusts_every_peer)
-                 for p in rule(served, with_default_errors(served.pipeline)) if (p.message, p.path) not in seen]
+        found = [_noted(p, "with the server settings in force: a restart applies the file's")
+                 for p in _judged(config, served, shared_state, proxyfix_trusts_every_peer)
+                 if (p.message, p.path) not in seen]
         if any(p.severity == "error" for p in found):
             raise ConfigError(found)
         return found
