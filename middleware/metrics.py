@@ -517,11 +517,17 @@ class _Merged:
         threading.Thread(target=_share, args=(weakref.ref(self),), daemon=True,
                          name="wsgistack-metrics-share").start()
 
+    @property
+    def sharing(self) -> bool:
+        """Whether this pipeline writes its counts to its file (started, not closed)."""
+        return self.path is not None and self._final is not None and self._final.alive
+
     def write(self, unless: str | None = None) -> str | None:
         """Write this pipeline's counts to its file now (unless they serialise to ``unless``)."""
         with self._writing:
-            if self.path is None or self._final is None or not self._final.alive:
+            if not self.sharing:
                 return None
+            assert self.path is not None
             return _write_samples(self.counted, self.path, unless=unless)
 
     def close(self) -> None:
@@ -532,8 +538,9 @@ class _Merged:
         reload for every scrape to read.
         """
         with self._writing:
-            if self._final is None or not self._final.alive:
+            if not self.sharing:
                 return
+            assert self._final is not None
             self._final()
         if self.directory is not None:
             _compact(self.directory)
@@ -549,7 +556,8 @@ class _Merged:
         # answers next adds at least these counts, so totals never go back between two scrapes.
         with self._writing:
             own = list(self.counted.collect())
-            if self.path is not None and self._final is not None and self._final.alive:
+            if self.sharing:
+                assert self.path is not None
                 _write_samples(own, self.path)
         merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
         for family in itertools.chain(own, self._others()):
@@ -564,14 +572,7 @@ class _Merged:
                                                       family.unit), {})
             values = found[1]
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                before = values.get(key)
-                if before is None:
-                    values[key] = sample.value
-                elif sample.name.endswith("_created"):
-                    values[key] = min(before, sample.value)
-                else:
-                    values[key] = before + sample.value
+                _add(values, (sample.name, tuple(sorted(sample.labels.items()))), sample.value)
         for metric, values in merged.values():
             metric.samples = [Sample(name, dict(labels), value) for (name, labels), value in values.items()]
             yield metric
@@ -650,7 +651,7 @@ def _compact(directory: str) -> None:
         if len(closed) < 2:
             return
         # What was read, and what a merged file superseded but could not remove.
-        _merge(directory, closed, {n for n in superseded & done if os.path.exists(os.path.join(directory, n))})
+        _merge(directory, closed, superseded & done)
 
 
 def _merge_exited(directory: str) -> None:
@@ -684,8 +685,7 @@ def _merge_exited(directory: str) -> None:
 
             files = {name: families for name, families in found.items() if exited(name)}
             if len(files) >= 2:
-                _merge(directory, files, {n for n in superseded if exited(n)
-                                          and os.path.exists(os.path.join(directory, n))})
+                _merge(directory, files, {n for n in superseded if exited(n)})
         finally:
             lock.close()  # (releases the lock)
     finally:
@@ -706,8 +706,8 @@ def _running(name: str) -> bool:
 
 def _merge(directory: str, files: dict[str, Families], leftovers: set[str]) -> None:
     """Write one file of this process's with the summed families of ``files``, naming them (and
-    ``leftovers``, superseded before but not removed) as superseded; then remove them."""
-    replaced = sorted({*files, *leftovers})
+    ``leftovers``, superseded before but still there) as superseded; then remove them."""
+    replaced = sorted({*files, *(n for n in leftovers if os.path.exists(os.path.join(directory, n)))})
     merged: dict[tuple[str, str, frozenset[str]], tuple[list[Any], dict[tuple[str, str], float]]] = {}
     for families in files.values():
         for fname, ftype, doc, unit, samples in families:
@@ -715,22 +715,11 @@ def _merge(directory: str, files: dict[str, Families], leftovers: set[str]) -> N
             entry = merged.setdefault((fname, ftype, edges), ([fname, ftype, doc, unit], {}))
             values = entry[1]
             for sname, labels, value in samples:
-                key = (sname, json.dumps(labels, sort_keys=True))
-                before = values.get(key)
-                values[key] = float(value) if before is None else (
-                    min(before, float(value)) if sname.endswith("_created") else before + float(value))
+                _add(values, (sname, json.dumps(labels, sort_keys=True)), float(value))
     out = [[*head, [[sname, json.loads(labels), value] for (sname, labels), value in values.items()]]
            for head, values in merged.values()]
     path = os.path.join(directory, f"{_process_tag()}-{next(_SEQUENCE)}.json")
-    temporary = f"{path}.tmp"
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"supersedes": replaced, "families": out}, handle, separators=(",", ":"))
-        os.replace(temporary, path)
-    except OSError as exc:
-        _log.debug("metrics: cannot merge into %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+    if not _replace_file(path, json.dumps({"supersedes": replaced, "families": out}, separators=(",", ":"))):
         return
     _CLOSED.add(os.path.basename(path))
     for name in replaced:
@@ -756,8 +745,13 @@ def _write_samples(counted: CollectorRegistry | list[Metric], path: str, unless:
     families = [[m.name, m.type, m.documentation, m.unit, [[s.name, s.labels, s.value] for s in m.samples]]
                 for m in found]
     text = json.dumps(families, separators=(",", ":"))
-    if text == unless:
-        return text  # nothing counted since the last write: an idle worker leaves its file alone
+    if text != unless:  # (nothing counted since the last write: an idle worker leaves its file alone)
+        _replace_file(path, text)
+    return text
+
+
+def _replace_file(path: str, text: str) -> bool:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees half of it."""
     temporary = f"{path}.tmp"
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -767,7 +761,14 @@ def _write_samples(counted: CollectorRegistry | list[Metric], path: str, unless:
         _log.debug("metrics: cannot write %s: %s", path, exc)
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-    return text
+        return False
+    return True
+
+
+def _add(values: dict[Any, float], key: Any, value: float) -> None:
+    """Add a sample to ``values``: counts and sums add up, a ``_created`` keeps the earliest."""
+    before = values.get(key)
+    values[key] = value if before is None else min(before, value) if key[0].endswith("_created") else before + value
 
 
 def _share(ref: weakref.ReferenceType[_Merged]) -> None:
