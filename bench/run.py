@@ -153,6 +153,8 @@ def goals(result: inproc.Result, loads: list[http.Load], deltas: list[dict[str, 
         shown = ", ".join(f"{p}: {_fmt(f)}x" for p, f in factors)
         out.append(Goal(f"full stack ≥ {limit:g}x faster than the peer stack, {store} stores (every request)",
                         shown, all(f >= limit for _, f in factors)))
+        if store == "Redis" and result.get(stacks.ROUND_TRIP_FLOOR, "health") is not None:
+            out.append(_floor_goal(result, limit))
         same = [(p, result.ratio(peer, p, baseline=f"peer's work ({store})")) for p in profiles]
         shown = ", ".join(f"{p}: {_fmt(f)}x" for p, f in same)
         out.append(Goal(f"for reference, not the goal: the layers that do the peer's work only, ≥ {limit:g}x "
@@ -183,6 +185,19 @@ def goals(result: inproc.Result, loads: list[http.Load], deltas: list[dict[str, 
             out.append(Goal(f"server.workers: 2 ≥ 1.6x the req/s of workers: 1 ({stack})",
                             f"{factor:.2f}x ({two.rps:.0f} vs {one.rps:.0f} req/s)", factor >= 1.6))
     return out
+
+
+def _floor_goal(result: inproc.Result, limit: float) -> Goal:
+    """Whether a stack that makes one Redis round trip per request could be ``limit`` times faster than the peer."""
+    floor, peer = stacks.ROUND_TRIP_FLOOR, "peer stack (Redis)"
+    rows = [p.label for p in inproc.PROFILES if p.target == HEALTH]
+    factors = [(p, result.ratio(peer, p, baseline=floor)) for p in rows]
+    shown = ", ".join(f"{p}: {_fmt(f)}x" for p, f in factors)
+    cost = _fmt(result.ratio(floor, "health"))
+    return Goal(f"for reference, not the goal: the peer stack (Redis) against bare Flask behind one Redis round "
+                f"trip and nothing else ({cost}x bare Flask on health), the least any stack that counts "
+                f"requests in Redis costs; ≥ {limit:g}x would leave room for the goal",
+                shown, all(f >= limit for _, f in factors))
 
 
 def http_table(loads: list[http.Load]) -> str:
@@ -292,6 +307,10 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "- **full stack**: `bench/full.yaml`: every built-in layer (errors, proxy, request_id, health, metrics "
         "with layer timing off, access_log, headers, validation, cors, ratelimit, session, csrf, auth, versioning, "
         "cache with `per_user: true`), memory stores or Redis (`REDIS_URL`).",
+        f"- **{stacks.ROUND_TRIP_FLOOR}** (with Redis only): bare Flask behind one pipeline of `INCR` and "
+        "`PTTL` per request (redis-py with hiredis, as the stores use), nothing else: what one round trip "
+        "adds to a request on this machine, a floor for any stack that counts every request in Redis. It is "
+        "more than the same round trip timed alone in a loop.",
         "- **peer stack** (`bench/peer.py`): the same `create_app` core with Flask-CORS (the same origins, "
         "methods, headers, credentials), Flask-Session (server-side, read on every request by a `before_request` "
         "hook, permanent with a sliding 30-minute lifetime), Flask-Limiter (client IP, the same limit, headers on), "

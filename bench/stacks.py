@@ -140,6 +140,34 @@ def peer(ws: Workspace, name: str, redis: bool = False) -> Stack:
     return Stack(name, app, cookie=_cookie_from(headers, "peer_session"))
 
 
+#: The stack that shows what one Redis round trip costs on this machine, whatever makes it.
+ROUND_TRIP_FLOOR = "bare Flask + 1 Redis round trip"
+
+
+def round_trip_floor(ws: Workspace) -> Stack:
+    """Bare Flask behind one Redis round trip per request: a floor for any stack that counts in Redis.
+
+    The round trip is the rate limiter's (a pipeline of ``INCR`` and ``PTTL`` on one key, through
+    redis-py with hiredis, as the stores use), and nothing else runs around Flask: no stack that
+    counts every request in Redis can cost less than this.
+    """
+    import redis
+
+    if ws.redis_url is None:
+        raise RuntimeError("no Redis server in this run")
+    client = redis.Redis.from_url(ws.redis_url)
+    core = create_bare_app(str(ws.var_dir))
+
+    def floor(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        pipe = client.pipeline(transaction=False)
+        pipe.incr("bench:floor")
+        pipe.pttl("bench:floor")
+        pipe.execute()
+        return core(environ, start_response)
+
+    return Stack(ROUND_TRIP_FLOOR, floor, close=client.close)
+
+
 def build_index(ws: Workspace) -> float:
     """Build the local search index once (every stack and server shares the file); return seconds."""
     import time
@@ -184,6 +212,7 @@ def inproc_stacks(ws: Workspace, redis: bool) -> list[Stack]:
         wsgistack(ws, "peer's work (memory)", peer_work_yaml(ws)),
     ]
     if redis:
+        stacks.append(round_trip_floor(ws))
         stacks.append(wsgistack(ws, "full stack (Redis)", FULL_YAML, redis=True))
         stacks.append(wsgistack(ws, "peer's work (Redis)", peer_work_yaml(ws), redis=True))
     stacks.append(peer(ws, "peer stack (memory)"))
