@@ -401,6 +401,9 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
 def decoded_path(environ: WSGIEnvironment) -> str:
     """The percent-decoded request path as text (PEP 3333 gives it as latin-1), as the router sees it.
 
+    Bytes that are not UTF-8 read as U+FFFD, as the router reads them: two paths
+    the app cannot tell apart are the same path to every layer (a cache key, a rule).
+
     Leading slashes count as one, as werkzeug's router counts them (``//auth/login``
     routes to ``/auth/login``): Waitress merges them itself, other servers
     (gunicorn) pass them on, and a rule written for ``/auth/*`` must match there too.
@@ -410,9 +413,9 @@ def decoded_path(environ: WSGIEnvironment) -> str:
         raw = environ.get("PATH_INFO", "") or "/"
         if raw[:2] == "//":
             raw = "/" + raw.lstrip("/")
-        try:
-            path = raw.encode("latin-1").decode("utf-8")
-        except UnicodeError:
+        try:  # bytes that are not UTF-8 become U+FFFD, as werkzeug's router decodes them
+            path = raw.encode("latin-1").decode("utf-8", "replace")
+        except UnicodeError:  # not latin-1 text (against PEP 3333): taken as it is
             path = raw
         environ[PATH] = path
     return path

@@ -105,3 +105,29 @@ def test_scopes_hold_for_the_routed_path(scope: dict[str, Any], path: str, appli
     options = ", ".join(f"{k}: [{', '.join(v)}]" for k, v in scope.items())
     app = stack(f"  - stack_support:Tag: {{name: scoped, {options}}}\n")
     assert app.get(path).json["layers"] == (["scoped"] if applies else [])
+
+
+@pytest.mark.parametrize("path_info", [
+    pytest.param("/api/v1/items/caf\u00c3\u00a9", id="UTF-8"),
+    pytest.param("/api/v1/items/caf\u00e9", id="a byte that is not UTF-8"),
+    pytest.param("/api/v1/items/\u00ff\u00fe/\u00c3\u00a9", id="bad bytes beside good ones"),
+    pytest.param("/api/v1/items/caf\u00c3", id="a sequence cut short"),
+    pytest.param("//api/v1/items/x", id="leading slashes"),
+])
+def test_layers_read_the_path_the_router_reads(path_info: str) -> None:
+    from werkzeug.wrappers import Request
+
+    from middleware.base import decoded_path
+
+    environ = {"PATH_INFO": path_info, "REQUEST_METHOD": "GET", "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http"}
+    assert decoded_path(dict(environ)) == "/" + Request(dict(environ)).path.lstrip("/")
+
+
+def test_paths_the_router_tells_apart_are_cached_apart() -> None:
+    # /caf%E9 (not UTF-8) reads as "caf\ufffd", /caf%C3%A9 as "café": two resources, two entries.
+    app = stack("  - cache: {store: shared, ttl: 60}\n")
+    first = app.get("/api/v1/items/caf%E9")
+    second = app.get("/api/v1/items/caf%C3%A9")
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS")
+    assert app.get("/api/v1/items/caf%C3%A9").headers["X-Cache"] == "HIT"
