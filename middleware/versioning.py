@@ -184,6 +184,10 @@ class VersioningOptions(LayerOptions):
         return self
 
 
+#: Accept types that take any version's JSON: with one of them acceptable, an unsupported vendor
+#: version in the same header falls back to the other sources (or the default) instead of 406.
+_PLAIN_TYPES = frozenset({"application/json", "application/*", "*/*"})
+
 _REFUSED = object()  # a preview's memo: _choose refused the request
 
 
@@ -251,6 +255,8 @@ class VersioningMiddleware:
         Refuses (raises) a version that is not supported or sources that disagree.
         """
         path: str = environ.get("PATH_INFO", "")
+        if path[:2] == "//":  # the router counts leading slashes as one (gunicorn passes them on)
+            path = "/" + path.lstrip("/")
         if path != self.prefix and not path.startswith(self.prefix_slash):
             return None
         rest = path[len(self.prefix_slash):]
@@ -372,15 +378,19 @@ class VersioningMiddleware:
 
     def _from_accept(self, value: str) -> str | None:
         asked: list[str] = []
+        plain = False  # a type any version is served as is acceptable too
         for media_type, quality in parse_accept_header(value):
             media_type = media_type.partition(";")[0].strip().lower()
-            if quality <= 0 or not media_type.startswith(self.media_prefix):
+            if quality <= 0:
+                continue
+            if not media_type.startswith(self.media_prefix):
+                plain = plain or media_type in _PLAIN_TYPES
                 continue
             version = _normal(media_type[len(self.media_prefix):].partition("+")[0])
             if version in self.supported:
                 return version
             asked.append(version)
-        if not asked:
+        if not asked or plain:  # RFC 9110 12.5.1: serve what else the client accepts
             return None
         raise self._unsupported(406, f"API version {', '.join(asked)[:60]!r} in the Accept header",
                                 ", ".join(asked)[:60], "accept")

@@ -131,6 +131,41 @@ def test_version_sources(make: Callable[..., tuple[TestApp, Context]], seen: See
         assert ORIG_PATH not in seen.environ
 
 
+@pytest.mark.parametrize(("accept", "expected"), [
+    pytest.param(f"{VND}v9+json, application/json;q=0.5", ("/api/v1/search", "v1", "default"),
+                 id="plain JSON accepted too: the default"),
+    pytest.param(f"{VND}v9+json, */*;q=0.1", ("/api/v1/search", "v1", "default"), id="anything accepted too"),
+    pytest.param(f"{VND}v9+json, application/*", ("/api/v1/search", "v1", "default"),
+                 id="any application type accepted too"),
+    pytest.param(f"{VND}v9+json, {VND}v2+json;q=0.2, */*", ("/api/v2/search", "v2", "accept"),
+                 id="a supported vendor type still decides"),
+])
+def test_accept_with_plain_json_falls_back(make: Callable[..., tuple[TestApp, Context]], seen: Seen, accept: str,
+                                           expected: tuple[str, str, str]) -> None:
+    web, _ = make(**V1_V2)
+    web.get("/api/search", headers={"Accept": accept})
+    assert (seen.environ["PATH_INFO"], seen.environ[API_VERSION], seen.environ[SOURCE]) == expected
+
+
+@pytest.mark.parametrize(("path_info", "headers", "status", "expected"), [
+    pytest.param("//api/search", {}, 200, ("/api/v1/search", "v1", "default"), id="no version: the default"),
+    pytest.param("//api/v2/search", {}, 200, ("//api/v2/search", "v2", "url"), id="the URL's version"),
+    pytest.param("///api/V2/search", {}, 200, ("/api/v2/search", "v2", "url"), id="upper case, rewritten"),
+    pytest.param("//api/v1/search", {"X-API-Version": "v2"}, 400, None, id="disagreeing header refused"),
+    pytest.param("//api/v9/search", {}, 404, None, id="unsupported version refused"),
+])
+def test_leading_slashes_count_as_one(make: Callable[..., tuple[TestApp, Context]], seen: Seen, path_info: str,
+                                      headers: dict[str, str], status: int,
+                                      expected: tuple[str, str, str] | None) -> None:
+    # Waitress merges them; gunicorn passes them on, and werkzeug routes //api/v1/x as /api/v1/x.
+    web, _ = make(**V1_V2)
+    web.get("/", headers=headers, extra_environ={"PATH_INFO": path_info}, status=status)
+    if expected is None:
+        assert seen.calls == 0
+    else:
+        assert (seen.environ["PATH_INFO"], seen.environ[API_VERSION], seen.environ[SOURCE]) == expected
+
+
 @pytest.mark.parametrize("path", ["/health", "/apis/v1", "/", "/static/api/v1"])
 def test_outside_the_prefix_nothing_happens(make: Callable[..., tuple[TestApp, Context]], seen: Seen,
                                             path: str) -> None:
