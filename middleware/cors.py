@@ -115,10 +115,16 @@ class CORSOptions(LayerOptions):
                         "scheme://host[:port] with no path, or https://*.example.org")
             for pattern in policy["origin_regex"]:
                 try:
-                    re.compile(pattern)
+                    compiled = re.compile(pattern)
                 except re.error as exc:
                     raise ValueError(f"{where}origin_regex {pattern!r} is not a valid "
                                      f"regular expression: {exc}") from None
+                anyone = next((o for o in _STRANGERS if compiled.fullmatch(o)), None)
+                if policy["allow_credentials"] and anyone is not None:
+                    raise ValueError(
+                        f"{where}origin_regex {pattern!r} matches origins nobody listed ({anyone} too) "
+                        f"while {where}allow_credentials is true: any site could read its visitors' "
+                        "answers; name the hosts (https://app\\.example\\.org, https://.*\\.example\\.org)")
             for method in policy["allow_methods"]:
                 if not _TOKEN.fullmatch(method):
                     raise ValueError(f"{where}allow_methods entry {method!r} is not a method name")
@@ -130,6 +136,11 @@ class CORSOptions(LayerOptions):
                     f"{where}origins may not contain 'null' when {where}allow_credentials is "
                     "true: sandboxed iframes, file: pages and redirects all send Origin: null")
         return self
+
+
+#: Origins no policy means to allow: a regex that matches one of them matches anyone's site.
+_STRANGERS = ("https://wsgistack-probe.invalid", "http://wsgistack-probe.invalid",
+              "https://wsgistack-probe.invalid:8443")
 
 
 def _origin_entry(entry: str) -> tuple[str, str, int | None] | None:

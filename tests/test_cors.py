@@ -81,6 +81,16 @@ def preflight(origin: str, method: str = "PUT", headers: str | None = None, **ex
 @pytest.mark.parametrize(("options", "message"), [
     pytest.param({"origins": ["*"], "allow_credentials": True},
                  "allow_credentials may not be true when origins contains '*'", id="credentials with *"),
+    pytest.param({"origin_regex": [".*"], "allow_credentials": True},
+                 "origin_regex '.*' matches origins nobody listed (https://wsgistack-probe.invalid too) while "
+                 "allow_credentials is true", id="credentials with a regex for any origin"),
+    pytest.param({"origin_regex": [r"https://app\.example\.org", "https?://[a-z0-9.-]+(:[0-9]+)?"],
+                  "allow_credentials": True},
+                 "origin_regex 'https?://[a-z0-9.-]+(:[0-9]+)?' matches origins nobody listed",
+                 id="credentials with a regex for any host"),
+    pytest.param({"rules": [{"paths": ["/public/*"], "origin_regex": ["https://.*"]}], "allow_credentials": True},
+                 "rules[0].origin_regex 'https://.*' matches origins nobody listed (https://wsgistack-probe.invalid "
+                 "too) while rules[0].allow_credentials is true", id="in a rule"),
     pytest.param({"origins": ["null", APP], "allow_credentials": True},
                  "origins may not contain 'null' when allow_credentials is true", id="credentials with null"),
     pytest.param({"origins": [APP], "rules": [{"paths": ["/p/*"], "origins": ["*"]}],
