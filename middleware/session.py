@@ -461,7 +461,13 @@ class SessionMiddleware:
                                      separators=(",", ":"), allow_nan=False).encode()
                 remaining = session._created + self.options.absolute_timeout - _clock()
                 ttl = max(min(self.options.idle_timeout, remaining), 0.001)
-                self.store.set(KEY_PREFIX + sid, payload, ttl)
+                if sid != session._stored_id:
+                    self.store.set(KEY_PREFIX + sid, payload, ttl)
+                elif not self.store.replace(KEY_PREFIX + sid, payload, ttl):
+                    # Ended while this request ran (a logout, a login's rotate, the timeout): writing
+                    # it back would bring the old cookie back to life.  Its changes are dropped.
+                    self._users.pop(sid, None)
+                    return [("Set-Cookie", self._expired_cookie)] if session._carried else headers
                 self._remember_user(sid, session._data)
                 if session._issue:
                     headers[:] = [("Set-Cookie", dump_cookie(

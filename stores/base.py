@@ -111,6 +111,18 @@ class Store(abc.ABC):
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """Store ``value``; ``ttl`` in seconds (``None``: no expiry)."""
 
+    def replace(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` exists (Redis ``SET XX``); return whether it did.
+
+        A writer that read a value earlier uses it so that a delete in between
+        (a logout) stays deleted.  This default is two calls; the built-in
+        stores do it in one step.
+        """
+        if self.get(key) is None:
+            return False
+        self.set(key, value, ttl)
+        return True
+
     def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
         """Read ``key``; when it is missing, also try to take ``lock_key`` for ``ttl`` seconds.
 

@@ -118,6 +118,15 @@ class MemoryStore(Store):
         with self._lock:
             self._put(key, bytes(value), self._deadline(ttl, now))
 
+    def replace(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        _check_value(value)
+        now = _monotonic()
+        with self._lock:
+            if self._live(key, now) is None:
+                return False
+            self._put(key, bytes(value), self._deadline(ttl, now))
+            return True
+
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)
         now = _monotonic()

@@ -421,6 +421,12 @@ class RedisStore(Store):
         px = None if ttl is None else _ms(ttl)
         self.call("SET", partial(self.client.set, self.key_prefix + key, value, px=px))
 
+    def replace(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        _check_value(value)
+        px = None if ttl is None else _ms(ttl)
+        fn = partial(self.client.set, self.key_prefix + key, value, px=px, xx=True)
+        return bool(self.call("SET XX", fn))
+
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)
         px = None if ttl is None else _ms(ttl)

@@ -60,6 +60,10 @@ class CountingStore(Store):
         self._call("set")
         self.inner.set(key, value, ttl)
 
+    def replace(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        self._call("replace")
+        return self.inner.replace(key, value, ttl)
+
     def delete(self, key: str) -> bool:
         self._call("delete")
         return self.inner.delete(key)
@@ -248,7 +252,7 @@ def test_cookie_flags(options: dict[str, Any], expected: str) -> None:
     pytest.param("/id", False, [], False, id="new id that is never written"),
     pytest.param("/set?a=1", False, ["set"], True, id="first write"),
     pytest.param("/get", True, ["getex"], False, id="read refreshes the idle TTL"),
-    pytest.param("/set?a=2", True, ["getex", "set"], False, id="change: one read, one write"),
+    pytest.param("/set?a=2", True, ["getex", "replace"], False, id="change: one read, one write where it still is"),
     pytest.param("/rotate", True, ["getex", "delete", "set"], True, id="rotate"),
     pytest.param("/destroy", True, ["delete"], False, id="destroy without reading"),
 ])
@@ -261,6 +265,40 @@ def test_store_calls(store: CountingStore, path: str, with_cookie: bool, calls: 
     assert store.calls == calls
     issued = [c for c in resp.headers.getall("Set-Cookie") if c != EXPIRED]
     assert bool(issued) is cookie_issued
+
+
+@pytest.mark.parametrize("ended_by", ["/logout", "/login", "the idle timeout"])
+def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStore, ended_by: str) -> None:
+    # A slow request read the session, then another request ended it: the slow one's save must
+    # not write it back, or the cookie a logout (or a login's rotate) retired would work again.
+    ended: dict[str, Any] = {}
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session: Session = environ[SESSION]
+        if environ["PATH_INFO"] != "/cart":
+            return probe(environ, start_response)
+        cart = session.get("cart", [])
+        if ended_by == "the idle timeout":
+            store.inner.delete(KEY_PREFIX + ended["sid"])  # what the store's TTL does
+        else:
+            ended["response"] = app.get(ended_by, headers={"Cookie": f"sid={ended['cookie']}"})
+        session["cart"] = [*cart, "book"]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    app = make(store, app=slow, cookie_name="sid", cookie_secure=False)
+    response = app.get("/set?user=ada")
+    ended["cookie"] = response.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    ended["sid"] = ended["cookie"].split(".")[0]
+    cart = app.get("/cart", headers={"Cookie": f"sid={ended['cookie']}"})
+    assert stored(store, ended["sid"]) is None
+    assert cart.headers.getall("Set-Cookie") == [
+        "sid=; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; HttpOnly; Path=/; SameSite=Lax"]
+    again = app.get("/get", headers={"Cookie": f"sid={ended['cookie']}"})
+    assert again.json == {}  # the old cookie opens nothing
+    if ended_by == "/login":  # the session the login rotated to lives on, with what the login wrote
+        new_value = ended["response"].headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+        assert stored(store, new_value.split(".")[0])["data"]["user"] == {"sub": "ada", "roles": ["admin"]}
 
 
 def test_session_is_lazy_and_mapping_like(store: CountingStore) -> None:

@@ -76,6 +76,7 @@ def test_missing_key_reads_as_none(store: Store) -> None:
 def test_a_ttl_beyond_the_longest_is_the_longest(store: Store, ttl: float) -> None:
     """A layer's timeout of .inf (or years in ms past Redis's 2^63) keeps the value on both backends alike."""
     store.set("set", b"1", ttl=ttl)
+    assert store.replace("set", b"1", ttl=ttl) is True
     assert store.add("add", b"1", ttl=ttl) is True
     assert store.getex("set", ttl) == b"1"
     assert store.expire("add", ttl) is True
@@ -94,7 +95,7 @@ def test_values_round_trip_as_bytes(store: Store) -> None:
 
 
 @pytest.mark.parametrize("value", ["text", 42, {"a": 1}], ids=["str", "int", "dict"])
-@pytest.mark.parametrize("method", ["set", "add"])
+@pytest.mark.parametrize("method", ["set", "add", "replace"])
 def test_values_must_be_bytes(store: Store, method: str, value: object) -> None:
     with pytest.raises(TypeError, match=r"^store values are bytes; encode JSON in the layer$"):
         getattr(store, method)("k", value)
@@ -136,6 +137,22 @@ def test_add_is_a_lock(store: Store) -> None:
     assert store.get("lock") == b"c"
     assert store.delete("lock") is True
     assert store.add("lock", b"d") is True
+
+
+def test_replace_writes_only_what_exists(store: Store) -> None:
+    assert store.replace("k", b"new", ttl=5) is False
+    assert store.get("k") is None  # a deleted key stays deleted
+    store.set("k", b"old", ttl=0.15)
+    assert store.replace("k", b"new", ttl=0.6) is True
+    assert store.get("k") == b"new"
+    time.sleep(0.3)
+    assert store.get("k") == b"new"  # the new ttl replaced the old one
+    assert store.delete("k") is True
+    assert store.replace("k", b"again") is False
+    assert store.get("k") is None
+    store.set("short", b"v", ttl=0.1)
+    time.sleep(0.2)
+    assert store.replace("short", b"w") is False  # an expired key is no key
 
 
 def test_add_lets_exactly_one_thread_win(store: Store) -> None:
