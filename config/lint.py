@@ -38,7 +38,20 @@ def kind(spec: LayerSpec) -> str | None:
 
 @functools.cache
 def _built_in_classes() -> tuple[tuple[str, type], ...]:
-    return tuple((name, import_string(target)) for name, target in LAYERS.items())
+    """The registry's layer classes; an entry that does not import as a class is left out here.
+
+    Such an entry is reported where a pipeline names it (the build's "cannot import layer"):
+    one broken line in the registry must not stop every other pipeline from being checked.
+    """
+    found = []
+    for name, target in LAYERS.items():
+        try:
+            cls = import_string(target)
+        except Exception:  # any import failure of that one entry
+            continue
+        if inspect.isclass(cls):
+            found.append((name, cls))
+    return tuple(found)
 
 
 def _first(specs: list[LayerSpec], name: str) -> LayerSpec | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from config import lint, parse, read_text
@@ -279,3 +281,22 @@ def test_lint(pipeline: str, expected: str) -> None:
 )
 def test_clean_orders_pass(pipeline: str) -> None:
     assert problems(pipeline) == []
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("no_such_module_anywhere:Layer", id="a module that does not import"),
+    pytest.param("middleware.headers:NoSuchLayer", id="a missing attribute"),
+    pytest.param("middleware.base:refuse", id="a function, not a class"),
+])
+def test_a_broken_registry_entry_does_not_stop_other_pipelines(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+    linting = importlib.import_module("config.lint")  # (config.lint is also the function)
+    from config import registry
+
+    monkeypatch.setitem(registry.LAYERS, "broken", target)
+    linting._built_in_classes.cache_clear()
+    try:
+        found = problems(f"pipeline:\n  - cache: {{}}\n  - stack_support:AuthMiddleware: {{secret: {SECRET}}}\n")
+    finally:
+        linting._built_in_classes.cache_clear()
+    assert [line.partition(": a cached")[0] for line in found] == [
+        "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] is outside auth at pipeline[1]"]
