@@ -925,6 +925,9 @@ def load_dotenv(path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # the `wsgistack` entry point imports layers beside serve.py as `python serve.py` does
+        sys.path.insert(0, here)
     args = parser().parse_args(argv)
     if (args.command or "serve") != "serve":  # blocked at startup for `serve` (see the imports)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)

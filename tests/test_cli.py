@@ -62,6 +62,19 @@ def test_check_exit_codes(config_file, text: str, code: int, first_line: str) ->
     assert result.stdout.splitlines()[0].replace(str(path), "stack.yaml").startswith(first_line), result.stdout
 
 
+def test_the_entry_point_imports_layers_beside_serve_py_as_serve_py_does(config_file) -> None:  # type: ignore[no-untyped-def]
+    # A layer module in the project folder (tests/stack_support.py here, as tests.stack_support).
+    entry_point = Path(sys.executable).parent / "wsgistack"
+    assert entry_point.exists(), "pip install -e . makes the wsgistack command"
+    path = config_file(ECHO.replace("stack_support", "tests.stack_support")
+                       + "pipeline:\n  - errors: {}\n  - tests.stack_support:Tag: {name: x}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    results = [subprocess.run([*command, "-c", str(path), "check"], cwd=path.parent, env=env,
+                              capture_output=True, text=True, timeout=60)
+               for command in ([str(entry_point)], [sys.executable, str(ROOT / "serve.py")])]
+    assert [(r.returncode, r.stdout.strip()) for r in results] == [(0, f"{path}: ok")] * 2, results
+
+
 def test_serve_refuses_a_broken_config(config_file) -> None:  # type: ignore[no-untyped-def]
     path = config_file(ECHO + "pipeline:\n  - corz: {}\n")
     result = run_cli("-c", str(path), "serve")
