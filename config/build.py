@@ -351,7 +351,8 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
             options = dict(options)
         opath: Path = (*path, name)
         if not isinstance(options, dict):
-            problems.append(doc.problem(opath, "layer options must be a mapping", value=options, has_value=True))
+            problems.append(doc.problem(opath, "layer options must be a mapping" + _options_hint(name, options),
+                                        value=options, has_value=True))
             continue
         if name not in LAYERS and not is_path(name):
             text = f"unknown layer {name!r}{suggest(name, LAYERS)} (known: {', '.join(sorted(LAYERS))}; " \
@@ -398,7 +399,8 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
             if wrong:
                 continue
         else:
-            problems.append(doc.problem(path, f"{name!r} is not a WSGI middleware class or factory", key=True))
+            problems.append(doc.problem(path, f"{name!r} is not a WSGI middleware class or factory: it is "
+                                              f"{type(target).__name__} {target!r:.60}", key=True))
             continue
         specs.append(LayerSpec(index, name, target, validated, scope or Scope(), path=path))
     return specs
@@ -415,6 +417,17 @@ def _why(exc: BaseException) -> str:
 
 
 _UNIONS = (Union, UnionType)
+
+
+def _options_hint(name: str, options: Any) -> str:
+    """What the entry probably meant, when its options are not a mapping because of a typo."""
+    if ":{" in name or ":[" in name:  # `- headers:{x: 1}`: YAML needs a space after the colon
+        layer, _, rest = name.partition(":")
+        return f"; write a space after the colon: `- {layer}: {rest.strip()}…`"
+    if isinstance(options, str) and "." in name and ":" not in name and options.isidentifier():
+        return f"; `- {name}: {options}` reads as a layer {name!r} with options {options!r}: " \
+               f"write `- {name}:{options}` for the attribute {options!r} of module {name!r}"
+    return ""
 
 
 def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]]:
@@ -446,11 +459,15 @@ def _against_hints(target: Any, options: dict[str, Any]) -> list[tuple[str, str]
         concrete = [h for h in get_args(hint) if h is not type(None)] if get_origin(hint) in _UNIONS else [hint]
         if len(concrete) != 1 or concrete[0] not in (int, float, bool, str):
             continue
+        shown = param.annotation if isinstance(param.annotation, str) else getattr(hint, "__name__", hint)
+        if isinstance(value, bool) and concrete[0] in (int, float):  # pydantic takes `yes` as 1
+            wrong.append((key, f"{shown} (a number is needed, not a boolean: YAML reads yes, no, on, off, "
+                               "true and false as booleans)"))
+            continue
         adapter: TypeAdapter[Any] = TypeAdapter(hint)
         try:
             options[key] = adapter.validate_python(value)
         except ValidationError as exc:
-            shown = param.annotation if isinstance(param.annotation, str) else getattr(hint, "__name__", hint)
             wrong.append((key, f"{shown} ({str(exc.errors()[0]['msg']).lower()})"))
     return wrong
 

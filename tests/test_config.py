@@ -461,6 +461,32 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory's type hints",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: no}\n",
+            "stack.yaml:3:53 pipeline[0].werkzeug.middleware.proxy_fix:ProxyFix.x_for: "
+            "werkzeug.middleware.proxy_fix:ProxyFix takes x_for: int (a number is needed, not a boolean: YAML reads "
+            "yes, no, on, off, true and false as booleans) (got False)",
+            id="a boolean for a factory's number",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - stack_support:CLOSING_LOG: {}\n",
+            "stack.yaml:3:5 pipeline[0]: 'stack_support:CLOSING_LOG' is not a WSGI middleware class or factory: "
+            "it is list []",
+            id="a layer that is not callable",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - headers:{hsts_max_age: 5}\n",
+            "stack.yaml:3:28 pipeline[0].headers:{hsts_max_age: layer options must be a mapping; write a space "
+            "after the colon: `- headers: {hsts_max_age…` (got '5}')",
+            id="no space after the colon",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - stack_support.layers: Tag\n",
+            "stack.yaml:3:27 pipeline[0].stack_support.layers: layer options must be a mapping; "
+            "`- stack_support.layers: Tag` reads as a layer 'stack_support.layers' with options 'Tag': write "
+            "`- stack_support.layers:Tag` for the attribute 'Tag' of module 'stack_support.layers' (got 'Tag')",
+            id="a space in module:attr",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - access_log: {file: /nonexistent/dir/access.log}\n",
             "stack.yaml:3:24 pipeline[0].access_log.file: access_log cannot open it: No such file or directory "
             "(got '/nonexistent/dir/access.log')",
