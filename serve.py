@@ -760,9 +760,15 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    # The trace is what the command prints: what the layers write to stdout while the request
+    # runs (the access log's line) goes to stderr, so `explain … | less` shows the trace alone.
+    for handler in logging.getLogger("wsgistack.access").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
     try:
-        lines, _ = explain(args.config, args.method, args.path, args.header, args.peer,
-                           (args.data or "").encode())
+        with contextlib.redirect_stdout(sys.stderr):
+            lines, _ = explain(args.config, args.method, args.path, args.header, args.peer,
+                               (args.data or "").encode())
     except ConfigError as exc:
         _print_problems(exc.problems)
         return 2

@@ -115,6 +115,17 @@ pipeline:
     assert message in text
 
 
+@pytest.mark.parametrize("access_log", [pytest.param("{}", id="to the logger"),
+                                        pytest.param("{stream: stdout}", id="to stdout itself")])
+def test_explain_prints_the_trace_alone_on_stdout(config_file, access_log: str) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + f"pipeline:\n  - errors: {{}}\n  - access_log: {access_log}\n")
+    result = run_cli("-c", str(path), "explain", "GET", "/api/x")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "GET /api/x from 127.0.0.1"
+    assert '"path":"/api/x"' not in result.stdout
+    assert '"path":"/api/x"' in result.stderr  # the access line still goes out, beside the trace
+
+
 def test_explain_shows_each_layer_and_the_client_address(config_file) -> None:  # type: ignore[no-untyped-def]
     path = config_file(ECHO + """
 server:
