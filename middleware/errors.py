@@ -20,6 +20,7 @@ import traceback
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
 
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
@@ -157,7 +158,7 @@ class ErrorsMiddleware:
                 "title": _phrase(code),
                 "status": code,
                 "detail": message,
-                "instance": path,
+                "instance": _uri_path(environ),
             }
             if details is not None:
                 doc["details"] = details
@@ -183,9 +184,31 @@ def status_line(code: int) -> str:
     return f"{code} {_phrase(code)}"
 
 
+#: RFC 9110's names where Python's ``http.HTTPStatus`` (3.11, 3.12) still has RFC 7231's.
+_RFC_9110_PHRASES = {413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
+                     422: "Unprocessable Content"}
+
+
 def _phrase(code: int) -> str:
+    phrase = _RFC_9110_PHRASES.get(code)
+    if phrase is not None:
+        return phrase
     try:
         return HTTPStatus(code).phrase
     except ValueError:
         return "Error"
+
+
+#: What a path may hold unescaped (RFC 3986 pchar and "/"): everything else is percent-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def _uri_path(environ: WSGIEnvironment) -> str:
+    """The request's path as a URI reference (RFC 9457's ``instance``): "/a%3Fb", not "/a?b"."""
+    raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    try:
+        data = raw.encode("latin-1")  # PEP 3333: the bytes as sent, decoded as latin-1
+    except UnicodeEncodeError:
+        data = raw.encode("utf-8")
+    return quote(data, safe=_PATH_SAFE) or "/"
 

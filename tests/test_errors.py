@@ -56,6 +56,35 @@ def test_every_code_renders_problem_details(code: int) -> None:
     assert doc["title"] and doc["request_id"] == response.headers["X-Request-ID"]
 
 
+@pytest.mark.parametrize(("code", "status"), [
+    pytest.param(404, "404 Not Found", id="404"),
+    pytest.param(413, "413 Content Too Large", id="413"),
+    pytest.param(414, "414 URI Too Long", id="414"),
+    pytest.param(416, "416 Range Not Satisfiable", id="416"),
+    pytest.param(422, "422 Unprocessable Content", id="422"),
+    pytest.param(599, "599 Error", id="a code with no name"),
+])
+def test_status_lines_and_titles_are_rfc_9110_s(code: int, status: str) -> None:
+    response = stack(raising(refuse(code, "Nope.")), format="problem").get("/p", status=code)
+    assert response.status == status
+    assert response.json["title"] == status[4:]
+
+
+@pytest.mark.parametrize(("path_info", "instance"), [
+    pytest.param("/p", "/p", id="plain"),
+    pytest.param("/no pe", "/no%20pe", id="a space"),
+    pytest.param("/caf\u00c3\u00a9", "/caf%C3%A9", id="UTF-8"),
+    pytest.param("/caf\u00e9", "/caf%E9", id="a byte that is not UTF-8"),
+    pytest.param("/a?b", "/a%3Fb", id="a question mark in the path"),
+    pytest.param("/a#b", "/a%23b", id="a hash in the path"),
+    pytest.param("/v1/items;x=1/~me:@", "/v1/items;x=1/~me:@", id="what a path may hold as it is"),
+])
+def test_problem_instance_is_a_uri_reference(path_info: str, instance: str) -> None:
+    response = stack(raising(refuse(404, "Nope.")), format="problem").get(
+        "/", extra_environ={"PATH_INFO": path_info}, status=404)
+    assert response.json["instance"] == instance
+
+
 @pytest.mark.parametrize(
     ("exc", "header", "value"),
     [

@@ -405,7 +405,7 @@ def call(app: Any, body: bytes, content_type: str = "text/plain",
 
 def test_chunked_body_cut_mid_stream() -> None:
     status, _, doc, stream = call(stack(max_body_bytes=10000), b"x" * 25000)
-    assert status == "413 Request Entity Too Large"
+    assert status == "413 Content Too Large"
     assert doc["error"]["message"] == "The request body is longer than max_body_bytes (10000 bytes)."
     assert stream.taken == 10001  # one byte past the limit, not the whole body
 
@@ -419,7 +419,7 @@ def test_chunked_body_cut_mid_stream_by_lines() -> None:
         return [b"{}"]
 
     status, _, doc, stream = call(stack(lines, max_body_bytes=100), b"line\n" * 100)
-    assert status == "413 Request Entity Too Large"
+    assert status == "413 Content Too Large"
     assert doc["error"]["message"] == "The request body is longer than max_body_bytes (100 bytes)."
     assert len(b"".join(seen)) == 100
     assert stream.taken == 101
@@ -467,14 +467,14 @@ def test_chunked_json_parsed_and_readable() -> None:
 def test_chunked_json_too_long(options: dict[str, Any], message: str) -> None:
     body = json.dumps(["x" * 50] * 20).encode()
     status, _, doc, stream = call(stack(**options), body, "application/json")
-    assert status == "413 Request Entity Too Large"
+    assert status == "413 Content Too Large"
     assert doc["error"]["message"] == message
     assert stream.taken == 101
 
 
 def test_content_length_checked_even_when_chunked() -> None:
     status, _, doc, stream = call(stack(max_body_bytes=10), b"x" * 5, CONTENT_LENGTH="50")
-    assert status == "413 Request Entity Too Large"
+    assert status == "413 Content Too Large"
     assert doc["error"]["message"] == "The request body is 50 bytes long, more than " \
         "max_body_bytes (10)."
     assert stream.taken == 0
