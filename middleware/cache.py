@@ -10,8 +10,11 @@ and tees the body into the store while it streams to the client.
 
 Never stored: ``Set-Cookie`` responses, ``Cache-Control: private/no-store/
 no-cache``, ``Vary: *``, bodies without ``Content-Length`` or larger than
-``max_body_bytes``, ``text/event-stream``.  Requests with ``Authorization``
-or a session cookie bypass the cache unless ``per_user`` is on.
+``max_body_bytes``, ``text/event-stream``, invalid or conflicting freshness,
+and statuses that are not heuristically cacheable without explicit freshness.
+Requests with ``Authorization`` or a session cookie bypass the cache unless
+``per_user`` is on.  A write that succeeds drops its URI's entries and marks
+the URI for a while, so that a fill that began before it stores nothing.
 
 Do not use it outside ``auth``/``session`` or outside ``versioning``: it must
 see the identity and the API version.  Do not use it for endpoints whose
@@ -29,17 +32,19 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import parse_qsl
 
 from pydantic import Field, model_validator
-from werkzeug.datastructures import RequestCacheControl, ResponseCacheControl
+from werkzeug.datastructures import RequestCacheControl
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
-from werkzeug.http import parse_cache_control_header, parse_date, parse_etags, unquote_etag
+from werkzeug.http import parse_cache_control_header, parse_date, parse_etags, parse_list_header, unquote_etag
 
-from stores.base import Store, StoreError
+from stores.base import Store, StoreError, clamp_ttl
 
 from .base import (
     API_VERSION,
@@ -77,6 +82,33 @@ Headers = list[tuple[str, str]]
 # What a 304 carries of the stored response (RFC 9110 §15.4.5): no body, and nothing that describes one.
 _SENT_WITH_304 = frozenset({"cache-control", "content-location", "date", "etag", "expires", "last-modified",
                             "vary"})
+# The statuses whose freshness may be guessed (``ttl``) when the response gives none (RFC 9110 §15.1);
+# any other is stored only with max-age, s-maxage, Expires or public.
+_HEURISTIC = frozenset({"200", "203", "204", "206", "300", "301", "308", "404", "405", "410", "414", "501"})
+# Seconds a successful write marks its URI at least (``lock_timeout`` when longer): a fill that began
+# before the write stores nothing, and a fill that takes longer than this stores nothing either.
+_MARK_LIFE = 60.0
+# Store the entry (and its Vary index) unless the URI was written after the fill began; drop the lock.
+# KEYS: the write mark, the n keys to set, then the keys to delete in any case.
+# ARGV: when the fill began, n, then a value and its expiry (ms) per key to set.
+_SAVE = """
+local mark = redis.call('GET', KEYS[1])
+local n = tonumber(ARGV[2])
+local stored = 0
+if not mark or (tonumber(mark) and tonumber(mark) <= tonumber(ARGV[1])) then
+  for i = 1, n do
+    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
+  end
+  stored = 1
+end
+for i = n + 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return stored
+"""
+# In-process stores (memory://): one lock per store makes a mark and a save exclusive, as the script does.
+_LOCAL_LOCKS: weakref.WeakKeyDictionary[Store, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCAL_LOCKS_GUARD = threading.Lock()
 
 
 def _environ_name(header: str) -> str:
@@ -86,6 +118,54 @@ def _environ_name(header: str) -> str:
 
 def _digest(parts: object) -> str:
     return hashlib.blake2b(repr(parts).encode(), digest_size=_DIGEST // 2).hexdigest()
+
+
+def _local_lock(store: Store) -> threading.Lock:
+    """The lock that makes marks and saves on an in-process ``store`` exclusive (one per store)."""
+    with _LOCAL_LOCKS_GUARD:
+        lock = _LOCAL_LOCKS.get(store)
+        if lock is None:
+            lock = _LOCAL_LOCKS[store] = threading.Lock()
+        return lock
+
+
+def _ms(ttl: float) -> int:
+    """Seconds as the whole milliseconds of a Redis ``PX`` (at least 1, at most the store's longest TTL)."""
+    return max(1, math.ceil(clamp_ttl(ttl) * 1000))
+
+
+def _marked_since(mark: bytes | None, since: float) -> bool:
+    """Whether a write mark says the URI was written after ``since`` (one that does not read as a time does)."""
+    if mark is None:
+        return False
+    try:
+        return not float(mark) <= since
+    except ValueError:
+        return True
+
+
+def _directives(header: str) -> dict[str, list[str]]:
+    """A response's Cache-Control: each directive (lower case, RFC 9111 §5.2) with every value it was given."""
+    found: dict[str, list[str]] = {}
+    for item in parse_list_header(header):
+        name, _, value = item.partition("=")
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        found.setdefault(name.strip().lower(), []).append(value)
+    return found
+
+
+def _delta(values: list[str]) -> int | None:
+    """The delta-seconds ``values`` give, at most 2^31 (RFC 9111 §1.2.2).
+
+    ``None`` when one is not a number, or when they differ.
+    """
+    if not all(v.isascii() and v.isdigit() for v in values):
+        return None
+    digits = [v.lstrip("0") or "0" for v in values]
+    seconds = {_MAX_DELTA if len(d) > 10 else min(int(d), _MAX_DELTA) for d in digits}
+    return seconds.pop() if len(seconds) == 1 else None
 
 
 def purge(store: Store, pattern: str, prefix: str = DEFAULT_PREFIX) -> int:
@@ -126,6 +206,8 @@ class CacheOptions(LayerOptions):
         if bad:
             raise ValueError(f"statuses may list only codes from 200 to 499 (got {bad[0]}); "
                              "error responses are never cached")
+        # Statuses that are not heuristically cacheable (302, 307, 403…) are accepted: a response with one is
+        # stored only when it gives its own freshness (max-age, s-maxage, Expires) or is public (_HEURISTIC).
         partial = [s for s in self.statuses if s in (206, 304)]
         if partial:
             raise ValueError(f"statuses may not list {partial[0]}: a {partial[0]} answers one request's "
@@ -149,14 +231,21 @@ class _Plan:
 
 
 class _Fill:
-    """One miss on its way through the app: the flight it leads and what it will store."""
+    """One miss on its way through the app: the flight it leads and what it will store.
+
+    ``keep`` is false for a ``HEAD``: nothing is stored, but a stale entry still
+    answers the app's failure.  ``began`` is when the app was called: a write to
+    the URI that succeeds after it keeps the answer out of the store.
+    """
 
     def __init__(self, layer: CacheMiddleware, environ: WSGIEnvironment, base: str, subject: str | None,
-                 flight: threading.Event | None, lock_key: str | None, stale: dict[str, Any] | None) -> None:
+                 flight: threading.Event | None, lock_key: str | None, stale: dict[str, Any] | None,
+                 keep: bool = True) -> None:
         self.layer, self.environ, self.base, self.subject = layer, environ, base, subject
-        self.flight, self.lock_key, self.stale = flight, lock_key, stale
+        self.flight, self.lock_key, self.stale, self.keep = flight, lock_key, stale, keep
         self.plan: _Plan | None = None
         self.started = self.returned = self.swap = False
+        self.began = 0.0
 
     def start_response(self, start_response: StartResponse) -> StartResponse:
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
@@ -164,7 +253,7 @@ class _Fill:
                 self.swap = True  # answered with the stale entry once the app returns
                 return lambda data: None
             self.started = True
-            self.plan = None if _personal(self.environ.get(SESSION), self.subject) else \
+            self.plan = None if not self.keep or _personal(self.environ.get(SESSION), self.subject) else \
                 self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()
@@ -174,9 +263,10 @@ class _Fill:
 
     def finish(self, body: bytes) -> None:
         plan = self.plan
-        if plan is not None and len(body) == plan.length:
+        # A fill that took longer than a write's mark lives could have missed one: it stores nothing.
+        if plan is not None and len(body) == plan.length and _clock() - self.began < self.layer.mark_life:
             try:
-                self.layer._save(self.environ, self.base, plan, body, unlock=self.lock_key)
+                self.layer._save(self.environ, self.base, plan, body, self.began, unlock=self.lock_key)
                 self.lock_key = None  # deleted in the same round trip as the write
             except StoreError as exc:
                 self.layer._store_error(exc)
@@ -294,9 +384,12 @@ class CacheMiddleware:
     Options:
       ``store``: name of the context store (``shared``).
       ``ttl``: seconds an entry is fresh when the app sends no ``s-maxage``/``max-age`` (300).
-      ``statuses``: cacheable status codes (``[200]``; 200 to 499 only).
+      ``statuses``: cacheable status codes (``[200]``; 200 to 499 only, not 206 nor 304).  Those
+      RFC 9110 §15.1 does not call heuristically cacheable (302, 307, 400, 403…) are stored only
+      when the response gives its freshness (``max-age``, ``s-maxage``, ``Expires``) or is ``public``.
       ``stale_if_error``: seconds a stale entry may answer when the app raises or sends 5xx (0: off).
-      ``lock_timeout``: seconds concurrent misses wait for the one filling the key (5).
+      ``lock_timeout``: seconds concurrent misses wait for the one filling the key (5); a
+      successful write marks its URI for this long, at least 60 s.
       ``max_body_bytes``: larger bodies are passed through uncached (1 MiB).
       ``cookie_names``: session cookies that make a request private (``["__Host-session"]``).
       ``per_user``: cache requests with credentials too, keyed on the identity's subject
@@ -333,6 +426,14 @@ class CacheMiddleware:
         self._inflight: dict[str, threading.Event] = {}
         self._index_key = f"wsgistack.cache.index.{id(self)}"  # the Vary index this request found
         self._lock = threading.Lock()
+        self.mark_life = max(options.lock_timeout, _MARK_LIFE)
+        # On Redis a save checks the URI's write mark in its own round trip (a script); an in-process
+        # store does both under one lock per store.
+        client = getattr(self.store, "client", None)
+        self._save_script: Any = None
+        if client is not None and callable(getattr(self.store, "call", None)):
+            self._save_script = client.register_script(_SAVE)
+        self._store_lock = _local_lock(self.store)
         context.offer_read(self.store, "get_or_lock", self._ahead)  # a rate limiter outside may read the entry for us
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -364,11 +465,11 @@ class CacheMiddleware:
         if asks is not None and asks.only_if_cached:
             if locked and lock_key is not None:
                 self._drop_lock(lock_key)
-            raise refuse(504, "Gateway Timeout: only-if-cached, and no stored response fits the request.")
-        if method == "HEAD":  # no body to store: ask the app, keep nothing
-            self._missed(environ)
-            return self.app(environ, _with(start_response, ("X-Cache", "MISS")))
+            raise _only_if_cached()
         stale = entry if entry is not None and entry["x"] > now else None
+        if method == "HEAD":  # no body to store: ask the app, keep nothing (a stale entry answers its failure)
+            return self._ask(environ, start_response, _Fill(self, environ, base, subject, None, None, stale,
+                                                            keep=False), "HEAD")
         return self._fill(environ, start_response, base, subject, stale, locked)
 
     # -- request side -----------------------------------------------------------------
@@ -442,6 +543,10 @@ class CacheMiddleware:
         """The single-flight lock of the entry ``base``."""
         return f"{self.prefix}l:{base[-_DIGEST:]}"
 
+    def _mark_key(self, base: str) -> str:
+        """The mark a successful write to the URI of ``base`` leaves (see :meth:`_invalidating`)."""
+        return f"{self.prefix}w:{base[-_DIGEST:]}"
+
     @staticmethod
     def _variant(base: str, vary: list[str], environ: WSGIEnvironment, generation: str) -> str:
         """The key of this request's variant: the header names as well as their values (RFC 9111 §4.1).
@@ -506,7 +611,11 @@ class CacheMiddleware:
         """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
 
         The entry anonymous requests get and, with ``per_user``, the writer's own;
-        other users' entries of the URI age out with their TTL.
+        other users' entries of the URI age out with their TTL.  Fills of those
+        entries still in flight are covered too: each key gets a mark with the
+        time of the write (for :attr:`mark_life` seconds), and a fill that began
+        before it stores nothing (:meth:`_write_unless_marked`).  The marks and
+        the deletes go in one round trip, the marks first.
         """
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
             if status[:1] in "23":
@@ -514,9 +623,14 @@ class CacheMiddleware:
                 keys = [self._base_key(environ, None)]
                 if self.options.per_user and identity is not None:
                     keys.append(self._base_key(environ, _subject_key(identity)))
-                try:
-                    for key in keys:
-                        self.store.delete(key)  # a Vary index goes too: its variants are then never read
+                written = repr(_clock()).encode()
+                marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
+                try:  # a Vary index goes too: its variants are then never read
+                    if self._save_script is not None:
+                        self.store.write(marks, keys)
+                    else:
+                        with self._store_lock:
+                            self.store.write(marks, keys)
                 except StoreError as exc:
                     self._store_error(exc)
                 note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
@@ -541,6 +655,10 @@ class CacheMiddleware:
         return [] if method == "HEAD" else [entry["b"]]
 
     def _bypass(self, environ: WSGIEnvironment, start_response: StartResponse, reason: str) -> Iterable[bytes]:
+        if "HTTP_CACHE_CONTROL" in environ:  # nothing stored may answer it: only-if-cached is a 504 here too
+            asks = self._asks(environ)
+            if asks is not None and asks.only_if_cached:
+                raise _only_if_cached()
         self.context.emit("cache.bypass", reason=reason)
         note(environ, "cache", f"BYPASS ({reason})")
         return self.app(environ, _with(start_response, ("X-Cache", "BYPASS")))
@@ -601,18 +719,25 @@ class CacheMiddleware:
                     fill.lock_key = lock_key
             except StoreError as exc:
                 self._store_error(exc)
+        return self._ask(environ, start_response, fill, "GET")
+
+    def _ask(self, environ: WSGIEnvironment, start_response: StartResponse, fill: _Fill,
+             method: str) -> Iterable[bytes]:
+        """Call the app for ``fill``; its stale entry answers when the app raises or answers 5xx."""
+        stale = fill.stale
         try:
             self._missed(environ)
+            fill.began = _clock()
             result = self.app(environ, fill.start_response(start_response))
         except Exception as exc:
             fill.release()
             if stale is None or (isinstance(exc, HTTPException) and (exc.code or 500) < 500):
                 raise
-            return self._serve_stale(environ, stale, start_response)
+            return self._serve_stale(environ, stale, start_response, method)
         fill.returned = True
         if fill.swap:
             _Tee(result, fill).close()
-            return self._serve_stale(environ, stale or {}, start_response)
+            return self._serve_stale(environ, stale or {}, start_response, method)
         if fill.started and fill.plan is None:
             return result  # not cacheable: hand the iterable over untouched (streams stay streams)
         return _Tee(result, fill)
@@ -635,11 +760,11 @@ class CacheMiddleware:
         note(environ, "cache", "HIT (after waiting for the fill)")
         return self._serve(hit, "HIT", "GET", start_response, _clock(), environ)
 
-    def _serve_stale(self, environ: WSGIEnvironment, stale: dict[str, Any],
-                     start_response: StartResponse) -> list[bytes]:
+    def _serve_stale(self, environ: WSGIEnvironment, stale: dict[str, Any], start_response: StartResponse,
+                     method: str) -> list[bytes]:
         self.context.emit("cache.stale")
         note(environ, "cache", "STALE")
-        return self._serve(stale, "STALE", "GET", start_response, _clock())
+        return self._serve(stale, "STALE", method, start_response, _clock())
 
     def _fresh(self, environ: WSGIEnvironment, base: str) -> dict[str, Any] | None:
         try:
@@ -665,9 +790,11 @@ class CacheMiddleware:
 
     def _plan(self, status: str, headers: Headers, subject: str | None) -> _Plan | None:
         """Whether (and how long) a response may be stored, decided from its status and headers."""
-        if status[:3] not in self.statuses:
+        code = status[:3]
+        if code not in self.statuses:
             return None
-        length = cache_control = expires = date = age_header = None
+        length = cache_control = date = age_header = None
+        expires: list[str] = []
         vary: list[str] = []
         for name, value in headers:
             lname = name.lower()
@@ -676,11 +803,11 @@ class CacheMiddleware:
             if lname == "cache-control":
                 cache_control = value if cache_control is None else f"{cache_control}, {value}"
             elif lname == "expires":
-                expires = value
+                expires.append(value.strip())
             elif lname == "date":
                 date = value
             elif lname == "age":
-                age_header = value
+                age_header = value.strip()
             elif lname == "vary":
                 vary += (v.strip().lower() for v in value.split(",") if v.strip())
             elif lname == "content-length":
@@ -691,33 +818,50 @@ class CacheMiddleware:
             return None
         ttl, window = self.options.ttl, self.options.stale_if_error
         lifetime = None
+        public = False
         if cache_control:  # directive names are case-insensitive (RFC 9111 §5.2)
-            cc = parse_cache_control_header(cache_control.lower(), cls=ResponseCacheControl)
-            if cc.no_store or cc.no_cache or (cc.private and subject is None):
+            cc = _directives(cache_control)
+            if "no-store" in cc or "no-cache" in cc or ("private" in cc and subject is None):
                 return None
-            lifetime = cc.s_maxage if cc.s_maxage is not None else cc.max_age
+            public = "public" in cc
+            given = {name: _delta(cc[name]) for name in ("s-maxage", "max-age") if name in cc}
+            if None in given.values():
+                return None  # not a number, or given twice with different values: stale at once (§4.2.1)
+            lifetime = given.get("s-maxage", given.get("max-age"))
             # s-maxage implies proxy-revalidate for a shared cache (RFC 9111 §5.2.2.10): never served stale
-            if cc.must_revalidate or cc.proxy_revalidate or cc.s_maxage is not None:
+            if not cc.keys().isdisjoint(("must-revalidate", "proxy-revalidate", "s-maxage")):
                 window = 0
-        if lifetime is None and expires is not None:
-            lifetime = _expires_in(expires, date)
+        now = _clock()
+        sent = parse_date(date) if date is not None else None
+        if lifetime is None and expires:
+            if len(set(expires)) > 1:
+                return None  # two Expires that differ: stale at once (§4.2.1)
+            lifetime = _expires_in(expires[0], sent.timestamp() if sent is not None else now)
+        if lifetime is None and not public and code not in _HEURISTIC:
+            return None  # no freshness given, and this status's may not be guessed (RFC 9110 §15.1, RFC 9111 §4.2.2)
         ttl = min(ttl if lifetime is None else lifetime, _MAX_DELTA)  # RFC 9111 §1.2.2: at most 2^31 seconds
-        # An Age the app sent (it is a cache or a proxy itself) has used part of that already (§4.2.3).
-        age = min(int(age_header), _MAX_DELTA) if age_header is not None and age_header.strip().isdigit() else 0
+        # The age it has already (§4.2.3): an Age the app sent (it is a cache or a proxy itself), or the time
+        # since its Date, whichever is larger.
+        age = (_delta([age_header]) or 0) if age_header is not None else 0
+        if sent is not None:
+            age = min(max(age, int(now - sent.timestamp())), _MAX_DELTA)
         if ttl - age <= 0:
             return None
         kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
         return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)), age)
 
-    def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
+    def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes, since: float,
               unlock: str | None = None) -> None:
-        """Store the entry (and its Vary index) and drop the fill lock: one round trip."""
+        """Store the entry (and its Vary index) and drop the fill lock: one round trip.
+
+        Nothing is stored when a write to the URI succeeded after ``since``, when the fill began.
+        """
         now = _clock()
         life = plan.ttl - plan.age + plan.window
         born = now - plan.age  # so that Age counts from when the app's own source made it
         head = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
-        sets: list[tuple[str, bytes, float | None]] = []
+        sets: list[tuple[str, bytes, float]] = []
         index_life: float = life
         if plan.vary:
             generation, until = self._generation(environ, base, plan.vary, now)
@@ -726,17 +870,39 @@ class CacheMiddleware:
             raw = json.dumps({"v": plan.vary, "g": generation, "x": now + index_life},
                              separators=(",", ":")).encode()
         sets.append((base, raw, index_life))
-        self.store.write(sets, [unlock] if unlock else ())
+        self._write_unless_marked(self._mark_key(base), since, sets, [unlock] if unlock else [])
+
+    def _write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
+                             deletes: Sequence[str]) -> bool:
+        """Write ``sets`` unless ``mark`` says the URI was written after ``since``; delete ``deletes`` anyway.
+
+        One round trip on Redis (a script); under the store's lock on an in-process
+        store.  Returns whether ``sets`` were written.
+        """
+        script = self._save_script
+        if script is None:
+            with self._store_lock:
+                if _marked_since(self.store.get(mark), since):
+                    sets = ()
+                self.store.write(sets, deletes)
+            return bool(sets)
+        store = cast("Any", self.store)
+        prefix: str = store.key_prefix
+        keys = [prefix + mark, *(prefix + key for key, _, _ in sets), *(prefix + key for key in deletes)]
+        args: list[Any] = [repr(since), len(sets)]
+        for _, value, ttl in sets:
+            args += [value, _ms(ttl)]
+        return bool(store.call("EVALSHA", partial(script, keys=keys, args=args), doing="store the entry"))
 
     def _generation(self, environ: WSGIEnvironment, base: str, vary: list[str], now: float) -> tuple[str, float]:
         """The generation a fill of a Vary variant stores under, and until when the index must live.
 
         The index this request found, if it is still there as found: read again
-        now, because a write that succeeded meanwhile dropped it (RFC 9111 §4.4),
-        and writing it back would bring back every variant stored before the
-        write.  Otherwise a new generation (one extra read per Vary fill).  The
-        read and the write are two calls, so a write landing between them can
-        still bring the variants back: this narrows the race to that moment.
+        now, because something may have dropped it meanwhile (a purge, its
+        expiry), and writing it back would bring back every variant stored
+        before.  Otherwise a new generation (one extra read per Vary fill).  A
+        write to the URI that succeeded after the fill began keeps the whole
+        save out anyway (the mark :meth:`_write_unless_marked` checks).
         """
         found = environ.get(self._index_key)
         if found is not None and found[0] == base and found[1] == vary:
@@ -797,14 +963,18 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     return since is not None and modified is not None and modified <= since
 
 
-def _expires_in(expires: str, date: str | None) -> int:
-    """Seconds of freshness an ``Expires`` header gives (RFC 9111 §4.2.1); an invalid date, ``0`` say, is past."""
+def _expires_in(expires: str, origin: float) -> int:
+    """Seconds of freshness an ``Expires`` gives from ``origin``, the response's Date or now (RFC 9111 §4.2.1).
+
+    An invalid date, ``0`` say, is in the past.
+    """
     at = parse_date(expires)
-    if at is None:
-        return 0
-    origin = parse_date(date) if date else None
-    now = origin.timestamp() if origin is not None else _clock()
-    return int(at.timestamp() - now)
+    return 0 if at is None else int(at.timestamp() - origin)
+
+
+def _only_if_cached() -> HTTPException:
+    """The answer to ``only-if-cached`` when nothing stored may be used (RFC 9111 §5.2.1.7)."""
+    return refuse(504, "Gateway Timeout: only-if-cached, and no stored response fits the request.")
 
 
 def _with(start_response: StartResponse, header: tuple[str, str]) -> StartResponse:
