@@ -72,6 +72,10 @@ _ACCEPT_HEADER = {"POST": "Accept-Post", "PATCH": "Accept-Patch"}
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 
 
+#: Charset labels of the encodings a JSON text may not be sent in (RFC 8259 §8.1).
+_OTHER_UNICODE = ("utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4", "utf-7", "utf7")
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -97,6 +101,20 @@ def _finite(text: str) -> float:
     if math.isinf(value):
         raise ValueError(f"the number {text[:40]} is out of range")
     return value
+
+
+#: The most digits a JSON integer may have (RFC 8259 §9 lets a parser set the range it reads);
+#: Python's own limit on converting text to int is the same.
+MAX_INT_DIGITS = 4300
+
+
+def _integer(text: str) -> int:
+    """A JSON integer; one longer than :data:`MAX_INT_DIGITS` digits is refused by name."""
+    digits = len(text) - (text[:1] == "-")
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {digits} digits is longer than the {MAX_INT_DIGITS} digits "
+                         "a number may have here")
+    return int(text)
 
 
 # A \uD800-\uDFFF escape: only a pair of them makes a character, a lone one no UTF-8 text holds.
@@ -263,6 +281,7 @@ class ValidationMiddleware:
             object_pairs_hook=_no_duplicates if o.reject_duplicate_keys else None,
             parse_constant=_no_constants,
             parse_float=_finite,
+            parse_int=_integer,
         ).decode
         wild = [(f"deny_patterns['*'][{i}]", re.compile(p))
                 for i, p in enumerate(o.deny_patterns.get("*", ()))]
@@ -426,8 +445,10 @@ class ValidationMiddleware:
             raise self._refuse(environ, 415, f"Content-Encoding {coding!r} is not accepted on "
                                f"{mimetype} bodies.", "content-encoding",
                                headers=[("Accept-Encoding", "identity")])
+        # JSON is UTF-8 and a charset parameter means nothing (RFC 8259 §8.1, §11): one that names
+        # another encoding of all of Unicode says the body is not JSON text.
         charset = params.get("charset", "utf-8").lower()
-        if is_json and charset not in ("utf-8", "utf8"):
+        if is_json and charset.startswith(_OTHER_UNICODE):
             raise self._refuse(environ, 415, f"JSON bodies must be UTF-8, not {charset!r}.",
                                "charset")
         if is_json:
