@@ -465,9 +465,10 @@ class SessionMiddleware:
                     self.store.set(KEY_PREFIX + sid, payload, ttl)
                 elif not self.store.replace(KEY_PREFIX + sid, payload, ttl):
                     # Ended while this request ran (a logout, a login's rotate, the timeout): writing
-                    # it back would bring the old cookie back to life.  Its changes are dropped.
+                    # it back would bring the old cookie back to life.  Its changes are dropped, and
+                    # no cookie is expired: the browser may hold a newer one by now (the login's).
                     self._users.pop(sid, None)
-                    return [("Set-Cookie", self._expired_cookie)] if session._carried else headers
+                    return headers
                 self._remember_user(sid, session._data)
                 if session._issue:
                     headers[:] = [("Set-Cookie", dump_cookie(
