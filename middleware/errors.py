@@ -206,6 +206,8 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 def _uri_path(environ: WSGIEnvironment) -> str:
     """The request's path as a URI reference (RFC 9457's ``instance``): "/a%3Fb", not "/a?b"."""
     raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    if raw[:2] == "//":  # as the router reads it; "//evil.example/x" would name another host
+        raw = "/" + raw.lstrip("/")
     try:
         data = raw.encode("latin-1")  # PEP 3333: the bytes as sent, decoded as latin-1
     except UnicodeEncodeError:

@@ -35,6 +35,7 @@ request body.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -72,8 +73,17 @@ _ACCEPT_HEADER = {"POST": "Accept-Post", "PATCH": "Accept-Patch"}
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 
 
-#: Charset labels of the encodings a JSON text may not be sent in (RFC 8259 §8.1).
-_OTHER_UNICODE = ("utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4", "utf-7", "utf7")
+def _other_unicode(charset: str) -> bool:
+    """Whether ``charset`` names an encoding of Unicode other than UTF-8 (a JSON text may not use one).
+
+    Any alias Python knows counts (``u16``, ``utf_32``, ``unicode-1-1-utf-7``), and the IANA
+    names of UCS-2 and UCS-4 it does not know.
+    """
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        name = charset
+    return name.startswith(("utf-16", "utf-32", "utf-7", "ucs-", "iso-10646-ucs", "csunicode", "csucs4"))
 
 
 class _DuplicateKey(Exception):
@@ -448,7 +458,7 @@ class ValidationMiddleware:
         # JSON is UTF-8 and a charset parameter means nothing (RFC 8259 §8.1, §11): one that names
         # another encoding of all of Unicode says the body is not JSON text.
         charset = params.get("charset", "utf-8").lower()
-        if is_json and charset.startswith(_OTHER_UNICODE):
+        if is_json and _other_unicode(charset):
             raise self._refuse(environ, 415, f"JSON bodies must be UTF-8, not {charset!r}.",
                                "charset")
         if is_json:

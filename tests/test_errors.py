@@ -78,6 +78,7 @@ def test_status_lines_and_titles_are_rfc_9110_s(code: int, status: str) -> None:
     pytest.param("/a?b", "/a%3Fb", id="a question mark in the path"),
     pytest.param("/a#b", "/a%23b", id="a hash in the path"),
     pytest.param("/v1/items;x=1/~me:@", "/v1/items;x=1/~me:@", id="what a path may hold as it is"),
+    pytest.param("//evil.example/x", "/evil.example/x", id="leading slashes: never another host"),
 ])
 def test_problem_instance_is_a_uri_reference(path_info: str, instance: str) -> None:
     response = stack(raising(refuse(404, "Nope.")), format="problem").get(

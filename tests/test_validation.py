@@ -153,6 +153,9 @@ REFUSALS = [
                  {"Accept-Encoding": "identity"}, id="compressed json"),
     pytest.param({}, {"body": b'"\xff\xfe{\x00}\x00', "content_type": "application/json; charset=UTF-16"}, 415,
                  "JSON bodies must be UTF-8, not 'utf-16'.", {}, id="json in another Unicode encoding"),
+    *[pytest.param({}, {"body": b"{}", "content_type": f"application/json; charset={label}"}, 415,
+                   f"JSON bodies must be UTF-8, not {label.lower()!r}.", {}, id=f"json labelled {label}")
+      for label in ("u7", "utf_16", "u16", "UTF-32BE", "unicode-1-1-utf-7", "csUnicode", "iso-10646-ucs-2")],
     pytest.param({}, {"body": b'{"a": "caf\xe9"}', "content_type": "application/json; charset=latin-1"}, 400,
                  "The JSON body is not valid UTF-8 (byte 10).", {}, id="latin-1 json that is not UTF-8"),
     # Host (RFC 9112 §3.2)
