@@ -119,7 +119,7 @@ class CORSOptions(LayerOptions):
                 except re.error as exc:
                     raise ValueError(f"{where}origin_regex {pattern!r} is not a valid "
                                      f"regular expression: {exc}") from None
-                anyone = next((o for o in _STRANGERS if compiled.fullmatch(o)), None)
+                anyone = next((o for o in _strangers(pattern) if compiled.fullmatch(o)), None)
                 if policy["allow_credentials"] and anyone is not None:
                     raise ValueError(
                         f"{where}origin_regex {pattern!r} matches origins nobody listed ({anyone} too) "
@@ -138,9 +138,30 @@ class CORSOptions(LayerOptions):
         return self
 
 
-#: Origins no policy means to allow: a regex that matches one of them matches anyone's site.
-_STRANGERS = ("https://wsgistack-probe.invalid", "http://wsgistack-probe.invalid",
-              "https://wsgistack-probe.invalid:8443")
+#: Origins no policy means to allow: a regex that matches one of them matches anyone's site
+#: (names without a hyphen, under the common top-level domains, for patterns like [a-z]+\.com).
+_STRANGERS = tuple(f"{scheme}://{host}" for scheme in ("https", "http") for host in (
+    "wsgistack-probe.invalid", "wsgistack-probe.invalid:8443", "wsgistackprobe.com", "wsgistackprobe.net",
+    "wsgistackprobe.org", "wsgistackprobe.io", "wsgistackprobe.co.uk", "wsgistackprobe.example"))
+#: The literal host name a pattern ends with (``example\.org`` in ``https://.*example\.org``).
+_LITERAL_TAIL = re.compile(r"(?:[A-Za-z0-9-]|\\\.)+\Z")
+
+
+def _strangers(pattern: str) -> list[str]:
+    r"""Origins of other people's sites to try ``pattern`` on.
+
+    Besides :data:`_STRANGERS`, the name the pattern ends with glued to another
+    (``https://wsgistackprobeexample.org`` for ``https://.*example\.org``): a
+    pattern that matches it lets in any domain that ends with those letters.  A
+    tail that starts with a dot (``\.example\.org``) asks for a subdomain: no probe.
+    """
+    found = [*_STRANGERS]
+    tail = _LITERAL_TAIL.search(pattern)
+    if tail is not None and not tail.group().startswith("\\."):
+        name = tail.group().replace("\\.", ".")
+        if "." in name:
+            found += [f"https://wsgistackprobe{name}", f"http://wsgistackprobe{name}"]
+    return found
 
 
 def _origin_entry(entry: str) -> tuple[str, str, int | None] | None:

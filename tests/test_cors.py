@@ -125,6 +125,28 @@ def test_options_refused(options: dict[str, Any], message: str) -> None:
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(("pattern", "stranger"), [
+    pytest.param(r"https://.*\.com", "https://wsgistackprobe.com", id="any .com"),
+    pytest.param(r"https://[a-z]+\.[a-z]+", "https://wsgistackprobe.com", id="any two labels"),
+    pytest.param(r"https://[a-z0-9]+\.(com|net|org|io)", "https://wsgistackprobe.com", id="common top-level domains"),
+    pytest.param(r"https://.*example\.org", "https://wsgistackprobeexample.org",
+                 id="any domain ending in the same letters"),
+])
+def test_credentials_refuse_a_regex_for_other_peoples_sites(pattern: str, stranger: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        CORSOptions(origin_regex=[pattern], allow_credentials=True)
+    assert f"origin_regex {pattern!r} matches origins nobody listed ({stranger} too)" in str(info.value)
+    CORSOptions(origin_regex=[pattern])  # without credentials, reading public answers: allowed
+
+
+@pytest.mark.parametrize("pattern", [
+    r"https://app\.example\.org", r"https://pr-[0-9]+\.review\.example\.org", r"https://.*\.example\.org",
+    r"https://(.*\.)?example\.org", r"https://(www\.)?example\.org", r"http://localhost:[0-9]+",
+])
+def test_credentials_accept_a_regex_for_ones_own_hosts(pattern: str) -> None:
+    assert CORSOptions(origin_regex=[pattern], allow_credentials=True).origin_regex == (pattern,)
+
+
 def test_one_regex_may_be_a_string() -> None:
     assert CORSOptions(origin_regex=r"https://x\.org").origin_regex == (r"https://x\.org",)
 
