@@ -210,8 +210,13 @@ def _decorate_tighter(exc: BaseException, ours: Headers) -> None:
 
 
 def _seconds(delta: float) -> int:
-    """Whole seconds until a reset, rounded up, ignoring the last millisecond (``now + 60 - now`` may be 60.000001)."""
-    return max(0, ceil(delta - 0.001))
+    """Whole seconds until a reset, rounded up.
+
+    A microsecond is forgiven: ``now + 60 - now`` may come to 60.0000002 at today's
+    epoch, and must read 60.  Anything more is a real wait (a client that waits the
+    seconds said must find the window ended).
+    """
+    return max(0, ceil(delta - 1e-6))
 
 
 class _Compiled(NamedTuple):
@@ -631,8 +636,11 @@ class RateLimitMiddleware:
         self.context.emit("ratelimit.pass", rule=rule.id)
         if not self.enforce:
             return self.app(environ, start_response)
+        wait = _seconds(reset - now)
+        if remaining <= 0 and wait < 1:  # nothing left: the same wait a refusal would give (Retry-After)
+            wait = 1
         headers = [("RateLimit-Limit", rule.amounts[pick]), ("RateLimit-Remaining", str(remaining)),
-                   ("RateLimit-Reset", str(_seconds(reset - now)))]
+                   ("RateLimit-Reset", str(wait))]
 
         def start(status: str, response_headers: Headers, exc_info: Any = None) -> Any:
             return start_response(status, _most_restrictive(response_headers, headers), exc_info)
@@ -712,7 +720,7 @@ class RateLimitMiddleware:
         note(environ, "ratelimit", f"refused {key} under {limit} (rule {rid})")
         wait = max(1, _seconds(reset - now))
         headers = [("Retry-After", str(wait)), ("RateLimit-Limit", str(item.amount)),
-                   ("RateLimit-Remaining", "0"), ("RateLimit-Reset", str(_seconds(reset - now)))]
+                   ("RateLimit-Remaining", "0"), ("RateLimit-Reset", str(wait))]
         raise refuse(429, f"Too many requests: the limit is {limit}; retry in {wait} seconds.", headers=headers)
 
     def _store_failed(self, environ: WSGIEnvironment, start_response: StartResponse,

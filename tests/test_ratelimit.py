@@ -552,6 +552,33 @@ def test_memory_windows_roll_over_and_ended_ones_are_dropped(monkeypatch: pytest
     assert (len(windows[1]), len(windows[60])) == (1, 1)
 
 
+@pytest.mark.parametrize("asked_at", [54.9995, 54.99999, 59.9995, 59.0, 30.25])
+def test_waiting_the_seconds_said_is_enough(monkeypatch: pytest.MonkeyPatch, asked_at: float) -> None:
+    # A window from 1000 to 1060: a refusal at 1000 + asked_at says how long to wait, in whole seconds
+    # rounded up; a client that waits exactly that long is let in, and RateLimit-Reset says the same.
+    clock = [1_000.0]
+    monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
+    stack = Stack(store_from_url("memory://"), limits=["1/minute"])
+    assert stack.get().status_int == 200
+    clock[0] = 1_000 + asked_at
+    refused = stack.get()
+    assert refused.status_int == 429
+    assert refused.headers["Retry-After"] == refused.headers["RateLimit-Reset"]
+    wait = int(refused.headers["Retry-After"])
+    assert 1_000 + asked_at + wait >= 1_060
+    clock[0] += wait
+    assert stack.get().status_int == 200
+
+
+def test_a_pass_with_nothing_left_says_a_wait_of_a_second_at_least(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_000.0]
+    monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
+    stack = Stack(store_from_url("memory://"), limits=["2/minute"])
+    stack.get()
+    clock[0] = 1_059.9995  # the last request of the window: RateLimit-Reset 0 would invite a retry now
+    assert rate(stack.get()) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "0", "RateLimit-Reset": "1"}
+
+
 @pytest.mark.parametrize(("namespaces", "expected"), [
     pytest.param(("", ""), [200, 200, 429, 429], id="no namespace: one counter per client"),
     pytest.param(("api", "auth"), [200, 200, 200, 200], id="a namespace each: apart"),
