@@ -65,6 +65,7 @@ __all__ = [
     "escape_control",
     "header_list",
     "mask_url_passwords",
+    "network",
     "networks",
     "no_boolean_numbers",
     "note",
@@ -135,7 +136,22 @@ Networks = Annotated[tuple[str, ...], AfterValidator(_check_networks)]
 
 def networks(values: Iterable[str]) -> list[Network]:
     """Parse validated ``Networks`` once, in ``__init__``."""
-    return [ipaddress.ip_network(v, strict=False) for v in values]
+    return [network(v) for v in values]
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def network(value: str) -> Network:
+    """One network; an IPv4-mapped one (``::ffff:10.0.0.0/104``) as the IPv4 network it maps.
+
+    Peers are compared as IPv4 when they are IPv4-mapped: a network written the
+    mapped way must be IPv4 too, or nothing would ever be in it.
+    """
+    net = ipaddress.ip_network(value, strict=False)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
 
 
 def address_in(environ: WSGIEnvironment, nets: Iterable[Network]) -> bool:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import CLIENT_IP, TRACE, Context, LayerOptions, note, refuse
+from .base import CLIENT_IP, TRACE, Context, LayerOptions, network, note, refuse
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -108,8 +108,7 @@ class ProxyMiddleware:
     def __init__(self, app: WSGIApplication, options: ProxyOptions, context: Context) -> None:
         self.app = app
         self.options = options
-        self.networks: tuple[_Network, ...] = tuple(
-            ipaddress.ip_network(n) for n in options.trusted_proxies if n != UNIX)
+        self.networks: tuple[_Network, ...] = tuple(network(n) for n in options.trusted_proxies if n != UNIX)
         #: A proxy on a Unix socket: the peer has no address (gunicorn gives "", Waitress "localhost"
         #: with no port), so it can only be trusted by name.
         self.unix = UNIX in options.trusted_proxies
