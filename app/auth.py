@@ -176,7 +176,9 @@ def auth_blueprint(state: AppState) -> Blueprint:
     @bp.post("/refresh")
     def refresh() -> Response:
         service = tokens("Token refresh")
-        token = _string_field(_json_object(required=True), "refresh_token")
+        # An empty body is told which field is missing: a client used to sending the refresh
+        # token as a bearer token learns where it goes.
+        token = _string_field(_json_object(required=False), "refresh_token")
         return _token_response(service.refresh(token, current_roles=state.user_roles,
                                                credentials_since=state.user_since))
 

@@ -262,6 +262,10 @@ class _Options(LayerOptions):
         return self
 
 
+#: The claims that say what kind of token a JWT is, in the forms the usual issuers write.
+_KIND_CLAIMS = ("typ", "type", "token_use")
+
+
 class TokenService:
     """Issue, rotate, revoke and verify the stack's JWTs (``context.services["tokens"]``).
 
@@ -432,7 +436,10 @@ class TokenService:
             raise _Invalid(reason, text) from None
         except UnicodeError:  # e.g. a lone surrogate in a token that came from JSON
             raise _Invalid("malformed", "the token is malformed") from None
-        typ = claims.get("typ", claims.get("token_use", "access"))
+        # The kind of token: ``typ`` (ours), ``type`` (flask-jwt-extended's), ``token_use`` (Cognito's).
+        # A token that names two kinds is neither; one that names none is an access token.
+        kinds = {claims[name] for name in _KIND_CLAIMS if name in claims}
+        typ = "access" if not kinds else next(iter(kinds)) if len(kinds) == 1 else None
         if kind == "access" and typ != "access":
             raise _Invalid("wrong_token_type", "a refresh token cannot be used as an access token"
                            if typ == "refresh" else "the token is not an access token")
