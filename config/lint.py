@@ -297,6 +297,24 @@ def csrf_needs_session(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Pro
                                           "reach token parsing first; place csrf before auth", "warning")
 
 
+def csrf_header_allowed(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A double-submit token header that the cors layer does not allow never arrives from another origin."""
+    for csrf in _all(specs, "csrf"):
+        header = str(csrf.option("header") or "X-CSRF-Token")
+        if not spec_true(csrf, "double_submit"):
+            continue
+        for cors in _all(specs, "cors"):
+            policy = getattr(cors.options, "policy", None)
+            if not callable(policy):
+                continue
+            allowed = {str(h).lower() for h in policy()["allow_headers"]}
+            if "*" not in allowed and header.lower() not in allowed:
+                yield _problem(cfg, cors, f"cors at {_where(cors)} does not allow the {header} header that csrf at "
+                                          f"{_where(csrf)} needs (double_submit): a preflight asking for it is "
+                                          f"refused, so pages on other origins cannot write; add {header} to "
+                                          "allow_headers", "warning")
+
+
 def auth_inside_session(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for auth, session in _before(specs, "auth", "session"):
         if spec_true(auth, "accept_session"):
@@ -513,6 +531,7 @@ RULES: list[Rule] = [
     proxy_position,
     cors_patterns,
     csrf_needs_session,
+    csrf_header_allowed,
     auth_inside_session,
     versioning_before_cache,
     proxyfix_trusts_every_peer,

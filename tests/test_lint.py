@@ -283,6 +283,25 @@ def test_clean_orders_pass(pipeline: str) -> None:
     assert problems(pipeline) == []
 
 
+CSRF_DOUBLE = f"  - session: {{secret_key: {SECRET}, cookie_name: sid, cookie_secure: false}}\n" \
+              f"  - csrf: {{cookie_name: sid, double_submit: true, secret_key: {SECRET}}}\n"
+
+
+@pytest.mark.parametrize(("allow_headers", "warned"), [
+    pytest.param("[Authorization]", True, id="not allowed"),
+    pytest.param("[]", True, id="no header allowed"),
+    pytest.param("[Authorization, x-csrf-token]", False, id="allowed, in any case"),
+    pytest.param("['*']", False, id="every header allowed"),
+])
+def test_a_double_submit_header_the_cors_layer_refuses_is_warned(allow_headers: str, warned: bool) -> None:
+    found = problems("pipeline:\n  - cors: {origins: ['https://app.example.org'], allow_headers: "
+                     f"{allow_headers}}}\n" + CSRF_DOUBLE)
+    expected = ("stack.yaml:4:5 warning: pipeline[0]: cors at pipeline[0] does not allow the X-CSRF-Token header that "
+                "csrf at pipeline[2] needs (double_submit): a preflight asking for it is refused, so pages on other "
+                "origins cannot write; add X-CSRF-Token to allow_headers")
+    assert (expected in found) is warned, found
+
+
 @pytest.mark.parametrize("target", [
     pytest.param("no_such_module_anywhere:Layer", id="a module that does not import"),
     pytest.param("middleware.headers:NoSuchLayer", id="a missing attribute"),
