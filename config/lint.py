@@ -491,16 +491,28 @@ def headers_cover_refusals(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
                                      "refusals would lack the security headers; move headers before it", "warning")
 
 
+def _reads_scheme(spec: LayerSpec) -> bool:
+    """Whether a proxy layer sets wsgi.url_scheme from the proxy's header (werkzeug's ProxyFix does by default)."""
+    return bool(spec.option("x_proto", 1) or spec.option("forwarded", 0))
+
+
 def hsts_reachable(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     proxied = {"x-forwarded-proto", "forwarded"} & {str(h).lower() for h in cfg.server.trusted_proxy_headers}
-    if cfg.server.url_scheme == "https" or proxied or _first(specs, "proxy") is not None or cfg.server.loopback_only:
+    if cfg.server.url_scheme == "https" or proxied or cfg.server.loopback_only:
         return
+    setters = [p for p in _all(specs, "proxy") if _reads_scheme(p)]
     for hdr in _all(specs, "headers"):
-        if hdr.option("hsts", True):
+        if not hdr.option("hsts", True) or any(_pos(specs, p) < _pos(specs, hdr) for p in setters):
+            continue
+        if setters:
+            yield _problem(cfg, hdr, f"headers at {_where(hdr)} is outside proxy at {_where(setters[0])}, which "
+                                     "sets the scheme: headers reads it first and never sends "
+                                     "Strict-Transport-Security; put proxy right after errors", "warning")
+        else:
             yield _problem(cfg, hdr, f"headers at {_where(hdr)} sends Strict-Transport-Security only on https "
                                      "requests, but nothing makes wsgi.url_scheme https (server.url_scheme is http, "
-                                     "server.trusted_proxy_headers lacks x-forwarded-proto, no proxy layer)",
-                           "warning")
+                                     "server.trusted_proxy_headers lacks x-forwarded-proto, no proxy layer reads "
+                                     "X-Forwarded-Proto or Forwarded)", "warning")
 
 
 def validation_vs_waitress(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:

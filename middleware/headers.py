@@ -189,17 +189,11 @@ class SecurityHeadersMiddleware:
 
         return add
 
-    def _headers_for(self, environ: WSGIEnvironment) -> Headers:
-        """The headers this request's response gets (HSTS only over HTTPS)."""
-        if environ.get("wsgi.url_scheme") == "https":
-            return self.headers_https
-        return self.headers_http
-
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         https = environ.get("wsgi.url_scheme") == "https"
         add = self._add_https if https else self._add_http
         try:
             return self.app(environ, wrap_start_response(start_response, add))
-        except Exception as exc:
-            decorate_error(exc, self._headers_for(environ))
+        except Exception as exc:  # the same scheme as a response would get: the one this layer saw
+            decorate_error(exc, self.headers_https if https else self.headers_http)
             raise

@@ -319,3 +319,29 @@ def test_a_broken_registry_entry_does_not_stop_other_pipelines(monkeypatch: pyte
         linting._built_in_classes.cache_clear()
     assert [line.partition(": a cached")[0] for line in found] == [
         "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] is outside auth at pipeline[1]"]
+
+
+PUBLIC = "server: {listen: '0.0.0.0:8000'}\npipeline:\n  - errors: {}\n"
+OUTSIDE = ("warning: pipeline[1]: headers at pipeline[1] is outside proxy at pipeline[2], which sets the scheme: "
+           "headers reads it first and never sends Strict-Transport-Security; put proxy right after errors")
+NOTHING = "sends Strict-Transport-Security only on https requests, but nothing makes wsgi.url_scheme https"
+
+
+@pytest.mark.parametrize(("layers", "expected"), [
+    pytest.param("  - headers: {}\n", NOTHING, id="no proxy layer"),
+    pytest.param("  - proxy: {x_for: 1}\n  - headers: {}\n", NOTHING, id="a proxy layer that keeps the scheme"),
+    pytest.param("  - headers: {}\n  - proxy: {x_proto: 1}\n", OUTSIDE, id="headers outside the proxy layer"),
+    pytest.param("  - headers: {}\n  - proxy: {forwarded: 1}\n", OUTSIDE, id="outside a Forwarded proxy layer"),
+    pytest.param("  - proxy: {x_proto: 1}\n  - headers: {}\n", None, id="proxy first: clean"),
+    pytest.param("  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n  - headers: {}\n", None,
+                 id="ProxyFix reads the scheme unless told not to"),
+    pytest.param("  - werkzeug.middleware.proxy_fix:ProxyFix: {x_proto: 0}\n  - headers: {}\n", NOTHING,
+                 id="ProxyFix told not to"),
+    pytest.param("  - headers: {hsts: false}\n", None, id="no HSTS to send"),
+])
+def test_hsts_that_can_never_be_sent_is_warned(layers: str, expected: str | None) -> None:
+    found = [p for p in problems(PUBLIC + layers) if "Strict-Transport-Security" in p]
+    if expected is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and expected in found[0], found
