@@ -17,7 +17,10 @@ must not make an orchestrator restart every healthy process.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import time
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["HealthMiddleware"]
 
-_ALLOW = [("Allow", "GET, HEAD")]
+_log = logging.getLogger("wsgistack.health")
+_ALLOW = [("Allow", "GET, HEAD"), ("Cache-Control", "no-store")]  # a 405 is cacheable by default (RFC 9110 15.5.6)
 
 
 class HealthMiddleware:
@@ -137,11 +141,25 @@ class HealthMiddleware:
 
 
 def _exists(path: str) -> bool:
+    """Whether the drain file is there; one that cannot be looked at counts as there.
+
+    Only "no such file" (or a path through something that is not a directory) is
+    absent: a file the process may not look at (its directory's mode) was most
+    likely put there by the operator, and serving on would ignore the drain.
+    """
     try:
         os.stat(path)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as exc:
+        now = time.monotonic()
+        if now - _STAT_FAILED[0] >= 60:
+            _STAT_FAILED[0] = now
+            _log.warning("health: cannot look at drain_file %s (%s): readiness answers draining", path, exc)
     return True
+
+
+_STAT_FAILED = [-math.inf]  # when a failed look at a drain file was last logged (once a minute)
 
 
 def _status_line(code: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +106,7 @@ def test_other_methods_are_refused_with_allow(make: Callable[..., TestApp], inne
                                                method: str) -> None:
     response = make().request("/readyz", method=method, status=405)
     assert response.headers["Allow"] == "GET, HEAD"
+    assert response.headers["Cache-Control"] == "no-store"  # a 405 is cacheable by default
     assert response.json["error"]["message"] == "/readyz answers GET and HEAD only."
     assert inner.seen == []
 
@@ -147,6 +149,22 @@ def test_drain_file(make: Callable[..., TestApp], tmp_path: Path) -> None:
     assert app.get("/healthz").json == {"status": "ok"}  # alive while draining
     drain.unlink()
     assert app.get("/readyz").json["status"] == "ok"
+
+
+def test_a_drain_file_that_cannot_be_looked_at_counts_as_there(make: Callable[..., TestApp], tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # os.stat fails with something other than "no such file" (here a symlink loop; in production
+    # a directory the process may not search): the operator most likely drained it.
+    drain = tmp_path / "drain"
+    drain.symlink_to(drain)
+    with caplog.at_level(logging.WARNING, logger="wsgistack.health"):
+        assert make({"drain_file": str(drain)}).get("/readyz", status=503).json == {"status": "draining"}
+    assert f"cannot look at drain_file {drain}" in caplog.text
+
+
+def test_a_drain_file_under_a_plain_file_is_absent(make: Callable[..., TestApp], tmp_path: Path) -> None:
+    (tmp_path / "run").touch()
+    assert make({"drain_file": str(tmp_path / "run" / "drain")}).get("/readyz").json["status"] == "ok"
 
 
 def test_drain_wins_over_a_degraded_store(make: Callable[..., TestApp], dead_store: Store,
