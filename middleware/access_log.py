@@ -371,10 +371,13 @@ def _cut(text: str) -> str:
 
 
 def _text(raw: str) -> str:
-    """PEP 3333 strings carry bytes as latin-1: show them as UTF-8 when they are."""
+    """PEP 3333 strings carry bytes as latin-1: show them as UTF-8, a byte that is not as ``\\xe9``.
+
+    So ``/caf%E9`` and ``/caf%C3%A9``, two requests, are two different lines.
+    """
     try:
-        return raw.encode("latin-1").decode("utf-8")
-    except UnicodeError:
+        return raw.encode("latin-1").decode("utf-8", "backslashreplace")
+    except UnicodeError:  # not latin-1 text (against PEP 3333): shown as it is
         return raw
 
 

@@ -104,11 +104,16 @@ class SecurityHeadersMiddleware:
         @field_validator("content_security_policy", "permissions_policy")
         @classmethod
         def _printable(cls, value: str | None) -> str | None:
-            if value is not None and not (value.isascii() and value.isprintable() and value.strip()):
+            if value is None:
+                return None
+            if not (value.isascii() and value.isprintable() and value.strip()):
                 raise ValueError(
                     "must be non-empty printable ASCII on one line (no control characters)"
                 )
-            return value.strip().rstrip(";").strip() if value is not None else None
+            cleaned = "; ".join(part.strip() for part in value.split(";") if part.strip())
+            if not cleaned:
+                raise ValueError(f"must hold a directive, not only separators (got {value!r})")
+            return cleaned
 
         @model_validator(mode="after")
         def _coherent(self) -> SecurityHeadersMiddleware.Options:

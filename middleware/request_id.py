@@ -142,6 +142,9 @@ class RequestIdMiddleware:
         def _header_is_token(cls, value: str) -> str:
             if not _TOKEN.fullmatch(value):
                 raise ValueError(f"header {value!r} is not a valid HTTP header name")
+            if "_" in value:  # WSGI spells '-' and '_' alike in environ, so servers drop such fields
+                raise ValueError(f"header {value!r} has an '_': Waitress drops such header fields (WSGI "
+                                 f"cannot tell them from '-'); write {value.replace('_', '-')!r}")
             return value
 
         @field_validator("pattern")

@@ -206,6 +206,8 @@ def test_log_filter_keeps_explicit_id_and_default(capture: Capture) -> None:
         pytest.param({"header": "X Request"}, "header 'X Request' is not a valid HTTP header name",
                      id="header with space"),
         pytest.param({"header": ""}, "header '' is not a valid HTTP header name", id="empty header"),
+        pytest.param({"header": "X_Request_Id"}, "header 'X_Request_Id' has an '_': Waitress drops such header "
+                     "fields (WSGI cannot tell them from '-'); write 'X-Request-Id'", id="underscore in the header"),
         pytest.param({"pattern": "(["}, "pattern '([' is not a valid regular expression",
                      id="bad regex"),
         pytest.param({"max_length": 0}, "greater than or equal to 1", id="zero max_length"),
