@@ -154,11 +154,17 @@ class SecurityHeadersMiddleware:
             common.append(("Referrer-Policy", o.referrer_policy))
         if o.frame_options != "none":
             common.append(("X-Frame-Options", o.frame_options.upper()))
+        # When this layer adds frame-ancestors to match frame_options, a view that sets its own
+        # X-Frame-Options gets the policy that matches the view's instead: browsers follow
+        # frame-ancestors over X-Frame-Options, so ours would silently overrule the view.
+        variants: dict[str, str] | None = None
         if o.content_security_policy is not None:
             policy = o.content_security_policy
             if o.frame_options != "none" and not o.csp_report_only and (
                 _frame_ancestors(policy) is None
             ):
+                variants = {"": policy, **{value.upper(): f"{policy}; frame-ancestors {sources}"
+                                          for value, sources in _FRAME_ANCESTORS.items()}}
                 policy = f"{policy}; frame-ancestors {_FRAME_ANCESTORS[o.frame_options]}"
             name = "Content-Security-Policy" + ("-Report-Only" if o.csp_report_only else "")
             common.append((name, policy))
@@ -176,21 +182,26 @@ class SecurityHeadersMiddleware:
             secure.insert(0, ("Strict-Transport-Security", hsts))
         self.headers_http: Headers = common
         self.headers_https: Headers = secure
-        self._add_http = self._adder(common)
-        self._add_https = self._adder(secure)
+        self._add_http = self._adder(common, variants)
+        self._add_https = self._adder(secure, variants)
 
     @staticmethod
-    def _adder(extra: Headers) -> Callable[[str, Headers], None]:
+    def _adder(extra: Headers, variants: dict[str, str] | None = None) -> Callable[[str, Headers], None]:
         pairs = [(name.lower(), (name, value)) for name, value in extra]
         sizes = frozenset(len(name) for name, _ in extra)
 
         def add(status: str, headers: Headers) -> None:
             # Only names as long as one of ours can be one of ours: most are never lowercased.
             present = {name.lower() for name, _ in headers if len(name) in sizes}
-            if present:
-                headers.extend([pair for lower, pair in pairs if lower not in present])
-            else:
+            if not present:
                 headers.extend(extra)
+                return
+            missing = [pair for lower, pair in pairs if lower not in present]
+            if variants is not None and "x-frame-options" in present and "content-security-policy" not in present:
+                theirs = next(v for n, v in headers if n.lower() == "x-frame-options").strip().upper()
+                policy = variants.get(theirs, variants[""])  # (ALLOW-FROM, say: no frame-ancestors of ours)
+                missing = [(n, policy) if n == "Content-Security-Policy" else (n, v) for n, v in missing]
+            headers.extend(missing)
 
         return add
 

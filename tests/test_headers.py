@@ -44,6 +44,8 @@ def inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterab
     if path == "/crash":
         raise RuntimeError("inner failure")
     headers = [("Content-Type", "text/plain")]
+    if path.startswith("/frame/"):  # a view that sets its own X-Frame-Options, and no CSP
+        headers.append(("X-Frame-Options", path.rpartition("/")[2]))
     if path == "/own":
         headers += [("x-frame-options", "SAMEORIGIN"),
                     ("Content-Security-Policy", "default-src 'none'")]
@@ -157,6 +159,23 @@ def test_app_headers_win() -> None:
         "X-Frame-Options": "SAMEORIGIN",
         "Content-Security-Policy": "default-src 'none'",
     }
+
+
+@pytest.mark.parametrize(("frame_options", "view_sets", "frame_ancestors"), [
+    pytest.param("sameorigin", "DENY", "'none'", id="a view that tightens"),
+    pytest.param("deny", "SAMEORIGIN", "'self'", id="a view that loosens"),
+    pytest.param("deny", "sameorigin", "'self'", id="in any case"),
+    pytest.param("deny", "ALLOWALL", None, id="a value with no frame-ancestors twin"),
+])
+def test_the_policy_added_agrees_with_a_views_own_frame_options(frame_options: str, view_sets: str,
+                                                                 frame_ancestors: str | None) -> None:
+    # Browsers follow frame-ancestors over X-Frame-Options: the policy this layer adds must not
+    # overrule what the view chose.
+    app = make(content_security_policy="default-src 'self'", frame_options=frame_options)
+    found = security(app.get("/frame/" + view_sets))
+    assert found["X-Frame-Options"] == view_sets
+    assert found["Content-Security-Policy"] == "default-src 'self'" + (
+        f"; frame-ancestors {frame_ancestors}" if frame_ancestors else "")
 
 
 def test_crash_gets_headers() -> None:
