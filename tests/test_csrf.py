@@ -294,9 +294,19 @@ def test_double_submit_token_changes_at_rotate(store_url: str) -> None:
     store.close()
 
 
-def test_bearer_requests_need_no_token() -> None:
-    resp = send(make(DS, store_from_url("memory://")), {"Authorization": "Bearer abc"})
-    assert resp.status_int == 200
+@pytest.mark.parametrize(("request_headers", "status"), [
+    pytest.param({"Authorization": "Bearer abc"}, 200, id="a bearer token: no ambient credential"),
+    pytest.param({"Authorization": "bearer abc"}, 200, id="the scheme in any case"),
+    pytest.param({"Authorization": "Basic YTpi"}, 403, id="basic credentials: checked"),
+    pytest.param({}, 403, id="nothing: checked"),
+])
+def test_bearer_requests_need_no_token(request_headers: dict[str, str], status: int) -> None:
+    # check_without_cookie: every unsafe request is checked, except one that authenticates with a
+    # bearer token (a browser never sends one by itself).
+    resp = send(make({**DS, "check_without_cookie": True}, store_from_url("memory://")), request_headers)
+    assert resp.status_int == status
+    if status == 403:
+        assert resp.json["error"]["message"].startswith("CSRF token missing")
 
 
 def test_token_without_session_layer_says_what_is_missing() -> None:

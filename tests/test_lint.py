@@ -111,7 +111,8 @@ def problems(text: str) -> list[str]:
         ),
         pytest.param(
             "pipeline:\n  - cors: {origin_regex: ['https://app.example.org']}\n",
-            "stack.yaml:4:5 warning: pipeline[0]:",
+            "stack.yaml:4:5 warning: pipeline[0]: origin_regex 'https://app.example.org' has an unescaped '.', "
+            "which matches any character (https://appXexample.org too); write '\\.' for a dot",
             id="unescaped dot in an origin regex",
         ),
         pytest.param(

@@ -221,10 +221,17 @@ def test_allowed_hosts(options: dict[str, Any], request_headers: dict[str, str],
         assert response.headers["Content-Type"] == "application/json"
 
 
-def test_allowed_hosts_without_host_header_uses_server_name() -> None:
+@pytest.mark.parametrize(("server_name", "status"), [
+    pytest.param("internal", 200, id="an allowed server name"),
+    pytest.param("evil.example", 400, id="another server name"),
+])
+def test_allowed_hosts_without_host_header_uses_server_name(server_name: str, status: int) -> None:
     app = make(allowed_hosts=["internal"])
-    app.get("/", extra_environ={"REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": "internal",
-                                "HTTP_HOST": ""}, status=200)
+    response = app.get("/", extra_environ={"REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": server_name,
+                                           "HTTP_HOST": ""}, status=status)
+    if status == 400:
+        assert response.json["error"]["message"] == (
+            "The request's host is not one this server answers for (allowed_hosts).")
 
 
 # --- options refused ---------------------------------------------------------------------

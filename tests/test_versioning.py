@@ -323,14 +323,23 @@ def test_deprecated_use_is_counted_and_logged_once_per_interval(
     ]
 
 
-def test_next_report_carries_the_count(seen: Seen, caplog: pytest.LogCaptureFixture) -> None:
-    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**DEPRECATED, report_interval=0), Context())
+def test_next_report_carries_the_count(seen: Seen, caplog: pytest.LogCaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [5_000.0]
+    monkeypatch.setattr("middleware.versioning.time.monotonic", lambda: clock[0])
+    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**DEPRECATED, report_interval=60), Context())
     web = TestApp(layer)
+    alice = {"wsgistack.identity": Identity("alice")}
     with caplog.at_level(logging.WARNING, logger="wsgistack.versioning"):
-        web.get("/api/v1/a", extra_environ={"wsgistack.identity": Identity("alice")})
-        web.get("/api/v1/a", extra_environ={"wsgistack.identity": Identity("alice")})
+        web.get("/api/v1/a", extra_environ=alice)  # the first use is reported at once
+        for _ in range(3):  # then counted quietly for report_interval
+            clock[0] += 10
+            web.get("/api/v1/a", extra_environ=alice)
+        clock[0] += 31  # 61 s after the report: the next use reports the ones since
+        web.get("/api/v1/a", extra_environ=alice)
     assert [r.getMessage() for r in caplog.records] == [
-        "client alice used deprecated API version v1 (1 requests since the last report)"] * 2
+        "client alice used deprecated API version v1 (1 requests since the last report)",
+        "client alice used deprecated API version v1 (4 requests since the last report)"]
 
 
 def test_client_counter_is_bounded(seen: Seen) -> None:
