@@ -37,7 +37,7 @@ class SearchOptions(BaseModel):
     _numbers = field_validator("*", mode="before")(classmethod(no_boolean_numbers))
 
     engine: Literal["local", "searxng"] = "local"
-    upstream: AnyHttpUrl | None = None
+    upstream: AnyHttpUrl | None = Field(default=None, repr=False)  # it may hold a password
     timeout: float = Field(default=5.0, gt=0, le=300)
     connect_timeout: float = Field(default=2.0, gt=0, le=300)
     per_page: int = Field(default=10, ge=1, le=100)

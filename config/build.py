@@ -351,8 +351,13 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
             options = dict(options)
         opath: Path = (*path, name)
         if not isinstance(options, dict):
-            problems.append(doc.problem(opath, "layer options must be a mapping" + _options_hint(name, options),
-                                        value=options, has_value=True))
+            hint = _options_hint(name, options)
+            if hint:
+                problems.append(doc.problem(opath, "layer options must be a mapping" + hint, value=options,
+                                            has_value=True))
+            else:  # not shown: it may be what the layer's secret was meant to be (`- auth: ${JWT_SECRET}`)
+                problems.append(doc.problem(opath, f"layer options must be a mapping, not a {type(options).__name__}"
+                                                   f" (write `- {name}: {{option: value}}`)"))
             continue
         if name not in LAYERS and not is_path(name):
             text = f"unknown layer {name!r}{suggest(name, LAYERS)} (known: {', '.join(sorted(LAYERS))}; " \
@@ -782,13 +787,23 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
     return doc.problem(path, f"{spec.name}: {message}", key=True)
 
 
-def _masked(message: str, options: object) -> str:
-    """``message`` with the values of the secret-named ``options`` (a factory's) replaced by the mask."""
+def _masked(message: str, options: object, path: tuple[str, ...] = ()) -> str:
+    """``message`` with the values of the secret-named ``options`` (a factory's, nested ones too)
+    replaced by the mask."""
     if isinstance(options, dict):
-        for key, value in options.items():
-            shown = str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
-            if len(shown) >= 4 and is_secret((key,), value):
-                message = message.replace(shown, MASK)
+        items: Iterable[tuple[object, object]] = options.items()
+    elif isinstance(options, list | tuple):
+        items = ((None, item) for item in options)
+    else:
+        return message
+    for key, value in items:
+        inner = (*path, key) if isinstance(key, str) else path
+        if isinstance(value, dict | list | tuple):
+            message = _masked(message, value, inner)
+            continue
+        shown = str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
+        if len(shown) >= 4 and is_secret(inner, value):
+            message = message.replace(shown, MASK)
     return message
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from middleware.base import mask_url_passwords
-from stores.base import secret_value
+from stores.base import mask_secrets, secret_value
 
 Path = tuple[str | int, ...]
 
@@ -24,8 +23,8 @@ def masked(path: Path, value: Any) -> Any:
     """``value`` fit to print: a secret-named key's value hidden, passwords in URLs replaced by ``***``."""
     if is_secret(path, value):
         return MASK
-    if isinstance(value, str) and "://" in value:
-        return mask_url_passwords(value, MASK)
+    if isinstance(value, str) and ("://" in value or "@" in value or "=" in value):
+        return mask_secrets(value, MASK)
     if isinstance(value, list | tuple):
         return type(value)(masked((), item) for item in value)
     if isinstance(value, dict):
@@ -61,6 +60,8 @@ class Problem:
         # Problems are printed, logged and shown on the operator page: a secret never travels in one.
         if self.has_value:
             object.__setattr__(self, "value", masked(self.path, self.value))
+        if "@" in self.message or "=" in self.message:  # a URL a message quotes (a store's, a layer's own)
+            object.__setattr__(self, "message", mask_secrets(self.message, MASK))
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, Path, Problem
+from .errors import ConfigError, Path, Problem, is_secret
 
 _SAFE_TAGS = {
     "tag:yaml.org,2002:str",
@@ -225,7 +225,7 @@ def _interpolate(
             return "${"
         name, default = match.groups()
         if name is None:
-            return refuse(_unsupported(value, match.start()))
+            return refuse(_unsupported(value, match.start(), hide=is_secret(path, value)))
         if default is not None and "${" in default:
             return refuse(f"{text!r}: a default may not contain another ${{...}}; "
                           "write the default as plain text")
@@ -238,16 +238,24 @@ def _interpolate(
     return _TOKEN.sub(replace, value)
 
 
-def _unsupported(value: str, start: int) -> str:
-    """The message for a ``${`` that is neither ``${NAME}`` nor ``${NAME:-default}``."""
+def _unsupported(value: str, start: int, hide: bool = False) -> str:
+    """The message for a ``${`` that is neither ``${NAME}`` nor ``${NAME:-default}``.
+
+    ``hide``: the value is a secret's, so a default written in it (a secret too) is not shown.
+    """
     rest = value[start:]
     forms = "the forms are ${NAME} and ${NAME:-default}; $${ writes a literal ${"
     near = _NEAR.match(rest)
     if near is not None and "+" not in near.group(2):
         name, operator, default = near.groups()
+        if hide:
+            default = "…"
         # ${NAME:?message} asks for an error when NAME is missing: ${NAME} already is one.
         better = f"${{{name}}}" if "?" in operator else f"${{{name}:-{default}}}"
-        return f"{near.group(0)!r} is not an interpolation stack.yaml understands; write {better} ({forms})"
+        written = f"${{{name}{operator}{default}}}" if hide else near.group(0)
+        return f"{written!r} is not an interpolation stack.yaml understands; write {better} ({forms})"
+    if hide:
+        return f"this secret's ${{...}} is not an interpolation stack.yaml understands ({forms})"
     close = rest.find("}")
     if close < 0:
         shown = rest if len(rest) <= 40 else rest[:37] + "..."

@@ -211,10 +211,10 @@ def _alg_for(key: Any, wanted: str | None, where: str) -> str:
 
 class _Options(LayerOptions):
     store: str = "shared"
-    secret: str = ""
+    secret: str = Field(default="", repr=False)
     algorithm: str | None = None
     public_keys: dict[str, str] | list[str] = Field(default_factory=list)
-    private_key: str = ""
+    private_key: str = Field(default="", repr=False)
     jwks_file: str = ""
     issuer: str | None = None
     audience: str | None = None
@@ -364,7 +364,10 @@ class TokenService:
             try:
                 jwk = jwt.PyJWK.from_dict(entry, entry.get("alg") or o.algorithm)
             except jwt.PyJWTError as exc:
-                raise ValueError(f"{where} cannot be used: {exc}") from None
+                # PyJWT's text may go on to print the whole key, its private half included.
+                reason = str(exc).partition(":")[0].strip() or type(exc).__name__
+                raise ValueError(f"{where} cannot be used: {reason} (alg {entry.get('alg') or o.algorithm!r}, "
+                                 f"kty {entry.get('kty')!r})") from None
             if entry.get("alg") and o.algorithm and entry["alg"] != o.algorithm:
                 raise ValueError(f"{where} is pinned to {entry['alg']} but algorithm is {o.algorithm}")
             key = jwk.key.public_key() if hasattr(jwk.key, "private_bytes") else jwk.key

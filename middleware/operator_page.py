@@ -33,12 +33,11 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 
-from stores.base import secret_name, secret_value
+from stores.base import mask_secrets, secret_value
 
 from .base import (
     IDENTITY,
@@ -343,6 +342,9 @@ def mask(value: Any, name: str = "") -> Any:
     if isinstance(value, Mapping):
         return {str(k): mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
+        if len(value) == 2 and isinstance(value[0], str) and secret_value(value[0], value[1]) \
+                and not isinstance(value[1], list | tuple | Mapping):  # a (name, value) pair: a header, say
+            return [value[0], MASK]
         return [mask(v) for v in value]
     if isinstance(value, str):
         if value and value[0] in "{[(":  # a repr() of a structure (options of a plain factory layer)
@@ -350,27 +352,9 @@ def mask(value: Any, name: str = "") -> Any:
                 return mask(ast.literal_eval(value))
             except (ValueError, SyntaxError, MemoryError, RecursionError):
                 return MASK if _secret_text(value) else mask_url_passwords(value, MASK)
-        if "://" in value or "@" in value:
-            return _mask_url(value)
+        if "://" in value or "@" in value or "=" in value:
+            return mask_secrets(value, MASK)  # read whole, not parsed: "pw#x@host" is masked too
     return value
-
-
-
-
-def _mask_url(text: str) -> str:
-    try:
-        parts = urlsplit(text)
-        password = parts.password
-    except ValueError:
-        return MASK
-    netloc, query = parts.netloc, parts.query
-    if password is not None:
-        netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
-    if query:
-        pairs = [part.partition("=") for part in query.split("&")]
-        query = "&".join(f"{k}={MASK}" if secret_name(unquote_plus(k)) else k + eq + v for k, eq, v in pairs)
-    return urlunsplit(parts._replace(netloc=netloc, query=query)) if (netloc, query) != (parts.netloc, parts.query) \
-        else text
 
 
 # -- small helpers -----------------------------------------------------------

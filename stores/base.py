@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 # ?password=, ?sentinel_password=, ?passwd=, ?secret=, ?token=
-_SECRET_PARAM = r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token)=)"
+_SECRET_PARAM = r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token|key|credential|authorization)=)"
 _QUERY_PASSWORD = re.compile(_SECRET_PARAM + r"[^&\s'\"]*(?:&[^=&\s'\"]*(?=[&\s'\"]|\Z))*", re.IGNORECASE)
 # In one URL: the value, and any "&segment" without "=" after it (an unencoded "&" in the password).
 _QUERY_PASSWORD_TO_AMPERSAND = re.compile(_SECRET_PARAM + r"[^&]*(?:&[^=&]*(?=&|\Z))*", re.IGNORECASE)
@@ -74,6 +74,21 @@ def mask_url_passwords(text: str, mask: str = "***") -> str:
     if "=" in text:
         text = _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
     return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text)
+
+
+#: Userinfo without "://" before it: "redis:/:pw@host", "searx:pw@host" (a URL written wrongly).
+_BARE_USERINFO = re.compile(r":(?!//)[^\s@'\"]+@")
+
+
+def mask_secrets(text: str, mask: str = "***") -> str:
+    """``text`` with passwords masked wherever they may be: URLs (:func:`mask_url_passwords`), a
+    ``user:password@`` without a scheme, and secret query parameters (``token=``) anywhere."""
+    text = mask_url_passwords(text, mask)
+    if "@" in text:
+        text = _BARE_USERINFO.sub(f":{mask}@", text)
+    if "=" in text:
+        text = _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
+    return text
 
 
 class StoreError(Exception):

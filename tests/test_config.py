@@ -265,18 +265,18 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
     ("text", "expected"),
     [
         pytest.param(
-            ECHO + "pipeline:\n  - auth:\n      secret: ${JWT_SECRET-fallback}\n",
-            "stack.yaml:4:15 pipeline[0].auth.secret: '${JWT_SECRET-fallback}' is not an interpolation stack.yaml "
-            "understands; write ${JWT_SECRET:-fallback} (the forms are ${NAME} and ${NAME:-default}; $${ writes a "
-            "literal ${)",
+            ECHO + "pipeline:\n  - request_id:\n      header: ${ID_HEADER-X-Trace-Id}\n",
+            "stack.yaml:4:15 pipeline[0].request_id.header: '${ID_HEADER-X-Trace-Id}' is not an interpolation "
+            "stack.yaml understands; write ${ID_HEADER:-X-Trace-Id} (the forms are ${NAME} and ${NAME:-default}; "
+            "$${ writes a literal ${)",
             id="${VAR-default}",
         ),
         pytest.param(
             ECHO + "pipeline:\n  - auth: {secret: '${JWT_SECRET:fallback}'}\n",
-            "stack.yaml:3:20 pipeline[0].auth.secret: '${JWT_SECRET:fallback}' is not an interpolation stack.yaml "
-            "understands; write ${JWT_SECRET:-fallback} (the forms are ${NAME} and ${NAME:-default}; $${ writes a "
+            "stack.yaml:3:20 pipeline[0].auth.secret: '${JWT_SECRET:…}' is not an interpolation stack.yaml "
+            "understands; write ${JWT_SECRET:-…} (the forms are ${NAME} and ${NAME:-default}; $${ writes a "
             "literal ${)",
-            id="${VAR:default}",
+            id="${VAR:default} of a secret: its default not shown",
         ),
         pytest.param(
             ECHO + "server: {ident: 'x-${NAME'}\n",

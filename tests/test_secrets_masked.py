@@ -1,0 +1,79 @@
+"""Secrets never travel in what check, serve, reload and the operator page print about a file.
+
+Each case is a stack.yaml with one mistake near a secret: the mistake is still reported where it is
+(file:line:col, key path), and the secret is not in any line of the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from config import check
+from middleware.operator_page import mask
+
+ECHO = 'app: {factory: "stack_support:echo_app"}\n'
+SEARCH = ("app: {{factory: 'app:create_app', options: {{var_dir: {var}, "
+          "search: {{engine: searxng, upstream: '{url}'}}}}}}\n")
+ERRORS = "pipeline:\n  - errors: {}\n"
+#: An RSA private key as a JWK whose "alg" no library knows: PyJWT's error text prints the whole key.
+PRIVATE_JWK = {"kty": "RSA", "kid": "k1", "alg": "RSA256", "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bO",
+               "e": "AQAB", "d": "SEKRETprivateExponentd0123456789"}
+
+
+@pytest.mark.parametrize(("text", "secret", "reported"), [
+    pytest.param(ECHO + "stores: {shared: 'redis:/:SEKRETpw1@redis.internal:6379/0'}\n" + ERRORS, "SEKRETpw1",
+                 "stack.yaml:2:18 stores.shared: store URL 'redis:***@redis.internal:6379/0' has no scheme",
+                 id="a store URL with one slash"),
+    pytest.param(ECHO + "stores: {shared: ':SEKRETpw2@redis.internal:6379'}\n" + ERRORS, "SEKRETpw2",
+                 "stack.yaml:2:18 stores.shared: store URL ':***@redis.internal:6379' has no scheme",
+                 id="a store URL without a scheme"),
+    pytest.param(ECHO + "pipeline:\n  - auth: SEKRETpw3-0123456789012345678901234567890\n", "SEKRETpw3",
+                 "stack.yaml:3:11 pipeline[0].auth: layer options must be a mapping, not a str",
+                 id="the secret where the options go"),
+    pytest.param(SEARCH.format(var="var", url="searx:SEKRETpw4@searx.internal") + ERRORS, "SEKRETpw4",
+                 "app.options.search.upstream: URL scheme should be 'http' or 'https' (got 'searx:***@searx.internal')",
+                 id="an upstream's password without a scheme"),
+    pytest.param(SEARCH.format(var="var", url="searx.internal/?token=SEKRETpw5") + ERRORS, "SEKRETpw5",
+                 "(got 'searx.internal/?token=***')", id="an upstream's token without a scheme"),
+    pytest.param(ECHO + "pipeline:\n  - auth: {secret: '${JWT_SECRET:SEKRETpw6-0123456789012345678901234}'}\n",
+                 "SEKRETpw6", "pipeline[0].auth.secret: '${JWT_SECRET:…}' is not an interpolation",
+                 id="a secret's default in a misspelt interpolation"),
+    pytest.param(ECHO + "pipeline:\n  - auth: {jwks_file: keys.json, algorithm: RS256}\n", "SEKRETprivate",
+                 "pipeline[0].auth.jwks_file: jwks_file key k1 cannot be used: Unable to find an algorithm for key",
+                 id="a private key PyJWT cannot use"),
+])
+def test_a_mistake_near_a_secret_is_reported_without_it(tmp_path: Path, text: str, secret: str,
+                                                        reported: str) -> None:
+    (tmp_path / "keys.json").write_text(json.dumps({"keys": [PRIVATE_JWK]}))
+    path = tmp_path / "stack.yaml"
+    path.write_text(text)
+    found = [str(p).replace(str(path), "stack.yaml") for p in check(path, env={})]
+    assert any(reported in line for line in found), found
+    assert not any(secret in line for line in found), found
+
+
+@pytest.mark.parametrize(("options", "shown"), [
+    pytest.param({"dsn": "postgres://app:SEKRET#pw@db/x"}, {"dsn": "postgres://app:•••@db/x"},
+                 id="a password with a # in a URL"),
+    pytest.param({"upstream": "searx:SEKRET@searx.internal"}, {"upstream": "searx:•••@searx.internal"},
+                 id="userinfo without a scheme"),
+    pytest.param({"headers": [["Authorization", "Bearer SEKRET"], ["Accept", "text/html"]]},
+                 {"headers": [["Authorization", "•••"], ["Accept", "text/html"]]}, id="a header given as a pair"),
+    pytest.param({"url": "https://h/x?api_key=SEKRET&page=2"}, {"url": "https://h/x?api_key=•••&page=2"},
+                 id="a key in a query"),
+])
+def test_the_operator_page_masks_a_factory_layers_options(options: dict[str, object],
+                                                        shown: dict[str, object]) -> None:
+    assert mask(options) == shown
+
+
+def test_options_objects_do_not_show_secrets_in_their_repr() -> None:
+    from app.options import AppOptions
+    from middleware.auth import AuthMiddleware
+
+    auth = AuthMiddleware.Options(secret="SEKRET" * 8)
+    search = AppOptions(var_dir="var", search={"engine": "searxng", "upstream": "https://u:SEKRET@searx.example"})
+    assert "SEKRET" not in repr(auth) and "SEKRET" not in repr(search)
