@@ -429,6 +429,13 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     stopping_since: float | None = None
     incomplete = False
     grace = _drain_seconds(live) + 5.0
+    # As the workers do: a polled change is read once the file stayed the same for an interval, and
+    # a second SIGHUP within HUP_TWICE of the file as it was is one reload; else a worker started
+    # later (a restarted one) would serve another generation than its siblings.
+    seen = [live.fingerprint()]
+    next_poll = time.monotonic()
+    reloaded: list[Any] = [-math.inf, None]
+    followed = time.monotonic()
     try:
         while children or (stopping_since is None and due):
             now = time.monotonic()
@@ -462,8 +469,22 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             signals = []
             while pending:  # one pop at a time: a handler may append between two bytecodes
                 signals.append(pending.pop(0))
-            if signal.SIGHUP in signals or (reload_options.watch and live.changed()):
+            polled = False
+            if reload_options.watch and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + reload_options.interval
+                polled = live.settled_change(seen)
+            if signal.SIGHUP in signals:
+                now, file = time.monotonic(), live.fingerprint()
+                if now - reloaded[0] < HUP_TWICE and file == reloaded[1]:
+                    signals = [s for s in signals if s != signal.SIGHUP]  # the workers skip it too
+                else:
+                    reloaded[:] = [now, file]
+                    polled = True
+            if polled:
                 live.reload()  # workers started from now on get the new configuration
+            if time.monotonic() - followed >= 1.0:
+                followed = time.monotonic()
+                live.follow_files()  # the supervisor writes no log line: let go of rotated files
             for signum in signals:
                 if signum == signal.SIGCHLD:
                     continue

@@ -275,13 +275,16 @@ class LiveStack:
         self._publish()
         self._flight = _Flight(self.current, self._generation_header)
 
-    def _stat(self) -> tuple[int, int, int]:
-        """The file's (mtime ns, size, inode): a write or a rename changes it."""
+    def _stat(self) -> tuple[int, int, int, int]:
+        """The file's (mtime ns, size, inode, ctime ns): a write, a rename or a chmod changes it.
+
+        (The ctime: a file that could not be read, then was made readable, is read again.)
+        """
         try:
             st = os.stat(self.path)
         except OSError:
-            return (0, 0, 0)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+            return (0, 0, 0, 0)
+        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
     def _publish(self) -> None:
         ctx = self.current.context
@@ -467,15 +470,15 @@ class LiveStack:
             raise ConfigError(problems)
         return stores
 
-    def fingerprint(self) -> tuple[int, int, int]:
-        """The file's (mtime ns, size, inode) now: two readings differ when it was written or replaced."""
+    def fingerprint(self) -> tuple[int, int, int, int]:
+        """The file's (mtime ns, size, inode, ctime ns) now: two readings differ when it was written or replaced."""
         return self._stat()
 
     def changed(self) -> bool:
         """Whether the file's mtime, size or inode differs from the one the last (re)load read."""
         return self._stat() != self._mtime
 
-    def _settled_change(self, seen: list[tuple[int, int, int]]) -> bool:
+    def settled_change(self, seen: list[tuple[int, int, int, int]]) -> bool:
         """For polling: the file changed since the last load *and* stayed the same since the last poll.
 
         A file still being written in place (a slow copy) keeps changing between
@@ -494,7 +497,7 @@ class LiveStack:
         def run() -> None:
             seen = [self._stat()]
             while not stop.wait(interval):
-                if self._settled_change(seen):
+                if self.settled_change(seen):
                     self.reload()
 
         thread = threading.Thread(target=run, name="wsgistack-watch", daemon=True)
@@ -526,7 +529,7 @@ class LiveStack:
                 options = self.current.config.server.reload
                 if not options.watch or stop.wait(options.interval):
                     break
-                if self._settled_change(seen):
+                if self.settled_change(seen):
                     self.reload()  # may turn watching off: the next round sees it
             with self._lock:
                 if self._watcher is threading.current_thread():
@@ -536,6 +539,20 @@ class LiveStack:
 
         self._watcher = threading.Thread(target=run, name="wsgistack-watch", daemon=True)
         self._watcher.start()
+
+    def follow_files(self) -> None:
+        """Have the layers that append to files reopen the ones that were moved (log rotation).
+
+        A layer does it on its own when it writes; a process that writes nothing
+        through its pipeline (the supervisor of workers) calls this now and then.
+        """
+        for layer in self.current.instances:
+            follow = getattr(layer, "follow", None)
+            if callable(follow):
+                try:
+                    follow()
+                except Exception:  # a layer's own trouble; it reports it when it writes
+                    log.debug("%sfollowing a layer's file failed", self.label, exc_info=True)
 
     def after_fork(self, label: str = "") -> None:
         """Make the copy a forked worker inherited usable: fresh lock, no poller, its own label."""

@@ -117,6 +117,21 @@ class AccessLogMiddleware:
         if isinstance(self.sink, _AppendFile):
             self.sink.reopen()
 
+    def follow(self) -> None:
+        """Reopen the file if it was moved, as a write does once a second.
+
+        For a process that holds the layer but writes nothing through it (serve.py's
+        supervisor): it would keep a rotated file open, and its disk space taken, for good.
+        """
+        sink = self.sink
+        if isinstance(sink, _AppendFile) and sink.lock.acquire(blocking=False):
+            try:
+                sink._follow()
+            except OSError:
+                pass  # a write reports it
+            finally:
+                sink.lock.release()
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.logger is not None and not self.logger.isEnabledFor(_INFO):
             return self.app(environ, start_response)

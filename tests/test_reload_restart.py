@@ -8,6 +8,7 @@ with the settings its siblings run with.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -302,3 +303,33 @@ def test_a_reload_is_linted_against_the_proxy_trust_in_force(tmp_path: Path) -> 
         "restart applies the file's)"]
     assert live.generation == 1
     live.current.close()
+
+
+def test_a_file_made_readable_again_counts_as_changed(live: LiveStack) -> None:
+    # An edit that could not be read (the file was 0600 to another user) is read once the file's
+    # mode changes: a chmod changes the ctime, though not the mtime, size or inode.
+    path = Path(live.path)
+    assert not live.changed()
+    before = path.stat()
+    os.chmod(path, 0o600)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the mtime as it was
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+    assert live.changed()
+
+
+def test_a_process_that_writes_no_line_lets_go_of_a_rotated_log(tmp_path: Path) -> None:
+    """serve.py's supervisor holds the pipeline but never writes through it: follow_files() reopens."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(stack(18105, pipeline=f"  - errors: {{}}\n  - access_log: {{file: {tmp_path}/access.log}}\n"))
+    live = LiveStack(path)
+    try:
+        (tmp_path / "access.log").rename(tmp_path / "access.log.1")
+        live.follow_files()
+        held = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # one closed meanwhile
+                held.add(os.readlink(f"/proc/self/fd/{fd}"))
+        assert str(tmp_path / "access.log") in held
+        assert str(tmp_path / "access.log.1") not in held
+    finally:
+        live.current.close()

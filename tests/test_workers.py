@@ -429,6 +429,67 @@ def test_a_sighup_to_the_whole_group_reloads_each_worker_once(
     assert sample(port, workers) == {pid: {"2"} for pid in workers}
 
 
+def test_two_quick_sighups_leave_every_worker_on_one_generation(
+        supervised: tuple[ServeProcess, int, Path]) -> None:
+    """Two `systemctl reload`s in a row: one reload in the supervisor as in each worker, so a worker
+    started later serves the very generation its sibling does."""
+    server, port, path = supervised
+    workers = children(server.pid)
+    path.write_text(config_text(port, greeting="two"))
+    server.signal(signal.SIGHUP)
+    server.wait_output("supervisor: generation 2 serving")
+    server.signal(signal.SIGHUP)  # the file as it was, within HUP_TWICE
+    for pid in workers:
+        server.wait_output(f"worker {pid}: generation 2 serving")
+    time.sleep(0.5)
+    assert "generation 3" not in server.output()
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(replaced(server.pid, victim), what="a new worker")
+    now = children(server.pid)
+    seen = sample(port, now)
+    assert set(seen) == now and all(gens == {"2"} for gens in seen.values()), seen
+
+
+def test_polling_reads_a_file_written_in_parts_once_it_settles(tmp_path: Path) -> None:
+    """The supervisor polls as the workers do: a file still being written is not read half-way, so a
+    worker started later serves the generation its sibling does."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    text = config_text(port).replace("  generation_header: true\n",
+                                     "  generation_header: true\n  reload: {watch: true, interval: 0.5}\n")
+    path.write_text(text)
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "3"}).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        edited = text.replace("greeting: one", "greeting: two")
+        head, tail = edited.split("pipeline:")
+        with path.open("w") as out:  # a slow copy: a shorter, valid file first, then the rest
+            out.write(head)
+            out.flush()
+            for _ in range(3):
+                time.sleep(0.3)
+                out.write("#" * 10 + "\n")
+                out.flush()
+            out.write("pipeline:" + tail)
+        for pid in children(server.pid):
+            server.wait_output(f"worker {pid}: generation 2 serving")
+        server.wait_output("supervisor: generation 2 serving")
+        time.sleep(1.2)
+        assert "generation 3" not in server.output(), server.output()
+        workers = children(server.pid)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        wait_until(replaced(server.pid, victim), what="a new worker")
+        now = children(server.pid)
+        seen = sample(port, now)
+        assert set(seen) == now and all(gens == {"2"} for gens in seen.values()), seen
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()
+
+
 @pytest.mark.parametrize("everyone", [
     pytest.param(False, id="SIGTERM to the supervisor"),
     pytest.param(True, id="SIGTERM to every process, as systemd and a terminal's Ctrl-C do"),
