@@ -144,6 +144,17 @@ def replaced(server_pid: int, victim: int) -> Callable[[], bool]:
     return check
 
 
+def a_new_worker_serves(server: ServeProcess, port: int, generation: str) -> set[int]:
+    """Kill a worker: its replacement serves ``generation``, as its sibling does; return the workers now."""
+    victim = min(children(server.pid))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(replaced(server.pid, victim), what="a new worker")
+    now = children(server.pid)
+    seen = sample(port, now)
+    assert set(seen) == now and all(gens == {generation} for gens in seen.values()), seen
+    return now
+
+
 def refuses(port: int) -> bool:
     """Whether a new connection to ``port`` is refused."""
     try:
@@ -396,13 +407,7 @@ def test_sighup_reloads_every_worker_and_the_ones_started_later(
     assert status == 200 and b'"option": "two"' in body
 
     # A worker started after the reload serves the reloaded configuration too.
-    victim = min(workers)
-    os.kill(victim, signal.SIGKILL)
-    wait_until(replaced(server.pid, victim), what="a new worker")
-    now = children(server.pid)
-    seen = sample(port, now)
-    assert set(seen) == now
-    assert all(gens == {"2"} for gens in seen.values()), seen
+    now = a_new_worker_serves(server, port, "2")
 
     # An invalid file reloads nowhere: every worker keeps generation 2.
     path.write_text(config_text(port) + "  - corz: {}\n")
@@ -443,12 +448,7 @@ def test_two_quick_sighups_leave_every_worker_on_one_generation(
         server.wait_output(f"worker {pid}: generation 2 serving")
     time.sleep(0.5)
     assert "generation 3" not in server.output()
-    victim = min(workers)
-    os.kill(victim, signal.SIGKILL)
-    wait_until(replaced(server.pid, victim), what="a new worker")
-    now = children(server.pid)
-    seen = sample(port, now)
-    assert set(seen) == now and all(gens == {"2"} for gens in seen.values()), seen
+    a_new_worker_serves(server, port, "2")
 
 
 def test_polling_reads_a_file_written_in_parts_once_it_settles(tmp_path: Path) -> None:
@@ -478,13 +478,7 @@ def test_polling_reads_a_file_written_in_parts_once_it_settles(tmp_path: Path) -
         server.wait_output("supervisor: generation 2 serving")
         time.sleep(1.2)
         assert "generation 3" not in server.output(), server.output()
-        workers = children(server.pid)
-        victim = min(workers)
-        os.kill(victim, signal.SIGKILL)
-        wait_until(replaced(server.pid, victim), what="a new worker")
-        now = children(server.pid)
-        seen = sample(port, now)
-        assert set(seen) == now and all(gens == {"2"} for gens in seen.values()), seen
+        a_new_worker_serves(server, port, "2")
     finally:
         server.stop()
     assert "Traceback" not in server.output(), server.output()
