@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .base import Store, StoreError
-from .memory import MemoryStore
+from .memory import MAX_CACHE_BYTES, MemoryStore
 
 __all__ = ["SCHEMES", "MemoryStore", "Store", "StoreError", "store_from_url"]
 
@@ -37,14 +37,18 @@ def store_from_url(url: str, **options: Any) -> Store:
         raise ValueError(f"unknown store scheme {scheme + '://' if scheme else url!r} (known: {known})")
     if scheme == "memory":
         query = dict(parse_qsl(urlsplit(url).query))
-        raw = query.pop("max_entries", options.pop("max_entries", 10_000))
+        found = {name: query.pop(name, options.pop(name, default))
+                 for name, default in (("max_entries", 10_000), ("max_cache_bytes", MAX_CACHE_BYTES))}
         if query:
-            raise ValueError(f"unknown memory:// option(s): {', '.join(sorted(query))} (known: max_entries)")
-        try:
-            max_entries = int(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"memory:// max_entries must be a whole number, got {raw!r}") from None
-        return MemoryStore(max_entries=max_entries, url=url)
+            raise ValueError(f"unknown memory:// option(s): {', '.join(sorted(query))} "
+                             "(known: max_entries, max_cache_bytes)")
+        whole = {}
+        for name, raw in found.items():
+            try:
+                whole[name] = int(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"memory:// {name} must be a whole number, got {raw!r}") from None
+        return MemoryStore(url=url, **whole)
     import importlib
 
     module, _, attr = target.partition(":")

@@ -2,7 +2,9 @@
 
 Use it for a single process (the default ``make serve``).  Do not use it when
 several processes or hosts must share state: each process gets its own copy.
-``memory://?max_entries=10000`` sets the bound.
+``memory://?max_entries=10000`` sets the bound on entries, and
+``max_cache_bytes`` (64 MiB) the bound on the bytes the disposable entries hold
+(a cache of large answers must not grow the process by gigabytes first).
 
 Only the keys of layers that declare them disposable (the response cache,
 through :meth:`MemoryStore.allow_eviction`) are evicted, least recently used
@@ -32,13 +34,26 @@ def _check_value(value: bytes) -> None:
         raise TypeError("store values are bytes; encode JSON in the layer")
 
 
-class MemoryStore(Store):
-    """An in-process store.  ``MemoryStore(max_entries=10_000)``."""
+#: The default bound on the bytes (keys and values) the disposable entries hold.
+MAX_CACHE_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, max_entries: int = 10_000, url: str = "memory://") -> None:
+
+def _size(key: str, value: bytes | int) -> int:
+    return len(key) + (len(value) if isinstance(value, bytes) else 8)
+
+
+class MemoryStore(Store):
+    """An in-process store.  ``MemoryStore(max_entries=10_000, max_cache_bytes=64 MiB)``."""
+
+    def __init__(self, max_entries: int = 10_000, url: str = "memory://",
+                 max_cache_bytes: int = MAX_CACHE_BYTES) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if max_cache_bytes < 1:
+            raise ValueError("max_cache_bytes must be at least 1")
         self.max_entries = max_entries
+        self.max_cache_bytes = max_cache_bytes
+        self._cache_bytes = 0  # what the disposable entries hold now
         self.url = url
         # Two tables, each ordered by recency of use: keys that must be kept, and keys under a
         # prefix given to allow_eviction(), which make room for new keys.
@@ -54,7 +69,9 @@ class MemoryStore(Store):
                 return
             self._evictable = (*self._evictable, prefix)
             for key in [k for k in self._data if k.startswith(prefix)]:
-                self._disposable[key] = self._data.pop(key)
+                entry = self._disposable[key] = self._data.pop(key)
+                self._cache_bytes += _size(key, entry[0])
+            self._shrink()
 
     def _table(self, key: str) -> OrderedDict[str, Entry]:
         return self._disposable if key.startswith(self._evictable) else self._data
@@ -65,7 +82,7 @@ class MemoryStore(Store):
         if item is None:
             return None
         if item[1] is not None and item[1] <= now:
-            del table[key]
+            self._drop(table, key)
             return None
         table.move_to_end(key)
         return item
@@ -74,12 +91,33 @@ class MemoryStore(Store):
         table = self._table(key)
         if key not in table and len(self._data) + len(self._disposable) >= self.max_entries:
             self._make_room(key)
+        if table is self._disposable:
+            self._drop(table, key)
+            self._cache_bytes += _size(key, value)
         table[key] = (value, expires)
         table.move_to_end(key)
+        if self._cache_bytes > self.max_cache_bytes:
+            self._shrink()
+
+    def _drop(self, table: OrderedDict[str, Entry], key: str) -> None:
+        """Remove ``key`` from ``table`` (if there), keeping the count of the disposable bytes."""
+        entry = table.pop(key, None)
+        if entry is not None and table is self._disposable:
+            self._cache_bytes -= _size(key, entry[0])
+
+    def _shrink(self) -> None:
+        """Evict disposable entries, least recently used first, until they hold at most max_cache_bytes.
+
+        (An entry larger than the bound on its own goes too: the cache does without it.)
+        """
+        while self._cache_bytes > self.max_cache_bytes and self._disposable:
+            key, entry = self._disposable.popitem(last=False)
+            self._cache_bytes -= _size(key, entry[0])
 
     def _make_room(self, key: str) -> None:
         if self._disposable:
-            self._disposable.popitem(last=False)
+            old, entry = self._disposable.popitem(last=False)
+            self._cache_bytes -= _size(old, entry[0])
             return
         now = _monotonic()
         for stale in [k for k, (_, exp) in self._data.items() if exp is not None and exp <= now]:
@@ -140,7 +178,7 @@ class MemoryStore(Store):
         now = _monotonic()
         with self._lock:
             existed = self._live(key, now) is not None
-            self._table(key).pop(key, None)
+            self._drop(self._table(key), key)
             return existed
 
     def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
@@ -181,4 +219,4 @@ class MemoryStore(Store):
         return len(self._data) + len(self._disposable)
 
     def __repr__(self) -> str:
-        return f"MemoryStore(max_entries={self.max_entries})"
+        return f"MemoryStore(max_entries={self.max_entries}, max_cache_bytes={self.max_cache_bytes})"

@@ -323,10 +323,44 @@ def test_allow_eviction_moves_keys_already_written() -> None:
     assert sorted(store.scan("")) == ["kept", "new"]
 
 
+def test_memory_store_bounds_the_bytes_of_disposable_keys() -> None:
+    """A cache of large answers may not grow the process without bound; kept keys are never evicted for it."""
+    store = MemoryStore(max_cache_bytes=1000)
+    store.allow_eviction("c:")
+    store.set("session:big", b"s" * 5000)  # kept keys do not count and are never evicted
+    for i in range(4):
+        store.set(f"c:{i}", b"v" * 300)  # 303 bytes each, keys included: the fourth pushes c:0 out
+    assert [store.get(f"c:{i}") is not None for i in range(4)] == [False, True, True, True]
+    assert store.get("c:1") is not None  # c:1 used: c:2 is now the least recently used
+    store.set("c:2", b"v" * 10)  # rewriting counts the new size, not both
+    store.set("c:4", b"v" * 300)
+    assert sorted(store.scan("c:")) == ["c:1", "c:2", "c:3", "c:4"]
+    store.delete("c:1")
+    store.set("c:5", b"v" * 300)
+    assert sorted(store.scan("c:")) == ["c:2", "c:3", "c:4", "c:5"]
+    store.set("c:huge", b"v" * 2000)  # larger than the bound on its own: the cache does without it
+    assert store.get("c:huge") is None
+    assert store.get("session:big") == b"s" * 5000
+
+
+def test_memory_store_counts_expired_disposable_keys_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
+    store = MemoryStore(max_cache_bytes=700)
+    store.allow_eviction("c:")
+    store.set("c:a", b"v" * 300, ttl=5)
+    store.set("c:b", b"v" * 300)
+    now[0] += 6
+    assert store.get("c:a") is None  # expired: its bytes are free again
+    store.set("c:c", b"v" * 300)
+    assert sorted(store.scan("c:")) == ["c:b", "c:c"]
+
+
 def test_memory_url_sets_the_bound() -> None:
     store = store_from_url("memory://?max_entries=2")
     assert isinstance(store, MemoryStore)
     assert store.max_entries == 2
+    assert store_from_url("memory://?max_cache_bytes=4096").max_cache_bytes == 4096  # type: ignore[attr-defined]
     assert store.url == "memory://?max_entries=2"
     store.allow_eviction("")
     for key in "abc":
@@ -338,16 +372,20 @@ def test_memory_url_sets_the_bound() -> None:
     ("url", "error"),
     [
         pytest.param(
-            "memory://?size=3", "unknown memory:// option(s): size (known: max_entries)", id="unknown option"
+            "memory://?size=3", "unknown memory:// option(s): size (known: max_entries, max_cache_bytes)",
+            id="unknown option"
         ),
         pytest.param(
             "memory://?max_entries=1&ttl=2&a=1",
-            "unknown memory:// option(s): a, ttl (known: max_entries)",
+            "unknown memory:// option(s): a, ttl (known: max_entries, max_cache_bytes)",
             id="several unknown options",
         ),
         pytest.param("memory://?max_entries=0", "max_entries must be at least 1", id="zero bound"),
         pytest.param("memory://?max_entries=lots", "memory:// max_entries must be a whole number, got 'lots'",
                      id="not a number"),
+        pytest.param("memory://?max_cache_bytes=0", "max_cache_bytes must be at least 1", id="zero bytes"),
+        pytest.param("memory://?max_cache_bytes=1e6", "memory:// max_cache_bytes must be a whole number, got '1e6'",
+                     id="bytes not a whole number"),
     ],
 )
 def test_memory_url_errors(url: str, error: str) -> None:
