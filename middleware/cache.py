@@ -88,6 +88,10 @@ _HEURISTIC = frozenset({"200", "203", "204", "206", "300", "301", "308", "404", 
 # Seconds a successful write marks its URI at least (``lock_timeout`` when longer): a fill that began
 # before the write stores nothing, and a fill that takes longer than this stores nothing either.
 _MARK_LIFE = 60.0
+# Seconds a write's mark is dated ahead of the clock, longer than the write's own round trip takes:
+# fills that begin within it store nothing (a few misses after a write), none writes back an index
+# the write is dropping.
+_MARK_AHEAD = 2.0
 # Store the entry (and its Vary index) unless the URI was written after the fill began; drop the lock.
 # KEYS: the write mark, the n keys to set, then the keys to delete in any case.
 # ARGV: when the fill began, n, then a value and its expiry (ms) per key to set.
@@ -623,7 +627,9 @@ class CacheMiddleware:
                 keys = [self._base_key(environ, None)]
                 if self.options.per_user and identity is not None:
                     keys.append(self._base_key(environ, _subject_key(identity)))
-                written = repr(_clock()).encode()
+                # Dated a moment ahead: a fill that began after this reading, but read the Vary
+                # index before the deletes below landed, must still count as begun before the write.
+                written = repr(_clock() + _MARK_AHEAD).encode()
                 marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
                 try:  # a Vary index goes too: its variants are then never read
                     if self._save_script is not None:

@@ -165,6 +165,23 @@ class MemoryStore(Store):
             self._put(key, bytes(value), self._deadline(ttl, now))
             return True
 
+    def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
+        """Read ``key``, or take ``lock_key`` when it is missing, in one step (as Redis's script does).
+
+        Two calls would let a reader miss, the leader store the entry and drop its lock, and the
+        reader take the lock and call the app a second time.
+        """
+        now = _monotonic()
+        with self._lock:
+            item = self._live(key, now)
+            if item is not None:
+                value = item[0]
+                return (str(value).encode() if isinstance(value, int) else value), False
+            if self._live(lock_key, now) is not None:
+                return None, False
+            self._put(lock_key, b"1", self._deadline(ttl, now))
+            return None, True
+
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)
         now = _monotonic()

@@ -691,7 +691,7 @@ def test_a_write_drops_the_entries_of_its_uri(make: Callable[..., Stack], origin
     assert stack.get("/api/v1/search?q=other", headers=headers).body == other.body  # another URI stays
 
 
-def test_a_write_drops_every_variant_of_its_uri(make: Callable[..., Stack], origin: Origin) -> None:
+def test_a_write_drops_every_variant_of_its_uri(make: Callable[..., Stack], origin: Origin, clock: Clock) -> None:
     """Variants stored before the write stay out of reach once another variant is filled again."""
     origin.headers.append(("Vary", "Accept-Language"))
     stack = make()
@@ -699,6 +699,7 @@ def test_a_write_drops_every_variant_of_its_uri(make: Callable[..., Stack], orig
     stack.get(headers={"Accept-Language": "fr"})
     assert stack.get(headers={"Accept-Language": "de"}).headers["X-Cache"] == "HIT"
     stack.web.post("/api/v1/search?q=x")
+    clock.now += 3  # past the moment the write's mark is dated ahead
     assert stack.get(headers={"Accept-Language": "fr"}).headers["X-Cache"] == "MISS"
     again = stack.get(headers={"Accept-Language": "de"})
     assert (again.headers["X-Cache"], again.json["n"] > de.json["n"]) == ("MISS", True)
@@ -752,9 +753,25 @@ def test_a_write_keeps_out_the_answer_of_a_fill_in_flight(store: Store, origin: 
     stack.layer.app = write_meanwhile
     assert stack.get(headers=headers).headers["X-Cache"] == "MISS"
     assert list(store.scan("wsgistack:cache:l:")) == []  # the fill lock went all the same
+    clock.now += 3  # past the moment the write's mark is dated ahead
     again = stack.get(headers=headers)
     assert (again.headers["X-Cache"], again.json["n"]) == ("MISS", 3)  # not the pre-write answer
     assert stack.get(headers=headers).headers["X-Cache"] == "HIT"  # a fill that began after the write is stored
+
+
+@pytest.mark.parametrize(("after", "expected"), [
+    pytest.param(0.5, "MISS", id="a fill that began just after the write: it may have read before the write landed"),
+    pytest.param(2.5, "HIT", id="a fill that began later"),
+])
+def test_a_fill_that_began_just_after_a_write_stores_nothing(make: Callable[..., Stack], origin: Origin,
+                                                             clock: Clock, after: float, expected: str) -> None:
+    """A write's mark is dated ahead of the clock by more than its round trip: a fill that read the Vary
+    index a moment before the write's deletes landed must not write that index back."""
+    stack = make()
+    stack.web.post("/api/v1/search?q=x")
+    clock.now += after
+    stack.get()
+    assert stack.get().headers["X-Cache"] == expected
 
 
 @pytest.mark.parametrize(("lock_timeout", "took", "expected"), [

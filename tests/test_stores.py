@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -817,6 +818,33 @@ def test_get_or_lock_reads_or_takes_the_lock(store: Store) -> None:
     store.set("entry", b"value", 5)
     assert store.get_or_lock("entry", "lock2", 5) == (b"value", False)
     assert store.get("lock2") is None  # a hit takes no lock
+
+
+def test_get_or_lock_takes_the_lock_once_per_fill(store: Store) -> None:
+    """The leader stores the value and drops the lock; no reader may miss the value and lead again.
+
+    Read and lock are one step: as two, a reader could miss, the leader store and unlock, and the
+    reader take the lock (its app called a second time).
+    """
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave as often as they can
+    try:
+        for round_ in range(20):
+            key, lock = f"entry{round_}", f"lock{round_}"
+
+            def fill(key: str = key, lock: str = lock) -> int:
+                led = 0
+                while True:
+                    value, locked = store.get_or_lock(key, lock, 5)
+                    if value is not None:
+                        return led
+                    if locked:
+                        led += 1
+                        store.write([(key, b"value", 5)], [lock])  # the leader's save, lock dropped with it
+
+            assert sum(run_threads(16, fill)) == 1  # type: ignore[arg-type]
+    finally:
+        sys.setswitchinterval(switch)
 
 
 def test_get_or_lock_lock_expires(store: Store) -> None:
