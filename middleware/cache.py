@@ -32,11 +32,9 @@ import re
 import secrets
 import threading
 import time
-import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from functools import partial
+from collections.abc import Iterable, Iterator
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
 
 from pydantic import Field, model_validator
@@ -44,7 +42,7 @@ from werkzeug.datastructures import RequestCacheControl
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.http import parse_cache_control_header, parse_date, parse_etags, parse_list_header, unquote_etag
 
-from stores.base import Store, StoreError, clamp_ttl
+from stores.base import Store, StoreError
 
 from .base import (
     API_VERSION,
@@ -92,27 +90,6 @@ _MARK_LIFE = 60.0
 # fills that begin within it store nothing (a few misses after a write), none writes back an index
 # the write is dropping.
 _MARK_AHEAD = 2.0
-# Store the entry (and its Vary index) unless the URI was written after the fill began; drop the lock.
-# KEYS: the write mark, the n keys to set, then the keys to delete in any case.
-# ARGV: when the fill began, n, then a value and its expiry (ms) per key to set.
-_SAVE = """
-local mark = redis.call('GET', KEYS[1])
-local n = tonumber(ARGV[2])
-local stored = 0
-if not mark or (tonumber(mark) and tonumber(mark) <= tonumber(ARGV[1])) then
-  for i = 1, n do
-    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
-  end
-  stored = 1
-end
-for i = n + 2, #KEYS do
-  redis.call('DEL', KEYS[i])
-end
-return stored
-"""
-# In-process stores (memory://): one lock per store makes a mark and a save exclusive, as the script does.
-_LOCAL_LOCKS: weakref.WeakKeyDictionary[Store, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCAL_LOCKS_GUARD = threading.Lock()
 
 
 def _environ_name(header: str) -> str:
@@ -122,30 +99,6 @@ def _environ_name(header: str) -> str:
 
 def _digest(parts: object) -> str:
     return hashlib.blake2b(repr(parts).encode(), digest_size=_DIGEST // 2).hexdigest()
-
-
-def _local_lock(store: Store) -> threading.Lock:
-    """The lock that makes marks and saves on an in-process ``store`` exclusive (one per store)."""
-    with _LOCAL_LOCKS_GUARD:
-        lock = _LOCAL_LOCKS.get(store)
-        if lock is None:
-            lock = _LOCAL_LOCKS[store] = threading.Lock()
-        return lock
-
-
-def _ms(ttl: float) -> int:
-    """Seconds as the whole milliseconds of a Redis ``PX`` (at least 1, at most the store's longest TTL)."""
-    return max(1, math.ceil(clamp_ttl(ttl) * 1000))
-
-
-def _marked_since(mark: bytes | None, since: float) -> bool:
-    """Whether a write mark says the URI was written after ``since`` (one that does not read as a time does)."""
-    if mark is None:
-        return False
-    try:
-        return not float(mark) <= since
-    except ValueError:
-        return True
 
 
 def _directives(header: str) -> dict[str, list[str]]:
@@ -431,13 +384,6 @@ class CacheMiddleware:
         self._index_key = f"wsgistack.cache.index.{id(self)}"  # the Vary index this request found
         self._lock = threading.Lock()
         self.mark_life = max(options.lock_timeout, _MARK_LIFE)
-        # On Redis a save checks the URI's write mark in its own round trip (a script); an in-process
-        # store does both under one lock per store.
-        client = getattr(self.store, "client", None)
-        self._save_script: Any = None
-        if client is not None and callable(getattr(self.store, "call", None)):
-            self._save_script = client.register_script(_SAVE)
-        self._store_lock = _local_lock(self.store)
         context.offer_read(self.store, "get_or_lock", self._ahead)  # a rate limiter outside may read the entry for us
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -618,7 +564,7 @@ class CacheMiddleware:
         other users' entries of the URI age out with their TTL.  Fills of those
         entries still in flight are covered too: each key gets a mark with the
         time of the write (for :attr:`mark_life` seconds), and a fill that began
-        before it stores nothing (:meth:`_write_unless_marked`).  The marks and
+        before it stores nothing (``Store.write_unless_marked``).  The marks and
         the deletes go in one round trip, the marks first.
         """
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
@@ -632,11 +578,7 @@ class CacheMiddleware:
                 written = repr(_clock() + _MARK_AHEAD).encode()
                 marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
                 try:  # a Vary index goes too: its variants are then never read
-                    if self._save_script is not None:
-                        self.store.write(marks, keys)
-                    else:
-                        with self._store_lock:
-                            self.store.write(marks, keys)
+                    self.store.write(marks, keys)
                 except StoreError as exc:
                     self._store_error(exc)
                 note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
@@ -876,29 +818,8 @@ class CacheMiddleware:
             raw = json.dumps({"v": plan.vary, "g": generation, "x": now + index_life},
                              separators=(",", ":")).encode()
         sets.append((base, raw, index_life))
-        self._write_unless_marked(self._mark_key(base), since, sets, [unlock] if unlock else [])
-
-    def _write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
-                             deletes: Sequence[str]) -> bool:
-        """Write ``sets`` unless ``mark`` says the URI was written after ``since``; delete ``deletes`` anyway.
-
-        One round trip on Redis (a script); under the store's lock on an in-process
-        store.  Returns whether ``sets`` were written.
-        """
-        script = self._save_script
-        if script is None:
-            with self._store_lock:
-                if _marked_since(self.store.get(mark), since):
-                    sets = ()
-                self.store.write(sets, deletes)
-            return bool(sets)
-        store = cast("Any", self.store)
-        prefix: str = store.key_prefix
-        keys = [prefix + mark, *(prefix + key for key, _, _ in sets), *(prefix + key for key in deletes)]
-        args: list[Any] = [repr(since), len(sets)]
-        for _, value, ttl in sets:
-            args += [value, _ms(ttl)]
-        return bool(store.call("EVALSHA", partial(script, keys=keys, args=args), doing="store the entry"))
+        # One step: the mark of a write since the fill began keeps the sets out (the lock goes anyway).
+        self.store.write_unless_marked(self._mark_key(base), since, sets, [unlock] if unlock else [])
 
     def _generation(self, environ: WSGIEnvironment, base: str, vary: list[str], now: float) -> tuple[str, float]:
         """The generation a fill of a Vary variant stores under, and until when the index must live.
@@ -908,7 +829,7 @@ class CacheMiddleware:
         expiry), and writing it back would bring back every variant stored
         before.  Otherwise a new generation (one extra read per Vary fill).  A
         write to the URI that succeeded after the fill began keeps the whole
-        save out anyway (the mark :meth:`_write_unless_marked` checks).
+        save out anyway (the mark ``Store.write_unless_marked`` checks).
         """
         found = environ.get(self._index_key)
         if found is not None and found[0] == base and found[1] == vary:

@@ -91,6 +91,16 @@ def mask_secrets(text: str, mask: str = "***") -> str:
     return text
 
 
+def marked_since(mark: bytes | None, since: float) -> bool:
+    """Whether a mark (a time, as text) is after ``since``; one that does not read as a time counts as after."""
+    if mark is None:
+        return False
+    try:
+        return not float(mark) <= since
+    except ValueError:
+        return True
+
+
 class StoreError(Exception):
     """A store could not answer (connection refused, timeout, circuit open…)."""
 
@@ -155,6 +165,20 @@ class Store(abc.ABC):
             self.set(key, value, ttl)
         for key in deletes:
             self.delete(key)
+
+    def write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
+                            deletes: Sequence[str] = ()) -> bool:
+        """:meth:`write`, leaving ``sets`` out when ``mark`` holds a time after ``since``; return whether they went.
+
+        A writer that read something at ``since`` stores what it made of it only if
+        nobody marked the data as changed since (the cache's fills and writes).  One
+        step on the built-in stores (a Lua script on Redis, the store's lock in
+        memory://); this default is two calls.
+        """
+        if marked_since(self.get(mark), since):
+            sets = ()
+        self.write(sets, deletes)
+        return bool(sets)
 
     @abc.abstractmethod
     def delete(self, key: str) -> bool:

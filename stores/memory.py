@@ -21,9 +21,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from .base import Store, StoreError, clamp_ttl
+from .base import Store, StoreError, clamp_ttl, marked_since
 
 _monotonic = time.monotonic
 Entry = tuple[bytes | int, float | None]  # (value, expires_at or None)
@@ -181,6 +181,22 @@ class MemoryStore(Store):
                 return None, False
             self._put(lock_key, b"1", self._deadline(ttl, now))
             return None, True
+
+    def write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
+                            deletes: Sequence[str] = ()) -> bool:
+        for _, value, _ in sets:
+            _check_value(value)
+        now = _monotonic()
+        with self._lock:
+            item = self._live(mark, now)
+            if item is not None and marked_since(str(item[0]).encode() if isinstance(item[0], int) else item[0],
+                                                 since):
+                sets = ()
+            for key, value, ttl in sets:
+                self._put(key, bytes(value), self._deadline(ttl, now))
+            for key in deletes:
+                self._drop(self._table(key), key)
+        return bool(sets)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)

@@ -66,6 +66,25 @@ return {0, 0}
 """
 
 
+# write_unless_marked: the sets unless the mark holds a time after ARGV[1], then the deletes in any case.
+# KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: since, n, then a value and its PX per set.
+_WRITE_UNLESS_MARKED = """
+local mark = redis.call('GET', KEYS[1])
+local n = tonumber(ARGV[2])
+local stored = 0
+if not mark or (tonumber(mark) and tonumber(mark) <= tonumber(ARGV[1])) then
+  for i = 1, n do
+    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
+  end
+  stored = 1
+end
+for i = n + 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return stored
+"""
+
+
 def _ms(ttl: float) -> int:
     """Seconds to whole milliseconds for ``PX``, at least 1 (Redis refuses 0), at most MAX_TTL's."""
     return max(1, math.ceil(clamp_ttl(ttl) * 1000))
@@ -348,6 +367,7 @@ class RedisStore(Store):
         self._failure: str | None = None  # why the last ping failed, for health()
         self._incr_ttl = self.client.register_script(_INCR_TTL)
         self._get_or_lock = self.client.register_script(_GET_OR_LOCK)
+        self._write_unless = self.client.register_script(_WRITE_UNLESS_MARKED)
 
     # -- the boundary -------------------------------------------------------------
 
@@ -436,6 +456,17 @@ class RedisStore(Store):
     def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
         fn = partial(self._get_or_lock, keys=[self.key_prefix + key, self.key_prefix + lock_key], args=[_ms(ttl)])
         return cast("tuple[bytes | None, bool]", self.read_answer("get_or_lock", self.call("GET or SET NX", fn)))
+
+    def write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
+                            deletes: Sequence[str] = ()) -> bool:
+        for _, value, _ in sets:
+            _check_value(value)
+        p = self.key_prefix
+        keys = [p + mark, *(p + key for key, _, _ in sets), *(p + key for key in deletes)]
+        args: list[Any] = [repr(since), len(sets)]
+        for _, value, ttl in sets:
+            args += [value, _ms(ttl)]
+        return bool(self.call("write unless marked", partial(self._write_unless, keys=keys, args=args)))
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         for _, value, _ in sets:

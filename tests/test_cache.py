@@ -1217,6 +1217,11 @@ class BrokenStore(MemoryStore):
 
         raise StoreError("disk full")
 
+    def write_unless_marked(self, mark: str, since: float, sets: Any, deletes: Any = ()) -> bool:
+        from stores import StoreError
+
+        raise StoreError("disk full")
+
 
 def test_failed_write_still_answers(origin: Origin) -> None:
     stack = Stack(BrokenStore(), origin)

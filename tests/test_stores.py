@@ -847,6 +847,22 @@ def test_get_or_lock_takes_the_lock_once_per_fill(store: Store) -> None:
         sys.setswitchinterval(switch)
 
 
+def test_write_unless_marked_keeps_what_predates_the_mark_out(store: Store) -> None:
+    store.set("lock", b"1")
+    assert store.write_unless_marked("mark", 100.0, [("a", b"A", 5)], ["lock"]) is True  # no mark
+    assert (store.get("a"), store.get("lock")) == (b"A", None)
+    store.set("mark", b"150.5")
+    store.set("lock", b"1")
+    assert store.write_unless_marked("mark", 100.0, [("b", b"B", 5)], ["lock"]) is False  # marked after 100
+    assert (store.get("b"), store.get("lock")) == (None, None)  # nothing stored; the deletes go all the same
+    assert store.write_unless_marked("mark", 200.0, [("b", b"B", 5)]) is True  # marked before 200
+    assert store.get("b") == b"B"
+    store.set("mark", b"not a time")
+    assert store.write_unless_marked("mark", 1e12, [("c", b"C", 5)]) is False  # unreadable: counts as after
+    with pytest.raises(TypeError):
+        store.write_unless_marked("mark", 0.0, [("d", "text", 5)])  # type: ignore[list-item]
+
+
 def test_get_or_lock_lock_expires(store: Store) -> None:
     assert store.get_or_lock("entry", "lock", 0.1) == (None, True)
     time.sleep(0.25)
