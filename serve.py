@@ -307,14 +307,12 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         while arrived:
             signum = arrived.pop(0)
             if signum == signal.SIGHUP:
-                now, file = time.monotonic(), live.fingerprint()
-                if parent is not None and now - reloaded[0] < HUP_TWICE and file == reloaded[1]:
+                if parent is not None and _repeated_hup(reloaded, live):
                     # A SIGHUP to the whole process group (a terminal, `kill -HUP -PGID`) reaches a
                     # worker twice: directly, and passed on by the supervisor. One reload it is.
                     log.info("%sa second SIGHUP within %g s, the file unchanged: one reload is enough",
                              live.label, HUP_TWICE)
                     continue
-                reloaded[:] = [now, file]
                 threading.Thread(target=live.reload, name="wsgistack-reload", daemon=True).start()
                 continue
             if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
@@ -342,6 +340,18 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         live.stop_watch()
         live.current.close()
     return 0 if drained else 1
+
+
+def _repeated_hup(reloaded: list[Any], live: LiveStack) -> bool:
+    """Whether this SIGHUP comes within HUP_TWICE of the last, the file unchanged: one reload is enough.
+
+    Otherwise it is a reload: ``reloaded`` (when, and the file's fingerprint then) notes it.
+    """
+    now, file = time.monotonic(), live.fingerprint()
+    if now - reloaded[0] < HUP_TWICE and file == reloaded[1]:
+        return True
+    reloaded[:] = [now, file]
+    return False
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -474,11 +484,9 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                 next_poll = time.monotonic() + reload_options.interval
                 polled = live.settled_change(seen)
             if signal.SIGHUP in signals:
-                now, file = time.monotonic(), live.fingerprint()
-                if now - reloaded[0] < HUP_TWICE and file == reloaded[1]:
+                if _repeated_hup(reloaded, live):
                     signals = [s for s in signals if s != signal.SIGHUP]  # the workers skip it too
                 else:
-                    reloaded[:] = [now, file]
                     polled = True
             if polled:
                 live.reload()  # workers started from now on get the new configuration
