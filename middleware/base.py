@@ -69,6 +69,7 @@ __all__ = [
     "networks",
     "no_boolean_numbers",
     "note",
+    "one_leading_slash",
     "parse_origin",
     "read_ahead",
     "refuse",
@@ -414,6 +415,11 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
     extra.extend((n, v) for n, v in headers if n.lower() not in present)
 
 
+def one_leading_slash(path: str) -> str:
+    """``path`` with its leading slashes counted as one, as werkzeug's router counts them."""
+    return "/" + path.lstrip("/") if path[:2] == "//" else path
+
+
 def decoded_path(environ: WSGIEnvironment) -> str:
     """The percent-decoded request path as text (PEP 3333 gives it as latin-1), as the router sees it.
 
@@ -427,8 +433,7 @@ def decoded_path(environ: WSGIEnvironment) -> str:
     path: str | None = environ.get(PATH)
     if path is None:
         raw = environ.get("PATH_INFO", "") or "/"
-        if raw[:2] == "//":
-            raw = "/" + raw.lstrip("/")
+        raw = one_leading_slash(raw)
         try:  # bytes that are not UTF-8 become U+FFFD, as werkzeug's router decodes them
             path = raw.encode("latin-1").decode("utf-8", "replace")
         except UnicodeError:  # not latin-1 text (against PEP 3333): taken as it is

@@ -25,7 +25,16 @@ from urllib.parse import quote
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import RENDER_ERROR, REQUEST_ID, Context, LayerOptions, decoded_path, escape_control, note
+from .base import (
+    RENDER_ERROR,
+    REQUEST_ID,
+    Context,
+    LayerOptions,
+    decoded_path,
+    escape_control,
+    note,
+    one_leading_slash,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -206,8 +215,7 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 def _uri_path(environ: WSGIEnvironment) -> str:
     """The request's path as a URI reference (RFC 9457's ``instance``): "/a%3Fb", not "/a?b"."""
     raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-    if raw[:2] == "//":  # as the router reads it; "//evil.example/x" would name another host
-        raw = "/" + raw.lstrip("/")
+    raw = one_leading_slash(raw)  # as the router reads it; "//evil.example/x" would name another host
     try:
         data = raw.encode("latin-1")  # PEP 3333: the bytes as sent, decoded as latin-1
     except UnicodeEncodeError:

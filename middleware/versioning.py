@@ -56,6 +56,7 @@ from .base import (
     client_ip,
     decorate_error,
     note,
+    one_leading_slash,
     refuse,
     wrap_start_response,
 )
@@ -255,8 +256,7 @@ class VersioningMiddleware:
         Refuses (raises) a version that is not supported or sources that disagree.
         """
         path: str = environ.get("PATH_INFO", "")
-        if path[:2] == "//":  # the router counts leading slashes as one (gunicorn passes them on)
-            path = "/" + path.lstrip("/")
+        path = one_leading_slash(path)  # gunicorn passes them on
         if path != self.prefix and not path.startswith(self.prefix_slash):
             return None
         rest = path[len(self.prefix_slash):]
