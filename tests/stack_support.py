@@ -159,3 +159,15 @@ class MyCache(CacheMiddleware):
 
 class MySession(SessionMiddleware):
     """A built-in layer subclassed: ``session``'s per-process state rule holds for it."""
+
+
+def gc_app(options: dict[str, Any] | None = None) -> Any:
+    """An app that answers how many objects the serving process keeps out of the collector's walks."""
+    import gc
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        body = json.dumps({"frozen": gc.get_freeze_count()}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
