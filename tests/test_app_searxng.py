@@ -385,3 +385,56 @@ def test_a_page_passes_on_at_most_max_results(tmp_path: Path, upstream: FakeSear
     upstream.canned["x"] = results_body("5000", json.dumps(many))
     body = searxng_app(tmp_path, upstream.url).get("/api/v2/search", {"q": "x"}).json
     assert len(body["data"]) == body["pagination"]["per_page"] == MAX_RESULTS
+
+
+class Flood(threading.Thread):
+    """A server on loopback that answers one request with ``head`` and then ``mib`` MiB of spaces."""
+
+    def __init__(self, head: bytes, mib: int) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.head, self.mib = head, mib
+        self.sent = 0  # body bytes the client took (the kernel's buffers included) before it hung up
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def run(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(self.head)
+            block = b" " * (1 << 20)
+            for _ in range(self.mib):
+                conn.sendall(block)
+                self.sent += len(block)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 67108864\r\n\r\n",
+                     id="Content-Length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"4000000\r\n", id="one chunk"),
+        # http.client takes -1 as a size and reads to the end of the stream in one call
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"-1\r\n", id="a chunk size of -1"),
+    ],
+)
+def test_an_upstream_answer_larger_than_the_cap_is_cut_off(tmp_path: Path, head: bytes) -> None:
+    from app.search.searxng import MAX_BODY_BYTES, MAX_RESPONSE_BYTES
+
+    flood = Flood(head, mib=64)
+    flood.start()
+    try:
+        error = searxng_app(tmp_path, flood.url, timeout=10).get("/api/v1/search", {"q": "x"}, status=502).json
+    finally:
+        flood.join(10)
+        flood.listener.close()
+    assert error["error"]["message"] == f"The search upstream sent more than {MAX_BODY_BYTES} bytes."
+    # read no further than the cap, plus what the sockets' buffers took before the engine hung up
+    assert flood.sent <= MAX_RESPONSE_BYTES + 16 * (1 << 20) < 64 * (1 << 20)

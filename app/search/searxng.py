@@ -13,7 +13,9 @@ The upstream URL may carry a user and password (sent as HTTP basic auth) and
 a query string of its own (``?token=…``, kept ahead of the search's parameters).
 
 An HTTP error, a refused connection or a body that is not the expected JSON
-becomes ``502 Bad Gateway``; running out of time becomes ``504 Gateway
+becomes ``502 Bad Gateway``, and so does a body over ``MAX_BODY_BYTES`` (5 MiB; the
+socket is read no further than ``MAX_RESPONSE_BYTES``, whatever the framing says);
+running out of time becomes ``504 Gateway
 Timeout``; a 429 (SearXNG's limiter) or 503 becomes ``503`` with the
 upstream's ``Retry-After`` (at most an hour; 30 s when it gives none).  A
 result whose ``url`` is not a non-empty ``http``/``https`` URL, or whose
@@ -57,6 +59,11 @@ if TYPE_CHECKING:
 __all__ = ["MAX_TOTAL", "SearxngEngine"]
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
+#: The most bytes read from the upstream's socket for one answer: the status line, the headers
+#: (http.client takes at most 100 lines of 64 KiB), the body and its chunk framing. The body's own
+#: cap is checked as it is decoded; this one also holds when the framing is hostile (a chunk size
+#: of ``-1`` makes http.client read to the end of the stream in one call).
+MAX_RESPONSE_BYTES = 3 * MAX_BODY_BYTES
 #: The most results one page passes on: SearXNG sends a few dozen; more would make one answer huge.
 MAX_RESULTS = 100
 _WEB_SCHEMES = ("http://", "https://")
@@ -232,20 +239,27 @@ class _Deadline:
 
 
 class _DeadlineReader(io.RawIOBase):
-    """Reads from a socket, each waiting only until the deadline."""
+    """Reads from a socket, each waiting only until the deadline, at most MAX_RESPONSE_BYTES in all."""
 
     def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
         super().__init__()
         self._sock = sock
         self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until this reader is closed
         self._deadline = deadline
+        self._left = MAX_RESPONSE_BYTES
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int | None:
+        if self._left <= 0:
+            raise _too_large()
         self._sock.settimeout(self._deadline.remaining())
-        return self._raw.readinto(buffer)
+        with memoryview(buffer) as view:
+            read = self._raw.readinto(view[:self._left])
+        if read:
+            self._left -= read
+        return read
 
     def close(self) -> None:
         if not self.closed:
@@ -297,5 +311,9 @@ def _read(response: http.client.HTTPResponse) -> bytes:
             return b"".join(chunks)
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise BadGateway(f"The search upstream sent more than {MAX_BODY_BYTES} bytes.")
+            raise _too_large()
         chunks.append(chunk)
+
+
+def _too_large() -> HTTPException:
+    return BadGateway(f"The search upstream sent more than {MAX_BODY_BYTES} bytes.")
