@@ -83,7 +83,7 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
             "max_query_length": MAX_QUERY_LENGTH,
             "max_page": MAX_PAGE,
             "stream": {"path": f"/api/{version}/search/stream", "interval": search_options.stream_interval},
-            "login": state.service("tokens") is not None,
+            "login": state.can_issue_tokens(),
         }
 
     return bp

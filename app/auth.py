@@ -144,7 +144,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
         service = state.service("tokens")
         if service is None:
             raise refuse(503, f"{action} needs the auth layer in the pipeline.")
-        if signs and getattr(service, "signer", True) is None:  # asked before any password is checked
+        if signs and not state.can_issue_tokens():  # asked before any password is checked
             raise refuse(503, f"{action} needs an auth layer that signs tokens (secret or private_key); this one "
                               "only verifies them.")
         return service

@@ -7,6 +7,7 @@ same mapping again when it is called from plain Python.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +45,24 @@ class SearchOptions(BaseModel):
     index_path: str | None = None
     index_sources: list[str] | None = None
     stream_interval: float = Field(default=0.0, ge=0, le=60)
+
+    @field_validator("upstream")
+    @classmethod
+    def _host_resolvable(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        """A host name the resolver can be asked for (no empty label, none over 63 characters)."""
+        host = value.host if value is not None else None
+        if host:
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                try:
+                    host.encode("idna")
+                except UnicodeError:
+                    raise ValueError(
+                        f"upstream's host {host!r} is not a host name: a label between its dots is "
+                        "empty or longer than 63 characters"
+                    ) from None
+        return value
 
     @model_validator(mode="after")
     def _upstream_for_searxng(self) -> SearchOptions:

@@ -28,6 +28,11 @@ class AppState:
         """A service a layer published (looked up per request: layers are built after the app)."""
         return self.context.services.get(name)
 
+    def can_issue_tokens(self) -> bool:
+        """Whether an auth layer that signs tokens is in the pipeline (one that only verifies cannot log in)."""
+        service = self.service("tokens")
+        return service is not None and getattr(service, "signer", True) is not None
+
     def user_roles(self, name: str) -> tuple[str, ...] | None:
         """The roles ``name`` has now, or None when there is no such user (published as ``user_roles``)."""
         user = self.users.get(name)

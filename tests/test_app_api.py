@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import flask
@@ -161,6 +162,16 @@ def test_config_reports_login_when_the_auth_layer_published_tokens(tmp_path: Pat
     assert client.get("/api/v2/config").json["login"] is True
 
 
+def test_config_reports_no_login_when_the_auth_layer_only_verifies(tmp_path: Path) -> None:
+    """An auth layer with public keys alone: login answers 503, so the config does not offer it."""
+    context = Context()
+    client = TestApp(create_app(options(tmp_path), context))
+    context.services["tokens"] = SimpleNamespace(signer=None)
+    assert client.get("/api/v2/config").json["login"] is False
+    assert client.post_json("/auth/login", {"username": "a", "password": "b"}, status=503).json["error"]["message"] == (
+        "Login needs an auth layer that signs tokens (secret or private_key); this one only verifies them.")
+
+
 # ------------------------------------------------------------------- options
 
 
@@ -176,6 +187,12 @@ def test_config_reports_login_when_the_auth_layer_published_tokens(tmp_path: Pat
         pytest.param({"search": {"engine": "searxng", "upstream": "ftp://x"}}, "URL scheme should be 'http' or 'https'",
                      id="upstream not http"),
         pytest.param({"var_dir": " "}, "var_dir may not be empty", id="empty var_dir"),
+        pytest.param({"search": {"engine": "searxng", "upstream": "http://searx..internal:8888/"}},
+                     "upstream's host 'searx..internal' is not a host name: a label between its dots is empty",
+                     id="upstream host with an empty label"),
+        pytest.param({"search": {"engine": "searxng", "upstream": f"http://{'a' * 64}.example.org/"}},
+                     "is not a host name: a label between its dots is empty or longer than 63 characters",
+                     id="upstream host with a label too long"),
     ],
 )
 def test_invalid_options_are_refused(data: dict[str, Any], message: str) -> None:

@@ -438,3 +438,21 @@ def test_an_upstream_answer_larger_than_the_cap_is_cut_off(tmp_path: Path, head:
     assert error["error"]["message"] == f"The search upstream sent more than {MAX_BODY_BYTES} bytes."
     # read no further than the cap, plus what the sockets' buffers took before the engine hung up
     assert flood.sent <= MAX_RESPONSE_BYTES + 16 * (1 << 20) < 64 * (1 << 20)
+
+
+def test_a_name_the_resolver_refuses_is_a_502(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """getaddrinfo's idna codec raises UnicodeError (a ValueError) for a name the options could not foresee."""
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise UnicodeError("encoding with 'idna' codec failed (UnicodeError: label empty or too long)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    error = searxng_app(tmp_path, "http://searxng.invalid:8888").get(
+        "/api/v1/search", {"q": "x"}, status=502).json["error"]
+    assert error["message"] == "The search upstream could not be reached (UnicodeError)."
+
+
+@pytest.mark.parametrize("upstream", ["http://[::1]:8888/", "http://127.0.0.1:8888", "https://bücher.example/searx"])
+def test_upstream_hosts_that_resolve_are_taken(tmp_path: Path, upstream: str) -> None:
+    from app.options import SearchOptions
+
+    assert SearchOptions(engine="searxng", upstream=upstream).upstream is not None

@@ -134,7 +134,8 @@ class SearxngEngine(SearchEngine):
                 raise GatewayTimeout(
                     f"The search upstream did not answer within {self.timeout:g} seconds."
                 ) from None
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, UnicodeError) as exc:  # UnicodeError: a name the
+                # resolver's idna codec refuses (the options refuse the ones it is known to)
                 raise BadGateway(f"The search upstream could not be reached ({type(exc).__name__}).") from None
         finally:
             if response is not None:
