@@ -31,6 +31,7 @@ class FakeSearxng(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
         self.authorizations: list[str | None] = []  # the Authorization header of each request
+        self.agents: list[str | None] = []  # the User-Agent header of each request
         self.release = threading.Event()
         #: query -> the body of a 200 answer, for bodies the tests write themselves
         self.canned: dict[str, bytes] = {}
@@ -65,6 +66,7 @@ class Handler(BaseHTTPRequestHandler):
         params = parse_qs(parts.query)
         self.server.requests.append((parts.path, params))
         self.server.authorizations.append(self.headers.get("Authorization"))
+        self.server.agents.append(self.headers.get("User-Agent"))
         query = params.get("q", [""])[0]
         body = b'{"results": []}'
         if not parts.path.endswith("/search"):
@@ -354,6 +356,7 @@ def test_an_upstream_behind_basic_auth_and_with_its_own_query(tmp_path: Path, up
     assert (path, params["token"], params["q"], params["format"]) == ("/search", ["abc"], ["python"], ["json"])
     searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": "python"})
     assert upstream.authorizations[-1] is None
+    assert upstream.agents == ["wsgistack", "wsgistack"]  # named, for the instance's logs and pass lists
 
 
 @pytest.mark.parametrize(("query", "retry_after"), [

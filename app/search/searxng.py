@@ -25,7 +25,10 @@ whole number from the results seen so far up to 2**53 - 1 is ignored (the
 total is then the results seen so far); on an empty page (past the end) the
 total is at most what the pages before it hold.
 SearXNG only answers JSON when ``search.formats`` in its settings lists
-``json``; otherwise it answers 403, which shows up here as a 502.
+``json``; otherwise it answers 403, which shows up here as a 502.  Its bot
+limiter (``server.limiter``, on for a ``public_instance``) refuses API clients
+with 429, which shows up here as a 503 "busy": put this server's address in
+``botdetection.ip_lists.pass_ip`` of the instance's ``limiter.toml``.
 
 SearXNG chooses its own page size, so ``per_page`` in the answer is the larger
 of the configured size and the number of results on the page.  Do not use it
@@ -97,7 +100,7 @@ class SearxngEngine(SearchEngine):
         self.prefix = parts.path.rstrip("/")
         #: The upstream URL's own query (``?token=…``), kept ahead of the search's parameters.
         self.query = parts.query
-        self.headers = {"Accept": "application/json"}
+        self.headers = {"Accept": "application/json", "User-Agent": "wsgistack"}
         if parts.username is not None or parts.password is not None:  # a SearXNG behind HTTP basic auth
             user, password = unquote(parts.username or ""), unquote(parts.password or "")
             self.headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
