@@ -429,16 +429,21 @@ def decoded_path(environ: WSGIEnvironment) -> str:
     Leading slashes count as one, as werkzeug's router counts them (``//auth/login``
     routes to ``/auth/login``): Waitress merges them itself, other servers
     (gunicorn) pass them on, and a rule written for ``/auth/*`` must match there too.
+
+    Kept in environ with the ``PATH_INFO`` it was decoded from: a layer that
+    rewrites ``PATH_INFO`` (versioning, a layer of your own) need not drop it,
+    the next reader decodes the new path.
     """
-    path: str | None = environ.get(PATH)
-    if path is None:
-        raw = environ.get("PATH_INFO", "") or "/"
-        raw = one_leading_slash(raw)
-        try:  # bytes that are not UTF-8 become U+FFFD, as werkzeug's router decodes them
-            path = raw.encode("latin-1").decode("utf-8", "replace")
-        except UnicodeError:  # not latin-1 text (against PEP 3333): taken as it is
-            path = raw
-        environ[PATH] = path
+    raw: str = environ.get("PATH_INFO", "")
+    cached: tuple[str, str] | None = environ.get(PATH)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    text = one_leading_slash(raw or "/")
+    try:  # bytes that are not UTF-8 become U+FFFD, as werkzeug's router decodes them
+        path = text.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeError:  # not latin-1 text (against PEP 3333): taken as it is
+        path = text
+    environ[PATH] = (raw, path)
     return path
 
 

@@ -48,7 +48,6 @@ from werkzeug.http import http_date, parse_accept_header
 from .base import (
     API_VERSION,
     IDENTITY,
-    PATH,
     Context,
     Headers,
     LayerOptions,
@@ -317,7 +316,7 @@ class VersioningMiddleware:
             elif chosen[2] is None:
                 answer = {API_VERSION: chosen[0]}
             else:
-                answer = {API_VERSION: chosen[0], "PATH_INFO": chosen[2], PATH: None}
+                answer = {API_VERSION: chosen[0], "PATH_INFO": chosen[2]}
         environ[self._previewed] = (path, header, accept, answer, chosen)
         return answer
 
@@ -340,7 +339,6 @@ class VersioningMiddleware:
         if rewritten is not None:
             environ[ORIG_PATH] = environ.get("PATH_INFO", "")
             environ["PATH_INFO"] = rewritten
-            environ.pop(PATH, None)
         note(environ, "versioning", f"{version} from {source}")
         notice = self.notices.get(version)
         vary = self.vary[source]

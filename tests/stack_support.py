@@ -131,6 +131,26 @@ class AllowList:
         return self.app(environ, start_response)
 
 
+class StripPrefix:
+    """A layer of one's own that mounts the app under a prefix, written as the README says:
+    ``preview_environ`` and ``rewrites_path``, and nothing else about the stack's environ keys."""
+
+    rewrites_path = True
+
+    def __init__(self, app: Any, prefix: str = "/public") -> None:
+        self.app, self.prefix = app, prefix.rstrip("/")
+
+    def preview_environ(self, environ: dict[str, Any]) -> dict[str, Any]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(self.prefix + "/"):
+            return {"PATH_INFO": path[len(self.prefix):], "SCRIPT_NAME": environ.get("SCRIPT_NAME", "") + self.prefix}
+        return {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        environ.update(self.preview_environ(environ))
+        return self.app(environ, start_response)
+
+
 def closing_app(options: dict[str, Any] | None = None) -> Any:
     """``echo_app`` with a ``close()`` that logs ("close", "app") in CLOSING_LOG."""
     app = echo_app(options)

@@ -203,7 +203,6 @@ class Rewrite:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         if environ["PATH_INFO"] == self.source:
             environ["PATH_INFO"] = self.target
-            environ.pop("wsgistack.path", None)
         return self.app(environ, start_response)
 
 
@@ -211,7 +210,7 @@ class ForeseenRewrite(Rewrite):
     """The same rewrite, with the ``preview_environ`` any layer may give: the reads ahead see it."""
 
     def preview_environ(self, environ: dict[str, Any]) -> dict[str, Any]:
-        return {"PATH_INFO": self.target, "wsgistack.path": None} if environ["PATH_INFO"] == self.source else {}
+        return {"PATH_INFO": self.target} if environ["PATH_INFO"] == self.source else {}
 
 
 CACHED = f"""

@@ -131,3 +131,36 @@ def test_paths_the_router_tells_apart_are_cached_apart() -> None:
     second = app.get("/api/v1/items/caf%C3%A9")
     assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS")
     assert app.get("/api/v1/items/caf%C3%A9").headers["X-Cache"] == "HIT"
+
+
+STRIP = "  - stack_support:StripPrefix: {prefix: /public}\n"
+REQUIRED = f"""  - auth:
+      secret: {SECRET}
+      default: optional
+      rules:
+        - {{paths: ["/api/*/config"], auth: required}}
+"""
+SCOPED = '  - ratelimit: {store: shared, limits: ["100/minute"], paths: ["/public/*"]}\n'
+
+
+@pytest.mark.parametrize(("layers", "path", "status"), [
+    pytest.param(REQUIRED + STRIP, "/api/v1/config", 401, id="auth outside: the rule's own spelling"),
+    pytest.param(REQUIRED + STRIP, "/public/api/v1/config", 401, id="auth outside: the mounted spelling"),
+    pytest.param(STRIP + REQUIRED, "/public/api/v1/config", 401, id="auth inside"),
+    pytest.param(SCOPED + STRIP + REQUIRED, "/public/api/v1/config", 401,
+                 id="auth inside, a scoped layer outside read the path first"),
+    pytest.param(SCOPED + STRIP + REQUIRED, "/public/api/v1/health", 200, id="what no rule covers stays open"),
+])
+def test_rules_hold_for_a_path_a_layer_of_ones_own_rewrites(layers: str, path: str, status: int) -> None:
+    """The decoded path a layer read before the rewrite is not what the layers after it read."""
+    app = TestApp(build_from_text(HEAD + layers).app)
+    assert app.get(path, expect_errors=True).status_int == status
+
+
+def test_the_decoded_path_follows_a_rewrite_of_path_info() -> None:
+    from middleware.base import decoded_path
+
+    environ = {"PATH_INFO": "/t/a%20b"}
+    assert decoded_path(environ) == "/t/a%20b"
+    environ["PATH_INFO"] = "/api/caf\u00c3\u00a9"  # a layer rewrote it, and dropped nothing
+    assert decoded_path(environ) == "/api/caf\u00e9"
