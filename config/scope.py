@@ -37,7 +37,9 @@ class Scope:
         self.methods = tuple(m.upper() for m in methods or ())
         self._include = compile_globs(self.paths)
         self._exclude = compile_globs(self.exclude_paths)
-        self._methods = frozenset(self.methods) or None
+        # GET covers HEAD, as in the layers' own rules: the router answers HEAD with the GET view,
+        # and a scope of [GET] that let HEAD by would run that view past auth and the rate limit.
+        self._methods = (frozenset(self.methods) | ({"HEAD"} if "GET" in self.methods else set())) or None
         #: The path rewrites of the layers inside this one (set by the builder): a request is in scope
         #: when its path is, or the path it is routed to (``/api/search`` → ``/api/v1/search``) is.
         self.rewrites: PathRewrites = ()

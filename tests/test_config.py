@@ -238,6 +238,18 @@ def test_scope(scope: dict[str, Any], path: str, method: str, applied: bool) -> 
     assert ("scoped" in response.json["layers"]) is applied
 
 
+@pytest.mark.parametrize(("method", "status"), [
+    ("GET", 401), ("HEAD", 401), ("POST", 401), ("PUT", 200), ("OPTIONS", 200),
+])
+def test_a_scope_listing_get_covers_head(method: str, status: int) -> None:
+    """The router answers HEAD with the GET view: a layer scoped to GET must not let HEAD past it."""
+    built = build_from_dict({
+        "app": {"factory": "stack_support:echo_app"},
+        "pipeline": [{"auth": {"secret": "s" * 40, "default": "required", "methods": ["GET", "POST"]}}],
+    })
+    assert TestApp(built.app).request("/api/v1/config", method=method, expect_errors=True).status_int == status
+
+
 def test_werkzeug_proxyfix_as_is() -> None:
     built = build_from_dict({
         "app": {"factory": "stack_support:echo_app"},
