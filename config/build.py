@@ -373,6 +373,14 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
         scope = _parse_scope(doc, opath, scope_raw, problems)
         model = getattr(target, "Options", None)
         if inspect.isclass(model) and issubclass(model, LayerOptions):
+            taken = [k for k in scope_raw if k in model.model_fields]
+            for key in taken:
+                problems.append(doc.problem((*opath, key), (
+                    f"{key!r} here scopes the layer (paths, exclude_paths and methods are the builder's), but "
+                    f"{name}'s Options also has a {key!r} field, which stack.yaml cannot set: rename the field"),
+                    key=True))
+            if taken:
+                continue
             try:
                 validated: Any = model.model_validate(options)
             except ValidationError as exc:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from middleware.base import LayerOptions
 from stores.memory import MemoryStore
 
 
@@ -113,6 +114,19 @@ class MethodsLayer:
 
     def __init__(self, app: Any, methods: tuple[str, ...] = ("GET",)) -> None:
         self.app, self.methods = app, methods
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return self.app(environ, start_response)
+
+
+class AnnounceLayer:
+    """A layer of the layer contract whose Options has a field named like the scope key ``methods``."""
+
+    class Options(LayerOptions):
+        methods: list[str] = ["GET"]
+
+    def __init__(self, app: Any, options: Any, context: Any) -> None:
+        self.app, self.methods = app, options.methods
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         return self.app(environ, start_response)

@@ -460,6 +460,13 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory argument named like a scope key",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - stack_support:AnnounceLayer: {methods: [GET, POST]}\n",
+            "stack.yaml:3:35 pipeline[0].stack_support:AnnounceLayer.methods: 'methods' here scopes the layer (paths, "
+            "exclude_paths and methods are the builder's), but stack_support:AnnounceLayer's Options also has a "
+            "'methods' field, which stack.yaml cannot set: rename the field",
+            id="an Options field named like a scope key",
+        ),
+        pytest.param(
             "app: {factory: 'stack_support:app_returning_text'}\npipeline:\n  - errors: {}\n",
             "stack.yaml:1:16 app.factory: the factory returned str '/srv/app', not a WSGI application (a callable "
             "taking environ and start_response) (got 'stack_support:app_returning_text')",
