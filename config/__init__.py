@@ -44,9 +44,11 @@ __all__ = [
 
 
 def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) -> Document:
-    """Resolve the app's relative ``var_dir`` against the config file's folder."""
+    """Resolve the app's relative ``var_dir`` against the config file's folder, and note the folder
+    for the layers' own file options (``Context.path``)."""
     if base_dir is None:
         return document
+    document.base_dir = str(base_dir)
     data = document.data
     if isinstance(data, dict):
         app = data.get("app")

@@ -693,7 +693,7 @@ def build(
         logger=logger or logging.getLogger("wsgistack"),
         loopback_only=in_force.loopback_only and config.server.loopback_only,
         workers=in_force.workers,
-        settings={"server": config.server, "config_file": doc.file},
+        settings={"server": config.server, "config_file": doc.file, "base_dir": doc.base_dir},
     )
     instances: list[Any] = []
     made_app: list[Any] = []
@@ -786,13 +786,19 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
         opath = (*path, spec.name)
         message = _masked(message, options)  # the layer's own message may quote a secret it was given
         for key, value in options.items():
-            if filename is not None and value == filename:
-                return doc.problem((*opath, key), f"{spec.name} cannot open it: {exc.strerror or message}"
+            if filename is not None and isinstance(value, str) and filename in (value, _resolved(doc, value)):
+                opened = "it" if filename == value else filename  # the folder it was looked for in
+                return doc.problem((*opath, key), f"{spec.name} cannot open {opened}: {exc.strerror or message}"
                                    if isinstance(exc, OSError) else message, value=value, has_value=True)
         where = relocate(doc, opath, message, fields)
         if where != opath:
             return _located(doc, opath, message, fields)
     return doc.problem(path, f"{spec.name}: {message}", key=True)
+
+
+def _resolved(doc: Document, value: str) -> str:
+    """A file option's value as :meth:`Context.path` resolves it for the layers."""
+    return Context(settings={"base_dir": doc.base_dir}).path(value)
 
 
 def _masked(message: str, options: object, path: tuple[str, ...] = ()) -> str:

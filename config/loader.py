@@ -53,6 +53,8 @@ class Document:
 
     data: Any
     file: str = "<config>"
+    #: The folder relative file paths in the document resolve against (the stack file's), or None (the working one).
+    base_dir: str | None = None
     marks: dict[Path, tuple[int, int]] = field(default_factory=dict)
     key_marks: dict[Path, tuple[int, int]] = field(default_factory=dict)
 

@@ -99,7 +99,7 @@ class AccessLogMiddleware:
         self.sink: _AppendFile | _Stream | None = None
         self.logger: logging.Logger | None = None
         if options.file:
-            self.sink = _AppendFile(options.file, context.logger)
+            self.sink = _AppendFile(context.path(options.file), context.logger)
         elif options.stream:
             self.sink = _Stream(getattr(sys, options.stream))
         else:

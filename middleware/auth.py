@@ -670,8 +670,8 @@ class AuthMiddleware:
         self.app = app
         self.options = options
         self.context = context
-        config_file = context.settings.get("config_file")
-        base = Path(config_file).parent if config_file else None
+        base_dir = context.settings.get("base_dir")
+        base = Path(base_dir) if base_dir else None
         self.tokens = TokenService(options, context.store(options.store), base_dir=base, emit=context.emit,
                                    logger=context.logger.getChild("auth"))
         context.services["tokens"] = self.tokens

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -330,6 +331,18 @@ class Context:
     #: The path rewrites of the layers built so far (the ones inside the layer being built), innermost
     #: first: see :func:`routed_path`.  The builder adds a layer whose ``rewrites_path`` is true.
     path_rewrites: list[Callable[[WSGIEnvironment], dict[str, Any] | None]] = field(default_factory=list)
+
+    def path(self, value: str) -> str:
+        """A file an option names: ``~`` expanded, a relative one against the stack file's folder.
+
+        (``settings["base_dir"]``; the working directory when the stack was built from
+        text or a mapping without a ``base_dir``.)  Every file option of the built-in
+        layers goes through it, as the app's ``var_dir`` does, so ``serve.py -c conf/stack.yaml``
+        finds them wherever it is started.
+        """
+        path = os.path.expanduser(value)
+        base = self.settings.get("base_dir")
+        return path if base is None or os.path.isabs(path) else os.path.join(base, path)
 
     def offer_read(self, store: Store, op: str, key: Callable[[WSGIEnvironment], ReadKey | None]) -> None:
         """Register a per-request read (see :class:`ReadAhead`) when ``store`` can be read ahead (Redis)."""

@@ -42,6 +42,10 @@ def secret_value(name: str, value: object) -> bool:
     if name == "key":
         parts = value if isinstance(value, list | tuple) else [value]
         return not all(isinstance(part, str) and _KEY_FUNCTION.fullmatch(part) for part in parts)
+    if name == "public_keys":  # file paths are shown; key text is not (a private key pasted by mistake)
+        parts = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list | tuple) \
+            else [value]
+        return not all(isinstance(part, str) and "-----BEGIN" not in part for part in parts)
     return secret_name(name)
 
 

@@ -794,7 +794,7 @@ def test_jwks_file(rsa_key: Any, ec_key: Any, tmp_path: Path) -> None:
 def test_relative_key_paths_resolve_beside_the_config_file(rsa_key: Any, tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "pub.pem").write_text(pem(rsa_key))
-    context = Context(stores={"shared": MemoryStore()}, settings={"config_file": str(tmp_path / "stack.yaml")})
+    context = Context(stores={"shared": MemoryStore()}, settings={"base_dir": str(tmp_path)})
     layer = AuthMiddleware(echo, AuthMiddleware.Options(public_keys=["keys/pub.pem"]), context)
     assert [k.alg for k in layer.tokens.keys.values()] == ["RS256"]
 

@@ -109,3 +109,38 @@ def test_check_builds_without_connecting(tmp_path: Path) -> None:
     assert (checked.returncode, checked.stdout) == (0, "stack.yaml: ok\n"), checked.stderr
     assert "does not answer" not in checked.stderr
     assert (tmp_path / "access.log").read_text() == ""  # built, like serve, and closed; nothing logged
+
+
+def run_from_elsewhere(tmp_path: Path, text: str, command: str = "check") -> subprocess.CompletedProcess[str]:
+    """``serve.py -c conf/stack.yaml COMMAND`` from ``tmp_path``: the stack file is in another folder."""
+    (tmp_path / "conf").mkdir(exist_ok=True)
+    (tmp_path / "conf" / "stack.yaml").write_text(text)
+    paths = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    return subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", "conf/stack.yaml", command], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": paths}, capture_output=True, text=True, timeout=60)
+
+
+def test_relative_file_options_resolve_against_the_stack_files_folder(tmp_path: Path) -> None:
+    """access_log's file as the app's var_dir and auth's keys: next to stack.yaml, wherever serve.py starts."""
+    (tmp_path / "conf" / "logs").mkdir(parents=True)
+    text = ECHO + "pipeline:\n  - errors: {}\n  - access_log: {file: logs/access.log}\n"
+    done = run_from_elsewhere(tmp_path, text)
+    assert (done.returncode, done.stdout.strip()) == (0, "conf/stack.yaml: ok"), done.stderr
+    assert (tmp_path / "conf" / "logs" / "access.log").exists()  # check creates it, as serve would
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(("layer", "message"), [
+    pytest.param("access_log: {file: nowhere/access.log}",
+                 "conf/stack.yaml:3:24 pipeline[0].access_log.file: access_log cannot open {conf}/nowhere/access.log: "
+                 "No such file or directory (got 'nowhere/access.log')", id="the access log's file"),
+    pytest.param("auth: {public_keys: [keys/missing.pem]}",
+                 "conf/stack.yaml:3:25 pipeline[0].auth.public_keys: a public_keys entry: cannot read "
+                 "'{conf}/keys/missing.pem' (No such file or directory)",
+                 id="a public key (no secret: shown)"),
+])
+def test_a_relative_file_that_is_missing_is_named_where_it_was_looked_for(tmp_path: Path, layer: str,
+                                                                         message: str) -> None:
+    done = run_from_elsewhere(tmp_path, ECHO + f"pipeline:\n  - {layer}\n")
+    assert done.returncode == 2
+    assert done.stdout.splitlines()[0] == message.format(conf=tmp_path / "conf")

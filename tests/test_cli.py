@@ -90,8 +90,8 @@ def test_layers_lists_options_with_types_and_defaults() -> None:
     assert "    format: Literal['envelope', 'problem'] = 'envelope'" in result.stdout
     # With the first sentence of the option's row in the layer's page.
     assert "    docs: docs/layers/access_log.md\n" in result.stdout
-    assert "    file: str | None = None\n        Append the lines to this file instead (created with mode `0640`).\n" \
-        in result.stdout
+    assert "    file: str | None = None\n        Append the lines to this file instead (created with mode `0640`; a " \
+        "relative path is relative to the stack file).\n" in result.stdout
 
 
 @pytest.mark.parametrize(("target", "headers", "status", "message"), [
