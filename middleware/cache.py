@@ -42,7 +42,7 @@ from werkzeug.datastructures import RequestCacheControl
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.http import parse_cache_control_header, parse_date, parse_etags, parse_list_header, unquote_etag
 
-from stores.base import Store, StoreError
+from stores.base import Store, StoreError, StoreWrongType
 
 from .base import (
     API_VERSION,
@@ -402,6 +402,8 @@ class CacheMiddleware:
         lock_key = self._lock_key(base) if method == "GET" else None
         try:
             entry, locked = self._lookup(environ, base, lock_key)
+        except StoreWrongType:  # a value of another type at the key (not written here): a miss, written over
+            entry, locked = None, None
         except StoreError as exc:
             return self._store_failed(environ, start_response, exc)
         finally:
@@ -538,7 +540,7 @@ class CacheMiddleware:
                 return None, locked
             entry["b"] = body
             return entry, locked
-        except (ValueError, KeyError, TypeError):  # not written by this layer: a miss
+        except (ValueError, KeyError, TypeError, RecursionError):  # not written by this layer: a miss
             return None, locked
 
     def _give_back(self, environ: WSGIEnvironment) -> None:

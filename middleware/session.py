@@ -31,7 +31,7 @@ from pydantic import Field, SecretStr, model_validator
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import dump_cookie
 
-from stores.base import StoreError
+from stores.base import StoreError, StoreWrongType
 
 from .base import (
     COOKIES,
@@ -402,14 +402,17 @@ class SessionMiddleware:
         key = KEY_PREFIX + sid
         try:
             found, raw = read_ahead(environ, self.store, "getex", key) if environ else (False, None)
-            if not found:
-                raw = self.store.getex(key, self.options.idle_timeout)
+            try:
+                if not found:
+                    raw = self.store.getex(key, self.options.idle_timeout)
+            except StoreWrongType:
+                raw = b""  # a value of another type at the key (something else wrote it): corrupt
             if raw is None:
                 self._users.pop(sid, None)  # gone (expired, or ended by another process): no more hints
                 return None
             try:
                 doc = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
                 doc, problem = None, "it is not valid JSON"
             else:
                 problem = "it does not have the shape {created_at: number, data: object}"

@@ -109,6 +109,14 @@ class StoreError(Exception):
     """A store could not answer (connection refused, timeout, circuit open…)."""
 
 
+class StoreWrongType(StoreError):
+    """The key holds a value of another type (Redis's ``WRONGTYPE``): something else wrote it.
+
+    Not an outage (the store answered): a layer reading its own key treats it as a
+    value that does not decode, as corrupt, and writes over it.
+    """
+
+
 #: The longest TTL a store keeps (2^31 s, 68 years): a longer one, ``inf`` included, counts as this.
 #: Redis takes expiries in milliseconds up to 2^63; memory:// and Redis must agree.
 MAX_TTL = 2.0**31

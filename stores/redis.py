@@ -37,7 +37,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .base import Store, StoreError, clamp_ttl, mask_url
+from .base import Store, StoreError, StoreWrongType, clamp_ttl, mask_url
 from .breaker import CircuitBreaker, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "refusal"]
@@ -232,6 +232,9 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
         if scheme == "unix" and not path:
             raise ValueError(f"bad Redis store URL {mask_url(url)}: a unix:// URL names the socket's path, "
                              "e.g. unix:///run/redis/redis.sock?db=0")
+        if scheme == "unix" and urlsplit(url).hostname:  # unix://tmp/r.sock: "tmp" is a host, dropped
+            raise ValueError(f"bad Redis store URL {mask_url(url)}: a unix:// URL has no host; the socket's "
+                             f"path follows three slashes (unix:///{urlsplit(url).hostname}{path})")
         if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")
@@ -239,11 +242,20 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
             parsed = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ValueError(f"bad Redis store URL {mask_url(url)}: {exc}") from None
+        for name in ("socket_timeout", "socket_connect_timeout"):  # as the keyword options are checked
+            if name in parsed:
+                try:
+                    _number(name, parsed[name], float)
+                except ValueError:
+                    raise ValueError(f"bad Redis store URL {mask_url(url)}: {name} must be a number of seconds "
+                                     f"above 0, got {parsed[name]!r}") from None
         parsed.setdefault("db", 0)
         if "host" in parsed:
             parsed["host"] = str(parsed["host"]).lower()
             parsed.setdefault("port", 6379)
-    facts = sorted((k, repr(v)) for k, v in {**parsed, **options}.items())
+    # What the URL's query sets wins over the keyword options, as in ConnectionPool.from_url: the
+    # identity is the pool's real settings (two stores with other timeouts get two pools).
+    facts = sorted((k, repr(v)) for k, v in {**options, **parsed}.items())
     return (scheme, *facts)
 
 
@@ -391,6 +403,11 @@ class RedisStore(Store):
                 self._failure = refusal(exc)[0]  # /readyz says why, also once the breaker has opened
                 detail = self._detail(exc)
                 raise StoreUnavailable(self._say(what, detail), detail) from exc
+            except redis.ResponseError as exc:
+                if str(exc).startswith("WRONGTYPE"):  # the server answered: a foreign value, no failure
+                    raise StoreWrongType(self._say(what, self._detail(exc))) from exc
+                self._failure = refusal(exc)[0]
+                raise StoreError(self._say(what, self._detail(exc))) from exc
             except redis.RedisError as exc:
                 self._failure = refusal(exc)[0]
                 raise StoreError(self._say(what, self._detail(exc))) from exc

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from pydantic import ValidationError
 from webtest import TestApp
 from werkzeug.http import http_date
@@ -1298,6 +1299,8 @@ def test_yaml_option_errors_name_the_key(make_stack: Callable[..., TestApp]) -> 
     pytest.param(b'{"x": NaN, "f": 9e99, "t": 0, "s": "200 OK", "h": []}\nbody', id="an expiry of NaN"),
     pytest.param(b'{"v": [1], "g": "1", "x": 9e99}', id="a Vary index naming a number"),
     pytest.param(b'{"v": [["a"]], "g": "1", "x": 9e99}', id="a Vary index naming a list"),
+    pytest.param(b"[" * 5000 + b"]" * 5000 + b"\nbody", id="nested deeper than Python recurses"),
+    pytest.param(b'{"v": ' + b"[" * 5000 + b"]" * 5000 + b"}", id="a Vary index nested too deep"),
 ])
 def test_foreign_values_are_misses(make: Callable[..., Stack], store: Store, value: bytes) -> None:
     stack = make()
@@ -1307,6 +1310,25 @@ def test_foreign_values_are_misses(make: Callable[..., Stack], store: Store, val
     store.set(keys[0], value, ttl=60)
     assert stack.get().headers["X-Cache"] == "MISS"
     assert stack.get().headers["X-Cache"] == "HIT"
+
+
+@pytest.mark.redis
+def test_a_value_of_another_redis_type_is_a_miss_written_over(redis_url: str, origin: Origin,
+                                                              clock: Clock) -> None:
+    store = store_from_url(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stack = Stack(store, origin)
+        stack.get()
+        [key] = [k for k in client.keys("*") if b":cache:e:" in k]
+        client.delete(key)
+        client.rpush(key, b"x")
+        assert stack.get().headers["X-Cache"] == "MISS"
+        assert stack.get().headers["X-Cache"] == "HIT"
+        assert client.type(key) == b"string"
+    finally:
+        client.close()
+        store.close()
 
 
 def test_with_the_flask_core(make_stack: Callable[..., TestApp]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
+import redis
 from itsdangerous import Signer
 from pydantic import ValidationError
 from webtest import TestApp
@@ -525,6 +526,7 @@ def test_rotate_restarts_the_absolute_timeout(store: CountingStore,
 
 @pytest.mark.parametrize(("raw", "reason"), [
     pytest.param(b"\x80not json", "it is not valid JSON", id="not JSON"),
+    pytest.param(b"[" * 5000 + b"]" * 5000, "it is not valid JSON", id="nested deeper than Python recurses"),
     pytest.param(b"[1, 2]", "it does not have the shape", id="a list"),
     pytest.param(b'{"data": {}}', "it does not have the shape", id="no created_at"),
     pytest.param(b'{"created_at": "now", "data": {}}', "it does not have the shape",
@@ -546,6 +548,25 @@ def test_corrupt_stored_value_gives_an_empty_session(store: CountingStore, raw: 
            f"because {reason}" in caplog.text
     assert sid not in caplog.text
     assert stored(store, sid) is None
+
+
+@pytest.mark.redis
+def test_a_value_of_another_redis_type_gives_an_empty_session(redis_url: str) -> None:
+    """A list at the session's key (something else wrote it): corrupt, so deleted, not a 503 for good."""
+    real = store_from_url(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        app = make(CountingStore(real))
+        value, sid = new_cookie(app.get("/set?a=1"))
+        [key] = [k for k in client.keys("*") if sid.encode() in k]
+        client.delete(key)
+        client.rpush(key, b"x")
+        resp = app.get("/get", headers=jar(value))
+        assert (resp.status_int, resp.json) == (200, {})
+        assert client.exists(key) == 0
+    finally:
+        client.close()
+        real.close()
 
 
 # ------------------------------------------------------ caching headers

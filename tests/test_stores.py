@@ -577,6 +577,15 @@ def test_a_whole_number_of_any_size_is_a_threshold() -> None:
 @pytest.mark.parametrize(("url", "error"), [
     pytest.param("unix://", "bad Redis store URL unix://: a unix:// URL names the socket's path, e.g. "
                  "unix:///run/redis/redis.sock?db=0", id="a unix socket without a path"),
+    pytest.param("unix://run/redis/redis.sock", "bad Redis store URL unix://run/redis/redis.sock: a unix:// URL has "
+                 "no host; the socket's path follows three slashes (unix:///run/redis/redis.sock)",
+                 id="two slashes: the first folder read as a host"),
+    pytest.param("redis://127.0.0.1:1/0?socket_timeout=0",
+                 "bad Redis store URL redis://127.0.0.1:1/0?socket_timeout=0: socket_timeout must be a number of "
+                 "seconds above 0, got 0.0", id="a timeout of 0 in the URL"),
+    pytest.param("redis://127.0.0.1:1/0?socket_connect_timeout=-1", "bad Redis store URL "
+                 "redis://127.0.0.1:1/0?socket_connect_timeout=-1: socket_connect_timeout must be a number of "
+                 "seconds above 0, got -1.0", id="a negative connect timeout in the URL"),
     pytest.param("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem", "Redis store "
                  "rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem: ssl_ca_certs '/nonexistent/ca.pem' does "
                  "not exist", id="a CA file that is not there"),
@@ -640,7 +649,14 @@ class TestRedis:
         a = store_from_url(redis_url)
         b = RedisStore(f"redis://127.0.0.1:{port}")  # same server, default db spelled out
         c = RedisStore(redis_url, socket_timeout=0.5)  # other timeouts: another pool
+        e = RedisStore(redis_url + "?socket_timeout=2")  # in the URL too: its timeout is not the default's
+        f = RedisStore(redis_url + "?socket_timeout=0.5")  # the same settings as c, spelled in the URL
         try:
+            assert e.pool is not a.pool and e.pool.connection_kwargs["socket_timeout"] == 2.0
+            assert a.pool.connection_kwargs["socket_timeout"] == 0.25
+            assert f.pool is c.pool
+            e.close()
+            f.close()
             assert isinstance(a, RedisStore)
             assert a.pool is b.pool
             assert a.client is b.client
