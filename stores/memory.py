@@ -89,6 +89,9 @@ class MemoryStore(Store):
 
     def _put(self, key: str, value: bytes | int, expires: float | None) -> None:
         table = self._table(key)
+        if table is self._disposable and _size(key, value) > self.max_cache_bytes:
+            self._drop(table, key)  # larger than the bound on its own: not kept, and nothing evicted for it
+            return
         if key not in table and len(self._data) + len(self._disposable) >= self.max_entries:
             self._make_room(key)
         if table is self._disposable:
@@ -106,10 +109,7 @@ class MemoryStore(Store):
             self._cache_bytes -= _size(key, entry[0])
 
     def _shrink(self) -> None:
-        """Evict disposable entries, least recently used first, until they hold at most max_cache_bytes.
-
-        (An entry larger than the bound on its own goes too: the cache does without it.)
-        """
+        """Evict disposable entries, least recently used first, until they hold at most max_cache_bytes."""
         while self._cache_bytes > self.max_cache_bytes and self._disposable:
             key, entry = self._disposable.popitem(last=False)
             self._cache_bytes -= _size(key, entry[0])

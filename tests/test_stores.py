@@ -339,8 +339,11 @@ def test_memory_store_bounds_the_bytes_of_disposable_keys() -> None:
     store.delete("c:1")
     store.set("c:5", b"v" * 300)
     assert sorted(store.scan("c:")) == ["c:2", "c:3", "c:4", "c:5"]
-    store.set("c:huge", b"v" * 2000)  # larger than the bound on its own: the cache does without it
+    store.set("c:huge", b"v" * 2000)  # larger than the bound on its own: the cache does without it,
     assert store.get("c:huge") is None
+    assert sorted(store.scan("c:")) == ["c:2", "c:3", "c:4", "c:5"]  # and keeps every other entry
+    store.set("c:2", b"v" * 2000)  # a rewrite too large to keep: the old value goes (it is outdated)
+    assert sorted(store.scan("c:")) == ["c:3", "c:4", "c:5"]
     assert store.get("session:big") == b"s" * 5000
 
 
