@@ -113,9 +113,22 @@ def _setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     access.propagate = False
 
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _env_log_level() -> str | None:
+    """``$WSGISTACK_LOG_LEVEL`` in upper case, or None when unset; ValueError when it names no level."""
+    value = os.environ.get(LOG_LEVEL_ENV, "").strip()
+    if not value:
+        return None
+    if value.upper() not in _LEVELS:
+        raise ValueError(f"{LOG_LEVEL_ENV}={value!r} is not a log level: use DEBUG, INFO, WARNING or ERROR")
+    return value.upper()
+
+
 def _apply_logging(options: LoggingOptions) -> None:
     """Apply stack.yaml's ``logging:`` (at start and on every reload); ``$WSGISTACK_LOG_LEVEL`` overrides the level."""
-    level = os.environ.get(LOG_LEVEL_ENV) or options.level
+    level = _env_log_level() or options.level
     logging.getLogger().setLevel(level)
     if _handler is not None:
         _handler.setFormatter(_formatter(options.format))
@@ -963,12 +976,19 @@ COMMANDS = {
 
 
 def load_dotenv(path: str) -> None:
-    """Read ``NAME=value`` lines from ``path`` into the environment, never overriding what is set."""
+    """Read ``NAME=value`` lines from ``path`` into the environment, never overriding what is set.
+
+    ValueError, with the file's name, when it cannot be read as UTF-8 text.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except FileNotFoundError:
         return
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); write it as NAME=value lines in UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
@@ -988,8 +1008,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Printing commands: `serve.py layers | head` ends quietly. Never for `serve`, where a
         # client closing its socket must raise EPIPE in that one thread, not end the process.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(args.config)), ".env"))
-    _setup_logging(os.environ.get(LOG_LEVEL_ENV) or "INFO")
+    try:
+        load_dotenv(os.path.join(os.path.dirname(os.path.abspath(args.config)), ".env"))
+        level = _env_log_level()
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    _setup_logging(level or "INFO")
     return COMMANDS[args.command or "serve"](args)
 
 
@@ -1015,6 +1040,7 @@ def _hosted_stack() -> LiveStack:
     """The stack for another WSGI server: the host owns logging; ``logging.level`` sets the wsgistack loggers'."""
     path = os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
     load_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
+    _env_log_level()  # a bad one stops the host at startup, with its ValueError's message
     try:
         live = LiveStack(path, hosted=True)
     except ConfigError as exc:
@@ -1022,7 +1048,7 @@ def _hosted_stack() -> LiveStack:
         print(f"{path}: refusing to start with an invalid configuration", file=sys.stderr)
         raise
     _print_problems(live.current.warnings)
-    logging.getLogger("wsgistack").setLevel(os.environ.get(LOG_LEVEL_ENV) or live.current.config.logging.level)
+    logging.getLogger("wsgistack").setLevel(_env_log_level() or live.current.config.logging.level)
     access = logging.getLogger("wsgistack.access")
     if not access.hasHandlers():  # the host configured no logging: the lines would be dropped unseen
         from middleware.access_log import LineHandler

@@ -573,3 +573,27 @@ def test_the_logging_section_is_applied_and_reloaded(config_file) -> None:  # ty
     failed = [x for x in logged if x["logger"] == "wsgistack.reload"]
     assert failed and failed[0]["level"] == "ERROR"
     assert str(failed[0]["message"]).startswith("reload failed, generation 2 keeps serving: ")
+
+
+@pytest.mark.parametrize(("level", "dotenv", "code", "stderr"), [
+    pytest.param("debug", None, 0, "", id="a level in lower case"),
+    pytest.param("loud", None, 2, "WSGISTACK_LOG_LEVEL='loud' is not a log level: use DEBUG, INFO, WARNING or ERROR",
+                 id="no level"),
+    pytest.param("", b"JWT_SECRET=caf\xe9\n", 2, "{env}: not UTF-8 text (byte 14); write it as NAME=value lines "
+                 "in UTF-8", id="a .env that is not UTF-8"),
+    pytest.param("", "dir", 2, "{env}: cannot read it: Is a directory", id="a .env that is a folder"),
+])
+def test_the_environment_is_refused_with_a_message_not_a_traceback(tmp_path: Path, level: str,
+                                                                   dotenv: bytes | str | None, code: int,
+                                                                   stderr: str) -> None:
+    (tmp_path / "stack.yaml").write_text(ECHO + "pipeline: [errors: {}]\n")
+    if dotenv == "dir":
+        (tmp_path / ".env").mkdir()
+    elif isinstance(dotenv, bytes):
+        (tmp_path / ".env").write_bytes(dotenv)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "WSGISTACK_LOG_LEVEL": level}
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(tmp_path / "stack.yaml"), "check"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip() == stderr.format(env=tmp_path / ".env")
