@@ -149,6 +149,14 @@ class ServerOptions(Strict):
     drain_timeout: float = Field(default=10.0, ge=0, le=3600)
     reload: ReloadOptions = Field(default_factory=ReloadOptions)
 
+    @field_validator("ident")
+    @classmethod
+    def _ident_is_a_header_value(cls, value: str) -> str:
+        """Waitress sends it as the ``Server`` header: a line break would start a header of its own."""
+        if value and not (value.isascii() and value.isprintable()):
+            raise ValueError("ident is sent as the Server header: printable ASCII on one line (no control characters)")
+        return value
+
     @field_validator("listen", mode="before")
     @classmethod
     def _listen_list(cls, value: Any) -> Any:

@@ -215,9 +215,10 @@ def _check_encoded(url: str) -> None:
     """
     parts = urlsplit(url)
     if "@" in parts.path or "@" in parts.query or parts.fragment or any(c.isspace() for c in url):
-        raise ValueError(f"bad Redis store URL {mask_url(url)}: percent-encode the characters / ? # @ % & "
-                         "and spaces in its user name and password (/ as %2F, ? as %3F, # as %23, "
-                         "@ as %40, % as %25, & as %26, a space as %20)")
+        # The URL last: masking a message for display reads up to an "@" after "://host:" as a password.
+        raise ValueError("bad Redis store URL: percent-encode the characters / ? # @ % & and spaces in its user "
+                         "name and password (/ as %2F, ? as %3F, # as %23, @ as %40, % as %25, & as %26, a space "
+                         f"as %20): {mask_url(url)}")
 
 
 def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:

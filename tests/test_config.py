@@ -523,6 +523,19 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             "seconds above 0, got [1]",
             id="a store option, at the option",
         ),
+        pytest.param(
+            ECHO + "stores: {shared: 'redis://:Zm9v/YmFy@127.0.0.1:6379/0'}\n",
+            "stack.yaml:2:18 stores.shared: bad Redis store URL: percent-encode the characters / ? # @ % & and "
+            "spaces in its user name and password (/ as %2F, ? as %3F, # as %23, @ as %40, % as %25, & as %26, a "
+            "space as %20): redis://:***@127.0.0.1:6379/0",
+            id="a password to percent-encode: the advice survives the masking",
+        ),
+        pytest.param(
+            ECHO + "server: {ident: \"a\\r\\nX-Evil: 1\"}\n",
+            "stack.yaml:2:17 server.ident: ident is sent as the Server header: printable ASCII on one "
+            "line (no control characters)",
+            id="a line break in ident",
+        ),
     ],
 )
 def test_refused_with_the_place_and_the_fix(text: str, expected: str) -> None:
