@@ -350,10 +350,13 @@ class TokenService:
             self.signer = _Key(kid, alg, private)
 
     def _load_jwks(self, o: _Options) -> None:
+        raw = self._read(o.jwks_file, "jwks_file")  # a file that is not there says so
         try:
-            entries = json.loads(self._read(o.jwks_file, "jwks_file"))["keys"]
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"jwks_file {o.jwks_file!r} is not a JSON object with a 'keys' list") from None
+            entries = json.loads(raw)["keys"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            entries = None
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError(f"jwks_file {o.jwks_file!r} is not a JSON object with a 'keys' list of objects")
         for i, entry in enumerate(entries):
             where = f"jwks_file key {entry.get('kid') or i}"
             if entry.get("kty") == "oct":

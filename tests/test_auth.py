@@ -857,9 +857,15 @@ def test_key_material_refused(rsa_key: Any, tmp_path: Path) -> None:
     cases.append(({"jwks_file": "oct.json"}, "jwks_file key h is a symmetric (oct) key; HMAC keys go in secret, "
                                             "and may not be mixed with RSA/EC keys"))
     (tmp_path / "bad.json").write_text("[]")
-    cases.append(({"jwks_file": "bad.json"}, "jwks_file 'bad.json' is not a JSON object with a 'keys' list"))
+    cases.append(({"jwks_file": "bad.json"}, "jwks_file 'bad.json' is not a JSON object with a 'keys' list of "
+                                            "objects"))
+    (tmp_path / "numbers.json").write_text('{"keys": [1, 2]}')
+    cases.append(({"jwks_file": "numbers.json"}, "jwks_file 'numbers.json' is not a JSON object with a 'keys' list "
+                                                "of objects"))
+    cases.append(({"jwks_file": "missing.json"}, f"jwks_file: cannot read {str(tmp_path / 'missing.json')!r} "
+                                                "(No such file or directory)"))
     for options, message in cases:
-        context = Context(stores={"shared": MemoryStore()}, settings={"config_file": str(tmp_path / "stack.yaml")})
+        context = Context(stores={"shared": MemoryStore()}, settings={"base_dir": str(tmp_path)})
         if not message:  # two kids for one key: allowed, the private key takes the first
             layer = AuthMiddleware(echo, AuthMiddleware.Options(**options), context)
             assert layer.tokens.signer is not None and layer.tokens.signer.kid == "a"
