@@ -76,6 +76,16 @@ class SearchOptions(BaseModel):
         return self
 
 
+def _folder_can_hold(name: str, file: Path) -> None:
+    """Refuse a file whose folder, or a folder above it, is a file (``var_dir`` set to a database, say):
+    the app would start, and answer 500 wherever it opens the file."""
+    for folder in file.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"{name} {str(file)!r} cannot be created: {str(folder)!r} is a file, not a folder")
+            return
+
+
 class AppOptions(BaseModel):
     """Everything ``create_app`` accepts; unknown keys are refused.
 
@@ -114,6 +124,8 @@ class AppOptions(BaseModel):
             self.users_db = str(var / "users.sqlite3")
         if self.search.index_path is None:
             self.search.index_path = str(var / "search-index.sqlite3")
+        for name, file in (("users_db", self.users_db), ("search.index_path", self.search.index_path)):
+            _folder_can_hold(name, Path(file))
         return self
 
     @property

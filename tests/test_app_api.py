@@ -200,6 +200,19 @@ def test_invalid_options_are_refused(data: dict[str, Any], message: str) -> None
         create_app(data)
 
 
+@pytest.mark.parametrize("options", [
+    pytest.param(lambda f: {"var_dir": str(f)}, id="var_dir is a file"),
+    pytest.param(lambda f: {"users_db": str(f / "sub" / "users.db")}, id="a folder above users_db is a file"),
+    pytest.param(lambda f: {"search": {"index_path": str(f / "index.db")}}, id="index_path's folder is a file"),
+])
+def test_a_file_where_a_folder_must_be_is_refused(tmp_path: Path, options: Any) -> None:
+    """check refuses it: the app would start and answer 500 wherever it opens its databases."""
+    taken = tmp_path / "users.sqlite3"
+    taken.write_bytes(b"")
+    with pytest.raises(ValidationError, match=f"{str(taken)!r} is a file, not a folder"):
+        AppOptions.model_validate(options(taken))
+
+
 def test_paths_default_under_var_dir() -> None:
     opts = AppOptions.model_validate({"var_dir": "/srv/data"})
     assert opts.users_db == "/srv/data/users.sqlite3"
