@@ -128,6 +128,11 @@ class CORSOptions(LayerOptions):
             for method in policy["allow_methods"]:
                 if not _TOKEN.fullmatch(method):
                     raise ValueError(f"{where}allow_methods entry {method!r} is not a method name")
+            for key in ("allow_headers", "expose_headers"):  # one bad name and a browser refuses the whole list
+                for header in policy[key]:
+                    if not _TOKEN.fullmatch(header):
+                        raise ValueError(f"{where}{key} entry {header!r} is not a header name (letters, digits "
+                                         "and !#$%&'*+-.^_`|~, no spaces)")
             if policy["allow_credentials"] and "*" in policy["origins"]:
                 raise ValueError(f"{where}allow_credentials may not be true when "
                                  f"{where}origins contains '*'; list the origins instead")
