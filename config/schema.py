@@ -238,9 +238,10 @@ class ServerOptions(Strict):
             "channel_timeout": self.channel_timeout,
             "cleanup_interval": self.cleanup_interval,
             "backlog": self.backlog,
-            # Waitress refuses a body of max_request_body_size bytes or more: ours is the largest accepted
+            # Waitress refuses a body (a header block) of max_request_body_size (max_request_header_size)
+            # bytes or more: ours are the largest accepted
             "max_request_body_size": self.max_request_body_size + 1,
-            "max_request_header_size": self.max_request_header_size,
+            "max_request_header_size": self.max_request_header_size + 1,
             "clear_untrusted_proxy_headers": self.clears_proxy_headers(proxy_layer=proxy_layer),
             "log_untrusted_proxy_headers": self.log_untrusted_proxy_headers,
             "url_scheme": self.url_scheme,

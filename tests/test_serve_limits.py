@@ -9,12 +9,14 @@ must pass all three.
 from __future__ import annotations
 
 import http.client
+import socket
 from collections.abc import Iterator
 
 import pytest
 from conftest import Served, free_port
 
 LIMIT = 1000
+HEADER_LIMIT = 2000
 ECHO = 'app: {factory: "stack_support:echo_app"}\n'
 
 
@@ -23,6 +25,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     port = free_port()
     config = tmp_path_factory.mktemp("limits") / "stack.yaml"
     config.write_text(ECHO + f"server:\n  listen: 127.0.0.1:{port}\n  threads: 2\n  max_request_body_size: {LIMIT}\n"
+                      f"  max_request_header_size: {HEADER_LIMIT}\n"
                       f"pipeline:\n  - errors: {{}}\n  - validation: {{max_body_bytes: {LIMIT}}}\n")
     server = Served(config, {}, port)
     try:
@@ -43,3 +46,21 @@ def test_a_body_of_the_limit_is_accepted(served: int, size: int, status: int, co
     body = response.read()
     conn.close()
     assert (response.status, response.getheader("Content-Type", "").split(";")[0]) == (status, content_type), body
+
+
+@pytest.mark.parametrize(("size", "status"), [
+    pytest.param(HEADER_LIMIT - 1, 200, id="below the limit"),
+    pytest.param(HEADER_LIMIT, 200, id="exactly the limit"),
+    pytest.param(HEADER_LIMIT + 1, 431, id="one byte over: Waitress refuses it before any layer"),
+])
+def test_a_header_block_of_the_limit_is_accepted(served: int, size: int, status: int) -> None:
+    """The request line, the headers and the blank line that ends them: ``size`` bytes in all."""
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Pad: "
+    request = head + b"p" * (size - len(head) - 4) + b"\r\n\r\n"
+    assert len(request) == size
+    with socket.create_connection(("127.0.0.1", served), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.split(b" ", 2)[1] == str(status).encode(), answer[:200]
