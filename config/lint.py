@@ -232,9 +232,16 @@ def cache_identity(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
         if spec_true(cache, "per_user") and outside_auth:
             yield _problem(cfg, cache, f"cache at {_where(cache)} has per_user: true but no auth layer runs before "
                                        "it: there is no identity to key on")
-        if cache.option("purge_path") and outside_auth:
+        purge_path = cache.option("purge_path")
+        if purge_path and outside_auth:
             yield _problem(cfg, cache, f"cache at {_where(cache)} sets purge_path but no auth layer runs before it: "
                                        "the purge endpoint would always answer 401", "warning")
+        if isinstance(purge_path, str) and cache.scope and not any(
+                cache.scope.matches({"REQUEST_METHOD": method, "PATH_INFO": purge_path})
+                for method in ("POST", "DELETE")):
+            yield _problem(cfg, cache, f"cache at {_where(cache)} sets purge_path {purge_path!r} outside its own "
+                                       "scope (paths, exclude_paths, methods): a purge would never reach the layer; "
+                                       "add the path to its paths")
         for session in _all(specs, "session"):
             name = session.option("cookie_name")
             if name and name not in (cache.option("cookie_names") or ()):

@@ -53,6 +53,13 @@ def problems(text: str) -> list[str]:
             id="cache outside session",
         ),
         pytest.param(
+            f"pipeline:\n  - auth: {{secret: {SECRET}}}\n"
+            "  - cache: {paths: ['/api/*'], purge_path: /_stack/cache/purge}\n",
+            "stack.yaml:5:5 pipeline[1]: cache at pipeline[1] sets purge_path '/_stack/cache/purge' outside its own "
+            "scope (paths, exclude_paths, methods): a purge would never reach the layer; add the path to its paths",
+            id="a purge path outside the cache's scope",
+        ),
+        pytest.param(
             "pipeline:\n  - ratelimit: {limits: ['10/second']}\n  - proxy: {x_for: 1}\n",
             "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] is outside the proxy layer at pipeline[1]: "
             "it would key on the proxy's address",
