@@ -32,6 +32,12 @@ def split_listen(item: str) -> tuple[str, int]:
     """
     if not isinstance(item, str):
         raise ValueError(f"listen entries are {_LISTEN_FORMS}")
+    if "://" in item:
+        raise ValueError(f"listen takes an address, not a URL; write {item.partition('://')[2].rstrip('/')}")
+    if "," in item:
+        parts = [part.strip() for part in item.split(",") if part.strip()]
+        raise ValueError(f"one address per entry: separate them with spaces ({' '.join(parts)}) or write a list "
+                         f"([{', '.join(parts)}])")
     if item.startswith("["):
         close = item.find("]")
         if close < 0:
