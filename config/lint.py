@@ -420,13 +420,21 @@ def operator_page_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
 
 
 def unknown_stores(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A ``store`` option (the stateful layers) or an entry of a ``stores`` list (health) that names no store."""
     for spec in specs:
-        if not spec.is_layer_class or "store" not in type(spec.options).model_fields:
+        if not spec.is_layer_class:
             continue
-        store = spec.option("store")
-        if store not in cfg.stores:
+        fields = type(spec.options).model_fields
+        named: list[tuple[tuple[str | int, ...], object]] = []
+        if "store" in fields:
+            named.append((("store",), spec.option("store")))
+        if "stores" in fields and isinstance(spec.option("stores"), list | tuple):
+            named += [(("stores", i), name) for i, name in enumerate(spec.option("stores"))]
+        for place, store in named:
+            if store in cfg.stores:
+                continue
             known = ", ".join(sorted(cfg.stores)) or "none"
-            where = (*spec.path, spec.name, "store")
+            where = (*spec.path, spec.name, *place)
             line, col = cfg.document.locate(where) if spec.path and cfg.document.marks.get(where) else (0, 0)
             problem = _problem(cfg, spec, f"{spec.name} names store {store!r}, which the stores section does not "
                                           f"define{suggest(str(store), cfg.stores)} (known: {known})")

@@ -255,6 +255,12 @@ def problems(text: str) -> list[str]:
             "define; did you mean 'shared'? (known: redis, shared)",
             id="unknown store",
         ),
+        pytest.param(
+            "pipeline:\n  - health: {stores: [shared, sharde]}\n",
+            "stack.yaml:4:31 pipeline[0].health.stores[1]: health names store 'sharde', which the stores section "
+            "does not define; did you mean 'shared'? (known: redis, shared)",
+            id="unknown store in health's list",
+        ),
     ],
 )
 def test_lint(pipeline: str, expected: str) -> None:
