@@ -79,12 +79,14 @@ def _limit_list(value: Any) -> Any:
 
 def _check_limit(text: str) -> str:
     try:
-        parse_many(text)
+        items = parse_many(text)
     except ValueError:
         raise ValueError(
             f"{text!r} is not a rate limit; write it like '10/second' or '100 per minute' "
             "(units: second, minute, hour, day, month, year)"
         ) from None
+    if any(item.amount < 1 for item in items):  # it would refuse every request, each told to retry in vain
+        raise ValueError(f"{text!r} allows no request at all; to refuse every request, do not route it here")
     return text
 
 

@@ -87,6 +87,9 @@ def redis_store(redis_url: str) -> Iterator[Store]:
     pytest.param({"limits": ["10 per fortnight"]},
                  "'10 per fortnight' is not a rate limit; write it like '10/second' or '100 per minute' "
                  "(units: second, minute, hour, day, month, year)", id="bad limit string"),
+    pytest.param({"limits": ["100/hour", "0/minute"]},
+                 "'0/minute' allows no request at all; to refuse every request, do not route it here",
+                 id="a limit of 0"),
     pytest.param({"limits": ["1/second"], "key": "cookie"},
                  "unknown key 'cookie' (known: client_ip, user, header:NAME)", id="unknown key"),
     pytest.param({"limits": ["1/second"], "key": ["client_ip", "header:"]},
