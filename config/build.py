@@ -284,6 +284,11 @@ def parse(doc: Document) -> StackConfig:
         problems.append(doc.problem(("stores",), "stores must map names to URLs, e.g. shared: memory://"))
         raw_stores = {}
     for name, spec in raw_stores.items():
+        if not isinstance(spec, str | dict):  # `shared: 6379`, or nothing after the colon
+            problems.append(doc.problem(("stores", name), f"store {name!r} needs a URL (e.g. {name}: memory:// or "
+                                        f"{name}: redis://127.0.0.1:6379/0), or a mapping with url and options",
+                                        value=spec, has_value=True))
+            continue
         value = {"url": spec} if isinstance(spec, str) else spec
         store = _validate(doc, ("stores", name), StoreSpec, value, problems)
         if store is not None:

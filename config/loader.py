@@ -84,6 +84,10 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         message = f"invalid YAML: {exc.problem or exc}"
+        if mark is not None and text.splitlines()[mark.line:mark.line + 1] and \
+                text.splitlines()[mark.line][mark.column - 1:mark.column] == "*":
+            # An unquoted * starts an alias (allow_methods: [*]): the operator meant the text
+            message += "; a * on its own starts a YAML alias: quote it ('*') to mean the text"
         raise ConfigError([Problem(message, (), file, line, col)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(f"invalid YAML: {exc}", (), file)]) from None
@@ -117,6 +121,11 @@ def read_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = N
         text = FsPath(name).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([Problem("file not found", (), name)]) from None
+    except UnicodeDecodeError as exc:  # where: the line and column of the first byte that is not UTF-8
+        raw = FsPath(name).read_bytes()[:exc.start]
+        line, col = raw.count(b"\n") + 1, exc.start - (raw.rfind(b"\n") + 1) + 1
+        raise ConfigError([Problem(f"the file is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} here; save it "
+                                   "as UTF-8", (), name, line, col)]) from None
     except (OSError, UnicodeError) as exc:
         raise ConfigError([Problem(f"cannot read the file: {exc}", (), name)]) from None
     return read_text(text, file=name, env=env)

@@ -144,3 +144,12 @@ def test_a_relative_file_that_is_missing_is_named_where_it_was_looked_for(tmp_pa
     done = run_from_elsewhere(tmp_path, ECHO + f"pipeline:\n  - {layer}\n")
     assert done.returncode == 2
     assert done.stdout.splitlines()[0] == message.format(conf=tmp_path / "conf")
+
+
+def test_a_file_that_is_not_utf8_is_located_at_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "stack.yaml"
+    path.write_bytes(ECHO.encode() + b"pipeline:\n  - headers: {}  # caf\xe9\n")
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", "stack.yaml", "check"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (
+        2, "stack.yaml:3:23 (top level): the file is not UTF-8 text: byte 0xe9 here; save it as UTF-8")

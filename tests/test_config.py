@@ -547,6 +547,18 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             "line (no control characters)",
             id="a line break in ident",
         ),
+        pytest.param(
+            ECHO + "pipeline:\n  - cors: {origins: ['*'], allow_methods: [*]}\n",
+            "stack.yaml:3:45 (top level): invalid YAML: expected alphabetic or numeric character, but found ']'; a "
+            "* on its own starts a YAML alias: quote it ('*') to mean the text",
+            id="an unquoted star",
+        ),
+        pytest.param(
+            ECHO + "stores:\n  shared: 6379\n",
+            "stack.yaml:3:11 stores.shared: store 'shared' needs a URL (e.g. shared: memory:// or shared: "
+            "redis://127.0.0.1:6379/0), or a mapping with url and options (got 6379)",
+            id="a store that is a number",
+        ),
     ],
 )
 def test_refused_with_the_place_and_the_fix(text: str, expected: str) -> None:
