@@ -28,6 +28,8 @@ _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
 SECRET_NAME = re.compile(r"secret|passw(?:or)?d|token|credential|authorization|key", re.IGNORECASE)
 #: The stack's own options that the words above catch but that hold no secret.
 NOT_SECRET = frozenset({"key_prefix", "key_headers", "max_token_bytes", "allow_credentials"})
+#: A public key's file name (``keys/jwt.pem``): shown in errors, where other text in ``public_keys`` is not.
+_KEY_FILE = re.compile(r"[^\s]+\.(?:pem|crt|cer|pub|der)", re.IGNORECASE)
 #: What the rate limiter's ``key`` option holds: shown; any other ``key`` is a secret.
 _KEY_FUNCTION = re.compile(r"client_ip|user|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -42,10 +44,10 @@ def secret_value(name: str, value: object) -> bool:
     if name == "key":
         parts = value if isinstance(value, list | tuple) else [value]
         return not all(isinstance(part, str) and _KEY_FUNCTION.fullmatch(part) for part in parts)
-    if name == "public_keys":  # file paths are shown; key text is not (a private key pasted by mistake)
+    if name == "public_keys":  # names of key files are shown; anything else may be a secret pasted by mistake
         parts = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list | tuple) \
             else [value]
-        return not all(isinstance(part, str) and "-----BEGIN" not in part for part in parts)
+        return not all(isinstance(part, str) and _KEY_FILE.fullmatch(part) for part in parts)
     return secret_name(name)
 
 

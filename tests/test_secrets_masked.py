@@ -44,6 +44,12 @@ PRIVATE_JWK = {"kty": "RSA", "kid": "k1", "alg": "RSA256", "n": "sXchDaQebHnPiGv
     pytest.param(ECHO + "pipeline:\n  - auth: {jwks_file: keys.json, algorithm: RS256}\n", "SEKRETprivate",
                  "pipeline[0].auth.jwks_file: jwks_file key k1 cannot be used: Unable to find an algorithm for key",
                  id="a private key PyJWT cannot use"),
+    pytest.param(ECHO + "pipeline:\n  - auth: {public_keys: [SEKRETpw7-hmac-Xy9Qz7Lm2Np4Rt6Vw8]}\n", "SEKRETpw7",
+                 "pipeline[0].auth.public_keys: a public_keys entry: cannot read '",
+                 id="a secret put where a public key's file goes"),
+    pytest.param(ECHO + "pipeline:\n  - auth: {public_keys: [keys/missing.pem]}\n", "never in the report",
+                 "pipeline[0].auth.public_keys: a public_keys entry: cannot read '{folder}/keys/missing.pem'",
+                 id="a key file's name is no secret: shown"),
 ])
 def test_a_mistake_near_a_secret_is_reported_without_it(tmp_path: Path, text: str, secret: str,
                                                         reported: str) -> None:
@@ -51,6 +57,7 @@ def test_a_mistake_near_a_secret_is_reported_without_it(tmp_path: Path, text: st
     path = tmp_path / "stack.yaml"
     path.write_text(text)
     found = [str(p).replace(str(path), "stack.yaml") for p in check(path, env={})]
+    reported = reported.replace("{folder}", str(tmp_path))
     assert any(reported in line for line in found), found
     assert not any(secret in line for line in found), found
 
