@@ -80,7 +80,11 @@ def _folder_can_hold(name: str, file: Path) -> None:
     """Refuse a file whose folder, or a folder above it, is a file (``var_dir`` set to a database, say):
     the app would start, and answer 500 wherever it opens the file."""
     for folder in file.parents:
-        if folder.exists():
+        try:
+            exists = folder.exists()
+        except OSError:  # a folder above that this user may not enter: the app's own open will say so
+            return
+        if exists:
             if not folder.is_dir():
                 raise ValueError(f"{name} {str(file)!r} cannot be created: {str(folder)!r} is a file, not a folder")
             return

@@ -821,7 +821,12 @@ class CacheMiddleware:
                              separators=(",", ":")).encode()
         sets.append((base, raw, index_life))
         # One step: the mark of a write since the fill began keeps the sets out (the lock goes anyway).
-        self.store.write_unless_marked(self._mark_key(base), since, sets, [unlock] if unlock else [])
+        mark = self._mark_key(base)
+        try:
+            self.store.write_unless_marked(mark, since, sets, [unlock] if unlock else [])
+        except StoreWrongType:  # a value of another type at the mark (not written here): no mark, so it goes
+            self.store.delete(mark)
+            self.store.write_unless_marked(mark, since, sets, [unlock] if unlock else [])
 
     def _generation(self, environ: WSGIEnvironment, base: str, vary: list[str], now: float) -> tuple[str, float]:
         """The generation a fill of a Vary variant stores under, and until when the index must live.

@@ -34,7 +34,7 @@ import redis
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, RedisStorage
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from middleware.base import (
     IDENTITY,
@@ -401,7 +401,7 @@ class _RedisCounter:
         """One pipeline through the store's boundary (its breaker and error mapping): StoreErrors only."""
         return cast("list[Any]", self.store.call("pipeline", lambda: self._pipeline(commands, own), doing="count"))
 
-    def _pipeline(self, commands: list[tuple[Any, ...]], own: int | None = None) -> list[Any]:
+    def _pipeline(self, commands: list[tuple[Any, ...]], own: int | None = None, anew: bool = True) -> list[Any]:
         """Send ``commands`` as one pipeline; the first ``own`` (default all) must succeed, the rest may fail."""
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
@@ -416,6 +416,11 @@ class _RedisCounter:
                 pipe.execute_command(*commands[i])  # type: ignore[no-untyped-call]
             for i, result in zip(missing, pipe.execute(raise_on_error=False), strict=True):
                 results[i] = result
+        if anew and any(isinstance(r, ResponseError) and "WRONGTYPE" in str(r) for r in results[:own]):
+            # A value of another type at a counter's key (something else wrote it): the counter starts
+            # anew, instead of this client's every request failing until someone deletes the key.
+            self.client.delete(*{key for command in commands[:own] for key in _keys_of(command)})
+            return self._pipeline(commands, own, anew=False)
         for result in results[:own]:
             if isinstance(result, Exception):
                 raise result
@@ -456,6 +461,13 @@ class _RedisCounter:
                                             max(0.0, cur_ms) / 1000, now)
                 out.append((bool(first), remaining, reset))
         return out
+
+
+def _keys_of(command: tuple[Any, ...]) -> tuple[str, ...]:
+    """The keys one of the counter's commands names (``EVALSHA sha numkeys key…``, ``PTTL key``)."""
+    if command[0] == "EVALSHA":
+        return tuple(command[3:3 + int(command[2])])
+    return (command[1],)
 
 
 class RateLimitMiddleware:

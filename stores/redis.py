@@ -233,9 +233,10 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
         if scheme == "unix" and not path:
             raise ValueError(f"bad Redis store URL {mask_url(url)}: a unix:// URL names the socket's path, "
                              "e.g. unix:///run/redis/redis.sock?db=0")
-        if scheme == "unix" and urlsplit(url).hostname:  # unix://tmp/r.sock: "tmp" is a host, dropped
+        host = urlsplit(url).netloc.rpartition("@")[2]
+        if scheme == "unix" and host and host.lower() != "localhost":  # unix://tmp/r.sock: "tmp" would be dropped
             raise ValueError(f"bad Redis store URL {mask_url(url)}: a unix:// URL has no host; the socket's "
-                             f"path follows three slashes (unix:///{urlsplit(url).hostname}{path})")
+                             f"path follows three slashes (unix:///{host}{path})")
         if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")
@@ -405,7 +406,7 @@ class RedisStore(Store):
                 detail = self._detail(exc)
                 raise StoreUnavailable(self._say(what, detail), detail) from exc
             except redis.ResponseError as exc:
-                if str(exc).startswith("WRONGTYPE"):  # the server answered: a foreign value, no failure
+                if "WRONGTYPE" in str(exc):  # a foreign value, no failure (in a script: Redis < 7 wraps it in ERR)
                     raise StoreWrongType(self._say(what, self._detail(exc))) from exc
                 self._failure = refusal(exc)[0]
                 raise StoreError(self._say(what, self._detail(exc))) from exc

@@ -213,6 +213,15 @@ def test_a_file_where_a_folder_must_be_is_refused(tmp_path: Path, options: Any) 
         AppOptions.model_validate(options(taken))
 
 
+def test_a_folder_this_user_may_not_enter_is_left_to_the_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path.exists() raises PermissionError there: check must not stop with a traceback."""
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    assert AppOptions.model_validate({"var_dir": str(tmp_path / "locked" / "var")}).var_dir.endswith("var")
+
+
 def test_paths_default_under_var_dir() -> None:
     opts = AppOptions.model_validate({"var_dir": "/srv/data"})
     assert opts.users_db == "/srv/data/users.sqlite3"

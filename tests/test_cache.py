@@ -1331,6 +1331,26 @@ def test_a_value_of_another_redis_type_is_a_miss_written_over(redis_url: str, or
         store.close()
 
 
+@pytest.mark.redis
+def test_a_value_of_another_redis_type_at_a_write_mark_is_written_over(redis_url: str, origin: Origin,
+                                                                       clock: Clock) -> None:
+    store = store_from_url(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stack = Stack(store, origin)
+        stack.get()
+        [entry] = [k for k in client.keys("*") if b":cache:e:" in k]
+        mark = entry.replace(b":cache:e:", b":cache:w:").split(b"#")[0].rsplit(b":", 1)[0]
+        mark += b":" + entry.split(b"#")[1]
+        client.delete(entry)
+        client.rpush(mark, b"x")
+        assert stack.get().headers["X-Cache"] == "MISS"  # saved all the same, over the foreign mark
+        assert stack.get().headers["X-Cache"] == "HIT"
+    finally:
+        client.close()
+        store.close()
+
+
 def test_with_the_flask_core(make_stack: Callable[..., TestApp]) -> None:
     stack = make_stack({
         "pipeline": [

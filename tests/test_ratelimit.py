@@ -721,6 +721,25 @@ def test_changing_the_strategy_starts_new_counters(redis_store: Store) -> None:
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize(("strategy", "foreign"), [("fixed-window", "a list"), ("moving-window", "a string")])
+def test_a_value_of_another_type_at_a_counter_starts_it_anew(redis_store: Store, redis_url: str,
+                                                             strategy: str, foreign: str) -> None:
+    """Something else wrote there (a fixed window counts in a string, a moving one in a list): the
+    client is counted afresh, not refused (503) for good."""
+    stack = Stack(redis_store, limits=["2/minute"], strategy=strategy, on_store_error="closed")
+    assert stack.get().status_int == 200
+    client = redis.Redis.from_url(redis_url)
+    for key in client.keys("wsgistack:ratelimit:*"):
+        client.delete(key)
+        if foreign == "a list":
+            client.rpush(key, b"x")
+        else:
+            client.set(key, b"x")
+    assert [stack.get().status_int, stack.get().status_int, stack.get().status_int] == [200, 200, 429]
+    assert not [e for e, _ in stack.events if e == "store.error"]
+
+
+@pytest.mark.redis
 def test_scripts_reload_after_a_flush(redis_store: Store, redis_url: str) -> None:
     stack = Stack(redis_store, limits=["2/minute"], strategy="moving-window")
     assert stack.get().status_int == 200

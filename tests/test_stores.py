@@ -583,6 +583,9 @@ def test_a_whole_number_of_any_size_is_a_threshold() -> None:
     pytest.param("unix://run/redis/redis.sock", "bad Redis store URL unix://run/redis/redis.sock: a unix:// URL has "
                  "no host; the socket's path follows three slashes (unix:///run/redis/redis.sock)",
                  id="two slashes: the first folder read as a host"),
+    pytest.param("unix://Run/redis.sock", "bad Redis store URL unix://Run/redis.sock: a unix:// URL has "
+                 "no host; the socket's path follows three slashes (unix:///Run/redis.sock)",
+                 id="the folder's case kept in the advice"),
     pytest.param("redis://127.0.0.1:1/0?socket_timeout=0",
                  "bad Redis store URL redis://127.0.0.1:1/0?socket_timeout=0: socket_timeout must be a number of "
                  "seconds above 0, got 0.0", id="a timeout of 0 in the URL"),
@@ -911,3 +914,32 @@ def test_combined_operations_are_one_round_trip_each(redis_url: str) -> None:
     assert calls.get("cmdstat_set") == 2 and calls.get("cmdstat_del") == 1  # SET NX inside the script + pipeline
     client.close()
     store.close()
+
+
+@pytest.mark.parametrize("reply", [
+    pytest.param("WRONGTYPE Operation against a key holding the wrong kind of value", id="a command (any Redis)"),
+    pytest.param("ERR Error running script (call to f_4a1b): @user_script:1: WRONGTYPE Operation against a key "
+                 "holding the wrong kind of value", id="in a script, as Redis before 7.0 reports it"),
+])
+def test_a_value_of_another_type_is_no_outage(reply: str) -> None:
+    from stores.base import StoreWrongType
+
+    store = RedisStore("redis://127.0.0.1:1/0")
+    try:
+        def wrong() -> None:
+            raise redis.ResponseError(reply)
+
+        with pytest.raises(StoreWrongType):
+            store.call("get", wrong)
+        assert store.breaker.state == "closed"
+    finally:
+        store.close()
+
+
+def test_a_unix_url_may_name_localhost_as_its_host() -> None:
+    """unix://localhost/run/redis.sock: as a file: URL may (RFC 8089), and as redis-py reads it."""
+    store = RedisStore("unix://localhost/run/redis/redis.sock?db=2")
+    try:
+        assert store.pool.connection_kwargs["path"] == "/run/redis/redis.sock"
+    finally:
+        store.close()
