@@ -54,17 +54,11 @@ def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) ->
         app = data.get("app")
         options = app.get("options") if isinstance(app, dict) else None
         if isinstance(options, dict):
-            var_dir = options.get("var_dir", "var")
-            if isinstance(var_dir, str) and not os.path.isabs(var_dir):
-                options["var_dir"] = str(FsPath(base_dir) / var_dir)
-            users_db = options.get("users_db")
-            if isinstance(users_db, str) and not os.path.isabs(users_db):
-                options["users_db"] = str(FsPath(base_dir) / users_db)
-            search = options.get("search")
-            if isinstance(search, dict):
-                index_path = search.get("index_path")
-                if isinstance(index_path, str) and not os.path.isabs(index_path):
-                    search["index_path"] = str(FsPath(base_dir) / index_path)
+            options.setdefault("var_dir", "var")
+            for holder, key in ((options, "var_dir"), (options, "users_db"), (options.get("search"), "index_path")):
+                value = holder.get(key) if isinstance(holder, dict) else None
+                if isinstance(value, str) and value.strip():  # as Context.path resolves the layers' files
+                    holder[key] = os.path.join(base_dir, os.path.expanduser(value))  # type: ignore[index]
     return document
 
 

@@ -311,7 +311,7 @@ class TokenService:
     def _read(self, value: str, what: str) -> bytes:
         if value.lstrip().startswith("-----BEGIN"):
             return value.encode()
-        path = (self.base / value).expanduser()
+        path = self.base / Path(value).expanduser()  # ~ first: an absolute result ignores the base
         try:
             return path.read_bytes()
         except OSError as exc:

@@ -96,7 +96,7 @@ class HealthMiddleware:
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
         self.app, self.options = app, options
         self.liveness, self.readiness = options.liveness_path, options.readiness_path
-        self.drain_file = options.drain_file
+        self.drain_file = context.path(options.drain_file) if options.drain_file is not None else None
         names = options.stores if options.stores is not None else sorted(context.stores)
         self.stores: list[tuple[str, Store]] = [(name, context.store(name)) for name in names]
         self.degraded = _status_line(options.degraded_status)

@@ -635,3 +635,27 @@ def test_problems_never_repeat_a_secret(yaml_text: str, secret: str) -> None:
     text = "\n".join(str(problem) for problem in info.value.problems)
     assert info.value.problems and secret not in text
     assert secret not in repr([p.value for p in info.value.problems])
+
+
+def test_file_options_expand_the_home_folder_and_resolve_against_base_dir(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """~ is the user's home for every file option; other relative paths are the stack file's folder's."""
+    home = tmp_path / "home"
+    (home / "keys").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "drain").write_text("")
+    text = ("app: {factory: 'app:create_app', options: {var_dir: ~/var}}\n"
+            "pipeline:\n  - errors: {}\n  - health: {drain_file: drain}\n"
+            "  - auth: {public_keys: [~/keys/missing.pem]}\n")
+    with pytest.raises(ConfigError) as info:
+        build_from_text(text, base_dir=conf)
+    assert [p.message for p in info.value.problems] == [
+        f"a public_keys entry: cannot read '{home}/keys/missing.pem' (No such file or directory)"]
+    built = build_from_text(text.replace("  - auth: {public_keys: [~/keys/missing.pem]}\n", ""), base_dir=conf)
+    try:
+        assert built.config.app.options["var_dir"] == str(home / "var")
+        assert TestApp(built.app).get("/readyz", expect_errors=True).status_int == 503  # conf/drain, not ./drain
+    finally:
+        built.close()
