@@ -237,7 +237,8 @@ def cache_identity(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
             yield _problem(cfg, cache, f"cache at {_where(cache)} sets purge_path but no auth layer runs before it: "
                                        "the purge endpoint would always answer 401", "warning")
         if isinstance(purge_path, str) and cache.scope and not any(
-                cache.scope.matches({"REQUEST_METHOD": method, "PATH_INFO": purge_path})
+                cache.scope.matches({"REQUEST_METHOD": method,  # PATH_INFO as PEP 3333 gives it: bytes as latin-1
+                                     "PATH_INFO": purge_path.encode("utf-8").decode("latin-1")})
                 for method in ("POST", "DELETE")):
             yield _problem(cfg, cache, f"cache at {_where(cache)} sets purge_path {purge_path!r} outside its own "
                                        "scope (paths, exclude_paths, methods): a purge would never reach the layer; "

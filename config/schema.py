@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,11 +34,17 @@ def split_listen(item: str) -> tuple[str, int]:
     if not isinstance(item, str):
         raise ValueError(f"listen entries are {_LISTEN_FORMS}")
     if "://" in item:
-        raise ValueError(f"listen takes an address, not a URL; write {item.partition('://')[2].rstrip('/')}")
+        url = urlsplit(item)
+        try:
+            url_port = url.port
+        except ValueError:
+            url_port = None
+        host = f"[{url.hostname}]" if url.hostname and ":" in url.hostname else url.hostname
+        raise ValueError(f"listen takes an address, not a URL; write {host or '127.0.0.1'}:{url_port or 'PORT'}")
     if "," in item:
-        parts = [part.strip() for part in item.split(",") if part.strip()]
-        raise ValueError(f"one address per entry: separate them with spaces ({' '.join(parts)}) or write a list "
-                         f"([{', '.join(parts)}])")
+        entries = [_bracketed(part.strip()) for part in item.split(",") if part.strip()]
+        raise ValueError(f"one address per entry: separate them with spaces ({' '.join(entries)}) or write a list "
+                         f"([{', '.join(entries)}])")
     if item.startswith("["):
         close = item.find("]")
         if close < 0:
@@ -66,6 +73,12 @@ def split_listen(item: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("the port must be a number from 1 to 65535")
     return host, int(port)
+
+
+def _bracketed(item: str) -> str:
+    """``::1:8889`` as ``[::1]:8889``: an IPv6 address, spelled as a listen entry must be."""
+    host, _, port = item.rpartition(":")
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else item
 
 
 def _check_host(host: str) -> None:

@@ -354,6 +354,22 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="listen, a URL",
         ),
         pytest.param(
+            ECHO + "server: {listen: 'http://localhost'}\n",
+            "stack.yaml:2:18 server.listen[0]: listen takes an address, not a URL; write localhost:PORT",
+            id="listen, a URL without a port",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: 'http://[::1]:8080/app'}\n",
+            "stack.yaml:2:18 server.listen[0]: listen takes an address, not a URL; write [::1]:8080",
+            id="listen, a URL with a path",
+        ),
+        pytest.param(
+            ECHO + "server: {listen: '127.0.0.1:8889,::1:8889'}\n",
+            "stack.yaml:2:18 server.listen[0]: one address per entry: separate them with spaces (127.0.0.1:8889 "
+            "[::1]:8889) or write a list ([127.0.0.1:8889, [::1]:8889])",
+            id="listen, a comma before an IPv6 address",
+        ),
+        pytest.param(
             ECHO + "server:\n  listen: ['127.0.0.1:18005', '127.0.0.1:18005']\n",
             "stack.yaml:3:31 server.listen[1]: listen[1] repeats listen[0] (127.0.0.1:18005): a server cannot "
             "listen on one address twice; remove one (got '127.0.0.1:18005')",

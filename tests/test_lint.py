@@ -59,6 +59,7 @@ def problems(text: str) -> list[str]:
             "scope (paths, exclude_paths, methods): a purge would never reach the layer; add the path to its paths",
             id="a purge path outside the cache's scope",
         ),
+
         pytest.param(
             "pipeline:\n  - ratelimit: {limits: ['10/second']}\n  - proxy: {x_for: 1}\n",
             "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] is outside the proxy layer at pipeline[1]: "
@@ -359,3 +360,9 @@ def test_hsts_that_can_never_be_sent_is_warned(layers: str, expected: str | None
         assert found == []
     else:
         assert len(found) == 1 and expected in found[0], found
+
+
+def test_a_purge_path_with_a_letter_outside_ascii_is_inside_a_scope_that_names_it() -> None:
+    text = (f"pipeline:\n  - auth: {{secret: {SECRET}}}\n"
+            "  - cache: {paths: ['/\u00e4/*'], purge_path: /\u00e4/purge}\n")
+    assert problems(text) == []
