@@ -463,6 +463,18 @@ class _RedisCounter:
         return out
 
 
+def _rule_digest(rule: _Rule) -> str:
+    """A rule's name in its counters' keys: what it matches (paths, methods, key), not its place in ``rules``.
+
+    A rule inserted above it, or rules reordered, leave its counts where they were: by
+    place, the login rule's counts went to whichever rule took its place, and the login
+    rule started again from zero (five more password guesses at once).  The limits are
+    part of the key already.
+    """
+    what = (sorted(rule.paths), sorted(rule.methods), rule.key)
+    return "rule-" + hashlib.blake2b(repr(what).encode(), digest_size=6).hexdigest()
+
+
 def _keys_of(command: tuple[Any, ...]) -> tuple[str, ...]:
     """The keys one of the counter's commands names (``EVALSHA sha numkeys key…``, ``PTTL key``)."""
     if command[0] == "EVALSHA":
@@ -540,8 +552,9 @@ class RateLimitMiddleware:
         default = _Rule(limits=options.limits, key=options.key, strategy=options.strategy,
                         on_store_error=options.on_store_error)
         ns = f"{options.namespace}:" if options.namespace else ""
-        self.rules = [self._compile(f"{ns}r{i}", r, options) for i, r in enumerate(options.rules)]
-        self.default = self._compile(f"{ns}default", default, options) if options.limits else None
+        self.rules = [self._compile(f"{ns}r{i}", r, options, f"{ns}{_rule_digest(r)}")
+                      for i, r in enumerate(options.rules)]
+        self.default = self._compile(f"{ns}default", default, options, f"{ns}default") if options.limits else None
         self.rewrites = rewrites_inside(context)  # versioning inside: rules hold for the path it routes to
         self.enforce = options.mode == "enforce"
         self.closed = options.on_store_error == "closed"
@@ -556,7 +569,8 @@ class RateLimitMiddleware:
         self._failed_keys: list[ReadAhead] = []
 
     @staticmethod
-    def _compile(rid: str, rule: _Rule, options: Options) -> _Compiled:
+    def _compile(rid: str, rule: _Rule, options: Options, counter: str) -> _Compiled:
+        """``rid`` names the rule in events and notes (its place); ``counter`` in its counters' keys (what it is)."""
         paths = None if "*" in rule.paths else re.compile("|".join(fnmatch.translate(p) for p in rule.paths))
         methods = frozenset(rule.methods) | ({"HEAD"} if "GET" in rule.methods else set())
         key = rule.key if rule.key is not None else options.key
@@ -566,7 +580,7 @@ class RateLimitMiddleware:
         # The strategy is part of the key: its counters have different Redis types.
         keys = []
         for item in items:
-            before, after = item.key_for(rid, strategy, "\0").split("\0")
+            before, after = item.key_for(counter, strategy, "\0").split("\0")
             keys.append((before, after))
         closed = (rule.on_store_error or options.on_store_error) == "closed"
         return _Compiled(rid, paths, methods or None, items, [str(i.amount) for i in items], keys, parts, strategy,

@@ -739,6 +739,18 @@ def test_a_value_of_another_type_at_a_counter_starts_it_anew(redis_store: Store,
     assert not [e for e, _ in stack.events if e == "store.error"]
 
 
+def test_a_rule_keeps_its_counts_when_rules_are_inserted_before_it(store: Store) -> None:
+    """Counters are named by what a rule matches: a reload that adds a rule above the login rule
+    neither resets the login attempts nor hands them to the new rule."""
+    login = {"paths": ["/auth/login"], "methods": ["POST"], "limits": ["3/minute"]}
+    refresh = {"paths": ["/auth/refresh"], "methods": ["POST"], "limits": ["3/minute"]}
+    before = Stack(store, limits=["100/minute"], rules=[login])
+    assert [before.get("/auth/login", method="POST").status_int for _ in range(2)] == [200, 200]
+    after = Stack(store, limits=["100/minute"], rules=[refresh, login])
+    assert rate(after.get("/auth/refresh", method="POST"))["RateLimit-Remaining"] == "2"  # its own, fresh
+    assert [after.get("/auth/login", method="POST").status_int for _ in range(2)] == [200, 429]
+
+
 @pytest.mark.redis
 def test_scripts_reload_after_a_flush(redis_store: Store, redis_url: str) -> None:
     stack = Stack(redis_store, limits=["2/minute"], strategy="moving-window")
