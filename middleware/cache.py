@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_PREFIX", "CacheMiddleware", "purge"]
 
 DEFAULT_PREFIX = "wsgistack:cache:"
+#: The store keys of the other built-in layers, which must never be evicted for the cache.
+KEPT_NAMESPACES = ("session:", "revoked:", "refresh-used:", "family-access:", "family-revoked:", "family-swept:",
+                   "login-failures:")
 # Entry keys are f"{prefix}e:{path}#{32 hex digits}", so a path glob maps to a scan prefix.
 _DIGEST = 32
 _VARY_INDEX = b'{"v":'  # how an entry that lists a path's Vary headers starts (its variants are stored apart)
@@ -173,6 +176,12 @@ class CacheOptions(LayerOptions):
             raise ValueError(f"purge_path must start with '/' (got {self.purge_path!r})")
         if self.purge_path is not None and not self.purge_roles:
             raise ValueError("purge_roles may not be empty when purge_path is set")
+        kept = [ns for ns in KEPT_NAMESPACES if ns.startswith(self.key_prefix)]
+        if kept:  # a memory:// store evicts the keys under the cache's prefix to make room
+            raise ValueError(f"key_prefix {self.key_prefix!r} would take in the keys under {kept[0]!r} too: in a "
+                             "memory:// store they would be evicted to make room for cached answers (a revoked "
+                             "token or a session could come back or go); use a prefix of its own, such as "
+                             f"{DEFAULT_PREFIX!r}")
         return self
 
 

@@ -1243,6 +1243,10 @@ def test_failed_write_still_answers(origin: Origin) -> None:
     pytest.param({"purge_path": "/p", "purge_roles": []}, "purge_roles may not be empty when purge_path is set",
                  id="no purge roles"),
     pytest.param({"ttl": 0}, "greater than 0", id="zero ttl"),
+    pytest.param({"key_prefix": ""}, "key_prefix '' would take in the keys under 'session:' too: in a memory:// "
+                 "store they would be evicted to make room for cached answers", id="an empty key prefix"),
+    pytest.param({"key_prefix": "re"}, "key_prefix 're' would take in the keys under 'revoked:' too",
+                 id="a key prefix the revoked tokens' keys start with"),
     pytest.param({"shelf": 1}, "Extra inputs are not permitted", id="unknown option"),
 ])
 def test_options_refused(options: dict[str, Any], message: str) -> None:
