@@ -575,13 +575,22 @@ class _Traced:
         return self.app(environ, start_response)
 
 
-def make_stores(config: StackConfig) -> dict[str, Store]:
-    """Create every named store (no connection is made); one ConfigError lists the ones that cannot be made."""
+def make_stores(config: StackConfig, keep: Mapping[str, Store] | None = None) -> dict[str, Store]:
+    """Create every named store (no connection is made); one ConfigError lists the ones that cannot be made.
+
+    ``keep``: stores to use as they are instead (a reload's unchanged ``memory://`` ones); on failure
+    the stores made here are closed (each gives back its share of a Redis pool), the kept ones are not.
+    """
     stores: dict[str, Store] = {}
+    made: list[Store] = []
     problems = []
     for name, spec in config.stores.items():
+        if keep is not None and name in keep:
+            stores[name] = keep[name]
+            continue
         try:
             stores[name] = store_from_url(spec.url, **spec.options)
+            made.append(stores[name])
         except Exception as exc:  # a malformed URL or option, whatever the backend raises for it
             message = _why(exc)
             option = next((key for key in spec.options if message.startswith(f"store option {key} ")), None)
@@ -590,7 +599,7 @@ def make_stores(config: StackConfig) -> dict[str, Store]:
             else:
                 problems.append(config.document.problem(("stores", name), message, value=spec.url, has_value=True))
     if problems:
-        for store in stores.values():
+        for store in made:
             store.close()
         raise ConfigError(problems)
     return stores

@@ -35,10 +35,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stores import store_from_url
-
 from . import _relative_to, build_from_file, load
-from .build import BuiltStack, StackConfig, build
+from .build import BuiltStack, StackConfig, build, make_stores
 from .errors import ConfigError, Problem
 from .loader import read_file
 from .schema import ServerOptions
@@ -452,23 +450,11 @@ class LiveStack:
     def _stores(self, config: StackConfig) -> dict[str, Store]:
         """The new config's stores: unchanged memory:// ones are the old instances (their data stays)."""
         old_specs, old_stores = self.current.config.stores, self.current.context.stores
-        stores: dict[str, Store] = {}
-        problems = []
-        for name, spec in config.stores.items():
-            previous = old_stores.get(name)
-            if previous is not None and spec.url.startswith("memory:") and old_specs.get(name) == spec:
-                # A failed build closes its stores: MemoryStore.close() keeps the data, so the
-                # old pipeline is not harmed by sharing it.
-                stores[name] = previous
-                continue
-            try:
-                stores[name] = store_from_url(spec.url, **spec.options)
-            except (ValueError, TypeError, ImportError) as exc:
-                problems.append(config.document.problem(("stores", name), str(exc), value=spec.url,
-                                                        has_value=True))
-        if problems:
-            raise ConfigError(problems)
-        return stores
+        # A failed build closes its stores: MemoryStore.close() keeps the data, so the old pipeline
+        # is not harmed by sharing it.
+        keep = {name: old_stores[name] for name, spec in config.stores.items()
+                if name in old_stores and spec.url.startswith("memory:") and old_specs.get(name) == spec}
+        return make_stores(config, keep)
 
     def fingerprint(self) -> tuple[int, int, int, int]:
         """The file's (mtime ns, size, inode, ctime ns) now: two readings differ when it was written or replaced."""

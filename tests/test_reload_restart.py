@@ -333,3 +333,23 @@ def test_a_process_that_writes_no_line_lets_go_of_a_rotated_log(tmp_path: Path) 
         assert str(tmp_path / "access.log.1") not in held
     finally:
         live.current.close()
+
+
+@pytest.mark.redis
+def test_a_reload_refused_for_a_store_gives_back_the_stores_it_made(tmp_path: Path, redis_url: str) -> None:
+    """Each refused reload held one more share of the Redis pool: the old Redis was never disconnected."""
+    from stores.redis import _SHARED
+
+    path = tmp_path / "stack.yaml"
+    good = ECHO + f"stores: {{shared: '{redis_url}'}}\npipeline:\n  - errors: {{}}\n"
+    path.write_text(good)
+    live = LiveStack(path)
+    try:
+        users = sorted(shared.users for shared in _SHARED.values())
+        bad = good.replace("stores: {", "stores: {other: 'redis://127.0.0.1:1/0?socket_timeout=abc', ")
+        for _ in range(3):
+            path.write_text(bad)
+            assert not live.reload().ok
+        assert sorted(shared.users for shared in _SHARED.values()) == users
+    finally:
+        live.current.close()
