@@ -25,6 +25,7 @@ it shows the configuration; keep it on loopback (the default) or behind
 from __future__ import annotations
 
 import ast
+import collections
 import hashlib
 import html
 import json
@@ -71,6 +72,7 @@ _COMMON = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
            ("Referrer-Policy", "no-referrer"), ("Content-Security-Policy", _CSP)]
 _NAMES = ("operator_page", "middleware.operator_page:OperatorPageMiddleware")
 _LIMIT = 256  # distinct layer names and event details kept; more are folded into "other"
+_PENDING = 64  # requests whose timings wait to be folded (until a look at the page, or 64 more requests)
 
 
 class OperatorPageMiddleware:
@@ -136,6 +138,9 @@ class OperatorPageMiddleware:
         self._events: dict[str, int] = dict.fromkeys(_EVENTS, 0)
         self._details: dict[tuple[str, str], int] = {}
         self._masked: tuple[object, list[dict[str, Any]]] | None = None
+        #: Timing lists of requests that left the page, folded later: the layers outside it (timed
+        #: when metrics' layer_timing starts the list) add their entries only after it returned.
+        self._pending: collections.deque[tuple[list[tuple[str, float]], int, object]] = collections.deque()
         context.listeners.append(self._on_event)
 
     # -- the hot path ------------------------------------------------------
@@ -162,7 +167,10 @@ class OperatorPageMiddleware:
                 self._count(f"{str(code or 500)[:1]}xx")
             raise
         finally:
-            self._fold(timings, mark, environ.get(TIMINGS))
+            pending = self._pending
+            pending.append((timings, mark, environ.get(TIMINGS)))
+            while len(pending) > _PENDING:  # requests that long ago have left the outer layers too
+                self._fold(*pending.popleft())
 
     def _count(self, status_class: str) -> None:
         with self._lock:
@@ -233,6 +241,12 @@ class OperatorPageMiddleware:
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows, as JSON-ready data (secrets already masked)."""
         settings = self.context.settings
+        pending = self._pending
+        while pending:  # a request still in the outer layers may lack their entries: counted without them
+            try:
+                self._fold(*pending.popleft())
+            except IndexError:  # another thread folded the last one
+                break
         with self._lock:
             layers = {name: (int(c), t) for name, (c, t) in self._layers.items()}
             statuses, events, details = dict(self._statuses), dict(self._events), dict(self._details)

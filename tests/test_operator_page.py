@@ -627,3 +627,20 @@ def test_factory_layer_options_are_described_as_data() -> None:
                                                       "since": "2024-01-01"}}
     assert mask(describe(spec)["options"]) == {"upstream": {"url": f"https://svc:{MASK}@api.example.org/v1",
                                                             "since": "2024-01-01"}}
+
+
+def test_layers_outside_the_page_are_timed_when_metrics_starts_the_timings(tmp_path: Path) -> None:
+    """Their entries arrive after the page returned: it folds them later (at a look at the page, at the latest)."""
+    built = build_from_dict({
+        "app": {"factory": "stack_support:echo_app"}, "stores": {"shared": "memory://"},
+        "pipeline": [{"metrics": {"layer_timing": True}}, {"headers": {}},
+                     {"ratelimit": {"limits": ["1000/minute"]}}, {LAYER: {}}, {"stack_support:Tag": {}}],
+    }, base_dir=tmp_path)
+    try:
+        app = TestApp(built.app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        for _ in range(5):
+            app.get("/x")
+        counts = {layer["name"]: layer["count"] for layer in app.get("/_stack/data.json").json["pipeline"]}
+        assert (counts["headers"], counts["ratelimit"], counts["stack_support:Tag"]) == (5, 5, 5)
+    finally:
+        built.close()
