@@ -6,9 +6,11 @@ wrap and adds, configured to do the same work as the stack's layers:
 - Flask-CORS for the app's origin (credentials, the same methods and headers);
 - Flask-Session, a server-side session that every request reads (a
   ``before_request`` hook looks up ``session["user"]``, as the auth layer does
-  with ``accept_session``); permanent with a 30-minute lifetime, so a request
-  with a session cookie also slides its expiry, as the session layer's idle
-  timeout does;
+  with ``accept_session``); a browser-session cookie (not permanent) and a
+  30-minute lifetime in the store, which every request with the cookie slides,
+  as the session layer's idle timeout does, without sending the cookie again
+  (neither does the session layer); no signer (deprecated since Flask-Session
+  0.7: the id is 256 random bits), so no signature work the stack does not do;
 - Flask-Limiter keyed on the client IP, the limit from the bench (counted on
   every request, never refusing), with its rate-limit headers on;
 - Flask-Caching around both search views, keyed on the query string, with the
@@ -66,9 +68,8 @@ def create_peer_app(var_dir: str, redis_url: str | None = None, rate_limit: str 
         SESSION_COOKIE_NAME="peer_session",
         SESSION_COOKIE_SECURE=False,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_USE_SIGNER=True,
-        SESSION_PERMANENT=True,
-        PERMANENT_SESSION_LIFETIME=1800,
+        SESSION_PERMANENT=False,  # a permanent one re-sends Set-Cookie on every request: the stack does not
+        PERMANENT_SESSION_LIFETIME=1800,  # the store's sliding lifetime all the same
     )
     if redis_url:
         import redis

@@ -183,7 +183,7 @@ def goals(result: inproc.Result, loads: list[http.Load], deltas: list[dict[str, 
         if one and two:
             factor = http.ratio(two, one)
             out.append(Goal(f"server.workers: 2 ≥ 1.6x the req/s of workers: 1 ({stack})",
-                            f"{factor:.2f}x ({two.rps:.0f} vs {one.rps:.0f} req/s)", factor >= 1.6))
+                            f"{factor:.3f}x ({two.rps:.0f} vs {one.rps:.0f} req/s)", factor >= 1.6))
     return out
 
 
@@ -262,8 +262,10 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "",
         "The same layers cost more in the full stack on the Flask core: each row below is the full stack with "
         "that one layer replaced by a middleware that does nothing (its scope kept), and the time it saves "
-        "(with `session` gone the `auth` layer also stops reading it). Rows are differences of two noisy "
-        "medians: read them to a microsecond or two. Around the raw callable each layer's code and data stay "
+        "(with `session` gone the `auth` layer also stops reading it): the median over the rounds of the "
+        "difference within each round. The rows are small differences of noisy times (a few µs either way; a "
+        "negative row is a layer whose saving the noise hides): read them as rough shares. "
+        "Around the raw callable each layer's code and data stay "
         "in the CPU's caches from one call to the next; with Flask's request in between they do not (in a "
         "separate test, a bare Flask request run inside the core doubled the time of `ratelimit` and "
         "`access_log`).",
@@ -313,7 +315,8 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "more than the same round trip timed alone in a loop.",
         "- **peer stack** (`bench/peer.py`): the same `create_app` core with Flask-CORS (the same origins, "
         "methods, headers, credentials), Flask-Session (server-side, read on every request by a `before_request` "
-        "hook, permanent with a sliding 30-minute lifetime), Flask-Limiter (client IP, the same limit, headers on), "
+        "hook, a browser-session cookie and a sliding 30-minute lifetime in the store, no signer, as the session "
+        "layer works), Flask-Limiter (client IP, the same limit, headers on), "
         "Flask-Caching around both search views (query string in the key, the same 60 s TTL) and werkzeug's "
         "ProxyFix (one hop); cachelib `SimpleCache` / `memory://`, or one Redis for all three. The full stack "
         "does more than the peer on every request (request id, metrics, access log, security headers, "
