@@ -38,7 +38,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from werkzeug.datastructures import Authorization
 from werkzeug.exceptions import HTTPException
 
@@ -229,6 +229,15 @@ class _Options(LayerOptions):
     realm: str = "wsgistack"
     max_token_bytes: int = Field(default=8192, ge=256)
     on_store_error: Literal["open", "closed"] = "closed"
+
+    @field_validator("realm")
+    @classmethod
+    def _quotable(cls, value: str) -> str:
+        """Sent as ``WWW-Authenticate: Bearer realm="value"``: printable ASCII that needs no escaping."""
+        if not (value.isascii() and value.isprintable()) or '"' in value or "\\" in value:
+            raise ValueError('realm is sent in the WWW-Authenticate header as realm="...": printable ASCII on one '
+                             'line, without " or \\')
+        return value
 
     @model_validator(mode="after")
     def _one_kind_of_key(self) -> _Options:

@@ -41,7 +41,7 @@ from collections import OrderedDict
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import http_date, parse_accept_header
 
@@ -95,6 +95,10 @@ def _normal_option(value: object) -> object:
     return _normal(value) if isinstance(value, str) else value
 
 
+#: What may stand between ``<`` and ``>`` in a Link header: visible ASCII but space, ``"``, ``<``, ``>``.
+_URI_REFERENCE = re.compile(r'[!#-;=?-~]+')
+
+
 class Deprecated(LayerOptions):
     """When a version was deprecated, when it goes away, and where to read about it."""
 
@@ -102,6 +106,16 @@ class Deprecated(LayerOptions):
     sunset: datetime | date | None = None
     link: str | None = None
     successor: str | None = None
+
+    @field_validator("link", "successor")
+    @classmethod
+    def _uri_reference(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Sent as ``Link: <value>``: a URI (RFC 8288 §3), so visible ASCII with no space, quote or angle bracket."""
+        if value is not None and not _URI_REFERENCE.fullmatch(value):
+            raise ValueError(f"{info.field_name} is sent in a Link header as <{info.field_name}>: write a URL of "
+                             "visible ASCII characters, without spaces, quotes or angle brackets (percent-encode "
+                             "the others)")
+        return value
 
     @model_validator(mode="after")
     def _sunset_after(self) -> Deprecated:

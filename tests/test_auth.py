@@ -833,6 +833,10 @@ def test_relative_key_paths_resolve_beside_the_config_file(rsa_key: Any, tmp_pat
                  ROLES_NEED_REQUIRED.format("optional"), id="roles with auth optional"),
     pytest.param({"secret": SECRET, "rules": [{"paths": ["/api/*/config"], "auth": "none", "roles": ["admin"]}]},
                  ROLES_NEED_REQUIRED.format("none"), id="roles with auth none"),
+    pytest.param({"secret": SECRET, "realm": "Search API \u2014 production"},
+                 'realm is sent in the WWW-Authenticate header as realm="...": printable ASCII on one line',
+                 id="a realm outside ASCII"),
+    pytest.param({"secret": SECRET, "realm": 'say "hi"'}, 'without " or \\', id="a realm with a quote"),
 ])
 def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:

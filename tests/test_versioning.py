@@ -416,6 +416,13 @@ def test_identity_names_the_client(seen: Seen) -> None:
                  "sunset must not be earlier than deprecation", id="sunset before deprecation"),
     pytest.param({"supported": ["v1"], "deprecated": {"v1": {"sunset": "2024-01-01"}}}, "Field required",
                  id="deprecation date required"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2024-01-01",
+                                                             "link": "https://docs.example.org/v1 \u2013 migration"}}},
+                 "link is sent in a Link header as <link>: write a URL of visible ASCII characters",
+                 id="a link with a space and a dash outside latin-1"),
+    pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2024-01-01",
+                                                             "successor": "https://a.example/x>; rel=evil"}}},
+                 "successor is sent in a Link header as <successor>", id="a successor that closes the bracket"),
 ])
 def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
