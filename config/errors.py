@@ -67,7 +67,10 @@ class Problem:
         where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
         text = f"{where} {dotted(self.path)}: {self.message}"
         if self.has_value:
-            shown = repr(self.value)
+            try:
+                shown = ascii(self.value)  # ASCII: a lone surrogate, a control character print as escapes
+            except ValueError:  # an int of more digits than Python prints
+                shown = f"<a number of {self.value.bit_length()} bits>"
             if len(shown) > 80:
                 shown = shown[:77] + "..."
             text += f" (got {shown})"

@@ -89,8 +89,15 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
             # An unquoted * starts an alias (allow_methods: [*]): the operator meant the text
             message += "; a * on its own starts a YAML alias: quote it ('*') to mean the text"
         raise ConfigError([Problem(message, (), file, line, col)]) from None
+    except yaml.reader.ReaderError as exc:  # a control character or NUL: located like the other problems
+        before = text[:exc.position]
+        line, col = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        char = chr(exc.character) if isinstance(exc.character, int) else str(exc.character)
+        raise ConfigError([Problem(f"invalid YAML: the character {char!a} may not appear in YAML text; remove "
+                                   "it, or write it as an escape in a double-quoted string", (), file, line, col)
+                           ]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([Problem(f"invalid YAML: {exc}", (), file)]) from None
+        raise ConfigError([Problem("invalid YAML: " + " ".join(str(exc).split()), (), file)]) from None
     except RecursionError:  # the composer recurses once per level of nesting
         raise ConfigError([Problem(f"invalid YAML: nested too deeply (a stack.yaml needs a few levels; "
                                    f"more than {MAX_DEPTH} are refused)", (), file)]) from None
@@ -190,6 +197,9 @@ class _Converter:
                 self.problem(key_node, path, "YAML merge keys (<<) are not supported; repeat the settings, "
                              "or quote '<<' if it is meant as a key")
                 continue
+            if _not_text(key_node.value):
+                self.scalar(key_node, path, interpolate=False)  # says why, at the key
+                continue
             key = self.scalar(key_node, path, interpolate=False)
             if isinstance(key, bool):  # YAML 1.1 reads on/off/yes/no as booleans; no key of a stack is one
                 self.problem(key_node, (*path, key_node.value), f"the key {key_node.value!r} is read by YAML as the "
@@ -205,15 +215,39 @@ class _Converter:
         return out
 
     def scalar(self, node: yaml.ScalarNode, path: Path, *, interpolate: bool = True) -> Any:
+        if _not_text(node.value):
+            self.problem(node, path, f"the value {node.value!a} holds a lone surrogate (\\ud800-\\udfff), "
+                                     "which is not text: write the character itself, or its \\U escape")
+            return None
         try:
             value = _scalar(node)
-        except (ValueError, OverflowError, yaml.YAMLError) as exc:  # a date like 2024-13-45
-            why = (exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None) or " ".join(str(exc).split())
-            self.problem(node, path, f"cannot read the value {node.value!r}: {why}; quote it to keep it as text")
+        except Exception as exc:  # a date like 2024-13-45, !!bool maybe, !!int "": whatever the tag's
+            # constructor raises for a value it does not fit (ValueError, KeyError, IndexError, AttributeError…)
+            why = (exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None) or (
+                " ".join(str(exc).split()) if isinstance(exc, ValueError | OverflowError) else "")
+            self.problem(node, path, f"cannot read the value {node.value!r} as {node.tag.replace(_YAML, '!!')}"
+                                     f"{': ' + why if why else ''}; quote it to keep it as text")
+            return None
+        if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:  # 59:59:… (base 60) gets this far
+            self.problem(node, path, f"the number {node.value[:20]}… is far larger than any setting takes")
             return None
         if interpolate and isinstance(value, str) and "$" in value:
             value = _interpolate(value, path, node, self.doc, self.env, self.problems)
         return value
+
+
+_YAML = "tag:yaml.org,2002:"
+#: An integer of more bits than this (about 4300 digits, Python's limit for printing one) is no setting.
+_MAX_INT_BITS = 14_000
+
+
+def _not_text(value: str) -> bool:
+    """Whether ``value`` holds a lone surrogate (a ``"\\ud800"`` escape): it cannot be printed, sent or stored."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _scalar(node: yaml.Node) -> Any:

@@ -116,7 +116,7 @@ class CORSOptions(LayerOptions):
             for pattern in policy["origin_regex"]:
                 try:
                     compiled = re.compile(pattern)
-                except re.error as exc:
+                except (re.error, OverflowError) as exc:  # OverflowError: a repeat count of 2**32 or more
                     raise ValueError(f"{where}origin_regex {pattern!r} is not a valid "
                                      f"regular expression: {exc}") from None
                 anyone = next((o for o in _strangers(pattern) if compiled.fullmatch(o)), None)

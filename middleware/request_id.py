@@ -152,7 +152,7 @@ class RequestIdMiddleware:
         def _pattern_compiles(cls, value: str) -> str:
             try:
                 re.compile(value)
-            except re.error as exc:
+            except (re.error, OverflowError) as exc:  # OverflowError: a repeat count of 2**32 or more
                 raise ValueError(
                     f"pattern {value!r} is not a valid regular expression: {exc}"
                 ) from exc

@@ -248,7 +248,7 @@ class ValidationMiddleware:
                 for i, pattern in enumerate(patterns):
                     try:
                         re.compile(pattern)
-                    except re.error as exc:
+                    except (re.error, OverflowError) as exc:  # OverflowError: a repeat count of 2**32 or more
                         raise ValueError(
                             f"deny_patterns[{name!r}][{i}] {pattern!r} is not a valid "
                             f"regular expression: {exc}"

@@ -155,8 +155,8 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
         ),
         pytest.param(
             ECHO + "server: {threads: 2024-13-45}\n",
-            "stack.yaml:2:19 server.threads: cannot read the value '2024-13-45': month must be in 1..12; quote it to "
-            "keep it as text",
+            "stack.yaml:2:19 server.threads: cannot read the value '2024-13-45' as !!timestamp: month must be in "
+            "1..12; quote it to keep it as text",
             id="a value YAML cannot read",
         ),
         pytest.param(
@@ -321,8 +321,8 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
         ),
         pytest.param(
             ECHO + "app_note: 2024-13-45\n",
-            "stack.yaml:2:11 app_note: cannot read the value '2024-13-45': month must be in 1..12; quote it to keep "
-            "it as text",
+            "stack.yaml:2:11 app_note: cannot read the value '2024-13-45' as !!timestamp: month must be in 1..12; "
+            "quote it to keep it as text",
             id="impossible date",
         ),
         pytest.param(
@@ -574,6 +574,44 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             "stack.yaml:3:11 stores.shared: store 'shared' needs a URL (e.g. shared: memory:// or shared: "
             "redis://127.0.0.1:6379/0), or a mapping with url and options (got 6379)",
             id="a store that is a number",
+        ),
+        pytest.param(
+            ECHO + "server: {threads: !!bool maybe}\n",
+            "stack.yaml:2:19 server.threads: cannot read the value 'maybe' as !!bool; quote it to keep it as text",
+            id="a tag its value does not fit",
+        ),
+        pytest.param(
+            ECHO + "server: {threads: !!int ''}\n",
+            "stack.yaml:2:19 server.threads: cannot read the value '' as !!int; quote it to keep it as text",
+            id="an empty value tagged as a number",
+        ),
+        pytest.param(
+            ECHO + 'server: {ident: "a\\ud800"}\n',
+            "stack.yaml:2:17 server.ident: the value 'a\\ud800' holds a lone surrogate (\\ud800-\\udfff), which is "
+            "not text: write the character itself, or its \\U escape",
+            id="a lone surrogate in a value",
+        ),
+        pytest.param(
+            ECHO + 'server: {"a\\udc00": 1}\n',
+            "stack.yaml:2:10 server: the value 'a\\udc00' holds a lone surrogate",
+            id="a lone surrogate in a key",
+        ),
+        pytest.param(
+            ECHO + "server: {threads: " + ":".join(["59"] * 3000) + "}\n",
+            "stack.yaml:2:19 server.threads: the number 59:59:59:59:59:59:59… is far larger than any setting takes",
+            id="a base-60 number of 3000 places",
+        ),
+        pytest.param(
+            ECHO + "server: {ident: 'a\x01b'}\n",
+            "stack.yaml:2:19 (top level): invalid YAML: the character '\\x01' may not appear in YAML text; remove it, "
+            "or write it as an escape in a double-quoted string",
+            id="a control character in the text",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - request_id: {pattern: '[a-z]{1,4294967296}'}\n",
+            "stack.yaml:3:27 pipeline[0].request_id.pattern: pattern '[a-z]{1,4294967296}' is not a valid regular "
+            "expression: the repetition number is too large",
+            id="a regex repeat count past 2**32",
         ),
     ],
 )
