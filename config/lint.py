@@ -538,6 +538,11 @@ def validation_vs_waitress(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
             yield _problem(cfg, val, f"validation.max_body_bytes ({body}) is above server.max_request_body_size "
                                      f"({cfg.server.max_request_body_size}): Waitress refuses larger bodies first, "
                                      "with its own plain-text 413", "warning")
+        query, url = val.option("max_query_length", 2048), val.option("max_url_length", 8192)
+        if query >= url:
+            yield _problem(cfg, val, f"validation.max_query_length ({query}) is not below max_url_length ({url}): "
+                                     "the URL's limit refuses such queries first (414); raise max_url_length",
+                           "warning")
         total = val.option("max_total_header_bytes", 32768)
         if total is not None and total > cfg.server.max_request_header_size:
             yield _problem(cfg, val, f"validation.max_total_header_bytes ({total}) is above "

@@ -366,3 +366,9 @@ def test_a_purge_path_with_a_letter_outside_ascii_is_inside_a_scope_that_names_i
     text = (f"pipeline:\n  - auth: {{secret: {SECRET}}}\n"
             "  - cache: {paths: ['/\u00e4/*'], purge_path: /\u00e4/purge}\n")
     assert problems(text) == []
+
+
+def test_a_query_limit_the_url_limit_overrides_is_named() -> None:
+    assert problems("pipeline:\n  - validation: {max_query_length: 12400}\n") == [
+        "stack.yaml:4:5 warning: pipeline[0]: validation.max_query_length (12400) is not below max_url_length "
+        "(8192): the URL's limit refuses such queries first (414); raise max_url_length"]
