@@ -140,7 +140,7 @@ def goals(result: inproc.Result, loads: list[http.Load], deltas: list[dict[str, 
     def ratio_goal(stack: str, limit: float, text: str) -> Goal:
         ratio = result.ratio(stack, "health")
         others = ", ".join(f"{p}: {_fmt(result.ratio(stack, p))}x" for p in profiles[1:])
-        return Goal(text, f"{_fmt(ratio)}x on health ({others})", ratio <= limit)
+        return Goal(text, f"{_fmt(ratio, 3)}x on health ({others})", ratio <= limit)  # 3 places: 2.004 is no 2.00
 
     out.append(ratio_goal("default stack (memory)", 2.0, "default stack ≤ 2.0x bare Flask in-process (health)"))
     out.append(ratio_goal("full stack (memory)", 2.0, "full stack, memory stores, ≤ 2x bare Flask in-process (health)"))
