@@ -630,6 +630,7 @@ def test_freshness_from_date_and_directives(make: Callable[..., Stack], origin: 
 
 
 LAST_MODIFIED = "Tue, 14 Nov 2023 22:00:00 GMT"
+STORED = "Tue, 14 Nov 2023 22:13:20 GMT"  # T0, when the tests' clock stores a response
 
 
 @pytest.mark.parametrize(("validators", "conditions", "status"), [
@@ -649,6 +650,14 @@ LAST_MODIFIED = "Tue, 14 Nov 2023 22:00:00 GMT"
                  id="If-None-Match decides alone"),
     pytest.param([], {"If-None-Match": '"abc"', "If-Modified-Since": LAST_MODIFIED}, 200,
                  id="no validators: the full answer"),
+    pytest.param([("Date", STORED)], {"If-Modified-Since": STORED}, 304,
+                 id="no Last-Modified: the stored Date (RFC 9111 4.3.2)"),
+    pytest.param([("Date", STORED)], {"If-Modified-Since": LAST_MODIFIED}, 200,
+                 id="no Last-Modified: a Date after the client's copy"),
+    pytest.param([], {"If-Modified-Since": STORED}, 304,
+                 id="no Last-Modified nor Date: when it was stored, not modified since"),
+    pytest.param([], {"If-Modified-Since": "Tue, 14 Nov 2023 22:13:19 GMT"}, 200,
+                 id="no Last-Modified nor Date: stored after the client's copy"),
 ])
 def test_conditional_requests_on_hits(make: Callable[..., Stack], origin: Origin, validators: list[tuple[str, str]],
                                       conditions: dict[str, str], status: int) -> None:
