@@ -706,6 +706,7 @@ def build(
         stores=made,
         logger=logger or logging.getLogger("wsgistack"),
         loopback_only=in_force.loopback_only and config.server.loopback_only,
+        proxied=bool(in_force.trusted_proxy or config.server.trusted_proxy or config.forwarding_layer is not None),
         workers=in_force.workers,
         settings={"server": config.server, "config_file": doc.file, "base_dir": doc.base_dir},
     )

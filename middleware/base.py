@@ -322,6 +322,9 @@ class Context:
     stores: dict[str, Store] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("wsgistack"))
     loopback_only: bool = True
+    #: A proxy forwards clients to the server (``server.trusted_proxy``, a proxy layer): on loopback
+    #: sockets or not, its clients may be anyone (``debug`` tracebacks must not reach them).
+    proxied: bool = False
     workers: int = 1
     services: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)

@@ -91,8 +91,9 @@ class ErrorsMiddleware:
     Options = ErrorsOptions
 
     def __init__(self, app: WSGIApplication, options: ErrorsOptions, context: Context) -> None:
-        if options.debug and not context.loopback_only:
-            raise ValueError("debug may be true only when the server listens on loopback only")
+        if options.debug and (not context.loopback_only or context.proxied):
+            raise ValueError("debug may be true only when the server listens on loopback only, with no proxy "
+                             "forwarding remote clients to it (server.trusted_proxy, a proxy layer)")
         self.app = app
         self.options = options
         self.format = options.format

@@ -110,8 +110,21 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
         pytest.param(
             ECHO + "server: {listen: '0.0.0.0:8080'}\npipeline:\n  - errors: {debug: true}\n",
             "stack.yaml:4:21 pipeline[0].errors.debug: debug may be true only when the server listens on loopback "
-            "only (got True)",
+            "only, with no proxy forwarding remote clients to it (server.trusted_proxy, a proxy layer) (got True)",
             id="debug refused on a public listener",
+        ),
+        pytest.param(
+            ECHO + "server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
+            "pipeline:\n  - errors: {debug: true}\n",
+            "stack.yaml:4:21 pipeline[0].errors.debug: debug may be true only when the server listens on loopback "
+            "only, with no proxy",
+            id="debug refused behind a trusted proxy on loopback",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - errors: {debug: true}\n  - proxy: {x_for: 1}\n",
+            "stack.yaml:3:21 pipeline[0].errors.debug: debug may be true only when the server listens on loopback "
+            "only, with no proxy",
+            id="debug refused with a proxy layer",
         ),
         pytest.param(
             ECHO + "server:\n  reload: {watch: true, interval: .inf}\n",

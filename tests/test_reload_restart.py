@@ -72,7 +72,9 @@ def test_a_reload_never_widens_debug_to_a_public_listener(tmp_path: Path) -> Non
     path.write_text(ECHO + "server: {listen: '127.0.0.1:18103'}\npipeline: [errors: {debug: true}]\n")
     result = live.reload()
     assert not result.ok
-    assert [p.message for p in result.problems] == ["debug may be true only when the server listens on loopback only"]
+    assert [p.message for p in result.problems] == [
+        "debug may be true only when the server listens on loopback only, with no proxy forwarding remote clients "
+        "to it (server.trusted_proxy, a proxy layer)"]
 
 
 def test_the_server_is_created_with_the_settings_in_force(live: LiveStack, monkeypatch: pytest.MonkeyPatch) -> None:
