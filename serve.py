@@ -742,6 +742,50 @@ def _waitress_view(built: BuiltStack, app: Any) -> Any:
     )
 
 
+def _waitress_environ(built: BuiltStack, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
+                      peer: str) -> tuple[WSGIEnvironment | None, str]:
+    """The environ Waitress would build for this request, with the server settings in force.
+
+    The request is written as bytes and read by Waitress's own parser and task:
+    its path decoding (``%ff`` stays a byte, ``//`` collapses), ``REQUEST_URI``
+    with the query, ``url_prefix`` and ``url_scheme``, de-chunked bodies, headers
+    with ``_`` dropped.  ``(None, "413 Request Entity Too Large …")`` when Waitress
+    refuses the request itself.
+    """
+    from types import SimpleNamespace
+
+    from waitress.adjustments import Adjustments
+    from waitress.parser import HTTPRequestParser
+    from waitress.task import WSGITask
+
+    adj = Adjustments(**built.config.waitress_kwargs())
+    host, _, port = built.config.server.listen[0].rpartition(":")
+    names = {name.lower() for name, _ in headers}
+    lines = [f"{method} {target} HTTP/1.1"]
+    if "host" not in names:
+        lines.append(f"Host: {host}:{port}")
+    lines += [f"{name}: {value}" for name, value in headers]
+    chunked = any(n.lower() == "transfer-encoding" and "chunked" in v.lower() for n, v in headers)
+    if chunked:
+        data = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    else:
+        data = body
+        if body and "content-length" not in names:
+            lines.append(f"Content-Length: {len(body)}")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+    parser = HTTPRequestParser(adj)
+    while raw and not parser.completed:
+        raw = raw[parser.received(raw):]
+    if parser.error is not None:
+        return None, f"{parser.error.code} {parser.error.reason}: {parser.error.body}"
+    if not parser.completed:
+        return None, "400 Bad Request: the request ended before its body (Waitress waits for the rest)"
+    server = SimpleNamespace(adj=adj, effective_port=int(port), server_name=host.strip("[]"))
+    channel = SimpleNamespace(server=server, addr=(peer, 50000), check_client_disconnected=lambda: False)
+    environ: WSGIEnvironment = WSGITask(typing.cast(Any, channel), typing.cast(Any, parser)).get_environment()
+    return environ, ""
+
+
 def _run(app: Any, environ: WSGIEnvironment) -> tuple[str, list[tuple[str, str]], bytes]:
     """Call ``app`` as a server that buffers the whole answer would: ``(status, headers, body)``.
 
@@ -769,25 +813,24 @@ def _run(app: Any, environ: WSGIEnvironment) -> tuple[str, list[tuple[str, str]]
 def explain(config_path: str, method: str, target: str, headers: Sequence[str] = (), peer: str = "127.0.0.1",
             body: bytes = b"") -> tuple[list[str], int]:
     """Run one request in-process with tracing; return printable lines and the status."""
-    from werkzeug.test import EnvironBuilder
-
     from middleware.base import CLIENT_IP, TRACE
 
-    built = build_from_file(config_path, trace=True)
-    refused = refused_stores(built)  # what serve would refuse to start with, explain refuses to run
-    if refused:
-        built.close()
-        raise ConfigError(refused)
-    path, _, query = target.partition("?")
     header_pairs = []
     for raw in headers:
         name, sep, value = raw.partition(":")
         if not sep:
             raise ValueError(f"headers are written 'Name: value'; {raw!r} is not")
         header_pairs.append((name.strip(), value.strip()))
-    builder = EnvironBuilder(path=path, query_string=query, method=method.upper(), headers=header_pairs,
-                             data=body or None, environ_base={"REMOTE_ADDR": peer})
-    environ = builder.get_environ()
+    built = build_from_file(config_path, trace=True)
+    refused = refused_stores(built)  # what serve would refuse to start with, explain refuses to run
+    if refused:
+        built.close()
+        raise ConfigError(refused)
+    environ, answered = _waitress_environ(built, method.upper(), target, header_pairs, body, peer)
+    if environ is None:  # Waitress answers such a request itself: no layer sees it
+        built.close()
+        return [f"{method.upper()} {target} from {peer}", f"  Waitress answers it itself: {answered}"], \
+            int(answered.split()[0])
     trace: list[tuple[str, str]] = []
     environ[TRACE] = trace
     seen: list[Any] = []

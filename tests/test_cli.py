@@ -115,6 +115,32 @@ pipeline:
     assert message in text
 
 
+@pytest.mark.parametrize(("server", "method", "target", "headers", "body", "expected"), [
+    pytest.param("", "GET", "//api/x", [], b"", ['"path": "/api/x"'], id="leading slashes collapse"),
+    pytest.param("", "GET", "/api/%ff", [], b"", ["status: 400 ", "not valid UTF-8"], id="a byte that is not UTF-8"),
+    pytest.param("", "GET", "/api/" + "p" * 7000 + "?q=" + "b" * 2000, [], b"",
+                 ["status: 414 ", "more than max_url_length (8192)"], id="the query counts in the URL"),
+    pytest.param("server: {url_prefix: /svc}\n", "GET", "/svc/api/x", [], b"", ['"path": "/api/x"'],
+                 id="url_prefix"),
+    pytest.param("server: {url_scheme: https}\n", "GET", "/api/x", [], b"", ['"scheme": "https"'],
+                 id="url_scheme"),
+    pytest.param("", "GET", "/api/x", ["X_Forwarded_For: 10.0.0.7"], b"", ['"client_ip": "127.0.0.1"'],
+                 id="a header with _ is dropped"),
+    pytest.param("", "POST", "/api/x", ["Transfer-Encoding: chunked", "Content-Type: application/json"], b"{}",
+                 ["status: 200 "], id="a chunked body is decoded"),
+    pytest.param("server: {max_request_body_size: 10}\n", "POST", "/api/x", ["Content-Type: text/plain"],
+                 b"x" * 11, ["Waitress answers it itself: 413 Request Entity Too Large"], id="Waitress refuses it"),
+])
+def test_explain_reads_the_request_as_waitress_does(config_file, server: str, method: str,  # type: ignore[no-untyped-def]
+                                                    target: str, headers: list[str], body: bytes,
+                                                    expected: list[str]) -> None:
+    """The environ explain runs is the one Waitress would build, with the server settings in force."""
+    path = config_file(ECHO + server + "pipeline:\n  - errors: {}\n  - validation: {}\n"
+                       "  - proxy: {x_for: 1}\n")
+    text = "\n".join(serve.explain(str(path), method, target, headers, body=body)[0])
+    assert all(part in text for part in expected), text
+
+
 @pytest.mark.parametrize("access_log", [pytest.param("{}", id="to the logger"),
                                         pytest.param("{stream: stdout}", id="to stdout itself")])
 def test_explain_prints_the_trace_alone_on_stdout(config_file, access_log: str) -> None:  # type: ignore[no-untyped-def]
