@@ -22,8 +22,9 @@ from types import UnionType
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
 
-from middleware.base import TIMINGS, Context, LayerOptions, note, rewrites_inside
+from middleware.base import TIMINGS, TRACE, Context, LayerOptions, note, rewrites_inside
 from middleware.errors import ErrorsMiddleware
 from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
@@ -572,7 +573,16 @@ class _Traced:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         note(environ, self.label, "entered")
-        return self.app(environ, start_response)
+        try:
+            return self.app(environ, start_response)
+        except HTTPException as exc:
+            # The innermost layer the refusal passed is the one that made it: say so, unless it did.
+            if not getattr(exc, "_wsgistack_traced", False):
+                exc._wsgistack_traced = True  # type: ignore[attr-defined]
+                said = environ.get(TRACE) or ()
+                if not any(layer == self.label and text.startswith("refused") for layer, text in said):
+                    note(environ, self.label, f"refused: {exc.code} {exc.name}")
+            raise
 
 
 def make_stores(config: StackConfig, keep: Mapping[str, Store] | None = None) -> dict[str, Store]:

@@ -623,3 +623,20 @@ def test_the_environment_is_refused_with_a_message_not_a_traceback(tmp_path: Pat
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == code, done.stderr
     assert done.stderr.strip() == stderr.format(env=tmp_path / ".env")
+
+
+def test_explain_names_the_layer_that_refused(config_file) -> None:  # type: ignore[no-untyped-def]
+    """Whether or not the layer notes its refusals itself (auth does, versioning does not), once each."""
+    path = config_file(ECHO + """
+pipeline:
+  - errors: {}
+  - auth: {secret: "%s", default: optional}
+  - versioning: {supported: [v1]}
+""" % ("j" * 40))
+    lines, status = serve.explain(str(path), "GET", "/api/v3/x")
+    assert status == 404
+    assert [line.split()[1:] for line in lines if "versioning" in line] == [
+        ["versioning", "applied:", "refused:", "404", "Not", "Found"]]
+    lines, status = serve.explain(str(path), "GET", "/api/v1/x", ["Authorization: Bearer bad"])
+    assert status == 401
+    assert [line.split(None, 2)[2] for line in lines if " auth " in line] == ["applied: refused: malformed"]
