@@ -233,10 +233,10 @@ class _Options(LayerOptions):
     @field_validator("realm")
     @classmethod
     def _quotable(cls, value: str) -> str:
-        """Sent as ``WWW-Authenticate: Bearer realm="value"``: printable ASCII that needs no escaping."""
-        if not (value.isascii() and value.isprintable()) or '"' in value or "\\" in value:
+        """Sent as ``WWW-Authenticate: Bearer realm="value"``: printable ASCII (quotes are escaped)."""
+        if not (value.isascii() and value.isprintable()):
             raise ValueError('realm is sent in the WWW-Authenticate header as realm="...": printable ASCII on one '
-                             'line, without " or \\')
+                             'line')
         return value
 
     @model_validator(mode="after")
