@@ -150,6 +150,10 @@ class ErrorsMiddleware:
             present = {k.lower() for k, _ in headers}
             headers.extend((k, v) for k, v in extra if k.lower() not in present)
         body = self._body(environ, code, message, details)
+        if not any(k.lower() == "cache-control" for k, _ in headers):
+            # It names this request (its id, its time): no cache may answer another request with it
+            # (404, 405 and 414 are cacheable by default, RFC 9110 §15.1).
+            headers.append(("Cache-Control", "no-store"))
         headers.append(("Content-Type", self.content_type))
         headers.append(("Content-Length", str(len(body))))
         if environ.get("REQUEST_METHOD") == "HEAD":

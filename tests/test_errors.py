@@ -185,3 +185,17 @@ def test_error_after_start_response_passes_exc_info() -> None:
     assert [status for status, _ in calls] == ["200 OK", "400 Bad Request"]
     assert calls[1][1][0] is not None and calls[1][1][1].code == 400
     assert b"late" in body
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    pytest.param(refuse(404, "No such thing."), "no-store", id="a 404, cacheable by default"),
+    pytest.param(refuse(405, "No.", headers=[("Allow", "GET")]), "no-store", id="a 405"),
+    pytest.param(RuntimeError("boom"), "no-store", id="a 500"),
+    pytest.param(refuse(404, "Gone.", headers=[("Cache-Control", "max-age=60")]), "max-age=60",
+                 id="a refusal that says how long it may be kept"),
+])
+def test_an_error_is_not_stored_by_caches_unless_it_says_so(exc: BaseException, expected: str) -> None:
+    """It carries this request's id and time: a shared cache must not answer another request with it."""
+    for fmt in ("envelope", "problem"):
+        response = stack(raising(exc), format=fmt).get("/x", expect_errors=True)
+        assert response.headers.getall("Cache-Control") == [expected]
