@@ -60,7 +60,7 @@ class _Failures:
         self.limit, self.window = state.options.max_failed_logins, state.options.failed_login_window
         self.service = service
         store = getattr(service, "store", None)
-        self.store = store if self.limit and NAME.match(username) else None
+        self.store = store if self.limit and NAME.fullmatch(username) else None
         digest = hashlib.blake2b(username.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
         self.key = f"{_PREFIX}{digest}"
         allow_eviction = getattr(self.store, "allow_eviction", None)

@@ -31,7 +31,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 __all__ = ["User", "UserError", "UserStore", "users_cli"]
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # whole: fullmatch ($ would take a final newline)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
@@ -46,6 +46,18 @@ CREATE TABLE IF NOT EXISTS users (
 # Names removed since: one given to someone new counts its credentials from the next whole second
 # (a token's iat is whole seconds), so no token of the old holder's lasts into the new account.
 _RETIRED = "CREATE TABLE IF NOT EXISTS retired_names (name TEXT PRIMARY KEY, at REAL NOT NULL)"
+
+
+#: How often (seconds) the file at the path is compared with the one the connection has open.
+IDENTITY_CHECK_SECONDS = 1.0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 class UserError(ValueError):
@@ -65,7 +77,7 @@ class User:
 
 
 def _check_name(kind: str, value: str) -> str:
-    if not NAME.match(value):
+    if not NAME.fullmatch(value):
         raise UserError(
             f"{kind} {value!r} is not valid: use 1 to 64 letters, digits, '_', '.', '@' or '-', "
             "starting with a letter or digit"
@@ -89,20 +101,42 @@ class UserStore:
         self.hash_method = hash_method
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file the connection reads
+        self._checked = 0.0
         self._dummy_hash: str | None = None
 
     def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
-            db.execute(_SCHEMA)
-            db.execute(_RETIRED)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
-            if "credentials_at" not in columns:  # a database made before the column existed
-                db.execute("ALTER TABLE users ADD COLUMN credentials_at REAL NOT NULL DEFAULT 0")
-                db.execute("UPDATE users SET credentials_at = created_at")
-            self._db = db
-        return self._db
+        db = self._db
+        if db is not None:
+            now = time.monotonic()
+            if now - self._checked < IDENTITY_CHECK_SECONDS:
+                return db
+            self._checked = now
+            if _identity(self.path) == self._identity:
+                return db
+            # Another file at the path now (copied in by rename, as rsync and install do): read that one,
+            # or a user removed there could go on logging in here until a restart.
+            db.close()
+            self._db = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():  # password hashes: readable by the server's user alone
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        db.execute(_SCHEMA)
+        db.execute(_RETIRED)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+        if "credentials_at" not in columns:  # a database made before the column existed
+            db.execute("ALTER TABLE users ADD COLUMN credentials_at REAL NOT NULL DEFAULT 0")
+            db.execute("UPDATE users SET credentials_at = created_at")
+        self._db, self._identity, self._checked = db, _identity(self.path), time.monotonic()
+        return db
+
+    def _reader(self) -> sqlite3.Connection | None:
+        """The connection to read with, or None when there is no database yet (no users: nothing is created,
+        so a read-only var_dir without one answers 'no such user', not an error)."""
+        if self._db is None and not self.path.exists():
+            return None
+        return self._conn()
 
     def _hash(self, password: str) -> str:
         return generate_password_hash(password, method=self.hash_method)
@@ -135,7 +169,8 @@ class UserStore:
 
     def _row(self, name: str) -> tuple[str, str, str, float, float] | None:
         with self._lock:
-            row = self._conn().execute(
+            db = self._reader()
+            row = None if db is None else db.execute(
                 "SELECT name, password_hash, roles, created_at, credentials_at FROM users WHERE name = ?", (name,)
             ).fetchone()
         return None if row is None else (str(row[0]), str(row[1]), str(row[2]), float(row[3]), float(row[4]))
@@ -143,7 +178,9 @@ class UserStore:
     def list(self) -> builtins.list[User]:
         """Every user, by name."""
         with self._lock:
-            rows = self._conn().execute("SELECT name, roles, created_at FROM users ORDER BY name").fetchall()
+            db = self._reader()
+            query = "SELECT name, roles, created_at FROM users ORDER BY name"
+            rows = [] if db is None else db.execute(query).fetchall()
         return [User(str(n), tuple(json.loads(r)), float(c)) for n, r, c in rows]
 
     def remove(self, name: str) -> bool:
@@ -238,6 +275,10 @@ def _read_password(from_stdin: bool) -> str:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Repeat password: ") != password:
             raise UserError("the passwords do not match")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, read with surrogateescape
+        raise UserError("the password is not UTF-8 text") from None
     if 0 < len(password) < MIN_PASSWORD:
         raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
     return password

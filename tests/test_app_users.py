@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,11 +83,13 @@ def test_set_roles(store: UserStore) -> None:
         pytest.param("x" * 65, "pw", (), "is not valid: use 1 to 64 letters", id="long name"),
         pytest.param("bob", "", (), "the password may not be empty", id="empty password"),
         pytest.param("bob", "pw", ("ad min",), "role 'ad min' is not valid", id="bad role"),
+        pytest.param("alice\n", "pw", (), "user name 'alice\\n' is not valid", id="a name ending in a newline"),
+        pytest.param("bob", "pw", ("admin\n",), "role 'admin\\n' is not valid", id="a role ending in a newline"),
     ],
 )
 def test_add_refusals(store: UserStore, name: str, password: str, roles: tuple[str, ...], message: str) -> None:
     store.add("alice", "pw")
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         store.add(name, password, roles)
     assert [u.name for u in store.list()] == ["alice"]
 
@@ -249,6 +252,8 @@ def test_cli_without_a_database_says_so_and_creates_nothing(db: str, capsys: pyt
                      (1, "serve.py users remove: no user called 'zed'\n"), id="remove unknown"),
         pytest.param(["set-role", "zed", "admin"], "", None,
                      (1, "serve.py users set-role: no user called 'zed'\n"), id="set-role unknown"),
+        pytest.param(["add", "dave", "--password-stdin"], "caf\udce9-password\n", None,
+                     (1, "serve.py users add: the password is not UTF-8 text\n"), id="a password that is not UTF-8"),
     ],
 )
 def test_cli_refusals(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -296,3 +301,39 @@ def test_cli_help_exits_0(db: str, capsys: pytest.CaptureFixture[str], monkeypat
     code, out, _ = run(["--help"], db, capsys, monkeypatch)
     assert code == 0
     assert "add" in out and "set-role" in out
+
+
+def test_the_database_file_is_the_servers_alone(tmp_path: Path) -> None:
+    """Password hashes: no other account on the machine reads them, whatever the umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        store = UserStore(tmp_path / "var" / "users.sqlite3")
+        store.add("alice", "pw-123456")
+        store.close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "var" / "users.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_file_copied_in_by_rename_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rsync and install write a new file and rename it over the old one: the server reads the new one."""
+    monkeypatch.setattr(users_module, "IDENTITY_CHECK_SECONDS", 0.0)
+    served = UserStore(tmp_path / "users.sqlite3")
+    served.add("alice", "pw-123456")
+    assert served.get("alice") is not None
+    other = UserStore(tmp_path / "copy.sqlite3")
+    other.add("bob", "pw-123456")
+    other.close()
+    (tmp_path / "copy.sqlite3").rename(tmp_path / "users.sqlite3")
+    assert served.get("alice") is None  # removed in the copy: no more logins
+    assert served.verify_password("bob", "pw-123456") is not None
+    served.close()
+
+
+def test_reading_without_a_database_creates_none(tmp_path: Path) -> None:
+    """A read-only var_dir without a users database: no such user (a login's 401), not an error."""
+    store = UserStore(tmp_path / "ro" / "users.sqlite3")
+    assert store.get("alice") is None and store.verify_password("alice", "pw") is None and store.list() == []
+    assert not (tmp_path / "ro").exists()

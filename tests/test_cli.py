@@ -640,3 +640,18 @@ pipeline:
     lines, status = serve.explain(str(path), "GET", "/api/v1/x", ["Authorization: Bearer bad"])
     assert status == 401
     assert [line.split(None, 2)[2] for line in lines if " auth " in line] == ["applied: refused: malformed"]
+
+
+def test_users_commands_find_the_database_the_server_reads(tmp_path: Path) -> None:
+    """~ in var_dir is the home folder for `users` as for the server (it was a folder named ~)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "stack.yaml").write_text("app: {factory: 'app:create_app', options: {var_dir: ~/wsdata}}\n"
+                                         "pipeline: [errors: {}]\n")
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(tmp_path / "stack.yaml"), "users",
+                           "add", "alice", "--password-stdin"], input="pw-123456\n", env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (home / "wsdata" / "users.sqlite3").exists()
+    assert not (tmp_path / "~").exists()
