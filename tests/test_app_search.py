@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import sys
 import threading
 import time
@@ -351,6 +352,29 @@ def test_an_index_that_cannot_be_built_is_a_503_logged_once(tmp_path: Path, read
     assert last == "event: search_error\ndata: " + json.dumps({"code": 503, "message": message}, separators=(",", ":"))
     assert caplog.messages == [f"the search index {index} is missing or out of date and cannot be built: "
                                f"[Errno 30] Read-only file system: '{index}.lock'"]
+
+
+@pytest.mark.parametrize("failure", [
+    pytest.param(sqlite3.OperationalError("database or disk is full"), id="SQLite: database or disk is full"),
+    pytest.param(OSError(errno.ENOSPC, "No space left on device"), id="ENOSPC"),
+])
+def test_a_build_that_runs_out_of_room_is_a_503_not_tried_on_every_search(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception) -> None:
+    """The build costs seconds of CPU before the disk says no: the next searches get the 503 at once."""
+    builds: list[int] = []
+
+    def full(self: LocalEngine) -> None:
+        builds.append(1)
+        raise failure
+
+    monkeypatch.setattr(LocalEngine, "_build", full)
+    client = TestApp(create_app(index_options(tmp_path)))
+    for _ in range(3):
+        answer = client.get("/api/v1/search", {"q": "decode"}, status=503)
+        assert answer.json["error"]["message"] == ("The search index is missing or out of date and cannot be "
+                                                   "built: the disk is full.")
+        assert answer.headers["Retry-After"] == "30"
+    assert builds == [1]
 
 
 def test_a_damaged_index_in_a_read_only_directory_is_a_503_until_it_is_writable(

@@ -33,15 +33,17 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.exceptions import ServiceUnavailable
+from werkzeug.exceptions import HTTPException
 
 from app.search import Progress, SearchEngine, SearchPage, SearchResult
 from app.search.docstrings import iter_entries
+from middleware.base import refuse
 
 if TYPE_CHECKING:
     from app.options import SearchOptions
@@ -55,6 +57,10 @@ __all__ = ["LocalEngine", "fts_query"]
 
 SCHEMA_VERSION = 2
 MAX_TERMS = 32
+#: Seconds a build that ran out of room waits before the next try: searches meanwhile get the 503 at
+#: once, instead of each building the whole index again (seconds of CPU) to fail the same way.
+BUILD_RETRY_SECONDS = 30
+FULL = "the disk is full"
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE VIRTUAL TABLE docs USING fts5(
@@ -134,6 +140,8 @@ class LocalEngine(SearchEngine):
         #: Bumped each time a damaged index is replaced; connections opened before are reopened.
         self._generation = 0
         self._build_failure_logged = False
+        self._retry_at = 0.0  # a failed build is not tried again before this (time.monotonic())
+        self._why = ""
 
     # ------------------------------------------------------------ index
 
@@ -141,7 +149,8 @@ class LocalEngine(SearchEngine):
         """Build the index unless an up-to-date one exists; safe from many threads and processes.
 
         Reading the signature needs no lock and no write access; only a build takes the lock.
-        Raises ``ServiceUnavailable`` when the index must be built and its directory is not writable.
+        Raises a 503 when the index must be built and cannot be (a directory that is not writable, a
+        full disk), at once for ``BUILD_RETRY_SECONDS`` after a failed build.
         """
         if self._ready:
             return
@@ -159,25 +168,39 @@ class LocalEngine(SearchEngine):
         Call with ``self._lock`` held.  ``problem`` completes "The search index …" in the log line
         and the 503.
         """
+        if time.monotonic() < self._retry_at:  # the last build failed a moment ago: not every search again
+            raise self._unavailable(problem)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _file_lock(self.path.with_name(self.path.name + ".lock")):
                 if still_needed():
                     self._build()
         except (OSError, sqlite3.Error) as exc:
-            if not self._not_writable(exc):
+            why = self._cannot_build(exc)
+            if why is None:
                 raise
             if not self._build_failure_logged:
                 self._build_failure_logged = True
                 self.logger.error("the search index %s %s: %s", self.path, problem, exc)
-            raise ServiceUnavailable(f"The search index {problem}: its directory is not writable.") from None
+            self._why = why
+            if why == FULL:  # found out after building it all: not again on every search for a while
+                self._retry_at = time.monotonic() + BUILD_RETRY_SECONDS
+            raise self._unavailable(problem) from None
         self._build_failure_logged = False
 
-    def _not_writable(self, exc: BaseException) -> bool:
+    def _unavailable(self, problem: str) -> HTTPException:
+        wait = BUILD_RETRY_SECONDS if self._why == FULL else 5
+        return refuse(503, f"The search index {problem}: {self._why}.", headers=[("Retry-After", str(wait))])
+
+    def _cannot_build(self, exc: BaseException) -> str | None:
+        """Why the index cannot be built here (a 503 until that changes), or None for another failure."""
+        if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+                (isinstance(exc, sqlite3.Error) and "full" in str(exc)):  # "database or disk is full"
+            return FULL
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return True
+            return "its directory is not writable"
         directory = self.path.parent
-        return directory.is_dir() and not os.access(directory, os.W_OK)
+        return "its directory is not writable" if directory.is_dir() and not os.access(directory, os.W_OK) else None
 
     def _stored_signature(self) -> str | None:
         if not self.path.is_file():
