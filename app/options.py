@@ -29,7 +29,8 @@ class SearchOptions(BaseModel):
     ``connect_timeout``: seconds for each TCP connect attempt, within ``timeout``.
     ``per_page``: results per page.  ``index_path``: the
     local index file (default ``<var_dir>/search-index.sqlite3``).
-    ``index_sources``: module names or directories to index (``None``: the
+    ``index_sources``: module names or directories to index (a directory has a ``/`` in it, or starts
+    with ``.`` or ``~``; a relative one is the stack file's folder's) (``None``: the
     standard library and the project's dependencies).  ``stream_interval``:
     seconds to pause between Server-Sent Events of the stream endpoint.
     """

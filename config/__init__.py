@@ -55,10 +55,16 @@ def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) ->
         options = app.get("options") if isinstance(app, dict) else None
         if isinstance(options, dict):
             options.setdefault("var_dir", "var")
-            for holder, key in ((options, "var_dir"), (options, "users_db"), (options.get("search"), "index_path")):
+            search = options.get("search")
+            for holder, key in ((options, "var_dir"), (options, "users_db"), (search, "index_path")):
                 value = holder.get(key) if isinstance(holder, dict) else None
                 if isinstance(value, str) and value.strip():  # as Context.path resolves the layers' files
                     holder[key] = os.path.join(base_dir, os.path.expanduser(value))  # type: ignore[index]
+            sources = search.get("index_sources") if isinstance(search, dict) else None
+            if isinstance(search, dict) and isinstance(sources, list):  # folders, not modules (json, flask)
+                search["index_sources"] = [
+                    os.path.normpath(os.path.join(base_dir, os.path.expanduser(s))) if isinstance(s, str) and (
+                        "/" in s or s.startswith(("~", "."))) else s for s in sources]
     return document
 
 

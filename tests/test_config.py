@@ -726,3 +726,15 @@ def test_file_options_expand_the_home_folder_and_resolve_against_base_dir(tmp_pa
         assert TestApp(built.app).get("/readyz", expect_errors=True).status_int == 503  # conf/drain, not ./drain
     finally:
         built.close()
+
+
+def test_index_source_folders_resolve_against_the_stack_files_folder(tmp_path: Path) -> None:
+    """A folder as the other file options are; a module name (json) stays a name."""
+    text = ("app: {factory: 'app:create_app', options: {var_dir: var, "
+            "search: {index_sources: [./mydocs, lib/more, json]}}}\npipeline:\n  - errors: {}\n")
+    built = build_from_text(text, base_dir=tmp_path)
+    try:
+        assert built.config.app.options["search"]["index_sources"] == [
+            str(tmp_path / "mydocs"), str(tmp_path / "lib" / "more"), "json"]
+    finally:
+        built.close()

@@ -5,7 +5,9 @@ offline.  The index is built on first use (or by :meth:`LocalEngine.ensure_index
 from the docstrings :mod:`app.search.docstrings` reads, into a temporary file
 that replaces ``index_path`` atomically; a thread lock and, where the
 platform has one, a file lock make sure only one builder runs.  The index
-remembers which sources it holds and is rebuilt when they change.
+remembers which sources it holds (their names, the schema, the Python version)
+and is rebuilt when that list changes; a source whose files were edited is not
+noticed: delete the index file, and the next search builds it again.
 
 An up-to-date index is only ever read, so a prebuilt one works in a
 read-only directory.  An index that must be built in a directory that is not
