@@ -13,7 +13,7 @@ import pytest
 import app.users as users_module
 from app.users import User, UserError, UserStore, users_cli
 
-FAST = "pbkdf2:sha256:1000"  # tests only: real stores use werkzeug's scrypt default
+FAST = "pbkdf2:sha256:1000"  # tests only: real stores use app.users.HASH_METHOD (scrypt)
 
 
 @pytest.fixture
@@ -337,3 +337,20 @@ def test_reading_without_a_database_creates_none(tmp_path: Path) -> None:
     store = UserStore(tmp_path / "ro" / "users.sqlite3")
     assert store.get("alice") is None and store.verify_password("alice", "pw") is None and store.list() == []
     assert not (tmp_path / "ro").exists()
+
+
+def test_passwords_are_hashed_at_owasps_floor(tmp_path: Path) -> None:
+    """scrypt N=2**15, r=8, p=3 (OWASP Password Storage Cheat Sheet); an older hash still verifies."""
+    import sqlite3
+
+    from werkzeug.security import generate_password_hash
+
+    store = UserStore(tmp_path / "users.sqlite3")
+    store.add("alice", "pw-123456")
+    with sqlite3.connect(tmp_path / "users.sqlite3") as db:
+        [(stored,)] = db.execute("SELECT password_hash FROM users").fetchall()
+        assert stored.startswith("scrypt:32768:8:3$")
+        db.execute("UPDATE users SET password_hash = ?", (generate_password_hash("pw-123456", "scrypt"),))
+    db.close()
+    assert store.verify_password("alice", "pw-123456") is not None
+    store.close()
