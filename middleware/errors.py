@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from datetime import UTC, datetime
@@ -47,6 +48,8 @@ _CONTENT_TYPES = {
     "envelope": "application/json",
     "problem": "application/problem+json",
 }
+#: A URI with a scheme (RFC 3986 §3.1): https://…, tag:…, urn:….
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+\Z")
 # Headers an exception's own response would carry that we replace.
 _DROP = frozenset({"content-type", "content-length"})
 
@@ -63,8 +66,13 @@ class ErrorsOptions(LayerOptions):
 
     @model_validator(mode="after")
     def _type_base_is_absolute(self) -> ErrorsOptions:
-        if self.type_base and "://" not in self.type_base:
-            raise ValueError("type_base must be an absolute URI such as https://errors.example.org/")
+        base = self.type_base
+        if base and not _ABSOLUTE.match(base):
+            raise ValueError("type_base must be an absolute URI such as https://errors.example.org/ or "
+                             "tag:example.org,2025:errors:")
+        if base and not base.endswith(("/", ":", "#", "=")):  # the status is appended: .../405, not ...org405
+            raise ValueError(f"type_base {base!r} must end with '/' (or ':', '#', '='): the status is appended "
+                             f"to it, so it would read {base}404")
         return self
 
 

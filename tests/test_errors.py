@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -158,12 +159,21 @@ def test_renderer_is_published_for_the_core() -> None:
     assert response.json["error"]["message"] == "Conflict here."
 
 
-def test_type_base_must_be_absolute() -> None:
-    with pytest.raises(ValueError, match="type_base must be an absolute URI"):
-        ErrorsMiddleware.Options(type_base="errors/")
-    response = stack(raising(refuse(404)), format="problem", type_base="https://errors.example.org/").get(
-        "/", status=404)
-    assert response.json["type"] == "https://errors.example.org/404"
+@pytest.mark.parametrize(("base", "refused"), [
+    pytest.param("errors/", "type_base must be an absolute URI", id="relative"),
+    pytest.param("https://errors.example.org", "type_base 'https://errors.example.org' must end with '/' (or ':', "
+                 "'#', '='): the status is appended to it, so it would read https://errors.example.org404",
+                 id="no slash before the status"),
+    pytest.param("https://errors.example.org/", None, id="a URL"),
+    pytest.param("tag:example.org,2025:errors:", None, id="a tag URI, never fetched (RFC 4151)"),
+])
+def test_type_base_must_be_absolute(base: str, refused: str | None) -> None:
+    if refused is not None:
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            ErrorsMiddleware.Options(type_base=base)
+        return
+    response = stack(raising(refuse(404)), format="problem", type_base=base).get("/", status=404)
+    assert response.json["type"] == base + "404"
 
 
 def test_error_after_start_response_passes_exc_info() -> None:
