@@ -131,11 +131,20 @@ class ErrorsMiddleware:
 
     def render(self, environ: WSGIEnvironment, exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
         """Return ``(status, headers, body)`` for ``exc``; also used by the Flask core."""
+        own = getattr(exc, "response", None) if isinstance(exc, HTTPException) else None
+        if own is not None and hasattr(own, "get_data"):  # abort(Response(...)): that response, as it is,
+            headers = own.headers.to_wsgi_list()  # with the headers the layers it passed attached
+            _merge(headers, getattr(exc, "wsgistack_headers", None))
+            body = b"" if environ.get("REQUEST_METHOD") == "HEAD" else own.get_data()
+            return own.status_code, headers, body
         if isinstance(exc, HTTPException) and exc.code is not None:
             code = exc.code
             message = exc.description or _phrase(code)
             details = getattr(exc, "wsgistack_details", None)
             headers = [(k, v) for k, v in exc.get_headers(environ) if k.lower() not in _DROP]
+            new_url = getattr(exc, "new_url", None)  # a RequestRedirect (308) says where in its own response
+            if isinstance(new_url, str) and 300 <= code < 400:
+                headers.append(("Location", new_url))
         else:
             code = 500
             message = "An unexpected error occurred; the request id identifies it in the logs."
@@ -153,10 +162,7 @@ class ErrorsMiddleware:
                     "exception": f"{type(exc).__name__}: {exc}",
                     "traceback": traceback.format_exception(exc),
                 }
-        extra = getattr(exc, "wsgistack_headers", None)
-        if extra:
-            present = {k.lower() for k, _ in headers}
-            headers.extend((k, v) for k, v in extra if k.lower() not in present)
+        _merge(headers, getattr(exc, "wsgistack_headers", None))
         body = self._body(environ, code, message, details)
         if not any(k.lower() == "cache-control" for k, _ in headers):
             # It names this request (its id, its time): no cache may answer another request with it
@@ -235,3 +241,9 @@ def _uri_path(environ: WSGIEnvironment) -> str:
         data = raw.encode("utf-8")
     return quote(data, safe=_PATH_SAFE) or "/"
 
+
+def _merge(headers: list[tuple[str, str]], extra: list[tuple[str, str]] | None) -> None:
+    """Add the headers layers attached to the exception (``decorate_error``), except those already there."""
+    if extra:
+        present = {k.lower() for k, _ in headers}
+        headers.extend((k, v) for k, v in extra if k.lower() not in present)

@@ -209,3 +209,19 @@ def test_an_error_is_not_stored_by_caches_unless_it_says_so(exc: BaseException, 
     for fmt in ("envelope", "problem"):
         response = stack(raising(exc), format=fmt).get("/x", expect_errors=True)
         assert response.headers.getall("Cache-Control") == [expected]
+
+
+def test_an_exception_that_carries_its_own_response_keeps_it() -> None:
+    """werkzeug's abort(Response(...)) answers with that response; a RequestRedirect says where to go."""
+    from werkzeug.exceptions import abort
+    from werkzeug.routing import RequestRedirect
+    from werkzeug.wrappers import Response
+
+    def payment(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        abort(Response("pay first", status=402, headers={"X-Reason": "quota"}))
+        return []  # pragma: no cover - abort raises
+
+    response = stack(payment).get("/", status=402)
+    assert (response.text, response.headers["X-Reason"]) == ("pay first", "quota")
+    moved = stack(raising(RequestRedirect("http://localhost/api/x/"))).get("/api/x", status=308)
+    assert moved.headers["Location"] == "http://localhost/api/x/"
