@@ -343,15 +343,17 @@ class _Exchange:
         # A chunk counts as sent when the server comes back for the next one: one whose write
         # failed (the client went away) ends the iteration, and close() marks the line aborted.
         self.streaming = True
-        taken = 0
+        taken, started = 0, False
         try:
             for chunk in self.result:
                 self.sent += taken
-                taken = len(chunk)
+                taken, started = len(chunk), True
                 yield chunk
         except Exception as exc:  # the server asked for more: it took the last chunk
             self.sent += taken
             self.error = type(exc).__name__
+            if not started and not self.sent:  # nothing went out yet, the headers neither: the server's 500
+                self.status = 500
             raise
         self.sent += taken
         self.streaming = False

@@ -60,8 +60,8 @@ class Inner:
             self.body = Body([b"data: 1\n\n", b"data: 22\n\n", b"data: 333\n\n"])
             start_response("200 OK", [("Content-Type", "text/event-stream")])
             return self.body
-        if path == "/broken-stream":
-            self.body = Body([b"first", b"second"], fail_after=1)
+        if path in ("/broken-stream", "/broken-at-once"):
+            self.body = Body([b"first", b"second"], fail_after=1 if path == "/broken-stream" else 0)
             start_response("200 OK", [("Content-Type", "text/plain")])
             return self.body
         if path == "/write":
@@ -164,14 +164,17 @@ def test_close_is_forwarded_and_the_line_written_on_close(make: Callable[..., An
     assert len(lines()) == 1
 
 
-def test_failure_while_streaming_is_logged(make: Callable[..., Any], inner: Inner) -> None:
+@pytest.mark.parametrize(("path", "status", "sent"), [
+    pytest.param("/broken-stream", 200, len(b"first"), id="after a chunk: the 200 went out"),
+    pytest.param("/broken-at-once", 500, 0, id="before any chunk: nothing went out, the server sends a 500"),
+])
+def test_failure_while_streaming_is_logged(make: Callable[..., Any], inner: Inner, path: str, status: int,
+                                           sent: int) -> None:
     app, lines = make()
     with pytest.raises(OSError, match="upstream went away"):
-        app.get("/broken-stream")
+        app.get(path)
     [line] = lines()
-    assert line["status"] == 200
-    assert line["bytes"] == len(b"first")
-    assert line["error"] == "OSError"
+    assert (line["status"], line["bytes"], line["error"]) == (status, sent, "OSError")
     assert inner.body is not None and inner.body.closed
 
 
