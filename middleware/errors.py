@@ -111,10 +111,19 @@ class ErrorsMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[RENDER_ERROR] = self.render
+
+        def not_stored(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # An error names this request (its id, its time): no cache past the stack may answer another
+            # request with it (404, 405 and 414 are cacheable by default, RFC 9110 §15.1). Added here, on
+            # the way out, so the cache layer inside may still keep the statuses it was told to.
+            if status[0] in "45" and not any(k.lower() == "cache-control" for k, _ in headers):
+                headers = [*headers, ("Cache-Control", "no-store")]
+            return start_response(status, headers, exc_info)
+
         try:
-            return self.app(environ, start_response)
+            return self.app(environ, not_stored)
         except Exception as exc:  # an HTTPException too: the app may have called start_response already
-            return self._respond(environ, start_response, exc, sys.exc_info())
+            return self._respond(environ, not_stored, exc, sys.exc_info())
 
     def _respond(
         self,
@@ -164,10 +173,6 @@ class ErrorsMiddleware:
                 }
         _merge(headers, getattr(exc, "wsgistack_headers", None))
         body = self._body(environ, code, message, details)
-        if not any(k.lower() == "cache-control" for k, _ in headers):
-            # It names this request (its id, its time): no cache may answer another request with it
-            # (404, 405 and 414 are cacheable by default, RFC 9110 §15.1).
-            headers.append(("Cache-Control", "no-store"))
         headers.append(("Content-Type", self.content_type))
         headers.append(("Content-Length", str(len(body))))
         if environ.get("REQUEST_METHOD") == "HEAD":

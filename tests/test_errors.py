@@ -225,3 +225,19 @@ def test_an_exception_that_carries_its_own_response_keeps_it() -> None:
     assert (response.text, response.headers["X-Reason"]) == ("pay first", "quota")
     moved = stack(raising(RequestRedirect("http://localhost/api/x/"))).get("/api/x", status=308)
     assert moved.headers["Location"] == "http://localhost/api/x/"
+
+
+def test_no_store_is_added_on_the_way_out_so_the_cache_may_keep_listed_errors(tmp_path: Any) -> None:
+    """The core's 404 reaches a cache told to keep 404s without no-store; the client gets no-store."""
+    from config import build_from_text
+
+    built = build_from_text(
+        f"app: {{factory: 'app:create_app', options: {{var_dir: '{tmp_path}'}}}}\n"
+        "pipeline:\n  - errors: {}\n  - cache: {statuses: [200, 404], paths: ['/api/*']}\n")
+    try:
+        client = TestApp(built.app)
+        first, second = (client.get("/api/v1/nope", status=404) for _ in range(2))
+        assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["MISS", "HIT"]
+        assert first.headers["Cache-Control"] == second.headers["Cache-Control"] == "no-store"
+    finally:
+        built.close()
