@@ -772,7 +772,7 @@ def _waitress_environ(built: BuiltStack, method: str, target: str, headers: list
         data = body
         if body and "content-length" not in names:
             lines.append(f"Content-Length: {len(body)}")
-    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + data  # as curl sends what it is given
     parser = HTTPRequestParser(adj)
     while raw and not parser.completed:
         raw = raw[parser.received(raw):]
@@ -844,12 +844,11 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
     decisions: dict[str, list[str]] = {}
     for layer, decision in trace:
         decisions.setdefault(layer, []).append(decision)
-    for spec in built.layers:
-        label = spec.label
+    for where, label in [*(("default" if s.implicit else f"[{s.index}]", s.label) for s in built.layers),
+                         ("core", "app")]:  # the app is traced as "app": its own refusals are its own
         said = decisions.pop(label, [])
         state = "applied" if "entered" in said else ("skipped" if said else "not reached")
         extra = [d for d in said if d != "entered"]
-        where = "default" if spec.implicit else f"[{spec.index}]"
         lines.append(f"  {where:>8} {label:<12} {state}{': ' + '; '.join(extra) if extra else ''}")
     inner = seen[0] if seen else environ
     lines.append(f"  client address: {inner.get(CLIENT_IP) or inner.get('REMOTE_ADDR')}")

@@ -750,6 +750,8 @@ def build(
         for spec in pipeline
     )
     wrapped: WSGIApplication = _Timed("app", core) if timing else core
+    if trace:  # the core is traced too: a refusal it raises is not the innermost layer's
+        wrapped = _Traced("app", wrapped)
     for spec in reversed(pipeline):
         registered = len(context.read_ahead)
         if spec.scope:

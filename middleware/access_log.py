@@ -347,7 +347,8 @@ class _Exchange:
         try:
             for chunk in self.result:
                 self.sent += taken
-                taken, started = len(chunk), True
+                taken = len(chunk)
+                started = started or taken > 0  # the server sends the headers with the first bytes
                 yield chunk
         except Exception as exc:  # the server asked for more: it took the last chunk
             self.sent += taken

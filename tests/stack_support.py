@@ -165,6 +165,16 @@ class StripPrefix:
         return self.app(environ, start_response)
 
 
+def refusing_app(options: dict[str, Any] | None = None) -> Any:
+    """An app that refuses every request with a 404 of its own."""
+    from werkzeug.exceptions import NotFound
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        raise NotFound()
+
+    return app
+
+
 def closing_app(options: dict[str, Any] | None = None) -> Any:
     """``echo_app`` with a ``close()`` that logs ("close", "app") in CLOSING_LOG."""
     app = echo_app(options)

@@ -60,8 +60,9 @@ class Inner:
             self.body = Body([b"data: 1\n\n", b"data: 22\n\n", b"data: 333\n\n"])
             start_response("200 OK", [("Content-Type", "text/event-stream")])
             return self.body
-        if path in ("/broken-stream", "/broken-at-once"):
-            self.body = Body([b"first", b"second"], fail_after=1 if path == "/broken-stream" else 0)
+        if path in ("/broken-stream", "/broken-at-once", "/broken-after-nothing"):
+            chunks = [b"", b"second"] if path == "/broken-after-nothing" else [b"first", b"second"]
+            self.body = Body(chunks, fail_after=0 if path == "/broken-at-once" else 1)
             start_response("200 OK", [("Content-Type", "text/plain")])
             return self.body
         if path == "/write":
@@ -167,6 +168,7 @@ def test_close_is_forwarded_and_the_line_written_on_close(make: Callable[..., An
 @pytest.mark.parametrize(("path", "status", "sent"), [
     pytest.param("/broken-stream", 200, len(b"first"), id="after a chunk: the 200 went out"),
     pytest.param("/broken-at-once", 500, 0, id="before any chunk: nothing went out, the server sends a 500"),
+    pytest.param("/broken-after-nothing", 500, 0, id="after an empty chunk: the headers wait for bytes (PEP 3333)"),
 ])
 def test_failure_while_streaming_is_logged(make: Callable[..., Any], inner: Inner, path: str, status: int,
                                            sent: int) -> None:

@@ -128,6 +128,8 @@ pipeline:
                  id="a header with _ is dropped"),
     pytest.param("", "POST", "/api/x", ["Transfer-Encoding: chunked", "Content-Type: application/json"], b"{}",
                  ["status: 200 "], id="a chunked body is decoded"),
+    pytest.param("", "GET", "/api/x", ["X-Name: Zo\u00eb \u2603"], b"", ["status: 200 "],
+                 id="a header of UTF-8 text, as curl sends it"),
     pytest.param("server: {max_request_body_size: 10}\n", "POST", "/api/x", ["Content-Type: text/plain"],
                  b"x" * 11, ["Waitress answers it itself: 413 Request Entity Too Large"], id="Waitress refuses it"),
 ])
@@ -655,3 +657,13 @@ def test_users_commands_find_the_database_the_server_reads(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert (home / "wsdata" / "users.sqlite3").exists()
     assert not (tmp_path / "~").exists()
+
+
+def test_explain_names_the_app_when_the_app_refuses(config_file) -> None:  # type: ignore[no-untyped-def]
+    """A refusal the app raises is the app's, not the innermost layer's."""
+    path = config_file('app: {factory: "stack_support:refusing_app"}\n'
+                       "pipeline:\n  - errors: {}\n  - versioning: {supported: [v1]}\n")
+    lines, status = serve.explain(str(path), "GET", "/api/v1/x")
+    assert status == 404
+    said = {line.split()[1]: line.split(None, 2)[2] for line in lines if line.split()[1:2] in (["versioning"], ["app"])}
+    assert said == {"versioning": "applied: v1 from url", "app": "applied: refused: 404 Not Found"}
