@@ -16,6 +16,7 @@ import argparse
 import builtins
 import getpass
 import json
+import logging
 import math
 import os
 import re
@@ -62,6 +63,18 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return found.st_dev, found.st_ino
+
+
+def _warn_if_readable(path: Path) -> None:
+    """Say so when other accounts may read the password hashes (a file made before it was created 0600)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        logging.getLogger("wsgistack.app").warning(
+            "the users database %s is readable by other accounts (mode %o): its password hashes should be the "
+            "server's alone; run: chmod 600 %s", path, mode, path)
 
 
 class UserError(ValueError):
@@ -125,6 +138,8 @@ class UserStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():  # password hashes: readable by the server's user alone
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        else:
+            _warn_if_readable(self.path)
         db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
         db.execute(_SCHEMA)
         db.execute(_RETIRED)

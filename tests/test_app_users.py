@@ -354,3 +354,20 @@ def test_passwords_are_hashed_at_owasps_floor(tmp_path: Path) -> None:
     db.close()
     assert store.verify_password("alice", "pw-123456") is not None
     store.close()
+
+
+def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One made before the file was created 0600: the server says so, once it opens it, and how to fix it."""
+    import logging
+
+    path = tmp_path / "users.sqlite3"
+    made = UserStore(path, hash_method=FAST)
+    made.add("bob", "pw-123456")
+    made.close()
+    path.chmod(0o644)
+    store = UserStore(path)
+    with caplog.at_level(logging.WARNING, logger="wsgistack.app"):
+        assert store.get("alice") is None
+    store.close()
+    assert caplog.messages == [f"the users database {path} is readable by other accounts (mode 644): its password "
+                               f"hashes should be the server's alone; run: chmod 600 {path}"]
