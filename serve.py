@@ -910,10 +910,12 @@ def _app_option(config_path: str, name: str, default: str) -> str:
         if options.get(key) is not None and not isinstance(options[key], str):
             raise ConfigError([doc.problem(("app", "options", key), f"{key} must be a path (got "
                                            f"{type(options[key]).__name__} {options[key]!r})")])
+    from middleware.base import resolve_path
+
     base = os.path.dirname(os.path.abspath(config_path))  # as config._relative_to resolves them for the app
-    var_dir = os.path.join(base, os.path.expanduser(options.get("var_dir") or "var"))
     value = options.get(name)
-    return os.path.join(base, os.path.expanduser(value)) if value else os.path.join(var_dir, default)
+    return resolve_path(base, value) if value else os.path.join(resolve_path(base, options.get("var_dir") or "var"),
+                                                                 default)
 
 
 def cmd_users(args: argparse.Namespace) -> int:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from middleware.base import file_identity
+
 __all__ = ["User", "UserError", "UserStore", "users_cli"]
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # whole: fullmatch ($ would take a final newline)
@@ -55,14 +57,6 @@ _RETIRED = "CREATE TABLE IF NOT EXISTS retired_names (name TEXT PRIMARY KEY, at 
 HASH_METHOD = "scrypt:32768:8:3"
 #: How often (seconds) the file at the path is compared with the one the connection has open.
 IDENTITY_CHECK_SECONDS = 1.0
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return found.st_dev, found.st_ino
 
 
 def _warn_if_readable(path: Path) -> None:
@@ -129,7 +123,7 @@ class UserStore:
             if now - self._checked < IDENTITY_CHECK_SECONDS:
                 return db
             self._checked = now
-            if _identity(self.path) == self._identity:
+            if file_identity(self.path) == self._identity:
                 return db
             # Another file at the path now (copied in by rename, as rsync and install do): read that one,
             # or a user removed there could go on logging in here until a restart.
@@ -147,7 +141,7 @@ class UserStore:
         if "credentials_at" not in columns:  # a database made before the column existed
             db.execute("ALTER TABLE users ADD COLUMN credentials_at REAL NOT NULL DEFAULT 0")
             db.execute("UPDATE users SET credentials_at = created_at")
-        self._db, self._identity, self._checked = db, _identity(self.path), time.monotonic()
+        self._db, self._identity, self._checked = db, file_identity(self.path), time.monotonic()
         return db
 
     def _reader(self) -> sqlite3.Connection | None:

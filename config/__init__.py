@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path as FsPath
 from typing import Any
 
+from middleware.base import resolve_path
+
 from .build import BuiltStack, LayerSpec, StackConfig, build, parse
 from .errors import ConfigError, Problem
 from .lint import lint
@@ -59,11 +61,11 @@ def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) ->
             for holder, key in ((options, "var_dir"), (options, "users_db"), (search, "index_path")):
                 value = holder.get(key) if isinstance(holder, dict) else None
                 if isinstance(value, str) and value.strip():  # as Context.path resolves the layers' files
-                    holder[key] = os.path.join(base_dir, os.path.expanduser(value))  # type: ignore[index]
+                    holder[key] = resolve_path(base_dir, value)  # type: ignore[index]
             sources = search.get("index_sources") if isinstance(search, dict) else None
             if isinstance(search, dict) and isinstance(sources, list):  # folders, not modules (json, flask)
                 search["index_sources"] = [
-                    os.path.normpath(os.path.join(base_dir, os.path.expanduser(s))) if isinstance(s, str) and (
+                    os.path.normpath(resolve_path(base_dir, s)) if isinstance(s, str) and (
                         "/" in s or s.startswith(("~", "."))) else s for s in sources]
     return document
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from middleware.base import TIMINGS, TRACE, Context, LayerOptions, note, rewrites_inside
+from middleware.base import TIMINGS, TRACE, Context, LayerOptions, note, resolve_path, rewrites_inside
 from middleware.errors import ErrorsMiddleware
 from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
@@ -813,7 +813,8 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
         opath = (*path, spec.name)
         message = _masked(message, options)  # the layer's own message may quote a secret it was given
         for key, value in options.items():
-            if filename is not None and isinstance(value, str) and filename in (value, _resolved(doc, value)):
+            if filename is not None and isinstance(value, str) and \
+                    filename in (value, resolve_path(doc.base_dir, value)):
                 opened = "it" if filename == value else filename  # the folder it was looked for in
                 return doc.problem((*opath, key), f"{spec.name} cannot open {opened}: {exc.strerror or message}"
                                    if isinstance(exc, OSError) else message, value=value, has_value=True)
@@ -821,11 +822,6 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
         if where != opath:
             return _located(doc, opath, message, fields)
     return doc.problem(path, f"{spec.name}: {message}", key=True)
-
-
-def _resolved(doc: Document, value: str) -> str:
-    """A file option's value as :meth:`Context.path` resolves it for the layers."""
-    return Context(settings={"base_dir": doc.base_dir}).path(value)
 
 
 def _masked(message: str, options: object, path: tuple[str, ...] = ()) -> str:

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from middleware.base import no_boolean_numbers
+from middleware.base import header_text, no_boolean_numbers
 
 ProxyHeader = Literal[
     "x-forwarded-for",
@@ -172,7 +172,7 @@ class ServerOptions(Strict):
     @classmethod
     def _ident_is_a_header_value(cls, value: str) -> str:
         """Waitress sends it as the ``Server`` header: a line break would start a header of its own."""
-        if value and not (value.isascii() and value.isprintable()):
+        if value and not header_text(value):
             raise ValueError("ident is sent as the Server header: printable ASCII on one line (no control characters)")
         return value
 

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from middleware.base import PathRewrites, decoded_path, note, routed_path
+from middleware.base import PathRewrites, decoded_path, note, routed_path, with_head
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -37,9 +37,7 @@ class Scope:
         self.methods = tuple(m.upper() for m in methods or ())
         self._include = compile_globs(self.paths)
         self._exclude = compile_globs(self.exclude_paths)
-        # GET covers HEAD, as in the layers' own rules: the router answers HEAD with the GET view,
-        # and a scope of [GET] that let HEAD by would run that view past auth and the rate limit.
-        self._methods = (frozenset(self.methods) | ({"HEAD"} if "GET" in self.methods else set())) or None
+        self._methods = with_head(self.methods) or None  # GET covers HEAD, as in the layers' own rules
         #: The path rewrites of the layers inside this one (set by the builder): a request is in scope
         #: when its path is, or the path it is routed to (``/api/search`` → ``/api/v1/search``) is.
         self.rewrites: PathRewrites = ()

@@ -54,11 +54,13 @@ from middleware.base import (
     PathGlobs,
     decoded_path,
     escape_control,
+    header_text,
     note,
     read_ahead,
     refuse,
     rewrites_inside,
     routed_path,
+    with_head,
 )
 from stores.base import Store, StoreError
 from stores.breaker import CLOSED
@@ -234,7 +236,7 @@ class _Options(LayerOptions):
     @classmethod
     def _quotable(cls, value: str) -> str:
         """Sent as ``WWW-Authenticate: Bearer realm="value"``: printable ASCII (quotes are escaped)."""
-        if not (value.isascii() and value.isprintable()):
+        if not header_text(value):
             raise ValueError('realm is sent in the WWW-Authenticate header as realm="...": printable ASCII on one '
                              'line')
         return value
@@ -692,7 +694,7 @@ class AuthMiddleware:
         # rule that reached the layer without validation must not let anonymous requests skip them.
         self.rules = [
             (None if "*" in r.paths else re.compile("|".join(fnmatch.translate(p) for p in r.paths)),
-             frozenset(r.methods) | ({"HEAD"} if "GET" in r.methods else set()) or None,
+             with_head(r.methods) or None,
              "required" if r.roles else r.auth, frozenset(r.roles))
             for r in options.rules
         ]

@@ -57,6 +57,7 @@ __all__ = [
     "PathGlobs",
     "ReadAhead",
     "ReadKey",
+    "add_missing",
     "add_vary",
     "address_in",
     "client_ip",
@@ -64,7 +65,9 @@ __all__ = [
     "decoded_path",
     "decorate_error",
     "escape_control",
+    "file_identity",
     "header_list",
+    "header_text",
     "mask_url_passwords",
     "network",
     "networks",
@@ -74,7 +77,9 @@ __all__ = [
     "parse_origin",
     "read_ahead",
     "refuse",
+    "resolve_path",
     "set_cookie_header",
+    "with_head",
     "wrap_start_response",
 ]
 
@@ -343,9 +348,7 @@ class Context:
         layers goes through it, as the app's ``var_dir`` does, so ``serve.py -c conf/stack.yaml``
         finds them wherever it is started.
         """
-        path = os.path.expanduser(value)
-        base = self.settings.get("base_dir")
-        return path if base is None or os.path.isabs(path) else os.path.join(base, path)
+        return resolve_path(self.settings.get("base_dir"), value)
 
     def offer_read(self, store: Store, op: str, key: Callable[[WSGIEnvironment], ReadKey | None]) -> None:
         """Register a per-request read (see :class:`ReadAhead`) when ``store`` can be read ahead (Redis)."""
@@ -427,8 +430,44 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
             exc.wsgistack_headers = extra  # type: ignore[attr-defined]
         except AttributeError:  # pragma: no cover - exceptions with __slots__
             return
-    present = {name.lower() for name, _ in extra}
-    extra.extend((n, v) for n, v in headers if n.lower() not in present)
+    add_missing(extra, headers)
+
+
+def add_missing(headers: list[tuple[str, str]], more: Iterable[tuple[str, str]] | None) -> None:
+    """Append the headers of ``more`` whose names ``headers`` does not have yet (any case)."""
+    if more:
+        present = {name.lower() for name, _ in headers}
+        headers.extend((n, v) for n, v in more if n.lower() not in present)
+
+
+def with_head(methods: Iterable[str]) -> frozenset[str]:
+    """``methods``, and HEAD too when GET is there: the router answers HEAD with the GET view, so a rule
+    or scope for GET that let HEAD by would let it run that view past the rule."""
+    found = frozenset(methods)
+    return found | {"HEAD"} if "GET" in found else found
+
+
+def resolve_path(base: str | os.PathLike[str] | None, value: str) -> str:
+    """``value`` with ``~`` expanded and, when relative, taken from ``base`` (the working directory if None).
+
+    How every file a stack.yaml names is found: the app's, the layers' (``Context.path``), the CLI's.
+    """
+    path = os.path.expanduser(value)
+    return path if base is None or os.path.isabs(path) else os.path.join(base, path)
+
+
+def header_text(value: str) -> bool:
+    """Whether ``value`` can go in a header field as it is: printable ASCII on one line (RFC 9110 §5.5)."""
+    return value.isascii() and value.isprintable()
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """Which file ``path`` names right now, as (device, inode); None if none. A file renamed over it has another."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def one_leading_slash(path: str) -> str:

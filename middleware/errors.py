@@ -31,6 +31,7 @@ from .base import (
     REQUEST_ID,
     Context,
     LayerOptions,
+    add_missing,
     decoded_path,
     escape_control,
     note,
@@ -143,7 +144,7 @@ class ErrorsMiddleware:
         own = getattr(exc, "response", None) if isinstance(exc, HTTPException) else None
         if own is not None and hasattr(own, "get_data"):  # abort(Response(...)): that response, as it is,
             headers = own.headers.to_wsgi_list()  # with the headers the layers it passed attached
-            _merge(headers, getattr(exc, "wsgistack_headers", None))
+            add_missing(headers, getattr(exc, "wsgistack_headers", None))
             body = b"" if environ.get("REQUEST_METHOD") == "HEAD" else own.get_data()
             return own.status_code, headers, body
         if isinstance(exc, HTTPException) and exc.code is not None:
@@ -171,7 +172,7 @@ class ErrorsMiddleware:
                     "exception": f"{type(exc).__name__}: {exc}",
                     "traceback": traceback.format_exception(exc),
                 }
-        _merge(headers, getattr(exc, "wsgistack_headers", None))
+        add_missing(headers, getattr(exc, "wsgistack_headers", None))
         body = self._body(environ, code, message, details)
         headers.append(("Content-Type", self.content_type))
         headers.append(("Content-Length", str(len(body))))
@@ -246,9 +247,3 @@ def _uri_path(environ: WSGIEnvironment) -> str:
         data = raw.encode("utf-8")
     return quote(data, safe=_PATH_SAFE) or "/"
 
-
-def _merge(headers: list[tuple[str, str]], extra: list[tuple[str, str]] | None) -> None:
-    """Add the headers layers attached to the exception (``decorate_error``), except those already there."""
-    if extra:
-        present = {k.lower() for k, _ in headers}
-        headers.extend((k, v) for k, v in extra if k.lower() not in present)

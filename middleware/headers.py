@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from middleware.base import Context, Headers, LayerOptions, decorate_error, wrap_start_response
+from middleware.base import Context, Headers, LayerOptions, decorate_error, header_text, wrap_start_response
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -106,7 +106,7 @@ class SecurityHeadersMiddleware:
         def _printable(cls, value: str | None) -> str | None:
             if value is None:
                 return None
-            if not (value.isascii() and value.isprintable() and value.strip()):
+            if not (header_text(value) and value.strip()):
                 raise ValueError(
                     "must be non-empty printable ASCII on one line (no control characters)"
                 )

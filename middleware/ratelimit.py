@@ -53,6 +53,7 @@ from middleware.base import (
     refuse,
     rewrites_inside,
     routed_path,
+    with_head,
 )
 from stores.base import StoreError
 from stores.breaker import StoreUnavailable
@@ -572,7 +573,7 @@ class RateLimitMiddleware:
     def _compile(rid: str, rule: _Rule, options: Options, counter: str) -> _Compiled:
         """``rid`` names the rule in events and notes (its place); ``counter`` in its counters' keys (what it is)."""
         paths = None if "*" in rule.paths else re.compile("|".join(fnmatch.translate(p) for p in rule.paths))
-        methods = frozenset(rule.methods) | ({"HEAD"} if "GET" in rule.methods else set())
+        methods = with_head(rule.methods)
         key = rule.key if rule.key is not None else options.key
         parts = tuple([key] if isinstance(key, str) else key)
         items = [item for text in rule.limits for item in parse_many(text)]

@@ -45,7 +45,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.search import Progress, SearchEngine, SearchPage, SearchResult
 from app.search.docstrings import iter_entries
-from middleware.base import refuse
+from middleware.base import file_identity, refuse
 
 if TYPE_CHECKING:
     from app.options import SearchOptions
@@ -90,13 +90,6 @@ def fts_query(text: str) -> str | None:
     return " ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """Which file ``path`` names right now (None if none): it changes when a build replaces it."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 @contextlib.contextmanager
@@ -248,7 +241,7 @@ class LocalEngine(SearchEngine):
             if self._ready and not self.path.is_file():
                 self._ready = False  # deleted while we ran (a cleaned var/): build it again
             self.ensure_index()
-            generation, identity = self._generation, _identity(self.path)
+            generation, identity = self._generation, file_identity(self.path)
             conn = sqlite3.connect(self._uri(), uri=True, check_same_thread=False)
             with self._lock:
                 self._connections.append(conn)
@@ -285,7 +278,7 @@ class LocalEngine(SearchEngine):
                 return  # another thread rebuilt it after this connection was opened
             self.logger.warning("the search index %s is damaged (%s); rebuilding it", self.path, exc)
             # Another process that noticed first has replaced the file: then there is nothing to do.
-            self._build_locked("is damaged and cannot be rebuilt", lambda: _identity(self.path) == identity)
+            self._build_locked("is damaged and cannot be rebuilt", lambda: file_identity(self.path) == identity)
             self._generation += 1
 
     # ----------------------------------------------------------- search
