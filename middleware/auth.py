@@ -225,6 +225,8 @@ class _Options(LayerOptions):
     refresh_ttl: int = Field(default=30 * 86400, ge=1)
     login_max_age: int = Field(default=90 * 86400, ge=1)
     """Seconds after a login when its tokens stop, however often they were refreshed (then log in again)."""
+    refresh_reuse_grace: int = Field(default=10, ge=0, le=300)
+    """Seconds in which a refresh token sent again gets the pair its first use made, not a revocation."""
     rules: list[_AuthRule] = Field(default_factory=list)
     default: Level = "required"
     accept_session: bool = True
@@ -271,6 +273,33 @@ class _Options(LayerOptions):
         if self.login_max_age < self.access_ttl:
             raise ValueError("login_max_age must not be shorter than access_ttl")
         return self
+
+
+class _Minted(NamedTuple):
+    """What makes a pair again (JWTs are signed from their claims): kept as the refresh-used mark."""
+
+    iat: int
+    access: str   # the access token's jti
+    refresh: str  # the refresh token's jti
+    roles: list[str]
+
+    def mark(self) -> bytes:
+        return json.dumps({"iat": self.iat, "access": self.access, "refresh": self.refresh,
+                           "roles": self.roles}, separators=(",", ":")).encode()
+
+    @classmethod
+    def read(cls, raw: bytes | None) -> _Minted | None:
+        """The mark's pair; None for a mark without one (written before marks held it, or foreign)."""
+        try:
+            data = json.loads(raw or b"")
+            minted = cls(data["iat"], data["access"], data["refresh"], data["roles"])
+        except (ValueError, TypeError, KeyError):
+            return None
+        texts = isinstance(minted.access, str) and isinstance(minted.refresh, str)
+        roles = isinstance(minted.roles, list) and all(isinstance(r, str) for r in minted.roles)
+        if type(minted.iat) is not int or not texts or not roles:
+            return None
+        return minted
 
 
 #: The claims that say what kind of token a JWT is, in the forms the usual issuers write.
@@ -529,10 +558,13 @@ class TokenService:
         headers = {"kid": self.signer.kid} if self.signer.kid else None
         return jwt.encode(claims, self.signer.key, algorithm=self.signer.alg, headers=headers)
 
-    def _pair(self, subject: str, roles: list[str], fam: str, auth_time: int | None = None) -> dict[str, Any]:
+    def _pair(self, subject: str, roles: list[str], fam: str, auth_time: int | None = None,
+              minted: _Minted | None = None) -> tuple[dict[str, Any], _Minted]:
+        """A new pair, its access token recorded in the family; with ``minted``, that pair made again."""
         if self.signer is None:
             raise RuntimeError("this auth layer only verifies tokens; set private_key to issue them")
-        o, now = self.options, int(time.time())
+        o = self.options
+        now = int(time.time()) if minted is None else minted.iat
         # auth_time (OpenID Connect's name): the login this family started with, carried by every
         # refresh; no token of the family lives past auth_time + login_max_age.
         auth_time = now if auth_time is None else auth_time
@@ -542,16 +574,17 @@ class TokenService:
             base["iss"] = o.issuer
         if o.audience:
             base["aud"] = o.audience
-        access_jti = secrets.token_urlsafe(16)
-        # Recorded so that revoking the family can blocklist this access token too.
-        # Strict in both modes: a token the store does not know of would outlive its family's revocation.
-        ttl = o.access_ttl + o.leeway + 1
-        self._store(lambda: self.store.set(f"family-access:{fam}:{access_jti}", b"1", ttl), strict=True)
+        if minted is None:
+            minted = _Minted(now, secrets.token_urlsafe(16), secrets.token_urlsafe(16), roles)
+            # Recorded so that revoking the family can blocklist this access token too. Strict in
+            # both modes: a token the store does not know of would outlive its family's revocation.
+            key, ttl = f"family-access:{fam}:{minted.access}", o.access_ttl + o.leeway + 1
+            self._store(lambda: self.store.set(key, b"1", ttl), strict=True)
         access_exp, refresh_exp = min(now + o.access_ttl, end), min(now + o.refresh_ttl, end)
-        access = self._sign({**base, "exp": access_exp, "jti": access_jti, "typ": "access"})
-        refresh = self._sign({**base, "exp": refresh_exp, "jti": secrets.token_urlsafe(16), "typ": "refresh"})
+        access = self._sign({**base, "exp": access_exp, "jti": minted.access, "typ": "access"})
+        refresh = self._sign({**base, "exp": refresh_exp, "jti": minted.refresh, "typ": "refresh"})
         return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
-                "expires_in": access_exp - now, "refresh_expires_in": refresh_exp - now}
+                "expires_in": access_exp - now, "refresh_expires_in": refresh_exp - now}, minted
 
     def issue(self, subject: str, roles: Iterable[str] = ()) -> dict[str, Any]:
         """Start a new family: an access token and a refresh token for ``subject``.
@@ -560,7 +593,7 @@ class TokenService:
         when the store cannot take it, in both ``on_store_error`` modes), so that
         revoking the family always reaches it.
         """
-        return self._pair(subject, sorted(set(roles)), secrets.token_urlsafe(12))
+        return self._pair(subject, sorted(set(roles)), secrets.token_urlsafe(12))[0]
 
     def refresh(
         self,
@@ -602,18 +635,40 @@ class TokenService:
             auth_time = int(auth_time) if isinstance(auth_time, int | float) else int(claims["iat"])
             if auth_time + self.options.login_max_age <= time.time():  # however much leeway exp had
                 raise _Invalid("expired", "the token has expired")
-            pair = self._pair(subject, sorted(set(roles)), fam, auth_time)
+            pair, minted = self._pair(subject, sorted(set(roles)), fam, auth_time)
             ttl = max(1.0, claims["exp"] - time.time() + self.options.leeway)
-            jti = str(claims["jti"])
-            if not self._store(lambda: self.store.add("refresh-used:" + jti, b"1", ttl), strict=True):
-                self._revoke_family(fam)
-                raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
+            used, mark = "refresh-used:" + str(claims["jti"]), minted.mark()
+            if not self._store(lambda: self.store.add(used, mark, ttl), strict=True):
+                again = self._made_by_first_use(used)
+                if again is None:
+                    self._revoke_family(fam)
+                    raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
+                pair = self._pair(subject, again.roles, fam, auth_time, again)[0]
             # A reuse detected while this pair was being made revoked the family: refuse it too.
             if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
                 raise _Invalid("revoked", "the token has been revoked")
             return pair
         except _Invalid as exc:
             raise self._refuse(exc) from None
+
+    def _made_by_first_use(self, used: str) -> _Minted | None:
+        """What the first use of a refresh token made, when sending it again is a retry, not a theft.
+
+        A client whose refresh got a 503 after the store had marked the token
+        used (its reply lost in a timeout), or two tabs refreshing at once,
+        send the token again: within ``refresh_reuse_grace`` seconds of the
+        first use, and while the pair that use made has not been refreshed in
+        turn, they get that same pair again.  Later, it is a reuse.
+        """
+        grace = self.options.refresh_reuse_grace
+        if not grace:
+            return None
+        minted = _Minted.read(self._store(lambda: self.store.get(used), strict=True))
+        if minted is None or not 0 <= time.time() - minted.iat <= grace:
+            return None
+        if self._store(lambda: self.store.get("refresh-used:" + minted.refresh), strict=True) is not None:
+            return None  # that pair was refreshed already: this token is stale, whoever sends it
+        return minted
 
     def _revoke_family(self, fam: str) -> None:
         """Mark the family revoked and blocklist the access tokens issued in it."""

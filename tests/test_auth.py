@@ -536,6 +536,68 @@ def test_refresh_rotates_and_reuse_revokes_the_family(store: Store) -> None:
     assert stack.tokens.refresh(other["refresh_token"])["token_type"] == "Bearer"
 
 
+def test_a_refresh_sent_again_within_the_grace_gets_the_same_pair(store: Store) -> None:
+    """Two tabs refreshing at once, or a retry: the pair the first use made, and no revocation."""
+    stack = Stack(store)
+    first = stack.tokens.issue("ann", ["user"])
+    second = stack.tokens.refresh(first["refresh_token"])
+    assert stack.tokens.refresh(first["refresh_token"]) == second
+    assert stack.reasons == []
+    assert stack.call(token=second["access_token"]).status_int == 200
+    third = stack.tokens.refresh(second["refresh_token"])  # the family goes on as usual
+    assert stack.call(token=third["access_token"]).status_int == 200
+
+
+@pytest.mark.parametrize(("grace", "later", "mark"), [
+    (0, 0, None),                                   # no grace: sent again at once is a reuse
+    (10, 11, None),                                 # after the grace
+    (10, 0, b"1"),                                  # a mark that holds no pair (from an earlier version)
+    (10, 0, b'{"iat":"x","access":1,"refresh":[],"roles":"ab"}'),  # a mark that is not ours
+])
+def test_a_refresh_sent_again_outside_the_grace_revokes_the_family(
+        store: Store, monkeypatch: pytest.MonkeyPatch, grace: int, later: int, mark: bytes | None) -> None:
+    stack = Stack(store, refresh_reuse_grace=grace)
+    first = stack.tokens.issue("ann", ["user"])
+    second = stack.tokens.refresh(first["refresh_token"])
+    jti = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["jti"]
+    if mark is not None:
+        store.set(f"refresh-used:{jti}", mark, 60)
+    now = time.time() + later
+    monkeypatch.setattr(time, "time", lambda: now)
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.refresh(first["refresh_token"])
+    assert info.value.code == 401
+    assert stack.reasons == ["refresh_reuse"]
+    assert stack.call(token=second["access_token"]).status_int == 401
+
+
+def test_a_refresh_whose_answer_was_lost_can_be_sent_again(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store marked the token used, but its answer came too late: the client got a 503.
+
+    Its retry (Retry-After: 5) gets the pair the lost attempt made, which the
+    store knows of (a logout revokes it), instead of a reuse that would log
+    the user out everywhere.
+    """
+    stack = Stack(store)
+    first = stack.tokens.issue("ann", ["user"])
+    real_add = store.add
+
+    def add_then_time_out(key: str, value: bytes, ttl: float | None = None) -> bool:
+        real_add(key, value, ttl)
+        raise StoreError("no answer in time")
+
+    monkeypatch.setattr(store, "add", add_then_time_out)
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.refresh(first["refresh_token"])
+    assert info.value.code == 503
+    monkeypatch.setattr(store, "add", real_add)
+    retried = stack.tokens.refresh(first["refresh_token"])
+    assert stack.reasons == []
+    assert stack.call(token=retried["access_token"]).status_int == 200
+    stack.tokens.revoke(retried["refresh_token"], family=True)  # the lost attempt's access token was recorded
+    assert stack.call(token=retried["access_token"]).status_int == 401
+
+
 def test_no_token_of_a_login_outlives_login_max_age(store: Store) -> None:
     """Refreshing keeps a login going, but not forever: then the user logs in again."""
     stack = Stack(store, access_ttl=600, refresh_ttl=3600, login_max_age=5000)
@@ -548,12 +610,12 @@ def test_no_token_of_a_login_outlives_login_max_age(store: Store) -> None:
 
     assert claims_of(again["refresh_token"])["auth_time"] == claims_of(first["refresh_token"])["auth_time"]
     # A login 4,900 seconds old: its new tokens end with it, 100 seconds from now.
-    late = stack.tokens._pair("ann", [], claims_of(again["refresh_token"])["fam"], int(time.time()) - 4900)
+    late = stack.tokens._pair("ann", [], claims_of(again["refresh_token"])["fam"], int(time.time()) - 4900)[0]
     assert (late["expires_in"], late["refresh_expires_in"]) == (100, 100)
     assert claims_of(late["access_token"])["exp"] - claims_of(late["access_token"])["auth_time"] == 5000
     # Past its end, however much leeway: log in again.
     over = Stack(store, access_ttl=600, refresh_ttl=3600, login_max_age=5000, leeway=60)
-    ended = over.tokens._pair("ann", [], "fam-x", int(time.time()) - 5010)  # exp 10 s ago, within the leeway
+    ended = over.tokens._pair("ann", [], "fam-x", int(time.time()) - 5010)[0]  # exp 10 s ago, within the leeway
     with pytest.raises(HTTPException) as refused:
         over.tokens.refresh(ended["refresh_token"])
     assert refused.value.code == 401
@@ -727,7 +789,7 @@ def test_revocation_seen_by_a_second_service_on_the_same_redis(redis_url: str) -
 
     first, second = RedisStore(redis_url, key_prefix="app:"), RedisStore(redis_url, key_prefix="app:")
     try:
-        a, b = Stack(first), Stack(second)
+        a, b = Stack(first, refresh_reuse_grace=0), Stack(second, refresh_reuse_grace=0)
         pair = a.tokens.issue("ann")
         assert b.call(token=pair["access_token"]).status_int == 200
         a.tokens.revoke(pair["access_token"])
