@@ -15,7 +15,8 @@ values are bytes, never pickle.
 
 When not to use it: for one process with no state to share, ``memory://`` is
 faster and has nothing to fail.  Do not point it at a Redis Cluster (keys are
-not hash-tagged) or at a replica (writes fail).
+not hash-tagged) or at a replica (writes fail: the start refuses one, and
+/readyz fails while Redis refuses writes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -147,6 +149,12 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
     return sentinels, unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0, auth
 
 
+READ_ONLY = "a read-only replica: every write is refused (give the primary's URL, or redis+sentinel://)"
+OUT_OF_MEMORY = "out of memory: writes are refused (maxmemory reached, eviction policy noeviction)"
+_WRITES_REFUSED = (READ_ONLY, OUT_OF_MEMORY)
+#: How long a write Redis refused (a replica, out of memory) keeps /readyz failing after it.
+REFUSED_FRESH = 10.0
+
 # What OpenSSL says when a handshake fails (the text also holds host names: match its own words only).
 _TLS_FAILURE = re.compile(r"_ssl\.c:|\[ssl[:\]]|certificate verify failed|wrong version number|tlsv1 alert")
 
@@ -169,6 +177,10 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
         return "authentication failed (a wrong or missing user name or password)", True
     if "db index is out of range" in text:
         return "no database of that number on the server", True
+    if any(isinstance(e, redis.exceptions.ReadOnlyError) for e in chain) or "read only replica" in text:
+        return READ_ONLY, True
+    if any(isinstance(e, redis.exceptions.OutOfMemoryError) for e in chain) or "when used memory >" in text:
+        return OUT_OF_MEMORY, False
     if any(isinstance(e, ssl.SSLError) for e in chain) or _TLS_FAILURE.search(text):
         return "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)", True
     if any(isinstance(e, redis.TimeoutError | TimeoutError) for e in chain):
@@ -379,6 +391,7 @@ class RedisStore(Store):
         password = self.pool.connection_kwargs.get("password")
         self._secret = password if isinstance(password, str) and len(password) >= 3 else None
         self._failure: str | None = None  # why the last ping failed, for health()
+        self._refused: tuple[float, str] | None = None  # when and why Redis last refused a write, for health()
         self._incr_ttl = self.client.register_script(_INCR_TTL)
         self._get_or_lock = self.client.register_script(_GET_OR_LOCK)
         self._write_unless = self.client.register_script(_WRITE_UNLESS_MARKED)
@@ -409,6 +422,8 @@ class RedisStore(Store):
                 if "WRONGTYPE" in str(exc):  # a foreign value, no failure (in a script: Redis < 7 wraps it in ERR)
                     raise StoreWrongType(self._say(what, self._detail(exc))) from exc
                 self._failure = refusal(exc)[0]
+                if self._failure in _WRITES_REFUSED:  # also when a script's write was refused
+                    self._refused = (time.monotonic(), self._failure)
                 raise StoreError(self._say(what, self._detail(exc))) from exc
             except redis.RedisError as exc:
                 self._failure = refusal(exc)[0]
@@ -552,16 +567,27 @@ class RedisStore(Store):
         return answered
 
     def health(self) -> dict[str, object]:
+        """Also not ok for ``REFUSED_FRESH`` seconds after Redis refused a write (a replica, out of memory):
+        it answers PING, but the layers cannot do their work."""
         facts = super().health()
         facts["breaker"] = self.breaker.state
-        if not facts["ok"] and self._failure:
+        refused = self._refused
+        if facts["ok"] and refused is not None and time.monotonic() - refused[0] < REFUSED_FRESH:
+            facts["ok"], facts["error"] = False, refused[1]
+        elif not facts["ok"] and self._failure:
             facts["error"] = self._failure
         return facts
 
     def probe(self) -> tuple[str, bool] | None:
-        """One PING, outside the breaker: None when Redis answers, else :func:`refusal` of the failure."""
+        """PING and ROLE, outside the breaker: None when Redis answers as a primary, else what is wrong.
+
+        A replica answers PING, but refuses every write the layers make: the
+        configuration is refused, as a wrong password is.
+        """
         try:
             self.client.ping()
+            if self._replica():
+                return READ_ONLY, True
         except Exception as exc:
             found = refusal(exc)
             sentinel = self._shared.sentinel if self._shared is not None else None
@@ -577,6 +603,15 @@ class RedisStore(Store):
                         return f"a sentinel refuses it: {said}", True
             return found
         return None
+
+    def _replica(self) -> bool:
+        """Whether ROLE says replica; False when the server does not let this user ask (NOPERM)."""
+        try:
+            role = self.client.role()
+        except redis.ResponseError:
+            return False
+        first = role[0] if isinstance(role, list | tuple) and role else b""
+        return (first.decode() if isinstance(first, bytes) else str(first)) in ("slave", "replica")
 
     def close(self) -> None:
         """Release this store's share of the pool; the last user disconnects it."""

@@ -14,13 +14,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import redis
-from conftest import free_port
+from conftest import RedisServer, free_port
 from webtest import TestApp
 
 from config import ConfigError
@@ -185,6 +186,57 @@ def test_readyz_says_why_after_traffic_opened_the_breaker(tmp_path: Path) -> Non
     shared = client.get("/readyz", status=503).json["stores"]["shared"]
     assert (shared["breaker"], shared["error"]) == ("open", "not reachable")
     live.current.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone: made a replica or filled up without touching the shared one."""
+    server = RedisServer(tmp_path / "redis")
+    server.workdir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_replica_is_refused_at_the_start(tmp_path: Path, own_redis: RedisServer) -> None:
+    """A replica answers PING, but refuses every write the layers make."""
+    redis.Redis.from_url(own_redis.url).replicaof("127.0.0.1", str(free_port()))
+    path = _write(tmp_path, own_redis.url)
+    with pytest.raises(ConfigError) as info:
+        LiveStack(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:3:11 stores.shared: store 'shared' ({own_redis.url}): a read-only replica: every write is refused "
+        "(give the primary's URL, or redis+sentinel://)"]
+
+
+@pytest.mark.parametrize(("refuse", "allow", "why"), [
+    pytest.param(("REPLICAOF", "127.0.0.1", "1"), ("REPLICAOF", "NO", "ONE"),
+                 "a read-only replica: every write is refused (give the primary's URL, or redis+sentinel://)",
+                 id="failed over: now a replica"),
+    pytest.param(("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0"),
+                 "out of memory: writes are refused (maxmemory reached, eviction policy noeviction)",
+                 id="out of memory"),
+])
+def test_readyz_fails_while_redis_refuses_writes(tmp_path: Path, own_redis: RedisServer,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 refuse: tuple[str, ...], allow: tuple[str, ...], why: str) -> None:
+    """Redis still answers PING, so only the refused writes tell: /readyz fails, with why, until they pass."""
+    monkeypatch.setattr("stores.redis.REFUSED_FRESH", 1.0)
+    live = LiveStack(_write(tmp_path, own_redis.url))
+    client, admin = TestApp(live), redis.Redis.from_url(own_redis.url)
+    try:
+        assert client.get("/readyz").json["status"] == "ok"
+        admin.execute_command(*refuse)
+        assert client.get("/x").status_int == 200  # the limiter cannot count: on_store_error open
+        shared = client.get("/readyz", status=503).json["stores"]["shared"]
+        assert (shared["ok"], shared["error"]) == (False, why)
+        admin.execute_command(*allow)
+        time.sleep(1.1)
+        assert client.get("/x").status_int == 200
+        assert client.get("/readyz").json["status"] == "ok"
+    finally:
+        admin.close()
+        live.current.close()
 
 
 class ListPreview:
