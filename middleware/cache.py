@@ -773,6 +773,8 @@ class CacheMiddleware:
                 length = value.strip()
             elif lname == "content-type" and value.lower().startswith("text/event-stream"):
                 return None
+        if length is None and code == "204":
+            length = "0"  # a 204 has no body, nor may it say Content-Length (RFC 9110 §8.6): werkzeug drops it
         if length is None or not length.isdigit() or int(length) > self.options.max_body_bytes or "*" in vary:
             return None
         ttl, window = self.options.ttl, self.options.stale_if_error
