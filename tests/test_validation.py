@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -203,12 +204,21 @@ REFUSALS = [
                  {}, id="nested duplicate key"),
     pytest.param({"json_max_depth": 3}, jbody([[[[1]]]]), 400,
                  "The JSON body nests deeper than json_max_depth (3).", {}, id="too deep"),
+    pytest.param({"json_max_depth": 3}, jbody([[[1]], {"a": [2]}, [], {"b": {"c": [3]}}, [[0]]]), 400,
+                 "The JSON body nests deeper than json_max_depth (3).", {}, id="one member too deep"),
     pytest.param({"json_max_depth": 3}, jbody({"a": {"b": [{"c": 1}]}}), 400,
                  "The JSON body nests deeper than json_max_depth (3).", {},
                  id="too deep, mixed"),
-    pytest.param({}, {"body": b"[" * 200000 + b"]" * 200000, "content_type": "application/json"},
+    pytest.param({"json_max_bytes": None},
+                 {"body": b"[" * 200000 + b"]" * 200000, "content_type": "application/json"},
                  400, "The JSON body nests deeper than json_max_depth (32).", {},
                  id="deep enough to exhaust the parser"),
+    pytest.param({}, {"body": b'"' + b"a" * 102399 + b'"', "content_type": "application/json"}, 413,
+                 "The JSON body is 102401 bytes long, more than json_max_bytes (102400).", {},
+                 id="json over the default json_max_bytes"),
+    pytest.param({"max_body_bytes": 50}, {"body": b'"' + b"a" * 60 + b'"', "content_type": "application/json"},
+                 413, "The request body is 62 bytes long, more than max_body_bytes (50).", {},
+                 id="json_max_bytes by default gives way to a lower max_body_bytes"),
     pytest.param({"max_body_bytes": 100, "json_max_bytes": 10}, jbody({"abc": 12}), 413,
                  "The JSON body is 11 bytes long, more than json_max_bytes (10).", {},
                  id="json over json_max_bytes"),
@@ -310,6 +320,9 @@ PASSES = [
     pytest.param({"json_max_depth": 2}, jbody([{"a": 1}, {"b": 2}, [3], [4], {}, []]),
                  {"json": [{"a": 1}, {"b": 2}, [3], [4], {}, []]},
                  id="many shallow containers"),
+    pytest.param({"json_max_depth": 3}, jbody([[[1]], {"a": [2]}, [[]], [{}], {"b": {"c": 3}}]),
+                 {"json": [[[1]], {"a": [2]}, [[]], [{}], {"b": {"c": 3}}]},
+                 id="many containers at the depth limit, mixed kinds"),
     pytest.param({"json_max_depth": 2}, {"body": b'["\\"[[[", {"\\\\": "]"}]',
                                          "content_type": "application/json"},
                  {"json": ['"[[[', {"\\": "]"}]}, id="escaped quotes in strings"),
@@ -396,6 +409,15 @@ class CountingInput(io.BytesIO):
         data = super().readline(size)
         self.taken += len(data)
         return data
+
+
+def test_integers_are_capped_when_a_program_lifted_pythons_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer leaves long integers to Python's limit (4300 digits), unless something raised it."""
+    monkeypatch.setattr(sys, "get_int_max_str_digits", lambda: 0)
+    response = send({}, {"body": b"[" + b"9" * 4301 + b"]", "content_type": "application/json"}, 400)
+    assert response.json["error"]["message"] == (
+        "The request body is not well-formed JSON: an integer of 4301 digits is longer than the 4300 digits a "
+        "number may have here.")
 
 
 def call(app: Any, body: bytes, content_type: str = "text/plain",
