@@ -111,6 +111,17 @@ def test_rate_limit_after_five(default_stack: Callable[..., TestApp]) -> None:
     assert refused.headers["RateLimit-Remaining"] == "0"
 
 
+def test_every_request_is_counted_before_its_body_is_read(default_stack: Callable[..., TestApp]) -> None:
+    """Any path, valid or not: a client past its limit gets 429 before validation parses a JSON body."""
+    stack = default_stack(WSGISTACK_RATE_LIMIT="3/minute")
+    body = json.dumps([[[[1]]]] * 1000).encode()
+    statuses = [stack.post("/anywhere", body, headers={"Content-Type": "application/json"},
+                           expect_errors=True).status_int for _ in range(4)]
+    statuses.append(stack.post("/anywhere", b"{not json", headers={"Content-Type": "application/json"},
+                               expect_errors=True).status_int)
+    assert statuses == [404, 404, 404, 429, 429]
+
+
 def test_unknown_route_and_method(default_stack: Callable[..., TestApp]) -> None:
     stack = default_stack()
     assert stack.get("/api/v1/nope", status=404).json["error"]["code"] == 404
