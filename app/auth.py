@@ -53,7 +53,8 @@ class _Failures:
     account can have (see ``app.users.NAME``) is not counted, nor stored.  The
     key holds a digest of the exact name (names are case-sensitive, as the
     lookup is), never the name itself; on a ``memory://`` store these keys may
-    be evicted to make room, so a flood of made-up names cannot fill it.
+    be evicted to make room, so a flood of made-up names cannot fill it, but
+    never for cache entries, so anonymous searches cannot reset a count.
     """
 
     def __init__(self, state: AppState, service: Any, username: str) -> None:
@@ -65,7 +66,7 @@ class _Failures:
         self.key = f"{_PREFIX}{digest}"
         allow_eviction = getattr(self.store, "allow_eviction", None)
         if allow_eviction is not None:
-            allow_eviction(_PREFIX)
+            allow_eviction(_PREFIX, lowest=False)  # never pushed out by cache entries
 
     def attempt(self) -> None:
         """Count this attempt; 429 past the limit, and 503 when the store cannot count it."""

@@ -6,14 +6,16 @@ several processes or hosts must share state: each process gets its own copy.
 ``max_cache_bytes`` (64 MiB) the bound on the bytes the disposable entries hold
 (a cache of large answers must not grow the process by gigabytes first).
 
-Only the keys of layers that declare them disposable (the response cache,
-through :meth:`MemoryStore.allow_eviction`) are evicted, least recently used
-first, to make room.  Everything else (sessions, revoked and used tokens) is
-state whose loss changes what a request may do: a client that can add cache
-entries at will must not be able to push a token revocation out.  When the
-bound is reached and nothing may be evicted, writing a new key of that kind
-fails with :class:`StoreError` (the layer's ``on_store_error`` applies) rather
-than forgetting something.
+Only the keys of layers that declare them disposable (through
+:meth:`MemoryStore.allow_eviction`) are evicted, least recently used first, to
+make room: the response cache's entries first, for any new key; then keys
+declared ``lowest=False`` (the core's per-account counts of wrong passwords),
+never to make room for a cache entry.  Everything else (sessions, revoked and
+used tokens) is state whose loss changes what a request may do: a client that
+can add cache entries at will must not be able to push a token revocation, or
+a count of password guesses, out.  When the bound is reached and nothing may
+be evicted for it, writing a new key fails with :class:`StoreError` (the
+layer's ``on_store_error`` applies) rather than forgetting something.
 """
 
 from __future__ import annotations
@@ -55,26 +57,38 @@ class MemoryStore(Store):
         self.max_cache_bytes = max_cache_bytes
         self._cache_bytes = 0  # what the disposable entries hold now
         self.url = url
-        # Two tables, each ordered by recency of use: keys that must be kept, and keys under a
-        # prefix given to allow_eviction(), which make room for new keys.
+        # Three tables, each ordered by recency of use: keys that must be kept, and keys under a
+        # prefix given to allow_eviction(), which make room for new keys: the lowest first.
         self._data: OrderedDict[str, Entry] = OrderedDict()
-        self._disposable: OrderedDict[str, Entry] = OrderedDict()
+        self._disposable: OrderedDict[str, Entry] = OrderedDict()  # lowest: the cache's entries
+        self._spare: OrderedDict[str, Entry] = OrderedDict()  # evicted for any key but a lowest one
         self._evictable: tuple[str, ...] = ()
+        self._spared: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
-    def allow_eviction(self, prefix: str) -> None:
-        """Let keys starting with ``prefix`` be evicted (least recently used first) to make room."""
+    def allow_eviction(self, prefix: str, *, lowest: bool = True) -> None:
+        """Let keys starting with ``prefix`` be evicted (least recently used first) to make room.
+
+        ``lowest`` (a cache): they go first, for any new key, and their bytes are bounded by
+        ``max_cache_bytes``.  Otherwise they go only when no lowest key is left, and never to
+        make room for a lowest one.
+        """
         with self._lock:
-            if prefix in self._evictable:
+            if prefix in self._evictable or prefix in self._spared:
                 return
-            self._evictable = (*self._evictable, prefix)
+            if lowest:
+                self._evictable = (*self._evictable, prefix)
+            else:
+                self._spared = (*self._spared, prefix)
             for key in [k for k in self._data if k.startswith(prefix)]:
-                entry = self._disposable[key] = self._data.pop(key)
-                self._cache_bytes += _size(key, entry[0])
+                entry = self._data.pop(key)
+                self._put(key, entry[0], entry[1])
             self._shrink()
 
     def _table(self, key: str) -> OrderedDict[str, Entry]:
-        return self._disposable if key.startswith(self._evictable) else self._data
+        if key.startswith(self._evictable):
+            return self._disposable
+        return self._spare if self._spared and key.startswith(self._spared) else self._data
 
     def _live(self, key: str, now: float) -> Entry | None:
         table = self._table(key)
@@ -92,8 +106,8 @@ class MemoryStore(Store):
         if table is self._disposable and _size(key, value) > self.max_cache_bytes:
             self._drop(table, key)  # larger than the bound on its own: not kept, and nothing evicted for it
             return
-        if key not in table and len(self._data) + len(self._disposable) >= self.max_entries:
-            self._make_room(key)
+        if key not in table and len(self) >= self.max_entries:
+            self._make_room(table)
         if table is self._disposable:
             self._drop(table, key)
             self._cache_bytes += _size(key, value)
@@ -114,18 +128,23 @@ class MemoryStore(Store):
             key, entry = self._disposable.popitem(last=False)
             self._cache_bytes -= _size(key, entry[0])
 
-    def _make_room(self, key: str) -> None:
+    def _make_room(self, table: OrderedDict[str, Entry]) -> None:
+        """Evict one key for a new key of ``table``, or raise StoreError when none may go."""
         if self._disposable:
             old, entry = self._disposable.popitem(last=False)
             self._cache_bytes -= _size(old, entry[0])
             return
+        if self._spare and table is not self._disposable:
+            self._spare.popitem(last=False)
+            return
         now = _monotonic()
-        for stale in [k for k, (_, exp) in self._data.items() if exp is not None and exp <= now]:
-            del self._data[stale]
-        if len(self._data) >= self.max_entries:
+        for kept in (self._data, self._spare):
+            for stale in [k for k, (_, exp) in kept.items() if exp is not None and exp <= now]:
+                del kept[stale]
+        if len(self) >= self.max_entries:
             raise StoreError(
-                f"the memory store is full: its {len(self._data)} entries (sessions, token records) may not "
-                "be evicted, so a new key was not written; raise max_entries in its URL "
+                f"the memory store is full: its {len(self)} entries (sessions, token records) may not "
+                "be evicted for this key, so it was not written; raise max_entries in its URL "
                 "(memory://?max_entries=N) or use Redis")
 
     @staticmethod
@@ -241,7 +260,7 @@ class MemoryStore(Store):
     def scan(self, prefix: str) -> Iterator[str]:
         now = _monotonic()
         with self._lock:
-            keys = [k for table in (self._data, self._disposable) for k, (_, exp) in table.items()
+            keys = [k for table in (self._data, self._spare, self._disposable) for k, (_, exp) in table.items()
                     if k.startswith(prefix) and (exp is None or exp > now)]
         yield from keys
 
@@ -249,7 +268,7 @@ class MemoryStore(Store):
         return True
 
     def __len__(self) -> int:
-        return len(self._data) + len(self._disposable)
+        return len(self._data) + len(self._spare) + len(self._disposable)
 
     def __repr__(self) -> str:
         return f"MemoryStore(max_entries={self.max_entries}, max_cache_bytes={self.max_cache_bytes})"

@@ -16,6 +16,7 @@ from app import create_app
 from app.users import UserStore
 from middleware.auth import AuthMiddleware, TokenService
 from middleware.base import Context
+from middleware.cache import CacheMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.session import SessionMiddleware
 from middleware.validation import ValidationMiddleware
@@ -149,6 +150,21 @@ def test_wrong_passwords_are_throttled_per_user_name(tmp_path: Path, users: User
     keys = sorted(stack.store.scan("login-failures:"))
     assert keys == sorted(f"login-failures:{hashlib.blake2b(name.encode(), digest_size=16).hexdigest()}"
                           for name in ("alice", "ALICE", "nobody"))
+
+
+def test_a_flood_of_cache_entries_does_not_reset_the_count(tmp_path: Path, users: UserStore) -> None:
+    """On a full memory store the response cache's entries make room for each other, never by
+    evicting a count of wrong passwords: anonymous searches cannot buy a sprayer more guesses."""
+    store = MemoryStore(max_entries=50)
+    stack = Stack(tmp_path, users, store=store, max_failed_logins=3)
+    for _ in range(3):
+        stack.login(password="guess", status=401)
+    cache = CacheMiddleware(stack.flask, CacheMiddleware.Options(), stack.context)
+    searches = TestApp(cache)
+    for i in range(200):
+        assert searches.get(f"/api/v1/search?q=json{i}").headers["X-Cache"] == "MISS"
+    assert len(store) >= 49  # full (a fill lock comes and goes): cache entries take room from each other
+    stack.login(password="guess", status=429)
 
 
 def test_concurrent_guesses_do_not_slip_under_the_limit(tmp_path: Path, users: UserStore) -> None:

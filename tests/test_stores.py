@@ -304,6 +304,42 @@ def test_memory_store_never_evicts_other_keys() -> None:
     assert store.get("session:a") == b"again"
 
 
+def test_memory_store_spares_keys_evictable_only_for_others_from_the_cache() -> None:
+    """Counts of password guesses may go for sessions or for each other, never for cache entries."""
+    store = MemoryStore(max_entries=4)
+    store.allow_eviction("c:")
+    store.allow_eviction("fail:", lowest=False)
+    store.set("c:0", b"v")
+    store.incr("fail:ann", ttl=60)  # pushes nothing out: there is room
+    store.incr("fail:bob", ttl=60)
+    for i in range(1, 100):  # a flood of cache entries takes room from the cache only
+        store.set(f"c:{i}", b"v")
+    assert sorted(store.scan("")) == ["c:98", "c:99", "fail:ann", "fail:bob"]
+    store.incr("fail:cid", ttl=60)  # a new count takes room from the cache first
+    store.incr("fail:dan", ttl=60)
+    assert sorted(store.scan("")) == ["fail:ann", "fail:bob", "fail:cid", "fail:dan"]
+    with pytest.raises(StoreError, match="the memory store is full"):
+        store.set("c:new", b"v")  # the cache does without: no count goes for it
+    store.get("fail:ann")  # used: bob's count is now the least recently used
+    store.incr("fail:eve", ttl=60)  # counts make room for each other
+    store.set("session:1", b"s")  # and for kept keys
+    assert sorted(store.scan("")) == ["fail:ann", "fail:dan", "fail:eve", "session:1"]
+    assert store.get("fail:ann") == b"1"
+
+
+def test_allow_eviction_of_kept_keys_moves_them_to_their_tier() -> None:
+    store = MemoryStore(max_entries=3)
+    store.set("fail:ann", b"1")
+    store.set("kept", b"v")
+    store.allow_eviction("fail:", lowest=False)
+    store.allow_eviction("c:")
+    store.set("c:1", b"v")
+    store.set("new", b"v")  # the cache's entry goes first
+    assert sorted(store.scan("")) == ["fail:ann", "kept", "new"]
+    store.set("newer", b"v")  # then the count written before it could be evicted
+    assert sorted(store.scan("")) == ["kept", "new", "newer"]
+
+
 def test_memory_store_full_of_kept_keys_drops_the_expired_first(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
