@@ -116,6 +116,10 @@ def test_fts_syntax_in_the_query_is_searched_for_not_parsed(client: TestApp, que
         pytest.param('" * ( )', None, id="no searchable term"),
         pytest.param("", None, id="empty"),
         pytest.param("json\x00decode\x1b", '"json" "decode"', id="control characters separate"),
+        pytest.param("json.loads", '"json.loads"', id="a dotted name stays one phrase"),
+        pytest.param(" ".join(["w"] * 40), " ".join(['"w"'] * 32), id="at most MAX_TERMS words"),
+        pytest.param("a." * 499 + "a", '"' + " ".join(["a"] * 32) + '"', id="one term of 500 words: its first 32"),
+        pytest.param("x " * 30 + "a.b.c.d", '"x" ' * 30 + '"a b"', id="the last term cut to the words left"),
     ],
 )
 def test_fts_query_quotes_every_term(text: str, expected: str | None) -> None:

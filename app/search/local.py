@@ -32,6 +32,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -59,6 +60,8 @@ __all__ = ["LocalEngine", "fts_query"]
 
 SCHEMA_VERSION = 2
 MAX_TERMS = 32
+#: What the unicode61 tokenizer indexes: runs of letters and digits (or finer: never more words than it)
+_WORD = re.compile(r"[^\W_]+")
 #: Seconds a build that ran out of room waits before the next try: searches meanwhile get the 503 at
 #: once, instead of each building the whole index again (seconds of CPU) to fail the same way.
 BUILD_RETRY_SECONDS = 30
@@ -81,13 +84,26 @@ _PAGE = (
 
 
 def fts_query(text: str) -> str | None:
-    """Turn user text into an FTS5 query of quoted terms (all must match); None if no term."""
+    """Turn user text into an FTS5 query of quoted terms (all must match); None if no term.
+
+    A term with punctuation (``json.loads``) is a phrase of the words the index
+    has in it; ``MAX_TERMS`` bounds those words, not the terms, so that
+    ``a.a.a…`` cannot make one term a phrase of 500 words.
+    """
     # Control characters (a NUL ends the query string inside SQLite) separate terms.
     text = "".join(c if c.isprintable() else " " for c in text)
-    terms = [t for t in text.split() if any(c.isalnum() for c in t)][:MAX_TERMS]
-    if not terms:
-        return None
-    return " ".join('"' + t.replace('"', '""') + '"' for t in terms)
+    terms, left = [], MAX_TERMS
+    for term in text.split():
+        words = _WORD.findall(term)
+        if not words:
+            continue
+        if len(words) > left:
+            term = " ".join(words[:left])  # the phrase of its first words
+        terms.append('"' + term.replace('"', '""') + '"')
+        left -= min(len(words), left)
+        if not left:
+            break
+    return " ".join(terms) or None
 
 
 
