@@ -226,7 +226,31 @@ class ServerOptions(Strict):
             )
         if self.trusted_proxy_count is not None and not self.trusted_proxy:
             raise ValueError("trusted_proxy_count needs trusted_proxy")
+        if self.trusted_proxy and self.trusted_proxy != "*":
+            self._proxy_can_be_a_peer(ipaddress.ip_address(self.trusted_proxy))
         return self
+
+    def _proxy_can_be_a_peer(self, proxy: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        """Waitress compares ``trusted_proxy`` with the peer's address as text, and serve.py's IPv6 sockets
+        take IPv6 peers only (IPV6_V6ONLY): a proxy of the other family, or an IPv4-mapped spelling, never
+        matches, and every client would share the proxy's address (one rate-limit bucket, allow_from)."""
+        mapped = proxy.ipv4_mapped if isinstance(proxy, ipaddress.IPv6Address) else None
+        if mapped is not None:
+            raise ValueError(f"trusted_proxy {proxy} is an IPv4-mapped address, which no peer ever has here (IPv6 "
+                             f"sockets take IPv6 peers only): a proxy at {mapped} reaches an IPv4 listen address "
+                             f"as {mapped}; write trusted_proxy: {mapped}")
+        families = set()
+        for item in self.listen:
+            try:
+                families.add(ipaddress.ip_address(split_listen(item)[0]).version)
+            except ValueError:
+                return  # a host name: it may resolve to either family
+        if proxy.version not in families:
+            other = "IPv6" if proxy.version == 4 else "IPv4"
+            raise ValueError(f"trusted_proxy {proxy} is an IPv{proxy.version} address, but every listen address "
+                             f"is {other}: a proxy at {proxy} cannot connect to this server, so its forwarding "
+                             f"headers would never be trusted; give the proxy's {other} address, or add an "
+                             f"IPv{proxy.version} listen address")
 
     @property
     def loopback_only(self) -> bool:
