@@ -434,17 +434,17 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
         pytest.param(
             ECHO + "server:\n  listen: '[::1]:8889'\n  trusted_proxy: 127.0.0.1\n"
                    "  trusted_proxy_headers: [x-forwarded-for]\n",
-            "stack.yaml:4:18 server.trusted_proxy: trusted_proxy 127.0.0.1 is an IPv4 address, but every listen address is IPv6: "
-            "a proxy at 127.0.0.1 cannot connect to this server, so its forwarding headers would never be trusted; "
-            "give the proxy's IPv6 address, or add an IPv4 listen address",
+            "stack.yaml:4:18 server.trusted_proxy: trusted_proxy 127.0.0.1 is an IPv4 address, but every listen "
+            "address is IPv6: a proxy at 127.0.0.1 cannot connect to this server, so its forwarding headers would "
+            "never be trusted; give the proxy's IPv6 address, or add an IPv4 listen address",
             id="trusted_proxy of a family no listen address takes",
         ),
         pytest.param(
             ECHO + "server:\n  listen: ['127.0.0.1:8889', '[::1]:8889']\n  trusted_proxy: '::ffff:127.0.0.1'\n"
                    "  trusted_proxy_headers: [x-forwarded-for]\n",
-            "stack.yaml:4:18 server.trusted_proxy: trusted_proxy ::ffff:7f00:1 is an IPv4-mapped address, which no peer ever has "
-            "here (IPv6 sockets take IPv6 peers only): a proxy at 127.0.0.1 reaches an IPv4 listen address as "
-            "127.0.0.1; write trusted_proxy: 127.0.0.1",
+            "stack.yaml:4:18 server.trusted_proxy: trusted_proxy ::ffff:7f00:1 is an IPv4-mapped address, which no "
+            "peer ever has here (IPv6 sockets take IPv6 peers only): a proxy at 127.0.0.1 reaches an IPv4 listen "
+            "address as 127.0.0.1; write trusted_proxy: 127.0.0.1",
             id="trusted_proxy, IPv4-mapped",
         ),
         pytest.param(
