@@ -239,18 +239,24 @@ class ServerOptions(Strict):
             raise ValueError(f"trusted_proxy {proxy} is an IPv4-mapped address, which no peer ever has here (IPv6 "
                              f"sockets take IPv6 peers only): a proxy at {mapped} reaches an IPv4 listen address "
                              f"as {mapped}; write trusted_proxy: {mapped}")
-        families = set()
-        for item in self.listen:
-            try:
-                families.add(ipaddress.ip_address(split_listen(item)[0]).version)
-            except ValueError:
-                return  # a host name: it may resolve to either family
-        if proxy.version not in families:
+        families = self.peer_families
+        if families is not None and proxy.version not in families:
             other = "IPv6" if proxy.version == 4 else "IPv4"
             raise ValueError(f"trusted_proxy {proxy} is an IPv{proxy.version} address, but every listen address "
                              f"is {other}: a proxy at {proxy} cannot connect to this server, so its forwarding "
                              f"headers would never be trusted; give the proxy's {other} address, or add an "
                              f"IPv{proxy.version} listen address")
+
+    @property
+    def peer_families(self) -> frozenset[int] | None:
+        """The IP versions a peer can have (IPv6 sockets are IPv6-only); None when a host name is listed."""
+        families = set()
+        for item in self.listen:
+            try:
+                families.add(ipaddress.ip_address(split_listen(item)[0]).version)
+            except ValueError:
+                return None  # a host name: it may resolve to either family
+        return frozenset(families)
 
     @property
     def loopback_only(self) -> bool:

@@ -218,6 +218,15 @@ def problems(text: str) -> list[str]:
             id="operator page outside proxy",
         ),
         pytest.param(
+            "server: {listen: '[::1]:8889'}\npipeline:\n  - errors: {}\n"
+            "  - proxy: {x_for: 1, trusted_proxies: [127.0.0.1, '::ffff:10.0.0.0/104']}\n",
+            "stack.yaml:6:5 pipeline[1]: proxy at pipeline[1] trusts only 127.0.0.1/32, ::ffff:a00:0/104, and every "
+            "listen address is IPv6: no such proxy can be the peer (IPv6 sockets take IPv6 peers only), so its "
+            "forwarding headers would never count and every client would seem to be the proxy; add the address the "
+            "proxy connects from",
+            id="a proxy layer that trusts no peer the server can have",
+        ),
+        pytest.param(
             "server: {clear_untrusted_proxy_headers: true}\npipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
             "stack.yaml:3:41 server.clear_untrusted_proxy_headers: clear_untrusted_proxy_headers is true and "
             "trusted_proxy is unset: Waitress would remove every X-Forwarded-* and Forwarded header before proxy at "
