@@ -93,7 +93,8 @@ class ProxyMiddleware:
       ``trusted_proxies``: CIDRs of the peers whose headers count (default
       loopback only); ``unix`` trusts a peer on a Unix socket (no address).
       ``allowed_hosts``: host names (``api.example.org``,
-      ``*.example.org`` for subdomains, ``*`` for any) the request's host,
+      ``*.example.org`` for subdomains, ``*`` for any) or IP addresses
+      (``::1`` or ``[::1]``, in any spelling) the request's host,
       port aside, must be one of; empty allows any.  Invalid values are
       ignored, as if the header were absent.
 
@@ -117,7 +118,7 @@ class ProxyMiddleware:
             (options.x_for, "HTTP_X_FORWARDED_FOR"), (options.x_proto, "HTTP_X_FORWARDED_PROTO"),
             (options.x_host, "HTTP_X_FORWARDED_HOST"), (options.x_port, "HTTP_X_FORWARDED_PORT"),
             (options.x_prefix, "HTTP_X_FORWARDED_PREFIX")) if hops]
-        hosts = [h.lower().rstrip(".") for h in options.allowed_hosts]
+        hosts = [_host_key(h.lower().rstrip(".")) for h in options.allowed_hosts]
         self.any_host = not hosts or "*" in hosts
         self.exact_hosts = frozenset(h for h in hosts if not h.startswith("*."))
         self.host_suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
@@ -192,7 +193,7 @@ class ProxyMiddleware:
         environ[CLIENT_IP] = environ.get("REMOTE_ADDR") or ""
         if not self.any_host:
             host = get("HTTP_HOST") or get("SERVER_NAME", "")
-            name = _split_host(host)[0].lower().rstrip(".")
+            name = _host_key(_split_host(host)[0].lower().rstrip("."))
             if not _HOST.fullmatch(host) or (name not in self.exact_hosts and not (
                     name.endswith(self.host_suffixes) and not name.startswith("."))):
                 note(environ, "proxy", "host is not in allowed_hosts")
@@ -257,6 +258,17 @@ def _address(value: str) -> str | None:
         return str(ipaddress.ip_address(value))
     except ValueError:
         return None
+
+
+def _host_key(name: str) -> str:
+    """``name``, an IPv6 literal (bracketed or not) in its one bracketed spelling: ``[::1]``."""
+    inner = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    if ":" not in inner:
+        return name
+    try:
+        return f"[{ipaddress.IPv6Address(inner).compressed}]"
+    except ValueError:
+        return name
 
 
 def _split_host(host: str) -> tuple[str, str, str]:
