@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -68,6 +69,7 @@ __all__ = [
     "file_identity",
     "header_list",
     "header_text",
+    "ipv6_network",
     "mask_url_passwords",
     "network",
     "networks",
@@ -542,6 +544,21 @@ def cookies(environ: WSGIEnvironment) -> Mapping[str, str]:
             jar = parse_cookie(fixed)
         environ[COOKIES] = jar
     return jar
+
+
+@lru_cache(maxsize=8192)
+def ipv6_network(ip: str, prefix: int = 64) -> str:
+    """The /prefix network of an IPv6 address (IPv4-mapped ones count as IPv4): one client, for counting.
+
+    A host on one network (a /64 is a home or a server) picks any address in it at will.
+    """
+    try:
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> (128 - prefix) << (128 - prefix), prefix)))
 
 
 def client_ip(environ: WSGIEnvironment) -> str:

@@ -21,12 +21,10 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
-import ipaddress
 import re
 import threading
 import time
 import weakref
-from functools import lru_cache
 from math import ceil, floor, inf
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, cast
 
@@ -49,6 +47,7 @@ from middleware.base import (
     decoded_path,
     decorate_error,
     escape_control,
+    ipv6_network,
     note,
     refuse,
     rewrites_inside,
@@ -134,18 +133,6 @@ class _Rule(BaseModel):
     _key = field_validator("key")(_check_key)
 
 
-
-
-@lru_cache(maxsize=8192)
-def _group_ipv6(ip: str, prefix: int) -> str:
-    """The /prefix network of an IPv6 address (IPv4-mapped ones count as IPv4)."""
-    try:
-        addr = ipaddress.IPv6Address(ip)
-    except ValueError:
-        return ip
-    if addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(addr) >> (128 - prefix) << (128 - prefix), prefix)))
 
 
 def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl: float,
@@ -601,7 +588,7 @@ class RateLimitMiddleware:
                     out.append("h:" + hashlib.blake2b(value.encode("latin-1"), digest_size=12).hexdigest())
                     continue
             ip = client_ip(environ) or "unknown"
-            out.append("ip:" + (_group_ipv6(ip, self.prefix) if ":" in ip else ip))
+            out.append("ip:" + (ipv6_network(ip, self.prefix) if ":" in ip else ip))
         return out[0] if len(out) == 1 else "|".join(dict.fromkeys(out))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

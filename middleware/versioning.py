@@ -54,6 +54,7 @@ from .base import (
     add_vary,
     client_ip,
     decorate_error,
+    ipv6_network,
     note,
     one_leading_slash,
     refuse,
@@ -409,7 +410,11 @@ class VersioningMiddleware:
 
     def _count(self, environ: WSGIEnvironment, version: str) -> None:
         identity = environ.get(IDENTITY)
-        client = str(identity.subject) if identity is not None else client_ip(environ)
+        if identity is not None:
+            client = str(identity.subject)
+        else:  # an IPv6 host picks any address of its /64 at will: one client, as the rate limiter counts it
+            client = client_ip(environ)
+            client = ipv6_network(client) if ":" in client else client
         self.context.emit("version.deprecated", version=version, client=client)
         now = time.monotonic()
         with self._lock:

@@ -323,6 +323,22 @@ def test_deprecated_use_is_counted_and_logged_once_per_interval(
     ]
 
 
+def test_an_ipv6_client_is_its_network(make: Callable[..., tuple[TestApp, Context]],
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A host picks any address of its /64: one client, one report, as the rate limiter counts it."""
+    web, _ = make(**DEPRECATED)
+    with caplog.at_level(logging.WARNING, logger="wsgistack.versioning"):
+        for host in range(1, 21):
+            web.get("/api/v1/search", extra_environ={"REMOTE_ADDR": f"2001:db8::{host:x}"})
+        web.get("/api/v1/search", extra_environ={"REMOTE_ADDR": "2001:db8:0:1::1"})
+        web.get("/api/v1/search", extra_environ={"REMOTE_ADDR": "::ffff:192.0.2.9"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "client 2001:db8::/64 used deprecated API version v1 (1 requests since the last report)",
+        "client 2001:db8:0:1::/64 used deprecated API version v1 (1 requests since the last report)",
+        "client 192.0.2.9 used deprecated API version v1 (1 requests since the last report)",
+    ]
+
+
 def test_next_report_carries_the_count(seen: Seen, caplog: pytest.LogCaptureFixture,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [5_000.0]
