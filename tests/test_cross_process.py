@@ -78,7 +78,7 @@ def check_example(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedPr
             "(it has 5); make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
         ], id="short JWT secret"),
         pytest.param({**CHECK_ENV, "REDIS_URL": "memory://"}, 2, [
-            "examples/production.yaml:68:5 pipeline[8]: ratelimit keeps state in store 'shared' (memory://) but "
+            "examples/production.yaml:64:5 pipeline[7]: ratelimit keeps state in store 'shared' (memory://) but "
             "server.workers is 2: each process would have its own copy; use redis://",
             "examples/production.yaml:77:5 pipeline[9]: session keeps state in store 'shared' (memory://) but "
             "server.workers is 2: each process would have its own copy; use redis://",
