@@ -342,6 +342,9 @@ class TokenService:
         self.only = next(iter(self.keys.values())) if len(self.keys) == 1 else None
         self.closed = options.on_store_error == "closed"
         self.realm = options.realm
+        #: How much longer than a token's lifetime the records of it live: a host whose clock is ``leeway``
+        #: behind the writer's still accepts the token for ``leeway`` after ``exp`` by its own clock.
+        self.margin = 2 * options.leeway + 1
         self.require = ["exp", "iat", "jti", "sub"]
         self._last_log = 0.0
         self._verified: dict[str, dict[str, Any]] = {}
@@ -526,8 +529,12 @@ class TokenService:
                     if len(self._verified) >= _VERIFIED_MAX:
                         self._verified.pop(next(iter(self._verified)), None)
                     self._verified[token] = claims
-        elif claims["exp"] <= time.time() - self.options.leeway:
-            raise _Invalid("expired", "the token has expired")
+        else:  # what decoding checks of the time, again: the clock may have stepped since
+            now, leeway = time.time(), self.options.leeway
+            if claims["exp"] <= now - leeway:
+                raise _Invalid("expired", "the token has expired")
+            if claims.get("iat", 0) > now + leeway or claims.get("nbf", 0) > now + leeway:
+                raise _Invalid("not_yet_valid", "the token is not valid yet")
         jti = "revoked:" + str(claims["jti"])
         try:
             found, revoked = read_ahead(environ, self.store, "get", jti) if environ else (False, None)
@@ -578,7 +585,7 @@ class TokenService:
             minted = _Minted(now, secrets.token_urlsafe(16), secrets.token_urlsafe(16), roles)
             # Recorded so that revoking the family can blocklist this access token too. Strict in
             # both modes: a token the store does not know of would outlive its family's revocation.
-            key, ttl = f"family-access:{fam}:{minted.access}", o.access_ttl + o.leeway + 1
+            key, ttl = f"family-access:{fam}:{minted.access}", o.access_ttl + self.margin
             self._store(lambda: self.store.set(key, b"1", ttl), strict=True)
         access_exp, refresh_exp = min(now + o.access_ttl, end), min(now + o.refresh_ttl, end)
         access = self._sign({**base, "exp": access_exp, "jti": minted.access, "typ": "access"})
@@ -664,7 +671,8 @@ class TokenService:
         if not grace:
             return None
         minted = _Minted.read(self._store(lambda: self.store.get(used), strict=True))
-        if minted is None or not 0 <= time.time() - minted.iat <= grace:
+        leeway = self.options.leeway  # iat is whole seconds of the first host's clock: as skewed as tokens are
+        if minted is None or not -(leeway + 1) <= time.time() - minted.iat <= grace + leeway:
             return None
         if self._store(lambda: self.store.get("refresh-used:" + minted.refresh), strict=True) is not None:
             return None  # that pair was refreshed already: this token is stale, whoever sends it
@@ -679,10 +687,10 @@ class TokenService:
             # logout over and over must not make it walk them every time.
             if self.store.get("family-swept:" + fam) is not None:
                 return
-            self.store.set("family-revoked:" + fam, b"1", o.refresh_ttl + o.leeway + 1)
+            self.store.set("family-revoked:" + fam, b"1", o.refresh_ttl + self.margin)
             for key in list(self.store.scan(prefix)):
-                self.store.set("revoked:" + key[len(prefix):], b"1", o.access_ttl + o.leeway + 1)
-            self.store.set("family-swept:" + fam, b"1", o.refresh_ttl + o.leeway + 1)
+                self.store.set("revoked:" + key[len(prefix):], b"1", o.access_ttl + self.margin)
+            self.store.set("family-swept:" + fam, b"1", o.refresh_ttl + self.margin)
 
         self._store(run, strict=True)
 
@@ -699,9 +707,9 @@ class TokenService:
             every = [self._decode(t, None, verify_exp=False) for t in (token, *more)]
         except _Invalid as exc:
             raise self._refuse(exc) from None
-        now, leeway = time.time(), self.options.leeway
-        sets = [("revoked:" + str(c["jti"]), b"1", c["exp"] - now + leeway + 1)
-                for c in every if c["exp"] - now + leeway > 0]
+        now, margin = time.time(), self.margin
+        sets = [("revoked:" + str(c["jti"]), b"1", c["exp"] - now + margin)
+                for c in every if c["exp"] - now + margin > 1]
         if sets:
             self._store(lambda: self.store.write(sets), strict=True)
         if family:

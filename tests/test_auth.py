@@ -548,6 +548,41 @@ def test_a_refresh_sent_again_within_the_grace_gets_the_same_pair(store: Store) 
     assert stack.call(token=third["access_token"]).status_int == 200
 
 
+def test_the_grace_allows_for_clocks_as_skewed_as_tokens(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second tab's refresh lands on a host whose clock is half a second behind the first one's."""
+    stack = Stack(store)
+    first = stack.tokens.issue("ann", ["user"])
+    second = stack.tokens.refresh(first["refresh_token"])
+    behind = time.time() - 0.99
+    monkeypatch.setattr(time, "time", lambda: behind)
+    assert stack.tokens.refresh(first["refresh_token"]) == second
+    assert stack.reasons == []
+
+
+def test_a_remembered_token_is_refused_after_the_clock_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verified once and remembered, a token issued "in the future" of a clock that stepped back is refused
+    as a fresh decode would refuse it, not accepted on its exp alone."""
+    stack = Stack(leeway=30)
+    token = hs(claims(exp=int(time.time()) + 7200))
+    assert stack.call(token=token).status_int == 200
+    back = time.time() - 3600
+    monkeypatch.setattr(time, "time", lambda: back)
+    refused = stack.call(token=token)
+    assert refused.status_int == 401
+    assert refused.headers["WWW-Authenticate"] == challenge("the token is not valid yet")
+
+
+def test_a_revocation_outlives_the_token_by_twice_the_leeway(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose clock is leeway behind the revoker's accepts the token leeway past exp by its own clock."""
+    store = MemoryStore()
+    stack = Stack(store, leeway=30)
+    token = hs(claims(exp=int(time.time()) + 5))
+    stack.tokens.revoke(token)
+    later = time.monotonic() + 5 + 30 + 10  # past exp + leeway on the revoker's clock, within exp + 2 leeway
+    monkeypatch.setattr("stores.memory._monotonic", lambda: later)
+    assert store.get(f"revoked:{jwt.decode(token, SECRET, algorithms=['HS256'])['jti']}") == b"1"
+
+
 @pytest.mark.parametrize(("grace", "later", "mark"), [
     (0, 0, None),                                   # no grace: sent again at once is a reuse
     (10, 11, None),                                 # after the grace
