@@ -20,7 +20,7 @@ from flask import Blueprint, Response, request
 from app.search import MAX_PAGE, SearchPage
 from app.state import SUPPORTED_VERSIONS, AppState
 from app.stream import search_events, sse_response
-from middleware.base import refuse
+from middleware.base import REQUEST_ID, refuse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,7 +66,8 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
     @bp.get("/search/stream")
     def search_stream() -> Response:
         query, page = search_args(request.args)
-        events = search_events(state.engine, query, page, shape, search_options.stream_interval, logger)
+        events = search_events(state.engine, query, page, shape, search_options.stream_interval, logger,
+                               request.environ.get(REQUEST_ID))
         return sse_response(events)
 
     @bp.get("/health")

@@ -42,8 +42,13 @@ def search_events(
     shape: Callable[[SearchPage], dict[str, Any]],
     interval: float,
     logger: logging.Logger,
+    request_id: str | None = None,
 ) -> Iterator[bytes]:
-    """Yield the events of one search as they happen."""
+    """Yield the events of one search as they happen.
+
+    The events are made while the server sends the body, after every layer has
+    returned: a failure is logged with ``request_id`` given here.
+    """
     yield sse_event("search_started", {"query": query})
     steps = engine.stages(query, page)
     try:
@@ -61,7 +66,8 @@ def search_events(
         yield sse_event("search_error", {"code": exc.code, "message": exc.description})
         return
     except Exception:
-        logger.exception("search stream failed for a query of %d characters", len(query))
+        logger.exception("search stream failed for a query of %d characters", len(query),
+                         extra={"request_id": request_id})
         yield sse_event("search_error", {"code": 500, "message": InternalServerError.description})
         return
     finally:

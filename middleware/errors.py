@@ -166,6 +166,8 @@ class ErrorsMiddleware:
                 escape_control(decoded_path(environ)),
                 environ.get(REQUEST_ID, "-"),
                 exc_info=exc,
+                # request_id (inside: always, the builder keeps errors outermost) has left its request by now
+                extra={"request_id": environ.get(REQUEST_ID)},
             )
             if self.debug:
                 details = {

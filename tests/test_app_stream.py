@@ -138,10 +138,11 @@ def test_a_failure_while_shaping_the_result_ends_the_stream_with_an_error(caplog
         raise OverflowError("integer division result too large for a float")
 
     with caplog.at_level(logging.ERROR, logger="test.stream"):
-        events = parse(search_events(OneStage(), "json", 1, shape, 0.0, logging.getLogger("test.stream")))
+        events = parse(search_events(OneStage(), "json", 1, shape, 0.0, logging.getLogger("test.stream"), "rid-7"))
     assert events == [
         ("search_started", {"query": "json"}),
         ("search_progress", {"progress": 100, "stage": "done"}),
         ("search_error", {"code": 500, "message": InternalServerError.description}),
     ]
     assert caplog.messages == ["search stream failed for a query of 4 characters"]
+    assert [r.request_id for r in caplog.records] == ["rid-7"]  # type: ignore[attr-defined]  # the body outlives it

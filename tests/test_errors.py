@@ -129,6 +129,8 @@ def test_unhandled_exception_is_a_500_without_its_text(caplog: pytest.LogCapture
     assert response.json["error"]["message"] == message
     assert "hunter2" in caplog.text  # the operator still sees it in the log
     assert response.headers["X-Request-ID"] in caplog.text
+    # The record carries the id too (request_id has left the request by now): the JSON lines' field.
+    assert [r.request_id for r in caplog.records] == [response.headers["X-Request-ID"]]  # type: ignore[attr-defined]
 
 
 def test_debug_shows_the_traceback_on_loopback_only() -> None:
