@@ -70,10 +70,11 @@ def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) ->
     return document
 
 
-def load(document: Document, *, strict: bool = True) -> tuple[StackConfig, list[Problem]]:
-    """Validate and lint; raise ConfigError on any error, return the config and its warnings."""
+def load(document: Document, *, strict: bool = True, hosted: bool = False) -> tuple[StackConfig, list[Problem]]:
+    """Validate and lint (``hosted``: for another WSGI server); raise ConfigError on any error, return the
+    config and its warnings."""
     config = parse(document)
-    problems = lint(config)
+    problems = lint(config, hosted=hosted)
     if strict and any(p.severity == "error" for p in problems):
         raise ConfigError(problems)
     return config, problems

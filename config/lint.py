@@ -609,10 +609,16 @@ RULES: list[Rule] = [
 ]
 
 
-def lint(cfg: StackConfig) -> list[Problem]:
-    """Run every rule; errors first, then warnings, each in pipeline order."""
+#: Rules about serve.py's own sockets (their address families): another WSGI server binds its own.
+SERVED_ONLY: tuple[Rule, ...] = (proxy_peers_can_connect,)
+
+
+def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:
+    """Run every rule (``hosted``: under another WSGI server, not the ``SERVED_ONLY`` ones); errors first,
+    then warnings, each in pipeline order."""
     from .build import with_default_errors
 
     specs = with_default_errors(cfg.pipeline)
-    found = [p for rule in RULES for p in rule(cfg, specs)]
+    rules = [rule for rule in RULES if rule not in SERVED_ONLY] if hosted else RULES
+    found = [p for rule in rules for p in rule(cfg, specs)]
     return sorted(found, key=lambda p: (p.severity != "error", p.line, p.column))

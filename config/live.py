@@ -372,7 +372,7 @@ class LiveStack:
         from .lint import proxyfix_trusts_every_peer
 
         base = Path(self.path).resolve().parent
-        config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
+        config, warnings = load(_relative_to(read_file(self.path, env=self.env), base), hosted=True)
         served = config.server.model_copy(update=hosted_settings(self._env))
         found = [_noted(p, HOSTED_NOTE) for p in _judged(config, served, proxyfix_trusts_every_peer)]
         if found:

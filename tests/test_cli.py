@@ -495,6 +495,9 @@ for multiprocess in {multiprocess}:
     pytest.param("  - errors: {}\n  - session: {secret_key: '" + "s" * 40 + "'}\n", [False],
                  ['200 OK {"path": "/x", "method": "GET", "remote_addr": "192.0.2.7", '], "",
                  id="memory:// state under a host with one process"),
+    pytest.param("  - errors: {}\n  - proxy: {x_for: 1, trusted_proxies: ['fd00::/8']}\n", [False],
+                 ['200 OK {"path": "/x", "method": "GET", "remote_addr": "192.0.2.7", '], "",
+                 id="a proxy over IPv6 to a host that may bind IPv6 (serve.py's IPv4 listen says nothing)"),
 ])
 def test_serve_app_judges_the_host_by_what_it_cannot_see(config_file, pipeline: str,  # type: ignore[no-untyped-def]
                                                          multiprocess: list[bool], stdout: list[str],
