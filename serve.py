@@ -93,8 +93,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line)  # ASCII, control characters escaped: one line whatever the message holds
 
 
+class TextFormatter(logging.Formatter):
+    """``2025-05-01T09:30:12.345Z INFO logger [request id]: message``, one line per record.
+
+    The time is UTC, as in the JSON lines and the access log.  The message's control
+    characters (line breaks of every kind, ANSI escapes) are escaped as
+    :func:`middleware.base.escape_control` does: a value a client sent (a header
+    Waitress complains of, a token's subject) cannot forge a line of its own.  A
+    traceback keeps its lines.
+    """
+
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed's gmtime reads as taking no argument
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from middleware.base import escape_control
+
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
 def _formatter(fmt: str) -> logging.Formatter:
-    return JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT)
+    return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
 def _setup_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -54,6 +54,7 @@ from .base import (
     add_vary,
     client_ip,
     decorate_error,
+    escape_control,
     ipv6_network,
     note,
     one_leading_slash,
@@ -428,4 +429,4 @@ class VersioningMiddleware:
                 count, entry[0], entry[1] = entry[0], 0, now
         if due:
             self.logger.warning("client %s used deprecated API version %s (%d requests since the last report)",
-                                client, version, int(count))
+                                escape_control(client), version, int(count))

@@ -555,6 +555,24 @@ def test_json_log_lines() -> None:
                                 "request_id": "abc", "message": "two\nlines here"}
 
 
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York"])
+def test_text_log_lines_are_one_line_in_utc(monkeypatch: pytest.MonkeyPatch, tz: str) -> None:
+    """A value a client sent (a header Waitress warns of, a token's subject) cannot forge a line or a colour,
+    and the time is UTC, as in the JSON lines and the access log, whatever the zone."""
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        record = logging.LogRecord("waitress", logging.WARNING, __file__, 1, "bad header %r: %s", (
+            "x", "a\n2026-01-01 ERROR forged\x85\x1b[31mred\u2028"), None)
+        record.created, record.msecs, record.request_id = 1_700_000_000.25, 250, "-"
+        line = serve.TextFormatter().format(record)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert line == ("2023-11-14T22:13:20.250Z WARNING waitress [-]: bad header 'x': "
+                    "a\\x0a2026-01-01 ERROR forged\\x85\\x1b[31mred\\u2028")
+
+
 def generation(port: int) -> str:
     """The X-Stack-Generation of a fresh response."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
