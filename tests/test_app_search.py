@@ -120,6 +120,10 @@ def test_fts_syntax_in_the_query_is_searched_for_not_parsed(client: TestApp, que
         pytest.param(" ".join(["w"] * 40), " ".join(['"w"'] * 32), id="at most MAX_TERMS words"),
         pytest.param("a." * 499 + "a", '"' + " ".join(["a"] * 32) + '"', id="one term of 500 words: its first 32"),
         pytest.param("x " * 30 + "a.b.c.d", '"x" ' * 30 + '"a b"', id="the last term cut to the words left"),
+        pytest.param("a\u19b0" * 500, '"' + " ".join(["a"] * 32) + '"',
+                     id="a letter to Python that separates words in SQLite (Unicode 6.1) separates them here"),
+        pytest.param("caf\u00e9 \u0436\u0443\u0440\u043d\u0430\u043b",
+                     '"caf\u00e9" "\u0436\u0443\u0440\u043d\u0430\u043b"', id="letters of every script are words"),
     ],
 )
 def test_fts_query_quotes_every_term(text: str, expected: str | None) -> None:

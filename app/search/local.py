@@ -32,7 +32,6 @@ import errno
 import json
 import logging
 import os
-import re
 import sqlite3
 import sys
 import threading
@@ -41,6 +40,7 @@ import warnings
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unicodedata import ucd_3_2_0
 
 from werkzeug.exceptions import HTTPException
 
@@ -60,8 +60,7 @@ __all__ = ["LocalEngine", "fts_query"]
 
 SCHEMA_VERSION = 2
 MAX_TERMS = 32
-#: What the unicode61 tokenizer indexes: runs of letters and digits (or finer: never more words than it)
-_WORD = re.compile(r"[^\W_]+")
+
 #: Seconds a build that ran out of room waits before the next try: searches meanwhile get the 503 at
 #: once, instead of each building the whole index again (seconds of CPU) to fail the same way.
 BUILD_RETRY_SECONDS = 30
@@ -83,6 +82,23 @@ _PAGE = (
 )
 
 
+def _words(term: str) -> list[str]:
+    """The runs of letters and digits in ``term``, never fewer than the unicode61 tokenizer finds.
+
+    SQLite's tables are Unicode 6.1's; Python's are newer, and call some characters letters that
+    SQLite splits words at (U+19B0, a vowel sign until Unicode 8).  A letter of Unicode 3.2 (which
+    Python also ships) is a letter in both; any other character outside ASCII separates words here.
+    """
+    words, run = [], ""
+    for char in term:
+        if char.isalnum() and (char < "\x80" or ucd_3_2_0.category(char)[0] in "LN"):
+            run += char
+        elif run:
+            words.append(run)
+            run = ""
+    return [*words, run] if run else words
+
+
 def fts_query(text: str) -> str | None:
     """Turn user text into an FTS5 query of quoted terms (all must match); None if no term.
 
@@ -94,7 +110,7 @@ def fts_query(text: str) -> str | None:
     text = "".join(c if c.isprintable() else " " for c in text)
     terms, left = [], MAX_TERMS
     for term in text.split():
-        words = _WORD.findall(term)
+        words = _words(term)
         if not words:
             continue
         if len(words) > left:
