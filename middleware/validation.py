@@ -73,7 +73,7 @@ _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 #: What int() says of a number longer than Python's limit (sys.get_int_max_str_digits, 4300).
-_INT_LIMIT = re.compile(r"Exceeds the limit \(\d+ digits\) for integer string conversion: value has (\d+) digits")
+_INT_LIMIT = re.compile(r"Exceeds the limit \((\d+) digits\) for integer string conversion: value has (\d+) digits")
 _ACCEPT_HEADER = {"POST": "Accept-Post", "PATCH": "Accept-Patch"}
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 
@@ -127,8 +127,8 @@ JSON_MAX_BYTES = 102400
 MAX_INT_DIGITS = 4300
 
 
-def _integer_too_long(digits: int) -> str:
-    return f"an integer of {digits} digits is longer than the {MAX_INT_DIGITS} digits a number may have here"
+def _integer_too_long(digits: int, limit: int = MAX_INT_DIGITS) -> str:
+    return f"an integer of {digits} digits is longer than the {limit} digits a number may have here"
 
 
 def _integer(text: str) -> int:
@@ -533,7 +533,7 @@ class ValidationMiddleware:
                                max=self._json_depth) from None
         except ValueError as exc:
             too_long = _INT_LIMIT.match(str(exc))
-            said = str(exc) if too_long is None else _integer_too_long(int(too_long[1]))
+            said = str(exc) if too_long is None else _integer_too_long(int(too_long[2]), int(too_long[1]))
             raise self._refuse(environ, 400, f"The request body is not well-formed JSON: "
                                f"{said}.", "json") from None
         if _deeper_than(body, self._json_depth):

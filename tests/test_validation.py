@@ -420,6 +420,19 @@ def test_integers_are_capped_when_a_program_lifted_pythons_own_limit(monkeypatch
         "number may have here.")
 
 
+def test_integers_are_capped_at_pythons_own_limit_when_it_is_lower() -> None:
+    """PYTHONINTMAXSTRDIGITS=1000 (or sys.set_int_max_str_digits): the refusal names the limit that refused."""
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(1000)
+    try:
+        response = send({}, {"body": b"[" + b"9" * 2000 + b"]", "content_type": "application/json"}, 400)
+    finally:
+        sys.set_int_max_str_digits(old)
+    assert response.json["error"]["message"] == (
+        "The request body is not well-formed JSON: an integer of 2000 digits is longer than the 1000 digits a "
+        "number may have here.")
+
+
 def call(app: Any, body: bytes, content_type: str = "text/plain",
          **environ: Any) -> tuple[str, dict[str, str], Any, CountingInput]:
     """POST a chunked body (no CONTENT_LENGTH) straight into ``app``; None removes a key."""
