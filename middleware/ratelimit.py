@@ -256,7 +256,7 @@ class _MemoryCounter:
 
     def __init__(self) -> None:
         self._storage: _MemoryStorage | None = None
-        self.windows: dict[float, dict[str, list[float]]] = {}  # expiry -> key -> [count, window end]
+        self.windows: dict[float, dict[str, list[float]]] = {}  # expiry -> key -> [count, monotonic window end]
         #: (strategy, expiry) -> key -> when its entries end, for the moving and sliding windows (see _track)
         self.tracked: dict[tuple[str, int], dict[str, float]] = {}
         self.lock = threading.Lock()
@@ -317,28 +317,31 @@ class _MemoryCounter:
                 self.storage.clear_sliding_window(oldest, expiry)
 
     def _fixed(self, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
+        """Windows timed by the monotonic clock (a wall clock stepped back an hour would hold every
+        window open an hour longer); their ends are given back on ``now``'s clock."""
         out: list[Result] = []
         with self.lock:
+            tick = time.monotonic()
             for item, key in zip(items, keys, strict=True):
                 expiry = item.get_expiry()
                 windows = self.windows.get(expiry)
                 if windows is None:
                     windows = self.windows[expiry] = {}
                 entry = windows.get(key)
-                if entry is None or entry[1] <= now:
+                if entry is None or entry[1] <= tick:
                     if entry is not None:
                         del windows[key]  # inserted again at the end: the dict stays ordered by window end
                     while windows:  # drop the windows that ended, from the oldest
                         first = next(iter(windows))
-                        if windows[first][1] > now:
+                        if windows[first][1] > tick:
                             break
                         del windows[first]
-                    entry = windows[key] = [0, now + expiry]
+                    entry = windows[key] = [0, tick + expiry]
                     if len(windows) > MAX_MEMORY_KEYS:  # a flood of new keys: the oldest window goes first
                         del windows[next(iter(windows))]
                 entry[0] += 1
                 count, amount = int(entry[0]), item.amount
-                out.append((count <= amount, max(0, amount - count), entry[1]))
+                out.append((count <= amount, max(0, amount - count), now + entry[1] - tick))
         return out
 
 

@@ -536,6 +536,7 @@ def test_a_rebuilt_layer_on_the_same_store_keeps_counting(store: Store) -> None:
 def test_memory_windows_roll_over_and_ended_ones_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1_000_000.0]
     monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
+    monkeypatch.setattr("middleware.ratelimit.time.monotonic", lambda: clock[0])  # memory windows
     store = store_from_url("memory://")
     stack = Stack(store, limits=["2/second", "5/minute"])
     assert [stack.get().status_int for _ in range(3)] == [200, 200, 429]
@@ -555,12 +556,28 @@ def test_memory_windows_roll_over_and_ended_ones_are_dropped(monkeypatch: pytest
     assert (len(windows[1]), len(windows[60])) == (1, 1)
 
 
+def test_memory_windows_end_on_time_whatever_the_wall_clock_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall clock steps back an hour (NTP, a VM resumed): a minute's window still ends after a minute."""
+    wall, tick = [1_000_000.0], [500.0]
+    monkeypatch.setattr("middleware.ratelimit.time.time", lambda: wall[0])
+    monkeypatch.setattr("middleware.ratelimit.time.monotonic", lambda: tick[0])
+    stack = Stack(store_from_url("memory://"), limits=["2/minute"])
+    assert [stack.get().status_int for _ in range(3)] == [200, 200, 429]
+    wall[0] -= 3600.0
+    tick[0] += 30.0
+    refused = stack.get()
+    assert (refused.status_int, refused.headers["Retry-After"]) == (429, "30")
+    tick[0] += 30.0
+    assert rate(stack.get()) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "1", "RateLimit-Reset": "60"}
+
+
 @pytest.mark.parametrize("asked_at", [54.9995, 54.99999, 59.9995, 59.0, 30.25])
 def test_waiting_the_seconds_said_is_enough(monkeypatch: pytest.MonkeyPatch, asked_at: float) -> None:
     # A window from 1000 to 1060: a refusal at 1000 + asked_at says how long to wait, in whole seconds
     # rounded up; a client that waits exactly that long is let in, and RateLimit-Reset says the same.
     clock = [1_000.0]
     monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
+    monkeypatch.setattr("middleware.ratelimit.time.monotonic", lambda: clock[0])  # memory windows
     stack = Stack(store_from_url("memory://"), limits=["1/minute"])
     assert stack.get().status_int == 200
     clock[0] = 1_000 + asked_at
@@ -576,6 +593,7 @@ def test_waiting_the_seconds_said_is_enough(monkeypatch: pytest.MonkeyPatch, ask
 def test_a_pass_with_nothing_left_says_a_wait_of_a_second_at_least(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1_000.0]
     monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
+    monkeypatch.setattr("middleware.ratelimit.time.monotonic", lambda: clock[0])  # memory windows
     stack = Stack(store_from_url("memory://"), limits=["2/minute"])
     stack.get()
     clock[0] = 1_059.9995  # the last request of the window: RateLimit-Reset 0 would invite a retry now
