@@ -95,6 +95,17 @@ _MARK_LIFE = 60.0
 _MARK_AHEAD = 2.0
 
 
+# Seconds an entry may seem born ahead of the clock reading it (another process's clock, a moment ahead):
+# more, and the clock stepped back since it was stored, so its freshness (on the same clock) says nothing.
+_BORN_AHEAD = 2.0
+
+
+def _fresh_at(entry: dict[str, Any], now: float) -> bool:
+    """Whether ``entry`` is fresh at ``now``: before its end, and not born in the future of ``now``
+    (after the wall clock stepped back an hour, an entry for 60 s would be fresh for the hour)."""
+    return bool(entry["f"] > now >= entry["t"] - _BORN_AHEAD)
+
+
 def _environ_name(header: str) -> str:
     name = header.strip().upper().replace("-", "_")
     return name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{name}"
@@ -419,7 +430,7 @@ class CacheMiddleware:
             self._give_back(environ)
         now = _clock()
         asks = self._asks(environ) if "HTTP_CACHE_CONTROL" in environ or "HTTP_PRAGMA" in environ else None
-        if entry is not None and entry["f"] > now and (asks is None or asks.accepts(entry, now)):
+        if entry is not None and _fresh_at(entry, now) and (asks is None or asks.accepts(entry, now)):
             self.context.emit("cache.hit")
             note(environ, "cache", "HIT")
             return self._serve(entry, "HIT", method, start_response, now, environ)
@@ -730,7 +741,7 @@ class CacheMiddleware:
             entry = self._lookup(environ, base)[0]
         except StoreError:
             return None
-        return entry if entry is not None and entry["f"] > _clock() else None
+        return entry if entry is not None and _fresh_at(entry, _clock()) else None
 
     def _await_peer(self, environ: WSGIEnvironment, base: str, lock_key: str,
                     deadline: float) -> dict[str, Any] | None:

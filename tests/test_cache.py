@@ -306,6 +306,20 @@ def test_no_content_length_is_not_stored(make: Callable[..., Stack], origin: Ori
     assert origin.calls == 2
 
 
+@pytest.mark.parametrize(("step", "expected"), [
+    (-1.5, ("MISS", "HIT", 1)),      # another process's clock a moment behind: still the entry it is
+    (-3600.0, ("MISS", "MISS", 2)),  # the clock stepped back an hour: its 60 s are not 60 s from now
+])
+def test_an_entry_born_ahead_of_the_clock_is_not_fresh(make: Callable[..., Stack], origin: Origin, clock: Clock,
+                                                        step: float, expected: tuple[str, str, int]) -> None:
+    stack = make(ttl=60)
+    first = stack.get().headers["X-Cache"]
+    clock.now += step
+    second = stack.get()
+    assert (first, second.headers["X-Cache"], origin.calls) == expected
+    assert stack.get().headers["X-Cache"] == "HIT"  # refilled (or kept): served from the cache again
+
+
 def test_hit_never_enters_the_app_and_replays_the_answer(make: Callable[..., Stack], origin: Origin) -> None:
     origin.headers.append(("X-Custom", "kept"))
     stack = make()
