@@ -122,12 +122,34 @@ def test_fts_syntax_in_the_query_is_searched_for_not_parsed(client: TestApp, que
         pytest.param("x " * 30 + "a.b.c.d", '"x" ' * 30 + '"a b"', id="the last term cut to the words left"),
         pytest.param("a\u19b0" * 500, '"' + " ".join(["a"] * 32) + '"',
                      id="a letter to Python that separates words in SQLite (Unicode 6.1) separates them here"),
+        pytest.param("json \u2d5c\u2d30\u2d4e \u07d2\u07de\u07cf", '"json" "\u2d5c\u2d30\u2d4e" "\u07d2\u07de\u07cf"',
+                     id="scripts newer than Unicode 3.2 are words too (Tifinagh, N'Ko)"),
         pytest.param("caf\u00e9 \u0436\u0443\u0440\u043d\u0430\u043b",
                      '"caf\u00e9" "\u0436\u0443\u0440\u043d\u0430\u043b"', id="letters of every script are words"),
     ],
 )
 def test_fts_query_quotes_every_term(text: str, expected: str | None) -> None:
     assert fts_query(text) == expected
+
+
+def test_words_are_split_where_sqlite_splits_them() -> None:
+    """Every character Python calls a letter or digit and Unicode 3.2 did not (where the tables may
+    disagree), tokenized by the running SQLite between two letters: fts_query counts the same words."""
+    import sqlite3
+    import sys
+    from unicodedata import ucd_3_2_0
+
+    from app.search.local import _words
+
+    chars = [chr(c) for c in range(0x80, sys.maxunicode + 1)
+             if chr(c).isalnum() and ucd_3_2_0.category(chr(c))[0] not in "LN"]
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'porter unicode61 remove_diacritics 2')")
+    db.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", ((i, f"a{c}a") for i, c in enumerate(chars)))
+    db.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+    split = {chars[i] for (i,) in db.execute("SELECT doc FROM v GROUP BY doc HAVING count(*) > 1")}
+    db.close()
+    assert {c for c in chars if len(_words(f"a{c}a")) > 1} == split
 
 
 def test_quoted_query_finds_what_the_plain_one_finds(json_engine: LocalEngine) -> None:

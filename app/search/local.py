@@ -32,6 +32,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -40,7 +41,6 @@ import warnings
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from unicodedata import ucd_3_2_0
 
 from werkzeug.exceptions import HTTPException
 
@@ -82,21 +82,16 @@ _PAGE = (
 )
 
 
-def _words(term: str) -> list[str]:
-    """The runs of letters and digits in ``term``, never fewer than the unicode61 tokenizer finds.
+#: Characters Python's Unicode tables call letters and SQLite's (Unicode 6.1, for the unicode61
+#: tokenizer) split words at: New Tai Lue and Vedic signs that were marks until Unicode 8.
+#: tests/test_app_search.py asks the running SQLite for every such character.
+WORD_SPLITTERS = "\u19b0-\u19c0\u19c8\u19c9\u1cf2\u1cf3"
+_WORD = re.compile(f"[^\\W_{WORD_SPLITTERS}]+")
 
-    SQLite's tables are Unicode 6.1's; Python's are newer, and call some characters letters that
-    SQLite splits words at (U+19B0, a vowel sign until Unicode 8).  A letter of Unicode 3.2 (which
-    Python also ships) is a letter in both; any other character outside ASCII separates words here.
-    """
-    words, run = [], ""
-    for char in term:
-        if char.isalnum() and (char < "\x80" or ucd_3_2_0.category(char)[0] in "LN"):
-            run += char
-        elif run:
-            words.append(run)
-            run = ""
-    return [*words, run] if run else words
+
+def _words(term: str) -> list[str]:
+    """The runs of letters and digits in ``term``: the words the unicode61 tokenizer finds in it."""
+    return _WORD.findall(term)
 
 
 def fts_query(text: str) -> str | None:
