@@ -511,7 +511,7 @@ class TokenService:
     def known(self, token: str) -> dict[str, Any] | None:
         """The claims of an access token that verified before and has not expired, else None (no store read)."""
         claims = self._verified.get(token)
-        return claims if claims is not None and claims["exp"] > time.time() - self.options.leeway else None
+        return claims if claims is not None and int(claims["exp"]) > time.time() - self.options.leeway else None
 
     def check(self, token: str, kind: str = "access", environ: WSGIEnvironment | None = None) -> dict[str, Any]:
         """Verify a token and its revocation (one store read); raise ``_Invalid`` or a 503.
@@ -531,9 +531,10 @@ class TokenService:
                     self._verified[token] = claims
         else:  # what decoding checks of the time, again: the clock may have stepped since
             now, leeway = time.time(), self.options.leeway
-            if claims["exp"] <= now - leeway:
+            # As PyJWT compares them: whole seconds (a fractional iat counts from its second).
+            if int(claims["exp"]) <= now - leeway:
                 raise _Invalid("expired", "the token has expired")
-            if claims.get("iat", 0) > now + leeway or claims.get("nbf", 0) > now + leeway:
+            if int(claims.get("iat", 0)) > now + leeway or int(claims.get("nbf", 0)) > now + leeway:
                 raise _Invalid("not_yet_valid", "the token is not valid yet")
         jti = "revoked:" + str(claims["jti"])
         try:
@@ -643,7 +644,7 @@ class TokenService:
             if auth_time + self.options.login_max_age <= time.time():  # however much leeway exp had
                 raise _Invalid("expired", "the token has expired")
             pair, minted = self._pair(subject, sorted(set(roles)), fam, auth_time)
-            ttl = max(1.0, claims["exp"] - time.time() + self.options.leeway)
+            ttl = max(1.0, claims["exp"] - time.time() + self.margin)  # as long as any host may accept it
             used, mark = "refresh-used:" + str(claims["jti"]), minted.mark()
             if not self._store(lambda: self.store.add(used, mark, ttl), strict=True):
                 again = self._made_by_first_use(used)
@@ -671,8 +672,8 @@ class TokenService:
         if not grace:
             return None
         minted = _Minted.read(self._store(lambda: self.store.get(used), strict=True))
-        leeway = self.options.leeway  # iat is whole seconds of the first host's clock: as skewed as tokens are
-        if minted is None or not -(leeway + 1) <= time.time() - minted.iat <= grace + leeway:
+        # iat is the whole second of the first host's clock: this host's may be up to leeway behind it.
+        if minted is None or not -(self.options.leeway + 1) <= time.time() - minted.iat <= grace:
             return None
         if self._store(lambda: self.store.get("refresh-used:" + minted.refresh), strict=True) is not None:
             return None  # that pair was refreshed already: this token is stale, whoever sends it

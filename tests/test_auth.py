@@ -572,6 +572,25 @@ def test_a_remembered_token_is_refused_after_the_clock_stepped_back(monkeypatch:
     assert refused.headers["WWW-Authenticate"] == challenge("the token is not valid yet")
 
 
+def test_a_remembered_token_is_checked_in_whole_seconds_as_pyjwt_does() -> None:
+    """An iat a fraction of a second ahead (an issuer's clock a moment fast) passes PyJWT: and then again."""
+    stack = Stack()
+    token = hs(claims(iat=int(time.time()) + 0.95))
+    assert [stack.call(token=token).status_int for _ in range(3)] == [200, 200, 200]
+
+
+def test_a_used_refresh_token_is_known_as_long_as_any_host_accepts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thief sends the used token to a host leeway behind, leeway past exp: still a reuse."""
+    store = MemoryStore()
+    stack = Stack(store, leeway=30, access_ttl=60, refresh_ttl=100)
+    first = stack.tokens.issue("ann")
+    stack.tokens.refresh(first["refresh_token"])
+    later = time.monotonic() + 100 + 45  # past exp + leeway on the first host's clock, within 2 leeway
+    monkeypatch.setattr("stores.memory._monotonic", lambda: later)
+    jti = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["jti"]
+    assert store.get(f"refresh-used:{jti}") is not None
+
+
 def test_a_revocation_outlives_the_token_by_twice_the_leeway(monkeypatch: pytest.MonkeyPatch) -> None:
     """A host whose clock is leeway behind the revoker's accepts the token leeway past exp by its own clock."""
     store = MemoryStore()
@@ -583,15 +602,17 @@ def test_a_revocation_outlives_the_token_by_twice_the_leeway(monkeypatch: pytest
     assert store.get(f"revoked:{jwt.decode(token, SECRET, algorithms=['HS256'])['jti']}") == b"1"
 
 
-@pytest.mark.parametrize(("grace", "later", "mark"), [
-    (0, 0, None),                                   # no grace: sent again at once is a reuse
-    (10, 11, None),                                 # after the grace
-    (10, 0, b"1"),                                  # a mark that holds no pair (from an earlier version)
-    (10, 0, b'{"iat":"x","access":1,"refresh":[],"roles":"ab"}'),  # a mark that is not ours
+@pytest.mark.parametrize(("grace", "later", "mark", "leeway"), [
+    (0, 0, None, 0),                                # no grace: sent again at once is a reuse
+    (10, 11, None, 0),                              # after the grace
+    (10, 11, None, 300),                            # leeway widens the grace backwards only (clock skew)
+    (10, 0, b"1", 0),                               # a mark that holds no pair (from an earlier version)
+    (10, 0, b'{"iat":"x","access":1,"refresh":[],"roles":"ab"}', 0),  # a mark that is not ours
 ])
 def test_a_refresh_sent_again_outside_the_grace_revokes_the_family(
-        store: Store, monkeypatch: pytest.MonkeyPatch, grace: int, later: int, mark: bytes | None) -> None:
-    stack = Stack(store, refresh_reuse_grace=grace)
+        store: Store, monkeypatch: pytest.MonkeyPatch, grace: int, later: int, mark: bytes | None,
+        leeway: int) -> None:
+    stack = Stack(store, refresh_reuse_grace=grace, leeway=leeway)
     first = stack.tokens.issue("ann", ["user"])
     second = stack.tokens.refresh(first["refresh_token"])
     jti = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["jti"]
