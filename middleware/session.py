@@ -74,7 +74,7 @@ class Session(MutableMapping[str, Any]):
     """
 
     __slots__ = ("_carried", "_created", "_data", "_environ", "_expire_cookie", "_id", "_issue", "_layer",
-                 "_new", "_persist", "_sealed", "_stale", "_stored_id", "accessed", "modified")
+                 "_new", "_persist", "_rotated_from", "_sealed", "_stale", "_stored_id", "accessed", "modified")
     permanent = True  # for Flask's SessionMixin duck typing: lifetime is the layer's timeouts
 
     def __init__(self, layer: SessionMiddleware, environ: WSGIEnvironment) -> None:
@@ -91,6 +91,7 @@ class Session(MutableMapping[str, Any]):
         self._carried = False  # the request carried this layer's cookie (signed or not): it is ours to expire
         self._sealed = False  # the response has started: later changes cannot be saved
         self._stale: list[str] = []
+        self._rotated_from: str | None = None  # the stored id whose data rotate() carried to a new id
         self.accessed = False
         self.modified = False
 
@@ -186,6 +187,8 @@ class Session(MutableMapping[str, Any]):
         """Give the session a new id and keep its data; the old key is deleted on save."""
         self._load()
         if self._stored_id is not None:
+            if not self._new and self._rotated_from is None:
+                self._rotated_from = self._stored_id
             self._stale.append(self._stored_id)
             self._stored_id = None
         self._id = secrets.token_urlsafe(32)
@@ -446,15 +449,21 @@ class SessionMiddleware:
         not saved and no cookie is set or expired, so the client can retry.
         """
         headers: list[tuple[str, str]] = []
+        ended = False  # the session rotate() carried was ended while this request ran
         if session._stale:
             try:
                 for sid in session._stale:
                     self._users.pop(sid, None)
-                    self.store.delete(KEY_PREFIX + sid)
+                    if not self.store.delete(KEY_PREFIX + sid) and sid == session._rotated_from:
+                        ended = True
             except StoreError as exc:
                 self._store_failed(session, exc, "ended" if session._expire_cookie else "rotated", always=True)
         if session._expire_cookie:
             headers.append(("Set-Cookie", self._expired_cookie))
+        if ended and not session._expire_cookie:
+            # A logout (or the timeout) ended it meanwhile: saving its data under the new id would log
+            # the cookie back in.  Dropped, no cookie set, as a write-back of an ended session is.
+            return headers
         if not session._persist:
             return headers
         try:

@@ -268,10 +268,13 @@ def test_store_calls(store: CountingStore, path: str, with_cookie: bool, calls: 
     assert bool(issued) is cookie_issued
 
 
+@pytest.mark.parametrize("rotates", [False, True], ids=["the slow request writes", "the slow request rotates"])
 @pytest.mark.parametrize("ended_by", ["/logout", "/login", "the idle timeout"])
-def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStore, ended_by: str) -> None:
+def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStore, ended_by: str,
+                                                             rotates: bool) -> None:
     # A slow request read the session, then another request ended it: the slow one's save must
-    # not write it back, or the cookie a logout (or a login's rotate) retired would work again.
+    # not write it back, or the cookie a logout (or a login's rotate) retired would work again;
+    # nor, when it rotates (a privilege change), carry it to a new id with a new cookie.
     ended: dict[str, Any] = {}
 
     def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -283,6 +286,8 @@ def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStor
             store.inner.delete(KEY_PREFIX + ended["sid"])  # what the store's TTL does
         else:
             ended["response"] = app.get(ended_by, headers={"Cookie": f"sid={ended['cookie']}"})
+        if rotates:
+            session.rotate()
         session["cart"] = [*cart, "book"]
         start_response("200 OK", [("Content-Type", "application/json")])
         return [b"{}"]
@@ -297,9 +302,14 @@ def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStor
     assert cart.headers.getall("Set-Cookie") == []
     again = app.get("/get", headers={"Cookie": f"sid={ended['cookie']}"})
     assert again.json == {}  # the old cookie opens nothing
+    kept = [stored(store, key.removeprefix(KEY_PREFIX)) for key in store.inner.scan(KEY_PREFIX)]
+    assert all("cart" not in doc["data"] for doc in kept)  # nothing the slow request wrote, anywhere
     if ended_by == "/login":  # the session the login rotated to lives on, with what the login wrote
         new_value = ended["response"].headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
         assert stored(store, new_value.split(".")[0])["data"]["user"] == {"sub": "ada", "roles": ["admin"]}
+        assert len(kept) == 1
+    else:
+        assert kept == []
 
 
 def test_session_is_lazy_and_mapping_like(store: CountingStore) -> None:
