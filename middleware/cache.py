@@ -30,6 +30,7 @@ import json
 import math
 import re
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -222,12 +223,13 @@ class _Fill:
         self.flight, self.lock_key, self.stale, self.keep = flight, lock_key, stale, keep
         self.plan: _Plan | None = None
         self.started = self.returned = self.swap = False
+        self.exc_info: Any = None  # the app's, with the 5xx the stale entry replaces
         self.began = 0.0
 
     def start_response(self, start_response: StartResponse) -> StartResponse:
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
             if self.stale is not None and not self.returned and status[:1] == "5":
-                self.swap = True  # answered with the stale entry once the app returns
+                self.swap, self.exc_info = True, exc_info  # answered with the stale entry once the app returns
                 return lambda data: None
             self.started = True
             self.plan = None if not self.keep or _personal(self.environ.get(SESSION), self.subject) else \
@@ -237,6 +239,18 @@ class _Fill:
             return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
 
         return wrapped
+
+    def replaced(self) -> Any:
+        """The ``exc_info`` a second ``start_response`` (the stale entry's) must give (PEP 3333):
+        None unless the app's own status went to the server first."""
+        if not self.started:
+            return None
+        if self.exc_info is not None:
+            return self.exc_info
+        try:  # a 5xx after a 2xx without exc_info (which PEP 3333 asks for): one of our own
+            raise RuntimeError("the app answered with an error after it had started its response")
+        except RuntimeError:
+            return sys.exc_info()
 
     def finish(self, body: bytes) -> None:
         plan = self.plan
@@ -611,17 +625,17 @@ class CacheMiddleware:
     # -- answers ----------------------------------------------------------------------
     @staticmethod
     def _serve(entry: dict[str, Any], label: str, method: str, start_response: StartResponse,
-               now: float, environ: WSGIEnvironment | None = None) -> list[bytes]:
+               now: float, environ: WSGIEnvironment | None = None, exc_info: Any = None) -> list[bytes]:
         age = ("Age", str(max(0, int(now - entry["t"]))))
         if environ is not None and ("HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MODIFIED_SINCE" in environ) \
                 and _not_modified(environ, entry):
             kept = [(n, v) for n, v in entry["h"] if n.lower() in _SENT_WITH_304]
-            start_response("304 Not Modified", [*kept, age, ("X-Cache", label)])
+            start_response("304 Not Modified", [*kept, age, ("X-Cache", label)], exc_info)
             return []
         headers = [(n, v) for n, v in entry["h"]]
         headers.append(age)
         headers.append(("X-Cache", label))
-        start_response(entry["s"], headers)
+        start_response(entry["s"], headers, exc_info)
         return [] if method == "HEAD" else [entry["b"]]
 
     def _bypass(self, environ: WSGIEnvironment, start_response: StartResponse, reason: str) -> Iterable[bytes]:
@@ -703,11 +717,13 @@ class CacheMiddleware:
             fill.release()
             if stale is None or (isinstance(exc, HTTPException) and (exc.code or 500) < 500):
                 raise
-            return self._serve_stale(environ, stale, start_response, method)
+            # After the app's own start_response, a second one must carry exc_info (PEP 3333): the
+            # server replaces the status, or re-raises when the app's bytes already went out.
+            return self._serve_stale(environ, stale, start_response, method, sys.exc_info() if fill.started else None)
         fill.returned = True
         if fill.swap:
             _Tee(result, fill).close()
-            return self._serve_stale(environ, stale or {}, start_response, method)
+            return self._serve_stale(environ, stale or {}, start_response, method, fill.replaced())
         if fill.started and fill.plan is None:
             return result  # not cacheable: hand the iterable over untouched (streams stay streams)
         return _Tee(result, fill)
@@ -731,10 +747,10 @@ class CacheMiddleware:
         return self._serve(hit, "HIT", "GET", start_response, _clock(), environ)
 
     def _serve_stale(self, environ: WSGIEnvironment, stale: dict[str, Any], start_response: StartResponse,
-                     method: str) -> list[bytes]:
+                     method: str, exc_info: Any = None) -> list[bytes]:
         self.context.emit("cache.stale")
         note(environ, "cache", "STALE")
-        return self._serve(stale, "STALE", method, start_response, _clock())
+        return self._serve(stale, "STALE", method, start_response, _clock(), exc_info=exc_info)
 
     def _fresh(self, environ: WSGIEnvironment, base: str) -> dict[str, Any] | None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -881,6 +882,50 @@ def test_stale_if_error(make: Callable[..., Stack], origin: Origin, clock: Clock
         assert response.headers["Content-Length"] == fresh.headers["Content-Length"]
         assert response.headers["Age"] == "20"
         assert "cache.stale" in stack.names()
+
+
+class LateFailure:
+    """An origin that answers once, then fails after its start_response, as PEP 3333 lets it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.calls = mode, 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self.calls += 1
+        body = b'{"n": 1}'
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        if self.calls == 1:
+            return [body]
+        try:
+            raise RuntimeError("the backend failed after the status line")
+        except RuntimeError:
+            if self.mode == "raises":
+                raise
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+        return [b"failed"]
+
+
+@pytest.mark.parametrize("mode", ["raises", "start_response(500, exc_info)"])
+def test_stale_after_the_apps_own_start_response(store: Store, clock: Clock, mode: str) -> None:
+    """The stale entry's start_response comes second: with exc_info, so a strict server (webtest's lint
+    here, Waitress) takes it instead of refusing a second call."""
+    from werkzeug.test import EnvironBuilder
+
+    late = LateFailure(mode)
+    stack = Stack(store, late, ttl=10, stale_if_error=600)  # type: ignore[arg-type]
+    fresh = stack.get()
+    clock.now += 20
+    seen: list[Any] = []
+
+    def strict(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        if seen and exc_info is None:
+            raise AssertionError("start_response called a second time without exc_info")
+        seen[:] = [status, dict(headers)]
+        return lambda data: None
+
+    builder = EnvironBuilder(path="/api/v1/search", query_string="q=x", headers={"Host": "localhost:80"})
+    body = b"".join(stack.wsgi(builder.get_environ(), strict))
+    assert (seen[0], seen[1]["X-Cache"], body) == ("200 OK", "STALE", fresh.body)
 
 
 @pytest.mark.parametrize("cache_control", ["max-age=10, must-revalidate", "s-maxage=10"])
