@@ -609,8 +609,10 @@ RULES: list[Rule] = [
 ]
 
 
-#: Rules about serve.py's own sockets (their address families): another WSGI server binds its own.
-SERVED_ONLY: tuple[Rule, ...] = (proxy_peers_can_connect,)
+#: Rules that judge settings only serve.py applies (its sockets' address families, its workers,
+#: Waitress's header clearing and body limit): another WSGI server has its own, which wsgistack
+#: judges where it can (a hosted start's multiprocess check, HOSTED's least safe settings).
+SERVED_ONLY: tuple[Rule, ...] = (proxy_peers_can_connect, proxy_headers_kept, shared_state, validation_vs_waitress)
 
 
 def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:

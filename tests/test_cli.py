@@ -535,6 +535,19 @@ def test_serve_app_warns_of_server_settings_the_host_owns(config_file) -> None: 
            "WSGI server does not read: its own settings apply" in result.stderr.splitlines()
 
 
+def test_serve_app_does_not_refuse_what_only_serve_py_would_apply(config_file) -> None:  # type: ignore[no-untyped-def]
+    """Waitress's header clearing, serve.py's workers: errors for serve.py, no effect (a warning) hosted."""
+    path = config_file(ECHO + "server: {clear_untrusted_proxy_headers: true, workers: 2}\npipeline:\n"
+                       "  - errors: {}\n  - proxy: {x_for: 1}\n  - session: {secret_key: '" + "s" * 40 + "'}\n")
+    checked = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "check"], cwd=path.parent,
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 2, checked.stdout  # as serve.py would serve it
+    result = python(HOSTED_CALL.format(multiprocess=[False]), path)
+    assert result.stdout.startswith("200 OK"), result.stderr
+    assert "server.clear_untrusted_proxy_headers is serve.py's (Waitress's) setting and has no effect" in result.stderr
+    assert "server.workers is serve.py's (Waitress's) setting and has no effect" in result.stderr
+
+
 def test_serve_app_prints_the_access_log_when_the_host_configured_no_logging(config_file) -> None:  # type: ignore[no-untyped-def]
     path = config_file(ECHO + "pipeline:\n  - errors: {}\n  - access_log: {}\n")
     result = python(HOSTED_CALL.format(multiprocess=[False]), path)
