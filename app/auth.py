@@ -166,6 +166,11 @@ def auth_blueprint(state: AppState) -> Blueprint:
                 raise busy
             realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
             raise refuse(401, _FAILED, headers=[("WWW-Authenticate", f'Bearer realm="{realm}"')])
+        # `users passwd` dates the new credentials to the next whole second (tokens carry whole
+        # seconds): a login within that second would get tokens and a session that are void at once.
+        wait = user.credentials_at - time.time()
+        if wait > 0:
+            time.sleep(min(wait, 1.0))
         issued = service.issue(user.name, list(user.roles))
         failures.forget()
         session = request.environ.get(SESSION)

@@ -167,6 +167,18 @@ def test_a_flood_of_cache_entries_does_not_reset_the_count(tmp_path: Path, users
     stack.login(password="guess", status=429)
 
 
+def test_a_login_right_after_a_password_change_is_not_void(tmp_path: Path, users: UserStore) -> None:
+    """`users passwd` dates the change to the next whole second: a login within it waits that second out,
+    instead of getting tokens and a session that identify no one."""
+    stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "roles": ["admin"]}])
+    users.set_password("alice", "new password")
+    since = users.get("alice").credentials_at  # type: ignore[union-attr]
+    login = stack.login(password="new password")
+    assert time.time() >= since
+    stack.app.get("/api/v1/config", status=200)  # the session cookie identifies alice
+    stack.app.post_json("/auth/refresh", {"refresh_token": login.json["refresh_token"]}, status=200)
+
+
 def test_concurrent_guesses_do_not_slip_under_the_limit(tmp_path: Path, users: UserStore) -> None:
     """Each attempt is counted before its password is checked, with one atomic increment."""
     from concurrent.futures import ThreadPoolExecutor
