@@ -245,16 +245,24 @@ class MetricsMiddleware:
         """
         environ[TIMINGS] = []
         start = time.perf_counter()
-        held = _Held(start_response, lambda status: self._finish(environ, status, start))
+        finished: list[bool] = []
+
+        def finish(status: str) -> Headers:  # once: an app that wrote through write() and then failed
+            if finished:                    # was counted when its headers went out
+                return []
+            finished.append(True)
+            return self._finish(environ, status, start)
+
+        held = _Held(start_response, finish)
         try:
             result = self.app(environ, held)
         except Exception as exc:
-            decorate_error(exc, self._finish(environ, _exc_status(exc), start))
+            decorate_error(exc, finish(_exc_status(exc)))
             raise
         if held.status is not None:
             held.flush()
             return result
-        return _OnFirstChunk(result, held.flush, lambda: self._finish(environ, "500", start))
+        return _OnFirstChunk(result, held.flush, lambda: finish("500"))
 
     def _finish(self, environ: WSGIEnvironment, status: str, start: float) -> Headers:
         """Count the request, observe layer times, return the ``Server-Timing`` header if on."""

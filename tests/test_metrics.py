@@ -57,6 +57,9 @@ def inner_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> It
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"legacy ")
         return [b"write"]
+    if path == "/write-then-fail":  # the headers went out with the first write: the failure cannot change them
+        start_response("200 OK", [("Content-Type", "text/plain")])(b"half")
+        raise RuntimeError("failed after writing")
     if path == "/replaced":
         start_response("200 OK", [("Content-Type", "text/plain")])
         try:
@@ -162,6 +165,26 @@ def test_requests_counted(make: Callable[..., Any], options: dict[str, Any], req
     for (method, route, _), _value in expected.items():
         total = sum(v for (m, r, _s), v in expected.items() if (m, r) == (method, route))
         assert sample(found, "wsgistack_http_request_duration_seconds_count", method=method, route=route) == total
+
+
+@pytest.mark.parametrize("options", [{}, {"server_timing": True}, {"layer_timing": True}])
+def test_a_failure_after_write_is_counted_once(make: Callable[..., Any], options: dict[str, Any]) -> None:
+    """The headers went out with the first write(); the app then raised: one request, whatever the timing."""
+    from werkzeug.test import EnvironBuilder
+
+    app, _ = make(**options)
+    sent: list[bytes] = []
+
+    def server(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None and sent:  # as a server does once bytes went out
+            raise exc_info[1].with_traceback(exc_info[2])
+        return sent.append
+
+    with pytest.raises(RuntimeError, match="failed after writing"):
+        app.app(EnvironBuilder(path="/write-then-fail").get_environ(), server)
+    counted = [value for (name, labels), value in scrape(app).items()
+               if name == "wsgistack_http_requests_total" and dict(labels)["route"] == "/write-then-fail"]
+    assert counted == [1.0]
 
 
 def test_unrouted_requests_take_the_app_route_or_other(make: Callable[..., Any], context: Context) -> None:
