@@ -672,8 +672,9 @@ class TokenService:
         if not grace:
             return None
         minted = _Minted.read(self._store(lambda: self.store.get(used), strict=True))
-        # iat is the whole second of the first host's clock: this host's may be up to leeway behind it.
-        if minted is None or not -(self.options.leeway + 1) <= time.time() - minted.iat <= grace:
+        # iat is the whole second of the first host's clock (the first use came up to 1 s after it), and
+        # this host's clock may be up to leeway behind that one.
+        if minted is None or not -(self.options.leeway + 1) <= time.time() - minted.iat <= grace + 1:
             return None
         if self._store(lambda: self.store.get("refresh-used:" + minted.refresh), strict=True) is not None:
             return None  # that pair was refreshed already: this token is stale, whoever sends it

@@ -559,6 +559,19 @@ def test_the_grace_allows_for_clocks_as_skewed_as_tokens(store: Store, monkeypat
     assert stack.reasons == []
 
 
+def test_the_grace_counts_from_the_first_use_not_from_its_whole_second(store: Store,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """iat is whole seconds: a first use at x.9 s and a retry 0.3 s later are 0.3 s apart, not 1.2 s."""
+    stack = Stack(store, refresh_reuse_grace=1)
+    first = stack.tokens.issue("ann", ["user"])
+    clock = [int(time.time()) + 0.9]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    second = stack.tokens.refresh(first["refresh_token"])
+    clock[0] += 0.3
+    assert stack.tokens.refresh(first["refresh_token"]) == second
+    assert stack.reasons == []
+
+
 def test_a_remembered_token_is_refused_after_the_clock_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """Verified once and remembered, a token issued "in the future" of a clock that stepped back is refused
     as a fresh decode would refuse it, not accepted on its exp alone."""
