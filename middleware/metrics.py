@@ -245,29 +245,42 @@ class MetricsMiddleware:
         """
         environ[TIMINGS] = []
         start = time.perf_counter()
-        finished: list[bool] = []
+        sent: list[float] = []  # when the headers went out (Server-Timing's total), once they have
 
-        def finish(status: str) -> Headers:  # once: an app that wrote through write() and then failed
-            if finished:                    # was counted when its headers went out
-                return []
-            finished.append(True)
-            return self._finish(environ, status, start)
+        def timed(status: str) -> Headers:  # the headers go out: layer times and Server-Timing
+            sent.append(time.perf_counter() - start)
+            return self._timings(environ, sent[0])
 
-        held = _Held(start_response, finish)
+        def count(status: str) -> None:  # once, when the request's outcome is known
+            self._record(environ, status, sent[0] if sent else time.perf_counter() - start)
+
+        held = _Held(start_response, timed)
         try:
             result = self.app(environ, held)
         except Exception as exc:
-            decorate_error(exc, finish(_exc_status(exc)))
+            # The headers may have gone out with a write(): the failure is the outcome, counted once.
+            headers = [] if sent else timed(_exc_status(exc))
+            count(_exc_status(exc))
+            decorate_error(exc, headers)
             raise
         if held.status is not None:
             held.flush()
+            count(held.status[:3])
             return result
-        return _OnFirstChunk(result, held.flush, lambda: finish("500"))
 
-    def _finish(self, environ: WSGIEnvironment, status: str, start: float) -> Headers:
-        """Count the request, observe layer times, return the ``Server-Timing`` header if on."""
-        total = time.perf_counter() - start
-        self._record(environ, status, total)
+        def started() -> None:
+            held.flush()
+            count(held.status[:3] if held.status else "500")
+
+        def failed() -> None:
+            if not sent:
+                timed("500")
+            count("500")
+
+        return _OnFirstChunk(result, started, failed)
+
+    def _timings(self, environ: WSGIEnvironment, total: float) -> Headers:
+        """Observe layer times; return the ``Server-Timing`` header if on."""
         parts = []
         inner = 0.0
         for name, inclusive in environ.get(TIMINGS) or ():  # innermost first
