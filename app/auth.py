@@ -175,7 +175,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
         failures.forget()
         session = request.environ.get(SESSION)
         if session is not None:
-            session.rotate()
+            session.rotate(carry=False)  # a new session: nothing of the one before the login goes on
             session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": time.time()}
         return _token_response(issued)
 

@@ -66,8 +66,9 @@ class Session(MutableMapping[str, Any]):
     ``id`` (created on demand for a new session), ``new`` (not from the store),
     ``modified`` (set by writes; set it yourself after changing a nested value),
     ``accessed`` (the session was used: the response varies by cookie),
-    ``rotate()`` (new id, same data, old key deleted: call it at login and on
-    privilege change) and ``destroy()`` (logout: key deleted, cookie expired).
+    ``rotate()`` (new id, same data, old key deleted: call it on privilege
+    change; ``rotate(carry=False)``, a new empty session, at login) and
+    ``destroy()`` (logout: key deleted, cookie expired).
 
         session = environ["wsgistack.session"]
         session["cart"] = [*session.get("cart", []), item_id]
@@ -183,13 +184,30 @@ class Session(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         return key in self._load()
 
-    def rotate(self) -> None:
-        """Give the session a new id and keep its data; the old key is deleted on save."""
-        self._load()
-        if self._stored_id is not None:
-            if not self._new and self._rotated_from is None:
-                self._rotated_from = self._stored_id
-            self._stale.append(self._stored_id)
+    def rotate(self, carry: bool = True) -> None:
+        """Give the session a new id; the old key is deleted on save.
+
+        ``carry`` keeps its data (a privilege change): if another request ended the
+        session meanwhile (a logout), the save is dropped rather than carry it on.
+        ``carry=False`` starts empty, without reading the old data (a login: what
+        it writes stands on a password just checked, whatever happened to the old
+        session; nothing of an earlier user's session reaches the new one).
+        """
+        if carry:
+            self._load()
+            stored = self._stored_id
+            if stored is not None and not self._new and self._rotated_from is None:
+                self._rotated_from = stored
+        elif self._data is None:  # not read: the cookie's id is retired all the same
+            stored = self._layer._cookie_id(self._environ)
+            self._carried = self._layer.cookie_name in cookies(self._environ)
+            self._environ = _NO_ENVIRON
+            self.accessed = True
+            self._data = {}
+        else:
+            stored, self._data = self._stored_id, {}
+        if stored is not None:
+            self._stale.append(stored)
             self._stored_id = None
         self._id = secrets.token_urlsafe(32)
         self._created = _clock()

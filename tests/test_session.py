@@ -312,6 +312,28 @@ def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStor
         assert kept == []
 
 
+def test_a_login_that_races_a_logout_keeps_its_new_session(store: CountingStore) -> None:
+    """rotate(carry=False), as the core's login calls it: what it writes stands on a password just
+    checked, so a logout of the old session meanwhile does not drop it (rotate() would)."""
+    def login(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session: Session = environ[SESSION]
+        if environ["PATH_INFO"] != "/login-slowly":
+            return probe(environ, start_response)
+        session.get("user")  # something outside read it first (csrf does)
+        app.get("/logout", headers={"Cookie": f"sid={old}"})  # another tab logs out meanwhile
+        session.rotate(carry=False)
+        session["user"] = "bob"
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    app = make(store, app=login, cookie_name="sid", cookie_secure=False)
+    old = app.get("/set?user=ada").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    response = app.get("/login-slowly", headers={"Cookie": f"sid={old}"})
+    new = response.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    assert stored(store, new.split(".")[0])["data"] == {"user": "bob"}  # nothing of ada's session
+    assert app.get("/get", headers={"Cookie": f"sid={old}"}).json == {}
+
+
 def test_session_is_lazy_and_mapping_like(store: CountingStore) -> None:
     seen: dict[str, Any] = {}
 
