@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ from werkzeug.datastructures import Authorization
 
 from app.state import AppState
 from app.users import NAME
-from middleware.base import SESSION, refuse
+from middleware.base import SESSION, escape_control, refuse
 from stores.base import StoreError
 
 __all__ = ["auth_blueprint"]
@@ -169,8 +170,14 @@ def auth_blueprint(state: AppState) -> Blueprint:
         # `users passwd` dates the new credentials to the next whole second (tokens carry whole
         # seconds): a login within that second would get tokens and a session that are void at once.
         wait = user.credentials_at - time.time()
+        if wait > 1.0:  # dated further ahead than rounding does: this clock stepped back since
+            state.context.logger.getChild("app.auth").warning(
+                "the credentials of user %s were changed %.0f s ahead of this clock (did it step back?): "
+                "logins as that user wait for it", escape_control(user.name), wait)
+            raise refuse(503, "This account's password was changed at a time this server's clock has not "
+                              "reached yet; retry later.", headers=[("Retry-After", str(math.ceil(wait)))])
         if wait > 0:
-            time.sleep(min(wait, 1.0))
+            time.sleep(wait)
         issued = service.issue(user.name, list(user.roles))
         failures.forget()
         session = request.environ.get(SESSION)

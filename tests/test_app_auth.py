@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,6 +179,22 @@ def test_a_login_right_after_a_password_change_is_not_void(tmp_path: Path, users
     assert time.time() >= since
     stack.app.get("/api/v1/config", status=200)  # the session cookie identifies alice
     stack.app.post_json("/auth/refresh", {"refresh_token": login.json["refresh_token"]}, status=200)
+
+
+def test_a_password_changed_ahead_of_the_clock_is_a_503_not_void_tokens(tmp_path: Path, users: UserStore,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The clock stepped back after `users passwd`: tokens issued now would be void at once."""
+    stack = Stack(tmp_path, users)
+    db = sqlite3.connect(users.path)
+    db.execute("UPDATE users SET credentials_at = ? WHERE name = 'alice'", (time.time() + 3600,))
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING):
+        refused = stack.login(status=503)
+    assert 3590 <= int(refused.headers["Retry-After"]) <= 3600
+    assert refused.json["error"]["message"] == (
+        "This account's password was changed at a time this server's clock has not reached yet; retry later.")
+    assert "the credentials of user alice were changed" in caplog.text
 
 
 def test_concurrent_guesses_do_not_slip_under_the_limit(tmp_path: Path, users: UserStore) -> None:
