@@ -556,6 +556,15 @@ def hsts_reachable(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
                                      "X-Forwarded-Proto or Forwarded)", "warning")
 
 
+def validation_limits(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for val in _all(specs, "validation"):
+        query, url = val.option("max_query_length", 2048), val.option("max_url_length", 8192)
+        if query >= url:
+            yield _problem(cfg, val, f"validation.max_query_length ({query}) is not below max_url_length ({url}): "
+                                     "the URL's limit refuses such queries first (414); raise max_url_length",
+                           "warning")
+
+
 def validation_vs_waitress(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for val in _all(specs, "validation"):
         body = val.option("max_body_bytes", 1048576)
@@ -563,11 +572,6 @@ def validation_vs_waitress(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
             yield _problem(cfg, val, f"validation.max_body_bytes ({body}) is above server.max_request_body_size "
                                      f"({cfg.server.max_request_body_size}): Waitress refuses larger bodies first, "
                                      "with its own plain-text 413", "warning")
-        query, url = val.option("max_query_length", 2048), val.option("max_url_length", 8192)
-        if query >= url:
-            yield _problem(cfg, val, f"validation.max_query_length ({query}) is not below max_url_length ({url}): "
-                                     "the URL's limit refuses such queries first (414); raise max_url_length",
-                           "warning")
         total = val.option("max_total_header_bytes", 32768)
         if total is not None and total > cfg.server.max_request_header_size:
             yield _problem(cfg, val, f"validation.max_total_header_bytes ({total}) is above "
@@ -605,6 +609,7 @@ RULES: list[Rule] = [
     validation_first,
     headers_cover_refusals,
     hsts_reachable,
+    validation_limits,
     validation_vs_waitress,
 ]
 

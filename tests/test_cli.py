@@ -538,7 +538,8 @@ def test_serve_app_warns_of_server_settings_the_host_owns(config_file) -> None: 
 def test_serve_app_does_not_refuse_what_only_serve_py_would_apply(config_file) -> None:  # type: ignore[no-untyped-def]
     """Waitress's header clearing, serve.py's workers: errors for serve.py, no effect (a warning) hosted."""
     path = config_file(ECHO + "server: {clear_untrusted_proxy_headers: true, workers: 2}\npipeline:\n"
-                       "  - errors: {}\n  - proxy: {x_for: 1}\n  - session: {secret_key: '" + "s" * 40 + "'}\n")
+                       "  - errors: {}\n  - proxy: {x_for: 1}\n  - session: {secret_key: '" + "s" * 40 + "'}\n"
+                       "  - validation: {max_query_length: 9000, max_url_length: 8192}\n")
     checked = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "check"], cwd=path.parent,
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 2, checked.stdout  # as serve.py would serve it
@@ -546,6 +547,8 @@ def test_serve_app_does_not_refuse_what_only_serve_py_would_apply(config_file) -
     assert result.stdout.startswith("200 OK"), result.stderr
     assert "server.clear_untrusted_proxy_headers is serve.py's (Waitress's) setting and has no effect" in result.stderr
     assert "server.workers is serve.py's (Waitress's) setting and has no effect" in result.stderr
+    # ...while what concerns the layers alone is said to every server:
+    assert "validation.max_query_length (9000) is not below max_url_length (8192)" in result.stderr
 
 
 def test_serve_app_prints_the_access_log_when_the_host_configured_no_logging(config_file) -> None:  # type: ignore[no-untyped-def]
