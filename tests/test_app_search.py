@@ -124,6 +124,8 @@ def test_fts_syntax_in_the_query_is_searched_for_not_parsed(client: TestApp, que
                      id="a letter to Python that separates words in SQLite (Unicode 6.1) separates them here"),
         pytest.param("json \u2d5c\u2d30\u2d4e \u07d2\u07de\u07cf", '"json" "\u2d5c\u2d30\u2d4e" "\u07d2\u07de\u07cf"',
                      id="scripts newer than Unicode 3.2 are words too (Tifinagh, N'Ko)"),
+        pytest.param("caf\u0065\u0301 " * 17 + "europe\u0301enne", '"caf\u00e9" ' * 17 + '"europ\u00e9enne"',
+                     id="decomposed accents (NFD) compose: one word each, not two (34, past the cap)"),
         pytest.param("caf\u00e9 \u0436\u0443\u0440\u043d\u0430\u043b",
                      '"caf\u00e9" "\u0436\u0443\u0440\u043d\u0430\u043b"', id="letters of every script are words"),
     ],

@@ -37,6 +37,7 @@ import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -90,7 +91,9 @@ _WORD = re.compile(f"[^\\W_{WORD_SPLITTERS}]+")
 
 
 def _words(term: str) -> list[str]:
-    """The runs of letters and digits in ``term``: the words the unicode61 tokenizer finds in it."""
+    """The runs of letters and digits in ``term``: never fewer than the words the unicode61 tokenizer
+    finds in it (more where it keeps a character Python does not call a letter: a combining mark
+    NFC does not compose, a symbol, an unassigned code point), so the cap holds."""
     return _WORD.findall(term)
 
 
@@ -101,8 +104,9 @@ def fts_query(text: str) -> str | None:
     has in it; ``MAX_TERMS`` bounds those words, not the terms, so that
     ``a.a.a…`` cannot make one term a phrase of 500 words.
     """
-    # Control characters (a NUL ends the query string inside SQLite) separate terms.
-    text = "".join(c if c.isprintable() else " " for c in text)
+    # Control characters (a NUL ends the query string inside SQLite) separate terms. Composed (NFC):
+    # a pasted "e" + U+0301 is one letter, as SQLite reads it, not a word break.
+    text = "".join(c if c.isprintable() else " " for c in unicodedata.normalize("NFC", text))
     terms, left = [], MAX_TERMS
     for term in text.split():
         words = _words(term)
