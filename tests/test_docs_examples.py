@@ -42,3 +42,28 @@ def test_the_example_checks_clean(block: str, tmp_path: Path) -> None:
     errors = [str(p) for p in check(stack, env={**ENV, "WSGISTACK_VAR_DIR": str(tmp_path / "var")})
               if p.severity == "error"]
     assert errors == []
+
+
+def _readme_block(after: str) -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split(after, 1)[1].split("```\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def _broken(tmp_path: Path, text: str) -> list[str]:
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(text, encoding="utf-8")
+    # the README shortens the list of known layers
+    return [re.sub(r"\(known: [^;]*;", "(known: access_log, auth, …;", str(p)).replace(str(stack), "stack.yaml")
+            for p in check(stack, env=ENV)]
+
+
+def test_the_broken_file_in_the_readme_is_the_shipped_one_broken(tmp_path: Path) -> None:
+    """The README's sample errors are what `check` says of the shipped stack.yaml with those mistakes."""
+    shipped = (ROOT / "stack.yaml").read_text(encoding="utf-8")
+    broken = (shipped.replace("  threads: 8\n", "  threads: many\n", 1).replace("  - cors:", "  - corz:", 1)
+              .replace('limits: ["${WSGISTACK_RATE_LIMIT:-120/minute}"]', 'limits: ["120 per fortnight"]', 1))
+    assert _broken(tmp_path, broken) == _readme_block("A broken file reads like this")
+    auth, cache = shipped.index("  - auth:\n"), shipped.index("  - cache:\n")  # cache moves above auth
+    end = shipped.index("\n# How serve.py logs") + 1
+    reordered = shipped[:auth] + shipped[cache:end] + shipped[auth:cache] + shipped[end:]
+    assert _broken(tmp_path, reordered) == _readme_block("run once each entry is valid, and read like this")
