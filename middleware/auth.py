@@ -282,22 +282,24 @@ class _Minted(NamedTuple):
     access: str   # the access token's jti
     refresh: str  # the refresh token's jti
     roles: list[str]
+    at: float = 0.0  # when the first use marked the token (the writer's clock, to the fraction)
 
     def mark(self) -> bytes:
-        return json.dumps({"iat": self.iat, "access": self.access, "refresh": self.refresh,
-                           "roles": self.roles}, separators=(",", ":")).encode()
+        return json.dumps({"iat": self.iat, "access": self.access, "refresh": self.refresh, "roles": self.roles,
+                           "at": time.time()}, separators=(",", ":")).encode()
 
     @classmethod
     def read(cls, raw: bytes | None) -> _Minted | None:
         """The mark's pair; None for a mark without one (written before marks held it, or foreign)."""
         try:
             data = json.loads(raw or b"")
-            minted = cls(data["iat"], data["access"], data["refresh"], data["roles"])
-        except (ValueError, TypeError, KeyError):
+            minted = cls(data["iat"], data["access"], data["refresh"], data["roles"], data.get("at", data["iat"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
             return None
         texts = isinstance(minted.access, str) and isinstance(minted.refresh, str)
         roles = isinstance(minted.roles, list) and all(isinstance(r, str) for r in minted.roles)
-        if type(minted.iat) is not int or not texts or not roles:
+        at = isinstance(minted.at, int | float) and not isinstance(minted.at, bool) and math.isfinite(minted.at)
+        if type(minted.iat) is not int or not texts or not roles or not at:
             return None
         return minted
 
@@ -672,9 +674,9 @@ class TokenService:
         if not grace:
             return None
         minted = _Minted.read(self._store(lambda: self.store.get(used), strict=True))
-        # iat is the whole second of the first host's clock (the first use came up to 1 s after it), and
-        # this host's clock may be up to leeway behind that one.
-        if minted is None or not -(self.options.leeway + 1) <= time.time() - minted.iat <= grace + 1:
+        # Counted from the first use, by its host's clock: this host's may be up to leeway (and, with
+        # leeway 0, a moment) behind that one.
+        if minted is None or not -(self.options.leeway + 1) <= time.time() - minted.at <= grace:
             return None
         if self._store(lambda: self.store.get("refresh-used:" + minted.refresh), strict=True) is not None:
             return None  # that pair was refreshed already: this token is stale, whoever sends it

@@ -570,6 +570,10 @@ def test_the_grace_counts_from_the_first_use_not_from_its_whole_second(store: St
     clock[0] += 0.3
     assert stack.tokens.refresh(first["refresh_token"]) == second
     assert stack.reasons == []
+    clock[0] += 0.75  # 1.05 s after the first use: past the grace, though 1.95 s after its iat
+    with pytest.raises(HTTPException):
+        stack.tokens.refresh(first["refresh_token"])
+    assert stack.reasons == ["refresh_reuse"]
 
 
 def test_a_remembered_token_is_refused_after_the_clock_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
