@@ -263,13 +263,23 @@ class MetricsMiddleware:
             count(_exc_status(exc))
             decorate_error(exc, headers)
             raise
+        def flush_counted(body: Any = None) -> None:
+            try:
+                held.flush()  # the server's start_response (or an outer layer's) may refuse the headers
+            except Exception as exc:
+                count(_exc_status(exc))
+                close = getattr(body, "close", None)  # never handed to the server, which would close it
+                if close is not None:
+                    close()
+                raise
+
         if held.status is not None:
-            held.flush()
+            flush_counted(result)
             count(held.status[:3])
             return result
 
         def started() -> None:
-            held.flush()
+            flush_counted()
             count(held.status[:3] if held.status else "500")
 
         def failed() -> None:

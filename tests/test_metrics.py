@@ -187,6 +187,29 @@ def test_a_failure_after_write_is_counted_once(make: Callable[..., Any], options
     assert counted == {"500": 1.0}  # the outcome, as the access log has it: a 5xx alert sees it
 
 
+@pytest.mark.parametrize("options", [{}, {"server_timing": True}, {"layer_timing": True}])
+@pytest.mark.parametrize("path", ["/ok", "/lazy"])
+def test_headers_the_server_refuses_are_counted(make: Callable[..., Any], options: dict[str, Any],
+                                                path: str) -> None:
+    """Waitress's start_response raises on a hop-by-hop header (and an outer layer's may refuse): one 500."""
+    from werkzeug.test import EnvironBuilder
+
+    app, _ = make(**options)
+
+    def server(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        raise AssertionError("Connection is a hop-by-hop header")
+
+    with pytest.raises(AssertionError):
+        body = app.app(EnvironBuilder(path=path).get_environ(), server)
+        try:
+            list(body)
+        finally:
+            getattr(body, "close", lambda: None)()
+    counted = {dict(labels)["status"]: value for (name, labels), value in scrape(app).items()
+               if name == "wsgistack_http_requests_total" and dict(labels)["route"] == path}
+    assert counted == {"500": 1.0}
+
+
 def test_unrouted_requests_take_the_app_route_or_other(make: Callable[..., Any], context: Context) -> None:
     """A client sending random paths that a layer refuses cannot fill the route label space."""
     context.services["route_template"] = lambda path, method: "/limited" if path == "/limited" else None
