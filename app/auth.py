@@ -171,6 +171,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
         # seconds): a login within that second would get tokens and a session that are void at once.
         wait = user.credentials_at - time.time()
         if wait > 1.0:  # dated further ahead than rounding does: this clock stepped back since
+            failures.forget()  # the password was right: retrying it must not run into the 429
             state.context.logger.getChild("app.auth").warning(
                 "the credentials of user %s were changed %.0f s ahead of this clock (did it step back?): "
                 "logins as that user wait for it", escape_control(user.name), wait)
