@@ -46,9 +46,10 @@ class StackSession(SessionMixin):
     def __len__(self) -> int:
         return len(self.inner)
 
-    def rotate(self) -> None:
-        """Give the session a new id, keeping its data (do this at login)."""
-        self.inner.rotate()  # type: ignore[attr-defined]
+    def rotate(self, carry: bool = True) -> None:
+        """Give the session a new id, keeping its data (on a privilege change); ``carry=False``
+        starts it empty (do this at login: nothing of an earlier user's session goes on)."""
+        self.inner.rotate(carry=carry)  # type: ignore[attr-defined]
 
     def destroy(self) -> None:
         """Delete the session from the store and expire its cookie (do this at logout)."""
@@ -58,8 +59,10 @@ class StackSession(SessionMixin):
 class EphemeralSession(dict[str, Any], SessionMixin):
     """The session when the stack has no session layer: forgotten after the request."""
 
-    def rotate(self) -> None:
-        """Nothing to rotate: the data never leaves the request."""
+    def rotate(self, carry: bool = True) -> None:
+        """Nothing to rotate: the data never leaves the request (``carry=False`` forgets it)."""
+        if not carry:
+            self.clear()
 
     def destroy(self) -> None:
         """Forget everything."""

@@ -203,9 +203,9 @@ class Session(MutableMapping[str, Any]):
             self._carried = self._layer.cookie_name in cookies(self._environ)
             self._environ = _NO_ENVIRON
             self.accessed = True
-            self._data = {}
-        else:
-            stored, self._data = self._stored_id, {}
+            self._data, self._new = {}, True
+        else:  # a new session, as when nothing had read the old one (session.created counts it alike)
+            stored, self._data, self._new = self._stored_id, {}, True
         if stored is not None:
             self._stale.append(stored)
             self._stored_id = None

@@ -354,8 +354,14 @@ def _session_app(tmp_path: Path, context: Context | None = None) -> flask.Flask:
     def quiet() -> dict[str, Any]:
         return {"ok": True}
 
+    def login() -> dict[str, Any]:  # as the docs ask a login to: a new, empty session
+        flask.session.rotate(carry=False)  # type: ignore[attr-defined]
+        flask.session["user"] = "bob"
+        return {"keys": sorted(flask.session)}
+
     app.add_url_rule("/count", "count", count)
     app.add_url_rule("/quiet", "quiet", quiet)
+    app.add_url_rule("/login", "login", login)
     return app
 
 
@@ -385,3 +391,5 @@ def test_flask_session_is_the_stack_session(tmp_path: Path) -> None:
     quiet = client.get("/quiet")
     assert "Set-Cookie" not in quiet.headers
     assert "Cookie" not in quiet.headers.get("Vary", ""), "an unread session must not be loaded"
+    assert client.get("/login").json == {"keys": ["user"]}  # nothing of the session before it goes on
+    assert client.get("/count").json == {"n": 1, "keys": ["n", "user"]}

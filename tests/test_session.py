@@ -334,6 +334,29 @@ def test_a_login_that_races_a_logout_keeps_its_new_session(store: CountingStore)
     assert app.get("/get", headers={"Cookie": f"sid={old}"}).json == {}
 
 
+@pytest.mark.parametrize("read_first", [False, True])
+def test_a_session_started_by_rotate_carry_false_counts_as_created(store: CountingStore, read_first: bool) -> None:
+    """Whether something read the old session first (csrf, auth) or not, a login makes a new session."""
+    events: list[str] = []
+
+    def login(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session: Session = environ[SESSION]
+        if environ["PATH_INFO"] != "/login":
+            return probe(environ, start_response)
+        if read_first:
+            session.get("user")
+        session.rotate(carry=False)
+        session["user"] = "bob"
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    app = make(store, app=login, cookie_name="sid", cookie_secure=False)
+    old = app.get("/set?user=ada").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    app.layer.context.listeners.append(lambda event, fields: events.append(event))
+    app.get("/login", headers={"Cookie": f"sid={old}"})
+    assert events == ["session.created"]
+
+
 def test_session_is_lazy_and_mapping_like(store: CountingStore) -> None:
     seen: dict[str, Any] = {}
 
