@@ -104,12 +104,13 @@ def fts_query(text: str) -> str | None:
     has in it; ``MAX_TERMS`` bounds those words, not the terms, so that
     ``a.a.a…`` cannot make one term a phrase of 500 words.
     """
-    # Control characters (a NUL ends the query string inside SQLite) separate terms. Composed (NFC):
-    # a pasted "e" + U+0301 is one letter, as SQLite reads it, not a word break.
-    text = "".join(c if c.isprintable() else " " for c in unicodedata.normalize("NFC", text))
+    # Control characters (a NUL ends the query string inside SQLite) separate terms.
+    text = "".join(c if c.isprintable() else " " for c in text)
     terms, left = [], MAX_TERMS
     for term in text.split():
-        words = _words(term)
+        # Counted composed (NFC): a pasted "e" + U+0301 is one letter, as SQLite reads it, not a word
+        # break. Searched for as written: the index holds the documents' text as they wrote it.
+        words = _words(unicodedata.normalize("NFC", term))
         if not words:
             continue
         if len(words) > left:
