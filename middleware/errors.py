@@ -77,6 +77,25 @@ class ErrorsOptions(LayerOptions):
         return self
 
 
+#: Directives by which a response says how it may be kept: an error's own Cache-Control stands then.
+_KEEPING = re.compile(r"(?i)(?:^|[\s,])(?:no-store|max-age|s-maxage|public)\b")
+
+
+def _not_stored(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` of an error with ``no-store``, unless they say how it may be kept.
+
+    A ``Cache-Control: private`` the session layer adds to every answer of a logged-in request
+    says who may keep it, not for how long: the browser's own cache could still keep a 404.
+    """
+    given = [i for i, (k, _) in enumerate(headers) if k.lower() == "cache-control"]
+    if not given:
+        return [*headers, ("Cache-Control", "no-store")]
+    if any(_KEEPING.search(headers[i][1]) for i in given):
+        return headers
+    first = given[0]
+    return [*headers[:first], (headers[first][0], f"{headers[first][1]}, no-store"), *headers[first + 1:]]
+
+
 class ErrorsMiddleware:
     """Render every ``HTTPException`` and unhandled exception in one format.
 
@@ -117,8 +136,8 @@ class ErrorsMiddleware:
             # An error names this request (its id, its time): no cache past the stack may answer another
             # request with it (404, 405 and 414 are cacheable by default, RFC 9110 §15.1). Added here, on
             # the way out, so the cache layer inside may still keep the statuses it was told to.
-            if status[0] in "45" and not any(k.lower() == "cache-control" for k, _ in headers):
-                headers = [*headers, ("Cache-Control", "no-store")]
+            if status[0] in "45":
+                headers = _not_stored(headers)
             return start_response(status, headers, exc_info)
 
         try:

@@ -205,6 +205,10 @@ def test_error_after_start_response_passes_exc_info() -> None:
     pytest.param(RuntimeError("boom"), "no-store", id="a 500"),
     pytest.param(refuse(404, "Gone.", headers=[("Cache-Control", "max-age=60")]), "max-age=60",
                  id="a refusal that says how long it may be kept"),
+    pytest.param(refuse(404, "Gone.", headers=[("Cache-Control", "private")]), "private, no-store",
+                 id="private (a logged-in request's, from the session layer) says who, not how long"),
+    pytest.param(refuse(404, "Gone.", headers=[("Cache-Control", "private, no-cache")]),
+                 "private, no-cache, no-store", id="nor does no-cache keep it out of a store"),
 ])
 def test_an_error_is_not_stored_by_caches_unless_it_says_so(exc: BaseException, expected: str) -> None:
     """It carries this request's id and time: a shared cache must not answer another request with it."""

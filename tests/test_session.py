@@ -519,7 +519,7 @@ def refusing(environ: dict[str, Any], start_response: Callable[..., Any]) -> lis
 
 @pytest.mark.parametrize(("logged_in", "cache_control"), [
     pytest.param(False, "no-store", id="a new session: varies on the cookie (no-store: the errors layer's)"),
-    pytest.param(True, "private", id="a stored session: private as well"),
+    pytest.param(True, "private, no-store", id="a stored session: private as well (and no-store: an error)"),
 ])
 def test_a_refusal_after_the_session_was_read_varies_on_the_cookie(store: CountingStore, logged_in: bool,
                                                                     cache_control: str) -> None:
