@@ -40,6 +40,7 @@ __all__ = [
     "COOKIES",
     "HTTP_METHODS",
     "IDENTITY",
+    "ORIG_PATH",
     "PATH",
     "READ_AHEAD",
     "RENDER_ERROR",
@@ -94,6 +95,9 @@ API_VERSION = "wsgistack.api_version"
 RENDER_ERROR = "wsgistack.render_error"
 COOKIES = "wsgistack.cookies"
 PATH = "wsgistack.path"
+#: The PATH_INFO the client asked for, kept by a layer that rewrote it for routing (versioning:
+#: ``/api/search`` to ``/api/v1/search``): error bodies and logs name what was asked.
+ORIG_PATH = "wsgistack.versioning.orig_path"
 TIMINGS = "wsgistack.timings"
 TRACE = "wsgistack.trace"
 #: Store reads an outer layer made for inner ones in its own round trip (see ReadAhead).

@@ -27,6 +27,7 @@ from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
 
 from .base import (
+    ORIG_PATH,
     RENDER_ERROR,
     REQUEST_ID,
     Context,
@@ -182,7 +183,8 @@ class ErrorsMiddleware:
             self.logger.error(
                 "unhandled exception in %s %s (request id %s)",
                 environ.get("REQUEST_METHOD", "?"),
-                escape_control(decoded_path(environ)),
+                escape_control(decoded_path(environ if ORIG_PATH not in environ else
+                                            {"PATH_INFO": environ[ORIG_PATH]})),
                 environ.get(REQUEST_ID, "-"),
                 exc_info=exc,
                 # request_id (inside: always, the builder keeps errors outermost) has left its request by now
@@ -202,7 +204,8 @@ class ErrorsMiddleware:
         return code, headers, body
 
     def _body(self, environ: WSGIEnvironment, code: int, message: str, details: Any) -> bytes:
-        path = decoded_path(environ)
+        asked = environ.get(ORIG_PATH)  # before a layer rewrote it for routing: what the access log shows
+        path = decoded_path(environ if asked is None else {"PATH_INFO": asked})
         method = environ.get("REQUEST_METHOD", "GET")
         if method == "HEAD":  # its Content-Length must be that of the GET's body (RFC 9110 §9.3.2)
             method = "GET"
@@ -260,7 +263,7 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 def _uri_path(environ: WSGIEnvironment) -> str:
     """The request's path as a URI reference (RFC 9457's ``instance``): "/a%3Fb", not "/a?b"."""
-    raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    raw = environ.get("SCRIPT_NAME", "") + environ.get(ORIG_PATH, environ.get("PATH_INFO", ""))
     raw = one_leading_slash(raw)  # as the router reads it; "//evil.example/x" would name another host
     try:
         data = raw.encode("latin-1")  # PEP 3333: the bytes as sent, decoded as latin-1

@@ -48,6 +48,7 @@ from werkzeug.http import http_date, parse_accept_header
 from .base import (
     API_VERSION,
     IDENTITY,
+    ORIG_PATH,
     Context,
     Headers,
     LayerOptions,
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ORIG_PATH", "SOURCE", "VersioningMiddleware"]
 
-ORIG_PATH = "wsgistack.versioning.orig_path"
 SOURCE = "wsgistack.versioning.source"
 # A URL segment shaped like a version is never treated as a resource name.
 _SHAPE = re.compile(r"[vV]\d+(?:\.\d+)*")

@@ -125,6 +125,8 @@ def test_every_request_is_counted_before_its_body_is_read(default_stack: Callabl
 def test_unknown_route_and_method(default_stack: Callable[..., TestApp]) -> None:
     stack = default_stack()
     assert stack.get("/api/v1/nope", status=404).json["error"]["code"] == 404
+    # The path the client asked for, as the access log has it, not the one versioning routed it to:
+    assert stack.get("/api/nope", status=404).json["error"]["path"] == "/api/nope"
     refused = stack.post("/api/v1/health", status=405)
     assert "GET" in refused.headers["Allow"]
     assert stack.head("/api/v1/nope", status=404).body == b""
