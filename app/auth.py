@@ -78,8 +78,10 @@ class _Failures:
         # get the same 503, so an outage is no password oracle.
         count = self.service.call_store(lambda: store.incr(key, ttl=window))
         if count > self.limit:
-            raise refuse(429, f"Too many wrong passwords for this user name; retry in {self.window} seconds "
-                              "or less.", headers=[("Retry-After", str(self.window))])
+            # Counted before the password is checked: more than the limit at once count too, right or wrong.
+            raise refuse(429, f"Too many login attempts for this user name (wrong passwords, or more than "
+                              f"{self.limit} at once); retry in {self.window} seconds or less.",
+                         headers=[("Retry-After", str(self.window))])
 
     def forget(self) -> None:
         if self.store is not None:

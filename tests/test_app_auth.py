@@ -142,7 +142,8 @@ def test_wrong_passwords_are_throttled_per_user_name(tmp_path: Path, users: User
     refused = stack.login(status=429)  # the right password too, until the window ends
     assert refused.headers["Retry-After"] == "600"
     assert refused.json["error"]["message"] == (
-        "Too many wrong passwords for this user name; retry in 600 seconds or less.")
+        "Too many login attempts for this user name (wrong passwords, or more than 3 at once); retry in 600 "
+        "seconds or less.")
     assert stack.login("ALICE", "guess", status=401)  # another name (names are case-sensitive), counted apart
     assert stack.login("bob", "builder").status_int == 200  # another account is not touched
     for _ in range(3):
