@@ -312,23 +312,35 @@ def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStor
         assert kept == []
 
 
-def test_a_login_that_races_a_logout_keeps_its_new_session(store: CountingStore) -> None:
-    """rotate(carry=False), as the core's login calls it: what it writes stands on a password just
-    checked, so a logout of the old session meanwhile does not drop it (rotate() would)."""
+def logging_in(store: CountingStore, before: Callable[[Session, TestApp, str], None]) -> tuple[TestApp, str]:
+    """A stack whose ``/login`` runs ``before(session, app, ada's cookie)`` and then starts a new session
+    for bob with rotate(carry=False), as the core's login does; and the cookie of ada's session."""
+    made: dict[str, Any] = {}
+
     def login(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         session: Session = environ[SESSION]
-        if environ["PATH_INFO"] != "/login-slowly":
+        if environ["PATH_INFO"] != "/login":
             return probe(environ, start_response)
-        session.get("user")  # something outside read it first (csrf does)
-        app.get("/logout", headers={"Cookie": f"sid={old}"})  # another tab logs out meanwhile
+        before(session, made["app"], made["old"])
         session.rotate(carry=False)
         session["user"] = "bob"
         start_response("200 OK", [("Content-Type", "application/json")])
         return [b"{}"]
 
-    app = make(store, app=login, cookie_name="sid", cookie_secure=False)
-    old = app.get("/set?user=ada").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
-    response = app.get("/login-slowly", headers={"Cookie": f"sid={old}"})
+    app = made["app"] = make(store, app=login, cookie_name="sid", cookie_secure=False)
+    made["old"] = app.get("/set?user=ada").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    return app, made["old"]
+
+
+def test_a_login_that_races_a_logout_keeps_its_new_session(store: CountingStore) -> None:
+    """rotate(carry=False), as the core's login calls it: what it writes stands on a password just
+    checked, so a logout of the old session meanwhile does not drop it (rotate() would)."""
+    def read_then_logged_out(session: Session, app: TestApp, old: str) -> None:
+        session.get("user")  # something outside read it first (csrf does)
+        app.get("/logout", headers={"Cookie": f"sid={old}"})  # another tab logs out meanwhile
+
+    app, old = logging_in(store, read_then_logged_out)
+    response = app.get("/login", headers={"Cookie": f"sid={old}"})
     new = response.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
     assert stored(store, new.split(".")[0])["data"] == {"user": "bob"}  # nothing of ada's session
     assert app.get("/get", headers={"Cookie": f"sid={old}"}).json == {}
@@ -338,20 +350,7 @@ def test_a_login_that_races_a_logout_keeps_its_new_session(store: CountingStore)
 def test_a_session_started_by_rotate_carry_false_counts_as_created(store: CountingStore, read_first: bool) -> None:
     """Whether something read the old session first (csrf, auth) or not, a login makes a new session."""
     events: list[str] = []
-
-    def login(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        session: Session = environ[SESSION]
-        if environ["PATH_INFO"] != "/login":
-            return probe(environ, start_response)
-        if read_first:
-            session.get("user")
-        session.rotate(carry=False)
-        session["user"] = "bob"
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [b"{}"]
-
-    app = make(store, app=login, cookie_name="sid", cookie_secure=False)
-    old = app.get("/set?user=ada").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    app, old = logging_in(store, lambda session, app, old: session.get("user") if read_first else None)
     app.layer.context.listeners.append(lambda event, fields: events.append(event))
     app.get("/login", headers={"Cookie": f"sid={old}"})
     assert events == ["session.created"]
