@@ -517,3 +517,40 @@ def test_default_index_builds_in_a_few_seconds(tmp_path: Path) -> None:
     assert engine.search("sqlite3 connect").total > 0
     assert os.path.getsize(tmp_path / "index.sqlite3") > 1_000_000
     engine.close()
+
+
+def test_close_does_not_wait_for_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server stopping while the first search builds the index closes at once (the build dies with it)."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow_entries(sources: Any) -> Iterator[Any]:
+        started.set()
+        release.wait(10)
+        yield from iter_entries(["json"])
+
+    monkeypatch.setattr(local_module, "iter_entries", slow_entries)
+    engine = engine_for(tmp_path, ["json"])
+    builder = threading.Thread(target=engine.ensure_index)
+    builder.start()
+    assert started.wait(10)
+    begun = time.monotonic()
+    engine.close()
+    assert time.monotonic() - begun < 1.0
+    release.set()
+    builder.join(10)
+
+
+def test_a_build_sweeps_the_temporary_files_of_dead_processes(tmp_path: Path) -> None:
+    """A worker killed mid-build left its .tmp file (up to a whole index): the next build removes it."""
+    import subprocess
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    engine = engine_for(tmp_path, ["json"])
+    dead = engine.path.with_name(f"{engine.path.name}.{int(gone.stdout)}.140000.tmp")
+    alive = engine.path.with_name(f"{engine.path.name}.{os.getppid()}.140000.tmp")  # another build, running
+    for leftover in (dead, alive):
+        leftover.write_bytes(b"partial index")
+    engine.ensure_index()
+    assert (dead.exists(), alive.exists()) == (False, True)
+    engine.close()

@@ -124,6 +124,17 @@ def fts_query(text: str) -> str | None:
 
 
 
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as someone else
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (across processes) where the OS offers one."""
@@ -160,9 +171,10 @@ class LocalEngine(SearchEngine):
             {"schema": SCHEMA_VERSION, "sources": self.sources, "python": sys.version_info[:2]},
             sort_keys=True,
         )
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by a build, for as long as it takes
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()  # never held long: close() must not wait for a build
         self._ready = False
         #: Bumped each time a damaged index is replaced; connections opened before are reopened.
         self._generation = 0
@@ -240,6 +252,7 @@ class LocalEngine(SearchEngine):
         return str(row[0]) if row else None
 
     def _build(self) -> None:
+        self._sweep()
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.unlink(missing_ok=True)
         try:
@@ -261,6 +274,14 @@ class LocalEngine(SearchEngine):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _sweep(self) -> None:
+        """Remove the temporary files of builds whose process is gone (stopped or killed mid-build)."""
+        for tmp in self.path.parent.glob(f"{self.path.name}.*.*.tmp"):
+            pid = tmp.name[len(self.path.name) + 1:].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
     def _uri(self) -> str:
         return self.path.resolve().as_uri() + "?mode=ro"
 
@@ -275,7 +296,7 @@ class LocalEngine(SearchEngine):
             self.ensure_index()
             generation, identity = self._generation, file_identity(self.path)
             conn = sqlite3.connect(self._uri(), uri=True, check_same_thread=False)
-            with self._lock:
+            with self._connections_lock:
                 self._connections.append(conn)
             self._local.conn, self._local.generation, self._local.identity = conn, generation, identity
         return conn
@@ -285,7 +306,7 @@ class LocalEngine(SearchEngine):
         if conn is None:
             return
         self._local.conn = None
-        with self._lock:
+        with self._connections_lock:
             if conn in self._connections:
                 self._connections.remove(conn)
         conn.close()
@@ -328,7 +349,9 @@ class LocalEngine(SearchEngine):
         return SearchPage(query, results, total, page, self.per_page)
 
     def close(self) -> None:
-        with self._lock:
+        """Close the index connections, without waiting for a build in progress (a stopping server
+        would wait for the whole build: the process ends it, and the next build sweeps its file)."""
+        with self._connections_lock:
             connections, self._connections = self._connections, []
         for conn in connections:
             conn.close()
