@@ -330,6 +330,7 @@ class LiveStack:
             wanted = restart_settings(new.config)
             needs = [name for name in RESTART_ONLY if wanted[name] != self._started[name]]
             old, retired = self.current, self._flight
+            interval = old.config.server.reload.interval
             self.current = new
             self.generation += 1
             self.last = ReloadResult(True, self.generation, needs_restart=needs, problems=new.warnings)
@@ -347,6 +348,9 @@ class LiveStack:
             for warning in new.warnings:
                 log.warning("%s%s", self.label, warning)
             if self._follow:
+                if self._watcher is not None and new.config.server.reload.interval != interval:
+                    self._watch_stop.set()  # it waits out the old interval (up to an hour): a new one polls
+                    self._watcher = None
                 self._sync_watch()
         # The old pipeline's layers and stores are closed once its last request in flight has
         # finished (closing them now could cut those requests off).

@@ -198,6 +198,23 @@ def test_watch_follows_the_configuration(tmp_path: Path) -> None:
         live.stop_watch()
 
 
+def test_a_shorter_interval_applies_at_once(tmp_path: Path) -> None:
+    """The poller waiting out an hour's interval does not keep a reload to 0.05 s waiting for that hour."""
+    path = tmp_path / "stack.yaml"
+    base = 'app: {factory: "stack_support:echo_app"}\npipeline: [errors: {}]\n'
+    path.write_text(base + "server: {reload: {watch: true, interval: 3600}}\n")
+    live = LiveStack(path)
+    live.follow_watch()
+    try:
+        path.write_text(base + "server: {reload: {watch: true, interval: 0.05}}\n")
+        assert live.reload().ok and live.generation == 2  # a SIGHUP
+        time.sleep(0.2)
+        path.write_text(base + "server: {reload: {watch: true, interval: 0.05}, ident: x}\n")
+        _wait(lambda: live.generation == 3)
+    finally:
+        live.stop_watch()
+
+
 def test_watch_waits_until_the_file_stops_changing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A file written in place in several pieces is read once it has stayed the same for an interval."""
     path = tmp_path / "stack.yaml"
