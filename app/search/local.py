@@ -110,7 +110,8 @@ def fts_query(text: str) -> str | None:
     for term in text.split():
         # Counted composed (NFC): a pasted "e" + U+0301 is one letter, as SQLite reads it, not a word
         # break. Searched for as written: the index holds the documents' text as they wrote it.
-        words = _words(unicodedata.normalize("NFC", term))
+        # (The larger count: the tokenizer splits at some marks NFC folds into a letter, U+03B1 + U+0313.)
+        words = max(_words(unicodedata.normalize("NFC", term)), _words(term), key=len)
         if not words:
             continue
         if len(words) > left:
@@ -122,17 +123,6 @@ def fts_query(text: str) -> str | None:
     return " ".join(terms) or None
 
 
-
-
-def _running(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (one of another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it runs, as someone else
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -275,12 +265,14 @@ class LocalEngine(SearchEngine):
             tmp.unlink(missing_ok=True)
 
     def _sweep(self) -> None:
-        """Remove the temporary files of builds whose process is gone (stopped or killed mid-build)."""
+        """Remove the temporary files of builds that ended without cleaning up (stopped or killed).
+
+        Called under the index's file lock, which every build holds: none of them is running.
+        (Not by process id: a container's server is pid 1 at every start.)
+        """
         for tmp in self.path.parent.glob(f"{self.path.name}.*.*.tmp"):
-            pid = tmp.name[len(self.path.name) + 1:].split(".", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _uri(self) -> str:
         return self.path.resolve().as_uri() + "?mode=ro"
