@@ -37,7 +37,6 @@ import sqlite3
 import sys
 import threading
 import time
-import unicodedata
 import warnings
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -85,15 +84,18 @@ _PAGE = (
 
 #: Characters Python's Unicode tables call letters and SQLite's (Unicode 6.1, for the unicode61
 #: tokenizer) split words at: New Tai Lue and Vedic signs that were marks until Unicode 8.
-#: tests/test_app_search.py asks the running SQLite for every such character.
 WORD_SPLITTERS = "\u19b0-\u19c0\u19c8\u19c9\u1cf2\u1cf3"
-_WORD = re.compile(f"[^\\W_{WORD_SPLITTERS}]+")
+#: Combining marks the tokenizer keeps inside a word (``remove_diacritics`` folds them away) where
+#: Python's ``\w`` sees a break: the accents of decomposed (NFD) Latin and Vietnamese text.
+WORD_MARKS = "\u0300-\u0304\u0306-\u030c\u030f\u0311\u031b\u0323-\u0328\u032d\u032e\u0330\u0331"
+#: tests/test_app_search.py asks the running SQLite for every character where the tables may disagree.
+_WORD = re.compile(f"(?:[^\\W_{WORD_SPLITTERS}]|[{WORD_MARKS}])+")
 
 
 def _words(term: str) -> list[str]:
-    """The runs of letters and digits in ``term``: never fewer than the words the unicode61 tokenizer
-    finds in it (more where it keeps a character Python does not call a letter: a combining mark
-    NFC does not compose, a symbol, an unassigned code point), so the cap holds."""
+    """The runs of letters, digits and the marks SQLite keeps in words: never fewer than the words the
+    unicode61 tokenizer finds (more where it keeps a character Python does not call a letter: a
+    symbol or a code point newer than its tables), so the cap holds."""
     return _WORD.findall(term)
 
 
@@ -108,10 +110,7 @@ def fts_query(text: str) -> str | None:
     text = "".join(c if c.isprintable() else " " for c in text)
     terms, left = [], MAX_TERMS
     for term in text.split():
-        # Counted composed (NFC): a pasted "e" + U+0301 is one letter, as SQLite reads it, not a word
-        # break. Searched for as written: the index holds the documents' text as they wrote it.
-        # (The larger count: the tokenizer splits at some marks NFC folds into a letter, U+03B1 + U+0313.)
-        words = max(_words(unicodedata.normalize("NFC", term)), _words(term), key=len)
+        words = _words(term)  # as written: the index holds the documents' text as they wrote it
         if not words:
             continue
         if len(words) > left:
@@ -270,9 +269,11 @@ class LocalEngine(SearchEngine):
         Called under the index's file lock, which every build holds: none of them is running.
         (Not by process id: a container's server is pid 1 at every start.)
         """
-        for tmp in self.path.parent.glob(f"{self.path.name}.*.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        ours = re.compile(re.escape(self.path.name) + r"\.\d+\.\d+\.tmp")  # not another index's (name.full.…)
+        for tmp in self.path.parent.iterdir():
+            if ours.fullmatch(tmp.name):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def _uri(self) -> str:
         return self.path.resolve().as_uri() + "?mode=ro"
