@@ -48,6 +48,7 @@ __all__ = [
     "ROUTE",
     "ROUTE_TEMPLATE",
     "SESSION",
+    "SESSION_BOUND",
     "SESSION_USER_HINT",
     "TIMINGS",
     "TRACE",
@@ -98,6 +99,9 @@ PATH = "wsgistack.path"
 #: The PATH_INFO the client asked for, kept by a layer that rewrote it for routing (versioning:
 #: ``/api/search`` to ``/api/v1/search``): error bodies and logs name what was asked.
 ORIG_PATH = "wsgistack.versioning.orig_path"
+#: Set (True) when the response holds something of this one session, which no cache may give another
+#: session of the same user (a CSRF token bound to the session id).
+SESSION_BOUND = "wsgistack.session_bound"
 TIMINGS = "wsgistack.timings"
 TRACE = "wsgistack.trace"
 #: Store reads an outer layer made for inner ones in its own round trip (see ReadAhead).

@@ -51,6 +51,7 @@ from .base import (
     READ_AHEAD,
     ROUTE,
     SESSION,
+    SESSION_BOUND,
     Context,
     LayerOptions,
     ReadKey,
@@ -232,7 +233,8 @@ class _Fill:
                 self.swap, self.exc_info = True, exc_info  # answered with the stale entry once the app returns
                 return lambda data: None
             self.started = True
-            self.plan = None if not self.keep or _personal(self.environ.get(SESSION), self.subject) else \
+            self.plan = None if not self.keep or self.environ.get(SESSION_BOUND) or \
+                _personal(self.environ.get(SESSION), self.subject) else \
                 self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()

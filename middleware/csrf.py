@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, model_validator
 
-from .base import SESSION, Context, LayerOptions, cookies, note, parse_origin, refuse
+from .base import SESSION, SESSION_BOUND, Context, LayerOptions, cookies, note, parse_origin, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -117,7 +117,7 @@ class CSRFMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
         if self.double_submit:
-            environ[CSRF_TOKEN] = lambda: self.token(environ)
+            environ[CSRF_TOKEN] = lambda: self._hand_out(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         if method in SAFE_METHODS:
             return self.app(environ, start_response)
@@ -126,7 +126,7 @@ class CSRFMiddleware:
         ):
             return self.app(environ, start_response)
         self._check_origin(environ, method)
-        if self.double_submit:
+        if self.double_submit and self.cookie_name in cookies(environ):  # without it, no session to match
             self._check_token(environ)
         return self.app(environ, start_response)
 
@@ -164,6 +164,11 @@ class CSRFMiddleware:
             return True
         return any(scheme == w_scheme and port == w_port and host.endswith(suffix)
                    for w_scheme, suffix, w_port in self.wildcards)
+
+    def _hand_out(self, environ: WSGIEnvironment) -> str:
+        """The token for the page: the response now holds something of this session alone."""
+        environ[SESSION_BOUND] = True  # a per_user cache must not give it to the user's other sessions
+        return self.token(environ)
 
     def token(self, environ: WSGIEnvironment) -> str:
         """The double-submit token for this request's session (creating the session if new)."""

@@ -17,7 +17,7 @@ from werkzeug.http import http_date
 from werkzeug.test import Client
 
 import middleware.cache as cache_module
-from middleware.base import API_VERSION, IDENTITY, Context, Identity, refuse
+from middleware.base import API_VERSION, IDENTITY, SESSION_BOUND, Context, Identity, refuse
 from middleware.cache import CacheMiddleware, purge
 from middleware.errors import ErrorsMiddleware
 from stores import Store, store_from_url
@@ -297,6 +297,19 @@ def test_a_listed_204_is_stored_without_content_length(make: Callable[..., Stack
     assert second.body == body  # a hit replays no body; a miss passes what the app sent
     if second.headers["X-Cache"] == "HIT":
         assert "Content-Length" not in second.headers
+
+
+def test_a_response_bound_to_its_session_is_not_stored(store: Store, origin: Origin) -> None:
+    """A page with a CSRF token (bound to the session id): per_user would hand it to the user's other
+    sessions, whose writes the token then fails."""
+    def page(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ[SESSION_BOUND] = True  # what the csrf layer's token does when the page asks for it
+        return origin(environ, start_response)
+
+    stack = Stack(store, page, per_user=True)  # type: ignore[arg-type]
+    headers = {"X-Test-User": "alice:user"}
+    assert [stack.get(headers=headers).headers["X-Cache"] for _ in range(2)] == ["MISS", "MISS"]
+    assert origin.calls == 2
 
 
 def test_no_content_length_is_not_stored(make: Callable[..., Stack], origin: Origin) -> None:

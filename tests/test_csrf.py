@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 from webtest import TestApp
 
-from middleware.base import Context
+from middleware.base import SESSION_BOUND, Context
 from middleware.csrf import CSRF_TOKEN, CSRFMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.session import SessionMiddleware
@@ -294,19 +294,41 @@ def test_double_submit_token_changes_at_rotate(store_url: str) -> None:
     store.close()
 
 
+EVIL = "https://evil.example"
+
+
 @pytest.mark.parametrize(("request_headers", "status"), [
-    pytest.param({"Authorization": "Bearer abc"}, 200, id="a bearer token: no ambient credential"),
-    pytest.param({"Authorization": "bearer abc"}, 200, id="the scheme in any case"),
-    pytest.param({"Authorization": "Basic YTpi"}, 403, id="basic credentials: checked"),
-    pytest.param({}, 403, id="nothing: checked"),
+    pytest.param({"Authorization": "Bearer abc", "Origin": EVIL}, 200, id="a bearer token: no ambient credential"),
+    pytest.param({"Authorization": "bearer abc", "Origin": EVIL}, 200, id="the scheme in any case"),
+    pytest.param({"Authorization": "Basic YTpi", "Origin": EVIL}, 403, id="basic credentials: checked"),
+    pytest.param({"Origin": EVIL}, 403, id="nothing: checked (a cross-site login form)"),
+    pytest.param({}, 200, id="no cookie, no Origin: a client that is no browser (an API login) passes"),
 ])
-def test_bearer_requests_need_no_token(request_headers: dict[str, str], status: int) -> None:
-    # check_without_cookie: every unsafe request is checked, except one that authenticates with a
-    # bearer token (a browser never sends one by itself).
+def test_requests_without_the_cookie_get_the_origin_checks(request_headers: dict[str, str], status: int) -> None:
+    # check_without_cookie: every unsafe request's origin is checked, except one that authenticates
+    # with a bearer token (a browser never sends one by itself). The token is not: without the cookie
+    # there is no session for it to match, and no token could pass.
     resp = send(make({**DS, "check_without_cookie": True}, store_from_url("memory://")), request_headers)
     assert resp.status_int == status
     if status == 403:
-        assert resp.json["error"]["message"].startswith("CSRF token missing")
+        assert resp.json["error"]["message"].startswith("cross-origin POST refused")
+
+
+def test_handing_out_the_token_marks_the_response_as_this_sessions() -> None:
+    """So that no cache (a per_user one) gives the page with it to the user's other sessions."""
+    seen: dict[str, Any] = {}
+
+    def page(environ: dict[str, Any], start_response: Any) -> Any:
+        seen["before"] = environ.get(SESSION_BOUND)
+        environ[CSRF_TOKEN]()
+        seen["after"] = environ.get(SESSION_BOUND)
+        return ok(environ, start_response)
+
+    context = Context(stores={"shared": store_from_url("memory://")})
+    csrf = CSRFMiddleware(page, CSRFMiddleware.Options(**DS), context)
+    session = SessionMiddleware(csrf, SessionMiddleware.Options(secret_key=SESSION_SECRET), context)
+    TestApp(ErrorsMiddleware(session, ErrorsMiddleware.Options(), context)).get("/page")
+    assert seen == {"before": None, "after": True}
 
 
 def test_token_without_session_layer_says_what_is_missing() -> None:
