@@ -193,22 +193,16 @@ class Session(MutableMapping[str, Any]):
         it writes stands on a password just checked, whatever happened to the old
         session; nothing of an earlier user's session reaches the new one).
         """
-        if carry:
+        if not carry:
+            self._start_over()
+        else:
             self._load()
             stored = self._stored_id
-            if stored is not None and not self._new and self._rotated_from is None:
-                self._rotated_from = stored
-        elif self._data is None:  # not read: the cookie's id is retired all the same
-            stored = self._layer._cookie_id(self._environ)
-            self._carried = self._layer.cookie_name in cookies(self._environ)
-            self._environ = _NO_ENVIRON
-            self.accessed = True
-            self._data, self._new = {}, True
-        else:  # a new session, as when nothing had read the old one (session.created counts it alike)
-            stored, self._data, self._new = self._stored_id, {}, True
-        if stored is not None:
-            self._stale.append(stored)
-            self._stored_id = None
+            if stored is not None:
+                if not self._new and self._rotated_from is None:
+                    self._rotated_from = stored
+                self._stale.append(stored)
+                self._stored_id = None
         self._id = secrets.token_urlsafe(32)
         self._created = _clock()
         self._issue = True
@@ -223,20 +217,24 @@ class Session(MutableMapping[str, Any]):
         A cookie that was sent is expired even when its signature no longer verifies.
         """
         self._changed()  # only warns when too late; destroy() leaves modified false
-        if self._data is None:
+        self._start_over()
+        self._id, self._created, self._issue = None, _clock(), True
+        self._expire_cookie = self._carried
+        self.modified = False
+
+    def _start_over(self) -> None:
+        """Retire the stored id, read or not (its key is deleted on save), and be a new, empty session
+        (``session.created`` counts it whatever read the old one)."""
+        if self._data is None:  # not read: the cookie's id is retired all the same
             stored = self._layer._cookie_id(self._environ)
             self._carried = self._layer.cookie_name in cookies(self._environ)
         else:
             stored = self._stored_id
-        carried = self._carried
         self._environ = _NO_ENVIRON
         if stored is not None:
             self._stale.append(stored)
         self.accessed = True
-        self._data, self._id, self._stored_id, self._created = {}, None, None, _clock()
-        self._new = self._issue = True
-        self._expire_cookie = carried
-        self.modified = False
+        self._data, self._stored_id, self._new = {}, None, True
 
     def __repr__(self) -> str:
         state = "unloaded" if self._data is None else f"keys={sorted(self._data)}"
