@@ -224,7 +224,7 @@ class _Fill:
         self.flight, self.lock_key, self.stale, self.keep = flight, lock_key, stale, keep
         self.plan: _Plan | None = None
         self.started = self.returned = self.swap = False
-        self.exc_info: Any = None  # the app's, with the 5xx the stale entry replaces
+        self.exc_info: Any = None  # the app's failure the stale entry replaces (its 5xx's exc_info, its exception)
         self.began = 0.0
 
     def start_response(self, start_response: StartResponse) -> StartResponse:
@@ -233,8 +233,7 @@ class _Fill:
                 self.swap, self.exc_info = True, exc_info  # answered with the stale entry once the app returns
                 return lambda data: None
             self.started = True
-            self.plan = None if not self.keep or self.environ.get(SESSION_BOUND) or \
-                _personal(self.environ.get(SESSION), self.subject) else \
+            self.plan = None if not self.keep or _personal(self.environ, self.subject) else \
                 self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()
@@ -243,8 +242,9 @@ class _Fill:
         return wrapped
 
     def replaced(self) -> Any:
-        """The ``exc_info`` a second ``start_response`` (the stale entry's) must give (PEP 3333):
-        None unless the app's own status went to the server first."""
+        """The ``exc_info`` a second ``start_response`` (the stale entry's) must give (PEP 3333): None
+        unless the app's own status went to the server first; then the server replaces that status, or
+        re-raises when the app's bytes already went out."""
         if not self.started:
             return None
         if self.exc_info is not None:
@@ -308,12 +308,16 @@ def _subject_key(identity: Any) -> str:
     return f"{str(identity.subject)!r}{sorted(identity.roles)!r}"
 
 
-def _personal(session: Any, subject: str | None) -> bool:
+def _personal(environ: WSGIEnvironment, subject: str | None) -> bool:
     """Whether the session makes this response one client's, though the session layer outside marks it so later.
 
-    A response that sets or expires the session cookie is never stored; one built
+    A response that sets or expires the session cookie, or holds something of its
+    session alone (``SESSION_BOUND``: a CSRF token), is never stored; one built
     from a stored session is stored only per user (keyed by ``subject``).
     """
+    if environ.get(SESSION_BOUND):
+        return True
+    session = environ.get(SESSION)
     if session is None or not getattr(session, "accessed", False):
         return False
     return bool(getattr(session, "sets_cookie", True)) or (subject is None and not session.new)
@@ -719,9 +723,8 @@ class CacheMiddleware:
             fill.release()
             if stale is None or (isinstance(exc, HTTPException) and (exc.code or 500) < 500):
                 raise
-            # After the app's own start_response, a second one must carry exc_info (PEP 3333): the
-            # server replaces the status, or re-raises when the app's bytes already went out.
-            return self._serve_stale(environ, stale, start_response, method, sys.exc_info() if fill.started else None)
+            fill.exc_info = sys.exc_info()
+            return self._serve_stale(environ, stale, start_response, method, fill.replaced())
         fill.returned = True
         if fill.swap:
             _Tee(result, fill).close()

@@ -183,8 +183,7 @@ class ErrorsMiddleware:
             self.logger.error(
                 "unhandled exception in %s %s (request id %s)",
                 environ.get("REQUEST_METHOD", "?"),
-                escape_control(decoded_path(environ if ORIG_PATH not in environ else
-                                            {"PATH_INFO": environ[ORIG_PATH]})),
+                escape_control(_asked_path(environ)),
                 environ.get(REQUEST_ID, "-"),
                 exc_info=exc,
                 # request_id (inside: always, the builder keeps errors outermost) has left its request by now
@@ -204,8 +203,7 @@ class ErrorsMiddleware:
         return code, headers, body
 
     def _body(self, environ: WSGIEnvironment, code: int, message: str, details: Any) -> bytes:
-        asked = environ.get(ORIG_PATH)  # before a layer rewrote it for routing: what the access log shows
-        path = decoded_path(environ if asked is None else {"PATH_INFO": asked})
+        path = _asked_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         if method == "HEAD":  # its Content-Length must be that of the GET's body (RFC 9110 §9.3.2)
             method = "GET"
@@ -259,6 +257,13 @@ def _phrase(code: int) -> str:
 
 #: What a path may hold unescaped (RFC 3986 pchar and "/"): everything else is percent-encoded.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def _asked_path(environ: WSGIEnvironment) -> str:
+    """The decoded path the client asked for, before a layer rewrote it for routing (ORIG_PATH): the one
+    the access log shows."""
+    asked = environ.get(ORIG_PATH)
+    return decoded_path(environ if asked is None else {"PATH_INFO": asked})
 
 
 def _uri_path(environ: WSGIEnvironment) -> str:
