@@ -456,6 +456,7 @@ def proxy_twice(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
 
 def proxy_peers_can_connect(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     """A proxy layer none of whose trusted_proxies can be a peer: every client would be the proxy."""
+    from middleware.base import network
     from middleware.proxy import UNIX
 
     families = cfg.server.peer_families
@@ -463,19 +464,15 @@ def proxy_peers_can_connect(cfg: StackConfig, specs: list[LayerSpec]) -> Iterato
         return
     for spec in _all(specs, "proxy"):
         given = getattr(spec.options, "trusted_proxies", None)  # werkzeug's ProxyFix has no such list
-        trusted = [ipaddress.ip_network(n, strict=False) for n in given or () if n != UNIX]
-        if not trusted or any((4 if _mapped(n) else n.version) in families for n in trusted):
+        entries = [n for n in given or () if n != UNIX]
+        if not entries or any(network(n).version in families for n in entries):  # as the layer reads them
             continue
+        trusted = [ipaddress.ip_network(n, strict=False) for n in entries]
         shown = " and ".join(f"IPv{v}" for v in sorted(families))
         yield _problem(cfg, spec, f"{spec.name} at {_where(spec)} trusts only {', '.join(map(str, trusted))}, and "
                                   f"every listen address is {shown}: no such proxy can be the peer (IPv6 sockets "
                                   "take IPv6 peers only), so its forwarding headers would never count and every "
                                   "client would seem to be the proxy; add the address the proxy connects from")
-
-
-def _mapped(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    """Written the IPv4-mapped way (``::ffff:10.0.0.0/104``): the layer reads it as the IPv4 network."""
-    return isinstance(network, ipaddress.IPv6Network) and network.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96"))
 
 
 def proxy_headers_kept(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:

@@ -122,8 +122,6 @@ def fts_query(text: str) -> str | None:
     return " ".join(terms) or None
 
 
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (across processes) where the OS offers one."""
