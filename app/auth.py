@@ -67,7 +67,7 @@ class _Failures:
         self.key = f"{_PREFIX}{digest}"
         allow_eviction = getattr(self.store, "allow_eviction", None)
         if allow_eviction is not None:
-            allow_eviction(_PREFIX, lowest=False)  # never pushed out by cache entries
+            allow_eviction(_PREFIX, lowest=False)  # pushed out by cache entries only past half the store
 
     def attempt(self) -> None:
         """Count this attempt; 429 past the limit, and 503 when the store cannot count it."""

@@ -61,7 +61,7 @@ class MemoryStore(Store):
         # prefix given to allow_eviction(), which make room for new keys: the lowest first.
         self._data: OrderedDict[str, Entry] = OrderedDict()
         self._disposable: OrderedDict[str, Entry] = OrderedDict()  # lowest: the cache's entries
-        self._spare: OrderedDict[str, Entry] = OrderedDict()  # evicted for any key but a lowest one
+        self._spare: OrderedDict[str, Entry] = OrderedDict()  # evicted when no lowest is left (see _make_room)
         self._evictable: tuple[str, ...] = ()
         self._spared: tuple[str, ...] = ()
         self._lock = threading.Lock()
@@ -70,8 +70,8 @@ class MemoryStore(Store):
         """Let keys starting with ``prefix`` be evicted (least recently used first) to make room.
 
         ``lowest`` (a cache): they go first, for any new key, and their bytes are bounded by
-        ``max_cache_bytes``.  Otherwise they go only when no lowest key is left, and never to
-        make room for a lowest one.
+        ``max_cache_bytes``.  Otherwise they go only when no lowest key is left, and make room
+        for a lowest one only while they hold more than half of ``max_entries``.
         """
         with self._lock:
             if prefix in self._evictable or prefix in self._spared:
@@ -130,6 +130,11 @@ class MemoryStore(Store):
 
     def _make_room(self, table: OrderedDict[str, Entry]) -> None:
         """Evict one key for a new key of ``table``, or raise StoreError when none may go."""
+        # Counts go for a cache entry while they hold more than half the store (wrong passwords for
+        # made-up names cannot fill it and leave the cache no room), else for kept keys and each other.
+        if table is self._disposable and 2 * len(self._spare) > self.max_entries:
+            self._spare.popitem(last=False)
+            return
         if self._disposable:
             old, entry = self._disposable.popitem(last=False)
             self._cache_bytes -= _size(old, entry[0])

@@ -1468,3 +1468,18 @@ def test_a_full_memory_store_evicts_cache_entries_only(origin: Origin, clock: Cl
     assert store.get("revoked:jti-1") == b"1"
     assert len(store) <= 8
     assert stack.get("/api/v1/search?q=49").headers["X-Cache"] == "HIT"  # the newest entries stay
+
+
+@pytest.mark.parametrize("on_store_error", ["open", "closed"])
+def test_counts_of_wrong_passwords_filling_the_store_leave_the_cache_room(origin: Origin, clock: Clock,
+                                                                           on_store_error: str) -> None:
+    """Wrong passwords for made-up names (one count each) cannot turn the cache off, nor make it answer 503."""
+    store = MemoryStore(max_entries=100)
+    store.allow_eviction("login-failures:", lowest=False)  # as the core's login declares them
+    for i in range(100):
+        store.incr(f"login-failures:{i:032x}", ttl=900)
+    stack = Stack(store, origin, on_store_error=on_store_error)
+    assert [stack.get("/api/v1/search?q=x").headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    assert "store.error" not in stack.names()
+    assert len(store) <= 100
+    assert len(list(store.scan("login-failures:"))) >= 50  # the cache took room from them down to half

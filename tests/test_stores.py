@@ -305,7 +305,8 @@ def test_memory_store_never_evicts_other_keys() -> None:
 
 
 def test_memory_store_spares_keys_evictable_only_for_others_from_the_cache() -> None:
-    """Counts of password guesses may go for sessions or for each other, never for cache entries."""
+    """Counts of password guesses may go for sessions or for each other, and for cache entries only
+    while they hold more than half the store."""
     store = MemoryStore(max_entries=4)
     store.allow_eviction("c:")
     store.allow_eviction("fail:", lowest=False)
@@ -318,13 +319,19 @@ def test_memory_store_spares_keys_evictable_only_for_others_from_the_cache() -> 
     store.incr("fail:cid", ttl=60)  # a new count takes room from the cache first
     store.incr("fail:dan", ttl=60)
     assert sorted(store.scan("")) == ["fail:ann", "fail:bob", "fail:cid", "fail:dan"]
-    with pytest.raises(StoreError, match="the memory store is full"):
-        store.set("c:new", b"v")  # the cache does without: no count goes for it
     store.get("fail:ann")  # used: bob's count is now the least recently used
-    store.incr("fail:eve", ttl=60)  # counts make room for each other
-    store.set("session:1", b"s")  # and for kept keys
-    assert sorted(store.scan("")) == ["fail:ann", "fail:dan", "fail:eve", "session:1"]
-    assert store.get("fail:ann") == b"1"
+    store.set("c:new", b"v")  # counts fill the store: the least recently used goes for the cache,
+    store.set("c:newer", b"v")  # down to half the store
+    assert sorted(store.scan("")) == ["c:new", "c:newer", "fail:ann", "fail:dan"]
+    store.set("c:newest", b"v")  # from then on cache entries make room for each other
+    assert sorted(store.scan("")) == ["c:newer", "c:newest", "fail:ann", "fail:dan"]
+    store.incr("fail:eve", ttl=60)  # a count takes room from the cache first
+    store.incr("fail:fay", ttl=60)
+    store.incr("fail:gus", ttl=60)  # then from the other counts
+    assert sorted(store.scan("")) == ["fail:ann", "fail:eve", "fail:fay", "fail:gus"]
+    store.set("session:1", b"s")  # counts make room for kept keys
+    assert sorted(store.scan("")) == ["fail:eve", "fail:fay", "fail:gus", "session:1"]
+    assert store.get("fail:gus") == b"1"
 
 
 def test_allow_eviction_of_kept_keys_moves_them_to_their_tier() -> None:
