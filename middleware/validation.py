@@ -306,14 +306,14 @@ class ValidationMiddleware:
         self._json_option = "json_max_bytes" if json_max < o.max_body_bytes else "max_body_bytes"
         self._json_depth = o.json_max_depth
         # Integers are read by the C scanner (a call each would make [0, 0, …] 7x slower): Python's own
-        # limit on their digits is MAX_INT_DIGITS, unless a program raised it (then _integer checks).
-        python_caps = 0 < sys.get_int_max_str_digits() <= MAX_INT_DIGITS
-        self._decode_json = json.JSONDecoder(
+        # limit on their digits is MAX_INT_DIGITS, unless a program raised it (then _integer checks;
+        # which of the two is asked per body, so a limit raised after the build counts too).
+        self._decode_json, self._decode_json_capped = (json.JSONDecoder(
             object_pairs_hook=_no_duplicates if o.reject_duplicate_keys else None,
             parse_constant=_no_constants,
             parse_float=_finite,
-            parse_int=None if python_caps else _integer,
-        ).decode
+            parse_int=parse_int,
+        ).decode for parse_int in (None, _integer))
         wild = [(f"deny_patterns['*'][{i}]", re.compile(p))
                 for i, p in enumerate(o.deny_patterns.get("*", ()))]
         self._deny_any = tuple(wild)
@@ -523,7 +523,8 @@ class ValidationMiddleware:
                                f"{exc.start}).", "utf-8") from None
         too_deep = f"The JSON body nests deeper than json_max_depth ({self._json_depth})."
         try:
-            value = self._decode_json(text)
+            python_caps = 0 < sys.get_int_max_str_digits() <= MAX_INT_DIGITS
+            value = (self._decode_json if python_caps else self._decode_json_capped)(text)
         except _DuplicateKey as exc:
             raise self._refuse(environ, 400, f"The JSON body repeats the key {exc.args[0]!r} "
                                "in one object (reject_duplicate_keys).",

@@ -411,10 +411,18 @@ class CountingInput(io.BytesIO):
         return data
 
 
-def test_integers_are_capped_when_a_program_lifted_pythons_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The layer leaves long integers to Python's limit (4300 digits), unless something raised it."""
-    monkeypatch.setattr(sys, "get_int_max_str_digits", lambda: 0)
-    response = send({}, {"body": b"[" + b"9" * 4301 + b"]", "content_type": "application/json"}, 400)
+@pytest.mark.parametrize("lifted", ["before the build", "after the build"])
+def test_integers_are_capped_when_a_program_lifted_pythons_own_limit(lifted: str) -> None:
+    """The layer leaves long integers to Python's limit (4300 digits), unless something lifted it."""
+    old = sys.get_int_max_str_digits()
+    if lifted == "before the build":
+        sys.set_int_max_str_digits(0)
+    try:
+        layer = TestApp(stack())
+        sys.set_int_max_str_digits(0)
+        response = layer.post("/x", b"[" + b"9" * 4301 + b"]", content_type="application/json", status=400)
+    finally:
+        sys.set_int_max_str_digits(old)
     assert response.json["error"]["message"] == (
         "The request body is not well-formed JSON: an integer of 4301 digits is longer than the 4300 digits a "
         "number may have here.")
