@@ -174,8 +174,11 @@ def test_a_login_right_after_a_password_change_is_not_void(tmp_path: Path, users
     """`users passwd` dates the change to the next whole second: a login within it waits that second out,
     instead of getting tokens and a session that identify no one."""
     stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "roles": ["admin"]}])
+    while time.time() % 1 > 0.1:  # early in a second: the login surely comes before the next one
+        time.sleep(0.01)
     users.set_password("alice", "new password")
     since = users.get("alice").credentials_at  # type: ignore[union-attr]
+    assert since - time.time() > 0.8
     login = stack.login(password="new password")
     assert time.time() >= since
     stack.app.get("/api/v1/config", status=200)  # the session cookie identifies alice
