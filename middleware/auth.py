@@ -574,7 +574,8 @@ class TokenService:
         if self.signer is None:
             raise RuntimeError("this auth layer only verifies tokens; set private_key to issue them")
         o = self.options
-        now = int(time.time()) if minted is None else minted.iat
+        clock = int(time.time())
+        now = clock if minted is None else minted.iat
         # auth_time (OpenID Connect's name): the login this family started with, carried by every
         # refresh; no token of the family lives past auth_time + login_max_age.
         auth_time = now if auth_time is None else auth_time
@@ -594,7 +595,8 @@ class TokenService:
         access = self._sign({**base, "exp": access_exp, "jti": minted.access, "typ": "access"})
         refresh = self._sign({**base, "exp": refresh_exp, "jti": minted.refresh, "typ": "refresh"})
         return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
-                "expires_in": access_exp - now, "refresh_expires_in": refresh_exp - now}, minted
+                # counted from this answer (RFC 6749 5.1): a pair made again has lived a while already
+                "expires_in": max(0, access_exp - clock), "refresh_expires_in": max(0, refresh_exp - clock)}, minted
 
     def issue(self, subject: str, roles: Iterable[str] = ()) -> dict[str, Any]:
         """Start a new family: an access token and a refresh token for ``subject``.

@@ -536,12 +536,16 @@ def test_refresh_rotates_and_reuse_revokes_the_family(store: Store) -> None:
     assert stack.tokens.refresh(other["refresh_token"])["token_type"] == "Bearer"
 
 
+def pair(answer: dict[str, Any]) -> tuple[str, str]:
+    return answer["access_token"], answer["refresh_token"]
+
+
 def test_a_refresh_sent_again_within_the_grace_gets_the_same_pair(store: Store) -> None:
     """Two tabs refreshing at once, or a retry: the pair the first use made, and no revocation."""
     stack = Stack(store)
     first = stack.tokens.issue("ann", ["user"])
     second = stack.tokens.refresh(first["refresh_token"])
-    assert stack.tokens.refresh(first["refresh_token"]) == second
+    assert pair(stack.tokens.refresh(first["refresh_token"])) == pair(second)
     assert stack.reasons == []
     assert stack.call(token=second["access_token"]).status_int == 200
     third = stack.tokens.refresh(second["refresh_token"])  # the family goes on as usual
@@ -555,7 +559,7 @@ def test_the_grace_allows_for_clocks_as_skewed_as_tokens(store: Store, monkeypat
     second = stack.tokens.refresh(first["refresh_token"])
     behind = time.time() - 0.99
     monkeypatch.setattr(time, "time", lambda: behind)
-    assert stack.tokens.refresh(first["refresh_token"]) == second
+    assert pair(stack.tokens.refresh(first["refresh_token"])) == pair(second)
     assert stack.reasons == []
 
 
@@ -568,7 +572,7 @@ def test_the_grace_counts_from_the_first_use_not_from_its_whole_second(store: St
     monkeypatch.setattr(time, "time", lambda: clock[0])
     second = stack.tokens.refresh(first["refresh_token"])
     clock[0] += 0.3
-    assert stack.tokens.refresh(first["refresh_token"]) == second
+    assert pair(stack.tokens.refresh(first["refresh_token"])) == pair(second)
     assert stack.reasons == []
     clock[0] += 0.75  # 1.05 s after the first use: past the grace, though 1.95 s after its iat
     with pytest.raises(HTTPException):
@@ -1080,3 +1084,17 @@ def test_yaml_error_for_a_short_secret(make_stack: Callable[..., TestApp]) -> No
 
     with pytest.raises(ConfigError, match="secret must be at least 32 bytes for HS256"):
         make_stack({"pipeline": [{"auth": {"secret": "too-short"}}]})
+
+
+def test_a_pair_made_again_says_the_lifetime_it_has_left(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """expires_in counts from the answer (RFC 6749 5.1): a retry 9 s after the first use gets 891 s, not 900."""
+    stack = Stack(store, access_ttl=900, refresh_ttl=3600)
+    first = stack.tokens.issue("ann", ["user"])
+    clock = [int(time.time()) + 0.5]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    second = stack.tokens.refresh(first["refresh_token"])
+    assert (second["expires_in"], second["refresh_expires_in"]) == (900, 3600)
+    clock[0] += 9
+    again = stack.tokens.refresh(first["refresh_token"])
+    assert pair(again) == pair(second)
+    assert (again["expires_in"], again["refresh_expires_in"]) == (891, 3591)
