@@ -534,19 +534,31 @@ def _reads_scheme(spec: LayerSpec) -> bool:
     return bool(spec.option("x_proto", 1) or spec.option("forwarded", 0))
 
 
-def hsts_reachable(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+def _hsts_unsent(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[tuple[LayerSpec, list[LayerSpec]]]:
+    """Each headers layer with HSTS on that no proxy layer outside it gives https, with the proxy layers that
+    set the scheme; none when serve.py's Waitress makes requests https itself or listens on loopback only."""
     proxied = {"x-forwarded-proto", "forwarded"} & {str(h).lower() for h in cfg.server.trusted_proxy_headers}
     if cfg.server.url_scheme == "https" or proxied or cfg.server.loopback_only:
         return
     setters = [p for p in _all(specs, "proxy") if _reads_scheme(p)]
     for hdr in _all(specs, "headers"):
-        if not hdr.option("hsts", True) or any(_pos(specs, p) < _pos(specs, hdr) for p in setters):
-            continue
+        if hdr.option("hsts", True) and not any(_pos(specs, p) < _pos(specs, hdr) for p in setters):
+            yield hdr, setters
+
+
+def hsts_outside_proxy(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for hdr, setters in _hsts_unsent(cfg, specs):
         if setters:
             yield _problem(cfg, hdr, f"headers at {_where(hdr)} is outside proxy at {_where(setters[0])}, which "
                                      "sets the scheme: headers reads it first and never sends "
                                      "Strict-Transport-Security; put proxy right after errors", "warning")
-        else:
+
+
+def hsts_reachable(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """No https anywhere in serve.py's server (another WSGI server may set the scheme itself: TLS, its own
+    forwarded-header handling)."""
+    for hdr, setters in _hsts_unsent(cfg, specs):
+        if not setters:
             yield _problem(cfg, hdr, f"headers at {_where(hdr)} sends Strict-Transport-Security only on https "
                                      "requests, but nothing makes wsgi.url_scheme https (server.url_scheme is http, "
                                      "server.trusted_proxy_headers lacks x-forwarded-proto, no proxy layer reads "
@@ -605,16 +617,19 @@ RULES: list[Rule] = [
     request_id_early,
     validation_first,
     headers_cover_refusals,
+    hsts_outside_proxy,
     hsts_reachable,
     validation_limits,
     validation_vs_waitress,
 ]
 
 
-#: Rules that judge settings only serve.py applies (its sockets' address families, its workers,
-#: Waitress's header clearing and body limit): another WSGI server has its own, which wsgistack
-#: judges where it can (a hosted start's multiprocess check, HOSTED's least safe settings).
-SERVED_ONLY: tuple[Rule, ...] = (proxy_peers_can_connect, proxy_headers_kept, shared_state, validation_vs_waitress)
+#: Rules that judge settings only serve.py applies (its sockets, their address families and whether
+#: they are on loopback, its workers, Waitress's proxy trust, scheme, header clearing and body limit):
+#: another WSGI server has its own, which wsgistack judges where it can (a hosted start's multiprocess
+#: check, HOSTED's least safe settings).
+SERVED_ONLY: tuple[Rule, ...] = (proxy_twice, proxy_peers_can_connect, proxy_headers_kept, hsts_reachable, shared_state,
+                                 validation_vs_waitress)
 
 
 def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:

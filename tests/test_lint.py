@@ -14,9 +14,9 @@ stores: {shared: "memory://", redis: "redis://127.0.0.1:1/0"}
 SECRET = "s" * 40
 
 
-def problems(text: str) -> list[str]:
-    """Lint a pipeline given as YAML and return the problem lines."""
-    return [str(p) for p in lint(parse(read_text(HEAD + text, file="stack.yaml", env={})))]
+def problems(text: str, hosted: bool = False) -> list[str]:
+    """Lint a pipeline given as YAML and return the problem lines (``hosted``: for another WSGI server)."""
+    return [str(p) for p in lint(parse(read_text(HEAD + text, file="stack.yaml", env={})), hosted=hosted)]
 
 
 @pytest.mark.parametrize(
@@ -369,6 +369,26 @@ def test_hsts_that_can_never_be_sent_is_warned(layers: str, expected: str | None
         assert found == []
     else:
         assert len(found) == 1 and expected in found[0], found
+
+
+@pytest.mark.parametrize(("text", "served", "hosted"), [
+    pytest.param(PUBLIC + "  - headers: {}\n", NOTHING, None,
+                 id="no https in serve.py's server: another may set the scheme itself"),
+    pytest.param(PUBLIC + "  - headers: {}\n  - proxy: {x_proto: 1}\n", OUTSIDE, OUTSIDE,
+                 id="headers outside the proxy layer: on any server"),
+    pytest.param("server: {listen: '0.0.0.0:8000', trusted_proxy: 10.0.0.1, trusted_proxy_headers: [x-forwarded-for]}"
+                 "\npipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
+                 "under Waitress keep only server.trusted_proxy", None,
+                 id="trusted_proxy and a proxy layer: only the layer counts elsewhere"),
+    pytest.param("server: {trusted_proxy: '*', trusted_proxy_headers: [x-forwarded-for]}\n"
+                 "pipeline:\n  - errors: {}\n",
+                 "trusted_proxy '*' trusts every peer", None, id="trusted_proxy '*' has no effect elsewhere"),
+])
+def test_rules_on_serve_pys_server_settings_are_not_said_to_another_server(text: str, served: str,
+                                                                           hosted: str | None) -> None:
+    assert any(served in line for line in problems(text))
+    found = [line for line in problems(text, hosted=True) if served in line]
+    assert found == ([] if hosted is None else [next(line for line in problems(text) if hosted in line)])
 
 
 def test_a_purge_path_with_a_letter_outside_ascii_is_inside_a_scope_that_names_it() -> None:
