@@ -70,7 +70,8 @@ _HOST_OWNS = {
     "clear_untrusted_proxy_headers": "the server keeps or clears forwarding headers itself",
     "workers": "the server runs its own processes (per-process memory:// state is refused at the first "
                "request when it runs several)",
-    "reload": "the server's own reload applies",
+    "reload": "the server's own reload applies (gunicorn's starts new processes: memory:// stores start empty, "
+              "so logged-out tokens work again; use redis:// stores)",
 }
 
 #: server settings that only a restart can change
