@@ -92,8 +92,8 @@ _HEURISTIC = frozenset({"200", "203", "204", "206", "300", "301", "308", "404", 
 # before the write stores nothing, and a fill that takes longer than this stores nothing either.
 _MARK_LIFE = 60.0
 # Seconds a write's mark is dated ahead of the clock, longer than the write's own round trip takes:
-# fills that begin within it store nothing (a few misses after a write), none writes back an index
-# the write is dropping.
+# fills that begin within it store nothing (every request for the URI reaches the app for those
+# 2 s, the ones that waited on such a fill too), none writes back an index the write is dropping.
 _MARK_AHEAD = 2.0
 
 
