@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -55,6 +55,7 @@ __all__ = [
     "Context",
     "Identity",
     "LayerOptions",
+    "Listener",
     "Methods",
     "Networks",
     "PathGlobs",
@@ -376,6 +377,28 @@ class Context:
             for listener in self.listeners:
                 listener(event, fields)
 
+    def emitter(self, event: str, **fields: Any) -> Callable[[], None]:
+        """``emit(event, **fields)``, made ready once: for an event a layer emits on most requests
+        (``ratelimit.pass``, ``cache.hit``).
+
+        A listener with a ``bind(event, fields)`` method (metrics, the operator page) returns
+        the call that counts that very event, so it works out its counter once, not per
+        request; any other listener is called as by :meth:`emit`.  Listeners appended later
+        are bound at the next call.
+        """
+        bound: list[Callable[[], None]] = []
+        made_from = [0]  # how many listeners ``bound`` was made from
+
+        def fire() -> None:
+            listeners = self.listeners
+            if made_from[0] != len(listeners):
+                bound[:] = [_bind(listener, event, fields) for listener in listeners]
+                made_from[0] = len(listeners)
+            for call in bound:
+                call()
+
+        return fire
+
     def store(self, name: str) -> Store:
         """Return the named store, or raise ``LookupError`` naming the known ones."""
         try:
@@ -383,6 +406,24 @@ class Context:
         except KeyError:
             known = ", ".join(sorted(self.stores)) or "none"
             raise LookupError(f"unknown store {name!r} (known: {known})") from None
+
+
+def _bind(listener: Callable[[str, dict[str, Any]], None], event: str, fields: dict[str, Any]) -> Callable[[], None]:
+    bind = getattr(listener, "bind", None)
+    return bind(event, fields) if callable(bind) else partial(listener, event, fields)
+
+
+class Listener:
+    """A context listener (``context.listeners``) that can also bind one event ahead (see :meth:`Context.emitter`)."""
+
+    __slots__ = ("bind", "on_event")
+
+    def __init__(self, on_event: Callable[[str, dict[str, Any]], None],
+                 bind: Callable[[str, dict[str, Any]], Callable[[], None]]) -> None:
+        self.on_event, self.bind = on_event, bind
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        self.on_event(event, fields)
 
 
 @dataclass(frozen=True)
@@ -607,7 +648,12 @@ def add_vary(headers: Headers, *fields: str) -> None:
     """Merge ``fields`` into the ``Vary`` header in place, without duplicates."""
     for i, (name, value) in enumerate(headers):
         if len(name) == 4 and name.lower() == "vary":
-            present = {v.strip() for v in value.lower().split(",")}
+            lowered = value.lower()
+            if len(fields) == 1 and "*" not in lowered and fields[0].lower() not in lowered:
+                # (every response comes here: a name that is not even a substring is missing)
+                headers[i] = (name, f"{value}, {fields[0]}" if value.strip() else fields[0])
+                return
+            present = {v.strip() for v in lowered.split(",")}
             if "*" in present:
                 return
             extra = [f for f in fields if f.lower() not in present]

@@ -36,6 +36,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -52,6 +53,7 @@ from .base import (
     TIMINGS,
     Context,
     LayerOptions,
+    Listener,
     Networks,
     address_in,
     decorate_error,
@@ -191,24 +193,43 @@ class MetricsMiddleware:
         self._events = {event: (name, fixed, fields, _Capped(64)) for event, (name, fixed, fields) in _EVENTS.items()}
         self._other_events = _Capped(64)
         self._event_keys: dict[tuple[str, ...], tuple[str, tuple[str, ...]]] = {}
-        context.listeners.append(self._on_event)
+        context.listeners.append(Listener(self._on_event, self._bind_event))
+
+    def _event_key(self, event: str, fields: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        """The metric and label values that count ``event``."""
+        spec = self._events.get(event)
+        raw = (event,) if spec is None else (event, *[str(fields.get(n, "unknown")) for n in spec[2]])
+        key = self._event_keys.get(raw)
+        if key is None:
+            if spec is None:
+                key = ("wsgistack_events", (self._other_events(event),))
+            else:
+                name, fixed, _, cap = spec
+                key = (name, (*fixed, *[cap(value) for value in raw[1:]]))
+            if len(self._event_keys) < 10_000:
+                self._event_keys[raw] = key
+        return key
 
     def _on_event(self, event: str, fields: dict[str, Any]) -> None:
         try:
-            spec = self._events.get(event)
-            raw = (event,) if spec is None else (event, *[str(fields.get(n, "unknown")) for n in spec[2]])
-            key = self._event_keys.get(raw)
-            if key is None:
-                if spec is None:
-                    key = ("wsgistack_events", (self._other_events(event),))
-                else:
-                    name, fixed, _, cap = spec
-                    key = (name, (*fixed, *[cap(value) for value in raw[1:]]))
-                if len(self._event_keys) < 10_000:
-                    self._event_keys[raw] = key
-            self.counts.event(key)
+            self.counts.event(self._event_key(event, fields))
         except Exception:  # counting must never fail the request that emitted the event
             self.context.logger.exception("metrics could not count event %r", event)
+
+    def _bind_event(self, event: str, fields: dict[str, Any]) -> Callable[[], None]:
+        """The call that counts this one event (see ``Context.emitter``)."""
+        try:
+            key = self._event_key(event, fields)
+        except Exception:
+            return partial(self._on_event, event, fields)  # (it logs the failure, per event)
+
+        def count() -> None:
+            try:
+                self.counts.event(key)
+            except Exception:
+                self.context.logger.exception("metrics could not count event %r", event)
+
+        return count
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.shared.pending:

@@ -32,7 +32,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
@@ -47,6 +48,7 @@ from .base import (
     Context,
     Identity,
     LayerOptions,
+    Listener,
     Networks,
     address_in,
     mask_url_passwords,
@@ -141,7 +143,7 @@ class OperatorPageMiddleware:
         #: Timing lists of requests that left the page, folded later: the layers outside it (timed
         #: when metrics' layer_timing starts the list) add their entries only after it returned.
         self._pending: collections.deque[tuple[list[tuple[str, float]], int, object]] = collections.deque()
-        context.listeners.append(self._on_event)
+        context.listeners.append(Listener(self._on_event, self._bind_event))
 
     # -- the hot path ------------------------------------------------------
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -195,7 +197,14 @@ class OperatorPageMiddleware:
 
     def _on_event(self, event: str, fields: dict[str, Any]) -> None:
         field = _DETAIL.get(event)
-        detail = None if field is None else str(fields.get(field, "unknown"))
+        self._count_event(event, None if field is None else str(fields.get(field, "unknown")))
+
+    def _bind_event(self, event: str, fields: dict[str, Any]) -> Callable[[], None]:
+        """The call that counts this one event (see ``Context.emitter``)."""
+        field = _DETAIL.get(event)
+        return partial(self._count_event, event, None if field is None else str(fields.get(field, "unknown")))
+
+    def _count_event(self, event: str, detail: str | None) -> None:
         with self._lock:
             if event in self._events or len(self._events) < _LIMIT:
                 self._events[event] = self._events.get(event, 0) + 1

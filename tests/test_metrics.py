@@ -496,6 +496,21 @@ def test_a_failing_count_never_fails_the_emitter(make: Callable[..., Any], conte
     assert "metrics could not count event 'auth.failure'" in caplog.text
 
 
+def test_an_emitter_counts_as_emit_does_and_reaches_listeners_added_later(make: Callable[..., Any],
+                                                                         context: Context) -> None:
+    """``Context.emitter`` (the per-request events: ratelimit.pass, cache.hit) counts what ``emit`` counts."""
+    passed = context.emitter("ratelimit.pass", rule="r0")
+    passed()  # no listener yet: nothing to count
+    app, _ = make()
+    seen: list[tuple[str, dict[str, Any]]] = []
+    passed()
+    context.listeners.append(lambda event, fields: seen.append((event, fields)))
+    passed()
+    context.emit("ratelimit.pass", rule="r0")
+    assert sample(scrape(app), "wsgistack_ratelimit_events_total", result="pass", rule="r0") == 3
+    assert seen == [("ratelimit.pass", {"rule": "r0"})] * 2
+
+
 # --- store health at scrape time -----------------------------------------------------------
 
 
