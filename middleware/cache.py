@@ -424,6 +424,7 @@ class CacheMiddleware:
         self._index_key = f"wsgistack.cache.index.{id(self)}"  # the Vary index this request found
         self._lock = threading.Lock()
         self.mark_life = max(options.lock_timeout, _MARK_LIFE)
+        self._hit, self._miss, self._stale = (context.emitter(f"cache.{e}") for e in ("hit", "miss", "stale"))
         context.offer_read(self.store, "get_or_lock", self._ahead)  # a rate limiter outside may read the entry for us
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -451,7 +452,7 @@ class CacheMiddleware:
         now = _clock()
         asks = self._asks(environ) if "HTTP_CACHE_CONTROL" in environ or "HTTP_PRAGMA" in environ else None
         if entry is not None and _fresh_at(entry, now) and (asks is None or asks.accepts(entry, now)):
-            self.context.emit("cache.hit")
+            self._hit()
             note(environ, "cache", "HIT")
             return self._serve(entry, "HIT", method, start_response, now, environ)
         if asks is not None and asks.only_if_cached:
@@ -742,18 +743,18 @@ class CacheMiddleware:
         return raw is not None and raw[:5] == _VARY_INDEX
 
     def _missed(self, environ: WSGIEnvironment) -> None:
-        self.context.emit("cache.miss")
+        self._miss()
         note(environ, "cache", "MISS")
 
     def _waited(self, environ: WSGIEnvironment, hit: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         """A request that waited for another one's fill and is answered from it: a hit."""
-        self.context.emit("cache.hit")
+        self._hit()
         note(environ, "cache", "HIT (after waiting for the fill)")
         return self._serve(hit, "HIT", "GET", start_response, _clock(), environ)
 
     def _serve_stale(self, environ: WSGIEnvironment, stale: dict[str, Any], start_response: StartResponse,
                      method: str, exc_info: Any = None) -> list[bytes]:
-        self.context.emit("cache.stale")
+        self._stale()
         note(environ, "cache", "STALE")
         return self._serve(stale, "STALE", method, start_response, _clock(), exc_info=exc_info)
 

@@ -25,6 +25,7 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from math import ceil, floor, inf
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, cast
 
@@ -221,6 +222,7 @@ class _Compiled(NamedTuple):
     key: tuple[str, ...]
     strategy: str
     closed: bool  # on_store_error: closed
+    passed: Callable[[], None]  # emits ratelimit.pass for this rule
 
 
 class _MemoryStorage(MemoryStorage):
@@ -543,9 +545,10 @@ class RateLimitMiddleware:
         default = _Rule(limits=options.limits, key=options.key, strategy=options.strategy,
                         on_store_error=options.on_store_error)
         ns = f"{options.namespace}:" if options.namespace else ""
-        self.rules = [self._compile(f"{ns}r{i}", r, options, f"{ns}{_rule_digest(r)}")
+        self.rules = [self._compile(f"{ns}r{i}", r, options, f"{ns}{_rule_digest(r)}", context)
                       for i, r in enumerate(options.rules)]
-        self.default = self._compile(f"{ns}default", default, options, f"{ns}default") if options.limits else None
+        self.default = self._compile(f"{ns}default", default, options, f"{ns}default", context) \
+            if options.limits else None
         self.rewrites = rewrites_inside(context)  # versioning inside: rules hold for the path it routes to
         self.enforce = options.mode == "enforce"
         self.closed = options.on_store_error == "closed"
@@ -560,7 +563,7 @@ class RateLimitMiddleware:
         self._failed_keys: list[ReadAhead] = []
 
     @staticmethod
-    def _compile(rid: str, rule: _Rule, options: Options, counter: str) -> _Compiled:
+    def _compile(rid: str, rule: _Rule, options: Options, counter: str, context: Context) -> _Compiled:
         """``rid`` names the rule in events and notes (its place); ``counter`` in its counters' keys (what it is)."""
         paths = None if "*" in rule.paths else re.compile("|".join(fnmatch.translate(p) for p in rule.paths))
         methods = with_head(rule.methods)
@@ -575,7 +578,7 @@ class RateLimitMiddleware:
             keys.append((before, after))
         closed = (rule.on_store_error or options.on_store_error) == "closed"
         return _Compiled(rid, paths, methods or None, items, [str(i.amount) for i in items], keys, parts, strategy,
-                         closed)
+                         closed, context.emitter("ratelimit.pass", rule=rid))
 
     def _key(self, environ: WSGIEnvironment, parts: tuple[str, ...]) -> str:
         out = []
@@ -652,7 +655,7 @@ class RateLimitMiddleware:
         reset = min(reset, now + item.get_expiry())
         if not allowed:
             return self._over(environ, start_response, rule.id, key, item, reset, now)
-        self.context.emit("ratelimit.pass", rule=rule.id)
+        rule.passed()
         if not self.enforce:
             return self.app(environ, start_response)
         wait = _seconds(reset - now)
