@@ -68,6 +68,7 @@ _EVENTS = ("cache.hit", "cache.miss", "cache.stale", "cache.bypass", "ratelimit.
            "ratelimit.shadow_reject", "auth.failure", "store.error", "version.deprecated")
 _DETAIL = {"auth.failure": "reason", "store.error": "store", "version.deprecated": "version"}
 _PAGES = ("/data.json", "/app.js", "/app.css")  # below the page's path
+_OWN = frozenset(("", "/", *_PAGES))  # what the page answers: the rest of its path goes on to the app
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _COMMON = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
@@ -148,8 +149,10 @@ class OperatorPageMiddleware:
     # -- the hot path ------------------------------------------------------
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO") or ""
-        if path.startswith(self.path) and (len(path) == self.plen or path[self.plen] == "/"):
-            return self._answer(environ, start_response, path[self.plen:])
+        # Only the page's own resources: other paths below it go on inside (the cache layer's
+        # purge_path, /_stack/cache/purge in the shipped examples, lives there).
+        if path.startswith(self.path) and ((rest := path[self.plen:]) in _OWN):
+            return self._answer(environ, start_response, rest)
         timings = environ.get(TIMINGS)
         if timings is None:
             timings = environ[TIMINGS] = []
@@ -229,10 +232,8 @@ class OperatorPageMiddleware:
             body, kind = json.dumps(self.snapshot(), separators=(",", ":")).encode(), "application/json"
         elif rest == "/app.js":
             body, kind = _JS.encode(), "text/javascript; charset=utf-8"
-        elif rest == "/app.css":
-            body, kind = _CSS.encode(), "text/css; charset=utf-8"
         else:
-            raise refuse(404, f"The operator page has no {rest[1:]!r}; see {self.path}.")
+            body, kind = _CSS.encode(), "text/css; charset=utf-8"
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))), *_COMMON])
         return [] if method == "HEAD" else [body]
 
