@@ -523,18 +523,26 @@ class SessionMiddleware:
 
 
 def _make_private(headers: list[tuple[str, str]]) -> None:
-    """Mark the response private, keeping a stricter ``no-store`` and dropping ``public``."""
-    for i, (name, value) in enumerate(headers):
-        if name.lower() == "cache-control":
-            parts = [p.strip() for p in value.split(",") if p.strip()]
-            names = {p.split("=", 1)[0].strip().lower() for p in parts}
-            if "no-store" in names or "private" in names:
-                return
-            kept = [p for p in parts if p.split("=", 1)[0].strip().lower()
-                    not in ("public", "s-maxage")]
-            headers[i] = (name, ", ".join(["private", *kept]))
-            return
-    headers.append(("Cache-Control", "private"))
+    """Mark the response private, keeping a stricter ``no-store`` and dropping ``public`` and ``s-maxage``.
+
+    Every Cache-Control field counts (an app may send several: they are one list, RFC 9110 §5.3),
+    and they become one.  ``private="Set-Cookie"`` keeps only the fields it names from shared
+    caches: it does not make the response private.
+    """
+    found = [i for i, (name, _) in enumerate(headers) if len(name) == 13 and name.lower() == "cache-control"]
+    if not found:
+        headers.append(("Cache-Control", "private"))
+        return
+    parts = [p.strip() for i in found for p in headers[i][1].split(",") if p.strip()]
+    names = [p.split("=", 1)[0].strip().lower() for p in parts]
+    if "no-store" in names:
+        return
+    kept = [p for p, n in zip(parts, names, strict=True) if n not in ("public", "s-maxage")]
+    if "private" not in [p.lower() for p in kept]:
+        kept.insert(0, "private")
+    headers[found[0]] = (headers[found[0]][0], ", ".join(kept))
+    for i in reversed(found[1:]):
+        del headers[i]
 
 
 def _fingerprint(sid: str) -> str:

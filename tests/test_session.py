@@ -25,7 +25,7 @@ from webtest import TestApp
 import middleware.session as session_module
 from middleware.base import SESSION, Context, refuse
 from middleware.errors import ErrorsMiddleware
-from middleware.session import KEY_PREFIX, Session, SessionMiddleware
+from middleware.session import KEY_PREFIX, Session, SessionMiddleware, _make_private
 from stores import Store, StoreError, store_from_url
 
 SECRET = "k" * 40
@@ -662,6 +662,23 @@ def test_caching_headers(path: str, request_headers: str, expected: dict[str, st
     resp = app.get(path, headers=cookie)
     for name, want in expected.items():
         assert resp.headers.get(name) == want
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    pytest.param([("Cache-Control", "max-age=60"), ("Cache-Control", "public")], ["private, max-age=60"],
+                 id="public in a second field"),
+    pytest.param([("cache-control", "s-maxage=600"), ("X-A", "1"), ("Cache-Control", "max-age=5")],
+                 ["private, max-age=5"], id="s-maxage in the first field"),
+    pytest.param([("Cache-Control", "max-age=5"), ("Cache-Control", "no-store")], ["max-age=5", "no-store"],
+                 id="no-store in any field: kept as it is"),
+    pytest.param([("Cache-Control", 'private="Set-Cookie", max-age=5')], ['private, private="Set-Cookie", max-age=5'],
+                 id="private for some fields only is not private"),
+    pytest.param([("Cache-Control", "Private, max-age=5"), ("Cache-Control", "public")], ["Private, max-age=5"],
+                 id="private already"),
+])
+def test_every_cache_control_field_is_made_private(headers: list[tuple[str, str]], expected: list[str]) -> None:
+    _make_private(headers)
+    assert [v for n, v in headers if n.lower() == "cache-control"] == expected
 
 
 def test_saved_once_when_start_response_is_called_again(store: CountingStore) -> None:
