@@ -77,11 +77,7 @@ class HealthMiddleware:
         @field_validator("degraded_status")
         @classmethod
         def _status(cls, value: int) -> int:
-            try:
-                known = 200 <= HTTPStatus(value) <= 599
-            except ValueError:
-                known = False
-            if not known:
+            if not 200 <= value <= 599:
                 raise ValueError(f"degraded_status must be an HTTP status from 200 to 599, got {value}")
             return value
 
@@ -162,5 +158,13 @@ def _exists(path: str) -> bool:
 _STAT_FAILED = [-math.inf]  # when a failed look at a drain file was last logged (once a minute)
 
 
+#: RFC 9110 §15's names of the classes, the reason phrase of a code Python's HTTPStatus does not know (520).
+_CLASS_PHRASES = {2: "Successful", 3: "Redirection", 4: "Client Error", 5: "Server Error"}
+
+
 def _status_line(code: int) -> str:
-    return f"{code} {HTTPStatus(code).phrase}"
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = _CLASS_PHRASES[code // 100]
+    return f"{code} {phrase}"
