@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator, MutableMapping
@@ -57,6 +58,9 @@ _NO_ENVIRON: dict[str, Any] = {}  # what a loaded session keeps of the request's
 _COOKIE_KEYS = ("HTTP_COOKIE", COOKIES)  # what an unused session keeps of it once the response started
 RETRY_AFTER = "5"
 VERIFIED_CACHE_SIZE = 4096
+#: A session cookie's value: an id (``secrets.token_urlsafe(32)``: 43 characters, at most 128 taken), ".",
+#: and its HMAC-SHA256 in unpadded URL-safe base64 (43 characters).
+_COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{1,128}\.[A-Za-z0-9_-]{43}")
 _clock = time.time  # wall clock: created_at is shared by every process (tests may replace it)
 
 
@@ -379,6 +383,11 @@ class SessionMiddleware:
         sid = self._verified.get(raw)
         if sid is None:
             try:
+                # Only a value shaped as this layer signs them: the signature's base64 decoder skips
+                # characters outside its alphabet, so one cookie could be spelled in endless, endlessly
+                # long ways, each verified and remembered (with Redis, read ahead before validation).
+                if _COOKIE_VALUE.fullmatch(raw) is None:
+                    raise BadSignature("not a signed session id")
                 sid = self.signer.unsign(raw).decode("ascii")
             except (BadSignature, UnicodeError):
                 if not quiet:

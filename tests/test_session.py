@@ -442,6 +442,25 @@ def test_tampered_cookie_of_a_real_session_is_refused(store: CountingStore) -> N
     assert stored(store, sid)["data"] == {"secret": "1"}
 
 
+@pytest.mark.parametrize("respell", [
+    pytest.param(lambda v: v[:60] + "~" + v[60:], id="a character base64 decoding skips"),
+    pytest.param(lambda v: v[:60] + "~" * 8000 + v[60:], id="thousands of them"),
+    pytest.param(lambda v: v + "=", id="padding"),
+    pytest.param(lambda v: v[:60] + "\n" + v[60:], id="a line break"),
+])
+def test_a_cookie_spelled_otherwise_is_refused_and_not_remembered(store: CountingStore,
+                                                                   respell: Callable[[str], str]) -> None:
+    """One real cookie must not turn into endless (and endlessly long) spellings the layer verifies and keeps:
+    the signature's decoder skips characters outside its alphabet."""
+    app = make(store)
+    value, sid = new_cookie(app.get("/set?secret=1"))
+    assert app.get("/get", headers=jar(value)).json == {"secret": "1"}
+    other = respell(value)
+    assert app.get("/get", headers={"Cookie": f'__Host-session="{other}"'}).json == {}
+    assert list(app.layer._verified) == [value]  # type: ignore[attr-defined]
+    assert stored(store, sid)["data"] == {"secret": "1"}
+
+
 def test_fallback_key_is_accepted_and_new_cookies_use_the_new_key(store: CountingStore) -> None:
     old = make(store, secret_key=OLD_SECRET)
     value, sid = new_cookie(old.get("/set?a=1"))
