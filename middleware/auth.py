@@ -27,6 +27,7 @@ import secrets
 import threading
 import time
 from base64 import urlsafe_b64encode
+from collections import OrderedDict
 from collections.abc import Iterable
 from functools import partial
 from hashlib import sha256
@@ -349,7 +350,7 @@ class TokenService:
         self.margin = 2 * options.leeway + 1
         self.require = ["exp", "iat", "jti", "sub"]
         self._last_log = 0.0
-        self._verified: dict[str, dict[str, Any]] = {}
+        self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- keys ------------------------------------------------------------
@@ -529,7 +530,7 @@ class TokenService:
             if kind == "access":
                 with self._lock:
                     if len(self._verified) >= _VERIFIED_MAX:
-                        self._verified.pop(next(iter(self._verified)), None)
+                        self._verified.popitem(last=False)  # the oldest (an ordered dict: no scan)
                     self._verified[token] = claims
         else:  # what decoding checks of the time, again: the clock may have stepped since
             now, leeway = time.time(), self.options.leeway

@@ -25,6 +25,7 @@ import re
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from math import ceil, floor, inf
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, cast
@@ -258,9 +259,11 @@ class _MemoryCounter:
 
     def __init__(self) -> None:
         self._storage: _MemoryStorage | None = None
-        self.windows: dict[float, dict[str, list[float]]] = {}  # expiry -> key -> [count, monotonic window end]
+        # Ordered dicts: their oldest entries are dropped from the front, which in a plain dict costs a scan
+        # past every entry deleted before (until the next resize): at the key cap, each new client's.
+        self.windows: dict[float, OrderedDict[str, list[float]]] = {}  # expiry -> key -> [count, monotonic end]
         #: (strategy, expiry) -> key -> when its entries end, for the moving and sliding windows (see _track)
-        self.tracked: dict[tuple[str, int], dict[str, float]] = {}
+        self.tracked: dict[tuple[str, int], OrderedDict[str, float]] = {}
         self.lock = threading.Lock()
 
     @property
@@ -301,7 +304,7 @@ class _MemoryCounter:
         """
         tracked = self.tracked.get((strategy, expiry))
         if tracked is None:
-            tracked = self.tracked[(strategy, expiry)] = {}
+            tracked = self.tracked[(strategy, expiry)] = OrderedDict()
         if key in tracked:
             del tracked[key]  # inserted again at the end
         tracked[key] = now + (expiry if strategy == "moving-window" else 2 * expiry)
@@ -328,7 +331,7 @@ class _MemoryCounter:
                 expiry = item.get_expiry()
                 windows = self.windows.get(expiry)
                 if windows is None:
-                    windows = self.windows[expiry] = {}
+                    windows = self.windows[expiry] = OrderedDict()
                 entry = windows.get(key)
                 if entry is None or entry[1] <= tick:
                     if entry is not None:
