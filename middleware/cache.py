@@ -14,7 +14,8 @@ no-cache``, ``Vary: *``, bodies without ``Content-Length`` or larger than
 and statuses that are not heuristically cacheable without explicit freshness.
 Requests with ``Authorization`` or a session cookie bypass the cache unless
 ``per_user`` is on.  A write that succeeds drops its URI's entries and marks
-the URI for a while, so that a fill that began before it stores nothing.
+the URI for a while, so that a fill that looked the entry up before it stores
+nothing.
 
 Do not use it outside ``auth``/``session`` or outside ``versioning``: it must
 see the identity and the API version.  Do not use it for endpoints whose
@@ -88,13 +89,9 @@ _SENT_WITH_304 = frozenset({"cache-control", "content-location", "date", "etag",
 # The statuses whose freshness may be guessed (``ttl``) when the response gives none (RFC 9110 §15.1);
 # any other is stored only with max-age, s-maxage, Expires or public.
 _HEURISTIC = frozenset({"200", "203", "204", "206", "300", "301", "308", "404", "405", "410", "414", "501"})
-# Seconds a successful write marks its URI at least (``lock_timeout`` when longer): a fill that began
-# before the write stores nothing, and a fill that takes longer than this stores nothing either.
+# Seconds a successful write marks its URI at least (``lock_timeout`` when longer): a fill that looked
+# the entry up before the write stores nothing, and a fill that takes longer than this stores nothing either.
 _MARK_LIFE = 60.0
-# Seconds a write's mark is dated ahead of the clock, longer than the write's own round trip takes:
-# fills that begin within it store nothing (every request for the URI reaches the app for those
-# 2 s, the ones that waited on such a fill too), none writes back an index the write is dropping.
-_MARK_AHEAD = 2.0
 
 
 # Seconds an entry may seem born ahead of the clock reading it (another process's clock, a moment ahead):
@@ -213,8 +210,8 @@ class _Fill:
     """One miss on its way through the app: the flight it leads and what it will store.
 
     ``keep`` is false for a ``HEAD``: nothing is stored, but a stale entry still
-    answers the app's failure.  ``began`` is when the app was called: a write to
-    the URI that succeeds after it keeps the answer out of the store.
+    answers the app's failure.  ``began`` is when the app was called: a fill that
+    ends more than a write's mark lives after it stores nothing.
     """
 
     def __init__(self, layer: CacheMiddleware, environ: WSGIEnvironment, base: str, subject: str | None,
@@ -256,10 +253,12 @@ class _Fill:
 
     def finish(self, body: bytes) -> None:
         plan = self.plan
-        # A fill that took longer than a write's mark lives could have missed one: it stores nothing.
+        # A fill that took longer than a write's mark lives could have missed one whose mark has gone
+        # again: it stores nothing.  Within it, every write that succeeded after the app was called
+        # (one whose change the app may not have seen) still has its mark when the save checks it.
         if plan is not None and len(body) == plan.length and _clock() - self.began < self.layer.mark_life:
             try:
-                self.layer._save(self.environ, self.base, plan, body, self.began, unlock=self.lock_key)
+                self.layer._save(self.environ, self.base, plan, body, unlock=self.lock_key)
                 self.lock_key = None  # deleted in the same round trip as the write
             except StoreError as exc:
                 self.layer._store_error(exc)
@@ -422,6 +421,7 @@ class CacheMiddleware:
         self.purge_roles = frozenset(options.purge_roles)
         self._inflight: dict[str, threading.Event] = {}
         self._index_key = f"wsgistack.cache.index.{id(self)}"  # the Vary index this request found
+        self._seen_key = f"wsgistack.cache.mark.{id(self)}"  # the write mark this request's lookup found
         self._lock = threading.Lock()
         self.mark_life = max(options.lock_timeout, _MARK_LIFE)
         self._hit, self._miss, self._stale = (context.emitter(f"cache.{e}") for e in ("hit", "miss", "stale"))
@@ -521,7 +521,10 @@ class CacheMiddleware:
         return f"{self.prefix}e:{path}#{_digest(parts)}"
 
     def _ahead(self, environ: WSGIEnvironment) -> ReadKey | None:
-        """The read-or-lock :meth:`_lookup` will make for this GET (see ``ReadAhead``), if any."""
+        """The read-or-lock :meth:`_lookup` will make for this GET (see ``ReadAhead``), if any.
+
+        ``(entry, lock_timeout, lock, write mark)``: the mark is read in the same step.
+        """
         method = environ.get("REQUEST_METHOD")
         if method != "GET" or (
                 self.purge_path is not None and decoded_path(environ) == self.purge_path):
@@ -530,7 +533,7 @@ class CacheMiddleware:
         if reason is not None:
             return None
         base = self._base_key(environ, subject)
-        return base, self.options.lock_timeout, self._lock_key(base)
+        return base, self.options.lock_timeout, self._lock_key(base), self._mark_key(base)
 
     def _lock_key(self, base: str) -> str:
         """The single-flight lock of the entry ``base``."""
@@ -556,14 +559,18 @@ class CacheMiddleware:
         One read, two when the path has a Vary.  With ``lock_key``, a missing
         entry also takes the single-flight lock in the same round trip
         (``True``/``False``); ``None`` means no lock was tried.  A rate limiter
-        outside may have made this read in its round trip (``ReadAhead``).
+        outside may have made this read in its round trip (``ReadAhead``).  The
+        read with ``lock_key`` also finds the key's write mark, as of the same
+        step, for this request's save to compare with (see :meth:`_seen`).
         """
         locked: bool | None = None
         if lock_key is None:
             raw = self.store.get(base)
         else:
             ahead, answer = read_ahead(environ, self.store, "get_or_lock", base)
-            raw, locked = answer if ahead else self.store.get_or_lock(base, lock_key, self.options.lock_timeout)
+            raw, locked, seen = answer if ahead else self.store.get_or_lock(
+                base, lock_key, self.options.lock_timeout, self._mark_key(base))
+            environ[self._seen_key] = (base, seen)
             locked = locked if raw is None else None
         try:
             if raw is not None and raw[:5] == _VARY_INDEX:
@@ -605,10 +612,10 @@ class CacheMiddleware:
 
         The entry anonymous requests get and, with ``per_user``, the writer's own;
         other users' entries of the URI age out with their TTL.  Fills of those
-        entries still in flight are covered too: each key gets a mark with the
-        time of the write (for :attr:`mark_life` seconds), and a fill that began
-        before it stores nothing (``Store.write_unless_marked``).  The marks and
-        the deletes go in one round trip, the marks first.
+        entries still in flight are covered too: each key gets a mark holding a
+        new random value (for :attr:`mark_life` seconds), and a fill whose lookup
+        found another value there stores nothing (``Store.write_unless_marked``).
+        The marks and the deletes are one step, in one round trip.
         """
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
             if status[:1] in "23":
@@ -616,11 +623,13 @@ class CacheMiddleware:
                 keys = [self._base_key(environ, None)]
                 if self.options.per_user and identity is not None:
                     keys.append(self._base_key(environ, _subject_key(identity)))
-                # Dated a moment ahead: a fill that began after this reading, but read the Vary
-                # index before the deletes below landed, must still count as begun before the write.
-                written = repr(_clock() + _MARK_AHEAD).encode()
+                # A value no lookup can have found before: a fill that looked up before this write
+                # found the old one (or none), and its save stores nothing.
+                written = secrets.token_hex(8).encode()
                 marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
-                try:  # a Vary index goes too: its variants are then never read
+                # One step (MULTI/EXEC on Redis): no lookup finds the new mark beside an entry or a
+                # Vary index the write drops. A Vary index goes too: its variants are then never read.
+                try:
                     self.store.write(marks, keys)
                 except StoreError as exc:
                     self._store_error(exc)
@@ -844,11 +853,29 @@ class CacheMiddleware:
         kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
         return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)), age)
 
-    def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes, since: float,
+    def _seen(self, environ: WSGIEnvironment, base: str) -> bytes | None:
+        """The value this request's lookup found at the write mark of ``base`` (``None``: no mark).
+
+        Every request that fills made that lookup (``get_or_lock``) before it called
+        the app, the ones that waited on another fill first too: their save compares
+        with what they found then.
+        """
+        found = environ.get(self._seen_key)
+        if found is not None and found[0] == base:
+            seen: bytes | None = found[1]
+            return seen
+        # Nothing found (the lookup met a value of another type, which the save then deletes): taken as
+        # no mark, so the entry is stored only while there is none.  That is safe: a write whose change
+        # the app may have missed succeeded after the app was called, less than mark_life before the save
+        # (_Fill.finish), and its mark is still there.
+        return None
+
+    def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
               unlock: str | None = None) -> None:
         """Store the entry (and its Vary index) and drop the fill lock: one round trip.
 
-        Nothing is stored when a write to the URI succeeded after ``since``, when the fill began.
+        Nothing is stored when the URI's write mark no longer holds what this
+        request's lookup found there: a write succeeded since.
         """
         now = _clock()
         life = plan.ttl - plan.age + plan.window
@@ -864,13 +891,23 @@ class CacheMiddleware:
             raw = json.dumps({"v": plan.vary, "g": generation, "x": now + index_life},
                              separators=(",", ":")).encode()
         sets.append((base, raw, index_life))
-        # One step: the mark of a write since the fill began keeps the sets out (the lock goes anyway).
-        mark = self._mark_key(base)
+        # One step: the sets go only if the mark still holds what the lookup found (the lock goes anyway).
+        # - A lookup before a write found the mark as it was before it; the write put a new random value
+        #   there (two writes: the later one's), so nothing is stored: the answer may predate the write.
+        # - A lookup after a write found the write's mark and, the marks and deletes being one step, none
+        #   of the entries or the Vary index the write dropped.  The mark is set once the write's app has
+        #   answered, so this fill's app call began after that: its answer is stored, at once, and the
+        #   requests that waited on the fill are answered from it.
+        # - A mark that expires during the fill: the value the lookup found differs from the nothing left,
+        #   so nothing is stored.  A lookup that found no mark stores only while there is none: a write's
+        #   mark that came and went since was set more than mark_life ago, before the app was called (a
+        #   longer fill stores nothing, _Fill.finish), so the app saw that write's change.
+        mark, seen = self._mark_key(base), self._seen(environ, base)
         try:
-            self.store.write_unless_marked(mark, since, sets, [unlock] if unlock else [])
+            self.store.write_unless_marked(mark, seen, sets, [unlock] if unlock else [])
         except StoreWrongType:  # a value of another type at the mark (not written here): no mark, so it goes
             self.store.delete(mark)
-            self.store.write_unless_marked(mark, since, sets, [unlock] if unlock else [])
+            self.store.write_unless_marked(mark, seen, sets, [unlock] if unlock else [])
 
     def _generation(self, environ: WSGIEnvironment, base: str, vary: list[str], now: float) -> tuple[str, float]:
         """The generation a fill of a Vary variant stores under, and until when the index must live.
@@ -879,8 +916,11 @@ class CacheMiddleware:
         now, because something may have dropped it meanwhile (a purge, its
         expiry), and writing it back would bring back every variant stored
         before.  Otherwise a new generation (one extra read per Vary fill).  A
-        write to the URI that succeeded after the fill began keeps the whole
-        save out anyway (the mark ``Store.write_unless_marked`` checks).
+        write drops the index in the same step as it sets its mark: a fill that
+        found the index found the mark from before the write, and its whole save
+        is kept out (``Store.write_unless_marked``), even when another fill has
+        stored an index again meanwhile; a fill that found the write's mark did
+        not find the index.
         """
         found = environ.get(self._index_key)
         if found is not None and found[0] == base and found[1] == vary:

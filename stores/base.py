@@ -97,16 +97,6 @@ def mask_secrets(text: str, mask: str = "***") -> str:
     return text
 
 
-def marked_since(mark: bytes | None, since: float) -> bool:
-    """Whether a mark (a time, as text) is after ``since``; one that does not read as a time counts as after."""
-    if mark is None:
-        return False
-    try:
-        return not float(mark) <= since
-    except ValueError:
-        return True
-
-
 class StoreError(Exception):
     """A store could not answer (connection refused, timeout, circuit open…)."""
 
@@ -162,34 +152,46 @@ class Store(abc.ABC):
         self.set(key, value, ttl)
         return True
 
-    def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
+    def get_or_lock(self, key: str, lock_key: str, ttl: float,
+                    mark: str | None = None) -> tuple[bytes | None, bool, bytes | None]:
         """Read ``key``; when it is missing, also try to take ``lock_key`` for ``ttl`` seconds.
 
-        Returns ``(value, locked)``.  One round trip on Redis, so a cache miss
-        that leads a single flight costs no extra read.
+        Returns ``(value, locked, mark's value)``: with ``mark``, the value that key
+        holds as of the same read (``None`` when it is missing, or without ``mark``),
+        for :meth:`write_unless_marked` to compare with later.  One step on the
+        built-in stores (one round trip on Redis), so a cache miss that leads a
+        single flight costs no extra read; this default is several calls.
         """
+        # The mark first: a write between the calls then counts as one after the read.
+        seen = self.get(mark) if mark is not None else None
         value = self.get(key)
         if value is not None:
-            return value, False
-        return None, self.add(lock_key, b"1", ttl)
+            return value, False, seen
+        return None, self.add(lock_key, b"1", ttl), seen
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
-        """Several ``set`` and ``delete`` calls in one round trip (a Redis pipeline)."""
+        """Several ``set`` and ``delete`` calls applied together, in one round trip.
+
+        The built-in stores apply them as one step (a ``MULTI``/``EXEC`` transaction
+        on Redis, the store's lock in memory://): no reader sees some of them without
+        the others.  This default is one call each.
+        """
         for key, value, ttl in sets:
             self.set(key, value, ttl)
         for key in deletes:
             self.delete(key)
 
-    def write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
+    def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
                             deletes: Sequence[str] = ()) -> bool:
-        """:meth:`write`, leaving ``sets`` out when ``mark`` holds a time after ``since``; return whether they went.
+        """:meth:`write`, leaving ``sets`` out unless ``mark`` still holds ``seen``; return whether they went.
 
-        A writer that read something at ``since`` stores what it made of it only if
-        nobody marked the data as changed since (the cache's fills and writes).  One
-        step on the built-in stores (a Lua script on Redis, the store's lock in
-        memory://); this default is two calls.
+        ``seen`` is what :meth:`get_or_lock` found at ``mark`` (``None``: nothing, and
+        then the sets go only while there is still nothing).  A writer stores what it
+        made of a read only if nobody marked the data as changed since (the cache's
+        fills and writes).  One step on the built-in stores (a Lua script on Redis,
+        the store's lock in memory://); this default is two calls.
         """
-        if marked_since(self.get(mark), since):
+        if self.get(mark) != seen:
             sets = ()
         self.write(sets, deletes)
         return bool(sets)

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from .base import Store, StoreError, clamp_ttl, marked_since
+from .base import Store, StoreError, clamp_ttl
 
 _monotonic = time.monotonic
 Entry = tuple[bytes | int, float | None]  # (value, expires_at or None)
@@ -189,32 +189,49 @@ class MemoryStore(Store):
             self._put(key, bytes(value), self._deadline(ttl, now))
             return True
 
-    def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
-        """Read ``key``, or take ``lock_key`` when it is missing, in one step (as Redis's script does).
+    def _value(self, key: str, now: float) -> bytes | None:
+        """The value at ``key`` as :meth:`get` returns it (the caller holds the lock)."""
+        item = self._live(key, now)
+        if item is None:
+            return None
+        value = item[0]
+        return str(value).encode() if isinstance(value, int) else value
+
+    def get_or_lock(self, key: str, lock_key: str, ttl: float,
+                    mark: str | None = None) -> tuple[bytes | None, bool, bytes | None]:
+        """Read ``key`` (and ``mark``), or take ``lock_key`` when it is missing, in one step (as Redis's script does).
 
         Two calls would let a reader miss, the leader store the entry and drop its lock, and the
         reader take the lock and call the app a second time.
         """
         now = _monotonic()
         with self._lock:
-            item = self._live(key, now)
-            if item is not None:
-                value = item[0]
-                return (str(value).encode() if isinstance(value, int) else value), False
+            seen = self._value(mark, now) if mark is not None else None
+            value = self._value(key, now)
+            if value is not None:
+                return value, False, seen
             if self._live(lock_key, now) is not None:
-                return None, False
+                return None, False, seen
             self._put(lock_key, b"1", self._deadline(ttl, now))
-            return None, True
+            return None, True, seen
 
-    def write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
+    def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
+        for _, value, _ in sets:
+            _check_value(value)
+        now = _monotonic()
+        with self._lock:  # one step: a reader sees all of it or none of it (the cache's marks and deletes)
+            for key, value, ttl in sets:
+                self._put(key, bytes(value), self._deadline(ttl, now))
+            for key in deletes:
+                self._drop(self._table(key), key)
+
+    def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
                             deletes: Sequence[str] = ()) -> bool:
         for _, value, _ in sets:
             _check_value(value)
         now = _monotonic()
         with self._lock:
-            item = self._live(mark, now)
-            if item is not None and marked_since(str(item[0]).encode() if isinstance(item[0], int) else item[0],
-                                                 since):
+            if self._value(mark, now) != seen:
                 sets = ()
             for key, value, ttl in sets:
                 self._put(key, bytes(value), self._deadline(ttl, now))

@@ -60,23 +60,31 @@ if created then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return value
 """
 
+# get_or_lock: the value, or the lock when there is none; and the mark's value (KEYS[3], when given) as of
+# the same step.  Replies {1, value, mark} or {0, locked, mark}, a missing mark as nil.
 _GET_OR_LOCK = """
+local mark = false
+if KEYS[3] then mark = redis.call('GET', KEYS[3]) end
 local value = redis.call('GET', KEYS[1])
-if value then return {1, value} end
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0, 1} end
-return {0, 0}
+if value then return {1, value, mark} end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0, 1, mark} end
+return {0, 0, mark}
 """
 
 
-# write_unless_marked: the sets unless the mark holds a time after ARGV[1], then the deletes in any case.
-# KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: since, n, then a value and its PX per set.
+# write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1] '1': the value ARGV[2];
+# '0': nothing), then the deletes in any case.
+# KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen or not, seen, n, then a value
+# and its PX per set.
 _WRITE_UNLESS_MARKED = """
 local mark = redis.call('GET', KEYS[1])
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local stored = 0
-if not mark or (tonumber(mark) and tonumber(mark) <= tonumber(ARGV[1])) then
+local same
+if ARGV[1] == '1' then same = mark == ARGV[2] else same = not mark end
+if same then
   for i = 1, n do
-    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
+    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 2], 'PX', ARGV[2 * i + 3])
   end
   stored = 1
 end
@@ -442,7 +450,8 @@ class RedisStore(Store):
 
     # -- the Store interface ----------------------------------------------------------
 
-    def read_command(self, op: str, key: str, ttl: float | None = None, lock_key: str | None = None) -> tuple[Any, ...]:
+    def read_command(self, op: str, key: str, ttl: float | None = None, lock_key: str | None = None,
+                     mark: str | None = None) -> tuple[Any, ...]:
         """The Redis command :meth:`get`, :meth:`getex` or :meth:`get_or_lock` sends, for another layer's pipeline.
 
         ``op`` names the method; :meth:`read_answer` turns the reply into what the method returns.
@@ -452,15 +461,18 @@ class RedisStore(Store):
         if op == "get":
             return ("GET", self.key_prefix + key)
         if op == "get_or_lock" and ttl is not None and lock_key is not None:
-            return ("EVALSHA", self._get_or_lock.sha, 2, self.key_prefix + key, self.key_prefix + lock_key, _ms(ttl))
+            keys = [self.key_prefix + key, self.key_prefix + lock_key]
+            if mark is not None:
+                keys.append(self.key_prefix + mark)
+            return ("EVALSHA", self._get_or_lock.sha, len(keys), *keys, _ms(ttl))
         raise ValueError(f"no read command for {op!r}")
 
     @staticmethod
     def read_answer(op: str, reply: Any) -> Any:
         """What the method ``op`` returns, from the reply to its :meth:`read_command`."""
         if op == "get_or_lock":
-            found, value = reply
-            return (value, False) if found == 1 else (None, value == 1)
+            found, value, mark = reply
+            return (value, False, mark) if found == 1 else (None, value == 1, mark)
         return reply
 
     def get(self, key: str) -> bytes | None:
@@ -487,17 +499,22 @@ class RedisStore(Store):
         fn = partial(self.client.set, self.key_prefix + key, value, px=px, nx=True)
         return bool(self.call("SET NX", fn))
 
-    def get_or_lock(self, key: str, lock_key: str, ttl: float) -> tuple[bytes | None, bool]:
-        fn = partial(self._get_or_lock, keys=[self.key_prefix + key, self.key_prefix + lock_key], args=[_ms(ttl)])
-        return cast("tuple[bytes | None, bool]", self.read_answer("get_or_lock", self.call("GET or SET NX", fn)))
+    def get_or_lock(self, key: str, lock_key: str, ttl: float,
+                    mark: str | None = None) -> tuple[bytes | None, bool, bytes | None]:
+        keys = [self.key_prefix + key, self.key_prefix + lock_key]
+        if mark is not None:
+            keys.append(self.key_prefix + mark)
+        fn = partial(self._get_or_lock, keys=keys, args=[_ms(ttl)])
+        answer = self.read_answer("get_or_lock", self.call("GET or SET NX", fn))
+        return cast("tuple[bytes | None, bool, bytes | None]", answer)
 
-    def write_unless_marked(self, mark: str, since: float, sets: Sequence[tuple[str, bytes, float]],
+    def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
                             deletes: Sequence[str] = ()) -> bool:
         for _, value, _ in sets:
             _check_value(value)
         p = self.key_prefix
         keys = [p + mark, *(p + key for key, _, _ in sets), *(p + key for key in deletes)]
-        args: list[Any] = [repr(since), len(sets)]
+        args: list[Any] = ["0" if seen is None else "1", b"" if seen is None else seen, len(sets)]
         for _, value, ttl in sets:
             args += [value, _ms(ttl)]
         return bool(self.call("write unless marked", partial(self._write_unless, keys=keys, args=args)))
@@ -507,14 +524,16 @@ class RedisStore(Store):
             _check_value(value)
 
         def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
+            # MULTI/EXEC: no other client's command runs between these (a reader never sees the cache's
+            # new marks beside the entries they go with); still one round trip.
+            pipe = self.client.pipeline(transaction=True)
             for key, value, ttl in sets:
                 pipe.set(self.key_prefix + key, value, px=None if ttl is None else _ms(ttl))
             if deletes:
                 pipe.delete(*(self.key_prefix + key for key in deletes))
             pipe.execute()
 
-        self.call("SET/DEL pipeline", run)
+        self.call("SET/DEL transaction", run)
 
     def delete(self, key: str) -> bool:
         return bool(self.call("DEL", partial(self.client.delete, self.key_prefix + key)))

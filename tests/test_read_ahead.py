@@ -265,6 +265,32 @@ def test_a_cached_get_reads_and_locks_in_the_rate_limiters_round_trip(
     assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
 
 
+def test_a_write_is_one_transaction_and_the_next_get_reads_its_mark_ahead(cached: tuple[TestApp, redis.Redis]) -> None:
+    """The write's marks and deletes go in one MULTI/EXEC; the next GET's read ahead finds the new mark
+    (no round trip of the cache's own for it), and that GET's answer is stored at once."""
+    app, probe = cached
+    path = "/api/v1/search?q=w"
+    app.get(path)
+    probe.config_resetstat()
+    before = Counting.writes
+    app.post(path)
+    stats = {k.removeprefix("cmdstat_"): v["calls"] for k, v in probe.info("commandstats").items()}
+    # The limiter's pipeline, then the cache's marks and deletes in one transaction.
+    assert (Counting.writes - before, stats.get("multi"), stats.get("exec")) == (2, 1, 1)
+    [mark] = [k for k in probe.keys("*") if b"cache:w:" in k]
+    found: list[Any] = []
+    ON_CALL.append(lambda environ: found.extend(v for k, v in environ.items()
+                                                if k.startswith("wsgistack.cache.mark.")))
+    try:
+        trips, miss = _round_trips(app, path)
+    finally:
+        ON_CALL.clear()
+    assert (trips, miss.headers["X-Cache"]) == (2, "MISS")  # the limiter's pipeline (read, lock, mark), the save
+    assert [seen for _, seen in found] == [probe.get(mark)]
+    trips, hit = _round_trips(app, path)
+    assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
+
+
 def test_a_known_bearer_token_gives_the_per_user_key_ahead(cached: tuple[TestApp, redis.Redis]) -> None:
     app, _ = cached
     service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens

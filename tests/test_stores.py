@@ -82,7 +82,7 @@ def test_a_ttl_beyond_the_longest_is_the_longest(store: Store, ttl: float) -> No
     assert store.getex("set", ttl) == b"1"
     assert store.expire("add", ttl) is True
     assert store.incr("counter", ttl=ttl) == 1
-    assert store.get_or_lock("missing", "lock", ttl) == (None, True)
+    assert store.get_or_lock("missing", "lock", ttl) == (None, True, None)
     store.write(sets=[("written", b"1", ttl)])
     assert [store.get(k) for k in ("set", "add", "counter", "lock", "written")] == [b"1", b"1", b"1", b"1", b"1"]
 
@@ -878,11 +878,24 @@ def test_sentinel_url_finds_the_master(sentinel_port: int, redis_url: str) -> No
 
 
 def test_get_or_lock_reads_or_takes_the_lock(store: Store) -> None:
-    assert store.get_or_lock("entry", "lock", 5) == (None, True)
-    assert store.get_or_lock("entry", "lock", 5) == (None, False)  # someone holds it
+    assert store.get_or_lock("entry", "lock", 5) == (None, True, None)
+    assert store.get_or_lock("entry", "lock", 5) == (None, False, None)  # someone holds it
     store.set("entry", b"value", 5)
-    assert store.get_or_lock("entry", "lock2", 5) == (b"value", False)
+    assert store.get_or_lock("entry", "lock2", 5) == (b"value", False, None)
     assert store.get("lock2") is None  # a hit takes no lock
+
+
+def test_get_or_lock_also_reads_the_mark(store: Store) -> None:
+    """With a mark key, its value as of the same step comes back too, on a hit, a lock and a wait alike."""
+    assert store.get_or_lock("entry", "lock", 5, "mark") == (None, True, None)  # no mark yet
+    store.set("mark", b"n1", 5)
+    assert store.get_or_lock("entry", "lock", 5, "mark") == (None, False, b"n1")
+    store.delete("lock")
+    assert store.get_or_lock("entry", "lock", 5, "mark") == (None, True, b"n1")
+    store.set("entry", b"value", 5)
+    store.set("mark", b"n2", 5)
+    assert store.get_or_lock("entry", "lock", 5, "mark") == (b"value", False, b"n2")
+    assert store.get_or_lock("entry", "lock", 5) == (b"value", False, None)  # not asked: not read
 
 
 def test_get_or_lock_takes_the_lock_once_per_fill(store: Store) -> None:
@@ -900,7 +913,7 @@ def test_get_or_lock_takes_the_lock_once_per_fill(store: Store) -> None:
             def fill(key: str = key, lock: str = lock) -> int:
                 led = 0
                 while True:
-                    value, locked = store.get_or_lock(key, lock, 5)
+                    value, locked, _ = store.get_or_lock(key, lock, 5)
                     if value is not None:
                         return led
                     if locked:
@@ -912,26 +925,67 @@ def test_get_or_lock_takes_the_lock_once_per_fill(store: Store) -> None:
         sys.setswitchinterval(switch)
 
 
-def test_write_unless_marked_keeps_what_predates_the_mark_out(store: Store) -> None:
+def test_write_unless_marked_stores_only_while_the_mark_holds_what_was_seen(store: Store) -> None:
     store.set("lock", b"1")
-    assert store.write_unless_marked("mark", 100.0, [("a", b"A", 5)], ["lock"]) is True  # no mark
+    assert store.write_unless_marked("mark", None, [("a", b"A", 5)], ["lock"]) is True  # no mark seen, none now
     assert (store.get("a"), store.get("lock")) == (b"A", None)
-    store.set("mark", b"150.5")
+    store.set("mark", b"n1")
     store.set("lock", b"1")
-    assert store.write_unless_marked("mark", 100.0, [("b", b"B", 5)], ["lock"]) is False  # marked after 100
+    assert store.write_unless_marked("mark", None, [("b", b"B", 5)], ["lock"]) is False  # a mark came since
     assert (store.get("b"), store.get("lock")) == (None, None)  # nothing stored; the deletes go all the same
-    assert store.write_unless_marked("mark", 200.0, [("b", b"B", 5)]) is True  # marked before 200
+    assert store.write_unless_marked("mark", b"n1", [("b", b"B", 5)]) is True  # the mark seen, unchanged
     assert store.get("b") == b"B"
-    store.set("mark", b"not a time")
-    assert store.write_unless_marked("mark", 1e12, [("c", b"C", 5)]) is False  # unreadable: counts as after
+    store.set("mark", b"n2")
+    assert store.write_unless_marked("mark", b"n1", [("c", b"C", 5)]) is False  # another value since
+    assert store.write_unless_marked("mark", b"n", [("c", b"C", 5)]) is False  # a prefix is not equal
+    store.delete("mark")
+    assert store.write_unless_marked("mark", b"n2", [("c", b"C", 5)]) is False  # gone since: not the same
+    assert store.write_unless_marked("mark", b"", [("c", b"C", 5)]) is False  # empty is not none
+    assert store.get("c") is None
     with pytest.raises(TypeError):
-        store.write_unless_marked("mark", 0.0, [("d", "text", 5)])  # type: ignore[list-item]
+        store.write_unless_marked("mark", None, [("d", "text", 5)])  # type: ignore[list-item]
+
+
+def test_a_lookup_never_sees_a_mark_without_the_deletes_written_with_it(store: Store) -> None:
+    """``write`` is one step: a reader finds the entry of the mark's generation, or none, never an older one.
+
+    Each round marks the data with a new value and drops the entry in one write, then stores the entry
+    for that mark; a reader that found mark i beside the entry of i - 1 would store an old answer.
+    """
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave as often as they can
+    stop = threading.Event()
+    seen: list[tuple[bytes | None, bytes | None]] = []
+
+    def writer() -> None:
+        for i in range(1000):
+            if seen:
+                break
+            store.write([("mark", str(i).encode(), 5)], ["entry", "lock"])
+            store.set("entry", str(i).encode(), 5)
+        stop.set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            value, _, mark = store.get_or_lock("entry", "lock", 5, "mark")
+            if value is not None and value != mark:
+                seen.append((value, mark))
+
+    threads = [threading.Thread(target=writer), *(threading.Thread(target=reader) for _ in range(6))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert stop.is_set() and seen == []
 
 
 def test_get_or_lock_lock_expires(store: Store) -> None:
-    assert store.get_or_lock("entry", "lock", 0.1) == (None, True)
+    assert store.get_or_lock("entry", "lock", 0.1) == (None, True, None)
     time.sleep(0.25)
-    assert store.get_or_lock("entry", "lock", 0.1) == (None, True)
+    assert store.get_or_lock("entry", "lock", 0.1) == (None, True, None)
 
 
 def test_write_sets_and_deletes_together(store: Store) -> None:
@@ -955,8 +1009,30 @@ def test_combined_operations_are_one_round_trip_each(redis_url: str) -> None:
     calls = {name: stat["calls"] for name, stat in stats.items() if name != "cmdstat_config"}
     assert calls.get("cmdstat_evalsha", 0) + calls.get("cmdstat_eval", 0) == 1
     assert calls.get("cmdstat_set") == 2 and calls.get("cmdstat_del") == 1  # SET NX inside the script + pipeline
+    assert calls.get("cmdstat_multi") == calls.get("cmdstat_exec") == 1  # the write is one transaction
     client.close()
     store.close()
+
+
+@pytest.mark.redis
+def test_a_lookup_reads_its_mark_in_the_same_script(redis_url: str) -> None:
+    """The mark's GET is part of get_or_lock's script, as sent directly and as read ahead in a pipeline."""
+    store = RedisStore(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        store.set("mark", b"n1", 5)
+        assert store.get_or_lock("entry", "lock", 5, "mark") == (None, True, b"n1")
+        command = store.read_command("get_or_lock", "entry", 5, "lock", "mark")
+        assert command[:6] == ("EVALSHA", store._get_or_lock.sha, 3, "wsgistack:entry", "wsgistack:lock",
+                               "wsgistack:mark")
+        reply = client.execute_command(*command)
+        assert store.read_answer("get_or_lock", reply) == (None, False, b"n1")  # the lock is held now
+        store.set("entry", b"value", 5)
+        reply = client.execute_command(*store.read_command("get_or_lock", "entry", 5, "lock"))
+        assert store.read_answer("get_or_lock", reply) == (b"value", False, None)  # no mark asked for
+    finally:
+        client.close()
+        store.close()
 
 
 @pytest.mark.parametrize("reply", [
