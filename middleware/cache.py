@@ -186,7 +186,8 @@ class CacheOptions(LayerOptions):
             raise ValueError(f"purge_path must start with '/' (got {self.purge_path!r})")
         if self.purge_path is not None and not self.purge_roles:
             raise ValueError("purge_roles may not be empty when purge_path is set")
-        kept = [ns for ns in KEPT_NAMESPACES if ns.startswith(self.key_prefix)]
+        # Either way round: "re" takes in every "revoked:" key, "session:A" the sessions whose ids start with A.
+        kept = [ns for ns in KEPT_NAMESPACES if ns.startswith(self.key_prefix) or self.key_prefix.startswith(ns)]
         if kept:  # a memory:// store evicts the keys under the cache's prefix to make room
             raise ValueError(f"key_prefix {self.key_prefix!r} would take in the keys under {kept[0]!r} too: in a "
                              "memory:// store they would be evicted to make room for cached answers (a revoked "

@@ -1386,6 +1386,10 @@ def test_failed_write_still_answers(origin: Origin) -> None:
                  "store they would be evicted to make room for cached answers", id="an empty key prefix"),
     pytest.param({"key_prefix": "re"}, "key_prefix 're' would take in the keys under 'revoked:' too",
                  id="a key prefix the revoked tokens' keys start with"),
+    pytest.param({"key_prefix": "session:A"}, "key_prefix 'session:A' would take in the keys under 'session:' too",
+                 id="a key prefix inside the sessions' keys"),
+    pytest.param({"key_prefix": "revoked:e"}, "key_prefix 'revoked:e' would take in the keys under 'revoked:' too",
+                 id="a key prefix inside the revoked tokens' keys"),
     pytest.param({"shelf": 1}, "Extra inputs are not permitted", id="unknown option"),
 ])
 def test_options_refused(options: dict[str, Any], message: str) -> None:
