@@ -239,7 +239,8 @@ class LayerOptions(BaseModel):
 
 
 #: What a read ahead reads: ``(key, ttl)`` or, for ``get_or_lock``, ``(key, ttl, lock_key)``.
-ReadKey = tuple[str, float | None] | tuple[str, float | None, str] | tuple[str, float | None, str, str]
+ReadKey = (tuple[str, float | None] | tuple[str, float | None, str]
+           | tuple[str, float | None, str, str, float])
 
 
 @dataclass
@@ -249,7 +250,7 @@ class ReadAhead:
     A layer registers one at build time (``context.offer_read(...)``, which
     keeps it when the store is Redis): ``key(environ)`` names what this request will
     read (``(key, ttl)``, ``ttl`` for ``getex``; ``(key, ttl, lock_key)`` for
-    ``get_or_lock``, ``(key, ttl, lock_key, mark)`` to read a write mark with it),
+    ``get_or_lock``, ``(key, ttl, lock_key, mark, mark_ttl)`` to read a write mark with it),
     or ``None``.  The rate limiter,
     which sends one pipeline per request anyway, adds the reads of the layers
     inside it that share its Redis, and leaves the answers in

@@ -443,8 +443,12 @@ class CacheMiddleware:
         base = self._base_key(environ, subject)
         lock_key = self._lock_key(base) if method == "GET" else None
         try:
-            entry, locked = self._lookup(environ, base, lock_key)
-        except StoreWrongType:  # a value of another type at the key (not written here): a miss, written over
+            try:
+                entry, locked = self._lookup(environ, base, lock_key)
+            except StoreWrongType:  # a value of another type at the key or its mark (not written here): a miss,
+                self.store.write((), [base, self._mark_key(base)])  # and gone: looked up afresh (and marked)
+                entry, locked = self._lookup(environ, base, lock_key)
+        except StoreWrongType:  # at a Vary variant's key: a miss, its fill stores over it
             entry, locked = None, None
         except StoreError as exc:
             return self._store_failed(environ, start_response, exc)
@@ -534,7 +538,7 @@ class CacheMiddleware:
         if reason is not None:
             return None
         base = self._base_key(environ, subject)
-        return base, self.options.lock_timeout, self._lock_key(base), self._mark_key(base)
+        return base, self.options.lock_timeout, self._lock_key(base), self._mark_key(base), self.mark_life
 
     def _lock_key(self, base: str) -> str:
         """The single-flight lock of the entry ``base``."""
@@ -570,7 +574,7 @@ class CacheMiddleware:
         else:
             ahead, answer = read_ahead(environ, self.store, "get_or_lock", base)
             raw, locked, seen = answer if ahead else self.store.get_or_lock(
-                base, lock_key, self.options.lock_timeout, self._mark_key(base))
+                base, lock_key, self.options.lock_timeout, self._mark_key(base), self.mark_life)
             environ[self._seen_key] = (base, seen)
             locked = locked if raw is None else None
         try:
@@ -634,6 +638,12 @@ class CacheMiddleware:
                     self.store.write(marks, keys)
                 except StoreError as exc:
                     self._store_error(exc)
+                    # Redis out of memory (noeviction) refuses the marks' SETs and with them the whole
+                    # transaction (a DEL in MULTI too); a DEL alone it takes: the entries go at least (no
+                    # fill can store then either).
+                    with contextlib.suppress(StoreError):
+                        for key in keys:
+                            self.store.delete(key)
                 note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
             return start_response(status, headers, exc_info)
 
@@ -865,10 +875,8 @@ class CacheMiddleware:
         if found is not None and found[0] == base:
             seen: bytes | None = found[1]
             return seen
-        # Nothing found (the lookup met a value of another type, which the save then deletes): taken as
-        # no mark, so the entry is stored only while there is none.  That is safe: a write whose change
-        # the app may have missed succeeded after the app was called, less than mark_life before the save
-        # (_Fill.finish), and its mark is still there.
+        # No lookup found a mark (it met a value of another type, or the store could not set one): the save
+        # stores nothing, since it cannot tell a write from an eviction.
         return None
 
     def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
@@ -899,10 +907,10 @@ class CacheMiddleware:
         #   of the entries or the Vary index the write dropped.  The mark is set once the write's app has
         #   answered, so this fill's app call began after that: its answer is stored, at once, and the
         #   requests that waited on the fill are answered from it.
-        # - A mark that expires during the fill: the value the lookup found differs from the nothing left,
-        #   so nothing is stored.  A lookup that found no mark stores only while there is none: a write's
-        #   mark that came and went since was set more than mark_life ago, before the app was called (a
-        #   longer fill stores nothing, _Fill.finish), so the app saw that write's change.
+        # - A mark that goes during the fill (expired: the fill took longer than mark_life, which
+        #   _Fill.finish refuses anyway; evicted from a full store): the value the lookup found differs
+        #   from the nothing left, so nothing is stored.  A lookup that found no mark set one (so a mark
+        #   is never "still missing"); one that could not set it found None, which never matches.
         mark, seen = self._mark_key(base), self._seen(environ, base)
         try:
             self.store.write_unless_marked(mark, seen, sets, [unlock] if unlock else [])

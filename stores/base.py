@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import re
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 
@@ -97,6 +98,11 @@ def mask_secrets(text: str, mask: str = "***") -> str:
     return text
 
 
+def new_mark() -> bytes:
+    """A value no mark held before (see :meth:`Store.get_or_lock`)."""
+    return secrets.token_hex(8).encode()
+
+
 class StoreError(Exception):
     """A store could not answer (connection refused, timeout, circuit open…)."""
 
@@ -152,18 +158,24 @@ class Store(abc.ABC):
         self.set(key, value, ttl)
         return True
 
-    def get_or_lock(self, key: str, lock_key: str, ttl: float,
-                    mark: str | None = None) -> tuple[bytes | None, bool, bytes | None]:
+    def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
         """Read ``key``; when it is missing, also try to take ``lock_key`` for ``ttl`` seconds.
 
         Returns ``(value, locked, mark's value)``: with ``mark``, the value that key
-        holds as of the same read (``None`` when it is missing, or without ``mark``),
-        for :meth:`write_unless_marked` to compare with later.  One step on the
-        built-in stores (one round trip on Redis), so a cache miss that leads a
-        single flight costs no extra read; this default is several calls.
+        holds as of the same read, for :meth:`write_unless_marked` to compare with
+        later; a missing mark is set to a new random value (for ``mark_ttl`` seconds)
+        and that is returned, so that a mark that goes later (expired, evicted) is a
+        change too.  ``None`` without ``mark``, or when the mark could not be set.
+        One step on the built-in stores (one round trip on Redis), so a cache miss
+        that leads a single flight costs no extra read; this default is several calls.
         """
-        # The mark first: a write between the calls then counts as one after the read.
-        seen = self.get(mark) if mark is not None else None
+        seen = None
+        if mark is not None:  # the mark first: a write between the calls then counts as one after the read
+            seen = self.get(mark)
+            if seen is None:
+                fresh = new_mark()
+                seen = fresh if self.add(mark, fresh, mark_ttl or ttl) else self.get(mark)
         value = self.get(key)
         if value is not None:
             return value, False, seen
@@ -185,13 +197,14 @@ class Store(abc.ABC):
                             deletes: Sequence[str] = ()) -> bool:
         """:meth:`write`, leaving ``sets`` out unless ``mark`` still holds ``seen``; return whether they went.
 
-        ``seen`` is what :meth:`get_or_lock` found at ``mark`` (``None``: nothing, and
-        then the sets go only while there is still nothing).  A writer stores what it
-        made of a read only if nobody marked the data as changed since (the cache's
-        fills and writes).  One step on the built-in stores (a Lua script on Redis,
-        the store's lock in memory://); this default is two calls.
+        ``seen`` is what :meth:`get_or_lock` found at ``mark``; ``None`` (it found
+        nothing) never matches: a mark that was not there cannot tell a write from an
+        eviction.  A writer stores what it made of a read only if nobody marked the
+        data as changed since (the cache's fills and writes).  One step on the
+        built-in stores (a Lua script on Redis, the store's lock in memory://); this
+        default is two calls.
         """
-        if self.get(mark) != seen:
+        if seen is None or self.get(mark) != seen:
             sets = ()
         self.write(sets, deletes)
         return bool(sets)

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from .base import Store, StoreError, clamp_ttl
+from .base import Store, StoreError, clamp_ttl, new_mark
 
 _monotonic = time.monotonic
 Entry = tuple[bytes | int, float | None]  # (value, expires_at or None)
@@ -197,16 +197,25 @@ class MemoryStore(Store):
         value = item[0]
         return str(value).encode() if isinstance(value, int) else value
 
-    def get_or_lock(self, key: str, lock_key: str, ttl: float,
-                    mark: str | None = None) -> tuple[bytes | None, bool, bytes | None]:
-        """Read ``key`` (and ``mark``), or take ``lock_key`` when it is missing, in one step (as Redis's script does).
+    def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
+        """Read ``key`` (and ``mark``, set when missing), or take ``lock_key`` when it is missing, in one
+        step (as Redis's script does).
 
         Two calls would let a reader miss, the leader store the entry and drop its lock, and the
         reader take the lock and call the app a second time.
         """
         now = _monotonic()
         with self._lock:
-            seen = self._value(mark, now) if mark is not None else None
+            seen = None
+            if mark is not None:
+                seen = self._value(mark, now)
+                if seen is None:
+                    seen = new_mark()
+                    try:
+                        self._put(mark, seen, self._deadline(mark_ttl or ttl, now))
+                    except StoreError:  # full of keys that may not go: no mark, so the reader stores nothing
+                        seen = None
             value = self._value(key, now)
             if value is not None:
                 return value, False, seen
@@ -231,7 +240,7 @@ class MemoryStore(Store):
             _check_value(value)
         now = _monotonic()
         with self._lock:
-            if self._value(mark, now) != seen:
+            if seen is None or self._value(mark, now) != seen:
                 sets = ()
             for key, value, ttl in sets:
                 self._put(key, bytes(value), self._deadline(ttl, now))

@@ -39,7 +39,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .base import Store, StoreError, StoreWrongType, clamp_ttl, mask_url
+from .base import Store, StoreError, StoreWrongType, clamp_ttl, mask_url, new_mark
 from .breaker import CircuitBreaker, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "refusal"]
@@ -61,10 +61,17 @@ return value
 """
 
 # get_or_lock: the value, or the lock when there is none; and the mark's value (KEYS[3], when given) as of
-# the same step.  Replies {1, value, mark} or {0, locked, mark}, a missing mark as nil.
+# the same step, a missing mark set to ARGV[2] for ARGV[3] ms first (nil when Redis refuses the write: out
+# of memory).  ARGV[1]: the lock's PX.  Replies {1, value, mark} or {0, locked, mark}.
 _GET_OR_LOCK = """
 local mark = false
-if KEYS[3] then mark = redis.call('GET', KEYS[3]) end
+if KEYS[3] then
+  mark = redis.call('GET', KEYS[3])
+  if not mark then
+    local set = redis.pcall('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+    if type(set) == 'table' and set.ok then mark = ARGV[2] end
+  end
+end
 local value = redis.call('GET', KEYS[1])
 if value then return {1, value, mark} end
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0, 1, mark} end
@@ -73,7 +80,7 @@ return {0, 0, mark}
 
 
 # write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1] '1': the value ARGV[2];
-# '0': nothing), then the deletes in any case.
+# '0': the reader found none, which never matches), then the deletes in any case.
 # KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen or not, seen, n, then a value
 # and its PX per set.
 _WRITE_UNLESS_MARKED = """
@@ -81,7 +88,7 @@ local mark = redis.call('GET', KEYS[1])
 local n = tonumber(ARGV[3])
 local stored = 0
 local same
-if ARGV[1] == '1' then same = mark == ARGV[2] else same = not mark end
+if ARGV[1] == '1' then same = mark == ARGV[2] else same = false end
 if same then
   for i = 1, n do
     redis.call('SET', KEYS[i + 1], ARGV[2 * i + 2], 'PX', ARGV[2 * i + 3])
@@ -451,7 +458,7 @@ class RedisStore(Store):
     # -- the Store interface ----------------------------------------------------------
 
     def read_command(self, op: str, key: str, ttl: float | None = None, lock_key: str | None = None,
-                     mark: str | None = None) -> tuple[Any, ...]:
+                     mark: str | None = None, mark_ttl: float | None = None) -> tuple[Any, ...]:
         """The Redis command :meth:`get`, :meth:`getex` or :meth:`get_or_lock` sends, for another layer's pipeline.
 
         ``op`` names the method; :meth:`read_answer` turns the reply into what the method returns.
@@ -461,10 +468,8 @@ class RedisStore(Store):
         if op == "get":
             return ("GET", self.key_prefix + key)
         if op == "get_or_lock" and ttl is not None and lock_key is not None:
-            keys = [self.key_prefix + key, self.key_prefix + lock_key]
-            if mark is not None:
-                keys.append(self.key_prefix + mark)
-            return ("EVALSHA", self._get_or_lock.sha, len(keys), *keys, _ms(ttl))
+            keys, args = self._lock_and_mark(key, lock_key, ttl, mark, mark_ttl)
+            return ("EVALSHA", self._get_or_lock.sha, len(keys), *keys, *args)
         raise ValueError(f"no read command for {op!r}")
 
     @staticmethod
@@ -499,12 +504,20 @@ class RedisStore(Store):
         fn = partial(self.client.set, self.key_prefix + key, value, px=px, nx=True)
         return bool(self.call("SET NX", fn))
 
-    def get_or_lock(self, key: str, lock_key: str, ttl: float,
-                    mark: str | None = None) -> tuple[bytes | None, bool, bytes | None]:
+    def _lock_and_mark(self, key: str, lock_key: str, ttl: float, mark: str | None,
+                       mark_ttl: float | None) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of the get_or_lock script."""
         keys = [self.key_prefix + key, self.key_prefix + lock_key]
+        args: list[Any] = [_ms(ttl)]
         if mark is not None:
             keys.append(self.key_prefix + mark)
-        fn = partial(self._get_or_lock, keys=keys, args=[_ms(ttl)])
+            args += [new_mark(), _ms(mark_ttl or ttl)]
+        return keys, args
+
+    def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
+        keys, args = self._lock_and_mark(key, lock_key, ttl, mark, mark_ttl)
+        fn = partial(self._get_or_lock, keys=keys, args=args)
         answer = self.read_answer("get_or_lock", self.call("GET or SET NX", fn))
         return cast("tuple[bytes | None, bool, bytes | None]", answer)
 

@@ -243,8 +243,8 @@ def test_only_if_cached_never_reaches_the_app_past_the_cache(make: Callable[...,
 class UnreadableStore(MemoryStore):
     """A memory store whose reads fail."""
 
-    def get_or_lock(self, key: str, lock_key: str, ttl: float,
-                    mark: str | None = None) -> tuple[bytes | None, bool, bytes | None]:
+    def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
         from stores import StoreError
 
         raise StoreError("connection refused")
@@ -842,9 +842,12 @@ def test_after_a_write_concurrent_misses_call_the_app_once(store: Store, origin:
     assert len({body for _, body in results}) == 1
 
 
-def test_a_slow_get_that_read_before_a_write_stores_nothing(store: Store, origin: Origin, clock: Clock) -> None:
+@pytest.mark.parametrize("evicted", [False, True], ids=["the write's mark kept", "the write's mark evicted"])
+def test_a_slow_get_that_read_before_a_write_stores_nothing(store: Store, origin: Origin, clock: Clock,
+                                                           evicted: bool) -> None:
     """The GET looked the entry up and called the app; a write succeeds while the app is still answering
-    it: that answer may predate the write and is not stored.  The next GET's is, at once."""
+    it: that answer may predate the write and is not stored, even when a full store (or Redis's allkeys-lru)
+    evicted the write's mark meanwhile.  The next GET's is, at once."""
     stack = Stack(store, origin)
     inside, finish = threading.Event(), threading.Event()
 
@@ -861,6 +864,9 @@ def test_a_slow_get_that_read_before_a_write_stores_nothing(store: Store, origin
     reader.start()
     assert inside.wait(10)
     stack.web.post("/api/v1/search?q=x")  # another thread: the write succeeds while the GET is in the app
+    if evicted:
+        for mark in list(store.scan("wsgistack:cache:w:")):
+            store.delete(mark)
     finish.set()
     reader.join(10)
     assert (slow[0].headers["X-Cache"], slow[0].json["n"]) == ("MISS", 1)
@@ -868,6 +874,25 @@ def test_a_slow_get_that_read_before_a_write_stores_nothing(store: Store, origin
     after = stack.get()
     assert (after.headers["X-Cache"], after.json["n"]) == ("MISS", 3)  # not the answer read before the write
     assert stack.get().body == after.body  # stored: a HIT
+
+
+@pytest.mark.redis
+def test_a_write_drops_its_entries_when_redis_is_out_of_memory(redis_url: str, origin: Origin, clock: Clock) -> None:
+    """Redis at maxmemory (noeviction, as for a store that holds sessions) refuses the write's marks, and with
+    them its transaction: the entries go all the same (DEL is allowed), and nothing stale is served."""
+    store, admin = store_from_url(redis_url), redis.Redis.from_url(redis_url)
+    try:
+        stack = Stack(store, origin)
+        assert [stack.get().headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+        admin.config_set("maxmemory", 1)
+        stack.web.post("/api/v1/search?q=x")
+        after = stack.get()
+        assert (after.headers["X-Cache"], after.json["n"]) == ("BYPASS", 3)  # the app's answer after the write
+        assert "store.error" in stack.names()
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        store.close()
 
 
 @pytest.mark.parametrize(("lock_timeout", "took", "expected"), [
@@ -1472,7 +1497,7 @@ def test_a_value_of_another_redis_type_is_written_over(redis_url: str, origin: O
         [entry] = [k for k in client.keys("*") if b":cache:e:" in k]
         prefix, digest = entry.split(b":cache:e:")[0], entry.rsplit(b"#", 1)[1]
         key = entry if where == "the entry" else prefix + b":cache:w:" + digest
-        client.delete(entry)
+        client.delete(entry, key)
         client.rpush(key, b"x")
         assert stack.get().headers["X-Cache"] == "MISS"
         assert stack.get().headers["X-Cache"] == "HIT"

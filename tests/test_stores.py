@@ -887,7 +887,10 @@ def test_get_or_lock_reads_or_takes_the_lock(store: Store) -> None:
 
 def test_get_or_lock_also_reads_the_mark(store: Store) -> None:
     """With a mark key, its value as of the same step comes back too, on a hit, a lock and a wait alike."""
-    assert store.get_or_lock("entry", "lock", 5, "mark") == (None, True, None)  # no mark yet
+    value, locked, made = store.get_or_lock("entry", "lock", 5, "mark", 30)  # no mark yet: one is set
+    assert (value, locked, store.get("mark")) == (None, True, made)
+    assert made is not None and len(made) == 16
+    assert store.get_or_lock("other", "lock2", 5, "mark2")[2] != made  # each one new
     store.set("mark", b"n1", 5)
     assert store.get_or_lock("entry", "lock", 5, "mark") == (None, False, b"n1")
     store.delete("lock")
@@ -927,12 +930,11 @@ def test_get_or_lock_takes_the_lock_once_per_fill(store: Store) -> None:
 
 def test_write_unless_marked_stores_only_while_the_mark_holds_what_was_seen(store: Store) -> None:
     store.set("lock", b"1")
-    assert store.write_unless_marked("mark", None, [("a", b"A", 5)], ["lock"]) is True  # no mark seen, none now
-    assert (store.get("a"), store.get("lock")) == (b"A", None)
+    # None (the reader found no mark) never matches: a mark gone (evicted) and one never set look alike.
+    assert store.write_unless_marked("mark", None, [("a", b"A", 5)], ["lock"]) is False
+    assert (store.get("a"), store.get("lock")) == (None, None)  # nothing stored; the deletes go all the same
     store.set("mark", b"n1")
-    store.set("lock", b"1")
-    assert store.write_unless_marked("mark", None, [("b", b"B", 5)], ["lock"]) is False  # a mark came since
-    assert (store.get("b"), store.get("lock")) == (None, None)  # nothing stored; the deletes go all the same
+    assert store.write_unless_marked("mark", None, [("b", b"B", 5)]) is False
     assert store.write_unless_marked("mark", b"n1", [("b", b"B", 5)]) is True  # the mark seen, unchanged
     assert store.get("b") == b"B"
     store.set("mark", b"n2")
