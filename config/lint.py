@@ -627,9 +627,9 @@ RULES: list[Rule] = [
 #: Rules that judge settings only serve.py applies (its sockets, their address families and whether
 #: they are on loopback, its workers, Waitress's proxy trust, scheme, header clearing and body limit):
 #: another WSGI server has its own, which wsgistack judges where it can (a hosted start's multiprocess
-#: check, HOSTED's least safe settings).
-SERVED_ONLY: tuple[Rule, ...] = (proxy_twice, proxy_peers_can_connect, proxy_headers_kept, hsts_reachable, shared_state,
-                                 validation_vs_waitress)
+#: check; HOSTED's least safe settings for ProxyFix and for headers outside a proxy layer).
+SERVED_ONLY: tuple[Rule, ...] = (proxy_twice, proxy_peers_can_connect, proxy_headers_kept, hsts_outside_proxy,
+                                 hsts_reachable, shared_state, validation_vs_waitress)
 
 
 def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:

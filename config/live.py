@@ -374,7 +374,7 @@ class LiveStack:
 
     def _build_hosted(self) -> BuiltStack:
         """Build for another WSGI server, judged with the least safe server settings (see HOSTED)."""
-        from .lint import proxyfix_trusts_every_peer
+        from .lint import hsts_outside_proxy, proxyfix_trusts_every_peer
 
         base = Path(self.path).resolve().parent
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base), hosted=True)
@@ -382,6 +382,9 @@ class LiveStack:
         found = [_noted(p, HOSTED_NOTE) for p in _judged(config, served, proxyfix_trusts_every_peer)]
         if found:
             raise ConfigError(found)
+        # Waitress's scheme settings do not apply there either: only a proxy layer makes requests https.
+        plain = served.model_copy(update={"url_scheme": "http", "trusted_proxy_headers": []})
+        found += [_noted(p, HOSTED_NOTE) for p in _judged(config, plain, hsts_outside_proxy)]
         doc = config.document
         for name in ("trusted_proxy", "clear_untrusted_proxy_headers", "workers", "reload"):
             if name in config.server.model_fields_set:

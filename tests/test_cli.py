@@ -551,6 +551,20 @@ def test_serve_app_does_not_refuse_what_only_serve_py_would_apply(config_file) -
     assert "validation.max_query_length (9000) is not below max_url_length (8192)" in result.stderr
 
 
+@pytest.mark.parametrize(("server", "host_listen", "warned"), [
+    pytest.param("", "", True, id="no server section (serve.py's loopback default): the host's address counts"),
+    pytest.param("server: {url_scheme: https}\n", "", True,
+                 id="Waitress's scheme settings do not apply"),
+    pytest.param("", "127.0.0.1:8000", False, id="the host binds loopback"),
+])
+def test_serve_app_warns_of_headers_outside_a_scheme_setting_proxy_layer(  # type: ignore[no-untyped-def]
+        config_file, server: str, host_listen: str, warned: bool) -> None:
+    path = config_file(ECHO + server + "pipeline:\n  - errors: {}\n  - headers: {}\n  - proxy: {x_proto: 1}\n")
+    result = python(HOSTED_CALL.format(multiprocess=[False]), path, WSGISTACK_HOST_LISTEN=host_listen)
+    assert result.stdout.startswith("200 OK"), result.stderr
+    assert ("is outside proxy at pipeline[2], which sets the scheme" in result.stderr) is warned, result.stderr
+
+
 def test_serve_app_prints_the_access_log_when_the_host_configured_no_logging(config_file) -> None:  # type: ignore[no-untyped-def]
     path = config_file(ECHO + "pipeline:\n  - errors: {}\n  - access_log: {}\n")
     result = python(HOSTED_CALL.format(multiprocess=[False]), path)

@@ -374,8 +374,8 @@ def test_hsts_that_can_never_be_sent_is_warned(layers: str, expected: str | None
 @pytest.mark.parametrize(("text", "served", "hosted"), [
     pytest.param(PUBLIC + "  - headers: {}\n", NOTHING, None,
                  id="no https in serve.py's server: another may set the scheme itself"),
-    pytest.param(PUBLIC + "  - headers: {}\n  - proxy: {x_proto: 1}\n", OUTSIDE, OUTSIDE,
-                 id="headers outside the proxy layer: on any server"),
+    pytest.param(PUBLIC + "  - headers: {}\n  - proxy: {x_proto: 1}\n", OUTSIDE, None,
+                 id="headers outside the proxy layer: judged on the hosting server's address instead"),
     pytest.param("server: {listen: '0.0.0.0:8000', trusted_proxy: 10.0.0.1, trusted_proxy_headers: [x-forwarded-for]}"
                  "\npipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
                  "under Waitress keep only server.trusted_proxy", None,
