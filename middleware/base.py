@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -385,18 +385,16 @@ class Context:
 
         A listener with a ``bind(event, fields)`` method (metrics, the operator page) returns
         the call that counts that very event, so it works out its counter once, not per
-        request; any other listener is called as by :meth:`emit`.  Listeners appended later
-        are bound at the next call.
+        request; any other listener is called as by :meth:`emit`, with a fields dict of its
+        own each time.  Listeners added, removed or replaced later are bound at the next call.
         """
-        bound: list[Callable[[], None]] = []
-        made_from = [0]  # how many listeners ``bound`` was made from
+        made: list[Any] = [(), ()]  # the listeners bound, and their calls
 
         def fire() -> None:
-            listeners = self.listeners
-            if made_from[0] != len(listeners):
-                bound[:] = [_bind(listener, event, fields) for listener in listeners]
-                made_from[0] = len(listeners)
-            for call in bound:
+            listeners = tuple(self.listeners)
+            if listeners != made[0]:
+                made[:] = [listeners, tuple(_bind(listener, event, fields) for listener in listeners)]
+            for call in made[1]:
                 call()
 
         return fire
@@ -412,7 +410,10 @@ class Context:
 
 def _bind(listener: Callable[[str, dict[str, Any]], None], event: str, fields: dict[str, Any]) -> Callable[[], None]:
     bind = getattr(listener, "bind", None)
-    return bind(event, fields) if callable(bind) else partial(listener, event, fields)
+    if callable(bind):
+        bound: Callable[[], None] = bind(event, dict(fields))
+        return bound
+    return lambda: listener(event, dict(fields))
 
 
 class Listener:

@@ -509,6 +509,10 @@ def test_an_emitter_counts_as_emit_does_and_reaches_listeners_added_later(make: 
     context.emit("ratelimit.pass", rule="r0")
     assert sample(scrape(app), "wsgistack_ratelimit_events_total", result="pass", rule="r0") == 3
     assert seen == [("ratelimit.pass", {"rule": "r0"})] * 2
+    seen[0][1]["mine"] = 1  # each call hands a listener a dict of its own, as emit does
+    context.listeners[-1] = lambda event, fields: seen.append(("replaced", fields))  # same count, another one
+    passed()
+    assert seen[1:] == [("ratelimit.pass", {"rule": "r0"}), ("replaced", {"rule": "r0"})]
 
 
 # --- store health at scrape time -----------------------------------------------------------
