@@ -948,12 +948,15 @@ def test_write_unless_marked_stores_only_while_the_mark_holds_what_was_seen(stor
         store.write_unless_marked("mark", None, [("d", "text", 5)])  # type: ignore[list-item]
 
 
-def test_a_lookup_never_sees_a_mark_without_the_deletes_written_with_it(store: Store) -> None:
+def test_a_lookup_never_sees_a_mark_without_the_deletes_written_with_it() -> None:
     """``write`` is one step: a reader finds the entry of the mark's generation, or none, never an older one.
 
     Each round marks the data with a new value and drops the entry in one write, then stores the entry
     for that mark; a reader that found mark i beside the entry of i - 1 would store an old answer.
+    (memory://, whose threads can interleave between two calls of a write; Redis runs the write as one
+    MULTI/EXEC, which test_combined_operations_are_one_round_trip_each counts.)
     """
+    store = MemoryStore()
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # threads interleave as often as they can
     stop = threading.Event()
