@@ -172,17 +172,20 @@ def _bind(listen: Sequence[str], backlog: int, reuse_port: bool = False) -> list
         for item in listen:
             host, _, port = item.rpartition(":")
             host = host.strip("[]")
-            for family, kind, proto, _, addr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(addr)
-                sock.listen(backlog)
-                break
+            try:
+                for family, kind, proto, _, addr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+                    sock = socket.socket(family, kind, proto)
+                    sockets.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if reuse_port:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(addr)
+                    sock.listen(backlog)
+                    break
+            except OSError as exc:  # the one address that failed, not the whole list
+                raise OSError(exc.errno, f"cannot listen on {item}: {exc.strerror or exc}") from exc
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -223,6 +226,10 @@ def _slots(listen: Sequence[str], backlog: int, workers: int) -> list[list[socke
             return slots
     return [_bind(listen, backlog)] * workers
 
+
+#: Failed starts in a row (a worker dead within a second), in every worker slot, after which the
+#: supervisor gives up (exit code 3): restarting it is the service manager's call.
+GIVE_UP = 5
 
 #: The environment variable that overrides ``server.drain_timeout``.
 DRAIN_ENV = "WSGISTACK_DRAIN_SECONDS"
@@ -351,14 +358,18 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
                     log.info("%sa second SIGHUP within %g s, the file unchanged: one reload is enough",
                              live.label, HUP_TWICE)
                     continue
-                threading.Thread(target=live.reload, name="wsgistack-reload", daemon=True).start()
+                reloader.ask()
                 continue
             if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
                 hurry.set()
+            if not stop.is_set() and parent is None:
+                log.info("stopping: requests in flight get up to %g s (the same signal again: stop now)",
+                         _drain_seconds(live))
             if parent is not None and not stop.is_set() and os.getppid() != parent:
                 log.warning("%sthe supervisor (pid %d) is gone; stopping", live.label, parent)
             stop.set()
 
+    reloader = _Reloader(live)
     for signum in HANDLED:
         signal.signal(signum, note_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a worker starts with them blocked
@@ -378,6 +389,28 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         live.stop_watch()
         live.current.close()
     return 0 if drained else 1
+
+
+class _Reloader:
+    """Reload in a thread of its own, one reload at a time: SIGHUPs that come during a reload ask for one
+    more, after it (the file may have changed again), not one each."""
+
+    def __init__(self, live: LiveStack) -> None:
+        self.live = live
+        self.wanted = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def ask(self) -> None:
+        self.wanted.set()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="wsgistack-reload", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            self.live.reload()
 
 
 def _repeated_hup(reloaded: list[Any], live: LiveStack) -> bool:
@@ -425,11 +458,14 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     SIGTERM and SIGINT stop the workers (which drain) and then the supervisor; a
     second one kills the workers at once.  A worker still running
     ``server.drain_timeout`` (or ``$WSGISTACK_DRAIN_SECONDS``) + 5 s after SIGTERM is killed.
-    A worker that dies within a second of starting is restarted after a growing pause (up to 5 s).
+    A worker that dies within a second of starting is restarted after a growing pause (up to 5 s);
+    when every slot's worker did so GIVE_UP times in a row, the supervisor stops with exit code 3,
+    so that the service manager sees the failure (and restarts, or alerts).
     """
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
     due: dict[int, float] = {}  # slot -> when to start it again
     pause: dict[int, float] = {}  # slot -> the last restart pause
+    failed: dict[int, int] = dict.fromkeys(range(len(slots)), 0)  # slot -> its workers' failed starts in a row
     pending: list[int] = []
     supervisor = os.getpid()
     wake_r, wake_w = os.pipe()
@@ -475,7 +511,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # blocked since the sockets were bound (cmd_serve)
     log.info("supervising %d workers: %s", len(slots), ", ".join(map(str, children)))
     stopping_since: float | None = None
-    incomplete = False
+    incomplete = gave_up = False
     grace = _drain_seconds(live) + 5.0
     # As the workers do: a polled change is read once the file stayed the same for an interval, and
     # a second SIGHUP within HUP_TWICE of the file as it was is one reload; else a worker started
@@ -511,9 +547,17 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                     continue
                 lived = time.monotonic() - started
                 pause[slot] = 0.1 if lived > 1.0 else min(5.0, pause.get(slot, 0.1) * 2)
+                failed[slot] = 0 if lived > 1.0 else failed[slot] + 1
+                if min(failed.values()) >= GIVE_UP and not children:
+                    log.error("worker %d %s after %.1f s; every worker failed to start %d times in a row: "
+                              "stopping (exit code 3)", pid, _exit_text(status), lived, GIVE_UP)
+                    gave_up = True
+                    break
                 due[slot] = time.monotonic() + pause[slot]
                 log.warning("worker %d %s after %.1f s; starting a new one in %.1f s", pid, _exit_text(status),
                             lived, pause[slot])
+            if gave_up:
+                break
             signals = []
             while pending:  # one pop at a time: a handler may append between two bytecodes
                 signals.append(pending.pop(0))
@@ -566,7 +610,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
         os.close(wake_r)
         os.close(wake_w)
     live.current.close()
-    return 1 if incomplete else 0
+    return 3 if gave_up else 1 if incomplete else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -577,9 +621,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         live = LiveStack(args.config)
     except ConfigError as exc:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         _print_problems(exc.problems)
         print(f"{args.config}: refusing to start with an invalid configuration", file=sys.stderr)
+        _unblock_dropping_pending()
         return 2
     _apply_logging(live.current.config.logging)
     live.on_reload.append(lambda built: _apply_logging(built.config.logging))
@@ -588,8 +632,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         slots = _slots(server.listen, server.backlog, server.workers)
     except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-        print(f"cannot listen on {' '.join(server.listen)}: {exc}", file=sys.stderr)
+        print(exc.strerror if exc.strerror and exc.strerror.startswith("cannot listen") else
+              f"cannot listen on {' '.join(server.listen)}: {exc}", file=sys.stderr)
+        _unblock_dropping_pending()
         return 2
     _freeze_startup_objects(live)
     sockets = slots[0]
@@ -603,6 +648,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server.workers > 1:
             return _supervise(live, slots)
         return _run_waitress(live, sockets)
+
+
+def _unblock_dropping_pending() -> None:
+    """Unblock the signals serve blocks while it starts, dropping any that came meanwhile.
+
+    The start failed and said why: a SIGTERM (or Ctrl-C) that came while the stack was built
+    must not end the process (143, or a KeyboardInterrupt traceback) instead of its exit code 2.
+    A signal ignored while it is pending is discarded (POSIX), so each is ignored while unblocked.
+    """
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in HANDLED}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def _freeze_startup_objects(live: LiveStack) -> None:

@@ -505,11 +505,14 @@ class LiveStack:
             self._sync_watch()
 
     def stop_watch(self) -> None:
-        """Stop the poller started by :meth:`follow_watch`."""
-        with self._lock:
-            self._follow = False
-            self._watch_stop.set()
-            self._watcher = None
+        """Stop the poller started by :meth:`follow_watch`.
+
+        Without the reload lock: a stop must not wait for a reload in progress (a slow app
+        factory would hold a SIGTERM, and a second one, for as long as it builds).
+        """
+        self._follow = False
+        self._watch_stop.set()
+        self._watcher = None
 
     def _sync_watch(self) -> None:
         """Start the poller if the config wants one and none runs (call with ``_lock`` held)."""

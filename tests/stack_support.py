@@ -175,6 +175,40 @@ def refusing_app(options: dict[str, Any] | None = None) -> Any:
     return app
 
 
+def slow_failing_app(options: dict[str, Any]) -> Any:
+    """An app factory that creates ``options["flag"]``, waits a moment (signals come then) and fails."""
+    import time
+    from pathlib import Path
+
+    Path(options["flag"]).touch()
+    time.sleep(1.0)
+    raise RuntimeError("the database is not there")
+
+
+def slow_reloading_app(options: dict[str, Any]) -> Any:
+    """``echo_app`` whose every build after the first takes ``options["delay"]`` seconds; each build
+    appends a line to ``options["log"]``, the slow ones before they wait."""
+    import time
+    from pathlib import Path
+
+    log = Path(options["log"])
+    first = not log.exists()
+    with log.open("a") as out:
+        out.write("build\n")
+    if not first:
+        time.sleep(float(options["delay"]))
+    return echo_app()
+
+
+def app_failing_in_workers(options: dict[str, Any] | None = None) -> Any:
+    """``echo_app``, but a process forked from the one that built it exits at once (code 3): a worker
+    that cannot start (say a library that refuses to run after a fork)."""
+    import os
+
+    os.register_at_fork(after_in_child=lambda: os._exit(3))
+    return echo_app()
+
+
 def closing_app(options: dict[str, Any] | None = None) -> Any:
     """``echo_app`` with a ``close()`` that logs ("close", "app") in CLOSING_LOG."""
     app = echo_app(options)

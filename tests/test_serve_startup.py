@@ -54,6 +54,39 @@ def test_signals_wait_while_the_stack_is_built(tmp_path: Path, monkeypatch: pyte
     assert not set(serve.HANDLED) & set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
 
 
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_during_a_failed_start_does_not_hide_why(tmp_path: Path, sent: int) -> None:
+    """The app factory fails while a SIGTERM (systemd giving up), a Ctrl-C or a SIGHUP waits: the process
+    still prints the error and exits 2, not 143, 130 (with a traceback) or 129 in silence."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    flag = tmp_path / "building"
+    path = tmp_path / "stack.yaml"
+    path.write_text(f'app: {{factory: "stack_support:slow_failing_app", options: {{flag: "{flag}"}}}}\n'
+                    "pipeline: [errors: {}]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.Popen([sys.executable, str(root / "serve.py"), "-c", str(path), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not flag.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(sent)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, err
+    assert "the app factory" in err and "refusing to start with an invalid configuration" in err, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(("sent", "expected"), [
     (signal.SIGHUP, None),  # a reload while it imports: it keeps starting and serves
     (signal.SIGTERM, 0),  # a stop while it imports: a clean stop, as documented

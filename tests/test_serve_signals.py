@@ -1,0 +1,83 @@
+"""serve.py while a reload is slow: a stop does not wait for it, and SIGHUPs meanwhile are one more reload."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from loadgen import ServeProcess
+
+
+@pytest.fixture
+def slow(tmp_path: Path) -> Iterator[tuple[ServeProcess, Path]]:
+    """serve.py (one process) whose reloads take 8 s; the builds' log."""
+    port, builds = free_port(), tmp_path / "builds"
+    config = tmp_path / "stack.yaml"
+    config.write_text(f'app: {{factory: "stack_support:slow_reloading_app", options: {{log: "{builds}", delay: 8}}}}\n'
+                      f"server: {{listen: '127.0.0.1:{port}', drain_timeout: 2}}\npipeline: [errors: {{}}]\n")
+    served = ServeProcess(config).start()
+    try:
+        wait_for_port(port)
+        yield served, builds
+    finally:
+        served.stop(timeout=1)
+
+
+def _builds(path: Path) -> int:
+    return path.read_text().count("build")
+
+
+def _wait_builds(path: Path, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while _builds(path) < count:
+        assert time.monotonic() < deadline, path.read_text()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_does_not_wait_for_a_slow_reload(slow: tuple[ServeProcess, Path], stop: int) -> None:
+    served, builds = slow
+    served.signal(signal.SIGHUP)
+    _wait_builds(builds, 2)  # the reload is building (for 8 s)
+    started = time.monotonic()
+    served.signal(stop)
+    assert served.proc is not None
+    assert served.proc.wait(timeout=20) == 0, served.output()
+    assert time.monotonic() - started < 4, served.output()  # nothing in flight: no drain to wait out either
+    assert "stopping: requests in flight get up to 2 s" in served.output()
+
+
+def test_sighups_during_a_reload_are_one_more_reload(slow: tuple[ServeProcess, Path]) -> None:
+    served, builds = slow
+    served.signal(signal.SIGHUP)
+    _wait_builds(builds, 2)
+    for _ in range(10):
+        served.signal(signal.SIGHUP)
+        time.sleep(0.05)
+    time.sleep(1)
+    assert _builds(builds) == 2  # the first reload is still building: the others wait for it
+    served.wait_output("generation 2 serving", timeout=15)
+    _wait_builds(builds, 3)  # then one more, for all ten
+    served.wait_output("generation 3 serving", timeout=15)
+    time.sleep(1)
+    assert _builds(builds) == 3
+
+
+def test_workers_that_never_start_stop_the_supervisor(tmp_path: Path) -> None:
+    """A crash loop is not a running server: after GIVE_UP failed starts in every slot the supervisor exits 3."""
+    port = free_port()
+    config = tmp_path / "stack.yaml"
+    config.write_text('app: {factory: "stack_support:app_failing_in_workers"}\n'
+                      f"server: {{listen: '127.0.0.1:{port}', workers: 2}}\npipeline: [errors: {{}}]\n")
+    served = ServeProcess(config).start()
+    try:
+        assert served.proc is not None
+        assert served.proc.wait(timeout=30) == 3, served.output()
+    finally:
+        served.stop(timeout=1)
+    assert "every worker failed to start 5 times in a row: stopping (exit code 3)" in served.output()
+    assert served.output().count("starting a new one in") == 2 * 5 - 1
