@@ -238,7 +238,8 @@ class LayerOptions(BaseModel):
     _numbers = field_validator("*", mode="before")(classmethod(no_boolean_numbers))
 
 
-#: What a read ahead reads: ``(key, ttl)`` or, for ``get_or_lock``, ``(key, ttl, lock_key)``.
+#: What a read ahead reads: ``(key, ttl)`` or, for ``get_or_lock``, ``(key, ttl, lock_key)``, with a write
+#: mark to read (and set when missing) in the same step ``(key, ttl, lock_key, mark, mark_ttl)``.
 ReadKey = (tuple[str, float | None] | tuple[str, float | None, str]
            | tuple[str, float | None, str, str, float])
 
