@@ -415,6 +415,9 @@ class CacheMiddleware:
         allow_eviction = getattr(self.store, "allow_eviction", None)
         if allow_eviction is not None:  # a bounded memory store may drop entries to make room, never other state
             allow_eviction(self.prefix)
+        keep_apart = getattr(self.store, "keep_apart", None)
+        if keep_apart is not None:  # the write marks take no room from the entries (a lost one stores nothing)
+            keep_apart(f"{self.prefix}w:")
         self.statuses = frozenset(str(s) for s in options.statuses)
         self.key_environ = tuple(_environ_name(h) for h in options.key_headers)
         self.cookie_names = options.cookie_names
@@ -448,7 +451,7 @@ class CacheMiddleware:
             except StoreWrongType:  # a value of another type at the key or its mark (not written here): a miss,
                 self.store.write((), [base, self._mark_key(base)])  # and gone: looked up afresh (and marked)
                 entry, locked = self._lookup(environ, base, lock_key)
-        except StoreWrongType:  # at a Vary variant's key: a miss, its fill stores over it
+        except StoreWrongType:  # written there again meanwhile: a miss, and this request's fill stores nothing
             entry, locked = None, None
         except StoreError as exc:
             return self._store_failed(environ, start_response, exc)
@@ -584,7 +587,10 @@ class CacheMiddleware:
                 if type(vary) is not list or not all(type(name) is str for name in vary):
                     return None, locked  # not written by this layer
                 environ[self._index_key] = (base, vary, generation)  # a fill of another variant keeps it
-                raw = self.store.get(self._variant(base, vary, environ, generation))
+                try:
+                    raw = self.store.get(self._variant(base, vary, environ, generation))
+                except StoreWrongType:  # a value of another type at this variant's key: a miss, stored over
+                    raw = None
             if raw is None:
                 return None, locked
             head, _, body = raw.partition(b"\n")
@@ -639,10 +645,11 @@ class CacheMiddleware:
                 except StoreError as exc:
                     self._store_error(exc)
                     # Redis out of memory (noeviction) refuses the marks' SETs and with them the whole
-                    # transaction (a DEL in MULTI too); a DEL alone it takes: the entries go at least (no
-                    # fill can store then either).
+                    # transaction (a DEL in MULTI too); a DEL alone it takes.  The marks go first: a fill
+                    # that looked up before this write then finds none at its save (which never matches)
+                    # and stores nothing, even once memory frees up; then the entries.
                     with contextlib.suppress(StoreError):
-                        for key in keys:
+                        for key in [mark for mark, _, _ in marks] + keys:
                             self.store.delete(key)
                 note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
             return start_response(status, headers, exc_info)

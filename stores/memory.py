@@ -64,7 +64,30 @@ class MemoryStore(Store):
         self._spare: OrderedDict[str, Entry] = OrderedDict()  # evicted when no lowest is left (see _make_room)
         self._evictable: tuple[str, ...] = ()
         self._spared: tuple[str, ...] = ()
+        # Keys kept apart (keep_apart()): in a table of their own, bounded on its own, outside max_entries.
+        self._apart: OrderedDict[str, Entry] = OrderedDict()
+        self._apart_prefixes: tuple[str, ...] = ()
+        self.max_apart = max(1, max_entries // 4)
         self._lock = threading.Lock()
+
+    def keep_apart(self, prefix: str) -> None:
+        """Keep the keys starting with ``prefix`` in a table of their own, of at most ``max_apart``
+        (a quarter of ``max_entries``), the least recently used going first to make room.
+
+        For small keys that may be lost at any time but must not take room from the others: the
+        cache's write marks (one beside each entry looked up lately), which, counted with the
+        entries, would halve how many answers fit (and a working set of more than half the store
+        would get no hits at all).
+        """
+        with self._lock:
+            if prefix in self._apart_prefixes:
+                return
+            self._apart_prefixes = (*self._apart_prefixes, prefix)
+            for table in (self._data, self._spare, self._disposable):
+                for key in [k for k in table if k.startswith(prefix)]:
+                    entry = table[key]
+                    self._drop(table, key)
+                    self._put(key, entry[0], entry[1])
 
     def allow_eviction(self, prefix: str, *, lowest: bool = True) -> None:
         """Let keys starting with ``prefix`` be evicted (least recently used first) to make room.
@@ -86,6 +109,8 @@ class MemoryStore(Store):
             self._shrink()
 
     def _table(self, key: str) -> OrderedDict[str, Entry]:
+        if self._apart_prefixes and key.startswith(self._apart_prefixes):
+            return self._apart
         if key.startswith(self._evictable):
             return self._disposable
         return self._spare if self._spared and key.startswith(self._spared) else self._data
@@ -103,6 +128,12 @@ class MemoryStore(Store):
 
     def _put(self, key: str, value: bytes | int, expires: float | None) -> None:
         table = self._table(key)
+        if table is self._apart:
+            if key not in table and len(table) >= self.max_apart:
+                table.popitem(last=False)
+            table[key] = (value, expires)
+            table.move_to_end(key)
+            return
         if table is self._disposable and _size(key, value) > self.max_cache_bytes:
             self._drop(table, key)  # larger than the bound on its own: not kept, and nothing evicted for it
             return
@@ -291,14 +322,15 @@ class MemoryStore(Store):
     def scan(self, prefix: str) -> Iterator[str]:
         now = _monotonic()
         with self._lock:
-            keys = [k for table in (self._data, self._spare, self._disposable) for k, (_, exp) in table.items()
-                    if k.startswith(prefix) and (exp is None or exp > now)]
+            keys = [k for table in (self._data, self._spare, self._disposable, self._apart)
+                    for k, (_, exp) in table.items() if k.startswith(prefix) and (exp is None or exp > now)]
         yield from keys
 
     def ping(self) -> bool:
         return True
 
     def __len__(self) -> int:
+        """The keys counted against ``max_entries`` (the ones kept apart have their own bound)."""
         return len(self._data) + len(self._spare) + len(self._disposable)
 
     def __repr__(self) -> str:

@@ -895,6 +895,79 @@ def test_a_write_drops_its_entries_when_redis_is_out_of_memory(redis_url: str, o
         store.close()
 
 
+@pytest.mark.redis
+def test_a_fill_in_flight_across_an_out_of_memory_write_stores_nothing(redis_url: str, origin: Origin,
+                                                                      clock: Clock) -> None:
+    """The write's marks were refused with its transaction: its deletes take the old marks too, so the GET
+    that read before the write finds none at its save (once memory frees up) and stores nothing."""
+    store, admin = store_from_url(redis_url), redis.Redis.from_url(redis_url)
+    stack = Stack(store, origin)
+    inside, finish = threading.Event(), threading.Event()
+
+    def slow_reads(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        answer = Origin.__call__(origin, environ, start_response)
+        if environ["REQUEST_METHOD"] == "GET" and not finish.is_set():
+            inside.set()
+            finish.wait(10)
+        return answer
+
+    stack.layer.app = slow_reads
+    slow: list[Any] = []
+    reader = threading.Thread(target=lambda: slow.append(TestApp(stack.wsgi).get("/api/v1/search?q=x")))
+    try:
+        reader.start()
+        assert inside.wait(10)
+        admin.config_set("maxmemory", 1)
+        stack.web.post("/api/v1/search?q=x")
+        admin.config_set("maxmemory", 0)  # memory frees up before the slow GET saves
+        finish.set()
+        reader.join(10)
+        assert (slow[0].headers["X-Cache"], slow[0].json["n"]) == ("MISS", 1)
+        after = stack.get()
+        assert (after.headers["X-Cache"], after.json["n"]) == ("MISS", 3)  # not the answer read before the write
+        assert stack.get().body == after.body
+    finally:
+        finish.set()
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        store.close()
+
+
+def test_a_working_set_over_half_a_memory_store_still_hits(origin: Origin, clock: Clock) -> None:
+    """Each key looked up has a write mark beside its entry: kept apart, the marks take no room from the
+    entries (counted with them, 60 keys in a store of 100 got no hit at all)."""
+    store = MemoryStore(max_entries=100)
+    stack = Stack(store, origin)
+    urls = [f"/api/v1/search?q={i}" for i in range(60)]
+    for url in urls:
+        assert stack.get(url).headers["X-Cache"] == "MISS"
+    for _ in range(3):
+        assert [stack.get(url).headers["X-Cache"] for url in urls] == ["HIT"] * 60
+    assert origin.calls == 60
+    assert len(list(store.scan("wsgistack:cache:w:"))) == 25  # a quarter of max_entries, kept apart
+
+
+@pytest.mark.redis
+def test_a_foreign_value_at_one_variant_leaves_the_others(redis_url: str, origin: Origin, clock: Clock) -> None:
+    origin.headers.append(("Vary", "Accept-Language"))
+    store, client = store_from_url(redis_url), redis.Redis.from_url(redis_url)
+    try:
+        stack = Stack(store, origin)
+        for lang in ("en", "fr"):
+            stack.get(headers={"Accept-Language": lang})
+        before = set(client.keys("*:cache:e:*"))
+        en_variant = next(k for k in before if not client.get(k).startswith(b'{"v":')
+                          and b'"en"' in client.get(k))
+        client.delete(en_variant)
+        client.rpush(en_variant, b"x")
+        assert stack.get(headers={"Accept-Language": "en"}).headers["X-Cache"] == "MISS"  # stored over it
+        assert stack.get(headers={"Accept-Language": "fr"}).headers["X-Cache"] == "HIT"
+        assert stack.get(headers={"Accept-Language": "en"}).headers["X-Cache"] == "HIT"
+    finally:
+        client.close()
+        store.close()
+
+
 @pytest.mark.parametrize(("lock_timeout", "took", "expected"), [
     pytest.param(5, 59, "HIT", id="a fill shorter than a mark"),
     pytest.param(5, 60, "MISS", id="a fill as long as a mark stores nothing"),
