@@ -395,12 +395,14 @@ class _Reloader:
     """Reload in a thread of its own, one reload at a time: SIGHUPs that come during a reload ask for one
     more, after it (the file may have changed again), not one each."""
 
-    def __init__(self, live: LiveStack) -> None:
-        self.live = live
+    def __init__(self, live: LiveStack, done: Callable[[], None] = lambda: None) -> None:
+        self.live, self.done = live, done
         self.wanted = threading.Event()
+        self.busy = False  # asked for, or building
         self.thread: threading.Thread | None = None
 
     def ask(self) -> None:
+        self.busy = True
         self.wanted.set()
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="wsgistack-reload", daemon=True)
@@ -410,7 +412,13 @@ class _Reloader:
         while True:
             self.wanted.wait()
             self.wanted.clear()
-            self.live.reload()
+            try:
+                self.live.reload()
+            except BaseException:  # (reload logs a failed build itself; this thread must live on)
+                log.exception("%sreload failed", self.live.label)
+            if not self.wanted.is_set():
+                self.busy = False
+            self.done()
 
 
 def _repeated_hup(reloaded: list[Any], live: LiveStack) -> bool:
@@ -505,6 +513,11 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     live.label = "supervisor: "
     for slot in range(len(slots)):
         spawn(slot)
+    def wake() -> None:  # after a reload: the workers waiting for it to end may start now
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"r")
+
+    reloader = _Reloader(live, wake)
     old_wakeup = signal.set_wakeup_fd(wake_w)
     for sig in (*HANDLED, signal.SIGCHLD):
         signal.signal(sig, note_signal)
@@ -523,7 +536,8 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     try:
         while children or (stopping_since is None and due):
             now = time.monotonic()
-            waits = [when - now for when in due.values()]
+            # (Workers wait for a reload in progress to end: its end wakes the loop, see wake().)
+            waits = [] if reloader.busy else [when - now for when in due.values()]
             if stopping_since is not None:
                 waits.append(stopping_since + grace - now)
             reload_options = live.current.config.server.reload
@@ -570,8 +584,8 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                     signals = [s for s in signals if s != signal.SIGHUP]  # the workers skip it too
                 else:
                     polled = True
-            if polled:
-                live.reload()  # workers started from now on get the new configuration
+            if polled:  # in a thread: a stop (or a worker to reap) must not wait for a slow build
+                reloader.ask()  # workers started once it is done get the new configuration
             if time.monotonic() - followed >= 1.0:
                 followed = time.monotonic()
                 live.follow_files()  # the supervisor writes no log line: let go of rotated files
@@ -595,7 +609,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                         os.kill(pid, forward)
             if stopping_since is None:
                 for slot, when in list(due.items()):
-                    if when <= time.monotonic():
+                    if when <= time.monotonic() and not reloader.busy:  # one started mid-reload would miss it
                         del due[slot]
                         spawn(slot)
             elif children and time.monotonic() > stopping_since + grace:

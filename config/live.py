@@ -323,7 +323,7 @@ class LiveStack:
                 self.current.context.settings["last_reload"] = self.last
                 log.error("%s%s", self.label, self.last.summary())
                 return self.last
-            except Exception as exc:  # a layer or the app failed to build
+            except (Exception, SystemExit) as exc:  # a layer or the app failed to build (sys.exit("…") too)
                 self.last = ReloadResult(False, self.generation, problems=[Problem(f"build failed: {exc}")])
                 self.current.context.settings["last_reload"] = self.last
                 log.exception("%sreload failed; the old pipeline keeps serving", self.label)

@@ -209,6 +209,16 @@ def app_failing_in_workers(options: dict[str, Any] | None = None) -> Any:
     return echo_app()
 
 
+def app_exiting_when_flagged(options: dict[str, Any]) -> Any:
+    """``echo_app``; while ``options["flag"]`` exists the factory calls ``sys.exit`` (a missing setting)."""
+    import sys
+    from pathlib import Path
+
+    if Path(options["flag"]).exists():
+        sys.exit("DATABASE_URL is not set")
+    return echo_app()
+
+
 def closing_app(options: dict[str, Any] | None = None) -> Any:
     """``echo_app`` with a ``close()`` that logs ("close", "app") in CLOSING_LOG."""
     app = echo_app(options)
