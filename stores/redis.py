@@ -21,6 +21,7 @@ not hash-tagged) or at a replica (writes fail: the start refuses one, and
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -100,6 +101,12 @@ for i = n + 2, #KEYS do
 end
 return stored
 """
+
+
+#: The options that keep redis-py from sending CLIENT SETINFO (twice) on every new connection:
+#: ``driver_info`` where it has one (lib_name and lib_version are deprecated there), else those two.
+_NO_SETINFO: dict[str, Any] = ({"driver_info": None} if importlib.util.find_spec("redis.driver_info")
+                               else {"lib_name": None, "lib_version": None})
 
 
 def _ms(ttl: float) -> int:
@@ -388,6 +395,10 @@ class RedisStore(Store):
             # Maintenance notifications cost a round trip on every new connection and
             # relax timeouts to 10 s during server maintenance: the budget is 250 ms.
             options.setdefault("maint_notifications_config", MaintNotificationsConfig(enabled=False))
+            # RESP2: no HELLO on every new connection.  Each handshake command waits up to socket_timeout
+            # on its own, so a new connection to a slow Redis took a multiple of it (0.8 s for 0.25 s).
+            options.setdefault("protocol", 2)
+            options.update({k: v for k, v in _NO_SETINFO.items() if k not in options})  # nor CLIENT SETINFO
             with _SHARED_LOCK:
                 shared = _SHARED.get(key)
                 if shared is None:

@@ -1087,3 +1087,20 @@ def test_keys_kept_apart_are_bounded_on_their_own() -> None:
     value, locked, mark = store.get_or_lock("c:e:9", "c:l:9", 5, "c:w:9", 60)  # a lookup's mark, apart too
     assert (value, locked, store.get("c:w:9")) == (None, True, mark)
     assert len(list(store.scan("c:e:"))) == 7  # the lock took an entry's room, the mark did not
+
+
+@pytest.mark.redis
+def test_a_new_connection_is_one_command_away(redis_url: str) -> None:
+    """No HELLO and no CLIENT SETINFO before the first command: against a slow Redis each handshake command
+    waits up to socket_timeout on its own (a new connection took 0.8 s for 0.25 s)."""
+    admin = redis.Redis.from_url(redis_url)
+    store = store_from_url(redis_url + "?socket_timeout=0.37")  # a pool of its own: a new connection
+    try:
+        admin.config_resetstat()
+        store.set("k", b"v", 5)
+        assert store.get("k") == b"v"
+        stats = admin.info("commandstats")
+        assert not [name for name in stats if "hello" in name or "setinfo" in name], stats
+    finally:
+        store.close()
+        admin.close()
