@@ -135,6 +135,37 @@ def _setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     access = logging.getLogger("wsgistack.access")  # already one JSON line per request: print it as is
     access.handlers[:] = [LineHandler(sys.stdout)]
     access.propagate = False
+    queue = logging.getLogger("waitress.queue")  # "Task queue depth is N": one line per queued request
+    if not any(isinstance(f, OncePer) for f in queue.filters):
+        queue.addFilter(OncePer(10.0))
+
+
+class OncePer(logging.Filter):
+    """Let one record through per ``seconds``; the next one says how many were held back.
+
+    Waitress warns "Task queue depth is N" for every request that has to wait for a thread:
+    when a store is slow, thousands of lines a second, which drown the lines that say why
+    (and a log pipe read slower than that stalls every thread).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.next = -math.inf
+        self.held = 0
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            if now < self.next:
+                self.held += 1
+                return False
+            self.next, held, self.held = now + self.seconds, self.held, 0
+        if held:
+            record.msg, record.args = f"{record.getMessage()} ({held} more such lines in the last " \
+                                      f"{self.seconds:g} s held back)", ()
+        return True
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -576,6 +576,30 @@ def test_serve_app_prints_the_access_log_when_the_host_configured_no_logging(con
 # ---------------------------------------------------------------- logging: in stack.yaml
 
 
+def test_waitress_queue_warnings_are_one_line_per_ten_seconds(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Waitress warns once per queued request; a slow store queues thousands a second."""
+    now = [1000.0]
+    monkeypatch.setattr(serve.time, "monotonic", lambda: now[0])
+    queue = logging.getLogger("waitress.queue")
+    once = serve.OncePer(10.0)
+    queue.addFilter(once)
+    try:
+        with caplog.at_level(logging.WARNING, logger="waitress.queue"):
+            for depth in range(1, 501):
+                queue.warning("Task queue depth is %d", depth)
+            now[0] += 10.0
+            queue.warning("Task queue depth is %d", 3)
+    finally:
+        queue.removeFilter(once)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Task queue depth is 1", "Task queue depth is 3 (499 more such lines in the last 10 s held back)"]
+    served = subprocess.run([sys.executable, "-c", "import logging, serve; serve._setup_logging(); "
+                             "print([type(f).__name__ for f in logging.getLogger('waitress.queue').filters])"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert served.stdout.strip() == "['OncePer']", served.stderr  # as serve.py sets up its logs
+
+
 def test_json_log_lines() -> None:
     record = logging.LogRecord("wsgistack.reload", logging.ERROR, __file__, 1, "two\nlines %s", ("here",), None)
     record.created, record.msecs, record.request_id = 1_700_000_000.25, 250, "abc"
