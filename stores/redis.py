@@ -181,6 +181,10 @@ REFUSED_FRESH = 10.0
 _TLS_FAILURE = re.compile(r"_ssl\.c:|\[ssl[:\]]|certificate verify failed|wrong version number|tlsv1 alert")
 
 
+#: Why a store is not ready while a script runs past Redis's busy-reply-threshold.
+BUSY = "busy running a script (BUSY): every command waits for it to end or be killed"
+
+
 def refusal(exc: BaseException) -> tuple[str, bool]:
     """What a failed call says, in a few words, and whether Redis refused the configuration.
 
@@ -203,6 +207,8 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
         return READ_ONLY, True
     if any(isinstance(e, redis.exceptions.OutOfMemoryError) for e in chain) or "when used memory >" in text:
         return OUT_OF_MEMORY, False
+    if text.startswith("busy"):
+        return BUSY, False
     if any(isinstance(e, ssl.SSLError) for e in chain) or _TLS_FAILURE.search(text):
         return "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)", True
     if any(isinstance(e, redis.TimeoutError | TimeoutError) for e in chain):
@@ -447,6 +453,10 @@ class RedisStore(Store):
             except redis.ResponseError as exc:
                 if "WRONGTYPE" in str(exc):  # a foreign value, no failure (in a script: Redis < 7 wraps it in ERR)
                     raise StoreWrongType(self._say(what, self._detail(exc))) from exc
+                if str(exc).startswith("BUSY"):  # a script runs past busy-reply-threshold: nothing is served
+                    self._failure = BUSY
+                    detail = self._detail(exc)
+                    raise StoreUnavailable(self._say(what, detail), detail) from exc
                 self._failure = refusal(exc)[0]
                 if self._failure in _WRITES_REFUSED:  # also when a script's write was refused
                     self._refused = (time.monotonic(), self._failure)
@@ -602,8 +612,15 @@ class RedisStore(Store):
         return deleted
 
     def ping(self) -> bool:
+        """Whether Redis takes a write now: a ``SET`` of the store's own key ``{key_prefix}ping``.
+
+        A ``PING`` is answered during a write pause (``CLIENT PAUSE … WRITE``, a failover), by a
+        replica and by a Redis out of memory, while every write the layers make waits or fails;
+        a readiness probe that closed the breaker on it said ready when nothing worked.
+        """
         try:
-            answered = bool(self.call("PING", self.client.ping))  # a failure records why (call)
+            set_ping = partial(self.client.set, self.key_prefix + "ping", b"1", px=60_000)
+            answered = bool(self.call("SET (readiness)", set_ping))  # a failure records why (call)
         except Exception:
             return False
         self._failure = None

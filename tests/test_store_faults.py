@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
-from stores import StoreError
+from stores import StoreError, store_from_url
 from stores.breaker import CircuitBreaker, CircuitOpenError, StoreUnavailable
 from stores.redis import RedisStore
 
@@ -372,4 +373,55 @@ def test_pooled_connections_survive_a_restart(down_redis: Any) -> None:
         assert store.get("k") is None
         assert store.breaker.state == "closed"
     finally:
+        store.close()
+
+
+@pytest.mark.redis
+def test_readiness_is_a_write_so_a_write_pause_is_not_ready(redis_url: str) -> None:
+    """CLIENT PAUSE … WRITE (what a failover does): PING is answered, every write waits: not ready."""
+    admin = redis.Redis.from_url(redis_url)
+    store = store_from_url(redis_url + "?socket_timeout=0.2")
+    try:
+        assert store.ping() is True
+        admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+        assert admin.ping() is True  # Redis answers a PING all the same
+        assert store.ping() is False
+        assert store.health()["ok"] is False
+        admin.execute_command("CLIENT", "UNPAUSE")
+        deadline = time.monotonic() + 5
+        while not store.ping():  # the breaker's next probe closes it
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+        store.close()
+
+
+@pytest.mark.redis
+def test_a_script_that_keeps_redis_busy_is_an_outage(redis_url: str) -> None:
+    """A script past busy-reply-threshold: every other command gets BUSY. That is not an answer: the store
+    fails as when Redis is down (the breaker counts it) and /readyz says why."""
+    admin = redis.Redis.from_url(redis_url)
+    busy = redis.Redis.from_url(redis_url)
+    store = store_from_url(redis_url)
+    spin = ("local t = redis.call('TIME') "
+            "while true do local n = redis.call('TIME') "
+            "if (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 1500000 then break end end return 1")
+    threshold = admin.config_get("busy-reply-threshold")["busy-reply-threshold"]
+    admin.config_set("busy-reply-threshold", 100)
+    runner = threading.Thread(target=lambda: busy.eval(spin, 0))
+    try:
+        runner.start()
+        time.sleep(0.4)
+        with pytest.raises(StoreUnavailable):
+            store.get("k")
+        facts = store.health()
+        assert (facts["ok"], facts["error"]) == (False, "busy running a script (BUSY): every command waits for it "
+                                                        "to end or be killed")
+    finally:
+        runner.join(10)
+        admin.config_set("busy-reply-threshold", threshold)
+        for client in (admin, busy):
+            client.close()
         store.close()
