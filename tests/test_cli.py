@@ -582,7 +582,7 @@ def test_waitress_queue_warnings_are_one_line_per_ten_seconds(monkeypatch: pytes
     now = [1000.0]
     monkeypatch.setattr(serve.time, "monotonic", lambda: now[0])
     queue = logging.getLogger("waitress.queue")
-    once = serve.OncePer(10.0)
+    once = serve.QueueDepthLines(10.0)
     queue.addFilter(once)
     try:
         with caplog.at_level(logging.WARNING, logger="waitress.queue"):
@@ -597,7 +597,7 @@ def test_waitress_queue_warnings_are_one_line_per_ten_seconds(monkeypatch: pytes
     served = subprocess.run([sys.executable, "-c", "import logging, serve; serve._setup_logging(); "
                              "print([type(f).__name__ for f in logging.getLogger('waitress.queue').filters])"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert served.stdout.strip() == "['OncePer']", served.stderr  # as serve.py sets up its logs
+    assert served.stdout.strip() == "['QueueDepthLines']", served.stderr  # as serve.py sets up its logs
 
 
 def test_json_log_lines() -> None:
