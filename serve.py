@@ -437,11 +437,13 @@ class _Reloader:
         self.live, self.done = live, done
         self.wanted = threading.Event()
         self.busy = False  # asked for, or building
+        self.lock = threading.Lock()  # busy and wanted change together
         self.thread: threading.Thread | None = None
 
     def ask(self) -> None:
-        self.busy = True
-        self.wanted.set()
+        with self.lock:
+            self.busy = True
+            self.wanted.set()
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="wsgistack-reload", daemon=True)
             self.thread.start()
@@ -454,8 +456,9 @@ class _Reloader:
                 self.live.reload()
             except BaseException:  # (reload logs a failed build itself; this thread must live on)
                 log.exception("%sreload failed", self.live.label)
-            if not self.wanted.is_set():
-                self.busy = False
+            with self.lock:  # (not busy only if nobody asked again meanwhile)
+                if not self.wanted.is_set():
+                    self.busy = False
             self.done()
 
 
