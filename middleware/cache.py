@@ -34,7 +34,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
@@ -277,6 +277,26 @@ class _Fill:
             layer._drop_lock(self.lock_key)
 
 
+class _AfterClose:
+    """The app's answer, with ``then()`` called once the server closed it (after the app's own ``close``)."""
+
+    __slots__ = ("result", "then")
+
+    def __init__(self, result: Iterable[bytes], then: Callable[[], object]) -> None:
+        self.result, self.then = result, then
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.then()
+
+
 class _Asks:
     """A request's Cache-Control on a stored response (RFC 9111 §5.2.1).
 
@@ -438,7 +458,7 @@ class CacheMiddleware:
         if method != "GET" and method != "HEAD":
             if method in _SAFE:
                 return self.app(environ, start_response)
-            return self.app(environ, self._invalidating(environ, start_response))
+            return self._write(environ, start_response)
         subject, reason = self._who(environ)
         if reason is not None:
             self._give_back(environ)
@@ -467,7 +487,10 @@ class CacheMiddleware:
             if locked and lock_key is not None:
                 self._drop_lock(lock_key)
             raise _only_if_cached()
-        stale = entry if entry is not None and entry["x"] > now else None
+        # The stored answer stands in for a failing app only with stale_if_error on, and not for a
+        # request that said no-cache (RFC 9111 §4.2.4: the client asked for no stored response).
+        stale = entry if entry is not None and entry["x"] > now and self.options.stale_if_error and not (
+            asks is not None and asks.max_age == -1) else None
         if method == "HEAD":  # no body to store: ask the app, keep nothing (a stale entry answers its failure)
             return self._ask(environ, start_response, _Fill(self, environ, base, subject, None, None, stale,
                                                             keep=False), "HEAD")
@@ -509,7 +532,7 @@ class CacheMiddleware:
             return None, ("credentials without identity" if private else None)
         return _subject_key(identity), None
 
-    def _base_key(self, environ: WSGIEnvironment, subject: str | None) -> str:
+    def _base_key(self, environ: WSGIEnvironment, subject: str | None, writing: bool = False) -> str:
         path = decoded_path(environ)
         qs: str = environ.get("QUERY_STRING", "")
         if not qs:
@@ -523,7 +546,7 @@ class CacheMiddleware:
                            key=itemgetter(0))
         # A flat list has fixed positions, so its repr is unambiguous and cheap to hash.
         parts = ["GET", environ.get("wsgi.url_scheme"), environ.get("SCRIPT_NAME", ""), path,
-                 environ.get(API_VERSION), subject, *[environ.get(n) for n in self.key_environ]]
+                 environ.get(API_VERSION), subject, *[_key_value(environ, n, writing) for n in self.key_environ]]
         for pair in query:
             parts += pair
         return f"{self.prefix}e:{path}#{_digest(parts)}"
@@ -618,7 +641,7 @@ class CacheMiddleware:
             if isinstance(answer, tuple) and answer[1]:
                 self._drop_lock(self._lock_key(name[2]))
 
-    def _invalidating(self, environ: WSGIEnvironment, start_response: StartResponse) -> StartResponse:
+    def _write(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
 
         The entry anonymous requests get and, with ``per_user``, the writer's own;
@@ -627,34 +650,48 @@ class CacheMiddleware:
         new random value (for :attr:`mark_life` seconds), and a fill whose lookup
         found another value there stores nothing (``Store.write_unless_marked``).
         The marks and the deletes are one step, in one round trip.
+
+        Twice: when the app starts its answer, and again once its answer is closed.
+        An app may commit after ``start_response`` (Flask's ``teardown_request``, a
+        transaction that ends in ``close()``): a GET that looked up in between found the
+        first mark, read the old data, and would store it for the whole ``ttl``; the
+        second mark keeps it out.
         """
+        keys: list[str] = []
+
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
-            if status[:1] in "23":
+            if status[:1] in "23" and not keys:
                 identity = environ.get(IDENTITY)
-                keys = [self._base_key(environ, None)]
+                # The write's own key headers, bar a method override (a POST that says it is a PUT
+                # drops the entries GETs of the URI made without one).
+                keys.append(self._base_key(environ, None, writing=True))
                 if self.options.per_user and identity is not None:
-                    keys.append(self._base_key(environ, _subject_key(identity)))
-                # A value no lookup can have found before: a fill that looked up before this write
-                # found the old one (or none), and its save stores nothing.
-                written = secrets.token_hex(8).encode()
-                marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
-                # One step (MULTI/EXEC on Redis): no lookup finds the new mark beside an entry or a
-                # Vary index the write drops. A Vary index goes too: its variants are then never read.
-                try:
-                    self.store.write(marks, keys)
-                except StoreError as exc:
-                    self._store_error(exc)
-                    # Redis out of memory (noeviction) refuses the marks' SETs and with them the whole
-                    # transaction (a DEL in MULTI too); a DEL alone it takes.  The marks go first: a fill
-                    # that looked up before this write then finds none at its save (which never matches)
-                    # and stores nothing, even once memory frees up; then the entries.
-                    with contextlib.suppress(StoreError):
-                        for key in [mark for mark, _, _ in marks] + keys:
-                            self.store.delete(key)
+                    keys.append(self._base_key(environ, _subject_key(identity), writing=True))
+                self._invalidate(keys)
                 note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
             return start_response(status, headers, exc_info)
 
-        return wrapped
+        return _AfterClose(self.app(environ, wrapped), lambda: self._invalidate(keys) if keys else None)
+
+    def _invalidate(self, keys: list[str]) -> None:
+        """Mark ``keys`` with a new value and delete them, in one step (see :meth:`_write`)."""
+        # A value no lookup can have found before: a fill that looked up before this write
+        # found the old one (or none), and its save stores nothing.
+        written = secrets.token_hex(8).encode()
+        marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
+        # One step (MULTI/EXEC on Redis): no lookup finds the new mark beside an entry or a
+        # Vary index the write drops. A Vary index goes too: its variants are then never read.
+        try:
+            self.store.write(marks, keys)
+        except StoreError as exc:
+            self._store_error(exc)
+            # Redis out of memory (noeviction) refuses the marks' SETs and with them the whole
+            # transaction (a DEL in MULTI too); a DEL alone it takes.  The marks go first: a fill
+            # that looked up before this write then finds none at its save (which never matches)
+            # and stores nothing, even once memory frees up; then the entries.
+            with contextlib.suppress(StoreError):
+                for key in [mark for mark, _, _ in marks] + keys:
+                    self.store.delete(key)
 
     # -- answers ----------------------------------------------------------------------
     @staticmethod
@@ -975,6 +1012,27 @@ class CacheMiddleware:
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-store")])
         return [body]
+
+
+def _key_value(environ: WSGIEnvironment, name: str, writing: bool) -> str | None:
+    """A key header's part of the key: ``Forwarded`` by its ``proto`` and ``host`` alone (its ``for``
+    names each client: keyed on it, every client had an entry of its own, which another's write left
+    in place); a method override not for a write (it is the write's method, not part of the URI)."""
+    value: str | None = environ.get(name)
+    if value is None:
+        return None
+    if name == "HTTP_FORWARDED":
+        kept = []
+        for element in value.split(","):
+            for pair in element.split(";"):
+                key, _, found = pair.strip().partition("=")
+                name_of = key.strip().lower()
+                if name_of in ("proto", "host"):
+                    kept.append(name_of + "=" + found.strip().strip('"').lower())
+        return ";".join(kept)
+    if writing and name == "HTTP_X_HTTP_METHOD_OVERRIDE":
+        return None
+    return value
 
 
 def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:

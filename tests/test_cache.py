@@ -1627,3 +1627,78 @@ def test_counts_of_wrong_passwords_filling_the_store_leave_the_cache_room(origin
     assert "store.error" not in stack.names()
     assert len(store) <= 100
     assert len(list(store.scan("login-failures:"))) >= 50  # the cache took room from them down to half
+
+
+class Closing:
+    """An answer whose close() runs ``then`` (a transaction that commits when the response is closed)."""
+
+    def __init__(self, body: bytes, then: Callable[[], None]) -> None:
+        self.body, self.then = body, then
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.body
+
+    def close(self) -> None:
+        self.then()
+
+
+def test_a_write_that_commits_after_its_answer_started_leaves_nothing_stale(store: Store, clock: Clock) -> None:
+    """Flask's teardown_request, a transaction ending in close(): a GET that looks up between the write's
+    start_response and its commit reads the old data; the write's second mark, once closed, keeps it out."""
+    data = {"v": 0}
+    during: list[Any] = []
+    stack: Stack
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        body = json.dumps({"v": data["v"]}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        if environ["REQUEST_METHOD"] == "GET":
+            return [body]
+
+        def commit() -> None:
+            during.append(TestApp(stack.wsgi).get("/api/v1/search?q=x"))  # between start_response and commit
+            data["v"] = 1
+
+        return Closing(body, commit)
+
+    stack = Stack(store, app)  # type: ignore[arg-type]
+    assert stack.get().headers["X-Cache"] == "MISS"
+    stack.web.post("/api/v1/search?q=x")
+    assert (during[0].headers["X-Cache"], during[0].json) == ("MISS", {"v": 0})
+    after = stack.get()
+    assert (after.headers["X-Cache"], after.json) == ("MISS", {"v": 1})
+    assert stack.get().json == {"v": 1}
+
+
+@pytest.mark.parametrize(("reader", "writer"), [
+    pytest.param({"Forwarded": "for=198.51.100.1;proto=https"}, {"Forwarded": "for=203.0.113.9;proto=https"},
+                 id="clients named in Forwarded: one entry for both, and a write reaches it"),
+    pytest.param({}, {"X-HTTP-Method-Override": "PUT"}, id="a write that overrides its method"),
+])
+def test_a_write_reaches_the_entry_other_clients_get(make: Callable[..., Stack], origin: Origin,
+                                                     reader: dict[str, str], writer: dict[str, str]) -> None:
+    stack = make()
+    assert [stack.get(headers=reader).headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    if "Forwarded" in writer:  # another client behind the same proxy: the same entry
+        assert stack.get(headers=writer).headers["X-Cache"] == "HIT"
+    stack.web.post("/api/v1/search?q=x", headers=writer)
+    assert stack.get(headers=reader).headers["X-Cache"] == "MISS"
+
+
+def test_forwarded_keys_on_its_scheme_and_host() -> None:
+    environ = {"HTTP_FORWARDED": 'for=198.51.100.1;Proto=HTTPS;host="Example.org", for=10.0.0.1;proto=http'}
+    assert cache_module._key_value(environ, "HTTP_FORWARDED", False) == "proto=https;host=example.org;proto=http"
+
+
+@pytest.mark.parametrize(("options", "request_headers"), [
+    pytest.param({}, {"Cache-Control": "no-cache"}, id="stale_if_error off"),
+    pytest.param({"stale_if_error": 600}, {"Cache-Control": "no-cache"}, id="the request said no-cache"),
+])
+def test_no_stale_answer_for_a_failing_app_unless_asked_for(make: Callable[..., Stack], origin: Origin,
+                                                            options: dict[str, Any],
+                                                            request_headers: dict[str, str]) -> None:
+    stack = make(**options)
+    assert stack.get().headers["X-Cache"] == "MISS"
+    origin.status = "500 Internal Server Error"
+    failed = stack.get(headers=request_headers, status=500)
+    assert "X-Cache" not in failed.headers or failed.headers["X-Cache"] == "MISS"
