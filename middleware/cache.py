@@ -440,6 +440,10 @@ class CacheMiddleware:
             keep_apart(f"{self.prefix}w:")
         self.statuses = frozenset(str(s) for s in options.statuses)
         self.key_environ = tuple(_environ_name(h) for h in options.key_headers)
+        # Key headers read otherwise: Forwarded by its proto and host; a write's method override not at all.
+        self._forwarded = self.key_environ.index("HTTP_FORWARDED") if "HTTP_FORWARDED" in self.key_environ else -1
+        self._override = self.key_environ.index("HTTP_X_HTTP_METHOD_OVERRIDE") \
+            if "HTTP_X_HTTP_METHOD_OVERRIDE" in self.key_environ else -1
         self.cookie_names = options.cookie_names
         self.purge_path = options.purge_path
         self.purge_roles = frozenset(options.purge_roles)
@@ -545,8 +549,13 @@ class CacheMiddleware:
             query = sorted([(n, v) for n, _, v in (f.partition("=") for f in qs.split("&") if f)],
                            key=itemgetter(0))
         # A flat list has fixed positions, so its repr is unambiguous and cheap to hash.
+        headers: list[str | None] = [environ.get(n) for n in self.key_environ]
+        if self._forwarded >= 0 and (forwarded := headers[self._forwarded]) is not None:
+            headers[self._forwarded] = _forwarded_key(forwarded)
+        if writing and self._override >= 0:
+            headers[self._override] = None
         parts = ["GET", environ.get("wsgi.url_scheme"), environ.get("SCRIPT_NAME", ""), path,
-                 environ.get(API_VERSION), subject, *[_key_value(environ, n, writing) for n in self.key_environ]]
+                 environ.get(API_VERSION), subject, *headers]
         for pair in query:
             parts += pair
         return f"{self.prefix}e:{path}#{_digest(parts)}"
@@ -1014,25 +1023,17 @@ class CacheMiddleware:
         return [body]
 
 
-def _key_value(environ: WSGIEnvironment, name: str, writing: bool) -> str | None:
-    """A key header's part of the key: ``Forwarded`` by its ``proto`` and ``host`` alone (its ``for``
-    names each client: keyed on it, every client had an entry of its own, which another's write left
-    in place); a method override not for a write (it is the write's method, not part of the URI)."""
-    value: str | None = environ.get(name)
-    if value is None:
-        return None
-    if name == "HTTP_FORWARDED":
-        kept = []
-        for element in value.split(","):
-            for pair in element.split(";"):
-                key, _, found = pair.strip().partition("=")
-                name_of = key.strip().lower()
-                if name_of in ("proto", "host"):
-                    kept.append(name_of + "=" + found.strip().strip('"').lower())
-        return ";".join(kept)
-    if writing and name == "HTTP_X_HTTP_METHOD_OVERRIDE":
-        return None
-    return value
+def _forwarded_key(value: str) -> str:
+    """``Forwarded``'s part of the key: its ``proto`` and ``host`` parameters alone (its ``for`` names each
+    client: keyed on it, every client had an entry of its own, which another's write left in place)."""
+    kept = []
+    for element in value.split(","):
+        for pair in element.split(";"):
+            key, _, found = pair.partition("=")
+            name = key.strip().lower()
+            if name in ("proto", "host"):
+                kept.append(name + "=" + found.strip().strip('"').lower())
+    return ";".join(kept)
 
 
 def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:

@@ -1686,8 +1686,8 @@ def test_a_write_reaches_the_entry_other_clients_get(make: Callable[..., Stack],
 
 
 def test_forwarded_keys_on_its_scheme_and_host() -> None:
-    environ = {"HTTP_FORWARDED": 'for=198.51.100.1;Proto=HTTPS;host="Example.org", for=10.0.0.1;proto=http'}
-    assert cache_module._key_value(environ, "HTTP_FORWARDED", False) == "proto=https;host=example.org;proto=http"
+    value = 'for=198.51.100.1;Proto=HTTPS;host="Example.org", for=10.0.0.1;proto=http'
+    assert cache_module._forwarded_key(value) == "proto=https;host=example.org;proto=http"
 
 
 @pytest.mark.parametrize(("options", "request_headers"), [
