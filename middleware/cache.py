@@ -289,12 +289,17 @@ class _AfterClose:
         return iter(self.result)
 
     def close(self) -> None:
-        try:
-            close = getattr(self.result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.then()
+        _close_then(self.result, self.then)
+
+
+def _close_then(result: Iterable[bytes], then: Callable[[], object]) -> None:
+    """Close ``result`` (when it can be closed), then call ``then``, whatever closing raised."""
+    try:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    finally:
+        then()
 
 
 class _Asks:
@@ -365,12 +370,7 @@ class _Tee:
             self.fill.finish(b"".join(kept))
 
     def close(self) -> None:
-        try:
-            close = getattr(self.result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.fill.release()
+        _close_then(self.result, self.fill.release)
 
 
 def _time(value: object) -> bool:
