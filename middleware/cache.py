@@ -44,7 +44,7 @@ from werkzeug.datastructures import RequestCacheControl
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.http import parse_cache_control_header, parse_date, parse_etags, parse_list_header, unquote_etag
 
-from stores.base import Store, StoreError, StoreWrongType
+from stores.base import Store, StoreError, StoreWrongType, new_mark
 
 from .base import (
     API_VERSION,
@@ -563,7 +563,7 @@ class CacheMiddleware:
     def _ahead(self, environ: WSGIEnvironment) -> ReadKey | None:
         """The read-or-lock :meth:`_lookup` will make for this GET (see ``ReadAhead``), if any.
 
-        ``(entry, lock_timeout, lock, write mark)``: the mark is read in the same step.
+        ``(entry, lock_timeout, lock, write mark, its lifetime)``: the mark is read (or set) in the same step.
         """
         method = environ.get("REQUEST_METHOD")
         if method != "GET" or (
@@ -686,7 +686,7 @@ class CacheMiddleware:
         """Mark ``keys`` with a new value and delete them, in one step (see :meth:`_write`)."""
         # A value no lookup can have found before: a fill that looked up before this write
         # found the old one (or none), and its save stores nothing.
-        written = secrets.token_hex(8).encode()
+        written = new_mark()
         marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
         # One step (MULTI/EXEC on Redis): no lookup finds the new mark beside an entry or a
         # Vary index the write drops. A Vary index goes too: its variants are then never read.

@@ -189,11 +189,7 @@ class MemoryStore(Store):
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
-            item = self._live(key, _monotonic())
-        if item is None:
-            return None
-        value = item[0]
-        return str(value).encode() if isinstance(value, int) else value
+            return self._value(key, _monotonic())
 
     def getex(self, key: str, ttl: float) -> bytes | None:
         now = _monotonic()
@@ -260,10 +256,14 @@ class MemoryStore(Store):
             _check_value(value)
         now = _monotonic()
         with self._lock:  # one step: a reader sees all of it or none of it (the cache's marks and deletes)
-            for key, value, ttl in sets:
-                self._put(key, bytes(value), self._deadline(ttl, now))
-            for key in deletes:
-                self._drop(self._table(key), key)
+            self._write(sets, deletes, now)
+
+    def _write(self, sets: Sequence[tuple[str, bytes, float | None]], deletes: Sequence[str], now: float) -> None:
+        """Apply ``sets``, then ``deletes`` (the caller holds the lock)."""
+        for key, value, ttl in sets:
+            self._put(key, bytes(value), self._deadline(ttl, now))
+        for key in deletes:
+            self._drop(self._table(key), key)
 
     def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
                             deletes: Sequence[str] = ()) -> bool:
@@ -273,10 +273,7 @@ class MemoryStore(Store):
         with self._lock:
             if seen is None or self._value(mark, now) != seen:
                 sets = ()
-            for key, value, ttl in sets:
-                self._put(key, bytes(value), self._deadline(ttl, now))
-            for key in deletes:
-                self._drop(self._table(key), key)
+            self._write(sets, deletes, now)
         return bool(sets)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:

@@ -80,19 +80,15 @@ return {0, 0, mark}
 """
 
 
-# write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1] '1': the value ARGV[2];
-# '0': the reader found none, which never matches), then the deletes in any case.
-# KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen or not, seen, n, then a value
-# and its PX per set.
+# write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1]), then the deletes in
+# any case.  KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen, n, then a value and
+# its PX per set.
 _WRITE_UNLESS_MARKED = """
-local mark = redis.call('GET', KEYS[1])
-local n = tonumber(ARGV[3])
+local n = tonumber(ARGV[2])
 local stored = 0
-local same
-if ARGV[1] == '1' then same = mark == ARGV[2] else same = false end
-if same then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   for i = 1, n do
-    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 2], 'PX', ARGV[2 * i + 3])
+    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
   end
   stored = 1
 end
@@ -546,9 +542,12 @@ class RedisStore(Store):
                             deletes: Sequence[str] = ()) -> bool:
         for _, value, _ in sets:
             _check_value(value)
+        if seen is None:  # never matches: the deletes alone
+            self.write((), deletes)
+            return False
         p = self.key_prefix
         keys = [p + mark, *(p + key for key, _, _ in sets), *(p + key for key in deletes)]
-        args: list[Any] = ["0" if seen is None else "1", b"" if seen is None else seen, len(sets)]
+        args: list[Any] = [seen, len(sets)]
         for _, value, ttl in sets:
             args += [value, _ms(ttl)]
         return bool(self.call("write unless marked", partial(self._write_unless, keys=keys, args=args)))
