@@ -389,12 +389,12 @@ class Context:
         request; any other listener is called as by :meth:`emit`, with a fields dict of its
         own each time.  Listeners added, removed or replaced later are bound at the next call.
         """
-        made: list[Any] = [(), ()]  # the listeners bound, and their calls
+        made: list[Any] = [[], ()]  # a copy of the listeners bound, and their calls
 
         def fire() -> None:
-            listeners = tuple(self.listeners)
-            if listeners != made[0]:
-                made[:] = [listeners, tuple(_bind(listener, event, fields) for listener in listeners)]
+            listeners = self.listeners
+            if listeners != made[0]:  # (compared item by item, by identity first: no copy per call)
+                made[:] = [list(listeners), tuple(_bind(listener, event, fields) for listener in listeners)]
             for call in made[1]:
                 call()
 
