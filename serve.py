@@ -37,11 +37,13 @@ import inspect
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import select
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -273,6 +275,8 @@ GIVE_UP = 5
 DRAIN_ENV = "WSGISTACK_DRAIN_SECONDS"
 #: How often the serving loop looks up from the sockets to see whether it should stop.
 _TICK = 0.2
+#: A worker's heartbeat in the supervisor's shared page: the ``time.monotonic()`` of its loop's last pass.
+_BEAT = struct.Struct("d")
 
 
 def _drain_seconds(live: LiveStack) -> float:
@@ -358,7 +362,8 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
     return drained
 
 
-def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | None = None) -> int:
+def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | None = None,
+                  beat: Callable[[], None] = lambda: None) -> int:
     """Serve ``live`` on pre-bound sockets until SIGTERM/SIGINT; SIGHUP reloads; return the exit code.
 
     The first SIGTERM/SIGINT stops accepting and drains requests in flight; a
@@ -366,8 +371,9 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     worker whose supervisor is gone stops by itself instead of living on as an
     orphan, and a worker ignores a second signal (systemd and a terminal signal
     the whole process group, and the supervisor passes the signal on as well);
-    the supervisor decides when a worker must hurry.  The exit code is 0 when
-    every request in flight was answered, else 1.
+    the supervisor decides when a worker must hurry.  ``beat()`` runs on every
+    pass of the serving loop (a worker's heartbeat, see :func:`_supervise`).
+    The exit code is 0 when every request in flight was answered, else 1.
     """
     from waitress.server import create_server
 
@@ -387,6 +393,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         arrived.append(signum)
 
     def act() -> None:
+        beat()
         while arrived:
             signum = arrived.pop(0)
             if signum == signal.SIGHUP:
@@ -510,6 +517,12 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     A worker that dies within a second of starting is restarted after a growing pause (up to 5 s);
     when every slot's worker did so GIVE_UP times in a row, the supervisor stops with exit code 3,
     so that the service manager sees the failure (and restarts, or alerts).
+
+    Each worker's serving loop stamps the time of its last pass in a page the
+    processes share (every ``_TICK`` when idle); a worker whose stamp is older than
+    ``server.worker_timeout`` seconds (stopped with SIGSTOP, or stuck holding the
+    interpreter) is killed and, as any worker that dies, started again.  Only the loop
+    is watched: request threads stuck in the app while the loop runs are not.
     """
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
     due: dict[int, float] = {}  # slot -> when to start it again
@@ -517,11 +530,14 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     failed: dict[int, int] = dict.fromkeys(range(len(slots)), 0)  # slot -> its workers' failed starts in a row
     pending: list[int] = []
     supervisor = os.getpid()
+    beats = mmap.mmap(-1, _BEAT.size * len(slots))  # shared with the workers: slot -> its worker's last pass
+    hung: set[int] = set()  # workers killed for want of a heartbeat, until reaped
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
 
     def spawn(slot: int) -> None:
+        _BEAT.pack_into(beats, _BEAT.size * slot, time.monotonic())  # its start counts as its first beat
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             pid = os.fork()
@@ -537,7 +553,9 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                         signal.signal(sig, signal.SIG_DFL)
                     _stop_with_parent(supervisor)
                     live.after_fork(f"worker {os.getpid()}: ")
-                    code = _run_waitress(live, slots[slot], parent=supervisor)
+                    offset = _BEAT.size * slot
+                    code = _run_waitress(live, slots[slot], parent=supervisor,
+                                         beat=lambda: _BEAT.pack_into(beats, offset, time.monotonic()))
                 except BaseException:
                     log.exception("worker %d failed", os.getpid())
                     code = 1
@@ -584,6 +602,9 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             reload_options = live.current.config.server.reload
             if reload_options.watch:
                 waits.append(reload_options.interval)
+            timeout = live.current.config.server.worker_timeout
+            if timeout and stopping_since is None:
+                waits.append(min(1.0, timeout / 4))  # the heartbeats are looked at this often
             select.select([wake_r], [], [], max(0.0, min(waits, default=5.0)))
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake_r, 512):
@@ -596,6 +617,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                 if pid == 0:
                     break
                 slot, started = children.pop(pid, (-1, 0.0))
+                hung.discard(pid)
                 if stopping_since is not None and status != 0:
                     incomplete = True  # it could not answer everything it held
                 if slot < 0 or stopping_since is not None:
@@ -613,6 +635,17 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                             lived, pause[slot])
             if gave_up:
                 break
+            if timeout and stopping_since is None:
+                now = time.monotonic()
+                for pid, (slot, _) in children.items():
+                    silent = now - _BEAT.unpack_from(beats, _BEAT.size * slot)[0]
+                    if silent > timeout and pid not in hung:
+                        log.error("worker %d has not run its serving loop for %.1f s (stopped, or stuck "
+                                  "holding the interpreter): killing it (server.worker_timeout %g s)",
+                                  pid, silent, timeout)
+                        hung.add(pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
             signals = []
             while pending:  # one pop at a time: a handler may append between two bytecodes
                 signals.append(pending.pop(0))
@@ -664,6 +697,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
         signal.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
         os.close(wake_w)
+        beats.close()
     live.current.close()
     return 3 if gave_up else 1 if incomplete else 0
 

@@ -166,7 +166,18 @@ class ServerOptions(Strict):
     #: Seconds a stopping server (SIGTERM, SIGINT) gives requests in flight before closing them;
     #: ``$WSGISTACK_DRAIN_SECONDS`` overrides it.
     drain_timeout: float = Field(default=10.0, ge=0, le=3600)
+    #: With workers: seconds a worker's serving loop may go without a pass before the supervisor
+    #: kills it (and starts another); 0 turns the watch off.
+    worker_timeout: float = Field(default=30.0, ge=0, le=3600)
     reload: ReloadOptions = Field(default_factory=ReloadOptions)
+
+    @field_validator("worker_timeout")
+    @classmethod
+    def _off_or_a_second(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("must be 0 (off) or at least 1 second: the serving loop passes every 0.2 s when idle, "
+                             "and a busy one may take longer")
+        return value
 
     @field_validator("ident")
     @classmethod

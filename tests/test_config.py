@@ -47,6 +47,12 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="negative drain timeout",
         ),
         pytest.param(
+            ECHO + "server:\n  worker_timeout: 0.5\n",
+            "stack.yaml:3:19 server.worker_timeout: must be 0 (off) or at least 1 second: the serving loop passes "
+            "every 0.2 s when idle, and a busy one may take longer (got 0.5)",
+            id="worker timeout under a second",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - errors: {format: html}\n",
             "stack.yaml:3:22 pipeline[0].errors.format: Input should be 'envelope' or 'problem' (got 'html')",
             id="layer option literal",

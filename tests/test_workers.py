@@ -172,13 +172,14 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.02)
 
 
-def config_text(port: int, greeting: str = "one", factory: str = "stack_support:echo_app") -> str:
+def config_text(port: int, greeting: str = "one", factory: str = "stack_support:echo_app", server: str = "") -> str:
     return f"""
 server:
   listen: 127.0.0.1:{port}
   workers: 2
   threads: 4
   generation_header: true
+  {server}
 app:
   factory: "{factory}"
   options: {{greeting: {greeting}}}
@@ -390,6 +391,43 @@ def test_a_killed_worker_is_replaced_while_requests_keep_succeeding(
     assert "was killed by signal 9" in server.output()
     seen = sample(port, children(server.pid))
     assert set(seen) == children(server.pid)
+
+
+@pytest.mark.parametrize("timeout", [1, 0], ids=["watched", "watch off"])
+def test_a_stopped_worker_is_killed_and_replaced_after_worker_timeout(tmp_path: Path, timeout: int) -> None:
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port, server=f"worker_timeout: {timeout}"))
+    server = ServeProcess(path).start()
+    victim = 0
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        time.sleep(1.5)  # idle workers beat on: none is taken for hung meanwhile
+        before = children(server.pid)
+        assert len(before) == 2 and "serving loop" not in server.output()
+        victim = min(before)
+        os.kill(victim, signal.SIGSTOP)  # hung: its loop makes no pass, the kernel still queues it connections
+        stopped_at = time.monotonic()
+        if timeout:
+            wait_until(replaced(server.pid, victim), timeout=5, what="a new worker")
+            assert time.monotonic() - stopped_at >= timeout
+            assert not alive(victim)
+            assert re.search(rf"worker {victim} has not run its serving loop for [\d.]+ s \(stopped, or stuck "
+                             r"holding the interpreter\): killing it \(server.worker_timeout 1 s\)", server.output())
+            assert f"worker {victim} was killed by signal 9" in server.output()
+            seen = sample(port, children(server.pid))
+            assert set(seen) == children(server.pid)  # the replacement serves, as its sibling does
+        else:
+            time.sleep(2.5)
+            assert children(server.pid) == before and alive(victim)
+            assert "serving loop" not in server.output()
+            os.kill(victim, signal.SIGCONT)
+    finally:
+        if victim:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        server.stop()
 
 
 def test_sighup_reloads_every_worker_and_the_ones_started_later(
