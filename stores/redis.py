@@ -179,6 +179,9 @@ _TLS_FAILURE = re.compile(r"_ssl\.c:|\[ssl[:\]]|certificate verify failed|wrong 
 
 #: Why a store is not ready while a script runs past Redis's busy-reply-threshold.
 BUSY = "busy running a script (BUSY): every command waits for it to end or be killed"
+#: Redis's BUSY reply, alone or as redis-py words it for a pipeline or a transaction
+#: ("Command # 1 (SET ...) of pipeline caused error: BUSY ...").
+_BUSY = re.compile(r"(?:^|error: )BUSY ", re.IGNORECASE)
 
 
 def refusal(exc: BaseException) -> tuple[str, bool]:
@@ -203,7 +206,7 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
         return READ_ONLY, True
     if any(isinstance(e, redis.exceptions.OutOfMemoryError) for e in chain) or "when used memory >" in text:
         return OUT_OF_MEMORY, False
-    if text.startswith("busy"):
+    if _BUSY.search(text):
         return BUSY, False
     if any(isinstance(e, ssl.SSLError) for e in chain) or _TLS_FAILURE.search(text):
         return "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)", True
@@ -449,7 +452,7 @@ class RedisStore(Store):
             except redis.ResponseError as exc:
                 if "WRONGTYPE" in str(exc):  # a foreign value, no failure (in a script: Redis < 7 wraps it in ERR)
                     raise StoreWrongType(self._say(what, self._detail(exc))) from exc
-                if str(exc).startswith("BUSY"):  # a script runs past busy-reply-threshold: nothing is served
+                if _BUSY.search(str(exc)):  # a script runs past busy-reply-threshold: nothing is served
                     self._failure = BUSY
                     detail = self._detail(exc)
                     raise StoreUnavailable(self._say(what, detail), detail) from exc

@@ -404,7 +404,7 @@ def test_a_script_that_keeps_redis_busy_is_an_outage(redis_url: str) -> None:
     fails as when Redis is down (the breaker counts it) and /readyz says why."""
     admin = redis.Redis.from_url(redis_url)
     busy = redis.Redis.from_url(redis_url)
-    store = store_from_url(redis_url)
+    store = store_from_url(redis_url, failure_threshold=100)  # every failure counted, the breaker stays closed
     spin = ("local t = redis.call('TIME') "
             "while true do local n = redis.call('TIME') "
             "if (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 1500000 then break end end return 1")
@@ -414,11 +414,22 @@ def test_a_script_that_keeps_redis_busy_is_an_outage(redis_url: str) -> None:
     try:
         runner.start()
         time.sleep(0.4)
-        with pytest.raises(StoreUnavailable):
-            store.get("k")
-        facts = store.health()
-        assert (facts["ok"], facts["error"]) == (False, "busy running a script (BUSY): every command waits for it "
-                                                        "to end or be killed")
+        # Alone, in a transaction (a cache write) and in a pipeline (the rate limiter's round trip),
+        # where redis-py words it "Command # 1 (...) of pipeline caused error: BUSY ...".
+        def pipeline() -> Any:
+            pipe = store.client.pipeline(transaction=False)
+            pipe.incr("counted")
+            return pipe.execute()
+
+        for call in (lambda: store.get("k"), lambda: store.write([("m", b"1", 1000)], ["k"]),
+                     lambda: store.call("count", pipeline, doing="count")):
+            with pytest.raises(StoreUnavailable):
+                call()
+            facts = store.health()
+            assert (facts["ok"], facts["error"]) == (False, "busy running a script (BUSY): every command waits "
+                                                            "for it to end or be killed")
+        # Each call and each readiness ping counted: none read as an answer that would close the breaker.
+        assert store.breaker.failures == 6
     finally:
         runner.join(10)
         admin.config_set("busy-reply-threshold", threshold)
