@@ -490,7 +490,8 @@ class TokenService:
             raise _Invalid("malformed", "the token is malformed") from None
         # The kind of token: ``typ`` (ours), ``type`` (flask-jwt-extended's), ``token_use`` (Cognito's).
         # A token that names two kinds is neither; one that names none is an access token.
-        kinds = {claims[name] for name in _KIND_CLAIMS if name in claims}
+        # A kind that is not a string (a list, an object) is no kind we know: neither access nor refresh.
+        kinds = {claims[name] if type(claims[name]) is str else None for name in _KIND_CLAIMS if name in claims}
         typ = "access" if not kinds else next(iter(kinds)) if len(kinds) == 1 else None
         if kind == "access" and typ != "access":
             raise _Invalid("wrong_token_type", "a refresh token cannot be used as an access token"

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from webtest import TestApp
 
@@ -353,6 +354,19 @@ def test_an_access_token_cannot_be_refreshed(stack: Stack) -> None:
     access = stack.login().json["access_token"]
     response = stack.app.post_json("/auth/refresh", {"refresh_token": access}, status=401)
     assert response.json["error"]["message"] == "Unauthorized: only a refresh token can be refreshed."
+
+
+@pytest.mark.parametrize("kind", [["refresh"], {"typ": "refresh"}], ids=["a list", "an object"])
+def test_a_token_whose_kind_is_not_a_string_is_no_kind(stack: Stack, kind: Any) -> None:
+    """Refused where a kind is needed; logout, which takes either kind, revokes it and its login."""
+    refresh = stack.login().json["refresh_token"]
+    claims = jwt.decode(refresh, options={"verify_signature": False})
+    signed = jwt.encode({**claims, "typ": kind}, SECRET, algorithm="HS256")
+    response = stack.app.post_json("/auth/refresh", {"refresh_token": signed}, status=401)
+    assert response.json["error"]["message"] == "Unauthorized: only a refresh token can be refreshed."
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(signed), status=401)
+    stack.app.post("/auth/logout", headers=bearer(signed), status=204)
+    stack.app.post_json("/auth/refresh", {"refresh_token": refresh}, status=401)  # its login is gone
 
 
 @pytest.mark.parametrize(
