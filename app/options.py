@@ -26,7 +26,7 @@ class SearchOptions(BaseModel):
     ``upstream``: the SearXNG base URL; required for ``searxng``.
     ``timeout``: seconds for the whole upstream exchange (connect, request,
     status line, headers and body; pauses of the stream endpoint do not count).
-    ``connect_timeout``: seconds for each TCP connect attempt, within ``timeout``.
+    ``connect_timeout``: seconds for each TCP connect attempt, within ``timeout`` (a TLS handshake gets the rest of it).
     ``per_page``: results per page.  ``index_path``: the
     local index file (default ``<var_dir>/search-index.sqlite3``).
     ``index_sources``: module names or directories to index (a directory has a ``/`` in it, or starts

@@ -5,8 +5,12 @@ begins, one ``search_progress`` (``{"progress": percent, "stage": name}``)
 follows each real stage the engine reports, and ``search_complete`` carries
 the same body as the plain search endpoint.  A failure after the stream has
 started (in the search or in shaping its result) cannot change the status any
-more, so it becomes a ``search_error`` event (``{"code", "message"}``) that
-ends the stream.  ``interval`` seconds pass between events; the engine's
+more, so it becomes a ``search_error`` event (``{"code", "message",
+"retry_after"}``) that ends the stream.  An ``EventSource`` reconnects to a
+stream that ended, and so searches again: the error event also sets its
+reconnection time (``retry:``) to the upstream's ``Retry-After``, else
+``ERROR_RETRY_SECONDS``, so that a page that keeps it open does not ask a
+failing upstream again every three seconds.  ``interval`` seconds pass between events; the engine's
 generator is paused meanwhile, and that pause (like the time it takes to send
 an event) does not count against the upstream ``timeout``.  Nothing here
 buffers; layers must pass ``text/event-stream`` through unbuffered.
@@ -28,11 +32,27 @@ from app.search import SearchEngine, SearchPage
 __all__ = ["search_events", "sse_event", "sse_response"]
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: Seconds an ``EventSource`` waits before it reconnects after a ``search_error`` without a Retry-After.
+ERROR_RETRY_SECONDS = 30
 
 
-def sse_event(event: str, data: Any) -> bytes:
-    """One Server-Sent Event; compact JSON never holds a raw newline."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def sse_event(event: str, data: Any, retry: float | None = None) -> bytes:
+    """One Server-Sent Event; compact JSON never holds a raw newline. ``retry``: the client's reconnection
+    time from now on, in seconds (sent in milliseconds)."""
+    also = "" if retry is None else f"retry: {int(retry * 1000)}\n"
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n{also}\n".encode()
+
+
+def _error_event(code: int, message: str | None, retry_after: int) -> bytes:
+    return sse_event("search_error", {"code": code, "message": message, "retry_after": retry_after}, retry_after)
+
+
+def _retry_after(exc: HTTPException) -> int:
+    """The Retry-After (seconds) an error carries (the app's ``refuse`` headers), else ERROR_RETRY_SECONDS."""
+    for name, value in getattr(exc, "wsgistack_headers", ()):
+        if name.lower() == "retry-after" and value.isdigit():
+            return int(value)
+    return ERROR_RETRY_SECONDS
 
 
 def search_events(
@@ -63,12 +83,12 @@ def search_events(
                 time.sleep(interval)
             yield sse_event("search_progress", {"progress": progress, "stage": stage})
     except HTTPException as exc:
-        yield sse_event("search_error", {"code": exc.code, "message": exc.description})
+        yield _error_event(exc.code or 500, exc.description, _retry_after(exc))
         return
     except Exception:
         logger.exception("search stream failed for a query of %d characters", len(query),
                          extra={"request_id": request_id})
-        yield sse_event("search_error", {"code": 500, "message": InternalServerError.description})
+        yield _error_event(500, InternalServerError.description, ERROR_RETRY_SECONDS)
         return
     finally:
         steps.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import json
 import socket
 import threading
@@ -85,6 +86,11 @@ class Handler(BaseHTTPRequestHandler):
         elif query in ("busy", "busy for long", "busy for ever"):  # SearXNG's limiter
             self.send_response(429)
             self.send_header("Retry-After", {"busy": "60", "busy for long": "86400"}.get(query, "9" * 5000))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif query.startswith("busy until "):  # an HTTP date this many seconds from now
+            self.send_response(503)
+            self.send_header("Retry-After", email.utils.formatdate(time.time() + int(query[11:]), usegmt=True))
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif query == "down for maintenance":
@@ -210,6 +216,29 @@ def test_connect_attempts_share_the_timeout(tmp_path: Path, stalled_address: tup
     assert elapsed < 0.7, f"the answer took {elapsed:.2f} s, not about 0.3 s"
 
 
+def test_an_address_that_takes_no_connection_is_cut_off_at_connect_timeout(
+        tmp_path: Path, stalled_address: tuple[str, int]) -> None:
+    host, port = stalled_address
+    client = searxng_app(tmp_path, f"http://{host}:{port}", timeout=2, connect_timeout=0.2)
+    started = time.monotonic()
+    error = client.get("/api/v1/search", {"q": "x"}, status=504).json["error"]
+    assert error["message"] == "The search upstream did not accept a connection within 0.2 seconds."
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_tls_handshake_gets_the_rest_of_the_timeout_not_connect_timeout(tmp_path: Path) -> None:
+    with socket.socket() as listener:  # the kernel accepts the connection; nobody ever answers the handshake
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        client = searxng_app(tmp_path, f"https://127.0.0.1:{port}", timeout=0.8, connect_timeout=0.2)
+        started = time.monotonic()
+        error = client.get("/api/v1/search", {"q": "x"}, status=504).json["error"]
+        elapsed = time.monotonic() - started
+    assert error["message"] == "The search upstream did not answer within 0.8 seconds."
+    assert 0.7 <= elapsed < 1.5, f"the handshake was given {elapsed:.2f} s, not the timeout's 0.8 s"
+
+
 def test_unreachable_upstream_is_a_502(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -225,7 +254,19 @@ def test_upstream_failure_in_a_stream_becomes_an_error_event(tmp_path: Path, ups
     assert [e[0] for e in events] == ["event: search_started", "event: search_progress",
                                       "event: search_progress", "event: search_error"]
     assert json.loads(events[-1][1][len("data: "):]) == {
-        "code": 502, "message": "The search upstream answered with HTTP 500."}
+        "code": 502, "message": "The search upstream answered with HTTP 500.", "retry_after": 30}
+    # An EventSource reconnects to a stream that ended: not before 30 s (its own default is about 3 s).
+    assert events[-1][2:] == ["retry: 30000"]
+
+
+def test_a_busy_upstream_in_a_stream_sets_the_reconnection_time_to_its_retry_after(
+        tmp_path: Path, upstream: FakeSearxng) -> None:
+    text = searxng_app(tmp_path, upstream.url).get("/api/v1/search/stream", {"q": "busy"}).text
+    last = text.strip().split("\n\n")[-1].split("\n")
+    assert last[0] == "event: search_error"
+    assert json.loads(last[1][len("data: "):]) == {
+        "code": 503, "message": "The search upstream is busy (HTTP 429); retry in 60 seconds.", "retry_after": 60}
+    assert last[2:] == ["retry: 60000"]
 
 
 def test_stream_reports_the_upstream_stages(tmp_path: Path, upstream: FakeSearxng) -> None:
@@ -371,6 +412,20 @@ def test_a_busy_upstream_asks_the_client_to_wait(tmp_path: Path, upstream: FakeS
     assert response.headers["Retry-After"] == retry_after
     assert response.json["error"]["message"] == (
         f"The search upstream is busy (HTTP {429 if 'busy' in query else 503}); retry in {retry_after} seconds.")
+
+
+@pytest.mark.parametrize(("query", "low", "high"), [
+    pytest.param("busy until 120", 119, 120, id="a date two minutes ahead"),
+    pytest.param("busy until -600", 0, 0, id="a date gone by: now"),
+    pytest.param("busy until 86400", 3600, 3600, id="a date a day ahead: an hour at most"),
+])
+def test_a_retry_after_date_is_passed_on_in_seconds(tmp_path: Path, upstream: FakeSearxng, query: str,
+                                                    low: int, high: int) -> None:
+    response = searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": query}, status=503)
+    seconds = int(response.headers["Retry-After"])
+    assert low <= seconds <= high
+    assert response.json["error"]["message"] == (
+        f"The search upstream is busy (HTTP 503); retry in {seconds} seconds.")
 
 
 def test_results_a_link_would_not_open_as_a_web_page_are_dropped(tmp_path: Path, upstream: FakeSearxng) -> None:

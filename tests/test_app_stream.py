@@ -142,7 +142,7 @@ def test_a_failure_while_shaping_the_result_ends_the_stream_with_an_error(caplog
     assert events == [
         ("search_started", {"query": "json"}),
         ("search_progress", {"progress": 100, "stage": "done"}),
-        ("search_error", {"code": 500, "message": InternalServerError.description}),
+        ("search_error", {"code": 500, "message": InternalServerError.description, "retry_after": 30}),
     ]
     assert caplog.messages == ["search stream failed for a query of 4 characters"]
     assert [r.request_id for r in caplog.records] == ["rid-7"]  # type: ignore[attr-defined]  # the body outlives it

@@ -3,7 +3,7 @@
 It sends ``GET {upstream}/search?q=…&format=json&pageno=N`` and maps
 SearXNG's ``results`` and ``number_of_results`` to the API's shape.
 ``timeout`` bounds the whole exchange: connecting (each address tried at most
-``connect_timeout``), sending the request, and every read of the status line,
+``connect_timeout``; a TLS handshake gets what is left of ``timeout``), sending the request, and every read of the status line,
 the headers and the body, so an upstream that trickles bytes is cut off at
 ``timeout`` like one that sends nothing.  Time spent paused at a stage, while
 the stream endpoint paces or sends its events, does not count.  Name
@@ -17,7 +17,8 @@ becomes ``502 Bad Gateway``, and so does a body over ``MAX_BODY_BYTES`` (5 MiB; 
 socket is read no further than ``MAX_RESPONSE_BYTES``, whatever the framing says);
 running out of time becomes ``504 Gateway
 Timeout``; a 429 (SearXNG's limiter) or 503 becomes ``503`` with the
-upstream's ``Retry-After`` (at most an hour; 30 s when it gives none).  A
+upstream's ``Retry-After`` (seconds or an HTTP date; at most an hour; 30 s when it gives none or one
+that is neither).  A
 result whose ``url`` is not a non-empty ``http``/``https`` URL, or whose
 ``title`` or ``content`` is neither a string nor null, is dropped, and a page
 passes on at most ``MAX_RESULTS``.  A ``number_of_results`` that is not a
@@ -42,6 +43,7 @@ import contextlib
 import http.client
 import io
 import json
+import math
 import socket
 import ssl
 import time
@@ -50,6 +52,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlencode, urlsplit
 
 from werkzeug.exceptions import BadGateway, GatewayTimeout, HTTPException
+from werkzeug.http import parse_date
 
 from app.search import Progress, SearchEngine, SearchPage, SearchResult
 from middleware.base import refuse
@@ -154,8 +157,8 @@ class SearxngEngine(SearchEngine):
         """A connection over a socket connected (and for https, handshaken) within the deadline."""
         sock = self._open_socket(deadline)
         try:
-            if self.context is not None:
-                sock.settimeout(min(self.connect_timeout, deadline.remaining()))
+            if self.context is not None:  # connect_timeout is for reaching the address; the handshake has the rest
+                sock.settimeout(deadline.remaining())
                 sock = self.context.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
             sock.close()
@@ -169,6 +172,7 @@ class SearxngEngine(SearchEngine):
         """Connect to the first address that accepts; unlike ``socket.create_connection``,
         the attempts share the deadline instead of each getting the whole timeout."""
         error: OSError = OSError(f"no address found for {self.host}")
+        timeout = 0.0
         for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
             timeout = min(self.connect_timeout, deadline.remaining())
             sock = socket.socket(family, kind, proto)
@@ -182,6 +186,10 @@ class SearxngEngine(SearchEngine):
                 error = exc
             else:
                 return sock
+        if isinstance(error, TimeoutError) and timeout == self.connect_timeout < self.timeout:
+            # The last attempt ran out of connect_timeout, not the whole timeout: say which.
+            raise GatewayTimeout(f"The search upstream did not accept a connection within "
+                                 f"{self.connect_timeout:g} seconds.")
         raise error
 
     def _page(self, query: str, page: int, body: bytes) -> SearchPage:
@@ -288,9 +296,16 @@ def _int_or_none(text: str) -> int | None:
 
 
 def _busy(status: int, retry_after: str | None) -> HTTPException:
-    """503 for an upstream that asks to be left alone, passing on its ``Retry-After`` (seconds, at most an hour)."""
+    """503 for an upstream that asks to be left alone, passing on its ``Retry-After`` (at most an hour).
+
+    RFC 9110 §10.2.3: seconds, or an HTTP date (a date gone by: now).
+    """
     wait = retry_after.strip() if retry_after else ""
-    seconds = min(int(wait), 3600) if wait.isascii() and wait.isdigit() and len(wait) <= 9 else BUSY_RETRY_AFTER
+    if wait.isascii() and wait.isdigit() and len(wait) <= 9:
+        seconds = min(int(wait), 3600)
+    else:
+        when = parse_date(wait) if wait else None
+        seconds = BUSY_RETRY_AFTER if when is None else min(3600, max(0, math.ceil(when.timestamp() - time.time())))
     return refuse(503, f"The search upstream is busy (HTTP {status}); retry in {seconds} seconds.",
                   headers=[("Retry-After", str(seconds))])
 
