@@ -158,22 +158,32 @@ class QueueDepthLines(logging.Filter):
         self.seconds = seconds
         self.next = -math.inf
         self.held = 0
+        self.since = 0.0  # when the first line held back since the last one let through came (time.time())
+        self.deepest = 0  # the deepest queue those lines reported
         self.lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         now = time.monotonic()
+        depth = record.args[0] if isinstance(record.args, tuple) and record.args else None
         with self.lock:
             held_back = now < self.next
             if held_back:
+                if not self.held:
+                    self.since = record.created
                 self.held += 1
+                if type(depth) is int and depth > self.deepest:
+                    self.deepest = depth
             else:
-                self.next, held, self.held = now + self.seconds, self.held, 0
+                self.next = now + self.seconds
+                held, since, deepest = self.held, self.since, self.deepest
+                self.held = self.deepest = 0
         if held_back:
             time.sleep(0)
             return False
-        if held:
-            record.msg, record.args = f"{record.getMessage()} ({held} more such lines in the last " \
-                                      f"{self.seconds:g} s held back)", ()
+        if held:  # they may be from a burst long ago: say when they began, and how deep the queue got
+            began = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+            record.msg, record.args = f"{record.getMessage()} ({held} more such lines held back since {began}, " \
+                                      f"the deepest {deepest})", ()
         return True
 
 

@@ -581,19 +581,29 @@ def test_waitress_queue_warnings_are_one_line_per_ten_seconds(monkeypatch: pytes
     """Waitress warns once per queued request; a slow store queues thousands a second."""
     now = [1000.0]
     monkeypatch.setattr(serve.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(logging.time, "time", lambda: 1_800_000_000.0 + now[0])  # the records' created
     queue = logging.getLogger("waitress.queue")
     once = serve.QueueDepthLines(10.0)
     queue.addFilter(once)
     try:
         with caplog.at_level(logging.WARNING, logger="waitress.queue"):
-            for depth in range(1, 501):
+            now[0] += 0.5
+            for depth in [*range(1, 401), *range(100, 0, -1)]:  # a burst up to 400 deep, and its ebb
                 queue.warning("Task queue depth is %d", depth)
             now[0] += 10.0
             queue.warning("Task queue depth is %d", 3)
+            now[0] += 3600.0  # a burst an hour later: its count is not the last ten seconds'
+            for _ in range(3):
+                queue.warning("Task queue depth is %d", 2)
+            now[0] += 3600.0
+            queue.warning("Task queue depth is %d", 1)
     finally:
         queue.removeFilter(once)
     assert [r.getMessage() for r in caplog.records] == [
-        "Task queue depth is 1", "Task queue depth is 3 (499 more such lines in the last 10 s held back)"]
+        "Task queue depth is 1",
+        "Task queue depth is 3 (499 more such lines held back since 2027-01-15T08:16:40Z, the deepest 400)",
+        "Task queue depth is 2",
+        "Task queue depth is 1 (2 more such lines held back since 2027-01-15T09:16:50Z, the deepest 2)"]
     served = subprocess.run([sys.executable, "-c", "import logging, serve; serve._setup_logging(); "
                              "print([type(f).__name__ for f in logging.getLogger('waitress.queue').filters])"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)

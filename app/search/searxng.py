@@ -4,8 +4,9 @@ It sends ``GET {upstream}/search?q=…&format=json&pageno=N`` and maps
 SearXNG's ``results`` and ``number_of_results`` to the API's shape.
 ``timeout`` bounds the whole exchange: connecting (each address tried at most
 ``connect_timeout``; a TLS handshake gets what is left of ``timeout``),
-sending the request, and every read of the status line, the headers and the body, so an upstream that trickles bytes is cut off at
-``timeout`` like one that sends nothing.  Time spent paused at a stage, while
+sending the request, and every read of the status line, the headers and the
+body, so an upstream that trickles bytes is cut off at ``timeout`` like one
+that sends nothing.  Time spent paused at a stage, while
 the stream endpoint paces or sends its events, does not count.  Name
 resolution is the one step outside the deadline: the resolver has its own.
 
