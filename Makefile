@@ -24,12 +24,15 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Per-machine secrets for the default stack, made once, never committed (.env is git-ignored).
-.env:
-	@umask 077 && $(PYTHON) -c "import secrets; print('SESSION_SECRET=' + secrets.token_urlsafe(32)); print('JWT_SECRET=' + secrets.token_urlsafe(32))" > $@
-	@echo "created .env with random SESSION_SECRET and JWT_SECRET"
+# Per-machine secrets for the default stack, made once, never committed (.env is git-ignored);
+# serve.py reads the .env beside the configuration it serves.
+ENV_FILE := $(dir $(CONFIG)).env
 
-serve: $(VENV)/.installed .env
+$(ENV_FILE):
+	@umask 077 && $(PYTHON) -c "import secrets; print('SESSION_SECRET=' + secrets.token_urlsafe(32)); print('JWT_SECRET=' + secrets.token_urlsafe(32))" > $@
+	@echo "created $@ with random SESSION_SECRET and JWT_SECRET"
+
+serve: $(VENV)/.installed $(ENV_FILE)
 	$(PY) serve.py -c $(CONFIG) serve
 
 test: $(VENV)/.installed-dev

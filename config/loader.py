@@ -39,6 +39,8 @@ _SAFE_TAGS = {
 }
 #: ``$${`` (a literal ``${``), ``${NAME}``, ``${NAME:-default}``, or any other ``${`` (an error).
 _TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+#: A ``$NAME`` without braces (the shell's and Compose's other spelling), which is not read here.
+_BARE = re.compile(r"\$\$\{|\$\{|\$([A-Za-z_][A-Za-z0-9_]*)")
 #: What an unsupported ``${...}`` looks like, to suggest the supported spelling.
 _NEAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-=?+]|:)([^}]*)\}")
 #: More values than any stack.yaml has: aliases expanding beyond this are refused.
@@ -278,8 +280,19 @@ def _interpolate(
             return env[name]
         if default is not None:
             return default
-        return refuse(f"environment variable {name} is not set and has no default (write ${{{name}:-default}})")
+        if secret:  # a default written in the file would be no secret
+            return refuse(f"environment variable {name} is not set and has no default: set it in the environment "
+                          "or in the .env file beside the configuration (make one with: python -c 'import secrets; "
+                          "print(secrets.token_urlsafe(48))')")
+        return refuse(f"environment variable {name} is not set and has no default: set it in the environment or "
+                      f"in the .env file beside the configuration, or write ${{{name}:-default}}")
 
+    secret = is_secret(path, value)
+    for bare in _BARE.finditer(value):
+        name = bare.group(1)
+        # Taken as text, $JWT_SECRET would be the secret itself: a key anyone can read in the docs.
+        if name is not None and (value.strip() == bare.group(0) or name in env):
+            return refuse(f"${name} is not read from the environment (only ${{{name}}} is): write ${{{name}}}")
     return _TOKEN.sub(replace, value)
 
 

@@ -200,6 +200,38 @@ def test_every_problem_is_reported_at_once() -> None:
     assert len(lines) == 3
 
 
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        pytest.param("pipeline:\n  - auth: {secret: $JWT_SECRET}\n", {},
+                     "stack.yaml:3:20 pipeline[0].auth.secret: $JWT_SECRET is not read from the environment (only "
+                     "${JWT_SECRET} is): write ${JWT_SECRET}", id="a secret that would be its own name"),
+        pytest.param("server:\n  listen: $LISTEN\n", {},
+                     "stack.yaml:3:11 server.listen: $LISTEN is not read from the environment (only ${LISTEN} is): "
+                     "write ${LISTEN}", id="a whole value"),
+        pytest.param("server:\n  listen: 127.0.0.1:$PORT\n", {"PORT": "8000"},
+                     "stack.yaml:3:11 server.listen: $PORT is not read from the environment (only ${PORT} is): "
+                     "write ${PORT}", id="a variable that is set"),
+        pytest.param("pipeline:\n  - session: {secret_key: '${SESSION_SECRET}'}\n", {},
+                     "stack.yaml:3:27 pipeline[0].session.secret_key: environment variable SESSION_SECRET is not set "
+                     "and has no default: set it in the environment or in the .env file beside the configuration "
+                     "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')",
+                     id="a missing secret: no default to write"),
+        pytest.param("server:\n  listen: ${LISTEN}\n", {},
+                     "stack.yaml:3:11 server.listen: environment variable LISTEN is not set and has no default: set "
+                     "it in the environment or in the .env file beside the configuration, or write ${LISTEN:-default}",
+                     id="a missing variable"),
+    ],
+)
+def test_environment_variables_spelt_as_the_shell_does(text: str, env: dict[str, str], expected: str) -> None:
+    assert expected in errors_of(ECHO + text, env)
+
+
+def test_a_dollar_that_names_no_variable_is_text() -> None:
+    doc = read_text("a: pa$word\nb: ^/admin$\nc: $$5\nd: US$ 5\n", env={"PATH": "/bin"})
+    assert doc.data == {"a": "pa$word", "b": "^/admin$", "c": "$$5", "d": "US$ 5"}
+
+
 def test_interpolation_with_defaults_and_escapes() -> None:
     doc = read_text("a: ${A}\nb: ${B:-fallback}\nc: $${LITERAL}\nd: x-${A}-y\ne: ${E:-}\n", env={"A": "1"})
     assert doc.data == {"a": "1", "b": "fallback", "c": "${LITERAL}", "d": "x-1-y", "e": ""}
