@@ -66,7 +66,7 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
         text = f"{where} {dotted(self.path)}: {self.message}"
-        if self.has_value:
+        if self.has_value and self.value != MASK:  # a hidden value adds nothing to the line
             try:
                 shown = ascii(self.value)  # ASCII: a lone surrogate, a control character print as escapes
             except ValueError:  # an int of more digits than Python prints

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import difflib
 import hashlib
 import re
 import threading
@@ -113,7 +114,13 @@ def _check_key(value: str | list[str] | None) -> str | list[str] | None:
     for part in [value] if isinstance(value, str) else value or ():
         name = part[7:] if part.startswith("header:") else None
         if part not in ("client_ip", "user") and not (name and _HEADER_NAME.fullmatch(name)):
-            raise ValueError(f"unknown key {part!r} (known: client_ip, user, header:NAME)")
+            # A value close to a known one is a typo, shown with the fix; any other may be a secret
+            # pasted into the wrong option, and is not repeated.
+            if name is not None:
+                raise ValueError(f"{part!r} names no header field: write header:NAME, like 'header:X-API-Key'")
+            close = difflib.get_close_matches(part, ["client_ip", "user"], n=1, cutoff=0.6)
+            raise ValueError(f"unknown key function {part!r}; did you mean {close[0]!r}?" if close else
+                             "unknown key function (known: client_ip, user, header:NAME)")
     if isinstance(value, list) and not value:
         raise ValueError("key must name at least one of client_ip, user, header:NAME")
     return value
