@@ -19,8 +19,8 @@ when the layer sits inside ``auth``.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import difflib
+import fnmatch
 import hashlib
 import re
 import threading

@@ -67,11 +67,14 @@ def check_example(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedPr
         pytest.param(CHECK_ENV, 0, ["examples/production.yaml: ok"], id="clean with the three variables"),
         pytest.param({}, 2, [
             "examples/production.yaml:34:11 stores.shared: environment variable REDIS_URL is not set and has no "
-            "default (write ${REDIS_URL:-default})",
+            "default: set it in the environment or in the .env file beside the configuration, or write "
+            "${REDIS_URL:-default}",
             "examples/production.yaml:79:19 pipeline[9].session.secret_key: environment variable SESSION_SECRET is "
-            "not set and has no default (write ${SESSION_SECRET:-default})",
+            "not set and has no default: set it in the environment or in the .env file beside the configuration "
+            "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')",
             "examples/production.yaml:88:15 pipeline[11].auth.secret: environment variable JWT_SECRET is not set "
-            "and has no default (write ${JWT_SECRET:-default})",
+            "and has no default: set it in the environment or in the .env file beside the configuration (make one "
+            "with: python -c 'import secrets; print(secrets.token_urlsafe(48))')",
         ], id="no variables"),
         pytest.param({**CHECK_ENV, "JWT_SECRET": "short"}, 2, [
             "examples/production.yaml:88:15 pipeline[11].auth.secret: secret must be at least 32 bytes for HS256 "
