@@ -86,6 +86,10 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         message = f"invalid YAML: {exc.problem or exc}"
+        if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+            message += f" ({exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+        if "'\\t'" in message:
+            message += "; YAML indents with spaces only: replace the tab with spaces"
         if mark is not None and text.splitlines()[mark.line:mark.line + 1] and \
                 text.splitlines()[mark.line][mark.column - 1:mark.column] == "*":
             # An unquoted * starts an alias (allow_methods: [*]): the operator meant the text
@@ -209,9 +213,12 @@ class _Converter:
                 continue
             key = key if isinstance(key, str | int) else str(key)
             child = (*path, key)
-            self.doc.key_marks[child] = _mark(key_node)
+            if key not in out:
+                self.doc.key_marks[child] = _mark(key_node)
             if key in out:
-                self.problem(key_node, child, f"duplicate key {key!r}")
+                first = self.doc.key_marks.get(child)
+                self.problem(key_node, child, f"duplicate key {key!r}" + (
+                    f" (first at line {first[0]}): remove one, or merge them" if first else ""))
                 continue
             out[key] = self.convert(value_node, child)
         return out

@@ -79,8 +79,20 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
         ),
         pytest.param(
             ECHO + "server:\n  threads: 2\n  threads: 3\n",
-            "stack.yaml:4:3 server.threads: duplicate key 'threads'",
+            "stack.yaml:4:3 server.threads: duplicate key 'threads' (first at line 3): remove one, or merge them",
             id="duplicate keys",
+        ),
+        pytest.param(
+            ECHO + "server:\n\tthreads: 2\n",
+            "stack.yaml:3:1 (top level): invalid YAML: found character '\\t' that cannot start any token; YAML "
+            "indents with spaces only: replace the tab with spaces",
+            id="a tab",
+        ),
+        pytest.param(
+            ECHO + "server:\n  listen: 127.0.0.1:8000\n threads: 8\n",
+            "stack.yaml:4:2 (top level): invalid YAML: expected <block end>, but found '<block mapping start>' "
+            "(while parsing a block mapping at line 1, column 1)",
+            id="a key indented less than its siblings",
         ),
         pytest.param(
             ECHO + "server:\n  trusted_proxy_headers: [x-forwarded-for, forwarded]\n  trusted_proxy: 10.0.0.1\n",
@@ -632,8 +644,9 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
         ),
         pytest.param(
             ECHO + "pipeline:\n  - cors: {origins: ['*'], allow_methods: [*]}\n",
-            "stack.yaml:3:45 (top level): invalid YAML: expected alphabetic or numeric character, but found ']'; a "
-            "* on its own starts a YAML alias: quote it ('*') to mean the text",
+            "stack.yaml:3:45 (top level): invalid YAML: expected alphabetic or numeric character, but found ']' "
+            "(while scanning an alias at line 3, column 44); a * on its own starts a YAML alias: quote it ('*') to "
+            "mean the text",
             id="an unquoted star",
         ),
         pytest.param(
