@@ -253,5 +253,7 @@ def test_every_server_setting_is_applied_by_a_reload_or_reported() -> None:
     from config.live import RESTART_ONLY
     from config.schema import ServerOptions
 
-    # drain_timeout is read when the server stops, so the configuration in force then applies.
-    assert set(ServerOptions.model_fields) - set(RESTART_ONLY) == {"generation_header", "reload", "drain_timeout"}
+    # drain_timeout is read when the server stops, so the configuration in force then applies;
+    # worker_timeout by the supervisor on every pass of its loop, from its reloaded configuration.
+    assert set(ServerOptions.model_fields) - set(RESTART_ONLY) == {"generation_header", "reload", "drain_timeout",
+                                                                   "worker_timeout"}
