@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, Path, Problem, is_secret
+from .errors import ConfigError, Path, Problem, dotted, is_secret
 
 _SAFE_TAGS = {
     "tag:yaml.org,2002:str",
@@ -59,6 +59,8 @@ class Document:
     base_dir: str | None = None
     marks: dict[Path, tuple[int, int]] = field(default_factory=dict)
     key_marks: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    #: Values that came out empty from a variable set to nothing (``REDIS_URL=``): key path -> its name.
+    empty: dict[Path, str] = field(default_factory=dict)
 
     def locate(self, path: Path, *, key: bool = False) -> tuple[int, int]:
         """Return (line, column) for ``path``, falling back to the nearest parent."""
@@ -74,7 +76,14 @@ class Document:
 
     def problem(self, path: Path, message: str, *, key: bool = False, **kw: Any) -> Problem:
         line, col = self.locate(path, key=key)
-        return Problem(message, tuple(path), self.file, line, col, **kw)
+        path = tuple(path)
+        # "store URL '' has no scheme": the value came from a variable set to nothing; say which.
+        empty = [(where, name) for where, name in self.empty.items() if where[:len(path)] == path]
+        if empty:
+            message += " (" + "; ".join(f"from ${{{name}}}, which is set but empty" if where == path else
+                                        f"{dotted(where[len(path):])} comes from ${{{name}}}, which is set but empty"
+                                        for where, name in empty) + ")"
+        return Problem(message, path, self.file, line, col, **kw)
 
 
 def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | None = None) -> Document:
@@ -284,6 +293,8 @@ def _interpolate(
             return refuse(f"{text!r}: a default may not contain another ${{...}}; "
                           "write the default as plain text")
         if name in env and (env[name] != "" or default is None):
+            if env[name] == "" and match.group(0) == value:
+                doc.empty[path] = name
             return env[name]
         if default is not None:
             return default

@@ -213,6 +213,23 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("stores:\n  shared: ${REDIS_URL}\n",
+                     "stack.yaml:3:11 stores.shared: store URL '' has no scheme (known: memory://, redis://, "
+                     "rediss://, unix://, redis+sentinel://) (from ${REDIS_URL}, which is set but empty) (got '')",
+                     id="the value itself"),
+        pytest.param("pipeline:\n  - auth: {secret: '${JWT_SECRET}'}\n",
+                     "stack.yaml:3:11 pipeline[0].auth: auth needs secret (HS256) or public_keys, jwks_file or "
+                     "private_key (RS256/ES256) (secret comes from ${JWT_SECRET}, which is set but empty)",
+                     id="a problem of the mapping it is in"),
+    ],
+)
+def test_a_variable_set_to_nothing_is_named(text: str, expected: str) -> None:
+    assert expected in errors_of(ECHO + text, {"REDIS_URL": "", "JWT_SECRET": ""})
+
+
+@pytest.mark.parametrize(
     ("text", "env", "expected"),
     [
         pytest.param("pipeline:\n  - auth: {secret: $JWT_SECRET}\n", {},
