@@ -8,6 +8,7 @@ in reverse and wrap, so the first entry in the YAML is the outermost layer.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import ipaddress
@@ -232,16 +233,41 @@ def _located(doc: Document, path: Path, message: str, fields: Iterable[str] = ()
     return doc.problem(where, message, **kw)
 
 
+#: A pydantic union member's name in an error's location: ``str``, ``list[str]``, ``datetime``, ``function-after[...]``.
+_UNION_MEMBER = re.compile(r"[a-z][a-z0-9_-]*(\[.*\])?")
+#: A number with a unit, which a field of plain numbers does not take.
+_WITH_UNIT = re.compile(r"\s*\d+(\.\d+)?\s*(ms|s|secs?|seconds?|m|mins?|minutes?|h|hours?|d|days?)\s*", re.I)
+
+
 def validation_problems(
     doc: Document, base: Path, exc: ValidationError, model: type[BaseModel] | None
 ) -> list[Problem]:
     """Map pydantic errors to problems located in the YAML."""
     problems = []
+    unions: dict[Path, Problem] = {}  # a value no member of a union took: one problem, at the value
     for err in exc.errors():
         loc = tuple(err["loc"])
         path = (*base, *loc)
         kind = err["type"]
         msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if kind in ("int_parsing", "float_parsing") and isinstance(err.get("input"), str) \
+                and _WITH_UNIT.fullmatch(err["input"]):
+            msg += "; write a plain number, without a unit (seconds: 60, not 60s or 1m)"
+        if loc and isinstance(loc[-1], str) and _UNION_MEMBER.fullmatch(loc[-1]) and data_at(doc, path) is _MISSING \
+                and data_at(doc, path[:-1]) is not _MISSING and kind not in ("missing", "extra_forbidden"):
+            # pydantic names the union member each error is from (sunset.datetime, sunset.date; key.str,
+            # key.list[str]): no such key is in the file; the value is what is wrong.
+            path, loc = path[:-1], loc[:-1]
+            found = unions.get(path)
+            if found is None:
+                unions[path] = _located(doc, path, msg, value=err.get("input"), has_value="input" in err)
+                problems.append(unions[path])
+            elif msg.startswith("Input should be a valid ") and found.message.startswith("Input should be a valid ") \
+                    and "," not in msg and "," not in found.message:  # a valid string, a valid list: either
+                index = problems.index(found)
+                unions[path] = problems[index] = dataclasses.replace(
+                    found, message=f"{found.message} or {msg.removeprefix('Input should be a valid ')}")
+            continue
         if kind == "extra_forbidden":
             key = str(loc[-1])
             known = _model_fields_at(model, loc[:-1])

@@ -42,6 +42,24 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="bad type names the value",
         ),
         pytest.param(
+            ECHO + "server:\n  channel_timeout: 60s\n",
+            "stack.yaml:3:20 server.channel_timeout: Input should be a valid integer, unable to parse string as an "
+            "integer; write a plain number, without a unit (seconds: 60, not 60s or 1m) (got '60s')",
+            id="a number with a unit",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - versioning: {supported: [v1], default: v1, deprecated: {v1: {deprecation: "
+                   "2020-01-01, sunset: next-year}}}\n",
+            "stack.yaml:3:99 pipeline[0].versioning.deprecated.v1.sunset: Input should be a valid datetime or date, "
+            "input is too short (got 'next-year')",
+            id="a value no member of a union takes: one problem, at its key",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - ratelimit: {limits: [1/second], key: {a: 1}}\n",
+            "stack.yaml:3:42 pipeline[0].ratelimit.key: Input should be a valid string or list",
+            id="a union of a string and a list",
+        ),
+        pytest.param(
             ECHO + "server:\n  drain_timeout: -1\n",
             "stack.yaml:3:18 server.drain_timeout: Input should be greater than or equal to 0 (got -1)",
             id="negative drain timeout",
@@ -205,6 +223,15 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
 def test_error_messages(text: str, expected: str) -> None:
     lines = errors_of(text)
     assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize("text", [
+    "pipeline:\n  - versioning: {supported: [v1], default: v1, deprecated: {v1: {deprecation: 2020-01-01, "
+    "sunset: next-year}}}\n",
+    "pipeline:\n  - ratelimit: {limits: [1/second], key: {a: 1}}\n",
+], ids=["dates", "string or list"])
+def test_a_union_value_is_one_problem(text: str) -> None:
+    assert len(errors_of(ECHO + text)) == 1
 
 
 def test_every_problem_is_reported_at_once() -> None:
