@@ -8,7 +8,9 @@ the same way (a class taking ``(app, options, context)``, or a plain
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import sys
 from typing import Any
 
 LAYERS: dict[str, str] = {
@@ -38,9 +40,22 @@ def import_string(target: str) -> Any:
         module, _, attr = target.rpartition(".")
     if not module or not attr:
         raise ImportError(f"{target!r} is not a module:attr path")
-    obj: Any = importlib.import_module(module)
+    try:
+        obj: Any = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):  # not an import inside it
+            raise ModuleNotFoundError(f"{exc}: it is not installed in this Python ({sys.executable}) and not in a "
+                                      "folder on its path; install it, or add the folder that holds it to "
+                                      "PYTHONPATH", name=exc.name) from None
+        raise
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = {name.lower(): name for name in dir(obj) if not name.startswith("_")}
+            close = difflib.get_close_matches(part.lower(), list(names), n=1, cutoff=0.6)
+            raise AttributeError(f"{module!r} has no attribute {part!r}"
+                                 + (f"; did you mean {names[close[0]]!r}?" if close else "")) from None
     return obj
 
 

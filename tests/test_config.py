@@ -130,8 +130,16 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
         ),
         pytest.param(
             ECHO + "pipeline:\n  - nosuchmodule:Thing: {}\n",
-            "stack.yaml:3:5 pipeline[0]: cannot import layer 'nosuchmodule:Thing': No module named 'nosuchmodule'",
+            "stack.yaml:3:5 pipeline[0]: cannot import layer 'nosuchmodule:Thing': No module named 'nosuchmodule': "
+            f"it is not installed in this Python ({sys.executable}) and not in a folder on its path; install it, "
+            "or add the folder that holds it to PYTHONPATH",
             id="dotted path import error",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - middleware.cors:CorsMiddlewar: {}\n",
+            "stack.yaml:3:5 pipeline[0]: cannot import layer 'middleware.cors:CorsMiddlewar': 'middleware.cors' has "
+            "no attribute 'CorsMiddlewar'; did you mean 'CORSMiddleware'?",
+            id="a misspelt class",
         ),
         pytest.param(
             ECHO + "stores:\n  shared: mongo://x\n",
