@@ -343,7 +343,8 @@ class CORSMiddleware:
             except Exception as exc:
                 _decorate(exc, ())
                 raise
-        if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ:
+        # (OPTIONS * asks about the server, not a resource: no preflight grants anything for it.)
+        if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ and environ.get("PATH_INFO", "")[:1] == "/":
             return self._preflight(environ, start_response, policy, origin)
         allowed = policy.allows(origin)
         added = policy.allow_origin(origin) if allowed else ()

@@ -340,6 +340,10 @@ class ValidationMiddleware:
         query: str = environ.get("QUERY_STRING", "")
         path: str = environ.get("PATH_INFO", "")
         uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+        if path[:1] not in ("/", "") or (uri and uri[:1] != "/"):
+            answer = self._target(environ, start_response, path, uri)
+            if answer is not None:
+                return answer
         if uri:
             url_length = len(uri)
         else:
@@ -374,6 +378,30 @@ class ValidationMiddleware:
         if chunked or (length and length != "0"):
             self._check_body(environ, length, chunked)
         return self.app(environ, start_response)
+
+    def _target(self, environ: WSGIEnvironment, start_response: StartResponse, path: str,
+                uri: str | None) -> Iterable[bytes] | None:
+        """A request target that is not a path (RFC 9112 §3.2): answered here, or made a path's.
+
+        ``OPTIONS *`` asks about the server as a whole (RFC 9110 §9.3.7): an empty 200.
+        An authority (``CONNECT host:port``) or ``*`` with another method names no resource: 400.
+        An absolute URL (``GET http://host/path``, what a client sends a forward proxy): the server
+        passes its path on, and its authority is the host, whatever ``Host`` says (RFC 9112 §3.2.2).
+        """
+        if path[:1] not in ("/", ""):
+            if path == "*" and environ.get("REQUEST_METHOD") == "OPTIONS":
+                start_response("200 OK", [("Content-Length", "0")])
+                return []
+            raise self._refuse(environ, 400, f"The request target {path[:100]!r} is not a path: this server "
+                                             "answers for resources, whose targets start with '/'.", "target")
+        assert uri is not None
+        scheme, sep, rest = uri.partition("://")
+        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        if not sep or scheme.lower() not in ("http", "https") or not authority or "@" in authority:
+            raise self._refuse(environ, 400, f"The request target {uri[:100]!r} is neither a path nor an http(s) "
+                                             "URL with a host.", "target")
+        environ["HTTP_HOST"] = authority
+        return None
 
     def _utf8(self, environ: WSGIEnvironment, data: bytes, what: str) -> str:
         try:

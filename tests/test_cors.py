@@ -580,3 +580,13 @@ def test_yaml_refuses_credentials_with_star(make_stack: Callable[..., Any]) -> N
     with pytest.raises(ConfigError) as info:
         make_stack("pipeline:\n  - cors: {origins: ['*'], allow_credentials: true}\n")
     assert "allow_credentials may not be true when origins contains '*'" in str(info.value)
+
+
+def test_options_star_is_not_a_preflight(make: Callable[..., TestApp], inner: Recorder) -> None:
+    """OPTIONS * asks about the server, not a resource: no preflight answer grants a method for it."""
+    app = make(origins=[APP], allow_methods=["GET", "PUT"])
+    response = TestApp(app.app, lint=False).request(
+        "/", method="OPTIONS", environ={"PATH_INFO": "*"},
+        headers={"Origin": APP, "Access-Control-Request-Method": "PUT"})
+    assert inner.seen == [("OPTIONS", "*")]  # passed on, to the layers that answer for the server
+    assert "Access-Control-Allow-Methods" not in response.headers

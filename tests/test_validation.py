@@ -63,8 +63,9 @@ def send(options: dict[str, Any], req: dict[str, Any], status: int | str = "*") 
     blank.environ.update(req.get("environ", {}))
     for name in [k for k, v in blank.environ.items() if v is None]:  # None removes a key
         del blank.environ[name]
-    return TestApp(stack(**options)).do_request(blank, status=status,
-                                                expect_errors=status != 200)
+    # (lint: off for the targets WebTest's checker refuses, that servers do pass on: *, CONNECT host:port)
+    return TestApp(stack(**options), lint=req.get("lint", True)).do_request(blank, status=status,
+                                                                           expect_errors=status != 200)
 
 
 def jbody(value: Any) -> dict[str, Any]:
@@ -261,6 +262,26 @@ REFUSALS = [
                  id="form body not utf-8"),
 ]
 
+REFUSALS += [
+    pytest.param({}, {"method": "CONNECT", "lint": False,
+                      "environ": {"PATH_INFO": "127.0.0.1:80", "REQUEST_URI": "127.0.0.1:80"}},
+                 400, "The request target '127.0.0.1:80' is not a path: this server answers for resources, whose "
+                 "targets start with '/'.", {}, id="an authority (CONNECT)"),
+    pytest.param({}, {"lint": False, "environ": {"PATH_INFO": "*", "REQUEST_URI": "*"}}, 400,
+                 "The request target '*' is not a path: this server answers for resources, whose targets start "
+                 "with '/'.", {}, id="* for a GET"),
+    pytest.param({}, {"url": "/api", "environ": {"REQUEST_URI": "ftp://x/api"}}, 400,
+                 "The request target 'ftp://x/api' is neither a path nor an http(s) URL with a host.", {},
+                 id="an absolute URL of another scheme"),
+    pytest.param({}, {"url": "/api", "environ": {"REQUEST_URI": "http://user@x/api"}}, 400,
+                 "The request target 'http://user@x/api' is neither a path nor an http(s) URL with a host.", {},
+                 id="an absolute URL with user info"),
+    pytest.param({}, {"url": "/api", "environ": {"REQUEST_URI": "http://bad host/api"}}, 400,
+                 "The Host header 'bad host' is not a host name with an optional port.", {},
+                 id="an absolute URL whose host is no host"),
+]
+
+
 @pytest.mark.parametrize(("options", "req", "status", "message", "headers"), REFUSALS)
 def test_refusal(options: dict[str, Any], req: dict[str, Any], status: int, message: str,
                  headers: dict[str, str | None]) -> None:
@@ -270,6 +291,26 @@ def test_refusal(options: dict[str, Any], req: dict[str, Any], status: int, mess
     assert error["message"] == message
     for name, value in headers.items():
         assert response.headers.get(name) == value
+
+
+def echo_host(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    data = json.dumps({"host": environ.get("HTTP_HOST"), "path": environ.get("PATH_INFO")}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def test_options_star_asks_about_the_server_and_gets_an_empty_200() -> None:
+    app = TestApp(stack(echo_host), lint=False)
+    response = app.request("/", method="OPTIONS", environ={"PATH_INFO": "*", "REQUEST_URI": "*"})
+    assert (response.status_int, response.body, response.headers["Content-Length"]) == (200, b"", "0")
+
+
+@pytest.mark.parametrize("target", ["http://api.example.org:8443/items?x=1", "HTTPS://api.example.org:8443/items"])
+def test_an_absolute_url_names_the_host_whatever_host_says(target: str) -> None:
+    """RFC 9112 §3.2.2: the server takes the target's authority and ignores Host."""
+    response = TestApp(stack(echo_host)).get("/items", headers={"Host": "other.example"},
+                                             extra_environ={"REQUEST_URI": target})
+    assert response.json == {"host": "api.example.org:8443", "path": "/items"}
 
 
 def test_refusal_details() -> None:
