@@ -222,6 +222,7 @@ class _Fill:
         self.flight, self.lock_key, self.stale, self.keep = flight, lock_key, stale, keep
         self.plan: _Plan | None = None
         self.started = self.returned = self.swap = False
+        self.unchanged = False  # the request's conditions hold for the app's 200: the client gets a 304
         self.exc_info: Any = None  # the app's failure the stale entry replaces (its 5xx's exc_info, its exception)
         self.began = 0.0
 
@@ -235,6 +236,15 @@ class _Fill:
                 self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()
+            elif status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in self.environ or
+                                          "HTTP_IF_MODIFIED_SINCE" in self.environ) and \
+                    _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age}):
+                # A cache evaluates the conditions (RFC 9110 §13.2.1), on a miss as on a hit: the
+                # body is stored as it comes, and the client gets the 304 a hit would give.
+                self.unchanged = True
+                kept = [(n, v) for n, v in headers if n.lower() in _SENT_WITH_304]
+                start_response("304 Not Modified", [*kept, ("X-Cache", "MISS")], exc_info)
+                return lambda data: None
             return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
 
         return wrapped
@@ -349,7 +359,10 @@ def _personal(environ: WSGIEnvironment, subject: str | None) -> bool:
 
 
 class _Tee:
-    """Pass the app's body through chunk by chunk, keeping a copy when it will be stored."""
+    """Pass the app's body through chunk by chunk, keeping a copy when it will be stored.
+
+    For a 304 (the request's conditions held: ``fill.unchanged``) the body is read and stored, not sent.
+    """
 
     def __init__(self, result: Iterable[bytes], fill: _Fill) -> None:
         self.result, self.fill = result, fill
@@ -365,7 +378,8 @@ class _Tee:
                     kept = None  # not storable, or longer than its Content-Length: stop copying
                 else:
                     kept.append(chunk)
-            yield chunk
+            if not self.fill.unchanged:
+                yield chunk
         if kept is not None:
             self.fill.finish(b"".join(kept))
 

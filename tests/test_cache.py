@@ -678,7 +678,7 @@ LAST_MODIFIED = "Tue, 14 Nov 2023 22:00:00 GMT"
 STORED = "Tue, 14 Nov 2023 22:13:20 GMT"  # T0, when the tests' clock stores a response
 
 
-@pytest.mark.parametrize(("validators", "conditions", "status"), [
+CONDITIONAL = [
     pytest.param([("ETag", '"abc"')], {"If-None-Match": '"abc"'}, 304, id="matching ETag"),
     pytest.param([("ETag", '"abc"')], {"If-None-Match": 'W/"abc"'}, 304, id="weak comparison"),
     pytest.param([("ETag", 'W/"abc"')], {"If-None-Match": '"x", "abc"'}, 304, id="a weak stored tag, in a list"),
@@ -703,7 +703,10 @@ STORED = "Tue, 14 Nov 2023 22:13:20 GMT"  # T0, when the tests' clock stores a r
                  id="no Last-Modified nor Date: when it was stored, not modified since"),
     pytest.param([], {"If-Modified-Since": "Tue, 14 Nov 2023 22:13:19 GMT"}, 200,
                  id="no Last-Modified nor Date: stored after the client's copy"),
-])
+]
+
+
+@pytest.mark.parametrize(("validators", "conditions", "status"), CONDITIONAL)
 def test_conditional_requests_on_hits(make: Callable[..., Stack], origin: Origin, validators: list[tuple[str, str]],
                                       conditions: dict[str, str], status: int) -> None:
     """A hit answers If-None-Match / If-Modified-Since from the stored validators (RFC 9110 §13.1-13.2)."""
@@ -712,6 +715,28 @@ def test_conditional_requests_on_hits(make: Callable[..., Stack], origin: Origin
     full = stack.get()
     response = stack.get(headers=conditions, status=status)
     assert response.headers["X-Cache"] == "HIT"
+    if status == 304:
+        assert response.body == b""
+        assert "Content-Type" not in response.headers and "Content-Length" not in response.headers
+        assert [response.headers.get(n) for n in ("ETag", "Last-Modified", "Cache-Control", "Vary")] == \
+            [full.headers.get(n) for n in ("ETag", "Last-Modified", "Cache-Control", "Vary")]
+    else:
+        assert response.body == full.body
+    assert origin.calls == 1
+
+
+@pytest.mark.parametrize(("validators", "conditions", "status"), CONDITIONAL)
+def test_conditional_requests_on_misses(make: Callable[..., Stack], origin: Origin,
+                                        validators: list[tuple[str, str]], conditions: dict[str, str],
+                                        status: int) -> None:
+    """The same answer on a miss as on a hit (RFC 9110 §13.2.1): the app ignores the conditions, the cache
+    evaluates them on its 200, stores the body and sends the 304 alone."""
+    origin.headers += [*validators, ("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")]
+    stack = make()
+    response = stack.get(headers=conditions, status=status)
+    assert response.headers["X-Cache"] == "MISS"
+    full = stack.get()
+    assert (full.status_int, full.headers["X-Cache"]) == (200, "HIT")  # stored all the same
     if status == 304:
         assert response.body == b""
         assert "Content-Type" not in response.headers and "Content-Length" not in response.headers
