@@ -36,6 +36,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -616,8 +617,8 @@ class _Merged:
             edges = self.edges.get(family.name) if family.type == "histogram" else None
             if edges is not None:
                 bounds = {sample.labels["le"] for sample in family.samples if "le" in sample.labels}
-                if bounds and bounds != edges:
-                    continue  # another pipeline's buckets (more, fewer, others): added, they break the histogram
+                if bounds and bounds != edges:  # another pipeline's buckets (more, fewer, others)
+                    family = _on_edges(family, edges)
             found = merged.get(family.name)
             if found is None:
                 found = merged[family.name] = (Metric(family.name, family.documentation, family.type,
@@ -638,6 +639,35 @@ class _Merged:
                 metric = Metric(fname, doc, ftype, unit)
                 metric.samples = [Sample(sname, labels, float(value)) for sname, labels, value in samples]
                 yield metric
+
+
+def _on_edges(family: Metric, edges: AbstractSet[str]) -> Metric:
+    """A histogram counted with other bucket bounds, on ``edges`` (the ``le`` values in force).
+
+    Each edge gets the count of the highest of the family's own bounds not above it:
+    exact where both have the bound (``+Inf`` always), else a lower bound.  Its
+    ``_count`` and ``_sum`` stay as they are.  So a pipeline reloaded with other
+    ``buckets``, or workers reloaded one after the other, never make the merged
+    totals go back or jump, whichever process answers the scrape.
+    """
+    ours = sorted(edges, key=float)
+    buckets: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[float, float]]] = {}
+    samples: list[Sample] = []
+    for sample in family.samples:
+        if "le" in sample.labels:
+            rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            buckets.setdefault((sample.name, rest), []).append((float(sample.labels["le"]), sample.value))
+        else:
+            samples.append(sample)
+    for (name, rest), counts in buckets.items():
+        counts.sort()
+        for edge in ours:
+            limit = float(edge)
+            samples.append(Sample(name, {**dict(rest), "le": edge},
+                                  max((count for bound, count in counts if bound <= limit), default=0.0)))
+    moved = Metric(family.name, family.documentation, family.type, family.unit)
+    moved.samples = samples
+    return moved
 
 
 #: A file's families as written: ``[name, type, documentation, unit, [[sample, labels, value], ...]]``.
