@@ -18,6 +18,7 @@ when the layer sits inside ``auth``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import difflib
 import fnmatch
@@ -249,6 +250,31 @@ class _MemoryStorage(MemoryStorage):
         if now >= self._next_sweep:
             self._next_sweep = now + 1.0
             getattr(MemoryStorage, "_MemoryStorage__schedule_expiry")(self)  # noqa: B009
+
+    def _MemoryStorage__expire_events(self) -> None:
+        """``limits``' sweep, for keys that may be cleared while it runs.
+
+        The stock one reads each key it listed with ``[key]``: one cleared meanwhile
+        (``_track`` clears the oldest keys of a flood, without the storage's per-key
+        locks) raised KeyError, and the sweep thread died with a traceback on stderr,
+        every few seconds under a flood of made-up keys.
+        """
+        now = time.time()
+        for key in list(self.events):
+            with self.locks[key]:
+                events = self.events.get(key)
+                if events:
+                    kept = events[:bisect.bisect_left(events, -now, key=lambda event: -event.expiry)]
+                    if self.events.get(key) is events:  # not cleared (nor replaced) meanwhile
+                        self.events[key] = kept
+                if not self.events.get(key):
+                    self.locks.pop(key, None)
+        for key in list(self.expirations):
+            ends = self.expirations.get(key)
+            if ends is not None and ends <= now:
+                self.storage.pop(key, None)
+                self.expirations.pop(key, None)
+                self.locks.pop(key, None)
 
 
 class _MemoryCounter:

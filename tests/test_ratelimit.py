@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -869,3 +870,37 @@ def test_yaml_error_names_the_limit(make_stack: Callable[..., TestApp]) -> None:
 
     with pytest.raises(ConfigError, match="'5 per fortnight' is not a rate limit"):
         make_stack({"pipeline": [{"ratelimit": {"limits": ["5 per fortnight"]}}]})
+
+
+@pytest.mark.parametrize("table", ["events", "expirations"])
+def test_the_memory_sweep_takes_keys_cleared_while_it_runs(table: str) -> None:
+    """The cap clears the oldest keys of a flood while limits' sweep thread walks them: no KeyError
+    (the thread died with a traceback on stderr every few seconds under such a flood)."""
+    from limits.storage.memory import Entry
+
+    from middleware.ratelimit import _MemoryStorage
+
+    storage = _MemoryStorage()
+    storage.timer.cancel()
+    try:
+        if table == "expirations":  # listed by the sweep, cleared before it is read
+            class Listed(dict[str, float]):
+                def keys(self) -> Any:
+                    return [*super().keys(), "cleared"]
+
+                def __iter__(self) -> Any:
+                    return iter(self.keys())
+
+            storage.expirations = Listed(kept=time.time() - 1)
+            storage.storage["kept"] = 3
+        else:  # cleared while the sweep looks through its entries
+            class Clearing(list[Entry]):
+                def __getitem__(self, index: Any) -> Any:
+                    storage.clear("cleared")
+                    return super().__getitem__(index)
+
+            storage.events["cleared"] = Clearing([Entry(1), Entry(1)])
+        storage._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+        assert "cleared" not in storage.events and "kept" not in storage.storage
+    finally:
+        storage.timer.cancel()
