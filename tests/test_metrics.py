@@ -314,6 +314,18 @@ def test_exposition_never_enters_the_app(make: Callable[..., Any]) -> None:
     assert app.get("/internal/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.5"}, status=403)
 
 
+def test_scrapes_are_not_counted_and_refused_ones_are(make: Callable[..., Any]) -> None:
+    app, _ = make()
+    loopback = {"REMOTE_ADDR": "127.0.0.1"}
+    app.get("/metrics", extra_environ=loopback)
+    app.get("/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.5"}, status=403)
+    app.delete("/metrics", extra_environ=loopback, status=405)
+    found = scrape(app)
+    counted = {dict(labels)["status"]: value for (name, labels), value in found.items()
+               if name == "wsgistack_http_requests_total" and dict(labels).get("route") == "/metrics"}
+    assert counted == {"403": 1.0, "405": 1.0}
+
+
 def test_exposition_methods_and_formats(make: Callable[..., Any]) -> None:
     app, _ = make()
     loopback = {"REMOTE_ADDR": "127.0.0.1"}
