@@ -542,6 +542,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     supervisor = os.getpid()
     beats = mmap.mmap(-1, _BEAT.size * len(slots))  # shared with the workers: slot -> its worker's last pass
     hung: set[int] = set()  # workers killed for want of a heartbeat, until reaped
+    judged = time.monotonic()  # when the heartbeats were last looked at
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -647,6 +648,10 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                 break
             if timeout and stopping_since is None:
                 now = time.monotonic()
+                if now - judged > timeout:  # the supervisor itself was stopped (Ctrl-Z, docker pause, a frozen
+                    for slot in range(len(slots)):  # cgroup) with its workers: their silence says nothing
+                        _BEAT.pack_into(beats, _BEAT.size * slot, now)
+                judged = now
                 for pid, (slot, _) in children.items():
                     silent = now - _BEAT.unpack_from(beats, _BEAT.size * slot)[0]
                     if silent > timeout and pid not in hung:

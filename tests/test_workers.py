@@ -430,6 +430,38 @@ def test_a_stopped_worker_is_killed_and_replaced_after_worker_timeout(tmp_path: 
         server.stop()
 
 
+def test_workers_stopped_with_their_supervisor_are_not_taken_for_hung(tmp_path: Path) -> None:
+    """Ctrl-Z, docker pause, a frozen cgroup: the whole group stops, and the supervisor may resume first."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port, server="worker_timeout: 1"))
+    server = ServeProcess(path).start()
+    stopped: list[int] = []
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        workers = children(server.pid)
+        for pid in [server.pid, *workers]:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        time.sleep(2.5)  # longer than worker_timeout
+        os.kill(server.pid, signal.SIGCONT)
+        time.sleep(0.4)  # the supervisor runs its loop before the workers run theirs
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        stopped.clear()
+        time.sleep(1.5)
+        assert children(server.pid) == workers
+        assert "serving loop" not in server.output()
+        seen = sample(port, workers)
+        assert set(seen) == workers
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
 def test_sighup_reloads_every_worker_and_the_ones_started_later(
         supervised: tuple[ServeProcess, int, Path]) -> None:
     server, port, path = supervised
