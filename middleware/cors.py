@@ -343,8 +343,9 @@ class CORSMiddleware:
             except Exception as exc:
                 _decorate(exc, ())
                 raise
-        # (OPTIONS * asks about the server, not a resource: no preflight grants anything for it.)
-        if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ and environ.get("PATH_INFO", "")[:1] == "/":
+        # (OPTIONS * asks about the server, not a resource: no preflight grants anything for it. An empty
+        # PATH_INFO is the root of a url_prefix, SCRIPT_NAME, a resource like any other.)
+        if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ and environ.get("PATH_INFO") != "*":
             return self._preflight(environ, start_response, policy, origin)
         allowed = policy.allows(origin)
         added = policy.allow_origin(origin) if allowed else ()

@@ -590,3 +590,12 @@ def test_options_star_is_not_a_preflight(make: Callable[..., TestApp], inner: Re
         headers={"Origin": APP, "Access-Control-Request-Method": "PUT"})
     assert inner.seen == [("OPTIONS", "*")]  # passed on, to the layers that answer for the server
     assert "Access-Control-Allow-Methods" not in response.headers
+
+
+def test_a_preflight_to_the_root_of_a_url_prefix_is_answered(make: Callable[..., TestApp], inner: Recorder) -> None:
+    """Requested as exactly the prefix (/svc), the path is empty (PEP 3333): a resource like any other."""
+    app = make(origins=[APP], allow_methods=["GET", "PUT"])
+    response = app.options("/", headers={"Origin": APP, "Access-Control-Request-Method": "PUT"},
+                           extra_environ={"SCRIPT_NAME": "/svc", "PATH_INFO": ""}, status=204)
+    assert "PUT" in response.headers["Access-Control-Allow-Methods"]
+    assert inner.seen == []
