@@ -34,6 +34,8 @@ __all__ = ["search_events", "sse_event", "sse_response"]
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: Seconds an ``EventSource`` waits before it reconnects after a ``search_error`` without a Retry-After.
 ERROR_RETRY_SECONDS = 30
+#: The least it waits: an upstream's ``Retry-After: 0`` (or a date gone by) would have it search again at once.
+MIN_RETRY_SECONDS = 3
 
 
 def sse_event(event: str, data: Any, retry: float | None = None) -> bytes:
@@ -48,10 +50,11 @@ def _error_event(code: int, message: str | None, retry_after: int) -> bytes:
 
 
 def _retry_after(exc: HTTPException) -> int:
-    """The Retry-After (seconds) an error carries (the app's ``refuse`` headers), else ERROR_RETRY_SECONDS."""
+    """The Retry-After (seconds) an error carries (the app's ``refuse`` headers), at least MIN_RETRY_SECONDS;
+    else ERROR_RETRY_SECONDS."""
     for name, value in getattr(exc, "wsgistack_headers", ()):
         if name.lower() == "retry-after" and value.isdigit():
-            return int(value)
+            return max(MIN_RETRY_SECONDS, int(value))
     return ERROR_RETRY_SECONDS
 
 

@@ -259,6 +259,14 @@ def test_upstream_failure_in_a_stream_becomes_an_error_event(tmp_path: Path, ups
     assert events[-1][2:] == ["retry: 30000"]
 
 
+def test_a_stream_never_asks_to_reconnect_at_once(tmp_path: Path, upstream: FakeSearxng) -> None:
+    """An upstream's date gone by (or Retry-After: 0) is 0 s for the 503, and at least 3 s for an EventSource."""
+    text = searxng_app(tmp_path, upstream.url).get("/api/v1/search/stream", {"q": "busy until -600"}).text
+    last = text.strip().split("\n\n")[-1].split("\n")
+    assert json.loads(last[1][len("data: "):])["retry_after"] == 3
+    assert last[2:] == ["retry: 3000"]
+
+
 def test_a_busy_upstream_in_a_stream_sets_the_reconnection_time_to_its_retry_after(
         tmp_path: Path, upstream: FakeSearxng) -> None:
     text = searxng_app(tmp_path, upstream.url).get("/api/v1/search/stream", {"q": "busy"}).text
