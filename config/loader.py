@@ -8,7 +8,7 @@ dicts, lists and scalars by hand, so that:
   tag are refused with an error, never constructed;
 - duplicate keys are an error, not a silent overwrite;
 - ``${VAR}`` and ``${VAR:-default}`` are interpolated in string scalars
-  (``$${`` writes a literal ``${``), and a missing variable names its line;
+  (``$$`` writes a literal ``$``, as in Compose files), and a missing variable names its line;
   any other ``${`` (``${VAR-default}``, ``${VAR:default}``, an unclosed one)
   is an error, never left in the value as text;
 - an alias that contains itself, and a file with no settings at all, are errors.
@@ -37,10 +37,10 @@ _SAFE_TAGS = {
     "tag:yaml.org,2002:seq",
     "tag:yaml.org,2002:timestamp",
 }
-#: ``$${`` (a literal ``${``), ``${NAME}``, ``${NAME:-default}``, or any other ``${`` (an error).
-_TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+#: ``$$`` (a literal ``$``), ``${NAME}``, ``${NAME:-default}``, or any other ``${`` (an error).
+_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 #: A ``$NAME`` without braces (the shell's and Compose's other spelling), which is not read here.
-_BARE = re.compile(r"\$\$\{|\$\{|\$([A-Za-z_][A-Za-z0-9_]*)")
+_BARE = re.compile(r"\$\$|\$\{|\$([A-Za-z_][A-Za-z0-9_]*)")
 #: What an unsupported ``${...}`` looks like, to suggest the supported spelling.
 _NEAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-=?+]|:)([^}]*)\}")
 #: More values than any stack.yaml has: aliases expanding beyond this are refused.
@@ -284,8 +284,8 @@ def _interpolate(
 
     def replace(match: re.Match[str]) -> str:
         text = match.group(0)
-        if text == "$${":
-            return "${"
+        if text == "$$":
+            return "$"
         name, default = match.groups()
         if name is None:
             return refuse(_unsupported(value, match.start(), hide=is_secret(path, value)))
@@ -310,7 +310,8 @@ def _interpolate(
         name = bare.group(1)
         # Taken as text, $JWT_SECRET would be the secret itself: a key anyone can read in the docs.
         if name is not None and (value.strip() == bare.group(0) or name in env):
-            return refuse(f"${name} is not read from the environment (only ${{{name}}} is): write ${{{name}}}")
+            return refuse(f"${name} is not read from the environment (only ${{{name}}} is): write ${{{name}}}, "
+                          f"or $${name} for the text ${name}")
     return _TOKEN.sub(replace, value)
 
 
@@ -320,7 +321,7 @@ def _unsupported(value: str, start: int, hide: bool = False) -> str:
     ``hide``: the value is a secret's, so a default written in it (a secret too) is not shown.
     """
     rest = value[start:]
-    forms = "the forms are ${NAME} and ${NAME:-default}; $${ writes a literal ${"
+    forms = "the forms are ${NAME} and ${NAME:-default}; $$ writes a literal $"
     near = _NEAR.match(rest)
     if near is not None and "+" not in near.group(2):
         name, operator, default = near.groups()

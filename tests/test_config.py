@@ -269,13 +269,14 @@ def test_a_variable_set_to_nothing_is_named(text: str, expected: str) -> None:
     [
         pytest.param("pipeline:\n  - auth: {secret: $JWT_SECRET}\n", {},
                      "stack.yaml:3:20 pipeline[0].auth.secret: $JWT_SECRET is not read from the environment (only "
-                     "${JWT_SECRET} is): write ${JWT_SECRET}", id="a secret that would be its own name"),
+                     "${JWT_SECRET} is): write ${JWT_SECRET}, or $$JWT_SECRET for the text $JWT_SECRET",
+                     id="a secret that would be its own name"),
         pytest.param("server:\n  listen: $LISTEN\n", {},
                      "stack.yaml:3:11 server.listen: $LISTEN is not read from the environment (only ${LISTEN} is): "
-                     "write ${LISTEN}", id="a whole value"),
+                     "write ${LISTEN}, or $$LISTEN for the text $LISTEN", id="a whole value"),
         pytest.param("server:\n  listen: 127.0.0.1:$PORT\n", {"PORT": "8000"},
                      "stack.yaml:3:11 server.listen: $PORT is not read from the environment (only ${PORT} is): "
-                     "write ${PORT}", id="a variable that is set"),
+                     "write ${PORT}, or $$PORT for the text $PORT", id="a variable that is set"),
         pytest.param("pipeline:\n  - session: {secret_key: '${SESSION_SECRET}'}\n", {},
                      "stack.yaml:3:27 pipeline[0].session.secret_key: environment variable SESSION_SECRET is not set "
                      "and has no default: set it in the environment or in the .env file beside the configuration "
@@ -292,8 +293,8 @@ def test_environment_variables_spelt_as_the_shell_does(text: str, env: dict[str,
 
 
 def test_a_dollar_that_names_no_variable_is_text() -> None:
-    doc = read_text("a: pa$word\nb: ^/admin$\nc: $$5\nd: US$ 5\n", env={"PATH": "/bin"})
-    assert doc.data == {"a": "pa$word", "b": "^/admin$", "c": "$$5", "d": "US$ 5"}
+    doc = read_text("a: pa$word\nb: ^/admin$\nc: $$5\nd: US$ 5\ne: x$$PATH y\nf: $$abc\n", env={"PATH": "/bin"})
+    assert doc.data == {"a": "pa$word", "b": "^/admin$", "c": "$5", "d": "US$ 5", "e": "x$PATH y", "f": "$abc"}
 
 
 def test_interpolation_with_defaults_and_escapes() -> None:
@@ -395,20 +396,20 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             ECHO + "pipeline:\n  - request_id:\n      header: ${ID_HEADER-X-Trace-Id}\n",
             "stack.yaml:4:15 pipeline[0].request_id.header: '${ID_HEADER-X-Trace-Id}' is not an interpolation "
             "stack.yaml understands; write ${ID_HEADER:-X-Trace-Id} (the forms are ${NAME} and ${NAME:-default}; "
-            "$${ writes a literal ${)",
+            "$$ writes a literal $)",
             id="${VAR-default}",
         ),
         pytest.param(
             ECHO + "pipeline:\n  - auth: {secret: '${JWT_SECRET:fallback}'}\n",
             "stack.yaml:3:20 pipeline[0].auth.secret: '${JWT_SECRET:…}' is not an interpolation stack.yaml "
-            "understands; write ${JWT_SECRET:-…} (the forms are ${NAME} and ${NAME:-default}; $${ writes a "
-            "literal ${)",
+            "understands; write ${JWT_SECRET:-…} (the forms are ${NAME} and ${NAME:-default}; $$ writes a "
+            "literal $)",
             id="${VAR:default} of a secret: its default not shown",
         ),
         pytest.param(
             ECHO + "server: {ident: 'x-${NAME'}\n",
             "stack.yaml:2:17 server.ident: '${NAME' opens ${ but never closes it (the forms are ${NAME} and "
-            "${NAME:-default}; $${ writes a literal ${)",
+            "${NAME:-default}; $$ writes a literal $)",
             id="unclosed ${",
         ),
         pytest.param(
