@@ -726,8 +726,8 @@ def _compact(directory: str) -> None:
     """Merge the files of this process's closed pipelines into one that supersedes them, then remove them.
 
     Counters and histograms add up (``_created`` keeps the earliest); a histogram
-    written with other bucket bounds stays a family of its own, as the scrape
-    leaves such families out.  Readers never see a count twice or miss one: the
+    written with other bucket bounds stays a family of its own (a scrape puts it on
+    the bounds in force, see ``_on_edges``).  Readers never see a count twice or miss one: the
     merged file names the files it replaces and is in place before they go.
     """
     with _COMPACTING:

@@ -392,8 +392,8 @@ class ValidationMiddleware:
             if path == "*" and environ.get("REQUEST_METHOD") == "OPTIONS":
                 start_response("200 OK", [("Content-Length", "0")])
                 return []
-            raise self._refuse(environ, 400, f"The request target {path[:100]!r} is not a path: this server "
-                                             "answers for resources, whose targets start with '/'.", "target")
+            raise self._refuse(environ, 400, f"The request target {(uri or path)[:100]!r} is not a path: this "
+                                             "server answers for resources, whose targets start with '/'.", "target")
         assert uri is not None
         scheme, sep, rest = uri.partition("://")
         authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]

@@ -267,6 +267,10 @@ REFUSALS += [
                       "environ": {"PATH_INFO": "127.0.0.1:80", "REQUEST_URI": "127.0.0.1:80"}},
                  400, "The request target '127.0.0.1:80' is not a path: this server answers for resources, whose "
                  "targets start with '/'.", {}, id="an authority (CONNECT)"),
+    pytest.param({}, {"method": "CONNECT", "lint": False,  # Waitress's PATH_INFO: '443' (urlsplit's reading)
+                      "environ": {"PATH_INFO": "443", "REQUEST_URI": "example.com:443"}},
+                 400, "The request target 'example.com:443' is not a path: this server answers for resources, "
+                 "whose targets start with '/'.", {}, id="an authority with a name: the target as sent"),
     pytest.param({}, {"lint": False, "environ": {"PATH_INFO": "*", "REQUEST_URI": "*"}}, 400,
                  "The request target '*' is not a path: this server answers for resources, whose targets start "
                  "with '/'.", {}, id="* for a GET"),
@@ -624,11 +628,21 @@ def waitress_url() -> Iterator[str]:
     from waitress.server import create_server
 
     server = create_server(stack(max_body_bytes=100), host="127.0.0.1", port=0, threads=1)
-    thread = threading.Thread(target=server.run, daemon=True)
+    closing = threading.Event()
+
+    def serve() -> None:
+        try:
+            server.run()
+        except OSError:  # close() from the test's thread, while the loop waits in select(): EBADF
+            if not closing.is_set():
+                raise
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
         yield f"127.0.0.1:{server.effective_port}"  # type: ignore[union-attr]
     finally:
+        closing.set()
         server.close()
         thread.join(timeout=5)
 
