@@ -321,6 +321,30 @@ def _idle(channel: Any) -> bool:
         return True  # the connection is already gone
 
 
+def _close_stalled(smap: Any, timeout: float) -> int:
+    """Close the connections whose client took none of the bytes waiting for it in ``timeout`` seconds.
+
+    Waitress's own ``channel_timeout`` only marks a connection to be closed, and
+    only one without requests; a client that pipelines requests and never reads
+    (its receive window shut) keeps its connection, a slot of ``connection_limit``
+    and megabytes of the kernel's memory for good: a few hundred such clients
+    lock everyone out.  A task thread waiting for such a client to make room is
+    woken, and its request ends as if the client had gone.
+    """
+    from waitress.channel import HTTPChannel
+
+    cutoff = time.time() - timeout  # (Waitress stamps last_activity with time.time())
+    closed = 0
+    for channel in list(smap.values()):
+        if isinstance(channel, HTTPChannel) and channel.total_outbufs_len and channel.last_activity < cutoff:
+            channel.handle_close()
+            closed += 1
+    if closed:
+        log.warning("closed %d connection(s) whose client took nothing of the answers waiting for it in %g s "
+                    "(server.channel_timeout)", closed, timeout)
+    return closed
+
+
 def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, drain: Callable[[], float],
                  tick: Callable[[], None] = lambda: None) -> bool:
     """Run Waitress's loop until ``stop``; then stop accepting and let requests in flight finish.
@@ -338,10 +362,14 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
     smap: Any = server.map if isinstance(server, MultiSocketServer) else server._map
     use_poll = server.adj.asyncore_use_poll
     drained = False
+    next_reap = 0.0
     try:
         while not stop.is_set():
             wasyncore.loop(timeout=_TICK, map=smap, use_poll=use_poll, count=1)
             tick()
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + 1.0
+                _close_stalled(smap, server.adj.channel_timeout)
         for dispatcher in list(smap.values()):
             if getattr(dispatcher, "accepting", False):  # a listening socket: close only the socket
                 dispatcher.accepting = False

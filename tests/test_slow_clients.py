@@ -143,3 +143,47 @@ def test_slow_clients_beyond_connection_limit_hold_everyone_off(tmp_path: Path) 
                 assert time.monotonic() < deadline, "Waitress never accepted again"
     finally:
         process.stop()
+
+
+def _never_reads(port: int) -> socket.socket:
+    """A client that pipelines requests and reads none of the answers: its receive window shuts."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    pipelined = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20_000
+    deadline = time.monotonic() + 1.0
+    while pipelined and time.monotonic() < deadline:
+        try:
+            pipelined = pipelined[sock.send(pipelined):]
+        except BlockingIOError:  # the server stopped reading: its answers wait for us
+            time.sleep(0.01)
+    return sock
+
+
+def test_clients_that_never_read_are_closed_after_channel_timeout(tmp_path: Path) -> None:
+    """They would hold their slots of connection_limit (and the kernel's memory) for good."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(full_stack(port, tmp_path / "var").replace("connection_limit: 500", "connection_limit: 4")
+                    .replace("channel_timeout: 60", "channel_timeout: 2\n  cleanup_interval: 1"))
+    process = ServeProcess(path).start()
+    clients: list[socket.socket] = []
+    try:
+        wait_for_port(port)
+        assert request(port, "GET", "/healthz")[0] == 200
+        clients = [_never_reads(port) for _ in range(2)]  # the listener and Waitress's trigger take the other two
+        with pytest.raises(TimeoutError):
+            request(port, "GET", "/healthz", timeout=0.5)
+        deadline = time.monotonic() + 6
+        while True:
+            try:
+                assert request(port, "GET", "/healthz", timeout=1.0)[0] == 200
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "the clients that never read still hold every slot"
+        assert "connection(s) whose client took nothing of the answers waiting for it in 2 s" in process.output()
+    finally:
+        for sock in clients:
+            sock.close()
+        process.stop()
