@@ -106,9 +106,21 @@ class AccessLogMiddleware:
             self.logger = logging.getLogger(options.logger)
         self._emit = self.sink.write if self.sink is not None else self._to_logger
         self._second = (0, "")  # (whole second, its ISO 8601 text): formatted once a second
+        #: Exchanges not closed yet: a line is written for each, by whichever takes it from here first
+        #: (its close(), or this layer's at shutdown). Weak: a server that never closes one leaks nothing.
+        self.open: weakref.WeakSet[_Exchange] = weakref.WeakSet()
 
     def close(self) -> None:
-        """Close the file this layer appends to (at shutdown or reload)."""
+        """Write the lines of requests still open, then close the file this layer appends to.
+
+        At shutdown, requests the drain timeout cut off (a long stream) are still
+        running when the process exits: their lines say ``"error":"shutdown"``, with
+        the bytes sent until then.
+        """
+        for exchange in list(self.open):
+            if exchange.claim():
+                exchange.error = exchange.error or "shutdown"
+                self.write(exchange)
         if isinstance(self.sink, _AppendFile):
             self.sink.close()
 
@@ -136,6 +148,7 @@ class AccessLogMiddleware:
         if self.logger is not None and not self.logger.isEnabledFor(_INFO):
             return self.app(environ, start_response)
         exchange = _Exchange(self, environ, start_response)
+        self.open.add(exchange)
         try:
             exchange.result = self.app(environ, exchange.start_response)
         except Exception as exc:
@@ -305,7 +318,7 @@ _CUT_SHORT: set[int] = set()
 class _Exchange:
     """One request: the ``start_response`` and body wrappers that count what is sent."""
 
-    __slots__ = ("clock", "done", "environ", "error", "layer", "method", "path", "query", "real_start",
+    __slots__ = ("__weakref__", "clock", "done", "environ", "error", "layer", "method", "path", "query", "real_start",
                  "real_write", "result", "sent", "started", "status", "streaming")
 
     def __init__(self, layer: AccessLogMiddleware, environ: WSGIEnvironment,
@@ -359,10 +372,18 @@ class _Exchange:
         self.sent += taken
         self.streaming = False
 
-    def close(self) -> None:
-        if self.done:
-            return
+    def claim(self) -> bool:
+        """Whether the caller is the one to write this exchange's line (its close, or the layer's at shutdown)."""
+        try:
+            self.layer.open.remove(self)  # one C-level set operation: one caller succeeds
+        except KeyError:
+            return False
         self.done = True
+        return True
+
+    def close(self) -> None:
+        if self.done or not self.claim():
+            return
         if self.streaming and self.error is None:  # the server stopped taking the body before its end
             self.error = "aborted"
         try:

@@ -474,3 +474,26 @@ def test_a_line_cut_short_is_ended_before_the_next(monkeypatch: pytest.MonkeyPat
     finally:
         os.close(fd)
     assert path.read_bytes().splitlines() == [b'{"n":', b'{"n":2}', b'{"n":3}']
+
+
+def test_a_request_still_running_at_shutdown_gets_its_line(inner: Inner, tmp_path: Path) -> None:
+    """The drain timeout cut off a long stream: the process exits with it running, its line is still written."""
+    log_file = tmp_path / "access.log"
+    layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(file=str(log_file)), Context())
+    finished: dict[str, Any] = {}
+    setup_testing_defaults(finished)
+    finished.update(PATH_INFO="/hello")
+    done = layer(finished, lambda status, headers, exc_info=None: None)
+    b"".join(done)
+    done.close()  # type: ignore[attr-defined]
+    running: dict[str, Any] = {}
+    setup_testing_defaults(running)
+    running.update(PATH_INFO="/stream")
+    result = layer(running, lambda status, headers, exc_info=None: None)
+    next(iter(result))  # the first chunk went out; the server is still sending when the process stops
+    layer.close()
+    lines = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines()]
+    assert [(line["path"], line["status"], line["bytes"], line.get("error")) for line in lines] == [
+        ("/hello", 200, 5, None), ("/stream", 200, 0, "shutdown")]
+    result.close()  # type: ignore[attr-defined]  # a close that comes after all the same: no second line
+    assert len(log_file.read_text(encoding="utf-8").splitlines()) == 2
