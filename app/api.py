@@ -13,13 +13,14 @@ store, so it stays cheap enough for load balancers.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, request
 
 from app.search import MAX_PAGE, SearchPage
 from app.state import SUPPORTED_VERSIONS, AppState
-from app.stream import search_events, sse_response
+from app.stream import HeldSlot, search_events, sse_response
 from middleware.base import REQUEST_ID, refuse
 
 if TYPE_CHECKING:
@@ -66,9 +67,16 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
     @bp.get("/search/stream")
     def search_stream() -> Response:
         query, page = search_args(request.args)
+        slots = state.streams
+        if slots is not None and not slots.acquire(blocking=False):
+            # Paced streams hold a server thread each for their whole length: past the cap, the
+            # others (and the probes) would queue behind them.
+            wait = math.ceil(5 * search_options.stream_interval)
+            raise refuse(503, f"{search_options.max_streams} search streams are running, as many as this "
+                         f"server runs at once; retry in {wait} seconds.", headers=[("Retry-After", str(wait))])
         events = search_events(state.engine, query, page, shape, search_options.stream_interval, logger,
                                request.environ.get(REQUEST_ID))
-        return sse_response(events)
+        return sse_response(events if slots is None else HeldSlot(events, slots.release))
 
     @bp.get("/health")
     def health() -> dict[str, Any]:

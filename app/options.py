@@ -33,6 +33,9 @@ class SearchOptions(BaseModel):
     with ``.`` or ``~``; a relative one is the stack file's folder's) (``None``: the
     standard library and the project's dependencies).  ``stream_interval``:
     seconds to pause between Server-Sent Events of the stream endpoint.
+    ``max_streams``: with ``stream_interval`` above 0, how many streams a process
+    runs at once (each holds a server thread for about five intervals); one more
+    gets 503 with a Retry-After.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,6 +49,7 @@ class SearchOptions(BaseModel):
     index_path: str | None = None
     index_sources: list[str] | None = None
     stream_interval: float = Field(default=0.0, ge=0, le=60)
+    max_streams: int = Field(default=4, ge=1, le=1000)
 
     @field_validator("upstream")
     @classmethod

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.options import AppOptions
@@ -23,6 +24,13 @@ class AppState:
     context: Context
     engine: SearchEngine
     users: UserStore
+    #: Slots for paced streams (``stream_interval`` > 0), each holding a server thread for its whole length.
+    streams: threading.BoundedSemaphore | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        search = self.options.search
+        if search.stream_interval > 0:
+            self.streams = threading.BoundedSemaphore(search.max_streams)
 
     def service(self, name: str) -> Any:
         """A service a layer published (looked up per request: layers are built after the app)."""

@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from app.search import SearchEngine, SearchPage
 
-__all__ = ["search_events", "sse_event", "sse_response"]
+__all__ = ["HeldSlot", "search_events", "sse_event", "sse_response"]
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: Seconds an ``EventSource`` waits before it reconnects after a ``search_error`` without a Retry-After.
@@ -98,6 +98,30 @@ def search_events(
     if interval:
         time.sleep(interval)
     yield complete
+
+
+class HeldSlot:
+    """``events``, with ``release()`` called once when the server closes them (also when never iterated: HEAD)."""
+
+    def __init__(self, events: Iterator[bytes], release: Callable[[], None]) -> None:
+        self.events, self.release = events, release
+        self.held = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.events)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.held:
+                self.held = False
+                self.release()
 
 
 def sse_response(events: Iterator[bytes]) -> Response:
