@@ -630,6 +630,13 @@ def test_freshness(make: Callable[..., Stack], origin: Origin, clock: Clock, opt
         assert response.headers["Age"] == str(later + age)
 
 
+def test_an_answer_older_than_its_lifetime_is_not_stored(make: Callable[..., Stack], origin: Origin) -> None:
+    origin.headers += [("Cache-Control", "max-age=60"), ("Age", "60")]
+    stack = make()
+    assert stack.get().headers["X-Cache"] == "MISS"
+    assert [key for key in stack.store.scan("") if ":e:" in key] == []  # not even stored stale
+
+
 MAX_AGE_300 = ("Cache-Control", "max-age=300")
 
 
@@ -1727,3 +1734,12 @@ def test_no_stale_answer_for_a_failing_app_unless_asked_for(make: Callable[..., 
     origin.status = "500 Internal Server Error"
     failed = stack.get(headers=request_headers, status=500)
     assert "X-Cache" not in failed.headers or failed.headers["X-Cache"] == "MISS"
+
+
+def test_two_apps_mounted_at_other_prefixes_keep_their_own_entries(make: Callable[..., Stack], origin: Origin) -> None:
+    stack = make()
+    first = stack.get(extra_environ={"SCRIPT_NAME": "/one"})
+    second = stack.get(extra_environ={"SCRIPT_NAME": "/two"})
+    assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["MISS", "MISS"]
+    assert stack.get(extra_environ={"SCRIPT_NAME": "/one"}).headers["X-Cache"] == "HIT"
+    assert origin.calls == 2

@@ -401,3 +401,47 @@ def test_a_query_limit_the_url_limit_overrides_is_named() -> None:
     assert problems("pipeline:\n  - validation: {max_query_length: 12400}\n") == [
         "stack.yaml:4:5 warning: pipeline[0]: validation.max_query_length (12400) is not below max_url_length "
         "(8192): the URL's limit refuses such queries first (414); raise max_url_length"]
+
+
+@pytest.mark.parametrize(("pipeline", "expected"), [
+    pytest.param(f"pipeline:\n  - errors: {{}}\n  - session: {{secret_key: {SECRET}}}\n  - validation: {{}}\n",
+                 "stack.yaml:5:5 warning: pipeline[1]: session at pipeline[1] is outside validation at pipeline[2]: "
+                 "it would do store work for requests validation refuses; move validation before it",
+                 id="store work before validation"),
+    pytest.param(f"pipeline:\n  - errors: {{}}\n  - session: {{secret_key: {SECRET}, cookie_name: sid}}\n"
+                 "  - cache: {cookie_names: [other]}\n",
+                 "stack.yaml:6:5 warning: pipeline[2]: cache at pipeline[2] does not list the session cookie 'sid' "
+                 "in cookie_names: requests carrying a session would not be treated as private",
+                 id="the session cookie missing from the cache's cookie_names"),
+    pytest.param("pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second'], key: 'header:X-Api-Key'}\n",
+                 "stack.yaml:5:5 warning: pipeline[1]: ratelimit at pipeline[1] keys only on request headers",
+                 id="a limiter keyed only on a header"),
+    pytest.param(f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}}}\n"
+                 "  - ratelimit: {limits: ['10/second']}\n",
+                 "stack.yaml:6:5 warning: pipeline[2]: ratelimit at pipeline[2] keys on client_ip but is inside auth",
+                 id="the only client_ip limiter inside auth"),
+])
+def test_warnings(pipeline: str, expected: str) -> None:
+    found = problems(pipeline)
+    assert any(line.startswith(expected) for line in found), found
+
+
+@pytest.mark.parametrize("pipeline", [
+    pytest.param("pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second'], key: [client_ip, 'header:X-A']}\n",
+                 id="a header key beside client_ip"),
+    pytest.param(f"pipeline:\n  - errors: {{}}\n  - ratelimit: {{limits: ['10/second']}}\n"
+                 f"  - auth: {{secret: {SECRET}}}\n  - ratelimit: {{limits: ['100/minute'], namespace: inner}}\n",
+                 id="a client_ip limiter inside auth, with another before it"),
+])
+def test_limiters_that_are_fine(pipeline: str) -> None:
+    found = problems(pipeline)
+    assert not [line for line in found if "keys only on request headers" in line or "but is inside auth" in line], \
+        found
+
+
+def test_errors_come_first_then_warnings_each_in_the_order_of_the_file() -> None:
+    # The rules find them in another order: errors_outermost, ratelimit_escapes, then unknown_stores.
+    found = problems("pipeline:\n  - health: {stores: [nope]}\n"
+                     "  - ratelimit: {limits: ['10/second'], key: 'header:X-A'}\n  - errors: {}\n")
+    assert [(line.split(" ")[0], " warning: " in line) for line in found] == [
+        ("stack.yaml:4:23", False), ("stack.yaml:6:5", False), ("stack.yaml:5:5", True)], found

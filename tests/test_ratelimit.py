@@ -904,3 +904,19 @@ def test_the_memory_sweep_takes_keys_cleared_while_it_runs(table: str) -> None:
         assert "cleared" not in storage.events and "kept" not in storage.storage
     finally:
         storage.timer.cancel()
+
+
+def test_rules_that_differ_only_in_their_methods_count_apart(store: Store) -> None:
+    stack = Stack(store, rules=[{"paths": ["/a"], "methods": ["POST"], "limits": ["1/minute"]},
+                                {"paths": ["/a"], "methods": ["GET"], "limits": ["1/minute"]}])
+    assert stack.get("/a", method="POST").status_int == 200
+    assert [stack.get("/a").status_int, stack.get("/a").status_int] == [200, 429]  # a counter of its own
+
+
+def test_a_later_request_is_told_what_is_left_of_its_window(store: Store) -> None:
+    stack = Stack(store, limits=["2 per 3 second"])
+    assert stack.get().headers["RateLimit-Reset"] == "3"
+    time.sleep(1.3)
+    second, third = stack.get(), stack.get()
+    assert (second.status_int, second.headers["RateLimit-Reset"]) == (200, "2")
+    assert (third.status_int, third.headers["Retry-After"]) == (429, "2")

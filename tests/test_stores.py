@@ -284,6 +284,19 @@ def test_memory_store_evicts_disposable_keys_least_recently_used_first() -> None
     assert store.get("session:1") == b"s"
 
 
+def test_wrong_password_counts_never_make_room_for_a_cache_entry_while_they_hold_half_or_less() -> None:
+    """A client who can add cache entries cannot wipe a name's brute-force count."""
+    store = MemoryStore(max_entries=4)
+    store.allow_eviction("cache:")
+    store.allow_eviction("login-failures:", lowest=False)
+    for i in range(3):
+        store.set(f"session:{i}", b"x")
+    store.incr("login-failures:alice", 900)
+    with pytest.raises(StoreError, match="the memory store is full"):
+        store.set("cache:e:/page", b"body", 60)
+    assert store.get("login-failures:alice") == b"1"
+
+
 def test_memory_store_never_evicts_other_keys() -> None:
     """A client who can add cache entries at will cannot push a revocation out."""
     store = MemoryStore(max_entries=3)
