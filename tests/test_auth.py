@@ -1102,3 +1102,24 @@ def test_a_pair_made_again_says_the_lifetime_it_has_left(store: Store, monkeypat
     again = stack.tokens.refresh(first["refresh_token"])
     assert pair(again) == pair(second)
     assert (again["expires_in"], again["refresh_expires_in"]) == (891, 3591)
+
+
+def test_a_family_revoked_while_its_refresh_is_being_made_refuses_the_new_pair() -> None:
+    """A reuse detected on another thread (or host) between the checks and the new pair: no live pair goes out."""
+
+    class RevokedMeanwhile(MemoryStore):
+        family = ""
+
+        def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+            if key.startswith("refresh-used:") and self.family:
+                self.set("family-revoked:" + self.family, b"1", ttl=3600)  # the other request's reuse detection
+            return super().add(key, value, ttl)
+
+    store = RevokedMeanwhile()
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann")
+    store.family = jwt.decode(pair["refresh_token"], SECRET, algorithms=["HS256"])["fam"]
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.refresh(pair["refresh_token"])
+    assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
+        ("WWW-Authenticate", challenge("the token has been revoked"))]
