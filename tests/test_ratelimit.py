@@ -920,3 +920,12 @@ def test_a_later_request_is_told_what_is_left_of_its_window(store: Store) -> Non
     second, third = stack.get(), stack.get()
     assert (second.status_int, second.headers["RateLimit-Reset"]) == (200, "2")
     assert (third.status_int, third.headers["Retry-After"]) == (429, "2")
+
+
+@pytest.mark.redis
+def test_a_sliding_window_weighs_the_window_before(redis_store: Store) -> None:
+    """limits' Redis sliding window: the last window's count, weighted by how much of it still overlaps."""
+    stack = Stack(redis_store, limits=["3 per 2 second"], strategy="sliding-window-counter")
+    assert [stack.get().status_int for _ in range(4)] == [200, 200, 200, 429]
+    time.sleep(2.2)  # a new window: the last one's 3 still weigh floor(3 * 1.8 / 2) = 2 (up to 2.6 s later)
+    assert [stack.get().status_int for _ in range(2)] == [200, 429]
