@@ -26,10 +26,45 @@ __all__ = ["EphemeralSession", "StackSession", "StackSessionInterface"]
 
 
 class StackSession(SessionMixin):
-    """A Flask session that reads and writes the stack's session object."""
+    """A Flask session that reads and writes the stack's session object.
+
+    ``modified``, ``new`` and ``accessed`` are the layer's (``flask.session.modified = True``
+    after changing a nested value in place saves it); ``permanent`` is always true: the
+    session's lifetime is the layer's timeouts, and setting it stores nothing.
+    """
 
     def __init__(self, inner: MutableMapping[str, Any]) -> None:
         self.inner = inner
+
+    @property
+    def modified(self) -> bool:
+        return bool(getattr(self.inner, "modified", False))
+
+    @modified.setter
+    def modified(self, value: bool) -> None:
+        if value:
+            len(self.inner)  # loaded first: saving a session never read would store it empty
+        self.inner.modified = value  # type: ignore[attr-defined]
+
+    @property
+    def new(self) -> bool:  # type: ignore[override]  # the layer's; Flask's is a writable attribute
+        return bool(getattr(self.inner, "new", True))
+
+    @property
+    def accessed(self) -> bool:
+        return bool(getattr(self.inner, "accessed", True))
+
+    @accessed.setter
+    def accessed(self, value: bool) -> None:
+        self.inner.accessed = value  # type: ignore[attr-defined]
+
+    @property
+    def permanent(self) -> bool:
+        return True
+
+    @permanent.setter
+    def permanent(self, value: bool) -> None:
+        """Flask's ``session.permanent = True`` would store a ``_permanent`` key (and a cookie for every visitor)."""
 
     def __getitem__(self, key: str) -> Any:
         return self.inner[key]

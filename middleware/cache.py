@@ -56,6 +56,7 @@ from .base import (
     Context,
     LayerOptions,
     ReadKey,
+    add_vary,
     cookies,
     decoded_path,
     note,
@@ -236,6 +237,13 @@ class _Fill:
                 self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()
+            elif getattr(self.environ.get(SESSION), "accessed", False):
+                # The session layer outside adds Vary: Cookie to this answer (made from the session),
+                # and would not to a hit, where nobody reads it: stored with the entry, for the caches
+                # downstream. The entry's own variants stay keyed by its Vary (the cookie is cookie_names').
+                stored = list(self.plan.headers)
+                add_vary(stored, "Cookie")
+                self.plan.headers = stored
             elif status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in self.environ or
                                           "HTTP_IF_MODIFIED_SINCE" in self.environ) and \
                     _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age}):

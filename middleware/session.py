@@ -64,6 +64,14 @@ _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{1,128}\.[A-Za-z0-9_-]{43}")
 _clock = time.time  # wall clock: created_at is shared by every process (tests may replace it)
 
 
+def _serialisable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
 class Session(MutableMapping[str, Any]):
     """The request's session: a lazy mapping of JSON values, loaded on first use.
 
@@ -159,7 +167,7 @@ class Session(MutableMapping[str, Any]):
             raise TypeError(f"session keys must be strings, not {type(key).__name__}")
         try:
             json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise TypeError(
                 f"session values must be JSON-serialisable: session[{key!r}] got a "
                 f"{type(value).__name__} ({exc})"
@@ -494,8 +502,15 @@ class SessionMiddleware:
         try:
             if session.modified and session._data is not None:
                 sid = session.id
-                payload = json.dumps({"created_at": session._created, "data": session._data},
-                                     separators=(",", ":"), allow_nan=False).encode()
+                try:
+                    payload = json.dumps({"created_at": session._created, "data": session._data},
+                                         separators=(",", ":"), allow_nan=False).encode()
+                except (TypeError, ValueError, RecursionError) as exc:
+                    # A value changed in place (session["cart"].append(...)) is only seen now: the
+                    # same error an assignment gets, named; the response fails (500), nothing is saved.
+                    bad = next((key for key, value in session._data.items() if not _serialisable(value)), "?")
+                    raise TypeError(f"session values must be JSON-serialisable: session[{bad!r}] holds a value "
+                                    f"changed in place that is not ({exc})") from None
                 remaining = session._created + self.options.absolute_timeout - _clock()
                 ttl = max(min(self.options.idle_timeout, remaining), 0.001)
                 if sid != session._stored_id:

@@ -864,3 +864,87 @@ def test_yaml_refuses_insecure_cookie_on_public_listener(make_stack: Callable[..
 def probe_factory(options: dict[str, Any]) -> Any:
     """App factory for the YAML tests."""
     return probe
+
+
+def flask_views() -> Any:
+    """A Flask core with the stack's session interface, as app.create_app sets it up."""
+    import datetime
+
+    import flask
+
+    from app.session_adapter import StackSessionInterface
+
+    app = flask.Flask("views")
+    app.session_interface = StackSessionInterface()
+
+    @app.get("/start")
+    def start() -> Any:
+        flask.session["cart"] = []
+        return {"new": flask.session.new, "modified": flask.session.modified}
+
+    @app.get("/add")
+    def add() -> Any:
+        flask.session["cart"].append("item")  # changed in place: only modified says so
+        flask.session.modified = True
+        return {"cart": flask.session["cart"], "new": flask.session.new}
+
+    @app.get("/permanent")
+    def permanent() -> Any:
+        flask.session.permanent = True  # the usual Flask line: stores nothing here
+        return {"permanent": flask.session.permanent}
+
+    @app.get("/nested-date")
+    def nested_date() -> Any:
+        flask.session["cart"].append(datetime.date(2026, 1, 1))
+        flask.session.modified = True
+        return {}
+
+    return app
+
+
+def test_flask_session_modified_saves_a_value_changed_in_place(store: CountingStore) -> None:
+    app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
+    assert app.get("/start").json == {"new": True, "modified": True}
+    assert app.get("/add").json == {"cart": ["item"], "new": False}
+    sid = app.layer.signer.unsign(app.cookies["sid"]).decode()
+    assert stored(store, sid)["data"] == {"cart": ["item"]}
+
+
+def test_flask_session_permanent_stores_nothing(store: CountingStore) -> None:
+    app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
+    response = app.get("/permanent")
+    assert response.json == {"permanent": True}
+    assert "Set-Cookie" not in response.headers and list(store.inner.scan(KEY_PREFIX)) == []
+
+
+def test_a_value_changed_in_place_that_json_cannot_hold_fails_with_its_name(store: CountingStore,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
+    app.get("/start")
+    with caplog.at_level(logging.ERROR):
+        app.get("/nested-date", status=500)
+    assert "session values must be JSON-serialisable: session['cart'] holds a value changed in place that is " \
+           "not (Object of type date is not JSON serializable)" in caplog.text
+    sid = app.layer.signer.unsign(app.cookies["sid"]).decode()
+    assert stored(store, sid)["data"] == {"cart": []}  # nothing of it saved
+
+
+def test_a_cached_page_made_from_the_session_keeps_vary_cookie_on_its_hits(store: CountingStore) -> None:
+    """A public page built from an anonymous session: the hit, where nobody reads the session, varies too."""
+    from middleware.cache import CacheMiddleware
+
+    def page(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        user = environ[SESSION].get("user")
+        body = json.dumps({"user": user}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "public, max-age=60")])
+        return [body]
+
+    context = Context(stores={"shared": store})
+    cache = CacheMiddleware(page, CacheMiddleware.Options(cookie_names=["sid"]), context)
+    layer = SessionMiddleware(cache, SessionMiddleware.Options(secret_key=SECRET, cookie_name="sid",
+                                                                cookie_secure=False), context)
+    app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), context))
+    miss, hit = app.get("/read"), app.get("/read")
+    assert [miss.headers["X-Cache"], hit.headers["X-Cache"]] == ["MISS", "HIT"]
+    assert miss.headers["Vary"] == hit.headers["Vary"] == "Cookie"
