@@ -328,15 +328,32 @@ def _close_stalled(smap: Any, timeout: float) -> int:
     only one without requests; a client that pipelines requests and never reads
     (its receive window shut) keeps its connection, a slot of ``connection_limit``
     and megabytes of the kernel's memory for good: a few hundred such clients
-    lock everyone out.  A task thread waiting for such a client to make room is
-    woken, and its request ends as if the client had gone.
+    lock everyone out.  A connection with bytes waiting and no send for that long
+    gets one more try at a send; one that takes nothing is closed.  A task thread
+    waiting for such a client to make room is woken, and its request ends as if
+    the client had gone.
     """
     from waitress.channel import HTTPChannel
 
     cutoff = time.time() - timeout  # (Waitress stamps last_activity with time.time())
     closed = 0
     for channel in list(smap.values()):
-        if isinstance(channel, HTTPChannel) and channel.total_outbufs_len and channel.last_activity < cutoff:
+        if not (isinstance(channel, HTTPChannel) and channel.total_outbufs_len and channel.last_activity < cutoff):
+            continue
+        # No send for that long says little by itself: the loop only sends when the kernel reports room
+        # for half of what is queued, and a client reading slowly through megabytes of send buffer gets
+        # no send for a minute. Try one now: a client that takes any byte is reading.
+        lock = channel.outbuf_lock
+        if not lock.acquire(False):
+            continue  # a task thread is writing to it: not stalled
+        try:
+            before = channel.last_activity
+            with contextlib.suppress(OSError):
+                channel._flush_some(do_close=False)  # type: ignore[attr-defined]
+            taken = channel.last_activity != before or not channel.total_outbufs_len
+        finally:
+            lock.release()
+        if not taken and channel.connected:
             channel.handle_close()
             closed += 1
     if closed:
@@ -470,7 +487,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         drained = _serve_until(server, stop, hurry, lambda: _drain_seconds(live), act)
     finally:
         live.stop_watch()
-        live.current.close()
+        live.close()
     return 0 if drained else 1
 
 
@@ -741,7 +758,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
         os.close(wake_r)
         os.close(wake_w)
         beats.close()
-    live.current.close()
+    live.close()
     return 3 if gave_up else 1 if incomplete else 0
 
 

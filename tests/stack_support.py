@@ -259,3 +259,14 @@ def gc_app(options: dict[str, Any] | None = None) -> Any:
         return [body]
 
     return app
+
+
+def large_app(options: dict[str, Any] | None = None) -> Any:
+    """An app that answers ``options["mib"]`` MiB of spaces (default 12), all at once."""
+    body = b" " * (int((options or {}).get("mib", 12)) << 20)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app

@@ -175,7 +175,9 @@ def test_clients_that_never_read_are_closed_after_channel_timeout(tmp_path: Path
         clients = [_never_reads(port) for _ in range(2)]  # the listener and Waitress's trigger take the other two
         with pytest.raises(TimeoutError):
             request(port, "GET", "/healthz", timeout=0.5)
-        deadline = time.monotonic() + 6
+        # Waitress answers the pipelined requests for some seconds (each answer counts as activity) before
+        # its buffers fill; then channel_timeout (2 s) and cleanup_interval (1 s).
+        deadline = time.monotonic() + 30
         while True:
             try:
                 assert request(port, "GET", "/healthz", timeout=1.0)[0] == 200
@@ -186,4 +188,31 @@ def test_clients_that_never_read_are_closed_after_channel_timeout(tmp_path: Path
     finally:
         for sock in clients:
             sock.close()
+        process.stop()
+
+
+def test_a_client_reading_a_large_answer_slowly_is_not_taken_for_stalled(tmp_path: Path) -> None:
+    """Waitress sends only when the kernel has room for half of what is queued: a slow reader may see no
+    send for longer than channel_timeout, and is reading all along."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(f"server:\n  listen: 127.0.0.1:{port}\n  channel_timeout: 1\n  cleanup_interval: 1\n"
+                    "app:\n  factory: stack_support:large_app\n  options: {mib: 6}\npipeline:\n  - errors: {}\n")
+    process = ServeProcess(path).start()
+    try:
+        wait_for_port(port)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        received = 0
+        while True:  # about 0.7 MiB a second: some eight seconds, with gaps between sends over a second
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += len(chunk)
+            time.sleep(0.09)
+        sock.close()
+        assert received > 6 << 20  # the headers and every byte of the body
+        assert "whose client took nothing" not in process.output()
+    finally:
         process.stop()
