@@ -382,16 +382,17 @@ class _Exchange:
         return True
 
     def close(self) -> None:
-        if self.done or not self.claim():
-            return
-        if self.streaming and self.error is None:  # the server stopped taking the body before its end
+        result, self.result = self.result, None  # the app's answer is closed once, whoever wrote the line
+        owes = not self.done and self.claim()  # (the layer's close at shutdown may have written it)
+        if owes and self.streaming and self.error is None:  # the server stopped taking the body before its end
             self.error = "aborted"
         try:
-            close = getattr(self.result, "close", None)
+            close = getattr(result, "close", None)
             if close is not None:
                 close()
         finally:
-            self.layer.write(self)
+            if owes:
+                self.layer.write(self)
 
 
 #: The most one text field takes in a line that would be longer than _ATOMIC_BYTES: nine such

@@ -495,5 +495,7 @@ def test_a_request_still_running_at_shutdown_gets_its_line(inner: Inner, tmp_pat
     lines = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines()]
     assert [(line["path"], line["status"], line["bytes"], line.get("error")) for line in lines] == [
         ("/hello", 200, 5, None), ("/stream", 200, 0, "shutdown")]
-    result.close()  # type: ignore[attr-defined]  # a close that comes after all the same: no second line
+    assert inner.body is not None and not inner.body.closed
+    result.close()  # type: ignore[attr-defined]  # a close that comes after all the same: no second line,
     assert len(log_file.read_text(encoding="utf-8").splitlines()) == 2
+    assert inner.body.closed  # and the app's answer is closed all the same (PEP 3333)

@@ -8,6 +8,7 @@ invalid one must leave it alone, and no request may fail.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -257,3 +258,23 @@ def test_every_server_setting_is_applied_by_a_reload_or_reported() -> None:
     # worker_timeout by the supervisor on every pass of its loop, from its reloaded configuration.
     assert set(ServerOptions.model_fields) - set(RESTART_ONLY) == {"generation_header", "reload", "drain_timeout",
                                                                    "worker_timeout"}
+
+
+def test_requests_still_running_on_a_replaced_pipeline_at_exit_get_their_access_lines(tmp_path: Path) -> None:
+    """A stream on generation 1, a reload, then the server stops: generation 1's layers are closed too."""
+    path = tmp_path / "stack.yaml"
+    log = tmp_path / "access.log"
+    config = ('app: {factory: "stack_support:large_app", options: {mib: 1}}\n'
+              f"pipeline:\n  - errors: {{}}\n  - access_log: {{file: {log}}}\n")
+    path.write_text(config)
+    live = LiveStack(path)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/download", "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+               "wsgi.errors": io.StringIO(), "REMOTE_ADDR": "127.0.0.1"}
+    body = live(environ, lambda status, headers, exc_info=None: None)
+    next(iter(body))  # sending, when the file is changed and reloaded
+    path.write_text(config + "  - request_id: {}\n")
+    assert live.reload().ok and live.generation == 2
+    live.close()
+    [line] = [json.loads(text) for text in log.read_text().splitlines()]
+    assert (line["path"], line["error"]) == ("/download", "shutdown")
