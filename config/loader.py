@@ -297,7 +297,7 @@ def _interpolate(
                 doc.empty[path] = name
             return env[name]
         if default is not None:
-            return default
+            return default.replace("$$", "$")  # as in the rest of the value
         if secret:  # a default written in the file would be no secret
             return refuse(f"environment variable {name} is not set and has no default: set it in the environment "
                           "or in the .env file beside the configuration (make one with: python -c 'import secrets; "
@@ -310,8 +310,8 @@ def _interpolate(
         name = bare.group(1)
         # Taken as text, $JWT_SECRET would be the secret itself: a key anyone can read in the docs.
         if name is not None and (value.strip() == bare.group(0) or name in env):
-            return refuse(f"${name} is not read from the environment (only ${{{name}}} is): write ${{{name}}}, "
-                          f"or $${name} for the text ${name}")
+            return refuse(f"${name} is not read from the environment (only ${{{name}}} is): write ${{{name}}}"
+                          + ("" if secret else f", or $${name} for the text ${name}"))
     return _TOKEN.sub(replace, value)
 
 
