@@ -43,8 +43,13 @@ class StackSession(SessionMixin):
     @modified.setter
     def modified(self, value: bool) -> None:
         if value:
-            len(self.inner)  # loaded first: saving a session never read would store it empty
-        self.inner.modified = value  # type: ignore[attr-defined]
+            # As Flask's own sessions: an empty new session is not stored, nor given a cookie
+            # (many apps set modified on every request: every visitor would get a stored session).
+            if len(self.inner) == 0 and self.new:
+                return
+            self.inner._changed()  # type: ignore[attr-defined]  # (also: a warning once the response started)
+        else:
+            self.inner.modified = False  # type: ignore[attr-defined]
 
     @property
     def new(self) -> bool:  # type: ignore[override]  # the layer's; Flask's is a writable attribute

@@ -237,14 +237,15 @@ class _Fill:
                 self.layer._plan(status, headers, self.subject)
             if self.plan is None:
                 self.release()
-            elif getattr(self.environ.get(SESSION), "accessed", False):
+                return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
+            if getattr(self.environ.get(SESSION), "accessed", False):
                 # The session layer outside adds Vary: Cookie to this answer (made from the session),
                 # and would not to a hit, where nobody reads it: stored with the entry, for the caches
                 # downstream. The entry's own variants stay keyed by its Vary (the cookie is cookie_names').
                 stored = list(self.plan.headers)
                 add_vary(stored, "Cookie")
                 self.plan.headers = stored
-            elif status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in self.environ or
+            if status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in self.environ or
                                           "HTTP_IF_MODIFIED_SINCE" in self.environ) and \
                     _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age}):
                 # A cache evaluates the conditions (RFC 9110 §13.2.1), on a miss as on a hit: the

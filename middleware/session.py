@@ -483,6 +483,10 @@ class SessionMiddleware:
         """
         headers: list[tuple[str, str]] = []
         ended = False  # the session rotate() carried was ended while this request ran
+        # Serialised before anything is deleted: a value JSON cannot hold fails the request with the
+        # session as it was (a rotate's old id not deleted yet), so a retry finds it.
+        payload = self._payload(session) if session.modified and session._data is not None and session._persist \
+            else None
         if session._stale:
             try:
                 for sid in session._stale:
@@ -500,17 +504,9 @@ class SessionMiddleware:
         if not session._persist:
             return headers
         try:
-            if session.modified and session._data is not None:
+            if payload is not None:
+                assert session._data is not None
                 sid = session.id
-                try:
-                    payload = json.dumps({"created_at": session._created, "data": session._data},
-                                         separators=(",", ":"), allow_nan=False).encode()
-                except (TypeError, ValueError, RecursionError) as exc:
-                    # A value changed in place (session["cart"].append(...)) is only seen now: the
-                    # same error an assignment gets, named; the response fails (500), nothing is saved.
-                    bad = next((key for key, value in session._data.items() if not _serialisable(value)), "?")
-                    raise TypeError(f"session values must be JSON-serialisable: session[{bad!r}] holds a value "
-                                    f"changed in place that is not ({exc})") from None
                 remaining = session._created + self.options.absolute_timeout - _clock()
                 ttl = max(min(self.options.idle_timeout, remaining), 0.001)
                 if sid != session._stored_id:
@@ -531,6 +527,20 @@ class SessionMiddleware:
             self._store_failed(session, exc, "saved")
             headers = [h for h in headers if h[1] == self._expired_cookie]
         return headers
+
+    @staticmethod
+    def _payload(session: Session) -> bytes:
+        """The stored form of ``session``; TypeError naming the key of a value JSON cannot hold."""
+        data = session._data or {}
+        try:
+            return json.dumps({"created_at": session._created, "data": data},
+                              separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            # A value changed in place (session["cart"].append(...)) is only seen now: the same
+            # error an assignment gets, named; the response fails (500), nothing is saved.
+            bad = next((key for key, value in data.items() if not _serialisable(value)), "?")
+            raise TypeError(f"session values must be JSON-serialisable: session[{bad!r}] holds a value "
+                            f"changed in place that is not ({exc})") from None
 
     def _store_failed(self, session: Session, exc: StoreError, action: str, *, always: bool = False) -> None:
         """Record a store failure; refuse with 503 when ``closed`` (or ``always``), else carry on unsaved."""

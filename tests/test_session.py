@@ -893,6 +893,17 @@ def flask_views() -> Any:
         flask.session.permanent = True  # the usual Flask line: stores nothing here
         return {"permanent": flask.session.permanent}
 
+    @app.get("/touch")
+    def touch() -> Any:
+        flask.session.modified = True  # a common Flask line, run for every request (before_request, say)
+        return {}
+
+    @app.get("/login-then-bad")
+    def login_then_bad() -> Any:
+        flask.session["cart"].append({1, 2})  # changed in place: JSON cannot hold a set
+        flask.session.rotate()
+        return {}
+
     @app.get("/nested-date")
     def nested_date() -> Any:
         flask.session["cart"].append(datetime.date(2026, 1, 1))
@@ -948,3 +959,42 @@ def test_a_cached_page_made_from_the_session_keeps_vary_cookie_on_its_hits(store
     miss, hit = app.get("/read"), app.get("/read")
     assert [miss.headers["X-Cache"], hit.headers["X-Cache"]] == ["MISS", "HIT"]
     assert miss.headers["Vary"] == hit.headers["Vary"] == "Cookie"
+
+
+def test_a_conditional_miss_of_a_page_made_from_the_session_is_a_304_too(store: CountingStore) -> None:
+    """As in the shipped stack, where auth reads the session on every request."""
+    from middleware.cache import CacheMiddleware
+
+    def page(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environ[SESSION].get("user")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2"), ("ETag", '"v1"'),
+                                  ("Cache-Control", "public, max-age=60")])
+        return [b"ok"]
+
+    context = Context(stores={"shared": store})
+    cache = CacheMiddleware(page, CacheMiddleware.Options(cookie_names=["sid"]), context)
+    layer = SessionMiddleware(cache, SessionMiddleware.Options(secret_key=SECRET, cookie_name="sid",
+                                                                cookie_secure=False), context)
+    app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), context))
+    miss = app.get("/page", headers={"If-None-Match": '"v1"'}, status=304)
+    hit = app.get("/page", headers={"If-None-Match": '"v1"'}, status=304)
+    assert [miss.headers["X-Cache"], hit.headers["X-Cache"]] == ["MISS", "HIT"]
+    assert miss.headers["Vary"] == hit.headers["Vary"] == "Cookie"
+
+
+def test_flask_session_modified_on_an_empty_new_session_stores_nothing(store: CountingStore) -> None:
+    """As Flask's own sessions: a visitor without a cookie gets no stored session, no cookie, no private."""
+    app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
+    for _ in range(3):
+        response = app.get("/touch")
+        assert "Set-Cookie" not in response.headers and "private" not in response.headers.get("Cache-Control", "")
+    assert list(store.inner.scan(KEY_PREFIX)) == []
+
+
+def test_a_value_json_cannot_hold_fails_a_rotate_before_the_old_session_is_deleted(store: CountingStore) -> None:
+    """The request fails (500) with the session as it was: the client is still logged in and may retry."""
+    app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
+    app.get("/start")
+    sid = app.layer.signer.unsign(app.cookies["sid"]).decode()
+    app.get("/login-then-bad", status=500)
+    assert stored(store, sid)["data"] == {"cart": []}
