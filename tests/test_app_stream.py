@@ -148,16 +148,22 @@ def test_a_failure_while_shaping_the_result_ends_the_stream_with_an_error(caplog
     assert [r.request_id for r in caplog.records] == ["rid-7"]  # type: ignore[attr-defined]  # the body outlives it
 
 
+def streams_started(app: Any, count: int) -> list[Iterable[bytes]]:
+    """``count`` streams, each past its first event and still open."""
+    bodies = []
+    for _ in range(count):
+        seen, chunks, body = start(app, "/api/v1/search/stream?q=json")
+        assert seen["status"] == "200 OK"
+        next(chunks)
+        bodies.append(body)
+    return bodies
+
+
 def test_paced_streams_past_max_streams_are_refused_until_one_ends(tmp_path: Path) -> None:
     """Each paced stream holds a server thread for its whole length: the ones past the cap get 503."""
     app = ErrorsMiddleware(make_app(tmp_path, stream_interval=0.2, max_streams=2), ErrorsMiddleware.Options(),
                            Context())
-    running = []
-    for _ in range(2):
-        seen, chunks, body = start(app, "/api/v1/search/stream?q=json")
-        assert seen["status"] == "200 OK"
-        next(chunks)
-        running.append(body)
+    running = streams_started(app, 2)
     client = TestApp(app)
     refused = client.get("/api/v2/search/stream", {"q": "json"}, status=503)  # v1 and v2 share the slots
     assert refused.headers["Retry-After"] == "1"
@@ -171,12 +177,5 @@ def test_paced_streams_past_max_streams_are_refused_until_one_ends(tmp_path: Pat
 
 
 def test_unpaced_streams_have_no_cap(tmp_path: Path) -> None:
-    app = make_app(tmp_path, max_streams=1)
-    bodies = []
-    for _ in range(3):
-        seen, chunks, body = start(app, "/api/v1/search/stream?q=json")
-        assert seen["status"] == "200 OK"
-        next(chunks)
-        bodies.append(body)
-    for body in bodies:
+    for body in streams_started(make_app(tmp_path, max_streams=1), 3):
         body.close()  # type: ignore[attr-defined]
