@@ -117,7 +117,14 @@ class AccessLogMiddleware:
         running when the process exits: their lines say ``"error":"shutdown"``, with
         the bytes sent until then.
         """
-        for exchange in list(self.open):
+        pending: list[_Exchange] = []
+        for _ in range(5):  # another thread's close() may change the set while it is copied
+            try:
+                pending = list(self.open)
+                break
+            except RuntimeError:
+                continue
+        for exchange in pending:
             if exchange.claim():
                 exchange.error = exchange.error or "shutdown"
                 self.write(exchange)
