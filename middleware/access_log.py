@@ -107,8 +107,10 @@ class AccessLogMiddleware:
         self._emit = self.sink.write if self.sink is not None else self._to_logger
         self._second = (0, "")  # (whole second, its ISO 8601 text): formatted once a second
         #: Exchanges not closed yet: a line is written for each, by whichever takes it from here first
-        #: (its close(), or this layer's at shutdown). Weak: a server that never closes one leaks nothing.
-        self.open: weakref.WeakSet[_Exchange] = weakref.WeakSet()
+        #: (its close(), or this layer's at shutdown). Weak references, each removed when its exchange is
+        #: collected: a server that never closes one leaks nothing. (A plain set: add, remove and copy
+        #: are each one C call, safe across threads; a WeakSet's iteration is not.)
+        self.open: set[weakref.ref[_Exchange]] = set()
 
     def close(self) -> None:
         """Write the lines of requests still open, then close the file this layer appends to.
@@ -117,14 +119,7 @@ class AccessLogMiddleware:
         running when the process exits: their lines say ``"error":"shutdown"``, with
         the bytes sent until then.
         """
-        pending: list[_Exchange] = []
-        for _ in range(5):  # another thread's close() may change the set while it is copied
-            try:
-                pending = list(self.open)
-                break
-            except RuntimeError:
-                continue
-        for exchange in pending:
+        for exchange in [found for ref in self.open.copy() if (found := ref()) is not None]:
             if exchange.claim():
                 exchange.error = exchange.error or "shutdown"
                 self.write(exchange)
@@ -155,7 +150,7 @@ class AccessLogMiddleware:
         if self.logger is not None and not self.logger.isEnabledFor(_INFO):
             return self.app(environ, start_response)
         exchange = _Exchange(self, environ, start_response)
-        self.open.add(exchange)
+        self.open.add(exchange.ref)
         try:
             exchange.result = self.app(environ, exchange.start_response)
         except Exception as exc:
@@ -326,11 +321,12 @@ class _Exchange:
     """One request: the ``start_response`` and body wrappers that count what is sent."""
 
     __slots__ = ("__weakref__", "clock", "done", "environ", "error", "layer", "method", "path", "query", "real_start",
-                 "real_write", "result", "sent", "started", "status", "streaming")
+                 "real_write", "ref", "result", "sent", "started", "status", "streaming")
 
     def __init__(self, layer: AccessLogMiddleware, environ: WSGIEnvironment,
                  start_response: StartResponse) -> None:
         self.layer, self.environ, self.real_start = layer, environ, start_response
+        self.ref = weakref.ref(self, layer.open.discard)  # (its callback drops it once collected)
         self.started, self.clock = time.time(), time.perf_counter()
         # Inner layers may rewrite these; the log shows what the client asked for.
         self.method: str = environ.get("REQUEST_METHOD", "")
@@ -382,7 +378,7 @@ class _Exchange:
     def claim(self) -> bool:
         """Whether the caller is the one to write this exchange's line (its close, or the layer's at shutdown)."""
         try:
-            self.layer.open.remove(self)  # one C-level set operation: one caller succeeds
+            self.layer.open.remove(self.ref)  # one C-level set operation: one caller succeeds
         except KeyError:
             return False
         self.done = True
