@@ -285,8 +285,27 @@ GIVE_UP = 5
 DRAIN_ENV = "WSGISTACK_DRAIN_SECONDS"
 #: How often the serving loop looks up from the sockets to see whether it should stop.
 _TICK = 0.2
-#: A worker's heartbeat in the supervisor's shared page: the ``time.monotonic()`` of its loop's last pass.
-_BEAT = struct.Struct("d")
+
+
+class _Beats:
+    """The workers' heartbeats, in a page the supervisor shares with them: per slot, the
+    ``time.monotonic()`` of its worker's last pass through the serving loop."""
+
+    _STAMP = struct.Struct("d")
+
+    def __init__(self, slots: int) -> None:
+        self.page = mmap.mmap(-1, self._STAMP.size * slots)
+
+    def stamp(self, slot: int, when: float | None = None) -> None:
+        self._STAMP.pack_into(self.page, self._STAMP.size * slot, time.monotonic() if when is None else when)
+
+    def silent(self, slot: int, now: float) -> float:
+        """Seconds since the slot's worker last stamped."""
+        stamped: float = self._STAMP.unpack_from(self.page, self._STAMP.size * slot)[0]
+        return now - stamped
+
+    def close(self) -> None:
+        self.page.close()
 
 
 def _drain_seconds(live: LiveStack) -> float:
@@ -585,7 +604,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     failed: dict[int, int] = dict.fromkeys(range(len(slots)), 0)  # slot -> its workers' failed starts in a row
     pending: list[int] = []
     supervisor = os.getpid()
-    beats = mmap.mmap(-1, _BEAT.size * len(slots))  # shared with the workers: slot -> its worker's last pass
+    beats = _Beats(len(slots))
     hung: set[int] = set()  # workers killed for want of a heartbeat, until reaped
     judged = time.monotonic()  # when the heartbeats were last looked at
     wake_r, wake_w = os.pipe()
@@ -593,7 +612,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     os.set_blocking(wake_w, False)
 
     def spawn(slot: int) -> None:
-        _BEAT.pack_into(beats, _BEAT.size * slot, time.monotonic())  # its start counts as its first beat
+        beats.stamp(slot)  # its start counts as its first beat
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             pid = os.fork()
@@ -609,9 +628,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                         signal.signal(sig, signal.SIG_DFL)
                     _stop_with_parent(supervisor)
                     live.after_fork(f"worker {os.getpid()}: ")
-                    offset = _BEAT.size * slot
-                    code = _run_waitress(live, slots[slot], parent=supervisor,
-                                         beat=lambda: _BEAT.pack_into(beats, offset, time.monotonic()))
+                    code = _run_waitress(live, slots[slot], parent=supervisor, beat=lambda: beats.stamp(slot))
                 except BaseException:
                     log.exception("worker %d failed", os.getpid())
                     code = 1
@@ -695,10 +712,10 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                 now = time.monotonic()
                 if now - judged > timeout:  # the supervisor itself was stopped (Ctrl-Z, docker pause, a frozen
                     for slot in range(len(slots)):  # cgroup) with its workers: their silence says nothing
-                        _BEAT.pack_into(beats, _BEAT.size * slot, now)
+                        beats.stamp(slot, now)
                 judged = now
                 for pid, (slot, _) in children.items():
-                    silent = now - _BEAT.unpack_from(beats, _BEAT.size * slot)[0]
+                    silent = beats.silent(slot, now)
                     if silent > timeout and pid not in hung:
                         log.error("worker %d has not run its serving loop for %.1f s (stopped, or stuck "
                                   "holding the interpreter): killing it (server.worker_timeout %g s)",
