@@ -379,19 +379,21 @@ class MetricsMiddleware:
         """Share the counts a last time (with ``$WSGISTACK_METRICS_DIR``); called when the server stops."""
         self.shared.close()
 
+    def _refused(self, environ: WSGIEnvironment, status: str) -> None:
+        environ[ROUTE] = self.path
+        self._record(environ, status, 0.0)
+
     def _expose(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
         # Scrapes are not counted; refusals are (someone probing for the metrics shows in them),
         # with the path as the route: this layer sits outside access_log, which never sees them.
         if method not in ("GET", "HEAD"):
-            environ[ROUTE] = self.path
-            self._record(environ, "405", 0.0)
+            self._refused(environ, "405")
             exc = refuse(405, headers=[("Allow", "GET, HEAD")])
             exc.description = f"{self.path} answers GET and HEAD only."  # not 405's first argument
             raise exc
         if not address_in(environ, self.networks):
-            environ[ROUTE] = self.path
-            self._record(environ, "403", 0.0)
+            self._refused(environ, "403")
             raise refuse(403, "Metrics are not available to this client.")
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         body = encoder(self.registry)
@@ -666,7 +668,6 @@ def _on_edges(family: Metric, edges: AbstractSet[str]) -> Metric:
         else:
             samples.append(sample)
     for (name, rest), counts in buckets.items():
-        counts.sort()
         for edge in ours:
             limit = float(edge)
             samples.append(Sample(name, {**dict(rest), "le": edge},
