@@ -488,6 +488,24 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
     add_missing(extra, headers)
 
 
+#: An HTTP field name (RFC 9110 §5.1: a token).
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_name(value: str) -> str:
+    """``value`` if it is a header name a WSGI app can read, else a ValueError saying why (for option validators).
+
+    WSGI spells ``-`` and ``_`` alike in environ (``HTTP_X_API_VERSION``), so a name with ``_`` would
+    be read from the header with ``-`` while ``Vary`` named the other; servers drop such fields anyway.
+    """
+    if not _FIELD_NAME.fullmatch(value):
+        raise ValueError(f"header {value!r} is not a valid HTTP header name")
+    if "_" in value:
+        raise ValueError(f"header {value!r} has an '_': Waitress drops such header fields (WSGI "
+                         f"cannot tell them from '-'); write {value.replace('_', '-')!r}")
+    return value
+
+
 def add_missing(headers: list[tuple[str, str]], more: Iterable[tuple[str, str]] | None) -> None:
     """Append the headers of ``more`` whose names ``headers`` does not have yet (any case)."""
     if more:

@@ -35,6 +35,7 @@ from middleware.base import (
     Headers,
     LayerOptions,
     decorate_error,
+    header_name,
     note,
     wrap_start_response,
 )
@@ -50,7 +51,6 @@ DEFAULT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$"
 # Whatever pattern the operator chooses, an echoed id never holds spaces,
 # control characters or anything outside printable ASCII.
 _SAFE = re.compile(r"[\x21-\x7e]+")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 _current: ContextVar[str | None] = ContextVar("wsgistack_request_id", default=None)
 
@@ -140,12 +140,7 @@ class RequestIdMiddleware:
         @field_validator("header")
         @classmethod
         def _header_is_token(cls, value: str) -> str:
-            if not _TOKEN.fullmatch(value):
-                raise ValueError(f"header {value!r} is not a valid HTTP header name")
-            if "_" in value:  # WSGI spells '-' and '_' alike in environ, so servers drop such fields
-                raise ValueError(f"header {value!r} has an '_': Waitress drops such header fields (WSGI "
-                                 f"cannot tell them from '-'); write {value.replace('_', '-')!r}")
-            return value
+            return header_name(value)
 
         @field_validator("pattern")
         @classmethod

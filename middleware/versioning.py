@@ -56,6 +56,7 @@ from .base import (
     client_ip,
     decorate_error,
     escape_control,
+    header_name,
     ipv6_network,
     note,
     one_leading_slash,
@@ -164,6 +165,11 @@ class VersioningOptions(LayerOptions):
             seen[version] = written
         return list(seen)
 
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        return header_name(value)
+
     @field_validator("default", mode="before")
     @classmethod
     def _normal_default(cls, value: object) -> object:
@@ -205,6 +211,32 @@ class VersioningOptions(LayerOptions):
 _PLAIN_TYPES = frozenset({"application/json", "application/*", "*/*"})
 
 _REFUSED = object()  # a preview's memo: _choose refused the request
+#: A ``rel`` parameter of a Link field value: a quoted list of relation types, or one bare (RFC 8288 §3.3).
+_REL = re.compile(r'\brel\s*=\s*(?:"([^"]*)"|([^\s;,"]+))', re.IGNORECASE)
+
+
+def _add_notice(headers: Headers, notice: Iterable[tuple[str, str]]) -> None:
+    """Add a deprecated version's headers to an answer, keeping those the app gave.
+
+    ``Deprecation`` (RFC 9745) and ``Sunset`` (RFC 8594) hold one value each: a
+    second line would make the field invalid, and clients ignore it whole; the
+    app's, which knows the endpoint, wins.  ``Link`` may be repeated: each of
+    the layer's relations is added unless a link of that relation is there.
+    """
+    for name, value in notice:
+        lower = name.lower()
+        if lower == "link":
+            ours = _rels(value)
+            if any(n.lower() == "link" and ours & _rels(v) for n, v in headers):
+                continue
+        elif any(n.lower() == lower for n, _ in headers):
+            continue
+        headers.append((name, value))
+
+
+def _rels(link: str) -> set[str]:
+    """The relation types of the links in a ``Link`` field value."""
+    return {rel for quoted, bare in _REL.findall(link) for rel in (quoted or bare).lower().split()}
 
 
 class VersioningMiddleware:
@@ -362,19 +394,23 @@ class VersioningMiddleware:
             self._count(environ, version)
         elif not vary:  # no request header could have changed the choice
             return self.app(environ, start_response)
-        extra = list(notice or ())
+        extra = notice or ()
 
         def edit(status: str, headers: Headers) -> None:
-            headers.extend(extra)
+            if extra:
+                _add_notice(headers, extra)
             if vary:
                 add_vary(headers, *vary)
 
         try:
             return self.app(environ, wrap_start_response(start_response, edit))
-        except HTTPException as exc:
-            decorate_error(exc, extra)
-            if vary:
-                add_vary(getattr(exc, "wsgistack_headers", []), *vary)
+        except Exception as exc:  # the errors layer renders it (an HTTPException or a 500) with these headers
+            decorate_error(exc, ())
+            attached = getattr(exc, "wsgistack_headers", None)
+            if attached is not None:
+                _add_notice(attached, extra)
+                if vary:
+                    add_vary(attached, *vary)
             raise
 
     def _unsupported(self, code: int, what: str, asked: str, source: str) -> HTTPException:

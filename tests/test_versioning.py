@@ -273,6 +273,76 @@ def test_deprecation_headers_on_error_responses(make: Callable[..., tuple[TestAp
     assert _notice(response) == V1_HEADERS
 
 
+class OwnHeaders:
+    """An inner app that answers with the deprecation headers named in the request's ``X-Own`` header."""
+
+    OWN = {
+        "deprecation": ("Deprecation", "@1600000000"),
+        "sunset": ("Sunset", "Tue, 01 Jan 2030 00:00:00 GMT"),
+        "link-deprecation": ("Link", '<https://own.example/dep>; rel="deprecation"'),
+        "link-bare": ("link", "<https://own.example/dep>; rel=Deprecation"),
+        "link-help": ("Link", '<https://own.example/help>; rel="help"'),
+        "link-both": ("Link", '<https://own.example/next>; rel="successor-version alternate"'),
+    }
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        own = [self.OWN[name] for name in environ.get("HTTP_X_OWN", "").split(",") if name]
+        if environ["PATH_INFO"].endswith("/raise"):
+            raise refuse(409, "Taken.", headers=own)
+        if environ["PATH_INFO"].endswith("/crash"):
+            raise RuntimeError("a bug below the layer")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2"), *own])
+        return [b"ok"]
+
+
+def _own_headers_stack() -> TestApp:
+    context = Context()
+    layer = VersioningMiddleware(OwnHeaders(), VersioningMiddleware.Options(**DEPRECATED), context)
+    return TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), context))
+
+
+DEP, SUN, LINK_DEP, LINK_NEXT = V1_HEADERS
+
+
+@pytest.mark.parametrize(("path", "own", "status", "expected"), [
+    pytest.param("/api/v1/x", "deprecation,sunset", 200,
+                 [("Deprecation", "@1600000000"), ("Sunset", "Tue, 01 Jan 2030 00:00:00 GMT"), LINK_DEP, LINK_NEXT],
+                 id="the app's own dates win, never a second line"),
+    pytest.param("/api/v1/x", "link-deprecation", 200,
+                 [("Link", '<https://own.example/dep>; rel="deprecation"'), DEP, SUN, LINK_NEXT],
+                 id="the app's deprecation link wins"),
+    pytest.param("/api/v1/x", "link-bare", 200,
+                 [("Link", "<https://own.example/dep>; rel=Deprecation"), DEP, SUN, LINK_NEXT],
+                 id="a bare relation in any case counts"),
+    pytest.param("/api/v1/x", "link-both", 200,
+                 [("Link", '<https://own.example/next>; rel="successor-version alternate"'), DEP, SUN, LINK_DEP],
+                 id="one of several relations counts"),
+    pytest.param("/api/v1/x", "link-help", 200,
+                 [("Link", '<https://own.example/help>; rel="help"'), *V1_HEADERS], id="other links are kept beside"),
+    pytest.param("/api/v1/raise", "link-help", 409,
+                 [("Link", '<https://own.example/help>; rel="help"'), *V1_HEADERS],
+                 id="an error's own link does not hide the layer's"),
+    pytest.param("/api/v1/raise", "deprecation", 409, [("Deprecation", "@1600000000"), SUN, LINK_DEP, LINK_NEXT],
+                 id="an error's own date wins"),
+    pytest.param("/api/v1/crash", "", 500, V1_HEADERS, id="an unhandled exception's 500 says it too"),
+])
+def test_deprecation_headers_beside_the_apps(path: str, own: str, status: int, expected: list[tuple[str, str]]) -> None:
+    response = _own_headers_stack().get(path, headers={"X-Own": own}, status=status, expect_errors=True)
+    assert sorted(_notice_any_case(response.headerlist)) == sorted(_notice_any_case(expected))
+
+
+def _notice_any_case(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k.lower(), v) for k, v in headers if k.lower() in ("deprecation", "sunset", "link")]
+
+
+def test_an_unhandled_exception_keeps_vary() -> None:
+    context = Context()
+    layer = VersioningMiddleware(OwnHeaders(), VersioningMiddleware.Options(supported=["v1", "v2"]), context)
+    response = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), context)).get(
+        "/api/crash", status=500, expect_errors=True)
+    assert response.headers["Vary"] == "X-API-Version, Accept"
+
+
 @pytest.mark.parametrize(("options", "path", "request_headers", "vary"), [
     pytest.param(V1_V2, "/api/search", {}, "X-API-Version, Accept", id="default: varies on both sources"),
     pytest.param(V1_V2, "/api/search", {"X-API-Version": "v2"}, "X-API-Version",
@@ -428,6 +498,13 @@ def test_identity_names_the_client(seen: Seen) -> None:
                  id="unknown source"),
     pytest.param({"prefix": "/api/"}, "prefix must start with '/' and not end with one (got '/api/')",
                  id="trailing slash prefix"),
+    pytest.param({"header": "X_API_Version"}, "header 'X_API_Version' has an '_': Waitress drops such header "
+                 "fields (WSGI cannot tell them from '-'); write 'X-API-Version'", id="header with an underscore"),
+    pytest.param({"header": "X-API Version"}, "header 'X-API Version' is not a valid HTTP header name",
+                 id="header with a space"),
+    pytest.param({"header": "X-API-Version:"}, "header 'X-API-Version:' is not a valid HTTP header name",
+                 id="header with a colon"),
+    pytest.param({"header": ""}, "header '' is not a valid HTTP header name", id="empty header"),
     pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2025-01-01", "sunset": "2024-01-01"}}},
                  "sunset must not be earlier than deprecation", id="sunset before deprecation"),
     pytest.param({"supported": ["v1"], "deprecated": {"v1": {"sunset": "2024-01-01"}}}, "Field required",
