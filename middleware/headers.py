@@ -21,6 +21,7 @@ subdomain serves HTTPS.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
@@ -52,6 +53,16 @@ def _frame_ancestors(policy: str) -> list[str] | None:
         if words and words[0].lower() == "frame-ancestors":
             return [w.lower() for w in words[1:]]
     return None
+
+
+# Permissions-Policy is a structured-field dictionary (RFC 9651 §3.2): feature=allowlist members, separated
+# by commas; an allowlist is an inner list of tokens and strings, or one of them (``*``, ``self``).
+_SF_KEY = r"[a-z*][a-z0-9_.*-]*"
+_SF_ITEM = r'(?:[A-Za-z*][!#$%&\'*+.^_`|~0-9A-Za-z:/-]*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"|\?[01])'
+_SF_PARAMS = rf"(?:; *{_SF_KEY}(?:={_SF_ITEM})?)*"
+_SF_INNER = rf"\( *(?:{_SF_ITEM}{_SF_PARAMS}(?: +{_SF_ITEM}{_SF_PARAMS})*)? *\)"
+_SF_MEMBER = rf"{_SF_KEY}(?:=(?:{_SF_INNER}|{_SF_ITEM}))?{_SF_PARAMS}"
+_PERMISSIONS = re.compile(rf"{_SF_MEMBER}(?:[ \t]*,[ \t]*{_SF_MEMBER})*")
 
 
 class SecurityHeadersMiddleware:
@@ -101,7 +112,20 @@ class SecurityHeadersMiddleware:
             None
         )
 
-        @field_validator("content_security_policy", "permissions_policy")
+        @field_validator("permissions_policy")
+        @classmethod
+        def _dictionary(cls, value: str | None) -> str | None:
+            value = cls._printable(value)
+            if value is not None and not _PERMISSIONS.fullmatch(value):
+                hint = ("members are separated by ',', not ';' (';' starts a parameter)" if ";" in value else
+                        "each member is feature=allowlist, the allowlist *, self, () or a list such as "
+                        '(self "https://a.example")')
+                raise ValueError(f"{value!r} is not a Permissions-Policy (a structured-field dictionary): "
+                                 f"{hint}; browsers ignore the whole header. Write, for instance, "
+                                 "'geolocation=(), camera=(self)'")
+            return value
+
+        @field_validator("content_security_policy")
         @classmethod
         def _printable(cls, value: str | None) -> str | None:
             if value is None:

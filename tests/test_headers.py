@@ -255,6 +255,20 @@ def test_refusal_from_inner_layer_gets_headers() -> None:
         pytest.param({"permissions_policy": "camera=()\x00"},
                      "must be non-empty printable ASCII on one line",
                      id="permissions policy with control character"),
+        pytest.param({"permissions_policy": "geolocation=(); camera=()"},
+                     "'geolocation=(); camera=()' is not a Permissions-Policy (a structured-field dictionary): "
+                     "members are separated by ',', not ';' (';' starts a parameter); browsers ignore the whole "
+                     "header. Write, for instance, 'geolocation=(), camera=(self)'",
+                     id="permissions policy with CSP separators"),
+        pytest.param({"permissions_policy": "geolocation 'none'"},
+                     "each member is feature=allowlist, the allowlist *, self, () or a list such as "
+                     '(self "https://a.example")', id="permissions policy in Feature-Policy syntax"),
+        pytest.param({"permissions_policy": "camera=(self,)"}, "is not a Permissions-Policy",
+                     id="permissions policy with a comma in a list"),
+        pytest.param({"permissions_policy": "Camera=()"}, "is not a Permissions-Policy",
+                     id="permissions policy with an upper-case feature"),
+        pytest.param({"permissions_policy": "camera=(),"}, "is not a Permissions-Policy",
+                     id="permissions policy with a trailing comma"),
         pytest.param({"referrer_policy": "always"}, "Input should be 'no-referrer'",
                      id="unknown referrer policy"),
         pytest.param({"frame_options": "allow-from"}, "Input should be 'deny', 'sameorigin'",
@@ -295,3 +309,13 @@ def test_yaml_refuses_preload_without_subdomains(make_stack: Callable[..., TestA
     with pytest.raises(ConfigError) as info:
         make_stack({"pipeline": [{"headers": {"hsts_preload": True}}]})
     assert "hsts_preload requires hsts: true, hsts_include_subdomains: true" in str(info.value)
+
+
+@pytest.mark.parametrize("policy", [
+    "geolocation=(), camera=(), microphone=()",
+    'camera=(self "https://a.example"), fullscreen=*',
+    "geolocation=(self);report-to=main",
+    "geolocation=(self) ,  camera=()",
+])
+def test_permissions_policy_dictionaries_accepted(policy: str) -> None:
+    assert SecurityHeadersMiddleware.Options(permissions_policy=policy).permissions_policy
