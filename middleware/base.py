@@ -100,6 +100,9 @@ PATH = "wsgistack.path"
 #: The PATH_INFO the client asked for, kept by a layer that rewrote it for routing (versioning:
 #: ``/api/search`` to ``/api/v1/search``): error bodies and logs name what was asked.
 ORIG_PATH = "wsgistack.versioning.orig_path"
+#: Set by versioning when the answer depends on request headers (the URI has a variant per version):
+#: ``(supported versions, where the version starts in PATH_INFO)``; a write drops every variant's entry.
+VERSIONS = "wsgistack.versioning.versions"
 #: Set (True) when the response holds something of this one session, which no cache may give another
 #: session of the same user (a CSRF token bound to the session id).
 SESSION_BOUND = "wsgistack.session_bound"

@@ -42,7 +42,14 @@ from urllib.parse import parse_qsl
 from pydantic import Field, model_validator
 from werkzeug.datastructures import RequestCacheControl
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
-from werkzeug.http import parse_cache_control_header, parse_date, parse_etags, parse_list_header, unquote_etag
+from werkzeug.http import (
+    http_date,
+    parse_cache_control_header,
+    parse_date,
+    parse_etags,
+    parse_list_header,
+    unquote_etag,
+)
 
 from stores.base import Store, StoreError, StoreWrongType, new_mark
 
@@ -53,6 +60,7 @@ from .base import (
     ROUTE,
     SESSION,
     SESSION_BOUND,
+    VERSIONS,
     Context,
     LayerOptions,
     ReadKey,
@@ -60,6 +68,7 @@ from .base import (
     cookies,
     decoded_path,
     note,
+    one_leading_slash,
     read_ahead,
     refuse,
 )
@@ -676,7 +685,8 @@ class CacheMiddleware:
     def _write(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
 
-        The entry anonymous requests get and, with ``per_user``, the writer's own;
+        The entry anonymous requests get and, with ``per_user``, the writer's own,
+        under each API version when the versioning layer answers the URI per version;
         other users' entries of the URI age out with their TTL.  Fills of those
         entries still in flight are covered too: each key gets a mark holding a
         new random value (for :attr:`mark_life` seconds), and a fill whose lookup
@@ -694,11 +704,13 @@ class CacheMiddleware:
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
             if status[:1] in "23" and not keys:
                 identity = environ.get(IDENTITY)
-                # The write's own key headers, bar a method override (a POST that says it is a PUT
-                # drops the entries GETs of the URI made without one).
-                keys.append(self._base_key(environ, None, writing=True))
-                if self.options.per_user and identity is not None:
-                    keys.append(self._base_key(environ, _subject_key(identity), writing=True))
+                subjects = [None] if not self.options.per_user or identity is None else \
+                    [None, _subject_key(identity)]
+                for variant in _versions_of(environ):
+                    for subject in subjects:
+                        # The write's own key headers, bar a method override (a POST that says it is a PUT
+                        # drops the entries GETs of the URI made without one).
+                        keys.append(self._base_key(variant, subject, writing=True))
                 self._invalidate(keys)
                 note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
             return start_response(status, headers, exc_info)
@@ -938,6 +950,8 @@ class CacheMiddleware:
         if ttl - age <= 0:
             return None
         kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
+        if date is None:  # a cache records when it received a response without one (RFC 9110 §6.6.1): hits
+            kept.append(("Date", http_date(now)))  # then say when it was made, beside their Age
         return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)), age)
 
     def _seen(self, environ: WSGIEnvironment, base: str) -> bytes | None:
@@ -1044,6 +1058,20 @@ class CacheMiddleware:
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-store")])
         return [body]
+
+
+def _versions_of(environ: WSGIEnvironment) -> list[WSGIEnvironment]:
+    """``environ``, and for a URI the versioning layer answers per version (``Vary``), the same
+    request under each other version: one URI, whose every answer a write makes stale (RFC 9111 §4.4)."""
+    versions = environ.get(VERSIONS)
+    version = environ.get(API_VERSION)
+    if versions is None or version is None:
+        return [environ]
+    supported, start = versions
+    path = one_leading_slash(environ.get("PATH_INFO", ""))
+    tail = path[start + len(version):]
+    return [environ] + [{**environ, "PATH_INFO": path[:start] + other + tail, API_VERSION: other}
+                        for other in supported if other != version]
 
 
 def _forwarded_key(value: str) -> str:

@@ -49,6 +49,7 @@ from .base import (
     API_VERSION,
     IDENTITY,
     ORIG_PATH,
+    VERSIONS,
     Context,
     Headers,
     LayerOptions,
@@ -277,6 +278,7 @@ class VersioningMiddleware:
         self.default = options.default or options.supported[0]
         self.prefix = options.prefix
         self.prefix_slash = options.prefix + "/"
+        self.versions = (self.supported, len(self.prefix_slash))
         self.header_env = "HTTP_" + options.header.upper().replace("-", "_")
         self.media_prefix = options.media_type_prefix.lower()
         self.precedence = options.precedence
@@ -394,6 +396,8 @@ class VersioningMiddleware:
             self._count(environ, version)
         elif not vary:  # no request header could have changed the choice
             return self.app(environ, start_response)
+        if vary:  # the URI has an answer per version: a write to it drops them all (the cache reads this)
+            environ[VERSIONS] = self.versions
         extra = notice or ()
 
         def edit(status: str, headers: Headers) -> None:

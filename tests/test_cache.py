@@ -630,6 +630,24 @@ def test_freshness(make: Callable[..., Stack], origin: Origin, clock: Clock, opt
         assert response.headers["Age"] == str(later + age)
 
 
+@pytest.mark.parametrize(("dated", "expected"), [
+    pytest.param(None, http_date(T0), id="none given: the time it was received"),
+    pytest.param(http_date(T0 - 3), http_date(T0 - 3), id="the app's own is kept"),
+])
+def test_a_hit_says_when_its_answer_was_made(make: Callable[..., Stack], origin: Origin, clock: Clock,
+                                              dated: str | None, expected: str) -> None:
+    """A response stored without Date gets the time the cache received it (RFC 9110 §6.6.1), so that a
+    hit's Date and Age agree instead of the server stamping the time of the hit."""
+    origin.headers.append(("Cache-Control", "max-age=60"))
+    if dated is not None:
+        origin.headers.append(("Date", dated))
+    stack = make()
+    stack.get()
+    clock.now += 20
+    hit = stack.get()
+    assert (hit.headers["X-Cache"], hit.headers.getall("Date")) == ("HIT", [expected])
+
+
 def test_an_answer_older_than_its_lifetime_is_not_stored(make: Callable[..., Stack], origin: Origin) -> None:
     origin.headers += [("Cache-Control", "max-age=60"), ("Age", "60")]
     stack = make()

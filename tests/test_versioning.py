@@ -460,6 +460,32 @@ def test_cache_inside_versioning_keys_on_the_version(seen: Seen) -> None:
     assert seen.calls == 2
 
 
+@pytest.mark.parametrize(("written", "per_user", "after"), [
+    pytest.param("/api/search", False, ("MISS", "MISS"), id="the URI the header versions: every version's answer goes"),
+    pytest.param("/api/search", True, ("MISS", "MISS"), id="per user: every version's answer of the writer goes"),
+    pytest.param("/api/v2/search", False, ("MISS", "HIT"), id="a URI that names its version: that version's answer"),
+])
+def test_a_write_drops_every_version_of_the_uri(seen: Seen, written: str, per_user: bool,
+                                                after: tuple[str, str]) -> None:
+    """RFC 9111 §4.4: a write invalidates the target URI, whose answers vary on the version header."""
+    context = Context(stores={"shared": MemoryStore()})
+    cache = CacheMiddleware(seen, CacheMiddleware.Options(per_user=per_user), context)
+    versioning = VersioningMiddleware(cache, VersioningMiddleware.Options(**V1_V2), context)
+
+    def alice(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if per_user:
+            environ[IDENTITY] = Identity("alice", frozenset())
+        return versioning(environ, start_response)
+
+    web = TestApp(alice)
+    asks = [("/api/search", {}), ("/api/search", {"X-API-Version": "v2"}), ("/api/v2/search", {})]
+    # (the cache keys on the version: /api/v2/search is the answer of /api/search asked for as v2)
+    assert [web.get(path, headers=h).headers["X-Cache"] for path, h in asks] == ["MISS", "MISS", "HIT"]
+    assert [web.get(path, headers=h).headers["X-Cache"] for path, h in asks] == ["HIT", "HIT", "HIT"]
+    web.put(written)
+    assert tuple(web.get(path).headers["X-Cache"] for path in ("/api/v2/search", "/api/v1/search")) == after
+
+
 def test_identity_names_the_client(seen: Seen) -> None:
     context = Context()
     events: list[dict[str, Any]] = []
