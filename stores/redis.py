@@ -200,6 +200,11 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
     if any(isinstance(e, redis.AuthenticationError) for e in chain) or any(
             word in text for word in ("noauth", "wrongpass", "invalid password", "invalid username-password")):
         return "authentication failed (a wrong or missing user name or password)", True
+    denied = next((e for e in chain if isinstance(e, redis.exceptions.NoPermissionError)), None)
+    if denied is not None or "noperm" in text:
+        said = str(denied or exc).strip().removeprefix("NOPERM ")
+        return (f"the Redis user may not do what the layers need (NOPERM: {said}); it needs reads, writes and "
+                "scripts (EVAL, EVALSHA) on the store's keys"), True
     if "db index is out of range" in text:
         return "no database of that number on the server", True
     if any(isinstance(e, redis.exceptions.ReadOnlyError) for e in chain) or "read only replica" in text:
@@ -641,15 +646,20 @@ class RedisStore(Store):
         return facts
 
     def probe(self) -> tuple[str, bool] | None:
-        """PING and ROLE, outside the breaker: None when Redis answers as a primary, else what is wrong.
+        """PING, ROLE, a write and a script, outside the breaker: None when all pass, else what is wrong.
 
         A replica answers PING, but refuses every write the layers make: the
-        configuration is refused, as a wrong password is.
+        configuration is refused, as a wrong password is.  So is a user whose ACL
+        denies writes, scripts (the rate limiter's and the cache's) or the store's
+        keys: it would answer PING while every layer's work failed.
         """
         try:
             self.client.ping()
             if self._replica():
                 return READ_ONLY, True
+            key = self.key_prefix + "ping"
+            self.client.set(key, b"1", px=60_000)
+            self.client.eval("return 1", 1, key)
         except Exception as exc:
             found = refusal(exc)
             sentinel = self._shared.sentinel if self._shared is not None else None

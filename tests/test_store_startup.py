@@ -45,8 +45,12 @@ def server(redis_url: str) -> Iterator[str]:
     """``host:port`` of the test Redis, with an ACL user ``app`` whose password is ``right``."""
     client = redis.Redis.from_url(redis_url)
     client.execute_command("ACL", "SETUSER", "app", "on", ">right", "~*", "+@all")
+    # Users Redis lets in, whose ACL denies what the layers do: writes, scripts, the store's keys.
+    client.execute_command("ACL", "SETUSER", "reader", "on", ">right", "~*", "+@read", "+ping", "+select", "+role")
+    client.execute_command("ACL", "SETUSER", "noscript", "on", ">right", "~*", "+@all", "-@scripting")
+    client.execute_command("ACL", "SETUSER", "elsewhere", "on", ">right", "~other:*", "+@all")
     yield urlsplit(redis_url).netloc
-    client.execute_command("ACL", "DELUSER", "app")
+    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere")
     client.close()
 
 
@@ -64,6 +68,18 @@ REFUSED = [
     pytest.param("rediss://{server}/0", "rediss://{server}/0",
                  "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)",
                  id="TLS to a plain port"),
+    pytest.param("redis://reader:right@{server}/0", "redis://reader:***@{server}/0",
+                 "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
+                 "'set' command); it needs reads, writes and scripts (EVAL, EVALSHA) on the store's keys",
+                 id="a user that may not write"),
+    pytest.param("redis://noscript:right@{server}/0", "redis://noscript:***@{server}/0",
+                 "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
+                 "'eval' command); it needs reads, writes and scripts (EVAL, EVALSHA) on the store's keys",
+                 id="a user that may not run scripts"),
+    pytest.param("redis://elsewhere:right@{server}/0", "redis://elsewhere:***@{server}/0",
+                 "the Redis user may not do what the layers need (NOPERM: this user has no permissions to access "
+                 "one of the keys used as arguments); it needs reads, writes and scripts (EVAL, EVALSHA) on the "
+                 "store's keys", id="a user of other keys"),
 ]
 
 
