@@ -233,17 +233,22 @@ class _Converter:
         return out
 
     def scalar(self, node: yaml.ScalarNode, path: Path, *, interpolate: bool = True) -> Any:
+        # A secret's text is never quoted (problems are printed, logged and shown on the operator page),
+        # nor what a constructor says of it (int() quotes the value it refused).
+        hidden = is_secret(path, node.value)
         if _not_text(node.value):
-            self.problem(node, path, f"the value {node.value!a} holds a lone surrogate (\\ud800-\\udfff), "
+            shown = "the value" if hidden else f"the value {node.value!a}"
+            self.problem(node, path, f"{shown} holds a lone surrogate (\\ud800-\\udfff), "
                                      "which is not text: write the character itself, or its \\U escape")
             return None
         try:
             value = _scalar(node)
         except Exception as exc:  # a date like 2024-13-45, !!bool maybe, !!int "": whatever the tag's
             # constructor raises for a value it does not fit (ValueError, KeyError, IndexError, AttributeError…)
-            why = (exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None) or (
+            why = "" if hidden else (exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None) or (
                 " ".join(str(exc).split()) if isinstance(exc, ValueError | OverflowError) else "")
-            self.problem(node, path, f"cannot read the value {node.value!r} as {node.tag.replace(_YAML, '!!')}"
+            shown = "the value" if hidden else f"the value {node.value!r}"
+            self.problem(node, path, f"cannot read {shown} as {node.tag.replace(_YAML, '!!')}"
                                      f"{': ' + why if why else ''}; quote it to keep it as text")
             return None
         if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:  # 59:59:… (base 60) gets this far

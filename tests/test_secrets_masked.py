@@ -47,6 +47,11 @@ PRIVATE_JWK = {"kty": "RSA", "kid": "k1", "alg": "RSA256", "n": "sXchDaQebHnPiGv
     pytest.param(ECHO + "pipeline:\n  - auth: {public_keys: [SEKRETpw7-hmac-Xy9Qz7Lm2Np4Rt6Vw8]}\n", "SEKRETpw7",
                  "pipeline[0].auth.public_keys: a public_keys entry: cannot read '",
                  id="a secret put where a public key's file goes"),
+    pytest.param(ECHO + "pipeline:\n  - session: {secret_key: !!int SEKRETpw8-literal}\n", "SEKRETpw8",
+                 "stack.yaml:3:27 pipeline[0].session.secret_key: cannot read the value as !!int; quote it to keep "
+                 "it as text", id="a secret with a tag it does not fit"),
+    pytest.param(ECHO + "pipeline:\n  - auth: {secret: !!float SEKRETpw9}\n", "SEKRETpw9",
+                 "pipeline[0].auth.secret: cannot read the value as !!float; quote it", id="nor what int() says of it"),
     pytest.param(ECHO + "pipeline:\n  - auth: {public_keys: [keys/missing.pem]}\n", "never in the report",
                  "pipeline[0].auth.public_keys: a public_keys entry: cannot read '{folder}/keys/missing.pem'",
                  id="a key file's name is no secret: shown"),
