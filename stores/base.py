@@ -22,13 +22,20 @@ _QUERY_PASSWORD_TO_AMPERSAND = re.compile(_SECRET_PARAM + r"[^&]*(?:&[^=&]*(?=&|
 # spaces or quotes too).
 _URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)(?:(?!://)[^\n])*@")
 _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
+# In free text: "password=…" after a space or ";", as libpq ("host=db password=pw") and ODBC
+# ("Uid=u;Pwd=pw;") connection strings write them; the value ends at a space, ";" or a quote.
+_DSN_PASSWORD = re.compile(r"((?:^|[\s;'\"])[^=&?\s'\";]*(?:passw(?:or)?d|passphrase|pwd|secret|token|credential|"
+                           r"(?:api|secret|private|access)_?key)s?\s*=\s*)[^\s;'\"&]+", re.IGNORECASE)
 
 
 #: A name (an option, a nested key, a query parameter) whose value is never shown: in config
 #: errors, logs and the operator page alike (``secret_key``, ``password``, ``api_key``, ``signingKey``…).
-SECRET_NAME = re.compile(r"secret|passw(?:or)?d|token|credential|authorization|key", re.IGNORECASE)
+#: (``pass``, ``auth`` and ``cookie`` as words of a name: ``smtp_pass``, ``X-Auth``, ``Cookie``, not
+#: ``passage``, ``author``, ``cookie_name`` or the auth rules' ``auth: required``.)
+SECRET_NAME = re.compile(r"secret|passw(?:or)?d|passphrase|pwd|token|credential|authorization|key|bearer"
+                         r"|(?:^|[_-])pass(?:$|[_-])|[_-]auth(?:$|[_-])|^auth[_-]|(?:^|[_-])cookie$", re.IGNORECASE)
 #: The stack's own options that the words above catch but that hold no secret.
-NOT_SECRET = frozenset({"key_prefix", "key_headers", "max_token_bytes", "allow_credentials"})
+NOT_SECRET = frozenset({"key_prefix", "key_headers", "max_token_bytes", "allow_credentials", "check_without_cookie"})
 #: A public key's file name (``keys/jwt.pem``): shown in errors, where other text in ``public_keys`` is not.
 _KEY_FILE = re.compile(r"[^\s]+\.(?:pem|crt|cer|pub|der)", re.IGNORECASE)
 #: What the rate limiter's ``key`` option holds: shown; any other ``key`` is a secret.
@@ -89,12 +96,14 @@ _BARE_USERINFO = re.compile(r":(?!//)[^\s@'\"]+@")
 
 def mask_secrets(text: str, mask: str = "***") -> str:
     """``text`` with passwords masked wherever they may be: URLs (:func:`mask_url_passwords`), a
-    ``user:password@`` without a scheme, and secret query parameters (``token=``) anywhere."""
+    ``user:password@`` without a scheme, secret query parameters (``token=``) anywhere, and the
+    ``password=`` of a connection string (``host=db password=pw``, ``Uid=u;Pwd=pw``)."""
     text = mask_url_passwords(text, mask)
     if "@" in text:
         text = _BARE_USERINFO.sub(f":{mask}@", text)
     if "=" in text:
         text = _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
+        text = _DSN_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
     return text
 
 
