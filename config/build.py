@@ -420,6 +420,12 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                 continue
         elif callable(target):
             validated = options
+            if inspect.isclass(target) and list(_parameters(target))[:3] == ["app", "options", "context"]:
+                found = "none" if model is None else f"{getattr(model, '__name__', model)!s}, not a LayerOptions"
+                problems.append(doc.problem(opath, (
+                    f"{name} takes (app, options, context), as the built-in layers do, so it needs their Options: "
+                    f"a class attribute Options that subclasses middleware.base.LayerOptions (it has {found})")))
+                continue
             taken = [k for k in scope_raw if k in _parameters(target)]
             for key in taken:
                 problems.append(doc.problem((*opath, key), (

@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pydantic import BaseModel
+
 from middleware.base import LayerOptions
 from stores.memory import MemoryStore
 
@@ -117,6 +119,25 @@ class MethodsLayer:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         return self.app(environ, start_response)
+
+
+class PlainOptionsLayer:
+    """The layer contract's (app, options, context), with a pydantic model that is not a LayerOptions."""
+
+    class Options(BaseModel):
+        level: int = 1
+
+    def __init__(self, app: Any, options: Any, context: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return self.app(environ, start_response)
+
+
+class NoOptionsLayer(PlainOptionsLayer):
+    """The layer contract's (app, options, context), without an Options class."""
+
+    Options = None  # type: ignore[assignment]
 
 
 class AnnounceLayer:

@@ -621,6 +621,20 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory argument named like a scope key",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - stack_support:PlainOptionsLayer: {level: 2}\n",
+            "stack.yaml:3:38 pipeline[0].stack_support:PlainOptionsLayer: stack_support:PlainOptionsLayer takes "
+            "(app, options, context), as the built-in layers do, so it needs their Options: a class attribute "
+            "Options that subclasses middleware.base.LayerOptions (it has Options, not a LayerOptions)",
+            id="the layer contract with a plain pydantic model",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - stack_support:NoOptionsLayer: {}\n",
+            "stack.yaml:3:35 pipeline[0].stack_support:NoOptionsLayer: stack_support:NoOptionsLayer takes "
+            "(app, options, context), as the built-in layers do, so it needs their Options: a class attribute "
+            "Options that subclasses middleware.base.LayerOptions (it has none)",
+            id="the layer contract without Options",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - stack_support:AnnounceLayer: {methods: [GET, POST]}\n",
             "stack.yaml:3:35 pipeline[0].stack_support:AnnounceLayer.methods: 'methods' here scopes the layer (paths, "
             "exclude_paths and methods are the builder's), but stack_support:AnnounceLayer's Options also has a "
