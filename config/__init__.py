@@ -112,7 +112,12 @@ def _build(document: Document, base_dir: Any, strict: bool, **kw: Any) -> BuiltS
 
 def build_from_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
                     strict: bool = True, **kw: Any) -> BuiltStack:
-    """Read, validate, lint and build a stack.yaml file."""
+    """Read, validate, lint and build a stack.yaml file, judged by its own ``server:`` section.
+
+    Another WSGI server hosting the stack needs ``config.live.LiveStack(path, hosted=True)``
+    instead (what ``serve:app`` serves): it judges the file as publicly listening and several
+    processes' (``debug``, ``memory://`` state), since that server's settings are unseen here.
+    """
     base = FsPath(path).resolve().parent
     return _build(read_file(path, env=env), base, strict, **kw)
 
