@@ -102,6 +102,10 @@ _HEURISTIC = frozenset({"200", "203", "204", "206", "300", "301", "308", "404", 
 # Seconds a successful write marks its URI at least (``lock_timeout`` when longer): a fill that looked
 # the entry up before the write stores nothing, and a fill that takes longer than this stores nothing either.
 _MARK_LIFE = 60.0
+#: What a fill lock holds once its filler found its answer not cacheable, and for how many
+#: seconds at most: the requests of other processes waiting for it ask the app at once, as one process's do.
+_ASK_APP = b"0"
+_ASK_APP_LIFE = 1.0
 
 
 # Seconds an entry may seem born ahead of the clock reading it (another process's clock, a moment ahead):
@@ -245,7 +249,7 @@ class _Fill:
             self.plan = None if not self.keep or _personal(self.environ, self.subject) else \
                 self.layer._plan(status, headers, self.subject)
             if self.plan is None:
-                self.release()
+                self.release(peers_ask=True)
                 return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
             if getattr(self.environ.get(SESSION), "accessed", False):
                 # The session layer outside adds Vary: Cookie to this answer (made from the session),
@@ -293,7 +297,9 @@ class _Fill:
                 self.layer._store_error(exc)
         self.release()
 
-    def release(self) -> None:
+    def release(self, peers_ask: bool = False) -> None:
+        """Let the requests waiting for this fill go: to its entry, or, with ``peers_ask`` (the answer
+        is not cacheable), to the app, all at once, in other processes too."""
         layer, flight, self.flight = self.layer, self.flight, None
         if flight is None:
             return
@@ -302,7 +308,10 @@ class _Fill:
                 del layer._inflight[self.base]
         flight.set()
         if self.lock_key is not None:
-            layer._drop_lock(self.lock_key)
+            if peers_ask:
+                layer._hand_over(self.lock_key)
+            else:
+                layer._drop_lock(self.lock_key)
 
 
 class _AfterClose:
@@ -550,6 +559,15 @@ class CacheMiddleware:
         """Give a fill lock back at once (when the store cannot, it expires after ``lock_timeout``)."""
         with contextlib.suppress(StoreError):
             self.store.delete(lock_key)
+
+    def _hand_over(self, lock_key: str) -> None:
+        """Leave the lock saying "ask the app" for a moment: the other processes' waiters then all ask at once.
+
+        Dropped instead, each of them would take the lock in turn and wait for its app's answer before
+        the next one asked: N processes, N times the app's time, for an answer none may store.
+        """
+        with contextlib.suppress(StoreError):
+            self.store.set(lock_key, _ASK_APP, ttl=min(_ASK_APP_LIFE, self.options.lock_timeout))
 
     def _who(self, environ: WSGIEnvironment) -> tuple[str | None, str | None]:
         """``(subject or None, bypass reason or None)`` for this request."""
@@ -807,12 +825,12 @@ class CacheMiddleware:
                 # entry (it failed, or it was a thread of ours giving the lock back), take the lock
                 # before filling, so that at most one process fills at a time.
                 while not locked:
-                    hit = self._await_peer(environ, base, lock_key, deadline)
+                    hit, ask_app = self._await_peer(environ, base, lock_key, deadline)
                     if hit is not None:
                         fill.release()
                         return self._waited(environ, hit, start_response)
-                    if time.monotonic() >= deadline:
-                        break  # waited long enough: fill without the lock
+                    if ask_app or time.monotonic() >= deadline:
+                        break  # its answer could not be stored, or waited long enough: fill without the lock
                     locked = self.store.add(lock_key, b"1", ttl=self.options.lock_timeout)
                 if locked:
                     fill.lock_key = lock_key
@@ -829,7 +847,7 @@ class CacheMiddleware:
             fill.began = _clock()
             result = self.app(environ, fill.start_response(start_response))
         except Exception as exc:
-            fill.release()
+            fill.release()  # (maybe a passing failure: the other processes' waiters take the lock in turn)
             if stale is None or (isinstance(exc, HTTPException) and (exc.code or 500) < 500):
                 raise
             fill.exc_info = sys.exc_info()
@@ -874,19 +892,27 @@ class CacheMiddleware:
         return entry if entry is not None and _fresh_at(entry, _clock()) else None
 
     def _await_peer(self, environ: WSGIEnvironment, base: str, lock_key: str,
-                    deadline: float) -> dict[str, Any] | None:
-        """Another process fills this key: poll for its entry until its lock goes or ``deadline``."""
+                    deadline: float) -> tuple[dict[str, Any] | None, bool]:
+        """Another process fills this key: poll for its entry until its lock goes or ``deadline``.
+
+        ``(entry or None, ask the app now)``: the second when the filler's answer could not be
+        stored (see :meth:`_hand_over`), or when the lock says so as the wait begins.
+        """
+        if self.store.get(lock_key) == _ASK_APP:
+            return None, True
         delay = 0.005
         while time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
             # The lock first: once it is gone, an entry the peer stored (in the same round trip as
             # the lock's DEL, before it) is there to read; the other order can miss both.
-            locked = self.store.get(lock_key) is not None
+            lock = self.store.get(lock_key)
             hit = self._fresh(environ, base)
-            if hit is not None or not locked:
-                return hit
-        return None
+            if hit is not None or lock is None:
+                return hit, False
+            if lock == _ASK_APP:
+                return None, True
+        return None, False
 
     def _plan(self, status: str, headers: Headers, subject: str | None) -> _Plan | None:
         """Whether (and how long) a response may be stored, decided from its status and headers."""

@@ -1224,6 +1224,38 @@ def test_a_waiter_sees_the_entry_of_a_peer_that_just_finished(origin: Origin, cl
     assert (response.headers["X-Cache"], origin.calls) == ("HIT", 1)
 
 
+class Overlaps(Origin):
+    """An Origin that records how many of its calls ran at once, at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = self.most = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().__call__(environ, start_response)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_an_answer_that_cannot_be_stored_lets_every_process_ask_at_once(store: Store) -> None:
+    """Four processes miss together; the one that fills finds its answer private: the three waiting for it
+    ask the app together, as one process's threads do, not one after another (each waiting for the last)."""
+    origin = Overlaps()
+    origin.delay = 0.3
+    origin.headers.append(("Cache-Control", "private"))
+    stacks = [Stack(store, origin) for _ in range(4)]  # four processes on one store
+    results = _concurrently([stack.wsgi for stack in stacks], 4)
+    assert [label for label, _ in results] == ["MISS"] * 4
+    assert (origin.calls, origin.most) == (4, 3)  # the filler alone, then the other three at once
+    [lock] = [key for key in store.scan("wsgistack:cache:l:")]
+    assert store.get(lock) == b"0"  # "ask the app", for a second: then the next miss fills again
+
+
 class FirstFillFails(Origin):
     """The first call fails after 0.2 s; the others answer as Origin does."""
 
