@@ -491,6 +491,28 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
     add_missing(extra, headers)
 
 
+#: A Host header's value: a name or an IP literal (IPv6 bracketed), and a port.
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?)(?::([0-9]{1,5}))?")
+
+
+def host_key(name: str) -> str:
+    """``name``, an IPv6 literal (bracketed or not) in its one bracketed spelling: ``[::1]``."""
+    inner = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    if ":" not in inner:
+        return name
+    try:
+        return f"[{ipaddress.IPv6Address(inner).compressed}]"
+    except ValueError:
+        return name
+
+
+def split_host(host: str) -> tuple[str, str, str]:
+    """``(name, ":", port)`` of ``host[:port]``; IPv6 literals keep their brackets."""
+    if host.endswith("]") or ":" not in host:
+        return host, "", ""
+    return host.rpartition(":")
+
+
 #: An HTTP field name (RFC 9110 §5.1: a token).
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 

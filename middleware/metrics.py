@@ -19,6 +19,13 @@ whichever worker answers it, adds its own live counts to the other files, so
 the totals cover every worker (see :class:`_Merged`).  Process, GC and store
 metrics are those of the worker that answered.  Keep ``server_timing`` off on
 public listeners: it tells every client how long each layer took.
+
+Another origin's page may not read the exposition (``Sec-Fetch-Site``
+``cross-site`` or ``same-site``, or a foreign ``Origin``: 403, also inside
+``cors``), and a browser's request for a Host that is neither an IP address,
+``localhost`` nor one of ``hosts`` gets 403 (DNS rebinding).  Prometheus sends
+none of the browser's headers, so it scrapes by any name until ``hosts`` is
+set; from then on every request's Host is checked.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from .base import (
     networks,
     refuse,
 )
+from .operator_page import HostCheck, HostNames, cross_origin, from_browser
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -110,6 +118,8 @@ class MetricsMiddleware:
     Options:
         ``path`` ("/metrics"): where the exposition is served (GET and HEAD).
         ``allow_from`` (loopback): CIDRs allowed to scrape; other clients get 403.
+        ``hosts`` (none): names, besides IP addresses and ``localhost``, a browser may
+        reach ``path`` by (DNS rebinding); once set, every request's Host is checked.
         ``max_routes`` (100): distinct route labels kept before new ones count as "other".
         ``buckets``: upper bounds, in seconds, of the request latency histogram.
         ``layer_timing`` (false): observe each layer's own time in a histogram.
@@ -125,6 +135,7 @@ class MetricsMiddleware:
     class Options(LayerOptions):
         path: str = "/metrics"
         allow_from: Networks = ("127.0.0.0/8", "::1/128")
+        hosts: HostNames = ()
         max_routes: int = 100
         buckets: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                       1.0, 2.5, 5.0, 10.0)
@@ -165,6 +176,8 @@ class MetricsMiddleware:
         self.app, self.options, self.context = app, options, context
         self.path = options.path
         self.networks = networks(options.allow_from)
+        self.hosts = HostCheck(options.hosts, "metrics.hosts", "metrics")
+        self.every_host = bool(options.hosts)  # listed: every request is checked, else a browser's only
         self.timing = self.wants_layer_timing(options)
         self.registry = registry = CollectorRegistry()
         if options.process_metrics:
@@ -395,6 +408,12 @@ class MetricsMiddleware:
         if not address_in(environ, self.networks):
             self._refused(environ, "403")
             raise refuse(403, "Metrics are not available to this client.")
+        # A scrape sends no browser header: it costs a few dict lookups (and the Host check once hosts is set).
+        why = (self.hosts.refusal(environ) if self.every_host or from_browser(environ) else None) \
+            or cross_origin(environ, "Metrics", navigable=True)
+        if why is not None:
+            self._refused(environ, "403")
+            raise refuse(403, why)
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         body = encoder(self.registry)
         start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-store"),

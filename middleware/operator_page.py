@@ -20,6 +20,14 @@ too when it starts the timing list, such as ``metrics`` with
 builder times the app as ``app``.  Do not use it as a public status page:
 it shows the configuration; keep it on loopback (the default) or behind
 ``roles``, and prefer ``metrics`` for alerting and history.
+
+The page answers its own origin only: a request that another site's page
+makes (``Sec-Fetch-Site`` ``cross-site`` or ``same-site``, or an ``Origin``
+other than the request's own) gets 403, also inside ``cors``; and a Host
+that is neither an IP address, ``localhost`` nor one of ``hosts`` gets 403,
+so that a DNS-rebinding site cannot read the page through the operator's
+browser.  ``metrics`` uses the same checks (:class:`HostCheck`,
+:func:`cross_origin`).
 """
 
 from __future__ import annotations
@@ -28,20 +36,22 @@ import ast
 import collections
 import hashlib
 import html
+import ipaddress
 import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 
 from stores.base import mask_secrets, secret_value
 
 from .base import (
+    HOST_PORT,
     IDENTITY,
     ROUTE,
     TIMINGS,
@@ -51,15 +61,18 @@ from .base import (
     Listener,
     Networks,
     address_in,
+    host_key,
     mask_url_passwords,
     networks,
+    parse_origin,
     refuse,
+    split_host,
 )
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["OperatorPageMiddleware"]
+__all__ = ["HostCheck", "HostNames", "OperatorPageMiddleware", "cross_origin", "from_browser"]
 
 MASK = "•••"
 #: an option (or nested key, or URL query parameter) whose name contains one of these is masked
@@ -78,6 +91,118 @@ _LIMIT = 256  # distinct layer names and event details kept; more are folded int
 _PENDING = 64  # requests whose timings wait to be folded (until a look at the page, or 64 more requests)
 
 
+# -- who may read it (the page and metrics) -------------------------------------
+def _check_hosts(value: tuple[str, ...]) -> tuple[str, ...]:
+    """``hosts`` entries as the check compares them: lowercase, no trailing dot."""
+    found = []
+    for entry in value:
+        name = entry.strip().lower().rstrip(".")
+        bare = name[2:] if name.startswith("*.") else name
+        if name != "*" and not (HOST_PORT.fullmatch(bare) and not split_host(bare)[2]) and _ip(name) is None:
+            raise ValueError(f"hosts entry {entry!r} is not a host name: write ops.example.org, *.example.org "
+                             "or '*' (no scheme, port or path)")
+        found.append(name)
+    return tuple(found)
+
+
+#: The ``hosts`` option of the page and of ``metrics``: names (``*.example.org`` for subdomains,
+#: ``*`` for any) by which the page may be opened besides IP addresses and ``localhost``.
+HostNames = Annotated[tuple[str, ...], AfterValidator(_check_hosts)]
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an IP literal host names (IPv6 bracketed or not), else None."""
+    try:
+        return ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+    except ValueError:
+        return None
+
+
+class HostCheck:
+    """Refuses a Host a DNS-rebinding page would send: one that is not an IP address, ``localhost`` or listed.
+
+    A page the browser got from ``attacker.example``, whose name then resolves to
+    this server, reads this server's answers as its own origin; its requests carry
+    ``Host: attacker.example``.  An IP address or ``localhost`` cannot be such a
+    name, so only other names need listing (``hosts``, as the proxy layer's
+    ``allowed_hosts``: exact, ``*.example.org`` for subdomains, ``*`` for any).
+    ``option`` names the option in the refusal (``operator_page.hosts``).
+    """
+
+    def __init__(self, hosts: tuple[str, ...], option: str, what: str) -> None:
+        keys = [host_key(h) for h in hosts]
+        self.any = "*" in keys
+        self.exact = frozenset(("localhost", *(k for k in keys if not k.startswith("*."))))
+        self.suffixes = tuple(k[1:] for k in keys if k.startswith("*."))
+        self.option, self.what = option, what
+
+    def refusal(self, environ: WSGIEnvironment) -> str | None:
+        """Why this request's Host may not open the page, or None when it may (or sent no Host: no browser)."""
+        host = environ.get("HTTP_HOST")
+        if not host or self.any:
+            return None
+        if not HOST_PORT.fullmatch(host):
+            return f"The Host header {_shown(host)} is not a host name."
+        name = host_key(split_host(host)[0].lower().rstrip("."))
+        if name in self.exact or (name.endswith(self.suffixes) and not name.startswith(".")) \
+                or _ip(name) is not None:
+            return None
+        return (f"Host {_shown(name)} is not one of {self.option}: add it there to open {self.what} by this name "
+                "(IP addresses and localhost need no entry); other names are refused so that a DNS-rebinding "
+                "site cannot read it.")
+
+
+def from_browser(environ: WSGIEnvironment) -> bool:
+    """Whether a browser sent the request: fetch metadata, an ``Origin`` or a browser's ``User-Agent``.
+
+    Browsers send ``Sec-Fetch-Site`` only to https and loopback addresses, and no
+    ``Origin`` on a same-origin ``GET``, so the ``Mozilla/`` every browser's
+    ``User-Agent`` starts with is what a DNS-rebinding page's ``fetch`` over http
+    shows (Firefox lets a script replace it; Chromium and Safari do not).
+    """
+    return ("HTTP_SEC_FETCH_SITE" in environ or "HTTP_ORIGIN" in environ
+            or str(environ.get("HTTP_USER_AGENT", "")).startswith("Mozilla/"))
+
+
+def cross_origin(environ: WSGIEnvironment, what: str, navigable: bool) -> str | None:
+    """Why another origin's page may not read this answer, or None when the request is not from one.
+
+    ``Sec-Fetch-Site`` other than ``same-origin`` or ``none`` (a bookmark, the
+    address bar), or an ``Origin`` that is not the request's own (scheme and Host,
+    default ports left out), is refused.  ``navigable``: a top-level navigation
+    (a link on another site) may open it: another page cannot read that answer.
+    """
+    site = environ.get("HTTP_SEC_FETCH_SITE")
+    if site is not None and (site := site.strip().lower()) not in ("same-origin", "none") and not (
+            navigable and environ.get("HTTP_SEC_FETCH_MODE") == "navigate"
+            and environ.get("HTTP_SEC_FETCH_DEST") == "document"):
+        return f"{what} may not be read from another site's page (Sec-Fetch-Site: {_shown(site)})."
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is not None:
+        own = _own_origin(environ)
+        if own is None or parse_origin(origin) != own:
+            shown = "its own" if own is None else "this one, " + _serialise(own)
+            return f"{what} may not be read from another origin's page (Origin {_shown(origin)} is not {shown})."
+    return None
+
+
+def _own_origin(environ: WSGIEnvironment) -> tuple[str, str, int | None] | None:
+    """The request's own origin: ``wsgi.url_scheme`` and the Host header (or the server's name and port)."""
+    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+    return parse_origin(f"{environ.get('wsgi.url_scheme', 'http')}://{host}")
+
+
+def _serialise(origin: tuple[str, str, int | None]) -> str:
+    scheme, host, port = origin
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def _shown(text: str) -> str:
+    """Request text safe to quote in a message: printable ASCII, at most 100 characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 class OperatorPageMiddleware:
     """Serve the operator page, its JSON and assets at ``path``; time and count everything else.
 
@@ -88,6 +213,9 @@ class OperatorPageMiddleware:
         allows every address and then needs ``roles``.
         ``roles`` (none): when set, ``wsgistack.identity`` must hold one of them (an
         ``auth`` layer outside this one sets it): no identity gives 401, other roles 403.
+        ``hosts`` (none): the names, besides IP addresses and ``localhost``, the page may be
+        opened by (``ops.example.org``, ``*.example.org``; ``*``: any); a request for
+        another Host gets 403, as one from another origin's page does.
         ``refresh_seconds`` (2): how often the page polls its data.
         ``title`` ("wsgistack"): the page heading.
 
@@ -101,6 +229,7 @@ class OperatorPageMiddleware:
         path: str = "/_stack"
         allow_from: Networks = ("127.0.0.0/8", "::1/128")
         roles: tuple[str, ...] = ()
+        hosts: HostNames = ()
         refresh_seconds: float = Field(default=2.0, ge=0.25, le=3600)
         title: str = Field(default="wsgistack", min_length=1, max_length=200)
 
@@ -134,6 +263,7 @@ class OperatorPageMiddleware:
         self.path, self.plen = options.path, len(options.path)
         self.networks = networks(options.allow_from)
         self.roles = frozenset(options.roles)
+        self.hosts = HostCheck(options.hosts, "operator_page.hosts", "the operator page")
         self.started = time.time()
         self._lock = threading.Lock()
         self._layers: dict[str, list[float]] = {}  # name -> [count, own seconds]
@@ -219,7 +349,7 @@ class OperatorPageMiddleware:
     # -- the page ------------------------------------------------------------
     def _answer(self, environ: WSGIEnvironment, start_response: StartResponse, rest: str) -> Iterable[bytes]:
         environ[ROUTE] = self.path + (rest if rest in _PAGES else "")  # a fixed label for metrics
-        self._check_access(environ)
+        self._check_access(environ, rest in ("", "/"))
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
             exc = refuse(405, headers=[("Allow", "GET, HEAD")])
@@ -237,9 +367,14 @@ class OperatorPageMiddleware:
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))), *_COMMON])
         return [] if method == "HEAD" else [body]
 
-    def _check_access(self, environ: WSGIEnvironment) -> None:
+    def _check_access(self, environ: WSGIEnvironment, document: bool) -> None:
         if self.networks and not address_in(environ, self.networks):
             raise refuse(403, "The operator page is not available to this client address.")
+        # Another origin's page may not read it: not through cors outside (which would allow that
+        # origin), nor as its own origin after a DNS rebinding (Host is then the other site's name).
+        why = self.hosts.refusal(environ) or cross_origin(environ, "The operator page", navigable=document)
+        if why is not None:
+            raise refuse(403, why)
         if self.roles:
             identity = environ.get(IDENTITY)
             if not isinstance(identity, Identity):
@@ -337,13 +472,14 @@ class OperatorPageMiddleware:
             f'<td id="store-{i}-error">{e(str(s["error"] or "—"))}</td></tr>'
             for i, s in enumerate(data["stores"]))
         cards = "".join(f'<div class="card"><span>{e(label)}</span><b id="{key}">{e(value)}</b></div>'
-                        for key, label, value in _cards(data))
+                        for key, label, value in _cards(data)) + _reload_card(data["last_reload"])
         return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(data["title"])}</title>'
                 '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
                 f'<link rel="stylesheet" href="{e(base)}/app.css"><script src="{e(base)}/app.js" defer></script>'
                 f'</head><body data-source="{e(base)}/data.json" data-refresh="{self.options.refresh_seconds}" '
                 f'data-signature="{e(data["signature"])}"><header><h1>{e(data["title"])}</h1>'
-                f'<p>process {data["pid"]} · updated <span id="updated">at load</span> · every '
+                f'<p>process <span id="pid">{data["pid"]}</span><span id="pid-changed" hidden></span> · '
+                f'updated <span id="updated">at load</span> · every '
                 f'{self.options.refresh_seconds:g} s <span id="status"></span></p>'
                 '<p id="changed" hidden>The pipeline changed: reload the page to see the new one.</p></header>'
                 f'<main><section><h2>Pipeline</h2><ol class="flow" id="pipeline">{"".join(boxes)}</ol></section>'
@@ -396,9 +532,14 @@ def _reload(result: Any) -> dict[str, Any] | None:
     if result is None:
         return None
     try:
-        return {"ok": bool(result.ok), "generation": result.generation, "at": result.at, "summary": result.summary()}
+        ok, generation = bool(result.ok), result.generation
+        return {"ok": ok, "generation": generation, "at": result.at, "summary": result.summary(),
+                "headline": result.summary() if ok else f"reload failed, generation {generation} keeps serving",
+                "problems": [] if ok else [str(p) for p in result.problems]}
     except Exception as exc:  # an odd object must not break the page
-        return {"ok": None, "generation": None, "at": None, "summary": f"unreadable ({type(exc).__name__})"}
+        unreadable = f"unreadable ({type(exc).__name__})"
+        return {"ok": None, "generation": None, "at": None, "summary": unreadable, "headline": unreadable,
+                "problems": []}
 
 
 def _short(value: Any, limit: int = 160) -> str:
@@ -422,7 +563,6 @@ def _statuses(by_status: Mapping[str, int]) -> str:
 
 def _cards(d: dict[str, Any]) -> list[tuple[str, str, str]]:
     ratio = d["cache"]["hit_ratio"]
-    last = d["last_reload"]
     return [("requests", "requests", str(d["requests"]["total"])),
             ("statuses", "by status", _statuses(d["requests"]["by_status"])),
             ("cache-ratio", "cache hit ratio", "—" if ratio is None else f"{ratio * 100:.1f}%"),
@@ -431,8 +571,16 @@ def _cards(d: dict[str, Any]) -> list[tuple[str, str, str]]:
             ("auth-failures", "auth failures", str(d["auth"]["failures"])),
             ("store-errors", "store errors", str(d["store_errors"]["total"])),
             ("deprecated", "deprecated-version requests", str(d["deprecated"]["total"])),
-            ("generation", "config generation", "—" if d["generation"] is None else str(d["generation"])),
-            ("reload", "last reload", "—" if last is None else str(last["summary"]))]
+            ("generation", "config generation", "—" if d["generation"] is None else str(d["generation"]))]
+
+
+def _reload_card(last: Mapping[str, Any] | None) -> str:
+    """The last reload's card: a failed one is wide, in the error colour, its problems a list."""
+    failed, problems = last is not None and last["ok"] is False, (last or {}).get("problems") or []
+    items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
+    return (f'<div id="reload-card" class="{"card wide bad" if failed else "card"}"><span>last reload</span>'
+            f'<b id="reload">{html.escape("—" if last is None else str(last["headline"]))}</b>'
+            f'<ul id="reload-problems"{"" if problems else " hidden"}>{items}</ul></div>')
 
 
 _CSS = """\
@@ -452,6 +600,9 @@ dt{color:#6b7280}dd{margin:0;font-family:ui-monospace,monospace;word-break:break
 .card{background:#fff;border:1px solid #d0d5dd;border-radius:6px;padding:8px}.card span{display:block;color:#6b7280}
 .card b{font-size:18px;word-break:break-word}table{border-collapse:collapse;width:100%;background:#fff}
 td,th{border:1px solid #d0d5dd;padding:4px 6px;text-align:left}.ok{color:#047857}.bad{color:#b91c1c;font-weight:600}
+.card.wide{grid-column:1/-1}.card.bad{border-color:#b91c1c;border-left:4px solid #b91c1c;background:#fef2f2}
+.card ul{margin:6px 0 0;padding-left:18px;font:12px/1.5 ui-monospace,monospace;word-break:break-word}
+#pid-changed{color:#ffd166}
 """
 
 _JS = """\
@@ -464,6 +615,21 @@ _JS = """\
     if (el && el.textContent !== text) el.textContent = text;
   };
   const ms = (v) => (v === null || v === undefined ? "\\u2014" : Number(v).toFixed(3));
+  let pid = document.getElementById("pid").textContent;
+  const reload = (last) => {
+    const problems = last === null || !last.problems ? [] : last.problems;
+    set("reload", last === null ? "\\u2014" : last.headline);
+    document.getElementById("reload-card").className = last !== null && last.ok === false ? "card wide bad" : "card";
+    const list = document.getElementById("reload-problems"), shown = [...list.children].map((li) => li.textContent);
+    if (shown.length !== problems.length || shown.some((text, i) => text !== problems[i])) {
+      list.replaceChildren(...problems.map((text) => {
+        const li = document.createElement("li");
+        li.textContent = text;
+        return li;
+      }));
+    }
+    list.hidden = problems.length === 0;
+  };
   const stat = (prefix, s) => { set(prefix + "-count", s.count); set(prefix + "-avg", ms(s.avg_ms));
                                 set(prefix + "-total", ms(s.total_ms)); };
   const render = (d) => {
@@ -475,7 +641,13 @@ _JS = """\
     set("auth-failures", d.auth.failures); set("store-errors", d.store_errors.total);
     set("deprecated", d.deprecated.total);
     set("generation", d.generation === null ? "\\u2014" : d.generation);
-    set("reload", d.last_reload === null ? "\\u2014" : d.last_reload.summary);
+    reload(d.last_reload);
+    if (String(d.pid) !== pid) {  // with server.workers > 1, another process answered this poll
+      set("pid-changed", " (was " + pid + ": numbers are per process)");
+      document.getElementById("pid-changed").hidden = false;
+      pid = String(d.pid);
+      set("pid", pid);
+    }
     d.pipeline.forEach((layer, i) => stat("layer-" + i, layer));
     stat("app", d.app);
     d.stores.forEach((s, i) => {

@@ -29,7 +29,18 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import CLIENT_IP, TRACE, Context, LayerOptions, network, note, refuse
+from .base import (
+    CLIENT_IP,
+    HOST_PORT,
+    TRACE,
+    Context,
+    LayerOptions,
+    host_key,
+    network,
+    note,
+    refuse,
+    split_host,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -38,7 +49,6 @@ if TYPE_CHECKING:
 
 ORIG = "wsgistack.proxy.orig"
 _PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*?)\s*(?:;|$)')
-_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?)(?::([0-9]{1,5}))?")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -118,7 +128,7 @@ class ProxyMiddleware:
             (options.x_for, "HTTP_X_FORWARDED_FOR"), (options.x_proto, "HTTP_X_FORWARDED_PROTO"),
             (options.x_host, "HTTP_X_FORWARDED_HOST"), (options.x_port, "HTTP_X_FORWARDED_PORT"),
             (options.x_prefix, "HTTP_X_FORWARDED_PREFIX")) if hops]
-        hosts = [_host_key(h.lower().rstrip(".")) for h in options.allowed_hosts]
+        hosts = [host_key(h.lower().rstrip(".")) for h in options.allowed_hosts]
         self.any_host = not hosts or "*" in hosts
         self.exact_hosts = frozenset(h for h in hosts if not h.startswith("*."))
         self.host_suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
@@ -154,7 +164,7 @@ class ProxyMiddleware:
             checked["for"] = ip
         if "proto" in found and (proto := found["proto"].lower()) in _DEFAULT_PORTS:
             checked["proto"] = proto
-        if "host" in found and _HOST.fullmatch(found["host"]):
+        if "host" in found and HOST_PORT.fullmatch(found["host"]):
             checked["host"] = found["host"]
         if "port" in found and found["port"].isdigit() and 0 < int(found["port"]) < 65536:
             checked["port"] = str(int(found["port"]))
@@ -179,7 +189,7 @@ class ProxyMiddleware:
             port = found.get("port")
             if host is not None or port is not None:
                 host = host or get("HTTP_HOST") or get("SERVER_NAME", "")
-                name, _, own_port = _split_host(host)
+                name, _, own_port = split_host(host)
                 port = port or own_port or _DEFAULT_PORTS.get(environ["wsgi.url_scheme"], "80")
                 environ["SERVER_PORT"] = port
                 default = port == _DEFAULT_PORTS.get(environ["wsgi.url_scheme"])
@@ -193,8 +203,8 @@ class ProxyMiddleware:
         environ[CLIENT_IP] = environ.get("REMOTE_ADDR") or ""
         if not self.any_host:
             host = get("HTTP_HOST") or get("SERVER_NAME", "")
-            name = _host_key(_split_host(host)[0].lower().rstrip("."))
-            if not _HOST.fullmatch(host) or (name not in self.exact_hosts and not (
+            name = host_key(split_host(host)[0].lower().rstrip("."))
+            if not HOST_PORT.fullmatch(host) or (name not in self.exact_hosts and not (
                     name.endswith(self.host_suffixes) and not name.startswith("."))):
                 note(environ, "proxy", "host is not in allowed_hosts")
                 raise refuse(400, "The request's host is not one this server answers for "
@@ -258,21 +268,3 @@ def _address(value: str) -> str | None:
         return str(ipaddress.ip_address(value))
     except ValueError:
         return None
-
-
-def _host_key(name: str) -> str:
-    """``name``, an IPv6 literal (bracketed or not) in its one bracketed spelling: ``[::1]``."""
-    inner = name[1:-1] if name.startswith("[") and name.endswith("]") else name
-    if ":" not in inner:
-        return name
-    try:
-        return f"[{ipaddress.IPv6Address(inner).compressed}]"
-    except ValueError:
-        return name
-
-
-def _split_host(host: str) -> tuple[str, str, str]:
-    """``(name, ":", port)`` of ``host[:port]``; IPv6 literals keep their brackets."""
-    if host.endswith("]") or ":" not in host:
-        return host, "", ""
-    return host.rpartition(":")

@@ -305,6 +305,76 @@ def test_who_may_scrape(make: Callable[..., Any], options: dict[str, Any], envir
         assert "wsgistack_http_requests" in response.text
 
 
+PROMETHEUS = {"User-Agent": "Prometheus/2.53.0", "Accept": "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"}
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+CROSS_SITE = "Metrics may not be read from another site's page (Sec-Fetch-Site: cross-site)."
+
+
+def unlisted(host: str) -> str:
+    return (f"Host {host} is not one of metrics.hosts: add it there to open metrics by this name (IP addresses and "
+            "localhost need no entry); other names are refused so that a DNS-rebinding site cannot read it.")
+
+
+@pytest.mark.parametrize(
+    ("options", "headers", "expected"),
+    [
+        # a scraper sends no browser header: any Host, until hosts lists the names
+        pytest.param({}, {**PROMETHEUS, "Host": "app.internal:8000"}, (200, None), id="Prometheus by a DNS name"),
+        pytest.param({}, {"User-Agent": "curl/8.5.0", "Host": "app.internal"}, (200, None), id="curl by a name"),
+        pytest.param({}, {"Host": "app.internal"}, (200, None), id="no User-Agent at all"),
+        pytest.param({"hosts": ["metrics.example.org"]}, {**PROMETHEUS, "Host": "app.internal:8000"},
+                     (403, unlisted("app.internal")), id="hosts set: every request's Host is checked"),
+        pytest.param({"hosts": ["metrics.example.org"]}, {**PROMETHEUS, "Host": "Metrics.Example.org.:8000"},
+                     (200, None), id="hosts set: a listed name"),
+        pytest.param({"hosts": ["metrics.example.org"]}, {**PROMETHEUS, "Host": "10.0.0.5:8000"}, (200, None),
+                     id="hosts set: an IP literal"),
+        pytest.param({"hosts": ["*.svc.cluster.local"]}, {**PROMETHEUS, "Host": "app.ns.svc.cluster.local:8000"},
+                     (200, None), id="hosts set: a wildcard"),
+        # a browser: its Host is checked (DNS rebinding)
+        pytest.param({}, {"User-Agent": FIREFOX, "Host": "attacker.example:8000"}, (403, unlisted("attacker.example")),
+                     id="DNS rebinding over http: only the browser's User-Agent shows"),
+        pytest.param({}, {"Sec-Fetch-Site": "same-origin", "Host": "attacker.example"},
+                     (403, unlisted("attacker.example")), id="DNS rebinding: fetch metadata"),
+        pytest.param({}, {"Origin": "http://attacker.example", "Host": "attacker.example"},
+                     (403, unlisted("attacker.example")), id="DNS rebinding: an Origin"),
+        pytest.param({}, {"User-Agent": FIREFOX, "Host": "localhost:8000"}, (200, None), id="a browser on localhost"),
+        pytest.param({}, {"User-Agent": FIREFOX, "Host": "[::1]:8000"}, (200, None), id="a browser on [::1]"),
+        pytest.param({"hosts": ["app.internal"]}, {"User-Agent": FIREFOX, "Host": "app.internal"}, (200, None),
+                     id="a browser by a listed name"),
+        # another origin's page
+        pytest.param({}, {"Sec-Fetch-Site": "cross-site"}, (403, CROSS_SITE), id="cross-site"),
+        pytest.param({}, {"Sec-Fetch-Site": "same-site"},
+                     (403, "Metrics may not be read from another site's page (Sec-Fetch-Site: same-site)."),
+                     id="same-site"),
+        pytest.param({}, {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},
+                     (200, None), id="a link on another site (the targets page of Prometheus)"),
+        pytest.param({}, {"Origin": "https://grafana.example.org"},
+                     (403, "Metrics may not be read from another origin's page (Origin https://grafana.example.org "
+                           "is not this one, http://localhost)."), id="another origin"),
+        pytest.param({}, {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}, (200, None),
+                     id="own origin"),
+    ],
+)
+def test_browsers_and_hosts(make: Callable[..., Any], options: dict[str, Any], headers: dict[str, str],
+                            expected: tuple[int, str | None]) -> None:
+    status, text = expected
+    app, _ = make(**options)
+    response = app.get("/metrics", headers=headers, extra_environ={"REMOTE_ADDR": "127.0.0.1"}, status=status)
+    if text is None:
+        assert "wsgistack_http_requests" in response.text
+        return
+    assert response.json["error"]["message"] == text
+    found = scrape(app)  # the refusal is counted, as the address's is
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="/metrics", status="403") == 1
+
+
+def test_other_paths_are_not_checked(make: Callable[..., Any]) -> None:
+    """Only the exposition is: the app behind the layer serves every host and origin as before."""
+    app, _ = make(hosts=["metrics.example.org"])
+    app.get("/ok", headers={"Host": "attacker.example", "User-Agent": FIREFOX, "Sec-Fetch-Site": "cross-site",
+                            "Origin": "https://evil.example"}, status=200)
+
+
 def test_exposition_never_enters_the_app(make: Callable[..., Any]) -> None:
     def app_that_must_not_run(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         raise AssertionError("the app was entered")
@@ -894,6 +964,9 @@ def test_store_health_with_a_real_redis(make: Callable[..., Any], context: Conte
         pytest.param({"max_routes": 0}, "max_routes must be at least 1, got 0", id="no routes"),
         pytest.param({"path": "metrics"}, "path must start with '/', got 'metrics'", id="relative path"),
         pytest.param({"server_timings": True}, "Extra inputs are not permitted", id="unknown key"),
+        pytest.param({"hosts": ["http://metrics.example.org/"]}, "hosts entry 'http://metrics.example.org/' is not a "
+                     "host name: write ops.example.org, *.example.org or '*' (no scheme, port or path)",
+                     id="a URL in hosts"),
     ],
 )
 def test_options_refused(options: dict[str, Any], message: str) -> None:

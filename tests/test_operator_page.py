@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,119 @@ def test_access(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]], inn
     assert inner.seen == []
 
 
+# ---------------------------------------------------------------- other origins, other hosts
+
+CROSS_SITE = "The operator page may not be read from another site's page (Sec-Fetch-Site: cross-site)."
+SAME_SITE = "The operator page may not be read from another site's page (Sec-Fetch-Site: same-site)."
+NAVIGATE = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+
+
+def foreign(origin: str, own: str = "http://localhost") -> str:
+    return f"The operator page may not be read from another origin's page (Origin {origin} is not this one, {own})."
+
+
+def unlisted(host: str) -> str:
+    return (f"Host {host} is not one of operator_page.hosts: add it there to open the operator page by this name (IP "
+            "addresses and localhost need no entry); other names are refused so that a DNS-rebinding site cannot "
+            "read it.")
+
+
+@pytest.mark.parametrize(
+    ("options", "request_path", "headers", "expected"),
+    [
+        # Host (DNS rebinding: a page from attacker.example whose name now resolves here)
+        pytest.param({}, "/_stack/data.json", {"Host": "localhost:8000"}, (200, None), id="localhost"),
+        pytest.param({}, "/_stack/data.json", {"Host": "LocalHost."}, (200, None), id="localhost, any case, dot"),
+        pytest.param({}, "/_stack/data.json", {"Host": "127.0.0.1:8000"}, (200, None), id="IPv4 literal"),
+        pytest.param({}, "/_stack/data.json", {"Host": "[::1]:8000"}, (200, None), id="IPv6 literal"),
+        pytest.param({}, "/_stack/data.json", {"Host": "attacker.example:8000"}, (403, unlisted("attacker.example")),
+                     id="DNS rebinding: another name"),
+        pytest.param({}, "/_stack", {"Host": "attacker.example"}, (403, unlisted("attacker.example")),
+                     id="DNS rebinding: the page itself too"),
+        pytest.param({}, "/_stack/app.js", {"Host": "attacker.example"}, (403, unlisted("attacker.example")),
+                     id="DNS rebinding: its script too"),
+        pytest.param({}, "/_stack/data.json", {"Host": "127.0.0.1.attacker.example"},
+                     (403, unlisted("127.0.0.1.attacker.example")), id="a name that starts like an address"),
+        pytest.param({}, "/_stack/data.json", {"Host": "localhost.attacker.example"},
+                     (403, unlisted("localhost.attacker.example")), id="a name that starts with localhost"),
+        pytest.param({}, "/_stack/data.json", {"Host": "a@b"}, (403, "The Host header a@b is not a host name."),
+                     id="not a host name"),
+        pytest.param({"hosts": ["ops.example.org"]}, "/_stack/data.json", {"Host": "OPS.example.org.:443"},
+                     (200, None), id="listed name, any case, trailing dot, port"),
+        pytest.param({"hosts": ["ops.example.org"]}, "/_stack/data.json", {"Host": "www.example.org"},
+                     (403, unlisted("www.example.org")), id="another name than the listed one"),
+        pytest.param({"hosts": ["ops.example.org"]}, "/_stack/data.json", {"Host": "127.0.0.1"}, (200, None),
+                     id="an IP literal needs no entry"),
+        pytest.param({"hosts": ["*.example.org"]}, "/_stack/data.json", {"Host": "ops.eu.example.org"},
+                     (200, None), id="wildcard: a subdomain"),
+        pytest.param({"hosts": ["*.example.org"]}, "/_stack/data.json", {"Host": "example.org"},
+                     (403, unlisted("example.org")), id="wildcard: not the domain itself"),
+        pytest.param({"hosts": ["*.example.org"]}, "/_stack/data.json", {"Host": "badexample.org"},
+                     (403, unlisted("badexample.org")), id="wildcard: not a name that only ends alike"),
+        pytest.param({"hosts": ["*"]}, "/_stack/data.json", {"Host": "attacker.example"}, (200, None),
+                     id="'*': any name (the proxy in front checks it)"),
+        # Sec-Fetch-Site and Origin (a page of another origin, through cors or not)
+        pytest.param({}, "/_stack/data.json", {"Sec-Fetch-Site": "same-origin"}, (200, None), id="same-origin"),
+        pytest.param({}, "/_stack", {"Sec-Fetch-Site": "none"}, (200, None), id="typed or bookmarked"),
+        pytest.param({}, "/_stack/data.json", {"Sec-Fetch-Site": "cross-site"}, (403, CROSS_SITE), id="cross-site"),
+        pytest.param({}, "/_stack/data.json", {"Sec-Fetch-Site": "Same-Site "}, (403, SAME_SITE), id="same-site"),
+        pytest.param({}, "/_stack", NAVIGATE, (200, None), id="a link on another site opens the page"),
+        pytest.param({}, "/_stack/data.json", NAVIGATE, (403, CROSS_SITE), id="but not its data"),
+        pytest.param({}, "/_stack", {**NAVIGATE, "Sec-Fetch-Dest": "iframe"}, (403, CROSS_SITE),
+                     id="nor the page in another site's frame"),
+        pytest.param({}, "/_stack", {**NAVIGATE, "Sec-Fetch-Mode": "cors"}, (403, CROSS_SITE),
+                     id="nor the page by fetch"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "http://localhost"}, (200, None), id="own origin"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "HTTP://LOCALHOST:80"}, (200, None),
+                     id="own origin, default port written"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "https://evil.example"},
+                     (403, foreign("https://evil.example")), id="another origin"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "https://localhost"}, (403, foreign("https://localhost")),
+                     id="another scheme"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "http://localhost:8080"},
+                     (403, foreign("http://localhost:8080")), id="another port"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "null"}, (403, foreign("null")), id="opaque origin"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+                     (403, CROSS_SITE), id="both: fetch metadata named"),
+        pytest.param({}, "/_stack/data.json", {"Origin": "http://evil.example", "Host": "evil.example"},
+                     (403, unlisted("evil.example")), id="rebinding with an origin: the host is named"),
+        pytest.param({"hosts": ["evil.example"]}, "/_stack/data.json",
+                     {"Origin": "http://evil.example", "Host": "evil.example"}, (200, None),
+                     id="a listed host's own origin"),
+    ],
+)
+def test_other_origins_and_hosts(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]], inner: Recorder,
+                                 options: dict[str, Any], request_path: str, headers: dict[str, str],
+                                 expected: tuple[int, str | None]) -> None:
+    status, text = expected
+    app, _ = make(options)
+    response = app.get(request_path, headers=headers, status=status)
+    if text is not None:
+        assert message(response) == text
+    else:
+        assert response.headers["Cache-Control"] == "no-store"
+    assert inner.seen == []
+
+
+def test_other_origins_are_refused_before_roles(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    """The admin's cookie does not help another origin: the page refuses before it looks at the identity."""
+    app, _ = make({"roles": ["admin"]})
+    response = app.get("/_stack/data.json", headers={"Origin": "https://evil.example"},
+                       extra_environ={IDENTITY: ADMIN}, status=403)
+    assert message(response) == foreign("https://evil.example")
+    assert app.get("/_stack/data.json", extra_environ={IDENTITY: ADMIN}, status=200).json["title"] == "wsgistack"
+
+
+def test_other_paths_below_the_page_are_not_checked(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                                    inner: Recorder) -> None:
+    """Only the page's own answers are: the app behind it serves every host and origin as before."""
+    app, _ = make()
+    for path in ("/_stack/cache/purge", "/other"):
+        app.get(path, headers={"Host": "attacker.example", "Origin": "https://evil.example",
+                               "Sec-Fetch-Site": "cross-site"}, status=200)
+    assert inner.seen == ["/_stack/cache/purge", "/other"]
+
+
 # ---------------------------------------------------------------- what it answers
 
 @pytest.mark.parametrize(
@@ -192,6 +306,12 @@ def test_page_under_script_name_links_its_assets(make: Callable[..., tuple[TestA
         pytest.param({"refresh_seconds": 0}, "greater than or equal to 0.25", id="refresh too fast"),
         pytest.param({"title": ""}, "at least 1 character", id="empty title"),
         pytest.param({"colour": "red"}, "Extra inputs are not permitted", id="unknown option"),
+        pytest.param({"hosts": ["https://ops.example.org"]}, "hosts entry 'https://ops.example.org' is not a host "
+                     "name: write ops.example.org, *.example.org or '*' (no scheme, port or path)", id="hosts: a URL"),
+        pytest.param({"hosts": ["ops.example.org:8443"]}, "hosts entry 'ops.example.org:8443' is not a host name",
+                     id="hosts: a port"),
+        pytest.param({"hosts": ["*.*.example.org"]}, "hosts entry '*.*.example.org' is not a host name",
+                     id="hosts: a wildcard inside"),
     ],
 )
 def test_options_refused(options: dict[str, Any], expected: str) -> None:
@@ -476,26 +596,45 @@ def test_the_signature_changes_with_what_the_page_shows(make: Callable[..., tupl
     assert app.get("/_stack/data.json").json["signature"] != before
 
 
+FAILED = [Problem("pipeline[0]: bad <b>"), Problem("unknown layer 'corz'", ("pipeline", 2), "stack.yaml", 7, 5)]
+
+
 @pytest.mark.parametrize(
     ("result", "expected"),
     [
-        pytest.param(ReloadResult(True, 3, at=1700000000.0), (3, True, "generation 3 serving"), id="ok"),
-        pytest.param(ReloadResult(False, 2, at=1700000000.0, problems=[Problem("pipeline[0]: bad")]),
-                     (2, False, "reload failed, generation 2 keeps serving: <config> (top level): pipeline[0]: bad"),
+        pytest.param(ReloadResult(True, 3, at=1700000000.0),
+                     (3, True, "generation 3 serving", "generation 3 serving", []), id="ok"),
+        pytest.param(ReloadResult(True, 3, at=1700000000.0, needs_restart=["server.workers"]),
+                     (3, True, "generation 3 serving; needs restart to apply: server.workers",
+                      "generation 3 serving; needs restart to apply: server.workers", []), id="ok, needs restart"),
+        pytest.param(ReloadResult(False, 2, at=1700000000.0, problems=FAILED),
+                     (2, False, "reload failed, generation 2 keeps serving: <config> (top level): pipeline[0]: bad "
+                                "<b>; stack.yaml:7:5 pipeline[2]: unknown layer 'corz'",
+                      "reload failed, generation 2 keeps serving",
+                      ["<config> (top level): pipeline[0]: bad <b>",
+                       "stack.yaml:7:5 pipeline[2]: unknown layer 'corz'"]),
                      id="failed"),
+        pytest.param(ReloadResult(False, 2, at=1700000000.0),
+                     (2, False, "reload failed, generation 2 keeps serving: ",
+                      "reload failed, generation 2 keeps serving", []), id="failed, no problem named"),
     ],
 )
 def test_generation_and_last_reload(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
-                                    result: ReloadResult, expected: tuple[int, bool, str]) -> None:
-    generation, ok, summary = expected
+                                    result: ReloadResult, expected: tuple[int, bool, str, str, list[str]]) -> None:
+    generation, ok, summary, headline, problems = expected
     app, page = make()
     page.context.settings.update(generation=generation, last_reload=result)
     data = app.get("/_stack/data.json").json
     assert data["generation"] == generation
-    assert data["last_reload"] == {"ok": ok, "generation": generation, "at": 1700000000.0, "summary": summary}
+    assert data["last_reload"] == {"ok": ok, "generation": generation, "at": 1700000000.0, "summary": summary,
+                                   "headline": headline, "problems": problems}
     html = app.get("/_stack").text
     assert f'<b id="generation">{generation}</b>' in html
-    assert summary.split(":")[0] in html
+    # a failed reload: a wide card in the error colour, its problems a list (escaped)
+    items = "".join(f"<li>{escape(p)}</li>" for p in problems)
+    assert (f'<div id="reload-card" class="{"card" if ok else "card wide bad"}"><span>last reload</span>'
+            f'<b id="reload">{escape(headline)}</b>'
+            f'<ul id="reload-problems"{"" if problems else " hidden"}>{items}</ul></div>') in html
 
 
 def stack_data(extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -589,7 +728,7 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
 
 
 @pytest.mark.browser
-def test_page_updates_in_a_real_browser(tmp_path: Path) -> None:
+def test_page_updates_in_a_real_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     built = build_from_dict({**stack_data(), "app": {"factory": "stack_support:echo_app",
                                                       "options": {"greeting": "hi"}}}, base_dir=tmp_path)
     with chromium() as driver, serve(built.app) as server:
@@ -625,10 +764,55 @@ def test_page_updates_in_a_real_browser(tmp_path: Path) -> None:
         wait_for(lambda: driver.execute_script("return document.getElementById('changed').hidden;") is False,
                  "the pipeline-changed notice")
         assert driver.execute_script("return window.__kept;") == "no reload happened"
+
+        # a failed reload: the card spans the row in the error colour, one list item per problem
+        card = "return document.getElementById('reload-card').className;"
+        problems = "return [...document.querySelectorAll('#reload-problems li')].map(li => li.textContent);"
+        assert driver.execute_script(card) == "card"
+        built.context.settings["last_reload"] = ReloadResult(False, 2, problems=RELOAD_PROBLEMS)
+        wait_for(lambda: driver.execute_script(card) == "card wide bad", "the failed reload's card")
+        assert text_of(driver, "reload") == "reload failed, generation 2 keeps serving"
+        assert driver.execute_script(problems) == [str(p) for p in RELOAD_PROBLEMS]
+        assert driver.execute_script("return document.querySelector('#reload-problems li b');") is None  # text only
+        assert driver.execute_script("return getComputedStyle(document.getElementById('reload')).color;") \
+            == "rgb(185, 28, 28)"  # .bad, as a store that is down
+        widths = ("return [document.getElementById('reload-card'), document.getElementById('requests').parentNode]"
+                  ".map(el => el.getBoundingClientRect().width);")
+        wide, narrow = driver.execute_script(widths)
+        assert wide > 2 * narrow
+
+        # another worker process answers a poll: the pid shown follows, and the page says so
+        shown_pid = text_of(driver, "pid")
+        original = OperatorPageMiddleware.snapshot
+        monkeypatch.setattr(OperatorPageMiddleware, "snapshot",
+                            lambda self: {**original(self), "pid": int(shown_pid) + 1})
+        wait_for(lambda: text_of(driver, "pid") == str(int(shown_pid) + 1), "the new process id")
+        assert text_of(driver, "pid-changed") == f" (was {shown_pid}: numbers are per process)"
+        assert driver.execute_script("return document.getElementById('pid-changed').hidden;") is False
+        failed_shot = tmp_path / "operator-page-failed-reload.png"
+        driver.save_screenshot(str(failed_shot))
+
+        # the next reload works: the card is a plain one again
+        built.context.settings["last_reload"] = ReloadResult(True, 3)
+        wait_for(lambda: driver.execute_script(card) == "card", "the reload card back to normal")
+        assert text_of(driver, "reload") == "generation 3 serving"
+        assert driver.execute_script(problems) == []
+        assert driver.execute_script("return document.getElementById('reload-problems').hidden;") is True
     built.close()
-    data = shot.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    assert len(data) > 20_000
+    for picture in (shot, failed_shot):
+        data = picture.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(data) > 20_000
+
+
+RELOAD_PROBLEMS = [
+    Problem("unknown layer 'corz' (known: access_log, auth, cache, cors, csrf, errors, headers, health, metrics, "
+            "operator_page, proxy, ratelimit, request_id, session, validation, versioning); did you mean 'cors'?",
+            ("pipeline", 2), "stack.yaml", 12, 5),
+    Problem("cache at pipeline[4] is outside auth at pipeline[5]: a cached response would be served before auth "
+            "runs; move cache inside auth", ("pipeline", 4), "stack.yaml", 18, 5),
+    Problem("<script>alert(1)</script> is not a store", ("stores", "shared"), "stack.yaml", 3, 11),
+]
 
 
 def test_factory_layer_options_are_described_as_data() -> None:
