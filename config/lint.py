@@ -252,6 +252,22 @@ def cache_identity(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
                                            "private", "warning")
 
 
+#: Methods that drop a cache's entries of their URI when they succeed (RFC 9111 §4.4).
+_WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def cache_sees_writes(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for cache in _all(specs, "cache"):
+        methods = cache.scope.methods
+        missing = [m for m in _WRITES if methods and m not in methods]
+        if missing:
+            yield _problem(cfg, cache, f"cache at {_where(cache)} is scoped to methods {', '.join(methods)}: "
+                                       f"{', '.join(missing)} requests never reach it, so a successful write no "
+                                       "longer drops the entries of its URI (RFC 9111 §4.4) and readers get the "
+                                       "old answer until its ttl ends; remove methods (the cache answers only GET "
+                                       "and HEAD anyway)", "warning")
+
+
 def spec_true(spec: LayerSpec, name: str) -> bool:
     return bool(spec.option(name, False))
 
@@ -402,13 +418,55 @@ def fail_open_security(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Pro
                                "warning")
 
 
+def _reaches(spec: LayerSpec, path: str) -> bool:
+    """Whether a ``GET`` of ``path`` is in the scope (paths, exclude_paths, methods) of ``spec``."""
+    # PATH_INFO as PEP 3333 gives it: bytes as latin-1
+    return spec.scope.matches({"REQUEST_METHOD": "GET", "PATH_INFO": path.encode("utf-8").decode("latin-1")})
+
+
+def _auth_level(auth: LayerSpec, path: str) -> str:
+    """The level (required, optional, none) an auth layer's rules give a ``GET`` of ``path``: the first that
+    matches, else ``default`` (a rule with roles is required), as the layer reads them."""
+    from config.scope import compile_globs
+    from middleware.base import with_head
+
+    for rule in auth.option("rules", None) or ():
+        paths, methods = _field(rule, "paths") or ["*"], with_head(_field(rule, "methods") or [])
+        globs = None if "*" in paths else compile_globs(paths)
+        if (not methods or "GET" in methods) and (globs is None or globs.match(path)):
+            return "required" if _field(rule, "roles") else str(_field(rule, "auth") or "required")
+    return str(auth.option("default", "required"))
+
+
 def operator_page_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for page in _all(specs, "operator_page"):
+        path = str(page.option("path", "/_stack"))
+        answered = (path, f"{path}/data.json")  # the page and what its script polls
         if page.option("roles"):
             auth = _first(specs, "auth")
             if auth is None or _pos(specs, auth) > _pos(specs, page):
                 yield _problem(cfg, page, f"operator_page at {_where(page)} requires roles but no auth layer runs "
                                           "before it: no identity is ever set, so every request would get 401")
+            else:
+                outside = [a for a in _all(specs, "auth") if _pos(specs, a) < _pos(specs, page)]
+                if not any(all(_reaches(a, p) and _auth_level(a, p) != "none" for p in answered) for a in outside):
+                    a = outside[-1]
+                    if all(_reaches(a, p) for p in answered):
+                        why = f"auth at {_where(a)} gives its path {path!r} auth: none (its rules or default)"
+                    else:
+                        why = (f"the scope of auth at {_where(a)} (paths, exclude_paths, methods) leaves its path "
+                               f"{path!r} out")
+                    yield _problem(cfg, page, f"operator_page at {_where(page)} requires roles, but {why}: no "
+                                              "identity is set for the page, so every request would get 401; let "
+                                              "auth see the page's path", "warning")
+        for cors, page_ in _before(specs, "cors", "operator_page"):
+            if page_ is page and any(_reaches(cors, p) for p in answered):
+                yield _problem(cfg, page, f"operator_page at {_where(page)} is inside cors at {_where(cors)}: cors "
+                                          "would let pages of the origins it allows read the page's data (the whole "
+                                          "configuration; with allow_credentials, as the signed-in operator); the "
+                                          "page refuses other origins itself, but keep it out of cors: add "
+                                          f"['{path}', '{path}/*'] to cors's exclude_paths, or put the page before "
+                                          "cors", "warning")
         for page_, proxy in _before(specs, "operator_page", "proxy"):
             if page_ is page:
                 yield _problem(cfg, page, f"operator_page at {_where(page)} is outside proxy at {_where(proxy)}: "
@@ -599,6 +657,7 @@ RULES: list[Rule] = [
     cors_position,
     cache_inside_cors,
     cache_identity,
+    cache_sees_writes,
     proxy_position,
     cors_patterns,
     csrf_needs_session,

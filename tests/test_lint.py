@@ -445,3 +445,70 @@ def test_errors_come_first_then_warnings_each_in_the_order_of_the_file() -> None
                      "  - ratelimit: {limits: ['10/second'], key: 'header:X-A'}\n  - errors: {}\n")
     assert [(line.split(" ")[0], " warning: " in line) for line in found] == [
         ("stack.yaml:4:23", False), ("stack.yaml:6:5", False), ("stack.yaml:5:5", True)], found
+
+
+AUTH = f"  - auth: {{secret: {SECRET}"
+PAGE_IN_CORS = ("stack.yaml:{line}:5 warning: pipeline[{page}]: operator_page at pipeline[{page}] is inside cors at "
+                "pipeline[1]: cors would let pages of the origins it allows read the page's data (the whole "
+                "configuration; with allow_credentials, as the signed-in operator); the page refuses other origins "
+                "itself, but keep it out of cors: add ['{path}', '{path}/*'] to cors's exclude_paths, or put the page "
+                "before cors")
+NO_IDENTITY = ("stack.yaml:6:5 warning: pipeline[2]: operator_page at pipeline[2] requires roles, but {why}: no "
+               "identity is set for the page, so every request would get 401; let auth see the page's path")
+OUT_OF_SCOPE = "the scope of auth at pipeline[1] (paths, exclude_paths, methods) leaves its path '/_stack' out"
+NO_AUTH = "auth at pipeline[1] gives its path '/_stack' auth: none (its rules or default)"
+UNSEEN_WRITES = ("stack.yaml:5:5 warning: pipeline[1]: cache at pipeline[1] is scoped to methods {methods}: "
+                 "{missing} requests never reach it, so a successful write no longer drops the entries of its URI "
+                 "(RFC 9111 §4.4) and readers get the old answer until its ttl ends; remove methods (the cache answers "
+                 "only GET and HEAD anyway)")
+
+
+@pytest.mark.parametrize(("layers", "expected"), [
+    # operator_page inside cors
+    pytest.param("  - cors: {origins: ['https://a.example'], allow_credentials: true}\n  - operator_page: {}\n",
+                 PAGE_IN_CORS.format(line=6, page=2, path="/_stack"), id="operator page inside cors"),
+    pytest.param(f"  - cors: {{origins: ['https://a.example']}}\n{AUTH}}}\n  - operator_page: {{roles: [admin], "
+                 "path: /ops}\n", PAGE_IN_CORS.format(line=7, page=3, path="/ops"),
+                 id="with roles: cors outside auth outside the page"),
+    pytest.param("  - cors: {origins: ['https://a.example'], paths: ['/api/*', '/_stack/data.json']}\n"
+                 "  - operator_page: {}\n", PAGE_IN_CORS.format(line=6, page=2, path="/_stack"),
+                 id="cors scoped to the page's data"),
+    pytest.param("  - cors: {origins: ['https://a.example'], exclude_paths: ['/_stack', '/_stack/*']}\n"
+                 "  - operator_page: {}\n", None, id="cors scoped away from the page"),
+    pytest.param("  - cors: {origins: ['https://a.example'], paths: ['/api/*']}\n  - operator_page: {}\n", None,
+                 id="cors scoped to the API only"),
+    pytest.param("  - operator_page: {}\n  - cors: {origins: ['https://a.example']}\n", None,
+                 id="the page before cors"),
+    # operator_page roles with an auth layer that never sets an identity for it
+    pytest.param(f"{AUTH}, paths: ['/api/*']}}\n  - operator_page: {{roles: [admin]}}\n",
+                 NO_IDENTITY.format(why=OUT_OF_SCOPE), id="auth scoped to other paths"),
+    pytest.param(f"{AUTH}, exclude_paths: ['/_stack*']}}\n  - operator_page: {{roles: [admin]}}\n",
+                 NO_IDENTITY.format(why=OUT_OF_SCOPE), id="auth excluding the page"),
+    pytest.param(f"{AUTH}, paths: ['/_stack']}}\n  - operator_page: {{roles: [admin]}}\n",
+                 NO_IDENTITY.format(why=OUT_OF_SCOPE), id="auth on the page, not on its data"),
+    pytest.param(f"{AUTH}, methods: [POST]}}\n  - operator_page: {{roles: [admin]}}\n",
+                 NO_IDENTITY.format(why=OUT_OF_SCOPE), id="auth scoped to writes"),
+    pytest.param(f"{AUTH}, rules: [{{paths: ['/_stack*'], auth: none}}]}}\n  - operator_page: {{roles: [admin]}}\n",
+                 NO_IDENTITY.format(why=NO_AUTH), id="auth rules let the page through"),
+    pytest.param(f"{AUTH}, default: none}}\n  - operator_page: {{roles: [admin]}}\n",
+                 NO_IDENTITY.format(why=NO_AUTH), id="auth default none"),
+    pytest.param(f"{AUTH}, paths: ['/api/*', '/_stack*']}}\n  - operator_page: {{roles: [admin]}}\n", None,
+                 id="auth scoped to the API and the page"),
+    pytest.param(f"{AUTH}, default: optional, rules: [{{paths: ['/public/*'], auth: none}}]}}\n"
+                 "  - operator_page: {roles: [admin]}\n", None, id="auth optional, none elsewhere"),
+    pytest.param(f"{AUTH}, paths: ['/api/*']}}\n{AUTH}, realm: ops}}\n  - operator_page: {{roles: [admin]}}\n",
+                 None, id="a second auth layer that sees the page"),
+    pytest.param(f"{AUTH}, paths: ['/api/*']}}\n  - operator_page: {{}}\n", None, id="no roles: no identity needed"),
+    # a cache whose methods scope leaves writes out
+    pytest.param("  - cache: {methods: [GET, HEAD]}\n",
+                 UNSEEN_WRITES.format(methods="GET, HEAD", missing="POST, PUT, PATCH, DELETE"),
+                 id="cache GET and HEAD"),
+    pytest.param("  - cache: {methods: [get, post, put, delete]}\n",
+                 UNSEEN_WRITES.format(methods="GET, POST, PUT, DELETE", missing="PATCH"), id="cache without PATCH"),
+    pytest.param("  - cache: {methods: [GET, POST, PUT, PATCH, DELETE]}\n", None, id="cache with every write"),
+    pytest.param("  - cache: {paths: ['/api/*']}\n", None, id="cache scoped by paths only"),
+])
+def test_access_and_scope_warnings(layers: str, expected: str | None) -> None:
+    found = [p for p in problems("pipeline:\n  - errors: {}\n" + layers)
+             if "operator_page" in p.split(": ", 1)[1] or "is scoped to methods" in p]
+    assert found == ([] if expected is None else [expected])
