@@ -407,6 +407,24 @@ def shared_state(cfg: StackConfig, specs: list[LayerSpec], several: str | None =
         elif name == "cache":
             yield _problem(cfg, spec, f"cache on a memory:// store with {count} workers keeps one "
                                       "cache per process (more misses, uneven purges)", "warning")
+    for spec in specs:  # layers of your own that keep state in a store (an Options field named store)
+        options = getattr(spec.target, "Options", None) if kind(spec) is None and spec.is_layer_class else None
+        if options is None or "store" not in options.model_fields:
+            continue
+        store = spec.option("store", "shared")
+        url = cfg.stores.get(str(store))
+        shares = getattr(spec.target, "shared_state", None)  # None: the class does not say
+        if url is None or not url.url.startswith("memory:") or shares is False:
+            continue
+        if shares:
+            yield _problem(cfg, spec, f"{spec.name} keeps state in store {store!r} (memory://) that its class says "
+                                      f"every process must share (shared_state), but {several}: each process would "
+                                      "have its own copy; use redis://")
+        else:
+            yield _problem(cfg, spec, f"{spec.name} keeps state in store {store!r} (memory://) and {several}: each "
+                                      "process has its own copy; if it must be shared (counters, sessions, "
+                                      "revocations), use redis:// and set shared_state = True on its class; if a "
+                                      "copy per process is right, set shared_state = False", "warning")
 
 
 def fail_open_security(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:

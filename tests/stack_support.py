@@ -140,6 +140,32 @@ class NoOptionsLayer(PlainOptionsLayer):
     Options = None  # type: ignore[assignment]
 
 
+class Visits:
+    """A layer of your own that counts visits in a store (an Options field named store)."""
+
+    class Options(LayerOptions):
+        store: str = "shared"
+
+    def __init__(self, app: Any, options: Any, context: Any) -> None:
+        self.app, self.store = app, context.store(options.store)
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        self.store.incr("visits")
+        return self.app(environ, start_response)
+
+
+class SharedVisits(Visits):
+    """Visits whose class says every process must share its counts."""
+
+    shared_state = True
+
+
+class LocalVisits(Visits):
+    """Visits whose class says a count per process is right."""
+
+    shared_state = False
+
+
 class AnnounceLayer:
     """A layer of the layer contract whose Options has a field named like the scope key ``methods``."""
 

@@ -144,6 +144,19 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="workers with memory cache",
         ),
         pytest.param(
+            "server: {workers: 2}\npipeline:\n  - stack_support:SharedVisits: {}\n",
+            "stack.yaml:5:5 pipeline[0]: stack_support:SharedVisits keeps state in store 'shared' (memory://) that "
+            "its class says every process must share (shared_state), but server.workers is 2",
+            id="a layer of your own whose state must be shared, on memory:// under workers",
+        ),
+        pytest.param(
+            "server: {workers: 2}\npipeline:\n  - stack_support:Visits: {}\n",
+            "stack.yaml:5:5 warning: pipeline[0]: stack_support:Visits keeps state in store 'shared' (memory://) and "
+            "server.workers is 2: each process has its own copy; if it must be shared (counters, sessions, "
+            "revocations), use redis:// and set shared_state = True on its class",
+            id="a layer of your own with a store, on memory:// under workers",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {per_user: true}\n",
             "stack.yaml:4:5 pipeline[0]: cache at pipeline[0] has per_user: true but no auth layer runs before it",
             id="per_user cache without auth",
@@ -282,6 +295,10 @@ def test_lint(pipeline: str, expected: str) -> None:
     "pipeline",
     [
         pytest.param("pipeline:\n  - errors: {}\n  - request_id: {}\n", id="minimal"),
+        pytest.param("server: {workers: 2}\npipeline:\n  - errors: {}\n  - stack_support:LocalVisits: {}\n",
+                     id="a layer of your own whose copy per process is right"),
+        pytest.param("server: {workers: 2}\npipeline:\n  - errors: {}\n  - stack_support:Visits: {store: redis}\n",
+                     id="a layer of your own on redis://"),
         pytest.param(
             f"pipeline:\n  - errors: {{}}\n  - cors: {{origins: ['https://a.example']}}\n"
             f"  - ratelimit: {{limits: ['10/second']}}\n  - auth: {{secret: {SECRET}}}\n"
