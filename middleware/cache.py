@@ -246,10 +246,12 @@ class _Fill:
                 self.swap, self.exc_info = True, exc_info  # answered with the stale entry once the app returns
                 return lambda data: None
             self.started = True
-            self.plan = None if not self.keep or _personal(self.environ, self.subject) else \
-                self.layer._plan(status, headers, self.subject)
+            personal = _personal(self.environ, self.subject)
+            self.plan = None if not self.keep or personal else self.layer._plan(status, headers, self.subject)
             if self.plan is None:
-                self.release(peers_ask=True)
+                # Waiters elsewhere ask the app at once when no one's answer could be stored; not when only
+                # this request's could not (its own 304 or 412, an answer made from its session).
+                self.release(peers_ask=not personal and status[:3] not in ("304", "412"))
                 return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
             if getattr(self.environ.get(SESSION), "accessed", False):
                 # The session layer outside adds Vary: Cookie to this answer (made from the session),

@@ -1256,6 +1256,44 @@ def test_an_answer_that_cannot_be_stored_lets_every_process_ask_at_once(store: S
     assert store.get(lock) == b"0"  # "ask the app", for a second: then the next miss fills again
 
 
+class Revalidated(Origin):
+    """Answers a request with If-None-Match with its own 304 (as Flask's send_file does), after the delay."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if "HTTP_IF_NONE_MATCH" not in environ:
+            return super().__call__(environ, start_response)
+        with self.lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        start_response("304 Not Modified", [("ETag", '"abc"')])
+        return []
+
+
+def test_a_304_of_one_request_keeps_single_flight_for_the_others(store: Store) -> None:
+    """The fill lock's holder got the app's 304 (its own condition): nothing to store, but the others' answer
+    can be: they take the lock in turn, the first fills, the rest are hits (not one app call each)."""
+    origin = Revalidated()
+    origin.delay = 0.3
+    origin.headers.append(("Cache-Control", "max-age=60"))
+    stacks = [Stack(store, origin) for _ in range(4)]  # four processes on one store
+    results: dict[int, tuple[int, str]] = {}
+
+    def run(i: int) -> None:
+        time.sleep(0 if i == 0 else 0.05)
+        headers = {"If-None-Match": '"abc"'} if i == 0 else {}
+        response = TestApp(stacks[i].wsgi).get("/api/v1/search?q=x", headers=headers, status="*")
+        results[i] = (response.status_int, response.headers.get("X-Cache", ""))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results[0] == (304, "MISS")
+    assert sorted(results[i][1] for i in (1, 2, 3)) == ["HIT", "HIT", "MISS"]
+    assert origin.calls == 2
+
+
 class FirstFillFails(Origin):
     """The first call fails after 0.2 s; the others answer as Origin does."""
 
