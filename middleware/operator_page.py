@@ -502,8 +502,9 @@ def mask(value: Any, name: str = "") -> Any:
     if isinstance(value, Mapping):
         return {str(k): mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
+        # A (name, value) pair: a header, say; not a list of header names (expose_headers: [X-Auth, X-Id]).
         if len(value) == 2 and isinstance(value[0], str) and secret_value(value[0], value[1]) \
-                and not isinstance(value[1], list | tuple | Mapping):  # a (name, value) pair: a header, say
+                and not isinstance(value[1], list | tuple | Mapping) and not name.lower().endswith("headers"):
             return [value[0], MASK]
         return [mask(v) for v in value]
     if isinstance(value, str):

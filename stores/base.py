@@ -23,9 +23,11 @@ _QUERY_PASSWORD_TO_AMPERSAND = re.compile(_SECRET_PARAM + r"[^&]*(?:&[^=&]*(?=&|
 _URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)(?:(?!://)[^\n])*@")
 _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
 # In free text: "password=…" after a space or ";", as libpq ("host=db password=pw") and ODBC
-# ("Uid=u;Pwd=pw;") connection strings write them; the value ends at a space, ";" or a quote.
+# ("Uid=u;Pwd=pw;") connection strings write them; the value is quoted ('…', "…", with backslash
+# escapes: libpq), braced ({…}: ODBC), or ends at a space, ";" or a quote.
 _DSN_PASSWORD = re.compile(r"((?:^|[\s;'\"])[^=&?\s'\";]*(?:passw(?:or)?d|passphrase|pwd|secret|token|credential|"
-                           r"(?:api|secret|private|access)_?key)s?\s*=\s*)[^\s;'\"&]+", re.IGNORECASE)
+                           r"(?:api|secret|private|access)_?key)s?\s*=\s*)"
+                           r"(?:'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|\{[^}]*\}?|[^\s;'\"]+)", re.IGNORECASE)
 
 
 #: A name (an option, a nested key, a query parameter) whose value is never shown: in config
