@@ -204,13 +204,22 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
     if denied is not None or "noperm" in text:
         said = str(denied or exc).strip().removeprefix("NOPERM ")
         return (f"the Redis user may not do what the layers need (NOPERM: {said}); it needs reads, writes and "
-                "scripts (EVAL, EVALSHA) on the store's keys"), True
+                "scripts (EVALSHA, SCRIPT LOAD) on the store's keys"), True
     if "db index is out of range" in text:
         return "no database of that number on the server", True
     if any(isinstance(e, redis.exceptions.ReadOnlyError) for e in chain) or "read only replica" in text:
         return READ_ONLY, True
     if any(isinstance(e, redis.exceptions.OutOfMemoryError) for e in chain) or "when used memory >" in text:
         return OUT_OF_MEMORY, False
+    if "noreplicas" in text or "not enough good replicas" in text:
+        return ("writes are refused: fewer replicas answer than min-replicas-to-write asks (NOREPLICAS)"), False
+    if "misconf" in text:
+        return ("writes are refused: Redis cannot save its snapshot to disk (MISCONF, "
+                "stop-writes-on-bgsave-error)"), False
+    if "unknown command" in text:
+        said = next((str(e) for e in chain if "unknown command" in str(e).lower()), text)
+        return (f"Redis does not know a command the layers send ({said.strip()}): renamed or disabled "
+                "(rename-command), or a Redis older than 6.2"), True
     if _BUSY.search(text):
         return BUSY, False
     if any(isinstance(e, ssl.SSLError) for e in chain) or _TLS_FAILURE.search(text):
@@ -659,7 +668,7 @@ class RedisStore(Store):
                 return READ_ONLY, True
             key = self.key_prefix + "ping"
             self.client.set(key, b"1", px=60_000)
-            self.client.eval("return 1", 1, key)
+            self.client.register_script("return 1")(keys=[key])  # EVALSHA (SCRIPT LOAD first), as the layers run
         except Exception as exc:
             found = refusal(exc)
             sentinel = self._shared.sentinel if self._shared is not None else None

@@ -49,8 +49,9 @@ def server(redis_url: str) -> Iterator[str]:
     client.execute_command("ACL", "SETUSER", "reader", "on", ">right", "~*", "+@read", "+ping", "+select", "+role")
     client.execute_command("ACL", "SETUSER", "noscript", "on", ">right", "~*", "+@all", "-@scripting")
     client.execute_command("ACL", "SETUSER", "elsewhere", "on", ">right", "~other:*", "+@all")
+    client.execute_command("ACL", "SETUSER", "noeval", "on", ">right", "~*", "+@all", "-eval")  # EVALSHA is enough
     yield urlsplit(redis_url).netloc
-    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere")
+    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere", "noeval")
     client.close()
 
 
@@ -70,15 +71,15 @@ REFUSED = [
                  id="TLS to a plain port"),
     pytest.param("redis://reader:right@{server}/0", "redis://reader:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
-                 "'set' command); it needs reads, writes and scripts (EVAL, EVALSHA) on the store's keys",
+                 "'set' command); it needs reads, writes and scripts (EVALSHA, SCRIPT LOAD) on the store's keys",
                  id="a user that may not write"),
     pytest.param("redis://noscript:right@{server}/0", "redis://noscript:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
-                 "'eval' command); it needs reads, writes and scripts (EVAL, EVALSHA) on the store's keys",
+                 "'evalsha' command); it needs reads, writes and scripts (EVALSHA, SCRIPT LOAD) on the store's keys",
                  id="a user that may not run scripts"),
     pytest.param("redis://elsewhere:right@{server}/0", "redis://elsewhere:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to access "
-                 "one of the keys used as arguments); it needs reads, writes and scripts (EVAL, EVALSHA) on the "
+                 "one of the keys used as arguments); it needs reads, writes and scripts (EVALSHA, SCRIPT LOAD) on the "
                  "store's keys", id="a user of other keys"),
 ]
 
@@ -91,6 +92,15 @@ def test_a_store_that_refuses_the_configuration_stops_the_start(tmp_path: Path, 
         LiveStack(path)
     assert [str(p) for p in info.value.problems] == [
         f"{path}:3:11 stores.shared: store 'shared' ({shown.format(server=server)}): {why}"]
+
+
+def test_a_user_that_may_run_only_loaded_scripts_starts(tmp_path: Path, server: str) -> None:
+    """The layers run their scripts with EVALSHA (loaded with SCRIPT LOAD): a user denied EVAL itself is fine."""
+    live = LiveStack(_write(tmp_path, f"redis://noeval:right@{server}/0"))
+    try:
+        assert TestApp(live).get("/readyz").json["status"] == "ok"
+    finally:
+        live.close()
 
 
 @pytest.mark.parametrize(("url", "shown", "why"), REFUSED[:1])
