@@ -34,6 +34,7 @@ from werkzeug.datastructures import Authorization
 from app.state import AppState
 from app.users import NAME
 from middleware.base import SESSION, escape_control, refuse
+from middleware.csrf import CSRF_TOKEN
 from stores.base import StoreError
 
 __all__ = ["auth_blueprint"]
@@ -140,6 +141,12 @@ def _token_response(issued: dict[str, Any]) -> Response:
     return response
 
 
+def _csrf_token() -> str | None:
+    """The double-submit token of this request's session, when the csrf layer hands one out."""
+    getter = request.environ.get(CSRF_TOKEN)
+    return None if getter is None else str(getter())
+
+
 def auth_blueprint(state: AppState) -> Blueprint:
     """Build the ``/auth`` blueprint over the shared state."""
     bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -187,7 +194,17 @@ def auth_blueprint(state: AppState) -> Blueprint:
         if session is not None:
             session.rotate(carry=False)  # a new session: nothing of the one before the login goes on
             session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": time.time()}
-        return _token_response(issued)
+        token = _csrf_token()  # the new session's (csrf double_submit): the page's next writes send it
+        return _token_response(issued if token is None else {**issued, "csrf_token": token})
+
+    @bp.get("/csrf")
+    def csrf() -> Response:
+        """The page's CSRF token (csrf ``double_submit``), bound to its session: created when it has none."""
+        token = _csrf_token()
+        if token is None:
+            raise refuse(404, "No CSRF token here: the csrf layer's double_submit is off (its origin checks need "
+                              "no token).")
+        return _token_response({"csrf_token": token})
 
     @bp.post("/refresh")
     def refresh() -> Response:

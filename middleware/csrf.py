@@ -126,9 +126,16 @@ class CSRFMiddleware:
         ):
             return self.app(environ, start_response)
         self._check_origin(environ, method)
-        if self.double_submit and self.cookie_name in cookies(environ):  # without it, no session to match
-            self._check_token(environ)
+        if self.double_submit and self.cookie_name in cookies(environ) and not self._unknown_session(environ):
+            self._check_token(environ)  # (without the cookie, or its session, there is no session to match)
         return self.app(environ, start_response)
+
+    @staticmethod
+    def _unknown_session(environ: WSGIEnvironment) -> bool:
+        """Whether the cookie names a session the store does not have (ended, expired): it holds nothing a
+        forged request could use, and a page cannot know its token; the request starts a new session."""
+        session = environ.get(SESSION)
+        return session is not None and bool(session.new)
 
     def _check_origin(self, environ: WSGIEnvironment, method: str) -> None:
         site = environ.get("HTTP_SEC_FETCH_SITE")

@@ -20,6 +20,7 @@ from app.users import UserStore
 from middleware.auth import AuthMiddleware, TokenService
 from middleware.base import Context
 from middleware.cache import CacheMiddleware
+from middleware.csrf import CSRFMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.session import SessionMiddleware
 from middleware.validation import ValidationMiddleware
@@ -46,7 +47,8 @@ class Stack:
 
     def __init__(self, tmp_path: Path, users: UserStore, *, validation: bool = False,
                  store: MemoryStore | None = None, on_store_error: str = "closed",
-                 rules: list[dict[str, Any]] | None = None, **app_options: Any) -> None:
+                 rules: list[dict[str, Any]] | None = None, csrf: CSRFMiddleware.Options | None = None,
+                 **app_options: Any) -> None:
         self.store = store if store is not None else MemoryStore()
         self.context = Context(stores={"shared": self.store})
         self.flask = create_app({"var_dir": str(tmp_path), "users_db": str(users.path),
@@ -54,7 +56,8 @@ class Stack:
         auth = AuthMiddleware(self.flask, AuthMiddleware.Options(
             secret=SECRET, rules=[{"paths": ["/auth/*", "/api/*/health"], "auth": "none"}, *(rules or [])],
             on_store_error=on_store_error), self.context)
-        session = SessionMiddleware(auth, SessionMiddleware.Options(
+        inside: Any = auth if csrf is None else CSRFMiddleware(auth, csrf, self.context)
+        session = SessionMiddleware(inside, SessionMiddleware.Options(
             secret_key="k" * 40, cookie_name=COOKIE, cookie_secure=False, on_store_error=on_store_error),
             self.context)
         inner: Any = ValidationMiddleware(session, ValidationMiddleware.Options(), self.context) \
@@ -105,6 +108,37 @@ def test_login_stores_the_user_in_a_rotated_session(stack: Stack) -> None:
     assert b'"user":{"sub":"alice","roles":["admin","user"],"iat":' in (stack.store.get(stored[0]) or b"")
     # The session alone now authenticates (accept_session), without a bearer token.
     assert stack.app.get("/api/v1/search", {"q": "json"}).status_int == 200
+
+
+DOUBLE_SUBMIT = CSRFMiddleware.Options(cookie_name=COOKIE, double_submit=True, secret_key="c" * 40)
+
+
+def test_a_page_gets_the_csrf_token_at_login_and_from_auth_csrf(tmp_path: Path, users: UserStore) -> None:
+    """With csrf double_submit, the core hands the page its token: in the login answer (the new session's)
+    and from GET /auth/csrf; the session's writes then need it."""
+    stack = Stack(tmp_path, users, csrf=DOUBLE_SUBMIT)
+    token = stack.login().json["csrf_token"]
+    assert stack.app.get("/auth/csrf").json == {"csrf_token": token}
+    refused = stack.app.post("/auth/logout", status=403)
+    assert refused.json["error"]["message"].startswith("CSRF token missing")
+    stack.app.post("/auth/logout", headers={"X-CSRF-Token": token}, status=204)
+
+
+def test_a_cookie_whose_session_ended_needs_no_csrf_token(tmp_path: Path, users: UserStore) -> None:
+    """A browser still sends the cookie of a session the store no longer has (expired, ended elsewhere): its
+    page cannot know a token for it, and it holds nothing to misuse, so the login goes through."""
+    stack = Stack(tmp_path, users, csrf=DOUBLE_SUBMIT)
+    stack.login()
+    for key in list(stack.store.scan("session:")):
+        stack.store.delete(key)  # ended elsewhere
+    assert "csrf_token" in stack.login().json
+
+
+def test_no_csrf_token_without_double_submit(stack: Stack) -> None:
+    refused = stack.app.get("/auth/csrf", status=404)
+    assert refused.json["error"]["message"] == ("No CSRF token here: the csrf layer's double_submit is off (its "
+                                                "origin checks need no token).")
+    assert "csrf_token" not in stack.login().json
 
 
 def test_login_rotates_an_existing_session_id(stack: Stack) -> None:
