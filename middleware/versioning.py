@@ -426,8 +426,8 @@ class VersioningMiddleware:
     def _from_header(self, value: str) -> str:
         version = _normal(value)
         if version not in self.supported:
-            raise self._unsupported(400, f"API version {value.strip()[:40]!r} from the {self.options.header} "
-                                         "header", value.strip()[:40], "header")
+            raise self._unsupported(400, f"API version {version[:40]!r} from the {self.options.header} "
+                                         "header", version[:40], "header")  # its normal form, as Accept's
         return version
 
     def _from_accept(self, value: str) -> str | None:
