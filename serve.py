@@ -1270,23 +1270,68 @@ COMMANDS = {
 def load_dotenv(path: str) -> None:
     """Read ``NAME=value`` lines from ``path`` into the environment, never overriding what is set.
 
-    ValueError, with the file's name, when it cannot be read as UTF-8 text.
+    The grammar of Compose's and python-dotenv's ``.env`` files, less interpolation
+    (see :func:`parse_dotenv`).  ValueError, with the file's name (and line), when it
+    cannot be read as UTF-8 text or a line is not a setting.
     """
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a BOM an editor wrote is not the first name's
+            text = handle.read()
     except FileNotFoundError:
         return
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); write it as NAME=value lines in UTF-8") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
+    for name, value in parse_dotenv(text, path).items():
+        os.environ.setdefault(name, value)
+
+
+_DOTENV_NAME = re.compile(r"(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*")
+_DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+
+
+def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
+    """The settings of a ``.env`` file; a later line of a name wins, as in Compose.
+
+    ``NAME=value`` (``export NAME=value`` too); blank lines and ``#`` lines are skipped.
+    A value is unquoted (trimmed; `` #`` after a space starts a comment), ``'single'``
+    (taken as written) or ``"double"`` (``\\n``, ``\\t``, ``\\"`` and ``\\\\`` are escapes);
+    after a quoted value only a comment may follow.  Anything else is a ValueError
+    naming ``path:line``.
+    """
+    found: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
             continue
-        name, _, value = line.partition("=")
-        os.environ.setdefault(name.strip().removeprefix("export "), value.strip().strip("'\""))
+        head = _DOTENV_NAME.match(line)
+        if head is None:
+            shown = line.split("=", 1)[0].strip()[:40] if "=" in line else line[:40]
+            raise ValueError(f"{path}:{number}: {shown!r} is not NAME=value (a name of letters, digits and _, "
+                             "not starting with a digit)")
+        name, rest = head.group(1), line[head.end():]
+        if rest[:1] in ("'", '"'):
+            quote, value, i = rest[0], [], 1
+            while i < len(rest) and rest[i] != quote:
+                if quote == '"' and rest[i] == "\\" and i + 1 < len(rest):
+                    value.append(_DOTENV_ESCAPES.get(rest[i + 1], rest[i:i + 2]))
+                    i += 2
+                    continue
+                value.append(rest[i])
+                i += 1
+            if i >= len(rest):
+                raise ValueError(f"{path}:{number}: the value of {name} opens a {quote} quote that does not close "
+                                 "on its line")
+            after = rest[i + 1:].strip()
+            if after and not after.startswith("#"):
+                raise ValueError(f"{path}:{number}: the value of {name} goes on after its closing {quote}: "
+                                 "quote the whole value")
+            found[name] = "".join(value)
+        else:
+            comment = re.search(r"[ \t]#", rest)
+            found[name] = (rest[:comment.start()] if comment else rest).strip()
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,78 @@
+"""The .env beside the config: the grammar of Compose's and python-dotenv's files, less interpolation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve import parse_dotenv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("A=1\n", {"A": "1"}, id="a setting"),
+    pytest.param("# a comment\n\n  # another\nA=1\n", {"A": "1"}, id="comments and blank lines"),
+    pytest.param("export A=1\nexport\tB=2\n", {"A": "1", "B": "2"}, id="export"),
+    pytest.param("A = spaced \n", {"A": "spaced"}, id="spaces around = and the value"),
+    pytest.param("A=secret value  # rotated 2025-01\n", {"A": "secret value"}, id="a comment after a value"),
+    pytest.param("A=pass#word\n", {"A": "pass#word"}, id="a # inside a value"),
+    pytest.param("CSP=\"default-src 'self'\"\n", {"CSP": "default-src 'self'"}, id="a quote inside other quotes"),
+    pytest.param("A='$HOME \\n \"x\"'\n", {"A": '$HOME \\n "x"'}, id="single quotes: as written"),
+    pytest.param('A="a\\nb \\"q\\" \\\\ \\x"\n', {"A": 'a\nb "q" \\ \\x'}, id="double quotes: escapes"),
+    pytest.param("A='x' # comment\n", {"A": "x"}, id="a comment after a quoted value"),
+    pytest.param("A=\nB=''\n", {"A": "", "B": ""}, id="empty values"),
+    pytest.param("A=first\nA=second\n", {"A": "second"}, id="the last line of a name wins"),
+    pytest.param("A=1\r\nB=2\r\n", {"A": "1", "B": "2"}, id="CRLF"),
+])
+def test_settings(text: str, expected: dict[str, str]) -> None:
+    assert parse_dotenv(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    pytest.param('A=1\nL="unterminated\n', ".env:2: the value of L opens a \" quote that does not close on its line",
+                 id="an unclosed double quote"),
+    pytest.param("M='x\"\n", ".env:1: the value of M opens a ' quote that does not close on its line",
+                 id="quotes that do not match"),
+    pytest.param('S="quoted" extra\n', ".env:1: the value of S goes on after its closing \": quote the whole value",
+                 id="text after the closing quote"),
+    pytest.param("P Q=1\n", ".env:1: 'P Q' is not NAME=value (a name of letters, digits and _, not starting with a "
+                 "digit)", id="a space in a name"),
+    pytest.param("1X=2\n", ".env:1: '1X' is not NAME=value", id="a name starting with a digit"),
+    pytest.param("SESSION_SECRET\n", ".env:1: 'SESSION_SECRET' is not NAME=value", id="no ="),
+])
+def test_lines_that_are_not_settings(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_dotenv(text)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(("written", "env", "shown"), [
+    pytest.param(b"\xef\xbb\xbfGREETING=from the file\n", {}, "from the file", id="a BOM before the first name"),
+    pytest.param(b"GREETING=from the file\n", {"GREETING": "from the environment"}, "from the environment",
+                 id="the environment wins over the file"),
+])
+def test_serve_reads_the_file_beside_the_config(tmp_path: Path, written: bytes, env: dict[str, str],
+                                                shown: str) -> None:
+    (tmp_path / "stack.yaml").write_text('app: {factory: "stack_support:echo_app"}\n'
+                                         "pipeline:\n  - request_id: {header: '${GREETING}'}\n")
+    (tmp_path / ".env").write_bytes(written)
+    base = {k: v for k, v in os.environ.items() if k != "GREETING"}
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(tmp_path / "stack.yaml"), "check"],
+                          env={**base, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **env},
+                          capture_output=True, text=True, timeout=60)
+    assert f"header {shown!r} is not a valid HTTP header name" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_bad_line_stops_the_start_with_its_place(tmp_path: Path) -> None:
+    (tmp_path / "stack.yaml").write_text('app: {factory: "stack_support:echo_app"}\npipeline: [errors: {}]\n')
+    (tmp_path / ".env").write_text("A=1\nL=\"unterminated\n")
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(tmp_path / "stack.yaml"), "check"],
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"{tmp_path / '.env'}:2: the value of L opens a \" quote that does not close on its line")
