@@ -222,6 +222,10 @@ class _Converter:
                 continue
             key = key if isinstance(key, str | int) else str(key)
             child = (*path, key)
+            if isinstance(key, str) and "${" in key.replace("$$", ""):  # left as text it would match nothing
+                self.problem(key_node, child, f"the key {key!r} holds a ${{…}}, but keys are not interpolated "
+                                              "(only values are): write the key itself")
+                continue
             if key not in out:
                 self.doc.key_marks[child] = _mark(key_node)
             if key in out:

@@ -621,6 +621,12 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a factory argument named like a scope key",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - validation: {deny_patterns: {'${PARAM:-q}': ['<script']}}\n",
+            "stack.yaml:3:34 pipeline[0].validation.deny_patterns.${PARAM:-q}: the key '${PARAM:-q}' holds a ${…}, "
+            "but keys are not interpolated (only values are): write the key itself",
+            id="an interpolation in a key",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - stack_support:PlainOptionsLayer: {level: 2}\n",
             "stack.yaml:3:38 pipeline[0].stack_support:PlainOptionsLayer: stack_support:PlainOptionsLayer takes "
             "(app, options, context), as the built-in layers do, so it needs their Options: a class attribute "
