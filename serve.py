@@ -1352,7 +1352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     _setup_logging(level or "INFO")
-    return COMMANDS[args.command or "serve"](args)
+    try:
+        return COMMANDS[args.command or "serve"](args)
+    except MemoryError:  # (exit 1 would read as check's "warnings only")
+        print(f"{args.config}: ran out of memory", file=sys.stderr)
+        return 2
 
 
 _app_lock = threading.Lock()

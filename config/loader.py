@@ -167,6 +167,9 @@ class _Converter:
     def __init__(self, doc: Document, env: Mapping[str, str], problems: list[Problem]) -> None:
         self.doc, self.env, self.problems = doc, env, problems
         self.active: set[int] = set()  # the nodes being converted: an alias to one of them is a cycle
+        #: A scalar's interpolated text, by node: its aliases share one string (59,049 aliases of a
+        #: 100 kB value made as many copies: gigabytes from a small file), and its problems are said once.
+        self.interpolated: dict[int, Any] = {}
         self.count = 0
 
     def problem(self, node: yaml.Node, path: Path, message: str) -> None:
@@ -259,7 +262,11 @@ class _Converter:
             self.problem(node, path, f"the number {node.value[:20]}… is far larger than any setting takes")
             return None
         if interpolate and isinstance(value, str) and "$" in value:
-            value = _interpolate(value, path, node, self.doc, self.env, self.problems)
+            done = self.interpolated.get(id(node), self)
+            if done is self:
+                done = self.interpolated[id(node)] = _interpolate(value, path, node, self.doc, self.env,
+                                                                  self.problems)
+            value = done
         return value
 
 
