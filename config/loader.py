@@ -103,6 +103,10 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
                 text.splitlines()[mark.line][mark.column - 1:mark.column] == "*":
             # An unquoted * starts an alias (allow_methods: [*]): the operator meant the text
             message += "; a * on its own starts a YAML alias: quote it ('*') to mean the text"
+        elif mark is not None and text.splitlines()[mark.line:mark.line + 1] and \
+                text.splitlines()[mark.line][max(0, mark.column - 1):mark.column + 1] == "${":
+            # {a: ${VAR}} reads the { of ${ as the start of a mapping inside the flow one
+            message += '; a value holding ${…} inside {…} or […] must be quoted: "${VAR}"'
         raise ConfigError([Problem(message, (), file, line, col)]) from None
     except yaml.reader.ReaderError as exc:  # a control character or NUL: located like the other problems
         before = text[:exc.position]

@@ -725,6 +725,12 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="an unquoted star",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - request_id: {max_length: ${RIDLEN:-64}}\n",
+            "stack.yaml:3:31 (top level): invalid YAML: expected ',' or '}', but got '{' (while parsing a flow "
+            "mapping at line 3, column 17); a value holding ${…} inside {…} or […] must be quoted: \"${VAR}\"",
+            id="an unquoted interpolation in a flow mapping",
+        ),
+        pytest.param(
             ECHO + "stores:\n  shared: 6379\n",
             "stack.yaml:3:11 stores.shared: store 'shared' needs a URL (e.g. shared: memory:// or shared: "
             "redis://127.0.0.1:6379/0), or a mapping with url and options (got 6379)",
