@@ -262,6 +262,12 @@ class _Converter:
             self.problem(node, path, f"cannot read {shown} as {node.tag.replace(_YAML, '!!')}"
                                      f"{': ' + why if why else ''}; quote it to keep it as text")
             return None
+        if isinstance(value, int) and not isinstance(value, bool) and node.style is None \
+                and _OCTAL.fullmatch(node.value):  # YAML 1.1: a leading 0 makes the number octal (017 is 15)
+            decimal = int(node.value.replace("_", ""), 10)
+            self.problem(node, path, f"{node.value} is read by YAML as the octal number {value}: write {value} "
+                                     f"for that, or {decimal} without the leading 0")
+            return None
         if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:  # 59:59:… (base 60) gets this far
             self.problem(node, path, f"the number {node.value[:20]}… is far larger than any setting takes")
             return None
@@ -275,6 +281,7 @@ class _Converter:
 
 
 _YAML = "tag:yaml.org,2002:"
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")  # what YAML 1.1 (PyYAML) reads as an octal int
 #: An integer of more bits than this (about 4300 digits, Python's limit for printing one) is no setting.
 _MAX_INT_BITS = 14_000
 

@@ -731,6 +731,12 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="an unquoted interpolation in a flow mapping",
         ),
         pytest.param(
+            ECHO + "server: {threads: 017}\npipeline: [errors: {}]\n",
+            "stack.yaml:2:19 server.threads: 017 is read by YAML as the octal number 15: write 15 for that, or 17 "
+            "without the leading 0",
+            id="a number with a leading zero",
+        ),
+        pytest.param(
             ECHO + "stores:\n  shared: 6379\n",
             "stack.yaml:3:11 stores.shared: store 'shared' needs a URL (e.g. shared: memory:// or shared: "
             "redis://127.0.0.1:6379/0), or a mapping with url and options (got 6379)",
