@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import sysconfig
 
 #: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -925,12 +926,20 @@ _ANNOTATED = re.compile(r"Annotated\[([^,\[\]]+(?:\[[^\[\]]*\])?), [^\[\]]*?\)\]
 
 
 def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
-    """The layer's page in docs/layers/ and the first sentence of each option's row in its table."""
-    page = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "layers", f"{name}.md")
-    try:
-        with open(page, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
+    """The layer's page in docs/layers/ and the first sentence of each option's row in its table.
+
+    Beside serve.py in a checkout; where an installed wheel put them (``share/wsgistack``) otherwise.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (here, os.path.join(sysconfig.get_path("data"), "share", "wsgistack")):
+        page = os.path.join(folder, "docs", "layers", f"{name}.md")
+        try:
+            with open(page, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+            break
+        except OSError:
+            continue
+    else:
         return None, {}
     docs: dict[str, str] = {}
     for line in lines:
@@ -940,7 +949,7 @@ def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
             text = re.sub(r"[;,]? \(?see (?:below|above)\)?", "", cells[-1])  # the page's own pointers
             end = text.find(". ")
             docs.setdefault(cells[0].strip("`"), text if end < 0 else text[:end + 1])
-    return os.path.relpath(page, os.path.dirname(os.path.abspath(__file__))), docs
+    return (os.path.relpath(page, here) if folder == here else page), docs
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
