@@ -13,9 +13,9 @@ no-cache``, ``Vary: *``, bodies without ``Content-Length`` or larger than
 ``max_body_bytes``, ``text/event-stream``, invalid or conflicting freshness,
 and statuses that are not heuristically cacheable without explicit freshness.
 Requests with ``Authorization`` or a session cookie bypass the cache unless
-``per_user`` is on.  A write that succeeds drops its URI's entries and marks
-the URI for a while, so that a fill that looked the entry up before it stores
-nothing.
+``per_user`` is on.  A write that succeeds marks its URI anew: every user's
+entry stored under the old mark is stale, and a fill that looked the entry up
+before the write stores nothing.
 
 Do not use it outside ``auth``/``session`` or outside ``versioning``: it must
 see the identity and the API version.  Do not use it for endpoints whose
@@ -512,12 +512,13 @@ class CacheMiddleware:
             return self._bypass(environ, start_response, reason)
         base = self._base_key(environ, subject)
         lock_key = self._lock_key(base) if method == "GET" else None
+        mark = self._uri_mark(environ, base, subject)
         try:
             try:
-                entry, locked = self._lookup(environ, base, lock_key)
+                entry, locked = self._lookup(environ, base, lock_key, mark)
             except StoreWrongType:  # a value of another type at the key or its mark (not written here): a miss,
-                self.store.write((), [base, self._mark_key(base)])  # and gone: looked up afresh (and marked)
-                entry, locked = self._lookup(environ, base, lock_key)
+                self.store.write((), [base, mark])  # and gone: looked up afresh (and marked)
+                entry, locked = self._lookup(environ, base, lock_key, mark)
         except StoreWrongType:  # written there again meanwhile: a miss, and this request's fill stores nothing
             entry, locked = None, None
         except StoreError as exc:
@@ -625,14 +626,23 @@ class CacheMiddleware:
         if reason is not None:
             return None
         base = self._base_key(environ, subject)
-        return base, self.options.lock_timeout, self._lock_key(base), self._mark_key(base), self.mark_life
+        return (base, self.options.lock_timeout, self._lock_key(base), self._uri_mark(environ, base, subject),
+                self.mark_life)
 
     def _lock_key(self, base: str) -> str:
         """The single-flight lock of the entry ``base``."""
         return f"{self.prefix}l:{base[-_DIGEST:]}"
 
+    def _uri_mark(self, environ: WSGIEnvironment, base: str, subject: str | None) -> str:
+        """The write mark of this request's URI: the anonymous entry's, which every user's entry of it reads.
+
+        A write to the URI sets it anew (see :meth:`_write`); an entry filled under another value than
+        the one a lookup finds there is stale, whoever's it is (RFC 9111 §4.4).
+        """
+        return self._mark_key(base if subject is None else self._base_key(environ, None))
+
     def _mark_key(self, base: str) -> str:
-        """The mark a successful write to the URI of ``base`` leaves (see :meth:`_invalidating`)."""
+        """The mark a successful write to the URI of ``base`` leaves (see :meth:`_write`)."""
         return f"{self.prefix}w:{base[-_DIGEST:]}"
 
     @staticmethod
@@ -644,16 +654,17 @@ class CacheMiddleware:
         """
         return base[:-_DIGEST] + _digest((base, generation, vary, [environ.get(_environ_name(h)) for h in vary]))
 
-    def _lookup(self, environ: WSGIEnvironment, base: str,
-                lock_key: str | None = None) -> tuple[dict[str, Any] | None, bool | None]:
+    def _lookup(self, environ: WSGIEnvironment, base: str, lock_key: str | None = None,
+                mark: str | None = None) -> tuple[dict[str, Any] | None, bool | None]:
         """The entry for this request (fresh or stale), and whether the fill lock was taken.
 
         One read, two when the path has a Vary.  With ``lock_key``, a missing
         entry also takes the single-flight lock in the same round trip
         (``True``/``False``); ``None`` means no lock was tried.  A rate limiter
         outside may have made this read in its round trip (``ReadAhead``).  The
-        read with ``lock_key`` also finds the key's write mark, as of the same
-        step, for this request's save to compare with (see :meth:`_seen`).
+        read with ``lock_key`` also finds the URI's write mark (``mark``), as of the
+        same step, for this request's save to compare with (see :meth:`_seen`); an
+        entry filled under another mark than that is stale (a write since), and a miss.
         """
         locked: bool | None = None
         if lock_key is None:
@@ -661,8 +672,8 @@ class CacheMiddleware:
         else:
             ahead, answer = read_ahead(environ, self.store, "get_or_lock", base)
             raw, locked, seen = answer if ahead else self.store.get_or_lock(
-                base, lock_key, self.options.lock_timeout, self._mark_key(base), self.mark_life)
-            environ[self._seen_key] = (base, seen)
+                base, lock_key, self.options.lock_timeout, mark, self.mark_life)
+            environ[self._seen_key] = (base, seen, mark)
             locked = locked if raw is None else None
         try:
             if raw is not None and raw[:5] == _VARY_INDEX:
@@ -670,6 +681,8 @@ class CacheMiddleware:
                 vary, generation = index["v"], str(index.get("g", ""))
                 if type(vary) is not list or not all(type(name) is str for name in vary):
                     return None, locked  # not written by this layer
+                if self._stale_by_write(environ, base, index):
+                    return None, locked
                 environ[self._index_key] = (base, vary, generation)  # a fill of another variant keeps it
                 try:
                     raw = self.store.get(self._variant(base, vary, environ, generation))
@@ -679,7 +692,7 @@ class CacheMiddleware:
                 return None, locked
             head, _, body = raw.partition(b"\n")
             entry: dict[str, Any] = json.loads(head.decode())
-            if not _well_formed(entry):
+            if not _well_formed(entry) or self._stale_by_write(environ, base, entry):
                 return None, locked
             entry["b"] = body
             return entry, locked
@@ -705,13 +718,13 @@ class CacheMiddleware:
     def _write(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
 
-        The entry anonymous requests get and, with ``per_user``, the writer's own,
-        under each API version when the versioning layer answers the URI per version;
-        other users' entries of the URI age out with their TTL.  Fills of those
-        entries still in flight are covered too: each key gets a mark holding a
-        new random value (for :attr:`mark_life` seconds), and a fill whose lookup
-        found another value there stores nothing (``Store.write_unless_marked``).
-        The marks and the deletes are one step, in one round trip.
+        Every user's entry of the URI, under each API version when the versioning
+        layer answers the URI per version: the URI's write mark gets a new random
+        value (for :attr:`mark_life` seconds at least), so an entry stored under
+        the old one is stale at its next lookup, and a fill whose lookup found the
+        old one stores nothing (``Store.write_unless_marked``).  The anonymous
+        entry and the writer's own are deleted as well (the others age out).  The
+        marks and the deletes are one step, in one round trip.
 
         Twice: when the app starts its answer, and again once its answer is closed.
         An app may commit after ``start_response`` (Flask's ``teardown_request``, a
@@ -720,29 +733,30 @@ class CacheMiddleware:
         second mark keeps it out.
         """
         keys: list[str] = []
+        uris: list[str] = []  # the anonymous keys, whose marks every user's lookup of the URI reads
 
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
             if status[:1] in "23" and not keys:
                 identity = environ.get(IDENTITY)
-                subjects = [None] if not self.options.per_user or identity is None else \
-                    [None, _subject_key(identity)]
                 for variant in _versions_of(environ):
-                    for subject in subjects:
-                        # The write's own key headers, bar a method override (a POST that says it is a PUT
-                        # drops the entries GETs of the URI made without one).
-                        keys.append(self._base_key(variant, subject, writing=True))
-                self._invalidate(keys)
+                    # The write's own key headers, bar a method override (a POST that says it is a PUT
+                    # drops the entries GETs of the URI made without one).
+                    uris.append(self._base_key(variant, None, writing=True))
+                    if self.options.per_user and identity is not None:
+                        keys.append(self._base_key(variant, _subject_key(identity), writing=True))
+                keys[:0] = uris
+                self._invalidate(keys, uris)
                 note(environ, "cache", f"{environ.get('REQUEST_METHOD')} succeeded: entries of the URI dropped")
             return start_response(status, headers, exc_info)
 
-        return _AfterClose(self.app(environ, wrapped), lambda: self._invalidate(keys) if keys else None)
+        return _AfterClose(self.app(environ, wrapped), lambda: self._invalidate(keys, uris) if keys else None)
 
-    def _invalidate(self, keys: list[str]) -> None:
-        """Mark ``keys`` with a new value and delete them, in one step (see :meth:`_write`)."""
+    def _invalidate(self, keys: list[str], uris: list[str]) -> None:
+        """Mark the URIs of ``uris`` with a new value and delete ``keys``, in one step (see :meth:`_write`)."""
         # A value no lookup can have found before: a fill that looked up before this write
         # found the old one (or none), and its save stores nothing.
         written = new_mark()
-        marks = [(self._mark_key(key), written, self.mark_life) for key in keys]
+        marks = [(self._mark_key(key), written, self.mark_life) for key in uris]
         # One step (MULTI/EXEC on Redis): no lookup finds the new mark beside an entry or a
         # Vary index the write drops. A Vary index goes too: its variants are then never read.
         try:
@@ -997,6 +1011,17 @@ class CacheMiddleware:
         # stores nothing, since it cannot tell a write from an eviction.
         return None
 
+    def _stale_by_write(self, environ: WSGIEnvironment, base: str, stored: dict[str, Any]) -> bool:
+        """Whether an entry (or Vary index) was filled under another write mark than the one this request
+        found: a write to its URI succeeded since (another user's too, with ``per_user``).
+
+        Not when the lookup found no mark (the store could not set one: entries are then served as
+        they are), nor for entries written before entries carried their mark.
+        """
+        filled = stored.get("m")
+        seen = self._seen(environ, base)
+        return filled is not None and seen is not None and filled != seen.decode("latin-1")
+
     def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
               unlock: str | None = None) -> None:
         """Store the entry (and its Vary index) and drop the fill lock: one round trip.
@@ -1007,7 +1032,11 @@ class CacheMiddleware:
         now = _clock()
         life = plan.ttl - plan.age + plan.window
         born = now - plan.age  # so that Age counts from when the app's own source made it
-        head = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
+        found = environ.get(self._seen_key)
+        mark, seen = (found[2], found[1]) if found is not None and found[0] == base else (self._mark_key(base), None)
+        head: dict[str, Any] = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
+        if seen is not None:
+            head["m"] = seen.decode("latin-1")  # the mark it is stored under: a later one makes it stale
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
         sets: list[tuple[str, bytes, float]] = []
         index_life: float = life
@@ -1015,8 +1044,10 @@ class CacheMiddleware:
             generation, until = self._generation(environ, base, plan.vary, now)
             sets.append((self._variant(base, plan.vary, environ, generation), raw, life))
             index_life = max(life, until - now)  # as long as the longest-lived variant
-            raw = json.dumps({"v": plan.vary, "g": generation, "x": now + index_life},
-                             separators=(",", ":")).encode()
+            index: dict[str, Any] = {"v": plan.vary, "g": generation, "x": now + index_life}
+            if seen is not None:
+                index["m"] = head["m"]
+            raw = json.dumps(index, separators=(",", ":")).encode()
         sets.append((base, raw, index_life))
         # One step: the sets go only if the mark still holds what the lookup found (the lock goes anyway).
         # - A lookup before a write found the mark as it was before it; the write put a new random value
@@ -1029,7 +1060,6 @@ class CacheMiddleware:
         #   _Fill.finish refuses anyway; evicted from a full store): the value the lookup found differs
         #   from the nothing left, so nothing is stored.  A lookup that found no mark set one (so a mark
         #   is never "still missing"); one that could not set it found None, which never matches.
-        mark, seen = self._mark_key(base), self._seen(environ, base)
         try:
             self.store.write_unless_marked(mark, seen, sets, [unlock] if unlock else [])
         except StoreWrongType:  # a value of another type at the mark (not written here): no mark, so it goes

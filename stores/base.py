@@ -211,13 +211,17 @@ class Store(abc.ABC):
         ``seen`` is what :meth:`get_or_lock` found at ``mark``; ``None`` (it found
         nothing) never matches: a mark that was not there cannot tell a write from an
         eviction.  A writer stores what it made of a read only if nobody marked the
-        data as changed since (the cache's fills and writes).  One step on the
-        built-in stores (a Lua script on Redis, the store's lock in memory://); this
-        default is two calls.
+        data as changed since (the cache's fills and writes).  When the sets go, the
+        mark lives at least as long as the longest of them (what is stored under a
+        mark is checked against it, and a mark gone would make it stale).  One step
+        on the built-in stores (a Lua script on Redis, the store's lock in memory://);
+        this default is several calls.
         """
         if seen is None or self.get(mark) != seen:
             sets = ()
         self.write(sets, deletes)
+        if sets and seen is not None:
+            self.write([(mark, seen, max(ttl for _, _, ttl in sets))], ())
         return bool(sets)
 
     @abc.abstractmethod

@@ -67,17 +67,17 @@ class MemoryStore(Store):
         # Keys kept apart (keep_apart()): in a table of their own, bounded on its own, outside max_entries.
         self._apart: OrderedDict[str, Entry] = OrderedDict()
         self._apart_prefixes: tuple[str, ...] = ()
-        self.max_apart = max(1, max_entries // 4)
+        self.max_apart = max(1, max_entries)
         self._lock = threading.Lock()
 
     def keep_apart(self, prefix: str) -> None:
         """Keep the keys starting with ``prefix`` in a table of their own, of at most ``max_apart``
-        (a quarter of ``max_entries``), the least recently used going first to make room.
+        (as many as ``max_entries``), the least recently used going first to make room.
 
         For small keys that may be lost at any time but must not take room from the others: the
-        cache's write marks (one beside each entry looked up lately), which, counted with the
-        entries, would halve how many answers fit (and a working set of more than half the store
-        would get no hits at all).
+        cache's write marks (one per URI looked up lately), which, counted with the entries,
+        would halve how many answers fit (and a working set of more than half the store would
+        get no hits at all).  As many as the entries: an entry whose mark was lost is stale.
         """
         with self._lock:
             if prefix in self._apart_prefixes:
@@ -274,6 +274,10 @@ class MemoryStore(Store):
             if seen is None or self._value(mark, now) != seen:
                 sets = ()
             self._write(sets, deletes, now)
+            item = self._live(mark, now) if sets else None
+            longest = self._deadline(max(ttl for _, _, ttl in sets), now) if sets else None
+            if item is not None and item[1] is not None and longest is not None and item[1] < longest:
+                self._put(mark, item[0], longest)  # the mark outlives what is stored under it
         return bool(sets)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:

@@ -80,16 +80,21 @@ return {0, 0, mark}
 """
 
 
-# write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1]), then the deletes in
-# any case.  KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen, n, then a value and
-# its PX per set.
+# write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1]), its life then made as
+# long as the longest set's (what is stored under it must not outlive it), then the deletes in any case.
+# KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen, n, then a value and its PX per set.
 _WRITE_UNLESS_MARKED = """
 local n = tonumber(ARGV[2])
 local stored = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  local longest = 0
   for i = 1, n do
-    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 1], 'PX', ARGV[2 * i + 2])
+    local px = tonumber(ARGV[2 * i + 2])
+    redis.call('SET', KEYS[i + 1], ARGV[2 * i + 1], 'PX', px)
+    if px > longest then longest = px end
   end
+  local left = redis.call('PTTL', KEYS[1])
+  if left >= 0 and left < longest then redis.call('PEXPIRE', KEYS[1], longest) end
   stored = 1
 end
 for i = n + 2, #KEYS do

@@ -780,6 +780,44 @@ def test_a_write_drops_the_entries_of_its_uri(make: Callable[..., Stack], origin
     assert stack.get("/api/v1/search?q=other", headers=headers).body == other.body  # another URI stays
 
 
+@pytest.mark.parametrize(("writer", "reader", "after"), [
+    pytest.param("alice:admin", "bob:user", "MISS", id="another user's entry"),
+    pytest.param(None, "bob:user", "MISS", id="a user's entry, after an anonymous write"),
+    pytest.param("alice:admin", None, "MISS", id="the anonymous entry, after a user's write"),
+])
+def test_a_write_makes_every_users_entry_of_its_uri_stale(make: Callable[..., Stack], origin: Origin,
+                                                         writer: str | None, reader: str | None, after: str) -> None:
+    """RFC 9111 §4.4 invalidates the URI, not one user's answer of it: every per-user entry of it is stale."""
+    stack = make(per_user=True)
+    reads = {"X-Test-User": reader} if reader else {}
+    stack.get(headers=reads)
+    other = stack.get("/api/v1/search?q=other", headers=reads)
+    assert stack.get(headers=reads).headers["X-Cache"] == "HIT"
+    stack.web.post("/api/v1/search?q=x", headers={"X-Test-User": writer} if writer else {})
+    again = stack.get(headers=reads)
+    assert (again.headers["X-Cache"], stack.get(headers=reads).headers["X-Cache"]) == (after, "HIT")  # and stored
+    assert stack.get("/api/v1/search?q=other", headers=reads).body == other.body  # another URI stays
+
+
+@pytest.mark.redis
+def test_an_entry_outlives_the_mark_it_was_stored_under_never(redis_url: str, origin: Origin) -> None:
+    """A lookup's mark lives mark_life (60 s); an entry stored under it, longer: the save makes the mark as long,
+    since an entry whose mark went is stale (a miss, though no write happened)."""
+    store = store_from_url(redis_url)
+    try:
+        origin.headers.append(("Cache-Control", "max-age=3600"))
+        stack = Stack(store, origin)
+        stack.get()
+        [mark] = list(store.scan("wsgistack:cache:w:"))
+        admin = redis.Redis.from_url(redis_url)
+        try:
+            assert admin.pttl(f"wsgistack:{mark}") > 3_500_000
+        finally:
+            admin.close()
+    finally:
+        store.close()
+
+
 def test_a_write_drops_every_variant_of_its_uri(make: Callable[..., Stack], origin: Origin, clock: Clock) -> None:
     """Variants stored before the write stay out of reach once another variant is filled again."""
     origin.headers.append(("Vary", "Accept-Language"))
@@ -968,8 +1006,9 @@ def test_a_fill_in_flight_across_an_out_of_memory_write_stores_nothing(redis_url
 
 
 def test_a_working_set_over_half_a_memory_store_still_hits(origin: Origin, clock: Clock) -> None:
-    """Each key looked up has a write mark beside its entry: kept apart, the marks take no room from the
-    entries (counted with them, 60 keys in a store of 100 got no hit at all)."""
+    """Each URI looked up has a write mark beside its entry: kept apart, the marks take no room from the
+    entries (counted with them, 60 keys in a store of 100 got no hit at all), and as many are kept as
+    entries (an entry whose mark was lost is stale: a quarter of them, and 60 URIs got no hit)."""
     store = MemoryStore(max_entries=100)
     stack = Stack(store, origin)
     urls = [f"/api/v1/search?q={i}" for i in range(60)]
@@ -978,7 +1017,7 @@ def test_a_working_set_over_half_a_memory_store_still_hits(origin: Origin, clock
     for _ in range(3):
         assert [stack.get(url).headers["X-Cache"] for url in urls] == ["HIT"] * 60
     assert origin.calls == 60
-    assert len(list(store.scan("wsgistack:cache:w:"))) == 25  # a quarter of max_entries, kept apart
+    assert len(list(store.scan("wsgistack:cache:w:"))) == 60  # one per URI, kept apart
 
 
 @pytest.mark.redis

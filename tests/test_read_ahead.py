@@ -290,7 +290,7 @@ def test_a_write_is_one_transaction_and_the_next_get_reads_its_mark_ahead(cached
     finally:
         ON_CALL.clear()
     assert (trips, miss.headers["X-Cache"]) == (2, "MISS")  # the limiter's pipeline (read, lock, mark), the save
-    assert [seen for _, seen in found] == [probe.get(mark)]
+    assert [seen for _, seen, _ in found] == [probe.get(mark)]
     trips, hit = _round_trips(app, path)
     assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
 
