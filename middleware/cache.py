@@ -493,6 +493,7 @@ class CacheMiddleware:
         self._inflight: dict[str, threading.Event] = {}
         self._index_key = f"wsgistack.cache.index.{id(self)}"  # the Vary index this request found
         self._seen_key = f"wsgistack.cache.mark.{id(self)}"  # the write mark this request's lookup found
+        self._uri_key = f"wsgistack.cache.uri.{id(self)}"  # (a user's key, its URI's mark key)
         self._lock = threading.Lock()
         self.mark_life = max(options.lock_timeout, _MARK_LIFE)
         self._hit, self._miss, self._stale = (context.emitter(f"cache.{e}") for e in ("hit", "miss", "stale"))
@@ -639,7 +640,15 @@ class CacheMiddleware:
         A write to the URI sets it anew (see :meth:`_write`); an entry filled under another value than
         the one a lookup finds there is stale, whoever's it is (RFC 9111 §4.4).
         """
-        return self._mark_key(base if subject is None else self._base_key(environ, None))
+        if subject is None:
+            return self._mark_key(base)
+        found = environ.get(self._uri_key)  # the read ahead worked it out already
+        if found is not None and found[0] == base:
+            mark: str = found[1]
+            return mark
+        mark = self._mark_key(self._base_key(environ, None))
+        environ[self._uri_key] = (base, mark)
+        return mark
 
     def _mark_key(self, base: str) -> str:
         """The mark a successful write to the URI of ``base`` leaves (see :meth:`_write`)."""
