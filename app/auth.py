@@ -199,12 +199,20 @@ def auth_blueprint(state: AppState) -> Blueprint:
 
     @bp.get("/csrf")
     def csrf() -> Response:
-        """The page's CSRF token (csrf ``double_submit``), bound to its session: created when it has none."""
-        token = _csrf_token()
-        if token is None:
+        """The page's CSRF token (csrf ``double_submit``), bound to its session.
+
+        Only for a session the store has: a request without one (no cookie, or one whose session
+        ended) needs no token for its writes, and the login's answer carries the new session's.
+        Handing one out would store a session per anonymous request (a flood would fill the store).
+        """
+        if CSRF_TOKEN not in request.environ:
             raise refuse(404, "No CSRF token here: the csrf layer's double_submit is off (its origin checks need "
                               "no token).")
-        return _token_response({"csrf_token": token})
+        session = request.environ.get(SESSION)
+        if session is None or session.new:
+            raise refuse(404, "No CSRF token yet: this browser has no session, so its writes need none; the "
+                              "login's answer carries the token of the session it starts.")
+        return _token_response({"csrf_token": _csrf_token()})
 
     @bp.post("/refresh")
     def refresh() -> Response:

@@ -117,6 +117,9 @@ def test_a_page_gets_the_csrf_token_at_login_and_from_auth_csrf(tmp_path: Path, 
     """With csrf double_submit, the core hands the page its token: in the login answer (the new session's)
     and from GET /auth/csrf; the session's writes then need it."""
     stack = Stack(tmp_path, users, csrf=DOUBLE_SUBMIT)
+    refused = stack.app.get("/auth/csrf", status=404)  # no session yet: none is made for it
+    assert refused.json["error"]["message"].startswith("No CSRF token yet: this browser has no session")
+    assert "Set-Cookie" not in refused.headers and list(stack.store.scan("session:")) == []
     token = stack.login().json["csrf_token"]
     assert stack.app.get("/auth/csrf").json == {"csrf_token": token}
     refused = stack.app.post("/auth/logout", status=403)
