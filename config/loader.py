@@ -223,6 +223,8 @@ class _Converter:
                 self.scalar(key_node, path, interpolate=False)  # says why, at the key
                 continue
             key = self.scalar(key_node, path, interpolate=False)
+            if key is None and key_node.tag != "tag:yaml.org,2002:null":  # refused, and said why (017)
+                continue
             if isinstance(key, bool):  # YAML 1.1 reads on/off/yes/no as booleans; no key of a stack is one
                 self.problem(key_node, (*path, key_node.value), f"the key {key_node.value!r} is read by YAML as the "
                              f"boolean {str(key).lower()}; write it in quotes, \"{key_node.value}\", to mean the word")
@@ -265,18 +267,21 @@ class _Converter:
         if isinstance(value, int) and not isinstance(value, bool) and node.style is None \
                 and _OCTAL.fullmatch(node.value):  # YAML 1.1: a leading 0 makes the number octal (017 is 15)
             decimal = int(node.value.replace("_", ""), 10)
-            self.problem(node, path, f"{node.value} is read by YAML as the octal number {value}: write {value} "
-                                     f"for that, or {decimal} without the leading 0")
+            self.problem(node, path, "the value is read by YAML as an octal number: quote it to keep it as text"
+                         if hidden else f"{node.value} is read by YAML as the octal number {value}: write {value} "
+                         f"for that, {decimal} without the leading 0, or quote it to keep it as text")
             return None
         if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:  # 59:59:… (base 60) gets this far
             self.problem(node, path, f"the number {node.value[:20]}… is far larger than any setting takes")
             return None
         if interpolate and isinstance(value, str) and "$" in value:
-            done = self.interpolated.get(id(node), self)
-            if done is self:
-                done = self.interpolated[id(node)] = _interpolate(value, path, node, self.doc, self.env,
-                                                                  self.problems)
-            value = done
+            done = self.interpolated.get(id(node))
+            if done is None:
+                text = _interpolate(value, path, node, self.doc, self.env, self.problems)
+                done = self.interpolated[id(node)] = (text, self.doc.empty.get(path))
+            elif done[1] is not None:  # an alias of a value from an empty variable: said at each use
+                self.doc.empty[path] = done[1]
+            value = done[0]
         return value
 
 

@@ -258,6 +258,10 @@ def test_every_problem_is_reported_at_once() -> None:
                      "stack.yaml:3:11 pipeline[0].auth: auth needs secret (HS256) or public_keys, jwks_file or "
                      "private_key (RS256/ES256) (secret comes from ${JWT_SECRET}, which is set but empty)",
                      id="a problem of the mapping it is in"),
+        pytest.param("stores:\n  a: &url ${REDIS_URL}\n  shared: *url\n",
+                     "stack.yaml:3:6 stores.shared: store URL '' has no scheme (known: memory://, redis://, "
+                     "rediss://, unix://, redis+sentinel://) (from ${REDIS_URL}, which is set but empty) (got '')",
+                     id="an alias of it"),
     ],
 )
 def test_a_variable_set_to_nothing_is_named(text: str, expected: str) -> None:
@@ -732,9 +736,14 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
         ),
         pytest.param(
             ECHO + "server: {threads: 017}\npipeline: [errors: {}]\n",
-            "stack.yaml:2:19 server.threads: 017 is read by YAML as the octal number 15: write 15 for that, or 17 "
-            "without the leading 0",
+            "stack.yaml:2:19 server.threads: 017 is read by YAML as the octal number 15: write 15 for that, 17 "
+            "without the leading 0, or quote it to keep it as text",
             id="a number with a leading zero",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - validation: {deny_patterns: {010: [a], q: [b]}}\n",
+            "stack.yaml:3:34 pipeline[0].validation.deny_patterns: 010 is read by YAML as the octal number 8",
+            id="a key with a leading zero",
         ),
         pytest.param(
             ECHO + "stores:\n  shared: 6379\n",

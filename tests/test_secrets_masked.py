@@ -50,6 +50,10 @@ PRIVATE_JWK = {"kty": "RSA", "kid": "k1", "alg": "RSA256", "n": "sXchDaQebHnPiGv
     pytest.param(ECHO + "pipeline:\n  - session: {secret_key: !!int SEKRETpw8-literal}\n", "SEKRETpw8",
                  "stack.yaml:3:27 pipeline[0].session.secret_key: cannot read the value as !!int; quote it to keep "
                  "it as text", id="a secret with a tag it does not fit"),
+    pytest.param(ECHO + "pipeline:\n  - session: {secret_key: 01234567012345670123456701234567}\n",
+                 "1234567012345670123456701234567",
+                 "stack.yaml:3:27 pipeline[0].session.secret_key: the value is read by YAML as an octal number: quote "
+                 "it to keep it as text", id="a secret with a leading zero"),
     pytest.param(ECHO + "pipeline:\n  - auth: {secret: !!float SEKRETpw9}\n", "SEKRETpw9",
                  "pipeline[0].auth.secret: cannot read the value as !!float; quote it", id="nor what int() says of it"),
     pytest.param(ECHO + "pipeline:\n  - auth: {public_keys: [keys/missing.pem]}\n", "never in the report",
