@@ -1305,13 +1305,17 @@ def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
 
     ``NAME=value`` (``export NAME=value`` too); blank lines and ``#`` lines are skipped.
     A value is unquoted (trimmed; `` #`` after a space starts a comment), ``'single'``
-    (taken as written) or ``"double"`` (``\\n``, ``\\t``, ``\\"`` and ``\\\\`` are escapes);
-    after a quoted value only a comment may follow.  Anything else is a ValueError
-    naming ``path:line``.
+    (taken as written) or ``"double"`` (``\\n``, ``\\t``, ``\\"`` and ``\\\\`` are escapes); a
+    quoted value may go on over several lines (a PEM key), and after it only a comment
+    may follow.  Lines end at ``\\n`` (and ``\\r\\n``) only, as Compose reads them.
+    Anything else is a ValueError naming ``path:line``.
     """
     found: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    number = 0
+    while number < len(lines):
+        line = lines[number].strip()
+        number += 1
         if not line or line.startswith("#"):
             continue
         head = _DOTENV_NAME.match(line)
@@ -1320,8 +1324,12 @@ def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
             raise ValueError(f"{path}:{number}: {shown!r} is not NAME=value (a name of letters, digits and _, "
                              "not starting with a digit)")
         name, rest = head.group(1), line[head.end():]
-        if rest[:1] in ("'", '"'):
-            quote, value, i = rest[0], [], 1
+        if rest[:1] not in ("'", '"'):
+            comment = re.search(r"[ \t]#", rest)
+            found[name] = (rest[:comment.start()] if comment else rest).strip()
+            continue
+        first, quote, value, i = number, rest[0], [], 1
+        while True:
             while i < len(rest) and rest[i] != quote:
                 if quote == '"' and rest[i] == "\\" and i + 1 < len(rest):
                     value.append(_DOTENV_ESCAPES.get(rest[i + 1], rest[i:i + 2]))
@@ -1329,17 +1337,18 @@ def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
                     continue
                 value.append(rest[i])
                 i += 1
-            if i >= len(rest):
-                raise ValueError(f"{path}:{number}: the value of {name} opens a {quote} quote that does not close "
-                                 "on its line")
-            after = rest[i + 1:].strip()
-            if after and not after.startswith("#"):
-                raise ValueError(f"{path}:{number}: the value of {name} goes on after its closing {quote}: "
-                                 "quote the whole value")
-            found[name] = "".join(value)
-        else:
-            comment = re.search(r"[ \t]#", rest)
-            found[name] = (rest[:comment.start()] if comment else rest).strip()
+            if i < len(rest):
+                break
+            if number >= len(lines):  # the quote goes on over the next lines, and closes on none
+                raise ValueError(f"{path}:{first}: the value of {name} opens a {quote} quote that never closes")
+            value.append("\n")
+            rest, i = lines[number].rstrip(), 0  # (its leading spaces are the value's)
+            number += 1
+        after = rest[i + 1:].strip()
+        if after and not after.startswith("#"):
+            raise ValueError(f"{path}:{number}: the value of {name} goes on after its closing {quote}: "
+                             "quote the whole value")
+        found[name] = "".join(value)
     return found
 
 

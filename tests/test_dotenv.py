@@ -28,15 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
     pytest.param("A=\nB=''\n", {"A": "", "B": ""}, id="empty values"),
     pytest.param("A=first\nA=second\n", {"A": "second"}, id="the last line of a name wins"),
     pytest.param("A=1\r\nB=2\r\n", {"A": "1", "B": "2"}, id="CRLF"),
+    pytest.param('KEY="-----BEGIN KEY-----\nabc\n  def\n-----END KEY-----"\nB=2\n',
+                 {"KEY": "-----BEGIN KEY-----\nabc\n  def\n-----END KEY-----", "B": "2"},
+                 id="a quoted value over several lines"),
+    pytest.param("# rotated monthly\u2028 see the wiki\nA=1\nNOTE=a\u2028B=2\n", {"A": "1", "NOTE": "a\u2028B=2"},
+                 id="lines end at newlines only, as in Compose"),
 ])
 def test_settings(text: str, expected: dict[str, str]) -> None:
     assert parse_dotenv(text) == expected
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    pytest.param('A=1\nL="unterminated\n', ".env:2: the value of L opens a \" quote that does not close on its line",
+    pytest.param('A=1\nL="unterminated\nB=2\n', ".env:2: the value of L opens a \" quote that never closes",
                  id="an unclosed double quote"),
-    pytest.param("M='x\"\n", ".env:1: the value of M opens a ' quote that does not close on its line",
+    pytest.param("M='x\"\n", ".env:1: the value of M opens a ' quote that never closes",
                  id="quotes that do not match"),
     pytest.param('S="quoted" extra\n', ".env:1: the value of S goes on after its closing \": quote the whole value",
                  id="text after the closing quote"),
@@ -75,4 +80,4 @@ def test_a_bad_line_stops_the_start_with_its_place(tmp_path: Path) -> None:
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr.strip()) == (
-        2, f"{tmp_path / '.env'}:2: the value of L opens a \" quote that does not close on its line")
+        2, f"{tmp_path / '.env'}:2: the value of L opens a \" quote that never closes")
