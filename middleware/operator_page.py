@@ -81,6 +81,8 @@ _EVENTS = ("cache.hit", "cache.miss", "cache.stale", "cache.bypass", "ratelimit.
            "ratelimit.shadow_reject", "auth.failure", "store.error", "version.deprecated")
 _DETAIL = {"auth.failure": "reason", "store.error": "store", "version.deprecated": "version"}
 _PAGES = ("/data.json", "/app.js", "/app.css")  # below the page's path
+#: The built-in options that list header names, never (name, value) pairs: [X-Auth, X-Request-ID] is shown.
+_HEADER_NAME_LISTS = frozenset({"expose_headers", "allow_headers", "key_headers"})
 _OWN = frozenset(("", "/", *_PAGES))  # what the page answers: the rest of its path goes on to the app
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -502,9 +504,9 @@ def mask(value: Any, name: str = "") -> Any:
     if isinstance(value, Mapping):
         return {str(k): mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        # A (name, value) pair: a header, say; not a list of header names (expose_headers: [X-Auth, X-Id]).
+        # A (name, value) pair: a header, say; not the built-ins' lists of header names (expose_headers).
         if len(value) == 2 and isinstance(value[0], str) and secret_value(value[0], value[1]) \
-                and not isinstance(value[1], list | tuple | Mapping) and not name.lower().endswith("headers"):
+                and not isinstance(value[1], list | tuple | Mapping) and name not in _HEADER_NAME_LISTS:
             return [value[0], MASK]
         return [mask(v) for v in value]
     if isinstance(value, str):

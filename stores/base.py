@@ -24,10 +24,11 @@ _URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)(?:(?!://)[^\n])*@")
 _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
 # In free text: "password=…" after a space or ";", as libpq ("host=db password=pw") and ODBC
 # ("Uid=u;Pwd=pw;") connection strings write them; the value is quoted ('…', "…", with backslash
-# escapes: libpq), braced ({…}: ODBC), or ends at a space, ";" or a quote.
+# escapes: libpq), braced ({…}, }} for a }: ODBC), or ends at a space, ";" or a quote.
 _DSN_PASSWORD = re.compile(r"((?:^|[\s;'\"])[^=&?\s'\";]*(?:passw(?:or)?d|passphrase|pwd|secret|token|credential|"
                            r"(?:api|secret|private|access)_?key)s?\s*=\s*)"
-                           r"(?:'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|\{[^}]*\}?|[^\s;'\"]+)", re.IGNORECASE)
+                           r"(?:'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|\{(?:[^}]|\}\})*\}?|[^\s;'\"]+)",
+                           re.IGNORECASE)
 
 
 #: A name (an option, a nested key, a query parameter) whose value is never shown: in config
