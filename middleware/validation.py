@@ -70,6 +70,7 @@ _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/(\*|[a-z0-9!#$&^_.+-]+)")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: an IP literal or a reg-name (empty allowed), then an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?")
+_CONTENT_FIELDS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})  # header fields WSGI gives without HTTP_
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 #: What int() says of a number longer than Python's limit (sys.get_int_max_str_digits, 4300).
@@ -356,15 +357,7 @@ class ValidationMiddleware:
                              self._max_query)
         if not path.isascii():
             self._utf8(environ, path.encode("latin-1", "replace"), "path")
-        host = environ.get("HTTP_HOST")
-        if host is None:
-            if environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
-                raise self._refuse(environ, 400, "An HTTP/1.1 request must have a Host header.", "host")
-        elif "," in host:  # Waitress joins repeated fields with ", "; no host name holds a comma
-            raise self._refuse(environ, 400, "The request has more than one Host header.", "host")
-        elif _HOST.fullmatch(host) is None:
-            raise self._refuse(environ, 400, f"The Host header {host[:100]!r} is not a host name with an "
-                                             "optional port.", "host")
+        self._check_host(environ)
         if query and ("%" in query or not query.isascii()):
             self._check_query(environ, query)
         if self._check_headers:
@@ -378,6 +371,18 @@ class ValidationMiddleware:
         if chunked or (length and length != "0"):
             self._check_body(environ, length, chunked)
         return self.app(environ, start_response)
+
+    def _check_host(self, environ: WSGIEnvironment) -> None:
+        """RFC 9112 §3.2: one Host, a host name with an optional port, and one at all on HTTP/1.1."""
+        host = environ.get("HTTP_HOST")
+        if host is None:
+            if environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+                raise self._refuse(environ, 400, "An HTTP/1.1 request must have a Host header.", "host")
+        elif "," in host:  # Waitress joins repeated fields with ", "; no host name holds a comma
+            raise self._refuse(environ, 400, "The request has more than one Host header.", "host")
+        elif _HOST.fullmatch(host) is None:
+            raise self._refuse(environ, 400, f"The Host header {host[:100]!r} is not a host name with an "
+                                             "optional port.", "host")
 
     def _target(self, environ: WSGIEnvironment, start_response: StartResponse, path: str,
                 uri: str | None) -> Iterable[bytes] | None:
@@ -400,6 +405,7 @@ class ValidationMiddleware:
         if not sep or scheme.lower() not in ("http", "https") or not authority or "@" in authority:
             raise self._refuse(environ, 400, f"The request target {uri[:100]!r} is neither a path nor an http(s) "
                                              "URL with a host.", "target")
+        self._check_host(environ)  # the Host received must be right all the same (§3.2), then it gives way
         environ["HTTP_HOST"] = authority
         return None
 
@@ -424,19 +430,24 @@ class ValidationMiddleware:
             # key[0] rejects most non-header keys without building the slice (this loop runs per request)
             if key and key[0] == "H" and key[:5] == "HTTP_":
                 count += 1
-                size = len(key) + len(value)
+                size = len(key) + len(value) - 5  # the header's name is the key without HTTP_
                 total += size
                 if size > biggest:
                     biggest = size
-        total -= 5 * count  # the sizes count header names without the HTTP_ prefix
-        biggest -= 5
+            elif key and key[0] == "C" and value and key in _CONTENT_FIELDS:  # Content-Type, -Length
+                count += 1
+                size = len(key) + len(value)  # CONTENT_TYPE is as long as Content-Type
+                total += size
+                if size > biggest:
+                    biggest = size
         if self._max_headers is not None and count > self._max_headers:
             raise self._refuse(environ, 431, f"The request has {count} header fields, more "
                                f"than max_headers ({self._max_headers}).", "max_headers",
                                max=self._max_headers, actual=count)
         if self._max_header is not None and biggest > self._max_header:
-            biggest_key = max((k for k in environ if k[:5] == "HTTP_"), key=lambda k: len(k) + len(environ[k]))
-            name = biggest_key[5:].replace("_", "-").title()
+            biggest_key = max((k for k in environ if k[:5] == "HTTP_" or (k in _CONTENT_FIELDS and environ[k])),
+                              key=lambda k: len(k) + len(environ[k]) - (5 if k[:5] == "HTTP_" else 0))
+            name = biggest_key.removeprefix("HTTP_").replace("_", "-").title()
             raise self._over(environ, 431, f"The {name} header", biggest, "max_header_bytes",
                              self._max_header)
         if self._max_total is not None and total > self._max_total:
@@ -499,8 +510,11 @@ class ValidationMiddleware:
     def _read_and_check(self, environ: WSGIEnvironment, mimetype: str, params: dict[str, str],
                         length: int | None, chunked: bool, is_json: bool) -> None:
         """Read a JSON or form body once, check it, and hand the same bytes to the app."""
-        coding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
-        if coding != "identity":
+        # An empty field or list element, and identity, are no coding (RFC 9110 §5.6.1.2, §8.4.1)
+        codings = [c for c in (part.strip().lower() for part in environ.get("HTTP_CONTENT_ENCODING", "").split(","))
+                   if c and c != "identity"]
+        coding = ", ".join(codings)
+        if codings:
             raise self._refuse(environ, 415, f"Content-Encoding {coding!r} is not accepted on "
                                f"{mimetype} bodies.", "content-encoding",
                                headers=[("Accept-Encoding", "identity")])
