@@ -512,7 +512,9 @@ class CacheMiddleware:
             self._give_back(environ)
             return self._bypass(environ, start_response, reason)
         base = self._base_key(environ, subject)
-        lock_key = self._lock_key(base) if method == "GET" else None
+        # A HEAD reads the URI's mark too (an entry a write made stale is stale for it as well): through the
+        # same lookup, whose lock it gives back, as it stores nothing.
+        lock_key = self._lock_key(base)
         mark = self._uri_mark(environ, base, subject)
         try:
             try:
@@ -526,6 +528,9 @@ class CacheMiddleware:
             return self._store_failed(environ, start_response, exc)
         finally:
             self._give_back(environ)
+        if method == "HEAD" and locked:
+            self._drop_lock(lock_key)
+            locked = None
         now = _clock()
         asks = self._asks(environ) if "HTTP_CACHE_CONTROL" in environ or "HTTP_PRAGMA" in environ else None
         if entry is not None and _fresh_at(entry, now) and (asks is None or asks.accepts(entry, now)):
@@ -533,7 +538,7 @@ class CacheMiddleware:
             note(environ, "cache", "HIT")
             return self._serve(entry, "HIT", method, start_response, now, environ)
         if asks is not None and asks.only_if_cached:
-            if locked and lock_key is not None:
+            if locked:
                 self._drop_lock(lock_key)
             raise _only_if_cached()
         # The stored answer stands in for a failing app only with stale_if_error on, and not for a
@@ -1024,12 +1029,15 @@ class CacheMiddleware:
         """Whether an entry (or Vary index) was filled under another write mark than the one this request
         found: a write to its URI succeeded since (another user's too, with ``per_user``).
 
-        Not when the lookup found no mark (the store could not set one: entries are then served as
-        they are), nor for entries written before entries carried their mark.
+        Also when the lookup found no mark and could not set one (a Redis out of memory): a save makes
+        the mark outlive what it stores, so a mark gone was deleted by a write (or evicted), and what
+        was stored under it is stale.  Entries written before entries carried their mark are not.
         """
         filled = stored.get("m")
+        if filled is None:
+            return False
         seen = self._seen(environ, base)
-        return filled is not None and seen is not None and filled != seen.decode("latin-1")
+        return seen is None or filled != seen.decode("latin-1")
 
     def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
               unlock: str | None = None) -> None:

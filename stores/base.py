@@ -221,8 +221,8 @@ class Store(abc.ABC):
         if seen is None or self.get(mark) != seen:
             sets = ()
         self.write(sets, deletes)
-        if sets and seen is not None:
-            self.write([(mark, seen, max(ttl for _, _, ttl in sets))], ())
+        if sets and self.get(mark) == seen:  # (its TTL only: setting the value could undo a write's new one)
+            self.expire(mark, max(ttl for _, _, ttl in sets))
         return bool(sets)
 
     @abc.abstractmethod

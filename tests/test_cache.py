@@ -968,6 +968,38 @@ def test_a_write_drops_its_entries_when_redis_is_out_of_memory(redis_url: str, o
 
 
 @pytest.mark.redis
+def test_another_users_entry_is_stale_after_an_out_of_memory_write(redis_url: str, origin: Origin,
+                                                                   clock: Clock) -> None:
+    """The write's new mark was refused with its transaction, and the fallback deleted the old one: the next
+    lookup can set none either, and an entry stored under a mark that went is stale, not served."""
+    store, admin = store_from_url(redis_url), redis.Redis.from_url(redis_url)
+    try:
+        stack = Stack(store, origin, per_user=True)
+        bob = {"X-Test-User": "bob:user"}
+        assert [stack.get(headers=bob).headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+        admin.config_set("maxmemory", 1)
+        stack.web.post("/api/v1/search?q=x", headers={"X-Test-User": "alice:admin"})
+        after = stack.get(headers=bob)
+        assert (after.headers["X-Cache"], after.json["n"]) == ("MISS", 3)  # the app's answer after the write
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        store.close()
+
+
+def test_a_head_reads_the_uris_mark_too(make: Callable[..., Stack], origin: Origin) -> None:
+    """A HEAD is answered from the GET entry: one a write made stale (another user's) is stale for it too."""
+    stack = make(per_user=True)
+    bob = {"X-Test-User": "bob:user"}
+    stack.get(headers=bob)
+    assert stack.web.head("/api/v1/search?q=x", headers=bob).headers["X-Cache"] == "HIT"
+    stack.web.post("/api/v1/search?q=x", headers={"X-Test-User": "alice:admin"})
+    assert stack.web.head("/api/v1/search?q=x", headers=bob).headers["X-Cache"] == "MISS"
+    assert list(stack.store.scan("wsgistack:cache:l:")) == []  # the lock its lookup took is given back
+    assert stack.get(headers=bob).headers["X-Cache"] == "MISS"  # a HEAD stores nothing
+
+
+@pytest.mark.redis
 def test_a_fill_in_flight_across_an_out_of_memory_write_stores_nothing(redis_url: str, origin: Origin,
                                                                       clock: Clock) -> None:
     """The write's marks were refused with its transaction: its deletes take the old marks too, so the GET

@@ -1117,3 +1117,22 @@ def test_a_new_connection_is_one_command_away(redis_url: str) -> None:
     finally:
         store.close()
         admin.close()
+
+
+class _WriteLandsMeanwhile(MemoryStore):
+    """A store with Store's default write_unless_marked, where another process's write sets the mark anew
+    right after the sets go (between the default's separate calls)."""
+
+    def write(self, sets: Any, deletes: Any = ()) -> None:
+        super().write(sets, deletes)
+        if any(key == "entry" for key, _, _ in sets):
+            MemoryStore.set(self, "mark", b"written meanwhile", 60)
+
+
+def test_the_default_write_unless_marked_never_undoes_a_write_s_mark() -> None:
+    """It makes the mark outlive what it stored by its TTL alone: setting it again with the value it saw
+    would put back the mark a write just replaced (and entries stored before the write would be served)."""
+    store = _WriteLandsMeanwhile()
+    store.set("mark", b"seen", 60)
+    assert Store.write_unless_marked(store, "mark", b"seen", [("entry", b"v", 600)])
+    assert (store.get("mark"), store.get("entry")) == (b"written meanwhile", b"v")
