@@ -68,7 +68,7 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
     def search_stream() -> Response:
         query, page = search_args(request.args)
         slots = state.streams
-        if slots is not None and not slots.acquire(blocking=False):
+        if slots is not None and not slots.take(search_options.max_streams):
             # Paced streams hold a server thread each for their whole length: past the cap, the
             # others (and the probes) would queue behind them.
             wait = math.ceil(5 * search_options.stream_interval)
@@ -76,7 +76,7 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
                          f"server runs at once; retry in {wait} seconds.", headers=[("Retry-After", str(wait))])
         events = search_events(state.engine, query, page, shape, search_options.stream_interval, logger,
                                request.environ.get(REQUEST_ID))
-        return sse_response(events if slots is None else HeldSlot(events, slots.release))
+        return sse_response(events if slots is None else HeldSlot(events, slots.give_back))
 
     @bp.get("/health")
     def health() -> dict[str, Any]:

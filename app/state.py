@@ -11,9 +11,38 @@ from app.search import SearchEngine
 from app.users import UserStore
 from middleware.base import Context
 
-__all__ = ["SUPPORTED_VERSIONS", "AppState"]
+__all__ = ["STREAMS", "SUPPORTED_VERSIONS", "AppState", "StreamSlots"]
 
 SUPPORTED_VERSIONS = ("v1", "v2")
+
+
+class StreamSlots:
+    """The paced streams running in this process, whichever pipeline they came through.
+
+    One count per process, not per app: a reload builds a new app while the old one's streams
+    run on, and a count of its own would let ``max_streams`` more through each time (with
+    every server thread held, probes included, until the old streams end).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+
+    def take(self, limit: int) -> bool:
+        """Take a slot when fewer than ``limit`` are taken (the limit of the app asking)."""
+        with self._lock:
+            if self.running >= limit:
+                return False
+            self.running += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+
+#: This process's paced streams (a worker forked from the supervisor starts with none running).
+STREAMS = StreamSlots()
 
 
 @dataclass
@@ -25,12 +54,11 @@ class AppState:
     engine: SearchEngine
     users: UserStore
     #: Slots for paced streams (``stream_interval`` > 0), each holding a server thread for its whole length.
-    streams: threading.BoundedSemaphore | None = field(default=None, init=False)
+    streams: StreamSlots | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        search = self.options.search
-        if search.stream_interval > 0:
-            self.streams = threading.BoundedSemaphore(search.max_streams)
+        if self.options.search.stream_interval > 0:
+            self.streams = STREAMS
 
     def service(self, name: str) -> Any:
         """A service a layer published (looked up per request: layers are built after the app)."""

@@ -176,6 +176,19 @@ def test_paced_streams_past_max_streams_are_refused_until_one_ends(tmp_path: Pat
     running.pop().close()  # type: ignore[attr-defined]
 
 
+def test_the_cap_holds_across_a_reload(tmp_path: Path) -> None:
+    """A reload builds a new app while the old one's streams run on: the cap counts them all (a count per app
+    let max_streams more through at each reload, until every server thread was held)."""
+    old = make_app(tmp_path / "old", stream_interval=0.2, max_streams=2)
+    new = ErrorsMiddleware(make_app(tmp_path / "new", stream_interval=0.2, max_streams=2), ErrorsMiddleware.Options(),
+                           Context())
+    running = streams_started(old, 2)
+    TestApp(new).get("/api/v1/search/stream", {"q": "json"}, status=503)
+    running.pop().close()  # type: ignore[attr-defined]
+    TestApp(new).get("/api/v1/search/stream", {"q": "json"}, status=200)
+    running.pop().close()  # type: ignore[attr-defined]
+
+
 def test_unpaced_streams_have_no_cap(tmp_path: Path) -> None:
     for body in streams_started(make_app(tmp_path, max_streams=1), 3):
         body.close()  # type: ignore[attr-defined]
