@@ -1365,6 +1365,83 @@ def test_a_304_of_one_request_keeps_single_flight_for_the_others(store: Store) -
     assert origin.calls == 2
 
 
+class Refused412(Origin):
+    """Answers a request with If-Match with its own 412 (the condition fails), after the delay."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if "HTTP_IF_MATCH" not in environ:
+            return super().__call__(environ, start_response)
+        with self.lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        start_response("412 Precondition Failed", [("Content-Length", "0")])
+        return []
+
+
+class PersonalFor(Origin):
+    """Marks the answer to a request with X-Personal as this session's alone (a CSRF token handed out)."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if "HTTP_X_PERSONAL" in environ:
+            environ[SESSION_BOUND] = True
+        return super().__call__(environ, start_response)
+
+
+@pytest.mark.parametrize(("origin_class", "first"), [
+    pytest.param(Refused412, {"If-Match": '"nope"'}, id="its own 412"),
+    pytest.param(PersonalFor, {"X-Personal": "1"}, id="an answer made for its session"),
+])
+def test_only_the_leaders_own_unstorable_answer_keeps_single_flight(store: Store, origin_class: type[Origin],
+                                                                    first: dict[str, str]) -> None:
+    """As for the leader's own 304: the others take the lock in turn, the first fills, the rest are hits."""
+    origin = origin_class()
+    origin.delay = 0.3
+    origin.headers.append(("Cache-Control", "max-age=60"))
+    stacks = [Stack(store, origin) for _ in range(4)]  # four processes on one store
+    labels: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        time.sleep(0 if i == 0 else 0.05)
+        response = TestApp(stacks[i].wsgi).get("/api/v1/search?q=x", headers=first if i == 0 else {}, status="*")
+        labels[i] = response.headers.get("X-Cache", "")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert (sorted(labels[i] for i in (1, 2, 3)), origin.calls) == (["HIT", "HIT", "MISS"], 2)
+
+
+def test_the_ask_the_app_mark_lives_a_second_not_lock_timeout() -> None:
+    """Misses ask the app at once only briefly: then the next one fills again (a lock_timeout of 10 s would
+    leave single-flight off for 10 s)."""
+    store = MemoryStore()
+    origin = Origin()
+    origin.headers.append(("Cache-Control", "private"))
+    Stack(store, origin, lock_timeout=10).get()
+    [lock] = list(store.scan("wsgistack:cache:l:"))
+    assert store.get(lock) == b"0"
+    time.sleep(1.2)
+    assert store.get(lock) is None
+
+
+def test_an_entry_outlives_the_mark_it_was_stored_under_in_memory_too(monkeypatch: pytest.MonkeyPatch,
+                                                                     clock: Clock) -> None:
+    """memory://: the save makes the lookup's mark (60 s) as long as the entry (an hour): two minutes on, a hit."""
+    import stores.memory as memory_module
+
+    monotonic = [1000.0]
+    monkeypatch.setattr(memory_module, "_monotonic", lambda: monotonic[0])
+    origin = Origin()
+    origin.headers.append(("Cache-Control", "max-age=3600"))
+    stack = Stack(MemoryStore(), origin)
+    stack.get()
+    monotonic[0] += 120
+    clock.now += 120
+    assert stack.get().headers["X-Cache"] == "HIT"
+
+
 class FirstFillFails(Origin):
     """The first call fails after 0.2 s; the others answer as Origin does."""
 

@@ -741,6 +741,11 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
             id="a number with a leading zero",
         ),
         pytest.param(
+            ECHO + "server: {threads: +017}\npipeline: [errors: {}]\n",
+            "stack.yaml:2:19 server.threads: +017 is read by YAML as the octal number 15",
+            id="a signed number with a leading zero",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - validation: {deny_patterns: {010: [a], q: [b]}}\n",
             "stack.yaml:3:34 pipeline[0].validation.deny_patterns: 010 is read by YAML as the octal number 8",
             id="a key with a leading zero",

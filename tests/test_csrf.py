@@ -331,6 +331,15 @@ def test_handing_out_the_token_marks_the_response_as_this_sessions() -> None:
     assert seen == {"before": None, "after": True}
 
 
+def test_without_a_session_object_the_token_is_still_checked() -> None:
+    """No session in environ (a gap in the session layer's scope) is not a session the store lost: the cookie
+    request still needs its token (here it cannot have one: refused, not let through)."""
+    layer = CSRFMiddleware(ok, CSRFMiddleware.Options(**DS), Context())
+    app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context()))
+    refused = app.post("/x", headers={"Cookie": "__Host-session=abc", "Sec-Fetch-Site": "same-origin"}, status=403)
+    assert refused.json["error"]["message"].startswith("CSRF token missing")
+
+
 def test_token_without_session_layer_says_what_is_missing() -> None:
     environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
     CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(**DS), Context())(environ, print)

@@ -263,6 +263,8 @@ def test_refusal_from_inner_layer_gets_headers() -> None:
         pytest.param({"permissions_policy": "geolocation 'none'"},
                      "each member is feature=allowlist, the allowlist *, self, () or a list such as "
                      '(self "https://a.example")', id="permissions policy in Feature-Policy syntax"),
+        pytest.param({"permissions_policy": 'camera=(self"https://a.example")'}, "is not a Permissions-Policy",
+                     id="permissions policy list items without a space between"),
         pytest.param({"permissions_policy": "camera=(self,)"}, "is not a Permissions-Policy",
                      id="permissions policy with a comma in a list"),
         pytest.param({"permissions_policy": "Camera=()"}, "is not a Permissions-Policy",

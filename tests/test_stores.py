@@ -1119,6 +1119,24 @@ def test_a_new_connection_is_one_command_away(redis_url: str) -> None:
         admin.close()
 
 
+@pytest.mark.parametrize(("text", "said", "refuses"), [
+    pytest.param("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+                 "writes are refused: Redis cannot save its snapshot to disk (MISCONF, stop-writes-on-bgsave-error)",
+                 False, id="MISCONF: an outage that ends once the disk does"),
+    pytest.param("NOREPLICAS Not enough good replicas to write.",
+                 "writes are refused: fewer replicas answer than min-replicas-to-write asks (NOREPLICAS)",
+                 False, id="NOREPLICAS: an outage that ends once the replicas answer"),
+    pytest.param("unknown command 'EVALSHA', with args beginning with: ",
+                 "Redis does not know a command the layers send (unknown command 'EVALSHA', with args beginning "
+                 "with:): renamed or disabled (rename-command), or a Redis older than 6.2",
+                 True, id="a renamed command: a configuration that never heals"),
+])
+def test_what_a_refusal_says(text: str, said: str, refuses: bool) -> None:
+    from stores.redis import refusal
+
+    assert refusal(redis.exceptions.ResponseError(text)) == (said, refuses)
+
+
 class _WriteLandsMeanwhile(MemoryStore):
     """A store with Store's default write_unless_marked, where another process's write sets the mark anew
     right after the sets go (between the default's separate calls)."""

@@ -126,6 +126,14 @@ REFUSALS = [
     pytest.param({"max_header_bytes": 300}, {"body": b"hi", "content_type": "text/plain; x=" + "v" * 300}, 431,
                  "The Content-Type header is 326 bytes long, more than max_header_bytes (300).", {},
                  id="a Content-Type too big (WSGI gives it without HTTP_)"),
+    # Content-Type 12 + 204, Host (localhost:80) 4 + 12
+    pytest.param({"max_total_header_bytes": 200}, {"headers": {"Content-Type": "text/plain; x=" + "a" * 190}}, 431,
+                 "The header fields total 232 bytes, more than max_total_header_bytes (200).", {},
+                 id="a Content-Type counts toward the total"),
+    # Content-Type 12 + 40 = 52 bytes, X-Aaaaaaaaaaaa 14 + 36 = 50 (its environ key is 5 longer: HTTP_)
+    pytest.param({"max_header_bytes": 45}, {"headers": {"Content-Type": "t/" + "a" * 38, "X-Aaaaaaaaaaaa": "b" * 36}},
+                 431, "The Content-Type header is 52 bytes long, more than max_header_bytes (45).", {},
+                 id="the message names the biggest field, by its name's length"),
     pytest.param({"max_headers": 2}, {"body": b"hi", "content_type": "text/plain", "headers": {"Host": "h"}}, 431,
                  "The request has 3 header fields, more than max_headers (2).", {},
                  id="Content-Type and Content-Length are header fields too"),
@@ -372,6 +380,8 @@ PASSES = [
                  id="json content type is case-insensitive"),
     pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json; charset=us-ascii"},
                  {"json": {"a": 1}}, id="a charset parameter on json means nothing (RFC 8259 11)"),
+    pytest.param({"max_headers": 2}, {"headers": {"X-A": "1"}, "environ": {"CONTENT_TYPE": "", "CONTENT_LENGTH": ""}},
+                 {"json": ABSENT}, id="empty CONTENT_TYPE and CONTENT_LENGTH are no header fields"),
     pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json", "headers": {"Content-Encoding": ""}},
                  {"json": {"a": 1}}, id="an empty Content-Encoding is no coding"),
     pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json",

@@ -288,6 +288,8 @@ class OwnHeaders:
         "link-deprecation": ("Link", '<https://own.example/dep>; rel="deprecation"'),
         "link-bare": ("link", "<https://own.example/dep>; rel=Deprecation"),
         "link-help": ("Link", '<https://own.example/help>; rel="help"'),
+        "sunset-lower": ("sunset", "Wed, 01 Jan 2031 00:00:00 GMT"),
+        "link-upper": ("Link", '<https://own.example/dep>; REL="Deprecation"'),
         "link-both": ("Link", '<https://own.example/next>; rel="successor-version alternate"'),
     }
 
@@ -325,6 +327,12 @@ DEP, SUN, LINK_DEP, LINK_NEXT = V1_HEADERS
                  id="one of several relations counts"),
     pytest.param("/api/v1/x", "link-help", 200,
                  [("Link", '<https://own.example/help>; rel="help"'), *V1_HEADERS], id="other links are kept beside"),
+    pytest.param("/api/v1/x", "sunset-lower", 200,
+                 [DEP, ("sunset", "Wed, 01 Jan 2031 00:00:00 GMT"), LINK_DEP, LINK_NEXT],
+                 id="the app's header in lower case counts"),
+    pytest.param("/api/v1/x", "link-upper", 200,
+                 [("Link", '<https://own.example/dep>; REL="Deprecation"'), DEP, SUN, LINK_NEXT],
+                 id="a relation parameter in upper case counts"),
     pytest.param("/api/v1/raise", "link-help", 409,
                  [("Link", '<https://own.example/help>; rel="help"'), *V1_HEADERS],
                  id="an error's own link does not hide the layer's"),
@@ -490,6 +498,25 @@ def test_a_write_drops_every_version_of_the_uri(seen: Seen, written: str, per_us
     assert [web.get(path, headers=h).headers["X-Cache"] for path, h in asks] == ["HIT", "HIT", "HIT"]
     web.put(written)
     assert tuple(web.get(path).headers["X-Cache"] for path in ("/api/v2/search", "/api/v1/search")) == after
+
+
+def test_a_write_makes_other_users_entries_of_every_version_stale(seen: Seen) -> None:
+    """bob writes /api/search (as v1, the default): alice's v2 and v3 answers of it are stale too."""
+    context = Context(stores={"shared": MemoryStore()})
+    cache = CacheMiddleware(seen, CacheMiddleware.Options(per_user=True), context)
+    versioning = VersioningMiddleware(cache, VersioningMiddleware.Options(supported=["v1", "v2", "v3"]), context)
+
+    def who(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ[IDENTITY] = Identity(environ["HTTP_X_USER"], frozenset())
+        return versioning(environ, start_response)
+
+    web = TestApp(who)
+    alice = [{"X-User": "alice", "X-API-Version": version} for version in ("v2", "v3")]
+    for headers in alice:
+        web.get("/api/search", headers=headers)
+    assert [web.get("/api/search", headers=h).headers["X-Cache"] for h in alice] == ["HIT", "HIT"]
+    web.put("/api/search", headers={"X-User": "bob"})
+    assert [web.get("/api/search", headers=h).headers["X-Cache"] for h in alice] == ["MISS", "MISS"]
 
 
 def test_identity_names_the_client(seen: Seen) -> None:
