@@ -1314,13 +1314,13 @@ def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     number = 0
     while number < len(lines):
-        line = lines[number].strip()
+        line = lines[number].lstrip()  # (a quoted value keeps what ends its line: trimmed below if unquoted)
         number += 1
-        if not line or line.startswith("#"):
+        if not line.strip() or line.startswith("#"):
             continue
         head = _DOTENV_NAME.match(line)
         if head is None:
-            shown = line.split("=", 1)[0].strip()[:40] if "=" in line else line[:40]
+            shown = line.split("=", 1)[0].strip()[:40] if "=" in line else line.strip()[:40]
             raise ValueError(f"{path}:{number}: {shown!r} is not NAME=value (a name of letters, digits and _, "
                              "not starting with a digit)")
         name, rest = head.group(1), line[head.end():]
@@ -1342,7 +1342,7 @@ def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
             if number >= len(lines):  # the quote goes on over the next lines, and closes on none
                 raise ValueError(f"{path}:{first}: the value of {name} opens a {quote} quote that never closes")
             value.append("\n")
-            rest, i = lines[number].rstrip(), 0  # (its leading spaces are the value's)
+            rest, i = lines[number], 0  # (its spaces are the value's)
             number += 1
         after = rest[i + 1:].strip()
         if after and not after.startswith("#"):

@@ -512,9 +512,9 @@ class CacheMiddleware:
             self._give_back(environ)
             return self._bypass(environ, start_response, reason)
         base = self._base_key(environ, subject)
-        # A HEAD reads the URI's mark too (an entry a write made stale is stale for it as well): through the
-        # same lookup, whose lock it gives back, as it stores nothing.
-        lock_key = self._lock_key(base)
+        # A HEAD reads the URI's mark too (an entry a write made stale is stale for it as well), but sets
+        # nothing: it stores nothing, and a mark or lock of its own would only push others out.
+        lock_key = self._lock_key(base) if method == "GET" else None
         mark = self._uri_mark(environ, base, subject)
         try:
             try:
@@ -528,9 +528,6 @@ class CacheMiddleware:
             return self._store_failed(environ, start_response, exc)
         finally:
             self._give_back(environ)
-        if method == "HEAD" and locked:
-            self._drop_lock(lock_key)
-            locked = None
         now = _clock()
         asks = self._asks(environ) if "HTTP_CACHE_CONTROL" in environ or "HTTP_PRAGMA" in environ else None
         if entry is not None and _fresh_at(entry, now) and (asks is None or asks.accepts(entry, now)):
@@ -538,7 +535,7 @@ class CacheMiddleware:
             note(environ, "cache", "HIT")
             return self._serve(entry, "HIT", method, start_response, now, environ)
         if asks is not None and asks.only_if_cached:
-            if locked:
+            if locked and lock_key is not None:
                 self._drop_lock(lock_key)
             raise _only_if_cached()
         # The stored answer stands in for a failing app only with stale_if_error on, and not for a
@@ -683,6 +680,8 @@ class CacheMiddleware:
         locked: bool | None = None
         if lock_key is None:
             raw = self.store.get(base)
+            if mark is not None:  # a HEAD: the mark as it is, none set (one read more)
+                environ[self._seen_key] = (base, self.store.get(mark), mark)
         else:
             ahead, answer = read_ahead(environ, self.store, "get_or_lock", base)
             raw, locked, seen = answer if ahead else self.store.get_or_lock(

@@ -215,8 +215,10 @@ class Store(abc.ABC):
         data as changed since (the cache's fills and writes).  When the sets go, the
         mark lives at least as long as the longest of them (what is stored under a
         mark is checked against it, and a mark gone would make it stale).  One step
-        on the built-in stores (a Lua script on Redis, the store's lock in memory://);
-        this default is several calls.
+        on the built-in stores (a Lua script on Redis, the store's lock in memory://),
+        which only ever lengthen the mark's life; this default is several calls, and
+        sets its life to the longest of this write's (it cannot read what is left):
+        a store of your own should override it.
         """
         if seen is None or self.get(mark) != seen:
             sets = ()

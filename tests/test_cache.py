@@ -995,8 +995,21 @@ def test_a_head_reads_the_uris_mark_too(make: Callable[..., Stack], origin: Orig
     assert stack.web.head("/api/v1/search?q=x", headers=bob).headers["X-Cache"] == "HIT"
     stack.web.post("/api/v1/search?q=x", headers={"X-Test-User": "alice:admin"})
     assert stack.web.head("/api/v1/search?q=x", headers=bob).headers["X-Cache"] == "MISS"
-    assert list(stack.store.scan("wsgistack:cache:l:")) == []  # the lock its lookup took is given back
+    assert list(stack.store.scan("wsgistack:cache:l:")) == []  # it takes no lock
     assert stack.get(headers=bob).headers["X-Cache"] == "MISS"  # a HEAD stores nothing
+
+
+def test_head_misses_write_nothing(origin: Origin, clock: Clock) -> None:
+    """No lock and no mark of their own: on a small memory store, HEADs of other URIs (a monitor, a link
+    checker) pushed out the marks of cached entries, which were then stale."""
+    store = MemoryStore(max_entries=3)
+    stack = Stack(store, origin)
+    urls = ["/api/v1/search?q=a", "/api/v1/search?q=b"]
+    for url in urls:
+        stack.get(url)
+    for probe in ("/api/v1/search?q=probe0", "/api/v1/search?q=probe1"):
+        assert stack.web.head(probe).headers["X-Cache"] == "MISS"
+    assert [stack.get(url).headers["X-Cache"] for url in urls] == ["HIT", "HIT"]
 
 
 @pytest.mark.redis

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
     pytest.param("A='$HOME \\n \"x\"'\n", {"A": '$HOME \\n "x"'}, id="single quotes: as written"),
     pytest.param('A="a\\nb \\"q\\" \\\\ \\x"\n', {"A": 'a\nb "q" \\ \\x'}, id="double quotes: escapes"),
     pytest.param('A="x\\ry\\tz"\n', {"A": "x\ry\tz"}, id="double quotes: \\r and \\t"),
+    pytest.param("A='x \t\n  y  '\nB=\"one   \n two\"\n", {"A": "x \t\n  y  ", "B": "one   \n two"},
+                 id="a quoted value over lines keeps its spaces"),
     pytest.param("A='x' # comment\n", {"A": "x"}, id="a comment after a quoted value"),
     pytest.param("A=\nB=''\n", {"A": "", "B": ""}, id="empty values"),
     pytest.param("A=first\nA=second\n", {"A": "second"}, id="the last line of a name wins"),
