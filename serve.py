@@ -311,16 +311,26 @@ class _Beats:
 
 def _drain_seconds(live: LiveStack) -> float:
     """How long a stopping server lets requests in flight finish: $WSGISTACK_DRAIN_SECONDS, else the config's."""
-    configured = live.current.config.server.drain_timeout
-    text = os.environ.get(DRAIN_ENV)
+    seconds = _env_drain_seconds()
+    return live.current.config.server.drain_timeout if seconds is None else seconds
+
+
+def _env_drain_seconds() -> float | None:
+    """``$WSGISTACK_DRAIN_SECONDS`` (0 to 3600, as ``server.drain_timeout``), or None when unset; ValueError else.
+
+    Checked at the start (as ``$WSGISTACK_LOG_LEVEL`` is): found wrong only at the stop, it was too late.
+    """
+    text = os.environ.get(DRAIN_ENV, "").strip()
     if not text:
-        return configured
+        return None
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
-        log.warning("$%s=%r is not a number of seconds; using server.drain_timeout (%g)", DRAIN_ENV, text,
-                    configured)
-        return configured
+        seconds = math.nan
+    if not 0 <= seconds <= 3600:  # (nan and inf fail too)
+        raise ValueError(f"{DRAIN_ENV}={text!r} is not a number of seconds from 0 to 3600 (server.drain_timeout's "
+                         "range)")
+    return seconds
 
 
 def _idle(channel: Any) -> bool:
@@ -799,8 +809,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         slots = _slots(server.listen, server.backlog, server.workers)
     except OSError as exc:
-        print(exc.strerror if exc.strerror and exc.strerror.startswith("cannot listen") else
-              f"cannot listen on {' '.join(server.listen)}: {exc}", file=sys.stderr)
+        print((exc.strerror if exc.strerror and exc.strerror.startswith("cannot listen") else
+               f"cannot listen on {' '.join(server.listen)}: {exc}") + f" (server.listen in {args.config})",
+              file=sys.stderr)
         _unblock_dropping_pending()
         return 2
     _freeze_startup_objects(live)
@@ -1258,7 +1269,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--peer", default="127.0.0.1", help="the connecting address (default 127.0.0.1)")
     ex.add_argument("-d", "--data", help="request body")
     us = sub.add_parser("users", help="manage login users: add, passwd, list, remove, set-role")
-    us.add_argument("rest", nargs=argparse.REMAINDER)
+    us.add_argument("rest", nargs=argparse.REMAINDER, metavar="add|passwd|list|remove|set-role ...",
+                    help="what to do: add NAME [ROLE...], passwd NAME, list, remove NAME, set-role NAME ROLE...; "
+                         "`users add -h` and the others say more")
     ca = sub.add_parser("cache", help="cache maintenance")
     ca_sub = ca.add_subparsers(dest="cache_command", required=True)
     purge = ca_sub.add_parser("purge", help="delete cached responses whose path matches a glob")
@@ -1366,6 +1379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load_dotenv(os.path.join(os.path.dirname(os.path.abspath(args.config)), ".env"))
         level = _env_log_level()
+        _env_drain_seconds()
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2

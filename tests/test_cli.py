@@ -713,6 +713,19 @@ def test_the_environment_is_refused_with_a_message_not_a_traceback(tmp_path: Pat
     assert done.stderr.strip() == stderr.format(env=tmp_path / ".env")
 
 
+@pytest.mark.parametrize("seconds", ["abc", "inf", "nan", "-1", "3601"])
+def test_a_drain_time_from_the_environment_is_checked_at_the_start(tmp_path: Path, seconds: str) -> None:
+    """Found wrong only at SIGTERM, it was too late to say (and inf meant a stop that never ended)."""
+    (tmp_path / "stack.yaml").write_text(ECHO + "pipeline: [errors: {}]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "WSGISTACK_DRAIN_SECONDS": seconds}
+    done = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(tmp_path / "stack.yaml"), "check"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"WSGISTACK_DRAIN_SECONDS={seconds!r} is not a number of seconds from 0 to 3600 (server.drain_timeout's "
+           "range)")
+
+
 def test_explain_names_the_layer_that_refused(config_file) -> None:  # type: ignore[no-untyped-def]
     """Whether or not the layer notes its refusals itself (auth does, versioning does not), once each."""
     path = config_file(ECHO + """

@@ -258,7 +258,7 @@ def test_a_second_server_on_the_same_port_is_refused(supervised: tuple[ServeProc
         assert other.proc.wait(timeout=30) == 2
     finally:
         other.stop()
-    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in other.output()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (server.listen in " in other.output()
 
 
 def test_slots_fall_back_to_one_shared_socket(monkeypatch: pytest.MonkeyPatch,
