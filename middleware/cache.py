@@ -871,13 +871,15 @@ class CacheMiddleware:
              method: str) -> Iterable[bytes]:
         """Call the app for ``fill``; its stale entry answers when the app raises or answers 5xx."""
         stale = fill.stale
+        # Counted once its answer is the app's: one the stale entry replaces is a stale serve, not a miss too.
+        note(environ, "cache", "MISS")
         try:
-            self._missed(environ)
             fill.began = _clock()
             result = self.app(environ, fill.start_response(start_response))
         except Exception as exc:
             fill.release()  # (maybe a passing failure: the other processes' waiters take the lock in turn)
             if stale is None or (isinstance(exc, HTTPException) and (exc.code or 500) < 500):
+                self._miss()
                 raise
             fill.exc_info = sys.exc_info()
             return self._serve_stale(environ, stale, start_response, method, fill.replaced())
@@ -885,6 +887,7 @@ class CacheMiddleware:
         if fill.swap:
             _Tee(result, fill).close()
             return self._serve_stale(environ, stale or {}, start_response, method, fill.replaced())
+        self._miss()
         if fill.started and fill.plan is None:
             return result  # not cacheable: hand the iterable over untouched (streams stay streams)
         return _Tee(result, fill)
@@ -896,10 +899,6 @@ class CacheMiddleware:
         except StoreError:
             return False
         return raw is not None and raw[:5] == _VARY_INDEX
-
-    def _missed(self, environ: WSGIEnvironment) -> None:
-        self._miss()
-        note(environ, "cache", "MISS")
 
     def _waited(self, environ: WSGIEnvironment, hit: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         """A request that waited for another one's fill and is answered from it: a hit."""
