@@ -67,6 +67,8 @@ from .base import (
     decorate_error,
     networks,
     refuse,
+    rewrites_inside,
+    routed_path,
 )
 from .operator_page import HostCheck, HostNames, cross_origin, from_browser
 
@@ -175,6 +177,7 @@ class MetricsMiddleware:
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
         self.app, self.options, self.context = app, options, context
         self.path = options.path
+        self.rewrites = rewrites_inside(context)  # versioning inside: the route a refused request's path reaches
         self.networks = networks(options.allow_from)
         self.hosts = HostCheck(options.hosts, "metrics.hosts", "metrics")
         self.every_host = bool(options.hosts)  # listed: every request is checked, else a browser's only
@@ -368,6 +371,16 @@ class MetricsMiddleware:
                 template = lookup(path, method)
             except Exception:  # a label is not worth failing the request
                 template = None
+            if template is None and self.rewrites:
+                # Refused before a layer inside rewrote its path (auth's 401 of /api/config, which
+                # versioning would route to /api/v2/config): the route that path reaches
+                routed = routed_path(environ, self.rewrites)
+                if routed != path:
+                    try:
+                        rerouted = lookup(routed, method)
+                    except Exception:
+                        rerouted = None
+                    return "other" if rerouted is None else str(rerouted)  # (not kept: a header may choose it)
             if template is None:
                 return "other"
             if len(self._templates) < 1000:

@@ -224,6 +224,23 @@ def test_unrouted_requests_take_the_app_route_or_other(make: Callable[..., Any],
 
 
 
+def test_a_refusal_before_versioning_takes_the_route_it_would_reach(make_stack: Callable[..., TestApp]) -> None:
+    """auth refuses /api/config before versioning routes it to /api/v2/config: the label is that route, not
+    other (where 404 noise goes), as for the same request with a token."""
+    app = make_stack({
+        "pipeline": [{"errors": {}}, {"metrics": {"process_metrics": False}},
+                     {"auth": {"secret": "s" * 48, "default": "required"}},
+                     {"versioning": {"supported": ["v1", "v2"], "default": "v2"}}],
+    })
+    app.get("/api/config", status=401)
+    app.get("/api/config", headers={"X-API-Version": "1"}, status=401)
+    app.get("/api/nowhere", status=401)
+    found = samples(app.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text)
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="/api/v2/config", status="401") == 1
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="/api/v1/config", status="401") == 1
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="other", status="401") == 1
+
+
 def test_the_cache_purge_endpoint_has_its_own_route_label(make: Callable[..., Any], context: Context) -> None:
     from middleware.cache import CacheMiddleware
 
