@@ -1270,8 +1270,8 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("-d", "--data", help="request body")
     us = sub.add_parser("users", help="manage login users: add, passwd, list, remove, set-role")
     us.add_argument("rest", nargs=argparse.REMAINDER, metavar="add|passwd|list|remove|set-role ...",
-                    help="what to do: add NAME [ROLE...], passwd NAME, list, remove NAME, set-role NAME ROLE...; "
-                         "`users add -h` and the others say more")
+                    help="what to do: add NAME [--role ROLE]..., passwd NAME, list, remove NAME, set-role NAME "
+                         "ROLE...; `users add -h` and the others say more")
     ca = sub.add_parser("cache", help="cache maintenance")
     ca_sub = ca.add_subparsers(dest="cache_command", required=True)
     purge = ca_sub.add_parser("purge", help="delete cached responses whose path matches a glob")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -101,11 +102,20 @@ def search_events(
 
 
 class HeldSlot:
-    """``events``, with ``release()`` called once when the server closes them (also when never iterated: HEAD)."""
+    """``events``, with ``release()`` called once when the server closes them (also when never iterated: HEAD).
+
+    Also when nobody ever does: a ``start_response`` that raised (a layer of your own, a server
+    refusing a header) leaves the answer unreturned and unclosed, and its slot, counted per
+    process, would stay taken until a restart; it goes when the answer is collected.
+    """
 
     def __init__(self, events: Iterator[bytes], release: Callable[[], None]) -> None:
-        self.events, self.release = events, release
-        self.held = True
+        self.events = events
+        self._release = weakref.finalize(self, release)  # calls release() once: at close, else when collected
+
+    @property
+    def held(self) -> bool:
+        return self._release.alive
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -119,9 +129,7 @@ class HeldSlot:
             if close is not None:
                 close()
         finally:
-            if self.held:
-                self.held = False
-                self.release()
+            self._release()
 
 
 def sse_response(events: Iterator[bytes]) -> Response:

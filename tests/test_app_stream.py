@@ -192,3 +192,21 @@ def test_the_cap_holds_across_a_reload(tmp_path: Path) -> None:
 def test_unpaced_streams_have_no_cap(tmp_path: Path) -> None:
     for body in streams_started(make_app(tmp_path, max_streams=1), 3):
         body.close()  # type: ignore[attr-defined]
+
+
+def test_a_stream_whose_answer_never_went_out_gives_its_slot_back(tmp_path: Path) -> None:
+    """A start_response that raises (a layer of your own, a server refusing a header) leaves the answer
+    unreturned and unclosed: its slot goes back once it is collected, not at the next restart (slots are
+    counted per process, a reload does not clear them)."""
+    import gc
+
+    app = make_app(tmp_path, stream_interval=0.2, max_streams=1)
+
+    def refusing(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        raise OSError("the server refused a header")
+
+    environ = EnvironBuilder(path="/api/v1/search/stream", query_string="q=json").get_environ()
+    with pytest.raises(OSError):
+        app(environ, refusing)
+    gc.collect()
+    TestApp(app).get("/api/v1/search/stream", {"q": "json"}, status=200)
