@@ -1164,15 +1164,13 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     """Whether the request's If-None-Match / If-Modified-Since hold for the stored 200 (RFC 9110 §13.1)."""
     if entry["s"][:3] != "200":
         return False
-    etag = last_modified = date = None
+    etag = last_modified = None
     for name, value in entry["h"]:
         lname = name.lower()
         if lname == "etag":
             etag = unquote_etag(value)[0]
         elif lname == "last-modified":
             last_modified = value
-        elif lname == "date":
-            date = value
     if_none_match = environ.get("HTTP_IF_NONE_MATCH")
     if if_none_match is not None:  # it decides alone when present (§13.2.2), compared weakly (§13.1.2)
         tags = parse_etags(if_none_match)
@@ -1180,9 +1178,11 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     since = parse_date(environ.get("HTTP_IF_MODIFIED_SINCE"))
     if since is None:
         return False
-    # Without a Last-Modified, the stored response's Date, or when it was made (RFC 9111 §4.3.2)
-    modified = parse_date(last_modified or date)
-    when = modified.timestamp() if modified is not None else math.floor(entry["t"])
+    # Without a Last-Modified, when it was made (RFC 9111 §4.3.2 names its Date, which says the same to the
+    # second): to the fraction, or a write and the refill after it in the second of the client's copy
+    # would be "not modified" since it, for the new entry's whole life.
+    modified = parse_date(last_modified) if last_modified is not None else None
+    when = modified.timestamp() if modified is not None else entry["t"]
     return when <= since.timestamp()
 
 

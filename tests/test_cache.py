@@ -731,6 +731,27 @@ CONDITIONAL = [
 ]
 
 
+@pytest.mark.parametrize(("since", "status"), [
+    pytest.param(STORED, 200, id="a copy of the same second, from before the write: not that"),
+    pytest.param("Tue, 14 Nov 2023 22:13:21 GMT", 304, id="a copy from the second after"),
+])
+def test_without_last_modified_a_refill_in_the_second_of_the_clients_copy_is_modified(
+        make: Callable[..., Stack], origin: Origin, clock: Clock, since: str, status: int) -> None:
+    """The client holds the answer of 22:13:20 (its Date); a write and the refill after it happen in that same
+    second: the entry was made after the copy, to the fraction (the Date says the same to the second), so its
+    If-Modified-Since gets the new answer, not a 304 for the entry's whole life."""
+    origin.headers.append(("Cache-Control", "max-age=60"))
+    stack = make()
+    clock.now = T0 + 0.2
+    stack.get()
+    assert stack.get().headers["Date"] == STORED  # the client's copy, from the entry
+    stack.web.post("/api/v1/search?q=x")
+    clock.now = T0 + 0.6
+    stack.get()  # the refill, in the same second
+    response = stack.get(headers={"If-Modified-Since": since}, status=status)
+    assert response.headers["X-Cache"] == "HIT"
+
+
 @pytest.mark.parametrize("stored_first", [True, False], ids=["on a hit", "on a miss"])
 @pytest.mark.parametrize(("validators", "conditions", "status"), CONDITIONAL)
 def test_conditional_requests(make: Callable[..., Stack], origin: Origin, validators: list[tuple[str, str]],
