@@ -298,12 +298,16 @@ class _Beats:
         self.page = mmap.mmap(-1, self._STAMP.size * slots)
 
     def stamp(self, slot: int, when: float | None = None) -> None:
-        self._STAMP.pack_into(self.page, self._STAMP.size * slot, time.monotonic() if when is None else when)
+        # One 8-byte store: struct's pack_into zeroes the bytes before it writes them, and the
+        # supervisor, reading without a lock, could see 0 and take a healthy worker for one silent
+        # since the clock began (it killed one so).
+        at = self._STAMP.size * slot
+        self.page[at:at + self._STAMP.size] = self._STAMP.pack(time.monotonic() if when is None else when)
 
     def silent(self, slot: int, now: float) -> float:
-        """Seconds since the slot's worker last stamped."""
+        """Seconds since the slot's worker last stamped (0 for a stamp caught half written, if ever)."""
         stamped: float = self._STAMP.unpack_from(self.page, self._STAMP.size * slot)[0]
-        return now - stamped
+        return 0.0 if stamped <= 0.0 else now - stamped
 
     def close(self) -> None:
         self.page.close()

@@ -701,3 +701,17 @@ def test_check_refuses_per_process_state_with_workers(tmp_path: Path, layer: str
     assert code == 2, check.output()
     assert message in check.output()
     assert "error" in check.output().splitlines()[0] or "stack.yaml:" in check.output().splitlines()[0]
+
+
+def test_a_heartbeat_read_half_written_is_no_silence() -> None:
+    """struct's pack_into zeroes a stamp before it writes it: a supervisor reading in between saw 0 and
+    killed a healthy worker for one 'silent since the clock began'. A stamp is one store, and 0 is no silence."""
+    import serve
+
+    beats = serve._Beats(2)
+    try:
+        beats.stamp(0, 100.0)
+        assert beats.silent(0, 130.5) == 30.5
+        assert beats.silent(1, 6224.8) == 0.0  # never stamped, or caught half written
+    finally:
+        beats.close()
