@@ -262,7 +262,8 @@ class _Fill:
                 self.plan.headers = stored
             if status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in self.environ or
                                           "HTTP_IF_MODIFIED_SINCE" in self.environ) and \
-                    _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age}):
+                    _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age,
+                                                 "w": _written_at(self.layer._seen(self.environ, self.base))}):
                 # A cache evaluates the conditions (RFC 9110 §13.2.1), on a miss as on a hit: the
                 # body is stored as it comes, and the client gets the 304 a hit would give.
                 self.unchanged = True
@@ -768,7 +769,7 @@ class CacheMiddleware:
         """Mark the URIs of ``uris`` with a new value and delete ``keys``, in one step (see :meth:`_write`)."""
         # A value no lookup can have found before: a fill that looked up before this write
         # found the old one (or none), and its save stores nothing.
-        written = new_mark()
+        written = new_mark() + b"@" + repr(_clock()).encode()  # when: see _written_at
         marks = [(self._mark_key(key), written, self.mark_life) for key in uris]
         # One step (MULTI/EXEC on Redis): no lookup finds the new mark beside an entry or a
         # Vary index the write drops. A Vary index goes too: its variants are then never read.
@@ -1052,6 +1053,9 @@ class CacheMiddleware:
         head: dict[str, Any] = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
         if seen is not None:
             head["m"] = seen.decode("latin-1")  # the mark it is stored under: a later one makes it stale
+            written = _written_at(seen)
+            if written is not None:
+                head["w"] = written
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
         sets: list[tuple[str, bytes, float]] = []
         index_life: float = life
@@ -1178,12 +1182,29 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     since = parse_date(environ.get("HTTP_IF_MODIFIED_SINCE"))
     if since is None:
         return False
-    # Without a Last-Modified, when it was made (RFC 9111 §4.3.2 names its Date, which says the same to the
-    # second): to the fraction, or a write and the refill after it in the second of the client's copy
-    # would be "not modified" since it, for the new entry's whole life.
+    # Without a Last-Modified, its Date (RFC 9111 §4.3.2), the second it was made in; but when a write
+    # to its URI came in that same second, the write's time: a client's copy of that second may be from
+    # before it, and "not modified" would keep it for the new entry's whole life.
     modified = parse_date(last_modified) if last_modified is not None else None
-    when = modified.timestamp() if modified is not None else entry["t"]
+    if modified is not None:
+        when = modified.timestamp()
+    else:
+        when = math.floor(entry["t"])
+        written = entry.get("w")
+        if type(written) is float and written > when:
+            when = written
     return when <= since.timestamp()
+
+
+def _written_at(mark: bytes | None) -> float | None:
+    """When the write that set ``mark`` succeeded (a write's mark ends in ``@`` and the time), else None."""
+    if mark is None or b"@" not in mark:
+        return None
+    try:
+        written = float(mark.rpartition(b"@")[2])
+    except ValueError:
+        return None
+    return written if math.isfinite(written) else None
 
 
 def _expires_in(expires: str, origin: float) -> int:

@@ -731,25 +731,32 @@ CONDITIONAL = [
 ]
 
 
-@pytest.mark.parametrize(("since", "status"), [
-    pytest.param(STORED, 200, id="a copy of the same second, from before the write: not that"),
-    pytest.param("Tue, 14 Nov 2023 22:13:21 GMT", 304, id="a copy from the second after"),
+@pytest.mark.parametrize(("written", "since", "status"), [
+    pytest.param(True, STORED, 200, id="a copy of the write's second, from before it: modified"),
+    pytest.param(True, "Tue, 14 Nov 2023 22:13:21 GMT", 304, id="a copy from the second after the write"),
+    pytest.param(False, STORED, 304, id="no write: the entry's own Date says not modified"),
 ])
-def test_without_last_modified_a_refill_in_the_second_of_the_clients_copy_is_modified(
-        make: Callable[..., Stack], origin: Origin, clock: Clock, since: str, status: int) -> None:
-    """The client holds the answer of 22:13:20 (its Date); a write and the refill after it happen in that same
-    second: the entry was made after the copy, to the fraction (the Date says the same to the second), so its
-    If-Modified-Since gets the new answer, not a 304 for the entry's whole life."""
+@pytest.mark.parametrize("stored_first", [True, False], ids=["on a hit", "on a miss"])
+def test_without_last_modified_a_write_in_the_second_of_the_clients_copy_counts(
+        make: Callable[..., Stack], origin: Origin, clock: Clock, written: bool, since: str, status: int,
+        stored_first: bool) -> None:
+    """The client holds the answer of 22:13:20 (its Date, no Last-Modified); a write in that same second, and
+    the refill after it: the write's time is when it was modified, so the client's copy of that second gets
+    the new answer (a 304 kept the old one for the new entry's whole life); without a write, the entry's Date
+    answers its own revalidation with a 304 (RFC 9111 §4.3.2)."""
     origin.headers.append(("Cache-Control", "max-age=60"))
     stack = make()
     clock.now = T0 + 0.2
     stack.get()
     assert stack.get().headers["Date"] == STORED  # the client's copy, from the entry
-    stack.web.post("/api/v1/search?q=x")
+    if written:
+        clock.now = T0 + 0.4
+        stack.web.post("/api/v1/search?q=x")
     clock.now = T0 + 0.6
-    stack.get()  # the refill, in the same second
+    if stored_first and written:
+        stack.get()  # the refill, in the same second
     response = stack.get(headers={"If-Modified-Since": since}, status=status)
-    assert response.headers["X-Cache"] == "HIT"
+    assert response.headers["X-Cache"] == ("MISS" if written and not stored_first else "HIT")
 
 
 @pytest.mark.parametrize("stored_first", [True, False], ids=["on a hit", "on a miss"])
