@@ -1371,54 +1371,20 @@ def test_an_answer_that_cannot_be_stored_lets_every_process_ask_at_once(store: S
     assert store.get(lock) == b"0"  # "ask the app", for a second: then the next miss fills again
 
 
-class Revalidated(Origin):
-    """Answers a request with If-None-Match with its own 304 (as Flask's send_file does), after the delay."""
+class AnswersItself(Origin):
+    """Answers a request carrying the environ key ``asks`` with ``status`` (its own condition), after the delay."""
+
+    def __init__(self, asks: str, status: str) -> None:
+        super().__init__()
+        self.asks, self.own = asks, status
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if "HTTP_IF_NONE_MATCH" not in environ:
+        if self.asks not in environ:
             return super().__call__(environ, start_response)
         with self.lock:
             self.calls += 1
         time.sleep(self.delay)
-        start_response("304 Not Modified", [("ETag", '"abc"')])
-        return []
-
-
-def test_a_304_of_one_request_keeps_single_flight_for_the_others(store: Store) -> None:
-    """The fill lock's holder got the app's 304 (its own condition): nothing to store, but the others' answer
-    can be: they take the lock in turn, the first fills, the rest are hits (not one app call each)."""
-    origin = Revalidated()
-    origin.delay = 0.3
-    origin.headers.append(("Cache-Control", "max-age=60"))
-    stacks = [Stack(store, origin) for _ in range(4)]  # four processes on one store
-    results: dict[int, tuple[int, str]] = {}
-
-    def run(i: int) -> None:
-        time.sleep(0 if i == 0 else 0.05)
-        headers = {"If-None-Match": '"abc"'} if i == 0 else {}
-        response = TestApp(stacks[i].wsgi).get("/api/v1/search?q=x", headers=headers, status="*")
-        results[i] = (response.status_int, response.headers.get("X-Cache", ""))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert results[0] == (304, "MISS")
-    assert sorted(results[i][1] for i in (1, 2, 3)) == ["HIT", "HIT", "MISS"]
-    assert origin.calls == 2
-
-
-class Refused412(Origin):
-    """Answers a request with If-Match with its own 412 (the condition fails), after the delay."""
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if "HTTP_IF_MATCH" not in environ:
-            return super().__call__(environ, start_response)
-        with self.lock:
-            self.calls += 1
-        time.sleep(self.delay)
-        start_response("412 Precondition Failed", [("Content-Length", "0")])
+        start_response(self.own, [("ETag", '"abc"')] if self.own[:3] == "304" else [("Content-Length", "0")])
         return []
 
 
@@ -1431,30 +1397,35 @@ class PersonalFor(Origin):
         return super().__call__(environ, start_response)
 
 
-@pytest.mark.parametrize(("origin_class", "first"), [
-    pytest.param(Refused412, {"If-Match": '"nope"'}, id="its own 412"),
-    pytest.param(PersonalFor, {"X-Personal": "1"}, id="an answer made for its session"),
+@pytest.mark.parametrize(("made", "first", "status"), [
+    pytest.param(lambda: AnswersItself("HTTP_IF_NONE_MATCH", "304 Not Modified"), {"If-None-Match": '"abc"'}, 304,
+                 id="its own 304 (as Flask's send_file answers)"),
+    pytest.param(lambda: AnswersItself("HTTP_IF_MATCH", "412 Precondition Failed"), {"If-Match": '"nope"'}, 412,
+                 id="its own 412"),
+    pytest.param(PersonalFor, {"X-Personal": "1"}, 200, id="an answer made for its session"),
 ])
-def test_only_the_leaders_own_unstorable_answer_keeps_single_flight(store: Store, origin_class: type[Origin],
-                                                                    first: dict[str, str]) -> None:
-    """As for the leader's own 304: the others take the lock in turn, the first fills, the rest are hits."""
-    origin = origin_class()
+def test_only_the_leaders_own_unstorable_answer_keeps_single_flight(store: Store, made: Callable[[], Origin],
+                                                                    first: dict[str, str], status: int) -> None:
+    """The fill lock's holder got an answer only its own request made unstorable; the others' can be stored:
+    they take the lock in turn, the first fills, the rest are hits (not one app call each)."""
+    origin = made()
     origin.delay = 0.3
     origin.headers.append(("Cache-Control", "max-age=60"))
     stacks = [Stack(store, origin) for _ in range(4)]  # four processes on one store
-    labels: dict[int, str] = {}
+    results: dict[int, tuple[int, str]] = {}
 
     def run(i: int) -> None:
         time.sleep(0 if i == 0 else 0.05)
         response = TestApp(stacks[i].wsgi).get("/api/v1/search?q=x", headers=first if i == 0 else {}, status="*")
-        labels[i] = response.headers.get("X-Cache", "")
+        results[i] = (response.status_int, response.headers.get("X-Cache", ""))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
-    assert (sorted(labels[i] for i in (1, 2, 3)), origin.calls) == (["HIT", "HIT", "MISS"], 2)
+    assert results[0] == (status, "MISS")
+    assert (sorted(results[i][1] for i in (1, 2, 3)), origin.calls) == (["HIT", "HIT", "MISS"], 2)
 
 
 def test_the_ask_the_app_mark_lives_a_second_not_lock_timeout() -> None:
