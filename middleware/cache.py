@@ -262,8 +262,7 @@ class _Fill:
                 self.plan.headers = stored
             if status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in self.environ or
                                           "HTTP_IF_MODIFIED_SINCE" in self.environ) and \
-                    _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age,
-                                                 "w": _written_at(self.layer._seen(self.environ, self.base))}):
+                    _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age}):
                 # A cache evaluates the conditions (RFC 9110 §13.2.1), on a miss as on a hit: the
                 # body is stored as it comes, and the client gets the 304 a hit would give.
                 self.unchanged = True
@@ -769,7 +768,7 @@ class CacheMiddleware:
         """Mark the URIs of ``uris`` with a new value and delete ``keys``, in one step (see :meth:`_write`)."""
         # A value no lookup can have found before: a fill that looked up before this write
         # found the old one (or none), and its save stores nothing.
-        written = new_mark() + b"@" + repr(_clock()).encode()  # when: see _written_at
+        written = new_mark()
         marks = [(self._mark_key(key), written, self.mark_life) for key in uris]
         # One step (MULTI/EXEC on Redis): no lookup finds the new mark beside an entry or a
         # Vary index the write drops. A Vary index goes too: its variants are then never read.
@@ -1053,9 +1052,6 @@ class CacheMiddleware:
         head: dict[str, Any] = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
         if seen is not None:
             head["m"] = seen.decode("latin-1")  # the mark it is stored under: a later one makes it stale
-            written = _written_at(seen)
-            if written is not None:
-                head["w"] = written
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
         sets: list[tuple[str, bytes, float]] = []
         index_life: float = life
@@ -1168,13 +1164,15 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     """Whether the request's If-None-Match / If-Modified-Since hold for the stored 200 (RFC 9110 §13.1)."""
     if entry["s"][:3] != "200":
         return False
-    etag = last_modified = None
+    etag = last_modified = date = None
     for name, value in entry["h"]:
         lname = name.lower()
         if lname == "etag":
             etag = unquote_etag(value)[0]
         elif lname == "last-modified":
             last_modified = value
+        elif lname == "date":
+            date = value
     if_none_match = environ.get("HTTP_IF_NONE_MATCH")
     if if_none_match is not None:  # it decides alone when present (§13.2.2), compared weakly (§13.1.2)
         tags = parse_etags(if_none_match)
@@ -1182,29 +1180,16 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     since = parse_date(environ.get("HTTP_IF_MODIFIED_SINCE"))
     if since is None:
         return False
-    # Without a Last-Modified, its Date (RFC 9111 §4.3.2), the second it was made in; but when a write
-    # to its URI came in that same second, the write's time: a client's copy of that second may be from
-    # before it, and "not modified" would keep it for the new entry's whole life.
     modified = parse_date(last_modified) if last_modified is not None else None
     if modified is not None:
-        when = modified.timestamp()
-    else:
-        when = math.floor(entry["t"])
-        written = entry.get("w")
-        if type(written) is float and written > when:
-            when = written
-    return when <= since.timestamp()
-
-
-def _written_at(mark: bytes | None) -> float | None:
-    """When the write that set ``mark`` succeeded (a write's mark ends in ``@`` and the time), else None."""
-    if mark is None or b"@" not in mark:
-        return None
-    try:
-        written = float(mark.rpartition(b"@")[2])
-    except ValueError:
-        return None
-    return written if math.isfinite(written) else None
+        return modified.timestamp() <= since.timestamp()
+    # Without a Last-Modified, its Date (RFC 9111 §4.3.2), or the second it was made in, and strictly
+    # before the client's copy: a date says a second, and a copy of the entry's own second may be an older
+    # answer of that second (a write and the refill after it), which "not modified" would keep for the
+    # new entry's whole life.  Send Last-Modified or an ETag for those 304s.
+    dated = parse_date(date) if date is not None else None
+    when = dated.timestamp() if dated is not None else math.floor(entry["t"])
+    return when < since.timestamp()
 
 
 def _expires_in(expires: str, origin: float) -> int:
