@@ -38,6 +38,7 @@ __all__ = [
     "API_VERSION",
     "CLIENT_IP",
     "COOKIES",
+    "HOST_PORT",
     "HTTP_METHODS",
     "IDENTITY",
     "ORIG_PATH",
@@ -52,6 +53,7 @@ __all__ = [
     "SESSION_USER_HINT",
     "TIMINGS",
     "TRACE",
+    "VERSIONS",
     "Context",
     "Identity",
     "LayerOptions",
@@ -71,19 +73,26 @@ __all__ = [
     "escape_control",
     "file_identity",
     "header_list",
+    "header_name",
     "header_text",
+    "host_key",
     "ipv6_network",
     "mask_url_passwords",
     "network",
     "networks",
     "no_boolean_numbers",
+    "normalise_origin",
     "note",
     "one_leading_slash",
+    "own_origin",
     "parse_origin",
     "read_ahead",
     "refuse",
     "resolve_path",
+    "serialise_origin",
     "set_cookie_header",
+    "shown",
+    "split_host",
     "with_head",
     "wrap_start_response",
 ]
@@ -205,6 +214,31 @@ def parse_origin(origin: str) -> tuple[str, str, int | None] | None:
     if port is not None and port > 65535:
         return None
     return scheme, host, None if port == _DEFAULT_PORTS.get(scheme) else port
+
+
+def serialise_origin(scheme: str, host: str, port: int | None) -> str:
+    """``scheme://host[:port]`` from :func:`parse_origin`'s parts (a default port left out)."""
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def normalise_origin(origin: str) -> str | None:
+    """``origin`` in its one spelling (lower case, no default port), or None when it is no origin."""
+    parsed = parse_origin(origin)
+    return None if parsed is None else serialise_origin(*parsed)
+
+
+def own_origin(environ: WSGIEnvironment) -> str:
+    """The request's own origin, normalised: ``wsgi.url_scheme`` and the Host header (or the server's
+    name and port); as written when it does not parse."""
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+    return normalise_origin(f"{scheme}://{host}") or f"{scheme}://{host}"
+
+
+def shown(text: str | None) -> str:
+    """Request text safe to quote in a message: printable ASCII, at most 100 characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in (text or ""))
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def escape_control(text: str) -> str:

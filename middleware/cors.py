@@ -43,6 +43,7 @@ from .base import (
     note,
     parse_origin,
     refuse,
+    serialise_origin,
 )
 
 if TYPE_CHECKING:
@@ -56,10 +57,6 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ACRM = "HTTP_ACCESS_CONTROL_REQUEST_METHOD"
 _POLICY_KEYS = ("origins", "origin_regex", "allow_methods", "allow_headers", "expose_headers",
                 "allow_credentials", "max_age", "allow_private_network")
-
-
-def _serialise(scheme: str, host: str, port: int | None) -> str:
-    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
 
 
 class CORSRule(LayerOptions):
@@ -198,7 +195,7 @@ class _Policy:
             elif parsed and parsed[1].startswith("*."):
                 self.wildcards.append((parsed[0], parsed[1][1:], parsed[2]))
             elif parsed:
-                self.exact |= {_serialise(*parsed)}
+                self.exact |= {serialise_origin(*parsed)}
         self.regexes = [re.compile(p) for p in data["origin_regex"]]
         self.seen: dict[str, bool] = {}
         self.active = bool(self.allow_all or self.exact or self.wildcards or self.regexes)
@@ -241,7 +238,7 @@ class _Policy:
         if parsed is None:
             return False
         scheme, host, port = parsed
-        normal = _serialise(scheme, host, port)
+        normal = serialise_origin(scheme, host, port)
         if normal in self.exact:
             return True
         for w_scheme, suffix, w_port in self.wildcards:

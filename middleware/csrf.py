@@ -30,7 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, model_validator
 
-from .base import SESSION, SESSION_BOUND, Context, LayerOptions, cookies, note, parse_origin, refuse
+from .base import (
+    SESSION,
+    SESSION_BOUND,
+    Context,
+    LayerOptions,
+    cookies,
+    normalise_origin,
+    note,
+    own_origin,
+    parse_origin,
+    refuse,
+    serialise_origin,
+    shown,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -110,7 +123,7 @@ class CSRFMiddleware:
             if host.startswith("."):
                 self.wildcards.append((scheme, host, port))
             else:
-                self.exact |= {_serialise(scheme, host, port)}
+                self.exact |= {serialise_origin(scheme, host, port)}
         self.double_submit = options.double_submit
         self.key = options.secret_key.get_secret_value().encode() if options.secret_key else b""
         self.header_key = "HTTP_" + options.header.upper().replace("-", "_")
@@ -148,17 +161,17 @@ class CSRFMiddleware:
                 note(environ, "csrf", f"Sec-Fetch-Site {site}, trusted Origin {origin}")
                 return
             label = site if site in ("cross-site", "same-site") else "cross-origin"
-            why = (f"Origin {_shown(origin)} is not trusted" if origin is not None
+            why = (f"Origin {shown(origin)} is not trusted" if origin is not None
                    else "the request has no Origin header")
-            raise refuse(403, f"{label} {method} refused: Sec-Fetch-Site is {_shown(site)} "
+            raise refuse(403, f"{label} {method} refused: Sec-Fetch-Site is {shown(site)} "
                               f"and {why}")
         if origin is None:
             note(environ, "csrf", "neither Sec-Fetch-Site nor Origin: not a browser request")
             return
-        own = _own_origin(environ)
-        if _normalise(origin) == own or self.trusted(origin):
+        own = own_origin(environ)
+        if normalise_origin(origin) == own or self.trusted(origin):
             return
-        raise refuse(403, f"cross-origin {method} refused: Origin {_shown(origin)} is not this "
+        raise refuse(403, f"cross-origin {method} refused: Origin {shown(origin)} is not this "
                           f"site's origin ({own}) and is not trusted")
 
     def trusted(self, origin: str) -> bool:
@@ -167,7 +180,7 @@ class CSRFMiddleware:
         if parsed is None:
             return False
         scheme, host, port = parsed
-        if _serialise(scheme, host, port) in self.exact:
+        if serialise_origin(scheme, host, port) in self.exact:
             return True
         return any(scheme == w_scheme and port == w_port and host.endswith(suffix)
                    for w_scheme, suffix, w_port in self.wildcards)
@@ -196,26 +209,3 @@ class CSRFMiddleware:
         if not hmac.compare_digest(sent.encode("latin-1"), self.token(environ).encode("ascii")):
             raise refuse(403, f"CSRF token in {header} does not match this session; "
                               "reload the page to get a fresh token")
-
-
-def _serialise(scheme: str, host: str, port: int | None) -> str:
-    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
-
-
-def _normalise(origin: str) -> str | None:
-    parsed = parse_origin(origin)
-    return None if parsed is None else _serialise(*parsed)
-
-
-def _own_origin(environ: WSGIEnvironment) -> str:
-    """The request's own origin: ``wsgi.url_scheme`` and the Host header (or server name)."""
-    scheme = environ.get("wsgi.url_scheme", "http")
-    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:" \
-                                       f"{environ.get('SERVER_PORT', '')}"
-    return _normalise(f"{scheme}://{host}") or f"{scheme}://{host}"
-
-
-def _shown(text: str | None) -> str:
-    """Request text safe to quote in a message: printable ASCII, at most 100 characters."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in (text or ""))
-    return text if len(text) <= 100 else text[:97] + "..."

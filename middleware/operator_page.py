@@ -64,8 +64,10 @@ from .base import (
     host_key,
     mask_url_passwords,
     networks,
-    parse_origin,
+    normalise_origin,
+    own_origin,
     refuse,
+    shown,
     split_host,
 )
 
@@ -144,12 +146,12 @@ class HostCheck:
         if not host or self.any:
             return None
         if not HOST_PORT.fullmatch(host):
-            return f"The Host header {_shown(host)} is not a host name."
+            return f"The Host header {shown(host)} is not a host name."
         name = host_key(split_host(host)[0].lower().rstrip("."))
         if name in self.exact or (name.endswith(self.suffixes) and not name.startswith(".")) \
                 or _ip(name) is not None:
             return None
-        return (f"Host {_shown(name)} is not one of {self.option}: add it there to open {self.what} by this name "
+        return (f"Host {shown(name)} is not one of {self.option}: add it there to open {self.what} by this name "
                 "(IP addresses and localhost need no entry); other names are refused so that a DNS-rebinding "
                 "site cannot read it.")
 
@@ -178,31 +180,13 @@ def cross_origin(environ: WSGIEnvironment, what: str, navigable: bool) -> str | 
     if site is not None and (site := site.strip().lower()) not in ("same-origin", "none") and not (
             navigable and environ.get("HTTP_SEC_FETCH_MODE") == "navigate"
             and environ.get("HTTP_SEC_FETCH_DEST") == "document"):
-        return f"{what} may not be read from another site's page (Sec-Fetch-Site: {_shown(site)})."
+        return f"{what} may not be read from another site's page (Sec-Fetch-Site: {shown(site)})."
     origin = environ.get("HTTP_ORIGIN")
     if origin is not None:
-        own = _own_origin(environ)
-        if own is None or parse_origin(origin) != own:
-            shown = "its own" if own is None else "this one, " + _serialise(own)
-            return f"{what} may not be read from another origin's page (Origin {_shown(origin)} is not {shown})."
+        own = own_origin(environ)
+        if normalise_origin(origin) != own:
+            return f"{what} may not be read from another origin's page (Origin {shown(origin)} is not this one, {own})."
     return None
-
-
-def _own_origin(environ: WSGIEnvironment) -> tuple[str, str, int | None] | None:
-    """The request's own origin: ``wsgi.url_scheme`` and the Host header (or the server's name and port)."""
-    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
-    return parse_origin(f"{environ.get('wsgi.url_scheme', 'http')}://{host}")
-
-
-def _serialise(origin: tuple[str, str, int | None]) -> str:
-    scheme, host, port = origin
-    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
-
-
-def _shown(text: str) -> str:
-    """Request text safe to quote in a message: printable ASCII, at most 100 characters."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 class OperatorPageMiddleware:
