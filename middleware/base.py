@@ -55,6 +55,7 @@ __all__ = [
     "TRACE",
     "VERSIONS",
     "Context",
+    "HostList",
     "Identity",
     "LayerOptions",
     "Listener",
@@ -76,6 +77,7 @@ __all__ = [
     "header_name",
     "header_text",
     "host_key",
+    "host_name",
     "ipv6_network",
     "mask_url_passwords",
     "network",
@@ -545,6 +547,27 @@ def split_host(host: str) -> tuple[str, str, str]:
     if host.endswith("]") or ":" not in host:
         return host, "", ""
     return host.rpartition(":")
+
+
+def host_name(host: str) -> str:
+    """The name of a ``Host`` value (``host[:port]``) as host lists compare it: lower case, no port, no
+    trailing dot, an IPv6 literal bracketed."""
+    return host_key(split_host(host)[0].lower().rstrip("."))
+
+
+class HostList:
+    """Host names as ``allowed_hosts`` (proxy) and ``hosts`` (operator page, metrics) list them: exact
+    (any case, a trailing dot alike), ``*.example.org`` for its subdomains, ``*`` for any."""
+
+    def __init__(self, hosts: Iterable[str]) -> None:
+        keys = [host_key(h.strip().lower().rstrip(".")) for h in hosts]
+        self.any = "*" in keys
+        self.exact = frozenset(k for k in keys if not k.startswith("*."))
+        self.suffixes = tuple(k[1:] for k in keys if k.startswith("*."))
+
+    def allow(self, name: str) -> bool:
+        """Whether the list takes ``name`` (from :func:`host_name`)."""
+        return self.any or name in self.exact or (name.endswith(self.suffixes) and not name.startswith("."))
 
 
 #: An HTTP field name (RFC 9110 §5.1: a token).

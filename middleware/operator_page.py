@@ -56,12 +56,13 @@ from .base import (
     ROUTE,
     TIMINGS,
     Context,
+    HostList,
     Identity,
     LayerOptions,
     Listener,
     Networks,
     address_in,
-    host_key,
+    host_name,
     mask_url_passwords,
     networks,
     normalise_origin,
@@ -134,22 +135,18 @@ class HostCheck:
     """
 
     def __init__(self, hosts: tuple[str, ...], option: str, what: str) -> None:
-        keys = [host_key(h) for h in hosts]
-        self.any = "*" in keys
-        self.exact = frozenset(("localhost", *(k for k in keys if not k.startswith("*."))))
-        self.suffixes = tuple(k[1:] for k in keys if k.startswith("*."))
+        self.names = HostList(("localhost", *hosts))
         self.option, self.what = option, what
 
     def refusal(self, environ: WSGIEnvironment) -> str | None:
         """Why this request's Host may not open the page, or None when it may (or sent no Host: no browser)."""
         host = environ.get("HTTP_HOST")
-        if not host or self.any:
+        if not host or self.names.any:
             return None
         if not HOST_PORT.fullmatch(host):
             return f"The Host header {shown(host)} is not a host name."
-        name = host_key(split_host(host)[0].lower().rstrip("."))
-        if name in self.exact or (name.endswith(self.suffixes) and not name.startswith(".")) \
-                or _ip(name) is not None:
+        name = host_name(host)
+        if self.names.allow(name) or _ip(name) is not None:
             return None
         return (f"Host {shown(name)} is not one of {self.option}: add it there to open {self.what} by this name "
                 "(IP addresses and localhost need no entry); other names are refused so that a DNS-rebinding "

@@ -34,8 +34,9 @@ from .base import (
     HOST_PORT,
     TRACE,
     Context,
+    HostList,
     LayerOptions,
-    host_key,
+    host_name,
     network,
     note,
     refuse,
@@ -128,10 +129,7 @@ class ProxyMiddleware:
             (options.x_for, "HTTP_X_FORWARDED_FOR"), (options.x_proto, "HTTP_X_FORWARDED_PROTO"),
             (options.x_host, "HTTP_X_FORWARDED_HOST"), (options.x_port, "HTTP_X_FORWARDED_PORT"),
             (options.x_prefix, "HTTP_X_FORWARDED_PREFIX")) if hops]
-        hosts = [host_key(h.lower().rstrip(".")) for h in options.allowed_hosts]
-        self.any_host = not hosts or "*" in hosts
-        self.exact_hosts = frozenset(h for h in hosts if not h.startswith("*."))
-        self.host_suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+        self.allowed_hosts = HostList(options.allowed_hosts) if options.allowed_hosts else None
 
     def _trusted(self, peer: str) -> bool:
         try:
@@ -201,11 +199,9 @@ class ProxyMiddleware:
         elif TRACE in environ:
             note(environ, "proxy", f"peer {peer} is not in trusted_proxies; headers ignored")
         environ[CLIENT_IP] = environ.get("REMOTE_ADDR") or ""
-        if not self.any_host:
+        if self.allowed_hosts is not None:
             host = get("HTTP_HOST") or get("SERVER_NAME", "")
-            name = host_key(split_host(host)[0].lower().rstrip("."))
-            if not HOST_PORT.fullmatch(host) or (name not in self.exact_hosts and not (
-                    name.endswith(self.host_suffixes) and not name.startswith("."))):
+            if not HOST_PORT.fullmatch(host) or not self.allowed_hosts.allow(host_name(host)):
                 note(environ, "proxy", "host is not in allowed_hosts")
                 raise refuse(400, "The request's host is not one this server answers for "
                                   "(allowed_hosts).")
