@@ -443,17 +443,10 @@ def _reaches(spec: LayerSpec, path: str) -> bool:
 
 
 def _auth_level(auth: LayerSpec, path: str) -> str:
-    """The level (required, optional, none) an auth layer's rules give a ``GET`` of ``path``: the first that
-    matches, else ``default`` (a rule with roles is required), as the layer reads them."""
-    from config.scope import compile_globs
-    from middleware.base import with_head
+    """The level (required, optional, none) an auth layer's rules give a ``GET`` of ``path``, as it reads them."""
+    from middleware.auth import AuthRules
 
-    for rule in auth.option("rules", None) or ():
-        paths, methods = _field(rule, "paths") or ["*"], with_head(_field(rule, "methods") or [])
-        globs = None if "*" in paths else compile_globs(paths)
-        if (not methods or "GET" in methods) and (globs is None or globs.match(path)):
-            return "required" if _field(rule, "roles") else str(_field(rule, "auth") or "required")
-    return str(auth.option("default", "required"))
+    return AuthRules(auth.option("rules", None) or (), str(auth.option("default", "required"))).first(path, "GET")[0]
 
 
 def operator_page_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:

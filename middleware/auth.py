@@ -142,6 +142,31 @@ class _AuthRule(BaseModel):
         return self
 
 
+class AuthRules:
+    """``rules`` and ``default`` as the layer applies them: the first rule that matches a path and method.
+
+    Shared with the linter, which must read the rules as the layer does.
+    """
+
+    def __init__(self, rules: Iterable[_AuthRule], default: str) -> None:
+        # A rule with roles always requires credentials: _AuthRule refuses anything else, and a
+        # rule that reached the layer without validation must not let anonymous requests skip them.
+        self.rules = [
+            (None if "*" in r.paths else re.compile("|".join(fnmatch.translate(p) for p in r.paths)),
+             with_head(r.methods) or None,
+             "required" if r.roles else r.auth, frozenset(r.roles))
+            for r in rules
+        ]
+        self.default = default
+
+    def first(self, path: str, method: str) -> tuple[str, tuple[frozenset[str], ...]]:
+        """The level and the role sets of the first rule that matches, else the default's."""
+        for paths, methods, rule_level, rule_roles in self.rules:
+            if (methods is None or method in methods) and (paths is None or paths.match(path)):
+                return rule_level, (rule_roles,) if rule_roles else ()
+        return self.default, ()
+
+
 def _raise(exc: BaseException) -> Any:
     raise exc
 
@@ -761,15 +786,7 @@ class AuthMiddleware:
                                    logger=context.logger.getChild("auth"))
         context.services["tokens"] = self.tokens
         context.offer_read(self.tokens.store, "get", self._ahead)  # a rate limiter outside may read it for us
-        # A rule with roles always requires credentials: _AuthRule refuses anything else, and a
-        # rule that reached the layer without validation must not let anonymous requests skip them.
-        self.rules = [
-            (None if "*" in r.paths else re.compile("|".join(fnmatch.translate(p) for p in r.paths)),
-             with_head(r.methods) or None,
-             "required" if r.roles else r.auth, frozenset(r.roles))
-            for r in options.rules
-        ]
-        self.default = options.default
+        self.rules = AuthRules(options.rules, options.default)
         self.rewrites = rewrites_inside(context)  # versioning inside: rules hold for the path it routes to
         self.accept_session = options.accept_session
         self.max_bytes = options.max_token_bytes
@@ -883,24 +900,18 @@ class AuthMiddleware:
         ``/api/v2/config``), the first rule that matches the routed path applies
         too, and the stricter level and both rules' roles hold.
         """
-        if not self.rules:
-            return self.default, ()
+        if not self.rules.rules:
+            return self.rules.default, ()
         path = decoded_path(environ)
-        level, roles = self._first(path, method)
+        level, roles = self.rules.first(path, method)
         if self.rewrites:
             routed = routed_path(environ, self.rewrites)
             if routed != path:
-                other, other_roles = self._first(routed, method)
+                other, other_roles = self.rules.first(routed, method)
                 if _RANK[other] > _RANK[level]:
                     level = other
                 roles = tuple(dict.fromkeys((*roles, *other_roles)))
         return level, roles
-
-    def _first(self, path: str, method: str) -> tuple[str, tuple[frozenset[str], ...]]:
-        for paths, methods, rule_level, rule_roles in self.rules:
-            if (methods is None or method in methods) and (paths is None or paths.match(path)):
-                return rule_level, (rule_roles,) if rule_roles else ()
-        return self.default, ()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
