@@ -99,12 +99,11 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
             message += f" ({exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
         if "'\\t'" in message:
             message += "; YAML indents with spaces only: replace the tab with spaces"
-        if mark is not None and text.splitlines()[mark.line:mark.line + 1] and \
-                text.splitlines()[mark.line][mark.column - 1:mark.column] == "*":
+        at = "".join(text.splitlines()[mark.line:mark.line + 1]) if mark is not None else ""  # the line it names
+        if at and mark is not None and at[mark.column - 1:mark.column] == "*":
             # An unquoted * starts an alias (allow_methods: [*]): the operator meant the text
             message += "; a * on its own starts a YAML alias: quote it ('*') to mean the text"
-        elif mark is not None and text.splitlines()[mark.line:mark.line + 1] and \
-                text.splitlines()[mark.line][max(0, mark.column - 1):mark.column + 1] == "${":
+        elif at and mark is not None and at[max(0, mark.column - 1):mark.column + 1] == "${":
             # {a: ${VAR}} reads the { of ${ as the start of a mapping inside the flow one
             message += '; a value holding ${…} inside {…} or […] must be quoted: "${VAR}"'
         raise ConfigError([Problem(message, (), file, line, col)]) from None
@@ -173,7 +172,7 @@ class _Converter:
         self.active: set[int] = set()  # the nodes being converted: an alias to one of them is a cycle
         #: A scalar's interpolated text, by node: its aliases share one string (59,049 aliases of a
         #: 100 kB value made as many copies: gigabytes from a small file), and its problems are said once.
-        self.interpolated: dict[int, Any] = {}
+        self.interpolated: dict[int, tuple[str, str | None]] = {}  # node -> (text, the empty variable in it)
         self.count = 0
 
     def problem(self, node: yaml.Node, path: Path, message: str) -> None:
