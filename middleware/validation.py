@@ -430,16 +430,18 @@ class ValidationMiddleware:
             # key[0] rejects most non-header keys without building the slice (this loop runs per request)
             if key and key[0] == "H" and key[:5] == "HTTP_":
                 count += 1
-                size = len(key) + len(value) - 5  # the header's name is the key without HTTP_
+                size = len(key) + len(value)
                 total += size
                 if size > biggest:
                     biggest = size
             elif key and key[0] == "C" and value and key in _CONTENT_FIELDS:  # Content-Type, -Length
                 count += 1
-                size = len(key) + len(value)  # CONTENT_TYPE is as long as Content-Type
+                size = len(key) + len(value) + 5  # as if HTTP_CONTENT_TYPE, to go with the others
                 total += size
                 if size > biggest:
                     biggest = size
+        total -= 5 * count  # the sizes count header names without the HTTP_ prefix
+        biggest -= 5
         if self._max_headers is not None and count > self._max_headers:
             raise self._refuse(environ, 431, f"The request has {count} header fields, more "
                                f"than max_headers ({self._max_headers}).", "max_headers",
