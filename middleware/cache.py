@@ -1008,8 +1008,8 @@ class CacheMiddleware:
             kept.append(("Date", http_date(now)))  # then say when it was made, beside their Age
         return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)), age)
 
-    def _seen(self, environ: WSGIEnvironment, base: str) -> bytes | None:
-        """The value this request's lookup found at the write mark of ``base`` (``None``: no mark).
+    def _seen(self, environ: WSGIEnvironment, base: str) -> tuple[str, bytes | None]:
+        """The write mark of ``base``'s URI and the value this request's lookup found there (``None``: none).
 
         Every request that fills made that lookup (``get_or_lock``) before it called
         the app, the ones that waited on another fill first too: their save compares
@@ -1017,11 +1017,10 @@ class CacheMiddleware:
         """
         found = environ.get(self._seen_key)
         if found is not None and found[0] == base:
-            seen: bytes | None = found[1]
-            return seen
+            return found[2], found[1]
         # No lookup found a mark (it met a value of another type, or the store could not set one): the save
         # stores nothing, since it cannot tell a write from an eviction.
-        return None
+        return self._mark_key(base), None
 
     def _stale_by_write(self, environ: WSGIEnvironment, base: str, stored: dict[str, Any]) -> bool:
         """Whether an entry (or Vary index) was filled under another write mark than the one this request
@@ -1034,7 +1033,7 @@ class CacheMiddleware:
         filled = stored.get("m")
         if filled is None:
             return False
-        seen = self._seen(environ, base)
+        seen = self._seen(environ, base)[1]
         return seen is None or filled != seen.decode("latin-1")
 
     def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
@@ -1047,8 +1046,7 @@ class CacheMiddleware:
         now = _clock()
         life = plan.ttl - plan.age + plan.window
         born = now - plan.age  # so that Age counts from when the app's own source made it
-        found = environ.get(self._seen_key)
-        mark, seen = (found[2], found[1]) if found is not None and found[0] == base else (self._mark_key(base), None)
+        mark, seen = self._seen(environ, base)
         head: dict[str, Any] = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
         if seen is not None:
             head["m"] = seen.decode("latin-1")  # the mark it is stored under: a later one makes it stale
