@@ -304,7 +304,9 @@ class SessionMiddleware:
                 raise ValueError(f"cookie_name {name!r} is not a valid cookie name")
             if not self.cookie_path.startswith("/"):
                 raise ValueError(f"cookie_path must start with '/' (got {self.cookie_path!r})")
-            if name.startswith("__Host-"):
+            # Browsers match the prefixes without regard to case (RFC 6265bis 4.1.3): so do these checks.
+            prefix = name[:9].lower()
+            if prefix.startswith("__host-"):
                 if not self.cookie_secure:
                     raise ValueError(f"cookie_name {name!r} needs cookie_secure: true (browsers "
                                      "drop __Host- cookies without Secure); a loopback-only "
@@ -315,7 +317,7 @@ class SessionMiddleware:
                 if self.cookie_path != "/":
                     raise ValueError(f"cookie_name {name!r} needs cookie_path '/' "
                                      f"(got {self.cookie_path!r})")
-            if name.startswith("__Secure-") and not self.cookie_secure:
+            if prefix == "__secure-" and not self.cookie_secure:
                 raise ValueError(f"cookie_name {name!r} needs cookie_secure: true")
             if self.cookie_samesite == "None" and not self.cookie_secure:
                 raise ValueError("cookie_samesite 'None' needs cookie_secure: true")
@@ -326,10 +328,11 @@ class SessionMiddleware:
 
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:
         self._last_log = 0.0
-        if not options.cookie_secure and not context.loopback_only:
+        if not options.cookie_secure and (not context.loopback_only or context.proxied):
             raise ValueError("cookie_secure: false is only allowed when the server listens only "
-                             "on loopback; on any other address the session cookie would travel "
-                             "over plain HTTP")
+                             "on loopback and trusts no proxy; on any other address, or behind a "
+                             "proxy that forwards other clients' requests, the session cookie would "
+                             "travel over plain HTTP")
         self.app = app
         self.options = options
         self.context = context
@@ -362,7 +365,13 @@ class SessionMiddleware:
             session._sealed = True
             if session._data is None:  # never used: keep only the cookie, to break the environ cycle
                 session._environ = {k: environ[k] for k in _COOKIE_KEYS if k in environ}
-            if session.accessed:
+            if not session.accessed:
+                # Unused so far, but a streamed body may still read it, after these headers: a
+                # response to a request that carries the cookie varies on it all the same.
+                if self.cookie_name in cookies(environ):
+                    headers = list(headers)
+                    add_vary(headers, "Cookie")
+            else:
                 headers = list(headers)
                 if added is None:  # save once, even if start_response is called again
                     added = self._save(session)

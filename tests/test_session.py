@@ -192,9 +192,16 @@ def stored(store: CountingStore, sid: str) -> Any:
     pytest.param({"cookie_name": "sid", "cookie_secure": False, "cookie_samesite": "None"}, True,
                  "cookie_samesite 'None' needs cookie_secure: true", id="SameSite=None insecure"),
     pytest.param({"cookie_name": "sid", "cookie_secure": False}, False,
-                 "cookie_secure: false is only allowed when the server listens only on loopback; "
-                 "on any other address the session cookie would travel over plain HTTP",
+                 "cookie_secure: false is only allowed when the server listens only on loopback "
+                 "and trusts no proxy; on any other address, or behind a proxy that forwards other "
+                 "clients' requests, the session cookie would travel over plain HTTP",
                  id="insecure cookie on a public listener"),
+    pytest.param({"cookie_name": "__host-session", "cookie_secure": False}, True,
+                 "cookie_name '__host-session' needs cookie_secure: true", id="__host- in lower case"),
+    pytest.param({"cookie_name": "__HOST-session", "cookie_domain": "example.org"}, True,
+                 "cookie_name '__HOST-session' may not be combined with cookie_domain", id="__HOST- in upper case"),
+    pytest.param({"cookie_name": "__secure-sid", "cookie_secure": False}, True,
+                 "cookie_name '__secure-sid' needs cookie_secure: true", id="__secure- in lower case"),
     pytest.param({"cookie_name": "a b"}, True, "cookie_name 'a b' is not a valid cookie name",
                  id="bad cookie name"),
     pytest.param({"cookie_name": "sid", "cookie_path": "app"}, True,
@@ -212,6 +219,16 @@ def test_refused_options(options: dict[str, Any], loopback_only: bool, message: 
     context = Context(stores={"shared": store_from_url("memory://")}, loopback_only=loopback_only)
     with pytest.raises((ValidationError, ValueError, LookupError), match=re.escape(message)):
         SessionMiddleware(probe, SessionMiddleware.Options(**options), context)
+
+
+def test_insecure_cookie_is_refused_behind_a_trusted_proxy() -> None:
+    """A loopback listener behind a proxy serves other machines: their cookie must be Secure."""
+    options = SessionMiddleware.Options(secret_key=SECRET, cookie_name="sid", cookie_secure=False)
+    context = Context(stores={"shared": store_from_url("memory://")}, loopback_only=True, proxied=True)
+    with pytest.raises(ValueError, match="listens only on loopback and trusts no proxy"):
+        SessionMiddleware(probe, options, context)
+    context.proxied = False
+    SessionMiddleware(probe, options, context)  # the same settings, no proxy: a development server
 
 
 def test_secret_key_is_hidden_in_repr() -> None:
@@ -646,7 +663,12 @@ def test_a_value_of_another_redis_type_gives_an_empty_session(redis_url: str) ->
 
 
 @pytest.mark.parametrize(("path", "request_headers", "expected"), [
-    pytest.param("/", "cookie", {"Vary": None, "Cache-Control": None}, id="untouched: no headers"),
+    pytest.param("/", "none", {"Vary": None, "Cache-Control": None}, id="untouched, no cookie: no headers"),
+    pytest.param("/", "cookie", {"Vary": "Cookie", "Cache-Control": None},
+                 id="untouched, with the cookie: a streamed body may read it, so Vary"),
+    pytest.param("/?Cache-Control=public,+max-age%3D60&Vary=Accept", "cookie",
+                 {"Vary": "Accept, Cookie", "Cache-Control": "public, max-age=60"},
+                 id="untouched, with the cookie: Vary merged, Cache-Control the app's"),
     pytest.param("/get", "cookie", {"Vary": "Cookie", "Cache-Control": "private"},
                  id="read a stored session"),
     pytest.param("/get", "none", {"Vary": "Cookie", "Cache-Control": None},
@@ -736,6 +758,20 @@ def test_change_after_the_response_started_is_not_saved_and_logged(
     assert "Set-Cookie" not in resp.headers and store.calls == []
     assert caplog.text.count("the session was changed after the response started, so the change "
                              "is not saved") == 1
+
+
+def test_a_session_read_while_streaming_leaves_the_response_varied_on_the_cookie(store: CountingStore) -> None:
+    """Flask's stream_with_context reads the session after start_response: too late for private."""
+    def streaming(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        session: Session = environ[SESSION]
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "public, max-age=300")])
+        yield f"hello {session.get('a')}".encode()
+
+    app = make(store, app=streaming)
+    value, _ = new_cookie(make(store).get("/set?a=ada"))
+    resp = app.get("/", headers=jar(value))
+    assert resp.body == b"hello ada"
+    assert resp.headers["Vary"] == "Cookie" and "Set-Cookie" not in resp.headers
 
 
 # ---------------------------------------------------------- store failures
