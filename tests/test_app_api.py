@@ -390,6 +390,7 @@ def test_flask_session_is_the_stack_session(tmp_path: Path) -> None:
     assert len(list(store.scan("session:"))) == 1
     quiet = client.get("/quiet")
     assert "Set-Cookie" not in quiet.headers
-    assert "Cookie" not in quiet.headers.get("Vary", ""), "an unread session must not be loaded"
+    assert "private" not in quiet.headers.get("Cache-Control", ""), "an unread session must not be loaded"
+    assert quiet.headers["Vary"] == "Cookie"  # the request carried it: a streamed body could still read it
     assert client.get("/login").json == {"keys": ["user"]}  # nothing of the session before it goes on
     assert client.get("/count").json == {"n": 1, "keys": ["n", "user"]}

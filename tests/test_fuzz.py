@@ -76,7 +76,7 @@ pipeline:
       store: shared
       secret_key: "{SESSION_SECRET}"
       cookie_name: wsgistack_session
-      cookie_secure: false
+      cookie_secure: true
   - csrf:
       cookie_name: wsgistack_session
       trusted_origins: ["https://app.example.org"]

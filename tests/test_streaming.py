@@ -62,7 +62,7 @@ pipeline:
       expose_headers: [X-Request-ID, Server-Timing]
   - validation: {{max_query_length: 2048}}
   - ratelimit: {{store: shared, limits: ["100/minute"]}}
-  - session: {{store: shared, secret_key: "${{SESSION_SECRET}}", cookie_name: sid, cookie_secure: false}}
+  - session: {{store: shared, secret_key: "${{SESSION_SECRET}}", cookie_name: sid, cookie_secure: true}}
   - csrf: {{cookie_name: sid, trusted_origins: ["{origin}"]}}
   - auth: {{store: shared, secret: "${{JWT_SECRET}}", default: optional}}
   - versioning:
