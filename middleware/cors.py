@@ -87,9 +87,16 @@ class CORSOptions(LayerOptions):
     rules: tuple[CORSRule, ...] = ()
 
     def policy(self, rule: CORSRule | None = None) -> dict[str, Any]:
-        """The effective policy keys: the top level, overridden by ``rule``'s set keys."""
+        """The effective policy keys: the top level, overridden by ``rule``'s set keys.
+
+        ``origins`` and ``origin_regex`` are one allow-list in two spellings: a rule
+        that sets either replaces both (``origins: []`` alone allows no origin, not
+        the top level's patterns).
+        """
         data = {key: getattr(self, key) for key in _POLICY_KEYS}
         if rule is not None:
+            if rule.origins is not None or rule.origin_regex is not None:
+                data["origins"], data["origin_regex"] = (), ()
             data.update({k: v for k in _POLICY_KEYS if (v := getattr(rule, k)) is not None})
         return data
 
