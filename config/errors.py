@@ -73,7 +73,8 @@ class Problem:
                 shown = f"<a number of {self.value.bit_length()} bits>"
             if len(shown) > 80:
                 shown = shown[:77] + "..."
-            text += f" (got {shown})"
+            if f"got {shown}" not in self.message:  # a validator's own message may show it already
+                text += f" (got {shown})"
         if self.severity == "warning":
             text = f"{where} warning: {dotted(self.path)}: {self.message}"
         return text

@@ -233,6 +233,18 @@ def test_error_messages(text: str, expected: str) -> None:
     assert any(line.startswith(expected) for line in lines), lines
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param(ECHO + "pipeline:\n  - health: {degraded_status: 99}\n",
+                 "stack.yaml:3:31 pipeline[0].health.degraded_status: degraded_status must be an HTTP status "
+                 "from 200 to 599, got 99", id="message ends with the value"),
+    pytest.param(ECHO + "pipeline:\n  - versioning: {supported: [v1], prefix: /api/}\n",
+                 "stack.yaml:3:43 pipeline[0].versioning.prefix: prefix must start with '/' and not end with one "
+                 "(got '/api/')", id="message quotes the value in parentheses"),
+])
+def test_a_value_the_message_shows_is_not_repeated(text: str, expected: str) -> None:
+    assert expected in errors_of(text)
+
+
 @pytest.mark.parametrize("text", [
     "pipeline:\n  - versioning: {supported: [v1], default: v1, deprecated: {v1: {deprecation: 2020-01-01, "
     "sunset: next-year}}}\n",
