@@ -344,7 +344,7 @@ def _validate(doc: Document, path: Path, model: type[BaseModel], value: Any, pro
 def _check_app_options(doc: Document, section: AppSection, problems: list[Problem]) -> None:
     try:
         factory = import_string(section.factory)
-    except Exception as exc:  # a SyntaxError or any error the module raises while it is imported
+    except (Exception, SystemExit) as exc:  # a SyntaxError, any error the module raises (sys.exit too)
         problems.append(doc.problem(("app", "factory"), f"cannot import the app factory: {_why(exc)}",
                                     value=section.factory, has_value=True))
         return
@@ -398,7 +398,7 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
             continue
         try:
             target = resolve(name)
-        except Exception as exc:  # a SyntaxError or any error the module raises while it is imported
+        except (Exception, SystemExit) as exc:  # a SyntaxError, any error the module raises (sys.exit too)
             problems.append(doc.problem(path, f"cannot import layer {name!r}: {_why(exc)}", key=True))
             continue
         scope_raw = {k: options.pop(k) for k in SCOPE_KEYS if k in options}
@@ -459,6 +459,8 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
 
 def _why(exc: BaseException) -> str:
     """An exception as one line: the message, and its type when the message alone says little."""
+    if isinstance(exc, SystemExit):  # a factory or module that gave up: never a silent exit 0 of check or serve
+        return f"it called sys.exit({exc.code!r})"
     text = str(exc)
     if isinstance(exc, ImportError | AttributeError | ValueError | TypeError | OSError) and text:
         return text
@@ -766,7 +768,7 @@ def build(
         made_app.append(core)
     except ValidationError as exc:
         raise fail(validation_problems(doc, ("app", "options"), exc, None)) from None
-    except Exception as exc:  # its message may quote a secret it was given, as a layer's may
+    except (Exception, SystemExit) as exc:  # its message may quote a secret it was given, as a layer's may
         message = _masked(_why(exc), dict(config.app.options))
         raise fail([doc.problem(("app",), f"the app factory failed: {message}")]) from None
     try:
@@ -790,7 +792,7 @@ def build(
             spec.scope.rewrites = rewrites_inside(context)
         try:
             layer = instantiate(spec, wrapped, context)
-        except Exception as exc:  # a file it cannot open, a setting only the server can refute…
+        except (Exception, SystemExit) as exc:  # a file it cannot open, a setting only the server can refute…
             problems.append(_build_problem(doc, spec, exc))
             continue
         for ahead in context.read_ahead[registered:]:  # read ahead only for requests the layer sees
@@ -834,7 +836,7 @@ def _within(preview: Callable[[WSGIEnvironment], dict[str, Any] | None],
     return lambda environ: preview(environ) if scope.matches(environ) else {}
 
 
-def _build_problem(doc: Document, spec: LayerSpec, exc: Exception) -> Problem:
+def _build_problem(doc: Document, spec: LayerSpec, exc: BaseException) -> Problem:
     """Where a layer's construction failed: the option it names or the file it could not open."""
     path = spec.path or ("pipeline",)
     message = _why(exc)

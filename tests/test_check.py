@@ -66,6 +66,15 @@ def run(command: str, text: str, tmp_path: Path, env: dict[str, str] | None = No
                      "stack.yaml:4:5 pipeline[1]: cannot import layer 'broken_import:Layer': KeyError: "
                      "'WSGISTACK_NOT_SET'",
                      id="a layer module raising KeyError while imported"),
+        pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - quitting:layer: {}\n",
+                     "stack.yaml:4:5 pipeline[1]: quitting:layer: it called sys.exit(0)",
+                     id="a layer factory calling sys.exit(0): never a silent exit 0"),
+        pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - quitting_import:Layer: {}\n",
+                     "stack.yaml:4:5 pipeline[1]: cannot import layer 'quitting_import:Layer': it called "
+                     "sys.exit('no config')", id="a layer module calling sys.exit while imported"),
+        pytest.param("app: {factory: 'quitting:app'}\n" + ERRORS,
+                     "stack.yaml:1:6 app: the app factory failed: it called sys.exit('no config for you')",
+                     id="an app factory calling sys.exit"),
         pytest.param(ECHO + "server: &s {listen: '127.0.0.1:8889', reload: *s}\n" + ERRORS,
                      "stack.yaml:2:39 server.reload: this alias refers to a value that contains it",
                      id="a self-referencing alias"),
@@ -82,6 +91,9 @@ def run(command: str, text: str, tmp_path: Path, env: dict[str, str] | None = No
 def test_check_refuses_what_serve_refuses(tmp_path: Path, text: str, first_line: str) -> None:
     (tmp_path / "broken_syntax.py").write_text("def layer(:\n")
     (tmp_path / "broken_import.py").write_text("import os\nNAME = os.environ['WSGISTACK_NOT_SET']\n")
+    (tmp_path / "quitting.py").write_text("import sys\ndef layer(app):\n    sys.exit(0)\n"
+                                          "def app(**options):\n    sys.exit('no config for you')\n")
+    (tmp_path / "quitting_import.py").write_text("import sys\nsys.exit('no config')\n")
     checked = run("check", text, tmp_path)
     assert checked.returncode == 2, checked.stdout + checked.stderr
     assert checked.stdout.splitlines()[0].startswith(first_line), checked.stdout
