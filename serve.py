@@ -52,7 +52,7 @@ import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from config import ConfigError, LayerSpec, Problem, build_from_file, check, read_file
+from config import ConfigError, LayerSpec, Problem, build_from_file, check, config_dir, read_file
 from config.build import BuiltStack, StackConfig, parse
 from config.live import LiveStack, refused_stores
 from config.registry import LAYERS, resolve
@@ -1184,7 +1184,7 @@ def _app_option(config_path: str, name: str, default: str) -> str:
                                            f"{type(options[key]).__name__} {options[key]!r})")])
     from middleware.base import resolve_path
 
-    base = os.path.dirname(os.path.abspath(config_path))  # as config._relative_to resolves them for the app
+    base = str(config_dir(config_path))  # as the server resolves them for the app
     value = options.get(name)
     return resolve_path(base, value) if value else os.path.join(resolve_path(base, options.get("var_dir") or "var"),
                                                                  default)
@@ -1381,7 +1381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # client closing its socket must raise EPIPE in that one thread, not end the process.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        load_dotenv(os.path.join(os.path.dirname(os.path.abspath(args.config)), ".env"))
+        load_dotenv(os.path.join(config_dir(args.config), ".env"))
         level = _env_log_level()
         _env_drain_seconds()
     except ValueError as exc:
@@ -1416,7 +1416,7 @@ def __getattr__(name: str) -> Any:
 def _hosted_stack() -> LiveStack:
     """The stack for another WSGI server: the host owns logging; ``logging.level`` sets the wsgistack loggers'."""
     path = os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
-    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(path)), ".env"))
+    load_dotenv(os.path.join(config_dir(path), ".env"))
     _env_log_level()  # a bad one stops the host at startup, with its ValueError's message
     try:
         live = LiveStack(path, hosted=True)

@@ -36,6 +36,7 @@ __all__ = [
     "build_from_file",
     "build_from_text",
     "check",
+    "config_dir",
     "lint",
     "load",
     "parse",
@@ -43,6 +44,16 @@ __all__ = [
     "read_text",
     "resolve",
 ]
+
+
+def config_dir(path: str | os.PathLike[str]) -> FsPath:
+    """The folder relative paths in the file at ``path`` start from: the one it is named in.
+
+    Symbolic links are not followed: a Kubernetes ConfigMap's ``stack.yaml`` is a
+    link into a ``..2026_…`` folder that every update replaces, and the state under
+    ``var_dir`` must not move with it.  The ``users`` command and ``.env`` use the same folder.
+    """
+    return FsPath(os.path.abspath(path)).parent
 
 
 def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) -> Document:
@@ -89,7 +100,7 @@ def check(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) ->
     layer constructed, so a factory's keyword arguments and the files layers
     open are tried too (the access log file is created when it is missing).
     """
-    base = FsPath(path).resolve().parent
+    base = config_dir(path)
     try:
         config, problems = load(_relative_to(read_file(path, env=env), base), strict=False)
     except ConfigError as exc:
@@ -118,7 +129,7 @@ def build_from_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | No
     instead (what ``serve:app`` serves): it judges the file as publicly listening and several
     processes' (``debug``, ``memory://`` state), since that server's settings are unseen here.
     """
-    base = FsPath(path).resolve().parent
+    base = config_dir(path)
     return _build(read_file(path, env=env), base, strict, **kw)
 
 

@@ -32,10 +32,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _relative_to, build_from_file, load
+from . import _relative_to, build_from_file, config_dir, load
 from .build import BuiltStack, StackConfig, build, make_stores
 from .errors import ConfigError, Problem
 from .loader import read_file
@@ -371,7 +370,7 @@ class LiveStack:
 
     def _build(self) -> BuiltStack:
         """Read, validate, lint and build the file, carrying unchanged memory:// stores over."""
-        base = Path(self.path).resolve().parent
+        base = config_dir(self.path)
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
         warnings = [*warnings, *self._lint_as_served(config, warnings)]
         new = build(config, stores=self._stores(config), server=self.in_force)
@@ -386,7 +385,7 @@ class LiveStack:
         """Build for another WSGI server, judged with the least safe server settings (see HOSTED)."""
         from .lint import hsts_outside_proxy, proxyfix_trusts_every_peer
 
-        base = Path(self.path).resolve().parent
+        base = config_dir(self.path)
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base), hosted=True)
         served = config.server.model_copy(update=hosted_settings(self._env))
         found = [_noted(p, HOSTED_NOTE) for p in _judged(config, served, proxyfix_trusts_every_peer)]

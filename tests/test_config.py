@@ -404,6 +404,26 @@ def test_relative_var_dir_is_resolved_against_the_config_folder(tmp_path: Any) -
     assert built.config.app.options["var_dir"] == str(tmp_path / "data")
 
 
+def test_a_linked_stack_file_keeps_its_state_beside_the_link(tmp_path: Path) -> None:
+    """A Kubernetes ConfigMap: stack.yaml -> ..data/stack.yaml, ..data -> ..2026_a, swapped on every update."""
+    import serve
+    from config import build_from_file
+
+    real = tmp_path / "..2026_a"
+    real.mkdir()
+    (real / "stack.yaml").write_text(ECHO.replace("}", ", options: {var_dir: var}}") +
+                                     "pipeline:\n  - access_log: {file: access.log}\n")
+    (tmp_path / "..data").symlink_to("..2026_a")
+    (tmp_path / "stack.yaml").symlink_to("..data/stack.yaml")
+    built = build_from_file(tmp_path / "stack.yaml")
+    built.close()
+    assert built.config.app.options["var_dir"] == str(tmp_path / "var")
+    assert (tmp_path / "access.log").exists() and not (real / "access.log").exists()
+    # the users command writes the database the server reads
+    assert serve._app_option(str(tmp_path / "stack.yaml"), "users_db", "users.sqlite3") == \
+        str(tmp_path / "var" / "users.sqlite3")
+
+
 # ---------------------------------------------------------------- refused, with the place and the fix
 
 
