@@ -1166,6 +1166,16 @@ class _Lenient(dict[str, str]):
         return ""
 
 
+def _peer_address(text: str) -> str:
+    """``explain --peer``: an IP address, as a server's REMOTE_ADDR always is."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address (10.0.0.7, ::1)") from None
+
+
 def _app_option(config_path: str, name: str, default: str) -> str:
     """One of the app's options, without needing the secrets the rest of the file interpolates."""
     doc = read_file(config_path, env=_Lenient(os.environ))
@@ -1270,7 +1280,8 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("method")
     ex.add_argument("path")
     ex.add_argument("-H", "--header", action="append", default=[], help="'Name: value' (repeatable)")
-    ex.add_argument("--peer", default="127.0.0.1", help="the connecting address (default 127.0.0.1)")
+    ex.add_argument("--peer", default="127.0.0.1", type=_peer_address,
+                    help="the connecting address (default 127.0.0.1)")
     ex.add_argument("-d", "--data", help="request body")
     us = sub.add_parser("users", help="manage login users: add, passwd, list, remove, set-role")
     us.add_argument("rest", nargs=argparse.REMAINDER, metavar="add|passwd|list|remove|set-role ...",

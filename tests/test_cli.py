@@ -396,6 +396,14 @@ def test_explain_with_the_proxy_layer(config_file, peer: str, forwarded: str,  #
     assert "proxy        applied" in result.stdout
 
 
+def test_explain_refuses_a_peer_that_is_no_address(config_file) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + "pipeline:\n  - errors: {}\n")
+    result = run_cli("-c", str(path), "explain", "GET", "/x", "--peer", "notanip")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == \
+        "serve.py explain: error: argument --peer: 'notanip' is not an IP address (10.0.0.7, ::1)"
+
+
 # ---------------------------------------------------------------- serve:app for other WSGI servers
 
 
