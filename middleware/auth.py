@@ -858,6 +858,33 @@ class AuthMiddleware:
             return None
         return Identity(subject, held, "session", user)
 
+    def _token_identity(self, environ: WSGIEnvironment, claims: dict[str, Any]) -> Identity:
+        """The identity of a verified access token; 401 when the users database has voided it since.
+
+        A token this layer issued (it holds a signing key) names a user of the
+        app's users database: as a session's, its identity takes the roles the user
+        has now, and a token of a user removed since, or issued before the user's
+        password was last set (or before the name was given to someone new), is
+        refused within a second of the change, not at its ``exp``.  Tokens of
+        another issuer (a layer with public keys only) are taken as they are.
+        """
+        subject: str = claims["sub"]
+        roles = frozenset(claims.get("roles", ()))
+        services = self.context.services
+        if self.tokens.signer is not None:
+            lookup = services.get(USER_ROLES)
+            if lookup is not None:
+                current = self._current_roles(lookup, subject)
+                if current is None:
+                    note(environ, "auth", f"refused: token user {subject!r} no longer exists")
+                    raise self.tokens._refuse(_Invalid("unknown_subject", "the token has been revoked"))
+                roles = current
+            since = services.get(USER_SINCE)
+            if since is not None and _before(claims.get("iat"), self._current_since(since, subject)):
+                note(environ, "auth", f"refused: token of {subject!r} issued before the credentials changed")
+                raise self.tokens._refuse(_Invalid("credentials_changed", "the token has been revoked"))
+        return Identity(subject, roles, "jwt", MappingProxyType(claims))
+
     def _current_since(self, lookup: Any, subject: str) -> float | None:
         """``lookup(subject)`` (see ``USER_SINCE``), reused for ``ROLES_FRESH`` seconds; a failure voids all."""
         since: float | None = self._looked_up(self._since_now, lookup, subject,
@@ -939,7 +966,7 @@ class AuthMiddleware:
             except _Invalid as exc:
                 note(environ, "auth", f"refused: {exc.reason}")
                 raise self.tokens._refuse(exc) from None
-            identity = Identity(claims["sub"], frozenset(claims.get("roles", ())), "jwt", MappingProxyType(claims))
+            identity = self._token_identity(environ, claims)
         elif self.accept_session:
             identity = self._session_identity(environ)
         if identity is None:

@@ -465,6 +465,40 @@ def test_a_session_carries_the_roles_the_user_has_now(tmp_path: Path, users: Use
         assert response.json["error"]["message"] == "Unauthorized: this resource needs a bearer token."
 
 
+@pytest.mark.parametrize(
+    ("user", "change", "before", "after", "reason"),
+    [
+        pytest.param("alice", lambda users: users.set_roles("alice", ["user"]), 200, 403, "insufficient_role",
+                     id="admin taken away"),
+        pytest.param("bob", lambda users: users.set_roles("bob", ["admin"]), 403, 200, None, id="admin given"),
+        pytest.param("alice", lambda users: users.remove("alice"), 200, 401, "unknown_subject", id="user removed"),
+        pytest.param("alice", lambda users: users.set_password("alice", "new password"), 200, 401,
+                     "credentials_changed", id="password reset"),
+        pytest.param("alice", lambda users: (users.remove("alice"), users.add("alice", "other")), 200, 401,
+                     "credentials_changed", id="the name given to someone new, without the old holder's roles"),
+    ],
+)
+def test_an_access_token_follows_the_users_database(tmp_path: Path, users: UserStore,
+                                                    monkeypatch: pytest.MonkeyPatch, user: str,
+                                                    change: Callable[[UserStore], Any], before: int, after: int,
+                                                    reason: str | None) -> None:
+    """As a session does: `serve.py users set-role/remove/passwd` reach tokens issued already, not at their exp."""
+    monkeypatch.setattr("middleware.auth.ROLES_FRESH", 0.0)
+    stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "roles": ["admin"]}])
+    token = stack.login(user, {"alice": "wonderland", "bob": "builder"}[user]).json["access_token"]
+    stack.app.reset()  # the token is the only credential
+    stack.app.get("/api/v1/config", headers=bearer(token), status=before)
+    change(users)
+    reasons: list[str] = []
+    stack.context.listeners.append(
+        lambda event, fields: reasons.append(fields["reason"]) if event == "auth.failure" else None)
+    response = stack.app.get("/api/v1/config", headers=bearer(token), status=after)
+    assert reasons == ([reason] if reason else [])
+    if after == 401:
+        assert response.headers["WWW-Authenticate"] == (
+            'Bearer realm="wsgistack", error="invalid_token", error_description="the token has been revoked"')
+
+
 @pytest.mark.parametrize(("change", "apart"), [
     # A reset counts from the next whole second: a token of the very second of the reset is void too.
     pytest.param(lambda users: users.set_password("alice", "new password"), 0.0, id="password reset"),
