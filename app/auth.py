@@ -29,10 +29,10 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from werkzeug.datastructures import Authorization
 
 from app.state import AppState
 from app.users import NAME
+from middleware.auth import bearer_token
 from middleware.base import SESSION, escape_control, refuse
 from middleware.csrf import CSRF_TOKEN
 from stores.base import StoreError
@@ -120,6 +120,12 @@ def _json_object(required: bool) -> dict[str, Any]:
     return value
 
 
+def _challenge(service: Any) -> str:
+    """The auth layer's ``WWW-Authenticate`` challenge: ``Bearer realm="…"``."""
+    realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
+    return f'Bearer realm="{realm}"'
+
+
 def _string_field(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value:
@@ -174,8 +180,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
             busy = service.unavailable()
             if busy is not None:  # a right password would get this 503 too: answer alike
                 raise busy
-            realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
-            raise refuse(401, _FAILED, headers=[("WWW-Authenticate", f'Bearer realm="{realm}"')])
+            raise refuse(401, _FAILED, headers=[("WWW-Authenticate", _challenge(service))])
         # `users passwd` dates the new credentials to the next whole second (tokens carry whole
         # seconds): a login within that second would get tokens and a session that are void at once.
         wait = user.credentials_at - time.time()
@@ -229,8 +234,13 @@ def auth_blueprint(state: AppState) -> Blueprint:
         # 4xx or 503 leaves the session and every token as they were, so it can be retried.
         body = _json_object(required=False)
         refresh_token = _string_field(body, "refresh_token") if body.get("refresh_token") is not None else None
-        auth = Authorization.from_header(request.headers.get("Authorization"))
-        bearer = auth.token if auth is not None and auth.type == "bearer" else None
+        try:  # a header the auth layer would refuse is refused here too, not a 204 that revoked nothing
+            bearer = bearer_token(request.headers.get("Authorization"))
+        except ValueError as exc:
+            challenge = _challenge(state.context.services.get("tokens"))
+            raise refuse(400, str(exc), headers=[("WWW-Authenticate", f'{challenge}, error="invalid_request", '
+                                                  'error_description="the Authorization header is malformed"')]) \
+                from None
         revoked = [token for token in (bearer, refresh_token) if token]
         if revoked:
             # Verifies every token before it blocklists any; then every token of their logins goes.

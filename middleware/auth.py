@@ -77,6 +77,25 @@ _NO_ROLES: frozenset[str] = frozenset()
 _RANK = {"none": 0, "optional": 1, "required": 2}
 #: RFC 6750 §2.1: the credentials of a Bearer Authorization header (anything else is invalid_request, 400).
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+#: The refusal of an ``Authorization: Bearer`` header whose token is not one b64token.
+MALFORMED_BEARER = ("Bad Request: the Authorization header must be 'Bearer <token>', the token one "
+                    "b64token (RFC 6750 §2.1).")
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header; None for no header or another scheme.
+
+    ``ValueError`` when the scheme is Bearer but what follows is not one b64token
+    (``Bearer``, ``Bearer a b``, ``Bearer token="…"``): the auth layer refuses those
+    with 400, and so must everything else that reads the header (the core's logout).
+    """
+    parsed = Authorization.from_header(header) if header else None
+    if parsed is None or parsed.type != "bearer":
+        return None
+    token = parsed.token or ""
+    if not _B64TOKEN.fullmatch(token):
+        raise ValueError(MALFORMED_BEARER)
+    return token
 #: ``context.services`` name of ``roles(subject) -> roles | None`` (None: no such user), which the
 #: app publishes so that a session identity carries the user's roles of now (the Flask core does).
 USER_ROLES = "user_roles"
@@ -956,8 +975,7 @@ class AuthMiddleware:
         if token is not None and not _B64TOKEN.fullmatch(token):
             self.context.emit("auth.failure", reason="invalid_request")
             note(environ, "auth", "refused: the Authorization header is malformed")
-            raise refuse(400, "Bad Request: the Authorization header must be 'Bearer <token>', the token one "
-                              "b64token (RFC 6750 §2.1).",
+            raise refuse(400, MALFORMED_BEARER,
                          headers=[("WWW-Authenticate", f'{self.challenge}, error="invalid_request", '
                                                        'error_description="the Authorization header is malformed"')])
         if token is not None:

@@ -610,6 +610,24 @@ def test_a_refused_logout_changes_nothing(stack: Stack, bad: str, message: str) 
     stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}, status=200)
 
 
+@pytest.mark.parametrize("header", [
+    pytest.param('Bearer token="{token}"', id="auth-param instead of a token"),
+    pytest.param("Bearer {token} {token}", id="two tokens"),
+    pytest.param("Bearer", id="no token"),
+])
+def test_a_logout_with_a_malformed_bearer_header_is_400_not_a_204_that_revoked_nothing(stack: Stack,
+                                                                                        header: str) -> None:
+    pair = stack.login().json
+    response = stack.app.post("/auth/logout", headers={"Authorization": header.format(token=pair["access_token"])},
+                              status=400)
+    assert response.json["error"]["message"] == (
+        "Bad Request: the Authorization header must be 'Bearer <token>', the token one b64token (RFC 6750 §2.1).")
+    assert response.headers["WWW-Authenticate"] == ('Bearer realm="wsgistack", error="invalid_request", '
+                                                    'error_description="the Authorization header is malformed"')
+    assert "Set-Cookie" not in response.headers and len(list(stack.store.scan("session:"))) == 1
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
+
+
 class SessionDeletesFail(MemoryStore):
     """A memory store that cannot delete sessions while ``failing`` is true."""
 
