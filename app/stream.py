@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 
 from app.search import SearchEngine, SearchPage
+from middleware.errors import UNEXPECTED
 
 __all__ = ["HeldSlot", "search_events", "sse_event", "sse_response"]
 
@@ -46,8 +47,11 @@ def sse_event(event: str, data: Any, retry: float | None = None) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n{also}\n".encode()
 
 
-def _error_event(code: int, message: str | None, retry_after: int) -> bytes:
-    return sse_event("search_error", {"code": code, "message": message, "retry_after": retry_after}, retry_after)
+def _error_event(code: int, message: str | None, retry_after: int, request_id: str | None) -> bytes:
+    """The last event of a failed stream: the error envelope's fields (its ``request_id`` too: a
+    page's ``EventSource`` cannot read the ``X-Request-ID`` header) and when to ask again."""
+    return sse_event("search_error", {"code": code, "message": message, "retry_after": retry_after,
+                                      "request_id": request_id}, retry_after)
 
 
 def _retry_after(exc: HTTPException) -> int:
@@ -87,12 +91,12 @@ def search_events(
                 time.sleep(interval)
             yield sse_event("search_progress", {"progress": progress, "stage": stage})
     except HTTPException as exc:
-        yield _error_event(exc.code or 500, exc.description, _retry_after(exc))
+        yield _error_event(exc.code or 500, exc.description, _retry_after(exc), request_id)
         return
     except Exception:
         logger.exception("search stream failed for a query of %d characters", len(query),
                          extra={"request_id": request_id})
-        yield _error_event(500, InternalServerError.description, ERROR_RETRY_SECONDS)
+        yield _error_event(500, UNEXPECTED, ERROR_RETRY_SECONDS, request_id)
         return
     finally:
         steps.close()

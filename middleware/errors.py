@@ -54,6 +54,8 @@ _CONTENT_TYPES = {
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+\Z")
 # Headers an exception's own response would carry that we replace.
 _DROP = frozenset({"content-type", "content-length"})
+#: The message of every 500 from an exception: what happened is in the log line its request id finds.
+UNEXPECTED = "An unexpected error occurred; the request id identifies it in the logs."
 
 
 class ErrorsOptions(LayerOptions):
@@ -177,7 +179,7 @@ class ErrorsMiddleware:
                 headers.append(("Location", new_url))
         else:
             code = 500
-            message = "An unexpected error occurred; the request id identifies it in the logs."
+            message = UNEXPECTED
             details = None
             headers = []
             self.logger.error(

@@ -254,7 +254,8 @@ def test_upstream_failure_in_a_stream_becomes_an_error_event(tmp_path: Path, ups
     assert [e[0] for e in events] == ["event: search_started", "event: search_progress",
                                       "event: search_progress", "event: search_error"]
     assert json.loads(events[-1][1][len("data: "):]) == {
-        "code": 502, "message": "The search upstream answered with HTTP 500.", "retry_after": 30}
+        "code": 502, "message": "The search upstream answered with HTTP 500.", "retry_after": 30,
+        "request_id": None}
     # An EventSource reconnects to a stream that ended: not before 30 s (its own default is about 3 s).
     assert events[-1][2:] == ["retry: 30000"]
 
@@ -273,7 +274,8 @@ def test_a_busy_upstream_in_a_stream_sets_the_reconnection_time_to_its_retry_aft
     last = text.strip().split("\n\n")[-1].split("\n")
     assert last[0] == "event: search_error"
     assert json.loads(last[1][len("data: "):]) == {
-        "code": 503, "message": "The search upstream is busy (HTTP 429); retry in 60 seconds.", "retry_after": 60}
+        "code": 503, "message": "The search upstream is busy (HTTP 429); retry in 60 seconds.", "retry_after": 60,
+        "request_id": None}
     assert last[2:] == ["retry: 60000"]
 
 

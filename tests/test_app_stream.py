@@ -13,14 +13,13 @@ from typing import Any
 import flask
 import pytest
 from webtest import TestApp
-from werkzeug.exceptions import InternalServerError
 from werkzeug.test import EnvironBuilder
 
 from app import create_app
 from app.search import Progress, SearchEngine, SearchPage
 from app.stream import search_events
 from middleware.base import Context
-from middleware.errors import ErrorsMiddleware
+from middleware.errors import UNEXPECTED, ErrorsMiddleware
 from middleware.request_id import RequestIdMiddleware
 
 
@@ -142,7 +141,7 @@ def test_a_failure_while_shaping_the_result_ends_the_stream_with_an_error(caplog
     assert events == [
         ("search_started", {"query": "json"}),
         ("search_progress", {"progress": 100, "stage": "done"}),
-        ("search_error", {"code": 500, "message": InternalServerError.description, "retry_after": 30}),
+        ("search_error", {"code": 500, "message": UNEXPECTED, "retry_after": 30, "request_id": "rid-7"}),
     ]
     assert caplog.messages == ["search stream failed for a query of 4 characters"]
     assert [r.request_id for r in caplog.records] == ["rid-7"]  # type: ignore[attr-defined]  # the body outlives it
