@@ -36,7 +36,7 @@ MAX_QUERY_LENGTH = 1000
 def search_args(args: MultiDict[str, str]) -> tuple[str, int]:
     """The validated ``q`` and ``page`` of a search request, or a 400 naming the parameter."""
     query = (args.get("q") or "").strip()
-    if not query:
+    if not any(c.isprintable() and not c.isspace() for c in query):  # control characters alone are no query either
         raise refuse(400, "The query parameter 'q' is required and may not be empty.",
                      details={"parameter": "q"})
     if len(query) > MAX_QUERY_LENGTH:
