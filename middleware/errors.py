@@ -134,8 +134,11 @@ class ErrorsMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[RENDER_ERROR] = self.render
+        started = False
 
         def not_stored(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            nonlocal started
+            started = True
             # An error names this request (its id, its time): no cache past the stack may answer another
             # request with it (404, 405 and 414 are cacheable by default, RFC 9110 §15.1). Added here, on
             # the way out, so the cache layer inside may still keep the statuses it was told to.
@@ -146,7 +149,9 @@ class ErrorsMiddleware:
         try:
             return self.app(environ, not_stored)
         except Exception as exc:  # an HTTPException too: the app may have called start_response already
-            return self._respond(environ, not_stored, exc, sys.exc_info())
+            # exc_info only when it had: a server (werkzeug's test client too) re-raises the
+            # exception it is given, and a refusal nothing answered yet is this layer's to render.
+            return self._respond(environ, not_stored, exc, sys.exc_info() if started else None)
 
     def _respond(
         self,

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from webtest import TestApp
+from werkzeug.exceptions import HTTPException
+from werkzeug.test import Client
 
 from middleware.base import Context, refuse
 from middleware.errors import ErrorsMiddleware
@@ -197,6 +199,17 @@ def test_error_after_start_response_passes_exc_info() -> None:
     assert [status for status, _ in calls] == ["200 OK", "400 Bad Request"]
     assert calls[1][1][0] is not None and calls[1][1][1].code == 400
     assert b"late" in body
+
+
+@pytest.mark.parametrize("exc", [
+    pytest.param(refuse(404, "API version 'v3' is not supported."), id="a refusal"),
+    pytest.param(RuntimeError("boom"), id="an exception"),
+])
+def test_a_refusal_before_start_response_is_rendered_without_exc_info(exc: Exception) -> None:
+    """A server given exc_info re-raises it (werkzeug's test Client does): nothing was sent, so none is given."""
+    response = Client(ErrorsMiddleware(raising(exc), ErrorsMiddleware.Options(), Context())).get("/")
+    assert response.status_code == (404 if isinstance(exc, HTTPException) else 500)
+    assert response.json["error"]["code"] == response.status_code
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
