@@ -549,6 +549,18 @@ def split_host(host: str) -> tuple[str, str, str]:
     return host.rpartition(":")
 
 
+def target_authority(uri: str | None) -> str | None:
+    """The authority of an absolute-form request target (``GET http://host:8080/path``), else None.
+
+    RFC 9112 §3.2.2: the server takes its host from there, whatever ``Host`` says
+    (the validation layer makes it ``HTTP_HOST``); a check of the host checks it too.
+    """
+    if not uri or uri[:1] == "/":
+        return None
+    rest = uri.partition("://")[2]
+    return rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+
+
 def host_name(host: str) -> str:
     """The name of a ``Host`` value (``host[:port]``) as host lists compare it: lower case, no port, no
     trailing dot, an IPv6 literal bracketed."""

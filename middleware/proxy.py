@@ -41,6 +41,7 @@ from .base import (
     note,
     refuse,
     split_host,
+    target_authority,
 )
 
 if TYPE_CHECKING:
@@ -201,10 +202,13 @@ class ProxyMiddleware:
         environ[CLIENT_IP] = environ.get("REMOTE_ADDR") or ""
         if self.allowed_hosts is not None:
             host = get("HTTP_HOST") or get("SERVER_NAME", "")
-            if not HOST_PORT.fullmatch(host) or not self.allowed_hosts.allow(host_name(host)):
-                note(environ, "proxy", "host is not in allowed_hosts")
-                raise refuse(400, "The request's host is not one this server answers for "
-                                  "(allowed_hosts).")
+            # An absolute-form target's authority becomes the host further in (RFC 9112 §3.2.2): both must do.
+            authority = target_authority(get("REQUEST_URI") or get("RAW_URI"))
+            for name in (host,) if authority is None else (host, authority):
+                if not HOST_PORT.fullmatch(name) or not self.allowed_hosts.allow(host_name(name)):
+                    note(environ, "proxy", "host is not in allowed_hosts")
+                    raise refuse(400, "The request's host is not one this server answers for "
+                                      "(allowed_hosts).")
         return self.app(environ, start_response)
 
 

@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 from pydantic import Field, field_validator, model_validator
 from werkzeug.http import parse_options_header
 
-from middleware.base import Context, LayerOptions, note, refuse
+from middleware.base import Context, LayerOptions, note, refuse, target_authority
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -400,8 +400,8 @@ class ValidationMiddleware:
             raise self._refuse(environ, 400, f"The request target {(uri or path)[:100]!r} is not a path: this "
                                              "server answers for resources, whose targets start with '/'.", "target")
         assert uri is not None
-        scheme, sep, rest = uri.partition("://")
-        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        scheme, sep, _ = uri.partition("://")
+        authority = target_authority(uri)
         if not sep or scheme.lower() not in ("http", "https") or not authority or "@" in authority:
             raise self._refuse(environ, 400, f"The request target {uri[:100]!r} is neither a path nor an http(s) "
                                              "URL with a host.", "target")

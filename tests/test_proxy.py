@@ -229,6 +229,19 @@ def test_allowed_hosts(options: dict[str, Any], request_headers: dict[str, str],
         assert response.headers["Content-Type"] == "application/json"
 
 
+@pytest.mark.parametrize(("target", "status"), [
+    pytest.param("http://evil.example/x", 400, id="absolute form naming another host"),
+    pytest.param("http://evil.example:8080/x?q=1", 400, id="absolute form with a port and query"),
+    pytest.param("https://API.example.org/x", 200, id="absolute form naming an allowed host"),
+    pytest.param("/x", 200, id="origin form"),
+])
+def test_allowed_hosts_checks_the_host_an_absolute_target_names(target: str, status: int) -> None:
+    """RFC 9112 §3.2.2: the target's authority becomes the host (the validation layer makes it HTTP_HOST)."""
+    app = make(allowed_hosts=["api.example.org"])
+    app.get("/x", headers={"Host": "api.example.org"}, status=status,
+            extra_environ={"REMOTE_ADDR": "192.0.2.1", "REQUEST_URI": target, "RAW_URI": target})
+
+
 @pytest.mark.parametrize(("server_name", "status"), [
     pytest.param("internal", 200, id="an allowed server name"),
     pytest.param("evil.example", 400, id="another server name"),
