@@ -127,6 +127,15 @@ class SecurityHeadersMiddleware:
 
         @field_validator("content_security_policy")
         @classmethod
+        def _one_policy(cls, value: str | None) -> str | None:
+            if value is not None and "," in value:  # CSP3 §2.2.1: a comma starts a second policy, enforced too
+                raise ValueError(
+                    "must be one policy: a ',' starts a second policy, which browsers enforce too, and in "
+                    "which this layer cannot see frame-ancestors; separate directives with ';' "
+                    f"(got {value!r})")
+            return cls._printable(value)
+
+        @classmethod
         def _printable(cls, value: str | None) -> str | None:
             if value is None:
                 return None
