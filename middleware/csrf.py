@@ -106,9 +106,9 @@ class CSRFMiddleware:
                 raise ValueError("double_submit needs a secret_key of at least 32 characters; "
                                  "generate one with: python -c 'import secrets; "
                                  "print(secrets.token_urlsafe(32))'")
-            if not self.header or not all(c.isalnum() or c == "-" for c in self.header):
+            if not self.header or not all((c.isascii() and c.isalnum()) or c == "-" for c in self.header):
                 raise ValueError(f"header {self.header!r} is not a header name "
-                                 "(letters, digits and '-')")
+                                 "(ASCII letters, digits and '-')")
             return self
 
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:

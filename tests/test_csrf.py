@@ -201,8 +201,10 @@ def test_origin_checks(options: dict[str, Any], request_headers: dict[str, str],
                  "double_submit needs a secret_key of at least 32 characters", id="no secret_key"),
     pytest.param({"double_submit": True, "secret_key": "short"},
                  "double_submit needs a secret_key of at least 32 characters", id="short key"),
-    pytest.param({"header": "X CSRF"}, "header 'X CSRF' is not a header name (letters, digits "
+    pytest.param({"header": "X CSRF"}, "header 'X CSRF' is not a header name (ASCII letters, digits "
                  "and '-')", id="bad header name"),
+    pytest.param({"header": "X-CSRF-Tökén"}, "header 'X-CSRF-Tökén' is not a header name (ASCII letters, "
+                 "digits and '-')", id="non-ASCII letters: no request can carry it"),
     pytest.param({"trusted": []}, "Extra inputs are not permitted", id="unknown option"),
 ])
 def test_refused_options(options: dict[str, Any], message: str) -> None:
