@@ -703,6 +703,10 @@ def instantiate(spec: LayerSpec, app: WSGIApplication, context: Context) -> WSGI
     return layer
 
 
+class NotWSGI(TypeError):
+    """What a factory returned cannot serve requests (the message names it; no option is at fault)."""
+
+
 def _check_wsgi(layer: object) -> None:
     """Refuse what a factory made when it cannot be called as ``layer(environ, start_response)``.
 
@@ -710,7 +714,7 @@ def _check_wsgi(layer: object) -> None:
     that wants the app, not a request: it would answer every request with a 500.
     """
     if not callable(layer):
-        raise TypeError(f"the factory returned {type(layer).__name__} {layer!r:.60}, not a WSGI application "
+        raise NotWSGI(f"the factory returned {type(layer).__name__} {layer!r:.60}, not a WSGI application "
                         "(a callable taking environ and start_response)")
     try:
         signature = inspect.signature(layer)
@@ -719,7 +723,7 @@ def _check_wsgi(layer: object) -> None:
     try:
         signature.bind({}, lambda *args: None)
     except TypeError:
-        raise TypeError(f"the factory returned {getattr(layer, '__qualname__', type(layer).__name__)}"
+        raise NotWSGI(f"the factory returned {getattr(layer, '__qualname__', type(layer).__name__)}"
                         f"{signature}, which cannot be called as layer(environ, start_response); a Paste Deploy "
                         "filter_factory(global_conf, **local_conf) is not a middleware factory: name its filter "
                         "function instead") from None
@@ -842,7 +846,7 @@ def _build_problem(doc: Document, spec: LayerSpec, exc: BaseException) -> Proble
     message = _why(exc)
     filename = getattr(exc, "filename", None)
     options = data_at(doc, (*path, spec.name)) if spec.path else None
-    if isinstance(options, dict):
+    if isinstance(options, dict) and not isinstance(exc, NotWSGI):  # (its words are not about an option)
         fields = list(options)
         opath = (*path, spec.name)
         message = _masked(message, options)  # the layer's own message may quote a secret it was given

@@ -650,6 +650,12 @@ def test_a_linked_stack_file_keeps_its_state_beside_the_link(tmp_path: Path) -> 
             id="a Paste Deploy filter factory",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - stack_support:filter_factory: {a: 1, application: x}\n",
+            "stack.yaml:3:5 pipeline[0]: stack_support:filter_factory: the factory returned filter_factory.<locals>."
+            "filt(app: 'Any') -> 'Any', which cannot be called",
+            id="a factory's result at fault, not an option its message happens to name ('a', 'application')",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - stack_support:MethodsLayer: {methods: [GET, POST]}\n",
             "stack.yaml:3:34 pipeline[0].stack_support:MethodsLayer.methods: 'methods' here scopes the layer (paths, "
             "exclude_paths and methods are the builder's), but stack_support:MethodsLayer also takes a 'methods' "
