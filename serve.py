@@ -976,7 +976,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"{name}: cannot import ({exc})\n")
             continue
-        doc = (inspect.getdoc(inspect.getmodule(target)) or "").split("\n\n")[0].replace("\n", " ")
+        # The module's first paragraph, else the layer's own (a layer module may start with its class)
+        doc = (inspect.getdoc(inspect.getmodule(target)) or inspect.getdoc(target) or "").split("\n\n")[0]
+        doc = doc.replace("\n", " ")
         page, option_docs = _option_docs(name)
         print(f"{name}  ({LAYERS[name]})\n    {doc}")
         if page:

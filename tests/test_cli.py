@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import logging
@@ -93,6 +94,20 @@ def test_layers_lists_options_with_types_and_defaults() -> None:
     assert "    docs: docs/layers/access_log.md\n" in result.stdout
     assert "    file: str | None = None\n        Append the lines to this file instead (created with mode `0640`; a " \
         "relative path is relative to the stack file).\n" in result.stdout
+
+
+def test_layers_describes_a_layer_whose_module_has_no_docstring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's own example layer starts with its class: its docstring describes it."""
+    (tmp_path / "served_by_layer.py").write_text(
+        "class ServedBy:\n    \"\"\"Adds X-Served-By to every response.\n\n    More.\"\"\"\n\n"
+        "    def __init__(self, app, options, context):\n        self.app = app\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(LAYERS, "served_by", "served_by_layer:ServedBy")
+    assert serve.cmd_layers(argparse.Namespace()) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("served_by  (served_by_layer:ServedBy)")
+    assert out[at + 1] == "    Adds X-Served-By to every response."
 
 
 @pytest.mark.parametrize(("target", "headers", "status", "message"), [
