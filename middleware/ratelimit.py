@@ -294,9 +294,12 @@ class _MemoryCounter:
         self._storage: _MemoryStorage | None = None
         # Ordered dicts: their oldest entries are dropped from the front, which in a plain dict costs a scan
         # past every entry deleted before (until the next resize): at the key cap, each new client's.
-        self.windows: dict[float, OrderedDict[str, list[float]]] = {}  # expiry -> key -> [count, monotonic end]
-        #: (strategy, expiry) -> key -> when its entries end, for the moving and sliding windows (see _track)
-        self.tracked: dict[tuple[str, int], OrderedDict[str, float]] = {}
+        # Each limit of each rule (its keys' common prefix, ``group``) has its own, each capped on its own: a
+        # flood of made-up keys on one rule (a header's values) cannot push another's counts out (the login's).
+        #: (group, expiry) -> key -> [count, monotonic end]
+        self.windows: dict[tuple[str, float], OrderedDict[str, list[float]]] = {}
+        #: (group, strategy, expiry) -> key -> when its entries end, for the moving and sliding windows (see _track)
+        self.tracked: dict[tuple[str, str, int], OrderedDict[str, float]] = {}
         self.lock = threading.Lock()
 
     @property
@@ -308,14 +311,18 @@ class _MemoryCounter:
                     self._storage = _MemoryStorage()
         return self._storage
 
-    def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
+    def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float,
+            around: list[tuple[str, str]] | None = None) -> list[Result]:
+        """Count a hit on each limit; ``around`` (each key's prefix and suffix) groups the keys to cap."""
+        if around is None:
+            around = [("", "")] * len(keys)
         if strategy == "fixed-window":
-            return self._fixed(items, keys, now)
+            return self._fixed(items, keys, now, around)
         s, out = self.storage, []
         with self.lock:
-            for item, key in zip(items, keys, strict=True):
+            for item, key, (group, _) in zip(items, keys, around, strict=True):
                 expiry, amount = item.get_expiry(), item.amount
-                self._track(strategy, expiry, key, now)
+                self._track(group, strategy, expiry, key, now)
                 if strategy == "moving-window":
                     allowed = s.acquire_entry(key, amount, expiry)
                     start, count = s.get_moving_window(key, amount, expiry)
@@ -326,8 +333,8 @@ class _MemoryCounter:
                     out.append((allowed, remaining, reset))
         return out
 
-    def _track(self, strategy: str, expiry: int, key: str, now: float) -> None:
-        """Keep at most MAX_MEMORY_KEYS keys in ``limits``' storage per strategy and window length.
+    def _track(self, group: str, strategy: str, expiry: int, key: str, now: float) -> None:
+        """Keep at most MAX_MEMORY_KEYS keys in ``limits``' storage per limit of a rule.
 
         ``tracked`` holds each key's last hit plus how long its entries live after it
         (a moving window: one window; a sliding window's counter: two), ordered by
@@ -335,9 +342,9 @@ class _MemoryCounter:
         own timer drops their entries); past the cap, the key hit least recently is
         cleared from the storage, and that client starts anew.  Call with the lock held.
         """
-        tracked = self.tracked.get((strategy, expiry))
+        tracked = self.tracked.get((group, strategy, expiry))
         if tracked is None:
-            tracked = self.tracked[(strategy, expiry)] = OrderedDict()
+            tracked = self.tracked[(group, strategy, expiry)] = OrderedDict()
         if key in tracked:
             del tracked[key]  # inserted again at the end
         tracked[key] = now + (expiry if strategy == "moving-window" else 2 * expiry)
@@ -354,17 +361,18 @@ class _MemoryCounter:
             else:
                 self.storage.clear_sliding_window(oldest, expiry)
 
-    def _fixed(self, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
+    def _fixed(self, items: list[RateLimitItem], keys: list[str], now: float,
+               around: list[tuple[str, str]]) -> list[Result]:
         """Windows timed by the monotonic clock (a wall clock stepped back an hour would hold every
         window open an hour longer); their ends are given back on ``now``'s clock."""
         out: list[Result] = []
         with self.lock:
             tick = time.monotonic()
-            for item, key in zip(items, keys, strict=True):
+            for item, key, (group, _) in zip(items, keys, around, strict=True):
                 expiry = item.get_expiry()
-                windows = self.windows.get(expiry)
+                windows = self.windows.get((group, expiry))
                 if windows is None:
-                    windows = self.windows[expiry] = OrderedDict()
+                    windows = self.windows[(group, expiry)] = OrderedDict()
                 entry = windows.get(key)
                 if entry is None or entry[1] <= tick:
                     if entry is not None:
@@ -383,10 +391,10 @@ class _MemoryCounter:
         return out
 
 
-#: Keys a ``memory://`` store counts per strategy and window length: past it, the key whose window
-#: started first (fixed windows) or that was hit least recently (moving, sliding) is dropped and that
-#: client starts anew, so a flood of made-up keys (IPv6 networks, header values) cannot grow the
-#: process without bound (about 0.5 KiB a key).
+#: Keys a ``memory://`` store counts per limit of a rule: past it, the key whose window started first
+#: (fixed windows) or that was hit least recently (moving, sliding) is dropped and that client starts
+#: anew, so a flood of made-up keys (IPv6 networks, header values) cannot grow the process without
+#: bound (about 0.5 KiB a key), nor take another rule's counts with it.
 MAX_MEMORY_KEYS = 100_000
 _COUNTERS: weakref.WeakKeyDictionary[MemoryStore, _MemoryCounter] = weakref.WeakKeyDictionary()
 _COUNTERS_LOCK = threading.Lock()
@@ -455,7 +463,8 @@ class _RedisCounter:
                 raise result
         return results
 
-    def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float) -> list[Result]:
+    def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float,
+            around: list[tuple[str, str]] | None = None) -> list[Result]:
         return self.hit_with(strategy, items, keys, now)[0]
 
     def hit_with(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float,
@@ -661,7 +670,7 @@ class RateLimitMiddleware:
             if self.read_aheads:  # only ever set for a Redis counter
                 results, locks = self._hit_and_read(environ, rule, keys, now)
             else:
-                results = self.counter.hit(rule.strategy, rule.items, keys, now)
+                results = self.counter.hit(rule.strategy, rule.items, keys, now, rule.keys)
         except _STORE_ERRORS as exc:
             # shadow mode never refuses, not even a closed rule in an outage
             return self._store_failed(environ, start_response, exc, rule.closed and self.enforce)
@@ -726,7 +735,7 @@ class RateLimitMiddleware:
             if found is not None:
                 wanted.append((ahead, (id(ahead.store), ahead.op, found[0]), found))
         if not wanted:
-            return self.counter.hit(rule.strategy, rule.items, keys, now), []
+            return self.counter.hit(rule.strategy, rule.items, keys, now, rule.keys), []
         commands = [ahead.store.read_command(ahead.op, *found)  # type: ignore[attr-defined]
                     for ahead, _, found in wanted]
         try:

@@ -391,6 +391,22 @@ def test_a_flood_of_new_keys_does_not_grow_the_memory_counters_without_bound(
     assert stack.get(ip="10.9.9.9").status_int == 200  # its window was the oldest: it starts anew
 
 
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+def test_a_flood_of_made_up_keys_on_one_rule_leaves_another_rules_counts(monkeypatch: pytest.MonkeyPatch,
+                                                                          strategy: str) -> None:
+    """One client floods a header-keyed rule: the login rule's count of that client must stay."""
+    import middleware.ratelimit as ratelimit
+
+    monkeypatch.setattr(ratelimit, "MAX_MEMORY_KEYS", 50)
+    rules = [{"paths": ["/auth/login"], "limits": ["2/minute"]},
+             {"paths": ["/api/*"], "key": ["client_ip", "header:X-Api-Key"], "limits": ["1000/minute"]}]
+    stack = Stack(MemoryStore(), limits=["1000/minute"], rules=rules, strategy=strategy)
+    assert [stack.get("/auth/login", ip="10.6.6.6").status_int for _ in range(3)] == [200, 200, 429]
+    for n in range(200):
+        stack.get("/api/items", ip="10.6.6.6", headers={"X-Api-Key": f"made-up-{n}"})
+    assert stack.get("/auth/login", ip="10.6.6.6").status_int == 429
+
+
 def test_a_lower_case_method_meets_its_rule(store: Store) -> None:
     """werkzeug routes `post` as POST (servers other than Waitress pass it on): the POST rule counts it."""
     from werkzeug.test import Client
@@ -550,7 +566,7 @@ def test_memory_windows_roll_over_and_ended_ones_are_dropped(monkeypatch: pytest
     assert rate(stack.get()) == {"RateLimit-Limit": "5", "RateLimit-Remaining": "0", "RateLimit-Reset": "59"}
     for n in range(50):  # other clients open windows of their own
         stack.get(ip=f"10.1.0.{n}")
-    windows = stack.layer.counter.windows  # type: ignore[union-attr]
+    windows = {expiry: keys for (_, expiry), keys in stack.layer.counter.windows.items()}  # type: ignore[union-attr]
     assert (len(windows[1]), len(windows[60])) == (51, 51)
     clock[0] += 2.0
     stack.get(ip="10.2.0.1")  # opening a window drops the ones that ended before it
