@@ -675,6 +675,16 @@ class TokenService:
                 raise _Invalid("invalid", "the refresh token has no fam claim")
             if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
                 raise _Invalid("revoked", "the token has been revoked")
+            jti, head_key = str(claims["jti"]), "family-head:" + fam
+            used = "refresh-used:" + jti
+            head = self._store(lambda: self.store.get(head_key), strict=True)
+            if head is not None and head != jti.encode():
+                # Not the family's newest refresh token: a retry within the grace gets the pair its
+                # first use made; anything else is a reuse (stolen or replayed), and the family goes.
+                again = self._made_by_first_use(used)
+                if again is None:
+                    self._revoke_family(fam)
+                    raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
             subject = str(claims["sub"])
             roles: Iterable[str] = claims.get("roles", [])
             if current_roles is not None:
@@ -693,21 +703,41 @@ class TokenService:
             auth_time = int(auth_time) if isinstance(auth_time, int | float) else int(claims["iat"])
             if auth_time + self.options.login_max_age <= time.time():  # however much leeway exp had
                 raise _Invalid("expired", "the token has expired")
-            pair, minted = self._pair(subject, sorted(set(roles)), fam, auth_time)
-            ttl = max(1.0, claims["exp"] - time.time() + self.margin)  # as long as any host may accept it
-            used, mark = "refresh-used:" + str(claims["jti"]), minted.mark()
-            if not self._store(lambda: self.store.add(used, mark, ttl), strict=True):
-                again = self._made_by_first_use(used)
-                if again is None:
-                    self._revoke_family(fam)
-                    raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
+            if head is not None and head != jti.encode():
+                assert again is not None
                 pair = self._pair(subject, again.roles, fam, auth_time, again)[0]
+            else:
+                pair = self._refresh_once(fam, subject, sorted(set(roles)), auth_time, used, claims)
             # A reuse detected while this pair was being made revoked the family: refuse it too.
             if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
                 raise _Invalid("revoked", "the token has been revoked")
             return pair
         except _Invalid as exc:
             raise self._refuse(exc) from None
+
+    def _refresh_once(self, fam: str, subject: str, roles: list[str], auth_time: int, used: str,
+                      claims: Mapping[str, Any]) -> dict[str, Any]:
+        """The new pair of the family's newest refresh token, which this use marks used.
+
+        The mark (set-if-absent: of two uses at once, one makes the pair) lives only as long
+        as a retry may get that pair again; the family's head, one key per family, then
+        names its newest refresh token, and every older one is a reuse. So the store holds
+        a few keys per login, not one for every refresh its tokens' thirty days allow.
+        """
+        pair, minted = self._pair(subject, roles, fam, auth_time)
+        o = self.options
+        life = max(1.0, claims["exp"] - time.time() + self.margin)  # as long as any host may accept it
+        mark_ttl = min(life, o.refresh_reuse_grace + self.margin + 1)
+        if not self._store(lambda: self.store.add(used, minted.mark(), mark_ttl), strict=True):
+            again = self._made_by_first_use(used)
+            if again is None:
+                self._revoke_family(fam)
+                raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
+            pair, minted = self._pair(subject, again.roles, fam, auth_time, again)
+        # (Set again by a retry: the first use may have marked the token and failed here, with a 503.)
+        head_key, head = "family-head:" + fam, minted.refresh.encode()
+        self._store(lambda: self.store.set(head_key, head, o.refresh_ttl + self.margin), strict=True)
+        return pair
 
     def _made_by_first_use(self, used: str) -> _Minted | None:
         """What the first use of a refresh token made, when sending it again is a retry, not a theft.

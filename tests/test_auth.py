@@ -609,11 +609,30 @@ def test_a_used_refresh_token_is_known_as_long_as_any_host_accepts_it(monkeypatc
     store = MemoryStore()
     stack = Stack(store, leeway=30, access_ttl=60, refresh_ttl=100)
     first = stack.tokens.issue("ann")
-    stack.tokens.refresh(first["refresh_token"])
+    second = stack.tokens.refresh(first["refresh_token"])
     later = time.monotonic() + 100 + 45  # past exp + leeway on the first host's clock, within 2 leeway
     monkeypatch.setattr("stores.memory._monotonic", lambda: later)
-    jti = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["jti"]
-    assert store.get(f"refresh-used:{jti}") is not None
+    fam = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["fam"]
+    newest = jwt.decode(second["refresh_token"], SECRET, algorithms=["HS256"])["jti"]
+    assert store.get(f"family-head:{fam}") == newest.encode()  # the first token is not the family's newest
+
+
+def test_a_chain_of_refreshes_keeps_a_few_keys_per_login_and_still_knows_every_old_token(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refreshing all day must not store a key per refresh for thirty days (a client could fill the store)."""
+    store = MemoryStore()
+    stack = Stack(store)
+    first = pair = stack.tokens.issue("ann")
+    for _ in range(30):
+        pair = stack.tokens.refresh(pair["refresh_token"])
+    later = time.monotonic() + 60  # past the retry grace and its margin, within the tokens' lives
+    monkeypatch.setattr("stores.memory._monotonic", lambda: later)
+    assert list(store.scan("refresh-used:")) == [] and len(list(store.scan("family-head:"))) == 1
+    with pytest.raises(HTTPException) as refused:
+        stack.tokens.refresh(first["refresh_token"])
+    assert refused.value.code == 401 and stack.reasons == ["refresh_reuse"]
+    with pytest.raises(HTTPException):  # the whole family went with it, the newest token too
+        stack.tokens.refresh(pair["refresh_token"])
 
 
 def test_a_revocation_outlives_the_token_by_twice_the_leeway(monkeypatch: pytest.MonkeyPatch) -> None:
