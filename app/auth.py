@@ -55,8 +55,11 @@ class _Failures:
     account can have (see ``app.users.NAME``) is not counted, nor stored.  The
     key holds a digest of the exact name (names are case-sensitive, as the
     lookup is), never the name itself; on a ``memory://`` store these keys may
-    be evicted to make room, so a flood of made-up names cannot fill it, but
-    never for cache entries, so anonymous searches cannot reset a count.
+    be evicted to make room, least recently counted first, so a flood of made-up
+    names cannot fill it; cache entries evict them only while they hold more than
+    half the store.  So a client that can spray made-up names from enough
+    addresses (the login rule limits each) can push a count out: on a public
+    server, keep the counts in Redis (``noeviction``, docs/stores.md).
     """
 
     def __init__(self, state: AppState, service: Any, username: str) -> None:

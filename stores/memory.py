@@ -10,7 +10,9 @@ Only the keys of layers that declare them disposable (through
 :meth:`MemoryStore.allow_eviction`) are evicted, least recently used first, to
 make room: the response cache's entries first, for any new key; then keys
 declared ``lowest=False`` (the core's per-account counts of wrong passwords),
-never to make room for a cache entry.  Everything else (sessions, revoked and
+for a cache entry only while they hold more than half the store (so made-up
+names cannot leave the cache no room), else for kept keys and each other.
+Everything else (sessions, revoked and
 used tokens) is state whose loss changes what a request may do: a client that
 can add cache entries at will must not be able to push a token revocation, or
 a count of password guesses, out.  When the bound is reached and nothing may
