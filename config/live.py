@@ -106,6 +106,8 @@ def refused_stores(built: BuiltStack) -> list[Problem]:
         probe = getattr(store, "probe", None)
         found = probe() if callable(probe) else None
         if found is None:
+            if callable(probe):
+                _warn_of_evictions(built, name, store)
             continue
         what, refuses = found
         if refuses:
@@ -115,6 +117,36 @@ def refused_stores(built: BuiltStack) -> list[Problem]:
                 "store %r (%s) does not answer yet: %s; its layers follow their on_store_error and /readyz "
                 "reports it until it answers", name, store.url, what)
     return problems
+
+
+#: Layers whose keys are state: a key evicted changes what a request may do (a revocation forgotten).
+_STATEFUL = ("auth", "session", "ratelimit")
+
+
+def _warn_of_evictions(built: BuiltStack, name: str, store: Any) -> None:
+    """Warn when Redis's ``maxmemory`` settings would make a store lose state, or let the cache refuse it room.
+
+    With ``maxmemory`` set, an evicting policy may drop a revocation or a session
+    (every key the layers write has a TTL, so the ``volatile-*`` policies evict them
+    too); with ``noeviction`` a cache on the same store fills it, and then the
+    logins and logouts that need a write fail.
+    """
+    ask = getattr(store, "memory_policy", None)
+    found = ask() if callable(ask) else None
+    if found is None or not found[1]:  # no maxmemory: Redis evicts nothing
+        return
+    policy = found[0]
+    users = {spec.name for spec in built.config.pipeline if getattr(spec.options, "store", None) == name}
+    state = sorted(users.intersection(_STATEFUL))
+    log = logging.getLogger("wsgistack.stores")
+    if state and policy != "noeviction":
+        log.warning("store %r (%s) evicts keys when Redis is full (maxmemory-policy %s): %s would lose state "
+                    "(a revoked token accepted again, a session or a count gone); give them a Redis with "
+                    "maxmemory-policy noeviction (docs/stores.md)", name, store.url, policy, ", ".join(state))
+    elif state and "cache" in users:
+        log.warning("store %r (%s) holds the cache beside %s, with maxmemory-policy noeviction: once cached "
+                    "answers fill maxmemory, the writes logins and logouts need are refused; give the cache a "
+                    "store of its own on a Redis with allkeys-lru (docs/stores.md)", name, store.url, ", ".join(state))
 
 
 def _probed(built: BuiltStack) -> BuiltStack:

@@ -690,6 +690,14 @@ class RedisStore(Store):
             return found
         return None
 
+    def memory_policy(self) -> tuple[str, int] | None:
+        """``(maxmemory-policy, maxmemory bytes)`` from ``INFO memory``; None when the server will not say."""
+        try:
+            info = self.client.info("memory")
+            return str(info.get("maxmemory_policy", "")), int(info.get("maxmemory", 0))
+        except Exception:  # a user without INFO, a proxy that hides it: nothing to judge by
+            return None
+
     def _replica(self) -> bool:
         """Whether ROLE says replica; False when the server does not let this user ask (NOPERM)."""
         try:
