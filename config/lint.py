@@ -180,10 +180,14 @@ def _counters(spec: LayerSpec) -> set[tuple[str, str, str, str]]:
     def key_of(value: Any) -> str:
         return "|".join(value) if isinstance(value, list | tuple) else str(value)
 
+    from middleware.ratelimit import _Rule, _rule_digest
+
     strategy, key = spec.option("strategy", "fixed-window"), spec.option("key", "client_ip")
     rules = [("default", spec.option("limits", None) or [], None, None)]
     for i, rule in enumerate(spec.option("rules", None) or []):
-        rules.append((f"r{i}", _field(rule, "limits") or [], _field(rule, "strategy"), _field(rule, "key")))
+        # Named as the layer names its counters: by what the rule matches, not its place.
+        rid = _rule_digest(rule) if isinstance(rule, _Rule) else f"r{i}"
+        rules.append((rid, _field(rule, "limits") or [], _field(rule, "strategy"), _field(rule, "key")))
     found = set()
     for rid, limits, rule_strategy, rule_key in rules:
         for text in [limits] if isinstance(limits, str) else limits:

@@ -639,7 +639,10 @@ class RateLimitMiddleware:
                     out.append("h:" + hashlib.blake2b(value.encode("latin-1"), digest_size=12).hexdigest())
                     continue
             ip = client_ip(environ) or "unknown"
-            out.append("ip:" + (ipv6_network(ip, self.prefix) if ":" in ip else ip))
+            # A part that falls back to the address says so: a layer keyed by user beside one keyed by
+            # address, both without a namespace, must not count an anonymous request twice in one counter.
+            fallback = "ip:" if part == "client_ip" else ("u-ip:" if part == "user" else "h-ip:")
+            out.append(fallback + (ipv6_network(ip, self.prefix) if ":" in ip else ip))
         return out[0] if len(out) == 1 else "|".join(dict.fromkeys(out))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

@@ -211,6 +211,14 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="two ratelimits sharing counters",
         ),
         pytest.param(
+            "pipeline:\n  - ratelimit: {limits: ['9/minute'], rules: [{paths: ['/x'], limits: ['1/second']}, "
+            "{paths: ['/a'], limits: ['4/minute']}]}\n"
+            "  - ratelimit: {limits: ['7/minute'], rules: [{paths: ['/a'], limits: ['4/minute']}]}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: ratelimit at pipeline[1] and the one at pipeline[0] count in "
+            "store 'shared' under the same namespace with an equal limit",
+            id="the same rule at another place in each layer: one counter, as the layers name them by what they match",
+        ),
+        pytest.param(
             "pipeline:\n  - metrics: {}\n  - metrics: {path: /m2}\n",
             "stack.yaml:5:5 pipeline[1]: metrics may appear only once",
             id="metrics twice",
@@ -311,6 +319,12 @@ def test_lint(pipeline: str, expected: str) -> None:
             "  - ratelimit: {limits: ['100/minute'], paths: ['/api/*'], namespace: api}\n"
             "  - ratelimit: {limits: ['100/minute'], paths: ['/auth/*'], namespace: auth}\n",
             id="two ratelimits, each in its namespace",
+        ),
+        pytest.param(
+            "pipeline:\n  - errors: {}\n"
+            "  - ratelimit: {paths: ['/a/*'], limits: ['9/minute'], rules: [{paths: ['/a/x'], limits: [4/minute]}]}\n"
+            "  - ratelimit: {paths: ['/b/*'], limits: ['7/minute'], rules: [{paths: ['/b/x'], limits: [4/minute]}]}\n",
+            id="two ratelimits whose first rules match other paths: apart, though both are the first",
         ),
         pytest.param("pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
                      id="proxy layer; Waitress leaves the headers to it"),

@@ -633,6 +633,15 @@ def test_namespaces_keep_two_layers_apart(store: Store, namespaces: tuple[str, s
         assert ("ratelimit.pass", {"rule": "api:default"}) in api.events
 
 
+@pytest.mark.parametrize("key", ["user", "header:X-Api-Key"])
+def test_a_layer_keyed_by_user_or_header_counts_an_anonymous_request_apart_from_one_keyed_by_address(
+        store: Store, key: str) -> None:
+    """By address outside auth, by user inside, no namespaces: 4/minute each lets 4 anonymous requests through."""
+    by_address, by_user = Stack(store, limits=["4/minute"]), Stack(store, limits=["4/minute"], key=key)
+    answers = [(by_address.get().status_int, by_user.get().status_int) for _ in range(5)]
+    assert answers == [(200, 200)] * 4 + [(429, 429)]
+
+
 def test_two_layers_on_one_redis_share_the_count(redis_url: str) -> None:
     first, second = store_from_url(redis_url), store_from_url(redis_url)
     try:
