@@ -337,6 +337,21 @@ def test_implausible_totals_are_ignored(tmp_path: Path, upstream: FakeSearxng, r
         "page": 1, "per_page": 10, "total": expected, "pages": min(-(-expected // 10), 1000)}
 
 
+@pytest.mark.parametrize(("reported", "page", "expected"), [
+    pytest.param("0", 1, {"page": 1, "per_page": 10, "total": 11, "pages": 2}, id="SearXNG's 0: a next page"),
+    pytest.param("0", 3, {"page": 3, "per_page": 10, "total": 31, "pages": 4}, id="and from every full page"),
+    pytest.param("10", 1, {"page": 1, "per_page": 10, "total": 10, "pages": 1}, id="a count of exactly the page"),
+    pytest.param("57", 1, {"page": 1, "per_page": 10, "total": 57, "pages": 6}, id="a count"),
+])
+def test_a_full_page_without_a_count_promises_one_more(tmp_path: Path, upstream: FakeSearxng, reported: str,
+                                                       page: int, expected: dict[str, int]) -> None:
+    """A client that follows pages must ask for the next page of an engine that gives no estimate."""
+    results = json.dumps([{"title": "t", "url": f"https://example.org/{i}", "content": "c"} for i in range(10)])
+    upstream.canned["x"] = results_body(reported, results)
+    client = searxng_app(tmp_path, upstream.url)
+    assert client.get("/api/v2/search", {"q": "x", "page": page}).json["pagination"] == expected
+
+
 def test_an_ignored_total_is_the_number_of_results_seen(tmp_path: Path, upstream: FakeSearxng) -> None:
     results = json.dumps([{"title": "t", "url": f"https://example.org/{i}", "content": "c"} for i in range(3)])
     upstream.canned["x"] = results_body("1e999", results)

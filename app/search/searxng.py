@@ -24,7 +24,9 @@ result whose ``url`` is not a non-empty ``http``/``https`` URL, or whose
 ``title`` or ``content`` is neither a string nor null, is dropped, and a page
 passes on at most ``MAX_RESULTS``.  A ``number_of_results`` that is not a
 whole number from the results seen so far up to 2**53 - 1 is ignored (the
-total is then the results seen so far); on an empty page (past the end) the
+total is then the results seen so far, and one more when the page is full, so
+that a client following ``pages`` asks for the next one; SearXNG often reports
+0 for engines that give no estimate); on an empty page (past the end) the
 total is at most what the pages before it hold.
 SearXNG only answers JSON when ``search.formats`` in its settings lists
 ``json``; otherwise it answers 403, which shows up here as a 502.  Its bot
@@ -209,6 +211,8 @@ class SearxngEngine(SearchEngine):
         if results:  # at least the results of the pages before and of this one
             seen = (page - 1) * per_page + len(results)
             total = reported if reported is not None and reported >= seen else seen
+            if total == seen and reported != seen and len(results) >= self.per_page:
+                total += 1  # a full page and no count (SearXNG often says 0): the next page may hold more
         else:  # past the end: the pages before hold everything there is, at most
             total = min(reported or 0, (page - 1) * per_page)
         return SearchPage(query, results, total, page, per_page)
