@@ -557,7 +557,9 @@ def target_authority(uri: str | None) -> str | None:
     """
     if not uri or uri[:1] == "/":
         return None
-    rest = uri.partition("://")[2]
+    _, sep, rest = uri.partition("://")
+    if not sep:  # ``*`` (OPTIONS *) or an authority (CONNECT host:port): no URL, no host of its own
+        return None
     return rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
 
 

@@ -234,6 +234,8 @@ def test_allowed_hosts(options: dict[str, Any], request_headers: dict[str, str],
     pytest.param("http://evil.example:8080/x?q=1", 400, id="absolute form with a port and query"),
     pytest.param("https://API.example.org/x", 200, id="absolute form naming an allowed host"),
     pytest.param("/x", 200, id="origin form"),
+    pytest.param("*", 200, id="asterisk form (OPTIONS *): no host of its own"),
+    pytest.param("api.example.org:443", 200, id="authority form (CONNECT): no URL"),
 ])
 def test_allowed_hosts_checks_the_host_an_absolute_target_names(target: str, status: int) -> None:
     """RFC 9112 §3.2.2: the target's authority becomes the host (the validation layer makes it HTTP_HOST)."""
