@@ -134,6 +134,10 @@ class _Invalid(Exception):
         self.reason, self.description = reason, description
 
 
+class _LookupFailed(Exception):
+    """The users database (``USER_ROLES``, ``USER_SINCE``) could not answer; the failure is logged."""
+
+
 class _Key(NamedTuple):
     kid: str | None
     alg: str
@@ -192,6 +196,12 @@ def _raise(exc: BaseException) -> Any:
 
 def _ignore(event: str, **fields: Any) -> None:
     """The event sink of a token service built without a context."""
+
+
+def _users_down() -> HTTPException:
+    """A users database (``USER_ROLES``, ``USER_SINCE``, a refresh's lookups) that cannot answer: retry soon."""
+    return refuse(503, "The users database cannot be read; retry shortly.",
+                  headers=[("Retry-After", _STORE_RETRY_AFTER)])
 
 
 def _store_down() -> HTTPException:
@@ -687,14 +697,19 @@ class TokenService:
                     raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
             subject = str(claims["sub"])
             roles: Iterable[str] = claims.get("roles", [])
-            if current_roles is not None:
-                # Asked before the token is marked used, so a failing lookup does not burn it.
-                found = current_roles(subject)
-                if found is None:
-                    self._revoke_family(fam)
-                    raise _Invalid("unknown_subject", "the token has been revoked")
-                roles = found
-            if credentials_since is not None and _before(claims.get("iat"), credentials_since(subject)):
+            # Asked before the token is marked used, so a failing lookup does not burn it.
+            try:
+                found = current_roles(subject) if current_roles is not None else roles
+                since = credentials_since(subject) if credentials_since is not None else None
+            except Exception:  # the users database cannot answer: a 503 to retry, not a 500
+                if self.log is not None:
+                    self.log.exception("could not look up refresh token user %r", escape_control(subject))
+                raise _users_down() from None
+            if found is None:
+                self._revoke_family(fam)
+                raise _Invalid("unknown_subject", "the token has been revoked")
+            roles = found
+            if _before(claims.get("iat"), since):
                 self._revoke_family(fam)  # issued before a password reset, or to an earlier holder of the name
                 raise _Invalid("credentials_changed", "the token has been revoked")
             # The new pair is made (its access token recorded) before the refresh token is marked
@@ -728,15 +743,15 @@ class TokenService:
         o = self.options
         life = max(1.0, claims["exp"] - time.time() + self.margin)  # as long as any host may accept it
         mark_ttl = min(life, o.refresh_reuse_grace + self.margin + 1)
-        if not self._store(lambda: self.store.add(used, minted.mark(), mark_ttl), strict=True):
+        # The mark and the new head in one step: a failure leaves neither (the token can be sent again), and
+        # only the use that marks the token moves the head, so a slow second use cannot move it back.
+        head = [("family-head:" + fam, minted.refresh.encode(), o.refresh_ttl + self.margin)]
+        if not self._store(lambda: self.store.add_then_write(used, minted.mark(), mark_ttl, head), strict=True):
             again = self._made_by_first_use(used)
             if again is None:
                 self._revoke_family(fam)
                 raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
-            pair, minted = self._pair(subject, again.roles, fam, auth_time, again)
-        # (Set again by a retry: the first use may have marked the token and failed here, with a 503.)
-        head_key, head = "family-head:" + fam, minted.refresh.encode()
-        self._store(lambda: self.store.set(head_key, head, o.refresh_ttl + self.margin), strict=True)
+            pair = self._pair(subject, again.roles, fam, auth_time, again)[0]
         return pair
 
     def _made_by_first_use(self, used: str) -> _Minted | None:
@@ -884,7 +899,12 @@ class AuthMiddleware:
         claims = self.tokens.known(token)
         if claims is None:
             return None
-        return {IDENTITY: Identity(claims["sub"], frozenset(claims.get("roles", ())), "jwt", claims)}
+        roles = frozenset(claims.get("roles", ()))
+        if self.tokens.signer is not None and self.context.services.get(USER_ROLES) is not None:
+            known = self._roles_now.get(claims["sub"])  # the roles it has now, as last looked up (as the call will)
+            if known is not None and known[0] > time.monotonic() and known[1] is not None:
+                roles = known[1]
+        return {IDENTITY: Identity(claims["sub"], roles, "jwt", claims)}
 
     def _session_identity(self, environ: WSGIEnvironment) -> Identity | None:
         session = environ.get(SESSION)
@@ -895,15 +915,20 @@ class AuthMiddleware:
         roles = user.get("roles")
         held = frozenset(roles if isinstance(roles, list | tuple) else ())
         lookup = self.context.services.get(USER_ROLES)
-        if lookup is not None:  # the roles the user has now, not those copied into the session at login
-            current = self._current_roles(lookup, subject)
-            if current is None:
-                note(environ, "auth", f"session user {subject!r} no longer exists: no identity")
-                return None
-            held = current
         since = self.context.services.get(USER_SINCE)
-        if since is not None and _before(user.get("iat"), self._current_since(since, subject)):
-            note(environ, "auth", f"session user {subject!r} logged in before the credentials changed: no identity")
+        try:
+            if lookup is not None:  # the roles the user has now, not those copied into the session at login
+                current = self._current_roles(lookup, subject)
+                if current is None:
+                    note(environ, "auth", f"session user {subject!r} no longer exists: no identity")
+                    return None
+                held = current
+            if since is not None and _before(user.get("iat"), self._current_since(since, subject)):
+                note(environ, "auth", f"session user {subject!r} logged in before the credentials changed: "
+                                      "no identity")
+                return None
+        except _LookupFailed:  # the users database cannot say who it is: no one (fail closed), logged
+            note(environ, "auth", f"session user {subject!r} could not be looked up: no identity")
             return None
         return Identity(subject, held, "session", user)
 
@@ -921,23 +946,27 @@ class AuthMiddleware:
         roles = frozenset(claims.get("roles", ()))
         services = self.context.services
         if self.tokens.signer is not None:
-            lookup = services.get(USER_ROLES)
-            if lookup is not None:
-                current = self._current_roles(lookup, subject)
-                if current is None:
-                    note(environ, "auth", f"refused: token user {subject!r} no longer exists")
-                    raise self.tokens._refuse(_Invalid("unknown_subject", "the token has been revoked"))
-                roles = current
-            since = services.get(USER_SINCE)
-            if since is not None and _before(claims.get("iat"), self._current_since(since, subject)):
-                note(environ, "auth", f"refused: token of {subject!r} issued before the credentials changed")
-                raise self.tokens._refuse(_Invalid("credentials_changed", "the token has been revoked"))
+            lookup, since = services.get(USER_ROLES), services.get(USER_SINCE)
+            try:
+                if lookup is not None:
+                    current = self._current_roles(lookup, subject)
+                    if current is None:
+                        note(environ, "auth", f"refused: token user {subject!r} no longer exists")
+                        raise self.tokens._refuse(_Invalid("unknown_subject", "the token has been revoked"))
+                    roles = current
+                if since is not None and _before(claims.get("iat"), self._current_since(since, subject)):
+                    note(environ, "auth", f"refused: token of {subject!r} issued before the credentials changed")
+                    raise self.tokens._refuse(_Invalid("credentials_changed", "the token has been revoked"))
+            except _LookupFailed:
+                # Not the token's fault: a client told invalid_token drops it. A 503 it retries instead.
+                note(environ, "auth", f"refused: token user {subject!r} could not be looked up")
+                raise _users_down() from None
         return Identity(subject, roles, "jwt", MappingProxyType(claims))
 
     def _current_since(self, lookup: Any, subject: str) -> float | None:
-        """``lookup(subject)`` (see ``USER_SINCE``), reused for ``ROLES_FRESH`` seconds; a failure voids all."""
+        """``lookup(subject)`` (see ``USER_SINCE``), reused for ``ROLES_FRESH`` seconds."""
         since: float | None = self._looked_up(self._since_now, lookup, subject,
-                                              lambda found: None if found is None else float(found), math.inf,
+                                              lambda found: None if found is None else float(found),
                                               "the credentials of")
         return since
 
@@ -945,14 +974,15 @@ class AuthMiddleware:
         """``lookup(subject)`` as a frozenset (None: no such user), reused for ``ROLES_FRESH`` seconds."""
         roles: frozenset[str] | None = self._looked_up(self._roles_now, lookup, subject,
                                                        lambda found: None if found is None else frozenset(found),
-                                                       None, "the roles of session user")
+                                                       "the roles of user")
         return roles
 
     def _looked_up(self, cache: dict[str, tuple[float, Any]], lookup: Any, subject: str,
-                   convert: Callable[[Any], Any], failed: Any, what: str) -> Any:
-        """``convert(lookup(subject))``, kept in ``cache`` for ``ROLES_FRESH`` seconds; ``failed`` when it raises.
+                   convert: Callable[[Any], Any], what: str) -> Any:
+        """``convert(lookup(subject))``, kept in ``cache`` for ``ROLES_FRESH`` seconds.
 
-        A user store that cannot answer identifies no one (fail closed); the failure is logged.
+        A lookup that raises is logged and raises :class:`_LookupFailed`: a session then
+        identifies no one (fail closed), a token gets a 503 (its holder retries).
         """
         now = time.monotonic()
         cached = cache.get(subject)
@@ -962,7 +992,7 @@ class AuthMiddleware:
             found = convert(lookup(subject))
         except Exception:
             self.context.logger.getChild("auth").exception("could not look up %s %r", what, escape_control(subject))
-            return failed
+            raise _LookupFailed from None
         if len(cache) >= 10_000:
             cache.clear()
         cache[subject] = (now + ROLES_FRESH, found)

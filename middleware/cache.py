@@ -81,7 +81,7 @@ __all__ = ["DEFAULT_PREFIX", "CacheMiddleware", "purge"]
 DEFAULT_PREFIX = "wsgistack:cache:"
 #: The store keys of the other built-in layers, which must never be evicted for the cache.
 KEPT_NAMESPACES = ("session:", "revoked:", "refresh-used:", "family-access:", "family-revoked:", "family-swept:",
-                   "login-failures:")
+                   "family-head:", "login-failures:")
 # Entry keys are f"{prefix}e:{path}#{32 hex digits}", so a path glob maps to a scan prefix.
 _DIGEST = 32
 _VARY_INDEX = b'{"v":'  # how an entry that lists a path's Vary headers starts (its variants are stored apart)

@@ -227,6 +227,24 @@ class Store(abc.ABC):
             self.expire(mark, max(ttl for _, _, ttl in sets))
         return bool(sets)
 
+    def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:
+        """:meth:`add`, and when it succeeds the ``sets`` too, as one step; return whether it did.
+
+        No reader sees the key without the sets, and a failure leaves neither (the
+        refresh token service marks a token used and names its successor the
+        family's newest at once).  One step on the built-in stores (a Lua script on
+        Redis, the store's lock in memory://); this default is several calls: a
+        store of your own should override it.
+        """
+        if not self.add(key, value, ttl):
+            return False
+        try:
+            self.write(sets)
+        except Exception:
+            self.delete(key)
+            raise
+        return True
+
     @abc.abstractmethod
     def delete(self, key: str) -> bool:
         """Delete ``key``; return whether it existed."""

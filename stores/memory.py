@@ -291,6 +291,23 @@ class MemoryStore(Store):
             self._put(key, bytes(value), self._deadline(ttl, now))
             return True
 
+    def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:
+        _check_value(value)
+        for _, other, _ in sets:
+            _check_value(other)
+        now = _monotonic()
+        with self._lock:
+            if self._live(key, now) is not None:
+                return False
+            self._put(key, bytes(value), self._deadline(ttl, now))
+            try:
+                for other_key, other, other_ttl in sets:
+                    self._put(other_key, bytes(other), self._deadline(other_ttl, now))
+            except StoreError:  # full: neither goes (a key overwritten before the failure keeps its new value)
+                self._drop(self._table(key), key)
+                raise
+            return True
+
     def delete(self, key: str) -> bool:
         now = _monotonic()
         with self._lock:

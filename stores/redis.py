@@ -83,6 +83,14 @@ return {0, 0, mark}
 # write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1]), its life then made as
 # long as the longest set's (what is stored under it must not outlive it), then the deletes in any case.
 # KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen, n, then a value and its PX per set.
+# add_then_write: SET KEYS[1] NX (ARGV[1], PX ARGV[2]); when it is set, SET each further key i to ARGV[2i+1]
+# with PX ARGV[2i+2]. Replies 1 when written, 0 when KEYS[1] was there.
+_ADD_THEN_WRITE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[2 * i]) end
+return 1
+"""
+
 _WRITE_UNLESS_MARKED = """
 local n = tonumber(ARGV[2])
 local stored = 0
@@ -445,6 +453,7 @@ class RedisStore(Store):
         self._incr_ttl = self.client.register_script(_INCR_TTL)
         self._get_or_lock = self.client.register_script(_GET_OR_LOCK)
         self._write_unless = self.client.register_script(_WRITE_UNLESS_MARKED)
+        self._add_then_write = self.client.register_script(_ADD_THEN_WRITE)
 
     # -- the boundary -------------------------------------------------------------
 
@@ -559,6 +568,17 @@ class RedisStore(Store):
         fn = partial(self._get_or_lock, keys=keys, args=args)
         answer = self.read_answer("get_or_lock", self.call("GET or SET NX", fn))
         return cast("tuple[bytes | None, bool, bytes | None]", answer)
+
+    def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:
+        _check_value(value)
+        p = self.key_prefix
+        keys: list[str] = [p + key]
+        args: list[Any] = [value, _ms(ttl)]
+        for other_key, other, other_ttl in sets:
+            _check_value(other)
+            keys.append(p + other_key)
+            args += [other, _ms(other_ttl)]
+        return bool(self.call("SET NX, then SET", partial(self._add_then_write, keys=keys, args=args)))
 
     def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
                             deletes: Sequence[str] = ()) -> bool:

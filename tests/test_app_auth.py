@@ -523,6 +523,63 @@ def test_refresh_tokens_from_before_the_credentials_changed_are_void(stack: Stac
     assert stack.app.post_json("/auth/refresh", {"refresh_token": fresh["refresh_token"]}).status_int == 200
 
 
+@pytest.mark.parametrize("service", ["user_roles", "user_since"])
+def test_a_users_database_that_cannot_answer_is_a_503_for_a_token_and_no_identity_for_a_session(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch, service: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not the token's fault: a 401 invalid_token would make its client drop it; a 503 it retries."""
+    monkeypatch.setattr("middleware.auth.ROLES_FRESH", 0.0)
+    stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "auth": "required"}])
+    token = stack.login().json["access_token"]
+
+    def broken(name: str) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    stack.context.services[service] = broken
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        refused = stack.app.get("/api/v1/config", headers=bearer(token), status=503)
+        session_only = stack.app.get("/api/v1/config", status=401)  # the session: no one, as before
+    assert refused.json["error"]["message"] == "The users database cannot be read; retry shortly."
+    assert refused.headers["Retry-After"] == "5" and "WWW-Authenticate" not in refused.headers
+    assert session_only.json["error"]["message"] == "Unauthorized: this resource needs a bearer token."
+    assert "could not look up" in caplog.text and "session user" not in caplog.text
+
+
+@pytest.mark.parametrize("lookup", ["user_roles", "user_since"])
+def test_a_refresh_whose_users_lookup_fails_is_a_503_and_keeps_the_token(tmp_path: Path, users: UserStore,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         lookup: str) -> None:
+    stack = Stack(tmp_path, users)
+    pair = stack.login().json
+    state = stack.flask.extensions["wsgistack"]
+
+    def broken(name: str) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(state, lookup, broken)
+    refused = stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}, status=503)
+    assert refused.json["error"]["message"] == "The users database cannot be read; retry shortly."
+    assert refused.headers["Retry-After"] == "5"
+    monkeypatch.undo()
+    assert stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}).status_int == 200
+
+
+def test_every_key_of_the_session_and_auth_state_is_one_the_cache_may_never_evict(tmp_path: Path,
+                                                                                   users: UserStore) -> None:
+    """A key the cache's list of kept namespaces misses could be evicted for cached answers (memory://)."""
+    from middleware.cache import KEPT_NAMESPACES
+
+    stack = Stack(tmp_path, users)
+    stack.login(password="wrong", status=401)  # a count of wrong passwords
+    first = stack.login().json
+    pair = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}).json
+    stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]})
+    stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}, status=401)  # a reuse
+    keys = list(stack.store.scan(""))
+    assert {key.split(":", 1)[0] + ":" for key in keys} >= {"session:", "family-head:", "family-revoked:"}
+    assert [key for key in keys if not key.startswith(KEPT_NAMESPACES)] == []
+
+
 def test_session_roles_are_looked_up_at_most_once_a_second(tmp_path: Path, users: UserStore) -> None:
     stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "roles": ["admin"]}])
     stack.login()

@@ -398,8 +398,8 @@ def test_an_index_that_cannot_be_built_is_a_503_logged_once(tmp_path: Path, read
             error = client.get("/api/v2/search", {"q": "decode"}, status=503).json["error"]
             assert (error["code"], error["message"]) == (503, message)
         last = client.get("/api/v1/search/stream", {"q": "decode"}).text.strip().split("\n\n")[-1]
-    assert last == "event: search_error\ndata: " + json.dumps({"code": 503, "message": message, "retry_after": 5, "request_id": None},
-                                                              separators=(",", ":")) + "\nretry: 5000"
+    event = {"code": 503, "message": message, "retry_after": 5, "request_id": None}
+    assert last == "event: search_error\ndata: " + json.dumps(event, separators=(",", ":")) + "\nretry: 5000"
     assert caplog.messages == [f"the search index {index} is missing or out of date and cannot be built: "
                                f"[Errno 30] Read-only file system: '{index}.lock'"]
 

@@ -671,6 +671,48 @@ def test_a_refresh_sent_again_outside_the_grace_revokes_the_family(
     assert stack.call(token=second["access_token"]).status_int == 401
 
 
+def test_a_slow_second_use_within_the_grace_never_moves_the_family_head_back(store: Store) -> None:
+    """Two tabs refresh R1 at once; the loser is slow, and the client refreshes R2 meanwhile.
+
+    Had the loser then named R2 the family's newest, the client's next refresh (R3) would be
+    taken for a reuse, and a thief's R2 for the newest token. Only the use that marks a token
+    moves the head.
+    """
+    stack = Stack(store)
+    first = stack.tokens.issue("ann")
+    second = stack.tokens.refresh(first["refresh_token"])  # tab A wins
+    service = stack.tokens
+    looked_up = service._made_by_first_use
+    later: list[dict[str, Any]] = []
+
+    def slow(used: str) -> Any:
+        again = looked_up(used)  # tab B: R1 was used, R2 not yet refreshed: a retry, the same pair
+        later.append(service.refresh(second["refresh_token"]))  # the client goes on meanwhile (R2 -> R3)
+        return again
+
+    real_get = store.get
+    stale = [True]
+
+    def read_before_a_wrote(key: str) -> bytes | None:  # tab B read the head before tab A moved it
+        if stale and key.startswith("family-head:"):
+            stale.clear()
+            return None
+        return real_get(key)
+
+    service._made_by_first_use = slow  # type: ignore[method-assign]
+    store.get = read_before_a_wrote  # type: ignore[method-assign]
+    retried = service.refresh(first["refresh_token"])
+    store.get = real_get  # type: ignore[method-assign]
+    service._made_by_first_use = looked_up  # type: ignore[method-assign]
+    assert retried["refresh_token"] == second["refresh_token"]
+    fam = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["fam"]
+    third = later[0]
+    assert store.get(f"family-head:{fam}") == jwt.decode(third["refresh_token"], SECRET,
+                                                          algorithms=["HS256"])["jti"].encode()
+    assert service.refresh(third["refresh_token"])["token_type"] == "Bearer"  # the client keeps its login
+    assert stack.reasons == []
+
+
 def test_a_refresh_whose_answer_was_lost_can_be_sent_again(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The store marked the token used, but its answer came too late: the client got a 503.
 
@@ -680,21 +722,23 @@ def test_a_refresh_whose_answer_was_lost_can_be_sent_again(store: Store, monkeyp
     """
     stack = Stack(store)
     first = stack.tokens.issue("ann", ["user"])
-    real_add = store.add
+    real_add = store.add_then_write
 
-    def add_then_time_out(key: str, value: bytes, ttl: float | None = None) -> bool:
-        real_add(key, value, ttl)
+    def add_then_time_out(key: str, value: bytes, ttl: float, sets: Any) -> bool:
+        real_add(key, value, ttl, sets)
         raise StoreError("no answer in time")
 
-    monkeypatch.setattr(store, "add", add_then_time_out)
+    monkeypatch.setattr(store, "add_then_write", add_then_time_out)
     with pytest.raises(HTTPException) as info:
         stack.tokens.refresh(first["refresh_token"])
     assert info.value.code == 503
-    monkeypatch.setattr(store, "add", real_add)
+    monkeypatch.setattr(store, "add_then_write", real_add)
     retried = stack.tokens.refresh(first["refresh_token"])
     assert stack.reasons == []
     assert stack.call(token=retried["access_token"]).status_int == 200
-    stack.tokens.revoke(retried["refresh_token"], family=True)  # the lost attempt's access token was recorded
+    newer = stack.tokens.refresh(retried["refresh_token"])  # the pair it got is the family's newest
+    assert stack.call(token=newer["access_token"]).status_int == 200
+    stack.tokens.revoke(newer["refresh_token"], family=True)  # the lost attempt's access token was recorded
     assert stack.call(token=retried["access_token"]).status_int == 401
 
 
@@ -1129,10 +1173,10 @@ def test_a_family_revoked_while_its_refresh_is_being_made_refuses_the_new_pair()
     class RevokedMeanwhile(MemoryStore):
         family = ""
 
-        def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        def add_then_write(self, key: str, value: bytes, ttl: float, sets: Any) -> bool:
             if key.startswith("refresh-used:") and self.family:
                 self.set("family-revoked:" + self.family, b"1", ttl=3600)  # the other request's reuse detection
-            return super().add(key, value, ttl)
+            return super().add_then_write(key, value, ttl, sets)
 
     store = RevokedMeanwhile()
     stack = Stack(store)

@@ -161,6 +161,33 @@ def test_add_lets_exactly_one_thread_win(store: Store) -> None:
     assert sorted(results, key=bool) == [False] * 15 + [True]
 
 
+def test_add_then_write_writes_the_sets_only_with_the_key(store: Store) -> None:
+    assert store.add_then_write("mark", b"1", 5, [("head", b"a", 5), ("other", b"o", 0.15)]) is True
+    assert (store.get("mark"), store.get("head"), store.get("other")) == (b"1", b"a", b"o")
+    assert store.add_then_write("mark", b"2", 5, [("head", b"b", 5)]) is False
+    assert (store.get("mark"), store.get("head")) == (b"1", b"a")  # the loser wrote nothing
+    time.sleep(0.2)
+    assert store.get("other") is None  # each set with its own TTL
+
+
+def test_add_then_write_lets_exactly_one_thread_write(store: Store) -> None:
+    def one(n: int) -> bool:
+        return store.add_then_write("mark", b"x", 5, [("head", str(n).encode(), 5)])
+
+    counter = iter(range(16))
+    results = run_threads(16, lambda: one(next(counter)))
+    assert sorted(results, key=bool) == [False] * 15 + [True]
+    assert store.get("head") is not None
+
+
+def test_add_then_write_leaves_neither_when_the_memory_store_is_full() -> None:
+    full = MemoryStore(max_entries=2)
+    full.set("a", b"1")
+    with pytest.raises(StoreError):
+        full.add_then_write("mark", b"1", 5, [("head", b"h", 5)])
+    assert (full.get("mark"), full.get("head")) == (None, None)
+
+
 def test_incr_creates_the_counter_with_its_ttl_and_never_resets_it(store: Store) -> None:
     assert store.incr("n", ttl=0.4) == 1
     time.sleep(0.2)
