@@ -368,7 +368,7 @@ class SessionMiddleware:
             if not session.accessed:
                 # Unused so far, but a streamed body may still read it, after these headers: a
                 # response to a request that carries the cookie varies on it all the same.
-                if self.cookie_name in cookies(environ):
+                if self.cookie_name in environ.get("HTTP_COOKIE", "") and self.cookie_name in cookies(environ):
                     headers = list(headers)
                     add_vary(headers, "Cookie")
             else:
