@@ -102,12 +102,13 @@ def refused_stores(built: BuiltStack) -> list[Problem]:
     logged, and its layers follow their ``on_store_error`` until it answers.
     """
     problems: list[Problem] = []
+    answered: dict[str, Any] = {}
     for name, store in built.context.stores.items():
         probe = getattr(store, "probe", None)
         found = probe() if callable(probe) else None
         if found is None:
             if callable(probe):
-                _warn_of_evictions(built, name, store)
+                answered[name] = store
             continue
         what, refuses = found
         if refuses:
@@ -116,6 +117,7 @@ def refused_stores(built: BuiltStack) -> list[Problem]:
             logging.getLogger("wsgistack.stores").warning(
                 "store %r (%s) does not answer yet: %s; its layers follow their on_store_error and /readyz "
                 "reports it until it answers", name, store.url, what)
+    _warn_of_evictions(built, answered)
     return problems
 
 
@@ -123,30 +125,42 @@ def refused_stores(built: BuiltStack) -> list[Problem]:
 _STATEFUL = ("auth", "session", "ratelimit")
 
 
-def _warn_of_evictions(built: BuiltStack, name: str, store: Any) -> None:
+def _warn_of_evictions(built: BuiltStack, stores: Mapping[str, Any]) -> None:
     """Warn when Redis's ``maxmemory`` settings would make a store lose state, or let the cache refuse it room.
 
     With ``maxmemory`` set, an evicting policy may drop a revocation or a session
     (every key the layers write has a TTL, so the ``volatile-*`` policies evict them
-    too); with ``noeviction`` a cache on the same store fills it, and then the
-    logins and logouts that need a write fail.
+    too); with ``noeviction`` a cache on the same server (any of its databases: they
+    share ``maxmemory``) fills it, and then the logins and logouts that need a write fail.
     """
-    ask = getattr(store, "memory_policy", None)
-    found = ask() if callable(ask) else None
-    if found is None or not found[1]:  # no maxmemory: Redis evicts nothing
-        return
-    policy = found[0]
-    users = {spec.name for spec in built.config.pipeline if getattr(spec.options, "store", None) == name}
-    state = sorted(users.intersection(_STATEFUL))
+    users: dict[str, set[str]] = {}
+    for spec in built.config.pipeline:
+        store = getattr(spec.options, "store", None)
+        if isinstance(store, str):
+            users.setdefault(store, set()).add(spec.name)
+    servers: dict[str, list[tuple[str, Any, str]]] = {}  # run id -> (store name, store, policy), maxmemory set
+    for name, store in stores.items():
+        ask = getattr(store, "memory_policy", None)
+        found = ask() if callable(ask) else None
+        if found is not None and found[1]:  # no maxmemory: Redis evicts nothing
+            servers.setdefault(found[2] or name, []).append((name, store, found[0]))
     log = logging.getLogger("wsgistack.stores")
-    if state and policy != "noeviction":
-        log.warning("store %r (%s) evicts keys when Redis is full (maxmemory-policy %s): %s would lose state "
-                    "(a revoked token accepted again, a session or a count gone); give them a Redis with "
-                    "maxmemory-policy noeviction (docs/stores.md)", name, store.url, policy, ", ".join(state))
-    elif state and "cache" in users:
-        log.warning("store %r (%s) holds the cache beside %s, with maxmemory-policy noeviction: once cached "
-                    "answers fill maxmemory, the writes logins and logouts need are refused; give the cache a "
-                    "store of its own on a Redis with allkeys-lru (docs/stores.md)", name, store.url, ", ".join(state))
+    for on_server in servers.values():
+        caches = [name for name, _, _ in on_server if "cache" in users.get(name, ())]
+        for name, store, policy in on_server:
+            state = sorted(users.get(name, set()).intersection(_STATEFUL))
+            if state and policy != "noeviction":
+                log.warning("store %r (%s) evicts keys when Redis is full (maxmemory-policy %s): %s would lose "
+                            "state (a revoked token accepted again, a session or a count gone); give them a Redis "
+                            "with maxmemory-policy noeviction (docs/stores.md)", name, store.url, policy,
+                            ", ".join(state))
+            elif state and caches:
+                where = "holds the cache beside" if name in caches else \
+                    f"shares its server, and maxmemory, with store {caches[0]!r}, which holds the cache; it holds"
+                log.warning("store %r (%s) %s %s, with maxmemory-policy noeviction: once cached answers fill "
+                            "maxmemory, the writes logins and logouts need are refused; give the cache a Redis "
+                            "server of its own, with allkeys-lru (docs/stores.md)", name, store.url, where,
+                            ", ".join(state))
 
 
 def _probed(built: BuiltStack) -> BuiltStack:

@@ -710,11 +710,14 @@ class RedisStore(Store):
             return found
         return None
 
-    def memory_policy(self) -> tuple[str, int] | None:
-        """``(maxmemory-policy, maxmemory bytes)`` from ``INFO memory``; None when the server will not say."""
+    def memory_policy(self) -> tuple[str, int, str] | None:
+        """``(maxmemory-policy, maxmemory bytes, run_id)`` from ``INFO``; None when the server will not say.
+
+        The run id names the server: stores on two databases of one server share its ``maxmemory``.
+        """
         try:
-            info = self.client.info("memory")
-            return str(info.get("maxmemory_policy", "")), int(info.get("maxmemory", 0))
+            info = self.client.info()
+            return str(info.get("maxmemory_policy", "")), int(info.get("maxmemory", 0)), str(info.get("run_id", ""))
         except Exception:  # a user without INFO, a proxy that hides it: nothing to judge by
             return None
 

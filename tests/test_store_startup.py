@@ -305,31 +305,35 @@ def test_explain_refuses_what_serve_refuses(tmp_path: Path, server: str) -> None
 EVICTING = """app: {{factory: "stack_support:echo_app"}}
 stores:
   shared: "{url}"
+  cache: "{cache_url}"
 pipeline:
   - errors: {{}}
   - ratelimit: {{store: shared, limits: ["100/minute"]}}
-  - cache: {{store: shared}}
+  - cache: {{store: {cache}}}
 """
 
 
-@pytest.mark.parametrize(("maxmemory", "policy", "warned"), [
-    pytest.param("0", "allkeys-lru", None, id="no maxmemory: nothing is evicted"),
-    pytest.param("100mb", "allkeys-lru", "evicts keys when Redis is full (maxmemory-policy allkeys-lru): ratelimit "
-                 "would lose state", id="an evicting policy under the rate limiter"),
-    pytest.param("100mb", "volatile-ttl", "evicts keys when Redis is full (maxmemory-policy volatile-ttl)",
+@pytest.mark.parametrize(("maxmemory", "policy", "cache", "warned"), [
+    pytest.param("0", "allkeys-lru", "shared", None, id="no maxmemory: nothing is evicted"),
+    pytest.param("100mb", "allkeys-lru", "shared", "evicts keys when Redis is full (maxmemory-policy allkeys-lru): "
+                 "ratelimit would lose state", id="an evicting policy under the rate limiter"),
+    pytest.param("100mb", "volatile-ttl", "shared", "evicts keys when Redis is full (maxmemory-policy volatile-ttl)",
                  id="a volatile policy: every key the layers write has a TTL"),
-    pytest.param("100mb", "noeviction", "holds the cache beside ratelimit, with maxmemory-policy noeviction",
+    pytest.param("100mb", "noeviction", "shared", "holds the cache beside ratelimit, with maxmemory-policy noeviction",
                  id="noeviction, the cache beside state"),
+    pytest.param("100mb", "noeviction", "cache", "shares its server, and maxmemory, with store 'cache', which holds "
+                 "the cache; it holds ratelimit", id="noeviction, the cache in another database of the server"),
+    pytest.param("0", "noeviction", "cache", None, id="the cache in another database, no maxmemory"),
 ])
 def test_a_redis_that_would_lose_state_or_fill_up_is_named_at_the_start(
         tmp_path: Path, own_redis: RedisServer, caplog: pytest.LogCaptureFixture, maxmemory: str, policy: str,
-        warned: str | None) -> None:
+        cache: str, warned: str | None) -> None:
     client = redis.Redis.from_url(own_redis.url)
     client.config_set("maxmemory", maxmemory)
     client.config_set("maxmemory-policy", policy)
     client.close()
     path = tmp_path / "stack.yaml"
-    path.write_text(EVICTING.format(url=own_redis.url))
+    path.write_text(EVICTING.format(url=own_redis.url, cache_url=own_redis.url.replace("/0", "/1"), cache=cache))
     with caplog.at_level(logging.WARNING, logger="wsgistack.stores"):
         LiveStack(path).close()
     found = [r.getMessage() for r in caplog.records if r.name == "wsgistack.stores"]
