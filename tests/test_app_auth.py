@@ -685,6 +685,14 @@ def test_a_logout_with_a_malformed_bearer_header_is_400_not_a_204_that_revoked_n
     stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
 
 
+def test_a_logout_with_another_authorization_scheme_ends_the_session_and_revokes_no_token(stack: Stack) -> None:
+    """Basic credentials are not a bearer token: not refused, and not read as one."""
+    pair = stack.login().json
+    stack.app.post("/auth/logout", headers={"Authorization": "Basic YWxpY2U6d29uZGVybGFuZA=="}, status=204)
+    assert list(stack.store.scan("session:")) == []
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
+
+
 class SessionDeletesFail(MemoryStore):
     """A memory store that cannot delete sessions while ``failing`` is true."""
 

@@ -18,7 +18,7 @@ from werkzeug.test import EnvironBuilder
 from app import create_app
 from app.search import Progress, SearchEngine, SearchPage
 from app.stream import search_events
-from middleware.base import Context
+from middleware.base import Context, refuse
 from middleware.errors import UNEXPECTED, ErrorsMiddleware
 from middleware.request_id import RequestIdMiddleware
 
@@ -130,6 +130,22 @@ class OneStage(SearchEngine):
     def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
         yield 100, "done"
         return SearchPage(query, (), 0, page, 10)
+
+
+class Busy(SearchEngine):
+    """An engine whose upstream is busy once the stream has started."""
+
+    name = "busy"
+
+    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
+        yield 50, "asking"
+        raise refuse(503, "The search upstream is busy.", headers=[("Retry-After", "7")])
+
+
+def test_a_refusal_while_streaming_ends_the_stream_with_its_error_and_the_request_id() -> None:
+    events = parse(search_events(Busy(), "json", 1, lambda page: {}, 0.0, logging.getLogger("test.stream"), "rid-8"))
+    assert events[-1] == ("search_error", {"code": 503, "message": "The search upstream is busy.", "retry_after": 7,
+                                           "request_id": "rid-8"})
 
 
 def test_a_failure_while_shaping_the_result_ends_the_stream_with_an_error(caplog: pytest.LogCaptureFixture) -> None:

@@ -964,6 +964,18 @@ def test_rsa_private_key_issues_with_a_kid(rsa_key: Any, tmp_path: Path) -> None
         verifier.tokens.issue("ann")
 
 
+def test_a_verifying_layer_takes_another_issuers_tokens_as_they_are(rsa_key: Any) -> None:
+    """The app's users database names its own users: an identity provider's are not in it."""
+    issuer = Stack(private_key=private_pem(rsa_key))
+    token = issuer.tokens.issue("ann", ["user"])["access_token"]
+    header = jwt.get_unverified_header(token)
+    verifier = Stack(public_keys={header["kid"]: pem(rsa_key)})
+    verifier.context.services["user_roles"] = lambda subject: None  # "no such user" for everyone
+    verifier.context.services["user_since"] = lambda subject: time.time() + 60
+    response = verifier.call(token=token)
+    assert response.status_int == 200 and response.json["roles"] == ["user"]
+
+
 def test_private_key_reuses_the_kid_of_its_public_key(rsa_key: Any) -> None:
     stack = Stack(public_keys={"2024-06": pem(rsa_key)}, private_key=private_pem(rsa_key))
     pair = stack.tokens.issue("ann")

@@ -72,6 +72,9 @@ def run(command: str, text: str, tmp_path: Path, env: dict[str, str] | None = No
         pytest.param(ECHO + "pipeline:\n  - errors: {}\n  - quitting_import:Layer: {}\n",
                      "stack.yaml:4:5 pipeline[1]: cannot import layer 'quitting_import:Layer': it called "
                      "sys.exit('no config')", id="a layer module calling sys.exit while imported"),
+        pytest.param("app: {factory: 'quitting_import:app'}\n" + ERRORS,
+                     "stack.yaml:1:16 app.factory: cannot import the app factory: it called sys.exit('no config')",
+                     id="an app factory's module calling sys.exit while imported"),
         pytest.param("app: {factory: 'quitting:app'}\n" + ERRORS,
                      "stack.yaml:1:6 app: the app factory failed: it called sys.exit('no config for you')",
                      id="an app factory calling sys.exit"),

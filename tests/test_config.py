@@ -408,6 +408,7 @@ def test_a_linked_stack_file_keeps_its_state_beside_the_link(tmp_path: Path) -> 
     """A Kubernetes ConfigMap: stack.yaml -> ..data/stack.yaml, ..data -> ..2026_a, swapped on every update."""
     import serve
     from config import build_from_file
+    from config.live import LiveStack
 
     real = tmp_path / "..2026_a"
     real.mkdir()
@@ -418,6 +419,14 @@ def test_a_linked_stack_file_keeps_its_state_beside_the_link(tmp_path: Path) -> 
     built = build_from_file(tmp_path / "stack.yaml")
     built.close()
     assert built.config.app.options["var_dir"] == str(tmp_path / "var")
+    assert (tmp_path / "access.log").exists() and not (real / "access.log").exists()
+    (tmp_path / "access.log").unlink()
+    assert check(tmp_path / "stack.yaml") == []  # check builds it as serve does
+    assert (tmp_path / "access.log").exists() and not (real / "access.log").exists()
+    (tmp_path / "access.log").unlink()
+    served = LiveStack(tmp_path / "stack.yaml")  # what serve and serve:app build
+    served.close()
+    assert served.current.config.app.options["var_dir"] == str(tmp_path / "var")
     assert (tmp_path / "access.log").exists() and not (real / "access.log").exists()
     # the users command writes the database the server reads
     assert serve._app_option(str(tmp_path / "stack.yaml"), "users_db", "users.sqlite3") == \

@@ -237,11 +237,19 @@ def test_allowed_hosts(options: dict[str, Any], request_headers: dict[str, str],
     pytest.param("*", 200, id="asterisk form (OPTIONS *): no host of its own"),
     pytest.param("api.example.org:443", 200, id="authority form (CONNECT): no URL"),
 ])
-def test_allowed_hosts_checks_the_host_an_absolute_target_names(target: str, status: int) -> None:
+@pytest.mark.parametrize("key", ["REQUEST_URI", "RAW_URI"])  # Waitress's, gunicorn's
+def test_allowed_hosts_checks_the_host_an_absolute_target_names(target: str, status: int, key: str) -> None:
     """RFC 9112 §3.2.2: the target's authority becomes the host (the validation layer makes it HTTP_HOST)."""
     app = make(allowed_hosts=["api.example.org"])
     app.get("/x", headers={"Host": "api.example.org"}, status=status,
-            extra_environ={"REMOTE_ADDR": "192.0.2.1", "REQUEST_URI": target, "RAW_URI": target})
+            extra_environ={"REMOTE_ADDR": "192.0.2.1", key: target})
+
+
+def test_allowed_hosts_checks_the_host_header_beside_an_allowed_absolute_target() -> None:
+    """Without the validation layer further in, the app reads Host: it must be allowed too."""
+    app = make(allowed_hosts=["api.example.org"])
+    app.get("/x", headers={"Host": "evil.example"}, status=400,
+            extra_environ={"REMOTE_ADDR": "192.0.2.1", "REQUEST_URI": "http://api.example.org/x"})
 
 
 @pytest.mark.parametrize(("server_name", "status"), [
