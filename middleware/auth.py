@@ -111,6 +111,7 @@ _HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum secret bytes (RFC 751
 _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 _CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _STORE_RETRY_AFTER = "5"
+_SWEPT = b"swept"  # family-revoked:<fam> once the family's access tokens are blocklisted
 _VERIFIED_MAX = 4096  # access tokens remembered as verified, per process
 _BEARER = "wsgistack.auth.bearer"  # environ: the request's bearer token, parsed once
 _UNPARSED: Any = object()
@@ -776,18 +777,25 @@ class TokenService:
         return minted
 
     def _revoke_family(self, fam: str) -> None:
-        """Mark the family revoked and blocklist the access tokens issued in it."""
-        o, prefix = self.options, f"family-access:{fam}:"
+        """Mark the family revoked and blocklist the access tokens issued in it.
+
+        One key records it for as long as a token of the family may live:
+        ``family-revoked:<fam>``, ``1`` at once and ``swept`` once its access tokens
+        are blocklisted (a logout keeps that one key, not one per token it ended).
+        """
+        o, prefix, key = self.options, f"family-access:{fam}:", "family-revoked:" + fam
+        ttl = o.refresh_ttl + self.margin
 
         def run() -> None:
             # Once swept, never again: the scan walks the store's keys, and an old token pair sent to
             # logout over and over must not make it walk them every time.
-            if self.store.get("family-swept:" + fam) is not None:
+            if self.store.get(key) == _SWEPT:
                 return
-            self.store.set("family-revoked:" + fam, b"1", o.refresh_ttl + self.margin)
-            for key in list(self.store.scan(prefix)):
-                self.store.set("revoked:" + key[len(prefix):], b"1", o.access_ttl + self.margin)
-            self.store.set("family-swept:" + fam, b"1", o.refresh_ttl + self.margin)
+            self.store.set(key, b"1", ttl)
+            for found in list(self.store.scan(prefix)):
+                self.store.set("revoked:" + found[len(prefix):], b"1", o.access_ttl + self.margin)
+            # The head names no token any more: the family is refused before it is read.
+            self.store.write([(key, _SWEPT, ttl)], ["family-head:" + fam])
 
         self._store(run, strict=True)
 
@@ -805,8 +813,11 @@ class TokenService:
         except _Invalid as exc:
             raise self._refuse(exc) from None
         now, margin = time.time(), self.margin
+        # A refresh token whose family goes too needs no entry of its own (a refresh checks the family
+        # first): a logout leaves one key for thirty days, not two.
         sets = [("revoked:" + str(c["jti"]), b"1", c["exp"] - now + margin)
-                for c in every if c["exp"] - now + margin > 1]
+                for c in every if c["exp"] - now + margin > 1
+                and not (family and c.get("fam") and c.get("typ") == "refresh")]
         if sets:
             self._store(lambda: self.store.write(sets), strict=True)
         if family:

@@ -80,7 +80,7 @@ __all__ = ["DEFAULT_PREFIX", "CacheMiddleware", "purge"]
 
 DEFAULT_PREFIX = "wsgistack:cache:"
 #: The store keys of the other built-in layers, which must never be evicted for the cache.
-KEPT_NAMESPACES = ("session:", "revoked:", "refresh-used:", "family-access:", "family-revoked:", "family-swept:",
+KEPT_NAMESPACES = ("session:", "revoked:", "refresh-used:", "family-access:", "family-revoked:",
                    "family-head:", "login-failures:")
 # Entry keys are f"{prefix}e:{path}#{32 hex digits}", so a path glob maps to a scan prefix.
 _DIGEST = 32

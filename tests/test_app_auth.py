@@ -575,8 +575,12 @@ def test_every_key_of_the_session_and_auth_state_is_one_the_cache_may_never_evic
     pair = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}).json
     stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]})
     stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}, status=401)  # a reuse
+    again = stack.login().json
+    stack.app.post_json("/auth/refresh", {"refresh_token": again["refresh_token"]})
+    stack.login(password="wrong", status=401)
     keys = list(stack.store.scan(""))
-    assert {key.split(":", 1)[0] + ":" for key in keys} >= {"session:", "family-head:", "family-revoked:"}
+    assert {key.split(":", 1)[0] + ":" for key in keys} >= {
+        "session:", "family-revoked:", "family-head:", "family-access:", "refresh-used:", "login-failures:"}
     assert [key for key in keys if not key.startswith(KEPT_NAMESPACES)] == []
 
 

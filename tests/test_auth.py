@@ -529,7 +529,7 @@ def test_refresh_rotates_and_reuse_revokes_the_family(store: Store) -> None:
     assert info.value.code == 401
     assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
         ("WWW-Authenticate", challenge("the refresh token was already used; its family is revoked"))]
-    assert store.get(f"family-revoked:{first_claims['fam']}") == b"1"
+    assert store.get(f"family-revoked:{first_claims['fam']}") == b"swept"  # revoked, and its access tokens blocklisted
     with pytest.raises(HTTPException):  # the newest refresh token of the family is dead too
         stack.tokens.refresh(third["refresh_token"])
     for pair in (first, second, third):  # and so is every access token issued in it
@@ -633,6 +633,21 @@ def test_a_chain_of_refreshes_keeps_a_few_keys_per_login_and_still_knows_every_o
     assert refused.value.code == 401 and stack.reasons == ["refresh_reuse"]
     with pytest.raises(HTTPException):  # the whole family went with it, the newest token too
         stack.tokens.refresh(pair["refresh_token"])
+
+
+def test_a_logout_keeps_one_key_for_as_long_as_its_tokens_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logging in and out in a loop must fill the store as slowly as can be: one key a logout, not three."""
+    store = MemoryStore()
+    stack = Stack(store)
+    pair = stack.tokens.refresh(stack.tokens.issue("ann")["refresh_token"])
+    stack.tokens.revoke(pair["access_token"], pair["refresh_token"], family=True)
+    later = time.monotonic() + 3600  # past the access tokens' lives and the retry marks', within the family's
+    monkeypatch.setattr("stores.memory._monotonic", lambda: later)
+    fam = jwt.decode(pair["refresh_token"], SECRET, algorithms=["HS256"])["fam"]
+    assert list(store.scan("")) == [f"family-revoked:{fam}"]
+    with pytest.raises(HTTPException) as refused:
+        stack.tokens.refresh(pair["refresh_token"])
+    assert refused.value.code == 401
 
 
 def test_a_revocation_outlives_the_token_by_twice_the_leeway(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -822,7 +837,7 @@ def test_refresh_of_a_subject_that_no_longer_exists_revokes_the_family(store: St
     assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
         ("WWW-Authenticate", challenge("the token has been revoked"))]
     fam = jwt.decode(first["refresh_token"], SECRET, algorithms=["HS256"])["fam"]
-    assert store.get(f"family-revoked:{fam}") == b"1"
+    assert store.get(f"family-revoked:{fam}") == b"swept"
     for pair in (first, second):
         assert stack.call(token=pair["access_token"]).status_int == 401
     with pytest.raises(HTTPException) as again:  # and the refresh token stays refused, lookup or not
