@@ -50,7 +50,10 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 ORIG = "wsgistack.proxy.orig"
-_PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*?)\s*(?:;|$)')
+# A pair starts only where no token character or space is before it: without the look-behind, findall
+# tried every position inside a long run of them, and a header of 32,000 letters took seconds (ReDoS).
+_PAIR = re.compile(r'(?<![!#$%&\'*+.^_`|~0-9A-Za-z\s-])\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*'
+                   r'("(?:[^"\\]|\\.)*"|[^;]*?)\s*(?:;|$)')
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -241,14 +244,16 @@ def _nth_from_right(value: str | None, hops: int) -> str | None:
     pieces = value.split(",")
     found = 0
     while pieces:
-        element = pieces.pop()
-        while _quotes(element) % 2 and pieces:  # a comma inside quotes: join the piece before it
-            element = pieces.pop() + "," + element
-        if _quotes(element) % 2:
+        parts = [pieces.pop()]
+        quotes = _quotes(parts[0])
+        while quotes % 2 and pieces:  # a comma inside quotes: the piece before it belongs to this element
+            parts.append(pieces.pop())
+            quotes += _quotes(parts[-1])  # (counted per piece: recounting the joined text was quadratic)
+        if quotes % 2:
             return None  # an unbalanced quote left of the elements asked for
         found += 1
         if found == hops:
-            return element.strip()
+            return ",".join(reversed(parts)).strip()
     return None
 
 

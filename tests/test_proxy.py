@@ -130,6 +130,15 @@ ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
                  id="X-Forwarded trusted: Forwarded ignored"),
     pytest.param({"forwarded": 1}, {"Forwarded": "for=203.0.113.9"}, "192.0.2.1",
                  {"REMOTE_ADDR": "192.0.2.1"}, id="Forwarded from untrusted peer"),
+    # Headers a client can grow within the header limits, which once cost seconds (quadratic work):
+    pytest.param({"x_for": 1}, {"X-Forwarded-For": "," * 64_000 + '"'}, "127.0.0.1", {},
+                 id="64,000 commas and a quote: read from the right once"),
+    pytest.param({"x_for": 2}, {"X-Forwarded-For": '"' + "," * 64_000 + '", 203.0.113.9'}, "127.0.0.1", {},
+                 id="a quoted element of 64,000 commas"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "a" * 64_000 + ";for=203.0.113.9"}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9"}, id="64,000 token characters before a pair"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "a" + " " * 64_000 + "b;for=203.0.113.9"}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9"}, id="64,000 spaces inside the element"),
 ])
 def test_forwarding(options: dict[str, Any], request_headers: dict[str, str], peer: str,
                     expected: dict[str, str]) -> None:
