@@ -82,6 +82,20 @@ MALFORMED_BEARER = ("Bad Request: the Authorization header must be 'Bearer <toke
                     "b64token (RFC 6750 §2.1).")
 
 
+def _authorization(header: str | None) -> Authorization | None:
+    """werkzeug's reading of an ``Authorization`` header; None for none, or one it cannot read.
+
+    (``Basic`` with a byte outside ASCII makes its base64 decoding raise a plain ValueError,
+    which werkzeug lets through: credentials that are no bearer token, whatever they are.)
+    """
+    if not header:
+        return None
+    try:
+        return Authorization.from_header(header)
+    except ValueError:
+        return None
+
+
 def bearer_token(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer`` header; None for no header or another scheme.
 
@@ -89,7 +103,7 @@ def bearer_token(header: str | None) -> str | None:
     (``Bearer``, ``Bearer a b``, ``Bearer token="…"``): the auth layer refuses those
     with 400, and so must everything else that reads the header (the core's logout).
     """
-    parsed = Authorization.from_header(header) if header else None
+    parsed = _authorization(header)
     if parsed is None or parsed.type != "bearer":
         return None
     token = parsed.token or ""
@@ -874,7 +888,7 @@ class AuthMiddleware:
         token: str | None = environ.get(_BEARER, _UNPARSED)
         if token is _UNPARSED:
             header = environ.get("HTTP_AUTHORIZATION")
-            parsed = Authorization.from_header(header) if header and len(header) <= self.max_bytes else None
+            parsed = _authorization(header) if header and len(header) <= self.max_bytes else None
             token = (parsed.token or "") if parsed is not None and parsed.type == "bearer" else None
             environ[_BEARER] = token
         return token

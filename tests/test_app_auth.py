@@ -689,10 +689,12 @@ def test_a_logout_with_a_malformed_bearer_header_is_400_not_a_204_that_revoked_n
     stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
 
 
-def test_a_logout_with_another_authorization_scheme_ends_the_session_and_revokes_no_token(stack: Stack) -> None:
+@pytest.mark.parametrize("credentials", ["Basic YWxpY2U6d29uZGVybGFuZA==", "Basic \xe9"])
+def test_a_logout_with_another_authorization_scheme_ends_the_session_and_revokes_no_token(stack: Stack,
+                                                                                         credentials: str) -> None:
     """Basic credentials are not a bearer token: not refused, and not read as one."""
     pair = stack.login().json
-    stack.app.post("/auth/logout", headers={"Authorization": "Basic YWxpY2U6d29uZGVybGFuZA=="}, status=204)
+    stack.app.post("/auth/logout", headers={"Authorization": credentials}, status=204)
     assert list(stack.store.scan("session:")) == []
     stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
 

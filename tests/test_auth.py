@@ -160,6 +160,8 @@ def _token(make: Callable[[Any], str]) -> Callable[[Any], dict[str, str]]:
 @pytest.mark.parametrize(("options", "request_headers", "expected"), [
     pytest.param({}, lambda k: {}, (401, MISSING, "missing"), id="missing token"),
     pytest.param({}, _header("Basic YW5uOnB3"), (401, MISSING, "missing"), id="basic credentials are no token"),
+    pytest.param({}, _header("Basic \xe9"), (401, MISSING, "missing"),
+                 id="basic credentials werkzeug cannot decode (a byte outside ASCII) are no token either"),
     pytest.param({}, _header("Bearer not-a-jwt"), (401, challenge("the token is malformed"), "malformed"),
                  id="malformed"),
     pytest.param({}, _header("Bearer "), (400, 'Bearer realm="wsgistack", error="invalid_request", '
