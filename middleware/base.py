@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from operator import itemgetter
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -763,37 +762,23 @@ def header_list(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Heade
     return [(str(k), str(v)) for k, v in items]
 
 
-_FIRST = itemgetter(0)
-
-
-def lowered_names(headers: Headers) -> list[str]:
-    """The headers' names in lower case, in order: made in C (map, ``str.lower``), not a Python loop.
-
-    Every layer that looks at the response headers does it on every request, over the
-    dozen or more headers the layers inside added: one pass of C beats a loop of bytecode.
-    """
-    return list(map(str.lower, map(_FIRST, headers)))
-
-
 def add_vary(headers: Headers, *fields: str) -> None:
     """Merge ``fields`` into the ``Vary`` header in place, without duplicates."""
-    try:
-        i = lowered_names(headers).index("vary")
-    except ValueError:
-        headers.append(("Vary", ", ".join(fields)))
-        return
-    name, value = headers[i]
-    lowered = value.lower()
-    if len(fields) == 1 and "*" not in lowered and fields[0].lower() not in lowered:
-        # (every response comes here: a name that is not even a substring is missing)
-        headers[i] = (name, f"{value}, {fields[0]}" if value.strip() else fields[0])
-        return
-    present = {v.strip() for v in lowered.split(",")}
-    if "*" in present:
-        return
-    extra = [f for f in fields if f.lower() not in present]
-    if extra:
-        headers[i] = (name, ", ".join([value, *extra]) if value.strip() else ", ".join(extra))
+    for i, (name, value) in enumerate(headers):
+        if len(name) == 4 and name.lower() == "vary":
+            lowered = value.lower()
+            if len(fields) == 1 and "*" not in lowered and fields[0].lower() not in lowered:
+                # (every response comes here: a name that is not even a substring is missing)
+                headers[i] = (name, f"{value}, {fields[0]}" if value.strip() else fields[0])
+                return
+            present = {v.strip() for v in lowered.split(",")}
+            if "*" in present:
+                return
+            extra = [f for f in fields if f.lower() not in present]
+            if extra:
+                headers[i] = (name, ", ".join([value, *extra]) if value.strip() else ", ".join(extra))
+            return
+    headers.append(("Vary", ", ".join(fields)))
 
 
 def wrap_start_response(

@@ -40,7 +40,6 @@ from .base import (
     decoded_path,
     decorate_error,
     escape_control,
-    lowered_names,
     note,
     parse_origin,
     refuse,
@@ -229,6 +228,7 @@ class _Policy:
         if data["expose_headers"]:
             self.extra.append(("Access-Control-Expose-Headers", ", ".join(data["expose_headers"])))
         self.names = frozenset(("access-control-allow-origin", *(n.lower() for n, _ in self.extra)))
+        self.sizes = frozenset(len(n) for n in (*self.names, "vary"))
 
     def allows(self, origin: str) -> bool:
         if self.allow_all or origin in self.exact:
@@ -343,7 +343,7 @@ class CORSMiddleware:
             # A shared cache may keep this answer (a 404 too) for the next request to
             # the URL, one with an allowed Origin among them: so it varies on Origin.
             try:
-                return self.app(environ, _labelled(start_response, (), _NO_NAMES))
+                return self.app(environ, _labelled(start_response, (), _NO_NAMES, _VARY_SIZE))
             except Exception as exc:
                 _decorate(exc, ())
                 raise
@@ -354,7 +354,8 @@ class CORSMiddleware:
         allowed = policy.allows(origin)
         added = policy.allow_origin(origin) if allowed else ()
         try:
-            return self.app(environ, _labelled(start_response, added, policy.names if allowed else _NO_NAMES))
+            return self.app(environ, _labelled(start_response, added, policy.names if allowed else _NO_NAMES,
+                                               policy.sizes if allowed else _VARY_SIZE))
         except Exception as exc:
             _decorate(exc, added)
             raise
@@ -406,6 +407,7 @@ class CORSMiddleware:
 
 
 _NO_NAMES: frozenset[str] = frozenset()
+_VARY_SIZE = frozenset((4,))
 
 
 def _decorate(exc: BaseException, added: Sequence[tuple[str, str]]) -> None:
@@ -414,22 +416,31 @@ def _decorate(exc: BaseException, added: Sequence[tuple[str, str]]) -> None:
     add_vary(getattr(exc, "wsgistack_headers", []), "Origin")
 
 
-def _labelled(start_response: StartResponse, added: Sequence[tuple[str, str]], names: frozenset[str]) -> StartResponse:
-    """A ``start_response`` that replaces the ``names`` headers with ``added`` and merges Vary."""
+def _labelled(
+    start_response: StartResponse, added: Sequence[tuple[str, str]], names: frozenset[str],
+    sizes: frozenset[int],
+) -> StartResponse:
+    """A ``start_response`` that replaces the ``names`` headers with ``added`` and merges Vary.
+
+    ``sizes`` holds the lengths of ``names`` and of "vary": a header name of another
+    length is neither, so it is kept without being lowercased.
+    """
 
     def labelled(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        lowered = lowered_names(headers)
-        if names.isdisjoint(lowered):  # (the common case, found in C)
-            out = list(headers)
-        else:  # the app set CORS headers of its own: this layer's replace them
-            kept = [i for i, name in enumerate(lowered) if name not in names]
-            out = [headers[i] for i in kept]
-            lowered = [lowered[i] for i in kept]
-        try:
-            vary = lowered.index("vary")
-        except ValueError:
+        out: list[tuple[str, str]] = []
+        vary = -1
+        for header in headers:
+            if len(header[0]) in sizes:
+                name = header[0].lower()
+                if name == "vary":
+                    if vary < 0:
+                        vary = len(out)
+                elif name in names:
+                    continue
+            out.append(header)
+        if vary < 0:
             out.append(("Vary", "Origin"))
-        else:  # merge into the Vary header found, without looking for it again
+        else:  # merge into the Vary header found above, without looking for it again
             found = [out[vary]]
             add_vary(found, "Origin")
             out[vary] = found[0]

@@ -52,7 +52,6 @@ from middleware.base import (
     decorate_error,
     escape_control,
     ipv6_network,
-    lowered_names,
     note,
     refuse,
     rewrites_inside,
@@ -158,7 +157,7 @@ def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl:
     return remaining, now + min(prev_reset, cur_reset)
 
 
-_FIELDS = frozenset(("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"))
+_FIELDS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
 _RETRY_IN = re.compile(r"retry in \d+ seconds")
 
 
@@ -171,10 +170,12 @@ def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
     app's own) is replaced by ours.  When ours has nothing left, a ``Retry-After``
     from inside waits at least until our reset.
     """
-    lowered = lowered_names(response_headers)
-    if _FIELDS.isdisjoint(lowered):  # (the common case, found in C)
+    found: dict[str, str] = {}
+    for name, value in response_headers:
+        if len(name) in (15, 19) and (lowered := name.lower()) in _FIELDS:
+            found[lowered] = value
+    if not found:
         return [*response_headers, *ours]
-    found = {name: value for name, (_, value) in zip(lowered, response_headers, strict=True) if name in _FIELDS}
     try:
         theirs = (int(found["ratelimit-remaining"]), -int(found["ratelimit-reset"]))
         int(found["ratelimit-limit"])

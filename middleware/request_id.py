@@ -36,7 +36,6 @@ from middleware.base import (
     LayerOptions,
     decorate_error,
     header_name,
-    lowered_names,
     note,
     wrap_start_response,
 )
@@ -187,10 +186,13 @@ class RequestIdMiddleware:
         environ[REQUEST_ID] = rid
         header = self._header
         lower = self._header_lower
+        size = len(lower)
 
         def add_id(status: str, headers: Headers) -> None:
-            if lower not in lowered_names(headers):  # the app's own id, if it set one, stays
-                headers.append((header, rid))
+            for name, _ in headers:
+                if len(name) == size and name.lower() == lower:  # len() first: most names differ in length
+                    return
+            headers.append((header, rid))
 
         token = _current.set(rid)
         try:

@@ -42,7 +42,7 @@ import re
 import sys
 from io import BytesIO
 from itertools import accumulate, count
-from operator import add, methodcaller, sub
+from operator import sub
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -71,7 +71,6 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: an IP literal or a reg-name (empty allowed), then an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?")
 _CONTENT_FIELDS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})  # header fields WSGI gives without HTTP_
-_IS_HEADER = methodcaller("startswith", "HTTP_")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 #: What int() says of a number longer than Python's limit (sys.get_int_max_str_digits, 4300).
@@ -426,16 +425,23 @@ class ValidationMiddleware:
         self._utf8(environ, unquote_to_bytes(query.encode("latin-1", "replace")), "query string")
 
     def _check_header_fields(self, environ: WSGIEnvironment) -> None:
-        # In C (filter, map, sum, max): this runs on every request, over every key of environ.
-        names = list(filter(_IS_HEADER, environ))
-        sizes = list(map(add, map(len, names), map(len, map(environ.__getitem__, names))))
-        for key in _CONTENT_FIELDS:  # Content-Type, -Length: counted as if HTTP_CONTENT_TYPE, with the others
-            value = environ.get(key)
-            if value:
-                sizes.append(len(key) + len(value) + 5)
-        count = len(sizes)
-        total = sum(sizes) - 5 * count  # the sizes count header names without the HTTP_ prefix
-        biggest = max(sizes, default=0) - 5
+        count = total = biggest = 0
+        for key, value in environ.items():
+            # key[0] rejects most non-header keys without building the slice (this loop runs per request)
+            if key and key[0] == "H" and key[:5] == "HTTP_":
+                count += 1
+                size = len(key) + len(value)
+                total += size
+                if size > biggest:
+                    biggest = size
+            elif key and key[0] == "C" and value and key in _CONTENT_FIELDS:  # Content-Type, -Length
+                count += 1
+                size = len(key) + len(value) + 5  # as if HTTP_CONTENT_TYPE, to go with the others
+                total += size
+                if size > biggest:
+                    biggest = size
+        total -= 5 * count  # the sizes count header names without the HTTP_ prefix
+        biggest -= 5
         if self._max_headers is not None and count > self._max_headers:
             raise self._refuse(environ, 431, f"The request has {count} header fields, more "
                                f"than max_headers ({self._max_headers}).", "max_headers",
