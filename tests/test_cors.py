@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 from webtest import TestApp
 
-from middleware.base import Context, parse_origin, refuse
+from middleware.base import Context, add_vary, parse_origin, refuse
 from middleware.cors import CORSMiddleware, CORSOptions
 from middleware.errors import ErrorsMiddleware
 
@@ -257,6 +257,22 @@ def test_vary_merging(make: Callable[..., TestApp], path: str, vary: str) -> Non
     for headers in ({"Origin": APP}, {"Origin": OTHER}, {}):
         response = app.get(path, headers=headers)
         assert response.headers.getall("Vary") == [vary]
+
+
+@pytest.mark.parametrize(("headers", "fields", "expected"), [
+    pytest.param([("X-A", "1")], ("Origin",), [("X-A", "1"), ("Vary", "Origin")], id="none: added"),
+    pytest.param([("vary", "accept")], ("Origin",), [("vary", "accept, Origin")], id="merged, any case"),
+    pytest.param([("Vary", "Origin")], ("origin",), [("Vary", "Origin")], id="there already, any case"),
+    pytest.param([("Vary", "X-Origin-Id")], ("Origin",), [("Vary", "X-Origin-Id, Origin")],
+                 id="a substring is not the name"),
+    pytest.param([("Vary", " ")], ("Cookie",), [("Vary", "Cookie")], id="an empty Vary"),
+    pytest.param([("Vary", "*")], ("Cookie",), [("Vary", "*")], id="star kept"),
+    pytest.param([("Vary", "Accept"), ("VARY", "Cookie")], ("Cookie", "Origin"),
+                 [("Vary", "Accept, Cookie, Origin"), ("VARY", "Cookie")], id="the first of several, two names"),
+])
+def test_add_vary(headers: list[tuple[str, str]], fields: tuple[str, ...], expected: list[tuple[str, str]]) -> None:
+    add_vary(headers, *fields)
+    assert headers == expected
 
 
 def test_layer_replaces_app_cors_headers_for_allowed_origins(make: Callable[..., TestApp]) -> None:
