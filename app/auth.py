@@ -32,7 +32,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from app.state import AppState
 from app.users import NAME
-from middleware.auth import bearer_token
+from middleware.auth import MALFORMED_ERROR, bearer_token, challenge
 from middleware.base import SESSION, escape_control, refuse
 from middleware.csrf import CSRF_TOKEN
 from stores.base import StoreError
@@ -124,9 +124,8 @@ def _json_object(required: bool) -> dict[str, Any]:
 
 
 def _challenge(service: Any) -> str:
-    """The auth layer's ``WWW-Authenticate`` challenge: ``Bearer realm="…"``."""
-    realm = str(getattr(service, "realm", "wsgistack")).replace("\\", "\\\\").replace('"', '\\"')
-    return f'Bearer realm="{realm}"'
+    """The auth layer's ``WWW-Authenticate`` challenge (its realm's; ``wsgistack`` without the layer)."""
+    return challenge(str(getattr(service, "realm", "wsgistack")))
 
 
 def _string_field(body: dict[str, Any], name: str) -> str:
@@ -240,10 +239,8 @@ def auth_blueprint(state: AppState) -> Blueprint:
         try:  # a header the auth layer would refuse is refused here too, not a 204 that revoked nothing
             bearer = bearer_token(request.headers.get("Authorization"))
         except ValueError as exc:
-            challenge = _challenge(state.context.services.get("tokens"))
-            raise refuse(400, str(exc), headers=[("WWW-Authenticate", f'{challenge}, error="invalid_request", '
-                                                  'error_description="the Authorization header is malformed"')]) \
-                from None
+            said = f'{_challenge(state.context.services.get("tokens"))}, {MALFORMED_ERROR}'
+            raise refuse(400, str(exc), headers=[("WWW-Authenticate", said)]) from None
         revoked = [token for token in (bearer, refresh_token) if token]
         if revoked:
             # Verifies every token before it blocklists any; then every token of their logins goes.

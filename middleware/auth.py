@@ -77,9 +77,10 @@ _NO_ROLES: frozenset[str] = frozenset()
 _RANK = {"none": 0, "optional": 1, "required": 2}
 #: RFC 6750 §2.1: the credentials of a Bearer Authorization header (anything else is invalid_request, 400).
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-#: The refusal of an ``Authorization: Bearer`` header whose token is not one b64token.
+#: The refusal of an ``Authorization: Bearer`` header whose token is not one b64token, and its challenge's error.
 MALFORMED_BEARER = ("Bad Request: the Authorization header must be 'Bearer <token>', the token one "
                     "b64token (RFC 6750 §2.1).")
+MALFORMED_ERROR = 'error="invalid_request", error_description="the Authorization header is malformed"'
 
 
 def _authorization(header: str | None) -> Authorization | None:
@@ -126,6 +127,8 @@ _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 _CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _STORE_RETRY_AFTER = "5"
 _SWEPT = b"swept"  # family-revoked:<fam> once the family's access tokens are blocklisted
+#: Why the users database voids a credential (the reason its refusal's event names), as notes say it.
+_VOID = {"unknown_subject": "no longer exists", "credentials_changed": "was issued before the credentials changed"}
 _VERIFIED_MAX = 4096  # access tokens remembered as verified, per process
 _BEARER = "wsgistack.auth.bearer"  # environ: the request's bearer token, parsed once
 _UNPARSED: Any = object()
@@ -243,6 +246,11 @@ def _before(issued: Any, since: float | None) -> bool:
 
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def challenge(realm: str) -> str:
+    """The ``WWW-Authenticate`` challenge of a 401: ``Bearer realm="…"`` (the core's login and logout too)."""
+    return f"Bearer realm={_quote(realm)}"
 
 
 def _thumbprint(key: Any) -> str:
@@ -622,9 +630,8 @@ class TokenService:
 
     def _refuse(self, exc: _Invalid) -> HTTPException:
         self.emit("auth.failure", reason=exc.reason)
-        challenge = f'Bearer realm={_quote(self.realm)}, error="invalid_token", ' \
-                    f"error_description={_quote(exc.description)}"
-        return refuse(401, f"Unauthorized: {exc.description}.", headers=[("WWW-Authenticate", challenge)])
+        said = f'{challenge(self.realm)}, error="invalid_token", error_description={_quote(exc.description)}'
+        return refuse(401, f"Unauthorized: {exc.description}.", headers=[("WWW-Authenticate", said)])
 
     def verify(self, token: str, kind: str = "access") -> dict[str, Any]:
         """Return the claims of a valid, unrevoked token of ``kind``; otherwise refuse with 401."""
@@ -703,6 +710,7 @@ class TokenService:
             jti, head_key = str(claims["jti"]), "family-head:" + fam
             used = "refresh-used:" + jti
             head = self._store(lambda: self.store.get(head_key), strict=True)
+            again: _Minted | None = None
             if head is not None and head != jti.encode():
                 # Not the family's newest refresh token: a retry within the grace gets the pair its
                 # first use made; anything else is a reuse (stolen or replayed), and the family goes.
@@ -733,8 +741,7 @@ class TokenService:
             auth_time = int(auth_time) if isinstance(auth_time, int | float) else int(claims["iat"])
             if auth_time + self.options.login_max_age <= time.time():  # however much leeway exp had
                 raise _Invalid("expired", "the token has expired")
-            if head is not None and head != jti.encode():
-                assert again is not None
+            if again is not None:
                 pair = self._pair(subject, again.roles, fam, auth_time, again)[0]
             else:
                 pair = self._refresh_once(fam, subject, sorted(set(roles)), auth_time, used, claims)
@@ -879,7 +886,7 @@ class AuthMiddleware:
         self.rewrites = rewrites_inside(context)  # versioning inside: rules hold for the path it routes to
         self.accept_session = options.accept_session
         self.max_bytes = options.max_token_bytes
-        self.challenge = f"Bearer realm={_quote(options.realm)}"
+        self.challenge = challenge(options.realm)
         self._roles_now: dict[str, tuple[float, Any]] = {}  # subject -> (until, roles or None)
         self._since_now: dict[str, tuple[float, Any]] = {}  # subject -> (until, credentials since or None)
 
@@ -917,8 +924,7 @@ class AuthMiddleware:
             if hint is not None:
                 subject, roles = hint
                 if self.context.services.get(USER_ROLES) is not None:  # the roles it has now, as last looked up
-                    known = self._roles_now.get(subject)
-                    roles = known[1] if known is not None and known[0] > time.monotonic() else None
+                    roles = self._roles_known(subject)
                 return {IDENTITY: Identity(subject, roles or _NO_ROLES, "session")}
             return None if level == "required" and "HTTP_COOKIE" not in environ else {}  # None: a 401 to come
         claims = self.tokens.known(token)
@@ -926,9 +932,8 @@ class AuthMiddleware:
             return None
         roles = frozenset(claims.get("roles", ()))
         if self.tokens.signer is not None and self.context.services.get(USER_ROLES) is not None:
-            known = self._roles_now.get(claims["sub"])  # the roles it has now, as last looked up (as the call will)
-            if known is not None and known[0] > time.monotonic() and known[1] is not None:
-                roles = known[1]
+            known = self._roles_known(claims["sub"])  # the roles it has now, as last looked up
+            roles = roles if known is None else known
         return {IDENTITY: Identity(claims["sub"], roles, "jwt", claims)}
 
     def _session_identity(self, environ: WSGIEnvironment) -> Identity | None:
@@ -939,23 +944,37 @@ class AuthMiddleware:
         subject: str = user["sub"]
         roles = user.get("roles")
         held = frozenset(roles if isinstance(roles, list | tuple) else ())
-        lookup = self.context.services.get(USER_ROLES)
-        since = self.context.services.get(USER_SINCE)
-        try:
-            if lookup is not None:  # the roles the user has now, not those copied into the session at login
-                current = self._current_roles(lookup, subject)
-                if current is None:
-                    note(environ, "auth", f"session user {subject!r} no longer exists: no identity")
-                    return None
-                held = current
-            if since is not None and _before(user.get("iat"), self._current_since(since, subject)):
-                note(environ, "auth", f"session user {subject!r} logged in before the credentials changed: "
-                                      "no identity")
-                return None
+        try:  # the roles the user has now, not those copied into the session at login
+            held, void = self._user_now(subject, user.get("iat"), held)
         except _LookupFailed:  # the users database cannot say who it is: no one (fail closed), logged
             note(environ, "auth", f"session user {subject!r} could not be looked up: no identity")
             return None
+        if void is not None:
+            note(environ, "auth", f"session user {subject!r} {_VOID[void]}: no identity")
+            return None
         return Identity(subject, held, "session", user)
+
+    def _user_now(self, subject: str, issued: Any, held: frozenset[str]) -> tuple[frozenset[str], str | None]:
+        """The roles the user has now (``held`` when the app publishes none), and why a credential
+        ``issued`` then is void, if it is (``unknown_subject``, ``credentials_changed``); else None.
+
+        Raises :class:`_LookupFailed` when the users database cannot answer.
+        """
+        services = self.context.services
+        lookup, since = services.get(USER_ROLES), services.get(USER_SINCE)
+        if lookup is not None:
+            current = self._current_roles(lookup, subject)
+            if current is None:
+                return held, "unknown_subject"
+            held = current
+        if since is not None and _before(issued, self._current_since(since, subject)):
+            return held, "credentials_changed"
+        return held, None
+
+    def _roles_known(self, subject: str) -> frozenset[str] | None:
+        """The roles ``subject`` had when last looked up, while that is fresh; else None (a hint, no lookup)."""
+        known = self._roles_now.get(subject)
+        return known[1] if known is not None and known[0] > time.monotonic() else None
 
     def _token_identity(self, environ: WSGIEnvironment, claims: dict[str, Any]) -> Identity:
         """The identity of a verified access token; 401 when the users database has voided it since.
@@ -969,23 +988,16 @@ class AuthMiddleware:
         """
         subject: str = claims["sub"]
         roles = frozenset(claims.get("roles", ()))
-        services = self.context.services
         if self.tokens.signer is not None:
-            lookup, since = services.get(USER_ROLES), services.get(USER_SINCE)
             try:
-                if lookup is not None:
-                    current = self._current_roles(lookup, subject)
-                    if current is None:
-                        note(environ, "auth", f"refused: token user {subject!r} no longer exists")
-                        raise self.tokens._refuse(_Invalid("unknown_subject", "the token has been revoked"))
-                    roles = current
-                if since is not None and _before(claims.get("iat"), self._current_since(since, subject)):
-                    note(environ, "auth", f"refused: token of {subject!r} issued before the credentials changed")
-                    raise self.tokens._refuse(_Invalid("credentials_changed", "the token has been revoked"))
+                roles, void = self._user_now(subject, claims.get("iat"), roles)
             except _LookupFailed:
                 # Not the token's fault: a client told invalid_token drops it. A 503 it retries instead.
                 note(environ, "auth", f"refused: token user {subject!r} could not be looked up")
                 raise _users_down() from None
+            if void is not None:
+                note(environ, "auth", f"refused: token user {subject!r} {_VOID[void]}")
+                raise self.tokens._refuse(_Invalid(void, "the token has been revoked"))
         return Identity(subject, roles, "jwt", MappingProxyType(claims))
 
     def _current_since(self, lookup: Any, subject: str) -> float | None:
@@ -1061,8 +1073,7 @@ class AuthMiddleware:
             self.context.emit("auth.failure", reason="invalid_request")
             note(environ, "auth", "refused: the Authorization header is malformed")
             raise refuse(400, MALFORMED_BEARER,
-                         headers=[("WWW-Authenticate", f'{self.challenge}, error="invalid_request", '
-                                                       'error_description="the Authorization header is malformed"')])
+                         headers=[("WWW-Authenticate", f"{self.challenge}, {MALFORMED_ERROR}")])
         if token is not None:
             try:
                 claims = self.tokens.check(token, "access", environ)

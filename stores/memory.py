@@ -283,15 +283,10 @@ class MemoryStore(Store):
         return bool(sets)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
-        _check_value(value)
-        now = _monotonic()
-        with self._lock:
-            if self._live(key, now) is not None:
-                return False
-            self._put(key, bytes(value), self._deadline(ttl, now))
-            return True
+        return self.add_then_write(key, value, ttl, ())
 
-    def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:
+    def add_then_write(self, key: str, value: bytes, ttl: float | None,
+                       sets: Sequence[tuple[str, bytes, float]]) -> bool:
         _check_value(value)
         for _, other, _ in sets:
             _check_value(other)
