@@ -431,19 +431,30 @@ class VersioningMiddleware:
         return version
 
     def _from_accept(self, value: str) -> str | None:
+        """The version an ``Accept`` naming the vendor type asks for; None when it leaves it to the next source."""
         asked: list[str] = []
         plain = False  # a type any version is served as is acceptable too
+        named = False  # a vendor type was read (q=0 too)
         for media_type, quality in parse_accept_header(value):
             media_type = media_type.partition(";")[0].strip().lower()
-            if quality <= 0:
-                continue
             if not media_type.startswith(self.media_prefix):
-                plain = plain or media_type in _PLAIN_TYPES
+                plain = plain or (quality > 0 and media_type in _PLAIN_TYPES)
+                continue
+            named = True
+            if quality <= 0:
                 continue
             version = _normal(media_type[len(self.media_prefix):].partition("+")[0])
             if version in self.supported:
                 return version
             asked.append(version)
+        if not named:
+            # The header names the vendor type (the caller looked), yet the parser kept none of it: werkzeug
+            # drops an entry whose q is not a number from 0 to 1, or the whole header when it cannot be split.
+            # The client asked for a version; serving the default instead would answer another question.
+            raise refuse(400, f"The Accept header names the media type {self.options.media_type_prefix}… but "
+                              "cannot be read (a q value must be a number from 0 to 1); send, for example, "
+                              f"{self.options.media_type_prefix}{self.listed[-1]}+json.",
+                         details={"source": "accept", "supported": self.listed}, headers=self._refusal_vary)
         if not asked or plain:  # RFC 9110 12.5.1: serve what else the client accepts
             return None
         raise self._unsupported(406, f"API version {', '.join(asked)[:60]!r} in the Accept header",

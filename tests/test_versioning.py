@@ -177,6 +177,8 @@ def test_outside_the_prefix_nothing_happens(make: Callable[..., tuple[TestApp, C
 
 
 SUPPORTED = ["v1", "v2"]
+UNREADABLE_ACCEPT = (f"The Accept header names the media type {VND}… but cannot be read (a q value must be a "
+                     f"number from 0 to 1); send, for example, {VND}v2+json.")
 
 
 @pytest.mark.parametrize(("options", "path", "request_headers", "status", "message", "details"), [
@@ -209,6 +211,12 @@ SUPPORTED = ["v1", "v2"]
                  "API version 'v3, v4' in the Accept header is not supported (supported: v1, v2).",
                  {"version": "v3, v4", "source": "accept", "supported": SUPPORTED},
                  id="only unsupported vendor types, even with url"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v2+json;q=2"}, 400, UNREADABLE_ACCEPT,
+                 {"source": "accept", "supported": SUPPORTED}, id="accept with q above 1 is not the default"),
+    pytest.param(V1_V2, "/api/search", {"Accept": f"{VND}v2+json;q=abc, application/json"}, 400, UNREADABLE_ACCEPT,
+                 {"source": "accept", "supported": SUPPORTED}, id="accept with q not a number, plain json beside"),
+    pytest.param(V1_V2, "/api/v1/search", {"Accept": f'{VND}v2+json"'}, 400, UNREADABLE_ACCEPT,
+                 {"source": "accept", "supported": SUPPORTED}, id="accept that cannot be split"),
     pytest.param(V1_V2, "/api/v9/search", {}, 404,
                  "API version 'v9' in the URL is not supported (supported: v1, v2).",
                  {"version": "v9", "source": "url", "supported": SUPPORTED}, id="unsupported url"),
