@@ -645,46 +645,73 @@ class RateLimitMiddleware:
             out.append(fallback + (ipv6_network(ip, self.prefix) if ":" in ip else ip))
         return out[0] if len(out) == 1 else "|".join(dict.fromkeys(out))
 
+    def _rules_for(self, environ: WSGIEnvironment) -> tuple[_Compiled | None, _Compiled | None]:
+        """The first rule for the request path and the first for the path it is routed to (versioning inside).
+
+        Usually one rule, twice.  When the two spellings pick different rules (``precedence: [accept, …]``
+        routes ``/api/v2/x`` to ``/api/v1/x``), the request meets both: with the first rule that matches
+        either spelling, a client would pick the spelling of the looser rule and step around the other.
+        """
+        method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
+        path = decoded_path(environ)
+        routed: str | None = None  # worked out once a rule's method fits
+        first = second = None
+        for candidate in self.rules:
+            if candidate.methods is not None and method not in candidate.methods:
+                continue
+            if candidate.paths is None:  # every path, so both spellings
+                return first or candidate, second or candidate
+            if routed is None:
+                routed = routed_path(environ, self.rewrites) if self.rewrites else path
+            if first is None and candidate.paths.match(path):
+                first = candidate
+            if second is None and (candidate is first if routed == path else candidate.paths.match(routed)):
+                second = candidate
+            if first is not None and second is not None:
+                return first, second
+        return first or self.default, second or self.default
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         rule = self.default
         if self.rules:
-            method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
-            path = decoded_path(environ)
-            routed: str | None = None  # worked out when a rule's method fits but the request path does not
-            for candidate in self.rules:
-                if candidate.methods is not None and method not in candidate.methods:
-                    continue
-                if candidate.paths is None or candidate.paths.match(path):
-                    rule = candidate
-                    break
-                # With versioning inside, the first rule that matches the path or the path it is routed to.
-                if routed is None:
-                    routed = routed_path(environ, self.rewrites) if self.rewrites else path
-                if routed is not path and candidate.paths.match(routed):
-                    rule = candidate
-                    break
+            rule, also = self._rules_for(environ)
+            if also is not rule and also is not None and also.items:
+                if rule is None or not rule.items:
+                    rule = also
+                else:  # counted under both; reads ahead ride on the first count's round trip
+                    inner = also
+
+                    def app(env: WSGIEnvironment, start: StartResponse) -> Iterable[bytes]:
+                        return self._limit(env, start, inner, self.app, read_ahead=False)
+
+                    return self._limit(environ, start_response, rule, app)
+        return self._limit(environ, start_response, rule, self.app)
+
+    def _limit(self, environ: WSGIEnvironment, start_response: StartResponse, rule: _Compiled | None,
+               app: WSGIApplication, read_ahead: bool = True) -> Iterable[bytes]:
+        """Count the request under ``rule`` and answer: refused, or ``app``'s answer with the RateLimit headers."""
         if rule is None or not rule.items:
-            return self.app(environ, start_response)
+            return app(environ, start_response)
         key = self._key(environ, rule.key)
         now = time.time()
         keys = [a + key + b for a, b in rule.keys]
         locks = None
         try:
-            if self.read_aheads:  # only ever set for a Redis counter
+            if self.read_aheads and read_ahead:  # only ever set for a Redis counter
                 results, locks = self._hit_and_read(environ, rule, keys, now)
             else:
                 results = self.counter.hit(rule.strategy, rule.items, keys, now, rule.keys)
         except _STORE_ERRORS as exc:
             # shadow mode never refuses, not even a closed rule in an outage
-            return self._store_failed(environ, start_response, exc, rule.closed and self.enforce)
+            return self._store_failed(environ, start_response, exc, rule.closed and self.enforce, app)
         try:
-            return self._answer(environ, start_response, rule, key, results, now)
+            return self._answer(environ, start_response, rule, key, results, now, app)
         finally:
             if locks:  # a lock read ahead for a layer that never took it (refused in between) goes now
                 self._unlock_untaken(environ, locks)
 
     def _answer(self, environ: WSGIEnvironment, start_response: StartResponse, rule: _Compiled, key: str,
-                results: list[Result], now: float) -> Iterable[bytes]:
+                results: list[Result], now: float, app: WSGIApplication) -> Iterable[bytes]:
         """Refuse past a limit, else call the app with the RateLimit headers."""
         if len(results) == 1:
             pick, allowed = 0, results[0][0]
@@ -702,10 +729,10 @@ class RateLimitMiddleware:
         # their own clock reading, a moment after ``now``: 60.2 s would read as 61).
         reset = min(reset, now + item.get_expiry())
         if not allowed:
-            return self._over(environ, start_response, rule.id, key, item, reset, now)
+            return self._over(environ, start_response, rule.id, key, item, reset, now, app)
         rule.passed()
         if not self.enforce:
-            return self.app(environ, start_response)
+            return app(environ, start_response)
         wait = _seconds(reset - now)
         if remaining <= 0 and wait < 1:  # nothing left: the same wait a refusal would give (Retry-After)
             wait = 1
@@ -716,7 +743,7 @@ class RateLimitMiddleware:
             return start_response(status, _most_restrictive(response_headers, headers), exc_info)
 
         try:
-            return self.app(environ, start)
+            return app(environ, start)
         except Exception as exc:
             _decorate_tighter(exc, headers)
             raise
@@ -776,7 +803,7 @@ class RateLimitMiddleware:
                     store.delete(lock_key)
 
     def _over(self, environ: WSGIEnvironment, start_response: StartResponse, rid: str, key: str,
-              item: RateLimitItem, reset: float, now: float) -> Iterable[bytes]:
+              item: RateLimitItem, reset: float, now: float, app: WSGIApplication) -> Iterable[bytes]:
         """Refuse with 429 (enforce), or report and let through (shadow)."""
         limit = str(item)
         if not self.enforce:
@@ -785,7 +812,7 @@ class RateLimitMiddleware:
                           escape_control(environ.get("REQUEST_METHOD", "")), escape_control(decoded_path(environ)),
                           limit, rid)
             note(environ, "ratelimit", f"shadow: would have refused {key} under {limit}")
-            return self.app(environ, start_response)
+            return app(environ, start_response)
         self.context.emit("ratelimit.reject", rule=rid, limit=limit)
         note(environ, "ratelimit", f"refused {key} under {limit} (rule {rid})")
         wait = max(1, _seconds(reset - now))
@@ -794,7 +821,7 @@ class RateLimitMiddleware:
         raise refuse(429, f"Too many requests: the limit is {limit}; retry in {wait} seconds.", headers=headers)
 
     def _store_failed(self, environ: WSGIEnvironment, start_response: StartResponse,
-                      exc: BaseException, closed: bool) -> Iterable[bytes]:
+                      exc: BaseException, closed: bool, app: WSGIApplication) -> Iterable[bytes]:
         self.context.emit("store.error", store=self.store_name, layer="ratelimit")
         now = time.monotonic()
         if now - self._last_log > 10:  # one line per 10 s while the store is down
@@ -805,4 +832,4 @@ class RateLimitMiddleware:
             raise refuse(503, "The rate-limit store is unavailable; retry shortly.",
                          headers=[("Retry-After", _STORE_RETRY_AFTER)])
         note(environ, "ratelimit", "store down: let through (on_store_error open)")
-        return self.app(environ, start_response)
+        return app(environ, start_response)

@@ -93,6 +93,32 @@ def test_rate_limit_rules_hold_for_the_routed_path(spellings: list[str]) -> None
     assert app.get("/api/v1/search").headers["RateLimit-Limit"] == "100"  # another resource, the default limit
 
 
+LOOSER_RULE_FIRST = """  - ratelimit:
+      store: shared
+      limits: ["100/minute"]
+      rules:
+        - {paths: ["/api/v2/*"], limits: ["1000/minute"]}
+        - {paths: ["/api/v1/*"], limits: ["2/minute"]}
+  - versioning: {supported: [v1, v2], default: v2, precedence: [accept, url, header]}
+"""
+AS_V1 = {"Accept": "application/vnd.wsgistack.v1+json"}
+
+
+@pytest.mark.parametrize("requests", [
+    pytest.param([("/api/v1/config", {})] * 3, id="the rule's own spelling"),
+    pytest.param([("/api/v2/config", AS_V1)] * 3, id="a v2 path served as v1: the v1 rule holds"),
+    pytest.param([("/api/v1/config", {}), ("/api/config", AS_V1), ("/api/v2/config", AS_V1)],
+                 id="every spelling counts against the v1 rule"),
+])
+def test_a_request_whose_spellings_pick_two_rules_meets_both(requests: list[tuple[str, dict[str, str]]]) -> None:
+    app = TestApp(build_from_text(HEAD + LOOSER_RULE_FIRST).app)
+    answers = [app.get(path, headers=headers, expect_errors=True) for path, headers in requests]
+    assert [a.status_int for a in answers] == [200, 200, 429]
+    assert answers[1].headers["RateLimit-Limit"] == "2"  # the tighter of the two it met
+    assert answers[2].headers["Retry-After"]
+    assert app.get("/api/v2/config").headers["RateLimit-Limit"] == "1000"  # v2 itself: its own rule
+
+
 @pytest.mark.parametrize(("scope", "path", "applies"), [
     pytest.param({"paths": ["/api/v2/*"]}, "/api/v2/x", True, id="the scope's own spelling"),
     pytest.param({"paths": ["/api/v2/*"]}, "/api/x", True, id="routed into the scope"),
