@@ -595,12 +595,16 @@ class TokenService:
         return claims if claims is not None and int(claims["exp"]) > time.time() - self.options.leeway else None
 
     def check(self, token: str, kind: str = "access", environ: WSGIEnvironment | None = None) -> dict[str, Any]:
-        """Verify a token and its revocation (one store read); raise ``_Invalid`` or a 503.
+        """Verify a token and its revocation (one store read for an access token); raise ``_Invalid`` or a 503.
 
         Access tokens that verified once are remembered (bounded, per process),
         so a token sent again costs an expiry check instead of a signature check;
         the revocation read happens every time (with ``environ``, it may have been
-        read ahead in the rate limiter's round trip: see ``ReadAhead``).
+        read ahead in the rate limiter's round trip: see ``ReadAhead``).  Any other
+        kind is also refused when its family was revoked (a second read): a logout,
+        a reuse or a removed user leaves ``family-revoked:<fam>``, not an entry per
+        refresh token.  Access tokens need no such read: revoking a family
+        blocklists each of them.
         """
         claims = self._verified.get(token) if kind == "access" else None
         if claims is None:
@@ -624,6 +628,9 @@ class TokenService:
             found, revoked = True, self._store(partial(_raise, exc), strict=kind != "access")
         if not found:
             revoked = self._store(lambda: self.store.get(jti), strict=kind != "access")
+        if revoked is None and kind != "access" and claims.get("fam"):
+            family = "family-revoked:" + str(claims["fam"])
+            revoked = self._store(lambda: self.store.get(family), strict=True)
         if revoked is not None:
             raise _Invalid("revoked", "the token has been revoked")
         return claims
@@ -703,10 +710,8 @@ class TokenService:
         try:
             claims = self.check(refresh_token, "refresh")
             fam = str(claims.get("fam", ""))
-            if not fam:
+            if not fam:  # check() has read the family's revocation of a token that has one
                 raise _Invalid("invalid", "the refresh token has no fam claim")
-            if self._store(lambda: self.store.get("family-revoked:" + fam), strict=True) is not None:
-                raise _Invalid("revoked", "the token has been revoked")
             jti, head_key = str(claims["jti"]), "family-head:" + fam
             used = "refresh-used:" + jti
             head = self._store(lambda: self.store.get(head_key), strict=True)

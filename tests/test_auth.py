@@ -505,6 +505,55 @@ def test_revoked_refresh_token_cannot_refresh(store: Store) -> None:
         ("WWW-Authenticate", challenge("the token has been revoked"))]
 
 
+def _logged_out(tokens: TokenService, pair: dict[str, Any]) -> None:
+    tokens.revoke(pair["access_token"], pair["refresh_token"], family=True)
+
+
+def _reused(tokens: TokenService, pair: dict[str, Any]) -> None:
+    tokens.refresh(tokens.refresh(pair["refresh_token"])["refresh_token"])
+    with pytest.raises(HTTPException):  # stale: the pair it made was refreshed in turn
+        tokens.refresh(pair["refresh_token"])
+
+
+def _removed(tokens: TokenService, pair: dict[str, Any]) -> None:
+    with pytest.raises(HTTPException):
+        tokens.refresh(pair["refresh_token"], current_roles=lambda sub: None)
+
+
+@pytest.mark.parametrize("end", [_logged_out, _reused, _removed], ids=["logout", "reuse", "user_removed"])
+def test_verify_refuses_a_refresh_token_whose_family_was_revoked(
+        store: Store, end: Callable[[TokenService, dict[str, Any]], None]) -> None:
+    """A logout leaves no revoked:<jti> for the refresh token, only its family's mark: verify reads that too."""
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann", ["user"])
+    assert stack.tokens.verify(pair["refresh_token"], kind="refresh")["sub"] == "ann"
+    end(stack.tokens, pair)
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.verify(pair["refresh_token"], kind="refresh")
+    assert info.value.code == 401
+    assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
+        ("WWW-Authenticate", challenge("the token has been revoked"))]
+
+
+def test_an_access_token_check_reads_one_key() -> None:
+    """The family's mark is read for refresh tokens only: an access token costs its one blocklist read."""
+
+    class Counting(MemoryStore):
+        keys: list[str]
+
+        def get(self, key: str) -> bytes | None:
+            self.keys.append(key)
+            return super().get(key)
+
+    store = Counting()
+    stack = Stack(store)
+    pair = stack.tokens.issue("ann", ["user"])
+    store.keys = []
+    assert stack.call(token=pair["access_token"]).status_int == 200
+    jti = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"])["jti"]
+    assert store.keys == [f"revoked:{jti}"]
+
+
 def test_revoking_an_expired_token_stores_nothing(store: Store) -> None:
     stack = Stack(store)
     old = hs(claims(exp=int(time.time()) - 10, jti="gone"))
