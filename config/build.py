@@ -794,6 +794,7 @@ def build(
         registered = len(context.read_ahead)
         if spec.scope:
             spec.scope.rewrites = rewrites_inside(context)
+            spec.scope.every_spelling = getattr(spec.target, "scope_every_spelling", False) is True
         try:
             layer = instantiate(spec, wrapped, context)
         except (Exception, SystemExit) as exc:  # a file it cannot open, a setting only the server can refute…

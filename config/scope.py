@@ -41,6 +41,10 @@ class Scope:
         #: The path rewrites of the layers inside this one (set by the builder): a request is in scope
         #: when its path is, or the path it is routed to (``/api/search`` → ``/api/v1/search``) is.
         self.rewrites: PathRewrites = ()
+        #: Set by the builder for a layer that grants something (``cors``): then a request is in scope only
+        #: when both spellings are, or a client would pick the spelling a scope covers (or does not
+        #: exclude) to be granted it for a resource the scope leaves out.
+        self.every_spelling = False
 
     def matches(self, environ: WSGIEnvironment) -> bool:
         if self._methods is not None and environ.get("REQUEST_METHOD", "GET").upper() not in self._methods:
@@ -48,6 +52,10 @@ class Scope:
         if self._include is None and self._exclude is None:
             return True
         path = decoded_path(environ)
+        if self.every_spelling:
+            if not self._covers(path):
+                return False
+            return not self.rewrites or self._covers(routed_path(environ, self.rewrites))
         if self._covers(path):
             return True
         if not self.rewrites:

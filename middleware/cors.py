@@ -43,11 +43,13 @@ from .base import (
     note,
     parse_origin,
     refuse,
+    rewrites_inside,
+    routed_path,
     serialise_origin,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -191,6 +193,7 @@ class _Policy:
     """One normalised policy: the top level or a rule merged over it."""
 
     def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
         origins = data["origins"]
         self.allow_all = "*" in origins
         self.exact: frozenset[str] = frozenset()
@@ -257,6 +260,43 @@ class _Policy:
         return [("Access-Control-Allow-Origin", "*" if self.star else origin), *self.extra]
 
 
+class _Both(_Policy):
+    """What two policies both grant: for a request whose two spellings (see ``routed_path``) pick two rules.
+
+    An origin must be allowed by both, a method or a header too; credentials and private
+    network access only when both give them; the headers both expose; the shorter ``max_age``.
+    """
+
+    def __init__(self, a: _Policy, b: _Policy) -> None:
+        x, y = a.data, b.data
+        super().__init__({
+            "origins": (), "origin_regex": (),  # origins: ``allows`` asks both policies
+            "allow_methods": _both_lists(x["allow_methods"], y["allow_methods"], str.upper),
+            "allow_headers": _both_lists(x["allow_headers"], y["allow_headers"], str.lower),
+            "expose_headers": _both_lists(x["expose_headers"], y["expose_headers"], str.lower),
+            "allow_credentials": x["allow_credentials"] and y["allow_credentials"],
+            "max_age": min(x["max_age"], y["max_age"]),
+            "allow_private_network": x["allow_private_network"] and y["allow_private_network"],
+        })
+        self.a, self.b = a, b
+        self.allow_all = a.allow_all and b.allow_all
+        self.star = self.allow_all and not self.credentials
+        self.active = a.active and b.active
+
+    def allows(self, origin: str) -> bool:
+        return self.a.allows(origin) and self.b.allows(origin)
+
+
+def _both_lists(x: Sequence[str], y: Sequence[str], fold: Callable[[str], str]) -> tuple[str, ...]:
+    """The entries of two allow-lists that both grant (``*`` grants anything)."""
+    if "*" in x:
+        return tuple(y)
+    if "*" in y:
+        return tuple(x)
+    folded = {fold(entry) for entry in y}
+    return tuple(entry for entry in x if fold(entry) in folded)
+
+
 class CORSMiddleware:
     """Answer CORS preflights and label responses for allowed origins.
 
@@ -284,6 +324,9 @@ class CORSMiddleware:
     """
 
     Options = CORSOptions
+    #: The layer grants: with ``paths``/``exclude_paths``, a request is in its scope only when the path
+    #: asked for and the path it is routed to (versioning inside) both are (see ``config.scope``).
+    scope_every_spelling = True
 
     def __init__(self, app: WSGIApplication, options: CORSOptions, context: Context) -> None:
         self.app = app
@@ -295,6 +338,9 @@ class CORSMiddleware:
              _Policy(options.policy(rule)))
             for rule in options.rules
         ]
+        self.rewrites = rewrites_inside(context)  # versioning inside: a rule holds for the path it routes to
+        #: The policy of a request whose two spellings pick two policies (rules), by their places.
+        self.both: dict[tuple[int, int], _Policy] = {}
 
     @staticmethod
     def lint(options: CORSOptions) -> list[str]:
@@ -327,12 +373,36 @@ class CORSMiddleware:
         return warnings
 
     def _policy(self, environ: WSGIEnvironment) -> _Policy:
-        if self.rules:
-            path = decoded_path(environ)
-            for pattern, policy in self.rules:
-                if pattern.match(path):
-                    return policy
-        return self.default
+        """The policy of the first rule matching the request path, met with the routed path's when they differ.
+
+        A client chooses how to spell a versioned path (``/api/V2/x``, ``/api/x`` with a version
+        header or media type): with the request path alone, it would pick a spelling no rule
+        names to be granted what the rule for the resource it reaches withholds.
+        """
+        if not self.rules:
+            return self.default
+        path = decoded_path(environ)
+        place = self._place(path)
+        if self.rewrites:
+            routed = routed_path(environ, self.rewrites)
+            if routed != path:
+                other = self._place(routed)
+                if other != place:
+                    both = self.both.get((place, other))
+                    if both is None:
+                        both = self.both[(place, other)] = _Both(self._at(place), self._at(other))
+                    return both
+        return self._at(place)
+
+    def _place(self, path: str) -> int:
+        """The index of the first rule matching ``path``; -1 for the top level."""
+        for i, (pattern, _) in enumerate(self.rules):
+            if pattern.match(path):
+                return i
+        return -1
+
+    def _at(self, place: int) -> _Policy:
+        return self.default if place < 0 else self.rules[place][1]
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         policy = self._policy(environ)

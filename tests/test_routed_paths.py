@@ -119,6 +119,58 @@ def test_a_request_whose_spellings_pick_two_rules_meets_both(requests: list[tupl
     assert app.get("/api/v2/config").headers["RateLimit-Limit"] == "1000"  # v2 itself: its own rule
 
 
+CORS = """  - cors:
+      origins: ["https://app.example.org"]
+      allow_credentials: true
+      {extra}
+"""
+NO_CORS_ON_V2_CONFIG = {
+    "rule": "rules: [{paths: [/api/v2/config], origins: []}]",
+    "exclusion": "exclude_paths: [/api/v2/config]",
+    "scope": "paths: [/api/v1/*]",
+}
+SPELLINGS_OF_V2_CONFIG = [
+    pytest.param("/api/v2/config", {}, id="the rule's own spelling"),
+    pytest.param("/api/V2/config", {}, id="upper-case version"),
+    pytest.param("/api/config", {}, id="no version: routed to the default"),
+    pytest.param("/api/config", {"X-API-Version": "v2"}, id="version in a header"),
+    pytest.param("/api/config", {"Accept": "application/vnd.wsgistack.v2+json"}, id="version in a media type"),
+    pytest.param("/api/v1/config", {"Accept": "application/vnd.wsgistack.v2+json"},
+                 id="another version's path, served as v2 (accept first)"),
+]
+
+
+@pytest.mark.parametrize("how", sorted(NO_CORS_ON_V2_CONFIG))
+@pytest.mark.parametrize(("path", "headers"), SPELLINGS_OF_V2_CONFIG)
+def test_cors_withheld_from_a_path_is_withheld_in_every_spelling(how: str, path: str, headers: dict[str, str]) -> None:
+    layers = CORS.format(extra=NO_CORS_ON_V2_CONFIG[how])
+    accept_first = "  - versioning: {supported: [v1, v2], default: v2, precedence: [accept, url, header]}\n"
+    app = TestApp(build_from_text(HEAD + layers + (accept_first if "v1" in path else VERSIONING)).app)
+    response = app.get(path, headers={**headers, "Origin": "https://app.example.org"})
+    assert response.json["path"] == "/api/v2/config"
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    granted = app.get("/api/v1/status", headers={"Origin": "https://app.example.org"})  # elsewhere it is granted
+    assert granted.headers["Access-Control-Allow-Origin"] == "https://app.example.org"
+
+
+@pytest.mark.parametrize(("rules", "expected"), [
+    pytest.param("[{paths: [/api/v2/*], allow_credentials: false, expose_headers: [X-A, X-B]}]",
+                 {"Access-Control-Allow-Origin": "https://app.example.org", "Access-Control-Expose-Headers": "X-A"},
+                 id="the request path's rule gives no credentials, the routed one's exposes less"),
+    pytest.param("[{paths: [/api/v2/*], origins: [https://other.example.org]}]", {},
+                 id="an origin one of them does not allow"),
+])
+def test_two_rules_for_two_spellings_grant_what_both_grant(rules: str, expected: dict[str, str]) -> None:
+    layers = CORS.format(extra=f"expose_headers: [X-A]\n      rules: {rules}")
+    accept_first = "  - versioning: {supported: [v1, v2], default: v2, precedence: [accept, url, header]}\n"
+    app = TestApp(build_from_text(HEAD + layers + accept_first).app)
+    response = app.get("/api/v2/config", headers={"Origin": "https://app.example.org",
+                                                  "Accept": "application/vnd.wsgistack.v1+json"})
+    assert response.json["path"] == "/api/v1/config"  # /api/v2/* for the request path, the top level for v1
+    assert {k: v for k, v in response.headers.items() if k.startswith("Access-Control-")} == expected
+
+
 @pytest.mark.parametrize(("scope", "path", "applies"), [
     pytest.param({"paths": ["/api/v2/*"]}, "/api/v2/x", True, id="the scope's own spelling"),
     pytest.param({"paths": ["/api/v2/*"]}, "/api/x", True, id="routed into the scope"),
