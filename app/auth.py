@@ -5,7 +5,8 @@ database and answers the token service's ``issue()`` dict; when the stack has
 a session layer it also rotates the session id and stores
 ``session["user"] = {"sub", "roles", "iat"}``.  Unknown users and wrong passwords
 get the same 401 after the same amount of hashing; ``max_failed_logins`` wrong
-passwords for one name within ``failed_login_window`` get 429 until it ends.  ``POST /auth/refresh``
+passwords for one name within ``failed_login_window`` get 429 until it ends; a
+users database that cannot be read gets 503 with ``Retry-After``, as a refresh does.  ``POST /auth/refresh``
 exchanges ``{"refresh_token"}`` for a pair carrying the user's roles as the
 users database has them now; a user who was removed gets the 401 of a revoked
 token, and the token's family is revoked.  ``POST /auth/logout`` revokes the
@@ -25,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import math
+import sqlite3
 import time
 from typing import Any
 
@@ -32,7 +34,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from app.state import AppState
 from app.users import NAME
-from middleware.auth import MALFORMED_ERROR, bearer_token, challenge
+from middleware.auth import MALFORMED_ERROR, _users_down, bearer_token, challenge
 from middleware.base import SESSION, escape_control, refuse
 from middleware.csrf import CSRF_TOKEN
 from stores.base import StoreError
@@ -86,6 +88,12 @@ class _Failures:
             raise refuse(429, f"Too many login attempts for this user name (wrong passwords, or more than "
                               f"{self.limit} at once); retry in {self.window} seconds or less.",
                          headers=[("Retry-After", str(self.window))])
+
+    def uncount(self) -> None:
+        """Take back this attempt when no password was checked (the users database could not be read)."""
+        if self.store is not None:
+            with contextlib.suppress(StoreError):  # then it counts, until its window ends
+                self.store.incr(self.key, ttl=self.window, amount=-1)
 
     def forget(self) -> None:
         if self.store is not None:
@@ -176,7 +184,15 @@ def auth_blueprint(state: AppState) -> Blueprint:
         password = _string_field(body, "password")
         failures = _Failures(state, service, username)
         failures.attempt()
-        user = state.users.verify_password(username, password)
+        try:
+            user = state.users.verify_password(username, password)
+        except (sqlite3.Error, OSError):
+            # As a token and a refresh answer then: a 503 the client retries, not a 500; and the
+            # attempt, which checked no password, does not count against the name.
+            failures.uncount()
+            state.context.logger.getChild("app.auth").exception(
+                "could not check the password of user %s", escape_control(username))
+            raise _users_down() from None
         if user is None:
             state.context.emit("auth.failure", reason="login")
             busy = service.unavailable()

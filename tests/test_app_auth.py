@@ -564,6 +564,27 @@ def test_a_refresh_whose_users_lookup_fails_is_a_503_and_keeps_the_token(tmp_pat
     assert stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}).status_int == 200
 
 
+def test_a_login_whose_users_database_cannot_be_read_is_a_503_and_counts_no_attempt(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """As a token and a refresh answer then: the client retries, and the outage uses up none of its attempts."""
+    monkeypatch.setattr("app.users.IDENTITY_CHECK_SECONDS", 0.0)
+    stack = Stack(tmp_path, users, max_failed_logins=2)
+    kept = users.path.with_name("kept.sqlite3")
+    users.close()
+    users.path.rename(kept)
+    users.path.write_bytes(b"not a database " * 100)
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        refused = [stack.login(password=password, status="*") for password in ("wonderland", "guess") * 2]
+    assert [r.status_int for r in refused] == [503] * 4  # never the throttle's 429
+    assert {r.json["error"]["message"] for r in refused} == {"The users database cannot be read; retry shortly."}
+    assert {r.headers["Retry-After"] for r in refused} == {"5"}
+    assert "could not check the password" in caplog.text
+    kept.replace(users.path)
+    stack.login(password="guess", status=401)
+    assert stack.login().status_int == 200  # the second attempt since the outage: under the limit
+
+
 def test_every_key_of_the_session_and_auth_state_is_one_the_cache_may_never_evict(tmp_path: Path,
                                                                                    users: UserStore) -> None:
     """A key the cache's list of kept namespaces misses could be evicted for cached answers (memory://)."""
