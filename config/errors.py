@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -10,6 +11,9 @@ from stores.base import mask_secrets, secret_value
 Path = tuple[str | int, ...]
 
 MASK = "***"
+
+#: Where a password masked already ends: ``***`` as a whole value (after ``:`` or ``=``, before what ends one).
+_MASK_ENDS = re.compile(r"(?<=[:=]\*\*\*)(?=[\s@&'\");,\]]|\Z)")
 
 
 def is_secret(path: Path, value: Any) -> bool:
@@ -30,6 +34,17 @@ def masked(path: Path, value: Any) -> Any:
     if isinstance(value, dict):
         return {k: masked((k,) if isinstance(k, str) else (), v) for k, v in value.items()}
     return value
+
+
+def masked_message(message: str) -> str:
+    """``message`` with its passwords masked, and those it shows masked already (a store's URL) left as they are.
+
+    Masking free text reads a ``password=`` up to the next space and userinfo up to
+    the line's last ``@``: run over a value that is ``***`` already, it ate the
+    words after it (``?password=***): authentication failed`` lost its ``):``).
+    Each part up to such a mask is masked on its own.
+    """
+    return "".join(mask_secrets(part, MASK) for part in _MASK_ENDS.split(message))
 
 
 def dotted(path: Path) -> str:
@@ -61,7 +76,7 @@ class Problem:
         if self.has_value:
             object.__setattr__(self, "value", masked(self.path, self.value))
         if "@" in self.message or "=" in self.message:  # a URL a message quotes (a store's, a layer's own)
-            object.__setattr__(self, "message", mask_secrets(self.message, MASK))
+            object.__setattr__(self, "message", masked_message(self.message))
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file

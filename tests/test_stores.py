@@ -544,6 +544,40 @@ def test_mask_url(url: str, masked: str) -> None:
         assert secret not in mask_url_passwords(f"see '{url}' here") and secret not in mask_url_passwords(url)
 
 
+@pytest.mark.parametrize(("message", "shown"), [
+    pytest.param("store 'shared' (redis://127.0.0.1:6379/3?password=***): authentication failed",
+                 "store 'shared' (redis://127.0.0.1:6379/3?password=***): authentication failed",
+                 id="a masked query password, then the text"),
+    pytest.param("redis+sentinel:// URLs take no query options (redis+sentinel://:***@h:26379/svc?x=1); pass "
+                 "socket options as store options instead",
+                 "redis+sentinel:// URLs take no query options (redis+sentinel://:***@h:26379/svc?x=1); pass "
+                 "socket options as store options instead", id="a masked URL in a message that starts with a scheme"),
+    pytest.param("store 'shared' (redis://app:***@h:6379/0): no database of that number on the server",
+                 "store 'shared' (redis://app:***@h:6379/0): no database of that number on the server",
+                 id="a masked user's password"),
+    pytest.param("bad: host=db password=*** port=5432", "bad: host=db password=*** port=5432",
+                 id="a masked connection string password"),
+    pytest.param("store 'a' (redis://:s3cret@h/0): x", "store 'a' (redis://:***@h/0): x", id="a password"),
+    pytest.param("store 'a' (redis://h/0?password=s3cret): x", "store 'a' (redis://h/0?password=*** x",
+                 id="a query password: up to the next space"),
+    pytest.param("(redis://:***@h/0) and (redis://:s3cret@g/0): x", "(redis://:***@h/0) and (redis://:***@g/0): x",
+                 id="a password after a masked one"),
+    pytest.param("(redis://h/0?password=***&token=s3cret) x", "(redis://h/0?password=***&token=*** x",
+                 id="a query password after a masked one"),
+    pytest.param("host=db password=*** token=s3cret", "host=db password=*** token=***",
+                 id="a connection string's secret after a masked one"),
+    pytest.param("(redis://:***s3cret@h/0): x", "(redis://:***@h/0): x", id="a password that starts with ***"),
+    pytest.param("(redis://:s3***cret@h/0): x", "(redis://:***@h/0): x", id="a password with *** in it"),
+    pytest.param("password=s3cret*** x", "password=*** x", id="a password that ends with ***"),
+])
+def test_a_problem_masks_passwords_but_not_a_mask(message: str, shown: str) -> None:
+    """A message quoting a store's masked URL keeps its words: a value that is ``***`` is not masked again."""
+    from config.errors import Problem
+
+    assert Problem(message).message == shown
+    assert "s3cret" not in Problem(message).message and "cret" not in Problem(message).message
+
+
 @pytest.mark.parametrize(("url", "secret"), [
     ("redis://:my secret@h/0", "my secret"),
     ("redis://h/0?password=ab#cdef", "cdef"),
