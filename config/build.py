@@ -165,9 +165,29 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
+#: An option named after an ``X-Forwarded-*`` header (``x_forwarded_for``, ``X-Forwarded-Proto``, ``x_forwarded``).
+_X_FORWARDED = re.compile(r"x[-_]forwarded(?:[-_](\w+))?", re.I)
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
-    """``; did you mean 'x'?`` or an empty string."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    """``; did you mean 'x'?`` or an empty string.
+
+    ``x_forwarded_for`` is ``x_for`` (the ``X-Forwarded-For`` count, as werkzeug's
+    ``ProxyFix`` spells it), never the closest spelling ``forwarded``: that one reads
+    RFC 7239 ``Forwarded``, which a proxy that sets ``X-Forwarded-For`` typically
+    passes on from the client as it came, so following the hint would let any
+    client choose its address.
+    """
+    text = str(word)
+    known = list(choices)
+    forwarding = _X_FORWARDED.fullmatch(text)
+    if forwarding is not None:
+        header = forwarding.group(1)
+        meant = f"x_{header.lower().replace('-', '_')}" if header else ""
+        if meant in known:
+            return f"; did you mean {meant!r}?"
+        known = [choice for choice in known if choice.lower() != "forwarded"]
+    close = difflib.get_close_matches(text, known, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
