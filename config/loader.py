@@ -38,7 +38,8 @@ _SAFE_TAGS = {
     "tag:yaml.org,2002:timestamp",
 }
 #: ``$$`` (a literal ``$``), ``${NAME}``, ``${NAME:-default}``, or any other ``${`` (an error).
-_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+#: A default runs to the first ``}``, but a literal ``$${…}`` in it keeps its own closing brace.
+_TOKEN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:\$\$\{[^}]*\}|[^}])*))?\}|\$\{")
 #: A ``$NAME`` without braces (the shell's and Compose's other spelling), which is not read here.
 _BARE = re.compile(r"\$\$|\$\{|\$([A-Za-z_][A-Za-z0-9_]*)")
 #: What an unsupported ``${...}`` looks like, to suggest the supported spelling.
@@ -320,7 +321,7 @@ def _interpolate(
         name, default = match.groups()
         if name is None:
             return refuse(_unsupported(value, match.start(), hide=is_secret(path, value)))
-        if default is not None and "${" in default:
+        if default is not None and "${" in default.replace("$$", ""):  # `$${` is a literal `${`
             return refuse(f"{text!r}: a default may not contain another ${{...}}; "
                           "write the default as plain text")
         if name in env and (env[name] != "" or default is None):

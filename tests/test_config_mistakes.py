@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config import ConfigError, build_from_text
+from config import ConfigError, build_from_text, read_text
 
 ECHO = 'app: {factory: "stack_support:echo_app"}\n'
 PROXY_KNOWN = "(known: x_for, x_proto, x_host, x_port, x_prefix, forwarded, trusted_proxies, allowed_hosts)"
@@ -47,3 +47,23 @@ def test_an_x_forwarded_option_of_werkzeugs_proxyfix(key: str, hint: str) -> Non
 def test_an_unknown_x_forwarded_header_gets_no_hint_to_forwarded() -> None:
     assert errors_of(ECHO + "pipeline:\n  - proxy: {x_forwarded_server: 1}\n") == [
         f"stack.yaml:3:13 pipeline[0].proxy.x_forwarded_server: unknown key 'x_forwarded_server' {PROXY_KNOWN}"]
+
+
+@pytest.mark.parametrize(("value", "unset", "set_"), [
+    pytest.param("${NOPE:-$${HOME}}", "${HOME}", "x", id="a literal ${...} as the default"),
+    pytest.param("${NOPE:-a$${b}-c}", "a${b}-c", "x", id="one inside the default"),
+    pytest.param("pre-${NOPE:-$${x}}-post", "pre-${x}-post", "pre-x-post", id="amid text"),
+    pytest.param("${NOPE:-p$${}", "p${", "x", id="an unclosed literal ${"),
+    pytest.param("${NOPE:-$$x}", "$x", "x", id="a literal $"),
+])
+def test_a_literal_dollar_brace_in_a_default(value: str, unset: str, set_: str) -> None:
+    """``$${`` writes a literal ``${`` in a default as everywhere else, with the variable set or not."""
+    text = f'a: "{value}"\n'
+    assert read_text(text, env={}).data == {"a": unset}
+    assert read_text(text, env={"NOPE": "x"}).data == {"a": set_}
+
+
+@pytest.mark.parametrize("value", ["${A:-${B}}", "${A:-$$${B}}", "${A:-$${x}-${B}}"])
+def test_a_variable_inside_a_default_is_still_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"a default may not contain another \$\{\.\.\.\}"):
+        read_text(f'a: "{value}"\n', env={"A": "1", "B": "2"})
