@@ -11,11 +11,12 @@ import dataclasses
 import functools
 import inspect
 import ipaddress
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .build import LayerSpec, StackConfig, reads_forwarding_headers, suggest
-from .errors import Problem
+from .errors import Problem, dotted
 from .registry import LAYERS, import_string
 
 Rule = Callable[[StackConfig, list[LayerSpec]], Iterator[Problem]]
@@ -370,6 +371,77 @@ def versioning_before_cache(cfg: StackConfig, specs: list[LayerSpec]) -> Iterato
                                  "keys on the API version, so versioning must run first", "warning")
 
 
+_VERSION_SHAPE = re.compile(r"[vV]\d+(?:\.\d+)*")
+
+
+def paths_inside_versioning(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A path pattern of a layer inside ``versioning`` that names a path under its prefix without a version.
+
+    The layers inside see the path versioning rewrote (``/api/search`` arrives as ``/api/v1/search``),
+    so such a pattern never matches: a scope or rule that never applies, a purge endpoint that
+    answers 404.  (The layers outside match both spellings.)
+    """
+    for ver in _all(specs, "versioning"):
+        prefix, supported = ver.option("prefix", "/api"), tuple(ver.option("supported", ()) or ())
+        if not isinstance(prefix, str) or not all(isinstance(v, str) for v in supported):
+            continue
+        for spec in specs[_pos(specs, ver) + 1:]:
+            for place, glob, severity in _path_patterns(spec):
+                segment = _unversioned(glob, prefix, supported)
+                if segment is None:
+                    continue
+                sample = re.sub(r"\[[^]]*]|[*?]", "x", glob)
+                if ver.scope and not ver.scope.matches({"REQUEST_METHOD": "GET", "PATH_INFO": sample}):
+                    continue  # versioning leaves that path alone: the layer sees it as it is
+                rest = glob[len(prefix) + 1:]
+                tail = rest[len(segment):]  # after the segment, from its "/"
+                some = supported[0] if supported else "v1"
+                if segment.lower() in supported:
+                    why = f"rewrites it to {prefix}/{segment.lower()}{tail} first"
+                    fix = f"write {prefix}/{segment.lower()}{tail}"
+                elif _VERSION_SHAPE.fullmatch(segment):
+                    why = f"answers 404 for version {segment!r}, which it does not support"
+                    fix = f"name a supported version ({prefix}/{some}{tail}) or remove it"
+                else:
+                    shown = f"/{rest}" if rest else ""
+                    why = f"rewrites it to {prefix}/<version>{shown} first"
+                    fix = (f"name a version ({prefix}/{some}{shown})" if place == ("purge_path",) else
+                           f"write {prefix}/*{shown} for every version, or name one ({prefix}/{some}{shown})")
+                message = (f"{spec.name} at {_where(spec)} has {dotted(place)} {glob!r}, which no request reaches it "
+                           f"with: versioning at {_where(ver)}, outside it, {why}; {fix}")
+                where = (*spec.path, spec.name, *place)
+                problem = _problem(cfg, spec, message, severity)
+                line, col = cfg.document.locate(where) if spec.path else (0, 0)
+                yield dataclasses.replace(problem, path=where, line=line, column=col) if spec.path else problem
+
+
+def _path_patterns(spec: LayerSpec) -> Iterator[tuple[tuple[str | int, ...], str, str]]:
+    """``(place in the options, pattern, severity)`` of every path pattern a layer is given."""
+    for i, glob in enumerate(spec.scope.paths):
+        yield ("paths", i), glob, "error"
+    for i, glob in enumerate(spec.scope.exclude_paths):
+        yield ("exclude_paths", i), glob, "warning"  # the layer then applies where it was meant not to
+    purge = spec.option("purge_path") if spec.is_layer_class else None
+    if isinstance(purge, str):
+        yield ("purge_path",), purge, "error"
+    rules = spec.option("rules") if spec.is_layer_class else None
+    for i, rule in enumerate(rules if isinstance(rules, list | tuple) else ()):
+        paths = _field(rule, "paths")
+        for j, glob in enumerate(paths if isinstance(paths, list | tuple) else ()):
+            if isinstance(glob, str):
+                yield ("rules", i, "paths", j), glob, "error"
+
+
+def _unversioned(glob: str, prefix: str, supported: tuple[str, ...]) -> str | None:
+    """The segment after ``prefix`` in ``glob`` when versioning never lets a request with it through as it is."""
+    if glob != prefix and not glob.startswith(prefix + "/"):
+        return None
+    segment = glob[len(prefix) + 1:].partition("/")[0]
+    if any(c in segment for c in "*?[") or segment in supported:
+        return None  # a pattern for every version (or several), or one version as versioning writes it
+    return segment
+
+
 def probes_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for name in ("health", "metrics", "access_log"):
         for inner in ("validation", "cors", "csrf", "auth", "ratelimit", "session", "versioning", "cache"):
@@ -679,6 +751,7 @@ RULES: list[Rule] = [
     csrf_header_allowed,
     auth_inside_session,
     versioning_before_cache,
+    paths_inside_versioning,
     proxyfix_trusts_every_peer,
     probes_first,
     shared_state,

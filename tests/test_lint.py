@@ -299,6 +299,55 @@ def test_lint(pipeline: str, expected: str) -> None:
     assert any(line.startswith(expected) for line in found), found
 
 
+VERSIONED = "pipeline:\n  - errors: {}\n  - versioning: {supported: [v1, v2]%s}\n"
+
+
+@pytest.mark.parametrize(("layer", "expected"), [
+    pytest.param("  - cache: {paths: [/api/*/search, /api/search, /api]}\n",
+                 "stack.yaml:6:36 pipeline[2].cache.paths[1]: cache at pipeline[2] has paths[1] '/api/search', "
+                 "which no request reaches it with: versioning at pipeline[1], outside it, rewrites it to "
+                 "/api/<version>/search first; write /api/*/search for every version, or name one (/api/v1/search)",
+                 id="a path without a version"),
+    pytest.param("  - cache: {paths: [/api/V2/search]}\n",
+                 "stack.yaml:6:21 pipeline[2].cache.paths[0]: cache at pipeline[2] has paths[0] '/api/V2/search', "
+                 "which no request reaches it with: versioning at pipeline[1], outside it, rewrites it to "
+                 "/api/v2/search first; write /api/v2/search", id="a version in another case"),
+    pytest.param("  - cache: {paths: ['/api/v3/*']}\n",
+                 "stack.yaml:6:21 pipeline[2].cache.paths[0]: cache at pipeline[2] has paths[0] '/api/v3/*', "
+                 "which no request reaches it with: versioning at pipeline[1], outside it, answers 404 for version "
+                 "'v3', which it does not support; name a supported version (/api/v1/*) or remove it",
+                 id="a version it does not support"),
+    pytest.param(f"  - auth: {{secret: {SECRET}, rules: [{{paths: [/api/admin/*], roles: [admin]}}]}}\n",
+                 "stack.yaml:6:79 pipeline[2].auth.rules[0].paths[0]: auth at pipeline[2] has "
+                 "rules[0].paths[0] '/api/admin/*', which no request reaches it with", id="a rule of auth inside"),
+    pytest.param(f"  - auth: {{secret: {SECRET}}}\n  - cache: {{purge_path: /api/cache/purge}}\n",
+                 "stack.yaml:7:25 pipeline[3].cache.purge_path: cache at pipeline[3] has purge_path "
+                 "'/api/cache/purge', which no request reaches it with: versioning at pipeline[1], outside it, "
+                 "rewrites it to /api/<version>/cache/purge first; name a version (/api/v1/cache/purge)",
+                 id="a purge path"),
+    pytest.param("  - cache: {exclude_paths: [/api/health]}\n",
+                 "stack.yaml:6:29 warning: pipeline[2].cache.exclude_paths[0]: cache at pipeline[2] has "
+                 "exclude_paths[0] '/api/health', which no request reaches it with", id="an exclusion: a warning"),
+])
+def test_paths_the_layers_inside_versioning_never_see(layer: str, expected: str) -> None:
+    found = problems(VERSIONED % "" + layer)
+    assert any(line.startswith(expected) for line in found), found
+
+
+@pytest.mark.parametrize("layer", [
+    pytest.param("  - cache: {paths: ['/api/*/search', /api/v2/x, /other/search, /apis/x]}\n",
+                 id="every version, one version, a path outside the prefix"),
+    pytest.param("  - cache: {paths: ['/api/[vV]1/x', '/api/v?/x']}\n", id="patterns for versions"),
+])
+def test_paths_the_layers_inside_versioning_see(layer: str) -> None:
+    assert [p for p in problems(VERSIONED % "" + layer) if "versioning at" in p] == []
+
+
+def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
+    text = VERSIONED % ", exclude_paths: [/api/health]" + "  - cache: {paths: [/api/health]}\n"
+    assert [p for p in problems(text) if "versioning at" in p] == []
+
+
 @pytest.mark.parametrize(
     "pipeline",
     [
