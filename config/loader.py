@@ -274,6 +274,12 @@ class _Converter:
         if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:  # 59:59:… (base 60) gets this far
             self.problem(node, path, f"the number {node.value[:20]}… is far larger than any setting takes")
             return None
+        if isinstance(value, int | float) and not isinstance(value, bool) and node.style is None \
+                and ":" in node.value:  # YAML 1.1: 1:30 is the base-60 number 90 (ttl: 1:30, idle_timeout: 30:00)
+            self.problem(node, path, "the value is read by YAML as a base-60 number: quote it to keep it as text"
+                         if hidden else f"{node.value} is read by YAML as the base-60 number {value}: write {value} "
+                         f"for that, or quote it ({node.value!r}) to keep it as text")
+            return None
         if interpolate and isinstance(value, str) and "$" in value:
             done = self.interpolated.get(id(node))
             if done is None:

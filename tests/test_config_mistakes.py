@@ -67,3 +67,31 @@ def test_a_literal_dollar_brace_in_a_default(value: str, unset: str, set_: str) 
 def test_a_variable_inside_a_default_is_still_refused(value: str) -> None:
     with pytest.raises(ConfigError, match=r"a default may not contain another \$\{\.\.\.\}"):
         read_text(f'a: "{value}"\n', env={"A": "1", "B": "2"})
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("pipeline:\n  - cache: {ttl: 1:30}\n",
+                 "stack.yaml:3:18 pipeline[0].cache.ttl: 1:30 is read by YAML as the base-60 number 90: write 90 "
+                 "for that, or quote it ('1:30') to keep it as text", id="ttl: 1:30"),
+    pytest.param("pipeline:\n  - session: {secret_key: '" + "s" * 40 + "', idle_timeout: 30:00}\n",
+                 "stack.yaml:3:85 pipeline[0].session.idle_timeout: 30:00 is read by YAML as the base-60 number "
+                 "1800: write 1800 for that, or quote it ('30:00') to keep it as text", id="idle_timeout: 30:00"),
+    pytest.param("server: {channel_timeout: -1:00:00}\n",
+                 "stack.yaml:2:27 server.channel_timeout: -1:00:00 is read by YAML as the base-60 number -3600",
+                 id="three places, a sign"),
+    pytest.param("server: {channel_timeout: 1:30.5}\n",
+                 "stack.yaml:2:27 server.channel_timeout: 1:30.5 is read by YAML as the base-60 number 90.5",
+                 id="a base-60 float"),
+    pytest.param("pipeline:\n  - auth: {secret: 1:02:03:04:05:06}\n",
+                 "stack.yaml:3:20 pipeline[0].auth.secret: the value is read by YAML as a base-60 number: quote it "
+                 "to keep it as text", id="a secret's: not shown"),
+])
+def test_a_base_60_number_is_refused_with_both_readings(text: str, expected: str) -> None:
+    """YAML 1.1 reads 1:30 as 90: a ttl written as minutes:seconds, or 30:00 meant as half an hour."""
+    lines = errors_of(ECHO + text)
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize("text", ["a: '1:30'\n", 'a: "30:00"\n', "a: 10:61\n", "a: 127.0.0.1:8080\n"])
+def test_text_with_a_colon_is_text(text: str) -> None:
+    assert isinstance(read_text(text).data["a"], str)
