@@ -2,7 +2,8 @@
 
 Passwords are stored as ``werkzeug.security`` hashes.  :meth:`UserStore.verify_password`
 hashes a dummy password for unknown names so that both failures take the
-same time.  The store is thread-safe (one connection behind a lock) and
+same time, and hashes a right password again when its hash was made with older
+parameters.  The store is thread-safe (one connection behind a lock) and
 creates its file and table on first use.
 
 ``python serve.py users add NAME --role admin`` is :func:`users_cli`.
@@ -232,7 +233,13 @@ class UserStore:
         return self.set_roles(name, [role])
 
     def verify_password(self, name: str, password: str) -> User | None:
-        """The user when ``password`` is right, else ``None`` (same cost for unknown names)."""
+        """The user when ``password`` is right, else ``None`` (same cost for unknown names).
+
+        A right password whose hash was made with other parameters than ``hash_method``
+        (werkzeug's cheaper default, before HASH_METHOD) is hashed again with them: an
+        old hash verifies faster than the dummy an unknown name costs, so the time a
+        login takes would tell which names have one.
+        """
         if self._dummy_hash is None:  # made on the first login of either kind: it costs both the same
             self._dummy_hash = self._hash("not a real password")
         row = self._row(name)
@@ -241,7 +248,27 @@ class UserStore:
             return None
         if not check_password_hash(row[1], password):
             return None
+        if row[1].partition("$")[0] != self._dummy_hash.partition("$")[0]:
+            self._rehash(name, row[1], password)
         return User(row[0], tuple(json.loads(row[2])), row[3], row[4])
+
+    def _rehash(self, name: str, old_hash: str, password: str) -> None:
+        """Store ``password`` hashed with ``hash_method`` in place of ``old_hash``.
+
+        The credentials' date stays: the password is the same, so no session or token
+        of the user's is void.  Only a hash that is still ``old_hash`` is replaced (a
+        ``users passwd`` meanwhile wins), and a database that cannot be written to
+        leaves the old one, which goes on working.
+        """
+        new_hash = self._hash(password)
+        try:
+            with self._lock:
+                self._conn().execute("UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
+                                     (new_hash, name, old_hash))
+        except (sqlite3.Error, OSError) as exc:
+            logging.getLogger("wsgistack.app").warning(
+                "could not store the password of user %r hashed again with %s (%s): it keeps its older hash",
+                name, self.hash_method, exc)
 
     def close(self) -> None:
         with self._lock:

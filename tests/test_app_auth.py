@@ -110,6 +110,38 @@ def test_login_stores_the_user_in_a_rotated_session(stack: Stack) -> None:
     assert stack.app.get("/api/v1/search", {"q": "json"}).status_int == 200
 
 
+def test_a_login_hashes_an_older_password_hash_again_and_logs_no_one_out(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hash made with werkzeug's cheaper default (scrypt p=1) is replaced by one made with HASH_METHOD
+    at the account's next right password; that is no password change, so what was issued before stays."""
+    from werkzeug.security import generate_password_hash
+
+    from app.users import HASH_METHOD
+
+    monkeypatch.setattr("middleware.auth.ROLES_FRESH", 0.0)  # every request asks the users database
+    stack = Stack(tmp_path, users)
+    before = stack.login().json  # alice's session is in stack.app's cookies
+
+    def stored() -> str:
+        with sqlite3.connect(users.path) as db:
+            [(found,)] = db.execute("SELECT password_hash FROM users WHERE name = 'alice'").fetchall()
+        db.close()
+        return str(found)
+
+    with sqlite3.connect(users.path) as db:
+        db.execute("UPDATE users SET password_hash = ? WHERE name = 'alice'",
+                   (generate_password_hash("wonderland", "scrypt"),))
+    db.close()
+    assert stored().startswith("scrypt:32768:8:1$")
+    since = users.get("alice").credentials_at  # type: ignore[union-attr]
+    TestApp(stack.app.app).post_json("/auth/login", {"username": "alice", "password": "wonderland"}, status=200)
+    assert stored().startswith(HASH_METHOD + "$")
+    assert users.get("alice").credentials_at == since  # type: ignore[union-attr]
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(before["access_token"]), status=200)
+    stack.app.get("/api/v1/search", {"q": "json"}, status=200)  # the session
+    stack.app.post_json("/auth/refresh", {"refresh_token": before["refresh_token"]}, status=200)
+
+
 DOUBLE_SUBMIT = CSRFMiddleware.Options(cookie_name=COOKIE, double_submit=True, secret_key="c" * 40)
 
 

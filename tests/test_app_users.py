@@ -356,6 +356,39 @@ def test_passwords_are_hashed_at_owasps_floor(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize(("made_with", "password", "rehashed"), [
+    ("scrypt", "pw-123456", True),  # werkzeug's default: scrypt with p=1, a third of the cost
+    ("pbkdf2:sha256:1000", "pw-123456", True),
+    (FAST, "wrong password", False),  # only a right password can be hashed again
+    (users_module.HASH_METHOD, "pw-123456", False),
+])
+def test_a_right_password_with_an_older_hash_is_hashed_again(
+        tmp_path: Path, made_with: str, password: str, rehashed: bool) -> None:
+    """An old, cheaper hash verifies faster than the dummy an unknown name costs: a login would tell
+    which accounts have one. Hashed again on a right password, with the credentials' date kept."""
+    import sqlite3
+
+    from werkzeug.security import generate_password_hash
+
+    path = tmp_path / "users.sqlite3"
+    store = UserStore(path)
+    store.add("alice", "pw-123456", ["admin"])
+    old = generate_password_hash("pw-123456", made_with)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE users SET password_hash = ?", (old,))
+    db.close()
+    before = store.get("alice")
+    assert (store.verify_password("alice", password) == before) is (password == "pw-123456")
+    with sqlite3.connect(path) as db:
+        [(stored,)] = db.execute("SELECT password_hash FROM users").fetchall()
+    db.close()
+    assert (stored != old) is rehashed
+    assert stored.startswith(users_module.HASH_METHOD + "$") is (rehashed or made_with == users_module.HASH_METHOD)
+    assert store.get("alice") == before  # credentials_at too: no session or token of hers is void
+    assert store.verify_password("alice", "pw-123456") == before
+    store.close()
+
+
 def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """One made before the file was created 0600: the server says so, once it opens it, and how to fix it."""
     import logging
