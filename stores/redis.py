@@ -183,6 +183,13 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
 READ_ONLY = "a read-only replica: every write is refused (give the primary's URL, or redis+sentinel://)"
 OUT_OF_MEMORY = "out of memory: writes are refused (maxmemory reached, eviction policy noeviction)"
 _WRITES_REFUSED = (READ_ONLY, OUT_OF_MEMORY)
+#: What the layers send Redis, and the least ACL that allows it (docs/stores.md, "A Redis user of its own"):
+#: GET, GETEX, SET, DEL, UNLINK, INCRBY, PEXPIRE, PTTL, SCAN, EVALSHA, SCRIPT LOAD, MULTI, EXEC, PING
+#: (and SELECT on connecting, for a database other than 0). ROLE and INFO are asked only at the start,
+#: and may be denied.
+ACL_NEEDED = ("it needs reads, writes, scripts (EVALSHA, SCRIPT LOAD) and transactions (MULTI, EXEC) on the store's "
+              "keys, and PING: ACL ~<key_prefix>* +@read +@write +@scripting +@transaction +ping (and +select for "
+              "a database other than 0)")
 #: How long a write Redis refused (a replica, out of memory) keeps /readyz failing after it.
 REFUSED_FRESH = 10.0
 
@@ -216,8 +223,7 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
     denied = next((e for e in chain if isinstance(e, redis.exceptions.NoPermissionError)), None)
     if denied is not None or "noperm" in text:
         said = str(denied or exc).strip().removeprefix("NOPERM ")
-        return (f"the Redis user may not do what the layers need (NOPERM: {said}); it needs reads, writes and "
-                "scripts (EVALSHA, SCRIPT LOAD) on the store's keys"), True
+        return f"the Redis user may not do what the layers need (NOPERM: {said}); {ACL_NEEDED}", True
     if "db index is out of range" in text:
         return "no database of that number on the server", True
     if any(isinstance(e, redis.exceptions.ReadOnlyError) for e in chain) or "read only replica" in text:
@@ -680,12 +686,15 @@ class RedisStore(Store):
         return facts
 
     def probe(self) -> tuple[str, bool] | None:
-        """PING, ROLE, a write and a script, outside the breaker: None when all pass, else what is wrong.
+        """PING, ROLE, a write, a script and a transaction, outside the breaker: None when all pass, else what
+        is wrong.
 
         A replica answers PING, but refuses every write the layers make: the
         configuration is refused, as a wrong password is.  So is a user whose ACL
-        denies writes, scripts (the rate limiter's and the cache's) or the store's
-        keys: it would answer PING while every layer's work failed.
+        denies writes, scripts (the rate limiter's and the cache's), transactions
+        (:meth:`write`: logout, the refresh family sweep, the cache's invalidation;
+        refused MULTI, its commands would run one by one and EXEC fail) or the
+        store's keys: it would answer PING while every layer's work failed.
         """
         try:
             self.client.ping()
@@ -694,6 +703,9 @@ class RedisStore(Store):
             key = self.key_prefix + "ping"
             self.client.set(key, b"1", px=60_000)
             self.client.register_script("return 1")(keys=[key])  # EVALSHA (SCRIPT LOAD first), as the layers run
+            transaction = self.client.pipeline(transaction=True)  # MULTI, SET, EXEC, as write() sends them
+            transaction.set(key, b"1", px=60_000)
+            transaction.execute()
         except Exception as exc:
             found = refusal(exc)
             sentinel = self._shared.sentinel if self._shared is not None else None

@@ -50,8 +50,9 @@ def server(redis_url: str) -> Iterator[str]:
     client.execute_command("ACL", "SETUSER", "noscript", "on", ">right", "~*", "+@all", "-@scripting")
     client.execute_command("ACL", "SETUSER", "elsewhere", "on", ">right", "~other:*", "+@all")
     client.execute_command("ACL", "SETUSER", "noeval", "on", ">right", "~*", "+@all", "-eval")  # EVALSHA is enough
+    client.execute_command("ACL", "SETUSER", "notx", "on", ">right", "~*", "+@read", "+@write", "+@scripting", "+ping")
     yield urlsplit(redis_url).netloc
-    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere", "noeval")
+    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere", "noeval", "notx")
     client.close()
 
 
@@ -60,6 +61,11 @@ def _write(tmp_path: Path, url: str) -> Path:
     path.write_text(STACK.format(url=url))
     return path
 
+
+#: What every refusal of an ACL says the layers need.
+NEEDS = ("it needs reads, writes, scripts (EVALSHA, SCRIPT LOAD) and transactions (MULTI, EXEC) on the store's "
+         "keys, and PING: ACL ~<key_prefix>* +@read +@write +@scripting +@transaction +ping (and +select for a "
+         "database other than 0)")
 
 REFUSED = [
     pytest.param("redis://app:notthis@{server}/0", "redis://app:***@{server}/0",
@@ -71,16 +77,18 @@ REFUSED = [
                  id="TLS to a plain port"),
     pytest.param("redis://reader:right@{server}/0", "redis://reader:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
-                 "'set' command); it needs reads, writes and scripts (EVALSHA, SCRIPT LOAD) on the store's keys",
-                 id="a user that may not write"),
+                 "'set' command); " + NEEDS, id="a user that may not write"),
     pytest.param("redis://noscript:right@{server}/0", "redis://noscript:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
-                 "'evalsha' command); it needs reads, writes and scripts (EVALSHA, SCRIPT LOAD) on the store's keys",
-                 id="a user that may not run scripts"),
+                 "'evalsha' command); " + NEEDS, id="a user that may not run scripts"),
     pytest.param("redis://elsewhere:right@{server}/0", "redis://elsewhere:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to access "
-                 "one of the keys used as arguments); it needs reads, writes and scripts (EVALSHA, SCRIPT LOAD) on the "
-                 "store's keys", id="a user of other keys"),
+                 "one of the keys used as arguments); " + NEEDS, id="a user of other keys"),
+    # Logout, the refresh family sweep and the cache's invalidation write in MULTI/EXEC: refused, the
+    # commands between would run one by one and every logout answer 503.
+    pytest.param("redis://notx:right@{server}/0", "redis://notx:***@{server}/0",
+                 "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
+                 "'multi' command); " + NEEDS, id="a user that may not run transactions"),
 ]
 
 
@@ -103,7 +111,51 @@ def test_a_user_that_may_run_only_loaded_scripts_starts(tmp_path: Path, server: 
         live.close()
 
 
-@pytest.mark.parametrize(("url", "shown", "why"), REFUSED[:1])
+@pytest.mark.parametrize(("db", "more"), [
+    pytest.param("0", (), id="database 0"),
+    pytest.param("1", ("+select",), id="another database: +select"),
+])
+def test_the_documented_acl_serves_the_default_stack(tmp_path: Path, redis_url: str, db: str,
+                                                     more: tuple[str, ...]) -> None:
+    """docs/stores.md's least-privilege user: the shipped stack starts, logs in, caches, refreshes and logs out.
+
+    It may not ask ROLE or INFO (the start then skips the replica and the eviction checks), and Redis
+    denies nothing else it is sent.
+    """
+    from app.users import UserStore
+
+    user = f"least{os.getpid()}x{db}"
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">right", "~wsgistack:*", "+@read", "+@write",
+                          "+@scripting", "+@transaction", "+ping", *more)
+    UserStore(str(tmp_path / "users.sqlite3")).add("alice", "correct horse battery", roles=["user"])
+    env = {"REDIS_URL": f"redis://{user}:right@{urlsplit(redis_url).netloc}/{db}", "SESSION_SECRET": "s" * 43,
+           "JWT_SECRET": "j" * 43, "WSGISTACK_VAR_DIR": str(tmp_path)}
+    live = LiveStack(ROOT / "stack.yaml", env=env)
+    try:
+        client = TestApp(live, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        assert client.get("/readyz").json["status"] == "ok"
+        assert [client.get("/api/v1/search?q=yaml").headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+        tokens = client.post_json("/auth/login", {"username": "alice", "password": "correct horse battery"}).json
+        bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+        assert client.get("/api/v1/search?q=json", headers=bearer).status_int == 200
+        renewed = client.post_json("/auth/refresh", {"refresh_token": tokens["refresh_token"]}).json
+        bearer = {"Authorization": f"Bearer {renewed['access_token']}"}
+        assert client.post_json("/auth/logout", {"refresh_token": renewed["refresh_token"]},
+                                headers=bearer).status_int == 204
+        client.get("/api/v1/search?q=json", headers=bearer, status=401)
+        client.post_json("/auth/refresh", {"refresh_token": renewed["refresh_token"]}, status=401)
+        assert client.get("/readyz").json["status"] == "ok"
+        denied = {(entry["reason"], entry["object"]) for entry in admin.acl_log()
+                  if str(entry["username"]) == user}
+        assert denied == {("command", "role"), ("command", "info")}, denied
+    finally:
+        live.current.close()
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+
+
+@pytest.mark.parametrize(("url", "shown", "why"), [REFUSED[0], REFUSED[-1]])
 def test_serve_exits_2_and_says_why(tmp_path: Path, server: str, url: str, shown: str, why: str) -> None:
     path = _write(tmp_path, url.format(server=server))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
