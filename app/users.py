@@ -83,8 +83,8 @@ class User:
     name: str
     roles: tuple[str, ...]
     created_at: float
-    #: When the credentials last changed (the account was made, or its password set): sessions and
-    #: refresh tokens from before then are void.
+    #: When the credentials last changed (the account was made, or its password set): sessions,
+    #: access tokens and refresh tokens from before then are void.
     credentials_at: float = 0.0
 
 
@@ -211,7 +211,7 @@ class UserStore:
         return self._update(name, "roles = ?", json.dumps(list(_roles(roles))))
 
     def set_password(self, name: str, password: str) -> User:
-        """Give a user a new password; every session and refresh token from before it is void."""
+        """Give a user a new password; every session and token of the user's from before it is void."""
         if not password:
             raise UserError("the password may not be empty")
         # Rounded up: a token's iat is whole seconds, so one issued in this very second is void too.
@@ -290,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="give the user this role (repeatable)")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
-    passwd = sub.add_parser("passwd", help="set a user's password (ends the user's sessions and refresh tokens)",
+    passwd = sub.add_parser("passwd", help="set a user's password (ends the user's sessions and tokens)",
                             allow_abbrev=False)
     passwd.add_argument("name")
     passwd.add_argument("--password-stdin", action="store_true",
@@ -357,8 +357,8 @@ def users_cli(argv: list[str], db_path: str) -> int:
             if store.get(args.name) is None:
                 raise UserError(f"no user called {args.name!r}")
             user = store.set_password(args.name, _read_password(args.password_stdin))
-            print(f"new password for {user.name!r}: their sessions and refresh tokens from before now are void "
-                  "(access tokens run out within their lifetime)")
+            print(f"new password for {user.name!r}: their sessions and the access and refresh tokens issued to "
+                  "them before now are void (refused within a second)")
         elif args.command == "remove":
             if not store.remove(args.name):
                 raise UserError(f"no user called {args.name!r}")

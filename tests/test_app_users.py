@@ -168,8 +168,8 @@ def test_cli_passwd_sets_a_new_password_and_voids_what_came_before(
     before = UserStore(db).get("alice")
     assert before is not None and before.credentials_at == before.created_at
     assert run(["passwd", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="fresh one\n") == (
-        0, "new password for 'alice': their sessions and refresh tokens from before now are void (access tokens "
-           "run out within their lifetime)\n", "")
+        0, "new password for 'alice': their sessions and the access and refresh tokens issued to them before now "
+           "are void (refused within a second)\n", "")
     store = UserStore(db)
     after = store.get("alice")
     assert after is not None and after.credentials_at > before.credentials_at
