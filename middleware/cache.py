@@ -247,12 +247,15 @@ class _Fill:
                 return lambda data: None
             self.started = True
             personal = _personal(self.environ, self.subject)
-            self.plan = None if not self.keep or personal else self.layer._plan(status, headers, self.subject)
-            if self.plan is None:
+            plan = None if personal else self.layer._plan(status, headers, self.subject)
+            if plan is None or not self.keep:
                 # Waiters elsewhere ask the app at once when no one's answer could be stored; not when only
                 # this request's could not (its own 304 or 412, an answer made from its session).
                 self.release(peers_ask=not personal and status[:3] not in ("304", "412"))
+                if plan is not None and self._holds(status, headers, plan):  # a HEAD: the 304 a GET would get
+                    return self._not_modified(start_response, headers, exc_info)
                 return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
+            self.plan = plan
             if getattr(self.environ.get(SESSION), "accessed", False):
                 # The session layer outside adds Vary: Cookie to this answer (made from the session),
                 # and would not to a hit, where nobody reads it: stored with the entry, for the caches
@@ -260,18 +263,25 @@ class _Fill:
                 stored = list(self.plan.headers)
                 add_vary(stored, "Cookie")
                 self.plan.headers = stored
-            if status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in self.environ or
-                                          "HTTP_IF_MODIFIED_SINCE" in self.environ) and \
-                    _not_modified(self.environ, {"s": status, "h": headers, "t": _clock() - self.plan.age}):
+            if self._holds(status, headers, plan):
                 # A cache evaluates the conditions (RFC 9110 §13.2.1), on a miss as on a hit: the
                 # body is stored as it comes, and the client gets the 304 a hit would give.
-                self.unchanged = True
-                kept = [(n, v) for n, v in headers if n.lower() in _SENT_WITH_304]
-                start_response("304 Not Modified", [*kept, ("X-Cache", "MISS")], exc_info)
-                return lambda data: None
+                return self._not_modified(start_response, headers, exc_info)
             return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
 
         return wrapped
+
+    def _holds(self, status: str, headers: Headers, plan: _Plan) -> bool:
+        """Whether the request's conditions hold for the app's storable answer: the client gets a 304."""
+        environ = self.environ
+        return status[:3] == "200" and ("HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MODIFIED_SINCE" in environ) \
+            and _not_modified(environ, {"s": status, "h": headers, "t": _clock() - plan.age})
+
+    def _not_modified(self, start_response: StartResponse, headers: Headers, exc_info: Any) -> Any:
+        self.unchanged = True
+        kept = [(n, v) for n, v in headers if n.lower() in _SENT_WITH_304]
+        start_response("304 Not Modified", [*kept, ("X-Cache", "MISS")], exc_info)
+        return lambda data: None
 
     def replaced(self) -> Any:
         """The ``exc_info`` a second ``start_response`` (the stale entry's) must give (PEP 3333): None
@@ -888,7 +898,7 @@ class CacheMiddleware:
             _Tee(result, fill).close()
             return self._serve_stale(environ, stale or {}, start_response, method, fill.replaced())
         self._miss()
-        if fill.started and fill.plan is None:
+        if fill.started and fill.plan is None and not fill.unchanged:
             return result  # not cacheable: hand the iterable over untouched (streams stay streams)
         return _Tee(result, fill)
 

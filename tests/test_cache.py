@@ -787,6 +787,21 @@ def test_conditional_requests(make: Callable[..., Stack], origin: Origin, valida
     assert origin.calls == 1
 
 
+@pytest.mark.parametrize(("validators", "conditions", "status"), CONDITIONAL)
+def test_a_head_on_a_miss_gets_the_answer_a_get_would(make: Callable[..., Stack], origin: Origin,
+                                                      validators: list[tuple[str, str]], conditions: dict[str, str],
+                                                      status: int) -> None:
+    """RFC 9110 §9.3.2: a HEAD is answered as the GET would be, its conditions too (§13.2.1); it stores nothing."""
+    origin.headers += [*validators, ("Cache-Control", "max-age=60")]
+    stack = make()
+    response = stack.web.head("/api/v1/search?q=x", headers=conditions, status=status)
+    assert response.headers["X-Cache"] == "MISS"
+    assert ("Content-Type" in response.headers) is (status == 200)
+    if status == 304:
+        assert response.body == b""  # (this test's app sends a body to a HEAD too; a 304 carries none)
+    assert stack.get().headers["X-Cache"] == "MISS"  # nothing stored
+
+
 @pytest.mark.parametrize(("method", "status", "user", "dropped"), [
     pytest.param("POST", "200 OK", None, True, id="a POST that succeeds"),
     pytest.param("PUT", "204 No Content", None, True, id="a PUT that succeeds"),
