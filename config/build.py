@@ -393,8 +393,8 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                 continue
             entry = {entry: {}}
         if not isinstance(entry, dict) or len(entry) != 1:
-            problems.append(doc.problem(path, "each pipeline entry is a one-key mapping: layer name -> options",
-                                        value=entry, has_value=True))
+            problems.append(doc.problem(path, "each pipeline entry is a one-key mapping: layer name -> options"
+                                        + _entry_hint(entry), value=entry, has_value=True))
             continue
         (name, options), = entry.items()
         name = str(name)
@@ -490,6 +490,24 @@ def _why(exc: BaseException) -> str:
 
 
 _UNIONS = (Union, UnionType)
+
+
+def _entry_hint(entry: Any) -> str:
+    """What a pipeline entry of several keys probably meant: options not indented under the layer's name.
+
+    ``- validation:`` with its options in the column of ``validation`` makes one
+    mapping of them all, the layer's name given nothing; one option less indented
+    than the others ends up beside the name.
+    """
+    if not isinstance(entry, dict) or len(entry) < 2:
+        return ""
+    (name, options), *rest = entry.items()
+    if options is None:
+        return f"; indent the options under `{name}:`"
+    strays = [str(key) for key, _ in rest]
+    if isinstance(options, dict) and options and not any(key in LAYERS or is_path(key) for key in strays):
+        return f"; indent {', '.join(strays)} under `{name}:`, as far as its other options"
+    return ""
 
 
 def _options_hint(name: str, options: Any) -> str:

@@ -101,6 +101,7 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
         if "'\\t'" in message:
             message += "; YAML indents with spaces only: replace the tab with spaces"
         at = "".join(text.splitlines()[mark.line:mark.line + 1]) if mark is not None else ""  # the line it names
+        message += _layout_hint(exc.problem or "", at, mark.column if mark is not None else 0)
         if at and mark is not None and at[mark.column - 1:mark.column] == "*":
             # An unquoted * starts an alias (allow_methods: [*]): the operator meant the text
             message += "; a * on its own starts a YAML alias: quote it ('*') to mean the text"
@@ -138,6 +139,30 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
     if problems:
         raise ConfigError(problems)
     return doc
+
+
+#: A ``key: value`` line, to show how a value holding ``: `` is quoted.
+_KEY_VALUE = re.compile(r"(\s*(?:-\s+)?)([^\s:#'\"{\[][^:#]*?):\s+([^\s'\"{\[&*!|>].*?)(?:\s+#.*)?")
+
+
+def _layout_hint(problem: str, line: str, column: int) -> str:
+    """What to look at when the YAML's structure is broken: a value's unquoted ``: `` or the indentation.
+
+    PyYAML names the token it did not expect (``mapping values are not allowed
+    here``, ``expected <block end>, but found …``); an operator needs the cause,
+    which is nearly always a line indented differently from the one above it.
+    """
+    if problem == "mapping values are not allowed here" and re.search(r":\s", line[:column]):
+        quoted = _KEY_VALUE.fullmatch(line)
+        if quoted is None:
+            return "; a value holding ': ' must be quoted"
+        value = quoted.group(3)
+        shown = f"'{value}'" if "'" not in value else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return f"; a value holding ': ' must be quoted: {quoted.group(2)}: {shown}"
+    if problem == "mapping values are not allowed here" or problem.startswith("expected <block end>, but found"):
+        return ("; check the indentation of this line and the one above: the keys of one mapping start in the same "
+                "column, and its values further right than their key")
+    return ""
 
 
 def read_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Document:

@@ -95,3 +95,37 @@ def test_a_base_60_number_is_refused_with_both_readings(text: str, expected: str
 @pytest.mark.parametrize("text", ["a: '1:30'\n", 'a: "30:00"\n', "a: 10:61\n", "a: 127.0.0.1:8080\n"])
 def test_text_with_a_colon_is_text(text: str) -> None:
     assert isinstance(read_text(text).data["a"], str)
+
+
+INDENT = ("; check the indentation of this line and the one above: the keys of one mapping start in the same "
+          "column, and its values further right than their key")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("pipeline:\n  - validation:\n    max_body_bytes: 1024\n    max_url_length: 2000\n",
+                 "stack.yaml:3:5 pipeline[0]: each pipeline entry is a one-key mapping: layer name -> options; "
+                 "indent the options under `validation:` (got {'validation': None, 'max_body_bytes': 1024, ",
+                 id="options as deep as the layer's name"),
+    pytest.param("pipeline:\n  - errors: {}\n  - cache:\n    ttl: 60\n",
+                 "stack.yaml:4:5 pipeline[1]: each pipeline entry is a one-key mapping: layer name -> options; "
+                 "indent the options under `cache:` (got {'cache': None, 'ttl': 60})", id="one option"),
+    pytest.param("pipeline:\n  - validation:\n      max_body_bytes: 1024\n    max_url_length: 2000\n",
+                 "stack.yaml:3:5 pipeline[0]: each pipeline entry is a one-key mapping: layer name -> options; "
+                 "indent max_url_length under `validation:`, as far as its other options (got {'validation': ",
+                 id="an option left of the one above"),
+    pytest.param("pipeline:\n  - validation:\n      max_body_bytes: 1024\n     max_url_length: 2000\n",
+                 "stack.yaml:5:6 (top level): invalid YAML: expected <block end>, but found '<block mapping start>' "
+                 "(while parsing a block mapping at line 3, column 5)" + INDENT, id="one column left"),
+    pytest.param("pipeline:\n  - versioning:\n  supported: [v1]\n",
+                 "stack.yaml:4:3 (top level): invalid YAML: expected <block end>, but found '?' (while parsing a "
+                 "block collection at line 3, column 3)" + INDENT, id="an option as deep as the list"),
+    pytest.param("server: {ident: a}\nstores:\n  shared: memory://\n   x: 1\n",
+                 "stack.yaml:5:5 (top level): invalid YAML: mapping values are not allowed here" + INDENT,
+                 id="a key right of the one above"),
+    pytest.param("server:\n  ident: wsgi: stack\n",
+                 "stack.yaml:3:14 (top level): invalid YAML: mapping values are not allowed here; a value holding "
+                 "': ' must be quoted: ident: 'wsgi: stack'", id="a colon in a value"),
+])
+def test_an_indentation_mistake_says_where_to_look(text: str, expected: str) -> None:
+    lines = errors_of(ECHO + text)
+    assert any(line.startswith(expected) for line in lines), lines
