@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import IDENTITY, REQUEST_ID, Context, LayerOptions, client_ip
+from .base import IDENTITY, REQUEST_ID, Context, LayerOptions, client_ip, not_a_path
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -181,6 +181,8 @@ class AccessLogMiddleware:
         # non-ASCII characters become escapes), so the line is one line of ASCII JSON.
         # (``_text`` only for non-ASCII values: this runs for every request.)
         path = exchange.path
+        if path[:1] != "/" and path:  # CONNECT host:443 (Waitress's PATH_INFO: "443"): the target as sent
+            path = not_a_path(environ) or path
         request_id = environ.get(REQUEST_ID)
         identity = environ.get(IDENTITY)
         subject = None if identity is None else getattr(identity, "subject", None)

@@ -549,6 +549,19 @@ def split_host(host: str) -> tuple[str, str, str]:
     return host.rpartition(":")
 
 
+def not_a_path(environ: WSGIEnvironment) -> str | None:
+    """The request target as sent when it is not a path (``CONNECT example.com:443``, ``GET *``), else None.
+
+    Waitress splits such a target as if it were a URL (``example.com:443`` gives the path ``443``):
+    a log line or an error naming that path would send whoever reads it looking for the wrong thing.
+    """
+    path: str = environ.get("PATH_INFO", "")
+    if path[:1] in ("/", ""):
+        return None
+    target: str | None = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    return target if target and target[:1] != "/" and "://" not in target else path
+
+
 def target_authority(uri: str | None) -> str | None:
     """The authority of an absolute-form request target (``GET http://host:8080/path``), else None.
 

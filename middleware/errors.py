@@ -35,6 +35,7 @@ from .base import (
     add_missing,
     decoded_path,
     escape_control,
+    not_a_path,
     note,
     one_leading_slash,
 )
@@ -268,14 +269,18 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 def _asked_path(environ: WSGIEnvironment) -> str:
     """The decoded path the client asked for, before a layer rewrote it for routing (ORIG_PATH): the one
-    the access log shows."""
+    the access log shows; for a target that is not a path (``CONNECT host:443``), that target."""
     asked = environ.get(ORIG_PATH)
+    if asked is None and (target := not_a_path(environ)) is not None:
+        return target
     return decoded_path(environ if asked is None else {"PATH_INFO": asked})
 
 
 def _uri_path(environ: WSGIEnvironment) -> str:
     """The request's path as a URI reference (RFC 9457's ``instance``): "/a%3Fb", not "/a?b"."""
     raw = environ.get("SCRIPT_NAME", "") + environ.get(ORIG_PATH, environ.get("PATH_INFO", ""))
+    if ORIG_PATH not in environ and (target := not_a_path(environ)) is not None:
+        raw = target
     raw = one_leading_slash(raw)  # as the router reads it; "//evil.example/x" would name another host
     try:
         data = raw.encode("latin-1")  # PEP 3333: the bytes as sent, decoded as latin-1

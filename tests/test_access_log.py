@@ -137,6 +137,16 @@ def test_fields(make: Callable[..., Any], options: dict[str, Any], request_path:
     assert "secret text" not in json.dumps(line)
 
 
+def test_a_target_that_is_not_a_path_is_logged_as_sent(make: Callable[..., Any]) -> None:
+    from webtest import TestRequest
+
+    app, lines = make()
+    request = TestRequest.blank("/", method="CONNECT")
+    request.environ.update({"PATH_INFO": "443", "REQUEST_URI": "example.com:443"})  # as Waitress splits it
+    TestApp(app.app, lint=False).do_request(request, expect_errors=True)
+    assert lines()[0]["path"] == "example.com:443"
+
+
 def test_user_agent_can_be_left_out(make: Callable[..., Any]) -> None:
     app, lines = make(user_agent=False)
     app.get("/hello", headers={"User-Agent": "probe/1.0"})

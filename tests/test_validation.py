@@ -323,6 +323,16 @@ def test_refusal(options: dict[str, Any], req: dict[str, Any], status: int, mess
         assert response.headers.get(name) == value
 
 
+@pytest.mark.parametrize(("environ", "shown"), [
+    pytest.param({"PATH_INFO": "443", "REQUEST_URI": "example.com:443"}, "example.com:443",
+                 id="an authority: Waitress's PATH_INFO is its port"),
+    pytest.param({"PATH_INFO": "*", "REQUEST_URI": "*"}, "*", id="a star"),
+])
+def test_a_target_that_is_not_a_path_is_named_as_sent(environ: dict[str, str], shown: str) -> None:
+    response = send({}, {"method": "CONNECT", "lint": False, "environ": environ}, 400)
+    assert response.json["error"]["path"] == shown
+
+
 def echo_host(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     data = json.dumps({"host": environ.get("HTTP_HOST"), "path": environ.get("PATH_INFO")}).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
