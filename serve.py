@@ -396,6 +396,43 @@ def _close_stalled(smap: Any, timeout: float) -> int:
     return closed
 
 
+def _close_departed(smap: Any) -> int:
+    """Close the connections whose client went away while a request of theirs is being answered.
+
+    Waitress reads nothing of a connection while it answers a request there (it
+    reads the next one only after), so it never sees such a client's FIN: the
+    task thread's next write goes out and draws a reset, the one after that fails,
+    and only the write after that one raises ``ClientDisconnected``.  A paced
+    stream would hold its thread (and a ``search.max_streams`` slot) for two or
+    three more events, and a client that left during the last two would be
+    logged as served in full.  A peek tells: end of stream or a reset means gone; bytes waiting (a
+    pipelined request) or nothing yet means the client is still there.  Closing
+    the channel makes the task thread's next write raise ``ClientDisconnected``.
+
+    A client that only half-closes (sends its request, then FIN, and waits for
+    the answer) is taken as gone too.  That is what Waitress itself does whenever
+    it reads an end of stream (between requests, or during one with
+    ``channel_request_lookahead``): it marks the channel disconnected.
+    """
+    from waitress.channel import HTTPChannel
+
+    closed = 0
+    for channel in list(smap.values()):
+        sock = getattr(channel, "socket", None)
+        if not (isinstance(channel, HTTPChannel) and channel.requests and channel.connected and sock is not None):
+            continue
+        try:
+            gone = not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            gone = False  # nothing to read: still there
+        except OSError:
+            gone = True  # reset (ConnectionResetError), or the socket is gone already
+        if gone:
+            channel.handle_close()
+            closed += 1
+    return closed
+
+
 def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, drain: Callable[[], float],
                  tick: Callable[[], None] = lambda: None) -> bool:
     """Run Waitress's loop until ``stop``; then stop accepting and let requests in flight finish.
@@ -421,6 +458,7 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + 1.0
                 _close_stalled(smap, server.adj.channel_timeout)
+                _close_departed(smap)
         for dispatcher in list(smap.values()):
             if getattr(dispatcher, "accepting", False):  # a listening socket: close only the socket
                 dispatcher.accepting = False
@@ -429,6 +467,9 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
         deadline = time.monotonic() + seconds
         while not hurry.is_set():
             tick()
+            if time.monotonic() >= next_reap:  # a stream whose client left would hold the drain up
+                next_reap = time.monotonic() + 1.0
+                _close_departed(smap)
             busy = 0
             for channel in list(smap.values()):
                 if not isinstance(channel, HTTPChannel):

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +199,9 @@ def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return var
 
 
-def stack_text(port: int, var_dir: Path, store: str, extra: str = "") -> str:
+def stack_text(port: int, var_dir: Path, store: str, extra: str = "", interval: float = INTERVAL) -> str:
     """The every-layer stack; ``extra`` is one more pipeline entry, placed right inside errors."""
-    text = STACK.format(port=port, var_dir=var_dir, store=store, interval=INTERVAL, origin=ORIGIN)
+    text = STACK.format(port=port, var_dir=var_dir, store=store, interval=interval, origin=ORIGIN)
     return text.replace("  - errors: {format: problem}\n", f"  - errors: {{format: problem}}\n{extra}")
 
 
@@ -303,6 +304,75 @@ def test_a_client_that_leaves_mid_stream_is_logged_as_aborted(server: Served) ->
     assert (line["status"], line["error"]) == (200, "aborted")
     whole = stream(server.port, "/api/v1/search/stream?q=json", {"Accept": "text/event-stream"})
     assert 0 < line["bytes"] < sum(len(data) for _, data in whole.chunks)
+
+
+#: A pace slower than the server's once-a-second look at connections with a request in flight.
+LEAVING_INTERVAL = 1.2
+
+
+@pytest.fixture(scope="module")
+def paced(var_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The every-layer stack with events LEAVING_INTERVAL apart."""
+    port = free_port()
+    config = tmp_path_factory.mktemp("paced") / "stack.yaml"
+    config.write_text(stack_text(port, var_dir, "memory://", interval=LEAVING_INTERVAL))
+    served = Served(config, SECRETS, port)
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def leave_after(port: int, events: int, request_id: str) -> tuple[float, int]:
+    """Read ``events`` events of a stream, then close the connection: (when, wall clock; body bytes read)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as reader:
+        sock.sendall(f"GET /api/v1/search/stream?q=json HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"X-Request-ID: {request_id}\r\n\r\n".encode())
+        while reader.readline() != b"\r\n":  # the status line and headers
+            pass
+        body = b""
+        while body.count(b"\n\n") < events:  # one chunk per event
+            data = reader.read(int(reader.readline().split(b";")[0], 16))
+            reader.read(2)
+            body += data
+        closed = time.time()
+    return closed, len(body)
+
+
+@pytest.mark.parametrize("events", [1, 3], ids=["after the first event", "before the last two"])
+def test_a_client_that_leaves_frees_its_thread_within_a_second_of_the_next_event(paced: Served, events: int) -> None:
+    """Waitress reads nothing of a connection while it answers a request there, so it does not see the
+    client's FIN; a write draws a reset, and only the write after it failed. The server looks at such
+    connections once a second: the next event's write fails, and the line says what the client got."""
+    request_id = f"leaves-after-{events}"
+    closed, received = leave_after(paced.port, events, request_id)
+    deadline = time.monotonic() + 5 * LEAVING_INTERVAL + 5
+    while not (lines := [line for line in paced.access_lines() if line["request_id"] == request_id]):
+        assert time.monotonic() < deadline, "no access line"
+        time.sleep(0.05)
+    [line] = lines
+    assert (line["status"], line.get("error"), line["bytes"]) == (200, "aborted", received)
+    started = datetime.fromisoformat(line["time"]).timestamp()
+    held = started + line["duration_ms"] / 1000 - closed
+    assert held <= LEAVING_INTERVAL + 1.5, f"the stream ran on for {held:.2f} s after the client left"
+
+
+def test_a_pipelined_request_is_not_taken_for_a_client_that_left(paced: Served) -> None:
+    """Bytes waiting behind the stream's request (the next request) say the client is still there."""
+    with socket.create_connection(("127.0.0.1", paced.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/search/stream?q=json HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: pipelined\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        received = b""
+        while b"0\r\n\r\n" not in received:  # the stream's end (its connection then closes)
+            data = sock.recv(65536)
+            assert data, f"the connection closed inside the stream: {received[-200:]!r}"
+            received += data
+    assert received.count(b"event: ") == 5 and b"event: search_complete" in received
+    deadline = time.monotonic() + 5
+    while not (lines := [line for line in paced.access_lines() if line["request_id"] == "pipelined"]):
+        assert time.monotonic() < deadline, "no access line"
+        time.sleep(0.05)
+    assert "error" not in lines[0]
 
 
 def test_a_buffering_layer_is_caught(var_dir: Path, tmp_path: Path) -> None:
