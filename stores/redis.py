@@ -199,6 +199,9 @@ _TLS_FAILURE = re.compile(r"_ssl\.c:|\[ssl[:\]]|certificate verify failed|wrong 
 
 #: Why a store is not ready while a script runs past Redis's busy-reply-threshold.
 BUSY = "busy running a script (BUSY): every command waits for it to end or be killed"
+#: Why a store is not ready while Redis has ``maxclients`` connections: it answers a new one with an error
+#: and closes it (an outage that ends when clients leave, not a network that does not reach it).
+MAXCLIENTS = "Redis refuses new connections (maxclients reached)"
 #: Redis's BUSY reply, alone or as redis-py words it for a pipeline or a transaction
 #: ("Command # 1 (SET ...) of pipeline caused error: BUSY ...").
 _BUSY = re.compile(r"(?:^|error: )BUSY ", re.IGNORECASE)
@@ -241,6 +244,8 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
                 "(rename-command), or a Redis older than 6.2"), True
     if _BUSY.search(text):
         return BUSY, False
+    if "max number of clients reached" in text:  # it answered, and closed the connection: up, but full
+        return MAXCLIENTS, False
     if any(isinstance(e, ssl.SSLError) for e in chain) or _TLS_FAILURE.search(text):
         return "TLS handshake failed (rediss:// to a port without TLS, or a certificate that does not verify)", True
     if any(isinstance(e, redis.TimeoutError | TimeoutError) for e in chain):
@@ -480,7 +485,7 @@ class RedisStore(Store):
                 # The pool is exhausted (too many concurrent callers), Redis is not down.
                 raise StoreError(self._say(what, self._detail(exc))) from exc
             except _DOWN as exc:
-                self._failure = refusal(exc)[0]  # /readyz says why, also once the breaker has opened
+                self._failure = self._why(exc)[0]  # /readyz says why, also once the breaker has opened
                 detail = self._detail(exc)
                 raise StoreUnavailable(self._say(what, detail), detail) from exc
             except redis.ResponseError as exc:
@@ -501,6 +506,27 @@ class RedisStore(Store):
                 raise StoreError(self._say(what, self._detail(exc))) from exc
 
         return self.breaker.call(attempt)
+
+    def _why(self, exc: BaseException) -> tuple[str, bool]:
+        """:func:`refusal`, told what Redis said first when the pool found a new connection already holding data.
+
+        Redis answers a connection it will not serve (``maxclients`` reached) with an
+        error before it is asked anything, and closes it; redis-py then reports only
+        "Connection not ready" (unless a handshake, AUTH or SELECT, read the error).
+        """
+        found = refusal(exc)
+        if found[0] != "not reachable" or "connection not ready" not in str(exc).lower():
+            return found
+        connection = self.pool.connection_class(**self.pool.connection_kwargs)
+        try:
+            connection.connect()
+            if connection.can_read(timeout=self.pool.connection_kwargs.get("socket_timeout") or 0):
+                connection.read_response()
+        except Exception as said:
+            return refusal(said)
+        finally:
+            connection.disconnect()
+        return found
 
     def _detail(self, exc: BaseException) -> str:
         detail = str(exc).strip() or type(exc).__name__
@@ -707,7 +733,7 @@ class RedisStore(Store):
             transaction.set(key, b"1", px=60_000)
             transaction.execute()
         except Exception as exc:
-            found = refusal(exc)
+            found = self._why(exc)
             sentinel = self._shared.sentinel if self._shared is not None else None
             if found[1] or sentinel is None:
                 return found

@@ -287,6 +287,34 @@ def test_a_replica_is_refused_at_the_start(tmp_path: Path, own_redis: RedisServe
         "(give the primary's URL, or redis+sentinel://)"]
 
 
+@pytest.mark.parametrize("user", [
+    pytest.param("", id="no handshake: Redis speaks first"),
+    pytest.param("app:right@", id="AUTH reads the error"),
+])
+def test_a_redis_at_maxclients_is_named_so(tmp_path: Path, own_redis: RedisServer,
+                                          caplog: pytest.LogCaptureFixture, user: str) -> None:
+    """Redis accepts the connection, answers ``ERR max number of clients reached`` and closes it: it is up,
+    so "not reachable" sent the operator to the network; it may free connections, so the start waits."""
+    full = "Redis refuses new connections (maxclients reached)"
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">right", "~*", "+@all")
+    admin.config_set("maxclients", 1)  # this connection is the one
+    url = own_redis.url.replace("redis://", f"redis://{user}")
+    try:
+        with caplog.at_level(logging.WARNING, logger="wsgistack.stores"):
+            live = LiveStack(_write(tmp_path, url))
+        shown = url.replace(":right@", ":***@")
+        assert f"store 'shared' ({shown}) does not answer yet: {full};" in caplog.text
+        client = TestApp(live)
+        assert client.get("/readyz", status=503).json["stores"]["shared"]["error"] == full
+        admin.config_set("maxclients", 10000)
+        time.sleep(2.1)  # the breaker's reset_timeout, should the probe have opened it
+        assert client.get("/readyz").json["status"] == "ok"
+        live.current.close()
+    finally:
+        admin.close()
+
+
 @pytest.mark.parametrize(("refuse", "allow", "why"), [
     pytest.param(("REPLICAOF", "127.0.0.1", "1"), ("REPLICAOF", "NO", "ONE"),
                  "a read-only replica: every write is refused (give the primary's URL, or redis+sentinel://)",
