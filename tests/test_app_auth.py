@@ -617,6 +617,39 @@ def test_a_login_whose_users_database_cannot_be_read_is_a_503_and_counts_no_atte
     assert stack.login().status_int == 200  # the second attempt since the outage: under the limit
 
 
+def test_hosts_that_serve_one_copied_users_file_agree_and_a_command_run_on_each_does_not(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/production.md: change the users file on one host and copy it to the others (a snapshot
+    renamed over theirs); the same `users passwd` run on a second host dates the change by that
+    host's clock, and voids there what the first host issued in between."""
+    monkeypatch.setattr("app.users.IDENTITY_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr("middleware.auth.ROLES_FRESH", 0.0)
+    shared = MemoryStore()  # the hosts' one Redis
+    (tmp_path / "b").mkdir()
+    other = UserStore(tmp_path / "b" / "users.sqlite3", hash_method="pbkdf2:sha256:1000")
+
+    def copy() -> None:  # as `sqlite3 users.sqlite3 ".backup users.copy"`, then rsync's rename
+        snapshot = tmp_path / "b" / "users.copy"
+        source, target = sqlite3.connect(users.path), sqlite3.connect(snapshot)
+        source.backup(target)
+        source.close()
+        target.close()
+        snapshot.replace(other.path)
+
+    copy()
+    a, b = Stack(tmp_path, users, store=shared), Stack(tmp_path / "b", other, store=shared)
+    users.set_password("alice", "new password")
+    copy()
+    pair = a.login(password="new password").json  # waits out the second the change is dated to
+    b.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
+    pair = b.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}, status=200).json
+    time.sleep(1.0)
+    other.set_password("alice", "new password")  # the same command, run on host B a moment later
+    refused = b.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=401)
+    assert refused.headers["WWW-Authenticate"].endswith('error_description="the token has been revoked"')
+    a.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)  # A disagrees
+
+
 def test_every_key_of_the_session_and_auth_state_is_one_the_cache_may_never_evict(tmp_path: Path,
                                                                                    users: UserStore) -> None:
     """A key the cache's list of kept namespaces misses could be evicted for cached answers (memory://)."""
