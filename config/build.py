@@ -191,7 +191,9 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-_LEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
+#: A key path a message starts with: ``origins``, ``listen[1]``, ``rules[0].origins``, ``deny_patterns['query'][1]``.
+_LEAD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\]|\['[^'\\]*'\]|\.[A-Za-z_][A-Za-z0-9_]*)*")
+_LEAD_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^'\\]*)'\]")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MISSING = object()
 
@@ -222,17 +224,24 @@ def relocate(doc: Document, path: Path, message: str, fields: Iterable[str] = ()
     """
     lead = _LEAD.match(message)
     if lead is not None:
-        name, index = lead.group(1), tuple(int(i) for i in re.findall(r"\d+", lead.group(2)))
-        candidates = [(*path, name, *index)]
-        if path and path[-1] == name:
-            candidates.append((*path[:-1], name, *index))
+        named: Path = tuple(m.group(1) or (int(m.group(2)) if m.group(2) else m.group(3))
+                            for m in _LEAD_PART.finditer(lead.group(0)))
+        candidates = [(*path, *named)]
+        if path and path[-1] == named[0]:
+            candidates.append((*path[:-1], *named))
         for candidate in candidates:
-            if candidate in doc.marks:
-                return candidate
+            if candidate in doc.marks:  # and of a list, the item it names next (origins entry 'x' is not…)
+                rest = message[lead.end():]
+                return _quoted_item(doc, candidate, rest) if re.match(r"(?: entry)? '", rest) else candidate
     known = set(fields)
     for word in _WORD.findall(message):
         if word in known and (*path, word) in doc.marks:
             return (*path, word)
+    return _quoted_item(doc, path, message)
+
+
+def _quoted_item(doc: Document, path: Path, message: str) -> Path:
+    """The item of the list at ``path`` that ``message`` quotes first, or ``path``."""
     value = data_at(doc, path)
     if isinstance(value, list):
         hits = sorted((message.find(repr(item)), i) for i, item in enumerate(value)

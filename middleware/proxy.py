@@ -25,9 +25,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from .base import (
     CLIENT_IP,
@@ -58,6 +58,20 @@ _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _trusted_proxy(entry: str) -> str:
+    """One ``trusted_proxies`` entry, checked on its own: each bad one is reported at its place in the list."""
+    if entry != UNIX:
+        try:
+            ipaddress.ip_network(entry)
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies entry {entry!r} is not an address or "
+                             f"CIDR network, nor 'unix' ({exc})") from None
+    return entry
+
+
+TrustedProxy = Annotated[str, AfterValidator(_trusted_proxy)]
+
+
 class ProxyOptions(LayerOptions):
     """Options of the ``proxy`` layer (see :class:`ProxyMiddleware`)."""
 
@@ -67,21 +81,8 @@ class ProxyOptions(LayerOptions):
     x_port: int = Field(default=0, ge=0)
     x_prefix: int = Field(default=0, ge=0)
     forwarded: int = Field(default=0, ge=0)
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    trusted_proxies: tuple[TrustedProxy, ...] = ("127.0.0.1/32", "::1/128")
     allowed_hosts: tuple[str, ...] = ()
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            if entry == UNIX:
-                continue
-            try:
-                ipaddress.ip_network(entry)
-            except ValueError as exc:
-                raise ValueError(f"trusted_proxies entry {entry!r} is not an address or "
-                                 f"CIDR network, nor 'unix' ({exc})") from None
-        return value
 
     @model_validator(mode="after")
     def _one_scheme(self) -> ProxyOptions:

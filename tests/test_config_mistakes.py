@@ -129,3 +129,29 @@ INDENT = ("; check the indentation of this line and the one above: the keys of o
 def test_an_indentation_mistake_says_where_to_look(text: str, expected: str) -> None:
     lines = errors_of(ECHO + text)
     assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("pipeline:\n  - cors: {origins: ['https://a.example.org', 'localhost:3000']}\n",
+                 ["stack.yaml:3:47 pipeline[0].cors.origins[1]: origins entry 'localhost:3000' is not an origin"],
+                 id="cors.origins"),
+    pytest.param("pipeline:\n  - cors:\n      rules:\n        - {paths: [/a], origins: ['https://a.example.org/x']}\n",
+                 ["stack.yaml:5:35 pipeline[0].cors.rules[0].origins[0]: rules[0].origins entry "
+                  "'https://a.example.org/x' is not an origin"], id="a rule's origins"),
+    pytest.param("pipeline:\n  - cors: {origins: ['https://a.example.org'], origin_regex: ['^https://a$', '(']}\n",
+                 ["stack.yaml:3:78 pipeline[0].cors.origin_regex[1]: origin_regex '(' is not a valid regular "
+                  "expression"], id="cors.origin_regex"),
+    pytest.param("pipeline:\n  - validation: {deny_patterns: {query: ['union', '(?P<x']}}\n",
+                 ["stack.yaml:3:51 pipeline[0].validation.deny_patterns.query[1]: deny_patterns['query'][1] "
+                  "'(?P<x' is not a valid regular expression"], id="validation.deny_patterns"),
+    pytest.param("pipeline:\n  - proxy: {x_for: 1, trusted_proxies: [10.0.0.0/8, proxy.local, 10.0.0.1/8]}\n",
+                 ["stack.yaml:3:53 pipeline[0].proxy.trusted_proxies[1]: trusted_proxies entry 'proxy.local' is "
+                  "not an address or CIDR network, nor 'unix'",
+                  "stack.yaml:3:66 pipeline[0].proxy.trusted_proxies[2]: trusted_proxies entry '10.0.0.1/8' is "
+                  "not an address or CIDR network, nor 'unix'"], id="proxy.trusted_proxies: every bad entry"),
+])
+def test_a_bad_list_item_is_located_at_the_item(text: str, expected: list[str]) -> None:
+    lines = errors_of(ECHO + text)
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), lines
