@@ -6,7 +6,9 @@ follows each real stage the engine reports, and ``search_complete`` carries
 the same body as the plain search endpoint.  A failure after the stream has
 started (in the search or in shaping its result) cannot change the status any
 more, so it becomes a ``search_error`` event (``{"code", "message",
-"retry_after"}``) that ends the stream.  An ``EventSource`` reconnects to a
+"retry_after"}``) that ends the stream; it is logged (a warning with the code,
+the traceback of an unexpected one) and the access line says
+``"error":"search_error 502"``, since the status says nothing.  An ``EventSource`` reconnects to a
 stream that ended, and so searches again: the error event also sets its
 reconnection time (``retry:``) to the upstream's ``Retry-After``, else
 ``ERROR_RETRY_SECONDS``, so that a page that keeps it open does not ask a
@@ -25,10 +27,11 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Response
+from flask import Response, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
 from app.search import SearchEngine, SearchPage
+from middleware.access_log import APP_ERROR
 from middleware.errors import UNEXPECTED
 
 __all__ = ["HeldSlot", "search_events", "sse_event", "sse_response"]
@@ -72,11 +75,28 @@ def search_events(
     logger: logging.Logger,
     request_id: str | None = None,
 ) -> Iterator[bytes]:
-    """Yield the events of one search as they happen.
+    """The events of one search, made as they happen.
 
     The events are made while the server sends the body, after every layer has
-    returned: a failure is logged with ``request_id`` given here.
+    returned: a failure is logged with ``request_id`` given here.  Its status
+    (200) went out with the first event, so the failure is also noted in the
+    request's environ (taken here, while the request is being handled) under
+    ``APP_ERROR``, as ``search_error <code>``: the access line carries it.
     """
+    environ: dict[str, Any] = request.environ if has_request_context() else {}
+    return _events(engine, query, page, shape, interval, logger, request_id, environ)
+
+
+def _events(
+    engine: SearchEngine,
+    query: str,
+    page: int,
+    shape: Callable[[SearchPage], dict[str, Any]],
+    interval: float,
+    logger: logging.Logger,
+    request_id: str | None,
+    environ: dict[str, Any],
+) -> Iterator[bytes]:
     yield sse_event("search_started", {"query": query})
     steps = engine.stages(query, page)
     try:
@@ -91,11 +111,16 @@ def search_events(
                 time.sleep(interval)
             yield sse_event("search_progress", {"progress": progress, "stage": stage})
     except HTTPException as exc:
-        yield _error_event(exc.code or 500, exc.description, _retry_after(exc), request_id)
+        code = exc.code or 500
+        logger.warning("search stream ended with search_error %d: %s", code, exc.description,
+                       extra={"request_id": request_id})
+        environ[APP_ERROR] = f"search_error {code}"
+        yield _error_event(code, exc.description, _retry_after(exc), request_id)
         return
     except Exception:
         logger.exception("search stream failed for a query of %d characters", len(query),
                          extra={"request_id": request_id})
+        environ[APP_ERROR] = "search_error 500"
         yield _error_event(500, UNEXPECTED, ERROR_RETRY_SECONDS, request_id)
         return
     finally:

@@ -45,7 +45,11 @@ from .base import IDENTITY, REQUEST_ID, Context, LayerOptions, client_ip, not_a_
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["AccessLogMiddleware", "LineHandler"]
+__all__ = ["APP_ERROR", "AccessLogMiddleware", "LineHandler"]
+
+#: Environ key under which the app notes a failure it reported itself after the status went out (a
+#: stream's ``search_error`` event: ``"search_error 502"``); the line's ``error`` unless something else failed.
+APP_ERROR = "wsgistack.app_error"
 
 _INFO = logging.INFO
 #: How often (seconds) the file's identity is compared with the path, to follow logrotate.
@@ -62,7 +66,7 @@ class AccessLogMiddleware:
     ``client_ip``, ``method``, ``path``, ``query`` (when on), ``status``,
     ``bytes`` (body bytes sent), ``duration_ms``, ``user`` (the identity's
     subject or null), ``user_agent`` (when on), and ``error`` (the exception
-    type, only when the app failed).
+    type, only when the app failed; else what the app noted under ``APP_ERROR``).
 
     Options:
         ``logger`` ("wsgistack.access"): the logger that receives the lines (level INFO).
@@ -198,8 +202,9 @@ class AccessLogMiddleware:
         if self.user_agent:
             agent = environ.get("HTTP_USER_AGENT", "")
             line.append(f',"user_agent":{quote(agent if agent.isascii() else _text(agent))}')
-        if exchange.error:
-            line.append(f',"error":{quote(exchange.error)}')
+        error = exchange.error or environ.get(APP_ERROR)
+        if error:
+            line.append(f',"error":{quote(str(error))}')
         line.append(',"truncated":true}' if quote is _cut else "}")
         return "".join(line)
 

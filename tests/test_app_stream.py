@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +227,68 @@ def test_a_stream_whose_answer_never_went_out_gives_its_slot_back(tmp_path: Path
         app(environ, refusing)
     gc.collect()
     TestApp(app).get("/api/v1/search/stream", {"q": "json"}, status=200)
+
+
+class Upstream(BaseHTTPRequestHandler):
+    """A SearXNG that fails by the query: ``boom`` answers 500, ``busy`` 429 (Retry-After: 60); else no results."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep test output quiet."""
+
+    def do_GET(self) -> None:
+        query = self.path.partition("q=")[2].partition("&")[0]
+        status, body = {"boom": (500, b"<h1>Internal Server Error</h1>"), "busy": (429, b"")}.get(
+            query, (200, b'{"results": []}'))
+        self.send_response(status)
+        if status == 429:
+            self.send_header("Retry-After", "60")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _unshapeable(page: SearchPage) -> dict[str, Any]:
+    raise OverflowError("integer division result too large for a float")
+
+
+@pytest.mark.parametrize(("query", "broken_shape", "code", "level"), [
+    pytest.param("boom", False, 502, logging.WARNING, id="upstream 500"),
+    pytest.param("busy", False, 503, logging.WARNING, id="upstream busy"),
+    pytest.param("ok", True, 500, logging.ERROR, id="unexpected failure"),
+])
+def test_a_failure_inside_a_stream_leaves_a_trace(make_stack: Callable[..., TestApp], tmp_path: Path,
+                                                  upstream: str, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture, query: str, broken_shape: bool,
+                                                  code: int, level: int) -> None:
+    """The status went out before the failure: it stays 200, and the access line and the log say what happened."""
+    if broken_shape:
+        monkeypatch.setattr(SearchPage, "v1", _unshapeable)
+    log_file = tmp_path / "access.log"
+    client = make_stack({
+        "app": {"options": {"var_dir": str(tmp_path / "var"), "search": {"engine": "searxng", "upstream": upstream}}},
+        "pipeline": [{"errors": {}}, {"request_id": {}}, {"access_log": {"file": str(log_file)}}],
+    })
+    with caplog.at_level(logging.WARNING, logger="wsgistack"):
+        response = client.get("/api/v1/search/stream", {"q": query})
+    assert response.status_int == 200
+    assert parse([response.body])[-1][0] == "search_error"
+    request_id = response.headers["X-Request-ID"]
+    [line] = [json.loads(text) for text in log_file.read_text().splitlines()]
+    assert (line["request_id"], line["status"], line.get("error")) == (request_id, 200, f"search_error {code}")
+    [record] = [r for r in caplog.records if r.name.startswith("wsgistack")]
+    assert (record.levelno, record.request_id) == (level, request_id)  # type: ignore[attr-defined]
+    assert f"search_error {code}" in record.getMessage() or broken_shape
