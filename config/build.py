@@ -170,7 +170,7 @@ _X_FORWARDED = re.compile(r"x[-_]forwarded(?:[-_](\w+))?", re.I)
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
-    """``; did you mean 'x'?`` or an empty string.
+    """``; did you mean 'x'?`` or an empty string; case is ignored (``CORS`` gets ``cors``).
 
     ``x_forwarded_for`` is ``x_for`` (the ``X-Forwarded-For`` count, as werkzeug's
     ``ProxyFix`` spells it), never the closest spelling ``forwarded``: that one reads
@@ -187,8 +187,9 @@ def suggest(word: str, choices: Iterable[str]) -> str:
         if meant in known:
             return f"; did you mean {meant!r}?"
         known = [choice for choice in known if choice.lower() != "forwarded"]
-    close = difflib.get_close_matches(text, known, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    by_lower = {choice.lower(): choice for choice in reversed(known)}  # CORS is cors, RateLimit ratelimit
+    close = difflib.get_close_matches(text.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 #: A key path a message starts with: ``origins``, ``listen[1]``, ``rules[0].origins``, ``deny_patterns['query'][1]``.

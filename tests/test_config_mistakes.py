@@ -155,3 +155,18 @@ def test_a_bad_list_item_is_located_at_the_item(text: str, expected: list[str]) 
     assert len(lines) == len(expected), lines
     for line, start in zip(lines, expected, strict=True):
         assert line.startswith(start), lines
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("pipeline:\n  - CORS: {}\n", "stack.yaml:3:5 pipeline[0]: unknown layer 'CORS'; did you mean 'cors'?",
+                 id="a layer in capitals"),
+    pytest.param("pipeline:\n  - RateLimit: {limits: [1/second]}\n",
+                 "stack.yaml:3:5 pipeline[0]: unknown layer 'RateLimit'; did you mean 'ratelimit'?", id="camel case"),
+    pytest.param("SERVER: {threads: 2}\n", "stack.yaml:2:1 SERVER: unknown top-level key 'SERVER'; did you mean "
+                 "'server'?", id="a top-level key"),
+    pytest.param("server: {Threads: 2}\n", "stack.yaml:2:10 server.Threads: unknown key 'Threads'; did you mean "
+                 "'threads'?", id="an option"),
+])
+def test_a_name_in_other_case_gets_its_spelling(text: str, expected: str) -> None:
+    lines = errors_of(ECHO + text)
+    assert any(line.startswith(expected) for line in lines), lines
