@@ -266,7 +266,8 @@ def _located(doc: Document, path: Path, message: str, fields: Iterable[str] = ()
 #: A pydantic union member's name in an error's location: ``str``, ``list[str]``, ``datetime``, ``function-after[...]``.
 _UNION_MEMBER = re.compile(r"[a-z][a-z0-9_-]*(\[.*\])?")
 #: A number with a unit, which a field of plain numbers does not take.
-_WITH_UNIT = re.compile(r"\s*\d+(\.\d+)?\s*(ms|s|secs?|seconds?|m|mins?|minutes?|h|hours?|d|days?)\s*", re.I)
+_WITH_UNIT = re.compile(r"\s*\d+(\.\d+)?\s*(ms|s|secs?|seconds?|m|mins?|minutes?|h|hours?|d|days?|"
+                        r"w|wks?|weeks?|mo|mons?|months?|y|yrs?|years?)\s*", re.I)  # hsts_max_age: 1y
 
 
 def validation_problems(

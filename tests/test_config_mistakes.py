@@ -170,3 +170,12 @@ def test_a_bad_list_item_is_located_at_the_item(text: str, expected: list[str]) 
 def test_a_name_in_other_case_gets_its_spelling(text: str, expected: str) -> None:
     lines = errors_of(ECHO + text)
     assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize("value", ["1y", "1 year", "2yrs", "2w", "6 weeks", "6mo", "1month", "30d"])
+def test_a_duration_with_a_long_unit_gets_the_plain_number_hint(value: str) -> None:
+    """hsts_max_age is often thought of in years (max-age=31536000)."""
+    [line] = errors_of(ECHO + f"pipeline:\n  - headers: {{hsts_max_age: {value}}}\n")
+    assert line == f"stack.yaml:3:29 pipeline[0].headers.hsts_max_age: Input should be a valid integer, unable to " \
+                   f"parse string as an integer; write a plain number, without a unit (seconds: 60, not 60s or 1m) " \
+                   f"(got {value!r})"
