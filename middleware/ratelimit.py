@@ -91,7 +91,13 @@ def _check_limit(text: str) -> str:
         ) from None
     if any(item.amount < 1 for item in items):  # it would refuse every request, each told to retry in vain
         raise ValueError(f"{text!r} allows no request at all; to refuse every request, do not route it here")
+    if _NO_PERIOD.search(text):  # the limits library reads 5/0 minutes as 5/minute
+        raise ValueError(f"{text!r} counts over 0 units of time; write 1 or more ('5/minute', '5 per 2 minutes')")
     return text
+
+
+#: A period of zero units (``5/0 minutes``, ``5 per 0 hours``).
+_NO_PERIOD = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.I)
 
 
 #: One ``limits`` string, checked on its own so an error names its index (``limits[1]``).

@@ -179,3 +179,20 @@ def test_a_duration_with_a_long_unit_gets_the_plain_number_hint(value: str) -> N
     assert line == f"stack.yaml:3:29 pipeline[0].headers.hsts_max_age: Input should be a valid integer, unable to " \
                    f"parse string as an integer; write a plain number, without a unit (seconds: 60, not 60s or 1m) " \
                    f"(got {value!r})"
+
+
+@pytest.mark.parametrize(("limit", "shown"), [
+    pytest.param("5/0 minutes", "'5/0 minutes'", id="5/0 minutes"),
+    pytest.param("5 per 0 hours", "'5 per 0 hours'", id="per"),
+    pytest.param("5/minute;3/00 hour", "'5/minute;3/00 hour'", id="the second of two"),
+])
+def test_a_rate_limit_over_zero_units_of_time_is_refused(limit: str, shown: str) -> None:
+    """The limits library reads a period of 0 minutes as 1: 5/0 minutes would allow 5 a minute."""
+    [line] = errors_of(ECHO + f"pipeline:\n  - ratelimit: {{limits: ['{limit}']}}\n")
+    assert line.startswith(f"stack.yaml:3:26 pipeline[0].ratelimit.limits[0]: {shown} counts over 0 units of time; "
+                           "write 1 or more ('5/minute', '5 per 2 minutes')"), line
+
+
+@pytest.mark.parametrize("limit", ["5/10 minutes", "5 per 2 hours", "100/day,10/second", "5/05 minutes"])
+def test_a_rate_limit_over_several_units_is_taken(limit: str) -> None:
+    build_from_text(ECHO + f"pipeline:\n  - ratelimit: {{limits: ['{limit}']}}\n", file="stack.yaml", env={})
