@@ -35,7 +35,8 @@ class SearchOptions(BaseModel):
     seconds to pause between Server-Sent Events of the stream endpoint.
     ``max_streams``: with ``stream_interval`` above 0, how many streams a process
     runs at once (each holds a server thread for about five intervals); one more
-    gets 503 with a Retry-After.
+    gets 503 with a Retry-After.  Keep it below ``server.threads`` (``check`` warns):
+    at as many, paced streams can hold every thread and the health probes wait.
     """
 
     model_config = ConfigDict(extra="forbid")

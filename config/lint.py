@@ -733,6 +733,35 @@ def validation_vs_waitress(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
                                      "Waitress refuses larger header blocks first", "warning")
 
 
+def _core_search_options(cfg: StackConfig) -> Any:
+    """The app's validated ``search`` options when its factory takes wsgistack's (``stream_interval``,
+    ``max_streams``); else None (another app, or options that stage 3 refused)."""
+    try:
+        model = getattr(import_string(cfg.app.factory), "Options", None)
+        search = model.model_validate(cfg.app.options).search if model is not None else None
+    except Exception:
+        return None
+    has_cap = hasattr(search, "stream_interval") and hasattr(search, "max_streams")
+    return search if has_cap else None
+
+
+def streams_leave_a_thread(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A paced stream holds a server thread for its whole length (about five intervals, asleep): with
+    ``max_streams`` not below the threads, they can take every thread of a process, and the health
+    probes wait behind them.  Both count per process, so workers change nothing."""
+    search = _core_search_options(cfg)
+    threads = cfg.server.threads
+    if search is None or not search.stream_interval > 0 or search.max_streams < threads:
+        return
+    fix = f"set max_streams to at most {threads - 1}, or raise" if threads > 1 else "raise"
+    yield cfg.document.problem(
+        ("app", "options", "search", "max_streams"),
+        f"search.max_streams ({search.max_streams}) is not below server.threads ({threads}) with "
+        f"search.stream_interval {search.stream_interval:g}: paced streams can hold every server thread of a process "
+        "(each for about five intervals), and every other request, the health probes too, then waits behind them; "
+        f"{fix} server.threads (both count per process, with workers too)", key=True, severity="warning")
+
+
 RULES: list[Rule] = [
     errors_outermost,
     cache_outside_private,
@@ -768,6 +797,7 @@ RULES: list[Rule] = [
     hsts_reachable,
     validation_limits,
     validation_vs_waitress,
+    streams_leave_a_thread,
 ]
 
 
@@ -776,7 +806,7 @@ RULES: list[Rule] = [
 #: another WSGI server has its own, which wsgistack judges where it can (a hosted start's multiprocess
 #: check; HOSTED's least safe settings for ProxyFix and for headers outside a proxy layer).
 SERVED_ONLY: tuple[Rule, ...] = (proxy_twice, proxy_peers_can_connect, proxy_headers_kept, hsts_outside_proxy,
-                                 hsts_reachable, shared_state, validation_vs_waitress)
+                                 hsts_reachable, shared_state, validation_vs_waitress, streams_leave_a_thread)
 
 
 def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:

@@ -592,3 +592,43 @@ def test_access_and_scope_warnings(layers: str, expected: str | None) -> None:
     found = [p for p in problems("pipeline:\n  - errors: {}\n" + layers)
              if "operator_page" in p.split(": ", 1)[1] or "is scoped to methods" in p]
     assert found == ([] if expected is None else [expected])
+
+
+STREAMS_TAKE_EVERY_THREAD = (
+    "stack.yaml:{line}:{column} warning: app.options.search.max_streams: search.max_streams ({streams}) is not "
+    "below server.threads ({threads}) with search.stream_interval {interval}: paced streams can hold every "
+    "server thread of a process (each for about five intervals), and every other request, the health probes "
+    "too, then waits behind them; set max_streams to at most {most}, or raise server.threads (both count per "
+    "process, with workers too)")
+
+
+@pytest.mark.parametrize(("server", "search", "expected"), [
+    pytest.param("{threads: 4}", "{stream_interval: 0.5, max_streams: 4}",
+                 STREAMS_TAKE_EVERY_THREAD.format(line=6, column=36, streams=4, threads=4, interval=0.5, most=3),
+                 id="as many streams as threads"),
+    pytest.param("{threads: 2, workers: 3}", "{stream_interval: 1}",
+                 STREAMS_TAKE_EVERY_THREAD.format(line=6, column=5, streams=4, threads=2, interval=1, most=1),
+                 id="the default max_streams over two threads, per worker"),
+    pytest.param("{threads: 1}", "{stream_interval: 2}",
+                 STREAMS_TAKE_EVERY_THREAD.format(line=6, column=5, streams=4, threads=1, interval=2, most=0)
+                 .replace("set max_streams to at most 0, or raise", "raise"),
+                 id="one thread: no cap leaves room"),
+    pytest.param("{threads: 8}", "{stream_interval: 0.5}", None, id="the defaults: 4 of 8 threads"),
+    pytest.param("{threads: 4}", "{stream_interval: 0.5, max_streams: 3}", None, id="a thread left over"),
+    pytest.param("{threads: 2}", "{stream_interval: 0, max_streams: 4}", None, id="unpaced streams end at once"),
+])
+def test_paced_streams_that_can_take_every_thread_are_a_warning(server: str, search: str,
+                                                                expected: str | None) -> None:
+    text = (f"server: {server}\napp:\n  factory: app:create_app\n  options:\n    var_dir: var\n"
+            f"    search: {search}\n")
+    found = [str(p) for p in lint(parse(read_text(text, file="stack.yaml", env={}))) if "max_streams" in str(p)]
+    assert found == ([] if expected is None else [expected])
+    if expected is not None:  # a setting of serve.py's server: another WSGI server has threads of its own
+        assert [p for p in lint(parse(read_text(text, file="stack.yaml", env={})), hosted=True)
+                if "max_streams" in str(p)] == []
+
+
+def test_a_stream_cap_of_another_app_is_not_judged() -> None:
+    text = ("server: {threads: 1}\napp:\n  factory: stack_support:echo_app\n"
+            "  options: {search: {stream_interval: 1, max_streams: 9}}\n")
+    assert [p for p in lint(parse(read_text(text, file="stack.yaml", env={}))) if "max_streams" in str(p)] == []

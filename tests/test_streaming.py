@@ -40,7 +40,7 @@ SECRETS = {"SESSION_SECRET": "s" * 43, "JWT_SECRET": "j" * 43}
 STACK = """
 server:
   listen: 127.0.0.1:{port}
-  threads: 4
+  threads: 6
 app:
   factory: app:create_app
   options:
