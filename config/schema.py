@@ -171,6 +171,14 @@ class ServerOptions(Strict):
     worker_timeout: float = Field(default=30.0, ge=0, le=3600)
     reload: ReloadOptions = Field(default_factory=ReloadOptions)
 
+    @field_validator("reload", mode="before")
+    @classmethod
+    def _reload_mapping(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # reload: true, as other servers spell it
+            raise ValueError(f"reload takes a mapping: write reload: {{watch: {str(value).lower()}}} (SIGHUP re-reads "
+                             "the file either way; watch also polls it)")
+        return value
+
     @field_validator("worker_timeout")
     @classmethod
     def _off_or_a_second(cls, value: float) -> float:

@@ -196,3 +196,10 @@ def test_a_rate_limit_over_zero_units_of_time_is_refused(limit: str, shown: str)
 @pytest.mark.parametrize("limit", ["5/10 minutes", "5 per 2 hours", "100/day,10/second", "5/05 minutes"])
 def test_a_rate_limit_over_several_units_is_taken(limit: str) -> None:
     build_from_text(ECHO + f"pipeline:\n  - ratelimit: {{limits: ['{limit}']}}\n", file="stack.yaml", env={})
+
+
+@pytest.mark.parametrize(("value", "written"), [("true", "true"), ("yes", "true"), ("false", "false")])
+def test_reload_as_a_flag_gets_the_mapping_to_write(value: str, written: str) -> None:
+    [line] = errors_of(ECHO + f"server:\n  reload: {value}\n")
+    assert line.startswith(f"stack.yaml:3:11 server.reload: reload takes a mapping: write reload: {{watch: {written}}} "
+                           "(SIGHUP re-reads the file either way; watch also polls it)"), line
