@@ -56,6 +56,32 @@ _RETIRED = "CREATE TABLE IF NOT EXISTS retired_names (name TEXT PRIMARY KEY, at 
 #: 0.3 s on the bench machine); werkzeug's default p=1 is a third of it. Hashes made with other
 #: parameters are still checked with their own (the parameters are in the hash).
 HASH_METHOD = "scrypt:32768:8:3"
+#: Names another werkzeug method for the hashes made from now on (and the rehash of older ones): for test
+#: suites, where a cheap one (pbkdf2:sha256:1000) saves a third of a second per login, as Django's test
+#: settings swap their hasher. A store given it logs a warning once per process.
+HASH_ENV = "WSGISTACK_PASSWORD_HASH"
+_warned_env: list[str] = []
+
+
+def default_hash_method() -> str:
+    """The method new hashes are made with: ``$WSGISTACK_PASSWORD_HASH`` when set, else :data:`HASH_METHOD`.
+
+    A value werkzeug does not know is refused here (ValueError), when the store is made,
+    rather than at the first login.
+    """
+    method = os.environ.get(HASH_ENV, "").strip()
+    if not method or method == HASH_METHOD:
+        return HASH_METHOD
+    try:
+        generate_password_hash("", method=method)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"${HASH_ENV}={method!r} is not a password hash method werkzeug knows ({exc}); "
+                         f"leave it unset for {HASH_METHOD}") from None
+    if method not in _warned_env:
+        _warned_env.append(method)
+        logging.getLogger("wsgistack.app").warning(
+            "new password hashes are made with %s ($%s), not %s", method, HASH_ENV, HASH_METHOD)
+    return method
 #: How often (seconds) the file at the path is compared with the one the connection has open.
 IDENTITY_CHECK_SECONDS = 1.0
 
@@ -108,9 +134,9 @@ class UserStore:
         users.add("alice", "s3cret", roles=["admin"]); users.verify_password("alice", "s3cret")
     """
 
-    def __init__(self, path: str | Path, *, hash_method: str = HASH_METHOD) -> None:
+    def __init__(self, path: str | Path, *, hash_method: str | None = None) -> None:
         self.path = Path(path)
-        self.hash_method = hash_method
+        self.hash_method = hash_method or default_hash_method()
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file the connection reads

@@ -116,8 +116,9 @@ def test_a_login_hashes_an_older_password_hash_again_and_logs_no_one_out(
     at the account's next right password; that is no password change, so what was issued before stays."""
     from werkzeug.security import generate_password_hash
 
-    from app.users import HASH_METHOD
+    from app.users import HASH_ENV, HASH_METHOD
 
+    monkeypatch.delenv(HASH_ENV, raising=False)  # the stack's store uses the real method
     monkeypatch.setattr("middleware.auth.ROLES_FRESH", 0.0)  # every request asks the users database
     stack = Stack(tmp_path, users)
     before = stack.login().json  # alice's session is in stack.app's cookies

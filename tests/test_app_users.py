@@ -339,6 +339,13 @@ def test_reading_without_a_database_creates_none(tmp_path: Path) -> None:
     assert not (tmp_path / "ro").exists()
 
 
+@pytest.fixture
+def real_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The method a store uses unless told otherwise (the suite's conftest names a cheap one)."""
+    monkeypatch.delenv(users_module.HASH_ENV, raising=False)
+
+
+@pytest.mark.usefixtures("real_hash")
 def test_passwords_are_hashed_at_owasps_floor(tmp_path: Path) -> None:
     """scrypt N=2**15, r=8, p=3 (OWASP Password Storage Cheat Sheet); an older hash still verifies."""
     import sqlite3
@@ -362,6 +369,7 @@ def test_passwords_are_hashed_at_owasps_floor(tmp_path: Path) -> None:
     (FAST, "wrong password", False),  # only a right password can be hashed again
     (users_module.HASH_METHOD, "pw-123456", False),
 ])
+@pytest.mark.usefixtures("real_hash")
 def test_a_right_password_with_an_older_hash_is_hashed_again(
         tmp_path: Path, made_with: str, password: str, rehashed: bool) -> None:
     """An old, cheaper hash verifies faster than the dummy an unknown name costs: a login would tell
@@ -387,6 +395,42 @@ def test_a_right_password_with_an_older_hash_is_hashed_again(
     assert store.get("alice") == before  # credentials_at too: no session or token of hers is void
     assert store.verify_password("alice", "pw-123456") == before
     store.close()
+
+
+@pytest.mark.parametrize(("value", "method"), [
+    pytest.param(None, users_module.HASH_METHOD, id="unset: OWASP's floor"),
+    pytest.param("", users_module.HASH_METHOD, id="empty: unset"),
+    pytest.param(FAST, FAST, id="a cheap one for a test suite"),
+])
+def test_the_hash_method_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture, value: str | None,
+                                                    method: str) -> None:
+    import logging
+
+    monkeypatch.setattr(users_module, "_warned_env", [])
+    if value is None:
+        monkeypatch.delenv(users_module.HASH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(users_module.HASH_ENV, value)
+    with caplog.at_level(logging.WARNING, logger="wsgistack.app"):
+        store = UserStore(tmp_path / "users.sqlite3")
+        UserStore(tmp_path / "other.sqlite3")
+    assert store.hash_method == method
+    store.add("alice", "pw-123456")
+    row = store._row("alice")
+    assert row is not None and row[1].startswith(method + "$")
+    warned = [r.getMessage() for r in caplog.records if "WSGISTACK_PASSWORD_HASH" in r.getMessage()]
+    assert warned == ([] if method == users_module.HASH_METHOD else
+                      [f"new password hashes are made with {FAST} ($WSGISTACK_PASSWORD_HASH), not scrypt:32768:8:3"])
+    store.close()
+
+
+def test_a_hash_method_werkzeug_does_not_know_is_refused_when_the_store_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(users_module.HASH_ENV, "md5")
+    with pytest.raises(ValueError, match=r"^\$WSGISTACK_PASSWORD_HASH='md5' is not a password hash method werkzeug "
+                                         r"knows \(.*\); leave it unset for scrypt:32768:8:3$"):
+        UserStore(tmp_path / "users.sqlite3")
 
 
 def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
