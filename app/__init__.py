@@ -63,7 +63,7 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
     # The auth layer gives a session identity the roles the user has now (a removed user's session
     # identifies no one), so `serve.py users remove/set-role` takes effect within a second.
     ctx.services[USER_ROLES] = state.user_roles
-    # … and voids sessions and refresh tokens from before the user's password was last set.
+    # … and voids sessions, access and refresh tokens from before the user's password was last set.
     ctx.services[USER_SINCE] = state.user_since
     # The metrics layer labels a request refused before routing (or a cache hit) with the route it
     # was for, and anything the routes do not match as "other".
