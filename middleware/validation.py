@@ -35,7 +35,8 @@ request body.
 
 from __future__ import annotations
 
-import codecs
+import encodings
+import encodings.aliases
 import json
 import math
 import re
@@ -83,13 +84,20 @@ def _other_unicode(charset: str) -> bool:
     """Whether ``charset`` names an encoding of Unicode other than UTF-8 (a JSON text may not use one).
 
     Any alias Python knows counts (``u16``, ``utf_32``, ``unicode-1-1-utf-7``), and the IANA
-    names of UCS-2 and UCS-4 it does not know.
+    names of UCS-2 and UCS-4 it does not know.  Looked up in the fixed alias table, not with
+    ``codecs.lookup``: that keeps every name it cannot find for the life of the process (a
+    client sending a new one per request grows the server without bound), and raises
+    ValueError, not LookupError, on a NUL (``charset*=UTF-8''a%00b``).
     """
-    try:
-        name = codecs.lookup(charset).name
-    except LookupError:
-        name = charset
+    if len(charset) > _LONGEST_CHARSET:
+        return False  # no encoding's name: a charset the JSON body ignores (RFC 8259 §11)
+    key = encodings.normalize_encoding(charset).lower()
+    name = encodings.aliases.aliases.get(key, key).replace("_", "-")
     return name.startswith(("utf-16", "utf-32", "utf-7", "ucs-", "iso-10646-ucs", "csunicode", "csucs4"))
+
+
+#: Longer than any encoding's name (IANA's longest is 45 characters).
+_LONGEST_CHARSET = 64
 
 
 class _DuplicateKey(Exception):
@@ -524,7 +532,7 @@ class ValidationMiddleware:
         # another encoding of all of Unicode says the body is not JSON text.
         charset = params.get("charset", "utf-8").lower()
         if is_json and _other_unicode(charset):
-            raise self._refuse(environ, 415, f"JSON bodies must be UTF-8, not {charset!r}.",
+            raise self._refuse(environ, 415, f"JSON bodies must be UTF-8, not {charset[:_LONGEST_CHARSET]!r}.",
                                "charset")
         if is_json:
             limit, option = self._json_max, self._json_option

@@ -398,6 +398,10 @@ PASSES = [
                       "headers": {"Content-Encoding": "Identity"}}, {"json": {"a": 1}}, id="identity is no coding"),
     pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json; charset=iso-8859-1"},
                  {"json": {"a": 1}}, id="a latin-1 label on a body that is UTF-8"),
+    pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json; charset*=UTF-8''a%00b"},
+                 {"json": {"a": 1}}, id="a charset holding a NUL (RFC 2231) means nothing either"),
+    pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json; charset=utf-16" + "x" * 8000},
+                 {"json": {"a": 1}}, id="a charset longer than any encoding's name"),
     pytest.param({}, {"body": b'[-' + b"9" * 4300 + b"]", "content_type": "application/json"},
                  {"json": [-int("9" * 4300)]}, id="an integer of the most digits"),
     pytest.param({"json_max_depth": 3}, jbody([[[1]]]), {"json": [[[1]]]},
@@ -437,6 +441,16 @@ PASSES = [
                               b"--b--\r\n", "content_type": "multipart/form-data; boundary=b"},
                  {"json": ABSENT}, id="multipart"),
 ]
+
+def test_charsets_a_client_makes_up_are_not_kept() -> None:
+    """Python's codec search keeps every name it could not find: one new name per request would grow it."""
+    import encodings
+
+    before = len(encodings._cache)
+    for i in range(50):
+        send({}, {"body": b"{}", "content_type": f"application/json; charset=x-made-up-{i}"}, 200)
+    assert len(encodings._cache) == before
+
 
 @pytest.mark.parametrize(("options", "req", "expected"), PASSES)
 def test_pass(options: dict[str, Any], req: dict[str, Any], expected: dict[str, Any]) -> None:
