@@ -357,7 +357,8 @@ def parse(doc: Document) -> StackConfig:
 
     pipeline = _parse_pipeline(doc, data.get("pipeline"), problems)
     if problems or server is None or app_section is None or log_opts is None:
-        raise ConfigError(problems)
+        # Found section by section; read top to bottom, as the file is (a stable sort: one place's stay in order).
+        raise ConfigError(sorted(problems, key=lambda p: (p.line, p.column)))
     return StackConfig(server, stores, app_section, pipeline, log_opts, doc)
 
 

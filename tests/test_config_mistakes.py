@@ -203,3 +203,11 @@ def test_reload_as_a_flag_gets_the_mapping_to_write(value: str, written: str) ->
     [line] = errors_of(ECHO + f"server:\n  reload: {value}\n")
     assert line.startswith(f"stack.yaml:3:11 server.reload: reload takes a mapping: write reload: {{watch: {written}}} "
                            "(SIGHUP re-reads the file either way; watch also polls it)"), line
+
+
+def test_problems_are_listed_in_the_order_of_the_file() -> None:
+    text = ("pipeline:\n  - corz: {}\nlogging: {level: LOUD}\nstores: {shared: 6379}\n" + ECHO
+            + "server: {thread: 4}\n")
+    lines = errors_of(text)
+    assert [line.split(" ")[0] for line in lines] == ["stack.yaml:2:5", "stack.yaml:3:18", "stack.yaml:4:18",
+                                                      "stack.yaml:6:10"], lines
