@@ -228,6 +228,8 @@ class ValidationMiddleware:
     ``check_json`` (True), ``json_max_depth`` (32), ``json_max_bytes`` (102400,
     or ``max_body_bytes`` when that is lower; null: ``max_body_bytes``), ``reject_duplicate_keys`` (True)
         The JSON checks, for ``application/json`` and ``*/*+json`` bodies.
+    ``form_max_fields`` (1000)
+        Fields an urlencoded form body may have (it is read only to search ``deny_patterns``).
     ``deny_patterns`` (``{}``)
         ``{parameter: [regex, ...]}`` (``"*"``: every parameter), searched in
         query parameters, urlencoded form fields and top-level string members
@@ -251,6 +253,7 @@ class ValidationMiddleware:
         json_max_depth: int = Field(default=32, ge=1, le=256)
         json_max_bytes: int | None = Field(default=JSON_MAX_BYTES, ge=0)
         reject_duplicate_keys: bool = True
+        form_max_fields: int = Field(default=1000, ge=1)
         deny_patterns: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
         @field_validator("allowed_content_types")
@@ -560,11 +563,16 @@ class ValidationMiddleware:
             if self._deny_on and isinstance(value, dict):
                 self._check_params(environ, value.items(), "JSON")
         else:
-            try:
-                pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict")
+            fields = self.options.form_max_fields
+            try:  # (the fields are counted before anything is split: a body of "&&&…" costs no parsing)
+                pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict",
+                                  max_num_fields=fields)
             except UnicodeDecodeError:
                 raise self._refuse(environ, 400, "The form body is not valid UTF-8 once "
                                    "percent-decoded.", "utf-8") from None
+            except ValueError:  # "Max number of fields exceeded"
+                raise self._refuse(environ, 413, f"The form body has more than form_max_fields ({fields}) "
+                                   "fields.", "form_max_fields", max=fields) from None
             self._check_params(environ, pairs, "form")
 
     def _parse_json(self, environ: WSGIEnvironment, body: bytes) -> Any:
@@ -573,6 +581,9 @@ class ValidationMiddleware:
         except UnicodeDecodeError as exc:
             raise self._refuse(environ, 400, f"The JSON body is not valid UTF-8 (byte "
                                f"{exc.start}).", "utf-8") from None
+        if text[:1] == "\ufeff":  # what json says of it ("Expecting value … char 0") does not say why
+            raise self._refuse(environ, 400, "The JSON body starts with a byte order mark (EF BB BF), which JSON "
+                               "text may not carry (RFC 8259 §8.1); send it without.", "json")
         too_deep = f"The JSON body nests deeper than json_max_depth ({self._json_depth})."
         try:
             python_caps = 0 < sys.get_int_max_str_digits() <= MAX_INT_DIGITS

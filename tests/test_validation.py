@@ -278,6 +278,17 @@ REFUSALS = [
                  {"body": b"name=%C3", "content_type": "application/x-www-form-urlencoded"},
                  400, "The form body is not valid UTF-8 once percent-decoded.", {},
                  id="form body not utf-8"),
+    pytest.param({"deny_patterns": {"name": ["x"]}},
+                 {"body": b"a&" * 1000 + b"a", "content_type": "application/x-www-form-urlencoded"},
+                 413, "The form body has more than form_max_fields (1000) fields.", {},
+                 id="a form of more fields than form_max_fields"),
+    pytest.param({"deny_patterns": {"name": ["x"]}, "form_max_fields": 2},
+                 {"body": b"a=1&b=2&c=3", "content_type": "application/x-www-form-urlencoded"},
+                 413, "The form body has more than form_max_fields (2) fields.", {},
+                 id="form_max_fields set lower"),
+    pytest.param({}, {"body": b"\xef\xbb\xbf{}", "content_type": "application/json"}, 400,
+                 "The JSON body starts with a byte order mark (EF BB BF), which JSON text may not carry "
+                 "(RFC 8259 \u00a78.1); send it without.", {}, id="json with a byte order mark"),
 ]
 
 REFUSALS += [
@@ -398,6 +409,9 @@ PASSES = [
                       "headers": {"Content-Encoding": "Identity"}}, {"json": {"a": 1}}, id="identity is no coding"),
     pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json; charset=iso-8859-1"},
                  {"json": {"a": 1}}, id="a latin-1 label on a body that is UTF-8"),
+    pytest.param({"deny_patterns": {"name": ["x"]}},
+                 {"body": b"a&" * 999 + b"a", "content_type": "application/x-www-form-urlencoded"},
+                 {"body": "a&" * 999 + "a"}, id="a form of form_max_fields fields"),
     pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json; charset*=UTF-8''a%00b"},
                  {"json": {"a": 1}}, id="a charset holding a NUL (RFC 2231) means nothing either"),
     pytest.param({}, {"body": b'{"a": 1}', "content_type": "application/json; charset=utf-16" + "x" * 8000},
