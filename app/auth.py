@@ -118,17 +118,21 @@ def _json_object(required: bool) -> dict[str, Any]:
     else:
         data = request.get_data(cache=True)
         if not data.strip():
-            value = None
+            value = _NO_BODY
         else:
             try:
                 value = json.loads(data)
             except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise refuse(400, "The request body is not valid JSON.") from None
-    if value is None and not required:
+    if value is _NO_BODY and not required:
         return {}
-    if not isinstance(value, dict):
+    if not isinstance(value, dict):  # (a body of null too: it is a JSON value, not no body)
         raise refuse(400, "The request body must be a JSON object.")
     return value
+
+
+#: What a request without a body (or one of whitespace) reads as; ``null`` is a JSON value.
+_NO_BODY = object()
 
 
 def _challenge(service: Any) -> str:
