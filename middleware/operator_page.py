@@ -491,6 +491,8 @@ def mask(value: Any, name: str = "") -> Any:
             return [value[0], MASK]
         return [mask(v) for v in value]
     if isinstance(value, str):
+        if "PRIVATE KEY-----" in value:  # a PEM private key, whatever its option is called
+            return MASK
         if value and value[0] in "{[(":  # a repr() of a structure (options of a plain factory layer)
             try:
                 return mask(ast.literal_eval(value))

@@ -35,8 +35,10 @@ _DSN_PASSWORD = re.compile(r"((?:^|[\s;'\"])[^=&?\s'\";]*(?:passw(?:or)?d|passph
 #: errors, logs and the operator page alike (``secret_key``, ``password``, ``api_key``, ``signingKey``…).
 #: (``pass``, ``auth`` and ``cookie`` as words of a name: ``smtp_pass``, ``X-Auth``, ``Cookie``, not
 #: ``passage``, ``author``, ``cookie_name`` or the auth rules' ``auth: required``.)
-SECRET_NAME = re.compile(r"secret|passw(?:or)?d|passphrase|pwd|token|credential|authorization|key|bearer"
-                         r"|(?:^|[_-])pass(?:$|[_-])|[_-]auth(?:$|[_-])|^auth[_-]|(?:^|[_-])cookie$", re.IGNORECASE)
+SECRET_NAME = re.compile(r"secret|passw(?:or)?d|passphrase|passcode|pwd|token|credential|authorization|key|bearer"
+                         r"|salt|hmac|signing|private"
+                         r"|(?:^|[_-])(?:pass|creds?|sig|pin|otp)(?:$|[_-])|[_-]auth(?:$|[_-])|^auth[_-]"
+                         r"|(?:^|[_-])cookie$", re.IGNORECASE)
 #: The stack's own options that the words above catch but that hold no secret.
 NOT_SECRET = frozenset({"key_prefix", "key_headers", "max_token_bytes", "allow_credentials", "check_without_cookie"})
 #: A public key's file name (``keys/jwt.pem``): shown in errors, where other text in ``public_keys`` is not.

@@ -381,7 +381,7 @@ def test_everything_rendered_is_escaped(make: Callable[..., tuple[TestApp, Opera
         pytest.param("redis://redis:6379/0", "url", "redis://redis:6379/0", id="url without password"),
         pytest.param("https://h.example/hook?token=abc&x=1", "hook", f"https://h.example/hook?token={MASK}&x=1",
                      id="secret query parameter"),
-        pytest.param("{'password': 'pw', 'n': 1}", "creds_repr", {"password": MASK, "n": 1},
+        pytest.param("{'password': 'pw', 'n': 1}", "options_repr", {"password": MASK, "n": 1},
                      id="repr of a dict from a factory layer"),
         pytest.param("{broken: password=pw", "odd", MASK, id="unparsable repr naming a secret"),
         pytest.param("[not, python", "odd", "[not, python", id="unparsable repr without secrets"),
