@@ -413,11 +413,7 @@ class MetricsMiddleware:
         method = environ.get("REQUEST_METHOD")
         # Scrapes are not counted; refusals are (someone probing for the metrics shows in them),
         # with the path as the route: this layer sits outside access_log, which never sees them.
-        if method not in ("GET", "HEAD"):
-            self._refused(environ, "405")
-            exc = refuse(405, headers=[("Allow", "GET, HEAD")])
-            exc.description = f"{self.path} answers GET and HEAD only."  # not 405's first argument
-            raise exc
+        # Who may ask comes first: a client outside allow_from learns nothing, not even the methods.
         if not address_in(environ, self.networks):
             self._refused(environ, "403")
             raise refuse(403, "Metrics are not available to this client.")
@@ -427,6 +423,11 @@ class MetricsMiddleware:
         if why is not None:
             self._refused(environ, "403")
             raise refuse(403, why)
+        if method not in ("GET", "HEAD"):
+            self._refused(environ, "405")
+            exc = refuse(405, headers=[("Allow", "GET, HEAD")])
+            exc.description = f"{self.path} answers GET and HEAD only."  # not 405's first argument
+            raise exc
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         body = encoder(self.registry)
         start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-store"),
@@ -667,7 +668,8 @@ class _Merged:
             for sample in family.samples:
                 _add(values, (sample.name, tuple(sorted(sample.labels.items()))), sample.value)
         for metric, values in merged.values():
-            metric.samples = [Sample(name, dict(labels), value) for (name, labels), value in values.items()]
+            samples = [Sample(name, dict(labels), value) for (name, labels), value in values.items()]
+            metric.samples = _grouped(samples) if metric.type == "histogram" else samples
             yield metric
 
     def _others(self) -> Iterator[Metric]:
@@ -679,6 +681,20 @@ class _Merged:
                 metric = Metric(fname, doc, ftype, unit)
                 metric.samples = [Sample(sname, labels, float(value)) for sname, labels, value in samples]
                 yield metric
+
+
+def _grouped(samples: list[Sample]) -> list[Sample]:
+    """A histogram's samples series by series, each its buckets (by bound) then its count, sum and created.
+
+    OpenMetrics (what Prometheus asks for first) refuses a page whose series
+    interleave, and the merge meets them in any order: series another process
+    counted, or a pipeline with other buckets (:func:`_on_edges`).
+    """
+    series: dict[tuple[tuple[str, str], ...], list[Sample]] = {}
+    for sample in samples:
+        series.setdefault(tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le")), []).append(sample)
+    return [sample for group in series.values()
+            for sample in sorted(group, key=lambda s: (0, float(s.labels["le"])) if "le" in s.labels else (1, 0.0))]
 
 
 def _on_edges(family: Metric, edges: AbstractSet[str]) -> Metric:

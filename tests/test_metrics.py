@@ -413,6 +413,14 @@ def test_scrapes_are_not_counted_and_refused_ones_are(make: Callable[..., Any]) 
     assert counted == {"403": 1.0, "405": 1.0}
 
 
+def test_a_client_outside_allow_from_learns_nothing_of_the_methods(make: Callable[..., Any]) -> None:
+    app, _ = make()
+    for method in ("DELETE", "OPTIONS", "POST"):
+        response = app.request("/metrics", method=method, environ={"REMOTE_ADDR": "203.0.113.5"},
+                               expect_errors=True)
+        assert (response.status_int, response.headers.get("Allow")) == (403, None), method
+
+
 def test_exposition_methods_and_formats(make: Callable[..., Any]) -> None:
     app, _ = make()
     loopback = {"REMOTE_ADDR": "127.0.0.1"}
@@ -705,6 +713,8 @@ def test_a_pipeline_with_other_buckets_is_counted_on_the_bounds_in_force(monkeyp
     old, new = apps
     for _ in range(3):
         old.get("/items/1")
+    old.get("/elsewhere", status="*")  # two series only the old pipeline counted: their lines must not interleave
+    old.head("/elsewhere", status="*")
     new.get("/items/1")
     time.sleep(0.3)
     found = scrape(new)
