@@ -75,7 +75,7 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
             raise refuse(503, f"{search_options.max_streams} search streams are running, as many as this "
                          f"server runs at once; retry in {wait} seconds.", headers=[("Retry-After", str(wait))])
         events = search_events(state.engine, query, page, shape, search_options.stream_interval, logger,
-                               request.environ.get(REQUEST_ID))
+                               request.environ.get(REQUEST_ID), request.environ)
         return sse_response(events if slots is None else HeldSlot(events, slots.give_back))
 
     @bp.get("/health")

@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Response, has_request_context, request
+from flask import Response
 from werkzeug.exceptions import HTTPException
 
 from app.search import SearchEngine, SearchPage
@@ -74,29 +74,18 @@ def search_events(
     interval: float,
     logger: logging.Logger,
     request_id: str | None = None,
+    environ: dict[str, Any] | None = None,
 ) -> Iterator[bytes]:
-    """The events of one search, made as they happen.
+    """Yield the events of one search as they happen.
 
     The events are made while the server sends the body, after every layer has
     returned: a failure is logged with ``request_id`` given here.  Its status
     (200) went out with the first event, so the failure is also noted in the
-    request's environ (taken here, while the request is being handled) under
-    ``APP_ERROR``, as ``search_error <code>``: the access line carries it.
+    request's ``environ`` under ``APP_ERROR``, as ``search_error <code>``: the
+    access line carries it.
     """
-    environ: dict[str, Any] = request.environ if has_request_context() else {}
-    return _events(engine, query, page, shape, interval, logger, request_id, environ)
-
-
-def _events(
-    engine: SearchEngine,
-    query: str,
-    page: int,
-    shape: Callable[[SearchPage], dict[str, Any]],
-    interval: float,
-    logger: logging.Logger,
-    request_id: str | None,
-    environ: dict[str, Any],
-) -> Iterator[bytes]:
+    if environ is None:
+        environ = {}
     yield sse_event("search_started", {"query": query})
     steps = engine.stages(query, page)
     try:
