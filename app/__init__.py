@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
@@ -32,6 +32,7 @@ from app.state import SUPPORTED_VERSIONS, AppState
 from app.users import UserStore
 from middleware.auth import USER_ROLES, USER_SINCE
 from middleware.base import ROUTE, ROUTE_TEMPLATE, Context
+from middleware.errors import allow_order, status_line
 
 __all__ = ["AppOptions", "AppState", "SearchOptions", "create_app"]
 
@@ -41,12 +42,24 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+class _Flask(Flask):
+    """Flask, answering an ``OPTIONS`` of a route as an API does."""
+
+    def make_default_options_response(self) -> Response:
+        """``204`` with ``Allow`` in one order, and no body, so no type (Flask's: an empty ``text/html`` 200)."""
+        response = super().make_default_options_response()
+        allowed = allow_order(response.allow)
+        response = self.response_class(status=status_line(204), headers=[("Allow", ", ".join(allowed))])
+        del response.headers["Content-Type"]
+        return response
+
+
 def create_app(options: Mapping[str, Any] | None = None, context: Context | None = None) -> Flask:
     """Build the Flask core; ``options`` follow :class:`AppOptions`, ``context`` comes from the stack."""
     opts = AppOptions.model_validate(dict(options or {}))
     ctx = context if context is not None else Context()
 
-    app = Flask(__name__)
+    app = _Flask(__name__)
     # An API answers "//" in a path with its 404, not werkzeug's HTML page redirecting to "/".
     app.url_map.merge_slashes = False
     app.config.from_mapping(DEFAULTS)

@@ -37,6 +37,7 @@ from app.users import NAME
 from middleware.auth import MALFORMED_ERROR, _users_down, bearer_token, challenge
 from middleware.base import SESSION, escape_control, refuse
 from middleware.csrf import CSRF_TOKEN
+from middleware.errors import status_line
 from stores.base import StoreError
 
 __all__ = ["auth_blueprint"]
@@ -268,7 +269,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
         session = request.environ.get(SESSION)
         if session is not None:
             session.destroy()  # deleted when the response starts; a store failure there is a 503
-        response = Response(status=204)
+        response = Response(status=status_line(204))  # werkzeug would say "204 NO CONTENT"
         del response.headers["Content-Type"]  # a 204 has no body, so no type
         return response
 

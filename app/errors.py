@@ -20,7 +20,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from middleware.base import RENDER_ERROR, Context
-from middleware.errors import ErrorsMiddleware, status_line
+from middleware.errors import ErrorsMiddleware, not_stored, status_line
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -39,10 +39,12 @@ _DROP = frozenset({"content-type", "content-length"})
 def fallback_render(environ: WSGIEnvironment, exc: BaseException, debug: bool = False) -> Rendered:
     """Render ``exc`` as the ``{"error": {...}}`` envelope when no ``errors`` layer is present.
 
-    This is the errors layer's own renderer with its default options, so the
-    app alone answers exactly as the stack would.
+    This is the errors layer's own renderer with its default options, and the
+    ``no-store`` it adds on the way out, so the app alone answers exactly as the
+    stack would.
     """
-    return _fallback[debug].render(environ, exc)
+    status, headers, body = _fallback[debug].render(environ, exc)
+    return status, not_stored(headers) if status >= 400 else headers, body
 
 
 _fallback = {

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from pydantic import model_validator
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .base import (
     ORIG_PATH,
@@ -85,7 +85,7 @@ class ErrorsOptions(LayerOptions):
 _KEEPING = re.compile(r"(?i)(?:^|[\s,])(?:no-store|max-age|s-maxage|public)\b")
 
 
-def _not_stored(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def not_stored(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``headers`` of an error with ``no-store``, unless they say how it may be kept.
 
     A ``Cache-Control: private`` the session layer adds to every answer of a logged-in request
@@ -137,22 +137,22 @@ class ErrorsMiddleware:
         environ[RENDER_ERROR] = self.render
         started = False
 
-        def not_stored(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             nonlocal started
             started = True
             # An error names this request (its id, its time): no cache past the stack may answer another
             # request with it (404, 405 and 414 are cacheable by default, RFC 9110 §15.1). Added here, on
             # the way out, so the cache layer inside may still keep the statuses it was told to.
             if status[0] in "45":
-                headers = _not_stored(headers)
+                headers = not_stored(headers)
             return start_response(status, headers, exc_info)
 
         try:
-            return self.app(environ, not_stored)
+            return self.app(environ, start)
         except Exception as exc:  # an HTTPException too: the app may have called start_response already
             # exc_info only when it had: a server (werkzeug's test client too) re-raises the
             # exception it is given, and a refusal nothing answered yet is this layer's to render.
-            return self._respond(environ, not_stored, exc, sys.exc_info() if started else None)
+            return self._respond(environ, start, exc, sys.exc_info() if started else None)
 
     def _respond(
         self,
@@ -179,6 +179,8 @@ class ErrorsMiddleware:
             code = exc.code
             message = exc.description or _phrase(code)
             details = getattr(exc, "wsgistack_details", None)
+            if isinstance(exc, MethodNotAllowed) and exc.valid_methods:  # werkzeug's come from a set
+                exc.valid_methods = allow_order(exc.valid_methods)
             headers = [(k, v) for k, v in exc.get_headers(environ) if k.lower() not in _DROP]
             new_url = getattr(exc, "new_url", None)  # a RequestRedirect (308) says where in its own response
             if isinstance(new_url, str) and 300 <= code < 400:
@@ -241,6 +243,15 @@ class ErrorsMiddleware:
                 }
             }
         return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+
+#: The order ``Allow`` lists methods in, whatever order they were found in (a set's, which varies by process).
+_METHOD_ORDER = {m: i for i, m in enumerate(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))}
+
+
+def allow_order(methods: Iterable[str]) -> list[str]:
+    """``methods`` in one order, the same in every process: the common ones as RFC 9110 lists them, then by name."""
+    return sorted(set(methods), key=lambda m: (_METHOD_ORDER.get(m, len(_METHOD_ORDER)), m))
 
 
 def status_line(code: int) -> str:
