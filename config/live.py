@@ -93,16 +93,31 @@ def _noted(problem: Problem, note: str) -> Problem:
     return dataclasses.replace(problem, message=f"{problem.message} ({note})")
 
 
-def refused_stores(built: BuiltStack) -> list[Problem]:
+def _passing() -> tuple[str, ...]:
+    """What a Redis says while a cause that can pass lasts: a replica (promoted in a failover), out of memory,
+    out of connections (``maxclients``)."""
+    from stores.redis import MAXCLIENTS, OUT_OF_MEMORY, READ_ONLY
+
+    return READ_ONLY, OUT_OF_MEMORY, MAXCLIENTS
+
+
+def refused_stores(built: BuiltStack, *, hosted: bool = False) -> list[Problem]:
     """Ask every store that can tell (Redis) once; the configurations it refuses, as problems.
 
     A wrong password, a database the server does not have or a failed TLS
     handshake never heal, so no pipeline may start with them.  A store that does
     not answer at all may be in an outage, or start after this process: that is
     logged, and its layers follow their ``on_store_error`` until it answers.
+
+    ``hosted``: each process of another WSGI server builds the stack as it starts,
+    and one that fails stops that server altogether (gunicorn's workers), where
+    serve.py keeps the pipeline it runs.  There a refusal whose cause can pass (a
+    replica during a failover, a Redis out of memory or connections) is logged
+    as an error and left to /readyz, which reports the refused writes.
     """
     problems: list[Problem] = []
     answered: dict[str, Any] = {}
+    stores_log = logging.getLogger("wsgistack.stores")
     for name, store in built.context.stores.items():
         probe = getattr(store, "probe", None)
         found = probe() if callable(probe) else None
@@ -111,10 +126,16 @@ def refused_stores(built: BuiltStack) -> list[Problem]:
                 answered[name] = store
             continue
         what, refuses = found
-        if refuses:
+        if hosted and what in _passing():
+            stores_log.error(
+                "store %r (%s): %s; started anyway, since under another WSGI server a process that fails to "
+                "start can stop it altogether (a failover, or Redis freeing memory or connections, ends this): "
+                "its layers follow their on_store_error, and /readyz fails while Redis refuses them", name,
+                store.url, what)
+        elif refuses:
             problems.append(built.config.document.problem(("stores", name), f"store {name!r} ({store.url}): {what}"))
         else:
-            logging.getLogger("wsgistack.stores").warning(
+            stores_log.warning(
                 "store %r (%s) does not answer yet: %s; its layers follow their on_store_error and /readyz "
                 "reports it until it answers", name, store.url, what)
     _warn_of_evictions(built, answered)
@@ -163,9 +184,10 @@ def _warn_of_evictions(built: BuiltStack, stores: Mapping[str, Any]) -> None:
                             ", ".join(state))
 
 
-def _probed(built: BuiltStack) -> BuiltStack:
-    """``built``, unless a store refuses its configuration: then closed, and a ConfigError."""
-    problems = refused_stores(built)
+def _probed(built: BuiltStack, *, hosted: bool = False) -> BuiltStack:
+    """``built``, unless a store refuses its configuration: then closed, and a ConfigError (``hosted``: see
+    :func:`refused_stores`)."""
+    problems = refused_stores(built, hosted=hosted)
     if problems:
         built.close()  # memory:// stores shared with a running pipeline keep their data (MemoryStore.close)
         raise ConfigError(problems)
@@ -296,7 +318,8 @@ class LiveStack:
         #: Served by another WSGI server (``serve:app``): its listener, workers and proxy handling are
         #: not the file's ``server:`` section, and wsgistack cannot see them (see HOSTED).
         self.hosted = hosted
-        self.current = built or _probed(self._build_hosted() if hosted else build_from_file(self.path, env=env))
+        self.current = built or (_probed(self._build_hosted(), hosted=True) if hosted
+                                else _probed(build_from_file(self.path, env=env)))
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
         self.in_force: ServerOptions = self.current.config.server.model_copy(
             update=hosted_settings(self._env)) if hosted else self.current.config.server
