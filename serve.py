@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from config import ConfigError, LayerSpec, Problem, build_from_file, check, config_dir, read_file
 from config.build import BuiltStack, StackConfig, parse
-from config.live import LiveStack, refused_stores
+from config.live import LiveStack, check_hosted, refused_stores
 from config.registry import LAYERS, resolve
 from config.schema import LoggingOptions
 
@@ -951,7 +951,9 @@ def _metrics_dir() -> Iterator[None]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    problems = check(args.config)
+    """``check``; ``--hosted``: as ``serve:app`` judges the file under another WSGI server, where its
+    ``server:`` section has no effect and ``$WSGISTACK_HOST_LISTEN`` names the address that server binds."""
+    problems = check_hosted(args.config) if getattr(args, "hosted", False) else check(args.config)
     _print_problems(problems, sys.stdout)
     if any(p.severity == "error" for p in problems):
         return 2
@@ -1317,7 +1319,10 @@ def parser() -> argparse.ArgumentParser:
                    help="path to stack.yaml (default: $WSGISTACK_CONFIG or stack.yaml)")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the stack with Waitress (default)")
-    sub.add_parser("check", help="validate and lint; exit 0 clean, 1 warnings, 2 errors")
+    ck = sub.add_parser("check", help="validate and lint; exit 0 clean, 1 warnings, 2 errors")
+    ck.add_argument("--hosted", action="store_true",
+                    help="judge it as serve:app does under another WSGI server (gunicorn), with "
+                         "$WSGISTACK_HOST_LISTEN: run it before every kill -HUP")
     sub.add_parser("layers", help="list built-in layers and their options")
     ex = sub.add_parser("explain", help="run one request in-process and show each layer's decision")
     ex.add_argument("method")

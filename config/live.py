@@ -194,6 +194,51 @@ def _probed(built: BuiltStack, *, hosted: bool = False) -> BuiltStack:
     return built
 
 
+def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> BuiltStack:
+    """Build ``path`` for another WSGI server, judged with the least safe server settings (see HOSTED), or with
+    ``$WSGISTACK_HOST_LISTEN``'s; no store is asked anything yet (:func:`refused_stores` does)."""
+    from .lint import hsts_outside_proxy, proxyfix_trusts_every_peer
+
+    base = config_dir(path)
+    config, warnings = load(_relative_to(read_file(path, env=env), base), hosted=True)
+    served = config.server.model_copy(update=hosted_settings(os.environ if env is None else env))
+    found = [_noted(p, HOSTED_NOTE) for p in _judged(config, served, proxyfix_trusts_every_peer)]
+    if found:
+        raise ConfigError(found)
+    # Waitress's scheme settings do not apply there either: only a proxy layer makes requests https.
+    plain = served.model_copy(update={"url_scheme": "http", "trusted_proxy_headers": []})
+    found += [_noted(p, HOSTED_NOTE) for p in _judged(config, plain, hsts_outside_proxy)]
+    doc = config.document
+    for name in ("trusted_proxy", "clear_untrusted_proxy_headers", "workers", "reload"):
+        if name in config.server.model_fields_set:
+            found.append(doc.problem(("server", name), f"server.{name} is serve.py's (Waitress's) setting and "
+                                     f"has no effect under another WSGI server: {_HOST_OWNS[name]}",
+                                     severity="warning"))
+    others = sorted(config.server.model_fields_set - set(_HOST_OWNS) - {"generation_header"})
+    if others:
+        found.append(doc.problem(("server",), f"{', '.join(others)}: serve.py's (Waitress's) settings, which "
+                                 "another WSGI server does not read: its own settings apply", key=True,
+                                 severity="warning"))
+    try:
+        new = build(config, server=served)
+    except ConfigError as exc:  # a loopback-only allowance (debug, cookie_secure: false), judged as hosted
+        note = f"{HOSTED_NOTE}; set {HOST_LISTEN_ENV} to the address it binds"
+        raise ConfigError([_noted(p, note) if "loopback" in p.message else p for p in exc.problems]) from None
+    new.warnings = [*warnings, *found]
+    return new
+
+
+def check_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> list[Problem]:
+    """What ``serve:app`` would print for ``path`` (``serve.py check --hosted``), short of asking Redis: the
+    problems that stop it, or the warnings of the stack it would serve (built, then closed again)."""
+    try:
+        built = build_hosted(path, env=env)
+    except ConfigError as exc:
+        return exc.problems
+    built.close()
+    return built.warnings
+
+
 def restart_settings(config: StackConfig) -> dict[str, Any]:
     """The values of the ``RESTART_ONLY`` settings a server of ``config`` runs with."""
     values = {name: getattr(config.server, name) for name in RESTART_ONLY}
@@ -318,7 +363,7 @@ class LiveStack:
         #: Served by another WSGI server (``serve:app``): its listener, workers and proxy handling are
         #: not the file's ``server:`` section, and wsgistack cannot see them (see HOSTED).
         self.hosted = hosted
-        self.current = built or (_probed(self._build_hosted(), hosted=True) if hosted
+        self.current = built or (_probed(build_hosted(self.path, env=env), hosted=True) if hosted
                                 else _probed(build_from_file(self.path, env=env)))
         #: The server settings this process started with; those in RESTART_ONLY stay in force until a restart.
         self.in_force: ServerOptions = self.current.config.server.model_copy(
@@ -449,38 +494,6 @@ class LiveStack:
     @property
     def _env(self) -> Mapping[str, str]:
         return os.environ if self.env is None else self.env
-
-    def _build_hosted(self) -> BuiltStack:
-        """Build for another WSGI server, judged with the least safe server settings (see HOSTED)."""
-        from .lint import hsts_outside_proxy, proxyfix_trusts_every_peer
-
-        base = config_dir(self.path)
-        config, warnings = load(_relative_to(read_file(self.path, env=self.env), base), hosted=True)
-        served = config.server.model_copy(update=hosted_settings(self._env))
-        found = [_noted(p, HOSTED_NOTE) for p in _judged(config, served, proxyfix_trusts_every_peer)]
-        if found:
-            raise ConfigError(found)
-        # Waitress's scheme settings do not apply there either: only a proxy layer makes requests https.
-        plain = served.model_copy(update={"url_scheme": "http", "trusted_proxy_headers": []})
-        found += [_noted(p, HOSTED_NOTE) for p in _judged(config, plain, hsts_outside_proxy)]
-        doc = config.document
-        for name in ("trusted_proxy", "clear_untrusted_proxy_headers", "workers", "reload"):
-            if name in config.server.model_fields_set:
-                found.append(doc.problem(("server", name), f"server.{name} is serve.py's (Waitress's) setting and "
-                                         f"has no effect under another WSGI server: {_HOST_OWNS[name]}",
-                                         severity="warning"))
-        others = sorted(config.server.model_fields_set - set(_HOST_OWNS) - {"generation_header"})
-        if others:
-            found.append(doc.problem(("server",), f"{', '.join(others)}: serve.py's (Waitress's) settings, which "
-                                     "another WSGI server does not read: its own settings apply", key=True,
-                                     severity="warning"))
-        try:
-            new = build(config, server=served)
-        except ConfigError as exc:  # a loopback-only allowance (debug, cookie_secure: false), judged as hosted
-            note = f"{HOSTED_NOTE}; set {HOST_LISTEN_ENV} to the address it binds"
-            raise ConfigError([_noted(p, note) if "loopback" in p.message else p for p in exc.problems]) from None
-        new.warnings = [*warnings, *found]
-        return new
 
     def _check_host(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes] | None:
         """Refuse every request when a host with several processes would split per-process state."""

@@ -8,6 +8,9 @@ is a configuration that never works, not a moment's trouble.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from conftest import RedisServer
 from webtest import TestApp
 
 from config import ConfigError
-from config.live import LiveStack
+from config.live import HOST_LISTEN_ENV, LiveStack
 
 ECHO = 'app: {factory: "stack_support:echo_app"}\n'
 REDIS_STACK = ECHO.replace("{", "{{").replace("}", "}}") + """stores:
@@ -129,3 +132,62 @@ def test_a_hosted_start_still_stops_on_a_database_the_server_does_not_have(tmp_p
         LiveStack(path, hosted=True)
     assert [str(p) for p in info.value.problems] == [
         f"{path}:3:11 stores.shared: store 'shared' ({url}): no database of that number on the server"]
+
+
+# ---------------------------------------------------------------- serve.py check --hosted
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "s" * 40
+DEV_SESSION = f"  - session: {{secret_key: '{SECRET}', cookie_secure: false, cookie_name: dev_session}}\n"
+PROXYFIX = "  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n"
+UNSEEN = "(under another WSGI server, whose listener and proxy handling wsgistack cannot see"
+
+
+def check(path: Path, *flags: str, **env: str) -> tuple[int, list[str]]:
+    """``serve.py -c path check *flags``, as an operator runs it before a ``kill -HUP``: exit code and lines."""
+    environ = {key: value for key, value in os.environ.items() if key != HOST_LISTEN_ENV}
+    environ.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **env)
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "check", *flags],
+                            cwd=path.parent, env=environ, capture_output=True, text=True, timeout=60)
+    assert result.stderr == ""
+    return result.returncode, result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(("pipeline", "refused"), [
+    pytest.param("  - errors: {debug: true}\n",
+                 "{path}:3:21 pipeline[0].errors.debug: debug may be true only when the server listens on loopback "
+                 "only, with no proxy forwarding remote clients to it (server.trusted_proxy, a proxy layer) "
+                 f"{UNSEEN}; set WSGISTACK_HOST_LISTEN to the address it binds) (got True)", id="debug"),
+    pytest.param("  - errors: {}\n" + DEV_SESSION,
+                 "{path}:4:86 pipeline[1].session.cookie_secure: cookie_secure: false is only allowed when the "
+                 "server listens only on loopback and trusts no proxy; on any other address, or behind a proxy "
+                 "that forwards other clients' requests, the session cookie would travel over plain HTTP "
+                 f"{UNSEEN}; set WSGISTACK_HOST_LISTEN to the address it binds) (got False)",
+                 id="cookie_secure: false (the shipped stack.yaml's)"),
+])
+def test_check_hosted_refuses_what_serve_app_refuses(tmp_path: Path, pipeline: str, refused: str) -> None:
+    """``check`` judges the file as serve.py serves it (on loopback by default); gunicorn's worker would not boot."""
+    path = _write(tmp_path, ECHO + "pipeline:\n" + pipeline)
+    assert check(path) == (0, [f"{path}: ok"])
+    assert check(path, "--hosted") == (2, [refused.format(path=path)])
+    assert check(path, "--hosted", WSGISTACK_HOST_LISTEN="127.0.0.1:8000") == (0, [f"{path}: ok"])
+    code, lines = check(path, "--hosted", WSGISTACK_HOST_LISTEN="0.0.0.0:8000")
+    assert code == 2 and len(lines) == 1, lines
+
+
+def test_check_hosted_refuses_a_proxyfix_the_host_may_hand_every_clients_headers(tmp_path: Path) -> None:
+    path = _write(tmp_path, ECHO + "pipeline:\n  - errors: {}\n" + PROXYFIX)
+    assert check(path) == (0, [f"{path}: ok"])
+    code, lines = check(path, "--hosted")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{path}:4:5 pipeline[1]: "), lines
+    assert "believes X-Forwarded-* from every peer" in lines[0]
+
+
+def test_check_hosted_prints_the_warnings_serve_app_prints(tmp_path: Path) -> None:
+    path = _write(tmp_path, ECHO + "server: {workers: 2}\npipeline: [errors: {}]\n")
+    assert check(path, "--hosted") == (1, [
+        f"{path}:2:19 warning: server.workers: server.workers is serve.py's (Waitress's) setting and has no effect "
+        "under another WSGI server: the server runs its own processes (per-process memory:// state is refused at "
+        "the first request when it runs several)"])
+    assert check(path) == (0, [f"{path}: ok"])
