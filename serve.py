@@ -10,7 +10,8 @@
 The module-level ``app`` lets any WSGI server host the same stack
 (``gunicorn serve:app``): taking the attribute builds ``$WSGISTACK_CONFIG``
 (default ``stack.yaml``), so an invalid file stops the server at startup with
-its located errors.  Importing the module builds nothing.
+its located errors.  Importing the module builds nothing.  A ``wsgi.py`` of your own
+gets the same with ``application = serve.hosted_app("stack.yaml")``.
 """
 
 from __future__ import annotations
@@ -1468,13 +1469,22 @@ def __getattr__(name: str) -> Any:
     with _app_lock:
         live = globals().get("app")
         if live is None:
-            live = globals()["app"] = _hosted_stack()
+            live = globals()["app"] = hosted_app()
     return live
 
 
-def _hosted_stack() -> LiveStack:
-    """The stack for another WSGI server: the host owns logging; ``logging.level`` sets the wsgistack loggers'."""
-    path = os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
+def hosted_app(path: str | os.PathLike[str] | None = None) -> LiveStack:
+    """The stack at ``path`` (default ``$WSGISTACK_CONFIG``, else ``stack.yaml``) for another WSGI server, as
+    ``serve:app`` serves it: ``application = serve.hosted_app("stack.yaml")`` in a ``wsgi.py`` of your own.
+
+    Besides ``LiveStack(path, hosted=True)``, which judges and builds it, this
+    reads the ``.env`` beside the file (never overriding what is set), prints its
+    problems to stderr (refusing to start on errors), sets the ``wsgistack``
+    loggers' level (``$WSGISTACK_LOG_LEVEL``, else ``logging.level``) and, when the
+    host configured no logging, writes the access log to stdout.  The host owns
+    the log handlers otherwise.
+    """
+    path = os.fspath(path) if path is not None else os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
     load_dotenv(os.path.join(config_dir(path), ".env"))
     _env_log_level()  # a bad one stops the host at startup, with its ValueError's message
     try:

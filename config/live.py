@@ -361,7 +361,8 @@ class LiveStack:
         self.label = ""
         self._lock = threading.Lock()
         #: Served by another WSGI server (``serve:app``): its listener, workers and proxy handling are
-        #: not the file's ``server:`` section, and wsgistack cannot see them (see HOSTED).
+        #: not the file's ``server:`` section, and wsgistack cannot see them (see HOSTED).  The process's
+        #: setup (the .env, printing the warnings, the log level and handlers) is ``serve.hosted_app``'s.
         self.hosted = hosted
         self.current = built or (_probed(build_hosted(self.path, env=env), hosted=True) if hosted
                                 else _probed(build_from_file(self.path, env=env)))

@@ -191,3 +191,59 @@ def test_check_hosted_prints_the_warnings_serve_app_prints(tmp_path: Path) -> No
         "under another WSGI server: the server runs its own processes (per-process memory:// state is refused at "
         "the first request when it runs several)"])
     assert check(path) == (0, [f"{path}: ok"])
+
+
+# ---------------------------------------------------------------- a wsgi.py of your own
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """hosted_app sets the wsgistack loggers' level and may give the access logger a handler: put them back."""
+    stack, access = logging.getLogger("wsgistack"), logging.getLogger("wsgistack.access")
+    kept = stack.level, access.handlers[:], access.propagate
+    yield
+    stack.setLevel(kept[0])
+    access.handlers[:], access.propagate = kept[1], kept[2]
+
+
+def test_hosted_app_sets_up_a_wsgi_py_of_your_own_as_serve_app_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        restored_logging: None) -> None:
+    """``application = serve.hosted_app("stack.yaml")``: the .env beside it, its warnings, logging.level, and an
+    access log that goes somewhere when the host configured no logging."""
+    import serve
+
+    monkeypatch.setenv("HOSTED_TAG", "unset")
+    monkeypatch.delenv("HOSTED_TAG")  # (put back as it was: unset)
+    monkeypatch.delenv("WSGISTACK_LOG_LEVEL", raising=False)
+    (tmp_path / ".env").write_text("HOSTED_TAG=from-dotenv\n")
+    path = _write(tmp_path, 'app: {factory: "stack_support:echo_app", options: {greeting: "${HOSTED_TAG}"}}\n'
+                  "server: {workers: 2}\nlogging: {level: INFO}\npipeline:\n  - errors: {}\n  - access_log: {}\n")
+    access = logging.getLogger("wsgistack.access")
+    access.handlers[:], access.propagate = [], False  # as a host with no logging configured (pytest has some)
+    logging.getLogger("wsgistack").setLevel(logging.ERROR)
+    live = serve.hosted_app(path)
+    try:
+        out, err = capsys.readouterr()
+        assert err.splitlines() == [
+            f"{path}:2:19 warning: server.workers: server.workers is serve.py's (Waitress's) setting and has no "
+            "effect under another WSGI server: the server runs its own processes (per-process memory:// state is "
+            "refused at the first request when it runs several)"]
+        assert logging.getLogger("wsgistack").level == logging.INFO
+        assert TestApp(live).get("/x").json["option"] == "from-dotenv"
+        out, err = capsys.readouterr()
+        assert '"path":"/x"' in out and '"status":200' in out, out
+    finally:
+        live.current.close()
+
+
+def test_hosted_app_refuses_an_invalid_file_with_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            restored_logging: None) -> None:
+    import serve
+
+    path = _write(tmp_path, ECHO + "pipeline:\n  - errors: {debug: true}\n")
+    with pytest.raises(ConfigError):
+        serve.hosted_app(path)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"{path}:3:21 pipeline[0].errors.debug: debug may be true only"), lines
+    assert lines[-1] == f"{path}: refusing to start with an invalid configuration"
