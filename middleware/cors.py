@@ -238,6 +238,8 @@ class _Policy:
             return True
         known = self.seen.get(origin)
         if known is None:
+            if len(origin) > _LONGEST_ORIGIN:  # no origin is this long: not kept (1024 of 256 KiB each would
+                return self._matches(origin)     # hold a quarter of a gigabyte until the next clear)
             if len(self.seen) >= 1024:
                 self.seen.clear()  # bounded: random origins only cost a fresh match
             known = self.seen[origin] = self._matches(origin)
@@ -477,6 +479,8 @@ class CORSMiddleware:
 
 
 _NO_NAMES: frozenset[str] = frozenset()
+#: Longer than any origin (a scheme, a host name of at most 253 characters, a port).
+_LONGEST_ORIGIN = 300
 _VARY_SIZE = frozenset((4,))
 
 

@@ -85,6 +85,9 @@ _log = logging.getLogger("wsgistack.metrics")
 
 Headers = list[tuple[str, str]]
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+#: Longest path or route a lookup table keeps as a key: a longer one (a client's, sent to pin memory) is
+#: looked up again each time instead.
+_LONGEST_KEPT = 256
 _HEX = "[0-9a-fA-F]"
 _ID_SEGMENT = re.compile(
     rf"/(?:\d+|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}|{_HEX}{{16,}})(?=/|$)"
@@ -383,21 +386,23 @@ class MetricsMiddleware:
                     return "other" if rerouted is None else str(rerouted)  # (not kept: a header may choose it)
             if template is None:
                 return "other"
-            if len(self._templates) < 1000:
+            if len(self._templates) < 1000 and len(path) <= _LONGEST_KEPT:  # (a converter may match any length)
                 self._templates[key] = template
             return str(template)
         return "other" if status[:1] == "4" else _ID_SEGMENT.sub("/{id}", path)
 
     def _record(self, environ: WSGIEnvironment, status: str, elapsed: float) -> None:
         method = environ.get("REQUEST_METHOD", "")
+        if method not in _METHODS:  # Waitress passes any token, 256 KiB long: kept as it came, 10,000 of them
+            method = "other"        # would hold gigabytes for good
         route = environ.get(ROUTE)
         if route is None:
             route = self._route(environ, method, status)
         key = (method, route, status)
         series = self._series.get(key)
         if series is None:
-            series = self.counts.series(method if method in _METHODS else "other", self._routes(route), status)
-            if len(self._series) < 10_000:
+            series = self.counts.series(method, self._routes(route), status)
+            if len(self._series) < 10_000 and len(route) <= _LONGEST_KEPT:
                 self._series[key] = series
         self.counts.observe(series, elapsed)
 
@@ -932,7 +937,7 @@ class _Capped:
         text = str(value)
         if text in self.seen:
             return text
-        if len(self.seen) >= self.limit:
+        if len(self.seen) >= self.limit or len(text) > _LONGEST_KEPT:  # (a route made of a client's long path)
             return "other"
         self.seen.add(text)
         return text

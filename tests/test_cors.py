@@ -622,3 +622,13 @@ def test_the_origins_a_policy_remembers_are_bounded() -> None:
         policy.allows(f"https://host{i}.example.net")
     assert len(policy.seen) <= 1024
     assert policy.allows("https://app.example.org") and not policy.allows("https://app.example.net")
+
+
+def test_origins_no_site_could_send_are_not_remembered() -> None:
+    """The layer remembers the origins it judged (1024 at most); one of 256 KiB, a thousand times, would be
+    a quarter of a gigabyte: past the length of any origin, it is judged again each time."""
+    layer = CORSMiddleware(lambda e, s: [], CORSOptions(origins=("https://*.example.org",)), Context())
+    for i in range(20):
+        assert not layer.default.allows(f"https://{i}" + "a" * 20_000 + ".example.net")
+    assert layer.default.allows("https://" + "b" * 250 + ".example.org")
+    assert len(layer.default.seen) == 1

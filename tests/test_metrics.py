@@ -999,3 +999,17 @@ def test_store_health_with_a_real_redis(make: Callable[..., Any], context: Conte
 def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
         MetricsMiddleware.Options(**options)
+
+
+def test_what_a_client_makes_up_is_not_kept_whole(make: Callable[..., Any]) -> None:
+    """Waitress passes any upper-case method and paths up to 256 KiB: tables keyed by them would hold gigabytes."""
+    app, metrics = make()
+    odd = TestApp(app.app, lint=False)  # (WebTest's checker knows no such methods)
+    for i in range(50):
+        odd.request("/items/1", method=f"M{i}" + "X" * 20_000, expect_errors=True)
+        odd.get(f"/long/{i}/" + "p" * 20_000, expect_errors=True)
+    held = sum(len(str(key)) for key in metrics._series) + sum(len(str(key)) for key in metrics._templates)
+    assert held < 10_000, held
+    found = scrape(app)
+    assert sample(found, "wsgistack_http_requests_total", method="other", route="/items/<int:item_id>",
+                  status="200") == 50  # still counted, under "other"
