@@ -75,6 +75,8 @@ __all__ = ["ORIG_PATH", "SOURCE", "VersioningMiddleware"]
 SOURCE = "wsgistack.versioning.source"
 # A URL segment shaped like a version is never treated as a resource name.
 _SHAPE = re.compile(r"[vV]\d+(?:\.\d+)*")
+#: type "/" subtype, both tokens (RFC 9110 §8.3.1), lower case as compared.
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")
 Source = Literal["url", "header", "accept"]
 
 
@@ -440,6 +442,8 @@ class VersioningMiddleware:
             if not media_type.startswith(self.media_prefix):
                 plain = plain or (quality > 0 and media_type in _PLAIN_TYPES)
                 continue
+            if not _MEDIA_TYPE.fullmatch(media_type):
+                continue  # not a media type (werkzeug before 3.1.7 keeps a stray quote in it): unread
             named = True
             if quality <= 0:
                 continue
