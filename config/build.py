@@ -786,25 +786,29 @@ def build(
     stores: dict[str, Store] | None = None,
     logger: logging.Logger | None = None,
     server: ServerOptions | None = None,
+    hosted: bool = False,
 ) -> BuiltStack:
     """Fold the pipeline around the app; any failure to build becomes a located ConfigError.
 
     ``server`` is the server settings in force, when they are not the file's
     (a reload: the sockets stay those the process started with); a layer's
     loopback-only allowances (``debug``) then need both to listen on loopback only.
+    ``hosted``: served by another WSGI server, which ``server`` describes alone (the
+    file's ``server:`` section, its ``listen`` and ``trusted_proxy``, has no effect there).
     """
     doc = config.document
-    problems = listen_problems(config)
+    problems = [] if hosted else listen_problems(config)
     try:
         made = stores if stores is not None else make_stores(config)
     except ConfigError as exc:
         raise ConfigError([*problems, *exc.problems]) from None
     in_force = server or config.server
+    judged = (in_force,) if hosted else (in_force, config.server)
     context = Context(
         stores=made,
         logger=logger or logging.getLogger("wsgistack"),
-        loopback_only=in_force.loopback_only and config.server.loopback_only,
-        proxied=bool(in_force.trusted_proxy or config.server.trusted_proxy or config.forwarding_layer is not None),
+        loopback_only=all(settings.loopback_only for settings in judged),
+        proxied=any(settings.trusted_proxy for settings in judged) or config.forwarding_layer is not None,
         workers=in_force.workers,
         settings={"server": config.server, "config_file": doc.file, "base_dir": doc.base_dir},
     )

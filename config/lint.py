@@ -632,18 +632,23 @@ def proxy_headers_kept(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Pro
                   ("server", "clear_untrusted_proxy_headers"), cfg.document.file, line, col)
 
 
-def proxyfix_trusts_every_peer(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
-    """werkzeug's ProxyFix has no list of trusted peers: off loopback, any client would set its own address."""
+def proxyfix_trusts_every_peer(cfg: StackConfig, specs: list[LayerSpec], listens: str | None = None,
+                               instead: str = ", or server.trusted_proxy") -> Iterator[Problem]:
+    """werkzeug's ProxyFix has no list of trusted peers: off loopback, any client would set its own address.
+
+    ``listens`` and ``instead`` word it for another WSGI server (``config.live.build_hosted``):
+    where it listens, and what to do besides a proxy layer.
+    """
     from middleware.proxy import ProxyMiddleware
 
     if cfg.server.loopback_only or cfg.clears_proxy_headers:
         return
+    listens = listens or f"the server listens on {', '.join(cfg.server.listen)}"
     for spec in specs:
         if reads_forwarding_headers(spec) and not issubclass(spec.target, ProxyMiddleware):
             yield _problem(cfg, spec, f"{spec.name} at {_where(spec)} believes X-Forwarded-* from every peer, and "
-                                      f"the server listens on {', '.join(cfg.server.listen)}: any client could set "
-                                      "its own address (its rate-limit key, allow_from); use the proxy layer with "
-                                      "trusted_proxies, or server.trusted_proxy")
+                                      f"{listens}: any client could set its own address (its rate-limit key, "
+                                      f"allow_from); use the proxy layer with trusted_proxies{instead}")
 
 
 def request_id_early(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
@@ -804,9 +809,11 @@ RULES: list[Rule] = [
 #: Rules that judge settings only serve.py applies (its sockets, their address families and whether
 #: they are on loopback, its workers, Waitress's proxy trust, scheme, header clearing and body limit):
 #: another WSGI server has its own, which wsgistack judges where it can (a hosted start's multiprocess
-#: check; HOSTED's least safe settings for ProxyFix and for headers outside a proxy layer).
+#: check; HOSTED's least safe settings, or $WSGISTACK_HOST_LISTEN's, for ProxyFix and for headers outside
+#: a proxy layer).
 SERVED_ONLY: tuple[Rule, ...] = (proxy_twice, proxy_peers_can_connect, proxy_headers_kept, hsts_outside_proxy,
-                                 hsts_reachable, shared_state, validation_vs_waitress, streams_leave_a_thread)
+                                 hsts_reachable, shared_state, validation_vs_waitress, streams_leave_a_thread,
+                                 proxyfix_trusts_every_peer)
 
 
 def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:

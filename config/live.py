@@ -50,7 +50,7 @@ log = logging.getLogger("wsgistack.reload")
 #: The server settings a stack hosted by another WSGI server (``serve:app`` under gunicorn) is judged
 #: with: that server's listener and proxy handling are its own and unseen here, so the least safe ones
 #: (a public listener that keeps every client's forwarding headers).
-HOSTED: dict[str, Any] = {"listen": ["0.0.0.0:0"], "clear_untrusted_proxy_headers": False}
+HOSTED: dict[str, Any] = {"listen": ["0.0.0.0:0"], "clear_untrusted_proxy_headers": False, "trusted_proxy": None}
 HOSTED_NOTE = "under another WSGI server, whose listener and proxy handling wsgistack cannot see"
 #: Where the hosting server binds, when its operator says so (``127.0.0.1:8000``, several separated by
 #: spaces): loopback-only allowances (``debug``, ``cookie_secure: false``) are judged on it.
@@ -201,8 +201,17 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
 
     base = config_dir(path)
     config, warnings = load(_relative_to(read_file(path, env=env), base), hosted=True)
-    served = config.server.model_copy(update=hosted_settings(os.environ if env is None else env))
-    found = [_noted(p, HOSTED_NOTE) for p in _judged(config, served, proxyfix_trusts_every_peer)]
+    named = (os.environ if env is None else env).get(HOST_LISTEN_ENV, "").split()
+    served = config.server.model_copy(update=hosted_settings({HOST_LISTEN_ENV: " ".join(named)}))
+    # Judged on the host's settings alone: the file's server section (listen, trusted_proxy) is serve.py's.
+    if named:
+        listens = f"the WSGI server hosting it listens on {', '.join(named)} ({HOST_LISTEN_ENV})"
+        instead = ""
+    else:
+        listens = (f"the WSGI server hosting it may listen beyond loopback and keep every client's forwarding "
+                   f"headers ({HOST_LISTEN_ENV} is unset)")
+        instead = f", or name in {HOST_LISTEN_ENV} the loopback address that server binds"
+    found = _judged(config, served, partial(proxyfix_trusts_every_peer, listens=listens, instead=instead))
     if found:
         raise ConfigError(found)
     # Waitress's scheme settings do not apply there either: only a proxy layer makes requests https.
@@ -220,9 +229,15 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
                                  "another WSGI server does not read: its own settings apply", key=True,
                                  severity="warning"))
     try:
-        new = build(config, server=served)
+        new = build(config, server=served, hosted=True)
     except ConfigError as exc:  # a loopback-only allowance (debug, cookie_secure: false), judged as hosted
-        note = f"{HOSTED_NOTE}; set {HOST_LISTEN_ENV} to the address it binds"
+        forwarding = config.forwarding_layer
+        note = f"under another WSGI server, which binds {', '.join(named)} as {HOST_LISTEN_ENV} says" if named \
+            else HOSTED_NOTE
+        if forwarding is not None:
+            note += f"; behind a proxy: {forwarding.name} at pipeline[{forwarding.index}] reads forwarding headers"
+        elif not named:
+            note += f"; set {HOST_LISTEN_ENV} to the address it binds"
         raise ConfigError([_noted(p, note) if "loopback" in p.message else p for p in exc.problems]) from None
     new.warnings = [*warnings, *found]
     return new

@@ -507,10 +507,11 @@ for multiprocess in {multiprocess}:
                  "pipeline[0].errors.debug: debug may be true only when the server listens on loopback only",
                  id="debug: the host's listener is unknown"),
     pytest.param("  - errors: {}\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n", [False],
-                 ["ConfigError"], "believes X-Forwarded-* from every peer, and the server listens on 0.0.0.0:0: any "
+                 ["ConfigError"], "believes X-Forwarded-* from every peer, and the WSGI server hosting it may listen "
+                 "beyond loopback and keep every client's forwarding headers (WSGISTACK_HOST_LISTEN is unset): any "
                  "client could set its own address (its rate-limit key, allow_from); use the proxy layer with "
-                 "trusted_proxies, or server.trusted_proxy (under another WSGI server, whose listener and proxy "
-                 "handling wsgistack cannot see)", id="ProxyFix: the host may keep every client's headers"),
+                 "trusted_proxies, or name in WSGISTACK_HOST_LISTEN the loopback address that server binds",
+                 id="ProxyFix: the host may keep every client's headers"),
     pytest.param("  - errors: {}\n  - session: {secret_key: '" + "s" * 40 + "'}\n", [True, False],
                  ["500 Internal Server Error wsgistack keeps per-process state (memory://) under a WSGI s"] * 2,
                  "session keeps state in store 'shared' (memory://) but the WSGI server runs several processes "

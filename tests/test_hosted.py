@@ -182,6 +182,7 @@ def test_check_hosted_refuses_a_proxyfix_the_host_may_hand_every_clients_headers
     code, lines = check(path, "--hosted")
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{path}:4:5 pipeline[1]: "), lines
     assert "believes X-Forwarded-* from every peer" in lines[0]
+    assert check(path, "--hosted", WSGISTACK_HOST_LISTEN="127.0.0.1:8000") == (0, [f"{path}: ok"])
 
 
 def test_check_hosted_prints_the_warnings_serve_app_prints(tmp_path: Path) -> None:
@@ -247,3 +248,70 @@ def test_hosted_app_refuses_an_invalid_file_with_its_errors(tmp_path: Path, caps
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith(f"{path}:3:21 pipeline[0].errors.debug: debug may be true only"), lines
     assert lines[-1] == f"{path}: refusing to start with an invalid configuration"
+
+
+# ---------------------------------------------------------------- judged on the host's settings alone
+
+
+DEBUG_ONLY = ("debug may be true only when the server listens on loopback only, with no proxy forwarding remote "
+              "clients to it (server.trusted_proxy, a proxy layer)")
+COOKIE_ONLY = ("cookie_secure: false is only allowed when the server listens only on loopback and trusts no proxy; on "
+               "any other address, or behind a proxy that forwards other clients' requests, the session cookie "
+               "would travel over plain HTTP")
+TRUSTED_PROXY = "server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
+TRUSTS_EVERY_PEER = ("werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] believes X-Forwarded-* from every peer, "
+                     "and {listens}: any client could set its own address (its rate-limit key, allow_from); use the "
+                     "proxy layer with trusted_proxies{instead}")
+
+
+@pytest.mark.parametrize(("server", "pipeline"), [
+    pytest.param("server: {listen: '0.0.0.0:8889'}\n", "  - errors: {debug: true}\n", id="debug, listen public"),
+    pytest.param("server: {listen: '0.0.0.0:8889'}\n", "  - errors: {}\n" + DEV_SESSION,
+                 id="cookie_secure: false, listen public"),
+    pytest.param(TRUSTED_PROXY, "  - errors: {debug: true}\n", id="debug, trusted_proxy"),
+    pytest.param(TRUSTED_PROXY, "  - errors: {}\n" + DEV_SESSION,
+                 id="cookie_secure: false, trusted_proxy"),
+    pytest.param("server: {listen: '0.0.0.0:8889'}\n", "  - errors: {}\n" + PROXYFIX, id="ProxyFix, listen public"),
+])
+def test_a_host_on_loopback_is_judged_by_its_address_not_the_files_server_section(tmp_path: Path, server: str,
+                                                                                   pipeline: str) -> None:
+    """gunicorn -b 127.0.0.1:8000: the file's listen and trusted_proxy are serve.py's, and have no effect there."""
+    path = _write(tmp_path, ECHO + server + "pipeline:\n" + pipeline)
+    live = LiveStack(path, hosted=True, env={HOST_LISTEN_ENV: "127.0.0.1:8000"})
+    assert TestApp(live).get("/x").status_int == 200
+    live.current.close()
+
+
+@pytest.mark.parametrize(("pipeline", "host_listen", "refused"), [
+    pytest.param("  - errors: {debug: true}\n", "0.0.0.0:8000",
+                 f"{{path}}:4:21 pipeline[0].errors.debug: {DEBUG_ONLY} (under another WSGI server, which binds "
+                 "0.0.0.0:8000 as WSGISTACK_HOST_LISTEN says) (got True)", id="debug: the host binds a public address"),
+    pytest.param("  - errors: {debug: true}\n", "",
+                 f"{{path}}:4:21 pipeline[0].errors.debug: {DEBUG_ONLY} {UNSEEN}; set WSGISTACK_HOST_LISTEN to the "
+                 "address it binds) (got True)", id="debug: the host's address unknown"),
+    pytest.param("  - errors: {}\n" + DEV_SESSION, "127.0.0.1:8000 [::1]:8000 0.0.0.0:8001",
+                 f"{{path}}:5:86 pipeline[1].session.cookie_secure: {COOKIE_ONLY} (under another WSGI server, which "
+                 "binds 127.0.0.1:8000, [::1]:8000, 0.0.0.0:8001 as WSGISTACK_HOST_LISTEN says) (got False)",
+                 id="cookie_secure: false, the host binds loopback and a public address"),
+    pytest.param("  - errors: {}\n  - proxy: {x_for: 1}\n" + DEV_SESSION, "127.0.0.1:8000",
+                 f"{{path}}:6:86 pipeline[2].session.cookie_secure: {COOKIE_ONLY} (under another WSGI server, which "
+                 "binds 127.0.0.1:8000 as WSGISTACK_HOST_LISTEN says; behind a proxy: proxy at pipeline[1] reads "
+                 "forwarding headers) (got False)", id="cookie_secure: false behind a proxy layer on loopback"),
+    pytest.param("  - errors: {}\n" + PROXYFIX, "",
+                 "{path}:5:5 pipeline[1]: " + TRUSTS_EVERY_PEER.format(
+                     listens="the WSGI server hosting it may listen beyond loopback and keep every client's "
+                             "forwarding headers (WSGISTACK_HOST_LISTEN is unset)",
+                     instead=", or name in WSGISTACK_HOST_LISTEN the loopback address that server binds"),
+                 id="ProxyFix: the host's address unknown"),
+    pytest.param("  - errors: {}\n" + PROXYFIX, "0.0.0.0:8000",
+                 "{path}:5:5 pipeline[1]: " + TRUSTS_EVERY_PEER.format(
+                     listens="the WSGI server hosting it listens on 0.0.0.0:8000 (WSGISTACK_HOST_LISTEN)", instead=""),
+                 id="ProxyFix: the host binds a public address"),
+])
+def test_a_hosted_refusal_names_the_hosts_address(tmp_path: Path, pipeline: str, host_listen: str,
+                                                  refused: str) -> None:
+    """Never serve.py's server.trusted_proxy or a made-up address; never "set WSGISTACK_HOST_LISTEN" once it is."""
+    path = _write(tmp_path, ECHO + "server: {listen: '127.0.0.1:8889'}\npipeline:\n" + pipeline)
+    with pytest.raises(ConfigError) as info:
+        LiveStack(path, hosted=True, env={HOST_LISTEN_ENV: host_listen})
+    assert [str(p) for p in info.value.problems] == [refused.format(path=path)]
