@@ -125,9 +125,10 @@ def build_from_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | No
                     strict: bool = True, **kw: Any) -> BuiltStack:
     """Read, validate, lint and build a stack.yaml file, judged by its own ``server:`` section.
 
-    Another WSGI server hosting the stack needs ``config.live.LiveStack(path, hosted=True)``
-    instead (what ``serve:app`` serves): it judges the file as publicly listening and several
-    processes' (``debug``, ``memory://`` state), since that server's settings are unseen here.
+    Another WSGI server hosting the stack needs ``serve.hosted_app(path)`` instead (what
+    ``serve:app`` serves; ``config.live.LiveStack(path, hosted=True)`` without the ``.env`` and
+    logging set-up): it judges the file on ``$WSGISTACK_HOST_LISTEN`` and as several processes'
+    (``debug``, ``memory://`` state), since that server's settings are unseen here.
     """
     base = config_dir(path)
     return _build(read_file(path, env=env), base, strict, **kw)
