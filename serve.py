@@ -34,7 +34,9 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -984,21 +986,46 @@ def _type_name(annotation: Any) -> str:
 _ANNOTATED = re.compile(r"Annotated\[([^,\[\]]+(?:\[[^\[\]]*\])?), [^\[\]]*?\)\]")
 
 
-def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
-    """The layer's page in docs/layers/ and the first sentence of each option's row in its table.
+@functools.cache
+def _installed_data() -> dict[str, str]:
+    """The files an installed wheel put under ``share/wsgistack``, by their path below it.
 
-    Beside serve.py in a checkout; where an installed wheel put them (``share/wsgistack``) otherwise.
+    Read from the distribution's own record, so a ``--user``, ``--prefix`` or ``--target``
+    install is found as a virtualenv's is (``sysconfig``'s data path is the interpreter's).
     """
+    try:
+        dist = importlib.metadata.distribution("wsgistack")
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    found: dict[str, str] = {}
+    for entry in dist.files or ():
+        posix = str(entry).replace("\\", "/")
+        mark = posix.find("share/wsgistack/")
+        if mark >= 0:
+            found[posix[mark + len("share/wsgistack/"):]] = str(dist.locate_file(entry))
+    return found
+
+
+def shipped_file(relative: str) -> str | None:
+    """A file wsgistack ships (``docs/layers/cors.md``, ``stack.yaml``): beside serve.py in a checkout,
+    else where the installer put it; None when neither has it."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for folder in (here, os.path.join(sysconfig.get_path("data"), "share", "wsgistack")):
-        page = os.path.join(folder, "docs", "layers", f"{name}.md")
-        try:
-            with open(page, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-            break
-        except OSError:
-            continue
-    else:
+    for candidate in (os.path.join(here, relative), _installed_data().get(relative),
+                      os.path.join(sysconfig.get_path("data"), "share", "wsgistack", relative)):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
+    """The layer's page in docs/layers/ and the first sentence of each option's row in its table."""
+    page = shipped_file(f"docs/layers/{name}.md")
+    if page is None:
+        return None, {}
+    try:
+        with open(page, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
         return None, {}
     docs: dict[str, str] = {}
     for line in lines:
@@ -1008,7 +1035,8 @@ def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
             text = re.sub(r"[;,]? \(?see (?:below|above)\)?", "", cells[-1])  # the page's own pointers
             end = text.find(". ")
             docs.setdefault(cells[0].strip("`"), text if end < 0 else text[:end + 1])
-    return (os.path.relpath(page, here) if folder == here else page), docs
+    inside = os.path.abspath(page).startswith(os.getcwd() + os.sep)  # (from a checkout: docs/layers/cors.md)
+    return (os.path.relpath(page) if inside else page), docs
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -1314,8 +1342,11 @@ def _purge_in_process(config: StackConfig, spec: LayerSpec, pattern: str) -> Pro
 # ---------------------------------------------------------------- entry points
 
 
+#: The program's name in its usage and errors: ``wsgistack`` from the installed command, ``serve.py`` else.
+_PROG = "wsgistack" if os.path.basename(sys.argv[0] or "") == "wsgistack" else "serve.py"
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve.py", description="wsgistack: a configuration-driven WSGI stack")
+    p = argparse.ArgumentParser(prog=_PROG, description="wsgistack: a configuration-driven WSGI stack")
     p.add_argument("-c", "--config", default=os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG),
                    help="path to stack.yaml (default: $WSGISTACK_CONFIG or stack.yaml)")
     sub = p.add_subparsers(dest="command")
@@ -1440,6 +1471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Printing commands: `serve.py layers | head` ends quietly. Never for `serve`, where a
         # client closing its socket must raise EPIPE in that one thread, not end the process.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.command in (None, "serve", "check", "explain") and not os.path.exists(args.config):
+        starter = shipped_file("stack.yaml")  # (its "file not found" follows, from the command)
+        if starter is not None and os.path.abspath(starter) != os.path.abspath(args.config):
+            print(f"{args.config}: no such file; a stack file to start from ships with wsgistack: "
+                  f"cp {starter} {args.config}", file=sys.stderr)
     try:
         load_dotenv(os.path.join(config_dir(args.config), ".env"))
         level = _env_log_level()

@@ -790,3 +790,37 @@ def test_explain_names_the_app_when_the_app_refuses(config_file) -> None:  # typ
     assert status == 404
     said = {line.split()[1]: line.split(None, 2)[2] for line in lines if line.split()[1:2] in (["versioning"], ["app"])}
     assert said == {"versioning": "applied: v1 from url", "app": "applied: refused: 404 Not Found"}
+
+
+def test_layer_pages_are_found_where_the_installer_put_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --user or --prefix install puts share/wsgistack outside the interpreter's data path: the record says where."""
+    from pathlib import PurePosixPath
+
+    share = tmp_path / "user" / "share" / "wsgistack" / "docs" / "layers"
+    share.mkdir(parents=True)
+    (share / "cors.md").write_text("| `origins` | `[]` | Who may read. More on it below. |\n", encoding="utf-8")
+    site = tmp_path / "user" / "lib" / "python3" / "site-packages"
+    site.mkdir(parents=True)
+
+    class Installed:
+        files = [PurePosixPath("serve.py"), PurePosixPath("../../../share/wsgistack/docs/layers/cors.md")]
+
+        def locate_file(self, entry: PurePosixPath) -> Path:
+            return site / entry
+
+    monkeypatch.setattr(serve.importlib.metadata, "distribution", lambda name: Installed())
+    monkeypatch.setattr(serve, "__file__", str(site / "serve.py"))  # not a checkout: no docs beside it
+    serve._installed_data.cache_clear()
+    try:
+        page, docs = serve._option_docs("cors")
+    finally:
+        serve._installed_data.cache_clear()
+    assert page is not None and Path(page).resolve() == (share / "cors.md").resolve()
+    assert docs == {"origins": "Who may read."}
+
+
+def test_a_missing_stack_file_names_the_one_that_ships(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "check"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"a stack file to start from ships with wsgistack: cp {ROOT / 'stack.yaml'} stack.yaml" in result.stderr
