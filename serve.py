@@ -1002,7 +1002,7 @@ def _installed_data() -> dict[str, str]:
         posix = str(entry).replace("\\", "/")
         mark = posix.find("share/wsgistack/")
         if mark >= 0:
-            found[posix[mark + len("share/wsgistack/"):]] = str(dist.locate_file(entry))
+            found[posix[mark + len("share/wsgistack/"):]] = os.path.normpath(str(dist.locate_file(entry)))
     return found
 
 
