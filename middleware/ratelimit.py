@@ -681,10 +681,12 @@ class RateLimitMiddleware:
         rule = self.default
         if self.rules:
             rule, also = self._rules_for(environ)
-            if also is not rule and also is not None and also.items:
-                if rule is None or not rule.items:
-                    rule = also
-                else:  # counted under both; reads ahead ride on the first count's round trip
+            if also is not rule and also is not None:
+                if rule is self.default:  # no rule names the path as asked: the path it is routed to decides
+                    rule = also           # (/api/status under a rule for /api/v1/status, an exemption too)
+                elif rule is None or not rule.items:
+                    rule = also if also.items else rule  # an exemption as asked does not exempt the resource
+                elif also.items:  # a rule for each spelling: counted under both; reads ahead ride on the first
                     inner = also
 
                     def app(env: WSGIEnvironment, start: StartResponse) -> Iterable[bytes]:

@@ -171,6 +171,54 @@ def test_two_rules_for_two_spellings_grant_what_both_grant(rules: str, expected:
     assert {k: v for k, v in response.headers.items() if k.startswith("Access-Control-")} == expected
 
 
+ROUTED_RULES = """  - ratelimit:
+      store: shared
+      limits: ["2/minute"]
+      rules:
+        - {paths: ["/api/v1/status"], limits: []}
+        - {paths: ["/api/v1/search"], limits: ["1000/minute"]}
+  - versioning: {supported: [v1, v2], default: v1}
+"""
+CATCH_ALL_AFTER = """  - ratelimit:
+      store: shared
+      limits: ["100/minute"]
+      rules:
+        - {paths: ["/api/v1/*"], limits: ["2/minute"]}
+        - {methods: [GET], limits: ["500/minute"]}
+  - versioning: {supported: [v1, v2], default: v2, precedence: [accept, url, header]}
+"""
+
+
+@pytest.mark.parametrize(("layers", "path", "headers", "limit", "statuses"), [
+    pytest.param(ROUTED_RULES, "/api/status", {}, None, [200, 200, 200],
+                 id="an exemption of the routed path holds for the path as asked, which no rule names"),
+    pytest.param(ROUTED_RULES, "/api/search", {}, "1000", [200, 200, 200],
+                 id="a looser rule of the routed path holds for the path as asked, which no rule names"),
+    pytest.param(CATCH_ALL_AFTER, "/api/v1/config", {"Accept": "application/vnd.wsgistack.v2+json"}, "2",
+                 [200, 200, 429], id="a rule of the path as asked holds when a catch-all takes the routed one"),
+])
+def test_the_rule_each_spelling_picks(layers: str, path: str, headers: dict[str, str], limit: str | None,
+                                      statuses: list[int]) -> None:
+    app = TestApp(build_from_text(HEAD + layers).app)
+    answers = [app.get(path, headers=headers, expect_errors=True) for _ in statuses]
+    assert [a.status_int for a in answers] == statuses
+    assert answers[0].headers.get("RateLimit-Limit") == limit
+
+
+def test_a_preflight_whose_spellings_pick_two_rules_gets_what_both_grant() -> None:
+    """The shorter max_age, and private network access only when both rules give it."""
+    layers = CORS.format(extra="max_age: 600\n      allow_private_network: true\n"
+                               "      rules: [{paths: [/api/v2/*], max_age: 30, allow_private_network: false}]")
+    accept_first = "  - versioning: {supported: [v1, v2], default: v2, precedence: [accept, url, header]}\n"
+    app = TestApp(build_from_text(HEAD + layers + accept_first).app)
+    asked = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "GET"}
+    alone = app.options("/api/v1/config", headers={**asked, "Access-Control-Request-Private-Network": "true"})
+    assert (alone.status_int, alone.headers["Access-Control-Max-Age"]) == (204, "600")  # the top level alone
+    both = {**asked, "Accept": "application/vnd.wsgistack.v2+json"}  # /api/v1/config served as v2 (rule 0)
+    assert app.options("/api/v1/config", headers=both).headers["Access-Control-Max-Age"] == "30"
+    app.options("/api/v1/config", headers={**both, "Access-Control-Request-Private-Network": "true"}, status=403)
+
+
 @pytest.mark.parametrize(("scope", "path", "applies"), [
     pytest.param({"paths": ["/api/v2/*"]}, "/api/v2/x", True, id="the scope's own spelling"),
     pytest.param({"paths": ["/api/v2/*"]}, "/api/x", True, id="routed into the scope"),
