@@ -461,7 +461,7 @@ def test_the_docs_walkthrough_runs_as_written(servers: Pair) -> None:
         users.remove("alice")  # the walkthrough adds her
     out = run_walkthrough(servers, "\n".join(walkthrough()), f"http://127.0.0.1:{servers.a.port}")
     assert "added user 'alice' with roles: admin" in out
-    assert "HTTP/1.1 204 NO CONTENT" in out and "HTTP/1.1 401 Unauthorized" in out
+    assert "HTTP/1.1 204 No Content" in out and "HTTP/1.1 401 Unauthorized" in out
     check_walkthrough_output(out)
 
 
