@@ -83,9 +83,10 @@ class Handler(BaseHTTPRequestHandler):
             head = (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"p" * 900
                     + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
             self._trickle(head + body, 10)
-        elif query in ("busy", "busy for long", "busy for ever"):  # SearXNG's limiter
+        elif query in ("busy", "busy for long", "busy for ever", "busy, said with zeros"):  # SearXNG's limiter
             self.send_response(429)
-            self.send_header("Retry-After", {"busy": "60", "busy for long": "86400"}.get(query, "9" * 5000))
+            waits = {"busy": "60", "busy for long": "86400", "busy, said with zeros": "0" * 30 + "45"}
+            self.send_header("Retry-After", waits.get(query, "9" * 5000))
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif query.startswith("busy until "):  # an HTTP date this many seconds from now
@@ -429,6 +430,7 @@ def test_an_upstream_behind_basic_auth_and_with_its_own_query(tmp_path: Path, up
     pytest.param("busy", "60", id="429 with its Retry-After"),
     pytest.param("busy for long", "3600", id="a day: an hour at most"),
     pytest.param("busy for ever", "3600", id="any number of digits is seconds: an hour at most"),
+    pytest.param("busy, said with zeros", "45", id="leading zeros are no more seconds"),
     pytest.param("down for maintenance", "30", id="503 without one: 30 s"),
 ])
 def test_a_busy_upstream_asks_the_client_to_wait(tmp_path: Path, upstream: FakeSearxng, query: str,

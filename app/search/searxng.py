@@ -306,8 +306,9 @@ def _busy(status: int, retry_after: str | None) -> HTTPException:
     RFC 9110 §10.2.3: seconds, or an HTTP date (a date gone by: now).
     """
     wait = retry_after.strip() if retry_after else ""
-    if wait.isascii() and wait.isdigit():  # (more than four digits is more than the hour anyway)
-        seconds = 3600 if len(wait) > 4 else min(int(wait), 3600)
+    if wait.isascii() and wait.isdigit():  # (past its leading zeros, more than four digits is past the hour)
+        digits = wait.lstrip("0") or "0"
+        seconds = 3600 if len(digits) > 4 else min(int(digits), 3600)
     else:
         when = parse_date(wait) if wait else None
         seconds = BUSY_RETRY_AFTER if when is None else min(3600, max(0, math.ceil(when.timestamp() - time.time())))
