@@ -56,9 +56,10 @@ _RETIRED = "CREATE TABLE IF NOT EXISTS retired_names (name TEXT PRIMARY KEY, at 
 #: 0.3 s on the bench machine); werkzeug's default p=1 is a third of it. Hashes made with other
 #: parameters are still checked with their own (the parameters are in the hash).
 HASH_METHOD = "scrypt:32768:8:3"
-#: Names another werkzeug method for the hashes made from now on (and the rehash of older ones): for test
-#: suites, where a cheap one (pbkdf2:sha256:1000) saves a third of a second per login, as Django's test
-#: settings swap their hasher. A store given it logs a warning once per process.
+#: Names another werkzeug method for the hashes made from now on: for test suites only, where a cheap one
+#: (pbkdf2:sha256:1000) saves a third of a second per login, as Django's test settings swap their hasher.
+#: Stored hashes are then never hashed again (a login only ever rehashes towards HASH_METHOD), and a store
+#: given it logs a warning once per process.
 HASH_ENV = "WSGISTACK_PASSWORD_HASH"
 _warned_env: list[str] = []
 
@@ -274,8 +275,8 @@ class UserStore:
             return None
         if not check_password_hash(row[1], password):
             return None
-        if row[1].partition("$")[0] != self._dummy_hash.partition("$")[0]:
-            self._rehash(name, row[1], password)
+        if self.hash_method == HASH_METHOD and row[1].partition("$")[0] != HASH_METHOD:
+            self._rehash(name, row[1], password)  # (only towards HASH_METHOD: never down to an override's)
         return User(row[0], tuple(json.loads(row[2])), row[3], row[4])
 
     def _rehash(self, name: str, old_hash: str, password: str) -> None:

@@ -433,6 +433,26 @@ def test_a_hash_method_werkzeug_does_not_know_is_refused_when_the_store_is_made(
         UserStore(tmp_path / "users.sqlite3")
 
 
+def test_a_hash_method_from_the_environment_never_rewrites_a_stored_hash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set where it must not be (production), it would otherwise turn scrypt hashes into cheap ones at each login."""
+    import sqlite3
+
+    monkeypatch.delenv(users_module.HASH_ENV, raising=False)
+    path = tmp_path / "users.sqlite3"
+    strong = UserStore(path)
+    strong.add("alice", "pw-123456")
+    strong.close()
+    monkeypatch.setenv(users_module.HASH_ENV, "pbkdf2:md5:1")
+    weak = UserStore(path)
+    assert weak.verify_password("alice", "pw-123456") is not None
+    weak.close()
+    with sqlite3.connect(path) as db:
+        [(stored,)] = db.execute("SELECT password_hash FROM users").fetchall()
+    db.close()
+    assert stored.startswith(users_module.HASH_METHOD + "$")
+
+
 def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """One made before the file was created 0600: the server says so, once it opens it, and how to fix it."""
     import logging
