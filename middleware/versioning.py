@@ -451,13 +451,15 @@ class VersioningMiddleware:
             if version in self.supported:
                 return version
             asked.append(version)
-        if not named:
-            # The header names the vendor type (the caller looked), yet the parser kept none of it: werkzeug
-            # drops an entry whose q is not a number from 0 to 1, or the whole header when it cannot be split.
+        if not named and any(entry.partition(";")[0].strip().lower().startswith(self.media_prefix)
+                             for entry in value.split(",")):
+            # An entry of the header names the vendor type, yet the parser kept none of it: werkzeug drops
+            # an entry whose q is not a number from 0 to 1, or the whole header when it cannot be split.
             # The client asked for a version; serving the default instead would answer another question.
+            # (The type named in a parameter, profile="…vnd.wsgistack.v2+json", asks for nothing.)
             raise refuse(400, f"The Accept header names the media type {self.options.media_type_prefix}… but "
-                              "cannot be read (a q value must be a number from 0 to 1); send, for example, "
-                              f"{self.options.media_type_prefix}{self.listed[-1]}+json.",
+                              "cannot be read (a q value must be a number from 0 to 1, and quotes must pair); "
+                              f"send, for example, {self.options.media_type_prefix}{self.listed[-1]}+json.",
                          details={"source": "accept", "supported": self.listed}, headers=self._refusal_vary)
         if not asked or plain:  # RFC 9110 12.5.1: serve what else the client accepts
             return None

@@ -135,6 +135,8 @@ def test_version_sources(make: Callable[..., tuple[TestApp, Context]], seen: See
     pytest.param(f"{VND}v9+json, application/json;q=0.5", ("/api/v1/search", "v1", "default"),
                  id="plain JSON accepted too: the default"),
     pytest.param(f"{VND}v9+json, */*;q=0.1", ("/api/v1/search", "v1", "default"), id="anything accepted too"),
+    pytest.param(f'application/json;profile="{VND}v2+json"', ("/api/v1/search", "v1", "default"),
+                 id="the vendor type named in a parameter asks for nothing"),
     pytest.param(f"{VND}v9+json, application/*", ("/api/v1/search", "v1", "default"),
                  id="any application type accepted too"),
     pytest.param(f"{VND}v9+json, {VND}v2+json;q=0.2, */*", ("/api/v2/search", "v2", "accept"),
@@ -178,7 +180,7 @@ def test_outside_the_prefix_nothing_happens(make: Callable[..., tuple[TestApp, C
 
 SUPPORTED = ["v1", "v2"]
 UNREADABLE_ACCEPT = (f"The Accept header names the media type {VND}… but cannot be read (a q value must be a "
-                     f"number from 0 to 1); send, for example, {VND}v2+json.")
+                     f"number from 0 to 1, and quotes must pair); send, for example, {VND}v2+json.")
 
 
 @pytest.mark.parametrize(("options", "path", "request_headers", "status", "message", "details"), [
