@@ -408,28 +408,35 @@ def _close_departed(smap: Any) -> int:
     and only the write after that one raises ``ClientDisconnected``.  A paced
     stream would hold its thread (and a ``search.max_streams`` slot) for two or
     three more events, and a client that left during the last two would be
-    logged as served in full.  A peek tells: end of stream or a reset means gone; bytes waiting (a
+    logged as served in full.  A peek tells: a reset means gone; bytes waiting (a
     pipelined request) or nothing yet means the client is still there.  Closing
     the channel makes the task thread's next write raise ``ClientDisconnected``.
 
-    A client that only half-closes (sends its request, then FIN, and waits for
-    the answer) is taken as gone too.  That is what Waitress itself does whenever
-    it reads an end of stream (between requests, or during one with
-    ``channel_request_lookahead``): it marks the channel disconnected.
+    An end of stream alone is no proof: a client that sends its request and then
+    half-closes (``shutdown(SHUT_WR)``, ``nc -N``, a load balancer passing its FIN
+    on) still reads, and gets its answer, as Waitress would give it.  It counts
+    as gone only on a connection a search stream is being sent on
+    (``app.stream.STREAMING``), whose client never half-closes: one that does is
+    taken as gone there, as Waitress takes any client whose FIN it reads while
+    answering (``channel_request_lookahead``).  A client that closes for good is
+    noticed there at once, elsewhere after the next write draws its reset.
     """
     from waitress.channel import HTTPChannel
 
+    # Read, not imported: serve.py hosts any app, and until the stack's app imports the module no stream runs.
+    stream = sys.modules.get("app.stream")
+    streaming = getattr(stream, "STREAMING", ())
     closed = 0
     for channel in list(smap.values()):
         sock = getattr(channel, "socket", None)
         if not (isinstance(channel, HTTPChannel) and channel.requests and channel.connected and sock is not None):
             continue
         try:
-            gone = not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            gone = not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) and channel in streaming
         except (BlockingIOError, InterruptedError):
             gone = False  # nothing to read: still there
         except OSError:
-            gone = True  # reset (ConnectionResetError), or the socket is gone already
+            gone = True  # reset (ConnectionResetError, EPIPE), or the socket is gone already
         if gone:
             channel.handle_close()
             closed += 1

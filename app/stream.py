@@ -34,13 +34,20 @@ from app.search import SearchEngine, SearchPage
 from middleware.access_log import APP_ERROR
 from middleware.errors import UNEXPECTED
 
-__all__ = ["HeldSlot", "search_events", "sse_event", "sse_response"]
+__all__ = ["STREAMING", "HeldSlot", "search_events", "sse_event", "sse_response"]
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: Seconds an ``EventSource`` waits before it reconnects after a ``search_error`` without a Retry-After.
 ERROR_RETRY_SECONDS = 30
 #: The least it waits: an upstream's ``Retry-After: 0`` (or a date gone by) would have it search again at once.
 MIN_RETRY_SECONDS = 3
+#: The Waitress connections a search stream is being sent on.  serve.py looks once a second at every
+#: connection with a request in flight; on one of these an end of stream counts as the client gone, as
+#: a reset does on any: an ``EventSource`` never half-closes, while the client of an ordinary request
+#: may (``shutdown(SHUT_WR)``, ``nc -N``, a load balancer passing its FIN on) and still wait for the
+#: answer.  The set lives here, beside what fills it, and serve.py reads it without importing the app:
+#: if this module was never imported, no stream runs.  Weak: a connection closed and dropped leaves it.
+STREAMING: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def sse_event(event: str, data: Any, retry: float | None = None) -> bytes:
@@ -83,9 +90,37 @@ def search_events(
     (200) went out with the first event, so the failure is also noted in the
     request's ``environ`` under ``APP_ERROR``, as ``search_error <code>``: the
     access line carries it.
+
+    While it runs, the Waitress connection it goes out on (if any) is in
+    :data:`STREAMING`: there a client's end of stream means it left.
     """
     if environ is None:
         environ = {}
+    channel = _connection(environ)
+    if channel is not None:
+        STREAMING.add(channel)
+    try:
+        yield from _events(engine, query, page, shape, interval, logger, request_id, environ)
+    finally:
+        if channel is not None:
+            STREAMING.discard(channel)
+
+
+def _connection(environ: dict[str, Any]) -> Any | None:
+    """The server's connection object the request came on: Waitress's channel, else None."""
+    return getattr(environ.get("waitress.client_disconnected"), "__self__", None)
+
+
+def _events(
+    engine: SearchEngine,
+    query: str,
+    page: int,
+    shape: Callable[[SearchPage], dict[str, Any]],
+    interval: float,
+    logger: logging.Logger,
+    request_id: str | None,
+    environ: dict[str, Any],
+) -> Iterator[bytes]:
     yield sse_event("search_started", {"query": query})
     steps = engine.stages(query, page)
     try:

@@ -375,6 +375,29 @@ def test_a_pipelined_request_is_not_taken_for_a_client_that_left(paced: Served) 
     assert "error" not in lines[0]
 
 
+def test_a_client_that_half_closes_mid_stream_is_taken_as_gone(paced: Served) -> None:
+    """An ``EventSource`` never half-closes: a FIN during a stream is a client that left (as it would be for
+    Waitress reading ahead, ``channel_request_lookahead``), while an ordinary request's client that
+    half-closes gets its answer (test_departed.py)."""
+    with socket.create_connection(("127.0.0.1", paced.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/search/stream?q=json HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"X-Request-ID: half-closed\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        left = time.time()
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    assert b"event: search_started" in received and b"event: search_complete" not in received
+    deadline = time.monotonic() + 5 * LEAVING_INTERVAL + 5
+    while not (lines := [line for line in paced.access_lines() if line["request_id"] == "half-closed"]):
+        assert time.monotonic() < deadline, "no access line"
+        time.sleep(0.05)
+    [line] = lines
+    assert (line["status"], line.get("error")) == (200, "aborted")
+    held = datetime.fromisoformat(line["time"]).timestamp() + line["duration_ms"] / 1000 - left
+    assert held <= LEAVING_INTERVAL + 1.5, f"the stream ran on for {held:.2f} s after the client left"
+
+
 def test_a_buffering_layer_is_caught(var_dir: Path, tmp_path: Path) -> None:
     """The checks above can fail: one layer that joins the body makes the stream arrive at once."""
     port = free_port()
