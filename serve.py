@@ -1018,6 +1018,7 @@ def shipped_file(relative: str) -> str | None:
     else where the installer put it; None when neither has it."""
     here = os.path.dirname(os.path.abspath(__file__))
     for candidate in (os.path.join(here, relative), _installed_data().get(relative),
+                      os.path.join(here, "share", "wsgistack", relative),  # pip install --target: beside it
                       os.path.join(sysconfig.get_path("data"), "share", "wsgistack", relative)):
         if candidate and os.path.isfile(candidate):
             return candidate

@@ -824,3 +824,14 @@ def test_a_missing_stack_file_names_the_one_that_ships(tmp_path: Path) -> None:
                             text=True, timeout=60)
     assert result.returncode == 2
     assert f"a stack file to start from ships with wsgistack: cp {ROOT / 'stack.yaml'} stack.yaml" in result.stderr
+
+
+def test_layer_pages_are_found_beside_a_target_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip install --target puts share/wsgistack beside the modules (its record names a temporary place)."""
+    (tmp_path / "share" / "wsgistack" / "docs" / "layers").mkdir(parents=True)
+    (tmp_path / "share" / "wsgistack" / "docs" / "layers" / "cors.md").write_text(
+        "| `origins` | `[]` | Who may read. |\n", encoding="utf-8")
+    monkeypatch.setattr(serve, "__file__", str(tmp_path / "serve.py"))
+    monkeypatch.setattr(serve, "_installed_data", lambda: {})
+    page, docs = serve._option_docs("cors")
+    assert page is not None and docs == {"origins": "Who may read."}
