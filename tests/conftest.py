@@ -84,6 +84,16 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone: made a replica or filled up without touching the shared one."""
+    server = RedisServer(tmp_path / "redis")
+    server.workdir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | None]:
     """A private redis-server for the session, or None when REDIS_URL is given."""

@@ -39,16 +39,6 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test alone: made a replica or filled up without touching the shared one."""
-    server = RedisServer(tmp_path / "redis")
-    server.workdir.mkdir()
-    server.start()
-    yield server
-    server.stop()
-
-
 # ---------------------------------------------------------------- a Redis refusing for a while
 
 

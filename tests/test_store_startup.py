@@ -266,16 +266,6 @@ def test_readyz_says_why_after_traffic_opened_the_breaker(tmp_path: Path) -> Non
     live.current.close()
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test alone: made a replica or filled up without touching the shared one."""
-    server = RedisServer(tmp_path / "redis")
-    server.workdir.mkdir()
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_a_replica_is_refused_at_the_start(tmp_path: Path, own_redis: RedisServer) -> None:
     """A replica answers PING, but refuses every write the layers make."""
     redis.Redis.from_url(own_redis.url).replicaof("127.0.0.1", str(free_port()))
