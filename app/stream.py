@@ -100,7 +100,37 @@ def search_events(
     if channel is not None:
         STREAMING.add(channel)
     try:
-        yield from _events(engine, query, page, shape, interval, logger, request_id, environ)
+        yield sse_event("search_started", {"query": query})
+        steps = engine.stages(query, page)
+        try:
+            while True:
+                try:
+                    progress, stage = next(steps)
+                except StopIteration as done:
+                    result: SearchPage = done.value
+                    complete = sse_event("search_complete", shape(result))
+                    break
+                if interval:
+                    time.sleep(interval)
+                yield sse_event("search_progress", {"progress": progress, "stage": stage})
+        except HTTPException as exc:
+            code = exc.code or 500
+            logger.warning("search stream ended with search_error %d: %s", code, exc.description,
+                           extra={"request_id": request_id})
+            environ[APP_ERROR] = f"search_error {code}"
+            yield _error_event(code, exc.description, _retry_after(exc), request_id)
+            return
+        except Exception:
+            logger.exception("search stream failed for a query of %d characters", len(query),
+                             extra={"request_id": request_id})
+            environ[APP_ERROR] = "search_error 500"
+            yield _error_event(500, UNEXPECTED, ERROR_RETRY_SECONDS, request_id)
+            return
+        finally:
+            steps.close()
+        if interval:
+            time.sleep(interval)
+        yield complete
     finally:
         if channel is not None:
             STREAMING.discard(channel)
@@ -109,49 +139,6 @@ def search_events(
 def _connection(environ: dict[str, Any]) -> Any | None:
     """The server's connection object the request came on: Waitress's channel, else None."""
     return getattr(environ.get("waitress.client_disconnected"), "__self__", None)
-
-
-def _events(
-    engine: SearchEngine,
-    query: str,
-    page: int,
-    shape: Callable[[SearchPage], dict[str, Any]],
-    interval: float,
-    logger: logging.Logger,
-    request_id: str | None,
-    environ: dict[str, Any],
-) -> Iterator[bytes]:
-    yield sse_event("search_started", {"query": query})
-    steps = engine.stages(query, page)
-    try:
-        while True:
-            try:
-                progress, stage = next(steps)
-            except StopIteration as done:
-                result: SearchPage = done.value
-                complete = sse_event("search_complete", shape(result))
-                break
-            if interval:
-                time.sleep(interval)
-            yield sse_event("search_progress", {"progress": progress, "stage": stage})
-    except HTTPException as exc:
-        code = exc.code or 500
-        logger.warning("search stream ended with search_error %d: %s", code, exc.description,
-                       extra={"request_id": request_id})
-        environ[APP_ERROR] = f"search_error {code}"
-        yield _error_event(code, exc.description, _retry_after(exc), request_id)
-        return
-    except Exception:
-        logger.exception("search stream failed for a query of %d characters", len(query),
-                         extra={"request_id": request_id})
-        environ[APP_ERROR] = "search_error 500"
-        yield _error_event(500, UNEXPECTED, ERROR_RETRY_SECONDS, request_id)
-        return
-    finally:
-        steps.close()
-    if interval:
-        time.sleep(interval)
-    yield complete
 
 
 class HeldSlot:
