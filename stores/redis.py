@@ -185,7 +185,8 @@ OUT_OF_MEMORY = "out of memory: writes are refused (maxmemory reached, eviction 
 _WRITES_REFUSED = (READ_ONLY, OUT_OF_MEMORY)
 #: What the layers send Redis, and the least ACL that allows it (docs/stores.md, "A Redis user of its own"):
 #: GET, GETEX, SET, DEL, UNLINK, INCRBY, PEXPIRE, PTTL, SCAN, EVALSHA, SCRIPT LOAD, MULTI, EXEC, PING
-#: (and SELECT on connecting, for a database other than 0). ROLE and INFO are asked only at the start,
+#: (and SELECT on connecting, for a database other than 0); inside scripts EXISTS, and the limits
+#: strategies' LPUSH, LTRIM, LINDEX, EXPIRE, RENAME. ROLE and INFO are asked only at the start,
 #: and may be denied.
 ACL_NEEDED = ("it needs reads, writes, scripts (EVALSHA, SCRIPT LOAD) and transactions (MULTI, EXEC) on the store's "
               "keys, and PING: ACL ~<key_prefix>* +@read +@write +@scripting +@transaction +ping (and +select for "
@@ -717,7 +718,7 @@ class RedisStore(Store):
 
         A replica answers PING, but refuses every write the layers make: the
         configuration is refused, as a wrong password is.  So is a user whose ACL
-        denies writes, scripts (the rate limiter's and the cache's), transactions
+        denies reads, writes, scripts (the rate limiter's and the cache's), transactions
         (:meth:`write`: logout, the refresh family sweep, the cache's invalidation;
         refused MULTI, its commands would run one by one and EXEC fail) or the
         store's keys: it would answer PING while every layer's work failed.
@@ -728,6 +729,7 @@ class RedisStore(Store):
                 return READ_ONLY, True
             key = self.key_prefix + "ping"
             self.client.set(key, b"1", px=60_000)
+            self.client.get(key)  # a user that may write but not read would start, and every login get 503
             self.client.register_script("return 1")(keys=[key])  # EVALSHA (SCRIPT LOAD first), as the layers run
             transaction = self.client.pipeline(transaction=True)  # MULTI, SET, EXEC, as write() sends them
             transaction.set(key, b"1", px=60_000)

@@ -51,8 +51,10 @@ def server(redis_url: str) -> Iterator[str]:
     client.execute_command("ACL", "SETUSER", "elsewhere", "on", ">right", "~other:*", "+@all")
     client.execute_command("ACL", "SETUSER", "noeval", "on", ">right", "~*", "+@all", "-eval")  # EVALSHA is enough
     client.execute_command("ACL", "SETUSER", "notx", "on", ">right", "~*", "+@read", "+@write", "+@scripting", "+ping")
+    client.execute_command("ACL", "SETUSER", "writer", "on", ">right", "~*", "+@write", "+@scripting", "+@transaction",
+                           "+ping")
     yield urlsplit(redis_url).netloc
-    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere", "noeval", "notx")
+    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere", "noeval", "notx", "writer")
     client.close()
 
 
@@ -78,6 +80,9 @@ REFUSED = [
     pytest.param("redis://reader:right@{server}/0", "redis://reader:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
                  "'set' command); " + NEEDS, id="a user that may not write"),
+    pytest.param("redis://writer:right@{server}/0", "redis://writer:***@{server}/0",
+                 "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
+                 "'get' command); " + NEEDS, id="a user that may not read"),
     pytest.param("redis://noscript:right@{server}/0", "redis://noscript:***@{server}/0",
                  "the Redis user may not do what the layers need (NOPERM: this user has no permissions to run the "
                  "'evalsha' command); " + NEEDS, id="a user that may not run scripts"),
