@@ -363,7 +363,11 @@ def users_cli(argv: list[str], db_path: str) -> int:
         print(f"serve.py users {args.command}: there is no users database at {db_path} (`users add` creates "
               "it; is app.options.var_dir, or WSGISTACK_VAR_DIR, the one the server uses?)", file=sys.stderr)
         return 1
-    store = UserStore(db_path)
+    try:
+        store = UserStore(db_path)
+    except ValueError as exc:  # $WSGISTACK_PASSWORD_HASH names a method werkzeug does not know
+        print(f"serve.py users {args.command}: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.command == "add":
             _check_name("user name", args.name)

@@ -453,6 +453,14 @@ def test_a_hash_method_from_the_environment_never_rewrites_a_stored_hash(
     assert stored.startswith(users_module.HASH_METHOD + "$")
 
 
+def test_the_users_command_says_a_hash_method_werkzeug_does_not_know(
+        db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(users_module.HASH_ENV, "bogus")
+    code, out, err = run(["add", "bob", "--password-stdin"], db, capsys, monkeypatch, stdin="pw-123456\n")
+    assert (code, out) == (2, "")
+    assert err.startswith("serve.py users add: $WSGISTACK_PASSWORD_HASH='bogus' is not a password hash method")
+
+
 def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """One made before the file was created 0600: the server says so, once it opens it, and how to fix it."""
     import logging
