@@ -202,6 +202,16 @@ def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
     return out
 
 
+def _has_fields(headers: Headers) -> bool:
+    """Whether ``headers`` carry RateLimit fields.
+
+    A 429 without them comes from a policy of another kind (the core's lockout of a user name after
+    wrong passwords): ours would tell the client it has requests left, and a client going by
+    ``RateLimit-Remaining`` would retry at once.  Such a refusal goes out with its own ``Retry-After`` alone.
+    """
+    return any(len(name) in (15, 19) and name.lower() in _FIELDS for name, _ in headers)
+
+
 def _decorate_tighter(exc: BaseException, ours: Headers) -> None:
     """:func:`decorate_error` for our RateLimit fields: the tighter set of ours and an inner limiter's."""
     extra: Headers | None = getattr(exc, "wsgistack_headers", None)
@@ -748,12 +758,15 @@ class RateLimitMiddleware:
                    ("RateLimit-Reset", str(wait))]
 
         def start(status: str, response_headers: Headers, exc_info: Any = None) -> Any:
+            if status[:3] == "429" and not _has_fields(response_headers):
+                return start_response(status, response_headers, exc_info)  # another policy's refusal: see below
             return start_response(status, _most_restrictive(response_headers, headers), exc_info)
 
         try:
             return app(environ, start)
         except Exception as exc:
-            _decorate_tighter(exc, headers)
+            if getattr(exc, "code", None) != 429 or _has_fields(getattr(exc, "wsgistack_headers", None) or ()):
+                _decorate_tighter(exc, headers)
             raise
 
     def _hit_and_read(self, environ: WSGIEnvironment, rule: _Compiled, keys: list[str],

@@ -954,3 +954,20 @@ def test_a_sliding_window_weighs_the_window_before(redis_store: Store) -> None:
     assert [stack.get().status_int for _ in range(4)] == [200, 200, 200, 429]
     time.sleep(2.2)  # a new window: the last one's 3 still weigh floor(3 * 1.8 / 2) = 2 (up to 2.6 s later)
     assert [stack.get().status_int for _ in range(2)] == [200, 429]
+
+
+@pytest.mark.parametrize("raised", [False, True], ids=["answered", "raised"])
+def test_a_refusal_of_another_policy_does_not_say_requests_remain(raised: bool) -> None:
+    """The core's lockout of a user name after wrong passwords is a 429 of its own: the limiter's fields would
+    tell the page it may go on (RateLimit-Remaining: 2) while its Retry-After says 15 minutes."""
+    def locked_out(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if raised:
+            raise refuse(429, "Too many login attempts for this user name.", headers=[("Retry-After", "900")])
+        start_response("429 Too Many Requests", [("Content-Type", "text/plain"), ("Retry-After", "900")])
+        return [b"locked"]
+
+    layer = RateLimitMiddleware(locked_out, RateLimitMiddleware.Options(limits=["10/minute"]),
+                                Context(stores={"shared": MemoryStore()}))
+    response = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context())).get("/auth/login", status=429)
+    assert response.headers["Retry-After"] == "900"
+    assert [name for name in response.headers if name.lower().startswith("ratelimit-")] == []
