@@ -204,8 +204,8 @@ class CSRFMiddleware:
         sent = environ.get(self.header_key)
         header = self.options.header
         if not sent:
-            raise refuse(403, f"CSRF token missing: send the {header} header with the token "
-                              "the page got from wsgistack.csrf_token")
+            raise refuse(403, f"CSRF token missing: send the {header} header with this session's token "
+                              "(the Flask core gives it in the login answer's csrf_token and at GET /auth/csrf)")
         if not hmac.compare_digest(sent.encode("latin-1"), self.token(environ).encode("ascii")):
             raise refuse(403, f"CSRF token in {header} does not match this session; "
                               "reload the page to get a fresh token")

@@ -234,8 +234,9 @@ DS = {"double_submit": True, "secret_key": SECRET}
     pytest.param(DS, {"X-CSRF-Token": "<token>"}, ALLOWED, id="matching token"),
     pytest.param(DS, {"X-CSRF-Token": "<token>", "Sec-Fetch-Site": "same-origin"}, ALLOWED,
                  id="matching token, same-origin"),
-    pytest.param(DS, {}, refused("CSRF token missing: send the X-CSRF-Token header with the token "
-                                 "the page got from wsgistack.csrf_token"), id="missing token"),
+    pytest.param(DS, {}, refused("CSRF token missing: send the X-CSRF-Token header with this session's token "
+                                 "(the Flask core gives it in the login answer's csrf_token and at GET /auth/csrf)"),
+                 id="missing token"),
     pytest.param(DS, {"X-CSRF-Token": "A" * 43},
                  refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
                          "to get a fresh token"), id="wrong token"),
@@ -251,8 +252,9 @@ DS = {"double_submit": True, "secret_key": SECRET}
                          "https://evil.example is not trusted"), id="token does not excuse origin"),
     pytest.param({**DS, "header": "X-XSRF"}, {"X-XSRF": "<token>"}, ALLOWED, id="custom header"),
     pytest.param({**DS, "header": "X-XSRF"}, {"X-CSRF-Token": "<token>"},
-                 refused("CSRF token missing: send the X-XSRF header with the token the page got "
-                         "from wsgistack.csrf_token"), id="custom header, default one sent"),
+                 refused("CSRF token missing: send the X-XSRF header with this session's token (the Flask core "
+                         "gives it in the login answer's csrf_token and at GET /auth/csrf)"),
+                 id="custom header, default one sent"),
 ])
 def test_double_submit(store_url: str, options: dict[str, Any], request_headers: dict[str, str],
                        expected: tuple[int, str | None]) -> None:
