@@ -202,7 +202,7 @@ def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
     return out
 
 
-def _has_fields(headers: Headers) -> bool:
+def _has_fields(headers: Iterable[tuple[str, str]]) -> bool:
     """Whether ``headers`` carry RateLimit fields.
 
     A 429 without them comes from a policy of another kind (the core's lockout of a user name after
