@@ -358,6 +358,8 @@ def _interpolate(
         if name in env and (env[name] != "" or default is None):
             if env[name] == "" and match.group(0) == value:
                 doc.empty[path] = name
+            if _not_text(env[name]):  # bytes that are not UTF-8 (os.environ keeps them as lone surrogates)
+                return refuse(f"environment variable {name} holds bytes that are not UTF-8 text; set it to text")
             return env[name]
         if default is not None:
             return default.replace("$$", "$")  # as in the rest of the value

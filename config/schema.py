@@ -144,7 +144,7 @@ class ServerOptions(Strict):
     connection_limit: int = Field(default=100, ge=1)
     channel_timeout: int = Field(default=120, ge=1)
     cleanup_interval: int = Field(default=30, ge=1)
-    backlog: int = Field(default=1024, ge=1)
+    backlog: int = Field(default=1024, ge=1, le=65535)  # the kernel caps it at net.core.somaxconn anyway
     max_request_body_size: int = Field(default=1_073_741_824, ge=0)
     max_request_header_size: int = Field(default=262_144, ge=1024)
     #: One IP address (or ``*``) whose forwarding headers Waitress believes.

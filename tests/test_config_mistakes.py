@@ -211,3 +211,20 @@ def test_problems_are_listed_in_the_order_of_the_file() -> None:
     lines = errors_of(text)
     assert [line.split(" ")[0] for line in lines] == ["stack.yaml:2:5", "stack.yaml:3:18", "stack.yaml:4:18",
                                                       "stack.yaml:6:10"], lines
+
+
+@pytest.mark.parametrize(("text", "env", "expected"), [
+    pytest.param(ECHO + 'pipeline:\n  - versioning: {supported: ["${API_VERSION}"], default: v1}\n',
+                 {"API_VERSION": "v\udcff"},
+                 "stack.yaml:3:30 pipeline[0].versioning.supported[0]: environment variable API_VERSION holds bytes "
+                 "that are not UTF-8 text; set it to text", id="a variable holding bytes that are not UTF-8"),
+    pytest.param(ECHO + 'server: {listen: "${LISTEN}"}\npipeline:\n  - errors: {}\n', {"LISTEN": "[::1\udcff]"},
+                 "stack.yaml:2:18 server.listen: environment variable LISTEN holds bytes that are not UTF-8 text; "
+                 "set it to text", id="such a variable in server.listen"),
+    pytest.param(ECHO + "server: {backlog: 10000000000}\npipeline:\n  - errors: {}\n", {},
+                 "stack.yaml:2:19 server.backlog: Input should be less than or equal to 65535 (got 10000000000)",
+                 id="a backlog socket.listen() cannot take"),
+])
+def test_what_check_passed_and_serve_met_as_a_traceback(text: str, env: dict[str, str], expected: str) -> None:
+    """(os.environ keeps bytes that are not UTF-8 as lone surrogates; listen(2**31) raises OverflowError.)"""
+    assert expected in errors_of(text, env)
