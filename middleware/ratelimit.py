@@ -176,10 +176,7 @@ def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
     app's own) is replaced by ours.  When ours has nothing left, a ``Retry-After``
     from inside waits at least until our reset.
     """
-    found: dict[str, str] = {}
-    for name, value in response_headers:
-        if len(name) in (15, 19) and (lowered := name.lower()) in _FIELDS:
-            found[lowered] = value
+    found = _fields_of(response_headers)
     if not found:
         return [*response_headers, *ours]
     try:
@@ -202,14 +199,18 @@ def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
     return out
 
 
-def _has_fields(headers: Iterable[tuple[str, str]]) -> bool:
-    """Whether ``headers`` carry RateLimit fields.
+def _fields_of(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The RateLimit fields among ``headers``, by their lower-case names (a layer's inside us, or none).
 
     A 429 without them comes from a policy of another kind (the core's lockout of a user name after
     wrong passwords): ours would tell the client it has requests left, and a client going by
     ``RateLimit-Remaining`` would retry at once.  Such a refusal goes out with its own ``Retry-After`` alone.
     """
-    return any(len(name) in (15, 19) and name.lower() in _FIELDS for name, _ in headers)
+    found: dict[str, str] = {}
+    for name, value in headers:  # (a loop, not a comprehension: this runs for every answer counted)
+        if len(name) in (15, 19) and (lowered := name.lower()) in _FIELDS:
+            found[lowered] = value
+    return found
 
 
 def _decorate_tighter(exc: BaseException, ours: Headers) -> None:
@@ -758,14 +759,14 @@ class RateLimitMiddleware:
                    ("RateLimit-Reset", str(wait))]
 
         def start(status: str, response_headers: Headers, exc_info: Any = None) -> Any:
-            if status[:3] == "429" and not _has_fields(response_headers):
+            if status[:3] == "429" and not _fields_of(response_headers):
                 return start_response(status, response_headers, exc_info)  # another policy's refusal: see below
             return start_response(status, _most_restrictive(response_headers, headers), exc_info)
 
         try:
             return app(environ, start)
         except Exception as exc:
-            if getattr(exc, "code", None) != 429 or _has_fields(getattr(exc, "wsgistack_headers", None) or ()):
+            if getattr(exc, "code", None) != 429 or _fields_of(getattr(exc, "wsgistack_headers", None) or ()):
                 _decorate_tighter(exc, headers)
             raise
 

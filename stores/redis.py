@@ -713,8 +713,8 @@ class RedisStore(Store):
         return facts
 
     def probe(self) -> tuple[str, bool] | None:
-        """PING, ROLE, a write, a script and a transaction, outside the breaker: None when all pass, else what
-        is wrong.
+        """PING, ROLE, a write, a read, a script and a transaction, outside the breaker: None when all pass,
+        else what is wrong.
 
         A replica answers PING, but refuses every write the layers make: the
         configuration is refused, as a wrong password is.  So is a user whose ACL

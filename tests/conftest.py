@@ -84,6 +84,18 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
 
+#: Redis refusing the layers' writes for a cause that passes: (the command that starts it, the one that ends
+#: it, what the stack says of it). With ``own_redis``: a failover, then memory freed.
+REFUSALS_THAT_PASS = [
+    pytest.param(("REPLICAOF", "127.0.0.1", "1"), ("REPLICAOF", "NO", "ONE"),
+                 "a read-only replica: every write is refused (give the primary's URL, or redis+sentinel://)",
+                 id="failed over: now a replica"),
+    pytest.param(("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0"),
+                 "out of memory: writes are refused (maxmemory reached, eviction policy noeviction)",
+                 id="out of memory"),
+]
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test alone: made a replica or filled up without touching the shared one."""

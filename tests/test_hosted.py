@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import RedisServer
+from conftest import REFUSALS_THAT_PASS, RedisServer
 from webtest import TestApp
 
 from config import ConfigError
@@ -43,14 +43,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize(("refuse", "allow", "why"), [
-    pytest.param(("REPLICAOF", "127.0.0.1", "1"), ("REPLICAOF", "NO", "ONE"),
-                 "a read-only replica: every write is refused (give the primary's URL, or redis+sentinel://)",
-                 id="during a failover: still a replica"),
-    pytest.param(("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0"),
-                 "out of memory: writes are refused (maxmemory reached, eviction policy noeviction)",
-                 id="out of memory"),
-])
+@pytest.mark.parametrize(("refuse", "allow", "why"), REFUSALS_THAT_PASS)
 def test_a_hosted_start_goes_on_while_redis_refuses_for_a_reason_that_passes(
         tmp_path: Path, own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         refuse: tuple[str, ...], allow: tuple[str, ...], why: str) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from conftest import RedisServer, free_port
+from conftest import REFUSALS_THAT_PASS, RedisServer, free_port
 from webtest import TestApp
 
 from config import ConfigError
@@ -310,14 +310,7 @@ def test_a_redis_at_maxclients_is_named_so(tmp_path: Path, own_redis: RedisServe
         admin.close()
 
 
-@pytest.mark.parametrize(("refuse", "allow", "why"), [
-    pytest.param(("REPLICAOF", "127.0.0.1", "1"), ("REPLICAOF", "NO", "ONE"),
-                 "a read-only replica: every write is refused (give the primary's URL, or redis+sentinel://)",
-                 id="failed over: now a replica"),
-    pytest.param(("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0"),
-                 "out of memory: writes are refused (maxmemory reached, eviction policy noeviction)",
-                 id="out of memory"),
-])
+@pytest.mark.parametrize(("refuse", "allow", "why"), REFUSALS_THAT_PASS)
 def test_readyz_fails_while_redis_refuses_writes(tmp_path: Path, own_redis: RedisServer,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  refuse: tuple[str, ...], allow: tuple[str, ...], why: str) -> None:
