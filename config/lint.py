@@ -475,28 +475,23 @@ def shared_state(cfg: StackConfig, specs: list[LayerSpec], several: str | None =
         name = kind(spec)
         store = spec.option("store", "shared")
         url = cfg.stores.get(str(store))
-        if name is None or url is None or not url.url.startswith("memory:"):
+        if url is None or not url.url.startswith("memory:"):
             continue
+        # What the class says (shared_state), for a layer of your own or a built-in alike; the
+        # named rules of session, ratelimit and auth already say it for theirs.
+        keeps = spec.is_layer_class and "store" in spec.target.Options.model_fields
+        shares = getattr(spec.target, "shared_state", None) if keeps else False  # None: the class does not say
         if name in STATEFUL_SHARED:
             yield _problem(cfg, spec, f"{name} keeps state in store {store!r} (memory://) but {several}: each "
                                       "process would have its own copy; use redis://")
-        elif name == "cache":
-            yield _problem(cfg, spec, f"cache on a memory:// store with {count} workers keeps one "
-                                      "cache per process (more misses, uneven purges)", "warning")
-    for spec in specs:  # layers of your own that keep state in a store (an Options field named store)
-        options = getattr(spec.target, "Options", None) if kind(spec) is None and spec.is_layer_class else None
-        if options is None or "store" not in options.model_fields:
-            continue
-        store = spec.option("store", "shared")
-        url = cfg.stores.get(str(store))
-        shares = getattr(spec.target, "shared_state", None)  # None: the class does not say
-        if url is None or not url.url.startswith("memory:") or shares is False:
-            continue
-        if shares:
+        elif shares:
             yield _problem(cfg, spec, f"{spec.name} keeps state in store {store!r} (memory://) that its class says "
                                       f"every process must share (shared_state), but {several}: each process would "
                                       "have its own copy; use redis://")
-        else:
+        elif name == "cache":
+            yield _problem(cfg, spec, f"cache on a memory:// store with {count} workers keeps one "
+                                      "cache per process (more misses, uneven purges)", "warning")
+        elif shares is None:
             yield _problem(cfg, spec, f"{spec.name} keeps state in store {store!r} (memory://) and {several}: each "
                                       "process has its own copy; if it must be shared (counters, sessions, "
                                       "revocations), use redis:// and set shared_state = True on its class; if a "

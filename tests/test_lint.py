@@ -632,3 +632,52 @@ def test_a_stream_cap_of_another_app_is_not_judged() -> None:
     text = ("server: {threads: 1}\napp:\n  factory: stack_support:echo_app\n"
             "  options: {search: {stream_interval: 1, max_streams: 9}}\n")
     assert [p for p in lint(parse(read_text(text, file="stack.yaml", env={}))) if "max_streams" in str(p)] == []
+
+
+SHARED_OWN = ("keeps state in store 'shared' (memory://) that its class says every process must share "
+              "(shared_state), but server.workers is 2: each process would have its own copy; use redis://")
+
+
+@pytest.mark.parametrize(("target", "written", "expected"), [
+    pytest.param("stack_support:SharedVisits", "visits",
+                 [f"stack.yaml:5:5 pipeline[0]: visits {SHARED_OWN}"], id="shared_state, by its short name"),
+    pytest.param("stack_support:SharedVisits", "stack_support:SharedVisits",
+                 [f"stack.yaml:5:5 pipeline[0]: stack_support:SharedVisits {SHARED_OWN}"],
+                 id="shared_state, by its path while registered"),
+    pytest.param("stack_support:Visits", "visits",
+                 ["stack.yaml:5:5 warning: pipeline[0]: visits keeps state in store 'shared' (memory://) and "
+                  "server.workers is 2: each process has its own copy; if it must be shared (counters, sessions, "
+                  "revocations), use redis:// and set shared_state = True on its class; if a copy per process is "
+                  "right, set shared_state = False"], id="a store and no word on sharing"),
+    pytest.param("stack_support:LocalVisits", "visits", [], id="shared_state = False"),
+])
+def test_a_registered_layer_is_judged_by_its_shared_state_under_workers(
+        monkeypatch: pytest.MonkeyPatch, target: str, written: str, expected: list[str]) -> None:
+    linting = importlib.import_module("config.lint")
+    from config import registry
+
+    monkeypatch.setitem(registry.LAYERS, "visits", target)
+    linting._built_in_classes.cache_clear()
+    try:
+        assert problems(f"server: {{workers: 2}}\npipeline:\n  - {written}: {{}}\n") == expected
+    finally:
+        linting._built_in_classes.cache_clear()
+
+
+@pytest.mark.parametrize(("base", "options", "expected"), [
+    pytest.param("middleware.session:SessionMiddleware", f"{{secret_key: {SECRET}}}",
+                 "session keeps state in store 'shared' (memory://) but server.workers is 2: each process would "
+                 "have its own copy; use redis://", id="a session subclass: told once"),
+    pytest.param("middleware.cache:CacheMiddleware", "{}", f"stack_support:Shared {SHARED_OWN}",
+                 id="a cache subclass whose class says its entries must be shared: an error, not the cache warning"),
+])
+def test_a_subclassed_built_in_that_sets_shared_state(monkeypatch: pytest.MonkeyPatch, base: str, options: str,
+                                                      expected: str) -> None:
+    import stack_support
+
+    from config.registry import import_string
+
+    monkeypatch.setattr(stack_support, "Shared", type("Shared", (import_string(base),), {"shared_state": True}),
+                        raising=False)
+    assert problems(f"server: {{workers: 2}}\npipeline:\n  - stack_support:Shared: {options}\n") == [
+        f"stack.yaml:5:5 pipeline[0]: {expected}"]
