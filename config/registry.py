@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 LAYERS: dict[str, str] = {
@@ -44,9 +46,7 @@ def import_string(target: str) -> Any:
         obj: Any = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and (module == exc.name or module.startswith(exc.name + ".")):  # not an import inside it
-            raise ModuleNotFoundError(f"{exc}: it is not installed in this Python ({sys.executable}) and not in a "
-                                      "folder on its path; install it, or add the folder that holds it to "
-                                      "PYTHONPATH", name=exc.name) from None
+            raise ModuleNotFoundError(f"{exc}{_no_module(module, exc.name)}", name=exc.name) from None
         raise
     for part in attr.split("."):
         try:
@@ -57,6 +57,36 @@ def import_string(target: str) -> Any:
             raise AttributeError(f"{module!r} has no attribute {part!r}"
                                  + (f"; did you mean {names[close[0]]!r}?" if close else "")) from None
     return obj
+
+
+def _no_module(module: str, missing: str) -> str:
+    """Why ``missing`` (``module`` or a package on its way) does not import, with the close name that does.
+
+    A submodule of a package that imports is misspelt rather than not installed: its close names
+    are among the package's submodules; a top-level module's, among the modules on ``sys.path``.
+    (Called when a stack is checked or built, never per request.)
+    """
+    parent, _, leaf = missing.rpartition(".")
+    rest = module[len(missing):]  # the submodules after the missing one, as written
+    if parent:  # the parent imported (else it would be the missing one)
+        path = getattr(sys.modules.get(parent), "__path__", None)
+        if path is None:
+            return ""  # not a package: the exception says so
+        close = _close(leaf, (m.name for m in pkgutil.iter_modules(path)))
+        return f": {parent!r} has no submodule {leaf!r}" + (f"; did you mean {f'{parent}.{close}{rest}'!r}?"
+                                                            if close else "")
+    close = _close(missing, [*sys.builtin_module_names, *(m.name for m in pkgutil.iter_modules())])
+    if close:
+        return f"; did you mean {close + rest!r}?"
+    return (f": it is not installed in this Python ({sys.executable}) and not in a folder on its path; install it, "
+            "or add the folder that holds it to PYTHONPATH")
+
+
+def _close(name: str, names: Iterable[str]) -> str | None:
+    """The name in ``names`` closest to ``name`` (case aside), if one is close."""
+    by_lower = {n.lower(): n for n in names if n != name}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[close[0]] if close else None
 
 
 def resolve(name: str) -> Any:

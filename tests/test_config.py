@@ -136,6 +136,32 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="dotted path import error",
         ),
         pytest.param(
+            ECHO + "pipeline:\n  - werkzeug.middleware.proxyfix:ProxyFix: {x_for: 1}\n",
+            "stack.yaml:3:5 pipeline[0]: cannot import layer 'werkzeug.middleware.proxyfix:ProxyFix': No module named "
+            "'werkzeug.middleware.proxyfix': 'werkzeug.middleware' has no submodule 'proxyfix'; did you mean "
+            "'werkzeug.middleware.proxy_fix'?",
+            id="a misspelt submodule of an installed package",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - werkzeug.midleware.proxy_fix:ProxyFix: {x_for: 1}\n",
+            "stack.yaml:3:5 pipeline[0]: cannot import layer 'werkzeug.midleware.proxy_fix:ProxyFix': No module named "
+            "'werkzeug.midleware': 'werkzeug' has no submodule 'midleware'; did you mean "
+            "'werkzeug.middleware.proxy_fix'?",
+            id="a misspelt package between",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - werkzeug.middleware.zzqq:Thing: {}\n",
+            "stack.yaml:3:5 pipeline[0]: cannot import layer 'werkzeug.middleware.zzqq:Thing': No module named "
+            "'werkzeug.middleware.zzqq': 'werkzeug.middleware' has no submodule 'zzqq'",
+            id="a submodule that nothing is close to",
+        ),
+        pytest.param(
+            ECHO + "pipeline:\n  - stack_suport:Visits: {}\n",
+            "stack.yaml:3:5 pipeline[0]: cannot import layer 'stack_suport:Visits': No module named 'stack_suport'; "
+            "did you mean 'stack_support'?",
+            id="a misspelt module beside others on the path",
+        ),
+        pytest.param(
             ECHO + "pipeline:\n  - middleware.cors:CorsMiddlewar: {}\n",
             "stack.yaml:3:5 pipeline[0]: cannot import layer 'middleware.cors:CorsMiddlewar': 'middleware.cors' has "
             "no attribute 'CorsMiddlewar'; did you mean 'CORSMiddleware'?",
