@@ -169,6 +169,23 @@ def _inner_model(annotation: Any) -> Any:
 _X_FORWARDED = re.compile(r"x[-_]forwarded(?:[-_](\w+))?", re.I)
 
 
+def _colon_spelling(name: str) -> str | None:
+    """``module:attr`` for a pipeline name written ``module.attr`` that imports so, else None.
+
+    Only suggested: the pipeline names a layer of your own with a colon, so that a name with
+    dots never reads two ways.
+    """
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest module first
+        written = f"{'.'.join(parts[:cut])}:{'.'.join(parts[cut:])}"
+        try:
+            import_string(written)
+        except (Exception, SystemExit):  # not that module, or no such attribute in it
+            continue
+        return written
+    return None
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """``; did you mean 'x'?`` or an empty string; case is ignored (``CORS`` gets ``cors``).
 
@@ -424,8 +441,11 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                                                    f" (write `- {name}: {{option: value}}`)"))
             continue
         if name not in LAYERS and not is_path(name):
-            text = f"unknown layer {name!r}{suggest(name, LAYERS)} (known: {', '.join(sorted(LAYERS))}; " \
-                   "or write module:attr for your own)"
+            colon = _colon_spelling(name)
+            text = (f"unknown layer {name!r}; write {colon!r} (your own layers are named module:attr, with a colon "
+                    "before the attribute)") if colon else \
+                f"unknown layer {name!r}{suggest(name, LAYERS)} (known: {', '.join(sorted(LAYERS))}; " \
+                "or write module:attr for your own)"
             problems.append(doc.problem(path, text, key=True))
             continue
         try:

@@ -228,3 +228,25 @@ def test_problems_are_listed_in_the_order_of_the_file() -> None:
 def test_what_check_passed_and_serve_met_as_a_traceback(text: str, env: dict[str, str], expected: str) -> None:
     """(os.environ keeps bytes that are not UTF-8 as lone surrogates; listen(2**31) raises OverflowError.)"""
     assert expected in errors_of(text, env)
+
+
+KNOWN_LAYERS = "(known: access_log, auth, cache"
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    pytest.param("stack_support.Visits", "unknown layer 'stack_support.Visits'; write 'stack_support:Visits' (your "
+                 "own layers are named module:attr, with a colon before the attribute)", id="a module beside"),
+    pytest.param("middleware.cors.CORSMiddleware", "unknown layer 'middleware.cors.CORSMiddleware'; write "
+                 "'middleware.cors:CORSMiddleware' (your own layers are named module:attr, with a colon before the "
+                 "attribute)", id="a module in a package"),
+    pytest.param("stack_support.Visits.Options", "unknown layer 'stack_support.Visits.Options'; write "
+                 "'stack_support:Visits.Options' (your own layers are named module:attr, with a colon before the "
+                 "attribute)", id="an attribute of an attribute"),
+    pytest.param("no_such_module.Thing", f"unknown layer 'no_such_module.Thing' {KNOWN_LAYERS}",
+                 id="a dotted name that does not import: the known list"),
+    pytest.param("stack_support.NoSuch", f"unknown layer 'stack_support.NoSuch' {KNOWN_LAYERS}",
+                 id="a module without that attribute: the known list"),
+])
+def test_a_dotted_path_is_told_to_write_a_colon(name: str, expected: str) -> None:
+    assert [line.partition(" pipeline[0]: ")[2][:len(expected)] for line in
+            errors_of(ECHO + f"pipeline:\n  - {name}: {{}}\n")] == [expected]
