@@ -160,12 +160,27 @@ def ratelimit_policies(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Pro
                                         "exempts the requests it matches): it never applies", "warning")
 
 
+def _same_layer(spec: LayerSpec, other: LayerSpec) -> str | None:
+    """The name both are listed as when they are the same layer, else None.
+
+    A built-in (or a subclass) by its kind; a layer of your own only when it is the same class or
+    factory with the same options: it may be a general one meant to run twice with two settings
+    (two headers added, say), which wsgistack cannot tell from a slip.
+    """
+    name = kind(spec)
+    if name is not None:
+        return name if kind(other) == name else None
+    if kind(other) is None and spec.target is other.target and spec.options == other.options:
+        return spec.name
+    return None
+
+
 def duplicates(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     seen: list[LayerSpec] = []
     for spec in specs:
-        name = kind(spec)
         for other in seen:
-            if name is None or kind(other) != name or not spec.scope.overlaps(other.scope):
+            name = _same_layer(spec, other)
+            if name is None or not spec.scope.overlaps(other.scope):
                 continue
             if name == "ratelimit" and _keys(spec) != _keys(other):
                 continue

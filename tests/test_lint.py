@@ -681,3 +681,19 @@ def test_a_subclassed_built_in_that_sets_shared_state(monkeypatch: pytest.Monkey
                         raising=False)
     assert problems(f"server: {{workers: 2}}\npipeline:\n  - stack_support:Shared: {options}\n") == [
         f"stack.yaml:5:5 pipeline[0]: {expected}"]
+
+
+@pytest.mark.parametrize(("layers", "expected"), [
+    pytest.param("  - stack_support:Visits: {}\n  - stack_support:Visits: {paths: ['/api/*']}\n",
+                 ["stack.yaml:5:5 warning: pipeline[1]: stack_support:Visits appears twice with overlapping scope "
+                  "(pipeline[0] and pipeline[1]); requests in both scopes pass it twice"], id="a layer of your own"),
+    pytest.param("  - stack_support:Tag: {name: a}\n  - stack_support:Tag: {name: a}\n",
+                 ["stack.yaml:5:5 warning: pipeline[1]: stack_support:Tag appears twice with overlapping scope "
+                  "(pipeline[0] and pipeline[1]); requests in both scopes pass it twice"], id="a plain factory"),
+    pytest.param("  - stack_support:Tag: {name: a}\n  - stack_support:Tag: {name: b}\n", [],
+                 id="with other options: a layer of your own may be meant to run twice"),
+    pytest.param("  - stack_support:Visits: {paths: ['/a/*']}\n  - stack_support:Visits: {paths: ['/b/*']}\n", [],
+                 id="scopes apart"),
+])
+def test_a_layer_of_your_own_twice(layers: str, expected: list[str]) -> None:
+    assert problems("pipeline:\n" + layers) == expected
