@@ -23,13 +23,15 @@ after a reload is served with them like its siblings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -200,7 +202,10 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
     from .lint import hsts_outside_proxy, proxyfix_trusts_every_peer
 
     base = config_dir(path)
-    config, warnings = load(_relative_to(read_file(path, env=env), base), hosted=True)
+    try:
+        config, warnings = load(_relative_to(read_file(path, env=env), base), hosted=True)
+    except ConfigError as exc:
+        raise ConfigError(_imported_by_host(exc.problems)) from None
     named = (os.environ if env is None else env).get(HOST_LISTEN_ENV, "").split()
     served = config.server.model_copy(update=hosted_settings({HOST_LISTEN_ENV: " ".join(named)}))
     # Judged on the host's settings alone: the file's server section (listen, trusted_proxy) is serve.py's.
@@ -243,11 +248,46 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
     return new
 
 
+def _imported_by_host(problems: list[Problem]) -> list[Problem]:
+    """``problems`` with a module that is on no folder of the path said to be looked for where the host starts."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # (the folder was removed)
+        return problems
+    note = (f"under another WSGI server, which imports from its working directory, here {cwd}, and PYTHONPATH: "
+            "start it in the folder that holds the module")
+    return [_noted(p, note) if p.message.startswith("cannot import ") and "not in a folder on its path" in p.message
+            else p for p in problems]
+
+
+@contextlib.contextmanager
+def _importable_as_hosted() -> Iterator[None]:
+    """The working directory on ``sys.path`` (first) while inside, as a WSGI server puts the folder it starts
+    in (gunicorn, waitress-serve), so that a layer module beside the file imports as it will there."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = ""
+    added = bool(cwd) and cwd not in sys.path and "" not in sys.path  # ("" is the working directory too)
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def check_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> list[Problem]:
     """What ``serve:app`` would print for ``path`` (``serve.py check --hosted``), short of asking Redis: the
-    problems that stop it, or the warnings of the stack it would serve (built, then closed again)."""
+    problems that stop it, or the warnings of the stack it would serve (built, then closed again).
+
+    Modules are imported as the host imports them: from the working directory (where it is started,
+    which ``check`` takes to be this one) besides the folders on the path.
+    """
     try:
-        built = build_hosted(path, env=env)
+        with _importable_as_hosted():
+            built = build_hosted(path, env=env)
     except ConfigError as exc:
         return exc.problems
     built.close()

@@ -298,3 +298,45 @@ def test_a_hosted_refusal_names_the_hosts_address(tmp_path: Path, pipeline: str,
     with pytest.raises(ConfigError) as info:
         LiveStack(path, hosted=True, env={HOST_LISTEN_ENV: host_listen})
     assert [str(p) for p in info.value.problems] == [refused.format(path=path)]
+
+
+# ---------------------------------------------------------------- a module beside the file, as the host imports it
+
+
+PLAIN_LAYER = "class Plain:\n    def __init__(self, app):\n        self.app = app\n\n" \
+              "    def __call__(self, environ, start_response):\n        return self.app(environ, start_response)\n"
+
+
+@pytest.fixture
+def beside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A layer module in the folder a host starts in (its working directory), forgotten again afterwards."""
+    name = f"beside_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(PLAIN_LAYER)
+    monkeypatch.chdir(tmp_path)
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_check_hosted_imports_a_layer_from_the_working_directory_as_the_host_does(tmp_path: Path,
+                                                                                   beside: str) -> None:
+    from config.live import check_hosted
+
+    path = _write(tmp_path, ECHO + f"pipeline:\n  - errors: {{}}\n  - {beside}:Plain: {{}}\n")
+    before = sys.path[:]
+    assert check_hosted(path) == []
+    assert sys.path == before
+    code, lines = check(path, "--hosted")  # serve.py from elsewhere, started in the folder (check's cwd)
+    assert (code, lines) == (0, [f"{path}: ok"])
+
+
+def test_check_hosted_names_the_working_directory_of_a_module_it_cannot_import(tmp_path: Path,
+                                                                               beside: str) -> None:
+    from config.live import check_hosted
+
+    path = _write(tmp_path, ECHO + "pipeline:\n  - errors: {}\n  - not_in_any_folder_zz:Plain: {}\n")
+    assert [str(p) for p in check_hosted(path)] == [
+        f"{path}:4:5 pipeline[1]: cannot import layer 'not_in_any_folder_zz:Plain': No module named "
+        f"'not_in_any_folder_zz': it is not installed in this Python ({sys.executable}) and not in a folder on its "
+        "path; install it, or add the folder that holds it to PYTHONPATH (under another WSGI server, which "
+        f"imports from its working directory, here {tmp_path}, and PYTHONPATH: start it in the folder that holds "
+        "the module)"]
