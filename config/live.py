@@ -542,7 +542,7 @@ class LiveStack:
         """Read, validate, lint and build the file, carrying unchanged memory:// stores over."""
         base = config_dir(self.path)
         config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
-        warnings = [*warnings, *self._lint_as_served(config, warnings)]
+        warnings = self._lint_as_served(config, warnings)
         new = build(config, stores=self._stores(config), server=self.in_force)
         new.warnings = warnings
         return _probed(new)
@@ -577,30 +577,40 @@ class LiveStack:
         return [body]
 
     def _lint_as_served(self, config: StackConfig, known: list[Problem]) -> list[Problem]:
-        """Lint the new pipeline against the server settings in force; raise on errors, return new warnings.
+        """Lint the new pipeline against the server settings in force; raise on errors, return the warnings.
 
-        The file's own settings are linted by ``load``, but the workers, the sockets and
-        Waitress's proxy trust are the start's until a restart: a pipeline can be safe
-        with the file's and unsafe with the ones serving.  Two rules judge that: state
-        per process under the workers running, and a ProxyFix believing every client's
-        X-Forwarded-For, which Waitress keeps when the start's pipeline read them itself.
-        (A proxy layer added while Waitress clears the headers sees the proxy as every
-        client, as the old pipeline did: a restart applies it, and the reload says so.)
+        The file's own settings are linted by ``load``, but the workers, the sockets, the
+        threads and Waitress's adjustments are the start's until a restart: a pipeline can be
+        safe with the file's and unsafe with the ones serving, or the other way round.  Every
+        rule that reads server settings (``lint.SERVED_ONLY``: state per process under the
+        workers running, a ProxyFix believing every client's X-Forwarded-For, which Waitress
+        keeps when the start's pipeline read them itself, paced streams against the threads
+        running, the validation limits against Waitress's) judges the new pipeline with the
+        settings in force instead: ``known`` (``load``'s warnings) comes back without what those
+        rules found only with the file's settings, and with what they find only with the ones
+        in force (noted so).  (A proxy layer added while Waitress clears the headers sees the
+        proxy as every client, as the old pipeline did: a restart applies it, and the reload
+        says so.)  Hosted, only the multiprocess and ProxyFix rules are judged again.
         """
-        from .lint import proxyfix_trusts_every_peer, shared_state
+        from .lint import SERVED_ONLY, proxy_headers_kept, proxyfix_trusts_every_peer, shared_state
 
         restart_only = {name: getattr(self.in_force, name) for name in RESTART_ONLY}
         restart_only["clear_untrusted_proxy_headers"] = self.waitress_kwargs["clear_untrusted_proxy_headers"]
         served = config.server.model_copy(update=restart_only)
         if all(getattr(served, name) == getattr(config.server, name) for name in restart_only):
-            return []
+            return known
+        # (proxy_headers_kept judges the file's own clear_untrusted_proxy_headers: true, not the value in force.)
+        rules = (shared_state, proxyfix_trusts_every_peer) if self.hosted else \
+            tuple(rule for rule in SERVED_ONLY if rule is not proxy_headers_kept)
+        in_force = _judged(config, served, *rules)
+        now = {(p.message, p.path) for p in in_force}
+        only_the_files = {(p.message, p.path) for p in _judged(config, config.server, *rules)} - now
         seen = {(p.message, p.path) for p in known}
         found = [_noted(p, "with the server settings in force: a restart applies the file's")
-                 for p in _judged(config, served, shared_state, proxyfix_trusts_every_peer)
-                 if (p.message, p.path) not in seen]
+                 for p in in_force if (p.message, p.path) not in seen]
         if any(p.severity == "error" for p in found):
             raise ConfigError(found)
-        return found
+        return [p for p in known if (p.message, p.path) not in only_the_files] + found
 
     def _stores(self, config: StackConfig) -> dict[str, Store]:
         """The new config's stores: unchanged memory:// ones are the old instances (their data stays)."""

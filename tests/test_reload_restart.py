@@ -307,6 +307,62 @@ def test_a_reload_is_linted_against_the_proxy_trust_in_force(tmp_path: Path) -> 
     live.current.close()
 
 
+CORE = ("app:\n  factory: app:create_app\n  options:\n    var_dir: var\n"
+        "    search: {{stream_interval: 3, max_streams: {streams}}}\n")
+IN_FORCE = " (with the server settings in force: a restart applies the file's)"
+STREAMS = ("search.max_streams ({streams}) is not below server.threads ({threads}) with search.stream_interval 3: "
+           "paced streams can hold every server thread of a process (each for about five intervals), and every other "
+           "request, the health probes too, then waits behind them; set max_streams to at most {most}, or raise "
+           "server.threads (both count per process, with workers too)")
+BODY = ("validation.max_body_bytes (5000) is above server.max_request_body_size (1000): Waitress refuses larger "
+        "bodies first, with its own plain-text 413")
+HEADERS = ("validation.max_total_header_bytes (20000) is above server.max_request_header_size (10000): Waitress "
+           "refuses larger header blocks first")
+
+
+def _served(threads: int, streams: int, server: str = "", validation: str = "") -> str:
+    pipeline = "  - errors: {}\n" + (f"  - validation: {validation}\n" if validation else "")
+    return (f"server:\n  listen: 127.0.0.1:18112\n  threads: {threads}\n{server}" + CORE.format(streams=streams)
+            + "pipeline:\n" + pipeline)
+
+
+@pytest.mark.parametrize(("started", "reloaded", "needs", "expected"), [
+    pytest.param(_served(4, 3), _served(8, 6), ["threads"],
+                 [STREAMS.format(streams=6, threads=4, most=3) + IN_FORCE],
+                 id="more streams for threads a restart would add: the 4 running are judged"),
+    pytest.param(_served(8, 6), _served(4, 6), ["threads"], [],
+                 id="fewer threads in the file, 8 still running: no warning"),
+    pytest.param(_served(4, 3), _served(4, 4), [], [STREAMS.format(streams=4, threads=4, most=3)],
+                 id="the file's threads are those running: the file's own warning"),
+    pytest.param(_served(4, 3, "  max_request_body_size: 1000\n", "{max_body_bytes: 500}"),
+                 _served(4, 3, "  max_request_body_size: 10000\n", "{max_body_bytes: 5000}"),
+                 ["max_request_body_size"], [BODY + IN_FORCE], id="a body limit above Waitress's in force"),
+    pytest.param(_served(4, 3, "  max_request_header_size: 10000\n", "{max_total_header_bytes: 8000}"),
+                 _served(4, 3, "  max_request_header_size: 30000\n", "{max_total_header_bytes: 20000}"),
+                 ["max_request_header_size"], [HEADERS + IN_FORCE],
+                 id="a header limit judged against Waitress's in force, not the file's"),
+    pytest.param(_served(4, 3, "  max_request_header_size: 30000\n", "{max_total_header_bytes: 20000}"),
+                 _served(4, 3, "  max_request_header_size: 10000\n", "{max_total_header_bytes: 20000}"),
+                 ["max_request_header_size"], [], id="a header limit the file lowers, the old one in force"),
+])
+def test_a_reload_is_linted_against_the_server_settings_in_force(tmp_path: Path, started: str, reloaded: str,
+                                                                 needs: list[str], expected: list[str]) -> None:
+    """Every rule that reads server settings judges a reload by the ones running (threads, Waitress's limits),
+    not by the file's, which apply only after a restart."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(started)
+    live = LiveStack(path)
+    try:
+        assert live.current.warnings == []
+        path.write_text(reloaded)
+        result = live.reload()
+        assert result.ok and result.needs_restart == needs, result.summary()
+        assert [p.message for p in result.problems] == expected
+        assert [p.severity for p in result.problems] == ["warning"] * len(expected)
+    finally:
+        live.close()
+
+
 def test_a_file_made_readable_again_counts_as_changed(live: LiveStack) -> None:
     # An edit that could not be read (the file was 0600 to another user) is read once the file's
     # mode changes: a chmod changes the ctime, though not the mtime, size or inode.
