@@ -15,13 +15,16 @@ from collections.abc import Mapping
 from pathlib import Path as FsPath
 from typing import Any
 
+from pydantic import BaseModel
+
 from middleware.base import resolve_path
 
 from .build import BuiltStack, LayerSpec, StackConfig, build, parse
 from .errors import ConfigError, Problem
 from .lint import lint
 from .loader import Document, read_file, read_text
-from .registry import LAYERS, resolve
+from .registry import LAYERS, import_string, resolve
+from .schema import AppSection
 
 __all__ = [
     "LAYERS",
@@ -64,10 +67,15 @@ def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) ->
     document.base_dir = str(base_dir)
     data = document.data
     if isinstance(data, dict):
-        app = data.get("app")
+        if data.get("app") is None:
+            data["app"] = {}  # the built-in app, with its default options
+        app = data["app"]
+        if isinstance(app, dict) and app.get("options") is None:
+            app["options"] = {}
         options = app.get("options") if isinstance(app, dict) else None
         if isinstance(options, dict):
-            options.setdefault("var_dir", "var")
+            if _takes_var_dir(app.get("factory", AppSection.model_fields["factory"].default)):
+                options.setdefault("var_dir", "var")  # its default, "var", from here and not the working directory
             search = options.get("search")
             for holder, key in ((options, "var_dir"), (options, "users_db"), (search, "index_path")):
                 value = holder.get(key) if isinstance(holder, dict) else None
@@ -79,6 +87,22 @@ def _relative_to(document: Document, base_dir: str | os.PathLike[str] | None) ->
                     os.path.normpath(resolve_path(base_dir, s)) if isinstance(s, str) and (
                         "/" in s or s.startswith(("~", "."))) else s for s in sources]
     return document
+
+
+def _takes_var_dir(factory: Any) -> bool:
+    """Whether the app factory takes a ``var_dir`` option: the built-in one, or one whose Options declare it.
+
+    Another factory's options get none they did not ask for (its Options may refuse unknown keys).
+    """
+    if not isinstance(factory, str):
+        return False
+    if factory in ("app:create_app", "app.create_app"):
+        return True
+    try:
+        model = getattr(import_string(factory), "Options", None)
+    except (Exception, SystemExit):  # parse says why it does not import
+        return False
+    return isinstance(model, type) and issubclass(model, BaseModel) and "var_dir" in model.model_fields
 
 
 def load(document: Document, *, strict: bool = True, hosted: bool = False) -> tuple[StackConfig, list[Problem]]:

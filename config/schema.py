@@ -336,6 +336,11 @@ class AppSection(Strict):
     factory: str = "app:create_app"
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("options", mode="before")
+    @classmethod
+    def _no_options(cls, value: Any) -> Any:
+        return {} if value is None else value  # `options:` with every line commented out, as an empty section
+
 
 class LoggingOptions(Strict):
     """How ``serve.py`` logs: the level of every logger, and ``text`` lines or one JSON object per line."""

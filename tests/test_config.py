@@ -1000,3 +1000,86 @@ def test_aliases_of_an_interpolated_value_share_one_string(tmp_path: Path) -> No
     assert [line.split(": ", 1)[1] for line in found] == [
         f"unknown top-level key '{key}' (known: server, stores, app, pipeline, logging)" for key in "abcd"]
     assert peak < 20_000_000, f"{peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    "app_section",
+    [
+        pytest.param("", id="no app section"),
+        pytest.param("app:\n", id="empty app section"),
+        pytest.param("app: {factory: 'app:create_app'}\n", id="no options"),
+        pytest.param("app: {factory: app.create_app, options: null}\n", id="null options, dotted factory"),
+        pytest.param("app:\n  options:\n", id="empty options"),
+        pytest.param("app: {options: {}}\n", id="empty options mapping"),
+    ],
+)
+def test_the_default_var_dir_is_beside_the_stack_file_without_app_options(
+        app_section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server, `check` and the `users` command share conf/var wherever serve.py is started."""
+    import io
+
+    import serve
+    from app.users import users_cli
+    from config import build_from_file
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    path = conf / "stack.yaml"
+    path.write_text(app_section + "pipeline:\n  - errors: {}\n")
+    monkeypatch.chdir(tmp_path)
+    db_path = serve._app_option(str(path), "users_db", "users.sqlite3")
+    assert db_path == str(conf / "var" / "users.sqlite3")
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    assert users_cli(["add", "bob", "--password-stdin"], db_path) == 0
+    assert check(path) == []
+    built = build_from_file(path)
+    try:
+        state = built.core.extensions["wsgistack"]
+        assert state.options.var_dir == str(conf / "var")
+        assert str(state.users.path) == db_path
+        assert state.options.index_file == str(conf / "var" / "search-index.sqlite3")
+        assert state.users.get("bob") is not None
+    finally:
+        built.close()
+    assert not (tmp_path / "var").exists()
+
+
+STRICT_FACTORIES = (
+    "from pydantic import BaseModel, ConfigDict\n\n"
+    "class Options(BaseModel):\n    model_config = ConfigDict(extra='forbid')\n    greeting: str = 'hi'\n\n"
+    "class WithVar(Options):\n    var_dir: str = 'var'\n\n"
+    "def _answer(text):\n"
+    "    def app(environ, start_response):\n"
+    "        start_response('200 OK', [('Content-Type', 'text/plain')])\n        return [text.encode()]\n"
+    "    return app\n\n"
+    "def create(options):\n    return _answer(Options.model_validate(options).greeting)\n\n"
+    "def create_with_var(options):\n    return _answer(WithVar.model_validate(options).var_dir)\n\n"
+    "create.Options = Options\ncreate_with_var.Options = WithVar\n")
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        pytest.param("{factory: 'strict_factory:create'}", {}, id="no options"),
+        pytest.param("{factory: 'strict_factory:create', options: {}}", {}, id="empty options"),
+        pytest.param("{factory: 'strict_factory:create', options: null}", {}, id="null options"),
+        pytest.param("{factory: strict_factory.create, options: {greeting: hello}}", {"greeting": "hello"},
+                     id="dotted, options"),
+        pytest.param("{factory: 'strict_factory:create_with_var'}", {"var_dir": "{tmp}/var"},
+                     id="its Options declare var_dir"),
+        pytest.param("{factory: 'strict_factory:create_with_var', options: {var_dir: data}}",
+                     {"var_dir": "{tmp}/data"}, id="var_dir set"),
+    ],
+)
+def test_an_app_factory_of_your_own_gets_a_var_dir_only_when_it_takes_one(
+        section: str, expected: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """var_dir is the built-in app's option; another factory's Options may refuse unknown keys."""
+    (tmp_path / "strict_factory.py").write_text(STRICT_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    built = build_from_text(f"app: {section}\npipeline: [errors: {{}}]\n", base_dir=tmp_path)
+    expected = {key: value.replace("{tmp}", str(tmp_path)) for key, value in expected.items()}
+    try:
+        assert built.config.app.options == expected
+        assert TestApp(built.app).get("/").text == expected.get("var_dir", expected.get("greeting", "hi"))
+    finally:
+        built.close()
