@@ -5,7 +5,8 @@ database and answers the token service's ``issue()`` dict; when the stack has
 a session layer it also rotates the session id and stores
 ``session["user"] = {"sub", "roles", "iat"}``.  Unknown users and wrong passwords
 get the same 401 after the same amount of hashing; ``max_failed_logins`` wrong
-passwords for one name within ``failed_login_window`` get 429 until it ends; a
+passwords for one name within ``failed_login_window`` get 429 until it ends
+(``Retry-After``: the seconds left of it); a
 users database that cannot be read gets 503 with ``Retry-After``, as a refresh does.  ``POST /auth/refresh``
 exchanges ``{"refresh_token"}`` for a pair carrying the user's roles as the
 users database has them now; a user who was removed gets the 401 of a revoked
@@ -86,9 +87,21 @@ class _Failures:
         count = self.service.call_store(lambda: store.incr(key, ttl=window))
         if count > self.limit:
             # Counted before the password is checked: more than the limit at once count too, right or wrong.
+            left = self.left()
             raise refuse(429, f"Too many login attempts for this user name (wrong passwords, or more than "
-                              f"{self.limit} at once); retry in {self.window} seconds or less.",
-                         headers=[("Retry-After", str(self.window))])
+                              f"{self.limit} at once); retry in {left} seconds or less.",
+                         headers=[("Retry-After", str(left))])
+
+    def left(self) -> int:
+        """Whole seconds left in the count's window (it runs from the first attempt), at least 1.
+
+        One more store call, on a refusal only; the whole window when the store cannot tell.
+        """
+        try:
+            ttl = self.store.ttl(self.key) if self.store is not None else None
+        except StoreError:
+            ttl = None
+        return max(1, math.ceil(ttl)) if ttl is not None else self.window
 
     def uncount(self) -> None:
         """Take back this attempt when no password was checked (the users database could not be read)."""

@@ -262,6 +262,15 @@ class Store(abc.ABC):
     def expire(self, key: str, ttl: float) -> bool:
         """Reset the time to live of an existing key; return whether it existed."""
 
+    def ttl(self, key: str) -> float | None:
+        """Seconds ``key`` has left before it expires (Redis ``PTTL``); ``None`` when it is missing or never expires.
+
+        The built-in stores answer it; this default raises :class:`StoreError` (a store
+        of your own should override it): callers that read it fall back as they do when
+        the store is down (the login lockout's ``Retry-After`` is then the whole window).
+        """
+        raise StoreError(f"{type(self).__name__} cannot tell how long a key has left")
+
     @abc.abstractmethod
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         """Set ``key`` only if it does not exist (a lock primitive); return success."""

@@ -334,6 +334,18 @@ class MemoryStore(Store):
             self._table(key)[key] = (item[0], now + clamp_ttl(ttl))
             return True
 
+    def ttl(self, key: str) -> float | None:
+        now = _monotonic()
+        with self._lock:
+            table = self._table(key)
+            item = table.get(key)  # (not _live: reading the TTL is no use, and leaves the key's recency alone)
+            if item is None or item[1] is None:
+                return None
+            if item[1] <= now:
+                self._drop(table, key)
+                return None
+            return item[1] - now
+
     def scan(self, prefix: str) -> Iterator[str]:
         now = _monotonic()
         with self._lock:

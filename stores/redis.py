@@ -656,6 +656,10 @@ class RedisStore(Store):
     def expire(self, key: str, ttl: float) -> bool:
         return bool(self.call("PEXPIRE", partial(self.client.pexpire, self.key_prefix + key, _ms(ttl))))
 
+    def ttl(self, key: str) -> float | None:
+        left = int(self.call("PTTL", partial(self.client.pttl, self.key_prefix + key)))
+        return left / 1000 if left >= 0 else None  # -2: missing, -1: no expiry
+
     def _pattern(self, prefix: str) -> str:
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.key_prefix + prefix)
         return escaped + "*"

@@ -227,6 +227,48 @@ def test_wrong_passwords_are_throttled_per_user_name(tmp_path: Path, users: User
                           for name in ("alice", "ALICE", "nobody"))
 
 
+@pytest.mark.parametrize(("later", "retry_after"), [(0.0, 600), (450.2, 150), (599.5, 1)])
+def test_a_locked_out_name_is_told_what_is_left_of_its_window(tmp_path: Path, users: UserStore,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              later: float, retry_after: int) -> None:
+    """The count of wrong passwords runs in a fixed window from the first one: the 429 names the seconds
+    left in it (rounded up), not the whole window, in Retry-After and in its message alike."""
+    now = [1000.0]
+    monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
+    stack = Stack(tmp_path, users, max_failed_logins=3, failed_login_window=600)
+    for _ in range(3):
+        stack.login(password="guess", status=401)
+    now[0] += later
+    refused = stack.login(status=429)
+    assert refused.headers["Retry-After"] == str(retry_after)
+    assert refused.json["error"]["message"] == (
+        "Too many login attempts for this user name (wrong passwords, or more than 3 at once); retry in "
+        f"{retry_after} seconds or less.")
+    now[0] = 1000.0 + 600
+    assert stack.login().status_int == 200  # the window ended when it said
+
+
+def test_a_lockout_whose_time_left_cannot_be_read_names_the_whole_window(tmp_path: Path, users: UserStore,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = Stack(tmp_path, users, max_failed_logins=3, failed_login_window=600)
+    for _ in range(3):
+        stack.login(password="guess", status=401)
+    reads: list[str] = []
+
+    def unreadable(key: str) -> float | None:
+        reads.append(key)
+        raise StoreError("the store is down")
+
+    monkeypatch.setattr(stack.store, "ttl", unreadable)
+    refused = stack.login(status=429)
+    assert refused.headers["Retry-After"] == "600"
+    assert refused.json["error"]["message"].endswith("; retry in 600 seconds or less.")
+    assert reads == [f"login-failures:{hashlib.blake2b(b'alice', digest_size=16).hexdigest()}"]
+    stack.login("bob", "guess", status=401)
+    stack.login("bob", "builder")
+    assert len(reads) == 1  # read on a refusal only
+
+
 def test_a_flood_of_cache_entries_does_not_reset_the_count(tmp_path: Path, users: UserStore) -> None:
     """On a full memory store the response cache's entries make room for each other, never by
     evicting a count of wrong passwords: anonymous searches cannot buy a sprayer more guesses."""

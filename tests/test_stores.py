@@ -233,6 +233,39 @@ def test_expire_sets_a_ttl_on_an_existing_key(store: Store) -> None:
     assert store.expire("k", 1) is False
 
 
+@pytest.mark.parametrize("write", ["set", "incr"])
+def test_ttl_is_the_time_a_key_has_left(store: Store, write: str) -> None:
+    """Seconds left before the key expires; ``None`` for a missing key, an expired one and one without expiry."""
+    assert store.ttl("k") is None
+    if write == "set":
+        store.set("k", b"v")
+    else:
+        store.incr("k")
+    assert store.ttl("k") is None  # no expiry
+    store.delete("k")
+    if write == "set":
+        store.set("k", b"v", ttl=0.4)
+    else:
+        assert store.incr("k", ttl=0.4) == 1
+    left = store.ttl("k")
+    assert left is not None and 0.3 < left <= 0.4
+    time.sleep(0.2)
+    if write == "incr":
+        assert store.incr("k", ttl=0.4) == 2  # a count leaves its window alone
+    left = store.ttl("k")
+    assert left is not None and 0.05 < left <= 0.21
+    assert store.get("k") is not None  # reading the TTL leaves the key as it was
+    time.sleep(0.3)
+    assert store.ttl("k") is None
+    assert store.get("k") is None
+
+
+def test_ttl_of_a_store_that_cannot_tell_is_a_store_error() -> None:
+    """The default, for a store of your own without ``ttl``: a StoreError, which its callers handle already."""
+    with pytest.raises(StoreError, match=r"^MemoryStore cannot tell how long a key has left$"):
+        Store.ttl(MemoryStore(), "k")
+
+
 def test_delete_says_whether_the_key_existed(store: Store) -> None:
     store.set("k", b"v")
     assert store.delete("k") is True
