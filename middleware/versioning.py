@@ -101,16 +101,6 @@ def _normal_option(value: object) -> object:
     return _normal(value) if isinstance(value, str) else value
 
 
-def _iso(moment: date | datetime) -> str:
-    """``2024-01-01`` for a date, or a naive midnight (pydantic reads the text 2024-01-01 as one)."""
-    if isinstance(moment, datetime) and moment.tzinfo is None and moment.time() == datetime.min.time():
-        return moment.date().isoformat()
-    return moment.isoformat()
-
-
-#: A version name that a key path can name with a dot (``deprecated.v1``; others are quoted: ``deprecated['1.0']``).
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
 #: What may stand between ``<`` and ``>`` in a Link header: visible ASCII but space, ``"``, ``<``, ``>``.
 _URI_REFERENCE = re.compile(r'[!#-;=?-~]+')
 
@@ -132,6 +122,12 @@ class Deprecated(LayerOptions):
                              "visible ASCII characters, without spaces, quotes or angle brackets (percent-encode "
                              "the others)")
         return value
+
+    @model_validator(mode="after")
+    def _sunset_after(self) -> Deprecated:
+        if self.sunset is not None and _unix(self.sunset) < _unix(self.deprecation):
+            raise ValueError("sunset must not be earlier than deprecation")
+        return self
 
     def headers(self) -> Headers:
         """The response headers that announce this deprecation."""
@@ -206,13 +202,6 @@ class VersioningOptions(LayerOptions):
         for version in self.deprecated:
             if version not in self.supported:
                 raise ValueError(f"deprecated names {version!r}, which is not in supported ({known})")
-        for version, when in self.deprecated.items():
-            # Checked here, not in Deprecated: the message leads with the version's mapping, where stack.yaml
-            # errors are shown, and gives the dates as written (a YAML date would print as datetime.date(…)).
-            if when.sunset is not None and _unix(when.sunset) < _unix(when.deprecation):
-                where = f"deprecated.{version}" if _IDENTIFIER.fullmatch(version) else f"deprecated[{version!r}]"
-                raise ValueError(f"{where}: sunset must not be earlier than deprecation (got sunset "
-                                 f"{_iso(when.sunset)}, deprecation {_iso(when.deprecation)})")
         if "url" not in self.precedence or len(set(self.precedence)) != len(self.precedence):
             raise ValueError("precedence must name url once, and header and accept at most once each")
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):

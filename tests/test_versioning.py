@@ -575,8 +575,7 @@ def test_identity_names_the_client(seen: Seen) -> None:
                  id="header with a colon"),
     pytest.param({"header": ""}, "header '' is not a valid HTTP header name", id="empty header"),
     pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2025-01-01", "sunset": "2024-01-01"}}},
-                 "deprecated.v1: sunset must not be earlier than deprecation (got sunset 2024-01-01, deprecation "
-                 "2025-01-01)", id="sunset before deprecation"),
+                 "sunset must not be earlier than deprecation", id="sunset before deprecation"),
     pytest.param({"supported": ["v1"], "deprecated": {"v1": {"sunset": "2024-01-01"}}}, "Field required",
                  id="deprecation date required"),
     pytest.param({"supported": ["v1"], "deprecated": {"v1": {"deprecation": "2024-01-01",
@@ -641,25 +640,3 @@ def test_a_stray_quote_is_unread_whatever_werkzeug_keeps_of_it(make: Callable[..
     web, _ = make(**V1_V2)
     response = web.get("/api/search", headers={"Accept": f'{VND}v2+json"'}, status=400)
     assert response.json["error"]["message"] == UNREADABLE_ACCEPT
-
-
-@pytest.mark.parametrize(("deprecated", "expected"), [
-    pytest.param("{v1: {deprecation: 2024-01-01, sunset: 2023-01-01}}",
-                 "stack.yaml:3:59 pipeline[1].versioning.deprecated.v1: deprecated.v1: sunset must not be earlier "
-                 "than deprecation (got sunset 2023-01-01, deprecation 2024-01-01)", id="dates"),
-    pytest.param("{v1: {deprecation: '2024-01-01T12:00:00Z', sunset: '2024-01-01T11:00:00+00:00'}}",
-                 "stack.yaml:3:59 pipeline[1].versioning.deprecated.v1: deprecated.v1: sunset must not be earlier "
-                 "than deprecation (got sunset 2024-01-01T11:00:00+00:00, deprecation 2024-01-01T12:00:00+00:00)",
-                 id="times"),
-    pytest.param("{'1.0': {deprecation: 2024-01-01, sunset: 2023-01-01}}",
-                 "stack.yaml:3:62 pipeline[1].versioning.deprecated.1.0: deprecated['1.0']: sunset must not be "
-                 "earlier than deprecation (got sunset 2023-01-01, deprecation 2024-01-01)", id="a dotted version"),
-])
-def test_a_sunset_before_the_deprecation_is_refused_with_the_dates_as_written(deprecated: str, expected: str) -> None:
-    """The dates in ISO form, as in stack.yaml (YAML reads 2023-01-01 as a date, not as text)."""
-    from config import ConfigError, build_from_text
-
-    with pytest.raises(ConfigError) as info:
-        build_from_text(f"pipeline:\n  - errors: {{}}\n  - versioning: {{supported: [v1, '1.0'], "
-                        f"deprecated: {deprecated}}}\n", file="stack.yaml", env={})
-    assert [str(p) for p in info.value.problems] == [expected]
