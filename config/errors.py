@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -83,7 +84,10 @@ class Problem:
         text = f"{where} {dotted(self.path)}: {self.message}"
         if self.has_value and self.value != MASK:  # a hidden value adds nothing to the line
             try:
-                shown = ascii(self.value)  # ASCII: a lone surrogate, a control character print as escapes
+                value = self.value
+                # A YAML date or timestamp as it was written, not as Python's repr of it
+                shown = value.isoformat() if isinstance(value, datetime.date | datetime.time) \
+                    else ascii(value)  # ASCII: a lone surrogate, a control character print as escapes
             except ValueError:  # an int of more digits than Python prints
                 shown = f"<a number of {self.value.bit_length()} bits>"
             if len(shown) > 80:

@@ -592,6 +592,25 @@ def test_options_refused(options: dict[str, Any], message: str) -> None:
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(("entry", "shown"), [
+    ("{deprecation: 2025-01-01, sunset: 2024-01-01}",
+     "5:47 pipeline[0].versioning.deprecated.v1.sunset: sunset must not be earlier than deprecation "
+     "(got 2024-01-01)"),
+    ("{deprecation: 2025-01-01, sunset: 2024-01-01T12:30:00Z}",
+     "5:47 pipeline[0].versioning.deprecated.v1.sunset: sunset must not be earlier than deprecation "
+     "(got 2024-01-01T12:30:00+00:00)"),
+    ("{deprecation: 2024-01-01, link: 2024-02-01}",
+     "5:45 pipeline[0].versioning.deprecated.v1.link: Input should be a valid string (got 2024-02-01)"),
+])
+def test_a_yaml_date_in_an_error_is_shown_as_written(entry: str, shown: str) -> None:
+    from config import ConfigError, build_from_text
+
+    with pytest.raises(ConfigError) as info:
+        build_from_text("app: {factory: 'stack_support:echo_app'}\npipeline:\n  - versioning:\n"
+                        f"      deprecated:\n        v1: {entry}\n")
+    assert [str(p).partition(":")[2] for p in info.value.problems] == [shown]  # after the file name
+
+
 def test_versions_in_options_are_normalised() -> None:
     options = VersioningMiddleware.Options(
         supported=["1", " V2 ", "Beta"], default="2",
