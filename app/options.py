@@ -99,8 +99,9 @@ def _folder_can_hold(name: str, file: Path) -> None:
 class AppOptions(BaseModel):
     """Everything ``create_app`` accepts; unknown keys are refused.
 
-    ``var_dir``: where the SQLite files live (default ``var``, relative to the
-    working directory).  ``users_db``: the users database (default
+    ``var_dir``: where the SQLite files live (default ``var``; a stack file's
+    relative paths are resolved against its folder before they get here, so
+    only ``create_app`` called directly reads them from the working directory).  ``users_db``: the users database (default
     ``<var_dir>/users.sqlite3``).  ``search``: see :class:`SearchOptions`.
     ``debug``: put the exception text in 500 bodies when the app is used
     without the stack's ``errors`` layer.  ``max_failed_logins`` /
