@@ -22,7 +22,7 @@ import sysconfig
 
 #: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-#: Seconds within which a worker takes a second SIGHUP for the same one, the file unchanged.
+#: Seconds within which the supervisor of workers takes a second SIGHUP for the same one, the file unchanged.
 HUP_TWICE = 2.0
 
 if __name__ == "__main__":
@@ -293,12 +293,29 @@ _TICK = 0.2
 
 class _Beats:
     """The workers' heartbeats, in a page the supervisor shares with them: per slot, the
-    ``time.monotonic()`` of its worker's last pass through the serving loop."""
+    ``time.monotonic()`` of its worker's last pass through the serving loop; after them, the
+    generation the supervisor serves, which every worker reloads to reach (:meth:`publish`)."""
 
     _STAMP = struct.Struct("d")
+    _GENERATION = struct.Struct("q")
 
-    def __init__(self, slots: int) -> None:
-        self.page = mmap.mmap(-1, self._STAMP.size * slots)
+    def __init__(self, slots: int, generation: int = 1) -> None:
+        self.page = mmap.mmap(-1, self._STAMP.size * slots + self._GENERATION.size)
+        self._at = self._STAMP.size * slots
+        self.publish(generation)
+
+    def publish(self, generation: int) -> None:
+        """The supervisor's generation now (after a successful reload): the workers reload to it."""
+        self.page[self._at:self._at + self._GENERATION.size] = self._GENERATION.pack(generation)
+
+    def generation(self) -> int:
+        """The generation the supervisor last published (read until two readings agree: never half written)."""
+        first = self._GENERATION.unpack_from(self.page, self._at)[0]
+        while True:
+            again: int = self._GENERATION.unpack_from(self.page, self._at)[0]
+            if again == first:
+                return again
+            first = again
 
     def stamp(self, slot: int, when: float | None = None) -> None:
         # One 8-byte store: struct's pack_into zeroes the bytes before it writes them, and the
@@ -503,7 +520,7 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
 
 
 def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | None = None,
-                  beat: Callable[[], None] = lambda: None) -> int:
+                  beat: Callable[[], None] = lambda: None, wanted: Callable[[], int] | None = None) -> int:
     """Serve ``live`` on pre-bound sockets until SIGTERM/SIGINT; SIGHUP reloads; return the exit code.
 
     The first SIGTERM/SIGINT stops accepting and drains requests in flight; a
@@ -513,7 +530,14 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     the whole process group, and the supervisor passes the signal on as well);
     the supervisor decides when a worker must hurry.  ``beat()`` runs on every
     pass of the serving loop (a worker's heartbeat, see :func:`_supervise`).
-    The exit code is 0 when every request in flight was answered, else 1.
+
+    A worker reloads when the supervisor says so, not on a SIGHUP of its own: ``wanted()``
+    is the generation the supervisor serves, read on every pass, and a worker behind it
+    reloads to it (taking that number).  A SIGHUP sent to a worker (directly, or to the whole
+    process group) changes nothing there: the supervisor decides whether it is a reload, and
+    only the supervisor polls the file.  So every worker serves the supervisor's generation,
+    as does one it starts later, whatever SIGHUPs or edits came and however late a worker's
+    loop got to them.  The exit code is 0 when every request in flight was answered, else 1.
     """
     from waitress.server import create_server
 
@@ -527,24 +551,24 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     # set an Event (or started a thread) took a lock, and a second signal arriving while the
     # first handler held that lock (systemd and the supervisor both signal a worker) deadlocked it.
     arrived: list[int] = []
-    reloaded: list[Any] = [-math.inf, None]  # when this worker last started a reload, and the file then
+    asked = [live.generation]  # the supervisor's generation this worker last reloaded for
 
     def note_signal(signum: int, frame: Any) -> None:
         arrived.append(signum)
 
     def act() -> None:
         beat()
+        if wanted is not None:
+            generation = wanted()
+            if generation > asked[0]:  # once per generation: a reload that fails here is not retried each tick
+                asked[0] = generation
+                reloader.ask()
         while arrived:
             signum = arrived.pop(0)
             if signum == signal.SIGHUP:
-                if parent is not None and _repeated_hup(reloaded, live):
-                    # A SIGHUP to the whole process group (a terminal, `kill -HUP -PGID`) reaches a
-                    # worker twice: directly, and passed on by the supervisor. One reload it is.
-                    log.info("%sa second SIGHUP within %g s, the file unchanged: one reload is enough",
-                             live.label, HUP_TWICE)
-                    continue
-                reloader.ask()
-                continue
+                if parent is None:
+                    reloader.ask()
+                continue  # a worker: the supervisor decides, and publishes the generation to serve
             if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
                 hurry.set()
             if not stop.is_set() and parent is None:
@@ -554,11 +578,12 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
                 log.warning("%sthe supervisor (pid %d) is gone; stopping", live.label, parent)
             stop.set()
 
-    reloader = _Reloader(live)
+    reloader = _Reloader(live, generation=wanted)
     for signum in HANDLED:
         signal.signal(signum, note_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a worker starts with them blocked
-    live.follow_watch()
+    if parent is None:
+        live.follow_watch()  # (with workers the supervisor alone polls)
     if parent is not None:
 
         def orphan_watch() -> None:
@@ -578,10 +603,15 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
 
 class _Reloader:
     """Reload in a thread of its own, one reload at a time: SIGHUPs that come during a reload ask for one
-    more, after it (the file may have changed again), not one each."""
+    more, after it (the file may have changed again), not one each.
 
-    def __init__(self, live: LiveStack, done: Callable[[], None] = lambda: None) -> None:
-        self.live, self.done = live, done
+    ``generation`` (a worker's): the supervisor's generation, which each reload takes; none is
+    made when the process already serves it.
+    """
+
+    def __init__(self, live: LiveStack, done: Callable[[], None] = lambda: None,
+                 generation: Callable[[], int] | None = None) -> None:
+        self.live, self.done, self.generation = live, done, generation
         self.wanted = threading.Event()
         self.busy = False  # asked for, or building
         self.lock = threading.Lock()  # busy and wanted change together
@@ -600,7 +630,9 @@ class _Reloader:
             self.wanted.wait()
             self.wanted.clear()
             try:
-                self.live.reload()
+                target = None if self.generation is None else self.generation()
+                if target is None or target > self.live.generation:
+                    self.live.reload(generation=target)
             except BaseException:  # (reload logs a failed build itself; this thread must live on)
                 log.exception("%sreload failed", self.live.label)
             with self.lock:  # (not busy only if nobody asked again meanwhile)
@@ -650,7 +682,11 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     """Fork a Waitress process for each slot's sockets; restart the ones that die.
 
     SIGHUP reloads the supervisor's own copy of the configuration (so a worker
-    started later serves the current one) and is passed on to every worker;
+    started later serves the current one); once it succeeded, the supervisor
+    publishes its generation in the page it shares with the workers, and each
+    worker reloads to it (see :func:`_run_waitress`).  The supervisor alone
+    polls a watched file, and alone takes a second SIGHUP within HUP_TWICE, the
+    file unchanged, for the same one;
     SIGTERM and SIGINT stop the workers (which drain) and then the supervisor; a
     second one kills the workers at once.  A worker still running
     ``server.drain_timeout`` (or ``$WSGISTACK_DRAIN_SECONDS``) + 5 s after SIGTERM is killed.
@@ -670,7 +706,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     failed: dict[int, int] = dict.fromkeys(range(len(slots)), 0)  # slot -> its workers' failed starts in a row
     pending: list[int] = []
     supervisor = os.getpid()
-    beats = _Beats(len(slots))
+    beats = _Beats(len(slots), live.generation)
     hung: set[int] = set()  # workers killed for want of a heartbeat, until reaped
     judged = time.monotonic()  # when the heartbeats were last looked at
     wake_r, wake_w = os.pipe()
@@ -694,7 +730,8 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                         signal.signal(sig, signal.SIG_DFL)
                     _stop_with_parent(supervisor)
                     live.after_fork(f"worker {os.getpid()}: ")
-                    code = _run_waitress(live, slots[slot], parent=supervisor, beat=lambda: beats.stamp(slot))
+                    code = _run_waitress(live, slots[slot], parent=supervisor, beat=lambda: beats.stamp(slot),
+                                         wanted=beats.generation)
                 except BaseException:
                     log.exception("worker %d failed", os.getpid())
                     code = 1
@@ -711,7 +748,8 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     live.label = "supervisor: "
     for slot in range(len(slots)):
         spawn(slot)
-    def wake() -> None:  # after a reload: the workers waiting for it to end may start now
+    def wake() -> None:  # after a reload: the workers follow it, and those waiting for it to end may start now
+        beats.publish(live.generation)
         with contextlib.suppress(OSError):
             os.write(wake_w, b"r")
 
@@ -724,9 +762,9 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     stopping_since: float | None = None
     incomplete = gave_up = False
     grace = _drain_seconds(live) + 5.0
-    # As the workers do: a polled change is read once the file stayed the same for an interval, and
-    # a second SIGHUP within HUP_TWICE of the file as it was is one reload; else a worker started
-    # later (a restarted one) would serve another generation than its siblings.
+    # A polled change is read once the file stayed the same for an interval, and a second SIGHUP
+    # within HUP_TWICE of the file as it was is one reload (the workers follow whatever the supervisor
+    # serves: they neither poll nor judge SIGHUPs themselves).
     seen = [live.fingerprint()]
     next_poll = time.monotonic()
     reloaded: list[Any] = [-math.inf, None]
@@ -797,10 +835,9 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                 next_poll = time.monotonic() + reload_options.interval
                 polled = live.settled_change(seen)
             if signal.SIGHUP in signals:
-                if _repeated_hup(reloaded, live):
-                    signals = [s for s in signals if s != signal.SIGHUP]  # the workers skip it too
-                else:
+                if not _repeated_hup(reloaded, live):
                     polled = True
+                signals = [s for s in signals if s != signal.SIGHUP]  # the workers follow the published generation
             if polled:  # in a thread: a stop (or a worker to reap) must not wait for a slow build
                 reloader.ask()  # workers started once it is done get the new configuration
             if time.monotonic() - followed >= 1.0:
@@ -809,7 +846,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             for signum in signals:
                 if signum == signal.SIGCHLD:
                     continue
-                forward = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
+                forward = signal.SIGTERM
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     if stopping_since is None:
                         log.info("stopping %d worker(s)", len(children))

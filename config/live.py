@@ -482,8 +482,12 @@ class LiveStack:
             raise
         return flight.finished(result, environ)
 
-    def reload(self) -> ReloadResult:
-        """Rebuild from the file; swap on success, keep the old pipeline on failure."""
+    def reload(self, generation: int | None = None) -> ReloadResult:
+        """Rebuild from the file; swap on success, keep the old pipeline on failure.
+
+        A successful reload adds one to the generation, or takes ``generation`` (a worker
+        following its supervisor's: serve.py).
+        """
         with self._lock:
             self._mtime = self._stat()
             try:
@@ -503,7 +507,7 @@ class LiveStack:
             old, retired = self.current, self._flight
             interval = old.config.server.reload.interval
             self.current = new
-            self.generation += 1
+            self.generation = self.generation + 1 if generation is None else generation
             self.last = ReloadResult(True, self.generation, needs_restart=needs, problems=new.warnings)
             self._publish()
             self._flight = _Flight(new, self._generation_header)  # the pipeline and its generation, as one

@@ -479,26 +479,30 @@ def test_sighup_reloads_every_worker_and_the_ones_started_later(
     # A worker started after the reload serves the reloaded configuration too.
     now = a_new_worker_serves(server, port, "2")
 
-    # An invalid file reloads nowhere: every worker keeps generation 2.
+    # An invalid file reloads nowhere: the supervisor refuses it, and every worker keeps generation 2.
     path.write_text(config_text(port) + "  - corz: {}\n")
     server.signal(signal.SIGHUP)
-    server.wait_output("reload failed, generation 2 keeps serving", count=3)
+    server.wait_output("supervisor: reload failed, generation 2 keeps serving")
+    time.sleep(0.5)
+    assert server.output().count("reload failed") == 1, server.output()
     assert all(gens == {"2"} for gens in sample(port, now).values())
 
 
 def test_a_sighup_to_the_whole_group_reloads_each_worker_once(
         supervised: tuple[ServeProcess, int, Path]) -> None:
-    """A terminal's hangup or `kill -HUP -PGID` reaches a worker directly and through the supervisor."""
+    """A terminal's hangup or `kill -HUP -PGID` reaches every worker as well as the supervisor: the
+    supervisor's reload is the one, and each worker follows it once."""
     server, port, path = supervised
     workers = children(server.pid)
     path.write_text(config_text(port, greeting="two"))
-    for pid in workers:  # the direct copy first, and handled, as when the supervisor's comes a moment later
+    for pid in workers:  # the workers' copies first, as when the supervisor's comes a moment later
         os.kill(pid, signal.SIGHUP)
+    time.sleep(0.5)
+    assert "generation 2" not in server.output()  # a worker leaves it to the supervisor
+    os.kill(server.pid, signal.SIGHUP)
+    server.wait_output("supervisor: generation 2 serving")
     for pid in workers:
         server.wait_output(f"worker {pid}: generation 2 serving")
-    os.kill(server.pid, signal.SIGHUP)  # which passes it on
-    server.wait_output("supervisor: generation 2 serving")
-    server.wait_output("one reload is enough", count=len(workers))
     time.sleep(0.5)
     assert "generation 3" not in server.output()
     assert sample(port, workers) == {pid: {"2"} for pid in workers}
@@ -522,8 +526,8 @@ def test_two_quick_sighups_leave_every_worker_on_one_generation(
 
 
 def test_polling_reads_a_file_written_in_parts_once_it_settles(tmp_path: Path) -> None:
-    """The supervisor polls as the workers do: a file still being written is not read half-way, so a
-    worker started later serves the generation its sibling does."""
+    """The supervisor polls (the workers follow it): a file still being written is not read half-way, and
+    a worker started later serves the generation its sibling does."""
     port = free_port()
     path = tmp_path / "stack.yaml"
     text = config_text(port).replace("  generation_header: true\n",
@@ -549,6 +553,75 @@ def test_polling_reads_a_file_written_in_parts_once_it_settles(tmp_path: Path) -
         time.sleep(1.2)
         assert "generation 3" not in server.output(), server.output()
         a_new_worker_serves(server, port, "2")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()
+
+
+def _supervisor_generation(server: ServeProcess) -> str:
+    """The generation the supervisor serves now (the one it starts workers with), from its log lines."""
+    found = re.findall(r"supervisor: generation (\d+) serving", server.output())
+    return found[-1] if found else "1"
+
+
+def every_worker_at_the_supervisors_generation(server: ServeProcess, port: int) -> str:
+    """Wait for every worker to answer with the supervisor's generation; return it."""
+    generation = _supervisor_generation(server)
+    workers = children(server.pid)
+    seen: dict[int, set[str]] = {}
+
+    def settled() -> bool:
+        seen.clear()
+        seen.update(sample(port, workers, count=16))
+        return set(seen) == workers and all(gens == {generation} for gens in seen.values())
+
+    with contextlib.suppress(AssertionError):
+        wait_until(settled, timeout=3)
+    assert settled(), (f"the supervisor serves generation {generation}, the workers {seen}",
+                       server.output()[-3000:])
+    return generation
+
+
+def test_sighups_just_past_the_repeat_window_reload_every_worker_as_the_supervisor(
+        supervised: tuple[ServeProcess, int, Path]) -> None:
+    """Each SIGHUP the supervisor takes for a reload is one in every worker too, however late a worker's
+    serving loop gets to it: two SIGHUPs a little over HUP_TWICE apart, the file unchanged, the first
+    reaching idle workers (their loop acts on it up to a tick later) and the second busy ones (at once),
+    twice, leave every worker (and one started later) at the supervisor's generation."""
+    import serve
+
+    server, port, _ = supervised
+    workers = children(server.pid)
+    for _ in range(2):
+        server.signal(signal.SIGHUP)
+        time.sleep(serve.HUP_TWICE + 0.02)
+        server.signal(signal.SIGHUP)
+        sample(port, workers, count=16)
+        time.sleep(serve.HUP_TWICE + 0.3)  # idle again, and past the window
+    generation = every_worker_at_the_supervisors_generation(server, port)
+    assert generation == "5", server.output()[-3000:]
+    a_new_worker_serves(server, port, generation)
+
+
+def test_polling_with_workers_leaves_every_worker_at_the_supervisors_generation(tmp_path: Path) -> None:
+    """Only the supervisor polls the file: edits that come about an interval apart are as many reloads
+    in every worker as in the supervisor (a worker polling on its own schedule saw some as one)."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    text = config_text(port, server="reload: {watch: true, interval: 0.2}")
+    path.write_text(text)
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "3"}).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        a_new_worker_serves(server, port, "1")  # a worker started later than the supervisor's first poll
+        for n, pause in enumerate((0.23, 0.29, 0.35, 0.27, 0.31, 0.25, 0.37, 0.33) * 2):  # across the poll's phase
+            path.write_text(text.replace("greeting: one", f"greeting: edit{'x' * n}"))
+            time.sleep(pause)
+        time.sleep(1.0)
+        assert int(every_worker_at_the_supervisors_generation(server, port)) > 2
+        status, _, body = request(port, "GET", "/x")
+        assert status == 200 and b'"option": "edit' + b"x" * 15 + b'"' in body
     finally:
         server.stop()
     assert "Traceback" not in server.output(), server.output()
