@@ -1085,13 +1085,19 @@ def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    """List the registered layers and their options; exit 2 when an entry cannot be imported (said on stderr,
+    in ``check``'s words: the file and line of a SyntaxError), after listing the others."""
     from pydantic_core import PydanticUndefined
 
+    from config.build import _why
+
+    broken = False
     for name in LAYERS:
         try:
             target = resolve(name)
-        except Exception as exc:
-            print(f"{name}: cannot import ({exc})\n")
+        except (Exception, SystemExit) as exc:  # a SyntaxError, any error the module raises (sys.exit too)
+            print(f"{name} ({LAYERS[name]}): cannot import layer {name!r}: {_why(exc)}", file=sys.stderr)
+            broken = True
             continue
         # The module's first paragraph, else the layer's own (a layer module may start with its class)
         doc = (inspect.getdoc(inspect.getmodule(target)) or inspect.getdoc(target) or "").split("\n\n")[0]
@@ -1111,7 +1117,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
                 line += f"\n        {text}"
             print(line)
         print("    paths, exclude_paths, methods: scope (any layer)\n")
-    return 0
+    return 2 if broken else 0
 
 
 # ---------------------------------------------------------------- explain

@@ -110,6 +110,29 @@ def test_layers_describes_a_layer_whose_module_has_no_docstring(tmp_path: Path, 
     assert out[at + 1] == "    Adds X-Served-By to every response."
 
 
+
+@pytest.mark.parametrize(("module", "entry", "message"), [
+    pytest.param("class ServedBy:\n    pass\n", "broken_layer:ServedBi",
+                 "'broken_layer' has no attribute 'ServedBi'; did you mean 'ServedBy'?", id="a misspelt class"),
+    pytest.param("x = 1\ndef (:\n", "broken_layer:ServedBy",
+                 "SyntaxError in {path}, line 2: invalid syntax", id="a module with a syntax error"),
+    pytest.param("import sys\nsys.exit('no config')\n", "broken_layer:ServedBy",
+                 "it called sys.exit('no config')", id="a module that exits"),
+])
+def test_layers_exits_2_naming_an_entry_that_cannot_be_imported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        module: str, entry: str, message: str) -> None:
+    """A broken registry entry fails `layers` (exit 2) with check's words for it; the others are listed."""
+    (tmp_path / "broken_layer.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "broken_layer", raising=False)
+    monkeypatch.setitem(LAYERS, "broken", entry)
+    assert serve.cmd_layers(argparse.Namespace()) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"broken ({entry}): cannot import layer 'broken': "
+                                + message.format(path=tmp_path / "broken_layer.py")]
+    assert "errors  (middleware.errors:ErrorsMiddleware)" in out and "broken" not in out
+
 @pytest.mark.parametrize(("target", "headers", "status", "message"), [
     ("/x?q=%ZZ", [], 400, "The query string has an invalid percent-escape '%ZZ' at offset 2."),
     ("/x", ["Authorization: Bearer bad"], 401, "Unauthorized: the token is malformed."),
