@@ -458,8 +458,9 @@ class TokenService:
         if o.jwks_file:
             self._load_jwks(o)
         if o.private_key:
+            data = self._read(o.private_key, "private_key")  # a file that is not there says so
             try:
-                private = load_pem_private_key(self._read(o.private_key, "private_key"), password=None)
+                private = load_pem_private_key(data, password=None)
             except (ValueError, TypeError):
                 raise ValueError("private_key is not an unencrypted PEM private key") from None
             public = private.public_key()

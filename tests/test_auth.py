@@ -1139,6 +1139,9 @@ def test_key_material_refused(rsa_key: Any, tmp_path: Path) -> None:
         ({"public_keys": [pem(rsa_key)], "algorithm": "ES256"},
          "a public_keys entry cannot be used with algorithm ES256"),
         ({"private_key": pem(rsa_key)}, "private_key is not an unencrypted PEM private key"),
+        ({"private_key": "missing.pem"}, f"private_key: cannot read {str(tmp_path / 'missing.pem')!r} "
+                                         "(No such file or directory)"),
+        ({"private_key": "."}, f"private_key: cannot read {str(tmp_path / '.')!r} (Is a directory)"),
         ({"public_keys": {"a": pem(rsa_key), "b": pem(rsa_key)}, "private_key": private_pem(rsa_key)}, ""),
     ]
     (tmp_path / "oct.json").write_text(json.dumps({"keys": [{"kty": "oct", "k": b64(b"x" * 32), "kid": "h"}]}))
