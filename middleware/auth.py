@@ -481,12 +481,14 @@ class TokenService:
             entries = None
         if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
             raise ValueError(f"jwks_file {o.jwks_file!r} is not a JSON object with a 'keys' list of objects")
+        skipped: list[str] = []
         for i, entry in enumerate(entries):
             where = f"jwks_file key {entry.get('kid') or i}"
             if entry.get("kty") == "oct":
                 raise ValueError(f"{where} is a symmetric (oct) key; HMAC keys go in secret, and may not be "
                                  "mixed with RSA/EC keys")
             if entry.get("use", "sig") != "sig":
+                skipped.append(f"key {entry.get('kid') or i} (use {entry.get('use')!r})")
                 continue
             try:
                 jwk = jwt.PyJWK.from_dict(entry, entry.get("alg") or o.algorithm)
@@ -499,6 +501,12 @@ class TokenService:
                 raise ValueError(f"{where} is pinned to {entry['alg']} but algorithm is {o.algorithm}")
             key = jwk.key.public_key() if hasattr(jwk.key, "private_bytes") else jwk.key
             self._add(entry.get("kid"), _alg_for(key, jwk.algorithm_name, where), key)
+        if len(skipped) == len(entries):  # else every token would be refused, for want of a key to check it
+            message = f"jwks_file {o.jwks_file!r} holds no signing keys"
+            if skipped:
+                listed = ", ".join(skipped[:-1]) + " and " + skipped[-1] if len(skipped) > 1 else skipped[0]
+                message += f": it skipped {listed}; only keys without a use or with use 'sig' verify tokens"
+            raise ValueError(message)
 
     def _add(self, kid: str | None, alg: str, key: Any) -> str:
         kid = kid or _thumbprint(key)

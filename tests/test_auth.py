@@ -1155,6 +1155,14 @@ def test_key_material_refused(rsa_key: Any, tmp_path: Path) -> None:
                                                 "of objects"))
     cases.append(({"jwks_file": "missing.json"}, f"jwks_file: cannot read {str(tmp_path / 'missing.json')!r} "
                                                 "(No such file or directory)"))
+    (tmp_path / "empty.json").write_text('{"keys": []}')
+    cases.append(({"jwks_file": "empty.json"}, "jwks_file 'empty.json' holds no signing keys"))
+    rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    (tmp_path / "enc.json").write_text(json.dumps({"keys": [{**rsa_jwk, "kid": "e1", "use": "enc"},
+                                                            {**rsa_jwk, "use": "wrap"}]}))
+    cases.append(({"jwks_file": "enc.json", "public_keys": [pem(rsa_key)]},
+                  "jwks_file 'enc.json' holds no signing keys: it skipped key e1 (use 'enc') and key 1 (use 'wrap'); "
+                  "only keys without a use or with use 'sig' verify tokens"))
     for options, message in cases:
         context = Context(stores={"shared": MemoryStore()}, settings={"base_dir": str(tmp_path)})
         if not message:  # two kids for one key: allowed, the private key takes the first
