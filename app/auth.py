@@ -4,7 +4,8 @@
 database and answers the token service's ``issue()`` dict; when the stack has
 a session layer it also rotates the session id and stores
 ``session["user"] = {"sub", "roles", "iat"}``.  Unknown users and wrong passwords
-get the same 401 after the same amount of hashing; ``max_failed_logins`` wrong
+get the same 401 after the same amount of hashing, and so does a password set anew
+while it was being checked; ``max_failed_logins`` wrong
 passwords for one name within ``failed_login_window`` get 429 until it ends
 (``Retry-After``: the seconds left of it); a
 users database that cannot be read gets 503 with ``Retry-After``, as a refresh does.  ``POST /auth/refresh``
@@ -32,6 +33,7 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from app.state import AppState
 from app.users import NAME
@@ -194,6 +196,13 @@ def auth_blueprint(state: AppState) -> Blueprint:
                               "only verifies them.")
         return service
 
+    def wrong_password(service: Any) -> HTTPException:
+        state.context.emit("auth.failure", reason="login")
+        busy: HTTPException | None = service.unavailable()
+        if busy is not None:  # a right password would get this 503 too: answer alike
+            return busy
+        return refuse(401, _FAILED, headers=[("WWW-Authenticate", _challenge(service))])
+
     @bp.post("/login")
     def login() -> Response:
         service = tokens("Login")
@@ -212,11 +221,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
                 "could not check the password of user %s", escape_control(username))
             raise _users_down() from None
         if user is None:
-            state.context.emit("auth.failure", reason="login")
-            busy = service.unavailable()
-            if busy is not None:  # a right password would get this 503 too: answer alike
-                raise busy
-            raise refuse(401, _FAILED, headers=[("WWW-Authenticate", _challenge(service))])
+            raise wrong_password(service)
         # `users passwd` dates the new credentials to the next whole second (tokens carry whole
         # seconds): a login within that second would get tokens and a session that are void at once.
         wait = user.credentials_at - time.time()
@@ -229,6 +234,18 @@ def auth_blueprint(state: AppState) -> Blueprint:
                               "reached yet; retry later.", headers=[("Retry-After", str(math.ceil(wait)))])
         if wait > 0:
             time.sleep(wait)
+        # Read again, with nothing slow between this and the issuing: a password set while it was
+        # checked (or while the login waited) is not the user's any more, and tokens issued for it
+        # could reach the new credentials' whole second, so they would outlive the change.
+        try:
+            user = state.users.current(user)
+        except (sqlite3.Error, OSError):
+            failures.uncount()  # no answer about the password: as when it could not be checked
+            state.context.logger.getChild("app.auth").exception(
+                "could not read user %s again after the password check", escape_control(username))
+            raise _users_down() from None
+        if user is None:
+            raise wrong_password(service)  # the password it checked is no longer the user's
         issued = service.issue(user.name, list(user.roles))
         failures.forget()
         session = request.environ.get(SESSION)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import getpass
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -113,6 +114,19 @@ class User:
     #: When the credentials last changed (the account was made, or its password set): sessions,
     #: access tokens and refresh tokens from before then are void.
     credentials_at: float = 0.0
+    #: Which password hash the user was read with (a digest of it, not the hash): :meth:`UserStore.current`
+    #: tells by it that the password was set since, even within one whole second.
+    password_tag: str = field(default="", repr=False, compare=False)
+
+
+def _tag(password_hash: str) -> str:
+    return hashlib.blake2b(password_hash.encode(), digest_size=16).hexdigest()
+
+
+def _user(row: tuple[str, str, str, float, float], password_hash: str | None = None) -> User:
+    """The user of a row of ``_row``, tagged with ``password_hash`` (the row's own by default)."""
+    return User(row[0], tuple(json.loads(row[2])), row[3], row[4], _tag(row[1] if password_hash is None
+                                                                          else password_hash))
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -206,7 +220,20 @@ class UserStore:
     def get(self, name: str) -> User | None:
         """The user called ``name``, or ``None``."""
         row = self._row(name)
-        return None if row is None else User(row[0], tuple(json.loads(row[2])), row[3], row[4])
+        return None if row is None else _user(row)
+
+    def current(self, user: User) -> User | None:
+        """``user`` as the database has them now; None when their password was set since ``user`` was read
+        (even to the same date), or the account removed or made again.
+
+        A login asks it after the password check and issues to what it answers: the password it
+        checked, when set anew meanwhile, must get no tokens nor session (their ``iat`` could reach
+        the new credentials' whole second, so they would outlive the change).  One read, no hashing.
+        """
+        row = self._row(user.name)
+        if row is None or row[4] != user.credentials_at or _tag(row[1]) != user.password_tag:
+            return None
+        return _user(row)
 
     def _row(self, name: str) -> tuple[str, str, str, float, float] | None:
         with self._lock:
@@ -276,26 +303,40 @@ class UserStore:
         if not check_password_hash(row[1], password):
             return None
         if self.hash_method == HASH_METHOD and row[1].partition("$")[0] != HASH_METHOD:
-            self._rehash(name, row[1], password)  # (only towards HASH_METHOD: never down to an override's)
-        return User(row[0], tuple(json.loads(row[2])), row[3], row[4])
+            # (only towards HASH_METHOD: never down to an override's)
+            return _user(row, self._rehash(row, password))
+        return _user(row)
 
-    def _rehash(self, name: str, old_hash: str, password: str) -> None:
-        """Store ``password`` hashed with ``hash_method`` in place of ``old_hash``.
+    def _rehash(self, row: tuple[str, str, str, float, float], password: str) -> str:
+        """Store ``password`` hashed with ``hash_method`` in place of the row's hash; the hash of
+        ``password`` the database holds now (the row's when it holds another).
 
         The credentials' date stays: the password is the same, so no session or token
-        of the user's is void.  Only a hash that is still ``old_hash`` is replaced (a
+        of the user's is void.  Only a hash that is still the row's is replaced (a
         ``users passwd`` meanwhile wins), and a database that cannot be written to
         leaves the old one, which goes on working.
         """
+        name, old_hash = row[0], row[1]
         new_hash = self._hash(password)
         try:
             with self._lock:
-                self._conn().execute("UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
-                                     (new_hash, name, old_hash))
+                replaced = self._conn().execute(
+                    "UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
+                    (new_hash, name, old_hash)).rowcount
         except (sqlite3.Error, OSError) as exc:
             logging.getLogger("wsgistack.app").warning(
                 "could not store the password of user %r hashed again with %s (%s): it keeps its older hash",
                 name, self.hash_method, exc)
+            return old_hash
+        if replaced:
+            return new_hash
+        # Changed meanwhile: by another login's rehash of the same password (whose hash is then this
+        # password's, and the login goes on), or by a `users passwd` (the login is refused). Rare: one
+        # more hash to tell them apart.
+        now = self._row(name)
+        if now is not None and now[4] == row[4] and check_password_hash(now[1], password):
+            return now[1]
+        return old_hash
 
     def close(self) -> None:
         with self._lock:

@@ -299,6 +299,115 @@ def test_a_login_right_after_a_password_change_is_not_void(tmp_path: Path, users
     stack.app.post_json("/auth/refresh", {"refresh_token": login.json["refresh_token"]}, status=200)
 
 
+def _change_password(users: UserStore) -> None:
+    users.set_password("alice", "new password")
+
+
+def _make_again(users: UserStore) -> None:  # the same password, but another account
+    users.remove("alice")
+    users.add("alice", "wonderland", ["admin", "user"])
+
+
+def _set_within_its_second(users: UserStore) -> None:
+    """A second `users passwd` within the whole second the first dated the credentials to: the same date."""
+    since = users.get("alice").credentials_at  # type: ignore[union-attr]
+    users.set_password("alice", "newer password")
+    with sqlite3.connect(users.path) as db:
+        db.execute("UPDATE users SET credentials_at = ? WHERE name = 'alice'", (since,))
+    db.close()
+
+
+@pytest.mark.parametrize("change", [_change_password, _make_again, _set_within_its_second])
+def test_a_login_whose_password_is_changed_while_it_is_checked_gets_the_401_of_a_wrong_one(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch,
+        change: Callable[[UserStore], None]) -> None:
+    """The password checked is no longer the user's: tokens and a session issued for it would outlive the
+    change (their iat can reach its whole second), so the login issues nothing."""
+    from app import users as users_module
+
+    stack = Stack(tmp_path, users, max_failed_logins=5)
+    real = users_module.check_password_hash  # type: ignore[attr-defined]
+    checked: list[bool] = []
+
+    def changed_meanwhile(stored: str, password: str) -> bool:
+        checked.append(real(stored, password))
+        if len(checked) == 1:
+            change(users)  # another process's `users passwd`, while this login hashes
+        return checked[-1]
+
+    monkeypatch.setattr(users_module, "check_password_hash", changed_meanwhile)
+    events: list[tuple[str, dict[str, Any]]] = []
+    stack.context.listeners.append(lambda event, fields: events.append((event, fields)))
+    refused = stack.login(status=401)
+    assert checked[0] is True  # the password was right when it was checked
+    assert refused.json["error"]["message"] == WRONG
+    assert refused.headers["WWW-Authenticate"] == 'Bearer realm="wsgistack"'
+    assert "Set-Cookie" not in refused.headers
+    assert ("auth.failure", {"reason": "login"}) in events
+    assert list(stack.store.scan("family-access:")) == [] and list(stack.store.scan("session:")) == []
+    # Counted as a wrong password: the count was not cleared.
+    digest = hashlib.blake2b(b"alice", digest_size=16).hexdigest()
+    assert stack.store.get(f"login-failures:{digest}") is not None
+
+
+def test_a_login_that_waits_for_its_credentials_date_refuses_a_password_set_again_meanwhile(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The password was set a moment ago (its date is the next whole second, which the login waits for) and
+    is set again within that second: what the login checked is looked at again after the wait."""
+    stack = Stack(tmp_path, users)
+    users.set_password("alice", "new password")
+    with sqlite3.connect(users.path) as db:  # dated half a second ahead, however the clock stands
+        db.execute("UPDATE users SET credentials_at = ? WHERE name = 'alice'", (time.time() + 0.5,))
+    db.close()
+    real = time.sleep
+    waits: list[float] = []
+
+    def set_again_meanwhile(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 1:
+            _set_within_its_second(users)
+        real(seconds)
+
+    monkeypatch.setattr(time, "sleep", set_again_meanwhile)
+    refused = stack.login(password="new password", status=401)
+    assert waits and 0 < waits[0] <= 0.5
+    assert refused.json["error"]["message"] == WRONG and "Set-Cookie" not in refused.headers
+    assert list(stack.store.scan("family-access:")) == []
+
+
+def test_a_login_whose_older_hash_another_login_hashes_again_meanwhile_is_not_refused(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two logins of one account with an older hash at once: the one whose hash the other replaced (the same
+    password, hashed again) still logs in."""
+    from werkzeug.security import generate_password_hash
+
+    from app import users as users_module
+    from app.users import HASH_ENV, HASH_METHOD
+
+    monkeypatch.delenv(HASH_ENV, raising=False)  # the stack's store hashes towards the real method
+    stack = Stack(tmp_path, users)
+    with sqlite3.connect(users.path) as db:
+        db.execute("UPDATE users SET password_hash = ? WHERE name = 'alice'",
+                   (generate_password_hash("wonderland", "pbkdf2:sha256:1000"),))
+    db.close()
+    real = users_module.check_password_hash  # type: ignore[attr-defined]
+    calls: list[str] = []
+
+    def rehashed_meanwhile(stored: str, password: str) -> bool:
+        calls.append(stored)
+        if len(calls) == 1:  # the other login stores its hash first
+            with sqlite3.connect(users.path) as db:
+                db.execute("UPDATE users SET password_hash = ? WHERE name = 'alice'",
+                           (generate_password_hash("wonderland", HASH_METHOD),))
+            db.close()
+        return real(stored, password)
+
+    monkeypatch.setattr(users_module, "check_password_hash", rehashed_meanwhile)
+    login = stack.login(status=200)
+    assert stack.tokens.verify(login.json["access_token"])["sub"] == "alice"
+    assert len(calls) == 2 and calls[1].startswith(HASH_METHOD + "$")  # the hash found in place of its own
+
+
 def test_a_password_changed_ahead_of_the_clock_is_a_503_not_void_tokens(tmp_path: Path, users: UserStore,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """The clock stepped back after `users passwd`: tokens issued now would be void at once."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,25 @@ def test_verify_password(store: UserStore) -> None:
     assert store.verify_password("alice", "s3cret") == store.get("alice")
     assert store.verify_password("alice", "S3cret") is None
     assert store.verify_password("nobody", "s3cret") is None
+
+
+def test_current_tells_a_user_whose_password_was_set_since_they_were_read(store: UserStore) -> None:
+    store.add("alice", "s3cret", roles=["admin"])
+    read = store.verify_password("alice", "s3cret")
+    assert read is not None and "s3cret" not in repr(read) and read.password_tag not in repr(read)
+    store.set_roles("alice", ["user"])  # no password change: the user as they are now
+    assert store.current(read) == User("alice", ("user",), read.created_at, read.credentials_at)
+    store.set_password("alice", "other")
+    assert store.current(read) is None
+    again = store.get("alice")
+    assert again is not None and store.current(again) == again
+    db = sqlite3.connect(store.path)  # set again, dated as before (a second passwd within one second)
+    db.execute("UPDATE users SET password_hash = ? WHERE name = 'alice'", (store._hash("third"),))
+    db.commit()
+    db.close()
+    assert store.current(again) is None
+    store.remove("alice")
+    assert store.current(again) is None
 
 
 def test_unknown_user_costs_a_hash_check_too(store: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
