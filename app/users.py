@@ -2,8 +2,9 @@
 
 Passwords are stored as ``werkzeug.security`` hashes.  :meth:`UserStore.verify_password`
 hashes a dummy password for unknown names so that both failures take the
-same time, and hashes a right password again when its hash was made with older
-parameters.  The store is thread-safe (one connection behind a lock) and
+same time, makes the check of a hash made with other (older, cheaper) parameters
+last as long as one with the store's own, and hashes a right password again when
+its hash was made with older parameters.  The store is thread-safe (one connection behind a lock) and
 creates its file and table on first use.
 
 ``python serve.py users add NAME --role admin`` is :func:`users_cli`.
@@ -86,6 +87,9 @@ def default_hash_method() -> str:
     return method
 #: How often (seconds) the file at the path is compared with the one the connection has open.
 IDENTITY_CHECK_SECONDS = 1.0
+#: How many of the latest checks with a store's own method the check of another method's hash is made
+#: to last the median of.
+COST_SAMPLES = 5
 
 
 def _warn_if_readable(path: Path) -> None:
@@ -157,6 +161,8 @@ class UserStore:
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file the connection reads
         self._checked = 0.0
         self._dummy_hash: str | None = None
+        #: How long the latest checks with ``hash_method`` took (seconds), in this process; replaced whole.
+        self._costs: tuple[float, ...] = ()
 
     def _conn(self) -> sqlite3.Connection:
         db = self._db
@@ -289,23 +295,46 @@ class UserStore:
     def verify_password(self, name: str, password: str) -> User | None:
         """The user when ``password`` is right, else ``None`` (same cost for unknown names).
 
-        A right password whose hash was made with other parameters than ``hash_method``
-        (werkzeug's cheaper default, before HASH_METHOD) is hashed again with them: an
-        old hash verifies faster than the dummy an unknown name costs, so the time a
-        login takes would tell which names have one.
+        An unknown name costs the check of a dummy hash made with ``hash_method``.  A hash
+        made with other parameters (werkzeug's cheaper default, before HASH_METHOD) is
+        checked with its own, and the answer waits until the check has lasted as long as
+        the latest checks with ``hash_method`` (their median): else an old hash, verifying
+        sooner, would tell which names have one, and a name that never logs in would go on
+        telling it.  Waiting, rather than checking the dummy too, costs no CPU and does not
+        make such names the slow ones.  A right password with such a hash is hashed again
+        with HASH_METHOD.
         """
         if self._dummy_hash is None:  # made on the first login of either kind: it costs both the same
+            started = time.perf_counter()
             self._dummy_hash = self._hash("not a real password")
+            self._costs = (time.perf_counter() - started,)  # about a check's cost: a measure to begin with
         row = self._row(name)
         if row is None:
-            check_password_hash(self._dummy_hash, password)
+            self._measured(self._dummy_hash, password)
             return None
-        if not check_password_hash(row[1], password):
+        if row[1].partition("$")[0] == self._dummy_hash.partition("$")[0]:  # hash_method, as hashes name it
+            right = self._measured(row[1], password)
+        else:
+            started = time.perf_counter()
+            right = check_password_hash(row[1], password)
+            costs = sorted(self._costs)
+            left = costs[len(costs) // 2] - (time.perf_counter() - started)
+            if left > 0:
+                time.sleep(left)
+        if not right:
             return None
         if self.hash_method == HASH_METHOD and row[1].partition("$")[0] != HASH_METHOD:
             # (only towards HASH_METHOD: never down to an override's)
             return _user(row, self._rehash(row, password))
         return _user(row)
+
+    def _measured(self, password_hash: str, password: str) -> bool:
+        """``check_password_hash``, its time kept among the latest :data:`COST_SAMPLES` (``password_hash``
+        is made with ``hash_method``)."""
+        started = time.perf_counter()
+        right = check_password_hash(password_hash, password)
+        self._costs = (*self._costs[1 - COST_SAMPLES:], time.perf_counter() - started)
+        return right
 
     def _rehash(self, row: tuple[str, str, str, float, float], password: str) -> str:
         """Store ``password`` hashed with ``hash_method`` in place of the row's hash; the hash of

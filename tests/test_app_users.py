@@ -85,6 +85,68 @@ def test_unknown_user_costs_a_hash_check_too(store: UserStore, monkeypatch: pyte
     assert calls == [FAST, FAST]
 
 
+def _with_hash(store: UserStore, name: str, password_hash: str) -> None:
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE users SET password_hash = ? WHERE name = ?", (password_hash, name))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(("made_with", "password", "padded"), [
+    pytest.param("pbkdf2:sha256:10", "wrong", True, id="cheaper hash, wrong password"),
+    pytest.param("pbkdf2:sha256:10", "s3cret", True, id="cheaper hash, right password"),
+    pytest.param("pbkdf2:sha1:1000", "wrong", True, id="another method"),
+    pytest.param(FAST, "wrong", False, id="the store's own method"),
+    pytest.param(None, "wrong", False, id="unknown name"),
+])
+def test_a_hash_of_another_method_is_padded_to_the_time_of_the_stores_own(
+        store: UserStore, monkeypatch: pytest.MonkeyPatch, made_with: str | None, password: str,
+        padded: bool) -> None:
+    """An older, cheaper hash must not answer sooner than the dummy an unknown name costs, right password or
+    wrong (a name that never logs in would tell it exists): its check is made to last the median of the
+    latest checks with the store's own method."""
+    from werkzeug.security import generate_password_hash
+
+    store.add("alice", "s3cret")
+    if made_with is not None:
+        _with_hash(store, "alice", generate_password_hash("s3cret", made_with))
+    store.verify_password("nobody", "x")  # measures a check with the store's method
+    assert len(store._costs) == 2  # (making the dummy, then checking it)
+    store._costs = (0.2, 5.0, 0.4, 0.3, 9.0)  # (as measured before: the median is 0.4)
+    slept: list[float] = []
+    monkeypatch.setattr(users_module.time, "sleep", slept.append)
+    found = store.verify_password("alice" if made_with is not None else "nobody", password)
+    assert (found is not None) is (password == "s3cret")
+    assert len(slept) == padded
+    if padded:
+        assert 0.35 < slept[0] <= 0.4
+        assert store._costs == (0.2, 5.0, 0.4, 0.3, 9.0)  # another method's check is no measure
+    else:
+        assert len(store._costs) == 5 and store._costs[:4] == (5.0, 0.4, 0.3, 9.0)  # the latest five
+
+
+def test_a_cheaper_hash_takes_as_long_as_an_unknown_name(tmp_path: Path) -> None:
+    """The same, timed: a store whose method costs some 40 ms against a hash that costs well under one."""
+    import statistics
+    import time
+
+    from werkzeug.security import generate_password_hash
+
+    store = UserStore(tmp_path / "users.sqlite3", hash_method="pbkdf2:sha256:40000")
+    store.add("alice", "s3cret")
+    _with_hash(store, "alice", generate_password_hash("s3cret", FAST))
+
+    def took(name: str) -> float:
+        started = time.perf_counter()
+        assert store.verify_password(name, "wrong") is None
+        return time.perf_counter() - started
+
+    unknown = statistics.median(took("nobody") for _ in range(5))
+    legacy = statistics.median(took("alice") for _ in range(5))
+    store.close()
+    assert legacy > 0.6 * unknown  # unpadded: some 2 %
+
+
 def test_set_roles(store: UserStore) -> None:
     store.add("alice", "pw")
     assert store.set_roles("alice", ["editor", "viewer"]).roles == ("editor", "viewer")
