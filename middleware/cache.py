@@ -357,18 +357,32 @@ class _Asks:
     ``max-age``: no older one (``no-cache`` and ``Pragma: no-cache``: none at
     all); ``min-fresh``: fresh for that long still; ``only-if-cached``: a 504
     rather than the app.  A response that does not do is fetched afresh and
-    stored for the next requests.
+    stored for the next requests.  ``max-stale`` (``True`` without a value):
+    how long past its freshness a stale entry may still stand in for a failing
+    app; without it, a request with ``max-age`` or ``min-fresh`` takes none.
     """
 
-    __slots__ = ("max_age", "min_fresh", "only_if_cached")
+    __slots__ = ("max_age", "max_stale", "min_fresh", "only_if_cached")
 
-    def __init__(self, max_age: int | None, min_fresh: int | None, only_if_cached: bool) -> None:
+    def __init__(self, max_age: int | None, min_fresh: int | None, only_if_cached: bool,
+                 max_stale: int | bool | None = None) -> None:
         self.max_age, self.min_fresh, self.only_if_cached = max_age, min_fresh, only_if_cached
+        self.max_stale = max_stale
 
     def accepts(self, entry: dict[str, Any], now: float) -> bool:
         if self.max_age is not None and now - entry["t"] > self.max_age:
             return False
         return self.min_fresh is None or entry["f"] - now >= self.min_fresh
+
+    def takes_stale(self, entry: dict[str, Any], now: float) -> bool:
+        """Whether the stale ``entry`` may answer this request when the app fails (RFC 9111 §5.2.1.1-3)."""
+        if self.max_age == -1 or self.min_fresh is not None:
+            return False  # no-cache: no stored response at all; min-fresh: a fresh one only
+        if self.max_stale is None or self.max_stale is False:
+            return self.max_age is None  # max-age without max-stale: "does not wish to receive a stale response"
+        if self.max_stale is not True and now - entry["f"] > self.max_stale:
+            return False
+        return self.max_age is None or now - entry["t"] <= self.max_age
 
 
 def _subject_key(identity: Any) -> str:
@@ -549,9 +563,10 @@ class CacheMiddleware:
                 self._drop_lock(lock_key)
             raise _only_if_cached()
         # The stored answer stands in for a failing app only with stale_if_error on, and not for a
-        # request that said no-cache (RFC 9111 §4.2.4: the client asked for no stored response).
-        stale = entry if entry is not None and entry["x"] > now and self.options.stale_if_error and not (
-            asks is not None and asks.max_age == -1) else None
+        # request that said no-cache, max-age or min-fresh without a max-stale that covers it (RFC 9111
+        # §4.2.4, §5.2.1: the client asked for no stale response; max-age=0 is a browser's reload).
+        stale = entry if entry is not None and entry["x"] > now and self.options.stale_if_error and (
+            asks is None or asks.takes_stale(entry, now)) else None
         if method == "HEAD":  # no body to store: ask the app, keep nothing (a stale entry answers its failure)
             return self._ask(environ, start_response, _Fill(self, environ, base, subject, None, None, stale,
                                                             keep=False), "HEAD")
@@ -566,7 +581,7 @@ class CacheMiddleware:
         if header:  # directive names are case-insensitive (RFC 9111 §5.2)
             cc = parse_cache_control_header(header.lower(), cls=RequestCacheControl)
             max_age = -1 if cc.no_cache else cc.max_age  # no-cache: no stored response, however young
-            return _Asks(max_age, cc.min_fresh, bool(cc.only_if_cached))
+            return _Asks(max_age, cc.min_fresh, bool(cc.only_if_cached), cc.max_stale)
         if "no-cache" in environ.get("HTTP_PRAGMA", "").lower():
             return _Asks(-1, None, False)
         return None

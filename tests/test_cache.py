@@ -1260,6 +1260,31 @@ def test_must_revalidate_turns_stale_off(make: Callable[..., Stack], origin: Ori
     assert stack.get(status=500).json["error"]["code"] == 500
 
 
+@pytest.mark.parametrize(("cache_control", "expected_status", "expected_cache"), [
+    pytest.param(None, 200, "STALE", id="no directive: stale served"),
+    pytest.param("no-cache", 502, "MISS", id="no-cache: the app's error"),
+    pytest.param("max-age=0", 502, "MISS", id="max-age=0 (a reload): the app's error"),
+    pytest.param("max-age=600", 502, "MISS", id="max-age young enough, but no max-stale: the app's error"),
+    pytest.param("min-fresh=1", 502, "MISS", id="min-fresh: the app's error"),
+    pytest.param("max-age=600, max-stale", 200, "STALE", id="max-stale without a value: stale served"),
+    pytest.param("max-age=600, max-stale=30", 200, "STALE", id="stale for less than max-stale: served"),
+    pytest.param("max-age=600, max-stale=5", 502, "MISS", id="stale for longer than max-stale: the app's error"),
+    pytest.param("max-age=15, max-stale", 502, "MISS", id="max-stale, but older than max-age: the app's error"),
+    pytest.param("max-stale=5", 502, "MISS", id="max-stale alone, too short: the app's error"),
+    pytest.param("max-stale=30", 200, "STALE", id="max-stale alone, long enough: served"),
+])
+def test_stale_if_error_honours_the_requests_directives(make: Callable[..., Stack], origin: Origin, clock: Clock,
+                                                        cache_control: str | None, expected_status: int,
+                                                        expected_cache: str) -> None:
+    """Without max-stale, a request that sent max-age or min-fresh wants no stale answer (RFC 9111 §5.2.1.1)."""
+    stack = make(ttl=10, stale_if_error=600)
+    stack.get()
+    clock.now += 20  # 20 s old, stale for 10 s
+    origin.status = "502 Bad Gateway"
+    response = stack.get(headers={"Cache-Control": cache_control} if cache_control else {}, status="*")
+    assert (response.status_int, response.headers.get("X-Cache")) == (expected_status, expected_cache)
+    assert origin.calls == 2
+
 # -- single-flight ---------------------------------------------------------------------------
 
 def _concurrently(apps: list[Any], n: int, path: str = "/api/v1/search?q=x",
