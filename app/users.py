@@ -316,7 +316,13 @@ class UserStore:
             right = self._measured(row[1], password)
         else:
             started = time.perf_counter()
-            right = check_password_hash(row[1], password)
+            try:
+                right = check_password_hash(row[1], password)
+            except ValueError as exc:  # a method this Python's hashlib lacks, or no method werkzeug knows
+                logging.getLogger("wsgistack.app").error(
+                    "users: the stored password hash of %r cannot be checked here (%s): that user cannot log "
+                    "in until `serve.py users passwd` sets a new password", name, exc)
+                right = False
             costs = sorted(self._costs)
             left = costs[len(costs) // 2] - (time.perf_counter() - started)
             if left > 0:

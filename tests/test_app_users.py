@@ -479,6 +479,24 @@ def test_a_right_password_with_an_older_hash_is_hashed_again(
     store.close()
 
 
+@pytest.mark.parametrize("stored", [
+    pytest.param("md5-crypt:1$salt$0123abcd", id="a method werkzeug does not know"),
+    pytest.param("pbkdf2:no-such-digest:1000$salt$0123abcd", id="a digest hashlib lacks"),
+])
+def test_a_stored_hash_that_cannot_be_checked_refuses_the_login_and_says_why(
+        store: UserStore, stored: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A hash from elsewhere (another tool, a Python with other hashlib digests) is a wrong password, not a 500."""
+    store.add("alice", "pw-123456")
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE users SET password_hash = ?", (stored,))
+    db.close()
+    assert store.verify_password("alice", "pw-123456") is None
+    [record] = [r for r in caplog.records if r.name == "wsgistack.app"]
+    assert (record.levelname, record.getMessage().split(" (")[0]) == (
+        "ERROR", "users: the stored password hash of 'alice' cannot be checked here")
+    assert record.getMessage().endswith("that user cannot log in until `serve.py users passwd` sets a new password")
+
+
 @pytest.mark.parametrize(("value", "method"), [
     pytest.param(None, users_module.HASH_METHOD, id="unset: OWASP's floor"),
     pytest.param("", users_module.HASH_METHOD, id="empty: unset"),
