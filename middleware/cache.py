@@ -369,9 +369,16 @@ class _Asks:
         self.max_age, self.min_fresh, self.only_if_cached = max_age, min_fresh, only_if_cached
         self.max_stale = max_stale
 
-    def accepts(self, entry: dict[str, Any], now: float) -> bool:
-        if self.max_age is not None and now - entry["t"] > self.max_age:
-            return False
+    def accepts(self, entry: dict[str, Any], now: float, fetched: bool = False) -> bool:
+        """Whether ``entry`` may answer; ``fetched``: it is the answer of a fill that ended while this
+        request waited for it, made by the app since the request came: as good as validated (``no-cache``
+        holds), and as old as its ``Age`` says."""
+        if self.max_age is not None:
+            if fetched:
+                if self.max_age >= 0 and int(now - entry["t"]) > self.max_age:
+                    return False
+            elif now - entry["t"] > self.max_age:
+                return False
         return self.min_fresh is None or entry["f"] - now >= self.min_fresh
 
     def takes_stale(self, entry: dict[str, Any], now: float) -> bool:
@@ -570,7 +577,7 @@ class CacheMiddleware:
         if method == "HEAD":  # no body to store: ask the app, keep nothing (a stale entry answers its failure)
             return self._ask(environ, start_response, _Fill(self, environ, base, subject, None, None, stale,
                                                             keep=False), "HEAD")
-        return self._fill(environ, start_response, base, subject, stale, locked)
+        return self._fill(environ, start_response, base, subject, stale, locked, asks, entry)
 
     # -- request side -----------------------------------------------------------------
     def _asks(self, environ: WSGIEnvironment) -> _Asks | None:
@@ -846,7 +853,14 @@ class CacheMiddleware:
 
     # -- misses -----------------------------------------------------------------------
     def _fill(self, environ: WSGIEnvironment, start_response: StartResponse, base: str,
-              subject: str | None, stale: dict[str, Any] | None, locked: bool | None = None) -> Iterable[bytes]:
+              subject: str | None, stale: dict[str, Any] | None, locked: bool | None = None,
+              asks: _Asks | None = None, found: dict[str, Any] | None = None) -> Iterable[bytes]:
+        """Call the app for a miss, or wait for the fill of the same key in flight and answer from it.
+
+        ``found`` is the entry this request's lookup found and did not take (stale, or refused by its
+        ``asks``): a waiter takes only another one, which the fill it waited for stored, and only if its
+        ``asks`` accept it; otherwise it asks the app itself.
+        """
         lock_key = self._lock_key(base)
         waited_until = time.monotonic() + self.options.lock_timeout
         while True:
@@ -861,7 +875,7 @@ class CacheMiddleware:
                 self._drop_lock(lock_key)
             locked = None
             flight.wait(max(0.0, waited_until - time.monotonic()))
-            hit = self._fresh(environ, base)
+            hit = self._fresh(environ, base, asks, found)
             if hit is not None:
                 return self._waited(environ, hit, start_response)
             # The fill we waited for stored another Vary variant: lead the fill of ours (one
@@ -879,7 +893,7 @@ class CacheMiddleware:
                 # entry (it failed, or it was a thread of ours giving the lock back), take the lock
                 # before filling, so that at most one process fills at a time.
                 while not locked:
-                    hit, ask_app = self._await_peer(environ, base, lock_key, deadline)
+                    hit, ask_app = self._await_peer(environ, base, lock_key, deadline, asks, found)
                     if hit is not None:
                         fill.release()
                         return self._waited(environ, hit, start_response)
@@ -937,15 +951,29 @@ class CacheMiddleware:
         note(environ, "cache", "STALE")
         return self._serve(stale, "STALE", method, start_response, _clock(), exc_info=exc_info)
 
-    def _fresh(self, environ: WSGIEnvironment, base: str) -> dict[str, Any] | None:
+    def _fresh(self, environ: WSGIEnvironment, base: str, asks: _Asks | None = None,
+               found: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The entry a request that waited for a fill may take: fresh, and, with ``asks``, one they accept.
+
+        One that is not ``found`` (what the request's own lookup found and did not take) was stored
+        since the request came, by the fill it waited for: that counts as fetched for it (see
+        :meth:`_Asks.accepts`); ``found`` itself stays refused.
+        """
         try:
             entry = self._lookup(environ, base)[0]
         except StoreError:
             return None
-        return entry if entry is not None and _fresh_at(entry, _clock()) else None
+        now = _clock()
+        if entry is None or not _fresh_at(entry, now):
+            return None
+        if asks is None:
+            return entry
+        fetched = found is None or (entry["t"], entry["f"]) != (found["t"], found["f"])
+        return entry if asks.accepts(entry, now, fetched) else None
 
-    def _await_peer(self, environ: WSGIEnvironment, base: str, lock_key: str,
-                    deadline: float) -> tuple[dict[str, Any] | None, bool]:
+    def _await_peer(self, environ: WSGIEnvironment, base: str, lock_key: str, deadline: float,
+                    asks: _Asks | None = None,
+                    found: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, bool]:
         """Another process fills this key: poll for its entry until its lock goes or ``deadline``.
 
         ``(entry or None, ask the app now)``: the second when the filler's answer could not be
@@ -960,7 +988,7 @@ class CacheMiddleware:
             # The lock first: once it is gone, an entry the peer stored (in the same round trip as
             # the lock's DEL, before it) is there to read; the other order can miss both.
             lock = self.store.get(lock_key)
-            hit = self._fresh(environ, base)
+            hit = self._fresh(environ, base, asks, found)
             if hit is not None or lock is None:
                 return hit, False
             if lock == _ASK_APP:

@@ -1382,6 +1382,42 @@ def test_a_waiter_sees_the_entry_of_a_peer_that_just_finished(origin: Origin, cl
     assert (response.headers["X-Cache"], origin.calls) == ("HIT", 1)
 
 
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["in this process", "in another process"])
+@pytest.mark.parametrize(("waiter", "fails", "expected"), [
+    pytest.param("max-age=1", True, (500, None, None, 3), id="max-age: the old entry is too old, the fill fails"),
+    pytest.param("no-cache", True, (500, None, None, 3), id="no-cache: never the old entry, the fill fails"),
+    pytest.param("max-age=1", False, (200, "HIT", "0", 2), id="max-age: the fill's answer, Age 0"),
+    pytest.param("no-cache", False, (200, "HIT", "0", 2), id="no-cache: the fill's answer, fetched meanwhile"),
+    pytest.param("min-fresh=400", False, (200, "MISS", None, 3),
+                 id="min-fresh: the fill's answer is not fresh long enough, the app"),
+])
+def test_a_waiter_gets_only_what_its_directives_accept(store: Store, origin: Origin, clock: Clock, elsewhere: bool,
+                                                       waiter: str, fails: bool,
+                                                       expected: tuple[int, str | None, str | None, int]) -> None:
+    """A request waiting on another one's fill (a no-cache reload) is never answered with the old entry its own
+    Cache-Control refuses (RFC 9111 §5.2.1): the fill's answer if it accepts that, else the app's."""
+    leader_stack = Stack(store, origin)
+    waiter_stack = Stack(store, origin) if elsewhere else leader_stack
+    old = leader_stack.get()
+    clock.now += 2  # the entry is 2 s old
+    origin.delay = 0.4
+    if fails:
+        origin.fail = RuntimeError("db down")
+    led: list[Any] = []
+    leader = threading.Thread(target=lambda: led.append(TestApp(leader_stack.wsgi).get(
+        "/api/v1/search?q=x", headers={"Cache-Control": "no-cache"}, expect_errors=True)))
+    leader.start()
+    time.sleep(0.15)  # the leader is in the app
+    response = TestApp(waiter_stack.wsgi).get("/api/v1/search?q=x", headers={"Cache-Control": waiter},
+                                              expect_errors=True)
+    leader.join(10)
+    assert (response.status_int, response.headers.get("X-Cache"), response.headers.get("Age"),
+            origin.calls) == expected
+    assert response.body != old.body
+    if not fails:
+        assert led[0].headers["X-Cache"] == "MISS"
+        assert (response.body == led[0].body) == (expected[1] == "HIT")
+
 class Overlaps(Origin):
     """An Origin that records how many of its calls ran at once, at most."""
 
