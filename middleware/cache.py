@@ -221,6 +221,18 @@ class _Plan:
         self.ttl, self.window, self.vary, self.age = ttl, window, vary, age
 
 
+class _Flight(threading.Event):
+    """One process's fill of a key, which its other requests for the key wait on.
+
+    ``failed``: its app raised (a 5xx); ``retry``: it was led by a request that
+    waited on a fill that failed (see :meth:`CacheMiddleware._fill`).
+    """
+
+    def __init__(self, retry: bool = False) -> None:
+        super().__init__()
+        self.failed, self.retry = False, retry
+
+
 class _Fill:
     """One miss on its way through the app: the flight it leads and what it will store.
 
@@ -230,7 +242,7 @@ class _Fill:
     """
 
     def __init__(self, layer: CacheMiddleware, environ: WSGIEnvironment, base: str, subject: str | None,
-                 flight: threading.Event | None, lock_key: str | None, stale: dict[str, Any] | None,
+                 flight: _Flight | None, lock_key: str | None, stale: dict[str, Any] | None,
                  keep: bool = True) -> None:
         self.layer, self.environ, self.base, self.subject = layer, environ, base, subject
         self.flight, self.lock_key, self.stale, self.keep = flight, lock_key, stale, keep
@@ -309,15 +321,17 @@ class _Fill:
                 self.layer._store_error(exc)
         self.release()
 
-    def release(self, peers_ask: bool = False) -> None:
+    def release(self, peers_ask: bool = False, failed: bool = False) -> None:
         """Let the requests waiting for this fill go: to its entry, or, with ``peers_ask`` (the answer
-        is not cacheable), to the app, all at once, in other processes too."""
+        is not cacheable), to the app, all at once, in other processes too; ``failed`` (the app raised):
+        in this process, one of them asks again and the others wait for it."""
         layer, flight, self.flight = self.layer, self.flight, None
         if flight is None:
             return
         with layer._lock:
             if layer._inflight.get(self.base) is flight:
                 del layer._inflight[self.base]
+        flight.failed = failed
         flight.set()
         if self.lock_key is not None:
             if peers_ask:
@@ -521,7 +535,7 @@ class CacheMiddleware:
         self.cookie_names = options.cookie_names
         self.purge_path = options.purge_path
         self.purge_roles = frozenset(options.purge_roles)
-        self._inflight: dict[str, threading.Event] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._index_key = f"wsgistack.cache.index.{id(self)}"  # the Vary index this request found
         self._seen_key = f"wsgistack.cache.mark.{id(self)}"  # the write mark this request's lookup found
         self._uri_key = f"wsgistack.cache.uri.{id(self)}"  # (a user's key, its URI's mark key)
@@ -863,12 +877,13 @@ class CacheMiddleware:
         """
         lock_key = self._lock_key(base)
         waited_until = time.monotonic() + self.options.lock_timeout
+        retry = False
         while True:
             with self._lock:
                 flight = self._inflight.get(base)
                 leader = flight is None
                 if flight is None:
-                    flight = self._inflight[base] = threading.Event()
+                    flight = self._inflight[base] = _Flight(retry)
             if leader:
                 break
             if locked:  # taken while a thread of this process fills the key: give it back
@@ -878,10 +893,17 @@ class CacheMiddleware:
             hit = self._fresh(environ, base, asks, found)
             if hit is not None:
                 return self._waited(environ, hit, start_response)
+            if time.monotonic() >= waited_until:
+                break
+            # The fill we waited for failed (the app raised): maybe a passing failure, so one of us
+            # asks again and the others wait for it; when that one fails too, all ask at once.
+            if flight.failed and not flight.retry:
+                retry = True
+                continue
             # The fill we waited for stored another Vary variant: lead the fill of ours (one
-            # request per variant calls the app). When it stored nothing (not cacheable, or it
-            # failed), or we have waited long enough, ask the app at once, as the others do.
-            if time.monotonic() >= waited_until or not self._varies(base):
+            # request per variant calls the app). When it stored nothing (not cacheable, or its
+            # retry failed too), ask the app at once, as the others do.
+            if not self._varies(base):
                 break
         fill = _Fill(self, environ, base, subject, flight if leader else None, None, stale)
         if leader:
@@ -916,8 +938,11 @@ class CacheMiddleware:
             fill.began = _clock()
             result = self.app(environ, fill.start_response(start_response))
         except Exception as exc:
-            fill.release()  # (maybe a passing failure: the other processes' waiters take the lock in turn)
-            if stale is None or (isinstance(exc, HTTPException) and (exc.code or 500) < 500):
+            answered = isinstance(exc, HTTPException) and (exc.code or 500) < 500  # a 4xx: an answer
+            # Maybe a passing failure: one waiter of this process asks again, and the other processes'
+            # waiters take the lock in turn.
+            fill.release(failed=not answered)
+            if stale is None or answered:
                 self._miss()
                 raise
             fill.exc_info = sys.exc_info()

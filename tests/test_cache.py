@@ -1574,6 +1574,34 @@ def test_a_lock_given_up_without_an_entry_is_taken_before_filling(store: Store) 
     assert results["a"][2] == results["b again"][2]
 
 
+class AlwaysFails(Origin):
+    """Every call fails after 0.2 s."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with self.lock:
+            self.calls += 1
+        time.sleep(0.2)
+        raise RuntimeError("db down")
+
+
+@pytest.mark.parametrize(("made", "calls", "labels"), [
+    pytest.param(FirstFillFails, 2, [""] + ["HIT"] * 6 + ["MISS"], id="a passing failure: one more call"),
+    pytest.param(AlwaysFails, 8, [""] * 8, id="a lasting one: the retry, then the others at once"),
+])
+def test_waiters_in_one_process_retry_a_failed_fill_once(store: Store, clock: Clock, made: Callable[[], Origin],
+                                                         calls: int, labels: list[str]) -> None:
+    """When the fill they wait for fails, one waiter asks the app again and the others wait for it; when it
+    fails too, the others ask at once (not one after another, nor all at the first failure)."""
+    origin = made()
+    origin.delay = 0.3
+    stack = Stack(store, origin)
+    started = time.monotonic()
+    results = _concurrently([stack.wsgi], 8)
+    assert origin.calls == calls
+    assert sorted(label for label, _ in results) == labels
+    assert time.monotonic() - started < 1.5  # AlwaysFails: 3 x 0.2 s (8 x 0.2 s one after another)
+
+
 def test_waiters_give_up_after_lock_timeout(make: Callable[..., Stack], origin: Origin) -> None:
     origin.delay = 0.4
     stack = make(lock_timeout=0.05)
