@@ -15,7 +15,8 @@ and statuses that are not heuristically cacheable without explicit freshness.
 Requests with ``Authorization`` or a session cookie bypass the cache unless
 ``per_user`` is on.  A write that succeeds marks its URI anew: every user's
 entry stored under the old mark is stale, and a fill that looked the entry up
-before the write stores nothing.
+before the write stores nothing; :func:`purge` deletes the marks of the paths
+it purges, with the same effect.
 
 Do not use it outside ``auth``/``session`` or outside ``versioning``: it must
 see the identity and the API version.  Do not use it for endpoints whose
@@ -82,8 +83,10 @@ DEFAULT_PREFIX = "wsgistack:cache:"
 #: The store keys of the other built-in layers, which must never be evicted for the cache.
 KEPT_NAMESPACES = ("session:", "revoked:", "refresh-used:", "family-access:", "family-revoked:",
                    "family-head:", "login-failures:")
-# Entry keys are f"{prefix}e:{path}#{32 hex digits}", so a path glob maps to a scan prefix.
+# Entry keys are f"{prefix}e:{path}#{32 hex digits}", and write marks f"{prefix}w:{path}#{32 hex digits}",
+# so a path glob maps to a scan prefix of each.
 _DIGEST = 32
+_PURGE_BATCH = 1000  # keys a purge deletes in one step (one round trip)
 _VARY_INDEX = b'{"v":'  # how an entry that lists a path's Vary headers starts (its variants are stored apart)
 _clock = time.time  # wall clock: entries carry it across processes (tests replace it)
 _SAFE = frozenset({"OPTIONS", "TRACE"})  # besides GET and HEAD: methods that never invalidate (RFC 9110 §9.2.1)
@@ -157,11 +160,26 @@ def purge(store: Store, pattern: str, prefix: str = DEFAULT_PREFIX) -> int:
 
     ``pattern`` is matched (``fnmatch``, case-sensitive) against the path as the
     app saw it, after versioning rewrote it: ``purge(store, "/api/v1/search*")``.
+
+    The write marks of those paths go first: a fill in flight (every lookup that
+    may fill reads its URI's mark, and sets one when there is none) finds its
+    mark gone at its save and stores nothing, as after a write; so an answer the
+    app made from the data before the change the purge follows is not stored
+    after it.  Every user's entries of those URIs are stale at once with them.
     """
+    literal = _GLOB.split(pattern, maxsplit=1)[0]
     start = len(prefix) + 2
-    scan_prefix = f"{prefix}e:{_GLOB.split(pattern, maxsplit=1)[0]}"
-    return sum(1 for key in list(store.scan(scan_prefix))
-               if fnmatch.fnmatchcase(key[start:-_DIGEST - 1], pattern) and store.delete(key))
+
+    def matching(kind: str) -> list[str]:
+        return [key for key in list(store.scan(f"{prefix}{kind}:{literal}"))
+                if fnmatch.fnmatchcase(key[start:-_DIGEST - 1], pattern)]
+
+    marks = matching("w")  # first: a fill that looked up before this scan found one of these
+    entries = matching("e")
+    keys = marks + entries
+    for at in range(0, len(keys), _PURGE_BATCH):
+        store.write((), keys[at:at + _PURGE_BATCH])
+    return len(entries)
 
 
 class CacheOptions(LayerOptions):
@@ -699,8 +717,9 @@ class CacheMiddleware:
         return mark
 
     def _mark_key(self, base: str) -> str:
-        """The mark a successful write to the URI of ``base`` leaves (see :meth:`_write`)."""
-        return f"{self.prefix}w:{base[-_DIGEST:]}"
+        """The mark a successful write to the URI of ``base`` leaves (see :meth:`_write`): named by the
+        path and digest of ``base``, so that :func:`purge` finds the marks of the paths it purges."""
+        return f"{self.prefix}w:{base[len(self.prefix) + 2:]}"
 
     @staticmethod
     def _variant(base: str, vary: list[str], environ: WSGIEnvironment, generation: str) -> str:

@@ -1742,6 +1742,51 @@ def test_purge_reaches_vary_variants_and_respects_key_prefix(make: Callable[...,
     assert stack.get(headers={"Accept-Language": "en"}).headers["X-Cache"] == "MISS"
 
 
+@pytest.mark.parametrize(("vary", "user", "stored_first", "pattern"), [
+    pytest.param(False, None, True, "/api/v1/*", id="the refill of a stale entry, a pattern"),
+    pytest.param(False, None, True, "/api/v1/search", id="the refill of a stale entry, an exact path"),
+    pytest.param(False, None, False, "/api/v1/*", id="a fill on a cold cache"),
+    pytest.param(True, None, True, "/api/v1/*", id="the refill of a Vary variant"),
+    pytest.param(True, None, False, "*", id="a Vary variant's fill on a cold cache"),
+    pytest.param(False, "alice:admin", True, "/api/*/search", id="a per-user refill"),
+])
+def test_a_purge_keeps_out_the_answer_of_a_fill_in_flight(store: Store, origin: Origin, clock: Clock, vary: bool,
+                                                          user: str | None, stored_first: bool, pattern: str) -> None:
+    """The data changes while a GET is in the app, then the entries are purged: that GET's answer, read
+    before the change, is not stored; the next request asks the app, whose answer is."""
+    if vary:
+        origin.headers.append(("Vary", "Accept-Language"))
+    stack = Stack(store, origin, ttl=1, per_user=user is not None)
+    headers = {"Accept-Language": "de"} if vary else {}
+    if user:
+        headers["X-Test-User"] = user
+    if stored_first:
+        stack.get(headers=headers)
+        clock.now += 2  # stale: the next GET fills it again
+    inside, finish = threading.Event(), threading.Event()
+
+    def slow_reads(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        answer = Origin.__call__(origin, environ, start_response)  # the data is read
+        if not finish.is_set():
+            inside.set()
+            finish.wait(10)  # and the answer is made slowly
+        return answer
+
+    stack.layer.app = slow_reads
+    slow: list[Any] = []
+    reader = threading.Thread(target=lambda: slow.append(
+        TestApp(stack.wsgi).get("/api/v1/search?q=x", headers=headers)))
+    reader.start()
+    assert inside.wait(10)
+    assert purge(store, pattern) == ((2 if vary else 1) if stored_first else 0)  # the data changed: purged
+    finish.set()
+    reader.join(10)
+    assert slow[0].headers["X-Cache"] == "MISS"
+    assert list(store.scan("wsgistack:cache:l:")) == []  # its lock went all the same
+    after = stack.get(headers=headers)
+    assert (after.headers["X-Cache"], after.json["n"]) == ("MISS", origin.calls)  # not the answer read before
+    assert stack.get(headers=headers).headers["X-Cache"] == "HIT"  # the next fill is stored
+
 @pytest.mark.parametrize(("method", "user", "query", "status", "message"), [
     pytest.param("GET", "root:admin", "pattern=/api/*", 405, "The cache purge endpoint accepts POST or DELETE.",
                  id="GET refused"),
@@ -1942,8 +1987,7 @@ def test_a_value_of_another_redis_type_is_written_over(redis_url: str, origin: O
         stack = Stack(store, origin)
         stack.get()
         [entry] = [k for k in client.keys("*") if b":cache:e:" in k]
-        prefix, digest = entry.split(b":cache:e:")[0], entry.rsplit(b"#", 1)[1]
-        key = entry if where == "the entry" else prefix + b":cache:w:" + digest
+        key = entry if where == "the entry" else entry.replace(b":cache:e:", b":cache:w:", 1)  # its URI's mark
         client.delete(entry, key)
         client.rpush(key, b"x")
         assert stack.get().headers["X-Cache"] == "MISS"
