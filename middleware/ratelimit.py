@@ -237,7 +237,11 @@ def _seconds(delta: float) -> int:
 
 
 class _Compiled(NamedTuple):
-    """A rule ready for the request path; ``keys`` are the ``limits`` keys around the client key."""
+    """A rule ready for the request path; ``keys`` are the ``limits`` keys around the client key.
+
+    ``groups`` name each limit's table of keys in a ``memory://`` store (each capped on its own): the
+    counter's name and limit, and the key it counts by.
+    """
 
     id: str
     paths: re.Pattern[str] | None
@@ -245,6 +249,7 @@ class _Compiled(NamedTuple):
     items: list[RateLimitItem]
     amounts: list[str]  # RateLimit-Limit of each item
     keys: list[tuple[str, str]]
+    groups: list[str]
     key: tuple[str, ...]
     strategy: str
     closed: bool  # on_store_error: closed
@@ -311,8 +316,11 @@ class _MemoryCounter:
         self._storage: _MemoryStorage | None = None
         # Ordered dicts: their oldest entries are dropped from the front, which in a plain dict costs a scan
         # past every entry deleted before (until the next resize): at the key cap, each new client's.
-        # Each limit of each rule (its keys' common prefix, ``group``) has its own, each capped on its own: a
-        # flood of made-up keys on one rule (a header's values) cannot push another's counts out (the login's).
+        # Each limit of each rule, as keyed (``group``), has its own, each capped on its own: a flood of made-up
+        # keys on one rule (a header's values) cannot push another's counts out (the login's), nor one through a
+        # layer keyed by header another layer's on the same store (both named ``default``, of one window length).
+        # Layers whose rules count in the same counters (same name, limit and key) share a table, as they share
+        # the counts.
         #: (group, expiry) -> key -> [count, monotonic end]
         self.windows: dict[tuple[str, float], OrderedDict[str, list[float]]] = {}
         #: (group, strategy, expiry) -> key -> when its entries end, for the moving and sliding windows (see _track)
@@ -329,15 +337,15 @@ class _MemoryCounter:
         return self._storage
 
     def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float,
-            around: list[tuple[str, str]] | None = None) -> list[Result]:
-        """Count a hit on each limit; ``around`` (each key's prefix and suffix) groups the keys to cap."""
-        if around is None:
-            around = [("", "")] * len(keys)
+            groups: list[str] | None = None) -> list[Result]:
+        """Count a hit on each limit; ``groups`` name the table (and cap) each key is kept in."""
+        if groups is None:
+            groups = [""] * len(keys)
         if strategy == "fixed-window":
-            return self._fixed(items, keys, now, around)
+            return self._fixed(items, keys, now, groups)
         s, out = self.storage, []
         with self.lock:
-            for item, key, (group, _) in zip(items, keys, around, strict=True):
+            for item, key, group in zip(items, keys, groups, strict=True):
                 expiry, amount = item.get_expiry(), item.amount
                 self._track(group, strategy, expiry, key, now)
                 if strategy == "moving-window":
@@ -378,14 +386,13 @@ class _MemoryCounter:
             else:
                 self.storage.clear_sliding_window(oldest, expiry)
 
-    def _fixed(self, items: list[RateLimitItem], keys: list[str], now: float,
-               around: list[tuple[str, str]]) -> list[Result]:
+    def _fixed(self, items: list[RateLimitItem], keys: list[str], now: float, groups: list[str]) -> list[Result]:
         """Windows timed by the monotonic clock (a wall clock stepped back an hour would hold every
         window open an hour longer); their ends are given back on ``now``'s clock."""
         out: list[Result] = []
         with self.lock:
             tick = time.monotonic()
-            for item, key, (group, _) in zip(items, keys, around, strict=True):
+            for item, key, group in zip(items, keys, groups, strict=True):
                 expiry = item.get_expiry()
                 windows = self.windows.get((group, expiry))
                 if windows is None:
@@ -481,7 +488,7 @@ class _RedisCounter:
         return results
 
     def hit(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float,
-            around: list[tuple[str, str]] | None = None) -> list[Result]:
+            groups: list[str] | None = None) -> list[Result]:
         return self.hit_with(strategy, items, keys, now)[0]
 
     def hit_with(self, strategy: str, items: list[RateLimitItem], keys: list[str], now: float,
@@ -634,13 +641,16 @@ class RateLimitMiddleware:
         items = [item for text in rule.limits for item in parse_many(text)]
         strategy = rule.strategy or options.strategy
         # The strategy is part of the key: its counters have different Redis types.
-        keys = []
+        keys, groups = [], []
         for item in items:
             before, after = item.key_for(counter, strategy, "\0").split("\0")
             keys.append((before, after))
+            # A memory table per limit as keyed: the default rules of two layers keyed apart (by address, by
+            # header) share a name, and one table would let a flood through one push the other's keys out.
+            groups.append(f"{before}{after} by {'|'.join(parts).lower()}")
         closed = (rule.on_store_error or options.on_store_error) == "closed"
-        return _Compiled(rid, paths, methods or None, items, [str(i.amount) for i in items], keys, parts, strategy,
-                         closed, context.emitter("ratelimit.pass", rule=rid))
+        return _Compiled(rid, paths, methods or None, items, [str(i.amount) for i in items], keys, groups, parts,
+                         strategy, closed, context.emitter("ratelimit.pass", rule=rid))
 
     def _key(self, environ: WSGIEnvironment, parts: tuple[str, ...]) -> str:
         out = []
@@ -719,7 +729,7 @@ class RateLimitMiddleware:
             if self.read_aheads and read_ahead:  # only ever set for a Redis counter
                 results, locks = self._hit_and_read(environ, rule, keys, now)
             else:
-                results = self.counter.hit(rule.strategy, rule.items, keys, now, rule.keys)
+                results = self.counter.hit(rule.strategy, rule.items, keys, now, rule.groups)
         except _STORE_ERRORS as exc:
             # shadow mode never refuses, not even a closed rule in an outage
             return self._store_failed(environ, start_response, exc, rule.closed and self.enforce, app)
@@ -787,7 +797,7 @@ class RateLimitMiddleware:
             if found is not None:
                 wanted.append((ahead, (id(ahead.store), ahead.op, found[0]), found))
         if not wanted:
-            return self.counter.hit(rule.strategy, rule.items, keys, now, rule.keys), []
+            return self.counter.hit(rule.strategy, rule.items, keys, now, rule.groups), []
         commands = [ahead.store.read_command(ahead.op, *found)  # type: ignore[attr-defined]
                     for ahead, _, found in wanted]
         try:

@@ -407,6 +407,30 @@ def test_a_flood_of_made_up_keys_on_one_rule_leaves_another_rules_counts(monkeyp
     assert stack.get("/auth/login", ip="10.6.6.6").status_int == 429
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("inner_key", ["header:X-Api-Key", ["client_ip", "header:X-Api-Key"]])
+def test_a_flood_through_one_layer_leaves_another_layers_counts(monkeypatch: pytest.MonkeyPatch, strategy: str,
+                                                                 inner_key: str | list[str]) -> None:
+    """Two layers on one memory store, no namespaces, one window length: each keeps its own keys and cap."""
+    import middleware.ratelimit as ratelimit
+
+    monkeypatch.setattr(ratelimit, "MAX_MEMORY_KEYS", 50)
+    context = Context(stores={"shared": MemoryStore()})
+    by_key = RateLimitMiddleware(inner, RateLimitMiddleware.Options(
+        limits=["1000/minute"], key=inner_key, strategy=strategy), context)
+    app = TestApp(ErrorsMiddleware(RateLimitMiddleware(by_key, RateLimitMiddleware.Options(
+        limits=["20/minute"], strategy=strategy), context), ErrorsMiddleware.Options(), context))
+
+    def get(ip: str, api_key: str) -> int:
+        return int(app.get("/", headers={"X-Api-Key": api_key}, extra_environ={"REMOTE_ADDR": ip},
+                           expect_errors=True).status_int)
+
+    assert [get("10.9.9.9", "k") for _ in range(21)][-2:] == [200, 429]
+    for n in range(80):  # four addresses, each under its address limit, with made-up keys
+        assert get(f"10.0.0.{n // 20}", f"made-up-{n}") == 200
+    assert get("10.9.9.9", "k") == 429
+
+
 def test_a_lower_case_method_meets_its_rule(store: Store) -> None:
     """werkzeug routes `post` as POST (servers other than Waitress pass it on): the POST rule counts it."""
     from werkzeug.test import Client
