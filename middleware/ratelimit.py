@@ -240,7 +240,8 @@ class _Compiled(NamedTuple):
     """A rule ready for the request path; ``keys`` are the ``limits`` keys around the client key.
 
     ``groups`` name each limit's table of keys in a ``memory://`` store (each capped on its own): the
-    counter's name and limit, and the key it counts by.
+    counter's name and limit, and the key it counts by.  ``key`` holds the parts of that key as ``_key``
+    reads them: ``client_ip``, ``user``, or a header's name in the environ (``HTTP_X_API_KEY``).
     """
 
     id: str
@@ -537,6 +538,18 @@ def _rule_digest(rule: _Rule) -> str:
     return "rule-" + hashlib.blake2b(repr(what).encode(), digest_size=6).hexdigest()
 
 
+def _environ_name(part: str) -> str:
+    """A part of a rule's key as ``_key`` reads it: ``client_ip``, ``user``, or where a header is in the environ.
+
+    WSGI keeps ``Content-Type`` and ``Content-Length`` as ``CONTENT_TYPE`` and ``CONTENT_LENGTH``, without
+    the ``HTTP_`` of every other header (read as ``HTTP_CONTENT_TYPE``, every request fell back to its address).
+    """
+    if part in ("client_ip", "user"):
+        return part
+    name = part[7:].upper().replace("-", "_")
+    return name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + name
+
+
 def _keys_of(command: tuple[Any, ...]) -> tuple[str, ...]:
     """The keys one of the counter's commands names (``EVALSHA sha numkeys key…``, ``PTTL key``)."""
     if command[0] == "EVALSHA":
@@ -637,7 +650,7 @@ class RateLimitMiddleware:
         paths = None if "*" in rule.paths else re.compile("|".join(fnmatch.translate(p) for p in rule.paths))
         methods = with_head(rule.methods)
         key = rule.key if rule.key is not None else options.key
-        parts = tuple([key] if isinstance(key, str) else key)
+        parts = tuple(_environ_name(part) for part in ([key] if isinstance(key, str) else key))
         items = [item for text in rule.limits for item in parse_many(text)]
         strategy = rule.strategy or options.strategy
         # The strategy is part of the key: its counters have different Redis types.
@@ -647,7 +660,7 @@ class RateLimitMiddleware:
             keys.append((before, after))
             # A memory table per limit as keyed: the default rules of two layers keyed apart (by address, by
             # header) share a name, and one table would let a flood through one push the other's keys out.
-            groups.append(f"{before}{after} by {'|'.join(parts).lower()}")
+            groups.append(f"{before}{after} by {'|'.join(parts)}")
         closed = (rule.on_store_error or options.on_store_error) == "closed"
         return _Compiled(rid, paths, methods or None, items, [str(i.amount) for i in items], keys, groups, parts,
                          strategy, closed, context.emitter("ratelimit.pass", rule=rid))
@@ -660,8 +673,8 @@ class RateLimitMiddleware:
                 if identity is not None:
                     out.append("u:" + identity.subject)
                     continue
-            elif part != "client_ip":
-                value = environ.get("HTTP_" + part[7:].upper().replace("-", "_"))
+            elif part != "client_ip":  # a header, by its name in the environ
+                value = environ.get(part)
                 if value:
                     out.append("h:" + hashlib.blake2b(value.encode("latin-1"), digest_size=12).hexdigest())
                     continue

@@ -54,9 +54,9 @@ class Stack:
         self.app = TestApp(self.wsgi)
 
     def get(self, path: str = "/", ip: str = "10.0.0.1", method: str = "GET",
-            headers: dict[str, str] | None = None, **environ: Any) -> Any:
+            headers: dict[str, str] | None = None, body: bytes | None = None, **environ: Any) -> Any:
         return self.app.request(path, method=method, headers=headers or {}, expect_errors=True,
-                                environ={"REMOTE_ADDR": ip, **environ})
+                                environ={"REMOTE_ADDR": ip, **environ}, **({} if body is None else {"body": body}))
 
 
 def rate(response: Any) -> dict[str, str]:
@@ -485,6 +485,16 @@ def test_rules_count_separately(store: Store) -> None:
                  {"ip": "10.0.0.2", "headers": {"X-Api-Key": "a"}}, True, id="header: one key, two addresses"),
     pytest.param({"key": "header:X-Api-Key"}, {"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}, False,
                  id="header missing: falls back to client_ip"),
+    pytest.param({"key": "header:Content-Type"}, {"ip": "10.0.0.1", "headers": {"Content-Type": "text/plain"}},
+                 {"ip": "10.0.0.2", "headers": {"Content-Type": "text/plain"}}, True,
+                 id="header: Content-Type, kept apart from the other headers in WSGI"),
+    pytest.param({"key": "header:content-type"}, {"ip": "10.0.0.1", "headers": {"Content-Type": "text/plain"}},
+                 {"ip": "10.0.0.1", "headers": {"Content-Type": "text/csv"}}, False,
+                 id="header: Content-Type, two values"),
+    pytest.param({"key": "header:Content-Length"}, {"ip": "10.0.0.1", "method": "POST", "body": b"12"},
+                 {"ip": "10.0.0.2", "method": "POST", "body": b"34"}, True, id="header: Content-Length"),
+    pytest.param({"key": "header:Content-Length"}, {"ip": "10.0.0.1", "method": "POST", "body": b"12"},
+                 {"ip": "10.0.0.1", "method": "POST", "body": b"345"}, False, id="header: Content-Length, two values"),
     pytest.param({"key": ["client_ip", "header:X-Api-Key"]}, {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}},
                  {"ip": "10.0.0.2", "headers": {"X-Api-Key": "a"}}, False, id="combo: same key, two addresses"),
     pytest.param({"key": ["client_ip", "header:X-Api-Key"]}, {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}},
