@@ -165,6 +165,7 @@ def _sliding(item: RateLimitItem, prev: int, prev_ttl: float, cur: int, cur_ttl:
 
 _FIELDS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
 _RETRY_IN = re.compile(r"retry in \d+ seconds")
+_LIMIT_IS = re.compile(r"the limit is [^;]*;")
 
 
 def _most_restrictive(response_headers: Headers, ours: Headers) -> Headers:
@@ -213,17 +214,29 @@ def _fields_of(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     return found
 
 
-def _decorate_tighter(exc: BaseException, ours: Headers) -> None:
-    """:func:`decorate_error` for our RateLimit fields: the tighter set of ours and an inner limiter's."""
+def _decorate_tighter(exc: BaseException, ours: Headers, item: RateLimitItem) -> None:
+    """:func:`decorate_error` for our RateLimit fields: the tighter set of ours and an inner limiter's.
+
+    An inner 429's message is made to say what its headers now say: the wait, and, when our fields
+    speak for both, our limit (``item``), whose reset that wait is.
+    """
     extra: Headers | None = getattr(exc, "wsgistack_headers", None)
     if extra is None:
         decorate_error(exc, ours)
         return
     extra[:] = _most_restrictive(extra, ours)
+    text = original = getattr(exc, "description", None)
+    if not isinstance(text, str):
+        return
+    found = _fields_of(extra)
+    if (found.get("ratelimit-limit"), found.get("ratelimit-remaining"), found.get("ratelimit-reset")) == \
+            (ours[0][1], ours[1][1], ours[2][1]):
+        text = _LIMIT_IS.sub(lambda _: f"the limit is {item};", text, count=1)
     wait = next((v for n, v in extra if n.lower() == "retry-after"), None)
-    text = getattr(exc, "description", None)
-    if wait is not None and isinstance(text, str):  # an inner 429's message says the wait its header now says
-        exc.description = _RETRY_IN.sub(f"retry in {wait} seconds", text)  # type: ignore[attr-defined]
+    if wait is not None:
+        text = _RETRY_IN.sub(f"retry in {wait} seconds", text)
+    if text != original:
+        exc.description = text  # type: ignore[attr-defined]
 
 
 def _seconds(delta: float) -> int:
@@ -790,7 +803,7 @@ class RateLimitMiddleware:
             return app(environ, start)
         except Exception as exc:
             if getattr(exc, "code", None) != 429 or _fields_of(getattr(exc, "wsgistack_headers", None) or ()):
-                _decorate_tighter(exc, headers)
+                _decorate_tighter(exc, headers, item)
             raise
 
     def _hit_and_read(self, environ: WSGIEnvironment, rule: _Compiled, keys: list[str],

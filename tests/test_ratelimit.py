@@ -242,6 +242,31 @@ def test_an_inner_refusal_waits_for_the_outer_limit_too(store: Store) -> None:
     assert refused.headers.getall("RateLimit-Remaining") == ["0"]
 
 
+@pytest.mark.parametrize(("outer", "inner_limit", "requests", "expected"), [
+    pytest.param("3/minute", "2/5 seconds", 3,
+                 ("3", "60", "Too many requests: the limit is 3 per 1 minute; retry in 60 seconds."),
+                 id="the outer limit is used up: it is named"),
+    pytest.param("2/minute", "1/second", 2,
+                 ("2", "60", "Too many requests: the limit is 2 per 1 minute; retry in 60 seconds."),
+                 id="the outer limit is used up, the inner resets sooner"),
+    pytest.param("50/minute", "1/minute", 2,
+                 ("1", "60", "Too many requests: the limit is 1 per 1 minute; retry in 60 seconds."),
+                 id="the outer limit has room: the inner one is named"),
+    pytest.param("3/hour", "1/minute", 2,
+                 ("1", "60", "Too many requests: the limit is 1 per 1 minute; retry in 60 seconds."),
+                 id="the outer limit has room and a longer window"),
+])
+def test_an_inner_refusal_names_the_limit_its_headers_describe(store: Store, outer: str, inner_limit: str,
+                                                               requests: int, expected: tuple[str, ...]) -> None:
+    app = _two(store, outer, inner_limit)
+    for _ in range(requests - 1):
+        app.get("/")
+    refused = app.get("/", status=429)
+    assert (refused.headers["RateLimit-Limit"], refused.headers["Retry-After"],
+            refused.json["error"]["message"]) == expected
+    assert (refused.headers["RateLimit-Remaining"], refused.headers["RateLimit-Reset"]) == ("0", expected[1])
+
+
 def test_an_inner_error_carries_the_tighter_fields(store: Store) -> None:
     missing = _two(store, "3/minute", "50/minute").get("/missing", status=404)
     assert (missing.headers.getall("RateLimit-Limit"), missing.headers["RateLimit-Remaining"]) == (["3"], "2")
