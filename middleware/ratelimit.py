@@ -432,7 +432,10 @@ class _MemoryCounter:
 #: Keys a ``memory://`` store counts per limit of a rule: past it, the key whose window started first
 #: (fixed windows) or that was hit least recently (moving, sliding) is dropped and that client starts
 #: anew, so a flood of made-up keys (IPv6 networks, header values) cannot grow the process without
-#: bound (about 0.5 KiB a key), nor take another rule's counts with it.
+#: bound, nor take another rule's counts with it.  A key costs about 0.3 KiB (fixed) or 0.6 KiB (sliding);
+#: a moving window's 0.6 KiB plus about 0.15 KiB per request counted in it (``limits`` keeps an entry per
+#: accepted request: up to 100 KiB a key under 600/minute, 10 GB at the cap), hence fixed or sliding
+#: windows for high limits in memory.
 MAX_MEMORY_KEYS = 100_000
 _COUNTERS: weakref.WeakKeyDictionary[MemoryStore, _MemoryCounter] = weakref.WeakKeyDictionary()
 _COUNTERS_LOCK = threading.Lock()
