@@ -141,6 +141,18 @@ def test_fts_syntax_in_the_query_is_searched_for_not_parsed(client: TestApp, que
                      id="searched for as written (the index keeps NFD Hangul and compatibility ideographs)"),
         pytest.param("caf\u00e9 \u0436\u0443\u0440\u043d\u0430\u043b",
                      '"caf\u00e9" "\u0436\u0443\u0440\u043d\u0430\u043b"', id="letters of every script are words"),
+        pytest.param("json \uff4a\uff53\uff4f\uff4e", '"json" "\uff4a\uff53\uff4f\uff4e"',
+                     id="fullwidth letters are another word to the tokenizer"),
+        pytest.param("\uff4a\uff53\uff4f\uff4e json", '"\uff4a\uff53\uff4f\uff4e" "json"', id="in either order"),
+        pytest.param("\ufb01le file", '"\ufb01le" "file"', id="a ligature is not its letters"),
+        pytest.param("2 \u00b2", '"2" "\u00b2"', id="a superscript is not its digit"),
+        pytest.param("stra\u00dfe STRASSE strasse", '"stra\u00dfe" "STRASSE"', id="sharp s is not ss"),
+        pytest.param("\u03ac \u03b1 \u0439 \u0438", '"\u03ac" "\u03b1" "\u0439" "\u0438"',
+                     id="Greek tonos and Cyrillic breve are letters of their own"),
+        pytest.param("\u0130 i", '"\u0130"', id="dotted capital I folds to i"),
+        pytest.param("\u017f s \u03c3 \u03c2 \u03a3", '"\u017f" "\u03c3"', id="long s and final sigma fold"),
+        pytest.param("JSON.loads json.load\u015b", '"JSON.loads"', id="a dotted name again, accented"),
+        pytest.param("the\u3002 the\u3001 the", '"the\u3002"', id="a word again between other punctuation"),
     ],
 )
 def test_fts_query_quotes_every_term(text: str, expected: str | None) -> None:
@@ -176,6 +188,47 @@ def test_words_are_split_where_sqlite_splits_them() -> None:
     assert [c for c in letters if counted[c] != read[c]] == []
     latin = [c for c in marks if c < "\u0370" and read[c] == 1]  # the accents of decomposed Latin text
     assert [c for c in latin if counted[c] != 1] == []
+
+
+def test_terms_are_one_only_when_the_tokenizer_reads_them_alike() -> None:
+    """Every character, between two letters, as the index's tokenizer reads it: two terms fts_query
+    takes for one (keeping the first) must be the same words to SQLite, else the answer would depend on
+    their order and match more than was asked."""
+    import sqlite3
+    from collections import defaultdict
+
+    from app.search.local import _key, _key_table, _words
+
+    # Past U+2FFFF the key keeps every character as it is: no two characters share a key there.
+    assert max(_key_table()) < 0x30000
+    chars = [chr(c) for c in range(0x80, 0x30000) if not 0xD800 <= c < 0xE000]
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'porter unicode61 remove_diacritics 2')")
+    db.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", ((ord(c), f"q{c}q") for c in chars))
+    db.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+    read: dict[int, list[str]] = defaultdict(list)
+    for doc, term in db.execute("SELECT doc, term FROM v ORDER BY doc, offset"):
+        read[doc].append(term)
+    db.close()
+    tokens: dict[str, set[tuple[str, ...]]] = defaultdict(set)
+    for c in chars:
+        term = f"q{c}q"
+        tokens[_key(term, _words(term))].add(tuple(read[ord(c)]))
+    assert {key: seen for key, seen in tokens.items() if len(seen) > 1} == {}
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    pytest.param("decode", "\uff44\uff45\uff43\uff4f\uff44\uff45", id="fullwidth"),
+    pytest.param("file", "\ufb01le", id="ligature"),
+    pytest.param("2", "\u00b2", id="superscript"),
+    pytest.param("decode", "D\u00c9CODE", id="case and accent: one term"),
+])
+def test_the_total_does_not_depend_on_the_order_of_the_words(json_engine: LocalEngine, first: str,
+                                                              second: str) -> None:
+    both = json_engine.search(f"{first} {second}").total
+    assert json_engine.search(f"{second} {first}").total == both
+    alone = sorted([json_engine.search(first).total, json_engine.search(second).total])
+    assert both == (alone[1] if fts_query(f"{first} {second}") == fts_query(first) else alone[0])
 
 
 def test_quoted_query_finds_what_the_plain_one_finds(json_engine: LocalEngine) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import warnings
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unicodedata import ucd_3_2_0
 
 from werkzeug.exceptions import HTTPException
 
@@ -91,6 +93,7 @@ WORD_SPLITTERS = "\u19b0-\u19c0\u19c8\u19c9\u1cf2\u1cf3"
 WORD_MARKS = "\u0300-\u0304\u0306-\u030c\u030f\u0311\u031b\u0323-\u0328\u032d\u032e\u0330\u0331"
 #: tests/test_app_search.py asks the running SQLite for every character where the tables may disagree.
 _WORD = re.compile(f"(?:[^\\W_{WORD_SPLITTERS}]|[{WORD_MARKS}])+")
+_NOT_WORD = re.compile(r"[^\w]")
 
 
 def _words(term: str) -> list[str]:
@@ -100,9 +103,56 @@ def _words(term: str) -> list[str]:
     return _WORD.findall(term)
 
 
-def _folded(text: str) -> str:
-    """``text`` as the tokenizer compares it: case and diacritics folded (``remove_diacritics 2``)."""
-    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
+@functools.cache
+def _key_table() -> dict[int, str | None]:
+    """What ``str.translate`` needs to compare terms as the tokenizer does, asked of the running SQLite.
+
+    unicode61 folds each character on its own, by its own (Unicode 6.1) tables: the case of many
+    letters, and with ``remove_diacritics 2`` the accents of Latin letters and the marks of decomposed
+    text (which it drops).  It applies no compatibility folding (the ligature U+FB01, fullwidth
+    letters and superscript digits stay as they are) and keeps Greek tonos and Cyrillic breves.  So
+    the folds are read from SQLite itself, for every character that has a case or a decomposition
+    or is a mark (a few thousand: a tenth of a second, once per process, at its first query that is
+    not ASCII).  Characters that were punctuation, symbols or spaces in Unicode 3.2 and still are
+    (SQLite splits words at them) become spaces.
+    """
+    # SQLite folds case in the BMP and Deseret only, and removes diacritics in the BMP (not Hangul's).
+    probe = [c for c in (*map(chr, range(0x80, 0xAC00)), *map(chr, range(0xD7A4, 0xD800)),
+                         *map(chr, range(0xE000, 0x10000)), *map(chr, range(0x10400, 0x10450))) if _may_fold(c)]
+    table: dict[int, str | None] = {c: (chr(c).lower() if chr(c).isalnum() else " ") for c in range(0x80)}
+    later = "".join(map(chr, (*range(0x80, 0xD800), *range(0xE000, 0x30000))))
+    table.update((ord(c), " ") for c in _NOT_WORD.findall(later) if _separates(c))
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'unicode61 remove_diacritics 2')")
+        db.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", ((ord(c), f"q{c}q") for c in probe))
+        db.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+        folds = dict(db.execute("SELECT doc, term FROM v WHERE length(term) <= 3 AND term GLOB 'q*q'"))
+    for code, term in folds.items():
+        if term != f"q{chr(code)}q":
+            table[code] = term[1:-1] or None  # a mark it drops
+    return table
+
+
+def _may_fold(c: str) -> bool:
+    return (c.casefold() != c or c.lower() != c or unicodedata.category(c) == "Mn"
+            or unicodedata.decomposition(c)[:1] not in ("", "<"))
+
+
+def _separates(c: str) -> bool:
+    """A character SQLite's tables (Unicode 6.1) put between words: one Unicode 3.2 already had as
+    neither letter, digit nor private use, and that is none of these still (never one newer than 6.1:
+    SQLite keeps those in words)."""
+    old = ucd_3_2_0.category(c)
+    return old[0] not in "LNM" and old not in ("Co", "Cn") and unicodedata.category(c)[0] not in "LNM"
+
+
+def _key(term: str, words: list[str]) -> str:
+    """``term`` as the tokenizer reads it (folded by its rules, not Python's): terms with the same key
+    search for the same thing.  Never equal for two terms it reads differently (a key that is equal
+    too seldom only costs a copy of the term)."""
+    if term.isascii():
+        return " ".join(words).lower()  # SQLite folds A-Z only; every other ASCII character splits
+    return " ".join(term.translate(_key_table()).split())
 
 
 def fts_query(text: str) -> str | None:
@@ -119,9 +169,9 @@ def fts_query(text: str) -> str | None:
         words = _words(term)  # as written: the index holds the documents' text as they wrote it
         if not words:
             continue
-        # A term again (in any case or accent, which the tokenizer folds) matches nothing new, but each
-        # copy multiplies the ranking's work: "the" 32 times took half a second.
-        key = _folded(" ".join(words))
+        # A term again (in any case or accent the tokenizer folds) matches nothing new, but each copy
+        # multiplies the ranking's work: "the" 32 times took half a second.
+        key = _key(term, words)
         if key in seen:
             continue
         seen.add(key)
