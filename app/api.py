@@ -7,7 +7,8 @@ Both versions serve the same data; only the search body differs:
 
 Each result is ``{"title", "url", "content", "engine"}``.  A missing or empty
 ``q``, a ``q`` over 1000 characters or a ``page`` that is not a whole number
-from 1 to 1000 gives 400.  Health answers without touching the index or any
+from 1 to 1000 gives 400, and so does a ``q`` of more than 32 words for the
+``local`` engine.  Health answers without touching the index or any
 store, so it stays cheap enough for load balancers.
 """
 
@@ -58,6 +59,8 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
     shape: Callable[[SearchPage], dict[str, Any]] = SearchPage.v1 if version == "v1" else SearchPage.v2
     search_options = state.options.search
     logger = state.context.logger.getChild("app.stream")
+    # An engine's own limits on the query (the local one's word count): refused before a stream starts.
+    check_query: Callable[[str], None] | None = getattr(state.engine, "check_query", None)
 
     @bp.get("/search")
     def search() -> dict[str, Any]:
@@ -67,6 +70,8 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
     @bp.get("/search/stream")
     def search_stream() -> Response:
         query, page = search_args(request.args)
+        if check_query is not None:
+            check_query(query)
         slots = state.streams
         if slots is not None and not slots.take(search_options.max_streams):
             # Paced streams hold a server thread each for their whole length: past the cap, the

@@ -159,12 +159,12 @@ def fts_query(text: str) -> str | None:
     """Turn user text into an FTS5 query of quoted terms (all must match); None if no term.
 
     A term with punctuation (``json.loads``) is a phrase of the words the index
-    has in it; ``MAX_TERMS`` bounds those words, not the terms, so that
-    ``a.a.a…`` cannot make one term a phrase of 500 words.
+    has in it; more than ``MAX_TERMS`` words in all (a term again counts once;
+    ``a.a.a…`` is as many words as it has) is refused with ``400 Bad Request``.
     """
     # Control characters (a NUL ends the query string inside SQLite) separate terms.
     text = "".join(c if c.isprintable() else " " for c in text)
-    terms, left, seen = [], MAX_TERMS, set()
+    terms, count, seen = [], 0, set()
     for term in text.split():
         words = _words(term)  # as written: the index holds the documents' text as they wrote it
         if not words:
@@ -175,12 +175,11 @@ def fts_query(text: str) -> str | None:
         if key in seen:
             continue
         seen.add(key)
-        if len(words) > left:
-            term = " ".join(words[:left])  # the phrase of its first words
         terms.append('"' + term.replace('"', '""') + '"')
-        left -= min(len(words), left)
-        if not left:
-            break
+        count += len(words)
+    if count > MAX_TERMS:
+        raise refuse(400, f"The query parameter 'q' may have at most {MAX_TERMS} words (it has {count}).",
+                     details={"parameter": "q", "max_words": MAX_TERMS})
     return " ".join(terms) or None
 
 
@@ -389,10 +388,14 @@ class LocalEngine(SearchEngine):
 
     # ----------------------------------------------------------- search
 
+    def check_query(self, query: str) -> None:
+        """Refuse a query this engine will not run (more than ``MAX_TERMS`` words) with a 400."""
+        fts_query(query)
+
     def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
+        match = fts_query(query)
         self._connection()
         yield 33, "index_ready"
-        match = fts_query(query)
         total = int(self._fetch(_COUNT, (match,))[0][0]) if match else 0
         yield 67, "matched"
         offset = (page - 1) * self.per_page
