@@ -442,7 +442,9 @@ def run_walkthrough(servers: Pair, script: str, base: str, **env: str) -> str:
 
 def check_walkthrough_output(out: str) -> None:
     assert '"token_type": "Bearer"' in out and '"expires_in": 900' in out
-    assert '"query": "json"' in out and '"first": ' in out
+    assert '"query": "json"' in out
+    # The index holds what is installed: the exact first result varies, a json module's name does not.
+    assert re.search(r'^  "first": "json(\.\w+)*"$', out, flags=re.M), out
     assert re.search(r"^HTTP/\S+ 204", out, flags=re.M), out
     assert re.search(r"^vary: Cookie, Origin\r?$", out, flags=re.M | re.I), out
     assert not re.search(r"^set-cookie:", out, flags=re.M | re.I), out  # no session sent: no cookie expired
