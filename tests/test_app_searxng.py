@@ -94,6 +94,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Retry-After", email.utils.formatdate(time.time() + int(query[11:]), usegmt=True))
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif query in BROKEN_ANSWERS:  # written as is, then the connection is closed
+            self.wfile.write(BROKEN_ANSWERS[query])
+            self.close_connection = True
         elif query == "down for maintenance":
             self._send(503, b"maintenance", "text/plain")
         elif query == "boom":
@@ -117,6 +120,16 @@ class Handler(BaseHTTPRequestHandler):
                 ] + [{"title": "no url, dropped"}],
             }
             self._send(200, json.dumps(doc).encode())
+
+
+#: Answers HTTP cannot read, or that end before their body does.
+BROKEN_ANSWERS = {
+    "no answer": b"",
+    "bad status line": b"HTTP/1.1 OK\r\n\r\n",
+    "too many headers": b"HTTP/1.1 200 OK\r\n" + b"X-Padding: p\r\n" * 101 + b"\r\n",
+    "cut short": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"results\"",
+    "bad chunk": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
 
 
 @pytest.fixture
@@ -238,6 +251,21 @@ def test_a_tls_handshake_gets_the_rest_of_the_timeout_not_connect_timeout(tmp_pa
         elapsed = time.monotonic() - started
     assert error["message"] == "The search upstream did not answer within 0.8 seconds."
     assert 0.7 <= elapsed < 1.5, f"the handshake was given {elapsed:.2f} s, not the timeout's 0.8 s"
+
+
+@pytest.mark.parametrize(("query", "error"), [
+    pytest.param("no answer", "RemoteDisconnected", id="closed without an answer"),
+    pytest.param("bad status line", "BadStatusLine", id="a status line that is not HTTP"),
+    pytest.param("too many headers", "HTTPException", id="over 100 headers"),
+    pytest.param("cut short", "IncompleteRead", id="closed before the body's end"),
+    pytest.param("bad chunk", "IncompleteRead", id="a chunk size that is not one"),
+])
+def test_an_answer_http_cannot_read_is_a_502_that_says_so(tmp_path: Path, upstream: FakeSearxng, query: str,
+                                                           error: str) -> None:
+    """The upstream was reached and answered: not "could not be reached"."""
+    answer = searxng_app(tmp_path, upstream.url).get("/api/v2/search", {"q": query}, status=502)
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.json["error"]["message"] == f"The search upstream's answer was broken ({error})."
 
 
 def test_unreachable_upstream_is_a_502(tmp_path: Path) -> None:

@@ -13,8 +13,11 @@ resolution is the one step outside the deadline: the resolver has its own.
 The upstream URL may carry a user and password (sent as HTTP basic auth) and
 a query string of its own (``?token=…``, kept ahead of the search's parameters).
 
-An HTTP error, a refused connection or a body that is not the expected JSON
-becomes ``502 Bad Gateway``, and so does a body over ``MAX_BODY_BYTES`` (5 MiB; the
+An HTTP error, a refused connection (or a failed name lookup or TLS handshake:
+"could not be reached"), an answer HTTP cannot read or that ends early (a
+bad status line, too many headers, broken chunks, a connection closed or
+reset before the body's end: "answer was broken") or a body that is not the
+expected JSON becomes ``502 Bad Gateway``, and so does a body over ``MAX_BODY_BYTES`` (5 MiB; the
 socket is read no further than ``MAX_RESPONSE_BYTES``, whatever the framing says);
 running out of time becomes ``504 Gateway
 Timeout``; a 429 (SearXNG's limiter) or 503 becomes ``503`` with the
@@ -121,11 +124,13 @@ class SearxngEngine(SearchEngine):
             {"q": query, "format": "json", "pageno": page})
         conn: http.client.HTTPConnection | None = None
         response: http.client.HTTPResponse | None = None
+        sent = False  # past this, a failure is the upstream's answer, not reaching it
         try:
             try:
                 conn = self._connect(deadline)
                 conn.sock.settimeout(deadline.remaining())
                 conn.request("GET", target, headers=self.headers)
+                sent = True
                 with deadline.paused():
                     yield 25, "upstream_connected"
                 # HTTPResponse reads through sock.makefile(): the wrapper's file waits only until the deadline.
@@ -145,6 +150,8 @@ class SearxngEngine(SearchEngine):
                 ) from None
             except (OSError, http.client.HTTPException, UnicodeError) as exc:  # UnicodeError: a name the
                 # resolver's idna codec refuses (the options refuse the ones it is known to)
+                if sent:  # closed before or during the answer, or one HTTP cannot read (status line, headers, chunks)
+                    raise BadGateway(f"The search upstream's answer was broken ({type(exc).__name__}).") from None
                 raise BadGateway(f"The search upstream could not be reached ({type(exc).__name__}).") from None
         finally:
             if response is not None:
@@ -333,6 +340,8 @@ def _read(response: http.client.HTTPResponse) -> bytes:
     while True:
         chunk = response.read(_CHUNK)
         if not chunk:
+            if response.length:  # closed before the Content-Length's end (read() does not raise on that)
+                raise http.client.IncompleteRead(b"", response.length)
             return b"".join(chunks)
         size += len(chunk)
         if size > MAX_BODY_BYTES:
