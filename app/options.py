@@ -101,8 +101,8 @@ class AppOptions(BaseModel):
 
     ``var_dir``: where the SQLite files live (default ``var``; a stack file's
     relative paths are resolved against its folder before they get here, so
-    only ``create_app`` called directly reads them from the working directory).  ``users_db``: the users database (default
-    ``<var_dir>/users.sqlite3``).  ``search``: see :class:`SearchOptions`.
+    only ``create_app`` called directly reads them from the working directory).
+    ``users_db``: the users database (default ``<var_dir>/users.sqlite3``).  ``search``: see :class:`SearchOptions`.
     ``debug``: put the exception text in 500 bodies when the app is used
     without the stack's ``errors`` layer.  ``max_failed_logins`` /
     ``failed_login_window``: per-account throttling of wrong passwords.
