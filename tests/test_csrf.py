@@ -201,6 +201,8 @@ def test_origin_checks(options: dict[str, Any], request_headers: dict[str, str],
                  "double_submit needs a secret_key of at least 32 characters", id="no secret_key"),
     pytest.param({"double_submit": True, "secret_key": "short"},
                  "double_submit needs a secret_key of at least 32 characters", id="short key"),
+    pytest.param({"double_submit": True, "secret_key": "k" * 31},
+                 "double_submit needs a secret_key of at least 32 characters", id="31 characters"),
     pytest.param({"header": "X CSRF"}, "header 'X CSRF' is not a header name (ASCII letters, digits "
                  "and '-')", id="bad header name"),
     pytest.param({"header": "X-CSRF-Tökén"}, "header 'X-CSRF-Tökén' is not a header name (ASCII letters, "
@@ -210,6 +212,10 @@ def test_origin_checks(options: dict[str, Any], request_headers: dict[str, str],
 def test_refused_options(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
         CSRFMiddleware.Options(**options)
+
+
+def test_secret_key_of_32_characters_is_enough() -> None:
+    assert CSRFMiddleware.Options(double_submit=True, secret_key="k" * 32).double_submit
 
 
 def test_secret_key_is_hidden_in_repr() -> None:
@@ -243,6 +249,15 @@ DS = {"double_submit": True, "secret_key": SECRET}
     pytest.param(DS, {"X-CSRF-Token": "<other>"},
                  refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
                          "to get a fresh token"), id="token of another session"),
+    pytest.param(DS, {"X-CSRF-Token": "<first>"},
+                 refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
+                         "to get a fresh token"), id="the token's first character only"),
+    pytest.param(DS, {"X-CSRF-Token": "<short>"},
+                 refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
+                         "to get a fresh token"), id="the token less its last character"),
+    pytest.param(DS, {"X-CSRF-Token": "<token>x"},
+                 refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
+                         "to get a fresh token"), id="the token and one more character"),
     pytest.param(DS, {"X-CSRF-Token": "\u00e9"},
                  refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
                          "to get a fresh token"), id="non-ASCII token"),
@@ -264,6 +279,7 @@ def test_double_submit(store_url: str, options: dict[str, Any], request_headers:
     _, other = _session_and_token(app)
     assert other != token
     headers = {k: v.replace("<token>", token).replace("<other>", other)
+                   .replace("<first>", token[:1]).replace("<short>", token[:-1])
                for k, v in request_headers.items()}
     resp = send(app, {**cookie, **headers})
     status, message = expected
