@@ -106,7 +106,7 @@ SESSION = "wsgistack.session"
 IDENTITY = "wsgistack.identity"
 API_VERSION = "wsgistack.api_version"
 RENDER_ERROR = "wsgistack.render_error"
-COOKIES = "wsgistack.cookies"
+COOKIES = "wsgistack.cookies"  # (the HTTP_COOKIE parsed, its cookies): see cookies()
 PATH = "wsgistack.path"
 #: The PATH_INFO the client asked for, kept by a layer that rewrote it for routing (versioning:
 #: ``/api/search`` to ``/api/v1/search``): error bodies and logs name what was asked.
@@ -713,16 +713,24 @@ def routed_path(environ: WSGIEnvironment, rewrites: PathRewrites) -> str:
 
 
 def cookies(environ: WSGIEnvironment) -> Mapping[str, str]:
-    """The request's cookies, parsed once per request and kept in environ."""
-    jar: Mapping[str, str] | None = environ.get(COOKIES)
-    if jar is None:
-        header = environ.get("HTTP_COOKIE")
-        try:
-            jar = parse_cookie(header) if header else {}
-        except UnicodeError:  # not UTF-8: keep what decodes, replace the rest
-            fixed = str(header).encode("latin-1", "replace").decode("utf-8", "replace").encode().decode("latin-1")
-            jar = parse_cookie(fixed)
-        environ[COOKIES] = jar
+    """The request's cookies, parsed once per request and kept in environ.
+
+    Kept with the ``HTTP_COOKIE`` they were parsed from, as :func:`decoded_path`
+    keeps its path: a layer that changes the header (drops it, sets it from
+    another one) need not drop the parsed cookies, the next reader parses the new
+    header; a read ahead made before that change is for another key and goes unused.
+    """
+    header = environ.get("HTTP_COOKIE")
+    cached: tuple[str | None, Mapping[str, str]] | None = environ.get(COOKIES)
+    if cached is not None and (cached[0] is header or cached[0] == header):
+        return cached[1]
+    jar: Mapping[str, str]
+    try:
+        jar = parse_cookie(header) if header else {}
+    except UnicodeError:  # not UTF-8: keep what decodes, replace the rest
+        fixed = str(header).encode("latin-1", "replace").decode("utf-8", "replace").encode().decode("latin-1")
+        jar = parse_cookie(fixed)
+    environ[COOKIES] = (header, jar)
     return jar
 
 

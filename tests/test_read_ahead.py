@@ -418,3 +418,68 @@ def test_a_preview_that_fails_reads_nothing_ahead(redis_url: str, caplog: pytest
     assert statuses == [200, 200, 200, 429]  # served, and counted
     warnings = [r for r in caplog.records if "could not work out its key" in r.getMessage()]
     assert len(warnings) == 3  # once per read it spoils (the session's, the blocklist's, the cache's), not per request
+
+
+# -- a layer that changes the Cookie header without saying so --------------------------------
+
+class StripCookie:
+    """A factory layer that drops the cookies of /public requests, with no ``preview_environ``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ["PATH_INFO"].startswith("/public"):
+            environ.pop("HTTP_COOKIE", None)
+        return self.app(environ, start_response)
+
+
+class HeaderToCookie:
+    """A factory layer for clients that cannot keep cookies: X-Session replaces the Cookie header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if "HTTP_X_SESSION" in environ:
+            environ["HTTP_COOKIE"] = f"sid={environ['HTTP_X_SESSION']}"
+        return self.app(environ, start_response)
+
+
+def login_app_factory(options: dict[str, Any] | None = None) -> Callable[..., Iterable[bytes]]:
+    """``/login?NAME`` puts NAME in the session; every other path echoes the session's user."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        session = environ[SESSION]
+        if environ["PATH_INFO"] == "/login":
+            session["user"] = {"sub": environ["QUERY_STRING"]}
+        body = json.dumps({"session_user": (session.get("user") or {}).get("sub")}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+@pytest.mark.parametrize("limiter", ["", '  - ratelimit: {store: shared, limits: ["1000/minute"]}\n'],
+                         ids=["alone", "behind a rate limiter"])
+def test_a_cookie_header_changed_by_a_layer_in_between_is_the_one_the_session_follows(
+        redis_url: str, limiter: str) -> None:
+    """The rate limiter reads the cookie's session ahead; a layer in between that then drops or replaces
+    the Cookie header (and cannot say so ahead) makes the session layer read the new cookie's session,
+    as it does without the rate limiter: the answer read ahead is for another key and goes unused."""
+    text = (f'app: {{factory: "test_read_ahead:login_app_factory"}}\npipeline:\n  - errors: {{}}\n{limiter}'
+            "  - test_read_ahead:StripCookie: {}\n  - test_read_ahead:HeaderToCookie: {}\n"
+            f'  - session: {{store: shared, secret_key: "{SECRET}", cookie_name: sid, cookie_secure: false}}\n')
+    built = build(parse(read_text(text)), stores={"shared": RedisStore(redis_url)})
+    app = TestApp(built.app, extra_environ={"REMOTE_ADDR": "192.0.2.9"})
+    try:
+        alice = app.get("/login?alice").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+        app.reset()
+        bob = app.get("/login?bob").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+        app.reset()
+        me = app.get("/me", headers={"Cookie": f"sid={alice}"}).json
+        public = app.get("/public/x", headers={"Cookie": f"sid={alice}"}).json
+        replaced = app.get("/me", headers={"Cookie": f"sid={alice}", "X-Session": bob}).json
+    finally:
+        built.close()
+    assert (me, public, replaced) == ({"session_user": "alice"}, {"session_user": None}, {"session_user": "bob"})
