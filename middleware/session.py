@@ -374,7 +374,11 @@ class SessionMiddleware:
             else:
                 headers = list(headers)
                 if added is None:  # save once, even if start_response is called again
-                    added = self._save(session)
+                    try:
+                        added = self._save(session)
+                    except HTTPException as exc:  # (a generator app's body calls this after __call__ returned)
+                        _shape_refusal(exc, session)
+                        raise
                 headers.extend(added)
                 add_vary(headers, "Cookie")
                 if added or not session._new:  # personal data, or a cookie is set or expired
@@ -385,12 +389,7 @@ class SessionMiddleware:
             return self.app(environ, session_start_response)
         except HTTPException as exc:  # a refusal from inside, which the session may have shaped too
             if session.accessed and added is None:  # (its changes are not saved: the request failed)
-                decorate_error(exc, ())
-                extra = getattr(exc, "wsgistack_headers", None)
-                if extra is not None:
-                    add_vary(extra, "Cookie")
-                    if not session._new:
-                        _make_private(extra)
+                _shape_refusal(exc, session)
             raise
 
     def _cookie_id(self, environ: WSGIEnvironment, quiet: bool = False) -> str | None:
@@ -563,6 +562,16 @@ class SessionMiddleware:
             raise refuse(503, f"the session could not be {action} because the session store "
                               "is unavailable; try again shortly",
                          headers=[("Retry-After", RETRY_AFTER)]) from exc
+
+
+def _shape_refusal(exc: HTTPException, session: Session) -> None:
+    """A refusal of a request that used the session varies on the cookie, and is private for a stored session."""
+    decorate_error(exc, ())
+    extra = getattr(exc, "wsgistack_headers", None)
+    if extra is not None:
+        add_vary(extra, "Cookie")
+        if not session._new:
+            _make_private(extra)
 
 
 def _make_private(headers: list[tuple[str, str]]) -> None:

@@ -260,3 +260,73 @@ def test_no_store_is_added_on_the_way_out_so_the_cache_may_keep_listed_errors(tm
         assert first.headers["Cache-Control"] == second.headers["Cache-Control"] == "no-store"
     finally:
         built.close()
+
+
+class Closing:
+    """A body that records whether the server closed it (PEP 3333: always, even when it fails)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks, self.closed = chunks, False
+
+    def __iter__(self) -> Any:
+        return iter(self.chunks)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def generating(exc: BaseException | None) -> Callable[..., Iterable[bytes]]:
+    """A generator app (PEP 3333 allows it): start_response is called on the body's first iteration,
+    after ``exc`` was raised there if there is one."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if exc is not None:
+            raise exc
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"one, "
+        yield b"two"
+
+    return app
+
+
+@pytest.mark.parametrize(("exc", "code", "header", "value"), [
+    pytest.param(refuse(503, "Later.", headers=[("Retry-After", "5")]), 503, "Retry-After", "5", id="503"),
+    pytest.param(refuse(401, "Who?", headers=[("WWW-Authenticate", 'Bearer realm="x"')]), 401,
+                 "WWW-Authenticate", 'Bearer realm="x"', id="401"),
+    pytest.param(RuntimeError("boom"), 500, "Cache-Control", "no-store", id="an exception"),
+])
+def test_an_error_raised_by_a_generator_body_before_start_response_is_rendered(
+        exc: BaseException, code: int, header: str, value: str) -> None:
+    """Nothing was sent: the errors layer renders it as it renders one raised by the call itself."""
+    response = Client(ErrorsMiddleware(generating(exc), ErrorsMiddleware.Options(), Context())).get("/g")
+    assert (response.status_code, response.headers[header]) == (code, value)
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json["error"]["code"] == code and response.json["error"]["path"] == "/g"
+
+
+def test_a_body_that_starts_the_response_on_its_first_iteration_is_sent_whole_and_closed() -> None:
+    bodies: list[Closing] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        bodies.append(Closing(generating(None)(environ, start_response)))
+        return bodies[-1]
+
+    seen: list[str] = []
+    errors = ErrorsMiddleware(app, ErrorsMiddleware.Options(), Context())
+    result = errors({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
+                    lambda status, headers, exc_info=None: seen.append(status))
+    assert seen == ["200 OK"]  # its first chunk was taken, to see whether it fails before the response starts
+    assert (b"".join(result), bodies[0].closed) == (b"one, two", False)
+    result.close()  # type: ignore[attr-defined]
+    assert bodies[0].closed
+
+
+def test_a_body_given_after_start_response_is_returned_as_it_is() -> None:
+    body = [b"listed"]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return body
+
+    errors = ErrorsMiddleware(app, ErrorsMiddleware.Options(), Context())
+    assert errors({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *args: None) is body

@@ -861,6 +861,35 @@ def test_a_retired_id_that_cannot_be_deleted_is_a_503(store: CountingStore, mode
     assert (app.get("/get", headers=jar(value)).json == {"a": "1"}) is old_id_valid
 
 
+def generating(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app (PEP 3333 allows it): the session is used and the response started on the body's
+    first iteration, so the session is saved there, after the layers' calls returned."""
+    session: Session = environ[SESSION]
+    if environ["PATH_INFO"] == "/destroy":
+        session.destroy()
+    else:
+        session["x"] = 1
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"done"
+
+
+SAVED = "the session could not be saved because the session store is unavailable; try again shortly"
+
+
+@pytest.mark.parametrize(("path", "failing", "message", "cache_control"), [
+    pytest.param("/destroy", {"delete"}, ENDED, "no-store", id="a logout (the session it holds is a new one)"),
+    pytest.param("/set", {"replace"}, SAVED, "private, no-store", id="a write to a stored session"),
+])
+def test_a_generator_apps_session_that_cannot_be_saved_is_a_503(store: CountingStore, path: str, failing: set[str],
+                                                                message: str, cache_control: str) -> None:
+    value, _ = new_cookie(make(store).get("/set?a=1"))
+    store.failing = failing
+    resp = make(store, app=generating).get(path, headers=jar(value), status=503)
+    assert (resp.headers["Retry-After"], resp.json["error"]["message"]) == ("5", message)
+    assert (resp.headers["Vary"], resp.headers["Cache-Control"]) == ("Cookie", cache_control)
+    assert "Set-Cookie" not in resp.headers
+
+
 def test_a_logout_refused_with_503_can_be_retried(store: CountingStore) -> None:
     app = make(store, on_store_error="open")
     value, sid = new_cookie(app.get("/set?a=1"))
