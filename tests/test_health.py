@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,13 +11,16 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, free_port
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from stack_support import RaisingStore, Recorder
 from webtest import TestApp
+from werkzeug.exceptions import HTTPException
 
-from middleware.base import Context
+from middleware.base import ROUTE_TEMPLATE, Context
 from middleware.errors import ErrorsMiddleware
 from middleware.health import HealthMiddleware
+from middleware.metrics import MetricsMiddleware
 from stores import MemoryStore, Store, store_from_url
 
 MEMORY = {"ok": True, "backend": "MemoryStore", "breaker": None}
@@ -111,6 +115,42 @@ def test_other_methods_are_refused_with_allow(make: Callable[..., TestApp], inne
     assert inner.seen == []
 
 
+@pytest.mark.parametrize("method", ["POST", "OPTIONS"])
+def test_the_405_itself_carries_allow_and_no_store(inner: Recorder, method: str) -> None:
+    """The layer's own refusal says no-store, not only the errors layer that renders it."""
+    health = HealthMiddleware(inner, HealthMiddleware.Options(), Context(stores={"shared": MemoryStore()}))
+    environ = {"PATH_INFO": "/healthz", "REQUEST_METHOD": method}
+    with pytest.raises(HTTPException) as info:
+        health(environ, lambda status, headers, exc_info=None: None)
+    assert info.value.code == 405
+    assert info.value.wsgistack_headers == [("Allow", "GET, HEAD"), ("Cache-Control", "no-store")]
+    assert info.value.description == "/healthz answers GET and HEAD only."
+    assert inner.seen == []
+
+
+@pytest.mark.parametrize("services", [
+    pytest.param({}, id="no route lookup: a refusal would be other"),
+    pytest.param({ROUTE_TEMPLATE: lambda path, method: None}, id="the app's route lookup, which has no probe route"),
+])
+def test_metrics_label_probes_with_their_path(inner: Recorder, services: dict[str, Any]) -> None:
+    """docs/layers/metrics.md: the route of a layer that answers itself is its path."""
+    context = Context(stores={"shared": MemoryStore()}, services=services)
+    health = HealthMiddleware(inner, HealthMiddleware.Options(), context)
+    metrics = MetricsMiddleware(health, MetricsMiddleware.Options(process_metrics=False), context)
+    app = TestApp(ErrorsMiddleware(metrics, ErrorsMiddleware.Options(), Context()))
+    app.get("/healthz")
+    app.get("/readyz")
+    app.get("/readyz")
+    app.post("/readyz", status=405)
+    text = app.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text
+    counted = {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "wsgistack_http_requests_total"}
+    assert counted == {("GET", "/healthz", "200"): 1, ("GET", "/readyz", "200"): 2,
+                       ("POST", "/readyz", "405"): 1}
+    assert inner.seen == []
+
+
 def test_degraded_store_gives_503_with_detail(make: Callable[..., TestApp], dead_store: Store) -> None:
     response = make(stores={"shared": MemoryStore(), "redis": dead_store}).get("/readyz", status=503)
     assert response.json["status"] == "degraded"
@@ -172,6 +212,29 @@ def test_a_drain_file_that_cannot_be_looked_at_counts_as_there(make: Callable[..
     assert f"cannot look at drain_file {drain}" in caplog.text
 
 
+def test_a_drain_file_that_cannot_be_looked_at_is_warned_of_once_a_minute(
+    make: Callable[..., TestApp], tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("middleware.health.time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr("middleware.health._STAT_FAILED", [-math.inf])
+    drain = tmp_path / "drain"
+    drain.symlink_to(drain)
+    app = make({"drain_file": str(drain)})
+
+    def warnings_after_probe_at(now: float) -> int:
+        clock[0] = now
+        app.get("/readyz", status=503)
+        return sum("cannot look at drain_file" in record.getMessage() for record in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="wsgistack.health"):
+        assert warnings_after_probe_at(1000.0) == 1
+        assert warnings_after_probe_at(1000.0) == 1
+        assert warnings_after_probe_at(1059.9) == 1
+        assert warnings_after_probe_at(1060.0) == 2  # a minute on: said again
+        assert warnings_after_probe_at(1060.0) == 2
+
+
 def test_a_drain_file_under_a_plain_file_is_absent(make: Callable[..., TestApp], tmp_path: Path) -> None:
     (tmp_path / "run").touch()
     assert make({"drain_file": str(tmp_path / "run" / "drain")}).get("/readyz").json["status"] == "ok"
@@ -219,6 +282,8 @@ def test_readiness_follows_a_real_redis_going_away_and_back(
     [
         pytest.param({"degraded_status": 99}, "degraded_status must be an HTTP status from 200 to 599, got 99",
                      id="status too small"),
+        pytest.param({"degraded_status": 199}, "degraded_status must be an HTTP status from 200 to 599, got 199",
+                     id="an informational status"),
         pytest.param({"degraded_status": 600}, "degraded_status must be an HTTP status from 200 to 599, got 600",
                      id="status too large"),
         pytest.param({"liveness_path": "healthz"}, "probe paths must start with '/', got 'healthz'",
