@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -70,6 +71,17 @@ def _serialisable(value: Any) -> bool:
     except (TypeError, ValueError, RecursionError):
         return False
     return True
+
+
+def _finite(value: Any) -> float | None:
+    """A stored number as a finite float; None for anything else (text, true, 1e400, NaN, an int no float holds)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 class Session(MutableMapping[str, Any]):
@@ -461,11 +473,10 @@ class SessionMiddleware:
             else:
                 problem = "it does not have the shape {created_at: number, data: object}"
             if isinstance(doc, dict):
-                created, data = doc.get("created_at"), doc.get("data")
-                if isinstance(created, int | float) and not isinstance(created, bool) \
-                        and isinstance(data, dict):
+                created, data = _finite(doc.get("created_at")), doc.get("data")
+                if created is not None and isinstance(data, dict):
                     if _clock() - created < self.options.absolute_timeout:
-                        session._created = float(created)
+                        session._created = created
                         self._remember_user(sid, data)
                         return data
                     problem = ""  # absolutely expired: not a fault

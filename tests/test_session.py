@@ -625,6 +625,16 @@ def test_rotate_restarts_the_absolute_timeout(store: CountingStore,
                  id="created_at is a boolean"),
     pytest.param(b'{"created_at": 1e12, "data": [1]}', "it does not have the shape",
                  id="data is a list"),
+    pytest.param(b'{"created_at": 1e400, "data": {"a": "1"}}', "it does not have the shape",
+                 id="created_at too large for a float (infinite: never absolutely expired, never saved)"),
+    pytest.param(b'{"created_at": Infinity, "data": {"a": "1"}}', "it does not have the shape",
+                 id="created_at is Infinity"),
+    pytest.param(b'{"created_at": -Infinity, "data": {"a": "1"}}', "it does not have the shape",
+                 id="created_at is -Infinity"),
+    pytest.param(b'{"created_at": NaN, "data": {"a": "1"}}', "it does not have the shape",
+                 id="created_at is NaN"),
+    pytest.param(b'{"created_at": 1' + b"0" * 400 + b', "data": {"a": "1"}}', "it does not have the shape",
+                 id="created_at is an integer no float holds"),
 ])
 def test_corrupt_stored_value_gives_an_empty_session(store: CountingStore, raw: bytes, reason: str,
                                                      caplog: pytest.LogCaptureFixture) -> None:
@@ -638,6 +648,7 @@ def test_corrupt_stored_value_gives_an_empty_session(store: CountingStore, raw: 
            f"because {reason}" in caplog.text
     assert sid not in caplog.text
     assert stored(store, sid) is None
+    assert app.get("/set?b=2", headers=jar(value)).json == {"b": "2"}  # a new session, saved
 
 
 @pytest.mark.redis
