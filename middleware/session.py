@@ -29,7 +29,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from itsdangerous import BadSignature, Signer
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import dump_cookie
 
@@ -62,6 +62,9 @@ VERIFIED_CACHE_SIZE = 4096
 #: A session cookie's value: an id (``secrets.token_urlsafe(32)``: 43 characters, at most 128 taken), ".",
 #: and its HMAC-SHA256 in unpadded URL-safe base64 (43 characters).
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{1,128}\.[A-Za-z0-9_-]{43}")
+#: A cookie's Domain: a host name (ASCII labels of letters, digits and '-'), a leading '.' allowed.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"\.?{_LABEL}(?:\.{_LABEL})*")
 _clock = time.time  # wall clock: created_at is shared by every process (tests may replace it)
 
 
@@ -297,6 +300,18 @@ class SessionMiddleware:
         idle_timeout: float = Field(1800.0, gt=0)
         absolute_timeout: float = Field(12 * 3600.0, gt=0)
         on_store_error: Literal["open", "closed"] = "closed"
+
+        @field_validator("cookie_domain")
+        @classmethod
+        def _domain(cls, value: str | None) -> str | None:
+            """A host name or none: "" (``${COOKIE_DOMAIN:-}``) is none; ";" or "," would add attributes."""
+            if value is None or not value.strip():
+                return None
+            if _DOMAIN.fullmatch(value) is None:
+                raise ValueError(f"cookie_domain {value!r} is not a host name: letters, digits, '-' and "
+                                 "'.' between labels, as example.org or .example.org (an international "
+                                 "name in its xn-- form)")
+            return value
 
         @model_validator(mode="after")
         def _check(self) -> SessionMiddleware.Options:

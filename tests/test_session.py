@@ -213,6 +213,15 @@ def stored(store: CountingStore, sid: str) -> Any:
                  id="samesite spelling"),
     pytest.param({"store": "nowhere"}, True, "unknown store 'nowhere' (known: shared)",
                  id="unknown store"),
+    *(pytest.param({"cookie_name": "sid", "cookie_domain": domain}, True,
+                   f"cookie_domain\n  Value error, cookie_domain {domain!r} is not a host name",
+                   id=f"cookie_domain {why}")
+      for domain, why in [("example.org; SameSite=None", "with another attribute"),
+                          ("example.org,evil.example", "with a comma"),
+                          ("example .org", "with a space"), ("example.org\r\nX-Forged: 1", "with a line break"),
+                          ("exa_mple.org", "with an underscore"), ("xn--caf-dma.example/", "with a slash"),
+                          ("café.example", "not ASCII"), ("..example.org", "with an empty label"),
+                          ("example..org", "with an empty label inside"), (".", "a dot alone")]),
 ])
 def test_refused_options(options: dict[str, Any], loopback_only: bool, message: str) -> None:
     options = {"secret_key": SECRET, **options}
@@ -245,6 +254,13 @@ def test_secret_key_is_hidden_in_repr() -> None:
     pytest.param({"cookie_name": "sid", "cookie_domain": "example.org", "cookie_path": "/app"},
                  "sid=V; Domain=example.org; Secure; HttpOnly; Path=/app; SameSite=Lax",
                  id="domain and path"),
+    pytest.param({"cookie_name": "sid", "cookie_domain": ".Example-1.org"},
+                 "sid=V; Domain=Example-1.org; Secure; HttpOnly; Path=/; SameSite=Lax",
+                 id="a domain with a leading dot (which browsers ignore)"),
+    pytest.param({"cookie_domain": ""}, "__Host-session=V; Secure; HttpOnly; Path=/; SameSite=Lax",
+                 id="an empty domain (${COOKIE_DOMAIN:-}) is none: allowed with __Host-"),
+    pytest.param({"cookie_name": "sid", "cookie_domain": "  "},
+                 "sid=V; Secure; HttpOnly; Path=/; SameSite=Lax", id="a blank domain is none"),
     pytest.param({"cookie_httponly": False},
                  "__Host-session=V; Secure; Path=/; SameSite=Lax", id="readable by scripts"),
     pytest.param({"cookie_name": "dev", "cookie_secure": False},
