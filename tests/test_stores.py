@@ -273,6 +273,14 @@ def test_delete_says_whether_the_key_existed(store: Store) -> None:
     assert store.get("k") is None
 
 
+def test_delete_of_a_key_whose_ttl_ran_out_says_it_did_not_exist(store: Store) -> None:
+    """Redis answers 0; the memory store, which purges lazily, must not count the expired entry as there."""
+    store.set("k", b"v", ttl=0.1)
+    time.sleep(0.2)
+    assert store.delete("k") is False  # the first thing to touch the key since it expired
+    assert store.get("k") is None
+
+
 GLOB_KEYS = ["a*b:1", "a*b:2", "axb:1", "a?b:1", "a[b]:1", "ab:1", "a\\b:1", "other"]
 
 
@@ -1006,6 +1014,18 @@ def test_get_or_lock_also_reads_the_mark(store: Store) -> None:
     store.set("mark", b"n2", 5)
     assert store.get_or_lock("entry", "lock", 5, "mark") == (b"value", False, b"n2")
     assert store.get_or_lock("entry", "lock", 5) == (b"value", False, None)  # not asked: not read
+
+
+def test_a_mark_the_full_memory_store_cannot_write_is_none_not_an_error() -> None:
+    """The reader goes on without a mark (and so stores nothing later) rather than failing the request."""
+    store = MemoryStore(max_entries=2)
+    store.set("entry", b"value")
+    store.set("other", b"x")  # full of keys that may not be evicted
+    assert store.get_or_lock("entry", "lock", 5, "mark", 30) == (b"value", False, None)
+    store.delete("entry")
+    store.set("lock", b"1")
+    assert store.get_or_lock("entry", "lock", 5, "mark", 30) == (None, False, None)  # someone holds the lock
+    assert store.get("mark") is None
 
 
 def test_get_or_lock_takes_the_lock_once_per_fill(store: Store) -> None:
