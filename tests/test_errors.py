@@ -73,19 +73,20 @@ def test_status_lines_and_titles_are_rfc_9110_s(code: int, status: str) -> None:
     assert response.json["title"] == status[4:]
 
 
-@pytest.mark.parametrize(("path_info", "instance"), [
-    pytest.param("/p", "/p", id="plain"),
-    pytest.param("/no pe", "/no%20pe", id="a space"),
-    pytest.param("/caf\u00c3\u00a9", "/caf%C3%A9", id="UTF-8"),
-    pytest.param("/caf\u00e9", "/caf%E9", id="a byte that is not UTF-8"),
-    pytest.param("/a?b", "/a%3Fb", id="a question mark in the path"),
-    pytest.param("/a#b", "/a%23b", id="a hash in the path"),
-    pytest.param("/v1/items;x=1/~me:@", "/v1/items;x=1/~me:@", id="what a path may hold as it is"),
-    pytest.param("//evil.example/x", "/evil.example/x", id="leading slashes: never another host"),
+@pytest.mark.parametrize(("script_name", "path_info", "instance"), [
+    pytest.param("", "/p", "/p", id="plain"),
+    pytest.param("", "/no pe", "/no%20pe", id="a space"),
+    pytest.param("", "/caf\u00c3\u00a9", "/caf%C3%A9", id="UTF-8"),
+    pytest.param("", "/caf\u00e9", "/caf%E9", id="a byte that is not UTF-8"),
+    pytest.param("", "/a?b", "/a%3Fb", id="a question mark in the path"),
+    pytest.param("", "/a#b", "/a%23b", id="a hash in the path"),
+    pytest.param("", "/v1/items;x=1/~me:@", "/v1/items;x=1/~me:@", id="what a path may hold as it is"),
+    pytest.param("", "//evil.example/x", "/evil.example/x", id="leading slashes: never another host"),
+    pytest.param("/mount", "/p", "/mount/p", id="an app mounted under a prefix: the path the client sent"),
 ])
-def test_problem_instance_is_a_uri_reference(path_info: str, instance: str) -> None:
+def test_problem_instance_is_a_uri_reference(script_name: str, path_info: str, instance: str) -> None:
     response = stack(raising(refuse(404, "Nope.")), format="problem").get(
-        "/", extra_environ={"PATH_INFO": path_info}, status=404)
+        "/", extra_environ={"SCRIPT_NAME": script_name, "PATH_INFO": path_info}, status=404)
     assert response.json["instance"] == instance
 
 
@@ -242,6 +243,10 @@ def test_an_exception_that_carries_its_own_response_keeps_it() -> None:
 
     response = stack(payment).get("/", status=402)
     assert (response.text, response.headers["X-Reason"]) == ("pay first", "quota")
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])  # the layers it passed add theirs
+    head = stack(payment).head("/", status=402)
+    assert (head.body, head.headers["X-Reason"], head.headers["Content-Length"]) == (b"", "quota", "9")
+    assert re.fullmatch(r"[0-9a-f]{32}", head.headers["X-Request-ID"])
     moved = stack(raising(RequestRedirect("http://localhost/api/x/"))).get("/api/x", status=308)
     assert moved.headers["Location"] == "http://localhost/api/x/"
 
