@@ -265,12 +265,19 @@ def _quotes(text: str) -> int:
 
 @lru_cache(maxsize=4096)
 def _address(value: str) -> str | None:
-    """A valid IP address from ``1.2.3.4``, ``1.2.3.4:80``, ``[::1]`` or ``[::1]:80``."""
+    """A valid IP address from ``1.2.3.4``, ``1.2.3.4:80``, ``[::1]`` or ``[::1]:80``.
+
+    An IPv4-mapped IPv6 address (``::ffff:203.0.113.9``, what a dual-stack proxy may
+    write) is its IPv4 address, as the peer's is: one client, one address in logs and keys.
+    """
     if value.startswith("["):
         value = value[1:].partition("]")[0]
     elif value.count(":") == 1:
         value = value.partition(":")[0]
     try:
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return str(address)
