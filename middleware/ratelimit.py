@@ -691,13 +691,14 @@ class RateLimitMiddleware:
                     continue
             elif part != "client_ip":  # a header, by its name in the environ
                 value = environ.get(part)
-                if value:
-                    out.append("h:" + hashlib.blake2b(value.encode("latin-1"), digest_size=12).hexdigest())
+                if value:  # the name in the digest: two layers keyed by two headers count a value apart
+                    out.append("h:" + hashlib.blake2b(f"{part}:{value}".encode("latin-1"), digest_size=12).hexdigest())
                     continue
             ip = client_ip(environ) or "unknown"
             # A part that falls back to the address says so: a layer keyed by user beside one keyed by
-            # address, both without a namespace, must not count an anonymous request twice in one counter.
-            fallback = "ip:" if part == "client_ip" else ("u-ip:" if part == "user" else "h-ip:")
+            # address, both without a namespace, must not count an anonymous request twice in one counter
+            # (nor two layers keyed by two headers, both missing).
+            fallback = "ip:" if part == "client_ip" else ("u-ip:" if part == "user" else f"h-ip:{part}:")
             out.append(fallback + (ipv6_network(ip, self.prefix) if ":" in ip else ip))
         return out[0] if len(out) == 1 else "|".join(dict.fromkeys(out))
 

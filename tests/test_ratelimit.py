@@ -701,6 +701,23 @@ def test_a_layer_keyed_by_user_or_header_counts_an_anonymous_request_apart_from_
     assert answers == [(200, 200)] * 4 + [(429, 429)]
 
 
+@pytest.mark.parametrize(("headers", "expected"), [
+    pytest.param({"X-A": "same", "X-B": "same"}, [200, 200, 429], id="equal values: a count each"),
+    pytest.param({}, [200, 200, 429], id="both missing, both counted by address: a count each"),
+])
+def test_layers_keyed_by_two_headers_count_apart(store: Store, headers: dict[str, str],
+                                                  expected: list[int]) -> None:
+    """No namespaces, one limit, keyed by different headers: a value seen in both is two clients, not one,
+    on either backend (each header's values are counted under its name)."""
+    context = Context(stores={"shared": store})
+    by_b = RateLimitMiddleware(inner, RateLimitMiddleware.Options(limits=["2/minute"], key="header:X-B"), context)
+    by_a = RateLimitMiddleware(by_b, RateLimitMiddleware.Options(limits=["2/minute"], key="header:X-A"), context)
+    app = TestApp(ErrorsMiddleware(by_a, ErrorsMiddleware.Options(), context))
+    answers = [app.get("/", headers=headers, extra_environ={"REMOTE_ADDR": "10.4.4.4"}, expect_errors=True).status_int
+               for _ in range(3)]
+    assert answers == expected
+
+
 def test_two_layers_on_one_redis_share_the_count(redis_url: str) -> None:
     first, second = store_from_url(redis_url), store_from_url(redis_url)
     try:
