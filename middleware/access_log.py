@@ -14,7 +14,7 @@ line directly, with the same output.
 
 It sits inside ``errors`` (the builder keeps ``errors`` outermost), so it sees
 exceptions before they are rendered: it logs them with the status the
-``errors`` layer will send (the ``HTTPException`` code, else 500) and
+``errors`` layer will send (the ``HTTPException``'s own response's, else its code, else 500) and
 re-raises.  Environ is shared, so the request id and identity that inner
 layers set are in the line even when access_log sits outside them.
 
@@ -159,7 +159,7 @@ class AccessLogMiddleware:
             exchange.result = self.app(environ, exchange.start_response)
         except Exception as exc:
             if isinstance(exc, HTTPException):
-                exchange.status = exc.code or 500
+                exchange.status = _refusal_status(exc)
             else:
                 exchange.status, exchange.error = 500, type(exc).__name__
             exchange.close()
@@ -366,6 +366,9 @@ class _Exchange:
         # A chunk counts as sent when the server comes back for the next one: one whose write
         # failed (the client went away) ends the iteration, and close() marks the line aborted.
         self.streaming = True
+        # No status yet: a generator app starts its response on the first next(), which errors takes
+        # itself, so that it renders what that raises as it renders a refusal from the call.
+        deferred = self.real_write is None
         taken, started = 0, False
         try:
             for chunk in self.result:
@@ -375,9 +378,12 @@ class _Exchange:
                 yield chunk
         except Exception as exc:  # the server asked for more: it took the last chunk
             self.sent += taken
+            if not started and not self.sent:  # nothing went out yet, the headers neither
+                if deferred and isinstance(exc, HTTPException):  # errors renders the refusal
+                    self.status, self.streaming = _refusal_status(exc), False
+                    raise
+                self.status = 500  # the server's 500, or errors' for any other exception
             self.error = type(exc).__name__
-            if not started and not self.sent:  # nothing went out yet, the headers neither: the server's 500
-                self.status = 500
             raise
         self.sent += taken
         self.streaming = False
@@ -403,6 +409,14 @@ class _Exchange:
         finally:
             if owes:
                 self.layer.write(self)
+
+
+def _refusal_status(exc: HTTPException) -> int:
+    """The status the errors layer renders for ``exc``: that of the response it carries, else its code, else 500."""
+    own = getattr(exc, "response", None)
+    if own is not None and hasattr(own, "get_data"):  # abort(Response(...)): errors sends that response
+        return int(own.status_code)
+    return exc.code or 500
 
 
 #: The most one text field takes in a line that would be longer than _ATOMIC_BYTES: nine such

@@ -17,6 +17,8 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 from pydantic import ValidationError
 from webtest import TestApp
+from werkzeug.exceptions import abort
+from werkzeug.wrappers import Response
 
 from middleware.access_log import AccessLogMiddleware, LineHandler, write_atomic
 from middleware.base import IDENTITY, REQUEST_ID, Context, Identity, refuse
@@ -54,6 +56,10 @@ class Inner:
             raise RuntimeError("secret text that must not reach the log")
         if path == "/limited":
             raise refuse(429, "Slow down.", headers=[("Retry-After", "3")])
+        if path == "/teapot":  # werkzeug's abort(Response(...)): errors answers with that response
+            abort(Response("short and stout", status=418))
+        if path == "/refused-on-first-chunk":  # a generator app: start_response, and a refusal, come on next()
+            return refused_on_first_chunk(start_response)
         if path == "/me":
             environ[IDENTITY] = Identity("alice", frozenset({"admin"}))
         if path == "/stream":
@@ -72,6 +78,13 @@ class Inner:
         status = "404 Not Found" if path == "/missing" else "200 OK"
         start_response(status, [("Content-Type", "text/plain"), ("Content-Length", "5")])
         return [b"hello"]
+
+
+def refused_on_first_chunk(start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app's body: a layer's start_response refuses (a session's save), which errors renders."""
+    raise refuse(403, "Not yours.")
+    start_response("200 OK", [])  # pragma: no cover - refused before
+    yield b"never"  # pragma: no cover
 
 
 @pytest.fixture
@@ -113,6 +126,9 @@ def make(inner: Inner, tmp_path: Path) -> Iterator[Callable[..., tuple[TestApp, 
         pytest.param({}, "/stream", {"status": 200, "bytes": 9 + 10 + 11}, id="streamed body counted"),
         pytest.param({}, "/write", {"bytes": 12}, id="legacy write() counted"),
         pytest.param({}, "/limited", {"status": 429, "bytes": 0}, id="refusal logged with its code"),
+        pytest.param({}, "/teapot", {"status": 418, "bytes": 0}, id="a refusal with its own response: its status"),
+        pytest.param({}, "/refused-on-first-chunk", {"status": 403, "bytes": 0},
+                     id="a generator app's refusal, rendered by errors: its status, no error"),
         pytest.param({}, "/crash", {"status": 500, "bytes": 0, "error": "RuntimeError"},
                      id="exception logged as 500"),
         pytest.param({}, "/caf%C3%A9?token=secret", {"path": "/caf\u00e9"}, id="utf-8 path, no query"),
