@@ -115,10 +115,17 @@ class CORSOptions(LayerOptions):
         places += [(f"rules[{i}].", self.policy(rule)) for i, rule in enumerate(self.rules)]
         for where, policy in places:
             for origin in policy["origins"]:
-                if origin not in ("*", "null") and _origin_entry(origin) is None:
+                entry = _origin_entry(origin) if origin not in ("*", "null") else ("", "", None)
+                if entry is None:
                     raise ValueError(
                         f"{where}origins entry {origin!r} is not an origin: write "
                         "scheme://host[:port] with no path, or https://*.example.org")
+                stranger = _wildcard_stranger(*entry)
+                if policy["allow_credentials"] and stranger is not None:
+                    raise ValueError(
+                        f"{where}origins entry {origin!r} matches origins nobody listed ({stranger} too) "
+                        f"while {where}allow_credentials is true: any site under it could read its visitors' "
+                        "answers; name your own domain (https://*.example.co.uk)")
             for pattern in policy["origin_regex"]:
                 try:
                     compiled = re.compile(pattern)
@@ -173,6 +180,21 @@ def _strangers(pattern: str) -> list[str]:
         if "." in name:
             found += [f"https://wsgistackprobe{name}", f"http://wsgistackprobe{name}"]
     return found
+
+
+def _wildcard_stranger(scheme: str, host: str, port: int | None) -> str | None:
+    """An origin of someone else's site that the wildcard entry ``scheme://host:port`` matches, if any.
+
+    ``https://*.co.uk`` is not a bare top-level domain, but a suffix anyone registers names under
+    all the same: it matches ``https://wsgistackprobe.co.uk``, as the regex ``https://.*\\.co\\.uk`` does.
+    """
+    if not host.startswith("*."):
+        return None
+    for origin in _STRANGERS:
+        stranger = parse_origin(origin)
+        if stranger is not None and stranger[2] is None and stranger[1].endswith(host[1:]):
+            return serialise_origin(scheme, stranger[1], port)
+    return None
 
 
 def _origin_entry(entry: str) -> tuple[str, str, int | None] | None:

@@ -124,6 +124,14 @@ def preflight(origin: str, method: str = "PUT", headers: str | None = None, **ex
     pytest.param({"origins": [APP], "max_age": -1},
                  "greater than or equal to 0", id="negative max_age"),
     pytest.param({"rules": [{"paths": []}]}, "at least 1 item", id="rule without paths"),
+    pytest.param({"origins": ["https://*.co.uk"], "allow_credentials": True},
+                 "origins entry 'https://*.co.uk' matches origins nobody listed (https://wsgistackprobe.co.uk too) "
+                 "while allow_credentials is true", id="credentials with a wildcard for a public suffix"),
+    pytest.param({"origins": [APP], "allow_credentials": True,
+                  "rules": [{"paths": ["/p/*"], "origins": ["http://*.co.uk:8080"]}]},
+                 "rules[0].origins entry 'http://*.co.uk:8080' matches origins nobody listed "
+                 "(http://wsgistackprobe.co.uk:8080 too) while rules[0].allow_credentials is true",
+                 id="inherited credentials with a wildcard for a public suffix, any port"),
 ])
 def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -151,6 +159,16 @@ def test_credentials_refuse_a_regex_for_other_peoples_sites(pattern: str, strang
 ])
 def test_credentials_accept_a_regex_for_ones_own_hosts(pattern: str) -> None:
     assert CORSOptions(origin_regex=[pattern], allow_credentials=True).origin_regex == (pattern,)
+
+
+@pytest.mark.parametrize("entry", ["https://*.co.uk", "https://*.example.org", "https://*.app.example.co.uk"])
+def test_a_wildcard_without_credentials_is_accepted(entry: str) -> None:
+    assert CORSOptions(origins=[entry]).origins == (entry,)
+
+
+@pytest.mark.parametrize("entry", ["https://*.example.org", "https://*.app.example.co.uk", "http://*.example.org:8080"])
+def test_credentials_accept_a_wildcard_for_ones_own_hosts(entry: str) -> None:
+    assert CORSOptions(origins=[entry], allow_credentials=True).origins == (entry,)
 
 
 def test_one_regex_may_be_a_string() -> None:
