@@ -41,7 +41,7 @@ from middleware.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -187,8 +187,11 @@ class RequestIdMiddleware:
         header = self._header
         lower = self._header_lower
         size = len(lower)
+        started = False
 
         def add_id(status: str, headers: Headers) -> None:
+            nonlocal started
+            started = True
             for name, _ in headers:
                 if len(name) == size and name.lower() == lower:  # len() first: most names differ in length
                     return
@@ -196,9 +199,35 @@ class RequestIdMiddleware:
 
         token = _current.set(rid)
         try:
-            return self.app(environ, wrap_start_response(start_response, add_id))
+            result = self.app(environ, wrap_start_response(start_response, add_id))
         except Exception as exc:
             decorate_error(exc, [(header, rid)])
             raise
         finally:
             _current.reset(token)
+        if started:
+            return result
+        # A generator app starts its response on the first next(); errors takes that chunk itself and
+        # renders what it raises, which must carry the id as a refusal from the call does.
+        return _Deferred(result, [(header, rid)])
+
+
+class _Deferred:
+    """The body of an app that did not start its response in the call: what it raises carries the id."""
+
+    __slots__ = ("_headers", "_result")
+
+    def __init__(self, result: Iterable[bytes], headers: Headers) -> None:
+        self._result, self._headers = result, headers
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._result
+        except Exception as exc:
+            decorate_error(exc, self._headers)
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._result, "close", None)
+        if close is not None:
+            close()

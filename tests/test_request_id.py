@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -35,11 +35,22 @@ class Inner:
             raise refuse(404, "No such page.")
         if path == "/crash":
             raise RuntimeError("inner failure")
+        if path in ("/missing-on-first-chunk", "/crash-on-first-chunk"):  # a generator app: fails on next()
+            return fails_on_first_chunk(path, start_response)
         headers = [("Content-Type", "text/plain")]
         if path == "/own-id":
             headers.append(("x-request-id", "set-by-app"))
         start_response("200 OK", headers)
         return [b"ok"]
+
+
+def fails_on_first_chunk(path: str, start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app's body: it starts its response on the first next(), and fails there (errors renders it)."""
+    if path == "/missing-on-first-chunk":
+        raise refuse(404, "No such page.")
+    raise RuntimeError("inner failure")
+    start_response("200 OK", [])  # pragma: no cover - failed before
+    yield b"never"  # pragma: no cover
 
 
 @pytest.fixture
@@ -142,6 +153,18 @@ def test_refusal_carries_id(make: Callable[..., TestApp]) -> None:
     assert response.headers["X-Request-ID"] == "abc-123"
     assert response.json["error"]["request_id"] == "abc-123"
     assert response.json["error"]["message"] == "No such page."
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    pytest.param("/missing", 404, id="refused by the call"),
+    pytest.param("/missing-on-first-chunk", 404, id="refused by a generator app's first chunk"),
+    pytest.param("/crash-on-first-chunk", 500, id="crash in a generator app's first chunk"),
+])
+def test_error_responses_carry_id_in_header_and_body(make: Callable[..., TestApp], path: str, status: int) -> None:
+    response = make().get(path, headers={"X-Request-ID": "abc-123"}, status=status)
+    assert [v for k, v in response.headerlist if k.lower() == "x-request-id"] == ["abc-123"]
+    assert response.json["error"]["request_id"] == "abc-123"
+    assert response.json["error"]["code"] == status
 
 
 def test_crash_carries_generated_id(make: Callable[..., TestApp], inner: Inner) -> None:
