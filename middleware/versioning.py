@@ -434,33 +434,37 @@ class VersioningMiddleware:
 
     def _from_accept(self, value: str) -> str | None:
         """The version an ``Accept`` naming the vendor type asks for; None when it leaves it to the next source."""
+        entries = parse_accept_header(value)
+        read = 0  # vendor types the parser kept (q=0 too)
+        for media_type, _ in entries:
+            media_type = media_type.partition(";")[0].strip().lower()
+            # (werkzeug before 3.1.7 keeps a stray quote in the type: not a media type, so unread)
+            read += media_type.startswith(self.media_prefix) and _MEDIA_TYPE.fullmatch(media_type) is not None
+        written = sum(entry.partition(";")[0].strip().lower().startswith(self.media_prefix)
+                      for entry in value.split(","))
+        if read < written:
+            # An entry of the header names the vendor type, yet the parser kept none of it: werkzeug drops
+            # an entry whose q is not a number from 0 to 1, or the whole header when it cannot be split.
+            # The client asked for a version; serving another one (the default, or the next vendor type it
+            # listed) would answer another question.  (The type named in a parameter,
+            # profile="…vnd.wsgistack.v2+json", asks for nothing.)
+            raise refuse(400, f"The Accept header names the media type {self.options.media_type_prefix}… but "
+                              "cannot be read (a q value must be a number from 0 to 1, and quotes must pair); "
+                              f"send, for example, {self.options.media_type_prefix}{self.listed[-1]}+json.",
+                         details={"source": "accept", "supported": self.listed}, headers=self._refusal_vary)
         asked: list[str] = []
         plain = False  # a type any version is served as is acceptable too
-        named = False  # a vendor type was read (q=0 too)
-        for media_type, quality in parse_accept_header(value):
+        for media_type, quality in entries:
             media_type = media_type.partition(";")[0].strip().lower()
             if not media_type.startswith(self.media_prefix):
                 plain = plain or (quality > 0 and media_type in _PLAIN_TYPES)
                 continue
-            if not _MEDIA_TYPE.fullmatch(media_type):
-                continue  # not a media type (werkzeug before 3.1.7 keeps a stray quote in it): unread
-            named = True
-            if quality <= 0:
+            if quality <= 0 or not _MEDIA_TYPE.fullmatch(media_type):
                 continue
             version = _normal(media_type[len(self.media_prefix):].partition("+")[0])
             if version in self.supported:
                 return version
             asked.append(version)
-        if not named and any(entry.partition(";")[0].strip().lower().startswith(self.media_prefix)
-                             for entry in value.split(",")):
-            # An entry of the header names the vendor type, yet the parser kept none of it: werkzeug drops
-            # an entry whose q is not a number from 0 to 1, or the whole header when it cannot be split.
-            # The client asked for a version; serving the default instead would answer another question.
-            # (The type named in a parameter, profile="…vnd.wsgistack.v2+json", asks for nothing.)
-            raise refuse(400, f"The Accept header names the media type {self.options.media_type_prefix}… but "
-                              "cannot be read (a q value must be a number from 0 to 1, and quotes must pair); "
-                              f"send, for example, {self.options.media_type_prefix}{self.listed[-1]}+json.",
-                         details={"source": "accept", "supported": self.listed}, headers=self._refusal_vary)
         if not asked or plain:  # RFC 9110 12.5.1: serve what else the client accepts
             return None
         raise self._unsupported(406, f"API version {', '.join(asked)[:60]!r} in the Accept header",
