@@ -158,7 +158,9 @@ class AccessLogMiddleware:
         try:
             exchange.result = self.app(environ, exchange.start_response)
         except Exception as exc:
-            if isinstance(exc, HTTPException):
+            if exchange.sent:  # write() sent the status and some body: too late to render, it stays
+                exchange.error = type(exc).__name__
+            elif isinstance(exc, HTTPException):
                 exchange.status = _refusal_status(exc)
             else:
                 exchange.status, exchange.error = 500, type(exc).__name__

@@ -71,6 +71,11 @@ class Inner:
             self.body = Body(chunks, fail_after=0 if path == "/broken-at-once" else 1)
             start_response("200 OK", [("Content-Type", "text/plain")])
             return self.body
+        if path in ("/write-then-crash", "/write-then-refuse"):  # the status and bytes went out, then it failed
+            start_response("200 OK", [("Content-Type", "text/plain")])(b"partial")
+            if path == "/write-then-refuse":
+                raise refuse(404, "Gone meanwhile.")
+            raise OSError("client went away")
         if path == "/write":
             write = start_response("200 OK", [("Content-Type", "text/plain")])
             write(b"legacy ")
@@ -204,6 +209,20 @@ def test_failure_while_streaming_is_logged(make: Callable[..., Any], inner: Inne
     [line] = lines()
     assert (line["status"], line["bytes"], line["error"]) == (status, sent, "OSError")
     assert inner.body is not None and inner.body.closed
+
+
+@pytest.mark.parametrize(("path", "error"), [
+    pytest.param("/write-then-crash", "OSError", id="an exception"),
+    pytest.param("/write-then-refuse", "NotFound", id="a refusal: too late to render"),
+])
+def test_failure_after_write_keeps_the_status_sent(make: Callable[..., Any], path: str, error: str) -> None:
+    """The 200 went out with the first write(): a failure after it cannot change what the client got."""
+    app, lines = make()
+    layer = app.app.app  # errors -> access_log
+    with pytest.raises(Exception, match=r"client went away|Gone meanwhile"):
+        layer(_environ(path), ignore_start)
+    [line] = lines()
+    assert (line["status"], line["bytes"], line["error"]) == (200, len(b"partial"), error)
 
 
 @pytest.mark.parametrize(
