@@ -98,6 +98,8 @@ def _other_unicode(charset: str) -> bool:
 
 #: Longer than any encoding's name (IANA's longest is 45 characters).
 _LONGEST_CHARSET = 64
+#: More digits than any body's length has (2**64 has 20).
+_LONGEST_LENGTH = 20
 
 
 class _DuplicateKey(Exception):
@@ -496,7 +498,14 @@ class ValidationMiddleware:
             if not (length_text.isascii() and length_text.isdigit()):
                 raise self._refuse(environ, 400, f"The Content-Length {length_text!r} is not a "
                                    "whole number of bytes.", "content-length")
-            length = int(length_text)
+            digits = length_text.lstrip("0")
+            if len(digits) > _LONGEST_LENGTH:  # RFC 9110 §8.6: no int() of a numeral of any length
+                raise self._refuse(environ, 413, f"The request body is longer than max_body_bytes "
+                                   f"({self._max_body}): its Content-Length has {len(digits)} digits.",
+                                   "max_body_bytes", max=self._max_body)
+            length = int(digits or "0")
+            if len(length_text) > _LONGEST_LENGTH:  # zeros before it: the app, werkzeug too, reads it with int()
+                environ["CONTENT_LENGTH"] = str(length)
             if length > self._max_body:
                 raise self._over(environ, 413, "The request body", length, "max_body_bytes",
                                  self._max_body)

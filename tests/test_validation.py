@@ -662,6 +662,27 @@ def test_bad_content_length(length: str) -> None:
     assert stream.taken == 0
 
 
+@pytest.mark.parametrize(("length", "status", "message"), [
+    pytest.param("9" * 5000, "413 Content Too Large",
+                 "The request body is longer than max_body_bytes (1048576): its Content-Length has 5000 digits.",
+                 id="more digits than int() reads"),
+    pytest.param("1" * 21, "413 Content Too Large",
+                 "The request body is longer than max_body_bytes (1048576): its Content-Length has 21 digits.",
+                 id="more digits than any size"),
+    pytest.param("0" * 5000 + "5", "200 OK", None, id="leading zeros"),
+])
+def test_a_content_length_of_many_digits(length: str, status: str, message: str | None) -> None:
+    """RFC 9110 §8.6: a long numeral is read without overflow (wsgiref passes any on; Waitress refuses it)."""
+    got, _, doc, stream = call(stack(), b"12345", CONTENT_LENGTH=length, HTTP_TRANSFER_ENCODING=None)
+    assert got == status
+    if message is None:
+        assert (doc["body"], doc["content_length"]) == ("12345", "5")
+    else:
+        assert doc["error"]["message"] == message
+        assert doc["error"]["details"] == {"limit": "max_body_bytes", "max": 1048576}
+        assert stream.taken == 0
+
+
 # ------------------------------------------------------------------ a real app reads the body
 
 
