@@ -412,6 +412,20 @@ class _Exchange:
             if owes:
                 self.layer.write(self)
 
+    def __del__(self) -> None:
+        if not self.done:  # dropped without close() (a server against PEP 3333): the line is written now
+            self.layer.open.discard(self.ref)  # (gone already when the collector broke a cycle)
+            self.done = True
+            if self.streaming and self.error is None:
+                self.error = "aborted"
+            result, self.result = self.result, None
+            try:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                self.layer.write(self)
+
 
 def _refusal_status(exc: HTTPException) -> int:
     """The status the errors layer renders for ``exc``: that of the response it carries, else its code, else 500."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
+import itertools
 import json
 import logging
 import os
@@ -194,6 +196,28 @@ def test_close_is_forwarded_and_the_line_written_on_close(make: Callable[..., An
     assert line["bytes"] == sum(map(len, chunks)) == 30
     result.close()  # a second close writes nothing more
     assert len(lines()) == 1
+
+
+@pytest.mark.parametrize(("chunks_taken", "expected"), [
+    pytest.param(None, {"bytes": 30}, id="body sent whole"),
+    pytest.param(1, {"bytes": 0, "error": "aborted"}, id="body left after its first chunk"),
+])
+def test_a_server_that_never_closes_still_gets_the_line(make: Callable[..., Any], inner: Inner,
+                                                        chunks_taken: int | None, expected: dict[str, Any]) -> None:
+    """A server against PEP 3333 drops the response without close(): the line is written when it is collected."""
+    app, lines = make()
+    layer = app.app.app  # errors -> access_log
+    result = layer(_environ("/stream"), ignore_start)
+    body = iter(result)
+    for _ in itertools.islice(body, chunks_taken):
+        pass
+    assert lines() == []
+    del result, body
+    gc.collect()  # (CPython collects it at once; the collector for an exchange in a cycle)
+    [line] = lines()
+    assert {k: line.get(k) for k in ("status", "bytes", "error")} == {"status": 200, "error": None, **expected}
+    assert inner.body is not None and inner.body.closed  # the app's answer is closed too
+    assert not layer.open
 
 
 @pytest.mark.parametrize(("path", "status", "sent"), [
