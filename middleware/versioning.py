@@ -417,6 +417,14 @@ class VersioningMiddleware:
                 _add_notice(attached, extra)
                 if vary:
                     add_vary(attached, *vary)
+            own = getattr(exc, "response", None) if isinstance(exc, HTTPException) else None
+            if own is not None and hasattr(own, "get_data"):
+                # abort(Response(...)) is sent as it is, the attached headers only where it has none of
+                # that name: its own Vary or Link would drop ours whole.  Edited in place, as a response.
+                headers = own.headers.to_wsgi_list()
+                edit("", headers)
+                own.headers.clear()
+                own.headers.extend(headers)
             raise
 
     def _unsupported(self, code: int, what: str, asked: str, source: str) -> HTTPException:

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from webtest import TestApp
+from werkzeug.exceptions import abort
+from werkzeug.wrappers import Response
 
 from middleware.base import API_VERSION, IDENTITY, Context, Identity, decoded_path, refuse
 from middleware.cache import CacheMiddleware
@@ -310,12 +312,15 @@ class OwnHeaders:
         "sunset-lower": ("sunset", "Wed, 01 Jan 2031 00:00:00 GMT"),
         "link-upper": ("Link", '<https://own.example/dep>; REL="Deprecation"'),
         "link-both": ("Link", '<https://own.example/next>; rel="successor-version alternate"'),
+        "vary": ("Vary", "Cookie"),
     }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         own = [self.OWN[name] for name in environ.get("HTTP_X_OWN", "").split(",") if name]
         if environ["PATH_INFO"].endswith("/raise"):
             raise refuse(409, "Taken.", headers=own)
+        if environ["PATH_INFO"].endswith("/abort"):  # an exception with its own response
+            abort(Response("Gone.", 410, headers=[("Cache-Control", "max-age=60"), *own]))
         if environ["PATH_INFO"].endswith("/crash"):
             raise RuntimeError("a bug below the layer")
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2"), *own])
@@ -358,6 +363,14 @@ DEP, SUN, LINK_DEP, LINK_NEXT = V1_HEADERS
     pytest.param("/api/v1/raise", "deprecation", 409, [("Deprecation", "@1600000000"), SUN, LINK_DEP, LINK_NEXT],
                  id="an error's own date wins"),
     pytest.param("/api/v1/crash", "", 500, V1_HEADERS, id="an unhandled exception's 500 says it too"),
+    pytest.param("/api/v1/abort", "", 410, V1_HEADERS, id="an exception's own response says it too"),
+    pytest.param("/api/v1/abort", "link-help", 410,
+                 [("Link", '<https://own.example/help>; rel="help"'), *V1_HEADERS],
+                 id="an exception's own response keeps its link beside the layer's"),
+    pytest.param("/api/v1/abort", "sunset,link-deprecation", 410,
+                 [DEP, ("Sunset", "Tue, 01 Jan 2030 00:00:00 GMT"),
+                  ("Link", '<https://own.example/dep>; rel="deprecation"'), LINK_NEXT],
+                 id="an exception's own response keeps its date and link"),
 ])
 def test_deprecation_headers_beside_the_apps(path: str, own: str, status: int, expected: list[tuple[str, str]]) -> None:
     response = _own_headers_stack().get(path, headers={"X-Own": own}, status=status, expect_errors=True)
@@ -366,6 +379,21 @@ def test_deprecation_headers_beside_the_apps(path: str, own: str, status: int, e
 
 def _notice_any_case(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k.lower(), v) for k, v in headers if k.lower() in ("deprecation", "sunset", "link")]
+
+
+@pytest.mark.parametrize(("path", "own", "status", "vary"), [
+    pytest.param("/api/abort", "", 410, "X-API-Version, Accept", id="an exception's own response"),
+    pytest.param("/api/abort", "vary", 410, "Cookie, X-API-Version, Accept",
+                 id="an exception's own response with a Vary of its own"),
+    pytest.param("/api/raise", "vary", 409, "Cookie, X-API-Version, Accept", id="a refusal with a Vary of its own"),
+    pytest.param("/api/v1/abort", "vary", 410, "Cookie", id="the URL's version adds nothing"),
+])
+def test_an_exception_keeps_vary(path: str, own: str, status: int, vary: str) -> None:
+    context = Context()
+    layer = VersioningMiddleware(OwnHeaders(), VersioningMiddleware.Options(supported=["v1", "v2"]), context)
+    response = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), context)).get(
+        path, headers={"X-Own": own}, status=status, expect_errors=True)
+    assert response.headers.getall("Vary") == [vary]
 
 
 def test_an_unhandled_exception_keeps_vary() -> None:
