@@ -49,7 +49,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -436,23 +436,27 @@ class CORSMiddleware:
         if origin is None:
             # A shared cache may keep this answer (a 404 too) for the next request to
             # the URL, one with an allowed Origin among them: so it varies on Origin.
+            labelled = _Labelled(start_response, (), _NO_NAMES, _VARY_SIZE)
             try:
-                return self.app(environ, _labelled(start_response, (), _NO_NAMES, _VARY_SIZE))
+                body = self.app(environ, labelled)
             except Exception as exc:
                 _decorate(exc, ())
                 raise
+            return body if labelled.started else _Deferred(body, labelled)
         # (OPTIONS * asks about the server, not a resource: no preflight grants anything for it. An empty
         # PATH_INFO is the root of a url_prefix, SCRIPT_NAME, a resource like any other.)
         if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ and environ.get("PATH_INFO") != "*":
             return self._preflight(environ, start_response, policy, origin)
         allowed = policy.allows(origin)
         added = policy.allow_origin(origin) if allowed else ()
+        labelled = _Labelled(start_response, added, policy.names if allowed else _NO_NAMES,
+                             policy.sizes if allowed else _VARY_SIZE)
         try:
-            return self.app(environ, _labelled(start_response, added, policy.names if allowed else _NO_NAMES,
-                                               policy.sizes if allowed else _VARY_SIZE))
+            body = self.app(environ, labelled)
         except Exception as exc:
             _decorate(exc, added)
             raise
+        return body if labelled.started else _Deferred(body, labelled)
 
     def _preflight(
         self, environ: WSGIEnvironment, start_response: StartResponse, policy: _Policy, origin: str,
@@ -512,17 +516,24 @@ def _decorate(exc: BaseException, added: Sequence[tuple[str, str]]) -> None:
     add_vary(getattr(exc, "wsgistack_headers", []), "Origin")
 
 
-def _labelled(
-    start_response: StartResponse, added: Sequence[tuple[str, str]], names: frozenset[str],
-    sizes: frozenset[int],
-) -> StartResponse:
+class _Labelled:
     """A ``start_response`` that replaces the ``names`` headers with ``added`` and merges Vary.
 
     ``sizes`` holds the lengths of ``names`` and of "vary": a header name of another
-    length is neither, so it is kept without being lowercased.
+    length is neither, so it is kept without being lowercased.  ``started`` tells whether
+    the app has called it yet (a generator app calls it on the body's first iteration).
     """
 
-    def labelled(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+    __slots__ = ("added", "names", "sizes", "start_response", "started")
+
+    def __init__(self, start_response: StartResponse, added: Sequence[tuple[str, str]], names: frozenset[str],
+                 sizes: frozenset[int]) -> None:
+        self.start_response, self.added, self.names, self.sizes = start_response, added, names, sizes
+        self.started = False
+
+    def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        self.started = True
+        sizes, names = self.sizes, self.names
         out: list[tuple[str, str]] = []
         vary = -1
         for header in headers:
@@ -540,10 +551,38 @@ def _labelled(
             found = [out[vary]]
             add_vary(found, "Origin")
             out[vary] = found[0]
-        out.extend(added)
-        return start_response(status, out, exc_info)
+        out.extend(self.added)
+        return self.start_response(status, out, exc_info)
 
-    return labelled
+
+class _Deferred:
+    """The body of an app that has not started its response: a generator app starts it on the first
+    iteration, and what it raises before doing so gets the CORS headers and ``Vary`` as a refusal
+    from the call does (``errors`` outside renders it)."""
+
+    __slots__ = ("_body", "_labelled")
+
+    def __init__(self, body: Iterable[bytes], labelled: _Labelled) -> None:
+        self._body, self._labelled = body, labelled
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunks = iter(self._body)
+        while not self._labelled.started:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if not self._labelled.started:
+                    _decorate(exc, self._labelled.added)
+                raise
+            yield chunk
+        yield from chunks
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
 
 
 def _is_loopback(origin: str) -> bool:

@@ -329,6 +329,47 @@ def test_error_responses_carry_cors(make: Callable[..., TestApp], path: str, sta
     assert plain.headers.getall("Vary") == ["Origin"], "a cached error must not be served to an allowed origin"
 
 
+class GeneratorApp:
+    """A generator app (PEP 3333 allows it): it starts its response on the body's first iteration."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            if environ["PATH_INFO"] == "/unauthorized":
+                raise refuse(401, "Sign in first.", headers=[("WWW-Authenticate", "Bearer")])
+            if environ["PATH_INFO"] == "/crash":
+                raise RuntimeError("inner failure")
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"streamed"
+        finally:
+            self.closed += 1
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    pytest.param("/unauthorized", 401, id="a refusal on the first chunk"),
+    pytest.param("/crash", 500, id="an exception on the first chunk"),
+    pytest.param("/ok", 200, id="a response started on the first chunk"),
+])
+def test_generator_app_responses_carry_cors(path: str, status: int) -> None:
+    inner = GeneratorApp()
+    cors = CORSMiddleware(inner, CORSOptions(**FULL), Context())
+    app = TestApp(ErrorsMiddleware(cors, ErrorsMiddleware.Options(format="envelope"), Context()))
+    allowed = app.get(path, headers={"Origin": APP}, status=status)
+    assert cors_headers(allowed) == {
+        "access-control-allow-origin": APP, "access-control-allow-credentials": "true",
+        "access-control-expose-headers": "X-Total, ETag"}
+    assert allowed.headers.getall("Vary") == ["Origin"]
+    refused = app.get(path, headers={"Origin": OTHER}, status=status)
+    assert cors_headers(refused) == {}
+    assert refused.headers.getall("Vary") == ["Origin"]
+    plain = app.get(path, status=status)
+    assert cors_headers(plain) == {}
+    assert plain.headers.getall("Vary") == ["Origin"]
+    assert inner.closed == 3
+
+
 # --- preflight ---------------------------------------------------------------------------
 
 PUT_JSON = {"origins": [APP], "allow_methods": ["GET", "PUT"], "allow_headers": ["X-Custom"],
