@@ -171,13 +171,19 @@ def _deeper_than(body: bytes, limit: int) -> bool:
 
 
 class _LimitedInput:
-    """``wsgi.input`` for a body of unknown length: a read past ``limit`` raises 413."""
+    """``wsgi.input`` for a body of unknown length: a read past ``limit`` raises 413.
+
+    The 413 is kept in :attr:`refused`: an app that answers it itself (Flask renders an
+    ``HTTPException`` as its own HTML page) or goes on without the rest of the body has its
+    answer replaced by it (:meth:`guard`).
+    """
 
     def __init__(self, stream: Any, limit: int, option: str) -> None:
         self._stream = stream
         self._left = limit
         self._limit = limit
         self._option = option
+        self.refused: HTTPException | None = None
 
     def _cap(self, size: int | None) -> int:
         room = max(self._left + 1, 0)  # one byte past the limit tells "too long"
@@ -187,12 +193,21 @@ class _LimitedInput:
         self._left -= len(data)
         if self._left < 0:
             self._left = -1
-            raise refuse(
+            self.refused = refuse(
                 413,
                 f"The request body is longer than {self._option} ({self._limit} bytes).",
                 details={"limit": self._option, "max": self._limit},
             )
+            raise self.refused
         return data
+
+    def guard(self, start_response: StartResponse) -> StartResponse:
+        """``start_response`` for the app: once a read crossed the limit, the 413 is the answer."""
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if self.refused is not None:
+                raise self.refused
+            return start_response(status, headers, exc_info)
+        return start
 
     def read(self, size: int | None = -1) -> bytes:
         if size is not None and size >= 0:
@@ -382,7 +397,9 @@ class ValidationMiddleware:
         length = environ.get("CONTENT_LENGTH")
         chunked = "HTTP_TRANSFER_ENCODING" in environ
         if chunked or (length and length != "0"):
-            self._check_body(environ, length, chunked)
+            limited = self._check_body(environ, length, chunked)
+            if limited is not None:
+                return self.app(environ, limited.guard(start_response))
         return self.app(environ, start_response)
 
     def _check_host(self, environ: WSGIEnvironment) -> None:
@@ -487,7 +504,8 @@ class ValidationMiddleware:
         return bool(slash) and major in self._majors
 
     def _check_body(self, environ: WSGIEnvironment, length_text: str | None,
-                    chunked: bool) -> None:
+                    chunked: bool) -> _LimitedInput | None:
+        """Check the body's length and type; the stream put in front of a chunked body the app reads."""
         if chunked and not environ.get("wsgi.input_terminated"):
             # A server that passes the chunked stream on as it came (wsgiref) leaves no end to read
             # to: reading the body would wait for the client until it gave up.
@@ -510,7 +528,7 @@ class ValidationMiddleware:
                 raise self._over(environ, 413, "The request body", length, "max_body_bytes",
                                  self._max_body)
             if length == 0 and not chunked:
-                return
+                return None
         mimetype, params = parse_options_header(environ.get("CONTENT_TYPE", ""))
         mimetype = mimetype.lower()
         if not self._type_allowed(mimetype):
@@ -524,10 +542,12 @@ class ValidationMiddleware:
         is_form = self._deny_on and mimetype == "application/x-www-form-urlencoded"
         if not (is_json or is_form):
             if chunked:
-                environ["wsgi.input"] = _LimitedInput(environ["wsgi.input"], self._max_body,
-                                                      "max_body_bytes")
-            return
+                limited = _LimitedInput(environ["wsgi.input"], self._max_body, "max_body_bytes")
+                environ["wsgi.input"] = limited
+                return limited
+            return None
         self._read_and_check(environ, mimetype, params, length, chunked, is_json)
+        return None
 
     def _read_and_check(self, environ: WSGIEnvironment, mimetype: str, params: dict[str, str],
                         length: int | None, chunked: bool, is_json: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -595,6 +596,35 @@ def test_chunked_body_cut_mid_stream_by_lines() -> None:
     assert status == "413 Content Too Large"
     assert doc["error"]["message"] == "The request body is longer than max_body_bytes (100 bytes)."
     assert len(b"".join(seen)) == 100
+    assert stream.taken == 101
+
+
+def swallowing(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """An app that reads what it can of the body and answers whatever the read raised."""
+    with contextlib.suppress(Exception):  # what an app with a broad except does
+        environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [b"{}"]
+
+
+def plain_flask() -> Flask:
+    """A Flask app of its own: an HTTPException from the body's read is answered by Flask's HTML page."""
+    app = Flask("plain")
+
+    @app.post("/upload")
+    def upload() -> Any:
+        return {"n": len(request.get_data())}
+
+    return app
+
+
+@pytest.mark.parametrize("app", [pytest.param(plain_flask(), id="Flask answers it"),
+                                 pytest.param(swallowing, id="the app swallows it")])
+def test_a_chunked_body_cut_off_is_answered_by_the_stack_whatever_the_app_made_of_it(app: Any) -> None:
+    status, headers, doc, stream = call(stack(app, max_body_bytes=100), b"x" * 200)
+    assert status == "413 Content Too Large"
+    assert headers["Content-Type"] == "application/json"
+    assert doc["error"]["message"] == "The request body is longer than max_body_bytes (100 bytes)."
     assert stream.taken == 101
 
 
