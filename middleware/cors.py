@@ -252,8 +252,6 @@ class _Policy:
             self.extra.append(("Access-Control-Allow-Credentials", "true"))
         if data["expose_headers"]:
             self.extra.append(("Access-Control-Expose-Headers", ", ".join(data["expose_headers"])))
-        self.names = frozenset(("access-control-allow-origin", *(n.lower() for n, _ in self.extra)))
-        self.sizes = frozenset(len(n) for n in (*self.names, "vary"))
 
     def allows(self, origin: str) -> bool:
         if self.allow_all or origin in self.exact:
@@ -436,7 +434,7 @@ class CORSMiddleware:
         if origin is None:
             # A shared cache may keep this answer (a 404 too) for the next request to
             # the URL, one with an allowed Origin among them: so it varies on Origin.
-            labelled = _Labelled(start_response, (), _NO_NAMES, _VARY_SIZE)
+            labelled = _Labelled(start_response, ())
             try:
                 body = self.app(environ, labelled)
             except Exception as exc:
@@ -449,8 +447,7 @@ class CORSMiddleware:
             return self._preflight(environ, start_response, policy, origin)
         allowed = policy.allows(origin)
         added = policy.allow_origin(origin) if allowed else ()
-        labelled = _Labelled(start_response, added, policy.names if allowed else _NO_NAMES,
-                             policy.sizes if allowed else _VARY_SIZE)
+        labelled = _Labelled(start_response, added)
         try:
             body = self.app(environ, labelled)
         except Exception as exc:
@@ -504,10 +501,15 @@ class CORSMiddleware:
         return []
 
 
-_NO_NAMES: frozenset[str] = frozenset()
+#: The headers that grant a page access: on the layer's paths only the layer sends them.  An app's own
+#: (Access-Control-Allow-Origin: * to an origin the layer does not allow, -Allow-Credentials: true where
+#: the layer's policy gives none) would grant what the configuration withholds.
+_OWN_NAMES = frozenset(("access-control-allow-origin", "access-control-allow-credentials",
+                        "access-control-expose-headers"))
+#: The lengths of those names and of "vary": a header name of another length is neither.
+_OWN_SIZES = frozenset(len(n) for n in (*_OWN_NAMES, "vary"))
 #: Longer than any origin (a scheme, a host name of at most 253 characters, a port).
 _LONGEST_ORIGIN = 300
-_VARY_SIZE = frozenset((4,))
 
 
 def _decorate(exc: BaseException, added: Sequence[tuple[str, str]]) -> None:
@@ -517,32 +519,28 @@ def _decorate(exc: BaseException, added: Sequence[tuple[str, str]]) -> None:
 
 
 class _Labelled:
-    """A ``start_response`` that replaces the ``names`` headers with ``added`` and merges Vary.
-
-    ``sizes`` holds the lengths of ``names`` and of "vary": a header name of another
-    length is neither, so it is kept without being lowercased.  ``started`` tells whether
+    """A ``start_response`` that replaces the app's ``Access-Control-Allow-Origin``, ``-Allow-Credentials``
+    and ``-Expose-Headers`` with ``added`` (none for an origin not allowed) and merges Vary.  ``started`` tells whether
     the app has called it yet (a generator app calls it on the body's first iteration).
     """
 
-    __slots__ = ("added", "names", "sizes", "start_response", "started")
+    __slots__ = ("added", "start_response", "started")
 
-    def __init__(self, start_response: StartResponse, added: Sequence[tuple[str, str]], names: frozenset[str],
-                 sizes: frozenset[int]) -> None:
-        self.start_response, self.added, self.names, self.sizes = start_response, added, names, sizes
+    def __init__(self, start_response: StartResponse, added: Sequence[tuple[str, str]]) -> None:
+        self.start_response, self.added = start_response, added
         self.started = False
 
     def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         self.started = True
-        sizes, names = self.sizes, self.names
         out: list[tuple[str, str]] = []
         vary = -1
         for header in headers:
-            if len(header[0]) in sizes:
+            if len(header[0]) in _OWN_SIZES:
                 name = header[0].lower()
                 if name == "vary":
                     if vary < 0:
                         vary = len(out)
-                elif name in names:
+                elif name in _OWN_NAMES:
                     continue
             out.append(header)
         if vary < 0:

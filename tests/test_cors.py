@@ -40,6 +40,9 @@ class Recorder:
             headers.append(("Vary", "*"))
         if path == "/own-cors":
             headers.append(("Access-Control-Allow-Origin", "*"))
+        if path == "/own-credentials":
+            headers += [("access-control-allow-origin", "https://other.example.net"),
+                        ("Access-Control-Allow-Credentials", "true"), ("Access-Control-Expose-Headers", "X-Total")]
         status = "404 Not Found" if path == "/missing" else "200 OK"
         start_response(status, headers)
         return [b"body"]
@@ -296,6 +299,20 @@ def test_add_vary(headers: list[tuple[str, str]], fields: tuple[str, ...], expec
 def test_layer_replaces_app_cors_headers_for_allowed_origins(make: Callable[..., TestApp]) -> None:
     response = make(**EXACT).get("/own-cors", headers={"Origin": APP})
     assert response.headers.getall("Access-Control-Allow-Origin") == [APP]
+
+
+@pytest.mark.parametrize(("path", "request_headers", "expected"), [
+    pytest.param("/own-cors", {"Origin": OTHER}, {}, id="the app's * to another origin"),
+    pytest.param("/own-cors", {}, {}, id="the app's * without Origin"),
+    pytest.param("/own-credentials", {"Origin": APP}, {"access-control-allow-origin": APP},
+                 id="the app's credentials and exposed headers where the layer grants neither"),
+    pytest.param("/own-credentials", {"Origin": OTHER}, {}, id="the app's grant to another origin"),
+])
+def test_the_layer_alone_grants_on_its_paths(make: Callable[..., TestApp], path: str,
+                                             request_headers: dict[str, str], expected: dict[str, str]) -> None:
+    response = make(**EXACT).get(path, headers=request_headers)
+    assert cors_headers(response) == expected
+    assert response.headers.getall("Vary") == ["Origin"]
 
 
 def test_app_rendered_error_carries_cors(make: Callable[..., TestApp]) -> None:
