@@ -425,6 +425,7 @@ class ValidationMiddleware:
         """
         if path[:1] not in ("/", ""):
             if path == "*" and environ.get("REQUEST_METHOD") == "OPTIONS":
+                self._check_host(environ)  # one, a host name, present on HTTP/1.1 (RFC 9112 §3.2): any request
                 start_response("200 OK", [("Content-Length", "0")])
                 return []
             raise self._refuse(environ, 400, f"The request target {(uri or path)[:100]!r} is not a path: this "

@@ -321,6 +321,16 @@ REFUSALS += [
     pytest.param({}, {"url": "/y", "environ": {"REQUEST_URI": "http://good.example/y", "HTTP_HOST": None,
                                                "SERVER_PROTOCOL": "HTTP/1.1"}}, 400,
                  "An HTTP/1.1 request must have a Host header.", {}, id="an absolute URL without Host on HTTP/1.1"),
+    pytest.param({}, {"method": "OPTIONS", "lint": False, "environ": {"PATH_INFO": "*", "REQUEST_URI": "*",
+                                                                     "HTTP_HOST": None, "SERVER_PROTOCOL": "HTTP/1.1"}},
+                 400, "An HTTP/1.1 request must have a Host header.", {}, id="OPTIONS * without Host on HTTP/1.1"),
+    pytest.param({}, {"method": "OPTIONS", "lint": False, "environ": {"PATH_INFO": "*", "REQUEST_URI": "*",
+                                                                     "HTTP_HOST": "a, b"}},
+                 400, "The request has more than one Host header.", {}, id="OPTIONS * with two Host fields"),
+    pytest.param({}, {"method": "OPTIONS", "lint": False, "environ": {"PATH_INFO": "*", "REQUEST_URI": "*",
+                                                                     "HTTP_HOST": "a b"}},
+                 400, "The Host header 'a b' is not a host name with an optional port.", {},
+                 id="OPTIONS * with a Host that is no host"),
 ]
 
 
