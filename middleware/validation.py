@@ -250,7 +250,7 @@ class ValidationMiddleware:
     ``deny_patterns`` (``{}``)
         ``{parameter: [regex, ...]}`` (``"*"``: every parameter), searched in
         query parameters, urlencoded form fields and top-level string members
-        of a JSON object.  Not an injection defence (see the module docstring).
+        of a JSON object (when ``check_json`` is on).  Not an injection defence (see the module docstring).
 
     Example::
 

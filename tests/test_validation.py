@@ -451,6 +451,8 @@ PASSES = [
     pytest.param({"check_json": False}, {"body": b"{not json", "content_type":
                                          "application/json"},
                  {"json": ABSENT, "body": "{not json"}, id="json checks off"),
+    pytest.param({"check_json": False, "deny_patterns": {"name": ["admin"]}}, jbody({"name": "admin"}),
+                 {"json": ABSENT, "body": '{"name": "admin"}'}, id="json checks off: deny_patterns do not read JSON"),
     pytest.param({"allowed_content_types": None},
                  {"body": b"<a/>", "content_type": "application/xml"},
                  {"body": "<a/>"}, id="any content type"),
