@@ -246,6 +246,17 @@ def cors_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]
                            "warning")
 
 
+def cors_scope_takes_preflights(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A cors layer scoped to methods without OPTIONS never sees the preflights of the requests it answers."""
+    for cors in _all(specs, "cors"):
+        methods = cors.scope.methods
+        if methods and "OPTIONS" not in methods:
+            yield _problem(cfg, cors, f"cors at {_where(cors)} is scoped to methods {', '.join(methods)} without "
+                                      "OPTIONS: browsers' preflights (OPTIONS) pass it by and reach the app, which "
+                                      "answers them without CORS headers, so those requests are never sent; "
+                                      "add OPTIONS to methods", "warning")
+
+
 def cache_identity(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     auth = _first(specs, "auth")
     for cache in _all(specs, "cache"):
@@ -786,6 +797,7 @@ RULES: list[Rule] = [
     ratelimit_escapes,
     ratelimit_policies,
     cors_position,
+    cors_scope_takes_preflights,
     cache_inside_cors,
     cache_identity,
     cache_sees_writes,

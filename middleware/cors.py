@@ -376,6 +376,10 @@ class CORSMiddleware:
                     warnings.append(
                         f"{where}origin_regex {pattern!r} has an unescaped '.', which matches "
                         "any character (https://appXexample.org too); write '\\.' for a dot")
+            if policy["allow_credentials"] and "*" in policy["expose_headers"]:
+                warnings.append(
+                    f"{where}expose_headers '*' is read as a header named '*' on requests with credentials "
+                    "(Fetch): browsers expose nothing by it here; list the header names")
             if policy["allow_credentials"]:
                 warnings += [
                     f"{where}origins entry {o!r} is plain http while allow_credentials is "

@@ -611,6 +611,10 @@ def test_refusal_log_cannot_be_forged(make: Callable[..., TestApp],
                             {"paths": ["/api/admin/*"], "origins": [ADMIN]}]},
                  ["rules[1].paths '/api/admin/*' is already matched by rules[0] ('/api/*'); "
                   "the first matching rule wins, so it never applies"], id="shadowed rule"),
+    pytest.param({"origins": [APP], "allow_credentials": True, "expose_headers": ["*"]},
+                 ["expose_headers '*' is read as a header named '*' on requests with credentials (Fetch): "
+                  "browsers expose nothing by it here; list the header names"], id="expose * with credentials"),
+    pytest.param({"origins": [APP], "expose_headers": ["*"]}, [], id="expose * without credentials"),
     pytest.param({"origins": [APP], "allow_credentials": True}, [], id="clean"),
 ])
 def test_lint(options: dict[str, Any], warnings: list[str]) -> None:

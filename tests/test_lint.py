@@ -275,6 +275,13 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="cors inside versioning",
         ),
         pytest.param(
+            "pipeline:\n  - cors: {origins: ['https://a.example'], methods: [PUT, DELETE]}\n",
+            "stack.yaml:4:5 warning: pipeline[0]: cors at pipeline[0] is scoped to methods PUT, DELETE without "
+            "OPTIONS: browsers' preflights (OPTIONS) pass it by and reach the app, which answers them without "
+            "CORS headers, so those requests are never sent; add OPTIONS to methods",
+            id="cors scoped to methods without OPTIONS",
+        ),
+        pytest.param(
             "pipeline:\n  - ratelimit: {store: redis, limits: ['9/minute'], rules: [{paths: [/l], limits: [], "
             "on_store_error: closed}]}\n",
             "stack.yaml:4:5 warning: pipeline[0]: ratelimit rules[0] sets on_store_error, but it has no limits",
