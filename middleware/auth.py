@@ -1104,6 +1104,8 @@ class AuthMiddleware:
                 raise refuse(401, "Unauthorized: this resource needs a bearer token.",
                              headers=[("WWW-Authenticate", self.challenge)])
             return self.app(environ, start_response)
+        # Known before the roles are checked: a 403 for a missing role is this user's (the access line names them).
+        environ[IDENTITY] = identity
         for needed in roles:
             if needed & identity.roles:
                 continue
@@ -1113,7 +1115,6 @@ class AuthMiddleware:
                         f'error_description="a role is missing"')] if identity.source == "jwt" else []
             raise refuse(403, f"Forbidden: this resource needs one of the roles {', '.join(sorted(needed))}.",
                          headers=headers)
-        environ[IDENTITY] = identity
         if TRACE in environ:
             note(environ, "auth", f"{identity.subject} via {identity.source}")
         return self.app(environ, start_response)

@@ -357,6 +357,29 @@ def test_rules(method: str, path: str, who: str | None, expected: tuple[int, str
         assert response.json["error"]["message"] == f"Forbidden: this resource needs one of the roles {needs}."
 
 
+@pytest.mark.parametrize(("who", "status", "seen"), [
+    pytest.param("user", 403, "ann", id="a missing role: refused, but known (the access line names ann)"),
+    pytest.param("viewer", 200, "ann", id="a listed role"),
+    pytest.param(None, 401, None, id="no credentials: no one"),
+])
+def test_the_identity_is_set_for_the_layers_outside_even_when_a_role_is_missing(
+        who: str | None, status: int, seen: str | None) -> None:
+    stack = Stack(rules=RULES)
+    subjects: list[str | None] = []
+
+    def recorder(environ: dict[str, Any], start_response: Any) -> Any:  # where access_log sits: outside auth
+        try:
+            return stack.layer(environ, start_response)
+        finally:
+            identity = environ.get(IDENTITY)
+            subjects.append(None if identity is None else identity.subject)
+
+    app = TestApp(ErrorsMiddleware(recorder, ErrorsMiddleware.Options(), stack.context))
+    headers = {} if who is None else {"Authorization": f"Bearer {hs(claims(roles=[who]))}"}
+    assert app.get("/admin/x", headers=headers, expect_errors=True).status_int == status
+    assert subjects == [seen]
+
+
 def test_default_optional_and_rules_first_match() -> None:
     stack = Stack(default="optional", rules=[{"paths": ["/a/*"], "auth": "required"},
                                              {"paths": ["/a/b"], "auth": "none"}])
