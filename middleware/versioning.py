@@ -442,14 +442,14 @@ class VersioningMiddleware:
 
     def _from_accept(self, value: str) -> str | None:
         """The version an ``Accept`` naming the vendor type asks for; None when it leaves it to the next source."""
-        entries = parse_accept_header(value)
-        read = 0  # vendor types the parser kept (q=0 too)
-        for media_type, _ in entries:
-            media_type = media_type.partition(";")[0].strip().lower()
-            # (werkzeug before 3.1.7 keeps a stray quote in the type: not a media type, so unread)
-            read += media_type.startswith(self.media_prefix) and _MEDIA_TYPE.fullmatch(media_type) is not None
-        written = sum(entry.partition(";")[0].strip().lower().startswith(self.media_prefix)
-                      for entry in value.split(","))
+        prefix = self.media_prefix
+        entries = [(media_type.partition(";")[0].strip().lower(), quality)
+                   for media_type, quality in parse_accept_header(value)]
+        # Vendor types the parser kept (q=0 too); werkzeug before 3.1.7 keeps a stray quote in the type:
+        # not a media type, so unread.
+        read = sum(media_type.startswith(prefix) and _MEDIA_TYPE.fullmatch(media_type) is not None
+                   for media_type, _ in entries)
+        written = sum(entry.partition(";")[0].strip().lower().startswith(prefix) for entry in value.split(","))
         if read < written:
             # An entry of the header names the vendor type, yet the parser kept none of it: werkzeug drops
             # an entry whose q is not a number from 0 to 1, or the whole header when it cannot be split.
@@ -463,13 +463,12 @@ class VersioningMiddleware:
         asked: list[str] = []
         plain = False  # a type any version is served as is acceptable too
         for media_type, quality in entries:
-            media_type = media_type.partition(";")[0].strip().lower()
-            if not media_type.startswith(self.media_prefix):
+            if not media_type.startswith(prefix):
                 plain = plain or (quality > 0 and media_type in _PLAIN_TYPES)
                 continue
             if quality <= 0 or not _MEDIA_TYPE.fullmatch(media_type):
                 continue
-            version = _normal(media_type[len(self.media_prefix):].partition("+")[0])
+            version = _normal(media_type[len(prefix):].partition("+")[0])
             if version in self.supported:
                 return version
             asked.append(version)
