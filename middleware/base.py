@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
@@ -64,6 +64,7 @@ __all__ = [
     "PathGlobs",
     "ReadAhead",
     "ReadKey",
+    "UnstartedBody",
     "add_missing",
     "add_vary",
     "address_in",
@@ -817,6 +818,41 @@ def wrap_start_response(
         return start_response(status, headers, exc_info)
 
     return wrapped
+
+
+class UnstartedBody:
+    """The body of an app that returned without starting its response (a generator app starts it
+    on its first iteration, PEP 3333): what it raises before ``started()`` gets ``decorate(exc)``,
+    as what the call raises does in the layer that wraps it (``decorate_error`` with its headers).
+
+    ``errors`` takes that first chunk within its own call and renders what it raises, so a refusal
+    there carries the headers of every layer that returned such a body.
+    """
+
+    __slots__ = ("_body", "_decorate", "_started")
+
+    def __init__(self, body: Iterable[bytes], started: Callable[[], bool],
+                 decorate: Callable[[BaseException], None]) -> None:
+        self._body, self._started, self._decorate = body, started, decorate
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunks = iter(self._body)
+        while not self._started():
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if not self._started():
+                    self._decorate(exc)
+                raise
+            yield chunk
+        yield from chunks
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
 
 
 def set_cookie_header(name: str, value: str, **attrs: Any) -> str:

@@ -36,6 +36,7 @@ from werkzeug.http import parse_list_header
 from .base import (
     Context,
     LayerOptions,
+    UnstartedBody,
     add_vary,
     decoded_path,
     decorate_error,
@@ -49,7 +50,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -444,7 +445,7 @@ class CORSMiddleware:
             except Exception as exc:
                 _decorate(exc, ())
                 raise
-            return body if labelled.started else _Deferred(body, labelled)
+            return body if labelled.started else _unstarted(body, labelled)
         # (OPTIONS * asks about the server, not a resource: no preflight grants anything for it. An empty
         # PATH_INFO is the root of a url_prefix, SCRIPT_NAME, a resource like any other.)
         if environ["REQUEST_METHOD"] == "OPTIONS" and _ACRM in environ and environ.get("PATH_INFO") != "*":
@@ -457,7 +458,7 @@ class CORSMiddleware:
         except Exception as exc:
             _decorate(exc, added)
             raise
-        return body if labelled.started else _Deferred(body, labelled)
+        return body if labelled.started else _unstarted(body, labelled)
 
     def _preflight(
         self, environ: WSGIEnvironment, start_response: StartResponse, policy: _Policy, origin: str,
@@ -557,34 +558,9 @@ class _Labelled:
         return self.start_response(status, out, exc_info)
 
 
-class _Deferred:
-    """The body of an app that has not started its response: a generator app starts it on the first
-    iteration, and what it raises before doing so gets the CORS headers and ``Vary`` as a refusal
-    from the call does (``errors`` outside renders it)."""
-
-    __slots__ = ("_body", "_labelled")
-
-    def __init__(self, body: Iterable[bytes], labelled: _Labelled) -> None:
-        self._body, self._labelled = body, labelled
-
-    def __iter__(self) -> Iterator[bytes]:
-        chunks = iter(self._body)
-        while not self._labelled.started:
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                return
-            except Exception as exc:
-                if not self._labelled.started:
-                    _decorate(exc, self._labelled.added)
-                raise
-            yield chunk
-        yield from chunks
-
-    def close(self) -> None:
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            close()
+def _unstarted(body: Iterable[bytes], labelled: _Labelled) -> UnstartedBody:
+    """A generator app's body: what it raises before starting the response gets the CORS headers and Vary."""
+    return UnstartedBody(body, lambda: labelled.started, lambda exc: _decorate(exc, labelled.added))
 
 
 def _is_loopback(origin: str) -> bool:

@@ -34,6 +34,7 @@ from middleware.base import (
     Context,
     Headers,
     LayerOptions,
+    UnstartedBody,
     decorate_error,
     header_name,
     note,
@@ -41,7 +42,7 @@ from middleware.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -209,25 +210,4 @@ class RequestIdMiddleware:
             return result
         # A generator app starts its response on the first next(); errors takes that chunk itself and
         # renders what it raises, which must carry the id as a refusal from the call does.
-        return _Deferred(result, [(header, rid)])
-
-
-class _Deferred:
-    """The body of an app that did not start its response in the call: what it raises carries the id."""
-
-    __slots__ = ("_headers", "_result")
-
-    def __init__(self, result: Iterable[bytes], headers: Headers) -> None:
-        self._result, self._headers = result, headers
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._result
-        except Exception as exc:
-            decorate_error(exc, self._headers)
-            raise
-
-    def close(self) -> None:
-        close = getattr(self._result, "close", None)
-        if close is not None:
-            close()
+        return UnstartedBody(result, lambda: started, lambda exc: decorate_error(exc, [(header, rid)]))
