@@ -331,3 +331,37 @@ def test_yaml_refuses_preload_without_subdomains(make_stack: Callable[..., TestA
 ])
 def test_permissions_policy_dictionaries_accepted(policy: str) -> None:
     assert SecurityHeadersMiddleware.Options(permissions_policy=policy).permissions_policy
+
+
+def refusing_generator(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app (PEP 3333): it starts its response on its first iteration, and may refuse there."""
+    if environ["PATH_INFO"] == "/limited":
+        raise refuse(429, "Slow down.", headers=[("Retry-After", "7")])
+    if environ["PATH_INFO"] == "/crash":
+        raise RuntimeError("inner failure")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"ok"
+
+
+def refusing_start_response(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app under a layer that refuses when the response starts (the session's failed save)."""
+
+    def refuse_at_start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        raise refuse(503, "The session could not be saved.", headers=[("Retry-After", "1")])
+
+    return refusing_generator(environ, refuse_at_start)
+
+
+@pytest.mark.parametrize("app", [refusing_generator, refusing_start_response])
+@pytest.mark.parametrize(("path", "status"), [("/limited", 429), ("/crash", 500), ("/", 200)])
+def test_generator_app_refusal_gets_headers(app: Callable[..., Any], path: str, status: int) -> None:
+    # errors takes a generator app's first chunk itself: what is raised there must carry the headers as
+    # a refusal from the call does, HSTS included over https.
+    if app is refusing_start_response and path == "/":
+        status = 503
+    layer = SecurityHeadersMiddleware(app, SecurityHeadersMiddleware.Options(), Context())
+    stack = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(format="envelope"), Context()))
+    response = stack.get(path, extra_environ=HTTPS, status=status)
+    assert security(response) == {**HSTS, **DEFAULTS}
+    plain = stack.get(path, status=status)
+    assert security(plain) == DEFAULTS
