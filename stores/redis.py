@@ -203,6 +203,9 @@ BUSY = "busy running a script (BUSY): every command waits for it to end or be ki
 #: Why a store is not ready while Redis has ``maxclients`` connections: it answers a new one with an error
 #: and closes it (an outage that ends when clients leave, not a network that does not reach it).
 MAXCLIENTS = "Redis refuses new connections (maxclients reached)"
+#: Why a store is not ready while Redis reads its data set in (after a restart, a full resync): every command
+#: gets LOADING until it is done, which may take minutes for a large one (an outage, but not a network's).
+LOADING = "loading its data set (LOADING): it answers once it has read it in"
 #: Redis's BUSY reply, alone or as redis-py words it for a pipeline or a transaction
 #: ("Command # 1 (SET ...) of pipeline caused error: BUSY ...").
 _BUSY = re.compile(r"(?:^|error: )BUSY ", re.IGNORECASE)
@@ -245,6 +248,8 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
                 "(rename-command), or a Redis older than 6.2"), True
     if _BUSY.search(text):
         return BUSY, False
+    if any(isinstance(e, redis.exceptions.BusyLoadingError) for e in chain) or "loading the dataset" in text:
+        return LOADING, False
     if "max number of clients reached" in text:  # it answered, and closed the connection: up, but full
         return MAXCLIENTS, False
     if any(isinstance(e, ssl.SSLError) for e in chain) or _TLS_FAILURE.search(text):

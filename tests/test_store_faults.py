@@ -436,3 +436,43 @@ def test_a_script_that_keeps_redis_busy_is_an_outage(redis_url: str) -> None:
         for client in (admin, busy):
             client.close()
         store.close()
+
+
+@pytest.mark.redis
+def test_a_redis_loading_its_data_is_named_so(tmp_path: Any) -> None:
+    """A Redis restarted with a large data set answers every command with LOADING until it is read in:
+    an outage (the breaker counts it), and /readyz says it is loading, not that it cannot be reached."""
+    import shutil
+    import subprocess
+
+    from conftest import free_port, wait_for_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                               "no", "--dir", str(tmp_path), "--enable-debug-command", "local"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    admin = redis.Redis(port=port, socket_timeout=60)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", failure_threshold=1000)
+    try:
+        wait_for_port(port)
+        admin.execute_command("DEBUG", "POPULATE", "1000000", "k", "64")
+        reload = threading.Thread(target=lambda: admin.execute_command("DEBUG", "RELOAD"))
+        reload.start()
+        seen: list[object] = []
+        while reload.is_alive():
+            facts = store.health()
+            if not facts["ok"]:
+                seen.append(facts["error"])
+            time.sleep(0.01)
+        reload.join()
+        assert "loading its data set (LOADING): it answers once it has read it in" in seen, seen
+        assert "not reachable" not in seen
+        assert store.health()["ok"] is True
+    finally:
+        store.close()
+        admin.close()
+        server.kill()
+        server.wait(10)

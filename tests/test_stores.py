@@ -1244,6 +1244,9 @@ def test_a_new_connection_is_one_command_away(redis_url: str) -> None:
                  "Redis does not know a command the layers send (unknown command 'EVALSHA', with args beginning "
                  "with:): renamed or disabled (rename-command), or a Redis older than 6.2",
                  True, id="a renamed command: a configuration that never heals"),
+    pytest.param("Command # 1 (GET k) of pipeline caused error: LOADING Redis is loading the dataset in memory",
+                 "loading its data set (LOADING): it answers once it has read it in",
+                 False, id="LOADING in a pipeline: an outage that ends once the data is read in"),
 ])
 def test_what_a_refusal_says(text: str, said: str, refuses: bool) -> None:
     from stores.redis import refusal
