@@ -93,6 +93,7 @@ _ID_SEGMENT = re.compile(
     rf"/(?:\d+|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}|{_HEX}{{16,}})(?=/|$)"
 )
 _go_float: Callable[[float], str] = floatToGoString  # how prometheus writes bucket bounds ("0.005", "1.0")
+_VERSION = re.compile(r"(?:\d+(?:\.\d+)*)?")
 _NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 _LAYER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 # Counters fed by context events: metric name -> (help, label names).
@@ -433,11 +434,32 @@ class MetricsMiddleware:
             exc = refuse(405, headers=[("Allow", "GET, HEAD")])
             exc.description = f"{self.path} answers GET and HEAD only."  # not 405's first argument
             raise exc
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        encoder, content_type = choose_encoder(_readable_versions(environ.get("HTTP_ACCEPT", "")))
         body = encoder(self.registry)
         start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-store"),
                                   ("Content-Length", str(len(body)))])
         return [] if method == "HEAD" else [body]
+
+
+def _readable_versions(accept: str) -> str:
+    """``accept`` without the entries whose ``version`` is not dotted numbers.
+
+    prometheus_client's ``choose_encoder`` compares the version as numbers and
+    fails on any other (``version=abc``: a 500), or echoes it in the
+    ``Content-Type`` (``version=9.x``).  Left out, the entry is as if not sent:
+    the next one the client accepts is chosen, or the text format 0.0.4.
+    """
+    if "version" not in accept:
+        return accept
+    kept = []
+    for entry in accept.split(","):
+        for param in entry.split(";")[1:]:
+            key, _, value = param.strip().partition("=")
+            if key == "version" and not _VERSION.fullmatch(value):
+                break
+        else:
+            kept.append(entry)
+    return ",".join(kept)
 
 
 class _Series:

@@ -435,6 +435,33 @@ def test_exposition_methods_and_formats(make: Callable[..., Any]) -> None:
     assert open_metrics.text.endswith("# EOF\n")
 
 
+TEXT_004 = "text/plain; version=0.0.4; charset=utf-8"
+OPEN_METRICS_1 = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        pytest.param("", TEXT_004, id="none"),
+        pytest.param("text/plain;version=0.0.4;q=0.3,*/*;q=0.2", TEXT_004, id="prometheus 2 without openmetrics"),
+        pytest.param("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1", OPEN_METRICS_1, id="prometheus 2"),
+        pytest.param("application/openmetrics-text; version=abc", TEXT_004, id="a version that is no number"),
+        pytest.param("text/plain; version=1.x", TEXT_004, id="a text version that is no number"),
+        pytest.param("application/openmetrics-text; version=abc, application/openmetrics-text; version=1.0.0",
+                     OPEN_METRICS_1, id="an unreadable entry is passed over"),
+        pytest.param('application/openmetrics-text; version="1.0.0', TEXT_004, id="a stray quote"),
+        pytest.param("application/openmetrics-text; version=9.x", TEXT_004, id="not echoed in the Content-Type"),
+    ],
+)
+def test_exposition_formats_by_accept(make: Callable[..., Any], accept: str, content_type: str) -> None:
+    """Whatever an allowed client sends in Accept, it gets an exposition in a format it can read, never a 500."""
+    app, _ = make()
+    response = app.get("/metrics", headers={"Accept": accept}, extra_environ={"REMOTE_ADDR": "127.0.0.1"}, status=200)
+    assert response.headers["Content-Type"] == content_type
+    assert "wsgistack_http_requests" in response.text
+
+
 def test_scrapes_are_not_counted_as_requests(make: Callable[..., Any]) -> None:
     app, _ = make()
     scrape(app)
