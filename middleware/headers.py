@@ -47,11 +47,14 @@ ReferrerPolicy = Literal[
 
 
 def _frame_ancestors(policy: str) -> list[str] | None:
-    """The source list of the ``frame-ancestors`` directive in ``policy``, if any."""
+    """The source list of the ``frame-ancestors`` directive in ``policy``, if any.
+
+    An empty list is ``'none'`` (CSP3: an empty source list matches nothing).
+    """
     for directive in policy.split(";"):
         words = directive.split()
         if words and words[0].lower() == "frame-ancestors":
-            return [w.lower() for w in words[1:]]
+            return [w.lower() for w in words[1:]] or ["'none'"]
     return None
 
 
