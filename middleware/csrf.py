@@ -206,6 +206,9 @@ class CSRFMiddleware:
         if not sent:
             raise refuse(403, f"CSRF token missing: send the {header} header with this session's token "
                               "(the Flask core gives it in the login answer's csrf_token and at GET /auth/csrf)")
-        if not hmac.compare_digest(sent.encode("latin-1"), self.token(environ).encode("ascii")):
+        # No session object (a session layer scoped to fewer paths): no token can match, and asking for
+        # one would raise the getter's RuntimeError for what is a request's doing.
+        if environ.get(SESSION) is None or not hmac.compare_digest(
+                sent.encode("latin-1"), self.token(environ).encode("ascii")):
             raise refuse(403, f"CSRF token in {header} does not match this session; "
                               "reload the page to get a fresh token")

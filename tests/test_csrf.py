@@ -360,6 +360,19 @@ def test_without_a_session_object_the_token_is_still_checked() -> None:
     assert refused.json["error"]["message"].startswith("CSRF token missing")
 
 
+@pytest.mark.parametrize("token", ["A" * 43, "x", "\u00e9"])
+def test_without_a_session_object_a_sent_token_is_refused_not_a_crash(token: str) -> None:
+    """A session layer scoped to fewer paths than csrf leaves its requests without a session: a token sent
+    there matches nothing (403), it does not make the layer ask for a session it cannot have (500)."""
+    layer = CSRFMiddleware(ok, CSRFMiddleware.Options(**DS), Context())
+    app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context()))
+    resp = app.post("/x", headers={"Cookie": "__Host-session=abc", "Sec-Fetch-Site": "same-origin",
+                                   "X-CSRF-Token": token}, status=403)
+    assert resp.json["error"]["message"] == ("CSRF token in X-CSRF-Token does not match this session; "
+                                             "reload the page to get a fresh token")
+    assert "Set-Cookie" not in resp.headers
+
+
 def test_token_without_session_layer_says_what_is_missing() -> None:
     environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
     CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(**DS), Context())(environ, print)
