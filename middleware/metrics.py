@@ -1059,6 +1059,10 @@ class _OnFirstChunk:
 
 def _exc_status(exc: BaseException) -> str:
     """The status the errors layer will render an exception with."""
-    if isinstance(exc, HTTPException) and exc.code:
-        return str(exc.code)
+    if isinstance(exc, HTTPException):
+        own = exc.response  # abort(Response(...)): that response goes out, with its own status
+        if own is not None and hasattr(own, "get_data"):
+            return str(own.status_code)
+        if exc.code:
+            return str(exc.code)
     return "500"

@@ -16,6 +16,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from webtest import TestApp
+from werkzeug.exceptions import HTTPException, Unauthorized
+from werkzeug.wrappers import Response
 
 from middleware.base import CLIENT_IP, TIMINGS, Context, refuse
 from middleware.errors import ErrorsMiddleware
@@ -49,6 +51,10 @@ def inner_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> It
         raise refuse(int(environ["HTTP_X_REFUSE"]))
     if path == "/crash":
         raise RuntimeError("inner failure")
+    if path == "/teapot":  # abort(Response(...)): the errors layer sends that response, with its status
+        raise HTTPException(response=Response("short and stout", status=418))
+    if path == "/own-response":
+        raise Unauthorized(response=Response("not you", status=403))
     if path.startswith("/items/"):
         environ[ROUTE] = "/items/<int:item_id>"
     if path == "/lazy":
@@ -140,6 +146,12 @@ def scrape(app: TestApp, **kwargs: Any) -> Samples:
         pytest.param({}, [("GET", "/limited")], {("GET", "other", "429"): 1},
                      id="refusal counted with its code, without the app's routes under other"),
         pytest.param({}, [("GET", "/crash")], {("GET", "/crash", "500"): 1}, id="exception counted as 500"),
+        pytest.param({}, [("GET", "/teapot"), ("GET", "/own-response")],
+                     {("GET", "other", "418"): 1, ("GET", "other", "403"): 1},
+                     id="a refusal with its own response counted with that response's status"),
+        pytest.param({"server_timing": True}, [("GET", "/teapot"), ("GET", "/own-response")],
+                     {("GET", "other", "418"): 1, ("GET", "other", "403"): 1},
+                     id="a refusal with its own response, timed"),
         pytest.param({}, [("GET", "/lazy")], {("GET", "/lazy", "201"): 1}, id="lazy start_response"),
         pytest.param({}, [("GET", "/replaced")], {("GET", "/replaced", "500"): 1}, id="exc_info replaces status"),
         pytest.param({}, [("TRACE", "/pot")], {("other", "/pot", "200"): 1}, id="rare method bounded"),
