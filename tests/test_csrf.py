@@ -405,3 +405,36 @@ def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
 def ok_factory(options: dict[str, Any]) -> Any:
     """App factory for the YAML test."""
     return ok
+
+
+@pytest.mark.parametrize(("forwarded", "origin", "status"), [
+    pytest.param({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "shop.test"}, "https://shop.test", 200,
+                 id="https behind the proxy: the page's origin is this site's"),
+    pytest.param({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "shop.test"}, "http://shop.test", 403,
+                 id="behind the proxy, an http page is another origin"),
+    pytest.param({}, "https://shop.test", 403, id="without the proxy's word the scheme is http"),
+])
+def test_old_browser_origin_check_uses_the_proxy_layers_scheme_and_host(
+        make_stack: Callable[..., TestApp], forwarded: dict[str, str], origin: str, status: int) -> None:
+    app = make_stack({
+        "app": {"factory": "test_csrf:ok_factory"},
+        "pipeline": [{"proxy": {"x_proto": 1, "x_host": 1}},
+                     {"session": {"secret_key": SESSION_SECRET}}, {"csrf": {}}],
+    })
+    resp = app.post("/", headers={**COOKIE, "Host": "shop.test", "Origin": origin, **forwarded},
+                    extra_environ={"REMOTE_ADDR": "127.0.0.1"}, status=status)
+    if status == 403:
+        assert resp.json["error"]["message"].startswith(f"cross-origin POST refused: Origin {origin} is not")
+
+
+@pytest.mark.parametrize("path", ["/api/v2/things", "/api/things", "/api/V2/things", "//api/v2/things"])
+def test_a_scoped_layer_protects_every_spelling_the_versioning_layer_routes_there(
+        make_stack: Callable[..., TestApp], path: str) -> None:
+    app = make_stack({
+        "app": {"factory": "test_csrf:ok_factory"},
+        "pipeline": [{"session": {"secret_key": SESSION_SECRET}},
+                     {"csrf": {"paths": ["/api/v2/*"]}},
+                     {"versioning": {"supported": ["v1", "v2"], "default": "v2"}}],
+    })
+    resp = app.post(path, headers={**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": EVIL}, status=403)
+    assert resp.json["error"]["message"].startswith("cross-site POST refused")
