@@ -371,3 +371,21 @@ def test_generator_app_refusal_gets_headers(app: Callable[..., Any], path: str, 
     assert security(response) == {**HSTS, **DEFAULTS}
     plain = stack.get(path, status=status)
     assert security(plain) == DEFAULTS
+
+
+@pytest.mark.parametrize("name", [
+    "strict-transport-security", "X-CONTENT-TYPE-OPTIONS", "referrer-policy", "x-frame-options",
+    "content-security-policy", "PERMISSIONS-POLICY", "cross-origin-opener-policy", "Cross-Origin-Resource-Policy",
+])
+def test_a_header_the_app_set_is_kept_in_any_case_and_not_doubled(name: str) -> None:
+    def own(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), (name, "the app's")])
+        return [b"ok"]
+
+    options = SecurityHeadersMiddleware.Options(content_security_policy="default-src 'self'",
+                                                cross_origin_opener_policy="same-origin",
+                                                cross_origin_resource_policy="same-site")
+    stack = TestApp(SecurityHeadersMiddleware(own, options, Context()))
+    found = security(stack.get("/", extra_environ=HTTPS))
+    assert len(found) == 8
+    assert [v for k, v in found.items() if k.lower() == name.lower()] == ["the app's"]
