@@ -20,12 +20,13 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import ROUTE, Context, LayerOptions, refuse
 
@@ -50,6 +51,8 @@ class HealthMiddleware:
         ``degraded_status`` (503): the status of a degraded readiness answer.
         ``drain_file`` (none): while this file exists, readiness answers 503 "draining".
         ``stores`` (all): names of the stores readiness checks.
+        ``timeout`` (0.5 s): how long readiness waits for the stores, all together; one that has
+        not answered by then counts as failed ("no answer in time").
 
     The store detail is what ``store.health()`` reports (``ok``, ``backend``,
     ``breaker`` …) without the store URL, which is not a probe's business.
@@ -66,6 +69,7 @@ class HealthMiddleware:
         degraded_status: int = 503
         drain_file: str | None = None
         stores: tuple[str, ...] | None = None
+        timeout: float = Field(0.5, gt=0, le=60, allow_inf_nan=False)
 
         @field_validator("liveness_path", "readiness_path")
         @classmethod
@@ -96,6 +100,8 @@ class HealthMiddleware:
         names = options.stores if options.stores is not None else sorted(context.stores)
         self.stores: list[tuple[str, Store]] = [(name, context.store(name)) for name in names]
         self.degraded = _status_line(options.degraded_status)
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Check] = {}  # each store's health check still out, which probes share
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")
@@ -121,19 +127,56 @@ class HealthMiddleware:
         """The readiness status line and body: draining, degraded or ok."""
         if self.drain_file is not None and _exists(self.drain_file):
             return "503 Service Unavailable", {"status": "draining"}
+        # Each store is asked in a thread of its own, all at once, and waited for up to `timeout`
+        # in all: one after the other, a hung Redis held a probe (and its server thread) for every
+        # store's socket_timeout.  A probe that comes while a store's check is still out waits
+        # for that one: probes never pile up on a store that does not answer.
+        checks = [(name, store, self._check(name, store)) for name, store in self.stores]
+        deadline = time.monotonic() + self.options.timeout
         detail: dict[str, object] = {}
         ok = True
-        for name, store in self.stores:
-            facts: dict[str, object]
-            try:
-                facts = {k: v for k, v in store.health().items() if k != "url"}
-            except Exception as exc:  # a health check that raises is a failed one
-                facts = {"ok": False, "backend": type(store).__name__, "error": type(exc).__name__}
+        for name, store, check in checks:
+            facts = check.facts if check.done.wait(max(0.0, deadline - time.monotonic())) else None
+            if facts is None:
+                facts = {"ok": False, "backend": type(store).__name__, "error": "no answer in time"}
             ok = ok and bool(facts.get("ok"))
             detail[name] = facts
         if ok:
             return "200 OK", {"status": "ok", "stores": detail}
         return self.degraded, {"status": "degraded", "stores": detail}
+
+    def _check(self, name: str, store: Store) -> _Check:
+        """The health check of ``store`` still out, or a new one started in a thread."""
+        with self._lock:
+            check = self._pending.get(name)
+            if check is not None:
+                return check
+            check = self._pending[name] = _Check()
+        try:
+            threading.Thread(target=self._run, args=(name, store, check), name=f"health {name}", daemon=True).start()
+        except RuntimeError:  # no thread to be had: ask here, unbounded, rather than fail the probe
+            self._run(name, store, check)
+        return check
+
+    def _run(self, name: str, store: Store, check: _Check) -> None:
+        try:
+            check.facts = {k: v for k, v in store.health().items() if k != "url"}
+        except Exception as exc:  # a health check that raises is a failed one
+            check.facts = {"ok": False, "backend": type(store).__name__, "error": type(exc).__name__}
+        finally:
+            with self._lock:
+                del self._pending[name]
+            check.done.set()
+
+
+class _Check:
+    """One store's health check: ``done`` is set when ``facts`` holds its answer."""
+
+    __slots__ = ("done", "facts")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.facts: dict[str, object] | None = None
 
 
 def _exists(path: str) -> bool:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from conftest import RedisServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
@@ -292,6 +295,9 @@ def test_readiness_follows_a_real_redis_going_away_and_back(
                      id="same paths"),
         pytest.param({"drain_file": ""}, "drain_file must be a path, or left out", id="empty drain file"),
         pytest.param({"store": ["x"]}, "Extra inputs are not permitted", id="unknown key"),
+        pytest.param({"timeout": 0}, "Input should be greater than 0", id="no time for the stores"),
+        pytest.param({"timeout": 61}, "Input should be less than or equal to 60", id="a timeout past any probe's"),
+        pytest.param({"timeout": math.inf}, "Input should be a finite number", id="no timeout"),
     ],
 )
 def test_options_refused(options: dict[str, Any], message: str) -> None:
@@ -316,3 +322,83 @@ def test_from_yaml(make_stack: Callable[..., TestApp], tmp_path: Path) -> None:
     assert app.get("/anything").json["layers"] == ["after"]
     (tmp_path / "drain").touch()
     assert app.get("/ready", status=503).json == {"status": "draining"}
+
+
+def slow_stores(server: RedisServer) -> dict[str, Store]:
+    """Two stores on two databases of ``server`` (two pools, two breakers), each waiting up to 1 s for a reply."""
+    return {name: store_from_url(server.url.removesuffix("/0") + f"/{db}", socket_timeout=1.0,
+                                 socket_connect_timeout=1.0)
+            for name, db in (("a", 0), ("b", 1))}
+
+
+def connections_received(server: RedisServer) -> int:
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
+    try:
+        return int(client.info("stats")["total_connections_received"])
+    finally:
+        client.close()
+
+
+NO_ANSWER = {"ok": False, "backend": "RedisStore", "error": "no answer in time"}
+
+
+@pytest.mark.redis
+def test_readiness_answers_within_its_timeout_when_redis_hangs(make: Callable[..., TestApp],
+                                                                own_redis: RedisServer) -> None:
+    """Each store's ping waits up to its socket_timeout: one after the other, a probe took their sum."""
+    stores = slow_stores(own_redis)
+    app = make({"timeout": 0.3}, stores=stores)
+    try:
+        assert app.get("/readyz").json["status"] == "ok"
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            response = app.get("/readyz", status=503)
+            took = time.monotonic() - started
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert took < 0.8, took  # not 2 s (1 s per store)
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.json == {"status": "degraded", "stores": {"a": NO_ANSWER, "b": NO_ANSWER}}
+        deadline = time.monotonic() + 5
+        while (response := app.get("/readyz", expect_errors=True)).status_int != 200:
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.05)
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+@pytest.mark.redis
+def test_concurrent_probes_share_one_ping_per_store(make: Callable[..., TestApp], own_redis: RedisServer) -> None:
+    """Probes arriving while a store's ping is still out wait for that one: no new connection, no new thread
+    stuck on Redis, per probe."""
+    stores = slow_stores(own_redis)
+    app = make({"timeout": 0.3}, stores=stores)
+    try:
+        assert app.get("/readyz").json["status"] == "ok"
+        before = connections_received(own_redis)
+        answers: list[tuple[int, float]] = []
+
+        def probe() -> None:
+            started = time.monotonic()
+            status = app.get("/readyz", expect_errors=True).status_int
+            answers.append((status, time.monotonic() - started))
+
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            threads = [threading.Thread(target=probe) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert [status for status, _ in answers] == [503] * 6
+        assert max(took for _, took in answers) < 0.8, answers
+        assert connections_received(own_redis) - before <= 2  # one ping per store (each pool had one idle)
+    finally:
+        for store in stores.values():
+            store.close()
