@@ -57,6 +57,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def _trusted_entry(entry: str) -> tuple[str, str, int | None] | None:
     """``(scheme, host or .suffix, port)`` of a configured origin; None when malformed."""
+    entry = entry.lower()  # HTTPS://*.Example.org: scheme and host are case-insensitive
     wildcard = entry.startswith(("http://*.", "https://*."))
     parsed = parse_origin(entry.replace("://*.", "://x.", 1) if wildcard else entry)
     if parsed is None or parsed[0] not in _DEFAULT_PORTS:

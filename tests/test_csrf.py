@@ -214,6 +214,18 @@ def test_refused_options(options: dict[str, Any], message: str) -> None:
         CSRFMiddleware.Options(**options)
 
 
+@pytest.mark.parametrize(("entry", "origin"), [
+    pytest.param("HTTPS://*.example.org", "https://app.example.org", id="wildcard, scheme in capitals"),
+    pytest.param("Https://*.Example.ORG", "https://a.b.example.org", id="wildcard, mixed case"),
+    pytest.param("HTTPS://Partner.Example.com:443", "https://partner.example.com", id="exact, capitals, default port"),
+])
+def test_trusted_origins_are_read_in_any_case(entry: str, origin: str) -> None:
+    """As the cors layer reads its origins: a scheme is case-insensitive (RFC 3986 3.1), so is a host."""
+    app = make({"trusted_origins": [entry]})
+    assert send(app, {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": origin}).status_int == 200
+    assert send(app, {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": EVIL}).status_int == 403
+
+
 def test_secret_key_of_32_characters_is_enough() -> None:
     assert CSRFMiddleware.Options(double_submit=True, secret_key="k" * 32).double_submit
 
