@@ -277,7 +277,7 @@ class MetricsMiddleware:
             return result
         # The app calls start_response only once iterated: count when it has.
         return _OnFirstChunk(result, lambda: self._record(environ, statuses[-1][:3], elapsed),
-                             lambda: self._record(environ, "500", elapsed))
+                             lambda exc: self._record(environ, _exc_status(exc), elapsed))
 
     def _timed(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Like ``__call__``, but holds the real ``start_response`` until inner times are known.
@@ -324,10 +324,11 @@ class MetricsMiddleware:
             flush_counted()
             count(held.status[:3] if held.status else "500")
 
-        def failed() -> None:
-            if not sent:
-                timed("500")
-            count("500")
+        def failed(exc: BaseException) -> None:  # raised before the first chunk: errors renders it
+            status = _exc_status(exc)
+            headers = [] if sent else timed(status)
+            count(status)
+            decorate_error(exc, headers)
 
         return _OnFirstChunk(result, started, failed)
 
@@ -1029,10 +1030,11 @@ class _Held:
 
 
 class _OnFirstChunk:
-    """The body of an app that calls ``start_response`` lazily: run ``started`` once it has."""
+    """The body of an app that calls ``start_response`` lazily: run ``started`` once it has, or
+    ``failed`` with what the body raised before its first chunk."""
 
     def __init__(self, result: Iterable[bytes], started: Callable[[], object],
-                 failed: Callable[[], object]) -> None:
+                 failed: Callable[[BaseException], object]) -> None:
         self.result, self.started, self.failed = result, started, failed
 
     def __iter__(self) -> Iterator[bytes]:
@@ -1043,10 +1045,10 @@ class _OnFirstChunk:
                     pending = False
                     self.started()
                 yield chunk
-        except Exception:
+        except Exception as exc:
             if pending:
                 pending = False
-                self.failed()
+                self.failed(exc)  # (the errors layer renders it: counted with the status it will send)
             raise
         if pending:
             self.started()

@@ -222,6 +222,35 @@ def test_headers_the_server_refuses_are_counted(make: Callable[..., Any], option
     assert counted == {"500": 1.0}
 
 
+def refusing_generator_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app refusing on its body's first iteration (before or after its lazy start_response)."""
+    if environ["PATH_INFO"] == "/started":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+    if environ["PATH_INFO"] == "/crash":
+        raise RuntimeError("inner failure")
+    raise refuse(429, "Slow down.", headers=[("Retry-After", "3")])
+    yield b"never"
+
+
+@pytest.mark.parametrize("options", [{}, {"server_timing": True}, {"layer_timing": True}])
+@pytest.mark.parametrize(("path", "status", "route"), [("/refused", 429, "other"), ("/started", 429, "other"),
+                                                        ("/crash", 500, "/crash")])
+def test_a_generator_apps_refusal_is_counted_with_the_status_sent(
+        make: Callable[..., Any], options: dict[str, Any], path: str, status: int, route: str) -> None:
+    """errors renders what a generator app raises before its first chunk: that status is counted, with the header."""
+    app, _ = make(timed_stack(refusing_generator_app) if options else refusing_generator_app, **options)
+    response = app.get(path, status=status)
+    if status == 429:
+        assert response.headers["Retry-After"] == "3"
+    if options.get("server_timing"):
+        assert list(timing_entries(response.headers["Server-Timing"])) == ["outer", "inner", "total"]
+    else:
+        assert "Server-Timing" not in response.headers
+    counted = {(dict(labels)["route"], dict(labels)["status"]): value for (name, labels), value in scrape(app).items()
+               if name == "wsgistack_http_requests_total"}
+    assert counted == {(route, str(status)): 1.0}
+
+
 def test_unrouted_requests_take_the_app_route_or_other(make: Callable[..., Any], context: Context) -> None:
     """A client sending random paths that a layer refuses cannot fill the route label space."""
     context.services["route_template"] = lambda path, method: "/limited" if path == "/limited" else None
