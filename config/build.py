@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import re
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +26,16 @@ from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from middleware.base import TIMINGS, TRACE, Context, LayerOptions, note, resolve_path, rewrites_inside
+from middleware.base import (
+    TIMINGS,
+    TRACE,
+    Context,
+    LayerOptions,
+    PrimedBody,
+    note,
+    resolve_path,
+    rewrites_inside,
+)
 from middleware.errors import ErrorsMiddleware
 from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
@@ -668,6 +678,50 @@ class _Timed:
             timings.append((self.label, time.perf_counter() - start))
 
 
+class _Primer:
+    """Around an app that may return before starting its response: a generator app (PEP 3333 allows
+    it) calls ``start_response`` on its body's first iteration.  That chunk is taken within the call,
+    so that what the body raises there, before anything was sent, is a refusal from the call for
+    every layer outside: each puts its headers on it (the rate limit's, the security headers) and it
+    is counted and logged with its own status, as when the app raises it.
+
+    Put around the core and the layers named by a dotted path, unless they are known to start the
+    response before they return: the built-in layers (when the app inside them has) and a Flask app.
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        started = False
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            nonlocal started
+            started = True
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, start)
+        return body if started else PrimedBody(body)
+
+
+def _starts_in_call(app: object) -> bool:
+    """Whether ``app`` starts its response before its call returns: a Flask app as Flask serves it
+    (``Response.__call__`` calls ``start_response`` and returns the body)."""
+    flask = sys.modules.get("flask")  # not imported: not a Flask app
+    if flask is None or not isinstance(app, flask.Flask):
+        return False
+    return "wsgi_app" not in vars(app) and type(app).wsgi_app is flask.Flask.wsgi_app \
+        and type(app).__call__ is flask.Flask.__call__
+
+
+def _builtin(spec: LayerSpec) -> bool:
+    """Whether ``spec`` is a built-in layer (registered in config/registry.py)."""
+    target = LAYERS.get(spec.name)
+    return target is not None and spec.target is import_string(target)
+
+
 class _Traced:
     """For ``serve.py explain``: note that a layer was entered."""
 
@@ -861,7 +915,9 @@ def build(
         callable(getattr(spec.target, "wants_layer_timing", None)) and spec.target.wants_layer_timing(spec.options)
         for spec in pipeline
     )
-    wrapped: WSGIApplication = _Timed("app", core) if timing else core
+    wrapped: WSGIApplication = core if _starts_in_call(core) else _Primer(core)
+    if timing:
+        wrapped = _Timed("app", wrapped)
     if trace:  # the core is traced too: a refusal it raises is not the innermost layer's
         wrapped = _Traced("app", wrapped)
     for spec in reversed(pipeline):
@@ -883,6 +939,8 @@ def build(
             if getattr(layer, "rewrites_path", False):  # the path rules of the layers outside see its rewrite
                 context.path_rewrites.append(_within(preview, spec.scope))
         instances.append(layer)
+        if not _builtin(spec):
+            layer = _Primer(layer)
         if timing:
             layer = _Timed(spec.label, layer)
         if trace:

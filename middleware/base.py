@@ -62,6 +62,7 @@ __all__ = [
     "Methods",
     "Networks",
     "PathGlobs",
+    "PrimedBody",
     "ReadAhead",
     "ReadKey",
     "UnstartedBody",
@@ -818,6 +819,38 @@ def wrap_start_response(
         return start_response(status, headers, exc_info)
 
     return wrapped
+
+
+class PrimedBody:
+    """A response body whose first chunk was taken already (to see the response start), then the rest.
+
+    A generator app (PEP 3333 allows it) calls ``start_response`` on its body's
+    first iteration: taking that chunk within a layer's call makes what it
+    raises there, before anything was sent, a refusal from the call.  If taking
+    it fails, the body is closed (the server never sees it) and the error goes on.
+    """
+
+    __slots__ = ("_body", "_first", "_rest")
+
+    def __init__(self, body: Iterable[bytes]) -> None:
+        self._body = body
+        self._rest = iter(body)
+        try:
+            self._first = [next(self._rest)]
+        except StopIteration:
+            self._first = []
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._first
+        yield from self._rest
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
 
 
 class UnstartedBody:

@@ -32,6 +32,7 @@ from .base import (
     REQUEST_ID,
     Context,
     LayerOptions,
+    PrimedBody,
     add_missing,
     decoded_path,
     escape_control,
@@ -41,7 +42,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -153,7 +154,7 @@ class ErrorsMiddleware:
                 # A generator app (PEP 3333 allows it) starts the response on the body's first iteration,
                 # and a layer inside may refuse there (the session's save, in start_response): taken
                 # here, what it raises before anything was sent is rendered as a refusal from the call.
-                return _Primed(body)
+                return PrimedBody(body)
         except Exception as exc:  # an HTTPException too: the app may have called start_response already
             # exc_info only when it had: a server (werkzeug's test client too) re-raises the
             # exception it is given, and a refusal nothing answered yet is this layer's to render.
@@ -249,35 +250,6 @@ class ErrorsMiddleware:
                 }
             }
         return json.dumps(doc, separators=(",", ":"), default=str).encode()
-
-
-class _Primed:
-    """A response body whose first chunk was taken already (to see the response start), then the rest.
-
-    If taking it fails, the body is closed (the server never sees it) and the error goes on.
-    """
-
-    __slots__ = ("_body", "_first", "_rest")
-
-    def __init__(self, body: Iterable[bytes]) -> None:
-        self._body = body
-        self._rest = iter(body)
-        try:
-            self._first = [next(self._rest)]
-        except StopIteration:
-            self._first = []
-        except BaseException:
-            self.close()
-            raise
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._first
-        yield from self._rest
-
-    def close(self) -> None:
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            close()
 
 
 #: The order ``Allow`` lists methods in, whatever order they were found in (a set's, which varies by process).
