@@ -44,6 +44,7 @@ from .base import (
     serialise_origin,
     shown,
 )
+from .cors import _wildcard_stranger  # the probe cors uses on credentialed wildcards: one list of strangers
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -99,9 +100,16 @@ class CSRFMiddleware:
                 if origin in ("*", "null"):
                     raise ValueError(f"trusted_origins may not contain {origin!r}: that would "
                                      "let any page send writes with the user's cookie")
-                if _trusted_entry(origin) is None:
+                entry = _trusted_entry(origin)
+                if entry is None:
                     raise ValueError(f"trusted_origins entry {origin!r} is not an origin: write "
                                      "http(s)://host[:port] with no path, or https://*.example.org")
+                scheme, host, port = entry
+                stranger = _wildcard_stranger(scheme, "*" + host, port) if host.startswith(".") else None
+                if stranger is not None:  # https://*.co.uk: a suffix anyone registers names under
+                    raise ValueError(f"trusted_origins entry {origin!r} matches origins nobody listed "
+                                     f"({stranger} too): any site under it could send writes with the "
+                                     "user's cookie; name your own domain (https://*.example.co.uk)")
             key = self.secret_key.get_secret_value() if self.secret_key else ""
             if self.double_submit and len(key) < 32:
                 raise ValueError("double_submit needs a secret_key of at least 32 characters; "

@@ -193,6 +193,13 @@ def test_origin_checks(options: dict[str, Any], request_headers: dict[str, str],
                  "http(s)://host[:port] with no path, or https://*.example.org", id="with a path"),
     pytest.param({"trusted_origins": ["https://*.org"]},
                  "trusted_origins entry 'https://*.org' is not an origin", id="wildcard TLD"),
+    pytest.param({"trusted_origins": ["https://*.co.uk"]},
+                 "trusted_origins entry 'https://*.co.uk' matches origins nobody listed "
+                 "(https://wsgistackprobe.co.uk too): any site under it could send writes with the user's "
+                 "cookie; name your own domain (https://*.example.co.uk)", id="wildcard over a public suffix"),
+    pytest.param({"trusted_origins": ["HTTP://*.CO.UK:8443"]},
+                 "trusted_origins entry 'HTTP://*.CO.UK:8443' matches origins nobody listed "
+                 "(http://wsgistackprobe.co.uk:8443 too)", id="wildcard over a public suffix, any spelling"),
     pytest.param({"trusted_origins": ["https://app.*.org"]},
                  "trusted_origins entry 'https://app.*.org' is not an origin", id="inner wildcard"),
     pytest.param({"trusted_origins": ["ftp://example.org"]},
@@ -224,6 +231,10 @@ def test_trusted_origins_are_read_in_any_case(entry: str, origin: str) -> None:
     app = make({"trusted_origins": [entry]})
     assert send(app, {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": origin}).status_int == 200
     assert send(app, {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": EVIL}).status_int == 403
+
+
+def test_a_wildcard_under_a_domain_of_ones_own_is_accepted() -> None:
+    assert CSRFMiddleware.Options(trusted_origins=["https://*.example.co.uk"]).trusted_origins
 
 
 def test_secret_key_of_32_characters_is_enough() -> None:
