@@ -70,6 +70,10 @@ class MemoryStore(Store):
         self._apart: OrderedDict[str, Entry] = OrderedDict()
         self._apart_prefixes: tuple[str, ...] = ()
         self.max_apart = max(1, max_entries)
+        # No deadline of a key counted against max_entries is earlier (a lower bound, kept by every write):
+        # a full store looks for expired keys to drop only once the clock has passed it.
+        self._soonest = float("inf")
+        self._next_sweep = 0.0  # and not before this (see _sweep)
         self._lock = threading.Lock()
 
     def keep_apart(self, prefix: str) -> None:
@@ -141,6 +145,8 @@ class MemoryStore(Store):
             return
         if key not in table and len(self) >= self.max_entries:
             self._make_room(table)
+        if expires is not None and expires < self._soonest:
+            self._soonest = expires
         if table is self._disposable:
             self._drop(table, key)
             self._cache_bytes += _size(key, value)
@@ -161,8 +167,38 @@ class MemoryStore(Store):
             key, entry = self._disposable.popitem(last=False)
             self._cache_bytes -= _size(key, entry[0])
 
+    def _sweep(self, force: bool = False) -> None:
+        """Drop the expired keys counted against max_entries, when one may have expired since the last sweep.
+
+        A sweep reads every key: unless ``force``d, the next waits at least a hundred times as long as
+        this one took (a full store of keys expiring one at a time must not read them all per write).
+        """
+        now = _monotonic()
+        if (now < self._soonest or now < self._next_sweep) and not force:
+            return
+        soonest = float("inf")
+        for table in (self._data, self._spare, self._disposable):
+            expired = []
+            for key, (_, expires) in table.items():
+                if expires is not None:
+                    if expires <= now:
+                        expired.append(key)
+                    elif expires < soonest:
+                        soonest = expires
+            for key in expired:
+                self._drop(table, key)
+        self._soonest = soonest
+        self._next_sweep = now + 100 * (_monotonic() - now)
+
     def _make_room(self, table: OrderedDict[str, Entry]) -> None:
-        """Evict one key for a new key of ``table``, or raise StoreError when none may go."""
+        """Evict one key for a new key of ``table``, or raise StoreError when none may go.
+
+        Expired keys go first, from every table: they hold no state, and a live count of wrong
+        passwords (or a cache entry) pushed out while they took the room would be lost for nothing.
+        """
+        self._sweep()
+        if len(self) < self.max_entries:
+            return
         # Counts go for a cache entry while they hold more than half the store (wrong passwords for
         # made-up names cannot fill it and leave the cache no room), else for kept keys and each other.
         if table is self._disposable and 2 * len(self._spare) > self.max_entries:
@@ -175,10 +211,7 @@ class MemoryStore(Store):
         if self._spare and table is not self._disposable:
             self._spare.popitem(last=False)
             return
-        now = _monotonic()
-        for kept in (self._data, self._spare):
-            for stale in [k for k, (_, exp) in kept.items() if exp is not None and exp <= now]:
-                del kept[stale]
+        self._sweep(force=True)  # (a key may have expired since a recent sweep)
         if len(self) >= self.max_entries:
             raise StoreError(
                 f"the memory store is full: its {len(self)} entries (sessions, token records) may not "
@@ -188,6 +221,12 @@ class MemoryStore(Store):
     @staticmethod
     def _deadline(ttl: float | None, now: float) -> float | None:
         return None if ttl is None else now + clamp_ttl(ttl)
+
+    def _refreshed(self, expires: float) -> float:
+        """``expires``, a key's new deadline, kept in the bound :meth:`_sweep` reads (the caller holds the lock)."""
+        if expires < self._soonest:
+            self._soonest = expires
+        return expires
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -199,7 +238,7 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return None
-            self._table(key)[key] = (item[0], now + clamp_ttl(ttl))
+            self._table(key)[key] = (item[0], self._refreshed(now + clamp_ttl(ttl)))
         value = item[0]
         return str(value).encode() if isinstance(value, int) else value
 
@@ -331,7 +370,7 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return False
-            self._table(key)[key] = (item[0], now + clamp_ttl(ttl))
+            self._table(key)[key] = (item[0], self._refreshed(now + clamp_ttl(ttl)))
             return True
 
     def ttl(self, key: str) -> float | None:

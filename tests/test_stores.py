@@ -439,6 +439,29 @@ def test_memory_store_full_of_kept_keys_drops_the_expired_first(monkeypatch: pyt
     assert sorted(store.scan("")) == ["b", "c"]
 
 
+@pytest.mark.parametrize(("live", "expired", "new"), [
+    pytest.param("fail:ann", "session:old", "session:new", id="a count of wrong passwords, for a session"),
+    pytest.param("c:page", "session:old", "session:new", id="a cache entry, for a session"),
+    pytest.param("c:page", "c:old", "c:new", id="a cache entry, for another"),
+    pytest.param("fail:ann", "fail:old", "fail:bob", id="a count, for another count"),
+    pytest.param("fail:ann", "session:old", "c:new", id="a count, for a cache entry"),
+])
+def test_a_full_memory_store_drops_expired_keys_before_any_live_one(monkeypatch: pytest.MonkeyPatch, live: str,
+                                                                     expired: str, new: str) -> None:
+    """Expired keys hold no state: their room goes first, whatever tier they are in. A live count of wrong
+    passwords pushed out while expired sessions took the room would reset that account's lockout."""
+    now = [1000.0]
+    monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
+    store = MemoryStore(max_entries=2)
+    store.allow_eviction("c:")
+    store.allow_eviction("fail:", lowest=False)
+    store.set(live, b"1", ttl=600)  # the least recently used
+    store.set(expired, b"1", ttl=5)
+    now[0] += 6
+    store.set(new, b"1", ttl=600)
+    assert sorted(store.scan("")) == sorted([live, new])
+
+
 def test_allow_eviction_moves_keys_already_written() -> None:
     store = MemoryStore(max_entries=2)
     store.set("c:old", b"v")
