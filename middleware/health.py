@@ -91,6 +91,8 @@ class HealthMiddleware:
                 raise ValueError("liveness_path and readiness_path must differ")
             if self.drain_file == "":
                 raise ValueError("drain_file must be a path, or left out")
+            if self.drain_file is not None and "\0" in self.drain_file:  # os.stat raises ValueError: a 500 per probe
+                raise ValueError("drain_file cannot hold a NUL character")
             return self
 
     def __init__(self, app: WSGIApplication, options: Options, context: Context) -> None:

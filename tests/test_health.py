@@ -294,6 +294,8 @@ def test_readiness_follows_a_real_redis_going_away_and_back(
         pytest.param({"readiness_path": "/healthz"}, "liveness_path and readiness_path must differ",
                      id="same paths"),
         pytest.param({"drain_file": ""}, "drain_file must be a path, or left out", id="empty drain file"),
+        pytest.param({"drain_file": "/run/app\0drain"}, "drain_file cannot hold a NUL character",
+                     id="a NUL, which no path holds: every probe was a 500"),
         pytest.param({"store": ["x"]}, "Extra inputs are not permitted", id="unknown key"),
         pytest.param({"timeout": 0}, "Input should be greater than 0", id="no time for the stores"),
         pytest.param({"timeout": 61}, "Input should be less than or equal to 60", id="a timeout past any probe's"),
