@@ -76,6 +76,9 @@ def make(inner: Recorder) -> Callable[..., TestApp]:
                      (200, {"status": "ok", "stores": {"shared": MEMORY}}), id="custom readiness"),
         pytest.param({"liveness_path": "/live"}, "/healthz", (200, "app"), id="old path goes to the app"),
         pytest.param({}, "/healthz/", (200, "app"), id="exact match only"),
+        pytest.param({}, "/healthz?from=kubelet", (200, {"status": "ok"}), id="a query string: still the probe"),
+        pytest.param({}, "/readyz?verbose=1", (200, {"status": "ok", "stores": {"shared": MEMORY}}),
+                     id="a query string on readiness"),
         pytest.param({}, "/api/x", (200, "app"), id="other paths go to the app"),
         pytest.param({"stores": []}, "/readyz", (200, {"status": "ok", "stores": {}}), id="no stores checked"),
     ],
@@ -92,6 +95,14 @@ def test_probe_table(make: Callable[..., TestApp], inner: Recorder, options: dic
         assert response.headers["Content-Type"] == "application/json"
         assert response.headers["Cache-Control"] == "no-store"
         assert inner.seen == []
+
+
+def test_probe_paths_are_below_the_mount_point(make: Callable[..., TestApp], inner: Recorder) -> None:
+    """Under a prefix (Waitress's url_prefix, a proxy's SCRIPT_NAME) the paths are PATH_INFO's, after it."""
+    app = make()
+    assert app.get("/healthz", extra_environ={"SCRIPT_NAME": "/svc"}).json == {"status": "ok"}
+    assert app.get("/readyz", extra_environ={"SCRIPT_NAME": "/svc"}).json["status"] == "ok"
+    assert inner.seen == []
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
