@@ -159,8 +159,9 @@ class MetricsMiddleware:
         @field_validator("buckets")
         @classmethod
         def _buckets(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-            bounds = [b for b in value if b != math.inf]
-            if not bounds or any(a >= b for a, b in itertools.pairwise(bounds)):
+            bounds = list(value[:-1] if value and value[-1] == math.inf else value)  # +Inf is implied
+            if not bounds or not all(math.isfinite(b) for b in bounds) \
+                    or any(a >= b for a, b in itertools.pairwise(bounds)):  # (NaN, -Inf, +Inf inside)
                 raise ValueError("buckets must be increasing upper bounds in seconds, e.g. [0.01, 0.1, 1.0]")
             return value
 

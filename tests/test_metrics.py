@@ -1059,6 +1059,11 @@ def test_store_health_with_a_real_redis(make: Callable[..., Any], context: Conte
         pytest.param({"max_routes": 0}, "max_routes must be at least 1, got 0", id="no routes"),
         pytest.param({"path": "metrics"}, "path must start with '/', got 'metrics'", id="relative path"),
         pytest.param({"server_timings": True}, "Extra inputs are not permitted", id="unknown key"),
+        *[pytest.param({"buckets": buckets},
+                       "buckets must be increasing upper bounds in seconds, e.g. [0.01, 0.1, 1.0]",
+                       id=f"buckets {buckets}")
+          for buckets in ([float("nan")], [0.1, float("nan")], [float("nan"), 0.1], [float("-inf"), 0.1],
+                          [0.1, float("inf"), 0.5], [0.5, 0.1], [float("inf")])],
         pytest.param({"hosts": ["http://metrics.example.org/"]}, "hosts entry 'http://metrics.example.org/' is not a "
                      "host name: write ops.example.org, *.example.org or '*' (no scheme, port or path)",
                      id="a URL in hosts"),
@@ -1067,6 +1072,11 @@ def test_store_health_with_a_real_redis(make: Callable[..., Any], context: Conte
 def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
         MetricsMiddleware.Options(**options)
+
+
+@pytest.mark.parametrize("buckets", [[0.1, 1.0], [0.1, 1.0, float("inf")], [-0.5, 0.0, 0.5]])
+def test_buckets_accepted(buckets: list[float]) -> None:
+    assert MetricsMiddleware.Options(buckets=buckets).buckets == tuple(buckets)
 
 
 def test_what_a_client_makes_up_is_not_kept_whole(make: Callable[..., Any]) -> None:
