@@ -184,6 +184,17 @@ def test_origin_checks(options: dict[str, Any], request_headers: dict[str, str],
         assert "Set-Cookie" not in resp.headers
 
 
+@pytest.mark.filterwarnings("ignore::webtest.lint.WSGIWarning")  # WebTest's lint knows no extension methods
+@pytest.mark.parametrize("method", ["PROPFIND", "MKCOL", "LOCK", "SEARCH", "post", "get", "Delete"])
+def test_any_method_but_get_head_and_options_is_checked(method: str) -> None:
+    """Extension methods change state too (WebDAV), and werkzeug reads a method in any case as its
+    capitals (``get`` reaches a GET view): only the exact GET, HEAD and OPTIONS are let through."""
+    resp = send(make({}), {**COOKIE, ":method": method, "Sec-Fetch-Site": "cross-site", "Origin": EVIL})
+    assert resp.status_int == 403
+    assert resp.json["error"]["message"] == (f"cross-site {method} refused: Sec-Fetch-Site is cross-site "
+                                             f"and Origin {EVIL} is not trusted")
+
+
 @pytest.mark.parametrize(("options", "message"), [
     pytest.param({"trusted_origins": ["*"]}, "trusted_origins may not contain '*': that would let "
                  "any page send writes with the user's cookie", id="star"),
