@@ -277,7 +277,7 @@ class MetricsMiddleware:
             self._record(environ, statuses[-1][:3], elapsed)
             return result
         # The app calls start_response only once iterated: count when it has.
-        return _OnFirstChunk(result, lambda: self._record(environ, statuses[-1][:3], elapsed),
+        return _OnFirstChunk(result, lambda: self._record(environ, statuses[-1][:3] if statuses else "500", elapsed),
                              lambda exc: self._record(environ, _exc_status(exc), elapsed))
 
     def _timed(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

@@ -222,6 +222,27 @@ def test_headers_the_server_refuses_are_counted(make: Callable[..., Any], option
     assert counted == {"500": 1.0}
 
 
+@pytest.mark.parametrize("options", [{}, {"server_timing": True}])
+@pytest.mark.parametrize("body", [[], [b"body first"]])
+def test_an_app_that_never_starts_its_response_is_counted_as_500(make: Callable[..., Any], options: dict[str, Any],
+                                                                  body: list[bytes]) -> None:
+    """A broken app (no start_response before or after its body): the server fails the request; it is one 500."""
+    from werkzeug.test import EnvironBuilder
+
+    def broken(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        yield from body
+
+    app, _ = make(broken, **options)
+    result = app.app(EnvironBuilder(path="/broken").get_environ(), lambda *a: (lambda data: None))
+    try:
+        list(result)
+    except AssertionError:  # (held headers: the layer says what the server would; never an IndexError)
+        assert options
+    counted = {dict(labels)["status"]: value for (name, labels), value in scrape(app).items()
+               if name == "wsgistack_http_requests_total"}
+    assert counted == {"500": 1.0}
+
+
 def refusing_generator_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
     """A generator app refusing on its body's first iteration (before or after its lazy start_response)."""
     if environ["PATH_INFO"] == "/started":
