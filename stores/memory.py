@@ -22,6 +22,7 @@ layer's ``on_store_error`` applies) rather than forgetting something.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +37,11 @@ Entry = tuple[bytes | int, float | None]  # (value, expires_at or None)
 def _check_value(value: bytes) -> None:
     if not isinstance(value, bytes | bytearray):
         raise TypeError("store values are bytes; encode JSON in the layer")
+
+
+#: What Redis reads as an integer (``string2ll``): decimal digits, no sign but "-", no spaces, no leading zeros.
+_INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,18}")
+_INT64 = range(-2**63, 2**63)
 
 
 #: The default bound on the bytes (keys and values) the disposable entries hold.
@@ -356,10 +362,14 @@ class MemoryStore(Store):
             if item is None:
                 value, expires = amount, self._deadline(ttl, now)
             else:
-                try:
-                    value = int(item[0]) + amount
-                except ValueError:
-                    raise StoreError(f"value at {key!r} is not an integer") from None
+                current = item[0]
+                if not isinstance(current, int):  # bytes someone set: read as Redis reads them
+                    if _INTEGER.fullmatch(current) is None or int(current) not in _INT64:
+                        raise StoreError(f"value at {key!r} is not an integer or out of range")
+                    current = int(current)
+                value = current + amount
+                if value not in _INT64:
+                    raise StoreError(f"incrementing the value at {key!r} would overflow")
                 expires = item[1]
             self._put(key, value, expires)
             return value

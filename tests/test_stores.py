@@ -206,12 +206,23 @@ def test_incr_amounts_and_counters_written_as_bytes(store: Store) -> None:
     assert store.incr("fresh", amount=3) == 3
 
 
-def test_incr_refuses_a_value_that_is_not_an_integer(store: Store) -> None:
-    store.set("n", b"abc")
+@pytest.mark.parametrize("value", [b"abc", b" 12", b"12 ", b"1_000", b"+5", b"-0", b"007", b"1e3", b"\xd9\xa1",
+                                   b"9223372036854775808", b""])
+def test_incr_refuses_a_value_that_is_not_an_integer(store: Store, value: bytes) -> None:
+    """What Redis takes for an integer, on both backends: plain decimal digits in 64 bits."""
+    store.set("n", value)
     with pytest.raises(StoreError, match="not an integer"):
         store.incr("n", ttl=5)
-    assert store.get("n") == b"abc"
+    assert store.get("n") == value
     assert store.ping() is True  # a bad value is not an outage
+
+
+@pytest.mark.parametrize(("value", "amount"), [(b"9223372036854775807", 1), (b"-9223372036854775808", -1)])
+def test_incr_past_64_bits_is_refused(store: Store, value: bytes, amount: int) -> None:
+    store.set("n", value)
+    with pytest.raises(StoreError, match="overflow"):
+        store.incr("n", amount=amount)
+    assert store.get("n") == value
 
 
 def test_incr_is_exact_under_many_threads(store: Store) -> None:
