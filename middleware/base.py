@@ -51,6 +51,7 @@ __all__ = [
     "SESSION",
     "SESSION_BOUND",
     "SESSION_USER_HINT",
+    "STRANGER_ORIGINS",
     "TIMINGS",
     "TRACE",
     "VERSIONS",
@@ -97,6 +98,7 @@ __all__ = [
     "set_cookie_header",
     "shown",
     "split_host",
+    "wildcard_stranger",
     "with_head",
     "wrap_start_response",
 ]
@@ -777,6 +779,28 @@ def _rejoined(ip: str, port: str) -> str:
     except ValueError:
         return ip
     return joined
+
+
+#: Origins no policy means to allow: a regex that matches one of them matches anyone's site
+#: (names without a hyphen, under the common top-level domains, for patterns like [a-z]+\.com).
+STRANGER_ORIGINS = tuple(f"{scheme}://{host}" for scheme in ("https", "http") for host in (
+    "wsgistack-probe.invalid", "wsgistack-probe.invalid:8443", "wsgistackprobe.com", "wsgistackprobe.net",
+    "wsgistackprobe.org", "wsgistackprobe.io", "wsgistackprobe.co.uk", "wsgistackprobe.example"))
+
+
+def wildcard_stranger(scheme: str, host: str, port: int | None) -> str | None:
+    """An origin of someone else's site that the wildcard entry ``scheme://host:port`` matches, if any.
+
+    ``https://*.co.uk`` is not a bare top-level domain, but a suffix anyone registers names under
+    all the same: it matches ``https://wsgistackprobe.co.uk``, as the regex ``https://.*\\.co\\.uk`` does.
+    """
+    if not host.startswith("*."):
+        return None
+    for origin in STRANGER_ORIGINS:
+        stranger = parse_origin(origin)
+        if stranger is not None and stranger[2] is None and stranger[1].endswith(host[1:]):
+            return serialise_origin(scheme, stranger[1], port)
+    return None
 
 
 def header_list(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers:

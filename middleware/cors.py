@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 from werkzeug.http import parse_list_header
 
 from .base import (
+    STRANGER_ORIGINS,
     Context,
     LayerOptions,
     UnstartedBody,
@@ -47,6 +48,7 @@ from .base import (
     rewrites_inside,
     routed_path,
     serialise_origin,
+    wildcard_stranger,
 )
 
 if TYPE_CHECKING:
@@ -121,7 +123,7 @@ class CORSOptions(LayerOptions):
                     raise ValueError(
                         f"{where}origins entry {origin!r} is not an origin: write "
                         "scheme://host[:port] with no path, or https://*.example.org")
-                stranger = _wildcard_stranger(*entry)
+                stranger = wildcard_stranger(*entry)
                 if policy["allow_credentials"] and stranger is not None:
                     raise ValueError(
                         f"{where}origins entry {origin!r} matches origins nobody listed ({stranger} too) "
@@ -157,11 +159,6 @@ class CORSOptions(LayerOptions):
         return self
 
 
-#: Origins no policy means to allow: a regex that matches one of them matches anyone's site
-#: (names without a hyphen, under the common top-level domains, for patterns like [a-z]+\.com).
-_STRANGERS = tuple(f"{scheme}://{host}" for scheme in ("https", "http") for host in (
-    "wsgistack-probe.invalid", "wsgistack-probe.invalid:8443", "wsgistackprobe.com", "wsgistackprobe.net",
-    "wsgistackprobe.org", "wsgistackprobe.io", "wsgistackprobe.co.uk", "wsgistackprobe.example"))
 #: The literal host name a pattern ends with (``example\.org`` in ``https://.*example\.org``).
 _LITERAL_TAIL = re.compile(r"(?:[A-Za-z0-9-]|\\\.)+\Z")
 
@@ -169,33 +166,18 @@ _LITERAL_TAIL = re.compile(r"(?:[A-Za-z0-9-]|\\\.)+\Z")
 def _strangers(pattern: str) -> list[str]:
     r"""Origins of other people's sites to try ``pattern`` on.
 
-    Besides :data:`_STRANGERS`, the name the pattern ends with glued to another
+    Besides :data:`STRANGER_ORIGINS`, the name the pattern ends with glued to another
     (``https://wsgistackprobeexample.org`` for ``https://.*example\.org``): a
     pattern that matches it lets in any domain that ends with those letters.  A
     tail that starts with a dot (``\.example\.org``) asks for a subdomain: no probe.
     """
-    found = [*_STRANGERS]
+    found = [*STRANGER_ORIGINS]
     tail = _LITERAL_TAIL.search(pattern)
     if tail is not None and not tail.group().startswith("\\."):
         name = tail.group().replace("\\.", ".")
         if "." in name:
             found += [f"https://wsgistackprobe{name}", f"http://wsgistackprobe{name}"]
     return found
-
-
-def _wildcard_stranger(scheme: str, host: str, port: int | None) -> str | None:
-    """An origin of someone else's site that the wildcard entry ``scheme://host:port`` matches, if any.
-
-    ``https://*.co.uk`` is not a bare top-level domain, but a suffix anyone registers names under
-    all the same: it matches ``https://wsgistackprobe.co.uk``, as the regex ``https://.*\\.co\\.uk`` does.
-    """
-    if not host.startswith("*."):
-        return None
-    for origin in _STRANGERS:
-        stranger = parse_origin(origin)
-        if stranger is not None and stranger[2] is None and stranger[1].endswith(host[1:]):
-            return serialise_origin(scheme, stranger[1], port)
-    return None
 
 
 def _origin_entry(entry: str) -> tuple[str, str, int | None] | None:

@@ -43,8 +43,8 @@ from .base import (
     refuse,
     serialise_origin,
     shown,
+    wildcard_stranger,
 )
-from .cors import _wildcard_stranger  # the probe cors uses on credentialed wildcards: one list of strangers
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -105,7 +105,7 @@ class CSRFMiddleware:
                     raise ValueError(f"trusted_origins entry {origin!r} is not an origin: write "
                                      "http(s)://host[:port] with no path, or https://*.example.org")
                 scheme, host, port = entry
-                stranger = _wildcard_stranger(scheme, "*" + host, port) if host.startswith(".") else None
+                stranger = wildcard_stranger(scheme, "*" + host, port) if host.startswith(".") else None
                 if stranger is not None:  # https://*.co.uk: a suffix anyone registers names under
                     raise ValueError(f"trusted_origins entry {origin!r} matches origins nobody listed "
                                      f"({stranger} too): any site under it could send writes with the "
