@@ -524,6 +524,41 @@ def test_exposition_formats_by_accept(make: Callable[..., Any], accept: str, con
     assert "wsgistack_http_requests" in response.text
 
 
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        pytest.param("gzip", True, id="what Prometheus sends"),
+        pytest.param("deflate, GZIP;q=0.5", True, id="among others, any case"),
+        pytest.param("gzip;q=0", False, id="refused by q=0"),
+        pytest.param("gzip; q=0.000", False, id="refused by q=0.000"),
+        pytest.param("br", False, id="another coding"),
+        pytest.param("", False, id="none"),
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_exposition_compressed_when_accepted(make: Callable[..., Any], accept_encoding: str, gzipped: bool,
+                                             method: str) -> None:
+    import gzip
+
+    from werkzeug.test import Client
+
+    app, _ = make()
+    client = Client(app.app)  # (WebTest would undo the gzip)
+    environ = {"REMOTE_ADDR": "127.0.0.1"}
+    response = client.open("/metrics", method=method, headers={"Accept-Encoding": accept_encoding},
+                           environ_overrides=environ)
+    assert response.status_code == 200
+    assert response.headers.get("Content-Encoding") == ("gzip" if gzipped else None)
+    assert response.headers["Vary"] == "Accept, Accept-Encoding"
+    full = client.get("/metrics", headers={"Accept-Encoding": accept_encoding}, environ_overrides=environ).data
+    assert int(response.headers["Content-Length"]) == len(full)
+    if method == "HEAD":
+        assert response.data == b""
+        return
+    text = gzip.decompress(response.data) if gzipped else response.data
+    assert b"wsgistack_http_requests" in text
+
+
 def test_scrapes_are_not_counted_as_requests(make: Callable[..., Any]) -> None:
     app, _ = make()
     scrape(app)
