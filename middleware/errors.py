@@ -208,11 +208,18 @@ class ErrorsMiddleware:
             )
             if self.debug:
                 details = {
-                    "exception": f"{type(exc).__name__}: {exc}",
+                    "exception": f"{type(exc).__name__}: {_text(exc)}",
                     "traceback": traceback.format_exception(exc),
                 }
         add_missing(headers, getattr(exc, "wsgistack_headers", None))
-        body = self._body(environ, code, message, details)
+        try:
+            body = self._body(environ, code, message, details)
+        except Exception:  # details (or a message) JSON cannot hold: a NaN, a tuple key, a loop, a failing str()
+            self.logger.error(
+                "could not render the details of a %d for %s %s (request id %s); sent without them",
+                code, environ.get("REQUEST_METHOD", "?"), escape_control(_asked_path(environ)),
+                environ.get(REQUEST_ID, "-"), exc_info=True, extra={"request_id": environ.get(REQUEST_ID)})
+            body = self._body(environ, code, message if isinstance(message, str) else _phrase(code), None)
         headers.append(("Content-Type", self.content_type))
         headers.append(("Content-Length", str(len(body))))
         if environ.get("REQUEST_METHOD") == "HEAD":
@@ -249,7 +256,8 @@ class ErrorsMiddleware:
                     "request_id": request_id,
                 }
             }
-        return json.dumps(doc, separators=(",", ":"), default=str).encode()
+        # allow_nan=False: NaN and Infinity are not JSON (RFC 8259 §6); a client's parser refuses them
+        return json.dumps(doc, separators=(",", ":"), default=str, allow_nan=False).encode()
 
 
 #: The order ``Allow`` lists methods in, whatever order they were found in (a set's, which varies by process).
@@ -269,6 +277,14 @@ def status_line(code: int) -> str:
 #: RFC 9110's names where Python's ``http.HTTPStatus`` (3.11, 3.12) still has RFC 7231's.
 _RFC_9110_PHRASES = {413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
                      422: "Unprocessable Content"}
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or what the traceback module says when that fails."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
 
 
 def _phrase(code: int) -> str:

@@ -335,3 +335,60 @@ def test_a_body_given_after_start_response_is_returned_as_it_is() -> None:
 
     errors = ErrorsMiddleware(app, ErrorsMiddleware.Options(), Context())
     assert errors({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *args: None) is body
+
+
+def _strict_json(body: bytes) -> Any:
+    """``body`` parsed as RFC 8259 JSON: NaN and Infinity are not JSON."""
+    import json
+
+    def refuse_constant(name: str) -> Any:
+        raise AssertionError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=refuse_constant)
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("str() of this fails")
+
+
+def _circular() -> list[Any]:
+    looped: list[Any] = []
+    looped.append(looped)
+    return looped
+
+
+@pytest.mark.parametrize("details", [
+    pytest.param({(1, 2): "x"}, id="a key JSON cannot hold"),
+    pytest.param(float("nan"), id="NaN, which is not JSON"),
+    pytest.param({"limit": float("inf")}, id="Infinity, which is not JSON"),
+    pytest.param(_circular(), id="a circular list"),
+    pytest.param({"x": Unprintable()}, id="a value whose str() fails"),
+])
+@pytest.mark.parametrize("fmt", ["envelope", "problem"])
+def test_details_that_cannot_be_rendered_leave_them_out_and_keep_the_refusal(
+        fmt: str, details: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A refusal whose details are not JSON is still answered in the format, with its status and message."""
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        response = stack(raising(refuse(422, "Bad field.", headers=[("X-Why", "test")], details=details)),
+                         format=fmt).get("/d", status=422)
+    doc = _strict_json(response.body)
+    assert response.content_type == ("application/json" if fmt == "envelope" else "application/problem+json")
+    assert (response.headers["X-Why"], response.headers["Cache-Control"]) == ("test", "no-store")
+    assert int(response.headers["Content-Length"]) == len(response.body)
+    if fmt == "envelope":
+        assert (doc["error"]["code"], doc["error"]["message"], doc["error"]["details"]) == (422, "Bad field.", None)
+    else:
+        assert (doc["status"], doc["detail"], "details" in doc) == (422, "Bad field.", False)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]  # the operator learns why, once
+    assert response.headers["X-Request-ID"] in caplog.text
+
+
+def test_debug_renders_an_exception_whose_str_fails() -> None:
+    class Weird(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("str() of this fails")
+
+    response = stack(raising(Weird()), debug=True).get("/", status=500)
+    assert response.json["error"]["details"]["exception"] == "Weird: <exception str() failed>"
+    assert response.json["error"]["message"].startswith("An unexpected error occurred;")
