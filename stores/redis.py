@@ -244,6 +244,9 @@ def refusal(exc: BaseException) -> tuple[str, bool]:
                 "stop-writes-on-bgsave-error)"), False
     if "unknown command" in text:
         said = next((str(e) for e in chain if "unknown command" in str(e).lower()), text)
+        # Not the arguments Redis quotes after the command: a key (a session id, a client's address)
+        # has no place in /readyz, where this reason is shown.
+        said = re.split(r",? with args beginning with", said, maxsplit=1, flags=re.IGNORECASE)[0]
         return (f"Redis does not know a command the layers send ({said.strip()}): renamed or disabled "
                 "(rename-command), or a Redis older than 6.2"), True
     if _BUSY.search(text):

@@ -1275,9 +1275,13 @@ def test_a_new_connection_is_one_command_away(redis_url: str) -> None:
                  "writes are refused: fewer replicas answer than min-replicas-to-write asks (NOREPLICAS)",
                  False, id="NOREPLICAS: an outage that ends once the replicas answer"),
     pytest.param("unknown command 'EVALSHA', with args beginning with: ",
-                 "Redis does not know a command the layers send (unknown command 'EVALSHA', with args beginning "
-                 "with:): renamed or disabled (rename-command), or a Redis older than 6.2",
+                 "Redis does not know a command the layers send (unknown command 'EVALSHA'): renamed or disabled "
+                 "(rename-command), or a Redis older than 6.2",
                  True, id="a renamed command: a configuration that never heals"),
+    pytest.param("unknown command 'GETEX', with args beginning with: 'wsgistack:session:Q2x9' '120' ",
+                 "Redis does not know a command the layers send (unknown command 'GETEX'): renamed or disabled "
+                 "(rename-command), or a Redis older than 6.2",
+                 True, id="its arguments (a session id, a client's address) are not repeated: /readyz shows this"),
     pytest.param("Command # 1 (GET k) of pipeline caused error: LOADING Redis is loading the dataset in memory",
                  "loading its data set (LOADING): it answers once it has read it in",
                  False, id="LOADING in a pipeline: an outage that ends once the data is read in"),
