@@ -182,7 +182,8 @@ class ErrorsMiddleware:
             add_missing(headers, getattr(exc, "wsgistack_headers", None))
             body = b"" if environ.get("REQUEST_METHOD") == "HEAD" else own.get_data()
             return own.status_code, headers, body
-        if isinstance(exc, HTTPException) and exc.code is not None:
+        if isinstance(exc, HTTPException) and type(exc.code) is int and 300 <= exc.code <= 599:
+            # an error or a redirect; any other code (1xx, 2xx, none, not a status) is a bug, answered as one
             code = exc.code
             message = exc.description or _phrase(code)
             details = getattr(exc, "wsgistack_details", None)

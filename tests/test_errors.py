@@ -392,3 +392,32 @@ def test_debug_renders_an_exception_whose_str_fails() -> None:
     response = stack(raising(Weird()), debug=True).get("/", status=500)
     assert response.json["error"]["details"]["exception"] == "Weird: <exception str() failed>"
     assert response.json["error"]["message"].startswith("An unexpected error occurred;")
+
+
+def _with_code(code: Any) -> HTTPException:
+    exc = HTTPException("Said with a status no error has.")
+    exc.code = code
+    return exc
+
+
+@pytest.mark.parametrize("code", [
+    pytest.param(100, id="1xx: an interim answer, the client would wait on for the final one"),
+    pytest.param(200, id="2xx: an error sent as a success"),
+    pytest.param(204, id="204: no content may follow it"),
+    pytest.param(99, id="99: not a status"),
+    pytest.param(600, id="600: not a status"),
+    pytest.param(1000, id="1000: not three digits (Waitress sends it, with no body)"),
+    pytest.param("404", id="a string"),
+])
+@pytest.mark.parametrize("fmt", ["envelope", "problem"])
+def test_an_http_exception_with_a_status_no_error_has_is_an_unexpected_500(
+        fmt: str, code: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """RFC 9110 §15: a status is 100-599; an exception's answer is an error (or a redirect), never 1xx or 2xx."""
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        response = stack(raising(_with_code(code)), format=fmt).get("/s", status=500)
+    assert response.status == "500 Internal Server Error"
+    assert response.headers["Cache-Control"] == "no-store"
+    doc = response.json
+    assert (doc["error"]["code"] if fmt == "envelope" else doc["status"]) == 500
+    assert "Said with a status" not in response.text
+    assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None  # logged once, with its traceback
