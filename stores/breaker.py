@@ -90,6 +90,9 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._last_error = ""
+        #: Why the last call through it failed, as its user words it (a store's readiness shows it; every
+        #: store sharing this breaker shares the server, so the reason is theirs too); None again once a ping passes.
+        self.failure: str | None = None
 
     @property
     def state(self) -> State:

@@ -468,7 +468,6 @@ class RedisStore(Store):
         self.pool = self.client.connection_pool
         password = self.pool.connection_kwargs.get("password")
         self._secret = password if isinstance(password, str) and len(password) >= 3 else None
-        self._failure: str | None = None  # why the last ping failed, for health()
         self._refused: tuple[float, str] | None = None  # when and why Redis last refused a write, for health()
         self._incr_ttl = self.client.register_script(_INCR_TTL)
         self._get_or_lock = self.client.register_script(_GET_OR_LOCK)
@@ -494,22 +493,22 @@ class RedisStore(Store):
                 # The pool is exhausted (too many concurrent callers), Redis is not down.
                 raise StoreError(self._say(what, self._detail(exc))) from exc
             except _DOWN as exc:
-                self._failure = self._why(exc)[0]  # /readyz says why, also once the breaker has opened
+                self.breaker.failure = self._why(exc)[0]  # /readyz says why, also once the breaker has opened
                 detail = self._detail(exc)
                 raise StoreUnavailable(self._say(what, detail), detail) from exc
             except redis.ResponseError as exc:
                 if "WRONGTYPE" in str(exc):  # a foreign value, no failure (in a script: Redis < 7 wraps it in ERR)
                     raise StoreWrongType(self._say(what, self._detail(exc))) from exc
                 if _BUSY.search(str(exc)):  # a script runs past busy-reply-threshold: nothing is served
-                    self._failure = BUSY
+                    self.breaker.failure = BUSY
                     detail = self._detail(exc)
                     raise StoreUnavailable(self._say(what, detail), detail) from exc
-                self._failure = refusal(exc)[0]
-                if self._failure in _WRITES_REFUSED:  # also when a script's write was refused
-                    self._refused = (time.monotonic(), self._failure)
+                self.breaker.failure = refusal(exc)[0]
+                if self.breaker.failure in _WRITES_REFUSED:  # also when a script's write was refused
+                    self._refused = (time.monotonic(), self.breaker.failure)
                 raise StoreError(self._say(what, self._detail(exc))) from exc
             except redis.RedisError as exc:
-                self._failure = refusal(exc)[0]
+                self.breaker.failure = refusal(exc)[0]
                 raise StoreError(self._say(what, self._detail(exc))) from exc
             except (TypeError, ValueError) as exc:  # an option redis-py only checks when it connects
                 raise StoreError(self._say(what, self._detail(exc))) from exc
@@ -709,7 +708,7 @@ class RedisStore(Store):
             answered = bool(self.call("SET (readiness)", set_ping))  # a failure records why (call)
         except Exception:
             return False
-        self._failure = None
+        self.breaker.failure = None
         return answered
 
     def health(self) -> dict[str, object]:
@@ -720,8 +719,8 @@ class RedisStore(Store):
         refused = self._refused
         if facts["ok"] and refused is not None and time.monotonic() - refused[0] < REFUSED_FRESH:
             facts["ok"], facts["error"] = False, refused[1]
-        elif not facts["ok"] and self._failure:
-            facts["error"] = self._failure
+        elif not facts["ok"] and self.breaker.failure:
+            facts["error"] = self.breaker.failure
         return facts
 
     def probe(self) -> tuple[str, bool] | None:

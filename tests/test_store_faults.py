@@ -283,6 +283,10 @@ def test_dead_redis_fails_fast_then_recovers_by_itself(
         assert store.ping() is False
         health = store.health()
         assert (health["ok"], health["breaker"]) == (False, "open")
+        assert str(health["error"]).startswith("not reachable")
+        # the sibling shares the server and its breaker: readiness says why for it too
+        assert {k: sibling.health()[k] for k in ("ok", "breaker", "error")} == \
+            {"ok": False, "breaker": "open", "error": health["error"]}
 
         down_redis.start()
         started = time.monotonic()
