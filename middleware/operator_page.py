@@ -39,6 +39,7 @@ import html
 import ipaddress
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -92,6 +93,10 @@ _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 's
 _COMMON = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
            ("Referrer-Policy", "no-referrer"), ("Content-Security-Policy", _CSP)]
 _NAMES = ("operator_page", "middleware.operator_page:OperatorPageMiddleware")
+#: A name as a header or an environment variable writes it (what a (name, value) pair starts with).
+_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A header line or an environment entry: "Authorization: Bearer …", "DB_PASS=…".
+_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(\s*[:=]\s*)\S.*", re.DOTALL)
 _LIMIT = 256  # distinct layer names and event details kept; more are folded into "other"
 _PENDING = 64  # requests whose timings wait to be folded (until a look at the page, or 64 more requests)
 
@@ -486,7 +491,8 @@ def mask(value: Any, name: str = "") -> Any:
         return {str(k): mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         # A (name, value) pair: a header, say; not the built-ins' lists of header names (expose_headers).
-        if len(value) == 2 and isinstance(value[0], str) and secret_value(value[0], value[1]) \
+        if len(value) == 2 and isinstance(value[0], str) and _NAME.fullmatch(value[0]) \
+                and secret_value(value[0], value[1]) \
                 and not isinstance(value[1], list | tuple | Mapping) and name not in _HEADER_NAME_LISTS:
             return [value[0], MASK]
         return [mask(v) for v in value]
@@ -498,6 +504,9 @@ def mask(value: Any, name: str = "") -> Any:
                 return mask(ast.literal_eval(value))
             except (ValueError, SyntaxError, MemoryError, RecursionError):
                 return MASK if _secret_text(value) else mask_url_passwords(value, MASK)
+        line = _LINE.fullmatch(value)
+        if line is not None and secret_value(line[1], value[line.end(2):]):  # "Authorization: Bearer …"
+            return line[1] + line[2] + MASK
         if "://" in value or "@" in value or "=" in value:
             return mask_secrets(value, MASK)  # read whole, not parsed: "pw#x@host" is masked too
     return value

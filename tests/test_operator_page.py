@@ -388,6 +388,17 @@ def test_everything_rendered_is_escaped(make: Callable[..., tuple[TestApp, Opera
         pytest.param("{'url': 'https://svc:Pw99@api.example.org/v1', 'since': datetime.date(2024, 1, 1)}", "upstream",
                      f"{{'url': 'https://svc:{MASK}@api.example.org/v1', 'since': datetime.date(2024, 1, 1)}}",
                      id="unparsable repr with a URL password"),
+        # header lines and environment entries: "Name: value", "NAME=value"
+        pytest.param(["Authorization: Bearer abc", "X-Api-Key: k-1"], "headers",
+                     [f"Authorization: {MASK}", f"X-Api-Key: {MASK}"], id="two header lines are no (name, value) pair"),
+        pytest.param(["Accept: application/json", "Authorization: Bearer abc", "X-Trace: 1"], "headers",
+                     ["Accept: application/json", f"Authorization: {MASK}", "X-Trace: 1"], id="header lines"),
+        pytest.param("X-Auth:abc", "header", f"X-Auth:{MASK}", id="one header line"),
+        pytest.param(["DB_PASS=hunter2", "DEBUG=1", "SMTP_TOKEN = t-1"], "env",
+                     [f"DB_PASS={MASK}", "DEBUG=1", f"SMTP_TOKEN = {MASK}"], id="environment entries"),
+        pytest.param(["--password", "hunter2"], "args", ["--password", MASK], id="a (name, value) pair"),
+        pytest.param(["header:X-Api-Key", "https://a.example"], "origins", ["header:X-Api-Key", "https://a.example"],
+                     id="a name before a colon that is no secret's"),
     ],
 )
 def test_mask(value: Any, name: str, expected: Any) -> None:
