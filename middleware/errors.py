@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.urls import iri_to_uri
 
 from .base import (
     ORIG_PATH,
@@ -36,6 +37,7 @@ from .base import (
     add_missing,
     decoded_path,
     escape_control,
+    header_text,
     not_a_path,
     note,
     one_leading_slash,
@@ -54,6 +56,8 @@ _CONTENT_TYPES = {
 }
 #: A URI with a scheme (RFC 3986 §3.1): https://…, tag:…, urn:….
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+\Z")
+#: A field name (RFC 9110 §5.1: a token).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # Headers an exception's own response would carry that we replace.
 _DROP = frozenset({"content-type", "content-length"})
 #: The message of every 500 from an exception: what happened is in the log line its request id finds.
@@ -181,7 +185,7 @@ class ErrorsMiddleware:
             headers = own.headers.to_wsgi_list()  # with the headers the layers it passed attached
             add_missing(headers, getattr(exc, "wsgistack_headers", None))
             body = b"" if environ.get("REQUEST_METHOD") == "HEAD" else own.get_data()
-            return own.status_code, headers, body
+            return own.status_code, self._sendable(environ, headers), body
         if isinstance(exc, HTTPException) and type(exc.code) is int and 300 <= exc.code <= 599:
             # an error or a redirect; any other code (1xx, 2xx, none, not a status) is a bug, answered as one
             code = exc.code
@@ -191,8 +195,8 @@ class ErrorsMiddleware:
                 exc.valid_methods = allow_order(exc.valid_methods)
             headers = [(k, v) for k, v in exc.get_headers(environ) if k.lower() not in _DROP]
             new_url = getattr(exc, "new_url", None)  # a RequestRedirect (308) says where in its own response
-            if isinstance(new_url, str) and 300 <= code < 400:
-                headers.append(("Location", new_url))
+            if isinstance(new_url, str) and 300 <= code < 400:  # a URI, as werkzeug's own response sends it
+                headers.append(("Location", iri_to_uri(new_url)))
         else:
             code = 500
             message = UNEXPECTED
@@ -213,6 +217,7 @@ class ErrorsMiddleware:
                     "traceback": traceback.format_exception(exc),
                 }
         add_missing(headers, getattr(exc, "wsgistack_headers", None))
+        headers = self._sendable(environ, headers)
         try:
             body = self._body(environ, code, message, details)
         except Exception:  # details (or a message) JSON cannot hold: a NaN, a tuple key, a loop, a failing str()
@@ -226,6 +231,23 @@ class ErrorsMiddleware:
         if environ.get("REQUEST_METHOD") == "HEAD":
             body = b""
         return code, headers, body
+
+    def _sendable(self, environ: WSGIEnvironment, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``headers`` without the fields that cannot be sent as they are (RFC 9110 §5: a token name, a value
+        of visible ASCII): a CR LF would start a header of its own, and one Waitress cannot encode makes it
+        answer its own plain 500. Each one left out is logged."""
+        if all(_field(name, value) for name, value in headers):
+            return headers
+        kept = []
+        for name, value in headers:
+            if _field(name, value):
+                kept.append((name, value))
+            else:
+                self.logger.error(
+                    "left the header %r out of a response to %s %s (request id %s): %r cannot be sent",
+                    name, environ.get("REQUEST_METHOD", "?"), escape_control(_asked_path(environ)),
+                    environ.get(REQUEST_ID, "-"), value, extra={"request_id": environ.get(REQUEST_ID)})
+        return kept
 
     def _body(self, environ: WSGIEnvironment, code: int, message: str, details: Any) -> bytes:
         path = _asked_path(environ)
@@ -278,6 +300,12 @@ def status_line(code: int) -> str:
 #: RFC 9110's names where Python's ``http.HTTPStatus`` (3.11, 3.12) still has RFC 7231's.
 _RFC_9110_PHRASES = {413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
                      422: "Unprocessable Content"}
+
+
+def _field(name: object, value: object) -> bool:
+    """Whether ``name: value`` can be sent as it is: a token and visible ASCII on one line (RFC 9110 §5)."""
+    return isinstance(name, str) and isinstance(value, str) and _TOKEN.match(name) is not None \
+        and header_text(value)
 
 
 def _text(exc: BaseException) -> str:

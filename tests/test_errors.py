@@ -421,3 +421,53 @@ def test_an_http_exception_with_a_status_no_error_has_is_an_unexpected_500(
     assert (doc["error"]["code"] if fmt == "envelope" else doc["status"]) == 500
     assert "Said with a status" not in response.text
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None  # logged once, with its traceback
+
+
+@pytest.mark.parametrize(("header", "code"), [
+    pytest.param(("Retry-After", "5\r\nSet-Cookie: admin=1"), 429, id="CR LF: a header injected"),
+    pytest.param(("Retry-After", "5\nX-Forged: 1"), 503, id="a bare LF"),
+    pytest.param(("WWW-Authenticate", 'Bearer error_description="caf\u00e9 \u2603"'), 401,
+                 id="not ASCII: Waitress cannot encode U+2603 and answers its own plain 500"),
+    pytest.param(("X-Note", "a\x00b"), 400, id="a NUL"),
+    pytest.param(("Bad Name", "v"), 400, id="a name that is not a token"),
+    pytest.param(("X-Split:Name", "v"), 400, id="a colon in the name"),
+])
+def test_a_header_a_refusal_carries_that_cannot_be_sent_is_left_out(
+        header: tuple[str, str], code: int, caplog: pytest.LogCaptureFixture) -> None:
+    """RFC 9110 §5: a field is a token name and a value of visible characters; anything else is left out
+    (and logged), never sent as it is (a header of its own, a response split) nor a crash into the server's 500."""
+    exc = refuse(code, "Refused.", headers=[("X-Kept", "yes"), header])
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        response = stack(raising(exc)).get("/h", status=code)
+    assert response.json["error"]["code"] == code
+    assert response.headers["X-Kept"] == "yes"
+    names = [name.lower() for name, _ in response.headerlist]
+    assert header[0].lower() not in names and "set-cookie" not in names and "x-forged" not in names
+    assert len(caplog.records) == 1 and repr(header[0]) in caplog.text
+
+
+def test_a_header_of_an_exception_with_its_own_response_that_cannot_be_sent_is_left_out() -> None:
+    from werkzeug.exceptions import abort
+    from werkzeug.wrappers import Response
+
+    def payment(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        abort(Response("pay first", status=402, headers={"X-Reason": "quota \u2603", "X-Kept": "yes"}))
+        return []  # pragma: no cover - abort raises
+
+    response = stack(payment).get("/", status=402)
+    assert (response.text, response.headers["X-Kept"], "X-Reason" in response.headers) == ("pay first", "yes", False)
+
+
+@pytest.mark.parametrize(("new_url", "location"), [
+    pytest.param("http://localhost/caf\u00e9/", "http://localhost/caf%C3%A9/",
+                 id="an IRI: as a URI, as werkzeug sends it"),
+    pytest.param("http://localhost/\u2603/", "http://localhost/%E2%98%83/", id="beyond latin-1"),
+    pytest.param("http://localhost/x/?a=1\r\nSet-Cookie: admin=1", "http://localhost/x/?a=1Set-Cookie:%20admin=1",
+                 id="CR LF: never a header of its own"),
+])
+def test_a_redirect_location_is_a_uri(new_url: str, location: str) -> None:
+    from werkzeug.routing import RequestRedirect
+
+    moved = stack(raising(RequestRedirect(new_url))).get("/x", status=308)
+    assert moved.headers["Location"] == location
+    assert "Set-Cookie" not in moved.headers
