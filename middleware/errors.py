@@ -349,5 +349,9 @@ def _uri_path(environ: WSGIEnvironment) -> str:
         data = raw.encode("latin-1")  # PEP 3333: the bytes as sent, decoded as latin-1
     except UnicodeEncodeError:
         data = raw.encode("utf-8")
-    return quote(data, safe=_PATH_SAFE) or "/"
+    uri = quote(data, safe=_PATH_SAFE) or "/"
+    if uri[0] != "/":  # a target that is not a path (CONNECT host:443): a colon before the first "/" would read
+        first, slash, rest = uri.partition("/")  # as a scheme (RFC 3986 §4.2), so it is percent-encoded there
+        uri = first.replace(":", "%3A") + slash + rest
+    return uri
 

@@ -471,3 +471,21 @@ def test_a_redirect_location_is_a_uri(new_url: str, location: str) -> None:
     moved = stack(raising(RequestRedirect(new_url))).get("/x", status=308)
     assert moved.headers["Location"] == location
     assert "Set-Cookie" not in moved.headers
+
+
+@pytest.mark.parametrize(("path_info", "target", "instance"), [
+    pytest.param("443", "example.com:443", "example.com%3A443", id="CONNECT's authority: not the scheme example.com"),
+    pytest.param("80/x", "evil.example:80/x", "evil.example%3A80/x", id="a target with a colon before its first slash"),
+    pytest.param("*", "*", "*", id="OPTIONS *"),
+])
+def test_problem_instance_of_a_target_that_is_not_a_path_is_a_relative_reference(
+        path_info: str, target: str, instance: str) -> None:
+    """RFC 3986 §4.2: a colon in the first segment of a relative reference would read as a scheme."""
+    import json
+
+    seen: list[str] = []
+    app = ErrorsMiddleware(raising(refuse(400, "Nope.")), ErrorsMiddleware.Options(format="problem"), Context())
+    body = b"".join(app({"REQUEST_METHOD": "OPTIONS", "PATH_INFO": path_info, "REQUEST_URI": target},
+                        lambda status, headers, exc_info=None: seen.append(status)))
+    assert seen == ["400 Bad Request"]
+    assert json.loads(body)["instance"] == instance
