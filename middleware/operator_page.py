@@ -98,6 +98,8 @@ _NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: A header line or an environment entry: "Authorization: Bearer …", "DB_PASS=…".
 #: A URL's user without a password: a token as often as a name (https://ghp_…@github.com, a Sentry DSN).
 _URL_USER = re.compile(r"(://)[^/@:\s'\"]+@")
+#: A query parameter: (``?name=``, name, value).
+_PARAM = re.compile(r"([?&]([^=&#?\s'\"]+)=)([^&#\s'\"]*)")
 #: A data source name (dsn, sentry_dsn, DATABASE_DSN): a connection string, credentials and all.
 _DSN = re.compile("dsn", re.IGNORECASE)
 _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(\s*[:=]\s*)\S.*", re.DOTALL)
@@ -507,12 +509,12 @@ def mask(value: Any, name: str = "") -> Any:
             try:
                 return mask(ast.literal_eval(value))
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                return MASK if _secret_text(value) else _mask_users(mask_url_passwords(value, MASK))
+                return MASK if _secret_text(value) else _mask_urls(mask_url_passwords(value, MASK))
         line = _LINE.fullmatch(value)
         if line is not None and _secret(line[1], value[line.end(2):]):  # "Authorization: Bearer …"
             return line[1] + line[2] + MASK
         if "://" in value or "@" in value or "=" in value:
-            return _mask_users(mask_secrets(value, MASK))  # read whole, not parsed: "pw#x@host" is masked too
+            return _mask_urls(mask_secrets(value, MASK))  # read whole, not parsed: "pw#x@host" is masked too
     return value
 
 
@@ -521,9 +523,17 @@ def _secret(name: str, value: Any) -> bool:
     return secret_value(name, value) or _DSN.search(name) is not None
 
 
-def _mask_users(text: str) -> str:
-    """``text`` with the user of each URL that has no password masked (its password is masked already)."""
-    return _URL_USER.sub(rf"\1{MASK}@", text) if "@" in text and "://" in text else text
+def _mask_urls(text: str) -> str:
+    """``text`` (its URL passwords masked already) with the user of each URL that has no password
+    masked, and each query parameter named as a secret is (``sig=``, ``auth=``, ``pin=``…)."""
+    if "://" not in text:
+        return text
+    if "@" in text:
+        text = _URL_USER.sub(rf"\1{MASK}@", text)
+    if "=" in text:
+        text = _PARAM.sub(lambda m: m[1] + MASK if m[3] and (_secret(m[2], m[3]) or m[2].lower() == "auth")
+                          else m[0], text)  # (?auth= is a credential; only the auth rules' key is not)
+    return text
 
 
 # -- small helpers -----------------------------------------------------------
