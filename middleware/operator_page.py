@@ -38,11 +38,13 @@ import hashlib
 import html
 import ipaddress
 import json
+import math
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -439,11 +441,16 @@ class OperatorPageMiddleware:
             facts = dict(store.health())
         except Exception as exc:  # a health check that raises is a failed one
             facts = {"ok": False, "backend": type(store).__name__, "error": type(exc).__name__}
-        breaker = facts.get("breaker")
+        breaker, latency, error = facts.get("breaker"), facts.get("latency_ms"), facts.get("error")
+        try:  # a number, or None: a store of one's own may say it with a Decimal, or not at all
+            latency = float(latency) if isinstance(latency, int | float | str | Decimal) \
+                and not isinstance(latency, bool) and math.isfinite(float(latency)) else None  # (JSON has no NaN)
+        except ValueError:
+            latency = None
         return {"name": name, "ok": bool(facts.get("ok")), "backend": str(facts.get("backend", "")),
                 "url": mask(str(facts.get("url") or getattr(store, "url", ""))),
                 "breaker": breaker if breaker is None or isinstance(breaker, str | int | float) else str(breaker),
-                "latency_ms": facts.get("latency_ms"), "error": facts.get("error")}
+                "latency_ms": latency, "error": None if error is None else mask(str(error))}
 
     def render(self, data: dict[str, Any], base: str) -> str:
         """The HTML page for ``data`` (from :meth:`snapshot`); ``base`` is the page's URL path."""
@@ -462,7 +469,7 @@ class OperatorPageMiddleware:
             f'<tr><td>{e(s["name"])}</td><td id="store-{i}-ok" class="{"ok" if s["ok"] else "bad"}">'
             f'{"ok" if s["ok"] else "down"}</td><td>{e(s["backend"])}</td><td>{e(s["url"])}</td>'
             f'<td id="store-{i}-breaker">{e(str(s["breaker"] or "—"))}</td>'
-            f'<td id="store-{i}-latency">{e(str(s["latency_ms"]))}</td>'
+            f'<td id="store-{i}-latency">{"—" if s["latency_ms"] is None else e(str(s["latency_ms"]))}</td>'
             f'<td id="store-{i}-error">{e(str(s["error"] or "—"))}</td></tr>'
             for i, s in enumerate(data["stores"]))
         cards = "".join(f'<div class="card"><span>{e(label)}</span><b id="{key}">{e(value)}</b></div>'
@@ -674,7 +681,7 @@ _JS = """\
       const el = document.getElementById("store-" + i + "-ok");
       if (el) el.className = s.ok ? "ok" : "bad";
       set("store-" + i + "-breaker", s.breaker === null ? "\\u2014" : s.breaker);
-      set("store-" + i + "-latency", s.latency_ms);
+      set("store-" + i + "-latency", s.latency_ms === null || s.latency_ms === undefined ? "\\u2014" : s.latency_ms);
       set("store-" + i + "-error", s.error === null || s.error === undefined ? "\\u2014" : s.error);
     });
     document.getElementById("changed").hidden = d.signature === body.dataset.signature;

@@ -610,6 +610,34 @@ def test_store_health(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]
     assert '<td id="store-1-error">not reachable</td>' in html and '<td id="store-2-error">—</td>' in html
 
 
+class OddHealthStore(MemoryStore):
+    """A store of one's own whose health() answers with objects, not JSON: an exception, a Decimal."""
+
+    def health(self) -> dict[str, object]:
+        from decimal import Decimal
+        return {"ok": False, "backend": "Odd", "url": "odd://", "error": OSError("cannot reach redis://:hunter2@h:1"),
+                "latency_ms": Decimal("1.5"), "breaker": None}
+
+
+@pytest.mark.parametrize("stores", [
+    pytest.param({"odd": OddHealthStore()}, id="facts that are no JSON"),
+    pytest.param({"odd": RaisingStore()}, id="a health check that raises: no ping time"),
+])
+def test_store_health_of_any_shape(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                   stores: dict[str, Store]) -> None:
+    """What a store's health() says is shown as text and numbers, passwords masked; never a 500."""
+    app, _ = make(stores=stores)
+    [facts] = app.get("/_stack/data.json", status=200).json["stores"]
+    html = app.get("/_stack", status=200).text
+    assert "hunter2" not in json.dumps(facts) and "hunter2" not in html
+    if isinstance(stores["odd"], OddHealthStore):
+        assert (facts["error"], facts["latency_ms"]) == (f"cannot reach redis://:{MASK}@h:1", 1.5)
+        assert '<td id="store-0-latency">1.5</td>' in html
+    else:
+        assert (facts["error"], facts["latency_ms"]) == ("RuntimeError", None)
+        assert '<td id="store-0-latency">—</td>' in html  # not "None" (nor the script's "null")
+
+
 def test_store_health_on_each_backend(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
                                       store_url: str) -> None:
     store = store_from_url(store_url)
