@@ -55,6 +55,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from pydantic import field_validator
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_accept_header
 
 from .base import (
     ROUTE,
@@ -440,29 +441,12 @@ class MetricsMiddleware:
         encoder, content_type = choose_encoder(_readable_versions(environ.get("HTTP_ACCEPT", "")))
         body = encoder(self.registry)
         headers = [("Content-Type", content_type), ("Cache-Control", "no-store"), ("Vary", "Accept, Accept-Encoding")]
-        if _gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):  # Prometheus asks for it on every scrape
+        if parse_accept_header(environ.get("HTTP_ACCEPT_ENCODING"))["gzip"] > 0:  # Prometheus asks on every scrape
             body = gzip.compress(body, compresslevel=6)
             headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         start_response("200 OK", headers)
         return [] if method == "HEAD" else [body]
-
-
-def _gzip_accepted(accept_encoding: str) -> bool:
-    """Whether ``Accept-Encoding`` lists gzip with a weight above 0 (``gzip;q=0`` refuses it, RFC 9110 12.5.3)."""
-    for entry in accept_encoding.split(","):
-        coding, _, params = entry.partition(";")
-        if coding.strip().lower() != "gzip":
-            continue
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    return float(value) > 0
-                except ValueError:
-                    return False
-        return True
-    return False
 
 
 def _readable_versions(accept: str) -> str:

@@ -532,6 +532,7 @@ def test_exposition_formats_by_accept(make: Callable[..., Any], accept: str, con
         pytest.param("gzip;q=0", False, id="refused by q=0"),
         pytest.param("gzip; q=0.000", False, id="refused by q=0.000"),
         pytest.param("br", False, id="another coding"),
+        pytest.param("br, *", True, id="any coding"),
         pytest.param("", False, id="none"),
     ],
 )
