@@ -95,6 +95,10 @@ DENIED_ADDRESS = "The operator page is not available to this client address."
                      id="role present"),
         pytest.param({"roles": ["ops", "admin"]}, {"REMOTE_ADDR": "127.0.0.1", IDENTITY: ADMIN}, (200, [], None),
                      id="one of the roles is enough"),
+        pytest.param({"roles": ["admin"]}, {"REMOTE_ADDR": "127.0.0.1", IDENTITY: Identity("carol", ["admin"])},  # type: ignore[arg-type]
+                     (200, [], None), id="roles as a list (an identity a layer of one's own set)"),
+        pytest.param({"roles": ["admin"]}, {"REMOTE_ADDR": "127.0.0.1", IDENTITY: Identity("dan", ("viewer",))},  # type: ignore[arg-type]
+                     (403, [], "The operator page needs one of the roles admin."), id="roles as a tuple, not held"),
         pytest.param({"roles": ["admin"]}, {"REMOTE_ADDR": "10.0.0.5", IDENTITY: ADMIN},
                      (403, [], DENIED_ADDRESS), id="role present but address refused"),
         pytest.param({"roles": ["admin"], "allow_from": []}, {"REMOTE_ADDR": "203.0.113.9", IDENTITY: ADMIN},
