@@ -758,6 +758,24 @@ def test_counts_grow_in_a_built_stack(make_stack: Callable[..., TestApp]) -> Non
     assert '<b id="layer-2-count">4</b>' in html and '<b id="requests">4</b>' in html
 
 
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def test_the_headers_layer_outside_leaves_the_pages_policy(make_stack: Callable[..., TestApp]) -> None:
+    """One policy on each answer, the page's own, without 'unsafe-inline'; the app's pages keep the stack's."""
+    data = stack_data()
+    data["pipeline"].insert(0, {"headers": {"content_security_policy": "default-src 'self'; script-src 'none'"}})
+    stack = make_stack(data, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    for path in ("/_stack", "/_stack/data.json", "/_stack/app.js", "/_stack/app.css"):
+        response = stack.get(path, status=200)
+        assert response.headers.getall("Content-Security-Policy") == [PAGE_CSP]
+        assert "unsafe-inline" not in PAGE_CSP
+        assert (response.headers["Cache-Control"], response.headers["X-Frame-Options"]) == ("no-store", "DENY")
+    assert stack.get("/x").headers.getall("Content-Security-Policy") == [
+        "default-src 'self'; script-src 'none'; frame-ancestors 'none'"]
+
+
 def test_layers_of_one_name_are_counted_apart(make_stack: Callable[..., TestApp]) -> None:
     """Two ratelimit layers, one scoped: each box shows its own requests, and Server-Timing names both."""
     data = stack_data([{"metrics": {"server_timing": True, "layer_timing": True}},
