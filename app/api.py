@@ -8,7 +8,8 @@ Both versions serve the same data; only the search body differs:
 Each result is ``{"title", "url", "content", "engine"}``.  A missing or empty
 ``q``, a ``q`` over 1000 characters or a ``page`` that is not a whole number
 from 1 to 1000 gives 400, and so does a ``q`` of more than 32 words for the
-``local`` engine.  Health answers without touching the index or any
+``local`` engine; so does a query string that is not UTF-8 once percent-decoded
+(naming the parameter it is in).  Health answers without touching the index or any
 store, so it stays cheap enough for load balancers.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from flask import Blueprint, Response, request
 
@@ -29,9 +31,30 @@ if TYPE_CHECKING:
 
     from werkzeug.datastructures import MultiDict
 
-__all__ = ["MAX_PAGE", "MAX_QUERY_LENGTH", "api_blueprint", "search_args"]
+__all__ = ["MAX_PAGE", "MAX_QUERY_LENGTH", "api_blueprint", "search_args", "utf8_query"]
 
 MAX_QUERY_LENGTH = 1000
+
+
+def utf8_query(query_string: str) -> None:
+    """Refuse, with a 400 naming its parameter, a query string that is not UTF-8 once percent-decoded.
+
+    Werkzeug raises reading the parameters of one with a raw byte that is not UTF-8 (a 500), and keeps an
+    escape of such a byte as its text (``q=caf%E9`` a search for ``caf%E9``, as ``q=caf%25E9`` is).  The
+    string comes as PEP 3333 hands it on: its bytes as latin-1.  Splitting at ``&`` and ``=`` (ASCII, never
+    inside a UTF-8 sequence) leaves every piece UTF-8 exactly when the whole is.
+    """
+    if query_string.isascii() and "%" not in query_string:
+        return
+    for field in query_string.split("&"):
+        name, _, value = field.partition("=")
+        for part in (name, value):
+            try:
+                unquote_to_bytes(part.encode("latin-1", "replace")).decode("utf-8")
+            except UnicodeDecodeError:
+                label = unquote_to_bytes(name.replace("+", " ").encode("latin-1", "replace")).decode("utf-8", "replace")
+                raise refuse(400, f"The query parameter {label!r} is not valid UTF-8 once percent-decoded.",
+                             details={"parameter": label}) from None
 
 
 def search_args(args: MultiDict[str, str]) -> tuple[str, int]:
@@ -64,11 +87,13 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
 
     @bp.get("/search")
     def search() -> dict[str, Any]:
+        utf8_query(request.environ.get("QUERY_STRING", ""))
         query, page = search_args(request.args)
         return shape(state.engine.search(query, page))
 
     @bp.get("/search/stream")
     def search_stream() -> Response:
+        utf8_query(request.environ.get("QUERY_STRING", ""))
         query, page = search_args(request.args)
         if check_query is not None:
             check_query(query)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import flask
 import pytest
 from pydantic import ValidationError
 from webtest import TestApp
+from werkzeug.test import EnvironBuilder
 
 from app import AppOptions, create_app
 from middleware.base import Context
@@ -129,6 +131,60 @@ def test_search_rejections(client: TestApp, version: str, params: dict[str, str]
         assert error["message"] == message
         assert error["details"] == details
         assert error["path"] == path
+
+
+def _raw_get(app: Any, path: str, query_string: str) -> tuple[str, dict[str, str], bytes]:
+    """GET with QUERY_STRING as a server hands it on (PEP 3333: its bytes as latin-1), not re-encoded by a client."""
+    environ = EnvironBuilder(path=path).get_environ()
+    environ["QUERY_STRING"] = query_string
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        seen["status"], seen["headers"] = status, dict(headers)
+        return lambda data: None
+
+    body = app(environ, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        getattr(body, "close", lambda: None)()
+    return seen["status"], seen["headers"], data
+
+
+def not_utf8(name: str) -> tuple[str, dict[str, str]]:
+    return f"The query parameter {name!r} is not valid UTF-8 once percent-decoded.", {"parameter": name}
+
+
+@pytest.mark.parametrize("path", ["/api/v1/search", "/api/v2/search", "/api/v1/search/stream", "/api/v2/search/stream"])
+@pytest.mark.parametrize(
+    ("query_string", "expected"),
+    [
+        pytest.param("q=caf\xe9", not_utf8("q"), id="q with a raw latin-1 byte"),
+        pytest.param("q=caf%E9", not_utf8("q"), id="q with a percent-encoded latin-1 byte"),
+        pytest.param("q=%ED%A0%80", not_utf8("q"), id="q with an encoded surrogate"),
+        pytest.param("q=%C3", not_utf8("q"), id="q with a truncated sequence"),
+        pytest.param("q=json&page=\xe9", not_utf8("page"), id="page with a raw byte"),
+        pytest.param("q=json&ref=\xff", not_utf8("ref"), id="another parameter with a raw byte"),
+        pytest.param("q=json&ref+id=%FF", not_utf8("ref id"), id="another parameter encoded"),
+    ],
+)
+def test_a_query_string_that_is_not_utf8_is_a_400(flask_app: flask.Flask, path: str, query_string: str,
+                                                   expected: tuple[str, dict[str, str]]) -> None:
+    """A raw byte made reading the parameters raise (500); an encoded one was searched for as its escape
+    (``caf%E9``, which a client's ``caf%25E9`` also gives)."""
+    message, details = expected
+    status, headers, body = _raw_get(flask_app, path, query_string)
+    assert (status, headers["Content-Type"], headers["Cache-Control"]) == ("400 Bad Request", "application/json",
+                                                                           "no-store")
+    error = json.loads(body)["error"]
+    assert (error["code"], error["message"], error["details"], error["path"]) == (400, message, details, path)
+
+
+@pytest.mark.parametrize("query_string", ["q=caf%C3%A9", "q=caf\xc3\xa9", "q=caf%C3%A9&page=1"])
+def test_a_utf8_query_is_searched_for_as_text(flask_app: flask.Flask, query_string: str) -> None:
+    status, _, body = _raw_get(flask_app, "/api/v1/search", query_string)
+    assert status == "200 OK"
+    assert json.loads(body)["query"] == "caf\u00e9"
 
 
 # ---------------------------------------------------------------- health, config
