@@ -169,7 +169,9 @@ class ProxyMiddleware:
             checked["proto"] = proto
         if "host" in found and HOST_PORT.fullmatch(found["host"]):
             checked["host"] = found["host"]
-        if "port" in found and found["port"].isdigit() and 0 < int(found["port"]) < 65536:
+        # (isdigit() alone takes "²", a latin-1 byte a header can carry, which int() refuses.)
+        if "port" in found and found["port"].isascii() and found["port"].isdigit() \
+                and 0 < int(found["port"]) < 65536:
             checked["port"] = str(int(found["port"]))
         if "prefix" in found and (prefix := found["prefix"]).startswith("/") and "\\" not in prefix:
             checked["prefix"] = prefix.rstrip("/")
