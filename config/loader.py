@@ -62,6 +62,8 @@ class Document:
     key_marks: dict[Path, tuple[int, int]] = field(default_factory=dict)
     #: Values that came out empty from a variable set to nothing (``REDIS_URL=``): key path -> its name.
     empty: dict[Path, str] = field(default_factory=dict)
+    #: Booleans written as words (``off``, ``no``, ``yes``, ``on``): key path -> the word, to say why a value is one.
+    words: dict[Path, str] = field(default_factory=dict)
 
     def locate(self, path: Path, *, key: bool = False) -> tuple[int, int]:
         """Return (line, column) for ``path``, falling back to the nearest parent."""
@@ -78,6 +80,11 @@ class Document:
     def problem(self, path: Path, message: str, *, key: bool = False, **kw: Any) -> Problem:
         line, col = self.locate(path, key=key)
         path = tuple(path)
+        word = self.words.get(path)
+        if word is not None and message.startswith("Input should be") and "boolean" not in message:
+            # "Input should be a valid string (got False)" of `level: off`: the operator never wrote False
+            message += (f"; YAML reads {word} as the boolean {str(word.lower() in ('yes', 'on')).lower()}: "
+                        f"quote it ('{word}') to mean the word")
         # "store URL '' has no scheme": the value came from a variable set to nothing; say which.
         empty = [(where, name) for where, name in self.empty.items() if where[:len(path)] == path]
         if empty:
@@ -289,6 +296,8 @@ class _Converter:
             self.problem(node, path, f"cannot read {shown} as {node.tag.replace(_YAML, '!!')}"
                                      f"{': ' + why if why else ''}; quote it to keep it as text")
             return None
+        if isinstance(value, bool) and node.value.lower() not in ("true", "false"):
+            self.doc.words[path] = node.value  # YAML 1.1: yes, no, on and off are booleans too
         if isinstance(value, int) and not isinstance(value, bool) and node.style is None \
                 and _OCTAL.fullmatch(node.value):  # YAML 1.1: a leading 0 makes the number octal (017 is 15)
             decimal = int(node.value.replace("_", ""), 10)

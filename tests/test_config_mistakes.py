@@ -250,3 +250,26 @@ KNOWN_LAYERS = "(known: access_log, auth, cache"
 def test_a_dotted_path_is_told_to_write_a_colon(name: str, expected: str) -> None:
     assert [line.partition(" pipeline[0]: ")[2][:len(expected)] for line in
             errors_of(ECHO + f"pipeline:\n  - {name}: {{}}\n")] == [expected]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("logging: {level: off}\n",
+                 "stack.yaml:2:18 logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'; YAML reads off "
+                 "as the boolean false: quote it ('off') to mean the word (got False)", id="logging.level: off"),
+    pytest.param("pipeline:\n  - headers: {frame_options: no}\n",
+                 "stack.yaml:3:30 pipeline[0].headers.frame_options: Input should be 'deny', 'sameorigin' or 'none'; "
+                 "YAML reads no as the boolean false: quote it ('no') to mean the word (got False)",
+                 id="a layer's word"),
+    pytest.param("pipeline:\n  - versioning: {supported: [v1, YES], default: v1}\n",
+                 "stack.yaml:3:34 pipeline[0].versioning.supported[1]: Input should be a valid string; YAML reads YES "
+                 "as the boolean true: quote it ('YES') to mean the word (got True)", id="a list item"),
+    pytest.param("server: {ident: On}\n",
+                 "stack.yaml:2:17 server.ident: Input should be a valid string; YAML reads On as the boolean true: "
+                 "quote it ('On') to mean the word (got True)", id="server.ident"),
+    pytest.param("server: {ident: false}\n",
+                 "stack.yaml:2:17 server.ident: Input should be a valid string (got False)",
+                 id="false is meant as a boolean: no hint"),
+])
+def test_a_word_yaml_reads_as_a_boolean_says_so(text: str, expected: str) -> None:
+    """YAML 1.1 reads yes, no, on and off as booleans: `level: off` is refused as False, which was never written."""
+    assert errors_of(ECHO + text) == [expected]
