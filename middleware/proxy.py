@@ -55,6 +55,10 @@ ORIG = "wsgistack.proxy.orig"
 _PAIR = re.compile(r'(?<![!#$%&\'*+.^_`|~0-9A-Za-z\s-])\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*'
                    r'("(?:[^"\\]|\\.)*"|[^;]*?)\s*(?:;|$)')
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
+#: An absolute path of RFC 3986 characters that does not start with ``//``: ``SCRIPT_NAME`` begins the URLs the
+#: app builds, and ``//evil.example`` (or ``/\t/evil.example``, a tab browsers and werkzeug drop) would make a
+#: redirect to ``url_for(…)`` leave the site; a backslash reads as ``/`` in browsers, ``?``/``#`` end the path.
+_PREFIX = re.compile(r"/(?:[A-Za-z0-9._~!$&'()*+,;=:@%-][A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?")
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -173,7 +177,7 @@ class ProxyMiddleware:
         if "port" in found and found["port"].isascii() and found["port"].isdigit() \
                 and 0 < int(found["port"]) < 65536:
             checked["port"] = str(int(found["port"]))
-        if "prefix" in found and (prefix := found["prefix"]).startswith("/") and "\\" not in prefix:
+        if "prefix" in found and _PREFIX.fullmatch(prefix := found["prefix"]):
             checked["prefix"] = prefix.rstrip("/")
         return checked
 
