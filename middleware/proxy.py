@@ -171,8 +171,12 @@ class ProxyMiddleware:
             checked["for"] = ip
         if "proto" in found and (proto := found["proto"].lower()) in _DEFAULT_PORTS:
             checked["proto"] = proto
-        if "host" in found and HOST_PORT.fullmatch(found["host"]):
-            checked["host"] = found["host"]
+        if "host" in found and (match := HOST_PORT.fullmatch(found["host"])):
+            name, port = match.groups()  # a port as X-Forwarded-Port's: 1-65535, one spelling
+            if port is None:
+                checked["host"] = name
+            elif 0 < int(port) < 65536:
+                checked["host"] = f"{name}:{int(port)}"
         # (isdigit() alone takes "²", a latin-1 byte a header can carry, which int() refuses.)
         if "port" in found and found["port"].isascii() and found["port"].isdigit() \
                 and 0 < int(found["port"]) < 65536:
