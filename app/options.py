@@ -32,7 +32,9 @@ class SearchOptions(BaseModel):
     ``index_sources``: module names or directories to index (a directory has a ``/`` in it, or starts
     with ``.`` or ``~``; a relative one is the stack file's folder's) (``None``: the
     standard library and the project's dependencies).  ``stream_interval``:
-    seconds to pause between Server-Sent Events of the stream endpoint.
+    seconds to pause between Server-Sent Events of the stream endpoint (a pause
+    over 15 s sends a ``: keep-alive`` comment every 15 s of it, so that a proxy's
+    idle timeout does not end the stream).
     ``max_streams``: with ``stream_interval`` above 0, how many streams a process
     runs at once (each holds a server thread for about five intervals); one more
     gets 503 with a Retry-After.  Keep it below ``server.threads`` (``check`` warns):

@@ -12,9 +12,11 @@ the traceback of an unexpected one) and the access line says
 stream that ended, and so searches again: the error event also sets its
 reconnection time (``retry:``) to the upstream's ``Retry-After``, else
 ``ERROR_RETRY_SECONDS``, so that a page that keeps it open does not ask a
-failing upstream again every three seconds.  ``interval`` seconds pass between events; the engine's
-generator is paused meanwhile, and that pause (like the time it takes to send
-an event) does not count against the upstream ``timeout``.  Nothing here
+failing upstream again every three seconds.  ``interval`` seconds pass between events, with a
+comment line (``: keep-alive``) every ``HEARTBEAT_SECONDS`` of a longer pause, so that no proxy
+takes the stream for idle and a client that left is noticed within that; the engine's generator
+is paused meanwhile, and that pause (like the time it takes to send an event) does not count
+against the upstream ``timeout``.  Nothing here
 buffers; layers must pass ``text/event-stream`` through unbuffered.
 """
 
@@ -41,6 +43,11 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ERROR_RETRY_SECONDS = 30
 #: The least it waits: an upstream's ``Retry-After: 0`` (or a date gone by) would have it search again at once.
 MIN_RETRY_SECONDS = 3
+#: The longest the stream stays silent within a pause between events: a comment line (no event to an
+#: ``EventSource``) goes out then.  A proxy drops a connection idle for its read timeout (a minute for nginx's
+#: ``proxy_read_timeout`` and many load balancers), and a client that left is noticed at the next write.
+HEARTBEAT_SECONDS = 15.0
+HEARTBEAT = b": keep-alive\n\n"
 #: The Waitress connections a search stream is being sent on.  serve.py looks once a second at every
 #: connection with a request in flight; on one of these an end of stream counts as the client gone, as
 #: a reset does on any: an ``EventSource`` never half-closes, while the client of an ordinary request
@@ -111,7 +118,7 @@ def search_events(
                     complete = sse_event("search_complete", shape(result))
                     break
                 if interval:
-                    time.sleep(interval)
+                    yield from _pause(interval)
                 yield sse_event("search_progress", {"progress": progress, "stage": stage})
         except HTTPException as exc:
             code = exc.code or 500
@@ -129,11 +136,22 @@ def search_events(
         finally:
             steps.close()
         if interval:
-            time.sleep(interval)
+            yield from _pause(interval)
         yield complete
     finally:
         if channel is not None:
             STREAMING.discard(channel)
+
+
+def _pause(seconds: float) -> Iterator[bytes]:
+    """Sleep ``seconds``, with a :data:`HEARTBEAT` after every :data:`HEARTBEAT_SECONDS` of it that more follows."""
+    end = time.monotonic() + seconds
+    while end - time.monotonic() > HEARTBEAT_SECONDS:
+        time.sleep(HEARTBEAT_SECONDS)
+        yield HEARTBEAT
+    left = end - time.monotonic()
+    if left > 0:
+        time.sleep(left)
 
 
 def _connection(environ: dict[str, Any]) -> Any | None:

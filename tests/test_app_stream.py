@@ -292,3 +292,49 @@ def test_a_failure_inside_a_stream_leaves_a_trace(make_stack: Callable[..., Test
     [record] = [r for r in caplog.records if r.name.startswith("wsgistack")]
     assert (record.levelno, record.request_id) == (level, request_id)  # type: ignore[attr-defined]
     assert f"search_error {code}" in record.getMessage() or broken_shape
+
+
+class Clock:
+    """``time`` for app.stream: sleeping moves it on at once, and every sleep is noted."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.mark.parametrize(("interval", "comments", "sleeps"), [
+    pytest.param(60.0, 3, [15.0, 15.0, 15.0, 15.0], id="the longest interval: a comment every 15 s"),
+    pytest.param(20.0, 1, [15.0, 5.0], id="a comment, then the rest of the pause"),
+    pytest.param(15.0, 0, [15.0], id="no longer than the heartbeat: no comment"),
+    pytest.param(2.0, 0, [2.0], id="a short pause"),
+])
+def test_a_long_pause_sends_comments_that_keep_proxies_from_closing_the_stream(
+        monkeypatch: pytest.MonkeyPatch, interval: float, comments: int, sleeps: list[float]) -> None:
+    """stream_interval may be 60 s: silent that long, the stream was closed by a proxy whose idle timeout is a
+    minute (nginx's proxy_read_timeout, a load balancer's), and a client that left held its thread until the
+    next event. A comment line is no event to an EventSource."""
+    clock = Clock()
+    monkeypatch.setattr("app.stream.time", clock)
+    chunks = list(search_events(OneStage(), "json", 1, lambda page: {}, interval, logging.getLogger("test.stream")))
+    assert chunks[0].startswith(b"event: search_started\n")
+    assert chunks[1:] == [*[b": keep-alive\n\n"] * comments, b'event: search_progress\ndata: {"progress":100,'
+                          b'"stage":"done"}\n\n', *[b": keep-alive\n\n"] * comments,
+                          b"event: search_complete\ndata: {}\n\n"]
+    assert clock.sleeps == sleeps * 2
+
+
+def test_a_client_that_leaves_during_a_long_pause_stops_it_at_the_next_comment(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr("app.stream.time", clock)
+    events = search_events(OneStage(), "json", 1, lambda page: {}, 60.0, logging.getLogger("test.stream"))
+    next(events)
+    assert next(events) == b": keep-alive\n\n"
+    events.close()  # the write of that comment failed: the server closes the body
+    assert clock.sleeps == [15.0]
