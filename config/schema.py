@@ -41,6 +41,11 @@ def split_listen(item: str) -> tuple[str, int]:
             url_port = None
         host = f"[{url.hostname}]" if url.hostname and ":" in url.hostname else url.hostname
         raise ValueError(f"listen takes an address, not a URL; write {host or '127.0.0.1'}:{url_port or 'PORT'}")
+    entries = item.split()
+    if len(entries) > 1 and all(all(entry.rpartition(":")) for entry in entries):
+        # a list item holding several (["${LISTEN}"] with LISTEN="a:1 b:2")
+        raise ValueError(f"one address per list item: write [{', '.join(entries)}], or the addresses as one text "
+                         f"without brackets (listen: {' '.join(entries)})")
     if "," in item:
         entries = [_bracketed(part.strip()) for part in item.split(",") if part.strip()]
         raise ValueError(f"one address per entry: separate them with spaces ({' '.join(entries)}) or write a list "
@@ -73,6 +78,14 @@ def split_listen(item: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("the port must be a number from 1 to 65535")
     return host, int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _bracketed(item: str) -> str:
@@ -199,6 +212,11 @@ class ServerOptions(Strict):
     @classmethod
     def _listen_list(cls, value: Any) -> Any:
         if isinstance(value, str):
+            if re.fullmatch(r"\s*\[.*\]\s*", value, re.S) and not _is_ipv6(value.strip()[1:-1]):
+                # `[a:1, b:2]` from a variable (an entry ends in :PORT, a bare [::1] is told so below)
+                entries = [part.strip().strip("'\"") for part in value.strip()[1:-1].split(",")]
+                raise ValueError("a list written as text (a variable's value is never read as YAML): write the "
+                                 f"addresses separated by spaces, {' '.join(entry for entry in entries if entry)}")
             return value.split()
         if isinstance(value, int) and not isinstance(value, bool):
             raise ValueError(f"listen takes {_LISTEN_FORMS}, not a bare port: write 127.0.0.1:{value} for this "

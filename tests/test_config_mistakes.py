@@ -273,3 +273,46 @@ def test_a_dotted_path_is_told_to_write_a_colon(name: str, expected: str) -> Non
 def test_a_word_yaml_reads_as_a_boolean_says_so(text: str, expected: str) -> None:
     """YAML 1.1 reads yes, no, on and off as booleans: `level: off` is refused as False, which was never written."""
     assert errors_of(ECHO + text) == [expected]
+
+
+@pytest.mark.parametrize(("text", "env", "expected"), [
+    pytest.param('server:\n  listen: ["${LISTEN}"]\n', {"LISTEN": "127.0.0.1:9000 127.0.0.1:9001"},
+                 "stack.yaml:3:12 server.listen[0]: one address per list item: write [127.0.0.1:9000, "
+                 "127.0.0.1:9001], or the addresses as one text without brackets (listen: 127.0.0.1:9000 "
+                 "127.0.0.1:9001) (got '127.0.0.1:9000 127.0.0.1:9001')", id="two addresses in one list item"),
+    pytest.param('server:\n  listen: ["[::1]:9000\t127.0.0.1:9001"]\n', {},
+                 "stack.yaml:3:12 server.listen[0]: one address per list item: write [[::1]:9000, 127.0.0.1:9001], "
+                 "or the addresses as one text without brackets (listen: [::1]:9000 127.0.0.1:9001)",
+                 id="a tab between them"),
+    pytest.param("server:\n  listen: ${LISTEN}\n", {"LISTEN": "[127.0.0.1:9000, 127.0.0.1:9001]"},
+                 "stack.yaml:3:11 server.listen: a list written as text (a variable's value is never read as YAML): "
+                 "write the addresses separated by spaces, 127.0.0.1:9000 127.0.0.1:9001 (got '[127.0.0.1:9000, "
+                 "127.0.0.1:9001]')", id="a YAML list in a variable"),
+    pytest.param("server:\n  listen: ${LISTEN}\n", {"LISTEN": "['[::1]:9000']"},
+                 "stack.yaml:3:11 server.listen: a list written as text (a variable's value is never read as YAML): "
+                 "write the addresses separated by spaces, [::1]:9000", id="one quoted item"),
+])
+def test_listen_entries_run_together(text: str, env: dict[str, str], expected: str) -> None:
+    """Two addresses in one list item (or a list in a variable's text) were told to bracket them as one IPv6 one."""
+    lines = errors_of(ECHO + text + "pipeline:\n  - errors: {}\n", env)
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+@pytest.mark.parametrize("listen", ["'[::1]:9000'", "'[::1]:9000 127.0.0.1:9000'", "['[::1]:9000', 127.0.0.1:9000]"])
+def test_bracketed_ipv6_listen_entries_are_taken(listen: str) -> None:
+    build_from_text(ECHO + f"server:\n  listen: {listen}\npipeline:\n  - errors: {{}}\n", file="stack.yaml", env={})
+
+
+def test_a_bracketed_ipv6_address_without_a_port_is_told_so() -> None:
+    assert errors_of(ECHO + "server:\n  listen: '[::1]'\npipeline:\n  - errors: {}\n") == [
+        "stack.yaml:3:11 server.listen[0]: no :PORT follows the bracketed address; write it like [::1]:8889 "
+        "(got '[::1]')"]
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    pytest.param("127.0.0.1 :8889", "'127.0.0.1 ' is neither an IP address nor a host name", id="a space before :"),
+    pytest.param("127.0.0.1: 8889", "the port must be a number from 1 to 65535", id="a space after :"),
+])
+def test_a_space_inside_one_address_is_not_taken_for_two(entry: str, expected: str) -> None:
+    assert errors_of(ECHO + f"server:\n  listen: ['{entry}']\npipeline:\n  - errors: {{}}\n") == [
+        f"stack.yaml:3:12 server.listen[0]: {expected} (got {entry!r})"]
