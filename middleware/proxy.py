@@ -36,6 +36,7 @@ from .base import (
     Context,
     HostList,
     LayerOptions,
+    client_ip,
     host_name,
     network,
     note,
@@ -188,6 +189,7 @@ class ProxyMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         get = environ.get
         peer = get("REMOTE_ADDR") or ""
+        environ.pop(CLIENT_IP, None)
         environ[ORIG] = {"REMOTE_ADDR": get("REMOTE_ADDR"), "wsgi.url_scheme": get("wsgi.url_scheme"),
                          "HTTP_HOST": get("HTTP_HOST"), "SERVER_PORT": get("SERVER_PORT"),
                          "SCRIPT_NAME": get("SCRIPT_NAME")}
@@ -195,7 +197,7 @@ class ProxyMiddleware:
                                   and not str(get("REMOTE_PORT") or "").isdigit()):
             found = self.derive(environ)
             if "for" in found:
-                environ["REMOTE_ADDR"] = found["for"]
+                environ["REMOTE_ADDR"] = environ[CLIENT_IP] = found["for"]
             if "proto" in found:
                 environ["wsgi.url_scheme"] = found["proto"]
             host = found.get("host")
@@ -213,7 +215,9 @@ class ProxyMiddleware:
                 note(environ, "proxy", f"peer {peer} is trusted; applied {', '.join(found) or 'nothing'}")
         elif TRACE in environ:
             note(environ, "proxy", f"peer {peer} is not in trusted_proxies; headers ignored")
-        environ[CLIENT_IP] = environ.get("REMOTE_ADDR") or ""
+        # Else the peer, read as client_ip() reads it: Waitress's own trusted_proxy splits an IPv4-mapped
+        # client (::ffff:192.0.2.7) at its last colon, and "::ffff" would be every such client's address.
+        client_ip(environ)
         if self.allowed_hosts is not None:
             host = get("HTTP_HOST") or get("SERVER_NAME", "")
             # An absolute-form target's authority becomes the host further in (RFC 9112 §3.2.2): both must do.

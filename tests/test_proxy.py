@@ -213,6 +213,19 @@ def test_a_proxy_on_a_unix_socket(trusted: tuple[str, ...], peer: str, port: str
     assert body["client_ip"] == client
 
 
+@pytest.mark.parametrize(("peer", "port", "client"), [
+    pytest.param("::ffff", "192.0.2.2", "::ffff:192.0.2.2",
+                 id="an ipv4-mapped client Waitress split at its last colon"),
+    pytest.param("192.0.2.2", "40000", "192.0.2.2", id="a plain peer with its port"),
+])
+def test_an_untrusted_peer_is_read_as_client_ip_reads_it(peer: str, port: str, client: str) -> None:
+    """Under Waitress's own trusted_proxy (which `check` warns about beside this layer) REMOTE_ADDR is the
+    client Waitress took from X-Forwarded-For: the layer must not make every ipv4-mapped client one address."""
+    body = call(make(x_for=1), XFF, peer=peer, REMOTE_PORT=port).json
+    assert body["client_ip"] == body["stored_client_ip"] == client
+    assert body["REMOTE_ADDR"] == peer
+
+
 def test_derive_client_summarises_the_rewrite() -> None:
     body = call(make(x_for=1, x_proto=1), {"X-Forwarded-For": "203.0.113.9",
                                            "X-Forwarded-Proto": "https"}).json

@@ -50,6 +50,9 @@ CONFIGS = {
     "Waitress trusts the proxy, one request a minute": (
         "  trusted_proxy: 127.0.0.1\n  trusted_proxy_headers: [x-forwarded-for]\n",
         "pipeline:\n  - errors: {}\n  - ratelimit: {limits: [1/minute]}\n"),
+    "Waitress trusts the proxy and so does the proxy layer, one request a minute": (
+        "  trusted_proxy: 127.0.0.1\n  trusted_proxy_headers: [x-forwarded-for]\n",
+        "pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n  - ratelimit: {limits: [1/minute]}\n"),
 }
 FORWARDED = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
 
@@ -154,7 +157,11 @@ def test_clear_untrusted_proxy_headers_auto(server: dict[str, object], pipeline:
         built.close()
 
 
-@pytest.mark.parametrize("served", ["Waitress trusts the proxy, one request a minute"], indirect=True)
+@pytest.mark.parametrize("served", [
+    "Waitress trusts the proxy, one request a minute",
+    # (`check` warns about both; the layer must still not make the clients one)
+    "Waitress trusts the proxy and so does the proxy layer, one request a minute",
+], indirect=True)
 def test_ipv4_mapped_clients_of_a_dual_stack_proxy_are_each_their_own(served: tuple[int, Path]) -> None:
     """nginx on a dual-stack socket forwards IPv4 clients as ::ffff:a.b.c.d; Waitress splits that as if it
     ended in a port (REMOTE_ADDR "::ffff"), which made every such client one rate-limit bucket."""
