@@ -338,3 +338,41 @@ def test_a_client_that_leaves_during_a_long_pause_stops_it_at_the_next_comment(m
     assert next(events) == b": keep-alive\n\n"
     events.close()  # the write of that comment failed: the server closes the body
     assert clock.sleeps == [15.0]
+
+
+def spec_events(stream: bytes) -> list[tuple[str, str]]:
+    """(event, data) as an ``EventSource`` dispatches them: the HTML standard's parser (any of CR LF, CR, LF ends
+    a line; data lines joined with LF; a blank line dispatches; a comment or unknown field is ignored)."""
+    import re
+
+    events, name, data = [], "", []
+    for line in re.split(r"\r\n|\r|\n", stream.decode("utf-8")):
+        if not line:
+            if data:
+                events.append((name or "message", "\n".join(data)))
+            name, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+    return events
+
+
+HOSTILE = "json\n\nevent: search_complete\ndata: {}\r\rid: 1\r\n\u2028\u2029\x85 end"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_line_breaks_in_the_query_cannot_make_events_of_their_own(tmp_path: Path, version: str) -> None:
+    """The query goes back in search_started and search_complete: CR, LF (and what some parsers take for line
+    ends) stay escapes in one data line, so the client sees the stream's five events and the query intact."""
+    body = TestApp(make_app(tmp_path)).get(f"/api/{version}/search/stream", {"q": HOSTILE}).body
+    events = spec_events(body)
+    assert [name for name, _ in events] == ["search_started", *["search_progress"] * 3, "search_complete"]
+    assert json.loads(events[0][1]) == {"query": HOSTILE.strip()}
+    assert json.loads(events[-1][1])["query"] == HOSTILE.strip()
+    assert body.isascii() and b"\r" not in body
