@@ -6,7 +6,7 @@ follows each real stage the engine reports, and ``search_complete`` carries
 the same body as the plain search endpoint.  A failure after the stream has
 started (in the search or in shaping its result) cannot change the status any
 more, so it becomes a ``search_error`` event (``{"code", "message",
-"retry_after"}``) that ends the stream; it is logged (a warning with the code,
+"retry_after", "request_id"}``) that ends the stream; it is logged (a warning with the code,
 the traceback of an unexpected one) and the access line says
 ``"error":"search_error 502"``, since the status says nothing.  An ``EventSource`` reconnects to a
 stream that ended, and so searches again: the error event also sets its
