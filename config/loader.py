@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
@@ -254,6 +255,10 @@ class _Converter:
             if _not_text(key_node.value):
                 self.scalar(key_node, path, interpolate=False)  # says why, at the key
                 continue
+            odd = _odd_space(f"the key {key_node.value!a}", key_node.value)
+            if odd is not None:  # `\xa0\xa0threads:` indented with pasted no-break spaces: a key nobody wrote
+                self.problem(key_node, path, odd)
+                continue
             key = self.scalar(key_node, path, interpolate=False)
             if key is None and key_node.tag != "tag:yaml.org,2002:null":  # refused, and said why (017)
                 continue
@@ -285,6 +290,11 @@ class _Converter:
             shown = "the value" if hidden else f"the value {node.value!a}"
             self.problem(node, path, f"{shown} holds a lone surrogate (\\ud800-\\udfff), "
                                      "which is not text: write the character itself, or its \\U escape")
+            return None
+        odd = _odd_space("the value" if hidden else f"the value {node.value!a}", node.value) \
+            if interpolate and node.style is None else None  # (quoted, a value may hold one)
+        if odd is not None:  # `threads:\xa04` is one word to YAML, not a key and its value
+            self.problem(node, path, odd)
             return None
         try:
             value = _scalar(node)
@@ -329,6 +339,20 @@ _YAML = "tag:yaml.org,2002:"
 _OCTAL = re.compile(r"[-+]?0[0-7_]+")  # what YAML 1.1 (PyYAML) reads as an octal int
 #: An integer of more bits than this (about 4300 digits, Python's limit for printing one) is no setting.
 _MAX_INT_BITS = 14_000
+
+
+#: What looks like a space but is none to YAML: a no-break space, the other Unicode spaces, zero-width ones.
+_ODD_SPACE = re.compile("[\u00a0\u1680\u2000-\u200d\u202f\u205f\u2060\u3000\ufeff]")
+
+
+def _odd_space(shown: str, value: str) -> str | None:
+    """Why ``value`` (a key, or a value not in quotes) is refused when it holds such a space, else None."""
+    found = _ODD_SPACE.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    return (f"{shown} holds U+{ord(char):04X} {unicodedata.name(char, 'SPACE')}, which YAML does not read as a space "
+            "(pasted from a web page or a chat?): retype it as plain spaces, or delete it")
 
 
 def _not_text(value: str) -> bool:

@@ -316,3 +316,41 @@ def test_a_bracketed_ipv6_address_without_a_port_is_told_so() -> None:
 def test_a_space_inside_one_address_is_not_taken_for_two(entry: str, expected: str) -> None:
     assert errors_of(ECHO + f"server:\n  listen: ['{entry}']\npipeline:\n  - errors: {{}}\n") == [
         f"stack.yaml:3:12 server.listen[0]: {expected} (got {entry!r})"]
+
+
+NBSP_FIX = ("which YAML does not read as a space (pasted from a web page or a chat?): retype it as plain spaces, "
+            "or delete it")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("server:\n\u00a0\u00a0threads: 4\n",
+                 f"stack.yaml:3:1 (top level): the key '\\xa0\\xa0threads' holds U+00A0 NO-BREAK SPACE, {NBSP_FIX}",
+                 id="indented with no-break spaces"),
+    pytest.param("pipeline:\n  - cache:\n      ttl: 5\n\u00a0\u00a0\u00a0\u00a0\u00a0\u00a0store: shared\n",
+                 "stack.yaml:5:1 (top level): the key '\\xa0\\xa0\\xa0\\xa0\\xa0\\xa0store' holds U+00A0 NO-BREAK "
+                 f"SPACE, {NBSP_FIX}", id="an option so indented"),
+    pytest.param("server:\n  threads:\u00a04\n",
+                 f"stack.yaml:3:3 server: the value 'threads:\\xa04' holds U+00A0 NO-BREAK SPACE, {NBSP_FIX}",
+                 id="after a colon"),
+    pytest.param("server: {threads:\u00a04}\n",
+                 f"stack.yaml:2:10 server: the key 'threads:\\xa04' holds U+00A0 NO-BREAK SPACE, {NBSP_FIX}",
+                 id="after a colon in a flow mapping"),
+    pytest.param("pipeline:\n  -\u00a0errors: {}\n",
+                 f"stack.yaml:3:3 pipeline: the key '-\\xa0errors' holds U+00A0 NO-BREAK SPACE, {NBSP_FIX}",
+                 id="after a dash"),
+    pytest.param("server:\n  \u200bthreads: 4\n",
+                 f"stack.yaml:3:3 server: the key '\\u200bthreads' holds U+200B ZERO WIDTH SPACE, {NBSP_FIX}",
+                 id="a zero-width space"),
+    pytest.param("pipeline:\n  - auth: {secret: abc\u00a0" + "x" * 40 + "}\n",
+                 f"stack.yaml:3:20 pipeline[0].auth.secret: the value holds U+00A0 NO-BREAK SPACE, {NBSP_FIX}",
+                 id="a secret's: not shown"),
+])
+def test_a_space_yaml_does_not_read_as_one(text: str, expected: str) -> None:
+    """A no-break space pasted into the file made a key nobody wrote (and left its section empty, so taken as the
+    defaults), or a key and value read as one word."""
+    assert errors_of(ECHO + text) == [expected]
+
+
+@pytest.mark.parametrize("text", ["a: 'x\u00a0y'\n", 'a: "x\u00a0y"\n', "a: 'x\u200by'\n"])
+def test_a_quoted_value_may_hold_a_no_break_space(text: str) -> None:
+    assert read_text(text).data["a"].startswith("x")
