@@ -26,7 +26,9 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, Path, Problem, dotted, is_secret
+from stores.base import secret_name
+
+from .errors import MASK, ConfigError, Path, Problem, dotted, is_secret
 
 _SAFE_TAGS = {
     "tag:yaml.org,2002:str",
@@ -65,6 +67,9 @@ class Document:
     empty: dict[Path, str] = field(default_factory=dict)
     #: Booleans written as words (``off``, ``no``, ``yes``, ``on``): key path -> the word, to say why a value is one.
     words: dict[Path, str] = field(default_factory=dict)
+    #: Values of variables named like a secret (``JWT_SECRET``, ``SEARXNG_TOKEN``): never shown in a problem,
+    #: whatever the key they were written under.
+    secrets: set[str] = field(default_factory=set)
 
     def locate(self, path: Path, *, key: bool = False) -> tuple[int, int]:
         """Return (line, column) for ``path``, falling back to the nearest parent."""
@@ -92,7 +97,23 @@ class Document:
             message += " (" + "; ".join(f"from ${{{name}}}, which is set but empty" if where == path else
                                         f"{dotted(where[len(path):])} comes from ${{{name}}}, which is set but empty"
                                         for where, name in empty) + ")"
+        if self.secrets:
+            for secret in sorted(self.secrets, key=len, reverse=True):
+                message = message.replace(secret, MASK)
+            if kw.get("has_value") and _shows(kw.get("value"), self.secrets):
+                kw = {**kw, "value": MASK}
         return Problem(message, path, self.file, line, col, **kw)
+
+
+def _shows(value: Any, secrets: set[str]) -> bool:
+    """Whether ``value`` (text, or a list or mapping holding some) contains one of ``secrets``."""
+    if isinstance(value, str):
+        return any(secret in value for secret in secrets)
+    if isinstance(value, list | tuple):
+        return any(_shows(item, secrets) for item in value)
+    if isinstance(value, dict):
+        return any(_shows(key, secrets) or _shows(item, secrets) for key, item in value.items())
+    return False
 
 
 def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | None = None) -> Document:
@@ -336,6 +357,8 @@ class _Converter:
 
 
 _YAML = "tag:yaml.org,2002:"
+#: A secret variable's value shorter than this is not masked in problems: it would mask words of the message.
+_SHORTEST_SECRET = 4
 _OCTAL = re.compile(r"[-+]?0[0-7_]+")  # what YAML 1.1 (PyYAML) reads as an octal int
 #: An integer of more bits than this (about 4300 digits, Python's limit for printing one) is no setting.
 _MAX_INT_BITS = 14_000
@@ -393,6 +416,8 @@ def _interpolate(
                 doc.empty[path] = name
             if _not_text(env[name]):  # bytes that are not UTF-8 (os.environ keeps them as lone surrogates)
                 return refuse(f"environment variable {name} holds bytes that are not UTF-8 text; set it to text")
+            if len(env[name]) >= _SHORTEST_SECRET and secret_name(name):
+                doc.secrets.add(env[name])
             return env[name]
         if default is not None:
             return default.replace("$$", "$")  # as in the rest of the value

@@ -354,3 +354,28 @@ def test_a_space_yaml_does_not_read_as_one(text: str, expected: str) -> None:
 @pytest.mark.parametrize("text", ["a: 'x\u00a0y'\n", 'a: "x\u00a0y"\n', "a: 'x\u200by'\n"])
 def test_a_quoted_value_may_hold_a_no_break_space(text: str) -> None:
     assert read_text(text).data["a"].startswith("x")
+
+
+@pytest.mark.parametrize(("text", "env", "expected"), [
+    pytest.param('app:\n  options: {search: {engine: searxng, upstream: "htps://searx.internal/?k=${SEARXNG_TOKEN}"}}\n'
+                 "pipeline:\n  - errors: {}\n", {"SEARXNG_TOKEN": "s3cr3t-value"},
+                 "stack.yaml:2:49 app.options.search.upstream: URL scheme should be 'http' or 'https'",
+                 id="part of a URL"),
+    pytest.param('app:\n  options: {search: {engine: searxng, upstream: "${SEARXNG_PASSWORD}"}}\n'
+                 "pipeline:\n  - errors: {}\n", {"SEARXNG_PASSWORD": "s3cr3t-value"},
+                 "stack.yaml:2:49 app.options.search.upstream: Input should be a valid URL, relative URL without a "
+                 "base", id="a whole value"),
+    pytest.param(ECHO + 'pipeline:\n  - request_id: {header: "${API_TOKEN}"}\n', {"API_TOKEN": "s3cr3t value"},
+                 "stack.yaml:3:26 pipeline[0].request_id.header: header '***' is not a valid HTTP header name",
+                 id="quoted by the message"),
+])
+def test_a_value_from_a_secret_variable_is_never_shown(text: str, env: dict[str, str], expected: str) -> None:
+    """A secret's variable under a key of no secret's name (a token in a URL's query, a slip of a line): the key's
+    name does not hide it, the variable's does."""
+    [line] = errors_of(text, env)
+    assert line == expected
+
+
+def test_a_value_from_another_variable_is_shown() -> None:
+    assert errors_of(ECHO + 'pipeline:\n  - request_id: {header: "${REQUEST_HEADER}"}\n', {"REQUEST_HEADER": "a b"}) \
+        == ["stack.yaml:3:26 pipeline[0].request_id.header: header 'a b' is not a valid HTTP header name (got 'a b')"]
