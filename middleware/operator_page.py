@@ -102,8 +102,6 @@ _NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _URL_USER = re.compile(r"(://)[^/@:\s'\"]+@")
 #: A query parameter: (``?name=``, name, value).
 _PARAM = re.compile(r"([?&]([^=&#?\s'\"]+)=)([^&#\s'\"]*)")
-#: A data source name (dsn, sentry_dsn, DATABASE_DSN): a connection string, credentials and all.
-_DSN = re.compile("dsn", re.IGNORECASE)
 _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(\s*[:=]\s*)\S.*", re.DOTALL)
 _LIMIT = 256  # distinct layer names and event details kept; more are folded into "other"
 _PENDING = 64  # requests whose timings wait to be folded (until a look at the page, or 64 more requests)
@@ -498,14 +496,14 @@ def _secret_text(text: str) -> bool:
 
 def mask(value: Any, name: str = "") -> Any:
     """``value`` with secrets replaced by ``•••``: by option name, URL password or query parameter."""
-    if name and _secret(name, value) and value not in (None, True, False, "", [], {}):
+    if name and secret_value(name, value) and value not in (None, True, False, "", [], {}):
         return MASK
     if isinstance(value, Mapping):
         return {str(k): mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         # A (name, value) pair: a header, say; not the built-ins' lists of header names (expose_headers).
         if len(value) == 2 and isinstance(value[0], str) and _NAME.fullmatch(value[0]) \
-                and _secret(value[0], value[1]) \
+                and secret_value(value[0], value[1]) \
                 and not isinstance(value[1], list | tuple | Mapping) and name not in _HEADER_NAME_LISTS:
             return [value[0], MASK]
         return [mask(v) for v in value]
@@ -518,16 +516,11 @@ def mask(value: Any, name: str = "") -> Any:
             except (ValueError, SyntaxError, MemoryError, RecursionError):
                 return MASK if _secret_text(value) else _mask_urls(mask_url_passwords(value, MASK))
         line = _LINE.fullmatch(value)
-        if line is not None and _secret(line[1], value[line.end(2):]):  # "Authorization: Bearer …"
+        if line is not None and secret_value(line[1], value[line.end(2):]):  # "Authorization: Bearer …"
             return line[1] + line[2] + MASK
         if "://" in value or "@" in value or "=" in value:
             return _mask_urls(mask_secrets(value, MASK))  # read whole, not parsed: "pw#x@host" is masked too
     return value
-
-
-def _secret(name: str, value: Any) -> bool:
-    """Whether ``value``, named ``name``, is never shown: a secret's name (``secret_value``) or a DSN's."""
-    return secret_value(name, value) or _DSN.search(name) is not None
 
 
 def _mask_urls(text: str) -> str:
@@ -538,7 +531,7 @@ def _mask_urls(text: str) -> str:
     if "@" in text:
         text = _URL_USER.sub(rf"\1{MASK}@", text)
     if "=" in text:
-        text = _PARAM.sub(lambda m: m[1] + MASK if m[3] and (_secret(m[2], m[3]) or m[2].lower() == "auth")
+        text = _PARAM.sub(lambda m: m[1] + MASK if m[3] and (secret_value(m[2], m[3]) or m[2].lower() == "auth")
                           else m[0], text)  # (?auth= is a credential; only the auth rules' key is not)
     return text
 

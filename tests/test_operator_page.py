@@ -401,10 +401,12 @@ def test_everything_rendered_is_escaped(make: Callable[..., tuple[TestApp, Opera
         pytest.param(["DB_PASS=hunter2", "DEBUG=1", "SMTP_TOKEN = t-1"], "env",
                      [f"DB_PASS={MASK}", "DEBUG=1", f"SMTP_TOKEN = {MASK}"], id="environment entries"),
         pytest.param(["--password", "hunter2"], "args", ["--password", MASK], id="a (name, value) pair"),
-        # a DSN, and a credential written as a URL's user
-        pytest.param("https://abc123@o1.ingest.sentry.io/2", "dsn", MASK, id="dsn"),
-        pytest.param("host=db user=app", "sentryDsn", MASK, id="dsn, camel case"),
-        pytest.param(["SENTRY_DSN=https://k@s.example/1"], "env", [f"SENTRY_DSN={MASK}"], id="dsn in an entry"),
+        # a DSN shows what is not a credential (tests/test_secrets_masked.py), and a credential written as a URL's user
+        pytest.param("https://abc123@o1.ingest.sentry.io/2", "dsn", f"https://{MASK}@o1.ingest.sentry.io/2", id="dsn"),
+        pytest.param("host=db user=app password=pw", "sentryDsn", f"host=db user=app password={MASK}",
+                     id="dsn, camel case"),
+        pytest.param(["SENTRY_DSN=https://k@s.example/1"], "env", [f"SENTRY_DSN=https://{MASK}@s.example/1"],
+                     id="dsn in an entry"),
         pytest.param("https://ghp_abc123@github.com/org/repo.git", "upstream",
                      f"https://{MASK}@github.com/org/repo.git", id="a token as a URL's user"),
         pytest.param("see https://tok-1@h.example/x and redis://bob:pw@r/0", "note",
