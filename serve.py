@@ -24,6 +24,9 @@ import sysconfig
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Seconds within which the supervisor of workers takes a second SIGHUP for the same one, the file unchanged.
 HUP_TWICE = 2.0
+#: Seconds a worker whose reload to the supervisor's generation failed waits before trying again, doubled
+#: after each failure up to the second figure (a store that did not answer while it built, say).
+WORKER_RETRY = (2.0, 60.0)
 
 if __name__ == "__main__":
     # Before the slow imports below: a SIGHUP (`systemctl reload`) or SIGTERM sent while `serve` starts
@@ -551,7 +554,9 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     # set an Event (or started a thread) took a lock, and a second signal arriving while the
     # first handler held that lock (systemd and the supervisor both signal a worker) deadlocked it.
     arrived: list[int] = []
-    asked = [live.generation]  # the supervisor's generation this worker last reloaded for
+    # The supervisor's generation this worker last reloaded for, when, and how long to wait before trying
+    # again if that reload failed here (the supervisor built it: it may well build here a moment later).
+    asked = [live.generation, 0.0, WORKER_RETRY[0]]
 
     def note_signal(signum: int, frame: Any) -> None:
         arrived.append(signum)
@@ -560,8 +565,15 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         beat()
         if wanted is not None:
             generation = wanted()
-            if generation > asked[0]:  # once per generation: a reload that fails here is not retried each tick
-                asked[0] = generation
+            if generation > asked[0]:
+                asked[:] = [generation, time.monotonic(), WORKER_RETRY[0]]
+                reloader.ask()
+            elif generation > live.generation and not reloader.busy and time.monotonic() - asked[1] >= asked[2]:
+                # That reload failed here (it logged why): again, less often each time, so that no worker
+                # stays on an older pipeline than its siblings until the next reload.
+                log.warning("%sstill at generation %d, behind the supervisor's %d: reloading again",
+                            live.label, live.generation, generation)
+                asked[1:] = [time.monotonic(), min(2 * asked[2], WORKER_RETRY[1])]
                 reloader.ask()
         while arrived:
             signum = arrived.pop(0)

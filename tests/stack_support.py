@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,6 +37,18 @@ def echo_app(options: dict[str, Any] | None = None) -> Any:
         return [body]
 
     return app
+
+
+def flaky_echo_app(options: dict[str, Any]) -> Any:
+    """:func:`echo_app`, but a worker cannot build it while the file ``fail_while`` exists.
+
+    The file holds the supervisor's pid: the supervisor builds it (and publishes its generation),
+    a worker's reload to that generation fails until the file is gone.
+    """
+    marker = options.get("fail_while")
+    if marker and os.path.exists(marker) and open(marker).read().strip() != str(os.getpid()):  # noqa: SIM115
+        raise RuntimeError("this worker cannot build the app yet")
+    return echo_app(options)
 
 
 class Tag:

@@ -488,6 +488,28 @@ def test_sighup_reloads_every_worker_and_the_ones_started_later(
     assert all(gens == {"2"} for gens in sample(port, now).values())
 
 
+def test_a_worker_whose_reload_failed_tries_again_until_it_serves_the_supervisors_generation(
+        supervised: tuple[ServeProcess, int, Path], tmp_path: Path) -> None:
+    """The supervisor built the new file; a worker that could not (a store that did not answer for a
+    moment, say) does not stay on the old pipeline until the next reload: it tries again, less often."""
+    server, port, path = supervised
+    workers = children(server.pid)
+    marker = tmp_path / "workers-cannot-build"
+    marker.write_text(str(server.pid))  # the supervisor builds it, the workers fail to
+    text = config_text(port, greeting="two", factory="stack_support:flaky_echo_app")
+    path.write_text(text.replace("options: {greeting: two}", f"options: {{greeting: two, fail_while: '{marker}'}}"))
+    server.signal(signal.SIGHUP)
+    server.wait_output("supervisor: generation 2 serving")
+    for pid in workers:
+        server.wait_output(f"worker {pid}: reload failed")
+    assert all(gens == {"1"} for gens in sample(port, workers).values())
+    server.wait_output("behind the supervisor's 2: reloading again")  # first retry after WORKER_RETRY[0]
+    marker.unlink()
+    for pid in workers:
+        server.wait_output(f"worker {pid}: generation 2 serving", timeout=15)
+    assert sample(port, workers) == {pid: {"2"} for pid in workers}
+
+
 def test_a_sighup_to_the_whole_group_reloads_each_worker_once(
         supervised: tuple[ServeProcess, int, Path]) -> None:
     """A terminal's hangup or `kill -HUP -PGID` reaches every worker as well as the supervisor: the
