@@ -98,10 +98,6 @@ _NAMES = ("operator_page", "middleware.operator_page:OperatorPageMiddleware")
 #: A name as a header or an environment variable writes it (what a (name, value) pair starts with).
 _NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: A header line or an environment entry: "Authorization: Bearer …", "DB_PASS=…".
-#: A URL's user without a password: a token as often as a name (https://ghp_…@github.com, a Sentry DSN).
-_URL_USER = re.compile(r"(://)[^/@:\s'\"]+@")
-#: A query parameter: (``?name=``, name, value).
-_PARAM = re.compile(r"([?&]([^=&#?\s'\"]+)=)([^&#\s'\"]*)")
 _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(\s*[:=]\s*)\S.*", re.DOTALL)
 _LIMIT = 256  # distinct layer names and event details kept; more are folded into "other"
 _PENDING = 64  # requests whose timings wait to be folded (until a look at the page, or 64 more requests)
@@ -514,26 +510,13 @@ def mask(value: Any, name: str = "") -> Any:
             try:
                 return mask(ast.literal_eval(value))
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                return MASK if _secret_text(value) else _mask_urls(mask_url_passwords(value, MASK))
+                return MASK if _secret_text(value) else mask_url_passwords(value, MASK)
         line = _LINE.fullmatch(value)
         if line is not None and secret_value(line[1], value[line.end(2):]):  # "Authorization: Bearer …"
             return line[1] + line[2] + MASK
         if "://" in value or "@" in value or "=" in value:
-            return _mask_urls(mask_secrets(value, MASK))  # read whole, not parsed: "pw#x@host" is masked too
+            return mask_secrets(value, MASK)  # read whole, not parsed: "pw#x@host" is masked too
     return value
-
-
-def _mask_urls(text: str) -> str:
-    """``text`` (its URL passwords masked already) with the user of each URL that has no password
-    masked, and each query parameter named as a secret is (``sig=``, ``auth=``, ``pin=``…)."""
-    if "://" not in text:
-        return text
-    if "@" in text:
-        text = _URL_USER.sub(rf"\1{MASK}@", text)
-    if "=" in text:
-        text = _PARAM.sub(lambda m: m[1] + MASK if m[3] and (secret_value(m[2], m[3]) or m[2].lower() == "auth")
-                          else m[0], text)  # (?auth= is a credential; only the auth rules' key is not)
-    return text
 
 
 # -- small helpers -----------------------------------------------------------

@@ -13,14 +13,17 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 
-# ?password=, ?sentinel_password=, ?passwd=, ?secret=, ?token=
-_SECRET_PARAM = r"([?&][^=&\s'\"]*(?:passw(?:or)?d|secret|token|key|credential|authorization)=)"
+# ?name=: a parameter whose value is masked when the name is a secret's (see _masked_param)
+_SECRET_PARAM = r"([?&]([^=&\s'\"]*)=)"
 _QUERY_PASSWORD = re.compile(_SECRET_PARAM + r"[^&\s'\"]*(?:&[^=&\s'\"]*(?=[&\s'\"]|\Z))*", re.IGNORECASE)
 # In one URL: the value, and any "&segment" without "=" after it (an unencoded "&" in the password).
 _QUERY_PASSWORD_TO_AMPERSAND = re.compile(_SECRET_PARAM + r"[^&]*(?:&[^=&]*(?=&|\Z))*", re.IGNORECASE)
 # In free text: the userinfo up to the last "@" of the line before another URL (a password with / ? #
 # spaces or quotes too).
 _URL_PASSWORD = re.compile(r"(://[^/@:\s'\"]*:)(?:(?!://)[^\n])*@")
+# In free text: a URL's user without a password, a token as often as a name (https://ghp_…@github.com,
+# a Sentry DSN's key, redis://pw@host with the colon forgotten).
+_URL_USER = re.compile(r"(://)[^/@:\s'\"]+@")
 _ONE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")
 # In free text: "password=…" after a space or ";", as libpq ("host=db password=pw") and ODBC
 # ("Uid=u;Pwd=pw;") connection strings write them; the value is quoted ('…', "…", with backslash
@@ -74,11 +77,20 @@ def mask_url(url: str, mask: str = "***") -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    rest = _QUERY_PASSWORD_TO_AMPERSAND.sub(lambda m: f"{m.group(1)}{mask}", rest)
+    rest = _QUERY_PASSWORD_TO_AMPERSAND.sub(lambda m: _masked_param(m, mask), rest)
     userinfo, at, after = rest.rpartition("@")
     if at and ":" in userinfo:
         rest = f"{userinfo.partition(':')[0]}:{mask}@{after}"
+    elif at and userinfo and not any(c in userinfo for c in "/?#"):  # a user alone: a token as often as a name
+        rest = f"{mask}@{after}"
     return f"{scheme}://{rest}"
+
+
+def _masked_param(match: re.Match[str], mask: str) -> str:
+    """A query parameter (``?name=value``) with its value masked when the name is a secret's (``?sig=``,
+    ``?api_key=``, ``?auth=``), else as it was."""
+    name = match.group(2)
+    return f"{match.group(1)}{mask}" if secret_name(name) or name.lower() == "auth" else match.group(0)
 
 
 def mask_url_passwords(text: str, mask: str = "***") -> str:
@@ -91,8 +103,9 @@ def mask_url_passwords(text: str, mask: str = "***") -> str:
     if _ONE_URL.match(text):
         return mask_url(text, mask)
     if "=" in text:
-        text = _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
-    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text)
+        text = _QUERY_PASSWORD.sub(lambda m: _masked_param(m, mask), text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}@", text)
+    return _URL_USER.sub(lambda m: f"{m.group(1)}{mask}@", text) if "@" in text else text
 
 
 #: Userinfo without "://" before it: "redis:/:pw@host", "searx:pw@host" (a URL written wrongly).
@@ -107,7 +120,7 @@ def mask_secrets(text: str, mask: str = "***") -> str:
     if "@" in text:
         text = _BARE_USERINFO.sub(f":{mask}@", text)
     if "=" in text:
-        text = _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
+        text = _QUERY_PASSWORD.sub(lambda m: _masked_param(m, mask), text)
         text = _DSN_PASSWORD.sub(lambda m: f"{m.group(1)}{mask}", text)
     return text
 
