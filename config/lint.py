@@ -662,7 +662,19 @@ def proxyfix_trusts_every_peer(cfg: StackConfig, specs: list[LayerSpec], listens
     """
     from middleware.proxy import ProxyMiddleware
 
-    if cfg.server.loopback_only or cfg.clears_proxy_headers:
+    if cfg.server.loopback_only:
+        return
+    if cfg.clears_proxy_headers:
+        # Waitress clears the untrusted headers it knows (X-Forwarded-For, -Host, -Proto, -Port, -By,
+        # Forwarded), and leaves X-Forwarded-Prefix to whoever sent it: ProxyFix's x_prefix believes any
+        # client, and a prefix of //evil.example turns the app's redirects into another site's.
+        for spec in specs:
+            if reads_forwarding_headers(spec) and not issubclass(spec.target, ProxyMiddleware) \
+                    and spec.option("x_prefix", 0):
+                yield _problem(cfg, spec, f"{spec.name} at {_where(spec)} believes X-Forwarded-Prefix from every "
+                                          "peer: Waitress clears the untrusted forwarding headers it knows, and this "
+                                          "is not one of them; drop x_prefix, or use the proxy layer with "
+                                          "trusted_proxies and x_prefix (it checks the prefix)")
         return
     listens = listens or f"the server listens on {', '.join(cfg.server.listen)}"
     for spec in specs:

@@ -82,6 +82,15 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="ProxyFix off loopback: every peer is believed",
         ),
         pytest.param(
+            "server: {listen: '0.0.0.0:8000', trusted_proxy: 10.0.0.5, trusted_proxy_headers: [x-forwarded-for]}\n"
+            "pipeline:\n  - errors: {}\n"
+            "  - werkzeug.middleware.proxy_fix:ProxyFix: {x_prefix: 1}\n",
+            "stack.yaml:6:5 pipeline[1]: werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] believes "
+            "X-Forwarded-Prefix from every peer: Waitress clears the untrusted forwarding headers it knows, and "
+            "this is not one of them",
+            id="ProxyFix's x_prefix under Waitress's trusted_proxy: that header is never cleared",
+        ),
+        pytest.param(
             f"pipeline:\n  - ratelimit: {{limits: ['10/second'], key: user}}\n  - auth: {{secret: {SECRET}}}\n",
             "stack.yaml:4:5 pipeline[0]: ratelimit at pipeline[0] keys on user but is not inside auth",
             id="user key outside auth",
