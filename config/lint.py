@@ -857,5 +857,5 @@ def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:
 
     specs = with_default_errors(cfg.pipeline)
     rules = [rule for rule in RULES if rule not in SERVED_ONLY] if hosted else RULES
-    found = [p for rule in rules for p in rule(cfg, specs)]
+    found = [cfg.document.masked(p) for rule in rules for p in rule(cfg, specs)]  # (rules make Problems themselves)
     return sorted(found, key=lambda p: (p.severity != "error", p.line, p.column))

@@ -87,7 +87,7 @@ def _judged(config: StackConfig, server: ServerOptions, *rules: Callable[..., It
     from .build import with_default_errors
 
     served, specs = dataclasses.replace(config, server=server), with_default_errors(config.pipeline)
-    return [problem for rule in rules for problem in rule(served, specs)]
+    return [config.document.masked(problem) for rule in rules for problem in rule(served, specs)]
 
 
 def _noted(problem: Problem, note: str) -> Problem:

@@ -16,6 +16,7 @@ dicts, lists and scalars by hand, so that:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import unicodedata
@@ -97,12 +98,19 @@ class Document:
             message += " (" + "; ".join(f"from ${{{name}}}, which is set but empty" if where == path else
                                         f"{dotted(where[len(path):])} comes from ${{{name}}}, which is set but empty"
                                         for where, name in empty) + ")"
-        if self.secrets:
-            for secret in sorted(self.secrets, key=len, reverse=True):
-                message = message.replace(secret, MASK)
-            if kw.get("has_value") and _shows(kw.get("value"), self.secrets):
-                kw = {**kw, "value": MASK}
-        return Problem(message, path, self.file, line, col, **kw)
+        return self.masked(Problem(message, path, self.file, line, col, **kw))
+
+    def masked(self, problem: Problem) -> Problem:
+        """``problem`` with the values of secret-named variables (``${JWT_SECRET}``) masked in its text and value."""
+        if not self.secrets:
+            return problem
+        message = problem.message
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            message = message.replace(secret, MASK)
+        shows = problem.has_value and _shows(problem.value, self.secrets)
+        if message == problem.message and not shows:
+            return problem
+        return dataclasses.replace(problem, message=message, value=MASK if shows else problem.value)
 
 
 def _shows(value: Any, secrets: set[str]) -> bool:

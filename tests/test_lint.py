@@ -315,6 +315,14 @@ def test_lint(pipeline: str, expected: str) -> None:
     assert any(line.startswith(expected) for line in found), found
 
 
+def test_a_secret_from_the_environment_is_masked_in_what_check_says() -> None:
+    """A value a secret-named variable gave (a purge path kept secret) is masked in a rule's problem too."""
+    text = HEAD + "pipeline:\n  - cache: {paths: ['/api/*'], purge_path: '${PURGE_SECRET}'}\n"
+    found = [str(p) for p in lint(parse(read_text(text, file="stack.yaml", env={"PURGE_SECRET": "/purge-x7Kq9"})))]
+    assert any("sets purge_path '***' outside its own scope" in line for line in found), found
+    assert not any("x7Kq9" in line for line in found), found
+
+
 VERSIONED = "pipeline:\n  - errors: {}\n  - versioning: {supported: [v1, v2]%s}\n"
 
 
