@@ -413,7 +413,10 @@ MIN_PASSWORD = 8
 
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        try:
+            password = sys.stdin.readline().rstrip("\r\n")
+        except UnicodeDecodeError:  # a UTF-8 locale's strict stdin (C.UTF-8's escapes them: checked below)
+            raise UserError("the password is not UTF-8 text") from None
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Repeat password: ") != password:

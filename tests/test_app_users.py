@@ -357,6 +357,16 @@ def test_cli_refusals(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: 
     assert out == ""
 
 
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_cli_a_password_on_stdin_that_is_not_utf8_is_refused_in_any_locale(
+        db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, errors: str) -> None:
+    """sys.stdin decodes strictly in a UTF-8 locale (en_US.UTF-8), with surrogateescape in C.UTF-8."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9-password\n"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert users_cli(["add", "dave", "--password-stdin"], db) == 1
+    assert capsys.readouterr() == ("", "serve.py users add: the password is not UTF-8 text\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
