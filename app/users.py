@@ -142,6 +142,15 @@ def _check_name(kind: str, value: str) -> str:
     return value
 
 
+def _lookalike(db: sqlite3.Connection, name: str) -> None:
+    """:class:`UserError` when another user's name differs from ``name`` only in case (names are ASCII: SQLite's
+    ``lower`` folds them all): "Admin" beside "admin" would pass for it in a list, a log or a login form."""
+    row = db.execute("SELECT name FROM users WHERE lower(name) = lower(?) AND name != ?", (name, name)).fetchone()
+    if row is not None:
+        raise UserError(f"user name {name!r} differs from user {row[0]!r} only in case: one of them could pass for "
+                        "the other; choose another name")
+
+
 def _roles(roles: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_check_name("role", r) for r in roles))
 
@@ -203,7 +212,7 @@ class UserStore:
         return generate_password_hash(password, method=self.hash_method)
 
     def add(self, name: str, password: str, roles: Iterable[str] = ()) -> User:
-        """Create a user; :class:`UserError` if the name is taken or invalid."""
+        """Create a user; :class:`UserError` if the name is taken (in any case) or invalid."""
         _check_name("user name", name)
         if not password:
             raise UserError("the password may not be empty")
@@ -211,6 +220,7 @@ class UserStore:
         password_hash = self._hash(password)
         with self._lock:
             db = self._conn()
+            _lookalike(db, name)
             reused = db.execute("DELETE FROM retired_names WHERE name = ?", (name,)).rowcount > 0
             since = float(math.ceil(now)) if reused else now
             user = User(name, _roles(roles), now, since)
@@ -222,6 +232,13 @@ class UserStore:
             except sqlite3.IntegrityError:
                 raise UserError(f"user {name!r} already exists") from None
         return user
+
+    def _check_lookalike(self, name: str) -> None:
+        """:class:`UserError` when another user's name differs from ``name`` only in case."""
+        with self._lock:
+            db = self._reader()
+            if db is not None:
+                _lookalike(db, name)
 
     def get(self, name: str) -> User | None:
         """The user called ``name``, or ``None``."""
@@ -453,6 +470,7 @@ def users_cli(argv: list[str], db_path: str) -> int:
             _roles(args.roles)
             if store.get(args.name) is not None:
                 raise UserError(f"user {args.name!r} already exists")
+            store._check_lookalike(args.name)  # before the password is asked for
             user = store.add(args.name, _read_password(args.password_stdin), args.roles)
             print(f"added user {user.name!r} with roles: {', '.join(user.roles) or '(none)'}")
         elif args.command == "list":

@@ -167,6 +167,8 @@ def test_set_roles(store: UserStore) -> None:
         pytest.param("bob", "pw", ("ad min",), "role 'ad min' is not valid", id="bad role"),
         pytest.param("alice\n", "pw", (), "user name 'alice\\n' is not valid", id="a name ending in a newline"),
         pytest.param("bob", "pw", ("admin\n",), "role 'admin\\n' is not valid", id="a role ending in a newline"),
+        pytest.param("Alice", "pw", (), "user name 'Alice' differs from user 'alice' only in case", id="capitalised"),
+        pytest.param("ALICE", "pw", (), "user name 'ALICE' differs from user 'alice' only in case", id="upper case"),
     ],
 )
 def test_add_refusals(store: UserStore, name: str, password: str, roles: tuple[str, ...], message: str) -> None:
@@ -316,6 +318,9 @@ def test_cli_without_a_database_says_so_and_creates_nothing(db: str, capsys: pyt
     [
         pytest.param(["add", "alice", "--password-stdin"], "x\n", None,
                      (1, "serve.py users add: user 'alice' already exists\n"), id="duplicate"),
+        pytest.param(["add", "Alice"], "", [],  # (refused before the password is asked)
+                     (1, "serve.py users add: user name 'Alice' differs from user 'alice' only in case: one of "
+                         "them could pass for the other; choose another name\n"), id="a name differing in case"),
         pytest.param(["add", "bad name", "--password-stdin"], "x\n", None,
                      (1, "serve.py users add: user name 'bad name' is not valid: use 1 to 64 letters, digits, "
                          "'_', '.', '@' or '-', starting with a letter or digit\n"), id="bad name"),
