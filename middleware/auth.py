@@ -83,6 +83,12 @@ MALFORMED_BEARER = ("Bad Request: the Authorization header must be 'Bearer <toke
 MALFORMED_ERROR = 'error="invalid_request", error_description="the Authorization header is malformed"'
 
 
+def _preflight(environ: WSGIEnvironment, method: str) -> bool:
+    """Whether the request is a CORS preflight (as the cors layer tells one): browsers send those without
+    credentials, so no rule may refuse them.  Any other ``OPTIONS`` is a request like the rest."""
+    return method == "OPTIONS" and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ and "HTTP_ORIGIN" in environ
+
+
 def _authorization(header: str | None) -> Authorization | None:
     """werkzeug's reading of an ``Authorization`` header; None for none, or one it cannot read.
 
@@ -878,7 +884,8 @@ class AuthMiddleware:
     longer Authorization headers get 431); ``on_store_error`` (``closed``:
     a token that cannot be checked against the blocklist gets 503).
 
-    OPTIONS requests are never refused.  Usage::
+    CORS preflights (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``) are never
+    refused; any other ``OPTIONS`` follows the rules.  Usage::
 
         opts = AuthMiddleware.Options(secret=os.environ["JWT_SECRET"], rules=[{"paths": ["/public/*"], "auth": "none"}])
         app = AuthMiddleware(app, opts, Context(stores={"shared": MemoryStore()}))
@@ -929,7 +936,7 @@ class AuthMiddleware:
         credentials where they are required (a 401 to come: nothing to read).
         """
         method = environ.get("REQUEST_METHOD", "GET").upper()
-        level = "none" if method == "OPTIONS" else self._level(environ, method)[0]
+        level = "none" if _preflight(environ, method) else self._level(environ, method)[0]
         if level == "none":
             return {}
         token = self._bearer(environ)
@@ -1072,7 +1079,7 @@ class AuthMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()  # as werkzeug routes it
-        if method == "OPTIONS":
+        if method == "OPTIONS" and _preflight(environ, method):
             return self.app(environ, start_response)
         level, roles = self._level(environ, method)
         if level == "none":

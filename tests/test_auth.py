@@ -334,8 +334,6 @@ RULES = [
     pytest.param("POST", "/admin/x", "owner", (200, "ann", None), id="roles: owner may post"),
     pytest.param("GET", "/admin/x", "user", (403, None, "insufficient_role"), id="roles: missing role"),
     pytest.param("GET", "/other", None, (401, None, "missing"), id="default: required"),
-    pytest.param("OPTIONS", "/admin/x", None, (200, None, None), id="OPTIONS never refused"),
-    pytest.param("OPTIONS", "/other", "garbage", (200, None, None), id="OPTIONS with a bad token"),
     # werkzeug routes //admin/x as /admin/x (Waitress merges the slashes itself, gunicorn does not)
     pytest.param("GET", "//admin/x", "user", (403, None, "insufficient_role"), id="leading slashes count as one"),
     pytest.param("GET", "///public/x", None, (200, None, None), id="leading slashes: a none rule still matches"),
@@ -343,8 +341,7 @@ RULES = [
 def test_rules(method: str, path: str, who: str | None, expected: tuple[int, str | None, str | None]) -> None:
     stack = Stack(rules=RULES)
     token = None if who is None else "garbage" if who == "garbage" else hs(claims(roles=[who]))
-    response = stack.call(path, token=token, method=method,
-                          headers={"Access-Control-Request-Method": "POST"} if method == "OPTIONS" else None)
+    response = stack.call(path, token=token, method=method)
     status, sub, reason = expected
     assert response.status_int == status
     assert stack.reasons == ([reason] if reason else [])
@@ -355,6 +352,53 @@ def test_rules(method: str, path: str, who: str | None, expected: tuple[int, str
             'Bearer realm="wsgistack", error="insufficient_scope", error_description="a role is missing"')
         needs = "admin, owner" if method == "POST" else "admin, owner, viewer"
         assert response.json["error"]["message"] == f"Forbidden: this resource needs one of the roles {needs}."
+
+
+PREFLIGHT = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "POST"}
+OPTIONS_RULES = [{"paths": ["/dav/*"], "methods": ["OPTIONS"], "roles": ["admin"]}, *RULES]
+
+
+@pytest.mark.parametrize(("path", "headers", "who", "expected"), [
+    pytest.param("/admin/x", PREFLIGHT, None, (200, None, None, None), id="a CORS preflight is never refused"),
+    pytest.param("/other", PREFLIGHT, "garbage", (200, None, None, None),
+                 id="a CORS preflight: a bad token is not read"),
+    pytest.param("/dav/x", PREFLIGHT, None, (200, None, None, None),
+                 id="a CORS preflight passes a rule naming OPTIONS too"),
+    pytest.param("/admin/x", {}, None, (401, None, "missing", MISSING),
+                 id="an OPTIONS that is no preflight needs credentials where the rules say so"),
+    pytest.param("/admin/x", {"Access-Control-Request-Method": "POST"}, None, (401, None, "missing", MISSING),
+                 id="no Origin: no preflight"),
+    pytest.param("/admin/x", {"Origin": "https://app.example.org"}, None, (401, None, "missing", MISSING),
+                 id="no Access-Control-Request-Method: no preflight"),
+    pytest.param("/other", {}, "garbage", (401, None, "malformed", challenge("the token is malformed")),
+                 id="an OPTIONS that is no preflight: a bad token is refused"),
+    pytest.param("/admin/x", {}, "user", (403, None, "insufficient_role",
+                 'Bearer realm="wsgistack", error="insufficient_scope", error_description="a role is missing"'),
+                 id="an OPTIONS that is no preflight: roles are checked"),
+    pytest.param("/admin/x", {}, "viewer", (200, "ann", None, None),
+                 id="an OPTIONS that is no preflight carries its identity to the app"),
+    pytest.param("/dav/x", {}, "viewer", (403, None, "insufficient_role",
+                 'Bearer realm="wsgistack", error="insufficient_scope", error_description="a role is missing"'),
+                 id="a rule naming OPTIONS applies"),
+    pytest.param("/dav/x", {}, "admin", (200, "ann", None, None), id="a rule naming OPTIONS: its role passes"),
+    pytest.param("/public/x", {}, None, (200, None, None, None), id="an OPTIONS where auth is none"),
+])
+def test_options(path: str, headers: dict[str, str], who: str | None,
+                 expected: tuple[int, str | None, str | None, str | None]) -> None:
+    """Browsers send CORS preflights without credentials; any other OPTIONS is a request like the rest."""
+    stack = Stack(rules=OPTIONS_RULES)
+    token = None if who is None else "garbage" if who == "garbage" else hs(claims(roles=[who]))
+    response = stack.call(path, token=token, method="OPTIONS", headers=headers)
+    status, sub, reason, www = expected
+    assert response.status_int == status
+    assert response.headers.get("WWW-Authenticate") == www
+    assert stack.reasons == ([reason] if reason else [])
+    if status == 200:
+        assert (response.json or {}).get("sub") == sub
+    if who is None:  # the preview for reads ahead agrees: nothing is read for a 401 to come
+        environ = {"REQUEST_METHOD": "OPTIONS", "PATH_INFO": path,
+                   **{"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}}
+        assert stack.layer.preview_environ(environ) == (None if status == 401 else {})
 
 
 @pytest.mark.parametrize(("who", "status", "seen"), [
