@@ -1471,6 +1471,24 @@ _DOTENV_NAME = re.compile(r"(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t
 _DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
 
 
+_DOTENV_WORD = re.compile(r"(?:export[ \t]+)?([A-Za-z0-9_]+)([ \t:=]?)")
+
+
+def _dotenv_not_a_setting(line: str) -> str:
+    """What is wrong with a ``.env`` line that is not a setting, quoting no more of it than a name before a
+    separator: the message goes to stderr (a service's journal), and the line may hold a secret (``JWT_SECRET:
+    …``, a value wrapped onto a line of its own)."""
+    line = line.rstrip()
+    word = _DOTENV_WORD.match(line)
+    if word is not None and word.end(1) == len(line):
+        return "the line has no '='"
+    if word is None or not word.group(2):
+        return "the line is not NAME=value"
+    if word.group(2) == "=":
+        return f"{word.group(1)!r} is not a name"
+    return f"{word.group(1)!r} is followed by {word.group(2)!r}, not '='"
+
+
 def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
     """The settings of a ``.env`` file; a later line of a name wins, as in Compose.
 
@@ -1491,9 +1509,8 @@ def parse_dotenv(text: str, path: str = ".env") -> dict[str, str]:
             continue
         head = _DOTENV_NAME.match(line)
         if head is None:
-            shown = line.split("=", 1)[0].strip()[:40] if "=" in line else line.strip()[:40]
-            raise ValueError(f"{path}:{number}: {shown!r} is not NAME=value (a name of letters, digits and _, "
-                             "not starting with a digit)")
+            raise ValueError(f"{path}:{number}: {_dotenv_not_a_setting(line)}: write NAME=value (a name of letters, "
+                             "digits and _, not starting with a digit)")
         name, rest = head.group(1), line[head.end():]
         if rest[:1] not in ("'", '"'):
             comment = re.search(r"[ \t]#", rest)

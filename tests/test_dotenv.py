@@ -48,15 +48,35 @@ def test_settings(text: str, expected: dict[str, str]) -> None:
                  id="quotes that do not match"),
     pytest.param('S="quoted" extra\n', ".env:1: the value of S goes on after its closing \": quote the whole value",
                  id="text after the closing quote"),
-    pytest.param("P Q=1\n", ".env:1: 'P Q' is not NAME=value (a name of letters, digits and _, not starting with a "
-                 "digit)", id="a space in a name"),
-    pytest.param("1X=2\n", ".env:1: '1X' is not NAME=value", id="a name starting with a digit"),
-    pytest.param("SESSION_SECRET\n", ".env:1: 'SESSION_SECRET' is not NAME=value", id="no ="),
+    pytest.param("P Q=1\n", ".env:1: 'P' is followed by ' ', not '=': write NAME=value (a name of letters, digits "
+                 "and _, not starting with a digit)", id="a space in a name"),
+    pytest.param("1X=2\n", ".env:1: '1X' is not a name: write NAME=value", id="a name starting with a digit"),
+    pytest.param("1X=\n", ".env:1: '1X' is not a name: write NAME=value", id="a name starting with a digit, no value"),
+    pytest.param("JWT_SECRET:\n", ".env:1: 'JWT_SECRET' is followed by ':', not '='", id="a colon, no value"),
+    pytest.param("export 1X=2\n", ".env:1: '1X' is not a name: write NAME=value", id="export, then a digit"),
+    pytest.param("SESSION_SECRET\n", ".env:1: the line has no '=': write NAME=value", id="no ="),
+    pytest.param("JWT_SECRET: x\n", ".env:1: 'JWT_SECRET' is followed by ':', not '=': write NAME=value", id="a colon"),
+    pytest.param("-----BEGIN KEY-----\n", ".env:1: the line is not NAME=value", id="no name at all"),
 ])
 def test_lines_that_are_not_settings(text: str, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_dotenv(text)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("line", [
+    pytest.param("JWT_SECRET: c2VjcmV0LXNlY3JldC1zZWNyZXQ=", id="YAML's colon (a base64 secret, its = too)"),
+    pytest.param("JWT_SECRET c2VjcmV0LXNlY3JldC1zZWNyZXQ=", id="a space for the ="),
+    pytest.param("c2VjcmV0LXNlY3JldC1zZWNyZXQ", id="the secret alone (a value wrapped onto its own line)"),
+    pytest.param("c2Vj+cmV0LXNlY3JldC1zZWNyZXQ", id="a secret alone, with a +"),
+    pytest.param("export c2VjcmV0LXNlY3JldC1zZWNyZXQ", id="export, then the secret"),
+])
+def test_a_line_that_is_not_a_setting_is_not_quoted_beyond_its_name(line: str) -> None:
+    """The message goes to stderr, and so to the service's journal: no part of a secret may be in it."""
+    with pytest.raises(ValueError) as info:
+        parse_dotenv(f"A=1\n{line}\n")
+    assert str(info.value).startswith(".env:2: ")
+    assert "c2Vj" not in str(info.value)
 
 
 @pytest.mark.parametrize(("written", "env", "shown"), [
