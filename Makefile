@@ -28,8 +28,10 @@ install-dev: $(VENV)/.installed-dev
 # serve.py reads the .env beside the configuration it serves.
 ENV_FILE := $(dir $(CONFIG)).env
 
+# Python writes it whole, 0600 whatever the umask, and only if it is not there (O_EXCL): a failed run
+# leaves no empty .env behind, which make would take as made.
 $(ENV_FILE):
-	@umask 077 && $(PYTHON) -c "import secrets; print('SESSION_SECRET=' + secrets.token_urlsafe(32)); print('JWT_SECRET=' + secrets.token_urlsafe(32))" > $@
+	@$(PYTHON) -c "import os, secrets, sys; text = ''.join(n + '=' + secrets.token_urlsafe(32) + '\n' for n in ('SESSION_SECRET', 'JWT_SECRET')); fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600); os.write(fd, text.encode()); os.close(fd)" '$@'
 	@echo "created $@ with random SESSION_SECRET and JWT_SECRET"
 
 serve: $(VENV)/.installed $(ENV_FILE)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,36 @@ def test_a_bad_line_stops_the_start_with_its_place(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr.strip()) == (
         2, f"{tmp_path / '.env'}:2: the value of L opens a \" quote that never closes")
+
+
+def make_env(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``make`` the .env beside ``tmp_path/stack.yaml`` with the project's Makefile, under umask 000."""
+    return subprocess.run(["sh", "-c", 'umask 000 && exec make -s -f "$@"', "sh", str(ROOT / "Makefile"),
+                           f"CONFIG={tmp_path / 'stack.yaml'}", *args, str(tmp_path / ".env")],
+                          capture_output=True, text=True, timeout=60)
+
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+
+
+@needs_make
+def test_make_creates_the_env_file_with_random_secrets_for_its_owner_alone(tmp_path: Path) -> None:
+    done = make_env(tmp_path)
+    env = tmp_path / ".env"
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    settings = parse_dotenv(env.read_text())
+    assert sorted(settings) == ["JWT_SECRET", "SESSION_SECRET"]
+    for secret in settings.values():
+        assert len(secret) >= 43 and secret not in done.stdout + done.stderr  # 32 random bytes, never shown
+    assert settings["JWT_SECRET"] != settings["SESSION_SECRET"]
+    env.write_text("SESSION_SECRET=mine\n")
+    assert make_env(tmp_path).returncode == 0
+    assert env.read_text() == "SESSION_SECRET=mine\n", "an existing .env is never replaced"
+
+
+@needs_make
+def test_a_failed_make_leaves_no_env_file_behind(tmp_path: Path) -> None:
+    """An empty one would count as made: the next `make serve` would not try again, and serve without secrets."""
+    assert make_env(tmp_path, "PYTHON=false").returncode != 0
+    assert not (tmp_path / ".env").exists()
