@@ -9,7 +9,10 @@ written for the routed path must not be stepped around with another spelling.
 
 from __future__ import annotations
 
+import io
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -290,3 +293,58 @@ def test_the_decoded_path_follows_a_rewrite_of_path_info() -> None:
     assert decoded_path(environ) == "/t/a%20b"
     environ["PATH_INFO"] = "/api/caf\u00c3\u00a9"  # a layer rewrote it, and dropped nothing
     assert decoded_path(environ) == "/api/caf\u00e9"
+
+
+
+CORE_SPELLINGS = [
+    "/api/v1/config", "//api/v1/config", "///api/config", "/api/V1/config", "/api/config", "/api",
+    "/api/v1/config/", "/api/v1//config", "/api//v1/config", "/api/./v1/config", "/api/v1/x/../config",
+    "/api/v1/config;x", "/API/v1/config", "/api/v1/Config", "/api/v1/config\n", "/api/v1/conf\xc3\xadg",
+    "/api/v1/config\xff",
+]
+
+
+@pytest.fixture(scope="module")
+def core_stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The Flask core behind versioning, with and without an auth rule requiring credentials for its config."""
+    from config import build_from_dict
+
+    base = tmp_path_factory.mktemp("core")
+    rule = {"paths": ["/api/*/config"], "auth": "required"}
+    auth = {"auth": {"secret": SECRET, "default": "optional", "rules": [rule]}}
+    built = {
+        name: build_from_dict({
+            "app": {"factory": "app:create_app", "options": {"var_dir": str(base / name)}},
+            "stores": {"shared": "memory://"},
+            "pipeline": [{"errors": {}}, *layers, {"versioning": {"supported": ["v1", "v2"], "default": "v1"}}],
+        }, base_dir=base)
+        for name, layers in (("open", []), ("ruled", [auth]))
+    }
+    yield built
+    for stack_built in built.values():
+        stack_built.close()
+
+
+def _status(app: Any, method: str, path_info: str) -> int:
+    """The status of a request whose PATH_INFO is as the server hands it over (percent-decoded, latin-1)."""
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path_info, "QUERY_STRING": "", "SCRIPT_NAME": "",
+               "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(b""), "wsgi.errors": sys.stderr,
+               "REMOTE_ADDR": "127.0.0.1"}
+    seen: list[str] = []
+    b"".join(app(environ, lambda status, headers, exc_info=None: seen.append(status)))
+    return int(seen[0][:3])
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "get"])
+@pytest.mark.parametrize("path_info", CORE_SPELLINGS)
+def test_no_spelling_the_core_routes_to_a_view_steps_around_its_rule(core_stacks: dict[str, Any], path_info: str,
+                                                                     method: str) -> None:
+    """Whatever spelling the Flask core's router sends to the config view gets the rule's 401 (the rule's own
+    spelling and the versioned ones route); the rest gets the router's 404, or the 401 of a glob that spans
+    segments (``/api/v1//config``)."""
+    routed = _status(core_stacks["open"].app, method, path_info)
+    assert routed in (200, 404)
+    assert _status(core_stacks["ruled"].app, method, path_info) in ((401,) if routed == 200 else (401, 404))
+    if path_info in ("/api/v1/config", "//api/v1/config", "/api/V1/config", "/api/config"):
+        assert routed == 200
