@@ -52,7 +52,7 @@ from middleware.base import (
     Identity,
     LayerOptions,
     Methods,
-    PathGlobs,
+    RulePaths,
     decoded_path,
     escape_control,
     header_text,
@@ -172,7 +172,7 @@ class _AuthRule(BaseModel):
     """One entry of ``rules``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    paths: PathGlobs = Field(default_factory=lambda: ["*"])
+    paths: RulePaths = Field(default_factory=lambda: ["*"])
     methods: Methods = Field(default_factory=list)
     auth: Level = "required"
     roles: list[str] = Field(default_factory=list)

@@ -66,6 +66,7 @@ __all__ = [
     "PrimedBody",
     "ReadAhead",
     "ReadKey",
+    "RulePaths",
     "UnstartedBody",
     "add_missing",
     "add_vary",
@@ -148,6 +149,13 @@ def _check_globs(value: list[str]) -> list[str]:
     return value
 
 
+def _some_paths(value: list[str]) -> list[str]:
+    if not value:  # a rule's compiled patterns would match every path: `{paths: [], auth: none}` opens the site
+        raise ValueError("paths is empty: a rule must name at least one path pattern; leave paths out for every "
+                         "path ('*')")
+    return value
+
+
 def _check_methods(value: list[str]) -> list[str]:
     for method in value:
         if method.upper() not in HTTP_METHODS:
@@ -166,6 +174,8 @@ def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
 
 #: Option types shared by layers that take rules: path globs, HTTP methods, IP networks.
 PathGlobs = Annotated[list[str], AfterValidator(_check_globs)]
+#: The ``paths`` of one rule (auth, ratelimit): globs, at least one.
+RulePaths = Annotated[list[str], AfterValidator(_check_globs), AfterValidator(_some_paths)]
 Methods = Annotated[list[str], AfterValidator(_check_methods)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_check_networks)]
 

@@ -45,8 +45,8 @@ from middleware.base import (
     Headers,
     LayerOptions,
     Methods,
-    PathGlobs,
     ReadAhead,
+    RulePaths,
     client_ip,
     decoded_path,
     decorate_error,
@@ -137,7 +137,7 @@ class _Rule(BaseModel):
     """One entry of ``rules``: which requests, which limits, keyed how."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    paths: PathGlobs = Field(default_factory=lambda: ["*"])
+    paths: RulePaths = Field(default_factory=lambda: ["*"])
     methods: Methods = Field(default_factory=list)
     limits: list[Limit] = Field(default_factory=list)
     key: str | list[str] | None = None

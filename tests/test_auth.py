@@ -1179,6 +1179,8 @@ def test_relative_key_paths_resolve_beside_the_config_file(rsa_key: Any, tmp_pat
                  id="default level"),
     pytest.param({"secret": SECRET, "rules": [{"paths": ["admin"], "roles": ["a"]}]},
                  "path pattern 'admin' must start with '/' (or be '*')", id="rule path"),
+    pytest.param({"secret": SECRET, "rules": [{"paths": [], "auth": "none"}]},
+                 "paths is empty: a rule must name at least one path pattern; leave paths out for every path ('*')", id="a rule for no path: its pattern would match every path"),
     pytest.param({"secret": SECRET, "on_store_error": "ignore"}, "Input should be 'open' or 'closed'",
                  id="on_store_error"),
     pytest.param({"secret": SECRET, "rules": [{"paths": ["/api/*/config"], "auth": "optional", "roles": ["admin"]}]},
