@@ -63,6 +63,7 @@ from config.build import BuiltStack, StackConfig, parse
 from config.live import LiveStack, check_hosted, refused_stores
 from config.registry import LAYERS, resolve
 from config.schema import LoggingOptions
+from stores.base import secret_name
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -1463,7 +1464,15 @@ def load_dotenv(path: str) -> None:
         raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); write it as NAME=value lines in UTF-8") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    for name, value in parse_dotenv(text, path).items():
+    settings = parse_dotenv(text, path)
+    secret = [name for name in settings if secret_name(name)]
+    if secret:  # as the users database warns of its hashes: other accounts of the machine could read them
+        with contextlib.suppress(OSError):
+            mode = os.stat(path).st_mode & 0o777
+            if mode & 0o077:
+                print(f"{path}: other accounts on this machine can read it (mode {mode:o}), and it holds "
+                      f"{', '.join(secret)}: chmod 600 {path}", file=sys.stderr)
+    for name, value in settings.items():
         os.environ.setdefault(name, value)
 
 

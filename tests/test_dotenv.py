@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve import parse_dotenv
+from serve import load_dotenv, parse_dotenv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,3 +139,27 @@ def test_a_failed_make_leaves_no_env_file_behind(tmp_path: Path) -> None:
     """An empty one would count as made: the next `make serve` would not try again, and serve without secrets."""
     assert make_env(tmp_path, "PYTHON=false").returncode != 0
     assert not (tmp_path / ".env").exists()
+
+
+@pytest.mark.parametrize(("text", "mode", "warned"), [
+    pytest.param("JWT_SECRET=abc\nTAG=x\n", 0o644, True, id="secrets other accounts can read"),
+    pytest.param("JWT_SECRET=abc\n", 0o640, True, id="readable by the group"),
+    pytest.param("JWT_SECRET=abc\n", 0o600, False, id="the owner's alone"),
+    pytest.param("TAG=x\nLISTEN=127.0.0.1:9000\n", 0o644, False, id="nothing secret in it"),
+])
+def test_a_file_of_secrets_others_can_read_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str], text: str, mode: int,
+                                                    warned: bool) -> None:
+    """As the users database warns of its hashes: the secrets are read all the same, and the fix is named."""
+    for name in ("JWT_SECRET", "TAG", "LISTEN"):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / ".env"
+    path.write_text(text)
+    path.chmod(mode)
+    load_dotenv(str(path))
+    err = capsys.readouterr().err
+    expected = f"{path}: other accounts on this machine can read it (mode {mode:o}), and it holds JWT_SECRET: " \
+               f"chmod 600 {path}\n"
+    assert err == (expected if warned else "")
+    assert "abc" not in err
+    assert os.environ.get("JWT_SECRET") == ("abc" if "JWT_SECRET" in text else None)
