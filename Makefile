@@ -54,4 +54,4 @@ soak: $(VENV)/.installed-dev
 	$(PY) tests/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
