@@ -53,5 +53,6 @@ fuzz: $(VENV)/.installed-dev
 soak: $(VENV)/.installed-dev
 	$(PY) tests/soak.py $(SOAK_ARGS)
 
+# What the build and the tools made; not var/ (the users database) nor .env (this machine's secrets).
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
