@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -255,6 +256,10 @@ def test_refusal_from_inner_layer_gets_headers() -> None:
                      "frame_options 'deny' contradicts 'frame-ancestors *' in content_security_policy; make them "
                      "agree or set frame_options to 'none'",
                      id="deny against frame-ancestors written in capitals (directive names ignore case)"),
+        pytest.param({"content_security_policy": "frame-ancestors 'none' https://a.example"},
+                     "frame_options 'deny' contradicts 'frame-ancestors 'none' https://a.example' in "
+                     "content_security_policy; make them agree or set frame_options to 'none'",
+                     id="deny against 'none' beside a source, where browsers ignore 'none'"),
         pytest.param({"content_security_policy": "default-src 'self'\r\nX-Evil: 1"},
                      "must be non-empty printable ASCII on one line", id="csp with newline"),
         pytest.param({"content_security_policy": "  "},
@@ -287,6 +292,8 @@ def test_refusal_from_inner_layer_gets_headers() -> None:
                      id="permissions policy with an upper-case feature"),
         pytest.param({"permissions_policy": "camera=(),"}, "is not a Permissions-Policy",
                      id="permissions policy with a trailing comma"),
+        pytest.param({"permissions_policy": "camera=self)"}, "is not a Permissions-Policy",
+                     id="permissions policy with a list that is never opened"),
         pytest.param({"referrer_policy": "always"}, "Input should be 'no-referrer'",
                      id="unknown referrer policy"),
         pytest.param({"frame_options": "allow-from"}, "Input should be 'deny', 'sameorigin'",
@@ -299,6 +306,19 @@ def test_options_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
         SecurityHeadersMiddleware.Options(**options)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("frame_options", "policy"), [
+    pytest.param("deny", "frame-ancestors 'NONE'", id="deny and 'NONE'"),
+    pytest.param("sameorigin", "default-src 'self'; frame-ancestors 'Self' https://a.example",
+                 id="sameorigin and 'Self' among others"),
+])
+def test_frame_ancestors_keywords_agree_in_any_case(frame_options: str, policy: str) -> None:
+    # CSP source keywords ignore case: 'NONE' is 'none' and agrees with X-Frame-Options DENY.
+    options = SecurityHeadersMiddleware.Options(content_security_policy=policy, frame_options=frame_options)
+    response = TestApp(SecurityHeadersMiddleware(inner, options, Context())).get("/")
+    assert security(response) == {**DEFAULTS, "X-Frame-Options": frame_options.upper(),
+                                  "Content-Security-Policy": policy}
 
 
 def test_report_only_may_differ_from_frame_options() -> None:
@@ -389,3 +409,49 @@ def test_a_header_the_app_set_is_kept_in_any_case_and_not_doubled(name: str) -> 
     found = security(stack.get("/", extra_environ=HTTPS))
     assert len(found) == 8
     assert [v for k, v in found.items() if k.lower() == name.lower()] == ["the app's"]
+
+
+def test_a_views_frame_options_is_read_without_the_spaces_around_it() -> None:
+    def own(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Frame-Options", " sameorigin ")])
+        return [b"ok"]
+
+    options = SecurityHeadersMiddleware.Options(content_security_policy="default-src 'self'")
+    found = security(TestApp(SecurityHeadersMiddleware(own, options, Context())).get("/"))
+    assert found["Content-Security-Policy"] == "default-src 'self'; frame-ancestors 'self'"
+
+
+def test_the_apps_header_list_is_left_as_it_was() -> None:
+    # A view may pass the same list to every response: this layer adds to a copy, so an https response's
+    # HSTS never reaches a later http one through it.
+    shared = [("Content-Type", "text/plain")]
+
+    def constant(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", shared)
+        return [b"ok"]
+
+    stack = TestApp(SecurityHeadersMiddleware(constant, SecurityHeadersMiddleware.Options(), Context()))
+    assert security(stack.get("/", extra_environ=HTTPS)) == {**HSTS, **DEFAULTS}
+    assert security(stack.get("/")) == DEFAULTS
+    assert shared == [("Content-Type", "text/plain")]
+
+
+def test_exc_info_reaches_the_server() -> None:
+    # PEP 3333: an app that fails after start_response calls it again with exc_info to replace the status.
+    def failing(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise ValueError("late")
+        except ValueError:
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+        return [b"failed"]
+
+    calls: list[tuple[str, Any]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        calls.append((status, exc_info and exc_info[0]))
+        return lambda data: None
+
+    layer = SecurityHeadersMiddleware(failing, SecurityHeadersMiddleware.Options(), Context())
+    assert layer({"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http"}, start_response) == [b"failed"]
+    assert calls == [("200 OK", None), ("500 Internal Server Error", ValueError)]
