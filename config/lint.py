@@ -136,6 +136,53 @@ def ratelimit_keys(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
                                         "identity is not known yet; move it inside auth")
 
 
+def _reads_address(spec: LayerSpec) -> bool:
+    """Whether a proxy layer sets the client address from the proxy's header (werkzeug's ProxyFix does by default)."""
+    return bool(spec.option("x_for", 1) or spec.option("forwarded", 0))
+
+
+def _waitress_reads_address(cfg: StackConfig) -> bool:
+    headers = {str(h).lower() for h in cfg.server.trusted_proxy_headers}
+    return bool(cfg.server.trusted_proxy) and bool({"x-forwarded-for", "forwarded"} & headers)
+
+
+def _address_unread(cfg: StackConfig, specs: list[LayerSpec], rl: LayerSpec) -> bool:
+    """Whether a ratelimit keyed on client_ip sees only the proxy's address: nothing outside it reads the client's."""
+    return "client_ip" in _keys(rl) and not _waitress_reads_address(cfg) and not any(
+        _reads_address(p) for p in _all(specs, "proxy") if _pos(specs, p) < _pos(specs, rl))
+
+
+_ONE_BUCKET = ("every request seems to come from the proxy, so all clients share one limit")
+
+
+def ratelimit_behind_proxy_layer(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A proxy layer (so a proxy in front) that takes no client address, outside a client_ip ratelimit."""
+    for rl in _all(specs, "ratelimit"):
+        proxies = [p for p in _all(specs, "proxy") if _pos(specs, p) < _pos(specs, rl)]
+        if proxies and _address_unread(cfg, specs, rl):
+            p = proxies[0]
+            # (werkzeug's ProxyFix, options given as keyword arguments, reads no Forwarded header)
+            header, fix = ("X-Forwarded-For (x_for)", "x_for") if isinstance(p.options, dict) else \
+                ("X-Forwarded-For (x_for) nor Forwarded (forwarded)", "x_for (or forwarded)")
+            reads = f"reads no {header}" if fix == "x_for" else f"reads neither {header}"
+            yield _problem(cfg, rl, f"ratelimit at {_where(rl)} keys on client_ip, but nothing takes the client's "
+                                    f"address from the proxy in front ({p.name} at {_where(p)} {reads}): "
+                                    f"{_ONE_BUCKET}; set {fix} on {p.name} at {_where(p)}", "warning")
+
+
+def ratelimit_behind_waitress_proxy(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """server.trusted_proxy (so a proxy in front) without the header that carries the client address."""
+    if not cfg.server.trusted_proxy:
+        return
+    for rl in _all(specs, "ratelimit"):
+        if _address_unread(cfg, specs, rl) and not any(_pos(specs, p) < _pos(specs, rl) for p in _all(specs, "proxy")):
+            yield _problem(cfg, rl, f"ratelimit at {_where(rl)} keys on client_ip, but nothing takes the client's "
+                                    "address from the proxy in front (server.trusted_proxy is set, and "
+                                    "server.trusted_proxy_headers lacks x-forwarded-for and forwarded; no proxy layer "
+                                    f"outside it reads X-Forwarded-For or Forwarded): {_ONE_BUCKET}; add "
+                                    "x-forwarded-for to server.trusted_proxy_headers", "warning")
+
+
 def ratelimit_escapes(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for rl in _all(specs, "ratelimit"):
         keys = _keys(rl)
@@ -807,6 +854,8 @@ RULES: list[Rule] = [
     duplicates,
     ratelimit_namespaces,
     ratelimit_escapes,
+    ratelimit_behind_proxy_layer,
+    ratelimit_behind_waitress_proxy,
     ratelimit_policies,
     cors_position,
     cors_scope_takes_preflights,
@@ -845,9 +894,9 @@ RULES: list[Rule] = [
 #: another WSGI server has its own, which wsgistack judges where it can (a hosted start's multiprocess
 #: check; HOSTED's least safe settings, or $WSGISTACK_HOST_LISTEN's, for ProxyFix and for headers outside
 #: a proxy layer).
-SERVED_ONLY: tuple[Rule, ...] = (proxy_twice, proxy_peers_can_connect, proxy_headers_kept, hsts_outside_proxy,
-                                 hsts_reachable, shared_state, validation_vs_waitress, streams_leave_a_thread,
-                                 proxyfix_trusts_every_peer)
+SERVED_ONLY: tuple[Rule, ...] = (proxy_twice, ratelimit_behind_waitress_proxy, proxy_peers_can_connect,
+                                 proxy_headers_kept, hsts_outside_proxy, hsts_reachable, shared_state,
+                                 validation_vs_waitress, streams_leave_a_thread, proxyfix_trusts_every_peer)
 
 
 def lint(cfg: StackConfig, *, hosted: bool = False) -> list[Problem]:

@@ -297,6 +297,31 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="a rule's store policy on an exempt rule",
         ),
         pytest.param(
+            "server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-proto]}\n"
+            "pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second']}\n",
+            "stack.yaml:6:5 warning: pipeline[1]: ratelimit at pipeline[1] keys on client_ip, but nothing takes the "
+            "client's address from the proxy in front (server.trusted_proxy is set, and server.trusted_proxy_headers "
+            "lacks x-forwarded-for and forwarded; no proxy layer outside it reads X-Forwarded-For or Forwarded): "
+            "every request seems to come from the proxy, so all clients share one limit; add x-forwarded-for to "
+            "server.trusted_proxy_headers",
+            id="Waitress trusts a proxy but not its X-Forwarded-For: one bucket for every client",
+        ),
+        pytest.param(
+            "pipeline:\n  - errors: {}\n  - proxy: {x_proto: 1}\n  - ratelimit: {limits: ['10/second']}\n",
+            "stack.yaml:6:5 warning: pipeline[2]: ratelimit at pipeline[2] keys on client_ip, but nothing takes the "
+            "client's address from the proxy in front (proxy at pipeline[1] reads neither X-Forwarded-For (x_for) "
+            "nor Forwarded (forwarded)): every request seems to come from the proxy, so all clients share one "
+            "limit; set x_for (or forwarded) on proxy at pipeline[1]",
+            id="a proxy layer that takes the scheme but not the client address",
+        ),
+        pytest.param(
+            "pipeline:\n  - errors: {}\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 0}\n"
+            "  - ratelimit: {limits: ['10/second']}\n",
+            "stack.yaml:6:5 warning: pipeline[2]: ratelimit at pipeline[2] keys on client_ip, but nothing takes the "
+            "client's address from the proxy in front (werkzeug.middleware.proxy_fix:ProxyFix at pipeline[1] reads",
+            id="ProxyFix told not to read X-Forwarded-For",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:20 pipeline[0].cache.store: cache names store 'sharde', which the stores section does not "
             "define; did you mean 'shared'? (known: redis, shared)",
@@ -401,6 +426,12 @@ def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
         ),
         pytest.param("pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
                      id="proxy layer; Waitress leaves the headers to it"),
+        pytest.param("server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
+                     "pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second']}\n",
+                     id="Waitress takes the client address from the proxy it trusts"),
+        pytest.param("pipeline:\n  - errors: {}\n  - werkzeug.middleware.proxy_fix:ProxyFix: {x_proto: 1}\n"
+                     "  - ratelimit: {limits: ['10/second']}\n",
+                     id="ProxyFix takes X-Forwarded-For unless told not to"),
         pytest.param("server: {clear_untrusted_proxy_headers: false}\npipeline:\n  - errors: {}\n"
                      "  - proxy: {x_for: 1}\n", id="proxy layer, headers kept explicitly"),
         pytest.param("pipeline:\n  - errors: {}\n  - cors: {origins: ['https://a.example']}\n  - validation: {}\n"
