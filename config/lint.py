@@ -593,6 +593,19 @@ def _auth_level(auth: LayerSpec, path: str) -> str:
     return AuthRules(auth.option("rules", None) or (), str(auth.option("default", "required"))).first(path, "GET")[0]
 
 
+def auth_checks_nothing(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """An auth layer whose default and every rule are ``none``: it never looks at a request."""
+    for auth in _all(specs, "auth"):
+        rules = auth.option("rules", None) or ()
+        if auth.option("default", "required") != "none" or any(
+                _field(rule, "roles") or _field(rule, "auth") != "none" for rule in rules):
+            continue
+        yield _problem(cfg, auth, f"auth at {_where(auth)} has default: none and no rule that asks for a token (auth: "
+                                  "required or optional, or roles): it never looks at a request, so no request needs "
+                                  "a token and no identity is ever set (the token endpoints still issue them); set "
+                                  "default: required (or optional), or add rules for the paths to protect", "warning")
+
+
 def operator_page_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for page in _all(specs, "operator_page"):
         path = str(page.option("path", "/_stack"))
@@ -873,6 +886,7 @@ RULES: list[Rule] = [
     probes_first,
     shared_state,
     fail_open_security,
+    auth_checks_nothing,
     operator_page_position,
     unknown_stores,
     proxy_twice,

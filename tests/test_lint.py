@@ -322,6 +322,21 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="ProxyFix told not to read X-Forwarded-For",
         ),
         pytest.param(
+            f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}, default: none}}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: auth at pipeline[1] has default: none and no rule that asks for a "
+            "token (auth: required or optional, or roles): it never looks at a request, so no request needs a token "
+            "and no identity is ever set (the token endpoints still issue them); set default: required (or "
+            "optional), or add rules for the paths to protect",
+            id="auth that checks nothing",
+        ),
+        pytest.param(
+            f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}, default: none, rules: [{{paths: [/a], "
+            "auth: none}]}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: auth at pipeline[1] has default: none and no rule that asks for a "
+            "token",
+            id="auth whose rules all say none",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:20 pipeline[0].cache.store: cache names store 'sharde', which the stores section does not "
             "define; did you mean 'shared'? (known: redis, shared)",
@@ -426,6 +441,8 @@ def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
         ),
         pytest.param("pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
                      id="proxy layer; Waitress leaves the headers to it"),
+        pytest.param(f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}, default: none, rules: [{{paths: "
+                     "['/admin/*'], roles: [admin]}]}\n", id="auth open by default, roles on some paths"),
         pytest.param("server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
                      "pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second']}\n",
                      id="Waitress takes the client address from the proxy it trusts"),
