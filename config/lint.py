@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from middleware.base import with_head
+
 from .build import LayerSpec, StackConfig, reads_forwarding_headers, suggest
 from .errors import Problem, dotted
 from .registry import LAYERS, import_string
@@ -82,6 +84,25 @@ def _before(specs: list[LayerSpec], outer: str, inner: str) -> Iterator[tuple[La
                 yield a, b
 
 
+def _apart(specs: list[LayerSpec], outer: LayerSpec, inner: LayerSpec) -> bool:
+    """Whether no request can be in the scope of both layers: True only when that is sure.
+
+    Methods that share none are sure.  Paths are compared by their text before the first ``*`` (two
+    globs one request matches have prefixes one of which begins the other), so only when neither
+    list has ``?`` or ``[``, and when no layer inside the outer one may rewrite the path (versioning,
+    a class with ``rewrites_path``, or a layer of your own, which may do so without saying).
+    """
+    a, b = outer.scope, inner.scope
+    if a.methods and b.methods and not with_head(a.methods) & with_head(b.methods):
+        return True
+    if not a.paths or not b.paths or any(c in glob for glob in (*a.paths, *b.paths) for c in "?["):
+        return False
+    if any(kind(spec) in (None, "versioning") or getattr(spec.target, "rewrites_path", False)
+           for spec in specs[_pos(specs, outer) + 1:]):
+        return False
+    return not a.overlaps(b)
+
+
 def _where(spec: LayerSpec) -> str:
     return "the default errors layer" if spec.implicit else f"pipeline[{spec.index}]"
 
@@ -99,6 +120,8 @@ def errors_outermost(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Probl
 def cache_outside_private(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for inner in ("auth", "session"):
         for cache, other in _before(specs, "cache", inner):
+            if _apart(specs, cache, other):
+                continue
             yield _problem(cfg, cache, f"cache at {_where(cache)} is outside {inner} at {_where(other)}: a cached "
                                        f"response would be served before {inner} runs; move cache inside {inner}")
 
@@ -288,6 +311,8 @@ REFUSING = ("validation", "ratelimit", "session", "csrf", "auth", "versioning")
 def cors_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for inner in REFUSING:
         for other, cors in _before(specs, inner, "cors"):
+            if _apart(specs, other, cors):
+                continue
             yield _problem(cfg, cors, f"cors at {_where(cors)} is inside {inner} at {_where(other)}: preflights "
                                       f"would meet {inner} first and its refusals would lack CORS headers",
                            "warning")

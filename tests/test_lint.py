@@ -337,6 +337,24 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="auth whose rules all say none",
         ),
         pytest.param(
+            "pipeline:\n  - errors: {}\n  - cache: {paths: ['/public/*']}\n"
+            f"  - auth: {{secret: {SECRET}, paths: ['/api/*']}}\n  - versioning: {{supported: [v1]}}\n",
+            "stack.yaml:5:5 pipeline[1]: cache at pipeline[1] is outside auth at pipeline[2]",
+            id="scopes apart, but a layer inside rewrites paths: still an error",
+        ),
+        pytest.param(
+            "pipeline:\n  - errors: {}\n  - cache: {paths: ['/p?blic/*']}\n"
+            f"  - auth: {{secret: {SECRET}, paths: ['/public/x*']}}\n",
+            "stack.yaml:5:5 pipeline[1]: cache at pipeline[1] is outside auth at pipeline[2]",
+            id="scopes that share paths through a ? pattern",
+        ),
+        pytest.param(
+            "pipeline:\n  - errors: {}\n  - cache: {paths: ['/api/*']}\n"
+            f"  - auth: {{secret: {SECRET}, paths: ['/api/v1/*']}}\n",
+            "stack.yaml:5:5 pipeline[1]: cache at pipeline[1] is outside auth at pipeline[2]",
+            id="scopes that overlap",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:20 pipeline[0].cache.store: cache names store 'sharde', which the stores section does not "
             "define; did you mean 'shared'? (known: redis, shared)",
@@ -441,6 +459,13 @@ def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
         ),
         pytest.param("pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
                      id="proxy layer; Waitress leaves the headers to it"),
+        pytest.param(f"pipeline:\n  - errors: {{}}\n  - cache: {{paths: ['/public/*']}}\n"
+                     f"  - auth: {{secret: {SECRET}, paths: ['/api/*']}}\n",
+                     id="a cache for public pages outside an auth layer for the API: scopes apart"),
+        pytest.param(f"pipeline:\n  - errors: {{}}\n  - cors: {{origins: ['https://a.example'], paths: ['/api/*']}}\n"
+                     f"  - auth: {{secret: {SECRET}, paths: ['/admin/*']}}\n"
+                     "  - cors: {origins: ['https://b.example'], paths: ['/partner/*']}\n",
+                     id="cors for partner paths inside an auth layer for admin paths: scopes apart"),
         pytest.param(f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}, default: none, rules: [{{paths: "
                      "['/admin/*'], roles: [admin]}]}\n", id="auth open by default, roles on some paths"),
         pytest.param("server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
