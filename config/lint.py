@@ -672,6 +672,36 @@ def operator_page_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
                                    "warning")
 
 
+def _every_address(spec: LayerSpec) -> str | None:
+    """The entry of a layer's ``allow_from`` that is every address (``0.0.0.0/0``, ``::/0``), if any."""
+    from middleware.base import network
+
+    return next((str(n) for n in spec.option("allow_from", None) or () if network(str(n)).prefixlen == 0), None)
+
+
+def open_to_every_address(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """metrics or operator_page whose allow_from is every address, on a server others can reach."""
+    if cfg.server.loopback_only and not cfg.server.trusted_proxy and not _all(specs, "proxy"):
+        return
+    where = f"the server listens on {', '.join(cfg.server.listen)}"
+    if cfg.server.loopback_only:
+        where = "a proxy forwards other clients' requests to it"
+    for page in _all(specs, "operator_page"):
+        entry = _every_address(page)
+        if entry and not page.option("roles"):
+            yield _problem(cfg, page, f"operator_page at {_where(page)} has allow_from {entry}, which is every "
+                                      "address, and no roles: any client could read the whole configuration (the "
+                                      "layer refuses an empty allow_from without roles for this reason); list the "
+                                      "operators' networks, or set roles (with an auth layer outside it)")
+    for metrics in _all(specs, "metrics"):
+        entry = _every_address(metrics)
+        if entry:
+            yield _problem(cfg, metrics, f"metrics at {_where(metrics)} has allow_from {entry}, which is every "
+                                         f"address, and {where}: any client could scrape "
+                                         f"{metrics.option('path', '/metrics')} (its routes, traffic and errors); "
+                                         "list the Prometheus servers' networks", "warning")
+
+
 def unknown_stores(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     """A ``store`` option (the stateful layers) or an entry of a ``stores`` list (health) that names no store."""
     for spec in specs:
@@ -913,6 +943,7 @@ RULES: list[Rule] = [
     fail_open_security,
     auth_checks_nothing,
     operator_page_position,
+    open_to_every_address,
     unknown_stores,
     proxy_twice,
     proxy_peers_can_connect,

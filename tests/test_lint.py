@@ -355,6 +355,22 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="scopes that overlap",
         ),
         pytest.param(
+            "server: {listen: '[::]:8000'}\npipeline:\n  - errors: {}\n"
+            "  - operator_page: {allow_from: [0.0.0.0/0, '::/0']}\n",
+            "stack.yaml:6:5 pipeline[1]: operator_page at pipeline[1] has allow_from 0.0.0.0/0, which is every "
+            "address, and no roles: any client could read the whole configuration (the layer refuses an empty "
+            "allow_from without roles for this reason); list the operators' networks, or set roles (with an auth "
+            "layer outside it)",
+            id="an operator page open to every address without roles, on a public listener",
+        ),
+        pytest.param(
+            "server: {listen: '0.0.0.0:8000'}\npipeline:\n  - errors: {}\n  - metrics: {allow_from: ['::/0']}\n",
+            "stack.yaml:6:5 warning: pipeline[1]: metrics at pipeline[1] has allow_from ::/0, which is every "
+            "address, and the server listens on 0.0.0.0:8000: any client could scrape /metrics (its routes, "
+            "traffic and errors); list the Prometheus servers' networks",
+            id="metrics open to every address on a public listener",
+        ),
+        pytest.param(
             "pipeline:\n  - cache: {store: sharde}\n",
             "stack.yaml:4:20 pipeline[0].cache.store: cache names store 'sharde', which the stores section does not "
             "define; did you mean 'shared'? (known: redis, shared)",
@@ -459,6 +475,10 @@ def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
         ),
         pytest.param("pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
                      id="proxy layer; Waitress leaves the headers to it"),
+        pytest.param("pipeline:\n  - errors: {}\n  - metrics: {allow_from: [0.0.0.0/0]}\n",
+                     id="metrics open to every address on a loopback-only server"),
+        pytest.param("pipeline:\n  - errors: {}\n  - operator_page: {allow_from: ['::/0', 0.0.0.0/0]}\n",
+                     id="an operator page open to every address on a loopback-only server"),
         pytest.param(f"pipeline:\n  - errors: {{}}\n  - cache: {{paths: ['/public/*']}}\n"
                      f"  - auth: {{secret: {SECRET}, paths: ['/api/*']}}\n",
                      id="a cache for public pages outside an auth layer for the API: scopes apart"),
