@@ -72,6 +72,7 @@ ALLOWED = (200, None)
                  refused("cross-origin POST refused: Sec-Fetch-Site is sideways and Origin "
                          "https://evil.example is not trusted"), id="unknown Sec-Fetch-Site"),
     pytest.param({}, {**COOKIE, "Sec-Fetch-Site": "Same-Origin"}, ALLOWED, id="case-insensitive"),
+    pytest.param({}, {**COOKIE, "Sec-Fetch-Site": " same-origin\t"}, ALLOWED, id="spaces around the value"),
     # trusted origins
     pytest.param({"trusted_origins": TRUSTED},
                  {**COOKIE, "Sec-Fetch-Site": "cross-site", "Origin": "https://partner.example.com"},
@@ -185,7 +186,7 @@ def test_origin_checks(options: dict[str, Any], request_headers: dict[str, str],
 
 
 @pytest.mark.filterwarnings("ignore::webtest.lint.WSGIWarning")  # WebTest's lint knows no extension methods
-@pytest.mark.parametrize("method", ["PROPFIND", "MKCOL", "LOCK", "SEARCH", "post", "get", "Delete"])
+@pytest.mark.parametrize("method", ["PROPFIND", "MKCOL", "LOCK", "SEARCH", "TRACE", "post", "get", "Delete"])
 def test_any_method_but_get_head_and_options_is_checked(method: str) -> None:
     """Extension methods change state too (WebDAV), and werkzeug reads a method in any case as its
     capitals (``get`` reaches a GET view): only the exact GET, HEAD and OPTIONS are let through."""
@@ -223,6 +224,10 @@ def test_any_method_but_get_head_and_options_is_checked(method: str) -> None:
                  "double_submit needs a secret_key of at least 32 characters", id="31 characters"),
     pytest.param({"header": "X CSRF"}, "header 'X CSRF' is not a header name (ASCII letters, digits "
                  "and '-')", id="bad header name"),
+    pytest.param({"header": ""}, "header '' is not a header name (ASCII letters, digits and '-')",
+                 id="empty header name"),
+    pytest.param({"header": "X_CSRF"}, "header 'X_CSRF' is not a header name (ASCII letters, digits and '-')",
+                 id="underscore: servers drop it or read it as X-CSRF"),
     pytest.param({"header": "X-CSRF-Tökén"}, "header 'X-CSRF-Tökén' is not a header name (ASCII letters, "
                  "digits and '-')", id="non-ASCII letters: no request can carry it"),
     pytest.param({"trusted": []}, "Extra inputs are not permitted", id="unknown option"),
@@ -277,6 +282,10 @@ DS = {"double_submit": True, "secret_key": SECRET}
     pytest.param(DS, {}, refused("CSRF token missing: send the X-CSRF-Token header with this session's token "
                                  "(the Flask core gives it in the login answer's csrf_token and at GET /auth/csrf)"),
                  id="missing token"),
+    pytest.param(DS, {"X-CSRF-Token": ""},
+                 refused("CSRF token missing: send the X-CSRF-Token header with this session's token "
+                         "(the Flask core gives it in the login answer's csrf_token and at GET /auth/csrf)"),
+                 id="empty token: missing"),
     pytest.param(DS, {"X-CSRF-Token": "A" * 43},
                  refused("CSRF token in X-CSRF-Token does not match this session; reload the page "
                          "to get a fresh token"), id="wrong token"),
@@ -355,6 +364,7 @@ EVIL = "https://evil.example"
     pytest.param({"Authorization": "Bearer abc", "Origin": EVIL}, 200, id="a bearer token: no ambient credential"),
     pytest.param({"Authorization": "bearer abc", "Origin": EVIL}, 200, id="the scheme in any case"),
     pytest.param({"Authorization": "Basic YTpi", "Origin": EVIL}, 403, id="basic credentials: checked"),
+    pytest.param({"Authorization": "Bearerabc", "Origin": EVIL}, 403, id="Bearer without its space: checked"),
     pytest.param({"Origin": EVIL}, 403, id="nothing: checked (a cross-site login form)"),
     pytest.param({}, 200, id="no cookie, no Origin: a client that is no browser (an API login) passes"),
 ])
@@ -366,6 +376,43 @@ def test_requests_without_the_cookie_get_the_origin_checks(request_headers: dict
     assert resp.status_int == status
     if status == 403:
         assert resp.json["error"]["message"].startswith("cross-origin POST refused")
+
+
+def test_without_the_cookie_no_token_is_asked_even_with_no_session_layer() -> None:
+    """A request with no session cookie has no session for a token to match, whether or not a session layer
+    made it a new one (one scoped to fewer paths leaves none): its origin alone is checked."""
+
+    def plain(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    layer = CSRFMiddleware(plain, CSRFMiddleware.Options(**DS, check_without_cookie=True), Context())
+    app = TestApp(ErrorsMiddleware(layer, ErrorsMiddleware.Options(), Context()))
+    assert app.post("/x", headers={"Sec-Fetch-Site": "same-origin"}).text == "ok"
+    assert app.post("/x", headers={"Sec-Fetch-Site": "cross-site", "Origin": EVIL}, status=403).json[
+        "error"]["message"].startswith("cross-site POST refused")
+
+
+def test_a_cookie_for_a_session_the_store_lacks_needs_no_token(store_url: str) -> None:
+    """An ended or expired session holds nothing a forged request could use, and no page can know its token:
+    the request goes on, and starts a new session with a token of its own."""
+    store = store_from_url(store_url)
+    resp = send(make(DS, store), {"Cookie": "__Host-session=gone.abc", "Sec-Fetch-Site": "same-origin"})
+    assert resp.status_int == 200
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", resp.text)
+    assert resp.headers["Set-Cookie"].startswith("__Host-session=")
+    store.close()
+
+
+def test_the_token_is_an_hmac_of_the_session_id_under_its_own_label() -> None:
+    """HMAC-SHA256 of "wsgistack.csrf:" and the session id, unpadded URL-safe base64: tokens pages hold stay
+    valid from one release to the next, and the label keeps the key's other uses from yielding a token."""
+
+    class Session:
+        id, new, modified = "session-id", False, False
+
+    layer = CSRFMiddleware(ok, CSRFMiddleware.Options(**DS), Context())
+    assert layer.token({"wsgistack.session": Session()}) == "3HzfHpjMVJhhDi3z0Sa_hy4mHECyRaIIPSMMDpwxpG8"
 
 
 def test_handing_out_the_token_marks_the_response_as_this_sessions() -> None:
