@@ -381,7 +381,8 @@ def cache_inside_cors(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Prob
                                    "origin's Access-Control-Allow-Origin to other origins; move cache inside cors")
 
 
-_SEES_CLIENT = ("request_id", "ratelimit", "session", "csrf", "auth", "metrics")
+#: Layers that read the client address, scheme or host (request_id reads none: it may sit outside proxy).
+_SEES_CLIENT = ("ratelimit", "session", "csrf", "auth", "metrics")
 
 
 def proxy_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:

@@ -117,9 +117,10 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="session credentials without csrf",
         ),
         pytest.param(
-            "pipeline:\n  - request_id: {}\n  - proxy: {x_for: 1}\n",
-            "stack.yaml:5:5 warning: pipeline[1]: proxy at pipeline[1] is inside request_id at pipeline[0]",
-            id="proxy inside request_id",
+            "pipeline:\n  - metrics: {}\n  - proxy: {x_for: 1}\n",
+            "stack.yaml:5:5 warning: pipeline[1]: proxy at pipeline[1] is inside metrics at pipeline[0]: metrics "
+            "sees the proxy's address",
+            id="proxy inside metrics",
         ),
         pytest.param(
             "pipeline:\n  - proxy: {x_for: 1, paths: ['/api/*']}\n",
@@ -475,6 +476,8 @@ def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
         ),
         pytest.param("pipeline:\n  - errors: {}\n  - proxy: {x_for: 1}\n",
                      id="proxy layer; Waitress leaves the headers to it"),
+        pytest.param("pipeline:\n  - errors: {}\n  - request_id: {}\n  - proxy: {x_for: 1}\n",
+                     id="proxy inside request_id, which reads no client address: its refusals carry the id"),
         pytest.param("pipeline:\n  - errors: {}\n  - metrics: {allow_from: [0.0.0.0/0]}\n",
                      id="metrics open to every address on a loopback-only server"),
         pytest.param("pipeline:\n  - errors: {}\n  - operator_page: {allow_from: ['::/0', 0.0.0.0/0]}\n",
