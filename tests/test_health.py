@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import signal
@@ -80,6 +81,7 @@ def make(inner: Recorder) -> Callable[..., TestApp]:
         pytest.param({}, "/readyz?verbose=1", (200, {"status": "ok", "stores": {"shared": MEMORY}}),
                      id="a query string on readiness"),
         pytest.param({}, "/api/x", (200, "app"), id="other paths go to the app"),
+        pytest.param({}, "/", (200, "app"), id="the root goes to the app"),
         pytest.param({"stores": []}, "/readyz", (200, {"status": "ok", "stores": {}}), id="no stores checked"),
     ],
 )
@@ -197,6 +199,81 @@ def test_liveness_ignores_stores(make: Callable[..., TestApp], dead_store: Store
 def test_stores_option_limits_the_check(make: Callable[..., TestApp], dead_store: Store) -> None:
     app = make({"stores": ["shared"]}, stores={"shared": MemoryStore(), "redis": dead_store})
     assert facts(app.get("/readyz").json) == {"status": "ok", "stores": {"shared": MEMORY}}
+
+
+class FactsStore(MemoryStore):
+    """A store whose health check answers what it is given."""
+
+    def __init__(self, facts: dict[str, object]) -> None:
+        super().__init__()
+        self.facts = facts
+
+    def health(self) -> dict[str, object]:
+        return dict(self.facts)
+
+
+class HangingStore(MemoryStore):
+    """A store whose health check answers only when ``release`` is set."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__()
+        self.release = release
+
+    def health(self) -> dict[str, object]:
+        self.release.wait(10)
+        return {"ok": True, "backend": "HangingStore"}
+
+
+def test_the_probe_bodies_are_compact_and_list_the_stores_in_name_order(make: Callable[..., TestApp]) -> None:
+    app = make(stores={"b": FactsStore({"ok": True}), "a": FactsStore({"ok": True})})
+    live = app.get("/healthz")
+    assert live.body == b'{"status":"ok"}'
+    assert live.headers["Content-Length"] == "15"
+    assert app.get("/readyz").body == b'{"status":"ok","stores":{"a":{"ok":true},"b":{"ok":true}}}'
+
+
+def test_a_health_fact_json_cannot_hold_is_given_as_text(make: Callable[..., TestApp]) -> None:
+    since = datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.UTC)
+    response = make(stores={"odd": FactsStore({"ok": True, "since": since})}).get("/readyz")
+    assert response.json == {"status": "ok", "stores": {"odd": {"ok": True, "since": "2024-05-01 12:00:00+00:00"}}}
+
+
+@pytest.mark.parametrize("answer", [{"backend": "X"}, {"ok": None}, {"ok": 0}])
+def test_a_health_check_that_does_not_say_ok_counts_as_failed(make: Callable[..., TestApp],
+                                                             answer: dict[str, object]) -> None:
+    response = make(stores={"odd": FactsStore(answer)}).get("/readyz", status=503)
+    assert response.json == {"status": "degraded", "stores": {"odd": answer}}
+
+
+def test_the_timeout_covers_all_the_stores_together(make: Callable[..., TestApp]) -> None:
+    release = threading.Event()
+    app = make({"timeout": 0.3}, stores={name: HangingStore(release) for name in "abc"})
+    try:
+        started = time.monotonic()
+        response = app.get("/readyz", status=503)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert took < 0.75, took  # not 0.9 s, the timeout once per store
+    no_answer = {"ok": False, "backend": "HangingStore", "error": "no answer in time"}
+    assert response.json == {"status": "degraded", "stores": {"a": no_answer, "b": no_answer, "c": no_answer}}
+
+
+def test_without_a_thread_to_be_had_the_store_is_asked_in_the_probes_own(make: Callable[..., TestApp],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    assert facts(make().get("/readyz").json) == {"status": "ok", "stores": {"shared": MEMORY}}
+
+
+def test_a_relative_drain_file_is_found_beside_the_stack_file(inner: Recorder, tmp_path: Path) -> None:
+    context = Context(stores={}, settings={"base_dir": str(tmp_path)})
+    app = TestApp(HealthMiddleware(inner, HealthMiddleware.Options(drain_file="drain"), context))
+    assert app.get("/readyz").json["status"] == "ok"
+    (tmp_path / "drain").touch()
+    assert app.get("/readyz", status=503).json == {"status": "draining"}
 
 
 def test_a_raising_health_check_counts_as_failed(make: Callable[..., TestApp]) -> None:
