@@ -87,6 +87,8 @@ ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
                  {"REMOTE_ADDR": "10.0.1.5"}, id="an ipv4-mapped network: a peer outside it"),
     pytest.param({"x_proto": 1}, {"X-Forwarded-Proto": "https"}, "127.0.0.1",
                  {"wsgi.url_scheme": "https"}, id="proto"),
+    pytest.param({"x_proto": 1}, {"X-Forwarded-Proto": "HTTPS"}, "127.0.0.1",
+                 {"wsgi.url_scheme": "https"}, id="proto in capitals"),
     pytest.param({"x_proto": 1}, {"X-Forwarded-Proto": "javascript"}, "127.0.0.1", {},
                  id="proto other than http(s) ignored"),
     pytest.param({"x_host": 1}, {"X-Forwarded-Host": "api.example.org"}, "127.0.0.1",
@@ -99,6 +101,8 @@ ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
                  {"HTTP_HOST": "api.example.org:8443", "SERVER_PORT": "8443"}, id="host with port"),
     pytest.param({"x_host": 1}, {"X-Forwarded-Host": "api.example.org:0"}, "127.0.0.1", {},
                  id="host with port 0 ignored, as X-Forwarded-Port 0 is"),
+    pytest.param({"x_host": 1}, {"X-Forwarded-Host": "api.example.org:65536"}, "127.0.0.1", {},
+                 id="host with port 65536 ignored"),
     pytest.param({"x_host": 1}, {"X-Forwarded-Host": "api.example.org:99999"}, "127.0.0.1", {},
                  id="host with a port out of range ignored"),
     pytest.param({"x_host": 1, "x_proto": 1},
@@ -118,6 +122,9 @@ ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
                  id="a superscript digit (byte 0xb2) ignored, not a 500"),
     pytest.param({"x_port": 1}, {"X-Forwarded-Port": "44\u00b3"}, "127.0.0.1", {},
                  id="a port ending in a superscript digit ignored"),
+    pytest.param({"x_port": 1}, {"X-Forwarded-Port": "443"}, "127.0.0.1",
+                 {"HTTP_HOST": "internal:443", "SERVER_PORT": "443"},
+                 id="port 443 over http is no default: it stays in the host"),
     pytest.param({"x_port": 1}, {"X-Forwarded-Port": "1"}, "127.0.0.1",
                  {"HTTP_HOST": "internal:1", "SERVER_PORT": "1"}, id="port 1"),
     pytest.param({"x_port": 1}, {"X-Forwarded-Port": "65535"}, "127.0.0.1",
@@ -171,6 +178,14 @@ ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
                  {}, id="Forwarded 2: the asked-for element is broken, ignored"),
     pytest.param({"forwarded": 1}, {"Forwarded": 'for=198.51.100.7, for="[2001:db8::1]:80";x="a,b"'},
                  "127.0.0.1", {"REMOTE_ADDR": "2001:db8::1"}, id="Forwarded: comma inside quotes"),
+    pytest.param({"forwarded": 1}, {"Forwarded": 'for=203.0.113.9;x="a,b";proto=https'}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9", "wsgi.url_scheme": "https"},
+                 id="Forwarded: a quoted comma between the element's own pairs"),
+    pytest.param({"forwarded": 1}, {"Forwarded": 'for=203.0.113.9;x="a\\",b";proto=https'}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9", "wsgi.url_scheme": "https"},
+                 id="Forwarded: an escaped quote neither opens nor closes a quoted string"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=203.0.113.9;prefix=/app;port=8443"}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9"}, id="Forwarded has no prefix or port parameter: ignored"),
     pytest.param({"forwarded": 1}, {"Forwarded": "for=unknown"}, "127.0.0.1", {},
                  id="Forwarded unknown ignored"),
     pytest.param({"forwarded": 1}, {"Forwarded": "for=_hidden;proto=https"}, "127.0.0.1",
@@ -239,6 +254,20 @@ def test_an_untrusted_peer_is_read_as_client_ip_reads_it(peer: str, port: str, c
     body = call(make(x_for=1), XFF, peer=peer, REMOTE_PORT=port).json
     assert body["client_ip"] == body["stored_client_ip"] == client
     assert body["REMOTE_ADDR"] == peer
+
+
+@pytest.mark.parametrize(("peer", "client"), [
+    pytest.param("192.0.2.1", "192.0.2.1", id="untrusted peer"),
+    pytest.param("127.0.0.1", "203.0.113.9", id="trusted peer"),
+])
+def test_a_client_ip_already_in_environ_is_not_taken_for_the_layers(peer: str, client: str) -> None:
+    body = call(make(x_for=1), {"X-Forwarded-For": "203.0.113.9"}, peer=peer, **{CLIENT_IP: "198.51.100.66"}).json
+    assert body["client_ip"] == body["stored_client_ip"] == client
+
+
+def test_a_forwarded_port_joins_the_host_header_name_not_the_server_name() -> None:
+    body = call(make(x_port=1), {"X-Forwarded-Port": "9443"}, HTTP_HOST="public.example:8080").json
+    assert (body["HTTP_HOST"], body["SERVER_PORT"]) == ("public.example:9443", "9443")
 
 
 def test_derive_client_summarises_the_rewrite() -> None:
@@ -359,6 +388,9 @@ def test_allowed_hosts_without_host_header_uses_server_name(server_name: str, st
                  "forwarded may not be combined with x_for, x_proto, x_host, x_port or x_prefix",
                  id="two header schemes"),
     pytest.param({"forwarded": 1, "x_prefix": 1}, "forwarded may not be combined", id="forwarded and prefix"),
+    pytest.param({"forwarded": 2, "x_proto": 1}, "forwarded may not be combined", id="forwarded and proto"),
+    pytest.param({"forwarded": 1, "x_host": 2}, "forwarded may not be combined", id="forwarded and host"),
+    pytest.param({"forwarded": 1, "x_port": 1}, "forwarded may not be combined", id="forwarded and port"),
     pytest.param({"trusted_proxies": ["10.0.0.1/8"]},
                  "trusted_proxies entry '10.0.0.1/8' is not an address or CIDR network, nor 'unix' "
                  "(10.0.0.1/8 has host bits set)", id="host bits"),
