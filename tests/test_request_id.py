@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -11,9 +12,9 @@ import pytest
 from pydantic import ValidationError
 from webtest import TestApp
 
-from middleware.base import REQUEST_ID, Context, refuse
+from middleware.base import REQUEST_ID, TRACE, Context, refuse
 from middleware.errors import ErrorsMiddleware
-from middleware.request_id import RequestIdLogFilter, RequestIdMiddleware, current_request_id
+from middleware.request_id import RequestIdLogFilter, RequestIdMiddleware, _RandomIds, current_request_id
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 log = logging.getLogger("tests.request_id")
@@ -93,6 +94,7 @@ KEPT, NEW = "kept", "generated"
         pytest.param({}, {"X-Request-ID": "caf\xe9"}, NEW, id="non-ascii"),
         pytest.param({}, {"X-Request-ID": "-abc"}, NEW, id="leading dash"),
         pytest.param({}, {"X-Request-ID": "<script>"}, NEW, id="angle brackets"),
+        pytest.param({}, {"X-Request-ID": "abc,def"}, NEW, id="comma: a list of two ids"),
         pytest.param({}, {"X-Request-ID": ""}, NEW, id="empty"),
         pytest.param({"trust_incoming": False}, {"X-Request-ID": "abc-123"}, NEW,
                      id="trust_incoming off"),
@@ -241,6 +243,8 @@ def test_log_filter_keeps_explicit_id_and_default(capture: Capture) -> None:
                      "fields (WSGI cannot tell them from '-'); write 'X-Request-Id'", id="underscore in the header"),
         pytest.param({"pattern": "(["}, "pattern '([' is not a valid regular expression",
                      id="bad regex"),
+        pytest.param({"pattern": "a{4294967296}"}, "pattern 'a{4294967296}' is not a valid regular expression",
+                     id="a repeat count past what re can hold"),
         pytest.param({"max_length": 0}, "greater than or equal to 1", id="zero max_length"),
         pytest.param({"max_length": 5000}, "less than or equal to 1024", id="huge max_length"),
         pytest.param({"generate": "uuid"}, "Extra inputs are not permitted", id="unknown option"),
@@ -260,3 +264,63 @@ def test_yaml_stack(make_stack: Callable[..., TestApp]) -> None:
     response = stack.get("/", headers={"X-Correlation-ID": "corr-7"})
     assert response.headers["X-Correlation-ID"] == "corr-7"
     assert response.json["request_id"] == "corr-7"
+
+
+def test_a_started_response_body_is_the_apps_own() -> None:
+    """Once the app has started its response, its iterable goes to the server as it is (a one-chunk list
+    the server can size, a file_wrapper it can send), not wrapped."""
+    body = [b"ok"]
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return body
+
+    layer = RequestIdMiddleware(app, RequestIdMiddleware.Options(), Context())
+    started: list[list[tuple[str, str]]] = []
+    result = layer({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
+                   lambda status, headers, exc_info=None: started.append(headers))
+    assert result is body
+    assert started[0][0] == ("Content-Type", "text/plain")
+    assert started[0][1][0] == "X-Request-ID"
+
+
+@pytest.mark.parametrize(("request_headers", "decision"), [
+    pytest.param({"X-Request-ID": "abc-123"}, "kept the incoming X-Request-ID", id="kept"),
+    pytest.param({"X-Request-ID": "abc 123"}, "refused the incoming X-Request-ID; generated one", id="refused"),
+])
+def test_trace_notes(make: Callable[..., TestApp], request_headers: dict[str, str], decision: str) -> None:
+    trace: list[tuple[str, str]] = []
+    environ = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in request_headers.items()}
+    make().get("/", extra_environ={**environ, TRACE: trace})
+    assert trace == [("request_id", decision)]
+
+
+def test_no_trace_note_without_an_incoming_id(make: Callable[..., TestApp]) -> None:
+    trace: list[tuple[str, str]] = []
+    make().get("/", extra_environ={TRACE: trace})
+    assert trace == []
+
+
+def test_ids_are_not_handed_out_twice_across_batches() -> None:
+    ids = _RandomIds()
+    drawn = [ids() for _ in range(600)]  # past two refills of 256
+    assert len(set(drawn)) == 600
+    assert all(GENERATED.fullmatch(rid) for rid in drawn)
+
+
+@pytest.mark.filterwarnings("ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning")
+def test_a_forked_worker_does_not_reuse_its_parents_batch() -> None:
+    ids = _RandomIds()
+    ids()  # the batch is drawn, 255 ids left in it
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, ids().encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert status == 0
+    assert GENERATED.fullmatch(child)
+    assert child != ids()
