@@ -276,8 +276,18 @@ def _nth_from_right(value: str | None, hops: int) -> str | None:
 
 
 def _quotes(text: str) -> int:
-    """How many double quotes in ``text`` open or close a quoted string (``\\"`` does neither)."""
-    return text.count('"') - text.count('\\"')
+    """How many double quotes in ``text`` open or close a quoted string (``\\"`` does neither, ``\\\\"`` does)."""
+    if "\\" not in text:
+        return text.count('"')
+    count, escaped = 0, False
+    for char in text:  # (only for an element with a backslash in it: rare)
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            count += 1
+    return count
 
 
 @lru_cache(maxsize=4096)
