@@ -106,7 +106,8 @@ def redis_store(redis_url: str) -> Iterator[Store]:
     pytest.param({"rules": [{"paths": ["api/*"], "limits": ["1/second"]}]},
                  "path pattern 'api/*' must start with '/' (or be '*')", id="relative path"),
     pytest.param({"limits": ["1/second"], "rules": [{"paths": [], "limits": []}]},
-                 "paths is empty: a rule must name at least one path pattern; leave paths out for every path ('*')", id="a rule for no path: its pattern would match every path"),
+                 "paths is empty: a rule must name at least one path pattern; leave paths out for every path ('*')",
+                 id="a rule for no path: its pattern would match every path"),
     pytest.param({"rules": [{"methods": ["FETCH"], "limits": ["1/second"]}]},
                  "unknown HTTP method 'FETCH' (known: CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, "
                  "TRACE)", id="unknown method"),
