@@ -21,7 +21,8 @@ Backends are in-process memory (cachelib ``SimpleCache``, ``memory://``) or
 one Redis URL for all three stateful extensions.  ``GET /peer/login`` puts a
 user in the session, the peer's stand-in for ``POST /auth/login``.
 
-Run it (or bare Flask) under Waitress with the shipped stack's server settings::
+Run it (or bare Flask) under Waitress with the shipped stack's server settings, after
+``gc.freeze()`` as serve.py does::
 
     python -m bench.peer --listen 127.0.0.1:8891 [--redis-url redis://...] [--bare]
 """
@@ -29,6 +30,7 @@ Run it (or bare Flask) under Waitress with the shipped stack's server settings::
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     from waitress import serve
 
     app = create_bare_app(args.var_dir) if args.bare else create_peer_app(args.var_dir, args.redis_url)
+    # serve.py freezes what it built before serving (gc.freeze()): the same here, so that the collector
+    # treats bare Flask, the peer and the wsgistack servers alike.
+    gc.collect()
+    gc.freeze()
     serve(app, listen=args.listen, **WAITRESS)
     return 0
 
