@@ -83,8 +83,10 @@ def http_servers(ws: Workspace, settings: Settings) -> list[tuple[http.Server, l
         return http.Load(label, srv, path, connections, s)
 
     servers = [
+        # Bare Flask at every connection count another server is loaded with: each ratio compares equal loads.
         (server("bare Flask", [*plain, "--bare"]),
-         [load("bare Flask", "bare Flask", HEALTH), load("bare Flask", "bare Flask", SEARCH)]),
+         [load("bare Flask", "bare Flask", HEALTH), load("bare Flask", "bare Flask", SEARCH),
+          load("bare Flask", "bare Flask", HEALTH, 16), load("bare Flask", "bare Flask", HEALTH, 64)]),
         (server("full stack", serve, WSGISTACK_WORKERS="1"),
          [load("full stack", "full stack", HEALTH),
           load("full stack", "full stack", HEALTH, 64),
@@ -201,11 +203,11 @@ def _floor_goal(result: inproc.Result, limit: float) -> Goal:
 
 
 def http_table(loads: list[http.Load]) -> str:
-    base = {x.path: x for x in loads if x.label == "bare Flask"}
+    base = {(x.path, x.connections): x for x in loads if x.label == "bare Flask"}
     lines = ["| stack | request | connections | req/s | x bare Flask | p50 ms | p99 ms | errors | peak RSS MiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for x in loads:
-        b = base.get(x.path)
+        b = base.get((x.path, x.connections))
         ratio = http.ratio(x, b) if b else float("nan")
         lines.append(f"| {x.label} | `{x.path}` | {x.connections} | {x.rps:.0f} | {_fmt(ratio)} | "
                      f"{_fmt(x.p50_ms)} | {_fmt(x.p99_ms)} | {x.errors} | {_fmt(x.rss_mib, 1)} |")
@@ -276,8 +278,9 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "",
         f"`wrk` on loopback, one thread, keep-alive; every server started and warmed up "
         f"({settings.warmup_seconds:g} s of load per request) first, then {settings.http_rounds} interleaved "
-        f"rounds of {settings.load_seconds:g} s per case (compared cases back to back); the median round is "
-        "shown, and ratios are medians of the per-round ratios. Same browser headers; "
+        f"rounds of {settings.load_seconds:g} s per case (compared cases back to back); the median "
+        "round is shown, and ratios are medians of the per-round ratios, each to bare "
+        "Flask under the same number of connections. Same browser headers; "
         "Waitress settings of the shipped stack (8 threads), with untrusted proxy headers kept for the proxy "
         "layer and ProxyFix. Peak RSS is the server's `VmHWM` at the end (summed over the worker processes).",
         "",
