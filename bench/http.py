@@ -7,7 +7,8 @@ shipped stack's server settings).  Load comes from ``wrk`` (one thread,
 keep-alive), or from a small Python load generator when wrk is missing.  Each
 run is bounded in time.  All servers are started first and warmed up (caches
 filled, Waitress's threads started); then the loads run in interleaved rounds,
-every load once per round (loads compared with each other run back to back),
+every load once per round (loads compared with each other run back to back, the
+order reversed every other round),
 and each figure is the median of its rounds, a ratio the median of the
 per-round ratios, so a burst of load on a shared machine does not land on one
 case only.  Peak RSS
@@ -291,7 +292,8 @@ def measure(plan: list[tuple[Server, list[Load]]], rounds: int, warmup: float, o
         server_of = {id(load): server for server, loads in plan for load in loads}
         sequence = order or [load for _, loads in plan for load in loads]
         for i in range(rounds):
-            for load in sequence:
+            # Every other round in reverse: no load always runs first (or last) among those compared with it.
+            for load in sequence if i % 2 == 0 else sequence[::-1]:
                 server = server_of[id(load)]
                 sample = Load(load.label, load.server, load.path, load.connections, load.seconds)
                 settle(started)

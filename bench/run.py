@@ -278,8 +278,8 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "",
         f"`wrk` on loopback, one thread, keep-alive; every server started and warmed up "
         f"({settings.warmup_seconds:g} s of load per request) first, then {settings.http_rounds} interleaved "
-        f"rounds of {settings.load_seconds:g} s per case (compared cases back to back); the median "
-        "round is shown, and ratios are medians of the per-round ratios, each to bare "
+        f"rounds of {settings.load_seconds:g} s per case (compared cases back to back, in reverse order every "
+        "other round); the median round is shown, and ratios are medians of the per-round ratios, each to bare "
         "Flask under the same number of connections. Same browser headers; "
         "Waitress settings of the shipped stack (8 threads), with untrusted proxy headers kept for the proxy "
         "layer and ProxyFix. Peak RSS is the server's `VmHWM` at the end (summed over the worker processes).",
