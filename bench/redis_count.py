@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import BROWSER_HEADERS, FULL_YAML, Workspace
+from bench.common import BROWSER_HEADERS, FULL_YAML, RATE_LIMIT, Workspace
 from bench.stacks import Stack, call, login, make_environ
 
 STATEFUL = ("ratelimit", "auth", "session", "cache")
@@ -141,6 +141,55 @@ def count(ws: Workspace, requests: int = 20) -> tuple[list[Count], list[dict[str
     return counts, _deltas(counts)
 
 
+def compare(ws: Workspace, requests: int = 20) -> list[Count]:
+    """Commands and round trips per request of the in-process table's Redis stacks, on its requests.
+
+    The full stack, the layers that do the peer's work and the peer stack, each
+    sent the requests of the in-process table (health, the cached search,
+    health with the session cookie), so the peer's round trips stand beside the
+    layers'.  Their logins do not count against the login limit of the other
+    sections' stacks (a limit of their own).
+    """
+    from bench import inproc, stacks
+
+    client = ws.redis.client() if ws.redis is not None else None
+    if client is None:
+        raise RuntimeError("no Redis server in this run")
+    built = [stacks.wsgistack(ws, "full stack (Redis)", FULL_YAML, redis=True, WSGISTACK_LOGIN_LIMIT=RATE_LIMIT),
+             stacks.wsgistack(ws, "peer's work (Redis)", stacks.peer_work_yaml(ws), redis=True,
+                              WSGISTACK_LOGIN_LIMIT=RATE_LIMIT),
+             stacks.peer(ws, "peer stack (Redis)", redis=True)]
+    sends = _Sends()
+    out: list[Count] = []
+    try:
+        with sends.installed():
+            for profile in inproc.PROFILES:
+                for stack in built:
+                    environ = make_environ(profile.target, inproc.headers_for(stack, profile))
+                    call(stack.app, environ)  # fills the cache, as inproc.prepare does
+                    client.config_resetstat()
+                    sends.count, sends.on = 0, True
+                    statuses = [call(stack.app, environ)[0] for _ in range(requests)]
+                    sends.on = False
+                    if any(not s.startswith("200") for s in statuses):
+                        raise RuntimeError(f"{stack.name}, {profile.label}: {sorted(set(statuses))}")
+                    out.append(Count(stack.name, profile.label,
+                                     {k: v / requests for k, v in _stats(client).items()}, sends.count / requests))
+    finally:
+        for stack in built:
+            stack.close()
+        client.close()
+    return out
+
+
+def compare_table(counts: list[Count]) -> str:
+    lines = ["| stack | request | Redis commands per request | commands | round trips |", "|---|---|---|---:|---:|"]
+    for c in counts:
+        shown = ", ".join(f"{n} {v:g}" for n, v in sorted(c.commands.items())) or "none"
+        lines.append(f"| {c.stack} | {c.request} | {shown} | {c.total:g} | {c.round_trips:g} |")
+    return "\n".join(lines)
+
+
 def _deltas(counts: list[Count]) -> list[dict[str, Any]]:
     rows = []
     for request in dict.fromkeys(c.request for c in counts):
@@ -166,4 +215,4 @@ def table(counts: list[Count], deltas: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Count", "Stack", "count", "table"]
+__all__ = ["Count", "Stack", "compare", "compare_table", "count", "table"]

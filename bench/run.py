@@ -225,7 +225,7 @@ def rss_table(servers: list[http.Server]) -> str:
 
 def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc.Result, layers: inproc.Result,
            in_place: inproc.Result, loads: list[http.Load], servers: list[http.Server], counts: Any, deltas: Any,
-           goal_list: list[Goal], seconds: float) -> str:
+           compared: Any, goal_list: list[Goal], seconds: float) -> str:
     mark = {True: "met", False: "**missed**", None: "not measured"}
     parts = [
         "# wsgistack benchmark results",
@@ -300,6 +300,14 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "",
         redis_count.table(counts, deltas) if counts is not None else "Not run (no redis-server).",
         "",
+        "The Redis stacks of the in-process table on its requests (health, the cached search, health with the "
+        "session cookie; counted as above): the peer stack's round trips beside the layers'. Flask-Limiter's "
+        "hit is one round trip and its rate-limit headers two more (`TTL`, `GET`); Flask-Session reads "
+        "(`GET`) and, to slide the lifetime, writes (`SET`) a logged-in session on every request; "
+        "Flask-Caching's hit is a `GET` of its own.",
+        "",
+        redis_count.compare_table(compared) if compared is not None else "Not run (no redis-server).",
+        "",
         "## 4. Peak RSS of the servers under load",
         "",
         rss_table(servers),
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     ws = Workspace.create()
     say(f"workspace: {ws.path}")
-    counts = deltas = None
+    counts = deltas = compared = None
     hidden: dict[str, str] = {str(ws.path): "$WORKSPACE"}
     try:
         try:
@@ -395,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
             say("redis: counting commands per request")
             counts, deltas = redis_count.count(ws, settings.redis_requests)
             say(redis_count.table(counts, deltas))
+            compared = redis_count.compare(ws, settings.redis_requests)
+            say(redis_count.compare_table(compared))
         loads, servers = run_http(ws, settings)
         info["load average after the HTTP runs"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     finally:
         ws.close(keep=args.keep)
     goal_list = goals(result, loads, deltas)
-    text = report(info, settings, args.quick, result, layers, in_place, loads, servers, counts, deltas, goal_list,
-                  time.monotonic() - started)
+    text = report(info, settings, args.quick, result, layers, in_place, loads, servers, counts, deltas, compared,
+                  goal_list, time.monotonic() - started)
     for real, shown in hidden.items():  # temporary paths and ports mean nothing in the report
         text = text.replace(real, shown)
     say()
