@@ -1,7 +1,9 @@
 """Where the time goes: bench/full.yaml built up one layer at a time around the raw callable.
 
-Each row is the stack from ``errors`` down to that layer (the raw WSGI callable
-at the core instead of Flask, so only the layers are timed); the last column is
+The first row is the raw WSGI callable alone; each row after it is the stack
+from ``errors`` down to that layer (the raw WSGI callable at the core instead of
+Flask, so only the layers are timed, and the first layer's row adds only what
+that layer costs, not the callable's own time); the last column is
 what adding the layer cost, in place, with every layer outside it already
 there (a layer that adds response headers also makes the outer layers' header
 passes longer, and that lands on its row).  Same browser request and
@@ -18,7 +20,7 @@ import yaml
 
 from bench import inproc
 from bench.common import FULL_YAML, Workspace
-from bench.stacks import HEALTH, Stack
+from bench.stacks import HEALTH, Stack, raw_wsgi
 
 
 def stacks(ws: Workspace) -> list[Stack]:
@@ -28,7 +30,7 @@ def stacks(ws: Workspace) -> list[Stack]:
     data: dict[str, Any] = copy.deepcopy(read_file(FULL_YAML, env=ws.env()).data)
     data["app"] = {"factory": "bench.stacks:raw_factory"}
     pipeline = data["pipeline"]
-    out = []
+    out = [Stack("raw WSGI", raw_wsgi)]  # the core alone: the first layer's row adds only what that layer costs
     for k in range(1, len(pipeline) + 1):
         data["pipeline"] = pipeline[:k]
         built = build_from_text(yaml.safe_dump(data), base_dir=FULL_YAML.parent, strict=False)
