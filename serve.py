@@ -759,8 +759,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
         pending.append(signum)  # acted on in the loop below; set_wakeup_fd wakes select()
 
     live.label = "supervisor: "
-    for slot in range(len(slots)):
-        spawn(slot)
+
     def wake() -> None:  # after a reload: the workers follow it, and those waiting for it to end may start now
         beats.publish(live.generation)
         with contextlib.suppress(OSError):
@@ -770,6 +769,8 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     old_wakeup = signal.set_wakeup_fd(wake_w)
     for sig in (*HANDLED, signal.SIGCHLD):
         signal.signal(sig, note_signal)
+    for slot in range(len(slots)):  # after the SIGCHLD handler: a worker that exits at once still wakes the loop
+        spawn(slot)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # blocked since the sockets were bound (cmd_serve)
     log.info("supervising %d workers: %s", len(slots), ", ".join(map(str, children)))
     stopping_since: float | None = None

@@ -262,10 +262,15 @@ def slow_reloading_app(options: dict[str, Any]) -> Any:
 
 def app_failing_in_workers(options: dict[str, Any] | None = None) -> Any:
     """``echo_app``, but a process forked from the one that built it exits at once (code 3): a worker
-    that cannot start (say a library that refuses to run after a fork)."""
+    that cannot start (say a library that refuses to run after a fork).  ``parent_pause`` (seconds)
+    holds the forking process after each fork, as a loaded machine may."""
     import os
+    import time
 
     os.register_at_fork(after_in_child=lambda: os._exit(3))
+    pause = float((options or {}).get("parent_pause", 0))
+    if pause:  # a busy machine: the forking process runs again only after its child has exited
+        os.register_at_fork(after_in_parent=lambda: time.sleep(pause))
     return echo_app()
 
 

@@ -79,11 +79,15 @@ def _hup_storm(served: ServeProcess, builds: Path) -> None:
     assert _builds(builds) == 3
 
 
-def test_workers_that_never_start_stop_the_supervisor(tmp_path: Path) -> None:
-    """A crash loop is not a running server: after GIVE_UP failed starts in every slot the supervisor exits 3."""
+@pytest.mark.parametrize("pause", [0, 0.3], ids=["prompt", "supervisor slow after fork"])
+def test_workers_that_never_start_stop_the_supervisor(tmp_path: Path, pause: float) -> None:
+    """A crash loop is not a running server: after GIVE_UP failed starts in every slot the supervisor exits 3.
+
+    A worker may be gone before the supervisor runs again after the fork (a loaded machine): its exit
+    is still seen at once, a failed start, not a worker that lived until the supervisor looked."""
     port = free_port()
     config = tmp_path / "stack.yaml"
-    config.write_text('app: {factory: "stack_support:app_failing_in_workers"}\n'
+    config.write_text(f'app: {{factory: "stack_support:app_failing_in_workers", options: {{parent_pause: {pause}}}}}\n'
                       f"server: {{listen: '127.0.0.1:{port}', workers: 2}}\npipeline: [errors: {{}}]\n")
     served = ServeProcess(config).start()
     try:
