@@ -82,6 +82,8 @@ __all__ = [
     "header_text",
     "host_key",
     "host_name",
+    "host_names",
+    "ip_literal",
     "ipv6_network",
     "mask_url_passwords",
     "network",
@@ -594,6 +596,28 @@ def host_name(host: str) -> str:
     """The name of a ``Host`` value (``host[:port]``) as host lists compare it: lower case, no port, no
     trailing dot, an IPv6 literal bracketed."""
     return host_key(split_host(host)[0].lower().rstrip("."))
+
+
+def ip_literal(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an IP literal host names (IPv6 bracketed or not), else None."""
+    try:
+        return ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+    except ValueError:
+        return None
+
+
+def host_names(value: Iterable[str], option: str) -> tuple[str, ...]:
+    """Entries of a host-name list (``allowed_hosts``, ``hosts``) as :class:`HostList` compares them: lowercase, no
+    trailing dot; a ValueError naming ``option`` for one that is no host name (a URL, a port, a path)."""
+    found = []
+    for entry in value:
+        name = entry.strip().lower().rstrip(".")
+        bare = name[2:] if name.startswith("*.") else name
+        if name != "*" and not (HOST_PORT.fullmatch(bare) and not split_host(bare)[2]) and ip_literal(name) is None:
+            raise ValueError(f"{option} entry {entry!r} is not a host name: write ops.example.org, *.example.org "
+                             "or '*' (no scheme, port or path)")
+        found.append(name)
+    return tuple(found)
 
 
 class HostList:

@@ -36,7 +36,6 @@ import ast
 import collections
 import hashlib
 import html
-import ipaddress
 import json
 import math
 import os
@@ -66,13 +65,14 @@ from .base import (
     Networks,
     address_in,
     host_name,
+    host_names,
+    ip_literal,
     mask_url_passwords,
     networks,
     normalise_origin,
     own_origin,
     refuse,
     shown,
-    split_host,
 )
 
 if TYPE_CHECKING:
@@ -106,28 +106,12 @@ _PENDING = 64  # requests whose timings wait to be folded (until a look at the p
 # -- who may read it (the page and metrics) -------------------------------------
 def _check_hosts(value: tuple[str, ...]) -> tuple[str, ...]:
     """``hosts`` entries as the check compares them: lowercase, no trailing dot."""
-    found = []
-    for entry in value:
-        name = entry.strip().lower().rstrip(".")
-        bare = name[2:] if name.startswith("*.") else name
-        if name != "*" and not (HOST_PORT.fullmatch(bare) and not split_host(bare)[2]) and _ip(name) is None:
-            raise ValueError(f"hosts entry {entry!r} is not a host name: write ops.example.org, *.example.org "
-                             "or '*' (no scheme, port or path)")
-        found.append(name)
-    return tuple(found)
+    return host_names(value, "hosts")
 
 
 #: The ``hosts`` option of the page and of ``metrics``: names (``*.example.org`` for subdomains,
 #: ``*`` for any) by which the page may be opened besides IP addresses and ``localhost``.
 HostNames = Annotated[tuple[str, ...], AfterValidator(_check_hosts)]
-
-
-def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address an IP literal host names (IPv6 bracketed or not), else None."""
-    try:
-        return ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
-    except ValueError:
-        return None
 
 
 class HostCheck:
@@ -153,7 +137,7 @@ class HostCheck:
         if not HOST_PORT.fullmatch(host):
             return f"The Host header {shown(host)} is not a host name."
         name = host_name(host)
-        if self.names.allow(name) or _ip(name) is not None:
+        if self.names.allow(name) or ip_literal(name) is not None:
             return None
         return (f"Host {shown(name)} is not one of {self.option}: add it there to open {self.what} by this name "
                 "(IP addresses and localhost need no entry); other names are refused so that a DNS-rebinding "

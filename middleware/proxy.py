@@ -27,7 +27,7 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from .base import (
     CLIENT_IP,
@@ -38,6 +38,7 @@ from .base import (
     LayerOptions,
     client_ip,
     host_name,
+    host_names,
     network,
     note,
     refuse,
@@ -91,6 +92,11 @@ class ProxyOptions(LayerOptions):
     forwarded: int = Field(default=0, ge=0)
     trusted_proxies: tuple[TrustedProxy, ...] = ("127.0.0.1/32", "::1/128")
     allowed_hosts: tuple[str, ...] = ()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return host_names(value, "allowed_hosts")  # (one that is no host name would never match: a typo)
 
     @model_validator(mode="after")
     def _one_scheme(self) -> ProxyOptions:

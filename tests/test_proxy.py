@@ -400,6 +400,11 @@ def test_allowed_hosts_without_host_header_uses_server_name(server_name: str, st
     pytest.param({"trusted_proxies": ["proxy.internal"]},
                  "trusted_proxies entry 'proxy.internal' is not an address or CIDR network",
                  id="host name"),
+    pytest.param({"allowed_hosts": ["https://api.example.org/x"]},
+                 "allowed_hosts entry 'https://api.example.org/x' is not a host name: write ops.example.org, "
+                 "*.example.org or '*' (no scheme, port or path)", id="a URL in allowed_hosts: it would never match"),
+    pytest.param({"allowed_hosts": ["api.example.org:8443"]},
+                 "allowed_hosts entry 'api.example.org:8443' is not a host name", id="a port in allowed_hosts"),
     pytest.param({"x_for": -1}, "greater than or equal to 0", id="negative hops"),
     pytest.param({"x_forwarded_for": 1}, "Extra inputs are not permitted", id="unknown key"),
 ])
