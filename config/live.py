@@ -233,6 +233,7 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
         found.append(doc.problem(("server",), f"{', '.join(others)}: serve.py's (Waitress's) settings, which "
                                  "another WSGI server does not read: its own settings apply", key=True,
                                  severity="warning"))
+    found += _per_process_state(config)
     try:
         new = build(config, server=served, hosted=True)
     except ConfigError as exc:  # a loopback-only allowance (debug, cookie_secure: false), judged as hosted
@@ -246,6 +247,27 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
         raise ConfigError([_noted(p, note) if "loopback" in p.message else p for p in exc.problems]) from None
     new.warnings = [*warnings, *found]
     return new
+
+
+def _per_process_state(config: StackConfig) -> list[Problem]:
+    """A warning per memory:// store whose state the host refuses at the first request when it runs several
+    processes (``LiveStack._check_host``): neither ``check --hosted`` nor the start can see how many it runs."""
+    from .lint import shared_state
+
+    several = "\0"  # (a marker: only which layers the rule finds counts here)
+    refused = [p for p in _judged(config, config.server, partial(shared_state, several=several))
+               if p.severity == "error"]
+    layers: dict[str, list[str]] = {}
+    for problem in refused:
+        head = problem.message.split(" keeps state in store ", 1)
+        if len(head) == 2 and problem.path[:1] == ("pipeline",) and len(problem.path) > 1:
+            layer = head[0]
+            store = head[1].split(" (memory://)", 1)[0].strip("'\"")
+            layers.setdefault(store, []).append(f"{layer} at pipeline[{problem.path[1]}]")
+    return [config.document.problem(("stores", store), f"store {store!r} (memory://) keeps the state of "
+                                    f"{', '.join(names)} in each process apart: a WSGI server that runs several "
+                                    "processes (wsgi.multiprocess, gunicorn -w 2) answers every request with 500; "
+                                    "use redis:// there", severity="warning") for store, names in layers.items()]
 
 
 def _imported_by_host(problems: list[Problem]) -> list[Problem]:
