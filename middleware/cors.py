@@ -64,6 +64,13 @@ _POLICY_KEYS = ("origins", "origin_regex", "allow_methods", "allow_headers", "ex
                 "allow_credentials", "max_age", "allow_private_network")
 
 
+def _regex_list(data: Any) -> Any:
+    """``origin_regex`` given as one string: a list of it (at the top level and in a rule alike)."""
+    if isinstance(data, dict) and isinstance(data.get("origin_regex"), str):
+        data = {**data, "origin_regex": [data["origin_regex"]]}
+    return data
+
+
 class CORSRule(LayerOptions):
     """One entry of ``rules``: ``paths`` plus the policy keys that differ from the top level."""
 
@@ -76,6 +83,11 @@ class CORSRule(LayerOptions):
     allow_credentials: bool | None = None
     max_age: int | None = Field(default=None, ge=0)
     allow_private_network: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_regex_is_a_list(cls, data: Any) -> Any:
+        return _regex_list(data)
 
 
 class CORSOptions(LayerOptions):
@@ -108,9 +120,7 @@ class CORSOptions(LayerOptions):
     @model_validator(mode="before")
     @classmethod
     def _one_regex_is_a_list(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("origin_regex"), str):
-            data = {**data, "origin_regex": [data["origin_regex"]]}
-        return data
+        return _regex_list(data)
 
     @model_validator(mode="after")
     def _policies_can_be_right(self) -> CORSOptions:

@@ -164,6 +164,12 @@ def test_credentials_accept_a_regex_for_ones_own_hosts(pattern: str) -> None:
     assert CORSOptions(origin_regex=[pattern], allow_credentials=True).origin_regex == (pattern,)
 
 
+def test_origin_regex_may_be_one_string_in_a_rule_as_at_the_top_level() -> None:
+    pattern = r"https://pr-[0-9]+\.review\.example\.org"
+    options = CORSOptions(origin_regex=pattern, rules=[{"paths": ["/api/*"], "origin_regex": pattern}])
+    assert (options.origin_regex, options.rules[0].origin_regex) == ((pattern,), (pattern,))
+
+
 @pytest.mark.parametrize("entry", ["https://*.co.uk", "https://*.example.org", "https://*.app.example.co.uk"])
 def test_a_wildcard_without_credentials_is_accepted(entry: str) -> None:
     assert CORSOptions(origins=[entry]).origins == (entry,)
