@@ -53,6 +53,7 @@ __all__ = [
     "SESSION_USER_HINT",
     "STRANGER_ORIGINS",
     "TIMINGS",
+    "TOKEN",
     "TRACE",
     "VERSIONS",
     "Context",
@@ -635,8 +636,8 @@ class HostList:
         return self.any or name in self.exact or (name.endswith(self.suffixes) and not name.startswith("."))
 
 
-#: An HTTP field name (RFC 9110 §5.1: a token).
-_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A token (RFC 9110 §5.6.2): a field name, a method, a coding; match it with ``fullmatch``.
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def header_name(value: str) -> str:
@@ -645,7 +646,7 @@ def header_name(value: str) -> str:
     WSGI spells ``-`` and ``_`` alike in environ (``HTTP_X_API_VERSION``), so a name with ``_`` would
     be read from the header with ``-`` while ``Vary`` named the other; servers drop such fields anyway.
     """
-    if not _FIELD_NAME.fullmatch(value):
+    if not TOKEN.fullmatch(value):
         raise ValueError(f"header {value!r} is not a valid HTTP header name")
     if "_" in value:
         raise ValueError(f"header {value!r} has an '_': Waitress drops such header fields (WSGI "

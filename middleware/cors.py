@@ -35,6 +35,7 @@ from werkzeug.http import parse_list_header
 
 from .base import (
     STRANGER_ORIGINS,
+    TOKEN,
     Context,
     LayerOptions,
     UnstartedBody,
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 
 SAFELISTED_HEADERS = ("accept", "accept-language", "content-language", "content-type")
 SAFELISTED_METHODS = ("GET", "HEAD", "POST")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ACRM = "HTTP_ACCESS_CONTROL_REQUEST_METHOD"
 _POLICY_KEYS = ("origins", "origin_regex", "allow_methods", "allow_headers", "expose_headers",
                 "allow_credentials", "max_age", "allow_private_network")
@@ -152,11 +152,11 @@ class CORSOptions(LayerOptions):
                         f"while {where}allow_credentials is true: any site could read its visitors' "
                         "answers; name the hosts (https://app\\.example\\.org, https://.*\\.example\\.org)")
             for method in policy["allow_methods"]:
-                if not _TOKEN.fullmatch(method):
+                if not TOKEN.fullmatch(method):
                     raise ValueError(f"{where}allow_methods entry {method!r} is not a method name")
             for key in ("allow_headers", "expose_headers"):  # one bad name and a browser refuses the whole list
                 for header in policy[key]:
-                    if not _TOKEN.fullmatch(header):
+                    if not TOKEN.fullmatch(header):
                         raise ValueError(f"{where}{key} entry {header!r} is not a header name (letters, digits "
                                          "and !#$%&'*+-.^_`|~, no spaces)")
             if policy["allow_credentials"] and "*" in policy["origins"]:
@@ -463,13 +463,13 @@ class CORSMiddleware:
         reason = None
         if not policy.allows(origin):
             reason = "the origin is not allowed"
-        elif not (method in policy.methods or (policy.all_methods and _TOKEN.fullmatch(method))):
+        elif not (method in policy.methods or (policy.all_methods and TOKEN.fullmatch(method))):
             reason = f"the requested method is not allowed (allowed: {policy.methods_shown})"
             if method.upper() in policy.methods:
                 reason += f"; method names are case-sensitive, so the page must send {method.upper()!r}"
-        elif bad := [h for h in asked if not _TOKEN.fullmatch(h)
+        elif bad := [h for h in asked if not TOKEN.fullmatch(h)
                      or (h not in policy.headers and not policy.all_headers)]:
-            shown = ", ".join(h for h in bad if _TOKEN.fullmatch(h)) or "(not a token)"
+            shown = ", ".join(h for h in bad if TOKEN.fullmatch(h)) or "(not a token)"
             reason = f"the requested header {shown} is not allowed " \
                      f"(allowed: {policy.headers_value})"
         elif wants_private and not policy.private_network:

@@ -31,6 +31,7 @@ from .base import (
     ORIG_PATH,
     RENDER_ERROR,
     REQUEST_ID,
+    TOKEN,
     Context,
     LayerOptions,
     PrimedBody,
@@ -56,8 +57,6 @@ _CONTENT_TYPES = {
 }
 #: A URI with a scheme (RFC 3986 §3.1): https://…, tag:…, urn:….
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+\Z")
-#: A field name (RFC 9110 §5.1: a token).
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # Headers an exception's own response would carry that we replace.
 _DROP = frozenset({"content-type", "content-length"})
 #: The message of every 500 from an exception: what happened is in the log line its request id finds.
@@ -304,7 +303,7 @@ _RFC_9110_PHRASES = {413: "Content Too Large", 414: "URI Too Long", 416: "Range 
 
 def _field(name: object, value: object) -> bool:
     """Whether ``name: value`` can be sent as it is: a token and visible ASCII on one line (RFC 9110 §5)."""
-    return isinstance(name, str) and isinstance(value, str) and _TOKEN.match(name) is not None \
+    return isinstance(name, str) and isinstance(value, str) and TOKEN.fullmatch(name) is not None \
         and header_text(value)
 
 

@@ -57,6 +57,7 @@ from .base import (
     IDENTITY,
     ROUTE,
     TIMINGS,
+    TOKEN,
     Context,
     HostList,
     Identity,
@@ -95,8 +96,6 @@ _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 's
 _COMMON = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
            ("Referrer-Policy", "no-referrer"), ("Content-Security-Policy", _CSP)]
 _NAMES = ("operator_page", "middleware.operator_page:OperatorPageMiddleware")
-#: A name as a header or an environment variable writes it (what a (name, value) pair starts with).
-_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: A header line or an environment entry: "Authorization: Bearer …", "DB_PASS=…".
 _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(\s*[:=]\s*)\S.*", re.DOTALL)
 _LIMIT = 256  # distinct layer names and event details kept; more are folded into "other"
@@ -482,7 +481,7 @@ def mask(value: Any, name: str = "") -> Any:
         return {str(k): mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         # A (name, value) pair: a header, say; not the built-ins' lists of header names (expose_headers).
-        if len(value) == 2 and isinstance(value[0], str) and _NAME.fullmatch(value[0]) \
+        if len(value) == 2 and isinstance(value[0], str) and TOKEN.fullmatch(value[0]) \
                 and secret_value(value[0], value[1]) \
                 and not isinstance(value[1], list | tuple | Mapping) and name not in _HEADER_NAME_LISTS:
             return [value[0], MASK]

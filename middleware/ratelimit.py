@@ -41,6 +41,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from middleware.base import (
     IDENTITY,
     READ_AHEAD,
+    TOKEN,
     Context,
     Headers,
     LayerOptions,
@@ -71,7 +72,6 @@ __all__ = ["RateLimitMiddleware"]
 
 Strategy = Literal["fixed-window", "moving-window", "sliding-window-counter"]
 Result = tuple[bool, int, float]  # (allowed, remaining, reset time in epoch seconds)
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STORE_ERRORS = (StoreError, RedisError, OSError)
 _STORE_RETRY_AFTER = "5"
 _UNTAKEN = object()
@@ -120,7 +120,7 @@ def _distinct_limits(value: list[str]) -> list[str]:
 def _check_key(value: str | list[str] | None) -> str | list[str] | None:
     for part in [value] if isinstance(value, str) else value or ():
         name = part[7:] if part.startswith("header:") else None
-        if part not in ("client_ip", "user") and not (name and _HEADER_NAME.fullmatch(name)):
+        if part not in ("client_ip", "user") and not (name and TOKEN.fullmatch(name)):
             # A value close to a known one is a typo, shown with the fix; any other may be a secret
             # pasted into the wrong option, and is not repeated.
             if name is not None:
