@@ -1153,15 +1153,16 @@ def _waitress_view(built: BuiltStack, app: Any) -> Any:
     )
 
 
-def _waitress_environ(built: BuiltStack, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
-                      peer: str) -> tuple[WSGIEnvironment | None, str]:
-    """The environ Waitress would build for this request, with the server settings in force.
+def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
+                   peer: str) -> tuple[Any, str]:
+    """The task Waitress would run for this request, with the server settings in force.
 
     The request is written as bytes and read by Waitress's own parser and task:
     its path decoding (``%ff`` stays a byte, ``//`` collapses), ``REQUEST_URI``
     with the query, ``url_prefix`` and ``url_scheme``, de-chunked bodies, headers
     with ``_`` dropped.  ``(None, "413 Request Entity Too Large …")`` when Waitress
-    refuses the request itself.
+    refuses the request itself.  The task's ``get_environment()`` is the environ; what it
+    writes when run (:func:`_serve`) collects in ``task.channel.written``.
     """
     from types import SimpleNamespace
 
@@ -1191,34 +1192,44 @@ def _waitress_environ(built: BuiltStack, method: str, target: str, headers: list
         return None, f"{parser.error.code} {parser.error.reason}: {parser.error.body}"
     if not parser.completed:
         return None, "400 Bad Request: the request ended before its body (Waitress waits for the rest)"
-    server = SimpleNamespace(adj=adj, effective_port=int(port), server_name=host.strip("[]"))
-    channel = SimpleNamespace(server=server, addr=(peer, 50000), check_client_disconnected=lambda: False)
-    environ: WSGIEnvironment = WSGITask(typing.cast(Any, channel), typing.cast(Any, parser)).get_environment()
-    return environ, ""
-
-
-def _run(app: Any, environ: WSGIEnvironment) -> tuple[str, list[tuple[str, str]], bytes]:
-    """Call ``app`` as a server that buffers the whole answer would: ``(status, headers, body)``.
-
-    ``start_response`` may be called again with ``exc_info`` (the errors layer replacing an
-    answer with its error response): nothing was sent yet, so the last call wins (PEP 3333).
-    """
-    started: list[Any] = []
+    server = SimpleNamespace(adj=adj, effective_port=int(port), server_name=host.strip("[]"), application=None)
     written: list[bytes] = []
 
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], Any]:
-        started[:] = [status, list(headers)]
-        return written.append
+    def write_soon(data: Any) -> int:
+        chunk = data if isinstance(data, bytes) else b"".join(iter(data))  # a wsgi.file_wrapper buffer
+        written.append(chunk)
+        return len(chunk)
 
-    result = app(environ, start_response)
-    try:
-        for chunk in result:
-            written.append(chunk)
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-    return started[0], started[1], b"".join(written)
+    channel = SimpleNamespace(server=server, adj=adj, addr=(peer, 50000), written=written, write_soon=write_soon,
+                              check_client_disconnected=lambda: False)
+    task = WSGITask(typing.cast(Any, channel), typing.cast(Any, parser))
+    task.get_environment()  # built now, and kept: explain adds its trace to it
+    return task, ""
+
+
+def _serve(task: Any, app: Any) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Run ``task`` as Waitress does, with ``app`` as the server's application: what it sends.
+
+    ``(status, headers, body)`` as they go on the wire: Waitress's header names, order,
+    ``Server``, ``Date``, ``Content-Length``, ``Connection: close`` and chunked bodies
+    (de-chunked here), no body after a 204 or 304.
+    """
+    task.channel.server.application = app
+    task.service()
+    raw = b"".join(task.channel.written)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    first, *header_lines = head.decode("latin-1").split("\r\n")
+    response_headers = [(name, value) for name, _, value in (line.partition(": ") for line in header_lines)]
+    if task.chunked_response:
+        chunks, rest = [], body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            if not int(size, 16):
+                break
+            chunks.append(rest[:int(size, 16)])
+            rest = rest[int(size, 16) + 2:]
+        body = b"".join(chunks)
+    return first.partition(" ")[2], response_headers, body
 
 
 def explain(config_path: str, method: str, target: str, headers: Sequence[str] = (), peer: str = "127.0.0.1",
@@ -1237,11 +1248,12 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
     if refused:
         built.close()
         raise ConfigError(refused)
-    environ, answered = _waitress_environ(built, method.upper(), target, header_pairs, body, peer)
-    if environ is None:  # Waitress answers such a request itself: no layer sees it
+    task, answered = _waitress_task(built, method.upper(), target, header_pairs, body, peer)
+    if task is None:  # Waitress answers such a request itself: no layer sees it
         built.close()
         return [f"{method.upper()} {target} from {peer}", f"  Waitress answers it itself: {answered}"], \
             int(answered.split()[0])
+    environ: WSGIEnvironment = task.get_environment()
     trace: list[tuple[str, str]] = []
     environ[TRACE] = trace
     seen: list[Any] = []
@@ -1250,7 +1262,7 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
         seen.append(env)
         return built.app(env, start_response)
 
-    status, response_headers, body_out = _run(_waitress_view(built, capture), environ)
+    status, response_headers, body_out = _serve(task, _waitress_view(built, capture))
     lines = [f"{method.upper()} {target} from {peer}"]
     decisions: dict[str, list[str]] = {}
     for layer, decision in trace:

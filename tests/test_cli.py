@@ -858,3 +858,53 @@ def test_layer_pages_are_found_beside_a_target_install(tmp_path: Path, monkeypat
     monkeypatch.setattr(serve, "_installed_data", lambda: {})
     page, docs = serve._option_docs("cors")
     assert page is not None and docs == {"origins": "Who may read."}
+
+
+def _explained_answer(lines: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """The status line and the headers, in order, that ``explain`` printed."""
+    at = next(i for i, line in enumerate(lines) if line.startswith("status: "))
+    headers = []
+    for line in lines[at + 1:]:
+        if not line.startswith("  "):
+            break
+        name, _, value = line[2:].partition(": ")
+        headers.append((name, value))
+    return lines[at][len("status: "):], headers
+
+
+@pytest.mark.parametrize(("method", "target", "headers"), [
+    pytest.param("GET", "/x", {}, id="an answer with a Content-Length"),
+    pytest.param("HEAD", "/x", {}, id="HEAD"),
+    pytest.param("OPTIONS", "/x", {"Origin": "http://a.example", "Access-Control-Request-Method": "GET"},
+                 id="a 204 preflight"),
+    pytest.param("GET", "/x?q=%ZZ", {}, id="a refusal"),
+])
+def test_explain_prints_the_headers_waitress_sends(config_file, method: str, target: str,  # type: ignore[no-untyped-def]
+                                                   headers: dict[str, str]) -> None:
+    """Status and headers as they go on the wire: Waitress adds Server, Connection and Content-Length."""
+    port = free_port()
+    path = config_file(ECHO + f"""
+server: {{listen: 127.0.0.1:{port}, threads: 2}}
+pipeline:
+  - errors: {{}}
+  - cors: {{origins: ["http://a.example"]}}
+  - validation: {{}}
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request(method, target, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    lines, _ = serve.explain(str(path), method, target, [f"{k}: {v}" for k, v in headers.items()])
+    status, explained = _explained_answer(lines)
+    assert status == f"{response.status} {response.reason}"
+    assert [(k, v) for k, v in explained if k != "Date"] == [(k, v) for k, v in response.getheaders() if k != "Date"]
+    assert [k for k, _ in explained].count("Date") == 1
