@@ -1258,9 +1258,11 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
     environ[TRACE] = trace
     seen: list[Any] = []
 
+    live = LiveStack(config_path, built=built)  # what the server serves: its X-Stack-Generation (1) too
+
     def capture(env: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         seen.append(env)
-        return built.app(env, start_response)
+        return live(env, start_response)
 
     status, response_headers, body_out = _serve(task, _waitress_view(built, capture))
     lines = [f"{method.upper()} {target} from {peer}"]

@@ -908,3 +908,11 @@ pipeline:
     assert status == f"{response.status} {response.reason}"
     assert [(k, v) for k, v in explained if k != "Date"] == [(k, v) for k, v in response.getheaders() if k != "Date"]
     assert [k for k, _ in explained].count("Date") == 1
+
+
+def test_explain_sends_the_generation_header_as_the_server_does(config_file) -> None:  # type: ignore[no-untyped-def]
+    """server.generation_header: the running server adds X-Stack-Generation (1 until a reload) to every answer."""
+    path = config_file(ECHO + "server: {generation_header: true}\npipeline:\n  - errors: {}\n")
+    lines, status = serve.explain(str(path), "GET", "/x")
+    assert status == 200
+    assert ("X-Stack-Generation", "1") in _explained_answer(lines)[1], lines
