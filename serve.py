@@ -1278,6 +1278,13 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
     inner = seen[0] if seen else environ
     lines.append(f"  client address: {inner.get(CLIENT_IP) or inner.get('REMOTE_ADDR')}")
     lines.append(f"  scheme: {inner.get('wsgi.url_scheme')}, host: {inner.get('HTTP_HOST')}")
+    used = {getattr(spec.options, "store", None) for spec in built.config.pipeline}
+    fresh = sorted(name for name, spec in built.config.stores.items()
+                   if name in used and spec.url.startswith("memory://"))
+    if fresh:  # each process has its own: this one's is new, not the running server's
+        lines.append(f"  store{'s' if len(fresh) > 1 else ''} {', '.join(fresh)} {'are' if len(fresh) > 1 else 'is'} "
+                     "memory:// and new here: the running server's sessions, rate-limit counts and cached "
+                     f"answers are not in {'them' if len(fresh) > 1 else 'it'}")
     lines.append(f"status: {status}")
     lines.extend(f"  {k}: {v}" for k, v in response_headers)
     preview = body_out[:400].decode("utf-8", "replace")

@@ -916,3 +916,20 @@ def test_explain_sends_the_generation_header_as_the_server_does(config_file) -> 
     lines, status = serve.explain(str(path), "GET", "/x")
     assert status == 200
     assert ("X-Stack-Generation", "1") in _explained_answer(lines)[1], lines
+
+
+def test_explain_says_a_memory_store_is_not_the_servers(config_file) -> None:  # type: ignore[no-untyped-def]
+    """A memory:// store lives in the server's process: explain's is new, without its sessions, counts or cache."""
+    path = config_file(ECHO + f"""
+stores: {{shared: "memory://", other: "memory://", unused: "memory://"}}
+pipeline:
+  - errors: {{}}
+  - ratelimit: {{store: other, limits: [1/minute]}}
+  - session: {{store: shared, secret_key: "{"s" * 40}", cookie_name: sid, cookie_secure: false}}
+""")
+    lines, status = serve.explain(str(path), "GET", "/x", ["Cookie: sid=anything"])
+    assert status == 200
+    assert ("  stores other, shared are memory:// and new here: the running server's sessions, rate-limit "
+            "counts and cached answers are not in them") in lines
+    path = config_file(ECHO + "pipeline:\n  - errors: {}\n")
+    assert not any("memory://" in line for line in serve.explain(str(path), "GET", "/x")[0])
