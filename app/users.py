@@ -429,7 +429,7 @@ MIN_PASSWORD = 8
 
 
 def _read_password(from_stdin: bool) -> str:
-    if from_stdin:
+    if from_stdin and not sys.stdin.isatty():  # a pipe, a file; on a terminal the prompt does not echo it
         try:
             password = sys.stdin.readline().rstrip("\r\n")
         except UnicodeDecodeError:  # a UTF-8 locale's strict stdin (C.UTF-8's escapes them: checked below)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,8 @@ import pytest
 
 import app.users as users_module
 from app.users import User, UserError, UserStore, users_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAST = "pbkdf2:sha256:1000"  # tests only: real stores use app.users.HASH_METHOD (scrypt)
 
@@ -591,3 +595,37 @@ def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pyt
     store.close()
     assert caplog.messages == [f"the users database {path} is readable by other accounts (mode 644): its password "
                                f"hashes should be the server's alone; run: chmod 600 {path}"]
+
+
+def test_password_stdin_on_a_terminal_is_not_echoed(tmp_path: Path) -> None:
+    """``--password-stdin`` typed at a terminal: asked for without echo, as the prompt is, not read back onto it."""
+    import pty
+    import select
+
+    code = f"import sys; from app.users import users_cli; sys.exit(users_cli(sys.argv[1:], {str(tmp_path / 'u.db')!r}))"
+    pid, leader = pty.fork()  # the child's controlling terminal is the pty, as a shell's is
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-c", code, "add", "tty-user", "--password-stdin"])
+    seen = b""
+    try:
+        for asked in (1, 2):  # the password, and its repetition
+            while seen.count(b"assword: ") < asked:
+                ready, _, _ = select.select([leader], [], [], 10)
+                assert ready, seen
+                seen += os.read(leader, 1024)
+            os.write(leader, b"tty-secret-9\n")
+        while select.select([leader], [], [], 5)[0]:
+            try:
+                chunk = os.read(leader, 1024)
+            except OSError:  # the child is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(leader)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert b"added user 'tty-user'" in seen, seen
+    assert b"tty-secret-9" not in seen, seen
