@@ -40,7 +40,7 @@ from . import _relative_to, build_from_file, config_dir, load
 from .build import BuiltStack, StackConfig, build, make_stores
 from .errors import ConfigError, Problem
 from .loader import read_file
-from .schema import ServerOptions
+from .schema import ServerOptions, split_listen
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -206,11 +206,13 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
         config, warnings = load(_relative_to(read_file(path, env=env), base), hosted=True)
     except ConfigError as exc:
         raise ConfigError(_imported_by_host(exc.problems)) from None
-    named = (os.environ if env is None else env).get(HOST_LISTEN_ENV, "").split()
+    given = (os.environ if env is None else env).get(HOST_LISTEN_ENV, "")
+    named, unread = _host_listen(given, config.document.file)
+    shown = ", ".join(given.split())  # (as the operator wrote them, in the messages)
     served = config.server.model_copy(update=hosted_settings({HOST_LISTEN_ENV: " ".join(named)}))
     # Judged on the host's settings alone: the file's server section (listen, trusted_proxy) is serve.py's.
     if named:
-        listens = f"the WSGI server hosting it listens on {', '.join(named)} ({HOST_LISTEN_ENV})"
+        listens = f"the WSGI server hosting it listens on {shown} ({HOST_LISTEN_ENV})"
         instead = ""
     else:
         listens = (f"the WSGI server hosting it may listen beyond loopback and keep every client's forwarding "
@@ -218,7 +220,8 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
         instead = f", or name in {HOST_LISTEN_ENV} the loopback address that server binds"
     found = _judged(config, served, partial(proxyfix_trusts_every_peer, listens=listens, instead=instead))
     if found:
-        raise ConfigError(found)
+        raise ConfigError([*unread, *found])
+    found = [*unread, *found]
     # Waitress's scheme settings do not apply there either: only a proxy layer makes requests https.
     plain = served.model_copy(update={"url_scheme": "http", "trusted_proxy_headers": []})
     found += [_noted(p, HOSTED_NOTE) for p in _judged(config, plain, hsts_outside_proxy)]
@@ -238,15 +241,33 @@ def build_hosted(path: str | os.PathLike[str], *, env: Mapping[str, str] | None 
         new = build(config, server=served, hosted=True)
     except ConfigError as exc:  # a loopback-only allowance (debug, cookie_secure: false), judged as hosted
         forwarding = config.forwarding_layer
-        note = f"under another WSGI server, which binds {', '.join(named)} as {HOST_LISTEN_ENV} says" if named \
+        note = f"under another WSGI server, which binds {shown} as {HOST_LISTEN_ENV} says" if named \
             else HOSTED_NOTE
         if forwarding is not None:
             note += f"; behind a proxy: {forwarding.name} at pipeline[{forwarding.index}] reads forwarding headers"
         elif not named:
             note += f"; set {HOST_LISTEN_ENV} to the address it binds"
-        raise ConfigError([_noted(p, note) if "loopback" in p.message else p for p in exc.problems]) from None
+        raise ConfigError([*unread, *(_noted(p, note) if "loopback" in p.message else p
+                                      for p in exc.problems)]) from None
     new.warnings = [*warnings, *found]
     return new
+
+
+def _host_listen(value: str, file: str) -> tuple[list[str], list[Problem]]:
+    """The addresses ``$WSGISTACK_HOST_LISTEN`` names, each that is none (a typo: no port, one out of range)
+    replaced by a public one and named in a warning: it never passes a loopback-only allowance in silence."""
+    named: list[str] = []
+    unread: list[Problem] = []
+    for entry in value.split():
+        try:
+            split_listen(entry)
+        except ValueError as exc:
+            unread.append(Problem(f"entry {entry!r} is not an address to listen on ({exc}): it is judged as a "
+                                  "public address", (HOST_LISTEN_ENV,), file, severity="warning"))
+            named.append("0.0.0.0:0")
+        else:
+            named.append(entry)
+    return named, unread
 
 
 def _per_process_state(config: StackConfig) -> list[Problem]:

@@ -171,6 +171,16 @@ def test_check_hosted_refuses_a_proxyfix_the_host_may_hand_every_clients_headers
     assert check(path, "--hosted", WSGISTACK_HOST_LISTEN="127.0.0.1:8000") == (0, [f"{path}: ok"])
 
 
+@pytest.mark.parametrize("named", ["127.0.0.1", "garbage", "127.0.0.1:99999"])
+def test_a_host_listen_that_is_no_address_is_said_and_judged_public(tmp_path: Path, named: str) -> None:
+    """A typo in WSGISTACK_HOST_LISTEN never passes a loopback-only allowance, and is named, not taken in silence."""
+    path = _write(tmp_path, ECHO + "pipeline:\n  - errors: {debug: true}\n")
+    code, lines = check(path, "--hosted", WSGISTACK_HOST_LISTEN=named)
+    assert code == 2, lines
+    assert lines[0].startswith(f"{path} warning: WSGISTACK_HOST_LISTEN: entry {named!r} is not an address to listen on"), lines
+    assert "judged as a public address" in lines[0], lines
+
+
 def test_check_hosted_prints_the_warnings_serve_app_prints(tmp_path: Path) -> None:
     path = _write(tmp_path, ECHO + "server: {workers: 2}\npipeline: [errors: {}]\n")
     assert check(path, "--hosted") == (1, [
