@@ -177,7 +177,8 @@ def test_a_host_listen_that_is_no_address_is_said_and_judged_public(tmp_path: Pa
     path = _write(tmp_path, ECHO + "pipeline:\n  - errors: {debug: true}\n")
     code, lines = check(path, "--hosted", WSGISTACK_HOST_LISTEN=named)
     assert code == 2, lines
-    assert lines[0].startswith(f"{path} warning: WSGISTACK_HOST_LISTEN: entry {named!r} is not an address to listen on"), lines
+    said = f"{path} warning: WSGISTACK_HOST_LISTEN: entry {named!r} is not an address to listen on"
+    assert lines[0].startswith(said), lines
     assert "judged as a public address" in lines[0], lines
 
 
