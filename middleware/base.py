@@ -30,7 +30,7 @@ from werkzeug.http import parse_cookie
 from stores.base import mask_url_passwords
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from stores.base import Store
 
@@ -72,6 +72,7 @@ __all__ = [
     "add_missing",
     "add_vary",
     "address_in",
+    "call_with_headers",
     "client_ip",
     "cookies",
     "decoded_path",
@@ -878,6 +879,32 @@ def wrap_start_response(
         return start_response(status, headers, exc_info)
 
     return wrapped
+
+
+def call_with_headers(app: WSGIApplication, environ: WSGIEnvironment, start_response: StartResponse,
+                      edit: Callable[[str, Headers], None], extra: Iterable[tuple[str, str]]) -> Iterable[bytes]:
+    """Call ``app`` with a ``start_response`` whose headers ``edit(status, headers)`` changes in place; what
+    it raises before the response starts, from the call or from a generator app's body before its first
+    chunk, carries ``extra`` to the ``errors`` layer (:func:`decorate_error`), as the response would have."""
+    started = False
+
+    def start(status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
+        nonlocal started
+        started = True
+        headers = list(headers)
+        edit(status, headers)
+        return start_response(status, headers, exc_info)
+
+    try:
+        body = app(environ, start)
+    except Exception as exc:
+        decorate_error(exc, extra)
+        raise
+    if started:
+        return body
+    # A generator app starts its response on the first next(); errors takes that chunk itself and
+    # renders what it raises, which must carry these headers as a refusal from the call does.
+    return UnstartedBody(body, lambda: started, lambda exc: decorate_error(exc, extra))
 
 
 class PrimedBody:

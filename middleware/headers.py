@@ -23,11 +23,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from middleware.base import Context, Headers, LayerOptions, UnstartedBody, decorate_error, header_text
+from middleware.base import (
+    Context,
+    Headers,
+    LayerOptions,
+    call_with_headers,
+    header_text,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -243,24 +249,6 @@ class SecurityHeadersMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         https = environ.get("wsgi.url_scheme") == "https"
-        add = self._add_https if https else self._add_http
-        started = False
-
-        def start(status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
-            nonlocal started
-            started = True
-            headers = list(headers)
-            add(status, headers)
-            return start_response(status, headers, exc_info)
-
-        try:
-            body = self.app(environ, start)
-        except Exception as exc:  # the same scheme as a response would get: the one this layer saw
-            decorate_error(exc, self.headers_https if https else self.headers_http)
-            raise
-        if started:
-            return body
-        # A generator app starts its response on the first next(); errors takes that chunk itself and
-        # renders what it raises, which must carry these headers as a refusal from the call does.
-        extra = self.headers_https if https else self.headers_http
-        return UnstartedBody(body, lambda: started, lambda exc: decorate_error(exc, extra))
+        # (a refusal from inside gets the headers of the scheme this layer saw, as a response would)
+        return call_with_headers(self.app, environ, start_response, self._add_https if https else self._add_http,
+                                 self.headers_https if https else self.headers_http)

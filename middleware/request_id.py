@@ -34,11 +34,9 @@ from middleware.base import (
     Context,
     Headers,
     LayerOptions,
-    UnstartedBody,
-    decorate_error,
+    call_with_headers,
     header_name,
     note,
-    wrap_start_response,
 )
 
 if TYPE_CHECKING:
@@ -188,11 +186,8 @@ class RequestIdMiddleware:
         header = self._header
         lower = self._header_lower
         size = len(lower)
-        started = False
 
         def add_id(status: str, headers: Headers) -> None:
-            nonlocal started
-            started = True
             for name, _ in headers:
                 if len(name) == size and name.lower() == lower:  # len() first: most names differ in length
                     return
@@ -200,14 +195,6 @@ class RequestIdMiddleware:
 
         token = _current.set(rid)
         try:
-            result = self.app(environ, wrap_start_response(start_response, add_id))
-        except Exception as exc:
-            decorate_error(exc, [(header, rid)])
-            raise
+            return call_with_headers(self.app, environ, start_response, add_id, ((header, rid),))
         finally:
             _current.reset(token)
-        if started:
-            return result
-        # A generator app starts its response on the first next(); errors takes that chunk itself and
-        # renders what it raises, which must carry the id as a refusal from the call does.
-        return UnstartedBody(result, lambda: started, lambda exc: decorate_error(exc, [(header, rid)]))
