@@ -916,7 +916,16 @@ def streams_leave_a_thread(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
         f"{fix} server.threads (both count per process, with workers too)", key=True, severity="warning")
 
 
+def empty_pipeline(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """No layer listed (``pipeline: []``, ``pipeline:`` or no ``pipeline`` at all): the app is served bare."""
+    if not cfg.pipeline:
+        yield cfg.document.problem(("pipeline",), "pipeline lists no layer: the app is served behind the default "
+                                   "errors layer alone (no request ids, security headers, limits or access log); "
+                                   "list the layers, as in the default stack.yaml", key=True, severity="warning")
+
+
 RULES: list[Rule] = [
+    empty_pipeline,
     errors_outermost,
     cache_outside_private,
     ratelimit_keys,

@@ -52,7 +52,8 @@ def config_file(tmp_path: Path):  # type: ignore[no-untyped-def]
                      "stack.yaml:4:5 pipeline[1]: errors must be the outermost layer", id="lint error"),
         pytest.param(ECHO + "server:\n  threads: x\n", 2,
                      "stack.yaml:3:12 server.threads: Input should be a valid integer", id="schema error"),
-        pytest.param(ECHO + "server:\n  trusted_proxy: '*'\n  trusted_proxy_headers: [x-forwarded-for]\n", 1,
+        pytest.param(ECHO + "server:\n  trusted_proxy: '*'\n  trusted_proxy_headers: [x-forwarded-for]\n"
+                     "pipeline: [errors: {}]\n", 1,
                      "stack.yaml:3:18 warning: server.trusted_proxy: trusted_proxy '*' trusts every peer",
                      id="warning only"),
     ],

@@ -817,3 +817,15 @@ def test_a_subclassed_built_in_that_sets_shared_state(monkeypatch: pytest.Monkey
 ])
 def test_a_layer_of_your_own_twice(layers: str, expected: list[str]) -> None:
     assert problems("pipeline:\n" + layers) == expected
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    pytest.param("pipeline: []\n", "stack.yaml:3:1", id="an empty list"),
+    pytest.param("pipeline:\n", "stack.yaml:3:1", id="the key with no value"),
+    pytest.param("", "stack.yaml:1:1", id="no pipeline key"),
+])
+def test_a_pipeline_without_layers_is_warned(text: str, where: str) -> None:
+    assert problems(text) == [
+        f"{where} warning: pipeline: pipeline lists no layer: the app is served behind the default errors layer "
+        "alone (no request ids, security headers, limits or access log); list the layers, as in the default "
+        "stack.yaml"]
