@@ -134,6 +134,13 @@ class StoreError(Exception):
     """A store could not answer (connection refused, timeout, circuit open…)."""
 
 
+class StoreBusy(StoreError):
+    """Every connection of the pool was taken (too many callers at once): the backend was not asked.
+
+    Not an outage, and no sign of recovery either: the circuit breaker counts it neither way.
+    """
+
+
 class StoreWrongType(StoreError):
     """The key holds a value of another type (Redis's ``WRONGTYPE``): something else wrote it.
 

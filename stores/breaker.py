@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
-from .base import StoreError
+from .base import StoreBusy, StoreError
 
 __all__ = ["CircuitBreaker", "CircuitOpenError", "StoreUnavailable"]
 
@@ -63,7 +63,10 @@ class CircuitBreaker:
     - ``name`` ("store"): what the log lines and errors call the guarded backend.
     - ``failure_types`` (``(StoreUnavailable, OSError)``): exceptions that count as
       failures; any other exception the callable raises means the backend answered
-      (it passes through and counts as a success).
+      (it passes through and counts as a success), except:
+    - ``neutral_types`` (``(StoreBusy,)``): exceptions that mean the backend was never
+      asked (an exhausted connection pool): they count neither way, and a probe that
+      meets one leaves the next call to probe.
 
     ``breaker = CircuitBreaker(failure_threshold=3, reset_timeout=2.0, name="redis store")``
     ``value = breaker.call(lambda: client.get("k"))``
@@ -76,6 +79,7 @@ class CircuitBreaker:
         *,
         name: str = "store",
         failure_types: tuple[type[BaseException], ...] = (StoreUnavailable, OSError),
+        neutral_types: tuple[type[BaseException], ...] = (StoreBusy,),
     ) -> None:
         if failure_threshold < 1:
             raise ValueError(f"failure_threshold must be at least 1, got {failure_threshold}")
@@ -85,6 +89,7 @@ class CircuitBreaker:
         self.reset_timeout = float(reset_timeout)
         self.name = name
         self.failure_types = failure_types
+        self.neutral_types = neutral_types
         self._lock = threading.Lock()
         self._state: State = CLOSED
         self._failures = 0
@@ -113,6 +118,10 @@ class CircuitBreaker:
             result = fn()
         except self.failure_types as exc:
             self._failed(exc, probe)
+            raise
+        except self.neutral_types:
+            if probe:
+                self._release_probe()
             raise
         except Exception:
             # The backend answered (with an error of the caller's making).

@@ -40,7 +40,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .base import Store, StoreError, StoreWrongType, clamp_ttl, mask_url, new_mark
+from .base import Store, StoreBusy, StoreError, StoreWrongType, clamp_ttl, mask_url, new_mark
 from .breaker import CircuitBreaker, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "refusal"]
@@ -490,8 +490,8 @@ class RedisStore(Store):
             try:
                 return fn()
             except redis.exceptions.MaxConnectionsError as exc:
-                # The pool is exhausted (too many concurrent callers), Redis is not down.
-                raise StoreError(self._say(what, self._detail(exc))) from exc
+                # The pool is exhausted (too many concurrent callers), Redis is not down, nor known up.
+                raise StoreBusy(self._say(what, self._detail(exc))) from exc
             except _DOWN as exc:
                 self.breaker.failure = self._why(exc)[0]  # /readyz says why, also once the breaker has opened
                 detail = self._detail(exc)

@@ -367,6 +367,52 @@ def test_an_exhausted_pool_does_not_open_the_breaker_through_the_rate_limiter(re
 
 
 @pytest.mark.redis
+def test_a_probe_that_meets_an_exhausted_pool_leaves_the_circuit_open(down_redis: Any) -> None:
+    """Redis was never asked: no verdict, so the circuit stays open and the next call probes again."""
+    store = RedisStore(down_redis.url, max_connections=1, failure_threshold=1, reset_timeout=0.2)
+    try:
+        down_redis.stop()
+        with pytest.raises(StoreUnavailable):
+            store.get("k")
+        assert store.breaker.state == "open"
+        down_redis.start()
+        time.sleep(0.25)
+        held = store.pool.get_connection()  # every connection taken: the probe cannot reach Redis
+        try:
+            with pytest.raises(StoreError) as info:
+                store.get("k")
+        finally:
+            store.pool.release(held)
+        assert not isinstance(info.value, StoreUnavailable)
+        assert store.breaker.state == "open"
+        assert store.get("k") is None  # the next call is the probe, at once: it reaches Redis
+        assert store.breaker.state == "closed"
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
+def test_an_exhausted_pool_does_not_forget_the_failures_before_it(down_redis: Any) -> None:
+    store = RedisStore(down_redis.url, max_connections=1, failure_threshold=2)
+    try:
+        down_redis.stop()
+        with pytest.raises(StoreUnavailable):
+            store.get("k")
+        down_redis.start()
+        held = store.pool.get_connection()
+        try:
+            with pytest.raises(StoreError):
+                store.get("k")
+        finally:
+            store.pool.release(held)
+        assert (store.breaker.state, store.breaker.failures) == ("closed", 1)
+        assert store.get("k") is None  # Redis answered: the count starts over
+        assert store.breaker.failures == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
 def test_pooled_connections_survive_a_restart(down_redis: Any) -> None:
     store = RedisStore(down_redis.url, failure_threshold=1)
     try:
