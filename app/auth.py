@@ -237,6 +237,9 @@ def auth_blueprint(state: AppState) -> Blueprint:
         # Read again, with nothing slow between this and the issuing: a password set while it was
         # checked (or while the login waited) is not the user's any more, and tokens issued for it
         # could reach the new credentials' whole second, so they would outlive the change.
+        # The tokens and the session are dated from before this read: a change it did not see is
+        # dated after it, so what is issued below is void (however long the issuing takes).
+        read_at = time.time()
         try:
             user = state.users.current(user)
         except (sqlite3.Error, OSError):
@@ -246,12 +249,12 @@ def auth_blueprint(state: AppState) -> Blueprint:
             raise _users_down() from None
         if user is None:
             raise wrong_password(service)  # the password it checked is no longer the user's
-        issued = service.issue(user.name, list(user.roles))
+        issued = service.issue(user.name, list(user.roles), issued_at=read_at)
         failures.forget()
         session = request.environ.get(SESSION)
         if session is not None:
             session.rotate(carry=False)  # a new session: nothing of the one before the login goes on
-            session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": time.time()}
+            session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": read_at}
         token = _csrf_token()  # the new session's (csrf double_submit): the page's next writes send it
         return _token_response(issued if token is None else {**issued, "csrf_token": token})
 

@@ -679,13 +679,13 @@ class TokenService:
         return jwt.encode(claims, self.signer.key, algorithm=self.signer.alg, headers=headers)
 
     def _pair(self, subject: str, roles: list[str], fam: str, auth_time: int | None = None,
-              minted: _Minted | None = None) -> tuple[dict[str, Any], _Minted]:
+              minted: _Minted | None = None, issued_at: float | None = None) -> tuple[dict[str, Any], _Minted]:
         """A new pair, its access token recorded in the family; with ``minted``, that pair made again."""
         if self.signer is None:
             raise RuntimeError("this auth layer only verifies tokens; set private_key to issue them")
         o = self.options
         clock = int(time.time())
-        now = clock if minted is None else minted.iat
+        now = minted.iat if minted is not None else clock if issued_at is None else min(clock, int(issued_at))
         # auth_time (OpenID Connect's name): the login this family started with, carried by every
         # refresh; no token of the family lives past auth_time + login_max_age.
         auth_time = now if auth_time is None else auth_time
@@ -708,14 +708,16 @@ class TokenService:
                 # counted from this answer (RFC 6749 5.1): a pair made again has lived a while already
                 "expires_in": max(0, access_exp - clock), "refresh_expires_in": max(0, refresh_exp - clock)}, minted
 
-    def issue(self, subject: str, roles: Iterable[str] = ()) -> dict[str, Any]:
+    def issue(self, subject: str, roles: Iterable[str] = (), *, issued_at: float | None = None) -> dict[str, Any]:
         """Start a new family: an access token and a refresh token for ``subject``.
 
         The access token is recorded in its family before it is handed out (503
         when the store cannot take it, in both ``on_store_error`` modes), so that
-        revoking the family always reaches it.
+        revoking the family always reaches it.  ``issued_at`` (a time before now)
+        dates the pair from when the caller last read the user's credentials, so
+        that a change of them since then voids it (see ``USER_SINCE``).
         """
-        return self._pair(subject, sorted(set(roles)), secrets.token_urlsafe(12))[0]
+        return self._pair(subject, sorted(set(roles)), secrets.token_urlsafe(12), issued_at=issued_at)[0]
 
     def refresh(
         self,

@@ -350,6 +350,38 @@ def test_a_login_whose_password_is_changed_while_it_is_checked_gets_the_401_of_a
     assert stack.store.get(f"login-failures:{digest}") is not None
 
 
+@pytest.mark.parametrize("change", [_change_password, _make_again])
+def test_a_login_whose_password_is_changed_right_after_it_was_read_again_issues_only_void_credentials(
+        tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch,
+        change: Callable[[UserStore], None]) -> None:
+    """The change lands after the login's last read and the login goes on past the change's whole second
+    (a slow token store, a busy thread): its tokens and session are dated from before that read, so they
+    are void, not valid under the password the login checked."""
+    monkeypatch.setattr("middleware.auth.ROLES_FRESH", 0.0)
+    stack = Stack(tmp_path, users, rules=[{"paths": ["/api/*/config"], "roles": ["admin"]}])
+    real = UserStore.current
+    changed: list[float] = []
+
+    def changed_right_after(self: UserStore, user: Any) -> Any:
+        found = real(self, user)
+        if not changed:
+            change(users)  # another process's change, just after this login read the user again
+            changed.append(users.get("alice").credentials_at)  # type: ignore[union-attr]
+            time.sleep(max(0.0, changed[0] - time.time()) + 0.05)  # this login goes on past its second
+        return found
+
+    monkeypatch.setattr(UserStore, "current", changed_right_after)
+    login = stack.login(status=200).json
+    assert changed and time.time() > changed[0]
+    revoked = 'Bearer realm="wsgistack", error="invalid_token", error_description="the token has been revoked"'
+    refused = stack.app.get("/api/v1/config", headers=bearer(login["access_token"]), status=401)
+    assert refused.headers["WWW-Authenticate"] == revoked
+    refused = stack.app.post_json("/auth/refresh", {"refresh_token": login["refresh_token"]}, status=401)
+    assert refused.headers["WWW-Authenticate"] == revoked
+    refused = stack.app.get("/api/v1/config", status=401)  # the session's cookie identifies no one
+    assert refused.headers["WWW-Authenticate"] == 'Bearer realm="wsgistack"'
+
+
 def test_a_login_that_waits_for_its_credentials_date_refuses_a_password_set_again_meanwhile(
         tmp_path: Path, users: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """The password was set a moment ago (its date is the next whole second, which the login waits for) and
