@@ -500,6 +500,9 @@ class TokenService:
         skipped: list[str] = []
         for i, entry in enumerate(entries):
             where = f"jwks_file key {entry.get('kid') or i}"
+            if not isinstance(entry.get("kid", ""), str):  # PyJWT takes only a string kid, in a token and to sign
+                raise ValueError(f"{where}: kid must be a string (RFC 7517 4.5), not {entry['kid']!r}; a token's "
+                                 "kid header is one, so no token could name this key")
             if entry.get("kty") == "oct":
                 raise ValueError(f"{where} is a symmetric (oct) key; HMAC keys go in secret, and may not be "
                                  "mixed with RSA/EC keys")

@@ -1250,6 +1250,9 @@ def test_key_material_refused(rsa_key: Any, tmp_path: Path) -> None:
     cases.append(({"jwks_file": "enc.json", "public_keys": [pem(rsa_key)]},
                   "jwks_file 'enc.json' holds no signing keys: it skipped key e1 (use 'enc') and key 1 (use 'wrap'); "
                   "only keys without a use or with use 'sig' verify tokens"))
+    (tmp_path / "kid.json").write_text(json.dumps({"keys": [{**rsa_jwk, "kid": 7}]}))
+    cases.append(({"jwks_file": "kid.json"}, "jwks_file key 7: kid must be a string (RFC 7517 4.5), not 7; a token's "
+                                            "kid header is one, so no token could name this key"))
     for options, message in cases:
         context = Context(stores={"shared": MemoryStore()}, settings={"base_dir": str(tmp_path)})
         if not message:  # two kids for one key: allowed, the private key takes the first
