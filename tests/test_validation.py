@@ -135,6 +135,10 @@ REFUSALS = [
     pytest.param({"max_header_bytes": 45}, {"headers": {"Content-Type": "t/" + "a" * 38, "X-Aaaaaaaaaaaa": "b" * 36}},
                  431, "The Content-Type header is 52 bytes long, more than max_header_bytes (45).", {},
                  id="the message names the biggest field, by its name's length"),
+    # Content-Type 12 + 38 = 50 bytes, X-Aaaaaaaaaaaa 14 + 37 = 51
+    pytest.param({"max_header_bytes": 45}, {"headers": {"Content-Type": "t/" + "a" * 36, "X-Aaaaaaaaaaaa": "b" * 37}},
+                 431, "The X-Aaaaaaaaaaaa header is 51 bytes long, more than max_header_bytes (45).", {},
+                 id="a header one byte bigger than Content-Type is the one named"),
     pytest.param({"max_headers": 2}, {"body": b"hi", "content_type": "text/plain", "headers": {"Host": "h"}}, 431,
                  "The request has 3 header fields, more than max_headers (2).", {},
                  id="Content-Type and Content-Length are header fields too"),
@@ -467,6 +471,18 @@ PASSES = [
     pytest.param({}, {"body": b"--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nv\r\n"
                               b"--b--\r\n", "content_type": "multipart/form-data; boundary=b"},
                  {"json": ABSENT}, id="multipart"),
+    pytest.param({}, jbody({"price": 1.5, "ratio": -2.5e-3, "big": 1e308}),
+                 {"json": {"price": 1.5, "ratio": -2.5e-3, "big": 1e308}}, id="json numbers with fractions"),
+    pytest.param({"max_headers": 2}, {"headers": {"X-A": "1"},
+                                      "environ": {"HTTPS": "on", "CONTEXT_DOCUMENT_ROOT": "/srv/www"}},
+                 {"json": ABSENT}, id="server variables beside the headers are no header fields"),
+    pytest.param({"deny_patterns": {"*": ["x"]}}, jbody({"n": 5, "tags": [1, None, "ok"], "o": {"k": "x"}}),
+                 {"json": {"n": 5, "tags": [1, None, "ok"], "o": {"k": "x"}}},
+                 id="deny patterns search only the strings of top-level JSON members"),
+    pytest.param({}, {"body": b"a&" * 1000 + b"a", "content_type": "application/x-www-form-urlencoded"},
+                 {"body": "a&" * 1000 + "a"}, id="without deny_patterns a form body is not read"),
+    pytest.param({}, {"method": "POST", "environ": {"CONTENT_LENGTH": "00", "CONTENT_TYPE": None}},
+                 {"body": "", "json": ABSENT}, id="a Content-Length of zeros is no body"),
 ]
 
 def test_charsets_a_client_makes_up_are_not_kept() -> None:
@@ -660,6 +676,35 @@ def test_a_chunked_body_the_server_did_not_decode_is_refused_unread(terminated: 
     assert status == "411 Length Required"
     assert doc["error"]["message"] == "A chunked request body needs a server that decodes it; send a Content-Length."
     assert stream.taken == 0
+
+
+def test_an_empty_chunked_json_body_is_passed_on_unparsed() -> None:
+    status, _, doc, _ = call(stack(), b"", "application/json")
+    assert status == "200 OK"
+    assert doc == {"body": "", "json": ABSENT, "content_length": "0"}
+
+
+def whole(read: Callable[[Any], bytes]) -> Callable[..., Iterable[bytes]]:
+    """An app that takes the whole body with ``read`` and answers its length."""
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        data = json.dumps({"n": len(read(environ["wsgi.input"]))}).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [data]
+    return app
+
+
+@pytest.mark.parametrize("read", [
+    pytest.param(lambda stream: stream.read(None), id="read(None)"),
+    pytest.param(lambda stream: b"".join(stream.readlines()), id="readlines()"),
+    pytest.param(lambda stream: b"".join(stream), id="iteration"),
+])
+def test_a_chunked_body_read_whole_any_way(read: Callable[[Any], bytes]) -> None:
+    status, _, doc, _ = call(stack(whole(read), max_body_bytes=100), b"line\n" * 20)
+    assert (status, doc) == ("200 OK", {"n": 100})
+    status, _, doc, stream = call(stack(whole(read), max_body_bytes=100), b"line\n" * 30)
+    assert status == "413 Content Too Large"
+    assert doc["error"]["message"] == "The request body is longer than max_body_bytes (100 bytes)."
+    assert stream.taken == 101
 
 
 def test_chunked_json_parsed_and_readable() -> None:
