@@ -497,6 +497,56 @@ def test_client_counter_is_bounded(seen: Seen) -> None:
     assert list(layer._counts) == [("192.0.2.3", "v1"), ("192.0.2.4", "v1")]
 
 
+@pytest.mark.parametrize(("path", "environ", "expected"), [
+    pytest.param("/health", {}, {}, id="outside the prefix: nothing"),
+    pytest.param("/api/v2/search", {}, {API_VERSION: "v2"}, id="the URL's version: the path stays"),
+    pytest.param("/api/search", {"HTTP_X_API_VERSION": "v2"}, {API_VERSION: "v2", "PATH_INFO": "/api/v2/search"},
+                 id="the header's version: the path rewritten"),
+    pytest.param("/api/search", {}, {API_VERSION: "v1", "PATH_INFO": "/api/v1/search"}, id="the default"),
+    pytest.param("/api/v9/search", {}, None, id="a refusal: None"),
+    pytest.param("/api/search", {"HTTP_ACCEPT": f"{VND}v9+json"}, None, id="an Accept refused: None"),
+])
+def test_preview_shows_what_the_layer_will_set(seen: Seen, path: str, environ: dict[str, str],
+                                               expected: dict[str, str] | None) -> None:
+    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**V1_V2), Context())
+    request = {"PATH_INFO": path, **environ}
+    assert layer.preview_environ(request) == expected
+    assert layer.preview_environ(request) == expected  # asked again, by another layer outside
+    assert seen.calls == 0
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    pytest.param("PATH_INFO", "/api/v9/search", id="path"),
+    pytest.param("HTTP_X_API_VERSION", "v9", id="header"),
+    pytest.param("HTTP_ACCEPT", f"{VND}v9+json", id="accept"),
+])
+def test_a_preview_follows_a_request_changed_since_the_last(seen: Seen, name: str, value: str) -> None:
+    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**V1_V2), Context())
+    request = {"PATH_INFO": "/api/search"}
+    assert layer.preview_environ(request) == {API_VERSION: "v1", "PATH_INFO": "/api/v1/search"}
+    request[name] = value
+    assert layer.preview_environ(request) is None
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    pytest.param({}, ("/api/v2/search", "v2", "accept"), id="the same request: the previewed choice"),
+    pytest.param({"HTTP_ACCEPT": f"{VND}v1+json"}, ("/api/v1/search", "v1", "accept"), id="Accept changed since"),
+    pytest.param({"HTTP_X_API_VERSION": "v1"}, ("/api/v1/search", "v1", "header"), id="header added since"),
+    pytest.param({"PATH_INFO": "/api/items"}, ("/api/v2/items", "v2", "accept"), id="path changed since"),
+])
+def test_the_call_after_a_preview_routes_the_request_as_it_is_then(seen: Seen, changes: dict[str, str],
+                                                                    expected: tuple[str, str, str]) -> None:
+    layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**V1_V2), Context())
+
+    def outer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        layer.preview_environ(environ)  # a layer outside reads ahead, then the request changes
+        environ.update(changes)
+        return layer(environ, start_response)
+
+    TestApp(outer).get("/api/search", headers={"Accept": f"{VND}v2+json"})
+    assert (seen.environ["PATH_INFO"], seen.environ[API_VERSION], seen.environ[SOURCE]) == expected
+
+
 def test_rewrite_refreshes_the_decoded_path(seen: Seen) -> None:
     layer = VersioningMiddleware(seen, VersioningMiddleware.Options(**V1_V2), Context())
 
