@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -21,9 +22,10 @@ import redis
 from itsdangerous import Signer
 from pydantic import ValidationError
 from webtest import TestApp
+from werkzeug.exceptions import Forbidden
 
 import middleware.session as session_module
-from middleware.base import SESSION, Context, refuse
+from middleware.base import SESSION, SESSION_USER_HINT, TRACE, Context, refuse
 from middleware.errors import ErrorsMiddleware
 from middleware.session import KEY_PREFIX, Session, SessionMiddleware, _make_private
 from stores import Store, StoreError, store_from_url
@@ -301,6 +303,24 @@ def test_store_calls(store: CountingStore, path: str, with_cookie: bool, calls: 
     assert bool(issued) is cookie_issued
 
 
+@pytest.mark.parametrize(("path", "calls", "cookies"), [
+    pytest.param("/logout", ["getex"], [EXPIRED], id="logout: nothing to delete, the cookie expired"),
+    pytest.param("/rotate", ["getex", "set"], ["new"], id="rotate: a new session, nothing to delete"),
+])
+def test_an_id_the_store_does_not_hold_is_not_deleted(store: CountingStore, path: str, calls: list[str],
+                                                      cookies: list[str]) -> None:
+    """A validly signed id whose session is gone (expired, ended elsewhere) costs no DELETE when retired."""
+    app = make(store)
+    resp = app.get(path, headers=jar(_signed("A" * 43)))
+    assert store.calls == calls
+    issued = resp.headers.getall("Set-Cookie")
+    if cookies == ["new"]:
+        _, sid = new_cookie(resp)
+        assert stored(store, sid)["data"] == {}
+    else:
+        assert issued == cookies
+
+
 @pytest.mark.parametrize("rotates", [False, True], ids=["the slow request writes", "the slow request rotates"])
 @pytest.mark.parametrize("ended_by", ["/logout", "/login", "the idle timeout"])
 def test_a_session_ended_while_a_request_used_it_stays_ended(store: CountingStore, ended_by: str,
@@ -505,6 +525,34 @@ def test_fallback_key_is_accepted_and_new_cookies_use_the_new_key(store: Countin
     assert stored(store, sid) is None
 
 
+def test_a_cookie_whose_signature_fails_is_noted_for_explain_once(store: CountingStore) -> None:
+    """The request notes it; the previews that reads ahead make for the same request do not."""
+    app = make(store)
+    app.get("/login")  # a user seen here: previews look the cookie up
+    forged = _signed("A" * 43, key="z" * 40)
+    environ: dict[str, Any] = {TRACE: [], "HTTP_COOKIE": f"__Host-session={forged}"}
+    assert app.layer.preview_environ(environ) == {}
+    assert app.layer._ahead(environ) is None
+    assert environ[TRACE] == []
+    trace: list[tuple[str, str]] = []
+    app.get("/get", headers=jar(forged), extra_environ={TRACE: trace})
+    assert [t for t in trace if t[0] == "session"] == [
+        ("session", "cookie signature is invalid; starting a new session")]
+
+
+def test_the_caches_of_verified_cookies_and_users_are_bounded(store: CountingStore,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each holds at most VERIFIED_CACHE_SIZE entries, and starts over when full."""
+    monkeypatch.setattr(session_module, "VERIFIED_CACHE_SIZE", 2)
+    app = make(store)
+    values = [new_cookie(app.get("/login"))[0] for _ in range(3)]
+    assert len(app.layer._users) == 1  # the third save found two: started over
+    for value in values:
+        assert app.get("/get", headers=jar(value)).json["user"] == {"sub": "ada", "roles": ["admin"]}
+    assert list(app.layer._verified) == [values[2]]
+    assert len(app.layer._users) == 2
+
+
 # ------------------------------------------------------------ rotate, destroy
 
 
@@ -563,22 +611,30 @@ def test_a_cookie_that_was_sent_is_expired_by_destroy(store: CountingStore, path
 
 
 def refusing(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    """An inner layer that reads the session, then refuses (a role rule, an unknown API version)."""
+    """An inner layer that reads the session, then refuses (a role rule, an unknown API version); on
+    /plain with werkzeug's own exception, which carries no headers of the stack's."""
     environ[SESSION].get("user")
+    if environ["PATH_INFO"] == "/plain":
+        raise Forbidden()
     raise refuse(404, "No such version.")
 
 
+@pytest.mark.parametrize(("path", "status"), [
+    pytest.param("/api/v3/x", 404, id="refused by a layer"),
+    pytest.param("/plain", 403, id="a werkzeug exception"),
+])
 @pytest.mark.parametrize(("logged_in", "cache_control"), [
     pytest.param(False, "no-store", id="a new session: varies on the cookie (no-store: the errors layer's)"),
     pytest.param(True, "private, no-store", id="a stored session: private as well (and no-store: an error)"),
 ])
 def test_a_refusal_after_the_session_was_read_varies_on_the_cookie(store: CountingStore, logged_in: bool,
-                                                                    cache_control: str) -> None:
+                                                                    cache_control: str, path: str,
+                                                                    status: int) -> None:
     headers = {}
     if logged_in:
         value, _ = new_cookie(make(store).get("/set?a=1"))
         headers = jar(value)
-    resp = make(store, app=refusing).get("/api/v3/x", headers=headers, status=404)
+    resp = make(store, app=refusing).get(path, headers=headers, status=status)
     assert resp.headers["Vary"] == "Cookie"
     assert resp.headers.get("Cache-Control") == cache_control
     assert resp.headers.getall("Set-Cookie") == []
@@ -598,8 +654,8 @@ def test_idle_timeout_expires_and_use_refreshes_it(store: CountingStore) -> None
     assert app.get("/get", headers=jar(value)).json == {}
 
 
-def test_absolute_timeout_is_checked_server_side(store: CountingStore,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_absolute_timeout_is_checked_server_side(store: CountingStore, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     now = [1_000_000.0]
     monkeypatch.setattr(session_module, "_clock", lambda: now[0])
     app = make(store, idle_timeout=60, absolute_timeout=100)
@@ -608,7 +664,9 @@ def test_absolute_timeout_is_checked_server_side(store: CountingStore,
     assert app.get("/get", headers=jar(value)).json == {"a": "1"}
     now[0] += 1
     store.calls.clear()
-    resp = app.get("/set?b=2", headers=jar(value))
+    with caplog.at_level(logging.WARNING, logger="wsgistack"):
+        resp = app.get("/set?b=2", headers=jar(value))
+    assert caplog.text == ""  # a session that timed out is no fault to log
     assert resp.json == {"b": "2"}
     assert store.calls == ["getex", "delete", "set"]
     assert stored(store, sid) is None
@@ -625,6 +683,21 @@ def test_rotate_restarts_the_absolute_timeout(store: CountingStore,
     now[0] += 50
     _, sid = new_cookie(app.get("/login", headers=jar(value)))
     assert stored(store, sid)["created_at"] == now[0]
+
+
+def test_a_write_near_the_absolute_timeout_is_stored_no_longer_than_it(store: CountingStore,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stored key's TTL is the idle timeout, cut to what is left of the absolute one."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(session_module, "_clock", lambda: now[0])
+    app = make(store, idle_timeout=60, absolute_timeout=100)
+    value, sid = new_cookie(app.get("/set?a=1"))
+    now[0] += 99.5  # 0.5 s left
+    store.calls.clear()
+    assert app.get("/set?b=2", headers=jar(value)).json == {"a": "1", "b": "2"}
+    assert store.calls == ["getex", "replace"]
+    time.sleep(0.9)
+    assert stored(store, sid) is None
 
 
 # -------------------------------------------------------- corrupt values
@@ -844,6 +917,25 @@ def test_store_down(redis_server: Any, redis_url: str, mode: str, path: str,
     assert events == ([("store.error", {"store": "shared", "layer": "session"})] if touched else [])
 
 
+def test_a_store_that_stays_down_is_logged_once_per_ten_seconds(store: CountingStore,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(session_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    app = make(store, on_store_error="open")
+    value, _ = new_cookie(app.get("/set?a=1"))
+    store.failing = {"getex"}
+    line = "session layer: the session could not be loaded: getex failed: connection refused"
+    logged = []
+    for step in (0, 5, 4.9, 0.2, 9.9):  # at 1000, 1005, 1009.9, 1010.1 (> 10 s after the first line), 1020
+        now[0] += step
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wsgistack"):
+            assert app.get("/get", headers=jar(value)).json == {}
+        logged.append(caplog.text.count(line))
+    assert logged == [1, 0, 0, 1, 0]
+
+
 ENDED = ("the session could not be ended because the session store is unavailable; "
          "try again shortly")
 ROTATED = ("the session could not be rotated because the session store is unavailable; "
@@ -932,6 +1024,46 @@ def test_a_logout_refused_with_503_can_be_retried(store: CountingStore) -> None:
 # ------------------------------------------------------------- YAML level
 
 
+# ------------------------------------------------------- hints for reads ahead
+
+
+def hint_environ(value: str) -> dict[str, Any]:
+    return {"HTTP_COOKIE": f"__Host-session={value}"}
+
+
+ADA = {SESSION_USER_HINT: ("ada", frozenset({"admin"}))}
+
+
+def test_a_session_read_here_gives_its_user_as_a_hint(store: CountingStore) -> None:
+    """Saved by another process, read by this one: this one learns the user the session holds."""
+    one, other = make(store), make(store)
+    value, _ = new_cookie(one.get("/login"))
+    assert one.layer.preview_environ(hint_environ(value)) == ADA
+    assert other.layer.preview_environ(hint_environ(value)) == {}
+    other.get("/get", headers=jar(value))
+    assert other.layer.preview_environ(hint_environ(value)) == ADA
+
+
+def test_a_session_ended_while_a_request_wrote_it_leaves_no_hint(store: CountingStore) -> None:
+    made: dict[str, Any] = {}
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session: Session = environ[SESSION]
+        if environ["PATH_INFO"] != "/cart":
+            return probe(environ, start_response)
+        session["cart"] = [*session.get("cart", []), "book"]
+        made["other"].get("/logout", headers=jar(made["value"]))  # another process ends it meanwhile
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    app, made["other"] = make(store, app=slow), make(store)
+    made["value"], sid = new_cookie(app.get("/login"))
+    assert app.layer.preview_environ(hint_environ(made["value"])) == ADA
+    app.get("/cart", headers=jar(made["value"]))
+    assert stored(store, sid) is None
+    assert app.layer.preview_environ(hint_environ(made["value"])) == {}
+
+
 def test_built_from_yaml(make_stack: Callable[..., TestApp]) -> None:
     app = make_stack({
         "app": {"factory": "test_session:probe_factory"},
@@ -1002,6 +1134,28 @@ def flask_views() -> Any:
         flask.session.modified = True
         return {}
 
+    @app.get("/discard")
+    def discard() -> Any:
+        flask.session["cart"].append("item")
+        flask.session.modified = False  # the change is not to be saved
+        return {}
+
+    @app.get("/end")
+    def end() -> Any:
+        flask.session["a"] = 1
+        how = flask.request.args["how"]
+        if how == "destroy":
+            flask.session.destroy()
+        else:
+            flask.session.rotate(carry=how == "rotate")
+        return dict(flask.session)
+
+    @app.get("/nested-nan")
+    def nested_nan() -> Any:
+        flask.session["cart"].append(float("nan"))  # Python's json would write NaN: no JSON reader takes it
+        flask.session.modified = True
+        return {}
+
     return app
 
 
@@ -1013,6 +1167,28 @@ def test_flask_session_modified_saves_a_value_changed_in_place(store: CountingSt
     assert stored(store, sid)["data"] == {"cart": ["item"]}
 
 
+def test_flask_session_modified_false_saves_nothing(store: CountingStore) -> None:
+    app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
+    app.get("/start")
+    sid = app.layer.signer.unsign(app.cookies["sid"]).decode()
+    store.calls.clear()
+    app.get("/discard")
+    assert store.calls == ["getex"]
+    assert stored(store, sid)["data"] == {"cart": []}
+
+
+@pytest.mark.parametrize(("how", "expected"), [
+    pytest.param("rotate", {"a": 1}, id="rotate() keeps the data"),
+    pytest.param("login", {}, id="rotate(carry=False) drops it"),
+    pytest.param("destroy", {}, id="destroy() drops it"),
+])
+def test_flask_session_without_a_session_layer_lives_for_the_request(how: str, expected: dict[str, Any]) -> None:
+    """No session layer: Flask gets a session for one request, and never a cookie."""
+    response = TestApp(flask_views()).get(f"/end?how={how}")
+    assert response.json == expected
+    assert "Set-Cookie" not in response.headers
+
+
 def test_flask_session_permanent_stores_nothing(store: CountingStore) -> None:
     app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
     response = app.get("/permanent")
@@ -1020,14 +1196,19 @@ def test_flask_session_permanent_stores_nothing(store: CountingStore) -> None:
     assert "Set-Cookie" not in response.headers and list(store.inner.scan(KEY_PREFIX)) == []
 
 
-def test_a_value_changed_in_place_that_json_cannot_hold_fails_with_its_name(store: CountingStore,
+@pytest.mark.parametrize(("path", "reason"), [
+    pytest.param("/nested-date", "Object of type date is not JSON serializable", id="a date"),
+    pytest.param("/nested-nan", "Out of range float values are not JSON compliant", id="NaN"),
+])
+def test_a_value_changed_in_place_that_json_cannot_hold_fails_with_its_name(store: CountingStore, path: str,
+                                                                           reason: str,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
     app.get("/start")
     with caplog.at_level(logging.ERROR):
-        app.get("/nested-date", status=500)
+        app.get(path, status=500)
     assert "session values must be JSON-serialisable: session['cart'] holds a value changed in place that is " \
-           "not (Object of type date is not JSON serializable)" in caplog.text
+           f"not ({reason})" in caplog.text
     sid = app.layer.signer.unsign(app.cookies["sid"]).decode()
     assert stored(store, sid)["data"] == {"cart": []}  # nothing of it saved
 
