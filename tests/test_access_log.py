@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
@@ -22,6 +23,7 @@ from webtest import TestApp
 from werkzeug.exceptions import abort
 from werkzeug.wrappers import Response
 
+from middleware import access_log
 from middleware.access_log import AccessLogMiddleware, LineHandler, write_atomic
 from middleware.base import IDENTITY, REQUEST_ID, Context, Identity, refuse
 from middleware.errors import ErrorsMiddleware
@@ -62,6 +64,8 @@ class Inner:
             abort(Response("short and stout", status=418))
         if path == "/refused-on-first-chunk":  # a generator app: start_response, and a refusal, come on next()
             return refused_on_first_chunk(start_response)
+        if path == "/crash-on-first-chunk":
+            return crash_on_first_chunk(start_response)
         if path == "/me":
             environ[IDENTITY] = Identity("alice", frozenset({"admin"}))
         if path == "/stream":
@@ -91,6 +95,13 @@ def refused_on_first_chunk(start_response: Callable[..., Any]) -> Iterator[bytes
     """A generator app's body: a layer's start_response refuses (a session's save), which errors renders."""
     raise refuse(403, "Not yours.")
     start_response("200 OK", [])  # pragma: no cover - refused before
+    yield b"never"  # pragma: no cover
+
+
+def crash_on_first_chunk(start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A generator app's body that fails before it starts the response: errors renders a 500."""
+    raise RuntimeError("secret text that must not reach the log")
+    start_response("200 OK", [])  # pragma: no cover - failed before
     yield b"never"  # pragma: no cover
 
 
@@ -138,6 +149,8 @@ def make(inner: Inner, tmp_path: Path) -> Iterator[Callable[..., tuple[TestApp, 
                      id="a generator app's refusal, rendered by errors: its status, no error"),
         pytest.param({}, "/crash", {"status": 500, "bytes": 0, "error": "RuntimeError"},
                      id="exception logged as 500"),
+        pytest.param({}, "/crash-on-first-chunk", {"status": 500, "bytes": 0, "error": "RuntimeError"},
+                     id="a generator app's exception before it starts: logged as 500"),
         pytest.param({}, "/caf%C3%A9?token=secret", {"path": "/caf\u00e9"}, id="utf-8 path, no query"),
         pytest.param({}, "/caf%E9", {"path": "/caf\\xe9"}, id="a byte that is not UTF-8: told apart from /caf%C3%A9"),
         pytest.param({"query": True}, "/q?x=caf%E9", {"query": "x=caf%E9"}, id="a query as sent"),
@@ -287,6 +300,94 @@ def test_logger_mode(inner: Inner, caplog: pytest.LogCaptureFixture) -> None:
     [record] = [r for r in caplog.records if r.name == "test.access"]
     assert record.levelno == logging.INFO
     assert json.loads(record.getMessage())["path"] == "/hello"
+    # The record names the layer's module, as logger.info called there would (a format's %(module)s, %(funcName)s).
+    assert (record.pathname, record.module, record.funcName) == (access_log.__file__, "access_log", "write")
+
+
+class Kept(logging.Handler):
+    """A handler that keeps the messages it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def refuse_all(record: logging.LogRecord) -> bool:
+    return False
+
+
+@pytest.mark.parametrize(("setup", "to_line_handler", "to_parent", "records"), [
+    pytest.param({}, 1, 0, 0, id="its only handler, not propagating: the line without a record"),
+    pytest.param({"propagate": True}, 1, 1, 1, id="propagating: the parent's handlers get it too"),
+    pytest.param({"handler_level": logging.WARNING}, 0, 0, 1, id="the handler's level above INFO"),
+    pytest.param({"handler_filter": refuse_all}, 0, 0, 1, id="the handler's filter refuses it"),
+    pytest.param({"logger_filter": refuse_all}, 0, 0, 1, id="the logger's filter refuses it"),
+    pytest.param({"second_handler": True}, 1, 0, 1, id="a second handler gets it too"),
+    pytest.param({"propagate": True, "formatter": True}, 1, 1, 1, id="a formatter on the line handler is ignored"),
+])
+def test_a_line_handler_on_the_logger(inner: Inner, tmp_path: Path, setup: dict[str, Any], to_line_handler: int,
+                                      to_parent: int, records: int) -> None:
+    """A LineHandler alone on a logger that does not propagate is handed the line directly; any other
+    configuration of the logger gets a record, and its levels, filters and parents have their say."""
+    parent, logger = logging.getLogger("test.lines"), logging.getLogger("test.lines.access")
+    kept, second = Kept(), Kept()
+    parent.addHandler(kept)
+    built: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        if record.name == logger.name:
+            built.append(record)
+        return record
+
+    with open(tmp_path / "out.log", "w") as stream:
+        handler = LineHandler(stream)
+        handler.setLevel(setup.get("handler_level", logging.NOTSET))
+        if "handler_filter" in setup:
+            handler.addFilter(setup["handler_filter"])
+        if "formatter" in setup:
+            handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.handlers[:] = [handler, second] if setup.get("second_handler") else [handler]
+        logger.propagate = setup.get("propagate", False)
+        if "logger_filter" in setup:
+            logger.addFilter(setup["logger_filter"])
+        logger.setLevel(logging.INFO)
+        logging.setLogRecordFactory(counting)
+        try:
+            layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(logger=logger.name), Context())
+            TestApp(layer).get("/hello")
+        finally:
+            logging.setLogRecordFactory(factory)
+            logger.handlers[:], logger.filters[:], logger.propagate = [], [], True
+            parent.removeHandler(kept)
+    written = (tmp_path / "out.log").read_text().splitlines()
+    assert [json.loads(line)["path"] for line in written] == ["/hello"] * to_line_handler
+    assert [json.loads(message)["path"] for message in kept.messages] == ["/hello"] * to_parent
+    assert len(second.messages) == (1 if setup.get("second_handler") else 0)
+    assert len(built) == records
+
+
+def test_time_and_duration_are_those_of_the_request(make: Callable[..., Any], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``time`` is when the request came (UTC, milliseconds), ``duration_ms`` from then until the line."""
+    import time
+
+    starts = iter([1700000000.25, 1700000000.0625, 1700000001.5])
+    clocks = iter([10.0, 10.0625, 20.0, 20.5, 30.0, 31.25])
+    monkeypatch.setattr(access_log, "time", SimpleNamespace(
+        time=lambda: next(starts), perf_counter=lambda: next(clocks), strftime=time.strftime, gmtime=time.gmtime,
+        monotonic=time.monotonic))
+    app, lines = make()
+    for path in ("/a", "/b", "/c"):
+        app.get(path)
+    assert [(line["time"], line["duration_ms"]) for line in lines()] == [
+        ("2023-11-14T22:13:20.250Z", 62.5), ("2023-11-14T22:13:20.062Z", 500.0), ("2023-11-14T22:13:21.500Z", 1250.0)]
+    assert re.findall(rb'"duration_ms":([0-9.]+)', (tmp_path / "access.log").read_bytes()) == [
+        b"62.500", b"500.000", b"1250.000"]
 
 
 def test_disabled_logger_steps_aside() -> None:
@@ -342,6 +443,38 @@ def test_write_failures_are_reported_once_and_never_fail_requests(
         for _ in range(3):
             assert TestApp(layer).get("/hello").text == "hello"
     assert [r.getMessage()[:40] for r in caplog.records] == [f"access log: cannot write to {tmp_path}"[:40]]
+
+
+def test_write_failures_are_reported_again_a_minute_later(inner: Inner, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    now = [1000.0]
+    monkeypatch.setattr(access_log, "time", SimpleNamespace(
+        time=time.time, perf_counter=time.perf_counter, strftime=time.strftime, gmtime=time.gmtime,
+        monotonic=lambda: now[0]))
+    layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(file=str(tmp_path / "a.log")), Context())
+    layer.close()  # every later write fails (EBADF)
+    reported = []
+    with caplog.at_level(logging.ERROR, logger="wsgistack"):
+        for now[0] in (1000.0, 1059.5, 1060.0, 1119.5, 1120.0):
+            caplog.clear()
+            TestApp(layer).get("/hello")
+            reported.append(len(caplog.records))
+    assert reported == [1, 0, 1, 0, 1]
+
+
+def test_a_reopen_after_close_does_nothing(make: Callable[..., Any], tmp_path: Path) -> None:
+    """A SIGHUP that comes while the process shuts down: the file closed for good is not opened again."""
+    app, _ = make()
+    app.get("/before")
+    layer = app.app.app  # errors -> access_log
+    layer.close()
+    (tmp_path / "access.log").rename(tmp_path / "access.log.1")
+    layer.reopen()
+    layer.follow()
+    assert not (tmp_path / "access.log").exists()
 
 
 def test_options_refused() -> None:
