@@ -36,6 +36,8 @@ class Recorder:
         headers = [("Content-Type", "text/plain"), ("X-Total", "3")]
         if path == "/vary":
             headers.append(("Vary", "Accept-Encoding"))
+        if path == "/vary-first":
+            headers.insert(0, ("Vary", "Accept-Encoding"))
         if path == "/vary-star":
             headers.append(("Vary", "*"))
         if path == "/own-cors":
@@ -276,6 +278,7 @@ def test_actual_request(make: Callable[..., TestApp], inner: Recorder, options: 
 
 @pytest.mark.parametrize(("path", "vary"), [
     pytest.param("/vary", "Accept-Encoding, Origin", id="merged with the app's Vary"),
+    pytest.param("/vary-first", "Accept-Encoding, Origin", id="merged with the app's Vary, its first header"),
     pytest.param("/vary-star", "*", id="Vary * kept"),
     pytest.param("/", "Origin", id="added"),
 ])
@@ -670,6 +673,50 @@ def test_inner_layer_refusals_vary_on_origin(make_stack: Callable[..., Any], lay
     assert allowed.headers.getall("Vary") == ["Origin"]
 
 
+BOTH_TOP = {"origins": [APP], "allow_methods": ["PUT", "DELETE"], "allow_headers": ["X-A", "X-B"],
+            "allow_private_network": True}
+BOTH_RULE = {"paths": ["/api/v2/*"], "allow_methods": ["PUT", "PATCH"], "allow_headers": ["x-b", "X-C"],
+             "max_age": 60}
+
+
+@pytest.mark.parametrize(("options", "request_headers", "status", "expected"), [
+    pytest.param({**BOTH_TOP, "rules": [BOTH_RULE]}, preflight(APP, "PUT", "X-B"), 204, {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "PUT",
+        "access-control-allow-headers": "accept, accept-language, content-language, content-type, x-b",
+        "access-control-max-age": "60"}, id="the methods and headers both allow, the shorter max_age"),
+    pytest.param({**BOTH_TOP, "rules": [BOTH_RULE]}, preflight(APP, "DELETE"), 403, {},
+                 id="a method the routed path's rule does not allow"),
+    pytest.param({**BOTH_TOP, "rules": [BOTH_RULE]}, preflight(APP, "PUT", "X-A"), 403, {},
+                 id="a header the routed path's rule does not allow"),
+    pytest.param({**BOTH_TOP, "rules": [{**BOTH_RULE, "allow_private_network": False}]},
+                 preflight(APP, "PUT", **{"Access-Control-Request-Private-Network": "true"}), 403, {},
+                 id="private network access the routed path's rule does not allow"),
+    pytest.param({**BOTH_TOP, "allow_methods": ["*"], "rules": [BOTH_RULE]}, preflight(APP, "PATCH"), 204, {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "PUT, PATCH",
+        "access-control-max-age": "60"}, id="any method at the top level: the rule's methods"),
+    pytest.param({**BOTH_TOP, "rules": [{**BOTH_RULE, "allow_methods": ["*"]}]}, preflight(APP, "DELETE"), 204, {
+        "access-control-allow-origin": APP, "access-control-allow-methods": "PUT, DELETE",
+        "access-control-max-age": "60"}, id="any method in the rule: the top level's methods"),
+    pytest.param({"origins": ["*"], "rules": [{"paths": ["/api/v2/*"], "origins": ["*"], "max_age": 5}]},
+                 {"Origin": OTHER}, 200, {"access-control-allow-origin": "*"}, id="any origin in both: *"),
+    pytest.param({"origins": ["*"], "rules": [{"paths": ["/api/v2/*"], "origins": [APP]}]},
+                 {"Origin": OTHER}, 200, {}, id="any origin at the top level only"),
+])
+def test_a_path_routed_elsewhere_gets_what_both_policies_grant(
+        make_stack: Callable[..., Any], options: dict[str, Any], request_headers: dict[str, str], status: int,
+        expected: dict[str, str]) -> None:
+    """/api/config (the top level's) is routed to /api/v2/config (the rule's): a request to it is granted
+    only what both policies grant."""
+    stack = make_stack({"app": {"factory": "stack_support:echo_app"},
+                        "pipeline": [{"errors": {"format": "envelope"}}, {"cors": options},
+                                     {"versioning": {"supported": ["v1", "v2"], "default": "v2"}}]})
+    method = "OPTIONS" if "Access-Control-Request-Method" in request_headers else "GET"
+    response = stack.request("/api/config", method=method, headers=request_headers, status=status)
+    assert cors_headers(response) == expected
+    if status == 200:
+        assert response.json["path"] == "/api/v2/config"
+
+
 def test_yaml_refuses_credentials_with_star(make_stack: Callable[..., Any]) -> None:
     from config import ConfigError
 
@@ -717,4 +764,5 @@ def test_origins_no_site_could_send_are_not_remembered() -> None:
     for i in range(20):
         assert not layer.default.allows(f"https://{i}" + "a" * 20_000 + ".example.net")
     assert layer.default.allows("https://" + "b" * 250 + ".example.org")
+    assert layer.default.allows("https://" + "c" * 20_000 + ".example.org")  # judged all the same, not kept
     assert len(layer.default.seen) == 1
