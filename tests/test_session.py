@@ -1146,9 +1146,16 @@ def flask_views() -> Any:
         how = flask.request.args["how"]
         if how == "destroy":
             flask.session.destroy()
+        elif how == "rotate":
+            flask.session.rotate()
         else:
-            flask.session.rotate(carry=how == "rotate")
+            flask.session.rotate(carry=False)
         return dict(flask.session)
+
+    @app.get("/drop")
+    def drop() -> Any:
+        del flask.session["cart"]
+        return {"left": len(flask.session)}
 
     @app.get("/nested-nan")
     def nested_nan() -> Any:
@@ -1165,6 +1172,14 @@ def test_flask_session_modified_saves_a_value_changed_in_place(store: CountingSt
     assert app.get("/add").json == {"cart": ["item"], "new": False}
     sid = app.layer.signer.unsign(app.cookies["sid"]).decode()
     assert stored(store, sid)["data"] == {"cart": ["item"]}
+
+
+def test_flask_session_del_removes_the_key_from_the_store(store: CountingStore) -> None:
+    app = make(store, app=flask_views(), cookie_secure=False, cookie_name="sid")
+    app.get("/start")
+    sid = app.layer.signer.unsign(app.cookies["sid"]).decode()
+    assert app.get("/drop").json == {"left": 0}
+    assert stored(store, sid)["data"] == {}
 
 
 def test_flask_session_modified_false_saves_nothing(store: CountingStore) -> None:
