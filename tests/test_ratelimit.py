@@ -270,9 +270,23 @@ def test_an_inner_refusal_names_the_limit_its_headers_describe(store: Store, out
     assert (refused.headers["RateLimit-Remaining"], refused.headers["RateLimit-Reset"]) == ("0", expected[1])
 
 
-def test_an_inner_error_carries_the_tighter_fields(store: Store) -> None:
-    missing = _two(store, "3/minute", "50/minute").get("/missing", status=404)
-    assert (missing.headers.getall("RateLimit-Limit"), missing.headers["RateLimit-Remaining"]) == (["3"], "2")
+def _failing(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """An app with a bug: every request raises."""
+    raise RuntimeError("a bug in the app")
+
+
+@pytest.mark.parametrize(("app", "path", "status"), [
+    pytest.param(inner, "/missing", 404, id="an HTTP error"),
+    pytest.param(_failing, "/", 500, id="an unexpected exception, without a description"),
+])
+def test_an_inner_error_carries_the_tighter_fields(store: Store, caplog: pytest.LogCaptureFixture, app: Any,
+                                                    path: str, status: int) -> None:
+    with caplog.at_level(logging.ERROR, logger="wsgistack.errors"):
+        response = _two(store, "3/minute", "50/minute", app).get(path, status=status)
+    assert [(k, response.headers.getall(k)) for k in RATE_HEADERS] == [
+        ("RateLimit-Limit", ["3"]), ("RateLimit-Remaining", ["2"]), ("RateLimit-Reset", ["60"]), ("Retry-After", [])]
+    failures = [r.exc_info[0] for r in caplog.records if r.name == "wsgistack.errors" and r.exc_info]
+    assert failures == ([RuntimeError] if status == 500 else [])  # the app's own exception, as it was raised
 
 
 @pytest.mark.parametrize("fields", [
@@ -638,6 +652,26 @@ def test_memory_windows_roll_over_and_ended_ones_are_dropped(monkeypatch: pytest
     assert (len(windows[1]), len(windows[60])) == (1, 1)
 
 
+@pytest.mark.parametrize(("strategy", "later", "tracked"), [
+    pytest.param("moving-window", 59.0, 51, id="moving: a key lives a window after its last hit"),
+    pytest.param("moving-window", 60.0, 1, id="moving: then it is forgotten"),
+    pytest.param("sliding-window-counter", 119.0, 51, id="sliding: two windows (the last one still weighs)"),
+    pytest.param("sliding-window-counter", 120.0, 1, id="sliding: then it is forgotten"),
+])
+def test_memory_keys_of_moving_and_sliding_windows_are_forgotten_once_they_end(
+        monkeypatch: pytest.MonkeyPatch, strategy: str, later: float, tracked: int) -> None:
+    clock = [1_000_000.0]
+    monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
+    monkeypatch.setattr("middleware.ratelimit.time.monotonic", lambda: clock[0])
+    stack = Stack(store_from_url("memory://"), limits=["1/minute"], strategy=strategy)
+    for n in range(50):
+        stack.get(ip=f"10.1.0.{n}")
+    clock[0] += later
+    stack.get(ip="10.2.0.1")  # a new key drops the ones that ended before it
+    tables = stack.layer.counter.tracked  # type: ignore[union-attr]
+    assert [len(keys) for keys in tables.values()] == [tracked]
+
+
 def test_memory_windows_end_on_time_whatever_the_wall_clock_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """The wall clock steps back an hour (NTP, a VM resumed): a minute's window still ends after a minute."""
     wall, tick = [1_000_000.0], [500.0]
@@ -672,14 +706,23 @@ def test_waiting_the_seconds_said_is_enough(monkeypatch: pytest.MonkeyPatch, ask
     assert stack.get().status_int == 200
 
 
-def test_a_pass_with_nothing_left_says_a_wait_of_a_second_at_least(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("limit", "asked_at", "expected"), [
+    pytest.param("2/minute", 59.9995, {"RateLimit-Limit": "2", "RateLimit-Remaining": "0", "RateLimit-Reset": "1"},
+                 id="nothing left, a part of a second to go: rounded up"),
+    pytest.param("2/minute", 59.9999995, {"RateLimit-Limit": "2", "RateLimit-Remaining": "0", "RateLimit-Reset": "1"},
+                 id="nothing left, less than the microsecond forgiven: still a second, as a refusal would say"),
+    pytest.param("3/minute", 59.9999995, {"RateLimit-Limit": "3", "RateLimit-Remaining": "1", "RateLimit-Reset": "0"},
+                 id="a request left: the window ends now"),
+])
+def test_a_pass_with_nothing_left_says_a_wait_of_a_second_at_least(monkeypatch: pytest.MonkeyPatch, limit: str,
+                                                                   asked_at: float, expected: dict[str, str]) -> None:
     clock = [1_000.0]
     monkeypatch.setattr("middleware.ratelimit.time.time", lambda: clock[0])
     monkeypatch.setattr("middleware.ratelimit.time.monotonic", lambda: clock[0])  # memory windows
-    stack = Stack(store_from_url("memory://"), limits=["2/minute"])
+    stack = Stack(store_from_url("memory://"), limits=[limit])
     stack.get()
-    clock[0] = 1_059.9995  # the last request of the window: RateLimit-Reset 0 would invite a retry now
-    assert rate(stack.get()) == {"RateLimit-Limit": "2", "RateLimit-Remaining": "0", "RateLimit-Reset": "1"}
+    clock[0] = 1_000 + asked_at  # just before the window ends: RateLimit-Reset 0 with nothing left invites a retry now
+    assert rate(stack.get()) == expected
 
 
 @pytest.mark.parametrize(("namespaces", "expected"), [
