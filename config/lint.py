@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from middleware.base import with_head
+from stores.base import secret_name
 
-from .build import LayerSpec, StackConfig, reads_forwarding_headers, suggest
+from .build import LayerSpec, StackConfig, data_at, reads_forwarding_headers, suggest
 from .errors import Problem, dotted
 from .registry import LAYERS, import_string
 
@@ -916,6 +917,51 @@ def streams_leave_a_thread(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
         f"{fix} server.threads (both count per process, with workers too)", key=True, severity="warning")
 
 
+#: What ``check`` suggests for a weak secret.
+NEW_SECRET = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def _weakness(secret: str) -> str | None:
+    """Why a secret of the right length is still easy to guess (a run repeated, few characters), or None.
+
+    Says nothing of the secret itself, which ends up in logs and terminals.
+    """
+    size = len(secret)
+    for run in range(1, size // 2 + 1):
+        if secret.startswith(secret[run:]):  # the first ``run`` characters over and over (the last copy may be cut)
+            return f"is a run of {run} character{'s' if run > 1 else ''} repeated"
+    distinct = len(set(secret))
+    if distinct < 8:
+        return f"uses only {distinct} different characters in {size}"
+    return None
+
+
+def _secrets_in(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """The strings under secret-named keys in a layer's options, with their paths."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and secret_name(key) and isinstance(item, str):
+                yield (*path, key), item
+            elif isinstance(key, str) and secret_name(key) and isinstance(item, list):
+                yield from (((*path, key, i), x) for i, x in enumerate(item) if isinstance(x, str))
+            else:
+                yield from _secrets_in(item, (*path, key))
+
+
+def weak_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A signing secret long enough for its layer but made of a repeated run or a handful of characters
+    (``"a" * 48``, ``changeme`` eight times): its length is no measure of how hard it is to guess."""
+    for spec in specs:
+        if spec.implicit or not spec.path:
+            continue
+        where = (*spec.path, spec.name)
+        for path, secret in _secrets_in(data_at(cfg.document, where), where):
+            why = _weakness(secret) if len(secret) >= 16 else None
+            if why is not None:
+                yield cfg.document.problem(path, f"the secret {why}: its length says little of how hard it is to "
+                                                 f"guess; {NEW_SECRET}", severity="warning")
+
+
 def empty_pipeline(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     """No layer listed (``pipeline: []``, ``pipeline:`` or no ``pipeline`` at all): the app is served bare."""
     if not cfg.pipeline:
@@ -926,6 +972,7 @@ def empty_pipeline(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
 
 RULES: list[Rule] = [
     empty_pipeline,
+    weak_secrets,
     errors_outermost,
     cache_outside_private,
     ratelimit_keys,

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl
 
+from stack_support import secret
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 #: Response headers a Result keeps (lower case); the tests read nothing else.
@@ -42,7 +44,7 @@ __all__ = ["KEPT_HEADERS", "SECRETS", "Load", "Req", "Result", "ServeProcess", "
            "slow_app"]
 
 #: Test-only secrets (the session and auth layers want at least 32 characters).
-SECRETS = {"SESSION_SECRET": "s" * 43, "JWT_SECRET": "j" * 43}
+SECRETS = {"SESSION_SECRET": secret("session"), "JWT_SECRET": secret("jwt")}
 
 
 def full_stack(port: int, var_dir: Path, *, store: str = "memory://", rate_limit: str = "100000/minute",

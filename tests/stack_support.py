@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -11,6 +13,14 @@ from pydantic import BaseModel
 
 from middleware.base import LayerOptions
 from stores.memory import MemoryStore
+
+
+def secret(name: str, size: int = 43) -> str:
+    """A fixed secret for ``name`` that reads as random, as ``secrets.token_urlsafe`` makes one.
+
+    (``check`` warns of a secret made of a run repeated, such as ``"s" * 43``.)
+    """
+    return base64.urlsafe_b64encode(hashlib.sha512(name.encode()).digest()).decode()[:size]
 
 
 def echo_app(options: dict[str, Any] | None = None) -> Any:

@@ -33,11 +33,12 @@ import pytest
 import yaml
 from conftest import RedisServer, free_port
 from conftest import Served as ServedBase
+from stack_support import secret
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "production.yaml"
 DOC = ROOT / "docs" / "production.md"
-SECRETS = {"SESSION_SECRET": "s" * 43, "JWT_SECRET": "j" * 64}
+SECRETS = {"SESSION_SECRET": secret("session"), "JWT_SECRET": secret("jwt", 64)}
 PASSWORD = "correct horse battery staple"
 HSTS = "max-age=31536000"
 INTERVAL = 0.3  # seconds between the events of the search stream in the derived config

@@ -8,12 +8,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from stack_support import secret
 from webtest import TestApp
 
 from config import build_from_file
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRETS = {"SESSION_SECRET": "s" * 43, "JWT_SECRET": "j" * 43}
+SECRETS = {"SESSION_SECRET": secret("session"), "JWT_SECRET": secret("jwt")}
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,13 @@ import re
 from pathlib import Path
 
 import pytest
+from stack_support import secret
 
 from config import check
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {"SESSION_SECRET": "s" * 40, "JWT_SECRET": "j" * 48, "SECRET_KEY": "k" * 40, "OLD_SESSION_SECRET": "o" * 40,
+ENV = {"SESSION_SECRET": secret("session", 40), "JWT_SECRET": secret("jwt", 48), "SECRET_KEY": secret("key", 40),
+       "OLD_SESSION_SECRET": secret("old session", 40),
        "REDIS_PASSWORD": "pw", "REDIS_URL": "memory://"}
 BLOCK = re.compile(r"```yaml\n(.*?)```", re.S)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import REFUSALS_THAT_PASS, RedisServer
+from stack_support import secret
 from webtest import TestApp
 
 from config import ConfigError
@@ -121,7 +122,7 @@ def test_a_hosted_start_still_stops_on_a_database_the_server_does_not_have(tmp_p
 
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = "s" * 40
+SECRET = secret("session", 40)
 DEV_SESSION = f"  - session: {{secret_key: '{SECRET}', cookie_secure: false, cookie_name: dev_session}}\n"
 PROXYFIX = "  - werkzeug.middleware.proxy_fix:ProxyFix: {x_for: 1}\n"
 UNSEEN = "(under another WSGI server, whose listener and proxy handling wsgistack cannot see"

@@ -11,7 +11,8 @@ from config import lint, parse, read_text
 HEAD = """app: {factory: "stack_support:echo_app"}
 stores: {shared: "memory://", redis: "redis://127.0.0.1:1/0"}
 """
-SECRET = "s" * 40
+#: A secret as `secrets.token_urlsafe(32)` makes one (a run repeated, "s" * 40, is warned of).
+SECRET = "q3VhZ0mN8xLr2TfKpW9sYbC4eGjH7uAd1oIvX6nE5yQ"
 
 
 def problems(text: str, hosted: bool = False) -> list[str]:
@@ -417,7 +418,7 @@ VERSIONED = "pipeline:\n  - errors: {}\n  - versioning: {supported: [v1, v2]%s}\
                  "'v3', which it does not support; name a supported version (/api/v1/*) or remove it",
                  id="a version it does not support"),
     pytest.param(f"  - auth: {{secret: {SECRET}, rules: [{{paths: [/api/admin/*], roles: [admin]}}]}}\n",
-                 "stack.yaml:6:79 pipeline[2].auth.rules[0].paths[0]: auth at pipeline[2] has "
+                 f"stack.yaml:6:{39 + len(SECRET)} pipeline[2].auth.rules[0].paths[0]: auth at pipeline[2] has "
                  "rules[0].paths[0] '/api/admin/*', which no request reaches it with", id="a rule of auth inside"),
     pytest.param(f"  - auth: {{secret: {SECRET}}}\n  - cache: {{purge_path: /api/cache/purge}}\n",
                  "stack.yaml:7:25 pipeline[3].cache.purge_path: cache at pipeline[3] has purge_path "
@@ -829,3 +830,32 @@ def test_a_pipeline_without_layers_is_warned(text: str, where: str) -> None:
         f"{where} warning: pipeline: pipeline lists no layer: the app is served behind the default errors layer "
         "alone (no request ids, security headers, limits or access log); list the layers, as in the default "
         "stack.yaml"]
+
+
+@pytest.mark.parametrize(("options", "where", "why"), [
+    pytest.param(f"session: {{secret_key: {'a' * 48}}}", "5:27 warning: pipeline[1].session.secret_key",
+                 "is a run of 1 character repeated", id="one character"),
+    pytest.param(f"session: {{secret_key: {'changeme' * 4}cha}}", "5:27 warning: pipeline[1].session.secret_key",
+                 "is a run of 8 characters repeated", id="a word over and over, the last copy cut"),
+    pytest.param(f"auth: {{secret: '{'0123456' * 5}'}}", "5:20 warning: pipeline[1].auth.secret",
+                 "is a run of 7 characters repeated", id="digits over and over"),
+    pytest.param(f"session: {{secret_key: {SECRET}, secret_key_fallbacks: [{'ab' * 16}]}}",
+                 "5:95 warning: pipeline[1].session.secret_key_fallbacks[0]", "is a run of 2 characters repeated",
+                 id="an old key"),
+    pytest.param(f"csrf: {{secret_key: {'abcabcabcabcabcabcabcabcabcabcxy' + 'aabbccxy'}}}",
+                 "5:24 warning: pipeline[1].csrf.secret_key", "uses only 5 different characters in 40",
+                 id="few characters"),
+])
+def test_a_long_secret_that_is_easy_to_guess_is_warned(options: str, where: str, why: str) -> None:
+    found = problems(f"pipeline:\n  - errors: {{}}\n  - {options}\n")
+    assert [line for line in found if "the secret" in line] == [
+        f"stack.yaml:{where}: the secret {why}: its length says little of how hard it is to guess; generate one "
+        "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"]
+
+
+@pytest.mark.parametrize("secret", [
+    pytest.param(SECRET, id="token_urlsafe"),
+    pytest.param("3f1c9a7be2d04c6f8a1e5b7d9c2f4a6e8b0d1c3e5f7a9b2d4c6e8f0a1b3c5d7e", id="token_hex"),
+])
+def test_a_random_secret_is_not_warned(secret: str) -> None:
+    assert problems(f"pipeline:\n  - errors: {{}}\n  - session: {{secret_key: {secret}}}\n") == []

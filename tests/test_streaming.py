@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import RedisServer, free_port
 from conftest import Served as ServedBase
+from stack_support import secret
 
 from config import read_text
 from config.build import parse
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INTERVAL = 0.3  # seconds the app pauses between events: search_started, 3 search_progress, search_complete
 PASSWORD = "correct horse battery staple"
 ORIGIN = "http://localhost:3000"
-SECRETS = {"SESSION_SECRET": "s" * 43, "JWT_SECRET": "j" * 43}
+SECRETS = {"SESSION_SECRET": secret("session"), "JWT_SECRET": secret("jwt")}
 
 # Every built-in layer, in the order `serve.py check` accepts, with the options that make it act on
 # the stream: metrics times every layer (Server-Timing), the cache has the stream path in scope,
