@@ -12,7 +12,7 @@ from webtest import TestApp
 from werkzeug.exceptions import HTTPException
 from werkzeug.test import Client
 
-from middleware.base import Context, refuse
+from middleware.base import ORIG_PATH, TRACE, Context, refuse
 from middleware.errors import ErrorsMiddleware
 from middleware.request_id import RequestIdMiddleware
 
@@ -60,6 +60,7 @@ def test_every_code_renders_problem_details(code: int) -> None:
 
 
 @pytest.mark.parametrize(("code", "status"), [
+    pytest.param(300, "300 Multiple Choices", id="300: the lowest status an exception answers with"),
     pytest.param(404, "404 Not Found", id="404"),
     pytest.param(413, "413 Content Too Large", id="413"),
     pytest.param(414, "414 URI Too Long", id="414"),
@@ -113,6 +114,15 @@ def test_werkzeug_method_not_allowed_carries_allow() -> None:
     assert response.headers["Allow"] == "GET, POST"
 
 
+def test_allow_lists_the_methods_in_one_order_whatever_order_they_were_found_in() -> None:
+    """werkzeug's router finds them in a set, whose order varies by process: RFC 9110's order, then by name."""
+    from werkzeug.exceptions import MethodNotAllowed
+
+    found = ["PURGE", "OPTIONS", "DELETE", "PATCH", "PUT", "POST", "HEAD", "GET", "COPY", "GET"]
+    response = stack(raising(MethodNotAllowed(found))).put("/", status=405)
+    assert response.headers["Allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, COPY, PURGE"
+
+
 @pytest.mark.parametrize("fmt", ["envelope", "problem"])
 def test_head_has_no_body_but_the_length_of_get(fmt: str) -> None:
     """RFC 9110 §8.6: a HEAD answer's Content-Length is that of the GET's body (the envelope says GET)."""
@@ -134,6 +144,8 @@ def test_unhandled_exception_is_a_500_without_its_text(caplog: pytest.LogCapture
     assert response.headers["X-Request-ID"] in caplog.text
     # The record carries the id too (request_id has left the request by now): the JSON lines' field.
     assert [r.request_id for r in caplog.records] == [response.headers["X-Request-ID"]]  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"unhandled exception in GET /boom (request id {response.headers['X-Request-ID']})"]
 
 
 def test_debug_shows_the_traceback_on_loopback_only() -> None:
@@ -162,6 +174,48 @@ def test_renderer_is_published_for_the_core() -> None:
     response = stack(app).get("/", status=409)
     assert seen["status"] == 409
     assert response.json["error"]["message"] == "Conflict here."
+
+
+def test_a_traced_request_notes_the_status_rendered() -> None:
+    trace: list[tuple[str, str]] = []
+    stack(raising(refuse(404, "Missing."))).get("/x", status=404, extra_environ={TRACE: trace})
+    assert [decision for layer, decision in trace if layer == "errors"] == ["rendered 404"]
+
+
+@pytest.mark.parametrize(("fmt", "member", "named"), [("envelope", "path", "/api/my config"),
+                                                     ("problem", "instance", "/api/my%20config")])
+def test_a_rewritten_request_is_named_by_the_path_it_asked_for(fmt: str, member: str, named: str) -> None:
+    """versioning routes /api/config to /api/v2/config: the client learns of the path it sent, as the log shows it."""
+    response = stack(raising(refuse(404, "Missing.")), format=fmt).get(
+        "/api/v2/config", status=404, extra_environ={ORIG_PATH: "/api/my config"})
+    assert response.json.get("error", response.json)[member] == named
+
+
+@pytest.mark.parametrize(("environ", "path", "instance"), [
+    pytest.param({"PATH_INFO": "/a b"}, "/a b", "/a%20b", id="no SCRIPT_NAME"),
+    pytest.param({"SCRIPT_NAME": "/mount"}, "/", "/mount", id="no PATH_INFO: the root of an app under a prefix"),
+    pytest.param({}, "/", "/", id="neither"),
+])
+def test_an_environ_without_an_empty_path_variable_is_named_by_the_rest(
+        environ: dict[str, str], path: str, instance: str) -> None:
+    """PEP 3333: SCRIPT_NAME and PATH_INFO may be left out of the environ when they would be empty."""
+    import json
+
+    for fmt, named in (("envelope", path), ("problem", instance)):
+        app = ErrorsMiddleware(raising(refuse(404, "Missing.")), ErrorsMiddleware.Options(format=fmt), Context())
+        doc = json.loads(b"".join(app({"REQUEST_METHOD": "GET", **environ}, lambda *args: None)))
+        assert (doc["error"]["path"] if fmt == "envelope" else doc["instance"]) == named
+
+
+def test_an_exception_whose_response_is_not_a_werkzeug_response_is_rendered_by_its_code() -> None:
+    from werkzeug.exceptions import NotFound
+
+    def other_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:  # pragma: no cover - never run
+        start_response("200 OK", [])
+        return [b"not this"]
+
+    response = stack(raising(NotFound("Missing.", response=other_app))).get("/r", status=404)  # type: ignore[arg-type]
+    assert (response.json["error"]["code"], response.json["error"]["message"]) == (404, "Missing.")
 
 
 @pytest.mark.parametrize(("base", "refused"), [
@@ -381,7 +435,10 @@ def test_details_that_cannot_be_rendered_leave_them_out_and_keep_the_refusal(
     else:
         assert (doc["status"], doc["detail"], "details" in doc) == (422, "Bad field.", False)
     assert [r.levelno for r in caplog.records] == [logging.ERROR]  # the operator learns why, once
-    assert response.headers["X-Request-ID"] in caplog.text
+    request_id = response.headers["X-Request-ID"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not render the details of a 422 for GET /d (request id {request_id}); sent without them"]
+    assert [r.request_id for r in caplog.records] == [request_id]  # type: ignore[attr-defined]
 
 
 def test_debug_renders_an_exception_whose_str_fails() -> None:
@@ -473,11 +530,15 @@ def test_a_redirect_location_is_a_uri(new_url: str, location: str) -> None:
     assert "Set-Cookie" not in moved.headers
 
 
-@pytest.mark.parametrize(("path_info", "target", "instance"), [
+NOT_A_PATH = [
     pytest.param("443", "example.com:443", "example.com%3A443", id="CONNECT's authority: not the scheme example.com"),
     pytest.param("80/x", "evil.example:80/x", "evil.example%3A80/x", id="a target with a colon before its first slash"),
+    pytest.param("80/", "evil.example:80/", "evil.example%3A80/", id="a target that ends with a slash"),
     pytest.param("*", "*", "*", id="OPTIONS *"),
-])
+]
+
+
+@pytest.mark.parametrize(("path_info", "target", "instance"), NOT_A_PATH)
 def test_problem_instance_of_a_target_that_is_not_a_path_is_a_relative_reference(
         path_info: str, target: str, instance: str) -> None:
     """RFC 3986 §4.2: a colon in the first segment of a relative reference would read as a scheme."""
@@ -489,3 +550,15 @@ def test_problem_instance_of_a_target_that_is_not_a_path_is_a_relative_reference
                         lambda status, headers, exc_info=None: seen.append(status)))
     assert seen == ["400 Bad Request"]
     assert json.loads(body)["instance"] == instance
+
+
+@pytest.mark.parametrize(("path_info", "target", "instance"), NOT_A_PATH)
+def test_the_envelope_names_a_target_that_is_not_a_path_as_it_was_sent(
+        path_info: str, target: str, instance: str) -> None:
+    """Waitress splits ``CONNECT example.com:443`` as a URL, giving the path ``443``: the error names the target."""
+    import json
+
+    app = ErrorsMiddleware(raising(refuse(400, "Nope.")), ErrorsMiddleware.Options(), Context())
+    body = b"".join(app({"REQUEST_METHOD": "OPTIONS", "PATH_INFO": path_info, "REQUEST_URI": target},
+                        lambda status, headers, exc_info=None: None))
+    assert json.loads(body)["error"]["path"] == target
