@@ -158,6 +158,9 @@ def scrape(app: TestApp, **kwargs: Any) -> Samples:
         pytest.param({"max_routes": 2}, [("GET", "/a"), ("GET", "/b"), ("GET", "/c"), ("GET", "/a")],
                      {("GET", "/a", "200"): 2, ("GET", "/b", "200"): 1, ("GET", "other", "200"): 1},
                      id="route labels capped"),
+        pytest.param({"max_routes": 2}, [("GET", "/a"), ("GET", "/b"), ("GET", "/c"), ("POST", "/a")],
+                     {("GET", "/a", "200"): 1, ("GET", "/b", "200"): 1, ("GET", "other", "200"): 1,
+                      ("POST", "/a", "200"): 1}, id="a route label seen before the cap keeps its name"),
         pytest.param({"server_timing": True}, [("GET", "/items/1"), ("GET", "/lazy"), ("GET", "/limited")],
                      {("GET", "/items/<int:item_id>", "200"): 1, ("GET", "/lazy", "201"): 1,
                       ("GET", "other", "429"): 1}, id="the same when timing"),
@@ -279,10 +282,11 @@ def test_unrouted_requests_take_the_app_route_or_other(make: Callable[..., Any],
     for i in range(20):
         app.get(f"/limited-{i}", headers={"X-Refuse": "401"}, expect_errors=True)
     app.get("/limited", expect_errors=True)
+    app.get("/limited", expect_errors=True)  # (the template the app matched, looked up once)
     app.get("/items/1")
     counted = {(dict(labels)["route"], dict(labels)["status"]): value
                for (name, labels), value in scrape(app).items() if name == "wsgistack_http_requests_total"}
-    assert counted == {("other", "401"): 20, ("/limited", "429"): 1, ("/items/<int:item_id>", "200"): 1}
+    assert counted == {("other", "401"): 20, ("/limited", "429"): 2, ("/items/<int:item_id>", "200"): 1}
 
 
 
@@ -303,6 +307,26 @@ def test_a_refusal_before_versioning_takes_the_route_it_would_reach(make_stack: 
     assert sample(found, "wsgistack_http_requests_total", method="GET", route="other", status="401") == 1
 
 
+@pytest.mark.parametrize(("path", "route"), [
+    pytest.param("/api/config", "/api/v2/config", id="a route that sorts after the path"),
+    pytest.param("/api/zones", "/api/v2/zones", id="a route that sorts before the path"),
+    pytest.param("/api/v2/zones", "/api/v2/zones", id="a path no layer rewrites"),
+    pytest.param("/api/nowhere", "other", id="a rewritten path no route matches"),
+])
+def test_a_refusal_before_a_rewrite_takes_the_route_the_rewritten_path_reaches(
+        make: Callable[..., Any], context: Context, path: str, route: str) -> None:
+    routes = {"/api/v2/config", "/api/v2/zones"}
+    context.services["route_template"] = lambda path, method: path if path in routes else None
+    context.path_rewrites.append(
+        lambda environ: None if environ["PATH_INFO"].startswith("/api/v2/") else
+        {"PATH_INFO": "/api/v2/" + environ["PATH_INFO"].removeprefix("/api/")})
+    app, _ = make()
+    app.get(path, headers={"X-Refuse": "401"}, status=401)
+    counted = {(dict(labels)["route"], dict(labels)["status"]): value
+               for (name, labels), value in scrape(app).items() if name == "wsgistack_http_requests_total"}
+    assert counted == {(route, "401"): 1}
+
+
 def test_the_cache_purge_endpoint_has_its_own_route_label(make: Callable[..., Any], context: Context) -> None:
     from middleware.cache import CacheMiddleware
 
@@ -313,14 +337,19 @@ def test_the_cache_purge_endpoint_has_its_own_route_label(make: Callable[..., An
                   status="401") == 1.0
 
 
-def test_latency_lands_in_buckets(make: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("options", [{}, {"layer_timing": True}])
+@pytest.mark.parametrize("refused", [False, True])
+def test_latency_lands_in_buckets(make: Callable[..., Any], options: dict[str, Any], refused: bool) -> None:
+    """A refusal the app raises is timed as an answer it returns is."""
     def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         time.sleep(0.02)
+        if refused:
+            raise refuse(503, "Later.")
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"slow"]
 
-    app, _ = make(slow, buckets=[0.01, 1.0])
-    app.get("/slow")
+    app, _ = make(slow, buckets=[0.01, 1.0], **options)
+    app.get("/slow", status=503 if refused else 200)
     found = scrape(app)
     labels = {"method": "GET", "route": "/slow"}
     assert sample(found, "wsgistack_http_request_duration_seconds_bucket", **labels, le="0.01") == 0
@@ -508,6 +537,13 @@ OPEN_METRICS_1 = "application/openmetrics-text; version=1.0.0; charset=utf-8; es
         pytest.param("text/plain;version=0.0.4;q=0.3,*/*;q=0.2", TEXT_004, id="prometheus 2 without openmetrics"),
         pytest.param("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
                      "text/plain;version=0.0.4;q=0.5,*/*;q=0.1", OPEN_METRICS_1, id="prometheus 2"),
+        pytest.param("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+                     "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;"
+                     "q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+                     "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=allow-utf-8",
+                     id="prometheus 3"),
+        pytest.param("application/openmetrics-text", "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                     id="openmetrics without a version"),
         pytest.param("application/openmetrics-text; version=abc", TEXT_004, id="a version that is no number"),
         pytest.param("text/plain; version=1.x", TEXT_004, id="a text version that is no number"),
         pytest.param("application/openmetrics-text; version=abc, application/openmetrics-text; version=1.0.0",
@@ -706,6 +742,9 @@ def test_events_are_counted(make: Callable[..., Any], context: Context) -> None:
     assert sample(found, "wsgistack_ratelimit_events_total", result="reject", rule="unknown") == 1
     assert sample(found, "wsgistack_store_errors_total", store="shared", layer="ratelimit") == 1
     assert sample(found, "wsgistack_sessions_created_total") == 1
+    # each family holds its own events only
+    assert {labels: value for (name, labels), value in found.items() if name == "wsgistack_events_total"} == {
+        frozenset({("event", "csrf.reject")}): 1}
 
 
 def test_event_label_values_are_capped(make: Callable[..., Any], context: Context) -> None:
@@ -725,7 +764,8 @@ def test_a_failing_count_never_fails_the_emitter(make: Callable[..., Any], conte
     make()
     with caplog.at_level(logging.ERROR, logger="wsgistack"):
         context.emit("auth.failure", reason=Unprintable())
-    assert "metrics could not count event 'auth.failure'" in caplog.text
+        context.emitter("auth.failure", reason=Unprintable())()
+    assert [r.getMessage() for r in caplog.records] == ["metrics could not count event 'auth.failure'"] * 2
 
 
 def test_an_emitter_counts_as_emit_does_and_reaches_listeners_added_later(make: Callable[..., Any],
@@ -1085,11 +1125,23 @@ def test_store_health_at_scrape_time(make: Callable[..., Any], context: Context,
     found = scrape(app)
     assert sample(found, "wsgistack_store_up", store="shared", backend="MemoryStore") == 1
     assert sample(found, "wsgistack_store_up", store="down", backend="RedisStore") == 0
+    assert {dict(labels)["store"] for name, labels in found if name == "wsgistack_store_circuit_state"} == {"down"}
     assert sample(found, "wsgistack_store_circuit_state", store="down", state="closed") == 1
     for _ in range(3):  # each scrape pings; enough failures open the circuit
         found = scrape(app)
     assert sample(found, "wsgistack_store_circuit_state", store="down", state="open") == 1
     assert sample(found, "wsgistack_store_circuit_state", store="down", state="closed") is None
+
+
+def test_a_store_whose_health_check_fails_is_down(make: Callable[..., Any], context: Context) -> None:
+    class Failing(MemoryStore):
+        def health(self) -> dict[str, Any]:
+            raise RuntimeError("health check failed")
+
+    context.stores["failing"] = Failing()
+    found = scrape(make()[0])
+    assert sample(found, "wsgistack_store_up", store="failing", backend="Failing") == 0
+    assert sample(found, "wsgistack_store_up", store="shared", backend="MemoryStore") == 1
 
 
 @pytest.mark.redis
@@ -1148,3 +1200,4 @@ def test_what_a_client_makes_up_is_not_kept_whole(make: Callable[..., Any]) -> N
     found = scrape(app)
     assert sample(found, "wsgistack_http_requests_total", method="other", route="/items/<int:item_id>",
                   status="200") == 50  # still counted, under "other"
+    assert sample(found, "wsgistack_http_requests_total", method="GET", route="other", status="200") == 50
