@@ -290,7 +290,9 @@ _NUMBERS_HINTS: tuple[Any, ...] = (tuple[int, ...], tuple[float, ...], list[int]
 class LayerOptions(BaseModel):
     """Base for every layer's ``Options``: unknown keys are refused, values frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # Errors leave out the input: built from Python, a refused option would print every option given,
+    # secrets included (check and serve report stack.yaml's mistakes themselves, secrets masked).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, hide_input_in_errors=True)
 
     _numbers = field_validator("*", mode="before")(classmethod(no_boolean_numbers))
 

@@ -130,3 +130,24 @@ def test_options_objects_do_not_show_secrets_in_their_repr() -> None:
     auth = AuthMiddleware.Options(secret="SEKRET" * 8)
     search = AppOptions(var_dir="var", search={"engine": "searxng", "upstream": "https://u:SEKRET@searx.example"})
     assert "SEKRET" not in repr(auth) and "SEKRET" not in repr(search)
+
+
+@pytest.mark.parametrize(("layer", "options", "said"), [
+    pytest.param("middleware.auth:AuthMiddleware", {"secret": "SEKRET-too-short"},
+                 "secret must be at least 32 bytes for HS256 (it has 16)", id="auth"),
+    pytest.param("middleware.session:SessionMiddleware", {"secret_key": "SEKRET-too-short"},
+                 "secret_key must be at least 32 characters long (it has 16)", id="session"),
+    pytest.param("middleware.csrf:CSRFMiddleware", {"double_submit": True, "secret_key": "SEKRET"},
+                 "double_submit needs a secret_key of at least 32 characters", id="csrf"),
+])
+def test_options_refused_from_python_do_not_show_the_secret(layer: str, options: dict[str, object],
+                                                            said: str) -> None:
+    """A layer's options built in Python (not from stack.yaml): pydantic's error text would print the input."""
+    from pydantic import ValidationError
+
+    from config.registry import import_string
+
+    with pytest.raises(ValidationError) as info:
+        import_string(layer).Options(**options)
+    assert said in str(info.value)
+    assert "SEKRET" not in str(info.value)
