@@ -306,11 +306,31 @@ class MemoryStore(Store):
             self._write(sets, deletes, now)
 
     def _write(self, sets: Sequence[tuple[str, bytes, float | None]], deletes: Sequence[str], now: float) -> None:
-        """Apply ``sets``, then ``deletes`` (the caller holds the lock)."""
-        for key, value, ttl in sets:
-            self._put(key, bytes(value), self._deadline(ttl, now))
+        """Apply ``sets``, then ``deletes`` (the caller holds the lock); all or nothing, see :meth:`_put_all`."""
+        self._put_all([(key, bytes(value), self._deadline(ttl, now)) for key, value, ttl in sets])
         for key in deletes:
             self._drop(self._table(key), key)
+
+    def _put_all(self, entries: Sequence[tuple[str, bytes, float | None]]) -> None:
+        """Put every entry, or none: when one finds the store full, those put before it get back what they
+        held (as Redis refuses a whole transaction it has no memory for), and the StoreError goes on.
+
+        Entries evicted to make room stay evicted: they were disposable (the cache) or spare (counts).
+        """
+        before: list[tuple[OrderedDict[str, Entry], str, Entry | None]] = []
+        try:
+            for key, value, expires in entries:
+                table = self._table(key)
+                before.append((table, key, table.get(key)))
+                self._put(key, value, expires)
+        except StoreError:
+            for table, key, entry in reversed(before):
+                self._drop(table, key)
+                if entry is not None:
+                    table[key] = entry
+                    if table is self._disposable:
+                        self._cache_bytes += _size(key, entry[0])
+            raise
 
     def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
                             deletes: Sequence[str] = ()) -> bool:
@@ -339,13 +359,8 @@ class MemoryStore(Store):
         with self._lock:
             if self._live(key, now) is not None:
                 return False
-            self._put(key, bytes(value), self._deadline(ttl, now))
-            try:
-                for other_key, other, other_ttl in sets:
-                    self._put(other_key, bytes(other), self._deadline(other_ttl, now))
-            except StoreError:  # full: neither goes (a key overwritten before the failure keeps its new value)
-                self._drop(self._table(key), key)
-                raise
+            self._put_all([(key, bytes(value), self._deadline(ttl, now)),
+                           *((k, bytes(v), self._deadline(t, now)) for k, v, t in sets)])
             return True
 
     def delete(self, key: str) -> bool:

@@ -188,6 +188,23 @@ def test_add_then_write_leaves_neither_when_the_memory_store_is_full() -> None:
     assert (full.get("mark"), full.get("head")) == (None, None)
 
 
+@pytest.mark.parametrize("write", [
+    pytest.param(lambda s: s.write([("a", b"new", 5), ("b", b"2", 5), ("c", b"3", 5)], ["kept"]), id="write"),
+    pytest.param(lambda s: s.add_then_write("mark", b"1", 5, [("a", b"new", 5), ("b", b"2", 5), ("c", b"3", 5)]),
+                 id="add_then_write"),
+])
+def test_a_write_the_full_memory_store_cannot_take_leaves_it_as_it_was(write: Any) -> None:
+    """All or nothing, as Redis refuses a transaction it has no memory for: a key written before
+    the one that found no room keeps its old value, and no delete of the write happens."""
+    full = MemoryStore(max_entries=3)
+    full.set("a", b"old")
+    full.set("kept", b"k")
+    with pytest.raises(StoreError, match="the memory store is full"):
+        write(full)
+    assert [full.get(key) for key in ("a", "b", "c", "kept", "mark")] == [b"old", None, None, b"k", None]
+    assert full.ttl("a") is None  # its expiry is as it was too
+
+
 def test_incr_creates_the_counter_with_its_ttl_and_never_resets_it(store: Store) -> None:
     assert store.incr("n", ttl=0.4) == 1
     time.sleep(0.2)
