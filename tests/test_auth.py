@@ -29,7 +29,7 @@ from webtest import TestApp
 from werkzeug.exceptions import HTTPException
 
 from middleware.auth import AuthMiddleware, TokenService, _AuthRule
-from middleware.base import IDENTITY, SESSION, Context
+from middleware.base import IDENTITY, SESSION, SESSION_USER_HINT, TRACE, Context, Identity
 from middleware.errors import ErrorsMiddleware
 from stores import Store, StoreError, store_from_url
 from stores.breaker import CircuitBreaker
@@ -244,6 +244,8 @@ def _token(make: Callable[[Any], str]) -> Callable[[Any], dict[str, str]]:
                  id="realm is quoted"),
     pytest.param({"max_token_bytes": 300}, _header("Bearer " + "a" * 300), (431, None, "too_large"),
                  id="header too large"),
+    pytest.param({"max_token_bytes": 300}, _header("Bearer " + "a" * 293), (401, challenge("the token is malformed"),
+                 "malformed"), id="header of max_token_bytes exactly: read"),
     pytest.param({}, _token(lambda k: hs(claims())), (200, None, None), id="valid"),
     # RSA configuration
     pytest.param("rsa", _token(lambda k: jwt.encode(claims(), k["rsa"], algorithm="RS256")),
@@ -1366,3 +1368,164 @@ def test_a_family_revoked_while_its_refresh_is_being_made_refuses_the_new_pair()
         stack.tokens.refresh(pair["refresh_token"])
     assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
         ("WWW-Authenticate", challenge("the token has been revoked"))]
+
+
+@pytest.mark.parametrize(("leeway", "at", "expected"), [
+    pytest.param(0, "exp", (401, "expired", "the token has expired"), id="at its exp to the second: expired"),
+    pytest.param(0, "exp - 0.5", (200, None, None), id="half a second before its exp"),
+    pytest.param(30, "exp + 30", (401, "expired", "the token has expired"), id="at exp plus the leeway: expired"),
+    pytest.param(30, "exp + 29.5", (200, None, None), id="within exp plus the leeway"),
+    pytest.param(0, "iat - 0.5", (401, "not_yet_valid", "the token is not valid yet"),
+                 id="the clock stepped back before its iat"),
+    pytest.param(30, "iat - 30", (200, None, None), id="back by the leeway exactly: still valid"),
+    pytest.param(30, "iat - 30.5", (401, "not_yet_valid", "the token is not valid yet"),
+                 id="back by more than the leeway"),
+    pytest.param(0, "nbf - 0.5", (401, "not_yet_valid", "the token is not valid yet"),
+                 id="before its nbf"),
+])
+def test_a_remembered_token_meets_the_bounds_pyjwt_applies(monkeypatch: pytest.MonkeyPatch, leeway: int, at: str,
+                                                           expected: tuple[int, str | None, str | None]) -> None:
+    """Verified once, then remembered: its exp, iat and nbf are compared with the clock as a fresh decode would."""
+    stack = Stack(leeway=leeway)
+    now = int(time.time())
+    times = {"iat": now - 10, "exp": now + 600, **({"nbf": now - 1} if at.startswith("nbf") else {})}
+    token = hs(claims(**times))
+    assert stack.call(token=token).status_int == 200
+    name, _, offset = at.partition(" ")
+    moment = times[name] + float(offset.replace(" ", "") or 0)
+    monkeypatch.setattr(time, "time", lambda: moment)
+    status, reason, description = expected
+    expect(stack.call(token=token), status, None if description is None else challenge(description),
+           [reason] if reason else [], stack)
+
+
+def test_the_remembered_tokens_are_bounded_the_oldest_forgotten_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("middleware.auth._VERIFIED_MAX", 2)
+    stack = Stack()
+    tokens = [hs(claims(sub=name)) for name in ("ann", "bob", "cy")]
+    for token in tokens:
+        assert stack.call(token=token).status_int == 200
+    assert [(stack.tokens.known(t) or {}).get("sub") for t in tokens] == [None, "bob", "cy"]
+    assert stack.tokens.revocation_key(tokens[0]) is None
+    jti = jwt.decode(tokens[2], SECRET, algorithms=["HS256"])["jti"]
+    assert stack.tokens.revocation_key(tokens[2]) == f"revoked:{jti}"
+
+
+def _previewed(stack: Stack, token: str | None) -> Any:
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    if token is not None:
+        environ["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    preview = stack.layer.preview_environ(environ)
+    if not preview:
+        return preview
+    identity = preview[IDENTITY]
+    return identity.subject, sorted(identity.roles), identity.source
+
+
+@pytest.mark.parametrize(("lookup", "expected"), [
+    pytest.param(None, ("ann", ["user"], "jwt"), id="the token's roles"),
+    pytest.param(lambda subject: ["admin"], ("ann", ["admin"], "jwt"),
+                 id="the roles the user had when last looked up"),
+])
+def test_the_preview_of_a_token_verified_before(lookup: Any, expected: Any) -> None:
+    stack = Stack()
+    if lookup is not None:
+        stack.context.services["user_roles"] = lookup
+    token = hs(claims(roles=["user"]))
+    assert _previewed(stack, token) is None  # never verified: this layer may refuse it
+    stack.call(token=token)
+    assert _previewed(stack, token) == expected
+    assert _previewed(stack, hs(claims(exp=int(time.time()) - 1))) is None
+
+
+@pytest.mark.parametrize(("lookup", "expected"), [
+    pytest.param(None, {IDENTITY: Identity("bob", frozenset({"user"}), "session")}, id="the roles the session hinted"),
+    pytest.param(lambda subject: ["admin"], {IDENTITY: Identity("bob", frozenset({"admin"}), "session")},
+                 id="the roles the user had when last looked up"),
+])
+def test_the_preview_of_a_session_user(lookup: Any, expected: dict[str, Any]) -> None:
+    stack = Stack()
+    if lookup is not None:
+        stack.context.services["user_roles"] = lookup
+        assert stack.call(**{SESSION: FakeSession({"user": {"sub": "bob"}})}).status_int == 200
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", SESSION_USER_HINT: ("bob", frozenset({"user"}))}
+    assert stack.layer.preview_environ(environ) == expected
+
+
+def test_the_preview_of_another_issuers_token_keeps_its_roles(rsa_key: Any) -> None:
+    """A verifying layer takes such tokens as they are (see above): its preview does too."""
+    issuer = Stack(private_key=private_pem(rsa_key))
+    token = issuer.tokens.issue("ann", ["user"])["access_token"]
+    verifier = Stack(public_keys={jwt.get_unverified_header(token)["kid"]: pem(rsa_key)})
+    verifier.context.services["user_roles"] = lambda subject: ["admin"]
+    assert verifier.call(token=token).json["roles"] == ["user"]
+    assert verifier.call(**{SESSION: FakeSession({"user": {"sub": "ann"}})}).json["roles"] == ["admin"]
+    assert _previewed(verifier, token) == ("ann", ["user"], "jwt")
+
+
+def test_the_users_roles_are_looked_up_once_a_second_for_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = Stack()
+    calls: list[str] = []
+    stack.context.services["user_roles"] = lambda subject: calls.append(subject) or ["admin"]
+    token = hs(claims(roles=["user"]))
+    assert [stack.call(token=token).json["roles"] for _ in range(3)] == [["admin"]] * 3
+    assert calls == ["ann"]
+    later = time.monotonic() + 1.5
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert stack.call(token=token).json["roles"] == ["admin"]
+    assert calls == ["ann", "ann"]
+
+
+@pytest.mark.parametrize(("path", "who", "session", "expected"), [
+    pytest.param("/x", "user", None, "ann via jwt", id="a token's user"),
+    pytest.param("/x", None, {"user": {"sub": "bob"}}, "bob via session", id="a session's user"),
+    pytest.param("/x", None, None, "refused: no credentials", id="no credentials"),
+    pytest.param("/x", "garbage", None, "refused: malformed", id="a token refused: its reason"),
+    pytest.param("/x", "a b", None, "refused: the Authorization header is malformed", id="a header refused"),
+    pytest.param("/admin/x", "user", None, "refused ann: needs one of ['admin', 'owner', 'viewer']",
+                 id="a role missing"),
+])
+def test_what_the_layer_decided_is_traced(path: str, who: str | None, session: dict[str, Any] | None,
+                                          expected: str) -> None:
+    stack = Stack(rules=RULES)
+    trace: list[tuple[str, str]] = []
+    token = None if who is None else who if who in ("garbage", "a b") else hs(claims(roles=[who]))
+    environ: dict[str, Any] = {TRACE: trace} if session is None else {TRACE: trace, SESSION: FakeSession(session)}
+    stack.call(path, token=token, **environ)
+    assert [decision for layer, decision in trace if layer == "auth"] == [expected]
+
+
+def _locked(subject: str) -> Any:
+    raise OSError("database is locked")
+
+
+@pytest.mark.parametrize(("services", "expected", "decision"), [
+    pytest.param({"user_roles": lambda subject: ["admin"]}, (200, None, []), "ann via jwt",
+                 id="the roles the user has now"),
+    pytest.param({"user_roles": lambda subject: None},
+                 (401, challenge("the token has been revoked"), ["unknown_subject"]),
+                 "refused: token user 'ann' no longer exists", id="a user no longer known"),
+    pytest.param({"user_since": lambda subject: time.time() + 60},
+                 (401, challenge("the token has been revoked"), ["credentials_changed"]),
+                 "refused: token user 'ann' was issued before the credentials changed",
+                 id="issued before the credentials changed"),
+    pytest.param({"user_since": lambda subject: time.time() - 60}, (200, None, []), "ann via jwt",
+                 id="issued after the credentials changed"),
+    pytest.param({"user_roles": _locked}, (503, None, []), "refused: token user 'ann' could not be looked up",
+                 id="a users database that cannot answer: 503, retry"),
+])
+def test_a_token_meets_the_users_database_of_now(services: dict[str, Any],
+                                                  expected: tuple[int, str | None, list[str]], decision: str) -> None:
+    stack = Stack()
+    stack.context.services.update(services)
+    trace: list[tuple[str, str]] = []
+    response = stack.call(token=hs(claims(roles=["user"])), **{TRACE: trace})
+    status, www, reasons = expected
+    expect(response, status, www, reasons, stack)
+    assert [d for layer, d in trace if layer == "auth"] == [decision]
+    if status == 200:
+        assert response.json == {"sub": "ann", "roles": ["admin"] if "user_roles" in services else ["user"],
+                                 "source": "jwt"}
+    if status == 503:
+        assert response.headers["Retry-After"] == "5"
+        assert response.json["error"]["message"] == "The users database cannot be read; retry shortly."
