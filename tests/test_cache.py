@@ -377,6 +377,18 @@ def count_reads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
+@pytest.mark.parametrize(("age", "expected"), [("5", "5"), ("0", "0"), ("soon", "0")])
+def test_a_hit_carries_its_own_x_cache_and_age_only(make: Callable[..., Stack], origin: Origin, age: str,
+                                                    expected: str) -> None:
+    """An app behind another cache sends X-Cache and Age of its own: a hit replays neither beside the layer's,
+    and counts its Age from the app's (one that is not a number counts as none)."""
+    origin.headers += [("X-Cache", "HIT from upstream"), ("Age", age)]
+    stack = make()
+    stack.get()
+    hit = stack.get()
+    assert (hit.headers.getall("X-Cache"), hit.headers.getall("Age"), origin.calls) == (["HIT"], [expected], 1)
+
+
 def test_hit_is_one_store_read(make: Callable[..., Stack], store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     stack = make()
     stack.get()
@@ -787,6 +799,22 @@ def test_conditional_requests(make: Callable[..., Stack], origin: Origin, valida
     assert origin.calls == 1
 
 
+@pytest.mark.parametrize("stored_first", [True, False], ids=["on a hit", "on a miss"])
+@pytest.mark.parametrize("conditions", [{"If-None-Match": '"v1"'}, {"If-None-Match": "*"},
+                                        {"If-Modified-Since": AFTER}], ids=["etag", "star", "since"])
+def test_only_a_200_is_answered_with_a_304(make: Callable[..., Stack], origin: Origin, conditions: dict[str, str],
+                                           stored_first: bool) -> None:
+    """A stored 404 whose validators match the request's conditions is replayed whole, never turned into a 304."""
+    origin.status = "404 Not Found"
+    origin.headers += [("ETag", '"v1"'), ("Last-Modified", LAST_MODIFIED)]
+    stack = make(statuses=[200, 404])
+    full = stack.get(status=404) if stored_first else None
+    response = stack.get(headers=conditions, status=404)
+    assert (response.headers["X-Cache"], response.headers["ETag"]) == ("HIT" if stored_first else "MISS", '"v1"')
+    assert response.body == (full or stack.get(status=404)).body
+    assert origin.calls == 1
+
+
 @pytest.mark.parametrize(("validators", "conditions", "status"), CONDITIONAL)
 def test_a_head_on_a_miss_gets_the_answer_a_get_would(make: Callable[..., Stack], origin: Origin,
                                                       validators: list[tuple[str, str]], conditions: dict[str, str],
@@ -1004,9 +1032,10 @@ def test_a_write_drops_its_entries_when_redis_is_out_of_memory(redis_url: str, o
         assert [stack.get().headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
         admin.config_set("maxmemory", 1)
         stack.web.post("/api/v1/search?q=x")
+        # Refused twice: as the write's answer starts, and again once it is closed.
+        assert [fields["layer"] for event, fields in stack.events if event == "store.error"] == ["cache", "cache"]
         after = stack.get()
         assert (after.headers["X-Cache"], after.json["n"]) == ("BYPASS", 3)  # the app's answer after the write
-        assert "store.error" in stack.names()
     finally:
         admin.config_set("maxmemory", 0)
         admin.close()
@@ -1204,6 +1233,35 @@ def test_stale_if_error(make: Callable[..., Stack], origin: Origin, clock: Clock
         assert response.headers["Age"] == "20"
 
 
+class ClosedAnswer(Origin):
+    """An origin whose answers record that the server closed them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        origin = self
+
+        class Answer(list[bytes]):
+            def close(self) -> None:
+                origin.closed += 1
+
+        return Answer(super().__call__(environ, start_response))
+
+
+def test_a_5xx_the_stale_entry_replaces_is_closed_and_gives_its_lock_back(store: Store, clock: Clock) -> None:
+    origin = ClosedAnswer()
+    stack = Stack(store, origin, ttl=10, stale_if_error=600)
+    fresh = stack.get()
+    clock.now += 20
+    origin.status = "502 Bad Gateway"
+    stale = stack.get()
+    assert (stale.status_int, stale.headers["X-Cache"], stale.body) == (200, "STALE", fresh.body)
+    assert (origin.calls, origin.closed) == (2, 2)
+    assert list(store.scan("wsgistack:cache:l:")) == []
+
+
 class LateFailure:
     """An origin that answers once, then fails after its start_response, as PEP 3333 lets it."""
 
@@ -1248,16 +1306,23 @@ def test_stale_after_the_apps_own_start_response(store: Store, clock: Clock, mod
     assert (seen[0], seen[1]["X-Cache"], body) == ("200 OK", "STALE", fresh.body)
 
 
-@pytest.mark.parametrize("cache_control", ["max-age=10, must-revalidate", "s-maxage=10"])
+@pytest.mark.parametrize(("cache_control", "expected_status", "expected_cache"), [
+    pytest.param("max-age=10, must-revalidate", 500, None, id="must-revalidate: the app's error"),
+    pytest.param("public, max-age=10, proxy-revalidate", 500, None, id="proxy-revalidate: the app's error"),
+    pytest.param("s-maxage=10", 500, None, id="s-maxage: the app's error"),
+    pytest.param("public, max-age=10", 200, "STALE", id="max-age alone: stale served"),
+])
 def test_must_revalidate_turns_stale_off(make: Callable[..., Stack], origin: Origin, clock: Clock,
-                                         cache_control: str) -> None:
+                                         cache_control: str, expected_status: int,
+                                         expected_cache: str | None) -> None:
     """s-maxage implies proxy-revalidate for a shared cache (RFC 9111 §5.2.2.10)."""
     origin.headers.append(("Cache-Control", cache_control))
     stack = make(stale_if_error=600)
     stack.get()
     clock.now += 20
     origin.fail = RuntimeError("db down")
-    assert stack.get(status=500).json["error"]["code"] == 500
+    response = stack.get(status=expected_status)
+    assert (response.status_int, response.headers.get("X-Cache")) == (expected_status, expected_cache)
 
 
 @pytest.mark.parametrize(("cache_control", "expected_status", "expected_cache"), [
@@ -1976,6 +2041,19 @@ def test_foreign_values_are_misses(make: Callable[..., Stack], store: Store, val
     assert stack.get().headers["X-Cache"] == "HIT"
 
 
+def test_an_entry_stored_without_a_write_mark_is_a_hit(make: Callable[..., Stack], store: Store) -> None:
+    """An entry written before entries carried the mark they were stored under is served, not taken as stale."""
+    stack = make()
+    stack.get()
+    [key] = store.scan("wsgistack:cache:e:")
+    head, _, body = (store.get(key) or b"").partition(b"\n")
+    entry = json.loads(head)
+    del entry["m"]
+    store.set(key, json.dumps(entry).encode() + b"\n" + body, ttl=60)
+    hit = stack.get()
+    assert (hit.headers["X-Cache"], hit.json["n"], stack.origin.calls) == ("HIT", 1, 1)
+
+
 @pytest.mark.redis
 @pytest.mark.parametrize("where", ["the entry", "the write mark"])
 def test_a_value_of_another_redis_type_is_written_over(redis_url: str, origin: Origin, clock: Clock,
@@ -2018,6 +2096,18 @@ def test_long_body_is_not_stored(store: Store) -> None:
     _, result = _call(layer)
     assert list(result) == [b"abc", b"def", b"ghi"]
     assert list(store.scan("wsgistack:cache:e:")) == []
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    pytest.param(1_048_576, ["MISS", "HIT"], id="1 MiB: stored"),
+    pytest.param(1_048_577, ["MISS", "MISS"], id="a byte over 1 MiB: not stored"),
+])
+def test_max_body_bytes_is_one_mebibyte_by_default(make: Callable[..., Stack], origin: Origin, size: int,
+                                                   expected: list[str]) -> None:
+    origin.body = b"x" * size
+    stack = make()
+    answers = [stack.get() for _ in range(2)]
+    assert [(a.headers["X-Cache"], len(a.body)) for a in answers] == [(label, size) for label in expected]
 
 
 def test_a_full_memory_store_evicts_cache_entries_only(origin: Origin, clock: Clock) -> None:
