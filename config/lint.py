@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from middleware.base import with_head
-from stores.base import secret_name
+from stores.base import secret_value
 
 from .build import LayerSpec, StackConfig, data_at, reads_forwarding_headers, suggest
 from .errors import Problem, dotted
@@ -940,9 +940,10 @@ def _secrets_in(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple
     """The strings under secret-named keys in a layer's options, with their paths."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str) and secret_name(key) and isinstance(item, str):
+            secret = isinstance(key, str) and secret_value(key, item)  # (a rate limit's ``key: client_ip`` is none)
+            if secret and isinstance(item, str):
                 yield (*path, key), item
-            elif isinstance(key, str) and secret_name(key) and isinstance(item, list):
+            elif secret and isinstance(item, list):
                 yield from (((*path, key, i), x) for i, x in enumerate(item) if isinstance(x, str))
             else:
                 yield from _secrets_in(item, (*path, key))
@@ -950,7 +951,7 @@ def _secrets_in(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple
 
 def weak_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     """A signing secret long enough for its layer but made of a repeated run or a handful of characters
-    (``"a" * 48``, ``changeme`` eight times): its length is no measure of how hard it is to guess."""
+    (``"a" * 48``, ``changeme`` over and over): its length is no measure of how hard it is to guess."""
     for spec in specs:
         if spec.implicit or not spec.path:
             continue

@@ -859,3 +859,8 @@ def test_a_long_secret_that_is_easy_to_guess_is_warned(options: str, where: str,
 ])
 def test_a_random_secret_is_not_warned(secret: str) -> None:
     assert problems(f"pipeline:\n  - errors: {{}}\n  - session: {{secret_key: {secret}}}\n") == []
+
+
+def test_a_rate_limit_key_is_no_secret_to_judge() -> None:
+    found = problems("pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second'], key: 'header:aaaaaaaaaaaa'}\n")
+    assert not [line for line in found if "the secret" in line], found
