@@ -560,6 +560,36 @@ def probes_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
                                         "timings of the layers it wraps")
 
 
+def _memory_store(cfg: StackConfig, spec: LayerSpec) -> str | None:
+    """The name of the memory:// store ``spec`` keeps its state in, else None."""
+    store = str(spec.option("store", "shared"))
+    url = cfg.stores.get(store)
+    return store if url is not None and url.url.startswith("memory:") else None
+
+
+def _class_shares(spec: LayerSpec) -> bool | None:
+    """What a layer class with a ``store`` option says of its state (``shared_state``): None when it says nothing.
+
+    For a layer of your own or a built-in alike; session, ratelimit and auth are judged by name.
+    """
+    keeps = spec.is_layer_class and "store" in spec.target.Options.model_fields
+    return getattr(spec.target, "shared_state", None) if keeps else False
+
+
+def per_process_state(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[tuple[LayerSpec, str, str, bool]]:
+    """Each layer whose state every process must share but which keeps it in a memory:// store:
+    ``(layer, its name as the messages give it, store, whether its class says so)``."""
+    for spec in specs:
+        store = _memory_store(cfg, spec)
+        if store is None:
+            continue
+        name = kind(spec)
+        if name in STATEFUL_SHARED:
+            yield spec, name, store, False
+        elif _class_shares(spec):
+            yield spec, spec.name, store, True
+
+
 def shared_state(cfg: StackConfig, specs: list[LayerSpec], several: str | None = None) -> Iterator[Problem]:
     """Per-process state (memory://) under several workers.
 
@@ -571,28 +601,24 @@ def shared_state(cfg: StackConfig, specs: list[LayerSpec], several: str | None =
         if count <= 1:
             return
         several = f"server.workers is {count}"
-    for spec in specs:
-        name = kind(spec)
-        store = spec.option("store", "shared")
-        url = cfg.stores.get(str(store))
-        if url is None or not url.url.startswith("memory:"):
-            continue
-        # What the class says (shared_state), for a layer of your own or a built-in alike; the
-        # named rules of session, ratelimit and auth already say it for theirs.
-        keeps = spec.is_layer_class and "store" in spec.target.Options.model_fields
-        shares = getattr(spec.target, "shared_state", None) if keeps else False  # None: the class does not say
-        if name in STATEFUL_SHARED:
-            yield _problem(cfg, spec, f"{name} keeps state in store {store!r} (memory://) but {several}: each "
-                                      "process would have its own copy; use redis://")
-        elif shares:
-            yield _problem(cfg, spec, f"{spec.name} keeps state in store {store!r} (memory://) that its class says "
+    for spec, label, store, by_class in per_process_state(cfg, specs):
+        if by_class:
+            yield _problem(cfg, spec, f"{label} keeps state in store {store!r} (memory://) that its class says "
                                       f"every process must share (shared_state), but {several}: each process would "
                                       "have its own copy; use redis://")
-        elif name == "cache":
+        else:
+            yield _problem(cfg, spec, f"{label} keeps state in store {store!r} (memory://) but {several}: each "
+                                      "process would have its own copy; use redis://")
+    for spec in specs:
+        name, kept = kind(spec), _memory_store(cfg, spec)
+        shares = _class_shares(spec)
+        if kept is None or name in STATEFUL_SHARED or shares:  # (those are per_process_state's, above)
+            continue
+        if name == "cache":
             yield _problem(cfg, spec, f"cache on a memory:// store with {count} workers keeps one "
                                       "cache per process (more misses, uneven purges)", "warning")
         elif shares is None:
-            yield _problem(cfg, spec, f"{spec.name} keeps state in store {store!r} (memory://) and {several}: each "
+            yield _problem(cfg, spec, f"{spec.name} keeps state in store {kept!r} (memory://) and {several}: each "
                                       "process has its own copy; if it must be shared (counters, sessions, "
                                       "revocations), use redis:// and set shared_state = True on its class; if a "
                                       "copy per process is right, set shared_state = False", "warning")

@@ -273,18 +273,11 @@ def _host_listen(value: str, file: str) -> tuple[list[str], list[Problem]]:
 def _per_process_state(config: StackConfig) -> list[Problem]:
     """A warning per memory:// store whose state the host refuses at the first request when it runs several
     processes (``LiveStack._check_host``): neither ``check --hosted`` nor the start can see how many it runs."""
-    from .lint import shared_state
+    from .lint import per_process_state
 
-    several = "\0"  # (a marker: only which layers the rule finds counts here)
-    refused = [p for p in _judged(config, config.server, partial(shared_state, several=several))
-               if p.severity == "error"]
     layers: dict[str, list[str]] = {}
-    for problem in refused:
-        head = problem.message.split(" keeps state in store ", 1)
-        if len(head) == 2 and problem.path[:1] == ("pipeline",) and len(problem.path) > 1:
-            layer = head[0]
-            store = head[1].split(" (memory://)", 1)[0].strip("'\"")
-            layers.setdefault(store, []).append(f"{layer} at pipeline[{problem.path[1]}]")
+    for spec, label, store, _ in per_process_state(config, config.pipeline):
+        layers.setdefault(store, []).append(f"{label} at pipeline[{spec.index}]")
     return [config.document.problem(("stores", store), f"store {store!r} (memory://) keeps the state of "
                                     f"{', '.join(names)} in each process apart: a WSGI server that runs several "
                                     "processes (wsgi.multiprocess, gunicorn -w 2) answers every request with 500; "
