@@ -290,8 +290,13 @@ def auth_blueprint(state: AppState) -> Blueprint:
         # 4xx or 503 leaves the session and every token as they were, so it can be retried.
         body = _json_object(required=False)
         refresh_token = _string_field(body, "refresh_token") if body.get("refresh_token") is not None else None
+        header = request.headers.get("Authorization")
+        service = state.service("tokens")
+        limit = service.options.max_token_bytes if service is not None else None
+        if header and limit is not None and len(header) > limit:  # as the auth layer refuses it elsewhere
+            raise refuse(431, f"The Authorization header is longer than {limit} bytes.")
         try:  # a header the auth layer would refuse is refused here too, not a 204 that revoked nothing
-            bearer = bearer_token(request.headers.get("Authorization"))
+            bearer = bearer_token(header)
         except ValueError as exc:
             said = f'{_challenge(state.context.services.get("tokens"))}, {MALFORMED_ERROR}'
             raise refuse(400, str(exc), headers=[("WWW-Authenticate", said)]) from None

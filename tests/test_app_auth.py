@@ -964,6 +964,21 @@ def test_a_logout_with_a_malformed_bearer_header_is_400_not_a_204_that_revoked_n
     stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
 
 
+def test_a_logout_with_an_oversized_authorization_header_is_431_as_elsewhere(stack: Stack) -> None:
+    """Past the auth layer's max_token_bytes (8192), logout refuses the header as every other path does."""
+    pair = stack.login().json
+    header = "Bearer " + "a" * (8192 - len("Bearer "))
+    stack.app.post("/auth/logout", headers={"Authorization": header}, status=401)  # at the limit: read, not ours
+    response = stack.app.post("/auth/logout", headers={"Authorization": header + "a"}, status=431)
+    assert response.json["error"]["message"] == (
+        "The Authorization header is longer than 8192 bytes.")
+    assert "WWW-Authenticate" not in response.headers and "Set-Cookie" not in response.headers
+    assert len(list(stack.store.scan("session:"))) == 1 and list(stack.store.scan("revoked:")) == []
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
+    assert stack.app.get("/api/v1/search", {"q": "json"}, headers={"Authorization": header + "a"},
+                         status=431).json["error"]["message"] == response.json["error"]["message"]
+
+
 @pytest.mark.parametrize("credentials", ["Basic YWxpY2U6d29uZGVybGFuZA==", "Basic \xe9"])
 def test_a_logout_with_another_authorization_scheme_ends_the_session_and_revokes_no_token(stack: Stack,
                                                                                          credentials: str) -> None:
