@@ -232,6 +232,13 @@ def _store_down() -> HTTPException:
     return refuse(503, "The token store is unavailable; retry shortly.", headers=[("Retry-After", _STORE_RETRY_AFTER)])
 
 
+def _auth_time(claims: Mapping[str, Any]) -> int:
+    """When the login of a token's family was (``auth_time``; a token from before that claim: its ``iat``)."""
+    auth_time = claims.get("auth_time")
+    return int(auth_time) if isinstance(auth_time, int | float) and not isinstance(auth_time, bool) \
+        else int(claims["iat"])
+
+
 def _before(issued: Any, since: float | None) -> bool:
     """Whether a credential issued at ``issued`` predates ``since``.
 
@@ -698,13 +705,14 @@ class TokenService:
             base["iss"] = o.issuer
         if o.audience:
             base["aud"] = o.audience
+        access_exp, refresh_exp = min(now + o.access_ttl, end), min(now + o.refresh_ttl, end)
         if minted is None:
             minted = _Minted(now, secrets.token_urlsafe(16), secrets.token_urlsafe(16), roles)
-            # Recorded so that revoking the family can blocklist this access token too. Strict in
-            # both modes: a token the store does not know of would outlive its family's revocation.
-            key, ttl = f"family-access:{fam}:{minted.access}", o.access_ttl + self.margin
+            # Recorded so that revoking the family can blocklist this access token too, for as long
+            # as it lives (the sweep reads what is left of this key's life). Strict in both modes:
+            # a token the store does not know of would outlive its family's revocation.
+            key, ttl = f"family-access:{fam}:{minted.access}", max(1, access_exp - clock) + self.margin
             self._store(lambda: self.store.set(key, b"1", ttl), strict=True)
-        access_exp, refresh_exp = min(now + o.access_ttl, end), min(now + o.refresh_ttl, end)
         access = self._sign({**base, "exp": access_exp, "jti": minted.access, "typ": "access"})
         refresh = self._sign({**base, "exp": refresh_exp, "jti": minted.refresh, "typ": "refresh"})
         return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
@@ -751,7 +759,7 @@ class TokenService:
                 # first use made; anything else is a reuse (stolen or replayed), and the family goes.
                 again = self._made_by_first_use(used)
                 if again is None:
-                    self._revoke_family(fam)
+                    self._revoke_family(fam, claims)
                     raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
             subject = str(claims["sub"])
             roles: Iterable[str] = claims.get("roles", [])
@@ -764,16 +772,15 @@ class TokenService:
                     self.log.exception("could not look up refresh token user %r", escape_control(subject))
                 raise _users_down() from None
             if found is None:
-                self._revoke_family(fam)
+                self._revoke_family(fam, claims)
                 raise _Invalid("unknown_subject", "the token has been revoked")
             roles = found
             if _before(claims.get("iat"), since):
-                self._revoke_family(fam)  # issued before a password reset, or to an earlier holder of the name
+                self._revoke_family(fam, claims)  # issued before a password reset, or to an earlier holder of the name
                 raise _Invalid("credentials_changed", "the token has been revoked")
             # The new pair is made (its access token recorded) before the refresh token is marked
             # used: a store failure while recording is a 503 the client can retry with the same token.
-            auth_time = claims.get("auth_time", claims["iat"])  # tokens from before auth_time: their own iat
-            auth_time = int(auth_time) if isinstance(auth_time, int | float) else int(claims["iat"])
+            auth_time = _auth_time(claims)
             if auth_time + self.options.login_max_age <= time.time():  # however much leeway exp had
                 raise _Invalid("expired", "the token has expired")
             if again is not None:
@@ -802,11 +809,14 @@ class TokenService:
         mark_ttl = min(life, o.refresh_reuse_grace + self.margin + 1)
         # The mark and the new head in one step: a failure leaves neither (the token can be sent again), and
         # only the use that marks the token moves the head, so a slow second use cannot move it back.
-        head = [("family-head:" + fam, minted.refresh.encode(), o.refresh_ttl + self.margin)]
+        # Until the family's end, not the new token's expiry: a refresh_ttl shortened by a reload
+        # leaves older tokens of the family living longer than the new one, and once the head is
+        # gone nothing would tell them from the newest.
+        head = [("family-head:" + fam, minted.refresh.encode(), self._family_life(claims))]
         if not self._store(lambda: self.store.add_then_write(used, minted.mark(), mark_ttl, head), strict=True):
             again = self._made_by_first_use(used)
             if again is None:
-                self._revoke_family(fam)
+                self._revoke_family(fam, claims)
                 raise _Invalid("refresh_reuse", "the refresh token was already used; its family is revoked")
             pair = self._pair(subject, again.roles, fam, auth_time, again)[0]
         return pair
@@ -832,15 +842,33 @@ class TokenService:
             return None  # that pair was refreshed already: this token is stale, whoever sends it
         return minted
 
-    def _revoke_family(self, fam: str) -> None:
-        """Mark the family revoked and blocklist the access tokens issued in it.
+    def _family_life(self, claims: Mapping[str, Any]) -> float:
+        """Seconds the records of ``claims``' family must live: to the family's end, plus the margin.
+
+        No token of a family outlives ``auth_time + login_max_age`` (a refresh refuses
+        one past it by the current setting): the family's records are counted from that,
+        not from the ``refresh_ttl`` of now, which a reload may have shortened.
+        """
+        return max(1.0, _auth_time(claims) + self.options.login_max_age - time.time()) + self.margin
+
+    def _left(self, key: str) -> float | None:
+        """What is left of ``key``'s life (None: gone); the ``access_ttl`` of now from a store that cannot tell."""
+        try:
+            return self.store.ttl(key)
+        except StoreError:
+            if type(self.store).ttl is not Store.ttl:
+                raise  # the store is down: the revocation is a 503, to retry
+            return self.options.access_ttl + self.margin
+
+    def _revoke_family(self, fam: str, claims: Mapping[str, Any]) -> None:
+        """Mark the family of ``claims`` (a token of it) revoked and blocklist its access tokens.
 
         One key records it for as long as a token of the family may live:
         ``family-revoked:<fam>``, ``1`` at once and ``swept`` once its access tokens
         are blocklisted (a logout keeps that one key, not one per token it ended).
         """
-        o, prefix, key = self.options, f"family-access:{fam}:", "family-revoked:" + fam
-        ttl = o.refresh_ttl + self.margin
+        prefix, key = f"family-access:{fam}:", "family-revoked:" + fam
+        ttl = self._family_life(claims)
 
         def run() -> None:
             # Once swept, never again: the scan walks the store's keys, and an old token pair sent to
@@ -849,7 +877,11 @@ class TokenService:
                 return
             self.store.set(key, b"1", ttl)
             for found in list(self.store.scan(prefix)):
-                self.store.set("revoked:" + found[len(prefix):], b"1", o.access_ttl + self.margin)
+                # As long as the token lives: its record was made to live that long (the access_ttl
+                # of now may be shorter, after a reload, than the token's).
+                left = self._left(found)
+                if left is not None:
+                    self.store.set("revoked:" + found[len(prefix):], b"1", left)
             # The head names no token any more: the family is refused before it is read.
             self.store.write([(key, _SWEPT, ttl)], ["family-head:" + fam])
 
@@ -877,8 +909,9 @@ class TokenService:
         if sets:
             self._store(lambda: self.store.write(sets), strict=True)
         if family:
-            for fam in sorted({str(c["fam"]) for c in every if c.get("fam")}):
-                self._revoke_family(fam)
+            latest = {str(c["fam"]): c for c in sorted(every, key=_auth_time) if c.get("fam")}  # latest auth_time
+            for fam in sorted(latest):
+                self._revoke_family(fam, latest[fam])
 
 
 class AuthMiddleware:

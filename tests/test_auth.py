@@ -785,6 +785,69 @@ def test_a_revocation_outlives_the_token_by_twice_the_leeway(monkeypatch: pytest
     assert store.get(f"revoked:{jwt.decode(token, SECRET, algorithms=['HS256'])['jti']}") == b"1"
 
 
+@pytest.mark.parametrize("sent", ["refresh token", "both tokens"])
+def test_a_logout_outlives_tokens_issued_before_a_reload_shortened_their_lives(
+        monkeypatch: pytest.MonkeyPatch, sent: str) -> None:
+    """A reload that shortens access_ttl and refresh_ttl must not shorten the revocation of older tokens."""
+    store = MemoryStore()
+    before = Stack(store, access_ttl=900, refresh_ttl=86400)
+    pair = before.tokens.issue("ann")
+    after = Stack(store, access_ttl=60, refresh_ttl=600)  # the same store, the reloaded layer's options
+    tokens = [pair["refresh_token"]] + ([pair["access_token"]] if sent == "both tokens" else [])
+    after.tokens.revoke(*tokens, family=True)
+    later = time.monotonic() + 700  # past the new lifetimes, within the tokens' own (900 s and a day)
+    monkeypatch.setattr("stores.memory._monotonic", lambda: later)
+    expect(after.call(token=pair["access_token"]), 401, challenge("the token has been revoked"), ["revoked"], after)
+    with pytest.raises(HTTPException) as refused:
+        after.tokens.refresh(pair["refresh_token"])
+    assert refused.value.code == 401 and after.reasons[-1] == "revoked"
+
+
+def test_a_token_rotated_out_before_a_reload_shortened_refresh_ttl_is_still_a_reuse(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The family's head outlives every older refresh token of the family, whatever refresh_ttl is now."""
+    store = MemoryStore()
+    before = Stack(store, refresh_ttl=86400)
+    first = before.tokens.issue("ann")
+    after = Stack(store, access_ttl=60, refresh_ttl=600)
+    newest = after.tokens.refresh(first["refresh_token"])
+    later = time.monotonic() + 700  # past the newest token's life, within the first one's (a day)
+    monkeypatch.setattr("stores.memory._monotonic", lambda: later)
+    with pytest.raises(HTTPException) as refused:
+        after.tokens.refresh(first["refresh_token"])
+    assert refused.value.code == 401 and after.reasons == ["refresh_reuse"]
+    fam = jwt.decode(newest["refresh_token"], SECRET, algorithms=["HS256"])["fam"]
+    assert store.get(f"family-revoked:{fam}") == b"swept"
+
+
+def test_a_family_record_lives_until_the_login_ends(store: Store) -> None:
+    """Counted from auth_time + login_max_age, as the family's tokens are, not from now + refresh_ttl."""
+    stack = Stack(store, access_ttl=60, refresh_ttl=600, login_max_age=3600)
+    pair = stack.tokens.refresh(stack.tokens.issue("ann")["refresh_token"])
+    claims_ = jwt.decode(pair["refresh_token"], SECRET, algorithms=["HS256"])
+    left = claims_["auth_time"] + 3600 - time.time()
+    assert left - 2 <= store.ttl(f"family-head:{claims_['fam']}") <= left + 1 + 1  # (the margin: 1 s)
+    access = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"])
+    assert 59 <= store.ttl(f"family-access:{claims_['fam']}:{access['jti']}") <= 60 + 1
+    stack.tokens.revoke(pair["refresh_token"], family=True)
+    assert left - 2 <= store.ttl(f"family-revoked:{claims_['fam']}") <= left + 1 + 1
+    assert 58 <= store.ttl(f"revoked:{access['jti']}") <= 60 + 1  # what was left of the access token's record
+
+
+def test_a_store_that_cannot_tell_what_a_key_has_left_blocklists_for_the_access_ttl() -> None:
+    """A store of one's own without ttl(): the sweep blocklists for the access_ttl of now, and the logout works."""
+    class Untold(MemoryStore):
+        ttl = Store.ttl  # raises StoreError: "cannot tell how long a key has left"
+
+    store = Untold()
+    stack = Stack(store, access_ttl=60)
+    pair = stack.tokens.issue("ann")
+    stack.tokens.revoke(pair["refresh_token"], family=True)
+    jti = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"])["jti"]
+    assert 59 <= MemoryStore.ttl(store, f"revoked:{jti}") <= 60 + 1
+    expect(stack.call(token=pair["access_token"]), 401, challenge("the token has been revoked"), ["revoked"], stack)
+
+
 @pytest.mark.parametrize(("grace", "later", "mark", "leeway"), [
     (0, 0, None, 0),                                # no grace: sent again at once is a reuse
     (10, 11, None, 0),                              # after the grace
