@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import IDENTITY, REQUEST_ID, Context, LayerOptions, client_ip, not_a_path
+from .base import IDENTITY, RENDER_ERROR, REQUEST_ID, Context, LayerOptions, client_ip, not_a_path, on_rendered
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -164,6 +164,8 @@ class AccessLogMiddleware:
                 exchange.status = _refusal_status(exc)
             else:
                 exchange.status, exchange.error = 500, type(exc).__name__
+            if not exchange.sent and RENDER_ERROR in environ:  # errors outside renders it
+                exchange.await_render(exc)
             exchange.close()
             raise
         return exchange
@@ -329,8 +331,8 @@ _CUT_SHORT: set[int] = set()
 class _Exchange:
     """One request: the ``start_response`` and body wrappers that count what is sent."""
 
-    __slots__ = ("__weakref__", "clock", "done", "environ", "error", "layer", "method", "path", "query", "real_start",
-                 "real_write", "ref", "result", "sent", "started", "status", "streaming")
+    __slots__ = ("__weakref__", "awaiting", "clock", "done", "environ", "error", "layer", "method", "path", "query",
+                 "real_start", "real_write", "ref", "result", "sent", "started", "status", "streaming")
 
     def __init__(self, layer: AccessLogMiddleware, environ: WSGIEnvironment,
                  start_response: StartResponse) -> None:
@@ -348,6 +350,7 @@ class _Exchange:
         self.real_write: Any = None
         self.done = False
         self.streaming = False  # the body is being iterated and has not ended
+        self.awaiting = False  # the line waits for what errors renders (see await_render)
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         self.real_write = self.real_start(status, headers, exc_info)
@@ -383,12 +386,32 @@ class _Exchange:
             if not started and not self.sent:  # nothing went out yet, the headers neither
                 if deferred and isinstance(exc, HTTPException):  # errors renders the refusal
                     self.status, self.streaming = _refusal_status(exc), False
+                    if RENDER_ERROR in self.environ:
+                        self.await_render(exc)
                     raise
                 self.status = 500  # the server's 500, or errors' for any other exception
+                if deferred and RENDER_ERROR in self.environ:  # errors takes the first chunk: it renders this
+                    self.streaming = False
+                    self.await_render(exc)
             self.error = type(exc).__name__
             raise
         self.sent += taken
         self.streaming = False
+
+    def await_render(self, exc: BaseException) -> None:
+        """Write the line once ``errors`` (outside) has rendered ``exc``: its status and body size, not 0 bytes.
+
+        The exception holds this exchange until then (``on_rendered``); one that
+        errors never renders (a layer between swallowed it) is written when it is
+        dropped, as the status and bytes known so far.
+        """
+        self.awaiting = on_rendered(exc, self.rendered)
+
+    def rendered(self, status: int, size: int) -> None:
+        self.awaiting = False
+        self.status, self.sent = status, size
+        if not self.done and self.claim():
+            self.layer.write(self)
 
     def claim(self) -> bool:
         """Whether the caller is the one to write this exchange's line (its close, or the layer's at shutdown)."""
@@ -401,7 +424,8 @@ class _Exchange:
 
     def close(self) -> None:
         result, self.result = self.result, None  # the app's answer is closed once, whoever wrote the line
-        owes = not self.done and self.claim()  # (the layer's close at shutdown may have written it)
+        # (the layer's close at shutdown may have written it; one awaiting errors' render is written then)
+        owes = not self.awaiting and not self.done and self.claim()
         if owes and self.streaming and self.error is None:  # the server stopped taking the body before its end
             self.error = "aborted"
         try:

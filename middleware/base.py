@@ -93,11 +93,13 @@ __all__ = [
     "no_boolean_numbers",
     "normalise_origin",
     "note",
+    "on_rendered",
     "one_leading_slash",
     "own_origin",
     "parse_origin",
     "read_ahead",
     "refuse",
+    "rendered",
     "resolve_path",
     "serialise_origin",
     "set_cookie_header",
@@ -545,6 +547,28 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
         except AttributeError:  # pragma: no cover - exceptions with __slots__
             return
     add_missing(extra, headers)
+
+
+def on_rendered(exc: BaseException, callback: Callable[[int, int], None]) -> bool:
+    """Ask the ``errors`` layer outside to call ``callback(status, body bytes)`` once it has rendered ``exc``.
+
+    A layer that records what was sent (the access log) learns what the refusal it let
+    through became.  False when ``exc`` takes no attributes; ``errors`` drops the callback
+    once called, so the exception does not hold the caller's state past the response.
+    """
+    try:
+        exc.wsgistack_rendered = callback  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - exceptions with __slots__
+        return False
+    return True
+
+
+def rendered(exc: BaseException, status: int, size: int) -> None:
+    """Tell the ``on_rendered`` callback of ``exc``, if any, what it was rendered as (the ``errors`` layer)."""
+    callback = getattr(exc, "wsgistack_rendered", None)
+    if callback is not None:
+        del exc.wsgistack_rendered  # type: ignore[attr-defined]
+        callback(status, size)
 
 
 #: A Host header's value: a name or an IP literal (IPv6 bracketed), and a port.

@@ -42,6 +42,7 @@ from .base import (
     not_a_path,
     note,
     one_leading_slash,
+    rendered,
 )
 
 if TYPE_CHECKING:
@@ -175,6 +176,7 @@ class ErrorsMiddleware:
         note(environ, "errors", f"rendered {status}")
         # exc_info lets a server replace headers if the app had already started a response.
         start_response(status_line(status), headers, exc_info)
+        rendered(exc, status, len(body))  # (the access log inside waits for this to write its line)
         return [body]
 
     def render(self, environ: WSGIEnvironment, exc: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:

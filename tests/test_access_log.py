@@ -105,6 +105,10 @@ def crash_on_first_chunk(start_response: Callable[..., Any]) -> Iterator[bytes]:
     yield b"never"  # pragma: no cover
 
 
+#: In an expected line: the length of the body the client got (a refusal's, as errors rendered it).
+SENT = object()
+
+
 @pytest.fixture
 def inner() -> Inner:
     """The inner app."""
@@ -143,13 +147,13 @@ def make(inner: Inner, tmp_path: Path) -> Iterator[Callable[..., tuple[TestApp, 
         pytest.param({}, "/me", {"user": "alice"}, id="identity set by an inner layer"),
         pytest.param({}, "/stream", {"status": 200, "bytes": 9 + 10 + 11}, id="streamed body counted"),
         pytest.param({}, "/write", {"bytes": 12}, id="legacy write() counted"),
-        pytest.param({}, "/limited", {"status": 429, "bytes": 0}, id="refusal logged with its code"),
-        pytest.param({}, "/teapot", {"status": 418, "bytes": 0}, id="a refusal with its own response: its status"),
-        pytest.param({}, "/refused-on-first-chunk", {"status": 403, "bytes": 0},
+        pytest.param({}, "/limited", {"status": 429, "bytes": SENT}, id="refusal logged with its code and body"),
+        pytest.param({}, "/teapot", {"status": 418, "bytes": SENT}, id="a refusal with its own response: its status"),
+        pytest.param({}, "/refused-on-first-chunk", {"status": 403, "bytes": SENT},
                      id="a generator app's refusal, rendered by errors: its status, no error"),
-        pytest.param({}, "/crash", {"status": 500, "bytes": 0, "error": "RuntimeError"},
+        pytest.param({}, "/crash", {"status": 500, "bytes": SENT, "error": "RuntimeError"},
                      id="exception logged as 500"),
-        pytest.param({}, "/crash-on-first-chunk", {"status": 500, "bytes": 0, "error": "RuntimeError"},
+        pytest.param({}, "/crash-on-first-chunk", {"status": 500, "bytes": SENT, "error": "RuntimeError"},
                      id="a generator app's exception before it starts: logged as 500"),
         pytest.param({}, "/caf%C3%A9?token=secret", {"path": "/caf\u00e9"}, id="utf-8 path, no query"),
         pytest.param({}, "/caf%E9", {"path": "/caf\\xe9"}, id="a byte that is not UTF-8: told apart from /caf%C3%A9"),
@@ -161,9 +165,11 @@ def make(inner: Inner, tmp_path: Path) -> Iterator[Callable[..., tuple[TestApp, 
 def test_fields(make: Callable[..., Any], options: dict[str, Any], request_path: str,
                 expected: dict[str, Any]) -> None:
     app, lines = make(**options)
-    app.get(request_path, headers={"User-Agent": "probe/1.0"}, extra_environ={"REMOTE_ADDR": "192.0.2.7"},
-            expect_errors=True)
+    response = app.get(request_path, headers={"User-Agent": "probe/1.0"}, extra_environ={"REMOTE_ADDR": "192.0.2.7"},
+                       expect_errors=True)
     [line] = lines()
+    expected = {k: len(response.body) if v is SENT else v for k, v in expected.items()}
+    assert response.body or expected.get("bytes") == 0  # (the rendered ones have a body to count)
     assert {k: line[k] for k in expected} == expected
     assert ISO_UTC.match(line["time"]), line["time"]
     assert line["client_ip"] == "192.0.2.7"
@@ -171,6 +177,54 @@ def test_fields(make: Callable[..., Any], options: dict[str, Any], request_path:
     assert ("query" in line) is bool(options.get("query"))
     assert ("error" in line) is ("error" in expected)
     assert "secret text" not in json.dumps(line)
+
+
+@pytest.mark.parametrize("path", ["/limited", "/crash", "/refused-on-first-chunk"])
+def test_a_refusal_to_head_is_logged_with_the_no_bytes_errors_sent(make: Callable[..., Any], path: str) -> None:
+    app, lines = make()
+    response = app.head(path, expect_errors=True)
+    assert response.body == b"" and int(response.headers["Content-Length"]) > 0
+    assert lines()[0]["bytes"] == 0
+
+
+@pytest.mark.parametrize("path", ["/limited", "/crash"])
+def test_a_refusal_nothing_renders_outside_is_logged_at_once_with_no_bytes(inner: Inner, tmp_path: Path,
+                                                                           path: str) -> None:
+    """Without errors outside, the server answers the exception: the line goes out as it passes, 0 bytes."""
+    log_file = tmp_path / "access.log"
+    layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(file=str(log_file)), Context())
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": path}
+    setup_testing_defaults(environ)
+    with pytest.raises(Exception) as raised:
+        layer(environ, lambda status, headers, exc_info=None: None)
+    line = json.loads(log_file.read_text(encoding="utf-8"))  # written before the exception went on
+    assert (line["status"], line["bytes"]) == ({"/limited": 429, "/crash": 500}[path], 0)
+    assert not hasattr(raised.value, "wsgistack_rendered")
+    layer.close()
+
+
+def test_a_refusal_a_layer_outside_answers_itself_is_logged_once_it_is_dropped(inner: Inner, tmp_path: Path) -> None:
+    """A layer between errors and the access log that answers a refusal itself: the line is not lost."""
+    log_file = tmp_path / "access.log"
+    layer = AccessLogMiddleware(inner, AccessLogMiddleware.Options(file=str(log_file)), Context())
+
+    def answers_refusals(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return layer(environ, start_response)
+        except Exception:
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "7")])
+            return [b"handled"]
+
+    app = TestApp(ErrorsMiddleware(answers_refusals, ErrorsMiddleware.Options(), Context()))
+    gc.disable()  # written as the exception goes, not when a collection finds it
+    try:
+        assert app.get("/limited").body == b"handled"
+        line = json.loads(log_file.read_text(encoding="utf-8"))
+    finally:
+        gc.enable()
+    assert (line["status"], line["bytes"]) == (429, 0)  # what the access log knew of it
+    layer.close()
+    assert len(log_file.read_text(encoding="utf-8").splitlines()) == 1  # and never written twice
 
 
 def test_a_target_that_is_not_a_path_is_logged_as_sent(make: Callable[..., Any]) -> None:
