@@ -13,6 +13,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 from webtest import TestApp
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import http_date
 from werkzeug.test import Client
 
@@ -1262,6 +1263,42 @@ def test_a_5xx_the_stale_entry_replaces_is_closed_and_gives_its_lock_back(store:
     assert list(store.scan("wsgistack:cache:l:")) == []
 
 
+class NoCode(HTTPException):
+    """A werkzeug HTTPException subclass that names no status."""
+
+    code = None
+    description = "An error without a status."
+
+
+@pytest.mark.parametrize("failure", [HTTPException(), NoCode()], ids=["HTTPException()", "a subclass, code None"])
+@pytest.mark.parametrize(("window", "expected_status", "expected_cache"), [
+    pytest.param(0, 500, None, id="stale off: a 500"),
+    pytest.param(600, 200, "STALE", id="stale served"),
+])
+def test_an_http_exception_without_a_code_is_a_failure_of_the_app(
+        make: Callable[..., Stack], origin: Origin, clock: Clock, store: Store, failure: HTTPException,
+        window: int, expected_status: int, expected_cache: str | None) -> None:
+    """Not a refusal the app answered with (a 4xx passes as it is): a 5xx, as the errors layer renders it."""
+    stack = make(ttl=10, stale_if_error=window)
+    fresh = stack.get()
+    clock.now += 20
+    origin.fail = failure
+    before = len(stack.names())
+    response = stack.get(status="*")
+    assert (response.status_int, response.headers.get("X-Cache")) == (expected_status, expected_cache)
+    if expected_cache == "STALE":
+        assert response.body == fresh.body
+    else:
+        assert response.json["error"]["code"] == 500
+    assert [e for e in stack.names()[before:] if e.startswith("cache.")] == (
+        ["cache.stale"] if expected_cache == "STALE" else ["cache.miss"])
+    assert list(store.scan("wsgistack:cache:l:")) == []  # its lock given back
+    origin.fail = None
+    after = stack.get()
+    assert (after.headers["X-Cache"], after.json["n"], origin.calls) == ("MISS", 3, 3)  # nothing stored for it
+    assert stack.get().headers["X-Cache"] == "HIT"
+
+
 class LateFailure:
     """An origin that answers once, then fails after its start_response, as PEP 3333 lets it."""
 
@@ -1602,7 +1639,11 @@ def test_an_entry_outlives_the_mark_it_was_stored_under_in_memory_too(monkeypatc
 
 
 class FirstFillFails(Origin):
-    """The first call fails after 0.2 s; the others answer as Origin does."""
+    """The first call fails after 0.2 s (raises ``failure``); the others answer as Origin does."""
+
+    def __init__(self, failure: BaseException | None = None) -> None:
+        super().__init__()
+        self.failure = failure or RuntimeError("the first fill fails")
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         with self.lock:
@@ -1611,7 +1652,7 @@ class FirstFillFails(Origin):
                 self.calls += 1
         if first:
             time.sleep(0.2)
-            raise RuntimeError("the first fill fails")
+            raise self.failure
         return super().__call__(environ, start_response)
 
 
@@ -1651,6 +1692,8 @@ class AlwaysFails(Origin):
 
 @pytest.mark.parametrize(("made", "calls", "labels"), [
     pytest.param(FirstFillFails, 2, [""] + ["HIT"] * 6 + ["MISS"], id="a passing failure: one more call"),
+    pytest.param(lambda: FirstFillFails(HTTPException()), 2, [""] + ["HIT"] * 6 + ["MISS"],
+                 id="a passing HTTPException without a code: a failure too"),
     pytest.param(AlwaysFails, 8, [""] * 8, id="a lasting one: the retry, then the others at once"),
 ])
 def test_waiters_in_one_process_retry_a_failed_fill_once(store: Store, clock: Clock, made: Callable[[], Origin],
