@@ -229,12 +229,10 @@ pipeline:
 """
 
 
-@pytest.fixture
-def cached(redis_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[TestApp, redis.Redis]]:
-    limit = getattr(request, "param", "1000/minute")
+def _cached(redis_url: str, text: str) -> Iterator[tuple[TestApp, redis.Redis]]:
     pool = redis.ConnectionPool.from_url(redis_url, connection_class=Counting)
     store = RedisStore(client=redis.Redis(connection_pool=pool), breaker=CircuitBreaker(50, 0.2, name="t"))
-    built = build(parse(read_text(CACHED.replace("{limit}", limit))), stores={"shared": store})
+    built = build(parse(read_text(text)), stores={"shared": store})
     probe = redis.Redis.from_url(redis_url)
     app = TestApp(built.app, extra_environ={"REMOTE_ADDR": "192.0.2.9"})
     app.get("/warm-up")  # connects and loads the scripts (a fresh server answers NOSCRIPT once)
@@ -242,6 +240,23 @@ def cached(redis_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[Tes
     probe.close()
     built.close()
     pool.disconnect()
+
+
+@pytest.fixture
+def cached(redis_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[TestApp, redis.Redis]]:
+    yield from _cached(redis_url, CACHED.replace("{limit}", getattr(request, "param", "1000/minute")))
+
+
+PURGE = "/cache/purge"
+
+
+@pytest.fixture
+def purgeable(redis_url: str) -> Iterator[tuple[TestApp, redis.Redis]]:
+    """The cached stack, its cache with a purge endpoint."""
+    text = CACHED.replace("{limit}", "1000/minute").replace("cookie_names: [sid]}",
+                                                            f"cookie_names: [sid], purge_path: {PURGE}}}")
+    assert PURGE in text
+    yield from _cached(redis_url, text)
 
 
 def _locks(probe: redis.Redis) -> list[bytes]:
@@ -293,6 +308,62 @@ def test_a_write_is_one_transaction_and_the_next_get_reads_its_mark_ahead(cached
     assert [seen for _, seen, _ in found] == [probe.get(mark)]
     trips, hit = _round_trips(app, path)
     assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
+
+
+@pytest.mark.parametrize(("path", "seen_as"), [
+    ("/api/v2/search?q=a", "/api/v2/search"),
+    ("/api/search?q=a", "/api/v1/search"),
+    (f"{PURGE}/x?q=a", f"{PURGE}/x"),  # under the purge path, not it: an entry as any other
+    (f"{PURGE}d?q=a", f"{PURGE}d"),
+])
+def test_with_a_purge_path_a_cached_get_is_still_read_ahead(purgeable: tuple[TestApp, redis.Redis], path: str,
+                                                             seen_as: str) -> None:
+    app, probe = purgeable
+    trips, miss = _round_trips(app, path)
+    assert (trips, miss.headers["X-Cache"], miss.json["path"], _locks(probe)) == (2, "MISS", seen_as, [])
+    trips, hit = _round_trips(app, path)
+    assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
+
+
+@pytest.mark.parametrize("path", [f"{PURGE}?pattern=/api/*", f"/{PURGE}"],
+                         ids=["the purge path", "two leading slashes"])
+def test_a_get_of_the_purge_path_is_not_read_ahead_as_an_entry(purgeable: tuple[TestApp, redis.Redis],
+                                                                path: str) -> None:
+    """Refused by the cache's purge endpoint (GET is not a purge): no entry read, no lock taken, no write mark
+    set for it in the rate limiter's round trip (nor a lock to give back after it)."""
+    app, probe = purgeable
+    trips, refused = _round_trips(app, path, status=405)
+    assert (trips, refused.headers["Allow"]) == (1, "POST, DELETE")
+    assert [k for k in probe.keys("*") if PURGE.encode() in k] == []
+
+
+@pytest.mark.parametrize(("roles", "status", "challenge"), [
+    pytest.param(None, 401, "Bearer", id="no identity"),
+    pytest.param(["user"], 403, None, id="without the role"),
+    pytest.param(["admin"], 200, None, id="purged"),
+])
+def test_a_purge_through_the_read_ahead_stack_checks_its_role_and_the_next_get_misses(
+        purgeable: tuple[TestApp, redis.Redis], roles: list[str] | None, status: int, challenge: str | None) -> None:
+    app, probe = purgeable
+    path = "/api/v1/search?q=p"
+    miss = app.get(path)
+    assert app.get(path).headers["X-Cache"] == "HIT"
+    service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+    headers = {} if roles is None else {
+        "Authorization": f"Bearer {service.issue('root', roles)['access_token']}"}
+    response = app.post(f"{PURGE}?pattern=/api/v1/search*", headers=headers, status=status)
+    assert response.headers.get("WWW-Authenticate") == challenge
+    assert [k for k in probe.keys("*") if PURGE.encode() in k] == []  # the purge request is no entry either
+    trips, after = _round_trips(app, path)
+    if status == 200:
+        assert response.json == {"purged": 1, "pattern": "/api/v1/search*"}
+        # The entry and its write mark gone: the limiter's pipeline found nothing and took the lock (and set a
+        # new mark), the cache's one round trip stored the app's new answer.
+        assert (trips, after.headers["X-Cache"], _locks(probe)) == (2, "MISS", [])
+        trips, hit = _round_trips(app, path)
+        assert (trips, hit.headers["X-Cache"]) == (1, "HIT")
+    else:
+        assert (trips, after.headers["X-Cache"], after.body) == (1, "HIT", miss.body)
 
 
 def test_a_known_bearer_token_gives_the_per_user_key_ahead(cached: tuple[TestApp, redis.Redis]) -> None:
