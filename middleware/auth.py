@@ -325,6 +325,13 @@ class _Options(LayerOptions):
     max_token_bytes: int = Field(default=8192, ge=256)
     on_store_error: Literal["open", "closed"] = "closed"
 
+    @field_validator("issuer", "audience")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        """Empty or blank is none (``${JWT_ISSUER:-}``): tokens would be issued without the claim and
+        refused for lacking it."""
+        return value if value is None or value.strip() else None
+
     @field_validator("realm")
     @classmethod
     def _quotable(cls, value: str) -> str:

@@ -555,6 +555,22 @@ def test_issue_shape_and_claims(store: Store) -> None:
     assert stack.call(token=pair["access_token"]).json == {"sub": "ann", "roles": ["admin", "user"], "source": "jwt"}
 
 
+@pytest.mark.parametrize("options", [
+    pytest.param({"issuer": ""}, id="issuer empty (${JWT_ISSUER:-})"),
+    pytest.param({"audience": ""}, id="audience empty"),
+    pytest.param({"issuer": " ", "audience": "\t"}, id="both blank"),
+])
+def test_an_empty_issuer_or_audience_is_none(options: dict[str, Any]) -> None:
+    """The tokens were issued without the claim and then refused for lacking it: every login's tokens a 401."""
+    stack = Stack(**options)
+    assert (stack.layer.options.issuer, stack.layer.options.audience) == (None, None)
+    pair = stack.tokens.issue("ann", ["user"])
+    assert {"iss", "aud"}.isdisjoint(jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"]))
+    assert stack.call(token=pair["access_token"]).json == {"sub": "ann", "roles": ["user"], "source": "jwt"}
+    assert stack.tokens.refresh(pair["refresh_token"])["token_type"] == "Bearer"
+    assert stack.call(token=hs(claims(iss="https://id.example.org"))).status_int == 200  # as with no issuer
+
+
 def test_defaults_and_published_service() -> None:
     stack = Stack()
     assert stack.context.services["tokens"] is stack.tokens
