@@ -1019,7 +1019,8 @@ class AuthMiddleware:
             return None
         subject: str = user["sub"]
         roles = user.get("roles")
-        held = frozenset(roles if isinstance(roles, list | tuple) else ())
+        # Roles are names: anything else in the list (a list, an object: unhashable) is none, not a 500.
+        held = frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list | tuple) else _NO_ROLES
         try:  # the roles the user has now, not those copied into the session at login
             held, void = self._user_now(subject, user.get("iat"), held)
         except _LookupFailed:  # the users database cannot say who it is: no one (fail closed), logged

@@ -521,6 +521,9 @@ class FakeSession(dict):  # type: ignore[type-arg]
                  (200, {"sub": "ann", "roles": ["user"], "source": "jwt"}), id="bearer token wins"),
     pytest.param({"rules": [{"paths": ["*"], "roles": ["admin"]}]}, {"user": {"sub": "bob", "roles": ["user"]}},
                  None, (403, None), id="session roles checked"),
+    pytest.param({}, {"user": {"sub": "bob", "roles": ["admin", ["user"], {"role": "x"}, 3]}}, None,
+                 (200, {"sub": "bob", "roles": ["admin"], "source": "session"}),
+                 id="only the names among the session's roles (a list in it was a 500)"),
 ])
 def test_session_identity(options: dict[str, Any], session: dict[str, Any], token: str | None,
                           expected: tuple[int, Any]) -> None:
