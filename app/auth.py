@@ -3,8 +3,8 @@
 ``POST /auth/login`` checks ``{"username", "password"}`` against the users
 database and answers the token service's ``issue()`` dict; when the stack has
 a session layer it also rotates the session id and stores
-``session["user"] = {"sub", "roles", "iat"}``.  Unknown users and wrong passwords
-get the same 401 after the same amount of hashing, and so does a password set anew
+``session["user"] = {"sub", "roles", "iat", "fam"}`` (``fam``: the tokens' login family).
+Unknown users and wrong passwords get the same 401 after the same amount of hashing, and so does a password set anew
 while it was being checked; ``max_failed_logins`` wrong
 passwords for one name within ``failed_login_window`` get 429 until it ends
 (``Retry-After``: the seconds left of it); a
@@ -12,8 +12,8 @@ users database that cannot be read gets 503 with ``Retry-After``, as a refresh d
 exchanges ``{"refresh_token"}`` for a pair carrying the user's roles as the
 users database has them now; a user who was removed gets the 401 of a revoked
 token, and the token's family is revoked.  ``POST /auth/logout`` revokes the
-bearer token and the ``refresh_token`` of the body and destroys the session,
-answering 204; every credential is checked first, so a refused logout changes
+bearer token and the ``refresh_token`` of the body, and the tokens of the session's
+login, and destroys the session, answering 204; every credential is checked first, so a refused logout changes
 nothing.  Token responses carry ``Cache-Control: no-store``.
 
 The token service is the auth layer's ``context.services["tokens"]``, looked
@@ -151,6 +151,16 @@ def _json_object(required: bool) -> dict[str, Any]:
 _NO_BODY = object()
 
 
+def _session_login(user: Any) -> tuple[str, float] | None:
+    """``(fam, iat)`` of the login a session's ``user`` was written by, if it says (logins since they did)."""
+    if not isinstance(user, dict):
+        return None
+    fam, iat = user.get("fam"), user.get("iat")
+    if isinstance(fam, str) and fam and isinstance(iat, int | float) and not isinstance(iat, bool):
+        return fam, float(iat)
+    return None
+
+
 def _challenge(service: Any) -> str:
     """The auth layer's ``WWW-Authenticate`` challenge (its realm's; ``wsgistack`` without the layer)."""
     return challenge(str(getattr(service, "realm", "wsgistack")))
@@ -254,7 +264,9 @@ def auth_blueprint(state: AppState) -> Blueprint:
         session = request.environ.get(SESSION)
         if session is not None:
             session.rotate(carry=False)  # a new session: nothing of the one before the login goes on
-            session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": read_at}
+            # With the login's family: a logout with the session alone ends the tokens of this login too.
+            session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": read_at,
+                               "fam": service.family_of(issued["access_token"])}
         token = _csrf_token()  # the new session's (csrf double_submit): the page's next writes send it
         return _token_response(issued if token is None else {**issued, "csrf_token": token})
 
@@ -300,11 +312,16 @@ def auth_blueprint(state: AppState) -> Blueprint:
         except ValueError as exc:
             said = f'{_challenge(state.context.services.get("tokens"))}, {MALFORMED_ERROR}'
             raise refuse(400, str(exc), headers=[("WWW-Authenticate", said)]) from None
+        session = request.environ.get(SESSION)
+        # The session's login goes too: its tokens, which the client may have kept (another tab, an
+        # API client given them), end with the session that was logged out.
+        login = _session_login(session.get("user")) if session is not None else None
         revoked = [token for token in (bearer, refresh_token) if token]
         if revoked:
             # Verifies every token before it blocklists any; then every token of their logins goes.
             tokens("Logout", signs=False).revoke(*revoked, family=True)
-        session = request.environ.get(SESSION)
+        if login is not None and service is not None:
+            service.revoke_family(*login)
         if session is not None:
             session.destroy()  # deleted when the response starts; a store failure there is a 503
         response = Response(status=status_line(204))  # werkzeug would say "204 NO CONTENT"

@@ -894,6 +894,22 @@ class TokenService:
 
         self._store(run, strict=True)
 
+    def family_of(self, token: str) -> str | None:
+        """The login family (``fam``) of one of our tokens, expired or not; None for one without."""
+        try:
+            fam = self._decode(token, None, verify_exp=False).get("fam")
+        except _Invalid as exc:
+            raise self._refuse(exc) from None
+        return str(fam) if fam else None
+
+    def revoke_family(self, fam: str, auth_time: float) -> None:
+        """Revoke the login ``fam`` that began at ``auth_time`` (its session's logout): every token of it.
+
+        What ``revoke(..., family=True)`` does for the families of the tokens it is
+        given, for a login known without one of its tokens (the session of the login).
+        """
+        self._revoke_family(fam, {"auth_time": int(auth_time), "iat": int(auth_time)})
+
     def revoke(self, token: str, *more: str, family: bool = False) -> None:
         """Blocklist access or refresh tokens' ``jti`` until they expire (401 if one is not ours).
 

@@ -898,6 +898,7 @@ def test_logout_ends_every_token_of_the_login(stack: Stack, sent: str) -> None:
     first = stack.login().json
     second = stack.app.post_json("/auth/refresh", {"refresh_token": first["refresh_token"]}).json
     other_login = stack.login().json
+    stack.app.reset()  # a client of the tokens alone: the session cookie is the other login's
     if sent == "refresh":
         stack.app.post_json("/auth/logout", {"refresh_token": second["refresh_token"]}, status=204)
     else:
@@ -905,8 +906,44 @@ def test_logout_ends_every_token_of_the_login(stack: Stack, sent: str) -> None:
     for token in (first["access_token"], second["access_token"]):
         stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(token), status=401)
     stack.app.post_json("/auth/refresh", {"refresh_token": second["refresh_token"]}, status=401)
-    stack.app.reset()  # the session cookie went with the logout; the other login's token did not
     assert stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(other_login["access_token"])).status_int == 200
+
+
+@pytest.mark.parametrize("sent", ["the session alone", "the session and another login's tokens"])
+def test_logout_with_the_session_ends_the_tokens_of_its_login(stack: Stack, sent: str) -> None:
+    """A browser that logs out with its cookie ends the tokens its login gave, wherever they went."""
+    kept = stack.login().json  # tokens of an earlier login, kept by an API client
+    stack.app.reset()
+    login = stack.login().json  # the session's login
+    refreshed = stack.app.post_json("/auth/refresh", {"refresh_token": login["refresh_token"]}).json
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(refreshed["access_token"]), status=200)
+    sessions = set(stack.store.scan("session:"))  # the earlier login's (its cookie dropped) and this one's
+    if sent == "the session alone":
+        stack.app.post("/auth/logout", status=204)
+    else:
+        stack.app.post_json("/auth/logout", {"refresh_token": kept["refresh_token"]},
+                            headers=bearer(kept["access_token"]), status=204)
+    assert len(sessions - set(stack.store.scan("session:"))) == 1
+    for token in (login["access_token"], refreshed["access_token"]):
+        refused = stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(token), status=401)
+        assert refused.json["error"]["message"] == "Unauthorized: the token has been revoked."
+    refused = stack.app.post_json("/auth/refresh", {"refresh_token": refreshed["refresh_token"]}, status=401)
+    assert refused.json["error"]["message"] == "Unauthorized: the token has been revoked."
+    kept_works = sent == "the session alone"
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(kept["access_token"]),
+                  status=200 if kept_works else 401)
+
+
+def test_logout_with_a_session_from_before_logins_named_their_family_ends_the_session_alone(stack: Stack) -> None:
+    """A session whose user has no fam (written by an earlier version): its tokens cannot be told; they stay."""
+    pair = stack.login().json
+    [key] = stack.store.scan("session:")
+    data = json.loads(stack.store.get(key) or b"{}")
+    del data["data"]["user"]["fam"]
+    stack.store.set(key, json.dumps(data).encode(), 3600)
+    stack.app.post("/auth/logout", status=204)
+    assert list(stack.store.scan("session:")) == [] and list(stack.store.scan("family-revoked:")) == []
+    stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
 
 
 def test_logout_with_nothing_to_revoke_is_fine(stack: Stack) -> None:
@@ -983,9 +1020,12 @@ def test_a_logout_with_an_oversized_authorization_header_is_431_as_elsewhere(sta
 def test_a_logout_with_another_authorization_scheme_ends_the_session_and_revokes_no_token(stack: Stack,
                                                                                          credentials: str) -> None:
     """Basic credentials are not a bearer token: not refused, and not read as one."""
-    pair = stack.login().json
+    pair = stack.login().json  # tokens of another login than the session's
+    stack.app.reset()
+    stack.login()
+    sessions = set(stack.store.scan("session:"))
     stack.app.post("/auth/logout", headers={"Authorization": credentials}, status=204)
-    assert list(stack.store.scan("session:")) == []
+    assert len(sessions - set(stack.store.scan("session:"))) == 1
     stack.app.get("/api/v1/search", {"q": "json"}, headers=bearer(pair["access_token"]), status=200)
 
 
