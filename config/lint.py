@@ -382,6 +382,15 @@ def cache_inside_cors(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Prob
                                    "origin's Access-Control-Allow-Origin to other origins; move cache inside cors")
 
 
+def cache_inside_ratelimit(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    for cache, rl in _before(specs, "cache", "ratelimit"):
+        if _apart(specs, cache, rl):
+            continue
+        yield _problem(cfg, cache, f"cache at {_where(cache)} is outside ratelimit at {_where(rl)}: cached answers are "
+                                   "never counted, and each carries the RateLimit fields of the client whose request "
+                                   "filled it to every other client; move cache inside ratelimit", "warning")
+
+
 #: Layers that read the client address, scheme or host (request_id reads none: it may sit outside proxy).
 _SEES_CLIENT = ("ratelimit", "session", "csrf", "auth", "metrics")
 
@@ -1012,6 +1021,7 @@ RULES: list[Rule] = [
     cors_position,
     cors_scope_takes_preflights,
     cache_inside_cors,
+    cache_inside_ratelimit,
     cache_identity,
     cache_sees_writes,
     proxy_position,

@@ -112,6 +112,13 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="cache outside cors",
         ),
         pytest.param(
+            "pipeline:\n  - cache: {}\n  - ratelimit: {limits: ['10/second']}\n",
+            "stack.yaml:4:5 warning: pipeline[0]: cache at pipeline[0] is outside ratelimit at pipeline[1]: cached "
+            "answers are never counted, and each carries the RateLimit fields of the client whose request filled it "
+            "to every other client; move cache inside ratelimit",
+            id="cache outside ratelimit",
+        ),
+        pytest.param(
             f"pipeline:\n  - session: {{secret_key: {SECRET}}}\n  - auth: {{secret: {SECRET}}}\n",
             "stack.yaml:5:5 warning: pipeline[1]: auth at pipeline[1] accepts the session cookie as credentials "
             "(accept_session) but the pipeline has no csrf layer",
