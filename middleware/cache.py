@@ -328,6 +328,10 @@ class _Fill:
 
     def finish(self, body: bytes) -> None:
         plan = self.plan
+        # A body made after the headers may still have used the session (a generator that asked for the
+        # CSRF token or read the stored session): asked again now, it stores nothing then.
+        if plan is not None and _personal(self.environ, self.subject):
+            plan = None
         # A fill that took longer than a write's mark lives could have missed one whose mark has gone
         # again: it stores nothing.  Within it, every write that succeeded after the app was called
         # (one whose change the app may not have seen) still has its mark when the save checks it.

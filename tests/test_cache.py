@@ -301,12 +301,24 @@ def test_a_listed_204_is_stored_without_content_length(make: Callable[..., Stack
         assert "Content-Length" not in second.headers
 
 
-def test_a_response_bound_to_its_session_is_not_stored(store: Store, origin: Origin) -> None:
+@pytest.mark.parametrize("streamed", [
+    pytest.param(False, id="asked for before the answer starts"),
+    pytest.param(True, id="asked for while the body streams"),
+])
+def test_a_response_bound_to_its_session_is_not_stored(store: Store, origin: Origin, streamed: bool) -> None:
     """A page with a CSRF token (bound to the session id): per_user would hand it to the user's other
-    sessions, whose writes the token then fails."""
+    sessions, whose writes the token then fails.  Also when a generator body asks for it after the headers."""
     def page(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        environ[SESSION_BOUND] = True  # what the csrf layer's token does when the page asks for it
-        return origin(environ, start_response)
+        if not streamed:
+            environ[SESSION_BOUND] = True  # what the csrf layer's token does when the page asks for it
+            return origin(environ, start_response)
+        result = origin(environ, start_response)
+
+        def body() -> Iterator[bytes]:
+            environ[SESSION_BOUND] = True
+            yield from result
+
+        return body()
 
     stack = Stack(store, page, per_user=True)  # type: ignore[arg-type]
     headers = {"X-Test-User": "alice:user"}
