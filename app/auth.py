@@ -3,8 +3,9 @@
 ``POST /auth/login`` checks ``{"username", "password"}`` against the users
 database and answers the token service's ``issue()`` dict; when the stack has
 a session layer it also rotates the session id and stores
-``session["user"] = {"sub", "roles", "iat", "fam"}`` (``fam``: the tokens' login family).
-Unknown users and wrong passwords get the same 401 after the same amount of hashing, and so does a password set anew
+``session["user"] = {"sub", "roles", "iat", "fam"}`` (``fam``: the tokens' login
+family).  Unknown users and wrong passwords get the same 401 after the same
+amount of hashing, and so does a password set anew
 while it was being checked; ``max_failed_logins`` wrong
 passwords for one name within ``failed_login_window`` get 429 until it ends
 (``Retry-After``: the seconds left of it); a
@@ -12,9 +13,9 @@ users database that cannot be read gets 503 with ``Retry-After``, as a refresh d
 exchanges ``{"refresh_token"}`` for a pair carrying the user's roles as the
 users database has them now; a user who was removed gets the 401 of a revoked
 token, and the token's family is revoked.  ``POST /auth/logout`` revokes the
-bearer token and the ``refresh_token`` of the body, and the tokens of the session's
-login, and destroys the session, answering 204; every credential is checked first, so a refused logout changes
-nothing.  Token responses carry ``Cache-Control: no-store``.
+bearer token and the ``refresh_token`` of the body, and the tokens of the
+session's login, and destroys the session, answering 204; every credential is
+checked first, so a refused logout changes nothing.  Token responses carry ``Cache-Control: no-store``.
 
 The token service is the auth layer's ``context.services["tokens"]``, looked
 up per request because layers are built after the app; without it these

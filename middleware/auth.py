@@ -1035,8 +1035,12 @@ class AuthMiddleware:
             return None
         subject: str = user["sub"]
         roles = user.get("roles")
-        # Roles are names: anything else in the list (a list, an object: unhashable) is none, not a 500.
-        held = frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list | tuple) else _NO_ROLES
+        held = _NO_ROLES
+        if isinstance(roles, list | tuple):
+            try:
+                held = frozenset(roles)
+            except TypeError:  # roles are names: anything else (a list, an object: unhashable) is none, not a 500
+                held = frozenset(r for r in roles if isinstance(r, str))
         try:  # the roles the user has now, not those copied into the session at login
             held, void = self._user_now(subject, user.get("iat"), held)
         except _LookupFailed:  # the users database cannot say who it is: no one (fail closed), logged
