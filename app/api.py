@@ -7,7 +7,7 @@ Both versions serve the same data; only the search body differs:
 
 Each result is ``{"title", "url", "content", "engine"}``.  A missing or empty
 ``q``, a ``q`` over 1000 characters or a ``page`` that is not a whole number
-from 1 to 1000 gives 400, and so does a ``q`` of more than 32 words for the
+from 1 to 1000 (leading zeros allowed) gives 400, and so does a ``q`` of more than 32 words for the
 ``local`` engine; so does a query string that is not UTF-8 once percent-decoded
 (naming the parameter it is in).  Health answers without touching the index or any
 store, so it stays cheap enough for load balancers.
@@ -69,7 +69,8 @@ def search_args(args: MultiDict[str, str]) -> tuple[str, int]:
     text = args.get("page")
     if text is None:
         return query, 1
-    page = int(text) if text.isascii() and text.isdigit() and len(text) <= 4 else 0
+    digits = text.lstrip("0")  # leading zeros make no other number ("00002" is 2); no int() of any length
+    page = int(digits) if text.isascii() and text.isdigit() and 0 < len(digits) <= 4 else 0
     if not 1 <= page <= MAX_PAGE:
         raise refuse(400, f"The query parameter 'page' must be a whole number from 1 to {MAX_PAGE}.",
                      details={"parameter": "page", "max": MAX_PAGE})

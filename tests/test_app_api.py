@@ -86,6 +86,14 @@ def test_page_past_the_end_is_empty_not_an_error(client: TestApp) -> None:
     assert body["meta"]["total"] > 0
 
 
+@pytest.mark.parametrize(("text", "page"), [("02", 2), ("0002", 2), ("00002", 2), ("000000001000", 1000)])
+def test_page_with_leading_zeros_is_that_page(client: TestApp, text: str, page: int) -> None:
+    v1 = client.get("/api/v1/search", {"q": "json", "page": text}).json
+    v2 = client.get("/api/v2/search", {"q": "json", "page": text}).json
+    assert v1 == client.get("/api/v1/search", {"q": "json", "page": str(page)}).json
+    assert v1["meta"]["page"] == v2["pagination"]["page"] == page
+
+
 def test_query_of_exactly_1000_characters_is_accepted(client: TestApp) -> None:
     assert client.get("/api/v1/search", {"q": "a" * 1000}).json["meta"]["total"] == 0
 
@@ -117,6 +125,8 @@ PAGE = {"parameter": "page", "max": 1000}
         pytest.param({"q": "x", "page": "1.5"}, (400, BAD_PAGE, PAGE), id="page fraction"),
         pytest.param({"q": "x", "page": ""}, (400, BAD_PAGE, PAGE), id="page empty"),
         pytest.param({"q": "x", "page": "1001"}, (400, BAD_PAGE, PAGE), id="page too big"),
+        pytest.param({"q": "x", "page": "00000"}, (400, BAD_PAGE, PAGE), id="page zeros"),
+        pytest.param({"q": "x", "page": "01001"}, (400, BAD_PAGE, PAGE), id="page too big after a zero"),
         pytest.param({"q": "x", "page": "٣"}, (400, BAD_PAGE, PAGE), id="page non-ascii digit"),
     ],
 )
