@@ -534,7 +534,7 @@ class ValidationMiddleware:
         mimetype = mimetype.lower()
         if not self._type_allowed(mimetype):
             accept = _ACCEPT_HEADER.get(environ.get("REQUEST_METHOD", ""))
-            shown = f"Content-Type {mimetype!r} is" if mimetype else "A body without Content-Type is"
+            shown = f"Content-Type {mimetype[:100]!r} is" if mimetype else "A body without Content-Type is"
             raise self._refuse(environ, 415, f"{shown} not accepted; allowed_content_types are "
                                f"{self._types_text}.", "allowed_content_types",
                                headers=[(accept, self._types_text)] if accept else ())
@@ -558,7 +558,7 @@ class ValidationMiddleware:
                    if c and c != "identity"]
         coding = ", ".join(codings)
         if codings:
-            raise self._refuse(environ, 415, f"Content-Encoding {coding!r} is not accepted on "
+            raise self._refuse(environ, 415, f"Content-Encoding {coding[:100]!r} is not accepted on "
                                f"{mimetype} bodies.", "content-encoding",
                                headers=[("Accept-Encoding", "identity")])
         # JSON is UTF-8 and a charset parameter means nothing (RFC 8259 §8.1, §11): one that names
