@@ -39,6 +39,7 @@ from middleware.base import (
 from middleware.errors import ErrorsMiddleware
 from middleware.proxy import ProxyMiddleware
 from stores import Store, store_from_url
+from stores.base import secret_name
 
 from .errors import MASK, ConfigError, Path, Problem, is_secret
 from .loader import Document
@@ -427,8 +428,11 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
         if isinstance(entry, str):
             glued = re.fullmatch(r"([A-Za-z_][\w.]*):(\S.*)", entry)
             if glued is not None and (glued.group(1) in LAYERS or glued.group(2)[0] in "{[\"'"):
-                problems.append(doc.problem(path, f"{entry!r} is read as one name: YAML needs a space after the "
-                                                  f"colon; write - {glued.group(1)}: {glued.group(2)}"))
+                layer, options = glued.groups()
+                if any(secret_name(word) for word in _OPTION_NAME.findall(options)):  # `- auth:{secret:…}`
+                    options = "{…}" if options[0] == "{" else "…"
+                problems.append(doc.problem(path, f"{f'{layer}:{options}'!r} is read as one name: YAML needs a "
+                                                  f"space after the colon; write - {layer}: {options}"))
                 continue
             entry = {entry: {}}
         if not isinstance(entry, dict) or len(entry) != 1:
@@ -517,6 +521,10 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
             continue
         specs.append(LayerSpec(index, name, target, validated, scope or Scope(), path=path))
     return specs
+
+
+#: An option's name in the text of a pipeline entry YAML read as one name (``auth:{secret:…}``).
+_OPTION_NAME = re.compile(r"([A-Za-z_][\w-]*)\s*:")
 
 
 def _why(exc: BaseException) -> str:

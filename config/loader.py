@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from stores.base import secret_name
+from stores.base import secret_name, secret_value
 
 from .errors import MASK, ConfigError, Path, Problem, dotted, is_secret
 
@@ -104,13 +104,14 @@ class Document:
         """``problem`` with the values of secret-named variables (``${JWT_SECRET}``) masked in its text and value."""
         if not self.secrets:
             return problem
-        message = problem.message
+        message, path = problem.message, problem.path
         for secret in sorted(self.secrets, key=len, reverse=True):
             message = message.replace(secret, MASK)
+            path = tuple(part.replace(secret, MASK) if isinstance(part, str) else part for part in path)
         shows = problem.has_value and _shows(problem.value, self.secrets)
-        if message == problem.message and not shows:
+        if message == problem.message and path == problem.path and not shows:
             return problem
-        return dataclasses.replace(problem, message=message, value=MASK if shows else problem.value)
+        return dataclasses.replace(problem, message=message, path=path, value=MASK if shows else problem.value)
 
 
 def _shows(value: Any, secrets: set[str]) -> bool:
@@ -174,7 +175,7 @@ def read_text(text: str, *, file: str = "<config>", env: Mapping[str, str] | Non
             (), file, 1, 1,
         )]) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([doc.masked(problem) for problem in problems])
     return doc
 
 
@@ -194,6 +195,8 @@ def _layout_hint(problem: str, line: str, column: int) -> str:
         if quoted is None:
             return "; a value holding ': ' must be quoted"
         value = quoted.group(3)
+        if is_secret((quoted.group(2).strip(),), value):  # problems are printed, logged and shown: never a secret
+            return f"; a value holding ': ' must be quoted: {quoted.group(2)}: '…'"
         shown = f"'{value}'" if "'" not in value else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         return f"; a value holding ': ' must be quoted: {quoted.group(2)}: {shown}"
     if problem == "mapping values are not allowed here" or problem.startswith("expected <block end>, but found"):
@@ -301,6 +304,8 @@ class _Converter:
                 self.problem(key_node, child, f"the key {key!r} holds a ${{…}}, but keys are not interpolated "
                                               "(only values are): write the key itself")
                 continue
+            if isinstance(key, str) and not (path[:1] == ("pipeline",) and len(path) == 2):  # (not module:attr)
+                self.glued_secret(key)
             if key not in out:
                 self.doc.key_marks[child] = _mark(key_node)
             if key in out:
@@ -310,6 +315,16 @@ class _Converter:
                 continue
             out[key] = self.convert(value_node, child)
         return out
+
+    def glued_secret(self, key: str) -> None:
+        """Hide the value of a secret written without a space after its colon (``{secret:…}``, one key to YAML).
+
+        Whatever says the key is unknown (the stack's, a factory's, a store's) would print the secret in it.
+        """
+        name, colon, rest = key.partition(":")
+        rest = rest.strip()
+        if colon and len(rest) >= _SHORTEST_SECRET and secret_value(name.strip(), rest):
+            self.doc.secrets.add(rest)
 
     def scalar(self, node: yaml.ScalarNode, path: Path, *, interpolate: bool = True) -> Any:
         # A secret's text is never quoted (problems are printed, logged and shown on the operator page),

@@ -56,6 +56,24 @@ PRIVATE_JWK = {"kty": "RSA", "kid": "k1", "alg": "RSA256", "n": "sXchDaQebHnPiGv
                  "it to keep it as text", id="a secret with a leading zero"),
     pytest.param(ECHO + "pipeline:\n  - auth: {secret: !!float SEKRETpw9}\n", "SEKRETpw9",
                  "pipeline[0].auth.secret: cannot read the value as !!float; quote it", id="nor what int() says of it"),
+    pytest.param(ECHO + "pipeline:\n  - auth: {secret:SEKRETpw10-0123456789012345678901234}\n", "SEKRETpw10",
+                 "stack.yaml:3:12 pipeline[0].auth.secret:***: unknown key 'secret:***'; YAML needs a space after the "
+                 "colon: write secret: ***", id="a secret without a space after its colon"),
+    pytest.param(ECHO + "pipeline:\n  - werkzeug.middleware.proxy_fix:ProxyFix: {token:SEKRETpw11}\n", "SEKRETpw11",
+                 "stack.yaml:3:46 pipeline[0].werkzeug.middleware.proxy_fix:ProxyFix.token:***: unknown option "
+                 "'token:***' for", id="a factory's secret without a space after its colon"),
+    pytest.param(ECHO + "stores: {shared: {url: 'redis://h/0', options: {password:SEKRETpw12}}}\n" + ERRORS,
+                 "SEKRETpw12", "stack.yaml:2:18 stores.shared: bad option for Redis store redis://h/0: ",
+                 id="a store's password without a space after its colon"),
+    pytest.param(SEARCH.format(var="var", url="https://searx.internal").replace("}}}", ", token:SEKRETpw13}}}")
+                 + ERRORS, "SEKRETpw13", "app.options.search.token:***: unknown key 'token:***'",
+                 id="an app option's token without a space after its colon"),
+    pytest.param(ECHO + "pipeline:\n  - auth:{secret:SEKRETpw14-0123456789012345678901234}\n", "SEKRETpw14",
+                 "stack.yaml:3:5 pipeline[0]: 'auth:{…}' is read as one name: YAML needs a space after the colon; "
+                 "write - auth: {…}", id="a layer's secret and no space after the layer's colon"),
+    pytest.param(ECHO + "pipeline:\n  - auth:\n      secret: SEKRETpw15: 0123456789012345678901234\n", "SEKRETpw15",
+                 "stack.yaml:4:25 (top level): invalid YAML: mapping values are not allowed here; a value holding ': ' "
+                 "must be quoted: secret: '…'", id="a secret holding a colon and a space"),
     pytest.param(ECHO + "pipeline:\n  - auth: {public_keys: [keys/missing.pem]}\n", "never in the report",
                  "pipeline[0].auth.public_keys: a public_keys entry: cannot read '{folder}/keys/missing.pem'",
                  id="a key file's name is no secret: shown"),
