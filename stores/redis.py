@@ -624,7 +624,7 @@ class RedisStore(Store):
                             deletes: Sequence[str] = ()) -> bool:
         for _, value, _ in sets:
             _check_value(value)
-        if seen is None:  # never matches: the deletes alone
+        if seen is None or not sets:  # never matches, or nothing to store: the deletes alone
             self.write((), deletes)
             return False
         p = self.key_prefix

@@ -1129,6 +1129,10 @@ def test_write_unless_marked_stores_only_while_the_mark_holds_what_was_seen(stor
     assert store.write_unless_marked("mark", b"n2", [("c", b"C", 5)]) is False  # gone since: not the same
     assert store.write_unless_marked("mark", b"", [("c", b"C", 5)]) is False  # empty is not none
     assert store.get("c") is None
+    store.set("mark", b"n3")
+    store.set("lock", b"1")
+    assert store.write_unless_marked("mark", b"n3", [], ["lock"]) is False  # no sets: none went, on every backend
+    assert store.get("lock") is None
     with pytest.raises(TypeError):
         store.write_unless_marked("mark", None, [("d", "text", 5)])  # type: ignore[list-item]
 
