@@ -203,6 +203,8 @@ BUSY = "busy running a script (BUSY): every command waits for it to end or be ki
 #: Why a store is not ready while Redis has ``maxclients`` connections: it answers a new one with an error
 #: and closes it (an outage that ends when clients leave, not a network that does not reach it).
 MAXCLIENTS = "Redis refuses new connections (maxclients reached)"
+#: Why a store is not ready while every connection of its pool is taken: Redis was not asked (see StoreBusy).
+POOL_BUSY = "every connection of the pool is in use (max_connections reached)"
 #: Why a store is not ready while Redis reads its data set in (after a restart, a full resync): every command
 #: gets LOADING until it is done, which may take minutes for a large one (an outage, but not a network's).
 LOADING = "loading its data set (LOADING): it answers once it has read it in"
@@ -491,6 +493,7 @@ class RedisStore(Store):
                 return fn()
             except redis.exceptions.MaxConnectionsError as exc:
                 # The pool is exhausted (too many concurrent callers), Redis is not down, nor known up.
+                self.breaker.failure = POOL_BUSY  # /readyz says so, not an earlier outage's reason
                 raise StoreBusy(self._say(what, self._detail(exc))) from exc
             except _DOWN as exc:
                 self.breaker.failure = self._why(exc)[0]  # /readyz says why, also once the breaker has opened

@@ -342,6 +342,22 @@ def test_an_exhausted_pool_is_not_an_outage(redis_url: str) -> None:
 
 
 @pytest.mark.redis
+def test_readiness_that_meets_an_exhausted_pool_says_so(redis_url: str) -> None:
+    """Not the reason of an outage that traffic ended before (only a ping that passes forgets it)."""
+    store = RedisStore(redis_url, max_connections=1)
+    try:
+        store.breaker.failure = "not reachable"  # left by an earlier outage, recovered from by traffic
+        held = store.pool.get_connection()
+        facts = store.health()
+        store.pool.release(held)
+        assert (facts["ok"], facts["breaker"], facts["error"]) == (
+            False, "closed", "every connection of the pool is in use (max_connections reached)")
+        assert "error" not in store.health()
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
 def test_an_exhausted_pool_does_not_open_the_breaker_through_the_rate_limiter(redis_url: str) -> None:
     """The rate limiter's pipeline meets a busy pool as the store does: a plain StoreError, breaker closed."""
     from webtest import TestApp
