@@ -7,6 +7,7 @@ Redis backend (one connection pool per URL).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -23,6 +24,23 @@ SCHEMES: dict[str, str] = {
     "unix": "stores.redis:RedisStore",
     "redis+sentinel": "stores.redis:RedisStore",
 }
+
+
+@functools.cache
+def _redis_option_names() -> frozenset[str]:
+    """The options a Redis store takes: its own and those of redis-py's pools and connections."""
+    import inspect
+
+    import redis
+    from redis import connection
+
+    from .redis import RedisStore
+
+    classes = (RedisStore, redis.ConnectionPool, connection.AbstractConnection, connection.Connection,
+               connection.SSLConnection, connection.UnixDomainSocketConnection)
+    names = {name for cls in classes for name, parameter in inspect.signature(cls.__init__).parameters.items()
+             if parameter.kind is parameter.KEYWORD_ONLY or parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
+    return frozenset(names - {"self", "url"}) | {"sentinel_kwargs"}
 
 
 def store_from_url(url: str, **options: Any) -> Store:
@@ -42,9 +60,17 @@ def store_from_url(url: str, **options: Any) -> Store:
         if query:
             raise ValueError(f"unknown memory:// option(s): {', '.join(sorted(query))} "
                              "(known: max_entries, max_cache_bytes)")
+        # A Redis store's options are let be (``url: ${REDIS_URL:-memory://}`` with Redis options falls
+        # back to memory:// as it is); any other name is a mistake that would otherwise pass in silence.
+        unknown = sorted(name for name in options if name not in _redis_option_names())
+        if unknown:
+            raise ValueError(f"unknown memory:// option(s): {', '.join(unknown)} (known: max_entries, "
+                             "max_cache_bytes; a Redis store's options are ignored on memory://)")
         whole = {}
         for name, raw in found.items():
             try:
+                if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                    raise TypeError  # yes/no/on/off read as booleans by YAML: int(True) would be a bound of 1
                 whole[name] = int(raw)
             except (TypeError, ValueError):
                 raise ValueError(f"memory:// {name} must be a whole number, got {raw!r}") from None

@@ -574,6 +574,30 @@ def test_memory_url_errors(url: str, error: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        pytest.param({"max_entriez": 5}, "unknown memory:// option(s): max_entriez (known: max_entries, "
+                     "max_cache_bytes; a Redis store's options are ignored on memory://)", id="a misspelt option"),
+        pytest.param({"max_entries": True}, "memory:// max_entries must be a whole number, got True",
+                     id="YAML's yes: a boolean, not a bound of 1"),
+        pytest.param({"max_cache_bytes": 1.5}, "memory:// max_cache_bytes must be a whole number, got 1.5",
+                     id="a fraction"),
+    ],
+)
+def test_memory_store_options_errors(options: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        store_from_url("memory://", **options)
+    assert str(info.value) == error
+
+
+def test_a_redis_stores_options_are_let_be_on_memory() -> None:
+    """``url: ${REDIS_URL:-memory://}`` with Redis options: the fallback to memory:// takes them as they are."""
+    store = store_from_url("memory://", socket_timeout=0.5, max_connections=50, key_prefix="shop:",
+                           ssl_cert_reqs="required", max_entries=5.0)
+    assert isinstance(store, MemoryStore) and store.max_entries == 5
+
+
+@pytest.mark.parametrize(
     ("url", "error"),
     [
         pytest.param(
