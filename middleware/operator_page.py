@@ -64,6 +64,7 @@ from .base import (
     LayerOptions,
     Listener,
     Networks,
+    UnstartedBody,
     address_in,
     host_name,
     host_names,
@@ -267,12 +268,17 @@ class OperatorPageMiddleware:
                 self._count(status[:1] + "xx")
             return start_response(status, headers, exc_info)
 
-        try:
-            return self.app(environ, counting)
-        except Exception as exc:
+        def failed(exc: BaseException) -> None:  # raised before the response started: errors renders it
             if not counted[0]:
-                code = getattr(exc, "code", None) if isinstance(exc, HTTPException) else None
-                self._count(f"{str(code or 500)[:1]}xx")
+                counted[0] = True
+                self._count(_refused_status(exc)[:1] + "xx")
+
+        try:
+            result = self.app(environ, counting)
+            # A generator app starts its response on its first chunk; what that raises is rendered too.
+            return result if counted[0] else UnstartedBody(result, lambda: counted[0], failed)
+        except Exception as exc:
+            failed(exc)
             raise
         finally:
             pending = self._pending
@@ -503,6 +509,18 @@ def mask(value: Any, name: str = "") -> Any:
 
 
 # -- small helpers -----------------------------------------------------------
+def _refused_status(exc: BaseException) -> str:
+    """The status the errors layer renders ``exc`` with: that of the response it carries
+    (``abort(Response(...))``), else its code, else 500."""
+    if isinstance(exc, HTTPException):
+        own = exc.response
+        if own is not None and hasattr(own, "get_data"):
+            return str(own.status_code)
+        if exc.code:
+            return str(exc.code)
+    return "500"
+
+
 def _stat(found: tuple[int, float] | None) -> dict[str, Any]:
     count, total = found or (0, 0.0)
     return {"count": count, "total_ms": round(total * 1000, 3),

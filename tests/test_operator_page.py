@@ -18,6 +18,8 @@ from conftest import free_port
 from pydantic import ValidationError
 from stack_support import RaisingStore, Recorder
 from webtest import TestApp
+from werkzeug.exceptions import HTTPException, Unauthorized
+from werkzeug.wrappers import Response
 
 from config import build_from_dict
 from config.build import describe
@@ -593,6 +595,43 @@ def test_statuses_are_counted(make: Callable[..., tuple[TestApp, OperatorPageMid
     app.get("/missing", status=404)
     data = app.get("/_stack/data.json").json
     assert data["requests"] == {"total": 5, "by_status": {"3xx": 1, "4xx": 3, "5xx": 1}}
+
+
+def _raises_in_first_chunk(exc: Exception) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        raise exc
+        yield b""  # a generator app: it starts its response on its first chunk
+
+    return app
+
+
+def _raises(exc: Exception) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        raise exc
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("app", "status", "by_status"),
+    [
+        pytest.param(_raises(HTTPException(response=Response("short and stout", status=418))), 418, {"4xx": 1},
+                     id="abort(Response(...)): the status of the response it carries"),
+        pytest.param(_raises(Unauthorized(response=Response("not you", status=503))), 503, {"5xx": 1},
+                     id="an HTTPException carrying a response of another class"),
+        pytest.param(_raises_in_first_chunk(refuse(429, "Slow down.")), 429, {"4xx": 1},
+                     id="a refusal a generator app raises before it starts its response"),
+        pytest.param(_raises_in_first_chunk(HTTPException(response=Response("stout", status=418))), 418, {"4xx": 1},
+                     id="abort(Response(...)) in a generator app's first chunk"),
+        pytest.param(_raises_in_first_chunk(RuntimeError("boom")), 500, {"5xx": 1},
+                     id="a failure in a generator app's first chunk"),
+    ],
+)
+def test_refusals_are_counted_with_the_status_sent(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                                  app: Any, status: int, by_status: dict[str, int]) -> None:
+    page, _ = make(app=app)
+    assert page.get("/", status=status, expect_errors=True).status_int == status
+    assert page.get("/_stack/data.json").json["requests"] == {"total": 1, "by_status": by_status}
 
 
 def test_store_health(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
