@@ -284,7 +284,10 @@ class OperatorPageMiddleware:
             pending = self._pending
             pending.append((timings, mark, environ.get(TIMINGS)))
             while len(pending) > _PENDING:  # requests that long ago have left the outer layers too
-                self._fold(*pending.popleft())
+                try:
+                    self._fold(*pending.popleft())
+                except IndexError:  # a page's snapshot (or another request) took the rest meanwhile
+                    break
 
     def _count(self, status_class: str) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import time
@@ -25,6 +26,7 @@ from config import build_from_dict
 from config.build import describe
 from config.errors import Problem
 from config.live import ReloadResult
+from middleware import operator_page
 from middleware.base import CLIENT_IP, IDENTITY, TIMINGS, Context, Identity, refuse
 from middleware.errors import ErrorsMiddleware
 from middleware.operator_page import MASK, OperatorPageMiddleware, mask
@@ -595,6 +597,22 @@ def test_statuses_are_counted(make: Callable[..., tuple[TestApp, OperatorPageMid
     app.get("/missing", status=404)
     data = app.get("/_stack/data.json").json
     assert data["requests"] == {"total": 5, "by_status": {"3xx": 1, "4xx": 3, "5xx": 1}}
+
+
+def test_a_backlog_emptied_under_a_request_does_not_fail_it(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page's snapshot folds the backlog of timings while requests add to it: one may find it emptied
+    between its length check and its pop (another thread took the last entry)."""
+    class Emptied(collections.deque[Any]):
+        def __len__(self) -> int:
+            return operator_page._PENDING + 1  # what the request saw before the snapshot took the rest
+
+        def popleft(self) -> Any:
+            raise IndexError("pop from an empty deque")
+
+    app, page = make()
+    monkeypatch.setattr(page, "_pending", Emptied())
+    assert app.get("/hello", status=200).body == b"app"
 
 
 def _raises_in_first_chunk(exc: Exception) -> Callable[..., Iterable[bytes]]:
