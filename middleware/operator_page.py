@@ -260,23 +260,25 @@ class OperatorPageMiddleware:
         timings = environ.get(TIMINGS)
         if timings is None:
             timings = environ[TIMINGS] = []
-        mark, counted = len(timings), [False]
+        mark, counted = len(timings), [""]  # the status class counted for this request, once there is one
 
         def counting(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            if not counted[0]:
-                counted[0] = True
-                self._count(status[:1] + "xx")
-            return start_response(status, headers, exc_info)
+            write = start_response(status, headers, exc_info)  # (one the server refuses is not what went out)
+            status_class = status[:1] + "xx"
+            if status_class != counted[0]:  # a status replaced before the body (exc_info) moves the count
+                self._count(status_class, instead=counted[0])
+                counted[0] = status_class
+            return write
 
         def failed(exc: BaseException) -> None:  # raised before the response started: errors renders it
             if not counted[0]:
-                counted[0] = True
-                self._count(_refused_status(exc)[:1] + "xx")
+                counted[0] = _refused_status(exc)[:1] + "xx"
+                self._count(counted[0])
 
         try:
             result = self.app(environ, counting)
             # A generator app starts its response on its first chunk; what that raises is rendered too.
-            return result if counted[0] else UnstartedBody(result, lambda: counted[0], failed)
+            return result if counted[0] else UnstartedBody(result, lambda: bool(counted[0]), failed)
         except Exception as exc:
             failed(exc)
             raise
@@ -289,9 +291,15 @@ class OperatorPageMiddleware:
                 except IndexError:  # a page's snapshot (or another request) took the rest meanwhile
                     break
 
-    def _count(self, status_class: str) -> None:
+    def _count(self, status_class: str, instead: str = "") -> None:
         with self._lock:
             self._statuses[status_class] = self._statuses.get(status_class, 0) + 1
+            if instead:  # counted before as another class: the same request, its status replaced
+                left = self._statuses[instead] - 1
+                if left:
+                    self._statuses[instead] = left
+                else:
+                    del self._statuses[instead]
 
     def _fold(self, timings: list[tuple[str, float]], mark: int, current: object) -> None:
         """Add each layer's own time: its inclusive time minus the next inner layer's."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -597,6 +598,23 @@ def test_statuses_are_counted(make: Callable[..., tuple[TestApp, OperatorPageMid
     app.get("/missing", status=404)
     data = app.get("/_stack/data.json").json
     assert data["requests"] == {"total": 5, "by_status": {"3xx": 1, "4xx": 3, "5xx": 1}}
+
+
+def test_a_status_replaced_before_the_body_is_counted_as_the_one_sent(
+        make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
+    """PEP 3333: an app may call start_response again with exc_info until the headers go out."""
+    def second_thoughts(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise RuntimeError("the body could not be made")
+        except RuntimeError:
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info())
+        return [b"later"]
+
+    app, _ = make(app=second_thoughts)
+    app.get("/twice", status=503)
+    data = app.get("/_stack/data.json").json
+    assert data["requests"] == {"total": 1, "by_status": {"5xx": 1}}
 
 
 def test_a_backlog_emptied_under_a_request_does_not_fail_it(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
