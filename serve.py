@@ -780,7 +780,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     # within HUP_TWICE of the file as it was is one reload (the workers follow whatever the supervisor
     # serves: they neither poll nor judge SIGHUPs themselves).
     seen = [live.fingerprint()]
-    next_poll = time.monotonic()
+    polled = -math.inf  # when the file was last polled: the next poll is an interval of the configuration now later
     reloaded: list[Any] = [-math.inf, None]
     followed = time.monotonic()
     try:
@@ -844,15 +844,15 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             signals = []
             while pending:  # one pop at a time: a handler may append between two bytecodes
                 signals.append(pending.pop(0))
-            polled = False
-            if reload_options.watch and time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + reload_options.interval
-                polled = live.settled_change(seen)
+            changed = False
+            if reload_options.watch and time.monotonic() >= polled + reload_options.interval:
+                polled = time.monotonic()
+                changed = live.settled_change(seen)
             if signal.SIGHUP in signals:
                 if not _repeated_hup(reloaded, live):
-                    polled = True
+                    changed = True
                 signals = [s for s in signals if s != signal.SIGHUP]  # the workers follow the published generation
-            if polled:  # in a thread: a stop (or a worker to reap) must not wait for a slow build
+            if changed:  # in a thread: a stop (or a worker to reap) must not wait for a slow build
                 reloader.ask()  # workers started once it is done get the new configuration
             if time.monotonic() - followed >= 1.0:
                 followed = time.monotonic()

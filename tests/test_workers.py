@@ -649,6 +649,28 @@ def test_polling_with_workers_leaves_every_worker_at_the_supervisors_generation(
     assert "Traceback" not in server.output(), server.output()
 
 
+def test_a_shorter_interval_applies_at_once_in_the_supervisor(tmp_path: Path) -> None:
+    """A SIGHUP that shortens reload.interval from an hour has the supervisor poll at the new interval from
+    then on, not once the hour it was waiting out has passed."""
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(config_text(port, server="reload: {watch: true, interval: 3600}"))
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "3"}).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        path.write_text(config_text(port, server="reload: {watch: true, interval: 0.1}"))
+        server.signal(signal.SIGHUP)
+        server.wait_output("supervisor: generation 2 serving")
+        time.sleep(0.3)
+        path.write_text(config_text(port, greeting="two", server="reload: {watch: true, interval: 0.1}"))
+        server.wait_output("supervisor: generation 3 serving", timeout=3)
+        assert every_worker_at_the_supervisors_generation(server, port) == "3"
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()
+
+
 @pytest.mark.parametrize("everyone", [
     pytest.param(False, id="SIGTERM to the supervisor"),
     pytest.param(True, id="SIGTERM to every process, as systemd and a terminal's Ctrl-C do"),
