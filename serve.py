@@ -548,6 +548,9 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     kwargs = dict(live.waitress_kwargs)  # the settings the process started with, also after a reload
     kwargs.pop("listen")
     kwargs.pop("backlog")
+    # poll(), not Waitress's default select(): select() raises at the first descriptor of 1024 or more, which
+    # ended the serving loop (and the process) once a connection_limit above a thousand filled up.
+    kwargs["asyncore_use_poll"] = True
     server = create_server(live, sockets=sockets, **kwargs)
     stop, hurry = threading.Event(), threading.Event()
 

@@ -64,3 +64,33 @@ def test_a_header_block_of_the_limit_is_accepted(served: int, size: int, status:
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.split(b" ", 2)[1] == str(status).encode(), answer[:200]
+
+
+def test_more_connections_than_select_can_watch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A connection_limit above a thousand is served: with select(), the loop died at the first connection
+    whose descriptor was 1024 or more (ValueError: filedescriptor out of range), and the server with it."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if hard != resource.RLIM_INFINITY and hard < wanted + 100:
+        pytest.skip(f"{hard} file descriptors at most")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted + 100), hard))  # (the server inherits it)
+    port = free_port()
+    config = tmp_path_factory.mktemp("many") / "stack.yaml"
+    config.write_text(ECHO + f"server: {{listen: '127.0.0.1:{port}', connection_limit: 2000}}\n"
+                      "pipeline: [errors: {}]\n")
+    server = Served(config, {}, port)
+    held: list[socket.socket] = []
+    try:
+        held.extend(socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(wanted))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/after")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        alive = server.proc.poll() is None
+        server.stop()
+    assert alive, server.err.read_text()[-2000:]
