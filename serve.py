@@ -913,7 +913,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     _apply_logging(live.current.config.logging)
     live.on_reload.append(lambda built: _apply_logging(built.config.logging))
-    _print_problems(live.current.warnings)
+    if live.current.config.logging.format == "json":  # one JSON object a line, as a reload logs them
+        for warning in live.current.warnings:
+            logging.getLogger("wsgistack.config").warning("%s", warning)
+    else:
+        _print_problems(live.current.warnings)
     server = live.current.config.server
     try:
         slots = _slots(server.listen, server.backlog, server.workers)

@@ -737,6 +737,28 @@ def test_the_logging_section_is_applied_and_reloaded(config_file) -> None:  # ty
     assert str(failed[0]["message"]).startswith("reload failed, generation 2 keeps serving: ")
 
 
+def test_startup_warnings_are_json_lines_when_the_log_is(config_file) -> None:  # type: ignore[no-untyped-def]
+    """A log read as JSON lines must not meet the plain text of the warnings printed at the start."""
+    from loadgen import ServeProcess
+
+    port = free_port()
+    path = config_file(ECHO + f"server:\n  listen: 127.0.0.1:{port}\npipeline: []\n"
+                       "logging: {level: INFO, format: json}\n")
+    server = ServeProcess(path)
+    server.env.pop("WSGISTACK_LOG_LEVEL", None)
+    server.start()
+    try:
+        wait_for_port(port)
+        server.wait_output('"message": "serving on')
+    finally:
+        server.stop()
+    said = [line for line in server.output().splitlines() if "lists no layer" in line]
+    assert said, server.output()
+    for line in said:
+        record = json.loads(line)
+        assert (record["level"], record["logger"]) == ("WARNING", "wsgistack.config")
+
+
 @pytest.mark.parametrize(("level", "dotenv", "code", "stderr"), [
     pytest.param("debug", None, 0, "", id="a level in lower case"),
     pytest.param("loud", None, 2, "WSGISTACK_LOG_LEVEL='loud' is not a log level: use DEBUG, INFO, WARNING or ERROR",
