@@ -22,6 +22,7 @@ layer's ``on_store_error`` applies) rather than forgetting something.
 
 from __future__ import annotations
 
+import heapq
 import re
 import threading
 import time
@@ -76,15 +77,16 @@ class MemoryStore(Store):
         self._apart: OrderedDict[str, Entry] = OrderedDict()
         self._apart_prefixes: tuple[str, ...] = ()
         self.max_apart = max(1, max_entries)
-        # No deadline of a key counted against max_entries is earlier (a lower bound, kept by every write):
-        # a full store looks for expired keys to drop only once the clock has passed it.
-        self._soonest = float("inf")
-        self._next_sweep = 0.0  # and not before this (see _sweep)
+        # (deadline, key) for every deadline a key was given, soonest first (a heap): a full table drops
+        # its expired keys by popping them, without reading the others.  A pair whose key no longer holds
+        # that deadline (rewritten, refreshed, deleted, evicted) is skipped when it comes up.
+        self._deadlines: list[tuple[float, str]] = []
+        self._deadlines_bound = 1024  # its length past which _track counts the keys (to rebuild it)
         self._lock = threading.Lock()
 
     def keep_apart(self, prefix: str) -> None:
         """Keep the keys starting with ``prefix`` in a table of their own, of at most ``max_apart``
-        (as many as ``max_entries``), the least recently used going first to make room.
+        (as many as ``max_entries``), the expired, then the least recently used going first to make room.
 
         For small keys that may be lost at any time but must not take room from the others: the
         cache's write marks (one per URI looked up lately), which, counted with the entries,
@@ -142,22 +144,24 @@ class MemoryStore(Store):
         table = self._table(key)
         if table is self._apart:
             if key not in table and len(table) >= self.max_apart:
-                table.popitem(last=False)
+                self._drop_expired()
+                if len(table) >= self.max_apart:
+                    table.popitem(last=False)
             table[key] = (value, expires)
             table.move_to_end(key)
+            self._track(key, expires)
             return
         if table is self._disposable and _size(key, value) > self.max_cache_bytes:
             self._drop(table, key)  # larger than the bound on its own: not kept, and nothing evicted for it
             return
         if key not in table and len(self) >= self.max_entries:
             self._make_room(table)
-        if expires is not None and expires < self._soonest:
-            self._soonest = expires
         if table is self._disposable:
             self._drop(table, key)
             self._cache_bytes += _size(key, value)
         table[key] = (value, expires)
         table.move_to_end(key)
+        self._track(key, expires)
         if self._cache_bytes > self.max_cache_bytes:
             self._shrink()
 
@@ -173,28 +177,33 @@ class MemoryStore(Store):
             key, entry = self._disposable.popitem(last=False)
             self._cache_bytes -= _size(key, entry[0])
 
-    def _sweep(self, force: bool = False) -> None:
-        """Drop the expired keys counted against max_entries, when one may have expired since the last sweep.
-
-        A sweep reads every key: unless ``force``d, the next waits at least a hundred times as long as
-        this one took (a full store of keys expiring one at a time must not read them all per write).
+    def _track(self, key: str, expires: float | None) -> None:
+        """Note ``expires``, the deadline ``key`` now holds, in the heap :meth:`_drop_expired` pops (the caller
+        holds the lock).  The heap is rebuilt from the tables when stale pairs (keys rewritten again and
+        again) make it longer than twice the keys (as last counted) and 1024: once per n + 1024 pushes.
         """
-        now = _monotonic()
-        if (now < self._soonest or now < self._next_sweep) and not force:
+        if expires is None:
             return
-        soonest = float("inf")
-        for table in (self._data, self._spare, self._disposable):
-            expired = []
-            for key, (_, expires) in table.items():
-                if expires is not None:
-                    if expires <= now:
-                        expired.append(key)
-                    elif expires < soonest:
-                        soonest = expires
-            for key in expired:
+        heapq.heappush(self._deadlines, (expires, key))
+        if len(self._deadlines) > self._deadlines_bound:
+            tables = (self._data, self._spare, self._disposable, self._apart)
+            self._deadlines_bound = 2 * sum(map(len, tables)) + 1024
+            if len(self._deadlines) > self._deadlines_bound:
+                self._deadlines = [(entry[1], k) for table in tables
+                                   for k, entry in table.items() if entry[1] is not None]
+                heapq.heapify(self._deadlines)
+
+    def _drop_expired(self) -> None:
+        """Drop every key whose deadline has passed, from whichever table holds it: one pop per deadline
+        passed, and no other key read."""
+        now = _monotonic()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            expires, key = heapq.heappop(deadlines)
+            table = self._table(key)
+            entry = table.get(key)
+            if entry is not None and entry[1] == expires:  # (else a stale pair: the key has another deadline)
                 self._drop(table, key)
-        self._soonest = soonest
-        self._next_sweep = now + 100 * (_monotonic() - now)
 
     def _make_room(self, table: OrderedDict[str, Entry]) -> None:
         """Evict one key for a new key of ``table``, or raise StoreError when none may go.
@@ -202,7 +211,7 @@ class MemoryStore(Store):
         Expired keys go first, from every table: they hold no state, and a live count of wrong
         passwords (or a cache entry) pushed out while they took the room would be lost for nothing.
         """
-        self._sweep()
+        self._drop_expired()
         if len(self) < self.max_entries:
             return
         # Counts go for a cache entry while they hold more than half the store (wrong passwords for
@@ -217,22 +226,19 @@ class MemoryStore(Store):
         if self._spare and table is not self._disposable:
             self._spare.popitem(last=False)
             return
-        self._sweep(force=True)  # (a key may have expired since a recent sweep)
-        if len(self) >= self.max_entries:
-            raise StoreError(
-                f"the memory store is full: its {len(self)} entries (sessions, token records) may not "
-                "be evicted for this key, so it was not written; raise max_entries in its URL "
-                "(memory://?max_entries=N) or use Redis")
+        raise StoreError(
+            f"the memory store is full: its {len(self)} entries (sessions, token records) may not "
+            "be evicted for this key, so it was not written; raise max_entries in its URL "
+            "(memory://?max_entries=N) or use Redis")
 
     @staticmethod
     def _deadline(ttl: float | None, now: float) -> float | None:
         return None if ttl is None else now + clamp_ttl(ttl)
 
-    def _refreshed(self, expires: float) -> float:
-        """``expires``, a key's new deadline, kept in the bound :meth:`_sweep` reads (the caller holds the lock)."""
-        if expires < self._soonest:
-            self._soonest = expires
-        return expires
+    def _refresh(self, key: str, value: bytes | int, expires: float) -> None:
+        """Give ``key`` (live) the deadline ``expires`` (the caller holds the lock)."""
+        self._table(key)[key] = (value, expires)
+        self._track(key, expires)
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -244,7 +250,7 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return None
-            self._table(key)[key] = (item[0], self._refreshed(now + clamp_ttl(ttl)))
+            self._refresh(key, item[0], now + clamp_ttl(ttl))
         value = item[0]
         return str(value).encode() if isinstance(value, int) else value
 
@@ -328,6 +334,7 @@ class MemoryStore(Store):
                 self._drop(table, key)
                 if entry is not None:
                     table[key] = entry
+                    self._track(key, entry[1])
                     if table is self._disposable:
                         self._cache_bytes += _size(key, entry[0])
             raise
@@ -395,7 +402,7 @@ class MemoryStore(Store):
             item = self._live(key, now)
             if item is None:
                 return False
-            self._table(key)[key] = (item[0], self._refreshed(now + clamp_ttl(ttl)))
+            self._refresh(key, item[0], now + clamp_ttl(ttl))
             return True
 
     def ttl(self, key: str) -> float | None:

@@ -490,6 +490,63 @@ def test_a_full_memory_store_drops_expired_keys_before_any_live_one(monkeypatch:
     assert sorted(store.scan("")) == sorted([live, new])
 
 
+def test_a_full_memory_store_drops_expired_keys_however_soon_after_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The room of a key that expired a moment after others were dropped goes before a live count."""
+    now, tick = [1000.0], [0.0]
+
+    def clock() -> float:
+        now[0] += tick[0]
+        return now[0]
+
+    monkeypatch.setattr("stores.memory._monotonic", clock)
+    store = MemoryStore(max_entries=3)
+    store.allow_eviction("fail:", lowest=False)
+    store.incr("fail:ann", 600)
+    store.set("session:old", b"s", 2.02)
+    store.set("session:x", b"s", 1)
+    now[0], tick[0] = 1002.0, 0.0005  # the clock moves while the full store drops session:x
+    store.set("session:y", b"s", 600)
+    now[0], tick[0] = 1002.03, 0.0
+    store.set("session:z", b"s", 600)
+    assert sorted(store.scan("")) == ["fail:ann", "session:y", "session:z"]
+    assert "session:old" not in store._data  # the expired key went, not the live count
+    assert store.get("fail:ann") == b"1"
+
+
+@pytest.mark.parametrize(("refresh", "ttl"), [
+    pytest.param(lambda store: store.getex("session:a", 60), 60, id="getex"),
+    pytest.param(lambda store: store.expire("session:a", 60), 60, id="expire"),
+    pytest.param(lambda store: store.set("session:a", b"s", 60), 60, id="set with a longer TTL"),
+    pytest.param(lambda store: store.set("session:a", b"s"), None, id="set without a TTL"),
+])
+def test_a_full_memory_store_keeps_a_key_past_a_deadline_it_no_longer_has(
+        monkeypatch: pytest.MonkeyPatch, refresh: Callable[[MemoryStore], object], ttl: float | None) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
+    store = MemoryStore(max_entries=2)
+    store.set("session:a", b"s", 5)
+    store.set("session:b", b"s", 5)
+    refresh(store)
+    now[0] += 6
+    store.set("session:c", b"s")  # session:b's room: it expired
+    assert sorted(store.scan("")) == ["session:a", "session:c"]
+    now[0] += 1000
+    if ttl is None:  # never expires, and is never dropped for room
+        with pytest.raises(StoreError, match="the memory store is full"):
+            store.set("session:d", b"s")
+        assert sorted(store.scan("")) == ["session:a", "session:c"]
+    else:  # expired at its new deadline: its room goes
+        store.set("session:d", b"s")
+        assert sorted(store.scan("")) == ["session:c", "session:d"]
+
+
+def test_a_memory_store_of_keys_rewritten_again_and_again_keeps_few_deadlines() -> None:
+    store = MemoryStore(max_entries=100)
+    for i in range(10_000):
+        store.set(f"session:{i % 10}", str(i).encode(), 60)
+    assert len(store._deadlines) <= 2 * 10 + 1024
+    assert [store.get(f"session:{i}") for i in range(10)] == [str(9990 + i).encode() for i in range(10)]
+
 def test_allow_eviction_moves_keys_already_written() -> None:
     store = MemoryStore(max_entries=2)
     store.set("c:old", b"v")
@@ -1301,6 +1358,18 @@ def test_keys_kept_apart_are_bounded_on_their_own() -> None:
     assert (value, locked, store.get("c:w:9")) == (None, True, mark)
     assert len(list(store.scan("c:e:"))) == 7  # the lock took an entry's room, the mark did not
 
+
+
+def test_keys_kept_apart_drop_the_expired_before_the_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
+    store = MemoryStore(max_entries=2)
+    store.keep_apart("c:w:")
+    store.set("c:w:live", b"m", 600)  # the least recently used
+    store.set("c:w:old", b"m", 5)
+    now[0] += 6
+    store.set("c:w:new", b"m", 600)
+    assert sorted(store.scan("c:w:")) == ["c:w:live", "c:w:new"]
 
 @pytest.mark.redis
 def test_a_new_connection_is_one_command_away(redis_url: str) -> None:
