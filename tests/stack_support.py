@@ -7,12 +7,16 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from middleware.base import LayerOptions
 from stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication
 
 
 def secret(name: str, size: int = 43) -> str:
@@ -21,6 +25,27 @@ def secret(name: str, size: int = 43) -> str:
     (``check`` warns of a secret made of a run repeated, such as ``"s" * 43``.)
     """
     return base64.urlsafe_b64encode(hashlib.sha512(name.encode()).digest()).decode()[:size]
+
+
+def discard(data: bytes) -> None:
+    """The ``write`` callable the start_response helpers below give: there is no client to write to."""
+
+
+def ignore_start(status: str, headers: list[tuple[str, str]],
+                 exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
+    """A server's ``start_response``, for calling a layer directly when the test does not look at the response."""
+    return discard
+
+
+def recording_start(record: Callable[[str, list[tuple[str, str]]], object]) -> StartResponse:
+    """A server's ``start_response`` that hands each status and headers it is given to ``record``."""
+
+    def start_response(status: str, headers: list[tuple[str, str]],
+                       exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
+        record(status, headers)
+        return discard
+
+    return start_response
 
 
 def echo_app(options: dict[str, Any] | None = None) -> Any:
@@ -64,7 +89,7 @@ def flaky_echo_app(options: dict[str, Any]) -> Any:
 class Tag:
     """A plain ``factory(app, **kwargs)`` middleware that records its name in environ."""
 
-    def __init__(self, app: Any, name: str = "tag") -> None:
+    def __init__(self, app: WSGIApplication, name: str = "tag") -> None:
         self.app = app
         self.name = name
 
@@ -99,7 +124,7 @@ CLOSING_LOG: list[tuple[str, str]] = []
 class Closing:
     """A plain middleware that holds a resource: it logs when it is built and when it is closed."""
 
-    def __init__(self, app: Any, name: str = "closing") -> None:
+    def __init__(self, app: WSGIApplication, name: str = "closing") -> None:
         self.app, self.name = app, name
         CLOSING_LOG.append(("open", name))
 
@@ -125,7 +150,7 @@ def filter_factory(global_conf: Any, **local_conf: Any) -> Callable[[Any], Any]:
 class KeyedLayer:
     """A layer with an options model whose ``api_key`` must be long."""
 
-    def __init__(self, app: Any, api_key: str | int = "") -> None:
+    def __init__(self, app: WSGIApplication, api_key: str | int = "") -> None:
         if len(str(api_key)) < 40:
             raise ValueError(f"api_key {api_key!r} was rejected: too short")
         self.app = app
@@ -137,7 +162,7 @@ class KeyedLayer:
 class MethodsLayer:
     """A third-party middleware with an option named like the builder's scope key ``methods``."""
 
-    def __init__(self, app: Any, methods: tuple[str, ...] = ("GET",)) -> None:
+    def __init__(self, app: WSGIApplication, methods: tuple[str, ...] = ("GET",)) -> None:
         self.app, self.methods = app, methods
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -150,7 +175,7 @@ class PlainOptionsLayer:
     class Options(BaseModel):
         level: int = 1
 
-    def __init__(self, app: Any, options: Any, context: Any) -> None:
+    def __init__(self, app: WSGIApplication, options: Any, context: Any) -> None:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -169,7 +194,7 @@ class Visits:
     class Options(LayerOptions):
         store: str = "shared"
 
-    def __init__(self, app: Any, options: Any, context: Any) -> None:
+    def __init__(self, app: WSGIApplication, options: Any, context: Any) -> None:
         self.app, self.store = app, context.store(options.store)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -195,7 +220,7 @@ class AnnounceLayer:
     class Options(LayerOptions):
         methods: list[str] = ["GET"]
 
-    def __init__(self, app: Any, options: Any, context: Any) -> None:
+    def __init__(self, app: WSGIApplication, options: Any, context: Any) -> None:
         self.app, self.methods = app, options.methods
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -205,7 +230,7 @@ class AnnounceLayer:
 class AllowList:
     """A third-party middleware whose option is hinted loosely (any iterable of paths)."""
 
-    def __init__(self, app: Any, allowed: Iterable[str] = ()) -> None:
+    def __init__(self, app: WSGIApplication, allowed: Iterable[str] = ()) -> None:
         self.app, self.allowed = app, allowed
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -221,7 +246,7 @@ class StripPrefix:
 
     rewrites_path = True
 
-    def __init__(self, app: Any, prefix: str = "/public") -> None:
+    def __init__(self, app: WSGIApplication, prefix: str = "/public") -> None:
         self.app, self.prefix = app, prefix.rstrip("/")
 
     def preview_environ(self, environ: dict[str, Any]) -> dict[str, Any]:

@@ -196,7 +196,7 @@ def test_a_refusal_nothing_renders_outside_is_logged_at_once_with_no_bytes(inner
     environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": path}
     setup_testing_defaults(environ)
     with pytest.raises(Exception) as raised:
-        layer(environ, lambda status, headers, exc_info=None: None)
+        layer(environ, ignore_start)
     line = json.loads(log_file.read_text(encoding="utf-8"))  # written before the exception went on
     assert (line["status"], line["bytes"]) == ({"/limited": 429, "/crash": 500}[path], 0)
     assert not hasattr(raised.value, "wsgistack_rendered")
@@ -707,8 +707,6 @@ def test_a_broken_stream_is_reported_once_a_minute(capsys: pytest.CaptureFixture
 
 def test_a_line_cut_short_is_ended_before_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A full disk cuts a line: the next line still starts on a line of its own."""
-    import middleware.access_log as module
-
     path = tmp_path / "access.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     real_write = os.write
@@ -722,7 +720,7 @@ def test_a_line_cut_short_is_ended_before_the_next(monkeypatch: pytest.MonkeyPat
             raise OSError(28, "No space left on device")
         return real_write(descriptor, data)
 
-    monkeypatch.setattr(module.os, "write", disk_full_once)
+    monkeypatch.setattr("middleware.access_log.os.write", disk_full_once)
     try:
         assert write_atomic(fd, b'{"n":1}\n') is True
         assert write_atomic(fd, b'{"n":2}\n') is True
@@ -739,13 +737,13 @@ def test_a_request_still_running_at_shutdown_gets_its_line(inner: Inner, tmp_pat
     finished: dict[str, Any] = {}
     setup_testing_defaults(finished)
     finished.update(PATH_INFO="/hello")
-    done = layer(finished, lambda status, headers, exc_info=None: None)
+    done = layer(finished, ignore_start)
     b"".join(done)
     done.close()  # type: ignore[attr-defined]
     running: dict[str, Any] = {}
     setup_testing_defaults(running)
     running.update(PATH_INFO="/stream")
-    result = layer(running, lambda status, headers, exc_info=None: None)
+    result = layer(running, ignore_start)
     next(iter(result))  # the first chunk went out; the server is still sending when the process stops
     layer.close()
     lines = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines()]

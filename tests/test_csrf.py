@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from stack_support import ignore_start
 from webtest import TestApp
 
 from middleware.base import SESSION_BOUND, Context
@@ -456,7 +457,7 @@ def test_without_a_session_object_a_sent_token_is_refused_not_a_crash(token: str
 
 def test_token_without_session_layer_says_what_is_missing() -> None:
     environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
-    CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(**DS), Context())(environ, print)
+    CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(**DS), Context())(environ, ignore_start)
     with pytest.raises(RuntimeError, match="csrf double_submit needs a session layer outside the "
                                            "csrf layer"):
         environ[CSRF_TOKEN]()
@@ -464,7 +465,7 @@ def test_token_without_session_layer_says_what_is_missing() -> None:
 
 def test_no_token_getter_without_double_submit() -> None:
     environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
-    CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(), Context())(environ, print)
+    CSRFMiddleware(lambda e, s: [], CSRFMiddleware.Options(), Context())(environ, ignore_start)
     assert CSRF_TOKEN not in environ
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from stack_support import discard, ignore_start, recording_start
 from webtest import TestApp
 from werkzeug.exceptions import HTTPException
 from werkzeug.test import Client
@@ -15,6 +16,9 @@ from werkzeug.test import Client
 from middleware.base import ORIG_PATH, TRACE, Context, refuse
 from middleware.errors import ErrorsMiddleware
 from middleware.request_id import RequestIdMiddleware
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
 
 CODES = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 429, 431, 500, 502, 503, 504]
 
@@ -203,7 +207,7 @@ def test_an_environ_without_an_empty_path_variable_is_named_by_the_rest(
 
     for fmt, named in (("envelope", path), ("problem", instance)):
         app = ErrorsMiddleware(raising(refuse(404, "Missing.")), ErrorsMiddleware.Options(format=fmt), Context())
-        doc = json.loads(b"".join(app({"REQUEST_METHOD": "GET", **environ}, lambda *args: None)))
+        doc = json.loads(b"".join(app({"REQUEST_METHOD": "GET", **environ}, ignore_start)))
         assert (doc["error"]["path"] if fmt == "envelope" else doc["instance"]) == named
 
 
@@ -244,10 +248,12 @@ def test_error_after_start_response_passes_exc_info() -> None:
 
     calls: list[tuple[str, Any]] = []
 
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    def start_response(status: str, headers: list[tuple[str, str]],
+                       exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
         if calls and exc_info is None:
             raise AssertionError("start_response called a second time without providing exc_info")
         calls.append((status, exc_info))
+        return discard
 
     app = ErrorsMiddleware(starts_then_refuses, ErrorsMiddleware.Options(), Context())
     body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, start_response))
@@ -264,6 +270,7 @@ def test_a_refusal_before_start_response_is_rendered_without_exc_info(exc: Excep
     """A server given exc_info re-raises it (werkzeug's test Client does): nothing was sent, so none is given."""
     response = Client(ErrorsMiddleware(raising(exc), ErrorsMiddleware.Options(), Context())).get("/")
     assert response.status_code == (404 if isinstance(exc, HTTPException) else 500)
+    assert response.json is not None
     assert response.json["error"]["code"] == response.status_code
 
 
@@ -360,6 +367,7 @@ def test_an_error_raised_by_a_generator_body_before_start_response_is_rendered(
     response = Client(ErrorsMiddleware(generating(exc), ErrorsMiddleware.Options(), Context())).get("/g")
     assert (response.status_code, response.headers[header]) == (code, value)
     assert response.headers["Content-Type"] == "application/json"
+    assert response.json is not None
     assert response.json["error"]["code"] == code and response.json["error"]["path"] == "/g"
 
 
@@ -373,7 +381,7 @@ def test_a_body_that_starts_the_response_on_its_first_iteration_is_sent_whole_an
     seen: list[str] = []
     errors = ErrorsMiddleware(app, ErrorsMiddleware.Options(), Context())
     result = errors({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
-                    lambda status, headers, exc_info=None: seen.append(status))
+                    recording_start(lambda status, headers: seen.append(status)))
     assert seen == ["200 OK"]  # its first chunk was taken, to see whether it fails before the response starts
     assert (b"".join(result), bodies[0].closed) == (b"one, two", False)
     result.close()  # type: ignore[attr-defined]
@@ -388,7 +396,7 @@ def test_a_body_given_after_start_response_is_returned_as_it_is() -> None:
         return body
 
     errors = ErrorsMiddleware(app, ErrorsMiddleware.Options(), Context())
-    assert errors({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda *args: None) is body
+    assert errors({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, ignore_start) is body
 
 
 def _strict_json(body: bytes) -> Any:
@@ -547,7 +555,7 @@ def test_problem_instance_of_a_target_that_is_not_a_path_is_a_relative_reference
     seen: list[str] = []
     app = ErrorsMiddleware(raising(refuse(400, "Nope.")), ErrorsMiddleware.Options(format="problem"), Context())
     body = b"".join(app({"REQUEST_METHOD": "OPTIONS", "PATH_INFO": path_info, "REQUEST_URI": target},
-                        lambda status, headers, exc_info=None: seen.append(status)))
+                        recording_start(lambda status, headers: seen.append(status))))
     assert seen == ["400 Bad Request"]
     assert json.loads(body)["instance"] == instance
 
@@ -560,5 +568,5 @@ def test_the_envelope_names_a_target_that_is_not_a_path_as_it_was_sent(
 
     app = ErrorsMiddleware(raising(refuse(400, "Nope.")), ErrorsMiddleware.Options(), Context())
     body = b"".join(app({"REQUEST_METHOD": "OPTIONS", "PATH_INFO": path_info, "REQUEST_URI": target},
-                        lambda status, headers, exc_info=None: None))
+                        ignore_start))
     assert json.loads(body)["error"]["path"] == target

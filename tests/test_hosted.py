@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import REFUSALS_THAT_PASS, RedisServer
+from conftest import REFUSALS_THAT_PASS, RedisServer, redis_command
 from stack_support import secret
 from webtest import TestApp
 
@@ -51,7 +51,7 @@ def test_a_hosted_start_goes_on_while_redis_refuses_for_a_reason_that_passes(
     """serve.py keeps its pipeline through a failover; a gunicorn worker that refused to boot would stop gunicorn."""
     monkeypatch.setattr("stores.redis.REFUSED_FRESH", 1.0)
     admin = redis.Redis.from_url(own_redis.url)
-    admin.execute_command(*refuse)
+    redis_command(admin, *refuse)
     path = _write(tmp_path, REDIS_STACK.format(url=own_redis.url))
     try:
         with caplog.at_level(logging.WARNING, logger="wsgistack.stores"):
@@ -65,7 +65,7 @@ def test_a_hosted_start_goes_on_while_redis_refuses_for_a_reason_that_passes(
         assert client.get("/x").status_int == 200  # the limiter cannot count: on_store_error open
         shared = client.get("/readyz", status=503).json["stores"]["shared"]
         assert (shared["ok"], shared["error"]) == (False, why)
-        admin.execute_command(*allow)
+        redis_command(admin, *allow)
         time.sleep(1.1)
         assert client.get("/x").status_int == 200
         assert client.get("/readyz").json["status"] == "ok"
@@ -96,7 +96,7 @@ def test_a_replica_still_stops_serve_py_which_keeps_the_pipeline_it_runs(tmp_pat
 def test_a_hosted_start_still_stops_on_a_refusal_that_never_passes(tmp_path: Path, own_redis: RedisServer,
                                                                    user: str, why: str) -> None:
     admin = redis.Redis.from_url(own_redis.url)
-    admin.execute_command("ACL", "SETUSER", "app", "on", ">right", "~*", "+ping", "+get")
+    redis_command(admin, "ACL", "SETUSER", "app", "on", ">right", "~*", "+ping", "+get")
     admin.close()
     url = own_redis.url.replace("redis://", f"redis://{user}")
     path = _write(tmp_path, REDIS_STACK.format(url=url))

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 from pydantic import ValidationError
+from stack_support import recording_start
 from webtest import TestApp
 
 from middleware.base import CLIENT_IP, IDENTITY, Context, Identity, refuse
@@ -383,7 +384,7 @@ def test_the_client_address_with_every_kind_of_remote_port(store: Store, remote_
         environ = EnvironBuilder("/").get_environ()
         environ.update(REMOTE_ADDR=address, REMOTE_PORT=port)
         seen: list[str] = []
-        b"".join(stack.wsgi(environ, lambda status, headers, exc_info=None: seen.append(status)))
+        b"".join(stack.wsgi(environ, recording_start(lambda status, headers: seen.append(status))))
         return int(seen[0][:3])
 
     assert status(remote_addr, remote_port) == 200
@@ -581,7 +582,8 @@ def test_shadow_mode_log_line_cannot_be_forged(caplog: pytest.LogCaptureFixture)
     forged = "/x\r\n2026-01-01 00:00:00,000 CRITICAL wsgistack.auth: forged"
     with caplog.at_level(logging.INFO, logger="wsgistack.ratelimit"):
         for _ in range(2):
-            stack.get(forged, **{IDENTITY: Identity("eve\nCRITICAL")})
+            identified: dict[str, Any] = {IDENTITY: Identity("eve\nCRITICAL")}
+            stack.get(forged, **identified)
     lines = [r.getMessage() for r in caplog.records if r.name == "wsgistack.ratelimit"]
     assert lines == ["shadow mode: would have limited u:eve\\x0aCRITICAL on GET /x\\x0d\\x0a2026-01-01 "
                      "00:00:00,000 CRITICAL wsgistack.auth: forged (1 per 1 minute, rule default)"]
@@ -1047,7 +1049,7 @@ def test_the_memory_sweep_takes_keys_cleared_while_it_runs(table: str) -> None:
                     return super().__getitem__(index)
 
             storage.events["cleared"] = Clearing([Entry(1), Entry(1)])
-        storage._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+        storage._MemoryStorage__expire_events()
         assert "cleared" not in storage.events and "kept" not in storage.storage
     finally:
         storage.timer.cancel()

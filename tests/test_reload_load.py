@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, wait_for_port
 from loadgen import SECRETS, Load, Req, ServeProcess, full_stack, request
+from stack_support import ignore_start
 from webtest import TestApp
 
 from app.users import UserStore
@@ -271,7 +272,7 @@ def test_requests_still_running_on_a_replaced_pipeline_at_exit_get_their_access_
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/download", "SERVER_NAME": "x", "SERVER_PORT": "80",
                "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
                "wsgi.errors": io.StringIO(), "REMOTE_ADDR": "127.0.0.1"}
-    body = live(environ, lambda status, headers, exc_info=None: None)
+    body = live(environ, ignore_start)
     next(iter(body))  # sending, when the file is changed and reloaded
     path.write_text(config + "  - request_id: {}\n")
     assert live.reload().ok and live.generation == 2

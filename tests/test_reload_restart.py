@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import free_port, wait_for_port
 from loadgen import ServeProcess
+from stack_support import ignore_start
 
 from config.live import LiveStack
 
@@ -202,13 +203,13 @@ def test_a_request_in_flight_keeps_its_pipeline_open_until_it_finishes(tmp_path:
     path = tmp_path / "stack.yaml"
     path.write_text(_closing_stack(18105, "old"))
     live = LiveStack(path)
-    body = live(_environ(), lambda status, headers, exc_info=None: None)
+    body = live(_environ(), ignore_start)
     reload_with(live, _closing_stack(18105, "new"))
     assert ("close", "old") not in CLOSING_LOG  # the response is still being sent
     assert b"".join(body)
     body.close()  # type: ignore[attr-defined]
     assert CLOSING_LOG[-1] == ("close", "old")
-    live(_environ(), lambda status, headers, exc_info=None: None).close()  # type: ignore[attr-defined]
+    live(_environ(), ignore_start).close()  # type: ignore[attr-defined]
     assert ("close", "new") not in CLOSING_LOG
 
 
@@ -248,7 +249,7 @@ def test_a_reload_releases_the_redis_connections_of_the_old_pipeline(tmp_path: P
             live = LiveStack(path)
         else:
             reload_with(live, text)
-        live(_environ(), lambda status, headers, exc_info=None: None).close()  # type: ignore[attr-defined]
+        live(_environ(), ignore_start).close()  # type: ignore[attr-defined]
         assert connected(db) >= 1
     assert connected(3) == connected(4) == 0  # only the pipeline serving now holds connections
     live.current.close()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from stack_support import recording_start
 from webtest import TestApp
 
 from middleware.base import REQUEST_ID, TRACE, Context, refuse
@@ -278,7 +279,7 @@ def test_a_started_response_body_is_the_apps_own() -> None:
     layer = RequestIdMiddleware(app, RequestIdMiddleware.Options(), Context())
     started: list[list[tuple[str, str]]] = []
     result = layer({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
-                   lambda status, headers, exc_info=None: started.append(headers))
+                   recording_start(lambda status, headers: started.append(headers)))
     assert result is body
     assert started[0][0] == ("Content-Type", "text/plain")
     assert started[0][1][0] == "X-Request-ID"

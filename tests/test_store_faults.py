@@ -13,10 +13,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
+from conftest import redis_command
 
 from stores import StoreError, store_from_url
 from stores.breaker import CircuitBreaker, CircuitOpenError, StoreUnavailable
@@ -449,17 +450,17 @@ def test_readiness_is_a_write_so_a_write_pause_is_not_ready(redis_url: str) -> N
     store = store_from_url(redis_url + "?socket_timeout=0.2")
     try:
         assert store.ping() is True
-        admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+        redis_command(admin, "CLIENT", "PAUSE", "3000", "WRITE")
         assert admin.ping() is True  # Redis answers a PING all the same
         assert store.ping() is False
         assert store.health()["ok"] is False
-        admin.execute_command("CLIENT", "UNPAUSE")
+        redis_command(admin, "CLIENT", "UNPAUSE")
         deadline = time.monotonic() + 5
         while not store.ping():  # the breaker's next probe closes it
             assert time.monotonic() < deadline
             time.sleep(0.1)
     finally:
-        admin.execute_command("CLIENT", "UNPAUSE")
+        redis_command(admin, "CLIENT", "UNPAUSE")
         admin.close()
         store.close()
 
@@ -471,10 +472,11 @@ def test_a_script_that_keeps_redis_busy_is_an_outage(redis_url: str) -> None:
     admin = redis.Redis.from_url(redis_url)
     busy = redis.Redis.from_url(redis_url)
     store = store_from_url(redis_url, failure_threshold=100)  # every failure counted, the breaker stays closed
+    assert isinstance(store, RedisStore)
     spin = ("local t = redis.call('TIME') "
             "while true do local n = redis.call('TIME') "
             "if (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 1500000 then break end end return 1")
-    threshold = admin.config_get("busy-reply-threshold")["busy-reply-threshold"]
+    threshold = cast(str, admin.config_get("busy-reply-threshold")["busy-reply-threshold"])
     admin.config_set("busy-reply-threshold", 100)
     runner = threading.Thread(target=lambda: busy.eval(spin, 0))
     try:
@@ -524,8 +526,8 @@ def test_a_redis_loading_its_data_is_named_so(tmp_path: Any) -> None:
     store = RedisStore(f"redis://127.0.0.1:{port}/0", failure_threshold=1000)
     try:
         wait_for_port(port)
-        admin.execute_command("DEBUG", "POPULATE", "1000000", "k", "64")
-        reload = threading.Thread(target=lambda: admin.execute_command("DEBUG", "RELOAD"))
+        redis_command(admin, "DEBUG", "POPULATE", "1000000", "k", "64")
+        reload = threading.Thread(target=lambda: redis_command(admin, "DEBUG", "RELOAD"))
         reload.start()
         seen: list[object] = []
         while reload.is_alive():

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from conftest import REFUSALS_THAT_PASS, RedisServer, free_port
+from conftest import REFUSALS_THAT_PASS, RedisServer, free_port, redis_command
 from webtest import TestApp
 
 from config import ConfigError
@@ -44,17 +44,17 @@ pipeline:
 def server(redis_url: str) -> Iterator[str]:
     """``host:port`` of the test Redis, with an ACL user ``app`` whose password is ``right``."""
     client = redis.Redis.from_url(redis_url)
-    client.execute_command("ACL", "SETUSER", "app", "on", ">right", "~*", "+@all")
+    redis_command(client, "ACL", "SETUSER", "app", "on", ">right", "~*", "+@all")
     # Users Redis lets in, whose ACL denies what the layers do: writes, scripts, the store's keys.
-    client.execute_command("ACL", "SETUSER", "reader", "on", ">right", "~*", "+@read", "+ping", "+select", "+role")
-    client.execute_command("ACL", "SETUSER", "noscript", "on", ">right", "~*", "+@all", "-@scripting")
-    client.execute_command("ACL", "SETUSER", "elsewhere", "on", ">right", "~other:*", "+@all")
-    client.execute_command("ACL", "SETUSER", "noeval", "on", ">right", "~*", "+@all", "-eval")  # EVALSHA is enough
-    client.execute_command("ACL", "SETUSER", "notx", "on", ">right", "~*", "+@read", "+@write", "+@scripting", "+ping")
-    client.execute_command("ACL", "SETUSER", "writer", "on", ">right", "~*", "+@write", "+@scripting", "+@transaction",
-                           "+ping")
+    redis_command(client, "ACL", "SETUSER", "reader", "on", ">right", "~*", "+@read", "+ping", "+select", "+role")
+    redis_command(client, "ACL", "SETUSER", "noscript", "on", ">right", "~*", "+@all", "-@scripting")
+    redis_command(client, "ACL", "SETUSER", "elsewhere", "on", ">right", "~other:*", "+@all")
+    redis_command(client, "ACL", "SETUSER", "noeval", "on", ">right", "~*", "+@all", "-eval")  # EVALSHA is enough
+    redis_command(client, "ACL", "SETUSER", "notx", "on", ">right", "~*", "+@read", "+@write", "+@scripting", "+ping")
+    redis_command(client, "ACL", "SETUSER", "writer", "on", ">right", "~*", "+@write", "+@scripting", "+@transaction",
+                  "+ping")
     yield urlsplit(redis_url).netloc
-    client.execute_command("ACL", "DELUSER", "app", "reader", "noscript", "elsewhere", "noeval", "notx", "writer")
+    redis_command(client, "ACL", "DELUSER", "app", "reader", "noscript", "elsewhere", "noeval", "notx", "writer")
     client.close()
 
 
@@ -131,8 +131,8 @@ def test_the_documented_acl_serves_the_default_stack(tmp_path: Path, redis_url: 
 
     user = f"least{os.getpid()}x{db}"
     admin = redis.Redis.from_url(redis_url)
-    admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">right", "~wsgistack:*", "+@read", "+@write",
-                          "+@scripting", "+@transaction", "+ping", *more)
+    redis_command(admin, "ACL", "SETUSER", user, "reset", "on", ">right", "~wsgistack:*", "+@read", "+@write",
+                  "+@scripting", "+@transaction", "+ping", *more)
     UserStore(str(tmp_path / "users.sqlite3")).add("alice", "correct horse battery", roles=["user"])
     env = {"REDIS_URL": f"redis://{user}:right@{urlsplit(redis_url).netloc}/{db}", "SESSION_SECRET": "s" * 43,
            "JWT_SECRET": "j" * 43, "WSGISTACK_VAR_DIR": str(tmp_path)}
@@ -157,7 +157,7 @@ def test_the_documented_acl_serves_the_default_stack(tmp_path: Path, redis_url: 
         assert denied == {("command", "role"), ("command", "info")}, denied
     finally:
         live.current.close()
-        admin.execute_command("ACL", "DELUSER", user)
+        redis_command(admin, "ACL", "DELUSER", user)
         admin.close()
 
 
@@ -293,7 +293,7 @@ def test_a_redis_at_maxclients_is_named_so(tmp_path: Path, own_redis: RedisServe
     so "not reachable" sent the operator to the network; it may free connections, so the start waits."""
     full = "Redis refuses new connections (maxclients reached)"
     admin = redis.Redis.from_url(own_redis.url)
-    admin.execute_command("ACL", "SETUSER", "app", "on", ">right", "~*", "+@all")
+    redis_command(admin, "ACL", "SETUSER", "app", "on", ">right", "~*", "+@all")
     admin.config_set("maxclients", 1)  # this connection is the one
     url = own_redis.url.replace("redis://", f"redis://{user}")
     try:
@@ -321,11 +321,11 @@ def test_readyz_fails_while_redis_refuses_writes(tmp_path: Path, own_redis: Redi
     client, admin = TestApp(live), redis.Redis.from_url(own_redis.url)
     try:
         assert client.get("/readyz").json["status"] == "ok"
-        admin.execute_command(*refuse)
+        redis_command(admin, *refuse)
         assert client.get("/x").status_int == 200  # the limiter cannot count: on_store_error open
         shared = client.get("/readyz", status=503).json["stores"]["shared"]
         assert (shared["ok"], shared["error"]) == (False, why)
-        admin.execute_command(*allow)
+        redis_command(admin, *allow)
         time.sleep(1.1)
         assert client.get("/x").status_int == 200
         assert client.get("/readyz").json["status"] == "ok"

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from flask import Flask, request
 from pydantic import ValidationError
+from stack_support import ignore_start
 from webtest import TestApp
 
 from middleware.base import Context
@@ -521,7 +522,7 @@ def test_get_leaves_environ_alone() -> None:
     stream = io.BytesIO(b"")
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "QUERY_STRING": "q=1",
                "wsgi.input": stream, "HTTP_HOST": "h"}
-    list(layer(dict(environ), lambda status, headers, exc_info=None: None))
+    list(layer(dict(environ), ignore_start))
     assert seen == environ
 
 
@@ -537,7 +538,7 @@ def test_plain_body_with_length_is_not_wrapped() -> None:
     layer = ValidationMiddleware(app, ValidationMiddleware.Options(), Context())
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "CONTENT_LENGTH": "5",
                "CONTENT_TYPE": "text/plain", "wsgi.input": stream}
-    list(layer(environ, lambda status, headers, exc_info=None: None))
+    list(layer(environ, ignore_start))
     assert seen == [stream]
 
 
