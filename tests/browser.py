@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -86,8 +86,8 @@ class Server:
     def __init__(self, app: WSGIApplication, host: str = "127.0.0.1") -> None:
         from waitress.server import create_server
 
-        self.server: Any = create_server(app, host=host, port=0, threads=4,
-                                           asyncore_loop_timeout=0.2)
+        # (waitress's stubs leave out what the tests use: effective_port, _map)
+        self.server: Any = cast(Any, create_server(app, host=host, port=0, threads=4, asyncore_loop_timeout=0.2))
         self.port = int(self.server.effective_port)
         self.url = f"http://{host}:{self.port}"
         self.stopping = False

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import flask
 import pytest
@@ -333,7 +333,8 @@ def test_a_long_pause_sends_comments_that_keep_proxies_from_closing_the_stream(
 def test_a_client_that_leaves_during_a_long_pause_stops_it_at_the_next_comment(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     monkeypatch.setattr("app.stream.time", clock)
-    events = search_events(OneStage(), "json", 1, lambda page: {}, 60.0, logging.getLogger("test.stream"))
+    events = cast(Generator[bytes, None, None],  # (a generator: the server can close it)
+                  search_events(OneStage(), "json", 1, lambda page: {}, 60.0, logging.getLogger("test.stream")))
     next(events)
     assert next(events) == b": keep-alive\n\n"
     events.close()  # the write of that comment failed: the server closes the body
@@ -345,7 +346,9 @@ def spec_events(stream: bytes) -> list[tuple[str, str]]:
     a line; data lines joined with LF; a blank line dispatches; a comment or unknown field is ignored)."""
     import re
 
-    events, name, data = [], "", []
+    events: list[tuple[str, str]] = []
+    data: list[str] = []
+    name = ""
     for line in re.split(r"\r\n|\r|\n", stream.decode("utf-8")):
         if not line:
             if data:

@@ -118,7 +118,7 @@ def test_a_hash_of_another_method_is_padded_to_the_time_of_the_stores_own(
     assert len(store._costs) == 2  # (making the dummy, then checking it)
     store._costs = (0.2, 5.0, 0.4, 0.3, 9.0)  # (as measured before: the median is 0.4)
     slept: list[float] = []
-    monkeypatch.setattr(users_module.time, "sleep", slept.append)
+    monkeypatch.setattr("app.users.time.sleep", slept.append)
     found = store.verify_password("alice" if made_with is not None else "nobody", password)
     assert (found is not None) is (password == "s3cret")
     assert len(slept) == padded

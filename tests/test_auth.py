@@ -18,7 +18,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import pytest
@@ -859,10 +859,11 @@ def test_a_family_record_lives_until_the_login_ends(store: Store) -> None:
     left = claims_["auth_time"] + 3600 - time.time()
     assert left - 2 <= store.ttl(f"family-head:{claims_['fam']}") <= left + 1 + 1  # (the margin: 1 s)
     access = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"])
-    assert 59 <= store.ttl(f"family-access:{claims_['fam']}:{access['jti']}") <= 60 + 1
+    assert 59 <= cast(float, store.ttl(f"family-access:{claims_['fam']}:{access['jti']}")) <= 60 + 1
     stack.tokens.revoke(pair["refresh_token"], family=True)
     assert left - 2 <= store.ttl(f"family-revoked:{claims_['fam']}") <= left + 1 + 1
-    assert 58 <= store.ttl(f"revoked:{access['jti']}") <= 60 + 1  # what was left of the access token's record
+    # what was left of the access token's record
+    assert 58 <= cast(float, store.ttl(f"revoked:{access['jti']}")) <= 60 + 1
 
 
 def test_a_store_that_cannot_tell_what_a_key_has_left_blocklists_for_the_access_ttl() -> None:
@@ -875,7 +876,7 @@ def test_a_store_that_cannot_tell_what_a_key_has_left_blocklists_for_the_access_
     pair = stack.tokens.issue("ann")
     stack.tokens.revoke(pair["refresh_token"], family=True)
     jti = jwt.decode(pair["access_token"], SECRET, algorithms=["HS256"])["jti"]
-    assert 59 <= MemoryStore.ttl(store, f"revoked:{jti}") <= 60 + 1
+    assert 59 <= cast(float, MemoryStore.ttl(store, f"revoked:{jti}")) <= 60 + 1
     expect(stack.call(token=pair["access_token"]), 401, challenge("the token has been revoked"), ["revoked"], stack)
 
 
@@ -1004,7 +1005,12 @@ def test_a_family_is_swept_once(store: Store, monkeypatch: pytest.MonkeyPatch) -
     pair = stack.tokens.issue("ann")
     scans: list[str] = []
     real_scan = store.scan
-    monkeypatch.setattr(store, "scan", lambda prefix: scans.append(prefix) or real_scan(prefix))
+
+    def scan(prefix: str) -> Iterator[str]:
+        scans.append(prefix)
+        return real_scan(prefix)
+
+    monkeypatch.setattr(store, "scan", scan)
     for _ in range(3):
         stack.tokens.revoke(pair["access_token"], pair["refresh_token"], family=True)
     assert len(scans) == 1
@@ -1449,7 +1455,7 @@ def test_a_family_revoked_while_its_refresh_is_being_made_refuses_the_new_pair()
     class RevokedMeanwhile(MemoryStore):
         family = ""
 
-        def add_then_write(self, key: str, value: bytes, ttl: float, sets: Any) -> bool:
+        def add_then_write(self, key: str, value: bytes, ttl: float | None, sets: Any) -> bool:
             if key.startswith("refresh-used:") and self.family:
                 self.set("family-revoked:" + self.family, b"1", ttl=3600)  # the other request's reuse detection
             return super().add_then_write(key, value, ttl, sets)
@@ -1541,7 +1547,8 @@ def test_the_preview_of_a_session_user(lookup: Any, expected: dict[str, Any]) ->
     stack = Stack()
     if lookup is not None:
         stack.context.services["user_roles"] = lookup
-        assert stack.call(**{SESSION: FakeSession({"user": {"sub": "bob"}})}).status_int == 200
+        session: dict[str, Any] = {SESSION: FakeSession({"user": {"sub": "bob"}})}
+        assert stack.call(**session).status_int == 200
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", SESSION_USER_HINT: ("bob", frozenset({"user"}))}
     assert stack.layer.preview_environ(environ) == expected
 
@@ -1553,14 +1560,20 @@ def test_the_preview_of_another_issuers_token_keeps_its_roles(rsa_key: Any) -> N
     verifier = Stack(public_keys={jwt.get_unverified_header(token)["kid"]: pem(rsa_key)})
     verifier.context.services["user_roles"] = lambda subject: ["admin"]
     assert verifier.call(token=token).json["roles"] == ["user"]
-    assert verifier.call(**{SESSION: FakeSession({"user": {"sub": "ann"}})}).json["roles"] == ["admin"]
+    session: dict[str, Any] = {SESSION: FakeSession({"user": {"sub": "ann"}})}
+    assert verifier.call(**session).json["roles"] == ["admin"]
     assert _previewed(verifier, token) == ("ann", ["user"], "jwt")
 
 
 def test_the_users_roles_are_looked_up_once_a_second_for_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     stack = Stack()
     calls: list[str] = []
-    stack.context.services["user_roles"] = lambda subject: calls.append(subject) or ["admin"]
+
+    def user_roles(subject: str) -> list[str]:
+        calls.append(subject)
+        return ["admin"]
+
+    stack.context.services["user_roles"] = user_roles
     token = hs(claims(roles=["user"]))
     assert [stack.call(token=token).json["roles"] for _ in range(3)] == [["admin"]] * 3
     assert calls == ["ann"]
@@ -1613,7 +1626,8 @@ def test_a_token_meets_the_users_database_of_now(services: dict[str, Any],
     stack = Stack()
     stack.context.services.update(services)
     trace: list[tuple[str, str]] = []
-    response = stack.call(token=hs(claims(roles=["user"])), **{TRACE: trace})
+    traced: dict[str, Any] = {TRACE: trace}
+    response = stack.call(token=hs(claims(roles=["user"])), **traced)
     status, www, reasons = expected
     expect(response, status, www, reasons, stack)
     assert [d for layer, d in trace if layer == "auth"] == [decision]

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import redis
@@ -23,6 +23,9 @@ from middleware.cache import CacheMiddleware, purge
 from middleware.errors import ErrorsMiddleware
 from stores import Store, store_from_url
 from stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
 T0 = 1_700_000_000.0
 
@@ -62,7 +65,7 @@ class Origin:
         return [body]
 
 
-def fake_auth(app: Any) -> Any:
+def fake_auth(app: WSGIApplication) -> Any:
     """Stand-in for the auth layer: ``X-Test-User: alice:admin,ops`` becomes the identity."""
 
     def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -91,7 +94,8 @@ class Stack:
     """errors -> fake auth -> cache -> origin, with the events the layer emitted."""
 
     def __init__(self, store: Store, origin: Origin, **options: Any) -> None:
-        self.store, self.origin, self.events = store, origin, []
+        self.store, self.origin = store, origin
+        self.events: list[tuple[str, dict[str, Any]]] = []
         self.context = Context(stores={"shared": store})
         self.context.listeners.append(lambda event, fields: self.events.append((event, fields)))
         self.layer = CacheMiddleware(origin, CacheMiddleware.Options(**options), self.context)
@@ -1162,8 +1166,8 @@ def test_a_foreign_value_at_one_variant_leaves_the_others(redis_url: str, origin
         for lang in ("en", "fr"):
             stack.get(headers={"Accept-Language": lang})
         before = set(client.keys("*:cache:e:*"))
-        en_variant = next(k for k in before if not client.get(k).startswith(b'{"v":')
-                          and b'"en"' in client.get(k))
+        en_variant = next(k for k in before if not cast(bytes, client.get(k)).startswith(b'{"v":')
+                          and b'"en"' in cast(bytes, client.get(k)))
         client.delete(en_variant)
         client.rpush(en_variant, b"x")
         assert stack.get(headers={"Accept-Language": "en"}).headers["X-Cache"] == "MISS"  # stored over it
@@ -1350,7 +1354,7 @@ def test_stale_after_the_apps_own_start_response(store: Store, clock: Clock, mod
         seen[:] = [status, dict(headers)]
         return lambda data: None
 
-    builder = EnvironBuilder(path="/api/v1/search", query_string="q=x", headers={"Host": "localhost:80"})
+    builder = EnvironBuilder(path="/api/v1/search", query_string="q=x", headers=[("Host", "localhost:80")])
     body = b"".join(stack.wsgi(builder.get_environ(), strict))
     assert (seen[0], seen[1]["X-Cache"], body) == ("200 OK", "STALE", fresh.body)
 
@@ -2119,7 +2123,7 @@ def test_a_value_of_another_redis_type_is_written_over(redis_url: str, origin: O
     try:
         stack = Stack(store, origin)
         stack.get()
-        [entry] = [k for k in client.keys("*") if b":cache:e:" in k]
+        [entry] = [k for k in cast(list[bytes], client.keys("*")) if b":cache:e:" in k]
         key = entry if where == "the entry" else entry.replace(b":cache:e:", b":cache:w:", 1)  # its URI's mark
         client.delete(entry, key)
         client.rpush(key, b"x")

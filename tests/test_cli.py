@@ -629,8 +629,8 @@ def test_waitress_queue_warnings_are_one_line_per_ten_seconds(monkeypatch: pytes
                                                               caplog: pytest.LogCaptureFixture) -> None:
     """Waitress warns once per queued request; a slow store queues thousands a second."""
     now = [1000.0]
-    monkeypatch.setattr(serve.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(logging.time, "time", lambda: 1_800_000_000.0 + now[0])  # the records' created
+    monkeypatch.setattr("serve.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("logging.time.time", lambda: 1_800_000_000.0 + now[0])  # the records' created
     queue = logging.getLogger("waitress.queue")
     once = serve.QueueDepthLines(10.0)
     queue.addFilter(once)
@@ -854,7 +854,7 @@ def test_layer_pages_are_found_where_the_installer_put_them(tmp_path: Path, monk
         def locate_file(self, entry: PurePosixPath) -> Path:
             return site / entry
 
-    monkeypatch.setattr(serve.importlib.metadata, "distribution", lambda name: Installed())
+    monkeypatch.setattr("serve.importlib.metadata.distribution", lambda name: Installed())
     monkeypatch.setattr(serve, "__file__", str(site / "serve.py"))  # not a checkout: no docs beside it
     serve._installed_data.cache_clear()
     try:

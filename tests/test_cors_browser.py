@@ -19,7 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from browser import Server, chromium, serve
@@ -29,6 +29,9 @@ from middleware.cors import CORSMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.session import SessionMiddleware
 from stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
 pytestmark = pytest.mark.browser
 
@@ -77,7 +80,7 @@ class Api:
 class Wire:
     """The outermost wrapper: what the server answered, whether or not the app saw it."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: WSGIApplication) -> None:
         self.app = app
         self.seen: list[tuple[str, str, int]] = []
 

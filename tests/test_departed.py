@@ -55,7 +55,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def access_line(served: Served, request_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 5
     while True:
-        lines = [json.loads(line) for line in served.out.read_text().splitlines() if line.startswith("{")]
+        lines: list[dict[str, Any]] = [json.loads(line) for line in served.out.read_text().splitlines()
+                                       if line.startswith("{")]
         found = [line for line in lines if line["request_id"] == request_id]
         if found:
             [line] = found

@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import free_port
@@ -845,12 +845,13 @@ def test_scrapes_answered_by_either_worker_never_go_back(monkeypatch: pytest.Mon
     (one, one_layer), (two, two_layer) = _pipeline(), _pipeline()
     one.get("/items/1")
     two.get("/items/1")  # both share from now on
-    totals = []
+    totals: list[float] = []
     for worker in (one, one, two, one, two, two):
         for _ in range(3):
             worker.get("/items/1")
-        totals.append(sample(scrape(worker), "wsgistack_http_requests_total", **ITEMS))
-        totals.append(sample(scrape(two if worker is one else one), "wsgistack_http_requests_total", **ITEMS))
+        totals.append(cast(float, sample(scrape(worker), "wsgistack_http_requests_total", **ITEMS)))
+        totals.append(cast(float, sample(scrape(two if worker is one else one), "wsgistack_http_requests_total",
+                                         **ITEMS)))
     assert totals == sorted(totals) and totals[-1] == 20
     one_layer.close()
     two_layer.close()
@@ -887,11 +888,11 @@ def test_a_pipeline_with_other_buckets_is_counted_on_the_bounds_in_force(monkeyp
                   status="200") == 4  # counters still add up
     labels = {"method": "GET", "route": "/items/<int:item_id>"}
     for name in ("wsgistack_http_request_duration_seconds_count", "wsgistack_http_request_duration_seconds_sum"):
-        assert sample(found, name, **labels) > 0
+        assert cast(float, sample(found, name, **labels)) > 0
     assert sample(found, "wsgistack_http_request_duration_seconds_count", **labels) == 4  # both pipelines'
     assert {dict(labels).get("le") for (name, labels) in found if name.endswith("_bucket")} == {
         *(str(bound) for bound in after), "+Inf"}  # the bounds in force
-    buckets = [sample(found, "wsgistack_http_request_duration_seconds_bucket", **labels, le=str(bound))
+    buckets = [cast(float, sample(found, "wsgistack_http_request_duration_seconds_bucket", **labels, le=str(bound)))
                for bound in after]
     assert buckets == sorted(buckets)  # cumulative
     # Every request took far less than the largest bound both have in common (or, after, 3 s): all four there.
@@ -902,7 +903,8 @@ def test_a_pipeline_with_other_buckets_is_counted_on_the_bounds_in_force(monkeyp
     assert sample(again, "wsgistack_http_request_duration_seconds_count", **labels) == 4
     text = new.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"},
                    extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text
-    assert list(text_string_to_metric_families(text))  # parses: buckets cumulative and in order
+    parse: Callable[[str], Iterable[Any]] = text_string_to_metric_families  # (unannotated in prometheus_client)
+    assert list(parse(text))  # parses: buckets cumulative and in order
 
 
 def _pipeline(buckets: list[float] | None = None) -> tuple[TestApp, MetricsMiddleware]:
@@ -978,7 +980,8 @@ def test_a_pipeline_that_starts_while_files_are_merged_keeps_its_file(monkeypatc
         app, layer = _pipeline()
         app.get("/items/1")
         layer.close()
-    real, started = metrics._read_shared, []
+    real = metrics._read_shared
+    started: list[tuple[TestApp, MetricsMiddleware]] = []
 
     def a_pipeline_starts_meanwhile(directory: str, skip: str = "", prefix: str = "") -> Any:
         if prefix and not started:  # the merge is about to read its files
@@ -1004,20 +1007,22 @@ def test_a_pipeline_that_starts_while_files_are_merged_keeps_its_file(monkeypatc
 
 def test_the_files_of_exited_workers_are_merged_by_the_next(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """gunicorn --max-requests replaces workers all day: each leaves its file, which the next one merges."""
+    import os
+
     import middleware.metrics as metrics
 
     monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
     gone = 4194303  # the largest pid Linux hands out: no process runs with it here
-    real_getpid = metrics.os.getpid
+    real_getpid = os.getpid
     for _ in range(3):  # three workers, each recycled after a request, without closing (as a kill does)
         monkeypatch.setattr(metrics, "_TAG", (0, ""))
-        monkeypatch.setattr(metrics.os, "getpid", lambda: gone)
+        monkeypatch.setattr("middleware.metrics.os.getpid", lambda: gone)
         app, layer = _pipeline()
         app.get("/items/1")
         layer.shared.write()
         assert layer.shared._final is not None
         layer.shared._final.detach()  # it exited: it writes nothing more
-    monkeypatch.setattr(metrics.os, "getpid", real_getpid)
+    monkeypatch.setattr("middleware.metrics.os.getpid", real_getpid)
     monkeypatch.setattr(metrics, "_TAG", (0, ""))
     assert len(list(tmp_path.glob("*.json"))) >= 2
     app, layer = _pipeline()
@@ -1034,7 +1039,7 @@ def test_a_later_process_with_the_same_pid_is_counted(monkeypatch: pytest.Monkey
     import middleware.metrics as metrics
 
     monkeypatch.setenv("WSGISTACK_METRICS_DIR", str(tmp_path))
-    monkeypatch.setattr(metrics.os, "getpid", lambda: 4242)
+    monkeypatch.setattr("middleware.metrics.os.getpid", lambda: 4242)
     for _ in range(3):  # a worker that reloaded twice, then died
         app, layer = _pipeline()
         app.get("/items/1")

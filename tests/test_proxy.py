@@ -264,7 +264,8 @@ def test_an_untrusted_peer_is_read_as_client_ip_reads_it(peer: str, port: str, c
     pytest.param("127.0.0.1", "203.0.113.9", id="trusted peer"),
 ])
 def test_a_client_ip_already_in_environ_is_not_taken_for_the_layers(peer: str, client: str) -> None:
-    body = call(make(x_for=1), {"X-Forwarded-For": "203.0.113.9"}, peer=peer, **{CLIENT_IP: "198.51.100.66"}).json
+    stored: dict[str, Any] = {CLIENT_IP: "198.51.100.66"}
+    body = call(make(x_for=1), {"X-Forwarded-For": "203.0.113.9"}, peer=peer, **stored).json
     assert body["client_ip"] == body["stored_client_ip"] == client
 
 
@@ -291,8 +292,9 @@ def test_derive_client_without_the_layer() -> None:
 def test_trace_notes() -> None:
     app = make(x_for=1)
     trace: list[tuple[str, str]] = []
-    call(app, XFF, **{TRACE: trace})
-    call(app, XFF, peer="192.0.2.1", **{TRACE: trace})
+    traced: dict[str, Any] = {TRACE: trace}
+    call(app, XFF, **traced)
+    call(app, XFF, peer="192.0.2.1", **traced)
     assert trace == [("proxy", "peer 127.0.0.1 is trusted; applied for"),
                      ("proxy", "peer 192.0.2.1 is not in trusted_proxies; headers ignored")]
 

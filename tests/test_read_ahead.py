@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import redis
@@ -21,6 +21,9 @@ from middleware.auth import AuthMiddleware
 from middleware.base import IDENTITY, SESSION
 from stores.breaker import CircuitBreaker
 from stores.redis import RedisStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
 
 pytestmark = pytest.mark.redis
 
@@ -199,7 +202,7 @@ def test_a_store_that_does_not_answer_is_waited_for_once(stack: Callable[..., tu
 class Rewrite:
     """A plain factory layer that rewrites one path, with no ``preview_environ``: reads ahead cannot foresee it."""
 
-    def __init__(self, app: Any, source: str = "/a", target: str = "/b") -> None:
+    def __init__(self, app: WSGIApplication, source: str = "/a", target: str = "/b") -> None:
         self.app, self.source, self.target = app, source, target
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -261,7 +264,7 @@ def purgeable(redis_url: str) -> Iterator[tuple[TestApp, redis.Redis]]:
 
 def _locks(probe: redis.Redis) -> list[bytes]:
     """The fill locks held (not the "ask the app" a fill of an answer it could not store leaves for a second)."""
-    return [k for k in probe.keys("*") if b"cache:l:" in k and probe.get(k) != b"0"]
+    return [k for k in cast(list[bytes], probe.keys("*")) if b"cache:l:" in k and probe.get(k) != b"0"]
 
 
 @pytest.mark.parametrize(("path", "seen_as"), [
@@ -466,7 +469,7 @@ def test_a_wrong_guess_gives_the_lock_back_before_the_app_runs(cached: tuple[Tes
 class BrokenPreview:
     """A factory layer whose ``preview_environ`` fails for requests without X-Tenant (the layer does not)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: WSGIApplication) -> None:
         self.app = app
 
     def preview_environ(self, environ: dict[str, Any]) -> dict[str, Any]:
@@ -496,7 +499,7 @@ def test_a_preview_that_fails_reads_nothing_ahead(redis_url: str, caplog: pytest
 class StripCookie:
     """A factory layer that drops the cookies of /public requests, with no ``preview_environ``."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: WSGIApplication) -> None:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -508,7 +511,7 @@ class StripCookie:
 class HeaderToCookie:
     """A factory layer for clients that cannot keep cookies: X-Session replaces the Cookie header."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: WSGIApplication) -> None:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
