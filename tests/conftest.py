@@ -42,7 +42,7 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> 
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def redis_command(client: redis.Redis, *args: str) -> Any:
+def redis_command(client: redis.Redis, *args: Any) -> Any:
     """``client.execute_command(*args)``, typed: redis-py leaves ``execute_command`` unannotated."""
     execute: Callable[..., Any] = client.execute_command
     return execute(*args)

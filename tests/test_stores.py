@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from conftest import redis_command
 
 from middleware.base import mask_url_passwords
 from stores import MemoryStore, Store, StoreError, store_from_url
@@ -89,7 +90,7 @@ def test_a_ttl_beyond_the_longest_is_the_longest(store: Store, ttl: float) -> No
 
 def test_values_round_trip_as_bytes(store: Store) -> None:
     store.set("k", b"\x00\xffjson")
-    store.set("ba", bytearray(b"abc"))
+    store.set("ba", bytearray(b"abc"))  # type: ignore[arg-type]  # taken too, as redis-py takes it
     assert store.get("k") == b"\x00\xffjson"
     assert store.get("ba") == b"abc"
     assert type(store.get("ba")) is bytes
@@ -869,7 +870,7 @@ def test_options_that_are_not_numbers_are_refused_at_construction(option: str, v
 def test_a_whole_number_of_any_size_is_a_threshold() -> None:
     store = store_from_url("redis://127.0.0.1:1/0", failure_threshold=10**400, socket_timeout="0.5")
     try:
-        assert store.breaker.failure_threshold == 10**400
+        assert isinstance(store, RedisStore) and store.breaker.failure_threshold == 10**400
     finally:
         store.close()
 
@@ -950,6 +951,7 @@ class TestRedis:
     def test_stores_of_one_url_share_one_pool_and_breaker(self, redis_url: str) -> None:
         port = redis_url.split(":")[-1].split("/")[0]
         a = store_from_url(redis_url)
+        assert isinstance(a, RedisStore)
         b = RedisStore(f"redis://127.0.0.1:{port}")  # same server, default db spelled out
         c = RedisStore(redis_url, socket_timeout=0.5)  # other timeouts: another pool
         e = RedisStore(redis_url + "?socket_timeout=2")  # in the URL too: its timeout is not the default's
@@ -1096,7 +1098,7 @@ def sentinel_port(redis_url: str, redis_server: object, tmp_path: Path) -> Itera
         deadline = time.monotonic() + 5
         while True:
             try:
-                if probe.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"):
+                if redis_command(probe, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"):
                     break
             except redis.RedisError as exc:
                 if time.monotonic() > deadline or proc.poll() is not None:
@@ -1300,10 +1302,10 @@ def test_a_lookup_reads_its_mark_in_the_same_script(redis_url: str) -> None:
         command = store.read_command("get_or_lock", "entry", 5, "lock", "mark")
         assert command[:6] == ("EVALSHA", store._get_or_lock.sha, 3, "wsgistack:entry", "wsgistack:lock",
                                "wsgistack:mark")
-        reply = client.execute_command(*command)
+        reply = redis_command(client, *command)
         assert store.read_answer("get_or_lock", reply) == (None, False, b"n1")  # the lock is held now
         store.set("entry", b"value", 5)
-        reply = client.execute_command(*store.read_command("get_or_lock", "entry", 5, "lock"))
+        reply = redis_command(client, *store.read_command("get_or_lock", "entry", 5, "lock"))
         assert store.read_answer("get_or_lock", reply) == (b"value", False, None)  # no mark asked for
     finally:
         client.close()
@@ -1417,7 +1419,7 @@ class _WriteLandsMeanwhile(MemoryStore):
     """A store with Store's default write_unless_marked, where another process's write sets the mark anew
     right after the sets go (between the default's separate calls)."""
 
-    def write(self, sets: Any, deletes: Any = ()) -> None:
+    def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         super().write(sets, deletes)
         if any(key == "entry" for key, _, _ in sets):
             MemoryStore.set(self, "mark", b"written meanwhile", 60)
