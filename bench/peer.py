@@ -11,8 +11,10 @@ wrap and adds, configured to do the same work as the stack's layers:
   as the session layer's idle timeout does, without sending the cookie again
   (neither does the session layer); no signer (deprecated since Flask-Session
   0.7: the id is 256 random bits), so no signature work the stack does not do;
-- Flask-Limiter keyed on the client IP, the limit from the bench (counted on
-  every request, never refusing), with its rate-limit headers on;
+- Flask-Limiter keyed on the client IP, one limit for all routes together
+  (``application_limits``: ``default_limits`` would count each route apart), as
+  the ratelimit layer keys on the client alone, the limit from the bench
+  (counted on every request, never refusing), with its rate-limit headers on;
 - Flask-Caching around both search views, keyed on the query string, with the
   stack's TTL;
 - werkzeug's ProxyFix for one proxy hop (X-Forwarded-For and -Proto).
@@ -89,7 +91,7 @@ def create_peer_app(var_dir: str, redis_url: str | None = None, rate_limit: str 
          expose_headers=["X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
                          "Retry-After"],
          supports_credentials=True)
-    Limiter(get_remote_address, app=app, default_limits=[rate_limit], headers_enabled=True,
+    Limiter(get_remote_address, app=app, application_limits=[rate_limit], headers_enabled=True,
             strategy="fixed-window", storage_uri=redis_url or "memory://")
     cache = Cache(app, config={**cache_config, "CACHE_DEFAULT_TIMEOUT": ttl})
     for endpoint in ("api_v1.search", "api_v2.search"):
