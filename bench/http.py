@@ -3,7 +3,7 @@
 Every server is a separate process on a free loopback port, started the way an
 operator starts it: wsgistack stacks with ``python serve.py -c FILE serve``,
 bare Flask and the peer stack with ``python -m bench.peer`` (Waitress with the
-shipped stack's server settings).  Load comes from ``wrk`` (one thread,
+settings serve.py gives bench/full.yaml).  Load comes from ``wrk`` (one thread,
 keep-alive), or from a small Python load generator when wrk is missing.  Each
 run is bounded in time.  All servers are started first and warmed up (caches
 filled, Waitress's threads started); then the loads run in interleaved rounds,

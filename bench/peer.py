@@ -23,8 +23,8 @@ Backends are in-process memory (cachelib ``SimpleCache``, ``memory://``) or
 one Redis URL for all three stateful extensions.  ``GET /peer/login`` puts a
 user in the session, the peer's stand-in for ``POST /auth/login``.
 
-Run it (or bare Flask) under Waitress with the shipped stack's server settings, after
-``gc.freeze()`` as serve.py does::
+Run it (or bare Flask) under Waitress with the Waitress settings serve.py gives
+bench/full.yaml, after ``gc.freeze()`` as serve.py does::
 
     python -m bench.peer --listen 127.0.0.1:8891 [--redis-url redis://...] [--bare]
 """
@@ -36,16 +36,30 @@ import gc
 import sys
 from typing import TYPE_CHECKING, Any
 
-from bench.common import CACHE_TTL, ORIGIN, RATE_LIMIT, SESSION_SECRET
+from bench.common import CACHE_TTL, FULL_YAML, ORIGIN, RATE_LIMIT, SESSION_SECRET
 
 if TYPE_CHECKING:
     from flask import Flask
 
-#: Waitress settings of the shipped stack.yaml (``server:``), used for bare Flask and the peer; like
-#: bench/full.yaml, Waitress keeps the X-Forwarded-* headers for ProxyFix to apply.
-WAITRESS: dict[str, Any] = {"threads": 8, "connection_limit": 200, "channel_timeout": 60,
-                            "max_request_body_size": 1048576, "ident": "wsgistack",
-                            "clear_untrusted_proxy_headers": False}
+
+def waitress_settings() -> dict[str, Any]:
+    """The Waitress adjustments serve.py gives bench/full.yaml (one process), for bare Flask and the peer.
+
+    Read from its ``server:`` section and translated as serve.py translates it (the same body and
+    header limits, ``poll()``, untrusted X-Forwarded-* headers kept: ProxyFix applies them as the
+    proxy layer does); only the listening socket is the caller's.
+    """
+    import yaml
+
+    from config.schema import ServerOptions
+
+    server = yaml.safe_load(FULL_YAML.read_text(encoding="utf-8"))["server"]
+    for interpolated in ("listen", "workers"):  # ${WSGISTACK_...}: the bench's own, one process here
+        server.pop(interpolated, None)
+    kwargs = ServerOptions.model_validate(server).waitress_kwargs(proxy_layer=True)
+    del kwargs["listen"], kwargs["backlog"]  # serve.py binds its own sockets (backlog 1024, as Waitress)
+    kwargs["asyncore_use_poll"] = True  # as serve.py's _run_waitress
+    return kwargs
 
 
 def create_bare_app(var_dir: str) -> Flask:
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     # treats bare Flask, the peer and the wsgistack servers alike.
     gc.collect()
     gc.freeze()
-    serve(app, listen=args.listen, **WAITRESS)
+    serve(app, listen=args.listen, **waitress_settings())
     return 0
 
 

@@ -281,8 +281,9 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         f"rounds of {settings.load_seconds:g} s per case (compared cases back to back, in reverse order every "
         "other round); the median round is shown, and ratios are medians of the per-round ratios, each to bare "
         "Flask under the same number of connections. Same browser headers; "
-        "Waitress settings of the shipped stack (8 threads), with untrusted proxy headers kept for the proxy "
-        "layer and ProxyFix. Peak RSS is the server's `VmHWM` at the end (summed over the worker processes).",
+        "every server with the Waitress settings serve.py gives bench/full.yaml (8 threads, `poll()`), with "
+        "untrusted proxy headers kept for the proxy layer and ProxyFix. Peak RSS is the server's `VmHWM` at the "
+        "end (summed over the worker processes).",
         "",
         http_table(loads),
         "",
