@@ -10,7 +10,8 @@ wrap and adds, configured to do the same work as the stack's layers:
   30-minute lifetime in the store, which every request with the cookie slides,
   as the session layer's idle timeout does, without sending the cookie again
   (neither does the session layer); no signer (deprecated since Flask-Session
-  0.7: the id is 256 random bits), so no signature work the stack does not do;
+  0.7: the id is 256 random bits), as a user would set it up, so the peer is
+  spared the signature check the session layer makes on every cookie;
 - Flask-Limiter keyed on the client IP, one limit for all routes together
   (``application_limits``: ``default_limits`` would count each route apart), as
   the ratelimit layer keys on the client alone, the limit from the bench

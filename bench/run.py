@@ -327,8 +327,9 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "more than the same round trip timed alone in a loop.",
         "- **peer stack** (`bench/peer.py`): the same `create_app` core with Flask-CORS (the same origins, "
         "methods, headers, credentials), Flask-Session (server-side, read on every request by a `before_request` "
-        "hook, a browser-session cookie and a sliding 30-minute lifetime in the store, no signer, as the session "
-        "layer works), Flask-Limiter (client IP, the same limit over all routes together "
+        "hook, a browser-session cookie and a sliding 30-minute lifetime in the store; no signer, which "
+        "Flask-Session deprecates, so the peer skips the signature check the session layer makes on every "
+        "cookie), Flask-Limiter (client IP, the same limit over all routes together "
         "(`application_limits`), headers on), "
         "Flask-Caching around both search views (query string in the key, the same 60 s TTL) and werkzeug's "
         "ProxyFix (one hop); cachelib `SimpleCache` / `memory://`, or one Redis for all three. The full stack "
@@ -337,7 +338,8 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         f"- **peer's work** (`$WORKSPACE/peer-work.yaml`, written by the bench): bench/full.yaml with only "
         f"{', '.join(stacks.PEER_WORK)}, the layers that do what the peer's extensions do (auth reads the "
         "session's user, as the peer's hook does; errors renders refusals, as the core's handlers do the peer's). "
-        "It answers the same question with the same work on both sides; the goals compare the full stack.",
+        "It answers the same question with the same work on both sides (but for the session layer's signature "
+        "check, which the peer skips); the goals compare the full stack.",
         "- **stateless layers** (`$WORKSPACE/stateless.yaml`, written by the bench): bench/full.yaml without "
         "ratelimit, session, csrf, auth and cache, so it may run several workers on memory stores; it shows "
         "how serve.py's workers scale when no store process competes for the cores.",
