@@ -318,7 +318,8 @@ def report(info: dict[str, str], settings: Settings, quick: bool, result: inproc
         "- **raw WSGI**: a plain callable answering the health body (the floor).",
         "- **bare Flask**: `app.create_app({\"var_dir\": ..., \"search\": {\"engine\": \"local\"}})`, nothing else.",
         "- **default stack**: the shipped `stack.yaml`, memory stores.",
-        "- **full stack**: `bench/full.yaml`: every built-in layer (errors, proxy, request_id, health, metrics "
+        "- **full stack**: `bench/full.yaml`: every built-in layer but `operator_page` (errors, proxy, "
+        "request_id, health, metrics "
         "with layer timing off, access_log, headers, validation, cors, ratelimit, session, csrf, auth, versioning, "
         "cache with `per_user: true`), memory stores or Redis (`REDIS_URL`).",
         f"- **{stacks.ROUND_TRIP_FLOOR}** (with Redis only): bare Flask behind one pipeline of `INCR` and "

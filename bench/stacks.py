@@ -3,7 +3,7 @@
 - ``raw WSGI``: a callable answering the health body, the floor of any Python server;
 - ``bare Flask``: ``app.create_app`` alone;
 - ``default stack``: the shipped stack.yaml (memory stores);
-- ``full stack``: bench/full.yaml, every built-in layer on, memory or Redis stores;
+- ``full stack``: bench/full.yaml, every built-in layer on but ``operator_page``, memory or Redis stores;
 - ``peer's work``: bench/full.yaml with only the layers that do what the peer's extensions do;
 - ``peer stack``: bench.peer, Flask extensions on the same core, memory or Redis.
 
