@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import getpass
 import hashlib
 import json
@@ -27,7 +28,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def default_hash_method() -> str:
     return method
 #: How often (seconds) the file at the path is compared with the one the connection has open.
 IDENTITY_CHECK_SECONDS = 1.0
+#: The longest (seconds) one use of the database waits: for this process's other uses, then for a lock
+#: another process holds (SQLite's busy timeout gets what is left).
+BUSY_SECONDS = 5.0
 #: How many of the latest checks with a store's own method the check of another method's hash is made
 #: to last the median of.
 COST_SAMPLES = 5
@@ -166,6 +170,7 @@ class UserStore:
         self.path = Path(path)
         self.hash_method = hash_method or default_hash_method()
         self._lock = threading.Lock()
+        self._deadline = 0.0  # (time.monotonic()) of the use holding the lock: see _locked
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file the connection reads
         self._checked = 0.0
@@ -173,7 +178,31 @@ class UserStore:
         #: How long the latest checks with ``hash_method`` took (seconds), in this process; replaced whole.
         self._costs: tuple[float, ...] = ()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store's lock, for one use of the database that waits :data:`BUSY_SECONDS` at most in all.
+
+        A use waits its turn behind this process's others, and SQLite then waits what is left for a
+        lock another process holds: while one is held (a write transaction left open), each use fails
+        within BUSY_SECONDS, instead of after every use queued ahead of it has waited its own.
+        """
+        deadline = time.monotonic() + BUSY_SECONDS
+        if not self._lock.acquire(timeout=BUSY_SECONDS):
+            raise sqlite3.OperationalError("database is locked")
+        try:
+            self._deadline = deadline
+            yield
+        finally:
+            self._lock.release()
+
     def _conn(self) -> sqlite3.Connection:
+        """The connection, waiting for another process's lock what is left of this use's time (call under
+        :meth:`_locked`)."""
+        db = self._open()
+        db.execute(f"PRAGMA busy_timeout = {max(0, math.floor((self._deadline - time.monotonic()) * 1000))}")
+        return db
+
+    def _open(self) -> sqlite3.Connection:
         db = self._db
         if db is not None:
             now = time.monotonic()
@@ -191,7 +220,8 @@ class UserStore:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         else:
             _warn_if_readable(self.path)
-        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=max(0.0, self._deadline - time.monotonic()), check_same_thread=False,
+                             isolation_level=None)
         db.execute(_SCHEMA)
         db.execute(_RETIRED)
         columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
@@ -218,7 +248,7 @@ class UserStore:
             raise UserError("the password may not be empty")
         now = time.time()
         password_hash = self._hash(password)
-        with self._lock:
+        with self._locked():
             db = self._conn()
             _lookalike(db, name)
             reused = db.execute("DELETE FROM retired_names WHERE name = ?", (name,)).rowcount > 0
@@ -235,7 +265,7 @@ class UserStore:
 
     def _check_lookalike(self, name: str) -> None:
         """:class:`UserError` when another user's name differs from ``name`` only in case."""
-        with self._lock:
+        with self._locked():
             db = self._reader()
             if db is not None:
                 _lookalike(db, name)
@@ -259,7 +289,7 @@ class UserStore:
         return _user(row)
 
     def _row(self, name: str) -> tuple[str, str, str, float, float] | None:
-        with self._lock:
+        with self._locked():
             db = self._reader()
             row = None if db is None else db.execute(
                 "SELECT name, password_hash, roles, created_at, credentials_at FROM users WHERE name = ?", (name,)
@@ -268,7 +298,7 @@ class UserStore:
 
     def list(self) -> builtins.list[User]:
         """Every user, by name."""
-        with self._lock:
+        with self._locked():
             db = self._reader()
             query = "SELECT name, roles, created_at FROM users ORDER BY name"
             rows = [] if db is None else db.execute(query).fetchall()
@@ -276,7 +306,7 @@ class UserStore:
 
     def remove(self, name: str) -> bool:
         """Delete a user; return whether it existed."""
-        with self._lock:
+        with self._locked():
             db = self._conn()
             removed = db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
             if removed:
@@ -297,7 +327,7 @@ class UserStore:
 
     def _update(self, name: str, assignments: str, *values: object) -> User:
         """``UPDATE users SET <assignments>`` for ``name``; the user as it is now, or :class:`UserError`."""
-        with self._lock:  # assignments are this module's own text; values are bound
+        with self._locked():  # assignments are this module's own text; values are bound
             changed = self._conn().execute(f"UPDATE users SET {assignments} WHERE name = ?", (*values, name)).rowcount
         if not changed:
             raise UserError(f"no user called {name!r}")
@@ -371,7 +401,7 @@ class UserStore:
         name, old_hash = row[0], row[1]
         new_hash = self._hash(password)
         try:
-            with self._lock:
+            with self._locked():
                 replaced = self._conn().execute(
                     "UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
                     (new_hash, name, old_hash)).rowcount

@@ -8,8 +8,10 @@ import re
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,6 +201,43 @@ def test_store_is_thread_safe(store: UserStore) -> None:
         t.join()
     assert errors == []
     assert len(store.list()) == 16
+
+
+@pytest.mark.parametrize("use", [
+    pytest.param(lambda store: store.get("alice"), id="get"),
+    pytest.param(lambda store: store.verify_password("alice", "pw"), id="verify_password"),
+    pytest.param(lambda store: store.set_roles("alice", ["ops"]), id="set_roles"),
+])
+def test_uses_waiting_for_another_process_s_lock_each_fail_within_the_busy_time(
+        store: UserStore, monkeypatch: pytest.MonkeyPatch, use: Any) -> None:
+    """Queued behind each other, four uses fail within BUSY_SECONDS each, not after 1, 2, 3 and 4 times it."""
+    store.add("alice", "pw")
+    monkeypatch.setattr(users_module, "BUSY_SECONDS", 0.3)
+    holder = sqlite3.connect(store.path, isolation_level=None)  # as `sqlite3 users.sqlite3` with BEGIN EXCLUSIVE
+    holder.execute("BEGIN EXCLUSIVE")
+    took: list[tuple[float, str]] = []
+
+    def attempt() -> None:
+        started = time.monotonic()
+        try:
+            use(store)
+            outcome = "answered"
+        except sqlite3.OperationalError as exc:
+            outcome = str(exc)
+        took.append((time.monotonic() - started, outcome))
+
+    try:
+        threads = [threading.Thread(target=attempt) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [outcome for _, outcome in took] == ["database is locked"] * 4
+    assert max(seconds for seconds, _ in took) < 0.55
+    assert store.get("alice") is not None  # and the next use, the lock gone, is answered
 
 
 def test_store_file_is_shared_between_instances(tmp_path: Path) -> None:
