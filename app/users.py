@@ -328,12 +328,14 @@ class UserStore:
     def _update(self, name: str, assignments: str, *values: object) -> User:
         """``UPDATE users SET <assignments>`` for ``name``; the user as it is now, or :class:`UserError`."""
         with self._locked():  # assignments are this module's own text; values are bound
-            changed = self._conn().execute(f"UPDATE users SET {assignments} WHERE name = ?", (*values, name)).rowcount
-        if not changed:
+            db = self._conn()
+            changed = db.execute(f"UPDATE users SET {assignments} WHERE name = ?", (*values, name)).rowcount
+            # Read back on the same connection: a `users remove` of another process may land in between.
+            row = db.execute("SELECT name, password_hash, roles, created_at, credentials_at FROM users "
+                             "WHERE name = ?", (name,)).fetchone() if changed else None
+        if row is None:
             raise UserError(f"no user called {name!r}")
-        user = self.get(name)
-        assert user is not None
-        return user
+        return _user(row)
 
     def set_role(self, name: str, role: str) -> User:
         """Make ``role`` the user's only role."""

@@ -162,6 +162,30 @@ def test_set_roles(store: UserStore) -> None:
         store.set_roles("bob", ["admin"])
 
 
+@pytest.mark.parametrize("change", ["set_roles", "set_password"])
+def test_a_user_removed_as_a_change_lands_is_no_user_not_a_crash(store: UserStore, monkeypatch: pytest.MonkeyPatch,
+                                                                 change: str) -> None:
+    """`users remove` of another process between the change and its reading back: no user, not a traceback."""
+    store.add("alice", "pw")
+    real = store._conn
+
+    class RemovedMeanwhile:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+            cursor = self.db.execute(sql, params)
+            if sql.startswith("UPDATE users"):
+                other = sqlite3.connect(store.path, isolation_level=None)
+                other.execute("DELETE FROM users WHERE name = 'alice'")
+                other.close()
+            return cursor
+
+    monkeypatch.setattr(store, "_conn", lambda: RemovedMeanwhile(real()))
+    with pytest.raises(UserError, match=r"^no user called 'alice'$"):
+        getattr(store, change)("alice", "pw-2" if change == "set_password" else ["admin"])
+
+
 @pytest.mark.parametrize(
     ("name", "password", "roles", "message"),
     [
