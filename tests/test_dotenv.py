@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -163,3 +164,17 @@ def test_a_file_of_secrets_others_can_read_is_named(tmp_path: Path, monkeypatch:
     assert err == (expected if warned else "")
     assert "abc" not in err
     assert os.environ.get("JWT_SECRET") == ("abc" if "JWT_SECRET" in text else None)
+
+
+def test_the_env_file_of_the_production_guide_is_not_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/production.md's .env, with the mode it is given there, reads without a warning."""
+    doc = (ROOT / "docs" / "production.md").read_text()
+    modes = re.findall(r"(?:-m|chmod) (0[0-7]{3}) (?:/dev/null )?/etc/wsgistack/\.env", doc)
+    assert len(modes) == 1, modes
+    monkeypatch.delenv("JWT_SECRET", raising=False)
+    path = tmp_path / ".env"
+    path.write_text("JWT_SECRET=abc\n")
+    path.chmod(int(modes[0], 8))
+    load_dotenv(str(path))
+    assert capsys.readouterr().err == ""
