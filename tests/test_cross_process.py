@@ -575,6 +575,19 @@ def access_log(servers: Pair, request_id: str) -> list[tuple[str, str]]:
 
 @pytest.mark.redis
 @NEEDS_CURL
+@pytest.mark.parametrize(("path", "streams"), [
+    ("/api/v1/search/stream", True),
+    ("/api/v2/search/stream", True),
+    ("/api/search/stream", True),  # the version from X-API-Version or Accept: the same stream
+    ("/api/v1/search", False),
+    ("/api/v1/search/stream/x", False),
+])
+def test_the_docs_nginx_gives_every_spelling_of_the_stream_its_location(path: str, streams: bool) -> None:
+    """Its unbuffered location with the long read timeout (events may be a minute apart)."""
+    [pattern] = re.findall(r"location ~ (\S+) \{[^}]*proxy_buffering off", DOC.read_text(encoding="utf-8"))
+    assert (re.search(pattern, path) is not None) is streams
+
+
 def test_the_walkthrough_through_the_docs_nginx(servers: Pair, nginx: tuple[int, int, Path]) -> None:
     from app.users import UserStore
 
