@@ -998,6 +998,21 @@ def weak_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
                                                  f"guess; {NEW_SECRET}", severity="warning")
 
 
+def shared_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """One secret given to two layers (``SESSION_SECRET`` and ``JWT_SECRET`` set alike): each signs its own
+    kind of thing, and a key that signs both makes a leak or misuse of one the other's too."""
+    first: dict[str, tuple[int, tuple[str | int, ...]]] = {}  # secret -> (the layer that has it, where)
+    for index, spec in enumerate(specs):
+        if spec.implicit or not spec.path:
+            continue
+        where = (*spec.path, spec.name)
+        for path, secret in _secrets_in(data_at(cfg.document, where), where):
+            seen = first.setdefault(secret, (index, path))
+            if seen[0] != index:  # (a layer's own fallbacks may repeat its key while it is rotated)
+                yield cfg.document.problem(path, f"the same secret as {dotted(seen[1])}: give each layer a key of "
+                                                 f"its own; {NEW_SECRET}", severity="warning")
+
+
 def empty_pipeline(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     """No layer listed (``pipeline: []``, ``pipeline:`` or no ``pipeline`` at all): the app is served bare."""
     if not cfg.pipeline:
@@ -1009,6 +1024,7 @@ def empty_pipeline(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
 RULES: list[Rule] = [
     empty_pipeline,
     weak_secrets,
+    shared_secrets,
     errors_outermost,
     cache_outside_private,
     ratelimit_keys,

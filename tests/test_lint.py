@@ -868,6 +868,27 @@ def test_a_random_secret_is_not_warned(secret: str) -> None:
     assert problems(f"pipeline:\n  - errors: {{}}\n  - session: {{secret_key: {secret}}}\n") == []
 
 
+@pytest.mark.parametrize(("layers", "expected"), [
+    pytest.param(f"  - session: {{secret_key: {SECRET}}}\n  - auth: {{secret: {SECRET}}}\n",
+                 ["stack.yaml:6:20 warning: pipeline[2].auth.secret: the same secret as "
+                  "pipeline[1].session.secret_key"],
+                 id="the session's key and the tokens'"),
+    pytest.param(f"  - session: {{secret_key: {SECRET}}}\n  - csrf: {{secret_key: {SECRET}}}\n",
+                 ["stack.yaml:6:24 warning: pipeline[2].csrf.secret_key: the same secret as "
+                  "pipeline[1].session.secret_key"], id="the session's and csrf's"),
+    pytest.param(f"  - session: {{secret_key: {SECRET}, secret_key_fallbacks: [{SECRET}]}}\n", [],
+                 id="one layer's own key among its fallbacks (a rotation under way)"),
+    pytest.param(f"  - session: {{secret_key: {SECRET}}}\n  - auth: {{secret: {SECRET[::-1]}}}\n", [],
+                 id="keys of their own"),
+])
+def test_one_secret_for_two_layers_is_warned(layers: str, expected: list[str]) -> None:
+    found = problems(f"pipeline:\n  - errors: {{}}\n{layers}")
+    assert [line.split(": give each")[0] for line in found if "the same secret" in line] == expected
+    assert all(line.endswith(": give each layer a key of its own; generate one with: python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'") for line in found if "the same secret" in line)
+    assert not any(SECRET in line for line in found)  # (the masking: the secret itself is never shown)
+
+
 def test_a_rate_limit_key_is_no_secret_to_judge() -> None:
     found = problems("pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second'], key: 'header:aaaaaaaaaaaa'}\n")
     assert not [line for line in found if "the secret" in line], found
