@@ -946,6 +946,9 @@ def build(
                 ahead.through(preview, spec.scope, spec.label)
             if getattr(layer, "rewrites_path", False):  # the path rules of the layers outside see its rewrite
                 context.path_rewrites.append(_within(preview, spec.scope))
+                alternatives = getattr(layer, "alternative_paths", None)
+                if callable(alternatives):
+                    context.path_alternatives.append(_within_all(alternatives, spec.scope))
         instances.append(layer)
         if not _builtin(spec):
             layer = _Primer(layer)
@@ -979,6 +982,14 @@ def _within(preview: Callable[[WSGIEnvironment], dict[str, Any] | None],
     if not scope:
         return preview
     return lambda environ: preview(environ) if scope.matches(environ) else {}
+
+
+def _within_all(alternatives: Callable[[WSGIEnvironment], tuple[str, ...]],
+                scope: Any) -> Callable[[WSGIEnvironment], tuple[str, ...]]:
+    """``alternatives``, none for requests outside the layer's ``scope``."""
+    if not scope:
+        return alternatives
+    return lambda environ: alternatives(environ) if scope.matches(environ) else ()
 
 
 def _build_problem(doc: Document, spec: LayerSpec, exc: BaseException) -> Problem:

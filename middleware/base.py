@@ -414,6 +414,9 @@ class Context:
     #: The path rewrites of the layers built so far (the ones inside the layer being built), innermost
     #: first: see :func:`routed_path`.  The builder adds a layer whose ``rewrites_path`` is true.
     path_rewrites: list[Callable[[WSGIEnvironment], dict[str, Any] | None]] = field(default_factory=list)
+    #: Of the same layers, ``alternative_paths(environ)``: every ``PATH_INFO`` a request for the URL may
+    #: be routed to, whatever the headers it is sent with say (versioning's, for CORS preflights).
+    path_alternatives: list[Callable[[WSGIEnvironment], tuple[str, ...]]] = field(default_factory=list)
 
     def path(self, value: str) -> str:
         """A file an option names: ``~`` expanded, a relative one against the stack file's folder.

@@ -354,8 +354,11 @@ class CORSMiddleware:
             for rule in options.rules
         ]
         self.rewrites = rewrites_inside(context)  # versioning inside: a rule holds for the path it routes to
+        # ...and a preflight, which carries no version header, for every path the real request may reach
+        self.alternatives = tuple(context.path_alternatives)
         #: The policy of a request whose two spellings pick two policies (rules), by their places.
         self.both: dict[tuple[int, int], _Policy] = {}
+        self.both_alternatives: dict[tuple[int, int], _Policy] = {}  # (id of a policy, a rule's place) -> both
 
     @staticmethod
     def lint(options: CORSOptions) -> list[str]:
@@ -413,6 +416,27 @@ class CORSMiddleware:
                     return both
         return self._at(place)
 
+    def _preflight_policy(self, environ: WSGIEnvironment, policy: _Policy) -> _Policy:
+        """``policy`` met with the rules of every path the real request may be routed to.
+
+        A preflight carries neither the version header's value nor the page's ``Accept``:
+        ``OPTIONS /api/x`` is judged with ``/api/v1/x``, the default's, and the request may then
+        name v2 (``X-API-Version``, a vendor ``Accept``, which needs no preflight).  What it is
+        granted, every version's rule must grant.
+        """
+        if not self.rules:
+            return policy
+        places = {self._place(decoded_path({"PATH_INFO": path}))
+                  for alternatives in self.alternatives for path in alternatives(environ)}
+        places -= {self._place(decoded_path(environ)), self._place(routed_path(environ, self.rewrites))}  # (met)
+        for place in sorted(places):
+            key = (id(policy), place)
+            both = self.both_alternatives.get(key)
+            if both is None:
+                both = self.both_alternatives[key] = _Both(policy, self._at(place))
+            policy = both
+        return policy
+
     def _place(self, path: str) -> int:
         """The index of the first rule matching ``path``; -1 for the top level."""
         for i, (pattern, _) in enumerate(self.rules):
@@ -425,6 +449,8 @@ class CORSMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         policy = self._policy(environ)
+        if self.alternatives and _ACRM in environ and environ["REQUEST_METHOD"] == "OPTIONS":
+            policy = self._preflight_policy(environ, policy)
         if not policy.active:
             return self.app(environ, start_response)
         origin = environ.get("HTTP_ORIGIN")

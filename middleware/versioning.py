@@ -286,6 +286,7 @@ class VersioningMiddleware:
         self.precedence = options.precedence
         self.use_header = "header" in options.precedence
         self.use_accept = "accept" in options.precedence
+        self._accept_over_url = self.use_accept and options.precedence.index("accept") < options.precedence.index("url")
         # The request headers a choice depended on: those of the sources ranked above the
         # deciding one (each named no version, or the deciding one would not have decided)
         # and its own.  A caller that stored a response without them could serve it to a
@@ -371,6 +372,26 @@ class VersioningMiddleware:
                 answer = {API_VERSION: chosen[0], "PATH_INFO": chosen[2]}
         environ[self._previewed] = (path, header, accept, answer, chosen)
         return answer
+
+    def alternative_paths(self, environ: WSGIEnvironment) -> tuple[str, ...]:
+        """Every ``PATH_INFO`` a request for this URL may be routed to, whatever version headers it sends.
+
+        For a CORS preflight, which carries none of them (a vendor ``Accept`` needs no preflight):
+        the real request may name any supported version.  Empty when the URL's own version holds
+        (a header that disagrees is refused) or the path is not under the prefix.
+        """
+        if not (self.use_header or self.use_accept):
+            return ()
+        path = one_leading_slash(environ.get("PATH_INFO", ""))
+        if path != self.prefix and not path.startswith(self.prefix_slash):
+            return ()
+        rest = path[len(self.prefix_slash):]
+        segment = rest.partition("/")[0]
+        named = segment in self.supported or segment.lower() in self.supported
+        if named and not self._accept_over_url:
+            return ()
+        tail = rest[len(segment):] if named else ("/" + rest if path != self.prefix else "")
+        return tuple(f"{self.prefix_slash}{version}{tail}" for version in self.listed)
 
     def _chosen(self, environ: WSGIEnvironment) -> tuple[str, str, str | None] | None:
         """:meth:`_choose`, or what a preview of this very request worked out already."""

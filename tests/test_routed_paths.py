@@ -208,18 +208,55 @@ def test_the_rule_each_spelling_picks(layers: str, path: str, headers: dict[str,
     assert answers[0].headers.get("RateLimit-Limit") == limit
 
 
-def test_a_preflight_whose_spellings_pick_two_rules_gets_what_both_grant() -> None:
+@pytest.mark.parametrize(("precedence", "alone"), [
+    pytest.param("[url, header, accept]", "600", id="the URL's version holds: the top level alone"),
+    pytest.param("[accept, url, header]", "30",
+                 id="a media type may outrank the URL's version: every version's rule, whatever was asked"),
+])
+def test_a_preflight_whose_spellings_pick_two_rules_gets_what_both_grant(precedence: str, alone: str) -> None:
     """The shorter max_age, and private network access only when both rules give it."""
     layers = CORS.format(extra="max_age: 600\n      allow_private_network: true\n"
                                "      rules: [{paths: [/api/v2/*], max_age: 30, allow_private_network: false}]")
-    accept_first = "  - versioning: {supported: [v1, v2], default: v2, precedence: [accept, url, header]}\n"
-    app = TestApp(build_from_text(HEAD + layers + accept_first).app)
+    versioning = f"  - versioning: {{supported: [v1, v2], default: v2, precedence: {precedence}}}\n"
+    app = TestApp(build_from_text(HEAD + layers + versioning).app)
     asked = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "GET"}
-    alone = app.options("/api/v1/config", headers={**asked, "Access-Control-Request-Private-Network": "true"})
-    assert (alone.status_int, alone.headers["Access-Control-Max-Age"]) == (204, "600")  # the top level alone
-    both = {**asked, "Accept": "application/vnd.wsgistack.v2+json"}  # /api/v1/config served as v2 (rule 0)
-    assert app.options("/api/v1/config", headers=both).headers["Access-Control-Max-Age"] == "30"
-    app.options("/api/v1/config", headers={**both, "Access-Control-Request-Private-Network": "true"}, status=403)
+    first = app.options("/api/v1/config", headers={**asked, "Access-Control-Request-Private-Network": "true"},
+                        expect_errors=True)
+    assert (first.status_int, first.headers.get("Access-Control-Max-Age")) == \
+        ((204, "600") if alone == "600" else (403, None))
+    assert app.options("/api/v1/config", headers=asked).headers["Access-Control-Max-Age"] == alone
+    both = {**asked, "Accept": "application/vnd.wsgistack.v2+json"}  # /api/v1/config served as v2 when accept first
+    assert app.options("/api/v1/config", headers=both).headers["Access-Control-Max-Age"] == alone
+    app.options("/api/v2/config", headers={**both, "Access-Control-Request-Private-Network": "true"}, status=403)
+
+
+NARROWER_ON_V2 = """  - cors:
+      origins: ["https://app.example.org"]
+      allow_methods: [GET, DELETE]
+      allow_headers: [X-API-Version]
+      rules: [{paths: ["/api/v2/*"], allow_methods: [GET]}]
+"""
+
+
+@pytest.mark.parametrize(("path", "headers", "status"), [
+    pytest.param("/api/v2/config", {}, 403, id="the rule's own spelling"),
+    pytest.param("/api/config", {"Access-Control-Request-Headers": "x-api-version"}, 403,
+                 id="no version in the URL, the header to come: any version may be named"),
+    pytest.param("/api/config", {}, 403, id="no version and no header asked: a vendor Accept needs no preflight"),
+    pytest.param("/api/v1/config", {}, 204, id="the URL's version holds: v1 allows DELETE"),
+    pytest.param("/other", {}, 204, id="outside the prefix: the top level"),
+])
+def test_a_preflight_meets_the_rule_of_every_version_the_request_may_name(path: str, headers: dict[str, str],
+                                                                          status: int) -> None:
+    """A preflight carries no version header's value: what it grants, every version's rule must grant."""
+    v1_default = "  - versioning: {supported: [v1, v2], default: v1}\n"  # /api/config is /api/v1/config
+    app = TestApp(build_from_text(HEAD + NARROWER_ON_V2 + v1_default).app)
+    asked = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "DELETE", **headers}
+    response = app.options(path, headers=asked, status=status)
+    if status == 204:
+        assert response.headers["Access-Control-Allow-Methods"] == "GET, DELETE"
+    granted = app.options(path, headers={"Origin": "https://app.example.org", "Access-Control-Request-Method": "GET"})
+    assert granted.status_int == 204  # what every version allows is granted
 
 
 @pytest.mark.parametrize(("scope", "path", "applies"), [
