@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import ROUTE, Context, LayerOptions, refuse
+from .base import ROUTE, Context, LayerOptions, one_leading_slash, refuse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -106,7 +106,9 @@ class HealthMiddleware:
         self._pending: dict[str, _Check] = {}  # each store's health check still out, which probes share
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO")
+        path = environ.get("PATH_INFO") or ""
+        if path[:2] == "//":  # leading slashes count as one, as the router counts them (gunicorn passes them on)
+            path = one_leading_slash(path)
         if path != self.liveness and path != self.readiness:
             return self.app(environ, start_response)
         environ[ROUTE] = path  # a fixed label for metrics

@@ -68,6 +68,7 @@ from .base import (
     address_in,
     decorate_error,
     networks,
+    one_leading_slash,
     refuse,
     rewrites_inside,
     routed_path,
@@ -258,7 +259,8 @@ class MetricsMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.shared.pending:
             self.shared.start()
-        if environ.get("PATH_INFO") == self.path:
+        path = environ.get("PATH_INFO") or ""
+        if path == self.path or (path[:2] == "//" and one_leading_slash(path) == self.path):
             return self._expose(environ, start_response)
         if self.timing:
             return self._timed(environ, start_response)

@@ -107,6 +107,14 @@ def test_probe_paths_are_below_the_mount_point(make: Callable[..., TestApp], inn
     assert inner.seen == []
 
 
+@pytest.mark.parametrize("path_info", ["//healthz", "///readyz"])
+def test_leading_slashes_count_as_one(make: Callable[..., TestApp], inner: Recorder, path_info: str) -> None:
+    """As the router counts them: Waitress merges them itself, gunicorn passes them on."""
+    app = make()
+    assert app.get("/", extra_environ={"PATH_INFO": path_info}).json["status"] == "ok"
+    assert inner.seen == []
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_head_has_headers_and_no_body(make: Callable[..., TestApp], path: str) -> None:
     app = make()

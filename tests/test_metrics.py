@@ -492,6 +492,16 @@ def test_exposition_never_enters_the_app(make: Callable[..., Any]) -> None:
     assert app.get("/internal/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.5"}, status=403)
 
 
+def test_leading_slashes_count_as_one_for_the_exposition(make: Callable[..., Any]) -> None:
+    """As the router counts them (gunicorn passes them on): //metrics is the exposition, and as guarded."""
+    def app_that_must_not_run(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        raise AssertionError("the app was entered")
+
+    app, _ = make(app_that_must_not_run)
+    assert app.get("/", extra_environ={"PATH_INFO": "//metrics", "REMOTE_ADDR": "127.0.0.1"}).status_int == 200
+    app.get("/", extra_environ={"PATH_INFO": "//metrics", "REMOTE_ADDR": "203.0.113.5"}, status=403)
+
+
 def test_scrapes_are_not_counted_and_refused_ones_are(make: Callable[..., Any]) -> None:
     app, _ = make()
     loopback = {"REMOTE_ADDR": "127.0.0.1"}

@@ -600,6 +600,15 @@ def test_statuses_are_counted(make: Callable[..., tuple[TestApp, OperatorPageMid
     assert data["requests"] == {"total": 5, "by_status": {"3xx": 1, "4xx": 3, "5xx": 1}}
 
 
+def test_leading_slashes_count_as_one(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
+                                     inner: Recorder) -> None:
+    """As the router counts them (gunicorn passes them on): //_stack/data.json is the page's, and as guarded."""
+    app, _ = make()
+    assert "requests" in app.get("/", extra_environ={"PATH_INFO": "//_stack/data.json"}).json
+    app.get("/", extra_environ={"PATH_INFO": "//_stack/data.json", "REMOTE_ADDR": "203.0.113.5"}, status=403)
+    assert inner.seen == []
+
+
 def test_a_status_replaced_before_the_body_is_counted_as_the_one_sent(
         make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
     """PEP 3333: an app may call start_response again with exc_info until the headers go out."""
