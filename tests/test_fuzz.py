@@ -1,23 +1,32 @@
 """Fuzz the full stack in-process: whatever arrives, the answer is well-formed and never a 500.
 
 Hypothesis builds requests as Waitress would hand them over (methods, paths
-with percent-encoding and invalid UTF-8, odd and huge header values, broken
-JSON and wrong content types, real and forged tokens and cookies) and runs each
-through every built-in layer and the Flask core, wrapped in
+with percent-encoding and invalid UTF-8, absolute-form targets, odd and huge
+header values, header values about the validation limits, broken JSON, JSON
+nested about ``json_max_depth``, integers about the digit limit, repeated keys,
+multipart bodies and wrong content types, real, forged and near-valid tokens,
+cookies) and runs each through every built-in layer and the Flask core, wrapped in
 ``wsgiref.validate`` (PEP 3333 conformance of both sides).  Each answer must
 be below 500; every refusal must be rendered by the ``errors`` layer
 (``application/problem+json`` carrying the same status); HEAD answers have no
-body; and nothing may log at ERROR (an unhandled exception does).
+body; the header fields are ones Waitress can send (token names, latin-1 values,
+no field that must be single repeated), a ``Content-Length`` is the body's, 204
+and 304 carry no body, a 401 carries ``WWW-Authenticate`` and a 405 ``Allow``;
+and nothing may log at ERROR (an unhandled exception does).
 
 CI runs ``$WSGISTACK_FUZZ_EXAMPLES`` examples (default 150); ``make fuzz`` runs 20000.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import io
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -166,6 +175,7 @@ HEADER_NAMES = [
 ]
 #: What Waitress lets through in a header value: visible ASCII, obs-text, inner spaces and tabs.
 FIELD_CHARS = st.sampled_from([chr(c) for c in [9, *range(0x20, 0x7F), *range(0x80, 0x100)]])
+FIELD_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 TOKEN = st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,24}", fullmatch=True)
 
 
@@ -177,8 +187,40 @@ def huge(chars: str) -> st.SearchStrategy[str]:
     return st.builds(lambda c, n: c * n, st.sampled_from(list(chars)), st.integers(1_000, 70_000))
 
 
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def signed(claims: Any) -> str:
+    """A token signed with the stack's key (HS256) whatever its claims hold (PyJWT's encode checks some)."""
+    text = b64url(b'{"alg":"HS256","typ":"JWT"}') + "." + b64url(json.dumps(claims).encode())
+    return text + "." + b64url(hmac.new(JWT_SECRET.encode(), text.encode(), hashlib.sha256).digest())
+
+
+def near_jwt(fuzzed: Fuzzed) -> st.SearchStrategy[str]:
+    """Tokens one step from valid: a real one with a part swapped or cut, or signed right with odd contents."""
+    head, payload, signature = fuzzed.token.split(".")
+    part = st.one_of(JSON_VALUES, st.fixed_dictionaries({}, optional={
+        "alg": st.sampled_from(["HS256", "none", "HS512", "RS256", ""]) | JSON_VALUES, "kid": JSON_VALUES,
+        "crit": JSON_VALUES, "typ": JSON_VALUES})).map(lambda v: b64url(json.dumps(v).encode()))
+    claims = st.fixed_dictionaries({}, optional={
+        name: JSON_VALUES | st.integers(-(10**20), 10**20) | st.floats(allow_nan=False)
+        for name in ["sub", "roles", "exp", "iat", "nbf", "fam", "typ", "auth_time", "aud", "iss", "jti", "type"]})
+    return st.one_of(
+        st.builds(lambda h: f"{h}.{payload}.{signature}", part),
+        st.builds(lambda p: f"{head}.{p}.{signature}", part),
+        st.builds(lambda n: fuzzed.token[:n], st.integers(0, len(fuzzed.token))),
+        st.builds(lambda c: f"{head}.{payload}.{signature[:-2]}{c}", st.sampled_from(["AA", "A", "==", "."])),
+        st.just(f"{head}.{payload}."), st.just(f"{head}.{payload}"), st.just(fuzzed.refresh),
+        st.builds(signed, claims),
+    )
+
+
 def header_value(fuzzed: Fuzzed) -> st.SearchStrategy[str]:
     jwtish = st.builds(lambda a, b, c: f"{a}.{b}.{c}", *[st.from_regex(r"[A-Za-z0-9_=-]{0,40}", fullmatch=True)] * 3)
+    cookie_part = st.sampled_from([f"wsgistack_session={fuzzed.cookie}", "wsgistack_session=x", "$Version=1",
+                                   'wsgistack_session="a b"', "=", "a", ";", " ", "wsgistack_session",
+                                   "wsgistack_session=\\"])
     return st.one_of(
         field_text(),
         huge("a,;= \xff"),
@@ -195,6 +237,10 @@ def header_value(fuzzed: Fuzzed) -> st.SearchStrategy[str]:
             'for="[2001:db8::1]:4711"', "gzip, br", "bytes=0-10", "100-continue", "chunked", "W/\"x\"", "*",
         ]),
         st.builds(lambda j: f"Bearer {j}", jwtish),
+        st.builds(lambda s, j: f"{s} {j}", st.sampled_from(["Bearer", "bearer", "BEARER", "Bearer ", "Bearer\t"]),
+                  near_jwt(fuzzed)),
+        st.lists(cookie_part, min_size=2, max_size=4).map("; ".join),
+        st.builds(lambda c, n: c * n, st.sampled_from(list("a,;=")), st.integers(8_150, 8_250)),
         st.builds(lambda v: f"wsgistack_session={v}", field_text(60)),
     )
 
@@ -220,6 +266,17 @@ def body() -> st.SearchStrategy[bytes]:
             b'{"refresh_token": "a.b.c"}', b"username=alice&password=x",
         ]),
         st.builds(lambda b, n: b * n, st.sampled_from([b"x", b"{", b"\x00"]), st.integers(10_000, 70_000)),
+        st.builds(lambda o, c, n, v: o * n + v + c * n, st.sampled_from([b"[", b'{"a":']),
+                  st.sampled_from([b"]", b"}"]), st.integers(28, 36), st.sampled_from([b"1", b"{}", b"[]", b""])),
+        st.builds(lambda n, d: b'{"username": ' + b"-" * (n % 2) + b"9" * d + b', "password": "x"}',
+                  st.integers(0, 1), st.integers(4_295, 4_305)),
+        st.builds(lambda k, v: b'{"%s": %s, "%s": %s}' % (k, v, k, v), st.sampled_from([b"username", b"refresh_token",
+                                                                                     b"", b"\\u0000"]),
+                  st.sampled_from([b'"alice"', b"1", b"null"])),
+        st.builds(lambda b, parts: b"".join(b"--" + b + b"\r\nContent-Disposition: form-data; name=\"" + n
+                                            + b"\"\r\n\r\n" + v + b"\r\n" for n, v in parts) + b"--" + b + b"--\r\n",
+                  st.just(b"x"), st.lists(st.tuples(st.sampled_from([b"username", b"refresh_token", b"a"]),
+                                                    st.binary(max_size=20)), max_size=3)),
     )
 
 
@@ -242,7 +299,9 @@ def query_bytes() -> st.SearchStrategy[bytes]:
         lambda pairs: b"&".join(quote_from_bytes(k).encode() + b"=" + quote_from_bytes(v).encode() for k, v in pairs))
     raw = st.binary(max_size=60).map(lambda b: bytes(c for c in b if c >= 0x21 and c != 0x23))
     return st.one_of(encoded, raw, st.sampled_from([b"q=%", b"q=%zz", b"q=%ff%fe", b"q=" + b"a" * 3000,
-                                                      b"q=json&q=xml", b"&&&", b"q"]))
+                                                      b"q=json&q=xml", b"&&&", b"q",
+                                                      b"q=json&q=", b"=&=", b"q=%00", b"q=json&page=2&page=",
+                                                      b"q=json;page=2", b"q=json&" * 300]))
 
 
 WORDS = st.sampled_from(["json", "decode", "dumps", "ünïcode", "a b", "x" * 50, "'; DROP TABLE x; --",
@@ -275,8 +334,10 @@ def plausible(fuzzed: Fuzzed) -> st.SearchStrategy[dict[str, Any]]:
         st.builds(lambda p, h: req("GET", p, b"", h), st.sampled_from(
             ["/api/v1/health", "/api/v2/config", "/healthz", "/readyz", "/metrics", "/_stack", "/_stack/data.json",
              "/_stack/app.js"]), credentials),
-        st.builds(lambda b, h: req("POST", "/auth/login", b"", [json_type, *h], json.dumps(b).encode()), login,
-                  st.lists(origin, max_size=1)),
+        # From many addresses: the login rule's 5 a minute would otherwise keep nearly all of them from the app.
+        st.builds(lambda b, h, n: req("POST", "/auth/login", b"", [json_type, ("X-Forwarded-For", f"198.51.100.{n}"),
+                                                                   *h], json.dumps(b).encode()),
+                  login, st.lists(origin, max_size=1), st.integers(0, 255)),
         st.builds(lambda t, h: req("POST", "/auth/refresh", b"", [json_type, *h],
                                    json.dumps({"refresh_token": t}).encode()),
                   st.sampled_from([fuzzed.refresh, "x", "a.b.c", "\ud800", "é.\u2028.x"]),
@@ -293,7 +354,8 @@ def plausible(fuzzed: Fuzzed) -> st.SearchStrategy[dict[str, Any]]:
 def mutated(draw: st.DrawFn, fuzzed: Fuzzed) -> dict[str, Any]:
     """A plausible request with up to three things made strange."""
     req = dict(draw(plausible(fuzzed)))
-    for change in draw(st.lists(st.sampled_from(["header", "path", "query", "method", "body", "huge"]), max_size=3)):
+    changes = ["header", "path", "query", "method", "body", "huge", "target"]
+    for change in draw(st.lists(st.sampled_from(changes), max_size=3)):
         if change == "header":
             name = draw(st.sampled_from(HEADER_NAMES) | TOKEN)
             req["headers"] = [*req["headers"], (name, draw(header_value(fuzzed)))]
@@ -302,10 +364,12 @@ def mutated(draw: st.DrawFn, fuzzed: Fuzzed) -> dict[str, Any]:
         elif change == "query":
             req["query"] = draw(query_bytes())
         elif change == "method":
-            req["method"] = draw(st.sampled_from(METHODS) | TOKEN.map(str.upper))
+            req["method"] = draw(st.sampled_from(METHODS) | TOKEN.map(str.upper) | TOKEN)
         elif change == "body":
             req["body"] = draw(body())
             req["headers"] = [*req["headers"], ("Content-Type", draw(header_value(fuzzed)))]
+        elif change == "target":
+            req["target"] = draw(TARGET_PREFIX)
         else:
             req["headers"] = [*req["headers"], (draw(st.sampled_from(HEADER_NAMES)), draw(huge("a,; \xff")))]
     return req
@@ -317,7 +381,13 @@ def wild(draw: st.DrawFn, fuzzed: Fuzzed) -> dict[str, Any]:
     method = draw(st.sampled_from(METHODS) | TOKEN.map(str.upper))
     headers = draw(st.lists(st.tuples(st.sampled_from(HEADER_NAMES) | TOKEN, header_value(fuzzed)), max_size=6))
     return {"method": method, "path": draw(path_bytes()), "query": draw(query_bytes()), "headers": headers,
-            "body": draw(body())}
+            "body": draw(body()), "target": draw(st.none() | TARGET_PREFIX)}
+
+
+#: The absolute form of a request target (RFC 9112 §3.2.2), which Waitress passes on in REQUEST_URI.
+TARGET_PREFIX = st.sampled_from(["http://127.0.0.1:8889", "https://app.example.org", "HTTP://x", "http://", "ftp://x",
+                                 "http://a@b", "http://[::1", "http://x:99999999999999999999", "http://\xff",
+                                 "http://x%00y", "//x"])
 
 
 def requests(fuzzed: Fuzzed) -> st.SearchStrategy[dict[str, Any]]:
@@ -327,10 +397,11 @@ def requests(fuzzed: Fuzzed) -> st.SearchStrategy[dict[str, Any]]:
 # ---------------------------------------------------------------- running one request
 
 
-def environ_for(method: str, path: bytes, query: bytes, headers: list[tuple[str, str]], data: bytes) -> dict[str, Any]:
-    """The environ Waitress would build for this request (from 127.0.0.1)."""
+def environ_for(method: str, path: bytes, query: bytes, headers: list[tuple[str, str]], data: bytes,
+                target: str | None = None) -> dict[str, Any]:
+    """The environ Waitress would build for this request (from 127.0.0.1); ``target``: an absolute form's start."""
     path_info = "/" + path.decode("latin-1").lstrip("/")  # Waitress collapses leading slashes
-    uri = quote_from_bytes(path, safe="/%") + ("?" + query.decode("latin-1") if query else "")
+    uri = (target or "") + quote_from_bytes(path, safe="/%") + ("?" + query.decode("latin-1") if query else "")
     environ: dict[str, Any] = {
         "REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path_info, "QUERY_STRING": query.decode("latin-1"),
         "REQUEST_URI": uri, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8889", "SERVER_PROTOCOL": "HTTP/1.1",
@@ -380,11 +451,24 @@ def check(fuzzed: Fuzzed, error_records: ErrorRecords, req: dict[str, Any]) -> i
     if any(TOKEN_MARK in value for _, value in headers):  # a token (and its record) only where one is sent
         token = fuzzed.tokens.issue("alice", ["admin"])["access_token"]
         headers = [(name, value.replace(TOKEN_MARK, token)) for name, value in headers]
-    environ = environ_for(req["method"], req["path"], req["query"], headers, req["body"])
+    environ = environ_for(req["method"], req["path"], req["query"], headers, req["body"], req.get("target"))
     status, response_headers, body = run(fuzzed.built.app, environ)
     errors = [r.getMessage() for r in error_records.records]
     assert not errors, errors
     assert status < 500, (status, body[:500])
+    for name, value in response_headers:  # what Waitress can write (RFC 9110 §5.1, §5.5; PEP 3333: latin-1)
+        assert FIELD_NAME.fullmatch(name), name
+        value.encode("latin-1")
+    names = [k.lower() for k, _ in response_headers]
+    for single in ("content-type", "content-length", "location", "etag", "retry-after"):
+        assert names.count(single) <= 1, (single, response_headers)
+    assert status != 401 or "www-authenticate" in names, response_headers  # RFC 9110 §15.5.2
+    assert status != 405 or "allow" in names, response_headers  # RFC 9110 §15.5.6
+    length = next((v for k, v in response_headers if k.lower() == "content-length"), None)
+    if status in NO_BODY:
+        assert body == b"" and length in (None, "0"), (status, length, body[:100])
+    elif length is not None and req["method"] != "HEAD":
+        assert int(length) == len(body), (status, length, len(body))
     content_type = next((v for k, v in response_headers if k.lower() == "content-type"), "")
     if req["method"] == "HEAD":
         assert body == b""
