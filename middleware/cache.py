@@ -96,6 +96,8 @@ _GLOB = re.compile(r"[*?\[]")
 _UNSTORED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                        "trailer", "transfer-encoding", "upgrade", "age", "x-cache"})
 Headers = list[tuple[str, str]]
+#: Answers only the request's own headers made (its conditions, its Range): another request's may be stored.
+_ITS_OWN = frozenset({"304", "412", "206", "416"})
 # What a 304 carries of the stored response (RFC 9110 §15.4.5): no body, and nothing that describes one.
 _SENT_WITH_304 = frozenset({"cache-control", "content-location", "date", "etag", "expires", "last-modified",
                             "vary"})
@@ -280,8 +282,9 @@ class _Fill:
             plan = None if personal else self.layer._plan(status, headers, self.subject)
             if plan is None or not self.keep:
                 # Waiters elsewhere ask the app at once when no one's answer could be stored; not when only
-                # this request's could not (its own 304 or 412, an answer made from its session).
-                self.release(peers_ask=not personal and status[:3] not in ("304", "412"))
+                # this request's could not (its own 304 or 412, the 206 or 416 of its Range, an answer made
+                # from its session).
+                self.release(peers_ask=not personal and status[:3] not in _ITS_OWN)
                 if plan is not None and self._holds(status, headers, plan):  # a HEAD: the 304 a GET would get
                     return self._not_modified(start_response, headers, exc_info)
                 return start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)

@@ -1599,6 +1599,10 @@ class PersonalFor(Origin):
                  id="its own 304 (as Flask's send_file answers)"),
     pytest.param(lambda: AnswersItself("HTTP_IF_MATCH", "412 Precondition Failed"), {"If-Match": '"nope"'}, 412,
                  id="its own 412"),
+    pytest.param(lambda: AnswersItself("HTTP_RANGE", "206 Partial Content"), {"Range": "bytes=0-3"}, 206,
+                 id="its own 206 (the range it asked for)"),
+    pytest.param(lambda: AnswersItself("HTTP_RANGE", "416 Range Not Satisfiable"), {"Range": "bytes=999-"}, 416,
+                 id="its own 416"),
     pytest.param(PersonalFor, {"X-Personal": "1"}, 200, id="an answer made for its session"),
 ])
 def test_only_the_leaders_own_unstorable_answer_keeps_single_flight(store: Store, made: Callable[[], Origin],
