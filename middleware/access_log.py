@@ -40,7 +40,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import model_validator
 from werkzeug.exceptions import HTTPException
 
-from .base import IDENTITY, RENDER_ERROR, REQUEST_ID, Context, LayerOptions, client_ip, not_a_path, on_rendered
+from .base import (
+    IDENTITY,
+    RENDER_ERROR,
+    REQUEST_ID,
+    Context,
+    LayerOptions,
+    client_ip,
+    not_a_path,
+    on_rendered,
+    refusal_status,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -161,7 +171,7 @@ class AccessLogMiddleware:
             if exchange.sent:  # write() sent the status and some body: too late to render, it stays
                 exchange.error = type(exc).__name__
             elif isinstance(exc, HTTPException):
-                exchange.status = _refusal_status(exc)
+                exchange.status = refusal_status(exc)
             else:
                 exchange.status, exchange.error = 500, type(exc).__name__
             if not exchange.sent and RENDER_ERROR in environ:  # errors outside renders it
@@ -385,7 +395,7 @@ class _Exchange:
             self.sent += taken
             if not started and not self.sent:  # nothing went out yet, the headers neither
                 if deferred and isinstance(exc, HTTPException):  # errors renders the refusal
-                    self.status, self.streaming = _refusal_status(exc), False
+                    self.status, self.streaming = refusal_status(exc), False
                     if RENDER_ERROR in self.environ:
                         self.await_render(exc)
                     raise
@@ -449,14 +459,6 @@ class _Exchange:
                     close()
             finally:
                 self.layer.write(self)
-
-
-def _refusal_status(exc: HTTPException) -> int:
-    """The status the errors layer renders for ``exc``: that of the response it carries, else its code, else 500."""
-    own = getattr(exc, "response", None)
-    if own is not None and hasattr(own, "get_data"):  # abort(Response(...)): errors sends that response
-        return int(own.status_code)
-    return exc.code or 500
 
 
 #: The most one text field takes in a line that would be longer than _ATOMIC_BYTES: nine such

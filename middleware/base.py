@@ -98,6 +98,7 @@ __all__ = [
     "own_origin",
     "parse_origin",
     "read_ahead",
+    "refusal_status",
     "refuse",
     "rendered",
     "resolve_path",
@@ -550,6 +551,18 @@ def decorate_error(exc: BaseException, headers: Iterable[tuple[str, str]]) -> No
         except AttributeError:  # pragma: no cover - exceptions with __slots__
             return
     add_missing(extra, headers)
+
+
+def refusal_status(exc: BaseException) -> int:
+    """The status the ``errors`` layer renders ``exc`` with: that of the response an ``HTTPException``
+    carries (``abort(Response(...))``), else its code, else 500 (any other exception too)."""
+    if isinstance(exc, HTTPException):
+        own = exc.response
+        if own is not None and hasattr(own, "get_data"):
+            return int(own.status_code)
+        if exc.code:
+            return exc.code
+    return 500
 
 
 def on_rendered(exc: BaseException, callback: Callable[[int, int], None]) -> bool:

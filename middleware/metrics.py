@@ -54,7 +54,6 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from pydantic import field_validator
-from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_accept_header
 
 from .base import (
@@ -69,6 +68,7 @@ from .base import (
     decorate_error,
     networks,
     one_leading_slash,
+    refusal_status,
     refuse,
     rewrites_inside,
     routed_path,
@@ -1069,11 +1069,5 @@ class _OnFirstChunk:
 
 
 def _exc_status(exc: BaseException) -> str:
-    """The status the errors layer will render an exception with."""
-    if isinstance(exc, HTTPException):
-        own = exc.response  # abort(Response(...)): that response goes out, with its own status
-        if own is not None and hasattr(own, "get_data"):
-            return str(own.status_code)
-        if exc.code:
-            return str(exc.code)
-    return "500"
+    """The status the errors layer will render an exception with, as a status line begins."""
+    return str(refusal_status(exc))

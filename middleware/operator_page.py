@@ -48,7 +48,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
-from werkzeug.exceptions import HTTPException
 
 from stores.base import mask_secrets, secret_value
 
@@ -74,6 +73,7 @@ from .base import (
     normalise_origin,
     one_leading_slash,
     own_origin,
+    refusal_status,
     refuse,
     shown,
 )
@@ -275,7 +275,7 @@ class OperatorPageMiddleware:
 
         def failed(exc: BaseException) -> None:  # raised before the response started: errors renders it
             if not counted[0]:
-                counted[0] = _refused_status(exc)[:1] + "xx"
+                counted[0] = f"{refusal_status(exc) // 100}xx"
                 self._count(counted[0])
 
         try:
@@ -523,18 +523,6 @@ def mask(value: Any, name: str = "") -> Any:
 
 
 # -- small helpers -----------------------------------------------------------
-def _refused_status(exc: BaseException) -> str:
-    """The status the errors layer renders ``exc`` with: that of the response it carries
-    (``abort(Response(...))``), else its code, else 500."""
-    if isinstance(exc, HTTPException):
-        own = exc.response
-        if own is not None and hasattr(own, "get_data"):
-            return str(own.status_code)
-        if exc.code:
-            return str(exc.code)
-    return "500"
-
-
 def _stat(found: tuple[int, float] | None) -> dict[str, Any]:
     count, total = found or (0, 0.0)
     return {"count": count, "total_ms": round(total * 1000, 3),
