@@ -260,14 +260,14 @@ def auth_blueprint(state: AppState) -> Blueprint:
             raise _users_down() from None
         if user is None:
             raise wrong_password(service)  # the password it checked is no longer the user's
-        issued = service.issue(user.name, list(user.roles), issued_at=read_at)
+        issued, fam = service.issue_family(user.name, list(user.roles), issued_at=read_at)
         failures.forget()
         session = request.environ.get(SESSION)
         if session is not None:
             session.rotate(carry=False)  # a new session: nothing of the one before the login goes on
             # With the login's family: a logout with the session alone ends the tokens of this login too.
             session["user"] = {"sub": user.name, "roles": list(user.roles), "iat": read_at,
-                               "fam": service.family_of(issued["access_token"])}
+                               "fam": fam}
         token = _csrf_token()  # the new session's (csrf double_submit): the page's next writes send it
         return _token_response(issued if token is None else {**issued, "csrf_token": token})
 

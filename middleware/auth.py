@@ -735,7 +735,13 @@ class TokenService:
         dates the pair from when the caller last read the user's credentials, so
         that a change of them since then voids it (see ``USER_SINCE``).
         """
-        return self._pair(subject, sorted(set(roles)), secrets.token_urlsafe(12), issued_at=issued_at)[0]
+        return self.issue_family(subject, roles, issued_at=issued_at)[0]
+
+    def issue_family(self, subject: str, roles: Iterable[str] = (), *,
+                     issued_at: float | None = None) -> tuple[dict[str, Any], str]:
+        """:meth:`issue`, and the new family's id (``fam``): the login's session keeps it for its logout."""
+        fam = secrets.token_urlsafe(12)
+        return self._pair(subject, sorted(set(roles)), fam, issued_at=issued_at)[0], fam
 
     def refresh(
         self,
@@ -893,14 +899,6 @@ class TokenService:
             self.store.write([(key, _SWEPT, ttl)], ["family-head:" + fam])
 
         self._store(run, strict=True)
-
-    def family_of(self, token: str) -> str | None:
-        """The login family (``fam``) of one of our tokens, expired or not; None for one without."""
-        try:
-            fam = self._decode(token, None, verify_exp=False).get("fam")
-        except _Invalid as exc:
-            raise self._refuse(exc) from None
-        return str(fam) if fam else None
 
     def revoke_family(self, fam: str, auth_time: float) -> None:
         """Revoke the login ``fam`` that began at ``auth_time`` (its session's logout): every token of it.
