@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import UnionType
-from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
@@ -945,10 +945,10 @@ def build(
             for ahead in context.read_ahead[:registered]:
                 ahead.through(preview, spec.scope, spec.label)
             if getattr(layer, "rewrites_path", False):  # the path rules of the layers outside see its rewrite
-                context.path_rewrites.append(_within(preview, spec.scope))
+                context.path_rewrites.append(_within(preview, spec.scope, dict))
                 alternatives = getattr(layer, "alternative_paths", None)
                 if callable(alternatives):
-                    context.path_alternatives.append(_within_all(alternatives, spec.scope))
+                    context.path_alternatives.append(_within(alternatives, spec.scope, tuple))
         instances.append(layer)
         if not _builtin(spec):
             layer = _Primer(layer)
@@ -976,20 +976,15 @@ def _close_all(parts: Iterable[Any], logger: logging.Logger) -> None:
                 logger.exception("closing %r failed", part)
 
 
-def _within(preview: Callable[[WSGIEnvironment], dict[str, Any] | None],
-            scope: Any) -> Callable[[WSGIEnvironment], dict[str, Any] | None]:
-    """``preview``, changing nothing for requests outside the layer's ``scope``."""
-    if not scope:
-        return preview
-    return lambda environ: preview(environ) if scope.matches(environ) else {}
+_T = TypeVar("_T")
 
 
-def _within_all(alternatives: Callable[[WSGIEnvironment], tuple[str, ...]],
-                scope: Any) -> Callable[[WSGIEnvironment], tuple[str, ...]]:
-    """``alternatives``, none for requests outside the layer's ``scope``."""
+def _within(look: Callable[[WSGIEnvironment], _T], scope: Any,
+            outside: Callable[[], _T]) -> Callable[[WSGIEnvironment], _T]:
+    """``look`` (a preview, alternative paths) for requests in the layer's ``scope``; ``outside()`` for the others."""
     if not scope:
-        return alternatives
-    return lambda environ: alternatives(environ) if scope.matches(environ) else ()
+        return look
+    return lambda environ: look(environ) if scope.matches(environ) else outside()
 
 
 def _build_problem(doc: Document, spec: LayerSpec, exc: BaseException) -> Problem:

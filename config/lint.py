@@ -984,33 +984,35 @@ def _secrets_in(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple
                 yield from _secrets_in(item, (*path, key))
 
 
-def weak_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
-    """A signing secret long enough for its layer but made of a repeated run or a handful of characters
-    (``"a" * 48``, ``changeme`` over and over): its length is no measure of how hard it is to guess."""
-    for spec in specs:
+def _layer_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[tuple[int, tuple[str | int, ...], str]]:
+    """``(the layer's index, path, secret)`` for each secret the pipeline's layers are given in stack.yaml."""
+    for index, spec in enumerate(specs):
         if spec.implicit or not spec.path:
             continue
         where = (*spec.path, spec.name)
         for path, secret in _secrets_in(data_at(cfg.document, where), where):
-            why = _weakness(secret) if len(secret) >= 16 else None
-            if why is not None:
-                yield cfg.document.problem(path, f"the secret {why}: its length says little of how hard it is to "
-                                                 f"guess; {NEW_SECRET}", severity="warning")
+            yield index, path, secret
+
+
+def weak_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A signing secret long enough for its layer but made of a repeated run or a handful of characters
+    (``"a" * 48``, ``changeme`` over and over): its length is no measure of how hard it is to guess."""
+    for _, path, secret in _layer_secrets(cfg, specs):
+        why = _weakness(secret) if len(secret) >= 16 else None
+        if why is not None:
+            yield cfg.document.problem(path, f"the secret {why}: its length says little of how hard it is to "
+                                             f"guess; {NEW_SECRET}", severity="warning")
 
 
 def shared_secrets(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     """One secret given to two layers (``SESSION_SECRET`` and ``JWT_SECRET`` set alike): each signs its own
     kind of thing, and a key that signs both makes a leak or misuse of one the other's too."""
     first: dict[str, tuple[int, tuple[str | int, ...]]] = {}  # secret -> (the layer that has it, where)
-    for index, spec in enumerate(specs):
-        if spec.implicit or not spec.path:
-            continue
-        where = (*spec.path, spec.name)
-        for path, secret in _secrets_in(data_at(cfg.document, where), where):
-            seen = first.setdefault(secret, (index, path))
-            if seen[0] != index:  # (a layer's own fallbacks may repeat its key while it is rotated)
-                yield cfg.document.problem(path, f"the same secret as {dotted(seen[1])}: give each layer a key of "
-                                                 f"its own; {NEW_SECRET}", severity="warning")
+    for index, path, secret in _layer_secrets(cfg, specs):
+        seen = first.setdefault(secret, (index, path))
+        if seen[0] != index:  # (a layer's own fallbacks may repeat its key while it is rotated)
+            yield cfg.document.problem(path, f"the same secret as {dotted(seen[1])}: give each layer a key of "
+                                             f"its own; {NEW_SECRET}", severity="warning")
 
 
 def empty_pipeline(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
