@@ -164,7 +164,12 @@ class ProxyMiddleware:
         found: dict[str, str] = {}
         if self.options.forwarded:
             element = _nth_from_right(environ.get("HTTP_FORWARDED"), self.options.forwarded)
-            pairs = dict((k.lower(), v) for k, v in _PAIR.findall(element or ""))
+            found_pairs = [(k.lower(), v) for k, v in _PAIR.findall(element or "")]
+            pairs = dict(found_pairs)
+            if len(pairs) < len(found_pairs):
+                # RFC 7239 §4: a parameter occurs once per element.  A second is text the proxy copied in (a
+                # Host of "a;for=198.51.100.7" in "for=$remote_addr;host=$host"), and the last one the client's.
+                pairs = {}
             for key in ("for", "proto", "host"):
                 if key in pairs:
                     value = pairs[key]

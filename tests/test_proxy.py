@@ -193,6 +193,17 @@ ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
                  id="Forwarded unknown ignored"),
     pytest.param({"forwarded": 1}, {"Forwarded": "for=_hidden;proto=https"}, "127.0.0.1",
                  {"wsgi.url_scheme": "https"}, id="Forwarded obfuscated for ignored"),
+    # RFC 7239 §4: a parameter occurs once per element.  A second one is text the proxy copied in (nginx's
+    # "for=$remote_addr;host=$host" with a Host of "a;for=198.51.100.7"): the element is malformed, ignored.
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=203.0.113.9;host=a.example;for=198.51.100.7;proto=https"},
+                 "127.0.0.1", {}, id="Forwarded: a parameter twice in the element, the element ignored"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=203.0.113.9;proto=https;Proto=http"}, "127.0.0.1", {},
+                 id="Forwarded: a parameter twice in another case, the element ignored"),
+    pytest.param({"forwarded": 1}, {"Forwarded": 'for=203.0.113.9;host="a";for=198.51.100.7;x=""'},
+                 "127.0.0.1", {}, id="Forwarded: a quoted value closed early and a second for, the element ignored"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=198.51.100.7;for=192.0.2.1, for=203.0.113.9"},
+                 "127.0.0.1", {"REMOTE_ADDR": "203.0.113.9"},
+                 id="Forwarded: a parameter twice in an element left of the one asked for"),
     pytest.param({"forwarded": 1}, {"X-Forwarded-For": "203.0.113.9"}, "127.0.0.1", {},
                  id="Forwarded trusted: X-Forwarded-For ignored"),
     pytest.param({"x_for": 1}, {"Forwarded": "for=203.0.113.9"}, "127.0.0.1", {},
