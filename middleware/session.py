@@ -11,7 +11,7 @@ The id is 256 random bits; the cookie carries it signed with ``secret_key``
 (``itsdangerous``), so a forged, tampered, unknown or expired id is never
 adopted: the request gets an empty session with a fresh id instead (session
 fixation).  Responses that used the session get ``Vary: Cookie``, and
-``Cache-Control: private`` when they depend on a stored session or set a cookie.
+``Cache-Control: private`` when they depend on a stored session, set a cookie or wrote to the session.
 
 Do not use it for stateless APIs authenticated by bearer tokens only (the
 ``auth`` layer alone is enough), or to store large or non-JSON values.
@@ -408,7 +408,9 @@ class SessionMiddleware:
                         raise
                 headers.extend(added)
                 add_vary(headers, "Cookie")
-                if added or not session._new:  # personal data, or a cookie is set or expired
+                # Personal data, a cookie set or expired, or a body made from what this request wrote
+                # (also when on_store_error: open could not save it, and no cookie went out).
+                if added or not session._new or session.sets_cookie:
                     _make_private(headers)
             return start_response(status, headers, exc_info)
 

@@ -936,6 +936,24 @@ def test_a_store_that_stays_down_is_logged_once_per_ten_seconds(store: CountingS
     assert logged == [1, 0, 0, 1, 0]
 
 
+@pytest.mark.parametrize(("path", "cache_control"), [
+    pytest.param("/set?a=1", "private", id="a write the store could not save"),
+    pytest.param("/set?a=1&Cache-Control=public,+max-age%3D60", "private, max-age=60",
+                 id="a write the store could not save, public made private"),
+    pytest.param("/get?Cache-Control=public,+max-age%3D60", "public, max-age=60",
+                 id="a read of no session: anonymous, shareable"),
+])
+def test_a_page_made_from_a_write_the_store_could_not_save_is_private(store: CountingStore, path: str,
+                                                                      cache_control: str) -> None:
+    """With on_store_error: open the app answers with what it wrote to the new session, and no cookie is set:
+    the page is still this visitor's, so a shared cache must not hand it to the next one without a cookie."""
+    app = make(store, on_store_error="open")
+    store.failing = {"set"}
+    resp = app.get(path)
+    assert "Set-Cookie" not in resp.headers
+    assert (resp.headers["Vary"], resp.headers.get("Cache-Control")) == ("Cookie", cache_control)
+
+
 ENDED = ("the session could not be ended because the session store is unavailable; "
          "try again shortly")
 ROTATED = ("the session could not be rotated because the session store is unavailable; "
