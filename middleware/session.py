@@ -607,8 +607,12 @@ def _make_private(headers: list[tuple[str, str]]) -> None:
 
     Every Cache-Control field counts (an app may send several: they are one list, RFC 9110 §5.3),
     and they become one.  ``private="Set-Cookie"`` keeps only the fields it names from shared
-    caches: it does not make the response private.
+    caches: it does not make the response private.  The fields a CDN obeys instead of
+    Cache-Control (``CDN-Cache-Control`` of RFC 9213, a vendor's ``Cloudflare-CDN-Cache-Control``
+    or ``Akamai-Cache-Control``, ``Surrogate-Control``, ``Edge-Control``) are dropped, or one of them
+    would have the CDN store the response whatever Cache-Control says.
     """
+    headers[:] = [h for h in headers if not _targeted(h[0])]
     found = [i for i, (name, _) in enumerate(headers) if len(name) == 13 and name.lower() == "cache-control"]
     if not found:
         headers.append(("Cache-Control", "private"))
@@ -623,6 +627,15 @@ def _make_private(headers: list[tuple[str, str]]) -> None:
     headers[found[0]] = (headers[found[0]][0], ", ".join(kept))
     for i in reversed(found[1:]):
         del headers[i]
+
+
+def _targeted(name: str) -> bool:
+    """Whether ``name`` is a cache-control field for CDNs only (which they obey instead of Cache-Control)."""
+    lower = name.lower()
+    return lower.endswith("-cache-control") or lower in _TARGETED
+
+
+_TARGETED = frozenset({"surrogate-control", "edge-control"})
 
 
 def _fingerprint(sid: str) -> str:

@@ -99,7 +99,7 @@ def probe(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[b
     session: Session = environ[SESSION]
     query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
     headers = [("Content-Type", "application/json")]
-    for name in ("Cache-Control", "Vary"):
+    for name in ("Cache-Control", "Vary", "CDN-Cache-Control", "Surrogate-Control"):
         if name in query:
             headers.append((name, query.pop(name)))
     path = environ["PATH_INFO"]
@@ -795,6 +795,18 @@ def test_a_value_of_another_redis_type_gives_an_empty_session(redis_url: str) ->
     pytest.param("/get?Cache-Control=public,+max-age%3D60", "none",
                  {"Vary": "Cookie", "Cache-Control": "public, max-age=60"},
                  id="anonymous read keeps public"),
+    pytest.param("/get?CDN-Cache-Control=max-age%3D600", "cookie",
+                 {"Cache-Control": "private", "CDN-Cache-Control": None},
+                 id="a CDN's own field dropped: the CDN obeys it instead of Cache-Control"),
+    pytest.param("/get?Cache-Control=no-store&Surrogate-Control=max-age%3D600", "cookie",
+                 {"Cache-Control": "no-store", "Surrogate-Control": None},
+                 id="Surrogate-Control dropped, also beside no-store"),
+    pytest.param("/set?a=2&CDN-Cache-Control=max-age%3D600", "none",
+                 {"Cache-Control": "private", "CDN-Cache-Control": None},
+                 id="new session: a CDN's own field dropped"),
+    pytest.param("/get?CDN-Cache-Control=max-age%3D600", "none",
+                 {"Cache-Control": None, "CDN-Cache-Control": "max-age=600"},
+                 id="anonymous read keeps a CDN's own field"),
 ])
 def test_caching_headers(path: str, request_headers: str, expected: dict[str, str | None]) -> None:
     app = make(store_from_url("memory://"))
@@ -816,10 +828,15 @@ def test_caching_headers(path: str, request_headers: str, expected: dict[str, st
                  id="private for some fields only is not private"),
     pytest.param([("Cache-Control", "Private, max-age=5"), ("Cache-Control", "public")], ["Private, max-age=5"],
                  id="private already"),
+    pytest.param([("Cloudflare-CDN-Cache-Control", "max-age=600"), ("Akamai-Cache-Control", "max-age=600"),
+                  ("cdn-cache-control", "public"), ("Edge-Control", "cache-maxage=600"), ("X-A", "1")], ["private"],
+                 id="every field a CDN obeys instead of Cache-Control is dropped"),
 ])
 def test_every_cache_control_field_is_made_private(headers: list[tuple[str, str]], expected: list[str]) -> None:
+    others = [h for h in headers if h[0] == "X-A"]
     _make_private(headers)
     assert [v for n, v in headers if n.lower() == "cache-control"] == expected
+    assert [h for h in headers if h[0].lower() != "cache-control"] == others
 
 
 def test_saved_once_when_start_response_is_called_again(store: CountingStore) -> None:
