@@ -612,8 +612,18 @@ def _make_private(headers: list[tuple[str, str]]) -> None:
     or ``Akamai-Cache-Control``, ``Surrogate-Control``, ``Edge-Control``) are dropped, or one of them
     would have the CDN store the response whatever Cache-Control says.
     """
-    headers[:] = [h for h in headers if not _targeted(h[0])]
-    found = [i for i, (name, _) in enumerate(headers) if len(name) == 13 and name.lower() == "cache-control"]
+    found: list[int] = []
+    targeted: list[int] = []
+    for i, (name, _) in enumerate(headers):  # one pass, and a name lowered only when it ends in "l"
+        if name[-1:] in ("l", "L"):          # (every field here ends in "-Control"; most names do not)
+            lower = name.lower()
+            if lower == "cache-control":
+                found.append(i)
+            elif lower.endswith("-cache-control") or lower in _TARGETED:
+                targeted.append(i)
+    if targeted:
+        headers[:] = [h for i, h in enumerate(headers) if i not in targeted]
+        found = [i for i, (name, _) in enumerate(headers) if name.lower() == "cache-control"]
     if not found:
         headers.append(("Cache-Control", "private"))
         return
@@ -627,12 +637,6 @@ def _make_private(headers: list[tuple[str, str]]) -> None:
     headers[found[0]] = (headers[found[0]][0], ", ".join(kept))
     for i in reversed(found[1:]):
         del headers[i]
-
-
-def _targeted(name: str) -> bool:
-    """Whether ``name`` is a cache-control field for CDNs only (which they obey instead of Cache-Control)."""
-    lower = name.lower()
-    return lower.endswith("-cache-control") or lower in _TARGETED
 
 
 _TARGETED = frozenset({"surrogate-control", "edge-control"})
