@@ -219,6 +219,8 @@ class ErrorsMiddleware:
                 }
         add_missing(headers, getattr(exc, "wsgistack_headers", None))
         headers = self._sendable(environ, headers)
+        if code == 304:  # ends with its header section (RFC 9110 §15.4.5): a body would be read as the next answer
+            return code, headers, b""
         try:
             body = self._body(environ, code, message, details)
         except Exception:  # details (or a message) JSON cannot hold: a NaN, a tuple key, a loop, a failing str()

@@ -488,6 +488,31 @@ def test_an_http_exception_with_a_status_no_error_has_is_an_unexpected_500(
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None  # logged once, with its traceback
 
 
+
+class NotModified(HTTPException):
+    """A 304 an app raises (werkzeug has no exception of its own for it)."""
+
+    code = 304
+    description = "Not modified since then."
+
+
+@pytest.mark.parametrize(("exc", "etag"), [
+    pytest.param(NotModified(), None, id="an HTTPException subclass"),
+    pytest.param(refuse(304, "Unchanged.", headers=[("ETag", '"v7"')]), '"v7"', id="refuse(304), with the validator"),
+])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("fmt", ["envelope", "problem"])
+def test_a_304_is_sent_without_content(fmt: str, method: str, exc: HTTPException, etag: str | None) -> None:
+    """RFC 9110 §15.4.5: a 304 ends with its header section; a body after it would be read as the next response."""
+    response = stack(raising(exc), format=fmt).request("/r", method=method, status=304)
+    assert response.body == b""
+    assert "Content-Type" not in response.headers
+    assert "Content-Length" not in response.headers
+    assert "Cache-Control" not in response.headers  # no error: it says what the client has is still good
+    assert response.headers.get("ETag") == etag
+    assert response.headers["X-Request-ID"]  # the layers' headers stay
+
+
 @pytest.mark.parametrize(("header", "code"), [
     pytest.param(("Retry-After", "5\r\nSet-Cookie: admin=1"), 429, id="CR LF: a header injected"),
     pytest.param(("Retry-After", "5\nX-Forged: 1"), 503, id="a bare LF"),
