@@ -60,6 +60,9 @@ _CONTENT_TYPES = {
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+\Z")
 # Headers an exception's own response would carry that we replace.
 _DROP = frozenset({"content-type", "content-length"})
+#: Statuses whose response ends with its header section (RFC 9110 §15.3.5, §15.4.5): content after it, or a
+#: Content-Length saying some follows, would be read as the next response on the connection.
+_NO_CONTENT = frozenset({204, 304})
 #: The message of every 500 from an exception: what happened is in the log line its request id finds.
 UNEXPECTED = "An unexpected error occurred; the request id identifies it in the logs."
 
@@ -185,6 +188,9 @@ class ErrorsMiddleware:
         if own is not None and hasattr(own, "get_data"):  # abort(Response(...)): that response, as it is,
             headers = own.headers.to_wsgi_list()  # with the headers the layers it passed attached
             add_missing(headers, getattr(exc, "wsgistack_headers", None))
+            if own.status_code in _NO_CONTENT:  # whatever body and length it was given
+                headers = [(k, v) for k, v in headers if k.lower() not in _DROP]
+                return own.status_code, self._sendable(environ, headers), b""
             body = b"" if environ.get("REQUEST_METHOD") == "HEAD" else own.get_data()
             return own.status_code, self._sendable(environ, headers), body
         if isinstance(exc, HTTPException) and type(exc.code) is int and 300 <= exc.code <= 599:
@@ -219,7 +225,7 @@ class ErrorsMiddleware:
                 }
         add_missing(headers, getattr(exc, "wsgistack_headers", None))
         headers = self._sendable(environ, headers)
-        if code == 304:  # ends with its header section (RFC 9110 §15.4.5): a body would be read as the next answer
+        if code in _NO_CONTENT:
             return code, headers, b""
         try:
             body = self._body(environ, code, message, details)

@@ -312,6 +312,33 @@ def test_an_exception_that_carries_its_own_response_keeps_it() -> None:
     assert moved.headers["Location"] == "http://localhost/api/x/"
 
 
+
+@pytest.mark.parametrize(("status", "body", "headers", "expected"), [
+    pytest.param(304, "stale", {"ETag": '"v7"'}, [("ETag", '"v7"')],
+                 id="304: its validator, and no content nor the headers that describe it"),
+    pytest.param(304, None, {"ETag": '"v7"', "Cache-Control": "max-age=60"},
+                 [("ETag", '"v7"'), ("Cache-Control", "max-age=60")],
+                 id="304 without a body: no Content-Type either"),
+    pytest.param(204, "x", {"X-Reason": "done"}, [("X-Reason", "done")], id="204: no content, nor its type or length"),
+])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_an_exception_s_own_response_without_content_is_sent_without(
+        method: str, status: int, body: str | None, headers: dict[str, str], expected: list[tuple[str, str]]) -> None:
+    """abort(Response(...)) with a 204 or 304 is sent as werkzeug sends that response (RFC 9110 §15.3.5, §15.4.5):
+    a body after it would be read as the next response on the connection."""
+    from werkzeug.exceptions import abort
+    from werkzeug.wrappers import Response
+
+    def answered(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        abort(Response(body, status=status, headers=headers))
+        return []  # pragma: no cover - abort raises
+
+    response = stack(answered).request("/r", method=method, status=status)
+    assert response.body == b""
+    assert [(k, v) for k, v in response.headerlist if k != "X-Request-ID"] == expected
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])  # the layers it passed add theirs
+
+
 def test_no_store_is_added_on_the_way_out_so_the_cache_may_keep_listed_errors(tmp_path: Any) -> None:
     """The core's 404 reaches a cache told to keep 404s without no-store; the client gets no-store."""
     from config import build_from_text
