@@ -214,6 +214,9 @@ class VersioningOptions(LayerOptions):
 _PLAIN_TYPES = frozenset({"application/json", "application/*", "*/*"})
 
 _REFUSED = object()  # a preview's memo: _choose refused the request
+#: A weight whose qvalue ends with its dot (``q=0.``, ``q=1.``): RFC 9110 §12.4.2 allows it, werkzeug's
+#: parser drops the entry; the same weight without the dot is read.
+_BARE_DOT_Q = re.compile(r"(;[ \t]*[qQ]=[01])\.(?=[ \t]*(?:[;,]|\Z))")
 #: A ``rel`` parameter of a Link field value: a quoted list of relation types, or one bare (RFC 8288 §3.3).
 _REL = re.compile(r'\brel\s*=\s*(?:"([^"]*)"|([^\s;,"]+))', re.IGNORECASE)
 
@@ -465,7 +468,7 @@ class VersioningMiddleware:
         """The version an ``Accept`` naming the vendor type asks for; None when it leaves it to the next source."""
         prefix = self.media_prefix
         entries = [(media_type.partition(";")[0].strip().lower(), quality)
-                   for media_type, quality in parse_accept_header(value)]
+                   for media_type, quality in parse_accept_header(_BARE_DOT_Q.sub(r"\1", value))]
         # Vendor types the parser kept (q=0 too); werkzeug before 3.1.7 keeps a stray quote in the type:
         # not a media type, so unread.
         read = sum(media_type.startswith(prefix) and _MEDIA_TYPE.fullmatch(media_type) is not None
