@@ -329,8 +329,9 @@ class ReadAhead:
     versioning layer rewrites the path and sets the API version) shows its
     change with a ``preview_environ(environ)`` method.  A read ahead only ever reads, so
     a wrong guess costs a wasted read, never a wrong answer.  ``get_or_lock``
-    also takes a lock when the key is missing: the rate limiter deletes a lock
-    whose answer no layer took (a request refused in between, a wrong guess).
+    also takes a lock when the key is missing: the rate limiter gives back a lock
+    whose answer no layer took (a request refused in between, a wrong guess),
+    with the token the read took it with (``Store.unlock``).
     """
 
     store: Store

@@ -262,10 +262,10 @@ class _Fill:
     """
 
     def __init__(self, layer: CacheMiddleware, environ: WSGIEnvironment, base: str, subject: str | None,
-                 flight: _Flight | None, lock_key: str | None, stale: dict[str, Any] | None,
-                 keep: bool = True) -> None:
+                 flight: _Flight | None, stale: dict[str, Any] | None, keep: bool = True) -> None:
         self.layer, self.environ, self.base, self.subject = layer, environ, base, subject
-        self.flight, self.lock_key, self.stale, self.keep = flight, lock_key, stale, keep
+        self.flight, self.stale, self.keep = flight, stale, keep
+        self.lock: tuple[str, bytes] | None = None  # the fill lock this fill holds: (its key, its token)
         self.plan: _Plan | None = None
         self.started = self.returned = self.swap = False
         self.unchanged = False  # the request's conditions hold for the app's 200: the client gets a 304
@@ -340,8 +340,8 @@ class _Fill:
         # (one whose change the app may not have seen) still has its mark when the save checks it.
         if plan is not None and len(body) == plan.length and _clock() - self.began < self.layer.mark_life:
             try:
-                self.layer._save(self.environ, self.base, plan, body, unlock=self.lock_key)
-                self.lock_key = None  # deleted in the same round trip as the write
+                self.layer._save(self.environ, self.base, plan, body, unlock=self.lock)
+                self.lock = None  # given back in the same round trip as the write
             except StoreError as exc:
                 self.layer._store_error(exc)
         self.release()
@@ -358,11 +358,11 @@ class _Fill:
                 del layer._inflight[self.base]
         flight.failed = failed
         flight.set()
-        if self.lock_key is not None:
+        if self.lock is not None:
             if peers_ask:
-                layer._hand_over(self.lock_key)
+                layer._hand_over(*self.lock)
             else:
-                layer._drop_lock(self.lock_key)
+                layer._drop_lock(*self.lock)
 
 
 class _AfterClose:
@@ -606,7 +606,7 @@ class CacheMiddleware:
             return self._serve(entry, "HIT", method, start_response, now, environ)
         if asks is not None and asks.only_if_cached:
             if locked and lock_key is not None:
-                self._drop_lock(lock_key)
+                self._drop_lock(lock_key, locked)
             raise _only_if_cached()
         # The stored answer stands in for a failing app only with stale_if_error on, and not for a
         # request that said no-cache, max-age or min-fresh without a max-stale that covers it (RFC 9111
@@ -614,8 +614,8 @@ class CacheMiddleware:
         stale = entry if entry is not None and entry["x"] > now and self.options.stale_if_error and (
             asks is None or asks.takes_stale(entry, now)) else None
         if method == "HEAD":  # no body to store: ask the app, keep nothing (a stale entry answers its failure)
-            return self._ask(environ, start_response, _Fill(self, environ, base, subject, None, None, stale,
-                                                            keep=False), "HEAD")
+            return self._ask(environ, start_response, _Fill(self, environ, base, subject, None, stale, keep=False),
+                             "HEAD")
         return self._fill(environ, start_response, base, subject, stale, locked, asks, entry)
 
     # -- request side -----------------------------------------------------------------
@@ -632,19 +632,29 @@ class CacheMiddleware:
             return _Asks(-1, None, False)
         return None
 
-    def _drop_lock(self, lock_key: str) -> None:
-        """Give a fill lock back at once (when the store cannot, it expires after ``lock_timeout``)."""
-        with contextlib.suppress(StoreError):
-            self.store.delete(lock_key)
+    def _take(self, lock_key: str) -> bytes | Literal[False]:
+        """Take the fill lock with a token of this request's: the token, or False when someone holds it."""
+        token = new_mark()
+        return token if self.store.add(lock_key, token, ttl=self.options.lock_timeout) else False
 
-    def _hand_over(self, lock_key: str) -> None:
+    def _drop_lock(self, lock_key: str, token: bytes) -> None:
+        """Give a fill lock back at once (when the store cannot, it expires after ``lock_timeout``).
+
+        Only while it holds ``token``: a fill that outlived ``lock_timeout`` leaves the lock the next
+        leader took since.
+        """
+        with contextlib.suppress(StoreError):
+            self.store.unlock(lock_key, token)
+
+    def _hand_over(self, lock_key: str, token: bytes) -> None:
         """Leave the lock saying "ask the app" for a moment: the other processes' waiters then all ask at once.
 
         Dropped instead, each of them would take the lock in turn and wait for its app's answer before
-        the next one asked: N processes, N times the app's time, for an answer none may store.
+        the next one asked: N processes, N times the app's time, for an answer none may store.  Only
+        while it holds ``token``, as :meth:`_drop_lock`.
         """
         with contextlib.suppress(StoreError):
-            self.store.set(lock_key, _ASK_APP, ttl=min(_ASK_APP_LIFE, self.options.lock_timeout))
+            self.store.unlock(lock_key, token, leave=(_ASK_APP, min(_ASK_APP_LIFE, self.options.lock_timeout)))
 
     def _who(self, environ: WSGIEnvironment) -> tuple[str | None, str | None]:
         """``(subject or None, bypass reason or None)`` for this request."""
@@ -738,28 +748,28 @@ class CacheMiddleware:
         return base[:-_DIGEST] + _digest((base, generation, vary, [environ.get(_environ_name(h)) for h in vary]))
 
     def _lookup(self, environ: WSGIEnvironment, base: str, lock_key: str | None = None,
-                mark: str | None = None) -> tuple[dict[str, Any] | None, bool | None]:
+                mark: str | None = None) -> tuple[dict[str, Any] | None, bytes | Literal[False] | None]:
         """The entry for this request (fresh or stale), and whether the fill lock was taken.
 
         One read, two when the path has a Vary.  With ``lock_key``, a missing
-        entry also takes the single-flight lock in the same round trip
-        (``True``/``False``); ``None`` means no lock was tried.  A rate limiter
+        entry also takes the single-flight lock in the same round trip (its
+        token, or ``False`` when someone holds it); ``None`` means no lock was tried.  A rate limiter
         outside may have made this read in its round trip (``ReadAhead``).  The
         read with ``lock_key`` also finds the URI's write mark (``mark``), as of the
         same step, for this request's save to compare with (see :meth:`_seen`); an
         entry filled under another mark than that is stale (a write since), and a miss.
         """
-        locked: bool | None = None
+        locked: bytes | Literal[False] | None = None
         if lock_key is None:
             raw = self.store.get(base)
             if mark is not None:  # a HEAD: the mark as it is, none set (one read more)
                 environ[self._seen_key] = (base, self.store.get(mark), mark)
         else:
             ahead, answer = read_ahead(environ, self.store, "get_or_lock", base)
-            raw, locked, seen = answer if ahead else self.store.get_or_lock(
+            raw, token, seen = answer if ahead else self.store.get_or_lock(
                 base, lock_key, self.options.lock_timeout, mark, self.mark_life)
             environ[self._seen_key] = (base, seen, mark)
-            locked = locked if raw is None else None
+            locked = (token or False) if raw is None else None
         try:
             if raw is not None and raw[:5] == _VARY_INDEX:
                 index = json.loads(raw)
@@ -798,7 +808,7 @@ class CacheMiddleware:
         for name in [n for n in found if n[0] == store and n[1] == "get_or_lock" and n[2].startswith(entries)]:
             answer = found.pop(name)
             if isinstance(answer, tuple) and answer[1]:
-                self._drop_lock(self._lock_key(name[2]))
+                self._drop_lock(self._lock_key(name[2]), answer[1])
 
     def _write(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
@@ -893,7 +903,7 @@ class CacheMiddleware:
 
     # -- misses -----------------------------------------------------------------------
     def _fill(self, environ: WSGIEnvironment, start_response: StartResponse, base: str,
-              subject: str | None, stale: dict[str, Any] | None, locked: bool | None = None,
+              subject: str | None, stale: dict[str, Any] | None, locked: bytes | Literal[False] | None = None,
               asks: _Asks | None = None, found: dict[str, Any] | None = None) -> Iterable[bytes]:
         """Call the app for a miss, or wait for the fill of the same key in flight and answer from it.
 
@@ -913,7 +923,7 @@ class CacheMiddleware:
             if leader:
                 break
             if locked:  # taken while a thread of this process fills the key: give it back
-                self._drop_lock(lock_key)
+                self._drop_lock(lock_key, locked)
             locked = None
             flight.wait(max(0.0, waited_until - time.monotonic()))
             hit = self._fresh(environ, base, asks, found)
@@ -931,11 +941,11 @@ class CacheMiddleware:
             # retry failed too), ask the app at once, as the others do.
             if not self._varies(base):
                 break
-        fill = _Fill(self, environ, base, subject, flight if leader else None, None, stale)
+        fill = _Fill(self, environ, base, subject, flight if leader else None, stale)
         if leader:
             try:
                 if locked is None:
-                    locked = self.store.add(lock_key, b"1", ttl=self.options.lock_timeout)
+                    locked = self._take(lock_key)
                 deadline = time.monotonic() + self.options.lock_timeout
                 # Another process fills the key: wait for its entry. When its lock goes without an
                 # entry (it failed, or it was a thread of ours giving the lock back), take the lock
@@ -947,9 +957,9 @@ class CacheMiddleware:
                         return self._waited(environ, hit, start_response)
                     if ask_app or time.monotonic() >= deadline:
                         break  # its answer could not be stored, or waited long enough: fill without the lock
-                    locked = self.store.add(lock_key, b"1", ttl=self.options.lock_timeout)
+                    locked = self._take(lock_key)
                 if locked:
-                    fill.lock_key = lock_key
+                    fill.lock = (lock_key, locked)
             except StoreError as exc:
                 self._store_error(exc)
         return self._ask(environ, start_response, fill, "GET")
@@ -1036,8 +1046,8 @@ class CacheMiddleware:
         while time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-            # The lock first: once it is gone, an entry the peer stored (in the same round trip as
-            # the lock's DEL, before it) is there to read; the other order can miss both.
+            # The lock first: once it is gone, an entry the peer stored (in the same step as it gave
+            # the lock back) is there to read; the other order can miss both.
             lock = self.store.get(lock_key)
             hit = self._fresh(environ, base, asks, found)
             if hit is not None or lock is None:
@@ -1141,8 +1151,9 @@ class CacheMiddleware:
         return seen is None or filled != seen.decode("latin-1")
 
     def _save(self, environ: WSGIEnvironment, base: str, plan: _Plan, body: bytes,
-              unlock: str | None = None) -> None:
-        """Store the entry (and its Vary index) and drop the fill lock: one round trip.
+              unlock: tuple[str, bytes] | None = None) -> None:
+        """Store the entry (and its Vary index) and give the fill lock back (``unlock``: its key and token, as
+        :meth:`_drop_lock`): one round trip.
 
         Nothing is stored when the URI's write mark no longer holds what this
         request's lookup found there: a write succeeded since.
@@ -1166,7 +1177,8 @@ class CacheMiddleware:
                 index["m"] = head["m"]
             raw = json.dumps(index, separators=(",", ":")).encode()
         sets.append((base, raw, index_life))
-        # One step: the sets go only if the mark still holds what the lookup found (the lock goes anyway).
+        # One step: the sets go only if the mark still holds what the lookup found (the lock goes anyway,
+        # if it still holds this fill's token: one that expired meanwhile is another leader's now).
         # - A lookup before a write found the mark as it was before it; the write put a new random value
         #   there (two writes: the later one's), so nothing is stored: the answer may predate the write.
         # - A lookup after a write found the write's mark and, the marks and deletes being one step, none
@@ -1178,10 +1190,10 @@ class CacheMiddleware:
         #   from the nothing left, so nothing is stored.  A lookup that found no mark set one (so a mark
         #   is never "still missing"); one that could not set it found None, which never matches.
         try:
-            self.store.write_unless_marked(mark, seen, sets, [unlock] if unlock else [])
+            self.store.write_unless_marked(mark, seen, sets, unlock=unlock)
         except StoreWrongType:  # a value of another type at the mark (not written here): no mark, so it goes
             self.store.delete(mark)
-            self.store.write_unless_marked(mark, seen, sets, [unlock] if unlock else [])
+            self.store.write_unless_marked(mark, seen, sets, unlock=unlock)
 
     def _generation(self, environ: WSGIEnvironment, base: str, vary: list[str], now: float) -> tuple[str, float]:
         """The generation a fill of a Vary variant stores under, and until when the index must live.

@@ -811,10 +811,10 @@ class RateLimitMiddleware:
             raise
 
     def _hit_and_read(self, environ: WSGIEnvironment, rule: _Compiled, keys: list[str],
-                      now: float) -> tuple[list[Result], list[tuple[Any, tuple[int, str, str], str]]]:
+                      now: float) -> tuple[list[Result], list[tuple[Any, tuple[int, str, str], str, bytes]]]:
         """Count the hit and, in the same pipeline, read what the inner layers will read for this request.
 
-        Also returns the locks the reads took (``get_or_lock``): ``(store, answer name, lock key)``.
+        Also returns the locks the reads took (``get_or_lock``): ``(store, answer name, lock key, token)``.
         """
         assert isinstance(self.counter, _RedisCounter)
         wanted: list[tuple[ReadAhead, tuple[int, str, str], tuple[Any, ...]]] = []
@@ -838,13 +838,13 @@ class RateLimitMiddleware:
             environ[READ_AHEAD] = {name: exc for _, name, _ in wanted}
             raise
         answers: dict[tuple[int, str, str], Any] = {}
-        locks: list[tuple[Any, tuple[int, str, str], str]] = []
+        locks: list[tuple[Any, tuple[int, str, str], str, bytes]] = []
         for (ahead, name, found), reply in zip(wanted, replies, strict=True):
             if isinstance(reply, Exception):
                 continue  # a failed read: the layer reads itself
             answer = answers[name] = ahead.store.read_answer(ahead.op, reply)  # type: ignore[attr-defined]
             if ahead.op == "get_or_lock" and answer[1]:
-                locks.append((ahead.store, name, found[2]))
+                locks.append((ahead.store, name, found[2], answer[1]))
         environ[READ_AHEAD] = answers
         return results, locks
 
@@ -856,13 +856,15 @@ class RateLimitMiddleware:
                              ahead.op, getattr(ahead.store, "url", ahead.store), exc_info=True)
 
     @staticmethod
-    def _unlock_untaken(environ: WSGIEnvironment, locks: list[tuple[Any, tuple[int, str, str], str]]) -> None:
-        """Delete the locks taken ahead for layers that did not take their answer (best effort)."""
+    def _unlock_untaken(environ: WSGIEnvironment,
+                        locks: list[tuple[Any, tuple[int, str, str], str, bytes]]) -> None:
+        """Give back the locks taken ahead for layers that did not take their answer (best effort), each only
+        while it holds the token it was taken with (``Store.unlock``)."""
         answers = environ.get(READ_AHEAD) or {}
-        for store, name, lock_key in locks:
+        for store, name, lock_key, token in locks:
             if answers.pop(name, _UNTAKEN) is not _UNTAKEN:
                 with contextlib.suppress(StoreError):  # else it expires after the reader's lock timeout
-                    store.delete(lock_key)
+                    store.unlock(lock_key, token)
 
     def _over(self, environ: WSGIEnvironment, start_response: StartResponse, rid: str, key: str,
               item: RateLimitItem, reset: float, now: float, app: WSGIApplication) -> Iterable[bytes]:

@@ -126,7 +126,7 @@ def mask_secrets(text: str, mask: str = "***") -> str:
 
 
 def new_mark() -> bytes:
-    """A value no mark held before (see :meth:`Store.get_or_lock`)."""
+    """A value no mark or lock held before (see :meth:`Store.get_or_lock`): 16 random hex digits."""
     return secrets.token_hex(8).encode()
 
 
@@ -193,14 +193,18 @@ class Store(abc.ABC):
         return True
 
     def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
-                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bytes | None, bytes | None]:
         """Read ``key``; when it is missing, also try to take ``lock_key`` for ``ttl`` seconds.
 
-        Returns ``(value, locked, mark's value)``: with ``mark``, the value that key
-        holds as of the same read, for :meth:`write_unless_marked` to compare with
-        later; a missing mark is set to a new random value (for ``mark_ttl`` seconds)
-        and that is returned, so that a mark that goes later (expired, evicted) is a
-        change too.  ``None`` without ``mark``, or when the mark could not be set.
+        Returns ``(value, lock token, mark's value)``.  The token is the new random
+        value (:func:`new_mark`) the lock was taken with, ``None`` when it was not
+        taken: its holder gives the lock back with it (:meth:`unlock`), so that a
+        holder whose lock expired meanwhile leaves the next holder's alone.  With
+        ``mark``, the value that key holds as of the same read, for
+        :meth:`write_unless_marked` to compare with later; a missing mark is set to
+        a new random value (for ``mark_ttl`` seconds) and that is returned, so that
+        a mark that goes later (expired, evicted) is a change too.  ``None`` without
+        ``mark``, or when the mark could not be set.
         One step on the built-in stores (one round trip on Redis), so a cache miss
         that leads a single flight costs no extra read; this default is several calls.
         """
@@ -212,8 +216,25 @@ class Store(abc.ABC):
                 seen = fresh if self.add(mark, fresh, mark_ttl or ttl) else self.get(mark)
         value = self.get(key)
         if value is not None:
-            return value, False, seen
-        return None, self.add(lock_key, b"1", ttl), seen
+            return value, None, seen
+        token = new_mark()
+        return None, token if self.add(lock_key, token, ttl) else None, seen
+
+    def unlock(self, lock_key: str, token: bytes, leave: tuple[bytes, float] | None = None) -> bool:
+        """Give a lock back, if it still holds ``token`` (its holder's): delete it, or, with ``leave``
+        (``(value, ttl)``), set it to that value for that many seconds; return whether it did.
+
+        A lock that expired and was taken again holds another token: it is left as it
+        is.  One step on the built-in stores (a Lua script on Redis, the store's lock in
+        memory://); this default is two calls: a store of your own should override it.
+        """
+        if self.get(lock_key) != token:
+            return False
+        if leave is None:
+            self.delete(lock_key)
+        else:
+            self.set(lock_key, leave[0], leave[1])
+        return True
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         """Several ``set`` and ``delete`` calls applied together, in one round trip.
@@ -228,8 +249,11 @@ class Store(abc.ABC):
             self.delete(key)
 
     def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
-                            deletes: Sequence[str] = ()) -> bool:
+                            deletes: Sequence[str] = (), unlock: tuple[str, bytes] | None = None) -> bool:
         """:meth:`write`, leaving ``sets`` out unless ``mark`` still holds ``seen``; return whether they went.
+
+        With ``unlock`` (``(lock key, token)``), the lock goes too, in the same step, if it
+        still holds the token (as :meth:`unlock` gives it back), whether the sets go or not.
 
         ``seen`` is what :meth:`get_or_lock` found at ``mark``; ``None`` (it found
         nothing) never matches: a mark that was not there cannot tell a write from an
@@ -247,6 +271,8 @@ class Store(abc.ABC):
         self.write(sets, deletes)
         if sets and self.get(mark) == seen:  # (its TTL only: setting the value could undo a write's new one)
             self.expire(mark, max(ttl for _, _, ttl in sets))
+        if unlock is not None:
+            self.unlock(*unlock)
         return bool(sets)
 
     def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:

@@ -278,9 +278,9 @@ class MemoryStore(Store):
         return str(value).encode() if isinstance(value, int) else value
 
     def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
-                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
-        """Read ``key`` (and ``mark``, set when missing), or take ``lock_key`` when it is missing, in one
-        step (as Redis's script does).
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """Read ``key`` (and ``mark``, set when missing), or take ``lock_key`` (with a new token) when it is
+        missing, in one step (as Redis's script does).
 
         Two calls would let a reader miss, the leader store the entry and drop its lock, and the
         reader take the lock and call the app a second time.
@@ -298,11 +298,30 @@ class MemoryStore(Store):
                         seen = None
             value = self._value(key, now)
             if value is not None:
-                return value, False, seen
+                return value, None, seen
             if self._live(lock_key, now) is not None:
-                return None, False, seen
-            self._put(lock_key, b"1", self._deadline(ttl, now))
-            return None, True, seen
+                return None, None, seen
+            token = new_mark()
+            self._put(lock_key, token, self._deadline(ttl, now))
+            return None, token, seen
+
+    def unlock(self, lock_key: str, token: bytes, leave: tuple[bytes, float] | None = None) -> bool:
+        if leave is not None:
+            _check_value(leave[0])
+        now = _monotonic()
+        with self._lock:
+            return self._unlock(lock_key, token, leave, now)
+
+    def _unlock(self, lock_key: str, token: bytes, leave: tuple[bytes, float] | None, now: float) -> bool:
+        """:meth:`unlock`, the caller holding the lock."""
+        item = self._live(lock_key, now)
+        if item is None or item[0] != token:
+            return False
+        if leave is None:
+            self._drop(self._table(lock_key), lock_key)
+        else:
+            self._put(lock_key, bytes(leave[0]), self._deadline(leave[1], now))
+        return True
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         for _, value, _ in sets:
@@ -340,7 +359,7 @@ class MemoryStore(Store):
             raise
 
     def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
-                            deletes: Sequence[str] = ()) -> bool:
+                            deletes: Sequence[str] = (), unlock: tuple[str, bytes] | None = None) -> bool:
         for _, value, _ in sets:
             _check_value(value)
         now = _monotonic()
@@ -352,6 +371,8 @@ class MemoryStore(Store):
             longest = self._deadline(max(ttl for _, _, ttl in sets), now) if sets else None
             if item is not None and item[1] is not None and longest is not None and item[1] < longest:
                 self._put(mark, item[0], longest)  # the mark outlives what is stored under it
+            if unlock is not None:
+                self._unlock(*unlock, None, now)
         return bool(sets)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:

@@ -62,27 +62,37 @@ return value
 """
 
 # get_or_lock: the value, or the lock when there is none; and the mark's value (KEYS[3], when given) as of
-# the same step, a missing mark set to ARGV[2] for ARGV[3] ms first (nil when Redis refuses the write: out
-# of memory).  ARGV[1]: the lock's PX.  Replies {1, value, mark} or {0, locked, mark}.
+# the same step, a missing mark set to ARGV[3] for ARGV[4] ms first (nil when Redis refuses the write: out
+# of memory).  ARGV[1]: the lock's token, ARGV[2]: its PX.  Replies {1, value, mark} or {0, token or nil, mark}.
 _GET_OR_LOCK = """
 local mark = false
 if KEYS[3] then
   mark = redis.call('GET', KEYS[3])
   if not mark then
-    local set = redis.pcall('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
-    if type(set) == 'table' and set.ok then mark = ARGV[2] end
+    local set = redis.pcall('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+    if type(set) == 'table' and set.ok then mark = ARGV[3] end
   end
 end
 local value = redis.call('GET', KEYS[1])
 if value then return {1, value, mark} end
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0, 1, mark} end
-return {0, 0, mark}
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, ARGV[1], mark} end
+return {0, false, mark}
+"""
+
+# unlock: only while the lock (KEYS[1]) holds its holder's token (ARGV[1]): DEL it, or, with ARGV[2] and
+# ARGV[3], SET it to that value with that PX.  Replies 1 when it did, 0 when the lock holds something else.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) else redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 
 # write_unless_marked: the sets only if the mark still holds what was seen (ARGV[1]), its life then made as
-# long as the longest set's (what is stored under it must not outlive it), then the deletes in any case.
-# KEYS: the mark, the n keys to set, then the keys to delete.  ARGV: seen, n, then a value and its PX per set.
+# long as the longest set's (what is stored under it must not outlive it), then the deletes in any case, and
+# the lock, when given, if it still holds its holder's token.
+# KEYS: the mark, the n keys to set, the keys to delete, then the lock if any.  ARGV: seen, n, a value and its
+# PX per set, then the lock's token if any.
 # add_then_write: SET KEYS[1] NX (ARGV[1], PX ARGV[2]); when it is set, SET each further key i to ARGV[2i+1]
 # with PX ARGV[2i+2]. Replies 1 when written, 0 when KEYS[1] was there.
 _ADD_THEN_WRITE = """
@@ -93,8 +103,10 @@ return 1
 
 _WRITE_UNLESS_MARKED = """
 local n = tonumber(ARGV[2])
+local last = #KEYS
+if #ARGV > 2 * n + 2 then last = last - 1 end
 local stored = 0
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if n > 0 and redis.call('GET', KEYS[1]) == ARGV[1] then
   local longest = 0
   for i = 1, n do
     local px = tonumber(ARGV[2 * i + 2])
@@ -105,9 +117,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   if left >= 0 and left < longest then redis.call('PEXPIRE', KEYS[1], longest) end
   stored = 1
 end
-for i = n + 2, #KEYS do
+for i = n + 2, last do
   redis.call('DEL', KEYS[i])
 end
+if last < #KEYS and redis.call('GET', KEYS[#KEYS]) == ARGV[#ARGV] then redis.call('DEL', KEYS[#KEYS]) end
 return stored
 """
 
@@ -475,6 +488,7 @@ class RedisStore(Store):
         self._get_or_lock = self.client.register_script(_GET_OR_LOCK)
         self._write_unless = self.client.register_script(_WRITE_UNLESS_MARKED)
         self._add_then_write = self.client.register_script(_ADD_THEN_WRITE)
+        self._unlock = self.client.register_script(_UNLOCK)
 
     # -- the boundary -------------------------------------------------------------
 
@@ -568,7 +582,7 @@ class RedisStore(Store):
         """What the method ``op`` returns, from the reply to its :meth:`read_command`."""
         if op == "get_or_lock":
             found, value, mark = reply
-            return (value, False, mark) if found == 1 else (None, value == 1, mark)
+            return (value, None, mark) if found == 1 else (None, value, mark)
         return reply
 
     def get(self, key: str) -> bytes | None:
@@ -599,18 +613,26 @@ class RedisStore(Store):
                        mark_ttl: float | None) -> tuple[list[str], list[Any]]:
         """The keys and arguments of the get_or_lock script."""
         keys = [self.key_prefix + key, self.key_prefix + lock_key]
-        args: list[Any] = [_ms(ttl)]
+        args: list[Any] = [new_mark(), _ms(ttl)]
         if mark is not None:
             keys.append(self.key_prefix + mark)
             args += [new_mark(), _ms(mark_ttl or ttl)]
         return keys, args
 
     def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
-                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bytes | None, bytes | None]:
         keys, args = self._lock_and_mark(key, lock_key, ttl, mark, mark_ttl)
         fn = partial(self._get_or_lock, keys=keys, args=args)
         answer = self.read_answer("get_or_lock", self.call("GET or SET NX", fn))
-        return cast("tuple[bytes | None, bool, bytes | None]", answer)
+        return cast("tuple[bytes | None, bytes | None, bytes | None]", answer)
+
+    def unlock(self, lock_key: str, token: bytes, leave: tuple[bytes, float] | None = None) -> bool:
+        args: list[Any] = [token]
+        if leave is not None:
+            _check_value(leave[0])
+            args += [leave[0], _ms(leave[1])]
+        fn = partial(self._unlock, keys=[self.key_prefix + lock_key], args=args)
+        return bool(self.call("unlock", fn))
 
     def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:
         _check_value(value)
@@ -624,17 +646,22 @@ class RedisStore(Store):
         return bool(self.call("SET NX, then SET", partial(self._add_then_write, keys=keys, args=args)))
 
     def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
-                            deletes: Sequence[str] = ()) -> bool:
+                            deletes: Sequence[str] = (), unlock: tuple[str, bytes] | None = None) -> bool:
         for _, value, _ in sets:
             _check_value(value)
-        if seen is None or not sets:  # never matches, or nothing to store: the deletes alone
+        if seen is None:  # never matches: nothing to store
+            sets = ()
+        if not sets and unlock is None:  # the deletes alone
             self.write((), deletes)
             return False
         p = self.key_prefix
         keys = [p + mark, *(p + key for key, _, _ in sets), *(p + key for key in deletes)]
-        args: list[Any] = [seen, len(sets)]
+        args: list[Any] = [seen or b"", len(sets)]
         for _, value, ttl in sets:
             args += [value, _ms(ttl)]
+        if unlock is not None:
+            keys.append(p + unlock[0])
+            args.append(unlock[1])
         return bool(self.call("write unless marked", partial(self._write_unless, keys=keys, args=args)))
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:

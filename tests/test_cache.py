@@ -249,7 +249,7 @@ class UnreadableStore(MemoryStore):
     """A memory store whose reads fail."""
 
     def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
-                    mark_ttl: float | None = None) -> tuple[bytes | None, bool, bytes | None]:
+                    mark_ttl: float | None = None) -> tuple[bytes | None, bytes | None, bytes | None]:
         from stores import StoreError
 
         raise StoreError("connection refused")
@@ -1676,6 +1676,80 @@ class FirstFillFails(Origin):
         return super().__call__(environ, start_response)
 
 
+class Held:
+    """An app that holds the calls of ``X-Who: a`` and ``b`` until their gate opens; ``a`` answers as ``first``
+    asks (``stored``, ``private`` or ``fails``), the others with a storable answer naming who asked."""
+
+    def __init__(self, first: str) -> None:
+        self.first = first
+        self.calls: list[str] = []
+        self.entered = {who: threading.Event() for who in ("a", "b")}
+        self.gates = {who: threading.Event() for who in ("a", "b")}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        who = environ["HTTP_X_WHO"]
+        self.calls.append(who)
+        if who in self.gates:
+            self.entered[who].set()
+            assert self.gates[who].wait(10)
+        if who == "a" and self.first == "fails":
+            raise RuntimeError("the slow fill fails")
+        headers = [("Content-Type", "text/plain"), ("Content-Length", "1")]
+        if who == "a" and self.first == "private":
+            headers.append(("Cache-Control", "private"))
+        start_response("200 OK", headers)
+        return [who.encode()]
+
+
+@pytest.mark.parametrize("first", [
+    pytest.param("stored", id="its answer stored: the lock given back with the save"),
+    pytest.param("private", id="its answer not storable: the lock handed over to 'ask the app'"),
+    pytest.param("fails", id="the app raised: the lock given back"),
+])
+def test_a_slow_leader_whose_lock_expired_leaves_the_next_leaders_lock(store: Store, clock: Clock,
+                                                                       first: str) -> None:
+    """A leads, its app outlives its lock_timeout, B takes the lock and leads; when A's fill ends, it leaves
+    B's lock alone, so C (a reload in a third process) waits for B's answer instead of asking the app too."""
+    app = Held(first)
+    a = Stack(store, app, lock_timeout=0.1)  # type: ignore[arg-type]  # three processes on one store
+    b, c = Stack(store, app, lock_timeout=5), Stack(store, app, lock_timeout=5)  # type: ignore[arg-type]
+    results: dict[str, tuple[int, str]] = {}
+
+    def run(who: str, stack: Stack, headers: dict[str, str] | None = None) -> threading.Thread:
+        def one() -> None:
+            response = stack.web.get("/api/v1/search?q=x", headers={"X-Who": who, **(headers or {})},
+                                     expect_errors=True)
+            results[who] = (response.status_int, response.headers.get("X-Cache", ""))
+
+        thread = threading.Thread(target=one)
+        thread.start()
+        return thread
+
+    threads = [run("a", a)]
+    try:
+        assert app.entered["a"].wait(10)
+        time.sleep(0.15)  # A's lock expires while its app runs
+        threads.append(run("b", b))
+        assert app.entered["b"].wait(10)
+        [lock] = list(store.scan("wsgistack:cache:l:"))
+        held = store.get(lock)  # B's
+        app.gates["a"].set()
+        threads[0].join(10)
+        assert store.get(lock) == held  # A's ending left B's lock as B took it
+        clock.now += 1  # B's answer is made after A's (a reload takes it as fetched for it)
+        threads.append(run("c", c, {"Cache-Control": "no-cache"}))
+        time.sleep(0.1)  # C waits for B's fill
+    finally:
+        for gate in app.gates.values():
+            gate.set()
+        for thread in threads:
+            thread.join(10)
+    assert (results["b"], results["c"]) == ((200, "MISS"), (200, "HIT"))
+    assert results["a"][0] == (500 if first == "fails" else 200)
+    assert app.calls == ["a", "b"]  # not C: it got B's answer
+    assert list(store.scan("wsgistack:cache:l:")) == []  # B gave its own lock back
+
+
 def test_a_lock_given_up_without_an_entry_is_taken_before_filling(store: Store) -> None:
     """B fails its fill; A, waiting for B, takes the lock before filling, so B's retry waits for A."""
     origin = FirstFillFails()
@@ -2002,7 +2076,8 @@ class BrokenStore(MemoryStore):
 
         raise StoreError("disk full")
 
-    def write_unless_marked(self, mark: str, seen: bytes | None, sets: Any, deletes: Any = ()) -> bool:
+    def write_unless_marked(self, mark: str, seen: bytes | None, sets: Any, deletes: Any = (),
+                            unlock: tuple[str, bytes] | None = None) -> bool:
         from stores import StoreError
 
         raise StoreError("disk full")

@@ -83,9 +83,10 @@ def test_a_ttl_beyond_the_longest_is_the_longest(store: Store, ttl: float) -> No
     assert store.getex("set", ttl) == b"1"
     assert store.expire("add", ttl) is True
     assert store.incr("counter", ttl=ttl) == 1
-    assert store.get_or_lock("missing", "lock", ttl) == (None, True, None)
+    _, token, _ = store.get_or_lock("missing", "lock", ttl)
+    assert token is not None
     store.write(sets=[("written", b"1", ttl)])
-    assert [store.get(k) for k in ("set", "add", "counter", "lock", "written")] == [b"1", b"1", b"1", b"1", b"1"]
+    assert [store.get(k) for k in ("set", "add", "counter", "lock", "written")] == [b"1", b"1", b"1", token, b"1"]
 
 
 def test_values_round_trip_as_bytes(store: Store) -> None:
@@ -1134,27 +1135,33 @@ def test_sentinel_url_finds_the_master(sentinel_port: int, redis_url: str) -> No
 
 
 def test_get_or_lock_reads_or_takes_the_lock(store: Store) -> None:
-    assert store.get_or_lock("entry", "lock", 5) == (None, True, None)
-    assert store.get_or_lock("entry", "lock", 5) == (None, False, None)  # someone holds it
+    """A lock taken holds a new random token, which the taker gets back (to give the lock back with)."""
+    value, token, mark = store.get_or_lock("entry", "lock", 5)
+    assert (value, mark, store.get("lock")) == (None, None, token)
+    assert token is not None and len(token) == 16
+    assert store.get_or_lock("entry", "lock", 5) == (None, None, None)  # someone holds it
+    store.delete("lock")
+    assert store.get_or_lock("entry", "lock", 5)[1] not in (None, token)  # each taker a token of its own
     store.set("entry", b"value", 5)
-    assert store.get_or_lock("entry", "lock2", 5) == (b"value", False, None)
+    assert store.get_or_lock("entry", "lock2", 5) == (b"value", None, None)
     assert store.get("lock2") is None  # a hit takes no lock
 
 
 def test_get_or_lock_also_reads_the_mark(store: Store) -> None:
     """With a mark key, its value as of the same step comes back too, on a hit, a lock and a wait alike."""
     value, locked, made = store.get_or_lock("entry", "lock", 5, "mark", 30)  # no mark yet: one is set
-    assert (value, locked, store.get("mark")) == (None, True, made)
-    assert made is not None and len(made) == 16
+    assert (value, locked, store.get("mark")) == (None, store.get("lock"), made)
+    assert made is not None and len(made) == 16 and locked != made
     assert store.get_or_lock("other", "lock2", 5, "mark2")[2] != made  # each one new
     store.set("mark", b"n1", 5)
-    assert store.get_or_lock("entry", "lock", 5, "mark") == (None, False, b"n1")
+    assert store.get_or_lock("entry", "lock", 5, "mark") == (None, None, b"n1")
     store.delete("lock")
-    assert store.get_or_lock("entry", "lock", 5, "mark") == (None, True, b"n1")
+    value, locked, mark = store.get_or_lock("entry", "lock", 5, "mark")
+    assert (value, locked, mark) == (None, store.get("lock"), b"n1") and locked is not None
     store.set("entry", b"value", 5)
     store.set("mark", b"n2", 5)
-    assert store.get_or_lock("entry", "lock", 5, "mark") == (b"value", False, b"n2")
-    assert store.get_or_lock("entry", "lock", 5) == (b"value", False, None)  # not asked: not read
+    assert store.get_or_lock("entry", "lock", 5, "mark") == (b"value", None, b"n2")
+    assert store.get_or_lock("entry", "lock", 5) == (b"value", None, None)  # not asked: not read
 
 
 def test_a_mark_the_full_memory_store_cannot_write_is_none_not_an_error() -> None:
@@ -1162,10 +1169,10 @@ def test_a_mark_the_full_memory_store_cannot_write_is_none_not_an_error() -> Non
     store = MemoryStore(max_entries=2)
     store.set("entry", b"value")
     store.set("other", b"x")  # full of keys that may not be evicted
-    assert store.get_or_lock("entry", "lock", 5, "mark", 30) == (b"value", False, None)
+    assert store.get_or_lock("entry", "lock", 5, "mark", 30) == (b"value", None, None)
     store.delete("entry")
     store.set("lock", b"1")
-    assert store.get_or_lock("entry", "lock", 5, "mark", 30) == (None, False, None)  # someone holds the lock
+    assert store.get_or_lock("entry", "lock", 5, "mark", 30) == (None, None, None)  # someone holds the lock
     assert store.get("mark") is None
 
 
@@ -1259,10 +1266,60 @@ def test_a_lookup_never_sees_a_mark_without_the_deletes_written_with_it() -> Non
     assert stop.is_set() and seen == []
 
 
+def _give_back(store: Store, how: str, token: bytes) -> bool:
+    """Give the lock ``lock`` back as its holder (``token``) does, one of the three ways; return whether it went
+    (for the write, whether it is gone)."""
+    if how == "unlock":
+        return store.unlock("lock", token)
+    if how == "hand over":
+        return store.unlock("lock", token, leave=(b"0", 5))
+    _, _, seen = store.get_or_lock("other", "other lock", 5, "mark")
+    assert store.write_unless_marked("mark", seen, [("entry", b"value", 5)], unlock=("lock", token)) is True
+    assert store.get("entry") == b"value"  # stored, whoever holds the lock
+    store.delete("entry")
+    return store.get("lock") is None
+
+
+@pytest.mark.parametrize(("how", "left"), [
+    pytest.param("unlock", None, id="unlock: deleted"),
+    pytest.param("hand over", b"0", id="hand over: another value left in its place"),
+    pytest.param("unlock with the write", None, id="unlock with the write: deleted in the same step"),
+])
+def test_a_lock_goes_only_as_its_own_holder_gives_it_back(store: Store, how: str, left: bytes | None) -> None:
+    """A took the lock, it expired, B took it: whatever A gives back late (a slow fill), B's lock stays B's,
+    and B's own giving back works as before."""
+    _, a, _ = store.get_or_lock("entry", "lock", 0.1)
+    assert a is not None and len(a) == 16
+    time.sleep(0.2)
+    _, b, _ = store.get_or_lock("entry", "lock", 5)
+    assert b is not None and b != a
+    assert _give_back(store, how, a) is False
+    assert store.get("lock") == b
+    assert store.get_or_lock("entry2", "lock", 5)[1] is None  # still held: nobody else takes it
+    assert _give_back(store, how, b) is True
+    assert store.get("lock") == left
+    if left is not None:
+        assert 4 < (store.ttl("lock") or 0) <= 5
+
+
+def test_an_unlock_needs_the_token_that_took_the_lock(store: Store) -> None:
+    """A lock taken with ``add`` (its value the taker's token) goes only with that token; a missing one is no error."""
+    assert store.add("lock", b"t1", 5)
+    assert store.unlock("lock", b"t2") is False
+    assert store.unlock("lock", b"t") is False  # a prefix is not equal
+    assert store.write_unless_marked("mark", None, [], unlock=("lock", b"t2")) is False
+    assert store.get("lock") == b"t1"
+    assert store.write_unless_marked("mark", None, [("a", b"A", 5)], unlock=("lock", b"t1")) is False
+    assert (store.get("lock"), store.get("a")) == (None, None)  # no sets (no mark seen), the lock gone all the same
+    assert store.unlock("lock", b"t1") is False  # gone already
+    assert store.unlock("lock", b"t1", leave=(b"0", 5)) is False  # and not brought back
+    assert store.get("lock") is None
+
+
 def test_get_or_lock_lock_expires(store: Store) -> None:
-    assert store.get_or_lock("entry", "lock", 0.1) == (None, True, None)
+    assert store.get_or_lock("entry", "lock", 0.1)[1] is not None
     time.sleep(0.25)
-    assert store.get_or_lock("entry", "lock", 0.1) == (None, True, None)
+    assert store.get_or_lock("entry", "lock", 0.1)[1] is not None
 
 
 def test_write_sets_and_deletes_together(store: Store) -> None:
@@ -1292,21 +1349,54 @@ def test_combined_operations_are_one_round_trip_each(redis_url: str) -> None:
 
 
 @pytest.mark.redis
+def test_a_lock_is_given_back_in_one_script(redis_url: str) -> None:
+    """The token's check and the DEL (or the SET of a hand-over) are one EVALSHA, alone or with a save."""
+    store = store_from_url(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    ways: list[Callable[[bytes], object]] = [
+        lambda token: store.unlock("l", token),
+        lambda token: store.unlock("l", token, leave=(b"0", 1)),
+        lambda token: store.write_unless_marked("m", b"seen", [("e", b"x", 5)], unlock=("l", token)),
+        lambda token: store.write_unless_marked("m", None, [], unlock=("l", token)),
+    ]
+    try:
+        for give_back in ways:
+            give_back(b"someone else's")  # (its script loaded: a first EVALSHA gets NOSCRIPT, then SCRIPT LOAD)
+            store.delete("l")
+            token = store.get_or_lock("e", "l", 5)[1]
+            assert token is not None
+            client.config_resetstat()
+            give_back(token)
+            stats = client.info("commandstats")
+            calls = {name: stat["calls"] for name, stat in stats.items() if name != "cmdstat_config"}
+            assert calls.get("cmdstat_evalsha", 0) == 1
+            assert "cmdstat_multi" not in calls and store.get("l") != token
+    finally:
+        client.close()
+        store.close()
+
+
+@pytest.mark.redis
 def test_a_lookup_reads_its_mark_in_the_same_script(redis_url: str) -> None:
     """The mark's GET is part of get_or_lock's script, as sent directly and as read ahead in a pipeline."""
     store = RedisStore(redis_url)
     client = redis.Redis.from_url(redis_url)
     try:
         store.set("mark", b"n1", 5)
-        assert store.get_or_lock("entry", "lock", 5, "mark") == (None, True, b"n1")
+        _, token, mark = store.get_or_lock("entry", "lock", 5, "mark")
+        assert (token, mark) == (store.get("lock"), b"n1") and token is not None
+        store.delete("lock")
         command = store.read_command("get_or_lock", "entry", 5, "lock", "mark")
         assert command[:6] == ("EVALSHA", store._get_or_lock.sha, 3, "wsgistack:entry", "wsgistack:lock",
                                "wsgistack:mark")
         reply = redis_command(client, *command)
-        assert store.read_answer("get_or_lock", reply) == (None, False, b"n1")  # the lock is held now
+        answer = store.read_answer("get_or_lock", reply)
+        assert answer == (None, store.get("lock"), b"n1") and answer[1] not in (None, token)  # a token of its own
+        reply = redis_command(client, *command)
+        assert store.read_answer("get_or_lock", reply) == (None, None, b"n1")  # the lock is held now
         store.set("entry", b"value", 5)
         reply = redis_command(client, *store.read_command("get_or_lock", "entry", 5, "lock"))
-        assert store.read_answer("get_or_lock", reply) == (b"value", False, None)  # no mark asked for
+        assert store.read_answer("get_or_lock", reply) == (b"value", None, None)  # no mark asked for
     finally:
         client.close()
         store.close()
@@ -1357,7 +1447,7 @@ def test_keys_kept_apart_are_bounded_on_their_own() -> None:
     assert sorted(store.scan("c:w:")) == sorted(["c:w:2", *(f"c:w:{i}" for i in range(4, 11))])
     assert sorted(store.scan("c:e:")) == [f"c:e:{i}" for i in range(8)]
     value, locked, mark = store.get_or_lock("c:e:9", "c:l:9", 5, "c:w:9", 60)  # a lookup's mark, apart too
-    assert (value, locked, store.get("c:w:9")) == (None, True, mark)
+    assert (value, locked is not None, store.get("c:w:9")) == (None, True, mark)
     assert len(list(store.scan("c:e:"))) == 7  # the lock took an entry's room, the mark did not
 
 
