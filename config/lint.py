@@ -88,15 +88,15 @@ def _before(specs: list[LayerSpec], outer: str, inner: str) -> Iterator[tuple[La
 def _apart(specs: list[LayerSpec], outer: LayerSpec, inner: LayerSpec) -> bool:
     """Whether no request can be in the scope of both layers: True only when that is sure.
 
-    Methods that share none are sure.  Paths are compared by their text before the first ``*`` (two
-    globs one request matches have prefixes one of which begins the other), so only when neither
-    list has ``?`` or ``[``, and when no layer inside the outer one may rewrite the path (versioning,
-    a class with ``rewrites_path``, or a layer of your own, which may do so without saying).
+    Methods that share none are sure.  Paths are compared as :meth:`Scope.overlaps` does (by the text
+    before the first wildcard and after the last), and only when no layer inside the outer one may
+    rewrite the path (versioning, a class with ``rewrites_path``, or a layer of your own, which may
+    do so without saying).
     """
     a, b = outer.scope, inner.scope
     if a.methods and b.methods and not with_head(a.methods) & with_head(b.methods):
         return True
-    if not a.paths or not b.paths or any(c in glob for glob in (*a.paths, *b.paths) for c in "?["):
+    if not a.paths or not b.paths:
         return False
     if any(kind(spec) in (None, "versioning") or getattr(spec.target, "rewrites_path", False)
            for spec in specs[_pos(specs, outer) + 1:]):

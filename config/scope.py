@@ -23,6 +23,28 @@ def compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{p})" for p in parts))
 
 
+_WILD = re.compile(r"[*?[]")
+_WILD_END = re.compile(r"[*?\]]")
+
+
+def _may_meet(a: str, b: str) -> bool:
+    """Whether one path may match both globs ``a`` and ``b`` (a ``[`` fnmatch reads as text is taken as a wildcard)."""
+    start_a, start_b = _WILD.search(a), _WILD.search(b)
+    if start_a is None and start_b is None:
+        return a == b
+    head_a, head_b = a[:start_a.start()] if start_a else a, b[:start_b.start()] if start_b else b
+    if not (head_a.startswith(head_b) or head_b.startswith(head_a)):
+        return False
+    tail_a, tail_b = a[_after_last_wild(a):], b[_after_last_wild(b):]
+    return tail_a.endswith(tail_b) or tail_b.endswith(tail_a)
+
+
+def _after_last_wild(glob: str) -> int:
+    """Where the literal text after the last wildcard of ``glob`` begins (0: none)."""
+    found = [m.end() for m in _WILD_END.finditer(glob)]
+    return found[-1] if found else 0
+
+
 class Scope:
     """Which requests a layer applies to."""
 
@@ -69,17 +91,18 @@ class Scope:
         return self._exclude is None or self._exclude.match(path) is None
 
     def overlaps(self, other: Scope) -> bool:
-        """A conservative guess whether two scopes can both match one request."""
+        """Whether two scopes may both match one request: False only when that is sure.
+
+        A path both globs match begins with the literal text of each before its first
+        wildcard (``*``, ``?``, ``[``), and ends with the text of each after its last
+        (``*``, ``?``, ``]``): when neither prefix begins the other, or neither ending
+        ends the other, no path matches both.  ``exclude_paths`` are left out.
+        """
         if self._methods and other._methods and not (self._methods & other._methods):
             return False
         if not self.paths or not other.paths:
             return True
-        return any(
-            fnmatch.fnmatchcase(a, b) or fnmatch.fnmatchcase(b, a) or a.split("*")[0].startswith(b.split("*")[0])
-            or b.split("*")[0].startswith(a.split("*")[0])
-            for a in self.paths
-            for b in other.paths
-        )
+        return any(_may_meet(a, b) for a in self.paths for b in other.paths)
 
     def __bool__(self) -> bool:
         return bool(self.paths or self.exclude_paths or self.methods)

@@ -493,6 +493,9 @@ def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
         pytest.param(f"pipeline:\n  - errors: {{}}\n  - cache: {{paths: ['/public/*']}}\n"
                      f"  - auth: {{secret: {SECRET}, paths: ['/api/*']}}\n",
                      id="a cache for public pages outside an auth layer for the API: scopes apart"),
+        pytest.param(f"pipeline:\n  - errors: {{}}\n  - cache: {{paths: ['/p?blic/*', '/static/v[0-9]/*']}}\n"
+                     f"  - auth: {{secret: {SECRET}, paths: ['/api/*']}}\n",
+                     id="a cache scoped with ? and [...] outside an auth layer for the API: scopes apart"),
         pytest.param(f"pipeline:\n  - errors: {{}}\n  - cors: {{origins: ['https://a.example'], paths: ['/api/*']}}\n"
                      f"  - auth: {{secret: {SECRET}, paths: ['/admin/*']}}\n"
                      "  - cors: {origins: ['https://b.example'], paths: ['/partner/*']}\n",
@@ -892,3 +895,40 @@ def test_one_secret_for_two_layers_is_warned(layers: str, expected: list[str]) -
 def test_a_rate_limit_key_is_no_secret_to_judge() -> None:
     found = problems("pipeline:\n  - errors: {}\n  - ratelimit: {limits: ['10/second'], key: 'header:aaaaaaaaaaaa'}\n")
     assert not [line for line in found if "the secret" in line], found
+
+
+@pytest.mark.parametrize(("paths", "other", "expected"), [
+    pytest.param(["/api/v?/search"], ["/api/v1/*"], True, id="? against *"),
+    pytest.param(["/api/v1/*"], ["/api/v?/search"], True, id="* against ?"),
+    pytest.param(["/api/v[12]/search"], ["/api/v1/search"], True, id="a class against a literal path"),
+    pytest.param(["/api/v[!2]/*"], ["/api/v1/x"], True, id="a negated class"),
+    pytest.param(["/p?blic/*"], ["/public/x*"], True, id="? early in the path"),
+    pytest.param(["/api/*"], ["/api/v1/*"], True, id="one prefix begins the other"),
+    pytest.param(["*.json"], ["/api/*"], True, id="a glob that starts with *"),
+    pytest.param(["/a[b"], ["/a[b"], True, id="an unclosed [ is a literal"),
+    pytest.param(["/api/v?/search"], ["/admin/*"], False, id="? with another prefix"),
+    pytest.param(["/api/v[12]/*"], ["/public/*"], False, id="a class with another prefix"),
+    pytest.param(["/api/*/search"], ["/api/*/users"], False, id="the same prefix, other endings"),
+    pytest.param(["/api/v?/search"], ["/api/v1/users"], False, id="? with another ending"),
+    pytest.param(["/a/*"], ["/b/*"], False, id="prefixes apart"),
+    pytest.param([], ["/b/*"], True, id="no paths: every path"),
+])
+def test_scope_overlaps_is_never_sure_of_a_wrong_no(paths: list[str], other: list[str], expected: bool) -> None:
+    from config.scope import Scope
+
+    one, two = Scope(paths), Scope(other)
+    assert (one.overlaps(two), two.overlaps(one)) == (expected, expected)
+
+
+@pytest.mark.parametrize(("layers", "expected"), [
+    pytest.param("  - request_id: {paths: ['/api/v?/search']}\n  - request_id: {paths: ['/api/v1/*']}\n",
+                 ["stack.yaml:6:5 warning: pipeline[2]: request_id appears twice with overlapping scope "
+                  "(pipeline[1] and pipeline[2]); requests in both scopes pass it twice"], id="? meets *"),
+    pytest.param("  - request_id: {paths: ['/api/v[12]/*']}\n  - request_id: {paths: ['/api/v1/search']}\n",
+                 ["stack.yaml:6:5 warning: pipeline[2]: request_id appears twice with overlapping scope "
+                  "(pipeline[1] and pipeline[2]); requests in both scopes pass it twice"], id="a class meets a path"),
+    pytest.param("  - request_id: {paths: ['/api/v?/search']}\n  - request_id: {paths: ['/admin/*']}\n", [],
+                 id="? apart"),
+])
+def test_the_same_layer_twice_through_glob_wildcards(layers: str, expected: list[str]) -> None:
+    assert problems("pipeline:\n  - errors: {}\n" + layers) == expected
