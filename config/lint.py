@@ -762,13 +762,30 @@ def unknown_stores(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem
 
 
 def proxy_twice(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """Waitress's proxy trust and a proxy layer both (a warning), and ``trusted_proxy: '*'``.
+
+    Both at once is redundant, not a forgery: Waitress cuts X-Forwarded-For down to its
+    ``trusted_proxy_count`` entries and clears the headers it does not trust, so the layer, whatever
+    its ``x_for``, reaches no entry a client wrote that Waitress alone would not take.  ``'*'`` takes
+    every peer for the proxy: beyond loopback any client sets its own address, an error.
+    """
     proxy = _first(specs, "proxy")
     if proxy is not None and cfg.server.trusted_proxy:
         yield _problem(cfg, proxy, "both server.trusted_proxy (Waitress) and the proxy layer trust forwarding "
                                    "headers; under Waitress keep only server.trusted_proxy", "warning")
     if cfg.server.trusted_proxy == "*":
         line, col = cfg.document.locate(("server", "trusted_proxy"))
-        yield Problem("trusted_proxy '*' trusts every peer, so any client can forge X-Forwarded-For",
+        address = {"x-forwarded-for", "forwarded"} & {str(h).lower() for h in cfg.server.trusted_proxy_headers}
+        if address and not cfg.server.loopback_only:  # as ProxyFix off loopback (proxyfix_trusts_every_peer)
+            yield Problem(f"trusted_proxy '*' trusts every peer, and the server listens on "
+                          f"{', '.join(cfg.server.listen)}: any client could set its own address in X-Forwarded-For "
+                          "or Forwarded (its rate-limit key, allow_from); set trusted_proxy to the proxy's address, "
+                          "or use the proxy layer with trusted_proxies",
+                          ("server", "trusted_proxy"), cfg.document.file, line, col)
+            return
+        forged = ", ".join("-".join(word.capitalize() for word in str(h).split("-"))
+                           for h in cfg.server.trusted_proxy_headers)
+        yield Problem(f"trusted_proxy '*' trusts every peer, so any client can forge {forged}",
                       ("server", "trusted_proxy"), cfg.document.file, line, col, "warning")
 
 

@@ -932,3 +932,28 @@ def test_scope_overlaps_is_never_sure_of_a_wrong_no(paths: list[str], other: lis
 ])
 def test_the_same_layer_twice_through_glob_wildcards(layers: str, expected: list[str]) -> None:
     assert problems("pipeline:\n  - errors: {}\n" + layers) == expected
+
+
+STAR = ("server: {{listen: '{listen}', trusted_proxy: '*', trusted_proxy_headers: [{headers}]}}\n"
+        "pipeline:\n  - errors: {{}}\n")
+
+
+@pytest.mark.parametrize(("listen", "headers", "expected"), [
+    pytest.param("0.0.0.0:8000", "x-forwarded-for", "stack.yaml:3:49 server.trusted_proxy: trusted_proxy '*' trusts "
+                 "every peer, and the server listens on 0.0.0.0:8000: any client could set its own address in "
+                 "X-Forwarded-For or Forwarded (its rate-limit key, allow_from); set trusted_proxy to the proxy's "
+                 "address, or use the proxy layer with trusted_proxies", id="beyond loopback: an error"),
+    pytest.param("[::]:8000", "forwarded", "stack.yaml:3:46 server.trusted_proxy: trusted_proxy '*' trusts "
+                 "every peer, and the server listens on [::]:8000: any client could set its own address in "
+                 "X-Forwarded-For or Forwarded (its rate-limit key, allow_from); set trusted_proxy to the proxy's "
+                 "address, or use the proxy layer with trusted_proxies", id="Forwarded beyond loopback: an error"),
+    pytest.param("127.0.0.1:8000", "x-forwarded-for", "stack.yaml:3:51 warning: server.trusted_proxy: trusted_proxy "
+                 "'*' trusts every peer, so any client can forge X-Forwarded-For", id="loopback only: a warning"),
+    pytest.param("0.0.0.0:8000", "x-forwarded-proto", "stack.yaml:3:49 warning: server.trusted_proxy: trusted_proxy "
+                 "'*' trusts every peer, so any client can forge X-Forwarded-Proto",
+                 id="no address header trusted: a warning"),
+])
+def test_trusted_proxy_star_beyond_loopback_lets_a_client_forge_its_address(listen: str, headers: str,
+                                                                            expected: str) -> None:
+    found = [line for line in problems(STAR.format(listen=listen, headers=headers)) if "trusted_proxy '*'" in line]
+    assert found == [expected]
