@@ -7,7 +7,9 @@ Redis backend (one connection pool per URL).
 
 from __future__ import annotations
 
+import difflib
 import functools
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -24,6 +26,9 @@ SCHEMES: dict[str, str] = {
     "unix": "stores.redis:RedisStore",
     "redis+sentinel": "stores.redis:RedisStore",
 }
+
+#: A scheme at the start of a URL that lacks part of its ``://``.
+_SCHEME_START = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)(?::/?(?!/)|//)")
 
 
 @functools.cache
@@ -47,12 +52,19 @@ def store_from_url(url: str, **options: Any) -> Store:
     """Create the store for ``url``; raise ``ValueError`` for an unknown scheme."""
     if "://" not in url:
         known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise ValueError(f"store URL {url!r} has no scheme (known: {known})")
+        # `redis:/host`, `redis//host`: a known scheme short of its colon or a slash (the URL is not
+        # repeated: it may hold a password).
+        near = _SCHEME_START.match(url)
+        hint = f"; write it {near.group(1).lower()}:// (a colon and two slashes)" \
+            if near is not None and near.group(1).lower() in SCHEMES else ""
+        raise ValueError(f"store URL {url!r} has no scheme{hint} (known: {known})")
     scheme = urlsplit(url).scheme
     target = SCHEMES.get(scheme)
     if target is None:
         known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise ValueError(f"unknown store scheme {scheme + '://' if scheme else url!r} (known: {known})")
+        close = difflib.get_close_matches(scheme, list(SCHEMES), n=1) if scheme else []
+        hint = f"; did you mean '{close[0]}://'?" if close else ""
+        raise ValueError(f"unknown store scheme {scheme + '://' if scheme else url!r}{hint} (known: {known})")
     if scheme == "memory":
         query = dict(parse_qsl(urlsplit(url).query))
         found = {name: query.pop(name, options.pop(name, default))

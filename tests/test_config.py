@@ -173,6 +173,24 @@ def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
             id="unknown store scheme",
         ),
         pytest.param(
+            ECHO + "stores:\n  shared: mem://x\n",
+            "stack.yaml:3:11 stores.shared: unknown store scheme 'mem://'; did you mean 'memory://'? (known: "
+            "memory://, redis://, rediss://, unix://, redis+sentinel://) (got 'mem://x')",
+            id="a misspelt store scheme",
+        ),
+        pytest.param(
+            ECHO + "stores:\n  shared: 'reddis://:hunter2pw@cache:6379/0'\n",
+            "stack.yaml:3:11 stores.shared: unknown store scheme 'reddis://'; did you mean 'redis://'? (known: "
+            "memory://, redis://, rediss://, unix://, redis+sentinel://) (got 'reddis://:***@cache:6379/0')",
+            id="a misspelt store scheme, its password masked",
+        ),
+        pytest.param(
+            ECHO + "stores:\n  shared: 'redis:/:hunter2pw@cache:6379/0'\n",
+            "stack.yaml:3:11 stores.shared: store URL 'redis:***@cache:6379/0' has no scheme; write it redis:// "
+            "(a colon and two slashes) (known: memory://, redis://, rediss://, unix://, redis+sentinel://)",
+            id="a scheme without its two slashes",
+        ),
+        pytest.param(
             "app: {factory: 'nope:create'}\n",
             "stack.yaml:1:16 app.factory: cannot import the app factory: No module named 'nope'",
             id="bad app factory",
