@@ -15,7 +15,8 @@ users database has them now; a user who was removed gets the 401 of a revoked
 token, and the token's family is revoked.  ``POST /auth/logout`` revokes the
 bearer token and the ``refresh_token`` of the body, and the tokens of the
 session's login, and destroys the session, answering 204; every credential is
-checked first, so a refused logout changes nothing.  Token responses carry ``Cache-Control: no-store``.
+checked first, so a refused logout changes nothing.  Token responses carry ``Cache-Control: no-store``
+and ``Pragma: no-cache`` (RFC 6749 §5.1).
 
 The token service is the auth layer's ``context.services["tokens"]``, looked
 up per request because layers are built after the app; without it these
@@ -182,9 +183,11 @@ def _string_field(body: dict[str, Any], name: str) -> str:
 
 
 def _token_response(issued: dict[str, Any]) -> Response:
-    """Tokens must never be stored by a cache (RFC 6749 section 5.1)."""
+    """Tokens must never be stored by a cache: ``Cache-Control: no-store`` and ``Pragma: no-cache``
+    (RFC 6749 section 5.1 asks for both; an HTTP/1.0 cache reads only the second)."""
     response = jsonify(issued)
     response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
     return response
 
 

@@ -98,6 +98,31 @@ def test_login_issues_tokens_from_the_auth_layer(stack: Stack) -> None:
     assert found["meta"]["total"] > 0
 
 
+def _login(stack: Stack) -> Any:
+    return stack.login()
+
+
+def _refresh(stack: Stack) -> Any:
+    login = stack.login().json
+    return stack.app.post_json("/auth/refresh", {"refresh_token": login["refresh_token"]},
+                               headers={"X-CSRF-Token": login["csrf_token"]})
+
+
+def _csrf(stack: Stack) -> Any:
+    stack.login()
+    return stack.app.get("/auth/csrf")
+
+
+@pytest.mark.parametrize("answer", [_login, _refresh, _csrf], ids=["login", "refresh", "csrf token"])
+def test_every_answer_with_a_token_forbids_caching_as_rfc_6749_asks(tmp_path: Path, users: UserStore,
+                                                                     answer: Callable[[Stack], Any]) -> None:
+    """RFC 6749 §5.1: Cache-Control: no-store and Pragma: no-cache (HTTP/1.0 caches read only that)."""
+    response = answer(Stack(tmp_path, users, csrf=DOUBLE_SUBMIT))
+    assert response.status_int == 200
+    assert any(key.endswith("token") for key in response.json)
+    assert (response.headers.get("Cache-Control"), response.headers.get("Pragma")) == ("no-store", "no-cache")
+
+
 def test_login_stores_the_user_in_a_rotated_session(stack: Stack) -> None:
     stack.app.get("/api/v1/search", {"q": "json"}, status=401)  # no credentials yet
     response = stack.login(headers={"Cookie": f"{COOKIE}=planted-by-an-attacker"})
