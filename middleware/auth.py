@@ -135,6 +135,9 @@ _STORE_RETRY_AFTER = "5"
 _SWEPT = b"swept"  # family-revoked:<fam> once the family's access tokens are blocklisted
 #: Why the users database voids a credential (the reason its refusal's event names), as notes say it.
 _VOID = {"unknown_subject": "no longer exists", "credentials_changed": "was issued before the credentials changed"}
+#: 9999-12-31T23:59:59Z: a NumericDate past it (or as far before 1970) is no date any clock reaches, and one
+#: no float holds would make the records of the token's revocation fail to compute.
+_LAST_DATE = 253402300799
 _VERIFIED_MAX = 4096  # access tokens remembered as verified, per process
 _BEARER = "wsgistack.auth.bearer"  # environ: the request's bearer token, parsed once
 _UNPARSED: Any = object()
@@ -620,10 +623,13 @@ class TokenService:
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise _Invalid("invalid", "the token's roles claim is not a list of strings")
-        for name in ("exp", "iat", "nbf"):  # PyJWT takes "1790000000" (a string) too; NumericDate is a number
+        for name in ("exp", "iat", "nbf", "auth_time"):  # PyJWT takes "1790000000" (a string) too
             value = claims.get(name, 0)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number and name != "auth_time":  # (an auth_time that is no number is none: see _auth_time)
                 raise _Invalid("invalid", f"the token's {name} claim is not a number")
+            if number and not -_LAST_DATE <= value <= _LAST_DATE:  # (NaN too)
+                raise _Invalid("invalid", f"the token's {name} claim is out of range")
         return claims
 
     def revocation_key(self, token: str) -> str | None:

@@ -668,6 +668,40 @@ def test_revoking_an_expired_token_stores_nothing(store: Store) -> None:
     assert info.value.code == 401
 
 
+YEAR_9999 = 253402300799  # 9999-12-31T23:59:59Z, the last second a NumericDate here may name
+
+
+@pytest.mark.parametrize(("claim", "value", "refused"), [
+    pytest.param("exp", YEAR_9999, False, id="exp at the end of the year 9999: a date"),
+    pytest.param("exp", YEAR_9999 + 1, True, id="exp past the year 9999"),
+    pytest.param("exp", 10**17, True, id="exp a hundred million years ahead"),
+    pytest.param("exp", 10**400, True, id="exp no float can hold"),
+    pytest.param("exp", 1e300, True, id="exp a huge float"),
+    pytest.param("iat", -(10**400), True, id="iat no float can hold, in the past"),
+    pytest.param("nbf", -YEAR_9999 - 1, True, id="nbf before the year -8000"),
+    pytest.param("auth_time", 10**400, True, id="auth_time no float can hold"),
+    pytest.param("auth_time", float("inf"), True, id="auth_time infinite (Python's JSON reads Infinity)"),
+])
+def test_a_token_dated_beyond_any_clock_is_refused_not_accepted_unrevocably(
+        store: Store, claim: str, value: float, refused: bool) -> None:
+    """A NumericDate past the year 9999 is no date any clock reaches: such a token (signed by a key the layer
+    trusts) was accepted, and revoking one whose date no float holds (a logout with it) was a 500, so it
+    could never be revoked.  Now it is refused, so it needs no revocation."""
+    stack = Stack(store)
+    token = hs(claims(**{claim: value}, jti="far"))
+    if not refused:
+        assert stack.call(token=token).status_int == 200
+        stack.tokens.revoke(token)
+        assert 0 < cast(float, store.ttl("revoked:far")) <= YEAR_9999 - time.time() + 1
+        return
+    said = challenge(f"the token's {claim} claim is out of range")
+    expect(stack.call(token=token), 401, said, ["invalid"], stack)
+    with pytest.raises(HTTPException) as info:
+        stack.tokens.revoke(token)
+    assert info.value.code == 401
+    assert info.value.wsgistack_headers == [("WWW-Authenticate", said)]  # type: ignore[attr-defined]
+
+
 def test_refresh_rotates_and_reuse_revokes_the_family(store: Store) -> None:
     stack = Stack(store)
     first = stack.tokens.issue("ann", ["user"])
