@@ -130,6 +130,7 @@ ROLES_FRESH = 1.0
 Level = Literal["required", "optional", "none"]
 _HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum secret bytes (RFC 7518 §3.2)
 _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
+_KNOWN = ", ".join([*_HMAC, *sorted(_ASYMMETRIC)])  # the algorithms, as refusals list them
 _CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _STORE_RETRY_AFTER = "5"
 _SWEPT = b"swept"  # family-revoked:<fam> once the family's access tokens are blocklisted
@@ -349,8 +350,7 @@ class _Options(LayerOptions):
         asymmetric = bool(self.public_keys or self.private_key or self.jwks_file)
         alg = self.algorithm
         if alg is not None and alg not in _HMAC and alg not in _ASYMMETRIC:
-            known = ", ".join([*_HMAC, *sorted(_ASYMMETRIC)])
-            raise ValueError(f"algorithm {alg!r} is not accepted (known: {known}); 'none' never is")
+            raise ValueError(f"algorithm {alg!r} is not accepted (known: {_KNOWN}); 'none' never is")
         if self.secret and asymmetric:
             raise ValueError("secret (HMAC) may not be mixed with public_keys, private_key or jwks_file "
                              "(RSA/EC); configure one kind of key")
@@ -526,6 +526,10 @@ class TokenService:
             if entry.get("use", "sig") != "sig":
                 skipped.append(f"key {entry.get('kid') or i} (use {entry.get('use')!r})")
                 continue
+            alg = entry.get("alg")
+            if alg is not None and alg not in _HMAC and alg not in _ASYMMETRIC:  # PyJWT would take 'none'
+                raise ValueError(f"{where} is pinned to algorithm {alg!r}, which is not accepted (known: "
+                                 f"{_KNOWN}; 'none' never is)")
             try:
                 jwk = jwt.PyJWK.from_dict(entry, entry.get("alg") or o.algorithm)
             except jwt.PyJWTError as exc:

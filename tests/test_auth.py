@@ -1389,6 +1389,12 @@ def test_key_material_refused(rsa_key: Any, tmp_path: Path) -> None:
     (tmp_path / "kid.json").write_text(json.dumps({"keys": [{**rsa_jwk, "kid": 7}]}))
     cases.append(({"jwks_file": "kid.json"}, "jwks_file key 7: kid must be a string (RFC 7517 4.5), not 7; a token's "
                                             "kid header is one, so no token could name this key"))
+    known = ("HS256, HS384, HS512, ES256, ES384, ES512, EdDSA, PS256, PS384, PS512, RS256, RS384, RS512; 'none' "
+             "never is")
+    for alg in ("none", "None", "foo"):  # PyJWT's NoneAlgorithm raised a bare NotImplementedError for 'none'
+        (tmp_path / f"alg-{alg}.json").write_text(json.dumps({"keys": [{**rsa_jwk, "kid": "n", "alg": alg}]}))
+        cases.append(({"jwks_file": f"alg-{alg}.json"}, f"jwks_file key n is pinned to algorithm {alg!r}, which is "
+                                                        f"not accepted (known: {known})"))
     for options, message in cases:
         context = Context(stores={"shared": MemoryStore()}, settings={"base_dir": str(tmp_path)})
         if not message:  # two kids for one key: allowed, the private key takes the first
