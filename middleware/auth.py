@@ -614,6 +614,8 @@ class TokenService:
             raise _Invalid(reason, text) from None
         except UnicodeError:  # e.g. a lone surrogate in a token that came from JSON
             raise _Invalid("malformed", "the token is malformed") from None
+        if o.audience is None and "aud" in claims:  # PyJWT lets an empty one ("", [], null) through
+            raise _Invalid("invalid_audience", "the token's audience is not accepted")
         # The kind of token: ``typ`` (ours), ``type`` (flask-jwt-extended's), ``token_use`` (Cognito's).
         # A token that names two kinds is neither; one that names none is an access token.
         # A kind that is not a string (a list, an object) is no kind we know: neither access nor refresh.
