@@ -315,6 +315,18 @@ def test_verification(options: Any, request_headers: Callable[[Any], dict[str, s
         assert response.json["sub"] == "ann"
 
 
+@pytest.mark.parametrize("send", [
+    pytest.param(lambda app, token: app.get(f"/?access_token={token}", expect_errors=True), id="query (RFC 6750 §2.3)"),
+    pytest.param(lambda app, token: app.post("/", {"access_token": token}, expect_errors=True),
+                 id="form body (RFC 6750 §2.2)"),
+])
+def test_a_token_outside_the_authorization_header_is_not_read(send: Callable[[TestApp, str], Any]) -> None:
+    stack = Stack()
+    token = hs(claims())
+    assert stack.call(token=token).status_int == 200
+    expect(send(stack.app, token), 401, MISSING, ["missing"], stack)
+
+
 def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     stack = Stack()
     token = hs(claims(exp=int(time.time()) + 60))
