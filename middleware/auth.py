@@ -131,6 +131,8 @@ Level = Literal["required", "optional", "none"]
 _HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}  # minimum secret bytes (RFC 7518 §3.2)
 _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 _KNOWN = ", ".join([*_HMAC, *sorted(_ASYMMETRIC)])  # the algorithms, as refusals list them
+#: What PyJWT knows and the layer never accepts (a name PyJWT does not know gets PyJWT's own refusal).
+_PYJWT_ONLY = frozenset(jwt.algorithms.get_default_algorithms()) - _ASYMMETRIC - set(_HMAC)
 _CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _STORE_RETRY_AFTER = "5"
 _SWEPT = b"swept"  # family-revoked:<fam> once the family's access tokens are blocklisted
@@ -527,7 +529,7 @@ class TokenService:
                 skipped.append(f"key {entry.get('kid') or i} (use {entry.get('use')!r})")
                 continue
             alg = entry.get("alg")
-            if alg is not None and alg not in _HMAC and alg not in _ASYMMETRIC:  # PyJWT would take 'none'
+            if alg in _PYJWT_ONLY:  # 'none': PyJWT takes it, and its key loading raises a bare NotImplementedError
                 raise ValueError(f"{where} is pinned to algorithm {alg!r}, which is not accepted (known: "
                                  f"{_KNOWN}; 'none' never is)")
             try:
