@@ -656,3 +656,18 @@ def test_a_build_sweeps_the_temporary_files_of_builds_that_died(tmp_path: Path) 
     engine.ensure_index()  # under the index's file lock: no other build of it is running
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["index.sqlite3", "index.sqlite3.lock", other.name])
     engine.close()
+
+
+def test_a_docstring_with_a_lone_surrogate_or_a_nul_is_indexed(tmp_path: Path) -> None:
+    """A ``"\\ud800"`` escape in a docstring made the build raise (SQLite takes UTF-8): every search was a 500.
+    A NUL ended the snippet there."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "oddmod.py").write_text(
+        'def lone():\n    """Surrogate \\ud800 quirk inside."""\n'
+        'def nul():\n    """Nul \\x00 quirk inside, and more."""\n'
+    )
+    client = TestApp(create_app({"var_dir": str(tmp_path / "var"), "search": {"index_sources": [str(source)]}}))
+    found = {r["title"]: r["content"] for r in client.get("/api/v2/search", {"q": "quirk"}).json["data"]}
+    assert found == {"oddmod.lone": "Surrogate \ufffd quirk inside.",
+                     "oddmod.nul": "Nul \ufffd quirk inside, and more."}

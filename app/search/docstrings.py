@@ -4,7 +4,9 @@ This feeds the ``local`` search engine.  A source is a module name (``json``,
 ``email.message``), a directory, or a ``.py`` file.  A package source brings
 its public submodules with it; files and names that start with ``_`` and
 test directories are skipped.  Files that do not parse on this Python are
-skipped quietly: site-packages holds code for other versions.
+skipped quietly: site-packages holds code for other versions.  A lone surrogate
+(a ``\\ud800`` escape) or a NUL in a docstring becomes U+FFFD: SQLite stores
+UTF-8 text, and its snippets end at a NUL.
 
 The default set is the standard library's public top-level modules (with
 their packages' first-level submodules) plus the project's own runtime
@@ -35,6 +37,8 @@ _STDLIB_SKIP = frozenset({
 })
 _SKIP_DIRS = frozenset({"tests", "test", "testing", "__pycache__", "v1"})
 _REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+#: What a docstring may hold that the index cannot: lone surrogates (not UTF-8) and NUL.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +177,7 @@ class _UrlMaker:
 def _entries_of(tree: ast.Module, module: str, base: str, anchor: bool) -> Iterator[DocEntry]:
     def entry(qualname: str, doc: str, kind: str) -> DocEntry:
         url = f"{base}#{qualname}" if anchor else base
-        return DocEntry(qualname, doc[:MAX_DOC_CHARS], url, kind)
+        return DocEntry(qualname, _UNSTORABLE.sub("\ufffd", doc[:MAX_DOC_CHARS]), url, kind)
 
     doc = ast.get_docstring(tree)
     if doc:
