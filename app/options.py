@@ -85,8 +85,13 @@ class SearchOptions(BaseModel):
 
 
 def _folder_can_hold(name: str, file: Path) -> None:
-    """Refuse a file whose folder, or a folder above it, is a file (``var_dir`` set to a database, say):
-    the app would start, and answer 500 wherever it opens the file."""
+    """Refuse a file that is a folder, or whose folder (or a folder above it) is a file (``var_dir`` set
+    to a database, say): the app would start, and answer 500 wherever it opens the file."""
+    try:
+        if file.is_dir():
+            raise ValueError(f"{name} {str(file)!r} is a folder, not a file")
+    except OSError:  # a folder above that this user may not enter: the app's own open will say so
+        return
     for folder in file.parents:
         try:
             exists = folder.exists()

@@ -282,6 +282,18 @@ def test_a_file_where_a_folder_must_be_is_refused(tmp_path: Path, options: Any) 
         AppOptions.model_validate(options(taken))
 
 
+@pytest.mark.parametrize(("options", "name"), [
+    pytest.param(lambda f: {"users_db": str(f)}, "users_db", id="users_db is a folder"),
+    pytest.param(lambda f: {"search": {"index_path": str(f)}}, "search.index_path", id="index_path is a folder"),
+])
+def test_a_folder_where_a_database_file_must_be_is_refused(tmp_path: Path, options: Any, name: str) -> None:
+    """check refuses it: an index_path that is a folder made every search a 500 (the build cannot replace it)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(ValidationError, match=f"{name} {str(folder)!r} is a folder, not a file"):
+        AppOptions.model_validate(options(folder))
+
+
 def test_a_folder_this_user_may_not_enter_is_left_to_the_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Path.exists() raises PermissionError there: check must not stop with a traceback."""
     def denied(self: Path) -> bool:
