@@ -497,6 +497,36 @@ def test_results_a_link_would_not_open_as_a_web_page_are_dropped(tmp_path: Path,
     assert [r["url"] for r in body["results"]] == ["https://example.org/ok", "HTTP://example.org/upper"]
 
 
+@pytest.mark.parametrize(("url", "kept"), [
+    pytest.param("https://example.org/a b", True, id="a space: browsers encode it"),
+    pytest.param("https://b\u00fccher.example/\u00e4", True, id="letters beyond ASCII"),
+    pytest.param("https://[::1]:8080/", True, id="an IPv6 host"),
+    pytest.param("https://", False, id="no host"),
+    pytest.param("http:///etc/passwd", False, id="an empty host"),
+    pytest.param("https://@:80/", False, id="no host name, only a user and a port"),
+    pytest.param("https://[::1/", False, id="a bracketed host left open"),
+    pytest.param("https://example.org/a\r\nLocation: https://evil.example/", False, id="CR LF"),
+    pytest.param("https://example.org/\u0000", False, id="NUL"),
+    pytest.param("https://example.org/\u0085", False, id="a C1 control"),
+    pytest.param("https://example.org/\udc00", False, id="a lone surrogate: not text"),
+])
+def test_results_whose_url_is_not_a_web_address_are_dropped(tmp_path: Path, upstream: FakeSearxng, url: str,
+                                                           kept: bool) -> None:
+    upstream.canned["x"] = results_body("1", json.dumps([{"title": "t", "url": url}]))
+    body = searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": "x"}).json
+    assert [r["url"] for r in body["results"]] == ([url] if kept else [])
+
+
+def test_lone_surrogates_in_a_results_text_become_replacement_characters(tmp_path: Path,
+                                                                         upstream: FakeSearxng) -> None:
+    """Python's JSON passes "\\ud800" on as it is: text no UTF-8 can carry, which strict clients refuse."""
+    upstream.canned["x"] = results_body("1", '[{"title": "a\\ud800b", "url": "https://example.org/",'
+                                             ' "content": "\\udfffc\\ud83d\\ude00", "engine": "e\\udc00"}]')
+    response = searxng_app(tmp_path, upstream.url).get("/api/v2/search", {"q": "x"})
+    assert response.json["data"] == [
+        {"title": "a\ufffdb", "url": "https://example.org/", "content": "\ufffdc\U0001f600", "engine": "e\ufffd"}]
+
+
 def test_a_page_passes_on_at_most_max_results(tmp_path: Path, upstream: FakeSearxng) -> None:
     from app.search.searxng import MAX_RESULTS
 

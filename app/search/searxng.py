@@ -23,9 +23,11 @@ running out of time becomes ``504 Gateway
 Timeout``; a 429 (SearXNG's limiter) or 503 becomes ``503`` with the
 upstream's ``Retry-After`` (seconds or an HTTP date; at most an hour; 30 s when it gives none or one
 that is neither).  A
-result whose ``url`` is not a non-empty ``http``/``https`` URL, or whose
-``title`` or ``content`` is neither a string nor null, is dropped, and a page
-passes on at most ``MAX_RESULTS``.  A ``number_of_results`` that is not a
+result whose ``url`` is not an ``http``/``https`` URL with a host (and no
+control character or lone surrogate), or whose ``title`` or ``content`` is
+neither a string nor null, is dropped, and a page passes on at most
+``MAX_RESULTS``; a lone surrogate (a ``\\ud800`` escape) in a result's text
+becomes U+FFFD.  A ``number_of_results`` that is not a
 whole number from the results seen so far up to 2**53 - 1 is ignored (the
 total is then the results seen so far, and one more when the page is full, so
 that a client following ``pages`` asks for the next one; SearXNG often reports
@@ -50,6 +52,7 @@ import http.client
 import io
 import json
 import math
+import re
 import socket
 import ssl
 import time
@@ -79,6 +82,9 @@ MAX_RESPONSE_BYTES = 3 * MAX_BODY_BYTES
 #: The most results one page passes on: SearXNG sends a few dozen; more would make one answer huge.
 MAX_RESULTS = 100
 _WEB_SCHEMES = ("http://", "https://")
+#: What a result's URL may not hold: controls (C0, DEL, C1) and lone surrogates (no UTF-8 carries them).
+_NOT_IN_URL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 #: Seconds a client is asked to wait when a busy upstream gave no Retry-After of its own.
 BUSY_RETRY_AFTER = 30
 #: The largest ``number_of_results`` believed: beyond it JavaScript clients lose integer precision.
@@ -229,14 +235,14 @@ class SearxngEngine(SearchEngine):
         if not isinstance(item, dict):
             return None
         url, title, content = item.get("url"), item.get("title"), item.get("content")
-        if not isinstance(url, str) or not url or not url[:8].lower().startswith(_WEB_SCHEMES):
-            return None  # no URL, or one a link to would not open a web page (javascript:, data:)
+        if not isinstance(url, str) or not _web_address(url):
+            return None  # no URL, or one a link to would not open a web page (javascript:, data:, https://)
         if not isinstance(title, str | None) or not isinstance(content, str | None):
             return None
         engine = item.get("engine")
         if not isinstance(engine, str) or not engine:
             engine = self.name
-        return SearchResult(title or "", url, content or "", engine)
+        return SearchResult(_text(title or ""), url, _text(content or ""), _text(engine))
 
 
 class _Deadline:
@@ -300,6 +306,21 @@ class _DeadlineSocket:
 
     def makefile(self, mode: str = "rb") -> io.BufferedReader:
         return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+def _web_address(url: str) -> bool:
+    """An ``http``/``https`` URL with a host, and without a character no address holds."""
+    if not url[:8].lower().startswith(_WEB_SCHEMES) or _NOT_IN_URL.search(url):
+        return False
+    try:
+        return bool(urlsplit(url).hostname)
+    except ValueError:  # a bracketed host that is not an address
+        return False
+
+
+def _text(value: str) -> str:
+    """``value`` with each lone surrogate (which Python's JSON reads from a ``\\ud800`` escape) as U+FFFD."""
+    return _SURROGATE.sub("\ufffd", value)
 
 
 def _int_or_none(text: str) -> int | None:
