@@ -8,6 +8,7 @@ same mapping again when it is called from plain Python.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -109,7 +110,8 @@ class AppOptions(BaseModel):
     ``var_dir``: where the SQLite files live (default ``var``; a stack file's
     relative paths are resolved against its folder before they get here, so
     only ``create_app`` called directly reads them from the working directory).
-    ``users_db``: the users database (default ``<var_dir>/users.sqlite3``).  ``search``: see :class:`SearchOptions`.
+    ``users_db``: the users database (default ``<var_dir>/users.sqlite3``; never the same file as
+    ``search.index_path``, which a build replaces).  ``search``: see :class:`SearchOptions`.
     ``debug``: put the exception text in 500 bodies when the app is used
     without the stack's ``errors`` layer.  ``max_failed_logins`` /
     ``failed_login_window``: per-account throttling of wrong passwords.
@@ -144,6 +146,9 @@ class AppOptions(BaseModel):
             self.search.index_path = str(var / "search-index.sqlite3")
         for name, file in (("users_db", self.users_db), ("search.index_path", self.search.index_path)):
             _folder_can_hold(name, Path(file))
+        if os.path.realpath(self.search.index_path) == os.path.realpath(self.users_db):
+            raise ValueError(f"search.index_path {self.search.index_path!r} is the users database; the index "
+                             "build would replace it: give the index a file of its own")
         return self
 
     @property

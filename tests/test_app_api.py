@@ -294,6 +294,18 @@ def test_a_folder_where_a_database_file_must_be_is_refused(tmp_path: Path, optio
         AppOptions.model_validate(options(folder))
 
 
+@pytest.mark.parametrize("index_path", [
+    pytest.param(lambda var: var / "users.sqlite3", id="the same path"),
+    pytest.param(lambda var: var / "sub" / ".." / "users.sqlite3", id="another spelling of it"),
+])
+def test_an_index_path_that_is_the_users_database_is_refused(tmp_path: Path, index_path: Any) -> None:
+    """The first search found no index there and built one in its place: every user was gone."""
+    var = tmp_path / "var"
+    with pytest.raises(ValidationError, match=f"search.index_path {str(index_path(var))!r} is the users "
+                                              "database; the index build would replace it"):
+        AppOptions.model_validate({"var_dir": str(var), "search": {"index_path": str(index_path(var))}})
+
+
 def test_a_folder_this_user_may_not_enter_is_left_to_the_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Path.exists() raises PermissionError there: check must not stop with a traceback."""
     def denied(self: Path) -> bool:
