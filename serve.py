@@ -104,13 +104,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``2025-05-01T09:30:12.345Z INFO logger [request id]: message``, one line per record.
+    """``2025-05-01T09:30:12.345Z INFO logger [request id]: message``, the record's one line starting so.
 
     The time is UTC, as in the JSON lines and the access log.  The message's control
     characters (line breaks of every kind, ANSI escapes) are escaped as
     :func:`middleware.base.escape_control` does: a value a client sent (a header
     Waitress complains of, a token's subject) cannot forge a line of its own.  A
-    traceback keeps its lines.
+    traceback (or ``stack_info``) follows on lines of its own, each prefixed with
+    ``  | `` and escaped the same way but for its line breaks: an exception's message
+    holding such a value (``ValueError(f"bad {value}")``) reads as part of the
+    traceback, never as a record.
     """
 
     converter = time.gmtime  # type: ignore[assignment]  # typeshed's gmtime reads as taking no argument
@@ -125,6 +128,20 @@ class TextFormatter(logging.Formatter):
 
         record.message = escape_control(record.message)
         return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        from middleware.base import escape_control
+
+        # logging.Formatter.format without its tail: the traceback and stack are added here, prefixed.
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:  # (cached on the record, as the base class does)
+            record.exc_text = self.formatException(record.exc_info)
+        for block in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if block:
+                text += "".join(f"\n  | {escape_control(line)}" for line in block.split("\n"))
+        return text
 
 
 def _formatter(fmt: str) -> logging.Formatter:

@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -956,3 +957,79 @@ pipeline:
             "counts and cached answers are not in them") in lines
     path = config_file(ECHO + "pipeline:\n  - errors: {}\n")
     assert not any("memory://" in line for line in serve.explain(str(path), "GET", "/x")[0])
+
+
+FORGED = "\n2026-01-01 00:00:00 INFO wsgistack: forged"
+#: How a text record's first line starts (and no other line may).
+RECORD_START = r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d"
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+@pytest.mark.parametrize(
+    ("message", "args", "exception"),
+    [
+        pytest.param("bad value %r", (FORGED,), ValueError(f"invalid literal: {FORGED}"),
+                     id="forged message and exception"),
+        pytest.param("bad value", (), ValueError(f"cr: \r{FORGED[1:]}"), id="carriage return in the exception"),
+        pytest.param("bad value", (), ValueError(f"nel: \x85{FORGED[1:]}\u2028{FORGED[1:]}\x1b[31m"),
+                     id="unicode line breaks and an escape in the exception"),
+        pytest.param("bad value", (), KeyError(FORGED), id="key error (repr of the key)"),
+        pytest.param("%s", (FORGED,), None, id="forged message, no exception"),
+    ],
+)
+def test_text_log_records_cannot_be_forged_by_an_exception(message: str, args: tuple[object, ...],
+                                                          exception: BaseException | None) -> None:
+    """Only a record's first line starts with the time: a traceback's lines (an exception's message holding
+    a value a client sent) are prefixed, and their control characters escaped, yet read as a traceback."""
+    record = logging.LogRecord("wsgistack", logging.ERROR, __file__, 1, message, args, None)
+    record.request_id = "-"
+    if exception is not None:
+        try:
+            try:
+                _raise(exception)
+            except Exception as cause:
+                raise RuntimeError("while serving") from cause
+        except RuntimeError:
+            record.exc_info = sys.exc_info()
+    text = serve.TextFormatter().format(record)
+    lines = text.split("\n")
+    assert re.match(RECORD_START, lines[0]), text
+    assert [line for line in lines[1:] if not line.startswith("  |")] == [], text
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", text), text  # only the structuring \n
+    if exception is not None:  # still a traceback to read
+        assert lines[1] == "  | Traceback (most recent call last):"
+        assert "  | The above exception was the direct cause of the following exception:" in lines
+        assert lines[-1] == "  | RuntimeError: while serving"
+        assert any(line.startswith(f"  | {type(exception).__name__}: ") for line in lines)
+    else:
+        assert len(lines) == 1
+
+
+def test_text_log_stack_info_lines_are_prefixed() -> None:
+    record = logging.LogRecord("wsgistack", logging.WARNING, __file__, 1, "here", (), None,
+                               sinfo=f"Stack (most recent call last):\n  File \"x{FORGED}\", line 1")
+    record.request_id = "-"
+    lines = serve.TextFormatter().format(record).split("\n")
+    assert lines[0].endswith("wsgistack [-]: here")
+    assert lines[1:] == ["  | Stack (most recent call last):", '  |   File "x',
+                         "  | 2026-01-01 00:00:00 INFO wsgistack: forged\", line 1"]
+
+
+def test_a_served_exception_with_a_forged_message_stays_one_record(tmp_path: Path) -> None:
+    """As serve.py sets up its logs (logging: {format: text}, as the shipped stack.yaml): a logged exception
+    whose message holds a line break and a record's start forges no record on stderr."""
+    code = ("import logging, serve\n"
+            "serve._setup_logging('INFO', 'text')\n"
+            "try:\n"
+            f"    raise ValueError('no number: ' + {FORGED!r})\n"
+            "except ValueError:\n"
+            "    logging.getLogger('wsgistack').exception('cannot read %r', " f"{FORGED!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if re.match(RECORD_START, line)] == [lines[0]], done.stderr
+    assert lines[0].endswith(" ERROR wsgistack [-]: cannot read '\\n2026-01-01 00:00:00 INFO wsgistack: forged'")
+    assert lines[1:] == ["  | Traceback (most recent call last):", '  |   File "<string>", line 4, in <module>',
+                         "  | ValueError: no number: ", "  | 2026-01-01 00:00:00 INFO wsgistack: forged"], done.stderr
