@@ -37,6 +37,7 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import ctypes
+import errno
 import functools
 import gc
 import importlib.metadata
@@ -236,36 +237,77 @@ def _apply_logging(options: LoggingOptions) -> None:
 # ---------------------------------------------------------------- serve
 
 
-def _bind(listen: Sequence[str], backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+#: Why binding one address of a host name may leave it out (with a warning) while another binds: an
+#: address family the machine lacks (IPv6 disabled) or an address it does not have.  Any other failure
+#: (an address in use, a port not allowed) stops the start: another server would hold part of the name.
+_UNAVAILABLE = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+
+
+def _bind(listen: Sequence[str], backlog: int, reuse_port: bool = False, warn: bool = True) -> list[socket.socket]:
     """Bind the listening sockets in the parent, so forked workers inherit them.
 
+    A host name is bound on every address it resolves to (``localhost``: 127.0.0.1
+    and ::1 on a dual-stack machine, so a client resolving it either way is served),
+    each address once.  One its machine cannot have (IPv6 disabled) is left out, with
+    a warning (unless ``warn`` is false), while another binds; none bound, or any other
+    failure, raises OSError whose ``strerror`` says ``cannot listen on HOST:PORT: …``.
     With ``reuse_port`` every socket gets ``SO_REUSEPORT``, so several sets
     can be bound to the same addresses (one per worker, see :func:`_slots`).
     """
-    sockets = []
+    sockets: list[socket.socket] = []
+    bound: set[tuple[int, str, int]] = set()  # a name may resolve to one address twice
     try:
         for item in listen:
             host, _, port = item.rpartition(":")
             host = host.strip("[]")
             try:
-                for family, kind, proto, _, addr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
-                    sock = socket.socket(family, kind, proto)
-                    sockets.append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if reuse_port:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind(addr)
-                    sock.listen(backlog)
-                    break
-            except OSError as exc:  # the one address that failed, not the whole list
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {item}: {exc.strerror or exc}") from exc
+            served, left_out = 0, []
+            for family, kind, proto, _, addr in infos:
+                address, number = str(addr[0]), int(addr[1])
+                key = (int(family), address.split("%", 1)[0], number)
+                if key in bound:
+                    continue
+                bound.add(key)
+                where = f"[{address}]:{number}" if family == socket.AF_INET6 else f"{address}:{number}"
+                try:
+                    sockets.append(_listening(family, kind, proto, addr, backlog, reuse_port))
+                    served += 1
+                except OSError as exc:
+                    why = f"{exc.strerror or exc}" + ("" if where == item else f" ({where})")
+                    if exc.errno not in _UNAVAILABLE:
+                        raise OSError(exc.errno, f"cannot listen on {item}: {why}") from exc
+                    left_out.append((exc, where, why))
+            if left_out and not served:
+                raise OSError(left_out[0][0].errno,
+                              f"cannot listen on {item}: {'; '.join(why for _, _, why in left_out)}")
+            for failure, where, _ in left_out if warn else ():
+                log.warning("cannot listen on %s at %s (%s); serving on its other addresses", item, where,
+                            failure.strerror or failure)
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
     return sockets
+
+
+def _listening(family: int, kind: int, proto: int, addr: Any, backlog: int, reuse_port: bool) -> socket.socket:
+    """A socket listening on ``addr`` (an IPv6 one takes IPv6 peers only)."""
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _slots(listen: Sequence[str], backlog: int, workers: int) -> list[list[socket.socket]]:
@@ -290,13 +332,14 @@ def _slots(listen: Sequence[str], backlog: int, workers: int) -> list[list[socke
         slots: list[list[socket.socket]] = []
         try:
             for _ in range(workers):
-                slots.append(_bind(listen, backlog, reuse_port=True))
+                slots.append(_bind(listen, backlog, reuse_port=True, warn=False))  # (the first bind warned)
         except BaseException as exc:
             for sock in (s for slot in slots for s in slot):
                 sock.close()
             if not isinstance(exc, OSError):
                 raise
             log.warning("cannot bind a socket per worker (%s); the workers share one", exc)
+            return [_bind(listen, backlog, warn=False)] * workers
         else:
             return slots
     return [_bind(listen, backlog)] * workers

@@ -784,8 +784,8 @@ def make_stores(config: StackConfig, keep: Mapping[str, Store] | None = None) ->
 def listen_problems(config: StackConfig) -> list[Problem]:
     """Resolve every ``listen`` host name as the server will bind it (no socket is made).
 
-    The first address a name resolves to is the one bound, so two entries
-    that resolve to the same address and port are refused as well.
+    Every address a name resolves to is bound, so two entries that share
+    an address and port are refused as well.
     """
     doc = config.document
     problems: list[Problem] = []
@@ -794,7 +794,7 @@ def listen_problems(config: StackConfig) -> list[Problem]:
         host, port = split_listen(item)
         path: Path = ("server", "listen", i)
         try:
-            address = str(ipaddress.ip_address(host))
+            addresses = [str(ipaddress.ip_address(host))]
         except ValueError:
             try:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -803,13 +803,15 @@ def listen_problems(config: StackConfig) -> list[Problem]:
                 problems.append(doc.problem(path, f"cannot resolve the host {host!r}: {detail}",
                                             value=item, has_value=True))
                 continue
-            address = str(infos[0][4][0])
-        if (address, port) in seen:
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        address = next((a for a in addresses if (a, port) in seen), None)
+        if address is not None:
             first = seen[(address, port)]
             problems.append(doc.problem(path, f"listen[{i}] ({item}) is the same address as listen[{first}] "
                                               f"({config.server.listen[first]}): {address} port {port}; remove one",
                                         value=item, has_value=True))
-        seen[(address, port)] = i
+        for address in addresses:
+            seen.setdefault((address, port), i)
     return problems
 
 

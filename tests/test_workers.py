@@ -268,10 +268,10 @@ def test_slots_fall_back_to_one_shared_socket(monkeypatch: pytest.MonkeyPatch,
 
     real = serve._bind
 
-    def bind(listen: list[str], backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+    def bind(listen: list[str], backlog: int, reuse_port: bool = False, warn: bool = True) -> list[socket.socket]:
         if reuse_port:
             raise OSError(92, "Protocol not available")
-        return real(listen, backlog)
+        return real(listen, backlog, warn=warn)
 
     monkeypatch.setattr(serve, "_bind", bind)
     with caplog.at_level("WARNING", logger="wsgistack"):
