@@ -13,9 +13,10 @@ no-cache``, ``Vary: *``, bodies without ``Content-Length`` or larger than
 ``max_body_bytes``, ``text/event-stream``, invalid or conflicting freshness,
 and statuses that are not heuristically cacheable without explicit freshness.
 Requests with ``Authorization`` or a session cookie bypass the cache unless
-``per_user`` is on.  A write that succeeds marks its URI anew: every user's
-entry stored under the old mark is stale, and a fill that looked the entry up
-before the write stores nothing; :func:`purge` deletes the marks of the paths
+``per_user`` is on; so do those with ``If-Match`` or ``If-Unmodified-Since``
+(the app's to evaluate).  A write that succeeds marks its URI anew: every
+user's entry stored under the old mark is stale, and a fill that looked the
+entry up before the write stores nothing; :func:`purge` deletes the marks of the paths
 it purges, with the same effect.
 
 Do not use it outside ``auth``/``session`` or outside ``versioning``: it must
@@ -664,6 +665,10 @@ class CacheMiddleware:
             if header and "no-store" in header.lower() and parse_cache_control_header(
                     header.lower(), cls=RequestCacheControl).no_store:
                 return None, "request Cache-Control"
+        if "HTTP_IF_MATCH" in environ or "HTTP_IF_UNMODIFIED_SINCE" in environ:
+            # Preconditions for the app, not a cache (RFC 9111 §4.3.2): a stored 200 would answer a
+            # request whose condition the app fails with a 412.
+            return None, "request preconditions"
         private = "HTTP_AUTHORIZATION" in environ or (
             "HTTP_COOKIE" in environ and any(n in cookies(environ) for n in self.cookie_names))
         identity = environ.get(IDENTITY)
