@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes, urljoin, urlsplit
 
 from pydantic import Field, model_validator
 from werkzeug.datastructures import RequestCacheControl
@@ -52,6 +52,7 @@ from werkzeug.http import (
     parse_list_header,
     unquote_etag,
 )
+from werkzeug.wsgi import get_current_url
 
 from stores.base import Store, StoreError, StoreWrongType, new_mark
 
@@ -816,7 +817,8 @@ class CacheMiddleware:
                 self._drop_lock(self._lock_key(name[2]), answer[1])
 
     def _write(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4).
+        """A write to a URI, once it succeeds, drops that URI's entries (RFC 9111 §4.4), and those of the
+        URIs of its origin its answer names in ``Location`` or ``Content-Location``.
 
         Every user's entry of the URI, under each API version when the versioning
         layer answers the URI per version: the URI's write mark gets a new random
@@ -838,7 +840,7 @@ class CacheMiddleware:
         def wrapped(status: str, headers: Headers, exc_info: Any = None) -> Any:
             if status[:1] in "23" and not keys:
                 identity = environ.get(IDENTITY)
-                for variant in _versions_of(environ):
+                for variant in (v for uri in _named_uris(environ, headers) for v in _versions_of(uri)):
                     # The write's own key headers, bar a method override (a POST that says it is a PUT
                     # drops the entries GETs of the URI made without one).
                     uris.append(self._base_key(variant, None, writing=True))
@@ -1252,6 +1254,37 @@ class CacheMiddleware:
         return [body]
 
 
+def _named_uris(environ: WSGIEnvironment, headers: Headers) -> list[WSGIEnvironment]:
+    """``environ``, and the same request for each other URI the write's answer names in ``Location`` or
+    ``Content-Location``: of the write's own origin only (RFC 9111 §4.4), and under its ``SCRIPT_NAME``."""
+    found = [environ]
+    here: str | None = None
+    for name, value in headers:
+        if name.lower() not in ("location", "content-location"):
+            continue
+        if here is None:
+            here = get_current_url(environ)
+        try:
+            origin, target = urlsplit(here), urlsplit(urljoin(here, value.strip()))
+            if (target.scheme.lower(), target.hostname, target.port or _PORTS.get(target.scheme.lower())) != \
+                    (origin.scheme.lower(), origin.hostname, origin.port or _PORTS.get(origin.scheme.lower())):
+                continue
+        except ValueError:  # not a URI (a port that is not a number, a bracket left open)
+            continue
+        path = unquote_to_bytes(target.path).decode("latin-1")  # as PEP 3333 gives PATH_INFO
+        script = environ.get("SCRIPT_NAME", "").rstrip("/")
+        if not path.startswith(script + "/"):
+            continue  # not an URI of this app
+        uri = {**environ, "PATH_INFO": path[len(script):], "QUERY_STRING": target.query}
+        if all((uri["PATH_INFO"], uri["QUERY_STRING"]) != (e.get("PATH_INFO"), e.get("QUERY_STRING", ""))
+               for e in found):
+            found.append(uri)
+    return found
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
 def _versions_of(environ: WSGIEnvironment) -> list[WSGIEnvironment]:
     """``environ``, and for a URI the versioning layer answers per version (``Vary``), the same
     request under each other version: one URI, whose every answer a write makes stale (RFC 9111 §4.4)."""
@@ -1261,6 +1294,8 @@ def _versions_of(environ: WSGIEnvironment) -> list[WSGIEnvironment]:
         return [environ]
     supported, start = versions
     path = one_leading_slash(environ.get("PATH_INFO", ""))
+    if path[start:start + len(version)] != version:
+        return [environ]  # a URI the write's answer named, without the version where the write's own has it
     tail = path[start + len(version):]
     return [environ] + [{**environ, "PATH_INFO": path[:start] + other + tail, API_VERSION: other}
                         for other in supported if other != version]

@@ -913,6 +913,36 @@ def test_a_write_drops_the_entries_of_its_uri(make: Callable[..., Stack], origin
     assert stack.get("/api/v1/search?q=other", headers=headers).body == other.body  # another URI stays
 
 
+@pytest.mark.parametrize(("status", "field", "value", "dropped"), [
+    pytest.param("201 Created", "Location", "/api/v1/items/5", True, id="the Location of what a POST made"),
+    pytest.param("201 Created", "Location", "5", True, id="a Location relative to the write's URI"),
+    pytest.param("201 Created", "Location", "http://localhost/api/v1/items/5", True, id="an absolute Location"),
+    pytest.param("201 Created", "Location", "http://localhost:80/api/v1/items/%35", True,
+                 id="its default port and an escape"),
+    pytest.param("200 OK", "Content-Location", "/api/v1/items/5", True, id="a Content-Location"),
+    pytest.param("303 See Other", "Location", "/api/v1/items/5", True, id="a redirect's Location"),
+    pytest.param("201 Created", "Location", "http://other.example/api/v1/items/5", False,
+                 id="another host: never (RFC 9111 4.4)"),
+    pytest.param("201 Created", "Location", "https://localhost/api/v1/items/5", False, id="another scheme"),
+    pytest.param("201 Created", "Location", "/api/v1/items/5?full=1", False, id="another query: another URI"),
+    pytest.param("400 Bad Request", "Location", "/api/v1/items/5", False, id="an error changes nothing"),
+])
+def test_a_write_drops_the_entries_its_location_names(make: Callable[..., Stack], origin: Origin, status: str,
+                                                      field: str, value: str, dropped: bool) -> None:
+    """RFC 9111 §4.4: the URIs in Location and Content-Location of a non-error answer to an unsafe method, of
+    the write's own origin, are invalidated too: a 404 stored for /items/5 does not outlive the POST making it."""
+    origin.status = "404 Not Found"
+    stack = make(statuses=[200, 404])
+    stack.get("/api/v1/items/5", status=404)
+    other = stack.get("/api/v1/items/6", status=404)
+    origin.status, origin.headers = status, [*origin.headers, (field, value)]
+    stack.web.post("/api/v1/items/", expect_errors=True)
+    origin.status, origin.headers = "200 OK", origin.headers[:-1]
+    after = stack.get("/api/v1/items/5", status="*")
+    assert (after.status_int, after.headers["X-Cache"]) == ((200, "MISS") if dropped else (404, "HIT"))
+    assert stack.get("/api/v1/items/6", status=404).body == other.body  # another URI stays
+
+
 @pytest.mark.parametrize(("writer", "reader", "after"), [
     pytest.param("alice:admin", "bob:user", "MISS", id="another user's entry"),
     pytest.param(None, "bob:user", "MISS", id="a user's entry, after an anonymous write"),
