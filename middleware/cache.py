@@ -1269,9 +1269,10 @@ def _named_uris(environ: WSGIEnvironment, headers: Headers) -> list[WSGIEnvironm
             if (target.scheme.lower(), target.hostname, target.port or _PORTS.get(target.scheme.lower())) != \
                     (origin.scheme.lower(), origin.hostname, origin.port or _PORTS.get(origin.scheme.lower())):
                 continue
-        except ValueError:  # not a URI (a port that is not a number, a bracket left open)
+            # As PEP 3333 gives PATH_INFO: the bytes of the escapes and of the header's own (latin-1) text.
+            path = unquote_to_bytes(target.path.encode("latin-1")).decode("latin-1")
+        except ValueError:  # not a URI (a port that is not a number, a bracket left open), nor latin-1 text
             continue
-        path = unquote_to_bytes(target.path).decode("latin-1")  # as PEP 3333 gives PATH_INFO
         script = environ.get("SCRIPT_NAME", "").rstrip("/")
         if not path.startswith(script + "/"):
             continue  # not an URI of this app

@@ -919,6 +919,9 @@ def test_a_write_drops_the_entries_of_its_uri(make: Callable[..., Stack], origin
     pytest.param("201 Created", "Location", "http://localhost/api/v1/items/5", True, id="an absolute Location"),
     pytest.param("201 Created", "Location", "http://localhost:80/api/v1/items/%35", True,
                  id="its default port and an escape"),
+    pytest.param("201 Created", "Location", "/api/v1/items/caf%C3%A9", True, id="a path of UTF-8 escapes"),
+    pytest.param("201 Created", "Location", "/api/v1/items/caf\xc3\xa9", True,
+                 id="a path of raw UTF-8 bytes (latin-1 text, as PEP 3333 has header values)"),
     pytest.param("200 OK", "Content-Location", "/api/v1/items/5", True, id="a Content-Location"),
     pytest.param("303 See Other", "Location", "/api/v1/items/5", True, id="a redirect's Location"),
     pytest.param("201 Created", "Location", "http://other.example/api/v1/items/5", False,
@@ -933,12 +936,13 @@ def test_a_write_drops_the_entries_its_location_names(make: Callable[..., Stack]
     the write's own origin, are invalidated too: a 404 stored for /items/5 does not outlive the POST making it."""
     origin.status = "404 Not Found"
     stack = make(statuses=[200, 404])
-    stack.get("/api/v1/items/5", status=404)
+    item = "/api/v1/items/caf%C3%A9" if "caf" in value else "/api/v1/items/5"
+    stack.get(item, status=404)
     other = stack.get("/api/v1/items/6", status=404)
     origin.status, origin.headers = status, [*origin.headers, (field, value)]
     stack.web.post("/api/v1/items/", expect_errors=True)
     origin.status, origin.headers = "200 OK", origin.headers[:-1]
-    after = stack.get("/api/v1/items/5", status="*")
+    after = stack.get(item, status="*")
     assert (after.status_int, after.headers["X-Cache"]) == ((200, "MISS") if dropped else (404, "HIT"))
     assert stack.get("/api/v1/items/6", status=404).body == other.body  # another URI stays
 
