@@ -1332,7 +1332,10 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     if if_none_match is not None:  # it decides alone when present (§13.2.2), compared weakly (§13.1.2)
         tags = parse_etags(if_none_match)
         return tags.star_tag or (etag is not None and tags.contains_weak(etag))
-    since = parse_date(environ.get("HTTP_IF_MODIFIED_SINCE"))
+    asked = environ.get("HTTP_IF_MODIFIED_SINCE", "")
+    # One date alone (RFC 9110 §13.1.3): a list of them, two fields joined by the server, is ignored (parse_date
+    # would take the first). A date's own comma is the one after its weekday.
+    since = parse_date(asked) if "," not in _WEEKDAY.sub("", asked, count=1) else None
     if since is None:
         return False
     modified = parse_date(last_modified) if last_modified is not None else None
@@ -1345,6 +1348,9 @@ def _not_modified(environ: WSGIEnvironment, entry: dict[str, Any]) -> bool:
     dated = parse_date(date) if date is not None else None
     when = dated.timestamp() if dated is not None else math.floor(entry["t"])
     return when < since.timestamp()
+
+
+_WEEKDAY = re.compile(r"^\s*[A-Za-z]+,")
 
 
 def _expires_in(expires: str, origin: float) -> int:
