@@ -141,7 +141,7 @@ class CORSOptions(LayerOptions):
                         "answers; name your own domain (https://*.example.co.uk)")
             for pattern in policy["origin_regex"]:
                 try:
-                    compiled = re.compile(pattern)
+                    compiled = re.compile(pattern, _ORIGIN_FLAGS)
                 except (re.error, OverflowError) as exc:  # OverflowError: a repeat count of 2**32 or more
                     raise ValueError(f"{where}origin_regex {pattern!r} is not a valid "
                                      f"regular expression: {exc}") from None
@@ -168,6 +168,10 @@ class CORSOptions(LayerOptions):
                     "true: sandboxed iframes, file: pages and redirects all send Origin: null")
         return self
 
+
+#: How ``origin_regex`` patterns are compiled: schemes and host names have no case, and the origin they are
+#: matched against is lowercased, so ``https://App\.Example\.org`` (which matched nothing) means what it says.
+_ORIGIN_FLAGS = re.IGNORECASE
 
 #: The literal host name a pattern ends with (``example\.org`` in ``https://.*example\.org``).
 _LITERAL_TAIL = re.compile(r"(?:[A-Za-z0-9-]|\\\.)+\Z")
@@ -221,7 +225,7 @@ class _Policy:
                 self.wildcards.append((parsed[0], parsed[1][1:], parsed[2]))
             elif parsed:
                 self.exact |= {serialise_origin(*parsed)}
-        self.regexes = [re.compile(p) for p in data["origin_regex"]]
+        self.regexes = [re.compile(p, _ORIGIN_FLAGS) for p in data["origin_regex"]]
         self.seen: dict[str, bool] = {}
         self.active = bool(self.allow_all or self.exact or self.wildcards or self.regexes)
         methods = [m.upper() for m in data["allow_methods"]]
@@ -319,7 +323,7 @@ class CORSMiddleware:
       ``origins``: exact origins (``https://app.example.org``), wildcard
       subdomains (``https://*.example.org``: any depth, never the bare
       domain), ``"null"`` or ``"*"``.  ``origin_regex``: patterns that must
-      match the whole normalised origin (``https://pr-[0-9]+\\.example\\.org``).
+      match the whole normalised origin, in either case (``https://pr-[0-9]+\\.example\\.org``).
       ``allow_methods`` (default GET, HEAD, POST; ``*`` for any; upper-cased,
       then compared case-sensitively; GET, HEAD and POST are always allowed),
       ``allow_headers`` (the CORS-safelisted ones are always allowed; ``*``

@@ -150,6 +150,7 @@ def test_options_refused(options: dict[str, Any], message: str) -> None:
     pytest.param(r"https://[a-z0-9]+\.(com|net|org|io)", "https://wsgistackprobe.com", id="common top-level domains"),
     pytest.param(r"https://.*example\.org", "https://wsgistackprobeexample.org",
                  id="any domain ending in the same letters"),
+    pytest.param(r"https://[A-Z]+\.COM", "https://wsgistackprobe.com", id="any .com, in capitals"),
 ])
 def test_credentials_refuse_a_regex_for_other_peoples_sites(pattern: str, stranger: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -237,6 +238,12 @@ REGEX = {"origin_regex": [r"https://pr-[0-9]+\.preview\.example\.org"]}
     pytest.param(REGEX, "https://pr-12.preview.example.org.evil.net", False, id="regex is a full match"),
     pytest.param(REGEX, "https://xpr-12.preview.example.org", False, id="regex, prefix"),
     pytest.param(REGEX, "https://PR-12.preview.example.org:443", True, id="regex sees the normalised origin"),
+    pytest.param({"origin_regex": [r"https://App\.Example\.ORG"]}, APP, True,
+                 id="regex letters match either case, as hosts and schemes have none"),
+    pytest.param({"origin_regex": [r"HTTPS://PR-[0-9]+\.preview\.example\.org"]}, "https://pr-7.preview.example.org",
+                 True, id="regex in capitals"),
+    pytest.param({"origin_regex": [r"https://App\.Example\.ORG"]}, "https://app.example.org.evil.net", False,
+                 id="regex in capitals is still a full match"),
     pytest.param({"origin_regex": [".*"]}, "null", False, id="regex never matches null"),
     pytest.param({"origins": ["null"]}, "null", True, id="null listed"),
 ])
