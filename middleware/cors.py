@@ -131,8 +131,10 @@ class CORSOptions(LayerOptions):
                 entry = _origin_entry(origin) if origin not in ("*", "null") else ("", "", None)
                 if entry is None:
                     raise ValueError(
-                        f"{where}origins entry {origin!r} is not an origin: write "
-                        "scheme://host[:port] with no path, or https://*.example.org")
+                        f"{where}origins entry {origin!r} is not an origin: " + (
+                            "browsers send a host name in its ASCII form (its IDNA A-label, xn--…); write that"
+                            if not origin.isascii() else
+                            "write scheme://host[:port] with no path, or https://*.example.org"))
                 stranger = wildcard_stranger(*entry)
                 if policy["allow_credentials"] and stranger is not None:
                     raise ValueError(

@@ -114,6 +114,12 @@ def preflight(origin: str, method: str = "PUT", headers: str | None = None, **ex
                  "origins entry 'https://*.org' is not an origin", id="star on a top-level domain"),
     pytest.param({"origins": ["https://app.example.org:99999"]},
                  "is not an origin", id="port out of range"),
+    pytest.param({"origins": ["https://bücher.example"]},
+                 "origins entry 'https://bücher.example' is not an origin: browsers send a host name in its ASCII "
+                 "form (its IDNA A-label, xn--…); write that", id="an internationalised host name"),
+    pytest.param({"rules": [{"paths": ["/a/*"], "origins": ["https://*.bücher.example"]}]},
+                 "rules[0].origins entry 'https://*.bücher.example' is not an origin: browsers send a host name in "
+                 "its ASCII form", id="an internationalised wildcard in a rule"),
     pytest.param({"origin_regex": ["https://(unclosed"]},
                  "origin_regex 'https://(unclosed' is not a valid regular expression", id="bad regex"),
     pytest.param({"allow_methods": ["GET POST"]},
@@ -246,6 +252,8 @@ REGEX = {"origin_regex": [r"https://pr-[0-9]+\.preview\.example\.org"]}
                  id="regex in capitals is still a full match"),
     pytest.param({"origin_regex": [".*"]}, "null", False, id="regex never matches null"),
     pytest.param({"origins": ["null"]}, "null", True, id="null listed"),
+    pytest.param({"origins": ["https://xn--bcher-kva.example"]}, "https://xn--bcher-kva.example", True,
+                 id="an internationalised host name, as browsers send it"),
 ])
 def test_origin_matching(make: Callable[..., TestApp], options: dict[str, Any], origin: str,
                          allowed: bool) -> None:
