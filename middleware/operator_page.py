@@ -427,7 +427,7 @@ class OperatorPageMiddleware:
         masked = [{"name": str(s.get("name")), "label": str(s.get("label") or s.get("name")),
                    "index": s.get("index"), "implicit": bool(s.get("implicit")),
                    "scope": str(s.get("scope") or ""), "inside": i > me, "this": i == me,
-                   "options": mask(s.get("options") or {})}
+                   "options": _json_ready(mask(s.get("options") or {}))}
                   for i, s in enumerate(specs)]
         self._masked = (described, masked)
         return masked
@@ -446,7 +446,8 @@ class OperatorPageMiddleware:
             latency = None
         return {"name": name, "ok": bool(facts.get("ok")), "backend": str(facts.get("backend", "")),
                 "url": mask(str(facts.get("url") or getattr(store, "url", ""))),
-                "breaker": breaker if breaker is None or isinstance(breaker, str | int | float) else str(breaker),
+                "breaker": _json_ready(breaker) if breaker is None or isinstance(breaker, str | int | float)
+                else str(breaker),
                 "latency_ms": latency, "error": None if error is None else mask(str(error))}
 
     def render(self, data: dict[str, Any], base: str) -> str:
@@ -523,6 +524,21 @@ def mask(value: Any, name: str = "") -> Any:
 
 
 # -- small helpers -----------------------------------------------------------
+def _json_ready(value: Any) -> Any:
+    """``value`` with the floats JSON has no number for as text (``inf``, ``-inf``, ``nan``).
+
+    YAML's ``.inf`` (``metrics.buckets`` may end with it) would otherwise reach
+    ``data.json`` as ``Infinity``, which no browser parses: every poll failed.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 def _stat(found: tuple[int, float] | None) -> dict[str, Any]:
     count, total = found or (0, 0.0)
     return {"count": count, "total_ms": round(total * 1000, 3),

@@ -490,6 +490,39 @@ def test_secrets_masked_in_a_built_stack(make_stack: Callable[..., TestApp]) -> 
     assert names == ["errors", LAYER, "session", "auth"]
 
 
+def strict_json(text: str) -> Any:
+    """``text`` parsed as JSON is (a browser's ``response.json()``): ``NaN`` and ``Infinity`` are refused."""
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse_constant)
+
+
+@pytest.mark.parametrize(("layer", "expected"), [
+    pytest.param({"metrics": {"buckets": [0.1, 1.0, ".inf"], "process_metrics": False}},
+                 {"buckets": [0.1, 1.0, "inf"]}, id="metrics buckets ending in .inf"),
+    pytest.param({"stack_support:AllowList": {"allowed": ["/a", ".inf", "-.inf", ".nan"]}},
+                 {"allowed": ["/a", "inf", "-inf", "nan"]}, id="a factory layer's options"),
+])
+def test_an_option_json_has_no_number_for_is_given_as_text(make_stack: Callable[..., TestApp],
+                                                           layer: dict[str, Any], expected: dict[str, Any]) -> None:
+    """YAML's ``.inf`` and ``.nan`` are no JSON numbers: ``data.json`` stays JSON the page's script can read."""
+    name = next(iter(layer))
+    options = "".join(f"\n      {key}: {_yaml(value)}" for key, value in layer[name].items())
+    stack = make_stack(f"app: {{factory: 'stack_support:echo_app'}}\npipeline:\n  - {LAYER}: {{}}\n"
+                       f"  - {name}:{options}\n", extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    data = strict_json(stack.get("/_stack/data.json").text)
+    shown = next(spec["options"] for spec in data["pipeline"] if spec["name"] == name)
+    assert {key: shown[key] for key in expected} == expected
+    html = stack.get("/_stack").text
+    assert "Infinity" not in html and "NaN" not in html
+
+
+def _yaml(value: Any) -> str:
+    """A value of the table above in YAML flow style (``.inf`` unquoted, so YAML reads a float)."""
+    return "[" + ", ".join(_yaml(v) for v in value) + "]" if isinstance(value, list) else str(value)
+
+
 # ---------------------------------------------------------------- the numbers
 
 def test_json_shape(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]]) -> None:
@@ -701,12 +734,12 @@ def test_store_health(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]
 
 
 class OddHealthStore(MemoryStore):
-    """A store of one's own whose health() answers with objects, not JSON: an exception, a Decimal."""
+    """A store of one's own whose health() answers with objects, not JSON: an exception, a Decimal, a NaN."""
 
     def health(self) -> dict[str, object]:
         from decimal import Decimal
         return {"ok": False, "backend": "Odd", "url": "odd://", "error": OSError("cannot reach redis://:hunter2@h:1"),
-                "latency_ms": Decimal("1.5"), "breaker": None}
+                "latency_ms": Decimal("1.5"), "breaker": float("nan")}
 
 
 @pytest.mark.parametrize("stores", [
@@ -717,11 +750,12 @@ def test_store_health_of_any_shape(make: Callable[..., tuple[TestApp, OperatorPa
                                    stores: dict[str, Store]) -> None:
     """What a store's health() says is shown as text and numbers, passwords masked; never a 500."""
     app, _ = make(stores=stores)
-    [facts] = app.get("/_stack/data.json", status=200).json["stores"]
+    [facts] = strict_json(app.get("/_stack/data.json", status=200).text)["stores"]
     html = app.get("/_stack", status=200).text
     assert "hunter2" not in json.dumps(facts) and "hunter2" not in html
     if isinstance(stores["odd"], OddHealthStore):
-        assert (facts["error"], facts["latency_ms"]) == (f"cannot reach redis://:{MASK}@h:1", 1.5)
+        assert (facts["error"], facts["latency_ms"], facts["breaker"]) == (f"cannot reach redis://:{MASK}@h:1", 1.5,
+                                                                           "nan")
         assert '<td id="store-0-latency">1.5</td>' in html
     else:
         assert (facts["error"], facts["latency_ms"]) == ("RuntimeError", None)
