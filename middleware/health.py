@@ -35,9 +35,13 @@ if TYPE_CHECKING:
 
     from stores.base import Store
 
-__all__ = ["HealthMiddleware"]
+__all__ = ["STORE_CHECK_SECONDS", "HealthMiddleware", "StoreChecks"]
 
 _log = logging.getLogger("wsgistack.health")
+#: How long (seconds) a metrics scrape or the operator page waits for the stores' health checks, all
+#: together: a store that has not answered by then counts as down, so a hung Redis never makes a
+#: scrape outlast Prometheus's ``scrape_timeout`` (readiness has its own ``timeout`` option).
+STORE_CHECK_SECONDS = 1.0
 _ALLOW = [("Allow", "GET, HEAD"), ("Cache-Control", "no-store")]  # a 405 is cacheable by default (RFC 9110 15.5.6)
 
 
@@ -102,8 +106,7 @@ class HealthMiddleware:
         names = options.stores if options.stores is not None else sorted(context.stores)
         self.stores: list[tuple[str, Store]] = [(name, context.store(name)) for name in names]
         self.degraded = _status_line(options.degraded_status)
-        self._lock = threading.Lock()
-        self._pending: dict[str, _Check] = {}  # each store's health check still out, which probes share
+        self.checks = StoreChecks()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or ""
@@ -131,23 +134,38 @@ class HealthMiddleware:
         """The readiness status line and body: draining, degraded or ok."""
         if self.drain_file is not None and _exists(self.drain_file):
             return "503 Service Unavailable", {"status": "draining"}
-        # Each store is asked in a thread of its own, all at once, and waited for up to `timeout`
-        # in all: one after the other, a hung Redis held a probe (and its server thread) for every
-        # store's socket_timeout.  A probe that comes while a store's check is still out waits
-        # for that one: probes never pile up on a store that does not answer.
-        checks = [(name, store, self._check(name, store)) for name, store in self.stores]
-        deadline = time.monotonic() + self.options.timeout
-        detail: dict[str, object] = {}
-        ok = True
-        for name, store, check in checks:
-            facts = check.facts if check.done.wait(max(0.0, deadline - time.monotonic())) else None
-            if facts is None:
-                facts = {"ok": False, "backend": type(store).__name__, "error": "no answer in time"}
-            ok = ok and bool(facts.get("ok"))
-            detail[name] = facts
-        if ok:
+        facts = self.checks.facts(self.stores, self.options.timeout)
+        detail: dict[str, object] = {name: {k: v for k, v in found.items() if k != "url"}
+                                     for name, found in facts.items()}
+        if all(found.get("ok") for found in facts.values()):
             return "200 OK", {"status": "ok", "stores": detail}
         return self.degraded, {"status": "degraded", "stores": detail}
+
+
+class StoreChecks:
+    """Asks stores for their ``health()`` all at once, each in a thread of its own, waiting up to a timeout in all.
+
+    One after the other, a hung Redis held the caller (and its server thread) for
+    every store's ``socket_timeout``.  A caller that comes while a store's check is
+    still out waits for that one: callers never pile up on a store that does not
+    answer.  Readiness, the metrics scrape and the operator page each keep one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Check] = {}  # each store's health check still out, which callers share
+
+    def facts(self, stores: Iterable[tuple[str, Store]], timeout: float) -> dict[str, dict[str, object]]:
+        """What each store's ``health()`` says; ``{"ok": False, "backend": …, "error": …}`` for one that
+        raised (the exception's type) or did not answer within ``timeout`` ("no answer in time")."""
+        checks = [(name, store, self._check(name, store)) for name, store in stores]
+        deadline = time.monotonic() + timeout
+        found: dict[str, dict[str, object]] = {}
+        for name, store, check in checks:
+            facts = check.facts if check.done.wait(max(0.0, deadline - time.monotonic())) else None
+            found[name] = facts if facts is not None else {"ok": False, "backend": type(store).__name__,
+                                                           "error": "no answer in time"}
+        return found
 
     def _check(self, name: str, store: Store) -> _Check:
         """The health check of ``store`` still out, or a new one started in a thread."""
@@ -158,13 +176,13 @@ class HealthMiddleware:
             check = self._pending[name] = _Check()
         try:
             threading.Thread(target=self._run, args=(name, store, check), name=f"health {name}", daemon=True).start()
-        except RuntimeError:  # no thread to be had: ask here, unbounded, rather than fail the probe
+        except RuntimeError:  # no thread to be had: ask here, unbounded, rather than fail the caller
             self._run(name, store, check)
         return check
 
     def _run(self, name: str, store: Store, check: _Check) -> None:
         try:
-            check.facts = {k: v for k, v in store.health().items() if k != "url"}
+            check.facts = dict(store.health())
         except Exception as exc:  # a health check that raises is a failed one
             check.facts = {"ok": False, "backend": type(store).__name__, "error": type(exc).__name__}
         finally:

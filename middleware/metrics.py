@@ -73,12 +73,13 @@ from .base import (
     rewrites_inside,
     routed_path,
 )
+from .health import STORE_CHECK_SECONDS, StoreChecks
 from .operator_page import HostCheck, HostNames, cross_origin, from_browser
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["METRICS_DIR", "ROUTE", "MetricsMiddleware"]
+__all__ = ["METRICS_DIR", "ROUTE", "STORE_CHECK_SECONDS", "MetricsMiddleware"]
 
 #: The environment variable naming the directory where worker processes share their counts.
 METRICS_DIR = "WSGISTACK_METRICS_DIR"
@@ -976,10 +977,14 @@ class _Capped:
 
 
 class _StoreCollector:
-    """Reads ``store.health()`` at scrape time: up/down and circuit-breaker state per store."""
+    """Reads ``store.health()`` at scrape time: up/down and circuit-breaker state per store.
+
+    The stores are asked at once and waited for up to ``STORE_CHECK_SECONDS`` in all.
+    """
 
     def __init__(self, context: Context) -> None:
         self.context = context
+        self.checks = StoreChecks()
 
     def describe(self) -> list[Metric]:
         return []
@@ -990,11 +995,8 @@ class _StoreCollector:
         state = GaugeMetricFamily("wsgistack_store_circuit_state",
                                   "1 for the current circuit-breaker state of the store.",
                                   labels=["store", "state"])
-        for name, store in sorted(self.context.stores.items()):
-            try:
-                health = store.health()
-            except Exception:
-                health = {"ok": False, "backend": type(store).__name__}
+        found = self.checks.facts(sorted(self.context.stores.items()), STORE_CHECK_SECONDS)  # (all at once)
+        for name, health in found.items():
             up.add_metric([name, str(health.get("backend", ""))], 1.0 if health.get("ok") else 0.0)
             breaker = health.get("breaker")
             if isinstance(breaker, Mapping):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import pytest
-from conftest import free_port
+from conftest import RedisServer, free_port
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
@@ -21,7 +22,7 @@ from werkzeug.wrappers import Response
 
 from middleware.base import CLIENT_IP, TIMINGS, Context, refuse
 from middleware.errors import ErrorsMiddleware
-from middleware.metrics import ROUTE, MetricsMiddleware
+from middleware.metrics import ROUTE, STORE_CHECK_SECONDS, MetricsMiddleware
 from stores import MemoryStore, Store, store_from_url
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -1169,6 +1170,38 @@ def test_store_health_with_a_real_redis(make: Callable[..., Any], context: Conte
         store.close()
     assert sample(found, "wsgistack_store_up", store="redis", backend="RedisStore") == 1
     assert sample(found, "wsgistack_store_circuit_state", store="redis", state="closed") == 1
+
+
+@pytest.mark.redis
+def test_a_scrape_answers_in_bounded_time_when_redis_hangs(make: Callable[..., Any], context: Context,
+                                                           own_redis: RedisServer) -> None:
+    """Each store's ping waits up to its socket_timeout: one after the other, a scrape took their sum, and
+    past Prometheus's scrape_timeout it loses every metric just when a store hangs."""
+    hung = {f"db{db}": store_from_url(own_redis.url.removesuffix("/0") + f"/{db}", socket_timeout=1.0,
+                                      socket_connect_timeout=1.0) for db in range(3)}  # three pools, three breakers
+    context.stores.update(hung)
+    app, _ = make()
+    try:
+        assert all(sample(scrape(app), "wsgistack_store_up", store=name, backend="RedisStore") == 1 for name in hung)
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            found = scrape(app)
+            took = time.monotonic() - started
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert took < STORE_CHECK_SECONDS + 0.8, took  # not 3 s (1 s per store)
+        assert [sample(found, "wsgistack_store_up", store=name, backend="RedisStore") for name in hung] == [0, 0, 0]
+        assert sample(found, "wsgistack_store_up", store="shared", backend="MemoryStore") == 1
+        deadline = time.monotonic() + 5
+        while not all(sample(scrape(app), "wsgistack_store_up", store=name, backend="RedisStore") == 1
+                      for name in hung):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for store in hung.values():
+            store.close()
 
 
 # --- options -------------------------------------------------------------------------------

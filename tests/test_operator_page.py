@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import signal
 import sys
 import time
 import urllib.request
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from browser import chromium, screenshot, serve
-from conftest import free_port
+from conftest import RedisServer, free_port
 from pydantic import ValidationError
 from stack_support import RaisingStore, Recorder
 from webtest import TestApp
@@ -30,6 +31,7 @@ from config.live import ReloadResult
 from middleware import operator_page
 from middleware.base import CLIENT_IP, IDENTITY, TIMINGS, Context, Identity, refuse
 from middleware.errors import ErrorsMiddleware
+from middleware.health import STORE_CHECK_SECONDS
 from middleware.operator_page import MASK, OperatorPageMiddleware, mask
 from stores import MemoryStore, Store, store_from_url
 
@@ -760,6 +762,32 @@ def test_store_health_of_any_shape(make: Callable[..., tuple[TestApp, OperatorPa
     else:
         assert (facts["error"], facts["latency_ms"]) == ("RuntimeError", None)
         assert '<td id="store-0-latency">—</td>' in html  # not "None" (nor the script's "null")
+
+
+@pytest.mark.redis
+def test_the_page_answers_in_bounded_time_when_redis_hangs(
+        make: Callable[..., tuple[TestApp, OperatorPageMiddleware]], own_redis: RedisServer) -> None:
+    """Each store's ping waits up to its socket_timeout: one after the other, every poll of the page took their sum."""
+    hung = {f"db{db}": store_from_url(own_redis.url.removesuffix("/0") + f"/{db}", socket_timeout=1.0,
+                                      socket_connect_timeout=1.0) for db in range(3)}  # three pools, three breakers
+    app, _ = make(stores=hung)
+    try:
+        assert [s["ok"] for s in app.get("/_stack/data.json").json["stores"]] == [True] * 3
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            stores = app.get("/_stack/data.json").json["stores"]
+            took = time.monotonic() - started
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert took < STORE_CHECK_SECONDS + 0.8, took  # not 3 s (1 s per store)
+        assert [(s["name"], s["ok"], s["error"]) for s in stores] == [
+            (name, False, "no answer in time") for name in sorted(hung)]
+        assert all(s["url"] == store.url for s, store in zip(stores, hung.values(), strict=True))
+    finally:
+        for store in hung.values():
+            store.close()
 
 
 def test_store_health_on_each_backend(make: Callable[..., tuple[TestApp, OperatorPageMiddleware]],
