@@ -68,6 +68,8 @@ from stores.base import secret_name
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from waitress.channel import HTTPChannel
+    from waitress.task import WSGITask
 
 log = logging.getLogger("wsgistack")
 DEFAULT_CONFIG = "stack.yaml"
@@ -583,6 +585,76 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
     return drained
 
 
+@functools.cache
+def _task_class() -> type[WSGITask]:
+    """Waitress's ``WSGITask``, with two defects of Waitress 3.0.2 mended (the server and ``explain`` use it).
+
+    - Waitress closes the connection after every response without a ``Content-Length``, also
+      after a 1xx, 204 or 304, which have no body by definition: every CORS preflight, logout
+      and revalidation cost the client (or a proxy's upstream keep-alive pool) a connection.
+      Such a response now closes it only when the request asks for that: HTTP/1.1 with
+      ``Connection: close``, HTTP/1.0 without ``Connection: keep-alive`` (one with it gets
+      ``Connection: Keep-Alive`` back, as it does with a ``Content-Length``).
+    - A ``HEAD`` answered without a ``Content-Length`` says ``Transfer-Encoding: chunked``, as the
+      ``GET`` would, and Waitress then wrote the chunked terminator (``0\\r\\n\\r\\n``) after the
+      headers, bytes a client reads as the start of the next response.  Nothing follows a
+      ``HEAD``'s headers now, neither framing nor a body the app wrote.
+
+    Everything else is Waitress's: its reading of ``Connection`` (exactly ``close``, exactly
+    ``keep-alive``), the close after a response with a body and no ``Content-Length`` (a chunked ``GET``, a
+    ``HEAD`` answered so), its headers and their order.
+    """
+    from waitress.task import WSGITask
+
+    class Task(WSGITask):
+        def set_close_on_finish(self) -> None:
+            if not self.has_body:  # framed by its status alone: the connection is fit for the next request
+                request: Any = self.request
+                connection = request.headers.get("CONNECTION", "").lower()
+                if self.version == "1.1" and connection != "close":
+                    return
+                if self.version == "1.0" and connection == "keep-alive":
+                    kept = ("Connection", "Keep-Alive")
+                    if not self.wrote_header and kept not in self.response_headers:
+                        self.response_headers = [*self.response_headers, kept]
+                    return
+            super().set_close_on_finish()
+
+        def build_response_header(self) -> bytes:
+            head = super().build_response_header()
+            request: Any = self.request
+            if request.command == "HEAD":
+                self.chunked_response = False  # no body follows, so no chunk framing (and no terminator) either
+            return head
+
+        def write(self, data: bytes) -> None:
+            request: Any = self.request
+            super().write(b"" if request.command == "HEAD" else data)  # (the headers, once, and nothing after)
+
+    return Task
+
+
+@functools.cache
+def _channel_class() -> type[HTTPChannel]:
+    """Waitress's ``HTTPChannel``, running its requests as :func:`_task_class` tasks."""
+    from waitress.channel import HTTPChannel
+
+    class Channel(HTTPChannel):
+        task_class = _task_class()
+
+    return Channel
+
+
+def _use_channel(server: Any) -> None:
+    """Have every listening socket of ``server`` (one server, or a ``MultiSocketServer`` of several)
+    make :func:`_channel_class` channels for the connections it accepts."""
+    from waitress.server import BaseWSGIServer, MultiSocketServer
+
+    for each in (server.map or {}).values() if isinstance(server, MultiSocketServer) else [server]:
+        if isinstance(each, BaseWSGIServer):
+            each.channel_class = _channel_class()
+
+
 def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | None = None,
                   beat: Callable[[], None] = lambda: None, wanted: Callable[[], int] | None = None) -> int:
     """Serve ``live`` on pre-bound sockets until SIGTERM/SIGINT; SIGHUP reloads; return the exit code.
@@ -612,6 +684,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
     # ended the serving loop (and the process) once a connection_limit above a thousand filled up.
     kwargs["asyncore_use_poll"] = True
     server = create_server(live, sockets=sockets, **kwargs)
+    _use_channel(server)  # (before the loop runs: no connection is accepted before)
     stop, hurry = threading.Event(), threading.Event()
 
     # A handler only notes the signal; the serving loop acts on it within a tick.  A handler that
@@ -1222,7 +1295,7 @@ def _waitress_view(built: BuiltStack, app: Any) -> Any:
 
 def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
                    peer: str) -> tuple[Any, str]:
-    """The task Waitress would run for this request, with the server settings in force.
+    """The task the server would run for this request (:func:`_task_class`), with the settings in force.
 
     The request is written as bytes and read by Waitress's own parser and task:
     its path decoding (``%ff`` stays a byte, ``//`` collapses), ``REQUEST_URI``
@@ -1235,8 +1308,6 @@ def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tu
 
     from waitress.adjustments import Adjustments
     from waitress.parser import HTTPRequestParser
-    from waitress.task import WSGITask
-
     adj = Adjustments(**built.config.waitress_kwargs())
     host, _, port = built.config.server.listen[0].rpartition(":")
     names = {name.lower() for name, _ in headers}
@@ -1269,7 +1340,7 @@ def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tu
 
     channel = SimpleNamespace(server=server, adj=adj, addr=(peer, 50000), written=written, write_soon=write_soon,
                               check_client_disconnected=lambda: False)
-    task = WSGITask(typing.cast(Any, channel), typing.cast(Any, parser))
+    task = _task_class()(typing.cast(Any, channel), typing.cast(Any, parser))
     task.get_environment()  # built now, and kept: explain adds its trace to it
     return task, ""
 
