@@ -8,6 +8,7 @@ a layer only has to decide what ``on_store_error: open | closed`` means for it.
 from __future__ import annotations
 
 import abc
+import numbers
 import re
 import secrets
 import time
@@ -152,15 +153,36 @@ class StoreWrongType(StoreError):
 #: The longest TTL a store keeps (2^31 s, 68 years): a longer one, ``inf`` included, counts as this.
 #: Redis takes expiries in milliseconds up to 2^63; memory:// and Redis must agree.
 MAX_TTL = 2.0**31
+#: The shortest TTL a store keeps (1 ms, Redis's resolution): a shorter one above 0 counts as this.
+MIN_TTL = 0.001
 
 
-def clamp_ttl(ttl: float) -> float:
-    """``ttl`` no longer than :data:`MAX_TTL`."""
-    return ttl if ttl < MAX_TTL else MAX_TTL
+def ttl_seconds(ttl: float) -> float:
+    """``ttl`` as every store keeps it: at least :data:`MIN_TTL`, at most :data:`MAX_TTL`.
+
+    ``ValueError`` for anything but a number above 0 (0, a negative one, ``-inf``,
+    ``nan``, ``None``, text): Redis refuses a ``PX`` of 0 or less, and the two backends
+    must agree.  Each method checks its TTLs before it writes anything.
+    """
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real) or not ttl > 0:
+        raise ValueError(f"a store TTL is a number of seconds above 0, got {ttl!r}")
+    if ttl >= MAX_TTL:  # (compared before float(): an int past 1e308 has no float)
+        return MAX_TTL
+    return max(float(ttl), MIN_TTL)
+
+
+def optional_ttl(ttl: float | None) -> float | None:
+    """:func:`ttl_seconds`, or ``None`` (no expiry) for ``None``."""
+    return None if ttl is None else ttl_seconds(ttl)
 
 
 class Store(abc.ABC):
-    """A small key/value interface with TTLs (seconds, at most :data:`MAX_TTL`), counters and prefix deletion."""
+    """A small key/value interface with TTLs, counters and prefix deletion.
+
+    A TTL is a number of seconds above 0 (:func:`ttl_seconds`: from :data:`MIN_TTL` to
+    :data:`MAX_TTL`, a ``ValueError`` for any other); ``None``, where a method takes it, is
+    no expiry.
+    """
 
     #: The URL this store was made from, with any password masked.
     url: str = ""
@@ -275,8 +297,11 @@ class Store(abc.ABC):
             self.unlock(*unlock)
         return bool(sets)
 
-    def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:
+    def add_then_write(self, key: str, value: bytes, ttl: float | None,
+                       sets: Sequence[tuple[str, bytes, float | None]]) -> bool:
         """:meth:`add`, and when it succeeds the ``sets`` too, as one step; return whether it did.
+
+        A TTL of ``None`` (the key's or a set's) is no expiry, as with :meth:`add` and :meth:`write`.
 
         No reader sees the key without the sets, and a failure leaves neither (the
         refresh token service marks a token used and names its successor the
@@ -310,6 +335,8 @@ class Store(abc.ABC):
 
     def ttl(self, key: str) -> float | None:
         """Seconds ``key`` has left before it expires (Redis ``PTTL``); ``None`` when it is missing or never expires.
+
+        Above 0 for a key that is there (a TTL the store takes back: less than a millisecond left is 1 ms on Redis).
 
         The built-in stores answer it; this default raises :class:`StoreError` (a store
         of your own should override it): callers that read it fall back as they do when

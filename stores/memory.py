@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from .base import Store, StoreError, clamp_ttl, new_mark
+from .base import Store, StoreError, new_mark, optional_ttl, ttl_seconds
 
 _monotonic = time.monotonic
 Entry = tuple[bytes | int, float | None]  # (value, expires_at or None)
@@ -232,8 +232,9 @@ class MemoryStore(Store):
             "(memory://?max_entries=N) or use Redis")
 
     @staticmethod
-    def _deadline(ttl: float | None, now: float) -> float | None:
-        return None if ttl is None else now + clamp_ttl(ttl)
+    def _deadline(life: float | None, now: float) -> float | None:
+        """When a key given ``life`` (a TTL :func:`~stores.base.ttl_seconds` checked) now expires."""
+        return None if life is None else now + life
 
     def _refresh(self, key: str, value: bytes | int, expires: float) -> None:
         """Give ``key`` (live) the deadline ``expires`` (the caller holds the lock)."""
@@ -245,28 +246,31 @@ class MemoryStore(Store):
             return self._value(key, _monotonic())
 
     def getex(self, key: str, ttl: float) -> bytes | None:
+        life = ttl_seconds(ttl)
         now = _monotonic()
         with self._lock:
             item = self._live(key, now)
             if item is None:
                 return None
-            self._refresh(key, item[0], now + clamp_ttl(ttl))
+            self._refresh(key, item[0], now + life)
         value = item[0]
         return str(value).encode() if isinstance(value, int) else value
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         _check_value(value)
+        life = optional_ttl(ttl)
         now = _monotonic()
         with self._lock:
-            self._put(key, bytes(value), self._deadline(ttl, now))
+            self._put(key, bytes(value), self._deadline(life, now))
 
     def replace(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)
+        life = optional_ttl(ttl)
         now = _monotonic()
         with self._lock:
             if self._live(key, now) is None:
                 return False
-            self._put(key, bytes(value), self._deadline(ttl, now))
+            self._put(key, bytes(value), self._deadline(life, now))
             return True
 
     def _value(self, key: str, now: float) -> bytes | None:
@@ -285,6 +289,8 @@ class MemoryStore(Store):
         Two calls would let a reader miss, the leader store the entry and drop its lock, and the
         reader take the lock and call the app a second time.
         """
+        lock_life = ttl_seconds(ttl)
+        mark_life = lock_life if mark_ttl is None else ttl_seconds(mark_ttl)
         now = _monotonic()
         with self._lock:
             seen = None
@@ -293,7 +299,7 @@ class MemoryStore(Store):
                 if seen is None:
                     seen = new_mark()
                     try:
-                        self._put(mark, seen, self._deadline(mark_ttl or ttl, now))
+                        self._put(mark, seen, now + mark_life)
                     except StoreError:  # full of keys that may not go: no mark, so the reader stores nothing
                         seen = None
             value = self._value(key, now)
@@ -302,12 +308,13 @@ class MemoryStore(Store):
             if self._live(lock_key, now) is not None:
                 return None, None, seen
             token = new_mark()
-            self._put(lock_key, token, self._deadline(ttl, now))
+            self._put(lock_key, token, now + lock_life)
             return None, token, seen
 
     def unlock(self, lock_key: str, token: bytes, leave: tuple[bytes, float] | None = None) -> bool:
         if leave is not None:
             _check_value(leave[0])
+            leave = (leave[0], ttl_seconds(leave[1]))
         now = _monotonic()
         with self._lock:
             return self._unlock(lock_key, token, leave, now)
@@ -320,18 +327,20 @@ class MemoryStore(Store):
         if leave is None:
             self._drop(self._table(lock_key), lock_key)
         else:
-            self._put(lock_key, bytes(leave[0]), self._deadline(leave[1], now))
+            self._put(lock_key, bytes(leave[0]), now + leave[1])
         return True
 
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         for _, value, _ in sets:
             _check_value(value)
+        sets = [(key, value, optional_ttl(ttl)) for key, value, ttl in sets]
         now = _monotonic()
         with self._lock:  # one step: a reader sees all of it or none of it (the cache's marks and deletes)
             self._write(sets, deletes, now)
 
     def _write(self, sets: Sequence[tuple[str, bytes, float | None]], deletes: Sequence[str], now: float) -> None:
-        """Apply ``sets``, then ``deletes`` (the caller holds the lock); all or nothing, see :meth:`_put_all`."""
+        """Apply ``sets`` (their TTLs checked), then ``deletes`` (the caller holds the lock); all or nothing, see
+        :meth:`_put_all`."""
         self._put_all([(key, bytes(value), self._deadline(ttl, now)) for key, value, ttl in sets])
         for key in deletes:
             self._drop(self._table(key), key)
@@ -362,6 +371,7 @@ class MemoryStore(Store):
                             deletes: Sequence[str] = (), unlock: tuple[str, bytes] | None = None) -> bool:
         for _, value, _ in sets:
             _check_value(value)
+        sets = [(key, value, ttl_seconds(ttl)) for key, value, ttl in sets]
         now = _monotonic()
         with self._lock:
             if seen is None or self._value(mark, now) != seen:
@@ -379,15 +389,17 @@ class MemoryStore(Store):
         return self.add_then_write(key, value, ttl, ())
 
     def add_then_write(self, key: str, value: bytes, ttl: float | None,
-                       sets: Sequence[tuple[str, bytes, float]]) -> bool:
+                       sets: Sequence[tuple[str, bytes, float | None]]) -> bool:
         _check_value(value)
         for _, other, _ in sets:
             _check_value(other)
+        life = optional_ttl(ttl)
+        sets = [(k, v, optional_ttl(t)) for k, v, t in sets]
         now = _monotonic()
         with self._lock:
             if self._live(key, now) is not None:
                 return False
-            self._put_all([(key, bytes(value), self._deadline(ttl, now)),
+            self._put_all([(key, bytes(value), self._deadline(life, now)),
                            *((k, bytes(v), self._deadline(t, now)) for k, v, t in sets)])
             return True
 
@@ -399,11 +411,12 @@ class MemoryStore(Store):
             return existed
 
     def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
+        life = optional_ttl(ttl)
         now = _monotonic()
         with self._lock:
             item = self._live(key, now)
             if item is None:
-                value, expires = amount, self._deadline(ttl, now)
+                value, expires = amount, self._deadline(life, now)
             else:
                 current = item[0]
                 if not isinstance(current, int):  # bytes someone set: read as Redis reads them
@@ -418,12 +431,13 @@ class MemoryStore(Store):
             return value
 
     def expire(self, key: str, ttl: float) -> bool:
+        life = ttl_seconds(ttl)
         now = _monotonic()
         with self._lock:
             item = self._live(key, now)
             if item is None:
                 return False
-            self._refresh(key, item[0], now + clamp_ttl(ttl))
+            self._refresh(key, item[0], now + life)
             return True
 
     def ttl(self, key: str) -> float | None:

@@ -40,7 +40,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .base import Store, StoreBusy, StoreError, StoreWrongType, clamp_ttl, mask_url, new_mark
+from .base import Store, StoreBusy, StoreError, StoreWrongType, mask_url, new_mark, ttl_seconds
 from .breaker import CircuitBreaker, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "refusal"]
@@ -94,10 +94,16 @@ return 1
 # KEYS: the mark, the n keys to set, the keys to delete, then the lock if any.  ARGV: seen, n, a value and its
 # PX per set, then the lock's token if any.
 # add_then_write: SET KEYS[1] NX (ARGV[1], PX ARGV[2]); when it is set, SET each further key i to ARGV[2i+1]
-# with PX ARGV[2i+2]. Replies 1 when written, 0 when KEYS[1] was there.
+# with PX ARGV[2i+2]; a PX of "" is no expiry. Replies 1 when written, 0 when KEYS[1] was there.
 _ADD_THEN_WRITE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[2 * i]) end
+local added
+if ARGV[2] == '' then added = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+else added = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) end
+if not added then return 0 end
+for i = 2, #KEYS do
+  if ARGV[2 * i] == '' then redis.call('SET', KEYS[i], ARGV[2 * i - 1])
+  else redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[2 * i]) end
+end
 return 1
 """
 
@@ -132,8 +138,14 @@ _NO_SETINFO: dict[str, Any] = ({"driver_info": None} if importlib.util.find_spec
 
 
 def _ms(ttl: float) -> int:
-    """Seconds to whole milliseconds for ``PX``, at least 1 (Redis refuses 0), at most MAX_TTL's."""
-    return max(1, math.ceil(clamp_ttl(ttl) * 1000))
+    """Seconds to whole milliseconds for ``PX``, at least 1 (Redis refuses 0), at most MAX_TTL's; ValueError
+    for a TTL that is not a number above 0 (:func:`~stores.base.ttl_seconds`)."""
+    return max(1, math.ceil(ttl_seconds(ttl) * 1000))
+
+
+def _px(ttl: float | None) -> int | None:
+    """:func:`_ms`, or ``None`` (no expiry) for ``None``."""
+    return None if ttl is None else _ms(ttl)
 
 
 def _check_value(value: bytes) -> None:
@@ -594,18 +606,18 @@ class RedisStore(Store):
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         _check_value(value)
-        px = None if ttl is None else _ms(ttl)
+        px = _px(ttl)
         self.call("SET", partial(self.client.set, self.key_prefix + key, value, px=px))
 
     def replace(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)
-        px = None if ttl is None else _ms(ttl)
+        px = _px(ttl)
         fn = partial(self.client.set, self.key_prefix + key, value, px=px, xx=True)
         return bool(self.call("SET XX", fn))
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         _check_value(value)
-        px = None if ttl is None else _ms(ttl)
+        px = _px(ttl)
         fn = partial(self.client.set, self.key_prefix + key, value, px=px, nx=True)
         return bool(self.call("SET NX", fn))
 
@@ -614,9 +626,10 @@ class RedisStore(Store):
         """The keys and arguments of the get_or_lock script."""
         keys = [self.key_prefix + key, self.key_prefix + lock_key]
         args: list[Any] = [new_mark(), _ms(ttl)]
+        mark_px = args[1] if mark_ttl is None else _ms(mark_ttl)
         if mark is not None:
             keys.append(self.key_prefix + mark)
-            args += [new_mark(), _ms(mark_ttl or ttl)]
+            args += [new_mark(), mark_px]
         return keys, args
 
     def get_or_lock(self, key: str, lock_key: str, ttl: float, mark: str | None = None,
@@ -634,21 +647,23 @@ class RedisStore(Store):
         fn = partial(self._unlock, keys=[self.key_prefix + lock_key], args=args)
         return bool(self.call("unlock", fn))
 
-    def add_then_write(self, key: str, value: bytes, ttl: float, sets: Sequence[tuple[str, bytes, float]]) -> bool:
+    def add_then_write(self, key: str, value: bytes, ttl: float | None,
+                       sets: Sequence[tuple[str, bytes, float | None]]) -> bool:
         _check_value(value)
         p = self.key_prefix
         keys: list[str] = [p + key]
-        args: list[Any] = [value, _ms(ttl)]
+        args: list[Any] = [value, _px(ttl) or b""]  # (no PX: no expiry)
         for other_key, other, other_ttl in sets:
             _check_value(other)
             keys.append(p + other_key)
-            args += [other, _ms(other_ttl)]
+            args += [other, _px(other_ttl) or b""]
         return bool(self.call("SET NX, then SET", partial(self._add_then_write, keys=keys, args=args)))
 
     def write_unless_marked(self, mark: str, seen: bytes | None, sets: Sequence[tuple[str, bytes, float]],
                             deletes: Sequence[str] = (), unlock: tuple[str, bytes] | None = None) -> bool:
         for _, value, _ in sets:
             _check_value(value)
+        pxs = [_ms(ttl) for _, _, ttl in sets]
         if seen is None:  # never matches: nothing to store
             sets = ()
         if not sets and unlock is None:  # the deletes alone
@@ -657,8 +672,8 @@ class RedisStore(Store):
         p = self.key_prefix
         keys = [p + mark, *(p + key for key, _, _ in sets), *(p + key for key in deletes)]
         args: list[Any] = [seen or b"", len(sets)]
-        for _, value, ttl in sets:
-            args += [value, _ms(ttl)]
+        for (_, value, _), px in zip(sets, pxs, strict=False):
+            args += [value, px]
         if unlock is not None:
             keys.append(p + unlock[0])
             args.append(unlock[1])
@@ -667,13 +682,14 @@ class RedisStore(Store):
     def write(self, sets: Sequence[tuple[str, bytes, float | None]] = (), deletes: Sequence[str] = ()) -> None:
         for _, value, _ in sets:
             _check_value(value)
+        pxs = [_px(ttl) for _, _, ttl in sets]  # checked before the call: a bad TTL is no store error
 
         def run() -> None:
             # MULTI/EXEC: no other client's command runs between these (a reader never sees the cache's
             # new marks beside the entries they go with); still one round trip.
             pipe = self.client.pipeline(transaction=True)
-            for key, value, ttl in sets:
-                pipe.set(self.key_prefix + key, value, px=None if ttl is None else _ms(ttl))
+            for (key, value, _), px in zip(sets, pxs, strict=True):
+                pipe.set(self.key_prefix + key, value, px=px)
             if deletes:
                 pipe.delete(*(self.key_prefix + key for key in deletes))
             pipe.execute()
@@ -695,7 +711,8 @@ class RedisStore(Store):
 
     def ttl(self, key: str) -> float | None:
         left = int(self.call("PTTL", partial(self.client.pttl, self.key_prefix + key)))
-        return left / 1000 if left >= 0 else None  # -2: missing, -1: no expiry
+        # -2: missing, -1: no expiry; 0: less than a millisecond left, which is still above 0 (a TTL to pass on)
+        return max(left, 1) / 1000 if left >= 0 else None
 
     def _pattern(self, prefix: str) -> str:
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.key_prefix + prefix)

@@ -89,6 +89,110 @@ def test_a_ttl_beyond_the_longest_is_the_longest(store: Store, ttl: float) -> No
     assert [store.get(k) for k in ("set", "add", "counter", "lock", "written")] == [b"1", b"1", b"1", token, b"1"]
 
 
+def _taken(store: Store) -> bytes:
+    """Take the lock ``lock`` (with a mark): its token."""
+    token = store.get_or_lock("entry", "lock", 60, "mark", 60)[1]
+    assert token is not None
+    return token
+
+
+#: Every method that takes a TTL, called with ``ttl`` where it goes (the others valid), after ``_taken``; and the
+#: key that gets that TTL.
+TTL_CALLS: list[Any] = [
+    pytest.param(lambda s, t, ttl: s.set("k", b"new", ttl), "k", id="set"),
+    pytest.param(lambda s, t, ttl: s.replace("k", b"new", ttl), "k", id="replace"),
+    pytest.param(lambda s, t, ttl: s.add("new", b"new", ttl), "new", id="add"),
+    pytest.param(lambda s, t, ttl: s.getex("k", ttl), "k", id="getex"),
+    pytest.param(lambda s, t, ttl: s.expire("k", ttl), "k", id="expire"),
+    pytest.param(lambda s, t, ttl: s.incr("counter", ttl), "counter", id="incr"),
+    pytest.param(lambda s, t, ttl: s.write([("new", b"new", 5), ("k", b"new", ttl)], ["old"]), "k", id="write"),
+    pytest.param(lambda s, t, ttl: s.add_then_write("new", b"new", ttl, []), "new", id="add_then_write"),
+    pytest.param(lambda s, t, ttl: s.add_then_write("new", b"new", 5, [("k", b"new", ttl)]), "k",
+                 id="add_then_write's sets"),
+    pytest.param(lambda s, t, ttl: s.get_or_lock("missing", "new", ttl), "new", id="get_or_lock"),
+    pytest.param(lambda s, t, ttl: s.get_or_lock("missing", "new", 5, "new mark", ttl), "new mark",
+                 id="get_or_lock's mark_ttl"),
+    pytest.param(lambda s, t, ttl: s.unlock("lock", t, leave=(b"new", ttl)), "lock", id="unlock's leave"),
+    pytest.param(lambda s, t, ttl: s.write_unless_marked("mark", s.get("mark"),
+                                                         [("new", b"new", 5), ("k", b"new", ttl)], ["old"],
+                                                         unlock=("lock", t)),
+                 "k", id="write_unless_marked"),
+]
+#: TTLs no method takes: none above 0 (Redis refuses a PX of 0 or less), or not a number.
+BAD_TTLS = [0, 0.0, -0.0, -1, -1e-9, -1e305, -1e306, -float("inf"), float("nan"), "5", True, b"5"]
+
+
+@pytest.mark.parametrize("ttl", BAD_TTLS, ids=repr)
+@pytest.mark.parametrize(("call", "key"), TTL_CALLS)
+def test_a_ttl_not_above_zero_is_refused_and_nothing_is_written(store: Store, call: Any, key: str, ttl: object) -> None:
+    """The same ValueError on both backends, before anything is written (memory:// kept such a key expired
+    at once or not at all, Redis kept it for 1 ms, or raised OverflowError past -1e305)."""
+    store.set("k", b"old", 60)
+    store.set("old", b"old")
+    token = _taken(store)
+    before = {name: store.get(name) for name in ("k", "old", "new", "counter", "lock", "mark", "new mark")}
+    with pytest.raises(ValueError, match=r"^a store TTL is a number of seconds above 0, got "):
+        call(store, token, ttl)
+    assert {name: store.get(name) for name in before} == before
+    assert 59 < (store.ttl("k") or 0) <= 60  # its expiry left alone too
+
+
+@pytest.mark.parametrize(("call", "key"), [p for p in TTL_CALLS if p.id not in (
+    "set", "replace", "add", "incr", "write", "add_then_write", "add_then_write's sets", "get_or_lock's mark_ttl")])
+def test_a_ttl_is_needed_where_a_key_cannot_live_forever(store: Store, call: Any, key: str) -> None:
+    """None (no expiry) where the method takes none: refused on both (Redis raised a TypeError, memory:// kept
+    a lock or a cache entry forever, or refreshed nothing).  (``get_or_lock``'s ``mark_ttl=None`` is its ``ttl``.)"""
+    store.set("k", b"old", 60)
+    token = _taken(store)
+    with pytest.raises(ValueError, match=r"^a store TTL is a number of seconds above 0, got None$"):
+        call(store, token, None)
+    assert (store.get("k"), store.get("lock"), store.get("new")) == (b"old", token, None)
+
+
+@pytest.mark.parametrize(("call", "key"), TTL_CALLS)
+def test_a_ttl_below_a_millisecond_is_a_millisecond(store: Store, call: Any, key: str) -> None:
+    """Redis keeps expiries in whole milliseconds: a shorter TTL above 0 is taken, and counts as 1 ms on both."""
+    store.set("k", b"old", 60)
+    store.set("old", b"old")
+    token = _taken(store)
+    call(store, token, 1e-9)
+    time.sleep(0.05)
+    assert store.get(key) is None  # gone again
+
+
+def test_a_ttl_below_a_millisecond_lives_a_millisecond_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on Redis (``PX 1``): not expired at once, which a clock that has not moved shows."""
+    import stores.memory
+
+    now = 1000.0
+    monkeypatch.setattr(stores.memory, "_monotonic", lambda: now)
+    store = MemoryStore()
+    store.set("k", b"v", 1e-9)
+    assert store.add("lock", b"t", 1e-6) is True
+    assert (store.get("k"), store.get("lock")) == (b"v", b"t")
+    assert store.ttl("k") == pytest.approx(0.001)
+    now += 0.001
+    assert (store.get("k"), store.get("lock")) == (None, None)
+
+
+@pytest.mark.parametrize("ttl", [1e308, 10**400, float("inf")], ids=["1e308", "10**400", "inf"])
+def test_a_ttl_too_long_for_a_float_is_the_longest(store: Store, ttl: float) -> None:
+    store.set("k", b"v", ttl)
+    assert store.add_then_write("a", b"v", ttl, [("b", b"v", ttl)]) is True
+    assert all(2.0**31 - 5 < (store.ttl(key) or 0) <= 2.0**31 for key in ("k", "a", "b"))
+
+
+def test_add_then_write_without_a_ttl_keeps_the_keys(store: Store) -> None:
+    """``ttl=None``, for the key and for each set, is no expiry on both backends (Redis raised a TypeError)."""
+    store.set("head", b"old", 60)
+    assert store.add_then_write("used", b"1", None, [("head", b"new", None), ("other", b"o", 5)]) is True
+    assert [store.get(key) for key in ("used", "head", "other")] == [b"1", b"new", b"o"]
+    assert (store.ttl("used"), store.ttl("head")) == (None, None)  # an earlier TTL cleared, as set() does
+    assert 4 < (store.ttl("other") or 0) <= 5
+    assert store.add_then_write("used", b"2", None, [("head", b"newer", None)]) is False
+    assert (store.get("used"), store.get("head")) == (b"1", b"new")
+
+
 def test_values_round_trip_as_bytes(store: Store) -> None:
     store.set("k", b"\x00\xffjson")
     store.set("ba", bytearray(b"abc"))  # type: ignore[arg-type]  # taken too, as redis-py takes it
@@ -288,6 +392,18 @@ def test_ttl_is_the_time_a_key_has_left(store: Store, write: str) -> None:
     time.sleep(0.3)
     assert store.ttl("k") is None
     assert store.get("k") is None
+
+
+def test_the_time_a_key_has_left_is_a_ttl_the_store_takes(store: Store) -> None:
+    """What ``ttl`` tells of a key that is there is above 0, so it may be passed on (the auth
+    layer's revocation sweep gives each blocklist entry what its record has left): Redis's ``PTTL`` says 0 for a
+    key with less than a millisecond left, a TTL every method refuses."""
+    for _ in range(300):  # (PTTL says 0 in a few of them: those whose millisecond ran out between the calls)
+        store.set("k", b"v", 0.001)
+        left = store.ttl("k")
+        assert left is None or left > 0
+        if left is not None:
+            store.set("copy", b"v", left)
 
 
 def test_ttl_of_a_store_that_cannot_tell_is_a_store_error() -> None:
