@@ -108,7 +108,8 @@ class MemoryStore(Store):
 
         ``lowest`` (a cache): they go first, for any new key, and their bytes are bounded by
         ``max_cache_bytes``.  Otherwise they go only when no lowest key is left, and make room
-        for a lowest one only while they hold more than half of ``max_entries``.
+        for a lowest one only while they hold more than half of ``max_entries``.  Keys already
+        written under ``prefix`` move to its tier, whichever they were in.
         """
         with self._lock:
             if prefix in self._evictable or prefix in self._spared:
@@ -117,9 +118,14 @@ class MemoryStore(Store):
                 self._evictable = (*self._evictable, prefix)
             else:
                 self._spared = (*self._spared, prefix)
-            for key in [k for k in self._data if k.startswith(prefix)]:
-                entry = self._data.pop(key)
-                self._put(key, entry[0], entry[1])
+            # Every key the store now looks for in another table, from whichever it is in (a count under a
+            # cache's wider prefix too): left where it was, it would read as missing and still take room.
+            for table in (self._data, self._spare, self._disposable):
+                for key in [k for k in table if k.startswith(prefix) and self._table(k) is not table]:
+                    entry = table.get(key)
+                    if entry is not None:  # (else evicted meanwhile, making room for one moved before it)
+                        self._drop(table, key)
+                        self._put(key, entry[0], entry[1])
             self._shrink()
 
     def _table(self, key: str) -> OrderedDict[str, Entry]:
@@ -172,7 +178,10 @@ class MemoryStore(Store):
             self._cache_bytes -= _size(key, entry[0])
 
     def _shrink(self) -> None:
-        """Evict disposable entries, least recently used first, until they hold at most max_cache_bytes."""
+        """Evict disposable entries, the expired first, then the least recently used, until they hold at most
+        max_cache_bytes."""
+        if self._cache_bytes > self.max_cache_bytes:
+            self._drop_expired()  # (one pop per deadline passed: a live answer is not pushed out for them)
         while self._cache_bytes > self.max_cache_bytes and self._disposable:
             key, entry = self._disposable.popitem(last=False)
             self._cache_bytes -= _size(key, entry[0])

@@ -674,6 +674,25 @@ def test_allow_eviction_moves_keys_already_written() -> None:
     assert sorted(store.scan("")) == ["kept", "new"]
 
 
+@pytest.mark.parametrize(("first", "then"), [
+    pytest.param(("login:", False), ("log", True), id="a count now under a cache's wider prefix"),
+    pytest.param((None, False), ("log", True), id="a kept key now under a cache's prefix"),
+    pytest.param((None, False), ("log", False), id="a kept key now under a count's prefix"),
+])
+def test_allow_eviction_moves_keys_of_every_tier(first: tuple[str | None, bool], then: tuple[str, bool]) -> None:
+    """A key under the new prefix is found, and evicted, where the store now looks for it, whatever tier it was
+    in: it read as missing (and was never written over) while it still took room in its old tier."""
+    store = MemoryStore(max_entries=3)
+    if first[0] is not None:
+        store.allow_eviction(first[0], lowest=first[1])
+    store.set("login:x", b"v")
+    store.allow_eviction(then[0], lowest=then[1])
+    assert store.get("login:x") == b"v"
+    store.set("login:x", b"w")
+    assert (store.get("login:x"), len(store)) == (b"w", 1)
+    assert list(store.scan("")) == ["login:x"]
+
+
 def test_memory_store_bounds_the_bytes_of_disposable_keys() -> None:
     """A cache of large answers may not grow the process without bound; kept keys are never evicted for it."""
     store = MemoryStore(max_cache_bytes=1000)
@@ -708,6 +727,21 @@ def test_memory_store_counts_expired_disposable_keys_out(monkeypatch: pytest.Mon
     assert store.get("c:a") is None  # expired: its bytes are free again
     store.set("c:c", b"v" * 300)
     assert sorted(store.scan("c:")) == ["c:b", "c:c"]
+
+
+def test_the_bytes_of_expired_disposable_keys_go_before_a_live_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past max_cache_bytes the expired entries are dropped first, as they are for max_entries: a live answer,
+    even the least recently used, is not pushed out while expired ones hold the room."""
+    now = [1000.0]
+    monkeypatch.setattr("stores.memory._monotonic", lambda: now[0])
+    store = MemoryStore(max_cache_bytes=700)
+    store.allow_eviction("c:")
+    store.set("c:live", b"v" * 300)
+    store.set("c:short", b"v" * 300, ttl=5)
+    now[0] += 6
+    store.set("c:new", b"v" * 300)
+    assert sorted(store.scan("c:")) == ["c:live", "c:new"]
+    assert store.get("c:live") == b"v" * 300
 
 
 def test_memory_url_sets_the_bound() -> None:
