@@ -321,6 +321,7 @@ class MemoryStore(Store):
             return None, token, seen
 
     def unlock(self, lock_key: str, token: bytes, leave: tuple[bytes, float] | None = None) -> bool:
+        _check_value(token)  # (text would equal the same bytes in a Lua script, and never in memory://)
         if leave is not None:
             _check_value(leave[0])
             leave = (leave[0], ttl_seconds(leave[1]))
@@ -380,6 +381,9 @@ class MemoryStore(Store):
                             deletes: Sequence[str] = (), unlock: tuple[str, bytes] | None = None) -> bool:
         for _, value, _ in sets:
             _check_value(value)
+        for given in (seen, unlock and unlock[1]):
+            if given is not None:
+                _check_value(given)
         sets = [(key, value, ttl_seconds(ttl)) for key, value, ttl in sets]
         now = _monotonic()
         with self._lock:

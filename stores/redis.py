@@ -640,6 +640,7 @@ class RedisStore(Store):
         return cast("tuple[bytes | None, bytes | None, bytes | None]", answer)
 
     def unlock(self, lock_key: str, token: bytes, leave: tuple[bytes, float] | None = None) -> bool:
+        _check_value(token)  # (text would equal the same bytes in a Lua script, and never in memory://)
         args: list[Any] = [token]
         if leave is not None:
             _check_value(leave[0])
@@ -663,6 +664,9 @@ class RedisStore(Store):
                             deletes: Sequence[str] = (), unlock: tuple[str, bytes] | None = None) -> bool:
         for _, value, _ in sets:
             _check_value(value)
+        for given in (seen, unlock and unlock[1]):
+            if given is not None:
+                _check_value(given)
         pxs = [_ms(ttl) for _, _, ttl in sets]
         if seen is None:  # never matches: nothing to store
             sets = ()

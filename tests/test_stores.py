@@ -1466,6 +1466,23 @@ def test_an_unlock_needs_the_token_that_took_the_lock(store: Store) -> None:
     assert store.get("lock") is None
 
 
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda s: s.unlock("lock", "t1"), id="unlock"),
+    pytest.param(lambda s: s.unlock("lock", "t1", leave=(b"0", 5)), id="unlock, leaving a value"),
+    pytest.param(lambda s: s.write_unless_marked("mark", "n1", [("a", b"A", 5)]), id="write_unless_marked's seen"),
+    pytest.param(lambda s: s.write_unless_marked("mark", b"n1", [], unlock=("lock", "t1")),
+                 id="write_unless_marked's unlock"),
+])
+def test_a_token_or_mark_that_is_not_bytes_is_refused(store: Store, call: Any) -> None:
+    """A token and a mark's value are bytes, as what get_or_lock returns: text was equal to the same bytes on
+    Redis (a Lua string) and never on memory://, so the same call gave the lock back on one and not the other."""
+    store.set("lock", b"t1", 5)
+    store.set("mark", b"n1", 5)
+    with pytest.raises(TypeError, match=r"^store values are bytes; encode JSON in the layer$"):
+        call(store)
+    assert (store.get("lock"), store.get("mark"), store.get("a")) == (b"t1", b"n1", None)
+
+
 def test_get_or_lock_lock_expires(store: Store) -> None:
     assert store.get_or_lock("entry", "lock", 0.1)[1] is not None
     time.sleep(0.25)
