@@ -444,6 +444,33 @@ def test_pooled_connections_survive_a_restart(down_redis: Any) -> None:
 
 
 @pytest.mark.redis
+def test_scripts_are_loaded_again_after_a_restart(down_redis: Any) -> None:
+    """A restarted Redis has no scripts (NOSCRIPT): each of the store's is loaded again by the call that needs
+    it, the lock's give-back included, with no error and nothing counted against the breaker."""
+    store = RedisStore(down_redis.url, failure_threshold=1)
+
+    def every_script() -> None:
+        assert store.incr("n", ttl=60) >= 1
+        _, token, seen = store.get_or_lock("entry", "lock", 60, "mark", 60)
+        assert token is not None and seen is not None
+        assert store.write_unless_marked("mark", seen, [("entry", b"v", 60)], unlock=("lock", token)) is True
+        assert store.add_then_write("used", b"1", 60, [("head", b"h", 60)]) is True
+        _, token, _ = store.get_or_lock("other", "lock", 60)
+        assert token is not None and store.unlock("lock", token) is True
+        for key in ("entry", "used"):
+            store.delete(key)
+
+    try:
+        every_script()  # loaded once
+        down_redis.stop()
+        down_redis.start()
+        every_script()
+        assert (store.breaker.state, store.breaker.failures, store.breaker.failure) == ("closed", 0, None)
+    finally:
+        store.close()
+
+
+@pytest.mark.redis
 def test_readiness_is_a_write_so_a_write_pause_is_not_ready(redis_url: str) -> None:
     """CLIENT PAUSE … WRITE (what a failover does): PING is answered, every write waits: not ready."""
     admin = redis.Redis.from_url(redis_url)

@@ -1169,6 +1169,38 @@ class TestRedis:
             other.close()
             raw.close()
 
+    def test_two_prefixes_on_one_redis_never_touch_each_other(self, redis_url: str) -> None:
+        """Every method, the scripts' keys included, works under its own prefix: two stacks on one database
+        write the same names, and each reads, locks, marks and deletes only its own."""
+        raw = redis.Redis.from_url(redis_url)
+        stores = {prefix: RedisStore(redis_url, key_prefix=prefix) for prefix in ("a:", "b:")}
+        try:
+            for prefix, store in stores.items():
+                name = prefix.encode()
+                store.set("k", name, 60)
+                store.incr("n", 60)
+                store.write([("w", name, 60)], ["gone"])
+                assert store.add_then_write("used", name, 60, [("head", name, 60)]) is True
+                _, token, seen = store.get_or_lock("entry", "lock", 60, "mark", 60)
+                assert token is not None and seen is not None
+                assert store.write_unless_marked("mark", seen, [("entry", name, 60)], ["k2"], unlock=("lock", token))
+                _, token, _ = store.get_or_lock("entry2", "lock", 60)
+                assert token is not None and store.unlock("lock", token, leave=(name, 60)) is True
+            names = ("k", "n", "w", "used", "head", "entry", "mark", "lock")
+            everything = set(redis_command(raw, "KEYS", "*"))
+            assert everything == {(prefix + key).encode() for prefix in stores for key in names}
+            for prefix, store in stores.items():
+                name = prefix.encode()
+                assert [store.get(key) for key in ("k", "n", "w", "used", "head", "entry", "lock")] == [
+                    name, b"1", name, name, name, name, name]
+            assert stores["a:"].delete_prefix("") == 8
+            assert sorted(stores["b:"].scan("")) == ["entry", "head", "k", "lock", "mark", "n", "used", "w"]
+            assert all(key.startswith(b"b:") for key in redis_command(raw, "KEYS", "*"))
+        finally:
+            for store in stores.values():
+                store.close()
+            raw.close()
+
     def test_a_ready_client_is_used_as_is(self, redis_url: str) -> None:
         client = redis.Redis.from_url(redis_url)
         store = RedisStore(client=client)
@@ -1689,3 +1721,46 @@ def test_the_default_write_unless_marked_never_undoes_a_write_s_mark() -> None:
     store.set("mark", b"seen", 60)
     assert Store.write_unless_marked(store, "mark", b"seen", [("entry", b"v", 600)])
     assert (store.get("mark"), store.get("entry")) == (b"written meanwhile", b"v")
+
+
+def test_a_lock_never_has_two_holders_under_many_threads(store: Store) -> None:
+    """Single flight under contention: threads take the lock (get_or_lock), and give it back each of the three
+    ways (unlock, unlock leaving a value, write_unless_marked with the unlock); no two ever hold it at once."""
+    holders: set[int] = set()
+    guard = threading.Lock()
+    overlaps: list[set[int]] = []
+    taken = [0]
+    counter = iter(range(1000))
+    deadline = time.monotonic() + 10
+
+    def work() -> None:
+        me = next(counter)
+        while taken[0] < 300 and time.monotonic() < deadline:
+            _, token, seen = store.get_or_lock("entry", "lock", 30, "mark", 30)
+            if token is None:
+                continue
+            with guard:
+                holders.add(me)
+                if len(holders) > 1:
+                    overlaps.append(set(holders))
+                taken[0] += 1
+                how = taken[0] % 3
+            time.sleep(0)
+            with guard:
+                holders.discard(me)  # before the lock goes: the next holder may take it at once
+            if how == 0:
+                assert store.unlock("lock", token) is True
+            elif how == 1:
+                assert store.unlock("lock", token, leave=(b"0", 0.001)) is True
+            else:
+                store.write_unless_marked("mark", seen, [("entry", b"v", 0.001)], unlock=("lock", token))
+                assert store.get("lock") != token
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        run_threads(8, work)
+    finally:
+        sys.setswitchinterval(switch)
+    assert overlaps == []
+    assert taken[0] >= 300  # (taken often enough to tell)
