@@ -164,6 +164,9 @@ def ttl_seconds(ttl: float) -> float:
     ``nan``, ``None``, text): Redis refuses a ``PX`` of 0 or less, and the two backends
     must agree.  Each method checks its TTLs before it writes anything.
     """
+    kind = type(ttl)
+    if (kind is float or kind is int) and 0 < ttl < MAX_TTL:  # the usual case, without the ABC's check
+        return float(ttl) if ttl >= MIN_TTL else MIN_TTL
     if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real) or not ttl > 0:
         raise ValueError(f"a store TTL is a number of seconds above 0, got {ttl!r}")
     if ttl >= MAX_TTL:  # (compared before float(): an int past 1e308 has no float)
