@@ -360,28 +360,61 @@ _TICK = 0.2
 class _Beats:
     """The workers' heartbeats, in a page the supervisor shares with them: per slot, the
     ``time.monotonic()`` of its worker's last pass through the serving loop; after them, the
-    generation the supervisor serves, which every worker reloads to reach (:meth:`publish`)."""
+    generation the supervisor serves, which every worker reloads to reach (:meth:`publish`),
+    and the length of its text.  The text is in one of two unlinked files the workers inherit
+    (nothing is left on disk), written in turn: a worker builds the very text the supervisor
+    built, not the file as it is by then (edited again, say, while the supervisor built)."""
 
     _STAMP = struct.Struct("d")
-    _GENERATION = struct.Struct("q")
+    _GENERATION = struct.Struct("qq")  # the generation, and its text's length in bytes (-1: none)
 
     def __init__(self, slots: int, generation: int = 1) -> None:
         self.page = mmap.mmap(-1, self._STAMP.size * slots + self._GENERATION.size)
         self._at = self._STAMP.size * slots
+        self._texts = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]  # noqa: SIM115 - closed in close()
         self.publish(generation)
 
-    def publish(self, generation: int) -> None:
-        """The supervisor's generation now (after a successful reload): the workers reload to it."""
-        self.page[self._at:self._at + self._GENERATION.size] = self._GENERATION.pack(generation)
+    def publish(self, generation: int, source: str | None = None) -> None:
+        """The supervisor's generation now (after a successful reload), and the text it built: the workers
+        reload to it.  The text goes to the file the generation before did not use, then the page names it."""
+        if source is not None and self._header()[0] == generation:
+            return  # (published already: the file a worker may be reading stays as it is)
+        length = -1
+        if source is not None:
+            data = source.encode()
+            fd = self._texts[generation % 2].fileno()
+            os.ftruncate(fd, 0)
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], written)
+            length = len(data)
+        self.page[self._at:self._at + self._GENERATION.size] = self._GENERATION.pack(generation, length)
+
+    def _header(self) -> tuple[int, int]:
+        """The generation and its text's length (read until two readings agree: never half written)."""
+        first = self._GENERATION.unpack_from(self.page, self._at)
+        while True:
+            again = self._GENERATION.unpack_from(self.page, self._at)
+            if again == first:
+                return again[0], again[1]
+            first = again
 
     def generation(self) -> int:
-        """The generation the supervisor last published (read until two readings agree: never half written)."""
-        first = self._GENERATION.unpack_from(self.page, self._at)[0]
+        """The generation the supervisor last published."""
+        return self._header()[0]
+
+    def published(self) -> tuple[int, str | None]:
+        """The generation the supervisor last published and the text it built it from (None: the start's).
+
+        Read again when the supervisor published another meanwhile (it may be rewriting that file).
+        """
         while True:
-            again: int = self._GENERATION.unpack_from(self.page, self._at)[0]
-            if again == first:
-                return again
-            first = again
+            generation, length = self._header()
+            if length < 0:
+                return generation, None
+            data = os.pread(self._texts[generation % 2].fileno(), length, 0)
+            if len(data) == length and self._header() == (generation, length):
+                return generation, data.decode()
 
     def stamp(self, slot: int, when: float | None = None) -> None:
         # One 8-byte store: struct's pack_into zeroes the bytes before it writes them, and the
@@ -397,6 +430,8 @@ class _Beats:
 
     def close(self) -> None:
         self.page.close()
+        for text in self._texts:
+            text.close()
 
 
 def _drain_seconds(live: LiveStack) -> float:
@@ -656,7 +691,8 @@ def _use_channel(server: Any) -> None:
 
 
 def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | None = None,
-                  beat: Callable[[], None] = lambda: None, wanted: Callable[[], int] | None = None) -> int:
+                  beat: Callable[[], None] = lambda: None, wanted: Callable[[], int] | None = None,
+                  published: Callable[[], tuple[int, str | None]] | None = None) -> int:
     """Serve ``live`` on pre-bound sockets until SIGTERM/SIGINT; SIGHUP reloads; return the exit code.
 
     The first SIGTERM/SIGINT stops accepting and drains requests in flight; a
@@ -669,7 +705,8 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
 
     A worker reloads when the supervisor says so, not on a SIGHUP of its own: ``wanted()``
     is the generation the supervisor serves, read on every pass, and a worker behind it
-    reloads to it (taking that number).  A SIGHUP sent to a worker (directly, or to the whole
+    reloads to it (taking that number), building the text ``published()`` gives, the one the
+    supervisor built (the file may have changed since).  A SIGHUP sent to a worker (directly, or to the whole
     process group) changes nothing there: the supervisor decides whether it is a reload, and
     only the supervisor polls the file.  So every worker serves the supervisor's generation,
     as does one it starts later, whatever SIGHUPs or edits came and however late a worker's
@@ -727,7 +764,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
                 log.warning("%sthe supervisor (pid %d) is gone; stopping", live.label, parent)
             stop.set()
 
-    reloader = _Reloader(live, generation=wanted)
+    reloader = _Reloader(live, published=published)
     for signum in HANDLED:
         signal.signal(signum, note_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # a worker starts with them blocked
@@ -754,13 +791,13 @@ class _Reloader:
     """Reload in a thread of its own, one reload at a time: SIGHUPs that come during a reload ask for one
     more, after it (the file may have changed again), not one each.
 
-    ``generation`` (a worker's): the supervisor's generation, which each reload takes; none is
-    made when the process already serves it.
+    ``published`` (a worker's): the supervisor's generation, which each reload takes, and the text
+    the supervisor built it from, which it builds; none is made when the process already serves it.
     """
 
     def __init__(self, live: LiveStack, done: Callable[[], None] = lambda: None,
-                 generation: Callable[[], int] | None = None) -> None:
-        self.live, self.done, self.generation = live, done, generation
+                 published: Callable[[], tuple[int, str | None]] | None = None) -> None:
+        self.live, self.done, self.published = live, done, published
         self.wanted = threading.Event()
         self.busy = False  # asked for, or building
         self.lock = threading.Lock()  # busy and wanted change together
@@ -779,9 +816,12 @@ class _Reloader:
             self.wanted.wait()
             self.wanted.clear()
             try:
-                target = None if self.generation is None else self.generation()
-                if target is None or target > self.live.generation:
-                    self.live.reload(generation=target)
+                if self.published is None:
+                    self.live.reload()
+                else:
+                    target, source = self.published()
+                    if target > self.live.generation:
+                        self.live.reload(generation=target, source=source)
             except BaseException:  # (reload logs a failed build itself; this thread must live on)
                 log.exception("%sreload failed", self.live.label)
             with self.lock:  # (not busy only if nobody asked again meanwhile)
@@ -880,7 +920,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                     _stop_with_parent(supervisor)
                     live.after_fork(f"worker {os.getpid()}: ")
                     code = _run_waitress(live, slots[slot], parent=supervisor, beat=lambda: beats.stamp(slot),
-                                         wanted=beats.generation)
+                                         wanted=beats.generation, published=beats.published)
                 except BaseException:
                     log.exception("worker %d failed", os.getpid())
                     code = 1
@@ -897,7 +937,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     live.label = "supervisor: "
 
     def wake() -> None:  # after a reload: the workers follow it, and those waiting for it to end may start now
-        beats.publish(live.generation)
+        beats.publish(live.generation, live.source)
         with contextlib.suppress(OSError):
             os.write(wake_w, b"r")
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from . import _relative_to, build_from_file, config_dir, load
 from .build import BuiltStack, StackConfig, build, make_stores
 from .errors import ConfigError, Problem
-from .loader import read_file
+from .loader import read_file, read_source, read_text
 from .schema import ServerOptions, split_listen
 
 if TYPE_CHECKING:
@@ -471,6 +471,8 @@ class LiveStack:
         #: Called with the new pipeline after every successful reload (serve.py applies ``logging:``).
         self.on_reload: list[Callable[[BuiltStack], None]] = []
         self.generation = 1
+        #: The text the last successful reload built (None: the start's): a supervisor hands it to its workers.
+        self.source: str | None = None
         self.last = ReloadResult(True, 1)
         self._mtime = self._stat()
         self._follow = False
@@ -518,16 +520,17 @@ class LiveStack:
             raise
         return flight.finished(result, environ)
 
-    def reload(self, generation: int | None = None) -> ReloadResult:
-        """Rebuild from the file; swap on success, keep the old pipeline on failure.
+    def reload(self, generation: int | None = None, source: str | None = None) -> ReloadResult:
+        """Rebuild from the file (or from ``source``, its text as another process read it); swap on
+        success, keep the old pipeline on failure.
 
         A successful reload adds one to the generation, or takes ``generation`` (a worker
-        following its supervisor's: serve.py).
+        following its supervisor's, built from the text the supervisor built: serve.py).
         """
         with self._lock:
             self._mtime = self._stat()
             try:
-                new = self._build()
+                new, text = self._build(source)
             except ConfigError as exc:
                 self.last = ReloadResult(False, self.generation, problems=exc.problems)
                 self.current.context.settings["last_reload"] = self.last
@@ -542,7 +545,7 @@ class LiveStack:
             needs = [name for name in RESTART_ONLY if wanted[name] != self._started[name]]
             old, retired = self.current, self._flight
             interval = old.config.server.reload.interval
-            self.current = new
+            self.current, self.source = new, text
             self.generation = self.generation + 1 if generation is None else generation
             self.last = ReloadResult(True, self.generation, needs_restart=needs, problems=new.warnings)
             self._publish()
@@ -578,14 +581,16 @@ class LiveStack:
         self._retired = []
         self.current.close()
 
-    def _build(self) -> BuiltStack:
-        """Read, validate, lint and build the file, carrying unchanged memory:// stores over."""
-        base = config_dir(self.path)
-        config, warnings = load(_relative_to(read_file(self.path, env=self.env), base))
+    def _build(self, source: str | None = None) -> tuple[BuiltStack, str]:
+        """Read (unless ``source`` is the text), validate, lint and build the file, carrying unchanged
+        memory:// stores over; the pipeline and the text it was built from."""
+        text = read_source(self.path) if source is None else source
+        document = read_text(text, file=self.path, env=self.env)
+        config, warnings = load(_relative_to(document, config_dir(self.path)))
         warnings = self._lint_as_served(config, warnings)
         new = build(config, stores=self._stores(config), server=self.in_force)
         new.warnings = warnings
-        return _probed(new)
+        return _probed(new), text
 
     @property
     def _env(self) -> Mapping[str, str]:

@@ -207,6 +207,11 @@ def _layout_hint(problem: str, line: str, column: int) -> str:
 
 def read_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Document:
     """Read and compose a stack.yaml file; the file name appears in every problem."""
+    return read_text(read_source(path), file=os.fspath(path), env=env)
+
+
+def read_source(path: str | os.PathLike[str]) -> str:
+    """The text of a stack.yaml file; a ConfigError (located when it is not UTF-8) when it cannot be read."""
     name = os.fspath(path)
     try:
         text = FsPath(name).read_text(encoding="utf-8")
@@ -219,7 +224,7 @@ def read_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = N
                                    "as UTF-8", (), name, line, col)]) from None
     except (OSError, UnicodeError) as exc:
         raise ConfigError([Problem(f"cannot read the file: {exc}", (), name)]) from None
-    return read_text(text, file=name, env=env)
+    return text
 
 
 def _mark(node: yaml.Node) -> tuple[int, int]:

@@ -309,6 +309,21 @@ def app_failing_in_workers(options: dict[str, Any] | None = None) -> Any:
     return echo_app()
 
 
+def held_echo_app(options: dict[str, Any]) -> Any:
+    """:func:`echo_app`, whose build waits while the file ``options["hold"]`` holds this process's pid
+    (up to 10 s), after writing ``<hold>.building``: a test edits the file while one process builds."""
+    import time
+    from pathlib import Path
+
+    hold = Path(options["hold"])
+    if hold.exists() and hold.read_text().strip() == str(os.getpid()):
+        Path(f"{hold}.building").touch()
+        deadline = time.monotonic() + 10
+        while hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return echo_app(options)
+
+
 def app_exiting_when_flagged(options: dict[str, Any]) -> Any:
     """``echo_app``; while ``options["flag"]`` exists the factory calls ``sys.exit`` (a missing setting)."""
     import sys

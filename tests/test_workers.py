@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -832,3 +833,76 @@ def test_a_heartbeat_read_half_written_is_no_silence() -> None:
         assert beats.silent(1, 6224.8) == 0.0  # never stamped, or caught half written
     finally:
         beats.close()
+
+
+def test_each_generation_is_published_with_the_text_it_was_built_from() -> None:
+    """The start's generation has no text (the workers were forked with its pipeline); each later one
+    has its own, in the file the one before did not use, and the same generation is not written twice
+    (a worker may be reading it)."""
+    import serve
+
+    beats = serve._Beats(2)
+    try:
+        assert beats.published() == (1, None)
+        steps = [(2, "two: 2\n", (2, "two: 2\n")), (3, "three: 3\n", (3, "three: 3\n")),
+                 (3, "other\n", (3, "three: 3\n")), (4, "four\n", (4, "four\n")), (5, "", (5, ""))]
+        for generation, text, expected in steps:
+            beats.publish(generation, text)
+            assert beats.published() == expected
+            assert beats.generation() == expected[0]
+    finally:
+        beats.close()
+
+def greetings(port: int, workers: set[int]) -> dict[int, set[tuple[str, str]]]:
+    """Map each worker that answered to the (generation, greeting) pairs it sent."""
+    seen: dict[int, set[tuple[str, str]]] = {}
+    for _ in range(24):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/x")
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        assert response.status == 200
+        pid = owner(conn, port, workers)
+        conn.close()
+        if pid is not None:
+            seen.setdefault(pid, set()).add((response.getheader("X-Stack-Generation") or "", body["option"]))
+    return seen
+
+
+def test_every_worker_builds_the_text_the_supervisor_built(tmp_path: Path) -> None:
+    """A generation is one configuration in every process: a file edited again while the supervisor
+    builds (no SIGHUP yet) is not what the workers serve under the supervisor's generation number;
+    they build the text the supervisor read, as a worker started later has it."""
+    port, hold = free_port(), tmp_path / "hold"
+    path = tmp_path / "stack.yaml"
+
+    def text(greeting: str) -> str:
+        return config_text(port, greeting=greeting, factory="stack_support:held_echo_app").replace(
+            f"greeting: {greeting}", f"greeting: {greeting}, hold: '{hold}'")
+
+    path.write_text(text("one"))
+    server = ServeProcess(path, env={"WSGISTACK_DRAIN_SECONDS": "3"}).start()
+    try:
+        wait_for_port(port)
+        wait_until(lambda: len(children(server.pid)) == 2, what="two workers")
+        workers = children(server.pid)
+        hold.write_text(str(server.pid))  # the supervisor's build waits until the file is gone
+        path.write_text(text("two"))
+        server.signal(signal.SIGHUP)
+        wait_until(Path(f"{hold}.building").exists, what="the supervisor's build")
+        path.write_text(text("three"))  # edited again while it builds, reloaded later
+        hold.unlink()
+        server.wait_output("supervisor: generation 2 serving")
+        for pid in workers:
+            server.wait_output(f"worker {pid}: generation 2 serving")
+        assert greetings(port, workers) == {pid: {("2", "two")} for pid in workers}, server.output()[-3000:]
+        now = a_new_worker_serves(server, port, "2")
+        assert greetings(port, now) == {pid: {("2", "two")} for pid in now}
+
+        server.signal(signal.SIGHUP)  # and the next reload brings the edit everywhere
+        for pid in now:
+            server.wait_output(f"worker {pid}: generation 3 serving")
+        assert greetings(port, now) == {pid: {("3", "three")} for pid in now}
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()
