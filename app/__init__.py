@@ -48,7 +48,7 @@ class _Flask(Flask):
     def make_default_options_response(self) -> Response:
         """``204`` with ``Allow`` in one order, as the cors layer answers a preflight (Flask's: an empty
         ``text/html`` 200).  A 200 without content would need a type all the same (``wsgiref.validate``
-        refuses one without); Waitress closes the connection after a 204, as after any answer without a length.
+        refuses one without); serve.py keeps the connection open after a 204 unless the request asks to close it.
         """
         response = super().make_default_options_response()
         allowed = allow_order(response.allow)
