@@ -22,8 +22,6 @@ import sysconfig
 
 #: Signals the server handles; blocked around fork so a new worker never sees them unhandled.
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-#: Seconds within which the supervisor of workers takes a second SIGHUP for the same one, the file unchanged.
-HUP_TWICE = 2.0
 #: Seconds a worker whose reload to the supervisor's generation failed waits before trying again, doubled
 #: after each failure up to the second figure (a store that did not answer while it built, say).
 WORKER_RETRY = (2.0, 60.0)
@@ -830,18 +828,6 @@ class _Reloader:
             self.done()
 
 
-def _repeated_hup(reloaded: list[Any], live: LiveStack) -> bool:
-    """Whether this SIGHUP comes within HUP_TWICE of the last, the file unchanged: one reload is enough.
-
-    Otherwise it is a reload: ``reloaded`` (when, and the file's fingerprint then) notes it.
-    """
-    now, file = time.monotonic(), live.fingerprint()
-    if now - reloaded[0] < HUP_TWICE and file == reloaded[1]:
-        return True
-    reloaded[:] = [now, file]
-    return False
-
-
 def _stop_with_parent(parent: int) -> None:
     """Linux: have the kernel send this worker SIGTERM the moment the supervisor dies.
 
@@ -874,8 +860,8 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     started later serves the current one); once it succeeded, the supervisor
     publishes its generation in the page it shares with the workers, and each
     worker reloads to it (see :func:`_run_waitress`).  The supervisor alone
-    polls a watched file, and alone takes a second SIGHUP within HUP_TWICE, the
-    file unchanged, for the same one;
+    polls a watched file and acts on SIGHUP (each one a reload; those that come
+    while one runs make one more);
     SIGTERM and SIGINT stop the workers (which drain) and then the supervisor; a
     second one kills the workers at once.  A worker still running
     ``server.drain_timeout`` (or ``$WSGISTACK_DRAIN_SECONDS``) + 5 s after SIGTERM is killed.
@@ -952,12 +938,10 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
     stopping_since: float | None = None
     incomplete = gave_up = False
     grace = _drain_seconds(live) + 5.0
-    # A polled change is read once the file stayed the same for an interval, and a second SIGHUP
-    # within HUP_TWICE of the file as it was is one reload (the workers follow whatever the supervisor
-    # serves: they neither poll nor judge SIGHUPs themselves).
+    # A polled change is read once the file stayed the same for an interval; every SIGHUP is a reload
+    # (the workers follow whatever the supervisor serves: they neither poll nor act on SIGHUP themselves).
     seen = [live.fingerprint()]
     polled = -math.inf  # when the file was last polled: the next poll is an interval of the configuration now later
-    reloaded: list[Any] = [-math.inf, None]
     followed = time.monotonic()
     try:
         while children or (stopping_since is None and due):
@@ -1024,9 +1008,8 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             if reload_options.watch and time.monotonic() >= polled + reload_options.interval:
                 polled = time.monotonic()
                 changed = live.settled_change(seen)
-            if signal.SIGHUP in signals:
-                if not _repeated_hup(reloaded, live):
-                    changed = True
+            if signal.SIGHUP in signals:  # (a key file the build reads may have changed, stack.yaml not)
+                changed = True
                 signals = [s for s in signals if s != signal.SIGHUP]  # the workers follow the published generation
             if changed:  # in a thread: a stop (or a worker to reap) must not wait for a slow build
                 reloader.ask()  # workers started once it is done get the new configuration
