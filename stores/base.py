@@ -179,6 +179,12 @@ def optional_ttl(ttl: float | None) -> float | None:
     return None if ttl is None else ttl_seconds(ttl)
 
 
+def _bytes(value: bytes) -> None:
+    """``TypeError`` for a value, token or mark that is not bytes, as the built-in stores raise."""
+    if not isinstance(value, bytes):
+        raise TypeError("store values are bytes; encode JSON in the layer")
+
+
 class Store(abc.ABC):
     """A small key/value interface with TTLs, counters and prefix deletion.
 
@@ -196,6 +202,7 @@ class Store(abc.ABC):
 
     def getex(self, key: str, ttl: float) -> bytes | None:
         """Return the value and reset its TTL in one round trip (Redis ``GETEX``)."""
+        ttl_seconds(ttl)  # (a missing key too: the same ValueError as the built-in stores)
         value = self.get(key)
         if value is not None:
             self.expire(key, ttl)
@@ -233,12 +240,14 @@ class Store(abc.ABC):
         One step on the built-in stores (one round trip on Redis), so a cache miss
         that leads a single flight costs no extra read; this default is several calls.
         """
+        ttl_seconds(ttl)  # both TTLs before anything is written (a lock with no expiry would never go)
+        mark_ttl = ttl if mark_ttl is None else ttl_seconds(mark_ttl)
         seen = None
         if mark is not None:  # the mark first: a write between the calls then counts as one after the read
             seen = self.get(mark)
             if seen is None:
                 fresh = new_mark()
-                seen = fresh if self.add(mark, fresh, mark_ttl or ttl) else self.get(mark)
+                seen = fresh if self.add(mark, fresh, mark_ttl) else self.get(mark)
         value = self.get(key)
         if value is not None:
             return value, None, seen
@@ -253,6 +262,10 @@ class Store(abc.ABC):
         is.  One step on the built-in stores (a Lua script on Redis, the store's lock in
         memory://); this default is two calls: a store of your own should override it.
         """
+        _bytes(token)  # (text never equals what the store holds: the lock would stay taken without a word)
+        if leave is not None:
+            _bytes(leave[0])
+            ttl_seconds(leave[1])  # a lock left with no expiry would never go
         if self.get(lock_key) != token:
             return False
         if leave is None:
@@ -266,8 +279,11 @@ class Store(abc.ABC):
 
         The built-in stores apply them as one step (a ``MULTI``/``EXEC`` transaction
         on Redis, the store's lock in memory://): no reader sees some of them without
-        the others.  This default is one call each.
+        the others.  This default is one call each (every set checked before the first goes).
         """
+        for _, value, ttl in sets:
+            _bytes(value)
+            optional_ttl(ttl)
         for key, value, ttl in sets:
             self.set(key, value, ttl)
         for key in deletes:
@@ -291,6 +307,12 @@ class Store(abc.ABC):
         sets its life to the longest of this write's (it cannot read what is left):
         a store of your own should override it.
         """
+        for _, value, ttl in sets:  # before anything is written; None too: an entry under a mark always ends
+            _bytes(value)
+            ttl_seconds(ttl)
+        for given in (seen, unlock and unlock[1]):
+            if given is not None:
+                _bytes(given)
         if seen is None or self.get(mark) != seen:
             sets = ()
         self.write(sets, deletes)

@@ -149,6 +149,56 @@ def test_a_ttl_is_needed_where_a_key_cannot_live_forever(store: Store, call: Any
     assert (store.get("k"), store.get("lock"), store.get("new")) == (b"old", token, None)
 
 
+class _OwnStore(Store):
+    """A store of your own: the abstract methods and ``ttl`` (over a memory store), so every combined method
+    (``get_or_lock``, ``unlock``, ``write``, ``write_unless_marked``…) is Store's default."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def get(self, key: str) -> bytes | None:
+        return self.inner.get(key)
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        self.inner.set(key, value, ttl)
+
+    def delete(self, key: str) -> bool:
+        return self.inner.delete(key)
+
+    def incr(self, key: str, ttl: float | None = None, amount: int = 1) -> int:
+        return self.inner.incr(key, ttl, amount)
+
+    def expire(self, key: str, ttl: float) -> bool:
+        return self.inner.expire(key, ttl)
+
+    def ttl(self, key: str) -> float | None:
+        return self.inner.ttl(key)
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        return self.inner.add(key, value, ttl)
+
+    def scan(self, prefix: str) -> Iterator[str]:
+        return self.inner.scan(prefix)
+
+    def ping(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("ttl", BAD_TTLS, ids=repr)
+@pytest.mark.parametrize(("call", "key"), TTL_CALLS)
+def test_store_s_defaults_refuse_a_ttl_not_above_zero_before_writing(call: Any, key: str, ttl: object) -> None:
+    """As the built-in stores: the default write and write_unless_marked wrote the sets before a bad one,
+    and get_or_lock took a mark_ttl of 0 for its ttl."""
+    test_a_ttl_not_above_zero_is_refused_and_nothing_is_written(_OwnStore(), call, key, ttl)
+
+
+@pytest.mark.parametrize(("call", "key"), [p for p in TTL_CALLS if p.id not in (
+    "set", "replace", "add", "incr", "write", "add_then_write", "add_then_write's sets", "get_or_lock's mark_ttl")])
+def test_store_s_defaults_need_a_ttl_where_a_key_cannot_live_forever(call: Any, key: str) -> None:
+    """As the built-in stores: the defaults took a lock, or left one, with no expiry (it never went)."""
+    test_a_ttl_is_needed_where_a_key_cannot_live_forever(_OwnStore(), call, key)
+
+
 @pytest.mark.parametrize(("call", "key"), TTL_CALLS)
 def test_a_ttl_below_a_millisecond_is_a_millisecond(store: Store, call: Any, key: str) -> None:
     """Redis keeps expiries in whole milliseconds: a shorter TTL above 0 is taken, and counts as 1 ms on both."""
@@ -1513,6 +1563,19 @@ def test_a_token_or_mark_that_is_not_bytes_is_refused(store: Store, call: Any) -
     with pytest.raises(TypeError, match=r"^store values are bytes; encode JSON in the layer$"):
         call(store)
     assert (store.get("lock"), store.get("mark"), store.get("a")) == (b"t1", b"n1", None)
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda s: s.unlock("lock", "t1"), id="unlock"),
+    pytest.param(lambda s: s.unlock("lock", "t1", leave=(b"0", 5)), id="unlock, leaving a value"),
+    pytest.param(lambda s: s.write_unless_marked("mark", "n1", [("a", b"A", 5)]), id="write_unless_marked's seen"),
+    pytest.param(lambda s: s.write_unless_marked("mark", b"n1", [("a", b"A", 5)], unlock=("lock", "t1")),
+                 id="write_unless_marked's unlock"),
+])
+def test_store_s_defaults_refuse_a_token_or_mark_that_is_not_bytes(call: Any) -> None:
+    """As the built-in stores: the defaults said False (the lock stayed taken) or stored the sets and kept the
+    lock, without a word."""
+    test_a_token_or_mark_that_is_not_bytes_is_refused(_OwnStore(), call)
 
 
 def test_get_or_lock_lock_expires(store: Store) -> None:
