@@ -700,6 +700,29 @@ def test_a_write_near_the_absolute_timeout_is_stored_no_longer_than_it(store: Co
     assert stored(store, sid) is None
 
 
+def test_a_write_after_the_absolute_timeout_ran_out_during_the_request_ends_the_session(
+        store: CountingStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is left of the absolute timeout when the request ends: stored for 1 ms (the shortest TTL a store
+    takes), not with a TTL of 0 or less, which every store refuses (a 500)."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(session_module, "_clock", lambda: now[0])
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        session = environ[SESSION]
+        session.get("a")  # read while the session is still within its absolute timeout
+        now[0] += 200
+        session["b"] = "2"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"done"]
+
+    value, sid = new_cookie(make(store, idle_timeout=60, absolute_timeout=100).get("/set?a=1"))
+    store.calls.clear()
+    assert make(store, app=slow, idle_timeout=60, absolute_timeout=100).get("/", headers=jar(value)).text == "done"
+    assert store.calls == ["getex", "replace"]
+    time.sleep(0.05)
+    assert stored(store, sid) is None
+
+
 # -------------------------------------------------------- corrupt values
 
 
