@@ -968,8 +968,17 @@ def build(
 
 
 def _close_all(parts: Iterable[Any], logger: logging.Logger) -> None:
-    """Call the ``close()`` of each part that has one; one that fails is logged, the others closed all the same."""
-    for part in parts:
+    """Call the ``close()`` of each part that has one, once; one that fails is logged, the others closed all the same.
+
+    A part listed twice is closed in its last place: a factory that hands back the app it was
+    given (``return app`` when it has nothing to do) lists that app, or the layer inside it, as
+    its own layer too, and the app is closed after every layer around it.
+    """
+    listed = list(parts)
+    last = {id(part): i for i, part in enumerate(listed)}
+    for i, part in enumerate(listed):
+        if last[id(part)] != i:
+            continue
         close = getattr(part, "close", None)
         if callable(close):
             try:
