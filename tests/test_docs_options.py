@@ -32,7 +32,10 @@ def _cells(line: str) -> list[str]:
 
 def options_table(name: str) -> dict[str, str]:
     """The page's options table: key -> the default cell as written."""
-    lines = (ROOT / "docs" / "layers" / f"{name}.md").read_text(encoding="utf-8").splitlines()
+    page = ROOT / "docs" / "layers" / f"{name}.md"
+    assert page.is_file(), (f"the built-in layer {name!r} has no page docs/layers/{name}.md: write one with an "
+                            "options table (| key | default | meaning |, a row per Options field)")
+    lines = page.read_text(encoding="utf-8").splitlines()
     tables = []
     for i, line in enumerate(lines[:-1]):
         head = _cells(line) if line.startswith("|") else []
