@@ -486,11 +486,12 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                 continue
         elif callable(target):
             validated = options
-            if inspect.isclass(target) and list(_parameters(target))[:3] == ["app", "options", "context"]:
+            if list(_parameters(target))[:3] == ["app", "options", "context"]:  # a class or a function
                 found = "none" if model is None else f"{getattr(model, '__name__', model)!s}, not a LayerOptions"
+                attribute = "a class attribute" if inspect.isclass(target) else "an attribute"
                 problems.append(doc.problem(opath, (
                     f"{name} takes (app, options, context), as the built-in layers do, so it needs their Options: "
-                    f"a class attribute Options that subclasses middleware.base.LayerOptions (it has {found})")))
+                    f"{attribute} Options that subclasses middleware.base.LayerOptions (it has {found})")))
                 continue
             taken = [k for k in scope_raw if k in _parameters(target)]
             for key in taken:
@@ -499,6 +500,15 @@ def _parse_pipeline(doc: Document, raw: Any, problems: list[Problem]) -> list[La
                     f"{name} also takes a {key!r} argument, which stack.yaml cannot set: wrap the factory in one of "
                     "your own that names it differently"), key=True))
             if taken:
+                continue
+            unpassable = [(key, (*opath, key) if key in options else opath)
+                          for key, required in _by_position_only(target).items() if key in options or required]
+            for key, where in unpassable:
+                problems.append(doc.problem(where, (
+                    f"{name} takes {key} by position only (it comes before the / in its signature), and stack.yaml "
+                    f"passes options by name: wrap it in a factory of your own that takes {key} by name"),
+                    key=where != opath))
+            if unpassable:
                 continue
             unknown = _unknown_keywords(target, options)
             if unknown is not None:
@@ -619,6 +629,12 @@ def _parameters(target: Any) -> Mapping[str, inspect.Parameter]:
         return inspect.signature(target).parameters
     except (TypeError, ValueError):
         return {}
+
+
+def _by_position_only(target: Any) -> dict[str, bool]:
+    """The parameters after the app that only a position can give (before the ``/``), and whether each is required."""
+    params = list(_parameters(target).values())[1:]
+    return {p.name: p.default is p.empty for p in params if p.kind is p.POSITIONAL_ONLY}
 
 
 def _unknown_keywords(target: Any, options: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:

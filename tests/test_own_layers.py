@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from webtest import TestApp
 
-from config import build_from_text
+from config import ConfigError, build_from_text
 
 OWN_LAYERS = textwrap.dedent('''
     import flask
@@ -89,3 +89,67 @@ def test_a_factory_that_hands_back_its_app_does_not_close_it_twice(
     built.close()
     closed = own_layers.CLOSED
     assert closed == expected
+
+
+FACTORIES = textwrap.dedent('''
+    def contract(app, options, context):
+        """The layer contract's signature, on a function without an Options model."""
+        return app
+
+
+    def by_position(app, limit, /, burst=1):
+        """A factory whose limit can only be given by position."""
+        return app
+
+
+    def by_position_or_not(app, limit=10, /, burst=1):
+        """The same, with a default for limit."""
+        return app
+''')
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    pytest.param(
+        "own_factories:contract: {level: 2}",
+        "stack.yaml:3:29 pipeline[0].own_factories:contract: own_factories:contract takes (app, options, context), "
+        "as the built-in layers do, so it needs their Options: an attribute Options that subclasses "
+        "middleware.base.LayerOptions (it has none)",
+        id="the layer contract on a function without Options"),
+    pytest.param(
+        "own_factories:by_position: {burst: 2}",
+        "stack.yaml:3:32 pipeline[0].own_factories:by_position: own_factories:by_position takes limit by position "
+        "only (it comes before the / in its signature), and stack.yaml passes options by name: wrap it in a factory "
+        "of your own that takes limit by name",
+        id="a required option taken by position only"),
+    pytest.param(
+        "own_factories:by_position: {limit: 5}",
+        "stack.yaml:3:33 pipeline[0].own_factories:by_position.limit: own_factories:by_position takes limit by "
+        "position only (it comes before the / in its signature), and stack.yaml passes options by name: wrap it in "
+        "a factory of your own that takes limit by name",
+        id="an option given that is taken by position only"),
+    pytest.param(
+        "own_factories:by_position_or_not: {limit: 5}",
+        "stack.yaml:3:40 pipeline[0].own_factories:by_position_or_not.limit: own_factories:by_position_or_not takes "
+        "limit by position only (it comes before the / in its signature), and stack.yaml passes options by name: "
+        "wrap it in a factory of your own that takes limit by name",
+        id="an option with a default given that is taken by position only"),
+])
+def test_a_factory_stack_yaml_cannot_call_as_written_is_refused_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str, expected: str) -> None:
+    (tmp_path / "own_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "own_factories", raising=False)
+    with pytest.raises(ConfigError) as info:
+        build_from_text(f"app: {{factory: 'stack_support:echo_app'}}\npipeline:\n  - {entry}\n", file="stack.yaml")
+    assert [str(p) for p in info.value.problems] == [expected]
+
+
+def test_a_factory_with_a_defaulted_option_taken_by_position_only_is_built_without_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "own_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "own_factories", raising=False)
+    built = build_from_text("app: {factory: 'stack_support:echo_app'}\npipeline:\n"
+                            "  - own_factories:by_position_or_not: {burst: 2}\n")
+    assert TestApp(built.app).get("/").json["path"] == "/"
+    built.close()
