@@ -1529,7 +1529,7 @@ def cmd_users(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc.problems)
         return 2
-    return int(users_cli(list(args.rest), db_path))
+    return int(users_cli(list(args.rest), db_path, prog=_PROG))
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

@@ -432,8 +432,8 @@ class UserStore:
 # ------------------------------------------------------------------ CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="serve.py users", description="Manage the users who may log in.",
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{prog} users", description="Manage the users who may log in.",
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = sub.add_parser("add", help="add a user (asks for the password twice)", allow_abbrev=False)
@@ -479,22 +479,25 @@ def _read_password(from_stdin: bool) -> str:
     return password
 
 
-def users_cli(argv: list[str], db_path: str) -> int:
-    """Run ``users add|passwd|list|remove|set-role``; return 0 (done), 1 (refused) or 2 (usage)."""
+def users_cli(argv: list[str], db_path: str, prog: str = "serve.py") -> int:
+    """Run ``users add|passwd|list|remove|set-role``; return 0 (done), 1 (refused) or 2 (usage).
+
+    ``prog`` is the program as the operator ran it (``wsgistack``, ``serve.py``): usage and errors name it.
+    """
     if argv[:1] == ["users"]:
         argv = argv[1:]
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(prog).parse_args(argv)
     except SystemExit as stop:  # argparse has printed usage or help
         return stop.code if isinstance(stop.code, int) else 2
     if args.command != "add" and not os.path.exists(db_path):  # only `add` creates the database
-        print(f"serve.py users {args.command}: there is no users database at {db_path} (`users add` creates "
+        print(f"{prog} users {args.command}: there is no users database at {db_path} (`{prog} users add` creates "
               "it; is app.options.var_dir, or WSGISTACK_VAR_DIR, the one the server uses?)", file=sys.stderr)
         return 1
     try:
         store = UserStore(db_path)
     except ValueError as exc:  # $WSGISTACK_PASSWORD_HASH names a method werkzeug does not know
-        print(f"serve.py users {args.command}: {exc}", file=sys.stderr)
+        print(f"{prog} users {args.command}: {exc}", file=sys.stderr)
         return 2
     try:
         if args.command == "add":
@@ -527,13 +530,13 @@ def users_cli(argv: list[str], db_path: str) -> int:
             user = store.set_roles(args.name, args.roles)
             print(f"user {user.name!r} now has roles: {', '.join(user.roles)}")
     except UserError as exc:
-        print(f"serve.py users {args.command}: {exc}", file=sys.stderr)
+        print(f"{prog} users {args.command}: {exc}", file=sys.stderr)
         return 1
     except EOFError:
-        print(f"serve.py users {args.command}: no password was given", file=sys.stderr)
+        print(f"{prog} users {args.command}: no password was given", file=sys.stderr)
         return 1
     except (OSError, sqlite3.Error) as exc:
-        print(f"serve.py users {args.command}: cannot use {db_path}: {exc}", file=sys.stderr)
+        print(f"{prog} users {args.command}: cannot use {db_path}: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()

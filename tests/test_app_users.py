@@ -375,7 +375,7 @@ def test_cli_without_a_database_says_so_and_creates_nothing(db: str, capsys: pyt
                                                             monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     """A wrong var_dir must not look like an empty users database (nor leave one, owned by root, behind)."""
     assert run(argv, db, capsys, monkeypatch) == (1, "", (
-        f"serve.py users {argv[0]}: there is no users database at {db} (`users add` creates it; is "
+        f"serve.py users {argv[0]}: there is no users database at {db} (`serve.py users add` creates it; is "
         "app.options.var_dir, or WSGISTACK_VAR_DIR, the one the server uses?)\n"))
     assert not Path(db).parent.exists()
 

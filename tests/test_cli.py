@@ -320,6 +320,31 @@ def test_users_commands_manage_the_stack_users_db(config_file) -> None:  # type:
     assert "bob" in missing.stderr
 
 
+@pytest.mark.parametrize("program", ["wsgistack", "serve.py"])
+def test_users_commands_name_the_program_as_it_was_run(config_file, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                        program: str) -> None:
+    """The installed command's usage and errors say `wsgistack users …`, serve.py's `serve.py users …`."""
+    path = config_file(ECHO.replace("}", ", options: {var_dir: data}}") + "pipeline: [errors: {}]\n")
+    script = tmp_path / program
+    if program == "wsgistack":  # what pip writes for [project.scripts]
+        script.write_text("import sys\nfrom serve import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+    else:
+        script = ROOT / "serve.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def users(*argv: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, str(script), "-c", str(path), "users", *argv], env=env,
+                              capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stderr
+
+    db = path.parent / "data" / "users.sqlite3"
+    assert users("remove", "bob") == (1, f"{program} users remove: there is no users database at {db} (`{program} "
+                                         "users add` creates it; is app.options.var_dir, or WSGISTACK_VAR_DIR, the one "
+                                         "the server uses?)\n")
+    code, err = users("set-role", "bob")
+    assert (code, err.splitlines()[0]) == (2, f"usage: {program} users set-role [-h] name ROLE [ROLE ...]")
+
+
 def test_cache_purge_deletes_matching_entries(config_file) -> None:  # type: ignore[no-untyped-def]
     from webtest import TestApp
 
