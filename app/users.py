@@ -480,7 +480,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def users_cli(argv: list[str], db_path: str, prog: str = "serve.py") -> int:
-    """Run ``users add|passwd|list|remove|set-role``; return 0 (done), 1 (refused) or 2 (usage).
+    """Run ``users add|passwd|list|remove|set-role``; return 0 (done), 1 (refused), 2 (usage) or 130 (Ctrl-C).
 
     ``prog`` is the program as the operator ran it (``wsgistack``, ``serve.py``): usage and errors name it.
     """
@@ -535,6 +535,9 @@ def users_cli(argv: list[str], db_path: str, prog: str = "serve.py") -> int:
     except EOFError:
         print(f"{prog} users {args.command}: no password was given", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C, at the prompt most likely (whose line it ends): 130, as shells say SIGINT
+        print(f"\n{prog} users {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (OSError, sqlite3.Error) as exc:
         print(f"{prog} users {args.command}: cannot use {db_path}: {exc}", file=sys.stderr)
         return 1

@@ -429,6 +429,25 @@ def test_cli_refusals(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: 
     assert out == ""
 
 
+@pytest.mark.parametrize("argv", [["add", "dave"], ["passwd", "alice"]])
+def test_cli_interrupted_at_the_password_prompt_ends_quietly(
+        db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    """Ctrl-C at the prompt: one line and 130, as a shell reports SIGINT, not a KeyboardInterrupt traceback."""
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw-123456\n")[0] == 0
+
+    def interrupted(prompt: str = "") -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("getpass.getpass", interrupted)
+    assert run(argv, db, capsys, monkeypatch) == (130, "", f"\nserve.py users {argv[0]}: interrupted\n")
+    store = UserStore(db, hash_method=FAST)
+    try:  # nothing changed
+        assert [u.name for u in store.list()] == ["alice"]
+        assert store.verify_password("alice", "pw-123456") is not None
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
 def test_cli_a_password_on_stdin_that_is_not_utf8_is_refused_in_any_locale(
         db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, errors: str) -> None:
