@@ -1,7 +1,7 @@
 """The users who may log in: a small SQLite table, and the ``users`` command.
 
-Passwords are stored as ``werkzeug.security`` hashes.  :meth:`UserStore.verify_password`
-hashes a dummy password for unknown names so that both failures take the
+Passwords are stored as ``werkzeug.security`` hashes of their Unicode NFC form (:func:`_normal`).
+:meth:`UserStore.verify_password` hashes a dummy password for unknown names so that both failures take the
 same time, makes the check of a hash made with other (older, cheaper) parameters
 last as long as one with the store's own, and hashes a right password again when
 its hash was made with older parameters.  The store is thread-safe (one connection behind a lock) and
@@ -28,6 +28,7 @@ import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,13 @@ def _lookalike(db: sqlite3.Connection, name: str) -> None:
                         "the other; choose another name")
 
 
+def _normal(password: str) -> str:
+    """``password`` as it is hashed and checked: in Unicode NFC, as RFC 8265's OpaqueString profile for
+    passwords has it, so "é" typed as one code point or as "e" and a combining accent (a paste from a
+    macOS file name, some keyboards) is one password."""
+    return password if password.isascii() else unicodedata.normalize("NFC", password)
+
+
 def _roles(roles: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_check_name("role", r) for r in roles))
 
@@ -239,7 +247,7 @@ class UserStore:
         return self._conn()
 
     def _hash(self, password: str) -> str:
-        return generate_password_hash(password, method=self.hash_method)
+        return generate_password_hash(_normal(password), method=self.hash_method)
 
     def add(self, name: str, password: str, roles: Iterable[str] = ()) -> User:
         """Create a user; :class:`UserError` if the name is taken (in any case) or invalid."""
@@ -352,36 +360,50 @@ class UserStore:
         telling it.  Waiting, rather than checking the dummy too, costs no CPU and does not
         make such names the slow ones.  A right password with such a hash is hashed again
         with HASH_METHOD.
+
+        ``password`` is checked in NFC; one given otherwise ("e" and a combining accent) is
+        checked as given too, for a hash made before passwords were normalised (an unknown
+        name's dummy as well), and such a hash is replaced by the NFC form's on a right one.
         """
         if self._dummy_hash is None:  # made on the first login of either kind: it costs both the same
             started = time.perf_counter()
             self._dummy_hash = self._hash("not a real password")
             self._costs = (time.perf_counter() - started,)  # about a check's cost: a measure to begin with
+        given, password = password, _normal(password)
         row = self._row(name)
         if row is None:
             self._measured(self._dummy_hash, password)
+            if given != password:  # as a user's check of the password as given (below)
+                self._measured(self._dummy_hash, given)
             return None
-        if row[1].partition("$")[0] == self._dummy_hash.partition("$")[0]:  # hash_method, as hashes name it
-            right = self._measured(row[1], password)
-        else:
-            started = time.perf_counter()
-            try:
-                right = check_password_hash(row[1], password)
-            except ValueError as exc:  # a method this Python's hashlib lacks, or no method werkzeug knows
-                logging.getLogger("wsgistack.app").error(
-                    "users: the stored password hash of %r cannot be checked here (%s): that user cannot log "
-                    "in until `serve.py users passwd` sets a new password", name, exc)
-                right = False
-            costs = sorted(self._costs)
-            left = costs[len(costs) // 2] - (time.perf_counter() - started)
-            if left > 0:
-                time.sleep(left)
-        if not right:
+        right = self._check(name, row[1], password)
+        legacy = not right and given != password and self._check(name, row[1], given)
+        if not (right or legacy):
             return None
-        if self.hash_method == HASH_METHOD and row[1].partition("$")[0] != HASH_METHOD:
-            # (only towards HASH_METHOD: never down to an override's)
+        # A legacy hash (of a password stored as given, before passwords were normalised) is replaced by
+        # the normalised password's, as an older method's is (only towards HASH_METHOD: never down to an
+        # override's).
+        if self.hash_method == HASH_METHOD and (legacy or row[1].partition("$")[0] != HASH_METHOD):
             return _user(row, self._rehash(row, password))
         return _user(row)
+
+    def _check(self, name: str, password_hash: str, password: str) -> bool:
+        """``check_password_hash``, as long as one with ``hash_method`` takes whatever the hash's method."""
+        if password_hash.partition("$")[0] == (self._dummy_hash or "").partition("$")[0]:  # hash_method, as named
+            return self._measured(password_hash, password)
+        started = time.perf_counter()
+        try:
+            right = check_password_hash(password_hash, password)
+        except ValueError as exc:  # a method this Python's hashlib lacks, or no method werkzeug knows
+            logging.getLogger("wsgistack.app").error(
+                "users: the stored password hash of %r cannot be checked here (%s): that user cannot log "
+                "in until `serve.py users passwd` sets a new password", name, exc)
+            right = False
+        costs = sorted(self._costs)
+        left = costs[len(costs) // 2] - (time.perf_counter() - started)
+        if left > 0:
+            time.sleep(left)
+        return right
 
     def _measured(self, password_hash: str, password: str) -> bool:
         """``check_password_hash``, its time kept among the latest :data:`COST_SAMPLES` (``password_hash``
@@ -474,7 +496,7 @@ def _read_password(from_stdin: bool) -> str:
         password.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8, read with surrogateescape
         raise UserError("the password is not UTF-8 text") from None
-    if 0 < len(password) < MIN_PASSWORD:
+    if 0 < len(_normal(password)) < MIN_PASSWORD:  # characters, however their accents are encoded
         raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
     return password
 

@@ -232,6 +232,23 @@ def test_wrong_credentials_get_one_401(stack: Stack, username: str, password: st
     assert ("auth.failure", {"reason": "login"}) in events
 
 
+NFC, NFD = "caf\u00e9-cr\u00e8me", "cafe\u0301-cre\u0300me"  # one password: é as one code point, or e and an accent
+
+
+@pytest.mark.parametrize(("set_as", "typed_as"), [
+    pytest.param(NFC, NFD, id="set composed, typed decomposed"),
+    pytest.param(NFD, NFC, id="set decomposed, typed composed"),
+    pytest.param(NFD, NFD, id="set and typed decomposed"),
+])
+def test_a_password_logs_in_however_its_accents_are_encoded(tmp_path: Path, users: UserStore, set_as: str,
+                                                            typed_as: str) -> None:
+    """A keyboard, a paste from a macOS file name and a password manager may each encode "é" their own way."""
+    users.add("carol", set_as)
+    stack = Stack(tmp_path, users)
+    assert stack.tokens.verify(stack.login("carol", typed_as).json["access_token"])["sub"] == "carol"
+    stack.login("carol", typed_as.replace("\u00e9", "e").replace("\u0301", ""), status=401)
+
+
 def test_wrong_passwords_are_throttled_per_user_name(tmp_path: Path, users: UserStore) -> None:
     """A password spray from many addresses at one account meets a limit the per-address one cannot see."""
     stack = Stack(tmp_path, users, max_failed_logins=3, failed_login_window=600)

@@ -57,6 +57,18 @@ def test_verify_password(store: UserStore) -> None:
     assert store.verify_password("nobody", "s3cret") is None
 
 
+def test_a_hash_made_before_passwords_were_normalised_still_verifies(store: UserStore) -> None:
+    """A password stored as typed, decomposed (é as e and an accent), goes on logging in typed so."""
+    from werkzeug.security import generate_password_hash
+
+    store.add("alice", "placeholder")
+    db = sqlite3.connect(store.path, isolation_level=None)
+    db.execute("UPDATE users SET password_hash = ?", (generate_password_hash("cafe\u0301-password", FAST),))
+    db.close()
+    assert store.verify_password("alice", "cafe\u0301-password") is not None
+    assert store.verify_password("alice", "cafe-password") is None
+
+
 def test_current_tells_a_user_whose_password_was_set_since_they_were_read(store: UserStore) -> None:
     store.add("alice", "s3cret", roles=["admin"])
     read = store.verify_password("alice", "s3cret")
@@ -89,6 +101,10 @@ def test_unknown_user_costs_a_hash_check_too(store: UserStore, monkeypatch: pyte
     store.verify_password("alice", "wrong")
     store.verify_password("nobody", "wrong")
     assert calls == [FAST, FAST]
+    calls.clear()  # a decomposed password is checked as given too (a hash from before normalising): both ways
+    store.verify_password("alice", "wrong\u0301")
+    store.verify_password("nobody", "wrong\u0301")
+    assert calls == [FAST] * 4
 
 
 def _with_hash(store: UserStore, name: str, password_hash: str) -> None:
@@ -395,6 +411,9 @@ def test_cli_without_a_database_says_so_and_creates_nothing(db: str, capsys: pyt
                      (1, "serve.py users add: the password may not be empty\n"), id="empty password"),
         pytest.param(["add", "dave", "--password-stdin"], "seven77\n", None,
                      (1, "serve.py users add: the password must have at least 8 characters\n"), id="short password"),
+        pytest.param(["add", "dave", "--password-stdin"], "cafe\u0301123\n", None,  # 8 code points, 7 characters
+                     (1, "serve.py users add: the password must have at least 8 characters\n"),
+                     id="short password, accents decomposed"),
         pytest.param(["passwd", "alice"], "", ["seven77", "seven77"],
                      (1, "serve.py users passwd: the password must have at least 8 characters\n"),
                      id="short password, typed"),
@@ -577,6 +596,25 @@ def test_a_right_password_with_an_older_hash_is_hashed_again(
     assert stored.startswith(users_module.HASH_METHOD + "$") is (rehashed or made_with == users_module.HASH_METHOD)
     assert store.get("alice") == before  # credentials_at too: no session or token of hers is void
     assert store.verify_password("alice", "pw-123456") == before
+    store.close()
+
+
+@pytest.mark.usefixtures("real_hash")
+def test_a_hash_of_a_password_stored_decomposed_is_hashed_again_composed(tmp_path: Path) -> None:
+    """A right password whose hash predates normalising, given as it was then, is hashed again in NFC:
+    from then on it logs in however its accents are encoded."""
+    from werkzeug.security import generate_password_hash
+
+    nfc, nfd = "caf\u00e9-password", "cafe\u0301-password"
+    store = UserStore(tmp_path / "users.sqlite3")
+    store.add("alice", "placeholder")
+    with sqlite3.connect(tmp_path / "users.sqlite3") as db:
+        db.execute("UPDATE users SET password_hash = ?", (generate_password_hash(nfd, users_module.HASH_METHOD),))
+    db.close()
+    before = store.get("alice")
+    assert store.verify_password("alice", nfc) is None  # (a hash of the other form: nothing to tell it by)
+    assert store.verify_password("alice", nfd) == before
+    assert store.verify_password("alice", nfc) == before
     store.close()
 
 
