@@ -533,7 +533,7 @@ def users_cli(argv: list[str], db_path: str, prog: str = "serve.py") -> int:
         elif args.command == "list":
             users = store.list()
             if not users:
-                print(f"no users in {db_path}")
+                print(f"{prog} users list: no users in {db_path}", file=sys.stderr)  # stdout: one line a user
             width = max((len(u.name) for u in users), default=4)
             for u in users:
                 created = time.strftime("%Y-%m-%d %H:%M", time.localtime(u.created_at))
