@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +156,30 @@ def _lookalike(db: sqlite3.Connection, name: str) -> None:
                         "the other; choose another name")
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection, wait_ms: Callable[[], int] | None = None) -> Iterator[None]:
+    """The block's writes as one transaction on ``db``: committed together or, on any error (the commit's
+    too), rolled back together.
+
+    ``db`` is opened with ``isolation_level=None``, so the sqlite3 module begins and commits nothing of
+    its own: each statement outside this is its own transaction.  ``BEGIN IMMEDIATE`` takes the database's
+    write lock before the block reads anything (waiting the busy timeout for another process's), so two
+    writers queue instead of one failing at once on a lock it cannot upgrade.  ``wait_ms`` gives the busy
+    timeout of the commit (which waits for readers to finish): what is left of the use's time.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        if wait_ms is not None:
+            db.execute(f"PRAGMA busy_timeout = {wait_ms()}")
+        db.execute("COMMIT")  # a failed COMMIT (SQLITE_BUSY) leaves the transaction open: rolled back below
+    except BaseException:
+        if db.in_transaction:  # (SQLite rolls some failures back itself: SQLITE_FULL, SQLITE_IOERR)
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+
+
 def _normal(password: str) -> str:
     """``password`` as it is hashed and checked: in Unicode NFC, as RFC 8265's OpaqueString profile for
     passwords has it, so "é" typed as one code point or as "e" and a combining accent (a paste from a
@@ -203,12 +227,29 @@ class UserStore:
         finally:
             self._lock.release()
 
+    def _left_ms(self) -> int:
+        """What is left of this use's time, in milliseconds (call under :meth:`_locked`)."""
+        return max(0, math.floor((self._deadline - time.monotonic()) * 1000))
+
     def _conn(self) -> sqlite3.Connection:
         """The connection, waiting for another process's lock what is left of this use's time (call under
         :meth:`_locked`)."""
         db = self._open()
-        db.execute(f"PRAGMA busy_timeout = {max(0, math.floor((self._deadline - time.monotonic()) * 1000))}")
+        db.execute(f"PRAGMA busy_timeout = {self._left_ms()}")
         return db
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The connection, in one write transaction (:func:`_transaction`) for the block: a change that writes
+        two tables writes both or neither, however it fails (call under :meth:`_locked`)."""
+        db = self._conn()
+        try:
+            with _transaction(db, self._left_ms):
+                yield db
+        finally:
+            if db.in_transaction:  # its ROLLBACK failed too: closing the connection ends the transaction
+                db.close()
+                self._db = None
 
     def _open(self) -> sqlite3.Connection:
         db = self._db
@@ -256,20 +297,19 @@ class UserStore:
             raise UserError("the password may not be empty")
         now = time.time()
         password_hash = self._hash(password)
-        with self._locked():
-            db = self._conn()
+        user_roles = _roles(roles)
+        # One transaction: the name's retirement is dropped with the new user written, or kept.
+        with self._locked(), self._writing() as db:
             _lookalike(db, name)
+            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is not None:
+                raise UserError(f"user {name!r} already exists")
             reused = db.execute("DELETE FROM retired_names WHERE name = ?", (name,)).rowcount > 0
             since = float(math.ceil(now)) if reused else now
-            user = User(name, _roles(roles), now, since)
-            try:
-                db.execute(
-                    "INSERT INTO users(name, password_hash, roles, created_at, credentials_at) VALUES (?, ?, ?, ?, ?)",
-                    (name, password_hash, json.dumps(list(user.roles)), now, since),
-                )
-            except sqlite3.IntegrityError:
-                raise UserError(f"user {name!r} already exists") from None
-        return user
+            db.execute(
+                "INSERT INTO users(name, password_hash, roles, created_at, credentials_at) VALUES (?, ?, ?, ?, ?)",
+                (name, password_hash, json.dumps(list(user_roles)), now, since),
+            )
+        return User(name, user_roles, now, since)
 
     def _check_lookalike(self, name: str) -> None:
         """:class:`UserError` when another user's name differs from ``name`` only in case."""
@@ -314,8 +354,8 @@ class UserStore:
 
     def remove(self, name: str) -> bool:
         """Delete a user; return whether it existed."""
-        with self._locked():
-            db = self._conn()
+        # One transaction: the user goes with their name's retirement written, or stays.
+        with self._locked(), self._writing() as db:
             removed = db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
             if removed:
                 db.execute("INSERT OR REPLACE INTO retired_names(name, at) VALUES (?, ?)", (name, time.time()))

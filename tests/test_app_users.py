@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import sqlite3
@@ -750,3 +751,180 @@ def test_password_stdin_on_a_terminal_is_not_echoed(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0, seen
     assert b"added user 'tty-user'" in seen, seen
     assert b"tty-secret-9" not in seen, seen
+
+
+# ------------------------------------------------------------- one change, one transaction
+
+
+def _retired(path: str | Path) -> list[str]:
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        return [name for (name,) in db.execute("SELECT name FROM retired_names ORDER BY name")]
+    finally:
+        db.close()
+
+
+def _sql(path: str | Path, statement: str) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute(statement)
+    finally:
+        db.close()
+
+
+#: Each change that writes two tables, the table its second write goes to, and the command that makes it.
+TWO_TABLE_CHANGES = [
+    pytest.param("remove", "INSERT ON retired_names", ["remove", "alice"], id="remove: the name's retirement"),
+    pytest.param("add", "INSERT ON users", ["add", "alice", "--password-stdin"], id="add of a removed name: the user"),
+]
+
+
+def _before(change: str, db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """alice, for `remove`; alice added and removed (her name retired), for `add`."""
+    assert run(["add", "alice", "--password-stdin"], db, capsys, monkeypatch, stdin="pw-123456\n")[0] == 0
+    if change == "add":
+        assert run(["remove", "alice"], db, capsys, monkeypatch)[0] == 0
+
+
+def _unchanged(change: str, db: str) -> None:
+    """As :func:`_before` left it: neither of the change's two writes is there."""
+    store = UserStore(db, hash_method=FAST)
+    try:
+        assert (store.get("alice") is not None) is (change == "remove")
+        assert _retired(db) == ([] if change == "remove" else ["alice"])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("change", "second_write", "argv"), TWO_TABLE_CHANGES)
+def test_a_change_whose_second_write_fails_leaves_neither_and_says_why(
+        db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, change: str,
+        second_write: str, argv: list[str]) -> None:
+    """A user removed without their name's retirement would let a later `add` of the name keep the old holder's
+    tokens valid; a removed name's retirement dropped without the new user, the same at the `add` after."""
+    _before(change, db, capsys, monkeypatch)
+    _sql(db, f"CREATE TRIGGER second_write BEFORE {second_write} BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    assert run(argv, db, capsys, monkeypatch, stdin="pw-654321\n") == (
+        1, "", f"serve.py users {change}: cannot use {db}: disk I/O error\n")
+    _unchanged(change, db)
+    store = UserStore(db, hash_method=FAST)  # the API: the store's error, and the store still answers after it
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match=r"^disk I/O error$"):
+            store.remove("alice") if change == "remove" else store.add("alice", "pw-654321")
+        assert (store.get("alice") is not None) is (change == "remove")
+        _sql(db, "DROP TRIGGER second_write")
+        if change == "remove":
+            assert store.remove("alice") is True
+        else:  # the name's retirement was kept: the new alice's credentials count from the next whole second
+            alice = store.add("alice", "pw-654321")
+            assert alice.credentials_at == math.ceil(alice.created_at)
+        assert store.get("alice") is None if change == "remove" else store.get("alice") == alice
+        assert _retired(db) == (["alice"] if change == "remove" else [])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("change", "second_write", "argv"), TWO_TABLE_CHANGES)
+def test_a_process_killed_between_a_change_s_two_writes_leaves_neither(
+        tmp_path: Path, change: str, second_write: str, argv: list[str]) -> None:
+    """SIGKILL (the OOM killer, a power cut) as the second write begins: SQLite rolls the first one back."""
+    path = tmp_path / "users.sqlite3"
+    store = UserStore(path, hash_method=FAST)
+    store.add("alice", "pw-123456")
+    if change == "add":
+        store.remove("alice")
+    store.close()
+    _sql(path, f"CREATE TRIGGER second_write BEFORE {second_write} BEGIN SELECT die(); END")
+    code = (
+        "import os, signal, sys\n"
+        "from app.users import UserStore\n"
+        f"store = UserStore(sys.argv[1], hash_method={FAST!r})\n"
+        "store.get('alice')\n"  # opens the connection: die() is its own, as the trigger calls it
+        "store._db.create_function('die', 0, lambda: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "store.remove('alice') if sys.argv[2] == 'remove' else store.add('alice', 'pw-654321')\n"
+    )
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code, str(path), change], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == -9, done.stderr
+    _sql(path, "DROP TRIGGER second_write")
+    _unchanged(change, str(path))
+
+
+@pytest.mark.parametrize(("change", "second_write", "argv"), TWO_TABLE_CHANGES)
+def test_a_change_whose_commit_waits_too_long_for_a_reader_is_rolled_back(
+        db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, change: str,
+        second_write: str, argv: list[str]) -> None:
+    """A reader (another process's read transaction) past BUSY_SECONDS: the commit fails within the time and
+    the change is undone, not left open on the connection, where the store's next reads would see it."""
+    _before(change, db, capsys, monkeypatch)
+    monkeypatch.setattr(users_module, "BUSY_SECONDS", 0.3)
+    store = UserStore(db, hash_method=FAST)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN")
+    holder.execute("SELECT count(*) FROM users").fetchall()  # a shared lock, held until the ROLLBACK
+    try:
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match=r"^database is locked$"):
+            store.remove("alice") if change == "remove" else store.add("alice", "pw-654321")
+        assert time.monotonic() - started < 0.55
+        assert (store.get("alice") is not None) is (change == "remove")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.close()
+    _unchanged(change, db)
+
+
+@pytest.mark.parametrize(("use", "expected"), [
+    pytest.param(lambda store: store.remove("alice"), [], id="remove"),
+    pytest.param(lambda store: store.add("bob", "pw-123456"), [("alice", ("ops",)), ("bob", ())], id="add"),
+    pytest.param(lambda store: store.set_password("alice", "pw-654321"), [("alice", ("ops",))], id="set_password"),
+])
+def test_a_change_waits_for_another_process_s_write_to_end(
+        store: UserStore, monkeypatch: pytest.MonkeyPatch, use: Any,
+        expected: list[tuple[str, tuple[str, ...]]]) -> None:
+    """Another `users` command (or a login's rehash) writing: the change waits its turn, BUSY_SECONDS at most."""
+    store.add("alice", "pw-123456")
+    monkeypatch.setattr(users_module, "BUSY_SECONDS", 3.0)
+    holder = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE users SET roles = '[\"ops\"]' WHERE name = 'alice'")
+    ending = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    started = time.monotonic()
+    ending.start()
+    try:
+        use(store)
+    finally:
+        ending.join()
+        holder.close()
+    assert 0.25 < time.monotonic() - started < 3.0
+    assert [(u.name, u.roles) for u in store.list()] == expected
+
+
+def test_two_users_commands_at_once_each_make_every_change(tmp_path: Path) -> None:
+    """Two processes adding and removing users in the same file: each waits for the other's write lock."""
+    import subprocess
+
+    path = tmp_path / "users.sqlite3"
+    code = (
+        "import io, sys\n"
+        "from app.users import users_cli\n"
+        "for i in range(15):\n"
+        "    sys.stdin = io.StringIO('pw-123456\\n')\n"
+        "    assert users_cli(['add', f'{sys.argv[2]}{i}', '--password-stdin'], sys.argv[1]) == 0\n"
+        "    if i % 3:\n"
+        "        assert users_cli(['remove', f'{sys.argv[2]}{i}'], sys.argv[1]) == 0\n"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(path), prefix], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for prefix in ("a", "b")]
+    outcomes = [(p.wait(timeout=120), p.communicate()[1].splitlines()) for p in runs]
+    assert [(code, [line for line in err if not line.startswith("new password hashes are made with ")])
+            for code, err in outcomes] == [(0, []), (0, [])]  # (the suite's cheap hash is named on stderr)
+    kept = sorted(f"{p}{i}" for p in "ab" for i in range(0, 15, 3))
+    removed = sorted(f"{p}{i}" for p in "ab" for i in range(15) if i % 3)
+    store = UserStore(path, hash_method=FAST)
+    assert sorted(u.name for u in store.list()) == kept
+    store.close()
+    assert _retired(path) == removed
