@@ -180,6 +180,10 @@ def _transaction(db: sqlite3.Connection, wait_ms: Callable[[], int] | None = Non
         raise
 
 
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {str(row[1]) for row in db.execute("PRAGMA table_info(users)")}
+
+
 def _normal(password: str) -> str:
     """``password`` as it is hashed and checked: in Unicode NFC, as RFC 8265's OpaqueString profile for
     passwords has it, so "é" typed as one code point or as "e" and a combining accent (a paste from a
@@ -271,12 +275,17 @@ class UserStore:
             _warn_if_readable(self.path)
         db = sqlite3.connect(self.path, timeout=max(0.0, self._deadline - time.monotonic()), check_same_thread=False,
                              isolation_level=None)
-        db.execute(_SCHEMA)
-        db.execute(_RETIRED)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
-        if "credentials_at" not in columns:  # a database made before the column existed
-            db.execute("ALTER TABLE users ADD COLUMN credentials_at REAL NOT NULL DEFAULT 0")
-            db.execute("UPDATE users SET credentials_at = created_at")
+        try:
+            db.execute(_SCHEMA)
+            db.execute(_RETIRED)
+            if "credentials_at" not in _columns(db):  # a database made before the column existed
+                with _transaction(db):  # the column with its dates, or neither; one process does it
+                    if "credentials_at" not in _columns(db):
+                        db.execute("ALTER TABLE users ADD COLUMN credentials_at REAL NOT NULL DEFAULT 0")
+                        db.execute("UPDATE users SET credentials_at = created_at")
+        except BaseException:
+            db.close()
+            raise
         self._db, self._identity, self._checked = db, file_identity(self.path), time.monotonic()
         return db
 

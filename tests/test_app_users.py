@@ -365,6 +365,22 @@ def test_a_database_from_before_credentials_at_is_brought_up_to_date(tmp_path: P
     store.close()
 
 
+def test_a_database_brought_up_to_date_halfway_is_not_left_so(tmp_path: Path) -> None:
+    """The new column is dated in the same transaction: a failure in between leaves the old table, and the next
+    open adds and dates it (else every user's credentials would count from 1970, and stay so)."""
+    path = tmp_path / "users.sqlite3"
+    _sql(path, "CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, "
+               "roles TEXT NOT NULL DEFAULT '[]', created_at REAL NOT NULL)")
+    _sql(path, "INSERT INTO users VALUES ('alice', 'x', '[\"admin\"]', 1700000000.5)")
+    _sql(path, "CREATE TRIGGER dating BEFORE UPDATE ON users BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    store = UserStore(path)
+    with pytest.raises(sqlite3.IntegrityError, match=r"^disk I/O error$"):
+        store.get("alice")
+    _sql(path, "DROP TRIGGER dating")
+    assert store.get("alice") == User("alice", ("admin",), 1700000000.5, 1700000000.5)
+    store.close()
+
+
 def test_cli_password_prompt(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     answers = iter(["s3cret-s3cret", "s3cret-s3cret"])
     prompts: list[str] = []
