@@ -117,6 +117,9 @@ class RaisingStore(MemoryStore):
         raise RuntimeError("health check exploded")
 
 
+#: Not a layer: a pipeline entry naming it is refused (a constant, unlike CLOSING_LOG, which tests fill).
+NOT_A_LAYER: tuple[str, ...] = ()
+
 #: What :class:`Closing` layers did, in order: ("open", name) and ("close", name).
 CLOSING_LOG: list[tuple[str, str]] = []
 

@@ -763,9 +763,9 @@ def test_a_linked_stack_file_keeps_its_state_beside_the_link(tmp_path: Path) -> 
             id="a boolean for a factory's number",
         ),
         pytest.param(
-            ECHO + "pipeline:\n  - stack_support:CLOSING_LOG: {}\n",
-            "stack.yaml:3:5 pipeline[0]: 'stack_support:CLOSING_LOG' is not a WSGI middleware class or factory: "
-            "it is list []",
+            ECHO + "pipeline:\n  - stack_support:NOT_A_LAYER: {}\n",
+            "stack.yaml:3:5 pipeline[0]: 'stack_support:NOT_A_LAYER' is not a WSGI middleware class or factory: "
+            "it is tuple ()",
             id="a layer that is not callable",
         ),
         pytest.param(
