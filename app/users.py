@@ -416,8 +416,9 @@ class UserStore:
         """
         if self._dummy_hash is None:  # made on the first login of either kind: it costs both the same
             started = time.perf_counter()
-            self._dummy_hash = self._hash("not a real password")
+            dummy = self._hash("not a real password")
             self._costs = (time.perf_counter() - started,)  # about a check's cost: a measure to begin with
+            self._dummy_hash = dummy  # (last: a thread that finds it set finds the costs set too)
         given, password = password, _normal(password)
         row = self._row(name)
         if row is None:

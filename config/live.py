@@ -481,6 +481,7 @@ class LiveStack:
         self._publish()
         self._flight = _Flight(self.current, self._generation_header)
         self._retired: list[_Flight] = []  # replaced pipelines not closed yet (requests still in flight)
+        self._retired_lock = threading.Lock()  # two reloads at once (polling, SIGHUP) each keep theirs
 
     def _stat(self) -> tuple[int, int, int, int]:
         """The file's (mtime ns, size, inode, ctime ns): a write, a rename or a chmod changes it.
@@ -569,16 +570,18 @@ class LiveStack:
         # The old pipeline's layers and stores are closed once its last request in flight has
         # finished (closing them now could cut those requests off).
         retired.retire()
-        self._retired = [f for f in self._retired if not f.closed] + ([] if retired.closed else [retired])
+        with self._retired_lock:
+            self._retired = [f for f in self._retired if not f.closed] + ([] if retired.closed else [retired])
         del old
         return self.last
 
     def close(self) -> None:
         """At exit: close the current pipeline and those reloads replaced that still had requests in
         flight (their layers write what they owe, the access log the lines of requests cut off)."""
-        for flight in self._retired:
+        with self._retired_lock:
+            retired, self._retired = self._retired, []
+        for flight in retired:
             flight._close()
-        self._retired = []
         self.current.close()
 
     def _build(self, source: str | None = None) -> tuple[BuiltStack, str]:

@@ -965,14 +965,19 @@ class _Capped:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.seen = limit, set[str]()
+        self._lock = threading.Lock()  # a new value only: the count and the add are one step
 
     def __call__(self, value: object) -> str:
         text = str(value)
         if text in self.seen:
             return text
-        if len(self.seen) >= self.limit or len(text) > _LONGEST_KEPT:  # (a route made of a client's long path)
+        if len(text) > _LONGEST_KEPT:  # (a route made of a client's long path)
             return "other"
-        self.seen.add(text)
+        with self._lock:
+            if text not in self.seen:
+                if len(self.seen) >= self.limit:
+                    return "other"
+                self.seen.add(text)
         return text
 
 
