@@ -142,8 +142,8 @@ _VOID = {"unknown_subject": "no longer exists", "credentials_changed": "was issu
 #: no float holds would make the records of the token's revocation fail to compute.
 _LAST_DATE = 253402300799
 _VERIFIED_MAX = 4096  # access tokens remembered as verified, per process
-_BEARER = "wsgistack.auth.bearer"  # environ: the request's bearer token, parsed once
-_UNPARSED: Any = object()
+#: environ: ``(the HTTP_AUTHORIZATION parsed, its bearer token)``, parsed once per header (see _bearer)
+_BEARER = "wsgistack.auth.bearer"
 _JWT_ERRORS: list[tuple[type[Exception], str, str]] = [
     (jwt.ExpiredSignatureError, "expired", "the token has expired"),
     (jwt.InvalidSignatureError, "invalid_signature", "the token's signature is invalid"),
@@ -995,13 +995,19 @@ class AuthMiddleware:
         self._since_now: dict[str, tuple[float, Any]] = {}  # subject -> (until, credentials since or None)
 
     def _bearer(self, environ: WSGIEnvironment) -> str | None:
-        """The bearer token of the request (parsed once per request), or None; over ``max_token_bytes`` too."""
-        token: str | None = environ.get(_BEARER, _UNPARSED)
-        if token is _UNPARSED:
-            header = environ.get("HTTP_AUTHORIZATION")
-            parsed = _authorization(header) if header and len(header) <= self.max_bytes else None
-            token = (parsed.token or "") if parsed is not None and parsed.type == "bearer" else None
-            environ[_BEARER] = token
+        """The bearer token of the request, or None; over ``max_token_bytes`` too.
+
+        Parsed once per request, and kept with the header it was parsed from (as
+        :func:`~middleware.base.cookies` keeps the cookies): the reads ahead parse it
+        before the layers in between ran, and one of them may drop or replace the header.
+        """
+        header = environ.get("HTTP_AUTHORIZATION")
+        cached: tuple[str | None, str | None] | None = environ.get(_BEARER)
+        if cached is not None and (cached[0] is header or cached[0] == header):
+            return cached[1]
+        parsed = _authorization(header) if header and len(header) <= self.max_bytes else None
+        token = (parsed.token or "") if parsed is not None and parsed.type == "bearer" else None
+        environ[_BEARER] = (header, token)
         return token
 
     def _ahead(self, environ: WSGIEnvironment) -> tuple[str, float | None] | None:

@@ -558,3 +558,56 @@ def test_a_cookie_header_changed_by_a_layer_in_between_is_the_one_the_session_fo
     finally:
         built.close()
     assert (me, public, replaced) == ({"session_user": "alice"}, {"session_user": None}, {"session_user": "bob"})
+
+
+# -- a layer that changes the Authorization header without saying so -------------------------
+
+class StripAuthorization:
+    """A factory layer that drops the Authorization header of /public requests, with no ``preview_environ``."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ["PATH_INFO"].startswith("/public"):
+            environ.pop("HTTP_AUTHORIZATION", None)
+        return self.app(environ, start_response)
+
+
+class HeaderToBearer:
+    """A factory layer for clients that cannot set Authorization: X-Token replaces it."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if "HTTP_X_TOKEN" in environ:
+            environ["HTTP_AUTHORIZATION"] = f"Bearer {environ['HTTP_X_TOKEN']}"
+        return self.app(environ, start_response)
+
+
+@pytest.mark.parametrize("limiter", ["", '  - ratelimit: {store: shared, limits: ["1000/minute"]}\n'],
+                         ids=["alone", "behind a rate limiter"])
+def test_an_authorization_header_changed_by_a_layer_in_between_is_the_one_auth_verifies(
+        redis_url: str, limiter: str) -> None:
+    """The rate limiter reads a known token's blocklist entry ahead; a layer in between that then drops or
+    replaces the Authorization header (and cannot say so ahead) makes the auth layer verify the header the
+    request has when it gets there, as it does without the rate limiter."""
+    text = (f'app: {{factory: "test_read_ahead:app_factory"}}\npipeline:\n  - errors: {{}}\n{limiter}'
+            "  - test_read_ahead:StripAuthorization: {}\n  - test_read_ahead:HeaderToBearer: {}\n"
+            f'  - session: {{store: shared, secret_key: "{SECRET}", cookie_name: sid, cookie_secure: false}}\n'
+            f'  - auth: {{store: shared, secret: "{JWT}", default: required}}\n')
+    built = build(parse(read_text(text)), stores={"shared": RedisStore(redis_url)})
+    app = TestApp(built.app, extra_environ={"REMOTE_ADDR": "192.0.2.9"})
+    try:
+        service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+        alice, bob = (service.issue(name, ["user"])["access_token"] for name in ("alice", "bob"))
+        for token in (alice, bob):  # verified once: known, their blocklist reads ride along
+            app.get("/me", headers={"Authorization": f"Bearer {token}"})
+        me = app.get("/me", headers={"Authorization": f"Bearer {alice}"}).json["identity"]
+        public = app.get("/public/x", headers={"Authorization": f"Bearer {alice}"}, status=401)
+        replaced = app.get("/me", headers={"Authorization": f"Bearer {alice}", "X-Token": bob}).json["identity"]
+    finally:
+        built.close()
+    assert (me, public.json["error"]["message"], replaced) == (
+        "alice", "Unauthorized: this resource needs a bearer token.", "bob")
