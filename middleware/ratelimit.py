@@ -496,9 +496,12 @@ class _RedisCounter:
                 results[i] = result
         if anew and any(isinstance(r, ResponseError) and "WRONGTYPE" in str(r) for r in results[:own]):
             # A value of another type at a counter's key (something else wrote it): the counter starts
-            # anew, instead of this client's every request failing until someone deletes the key.
+            # anew, instead of this client's every request failing until someone deletes the key.  Only
+            # the counter's commands again: the others ran (a read ahead's read-or-lock took its lock, and
+            # sent again it would find that lock held, by this very request).
             self.client.delete(*{key for command in commands[:own] for key in _keys_of(command)})
-            return self._pipeline(commands, own, anew=False)
+            mine = commands if own is None else commands[:own]
+            return self._pipeline(mine, anew=False) + results[len(mine):]
         for result in results[:own]:
             if isinstance(result, Exception):
                 raise result

@@ -611,3 +611,29 @@ def test_an_authorization_header_changed_by_a_layer_in_between_is_the_one_auth_v
         built.close()
     assert (me, public.json["error"]["message"], replaced) == (
         "alice", "Unauthorized: this resource needs a bearer token.", "bob")
+
+
+# -- replies the rate limiter's pipeline must send again ------------------------------------------
+
+def _counter_keys(probe: redis.Redis) -> list[bytes]:
+    return [k for k in cast(list[bytes], probe.keys("*")) if b"ratelimit" in k]
+
+
+def test_a_counter_of_another_type_is_counted_anew_without_reading_ahead_twice(
+        cached: tuple[TestApp, redis.Redis]) -> None:
+    """Another type of value at the counter's key: the limiter deletes it and counts again, and sends only
+    its own commands again; the read ahead already took the fill lock, and a second read-or-lock would
+    find that lock held (by this very request) and make the cache wait for it until lock_timeout."""
+    app, probe = cached
+    [counter] = _counter_keys(probe)
+    probe.delete(counter)
+    probe.rpush(counter, b"not a counter")
+    started = time.monotonic()
+    trips, miss = _round_trips(app, "/api/v1/search?q=t")
+    # The pipeline, the DEL, the counter's commands again, the cache's save (which drops its lock).
+    assert (trips, miss.headers["X-Cache"], _locks(probe)) == (4, "MISS", [])
+    assert miss.headers["RateLimit-Remaining"] == "999"  # counted from zero (the warm-up's count was in it)
+    assert time.monotonic() - started < 1.0
+    assert probe.type(counter) == b"string"
+    trips, hit = _round_trips(app, "/api/v1/search?q=t")
+    assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
