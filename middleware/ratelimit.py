@@ -459,8 +459,9 @@ class _RedisCounter:
         self.store = store
         self.client: redis.Redis = store.client
         s = self.storage
+        # The store's own too: the reads ahead in the pipeline run its read-or-lock script.
         self.scripts = [s.lua_incr_expire, s.lua_acquire_moving_window, s.lua_moving_window,
-                        s.lua_acquire_sliding_window, s.lua_sliding_window]
+                        s.lua_acquire_sliding_window, s.lua_sliding_window, *getattr(store, "scripts", ())]
 
     def _commands(self, strategy: str, item: RateLimitItem, key: str, now: float) -> list[tuple[Any, ...]]:
         s, expiry, amount = self.storage, item.get_expiry(), item.amount
@@ -486,13 +487,17 @@ class _RedisCounter:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         results: list[Any] = pipe.execute(raise_on_error=False)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:  # a restarted or flushed server: load the scripts, run what did not run
-            for script in self.scripts:
-                script.sha = self.client.script_load(script.script)
+        if missing:  # a restarted or flushed server: load every script, run what did not run, one round trip
             pipe = self.client.pipeline(transaction=False)
+            for script in self.scripts:
+                pipe.script_load(script.script)
             for i in missing:
                 pipe.execute_command(*commands[i])  # type: ignore[no-untyped-call]
-            for i, result in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+            again: list[Any] = pipe.execute(raise_on_error=False)
+            for loaded in again[:len(self.scripts)]:
+                if isinstance(loaded, Exception):  # (scripting denied, say): the count failed
+                    raise loaded
+            for i, result in zip(missing, again[len(self.scripts):], strict=True):
                 results[i] = result
         if anew and any(isinstance(r, ResponseError) and "WRONGTYPE" in str(r) for r in results[:own]):
             # A value of another type at a counter's key (something else wrote it): the counter starts

@@ -501,6 +501,9 @@ class RedisStore(Store):
         self._write_unless = self.client.register_script(_WRITE_UNLESS_MARKED)
         self._add_then_write = self.client.register_script(_ADD_THEN_WRITE)
         self._unlock = self.client.register_script(_UNLOCK)
+        #: Its Lua scripts, for another component's pipeline that carries them (a read ahead's read-or-lock)
+        #: and loads them again after NOSCRIPT (a restarted or flushed server).
+        self.scripts = (self._incr_ttl, self._get_or_lock, self._write_unless, self._add_then_write, self._unlock)
 
     # -- the boundary -------------------------------------------------------------
 

@@ -637,3 +637,22 @@ def test_a_counter_of_another_type_is_counted_anew_without_reading_ahead_twice(
     assert probe.type(counter) == b"string"
     trips, hit = _round_trips(app, "/api/v1/search?q=t")
     assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
+
+
+def test_after_a_script_flush_one_round_trip_loads_every_script_and_the_reads_ahead_still_answer(
+        cached: tuple[TestApp, redis.Redis]) -> None:
+    """A restarted or flushed Redis answers NOSCRIPT to every EVALSHA of the pipeline: the limiter loads
+    the scripts of its store (the counters' and the read-or-lock's alike) and sends again what did not
+    run, in one more round trip; the cache takes the answer read ahead instead of meeting NOSCRIPT itself."""
+    app, probe = cached
+    path = "/api/v1/search?q=f"
+    app.get(path)
+    probe.script_flush()
+    trips, hit = _round_trips(app, path)
+    assert (trips, hit.headers["X-Cache"], _locks(probe)) == (2, "HIT", [])  # the pipeline, the reload and rerun
+    probe.script_flush()
+    trips, miss = _round_trips(app, path + "&new")
+    # The same two, then the cache's save, whose script is loaded already.
+    assert (trips, miss.headers["X-Cache"], _locks(probe)) == (3, "MISS", [])
+    trips, hit = _round_trips(app, path + "&new")
+    assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
