@@ -402,6 +402,16 @@ class ValidationMiddleware:
                 return self.app(environ, limited.guard(start_response))
         return self.app(environ, start_response)
 
+    def preview_environ(self, environ: WSGIEnvironment) -> dict[str, Any]:
+        """The Host an absolute-form target gives the layers inside (for reads ahead, see ``ReadAhead``).
+
+        ``GET http://host/path``: :meth:`_target` makes the target's authority ``HTTP_HOST``, which
+        the cache keys on; a target it refuses only makes the read ahead a wasted one.
+        """
+        uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+        authority = target_authority(uri) if uri and uri[:1] != "/" else None
+        return {"HTTP_HOST": authority} if authority else {}
+
     def _check_host(self, environ: WSGIEnvironment) -> None:
         """RFC 9112 §3.2: one Host, a host name with an optional port, and one at all on HTTP/1.1."""
         host = environ.get("HTTP_HOST")

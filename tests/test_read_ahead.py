@@ -656,3 +656,74 @@ def test_after_a_script_flush_one_round_trip_loads_every_script_and_the_reads_ah
     assert (trips, miss.headers["X-Cache"], _locks(probe)) == (3, "MISS", [])
     trips, hit = _round_trips(app, path + "&new")
     assert (trips, hit.headers["X-Cache"], hit.body) == (1, "HIT", miss.body)
+
+
+# -- requests refused or answered between the rate limiter and the cache --------------------------
+
+class Answer:
+    """A factory layer that answers /answered itself (a layer between the limiter and the cache)."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ["PATH_INFO"].endswith("/answered"):
+            start_response("204 No Content", [])
+            return []
+        return self.app(environ, start_response)
+
+
+REFUSING = f"""
+app: {{factory: "test_read_ahead:app_factory"}}
+pipeline:
+  - errors: {{}}
+  - ratelimit: {{store: shared, limits: ["1000/minute"]}}
+  - validation: {{max_query_length: 40, max_body_bytes: 10}}
+  - session: {{store: shared, secret_key: "{SECRET}", cookie_name: sid, cookie_secure: false}}
+  - csrf: {{cookie_name: sid}}
+  - auth: {{store: shared, secret: "{JWT}", default: optional, rules: [{{paths: ["/api/*/admin"], roles: [admin]}}]}}
+  - versioning: {{supported: [v1, v2], default: v1}}
+  - test_read_ahead:Answer: {{}}
+  - cache: {{store: shared, ttl: 60, per_user: true, cookie_names: [sid]}}
+"""
+
+
+@pytest.fixture
+def refusing(redis_url: str) -> Iterator[tuple[TestApp, redis.Redis]]:
+    """The cached stack with validation, csrf and a layer that answers, between the limiter and the cache."""
+    yield from _cached(redis_url, REFUSING)
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [
+    pytest.param("/api/v1/search?q=" + "x" * 40, b"", 414, id="validation: query too long"),
+    pytest.param("/api/v1/search?q=b", b"x" * 100, 413, id="validation: body too large"),
+    pytest.param("/api/v1/admin", b"", 403, id="auth: the role is missing"),
+    pytest.param("/api/v1/answered", b"", 204, id="answered by a layer in between"),
+])
+def test_a_lock_taken_ahead_for_a_request_that_never_reaches_the_cache_is_given_back(
+        refusing: tuple[TestApp, redis.Redis], path: str, body: bytes, status: int) -> None:
+    """The user's token is known, so the limiter reads (and locks) the user's entry ahead; the request then
+    stops before the cache: the limiter gives that lock back (with its token) after the inner layers return."""
+    app, probe = refusing
+    service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+    bearer = {"Authorization": f"Bearer {service.issue('dave', ['user'])['access_token']}"}
+    app.get("/api/v1/other", headers=bearer)  # verified once: known
+    before = Counting.writes
+    app.request(path, method="GET", headers=bearer, body=body, status=status)
+    assert (Counting.writes - before, _locks(probe)) == (2, [])  # the limiter's pipeline, the lock given back
+
+
+@pytest.mark.parametrize("host", ["other.example", "localhost"], ids=["another host", "the same host"])
+def test_an_absolute_form_target_is_read_ahead_under_the_host_it_names(refusing: tuple[TestApp, redis.Redis],
+                                                                      host: str) -> None:
+    """``GET http://other.example/…`` takes its host from the target (the validation layer makes it Host, a
+    cache key header): the read ahead sees that host too, so a hit is one round trip, and no write mark is
+    left for the URI under the Host header the request came with."""
+    app, probe = refusing
+    uri = f"http://{host}/api/v1/search?q=h"
+    environ = {"REQUEST_URI": uri, "RAW_URI": uri}
+    trips, miss = _round_trips(app, "/api/v1/search?q=h", extra_environ=environ, headers={"Host": "localhost"})
+    assert (trips, miss.headers["X-Cache"], _locks(probe)) == (2, "MISS", [])
+    trips, hit = _round_trips(app, "/api/v1/search?q=h", extra_environ=environ, headers={"Host": "localhost"})
+    assert (trips, hit.headers["X-Cache"]) == (1, "HIT")
+    assert len([k for k in probe.keys("*") if b"cache:w:/api/v1/search" in k]) == 1
