@@ -825,6 +825,9 @@ class RateLimitMiddleware:
         Also returns the locks the reads took (``get_or_lock``): ``(store, answer name, lock key, token)``.
         """
         assert isinstance(self.counter, _RedisCounter)
+        # What a rate limiter outside read ahead already (also a failure of its round trip): not read again,
+        # its answers kept (a second read-or-lock would find the first one's lock held, by this very request).
+        answers: dict[tuple[int, str, str], Any] = environ.get(READ_AHEAD) or {}
         wanted: list[tuple[ReadAhead, tuple[int, str, str], tuple[Any, ...]]] = []
         for ahead in self.read_aheads:
             try:
@@ -833,7 +836,9 @@ class RateLimitMiddleware:
                 self._key_failed(ahead)
                 continue
             if found is not None:
-                wanted.append((ahead, (id(ahead.store), ahead.op, found[0]), found))
+                name = (id(ahead.store), ahead.op, found[0])
+                if name not in answers and all(name != other for _, other, _ in wanted):
+                    wanted.append((ahead, name, found))
         if not wanted:
             return self.counter.hit(rule.strategy, rule.items, keys, now, rule.groups), []
         commands = [ahead.store.read_command(ahead.op, *found)  # type: ignore[attr-defined]
@@ -843,9 +848,9 @@ class RateLimitMiddleware:
         except StoreUnavailable as exc:
             # Redis did not answer: the inner layers meet the same failure at once, instead of each
             # waiting socket_timeout for their own read (read_ahead raises it for them).
-            environ[READ_AHEAD] = {name: exc for _, name, _ in wanted}
+            answers.update((name, exc) for _, name, _ in wanted)
+            environ[READ_AHEAD] = answers
             raise
-        answers: dict[tuple[int, str, str], Any] = {}
         locks: list[tuple[Any, tuple[int, str, str], str, bytes]] = []
         for (ahead, name, found), reply in zip(wanted, replies, strict=True):
             if isinstance(reply, Exception):

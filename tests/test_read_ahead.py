@@ -727,3 +727,45 @@ def test_an_absolute_form_target_is_read_ahead_under_the_host_it_names(refusing:
     trips, hit = _round_trips(app, "/api/v1/search?q=h", extra_environ=environ, headers={"Host": "localhost"})
     assert (trips, hit.headers["X-Cache"]) == (1, "HIT")
     assert len([k for k in probe.keys("*") if b"cache:w:/api/v1/search" in k]) == 1
+
+
+# -- two rate limiters on the same Redis ----------------------------------------------------------
+
+TWO_LIMITERS = f"""
+app: {{factory: "test_read_ahead:app_factory"}}
+pipeline:
+  - errors: {{}}
+  - ratelimit: {{store: shared, limits: ["1000/minute"]}}
+  - session: {{store: shared, secret_key: "{SECRET}", cookie_name: sid, cookie_secure: false}}
+  - auth: {{store: shared, secret: "{JWT}", default: optional}}
+  - ratelimit: {{store: shared, key: user, namespace: per-user, limits: ["500/minute"]}}
+  - cache: {{store: shared, ttl: 60, per_user: true, cookie_names: [sid], lock_timeout: 2}}
+"""
+
+
+@pytest.fixture
+def two_limiters(redis_url: str) -> Iterator[tuple[TestApp, redis.Redis]]:
+    """A limiter by address outside the session and auth layers, one by user inside them, then the cache."""
+    yield from _cached(redis_url, TWO_LIMITERS)
+
+
+@pytest.mark.parametrize("who", ["anonymous", "a session", "a known token"])
+def test_a_read_made_ahead_by_the_outer_limiter_is_not_made_again_by_the_inner_one(
+        two_limiters: tuple[TestApp, redis.Redis], who: str) -> None:
+    """Both limiters would read the cache's entry ahead: the inner one leaves what the outer read (its
+    read-or-lock would find the lock the outer's took, held by this very request, and the cache would
+    wait for it until lock_timeout), and reads only what the outer could not foresee."""
+    app, probe = two_limiters
+    headers: dict[str, str] = {}
+    if who == "a session":
+        app.get("/login")
+    elif who == "a known token":
+        service = next(layer for layer in _layers(app) if isinstance(layer, AuthMiddleware)).tokens
+        headers = {"Authorization": f"Bearer {service.issue('erin', ['user'])['access_token']}"}
+        app.get("/other", headers=headers)  # verified once: known
+    started = time.monotonic()
+    trips, miss = _round_trips(app, "/search?q=2", headers=headers)
+    assert (trips, miss.headers["X-Cache"], _locks(probe)) == (3, "MISS", [])  # two pipelines, the save
+    assert time.monotonic() - started < 1.0
+    trips, hit = _round_trips(app, "/search?q=2", headers=headers)
+    assert (trips, hit.headers["X-Cache"], hit.body) == (2, "HIT", miss.body)
