@@ -14,6 +14,7 @@ the same header twice on the hot path.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "HOST_PORT",
     "HTTP_METHODS",
     "IDENTITY",
+    "LONGEST_ADDRESS",
     "ORIG_PATH",
     "PATH",
     "READ_AHEAD",
@@ -74,6 +76,7 @@ __all__ = [
     "address_in",
     "call_with_headers",
     "client_ip",
+    "client_key",
     "cookies",
     "decoded_path",
     "decorate_error",
@@ -815,6 +818,25 @@ def cookies(environ: WSGIEnvironment) -> Mapping[str, str]:
         jar = parse_cookie(fixed)
     environ[COOKIES] = (header, jar)
     return jar
+
+
+#: The longest text an IP address is written in: an IPv6 address in full (IPv4-mapped, 45 characters) with a
+#: zone (``%`` and an interface name, at most 15), in brackets, with a port.  Longer text is no address a
+#: client has, only what a client wrote (a proxy or Waitress's ``trusted_proxy`` passes a forwarded
+#: header's text on as it came): it is neither parsed into a cache nor kept as a key as it came.
+LONGEST_ADDRESS = 72
+
+
+def client_key(ip: str, prefix: int = 64) -> str:
+    """The client at ``ip`` (from :func:`client_ip`) as per-client counters key it, at most 72 characters.
+
+    An IPv6 address counts by its /prefix network (see :func:`ipv6_network`); text longer than
+    any address (see :data:`LONGEST_ADDRESS`) by a digest of it: still one key per text, but a
+    table of 100,000 clients then holds 100,000 short keys, not what each request's header held.
+    """
+    if len(ip) > LONGEST_ADDRESS:
+        return "#" + hashlib.blake2b(ip.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+    return ipv6_network(ip, prefix) if ":" in ip else ip
 
 
 @lru_cache(maxsize=8192)

@@ -32,6 +32,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from .base import (
     CLIENT_IP,
     HOST_PORT,
+    LONGEST_ADDRESS,
     TRACE,
     Context,
     HostList,
@@ -207,8 +208,8 @@ class ProxyMiddleware:
         environ[ORIG] = {"REMOTE_ADDR": get("REMOTE_ADDR"), "wsgi.url_scheme": get("wsgi.url_scheme"),
                          "HTTP_HOST": get("HTTP_HOST"), "SERVER_PORT": get("SERVER_PORT"),
                          "SCRIPT_NAME": get("SCRIPT_NAME")}
-        if self.trusted(peer) or (self.unix and peer in ("", "localhost")
-                                  and not str(get("REMOTE_PORT") or "").isdigit()):
+        trusted = len(peer) <= LONGEST_ADDRESS and self.trusted(peer)  # (longer text is no address: not cached)
+        if trusted or (self.unix and peer in ("", "localhost") and not str(get("REMOTE_PORT") or "").isdigit()):
             found = self.derive(environ)
             if "for" in found:
                 environ["REMOTE_ADDR"] = environ[CLIENT_IP] = found["for"]
@@ -301,13 +302,19 @@ def _quotes(text: str) -> int:
     return count
 
 
-@lru_cache(maxsize=4096)
 def _address(value: str) -> str | None:
     """A valid IP address from ``1.2.3.4``, ``1.2.3.4:80``, ``[::1]`` or ``[::1]:80``.
 
     An IPv4-mapped IPv6 address (``::ffff:203.0.113.9``, what a dual-stack proxy may
     write) is its IPv4 address, as the peer's is: one client, one address in logs and keys.
+    Text longer than any address (``LONGEST_ADDRESS``: a zone longer than an interface name
+    too) is none, refused before the cache, which thus holds at most 4096 short texts.
     """
+    return None if len(value) > LONGEST_ADDRESS else _parsed_address(value)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_address(value: str) -> str | None:
     if value.startswith("["):
         value = value[1:].partition("]")[0]
     elif value.count(":") == 1:

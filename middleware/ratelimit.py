@@ -49,10 +49,10 @@ from middleware.base import (
     ReadAhead,
     RulePaths,
     client_ip,
+    client_key,
     decoded_path,
     decorate_error,
     escape_control,
-    ipv6_network,
     note,
     refuse,
     rewrites_inside,
@@ -707,7 +707,7 @@ class RateLimitMiddleware:
             # address, both without a namespace, must not count an anonymous request twice in one counter
             # (nor two layers keyed by two headers, both missing).
             fallback = "ip:" if part == "client_ip" else ("u-ip:" if part == "user" else f"h-ip:{part}:")
-            out.append(fallback + (ipv6_network(ip, self.prefix) if ":" in ip else ip))
+            out.append(fallback + client_key(ip, self.prefix))
         return out[0] if len(out) == 1 else "|".join(dict.fromkeys(out))
 
     def _rules_for(self, environ: WSGIEnvironment) -> tuple[_Compiled | None, _Compiled | None]:

@@ -55,10 +55,10 @@ from .base import (
     LayerOptions,
     add_vary,
     client_ip,
+    client_key,
     decorate_error,
     escape_control,
     header_name,
-    ipv6_network,
     note,
     one_leading_slash,
     refuse,
@@ -503,11 +503,8 @@ class VersioningMiddleware:
 
     def _count(self, environ: WSGIEnvironment, version: str) -> None:
         identity = environ.get(IDENTITY)
-        if identity is not None:
-            client = str(identity.subject)
-        else:  # an IPv6 host picks any address of its /64 at will: one client, as the rate limiter counts it
-            client = client_ip(environ)
-            client = ipv6_network(client) if ":" in client else client
+        # An IPv6 host picks any address of its /64 at will: one client, as the rate limiter counts it.
+        client = str(identity.subject) if identity is not None else client_key(client_ip(environ))
         self.context.emit("version.deprecated", version=version, client=client)
         now = time.monotonic()
         with self._lock:

@@ -1,7 +1,8 @@
 """Per-process memory a client can make grow: every table keyed by what a request carries stays bounded.
 
 Each test sends distinct client values (paths, origins, addresses, tokens, cookies) through a built
-pipeline and measures the table that keeps them.
+pipeline and measures the table that keeps them: its length, and for keys a client may make long
+(an address Waitress's ``trusted_proxy`` passed on as the proxy wrote it), the characters kept.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import pytest
 from webtest import TestApp
 
 from middleware import cors, session
+from middleware.base import ipv6_network
 from middleware.cors import CORSMiddleware
 from middleware.metrics import MetricsMiddleware
+from middleware.proxy import _parsed_address
 from middleware.ratelimit import _COUNTERS, MAX_MEMORY_KEYS
 from middleware.session import SessionMiddleware
+from middleware.versioning import VersioningMiddleware
 
 ECHO = {"factory": "stack_support:echo_app"}
+LONG = "x" * 4000  # text far longer than any address, as a proxy may forward what a client wrote
 
 
 def layer(stack: TestApp, kind: type[Any]) -> Any:
@@ -36,6 +41,71 @@ def counter_keys(stack: TestApp) -> list[str]:
     return [key for table in tables for key in table]
 
 
+def test_proxy_keeps_no_long_forwarded_text(make_stack: Callable[..., TestApp]) -> None:
+    """A Forwarded ``for`` no address can be is read, refused, and not kept in the parse cache."""
+    stack = make_stack({"app": ECHO, "pipeline": [{"proxy": {"forwarded": 1}}]})
+    _parsed_address.cache_clear()
+    for i in range(50):
+        answer = stack.get("/", headers={"Forwarded": f'for="{i}:{LONG}"'}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+        assert answer.json["client_ip"] == "127.0.0.1"  # not an address: the peer's stays
+    stack.get("/", headers={"Forwarded": "for=203.0.113.9"}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert _parsed_address.cache_info().currsize == 1  # the real address only
+
+
+def test_proxy_keeps_no_long_peer_text(make_stack: Callable[..., TestApp]) -> None:
+    """A peer no address can be (Waitress's trusted_proxy passed a forwarded text on) is not trusted, nor kept."""
+    from middleware.proxy import ProxyMiddleware
+
+    stack = make_stack({"app": ECHO, "pipeline": [{"proxy": {"x_for": 1}}]})
+    proxy = layer(stack, ProxyMiddleware)
+    for i in range(50):
+        answer = stack.get("/", headers={"X-Forwarded-For": "203.0.113.9"}, extra_environ={"REMOTE_ADDR": f"{i}{LONG}"})
+        assert answer.json["client_ip"] == f"{i}{LONG}"
+    assert proxy.trusted.cache_info().currsize == 0
+    trusted = stack.get("/", headers={"X-Forwarded-For": "203.0.113.9"}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    assert (trusted.json["client_ip"], proxy.trusted.cache_info().currsize) == ("203.0.113.9", 1)
+
+
+def test_proxy_refuses_an_address_with_a_zone_longer_than_any_interface_name(
+        make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack({"app": ECHO, "pipeline": [{"proxy": {"forwarded": 1}}]})
+    forwarded = {"Forwarded": f'for="[fe80::1%{LONG}]"'}
+    assert stack.get("/", headers=forwarded, extra_environ={"REMOTE_ADDR": "127.0.0.1"}).json["client_ip"] \
+        == "127.0.0.1"
+    short = {"Forwarded": 'for="[fe80::1%eth0]:4711"'}
+    assert stack.get("/", headers=short, extra_environ={"REMOTE_ADDR": "127.0.0.1"}).json["client_ip"] \
+        == "fe80::1%eth0"
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "sliding-window-counter", "moving-window"])
+def test_ratelimit_memory_keys_stay_short_whatever_the_address_text(
+        make_stack: Callable[..., TestApp], strategy: str) -> None:
+    """Waitress's trusted_proxy passes on the forwarded text as REMOTE_ADDR: each counted client is a short key."""
+    stack = make_stack({"app": ECHO, "pipeline": [{"ratelimit": {"limits": ["100/minute"], "strategy": strategy}}]})
+    before = ipv6_network.cache_info().currsize
+    addresses = [f"2001:db8::{i}:{LONG}" for i in range(40)] + [f"{i}{LONG}" for i in range(40)]
+    for address in addresses:
+        stack.get("/", extra_environ={"REMOTE_ADDR": address})
+        stack.get("/", extra_environ={"REMOTE_ADDR": address})
+    keys = counter_keys(stack)
+    assert len(set(keys)) >= len(addresses)  # each text still counted apart
+    assert max(map(len, keys)) < 150
+    assert ipv6_network.cache_info().currsize - before <= 1  # (the digests pass it by)
+    assert stack.get("/", extra_environ={"REMOTE_ADDR": addresses[0]}).headers["RateLimit-Remaining"] == "97"
+
+
+def test_versioning_counts_keep_short_client_keys(make_stack: Callable[..., TestApp]) -> None:
+    stack = make_stack({"app": ECHO, "pipeline": [{"versioning": {
+        "supported": ["v1", "v2"], "default": "v2", "max_clients": 30,
+        "deprecated": {"v1": {"deprecation": "2024-01-01"}}}}]})
+    versioning = layer(stack, VersioningMiddleware)
+    for i in range(60):
+        stack.get("/api/v1/x", extra_environ={"REMOTE_ADDR": f"{i}:{LONG}"})
+    assert len(versioning._counts) == 30
+    assert max(len(client) for client, _ in versioning._counts) < 100
+
+
+# ------------------------------------------------------------------ bounds that hold
 
 
 def test_cors_remembers_at_most_1024_origins(make_stack: Callable[..., TestApp]) -> None:
