@@ -40,6 +40,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from middleware.base import (
     IDENTITY,
+    LONGEST_ADDRESS,
     READ_AHEAD,
     TOKEN,
     Context,
@@ -707,7 +708,9 @@ class RateLimitMiddleware:
             # address, both without a namespace, must not count an anonymous request twice in one counter
             # (nor two layers keyed by two headers, both missing).
             fallback = "ip:" if part == "client_ip" else ("u-ip:" if part == "user" else f"h-ip:{part}:")
-            out.append(fallback + client_key(ip, self.prefix))
+            # (an IPv4 address as it is, without a call: client_key for IPv6 networks and long text)
+            short = ":" not in ip and len(ip) <= LONGEST_ADDRESS
+            out.append(fallback + (ip if short else client_key(ip, self.prefix)))
         return out[0] if len(out) == 1 else "|".join(dict.fromkeys(out))
 
     def _rules_for(self, environ: WSGIEnvironment) -> tuple[_Compiled | None, _Compiled | None]:
