@@ -27,6 +27,10 @@ SCHEMES: dict[str, str] = {
     "redis+sentinel": "stores.redis:RedisStore",
 }
 
+#: Schemes other clients take, and what they are here (difflib would offer redis+sentinel for redis+unix).
+_ALIASES = {"redis+unix": "unix", "redis-unix": "unix", "redis+socket": "unix", "redis+tls": "rediss",
+            "redis+ssl": "rediss", "redis-sentinel": "redis+sentinel", "sentinel": "redis+sentinel"}
+
 #: A scheme at the start of a URL that lacks part of its ``://``.
 _SCHEME_START = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)(?::/?(?!/)|//)")
 
@@ -62,7 +66,8 @@ def store_from_url(url: str, **options: Any) -> Store:
     target = SCHEMES.get(scheme)
     if target is None:
         known = ", ".join(f"{s}://" for s in SCHEMES)
-        close = difflib.get_close_matches(scheme, list(SCHEMES), n=1) if scheme else []
+        close = [_ALIASES[scheme.lower()]] if scheme.lower() in _ALIASES else \
+            difflib.get_close_matches(scheme, list(SCHEMES), n=1) if scheme else []
         hint = f"; did you mean '{close[0]}://'?" if close else ""
         raise ValueError(f"unknown store scheme {scheme + '://' if scheme else url!r}{hint} (known: {known})")
     if scheme == "memory":

@@ -326,12 +326,31 @@ def _check_encoded(url: str) -> None:
     the rest of the password as the path or the query), and a space is never
     valid: the store would connect somewhere else, or fail with a misleading error.
     """
+    if url != url.strip():  # ${REDIS_URL} read from a secrets file keeps the file's last newline
+        raise ValueError(f"bad Redis store URL {mask_url(url.strip())}: it begins or ends with a space or a "
+                         "line break (a secrets file's last newline?); remove it")
     parts = urlsplit(url)
     if "@" in parts.path or "@" in parts.query or parts.fragment or any(c.isspace() for c in url):
         # The URL last: masking a message for display reads up to an "@" after "://host:" as a password.
         raise ValueError("bad Redis store URL: percent-encode the characters / ? # @ % & and spaces in its user "
                          "name and password (/ as %2F, ? as %3F, # as %23, @ as %40, % as %25, & as %26, a space "
                          f"as %20): {mask_url(url)}")
+
+
+def _unknown_option(url: str, exc: TypeError) -> str:
+    """What redis-py's ``unexpected keyword argument 'x'`` means: a misspelt option, or TLS's on a plain URL."""
+    import difflib
+
+    from . import _redis_option_names
+
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    if found is None:
+        return str(exc)
+    name = found.group(1)
+    if name.startswith("ssl_") and urlsplit(url).scheme.lower() != "rediss":
+        return f"{name} is an option of TLS connections: write the URL rediss://"
+    close = difflib.get_close_matches(name, sorted(_redis_option_names()), n=1)
+    return f"unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
 def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
@@ -364,12 +383,19 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
                 except ValueError:
                     raise ValueError(f"bad Redis store URL {mask_url(url)}: {name} must be a number of seconds "
                                      f"above 0, got {parsed[name]!r}") from None
+        if scheme != "unix" and path[1:].isdigit() and int(path[1:]) != parsed.get("db", int(path[1:])):
+            raise ValueError(f"bad Redis store URL {mask_url(url)}: it names two databases, {path!r} and "
+                             f"?db={parsed['db']}; give one")
         parsed.setdefault("db", 0)
         if "host" in parsed:
             parsed["host"] = str(parsed["host"]).lower()
             parsed.setdefault("port", 6379)
     # What the URL's query sets wins over the keyword options, as in ConnectionPool.from_url: the
     # identity is the pool's real settings (two stores with other timeouts get two pools).
+    decode = {**options, **parsed}.get("decode_responses", False)
+    if decode is not False:  # redis-py reads any text, "false" too, as true
+        raise ValueError(f"bad Redis store {mask_url(url)}: decode_responses cannot be set (the layers store "
+                         "bytes, and would read text back)")
     facts = sorted((k, repr(v)) for k, v in {**options, **parsed}.items())
     return (scheme, *facts)
 
@@ -395,7 +421,7 @@ def _make_client(url: str, options: dict[str, Any]) -> tuple[redis.Redis, Sentin
     try:  # unknown options fail now, not on the first request
         pool.connection_class(**pool.connection_kwargs).disconnect()
     except TypeError as exc:
-        raise TypeError(f"bad option for Redis store {mask_url(url)}: {exc}") from None
+        raise TypeError(f"bad option for Redis store {mask_url(url)}: {_unknown_option(url, exc)}") from None
     for name in _TLS_FILES:  # a file that is not there would look like an outage that never ends
         file = pool.connection_kwargs.get(name)
         if isinstance(file, str) and file and not os.path.exists(file):

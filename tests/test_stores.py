@@ -1104,8 +1104,56 @@ def test_urls_that_could_never_connect_are_refused_at_construction(url: str, err
 
 def test_unknown_pool_option_is_refused_at_construction() -> None:
     with pytest.raises(TypeError, match=r"^bad option for Redis store redis://:\*\*\*@127\.0\.0\.1:1/0: "
-                                        r".*unexpected keyword argument 'bogus'"):
+                                        r"unknown option 'bogus'$"):
         store_from_url("redis://:pw@127.0.0.1:1/0", bogus=1)
+
+
+@pytest.mark.parametrize(("url", "options", "error"), [
+    pytest.param("redis://:pw@127.0.0.1:1/0\n", {}, "bad Redis store URL redis://:***@127.0.0.1:1/0: it begins or "
+                 "ends with a space or a line break (a secrets file's last newline?); remove it",
+                 id="a secrets file's newline (was: percent-encode the password)"),
+    pytest.param(" redis://127.0.0.1:1/0  ", {}, "bad Redis store URL redis://127.0.0.1:1/0: it begins or ends with "
+                 "a space or a line break (a secrets file's last newline?); remove it", id="spaces around it"),
+    pytest.param("redis://127.0.0.1:1/3?db=4", {}, "bad Redis store URL redis://127.0.0.1:1/3?db=4: it names two "
+                 "databases, '/3' and ?db=4; give one", id="two databases (?db= won in silence)"),
+    pytest.param("redis://127.0.0.1:1/0?socket_timout=1", {}, "bad option for Redis store "
+                 "redis://127.0.0.1:1/0?socket_timout=1: unknown option 'socket_timout'; did you mean "
+                 "'socket_timeout'?", id="a misspelt query option"),
+    pytest.param("redis://127.0.0.1:1/0", {"health_check_intervall": 5}, "bad option for Redis store "
+                 "redis://127.0.0.1:1/0: unknown option 'health_check_intervall'; did you mean "
+                 "'health_check_interval'?", id="a misspelt store option"),
+    pytest.param("redis://:pw@127.0.0.1:1/0?ssl_cert_reqs=required", {}, "bad option for Redis store "
+                 "redis://:***@127.0.0.1:1/0?ssl_cert_reqs=required: ssl_cert_reqs is an option of TLS connections: "
+                 "write the URL rediss://", id="a TLS option on redis://"),
+    pytest.param("redis://127.0.0.1:1/0?decode_responses=false", {}, "bad Redis store "
+                 "redis://127.0.0.1:1/0?decode_responses=false: decode_responses cannot be set (the layers store "
+                 "bytes, and would read text back)", id="decode_responses in the URL (any text is true)"),
+    pytest.param("redis://127.0.0.1:1/0", {"decode_responses": True}, "bad Redis store redis://127.0.0.1:1/0: "
+                 "decode_responses cannot be set (the layers store bytes, and would read text back)",
+                 id="decode_responses as an option"),
+    pytest.param("redis+unix:///run/redis.sock", {}, "unknown store scheme 'redis+unix://'; did you mean 'unix://'? "
+                 "(known: memory://, redis://, rediss://, unix://, redis+sentinel://)",
+                 id="redis+unix (was: did you mean redis+sentinel)"),
+])
+def test_redis_url_mistakes_are_refused_with_advice(url: str, options: dict[str, Any], error: str) -> None:
+    with pytest.raises((ValueError, TypeError)) as info:
+        store_from_url(url, **options)
+    assert str(info.value) == error
+
+
+@pytest.mark.redis
+def test_the_same_database_in_the_path_and_the_query_is_one(redis_url: str) -> None:
+    store = store_from_url(f"{redis_url.rsplit('/', 1)[0]}/3?db=3&max_connections=7&health_check_interval=5")
+    try:
+        assert isinstance(store, RedisStore)
+        assert (store.pool.connection_kwargs["db"], store.pool.connection_kwargs["health_check_interval"],
+                store.pool.max_connections) == (3, 5, 7)
+        store.set("k", b"v", ttl=30)
+        assert store.get("k") == b"v"
+        with redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/3") as admin:
+            assert admin.get("wsgistack:k") == b"v"
+    finally:
+        store.close()
 
 
 def test_redis_store_needs_a_url_or_a_client() -> None:
