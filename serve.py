@@ -40,6 +40,7 @@ import functools
 import gc
 import importlib.metadata
 import inspect
+import io
 import json
 import logging
 import math
@@ -1345,7 +1346,9 @@ def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tu
         data = body
         if body and "content-length" not in names:
             lines.append(f"Content-Length: {len(body)}")
-    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + data  # as curl sends what it is given
+    # As curl sends what it is given: UTF-8 text, and an argument's bytes that are not (a Latin-1 header
+    # value, a binary body) as they were, which Python holds as surrogate escapes.
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + data
     parser = HTTPRequestParser(adj)
     while raw and not parser.completed:
         raw = raw[parser.received(raw):]
@@ -1463,7 +1466,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):
             lines, _ = explain(args.config, args.method, args.path, args.header, args.peer,
-                               (args.data or "").encode())
+                               (args.data or "").encode("utf-8", "surrogateescape"))
     except ConfigError as exc:
         _print_problems(exc.problems)
         return 2
@@ -1737,9 +1740,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if here not in sys.path:  # the `wsgistack` entry point imports layers beside serve.py as `python serve.py` does
         sys.path.insert(0, here)
     args = parser().parse_args(argv)
-    if (args.command or "serve") != "serve":  # blocked at startup for `serve` (see the imports)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-    if args.command in ("layers", "check", "explain"):
+    if (args.command or "serve") == "serve":  # its signals are its own (cmd_serve)
+        return _run(args)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # An argument that is not UTF-8 (a file's name, explain's target) prints back as the bytes it came
+        # in, as a C locale's stdout does, not as a UnicodeEncodeError in a UTF-8 locale's.
+        sys.stdout.reconfigure(errors="surrogateescape")
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # blocked at startup for `serve` (see the imports)
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C (a slow app factory, a Redis that does not answer): 130, as shells say it
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command ``args`` names, after reading the ``.env`` beside its file; its exit code."""
+    if args.command in ("layers", "check", "explain", "cache"):
         # Printing commands: `serve.py layers | head` ends quietly. Never for `serve`, where a
         # client closing its socket must raise EPIPE in that one thread, not end the process.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

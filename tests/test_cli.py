@@ -469,6 +469,101 @@ def test_explain_refuses_a_peer_that_is_no_address(config_file) -> None:  # type
         "serve.py explain: error: argument --peer: 'notanip' is not an IP address (10.0.0.7, ::1)"
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    pytest.param([b"POST", b"/api/x", b"-d", b"\xff\xfe"], [b"status: 200 ", b"POST /api/x from 127.0.0.1"],
+                 id="a binary body"),
+    pytest.param([b"GET", b"/api/x", b"-H", b"X-Name: caf\xe9"], [b"status: 200 "],
+                 id="a Latin-1 header value"),
+    pytest.param([b"GET", b"/api/caf\xe9"], [b"GET /api/caf\xe9 from", b"Waitress answers it itself: 400 Bad Request"],
+                 id="a target that is not UTF-8"),
+])
+def test_explain_sends_the_bytes_of_its_arguments_as_curl_does(config_file, args: list[bytes],  # type: ignore[no-untyped-def]
+                                                               expected: list[bytes]) -> None:
+    """An argument that is not UTF-8 text goes out as the bytes given, not as a codec error; the trace
+    prints them back as they came (in a UTF-8 locale too, whose stdout would refuse them)."""
+    path = config_file(ECHO + "pipeline:\n  - errors: {}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "explain", *args],
+                            cwd=path.parent, env=env, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert all(part in result.stdout for part in expected), result.stdout
+
+
+def test_check_names_a_file_whose_name_is_not_utf_8_as_it_is(tmp_path: Path) -> None:
+    """`check` prints the file's name back in the bytes it was given (as ls does), in a UTF-8 locale too."""
+    path = tmp_path / os.fsdecode(b"caf\xe9.yaml")
+    path.write_text(ECHO + "pipeline: [errors: {}]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", os.fsencode(path), "check"],
+                            cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, os.fsencode(path) + b": ok\n"), result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(["check"], id="check"),
+    pytest.param(["layers"], id="layers"),
+    pytest.param(["explain", "GET", "/api/x"], id="explain"),
+    pytest.param(["cache", "purge", "/api/*"], id="cache purge"),
+])
+def test_a_reader_that_closed_its_end_ends_a_printing_command_quietly(config_file, redis_url: str,  # type: ignore[no-untyped-def]
+                                                                      command: list[str]) -> None:
+    """`serve.py check | head -1`: the command's output into a pipe nobody reads ends it without a traceback."""
+    path = config_file(ECHO + f"stores: {{shared: '{redis_url}'}}\npipeline:\n  - errors: {{}}\n  - cache: {{}}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command prints
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), *command], cwd=path.parent,
+                                env=env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == -signal.SIGPIPE, result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(["check"], id="check"),
+    pytest.param(["check", "--hosted"], id="check --hosted"),
+    pytest.param(["explain", "GET", "/api/x"], id="explain"),
+    pytest.param(["cache", "purge", "/api/*"], id="cache purge"),
+])
+def test_ctrl_c_ends_a_command_with_130_and_no_traceback(config_file, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                         command: list[str]) -> None:
+    """SIGINT while the app factory runs (a slow database, say): exit 130, as shells report it, no traceback."""
+    flag = tmp_path / "building"
+    path = config_file(f'app: {{factory: "stack_support:slow_failing_app", options: {{flag: "{flag}"}}}}\n'
+                       "stores: {shared: 'redis://127.0.0.1:1/0'}\npipeline:\n  - errors: {}\n  - cache: {}\n")
+    if command[0] == "cache":  # this command builds no app: it waits for a Redis that does not answer
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts the connection and never answers
+        listener.settimeout(30)
+        path.write_text(path.read_text().replace("127.0.0.1:1/", f"127.0.0.1:{listener.getsockname()[1]}/"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "-c", str(path), *command], cwd=path.parent,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        if command[0] == "cache":
+            connection, _ = listener.accept()
+        else:
+            while not flag.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if command[0] == "cache":
+            connection.close()
+            listener.close()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert (process.returncode, out) == (130, ""), err
+
+
 # ---------------------------------------------------------------- serve:app for other WSGI servers
 
 
