@@ -1755,7 +1755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the command ``args`` names, after reading the ``.env`` beside its file; its exit code."""
-    if args.command in ("layers", "check", "explain", "cache"):
+    if args.command in ("layers", "check", "explain", "cache", "users"):
         # Printing commands: `serve.py layers | head` ends quietly. Never for `serve`, where a
         # client closing its socket must raise EPIPE in that one thread, not end the process.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

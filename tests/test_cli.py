@@ -305,6 +305,27 @@ def test_sighup_reloads_and_keeps_serving_on_a_bad_config(config_file) -> None: 
     assert "generation 2 serving" in output
 
 
+def test_users_list_into_a_closed_pipe_ends_quietly(config_file) -> None:  # type: ignore[no-untyped-def]
+    """`serve.py users list | head -1` with the reader gone: ended by SIGPIPE, as the other printing
+    commands, not "cannot use …users.sqlite3: Broken pipe" and exit 1."""
+    path = config_file(ECHO.replace("}", ", options: {var_dir: data}}") + "pipeline: [errors: {}]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    added = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "users", "add", "alice",
+                            "--password-stdin"], input="correct horse battery\n", env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "-c", str(path), "users", "list"],
+                                cwd=path.parent, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr, result.stderr
+    assert result.returncode == -signal.SIGPIPE, result.stderr
+
+
 def test_users_commands_manage_the_stack_users_db(config_file) -> None:  # type: ignore[no-untyped-def]
     path = config_file(ECHO.replace("}", ", options: {var_dir: data}}") + "pipeline: [errors: {}]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
