@@ -9,8 +9,10 @@ carries the session cookie, this layer:
    ``trusted_origins`` (exact origins and ``https://*.example.org``);
 3. without ``Sec-Fetch-Site`` (older browsers), compares ``Origin`` with the
    request's own origin (scheme + Host) and the trusted list;
-4. allows a request with neither header: it does not come from a browser, so
-   no browser can be tricked into sending it.
+4. with neither header, compares the origin of ``Referer`` the same way (a
+   browser that sends no ``Origin`` on a form POST still names the page there);
+   a request with none of the three is allowed: it does not come from a
+   browser, so no browser can be tricked into sending it.
 
 Requests without the session cookie (for example those authenticated by a
 bearer token only) carry no ambient credential and pass.  With
@@ -174,14 +176,34 @@ class CSRFMiddleware:
                    else "the request has no Origin header")
             raise refuse(403, f"{label} {method} refused: Sec-Fetch-Site is {shown(site)} "
                               f"and {why}")
-        if origin is None:
-            note(environ, "csrf", "neither Sec-Fetch-Site nor Origin: not a browser request")
-            return
         own = own_origin(environ)
+        if origin is None:
+            self._check_referer(environ, method, own)
+            return
         if normalise_origin(origin) == own or self.trusted(origin):
             return
         raise refuse(403, f"cross-origin {method} refused: Origin {shown(origin)} is not this "
                           f"site's origin ({own}) and is not trusted")
+
+    def _check_referer(self, environ: WSGIEnvironment, method: str, own: str) -> None:
+        """Neither header: a client that is no browser, or one that sends no ``Origin`` on a form POST
+        (Firefox before 70, Internet Explorer).  Such a browser still names the sending page in
+        ``Referer`` (unless its policy is ``no-referrer``): one of another origin is refused."""
+        referer = environ.get("HTTP_REFERER")
+        if not referer:
+            note(environ, "csrf", "neither Sec-Fetch-Site, Origin nor Referer: not a browser request")
+            return
+        scheme, _, rest = referer.partition("://")
+        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+        origin = normalise_origin(f"{scheme}://{authority}") if rest else None
+        if origin is None or not origin.startswith(("http://", "https://")):
+            raise refuse(403, f"cross-origin {method} refused: no Origin header, and the Referer "
+                              "names no http(s) origin")
+        if origin == own or self.trusted(origin):
+            note(environ, "csrf", f"no Origin, Referer from {origin}")
+            return
+        raise refuse(403, f"cross-origin {method} refused: no Origin header, and the Referer's origin "
+                          f"{shown(origin)} is not this site's origin ({own}) and is not trusted")
 
     def trusted(self, origin: str) -> bool:
         """Whether ``origin`` is in ``trusted_origins`` (exactly or by wildcard)."""

@@ -137,6 +137,34 @@ ALLOWED = (200, None)
                          "... is not this site's origin (http://localhost) and is not trusted"),
                  id="hostile Origin is cut and cleaned"),
     pytest.param({}, dict(COOKIE), ALLOWED, id="neither header: not a browser"),
+    # neither header, but a Referer (a browser that sends no Origin on a form POST: Firefox before 70,
+    # Internet Explorer): the page that sent it is named there
+    pytest.param({}, {**COOKIE, "Referer": "https://evil.example/page?q=1#top"},
+                 refused("cross-origin POST refused: no Origin header, and the Referer's origin "
+                         "https://evil.example is not this site's origin (http://localhost) and is not "
+                         "trusted"), id="no Origin, cross-site Referer"),
+    pytest.param({}, {**COOKIE, "Referer": "http://localhost/form?next=/x"}, ALLOWED,
+                 id="no Origin, same-origin Referer with a path and query"),
+    pytest.param({}, {**COOKIE, "Referer": "HTTP://LocalHost:80/form"}, ALLOWED,
+                 id="no Origin, same-origin Referer, other spelling"),
+    pytest.param({}, {**COOKIE, "Referer": "http://localhost:8080/form"},
+                 refused("cross-origin POST refused: no Origin header, and the Referer's origin "
+                         "http://localhost:8080 is not this site's origin (http://localhost) and is not "
+                         "trusted"), id="no Origin, Referer on another port"),
+    pytest.param({}, {**COOKIE, "Referer": "http://shop.test/form", "Host": "shop.test", ":scheme": "https"},
+                 refused("cross-origin POST refused: no Origin header, and the Referer's origin "
+                         "http://shop.test is not this site's origin (https://shop.test) and is not "
+                         "trusted"), id="no Origin, http page posting to the https site"),
+    pytest.param({}, {**COOKIE, "Referer": "http://localhost@evil.example/"},
+                 refused("cross-origin POST refused: no Origin header, and the Referer's origin "
+                         "http://evil.example is not this site's origin (http://localhost) and is not "
+                         "trusted"), id="no Origin, Referer with userinfo naming this host"),
+    pytest.param({"trusted_origins": TRUSTED}, {**COOKIE, "Referer": "https://app.example.org/x"},
+                 ALLOWED, id="no Origin, trusted Referer"),
+    pytest.param({}, {**COOKIE, "Referer": "about:blank"},
+                 refused("cross-origin POST refused: no Origin header, and the Referer names no "
+                         "http(s) origin"), id="no Origin, Referer without an origin"),
+    pytest.param({}, {**COOKIE, "Referer": ""}, ALLOWED, id="no Origin, empty Referer: none"),
     # methods
     pytest.param({}, {**COOKIE, ":method": "GET", "Sec-Fetch-Site": "cross-site"}, ALLOWED,
                  id="GET is safe"),
