@@ -609,6 +609,12 @@ def test_the_walkthrough_through_the_docs_nginx(servers: Pair, nginx: tuple[int,
     assert spoofed.headers["X-Request-ID"] != "spoof-check-1"
     assert access_log(servers, "spoof-check-1") == []
     assert access_log(servers, spoofed.headers["X-Request-ID"]) == [("127.0.0.2", "/api/v2/health")]
+    # Nor can what the client wrote there get its request refused: Waitress parses every entry of
+    # the header it is given, and answers one it cannot parse (bad quoting) with its own plain 400.
+    for forged in ['"203.0.113.99', '"a\\', "203.0.113.99, \"x"]:
+        garbled = via_nginx(https_port, ca, "/api/v2/health", {"X-Forwarded-For": forged}, source="127.0.0.2")
+        assert garbled.status == 200, (forged, garbled.body)
+        assert access_log(servers, garbled.headers["X-Request-ID"]) == [("127.0.0.2", "/api/v2/health")]
     assert via_nginx(https_port, ca, "/metrics", {}).status == 404
 
     conn = HTTPConnection("127.0.0.1", http_port, timeout=10)
