@@ -115,6 +115,40 @@ def test_the_check_output_in_the_docs_is_real(tmp_path: Path) -> None:
         == shared.splitlines()
 
 
+def docs_unit() -> dict[str, list[str]]:
+    """The settings of the systemd unit in docs/production.md, each name with its values in order."""
+    block = DOC.read_text().split("# /etc/systemd/system/wsgistack.service\n", 1)[1].split("```", 1)[0]
+    settings: dict[str, list[str]] = {}
+    for line in block.splitlines():
+        if line.strip() and not line.startswith(("#", "[")):
+            name, _, value = line.partition("=")
+            settings.setdefault(name, []).append(value)
+    return settings
+
+
+def test_the_docs_unit_lets_the_example_write_drain_and_reload() -> None:
+    """What examples/production.yaml writes lies where the unit's read-only file system lets it write."""
+    unit = docs_unit()
+    example = EXAMPLE.read_text()
+    server = yaml.safe_load(example)["server"]
+    # systemd has no comments after a value: a '#' there becomes part of it, and the setting is
+    # ignored ("Failed to parse time value"). Neither page's unit text may have one.
+    for page in (DOC, ROOT / "docs" / "operations.md"):
+        for block in re.findall(r"```ini\n(.*?)```", page.read_text(), flags=re.S):
+            assert not [line for line in block.splitlines() if "=" in line and "#" in line.partition("=")[2]], page
+    assert unit["ProtectSystem"] == ["strict"] and unit["PrivateTmp"] == ["yes"]
+    assert unit["NoNewPrivileges"] == ["yes"] and unit["CapabilityBoundingSet"] == [""]
+    writable = [Path("/var/lib", *unit["StateDirectory"]), Path("/run", *unit["RuntimeDirectory"]), Path("/tmp"),
+                *(Path(p) for values in unit.get("ReadWritePaths", []) for p in values.split())]
+    for variable in ("WSGISTACK_VAR_DIR", "WSGISTACK_DRAIN_FILE"):
+        [default] = re.findall(r"\$\{" + variable + r":-([^}]+)\}", example)
+        assert any(Path(default).is_relative_to(folder) for folder in writable), (variable, default, writable)
+    # The drain (and the 5 s the supervisor then gives a worker) ends before systemd's SIGKILL.
+    assert int(unit["TimeoutStopSec"][0]) > server["drain_timeout"] + 5
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # the supervisor, which reloads every worker
+    assert unit["User"] == ["wsgistack"] and unit["StateDirectory"] == ["wsgistack"]
+
+
 # ---------------------------------------------------------------- two processes, one Redis
 
 
