@@ -147,6 +147,10 @@ def test_the_docs_unit_lets_the_example_write_drain_and_reload() -> None:
     assert int(unit["TimeoutStopSec"][0]) > server["drain_timeout"] + 5
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # the supervisor, which reloads every worker
     assert unit["User"] == ["wsgistack"] and unit["StateDirectory"] == ["wsgistack"]
+    # systemd makes the folders with its own mode (0755 unless told): the one step 1 gives them.
+    [made] = re.findall(r"install -d -o wsgistack -g wsgistack -m (\d+) /var/lib/wsgistack /run/wsgistack",
+                        DOC.read_text())
+    assert unit["StateDirectoryMode"] == unit["RuntimeDirectoryMode"] == [made]
 
 
 # ---------------------------------------------------------------- two processes, one Redis
