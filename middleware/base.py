@@ -947,11 +947,17 @@ def wrap_start_response(
 
 
 def call_with_headers(app: WSGIApplication, environ: WSGIEnvironment, start_response: StartResponse,
-                      edit: Callable[[str, Headers], None], extra: Iterable[tuple[str, str]]) -> Iterable[bytes]:
+                      edit: Callable[[str, Headers], None],
+                      extra: Iterable[tuple[str, str]] | Callable[[BaseException], Iterable[tuple[str, str]]],
+                      ) -> Iterable[bytes]:
     """Call ``app`` with a ``start_response`` whose headers ``edit(status, headers)`` changes in place; what
     it raises before the response starts, from the call or from a generator app's body before its first
-    chunk, carries ``extra`` to the ``errors`` layer (:func:`decorate_error`), as the response would have."""
+    chunk, carries ``extra`` to the ``errors`` layer (:func:`decorate_error`), as the response would have.
+    ``extra`` may be a function of the exception, for headers that depend on it (on the response it carries)."""
     started = False
+
+    def carry(exc: BaseException) -> None:
+        decorate_error(exc, extra(exc) if callable(extra) else extra)
 
     def start(status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
         nonlocal started
@@ -963,13 +969,13 @@ def call_with_headers(app: WSGIApplication, environ: WSGIEnvironment, start_resp
     try:
         body = app(environ, start)
     except Exception as exc:
-        decorate_error(exc, extra)
+        carry(exc)
         raise
     if started:
         return body
     # A generator app starts its response on the first next(); errors takes that chunk itself and
     # renders what it raises, which must carry these headers as a refusal from the call does.
-    return UnstartedBody(body, lambda: started, lambda exc: decorate_error(exc, extra))
+    return UnstartedBody(body, lambda: started, carry)
 
 
 class PrimedBody:

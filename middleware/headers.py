@@ -26,11 +26,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
+from werkzeug.exceptions import HTTPException
 
 from middleware.base import (
     Context,
     Headers,
     LayerOptions,
+    add_missing,
     call_with_headers,
     header_text,
 )
@@ -226,6 +228,8 @@ class SecurityHeadersMiddleware:
         self.headers_https: Headers = secure
         self._add_http = self._adder(common, variants)
         self._add_https = self._adder(secure, variants)
+        self._error_http = self._for_error(self._add_http, common)
+        self._error_https = self._for_error(self._add_https, secure)
 
     @staticmethod
     def _adder(extra: Headers, variants: dict[str, str] | None = None) -> Callable[[str, Headers], None]:
@@ -247,8 +251,26 @@ class SecurityHeadersMiddleware:
 
         return add
 
+    @staticmethod
+    def _for_error(add: Callable[[str, Headers], None], extra: Headers) -> Callable[[BaseException], Headers]:
+        """The headers a refusal from inside carries: ``extra``, or, for one that carries a response of its own
+        (``abort(Response(...))``, which ``errors`` sends as it is), what ``add`` would add to that response:
+        a policy whose frame-ancestors follow the response's own X-Frame-Options, as a view's would get."""
+
+        def headers_for(exc: BaseException) -> Headers:
+            own = exc.response if isinstance(exc, HTTPException) else None
+            if own is None or not hasattr(own, "get_data"):
+                return extra
+            headers = own.headers.to_wsgi_list()
+            add_missing(headers, getattr(exc, "wsgistack_headers", None))  # (what layers inside attached)
+            size = len(headers)
+            add(own.status, headers)
+            return headers[size:]
+
+        return headers_for
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         https = environ.get("wsgi.url_scheme") == "https"
         # (a refusal from inside gets the headers of the scheme this layer saw, as a response would)
         return call_with_headers(self.app, environ, start_response, self._add_https if https else self._add_http,
-                                 self.headers_https if https else self.headers_http)
+                                 self._error_https if https else self._error_http)

@@ -455,3 +455,43 @@ def test_exc_info_reaches_the_server() -> None:
     layer = SecurityHeadersMiddleware(failing, SecurityHeadersMiddleware.Options(), Context())
     assert layer({"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http"}, start_response) == [b"failed"]
     assert calls == [("200 OK", None), ("500 Internal Server Error", ValueError)]
+
+
+def aborting_app(options: dict[str, Any] | None = None) -> Callable[..., Iterable[bytes]]:
+    """A plain WSGI app that aborts with a response of its own: framing given by the path's last segment."""
+    from werkzeug.exceptions import abort
+    from werkzeug.wrappers import Response
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        framing = environ["PATH_INFO"].rpartition("/")[2]
+        headers = {"X-Frame-Options": framing} if framing else {}
+        abort(Response("moved on", status=409, headers=headers))
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    return app
+
+
+@pytest.mark.parametrize(("frame_options", "response_sets", "frame_ancestors"), [
+    pytest.param("deny", "SAMEORIGIN", "'self'", id="a response that loosens"),
+    pytest.param("sameorigin", "DENY", "'none'", id="a response that tightens"),
+    pytest.param("deny", "sameorigin", "'self'", id="in any case"),
+    pytest.param("deny", "ALLOWALL", None, id="a value with no frame-ancestors twin"),
+    pytest.param("deny", "", "'none'", id="a response without its own: the layer's"),
+])
+def test_an_aborted_responses_own_frame_options_gets_the_policy_that_agrees(
+        make_stack: Callable[..., TestApp], frame_options: str, response_sets: str,
+        frame_ancestors: str | None) -> None:
+    # abort(Response(...)) from a plain WSGI app: errors renders that response as it is, and the
+    # headers layer's policy must not overrule the framing it chose, as for a view's own response.
+    stack = make_stack({
+        "app": {"factory": f"{__name__}:aborting_app"},
+        "pipeline": [{"errors": {}},
+                     {"headers": {"content_security_policy": "default-src 'self'",
+                                  "frame_options": frame_options}}],
+    })
+    response = stack.get("/framed/" + response_sets, status=409)
+    assert response.text == "moved on"
+    found = security(response)
+    assert found["X-Frame-Options"] == (response_sets or frame_options.upper())
+    assert found["Content-Security-Policy"] == "default-src 'self'" + (
+        f"; frame-ancestors {frame_ancestors}" if frame_ancestors else "")
