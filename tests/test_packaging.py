@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from config.registry import LAYERS
 
@@ -100,29 +102,18 @@ def test_the_wheel_has_every_package_the_code_imports() -> None:
     assert "py.typed" in SETUPTOOLS["package-data"].get("*", []), "py.typed is not package data"
 
 
-def test_every_distribution_imported_at_run_time_is_a_dependency() -> None:
-    """Not only a dev or bench extra's: the operator's venv has the dependencies (and theirs) alone."""
-    requirements = pytest.importorskip("packaging.requirements")
-    utils = pytest.importorskip("packaging.utils")
-    todo = [requirements.Requirement(text) for text in PROJECT["project"]["dependencies"]]
-    needed: set[str] = set()
-    seen: set[tuple[str, frozenset[str]]] = set()
-    while todo:
-        requirement = todo.pop()
-        key = (utils.canonicalize_name(requirement.name), frozenset(requirement.extras))
-        if key in seen:
-            continue
-        seen.add(key)
-        needed.add(key[0])
-        try:
-            dist = importlib.metadata.distribution(requirement.name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for text in dist.requires or ():
-            sub = requirements.Requirement(text)
-            if sub.marker is None or any(sub.marker.evaluate({"extra": extra})
-                                         for extra in (requirement.extras or {""})):
-                todo.append(sub)
+#: Modules the run-time code imports from a distribution pyproject.toml does not name, because a declared
+#: one pins it to its own exact release as a part of itself: {module: that declared distribution}.
+#: Anything else the code imports must be declared itself, not merely arrive with something declared.
+COMPANIONS = {
+    "pydantic_core": "pydantic",  # pydantic requires pydantic-core==<its build>; serve.py reads its errors' types
+}
+
+
+def _undeclared(dependencies: list[str]) -> set[str]:
+    """``source: module (distributions)`` for each third-party module the run-time code imports whose
+    distribution is not one of ``dependencies`` (requirement texts) itself, nor a declared one's companion."""
+    declared = {canonicalize_name(Requirement(text).name) for text in dependencies}
     first_party = set(MODULES) | {package.split(".")[0] for package in _packages()}
     by_module = importlib.metadata.packages_distributions()
     undeclared = set()
@@ -131,7 +122,39 @@ def test_every_distribution_imported_at_run_time_is_a_dependency() -> None:
             top = name.split(".")[0]
             if top in sys.stdlib_module_names or top in first_party:
                 continue
-            dists = {utils.canonicalize_name(dist) for dist in by_module.get(top, [])}
-            if not dists & needed:
-                undeclared.add(f"{source.relative_to(ROOT)}: {top} ({', '.join(sorted(dists)) or 'not installed'})")
-    assert not undeclared, f"imported at run time, not among the dependencies: {sorted(undeclared)}"
+            dists = {canonicalize_name(dist) for dist in by_module.get(top, [])}
+            carrier = COMPANIONS.get(top)
+            if dists & declared or (carrier is not None and carrier in declared):
+                continue
+            undeclared.add(f"{source.relative_to(ROOT)}: {top} ({', '.join(sorted(dists)) or 'not installed'})")
+    return undeclared
+
+
+def test_every_distribution_imported_at_run_time_is_a_direct_dependency() -> None:
+    """Not only a dev or bench extra's, nor only another dependency's: that one may drop it in any release."""
+    undeclared = _undeclared(PROJECT["project"]["dependencies"])
+    assert not undeclared, f"imported at run time, not among [project.dependencies]: {sorted(undeclared)}"
+
+
+@pytest.mark.parametrize(("module", "carrier"), sorted(COMPANIONS.items()))
+def test_a_companion_is_pinned_by_the_dependency_that_brings_it(module: str, carrier: str) -> None:
+    """An allowed companion is imported by the code, and its declared carrier requires its exact release."""
+    imported = {name.split(".")[0] for source in _sources() for name in _run_time_imports(source)}
+    assert module in imported, f"{module} is no longer imported: drop it from COMPANIONS"
+    declared = {canonicalize_name(Requirement(text).name) for text in PROJECT["project"]["dependencies"]}
+    assert carrier in declared
+    companion = {canonicalize_name(dist) for dist in importlib.metadata.packages_distributions()[module]}
+    pins = [Requirement(text) for text in importlib.metadata.requires(carrier) or ()]
+    assert any(canonicalize_name(req.name) in companion and req.marker is None
+               and [spec.operator for spec in req.specifier] == ["=="] for req in pins), (
+        f"{carrier} does not pin {module}'s distribution to one release: declare it")
+
+
+@pytest.mark.parametrize("left_out", ["cryptography", "PyJWT[crypto]", "pyyaml"])
+def test_a_module_that_only_arrives_with_another_dependency_is_found(left_out: str) -> None:
+    """cryptography arrives with PyJWT[crypto] too; without its own line, the import by auth is undeclared."""
+    kept = [text for text in PROJECT["project"]["dependencies"] if not text.startswith(left_out)]
+    assert len(kept) == len(PROJECT["project"]["dependencies"]) - 1
+    module, dist = {"cryptography": ("cryptography", "cryptography"), "PyJWT[crypto]": ("jwt", "pyjwt"),
+                    "pyyaml": ("yaml", "pyyaml")}[left_out]
+    assert {line.split(": ")[1] for line in _undeclared(kept)} == {f"{module} ({dist})"}
