@@ -105,6 +105,7 @@ __all__ = [
     "refuse",
     "rendered",
     "resolve_path",
+    "rooted_path",
     "serialise_origin",
     "set_cookie_header",
     "shown",
@@ -743,6 +744,12 @@ def one_leading_slash(path: str) -> str:
     return "/" + path.lstrip("/") if path[:2] == "//" else path
 
 
+def rooted_path(path: str) -> str:
+    """``path`` as werkzeug's router reads it: leading slashes count as one, and a path without one is
+    rooted (``GET admin/x HTTP/1.1``: Waitress passes ``admin/x`` on, the router routes ``/admin/x``)."""
+    return path if path[:1] == "/" and path[1:2] != "/" else "/" + path.lstrip("/")
+
+
 def decoded_path(environ: WSGIEnvironment) -> str:
     """The percent-decoded request path as text (PEP 3333 gives it as latin-1), as the router sees it.
 
@@ -752,6 +759,7 @@ def decoded_path(environ: WSGIEnvironment) -> str:
     Leading slashes count as one, as werkzeug's router counts them (``//auth/login``
     routes to ``/auth/login``): Waitress merges them itself, other servers
     (gunicorn) pass them on, and a rule written for ``/auth/*`` must match there too.
+    A path without a leading slash is rooted, as the router roots it (:func:`rooted_path`).
 
     Kept in environ with the ``PATH_INFO`` it was decoded from: a layer that
     rewrites ``PATH_INFO`` (versioning, a layer of your own) need not drop it,
@@ -761,7 +769,7 @@ def decoded_path(environ: WSGIEnvironment) -> str:
     cached: tuple[str, str] | None = environ.get(PATH)
     if cached is not None and cached[0] == raw:
         return cached[1]
-    text = one_leading_slash(raw or "/")
+    text = rooted_path(raw)
     try:  # bytes that are not UTF-8 become U+FFFD, as werkzeug's router decodes them
         path = text.encode("latin-1").decode("utf-8", "replace")
     except UnicodeError:  # not latin-1 text (against PEP 3333): taken as it is

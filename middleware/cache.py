@@ -71,9 +71,9 @@ from .base import (
     cookies,
     decoded_path,
     note,
-    one_leading_slash,
     read_ahead,
     refuse,
+    rooted_path,
 )
 
 if TYPE_CHECKING:
@@ -1294,7 +1294,7 @@ def _versions_of(environ: WSGIEnvironment) -> list[WSGIEnvironment]:
     if versions is None or version is None:
         return [environ]
     supported, start = versions
-    path = one_leading_slash(environ.get("PATH_INFO", ""))
+    path = rooted_path(environ.get("PATH_INFO", ""))
     if path[start:start + len(version)] != version:
         return [environ]  # a URI the write's answer named, without the version where the write's own has it
     tail = path[start + len(version):]

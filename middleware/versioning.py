@@ -60,8 +60,8 @@ from .base import (
     escape_control,
     header_name,
     note,
-    one_leading_slash,
     refuse,
+    rooted_path,
     wrap_start_response,
 )
 
@@ -311,7 +311,7 @@ class VersioningMiddleware:
         Refuses (raises) a version that is not supported or sources that disagree.
         """
         path: str = environ.get("PATH_INFO", "")
-        path = one_leading_slash(path)  # gunicorn passes them on
+        path = rooted_path(path)  # gunicorn passes leading slashes on, Waitress a path without one
         if path != self.prefix and not path.startswith(self.prefix_slash):
             return None
         rest = path[len(self.prefix_slash):]
@@ -385,7 +385,7 @@ class VersioningMiddleware:
         """
         if not (self.use_header or self.use_accept):
             return ()
-        path = one_leading_slash(environ.get("PATH_INFO", ""))
+        path = rooted_path(environ.get("PATH_INFO", ""))
         if path != self.prefix and not path.startswith(self.prefix_slash):
             return ()
         rest = path[len(self.prefix_slash):]
