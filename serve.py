@@ -1541,6 +1541,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from middleware.cache import purge
     from stores import StoreError
 
+    if args.pattern[:1] not in ("/", "*", "?", "["):  # a cached path always starts with "/" (decoded_path roots it)
+        print(f"cache purge: {args.pattern!r} can match no cached response: their paths start with '/'; "
+              f"did you mean {'/' + args.pattern!r}?", file=sys.stderr)
+        return 2
     try:
         config = parse(read_file(args.config))
         missing = list(unknown_stores(config, config.pipeline))
@@ -1570,11 +1574,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for store in stores.values():
             store.close()
     print(f"purged {total} cached response(s) matching {args.pattern!r}")
-    if not total and args.pattern[:1] not in ("/", "*", "?", "["):
-        # Kept: Waitress passes a target such as "GET api/x" on as the path "api/x", which a stack without
-        # validation caches under that path; but one that purged nothing most likely lacks its "/".
-        print(f"cache purge: no cached response's path matches {args.pattern!r}; paths start with '/' (the "
-              f"request's path as the app saw it): did you mean {'/' + args.pattern!r}?", file=sys.stderr)
     return 0
 
 
