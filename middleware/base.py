@@ -964,9 +964,6 @@ def call_with_headers(app: WSGIApplication, environ: WSGIEnvironment, start_resp
     ``extra`` may be a function of the exception, for headers that depend on it (on the response it carries)."""
     started = False
 
-    def carry(exc: BaseException) -> None:
-        decorate_error(exc, extra(exc) if callable(extra) else extra)
-
     def start(status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
         nonlocal started
         started = True
@@ -977,13 +974,19 @@ def call_with_headers(app: WSGIApplication, environ: WSGIEnvironment, start_resp
     try:
         body = app(environ, start)
     except Exception as exc:
-        carry(exc)
+        _carry(exc, extra)
         raise
     if started:
         return body
     # A generator app starts its response on the first next(); errors takes that chunk itself and
     # renders what it raises, which must carry these headers as a refusal from the call does.
-    return UnstartedBody(body, lambda: started, carry)
+    return UnstartedBody(body, lambda: started, lambda exc: _carry(exc, extra))
+
+
+def _carry(exc: BaseException,
+           extra: Iterable[tuple[str, str]] | Callable[[BaseException], Iterable[tuple[str, str]]]) -> None:
+    """:func:`decorate_error` with ``extra``, or with what ``extra(exc)`` gives (see :func:`call_with_headers`)."""
+    decorate_error(exc, extra(exc) if callable(extra) else extra)
 
 
 class PrimedBody:
