@@ -71,6 +71,7 @@ from .base import (
     refusal_status,
     refuse,
     rewrites_inside,
+    rooted_path,
     routed_path,
 )
 from .health import STORE_CHECK_SECONDS, StoreChecks
@@ -372,6 +373,8 @@ class MetricsMiddleware:
         its ids as ``{id}``.
         """
         path = environ.get("PATH_INFO") or "/"
+        if path[:1] != "/" or path[1:2] == "/":  # as the router roots it: one label for every spelling
+            path = rooted_path(path)
         key = (method, path)
         known = self._templates.get(key)
         if known is not None:

@@ -328,6 +328,26 @@ def test_a_refusal_before_a_rewrite_takes_the_route_the_rewritten_path_reaches(
     assert counted == {(route, "401"): 1}
 
 
+@pytest.mark.parametrize("path", [
+    pytest.param("/users/42", id="rooted"),
+    pytest.param("users/42", id="without its leading slash (Waitress passes GET users/42 on as it came)"),
+    pytest.param("//users/42", id="leading slashes (gunicorn passes them on)"),
+    pytest.param("///users/42", id="more leading slashes"),
+])
+def test_an_apps_path_is_labelled_as_the_router_roots_it(make_stack: Callable[..., TestApp], path: str) -> None:
+    """Without the route_template service the label is the path, rooted as the router roots it: the
+    spellings of one URL are one series, and slashes a client adds cannot make new label values."""
+    app = make_stack({"app": {"factory": "stack_support:echo_app"},
+                      "pipeline": [{"errors": {}}, {"metrics": {"process_metrics": False}}]})
+    app.lint = False  # (WebTest's lint refuses a PATH_INFO that does not start with '/')
+    app.get("/users/42")
+    app.get("/", extra_environ={"PATH_INFO": path})
+    counted = {dict(labels)["route"]: value for (name, labels), value in
+               samples(app.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text).items()
+               if name == "wsgistack_http_requests_total"}
+    assert counted == {"/users/{id}": 2}
+
+
 def test_the_cache_purge_endpoint_has_its_own_route_label(make: Callable[..., Any], context: Context) -> None:
     from middleware.cache import CacheMiddleware
 
