@@ -45,6 +45,7 @@ from .base import (
     refuse,
     serialise_origin,
     shown,
+    target_authority,
     wildcard_stranger,
 )
 
@@ -193,9 +194,9 @@ class CSRFMiddleware:
         if not referer:
             note(environ, "csrf", "neither Sec-Fetch-Site, Origin nor Referer: not a browser request")
             return
-        scheme, _, rest = referer.partition("://")
-        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
-        origin = normalise_origin(f"{scheme}://{authority}") if rest else None
+        authority = target_authority(referer)  # (a URL's authority, as the validation layer reads a target's)
+        origin = normalise_origin(f"{referer.partition('://')[0]}://{authority.rpartition('@')[2]}") \
+            if authority else None
         if origin is None or not origin.startswith(("http://", "https://")):
             raise refuse(403, f"cross-origin {method} refused: no Origin header, and the Referer "
                               "names no http(s) origin")
