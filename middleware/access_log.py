@@ -351,7 +351,9 @@ class _Exchange:
         self.started, self.clock = time.time(), time.perf_counter()
         # Inner layers may rewrite these; the log shows what the client asked for.
         self.method: str = environ.get("REQUEST_METHOD", "")
-        self.path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        path: str = environ.get("PATH_INFO", "")
+        # (a path without its slash is no path under SCRIPT_NAME: _line shows the target as sent)
+        self.path: str = environ.get("SCRIPT_NAME", "") + path if path[:1] == "/" or not path else path
         self.query: str = environ.get("QUERY_STRING", "")
         self.status = 500
         self.sent = 0

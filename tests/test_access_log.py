@@ -227,14 +227,24 @@ def test_a_refusal_a_layer_outside_answers_itself_is_logged_once_it_is_dropped(i
     assert len(log_file.read_text(encoding="utf-8").splitlines()) == 1  # and never written twice
 
 
-def test_a_target_that_is_not_a_path_is_logged_as_sent(make: Callable[..., Any]) -> None:
+@pytest.mark.parametrize(("method", "script", "path_info", "target", "logged"), [
+    ("CONNECT", "", "443", "example.com:443", "example.com:443"),  # as Waitress splits it
+    ("GET", "", "admin/x", "admin/x", "admin/x"),  # GET admin/x HTTP/1.1: Waitress passes the path on as sent
+    # Under Waitress's url_prefix (/app), a target without its slash is not under the prefix: the
+    # line shows it as sent, not glued to the prefix as a path no one asked for ("/appadmin/x").
+    ("GET", "/app", "admin/x", "admin/x", "admin/x"),
+    ("GET", "/app", "/admin/x", "/app/admin/x", "/app/admin/x"),
+    ("GET", "/app", "", "/app", "/app"),
+])
+def test_a_target_that_is_not_a_path_is_logged_as_sent(make: Callable[..., Any], method: str, script: str,
+                                                       path_info: str, target: str, logged: str) -> None:
     from webtest import TestRequest
 
     app, lines = make()
-    request = TestRequest.blank("/", method="CONNECT")
-    request.environ.update({"PATH_INFO": "443", "REQUEST_URI": "example.com:443"})  # as Waitress splits it
+    request = TestRequest.blank("/", method=method)
+    request.environ.update({"SCRIPT_NAME": script, "PATH_INFO": path_info, "REQUEST_URI": target})
     TestApp(app.app, lint=False).do_request(request, expect_errors=True)
-    assert lines()[0]["path"] == "example.com:443"
+    assert lines()[0]["path"] == logged
 
 
 def test_user_agent_can_be_left_out(make: Callable[..., Any]) -> None:
