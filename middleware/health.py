@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import ROUTE, Context, LayerOptions, one_leading_slash, refuse
+from .base import ROUTE, Context, LayerOptions, refuse, rooted_path
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -110,8 +110,8 @@ class HealthMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or ""
-        if path[:2] == "//":  # leading slashes count as one, as the router counts them (gunicorn passes them on)
-            path = one_leading_slash(path)
+        if path[:1] != "/" or path[1:2] == "/":  # as the router reads it: leading slashes count as one
+            path = rooted_path(path)  # (gunicorn passes them on), a path without one is rooted
         if path != self.liveness and path != self.readiness:
             return self.app(environ, start_response)
         environ[ROUTE] = path  # a fixed label for metrics

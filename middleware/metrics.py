@@ -67,7 +67,6 @@ from .base import (
     address_in,
     decorate_error,
     networks,
-    one_leading_slash,
     refusal_status,
     refuse,
     rewrites_inside,
@@ -262,7 +261,7 @@ class MetricsMiddleware:
         if self.shared.pending:
             self.shared.start()
         path = environ.get("PATH_INFO") or ""
-        if path == self.path or (path[:2] == "//" and one_leading_slash(path) == self.path):
+        if path == self.path or ((path[:1] != "/" or path[1:2] == "/") and rooted_path(path) == self.path):
             return self._expose(environ, start_response)
         if self.timing:
             return self._timed(environ, start_response)

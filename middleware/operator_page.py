@@ -71,10 +71,10 @@ from .base import (
     mask_url_passwords,
     networks,
     normalise_origin,
-    one_leading_slash,
     own_origin,
     refusal_status,
     refuse,
+    rooted_path,
     shown,
 )
 from .health import STORE_CHECK_SECONDS, StoreChecks
@@ -256,8 +256,8 @@ class OperatorPageMiddleware:
     # -- the hot path ------------------------------------------------------
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO") or ""
-        if path[:2] == "//":  # leading slashes count as one, as the router counts them (gunicorn passes them on)
-            path = one_leading_slash(path)
+        if path[:1] != "/" or path[1:2] == "/":  # as the router reads it: leading slashes count as one
+            path = rooted_path(path)  # (gunicorn passes them on), a path without one is rooted
         # Only the page's own resources: other paths below it go on inside (the cache layer's
         # purge_path, /_stack/cache/purge in the shipped examples, lives there).
         if path.startswith(self.path) and ((rest := path[self.plen:]) in _OWN):
