@@ -618,6 +618,11 @@ class TokenService:
             raise _Invalid("malformed", "the token is malformed") from None
         if o.audience is None and "aud" in claims:  # PyJWT lets an empty one ("", [], null) through
             raise _Invalid("invalid_audience", "the token's audience is not accepted")
+        # PyJWT's require takes "" as present: an empty sub names no one, and an empty jti cannot be
+        # revoked alone (its blocklist key, ``revoked:``, would name every such token at once).
+        for name in ("sub", "jti"):
+            if claims[name] == "":
+                raise _Invalid("missing_claim", f"the token's {name} claim is empty")
         # The kind of token: ``typ`` (ours), ``type`` (flask-jwt-extended's), ``token_use`` (Cognito's).
         # A token that names two kinds is neither; one that names none is an access token.
         # A kind that is not a string (a list, an object) is no kind we know: neither access nor refresh.

@@ -195,6 +195,12 @@ def _token(make: Callable[[Any], str]) -> Callable[[Any], dict[str, str]]:
                  (401, challenge("the token has no jti claim"), "missing_claim"), id="no jti"),
     pytest.param({}, _token(lambda k: hs(claims(sub=None))),
                  (401, challenge("the token has no sub claim"), "missing_claim"), id="no sub"),
+    pytest.param({}, _token(lambda k: hs(claims(jti=""))),
+                 (401, challenge("the token's jti claim is empty"), "missing_claim"),
+                 id="empty jti (PyJWT takes it): no revocation could name the token alone"),
+    pytest.param({}, _token(lambda k: hs(claims(sub=""))),
+                 (401, challenge("the token's sub claim is empty"), "missing_claim"),
+                 id="empty sub (PyJWT takes it): it names no one"),
     pytest.param({"issuer": "https://id.example.org"}, _token(lambda k: hs(claims(iss="https://evil.example"))),
                  (401, challenge("the token's issuer is not accepted"), "invalid_issuer"), id="wrong iss"),
     pytest.param({"issuer": "https://id.example.org"}, _token(lambda k: hs(claims())),
@@ -1157,6 +1163,26 @@ def test_revoke_checks_every_token_before_revoking_any(store: Store) -> None:
     assert [store.get(f"revoked:{jti}") for jti in jtis] == [b"1", b"1"]
     stack.tokens.revoke(pair["access_token"])  # again: harmless, so a logout can be retried
     assert stack.call(token=pair["access_token"]).status_int == 401
+
+
+@pytest.mark.parametrize(("claim", "use"), [
+    pytest.param("jti", lambda tokens, token: tokens.revoke(token), id="revoke: an empty jti"),
+    pytest.param("sub", lambda tokens, token: tokens.revoke(token), id="revoke: an empty sub"),
+    pytest.param("jti", lambda tokens, token: tokens.refresh(token), id="refresh: an empty jti"),
+    pytest.param("sub", lambda tokens, token: tokens.refresh(token), id="refresh: an empty sub"),
+])
+def test_a_token_with_an_empty_jti_or_sub_is_neither_revoked_nor_refreshed(
+        store: Store, claim: str, use: Callable[[TokenService, str], Any]) -> None:
+    """An empty jti would be blocklisted as ``revoked:``, which names every such token at once; an empty sub
+    names no user to issue a pair to."""
+    stack = Stack(store)
+    token = hs(claims(typ="refresh", fam="f1", **{claim: ""}))
+    with pytest.raises(HTTPException) as info:
+        use(stack.tokens, token)
+    assert info.value.code == 401
+    assert info.value.wsgistack_headers == [  # type: ignore[attr-defined]
+        ("WWW-Authenticate", challenge(f"the token's {claim} claim is empty"))]
+    assert store.get("revoked:") is None and list(store.scan("family-")) == []
 
 
 class FailingStore(MemoryStore):
