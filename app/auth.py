@@ -182,6 +182,20 @@ def _string_field(body: dict[str, Any], name: str) -> str:
     return value
 
 
+def _token_field(body: dict[str, Any], service: Any) -> str:
+    """The body's ``refresh_token``, held to the auth layer's ``max_token_bytes`` as a bearer token is.
+
+    Past it, a 400 that names the field, before any parsing: a token no longer than the
+    Authorization header may be is all the token service ever reads, wherever it came from.
+    """
+    token = _string_field(body, "refresh_token")
+    limit = service.options.max_token_bytes if service is not None else None
+    if limit is not None and len(token.encode("utf-8")) > limit:
+        raise refuse(400, f"The field 'refresh_token' is longer than {limit} bytes (the auth layer's "
+                          "max_token_bytes).", details={"field": "refresh_token"})
+    return token
+
+
 def _token_response(issued: dict[str, Any]) -> Response:
     """Tokens must never be stored by a cache: ``Cache-Control: no-store`` and ``Pragma: no-cache``
     (RFC 6749 section 5.1 asks for both; an HTTP/1.0 cache reads only the second)."""
@@ -296,7 +310,7 @@ def auth_blueprint(state: AppState) -> Blueprint:
         service = tokens("Token refresh")
         # An empty body is told which field is missing: a client used to sending the refresh
         # token as a bearer token learns where it goes.
-        token = _string_field(_json_object(required=False), "refresh_token")
+        token = _token_field(_json_object(required=False), service)
         return _token_response(service.refresh(token, current_roles=state.user_roles,
                                                credentials_since=state.user_since))
 
@@ -305,9 +319,9 @@ def auth_blueprint(state: AppState) -> Blueprint:
         # Everything that can refuse runs before anything changes: a logout answered with
         # 4xx or 503 leaves the session and every token as they were, so it can be retried.
         body = _json_object(required=False)
-        refresh_token = _string_field(body, "refresh_token") if body.get("refresh_token") is not None else None
-        header = request.headers.get("Authorization")
         service = state.service("tokens")
+        refresh_token = _token_field(body, service) if body.get("refresh_token") is not None else None
+        header = request.headers.get("Authorization")
         limit = service.options.max_token_bytes if service is not None else None
         if header and limit is not None and len(header) > limit:  # as the auth layer refuses it elsewhere
             raise refuse(431, f"The Authorization header is longer than {limit} bytes.")

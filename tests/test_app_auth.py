@@ -1025,6 +1025,25 @@ def test_a_refused_logout_changes_nothing(stack: Stack, bad: str, message: str) 
     stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}, status=200)
 
 
+@pytest.mark.parametrize("path", ["/auth/refresh", "/auth/logout"])
+def test_a_refresh_token_in_the_body_is_held_to_max_token_bytes_as_a_bearer_token_is(stack: Stack,
+                                                                                      path: str) -> None:
+    """The body's refresh_token gets no more than the Authorization header's max_token_bytes (8192): past it,
+    a 400 naming the field, before any token is parsed, and a logout so refused changes nothing."""
+    pair = stack.login().json
+    at_limit = pair["refresh_token"] + "A" * (8192 - len(pair["refresh_token"]))
+    read = stack.app.post_json(path, {"refresh_token": at_limit}, status=401)  # at the limit: read, not ours
+    assert read.headers["WWW-Authenticate"].startswith('Bearer realm="wsgistack", error="invalid_token"')
+    response = stack.app.post_json(path, {"refresh_token": at_limit + "A"}, headers=bearer(pair["access_token"]),
+                                   status=400)
+    assert response.json["error"]["message"] == (
+        "The field 'refresh_token' is longer than 8192 bytes (the auth layer's max_token_bytes).")
+    assert response.json["error"]["details"] == {"field": "refresh_token"}
+    assert "WWW-Authenticate" not in response.headers and "Set-Cookie" not in response.headers
+    assert len(list(stack.store.scan("session:"))) == 1 and list(stack.store.scan("revoked:")) == []
+    stack.app.post_json("/auth/refresh", {"refresh_token": pair["refresh_token"]}, status=200)
+
+
 @pytest.mark.parametrize("header", [
     pytest.param('Bearer token="{token}"', id="auth-param instead of a token"),
     pytest.param("Bearer {token} {token}", id="two tokens"),
