@@ -522,10 +522,22 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     sub.add_parser("list", help="list users and their roles")
     remove = sub.add_parser("remove", help="remove a user")
     remove.add_argument("name")
-    set_role = sub.add_parser("set-role", help="replace a user's roles")
+    set_role = sub.add_parser("set-role", help="replace a user's roles (--none: take every role away)",
+                              allow_abbrev=False)
     set_role.add_argument("name")
-    set_role.add_argument("roles", nargs="+", metavar="ROLE")
+    # No ROLE is no roles only when --none says so: a ROLE left out by mistake must not take every one away.
+    set_role.add_argument("roles", nargs="*", metavar="ROLE")
+    set_role.add_argument("--none", action="store_true", help="take every role away")
+    set_role.set_defaults(check=_check_set_role, subparser=set_role)
     return parser
+
+
+def _check_set_role(args: argparse.Namespace) -> None:
+    """``set-role`` takes ROLE... or ``--none``, one of them: a usage error (exit 2) otherwise."""
+    if args.none and args.roles:
+        args.subparser.error("--none takes every role away: give it without ROLE")
+    if not args.none and not args.roles:
+        args.subparser.error("give the user's roles (ROLE ...), or --none to take every role away")
 
 
 #: The shortest password the CLI sets (NIST SP 800-63B §5.1.1.2: at least 8 characters).
@@ -560,6 +572,8 @@ def users_cli(argv: list[str], db_path: str, prog: str = "serve.py") -> int:
         argv = argv[1:]
     try:
         args = _parser(prog).parse_args(argv)
+        if hasattr(args, "check"):
+            args.check(args)
     except SystemExit as stop:  # argparse has printed usage or help
         return stop.code if isinstance(stop.code, int) else 2
     if args.command != "add" and not os.path.exists(db_path):  # only `add` creates the database
@@ -600,7 +614,7 @@ def users_cli(argv: list[str], db_path: str, prog: str = "serve.py") -> int:
             print(f"removed user {args.name!r}")
         else:
             user = store.set_roles(args.name, args.roles)
-            print(f"user {user.name!r} now has roles: {', '.join(user.roles)}")
+            print(f"user {user.name!r} now has roles: {', '.join(user.roles) or '(none)'}")
     except UserError as exc:
         print(f"{prog} users {args.command}: {exc}", file=sys.stderr)
         return 1

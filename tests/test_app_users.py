@@ -323,6 +323,9 @@ def test_cli_add_list_set_role_remove(db: str, capsys: pytest.CaptureFixture[str
     assert lines[1].startswith("bob    ") and lines[1].endswith("  -")
     assert run(["set-role", "bob", "editor", "viewer"], db, capsys, monkeypatch) == (
         0, "user 'bob' now has roles: editor, viewer\n", "")
+    assert run(["set-role", "alice", "--none"], db, capsys, monkeypatch) == (
+        0, "user 'alice' now has roles: (none)\n", "")
+    assert run(["list"], db, capsys, monkeypatch)[1].splitlines()[0].endswith("  -")
     assert run(["remove", "alice"], db, capsys, monkeypatch) == (0, "removed user 'alice'\n", "")
     store = UserStore(db)
     assert [(u.name, u.roles) for u in store.list()] == [("bob", ("editor", "viewer"))]
@@ -502,7 +505,10 @@ def test_cli_a_password_on_stdin_that_is_not_utf8_is_refused_in_any_locale(
         pytest.param(["bogus"], "invalid choice: 'bogus'", id="unknown command"),
         pytest.param(["add"], "the following arguments are required: name", id="add without name"),
         pytest.param(["remove"], "the following arguments are required: name", id="remove without name"),
-        pytest.param(["set-role", "alice"], "the following arguments are required: ROLE", id="set-role without role"),
+        pytest.param(["set-role", "alice"], "set-role: error: give the user's roles (ROLE ...), or --none to take "
+                     "every role away", id="set-role without role: no roles only when --none says so"),
+        pytest.param(["set-role", "alice", "admin", "--none"], "set-role: error: --none takes every role away: "
+                     "give it without ROLE", id="set-role with roles and --none"),
         pytest.param(["add", "x", "--bogus"], "unrecognized arguments: --bogus", id="unknown flag"),
         pytest.param(["add", "x", "--rol", "admin"], "unrecognized arguments: --rol", id="no abbreviations"),
         pytest.param(["list", "extra"], "unrecognized arguments: extra", id="list with argument"),
