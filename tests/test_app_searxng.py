@@ -100,6 +100,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Retry-After", email.utils.formatdate(time.time() + int(query[11:]), usegmt=True))
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif query in INTERIM_ANSWERS:  # interim answers, then the final one
+            answer = json.dumps({"results": [{"title": query, "url": "https://example.org/", "content": ""}]})
+            self.wfile.write(INTERIM_ANSWERS[query])
+            self._send(200, answer.encode())
         elif query in BROKEN_ANSWERS:  # written as is, then the connection is closed
             self.wfile.write(BROKEN_ANSWERS[query])
             self.close_connection = True
@@ -126,6 +130,16 @@ class Handler(BaseHTTPRequestHandler):
                 ] + [{"title": "no url, dropped"}],
             }
             self._send(200, json.dumps(doc).encode())
+
+
+#: Interim (1xx) answers an upstream (or a proxy before it) may send ahead of the final one.
+INTERIM_ANSWERS = {
+    "continue": b"HTTP/1.1 100 Continue\r\n\r\n",
+    "early hints": b"HTTP/1.1 103 Early Hints\r\nLink: </static/style.css>; rel=preload; as=style\r\n\r\n",
+    "processing, then early hints": b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+                                    b"Link: </a.js>; rel=preload\r\nLink: </b.js>; rel=preload\r\n\r\n",
+    "an interim answer of a code not yet assigned": b"HTTP/1.1 199 Whatever\r\nX-A: b\r\n\r\n",
+}
 
 
 #: Answers HTTP cannot read, or that end before their body does.
@@ -272,6 +286,25 @@ def test_an_answer_http_cannot_read_is_a_502_that_says_so(tmp_path: Path, upstre
     answer = searxng_app(tmp_path, upstream.url).get("/api/v2/search", {"q": query}, status=502)
     assert answer.headers["Content-Type"] == "application/json"
     assert answer.json["error"]["message"] == f"The search upstream's answer was broken ({error})."
+
+
+@pytest.mark.parametrize("query", list(INTERIM_ANSWERS))
+def test_interim_answers_are_skipped(tmp_path: Path, upstream: FakeSearxng, query: str) -> None:
+    """RFC 9110 §15.2: a client reads past any 1xx answer to the final one (http.client skips only 100)."""
+    body = searxng_app(tmp_path, upstream.url).get("/api/v1/search", {"q": query}).json
+    assert [r["title"] for r in body["results"]] == [query]
+
+
+def test_an_unasked_switch_of_protocols_is_a_502(tmp_path: Path) -> None:
+    """101 is final for the connection, and this client never asks to upgrade."""
+    server = Flood(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", mib=0)
+    server.start()
+    try:
+        error = searxng_app(tmp_path, server.url).get("/api/v1/search", {"q": "x"}, status=502).json["error"]
+    finally:
+        server.join(5)
+        server.listener.close()
+    assert error["message"] == "The search upstream answered with HTTP 101."
 
 
 def test_unreachable_upstream_is_a_502(tmp_path: Path) -> None:

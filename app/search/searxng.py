@@ -12,6 +12,8 @@ resolution is the one step outside the deadline: the resolver has its own.
 
 The upstream URL may carry a user and password (sent as HTTP basic auth) and
 a query string of its own (``?token=…``, kept ahead of the search's parameters).
+Interim answers (1xx: 103 Early Hints from a proxy or CDN in front of it, 102
+Processing) are read past to the final one; a 101 (never asked for) is a 502.
 
 An HTTP error, a refused connection (or a failed name lookup or TLS handshake:
 "could not be reached"), an answer HTTP cannot read or that ends early (a
@@ -140,8 +142,7 @@ class SearxngEngine(SearchEngine):
                 with deadline.paused():
                     yield 25, "upstream_connected"
                 # HTTPResponse reads through sock.makefile(): the wrapper's file waits only until the deadline.
-                response = http.client.HTTPResponse(cast("socket.socket", _DeadlineSocket(conn.sock, deadline)),
-                                                    method="GET")
+                response = _Response(cast("socket.socket", _DeadlineSocket(conn.sock, deadline)), method="GET")
                 response.begin()
                 with deadline.paused():
                     yield 50, "upstream_responded"
@@ -266,6 +267,22 @@ class _Deadline:
             yield
         finally:
             self.at += time.monotonic() - started
+
+
+class _Response(http.client.HTTPResponse):
+    """An ``HTTPResponse`` that reads past every interim (1xx) answer to the final one.
+
+    RFC 9110 §15.2: a client must take an interim answer it does not expect (103 Early Hints
+    from a proxy or a CDN before the upstream, 102 Processing) and go on reading; http.client
+    skips only 100 Continue.  101 stays: it is final for the connection, and is never asked for here.
+    """
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # http.client's, not typed
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # its header fields (Link: …) mean nothing here
 
 
 class _DeadlineReader(io.RawIOBase):
