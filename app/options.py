@@ -25,7 +25,7 @@ class SearchOptions(BaseModel):
     ``engine``: ``local`` (an embedded SQLite FTS5 index of Python docstrings,
     no network) or ``searxng`` (the JSON API of a SearXNG instance).
     ``upstream``: the SearXNG base URL; required for ``searxng``.
-    ``timeout``: seconds for the whole upstream exchange (connect, request,
+    ``timeout``: seconds for the whole upstream exchange (name lookup, connect, request,
     status line, headers and body; pauses of the stream endpoint do not count).
     ``connect_timeout``: seconds for each TCP connect attempt, within ``timeout`` (a TLS handshake gets the rest of it).
     ``per_page``: results per page.  ``index_path``: the

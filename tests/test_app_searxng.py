@@ -633,6 +633,51 @@ def test_a_name_the_resolver_refuses_is_a_502(tmp_path: Path, monkeypatch: pytes
     assert error["message"] == "The search upstream could not be reached (UnicodeError)."
 
 
+def test_a_name_lookup_that_hangs_is_cut_off_at_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolver's own timeouts (5 s a try, for each server and attempt in resolv.conf) are not the search's."""
+    from app.search import searxng
+
+    release = threading.Event()
+    lookups: list[tuple[str, int]] = []
+
+    def hang(host: str, port: int) -> Any:
+        lookups.append((host, port))
+        release.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(searxng, "resolve", hang)
+    client = searxng_app(tmp_path, "http://searxng.invalid:8888", timeout=0.3)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            error = client.get("/api/v1/search", {"q": "x"}, status=504).json["error"]
+            elapsed = time.monotonic() - started
+            assert error["message"] == "The search upstream's name was not resolved within 0.3 seconds."
+            assert elapsed < 0.8, f"the answer took {elapsed:.2f} s, not about 0.3 s"
+        # The second search waited for the lookup still running: a hung resolver ties up one thread, not one a search.
+        assert lookups == [("searxng.invalid", 8888)]
+    finally:
+        release.set()
+
+
+def test_a_name_is_looked_up_again_for_each_search(tmp_path: Path, upstream: FakeSearxng,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No address is kept: a lookup that finished is not reused (the resolver caches as long as the name's TTL)."""
+    from app.search import searxng
+
+    lookups: list[str] = []
+
+    def loopback(host: str, port: int) -> Any:
+        lookups.append(host)
+        return socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM)
+
+    monkeypatch.setattr(searxng, "resolve", loopback)
+    client = searxng_app(tmp_path, upstream.url.replace("127.0.0.1", "searxng.invalid"))
+    for _ in range(2):
+        assert client.get("/api/v1/search", {"q": "ok"}).json["results"]
+    assert lookups == ["searxng.invalid"] * 2
+
+
 @pytest.mark.parametrize("upstream", ["http://[::1]:8888/", "http://127.0.0.1:8888", "https://bücher.example/searx"])
 def test_upstream_hosts_that_resolve_are_taken(tmp_path: Path, upstream: str) -> None:
     from app.options import SearchOptions

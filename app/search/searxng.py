@@ -8,7 +8,13 @@ sending the request, and every read of the status line, the headers and the
 body, so an upstream that trickles bytes is cut off at ``timeout`` like one
 that sends nothing.  Time spent paused at a stage, while
 the stream endpoint paces or sends its events, does not count.  Name
-resolution is the one step outside the deadline: the resolver has its own.
+resolution counts too: the resolver's own timeouts (5 s a try, for each
+nameserver and attempt in ``resolv.conf``) would hold a server thread far
+longer, so the name is looked up in a thread of its own that a search waits
+for until its deadline (a 504), and the searches that come while one lookup
+runs wait for that one: a resolver that hangs ties up one thread, not one per
+search.  Nothing is kept between searches: the system's resolver (or its
+cache) answers each one.
 
 The upstream URL may carry a user and password (sent as HTTP basic auth) and
 a query string of its own (``?token=…``, kept ahead of the search's parameters).
@@ -52,11 +58,13 @@ import base64
 import contextlib
 import http.client
 import io
+import ipaddress
 import json
 import math
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -73,7 +81,7 @@ if TYPE_CHECKING:
 
     from app.options import SearchOptions
 
-__all__ = ["MAX_TOTAL", "SearxngEngine"]
+__all__ = ["MAX_TOTAL", "SearxngEngine", "resolve"]
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 #: The most bytes read from the upstream's socket for one answer: the status line, the headers
@@ -125,6 +133,12 @@ class SearxngEngine(SearchEngine):
         self.connect_timeout = min(options.connect_timeout, options.timeout)
         self.per_page = options.per_page
         self.context = ssl.create_default_context() if self.https else None
+        self._lookup_lock = threading.Lock()
+        self._lookup: _Lookup | None = None  # the lookup of the host's name running now, if any
+        try:
+            self._literal = bool(ipaddress.ip_address(self.host))  # an address: nothing to look up
+        except ValueError:
+            self._literal = False
 
     def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
         deadline = _Deadline(self.timeout)
@@ -190,7 +204,7 @@ class SearxngEngine(SearchEngine):
         the attempts share the deadline instead of each getting the whole timeout."""
         error: OSError = OSError(f"no address found for {self.host}")
         timeout = 0.0
-        for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
+        for family, kind, proto, _, address in self._addresses(deadline):
             timeout = min(self.connect_timeout, deadline.remaining())
             sock = socket.socket(family, kind, proto)
             try:
@@ -208,6 +222,20 @@ class SearxngEngine(SearchEngine):
             raise GatewayTimeout(f"The search upstream did not accept a connection within "
                                  f"{self.connect_timeout:g} seconds.")
         raise error
+
+    def _addresses(self, deadline: _Deadline) -> list[Any]:
+        """What :func:`resolve` answers for the host, waited for no longer than the deadline."""
+        if self._literal:
+            return resolve(self.host, self.port)  # answered without asking any resolver
+        with self._lookup_lock:
+            lookup = self._lookup
+            if lookup is None or lookup.done.is_set():
+                lookup = self._lookup = _Lookup(self.host, self.port)
+        if not lookup.done.wait(deadline.remaining()):
+            raise GatewayTimeout(f"The search upstream's name was not resolved within {self.timeout:g} seconds.")
+        if lookup.error is not None:
+            raise lookup.error
+        return lookup.addresses
 
     def _page(self, query: str, page: int, body: bytes) -> SearchPage:
         try:  # a number of more digits than any count is no count (int() of 5000 digits would refuse it all)
@@ -244,6 +272,29 @@ class SearxngEngine(SearchEngine):
         if not isinstance(engine, str) or not engine:
             engine = self.name
         return SearchResult(_text(title or ""), url, _text(content or ""), _text(engine))
+
+
+def resolve(host: str, port: int) -> list[Any]:
+    """The TCP addresses of ``host``, as the system's resolver gives them (``getaddrinfo``)."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+class _Lookup:
+    """One :func:`resolve` of a name, run in a daemon thread: each search waits for it only until its deadline."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.done = threading.Event()
+        self.addresses: list[Any] = []
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, args=(host, port), name="wsgistack-resolve", daemon=True).start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self.addresses = resolve(host, port)
+        except BaseException as exc:  # for every search waiting for it to raise
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 class _Deadline:
