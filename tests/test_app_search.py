@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -639,6 +640,33 @@ def test_close_does_not_wait_for_a_build(tmp_path: Path, monkeypatch: pytest.Mon
     assert time.monotonic() - begun < 1.0
     release.set()
     builder.join(10)
+
+
+def open_files(path: Path) -> int:
+    """How many file descriptors of this process have ``path`` open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_a_threads_connection_is_closed_when_the_thread_ends(tmp_path: Path) -> None:
+    """A server that runs each request in a thread (or greenlet) of its own must not leave a file open per search."""
+    engine = engine_for(tmp_path, ["json"])
+    engine.ensure_index()
+    try:
+        for _ in range(20):
+            thread = threading.Thread(target=engine.search, args=("decode",))
+            thread.start()
+            thread.join(10)
+        assert open_files(engine.path) == 0
+        engine.search("decode")  # a thread still running keeps its connection, until close()
+        assert open_files(engine.path) == 1
+    finally:
+        engine.close()
+    assert open_files(engine.path) == 0
 
 
 def test_a_build_sweeps_the_temporary_files_of_builds_that_died(tmp_path: Path) -> None:

@@ -15,6 +15,11 @@ writable gives ``503 Service Unavailable`` (logged once).  A query that finds
 the file damaged (SQLite reports corruption) rebuilds it, once however many
 threads or processes notice, and is answered from the new index.
 
+Each thread reads through a connection of its own, closed when the thread
+ends (a server that runs each request in a thread or greenlet of its own opens
+one per search) or when the engine closes (the app's ``close()``: a reload's
+retired pipeline keeps no file open).
+
 User text never becomes FTS5 syntax: each whitespace-separated term is
 quoted as a phrase and passed as a parameter, so ``"`` or ``AND(`` are
 searched for, not parsed.  Results are ranked by ``bm25``: a match in the
@@ -40,6 +45,7 @@ import threading
 import time
 import unicodedata
 import warnings
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,8 +226,9 @@ class LocalEngine(SearchEngine):
             sort_keys=True,
         )
         self._lock = threading.Lock()  # held by a build, for as long as it takes
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._local = threading.local()  # .held: the thread's _Held connection
+        #: Every thread's connection, for close(); weak: a thread that ends takes its connection with it.
+        self._connections: weakref.WeakSet[_Held] = weakref.WeakSet()
         self._connections_lock = threading.Lock()  # never held long: close() must not wait for a build
         self._ready = False
         #: Bumped each time a damaged index is replaced; connections opened before are reopened.
@@ -338,30 +345,29 @@ class LocalEngine(SearchEngine):
         return self.path.resolve().as_uri() + "?mode=ro"
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and self._local.generation != self._generation:
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is not None and held.generation != self._generation:
             self._drop_connection()  # it reads a damaged file that has been replaced since
-            conn = None
-        if conn is None:
+            held = None
+        if held is None:
             if self._ready and not self.path.is_file():
                 self._ready = False  # deleted while we ran (a cleaned var/): build it again
             self.ensure_index()
             generation, identity = self._generation, file_identity(self.path)
-            conn = sqlite3.connect(self._uri(), uri=True, check_same_thread=False)
+            held = _Held(sqlite3.connect(self._uri(), uri=True, check_same_thread=False), generation, identity)
             with self._connections_lock:
-                self._connections.append(conn)
-            self._local.conn, self._local.generation, self._local.identity = conn, generation, identity
-        return conn
+                self._connections.add(held)
+            self._local.held = held
+        return held.conn
 
     def _drop_connection(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is None:
             return
-        self._local.conn = None
+        self._local.held = None
         with self._connections_lock:
-            if conn in self._connections:
-                self._connections.remove(conn)
-        conn.close()
+            self._connections.discard(held)
+        held.close()
 
     def _fetch(self, sql: str, params: tuple[object, ...]) -> list[Any]:
         """Run a query; when it finds the index damaged, rebuild the index and run it again."""
@@ -376,7 +382,7 @@ class LocalEngine(SearchEngine):
 
     def _recover(self, exc: sqlite3.DatabaseError) -> None:
         """Replace the damaged file this thread's connection reads, unless someone already has."""
-        generation, identity = self._local.generation, self._local.identity
+        generation, identity = self._local.held.generation, self._local.held.identity
         self._drop_connection()
         with self._lock:
             if generation != self._generation:
@@ -408,7 +414,22 @@ class LocalEngine(SearchEngine):
         """Close the index connections, without waiting for a build in progress (a stopping server
         would wait for the whole build: the process ends it, and the next build sweeps its file)."""
         with self._connections_lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+            connections, self._connections = list(self._connections), weakref.WeakSet()
+        for held in connections:
+            held.close()
         self._local = threading.local()
+
+
+class _Held:
+    """One thread's connection to the index, with what it was opened on.
+
+    It lives in the thread's ``threading.local``, and the connection is closed when the thread
+    ends (the local goes with it) or the engine closes, whichever comes first: a server that
+    runs each request in a thread or greenlet of its own would otherwise leave a file open per search.
+    """
+
+    __slots__ = ("__weakref__", "close", "conn", "generation", "identity")
+
+    def __init__(self, conn: sqlite3.Connection, generation: int, identity: tuple[int, int] | None) -> None:
+        self.conn, self.generation, self.identity = conn, generation, identity
+        self.close = weakref.finalize(self, conn.close)  # once: at close(), else when the thread drops it
