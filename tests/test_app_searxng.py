@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from webtest import TestApp
+from werkzeug.test import EnvironBuilder
 
 from app import create_app
 from middleware.base import Context
@@ -356,6 +357,28 @@ def test_stream_reports_the_upstream_stages(tmp_path: Path, upstream: FakeSearxn
         {"progress": 75, "stage": "upstream_received"},
         {"progress": 100, "stage": "parsed"},
     ]
+
+
+def test_a_client_leaving_a_stream_closes_the_upstream_connection_at_once(tmp_path: Path) -> None:
+    """Closing the body (the server's answer to a client gone mid-stream) ends the exchange: not at the timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        app = searxng_app(tmp_path, f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=10,
+                          stream_interval=0.01).app
+        environ = EnvironBuilder(path="/api/v1/search/stream", query_string={"q": "x"}).get_environ()
+        body = app(environ, lambda status, headers, exc_info=None: None)
+        chunks = iter(body)
+        assert next(chunks).startswith(b"event: search_started")
+        assert b"upstream_connected" in next(chunks)  # the request went out; the upstream has not answered
+        upstream, _ = listener.accept()
+        with upstream:
+            upstream.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += upstream.recv(4096)
+            started = time.monotonic()
+            body.close()
+            assert upstream.recv(1) == b""  # the engine hung up
+        assert time.monotonic() - started < 1.0
 
 
 def test_stream_interval_does_not_count_against_the_timeout(tmp_path: Path, upstream: FakeSearxng) -> None:
