@@ -17,6 +17,7 @@ dicts, lists and scalars by hand, so that:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 import unicodedata
@@ -68,6 +69,9 @@ class Document:
     empty: dict[Path, str] = field(default_factory=dict)
     #: Booleans written as words (``off``, ``no``, ``yes``, ``on``): key path -> the word, to say why a value is one.
     words: dict[Path, str] = field(default_factory=dict)
+    #: Plain values YAML read as a number, a date or null (``2.0``, ``0x10``, ``2024-01-01``, ``~``, nothing):
+    #: key path -> the hint for where text goes (a version, an origin, a prefix), saying how to keep the text.
+    read_as: dict[Path, str] = field(default_factory=dict)
     #: Values of variables named like a secret (``JWT_SECRET``, ``SEARXNG_TOKEN``): never shown in a problem,
     #: whatever the key they were written under.
     secrets: set[str] = field(default_factory=set)
@@ -92,6 +96,8 @@ class Document:
             # "Input should be a valid string (got False)" of `level: off`: the operator never wrote False
             message += (f"; YAML reads {word} as the boolean {str(word.lower() in ('yes', 'on')).lower()}: "
                         f"quote it ('{word}') to mean the word")
+        elif path in self.read_as and message.startswith(("Input should be a valid string", "Input should be '")):
+            message += self.read_as[path]  # text was expected (a string, one of some words), not what YAML read
         # "store URL '' has no scheme": the value came from a variable set to nothing; say which.
         empty = [(where, name) for where, name in self.empty.items() if where[:len(path)] == path]
         if empty:
@@ -357,6 +363,8 @@ class _Converter:
             return None
         if isinstance(value, bool) and node.value.lower() not in ("true", "false"):
             self.doc.words[path] = node.value  # YAML 1.1: yes, no, on and off are booleans too
+        elif node.style is None and not isinstance(value, str | bool) and node.value not in ("null", "Null", "NULL"):
+            self.doc.read_as[path] = _read_as(value, node.value, hidden=hidden)
         if isinstance(value, int) and not isinstance(value, bool) and node.style is None \
                 and _OCTAL.fullmatch(node.value):  # YAML 1.1: a leading 0 makes the number octal (017 is 15)
             decimal = int(node.value.replace("_", ""), 10)
@@ -404,6 +412,22 @@ def _odd_space(shown: str, value: str) -> str | None:
     char = found.group()
     return (f"{shown} holds U+{ord(char):04X} {unicodedata.name(char, 'SPACE')}, which YAML does not read as a space "
             "(pasted from a web page or a chat?): retype it as plain spaces, or delete it")
+
+
+def _read_as(value: Any, written: str, *, hidden: bool) -> str:
+    """The hint for a plain value YAML read as something other than text (``hidden``: a secret's, not shown).
+
+    A refusal of ``versions: [2.0]`` or ``url_prefix:`` said only "Input should be a
+    valid string (got 2.0)" or "(got None)", though the operator wrote text.
+    """
+    if not written:
+        return ("; the value is empty, which YAML reads as null (no value): write '' for empty text, or leave the "
+                "key out for its default")
+    what = "null (no value)" if value is None else "a date and time" if isinstance(value, datetime.datetime) \
+        else "a date" if isinstance(value, datetime.date) else "a number"
+    if hidden:
+        return f"; YAML reads the value as {what}: quote it to keep it as text"
+    return f"; YAML reads {written} as {what}: quote it ('{written}') to keep it as text"
 
 
 def _not_text(value: str) -> bool:

@@ -275,6 +275,45 @@ def test_a_word_yaml_reads_as_a_boolean_says_so(text: str, expected: str) -> Non
     assert errors_of(ECHO + text) == [expected]
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("pipeline:\n  - versioning: {supported: [v1, 2.0], default: v1}\n",
+                 "stack.yaml:3:34 pipeline[0].versioning.supported[1]: Input should be a valid string; YAML reads 2.0 "
+                 "as a number: quote it ('2.0') to keep it as text (got 2.0)", id="a version that looks like a number"),
+    pytest.param("server: {ident: 1_000}\n",
+                 "stack.yaml:2:17 server.ident: Input should be a valid string; YAML reads 1_000 as a number: quote "
+                 "it ('1_000') to keep it as text (got 1000)", id="a number as YAML 1.1 spells it"),
+    pytest.param("pipeline:\n  - headers: {frame_options: 0x10}\n",
+                 "stack.yaml:3:30 pipeline[0].headers.frame_options: Input should be 'deny', 'sameorigin' or 'none'; "
+                 "YAML reads 0x10 as a number: quote it ('0x10') to keep it as text (got 16)", id="a hex number"),
+    pytest.param("pipeline:\n  - cors: {origins: [2024-01-01]}\n",
+                 "stack.yaml:3:22 pipeline[0].cors.origins[0]: Input should be a valid string; YAML reads 2024-01-01 "
+                 "as a date: quote it ('2024-01-01') to keep it as text (got 2024-01-01)", id="a date"),
+    pytest.param("server: {ident: ~}\n",
+                 "stack.yaml:2:17 server.ident: Input should be a valid string; YAML reads ~ as null (no value): "
+                 "quote it ('~') to keep it as text (got None)", id="a tilde"),
+    pytest.param("server:\n  url_prefix:\n",
+                 "stack.yaml:3:14 server.url_prefix: Input should be a valid string; the value is empty, which YAML "
+                 "reads as null (no value): write '' for empty text, or leave the key out for its default (got None)",
+                 id="an empty value"),
+    pytest.param("server: {ident: 1.0e+3}\n",
+                 "stack.yaml:2:17 server.ident: Input should be a valid string; YAML reads 1.0e+3 as a number: quote "
+                 "it ('1.0e+3') to keep it as text (got 1000.0)", id="an exponent"),
+    pytest.param("server: {threads: '8x'}\n",
+                 "stack.yaml:2:19 server.threads: Input should be a valid integer, unable to parse string as an "
+                 "integer (got '8x')", id="quoted text where a number goes: no hint"),
+    pytest.param("server: {ident: null}\n",
+                 "stack.yaml:2:17 server.ident: Input should be a valid string (got None)",
+                 id="null is meant as null: no hint"),
+    pytest.param("server: {threads: 1.5}\n",
+                 "stack.yaml:2:19 server.threads: Input should be a valid integer, got a number with a fractional part "
+                 "(got 1.5)", id="a number where a number goes: no hint"),
+])
+def test_a_value_yaml_reads_as_a_number_a_date_or_null_says_so(text: str, expected: str) -> None:
+    """YAML reads 2.0, 1_000, 0x10, 2024-01-01, ~ and an empty value as numbers, dates and null: where
+    text goes, the refusal says what was read and how to keep the text as written."""
+    assert errors_of(ECHO + text) == [expected]
+
+
 @pytest.mark.parametrize(("text", "env", "expected"), [
     pytest.param('server:\n  listen: ["${LISTEN}"]\n', {"LISTEN": "127.0.0.1:9000 127.0.0.1:9001"},
                  "stack.yaml:3:12 server.listen[0]: one address per list item: write [127.0.0.1:9000, "
