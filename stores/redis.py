@@ -21,6 +21,7 @@ not hash-tagged) or at a replica (writes fail: the start refuses one, and
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import math
 import os
@@ -304,6 +305,25 @@ def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
     return kind(number)
 
 
+def _text(name: str, value: Any, *, numbers: bool) -> Any:
+    """``value`` when it is text (``numbers``: or a number, which redis-py sends as its digits).
+
+    Stores are built without connecting: a ``key_prefix: 12`` (or an empty value, None)
+    passed ``check`` and every command raised TypeError, and a password YAML read as a
+    boolean or a date failed on the first connection.  What it got is named, not shown.
+    """
+    if isinstance(value, str) or (numbers and (value is None or (
+            isinstance(value, int | float) and not isinstance(value, bool)))):
+        return value
+    if value is None:
+        raise ValueError(f"store option {name} must be text, got no value (YAML reads an empty value as null: "
+                         "write '' for no prefix)")
+    got = "a boolean" if isinstance(value, bool) else "a number" if isinstance(value, int | float) else \
+        "a date" if isinstance(value, datetime.date | datetime.time) else "a list" if isinstance(value, list | tuple) \
+        else "a mapping" if isinstance(value, dict) else type(value).__name__
+    raise ValueError(f"store option {name} must be text, got {got} (quote it in stack.yaml)")
+
+
 #: Options naming files the TLS context reads when the first connection is made.
 _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 
@@ -469,7 +489,10 @@ class RedisStore(Store):
         failure_threshold = _number("failure_threshold", failure_threshold, int)
         reset_timeout = _number("reset_timeout", reset_timeout, float)
         pool_options = {name: _parsed(name, value) for name, value in pool_options.items()}
-        self.key_prefix = key_prefix
+        for name in ("username", "password", "client_name"):
+            if name in pool_options:
+                _text(name, pool_options[name], numbers=True)
+        self.key_prefix = _text("key_prefix", key_prefix, numbers=False)
         self._shared: _Shared | None = None
         self._pool_key: tuple[object, ...] = ()
         if client is not None:

@@ -7,6 +7,7 @@ one broke it.  TTLs are short (0.1-0.4 s) with margins of at least 0.1 s.
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import socket
 import subprocess
@@ -1066,6 +1067,36 @@ def test_options_that_are_not_numbers_are_refused_at_construction(option: str, v
     with pytest.raises(ValueError) as info:
         store_from_url("redis://127.0.0.1:1/0", **{option: value})
     assert str(info.value) == error
+
+
+@pytest.mark.parametrize(("option", "value", "error"), [
+    pytest.param("key_prefix", 12, "store option key_prefix must be text, got a number (quote it in stack.yaml)",
+                 id="a number (every command raised TypeError)"),
+    pytest.param("key_prefix", None, "store option key_prefix must be text, got no value (YAML reads an empty value "
+                 "as null: write '' for no prefix)", id="an empty value"),
+    pytest.param("key_prefix", True, "store option key_prefix must be text, got a boolean (quote it in stack.yaml)",
+                 id="a word YAML reads as a boolean"),
+    pytest.param("password", datetime.date(2024, 1, 1), "store option password must be text, got a date (quote it "
+                 "in stack.yaml)", id="a date for a password (redis-py refused it on connecting)"),
+    pytest.param("username", False, "store option username must be text, got a boolean (quote it in stack.yaml)",
+                 id="a boolean for a user name"),
+    pytest.param("client_name", [1], "store option client_name must be text, got a list (quote it in stack.yaml)",
+                 id="a list for a client name"),
+])
+def test_options_that_are_not_text_are_refused_at_construction(option: str, value: Any, error: str) -> None:
+    """Built without connecting, such a store passed check and failed on the first command (key_prefix 12 + key)
+    or the first connection (redis-py sends only text and numbers)."""
+    with pytest.raises(ValueError) as info:
+        store_from_url("redis://127.0.0.1:1/0", **{option: value})
+    assert str(info.value) == error
+
+
+def test_a_whole_number_for_a_password_is_its_digits() -> None:
+    store = store_from_url("redis://127.0.0.1:1/0", password=12345, key_prefix="")
+    try:
+        assert isinstance(store, RedisStore) and store.pool.connection_kwargs["password"] == 12345
+    finally:
+        store.close()
 
 
 def test_a_whole_number_of_any_size_is_a_threshold() -> None:
