@@ -194,6 +194,8 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
             host, _, port = item.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"bad sentinel address {item!r} in {masked}; write host:port")
+        if not 0 < int(port) < 65536:  # else an outage that never ends, not a mistake
+            raise ValueError(f"bad sentinel address {item!r} in {masked}; the port must be a number from 1 to 65535")
         sentinels.append((host.lower(), int(port)))
     segments = [s for s in parts.path.split("/") if s]
     if not sentinels or not segments or len(segments) > 2:
@@ -373,6 +375,24 @@ def _unknown_option(url: str, exc: TypeError) -> str:
     return f"unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
+def _check_host_and_port(url: str) -> None:
+    """Refuse a ``redis://`` or ``rediss://`` URL that redis-py would quietly point at another server.
+
+    It reads no host (``redis://:6379/0``, an empty ``${REDIS_HOST}``) as localhost, and
+    port 0 as 6379: the store would use a Redis nobody named.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range: parse_url says which
+        return
+    if port == 0:
+        raise ValueError(f"bad Redis store URL {mask_url(url)}: the port must be a number from 1 to 65535, got 0")
+    if not parts.hostname:
+        raise ValueError(f"bad Redis store URL {mask_url(url)}: it names no host (redis-py used localhost); write "
+                         "redis://127.0.0.1:6379/0 for this machine")
+
+
 def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
     """The identity of a pool: the normalised URL plus the options that shape it."""
     scheme = urlsplit(url).scheme.lower()
@@ -389,6 +409,8 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
         if scheme == "unix" and host and host.lower() != "localhost":  # unix://tmp/r.sock: "tmp" would be dropped
             raise ValueError(f"bad Redis store URL {mask_url(url)}: a unix:// URL has no host; the socket's "
                              f"path follows three slashes (unix:///{host}{path})")
+        if scheme != "unix":
+            _check_host_and_port(url)
         if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")

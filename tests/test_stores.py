@@ -1125,6 +1125,21 @@ def test_a_whole_number_of_any_size_is_a_threshold() -> None:
     pytest.param("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem", "Redis store "
                  "rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem: ssl_ca_certs '/nonexistent/ca.pem' does "
                  "not exist", id="a CA file that is not there"),
+    pytest.param("redis://:pw@127.0.0.1:0/0", "bad Redis store URL redis://:***@127.0.0.1:0/0: the port must be a "
+                 "number from 1 to 65535, got 0", id="port 0 (redis-py used 6379 in silence)"),
+    pytest.param("rediss://127.0.0.1:00/0", "bad Redis store URL rediss://127.0.0.1:00/0: the port must be a "
+                 "number from 1 to 65535, got 0", id="port 00"),
+    pytest.param("redis://:6379/0", "bad Redis store URL redis://:6379/0: it names no host (redis-py used "
+                 "localhost); write redis://127.0.0.1:6379/0 for this machine", id="no host (an empty variable?)"),
+    pytest.param("redis://:pw@/0", "bad Redis store URL redis://:***@/0: it names no host (redis-py used "
+                 "localhost); write redis://127.0.0.1:6379/0 for this machine", id="a password and no host"),
+    pytest.param("redis+sentinel://h:0/svc", "bad sentinel address 'h:0' in redis+sentinel://h:0/svc; the port must "
+                 "be a number from 1 to 65535", id="sentinel port 0"),
+    pytest.param("redis+sentinel://h:26379,h2:70000/svc", "bad sentinel address 'h2:70000' in "
+                 "redis+sentinel://h:26379,h2:70000/svc; the port must be a number from 1 to 65535",
+                 id="sentinel port out of range"),
+    pytest.param("redis+sentinel://:26379/svc", "bad sentinel address ':26379' in redis+sentinel://:26379/svc; "
+                 "write host:port", id="sentinel without a host"),
 ])
 def test_urls_that_could_never_connect_are_refused_at_construction(url: str, error: str) -> None:
     """Else the store would seem to be in an outage that never ends (/readyz 503, every layer's on_store_error)."""
