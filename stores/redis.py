@@ -393,6 +393,24 @@ def _check_host_and_port(url: str) -> None:
                          "redis://127.0.0.1:6379/0 for this machine")
 
 
+def _check_pool_numbers(url: str, settings: dict[str, Any]) -> None:
+    """Refuse a pool size or health-check interval redis-py would take as something else.
+
+    It reads ``max_connections`` 0 as its default (100) and a yes (True) as 1, and
+    pings before every command with a negative ``health_check_interval`` (a round trip
+    each), never with nan.
+    """
+    size = settings.get("max_connections")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"bad Redis store {mask_url(url)}: max_connections must be a whole number above 0 (leave it "
+                         f"out for 100), got {size!r}")
+    interval = settings.get("health_check_interval")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int | float)
+                                 or not 0 <= interval < math.inf):
+        raise ValueError(f"bad Redis store {mask_url(url)}: health_check_interval must be a number of seconds, "
+                         f"0 (never) or above, got {interval!r}")
+
+
 def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
     """The identity of a pool: the normalised URL plus the options that shape it."""
     scheme = urlsplit(url).scheme.lower()
@@ -438,6 +456,7 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
     if decode is not False:  # redis-py reads any text, "false" too, as true
         raise ValueError(f"bad Redis store {mask_url(url)}: decode_responses cannot be set (the layers store "
                          "bytes, and would read text back)")
+    _check_pool_numbers(url, {**options, **parsed})
     facts = sorted((k, repr(v)) for k, v in {**options, **parsed}.items())
     return (scheme, *facts)
 

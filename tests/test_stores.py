@@ -1180,6 +1180,30 @@ def test_unknown_pool_option_is_refused_at_construction() -> None:
     pytest.param("redis+unix:///run/redis.sock", {}, "unknown store scheme 'redis+unix://'; did you mean 'unix://'? "
                  "(known: memory://, redis://, rediss://, unix://, redis+sentinel://)",
                  id="redis+unix (was: did you mean redis+sentinel)"),
+    pytest.param("redis://127.0.0.1:1/0?max_connections=0", {}, "bad Redis store "
+                 "redis://127.0.0.1:1/0?max_connections=0: max_connections must be a whole number above 0 (leave it "
+                 "out for 100), got 0", id="a pool of 0 in the URL (redis-py made it 100)"),
+    pytest.param("redis://127.0.0.1:1/0", {"max_connections": 0}, "bad Redis store redis://127.0.0.1:1/0: "
+                 "max_connections must be a whole number above 0 (leave it out for 100), got 0",
+                 id="a pool of 0 as an option"),
+    pytest.param("redis://127.0.0.1:1/0", {"max_connections": True}, "bad Redis store redis://127.0.0.1:1/0: "
+                 "max_connections must be a whole number above 0 (leave it out for 100), got True",
+                 id="a yes for a pool size (a pool of 1)"),
+    pytest.param("redis://127.0.0.1:1/0", {"max_connections": -1}, "bad Redis store redis://127.0.0.1:1/0: "
+                 "max_connections must be a whole number above 0 (leave it out for 100), got -1",
+                 id="a negative pool (was redis-py's words, no store named)"),
+    pytest.param("redis://127.0.0.1:1/0?health_check_interval=-1", {}, "bad Redis store "
+                 "redis://127.0.0.1:1/0?health_check_interval=-1: health_check_interval must be a number of seconds, "
+                 "0 (never) or above, got -1", id="a negative interval in the URL (a PING before every command)"),
+    pytest.param("redis+sentinel://h/m", {"health_check_interval": "-5"}, "bad Redis store redis+sentinel://h/m: "
+                 "health_check_interval must be a number of seconds, 0 (never) or above, got -5",
+                 id="a negative interval from a variable"),
+    pytest.param("redis://127.0.0.1:1/0", {"health_check_interval": float("nan")}, "bad Redis store "
+                 "redis://127.0.0.1:1/0: health_check_interval must be a number of seconds, 0 (never) or above, "
+                 "got nan", id="nan (never checked)"),
+    pytest.param("redis://127.0.0.1:1/0", {"health_check_interval": True}, "bad Redis store redis://127.0.0.1:1/0: "
+                 "health_check_interval must be a number of seconds, 0 (never) or above, got True",
+                 id="a yes for an interval"),
 ])
 def test_redis_url_mistakes_are_refused_with_advice(url: str, options: dict[str, Any], error: str) -> None:
     with pytest.raises((ValueError, TypeError)) as info:
