@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -330,11 +330,26 @@ def _text(name: str, value: Any, *, numbers: bool) -> Any:
 _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 
 
+#: The words redis-py's to_bool reads as what they say; it reads any other text (``off``, ``flase``) as true.
+_BOOLEAN_WORDS = frozenset({"", "1", "0", "true", "false", "t", "f", "yes", "no", "y", "n"})
+
+
+def _boolean_word(name: str, value: str) -> str | None:
+    """Why ``value`` of a true-or-false option ``name`` is refused, or None when redis-py reads it right."""
+    if redis.connection.URL_QUERY_ARGUMENT_PARSERS.get(name) is not redis.connection.to_bool \
+            or value.strip().lower() in _BOOLEAN_WORDS:
+        return None
+    return f"{name} must be true or false (or yes, no, 1, 0), got {value!r}"
+
+
 def _parsed(name: str, value: Any) -> Any:
     """A string option parsed as redis-py parses the same option in a URL query (``max_connections=10``)."""
     parser = cast("Callable[[str], Any] | None", redis.connection.URL_QUERY_ARGUMENT_PARSERS.get(name))
     if parser is None or parser is list or not isinstance(value, str):
         return value
+    wrong = _boolean_word(name, value)
+    if wrong is not None:
+        raise ValueError(f"store option {wrong}")
     try:
         return parser(value)
     except (ValueError, TypeError):
@@ -432,6 +447,10 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
         if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")
+        for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+            wrong = _boolean_word(name, value)
+            if wrong is not None:
+                raise ValueError(f"bad Redis store URL {mask_url(url)}: {wrong}")
         try:
             parsed = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError as exc:

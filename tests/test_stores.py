@@ -1030,6 +1030,18 @@ def test_bad_redis_urls_are_refused_at_construction(url: str, error: str) -> Non
     assert str(info.value) == error
 
 
+@pytest.mark.parametrize(("query", "meant"), [
+    ("retry_on_timeout=yes", True), ("retry_on_timeout=No", False), ("retry_on_timeout=1", True),
+    ("retry_on_timeout=FALSE", False), ("retry_on_timeout=t", True), ("retry_on_timeout=n", False),
+])
+def test_boolean_words_redis_py_reads_are_taken(query: str, meant: bool) -> None:
+    store = store_from_url(f"redis://127.0.0.1:1/0?{query}")
+    try:
+        assert isinstance(store, RedisStore) and store.pool.connection_kwargs["retry_on_timeout"] is meant
+    finally:
+        store.close()
+
+
 def test_numeric_options_given_as_text_are_parsed() -> None:
     """``socket_timeout: ${REDIS_SOCKET_TIMEOUT:-0.5}`` interpolates to the string "0.5"."""
     store = store_from_url("redis://127.0.0.1:1/3", socket_timeout="0.5", max_connections="4",
@@ -1204,6 +1216,14 @@ def test_unknown_pool_option_is_refused_at_construction() -> None:
     pytest.param("redis://127.0.0.1:1/0", {"health_check_interval": True}, "bad Redis store redis://127.0.0.1:1/0: "
                  "health_check_interval must be a number of seconds, 0 (never) or above, got True",
                  id="a yes for an interval"),
+    pytest.param("redis://127.0.0.1:1/0?retry_on_timeout=off", {}, "bad Redis store URL "
+                 "redis://127.0.0.1:1/0?retry_on_timeout=off: retry_on_timeout must be true or false (or yes, no, 1, "
+                 "0), got 'off'", id="off in the URL (redis-py read it as true)"),
+    pytest.param("rediss://127.0.0.1:1/0?ssl_check_hostname=flase", {}, "bad Redis store URL "
+                 "rediss://127.0.0.1:1/0?ssl_check_hostname=flase: ssl_check_hostname must be true or false (or yes, "
+                 "no, 1, 0), got 'flase'", id="a misspelt false in the URL"),
+    pytest.param("redis://127.0.0.1:1/0", {"socket_keepalive": "off"}, "store option socket_keepalive must be true "
+                 "or false (or yes, no, 1, 0), got 'off'", id="off from a variable"),
 ])
 def test_redis_url_mistakes_are_refused_with_advice(url: str, options: dict[str, Any], error: str) -> None:
     with pytest.raises((ValueError, TypeError)) as info:
