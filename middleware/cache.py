@@ -214,7 +214,8 @@ class CacheOptions(LayerOptions):
                              "error responses are never cached")
         # Statuses that are not heuristically cacheable (302, 307, 403…) are accepted: a response with one is
         # stored only when it gives its own freshness (max-age, s-maxage, Expires) or is public (_HEURISTIC).
-        partial = [s for s in self.statuses if s in (206, 304)]
+        # 416 too: it answers a Range (one past the end), and stored, every GET of the URI would get it.
+        partial = [s for s in self.statuses if s in (206, 304, 416)]
         if partial:
             raise ValueError(f"statuses may not list {partial[0]}: a {partial[0]} answers one request's "
                              "Range or condition and would be replayed to requests without it")
@@ -516,7 +517,7 @@ class CacheMiddleware:
     Options:
       ``store``: name of the context store (``shared``).
       ``ttl``: seconds an entry is fresh when the app sends no ``s-maxage``/``max-age`` (300).
-      ``statuses``: cacheable status codes (``[200]``; 200 to 499 only, not 206 nor 304).  Those
+      ``statuses``: cacheable status codes (``[200]``; 200 to 499 only, not 206, 304 nor 416).  Those
       RFC 9110 §15.1 does not call heuristically cacheable (302, 307, 400, 403…) are stored only
       when the response gives its freshness (``max-age``, ``s-maxage``, ``Expires``) or is ``public``.
       ``stale_if_error``: seconds a stale entry may answer when the app raises or sends 5xx (0: off).

@@ -2181,6 +2181,8 @@ def test_failed_write_still_answers(origin: Origin) -> None:
     pytest.param({"statuses": [200, 304]}, "statuses may not list 304: a 304 answers one request's Range or "
                  "condition and would be replayed to requests without it", id="304"),
     pytest.param({"statuses": [206]}, "statuses may not list 206", id="206"),
+    pytest.param({"statuses": [200, 416]}, "statuses may not list 416: a 416 answers one request's Range or "
+                 "condition and would be replayed to requests without it", id="416"),
     pytest.param({"purge_path": "purge"}, "purge_path must start with '/' (got 'purge')", id="relative purge path"),
     pytest.param({"purge_path": "/p", "purge_roles": []}, "purge_roles may not be empty when purge_path is set",
                  id="no purge roles"),
