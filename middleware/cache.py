@@ -234,14 +234,19 @@ class CacheOptions(LayerOptions):
 
 
 class _Plan:
-    """What the start_response of a miss decided: fresh for ``ttl`` from an age of ``age`` (+ ``window`` stale)."""
+    """What the start_response of a miss decided: fresh for ``ttl`` from an age of ``age`` (+ ``window`` stale).
 
-    __slots__ = ("age", "headers", "length", "status", "ttl", "vary", "window")
+    ``received`` is when the app's headers came (RFC 9111 §4.2.3's response_time): the age counts from
+    there, not from the end of a body the app may take a while to make.
+    """
+
+    __slots__ = ("age", "headers", "length", "received", "status", "ttl", "vary", "window")
 
     def __init__(self, status: str, headers: Headers, length: int, ttl: int, window: int, vary: list[str],
-                 age: int = 0) -> None:
+                 age: int = 0, received: float = 0.0) -> None:
         self.status, self.headers, self.length = status, headers, length
         self.ttl, self.window, self.vary, self.age = ttl, window, vary, age
+        self.received = received
 
 
 class _Flight(threading.Event):
@@ -1128,7 +1133,7 @@ class CacheMiddleware:
         kept = [(n, v) for n, v in headers if n.lower() not in _UNSTORED]
         if date is None:  # a cache records when it received a response without one (RFC 9110 §6.6.1): hits
             kept.append(("Date", http_date(now)))  # then say when it was made, beside their Age
-        return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)), age)
+        return _Plan(status, kept, int(length), ttl, window, sorted(set(vary)), age, now)
 
     def _seen(self, environ: WSGIEnvironment, base: str) -> tuple[str, bytes | None]:
         """The write mark of ``base``'s URI and the value this request's lookup found there (``None``: none).
@@ -1164,13 +1169,20 @@ class CacheMiddleware:
         :meth:`_drop_lock`): one round trip.
 
         Nothing is stored when the URI's write mark no longer holds what this
-        request's lookup found there: a write succeeded since.
+        request's lookup found there: a write succeeded since; nor when the
+        answer went stale while its body was made (as one stale on arrival).
         """
         now = _clock()
-        life = plan.ttl - plan.age + plan.window
-        born = now - plan.age  # so that Age counts from when the app's own source made it
+        # Age counts from when the app's own source made it: its age when its headers came, and the time since.
+        born = plan.received - plan.age
+        life = born + plan.ttl + plan.window - now
+        if born + plan.ttl <= now:
+            if unlock is not None:
+                self._drop_lock(*unlock)
+            return
         mark, seen = self._seen(environ, base)
-        head: dict[str, Any] = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl, "x": now + life}
+        head: dict[str, Any] = {"s": plan.status, "h": plan.headers, "t": born, "f": born + plan.ttl,
+                                "x": born + plan.ttl + plan.window}
         if seen is not None:
             head["m"] = seen.decode("latin-1")  # the mark it is stored under: a later one makes it stale
         raw = json.dumps(head, separators=(",", ":")).encode() + b"\n" + body

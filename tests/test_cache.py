@@ -684,6 +684,49 @@ def test_an_answer_older_than_its_lifetime_is_not_stored(make: Callable[..., Sta
     assert [key for key in stack.store.scan("") if ":e:" in key] == []  # not even stored stale
 
 
+class SlowBody(Origin):
+    """An origin whose body takes ``took`` seconds of the test's clock after its headers."""
+
+    def __init__(self, clock: Clock, took: float, max_age: int = 60) -> None:
+        super().__init__()
+        self.clock, self.took, self.max_age = clock, took, max_age
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4"),
+                                  ("Cache-Control", f"max-age={self.max_age}")])
+
+        def body() -> Iterator[bytes]:
+            yield b"ab"
+            self.clock.now += self.took
+            yield b"cd"
+
+        return body()
+
+
+@pytest.mark.parametrize(("max_age", "took", "later", "expected"), [
+    pytest.param(60, 30, 0, "HIT 30", id="its age counts from its headers"),
+    pytest.param(60, 30, 29, "HIT 59", id="fresh for what is left"),
+    pytest.param(60, 30, 31, "MISS", id="stale 60 s after its headers, not 60 s after its body"),
+    pytest.param(60, 59, 0, "HIT 59", id="a second left"),
+    pytest.param(10, 15, 0, "MISS", id="stale before its body ended: not stored"),
+])
+def test_an_entry_is_as_old_as_its_answer_not_its_body(store: Store, clock: Clock, max_age: int, took: float,
+                                                       later: int, expected: str) -> None:
+    """A response's age counts from when it was received (RFC 9111 §4.2.3): its headers, not the end of a
+    body the app took a while to make; its Date says so, and the hit's Age agrees with it."""
+    stack = Stack(store, SlowBody(clock, took, max_age))
+    stack.get("/x")
+    if max_age < took:
+        assert [key for key in store.scan("") if ":e:" in key or ":l:" in key] == []  # nor its lock left
+    clock.now += later
+    response = stack.get("/x")
+    label = response.headers["X-Cache"]
+    assert (f"{label} {response.headers['Age']}" if label == "HIT" else label) == expected
+    if label == "HIT":
+        dated = parse_date(response.headers["Date"])
+        assert dated is not None and dated.timestamp() + int(response.headers["Age"]) == int(clock.now)
+
+
 MAX_AGE_300 = ("Cache-Control", "max-age=300")
 
 
