@@ -1087,8 +1087,10 @@ class CacheMiddleware:
                 expires.append(value.strip())
             elif lname == "date":
                 date = value
-            elif lname == "age":
-                age_header = value.strip()
+            elif lname == "age" and age_header is None:
+                # A list (two lines, or two members joined): its first member (RFC 9111 §5.1), not
+                # the last line's, nor nothing for the list, which both made an old answer younger.
+                age_header = value.split(",", 1)[0].strip()
             elif lname == "vary":
                 vary += (v.strip().lower() for v in value.split(",") if v.strip())
             elif lname == "content-length":
