@@ -633,6 +633,10 @@ def _task_class() -> type[WSGITask]:
       ``GET`` would, and Waitress then wrote the chunked terminator (``0\\r\\n\\r\\n``) after the
       headers, bytes a client reads as the start of the next response.  Nothing follows a
       ``HEAD``'s headers now, neither framing nor a body the app wrote.
+    - Waitress drops what an app iterates after the headers of a ``HEAD``, 1xx, 204 or 304 answer, but
+      sends a ``wsgi.file_wrapper``'s file all the same: an app that serves a file whatever the method
+      (Django's ``FileResponse`` does) put the whole file after a ``HEAD``'s headers, where the client
+      reads it as the next response.  Such a file is closed unsent now (:class:`_HeadersOnly`).
 
     Everything else is Waitress's: its reading of ``Connection`` (exactly ``close``, exactly
     ``keep-alive``), the close after a response with a body and no ``Content-Length`` (a chunked ``GET``, a
@@ -642,7 +646,10 @@ def _task_class() -> type[WSGITask]:
 
     class Task(WSGITask):
         def set_close_on_finish(self) -> None:
+            # Waitress calls this for every answer without a body as it builds the headers (it has no
+            # Content-Length), so the rare answers are mended here, and the common one pays nothing.
             if not self.has_body:  # framed by its status alone: the connection is fit for the next request
+                self.headers_only()
                 request: Any = self.request
                 connection = request.headers.get("CONNECTION", "").lower()
                 if self.version == "1.1" and connection != "close":
@@ -659,13 +666,43 @@ def _task_class() -> type[WSGITask]:
             request: Any = self.request
             if request.command == "HEAD":
                 self.chunked_response = False  # no body follows, so no chunk framing (and no terminator) either
+                self.headers_only()
             return head
+
+        def headers_only(self) -> None:
+            """Nothing but the headers goes out for this answer: not a file the app handed over either."""
+            if not isinstance(self.channel, _HeadersOnly):
+                self.channel = typing.cast(Any, _HeadersOnly(self.channel))
 
         def write(self, data: bytes) -> None:
             request: Any = self.request
             super().write(b"" if request.command == "HEAD" else data)  # (the headers, once, and nothing after)
 
     return Task
+
+
+class _HeadersOnly:
+    """A task's channel for an answer without a body (a ``HEAD``'s, a 1xx, 204 or 304), once its headers are built.
+
+    Waitress hands a ``wsgi.file_wrapper`` body to the channel itself, after the headers and past the
+    task's ``write``, which drops everything else; this one closes the file instead of sending it.
+    The headers were written to the channel itself (Waitress holds it from before), and every other
+    attribute is the channel's.
+    """
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.channel, name)
+
+    def write_soon(self, data: Any) -> int:
+        if isinstance(data, bytes):
+            return int(self.channel.write_soon(data))
+        data.close()  # the channel would have closed it once sent
+        return 0
 
 
 @functools.cache

@@ -1,0 +1,102 @@
+"""How serve.py frames what an app of one's own answers: the bytes on the wire, and whether the connection
+is fit for the next request.
+
+An app behind ``app.factory`` may answer in ways the built-in core does not: a ``wsgi.file_wrapper`` for
+any method and status, a 304 with the ``Content-Length`` of the full representation (RFC 9110 §8.6), a
+1xx status.  Each test reads the exact bytes of a raw socket: a byte too many after an answer without a
+body is the start of the next response to the client (or to a proxy's pooled upstream connection).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+from conftest import Served, free_port
+
+FILE = b"the whole file"
+
+
+def framing_app(**options: Any) -> Callable[..., Iterable[bytes]]:
+    """An app that answers as the path says (``app: {factory: "test_serve_framing:framing_app"}``)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        if path == "/file":  # as an app unaware of HEAD serves a file (Django's FileResponse does)
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(FILE)))])
+            return environ["wsgi.file_wrapper"](io.BytesIO(FILE))  # type: ignore[no-any-return]
+        if path == "/file-304":
+            start_response("304 Not Modified", [("ETag", '"v1"')])
+            return environ["wsgi.file_wrapper"](io.BytesIO(FILE))  # type: ignore[no-any-return]
+        if path == "/ok":
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+            return [b"ok"]
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
+        return []
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """serve.py with :func:`framing_app` as its app; yields the port it listens on."""
+    port = free_port()
+    config = tmp_path_factory.mktemp("framing") / "stack.yaml"
+    config.write_text(f"""
+server:
+  listen: ["127.0.0.1:{port}"]
+  workers: 1
+  threads: 2
+app:
+  factory: test_serve_framing:framing_app
+pipeline:
+  - errors: {{format: problem}}
+""")
+    server = Served(config, {}, port)
+    try:
+        yield port
+    finally:
+        server.stop()
+
+
+def exchange(port: int, *requests: tuple[str, str]) -> tuple[bytes, bool]:
+    """Send ``requests`` (method, path) pipelined on one HTTP/1.1 connection; what comes back in the next
+    second, and whether the server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"".join(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() for method, path
+                              in requests))
+        sock.settimeout(1.0)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            return received, False
+    return received, True
+
+
+@pytest.mark.parametrize(("method", "path", "status", "length"), [
+    pytest.param("HEAD", "/file", "HTTP/1.1 200 OK", str(len(FILE)), id="HEAD on a file_wrapper: the GET's headers"),
+    pytest.param("GET", "/file-304", "HTTP/1.1 304 Not Modified", None, id="a 304 with a file_wrapper"),
+])
+def test_a_file_wrapper_answer_without_a_body_sends_no_file(port: int, method: str, path: str, status: str,
+                                                          length: str | None) -> None:
+    """The headers, then the next answer on the same connection: not the file in between."""
+    received, closed = exchange(port, (method, path), ("GET", "/ok"))
+    first, _, rest = received.partition(b"\r\n\r\n")
+    lines = first.decode("latin-1").split("\r\n")
+    assert lines[0] == status
+    assert {line.partition(": ")[2] for line in lines if line.startswith("Content-Length")} == (
+        {length} if length else set())
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok"), received
+    assert not closed
+
+
+def test_a_get_on_a_file_wrapper_still_sends_the_file(port: int) -> None:
+    received, closed = exchange(port, ("GET", "/file"))
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\n" + FILE), received
+    assert f"Content-Length: {len(FILE)}\r\n".encode() in received
+    assert not closed
