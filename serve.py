@@ -624,11 +624,13 @@ def _task_class() -> type[WSGITask]:
     """Waitress's ``WSGITask``, with two defects of Waitress 3.0.2 mended (the server and ``explain`` use it).
 
     - Waitress closes the connection after every response without a ``Content-Length``, also
-      after a 1xx, 204 or 304, which have no body by definition: every CORS preflight, logout
+      after a 204 or 304, which have no body by definition: every CORS preflight, logout
       and revalidation cost the client (or a proxy's upstream keep-alive pool) a connection.
       Such a response now closes it only when the request asks for that: HTTP/1.1 with
       ``Connection: close``, HTTP/1.0 without ``Connection: keep-alive`` (one with it gets
-      ``Connection: Keep-Alive`` back, as it does with a ``Content-Length``).
+      ``Connection: Keep-Alive`` back, as it does with a ``Content-Length``).  A 1xx an app answers
+      still closes it, and is logged: it is no final answer (WSGI has no interim ones), and a client
+      would take the next response on the connection, the next request's, for this request's.
     - A ``HEAD`` answered without a ``Content-Length`` says ``Transfer-Encoding: chunked``, as the
       ``GET`` would, and Waitress then wrote the chunked terminator (``0\\r\\n\\r\\n``) after the
       headers, bytes a client reads as the start of the next response.  Nothing follows a
@@ -648,9 +650,15 @@ def _task_class() -> type[WSGITask]:
         def set_close_on_finish(self) -> None:
             # Waitress calls this for every answer without a body as it builds the headers (it has no
             # Content-Length), so the rare answers are mended here, and the common one pays nothing.
-            if not self.has_body:  # framed by its status alone: the connection is fit for the next request
+            request: Any = self.request
+            if self.status.startswith("1"):  # not a final answer, though the app has no other: the client waits on
                 self.headers_only()
-                request: Any = self.request
+                if not self.close_on_finish:
+                    log.warning("the app answered %s %s with %s, an interim status, as its final answer (WSGI has "
+                                "no interim answers); the connection closes after it", request.command,
+                                request.path, self.status)
+            elif not self.has_body:  # framed by its status alone: the connection is fit for the next request
+                self.headers_only()
                 connection = request.headers.get("CONNECTION", "").lower()
                 if self.version == "1.1" and connection != "close":
                     return

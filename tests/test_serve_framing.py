@@ -31,6 +31,9 @@ def framing_app(**options: Any) -> Callable[..., Iterable[bytes]]:
         if path == "/file-304":
             start_response("304 Not Modified", [("ETag", '"v1"')])
             return environ["wsgi.file_wrapper"](io.BytesIO(FILE))  # type: ignore[no-any-return]
+        if path == "/early-hints":  # WSGI has no interim answers: this is the app's only one
+            start_response("103 Early Hints", [("Link", "</style.css>; rel=preload")])
+            return []
         if path == "/ok":
             start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
             return [b"ok"]
@@ -41,8 +44,8 @@ def framing_app(**options: Any) -> Callable[..., Iterable[bytes]]:
 
 
 @pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """serve.py with :func:`framing_app` as its app; yields the port it listens on."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """serve.py with :func:`framing_app` as its app."""
     port = free_port()
     config = tmp_path_factory.mktemp("framing") / "stack.yaml"
     config.write_text(f"""
@@ -57,9 +60,14 @@ pipeline:
 """)
     server = Served(config, {}, port)
     try:
-        yield port
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def port(served: Served) -> int:
+    return served.port
 
 
 def exchange(port: int, *requests: tuple[str, str]) -> tuple[bytes, bool]:
@@ -100,3 +108,24 @@ def test_a_get_on_a_file_wrapper_still_sends_the_file(port: int) -> None:
     assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\n" + FILE), received
     assert f"Content-Length: {len(FILE)}\r\n".encode() in received
     assert not closed
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_an_app_answering_1xx_closes_the_connection_after_it(served: Served, version: str) -> None:
+    """A client waits on after a 1xx for the final answer (RFC 9110 §15.2), and takes the next response on the
+    connection for it: the next request's answer would be read as this one's.  The connection closes
+    after the 1xx instead, an answer that ended early; the log says why."""
+    logged = served.err.read_text().count("an interim status, as its final answer")
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+        sock.sendall(b"".join(f"GET {path} HTTP/{version}\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n"
+                              .encode() for path in ("/early-hints", "/ok")))
+        sock.settimeout(2.0)
+        received = b""
+        while chunk := sock.recv(65536):  # (a TimeoutError here: the connection stayed open)
+            received += chunk
+    head, blank, after = received.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/{version} 103 Early Hints\r\n".encode()) and blank, received
+    assert b"Connection: close" in head.split(b"\r\n")
+    assert after == b""
+    assert served.err.read_text().count(
+        "the app answered GET /early-hints with 103 Early Hints, an interim status, as its final answer") == logged + 1
