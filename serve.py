@@ -621,7 +621,7 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
 
 @functools.cache
 def _task_class() -> type[WSGITask]:
-    """Waitress's ``WSGITask``, with two defects of Waitress 3.0.2 mended (the server and ``explain`` use it).
+    """Waitress's ``WSGITask``, with defects of Waitress 3.0.2 in framing mended (the server and ``explain`` use it).
 
     - Waitress closes the connection after every response without a ``Content-Length``, also
       after a 204 or 304, which have no body by definition: every CORS preflight, logout
@@ -633,16 +633,17 @@ def _task_class() -> type[WSGITask]:
       would take the next response on the connection, the next request's, for this request's.
     - A ``HEAD`` answered without a ``Content-Length`` says ``Transfer-Encoding: chunked``, as the
       ``GET`` would, and Waitress then wrote the chunked terminator (``0\\r\\n\\r\\n``) after the
-      headers, bytes a client reads as the start of the next response.  Nothing follows a
-      ``HEAD``'s headers now, neither framing nor a body the app wrote.
+      headers, bytes a client reads as the start of the next response, and closed the connection.
+      Nothing follows a ``HEAD``'s headers now, neither framing nor a body the app wrote, and the
+      connection is kept as after a 204.
     - Waitress drops what an app iterates after the headers of a ``HEAD``, 1xx, 204 or 304 answer, but
       sends a ``wsgi.file_wrapper``'s file all the same: an app that serves a file whatever the method
       (Django's ``FileResponse`` does) put the whole file after a ``HEAD``'s headers, where the client
       reads it as the next response.  Such a file is closed unsent now (:class:`_HeadersOnly`).
 
     Everything else is Waitress's: its reading of ``Connection`` (exactly ``close``, exactly
-    ``keep-alive``), the close after a response with a body and no ``Content-Length`` (a chunked ``GET``, a
-    ``HEAD`` answered so), its headers and their order.
+    ``keep-alive``), the close after a response with a body and no ``Content-Length`` (a chunked ``GET``),
+    its headers and their order.
     """
     from waitress.task import WSGITask
 
@@ -657,7 +658,8 @@ def _task_class() -> type[WSGITask]:
                     log.warning("the app answered %s %s with %s, an interim status, as its final answer (WSGI has "
                                 "no interim answers); the connection closes after it", request.command,
                                 request.path, self.status)
-            elif not self.has_body:  # framed by its status alone: the connection is fit for the next request
+            elif not self.has_body or request.command == "HEAD":  # framed by its status or method alone (RFC 9112
+                # §6.3), though Waitress would chunk a GET's body: the connection is fit for the next request
                 self.headers_only()
                 connection = request.headers.get("CONNECTION", "").lower()
                 if self.version == "1.1" and connection != "close":

@@ -3,7 +3,8 @@
 Waitress 3.0.2 closed the connection after every response without a ``Content-Length``: also
 after a 204 (every CORS preflight) and a 304 (every revalidation), whose status says they have no
 body, so each cost the client, or a proxy's upstream keep-alive pool, a new connection.  And a
-``HEAD`` on the event stream was followed by a chunked terminator after its headers.  serve.py's
+``HEAD`` on the event stream was followed by a chunked terminator after its headers, and closed the
+connection as the ``GET`` does, though nothing follows a ``HEAD``'s headers.  serve.py's
 task keeps Waitress's rules otherwise: ``Connection: close`` and HTTP/1.0 without
 ``keep-alive`` close, a body of unknown length is sent chunked and closes.  ``explain`` shows what
 the server sends.
@@ -148,25 +149,43 @@ def test_a_204_a_304_and_a_200_in_a_row_on_one_connection(served: tuple[Path, li
                 assert receive(reader, "OPTIONS")[0] == 204
 
 
-def test_a_head_on_the_stream_gets_its_headers_and_nothing_after(served: tuple[Path, list[int]]) -> None:
-    """The headers a GET would get (chunked, no Content-Length); the connection then closes, as Waitress
-    closes it after any answer without one; not one byte follows the blank line."""
+@pytest.mark.parametrize(("version", "connection", "kept", "connection_header"), [
+    pytest.param("1.1", None, True, None, id="HTTP/1.1: kept open"),
+    pytest.param("1.1", "close", False, "close", id="HTTP/1.1, Connection: close: closed"),
+    pytest.param("1.0", None, False, "close", id="HTTP/1.0: closed"),
+    pytest.param("1.0", "keep-alive", True, "Keep-Alive", id="HTTP/1.0, Connection: keep-alive: kept open"),
+])
+def test_a_head_on_the_stream_gets_its_headers_and_nothing_after(served: tuple[Path, list[int]], version: str,
+                                                                 connection: str | None, kept: bool,
+                                                                 connection_header: str | None) -> None:
+    """The headers a GET would get (chunked, no Content-Length), and not one byte after the blank line; the
+    connection is kept as after a 204: no body follows a HEAD's headers (RFC 9112 §6.3), however the GET's
+    would be framed.  The next answer on it comes whole."""
     for port in served[1]:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            send(sock, "1.1", ("HEAD", STREAM, {}))
+            send(sock, version, ("HEAD", STREAM, {}), connection)
+            send(sock, version, PREFLIGHT, connection)
             sock.settimeout(1.0)
             received = b""
             try:
                 while chunk := sock.recv(65536):
                     received += chunk
+                closed = True
             except TimeoutError:
-                pass
+                closed = False
         head, blank, after = received.partition(b"\r\n\r\n")
-        assert blank and after == b"", received
+        assert blank, received
         lines = head.decode("latin-1").split("\r\n")
-        assert lines[0] == "HTTP/1.1 200 OK"
-        assert {"Transfer-Encoding: chunked", "Connection: close"} <= set(lines[1:])
+        assert lines[0] == f"HTTP/{version} 200 OK"
+        assert ("Transfer-Encoding: chunked" in lines[1:]) is (version == "1.1")  # (HTTP/1.0 has no chunks)
         assert not any(line.lower().startswith("content-length") for line in lines)
+        assert [line.partition(": ")[2] for line in lines if line.startswith("Connection:")] == (
+            [connection_header] if connection_header else [])
+        assert closed is not kept
+        if kept:
+            assert after.startswith(f"HTTP/{version} 204 No Content\r\n".encode()) and after.endswith(b"\r\n\r\n")
+        else:
+            assert after == b"", received
 
 
 def test_a_get_on_the_stream_is_still_chunked_and_closes(served: tuple[Path, list[int]]) -> None:
