@@ -640,6 +640,8 @@ def _task_class() -> type[WSGITask]:
       sends a ``wsgi.file_wrapper``'s file all the same: an app that serves a file whatever the method
       (Django's ``FileResponse`` does) put the whole file after a ``HEAD``'s headers, where the client
       reads it as the next response.  Such a file is closed unsent now (:class:`_HeadersOnly`).
+    - A 304 with the ``Content-Length`` of the representation (RFC 9110 §8.6 allows it) and no body
+      was logged as an app that "returned too few bytes" on every revalidation; it is not now.
 
     Everything else is Waitress's: its reading of ``Connection`` (exactly ``close``, exactly
     ``keep-alive``), the close after a response with a body and no ``Content-Length`` (a chunked ``GET``),
@@ -680,9 +682,11 @@ def _task_class() -> type[WSGITask]:
             return head
 
         def headers_only(self) -> None:
-            """Nothing but the headers goes out for this answer: not a file the app handed over either."""
+            """Nothing but the headers goes out for this answer: not a file the app handed over either, and
+            no body is missing whatever its ``Content-Length`` said (:class:`_NoBodyLog`)."""
             if not isinstance(self.channel, _HeadersOnly):
                 self.channel = typing.cast(Any, _HeadersOnly(self.channel))
+                self.logger = typing.cast(Any, _NoBodyLog(self.logger))
 
         def write(self, data: bytes) -> None:
             request: Any = self.request
@@ -713,6 +717,26 @@ class _HeadersOnly:
             return int(self.channel.write_soon(data))
         data.close()  # the channel would have closed it once sent
         return 0
+
+
+class _NoBodyLog:
+    """Waitress's log for an answer without a body, without its warning that the app "returned too few bytes
+    (0) for specified Content-Length": none was due.  A 304 may carry the ``Content-Length`` of the
+    representation (RFC 9110 §8.6; Waitress drops it from the headers), and Waitress, which spares a
+    ``HEAD`` the warning, gave it on every such revalidation and for every 1xx or 204 with one.
+    """
+
+    __slots__ = ("logger",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.logger, name)
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if not msg.startswith("application returned too few bytes"):
+            self.logger.warning(msg, *args, **kwargs)
 
 
 @functools.cache

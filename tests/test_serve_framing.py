@@ -31,6 +31,9 @@ def framing_app(**options: Any) -> Callable[..., Iterable[bytes]]:
         if path == "/file-304":
             start_response("304 Not Modified", [("ETag", '"v1"')])
             return environ["wsgi.file_wrapper"](io.BytesIO(FILE))  # type: ignore[no-any-return]
+        if path == "/not-modified":  # with the Content-Length a 200 would have (RFC 9110 §8.6 allows it)
+            start_response("304 Not Modified", [("ETag", '"v1"'), ("Content-Length", str(len(FILE)))])
+            return []
         if path == "/early-hints":  # WSGI has no interim answers: this is the app's only one
             start_response("103 Early Hints", [("Link", "</style.css>; rel=preload")])
             return []
@@ -129,3 +132,24 @@ def test_an_app_answering_1xx_closes_the_connection_after_it(served: Served, ver
     assert after == b""
     assert served.err.read_text().count(
         "the app answered GET /early-hints with 103 Early Hints, an interim status, as its final answer") == logged + 1
+
+
+@pytest.mark.parametrize(("version", "connection"), [("1.1", ""), ("1.0", "keep-alive")])
+def test_a_304_with_the_content_length_of_the_200_is_no_short_body(served: Served, version: str,
+                                                                    connection: str) -> None:
+    """No body is sent, and none was due: the connection is kept, and nothing is logged (Waitress warned that
+    the app "returned too few bytes (0) for specified Content-Length" on every revalidation)."""
+    logged = served.err.read_text()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+        sock.sendall(b"".join(f"GET {path} HTTP/{version}\r\nHost: 127.0.0.1\r\nConnection: {connection}\r\n\r\n"
+                              .encode() for path in ("/not-modified", "/ok")))
+        sock.settimeout(1.0)
+        received = b""
+        with pytest.raises(TimeoutError):  # the connection stays open
+            while chunk := sock.recv(65536):
+                received += chunk
+    head, _, after = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0] == f"HTTP/{version} 304 Not Modified" and 'Etag: "v1"' in lines, received
+    assert after.startswith(f"HTTP/{version} 200 OK\r\n".encode()) and after.endswith(b"\r\n\r\nok"), received
+    assert served.err.read_text() == logged
