@@ -115,13 +115,14 @@ def test_a_get_on_a_file_wrapper_still_sends_the_file(port: int) -> None:
 
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 def test_an_app_answering_1xx_closes_the_connection_after_it(served: Served, version: str) -> None:
-    """A client waits on after a 1xx for the final answer (RFC 9110 §15.2), and takes the next response on the
-    connection for it: the next request's answer would be read as this one's.  The connection closes
+    """A client waits on after a 1xx for the final answer (RFC 9110 §15.2), and would take the next response on
+    the connection for it: the next request's answer read as this one's.  The connection closes
     after the 1xx instead, an answer that ended early; the log says why."""
     logged = served.err.read_text().count("an interim status, as its final answer")
     with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
-        sock.sendall(b"".join(f"GET {path} HTTP/{version}\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n"
-                              .encode() for path in ("/early-hints", "/ok")))
+        # (One request: one the server leaves unread when it closes would have it reset the connection.)
+        sock.sendall(f"GET /early-hints HTTP/{version}\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n"
+                     .encode())
         sock.settimeout(2.0)
         received = b""
         while chunk := sock.recv(65536):  # (a TimeoutError here: the connection stayed open)

@@ -164,7 +164,8 @@ def test_a_head_on_the_stream_gets_its_headers_and_nothing_after(served: tuple[P
     for port in served[1]:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             send(sock, version, ("HEAD", STREAM, {}), connection)
-            send(sock, version, PREFLIGHT, connection)
+            if kept:  # (a request the server leaves unread when it closes would have it reset the connection)
+                send(sock, version, PREFLIGHT, connection)
             sock.settimeout(1.0)
             received = b""
             try:
