@@ -31,6 +31,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_list_header
 
 from .base import (
@@ -542,9 +543,22 @@ _LONGEST_ORIGIN = 300
 
 
 def _decorate(exc: BaseException, added: Sequence[tuple[str, str]]) -> None:
-    """Give an exception on its way to ``errors`` the CORS headers ``added`` and ``Vary: Origin``."""
+    """Give an exception on its way to ``errors`` the CORS headers ``added`` and ``Vary: Origin``.
+
+    A response the exception carries (``abort(Response(...))``) is sent by ``errors`` as it is, the
+    attached headers only where it has none of that name: its own ``Access-Control-Allow-Origin: *``
+    would stand for ours (to an origin the policy leaves out too) and its own ``Vary`` would drop
+    ``Origin``.  So that response is labelled in place, as ``_Labelled`` labels one the app starts.
+    """
     decorate_error(exc, added)
     add_vary(getattr(exc, "wsgistack_headers", []), "Origin")
+    own = exc.response if isinstance(exc, HTTPException) else None
+    if own is not None and hasattr(own, "get_data"):
+        headers = [(k, v) for k, v in own.headers.to_wsgi_list() if k.lower() not in _OWN_NAMES]
+        add_vary(headers, "Origin")
+        headers.extend(added)
+        own.headers.clear()
+        own.headers.extend(headers)
 
 
 class _Labelled:

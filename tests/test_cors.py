@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from webtest import TestApp
+from werkzeug.exceptions import abort
+from werkzeug.wrappers import Response
 
 from middleware.base import Context, add_vary, parse_origin, refuse
 from middleware.cors import CORSMiddleware, CORSOptions
@@ -33,6 +35,10 @@ class Recorder:
             raise refuse(429, "Slow down.", headers=[("Retry-After", "7")])
         if path == "/crash":
             raise RuntimeError("inner failure")
+        if path == "/own-response":  # a response of its own, which errors sends as it is
+            abort(Response(b"taken", status=409, headers={
+                "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true",
+                "Access-Control-Expose-Headers": "X-Total", "Vary": "Accept-Encoding"}))
         headers = [("Content-Type", "text/plain"), ("X-Total", "3")]
         if path == "/vary":
             headers.append(("Vary", "Accept-Encoding"))
@@ -337,6 +343,24 @@ def test_the_layer_alone_grants_on_its_paths(make: Callable[..., TestApp], path:
     response = make(**EXACT).get(path, headers=request_headers)
     assert cors_headers(response) == expected
     assert response.headers.getall("Vary") == ["Origin"]
+
+
+@pytest.mark.parametrize(("options", "request_headers", "expected"), [
+    pytest.param(EXACT, {"Origin": OTHER}, {}, id="the response's * to another origin"),
+    pytest.param(EXACT, {}, {}, id="the response's * without Origin"),
+    pytest.param(EXACT, {"Origin": APP}, {"access-control-allow-origin": APP},
+                 id="the response's credentials and exposed headers where the layer grants neither"),
+    pytest.param(FULL, {"Origin": APP}, {"access-control-allow-origin": APP, "access-control-allow-credentials": "true",
+                                         "access-control-expose-headers": "X-Total, ETag"},
+                 id="the layer's grant, not the response's *"),
+])
+def test_the_layer_alone_grants_on_a_response_an_exception_carries(
+        make: Callable[..., TestApp], options: dict[str, Any], request_headers: dict[str, str],
+        expected: dict[str, str]) -> None:
+    response = make(**options).get("/own-response", headers=request_headers, status=409)
+    assert response.body == b"taken"
+    assert cors_headers(response) == expected
+    assert response.headers.getall("Vary") == ["Accept-Encoding, Origin"]
 
 
 def test_app_rendered_error_carries_cors(make: Callable[..., TestApp]) -> None:
