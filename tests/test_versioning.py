@@ -693,7 +693,8 @@ def test_options_refused(options: dict[str, Any], message: str) -> None:
      "5:47 pipeline[0].versioning.deprecated.v1.sunset: sunset must not be earlier than deprecation "
      "(got 2024-01-01T12:30:00+00:00)"),
     ("{deprecation: 2024-01-01, link: 2024-02-01}",
-     "5:45 pipeline[0].versioning.deprecated.v1.link: Input should be a valid string (got 2024-02-01)"),
+     "5:45 pipeline[0].versioning.deprecated.v1.link: Input should be a valid string; YAML reads 2024-02-01 as a "
+     "date: quote it ('2024-02-01') to keep it as text (got 2024-02-01)"),
 ])
 def test_a_yaml_date_in_an_error_is_shown_as_written(entry: str, shown: str) -> None:
     from config import ConfigError, build_from_text
