@@ -61,6 +61,9 @@ ORIG = "wsgistack.proxy.orig"
 _PAIR = re.compile(r'(?<![!#$%&\'*+.^_`|~0-9A-Za-z\s-])\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*'
                    r'("(?:[^"\\]|\\.)*"|[^;\s]*(?:\s+[^;\s]+)*)\s*(?:;|$)')
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
+#: The scheme a forwarded ``proto`` names, as ``wsgi.url_scheme`` says it.  Traefik forwards a WebSocket
+#: handshake with ``ws`` or ``wss`` (RFC 6455 §3): an HTTP request over TCP or over TLS.
+_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 #: An absolute path of RFC 3986 characters that does not start with ``//``: ``SCRIPT_NAME`` begins the URLs the
 #: app builds, and ``//evil.example`` (or ``/\t/evil.example``, a tab browsers and werkzeug drop) would make a
 #: redirect to ``url_for(…)`` leave the site; a backslash reads as ``/`` in browsers, ``?``/``#`` end the path.
@@ -185,7 +188,7 @@ class ProxyMiddleware:
             return checked
         if "for" in found and (ip := _address(found["for"])) is not None:
             checked["for"] = ip
-        if "proto" in found and (proto := found["proto"].lower()) in _DEFAULT_PORTS:
+        if "proto" in found and (proto := _SCHEMES.get(found["proto"].lower())) is not None:
             checked["proto"] = proto
         if "host" in found and (match := HOST_PORT.fullmatch(found["host"])):
             name, port = match.groups()  # a port as X-Forwarded-Port's: 1-65535, one spelling

@@ -91,6 +91,14 @@ ALL_X = {"x_for": 1, "x_proto": 1, "x_host": 1, "x_port": 1, "x_prefix": 1}
                  {"wsgi.url_scheme": "https"}, id="proto in capitals"),
     pytest.param({"x_proto": 1}, {"X-Forwarded-Proto": "javascript"}, "127.0.0.1", {},
                  id="proto other than http(s) ignored"),
+    # Traefik forwards a WebSocket handshake with the WebSocket scheme: ws is http, wss is https (RFC 6455 §3).
+    pytest.param({"x_proto": 1}, {"X-Forwarded-Proto": "wss"}, "127.0.0.1",
+                 {"wsgi.url_scheme": "https"}, id="proto wss: a handshake over TLS is https"),
+    pytest.param({"x_proto": 1, "x_host": 1}, {"X-Forwarded-Proto": "wss", "X-Forwarded-Host": "api.example.org"},
+                 "127.0.0.1", {"wsgi.url_scheme": "https", "HTTP_HOST": "api.example.org", "SERVER_PORT": "443"},
+                 id="proto wss and host: the port of https"),
+    pytest.param({"forwarded": 1}, {"Forwarded": "for=203.0.113.9;proto=wss"}, "127.0.0.1",
+                 {"REMOTE_ADDR": "203.0.113.9", "wsgi.url_scheme": "https"}, id="Forwarded proto wss: https"),
     pytest.param({"x_host": 1}, {"X-Forwarded-Host": "api.example.org"}, "127.0.0.1",
                  {"HTTP_HOST": "api.example.org", "SERVER_PORT": "80"}, id="host"),
     pytest.param({"x_host": 1, "x_proto": 1},
@@ -227,6 +235,19 @@ def test_forwarding(options: dict[str, Any], request_headers: dict[str, str], pe
     assert {key: body[key] for key in KEYS} == want
     assert body["client_ip"] == body["stored_client_ip"] == want["REMOTE_ADDR"]
     assert body["orig"] == {**ORIGINAL, "REMOTE_ADDR": peer}
+
+
+@pytest.mark.parametrize(("header", "value", "scheme", "expected"), [
+    pytest.param("X-Forwarded-Proto", "ws", "https", "http", id="ws over an https hop"),
+    pytest.param("X-Forwarded-Proto", "wss", "http", "https", id="wss over an http hop"),
+    pytest.param("Forwarded", "proto=ws", "https", "http", id="Forwarded ws over an https hop"),
+    pytest.param("X-Forwarded-Proto", "wsx", "https", "https", id="another scheme: the hop's own"),
+])
+def test_a_websocket_scheme_is_the_scheme_of_its_handshake(header: str, value: str, scheme: str,
+                                                          expected: str) -> None:
+    """Traefik forwards a WebSocket handshake with ws or wss: the handshake is an HTTP or an HTTPS request."""
+    app = make(x_proto=1) if header == "X-Forwarded-Proto" else make(forwarded=1)
+    assert call(app, {header: value}, **{"wsgi.url_scheme": scheme}).json["wsgi.url_scheme"] == expected
 
 
 @pytest.mark.parametrize("element", [
