@@ -8,7 +8,8 @@ are a 429 with the same headers and ``Retry-After``, rendered by ``errors``.
 
 On Redis one request costs one round trip: the hit and the window statistics
 of every limit of the rule go out as one pipeline of ``limits``' own Lua
-scripts (the keys are the ones ``limits``' ``RedisStorage`` uses).
+scripts (the keys are the ones ``limits``' ``RedisStorage`` uses); the moving
+window's two are ``limits``' timed by Redis's clock, one clock for every process.
 
 When not to use it: when a gateway in front of the server already limits, or
 with a ``memory://`` store while several processes serve (each process counts
@@ -451,6 +452,52 @@ def _memory_counter(store: MemoryStore) -> _MemoryCounter:
         return counter
 
 
+#: ``limits``' moving-window scripts (acquire; then the oldest entry in the window and the count), timed by
+#: Redis's clock instead of a timestamp each process sends: processes whose clocks disagree stamped the
+#: entries of one list with their own, and one whose clock ran ahead took the others' for older than they
+#: were (a client let through a window early, or at once past a minute of skew).  The window script also
+#: returns that clock's reading (as TIME gives it), for the reset on the process's own clock.  The list holds
+#: what ``limits``' holds: each accepted request's time, newest first.
+_NOW = "local t = redis.call('time')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+_ACQUIRE_MOVING = _NOW + """
+local limit = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+if amount > limit then
+    return false
+end
+local entry = redis.call('lindex', KEYS[1], limit - amount)
+if entry and tonumber(entry) >= now - expiry then
+    return false
+end
+for i = 1, amount do
+    redis.call('lpush', KEYS[1], now)
+end
+redis.call('ltrim', KEYS[1], 0, limit - 1)
+redis.call('expire', KEYS[1], expiry)
+return true
+"""
+_MOVING = _NOW + """
+local target = now - tonumber(ARGV[1])
+local low, high, found = 0, tonumber(ARGV[2]) - 1, nil
+while low <= high do  -- the list is newest first: the last entry still in the window
+    local mid = math.floor((low + high) / 2)
+    local value = tonumber(redis.call('lindex', KEYS[1], mid))
+    if value and value >= target then
+        found = mid
+        low = mid + 1
+    else
+        high = mid - 1
+    end
+end
+-- (the clock as TIME gave it: Lua's tostring keeps 14 digits, a tenth of a millisecond at today's epoch)
+if found then
+    return {redis.call('lindex', KEYS[1], found), found + 1, t[1], t[2]}
+end
+return {false, 0, t[1], t[2]}
+"""
+
+
 class _RedisCounter:
     """``limits``' RedisStorage on the store's pool; every limit's hit and stats in one pipeline."""
 
@@ -460,8 +507,10 @@ class _RedisCounter:
         self.store = store
         self.client: redis.Redis = store.client
         s = self.storage
+        self.acquire_moving = self.client.register_script(_ACQUIRE_MOVING)
+        self.moving = self.client.register_script(_MOVING)
         # The store's own too: the reads ahead in the pipeline run its read-or-lock script.
-        self.scripts = [s.lua_incr_expire, s.lua_acquire_moving_window, s.lua_moving_window,
+        self.scripts = [s.lua_incr_expire, self.acquire_moving, self.moving,
                         s.lua_acquire_sliding_window, s.lua_sliding_window, *getattr(store, "scripts", ())]
 
     def _commands(self, strategy: str, item: RateLimitItem, key: str, now: float) -> list[tuple[Any, ...]]:
@@ -471,8 +520,8 @@ class _RedisCounter:
             return [("EVALSHA", s.lua_incr_expire.sha, 1, k, expiry, 1), ("PTTL", k)]
         if strategy == "moving-window":
             k = s.prefixed_key(key)
-            return [("EVALSHA", s.lua_acquire_moving_window.sha, 1, k, now, amount, expiry, 1),
-                    ("EVALSHA", s.lua_moving_window.sha, 1, k, now - expiry, amount)]
+            return [("EVALSHA", self.acquire_moving.sha, 1, k, amount, expiry, 1),
+                    ("EVALSHA", self.moving.sha, 1, k, expiry, amount)]
         prev, cur = s.prefixed_key(s._previous_window_key(key)), s.prefixed_key(s._current_window_key(key))
         return [("EVALSHA", s.lua_acquire_sliding_window.sha, 2, prev, cur, amount, expiry, 1),
                 ("EVALSHA", s.lua_sliding_window.sha, 2, prev, cur, expiry)]
@@ -540,9 +589,10 @@ class _RedisCounter:
                 count, pttl = int(first), int(second)
                 reset = now + (pttl / 1000 if pttl > 0 else expiry)
                 out.append((count <= item.amount, max(0, item.amount - count), reset))
-            elif strategy == "moving-window":
-                start, count = (float(second[0]), int(second[1])) if second else (now, 0)
-                out.append((bool(first), max(0, item.amount - count), start + expiry))
+            elif strategy == "moving-window":  # the reset on our clock: as far from now as on Redis's
+                then = int(second[2]) + int(second[3]) / 1000000  # as the script computes it, to the bit
+                start, count = (then, 0) if second[0] is None else (float(second[0]), int(second[1]))
+                out.append((bool(first), max(0, item.amount - count), now + start + expiry - then))
             else:
                 prev, prev_ms, cur, cur_ms = (float(v or 0) for v in second)
                 remaining, reset = _sliding(item, int(prev), max(0.0, prev_ms) / 1000, int(cur),

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -774,6 +775,37 @@ def test_two_layers_on_one_redis_share_the_count(redis_url: str) -> None:
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("first", "then"), [
+    pytest.param(0.0, 90.0, id="a process whose clock runs 90 s ahead"),
+    pytest.param(-90.0, 0.0, id="after a process whose clock runs 90 s behind"),
+])
+def test_a_moving_window_on_redis_is_timed_by_one_clock(redis_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                        first: float, then: float) -> None:
+    """Processes on one Redis whose clocks disagree (no NTP in a container, a VM resumed) count one window.
+
+    Each counts in the window Redis's clock says: with its own, a process whose clock ran ahead took
+    the others' requests for older than they were and let a client through a window early, and requests
+    stamped by a process behind counted for nothing in the others' windows.
+    """
+    import middleware.ratelimit as module
+
+    skew = [first]
+    monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: time.time() + skew[0],
+                                                        monotonic=time.monotonic))
+    one, other = store_from_url(redis_url), store_from_url(redis_url)
+    try:
+        a = Stack(one, limits=["2/minute"], strategy="moving-window")
+        b = Stack(other, limits=["2/minute"], strategy="moving-window")
+        assert [a.get().status_int, a.get().status_int] == [200, 200]
+        skew[0] = then
+        refused = b.get()
+        assert (refused.status_int, refused.headers["Retry-After"]) == (429, "60")
+    finally:
+        one.close()
+        other.close()
 
 
 PROCESS_SCRIPT = textwrap.dedent("""
