@@ -851,7 +851,10 @@ def client_key(ip: str, prefix: int = 64) -> str:
 def ipv6_network(ip: str, prefix: int = 64) -> str:
     """The /prefix network of an IPv6 address (IPv4-mapped ones count as IPv4): one client, for counting.
 
-    A host on one network (a /64 is a home or a server) picks any address in it at will.
+    A host on one network (a /64 is a home or a server) picks any address in it at will.  A 6to4
+    address (``2002::/16``) and a Teredo one (``2001::/32``) count as the IPv4 address they are built
+    on: 6to4 gives that address a /48, 65,536 /64s, and a Teredo client gets a /64 per flags it picks
+    (and per server), its own address being the last 32 bits, obfuscated.
     """
     try:
         addr = ipaddress.IPv6Address(ip)
@@ -859,6 +862,10 @@ def ipv6_network(ip: str, prefix: int = 64) -> str:
         return ip
     if addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
+    if addr.sixtofour is not None:
+        return str(addr.sixtofour)
+    if addr.teredo is not None:
+        return str(addr.teredo[1])
     return str(ipaddress.IPv6Network((int(addr) >> (128 - prefix) << (128 - prefix), prefix)))
 
 

@@ -523,6 +523,17 @@ def test_rules_count_separately(store: Store) -> None:
                  id="ipv6: prefix 128 is per address"),
     pytest.param({}, {"ip": "::ffff:192.0.2.7"}, {"ip": "192.0.2.7"}, True,
                  id="ipv4-mapped ipv6 is the ipv4 address"),
+    # 6to4 gives one IPv4 address a /48 (65,536 /64s), Teredo a /64 per flags its client picks and per server:
+    # each is the IPv4 address it is built on (Teredo's client address, obfuscated in the last 32 bits).
+    pytest.param({}, {"ip": "2002:c000:207:1::1"}, {"ip": "2002:c000:207:2::1"}, True,
+                 id="6to4: two /64s of one IPv4 address's /48 are one client"),
+    pytest.param({}, {"ip": "2002:c000:207:1::1"}, {"ip": "192.0.2.7"}, True, id="6to4 is the ipv4 address"),
+    pytest.param({}, {"ip": "2002:c000:207:1::1"}, {"ip": "2002:c000:208:1::1"}, False,
+                 id="6to4: another ipv4 address"),
+    pytest.param({}, {"ip": "2001:0:4136:e378:8000:63bf:3fff:fdd2"}, {"ip": "2001:0:4136:e379:8abc:63bf:3fff:fdd2"},
+                 True, id="teredo: other flags and another server, one client address"),
+    pytest.param({}, {"ip": "2001:0:4136:e378:8000:63bf:3fff:fdd2"}, {"ip": "192.0.2.45"}, True,
+                 id="teredo is its client's ipv4 address"),
     pytest.param({"key": "header:X-Api-Key"}, {"headers": {"X-Api-Key": "a"}}, {"headers": {"X-Api-Key": "b"}},
                  False, id="header: two keys"),
     pytest.param({"key": "header:X-Api-Key"}, {"ip": "10.0.0.1", "headers": {"X-Api-Key": "a"}},
