@@ -30,7 +30,7 @@ import hashlib
 import hmac
 from typing import TYPE_CHECKING, Any
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 
 from .base import (
     SESSION,
@@ -48,6 +48,7 @@ from .base import (
     target_authority,
     wildcard_stranger,
 )
+from .session import check_cookie_name
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -96,6 +97,12 @@ class CSRFMiddleware:
         double_submit: bool = False
         secret_key: SecretStr | None = None
         header: str = "X-CSRF-Token"
+
+        @field_validator("cookie_name")
+        @classmethod
+        def _cookie_name(cls, value: str) -> str:
+            """A name no browser sends a cookie under would leave every request unchecked, in silence."""
+            return check_cookie_name(value)
 
         @model_validator(mode="after")
         def _check(self) -> CSRFMiddleware.Options:

@@ -52,7 +52,7 @@ from .base import (
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["Session", "SessionMiddleware"]
+__all__ = ["COOKIE_NAME", "Session", "SessionMiddleware", "check_cookie_name"]
 
 KEY_PREFIX = "session:"
 _NO_ENVIRON: dict[str, Any] = {}  # what a loaded session keeps of the request's environ: nothing
@@ -65,6 +65,9 @@ _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{1,128}\.[A-Za-z0-9_-]{43}")
 #: A cookie's Domain: a host name (ASCII labels of letters, digits and '-'), a leading '.' allowed.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"\.?{_LABEL}(?:\.{_LABEL})*")
+#: A cookie's name: an RFC 9110 token (RFC 6265 4.1.1).  Not a control character either: a line break makes the
+#: server refuse the Set-Cookie header, and a browser drops a cookie whose name holds any other (RFC 6265bis 5.6).
+COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _clock = time.time  # wall clock: created_at is shared by every process (tests may replace it)
 
 
@@ -74,6 +77,14 @@ def _serialisable(value: Any) -> bool:
     except (TypeError, ValueError, RecursionError):
         return False
     return True
+
+
+def check_cookie_name(name: str) -> str:
+    """``name`` when browsers can store and send a cookie of that name, else a ValueError that says why."""
+    if COOKIE_NAME.fullmatch(name) is None:
+        raise ValueError(f"cookie_name {name!r} is not a valid cookie name: a token of ASCII letters, digits "
+                         "and !#$%&'*+-.^_`|~ (RFC 6265)")
+    return name
 
 
 def _finite(value: Any) -> float | None:
@@ -326,9 +337,7 @@ class SessionMiddleware:
                 if len(value) < 32:
                     raise ValueError(f"{name} must be at least 32 characters long "
                                      f"(it has {len(value)}); {hint}")
-            name = self.cookie_name
-            if not name or any(c in name for c in ' \t";,=\\()<>@:/[]?{}') or not name.isascii():
-                raise ValueError(f"cookie_name {name!r} is not a valid cookie name")
+            name = check_cookie_name(self.cookie_name)
             if not self.cookie_path.startswith("/"):
                 raise ValueError(f"cookie_path must start with '/' (got {self.cookie_path!r})")
             # Browsers match the prefixes without regard to case (RFC 6265bis 4.1.3): so do these checks.

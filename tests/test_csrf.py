@@ -260,6 +260,10 @@ def test_any_method_but_get_head_and_options_is_checked(method: str) -> None:
     pytest.param({"header": "X-CSRF-Tökén"}, "header 'X-CSRF-Tökén' is not a header name (ASCII letters, "
                  "digits and '-')", id="non-ASCII letters: no request can carry it"),
     pytest.param({"trusted": []}, "Extra inputs are not permitted", id="unknown option"),
+    *(pytest.param({"cookie_name": name}, f"cookie_name {name!r} is not a valid cookie name: a token of ASCII "
+                   "letters, digits and !#$%&'*+-.^_`|~ (RFC 6265)", id=f"cookie name {why}: never sent, never checked")
+      for name, why in [("", "empty"), ("a b", "with a space"), ("sid=", "with '='"), ("s\x01id", "with a control"),
+                        ("s\u00e9", "not ASCII")]),
 ])
 def test_refused_options(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):

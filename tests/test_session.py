@@ -206,6 +206,12 @@ def stored(store: CountingStore, sid: str) -> Any:
                  "cookie_name '__secure-sid' needs cookie_secure: true", id="__secure- in lower case"),
     pytest.param({"cookie_name": "a b"}, True, "cookie_name 'a b' is not a valid cookie name",
                  id="bad cookie name"),
+    *(pytest.param({"cookie_name": name}, True,
+                   f"cookie_name {name!r} is not a valid cookie name: a token of ASCII letters, digits and "
+                   "!#$%&'*+-.^_`|~ (RFC 6265)", id=f"cookie name {why}")
+      for name, why in [("sid\r\nX-Forged: 1", "with a line break (the server refuses the header)"),
+                        ("sid\n", "ending in a line feed"), ("s\x00id", "with NUL"), ("s\x01id", "with a control"),
+                        ("s\x7fid", "with DEL"), ("sid;", "with a separator"), ("s\u00e9", "not ASCII")]),
     pytest.param({"cookie_name": "sid", "cookie_path": "app"}, True,
                  "cookie_path must start with '/' (got 'app')", id="relative path"),
     pytest.param({"idle_timeout": 7200, "absolute_timeout": 3600}, True,
@@ -230,6 +236,15 @@ def test_refused_options(options: dict[str, Any], loopback_only: bool, message: 
     context = Context(stores={"shared": store_from_url("memory://")}, loopback_only=loopback_only)
     with pytest.raises((ValidationError, ValueError, LookupError), match=re.escape(message)):
         SessionMiddleware(probe, SessionMiddleware.Options(**options), context)
+
+
+@pytest.mark.parametrize("name", ["s%id", "s'x", "a!b#c$d&e*f+g.h^i_j`k|l~m", "SID-2"])
+def test_every_token_character_makes_a_cookie_name(name: str) -> None:
+    """RFC 6265's cookie-name is an RFC 9110 token: these are names a browser stores and sends back."""
+    app = make(store_from_url("memory://"), cookie_name=name)
+    issued = app.get("/set?a=1").headers["Set-Cookie"]
+    assert issued.startswith(f"{name}=")
+    assert app.get("/get", headers={"Cookie": issued.split(";")[0]}).json == {"a": "1"}
 
 
 def test_insecure_cookie_is_refused_behind_a_trusted_proxy() -> None:
