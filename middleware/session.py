@@ -341,6 +341,7 @@ class SessionMiddleware:
             if not self.cookie_path.startswith("/"):
                 raise ValueError(f"cookie_path must start with '/' (got {self.cookie_path!r})")
             # Browsers match the prefixes without regard to case (RFC 6265bis 4.1.3): so do these checks.
+            # (__Host-Http- starts with __Host-: it must be host-only at Path=/ too.)
             prefix = name[:9].lower()
             if prefix.startswith("__host-"):
                 if not self.cookie_secure:
@@ -355,6 +356,14 @@ class SessionMiddleware:
                                      f"(got {self.cookie_path!r})")
             if prefix == "__secure-" and not self.cookie_secure:
                 raise ValueError(f"cookie_name {name!r} needs cookie_secure: true")
+            # The prefixes that say the cookie was set by a Set-Cookie header, never by a page's script.
+            http = name[:12].lower()
+            if http.startswith("__http-") or http == "__host-http-":
+                if not self.cookie_secure:
+                    raise ValueError(f"cookie_name {name!r} needs cookie_secure: true")
+                if not self.cookie_httponly:
+                    raise ValueError(f"cookie_name {name!r} needs cookie_httponly: true (browsers drop "
+                                     "__Http- and __Host-Http- cookies without HttpOnly)")
             if self.cookie_samesite == "None" and not self.cookie_secure:
                 raise ValueError("cookie_samesite 'None' needs cookie_secure: true")
             if self.idle_timeout > self.absolute_timeout:

@@ -204,6 +204,17 @@ def stored(store: CountingStore, sid: str) -> Any:
                  "cookie_name '__HOST-session' may not be combined with cookie_domain", id="__HOST- in upper case"),
     pytest.param({"cookie_name": "__secure-sid", "cookie_secure": False}, True,
                  "cookie_name '__secure-sid' needs cookie_secure: true", id="__secure- in lower case"),
+    *(pytest.param({"cookie_name": name, **options}, True, f"cookie_name {name!r} needs {needs}",
+                   id=f"{name} {why}")
+      for name, options, needs, why in [
+          ("__Http-sid", {"cookie_httponly": False}, "cookie_httponly: true (browsers drop __Http- and "
+           "__Host-Http- cookies without HttpOnly)", "readable by scripts"),
+          ("__Host-Http-session", {"cookie_httponly": False}, "cookie_httponly: true", "readable by scripts"),
+          ("__http-sid", {"cookie_httponly": False}, "cookie_httponly: true", "in lower case, readable by scripts"),
+          ("__HOST-HTTP-session", {"cookie_httponly": False}, "cookie_httponly: true", "in capitals"),
+          ("__Http-sid", {"cookie_secure": False}, "cookie_secure: true", "insecure"),
+          ("__Host-Http-session", {"cookie_path": "/app"}, "cookie_path '/' (got '/app')", "with a Path"),
+      ]),
     pytest.param({"cookie_name": "a b"}, True, "cookie_name 'a b' is not a valid cookie name",
                  id="bad cookie name"),
     *(pytest.param({"cookie_name": name}, True,
@@ -282,6 +293,11 @@ def test_secret_key_is_hidden_in_repr() -> None:
                  "__Host-session=V; Secure; Path=/; SameSite=Lax", id="readable by scripts"),
     pytest.param({"cookie_name": "dev", "cookie_secure": False},
                  "dev=V; HttpOnly; Path=/; SameSite=Lax", id="insecure on loopback"),
+    pytest.param({"cookie_name": "__Http-sid", "cookie_domain": "example.org", "cookie_path": "/app"},
+                 "__Http-sid=V; Domain=example.org; Secure; HttpOnly; Path=/app; SameSite=Lax",
+                 id="__Http-: Secure and HttpOnly, any Domain and Path"),
+    pytest.param({"cookie_name": "__Host-Http-session"},
+                 "__Host-Http-session=V; Secure; HttpOnly; Path=/; SameSite=Lax", id="__Host-Http-"),
 ])
 def test_cookie_flags(options: dict[str, Any], expected: str) -> None:
     app = make(store_from_url("memory://"), **options)
