@@ -87,6 +87,15 @@ def check_cookie_name(name: str) -> str:
     return name
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+#: Reads a stored session as JSON is (RFC 8259 6): Python's own parser also takes NaN and Infinity, which a save
+#: refuses, so a session holding one would fail every write to it.
+_STORED = json.JSONDecoder(parse_constant=_not_json)
+
+
 def _finite(value: Any) -> float | None:
     """A stored number as a finite float; None for anything else (text, true, 1e400, NaN, an int no float holds)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -502,7 +511,7 @@ class SessionMiddleware:
                 self._users.pop(sid, None)  # gone (expired, or ended by another process): no more hints
                 return None
             try:
-                doc = json.loads(raw)
+                doc = _STORED.decode(raw.decode())  # (UnicodeDecodeError is a ValueError)
             except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
                 doc, problem = None, "it is not valid JSON"
             else:

@@ -770,11 +770,11 @@ def test_a_write_after_the_absolute_timeout_ran_out_during_the_request_ends_the_
                  id="data is a list"),
     pytest.param(b'{"created_at": 1e400, "data": {"a": "1"}}', "it does not have the shape",
                  id="created_at too large for a float (infinite: never absolutely expired, never saved)"),
-    pytest.param(b'{"created_at": Infinity, "data": {"a": "1"}}', "it does not have the shape",
+    pytest.param(b'{"created_at": Infinity, "data": {"a": "1"}}', "it is not valid JSON",
                  id="created_at is Infinity"),
-    pytest.param(b'{"created_at": -Infinity, "data": {"a": "1"}}', "it does not have the shape",
+    pytest.param(b'{"created_at": -Infinity, "data": {"a": "1"}}', "it is not valid JSON",
                  id="created_at is -Infinity"),
-    pytest.param(b'{"created_at": NaN, "data": {"a": "1"}}', "it does not have the shape",
+    pytest.param(b'{"created_at": NaN, "data": {"a": "1"}}', "it is not valid JSON",
                  id="created_at is NaN"),
     pytest.param(b'{"created_at": 1' + b"0" * 400 + b', "data": {"a": "1"}}', "it does not have the shape",
                  id="created_at is an integer no float holds"),
@@ -792,6 +792,23 @@ def test_corrupt_stored_value_gives_an_empty_session(store: CountingStore, raw: 
     assert sid not in caplog.text
     assert stored(store, sid) is None
     assert app.get("/set?b=2", headers=jar(value)).json == {"b": "2"}  # a new session, saved
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_stored_value_json_does_not_allow_is_not_adopted(store: CountingStore, constant: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Python's parser reads NaN and Infinity, which are not JSON (RFC 8259 6) and which a save refuses:
+    adopted, such a session would fail every write to it with a 500 for good."""
+    app = make(store)
+    value, sid = new_cookie(app.get("/set?a=1"))
+    raw = f'{{"created_at": {time.time()}, "data": {{"a": "1", "n": [{constant}]}}}}'.encode()
+    store.inner.set(KEY_PREFIX + sid, raw, 60)
+    with caplog.at_level(logging.WARNING, logger="wsgistack"):
+        assert app.get("/get", headers=jar(value)).json == {}
+    assert "was ignored because it is not valid JSON" in caplog.text
+    assert stored(store, sid) is None
+    resp = app.get("/set?b=2", headers=jar(value))
+    assert resp.status_int == 200 and resp.json == {"b": "2"}
 
 
 @pytest.mark.redis
