@@ -68,6 +68,7 @@ from stores.base import secret_name
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
     from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
     from waitress.task import WSGITask
 
 log = logging.getLogger("wsgistack")
@@ -620,6 +621,34 @@ def _serve_until(server: Any, stop: threading.Event, hurry: threading.Event, dra
 
 
 @functools.cache
+def _parser_class() -> type[HTTPRequestParser]:
+    """Waitress's ``HTTPRequestParser``, with its reading of a request's framing mended (the server and
+    ``explain`` use it).
+
+    - A request with both ``Content-Length`` and ``Transfer-Encoding: chunked`` is read as chunked, as
+      Waitress reads it, and the connection closes after its answer, as RFC 9112 §6.1 requires: a front
+      end that framed it by its ``Content-Length`` takes the rest of its chunks for the next request
+      (request smuggling), and a connection kept open would answer that one.  Waitress kept it open.
+
+    A close decided here is the parser's ``connection_close``, which Waitress sets and reads nowhere
+    (its task reads the ``Connection`` header again); :func:`_task_class` honours it.  HTTP/1.0 is left
+    as it is: Waitress reads no ``Transfer-Encoding`` there, and closes unless asked exactly for
+    ``keep-alive``.
+    """
+    from waitress.parser import HTTPRequestParser
+
+    class Parser(HTTPRequestParser):
+        def parse_header(self, header_plus: bytes) -> None:
+            super().parse_header(header_plus)
+            if self.version != "1.1":
+                return
+            if self.chunked and "CONTENT_LENGTH" in self.headers:  # (both framings: the connection is suspect)
+                self.connection_close = True
+
+    return Parser
+
+
+@functools.cache
 def _task_class() -> type[WSGITask]:
     """Waitress's ``WSGITask``, with defects of Waitress 3.0.2 in framing mended (the server and ``explain`` use it).
 
@@ -663,10 +692,9 @@ def _task_class() -> type[WSGITask]:
             elif not self.has_body or request.command == "HEAD":  # framed by its status or method alone (RFC 9112
                 # §6.3), though Waitress would chunk a GET's body: the connection is fit for the next request
                 self.headers_only()
-                connection = request.headers.get("CONNECTION", "").lower()
-                if self.version == "1.1" and connection != "close":
+                if self.version == "1.1" and not request.connection_close:  # (Connection as _parser_class reads it)
                     return
-                if self.version == "1.0" and connection == "keep-alive":
+                if self.version == "1.0" and request.headers.get("CONNECTION", "").lower() == "keep-alive":
                     kept = ("Connection", "Keep-Alive")
                     if not self.wrote_header and kept not in self.response_headers:
                         self.response_headers = [*self.response_headers, kept]
@@ -674,8 +702,10 @@ def _task_class() -> type[WSGITask]:
             super().set_close_on_finish()
 
         def build_response_header(self) -> bytes:
-            head = super().build_response_header()
             request: Any = self.request
+            if request.connection_close and self.version == "1.1":  # (a close only the parser saw: _parser_class)
+                self.set_close_on_finish()
+            head = super().build_response_header()
             if request.command == "HEAD":
                 self.chunked_response = False  # no body follows, so no chunk framing (and no terminator) either
                 self.headers_only()
@@ -741,10 +771,12 @@ class _NoBodyLog:
 
 @functools.cache
 def _channel_class() -> type[HTTPChannel]:
-    """Waitress's ``HTTPChannel``, running its requests as :func:`_task_class` tasks."""
+    """Waitress's ``HTTPChannel``, reading its requests with :func:`_parser_class` and running them as
+    :func:`_task_class` tasks."""
     from waitress.channel import HTTPChannel
 
     class Channel(HTTPChannel):
+        parser_class = _parser_class()
         task_class = _task_class()
 
     return Channel
@@ -1392,8 +1424,8 @@ def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tu
                    peer: str) -> tuple[Any, str]:
     """The task the server would run for this request (:func:`_task_class`), with the settings in force.
 
-    The request is written as bytes and read by Waitress's own parser and task:
-    its path decoding (``%ff`` stays a byte, ``//`` collapses), ``REQUEST_URI``
+    The request is written as bytes and read by the server's parser (:func:`_parser_class`) and task:
+    Waitress's path decoding (``%ff`` stays a byte, ``//`` collapses), ``REQUEST_URI``
     with the query, ``url_prefix`` and ``url_scheme``, de-chunked bodies, headers
     with ``_`` dropped.  ``(None, "413 Request Entity Too Large …")`` when Waitress
     refuses the request itself.  The task's ``get_environment()`` is the environ; what it
@@ -1402,7 +1434,6 @@ def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tu
     from types import SimpleNamespace
 
     from waitress.adjustments import Adjustments
-    from waitress.parser import HTTPRequestParser
     adj = Adjustments(**built.config.waitress_kwargs())
     host, _, port = built.config.server.listen[0].rpartition(":")
     names = {name.lower() for name, _ in headers}
@@ -1420,7 +1451,7 @@ def _waitress_task(built: BuiltStack, method: str, target: str, headers: list[tu
     # As curl sends what it is given: UTF-8 text, and an argument's bytes that are not (a Latin-1 header
     # value, a binary body) as they were, which Python holds as surrogate escapes.
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + data
-    parser = HTTPRequestParser(adj)
+    parser = _parser_class()(adj)
     while raw and not parser.completed:
         raw = raw[parser.received(raw):]
     if parser.error is not None:

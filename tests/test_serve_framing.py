@@ -37,6 +37,10 @@ def framing_app(**options: Any) -> Callable[..., Iterable[bytes]]:
         if path == "/early-hints":  # WSGI has no interim answers: this is the app's only one
             start_response("103 Early Hints", [("Link", "</style.css>; rel=preload")])
             return []
+        if path == "/echo":  # the body, as the app reads it
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/ok":
             start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
             return [b"ok"]
@@ -76,9 +80,14 @@ def port(served: Served) -> int:
 def exchange(port: int, *requests: tuple[str, str]) -> tuple[bytes, bool]:
     """Send ``requests`` (method, path) pipelined on one HTTP/1.1 connection; what comes back in the next
     second, and whether the server closed the connection."""
+    return converse(port, b"".join(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+                                   for method, path in requests))
+
+
+def converse(port: int, data: bytes) -> tuple[bytes, bool]:
+    """Send ``data`` on one connection; what comes back in the next second, and whether the server closed it."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"".join(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() for method, path
-                              in requests))
+        sock.sendall(data)
         sock.settimeout(1.0)
         received = b""
         try:
@@ -154,3 +163,19 @@ def test_a_304_with_the_content_length_of_the_200_is_no_short_body(served: Serve
     assert lines[0] == f"HTTP/{version} 304 Not Modified" and 'Etag: "v1"' in lines, received
     assert after.startswith(f"HTTP/{version} 200 OK\r\n".encode()) and after.endswith(b"\r\n\r\nok"), received
     assert served.err.read_text() == logged
+
+
+def head_lines(received: bytes) -> list[str]:
+    return received.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+
+
+def test_a_request_framed_by_both_content_length_and_chunked_closes_the_connection(port: int) -> None:
+    """It is read as chunked (RFC 9112 §6.1), and the connection closes after the answer, as §6.1 requires: a
+    front end that framed it by its Content-Length would take the rest of the chunks for the next request
+    (request smuggling), and a connection that stays open would answer it."""
+    received, closed = converse(port, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert head_lines(received)[0] == "HTTP/1.1 200 OK", received
+    assert "Connection: close" in head_lines(received)
+    assert received.endswith(b"\r\n\r\nhi"), received
+    assert closed
