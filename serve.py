@@ -629,6 +629,10 @@ def _parser_class() -> type[HTTPRequestParser]:
       Waitress reads it, and the connection closes after its answer, as RFC 9112 §6.1 requires: a front
       end that framed it by its ``Content-Length`` takes the rest of its chunks for the next request
       (request smuggling), and a connection kept open would answer that one.  Waitress kept it open.
+    - ``Connection`` is a comma-separated list of options (RFC 9110 §7.6.1), and ``close`` among them
+      closes the connection after the answer, as ``close`` alone does: Waitress compared the whole
+      value, and kept it open after ``TE, close`` (or two ``Connection`` lines, which it joins).
+      Only a value with a comma is split (the common ones, ``keep-alive`` or none, have none).
 
     A close decided here is the parser's ``connection_close``, which Waitress sets and reads nowhere
     (its task reads the ``Connection`` header again); :func:`_task_class` honours it.  HTTP/1.0 is left
@@ -642,8 +646,12 @@ def _parser_class() -> type[HTTPRequestParser]:
             super().parse_header(header_plus)
             if self.version != "1.1":
                 return
-            if self.chunked and "CONTENT_LENGTH" in self.headers:  # (both framings: the connection is suspect)
+            headers = self.headers
+            if self.chunked and "CONTENT_LENGTH" in headers:  # (both framings: the connection is suspect)
                 self.connection_close = True
+            connection = headers.get("CONNECTION")
+            if connection and "," in connection and not self.connection_close:
+                self.connection_close = "close" in {option.strip(" \t").lower() for option in connection.split(",")}
 
     return Parser
 
@@ -672,9 +680,10 @@ def _task_class() -> type[WSGITask]:
     - A 304 with the ``Content-Length`` of the representation (RFC 9110 §8.6 allows it) and no body
       was logged as an app that "returned too few bytes" on every revalidation; it is not now.
 
-    Everything else is Waitress's: its reading of ``Connection`` (exactly ``close``, exactly
-    ``keep-alive``), the close after a response with a body and no ``Content-Length`` (a chunked ``GET``),
-    its headers and their order.
+    The close a request asks for over HTTP/1.1 is the parser's reading of it (:func:`_parser_class`).
+    Everything else is Waitress's: its reading of ``Connection`` over HTTP/1.0 (exactly ``keep-alive``
+    keeps the connection), the close after a response with a body and no ``Content-Length`` (a
+    chunked ``GET``), its headers and their order.
     """
     from waitress.task import WSGITask
 

@@ -179,3 +179,23 @@ def test_a_request_framed_by_both_content_length_and_chunked_closes_the_connecti
     assert "Connection: close" in head_lines(received)
     assert received.endswith(b"\r\n\r\nhi"), received
     assert closed
+
+
+@pytest.mark.parametrize("path", ["/ok", "/not-modified"])
+@pytest.mark.parametrize(("connection", "close"), [
+    pytest.param("TE, close", True, id="TE, close"),
+    pytest.param("close, TE", True, id="close, TE"),
+    pytest.param("Keep-Alive , CLOSE", True, id="any case, spaces"),
+    pytest.param("keep-alive\r\nConnection: close", True, id="two Connection lines"),
+    pytest.param("keep-alive, TE", False, id="keep-alive, TE: kept"),
+    pytest.param("TE, x-close", False, id="TE, x-close: kept"),
+])
+def test_connection_is_a_list_of_options(port: int, path: str, connection: str, close: bool) -> None:
+    """``Connection`` is a comma-separated list of options (RFC 9110 §7.6.1): ``close`` among them closes the
+    connection after the answer (§9.6), as ``close`` alone does, with ``Connection: close`` in it."""
+    received, closed = converse(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: {connection}\r\n"
+                                      f"\r\n".encode())
+    lines = head_lines(received)
+    assert lines[0].startswith("HTTP/1.1 200 OK" if path == "/ok" else "HTTP/1.1 304"), received
+    assert ("Connection: close" in lines) is close
+    assert closed is close
