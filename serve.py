@@ -633,6 +633,11 @@ def _parser_class() -> type[HTTPRequestParser]:
       closes the connection after the answer, as ``close`` alone does: Waitress compared the whole
       value, and kept it open after ``TE, close`` (or two ``Connection`` lines, which it joins).
       Only a value with a comma is split (the common ones, ``keep-alive`` or none, have none).
+    - ``Expect: 100-continue`` on a request without a body (no ``Content-Length``, or ``0``, and not
+      chunked) is answered at once: no ``100 Continue`` is due where the framing says there is no
+      body (RFC 9110 §10.1.1).  Waitress sent one, and by doing so (``send_continue``) set the request,
+      which was complete, back to incomplete: it waited for a body that never came, unanswered, until
+      ``channel_timeout`` closed the connection.
 
     A close decided here is the parser's ``connection_close``, which Waitress sets and reads nowhere
     (its task reads the ``Connection`` header again); :func:`_task_class` honours it.  HTTP/1.0 is left
@@ -652,6 +657,8 @@ def _parser_class() -> type[HTTPRequestParser]:
             connection = headers.get("CONNECTION")
             if connection and "," in connection and not self.connection_close:
                 self.connection_close = "close" in {option.strip(" \t").lower() for option in connection.split(",")}
+            if self.expect_continue and self.body_rcv is None:  # (no body: the request is complete as it is)
+                self.expect_continue = False
 
     return Parser
 

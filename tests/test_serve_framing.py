@@ -199,3 +199,29 @@ def test_connection_is_a_list_of_options(port: int, path: str, connection: str, 
     assert lines[0].startswith("HTTP/1.1 200 OK" if path == "/ok" else "HTTP/1.1 304"), received
     assert ("Connection: close" in lines) is close
     assert closed is close
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("length", [pytest.param("", id="no Content-Length"),
+                                    pytest.param("Content-Length: 0\r\n", id="Content-Length: 0")])
+def test_expect_100_continue_without_a_body_is_answered_at_once(port: int, method: str, length: str) -> None:
+    """No ``100 Continue`` is due where the framing says there is no body (RFC 9110 §10.1.1): the answer comes
+    at once, and the next request on the connection is answered too.  (Waitress sent ``100 Continue`` and
+    then waited for a body that never came, until ``channel_timeout`` closed the connection.)"""
+    received, closed = converse(port, f"{method} /ok HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                                      f"{length}\r\nGET /ok HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 2 and b"100 Continue" not in received, received
+    assert not closed
+
+
+def test_expect_100_continue_with_a_body_waits_for_it(port: int) -> None:
+    """Where a body is due, ``100 Continue`` comes before the client sends it, and the answer after."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hi")
+        received = b""
+        while not received.endswith(b"hi"):
+            received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
