@@ -638,6 +638,9 @@ def _parser_class() -> type[HTTPRequestParser]:
       body (RFC 9110 §10.1.1).  Waitress sent one, and by doing so (``send_continue``) set the request,
       which was complete, back to incomplete: it waited for a body that never came, unanswered, until
       ``channel_timeout`` closed the connection.
+    - ``Expect: 100-continue`` with a ``Content-Length`` over ``max_request_body_size`` gets the 413
+      at once, and the connection closes (Waitress's refusal): the client learns before it sends
+      the body.  Waitress sent ``100 Continue``, and the 413 only once the whole body had come.
 
     A close decided here is the parser's ``connection_close``, which Waitress sets and reads nowhere
     (its task reads the ``Connection`` header again); :func:`_task_class` honours it.  HTTP/1.0 is left
@@ -657,7 +660,9 @@ def _parser_class() -> type[HTTPRequestParser]:
             connection = headers.get("CONNECTION")
             if connection and "," in connection and not self.connection_close:
                 self.connection_close = "close" in {option.strip(" \t").lower() for option in connection.split(",")}
-            if self.expect_continue and self.body_rcv is None:  # (no body: the request is complete as it is)
+            if self.expect_continue and (
+                    self.body_rcv is None  # no body: the request is complete as it is
+                    or self.content_length >= self.adj.max_request_body_size):  # refused (413) as it is, by received()
                 self.expect_continue = False
 
     return Parser

@@ -60,6 +60,7 @@ server:
   listen: ["127.0.0.1:{port}"]
   workers: 1
   threads: 2
+  max_request_body_size: 1024
 app:
   factory: test_serve_framing:framing_app
 pipeline:
@@ -215,13 +216,28 @@ def test_expect_100_continue_without_a_body_is_answered_at_once(port: int, metho
     assert not closed
 
 
-def test_expect_100_continue_with_a_body_waits_for_it(port: int) -> None:
+@pytest.mark.parametrize("body", [pytest.param(b"hi", id="2 bytes"),
+                                  pytest.param(b"x" * 1024, id="max_request_body_size bytes")])
+def test_expect_100_continue_with_a_body_waits_for_it(port: int, body: bytes) -> None:
     """Where a body is due, ``100 Continue`` comes before the client sends it, and the answer after."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        sock.sendall(f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode())
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
-        sock.sendall(b"hi")
+        sock.sendall(body)
         received = b""
-        while not received.endswith(b"hi"):
-            received += sock.recv(65536)
-    assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
+        while not received.endswith(b"\r\n\r\n" + body) and (chunk := sock.recv(65536)):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\n" + body), received
+
+
+def test_expect_100_continue_with_a_body_over_the_limit_gets_413_at_the_headers(port: int) -> None:
+    """The client learns before it sends the body that it would be refused (RFC 9110 §10.1.1): no ``100
+    Continue``, but the 413, and the connection closes (the body the client might send all the same is no
+    request).  (Waitress sent ``100 Continue``, and the 413 once the whole body had come.)"""
+    received, closed = converse(port, b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                                      b"Content-Length: 1025\r\n\r\n")
+    lines = head_lines(received)
+    assert lines[0] == "HTTP/1.1 413 Request Entity Too Large", received
+    assert "Connection: close" in lines and b"100 Continue" not in received
+    assert closed
