@@ -363,7 +363,7 @@ def test_users_commands_name_the_program_as_it_was_run(config_file, tmp_path: Pa
                                          "users add` creates it; is app.options.var_dir, or WSGISTACK_VAR_DIR, the one "
                                          "the server uses?)\n")
     code, err = users("set-role", "bob")
-    assert (code, err.splitlines()[0]) == (2, f"usage: {program} users set-role [-h] name ROLE [ROLE ...]")
+    assert (code, err.splitlines()[0]) == (2, f"usage: {program} users set-role [-h] [--none] name [ROLE ...]")
 
 
 def test_cache_purge_deletes_matching_entries(config_file) -> None:  # type: ignore[no-untyped-def]
