@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as _TEXT_004
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -443,7 +444,7 @@ class MetricsMiddleware:
             exc = refuse(405, headers=[("Allow", "GET, HEAD")])
             exc.description = f"{self.path} answers GET and HEAD only."  # not 405's first argument
             raise exc
-        encoder, content_type = choose_encoder(_readable_versions(environ.get("HTTP_ACCEPT", "")))
+        encoder, content_type = _negotiate(environ.get("HTTP_ACCEPT", ""))
         body = encoder(self.registry)
         headers = [("Content-Type", content_type), ("Cache-Control", "no-store"), ("Vary", "Accept, Accept-Encoding")]
         if parse_accept_header(environ.get("HTTP_ACCEPT_ENCODING"))["gzip"] > 0:  # Prometheus asks on every scrape
@@ -454,25 +455,46 @@ class MetricsMiddleware:
         return [] if method == "HEAD" else [body]
 
 
-def _readable_versions(accept: str) -> str:
-    """``accept`` without the entries whose ``version`` is not dotted numbers.
+def _negotiate(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """The encoder and ``Content-Type`` of the format ``accept`` prefers, as RFC 9110 §12.5.1 weighs it.
 
-    prometheus_client's ``choose_encoder`` compares the version as numbers and
-    fails on any other (``version=abc``: a 500), or echoes it in the
-    ``Content-Type`` (``version=9.x``).  Left out, the entry is as if not sent:
-    the next one the client accepts is chosen, or the text format 0.0.4.
+    prometheus_client's ``choose_encoder`` takes the first entry it can serve in
+    the order written, weights aside, and passes over a ``text/plain`` it serves
+    as its default (0.0.4): Prometheus's ``scrape_protocols: [PrometheusText0.0.4,
+    OpenMetricsText1.0.0]`` (``text/plain;version=0.0.4;q=0.6,
+    application/openmetrics-text;version=1.0.0;q=0.5``) got OpenMetrics, and
+    ``application/openmetrics-text;q=0`` (not acceptable) got it too.  So each
+    entry is offered to it alone, the heaviest first (the order written among
+    equals), ``q=0`` left out: the first it serves in a format of its own is
+    chosen, a ``text/plain`` it does not (0.0.4, no version) chooses the text
+    format 0.0.4, and so does an ``Accept`` without any.
+
+    ``choose_encoder`` compares the version as numbers and fails on any other
+    (``version=abc``: a 500), or echoes it in the ``Content-Type``
+    (``version=9.x``): such an entry is left out as if not sent.
     """
-    if "version" not in accept:
-        return accept
-    kept = []
-    for entry in accept.split(","):
-        for param in entry.split(";")[1:]:
+    ranked: list[tuple[float, int, str, str]] = []
+    for index, entry in enumerate(accept.split(",") if accept else ()):
+        media, *params = entry.split(";")
+        media, weight = media.strip().lower(), 1.0
+        for param in params:
             key, _, value = param.strip().partition("=")
-            if key == "version" and not _VERSION.fullmatch(value):
+            key = key.strip().lower()
+            if key == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    continue  # (not a weight: as if not given)
+            elif key == "version" and not _VERSION.fullmatch(value):
+                weight = 0.0
                 break
-        else:
-            kept.append(entry)
-    return ",".join(kept)
+        if weight > 0 and media:
+            ranked.append((-weight, index, media, ";".join((media, *params))))
+    for _, _, media, entry in sorted(ranked):
+        chosen = choose_encoder(entry)
+        if media == "text/plain" or chosen[1] != _TEXT_004:
+            return chosen
+    return choose_encoder("")
 
 
 class _Series:

@@ -584,6 +584,17 @@ OPEN_METRICS_1 = "application/openmetrics-text; version=1.0.0; charset=utf-8; es
                      OPEN_METRICS_1, id="an unreadable entry is passed over"),
         pytest.param('application/openmetrics-text; version="1.0.0', TEXT_004, id="a stray quote"),
         pytest.param("application/openmetrics-text; version=9.x", TEXT_004, id="not echoed in the Content-Type"),
+        pytest.param("text/plain;version=0.0.4;q=0.6,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.4",
+                     TEXT_004, id="prometheus with scrape_protocols [PrometheusText0.0.4, OpenMetricsText1.0.0]"),
+        pytest.param("application/openmetrics-text;version=1.0.0;q=0.1, text/plain;version=0.0.4", TEXT_004,
+                     id="text weighed above openmetrics, listed after it"),
+        pytest.param("application/openmetrics-text;q=0, text/plain", TEXT_004, id="openmetrics refused by q=0"),
+        pytest.param("application/openmetrics-text;version=1.0.0;q=0.000", TEXT_004, id="the only entry refused"),
+        pytest.param("text/plain;q=0, application/openmetrics-text;version=1.0.0;q=0.5", OPEN_METRICS_1,
+                     id="text refused by q=0"),
+        pytest.param("*/*;q=0.8, application/openmetrics-text;version=1.0.0;q=0.5", OPEN_METRICS_1,
+                     id="anything first: the format the client names"),
+        pytest.param("Application/OpenMetrics-Text;version=1.0.0", OPEN_METRICS_1, id="media type in any case"),
     ],
 )
 def test_exposition_formats_by_accept(make: Callable[..., Any], accept: str, content_type: str) -> None:
