@@ -42,6 +42,8 @@ _log = logging.getLogger("wsgistack.health")
 #: together: a store that has not answered by then counts as down, so a hung Redis never makes a
 #: scrape outlast Prometheus's ``scrape_timeout`` (readiness has its own ``timeout`` option).
 STORE_CHECK_SECONDS = 1.0
+#: Statuses whose answer has no body (RFC 9110 §15.3.5, §15.3.6, §15.4.5): not for a degraded readiness.
+_NO_BODY = frozenset((204, 205, 304))
 _ALLOW = [("Allow", "GET, HEAD"), ("Cache-Control", "no-store")]  # a 405 is cacheable by default (RFC 9110 15.5.6)
 
 
@@ -87,6 +89,9 @@ class HealthMiddleware:
         def _status(cls, value: int) -> int:
             if not 200 <= value <= 599:
                 raise ValueError(f"degraded_status must be an HTTP status from 200 to 599, got {value}")
+            if value in _NO_BODY:  # the JSON went out after headers that say none follows (a framing error)
+                raise ValueError(f"degraded_status {value} is an answer without a body (RFC 9110), and readiness's "
+                                 "body says what is degraded: use another status (503, or 200 to stay in rotation)")
             return value
 
         @model_validator(mode="after")

@@ -388,6 +388,9 @@ def test_readiness_follows_a_real_redis_going_away_and_back(
                      id="an informational status"),
         pytest.param({"degraded_status": 600}, "degraded_status must be an HTTP status from 200 to 599, got 600",
                      id="status too large"),
+        *[pytest.param({"degraded_status": code}, f"degraded_status {code} is an answer without a body (RFC 9110), "
+                       "and readiness's body says what is degraded: use another status (503, or 200 to stay in "
+                       "rotation)", id=f"{code}, which has no body") for code in (204, 205, 304)],
         pytest.param({"liveness_path": "healthz"}, "probe paths must start with '/', got 'healthz'",
                      id="relative path"),
         pytest.param({"readiness_path": "/healthz"}, "liveness_path and readiness_path must differ",
