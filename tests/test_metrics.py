@@ -739,6 +739,27 @@ def test_layer_timing_histogram(make: Callable[..., Any]) -> None:
     assert inner_sum >= 0.004 and 0.002 <= outer_sum < inner_sum  # exclusive, not inclusive, times
 
 
+def test_a_slow_layer_lands_below_the_request_histograms_top(make: Callable[..., Any]) -> None:
+    """The app (timed as a layer) may take seconds: its time lands in a bucket histogram_quantile can read.
+
+    Above the layer histogram's highest finite bound only +Inf is left, and a quantile there is that bound.
+    """
+
+    def slow_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ[TIMINGS].append(("app", 3.0))  # what the builder's timing would record of a 3 s answer
+        return inner_app(environ, start_response)
+
+    app, _ = make(slow_app, layer_timing=True)
+    app.get("/ok")
+    found = scrape(app)
+    top = max(float(dict(labels)["le"]) for name, labels in found
+              if name == "wsgistack_http_request_duration_seconds_bucket" and dict(labels)["le"] != "+Inf")
+    finite = {float(dict(labels)["le"]): value for (name, labels), value in found.items()
+              if name == "wsgistack_layer_duration_seconds_bucket" and dict(labels)["le"] != "+Inf"}
+    assert max(finite) >= top == 10.0
+    assert (finite[1.0], finite[5.0]) == (0, 1)
+
+
 def test_server_timing_from_yaml(make_stack: Callable[..., TestApp]) -> None:
     app = make_stack({
         "app": {"factory": "stack_support:echo_app"},
