@@ -7,9 +7,10 @@ Both versions serve the same data; only the search body differs:
 
 Each result is ``{"title", "url", "content", "engine"}``.  A missing or empty
 ``q``, a ``q`` over 1000 characters or a ``page`` that is not a whole number
-from 1 to 1000 (leading zeros allowed) gives 400, and so does a ``q`` of more than 32 words for the
-``local`` engine; so does a query string that is not UTF-8 once percent-decoded
-(naming the parameter it is in).  Health answers without touching the index or any
+from 1 to 1000 (leading zeros allowed) gives 400, and so does a ``q`` or ``page``
+given more than once, or a ``q`` of more than 32 words for the ``local`` engine;
+so does a query string that is not UTF-8 once percent-decoded (naming the
+parameter it is in).  Health answers without touching the index or any
 store, so it stays cheap enough for load balancers.
 """
 
@@ -57,16 +58,29 @@ def utf8_query(query_string: str) -> None:
                              details={"parameter": label}) from None
 
 
+def _once(args: MultiDict[str, str], name: str) -> str | None:
+    """The one value of parameter ``name`` (None when absent), or a 400 when it is given more than once.
+
+    Werkzeug's ``get`` takes the first of several; a proxy, a log reader or a layer of one's own may take
+    the last, and a client that appends ``&page=2`` to a URL holding ``page=1`` would get page 1 unwarned.
+    """
+    values = args.getlist(name)
+    if len(values) > 1:
+        raise refuse(400, f"The query parameter {name!r} may be given only once (it is given {len(values)} times).",
+                     details={"parameter": name})
+    return values[0] if values else None
+
+
 def search_args(args: MultiDict[str, str]) -> tuple[str, int]:
     """The validated ``q`` and ``page`` of a search request, or a 400 naming the parameter."""
-    query = (args.get("q") or "").strip()
+    query = (_once(args, "q") or "").strip()
     if not any(c.isprintable() and not c.isspace() for c in query):  # control characters alone are no query either
         raise refuse(400, "The query parameter 'q' is required and may not be empty.",
                      details={"parameter": "q"})
     if len(query) > MAX_QUERY_LENGTH:
         raise refuse(400, f"The query parameter 'q' may be at most {MAX_QUERY_LENGTH} characters "
                      f"long (it has {len(query)}).", details={"parameter": "q", "max": MAX_QUERY_LENGTH})
-    text = args.get("page")
+    text = _once(args, "page")
     if text is None:
         return query, 1
     digits = text.lstrip("0")  # leading zeros make no other number ("00002" is 2); no int() of any length

@@ -108,6 +108,10 @@ BAD_PAGE = "The query parameter 'page' must be a whole number from 1 to 1000."
 PAGE = {"parameter": "page", "max": 1000}
 
 
+def repeated(name: str, times: int) -> str:
+    return f"The query parameter {name!r} may be given only once (it is given {times} times)."
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize(
     ("params", "expected"),
@@ -128,9 +132,18 @@ PAGE = {"parameter": "page", "max": 1000}
         pytest.param({"q": "x", "page": "00000"}, (400, BAD_PAGE, PAGE), id="page zeros"),
         pytest.param({"q": "x", "page": "01001"}, (400, BAD_PAGE, PAGE), id="page too big after a zero"),
         pytest.param({"q": "x", "page": "٣"}, (400, BAD_PAGE, PAGE), id="page non-ascii digit"),
+        # Which of two values counts is a guess a layer or a proxy reading the first (or the last) may
+        # make otherwise: a URL with "&page=2" appended was page 1, with "&q=" prepended a 400 for no q.
+        pytest.param([("q", "json"), ("page", "1"), ("page", "2")], (400, repeated("page", 2), {"parameter": "page"}),
+                     id="page repeated"),
+        pytest.param([("q", "x"), ("page", "2"), ("page", "abc")], (400, repeated("page", 2), {"parameter": "page"}),
+                     id="page repeated, the second no number"),
+        pytest.param([("q", ""), ("q", "json")], (400, repeated("q", 2), {"parameter": "q"}), id="q repeated"),
+        pytest.param([("q", "json"), ("q", "json"), ("q", "")], (400, repeated("q", 3), {"parameter": "q"}),
+                     id="q three times"),
     ],
 )
-def test_search_rejections(client: TestApp, version: str, params: dict[str, str],
+def test_search_rejections(client: TestApp, version: str, params: dict[str, str] | list[tuple[str, str]],
                            expected: tuple[int, str, dict[str, Any]]) -> None:
     status, message, details = expected
     for path in (f"/api/{version}/search", f"/api/{version}/search/stream"):
