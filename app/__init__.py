@@ -62,7 +62,9 @@ def create_app(options: Mapping[str, Any] | None = None, context: Context | None
     opts = AppOptions.model_validate(dict(options or {}))
     ctx = context if context is not None else Context()
 
-    app = _Flask(__name__)
+    # No static folder: Flask's default /static/<path> route would answer an OPTIONS of any path under it
+    # (204, GET allowed) where a GET finds nothing, and give the metrics a route for every one of them.
+    app = _Flask(__name__, static_folder=None)
     # An API answers "//" in a path with its 404, not werkzeug's HTML page redirecting to "/".
     app.url_map.merge_slashes = False
     app.config.from_mapping(DEFAULTS)

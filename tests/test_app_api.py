@@ -428,6 +428,15 @@ def test_options_of_a_route_answers_allow_and_no_content(client: TestApp, path: 
     assert "Content-Type" not in response.headers
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
+def test_there_is_no_static_route(flask_app: flask.Flask, method: str) -> None:
+    """Flask's default /static/<path> served nothing (the package has no static folder), yet answered an
+    OPTIONS of any /static/… path 204 with GET in Allow, and labelled every one of them a route for metrics."""
+    response = TestApp(flask_app).request("/static/app.js", method=method, status=404)
+    assert (response.content_type, response.headers.get("Allow")) == ("application/json", None)
+    assert flask_app.extensions["wsgistack"].context.services["route_template"]("/static/app.js", method) is None
+
+
 @pytest.mark.parametrize("layered", [False, True], ids=["fallback", "errors layer"])
 def test_head_error_has_no_body(flask_app: flask.Flask, layered: bool) -> None:
     wsgi = ErrorsMiddleware(flask_app, ErrorsMiddleware.Options(), Context()) if layered else flask_app
