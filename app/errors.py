@@ -33,7 +33,6 @@ def _no_app(environ: WSGIEnvironment, start_response: Any) -> list[bytes]:  # pr
 
 Rendered = tuple[int, list[tuple[str, str]], bytes]
 Renderer = Callable[["WSGIEnvironment", BaseException], Rendered]
-_DROP = frozenset({"content-type", "content-length"})
 
 
 def fallback_render(environ: WSGIEnvironment, exc: BaseException, debug: bool = False) -> Rendered:
