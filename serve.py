@@ -1085,18 +1085,21 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake_r, 512):
                     pass
-            while True:  # reap every worker that exited
+            # Reap every worker that exited, by its pid: a reload runs the app factory in a thread of this
+            # process, and a waitpid(-1) here took the exit status of a command it ran (subprocess then
+            # reports 0 for a command that failed).
+            for pid in list(children):
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                slot, started = children.pop(pid, (-1, 0.0))
+                    reaped, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # (not ours to wait for any more: gone all the same)
+                    reaped, status = pid, 0
+                if reaped == 0:
+                    continue
+                slot, started = children.pop(pid)
                 hung.discard(pid)
                 if stopping_since is not None and status != 0:
                     incomplete = True  # it could not answer everything it held
-                if slot < 0 or stopping_since is not None:
+                if stopping_since is not None:
                     continue
                 lived = time.monotonic() - started
                 pause[slot] = 0.1 if lived > 1.0 else min(5.0, pause.get(slot, 0.1) * 2)

@@ -312,6 +312,19 @@ def app_failing_in_workers(options: dict[str, Any] | None = None) -> Any:
     return echo_app()
 
 
+def app_running_commands(options: dict[str, Any]) -> Any:
+    """:func:`echo_app`, whose factory runs ``options["count"]`` commands that exit with code 7 and appends
+    a line to ``options["log"]``: this process's pid and the exit codes it was told (a factory that runs a
+    migration or reads a version from git checks the command's exit code)."""
+    import subprocess
+    from pathlib import Path
+
+    codes = {subprocess.run(["sh", "-c", "exit 7"], check=False).returncode for _ in range(int(options["count"]))}
+    with Path(options["log"]).open("a") as out:
+        out.write(f"{os.getpid()} {sorted(codes)}\n")
+    return echo_app()
+
+
 def held_echo_app(options: dict[str, Any]) -> Any:
     """:func:`echo_app`, whose build waits while the file ``options["hold"]`` holds this process's pid
     (up to 10 s), after writing ``<hold>.building``: a test edits the file while one process builds."""

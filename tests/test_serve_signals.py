@@ -122,3 +122,24 @@ def test_a_reload_whose_factory_calls_sys_exit_fails_and_the_next_one_works(tmp_
         assert served.proc is not None and served.proc.poll() is None
     finally:
         assert served.stop(timeout=10) == 0, served.output()
+
+
+def test_the_supervisor_reaps_only_its_workers(tmp_path: Path) -> None:
+    """A reload runs the app factory in the supervisor while its loop reaps the workers that exit: the
+    commands the factory runs keep their exit codes (a reap of any child took some, and the factory
+    was told 0 for a command that failed)."""
+    port, log = free_port(), tmp_path / "codes"
+    config = tmp_path / "stack.yaml"
+    config.write_text(f'app: {{factory: "stack_support:app_running_commands", options: {{log: "{log}", count: 100}}}}\n'
+                      f"server: {{listen: '127.0.0.1:{port}', workers: 2}}\npipeline: [errors: {{}}]\n")
+    served = ServeProcess(config).start()
+    try:
+        wait_for_port(port)
+        served.signal(signal.SIGHUP)
+        served.wait_output("supervisor: generation 2 serving", timeout=20)
+        lines = log.read_text().splitlines()
+        supervisor = [line for line in lines if line.startswith(f"{served.pid} ")]
+        assert supervisor == [f"{served.pid} [7]"] * 2, lines  # the start's build, and the reload's
+        # (and the workers are still reaped and replaced: test_workers.py)
+    finally:
+        assert served.stop(timeout=10) == 0, served.output()
