@@ -860,7 +860,7 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
 
     def act() -> None:
         beat()
-        if wanted is not None:
+        if wanted is not None and not stop.is_set():
             generation = wanted()
             if generation > asked[0]:
                 asked[:] = [generation, time.monotonic(), WORKER_RETRY[0]]
@@ -875,7 +875,9 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
         while arrived:
             signum = arrived.pop(0)
             if signum == signal.SIGHUP:
-                if parent is None:
+                if parent is None and stop.is_set():
+                    log.info("SIGHUP while stopping: no reload")
+                elif parent is None:
                     reloader.ask()
                 continue  # a worker: the supervisor decides, and publishes the generation to serve
             if stop.is_set() and parent is None:  # a worker's second signal is the supervisor passing one on
@@ -886,6 +888,10 @@ def _run_waitress(live: LiveStack, sockets: list[socket.socket], parent: int | N
             if parent is not None and not stop.is_set() and os.getppid() != parent:
                 log.warning("%sthe supervisor (pid %d) is gone; stopping", live.label, parent)
             stop.set()
+            # A stopping process reloads no more (a SIGHUP, an edit the polling sees): it would build, and
+            # swap in, a pipeline only to close it, and log a new generation serving after "stopping".
+            reloader.stop()
+            live.stop_watch()
 
     reloader = _Reloader(live, published=published)
     for signum in HANDLED:
@@ -916,6 +922,7 @@ class _Reloader:
 
     ``published`` (a worker's): the supervisor's generation, which each reload takes, and the text
     the supervisor built it from, which it builds; none is made when the process already serves it.
+    After :meth:`stop` (the process stops) it makes none: a reload asked for and not begun is dropped.
     """
 
     def __init__(self, live: LiveStack, done: Callable[[], None] = lambda: None,
@@ -925,19 +932,31 @@ class _Reloader:
         self.busy = False  # asked for, or building
         self.lock = threading.Lock()  # busy and wanted change together
         self.thread: threading.Thread | None = None
+        self.stopped = False
 
     def ask(self) -> None:
         with self.lock:
+            if self.stopped:
+                return
             self.busy = True
             self.wanted.set()
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="wsgistack-reload", daemon=True)
             self.thread.start()
 
+    def stop(self) -> None:
+        """Reload no more: a stopping process would build a pipeline it never serves (a reload in progress
+        ends on its own, not waited for)."""
+        with self.lock:
+            self.stopped = True
+            self.wanted.clear()
+
     def _run(self) -> None:
         while True:
             self.wanted.wait()
             self.wanted.clear()
+            if self.stopped:
+                continue
             try:
                 if self.published is None:
                     self.live.reload()
@@ -1076,7 +1095,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             if stopping_since is not None:
                 waits.append(stopping_since + grace - now)
             reload_options = live.current.config.server.reload
-            if reload_options.watch:
+            if reload_options.watch and stopping_since is None:
                 waits.append(reload_options.interval)
             timeout = live.current.config.server.worker_timeout
             if timeout and stopping_since is None:
@@ -1132,12 +1151,18 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
             signals = []
             while pending:  # one pop at a time: a handler may append between two bytecodes
                 signals.append(pending.pop(0))
+            # A stopping server reloads no more (a SIGHUP, a polled edit): it would build a pipeline, and
+            # have every draining worker build it too, only to close them, logging a new generation after
+            # "stopping"; a stop that comes with the SIGHUP wins over it.
+            stopping = stopping_since is not None or signal.SIGTERM in signals or signal.SIGINT in signals
             changed = False
-            if reload_options.watch and time.monotonic() >= polled + reload_options.interval:
+            if reload_options.watch and not stopping and time.monotonic() >= polled + reload_options.interval:
                 polled = time.monotonic()
                 changed = live.settled_change(seen)
             if signal.SIGHUP in signals:  # (a key file the build reads may have changed, stack.yaml not)
-                changed = True
+                changed = not stopping
+                if stopping:
+                    log.info("SIGHUP while stopping: no reload")
                 signals = [s for s in signals if s != signal.SIGHUP]  # the workers follow the published generation
             if changed:  # in a thread: a stop (or a worker to reap) must not wait for a slow build
                 reloader.ask()  # workers started once it is done get the new configuration
@@ -1155,6 +1180,7 @@ def _supervise(live: LiveStack, slots: list[list[socket.socket]]) -> int:
                             sock.close()  # the kernel would queue new connections nobody accepts
                         stopping_since = time.monotonic()
                         grace = _drain_seconds(live) + 5.0  # the configuration in force now
+                        reloader.stop()
                     else:  # asked twice: stop waiting for requests in flight
                         log.warning("stopping %d worker(s) now", len(children))
                         forward, incomplete = signal.SIGKILL, True

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import free_port, wait_for_port
-from loadgen import ServeProcess
+from loadgen import ServeProcess, request
 
 
 @contextlib.contextmanager
@@ -143,3 +144,36 @@ def test_the_supervisor_reaps_only_its_workers(tmp_path: Path) -> None:
         # (and the workers are still reaped and replaced: test_workers.py)
     finally:
         assert served.stop(timeout=10) == 0, served.output()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one process", "two workers"])
+@pytest.mark.parametrize("asked", ["SIGHUP", "polled edit"])
+def test_a_stopping_server_does_not_reload(tmp_path: Path, workers: int, asked: str) -> None:
+    """A SIGHUP (or an edit the polling sees) while the server drains builds no new pipeline: the stop
+    goes on, the request in flight is answered, and no "generation 2 serving" comes after "stopping"."""
+    port = free_port()
+    config = tmp_path / "stack.yaml"
+    text = ('app: {factory: "loadgen:slow_app"}\n'
+            f"server: {{listen: '127.0.0.1:{port}', workers: {workers}, drain_timeout: 5,"
+            " reload: {watch: true, interval: 0.1}}\npipeline: [errors: {}]\n")
+    config.write_text(text)
+    served = ServeProcess(config).start()
+    results: list[int] = []
+    try:
+        wait_for_port(port)
+        thread = threading.Thread(target=lambda: results.append(request(port, "GET", "/?sleep=1.5", timeout=10)[0]))
+        thread.start()
+        time.sleep(0.3)  # the request is in flight
+        served.signal(signal.SIGTERM)
+        time.sleep(0.1)
+        if asked == "SIGHUP":
+            served.signal(signal.SIGHUP)
+        else:
+            config.write_text(text + "# edited\n")
+        thread.join(10)
+        assert served.proc is not None
+        code = served.proc.wait(timeout=10)
+    finally:
+        served.stop(timeout=1)
+    assert (code, results) == (0, [200]), served.output()
+    assert "generation 2" not in served.output()
