@@ -24,7 +24,7 @@ from flask import Blueprint, Response, request
 
 from app.search import MAX_PAGE, SearchPage
 from app.state import SUPPORTED_VERSIONS, AppState
-from app.stream import HeldSlot, search_events, sse_response
+from app.stream import COMPLETE_ID, HeldSlot, search_events, sse_response
 from middleware.base import REQUEST_ID, refuse
 
 if TYPE_CHECKING:
@@ -108,6 +108,12 @@ def api_blueprint(version: str, state: AppState) -> Blueprint:
 
     @bp.get("/search/stream")
     def search_stream() -> Response:
+        if request.headers.get("Last-Event-ID") == COMPLETE_ID:
+            # An EventSource left open reconnects after search_complete: no second search, and the
+            # 204 stops it for good (HTML's server-sent events).
+            done = Response(status=204, headers={"Cache-Control": "no-store"})
+            del done.headers["Content-Type"]  # (no content to have a type)
+            return done
         utf8_query(request.environ.get("QUERY_STRING", ""))
         query, page = search_args(request.args)
         if check_query is not None:

@@ -9,7 +9,10 @@ more, so it becomes a ``search_error`` event (``{"code", "message",
 "retry_after", "request_id"}``) that ends the stream; it is logged (a warning with the code,
 the traceback of an unexpected one) and the access line says
 ``"error":"search_error 502"``, since the status says nothing.  An ``EventSource`` reconnects to a
-stream that ended, and so searches again: the error event also sets its
+stream that ended, and so would search again: ``search_complete`` carries the event id
+:data:`COMPLETE_ID`, which the reconnection sends back as ``Last-Event-ID``, and the endpoint
+answers that with ``204 No Content``, on which an ``EventSource`` stops for good (HTML's
+server-sent events).  A stream that failed has no such id, as it has more to say: the error event sets the
 reconnection time (``retry:``) to the upstream's ``Retry-After``, else
 ``ERROR_RETRY_SECONDS``, so that a page that keeps it open does not ask a
 failing upstream again every three seconds.  ``interval`` seconds pass between events, with a
@@ -57,10 +60,17 @@ HEARTBEAT = b": keep-alive\n\n"
 STREAMING: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def sse_event(event: str, data: Any, retry: float | None = None) -> bytes:
+#: The event id of ``search_complete``: a reconnection that sends it back (``Last-Event-ID``) is told,
+#: with a 204, that the stream has nothing more to say.
+COMPLETE_ID = "complete"
+
+
+def sse_event(event: str, data: Any, retry: float | None = None, event_id: str | None = None) -> bytes:
     """One Server-Sent Event; compact JSON never holds a raw newline. ``retry``: the client's reconnection
-    time from now on, in seconds (sent in milliseconds)."""
-    also = "" if retry is None else f"retry: {int(retry * 1000)}\n"
+    time from now on, in seconds (sent in milliseconds); ``event_id``: the id the client's reconnection
+    sends back as ``Last-Event-ID``."""
+    also = "" if event_id is None else f"id: {event_id}\n"
+    also += "" if retry is None else f"retry: {int(retry * 1000)}\n"
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n{also}\n".encode()
 
 
@@ -115,7 +125,7 @@ def search_events(
                     progress, stage = next(steps)
                 except StopIteration as done:
                     result: SearchPage = done.value
-                    complete = sse_event("search_complete", shape(result))
+                    complete = sse_event("search_complete", shape(result), event_id=COMPLETE_ID)
                     break
                 if interval:
                     yield from _pause(interval)

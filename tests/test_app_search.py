@@ -430,7 +430,8 @@ def test_a_damaged_index_found_by_the_stream_is_rebuilt(tmp_path: Path) -> None:
     index, expected = build_index(tmp_path)
     corrupt(index)
     text = TestApp(create_app(index_options(tmp_path))).get("/api/v1/search/stream", {"q": "decode"}).text
-    assert text.endswith(f"event: search_complete\ndata: {json.dumps(expected, separators=(',', ':'))}\n\n")
+    assert text.endswith(f"event: search_complete\ndata: {json.dumps(expected, separators=(',', ':'))}\n"
+                         "id: complete\n\n")
 
 
 def test_many_threads_finding_the_index_damaged_rebuild_it_once(tmp_path: Path,

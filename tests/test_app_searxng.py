@@ -454,8 +454,8 @@ def test_an_ignored_total_is_the_number_of_results_seen(tmp_path: Path, upstream
 def test_an_implausible_total_in_a_v2_stream_completes_it(tmp_path: Path, upstream: FakeSearxng) -> None:
     upstream.canned["x"] = results_body("1" + "0" * 400)
     text = searxng_app(tmp_path, upstream.url).get("/api/v2/search/stream", {"q": "x"}).text
-    name, data = text.strip().split("\n\n")[-1].split("\n")
-    assert name == "event: search_complete"
+    name, data, event_id = text.strip().split("\n\n")[-1].split("\n")
+    assert (name, event_id) == ("event: search_complete", "id: complete")
     assert json.loads(data[len("data: "):])["pagination"] == {"page": 1, "per_page": 10, "total": 0, "pages": 0}
 
 

@@ -65,6 +65,29 @@ def test_events_in_order_and_complete_equals_search(tmp_path: Path, version: str
     ]
 
 
+@pytest.mark.parametrize(("last_event_id", "status", "events"), [
+    pytest.param(None, 200, 5, id="a first connection: the search"),
+    pytest.param("complete", 204, 0, id="a reconnection after search_complete: nothing more to say"),
+    pytest.param("Complete", 200, 5, id="an id is matched exactly: another id is a new search"),
+    pytest.param("", 200, 5, id="an empty id (an EventSource whose stream had no id): a new search"),
+])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_reconnection_after_search_complete_gets_204(tmp_path: Path, version: str, last_event_id: str | None,
+                                                       status: int, events: int) -> None:
+    """An EventSource left open reconnects when the stream ends, sending back the last event id it saw:
+    search_complete's id gets a 204, on which it stops for good, instead of a second search."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    response = TestApp(make_app(tmp_path)).get(f"/api/{version}/search/stream", {"q": "decode"}, headers=headers)
+    assert response.status_int == status
+    assert len(response.body.split(b"\n\n")) - 1 == events
+    if status == 204:
+        assert (response.body, response.headers["Cache-Control"]) == (b"", "no-store")
+        assert "Content-Type" not in response.headers
+    else:
+        assert response.body.endswith(b"\nid: complete\n\n")  # (only the last event has an id)
+        assert response.body.count(b"\nid: ") == 1
+
+
 def test_stream_headers(tmp_path: Path) -> None:
     seen, chunks, body = start(make_app(tmp_path), "/api/v1/search/stream?q=json")
     headers = dict(seen["headers"])
@@ -326,7 +349,7 @@ def test_a_long_pause_sends_comments_that_keep_proxies_from_closing_the_stream(
     assert chunks[0].startswith(b"event: search_started\n")
     assert chunks[1:] == [*[b": keep-alive\n\n"] * comments, b'event: search_progress\ndata: {"progress":100,'
                           b'"stage":"done"}\n\n', *[b": keep-alive\n\n"] * comments,
-                          b"event: search_complete\ndata: {}\n\n"]
+                          b"event: search_complete\ndata: {}\nid: complete\n\n"]
     assert clock.sleeps == sleeps * 2
 
 

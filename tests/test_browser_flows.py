@@ -395,6 +395,32 @@ def test_an_event_source_reads_the_stream(driver: Any, page: Server, shipped: Ap
     assert (stream["status"], stream["user"]) == (200, USER), "the stream saw the session's user"
 
 
+EVENT_SOURCE_LEFT_OPEN = """
+const [url, done] = arguments;
+const source = new EventSource(url, {withCredentials: true});
+const seen = [];
+source.addEventListener("search_complete", (e) => seen.push(e.lastEventId));
+source.onerror = () => {  // the stream's end (CONNECTING: it reconnects), then the 204 (CLOSED: for good)
+    if (source.readyState === EventSource.CLOSED) done({seen, state: source.readyState});
+};
+setTimeout(() => { const state = source.readyState; source.close(); done({seen, state, waited: true}); }, 15000);
+"""
+
+
+def test_an_event_source_left_open_stops_after_search_complete(driver: Any, page: Server, shipped: Api) -> None:
+    """A page that never closes its EventSource: the browser reconnects when the stream ends, with the last event
+    id, and the 204 that gets makes it stop for good: one search, not one every three seconds."""
+    driver.get(page.url + "/")
+    before = {line["request_id"] for line in shipped.lines()}
+    result: dict[str, Any] = driver.execute_async_script(
+        EVENT_SOURCE_LEFT_OPEN, f"{shipped.url()}/api/v1/search/stream?q=json+reconnect")
+    assert result == {"seen": ["complete"], "state": 2}, result  # EventSource.CLOSED, by the server's 204
+    time.sleep(1)
+    streams = [line["status"] for line in shipped.lines()
+               if line["path"] == "/api/v1/search/stream" and line["request_id"] not in before]
+    assert streams == [200, 204], streams
+
+
 @pytest.mark.parametrize(("init", "status", "message"), [
     pytest.param({"method": "POST", "headers": {"Content-Type": "application/json"},
                   "body": "[" + "0," * 1_000_000 + "0]"}, 413, "more than max_body_bytes (1048576)",
