@@ -415,10 +415,11 @@ def test_an_event_source_left_open_stops_after_search_complete(driver: Any, page
     result: dict[str, Any] = driver.execute_async_script(
         EVENT_SOURCE_LEFT_OPEN, f"{shipped.url()}/api/v1/search/stream?q=json+reconnect")
     assert result == {"seen": ["complete"], "state": 2}, result  # EventSource.CLOSED, by the server's 204
-    time.sleep(1)
-    streams = [line["status"] for line in shipped.lines()
-               if line["path"] == "/api/v1/search/stream" and line["request_id"] not in before]
-    assert streams == [200, 204], streams
+    def new_stream(line: dict[str, Any]) -> bool:
+        return bool(line["path"] == "/api/v1/search/stream" and line["request_id"] not in before)
+
+    shipped.wait_for(lambda line: new_stream(line) and line["status"] == 204, "the reconnection")
+    assert [line["status"] for line in shipped.lines() if new_stream(line)] == [200, 204]
 
 
 @pytest.mark.parametrize(("init", "status", "message"), [
