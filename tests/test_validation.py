@@ -258,6 +258,10 @@ REFUSALS = [
                       "environ": {"CONTENT_LENGTH": "20"}}, 400,
                  "The request body ended after 2 of the 20 bytes its Content-Length announced.",
                  {}, id="body shorter than content-length"),
+    pytest.param({}, {"body": b"{}", "content_type": "application/json",
+                      "environ": {"CONTENT_LENGTH": "3"}}, 400,
+                 "The request body ended after 2 of the 3 bytes its Content-Length announced.",
+                 {}, id="body one byte shorter than content-length"),
     # deny patterns
     pytest.param({"deny_patterns": {"path": [r"\.\."]}}, {"url": "/?path=../etc/passwd"}, 400,
                  "The value of query parameter 'path' matches deny_patterns['path'][0].", {},
