@@ -378,6 +378,32 @@ def test_latency_lands_in_buckets(make: Callable[..., Any], options: dict[str, A
     assert (sample(found, "wsgistack_http_request_duration_seconds_sum", **labels) or 0) >= 0.02
 
 
+def test_a_latency_equal_to_a_bound_is_counted_in_that_bound(make: Callable[..., Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket is ``le``, less than or equal (as prometheus_client counts): 0.25 s lands in le="0.25"."""
+    from types import SimpleNamespace
+
+    from middleware import metrics as metrics_module
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(
+        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_")} | {
+            "perf_counter": lambda: clock.now}))
+
+    def quarter_second(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        clock.now += 0.25
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"done"]
+
+    app, _ = make(quarter_second, buckets=[0.1, 0.25, 1.0])
+    app.get("/timed")
+    found = scrape(app)
+    labels = {"method": "GET", "route": "/timed"}
+    assert [sample(found, "wsgistack_http_request_duration_seconds_bucket", **labels, le=le)
+            for le in ("0.1", "0.25", "1.0", "+Inf")] == [0, 1, 1, 1]
+    assert sample(found, "wsgistack_http_request_duration_seconds_sum", **labels) == 0.25
+
+
 def test_body_streams_and_close_is_forwarded(make: Callable[..., Any]) -> None:
     closed: list[bool] = []
 
