@@ -1330,3 +1330,17 @@ def test_what_a_client_makes_up_is_not_kept_whole(make: Callable[..., Any]) -> N
     assert sample(found, "wsgistack_http_requests_total", method="other", route="/items/<int:item_id>",
                   status="200") == 50  # still counted, under "other"
     assert sample(found, "wsgistack_http_requests_total", method="GET", route="other", status="200") == 50
+
+
+def test_the_series_remembered_by_label_are_bounded(make: Callable[..., Any]) -> None:
+    """Without the app's route templates, each path a client makes up is a label of its own: the table that
+    finds a label's series again keeps 10,000 of them at most (the labels themselves are max_routes)."""
+    def ok(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    _, metrics = make(ok)
+    environ = {"REQUEST_METHOD": "GET", "REMOTE_ADDR": "192.0.2.7"}
+    for i in range(10_050):
+        metrics({**environ, "PATH_INFO": f"/made-up-{i}"}, lambda status, headers, exc_info=None: None)
+    assert len(metrics._series) == 10_000
