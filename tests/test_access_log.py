@@ -179,6 +179,23 @@ def test_fields(make: Callable[..., Any], options: dict[str, Any], request_path:
     assert "secret text" not in json.dumps(line)
 
 
+@pytest.mark.parametrize(("raw", "shown"), [
+    pytest.param("caf\u00e9".encode().decode("latin-1"), "caf\u00e9", id="UTF-8 bytes: the text"),
+    pytest.param("caf\xe9", "caf\\xe9", id="a byte that is not UTF-8: escaped, told apart from UTF-8"),
+])
+def test_raw_bytes_in_the_query_and_user_agent_are_shown_as_the_paths_are(make: Callable[..., Any], raw: str,
+                                                                           shown: str) -> None:
+    """PEP 3333 gives the bytes of a query and a header as latin-1: the line shows them as UTF-8, as a path's."""
+    from webtest import TestRequest
+
+    app, lines = make(query=True)
+    request = TestRequest.blank("/hello")
+    request.environ.update({"QUERY_STRING": f"q={raw}", "HTTP_USER_AGENT": f"{raw}/1.0"})  # as Waitress passes them
+    app.do_request(request)
+    [line] = lines()
+    assert (line["query"], line["user_agent"]) == (f"q={shown}", f"{shown}/1.0")
+
+
 @pytest.mark.parametrize("path", ["/limited", "/crash", "/refused-on-first-chunk"])
 def test_a_refusal_to_head_is_logged_with_the_no_bytes_errors_sent(make: Callable[..., Any], path: str) -> None:
     app, lines = make()
