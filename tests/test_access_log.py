@@ -329,6 +329,22 @@ def test_failure_while_streaming_is_logged(make: Callable[..., Any], inner: Inne
     assert inner.body is not None and inner.body.closed
 
 
+def test_bytes_a_legacy_write_could_not_send_are_not_counted(make: Callable[..., Any]) -> None:
+    """write() counts its data once the server took it: a client gone raises there, and nothing went out."""
+    app, lines = make()
+    layer = app.app.app  # errors -> access_log
+
+    def client_gone(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            raise OSError("client went away")
+        return write
+
+    with pytest.raises(OSError, match="client went away"):
+        layer(_environ("/write"), client_gone)
+    [line] = lines()
+    assert (line["status"], line["bytes"], line["error"]) == (500, 0, "OSError")
+
+
 @pytest.mark.parametrize(("path", "error"), [
     pytest.param("/write-then-crash", "OSError", id="an exception"),
     pytest.param("/write-then-refuse", "NotFound", id="a refusal: too late to render"),
