@@ -360,8 +360,11 @@ def test_a_dollar_that_names_no_variable_is_text() -> None:
 
 
 def test_interpolation_with_defaults_and_escapes() -> None:
-    doc = read_text("a: ${A}\nb: ${B:-fallback}\nc: $${LITERAL}\nd: x-${A}-y\ne: ${E:-}\n", env={"A": "1"})
-    assert doc.data == {"a": "1", "b": "fallback", "c": "${LITERAL}", "d": "x-1-y", "e": ""}
+    doc = read_text("a: ${A}\nb: ${B:-fallback}\nc: $${LITERAL}\nd: x-${A}-y\ne: ${E:-}\nf: ${F:-fallback}\n"
+                    "g: x${F}y\n", env={"A": "1", "F": ""})
+    # ${F:-…} of a variable set but empty is its default, as in the shell and Compose; ${F} is the empty text
+    assert doc.data == {"a": "1", "b": "fallback", "c": "${LITERAL}", "d": "x-1-y", "e": "", "f": "fallback",
+                        "g": "xy"}
 
 
 def test_interpolated_values_are_validated_with_their_line() -> None:
