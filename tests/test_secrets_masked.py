@@ -89,6 +89,16 @@ def test_a_mistake_near_a_secret_is_reported_without_it(tmp_path: Path, text: st
     assert not any(secret in line for line in found), found
 
 
+def test_a_secret_variables_value_is_not_in_a_problem_it_causes(tmp_path: Path) -> None:
+    """A variable named as a secret (``*_TOKEN``) put where an option prints its value: the value is masked."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(ECHO + "pipeline:\n  - request_id: {pattern: '${SEARXNG_TOKEN}'}\n")
+    found = [str(p).replace(str(path), "stack.yaml") for p in check(path, env={"SEARXNG_TOKEN": "SEKRETenv1(x"})]
+    assert any("stack.yaml:3:27 pipeline[0].request_id.pattern: pattern '***' is not a valid regular expression"
+               in line for line in found), found
+    assert not any("SEKRETenv1" in line for line in found), found
+
+
 @pytest.mark.parametrize(("options", "shown"), [
     pytest.param({"dsn": "postgres://app:SEKRET#pw@db/x"}, {"dsn": "postgres://app:•••@db/x"},
                  id="a password with a # in a URL"),
