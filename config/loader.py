@@ -107,23 +107,27 @@ class Document:
         return self.masked(Problem(message, path, self.file, line, col, **kw))
 
     def masked(self, problem: Problem) -> Problem:
-        """``problem`` with the values of secret-named variables (``${JWT_SECRET}``) masked in its text and value."""
+        """``problem`` with the values of secret-named variables (``${JWT_SECRET}``) masked in its text and value.
+
+        In any case: an option may print the value as it reads it (versioning lowercases a version).
+        """
         if not self.secrets:
             return problem
         message, path = problem.message, problem.path
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            message = message.replace(secret, MASK)
-            path = tuple(part.replace(secret, MASK) if isinstance(part, str) else part for part in path)
-        shows = problem.has_value and _shows(problem.value, self.secrets)
+        # Longest first: a secret that holds another is masked whole.
+        pattern = re.compile("|".join(map(re.escape, sorted(self.secrets, key=len, reverse=True))), re.IGNORECASE)
+        message = pattern.sub(MASK, message)
+        path = tuple(pattern.sub(MASK, part) if isinstance(part, str) else part for part in path)
+        shows = problem.has_value and _shows(problem.value, pattern)
         if message == problem.message and path == problem.path and not shows:
             return problem
         return dataclasses.replace(problem, message=message, path=path, value=MASK if shows else problem.value)
 
 
-def _shows(value: Any, secrets: set[str]) -> bool:
-    """Whether ``value`` (text, or a list or mapping holding some) contains one of ``secrets``."""
+def _shows(value: Any, secrets: re.Pattern[str]) -> bool:
+    """Whether ``value`` (text, or a list or mapping holding some) contains a match of ``secrets``."""
     if isinstance(value, str):
-        return any(secret in value for secret in secrets)
+        return secrets.search(value) is not None
     if isinstance(value, list | tuple):
         return any(_shows(item, secrets) for item in value)
     if isinstance(value, dict):

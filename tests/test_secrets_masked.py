@@ -89,14 +89,22 @@ def test_a_mistake_near_a_secret_is_reported_without_it(tmp_path: Path, text: st
     assert not any(secret in line for line in found), found
 
 
-def test_a_secret_variables_value_is_not_in_a_problem_it_causes(tmp_path: Path) -> None:
-    """A variable named as a secret (``*_TOKEN``) put where an option prints its value: the value is masked."""
+@pytest.mark.parametrize(("entry", "reported"), [
+    pytest.param("request_id: {pattern: '${SEARXNG_TOKEN}'}",
+                 "stack.yaml:3:27 pipeline[0].request_id.pattern: pattern '***' is not a valid regular expression",
+                 id="printed as it is"),
+    pytest.param("versioning: {supported: [v1], default: '${SEARXNG_TOKEN}'}",
+                 "stack.yaml:3:44 pipeline[0].versioning.default: default '***' is not in supported (v1)",
+                 id="printed as the option reads it (versions are lowercased)"),
+])
+def test_a_secret_variables_value_is_not_in_a_problem_it_causes(tmp_path: Path, entry: str, reported: str) -> None:
+    """A variable named as a secret (``*_TOKEN``) put where an option prints its value: the value is masked,
+    also in another case than it was set in."""
     path = tmp_path / "stack.yaml"
-    path.write_text(ECHO + "pipeline:\n  - request_id: {pattern: '${SEARXNG_TOKEN}'}\n")
+    path.write_text(ECHO + f"pipeline:\n  - {entry}\n")
     found = [str(p).replace(str(path), "stack.yaml") for p in check(path, env={"SEARXNG_TOKEN": "SEKRETenv1(x"})]
-    assert any("stack.yaml:3:27 pipeline[0].request_id.pattern: pattern '***' is not a valid regular expression"
-               in line for line in found), found
-    assert not any("SEKRETenv1" in line for line in found), found
+    assert any(reported in line for line in found), found
+    assert not any("sekretenv1" in line.lower() for line in found), found
 
 
 @pytest.mark.parametrize(("options", "shown"), [
