@@ -19,8 +19,10 @@ count; anything else the callable raises counts as "the backend answered".
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
@@ -51,6 +53,20 @@ class StoreUnavailable(StoreError):
 
 class CircuitOpenError(StoreUnavailable):
     """Raised without calling the backend while the circuit is open."""
+
+
+#: Every breaker of this process, for :func:`_after_fork`.
+_BREAKERS: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: a new lock for each breaker (one a parent's thread held at the fork is never given
+    back in the child, where that thread is not)."""
+    for breaker in _BREAKERS:
+        breaker._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class CircuitBreaker:
@@ -90,7 +106,8 @@ class CircuitBreaker:
         self.name = name
         self.failure_types = failure_types
         self.neutral_types = neutral_types
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # (a new one in a forked child: _after_fork)
+        _BREAKERS.add(self)
         self._state: State = CLOSED
         self._failures = 0
         self._opened_at = 0.0

@@ -23,9 +23,11 @@ layer's ``on_store_error`` applies) rather than forgetting something.
 from __future__ import annotations
 
 import heapq
+import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
@@ -51,6 +53,25 @@ MAX_CACHE_BYTES = 64 * 1024 * 1024
 
 def _size(key: str, value: bytes | int) -> int:
     return len(key) + (len(value) if isinstance(value, bytes) else 8)
+
+
+#: Every memory store of this process, for :func:`_after_fork`.
+_STORES: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: a new lock for each memory store.
+
+    A thread of the parent inside a store step when another thread forked (serve's reload
+    thread declaring the cache's prefixes on a carried-over store while a worker is started
+    again) is not in the child: the lock it held is copied held, nobody gives it back, and
+    every request of the new worker would wait on the store for ever.
+    """
+    for store in _STORES:
+        store._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class MemoryStore(Store):
@@ -82,7 +103,8 @@ class MemoryStore(Store):
         # that deadline (rewritten, refreshed, deleted, evicted) is skipped when it comes up.
         self._deadlines: list[tuple[float, str]] = []
         self._deadlines_bound = 1024  # its length past which _track counts the keys (to rebuild it)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # (a new one in a forked child: _after_fork)
+        _STORES.add(self)
 
     def keep_apart(self, prefix: str) -> None:
         """Keep the keys starting with ``prefix`` in a table of their own, of at most ``max_apart``

@@ -168,6 +168,18 @@ _SHARED: dict[tuple[object, ...], _Shared] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+def _after_fork() -> None:
+    """In a forked child: a new lock for :data:`_SHARED`.  A parent's thread making or closing a store when
+    another forked (serve's reload thread, as a worker is started again) is not in the child, and would never
+    give the lock back: the worker's next reload would wait for it for ever.  (redis-py gives the child's pools
+    new connections by itself.)"""
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str, str]]:
     """Split a ``redis+sentinel://`` URL into (sentinels, service_name, db, auth)."""
     parts = urlsplit(url)

@@ -8,7 +8,9 @@ one broke it.  TTLs are short (0.1-0.4 s) with margins of at least 0.1 s.
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1965,3 +1967,58 @@ def test_a_lock_never_has_two_holders_under_many_threads(store: Store) -> None:
         sys.setswitchinterval(switch)
     assert overlaps == []
     assert taken[0] >= 300  # (taken often enough to tell)
+
+
+def _locks_of(store: Store) -> list[Any]:
+    """The locks a thread of ``store``'s process may hold for a moment: the memory store's own; a Redis store's
+    breaker and the lock every Redis store is built under (a reload builds stores in a thread of its own)."""
+    if isinstance(store, MemoryStore):
+        return [store._lock]
+    import stores.redis
+
+    assert isinstance(store, RedisStore)
+    return [stores.redis._SHARED_LOCK, store.breaker._lock]
+
+
+@pytest.mark.filterwarnings("ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning")
+def test_a_process_forked_while_a_thread_holds_a_store_s_lock_can_use_the_store(store_url: str) -> None:
+    """serve forks a worker (a new one, for one that died) while its reload thread may be inside a store step
+    (a cache layer built on a carried-over memory:// store declares its prefixes under the store's lock; a
+    Redis store is made under a lock every Redis store shares).  The child has no such thread: a lock copied
+    as held was never given back, and its every request waited on the store for ever."""
+    store = store_from_url(store_url)
+    store.set("k", b"v")
+    locks = _locks_of(store)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        release.wait(10)
+        for lock in reversed(locks):
+            lock.release()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            signal.alarm(3)  # a lock that is never given back: the child dies of SIGALRM
+            code = 1
+            try:
+                store.set("k", b"child")
+                assert store.get("k") == b"child"
+                if isinstance(store, RedisStore):
+                    store.breaker.reset()
+                store_from_url(store_url).close()  # another store of the same URL (a reload's)
+                code = 0
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        holder.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.close()
