@@ -62,10 +62,10 @@ _STORES: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
 def _after_fork() -> None:
     """In a forked child: a new lock for each memory store.
 
-    A thread of the parent inside a store step when another thread forked (serve's reload
-    thread declaring the cache's prefixes on a carried-over store while a worker is started
-    again) is not in the child: the lock it held is copied held, nobody gives it back, and
-    every request of the new worker would wait on the store for ever.
+    A thread of the parent inside a store step when another thread forked (a host or an app
+    forking from a threaded process; serve's supervisor waits for its reload thread first) is
+    not in the child: the lock it held is copied held, nobody gives it back, and every request
+    of the child would wait on the store for ever.
     """
     for store in _STORES:
         store._lock = threading.Lock()

@@ -170,8 +170,8 @@ _SHARED_LOCK = threading.Lock()
 
 def _after_fork() -> None:
     """In a forked child: a new lock for :data:`_SHARED`.  A parent's thread making or closing a store when
-    another forked (serve's reload thread, as a worker is started again) is not in the child, and would never
-    give the lock back: the worker's next reload would wait for it for ever.  (redis-py gives the child's pools
+    another forked is not in the child, and would never give the lock back: the child's next store would wait
+    for it for ever.  (redis-py gives the child's pools
     new connections by itself.)"""
     global _SHARED_LOCK
     _SHARED_LOCK = threading.Lock()

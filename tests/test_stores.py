@@ -1982,9 +1982,10 @@ def _locks_of(store: Store) -> list[Any]:
 
 @pytest.mark.filterwarnings("ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning")
 def test_a_process_forked_while_a_thread_holds_a_store_s_lock_can_use_the_store(store_url: str) -> None:
-    """serve forks a worker (a new one, for one that died) while its reload thread may be inside a store step
-    (a cache layer built on a carried-over memory:// store declares its prefixes under the store's lock; a
-    Redis store is made under a lock every Redis store shares).  The child has no such thread: a lock copied
+    """A process forks while another of its threads is inside a store step: a cache layer built on a
+    carried-over memory:// store declares its prefixes under the store's lock; a Redis store is made under a
+    lock every Redis store shares.  (serve's supervisor waits for its reload thread to end before it forks; a
+    host or an app that forks from a threaded process need not.)  The child has no such thread: a lock copied
     as held was never given back, and its every request waited on the store for ever."""
     store = store_from_url(store_url)
     store.set("k", b"v")
