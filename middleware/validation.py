@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import encodings
 import encodings.aliases
+import ipaddress
 import json
 import math
 import re
@@ -50,7 +51,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 from pydantic import Field, field_validator, model_validator
 from werkzeug.http import parse_options_header
 
-from middleware.base import Context, LayerOptions, note, refuse, target_authority
+from middleware.base import Context, LayerOptions, ip_literal, note, refuse, target_authority
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -69,8 +70,12 @@ DEFAULT_CONTENT_TYPES = (
 )
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/(\*|[a-z0-9!#$&^_.+-]+)")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# RFC 9112 §3.2 / RFC 3986 §3.2.2: an IP literal or a reg-name (empty allowed), then an optional port.
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]*)?")
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: the Host of nearly every request, a reg-name with a port of 1-9999
+# if any; _other_host judges the rest (an empty Host, an IP literal, another port) off the common path.
+_HOST = re.compile(r"[A-Za-z0-9._~!$&'()*+;=%-]+(?::[1-9][0-9]{0,3})?")
+# A TCP port (1-65535, leading zeros allowed; empty, RFC 3986 §3.2.3), after a reg-name or an IP literal.
+_ANY_HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|[A-Za-z0-9._~!$&'()*+;=%-]+)(?::(?:0*(?:[1-9][0-9]{0,3}|"
+                       r"[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?)?")
 _CONTENT_FIELDS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})  # header fields WSGI gives without HTTP_
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
@@ -100,6 +105,24 @@ def _other_unicode(charset: str) -> bool:
 _LONGEST_CHARSET = 64
 #: More digits than any body's length has (2**64 has 20).
 _LONGEST_LENGTH = 20
+
+
+def _other_host(host: str) -> bool:
+    """Whether a ``Host`` that :data:`_HOST` does not match names a host all the same.
+
+    An empty one does (RFC 9112 §3.2: the target has no authority), and a name or an IPv6 literal
+    (``[::1]``) with an optional port of 1 to 65535.  Not a port without a name (``:80``: an http URI
+    with an empty host is invalid, RFC 9110 §4.2.1), a port past 65535 or port 0, nor brackets
+    round what is no IPv6 address (``[:::]``, ``[1.2.3.4]``): urllib raises on those, and so does
+    werkzeug's ``Location`` of a redirect built from the host (a 500).
+    """
+    if not host:
+        return True
+    match = _ANY_HOST.fullmatch(host)
+    if match is None:
+        return False
+    literal = match[1]
+    return literal is None or isinstance(ip_literal(literal), ipaddress.IPv6Address)
 
 
 class _DuplicateKey(Exception):
@@ -420,7 +443,7 @@ class ValidationMiddleware:
                 raise self._refuse(environ, 400, "An HTTP/1.1 request must have a Host header.", "host")
         elif "," in host:  # Waitress joins repeated fields with ", "; no host name holds a comma
             raise self._refuse(environ, 400, "The request has more than one Host header.", "host")
-        elif _HOST.fullmatch(host) is None:
+        elif _HOST.fullmatch(host) is None and not _other_host(host):
             raise self._refuse(environ, 400, f"The Host header {host[:100]!r} is not a host name with an "
                                              "optional port.", "host")
 

@@ -203,6 +203,18 @@ REFUSALS = [
                  "The Host header 'a.example:xx' is not a host name with an optional port.", {}, id="bad port"),
     pytest.param({}, {"environ": {"HTTP_HOST": "a b"}}, 400,
                  "The Host header 'a b' is not a host name with an optional port.", {}, id="space in host"),
+    *[pytest.param({}, {"environ": {"HTTP_HOST": host}}, 400,
+                   f"The Host header {host!r} is not a host name with an optional port.", {}, id=why)
+      for host, why in [
+          ("[:::]", "an IP literal that is no IPv6 address (urllib, and so werkzeug's redirects, raise on it)"),
+          ("[1.2.3.4]", "an IPv4 address in brackets"),
+          ("[fe80::1%25eth0]", "an IPv6 zone (RFC 6874 is no part of HTTP)"),
+          ("a.example:65536", "a port past 65535"),
+          ("a.example:99999999999999999999", "a port of 20 digits"),
+          ("a.example:0", "port 0, no TCP port a client reaches"),
+          ("[::1]:70000", "an IPv6 literal with a port past 65535"),
+          (":80", "a port without a name (RFC 9110 4.2.1: an http URI with an empty host is invalid)"),
+      ]],
     # JSON
     pytest.param({}, {"body": b'{"a": }', "content_type": "application/json"}, 400,
                  "The request body is not well-formed JSON: Expecting value: line 1 column 7 "
@@ -326,6 +338,12 @@ REFUSALS += [
     pytest.param({}, {"url": "/api", "environ": {"REQUEST_URI": "http://user@x/api"}}, 400,
                  "The request target 'http://user@x/api' is neither a path nor an http(s) URL with a host.", {},
                  id="an absolute URL with user info"),
+    pytest.param({}, {"url": "/api", "environ": {"REQUEST_URI": "http://:8080/api"}}, 400,
+                 "The Host header ':8080' is not a host name with an optional port.", {},
+                 id="an absolute URL with a port and no host"),
+    pytest.param({}, {"url": "/api", "environ": {"REQUEST_URI": "http://[::ffff::1]/api"}}, 400,
+                 "The Host header '[::ffff::1]' is not a host name with an optional port.", {},
+                 id="an absolute URL whose IP literal is no address"),
     pytest.param({}, {"url": "/api", "environ": {"REQUEST_URI": "http://bad host/api"}}, 400,
                  "The Host header 'bad host' is not a host name with an optional port.", {},
                  id="an absolute URL whose host is no host"),
@@ -407,6 +425,9 @@ PASSES = [
                  id="empty Host (RFC 9112 allows it)"),
     pytest.param({}, {"environ": {"HTTP_HOST": "[2001:db8::1]:8889"}}, {"json": ABSENT}, id="IPv6 Host"),
     pytest.param({}, {"environ": {"HTTP_HOST": "xn--bcher-kva.example:443"}}, {"json": ABSENT}, id="IDN Host"),
+    *[pytest.param({}, {"environ": {"HTTP_HOST": host}}, {"json": ABSENT}, id=f"Host {host}")
+      for host in ["[::1]", "[::FFFF:127.0.0.1]:65535", "[2001:DB8::1]:1", "localhost:8889", "a.example:65535",
+                   "a.example:08080", "a.example:", "example.com.", "127.0.0.1:443", "my_service:8000"]],
     pytest.param({}, {"url": "/?q=" + "a" * 2046}, {"json": ABSENT}, id="query at the limit"),
     pytest.param({}, {"url": "/caf%C3%A9?q=caf%C3%A9+cr%C3%A8me&x=%2B"}, {"json": ABSENT},
                  id="utf-8 path and query"),
