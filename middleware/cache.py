@@ -525,7 +525,8 @@ class CacheMiddleware:
       ``statuses``: cacheable status codes (``[200]``; 200 to 499 only, not 206, 304 nor 416).  Those
       RFC 9110 §15.1 does not call heuristically cacheable (302, 307, 400, 403…) are stored only
       when the response gives its freshness (``max-age``, ``s-maxage``, ``Expires``) or is ``public``.
-      ``stale_if_error``: seconds a stale entry may answer when the app raises or sends 5xx (0: off).
+      ``stale_if_error``: seconds a stale entry may answer when the app raises or sends 5xx (0: off);
+      a response's own ``stale-if-error=N`` (RFC 5861) may make it longer for that response.
       ``lock_timeout``: seconds concurrent misses wait for the one filling the key (5); a
       successful write marks its URI for this long, at least 60 s.
       ``max_body_bytes``: larger bodies are passed through uncached (1 MiB).
@@ -616,10 +617,12 @@ class CacheMiddleware:
             if locked and lock_key is not None:
                 self._drop_lock(lock_key, locked)
             raise _only_if_cached()
-        # The stored answer stands in for a failing app only with stale_if_error on, and not for a
-        # request that said no-cache, max-age or min-fresh without a max-stale that covers it (RFC 9111
-        # §4.2.4, §5.2.1: the client asked for no stale response; max-age=0 is a browser's reload).
-        stale = entry if entry is not None and entry["x"] > now and self.options.stale_if_error and (
+        # The stored answer stands in for a failing app only with stale_if_error on or its own
+        # stale-if-error (kept past its freshness: "x" > "f"), and not for a request that said no-cache,
+        # max-age or min-fresh without a max-stale that covers it (RFC 9111 §4.2.4,
+        # §5.2.1: the client asked for no stale response; max-age=0 is a browser's reload).
+        stale = entry if entry is not None and entry["x"] > now and (
+            self.options.stale_if_error or entry["x"] > entry["f"]) and (
             asks is None or asks.takes_stale(entry, now)) else None
         if method == "HEAD":  # no body to store: ask the app, keep nothing (a stale entry answers its failure)
             return self._ask(environ, start_response, _Fill(self, environ, base, subject, None, stale, keep=False),
@@ -1116,6 +1119,8 @@ class CacheMiddleware:
             # s-maxage implies proxy-revalidate for a shared cache (RFC 9111 §5.2.2.10): never served stale
             if not cc.keys().isdisjoint(("must-revalidate", "proxy-revalidate", "s-maxage")):
                 window = 0
+            elif "stale-if-error" in cc:  # RFC 5861 §3: the app lets it answer its failures that long
+                window = max(window, _delta(cc["stale-if-error"]) or 0)  # not a number, or two: none
         now = _clock()
         sent = parse_date(date) if date is not None else None
         if lifetime is None and expires:

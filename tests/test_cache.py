@@ -1536,6 +1536,56 @@ def test_stale_if_error_honours_the_requests_directives(make: Callable[..., Stac
     assert (response.status_int, response.headers.get("X-Cache")) == (expected_status, expected_cache)
     assert origin.calls == 2
 
+
+# The response's stale-if-error (RFC 5861 §3): 10 s fresh, then asked 20 s after it was stored (10 s stale).
+@pytest.mark.parametrize(("option", "cache_control", "elapsed", "expected_status", "expected_cache"), [
+    pytest.param(0, "max-age=10, stale-if-error=60", 20, 200, "STALE", id="option off: the directive serves"),
+    pytest.param(0, "max-age=10, stale-if-error=60", 69, 200, "STALE", id="stale for 59 s of 60: served"),
+    pytest.param(0, "max-age=10, stale-if-error=60", 71, 502, "MISS", id="stale for 61 s of 60: the app's error"),
+    pytest.param(5, "max-age=10, stale-if-error=60", 20, 200, "STALE", id="option smaller: the directive's"),
+    pytest.param(600, "max-age=10, stale-if-error=60", 200, 200, "STALE", id="option larger: the option's"),
+    pytest.param(0, "max-age=10, Stale-If-Error=60", 20, 200, "STALE", id="its name in any case"),
+    pytest.param(0, 'max-age=10, stale-if-error="60"', 20, 200, "STALE", id="quoted"),
+    pytest.param(0, "stale-if-error=60", 320, 200, "STALE", id="ttl's freshness, then the directive's"),
+    pytest.param(0, "max-age=10, stale-if-error=60, must-revalidate", 20, 502, "MISS", id="must-revalidate forbids"),
+    pytest.param(0, "public, max-age=10, stale-if-error=60, proxy-revalidate", 20, 502, "MISS",
+                 id="proxy-revalidate forbids"),
+    pytest.param(0, "s-maxage=10, stale-if-error=60", 20, 502, "MISS", id="s-maxage forbids"),
+    pytest.param(0, "max-age=10, stale-if-error=abc", 20, 502, "MISS", id="not a number: none"),
+    pytest.param(0, "max-age=10, stale-if-error", 20, 502, "MISS", id="no value: none"),
+    pytest.param(0, "max-age=10, stale-if-error=60, stale-if-error=30", 20, 502, "MISS", id="two values: none"),
+    pytest.param(0, "max-age=10", 20, 502, "MISS", id="no directive, option off: the app's error"),
+    pytest.param(5, "max-age=10", 20, 502, "MISS", id="no directive: the option's 5 s"),
+])
+@pytest.mark.parametrize("failure", ["502 Bad Gateway", "raises"])
+def test_the_responses_stale_if_error_lets_it_answer_a_failing_app(
+        make: Callable[..., Stack], origin: Origin, clock: Clock, store: Store, option: int, cache_control: str,
+        elapsed: int, expected_status: int, expected_cache: str | None, failure: str) -> None:
+    """RFC 5861 §3: an answer that says ``stale-if-error=N`` may stand in for a failing app N seconds past its
+    freshness, beyond the layer's own window; must-revalidate, proxy-revalidate and s-maxage forbid it
+    (RFC 9111 §4.2.4).  The store keeps it that long."""
+    origin.headers.append(("Cache-Control", cache_control))
+    stack = make(stale_if_error=option)
+    fresh = stack.get()
+    [key] = [k for k in store.scan("wsgistack:cache:e:")]
+    remaining = store.ttl(key)
+    assert remaining is not None
+    if expected_cache == "STALE":
+        assert remaining > elapsed - 1  # kept in the store for as long as it may answer
+    clock.now += elapsed
+    if failure == "raises":
+        origin.fail = RuntimeError("db down")
+    else:
+        origin.status = failure
+    response = stack.get(status="*")
+    if failure == "raises" and expected_cache != "STALE":
+        expected_status, expected_cache = 500, None
+    assert (response.status_int, response.headers.get("X-Cache")) == (expected_status, expected_cache)
+    if expected_cache == "STALE":
+        assert (response.body, response.headers["Age"]) == (fresh.body, str(elapsed))
+        assert "Warning" not in response.headers
+
+
 # -- single-flight ---------------------------------------------------------------------------
 
 def _concurrently(apps: list[Any], n: int, path: str = "/api/v1/search?q=x",
