@@ -407,14 +407,16 @@ class _Asks:
     stored for the next requests.  ``max-stale`` (``True`` without a value):
     how long past its freshness a stale entry may still stand in for a failing
     app; without it, a request with ``max-age`` or ``min-fresh`` takes none.
+    ``stale-if-error`` (RFC 5861 §4): how long past its freshness one may stand
+    in for a failing app whatever else the request said.
     """
 
-    __slots__ = ("max_age", "max_stale", "min_fresh", "only_if_cached")
+    __slots__ = ("max_age", "max_stale", "min_fresh", "only_if_cached", "stale_if_error")
 
     def __init__(self, max_age: int | None, min_fresh: int | None, only_if_cached: bool,
-                 max_stale: int | bool | None = None) -> None:
+                 max_stale: int | bool | None = None, stale_if_error: int | None = None) -> None:
         self.max_age, self.min_fresh, self.only_if_cached = max_age, min_fresh, only_if_cached
-        self.max_stale = max_stale
+        self.max_stale, self.stale_if_error = max_stale, stale_if_error
 
     def accepts(self, entry: dict[str, Any], now: float, fetched: bool = False) -> bool:
         """Whether ``entry`` may answer; ``fetched``: it is the answer of a fill that ended while this
@@ -430,6 +432,8 @@ class _Asks:
 
     def takes_stale(self, entry: dict[str, Any], now: float) -> bool:
         """Whether the stale ``entry`` may answer this request when the app fails (RFC 9111 §5.2.1.1-3)."""
+        if self.stale_if_error is not None and now - entry["f"] <= self.stale_if_error:
+            return True  # the client takes it in that case "regardless of other freshness information" (RFC 5861)
         if self.max_age == -1 or self.min_fresh is not None:
             return False  # no-cache: no stored response at all; min-fresh: a fresh one only
         if self.max_stale is None or self.max_stale is False:
@@ -619,8 +623,8 @@ class CacheMiddleware:
             raise _only_if_cached()
         # The stored answer stands in for a failing app only with stale_if_error on or its own
         # stale-if-error (kept past its freshness: "x" > "f"), and not for a request that said no-cache,
-        # max-age or min-fresh without a max-stale that covers it (RFC 9111 §4.2.4,
-        # §5.2.1: the client asked for no stale response; max-age=0 is a browser's reload).
+        # max-age or min-fresh without a max-stale or stale-if-error that covers it (RFC 9111 §4.2.4,
+        # §5.2.1, RFC 5861: the client asked for no stale response; max-age=0 is a browser's reload).
         stale = entry if entry is not None and entry["x"] > now and (
             self.options.stale_if_error or entry["x"] > entry["f"]) and (
             asks is None or asks.takes_stale(entry, now)) else None
@@ -638,7 +642,9 @@ class CacheMiddleware:
         if header:  # directive names are case-insensitive (RFC 9111 §5.2)
             cc = parse_cache_control_header(header.lower(), cls=RequestCacheControl)
             max_age = -1 if cc.no_cache else cc.max_age  # no-cache: no stored response, however young
-            return _Asks(max_age, cc.min_fresh, bool(cc.only_if_cached), cc.max_stale)
+            stale_if_error = cc.stale_if_error  # RFC 5861 §4; werkzeug gives -1 for "-1"
+            return _Asks(max_age, cc.min_fresh, bool(cc.only_if_cached), cc.max_stale,
+                         stale_if_error if stale_if_error is not None and stale_if_error >= 0 else None)
         if "no-cache" in environ.get("HTTP_PRAGMA", "").lower():
             return _Asks(-1, None, False)
         return None

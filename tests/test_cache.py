@@ -1586,6 +1586,39 @@ def test_the_responses_stale_if_error_lets_it_answer_a_failing_app(
         assert "Warning" not in response.headers
 
 
+@pytest.mark.parametrize(("option", "cache_control", "request_cc", "expected_status", "expected_cache"), [
+    pytest.param(0, "max-age=10, stale-if-error=60", "no-cache", 502, "MISS", id="no-cache refuses it"),
+    pytest.param(0, "max-age=10, stale-if-error=60", "max-age=0", 502, "MISS", id="a reload refuses it"),
+    pytest.param(0, "max-age=10, stale-if-error=60", "max-age=60, max-stale=30", 200, "STALE",
+                 id="unless with a max-stale that covers it"),
+    pytest.param(0, "max-age=10, stale-if-error=60", "no-cache, stale-if-error=30", 200, "STALE",
+                 id="the request's stale-if-error lets it answer"),
+    pytest.param(0, "max-age=10, stale-if-error=60", "max-age=0, stale-if-error=5", 502, "MISS",
+                 id="the request's stale-if-error, too short"),
+    pytest.param(600, "max-age=10", "min-fresh=5, stale-if-error=15", 200, "STALE",
+                 id="the request's with the option's window"),
+    pytest.param(600, "max-age=10", "stale-if-error=5", 200, "STALE",
+                 id="the request's, too short, refuses nothing the request did not"),
+    pytest.param(0, "max-age=10", "stale-if-error=60", 502, "MISS", id="the request's alone: nothing kept stale"),
+    pytest.param(600, "max-age=10, must-revalidate", "stale-if-error=60", 502, "MISS",
+                 id="the request's, on a must-revalidate answer"),
+    pytest.param(600, "max-age=10", "Stale-If-Error=30, Max-Age=0", 200, "STALE", id="in any case"),
+    pytest.param(600, "max-age=10", "no-cache, stale-if-error=-1", 502, "MISS", id="a negative one: none"),
+])
+def test_the_requests_stale_if_error(make: Callable[..., Stack], origin: Origin, clock: Clock, option: int,
+                                     cache_control: str, request_cc: str, expected_status: int,
+                                     expected_cache: str) -> None:
+    """RFC 5861 §4: a request's ``stale-if-error=N`` accepts an answer stale for up to N seconds when the app
+    fails, whatever else it said (no-cache, max-age, min-fresh); only within the time the entry is kept."""
+    origin.headers.append(("Cache-Control", cache_control))
+    stack = make(stale_if_error=option)
+    stack.get()
+    clock.now += 20  # stale for 10 s
+    origin.status = "502 Bad Gateway"
+    response = stack.get(headers={"Cache-Control": request_cc}, status="*")
+    assert (response.status_int, response.headers.get("X-Cache")) == (expected_status, expected_cache)
+    assert origin.calls == 2
+
 # -- single-flight ---------------------------------------------------------------------------
 
 def _concurrently(apps: list[Any], n: int, path: str = "/api/v1/search?q=x",
