@@ -361,6 +361,9 @@ def test_the_production_walkthrough_across_both_processes(servers: Pair) -> None
     assert anonymous.headers["Strict-Transport-Security"] == HSTS
     assert anonymous.json()["type"] == "about:blank" and anonymous.json()["status"] == 401
     assert a.call("GET", "/api/v1/health", client=client).status == 200
+    # (and unversioned: /api/health reaches the default version's, and both spellings are exempt)
+    unversioned = b.call("GET", "/api/health", client=client)
+    assert (unversioned.status, unversioned.json()["version"]) == (200, "v2")
 
     # Log in on A, search on B with the token.
     tokens = a.login("bob", client).json()
