@@ -19,7 +19,10 @@ failing upstream again every three seconds.  ``interval`` seconds pass between e
 comment line (``: keep-alive``) every ``HEARTBEAT_SECONDS`` of a longer pause, so that no proxy
 takes the stream for idle and a client that left is noticed within that; the engine's generator
 is paused meanwhile, and that pause (like the time it takes to send an event) does not count
-against the upstream ``timeout``.  Nothing here
+against the upstream ``timeout``.  The engine is given the same heartbeat: while it waits on
+its upstream (SearXNG may take up to its ``timeout``, 300 s at most), it yields ``WAITING``
+every ``HEARTBEAT_SECONDS``, and the same comment goes out; sending it does not count against the
+``timeout`` either.  Nothing here
 buffers; layers must pass ``text/event-stream`` through unbuffered.
 """
 
@@ -35,7 +38,7 @@ from typing import Any
 from flask import Response
 from werkzeug.exceptions import HTTPException
 
-from app.search import SearchEngine, SearchPage
+from app.search import WAITING, SearchEngine, SearchPage
 from middleware.access_log import APP_ERROR
 from middleware.errors import UNEXPECTED
 
@@ -47,8 +50,9 @@ ERROR_RETRY_SECONDS = 30
 #: The least it waits: an upstream's ``Retry-After: 0`` (or a date gone by) would have it search again at once.
 MIN_RETRY_SECONDS = 3
 #: The longest the stream stays silent within a pause between events: a comment line (no event to an
-#: ``EventSource``) goes out then.  A proxy drops a connection idle for its read timeout (a minute for nginx's
-#: ``proxy_read_timeout`` and many load balancers), and a client that left is noticed at the next write.
+#: ``EventSource``) goes out then, and as often while the engine waits on its upstream.  A proxy drops a
+#: connection idle for its read timeout (a minute for nginx's ``proxy_read_timeout`` and many load
+#: balancers), and a client that left is noticed at the next write.
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT = b": keep-alive\n\n"
 #: The Waitress connections a search stream is being sent on.  serve.py looks once a second at every
@@ -118,15 +122,19 @@ def search_events(
         STREAMING.add(channel)
     try:
         yield sse_event("search_started", {"query": query})
-        steps = engine.stages(query, page)
+        steps = engine.stages(query, page, HEARTBEAT_SECONDS)
         try:
             while True:
                 try:
-                    progress, stage = next(steps)
+                    step = next(steps)
                 except StopIteration as done:
                     result: SearchPage = done.value
                     complete = sse_event("search_complete", shape(result), event_id=COMPLETE_ID)
                     break
+                if step == WAITING:  # no stage: the engine is still waiting on its upstream
+                    yield HEARTBEAT
+                    continue
+                progress, stage = step
                 if interval:
                     yield from _pause(interval)
                 yield sse_event("search_progress", {"progress": progress, "stage": stage})

@@ -119,6 +119,21 @@ class Handler(BaseHTTPRequestHandler):
         elif query == "slow":
             self.server.release.wait(5)
             self._send(200, b'{"results": []}')
+        elif query == "stalls mid-body":  # half the body, then the rest once released
+            body = b'{"results": [], "number_of_results": 0}'
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            self.wfile.flush()
+            self.server.release.wait(5)
+            self.wfile.write(body[10:])
+        elif query == "chunked":  # the body in three chunks, then the last chunk and a trailer
+            body = json.dumps({"results": [{"title": "t", "url": "https://example.org/", "content": ""}]}).encode()
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for part in (body[:5], body[5:20], body[20:]):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.flush()
+                time.sleep(0.02)
+            self.wfile.write(b"0\r\nX-Trailer: t\r\n\r\n")
         else:
             page = int(params.get("pageno", ["1"])[0])
             doc = {
@@ -389,6 +404,140 @@ def test_stream_interval_does_not_count_against_the_timeout(tmp_path: Path, upst
               for block in text.strip().split("\n\n")]
     assert [name for name, _ in events] == ["search_started"] + ["search_progress"] * 4 + ["search_complete"]
     assert events[-1][1] == client.get("/api/v2/search", {"q": "ok"}).json
+
+
+def open_stream(app: Any, query: str) -> tuple[Iterator[bytes], Any]:
+    """Start a stream on the WSGI app itself, so that each chunk is seen as it is made."""
+    environ = EnvironBuilder(path="/api/v1/search/stream", query_string={"q": query}).get_environ()
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    return iter(body), body
+
+
+def test_a_stream_waiting_on_a_slow_upstream_sends_comments(tmp_path: Path, upstream: FakeSearxng,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SearXNG may take up to ``timeout`` (300 s at most) to answer: silent that long, the stream was cut by a
+    proxy's idle timeout (nginx's proxy_read_timeout is a minute), and a client that left went unnoticed."""
+    monkeypatch.setattr("app.stream.HEARTBEAT_SECONDS", 0.1)
+    chunks, body = open_stream(searxng_app(tmp_path, upstream.url, timeout=10).app, "slow")
+    try:
+        assert next(chunks).startswith(b"event: search_started")
+        assert b"upstream_connected" in next(chunks)
+        started = time.monotonic()
+        assert [next(chunks) for _ in range(3)] == [b": keep-alive\n\n"] * 3  # the upstream has not answered
+        assert 0.25 < time.monotonic() - started < 2.0
+        upstream.release.set()
+        rest = b"".join(chunks)
+    finally:
+        body.close()
+    events = [block.split("\n")[0] for block in rest.decode().strip().split("\n\n")]
+    assert [e for e in events if e.startswith("event: ")] == ["event: search_progress"] * 3 + ["event: search_complete"]
+
+
+def test_comments_while_waiting_do_not_count_against_the_timeout(tmp_path: Path, upstream: FakeSearxng,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time a comment takes to go out (here 0.4 s each) is the stream's, as a pause is: not the upstream's."""
+    monkeypatch.setattr("app.stream.HEARTBEAT_SECONDS", 0.1)
+    chunks, body = open_stream(searxng_app(tmp_path, upstream.url, timeout=0.5).app, "slow")
+    try:
+        next(chunks), next(chunks)
+        for _ in range(2):
+            assert next(chunks) == b": keep-alive\n\n"
+            time.sleep(0.4)  # a slow client
+        upstream.release.set()
+        rest = b"".join(chunks)
+    finally:
+        body.close()
+    assert b"event: search_complete" in rest and b"search_error" not in rest
+
+
+def test_an_upstream_that_never_answers_a_stream_is_cut_off_at_the_timeout(tmp_path: Path, upstream: FakeSearxng,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waits between comments take what is left of ``timeout``, not a whole heartbeat more."""
+    monkeypatch.setattr("app.stream.HEARTBEAT_SECONDS", 0.4)
+    chunks, body = open_stream(searxng_app(tmp_path, upstream.url, timeout=0.5).app, "slow")
+    started = time.monotonic()
+    try:
+        rest = b"".join(chunks)
+    finally:
+        body.close()
+    assert 0.5 <= time.monotonic() - started < 0.75  # not 0.8: a second slice of 0.4
+    assert rest.count(b": keep-alive\n\n") == 1
+    assert b'"code":504' in rest
+
+
+def test_a_client_leaving_at_a_comment_closes_the_upstream_connection_at_once(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server closes the body when the comment's write fails: the engine hangs up, not at the timeout."""
+    monkeypatch.setattr("app.stream.HEARTBEAT_SECONDS", 0.05)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        chunks, body = open_stream(searxng_app(tmp_path, f"http://127.0.0.1:{listener.getsockname()[1]}",
+                                               timeout=10).app, "x")
+        next(chunks), next(chunks)
+        upstream, _ = listener.accept()
+        with upstream:
+            upstream.settimeout(5)
+            assert next(chunks) == b": keep-alive\n\n"
+            started = time.monotonic()
+            body.close()
+            request = b""
+            while data := upstream.recv(4096):  # the request, then the end of the connection
+                request += data
+        assert time.monotonic() - started < 1.0
+        assert request.startswith(b"GET /search?q=x")
+
+
+def test_a_name_lookup_that_hangs_sends_comments_in_a_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("app.stream.HEARTBEAT_SECONDS", 0.05)
+    release = threading.Event()
+
+    def hang(host: str, port: int) -> Any:
+        release.wait(5)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr("app.search.searxng.resolve", hang)
+    chunks, body = open_stream(searxng_app(tmp_path, "http://searxng.invalid:8888", timeout=10).app, "x")
+    try:
+        assert next(chunks).startswith(b"event: search_started")
+        assert [next(chunks) for _ in range(2)] == [b": keep-alive\n\n"] * 2
+        release.set()
+        rest = b"".join(chunks)
+    finally:
+        release.set()
+        body.close()
+    assert b"could not be reached (gaierror)" in rest
+
+
+def test_a_body_that_stalls_halfway_sends_comments_in_a_stream(tmp_path: Path, upstream: FakeSearxng,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("app.stream.HEARTBEAT_SECONDS", 0.05)
+    chunks, body = open_stream(searxng_app(tmp_path, upstream.url, timeout=10).app, "stalls mid-body")
+    try:
+        assert [next(chunks).split(b"\n")[0] for _ in range(3)] == [b"event: search_started",
+                                                                   *[b"event: search_progress"] * 2]
+        assert [next(chunks) for _ in range(2)] == [b": keep-alive\n\n"] * 2  # the body's first bytes came
+        upstream.release.set()
+        rest = b"".join(chunks)
+    finally:
+        body.close()
+    assert rest.count(b"event: search_progress") == 2 and b"event: search_complete" in rest
+
+
+@pytest.mark.parametrize("query", ["ok", "chunked", "trickle body", "trickle headers", *BROKEN_ANSWERS,
+                                   *INTERIM_ANSWERS, "boom", "garbage", "busy", "slow"])
+def test_a_stream_ends_as_the_plain_search_answers(tmp_path: Path, upstream: FakeSearxng, query: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream waits in slices of the heartbeat (here shorter than the trickles' pauses, to be sure);
+    the search itself waits in one piece: the answer is the same."""
+    monkeypatch.setattr("app.stream.HEARTBEAT_SECONDS", 0.05)
+    client = searxng_app(tmp_path, upstream.url, timeout=0.25)
+    plain = client.get("/api/v1/search", {"q": query}, expect_errors=True)
+    last = client.get("/api/v1/search/stream", {"q": query}).text.strip().split("\n\n")[-1].split("\n")
+    data = json.loads(last[1][len("data: "):])
+    if plain.status_int == 200:
+        assert (last[0], data) == ("event: search_complete", plain.json)
+    else:
+        assert last[0] == "event: search_error"
+        assert (data["code"], data["message"]) == (plain.json["error"]["code"], plain.json["error"]["message"])
 
 
 def results_body(number_of_results: str, results: str = "[]") -> bytes:

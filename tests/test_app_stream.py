@@ -152,7 +152,7 @@ class OneStage(SearchEngine):
 
     name = "one-stage"
 
-    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
+    def stages(self, query: str, page: int, heartbeat: float | None = None) -> Generator[Progress, None, SearchPage]:
         yield 100, "done"
         return SearchPage(query, (), 0, page, 10)
 
@@ -162,7 +162,7 @@ class Busy(SearchEngine):
 
     name = "busy"
 
-    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
+    def stages(self, query: str, page: int, heartbeat: float | None = None) -> Generator[Progress, None, SearchPage]:
         yield 50, "asking"
         raise refuse(503, "The search upstream is busy.", headers=[("Retry-After", "7")])
 

@@ -4,7 +4,11 @@ An engine runs a search as a generator of real stages: it yields
 ``(percent, stage)`` after each step it has finished and returns the
 :class:`SearchPage`.  The stream endpoint turns each yielded stage into a
 ``search_progress`` event as soon as it happens; :meth:`SearchEngine.search`
-simply runs the stages to the end.
+simply runs the stages to the end.  An engine that waits on I/O (an upstream)
+is given a ``heartbeat`` by the stream: it waits in slices of at most that
+many seconds and yields :data:`WAITING` between them, which the stream sends
+as a comment line, so that a proxy does not take a slow search for an idle
+connection; without one (the plain search) it just waits.
 
 Engines raise werkzeug ``HTTPException`` for failures the client should see
 (502 and 504 for upstream trouble); anything else is a bug and becomes a 500.
@@ -21,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from app.options import SearchOptions
 
-__all__ = ["MAX_PAGE", "Progress", "SearchEngine", "SearchPage", "SearchResult", "make_engine"]
+__all__ = ["MAX_PAGE", "WAITING", "Progress", "SearchEngine", "SearchPage", "SearchResult", "make_engine"]
 
 #: The last page a client may ask for (``page``); ``pages`` in an answer never names a later one.
 MAX_PAGE = 1000
 
 #: One finished stage of a search: (percent done, stage name).
 Progress = tuple[int, str]
+#: Not a stage: the engine has been waiting ``heartbeat`` seconds and is still waiting.
+WAITING: Progress = (-1, "waiting")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +93,12 @@ class SearchEngine(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
-        """Search, yielding ``(percent, stage)`` after each finished step; return the page."""
+    def stages(self, query: str, page: int, heartbeat: float | None = None) -> Generator[Progress, None, SearchPage]:
+        """Search, yielding ``(percent, stage)`` after each finished step; return the page.
+
+        ``heartbeat``: while it waits, yield :data:`WAITING` at least this often (seconds); an
+        engine that never waits long may ignore it.
+        """
 
     def search(self, query: str, page: int = 1) -> SearchPage:
         """Run every stage and return the page of results."""

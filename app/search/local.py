@@ -398,8 +398,8 @@ class LocalEngine(SearchEngine):
         """Refuse a query this engine will not run (more than ``MAX_TERMS`` words) with a 400."""
         fts_query(query)
 
-    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
-        match = fts_query(query)
+    def stages(self, query: str, page: int, heartbeat: float | None = None) -> Generator[Progress, None, SearchPage]:
+        match = fts_query(query)  # (a local index never keeps a stage waiting long: no heartbeat)
         self._connection()
         yield 33, "index_ready"
         total = int(self._fetch(_COUNT, (match,))[0][0]) if match else 0

@@ -7,7 +7,13 @@ SearXNG's ``results`` and ``number_of_results`` to the API's shape.
 sending the request, and every read of the status line, the headers and the
 body, so an upstream that trickles bytes is cut off at ``timeout`` like one
 that sends nothing.  Time spent paused at a stage, while
-the stream endpoint paces or sends its events, does not count.  Name
+the stream endpoint paces or sends its events, does not count.  Given a
+``heartbeat`` (by the stream), the waits for the name's lookup, for the
+answer's first byte and for each read of its body go in slices of at most that
+many seconds, and ``WAITING`` is yielded between them (the stream sends a
+comment, which does not count either); the last slice is what is left of
+``timeout``, so the 504 comes at the deadline exactly.  Connecting and a TLS
+handshake wait in one piece.  The plain search gives none: it waits in one piece.  Name
 resolution counts too: the resolver's own timeouts (5 s a try, for each
 nameserver and attempt in ``resolv.conf``) would hold a server thread far
 longer, so the name is looked up in a thread of its own that a search waits
@@ -56,6 +62,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import http.client
 import io
 import ipaddress
@@ -66,14 +73,14 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlencode, urlsplit
 
 from werkzeug.exceptions import BadGateway, GatewayTimeout, HTTPException
 from werkzeug.http import parse_date
 
-from app.search import Progress, SearchEngine, SearchPage, SearchResult
+from app.search import WAITING, Progress, SearchEngine, SearchPage, SearchResult
 from middleware.base import refuse
 
 if TYPE_CHECKING:
@@ -140,7 +147,7 @@ class SearxngEngine(SearchEngine):
         except ValueError:
             self._literal = False
 
-    def stages(self, query: str, page: int) -> Generator[Progress, None, SearchPage]:
+    def stages(self, query: str, page: int, heartbeat: float | None = None) -> Generator[Progress, None, SearchPage]:
         deadline = _Deadline(self.timeout)
         target = f"{self.prefix}/search?" + (f"{self.query}&" if self.query else "") + urlencode(
             {"q": query, "format": "json", "pageno": page})
@@ -149,14 +156,21 @@ class SearxngEngine(SearchEngine):
         sent = False  # past this, a failure is the upstream's answer, not reaching it
         try:
             try:
-                conn = self._connect(deadline)
+                lookup = None if self._literal else self._lookup_now()
+                if lookup is not None and heartbeat is not None:
+                    yield from _waiting(lookup.done.wait, deadline, heartbeat)
+                conn = self._connect(deadline, lookup)
                 conn.sock.settimeout(deadline.remaining())
                 conn.request("GET", target, headers=self.headers)
                 sent = True
                 with deadline.paused():
                     yield 25, "upstream_connected"
                 # HTTPResponse reads through sock.makefile(): the wrapper's file waits only until the deadline.
-                response = _Response(cast("socket.socket", _DeadlineSocket(conn.sock, deadline)), method="GET")
+                answer = _DeadlineSocket(conn.sock, deadline)
+                response = _Response(cast("socket.socket", answer), method="GET")
+                wait = None if heartbeat is None else functools.partial(_waiting, answer.ready, deadline, heartbeat)
+                if wait is not None:  # SearXNG answers once its engines have: mostly, this is the long wait
+                    yield from wait()
                 response.begin()
                 with deadline.paused():
                     yield 50, "upstream_responded"
@@ -164,7 +178,7 @@ class SearxngEngine(SearchEngine):
                     raise _busy(response.status, response.getheader("Retry-After"))
                 if response.status != 200:
                     raise BadGateway(f"The search upstream answered with HTTP {response.status}.")
-                body = _read(response)
+                body = yield from _read(response, wait)
             except TimeoutError:
                 raise GatewayTimeout(
                     f"The search upstream did not answer within {self.timeout:g} seconds."
@@ -184,9 +198,9 @@ class SearxngEngine(SearchEngine):
         yield 100, "parsed"
         return result
 
-    def _connect(self, deadline: _Deadline) -> http.client.HTTPConnection:
+    def _connect(self, deadline: _Deadline, lookup: _Lookup | None) -> http.client.HTTPConnection:
         """A connection over a socket connected (and for https, handshaken) within the deadline."""
-        sock = self._open_socket(deadline)
+        sock = self._open_socket(deadline, lookup)
         try:
             if self.context is not None:  # connect_timeout is for reaching the address; the handshake has the rest
                 sock.settimeout(deadline.remaining())
@@ -199,12 +213,12 @@ class SearxngEngine(SearchEngine):
         conn.sock = sock
         return conn
 
-    def _open_socket(self, deadline: _Deadline) -> socket.socket:
+    def _open_socket(self, deadline: _Deadline, lookup: _Lookup | None) -> socket.socket:
         """Connect to the first address that accepts; unlike ``socket.create_connection``,
         the attempts share the deadline instead of each getting the whole timeout."""
         error: OSError = OSError(f"no address found for {self.host}")
         timeout = 0.0
-        for family, kind, proto, _, address in self._addresses(deadline):
+        for family, kind, proto, _, address in self._addresses(deadline, lookup):
             timeout = min(self.connect_timeout, deadline.remaining())
             sock = socket.socket(family, kind, proto)
             try:
@@ -223,14 +237,19 @@ class SearxngEngine(SearchEngine):
                                  f"{self.connect_timeout:g} seconds.")
         raise error
 
-    def _addresses(self, deadline: _Deadline) -> list[Any]:
-        """What :func:`resolve` answers for the host, waited for no longer than the deadline."""
-        if self._literal:
-            return resolve(self.host, self.port)  # answered without asking any resolver
+    def _lookup_now(self) -> _Lookup:
+        """The lookup of the host's name running now, else a new one."""
         with self._lookup_lock:
             lookup = self._lookup
             if lookup is None or lookup.done.is_set():
                 lookup = self._lookup = _Lookup(self.host, self.port)
+        return lookup
+
+    def _addresses(self, deadline: _Deadline, lookup: _Lookup | None) -> list[Any]:
+        """What :func:`resolve` answers for the host (``lookup``: of its name), waited for no longer than
+        the deadline."""
+        if lookup is None:
+            return resolve(self.host, self.port)  # an address: answered without asking any resolver
         if not lookup.done.wait(deadline.remaining()):
             raise GatewayTimeout(f"The search upstream's name was not resolved within {self.timeout:g} seconds.")
         if lookup.error is not None:
@@ -320,6 +339,18 @@ class _Deadline:
             self.at += time.monotonic() - started
 
 
+def _waiting(ready: Callable[[float], bool], deadline: _Deadline, heartbeat: float) -> Generator[Progress, None, None]:
+    """Wait in slices of ``heartbeat`` seconds until ``ready(seconds)`` says so, yielding :data:`WAITING` between them.
+
+    Only while more than a slice is left of the deadline: the caller's own wait takes the rest, and
+    fails as it would have without slices (a 504 saying what ran out), at the deadline exactly.
+    Time spent at the ``yield`` (the stream sending its comment) does not count, as a pause at a stage does not.
+    """
+    while deadline.remaining() > heartbeat and not ready(heartbeat):
+        with deadline.paused():
+            yield WAITING
+
+
 class _Response(http.client.HTTPResponse):
     """An ``HTTPResponse`` that reads past every interim (1xx) answer to the final one.
 
@@ -337,7 +368,11 @@ class _Response(http.client.HTTPResponse):
 
 
 class _DeadlineReader(io.RawIOBase):
-    """Reads from a socket, each waiting only until the deadline, at most MAX_RESPONSE_BYTES in all."""
+    """Reads from a socket, each waiting only until the deadline, at most MAX_RESPONSE_BYTES in all.
+
+    With ``slice`` set, a read waits at most that long, and finding nothing sets ``idle`` and
+    answers None (nothing yet), which a ``BufferedReader.peek`` passes on as ``b""``.
+    """
 
     def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
         super().__init__()
@@ -345,6 +380,8 @@ class _DeadlineReader(io.RawIOBase):
         self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until this reader is closed
         self._deadline = deadline
         self._left = MAX_RESPONSE_BYTES
+        self.slice: float | None = None
+        self.idle = False
 
     def readable(self) -> bool:
         return True
@@ -352,9 +389,25 @@ class _DeadlineReader(io.RawIOBase):
     def readinto(self, buffer: WriteableBuffer) -> int | None:
         if self._left <= 0:
             raise _too_large()
+        if self.slice is not None:
+            return self._read_slice(buffer, self.slice)
         self._sock.settimeout(self._deadline.remaining())
         with memoryview(buffer) as view:
             read = self._raw.readinto(view[:self._left])
+        if read:
+            self._left -= read
+        return read
+
+    def _read_slice(self, buffer: WriteableBuffer, seconds: float) -> int | None:
+        """Read, waiting at most ``seconds``: from the socket itself, as its file refuses to read
+        again once a read of it timed out."""
+        self._sock.settimeout(seconds)
+        with memoryview(buffer) as view:
+            try:
+                read = self._sock.recv_into(view[:self._left])
+            except TimeoutError:
+                self.idle = True
+                return None
         if read:
             self._left -= read
         return read
@@ -369,11 +422,21 @@ class _DeadlineSocket:
     """What ``HTTPResponse`` takes from a socket: a file to read the response from."""
 
     def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
-        self._sock = sock
-        self._deadline = deadline
+        self._raw = _DeadlineReader(sock, deadline)
+        self._file: io.BufferedReader = io.BufferedReader(self._raw)
 
     def makefile(self, mode: str = "rb") -> io.BufferedReader:
-        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+        return self._file
+
+    def ready(self, seconds: float) -> bool:
+        """Whether the answer has a byte to read (or has ended) within ``seconds``: one read at most,
+        into the file's buffer, where the response reads it next."""
+        self._raw.slice, self._raw.idle = seconds, False
+        try:
+            self._file.peek(1)
+        finally:
+            self._raw.slice = None
+        return not self._raw.idle
 
 
 def _web_address(url: str) -> bool:
@@ -423,11 +486,19 @@ def _count(value: Any) -> int | None:
     return int(value)
 
 
-def _read(response: http.client.HTTPResponse) -> bytes:
+def _read(response: http.client.HTTPResponse,
+          wait: Callable[[], Generator[Progress, None, None]] | None) -> Generator[Progress, None, bytes]:
+    """The body, at most MAX_BODY_BYTES. With ``wait`` (a stream's heartbeat), each read takes only
+    what one read of the socket brings, and waits for it in slices first: never longer than a slice silent."""
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = response.read(_CHUNK)
+        if wait is None:
+            chunk = response.read(_CHUNK)
+        else:
+            if not response.isclosed() and response.length != 0:  # (at the end: nothing more to wait for)
+                yield from wait()
+            chunk = response.read1(_CHUNK)
         if not chunk:
             if response.length:  # closed before the Content-Length's end (read() does not raise on that)
                 raise http.client.IncompleteRead(b"", response.length)
