@@ -970,7 +970,7 @@ def streams_leave_a_thread(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
 
 
 #: What ``check`` suggests for a weak secret.
-NEW_SECRET = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+NEW_SECRET = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 def _weakness(secret: str) -> str | None:

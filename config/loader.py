@@ -479,7 +479,7 @@ def _interpolate(
             return default.replace("$$", "$")  # as in the rest of the value
         if secret:  # a default written in the file would be no secret
             return refuse(f"environment variable {name} is not set and has no default: set it in the environment "
-                          "or in the .env file beside the configuration (make one with: python -c 'import secrets; "
+                          "or in the .env file beside the configuration (make one with: python3 -c 'import secrets; "
                           "print(secrets.token_urlsafe(48))')")
         return refuse(f"environment variable {name} is not set and has no default: set it in the environment or "
                       f"in the .env file beside the configuration, or write ${{{name}:-default}}")

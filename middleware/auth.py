@@ -364,13 +364,13 @@ class _Options(LayerOptions):
             size = len(self.secret.encode())
             if size < _HMAC[alg]:
                 raise ValueError(f"secret must be at least {_HMAC[alg]} bytes for {alg} (it has {size}); "
-                                 "make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'")
+                                 "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
             try:  # what PyJWT refuses as an HMAC key would make every token, and every login, a 500
                 jwt.algorithms.HMACAlgorithm(jwt.algorithms.HMACAlgorithm.SHA256).prepare_key(self.secret)
             except jwt.InvalidKeyError:
                 if self.secret.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):
                     raise ValueError("secret looks like a JWK (JSON), which PyJWT refuses as an HMAC secret; secret "
-                                     "takes random text: make one with: python -c 'import secrets; "
+                                     "takes random text: make one with: python3 -c 'import secrets; "
                                      "print(secrets.token_urlsafe(48))'") from None
                 raise ValueError("secret is a public or private key or a certificate (PEM, SSH or DER), which "
                                  "PyJWT refuses as an HMAC secret: RSA, EC and Ed25519 keys go in public_keys, "

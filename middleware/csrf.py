@@ -123,7 +123,7 @@ class CSRFMiddleware:
             key = self.secret_key.get_secret_value() if self.secret_key else ""
             if self.double_submit and len(key) < 32:
                 raise ValueError("double_submit needs a secret_key of at least 32 characters; "
-                                 "generate one with: python -c 'import secrets; "
+                                 "generate one with: python3 -c 'import secrets; "
                                  "print(secrets.token_urlsafe(32))'")
             if not self.header or not all((c.isascii() and c.isalnum()) or c == "-" for c in self.header):
                 raise ValueError(f"header {self.header!r} is not a header name "

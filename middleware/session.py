@@ -335,7 +335,7 @@ class SessionMiddleware:
 
         @model_validator(mode="after")
         def _check(self) -> SessionMiddleware.Options:
-            hint = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            hint = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
             key = self.secret_key.get_secret_value()
             if not key:
                 raise ValueError(f"secret_key is required for the session layer; {hint}")

@@ -1350,7 +1350,7 @@ def test_relative_key_paths_resolve_beside_the_config_file(rsa_key: Any, tmp_pat
     pytest.param({}, "auth needs secret (HS256) or public_keys, jwks_file or private_key (RS256/ES256)",
                  id="no key"),
     pytest.param({"secret": "short"}, "secret must be at least 32 bytes for HS256 (it has 5); make one with: "
-                 "python -c 'import secrets; print(secrets.token_urlsafe(48))'", id="short secret"),
+                 "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'", id="short secret"),
     pytest.param({"secret": "x" * 40, "algorithm": "HS512"}, "secret must be at least 64 bytes for HS512 (it has 40)",
                  id="short for HS512"),
     pytest.param({"secret": SECRET, "public_keys": ["k.pem"]},
@@ -1361,7 +1361,7 @@ def test_relative_key_paths_resolve_beside_the_config_file(rsa_key: Any, tmp_pat
                  SECRET_IS_A_KEY, id="an SSH public key as secret"),
     pytest.param({"secret": json.dumps({"kty": "oct", "k": b64(b"k" * 32)})},
                  "secret looks like a JWK (JSON), which PyJWT refuses as an HMAC secret; secret takes random text: "
-                 "make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
+                 "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'",
                  id="a JWK as secret"),
     pytest.param({"secret": "s" * 32 + "-----BEGIN PUBLIC KEY-----"}, None, id="a secret that only names PEM"),
     pytest.param({"secret": SECRET, "algorithm": "none"}, "algorithm 'none' is not accepted (known: HS256, HS384, "

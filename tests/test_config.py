@@ -340,7 +340,7 @@ def test_a_variable_set_to_nothing_is_named(text: str, expected: str) -> None:
         pytest.param("pipeline:\n  - session: {secret_key: '${SESSION_SECRET}'}\n", {},
                      "stack.yaml:3:27 pipeline[0].session.secret_key: environment variable SESSION_SECRET is not set "
                      "and has no default: set it in the environment or in the .env file beside the configuration "
-                     "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')",
+                     "(make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))')",
                      id="a missing secret: no default to write"),
         pytest.param("server:\n  listen: ${LISTEN}\n", {},
                      "stack.yaml:3:11 server.listen: environment variable LISTEN is not set and has no default: set "
@@ -647,7 +647,7 @@ def test_a_linked_stack_file_keeps_its_state_beside_the_link(tmp_path: Path) -> 
         pytest.param(
             ECHO + "pipeline:\n  - errors: {}\n  - auth: {secret: short}\n",
             "stack.yaml:4:20 pipeline[1].auth.secret: secret must be at least 32 bytes for HS256 (it has 5); make "
-            "one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
+            "one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'",
             id="a rule between fields, at the field it names (a secret is never shown)",
         ),
         pytest.param(

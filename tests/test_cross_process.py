@@ -72,14 +72,14 @@ def check_example(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedPr
             "${REDIS_URL:-default}",
             "examples/production.yaml:79:19 pipeline[9].session.secret_key: environment variable SESSION_SECRET is "
             "not set and has no default: set it in the environment or in the .env file beside the configuration "
-            "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')",
+            "(make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))')",
             "examples/production.yaml:88:15 pipeline[11].auth.secret: environment variable JWT_SECRET is not set "
             "and has no default: set it in the environment or in the .env file beside the configuration (make one "
-            "with: python -c 'import secrets; print(secrets.token_urlsafe(48))')",
+            "with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))')",
         ], id="no variables"),
         pytest.param({**CHECK_ENV, "JWT_SECRET": "short"}, 2, [
             "examples/production.yaml:88:15 pipeline[11].auth.secret: secret must be at least 32 bytes for HS256 "
-            "(it has 5); make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'",
+            "(it has 5); make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'",
         ], id="short JWT secret"),
         pytest.param({**CHECK_ENV, "REDIS_URL": "memory://"}, 2, [
             "examples/production.yaml:64:5 pipeline[7]: ratelimit keeps state in store 'shared' (memory://) but "

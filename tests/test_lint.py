@@ -860,7 +860,7 @@ def test_a_long_secret_that_is_easy_to_guess_is_warned(options: str, where: str,
     found = problems(f"pipeline:\n  - errors: {{}}\n  - {options}\n")
     assert [line for line in found if "the secret" in line] == [
         f"stack.yaml:{where}: the secret {why}: its length says little of how hard it is to guess; generate one "
-        "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"]
+        "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"]
 
 
 @pytest.mark.parametrize("secret", [
@@ -887,7 +887,7 @@ def test_a_random_secret_is_not_warned(secret: str) -> None:
 def test_one_secret_for_two_layers_is_warned(layers: str, expected: list[str]) -> None:
     found = problems(f"pipeline:\n  - errors: {{}}\n{layers}")
     assert [line.split(": give each")[0] for line in found if "the same secret" in line] == expected
-    assert all(line.endswith(": give each layer a key of its own; generate one with: python -c 'import secrets; "
+    assert all(line.endswith(": give each layer a key of its own; generate one with: python3 -c 'import secrets; "
                              "print(secrets.token_urlsafe(32))'") for line in found if "the same secret" in line)
     assert not any(SECRET in line for line in found)  # (the masking: the secret itself is never shown)
 

@@ -173,7 +173,7 @@ def stored(store: CountingStore, sid: str) -> Any:
 @pytest.mark.parametrize(("options", "loopback_only", "message"), [
     pytest.param({"secret_key": ""}, True,
                  "secret_key is required for the session layer; generate one with: "
-                 "python -c 'import secrets; print(secrets.token_urlsafe(32))'", id="no secret_key"),
+                 "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'", id="no secret_key"),
     pytest.param({"secret_key": "short"}, True,
                  "secret_key must be at least 32 characters long (it has 5)", id="short secret_key"),
     pytest.param({"secret_key_fallbacks": ["x" * 31]}, True,
