@@ -709,11 +709,13 @@ def operator_page_position(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator
                                    "warning")
 
 
-def _every_address(spec: LayerSpec) -> str | None:
-    """The entry of a layer's ``allow_from`` that is every address (``0.0.0.0/0``, ``::/0``), if any."""
+def _every_address(spec: LayerSpec, option: str = "allow_from") -> str | None:
+    """The entry of a layer's ``allow_from`` (or ``option``) that is every address (``0.0.0.0/0``, ``::/0``), if any."""
     from middleware.base import network
+    from middleware.proxy import UNIX
 
-    return next((str(n) for n in spec.option("allow_from", None) or () if network(str(n)).prefixlen == 0), None)
+    return next((str(n) for n in spec.option(option, None) or ()
+                 if n != UNIX and network(str(n)).prefixlen == 0), None)
 
 
 def open_to_every_address(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
@@ -851,6 +853,22 @@ def proxyfix_trusts_every_peer(cfg: StackConfig, specs: list[LayerSpec], listens
             yield _problem(cfg, spec, f"{spec.name} at {_where(spec)} believes X-Forwarded-* from every peer, and "
                                       f"{listens}: any client could set its own address (its rate-limit key, "
                                       f"allow_from); use the proxy layer with trusted_proxies{instead}")
+        elif reads_forwarding_headers(spec) and (entry := _every_address(spec, "trusted_proxies")):
+            # The proxy layer with 0.0.0.0/0 (or ::/0) among its trusted_proxies is ProxyFix by another name.
+            forged = _forgeable(spec)
+            if forged:
+                yield _problem(cfg, spec, f"{spec.name} at {_where(spec)} trusts every address ({entry} in "
+                                          f"trusted_proxies), and {listens}: any client could set its own {forged}; "
+                                          f"list only the proxies' addresses in trusted_proxies{instead}")
+
+
+def _forgeable(spec: LayerSpec) -> str:
+    """What a proxy layer takes from the forwarding headers, as a client that sends them would set it ("" for none)."""
+    if spec.option("x_for", 0) or spec.option("forwarded", 0):
+        return "address (its rate-limit key, allow_from)"
+    taken = [what for option, what in (("x_proto", "scheme"), ("x_host", "host"), ("x_port", "port"),
+                                       ("x_prefix", "prefix")) if spec.option(option, 0)]
+    return " and ".join(taken)
 
 
 def request_id_early(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:

@@ -957,3 +957,31 @@ def test_trusted_proxy_star_beyond_loopback_lets_a_client_forge_its_address(list
                                                                             expected: str) -> None:
     found = [line for line in problems(STAR.format(listen=listen, headers=headers)) if "trusted_proxy '*'" in line]
     assert found == [expected]
+
+
+EVERY_PEER = "server: {{listen: '{listen}'}}\npipeline:\n  - errors: {{}}\n  - proxy: {{{options}}}\n"
+
+
+@pytest.mark.parametrize(("listen", "options", "expected"), [
+    pytest.param("0.0.0.0:8000", "x_for: 1, trusted_proxies: [0.0.0.0/0]",
+                 ["stack.yaml:6:5 pipeline[1]: proxy at pipeline[1] trusts every address (0.0.0.0/0 in "
+                  "trusted_proxies), and the server listens on 0.0.0.0:8000: any client could set its own address "
+                  "(its rate-limit key, allow_from); list only the proxies' addresses in trusted_proxies, or "
+                  "server.trusted_proxy"], id="0.0.0.0/0 beyond loopback: an error"),
+    pytest.param("[::]:8000", "forwarded: 1, trusted_proxies: ['10.0.0.0/8', '::/0']",
+                 ["stack.yaml:6:5 pipeline[1]: proxy at pipeline[1] trusts every address (::/0 in "
+                  "trusted_proxies), and the server listens on [::]:8000: any client could set its own address "
+                  "(its rate-limit key, allow_from); list only the proxies' addresses in trusted_proxies, or "
+                  "server.trusted_proxy"], id="::/0 beyond loopback: an error"),
+    pytest.param("0.0.0.0:8000", "x_proto: 1, x_prefix: 1, trusted_proxies: [0.0.0.0/0]",
+                 ["stack.yaml:6:5 pipeline[1]: proxy at pipeline[1] trusts every address (0.0.0.0/0 in "
+                  "trusted_proxies), and the server listens on 0.0.0.0:8000: any client could set its own scheme "
+                  "and prefix; list only the proxies' addresses in trusted_proxies, or server.trusted_proxy"],
+                 id="no address read: what it reads is named"),
+    pytest.param("0.0.0.0:8000", "x_for: 1, trusted_proxies: [10.0.0.0/8]", [], id="the proxies' network"),
+    pytest.param("0.0.0.0:8000", "trusted_proxies: [0.0.0.0/0]", [], id="no header read"),
+    pytest.param("127.0.0.1:8000", "x_for: 1, trusted_proxies: [0.0.0.0/0]", [], id="loopback only"),
+])
+def test_a_proxy_layer_that_trusts_every_address(listen: str, options: str, expected: list[str]) -> None:
+    found = [line for line in problems(EVERY_PEER.format(listen=listen, options=options)) if "every address" in line]
+    assert found == expected
