@@ -551,10 +551,29 @@ def _unversioned(glob: str, prefix: str, supported: tuple[str, ...]) -> str | No
     return segment
 
 
+def _answered(spec: LayerSpec) -> tuple[str, ...]:
+    """The paths health or metrics answers itself (its probes, its scrape); () for another layer."""
+    if kind(spec) == "health":
+        return str(spec.option("liveness_path", "/healthz")), str(spec.option("readiness_path", "/readyz"))
+    return (str(spec.option("path", "/metrics")),) if kind(spec) == "metrics" else ()
+
+
+def _passes_by(specs: list[LayerSpec], outer: LayerSpec, probe: LayerSpec) -> bool:
+    """Whether ``outer``'s scope (paths, exclude_paths, methods) leaves out every path ``probe`` answers: True only
+    when that is sure (no layer between them that may rewrite the path)."""
+    between = specs[_pos(specs, outer) + 1:_pos(specs, probe)]
+    if any(kind(s) in (None, "versioning") or getattr(s.target, "rewrites_path", False) for s in between):
+        return False
+    paths = _answered(probe)
+    return bool(paths) and not any(_reaches(outer, path) for path in paths)
+
+
 def probes_first(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     for name in ("health", "metrics", "access_log"):
         for inner in ("validation", "cors", "csrf", "auth", "ratelimit", "session", "versioning", "cache"):
             for other, spec in _before(specs, inner, name):
+                if _passes_by(specs, other, spec):
+                    continue  # a layer scoped to the API, say: the probes and scrapes never meet it
                 what = "its refusals and cache hits would not be logged" if name == "access_log" else \
                     "probes and scrapes would meet it first"
                 yield _problem(cfg, spec, f"{name} at {_where(spec)} is inside {inner} at {_where(other)}: "

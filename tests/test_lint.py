@@ -985,3 +985,37 @@ EVERY_PEER = "server: {{listen: '{listen}'}}\npipeline:\n  - errors: {{}}\n  - p
 def test_a_proxy_layer_that_trusts_every_address(listen: str, options: str, expected: list[str]) -> None:
     found = [line for line in problems(EVERY_PEER.format(listen=listen, options=options)) if "every address" in line]
     assert found == expected
+
+
+PROBES_MEET = ("warning: pipeline[2]: {name} at pipeline[2] is inside {inner} at pipeline[1]: probes and scrapes "
+               "would meet it first")
+
+
+@pytest.mark.parametrize(("outer", "probe", "expected"), [
+    pytest.param("ratelimit: {limits: ['10/second']}", "health: {}",
+                 PROBES_MEET.format(name="health", inner="ratelimit"), id="health inside ratelimit"),
+    pytest.param("ratelimit: {limits: ['10/second'], paths: ['/*z']}", "health: {}",
+                 PROBES_MEET.format(name="health", inner="ratelimit"), id="a scope that takes /healthz"),
+    pytest.param("ratelimit: {limits: ['10/second'], paths: ['/*']}", "health: {readiness_path: /ready}",
+                 PROBES_MEET.format(name="health", inner="ratelimit"), id="a scope that takes every path"),
+    pytest.param(f"auth: {{secret: {SECRET}, methods: [GET]}}", "metrics: {}",
+                 PROBES_MEET.format(name="metrics", inner="auth"), id="auth on every GET"),
+    pytest.param("ratelimit: {limits: ['10/second'], paths: ['/api/*']}", "health: {}", None,
+                 id="ratelimit scoped to the API"),
+    pytest.param(f"auth: {{secret: {SECRET}, paths: ['/api/*']}}", "metrics: {}", None, id="auth scoped to the API"),
+    pytest.param("ratelimit: {limits: ['10/second'], exclude_paths: ['/healthz', '/readyz']}", "health: {}", None,
+                 id="ratelimit excluding the probes"),
+    pytest.param("ratelimit: {limits: ['10/second'], exclude_paths: ['/healthz']}", "health: {}",
+                 PROBES_MEET.format(name="health", inner="ratelimit"), id="readiness still limited"),
+    pytest.param("ratelimit: {limits: ['10/second'], paths: ['/api/*']}",
+                 "health: {liveness_path: /api/live, readiness_path: /api/ready}",
+                 PROBES_MEET.format(name="health", inner="ratelimit"), id="probes moved into the scope"),
+    pytest.param("ratelimit: {limits: ['10/second'], methods: [POST]}", "health: {}", None,
+                 id="ratelimit on writes only"),
+    pytest.param("cache: {paths: ['/api/*/search']}", "metrics: {path: /_metrics}", None,
+                 id="a cache for search only"),
+])
+def test_probes_inside_a_layer_scoped_away_from_them(outer: str, probe: str, expected: str | None) -> None:
+    found = [p.split(" ", 1)[1] for p in problems(f"pipeline:\n  - errors: {{}}\n  - {outer}\n  - {probe}\n")
+             if "probes and scrapes" in p]
+    assert found == ([] if expected is None else [expected])
