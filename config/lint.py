@@ -21,6 +21,7 @@ from stores.base import secret_value
 from .build import LayerSpec, StackConfig, data_at, reads_forwarding_headers, suggest
 from .errors import Problem, dotted
 from .registry import LAYERS, import_string
+from .scope import Scope
 
 Rule = Callable[[StackConfig, list[LayerSpec]], Iterator[Problem]]
 STATEFUL_SHARED = ("session", "ratelimit", "auth")
@@ -539,6 +540,50 @@ def _path_patterns(spec: LayerSpec) -> Iterator[tuple[tuple[str | int, ...], str
         for j, glob in enumerate(paths if isinstance(paths, list | tuple) else ()):
             if isinstance(glob, str):
                 yield ("rules", i, "paths", j), glob, "error"
+
+
+def _excluded_prefix(glob: str) -> str | None:
+    """The text every path ``glob`` takes begins with, when it takes all of them (``/api/*``: ``/api/``), else None."""
+    head = glob.rstrip("*")
+    return head if head != glob and not any(c in head for c in "*?[") else None
+
+
+def _excludes_all(scope: Scope) -> list[int]:
+    """The ``exclude_paths`` entries that together leave out every path the scope's ``paths`` take (every path
+    when it has none); [] unless that is sure: each path glob is an entry as written, or all of its paths begin
+    with the text of an entry that ends in ``*`` (``/api/*`` leaves out ``/api/v?/items``)."""
+    used: list[int] = []
+    for glob in scope.paths or ("/*",):
+        wild = re.search(r"[*?[]", glob)
+        head = glob[:wild.start()] if wild else glob
+        for i, out in enumerate(scope.exclude_paths):
+            prefix = _excluded_prefix(out)
+            if out == glob or (prefix is not None and head.startswith(prefix)):
+                used.append(i)
+                break
+        else:
+            return []
+    return sorted(set(used))
+
+
+def excluded_everywhere(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
+    """A layer whose ``exclude_paths`` leave out every request its ``paths`` take: it never runs (a limiter that
+    limits nothing, an auth layer that checks nothing), and nothing else says so."""
+    for spec in specs:
+        used = _excludes_all(spec.scope) if spec.scope.exclude_paths else []
+        if not used:
+            continue
+        globs = ", ".join(repr(spec.scope.exclude_paths[i]) for i in used)
+        what = "every path of its paths" if spec.scope.paths else "every path"
+        verb = "leaves" if len(used) == 1 else "leave"
+        message = (f"{spec.name} at {_where(spec)} applies to no request: exclude_paths {globs} {verb} out {what}; "
+                   "remove the layer, or narrow exclude_paths")
+        problem = _problem(cfg, spec, message)
+        if spec.path:
+            where = (*spec.path, spec.name, "exclude_paths", used[0])
+            line, col = cfg.document.locate(where)
+            problem = dataclasses.replace(problem, path=where, line=line, column=col)
+        yield problem
 
 
 def _unversioned(glob: str, prefix: str, supported: tuple[str, ...]) -> str | None:
@@ -1103,6 +1148,7 @@ RULES: list[Rule] = [
     auth_inside_session,
     versioning_before_cache,
     paths_inside_versioning,
+    excluded_everywhere,
     proxyfix_trusts_every_peer,
     probes_first,
     shared_state,

@@ -1019,3 +1019,34 @@ def test_probes_inside_a_layer_scoped_away_from_them(outer: str, probe: str, exp
     found = [p.split(" ", 1)[1] for p in problems(f"pipeline:\n  - errors: {{}}\n  - {outer}\n  - {probe}\n")
              if "probes and scrapes" in p]
     assert found == ([] if expected is None else [expected])
+
+
+NO_REQUEST = ("stack.yaml:5:{column} pipeline[1].ratelimit.exclude_paths[{i}]: ratelimit at pipeline[1] applies to no "
+              "request: exclude_paths {glob!r} leaves out {what}; remove the layer, or narrow exclude_paths")
+
+
+@pytest.mark.parametrize(("scope", "expected"), [
+    pytest.param("exclude_paths: ['/*']", NO_REQUEST.format(column=56, i=0, glob="/*", what="every path"),
+                 id="every path excluded"),
+    pytest.param("exclude_paths: ['/healthz', '/**']",
+                 NO_REQUEST.format(column=68, i=1, glob="/**", what="every path"), id="every path, second entry"),
+    pytest.param("paths: ['/api/*'], exclude_paths: ['/api/*']",
+                 NO_REQUEST.format(column=75, i=0, glob="/api/*", what="every path of its paths"),
+                 id="the paths excluded as written"),
+    pytest.param("paths: ['/api/v1/search', '/api/v?/items'], exclude_paths: ['/api/*']",
+                 NO_REQUEST.format(column=100, i=0, glob="/api/*", what="every path of its paths"),
+                 id="the paths inside an excluded prefix"),
+    pytest.param("paths: ['/api/*', '/auth/login'], exclude_paths: ['/api/*', '/auth/*']",
+                 NO_REQUEST.format(column=90, i=0, glob="/api/*", what="every path of its paths").replace(
+                     "'/api/*' leaves", "'/api/*', '/auth/*' leave"),
+                 id="each path excluded by another entry"),
+    pytest.param("paths: ['/api/*'], exclude_paths: ['/api/internal/*']", None, id="part of the paths excluded"),
+    pytest.param("paths: ['/api/*', '/auth/login'], exclude_paths: ['/api/*']", None, id="one path left"),
+    pytest.param("exclude_paths: ['/*.css', '/static/*']", None, id="some paths excluded"),
+    pytest.param("paths: ['/a*'], exclude_paths: ['/a?*']", None, id="/a itself is left"),
+    pytest.param("paths: ['/a?'], exclude_paths: ['/a[?]']", None, id="a class is no wildcard taken as text"),
+])
+def test_a_layer_whose_exclude_paths_leave_it_no_request(scope: str, expected: str | None) -> None:
+    found = [p for p in problems(f"pipeline:\n  - errors: {{}}\n  - ratelimit: {{limits: ['10/second'], {scope}}}\n")
+             if "applies to no request" in p]
+    assert found == ([] if expected is None else [expected])
