@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from middleware.base import with_head
 from stores.base import secret_value
@@ -290,16 +291,36 @@ def _counters(spec: LayerSpec) -> set[tuple[str, str, str, str]]:
     return found
 
 
+def _keyspace(cfg: StackConfig, name: str) -> tuple[object, ...]:
+    """Where a store keeps its keys: one Redis database under one ``key_prefix`` for two names that give the
+    same server, database and prefix (``sessions`` and ``limits`` both ``${REDIS_URL}``); else the name itself
+    (each ``memory://`` name is a store of its own; a URL read no further is taken for one too)."""
+    spec = cfg.stores.get(name)
+    url = urlsplit(spec.url) if spec is not None else None
+    if spec is None or url is None or url.scheme.lower() not in ("redis", "rediss") or url.query:
+        return ("store", name)
+    try:
+        host, port = (url.hostname or "localhost").lower(), url.port or 6379
+    except ValueError:  # a port out of range: stage 3 says so
+        return ("store", name)
+    db = int(url.path[1:]) if url.path[1:].isdigit() else 0
+    return (url.scheme.lower(), host, port, db, str(spec.options.get("key_prefix", "wsgistack:")))
+
+
 def ratelimit_namespaces(cfg: StackConfig, specs: list[LayerSpec]) -> Iterator[Problem]:
     seen: list[LayerSpec] = []
     for spec in _all(specs, "ratelimit"):
-        where = (spec.option("store", "shared"), spec.option("namespace", "") or "")
+        store = str(spec.option("store", "shared"))
+        where = (_keyspace(cfg, store), spec.option("namespace", "") or "")
         for other in seen:
-            if (other.option("store", "shared"), other.option("namespace", "") or "") != where:
+            other_store = str(other.option("store", "shared"))
+            if (_keyspace(cfg, other_store), other.option("namespace", "") or "") != where:
                 continue
             if _counters(spec) & _counters(other):
+                stores = f"store {store!r}" if store == other_store else \
+                    f"stores {store!r} and {other_store!r} (one Redis database under one key_prefix)"
                 yield _problem(cfg, spec, f"ratelimit at {_where(spec)} and the one at {_where(other)} count in "
-                                          f"store {where[0]!r} under the same namespace with an equal limit: they "
+                                          f"{stores} under the same namespace with an equal limit: they "
                                           "share one counter per client, so requests to one use up the other's "
                                           "budget; give each a namespace", "warning")
                 break

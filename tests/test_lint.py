@@ -1050,3 +1050,32 @@ def test_a_layer_whose_exclude_paths_leave_it_no_request(scope: str, expected: s
     found = [p for p in problems(f"pipeline:\n  - errors: {{}}\n  - ratelimit: {{limits: ['10/second'], {scope}}}\n")
              if "applies to no request" in p]
     assert found == ([] if expected is None else [expected])
+
+
+TWO_STORES = """app: {{factory: "stack_support:echo_app"}}
+stores: {{a: "{a}", b: {b}}}
+pipeline:
+  - ratelimit: {{store: a, limits: ['100/minute'], paths: ['/api/*']}}
+  - ratelimit: {{store: b, limits: ['100/minute'], paths: ['/auth/*']}}
+"""
+SHARED_COUNTERS = ("stack.yaml:5:5 warning: pipeline[1]: ratelimit at pipeline[1] and the one at pipeline[0] count in "
+                   "stores 'b' and 'a' (one Redis database under one key_prefix) under the same namespace with an "
+                   "equal limit: they share one counter per client, so requests to one use up the other's budget; "
+                   "give each a namespace")
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    pytest.param("redis://127.0.0.1:6379/0", '"redis://127.0.0.1:6379/0"', SHARED_COUNTERS, id="one URL, two names"),
+    pytest.param("redis://LocalHost/0", '"redis://localhost:6379"', SHARED_COUNTERS,
+                 id="the default port and database, the host's case"),
+    pytest.param("redis://127.0.0.1:6379/0", '{url: "redis://127.0.0.1:6379/0", options: {key_prefix: "wsgistack:"}}',
+                 SHARED_COUNTERS, id="the default key_prefix written out"),
+    pytest.param("redis://127.0.0.1:6379/0", '"redis://127.0.0.1:6379/1"', None, id="another database"),
+    pytest.param("redis://127.0.0.1:6379/0", '{url: "redis://127.0.0.1:6379/0", options: {key_prefix: "b:"}}', None,
+                 id="another key_prefix"),
+    pytest.param("memory://", '"memory://"', None, id="two memory stores are two stores"),
+])
+def test_two_stores_on_one_redis_keyspace_share_counters(a: str, b: str, expected: str | None) -> None:
+    found = [str(p) for p in lint(parse(read_text(TWO_STORES.format(a=a, b=b), file="stack.yaml", env={})))
+             if "one counter per client" in p.message]
+    assert found == ([] if expected is None else [expected])
