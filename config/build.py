@@ -51,6 +51,10 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 SCOPE_KEYS = ("paths", "exclude_paths", "methods")
+_NO_PREVIEW = ("its class sets rewrites_path but has no preview_environ(environ) method: the layers outside learn "
+               "the path it routes a request to from that method (the entries it will set, PATH_INFO among them), "
+               "so without it their rules and scopes would hold for the path as asked only; give it one, or drop "
+               "rewrites_path")
 DEFAULT_STORES = {"shared": "memory://"}
 
 
@@ -959,6 +963,12 @@ def build(
         for ahead in context.read_ahead[registered:]:  # read ahead only for requests the layer sees
             ahead.within(spec.scope)
         preview = getattr(layer, "preview_environ", None)
+        if getattr(layer, "rewrites_path", False) and not callable(preview):
+            # The layers outside learn the routed path from the preview alone: without one, a rule
+            # written for the path it routes to would be stepped around with the path it routes from.
+            instances.append(layer)  # (closed with the others)
+            problems.append(doc.problem(spec.path or ("pipeline",), f"{spec.name}: {_NO_PREVIEW}", key=True))
+            continue
         if callable(preview):  # the reads of the layers inside see the request as this one will change it
             for ahead in context.read_ahead[:registered]:
                 ahead.through(preview, spec.scope, spec.label)

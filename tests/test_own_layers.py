@@ -153,3 +153,43 @@ def test_a_factory_with_a_defaulted_option_taken_by_position_only_is_built_witho
                             "  - own_factories:by_position_or_not: {burst: 2}\n")
     assert TestApp(built.app).get("/").json["path"] == "/"
     built.close()
+
+
+REWRITERS = textwrap.dedent('''
+    from middleware.base import LayerOptions
+
+
+    class Legacy:
+        """Routes /legacy/* to /api/v1/*, and says so (rewrites_path) but shows no preview_environ."""
+
+        class Options(LayerOptions):
+            pass
+
+        rewrites_path = True
+
+        def __init__(self, app, options, context):
+            self.app = app
+
+        def __call__(self, environ, start_response):
+            if environ["PATH_INFO"].startswith("/legacy/"):
+                environ["PATH_INFO"] = "/api/v1/" + environ["PATH_INFO"][len("/legacy/"):]
+            return self.app(environ, start_response)
+''')
+
+
+def test_a_layer_that_says_it_rewrites_paths_without_a_preview_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers outside can only apply their rules to the path it routes to through its preview_environ:
+    without one, auth's rule for /api/v1/config would be stepped around with /legacy/config."""
+    (tmp_path / "own_rewriters.py").write_text(REWRITERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "own_rewriters", raising=False)
+    with pytest.raises(ConfigError) as info:
+        build_from_text("app: {factory: 'stack_support:echo_app'}\npipeline:\n"
+                        "  - auth: {secret: '" + "s" * 43 + "', rules: [{paths: ['/api/v1/config'], auth: required}]}\n"
+                        "  - own_rewriters:Legacy: {}\n", file="stack.yaml")
+    assert [str(p) for p in info.value.problems] == [
+        "stack.yaml:4:5 pipeline[1]: own_rewriters:Legacy: its class sets rewrites_path but has no "
+        "preview_environ(environ) method: the layers outside learn the path it routes a request to from that "
+        "method (the entries it will set, PATH_INFO among them), so without it their rules and scopes would "
+        "hold for the path as asked only; give it one, or drop rewrites_path"]
