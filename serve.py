@@ -1591,6 +1591,9 @@ def explain(config_path: str, method: str, target: str, headers: Sequence[str] =
         state = "applied" if "entered" in said else ("skipped" if said else "not reached")
         extra = [d for d in said if d != "entered"]
         lines.append(f"  {where:>8} {label:<12} {state}{': ' + '; '.join(extra) if extra else ''}")
+    # Notes under a name no layer is labelled with: a layer of your own names itself as its author chose,
+    # not as stack.yaml spells it (module:attr), and what it noted is shown all the same.
+    lines.extend(f"  {'note':>8} {layer:<12} {'; '.join(said)}" for layer, said in decisions.items())
     inner = seen[0] if seen else environ
     lines.append(f"  client address: {inner.get(CLIENT_IP) or inner.get('REMOTE_ADDR')}")
     lines.append(f"  scheme: {inner.get('wsgi.url_scheme')}, host: {inner.get('HTTP_HOST')}")

@@ -155,6 +155,39 @@ def test_a_factory_with_a_defaulted_option_taken_by_position_only_is_built_witho
     built.close()
 
 
+NOTING = textwrap.dedent('''
+    from middleware.base import note
+
+
+    def greeter(app, greeting="hello"):
+        """A layer that says what it did, for serve.py explain, under the name its author chose."""
+        def layer(environ, start_response):
+            note(environ, "greeter", f"said {greeting}")
+            return app(environ, start_response)
+        return layer
+''')
+
+
+def test_explain_shows_what_a_layer_of_your_own_noted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer named module:attr notes under a name of its own choosing (it cannot know how stack.yaml
+    spells it): explain shows the note all the same, under that name."""
+    import serve
+
+    (tmp_path / "own_noting.py").write_text(NOTING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "own_noting", raising=False)
+    stack = tmp_path / "stack.yaml"
+    stack.write_text("app: {factory: 'stack_support:echo_app'}\npipeline:\n  - own_noting:greeter: {greeting: hi}\n")
+    lines, status = serve.explain(str(stack), "GET", "/")
+    assert status == 200
+    assert lines[1:5] == [
+        "   default errors       applied",
+        "       [0] own_noting:greeter applied",
+        "      core app          applied",
+        "      note greeter      said hi",
+    ]
+
+
 REWRITERS = textwrap.dedent('''
     from middleware.base import LayerOptions
 
