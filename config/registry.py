@@ -2,7 +2,8 @@
 
 Adding a built-in layer takes one module in ``middleware/``, one line here and its page
 ``docs/layers/<name>.md`` with an options table; the suite also asks for it in the every-layer
-stack of ``tests/test_streaming.py`` (README, "Adding your own layer", lists what each is for).
+stacks of ``tests/test_streaming.py`` and ``tests/test_fuzz.py``, and ``bench/full.yaml`` should
+hold it (README, "Adding your own layer", lists what each is for).
 Anything else is named in stack.yaml by its ``module:attr`` path and loaded
 the same way (a class taking ``(app, options, context)``, or a plain
 ``factory(app, **kwargs)`` such as werkzeug's ``ProxyFix``).

@@ -39,7 +39,10 @@ from hypothesis import strategies as st
 from webtest import TestApp
 
 from app.users import UserStore
-from config import BuiltStack, build_from_text
+from config import BuiltStack, build_from_text, read_text
+from config.build import parse
+from config.lint import kind
+from config.registry import LAYERS
 
 EXAMPLES = int(os.environ.get("WSGISTACK_FUZZ_EXAMPLES", "150"))
 #: Short runs (CI) draw the same examples every time; long runs (make fuzz) explore afresh.
@@ -519,3 +522,10 @@ def _req(method: str = "GET", path: bytes = b"/api/v1/health", query: bytes = b"
 def test_known_hostile_requests(fuzzed: Fuzzed, error_records: ErrorRecords, req: dict[str, Any],
                                 expected: int) -> None:
     assert check(fuzzed, error_records, req) == expected
+
+
+def test_the_stack_holds_every_built_in_layer() -> None:
+    """The fuzzer's claim (every built-in layer) holds for a layer added to the registry too."""
+    pipeline = parse(read_text(STACK)).pipeline
+    assert sorted(kind(spec) or spec.name for spec in pipeline) == sorted(LAYERS), \
+        "every built-in layer belongs in STACK, so that whatever arrives is shown to pass it"
