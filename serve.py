@@ -75,6 +75,21 @@ log = logging.getLogger("wsgistack")
 DEFAULT_CONFIG = "stack.yaml"
 
 
+def _env_config() -> str:
+    """``$WSGISTACK_CONFIG``, else :data:`DEFAULT_CONFIG`: set but empty (``Environment=WSGISTACK_CONFIG=``,
+    ``WSGISTACK_CONFIG="$UNSET"``) counts as unset, as it does for the other ``WSGISTACK_`` variables, not
+    as the empty path, which names the current folder."""
+    value = os.environ.get("WSGISTACK_CONFIG", "")
+    return value if value.strip() else DEFAULT_CONFIG
+
+
+def _config_path(text: str) -> str:
+    """``-c/--config``: a path; the empty one names no file (and would read the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return text
+
+
 def _print_problems(problems: Iterable[Problem], stream: Any = None) -> None:
     for problem in problems:
         print(problem, file=stream or sys.stderr)
@@ -1756,7 +1771,7 @@ _PROG = "wsgistack" if os.path.basename(sys.argv[0] or "") == "wsgistack" else "
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=_PROG, description="wsgistack: a configuration-driven WSGI stack")
-    p.add_argument("-c", "--config", default=os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG),
+    p.add_argument("-c", "--config", default=_env_config(), type=_config_path,
                    help="path to stack.yaml (default: $WSGISTACK_CONFIG or stack.yaml)")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the stack with Waitress (default)")
@@ -1967,7 +1982,7 @@ def hosted_app(path: str | os.PathLike[str] | None = None) -> LiveStack:
     host configured no logging, writes the access log to stdout.  The host owns
     the log handlers otherwise.
     """
-    path = os.fspath(path) if path is not None else os.environ.get("WSGISTACK_CONFIG", DEFAULT_CONFIG)
+    path = os.fspath(path) if path is not None else _env_config()
     load_dotenv(os.path.join(config_dir(path), ".env"))
     _env_log_level()  # a bad one stops the host at startup, with its ValueError's message
     try:

@@ -66,6 +66,26 @@ def test_check_exit_codes(config_file, text: str, code: int, first_line: str) ->
     assert result.stdout.splitlines()[0].replace(str(path), "stack.yaml").startswith(first_line), result.stdout
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_wsgistack_config_means_the_default_file(config_file, value: str) -> None:  # type: ignore[no-untyped-def]
+    # `Environment=WSGISTACK_CONFIG=` in a unit, or WSGISTACK_CONFIG="$UNSET" in a script: unset, as the other
+    # WSGISTACK_ variables read it, not the empty path ("cannot read the file: Is a directory: '.'").
+    path = config_file(ECHO + "pipeline: [errors: {}]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "WSGISTACK_CONFIG": value}
+    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "check"], cwd=path.parent, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "stack.yaml: ok\n", "")
+    hosted = python("import serve; print(serve.app.current.config.pipeline[0].name)", path, WSGISTACK_CONFIG=value)
+    assert (hosted.returncode, hosted.stdout) == (0, "errors\n"), hosted.stderr
+
+
+def test_an_empty_config_option_is_a_usage_error(config_file) -> None:  # type: ignore[no-untyped-def]
+    path = config_file(ECHO + "pipeline: [errors: {}]\n")
+    result = run_cli("-c", "", "check", cwd=path.parent)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == "serve.py: error: argument -c/--config: an empty path names no file"
+
+
 def test_the_entry_point_imports_layers_beside_serve_py_as_serve_py_does(config_file) -> None:  # type: ignore[no-untyped-def]
     # A layer module in the project folder (tests/stack_support.py here, as tests.stack_support).
     entry_point = Path(sys.executable).parent / "wsgistack"
