@@ -1433,6 +1433,7 @@ def _option_docs(name: str) -> tuple[str | None, dict[str, str]]:
 def cmd_layers(args: argparse.Namespace) -> int:
     """List the registered layers and their options; exit 2 when an entry cannot be imported (said on stderr,
     in ``check``'s words: the file and line of a SyntaxError), after listing the others."""
+    from pydantic import SecretStr
     from pydantic_core import PydanticUndefined
 
     from config.build import _why
@@ -1455,9 +1456,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
         model = getattr(target, "Options", None)
         for field_name, info in (model.model_fields.items() if model else ()):
             default: Any = info.default
-            if default is PydanticUndefined:
-                default = info.default_factory() if info.default_factory else "(required)"
-            line = f"    {field_name}: {_type_name(info.annotation)} = {default!r}"
+            if default is PydanticUndefined and info.default_factory:
+                default = info.default_factory()
+            # An empty secret is no key (session.secret_key): the layer refuses it, as its page says "required".
+            secret = isinstance(default, SecretStr)
+            required = default is PydanticUndefined or (secret and not default.get_secret_value())
+            shown = "(required)" if required else str(default) if secret else repr(default)  # (a secret: ****)
+            line = f"    {field_name}: {_type_name(info.annotation)} = {shown}"
             text = info.description.strip().splitlines()[0] if info.description else option_docs.get(field_name)
             if text:
                 line += f"\n        {text}"

@@ -118,6 +118,15 @@ def test_layers_lists_options_with_types_and_defaults() -> None:
         "relative path is relative to the stack file).\n" in result.stdout
 
 
+def test_layers_shows_a_required_secret_as_required_as_its_page_does() -> None:
+    # session.secret_key's default is an empty SecretStr, which the layer refuses: no default at all.
+    result = run_cli("layers")
+    assert result.returncode == 0, result.stderr
+    assert "    secret_key: secret = (required)\n        Signs the cookie.\n" in result.stdout
+    assert "SecretStr(" not in result.stdout and "'(required)'" not in result.stdout
+    assert "| `secret_key` | required |" in (ROOT / "docs" / "layers" / "session.md").read_text()
+
+
 def test_layers_describes_a_layer_whose_module_has_no_docstring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The README's own example layer starts with its class: its docstring describes it."""
