@@ -1797,7 +1797,7 @@ def parser() -> argparse.ArgumentParser:
                     help="what to do: add NAME [--role ROLE]..., passwd NAME, list, remove NAME, set-role NAME "
                          "ROLE...; `users add -h` and the others say more")
     ca = sub.add_parser("cache", help="cache maintenance")
-    ca_sub = ca.add_subparsers(dest="cache_command", required=True)
+    ca_sub = ca.add_subparsers(dest="cache_command", required=True, metavar="{purge}")  # (errors name it, not dest)
     purge = ca_sub.add_parser("purge", help="delete cached responses whose path matches a glob")
     purge.add_argument("pattern")
     return p

@@ -440,6 +440,27 @@ def test_cache_purge_refuses_a_memory_store(config_file, cache: str, how: str) -
         f"inside the running server's process: this command would purge an empty copy of its own; {how}\n")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(["bogus"], "serve.py: error: argument command: invalid choice: 'bogus' (choose from 'serve', "
+                 "'check', 'layers', 'explain', 'users', 'cache')", id="unknown command"),
+    pytest.param(["cache"], "serve.py cache: error: the following arguments are required: {purge}",
+                 id="cache without its command"),
+    pytest.param(["cache", "drop"], "serve.py cache: error: argument {purge}: invalid choice: 'drop' (choose from "
+                 "'purge')", id="unknown cache command"),
+    pytest.param(["explain", "GET"], "serve.py explain: error: the following arguments are required: path",
+                 id="explain without a target"),
+    pytest.param(["-c", "missing.yaml", "explain", "GET", "/"], "missing.yaml (top level): file not found",
+                 id="explain of a missing file"),
+    pytest.param(["-c", "missing.yaml", "cache", "purge", "/x"], "missing.yaml (top level): file not found",
+                 id="purge of a missing file"),
+])
+def test_a_usage_or_configuration_error_is_exit_2_said_on_stderr(tmp_path: Path, args: list[str],
+                                                                 message: str) -> None:
+    result = run_cli(*args, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == message
+
+
 @pytest.mark.parametrize(
     ("text", "command", "expected"),
     [
