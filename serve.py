@@ -1775,19 +1775,47 @@ def _purge_in_process(config: StackConfig, spec: LayerSpec, pattern: str) -> Pro
 _PROG = "wsgistack" if os.path.basename(sys.argv[0] or "") == "wsgistack" else "serve.py"
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=_PROG, description="wsgistack: a configuration-driven WSGI stack")
+    # The environment each command reads and its exit codes are in its --help: a script or a unit file is
+    # written from them (README.md, "For scripts", has the same).
+    p = argparse.ArgumentParser(
+        prog=_PROG, description="wsgistack: a configuration-driven WSGI stack",
+        epilog="The stack file's ${NAME} come from the environment, else from the .env file beside it (which "
+               "never overrides a variable that is set); $WSGISTACK_LOG_LEVEL overrides logging.level. Results go "
+               "to stdout, diagnostics to stderr. Exit codes: 0 done; 2 a usage error, or an invalid stack file, "
+               ".env or WSGISTACK_ variable; 130 Ctrl-C; check: 1 warnings only; cache purge: 1 a store failed; "
+               "users: 1 refused; serve: see serve -h.")
     p.add_argument("-c", "--config", default=_env_config(), type=_config_path,
                    help="path to stack.yaml (default: $WSGISTACK_CONFIG or stack.yaml)")
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve the stack with Waitress (default)")
-    ck = sub.add_parser("check", help="validate and lint; exit 0 clean, 1 warnings, 2 errors")
+    sub.add_parser(
+        "serve", help="serve the stack with Waitress (default)",
+        description="Validate and build the stack, bind server.listen, then serve with Waitress. SIGHUP reloads "
+                    "the file (one that fails is logged and the running stack kept); SIGTERM or Ctrl-C drains the "
+                    "requests in flight for server.drain_timeout seconds ($WSGISTACK_DRAIN_SECONDS overrides it) "
+                    "and stops. Exit codes: 0 stopped, every request in flight answered; 1 stopped before all "
+                    "were; 2 not started (an invalid configuration, an address that cannot be bound); 3 every "
+                    "worker kept dying as it started.")
+    ck = sub.add_parser(
+        "check", help="validate and lint; exit 0 clean, 1 warnings, 2 errors",
+        description="Print every problem on stdout, one a line, as file:line:col key.path: message (a warning "
+                    "says 'warning:' before the key), else 'FILE: ok'. The stack is built, but no store is "
+                    "connected to: a Redis that refuses its password or does not answer shows at serve. Exit "
+                    "codes: 0 clean, 1 warnings only, 2 errors.")
     ck.add_argument("--hosted", action="store_true",
                     help="judge it as serve:app does under another WSGI server (gunicorn), with "
                          "$WSGISTACK_HOST_LISTEN: run it before every kill -HUP")
-    sub.add_parser("layers", help="list built-in layers and their options")
-    ex = sub.add_parser("explain", help="run one request in-process and show each layer's decision")
-    ex.add_argument("method")
-    ex.add_argument("path")
+    sub.add_parser("layers", help="list built-in layers and their options",
+                   description="Every built-in layer and each option's type, default and first sentence of its "
+                               "documentation. Exit codes: 0; 2 when a registered layer cannot be imported.")
+    ex = sub.add_parser(
+        "explain", help="run one request in-process and show each layer's decision",
+        description="Run one request through the stack as the server would and print, on stdout, each layer's "
+                    "decision, the client address and the answer (the access log goes to stderr). It uses the "
+                    "configured stores: on redis:// the request counts against its client's rate limits and may "
+                    "be cached, as any other. Exit codes: 0 explained, whatever its status; 2 an invalid stack "
+                    "file or argument.")
+    ex.add_argument("method", help="GET, POST, ... (sent in upper case)")
+    ex.add_argument("path", help="the request target: '/path?query', or absolute-form 'http://host/path'")
     ex.add_argument("-H", "--header", action="append", default=[], help="'Name: value' (repeatable)")
     ex.add_argument("--peer", default="127.0.0.1", type=_peer_address,
                     help="the connecting address (default 127.0.0.1)")
@@ -1798,8 +1826,13 @@ def parser() -> argparse.ArgumentParser:
                          "ROLE...; `users add -h` and the others say more")
     ca = sub.add_parser("cache", help="cache maintenance")
     ca_sub = ca.add_subparsers(dest="cache_command", required=True, metavar="{purge}")  # (errors name it, not dest)
-    purge = ca_sub.add_parser("purge", help="delete cached responses whose path matches a glob")
-    purge.add_argument("pattern")
+    purge = ca_sub.add_parser(
+        "purge", help="delete cached responses whose path matches a glob",
+        description="Delete the responses every cache layer keeps in a Redis store whose path matches PATTERN, "
+                    "and print how many. A memory:// store lives inside the server's process: the layer's "
+                    "purge_path reaches it. Exit codes: 0 purged; 1 a store failed (Redis down or refusing: "
+                    "try again); 2 an invalid stack file or pattern, or a cache on a memory:// store.")
+    purge.add_argument("pattern", help="a glob over the path, which starts with '/': '/api/v1/search*'")
     return p
 
 

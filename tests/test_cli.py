@@ -440,6 +440,25 @@ def test_cache_purge_refuses_a_memory_store(config_file, cache: str, how: str) -
         f"inside the running server's process: this command would purge an empty copy of its own; {how}\n")
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    pytest.param([], ["WSGISTACK_CONFIG", "WSGISTACK_LOG_LEVEL", ".env", "stderr", "130 Ctrl-C",
+                      "check: 1 warnings only"], id="the program"),
+    pytest.param(["serve"], ["WSGISTACK_DRAIN_SECONDS", "SIGHUP", "2 not started", "3 every worker"], id="serve"),
+    pytest.param(["check"], ["file:line:col", "stdout", "Redis", "1 warnings only"], id="check"),
+    pytest.param(["layers"], ["2 when a registered layer"], id="layers"),
+    pytest.param(["explain"], ["redis://", "0 explained, whatever its status", "2 an invalid"], id="explain"),
+    pytest.param(["cache", "purge"], ["'/'", "1 a store failed", "2 an invalid"], id="cache purge"),
+])
+def test_help_says_what_a_script_relies_on(args: list[str], said: list[str]) -> None:
+    # The environment a command reads, its exit codes, where its output goes: from --help, without the docs.
+    result = run_cli(*args, "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    text = " ".join(result.stdout.split())  # (as argparse wraps it)
+    assert "Exit codes:" in text
+    for words in said:
+        assert words in text, (words, result.stdout)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     pytest.param(["bogus"], "serve.py: error: argument command: invalid choice: 'bogus' (choose from 'serve', "
                  "'check', 'layers', 'explain', 'users', 'cache')", id="unknown command"),
