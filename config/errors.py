@@ -49,13 +49,19 @@ def masked_message(message: str) -> str:
 
 
 def dotted(path: Path) -> str:
-    """Render ``("pipeline", 3, "cors", "max_age")`` as ``pipeline[3].cors.max_age``."""
+    """Render ``("pipeline", 3, "cors", "max_age")`` as ``pipeline[3].cors.max_age``.
+
+    A key holding what does not print (a line break, a terminal's escape sequence) is shown quoted, with
+    escapes, as messages quote values: a problem stays one line of plain text on the terminal and for a
+    script reading ``check``'s output, and a key cannot forge the line of another.
+    """
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            text = str(part) if str(part).isprintable() else repr(str(part))
+            out += f".{text}" if out else text
     return out or "(top level)"
 
 

@@ -168,3 +168,21 @@ def test_a_file_that_is_not_utf8_is_located_at_the_byte(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (
         2, "stack.yaml:3:23 (top level): the file is not UTF-8 text: byte 0xe9 here; save it as UTF-8")
+
+
+@pytest.mark.parametrize(("key", "shown"), [
+    pytest.param("x\\ny", r"'x\ny'", id="a line break"),
+    pytest.param("x\\ny: fine\\nstack.yaml:1:1 server", r"'x\ny: fine\nstack.yaml:1:1 server'", id="a forged line"),
+    pytest.param("x\\e[2Jy", r"'x\x1b[2Jy'", id="a terminal escape"),
+    pytest.param("x\\ty", r"'x\ty'", id="a tab"),
+])
+def test_a_key_is_shown_on_its_problems_line(tmp_path: Path, key: str, shown: str) -> None:
+    # One problem a line, file:line:col key.path: message, whatever the file's keys hold: a script reads the
+    # lines, and a terminal is not sent the file's escape sequences.
+    checked = run("check", ECHO + ERRORS + f'"{key}": 1\nserver: {{"{key}": 1}}\n', tmp_path)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    lines = checked.stdout.splitlines()
+    assert len(lines) == 2, checked.stdout
+    assert lines[0] == f"stack.yaml:3:1 {shown}: unknown top-level key {shown} (known: server, stores, app, " \
+                       "pipeline, logging)"
+    assert lines[1].startswith(f"stack.yaml:4:10 server.{shown}: unknown key {shown}")
