@@ -247,7 +247,8 @@ def test_a_websocket_scheme_is_the_scheme_of_its_handshake(header: str, value: s
                                                           expected: str) -> None:
     """Traefik forwards a WebSocket handshake with ws or wss: the handshake is an HTTP or an HTTPS request."""
     app = make(x_proto=1) if header == "X-Forwarded-Proto" else make(forwarded=1)
-    assert call(app, {header: value}, **{"wsgi.url_scheme": scheme}).json["wsgi.url_scheme"] == expected
+    environ: dict[str, Any] = {"wsgi.url_scheme": scheme}
+    assert call(app, {header: value}, **environ).json["wsgi.url_scheme"] == expected
 
 
 @pytest.mark.parametrize("element", [

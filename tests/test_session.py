@@ -206,7 +206,7 @@ def stored(store: CountingStore, sid: str) -> Any:
                  "cookie_name '__secure-sid' needs cookie_secure: true", id="__secure- in lower case"),
     *(pytest.param({"cookie_name": name, **options}, True, f"cookie_name {name!r} needs {needs}",
                    id=f"{name} {why}")
-      for name, options, needs, why in [
+      for name, options, needs, why in list[tuple[str, dict[str, object], str, str]]([
           ("__Http-sid", {"cookie_httponly": False}, "cookie_httponly: true (browsers drop __Http- and "
            "__Host-Http- cookies without HttpOnly)", "readable by scripts"),
           ("__Host-Http-session", {"cookie_httponly": False}, "cookie_httponly: true", "readable by scripts"),
@@ -214,7 +214,7 @@ def stored(store: CountingStore, sid: str) -> Any:
           ("__HOST-HTTP-session", {"cookie_httponly": False}, "cookie_httponly: true", "in capitals"),
           ("__Http-sid", {"cookie_secure": False}, "cookie_secure: true", "insecure"),
           ("__Host-Http-session", {"cookie_path": "/app"}, "cookie_path '/' (got '/app')", "with a Path"),
-      ]),
+      ])),
     pytest.param({"cookie_name": "a b"}, True, "cookie_name 'a b' is not a valid cookie name",
                  id="bad cookie name"),
     *(pytest.param({"cookie_name": name}, True,
