@@ -303,7 +303,10 @@ def _keyspace(cfg: StackConfig, name: str) -> tuple[object, ...]:
         host, port = (url.hostname or "localhost").lower(), url.port or 6379
     except ValueError:  # a port out of range: stage 3 says so
         return ("store", name)
-    db = int(url.path[1:]) if url.path[1:].isdigit() else 0
+    number = url.path[1:]
+    if number and not number.isdecimal():  # no database number (/²: isdigit() but not int(); /0/): stage 3 says so
+        return ("store", name)
+    db = int(number) if number else 0
     return (url.scheme.lower(), host, port, db, str(spec.options.get("key_prefix", "wsgistack:")))
 
 

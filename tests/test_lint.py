@@ -1074,6 +1074,10 @@ SHARED_COUNTERS = ("stack.yaml:5:5 warning: pipeline[1]: ratelimit at pipeline[1
     pytest.param("redis://127.0.0.1:6379/0", '{url: "redis://127.0.0.1:6379/0", options: {key_prefix: "b:"}}', None,
                  id="another key_prefix"),
     pytest.param("memory://", '"memory://"', None, id="two memory stores are two stores"),
+    pytest.param("redis://127.0.0.1:6379/\u00b2", '"redis://127.0.0.1:6379/\u00b2"', None,
+                 id="a database that is no number int() reads (refused at stage 3, not compared)"),
+    pytest.param("redis://127.0.0.1:6379/0/", '"redis://127.0.0.1:6379/0"', None,
+                 id="a path that names no database is not database 0"),
 ])
 def test_two_stores_on_one_redis_keyspace_share_counters(a: str, b: str, expected: str | None) -> None:
     found = [str(p) for p in lint(parse(read_text(TWO_STORES.format(a=a, b=b), file="stack.yaml", env={})))
