@@ -746,8 +746,14 @@ def one_leading_slash(path: str) -> str:
 
 def rooted_path(path: str) -> str:
     """``path`` as werkzeug's router reads it: leading slashes count as one, and a path without one is
-    rooted (``GET admin/x HTTP/1.1``: Waitress passes ``admin/x`` on, the router routes ``/admin/x``)."""
-    return path if path[:1] == "/" and path[1:2] != "/" else "/" + path.lstrip("/")
+    rooted (``GET admin/x HTTP/1.1``: Waitress passes ``admin/x`` on, the router routes ``/admin/x``).
+
+    A path the router reads as it is (a slash, then anything but another) sorts from ``"/"`` up to
+    ``"//"`` or from ``"/0"`` up to ``"0"`` (``"0"`` follows ``"/"``): the layers that look at every
+    request's path (health, metrics, operator_page) test it so, two comparisons and no slice, about
+    half the time of ``path[:1]`` and ``path[1:2]``.
+    """
+    return path if "/0" <= path < "0" or "/" <= path < "//" else "/" + path.lstrip("/")
 
 
 def decoded_path(environ: WSGIEnvironment) -> str:

@@ -115,8 +115,8 @@ class HealthMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or ""
-        if path[:1] != "/" or path[1:2] == "/":  # as the router reads it: leading slashes count as one
-            path = rooted_path(path)  # (gunicorn passes them on), a path without one is rooted
+        if not ("/0" <= path < "0" or "/" <= path < "//"):  # not as the router reads it (see rooted_path):
+            path = rooted_path(path)  # leading slashes count as one (gunicorn passes them on), one is added
         if path != self.liveness and path != self.readiness:
             return self.app(environ, start_response)
         environ[ROUTE] = path  # a fixed label for metrics

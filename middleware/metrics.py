@@ -266,7 +266,8 @@ class MetricsMiddleware:
         if self.shared.pending:
             self.shared.start()
         path = environ.get("PATH_INFO") or ""
-        if path == self.path or ((path[:1] != "/" or path[1:2] == "/") and rooted_path(path) == self.path):
+        # (the comparisons: a path the router reads as it is, see rooted_path)
+        if path == self.path or (not ("/0" <= path < "0" or "/" <= path < "//") and rooted_path(path) == self.path):
             return self._expose(environ, start_response)
         if self.timing:
             return self._timed(environ, start_response)
@@ -377,7 +378,7 @@ class MetricsMiddleware:
         its ids as ``{id}``.
         """
         path = environ.get("PATH_INFO") or "/"
-        if path[:1] != "/" or path[1:2] == "/":  # as the router roots it: one label for every spelling
+        if not ("/0" <= path < "0" or "/" <= path < "//"):  # as the router roots it (see rooted_path): one label
             path = rooted_path(path)
         key = (method, path)
         known = self._templates.get(key)

@@ -256,8 +256,8 @@ class OperatorPageMiddleware:
     # -- the hot path ------------------------------------------------------
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO") or ""
-        if path[:1] != "/" or path[1:2] == "/":  # as the router reads it: leading slashes count as one
-            path = rooted_path(path)  # (gunicorn passes them on), a path without one is rooted
+        if not ("/0" <= path < "0" or "/" <= path < "//"):  # not as the router reads it (see rooted_path):
+            path = rooted_path(path)  # leading slashes count as one (gunicorn passes them on), one is added
         # Only the page's own resources: other paths below it go on inside (the cache layer's
         # purge_path, /_stack/cache/purge in the shipped examples, lives there).
         if path.startswith(self.path) and ((rest := path[self.plen:]) in _OWN):

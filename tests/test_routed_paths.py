@@ -385,3 +385,25 @@ def test_no_spelling_the_core_routes_to_a_view_steps_around_its_rule(core_stacks
     assert _status(core_stacks["ruled"].app, method, path_info) in ((401,) if routed == 200 else (401, 404))
     if path_info in ("/api/v1/config", "//api/v1/config", "/api/V1/config", "/api/config"):
         assert routed == 200
+
+
+@pytest.mark.parametrize(("path", "routed"), [
+    pytest.param("", "/", id="empty"),
+    pytest.param("/", "/", id="the root"),
+    pytest.param("/api/v1/search", "/api/v1/search", id="a common path"),
+    pytest.param("/.well-known/x", "/.well-known/x", id="a second character below '/'"),
+    pytest.param("/0", "/0", id="a second character just above '/'"),
+    pytest.param("/\xff", "/\xff", id="the highest latin-1 character second"),
+    pytest.param("/x//y", "/x//y", id="slashes further in are kept"),
+    pytest.param("//healthz", "/healthz", id="two leading slashes"),
+    pytest.param("///", "/", id="slashes alone"),
+    pytest.param("healthz", "/healthz", id="no leading slash"),
+    pytest.param("0", "/0", id="a first character just above '/'"),
+    pytest.param(".", "/.", id="a first character just below '/'"),
+    pytest.param("\xff/", "/\xff/", id="a first character past ASCII"),
+])
+def test_rooted_path_reads_a_path_as_the_router_does(path: str, routed: str) -> None:
+    """The comparisons that spare health, metrics and operator_page a slice per request say what the slices said."""
+    from middleware.base import rooted_path
+
+    assert rooted_path(path) == routed
