@@ -75,7 +75,7 @@ def split_listen(item: str) -> tuple[str, int]:
             raise ValueError(f"no host is named; write 127.0.0.1:{port} for this machine only or "
                              f"0.0.0.0:{port} for every interface")
         _check_host(host)
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:  # ('²' is a digit to isdigit)
         raise ValueError("the port must be a number from 1 to 65535")
     return host, int(port)
 

@@ -168,6 +168,12 @@ _SHARED: dict[tuple[object, ...], _Shared] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+def _number_text(text: str) -> bool:
+    """Whether ``text`` is a number of ASCII digits: ``str.isdigit()`` also takes '²', which ``int()`` refuses,
+    and '٣', which it reads as 3 (a database or port no one meant)."""
+    return text.isascii() and text.isdigit()
+
+
 def _after_fork() -> None:
     """In a forked child: a new lock for :data:`_SHARED`.  A parent's thread making or closing a store when
     another forked is not in the child, and would never give the lock back: the child's next store would wait
@@ -204,7 +210,7 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
             port = rest.lstrip(":") or port
         elif ":" in item:
             host, _, port = item.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not _number_text(port):
             raise ValueError(f"bad sentinel address {item!r} in {masked}; write host:port")
         if not 0 < int(port) < 65536:  # else an outage that never ends, not a mistake
             raise ValueError(f"bad sentinel address {item!r} in {masked}; the port must be a number from 1 to 65535")
@@ -215,7 +221,7 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, dict[str
             f"a sentinel URL names its sentinels and the service: "
             f"redis+sentinel://host:26379[,host2:26379]/service_name[/db], got {masked}"
         )
-    if len(segments) == 2 and not segments[1].isdigit():
+    if len(segments) == 2 and not _number_text(segments[1]):
         raise ValueError(f"the database in {masked} must be a number, got {segments[1]!r}")
     return sentinels, unquote(segments[0]), int(segments[1]) if len(segments) == 2 else 0, auth
 
@@ -456,7 +462,7 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
                              f"path follows three slashes (unix:///{host}{path})")
         if scheme != "unix":
             _check_host_and_port(url)
-        if scheme != "unix" and path not in ("", "/") and not path[1:].isdigit():
+        if scheme != "unix" and path not in ("", "/") and not _number_text(path[1:]):
             raise ValueError(f"bad Redis store URL {mask_url(url)}: the path names the database, a number "
                              f"such as /0, got {path!r}")
         for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
@@ -474,7 +480,7 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
                 except ValueError:
                     raise ValueError(f"bad Redis store URL {mask_url(url)}: {name} must be a number of seconds "
                                      f"above 0, got {parsed[name]!r}") from None
-        if scheme != "unix" and path[1:].isdigit() and int(path[1:]) != parsed.get("db", int(path[1:])):
+        if scheme != "unix" and _number_text(path[1:]) and int(path[1:]) != parsed.get("db", int(path[1:])):
             raise ValueError(f"bad Redis store URL {mask_url(url)}: it names two databases, {path!r} and "
                              f"?db={parsed['db']}; give one")
         parsed.setdefault("db", 0)

@@ -351,10 +351,11 @@ def test_a_bracketed_ipv6_address_without_a_port_is_told_so() -> None:
 @pytest.mark.parametrize(("entry", "expected"), [
     pytest.param("127.0.0.1 :8889", "'127.0.0.1 ' is neither an IP address nor a host name", id="a space before :"),
     pytest.param("127.0.0.1: 8889", "the port must be a number from 1 to 65535", id="a space after :"),
+    pytest.param("127.0.0.1:\u00b2", "the port must be a number from 1 to 65535", id="a digit that is not ASCII"),
 ])
-def test_a_space_inside_one_address_is_not_taken_for_two(entry: str, expected: str) -> None:
+def test_a_stray_character_in_one_address_is_named(entry: str, expected: str) -> None:
     assert errors_of(ECHO + f"server:\n  listen: ['{entry}']\npipeline:\n  - errors: {{}}\n") == [
-        f"stack.yaml:3:12 server.listen[0]: {expected} (got {entry!r})"]
+        f"stack.yaml:3:12 server.listen[0]: {expected} (got {entry!a})"]  # (shown escaped)
 
 
 NBSP_FIX = ("which YAML does not read as a space (pasted from a web page or a chat?): retype it as plain spaces, "

@@ -1024,6 +1024,15 @@ def test_an_unencoded_slash_in_the_password_is_named_and_masked() -> None:
                      "as /0, got '/x'", id="db not a number (redis-py would use 0)"),
         pytest.param("redis://h/1/5", "bad Redis store URL redis://h/1/5: the path names the database, a number "
                      "such as /0, got '/1/5'", id="two path segments (redis-py would use 15)"),
+        # Digits that are not ASCII: str.isdigit() takes them, int() refuses '²' and reads '٣' as 3.
+        pytest.param("redis://h/\u00b2", "bad Redis store URL redis://h/\u00b2: the path names the database, a "
+                     "number such as /0, got '/\u00b2'", id="a superscript two as the database"),
+        pytest.param("redis://h/\u0663", "bad Redis store URL redis://h/\u0663: the path names the database, a "
+                     "number such as /0, got '/\u0663'", id="an Arabic-Indic three as the database"),
+        pytest.param("redis+sentinel://h:\u00b2/m", "bad sentinel address 'h:\u00b2' in redis+sentinel://h:\u00b2/m; "
+                     "write host:port", id="sentinel port of a superscript digit"),
+        pytest.param("redis+sentinel://h/m/\u00b2", "the database in redis+sentinel://h/m/\u00b2 must be a number, "
+                     "got '\u00b2'", id="sentinel db of a superscript digit"),
     ],
 )
 def test_bad_redis_urls_are_refused_at_construction(url: str, error: str) -> None:
