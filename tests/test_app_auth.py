@@ -214,6 +214,18 @@ def test_login_rotates_an_existing_session_id(stack: Stack) -> None:
     fresh.get("/api/v1/search", {"q": "json"}, headers={"Cookie": f"{COOKIE}={after}"}, status=200)
 
 
+def test_a_login_starts_its_session_empty(stack: Stack) -> None:
+    """Nothing the session held before the login (another user's, or a planted one's) goes on into it."""
+    stack.login("bob", "builder")
+    (key,) = stack.store.scan("session:")
+    doc = json.loads(stack.store.get(key) or b"")
+    doc["data"]["cart"] = ["left by bob"]
+    stack.store.set(key, json.dumps(doc).encode())
+    stack.login()
+    (key,) = stack.store.scan("session:")
+    assert set(json.loads(stack.store.get(key) or b"")["data"]) == {"user"}
+
+
 @pytest.mark.parametrize(
     ("username", "password"),
     [
