@@ -19,7 +19,7 @@ from werkzeug.test import EnvironBuilder
 
 from app import create_app
 from app.search import Progress, SearchEngine, SearchPage
-from app.stream import search_events
+from app.stream import HeldSlot, search_events
 from middleware.base import Context, refuse
 from middleware.errors import UNEXPECTED, ErrorsMiddleware
 from middleware.request_id import RequestIdMiddleware
@@ -139,6 +139,24 @@ def test_closing_the_stream_early_stops_the_search(tmp_path: Path) -> None:
     next(chunks)
     body.close()  # type: ignore[attr-defined]  # the client went away
     assert list(chunks) == []
+
+
+def test_closing_a_stream_that_holds_a_slot_closes_its_events_and_gives_the_slot_back_once() -> None:
+    """The events' own close runs (the engine's generator and its upstream request end there), then the slot goes."""
+    log: list[str] = []
+
+    def events() -> Iterator[bytes]:
+        try:
+            yield b"event: search_started\n\n"
+            yield b"event: search_complete\n\n"
+        finally:
+            log.append("events closed")
+
+    held = HeldSlot(events(), lambda: log.append("slot given back"))
+    assert next(held) == b"event: search_started\n\n"
+    held.close()
+    held.close()
+    assert (log, held.held) == (["events closed", "slot given back"], False)
 
 
 def test_head_on_the_stream_sends_no_body(tmp_path: Path) -> None:
