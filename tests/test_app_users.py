@@ -469,6 +469,17 @@ def test_cli_refusals(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: 
     assert out == ""
 
 
+@pytest.mark.parametrize("password", [
+    pytest.param("eight888", id="exactly 8 characters"),
+    pytest.param("cafe\u03011234", id="8 characters, one of them an e and a combining accent"),
+])
+def test_cli_accepts_a_password_of_exactly_the_minimum_length(db: str, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch, password: str) -> None:
+    assert run(["add", "dave", "--password-stdin"], db, capsys, monkeypatch, stdin=f"{password}\n") == (
+        0, "added user 'dave' with roles: (none)\n", "")
+    assert run(["passwd", "dave", "--password-stdin"], db, capsys, monkeypatch, stdin=f"{password}\n")[0] == 0
+
+
 @pytest.mark.parametrize("argv", [["add", "dave"], ["passwd", "alice"]])
 def test_cli_interrupted_at_the_password_prompt_ends_quietly(
         db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
@@ -724,7 +735,14 @@ def test_the_users_command_says_a_hash_method_werkzeug_does_not_know(
     assert err.startswith("serve.py users add: $WSGISTACK_PASSWORD_HASH='bogus' is not a password hash method")
 
 
-def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", [
+    pytest.param(0o644, id="644: everyone may read it"),
+    pytest.param(0o640, id="640: its group may read it"),
+    pytest.param(0o604, id="604: others outside the group may read it"),
+    pytest.param(0o600, id="600: the server's alone, nothing to say"),
+])
+def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     mode: int) -> None:
     """One made before the file was created 0600: the server says so, once it opens it, and how to fix it."""
     import logging
 
@@ -732,13 +750,14 @@ def test_a_database_other_accounts_may_read_is_named(tmp_path: Path, caplog: pyt
     made = UserStore(path, hash_method=FAST)
     made.add("bob", "pw-123456")
     made.close()
-    path.chmod(0o644)
-    store = UserStore(path)
+    path.chmod(mode)
+    store = UserStore(path, hash_method=FAST)  # (not $WSGISTACK_PASSWORD_HASH: its once-a-process warning)
     with caplog.at_level(logging.WARNING, logger="wsgistack.app"):
         assert store.get("alice") is None
     store.close()
-    assert caplog.messages == [f"the users database {path} is readable by other accounts (mode 644): its password "
-                               f"hashes should be the server's alone; run: chmod 600 {path}"]
+    assert caplog.messages == ([] if mode == 0o600 else [
+        f"the users database {path} is readable by other accounts (mode {mode:o}): its password "
+        f"hashes should be the server's alone; run: chmod 600 {path}"])
 
 
 def test_password_stdin_on_a_terminal_is_not_echoed(tmp_path: Path) -> None:
