@@ -90,9 +90,11 @@ class Handler(BaseHTTPRequestHandler):
             head = (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"p" * 900
                     + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
             self._trickle(head + body, 10)
-        elif query in ("busy", "busy for long", "busy for ever", "busy, said with zeros"):  # SearXNG's limiter
+        elif query in ("busy", "busy for two hours", "busy for long", "busy for ever",
+                       "busy, said with zeros"):  # SearXNG's limiter
             self.send_response(429)
-            waits = {"busy": "60", "busy for long": "86400", "busy, said with zeros": "0" * 30 + "45"}
+            waits = {"busy": "60", "busy for two hours": "7200", "busy for long": "86400",
+                     "busy, said with zeros": "0" * 30 + "45"}
             self.send_header("Retry-After", waits.get(query, "9" * 5000))
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -643,9 +645,10 @@ def test_results_with_fields_of_the_wrong_type_are_dropped(tmp_path: Path, upstr
     pytest.param(50, 1230, 490, id="an estimate larger than the pages before can hold"),
     pytest.param(50, 300, 300, id="an estimate the pages before can hold"),
     pytest.param(1, 42, 0, id="an empty first page: nothing at all"),
+    pytest.param(2, "true", 0, id="a boolean is no count"),
 ])
-def test_a_page_past_the_end_makes_up_no_total(tmp_path: Path, upstream: FakeSearxng, page: int, reported: int,
-                                               total: int) -> None:
+def test_a_page_past_the_end_makes_up_no_total(tmp_path: Path, upstream: FakeSearxng, page: int,
+                                               reported: int | str, total: int) -> None:
     """An empty page proves nothing about the pages before it: the total is at most what they hold."""
     upstream.canned["x"] = results_body(str(reported))
     client = searxng_app(tmp_path, upstream.url)
@@ -667,6 +670,7 @@ def test_an_upstream_behind_basic_auth_and_with_its_own_query(tmp_path: Path, up
 
 @pytest.mark.parametrize(("query", "retry_after"), [
     pytest.param("busy", "60", id="429 with its Retry-After"),
+    pytest.param("busy for two hours", "3600", id="two hours: an hour at most"),
     pytest.param("busy for long", "3600", id="a day: an hour at most"),
     pytest.param("busy for ever", "3600", id="any number of digits is seconds: an hour at most"),
     pytest.param("busy, said with zeros", "45", id="leading zeros are no more seconds"),
