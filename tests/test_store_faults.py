@@ -83,6 +83,23 @@ def test_breaker_counts_consecutive_failures_only() -> None:
     assert (breaker.state, breaker.failures) == ("closed", 0)
 
 
+def test_a_call_that_fails_after_the_circuit_opened_does_not_open_it_again() -> None:
+    """A call already in flight when the circuit opened is no new failure: counted, it would open the circuit
+    again and start its pause anew (putting the probe off for as long as slow calls keep failing)."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5, name="test store")
+
+    def in_flight() -> None:
+        with pytest.raises(Boom):
+            breaker.call(fail)  # meanwhile, another call opens the circuit
+        fail()
+
+    with pytest.raises(Boom):
+        breaker.call(in_flight)
+    assert (breaker.state, breaker.failures) == ("open", 1)
+    with pytest.raises(CircuitOpenError, match=r"^circuit open for test store after 1 consecutive failures "):
+        breaker.call(lambda: "ok")
+
+
 def test_errors_that_are_not_outages_pass_through_and_do_not_count() -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5)
 
