@@ -230,6 +230,37 @@ def test_a_failing_request_counts_out_too(tmp_path: Path) -> None:
     assert CLOSING_LOG[-1] == ("close", "old")
 
 
+def test_a_file_handed_to_the_server_counts_its_request_out_at_once(tmp_path: Path) -> None:
+    """A ``wsgi.file_wrapper`` goes to the server as it is (to send the file itself): the pipeline is done with
+    it, and a reload closes the pipeline it replaced without waiting for a close() that never reaches it."""
+    from wsgiref.util import FileWrapper
+
+    from stack_support import CLOSING_LOG
+
+    CLOSING_LOG.clear()
+    path = tmp_path / "stack.yaml"
+    framing = 'app: {factory: "test_serve_framing:framing_app"}\n'
+    path.write_text(_closing_stack(18107, "old").replace(ECHO, framing))
+    live = LiveStack(path)
+    body = live({**_environ(), "PATH_INFO": "/file", "wsgi.file_wrapper": FileWrapper}, ignore_start)
+    assert isinstance(body, FileWrapper)
+    reload_with(live, _closing_stack(18107, "new").replace(ECHO, framing))
+    assert CLOSING_LOG[-1] == ("close", "old")
+    body.close()
+
+
+def test_a_reload_takes_the_generation_it_is_given(tmp_path: Path) -> None:
+    """A worker follows its supervisor's generation (built from the text the supervisor built), not its own count."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(stack(18109))
+    live = LiveStack(path)
+    result = live.reload(generation=7, source=stack(18109, threads=5))
+    assert (result.ok, result.generation, live.generation) == (True, 7, 7)
+    assert live.current.context.settings["generation"] == 7
+    assert result.needs_restart == ["threads"]  # built from the text given, not from the file (4 threads)
+    assert live.reload().generation == 8
+
+
 @pytest.mark.redis
 def test_a_reload_releases_the_redis_connections_of_the_old_pipeline(tmp_path: Path, redis_url: str) -> None:
     import redis
