@@ -364,6 +364,12 @@ def problems(text: str, hosted: bool = False) -> list[str]:
             id="scopes that overlap",
         ),
         pytest.param(
+            f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}, methods: [HEAD]}}\n"
+            "  - cors: {origins: ['https://a.example'], methods: [GET, OPTIONS]}\n",
+            "stack.yaml:6:5 warning: pipeline[2]: cors at pipeline[2] is inside auth at pipeline[1]",
+            id="scopes whose methods share HEAD, which GET covers",
+        ),
+        pytest.param(
             "server: {listen: '[::]:8000'}\npipeline:\n  - errors: {}\n"
             "  - operator_page: {allow_from: [0.0.0.0/0, '::/0']}\n",
             "stack.yaml:6:5 pipeline[1]: operator_page at pipeline[1] has allow_from 0.0.0.0/0, which is every "
@@ -500,6 +506,9 @@ def test_a_path_versioning_leaves_alone_is_seen_inside() -> None:
                      f"  - auth: {{secret: {SECRET}, paths: ['/admin/*']}}\n"
                      "  - cors: {origins: ['https://b.example'], paths: ['/partner/*']}\n",
                      id="cors for partner paths inside an auth layer for admin paths: scopes apart"),
+        pytest.param(f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}, methods: [POST]}}\n"
+                     "  - cors: {origins: ['https://a.example'], methods: [GET, OPTIONS]}\n",
+                     id="cors for reads inside an auth layer for POST only: methods apart"),
         pytest.param(f"pipeline:\n  - errors: {{}}\n  - auth: {{secret: {SECRET}, default: none, rules: [{{paths: "
                      "['/admin/*'], roles: [admin]}]}\n", id="auth open by default, roles on some paths"),
         pytest.param("server: {trusted_proxy: 127.0.0.1, trusted_proxy_headers: [x-forwarded-for]}\n"
