@@ -1042,6 +1042,18 @@ def test_a_drain_time_from_the_environment_is_checked_at_the_start(tmp_path: Pat
            "range)")
 
 
+@pytest.mark.parametrize(("text", "seconds"), [
+    pytest.param("0", 0.0, id="no drain at all"),
+    pytest.param("3600", 3600.0, id="an hour, the most"),
+    pytest.param(" 2.5 ", 2.5, id="a fraction, spaces around"),
+    pytest.param("", None, id="empty: the config's"),
+])
+def test_a_drain_time_from_the_environment_within_its_range_is_taken(monkeypatch: pytest.MonkeyPatch, text: str,
+                                                                      seconds: float | None) -> None:
+    monkeypatch.setenv("WSGISTACK_DRAIN_SECONDS", text)
+    assert serve._env_drain_seconds() == seconds
+
+
 def test_explain_names_the_layer_that_refused(config_file) -> None:  # type: ignore[no-untyped-def]
     """Whether or not the layer notes its refusals itself (auth does, versioning does not), once each."""
     path = config_file(ECHO + """
