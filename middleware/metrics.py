@@ -99,6 +99,9 @@ _ID_SEGMENT = re.compile(
 )
 _go_float: Callable[[float], str] = floatToGoString  # how prometheus writes bucket bounds ("0.005", "1.0")
 _VERSION = re.compile(r"(?:\d+(?:\.\d+)*)?")
+#: The exposition formats each media range of an ``Accept`` covers, in this server's order of preference.
+_RANGES = {"*/*": ("text/plain", "application/openmetrics-text"), "text/*": ("text/plain",),
+           "application/*": ("application/openmetrics-text",)}
 _NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 #: A layer's own time: from 50 µs, as most are, up to 10 s, as the request histogram's default, since the
 #: app is timed as a layer too and a store that hangs holds its layer for socket_timeout (past the highest
@@ -477,11 +480,18 @@ def _negotiate(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
     ``choose_encoder`` compares the version as numbers and fails on any other
     (``version=abc``: a 500), or echoes it in the ``Content-Type``
     (``version=9.x``): such an entry is left out as if not sent.
+
+    A range (``*/*``, ``text/*``, ``application/*``) admits the formats it covers at
+    its own weight, unless the client named that format itself (its own weight
+    then counts, ``q=0`` too); between a range and a format named with the same
+    weight, the named one is chosen.
     """
-    ranked: list[tuple[float, int, str, str]] = []
+    ranked: list[tuple[float, bool, int, str, str]] = []
+    named = set()
     for index, entry in enumerate(accept.split(",") if accept else ()):
         media, *params = entry.split(";")
         media, weight = media.strip().lower(), 1.0
+        named.add(media)
         for param in params:
             key, _, value = param.strip().partition("=")
             key = key.strip().lower()
@@ -494,8 +504,13 @@ def _negotiate(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
                 weight = 0.0
                 break
         if weight > 0 and media:
-            ranked.append((-weight, index, media, ";".join((media, *params))))
-    for _, _, media, entry in sorted(ranked):
+            ranked.append((-weight, media in _RANGES, index, media, ";".join((media, *params))))
+    for _, is_range, _, media, entry in sorted(ranked):
+        if is_range:
+            for covered in _RANGES[media]:
+                if covered not in named:
+                    return choose_encoder(covered)
+            continue
         chosen = choose_encoder(entry)
         if media == "text/plain" or chosen[1] != _TEXT_004:
             return chosen
