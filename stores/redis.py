@@ -489,12 +489,13 @@ def _pool_key(url: str, options: dict[str, Any]) -> tuple[object, ...]:
             parsed.setdefault("port", 6379)
     # What the URL's query sets wins over the keyword options, as in ConnectionPool.from_url: the
     # identity is the pool's real settings (two stores with other timeouts get two pools).
-    decode = {**options, **parsed}.get("decode_responses", False)
+    settings = {**options, **parsed}
+    decode = settings.get("decode_responses", False)
     if decode is not False:  # redis-py reads any text, "false" too, as true
         raise ValueError(f"bad Redis store {mask_url(url)}: decode_responses cannot be set (the layers store "
                          "bytes, and would read text back)")
-    _check_pool_numbers(url, {**options, **parsed})
-    facts = sorted((k, repr(v)) for k, v in {**options, **parsed}.items())
+    _check_pool_numbers(url, settings)
+    facts = sorted((k, repr(v)) for k, v in settings.items())
     return (scheme, *facts)
 
 
