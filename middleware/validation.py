@@ -72,10 +72,10 @@ _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/(\*|[a-z0-9!#$&^_.+-]+)")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: the Host of nearly every request, a reg-name with a port of 1-9999
 # if any; _other_host judges the rest (an empty Host, an IP literal, another port) off the common path.
-_HOST = re.compile(r"[A-Za-z0-9._~!$&'()*+;=%-]+(?::[1-9][0-9]{0,3})?")
-# A TCP port (1-65535, leading zeros allowed; empty, RFC 3986 §3.2.3), after a reg-name or an IP literal.
-_ANY_HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|[A-Za-z0-9._~!$&'()*+;=%-]+)(?::(?:0*(?:[1-9][0-9]{0,3}|"
-                       r"[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?)?")
+_REG_NAME = r"[A-Za-z0-9._~!$&'()*+;=%-]+"
+_HOST = re.compile(_REG_NAME + r"(?::[1-9][0-9]{0,3})?")
+# An IP literal or a reg-name, then a port of digits, maybe none (RFC 3986 §3.2.3): _other_host judges its value.
+_ANY_HOST = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\])|" + _REG_NAME + r")(?::([0-9]*))?")
 _CONTENT_FIELDS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})  # header fields WSGI gives without HTTP_
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
@@ -121,7 +121,10 @@ def _other_host(host: str) -> bool:
     match = _ANY_HOST.fullmatch(host)
     if match is None:
         return False
-    literal = match[1]
+    literal, port = match.groups()
+    digits = (port or "").lstrip("0")  # (leading zeros allowed; an empty port too)
+    if port and not (len(digits) <= 5 and 0 < int(digits or "0") < 65536):
+        return False
     return literal is None or isinstance(ip_literal(literal), ipaddress.IPv6Address)
 
 
